@@ -1,0 +1,555 @@
+// topk_gate on the CPU: one pass per token (load, steer, score, group-limit, select, weigh,
+// accumulate statistics), tokens split into fixed chunks that run in parallel.
+//
+// Determinism: chunks have a fixed size, independent of the thread count. Each chunk sums its
+// statistics into private "runs" (consecutive tokens of one group), and the runs are merged in chunk
+// order afterwards, so float statistics are bit-identical across runs and thread counts. Reductions
+// inside a row use 8 fixed partial sums, so vector width (SSE/AVX2 clones) does not change results;
+// the file is built with -ffp-contract=off for the same reason.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "../gate_op.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MOE_ROUTE_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define MOE_ROUTE_CLONES
+#endif
+// Helpers are forced inline so that they are compiled for each clone's instruction set.
+#define MOE_ROUTE_INLINE inline __attribute__((always_inline))
+
+namespace moe_route {
+namespace {
+
+constexpr float kFltMax = 3.40282347e38f;
+constexpr int64_t kChunk = 128;      // tokens per parallel work item
+constexpr int64_t kInsertMaxK = 16;  // up to this k, top-k by insertion; above, nth_element
+
+MOE_ROUTE_INLINE float sanitize(float x) {
+  // Comparisons are false for NaN, which therefore lands on -FLT_MAX.
+  return x >= -kFltMax ? (x <= kFltMax ? x : kFltMax) : -kFltMax;
+}
+
+// exp(x) to about 1 ulp (Cephes expf: n = round(x/ln2), two-part reduction, degree-5 polynomial),
+// written without calls or branches so the row loops vectorise. Below -87.3 it returns 0 instead
+// of a denormal (absolute difference < 1.2e-38).
+MOE_ROUTE_INLINE float exp_fast(float x) {
+  const float xc = std::min(std::max(x, -87.5f), 88.3f);
+  const float n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  float q = 1.9875691500e-4f;
+  q = q * r + 1.3981999507e-3f;
+  q = q * r + 8.3334519073e-3f;
+  q = q * r + 4.1665795894e-2f;
+  q = q * r + 1.6666665459e-1f;
+  q = q * r + 5.0000001201e-1f;
+  q = q * (r * r) + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return x < -87.3f ? 0.f : q * two_n;
+}
+
+MOE_ROUTE_INLINE float sigmoid(float x) { return 1.f / (1.f + exp_fast(-x)); }
+
+inline float sqrt_softplus(float x) {
+  // torch.nn.functional.softplus uses threshold 20.
+  return std::sqrt(x > 20.f ? x : std::log1p(std::exp(x)));
+}
+
+MOE_ROUTE_INLINE float score_of(Score s, float z) {
+  switch (s) {
+    case Score::Sigmoid: return sigmoid(z);
+    case Score::SqrtSoftplus: return sqrt_softplus(z);
+    default: return z;
+  }
+}
+
+
+// 8-lane vectors (GCC/Clang vector extensions): lowered to AVX2 in the avx2 clone and to SSE
+// pairs otherwise, with identical results since every lane keeps its own order of operations.
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+MOE_ROUTE_INLINE f32x8 load8(const float* x) {
+  f32x8 v;
+  std::memcpy(&v, x, sizeof v);
+  return v;
+}
+
+MOE_ROUTE_INLINE f32x8 splat8(float x) { return f32x8{x, x, x, x, x, x, x, x}; }
+
+// Max/min over 8 lanes (values are sanitised, so there is no NaN to order).
+MOE_ROUTE_INLINE float max_of(const float* x, int64_t n) {
+  f32x8 m = splat8(-kFltMax);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const f32x8 v = load8(x + i);
+    m = v > m ? v : m;
+  }
+  float r = -kFltMax;
+  for (; i < n; ++i) r = x[i] > r ? x[i] : r;
+  for (int j = 0; j < 8; ++j) r = m[j] > r ? m[j] : r;
+  return r;
+}
+
+MOE_ROUTE_INLINE float min_of(const float* x, int64_t n) {
+  f32x8 m = splat8(kFltMax);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const f32x8 v = load8(x + i);
+    m = v < m ? v : m;
+  }
+  float r = kFltMax;
+  for (; i < n; ++i) r = x[i] < r ? x[i] : r;
+  for (int j = 0; j < 8; ++j) r = m[j] < r ? m[j] : r;
+  return r;
+}
+
+// Sum with 8 fixed partial sums (a fixed order, whatever the vector width).
+MOE_ROUTE_INLINE float sum8(const float* x, int64_t n) {
+  f32x8 acc = splat8(0.f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc += load8(x + i);
+  for (int j = 0; i < n; ++i, ++j) acc[j] += x[i];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+// Softmax numerator exp(x - max) into dst; returns the sum. `max_out` receives the max.
+MOE_ROUTE_INLINE float softmax_exps(const float* x, float* dst, int64_t n, float& max_out) {
+  const float m = max_of(x, n);
+  for (int64_t i = 0; i < n; ++i) dst[i] = exp_fast(x[i] - m);
+  max_out = m;
+  return sum8(dst, n);
+}
+
+MOE_ROUTE_INLINE uint64_t make_key(int32_t tier, float v, int64_t e) {
+  float canon = v + 0.f;  // -0.0 -> +0.0, so that equal values tie
+  uint32_t u;
+  std::memcpy(&u, &canon, sizeof u);
+  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return (uint64_t(tier) << 62) | (uint64_t(u) << kIndexBits) | (kIndexMask - uint64_t(e));
+}
+
+inline int64_t key_index(uint64_t key) { return int64_t(kIndexMask - (key & kIndexMask)); }
+
+// Keeps the `k` largest keys seen, sorted descending (k <= kInsertMaxK).
+struct TopK {
+  uint64_t best[kInsertMaxK];
+  int64_t k, filled = 0;
+  explicit TopK(int64_t k_) : k(k_) {}
+  inline void push(uint64_t key) {
+    if (filled == k && key <= best[k - 1]) return;
+    int64_t pos = filled < k ? filled++ : k - 1;
+    while (pos > 0 && best[pos - 1] < key) {
+      best[pos] = best[pos - 1];
+      --pos;
+    }
+    best[pos] = key;
+  }
+};
+
+// Per-call facts derived once from the arguments.
+struct Prep {
+  std::vector<float> bias;  // sanitised selection bias
+  bool has_std = false, has_force = false;
+  std::vector<int8_t> tier;  // per expert, from the force row
+};
+
+// Statistics of consecutive tokens of one group inside a chunk.
+struct Runs {
+  std::vector<int64_t> group, tokens;
+  std::vector<float> entropy;
+  std::vector<int64_t> counts;  // [runs, E]
+  std::vector<float> prob, weight;  // [runs, E]
+  int64_t open(int64_t g, int64_t E, bool want_counts, bool want_prob, bool want_weight) {
+    if (!group.empty() && group.back() == g) return int64_t(group.size()) - 1;
+    group.push_back(g);
+    tokens.push_back(0);
+    entropy.push_back(0.f);
+    if (want_counts) counts.resize(counts.size() + E, 0);
+    if (want_prob) prob.resize(prob.size() + E, 0.f);
+    if (want_weight) weight.resize(weight.size() + E, 0.f);
+    return int64_t(group.size()) - 1;
+  }
+};
+
+struct Scratch {
+  std::vector<float> z0, z, v, ew, dense, work;
+  std::vector<uint64_t> keys;
+  std::vector<uint8_t> group_ok;
+  std::vector<uint64_t> group_keys;
+  void reserve(int64_t E, int64_t n_group) {
+    if (int64_t(z0.size()) < E) {
+      z0.resize(E), z.resize(E), v.resize(E), ew.resize(E), dense.resize(E), work.resize((E + 7) & ~int64_t(7));
+      keys.resize(E);
+    }
+    if (int64_t(group_ok.size()) < n_group) group_ok.resize(n_group), group_keys.resize(n_group);
+  }
+};
+
+MOE_ROUTE_INLINE void load_row(const GateParams& p, int64_t t, float* z) {
+  const int64_t off = t * p.row_stride, E = p.E;
+  switch (p.logit_type) {
+    case LogitType::F32: {
+      const float* r = static_cast<const float*>(p.logits) + off;
+      for (int64_t e = 0; e < E; ++e) z[e] = sanitize(r[e]);
+      break;
+    }
+    case LogitType::BF16: {
+      const uint16_t* r = static_cast<const uint16_t*>(p.logits) + off;
+      for (int64_t e = 0; e < E; ++e) {
+        const uint32_t bits = uint32_t(r[e]) << 16;
+        float f;
+        std::memcpy(&f, &bits, sizeof f);
+        z[e] = sanitize(f);
+      }
+      break;
+    }
+    case LogitType::F16: {
+      const uint16_t* r = static_cast<const uint16_t*>(p.logits) + off;
+      for (int64_t e = 0; e < E; ++e) z[e] = sanitize(c10::detail::fp16_ieee_to_fp32_value(r[e]));
+      break;
+    }
+  }
+}
+
+MOE_ROUTE_INLINE void steer_row(const GateParams& p, const Prep& prep, const float* z0, float* z) {
+  const int64_t E = p.E;
+  const float* add = p.steer + kSteerAdd * E;
+  const float* lam = p.steer + kSteerStd * E;
+  const float* mul = p.steer + kSteerAbs * E;
+  const float* force = p.steer + kSteerForce * E;
+  float sd = 0.f;
+  if (prep.has_std) {
+    const float mean = sum8(z0, E) / float(E);
+    for (int64_t e = 0; e < E; ++e) z[e] = (z0[e] - mean) * (z0[e] - mean);
+    const float var = sum8(z, E);
+    const int64_t dof = p.std_unbiased ? E - 1 : E;
+    sd = dof > 0 ? std::sqrt(var / float(dof)) : 0.f;
+  }
+  for (int64_t e = 0; e < E; ++e) {
+    float y = z0[e] + add[e];
+    y = y + (lam[e] != 0.f ? lam[e] * sd : 0.f);
+    y = y + mul[e] * std::fabs(z0[e]);
+    z[e] = sanitize(y);
+  }
+  if (prep.has_force) {
+    const float top = max_of(z, E), bottom = min_of(z, E);
+    for (int64_t e = 0; e < E; ++e) z[e] = force[e] > 0.f ? top : (force[e] < 0.f ? bottom : z[e]);
+  }
+}
+
+// Marks the topk_group best groups of one token in s.group_ok.
+MOE_ROUTE_INLINE void choose_groups(const GateParams& p, const Prep& prep, const float* v, Scratch& s) {
+  const int64_t gsize = p.E / p.n_group;
+  TopK top(std::min<int64_t>(p.topk_group, kInsertMaxK));
+  const bool use_insert = p.topk_group <= kInsertMaxK;
+  for (int64_t g = 0; g < p.n_group; ++g) {
+    const float* gv = v + g * gsize;
+    float a = -kFltMax, b = -kFltMax;  // two largest values
+    for (int64_t i = 0; i < gsize; ++i) {
+      if (gv[i] > a) b = a, a = gv[i];
+      else if (gv[i] > b) b = gv[i];
+    }
+    const float score =
+        p.group_score == GroupScore::Max ? a : sanitize(gsize > 1 ? a + b : a);
+    int32_t tier = kTierNormal;
+    if (prep.has_force)
+      for (int64_t i = 0; i < gsize; ++i)
+        if (prep.tier[g * gsize + i] == kTierForcedOn) tier = kTierForcedOn;
+    const uint64_t key = make_key(tier, score, g);
+    s.group_ok[g] = 0;
+    if (use_insert) top.push(key);
+    else s.group_keys[g] = key;
+  }
+  if (use_insert) {
+    for (int64_t j = 0; j < top.filled; ++j) s.group_ok[key_index(top.best[j])] = 1;
+  } else {
+    auto* begin = s.group_keys.data();
+    std::nth_element(begin, begin + p.topk_group - 1, begin + p.n_group, std::greater<uint64_t>());
+    for (int64_t j = 0; j < p.topk_group; ++j) s.group_ok[key_index(begin[j])] = 1;
+  }
+}
+
+// Fills ids[0..k) (descending keys) for one token.
+MOE_ROUTE_INLINE void select_experts(const GateParams& p, const Prep& prep, const float* v, Scratch& s,
+                    int32_t* ids) {
+  const int64_t E = p.E, k = p.k, gsize = p.E / p.n_group;
+  auto tier_of = [&](int64_t e) { return prep.has_force ? prep.tier[e] : kTierNormal; };
+  auto eligible = [&](int64_t e) { return p.n_group == 1 || s.group_ok[e / gsize]; };
+  if (!prep.has_force && k <= kInsertMaxK) {
+    // No tiers: k rounds of (max, first index holding it) over 8 fixed lanes. Branch-free, so it
+    // vectorises; the first index at the max is the documented lower-index tie rule. Chosen and
+    // ineligible experts hold -inf, below every sanitised value.
+    float* work = s.work.data();
+    std::fill(work + (E & ~int64_t(7)), work + ((E + 7) & ~int64_t(7)), -INFINITY);
+    if (p.n_group == 1) {
+      std::memcpy(work, v, sizeof(float) * E);
+    } else {
+      for (int64_t g = 0; g < p.n_group; ++g)
+        if (s.group_ok[g]) std::memcpy(work + g * gsize, v + g * gsize, sizeof(float) * gsize);
+        else std::fill(work + g * gsize, work + (g + 1) * gsize, -INFINITY);
+    }
+    for (int64_t j = 0; j < k; ++j) {
+      f32x8 mv = splat8(-INFINITY);
+      i32x8 mi = {0, 1, 2, 3, 4, 5, 6, 7};
+      i32x8 idx = mi;
+      const i32x8 step = {8, 8, 8, 8, 8, 8, 8, 8};
+      for (int64_t e = 0; e < E; e += 8) {  // work is padded to a multiple of 8 with -inf
+        const f32x8 x = load8(work + e);
+        const i32x8 gt = x > mv;
+        mv = gt ? x : mv;
+        mi = gt ? idx : mi;
+        idx += step;
+      }
+      float top = mv[0];
+      for (int l = 1; l < 8; ++l) top = mv[l] > top ? mv[l] : top;
+      int32_t best = INT32_MAX;
+      for (int l = 0; l < 8; ++l) best = (mv[l] == top && mi[l] < best) ? mi[l] : best;
+      ids[j] = best;
+      work[best] = -INFINITY;
+    }
+    return;
+  }
+  if (k <= kInsertMaxK) {
+    TopK top(k);
+    for (int64_t e = 0; e < E; ++e)
+      if (eligible(e)) top.push(make_key(tier_of(e), v[e], e));
+    for (int64_t j = 0; j < k; ++j) ids[j] = int32_t(key_index(top.best[j]));
+    return;
+  }
+  int64_t n = 0;
+  for (int64_t e = 0; e < E; ++e)
+    if (eligible(e)) s.keys[n++] = make_key(tier_of(e), v[e], e);
+  auto* begin = s.keys.data();
+  std::nth_element(begin, begin + k - 1, begin + n, std::greater<uint64_t>());
+  std::sort(begin, begin + k, std::greater<uint64_t>());
+  for (int64_t j = 0; j < k; ++j) ids[j] = int32_t(key_index(begin[j]));
+}
+
+// One chunk of tokens [t0, t1); statistics go into `runs` (may be null when none are wanted).
+MOE_ROUTE_CLONES
+void gate_tokens(const GateParams& p, const Prep& prep, int64_t t0, int64_t t1, Scratch& s,
+                 Runs* runs) {
+  const int64_t E = p.E, k = p.k;
+  const bool dense_is_softmax = p.score == Score::Softmax || p.score == Score::None;
+  const bool want_ew = (!p.select_on_logits && p.score == Score::Softmax) ||
+                       (p.dense_stats() && dense_is_softmax);
+  const float* bias = p.selection_bias ? prep.bias.data() : nullptr;
+
+  for (int64_t t = t0; t < t1; ++t) {
+    float* z0 = s.z0.data();
+    load_row(p, t, z0);
+    const float* z = z0;
+    if (p.steer) {
+      steer_row(p, prep, z0, s.z.data());
+      z = s.z.data();
+    }
+    const float* zw = p.steer_select_only ? z0 : z;
+
+    // Softmax numerators of the weight-side logits, shared by weights and statistics.
+    float w_max = 0.f, w_sum = 1.f;
+    if (want_ew) w_sum = softmax_exps(zw, s.ew.data(), E, w_max);
+    const float* ew = s.ew.data();
+
+    // Selection values.
+    const float* v = z;
+    if (!(p.select_on_logits || (p.score == Score::Softmax && !bias))) {
+      float* sv = s.v.data();
+      if (p.score == Score::Softmax) {
+        float sum = w_sum, unused;
+        if (!(want_ew && zw == z)) sum = softmax_exps(z, sv, E, unused);
+        const float* src = (want_ew && zw == z) ? ew : sv;
+        for (int64_t e = 0; e < E; ++e) sv[e] = src[e] / sum;
+      } else if (p.score == Score::Sigmoid) {
+        for (int64_t e = 0; e < E; ++e) sv[e] = sigmoid(z[e]);
+      } else if (p.score == Score::SqrtSoftplus) {
+        for (int64_t e = 0; e < E; ++e) sv[e] = sqrt_softplus(z[e]);
+      } else {
+        std::memcpy(sv, z, sizeof(float) * E);
+      }
+      v = sv;
+    }
+    if (bias) {
+      float* sv = s.v.data();
+      for (int64_t e = 0; e < E; ++e) sv[e] = sanitize(v[e] + bias[e]);
+      v = sv;
+    }
+
+    if (p.n_group > 1) choose_groups(p, prep, v, s);
+    int32_t* ids = p.ids + t * k;
+    select_experts(p, prep, v, s, ids);
+
+    // Weights.
+    float* w = p.weights + t * k;
+    if (!p.select_on_logits) {
+      if (p.score == Score::Softmax) {
+        for (int64_t j = 0; j < k; ++j) w[j] = ew[ids[j]] / w_sum;
+      } else {
+        for (int64_t j = 0; j < k; ++j) w[j] = score_of(p.score, zw[ids[j]]);
+      }
+    } else if (p.score == Score::Softmax) {
+      float m = -kFltMax, sum = 0.f;
+      for (int64_t j = 0; j < k; ++j) m = std::max(m, zw[ids[j]]);
+      for (int64_t j = 0; j < k; ++j) sum += (w[j] = exp_fast(zw[ids[j]] - m));
+      for (int64_t j = 0; j < k; ++j) w[j] = w[j] / sum;
+    } else {
+      for (int64_t j = 0; j < k; ++j) w[j] = score_of(p.score, zw[ids[j]]);
+    }
+    if (p.renormalize) {
+      float sum = 0.f;
+      for (int64_t j = 0; j < k; ++j) sum += w[j];
+      const float den = sum + p.renorm_eps;
+      if (den != 0.f)
+        for (int64_t j = 0; j < k; ++j) w[j] = w[j] / den;
+    }
+    if (p.scale != 1.f)
+      for (int64_t j = 0; j < k; ++j) w[j] = w[j] * p.scale;
+
+    // Statistics.
+    if (!runs) continue;
+    int64_t g = 0;
+    if (p.groups)
+      g = p.groups_int64 ? static_cast<const int64_t*>(p.groups)[t]
+                         : static_cast<const int32_t*>(p.groups)[t];
+    if (g < 0) continue;
+    const int64_t r = runs->open(g, E, p.counts, p.prob_sum, p.weight_sum);
+    runs->tokens[r] += 1;
+    if (p.counts) {
+      int64_t* c = runs->counts.data() + r * E;
+      for (int64_t j = 0; j < k; ++j) c[ids[j]] += 1;
+    }
+    if (p.weight_sum) {
+      float* ws = runs->weight.data() + r * E;
+      for (int64_t j = 0; j < k; ++j) ws[ids[j]] += w[j];
+    }
+    if (p.dense_stats()) {
+      float* q = s.dense.data();
+      float entropy;
+      if (dense_is_softmax) {
+        for (int64_t e = 0; e < E; ++e) q[e] = ew[e] / w_sum;
+        // H = log S - sum_e q_e (z_e - max): one log per token instead of E.
+        for (int64_t e = 0; e < E; ++e) s.v[e] = q[e] > 0.f ? q[e] * (zw[e] - w_max) : 0.f;
+        entropy = std::log(w_sum) - sum8(s.v.data(), E);
+      } else {
+        for (int64_t e = 0; e < E; ++e) q[e] = score_of(p.score, zw[e]);
+        const float total = sum8(q, E);
+        for (int64_t e = 0; e < E; ++e) q[e] = total > 0.f ? q[e] / total : 1.f / float(E);
+        for (int64_t e = 0; e < E; ++e) s.v[e] = q[e] > 0.f ? q[e] * std::log(q[e]) : 0.f;
+        entropy = -sum8(s.v.data(), E);
+      }
+      runs->entropy[r] += entropy;
+      if (p.prob_sum) {
+        float* ps = runs->prob.data() + r * E;
+        for (int64_t e = 0; e < E; ++e) ps[e] += q[e];
+      }
+    }
+    if (p.coact) {
+      for (int64_t a = 0; a < k; ++a)
+        for (int64_t b = 0; b < k; ++b)
+          __atomic_fetch_add(p.coact + int64_t(ids[a]) * E + ids[b], 1, __ATOMIC_RELAXED);
+    }
+  }
+}
+
+void check_groups(const GateParams& p) {
+  if (!p.groups || p.T == 0) return;
+  int64_t lo = INT64_MAX, hi = INT64_MIN;
+  for (int64_t t = 0; t < p.T; ++t) {
+    const int64_t g = p.groups_int64 ? static_cast<const int64_t*>(p.groups)[t]
+                                     : static_cast<const int32_t*>(p.groups)[t];
+    lo = std::min(lo, g), hi = std::max(hi, g);
+  }
+  TORCH_CHECK_VALUE(lo >= -1 && hi < p.G, "topk_gate: groups must be in [-1, ", p.G,
+                    ") (the statistics' group count), got values in [", lo, ", ", hi, "]");
+}
+
+void merge_runs(const GateParams& p, const std::vector<Runs>& chunks) {
+  const int64_t E = p.E;
+  for (const Runs& rs : chunks)
+    for (size_t r = 0; r < rs.group.size(); ++r) {
+      if (p.tokens) p.tokens[rs.group[r]] += rs.tokens[r];
+      if (p.entropy_sum) p.entropy_sum[rs.group[r]] += rs.entropy[r];
+    }
+  if (!(p.counts || p.prob_sum || p.weight_sum)) return;
+  int64_t total_runs = 0;
+  for (const Runs& rs : chunks) total_runs += int64_t(rs.group.size());
+  // Columns are independent, so splitting them across threads keeps the per-cell order.
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, total_runs));
+  at::parallel_for(0, E, grain, [&](int64_t e0, int64_t e1) {
+    for (const Runs& rs : chunks)
+      for (size_t r = 0; r < rs.group.size(); ++r) {
+        const int64_t row = rs.group[r] * E, src = int64_t(r) * E;
+        for (int64_t e = e0; e < e1; ++e) {
+          if (p.counts) p.counts[row + e] += rs.counts[src + e];
+          if (p.prob_sum) p.prob_sum[row + e] += rs.prob[src + e];
+          if (p.weight_sum) p.weight_sum[row + e] += rs.weight[src + e];
+        }
+      }
+  });
+}
+
+void run_gate_cpu(const GateParams& p) {
+  if (p.T == 0) return;
+  const bool stats = p.any_stats();
+  if (stats) check_groups(p);
+
+  Prep prep;
+  if (p.selection_bias) {
+    prep.bias.resize(p.E);
+    for (int64_t e = 0; e < p.E; ++e) prep.bias[e] = sanitize(p.selection_bias[e]);
+  }
+  if (p.steer) {
+    prep.tier.assign(p.E, int8_t(kTierNormal));
+    for (int64_t e = 0; e < p.E; ++e) {
+      prep.has_std = prep.has_std || p.steer[kSteerStd * p.E + e] != 0.f;
+      const float f = p.steer[kSteerForce * p.E + e];
+      if (f != 0.f) {
+        prep.has_force = true;
+        prep.tier[e] = int8_t(f > 0.f ? kTierForcedOn : kTierForcedOff);
+      }
+    }
+  }
+
+  const int64_t n_chunks = (p.T + kChunk - 1) / kChunk;
+  std::vector<Runs> runs(stats ? n_chunks : 0);
+  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    thread_local Scratch scratch;
+    scratch.reserve(p.E, p.n_group);
+    for (int64_t c = c0; c < c1; ++c)
+      gate_tokens(p, prep, c * kChunk, std::min(p.T, (c + 1) * kChunk), scratch,
+                  stats ? &runs[c] : nullptr);
+  });
+  if (stats) merge_runs(p, runs);
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_gate_cpu(
+    const at::Tensor& logits, int64_t k, c10::string_view score, c10::string_view select_on,
+    const OptTensor& selection_bias, int64_t n_group, int64_t topk_group,
+    c10::string_view group_score, bool renormalize, double renorm_eps, double scale,
+    const OptTensor& steer, bool steer_select_only, bool std_unbiased, const OptTensor& groups,
+    const OptTensor& tokens, const OptTensor& counts, const OptTensor& prob_sum,
+    const OptTensor& weight_sum, const OptTensor& entropy_sum, const OptTensor& coact) {
+  at::Tensor logits_c, weights, ids;
+  GateParams p;
+  prepare_gate(logits, k, score, select_on, selection_bias, n_group, topk_group, group_score,
+               renormalize, renorm_eps, scale, steer, steer_select_only, std_unbiased, groups,
+               tokens, counts, prob_sum, weight_sum, entropy_sum, coact, logits_c, weights, ids, p);
+  run_gate_cpu(p);
+  return {weights, ids};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moe_route, CPU, m) { m.impl("topk_gate", &topk_gate_cpu); }
+
+}  // namespace moe_route

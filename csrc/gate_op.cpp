@@ -1,0 +1,139 @@
+#include "gate_op.h"
+
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <sstream>
+#include <string>
+
+namespace moe_route {
+namespace {
+
+std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream o;
+  o << "(";
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+  o << (s.size() == 1 ? ",)" : ")");
+  return o.str();
+}
+
+// Checks an optional tensor argument; returns its data pointer or null.
+template <typename T>
+T* check_opt(const OptTensor& t, const char* name, std::initializer_list<int64_t> shape,
+             std::initializer_list<at::ScalarType> dtypes, const at::Tensor& logits,
+             bool written) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  const at::Tensor& x = *t;
+  std::vector<int64_t> want(shape);
+  TORCH_CHECK_VALUE(x.sizes().vec() == want, "topk_gate: ", name, " must have shape ",
+                    shape_str(want), ", got ", shape_str(x.sizes()));
+  bool ok = false;
+  for (auto d : dtypes) ok = ok || x.scalar_type() == d;
+  if (!ok) {
+    std::ostringstream o;
+    size_t i = 0;
+    for (auto d : dtypes) o << (i++ ? " or " : "") << "torch." << c10::toString(d);
+    TORCH_CHECK_TYPE(false, "topk_gate: ", name, " must be ", o.str(), ", got torch.",
+                     c10::toString(x.scalar_type()));
+  }
+  TORCH_CHECK_VALUE(x.device() == logits.device(), "topk_gate: ", name,
+                    " must be on the logits' device ", logits.device(), ", got ", x.device());
+  TORCH_CHECK_VALUE(x.is_contiguous(), "topk_gate: ", name, " must be contiguous",
+                    written ? " (it is written in place)" : "");
+  return static_cast<T*>(x.data_ptr());
+}
+
+}  // namespace
+
+void prepare_gate(const at::Tensor& logits, int64_t k, c10::string_view score,
+                  c10::string_view select_on, const OptTensor& selection_bias, int64_t n_group,
+                  int64_t topk_group, c10::string_view group_score, bool renormalize,
+                  double renorm_eps, double scale, const OptTensor& steer, bool steer_select_only,
+                  bool std_unbiased, const OptTensor& groups, const OptTensor& tokens,
+                  const OptTensor& counts, const OptTensor& prob_sum, const OptTensor& weight_sum,
+                  const OptTensor& entropy_sum, const OptTensor& coact, at::Tensor& logits_c,
+                  at::Tensor& weights, at::Tensor& ids, GateParams& p) {
+  TORCH_CHECK_VALUE(logits.dim() == 2, "topk_gate: logits must be 2-D [T, E], got shape ",
+                    shape_str(logits.sizes()));
+  const auto dt = logits.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+                   "topk_gate: logits must be float32, float16 or bfloat16, got torch.",
+                   c10::toString(dt));
+  const int64_t T = logits.size(0), E = logits.size(1);
+  TORCH_CHECK_VALUE(E >= 1, "topk_gate: logits must have at least one expert column, got E=0");
+  TORCH_CHECK_VALUE(E < (int64_t(1) << kIndexBits), "topk_gate: num_experts=", E,
+                    " must be < 2^30");
+  TORCH_CHECK_VALUE(k >= 1 && k <= E, "topk_gate: k=", k, " must be in [1, num_experts=", E, "]");
+
+  if (score == "softmax") p.score = Score::Softmax;
+  else if (score == "sigmoid") p.score = Score::Sigmoid;
+  else if (score == "sqrtsoftplus") p.score = Score::SqrtSoftplus;
+  else if (score == "none") p.score = Score::None;
+  else TORCH_CHECK_VALUE(false, "topk_gate: score='", std::string(score),
+                         "' must be one of ('softmax', 'sigmoid', 'sqrtsoftplus', 'none')");
+  if (select_on == "scores") p.select_on_logits = false;
+  else if (select_on == "logits") p.select_on_logits = true;
+  else TORCH_CHECK_VALUE(false, "topk_gate: select_on='", std::string(select_on),
+                         "' must be one of ('scores', 'logits')");
+  if (group_score == "max") p.group_score = GroupScore::Max;
+  else if (group_score == "top2_sum") p.group_score = GroupScore::Top2Sum;
+  else TORCH_CHECK_VALUE(false, "topk_gate: group_score='", std::string(group_score),
+                         "' must be one of ('max', 'top2_sum')");
+  TORCH_CHECK_VALUE(n_group >= 1 && E % n_group == 0, "topk_gate: n_group=", n_group,
+                    " must be >= 1 and divide num_experts=", E);
+  TORCH_CHECK_VALUE(topk_group >= 1 && topk_group <= n_group, "topk_gate: topk_group=",
+                    topk_group, " must be in [1, n_group=", n_group, "]");
+  TORCH_CHECK_VALUE(n_group == 1 || k <= topk_group * (E / n_group), "topk_gate: k=", k,
+                    " must be <= topk_group * experts_per_group = ", topk_group * (E / n_group));
+  TORCH_CHECK_VALUE(std::isfinite(renorm_eps) && renorm_eps >= 0, "topk_gate: renorm_eps=",
+                    renorm_eps, " must be finite and >= 0");
+  TORCH_CHECK_VALUE(std::isfinite(scale), "topk_gate: scale=", scale, " must be finite");
+
+  p.selection_bias =
+      check_opt<const float>(selection_bias, "selection_bias", {E}, {at::kFloat}, logits, false);
+  p.steer = check_opt<const float>(steer, "steer", {4, E}, {at::kFloat}, logits, false);
+  p.groups = check_opt<const void>(groups, "groups", {T}, {at::kInt, at::kLong}, logits, false);
+  p.groups_int64 = p.groups && groups->scalar_type() == at::kLong;
+
+  // The group count G comes from the first per-group buffer present.
+  int64_t G = -1;
+  for (const OptTensor* b : {&tokens, &counts, &prob_sum, &weight_sum, &entropy_sum}) {
+    if (b->has_value() && (*b)->defined() && (*b)->dim() > 0) {
+      G = (*b)->size(0);
+      break;
+    }
+  }
+  p.tokens = check_opt<int64_t>(tokens, "tokens", {G}, {at::kLong}, logits, true);
+  p.counts = check_opt<int64_t>(counts, "counts", {G, E}, {at::kLong}, logits, true);
+  p.prob_sum = check_opt<float>(prob_sum, "prob_sum", {G, E}, {at::kFloat}, logits, true);
+  p.weight_sum = check_opt<float>(weight_sum, "weight_sum", {G, E}, {at::kFloat}, logits, true);
+  p.entropy_sum = check_opt<float>(entropy_sum, "entropy_sum", {G}, {at::kFloat}, logits, true);
+  p.coact = check_opt<int64_t>(coact, "coact", {E, E}, {at::kLong}, logits, true);
+  TORCH_CHECK_VALUE(G != 0, "topk_gate: statistics buffers need at least one group, got G=0");
+  p.G = G < 0 ? 1 : G;
+
+  // Unit-stride rows are read in place (a row-sliced view keeps its row stride).
+  logits_c = (E == 1 || logits.stride(1) == 1) ? logits : logits.contiguous();
+  p.logits = logits_c.data_ptr();
+  p.logit_type = dt == at::kFloat ? LogitType::F32 : dt == at::kHalf ? LogitType::F16
+                                                                     : LogitType::BF16;
+  p.T = T;
+  p.E = E;
+  p.row_stride = T > 1 ? logits_c.stride(0) : E;
+  p.k = k;
+  p.n_group = n_group;
+  p.topk_group = topk_group;
+  p.renormalize = renormalize;
+  p.renorm_eps = static_cast<float>(renorm_eps);
+  p.scale = static_cast<float>(scale);
+  p.steer_select_only = steer_select_only;
+  p.std_unbiased = std_unbiased;
+
+  weights = at::empty({T, k}, logits.options().dtype(at::kFloat));
+  ids = at::empty({T, k}, logits.options().dtype(at::kInt));
+  p.weights = weights.data_ptr<float>();
+  p.ids = ids.data_ptr<int32_t>();
+}
+
+}  // namespace moe_route

@@ -1,0 +1,26 @@
+// ATen side of topk_gate shared by the CPU and CUDA implementations: argument checks (messages
+// mirror moe_route/reference.py:check_gate_args), output allocation and GateParams assembly.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+#include <optional>
+#include <tuple>
+
+#include "gate_params.h"
+
+namespace moe_route {
+
+using OptTensor = std::optional<at::Tensor>;
+
+// Checks every argument, allocates weights [T,k] fp32 and ids [T,k] int32 on the logits' device
+// and fills `p`. `logits_c` keeps a contiguous copy alive when the input rows were not unit-stride.
+void prepare_gate(const at::Tensor& logits, int64_t k, c10::string_view score,
+                  c10::string_view select_on, const OptTensor& selection_bias, int64_t n_group,
+                  int64_t topk_group, c10::string_view group_score, bool renormalize,
+                  double renorm_eps, double scale, const OptTensor& steer, bool steer_select_only,
+                  bool std_unbiased, const OptTensor& groups, const OptTensor& tokens,
+                  const OptTensor& counts, const OptTensor& prob_sum, const OptTensor& weight_sum,
+                  const OptTensor& entropy_sum, const OptTensor& coact, at::Tensor& logits_c,
+                  at::Tensor& weights, at::Tensor& ids, GateParams& p);
+
+}  // namespace moe_route

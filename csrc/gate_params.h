@@ -1,0 +1,60 @@
+// Torch-free description of one topk_gate call: raw pointers, int64 sizes. Shared by the C++ CPU
+// kernel and the CUDA kernels, so both read exactly the same contract (moe_route/reference.py).
+#pragma once
+#include <cstdint>
+
+namespace moe_route {
+
+enum class Score : int32_t { Softmax = 0, Sigmoid = 1, SqrtSoftplus = 2, None = 3 };
+enum class GroupScore : int32_t { Max = 0, Top2Sum = 1 };
+enum class LogitType : int32_t { F32 = 0, F16 = 1, BF16 = 2 };
+
+// Rows of the [4, E] steering table.
+enum SteerRow : int32_t { kSteerAdd = 0, kSteerStd = 1, kSteerAbs = 2, kSteerForce = 3 };
+
+struct GateParams {
+  // Input logits [T, E], element (t, e) at logits[t * row_stride + e].
+  const void* logits = nullptr;
+  LogitType logit_type = LogitType::F32;
+  int64_t T = 0, E = 0, row_stride = 0, k = 1;
+
+  Score score = Score::Softmax;
+  bool select_on_logits = false;
+  const float* selection_bias = nullptr;  // [E] or null
+  int64_t n_group = 1, topk_group = 1;
+  GroupScore group_score = GroupScore::Max;
+  bool renormalize = false;
+  float renorm_eps = 0.f, scale = 1.f;
+
+  const float* steer = nullptr;  // [4, E] or null
+  bool steer_select_only = false, std_unbiased = false;
+
+  // Statistics (all optional). groups: [T] int32 or int64, -1 = skip, null = all in group 0.
+  const void* groups = nullptr;
+  bool groups_int64 = false;
+  int64_t G = 1;
+  int64_t* tokens = nullptr;        // [G]
+  int64_t* counts = nullptr;        // [G, E]
+  float* prob_sum = nullptr;        // [G, E]
+  float* weight_sum = nullptr;      // [G, E]
+  float* entropy_sum = nullptr;     // [G]
+  int64_t* coact = nullptr;         // [E, E]
+
+  // Outputs [T, k], contiguous.
+  float* weights = nullptr;
+  int32_t* ids = nullptr;
+
+  bool any_stats() const {
+    return tokens || counts || prob_sum || weight_sum || entropy_sum || coact;
+  }
+  bool dense_stats() const { return prob_sum || entropy_sum; }
+};
+
+// Selection keys pack (tier, value, index) into one uint64 so that a single unsigned comparison
+// orders experts: tier (2 bits) | order-preserving bits of the fp32 value (32) | 2^30-1-index (30).
+// Larger key = better; equal values go to the lower index. Needs E < 2^30.
+constexpr uint64_t kIndexBits = 30;
+constexpr uint64_t kIndexMask = (uint64_t(1) << kIndexBits) - 1;
+constexpr int32_t kTierForcedOn = 2, kTierNormal = 1, kTierForcedOff = 0;
+
+}  // namespace moe_route

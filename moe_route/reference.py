@@ -1,0 +1,275 @@
+"""Pure-PyTorch reference of every moe_route op: the specification.
+
+The C++ and CUDA kernels must agree with these functions: identical expert ids, weights and float
+statistics within fp32 rounding, identical integer statistics. Tests compare against them and the
+benchmarks time them. They favour clarity over speed.
+
+Numerics of ``topk_gate`` (shared by every backend)
+---------------------------------------------------
+* Logits of any float dtype are read as fp32; all arithmetic is fp32.
+* **Non-finite values.** Every logit is *sanitised* on load: NaN -> -FLT_MAX, +inf -> FLT_MAX,
+  -inf -> -FLT_MAX. The steered logits, the selection bias and the selection values are sanitised
+  the same way, so everything downstream is finite: a NaN or -inf expert ranks last (ties with other
+  such experts go to the lower index), a row of only NaN routes uniformly, several +inf experts
+  share the mass equally.
+* **Steering** (``steer`` is a ``[4, E]`` fp32 table: rows add, std, abs, force) is applied to the
+  sanitised logits ``z0`` before scoring and selection::
+
+      z = z0 + add + std * sd(z0) + abs * |z0|        (the std term only where std != 0)
+
+  with ``sd`` the population standard deviation over the E logits (``std_unbiased=True``: divide by
+  E - 1; E = 1 gives 0). ``z`` is sanitised, then forcing: ``force > 0`` sets ``z_e = max(z)``,
+  ``force < 0`` sets ``z_e = min(z)``. Instead of the paper's random epsilon, forcing is a *rank
+  tier*: forced-on experts are selected before all others and forced-off experts after all others
+  (their groups too), so forcing works deterministically also under selection biases and groups.
+* **Selection values** ``v``: ``select_on="logits"``: ``z + bias``; ``select_on="scores"``:
+  ``score(z) + bias`` where score is softmax over E, sigmoid, sqrt(softplus) or none (identity).
+  Softmax without a bias selects on ``z`` itself (the same order, and free of exp rounding).
+* **Groups** (``n_group > 1``): the E experts form n_group contiguous groups; a group's score is
+  the max (``"max"``, DeepSeek-V2) or the sum of its two largest values (``"top2_sum"``,
+  DeepSeek-V3) of ``v``; the ``topk_group`` best groups stay eligible (a group holding a forced-on
+  expert first, then by score, ties to the lower group index).
+* **Order and ties.** Among eligible experts the k best by (tier, v) are returned in descending
+  order; equal keys go to the lower expert index. -0.0 equals +0.0.
+* **Weights** come from ``zw = z0`` if ``steer_select_only`` else ``z``: ``select_on="scores"``:
+  ``score(zw)[ids]`` (softmax over all E); ``select_on="logits"``: softmax over the k selected
+  ``zw`` (score softmax) or the elementwise score of them. The bias never enters the weights.
+  ``renormalize``: ``w / (sum(w) + renorm_eps)`` (left as is when that sum is 0); then ``* scale``.
+* **Statistics** per group g (``groups[t]``; -1 skips the token; no ``groups``: all in group 0):
+  ``tokens[g] += 1``; ``counts[g, ids] += 1``; ``weight_sum[g, ids] += w``; ``prob_sum[g] += q``
+  and ``entropy_sum[g] += H(q)`` (natural log, 0 log 0 = 0), where q is the dense routing
+  distribution of ``zw``: softmax over E for softmax/none scores, ``s / sum(s)`` for
+  sigmoid/sqrtsoftplus (uniform if that sum is 0); ``coact[a, b] += 1`` for every ordered pair of
+  the token's ids, diagonal included (so ``coact.diag() == counts.sum(0)``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+FLT_MAX = torch.finfo(torch.float32).max
+
+SCORES = ("softmax", "sigmoid", "sqrtsoftplus", "none")
+SELECT_ON = ("scores", "logits")
+GROUP_SCORES = ("max", "top2_sum")
+STEER_ROWS = ("add", "std", "abs", "force")
+
+TIER_FORCED_ON, TIER_NORMAL, TIER_FORCED_OFF, TIER_INELIGIBLE = 2, 1, 0, -1
+
+
+def sanitize(x: torch.Tensor) -> torch.Tensor:
+    """NaN -> -FLT_MAX, +inf -> FLT_MAX, -inf -> -FLT_MAX, as fp32."""
+    return torch.nan_to_num(x.float(), nan=-FLT_MAX, posinf=FLT_MAX, neginf=-FLT_MAX)
+
+
+def steer_logits(z0: torch.Tensor, steer: torch.Tensor | None, std_unbiased: bool = False):
+    """Steered logits ``z`` and the rank tier of every expert (see the module docstring)."""
+    tier = torch.full_like(z0, TIER_NORMAL, dtype=torch.int8)
+    if steer is None:
+        return z0, tier
+    add, lam, mul, force = steer.float()
+    E = z0.shape[-1]
+    mean = z0.sum(-1, keepdim=True) / E
+    var = ((z0 - mean) ** 2).sum(-1, keepdim=True)
+    if std_unbiased:
+        sd = (var / (E - 1)).sqrt() if E > 1 else torch.zeros_like(var)
+    else:
+        sd = (var / E).sqrt()
+    std_term = torch.where(lam != 0, lam * sd, torch.zeros_like(z0))
+    z = sanitize(z0 + add + std_term + mul * z0.abs())
+    top = z.max(-1, keepdim=True).values
+    bottom = z.min(-1, keepdim=True).values
+    z = torch.where(force > 0, top, torch.where(force < 0, bottom, z))
+    tier = torch.where(force > 0, TIER_FORCED_ON, torch.where(force < 0, TIER_FORCED_OFF, TIER_NORMAL))
+    return z, tier.to(torch.int8).expand_as(z)
+
+
+def score_fn(z: torch.Tensor, score: str) -> torch.Tensor:
+    """The model's score function over the last dim (softmax) or elementwise."""
+    if score == "softmax":
+        return torch.softmax(z, dim=-1)
+    if score == "sigmoid":
+        return torch.sigmoid(z)
+    if score == "sqrtsoftplus":
+        return F.softplus(z).sqrt()
+    return z
+
+
+def dense_distribution(zw: torch.Tensor, score: str) -> torch.Tensor:
+    """Routing distribution over all E experts used by ``prob_sum`` and ``entropy_sum``."""
+    if score in ("sigmoid", "sqrtsoftplus"):
+        s = score_fn(zw, score)
+        total = s.sum(-1, keepdim=True)
+        uniform = torch.full_like(s, 1.0 / s.shape[-1])
+        return torch.where(total > 0, s / total, uniform)
+    return torch.softmax(zw, dim=-1)
+
+
+def selection_values(z, score, select_on, selection_bias):
+    if select_on == "logits" or (score == "softmax" and selection_bias is None):
+        v = z
+    else:
+        v = score_fn(z, score)
+    if selection_bias is not None:
+        v = sanitize(v + sanitize(selection_bias))
+    return v
+
+
+def _rank(values: torch.Tensor, tier: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest (tier, value) keys, descending, ties to the lower index."""
+    by_value = torch.sort(values, dim=-1, descending=True, stable=True).indices
+    by_tier = torch.sort(tier.gather(-1, by_value), dim=-1, descending=True, stable=True).indices
+    return by_value.gather(-1, by_tier)[..., :k]
+
+
+def eligible_tiers(values, tier, n_group, topk_group, group_score):
+    """``tier`` with experts outside the chosen groups set to TIER_INELIGIBLE."""
+    if n_group == 1:
+        return tier
+    T, E = values.shape
+    gv = values.view(T, n_group, E // n_group)
+    if group_score == "max":
+        gscore = gv.max(-1).values
+    else:
+        gscore = sanitize(gv.topk(min(2, E // n_group), dim=-1).values.sum(-1))
+    has_forced = (tier.view(T, n_group, -1) == TIER_FORCED_ON).any(-1)
+    gtier = torch.where(has_forced, TIER_FORCED_ON, TIER_NORMAL).to(torch.int8)
+    keep = _rank(gscore, gtier, topk_group)
+    group_ok = torch.zeros(T, n_group, dtype=torch.bool, device=values.device)
+    group_ok.scatter_(1, keep, True)
+    ok = group_ok.repeat_interleave(E // n_group, dim=1)
+    return torch.where(ok, tier, torch.full_like(tier, TIER_INELIGIBLE))
+
+
+def check_gate_args(logits, k, score, select_on, selection_bias, n_group, topk_group, group_score,
+                    renorm_eps, scale, steer, groups, stats):
+    """Raise ValueError/TypeError for bad gate arguments; the C++ op checks the same things."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"topk_gate: logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(f"topk_gate: logits must be 2-D [T, E], got shape {tuple(logits.shape)}")
+    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"topk_gate: logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    E = logits.shape[1]
+    if E < 1:
+        raise ValueError("topk_gate: logits must have at least one expert column, got E=0")
+    if not 1 <= k <= E:
+        raise ValueError(f"topk_gate: k={k} must be in [1, num_experts={E}]")
+    for name, value, allowed in (("score", score, SCORES), ("select_on", select_on, SELECT_ON),
+                                 ("group_score", group_score, GROUP_SCORES)):
+        if value not in allowed:
+            raise ValueError(f"topk_gate: {name}={value!r} must be one of {allowed}")
+    if n_group < 1 or E % n_group != 0:
+        raise ValueError(f"topk_gate: n_group={n_group} must be >= 1 and divide num_experts={E}")
+    if not 1 <= topk_group <= n_group:
+        raise ValueError(f"topk_gate: topk_group={topk_group} must be in [1, n_group={n_group}]")
+    if n_group > 1 and k > topk_group * (E // n_group):
+        raise ValueError(f"topk_gate: k={k} must be <= topk_group * experts_per_group = "
+                         f"{topk_group * (E // n_group)}")
+    if not (renorm_eps >= 0 and renorm_eps < float("inf")):
+        raise ValueError(f"topk_gate: renorm_eps={renorm_eps} must be finite and >= 0")
+    if not abs(scale) < float("inf"):
+        raise ValueError(f"topk_gate: scale={scale} must be finite")
+    _check_tensor("selection_bias", selection_bias, (E,), (torch.float32,), logits.device)
+    _check_tensor("steer", steer, (4, E), (torch.float32,), logits.device)
+    T = logits.shape[0]
+    _check_tensor("groups", groups, (T,), (torch.int32, torch.int64), logits.device)
+    G = None
+    shapes = {"tokens": ("G",), "counts": ("G", E), "prob_sum": ("G", E), "weight_sum": ("G", E),
+              "entropy_sum": ("G",), "coact": (E, E)}
+    dtypes = {"tokens": torch.int64, "counts": torch.int64, "coact": torch.int64}
+    for name, buf in stats.items():
+        if buf is None:
+            continue
+        if G is None and shapes[name][0] == "G" and isinstance(buf, torch.Tensor) and buf.dim() > 0:
+            G = buf.shape[0]
+        want = tuple(G if s == "G" else s for s in shapes[name])
+        _check_tensor(name, buf, want, (dtypes.get(name, torch.float32),), logits.device)
+        if not buf.is_contiguous():
+            raise ValueError(f"topk_gate: {name} must be contiguous (it is written in place)")
+    if G == 0 and any(stats[n] is not None for n in shapes if shapes[n][0] == "G"):
+        raise ValueError("topk_gate: statistics buffers need at least one group, got G=0")
+    if groups is not None and G is not None and T > 0 and groups.device.type == "cpu":
+        lo, hi = int(groups.min()), int(groups.max())
+        if lo < -1 or hi >= G:
+            raise ValueError(f"topk_gate: groups must be in [-1, {G}) (the statistics' group count), "
+                             f"got values in [{lo}, {hi}]")
+
+
+def _check_tensor(name, t, shape, dtypes, device):
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"topk_gate: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"topk_gate: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        want = " or ".join(str(d) for d in dtypes)
+        raise TypeError(f"topk_gate: {name} must be {want}, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"topk_gate: {name} must be on the logits' device {device}, got {t.device}")
+
+
+def topk_gate(logits, k, score="softmax", select_on="scores", selection_bias=None, n_group=1,
+              topk_group=1, group_score="max", renormalize=False, renorm_eps=0.0, scale=1.0,
+              steer=None, steer_select_only=False, std_unbiased=False, groups=None, tokens=None,
+              counts=None, prob_sum=None, weight_sum=None, entropy_sum=None, coact=None):
+    """Reference fused gate: ``(weights [T, k] fp32, ids [T, k] int32)``; stats updated in place.
+
+    Same arguments and semantics as ``torch.ops.moe_route.topk_gate`` (module docstring).
+    """
+    stats = dict(tokens=tokens, counts=counts, prob_sum=prob_sum, weight_sum=weight_sum,
+                 entropy_sum=entropy_sum, coact=coact)
+    check_gate_args(logits, k, score, select_on, selection_bias, n_group, topk_group, group_score,
+                    renorm_eps, scale, steer, groups, stats)
+    z0 = sanitize(logits)
+    z, tier = steer_logits(z0, steer, std_unbiased)
+    v = selection_values(z, score, select_on, selection_bias)
+    tier = eligible_tiers(v, tier, n_group, topk_group, group_score)
+    ids = _rank(v, tier, k)
+
+    zw = z0 if steer_select_only else z
+    if select_on == "scores":
+        w = score_fn(zw, score).gather(1, ids)
+    elif score == "softmax":
+        w = torch.softmax(zw.gather(1, ids), dim=-1)
+    else:
+        w = score_fn(zw.gather(1, ids), score)
+    if renormalize:
+        den = w.sum(-1, keepdim=True) + renorm_eps
+        w = torch.where(den != 0, w / den, w)
+    w = w * scale
+
+    if any(b is not None for b in stats.values()):
+        _accumulate(zw, score, w, ids, groups, **stats)
+    return w, ids.to(torch.int32)
+
+
+def _accumulate(zw, score, w, ids, groups, tokens, counts, prob_sum, weight_sum, entropy_sum, coact):
+    T, k = ids.shape
+    E = zw.shape[1]
+    g = torch.zeros(T, dtype=torch.int64, device=zw.device) if groups is None else groups.long()
+    keep = g >= 0
+    g, ids, w, zw = g[keep], ids[keep], w[keep], zw[keep]
+    if tokens is not None:
+        tokens.index_add_(0, g, torch.ones_like(g))
+    flat = (g[:, None] * E + ids).reshape(-1)
+    if counts is not None:
+        counts.view(-1).index_add_(0, flat, torch.ones_like(flat))
+    if weight_sum is not None:
+        acc = torch.zeros(weight_sum.numel(), dtype=torch.float64, device=zw.device)
+        acc.index_add_(0, flat, w.reshape(-1).double())
+        weight_sum += acc.view_as(weight_sum).float()
+    if prob_sum is not None or entropy_sum is not None:
+        q = dense_distribution(zw, score)
+        if prob_sum is not None:
+            acc = torch.zeros(prob_sum.shape, dtype=torch.float64, device=zw.device)
+            acc.index_add_(0, g, q.double())
+            prob_sum += acc.float()
+        if entropy_sum is not None:
+            h = torch.special.entr(q).sum(-1).double()
+            acc = torch.zeros(entropy_sum.shape, dtype=torch.float64, device=zw.device)
+            entropy_sum += acc.index_add_(0, g, h).float()
+    if coact is not None:
+        pairs = (ids[:, :, None] * E + ids[:, None, :]).reshape(-1)
+        coact.view(-1).index_add_(0, pairs, torch.ones_like(pairs))

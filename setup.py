@@ -1,0 +1,100 @@
+"""Builds the one extension moe_route._C (CPU always, CUDA when torch and a toolkit allow).
+
+Environment:
+  MOE_ROUTE_SKIP_CUDA=1   build the CPU extension only, even with CUDA torch and a toolkit
+  MOE_ROUTE_FORCE_CUDA=1  fail instead of silently skipping CUDA when it cannot be built
+  TORCH_CUDA_ARCH_LIST    CUDA archs (default: the visible GPUs, else "8.0;9.0a")
+  MOE_ROUTE_DEBUG=1       -O0 -g
+  MAX_JOBS                parallel compile jobs (torch's BuildExtension)
+torch is not a build requirement: install it first, then `pip install --no-build-isolation -e .`.
+"""
+import json
+import os
+import subprocess
+import sys
+
+from setuptools import setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:
+    sys.exit("moe_route: install torch first (e.g. `pip install torch==2.13.0`), then build with "
+             "`pip install --no-build-isolation -e .`")
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CPU_SOURCES = ["csrc/registration.cpp", "csrc/gate_op.cpp", "csrc/cpu/gate.cpp"]
+CUDA_SOURCES = ["csrc/cuda/gate.cu", "csrc/cuda/gate_glue.cpp"]
+
+
+def flag(name):
+    return os.environ.get(name, "").lower() not in ("", "0", "false", "no")
+
+
+def cuda_decision():
+    """(build_cuda, reason)."""
+    if flag("MOE_ROUTE_SKIP_CUDA"):
+        return False, "MOE_ROUTE_SKIP_CUDA is set"
+    if torch.version.cuda is None:
+        why = f"torch {torch.__version__} is not a CUDA build"
+    elif CUDA_HOME is None:
+        why = "no CUDA toolkit found (set CUDA_HOME)"
+    else:
+        return True, f"torch CUDA {torch.version.cuda}, toolkit at {CUDA_HOME}"
+    if flag("MOE_ROUTE_FORCE_CUDA"):
+        sys.exit(f"moe_route: MOE_ROUTE_FORCE_CUDA is set but CUDA cannot be built: {why}")
+    return False, why
+
+
+def git_sha():
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                       stderr=subprocess.DEVNULL, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+BUILD_CUDA, CUDA_REASON = cuda_decision()
+if BUILD_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+    os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0a"
+
+debug = flag("MOE_ROUTE_DEBUG")
+opt = ["-O0", "-g"] if debug else ["-O3"]
+# No FMA contraction: results are then identical whichever vector width the CPU kernel runs.
+# -fno-trapping-math lets GCC if-convert float compares (vectorising them); IEEE results, NaN and
+# inf semantics are unchanged, unlike -ffast-math.
+cxx_flags = opt + ["-ffp-contract=off", "-fno-trapping-math", "-Wall", "-Wno-unused-function", "-Wno-psabi"]
+# at::parallel_for expands OpenMP pragmas inside our translation units: without -fopenmp it is serial.
+link_flags = []
+if torch.backends.openmp.is_available():
+    cxx_flags.append("-fopenmp")
+    link_flags.append("-fopenmp")
+nvcc_flags = opt + ["-lineinfo", "--expt-relaxed-constexpr"]
+
+if BUILD_CUDA:
+    ext = CUDAExtension(
+        "moe_route._C", CPU_SOURCES + CUDA_SOURCES,
+        define_macros=[("MOE_ROUTE_WITH_CUDA", None)],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=link_flags)
+else:
+    ext = CppExtension("moe_route._C", CPU_SOURCES, extra_compile_args={"cxx": cxx_flags},
+                       extra_link_args=link_flags)
+
+
+class Build(BuildExtension):
+    def run(self):
+        super().run()
+        info = {
+            "version": "0.1.0", "git": git_sha(), "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda, "cuda_built": BUILD_CUDA, "cuda_reason": CUDA_REASON,
+            "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST") if BUILD_CUDA else None,
+            "debug": debug, "python": sys.version.split()[0],
+        }
+        for out in {os.path.join(ROOT, "moe_route"),
+                    os.path.join(self.build_lib, "moe_route")}:
+            if os.path.isdir(out):
+                with open(os.path.join(out, "_build_info.json"), "w") as f:
+                    json.dump(info, f, indent=2)
+
+
+setup(ext_modules=[ext], cmdclass={"build_ext": Build})
