@@ -59,7 +59,7 @@ if BUILD_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.
     os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0a"
 
 debug = flag("MOE_ROUTE_DEBUG")
-opt = ["-O0", "-g"] if debug else ["-O3"]
+opt = ["-O0", "-g"] if debug else ["-O3", "-g"]
 # No FMA contraction: results are then identical whichever vector width the CPU kernel runs.
 # -fno-trapping-math lets GCC if-convert float compares (vectorising them); IEEE results, NaN and
 # inf semantics are unchanged, unlike -ffast-math.

@@ -142,8 +142,11 @@ def eligible_tiers(values, tier, n_group, topk_group, group_score):
 
 
 def check_gate_args(logits, k, score, select_on, selection_bias, n_group, topk_group, group_score,
-                    renorm_eps, scale, steer, groups, stats):
-    """Raise ValueError/TypeError for bad gate arguments; the C++ op checks the same things."""
+                    renorm_eps, scale, steer, groups, stats, check_group_values=True):
+    """Raise ValueError/TypeError for bad gate arguments; the C++ op checks the same things.
+
+    ``check_group_values=False`` skips the one data-dependent check (fake tensors have no data).
+    """
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"topk_gate: logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dim() != 2:
@@ -189,7 +192,8 @@ def check_gate_args(logits, k, score, select_on, selection_bias, n_group, topk_g
             raise ValueError(f"topk_gate: {name} must be contiguous (it is written in place)")
     if G == 0 and any(stats[n] is not None for n in shapes if shapes[n][0] == "G"):
         raise ValueError("topk_gate: statistics buffers need at least one group, got G=0")
-    if groups is not None and G is not None and T > 0 and groups.device.type == "cpu":
+    if (check_group_values and groups is not None and G is not None and T > 0
+            and groups.device.type == "cpu"):
         lo, hi = int(groups.min()), int(groups.max())
         if lo < -1 or hi >= G:
             raise ValueError(f"topk_gate: groups must be in [-1, {G}) (the statistics' group count), "

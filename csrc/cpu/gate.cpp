@@ -114,6 +114,51 @@ MOE_ROUTE_INLINE float min_of(const float* x, int64_t n) {
   return r;
 }
 
+// (value, index) as one key: order-preserving fp32 bits, then the inverted index, so a larger
+// key is a larger value or, for equal values, the lower index.
+MOE_ROUTE_INLINE uint64_t value_key(float v, int32_t i) {
+  float canon = v + 0.f;  // -0.0 -> +0.0
+  uint32_t u;
+  std::memcpy(&u, &canon, sizeof u);
+  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return (uint64_t(u) << 32) | uint32_t(0xffffffffu - uint32_t(i));
+}
+
+MOE_ROUTE_INLINE int32_t value_key_index(uint64_t key) {
+  return int32_t(0xffffffffu - uint32_t(key));
+}
+
+MOE_ROUTE_INLINE void cswap_desc(uint64_t& a, uint64_t& b) {
+  const uint64_t hi = a > b ? a : b, lo = a > b ? b : a;
+  a = hi, b = lo;
+}
+
+// Knuth's 19-comparator, depth-6 sorting network for 8 keys (checked by the 0-1 principle).
+MOE_ROUTE_INLINE void sort8_desc(uint64_t* h) {
+  static constexpr int kNet[19][2] = {{0, 2}, {1, 3}, {4, 6}, {5, 7}, {0, 4}, {1, 5}, {2, 6},
+                                      {3, 7}, {0, 1}, {2, 3}, {4, 5}, {6, 7}, {2, 4}, {3, 5},
+                                      {1, 4}, {3, 6}, {1, 2}, {3, 4}, {5, 6}};
+  for (const auto& c : kNet) cswap_desc(h[c[0]], h[c[1]]);
+}
+
+// Index of the largest lane value, ties to the smallest index: shuffle-max to broadcast the
+// maximum, then shuffle-min over the indices of the lanes holding it.
+MOE_ROUTE_INLINE int32_t argmax8(f32x8 v, i32x8 idx) {
+  const i32x8 s4 = {4, 5, 6, 7, 0, 1, 2, 3}, s2 = {2, 3, 0, 1, 6, 7, 4, 5},
+              s1 = {1, 0, 3, 2, 5, 4, 7, 6};
+  f32x8 m = v, t;
+  t = __builtin_shuffle(m, s4), m = t > m ? t : m;
+  t = __builtin_shuffle(m, s2), m = t > m ? t : m;
+  t = __builtin_shuffle(m, s1), m = t > m ? t : m;
+  const i32x8 none = {INT32_MAX, INT32_MAX, INT32_MAX, INT32_MAX,
+                      INT32_MAX, INT32_MAX, INT32_MAX, INT32_MAX};
+  i32x8 c = v == m ? idx : none, u;
+  u = __builtin_shuffle(c, s4), c = u < c ? u : c;
+  u = __builtin_shuffle(c, s2), c = u < c ? u : c;
+  u = __builtin_shuffle(c, s1), c = u < c ? u : c;
+  return c[0];
+}
+
 // Sum with 8 fixed partial sums (a fixed order, whatever the vector width).
 MOE_ROUTE_INLINE float sum8(const float* x, int64_t n) {
   f32x8 acc = splat8(0.f);
@@ -299,24 +344,54 @@ MOE_ROUTE_INLINE void select_experts(const GateParams& p, const Prep& prep, cons
         if (s.group_ok[g]) std::memcpy(work + g * gsize, v + g * gsize, sizeof(float) * gsize);
         else std::fill(work + g * gsize, work + (g + 1) * gsize, -INFINITY);
     }
+    // Lane l tracks the best two of experts l, l+8, l+16, ... A pick promotes the lane's
+    // runner-up; only a lane whose runner-up is used up is rescanned.
+    const int64_t padded = (E + 7) & ~int64_t(7);
+    const f32x8 ninf = splat8(-INFINITY);
+    f32x8 m1 = ninf, m2 = ninf;
+    i32x8 i1 = {0, 1, 2, 3, 4, 5, 6, 7};
+    i32x8 i2 = i1, idx = i1;
+    const i32x8 step = {8, 8, 8, 8, 8, 8, 8, 8};
+    for (int64_t e = 0; e < padded; e += 8) {
+      const f32x8 x = load8(work + e);
+      const i32x8 gt1 = x > m1, gt2 = x > m2;  // strict: equal values keep the lower index
+      m2 = gt1 ? m1 : (gt2 ? x : m2);
+      i2 = gt1 ? i1 : (gt2 ? idx : i2);
+      m1 = gt1 ? x : m1;
+      i1 = gt1 ? idx : i1;
+      idx += step;
+    }
+    // The 8 lane heads, as (value, index) keys sorted descending. A pick takes head[0], refills
+    // it from the same lane (runner-up, or a rescan once that is used) and bubbles it down:
+    // branch-free compare-swaps instead of a latency-bound vector argmax per pick.
+    uint64_t head[8], second[8];
+    for (int l = 0; l < 8; ++l) head[l] = value_key(m1[l], i1[l]), second[l] = value_key(m2[l], i2[l]);
+    sort8_desc(head);
+    uint8_t has_second = 0xff;  // bit l: lane l's runner-up is still unused
     for (int64_t j = 0; j < k; ++j) {
-      f32x8 mv = splat8(-INFINITY);
-      i32x8 mi = {0, 1, 2, 3, 4, 5, 6, 7};
-      i32x8 idx = mi;
-      const i32x8 step = {8, 8, 8, 8, 8, 8, 8, 8};
-      for (int64_t e = 0; e < E; e += 8) {  // work is padded to a multiple of 8 with -inf
-        const f32x8 x = load8(work + e);
-        const i32x8 gt = x > mv;
-        mv = gt ? x : mv;
-        mi = gt ? idx : mi;
-        idx += step;
-      }
-      float top = mv[0];
-      for (int l = 1; l < 8; ++l) top = mv[l] > top ? mv[l] : top;
-      int32_t best = INT32_MAX;
-      for (int l = 0; l < 8; ++l) best = (mv[l] == top && mi[l] < best) ? mi[l] : best;
+      const int32_t best = value_key_index(head[0]);
       ids[j] = best;
       work[best] = -INFINITY;
+      const int lane = best & 7;
+      if (has_second & (1u << lane)) {
+        head[0] = second[lane];
+        has_second &= uint8_t(~(1u << lane));
+      } else {
+        float a = -INFINITY, b = -INFINITY;
+        int32_t ia = lane, ib = lane;
+        for (int64_t e = lane; e < padded; e += 8) {
+          const float x = work[e];
+          const bool g1 = x > a, g2 = x > b;
+          b = g1 ? a : (g2 ? x : b);
+          ib = g1 ? ia : (g2 ? int32_t(e) : ib);
+          a = g1 ? x : a;
+          ia = g1 ? int32_t(e) : ia;
+        }
+        head[0] = value_key(a, ia);
+        second[lane] = value_key(b, ib);
+        has_second |= uint8_t(1u << lane);
+      }
+      for (int i = 0; i < 7; ++i) cswap_desc(head[i], head[i + 1]);
     }
     return;
   }

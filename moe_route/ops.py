@@ -1,0 +1,272 @@
+"""Public ops: ``topk_gate`` and the descriptions later layers pass around.
+
+``RouterSpec`` says how a model routes (score function, selection, groups, renormalisation,
+scale), ``SteerSpec`` how to steer it, ``GateStats`` holds the statistics buffers the gate
+accumulates into. The numerics are those of ``moe_route.reference`` (its module docstring).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+
+from moe_route import _loader, reference
+
+__all__ = ["topk_gate", "RouterSpec", "SteerSpec", "GateStats"]
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """How a router turns logits into (weights, ids); every transformers family is one of these.
+
+    Attributes:
+        score: ``"softmax"`` over the E experts, ``"sigmoid"``, ``"sqrtsoftplus"``
+            (sqrt(softplus(z)), DeepSeek-V4) or ``"none"`` (the logits themselves).
+        select_on: ``"scores"`` (top-k of the scores plus selection bias; weights are the
+            chosen scores) or ``"logits"`` (top-k of the logits; weights are the softmax over the
+            k chosen logits for score softmax, else the score of each: GPT-OSS, Granite, JetMoE).
+        n_group, topk_group, group_score: group-limited selection (DeepSeek-V2 ``"max"``,
+            DeepSeek-V3 ``"top2_sum"``); ``n_group=1`` disables it.
+        renormalize: divide the k weights by their sum plus ``renorm_eps``.
+        scale: multiply the weights last (``routed_scaling_factor``).
+    """
+
+    score: str = "softmax"
+    select_on: str = "scores"
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str = "max"
+    renormalize: bool = False
+    renorm_eps: float = 0.0
+    scale: float = 1.0
+    _configs: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        for name, allowed in (("score", reference.SCORES), ("select_on", reference.SELECT_ON),
+                              ("group_score", reference.GROUP_SCORES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"RouterSpec: {name}={getattr(self, name)!r} must be one of "
+                                 f"{allowed}")
+        if not isinstance(self.n_group, int) or self.n_group < 1:
+            raise ValueError(f"RouterSpec: n_group={self.n_group!r} must be an int >= 1")
+        if not isinstance(self.topk_group, int) or not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(f"RouterSpec: topk_group={self.topk_group!r} must be an int in "
+                             f"[1, n_group={self.n_group}]")
+        if not (0 <= self.renorm_eps < float("inf")):
+            raise ValueError(f"RouterSpec: renorm_eps={self.renorm_eps!r} must be finite and >= 0")
+        if not abs(self.scale) < float("inf"):
+            raise ValueError(f"RouterSpec: scale={self.scale!r} must be finite")
+
+    def replace(self, **changes) -> "RouterSpec":
+        return dataclasses.replace(self, **changes)
+
+    def op_kwargs(self) -> dict:
+        """The spec as keyword arguments of ``torch.ops.moe_route.topk_gate``."""
+        return dict(score=self.score, select_on=self.select_on, n_group=self.n_group,
+                    topk_group=self.topk_group, group_score=self.group_score,
+                    renormalize=self.renormalize, renorm_eps=float(self.renorm_eps),
+                    scale=float(self.scale))
+
+    def _native_config(self, select_only: bool, std_unbiased: bool):
+        key = (select_only, std_unbiased)
+        config = self._configs.get(key)
+        if config is None:
+            kw = self.op_kwargs()
+            config = _loader.native.GateConfig(steer_select_only=select_only,
+                                               std_unbiased=std_unbiased, **kw)
+            self._configs[key] = config
+        return config
+
+
+ExpertValues = Union[torch.Tensor, Sequence[float], Mapping[int, float], None]
+
+
+@dataclass
+class SteerSpec:
+    """Per-expert steering of one router's logits, applied before scoring and selection.
+
+    Each field is None, an ``[E]`` tensor/sequence, or ``{expert: value}``:
+        add:   z_e += add_e (constant logit bias)
+        std:   z_e += std_e * std(z) (the token's std over the E logits; the paper's soft steering
+               uses 0.5 on the chosen experts; population std unless ``std_unbiased``)
+        abs:   z_e += abs_e * |z_e| (multiplicative)
+        force: > 0 forces the expert into every token's top-k (ranked first, logit set to the
+               row max), < 0 forces it out (ranked last, logit set to the row min)
+    ``select_only``: steering changes which experts are chosen, weights come from the unsteered
+    logits (DeepSeek-style bias semantics).
+    """
+
+    add: ExpertValues = None
+    std: ExpertValues = None
+    abs: ExpertValues = None
+    force: ExpertValues = None
+    select_only: bool = False
+    std_unbiased: bool = False
+    _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def table(self, num_experts: int, device=None) -> torch.Tensor:
+        """The ``[4, E]`` fp32 table the op takes (rows add, std, abs, force); cached per device."""
+        device = torch.device(device if device is not None else "cpu")
+        key = (num_experts, device)
+        cached = self._tables.get(key)
+        if cached is None:
+            rows = [_expert_vector(getattr(self, name), num_experts, name)
+                    for name in reference.STEER_ROWS]
+            cached = torch.stack(rows).to(device)
+            self._tables[key] = cached
+        return cached
+
+
+def _expert_vector(values: ExpertValues, num_experts: int, name: str) -> torch.Tensor:
+    out = torch.zeros(num_experts, dtype=torch.float32)
+    if values is None:
+        return out
+    if isinstance(values, Mapping):
+        for expert, value in values.items():
+            if not isinstance(expert, int) or not 0 <= expert < num_experts:
+                raise ValueError(f"SteerSpec.{name}: expert {expert!r} must be an int in "
+                                 f"[0, {num_experts})")
+            out[expert] = float(value)
+        return out
+    t = torch.as_tensor(values, dtype=torch.float32).cpu()
+    if t.shape != (num_experts,):
+        raise ValueError(f"SteerSpec.{name}: expected {num_experts} values (one per expert), "
+                         f"got shape {tuple(t.shape)}")
+    return t.clone()
+
+
+@dataclass
+class GateStats:
+    """Statistics buffers the gate accumulates into, in place, for G groups and E experts.
+
+    tokens [G] int64, counts [G,E] int64 (tokens whose top-k holds e), prob_sum [G,E] fp32 (sum of
+    the dense routing distribution), weight_sum [G,E] fp32 (sum of routed weights),
+    entropy_sum [G] fp32 (sum of the dense distribution's entropy, nats), coact [E,E] int64
+    (pairs within a token's top-k, over all groups). Any buffer may be None (not accumulated).
+    Integer counts are exact. Float sums are bit-reproducible on the CPU (fixed chunking, fixed
+    merge order); on CUDA they use float atomics, so the last bits may vary from run to run.
+    """
+
+    tokens: Optional[torch.Tensor] = None
+    counts: Optional[torch.Tensor] = None
+    prob_sum: Optional[torch.Tensor] = None
+    weight_sum: Optional[torch.Tensor] = None
+    entropy_sum: Optional[torch.Tensor] = None
+    coact: Optional[torch.Tensor] = None
+
+    NAMES = ("tokens", "counts", "prob_sum", "weight_sum", "entropy_sum", "coact")
+
+    @classmethod
+    def zeros(cls, num_groups: int, num_experts: int, *, device=None, dense: bool = True,
+              coact: bool = False) -> "GateStats":
+        """Zeroed buffers. ``dense=False`` skips prob_sum/entropy_sum (no E-wide work per token);
+        ``coact=True`` adds the [E,E] co-activation counts."""
+        if num_groups < 1 or num_experts < 1:
+            raise ValueError(f"GateStats.zeros: num_groups={num_groups} and "
+                             f"num_experts={num_experts} must be >= 1")
+        G, E = num_groups, num_experts
+        i64 = dict(dtype=torch.int64, device=device)
+        f32 = dict(dtype=torch.float32, device=device)
+        return cls(
+            tokens=torch.zeros(G, **i64), counts=torch.zeros(G, E, **i64),
+            prob_sum=torch.zeros(G, E, **f32) if dense else None,
+            weight_sum=torch.zeros(G, E, **f32),
+            entropy_sum=torch.zeros(G, **f32) if dense else None,
+            coact=torch.zeros(E, E, **i64) if coact else None)
+
+    def buffers(self) -> tuple:
+        return tuple(getattr(self, n) for n in self.NAMES)
+
+    def zero_(self) -> "GateStats":
+        for b in self.buffers():
+            if b is not None:
+                b.zero_()
+        return self
+
+
+_DEFAULT_SPEC = RouterSpec()
+_NO_STATS = (None,) * 6
+
+
+def topk_gate(logits: torch.Tensor, k: int, spec: Optional[RouterSpec] = None, *,
+              selection_bias: Optional[torch.Tensor] = None, steer: Optional[SteerSpec] = None,
+              stats: Optional[GateStats] = None, groups: Optional[torch.Tensor] = None,
+              **knobs):
+    """Fused top-k gate: ``(weights [T,k] fp32, ids [T,k] int32)``, statistics updated in place.
+
+    Args:
+        logits: ``[T, E]`` router logits, fp32/fp16/bf16, any row stride.
+        k: experts per token, 1 <= k <= E.
+        spec: a ``RouterSpec``; keyword knobs (``score="sigmoid"``, ``n_group=8``, ...) build or
+            override one. No spec: softmax over E, top-k of the probabilities, no renormalisation
+            (OLMoE / Qwen3-MoE default).
+        selection_bias: ``[E]`` fp32 added to the selection values only (DeepSeek-V3
+            ``e_score_correction_bias``); never enters the weights.
+        steer: a ``SteerSpec``.
+        stats: a ``GateStats`` to accumulate into; ``groups`` ``[T]`` int32/int64 assigns each
+            token to a group row (-1 skips it; default: all in group 0).
+
+    Numerics (details in ``moe_route.reference``): fp32 math; NaN logits rank last (as -FLT_MAX),
+    +-inf clamp to +-FLT_MAX; output in descending selection order, equal values to the lower
+    expert index, identically on every backend. Weights match the reference to fp32 rounding.
+    """
+    if knobs:
+        try:
+            spec = (spec or _DEFAULT_SPEC).replace(**knobs)
+        except TypeError as exc:
+            raise TypeError(f"topk_gate: unknown router knob ({exc}); RouterSpec fields are "
+                            f"{[f.name for f in dataclasses.fields(RouterSpec) if f.init]}") from None
+    elif spec is None:
+        spec = _DEFAULT_SPEC
+    steer_table, select_only, unbiased = None, False, False
+    if steer is not None:
+        if not isinstance(steer, SteerSpec):
+            raise TypeError(f"topk_gate: steer must be a SteerSpec or None, got {type(steer).__name__}")
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            raise ValueError("topk_gate: logits must be a 2-D [T, E] tensor, got "
+                             f"{getattr(logits, 'shape', type(logits).__name__)}")
+        steer_table = steer.table(logits.shape[1], logits.device)
+        select_only, unbiased = steer.select_only, steer.std_unbiased
+    if stats is not None and not isinstance(stats, GateStats):
+        raise TypeError(f"topk_gate: stats must be a GateStats or None, got {type(stats).__name__}")
+    buffers = stats.buffers() if stats is not None else _NO_STATS
+
+    if (_loader.native is not None and type(logits) is torch.Tensor
+            and not torch.compiler.is_compiling() and _loader.has_kernel("topk_gate", logits.device.type)):
+        return _loader.native.topk_gate_fast(
+            logits, k, spec._native_config(select_only, unbiased), selection_bias, steer_table,
+            groups, buffers if stats is not None else None)
+    return _topk_gate_op(logits, k, spec, selection_bias, steer_table, select_only, unbiased,
+                         groups, buffers)
+
+
+def _topk_gate_op(logits, k, spec, selection_bias, steer_table, select_only, unbiased, groups,
+                  buffers):
+    kwargs = dict(spec.op_kwargs(), selection_bias=selection_bias, steer=steer_table,
+                  steer_select_only=select_only, std_unbiased=unbiased, groups=groups,
+                  **dict(zip(GateStats.NAMES, buffers)))
+    device_type = logits.device.type if isinstance(logits, torch.Tensor) else "cpu"
+    if _loader.native is not None and (_loader.has_kernel("topk_gate", device_type)
+                                       or torch.compiler.is_compiling()):
+        return torch.ops.moe_route.topk_gate(logits, k, **kwargs)
+    _loader.fallback("topk_gate", device_type)
+    return reference.topk_gate(logits, k, **kwargs)
+
+
+if _loader.native is not None:
+    @torch.library.register_fake("moe_route::topk_gate")
+    def _topk_gate_fake(logits, k, score="softmax", select_on="scores", selection_bias=None,
+                        n_group=1, topk_group=1, group_score="max", renormalize=False,
+                        renorm_eps=0.0, scale=1.0, steer=None, steer_select_only=False,
+                        std_unbiased=False, groups=None, tokens=None, counts=None, prob_sum=None,
+                        weight_sum=None, entropy_sum=None, coact=None):
+        stats = dict(tokens=tokens, counts=counts, prob_sum=prob_sum, weight_sum=weight_sum,
+                     entropy_sum=entropy_sum, coact=coact)
+        reference.check_gate_args(logits, k, score, select_on, selection_bias, n_group,
+                                  topk_group, group_score, renorm_eps, scale, steer, groups,
+                                  stats, check_group_values=False)
+        T = logits.shape[0]
+        return (logits.new_empty((T, k), dtype=torch.float32),
+                logits.new_empty((T, k), dtype=torch.int32))
