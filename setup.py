@@ -23,7 +23,7 @@ except ImportError:
              "`pip install --no-build-isolation -e .`")
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-CPU_SOURCES = ["csrc/registration.cpp", "csrc/gate_op.cpp", "csrc/cpu/gate.cpp"]
+CPU_SOURCES = ["csrc/registration.cpp", "csrc/python.cpp", "csrc/gate_op.cpp", "csrc/cpu/gate.cpp"]
 CUDA_SOURCES = ["csrc/cuda/gate.cu", "csrc/cuda/gate_glue.cpp"]
 
 

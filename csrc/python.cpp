@@ -1,0 +1,94 @@
+// The Python module moe_route._C: build info and the eager fast path into the dispatcher.
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/extension.h>
+#include <torch/version.h>
+
+#include <string>
+
+#include "gate_op.h"
+
+namespace moe_route {
+namespace {
+
+// The non-tensor knobs of a gate, converted once (RouterSpec caches one) instead of per call.
+struct GateConfig {
+  std::string score = "softmax", select_on = "scores", group_score = "max";
+  int64_t n_group = 1, topk_group = 1;
+  bool renormalize = false;
+  double renorm_eps = 0.0, scale = 1.0;
+  bool steer_select_only = false, std_unbiased = false;
+};
+
+using GateSig = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, int64_t, c10::string_view, c10::string_view, const OptTensor&, int64_t,
+    int64_t, c10::string_view, bool, double, double, const OptTensor&, bool, bool,
+    const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+    const OptTensor&, const OptTensor&);
+
+OptTensor opt_tensor(const py::handle& h) {
+  if (h.is_none()) return std::nullopt;
+  return h.cast<at::Tensor>();
+}
+
+// Eager calls from Python through the typed dispatcher handle: the same kernels (CPU, CUDA, Meta,
+// any mode keys) as torch.ops.moe_route.topk_gate, without parsing 21 boxed arguments per call.
+std::tuple<at::Tensor, at::Tensor> topk_gate_fast(const at::Tensor& logits, int64_t k,
+                                                  const GateConfig& c, const OptTensor& bias,
+                                                  const OptTensor& steer, const OptTensor& groups,
+                                                  const py::handle& stats) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("moe_route::topk_gate", "")
+                       .typed<GateSig>();
+  OptTensor buf[6];
+  if (!stats.is_none()) {
+    auto seq = py::reinterpret_borrow<py::tuple>(stats);
+    TORCH_CHECK_VALUE(seq.size() == 6, "topk_gate: stats must hold 6 buffers, got ", seq.size());
+    for (int i = 0; i < 6; ++i) buf[i] = opt_tensor(seq[i]);
+  }
+  py::gil_scoped_release no_gil;
+  return op.call(logits, k, c.score, c.select_on, bias, c.n_group, c.topk_group, c.group_score,
+                 c.renormalize, c.renorm_eps, c.scale, steer, c.steer_select_only,
+                 c.std_unbiased, groups, buf[0], buf[1], buf[2], buf[3], buf[4], buf[5]);
+}
+
+py::dict build_info() {
+  py::dict d;
+#ifdef MOE_ROUTE_WITH_CUDA
+  d["cuda"] = true;
+#else
+  d["cuda"] = false;
+#endif
+  d["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." +
+                       std::to_string(TORCH_VERSION_MINOR) + "." +
+                       std::to_string(TORCH_VERSION_PATCH);
+#if defined(__VERSION__)
+  d["compiler"] = std::string(__VERSION__);
+#endif
+  d["cxx11_abi"] = bool(_GLIBCXX_USE_CXX11_ABI);
+  d["parallel"] = at::get_parallel_info();
+  return d;
+}
+
+}  // namespace
+}  // namespace moe_route
+
+PYBIND11_MODULE(_C, m) {
+  using moe_route::GateConfig;
+  m.doc() = "moe_route native ops (registered under torch.ops.moe_route)";
+  py::class_<GateConfig>(m, "GateConfig")
+      .def(py::init([](std::string score, std::string select_on, int64_t n_group,
+                       int64_t topk_group, std::string group_score, bool renormalize,
+                       double renorm_eps, double scale, bool steer_select_only,
+                       bool std_unbiased) {
+             return GateConfig{score, select_on, group_score, n_group, topk_group, renormalize,
+                               renorm_eps, scale, steer_select_only, std_unbiased};
+           }),
+           py::arg("score"), py::arg("select_on"), py::arg("n_group"), py::arg("topk_group"),
+           py::arg("group_score"), py::arg("renormalize"), py::arg("renorm_eps"),
+           py::arg("scale"), py::arg("steer_select_only"), py::arg("std_unbiased"));
+  m.def("topk_gate_fast", &moe_route::topk_gate_fast, py::arg("logits"), py::arg("k"),
+        py::arg("config"), py::arg("selection_bias"), py::arg("steer"), py::arg("groups"),
+        py::arg("stats"));
+  m.def("build_info", &moe_route::build_info);
+}
