@@ -18,30 +18,49 @@ std::string shape_str(at::IntArrayRef s) {
   return o.str();
 }
 
-// Checks an optional tensor argument; returns its data pointer or null.
+// torch's Python spelling of a dtype, for messages ("torch.float32", not c10's "Float").
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+// Checks an optional tensor argument; returns its data pointer or null. A read-only argument
+// that is not contiguous is copied into `keep`; a buffer written in place must be contiguous.
 template <typename T>
 T* check_opt(const OptTensor& t, const char* name, std::initializer_list<int64_t> shape,
              std::initializer_list<at::ScalarType> dtypes, const at::Tensor& logits,
-             bool written) {
+             at::Tensor* keep) {
   if (!t.has_value() || !t->defined()) return nullptr;
   const at::Tensor& x = *t;
-  std::vector<int64_t> want(shape);
-  TORCH_CHECK_VALUE(x.sizes().vec() == want, "topk_gate: ", name, " must have shape ",
+  const at::IntArrayRef want(shape);
+  TORCH_CHECK_VALUE(x.sizes().equals(want), "topk_gate: ", name, " must have shape ",
                     shape_str(want), ", got ", shape_str(x.sizes()));
   bool ok = false;
   for (auto d : dtypes) ok = ok || x.scalar_type() == d;
   if (!ok) {
     std::ostringstream o;
     size_t i = 0;
-    for (auto d : dtypes) o << (i++ ? " or " : "") << "torch." << c10::toString(d);
-    TORCH_CHECK_TYPE(false, "topk_gate: ", name, " must be ", o.str(), ", got torch.",
-                     c10::toString(x.scalar_type()));
+    for (auto d : dtypes) o << (i++ ? " or " : "") << dtype_name(d);
+    TORCH_CHECK_TYPE(false, "topk_gate: ", name, " must be ", o.str(), ", got ",
+                     dtype_name(x.scalar_type()));
   }
   TORCH_CHECK_VALUE(x.device() == logits.device(), "topk_gate: ", name,
                     " must be on the logits' device ", logits.device(), ", got ", x.device());
-  TORCH_CHECK_VALUE(x.is_contiguous(), "topk_gate: ", name, " must be contiguous",
-                    written ? " (it is written in place)" : "");
-  return static_cast<T*>(x.data_ptr());
+  if (x.is_contiguous()) return static_cast<T*>(x.data_ptr());
+  TORCH_CHECK_VALUE(keep, "topk_gate: ", name, " must be contiguous (it is written in place)");
+  *keep = x.contiguous();
+  return static_cast<T*>(keep->data_ptr());
 }
 
 }  // namespace
@@ -52,14 +71,14 @@ void prepare_gate(const at::Tensor& logits, int64_t k, c10::string_view score,
                   double renorm_eps, double scale, const OptTensor& steer, bool steer_select_only,
                   bool std_unbiased, const OptTensor& groups, const OptTensor& tokens,
                   const OptTensor& counts, const OptTensor& prob_sum, const OptTensor& weight_sum,
-                  const OptTensor& entropy_sum, const OptTensor& coact, at::Tensor& logits_c,
+                  const OptTensor& entropy_sum, const OptTensor& coact, GateHold& hold,
                   at::Tensor& weights, at::Tensor& ids, GateParams& p) {
   TORCH_CHECK_VALUE(logits.dim() == 2, "topk_gate: logits must be 2-D [T, E], got shape ",
                     shape_str(logits.sizes()));
   const auto dt = logits.scalar_type();
   TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
-                   "topk_gate: logits must be float32, float16 or bfloat16, got torch.",
-                   c10::toString(dt));
+                   "topk_gate: logits must be float32, float16 or bfloat16, got ",
+                   dtype_name(dt));
   const int64_t T = logits.size(0), E = logits.size(1);
   TORCH_CHECK_VALUE(E >= 1, "topk_gate: logits must have at least one expert column, got E=0");
   TORCH_CHECK_VALUE(E < (int64_t(1) << kIndexBits), "topk_gate: num_experts=", E,
@@ -90,10 +109,11 @@ void prepare_gate(const at::Tensor& logits, int64_t k, c10::string_view score,
                     renorm_eps, " must be finite and >= 0");
   TORCH_CHECK_VALUE(std::isfinite(scale), "topk_gate: scale=", scale, " must be finite");
 
-  p.selection_bias =
-      check_opt<const float>(selection_bias, "selection_bias", {E}, {at::kFloat}, logits, false);
-  p.steer = check_opt<const float>(steer, "steer", {4, E}, {at::kFloat}, logits, false);
-  p.groups = check_opt<const void>(groups, "groups", {T}, {at::kInt, at::kLong}, logits, false);
+  p.selection_bias = check_opt<const float>(selection_bias, "selection_bias", {E}, {at::kFloat},
+                                            logits, &hold.selection_bias);
+  p.steer = check_opt<const float>(steer, "steer", {4, E}, {at::kFloat}, logits, &hold.steer);
+  p.groups = check_opt<const void>(groups, "groups", {T}, {at::kInt, at::kLong}, logits,
+                                   &hold.groups);
   p.groups_int64 = p.groups && groups->scalar_type() == at::kLong;
 
   // The group count G comes from the first per-group buffer present.
@@ -104,23 +124,23 @@ void prepare_gate(const at::Tensor& logits, int64_t k, c10::string_view score,
       break;
     }
   }
-  p.tokens = check_opt<int64_t>(tokens, "tokens", {G}, {at::kLong}, logits, true);
-  p.counts = check_opt<int64_t>(counts, "counts", {G, E}, {at::kLong}, logits, true);
-  p.prob_sum = check_opt<float>(prob_sum, "prob_sum", {G, E}, {at::kFloat}, logits, true);
-  p.weight_sum = check_opt<float>(weight_sum, "weight_sum", {G, E}, {at::kFloat}, logits, true);
-  p.entropy_sum = check_opt<float>(entropy_sum, "entropy_sum", {G}, {at::kFloat}, logits, true);
-  p.coact = check_opt<int64_t>(coact, "coact", {E, E}, {at::kLong}, logits, true);
+  p.tokens = check_opt<int64_t>(tokens, "tokens", {G}, {at::kLong}, logits, nullptr);
+  p.counts = check_opt<int64_t>(counts, "counts", {G, E}, {at::kLong}, logits, nullptr);
+  p.prob_sum = check_opt<float>(prob_sum, "prob_sum", {G, E}, {at::kFloat}, logits, nullptr);
+  p.weight_sum = check_opt<float>(weight_sum, "weight_sum", {G, E}, {at::kFloat}, logits, nullptr);
+  p.entropy_sum = check_opt<float>(entropy_sum, "entropy_sum", {G}, {at::kFloat}, logits, nullptr);
+  p.coact = check_opt<int64_t>(coact, "coact", {E, E}, {at::kLong}, logits, nullptr);
   TORCH_CHECK_VALUE(G != 0, "topk_gate: statistics buffers need at least one group, got G=0");
-  p.G = G < 0 ? 1 : G;
+  p.G = G < 0 ? INT64_MAX : G;  // no per-group buffer: groups only mark tokens to skip
 
   // Unit-stride rows are read in place (a row-sliced view keeps its row stride).
-  logits_c = (E == 1 || logits.stride(1) == 1) ? logits : logits.contiguous();
-  p.logits = logits_c.data_ptr();
+  hold.logits = (E == 1 || logits.stride(1) == 1) ? logits : logits.contiguous();
+  p.logits = hold.logits.data_ptr();
   p.logit_type = dt == at::kFloat ? LogitType::F32 : dt == at::kHalf ? LogitType::F16
                                                                      : LogitType::BF16;
   p.T = T;
   p.E = E;
-  p.row_stride = T > 1 ? logits_c.stride(0) : E;
+  p.row_stride = T > 1 ? hold.logits.stride(0) : E;
   p.k = k;
   p.n_group = n_group;
   p.topk_group = topk_group;

@@ -12,15 +12,21 @@ namespace moe_route {
 
 using OptTensor = std::optional<at::Tensor>;
 
+// Keeps alive the contiguous copies prepare_gate makes of inputs that were not contiguous.
+struct GateHold {
+  at::Tensor logits, selection_bias, steer, groups;
+};
+
 // Checks every argument, allocates weights [T,k] fp32 and ids [T,k] int32 on the logits' device
-// and fills `p`. `logits_c` keeps a contiguous copy alive when the input rows were not unit-stride.
+// and fills `p`. Read-only inputs that are not contiguous are copied into `hold`; the statistics
+// buffers are written in place and must be contiguous.
 void prepare_gate(const at::Tensor& logits, int64_t k, c10::string_view score,
                   c10::string_view select_on, const OptTensor& selection_bias, int64_t n_group,
                   int64_t topk_group, c10::string_view group_score, bool renormalize,
                   double renorm_eps, double scale, const OptTensor& steer, bool steer_select_only,
                   bool std_unbiased, const OptTensor& groups, const OptTensor& tokens,
                   const OptTensor& counts, const OptTensor& prob_sum, const OptTensor& weight_sum,
-                  const OptTensor& entropy_sum, const OptTensor& coact, at::Tensor& logits_c,
+                  const OptTensor& entropy_sum, const OptTensor& coact, GateHold& hold,
                   at::Tensor& weights, at::Tensor& ids, GateParams& p);
 
 }  // namespace moe_route

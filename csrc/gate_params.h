@@ -30,6 +30,7 @@ struct GateParams {
   bool steer_select_only = false, std_unbiased = false;
 
   // Statistics (all optional). groups: [T] int32 or int64, -1 = skip, null = all in group 0.
+  // G: rows of the per-group buffers; INT64_MAX when only coact is given (groups then only skip).
   const void* groups = nullptr;
   bool groups_int64 = false;
   int64_t G = 1;
@@ -48,7 +49,18 @@ struct GateParams {
     return tokens || counts || prob_sum || weight_sum || entropy_sum || coact;
   }
   bool dense_stats() const { return prob_sum || entropy_sum; }
+  bool per_group_stats() const {
+    return tokens || counts || prob_sum || weight_sum || entropy_sum;
+  }
 };
+
+// Selection values are the steered logits themselves for select_on="logits", and for softmax
+// without a bias (same order as the probabilities) unless top2_sum groups must add probabilities.
+inline bool selects_on_logits(const GateParams& p) {
+  return p.select_on_logits ||
+         (p.score == Score::Softmax && !p.selection_bias &&
+          (p.n_group == 1 || p.group_score == GroupScore::Max));
+}
 
 // Selection keys pack (tier, value, index) into one uint64 so that a single unsigned comparison
 // orders experts: tier (2 bits) | order-preserving bits of the fp32 value (32) | 2^30-1-index (30).

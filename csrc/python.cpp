@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 #include <torch/version.h>
 
+#include <optional>
 #include <string>
 
 #include "gate_op.h"
@@ -46,7 +47,9 @@ std::tuple<at::Tensor, at::Tensor> topk_gate_fast(const at::Tensor& logits, int6
     TORCH_CHECK_VALUE(seq.size() == 6, "topk_gate: stats must hold 6 buffers, got ", seq.size());
     for (int i = 0; i < 6; ++i) buf[i] = opt_tensor(seq[i]);
   }
-  py::gil_scoped_release no_gil;
+  // Releasing the GIL costs more than a small gate; large ones let other Python threads run.
+  std::optional<py::gil_scoped_release> no_gil;
+  if (logits.numel() >= (1 << 16)) no_gil.emplace();
   return op.call(logits, k, c.score, c.select_on, bias, c.n_group, c.topk_group, c.group_score,
                  c.renormalize, c.renorm_eps, c.scale, steer, c.steer_select_only,
                  c.std_unbiased, groups, buf[0], buf[1], buf[2], buf[3], buf[4], buf[5]);

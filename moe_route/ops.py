@@ -42,6 +42,7 @@ class RouterSpec:
     renorm_eps: float = 0.0
     scale: float = 1.0
     _configs: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _plain: object = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         for name, allowed in (("score", reference.SCORES), ("select_on", reference.SELECT_ON),
@@ -58,6 +59,8 @@ class RouterSpec:
             raise ValueError(f"RouterSpec: renorm_eps={self.renorm_eps!r} must be finite and >= 0")
         if not abs(self.scale) < float("inf"):
             raise ValueError(f"RouterSpec: scale={self.scale!r} must be finite")
+        if _loader.native is not None:  # the unsteered config, used by every plain call
+            object.__setattr__(self, "_plain", self._native_config(False, False))
 
     def replace(self, **changes) -> "RouterSpec":
         return dataclasses.replace(self, **changes)
@@ -83,7 +86,7 @@ class RouterSpec:
 ExpertValues = Union[torch.Tensor, Sequence[float], Mapping[int, float], None]
 
 
-@dataclass
+@dataclass(frozen=True)
 class SteerSpec:
     """Per-expert steering of one router's logits, applied before scoring and selection.
 
@@ -96,6 +99,9 @@ class SteerSpec:
                row max), < 0 forces it out (ranked last, logit set to the row min)
     ``select_only``: steering changes which experts are chosen, weights come from the unsteered
     logits (DeepSeek-style bias semantics).
+
+    A SteerSpec is immutable (values are copied at construction), so its device tables can be
+    cached; derive variants with ``dataclasses.replace``.
     """
 
     add: ExpertValues = None
@@ -105,6 +111,10 @@ class SteerSpec:
     select_only: bool = False
     std_unbiased: bool = False
     _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        for name in reference.STEER_ROWS:
+            object.__setattr__(self, name, _frozen_values(getattr(self, name), name))
 
     def table(self, num_experts: int, device=None) -> torch.Tensor:
         """The ``[4, E]`` fp32 table the op takes (rows add, std, abs, force); cached per device."""
@@ -119,25 +129,39 @@ class SteerSpec:
         return cached
 
 
-def _expert_vector(values: ExpertValues, num_experts: int, name: str) -> torch.Tensor:
+def _frozen_values(values: ExpertValues, name: str):
+    """An immutable copy: a tuple of floats, or a tuple of (expert, value) pairs for a mapping."""
+    if values is None:
+        return None
+    if isinstance(values, Mapping):
+        return tuple(sorted((e, float(v)) for e, v in values.items()))
+    if isinstance(values, tuple) and all(isinstance(v, tuple) for v in values):
+        return values  # already frozen pairs (dataclasses.replace)
+    t = torch.as_tensor(values, dtype=torch.float32)
+    if t.dim() != 1:
+        raise ValueError(f"SteerSpec.{name}: expected one value per expert (1-D), got shape "
+                         f"{tuple(t.shape)}")
+    return tuple(t.tolist())
+
+
+def _expert_vector(values, num_experts: int, name: str) -> torch.Tensor:
     out = torch.zeros(num_experts, dtype=torch.float32)
     if values is None:
         return out
-    if isinstance(values, Mapping):
-        for expert, value in values.items():
+    if values and isinstance(values[0], tuple):
+        for expert, value in values:
             if not isinstance(expert, int) or not 0 <= expert < num_experts:
                 raise ValueError(f"SteerSpec.{name}: expert {expert!r} must be an int in "
                                  f"[0, {num_experts})")
-            out[expert] = float(value)
+            out[expert] = value
         return out
-    t = torch.as_tensor(values, dtype=torch.float32).cpu()
-    if t.shape != (num_experts,):
+    if len(values) != num_experts:
         raise ValueError(f"SteerSpec.{name}: expected {num_experts} values (one per expert), "
-                         f"got shape {tuple(t.shape)}")
-    return t.clone()
+                         f"got {len(values)}")
+    return torch.tensor(values, dtype=torch.float32)
 
 
-@dataclass
+@dataclass(frozen=True)
 class GateStats:
     """Statistics buffers the gate accumulates into, in place, for G groups and E experts.
 
@@ -156,7 +180,12 @@ class GateStats:
     entropy_sum: Optional[torch.Tensor] = None
     coact: Optional[torch.Tensor] = None
 
+    _buffers: tuple = field(default=(), init=False, repr=False, compare=False)
+
     NAMES = ("tokens", "counts", "prob_sum", "weight_sum", "entropy_sum", "coact")
+
+    def __post_init__(self):
+        object.__setattr__(self, "_buffers", tuple(getattr(self, n) for n in self.NAMES))
 
     @classmethod
     def zeros(cls, num_groups: int, num_experts: int, *, device=None, dense: bool = True,
@@ -177,7 +206,8 @@ class GateStats:
             coact=torch.zeros(E, E, **i64) if coact else None)
 
     def buffers(self) -> tuple:
-        return tuple(getattr(self, n) for n in self.NAMES)
+        """(tokens, counts, prob_sum, weight_sum, entropy_sum, coact), in the op's order."""
+        return self._buffers
 
     def zero_(self) -> "GateStats":
         for b in self.buffers():
@@ -188,6 +218,7 @@ class GateStats:
 
 _DEFAULT_SPEC = RouterSpec()
 _NO_STATS = (None,) * 6
+_CPU_KERNEL = _loader.has_kernel("topk_gate", "cpu")
 
 
 def topk_gate(logits: torch.Tensor, k: int, spec: Optional[RouterSpec] = None, *,
@@ -220,6 +251,13 @@ def topk_gate(logits: torch.Tensor, k: int, spec: Optional[RouterSpec] = None, *
                             f"{[f.name for f in dataclasses.fields(RouterSpec) if f.init]}") from None
     elif spec is None:
         spec = _DEFAULT_SPEC
+    if steer is None and stats is None and _eager_native(logits):
+        try:
+            return _loader.native.topk_gate_fast(logits, k, spec._plain, selection_bias, None,
+                                                 groups, None)
+        except TypeError:  # pybind's "incompatible function arguments": say which one
+            _explain_bad_call(logits, k, spec, selection_bias, None, groups, _NO_STATS)
+            raise
     steer_table, select_only, unbiased = None, False, False
     if steer is not None:
         if not isinstance(steer, SteerSpec):
@@ -231,15 +269,35 @@ def topk_gate(logits: torch.Tensor, k: int, spec: Optional[RouterSpec] = None, *
         select_only, unbiased = steer.select_only, steer.std_unbiased
     if stats is not None and not isinstance(stats, GateStats):
         raise TypeError(f"topk_gate: stats must be a GateStats or None, got {type(stats).__name__}")
-    buffers = stats.buffers() if stats is not None else _NO_STATS
-
-    if (_loader.native is not None and type(logits) is torch.Tensor
-            and not torch.compiler.is_compiling() and _loader.has_kernel("topk_gate", logits.device.type)):
-        return _loader.native.topk_gate_fast(
-            logits, k, spec._native_config(select_only, unbiased), selection_bias, steer_table,
-            groups, buffers if stats is not None else None)
+    buffers = stats._buffers if stats is not None else _NO_STATS
+    if _eager_native(logits):
+        try:
+            return _loader.native.topk_gate_fast(
+                logits, k, spec._native_config(select_only, unbiased), selection_bias,
+                steer_table, groups, buffers if stats is not None else None)
+        except TypeError:
+            _explain_bad_call(logits, k, spec, selection_bias, steer_table, groups, buffers)
+            raise
     return _topk_gate_op(logits, k, spec, selection_bias, steer_table, select_only, unbiased,
                          groups, buffers)
+
+
+def _explain_bad_call(logits, k, spec, selection_bias, steer_table, groups, buffers):
+    """Raise the reference's argument error (it names the argument) if it finds one."""
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise TypeError(f"topk_gate: k must be an int, got {type(k).__name__}")
+    reference.check_gate_args(logits, k, spec.score, spec.select_on, selection_bias, spec.n_group,
+                              spec.topk_group, spec.group_score, spec.renorm_eps, spec.scale,
+                              steer_table, groups, dict(zip(GateStats.NAMES, buffers)),
+                              check_group_values=False)
+
+
+def _eager_native(logits) -> bool:
+    """Whether the fast pybind path serves this call: a plain tensor on a device with a kernel,
+    outside torch.compile tracing (which must see torch.ops.moe_route.topk_gate)."""
+    if type(logits) is not torch.Tensor or torch.compiler.is_compiling():
+        return False
+    return _CPU_KERNEL if logits.is_cpu else (logits.is_cuda and _loader.has_kernel("topk_gate", "cuda"))
 
 
 def _topk_gate_op(logits, k, spec, selection_bias, steer_table, select_only, unbiased, groups,
@@ -247,9 +305,14 @@ def _topk_gate_op(logits, k, spec, selection_bias, steer_table, select_only, unb
     kwargs = dict(spec.op_kwargs(), selection_bias=selection_bias, steer=steer_table,
                   steer_select_only=select_only, std_unbiased=unbiased, groups=groups,
                   **dict(zip(GateStats.NAMES, buffers)))
-    device_type = logits.device.type if isinstance(logits, torch.Tensor) else "cpu"
-    if _loader.native is not None and (_loader.has_kernel("topk_gate", device_type)
-                                       or torch.compiler.is_compiling()):
+    if _loader.native is not None and torch.compiler.is_compiling():
+        return torch.ops.moe_route.topk_gate(logits, k, **kwargs)
+    if not isinstance(logits, torch.Tensor):
+        reference.check_gate_args(logits, k, spec.score, spec.select_on, selection_bias,
+                                  spec.n_group, spec.topk_group, spec.group_score,
+                                  spec.renorm_eps, spec.scale, steer_table, groups, {})
+    device_type = logits.device.type
+    if _loader.has_kernel("topk_gate", device_type):
         return torch.ops.moe_route.topk_gate(logits, k, **kwargs)
     _loader.fallback("topk_gate", device_type)
     return reference.topk_gate(logits, k, **kwargs)

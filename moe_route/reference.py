@@ -10,8 +10,8 @@ Numerics of ``topk_gate`` (shared by every backend)
 * **Non-finite values.** Every logit is *sanitised* on load: NaN -> -FLT_MAX, +inf -> FLT_MAX,
   -inf -> -FLT_MAX. The steered logits, the selection bias and the selection values are sanitised
   the same way, so everything downstream is finite: a NaN or -inf expert ranks last (ties with other
-  such experts go to the lower index), a row of only NaN routes uniformly, several +inf experts
-  share the mass equally.
+  such experts go to the lower index); under softmax a row of only NaN routes uniformly and
+  several +inf experts share the mass equally.
 * **Steering** (``steer`` is a ``[4, E]`` fp32 table: rows add, std, abs, force) is applied to the
   sanitised logits ``z0`` before scoring and selection::
 
@@ -24,7 +24,8 @@ Numerics of ``topk_gate`` (shared by every backend)
   (their groups too), so forcing works deterministically also under selection biases and groups.
 * **Selection values** ``v``: ``select_on="logits"``: ``z + bias``; ``select_on="scores"``:
   ``score(z) + bias`` where score is softmax over E, sigmoid, sqrt(softplus) or none (identity).
-  Softmax without a bias selects on ``z`` itself (the same order, and free of exp rounding).
+  Softmax without a bias selects on ``z`` itself (the same order, and free of exp rounding),
+  except with ``top2_sum`` groups, whose sums need probabilities.
 * **Groups** (``n_group > 1``): the E experts form n_group contiguous groups; a group's score is
   the max (``"max"``, DeepSeek-V2) or the sum of its two largest values (``"top2_sum"``,
   DeepSeek-V3) of ``v``; the ``topk_group`` best groups stay eligible (a group holding a forced-on
@@ -105,8 +106,15 @@ def dense_distribution(zw: torch.Tensor, score: str) -> torch.Tensor:
     return torch.softmax(zw, dim=-1)
 
 
-def selection_values(z, score, select_on, selection_bias):
-    if select_on == "logits" or (score == "softmax" and selection_bias is None):
+def selects_on_logits(score, select_on, has_bias, n_group, group_score):
+    """Whether selection values are the steered logits themselves. Softmax without a bias ranks
+    experts exactly like its logits, except that a top2_sum group score adds probabilities."""
+    return select_on == "logits" or (score == "softmax" and not has_bias and
+                                     (n_group == 1 or group_score == "max"))
+
+
+def selection_values(z, score, select_on, selection_bias, n_group=1, group_score="max"):
+    if selects_on_logits(score, select_on, selection_bias is not None, n_group, group_score):
         v = z
     else:
         v = score_fn(z, score)
@@ -132,7 +140,7 @@ def eligible_tiers(values, tier, n_group, topk_group, group_score):
         gscore = gv.max(-1).values
     else:
         gscore = sanitize(gv.topk(min(2, E // n_group), dim=-1).values.sum(-1))
-    has_forced = (tier.view(T, n_group, -1) == TIER_FORCED_ON).any(-1)
+    has_forced = (tier.reshape(T, n_group, E // n_group) == TIER_FORCED_ON).any(-1)
     gtier = torch.where(has_forced, TIER_FORCED_ON, TIER_NORMAL).to(torch.int8)
     keep = _rank(gscore, gtier, topk_group)
     group_ok = torch.zeros(T, n_group, dtype=torch.bool, device=values.device)
@@ -228,7 +236,7 @@ def topk_gate(logits, k, score="softmax", select_on="scores", selection_bias=Non
                     renorm_eps, scale, steer, groups, stats)
     z0 = sanitize(logits)
     z, tier = steer_logits(z0, steer, std_unbiased)
-    v = selection_values(z, score, select_on, selection_bias)
+    v = selection_values(z, score, select_on, selection_bias, n_group, group_score)
     tier = eligible_tiers(v, tier, n_group, topk_group, group_score)
     ids = _rank(v, tier, k)
 
@@ -277,3 +285,87 @@ def _accumulate(zw, score, w, ids, groups, tokens, counts, prob_sum, weight_sum,
     if coact is not None:
         pairs = (ids[:, :, None] * E + ids[:, None, :]).reshape(-1)
         coact.view(-1).index_add_(0, pairs, torch.ones_like(pairs))
+
+
+# --------------------------------------------------------------------------------------------------
+# Dispatch: plan, permute, unpermute.
+#
+# A plan sorts the T*k (token, slot) pairs by expert with a stable counting sort: inside an expert,
+# rows keep slot order s = t*k + j. Outputs are sized for the worst case, so nothing reads back to
+# the host: R = T*k + E*(block_size - 1) rows, each expert's segment padded to a multiple of
+# block_size. Ids outside [0, E) (expert-parallel sentinels, -1 padding) get no row.
+#   row_slot       [R] int64   slot feeding each row; -1 for padding and unused tail rows
+#   expert_offsets [E+1] int64 first row of each expert; expert_offsets[E] = rows in use
+#   counts         [E] int64   real (unpadded) rows per expert
+#   slot_row       [T*k] int64 row of each slot; -1 for dropped ids
+# permute(x, row_slot, k)[r] = x[row_slot[r] // k], zero rows where row_slot[r] == -1.
+# unpermute(y, slot_row, weights)[t] = sum_j weights[t, j] * y[slot_row[t*k + j]] over valid slots,
+# accumulated in fp32 in j order, returned in y's dtype.
+# --------------------------------------------------------------------------------------------------
+
+
+def dispatch_rows(num_tokens: int, k: int, num_experts: int, block_size: int = 1) -> int:
+    """Worst-case row count R of a plan."""
+    return num_tokens * k + num_experts * (block_size - 1)
+
+
+def check_dispatch_args(ids, num_experts, block_size):
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"dispatch_plan: ids must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.dim() != 2:
+        raise ValueError(f"dispatch_plan: ids must be 2-D [T, k], got shape {tuple(ids.shape)}")
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"dispatch_plan: ids must be torch.int32 or torch.int64, got {ids.dtype}")
+    if num_experts < 1:
+        raise ValueError(f"dispatch_plan: num_experts={num_experts} must be >= 1")
+    if block_size < 1:
+        raise ValueError(f"dispatch_plan: block_size={block_size} must be >= 1")
+
+
+def dispatch_plan(ids, num_experts, block_size=1):
+    """Reference plan: ``(row_slot, expert_offsets, counts, slot_row)`` (see above)."""
+    check_dispatch_args(ids, num_experts, block_size)
+    T, k = ids.shape
+    E = num_experts
+    flat = ids.reshape(-1).long()
+    valid = (flat >= 0) & (flat < E)
+    counts = torch.bincount(flat[valid], minlength=E)
+    padded = (counts + block_size - 1) // block_size * block_size
+    offsets = torch.zeros(E + 1, dtype=torch.int64, device=ids.device)
+    offsets[1:] = padded.cumsum(0)
+    R = dispatch_rows(T, k, E, block_size)
+    row_slot = torch.full((R,), -1, dtype=torch.int64, device=ids.device)
+    slot_row = torch.full((T * k,), -1, dtype=torch.int64, device=ids.device)
+    slots = torch.arange(T * k, device=ids.device)[valid]
+    experts = flat[valid]
+    order = torch.sort(experts, stable=True).indices
+    slots, experts = slots[order], experts[order]
+    # rank of each pair inside its expert = position - first position of that expert
+    first = torch.zeros(E + 1, dtype=torch.int64, device=ids.device)
+    first[1:] = counts.cumsum(0)
+    rank = torch.arange(slots.numel(), device=ids.device) - first[experts]
+    rows = offsets[experts] + rank
+    row_slot[rows] = slots
+    slot_row[slots] = rows
+    return row_slot, offsets, counts, slot_row
+
+
+def permute(x, row_slot, k):
+    """Reference: expert-contiguous rows ``[R, H]`` of ``x [T, H]``; zero rows for padding."""
+    valid = row_slot >= 0
+    out = x.new_zeros((row_slot.numel(), x.shape[1]))
+    out[valid] = x[row_slot[valid] // k]
+    return out
+
+
+def unpermute(y, slot_row, weights):
+    """Reference: weighted k-way sum back to ``[T, H]``, fp32 accumulation in slot order."""
+    T, k = weights.shape
+    acc = torch.zeros(T, y.shape[1], dtype=torch.float32, device=y.device)
+    rows = slot_row.view(T, k)
+    for j in range(k):
+        r = rows[:, j]
+        ok = r >= 0
+        contrib = y[r.clamp(min=0)].float() * weights[:, j:j + 1].float()
+        acc += torch.where(ok[:, None], contrib, torch.zeros_like(contrib))
+    return acc.to(y.dtype)

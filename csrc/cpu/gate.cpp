@@ -39,10 +39,10 @@ MOE_ROUTE_INLINE float sanitize(float x) {
 }
 
 // exp(x) to about 1 ulp (Cephes expf: n = round(x/ln2), two-part reduction, degree-5 polynomial),
-// written without calls or branches so the row loops vectorise. Below -87.3 it returns 0 instead
-// of a denormal (absolute difference < 1.2e-38).
+// written without calls or branches so the row loops vectorise. Like IEEE exp it overflows to
+// +inf above ln(FLT_MAX); below -87.3 it returns 0 instead of a denormal (difference < 1.2e-38).
 MOE_ROUTE_INLINE float exp_fast(float x) {
-  const float xc = std::min(std::max(x, -87.5f), 88.3f);
+  const float xc = std::min(std::max(x, -87.5f), 88.72f);
   const float n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
   const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
   float q = 1.9875691500e-4f;
@@ -52,10 +52,14 @@ MOE_ROUTE_INLINE float exp_fast(float x) {
   q = q * r + 1.6666665459e-1f;
   q = q * r + 5.0000001201e-1f;
   q = q * (r * r) + r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  // 2^n for n up to 128: scale by 2^(n-1) and then 2 when n > 0, so the exponent field fits.
+  const int32_t ni = static_cast<int32_t>(n);
+  const int32_t half = ni > 0 ? ni - 1 : ni;
+  const int32_t bits = (half + 127) << 23;
   float two_n;
   std::memcpy(&two_n, &bits, sizeof two_n);
-  return x < -87.3f ? 0.f : q * two_n;
+  const float y = (q * two_n) * (ni > 0 ? 2.f : 1.f);
+  return x > 88.7228394f ? INFINITY : (x < -87.3f ? 0.f : y);
 }
 
 MOE_ROUTE_INLINE float sigmoid(float x) { return 1.f / (1.f + exp_fast(-x)); }
@@ -141,24 +145,6 @@ MOE_ROUTE_INLINE void sort8_desc(uint64_t* h) {
   for (const auto& c : kNet) cswap_desc(h[c[0]], h[c[1]]);
 }
 
-// Index of the largest lane value, ties to the smallest index: shuffle-max to broadcast the
-// maximum, then shuffle-min over the indices of the lanes holding it.
-MOE_ROUTE_INLINE int32_t argmax8(f32x8 v, i32x8 idx) {
-  const i32x8 s4 = {4, 5, 6, 7, 0, 1, 2, 3}, s2 = {2, 3, 0, 1, 6, 7, 4, 5},
-              s1 = {1, 0, 3, 2, 5, 4, 7, 6};
-  f32x8 m = v, t;
-  t = __builtin_shuffle(m, s4), m = t > m ? t : m;
-  t = __builtin_shuffle(m, s2), m = t > m ? t : m;
-  t = __builtin_shuffle(m, s1), m = t > m ? t : m;
-  const i32x8 none = {INT32_MAX, INT32_MAX, INT32_MAX, INT32_MAX,
-                      INT32_MAX, INT32_MAX, INT32_MAX, INT32_MAX};
-  i32x8 c = v == m ? idx : none, u;
-  u = __builtin_shuffle(c, s4), c = u < c ? u : c;
-  u = __builtin_shuffle(c, s2), c = u < c ? u : c;
-  u = __builtin_shuffle(c, s1), c = u < c ? u : c;
-  return c[0];
-}
-
 // Sum with 8 fixed partial sums (a fixed order, whatever the vector width).
 MOE_ROUTE_INLINE float sum8(const float* x, int64_t n) {
   f32x8 acc = splat8(0.f);
@@ -209,23 +195,47 @@ struct Prep {
   std::vector<int8_t> tier;  // per expert, from the force row
 };
 
-// Statistics of consecutive tokens of one group inside a chunk.
+// Where a token's statistics go: straight into the caller's buffers (a call of one chunk, which
+// runs alone) or into chunk-private "runs" of consecutive tokens of one group, merged in chunk
+// order after the parallel loop. Either way the order of float additions depends only on T.
+struct StatRow {
+  int64_t* tokens;
+  float* entropy;
+  int64_t* counts;
+  float* prob;
+  float* weight;
+};
+
 struct Runs {
   std::vector<int64_t> group, tokens;
   std::vector<float> entropy;
-  std::vector<int64_t> counts;  // [runs, E]
+  std::vector<int64_t> counts;      // [runs, E]
   std::vector<float> prob, weight;  // [runs, E]
-  int64_t open(int64_t g, int64_t E, bool want_counts, bool want_prob, bool want_weight) {
-    if (!group.empty() && group.back() == g) return int64_t(group.size()) - 1;
-    group.push_back(g);
-    tokens.push_back(0);
-    entropy.push_back(0.f);
-    if (want_counts) counts.resize(counts.size() + E, 0);
-    if (want_prob) prob.resize(prob.size() + E, 0.f);
-    if (want_weight) weight.resize(weight.size() + E, 0.f);
-    return int64_t(group.size()) - 1;
+  int64_t last = -1;
+
+  StatRow row(const GateParams& p, int64_t g) {
+    const int64_t E = p.E;
+    if (last < 0 || group[last] != g) {
+      group.push_back(g);
+      tokens.push_back(0);
+      entropy.push_back(0.f);
+      if (p.counts) counts.resize(counts.size() + E, 0);
+      if (p.prob_sum) prob.resize(prob.size() + E, 0.f);
+      if (p.weight_sum) weight.resize(weight.size() + E, 0.f);
+      last = int64_t(group.size()) - 1;
+    }
+    return {&tokens[last], &entropy[last], p.counts ? counts.data() + last * E : nullptr,
+            p.prob_sum ? prob.data() + last * E : nullptr,
+            p.weight_sum ? weight.data() + last * E : nullptr};
   }
 };
+
+MOE_ROUTE_INLINE StatRow direct_row(const GateParams& p, int64_t g) {
+  const int64_t E = p.E;
+  return {p.tokens ? p.tokens + g : nullptr, p.entropy_sum ? p.entropy_sum + g : nullptr,
+          p.counts ? p.counts + g * E : nullptr, p.prob_sum ? p.prob_sum + g * E : nullptr,
+          p.weight_sum ? p.weight_sum + g * E : nullptr};
+}
 
 struct Scratch {
   std::vector<float> z0, z, v, ew, dense, work;
@@ -411,10 +421,11 @@ MOE_ROUTE_INLINE void select_experts(const GateParams& p, const Prep& prep, cons
   for (int64_t j = 0; j < k; ++j) ids[j] = int32_t(key_index(begin[j]));
 }
 
-// One chunk of tokens [t0, t1); statistics go into `runs` (may be null when none are wanted).
+// One chunk of tokens [t0, t1). With statistics, they go into `runs` or, when it is null, straight
+// into the caller's buffers.
 MOE_ROUTE_CLONES
 void gate_tokens(const GateParams& p, const Prep& prep, int64_t t0, int64_t t1, Scratch& s,
-                 Runs* runs) {
+                 bool stats, Runs* runs) {
   const int64_t E = p.E, k = p.k;
   const bool dense_is_softmax = p.score == Score::Softmax || p.score == Score::None;
   const bool want_ew = (!p.select_on_logits && p.score == Score::Softmax) ||
@@ -438,7 +449,7 @@ void gate_tokens(const GateParams& p, const Prep& prep, int64_t t0, int64_t t1, 
 
     // Selection values.
     const float* v = z;
-    if (!(p.select_on_logits || (p.score == Score::Softmax && !bias))) {
+    if (!selects_on_logits(p)) {
       float* sv = s.v.data();
       if (p.score == Score::Softmax) {
         float sum = w_sum, unused;
@@ -491,22 +502,18 @@ void gate_tokens(const GateParams& p, const Prep& prep, int64_t t0, int64_t t1, 
       for (int64_t j = 0; j < k; ++j) w[j] = w[j] * p.scale;
 
     // Statistics.
-    if (!runs) continue;
+    if (!stats) continue;
     int64_t g = 0;
     if (p.groups)
       g = p.groups_int64 ? static_cast<const int64_t*>(p.groups)[t]
                          : static_cast<const int32_t*>(p.groups)[t];
     if (g < 0) continue;
-    const int64_t r = runs->open(g, E, p.counts, p.prob_sum, p.weight_sum);
-    runs->tokens[r] += 1;
-    if (p.counts) {
-      int64_t* c = runs->counts.data() + r * E;
-      for (int64_t j = 0; j < k; ++j) c[ids[j]] += 1;
-    }
-    if (p.weight_sum) {
-      float* ws = runs->weight.data() + r * E;
-      for (int64_t j = 0; j < k; ++j) ws[ids[j]] += w[j];
-    }
+    const StatRow row = runs ? runs->row(p, g) : direct_row(p, g);
+    if (row.tokens) *row.tokens += 1;
+    if (row.counts)
+      for (int64_t j = 0; j < k; ++j) row.counts[ids[j]] += 1;
+    if (row.weight)
+      for (int64_t j = 0; j < k; ++j) row.weight[ids[j]] += w[j];
     if (p.dense_stats()) {
       float* q = s.dense.data();
       float entropy;
@@ -522,11 +529,9 @@ void gate_tokens(const GateParams& p, const Prep& prep, int64_t t0, int64_t t1, 
         for (int64_t e = 0; e < E; ++e) s.v[e] = q[e] > 0.f ? q[e] * std::log(q[e]) : 0.f;
         entropy = -sum8(s.v.data(), E);
       }
-      runs->entropy[r] += entropy;
-      if (p.prob_sum) {
-        float* ps = runs->prob.data() + r * E;
-        for (int64_t e = 0; e < E; ++e) ps[e] += q[e];
-      }
+      if (row.entropy) *row.entropy += entropy;
+      if (row.prob)
+        for (int64_t e = 0; e < E; ++e) row.prob[e] += q[e];
     }
     if (p.coact) {
       for (int64_t a = 0; a < k; ++a)
@@ -537,7 +542,7 @@ void gate_tokens(const GateParams& p, const Prep& prep, int64_t t0, int64_t t1, 
 }
 
 void check_groups(const GateParams& p) {
-  if (!p.groups || p.T == 0) return;
+  if (!p.groups || p.T == 0 || !p.per_group_stats()) return;
   int64_t lo = INT64_MAX, hi = INT64_MIN;
   for (int64_t t = 0; t < p.T; ++t) {
     const int64_t g = p.groups_int64 ? static_cast<const int64_t*>(p.groups)[t]
@@ -596,12 +601,18 @@ void run_gate_cpu(const GateParams& p) {
   }
 
   const int64_t n_chunks = (p.T + kChunk - 1) / kChunk;
+  if (n_chunks == 1) {
+    thread_local Scratch scratch;
+    scratch.reserve(p.E, p.n_group);
+    gate_tokens(p, prep, 0, p.T, scratch, stats, nullptr);
+    return;
+  }
   std::vector<Runs> runs(stats ? n_chunks : 0);
   at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
     thread_local Scratch scratch;
     scratch.reserve(p.E, p.n_group);
     for (int64_t c = c0; c < c1; ++c)
-      gate_tokens(p, prep, c * kChunk, std::min(p.T, (c + 1) * kChunk), scratch,
+      gate_tokens(p, prep, c * kChunk, std::min(p.T, (c + 1) * kChunk), scratch, stats,
                   stats ? &runs[c] : nullptr);
   });
   if (stats) merge_runs(p, runs);
@@ -614,11 +625,12 @@ std::tuple<at::Tensor, at::Tensor> topk_gate_cpu(
     const OptTensor& steer, bool steer_select_only, bool std_unbiased, const OptTensor& groups,
     const OptTensor& tokens, const OptTensor& counts, const OptTensor& prob_sum,
     const OptTensor& weight_sum, const OptTensor& entropy_sum, const OptTensor& coact) {
-  at::Tensor logits_c, weights, ids;
+  GateHold hold;
+  at::Tensor weights, ids;
   GateParams p;
   prepare_gate(logits, k, score, select_on, selection_bias, n_group, topk_group, group_score,
                renormalize, renorm_eps, scale, steer, steer_select_only, std_unbiased, groups,
-               tokens, counts, prob_sum, weight_sum, entropy_sum, coact, logits_c, weights, ids, p);
+               tokens, counts, prob_sum, weight_sum, entropy_sum, coact, hold, weights, ids, p);
   run_gate_cpu(p);
   return {weights, ids};
 }

@@ -1,0 +1,282 @@
+"""Bad arguments raise ValueError/TypeError naming the argument, identically in the C++ op, the
+fake (meta) kernel, the public API and the reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moe_route
+from conftest import HAS_CPU_KERNEL, OP, STAT_NAMES
+from moe_route import reference as R
+
+NAN, INF = float("nan"), float("inf")
+T, E = 5, 8
+i64, f32 = torch.int64, torch.float32
+
+
+def z(*shape, dtype=f32):
+    return torch.zeros(shape, dtype=dtype)
+
+
+def logits():
+    return torch.randn(T, E, generator=torch.Generator().manual_seed(0))
+
+
+# (id, logits, k, kwargs, exception, regex on the message). kwargs use the flat op signature.
+CASES = [
+    ("logits_rank1", z(E), 2, {}, ValueError, r"logits must be 2-D"),
+    ("logits_rank3", z(2, T, E), 2, {}, ValueError, r"logits must be 2-D"),
+    ("logits_int64", z(T, E, dtype=i64), 2, {}, TypeError, r"logits must be float32"),
+    ("logits_fp64", z(T, E, dtype=torch.float64), 2, {}, TypeError, r"logits must be float32"),
+    ("logits_bool", z(T, E, dtype=torch.bool), 2, {}, TypeError, r"logits must be float32"),
+    ("logits_no_experts", z(T, 0), 1, {}, ValueError, r"logits must have at least one expert"),
+    ("k_zero", None, 0, {}, ValueError, r"k=0 must be in \[1, num_experts=8\]"),
+    ("k_negative", None, -3, {}, ValueError, r"k=-3 must be in"),
+    ("k_above_E", None, 9, {}, ValueError, r"k=9 must be in \[1, num_experts=8\]"),
+    ("score", None, 2, dict(score="softmax2"), ValueError, r"score='softmax2' must be one of"),
+    ("select_on", None, 2, dict(select_on="probs"), ValueError, r"select_on='probs' must be"),
+    ("group_score", None, 2, dict(group_score="mean"), ValueError, r"group_score='mean' must"),
+    ("n_group_zero", None, 2, dict(n_group=0), ValueError, r"n_group=0 must be (an int )?>= 1"),
+    ("n_group_not_dividing", None, 2, dict(n_group=3), ValueError,
+     r"n_group=3 must be >= 1 and divide num_experts=8"),
+    ("topk_group_zero", None, 2, dict(n_group=2, topk_group=0), ValueError, r"topk_group=0"),
+    ("topk_group_above_n_group", None, 2, dict(n_group=2, topk_group=3), ValueError,
+     r"topk_group=3 must be (an int )?in \[1, n_group=2\]"),
+    ("k_above_eligible", None, 3, dict(n_group=4, topk_group=1), ValueError,
+     r"k=3 must be <= topk_group \* experts_per_group = 2"),
+    ("renorm_eps_negative", None, 2, dict(renorm_eps=-1.0), ValueError, r"renorm_eps=-1"),
+    ("renorm_eps_nan", None, 2, dict(renorm_eps=NAN), ValueError, r"renorm_eps=nan"),
+    ("renorm_eps_inf", None, 2, dict(renorm_eps=INF), ValueError, r"renorm_eps=inf"),
+    ("scale_inf", None, 2, dict(scale=-INF), ValueError, r"scale=-inf must be finite"),
+    ("scale_nan", None, 2, dict(scale=NAN), ValueError, r"scale=nan must be finite"),
+    ("bias_shape", None, 2, dict(selection_bias=z(E + 1)), ValueError,
+     r"selection_bias must have shape \(8,\), got \(9,\)"),
+    ("bias_2d", None, 2, dict(selection_bias=z(1, E)), ValueError, r"selection_bias must have"),
+    ("bias_fp16", None, 2, dict(selection_bias=z(E, dtype=torch.float16)), TypeError,
+     r"selection_bias must be torch\."),
+    ("steer_rows", None, 2, dict(steer=z(3, E)), ValueError,
+     r"steer must have shape \(4, 8\), got \(3, 8\)"),
+    ("steer_experts", None, 2, dict(steer=z(4, E + 1)), ValueError, r"steer must have shape"),
+    ("steer_fp64", None, 2, dict(steer=z(4, E, dtype=torch.float64)), TypeError,
+     r"steer must be torch\."),
+    ("groups_float", None, 2, dict(groups=z(T)), TypeError,
+     r"groups must be torch\.\w+ or torch\."),
+    ("groups_int16", None, 2, dict(groups=z(T, dtype=torch.int16)), TypeError, r"groups must be"),
+    ("groups_shape", None, 2, dict(groups=z(T + 1, dtype=i64)), ValueError,
+     r"groups must have shape \(5,\), got \(6,\)"),
+    ("tokens_int32", None, 2, dict(tokens=z(2, dtype=torch.int32)), TypeError,
+     r"tokens must be torch\."),
+    ("counts_shape", None, 2, dict(counts=z(2, E + 1, dtype=i64)), ValueError,
+     r"counts must have shape \(2, 8\), got \(2, 9\)"),
+    ("counts_float", None, 2, dict(counts=z(2, E)), TypeError, r"counts must be torch\."),
+    ("prob_sum_fp64", None, 2, dict(prob_sum=z(2, E, dtype=torch.float64)), TypeError,
+     r"prob_sum must be torch\."),
+    ("weight_sum_1d", None, 2, dict(weight_sum=z(E)), ValueError, r"weight_sum must have shape"),
+    ("entropy_sum_int", None, 2, dict(entropy_sum=z(2, dtype=i64)), TypeError,
+     r"entropy_sum must be torch\."),
+    ("coact_shape", None, 2, dict(coact=z(E, E + 1, dtype=i64)), ValueError,
+     r"coact must have shape \(8, 8\)"),
+    ("coact_int32", None, 2, dict(coact=z(E, E, dtype=torch.int32)), TypeError,
+     r"coact must be torch\."),
+    ("G_mismatch_counts", None, 2, dict(tokens=z(2, dtype=i64), counts=z(3, E, dtype=i64)),
+     ValueError, r"counts must have shape \(2, 8\), got \(3, 8\)"),
+    ("G_mismatch_entropy", None, 2, dict(counts=z(2, E, dtype=i64), entropy_sum=z(3)),
+     ValueError, r"entropy_sum must have shape \(2,\), got \(3,\)"),
+    ("counts_noncontiguous", None, 2, dict(counts=z(E, 2, dtype=i64).t()), ValueError,
+     r"counts must be contiguous"),
+    ("weight_sum_noncontiguous", None, 2, dict(weight_sum=z(2, 2 * E)[:, ::2]), ValueError,
+     r"weight_sum must be contiguous"),
+    ("coact_noncontiguous", None, 2, dict(coact=z(E, E, dtype=i64).t()), ValueError,
+     r"coact must be contiguous"),
+    ("G_zero", None, 2, dict(tokens=z(0, dtype=i64), counts=z(0, E, dtype=i64)), ValueError,
+     r"statistics buffers need at least one group, got G=0"),
+    ("groups_at_G", None, 2, dict(groups=torch.tensor([0, 1, 2, 0, 0]), tokens=z(2, dtype=i64)),
+     ValueError, r"groups must be in \[-1, 2\) .*got values in \[0, 2\]"),
+    ("groups_below_minus_one", None, 2,
+     dict(groups=torch.tensor([0, -2, 1, 0, 0], dtype=torch.int32), counts=z(2, E, dtype=i64)),
+     ValueError, r"groups must be in \[-1, 2\) .*got values in \[-2, 1\]"),
+]
+DATA_DEPENDENT = {"groups_at_G", "groups_below_minus_one"}
+
+
+def _case_params():
+    return [pytest.param(*case[1:], id=case[0]) for case in CASES]
+
+
+def _call(impl, x, k, kw):
+    x = logits() if x is None else x
+    if impl == "reference":
+        return R.topk_gate(x, k, **kw)
+    if impl == "op":
+        return OP(x, k, **kw)
+    if impl == "meta":
+        def to_meta(t):  # keeps the strides (Tensor.to would make a strided view dense)
+            if not isinstance(t, torch.Tensor):
+                return t
+            return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+        return OP(to_meta(x), k, **{n: to_meta(v) for n, v in kw.items()})
+    # the public API: knobs as keywords, statistics as a GateStats
+    stats = {n: kw.pop(n) for n in STAT_NAMES if n in kw}
+    gs = moe_route.GateStats(**stats) if stats else None
+    if "steer" in kw:
+        pytest.skip("the public API takes a SteerSpec (tested below)")
+    return moe_route.topk_gate(x, k, stats=gs, **kw)
+
+
+IMPLS = ["reference", pytest.param("op", marks=pytest.mark.skipif(not HAS_CPU_KERNEL,
+                                                                    reason="no extension")),
+         pytest.param("meta", marks=pytest.mark.skipif(not HAS_CPU_KERNEL, reason="no extension")),
+         "api"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("x,k,kw,exc,msg", _case_params())
+def test_bad_arguments(impl, x, k, kw, exc, msg, request):
+    if impl == "meta" and request.node.callspec.id.split("-")[0] in DATA_DEPENDENT:
+        pytest.skip("fake tensors have no data to range-check")
+    with pytest.raises(exc, match=msg):
+        _call(impl, x, k, dict(kw))
+
+
+DTYPE_CASES = [c for c in CASES if c[4] is TypeError]
+
+
+@pytest.mark.skipif(not HAS_CPU_KERNEL, reason="no extension")
+@pytest.mark.parametrize("x,k,kw", [pytest.param(*c[1:4], id=c[0]) for c in DTYPE_CASES])
+def test_dtype_messages_use_python_names(x, k, kw):
+    with pytest.raises(TypeError) as ref:
+        _call("reference", x, k, dict(kw))
+    with pytest.raises(TypeError) as got:
+        _call("op", x, k, dict(kw))
+    assert str(got.value) == str(ref.value)
+
+
+def test_buffers_untouched_by_a_failed_call():
+    """A call that fails validation must not have written any statistic."""
+    stats = dict(tokens=z(2, dtype=i64), counts=z(2, E, dtype=i64), weight_sum=z(2, E))
+    for fn in [R.topk_gate] + ([OP] if HAS_CPU_KERNEL else []):
+        with pytest.raises(ValueError):
+            fn(logits(), 2, groups=torch.tensor([0, 0, 0, 0, 5]), **stats)
+        with pytest.raises(ValueError):
+            fn(logits(), 2, coact=z(E, E + 1, dtype=i64), **stats)
+        assert all(int(b.abs().sum()) == 0 for b in stats.values())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["selection_bias", "steer", "groups", "counts", "coact"])
+def test_device_mismatch(name):
+    x = logits().cuda()
+    shapes = dict(selection_bias=z(E), steer=z(4, E), groups=z(T, dtype=i64),
+                  counts=z(1, E, dtype=i64), coact=z(E, E, dtype=i64))
+    with pytest.raises(ValueError, match=rf"{name} must be on the logits' device"):
+        OP(x, 2, **{name: shapes[name]})
+
+
+# --------------------------------------------------------------------------------------------
+# RouterSpec, SteerSpec, GateStats and the public wrapper's own checks
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fields,name", [
+    (dict(score="softmax2"), "score"), (dict(select_on="probs"), "select_on"),
+    (dict(group_score="sum"), "group_score"), (dict(n_group=0), "n_group"),
+    (dict(n_group=2.0), "n_group"), (dict(n_group=4, topk_group=5), "topk_group"),
+    (dict(n_group=4, topk_group=0), "topk_group"), (dict(topk_group=1.0), "topk_group"),
+    (dict(renorm_eps=-1e-9), "renorm_eps"), (dict(renorm_eps=NAN), "renorm_eps"),
+    (dict(renorm_eps=INF), "renorm_eps"), (dict(scale=INF), "scale"), (dict(scale=NAN), "scale"),
+], ids=lambda v: v if isinstance(v, str) else "-".join(f"{a}={b}" for a, b in v.items()))
+def test_router_spec_invalid(fields, name):
+    with pytest.raises(ValueError, match=rf"RouterSpec: {name}="):
+        moe_route.RouterSpec(**fields)
+    with pytest.raises(ValueError, match=rf"RouterSpec: {name}="):
+        moe_route.RouterSpec().replace(**fields)
+    with pytest.raises(ValueError, match=rf"RouterSpec: {name}="):
+        moe_route.topk_gate(logits(), 2, **fields)
+
+
+def test_router_spec_valid_and_frozen():
+    spec = moe_route.RouterSpec(score="sigmoid", n_group=4, topk_group=2, group_score="top2_sum",
+                                renormalize=True, renorm_eps=1e-20, scale=2.5)
+    assert spec.op_kwargs() == dict(score="sigmoid", select_on="scores", n_group=4, topk_group=2,
+                                    group_score="top2_sum", renormalize=True, renorm_eps=1e-20,
+                                    scale=2.5)
+    with pytest.raises(Exception):
+        spec.score = "softmax"
+    assert spec.replace(scale=1.0).scale == 1.0 and spec.scale == 2.5
+
+
+def test_unknown_knob():
+    with pytest.raises(TypeError, match=r"unknown router knob.*top_k"):
+        moe_route.topk_gate(logits(), 2, top_k=2)
+
+
+@pytest.mark.parametrize("field,value,msg", [
+    ("add", {E: 1.0}, r"SteerSpec.add: expert 8 must be an int in \[0, 8\)"),
+    ("std", {-1: 1.0}, r"SteerSpec.std: expert -1"),
+    ("abs", {"3": 1.0}, r"SteerSpec.abs: expert '3'"),
+    ("force", [1.0] * (E - 1), r"SteerSpec.force: expected 8 values \(one per expert\), got 7"),
+])
+def test_steer_spec_invalid(field, value, msg):
+    """Values that only fail against a known E fail when the table for that E is built."""
+    spec = moe_route.SteerSpec(**{field: value})
+    with pytest.raises(ValueError, match=msg):
+        spec.table(E)
+    with pytest.raises(ValueError, match=msg):
+        moe_route.topk_gate(logits(), 2, steer=spec)
+
+
+@pytest.mark.parametrize("field,value", [("add", torch.zeros(2, E)), ("std", 0.5)])
+def test_steer_spec_invalid_shape(field, value):
+    """Values that are not one number per expert fail at construction."""
+    with pytest.raises(ValueError, match=rf"SteerSpec.{field}: expected one value per expert"):
+        moe_route.SteerSpec(**{field: value})
+
+
+@pytest.mark.parametrize("kw,exc,msg", [
+    (dict(steer={"add": {0: 1.0}}), TypeError, r"steer must be a SteerSpec"),
+    (dict(steer=torch.zeros(4, E)), TypeError, r"steer must be a SteerSpec"),
+    (dict(stats=(None,) * 6), TypeError, r"stats must be a GateStats"),
+    (dict(stats={"counts": z(1, E, dtype=i64)}), TypeError, r"stats must be a GateStats"),
+])
+def test_public_wrapper_argument_types(kw, exc, msg):
+    with pytest.raises(exc, match=msg):
+        moe_route.topk_gate(logits(), 2, **kw)
+
+
+def test_steer_with_bad_logits_names_logits():
+    with pytest.raises(ValueError, match=r"logits must be a 2-D"):
+        moe_route.topk_gate(z(E), 2, steer=moe_route.SteerSpec(add={0: 1.0}))
+
+
+@pytest.mark.parametrize("args,kw,name", [
+    (([[1.0, 2.0]], 1), {}, "logits"),
+    ((None, 1), dict(selection_bias=[0.0] * E), "selection_bias"),
+    ((None, 1), dict(groups=[0] * T), "groups"),
+], ids=["logits_list", "bias_list", "groups_list"])
+def test_public_wrapper_non_tensor_arguments(args, kw, name):
+    x, k = args
+    x = logits() if x is None else x
+    with pytest.raises(TypeError) as ref_info:
+        R.topk_gate(x, k, **kw)
+    assert name in str(ref_info.value)
+    with pytest.raises(TypeError, match=rf"topk_gate: {name} must be"):
+        moe_route.topk_gate(x, k, **kw)
+
+
+@pytest.mark.parametrize("G,E_", [(0, 8), (2, 0), (-1, 8)])
+def test_gate_stats_zeros_invalid(G, E_):
+    with pytest.raises(ValueError, match=r"GateStats.zeros: num_groups=.* must be >= 1"):
+        moe_route.GateStats.zeros(G, E_)
+
+
+def test_gate_stats_zeros_layout():
+    s = moe_route.GateStats.zeros(3, E, coact=True)
+    want = dict(tokens=((3,), i64), counts=((3, E), i64), prob_sum=((3, E), f32),
+                weight_sum=((3, E), f32), entropy_sum=((3,), f32), coact=((E, E), i64))
+    for name, buf in zip(STAT_NAMES, s.buffers()):
+        assert (tuple(buf.shape), buf.dtype) == want[name], name
+        assert buf.is_contiguous() and int(buf.abs().sum()) == 0
+    lean = moe_route.GateStats.zeros(3, E, dense=False)
+    assert lean.prob_sum is None and lean.entropy_sum is None and lean.coact is None
+    moe_route.topk_gate(logits(), 2, stats=s)
+    assert int(s.tokens[0]) == T
+    assert s.zero_() is s and int(s.counts.sum()) == 0 and float(s.prob_sum.sum()) == 0

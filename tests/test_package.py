@@ -1,0 +1,113 @@
+"""Packaging and loading: import, info(), public names, the reference fallback and strict mode."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import moe_route
+from conftest import HAS_CPU_KERNEL
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("MOE_ROUTE_NO_EXT", "MOE_ROUTE_STRICT")}
+    full_env.update(env)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_public_names():
+    assert moe_route.__version__ == "0.1.0"
+    for name in moe_route.__all__:
+        assert hasattr(moe_route, name), name
+    assert {"topk_gate", "RouterSpec", "SteerSpec", "GateStats", "info"} <= set(moe_route.__all__)
+    assert moe_route.topk_gate is moe_route.ops.topk_gate
+    assert set(moe_route.ops.__all__) <= set(dir(moe_route))
+
+
+def test_info_reports_the_extension():
+    info = moe_route.info()
+    json.dumps(info)  # plain data, usable in bug reports
+    assert info["moe_route"] == moe_route.__version__
+    assert info["torch"] == torch.__version__
+    if not HAS_CPU_KERNEL:
+        pytest.skip(f"extension not loaded: {info['extension_error']}")
+    assert info["extension_loaded"] is True and info["extension_error"] is None
+    assert "cpu" in info["kernels"]["topk_gate"]
+    assert ("cuda" in info["kernels"]["topk_gate"]) == moe_route._loader.has_kernel("topk_gate",
+                                                                                     "cuda")
+    assert torch.__version__.startswith(info["build"]["native"]["torch_version"])
+    assert info["cpu_threads"] == torch.get_num_threads()
+    assert hasattr(torch.ops.moe_route, "topk_gate")
+
+
+FALLBACK_SCRIPT = """
+    import json, torch, moe_route
+    from moe_route import reference as R
+    assert not torch.cuda.is_initialized()
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(0))
+    bias = torch.randn(16, generator=torch.Generator().manual_seed(1))
+    stats = moe_route.GateStats.zeros(1, 16, coact=True)
+    steer = moe_route.SteerSpec(add={3: 2.0}, force={5: 1})
+    w, ids = moe_route.topk_gate(x, 4, score="sigmoid", selection_bias=bias, steer=steer,
+                                 stats=stats, renormalize=True)
+    rw, rids = R.topk_gate(x, 4, score="sigmoid", selection_bias=bias, steer=steer.table(16),
+                           renormalize=True)
+    assert torch.equal(ids, rids) and torch.equal(w, rw)
+    assert int(stats.tokens[0]) == 40 and int(stats.counts.sum()) == 160
+    assert bool((ids[:, 0] == 5).all())
+    info = moe_route.info()
+    print(json.dumps(dict(loaded=info["extension_loaded"], error=info["extension_error"],
+                          kernels=info["kernels"], has_op=hasattr(torch.ops.moe_route,
+                                                                  "topk_gate"))))
+"""
+
+
+def test_no_extension_falls_back_to_reference():
+    proc = run_python(FALLBACK_SCRIPT, MOE_ROUTE_NO_EXT="1")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["loaded"] is False
+    assert "MOE_ROUTE_NO_EXT" in out["error"]
+    assert out["kernels"] == {"topk_gate": []}
+    # one warning per (op, device), saying why
+    assert proc.stderr.count("runs the pure-PyTorch reference") == 1, proc.stderr
+    assert "MOE_ROUTE_NO_EXT" in proc.stderr
+
+
+def test_strict_mode_refuses_the_fallback():
+    code = """
+        import torch, moe_route
+        try:
+            moe_route.topk_gate(torch.randn(4, 8), 2)
+        except RuntimeError as exc:
+            print("RAISED", exc)
+        else:
+            print("NO ERROR")
+    """
+    proc = run_python(code, MOE_ROUTE_NO_EXT="1", MOE_ROUTE_STRICT="1")
+    assert proc.returncode == 0, proc.stderr
+    assert "RAISED" in proc.stdout, proc.stdout
+    assert "MOE_ROUTE_STRICT" in proc.stdout and "topk_gate" in proc.stdout
+
+
+@pytest.mark.skipif(not HAS_CPU_KERNEL, reason="extension not loaded")
+def test_strict_mode_with_extension_is_silent():
+    code = """
+        import torch, moe_route
+        w, ids = moe_route.topk_gate(torch.randn(4, 8), 2)
+        print("OK", tuple(ids.shape), moe_route.info()["extension_loaded"])
+    """
+    proc = run_python(code, MOE_ROUTE_STRICT="1")
+    assert proc.returncode == 0, proc.stderr
+    assert "OK (4, 2) True" in proc.stdout
+    assert "pure-PyTorch reference" not in proc.stderr
