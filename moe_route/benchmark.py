@@ -55,7 +55,7 @@ def baseline_stats(logits, weights, ids, stats: GateStats):
     """What a user writes in PyTorch for the same statistics (one group)."""
     E = logits.shape[-1]
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    stats.tokens += logits.shape[0]
+    stats.tokens.add_(logits.shape[0])
     stats.counts[0] += torch.bincount(ids.reshape(-1), minlength=E)
     stats.weight_sum[0].index_add_(0, ids.reshape(-1), weights.reshape(-1).float())
     stats.prob_sum[0] += probs.sum(0)

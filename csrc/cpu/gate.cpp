@@ -62,6 +62,25 @@ MOE_ROUTE_INLINE float exp_fast(float x) {
   return x > 88.7228394f ? INFINITY : (x < -87.3f ? 0.f : y);
 }
 
+// exp(x) for x <= 0 (softmax numerators exp(z - max)): the same polynomial without the overflow
+// handling, which cannot trigger there.
+MOE_ROUTE_INLINE float exp_nonpos(float x) {
+  const float xc = std::max(x, -87.5f);
+  const float n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  float q = 1.9875691500e-4f;
+  q = q * r + 1.3981999507e-3f;
+  q = q * r + 8.3334519073e-3f;
+  q = q * r + 4.1665795894e-2f;
+  q = q * r + 1.6666665459e-1f;
+  q = q * r + 5.0000001201e-1f;
+  q = q * (r * r) + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return x < -87.3f ? 0.f : q * two_n;
+}
+
 MOE_ROUTE_INLINE float sigmoid(float x) { return 1.f / (1.f + exp_fast(-x)); }
 
 inline float sqrt_softplus(float x) {
@@ -138,11 +157,14 @@ MOE_ROUTE_INLINE void cswap_desc(uint64_t& a, uint64_t& b) {
 }
 
 // Knuth's 19-comparator, depth-6 sorting network for 8 keys (checked by the 0-1 principle).
+// Written out so the keys stay in registers.
 MOE_ROUTE_INLINE void sort8_desc(uint64_t* h) {
-  static constexpr int kNet[19][2] = {{0, 2}, {1, 3}, {4, 6}, {5, 7}, {0, 4}, {1, 5}, {2, 6},
-                                      {3, 7}, {0, 1}, {2, 3}, {4, 5}, {6, 7}, {2, 4}, {3, 5},
-                                      {1, 4}, {3, 6}, {1, 2}, {3, 4}, {5, 6}};
-  for (const auto& c : kNet) cswap_desc(h[c[0]], h[c[1]]);
+  cswap_desc(h[0], h[2]), cswap_desc(h[1], h[3]), cswap_desc(h[4], h[6]), cswap_desc(h[5], h[7]);
+  cswap_desc(h[0], h[4]), cswap_desc(h[1], h[5]), cswap_desc(h[2], h[6]), cswap_desc(h[3], h[7]);
+  cswap_desc(h[0], h[1]), cswap_desc(h[2], h[3]), cswap_desc(h[4], h[5]), cswap_desc(h[6], h[7]);
+  cswap_desc(h[2], h[4]), cswap_desc(h[3], h[5]);
+  cswap_desc(h[1], h[4]), cswap_desc(h[3], h[6]);
+  cswap_desc(h[1], h[2]), cswap_desc(h[3], h[4]), cswap_desc(h[5], h[6]);
 }
 
 // Sum with 8 fixed partial sums (a fixed order, whatever the vector width).
@@ -157,7 +179,7 @@ MOE_ROUTE_INLINE float sum8(const float* x, int64_t n) {
 // Softmax numerator exp(x - max) into dst; returns the sum. `max_out` receives the max.
 MOE_ROUTE_INLINE float softmax_exps(const float* x, float* dst, int64_t n, float& max_out) {
   const float m = max_of(x, n);
-  for (int64_t i = 0; i < n; ++i) dst[i] = exp_fast(x[i] - m);
+  for (int64_t i = 0; i < n; ++i) dst[i] = exp_nonpos(x[i] - m);
   max_out = m;
   return sum8(dst, n);
 }
@@ -354,54 +376,66 @@ MOE_ROUTE_INLINE void select_experts(const GateParams& p, const Prep& prep, cons
         if (s.group_ok[g]) std::memcpy(work + g * gsize, v + g * gsize, sizeof(float) * gsize);
         else std::fill(work + g * gsize, work + (g + 1) * gsize, -INFINITY);
     }
-    // Lane l tracks the best two of experts l, l+8, l+16, ... A pick promotes the lane's
-    // runner-up; only a lane whose runner-up is used up is rescanned.
+    // Lane l keeps the best three of experts l, l+8, l+16, ... as (value, index) keys. The 8
+    // lane heads are kept sorted; a pick takes head[0], refills it from the same lane's next
+    // candidate (a rescan of the lane only once all three are used) and bubbles it down with
+    // branch-free compare-swaps.
     const int64_t padded = (E + 7) & ~int64_t(7);
     const f32x8 ninf = splat8(-INFINITY);
-    f32x8 m1 = ninf, m2 = ninf;
+    f32x8 m1 = ninf, m2 = ninf, m3 = ninf;
     i32x8 i1 = {0, 1, 2, 3, 4, 5, 6, 7};
-    i32x8 i2 = i1, idx = i1;
+    i32x8 i2 = i1, i3 = i1, idx = i1;
     const i32x8 step = {8, 8, 8, 8, 8, 8, 8, 8};
     for (int64_t e = 0; e < padded; e += 8) {
       const f32x8 x = load8(work + e);
-      const i32x8 gt1 = x > m1, gt2 = x > m2;  // strict: equal values keep the lower index
-      m2 = gt1 ? m1 : (gt2 ? x : m2);
-      i2 = gt1 ? i1 : (gt2 ? idx : i2);
-      m1 = gt1 ? x : m1;
-      i1 = gt1 ? idx : i1;
+      const i32x8 g1 = x > m1, g2 = x > m2, g3 = x > m3;  // strict: ties keep the lower index
+      m3 = g2 ? m2 : (g3 ? x : m3);
+      i3 = g2 ? i2 : (g3 ? idx : i3);
+      m2 = g1 ? m1 : (g2 ? x : m2);
+      i2 = g1 ? i1 : (g2 ? idx : i2);
+      m1 = g1 ? x : m1;
+      i1 = g1 ? idx : i1;
       idx += step;
     }
-    // The 8 lane heads, as (value, index) keys sorted descending. A pick takes head[0], refills
-    // it from the same lane (runner-up, or a rescan once that is used) and bubbles it down:
-    // branch-free compare-swaps instead of a latency-bound vector argmax per pick.
-    uint64_t head[8], second[8];
-    for (int l = 0; l < 8; ++l) head[l] = value_key(m1[l], i1[l]), second[l] = value_key(m2[l], i2[l]);
+    // Keys are built lazily: the 8 heads now, a lane's next candidate when it is needed.
+    float cv[3][8];
+    int32_t ci[3][8];
+    std::memcpy(cv[0], &m1, sizeof m1), std::memcpy(cv[1], &m2, sizeof m2);
+    std::memcpy(cv[2], &m3, sizeof m3);
+    std::memcpy(ci[0], &i1, sizeof i1), std::memcpy(ci[1], &i2, sizeof i2);
+    std::memcpy(ci[2], &i3, sizeof i3);
+    uint64_t head[8];
+    int depth[8];
+    for (int l = 0; l < 8; ++l) head[l] = value_key(cv[0][l], ci[0][l]), depth[l] = 0;
     sort8_desc(head);
-    uint8_t has_second = 0xff;  // bit l: lane l's runner-up is still unused
     for (int64_t j = 0; j < k; ++j) {
       const int32_t best = value_key_index(head[0]);
       ids[j] = best;
       work[best] = -INFINITY;
       const int lane = best & 7;
-      if (has_second & (1u << lane)) {
-        head[0] = second[lane];
-        has_second &= uint8_t(~(1u << lane));
+      if (depth[lane] < 2) {
+        const int d = ++depth[lane];
+        head[0] = value_key(cv[d][lane], ci[d][lane]);
       } else {
-        float a = -INFINITY, b = -INFINITY;
-        int32_t ia = lane, ib = lane;
+        float a = -INFINITY, b = -INFINITY, c = -INFINITY;
+        int32_t ia = lane, ib = lane, ic = lane;
         for (int64_t e = lane; e < padded; e += 8) {
           const float x = work[e];
-          const bool g1 = x > a, g2 = x > b;
+          const bool g1 = x > a, g2 = x > b, g3 = x > c;
+          c = g2 ? b : (g3 ? x : c);
+          ic = g2 ? ib : (g3 ? int32_t(e) : ic);
           b = g1 ? a : (g2 ? x : b);
           ib = g1 ? ia : (g2 ? int32_t(e) : ib);
           a = g1 ? x : a;
           ia = g1 ? int32_t(e) : ia;
         }
         head[0] = value_key(a, ia);
-        second[lane] = value_key(b, ib);
-        has_second |= uint8_t(1u << lane);
+        cv[1][lane] = b, ci[1][lane] = ib, cv[2][lane] = c, ci[2][lane] = ic;
+        depth[lane] = 0;
       }
-      for (int i = 0; i < 7; ++i) cswap_desc(head[i], head[i + 1]);
+      cswap_desc(head[0], head[1]), cswap_desc(head[1], head[2]), cswap_desc(head[2], head[3]);
+      cswap_desc(head[3], head[4]), cswap_desc(head[4], head[5]), cswap_desc(head[5], head[6]);
+      cswap_desc(head[6], head[7]);
     }
     return;
   }
@@ -486,7 +520,7 @@ void gate_tokens(const GateParams& p, const Prep& prep, int64_t t0, int64_t t1, 
     } else if (p.score == Score::Softmax) {
       float m = -kFltMax, sum = 0.f;
       for (int64_t j = 0; j < k; ++j) m = std::max(m, zw[ids[j]]);
-      for (int64_t j = 0; j < k; ++j) sum += (w[j] = exp_fast(zw[ids[j]] - m));
+      for (int64_t j = 0; j < k; ++j) sum += (w[j] = exp_nonpos(zw[ids[j]] - m));
       for (int64_t j = 0; j < k; ++j) w[j] = w[j] / sum;
     } else {
       for (int64_t j = 0; j < k; ++j) w[j] = score_of(p.score, zw[ids[j]]);
