@@ -1,5 +1,6 @@
 #include "gate_op.h"
 
+#include <ATen/EmptyTensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
@@ -150,8 +151,15 @@ void prepare_gate(const at::Tensor& logits, int64_t k, c10::string_view score,
   p.steer_select_only = steer_select_only;
   p.std_unbiased = std_unbiased;
 
-  weights = at::empty({T, k}, logits.options().dtype(at::kFloat));
-  ids = at::empty({T, k}, logits.options().dtype(at::kInt));
+  if (logits.is_cpu()) {  // skips two trips through the dispatcher, which show at T=1
+    weights = at::detail::empty_cpu({T, k}, at::kFloat, std::nullopt, std::nullopt, std::nullopt,
+                                    std::nullopt);
+    ids = at::detail::empty_cpu({T, k}, at::kInt, std::nullopt, std::nullopt, std::nullopt,
+                                std::nullopt);
+  } else {
+    weights = at::empty({T, k}, logits.options().dtype(at::kFloat));
+    ids = at::empty({T, k}, logits.options().dtype(at::kInt));
+  }
   p.weights = weights.data_ptr<float>();
   p.ids = ids.data_ptr<int32_t>();
 }

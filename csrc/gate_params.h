@@ -3,6 +3,12 @@
 #pragma once
 #include <cstdint>
 
+#if defined(__CUDACC__)
+#define MOE_ROUTE_HOST_DEVICE __host__ __device__
+#else
+#define MOE_ROUTE_HOST_DEVICE
+#endif
+
 namespace moe_route {
 
 enum class Score : int32_t { Softmax = 0, Sigmoid = 1, SqrtSoftplus = 2, None = 3 };
@@ -56,7 +62,7 @@ struct GateParams {
 
 // Selection values are the steered logits themselves for select_on="logits", and for softmax
 // without a bias (same order as the probabilities) unless top2_sum groups must add probabilities.
-inline bool selects_on_logits(const GateParams& p) {
+MOE_ROUTE_HOST_DEVICE inline bool selects_on_logits(const GateParams& p) {
   return p.select_on_logits ||
          (p.score == Score::Softmax && !p.selection_bias &&
           (p.n_group == 1 || p.group_score == GroupScore::Max));

@@ -1,6 +1,8 @@
 // The Python module moe_route._C: build info and the eager fast path into the dispatcher.
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/extension.h>
 #include <torch/version.h>
 
@@ -50,9 +52,28 @@ std::tuple<at::Tensor, at::Tensor> topk_gate_fast(const at::Tensor& logits, int6
   // Releasing the GIL costs more than a small gate; large ones let other Python threads run.
   std::optional<py::gil_scoped_release> no_gil;
   if (logits.numel() >= (1 << 16)) no_gil.emplace();
-  return op.call(logits, k, c.score, c.select_on, bias, c.n_group, c.topk_group, c.group_score,
-                 c.renormalize, c.renorm_eps, c.scale, steer, c.steer_select_only,
-                 c.std_unbiased, groups, buf[0], buf[1], buf[2], buf[3], buf[4], buf[5]);
+  const bool grad = c10::GradMode::is_enabled() &&
+                    (logits.requires_grad() || (bias && bias->requires_grad()) ||
+                     (steer && steer->requires_grad()));
+  if (grad) {
+    // Through autograd's not-implemented fallback: backward through the gate raises.
+    return op.call(logits, k, c.score, c.select_on, bias, c.n_group, c.topk_group,
+                   c.group_score, c.renormalize, c.renorm_eps, c.scale, steer,
+                   c.steer_select_only, c.std_unbiased, groups, buf[0], buf[1], buf[2], buf[3],
+                   buf[4], buf[5]);
+  }
+  // Nothing to differentiate: skip the boxed autograd fallback (it boxes all 21 arguments) and
+  // do its one remaining job, bumping the version counters of the buffers written in place.
+  std::tuple<at::Tensor, at::Tensor> out;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    out = op.call(logits, k, c.score, c.select_on, bias, c.n_group, c.topk_group, c.group_score,
+                  c.renormalize, c.renorm_eps, c.scale, steer, c.steer_select_only,
+                  c.std_unbiased, groups, buf[0], buf[1], buf[2], buf[3], buf[4], buf[5]);
+  }
+  for (const OptTensor& b : buf)
+    if (b && b->defined()) torch::autograd::impl::bump_version(*b);
+  return out;
 }
 
 py::dict build_info() {

@@ -219,6 +219,9 @@ class GateStats:
 _DEFAULT_SPEC = RouterSpec()
 _NO_STATS = (None,) * 6
 _CPU_KERNEL = _loader.has_kernel("topk_gate", "cpu")
+_fast = _loader.native.topk_gate_fast if _loader.native is not None else None
+_Tensor = torch.Tensor
+_compiling = torch.compiler.is_compiling
 
 
 def topk_gate(logits: torch.Tensor, k: int, spec: Optional[RouterSpec] = None, *,
@@ -251,10 +254,10 @@ def topk_gate(logits: torch.Tensor, k: int, spec: Optional[RouterSpec] = None, *
                             f"{[f.name for f in dataclasses.fields(RouterSpec) if f.init]}") from None
     elif spec is None:
         spec = _DEFAULT_SPEC
-    if steer is None and stats is None and _eager_native(logits):
+    if (steer is None and stats is None and _fast is not None and type(logits) is _Tensor
+            and (_CPU_KERNEL if logits.is_cpu else _cuda_kernel(logits)) and not _compiling()):
         try:
-            return _loader.native.topk_gate_fast(logits, k, spec._plain, selection_bias, None,
-                                                 groups, None)
+            return _fast(logits, k, spec._plain, selection_bias, None, groups, None)
         except TypeError:  # pybind's "incompatible function arguments": say which one
             _explain_bad_call(logits, k, spec, selection_bias, None, groups, _NO_STATS)
             raise
@@ -272,7 +275,7 @@ def topk_gate(logits: torch.Tensor, k: int, spec: Optional[RouterSpec] = None, *
     buffers = stats._buffers if stats is not None else _NO_STATS
     if _eager_native(logits):
         try:
-            return _loader.native.topk_gate_fast(
+            return _fast(
                 logits, k, spec._native_config(select_only, unbiased), selection_bias,
                 steer_table, groups, buffers if stats is not None else None)
         except TypeError:
@@ -295,9 +298,13 @@ def _explain_bad_call(logits, k, spec, selection_bias, steer_table, groups, buff
 def _eager_native(logits) -> bool:
     """Whether the fast pybind path serves this call: a plain tensor on a device with a kernel,
     outside torch.compile tracing (which must see torch.ops.moe_route.topk_gate)."""
-    if type(logits) is not torch.Tensor or torch.compiler.is_compiling():
+    if _fast is None or type(logits) is not _Tensor or _compiling():
         return False
-    return _CPU_KERNEL if logits.is_cpu else (logits.is_cuda and _loader.has_kernel("topk_gate", "cuda"))
+    return _CPU_KERNEL if logits.is_cpu else _cuda_kernel(logits)
+
+
+def _cuda_kernel(logits) -> bool:
+    return logits.is_cuda and _loader.has_kernel("topk_gate", "cuda")
 
 
 def _topk_gate_op(logits, k, spec, selection_bias, steer_table, select_only, unbiased, groups,

@@ -496,3 +496,13 @@ def test_nonfinite_rows(device, score):
 def test_sigmoid_underflow_renormalized(device, row):
     logits = torch.tensor([row], device=device)
     check(logits, 2, dict(score="sigmoid", renormalize=True), exact=True)
+
+
+def test_nan_in_force_row_forces_nothing(device):
+    """A NaN force entry is neither > 0 nor < 0: the expert keeps its normal rank (as in the
+    reference), it is not forced off."""
+    logits = torch.tensor([[3.0, 1.0, 2.0, 0.0]], device=device)
+    steer = torch.zeros(4, 4, device=device)
+    steer[3, 0] = float("nan")
+    w, ids = check(logits, 1, dict(steer=steer), exact=True)
+    assert ids.tolist() == [[0]]

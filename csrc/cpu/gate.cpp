@@ -552,10 +552,12 @@ void gate_tokens(const GateParams& p, const Prep& prep, int64_t t0, int64_t t1, 
       float* q = s.dense.data();
       float entropy;
       if (dense_is_softmax) {
-        for (int64_t e = 0; e < E; ++e) q[e] = ew[e] / w_sum;
-        // H = log S - sum_e q_e (z_e - max): one log per token instead of E.
-        for (int64_t e = 0; e < E; ++e) s.v[e] = q[e] > 0.f ? q[e] * (zw[e] - w_max) : 0.f;
-        entropy = std::log(w_sum) - sum8(s.v.data(), E);
+        // q = ew / S, and H = log S - sum_e q_e (z_e - max) = log S - (sum_e ew_e (z_e - max)) / S:
+        // one log and one division per token instead of E of each.
+        const float inv = 1.f / w_sum;
+        for (int64_t e = 0; e < E; ++e) q[e] = ew[e] * inv;
+        for (int64_t e = 0; e < E; ++e) s.v[e] = ew[e] > 0.f ? ew[e] * (zw[e] - w_max) : 0.f;
+        entropy = std::log(w_sum) - sum8(s.v.data(), E) / w_sum;
       } else {
         for (int64_t e = 0; e < E; ++e) q[e] = score_of(p.score, zw[e]);
         const float total = sum8(q, E);
@@ -627,7 +629,7 @@ void run_gate_cpu(const GateParams& p) {
     for (int64_t e = 0; e < p.E; ++e) {
       prep.has_std = prep.has_std || p.steer[kSteerStd * p.E + e] != 0.f;
       const float f = p.steer[kSteerForce * p.E + e];
-      if (f != 0.f) {
+      if (f > 0.f || f < 0.f) {  // NaN forces nothing, as in steer_row and the reference
         prep.has_force = true;
         prep.tier[e] = int8_t(f > 0.f ? kTierForcedOn : kTierForcedOff);
       }

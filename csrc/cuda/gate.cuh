@@ -1,0 +1,724 @@
+// topk_gate on CUDA: torch-free device code (moe_route/reference.py is the specification and
+// csrc/cpu/gate.cpp the step-by-step twin this file mirrors).
+//
+// Thread mapping: one warp per token. Lane l holds experts i*32 + l (i < VPT, VPT = ceil(E/32)
+// rounded up to a compile-time tier 1, 2, 4, 8, 16, 32, so E <= 1024) in registers; loads are
+// coalesced across the warp. Every reduction over experts is a per-lane loop plus a butterfly
+// (xor) shuffle, so all lanes end with bit-identical results. Each warp owns a contiguous range of
+// tokens (a persistent grid) and prefetches the next token's row while working on the current one.
+//
+// Selection: every expert gets the same packed 64-bit key as on the CPU (tier | order-preserving
+// value bits | 2^30-1-index); k rounds of "per-lane best + butterfly max" pick the keys in
+// descending order. Experts already chosen, outside the chosen groups or past E are excluded by a
+// per-lane bitmask (`avail`), never by a sentinel value. Groups (n_group > 1) are scored from a
+// per-warp shared-memory copy of the selection values, one group per lane, and the topk_group
+// groups are picked by the same key rule.
+//
+// Statistics: per-warp accumulators for the current group: the dense distribution q in registers,
+// counts and weight sums in per-warp shared memory (touched without atomics: a warp owns its
+// slice), token count and entropy in registers. They are flushed with global atomics when the
+// group changes and at the end of the warp's range; coact pairs are global atomics per token.
+//
+// Determinism: ids, weights and the integer statistics are bit-reproducible (warp-local,
+// fixed-order arithmetic; integer atomics commute). prob_sum, weight_sum and entropy_sum are
+// summed per warp in token order and then combined with float atomics, whose order varies from run
+// to run (differences at fp32 rounding level; the partition into warps depends on the SM count).
+//
+// Numerics: fp32 throughout with the precise libdevice functions (expf, logf, log1pf, sqrtf, IEEE
+// division); do not build with --use_fast_math. Elementwise steps whose rounding the reference
+// pins (steering, variance terms) use __fadd_rn/__fmul_rn so that nvcc does not fuse them into
+// FMAs; reductions differ from the CPU only in summation order.
+//
+// No host synchronisation and no allocation: the launch is CUDA-graph capturable. In particular
+// the kernel cannot raise on groups[t] outside [-1, G); such tokens are skipped for the statistics
+// (the CPU path raises instead; the reference only checks CPU tensors).
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "../gate_params.h"
+
+namespace moe_route {
+namespace cuda {
+namespace detail {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr float kFltMax = 3.40282347e38f;
+constexpr int kMaxExperts = 1024;  // 32 lanes x VPT 32
+constexpr int kMaxWarpsPerBlock = 8;
+constexpr int kWarpsPerSm = 32;                    // resident-warp target of the persistent grid
+constexpr int64_t kSmemPerBlock = 48 * 1024;       // stay under the default dynamic-smem limit
+constexpr uint32_t kMaxRunTokens = 1u << 30;       // flush before per-warp uint32 counts overflow
+
+// Per-launch constants computed on the host (plan_topk_gate).
+struct GatePlan {
+  int64_t chunk = 1;            // tokens per warp (contiguous range)
+  int32_t warps_per_block = 1;
+  int32_t blocks = 0;
+  int32_t vpt = 1;
+  // Per-warp shared memory, in 32-bit words: [0, stage) staging (group scoring, then the selected
+  // ids [k] and weights [k]); counts [E] at cnt_off, weight sums [E] at wsum_off (-1: absent).
+  int32_t warp_words = 0;
+  int32_t cnt_off = -1, wsum_off = -1;
+  size_t smem_bytes = 0;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Scalar helpers (identical formulas to csrc/cpu/gate.cpp, with the precise CUDA math functions).
+
+__device__ __forceinline__ float sanitize(float x) {
+  // Comparisons are false for NaN, which therefore lands on -FLT_MAX.
+  return x >= -kFltMax ? (x <= kFltMax ? x : kFltMax) : -kFltMax;
+}
+
+__device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + expf(-x)); }
+
+__device__ __forceinline__ float sqrt_softplus_f(float x) {
+  // torch.nn.functional.softplus uses threshold 20.
+  return sqrtf(x > 20.f ? x : log1pf(expf(x)));
+}
+
+__device__ __forceinline__ float score_of(Score s, float z) {
+  switch (s) {
+    case Score::Sigmoid: return sigmoid_f(z);
+    case Score::SqrtSoftplus: return sqrt_softplus_f(z);
+    default: return z;
+  }
+}
+
+// Order-preserving unsigned image of a float; -0.0 maps like +0.0 so that equal values tie.
+__device__ __forceinline__ uint32_t order_bits(float v) {
+  uint32_t b = __float_as_uint(v);
+  b = b == 0x80000000u ? 0u : b;
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+__device__ __forceinline__ uint64_t make_key(uint32_t tier, uint32_t ord, uint32_t index) {
+  return (uint64_t(tier) << 62) | (uint64_t(ord) << kIndexBits) | (kIndexMask - uint64_t(index));
+}
+
+__device__ __forceinline__ int key_index(uint64_t key) {
+  return int(kIndexMask - (key & kIndexMask));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Warp reductions (xor butterflies: every lane gets the same bits).
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(kFullMask, x, o);
+  return x;
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float y = __shfl_xor_sync(kFullMask, x, o);
+    x = y > x ? y : x;
+  }
+  return x;
+}
+
+__device__ __forceinline__ float warp_min(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float y = __shfl_xor_sync(kFullMask, x, o);
+    x = y < x ? y : x;
+  }
+  return x;
+}
+
+__device__ __forceinline__ uint64_t warp_max_key(uint64_t x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const uint64_t y = __shfl_xor_sync(kFullMask, (unsigned long long)x, o);
+    x = y > x ? y : x;
+  }
+  return x;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Logit loads: raw bits first (kept in registers as the prefetch of the next row), converted when
+// the row is used so that the load latency overlaps the previous token's work.
+
+template <LogitType LT>
+__device__ __forceinline__ uint32_t load_raw(const void* base, int64_t idx) {
+  if constexpr (LT == LogitType::F32) {
+    return __float_as_uint(__ldg(static_cast<const float*>(base) + idx));
+  } else {
+    return uint32_t(__ldg(static_cast<const unsigned short*>(base) + idx));
+  }
+}
+
+template <LogitType LT>
+__device__ __forceinline__ float raw_to_float(uint32_t r) {
+  if constexpr (LT == LogitType::F32) {
+    return __uint_as_float(r);
+  } else if constexpr (LT == LogitType::BF16) {
+    return __uint_as_float(r << 16);
+  } else {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(r)));
+  }
+}
+
+template <int VPT, LogitType LT>
+__device__ __forceinline__ void load_row(const void* logits, int64_t off, int lane, uint32_t valid,
+                                         uint32_t (&raw)[VPT]) {
+#pragma unroll
+  for (int i = 0; i < VPT; ++i)
+    raw[i] = ((valid >> i) & 1u) ? load_raw<LT>(logits, off + i * 32 + lane) : 0u;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The kernel.
+
+template <int VPT, LogitType LT>
+__global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
+    topk_gate_kernel(const GateParams p, const GatePlan plan) {
+  static_assert(VPT >= 1 && VPT <= 32, "VPT tier out of range");
+  // Prefetching the next row costs VPT registers; the largest tier is already register-heavy.
+  constexpr bool kPrefetch = VPT <= 16;
+  // Caching the packed keys costs 2*VPT registers and saves rebuilding them every round.
+  constexpr bool kCacheKeys = VPT <= 16;
+
+  extern __shared__ __align__(16) uint32_t gate_smem[];
+
+  const int lane = int(threadIdx.x & 31u);
+  const int warp = int(threadIdx.x >> 5);
+  const int64_t t_begin = (int64_t(blockIdx.x) * plan.warps_per_block + warp) * plan.chunk;
+  if (t_begin >= p.T) return;  // no block-level barriers below, so idle warps may leave
+  const int64_t t_end = p.T - t_begin < plan.chunk ? p.T : t_begin + plan.chunk;
+  uint32_t* wsm = gate_smem + int64_t(warp) * plan.warp_words;
+
+  const int E = int(p.E);
+  const int k = int(p.k);
+  const Score score = p.score;
+  const bool softmax = score == Score::Softmax;
+
+  uint32_t valid = 0;  // bit i: expert i*32 + lane exists
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) valid |= (i * 32 + lane < E ? 1u : 0u) << i;
+
+  // ---- Per-call constants derived from the steering table (the CPU's Prep) ----
+  // Tiers follow the reference: force > 0 forced-on, force < 0 forced-off, anything else (0, NaN)
+  // normal.
+  const float* steer = p.steer;
+  bool has_std = false, has_force = false;
+  uint32_t fon = 0, foff = 0;  // bit i: expert i*32 + lane forced on / off
+  if (steer) {
+    bool any_std = false;
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      if ((valid >> i) & 1u) {
+        const int e = i * 32 + lane;
+        any_std = any_std || __ldg(steer + kSteerStd * E + e) != 0.f;  // NaN counts, as on CPU
+        const float f = __ldg(steer + kSteerForce * E + e);
+        fon |= (f > 0.f ? 1u : 0u) << i;
+        foff |= (f < 0.f ? 1u : 0u) << i;
+      }
+    }
+    has_std = __any_sync(kFullMask, any_std);
+    has_force = __any_sync(kFullMask, (fon | foff) != 0u);
+  }
+  const bool zw_is_z0 = steer != nullptr && p.steer_select_only;
+
+  // Groups: lane owns groups g = m*32 + lane (m < gpl <= 32).
+  const int n_group = int(p.n_group);
+  const bool group_limited = n_group > 1 && p.topk_group < p.n_group;
+  const int gsize = E / n_group;
+  const int gpl = (n_group + 31) >> 5;
+  // e / gsize as (e * magic) >> 20 with magic = ceil(2^20 / gsize): exact for e < 2^10 and
+  // gsize <= 2^10, since the error e * (magic - 2^20/gsize) / 2^20 < 2^-10 <= 1/gsize.
+  const uint32_t gmagic = ((1u << 20) + uint32_t(gsize) - 1u) / uint32_t(gsize);
+  // Staggered scan start per lane: conflict-free shared-memory reads when gsize % 32 == 0.
+  const int grot = lane % gsize;
+  uint32_t gon = 0;  // bit m: group m*32 + lane holds a forced-on expert
+  if (group_limited && has_force) {
+    for (int m = 0; m < gpl; ++m) {
+      const int g = m * 32 + lane;
+      if (g < n_group) {
+        bool any_on = false;
+        for (int j = 0; j < gsize && !any_on; ++j)
+          any_on = __ldg(steer + kSteerForce * E + g * gsize + j) > 0.f;
+        gon |= (any_on ? 1u : 0u) << m;
+      }
+    }
+  }
+
+  // ---- Statistics state ----
+  const bool any_stats =
+      p.tokens || p.counts || p.prob_sum || p.weight_sum || p.entropy_sum || p.coact;
+  const bool dense = p.prob_sum || p.entropy_sum;
+  const bool dense_softmax = softmax || score == Score::None;
+  uint32_t* cnt_s = plan.cnt_off >= 0 ? wsm + plan.cnt_off : nullptr;
+  float* wsum_s = plan.wsum_off >= 0 ? reinterpret_cast<float*>(wsm + plan.wsum_off) : nullptr;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    if ((valid >> i) & 1u) {
+      if (cnt_s) cnt_s[i * 32 + lane] = 0u;
+      if (wsum_s) wsum_s[i * 32 + lane] = 0.f;
+    }
+  }
+  float prob_acc[VPT];
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) prob_acc[i] = 0.f;
+  int64_t run_g = -1;        // group of the open run (-1: none)
+  uint32_t run_tokens = 0;   // tokens in the open run
+  float run_entropy = 0.f;
+
+  // Adds the open run to the global statistics and empties it (warp-uniform call).
+  auto flush = [&]() {
+    if (lane == 0) {
+      if (p.tokens)
+        atomicAdd(reinterpret_cast<unsigned long long*>(p.tokens + run_g),
+                  (unsigned long long)run_tokens);
+      if (p.entropy_sum) atomicAdd(p.entropy_sum + run_g, run_entropy);
+    }
+    run_tokens = 0;
+    run_entropy = 0.f;
+    const int64_t row = run_g * int64_t(E);
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      if (p.prob_sum && ((valid >> i) & 1u) && prob_acc[i] != 0.f)
+        atomicAdd(p.prob_sum + row + i * 32 + lane, prob_acc[i]);
+      prob_acc[i] = 0.f;
+    }
+    if (cnt_s || wsum_s) {
+      __syncwarp();  // the entries were scattered by other lanes
+#pragma unroll
+      for (int i = 0; i < VPT; ++i) {
+        if ((valid >> i) & 1u) {
+          const int e = i * 32 + lane;
+          if (cnt_s) {
+            const uint32_t c = cnt_s[e];
+            if (c) atomicAdd(reinterpret_cast<unsigned long long*>(p.counts + row + e),
+                             (unsigned long long)c);
+            cnt_s[e] = 0u;
+          }
+          if (wsum_s) {
+            const float w = wsum_s[e];
+            if (w != 0.f) atomicAdd(p.weight_sum + row + e, w);
+            wsum_s[e] = 0.f;
+          }
+        }
+      }
+      __syncwarp();  // before other lanes scatter into the emptied entries
+    }
+  };
+
+  int32_t* sel_id = reinterpret_cast<int32_t*>(wsm);      // [k], valid after the rounds
+  float* sel_w = reinterpret_cast<float*>(wsm) + k;       // [k], lane j's own entries only
+  const int kpl = (k + 31) >> 5;
+
+  uint32_t raw[VPT];
+  if constexpr (kPrefetch) load_row<VPT, LT>(p.logits, t_begin * p.row_stride, lane, valid, raw);
+
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    // Orders this token's shared-memory writes after every lane's reads of the previous token.
+    __syncwarp();
+    if constexpr (!kPrefetch) load_row<VPT, LT>(p.logits, t * p.row_stride, lane, valid, raw);
+
+    // ---- Load and sanitise: z0 ----
+    float z0[VPT];
+#pragma unroll
+    for (int i = 0; i < VPT; ++i)
+      z0[i] = ((valid >> i) & 1u) ? sanitize(raw_to_float<LT>(raw[i])) : 0.f;
+    if constexpr (kPrefetch) {
+      if (t + 1 < t_end) load_row<VPT, LT>(p.logits, (t + 1) * p.row_stride, lane, valid, raw);
+    }
+
+    // The statistics group of this token (warp-uniform). Out-of-range ids cannot raise here.
+    int64_t g = 0;
+    if (any_stats && p.groups)
+      g = p.groups_int64 ? static_cast<const int64_t*>(p.groups)[t]
+                         : int64_t(static_cast<const int32_t*>(p.groups)[t]);
+    const bool counted = any_stats && g >= 0 && g < p.G;
+    const bool tok_dense = counted && dense;
+
+    // ---- Steering: z ----
+    float z[VPT];
+    if (steer) {
+      float sd = 0.f;
+      if (has_std) {
+        float s = 0.f;
+#pragma unroll
+        for (int i = 0; i < VPT; ++i) s += ((valid >> i) & 1u) ? z0[i] : 0.f;
+        const float mean = warp_sum(s) / float(E);
+        float q = 0.f;
+#pragma unroll
+        for (int i = 0; i < VPT; ++i) {
+          const float d = z0[i] - mean;
+          q += ((valid >> i) & 1u) ? __fmul_rn(d, d) : 0.f;
+        }
+        const float var = warp_sum(q);
+        const int dof = p.std_unbiased ? E - 1 : E;
+        sd = dof > 0 ? sqrtf(var / float(dof)) : 0.f;
+      }
+#pragma unroll
+      for (int i = 0; i < VPT; ++i) {
+        z[i] = 0.f;
+        if ((valid >> i) & 1u) {
+          const int e = i * 32 + lane;
+          const float add = __ldg(steer + kSteerAdd * E + e);
+          const float lam = __ldg(steer + kSteerStd * E + e);
+          const float mul = __ldg(steer + kSteerAbs * E + e);
+          // Same association as the reference: ((z0 + add) + std term) + abs term.
+          float y = __fadd_rn(z0[i], add);
+          y = __fadd_rn(y, lam != 0.f ? __fmul_rn(lam, sd) : 0.f);
+          y = __fadd_rn(y, __fmul_rn(mul, fabsf(z0[i])));
+          z[i] = sanitize(y);
+        }
+      }
+      if (has_force) {
+        float hi = -kFltMax, lo = kFltMax;
+#pragma unroll
+        for (int i = 0; i < VPT; ++i) {
+          if ((valid >> i) & 1u) {
+            hi = z[i] > hi ? z[i] : hi;
+            lo = z[i] < lo ? z[i] : lo;
+          }
+        }
+        const float top = warp_max(hi), bottom = warp_min(lo);
+#pragma unroll
+        for (int i = 0; i < VPT; ++i)
+          z[i] = ((fon >> i) & 1u) ? top : (((foff >> i) & 1u) ? bottom : z[i]);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < VPT; ++i) z[i] = z0[i];
+    }
+
+    // Weight-side logits.
+    float zw[VPT];
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) zw[i] = zw_is_z0 ? z0[i] : z[i];
+
+    // Softmax of zw (max and sum of exp(zw - max)), shared by the weights and the statistics.
+    const bool want_ew = (!p.select_on_logits && softmax) || (tok_dense && dense_softmax);
+    float w_max = 0.f, w_sum = 1.f;
+    if (want_ew) {
+      float m = -kFltMax;
+#pragma unroll
+      for (int i = 0; i < VPT; ++i)
+        if ((valid >> i) & 1u) m = zw[i] > m ? zw[i] : m;
+      w_max = warp_max(m);
+      float s = 0.f;
+#pragma unroll
+      for (int i = 0; i < VPT; ++i) s += ((valid >> i) & 1u) ? expf(zw[i] - w_max) : 0.f;
+      w_sum = warp_sum(s);
+    }
+
+    // ---- Selection values v (reference: selection_values) ----
+    const float* bias = p.selection_bias;
+    float v[VPT];
+    if (selects_on_logits(p) || score == Score::None) {
+#pragma unroll
+      for (int i = 0; i < VPT; ++i) v[i] = z[i];
+    } else if (softmax) {
+      float sm_max = w_max, sm_sum = w_sum;
+      if (!want_ew || zw_is_z0) {
+        float m = -kFltMax;
+#pragma unroll
+        for (int i = 0; i < VPT; ++i)
+          if ((valid >> i) & 1u) m = z[i] > m ? z[i] : m;
+        sm_max = warp_max(m);
+        float s = 0.f;
+#pragma unroll
+        for (int i = 0; i < VPT; ++i) s += ((valid >> i) & 1u) ? expf(z[i] - sm_max) : 0.f;
+        sm_sum = warp_sum(s);
+      }
+#pragma unroll
+      for (int i = 0; i < VPT; ++i) v[i] = expf(z[i] - sm_max) / sm_sum;
+    } else {
+#pragma unroll
+      for (int i = 0; i < VPT; ++i) v[i] = score_of(score, z[i]);
+    }
+    if (bias) {
+#pragma unroll
+      for (int i = 0; i < VPT; ++i)
+        if ((valid >> i) & 1u) v[i] = sanitize(v[i] + sanitize(__ldg(bias + i * 32 + lane)));
+    }
+
+    // ---- Group limit (reference: eligible_tiers) ----
+    uint32_t avail = valid;  // bit i: expert i*32 + lane may still be selected
+    if (group_limited) {
+      float* vbuf = reinterpret_cast<float*>(wsm);  // [E]
+      float* gscore = vbuf + E;                     // [n_group], read back by the owner only
+#pragma unroll
+      for (int i = 0; i < VPT; ++i)
+        if ((valid >> i) & 1u) vbuf[i * 32 + lane] = v[i];
+      __syncwarp();
+      for (int m = 0; m < gpl; ++m) {
+        const int g2 = m * 32 + lane;
+        if (g2 < n_group) {
+          // The two largest values (a multiset result, so the scan order does not matter).
+          const float* gv = vbuf + g2 * gsize;
+          float a = -kFltMax, b = -kFltMax;
+          int j = grot;
+          for (int n = 0; n < gsize; ++n) {
+            const float x = gv[j];
+            if (x > a) {
+              b = a;
+              a = x;
+            } else if (x > b) {
+              b = x;
+            }
+            j = j + 1 == gsize ? 0 : j + 1;
+          }
+          gscore[g2] = p.group_score == GroupScore::Max ? a : sanitize(gsize > 1 ? a + b : a);
+        }
+      }
+      uint32_t taken = 0;  // bit m: group m*32 + lane chosen
+      for (int r = 0; r < int(p.topk_group); ++r) {
+        uint64_t best = 0;  // every real key is > 0 (its index field is >= 2^30 - 1024)
+        for (int m = 0; m < gpl; ++m) {
+          const int g2 = m * 32 + lane;
+          if (g2 < n_group && !((taken >> m) & 1u)) {
+            const uint32_t tier = ((gon >> m) & 1u) ? kTierForcedOn : kTierNormal;
+            const uint64_t key = make_key(tier, order_bits(gscore[g2]), uint32_t(g2));
+            best = key > best ? key : best;
+          }
+        }
+        const int gi = key_index(warp_max_key(best));
+        if ((gi & 31) == lane) taken |= 1u << (gi >> 5);
+      }
+      uint32_t elig = 0;
+#pragma unroll
+      for (int i = 0; i < VPT; ++i) {
+        const uint32_t ge = (uint32_t(i * 32 + lane) * gmagic) >> 20;  // group of the expert
+        const uint32_t word = __shfl_sync(kFullMask, taken, int(ge & 31u));
+        elig |= ((word >> (ge >> 5)) & 1u) << i;
+      }
+      avail &= elig;
+      __syncwarp();  // vbuf/gscore reads finish before the selected ids overwrite the stage
+    }
+
+    // ---- Top-k by (tier, v, lower index) ----
+    uint32_t ord[VPT];
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) ord[i] = order_bits(v[i]);
+    auto tier_of = [&](int i) -> uint32_t {
+      return ((fon >> i) & 1u) ? kTierForcedOn
+                               : (((foff >> i) & 1u) ? kTierForcedOff : kTierNormal);
+    };
+    uint64_t keys[kCacheKeys ? VPT : 1];
+    if constexpr (kCacheKeys) {
+#pragma unroll
+      for (int i = 0; i < VPT; ++i) keys[i] = make_key(tier_of(i), ord[i], uint32_t(i * 32 + lane));
+    }
+    for (int j = 0; j < k; ++j) {
+      uint64_t best = 0;
+#pragma unroll
+      for (int i = 0; i < VPT; ++i) {
+        if ((avail >> i) & 1u) {
+          uint64_t key;
+          if constexpr (kCacheKeys) key = keys[i];
+          else key = make_key(tier_of(i), ord[i], uint32_t(i * 32 + lane));
+          best = key > best ? key : best;
+        }
+      }
+      // k <= number of eligible experts (checked by prepare_gate), so a winner always exists.
+      const int idx = key_index(warp_max_key(best));
+      if ((idx & 31) == lane) avail &= ~(1u << (idx >> 5));
+      if (lane == 0) sel_id[j] = idx;
+    }
+    __syncwarp();  // publish sel_id
+
+    // ---- Weights (lane j handles selections j = m*32 + lane) ----
+    const bool logits_softmax = p.select_on_logits && softmax;
+    float part_max = -kFltMax;
+    for (int m = 0; m < kpl; ++m) {
+      const int j = m * 32 + lane;
+      const int id = j < k ? sel_id[j] : 0;
+      // zw[id] lives in lane id & 31, slot id >> 5.
+      const int src = id & 31, slot = id >> 5;
+      float x = 0.f;
+#pragma unroll
+      for (int i = 0; i < VPT; ++i) {
+        const float y = __shfl_sync(kFullMask, zw[i], src);
+        x = i == slot ? y : x;
+      }
+      if (j < k) {
+        float w;
+        if (!p.select_on_logits) w = softmax ? expf(x - w_max) / w_sum : score_of(score, x);
+        else w = softmax ? x : score_of(score, x);  // logits + softmax: normalised below
+        sel_w[j] = w;
+        part_max = w > part_max ? w : part_max;
+      }
+    }
+    if (logits_softmax) {  // softmax over the k selected logits
+      const float m_sel = warp_max(part_max);
+      float s = 0.f;
+      for (int m = 0; m < kpl; ++m) {
+        const int j = m * 32 + lane;
+        if (j < k) {
+          const float e = expf(sel_w[j] - m_sel);
+          sel_w[j] = e;
+          s += e;
+        }
+      }
+      const float total = warp_sum(s);
+      for (int m = 0; m < kpl; ++m) {
+        const int j = m * 32 + lane;
+        if (j < k) sel_w[j] = sel_w[j] / total;
+      }
+    }
+    if (p.renormalize) {
+      float s = 0.f;
+      for (int m = 0; m < kpl; ++m) {
+        const int j = m * 32 + lane;
+        if (j < k) s += sel_w[j];
+      }
+      const float den = warp_sum(s) + p.renorm_eps;
+      if (den != 0.f) {
+        for (int m = 0; m < kpl; ++m) {
+          const int j = m * 32 + lane;
+          if (j < k) sel_w[j] = sel_w[j] / den;
+        }
+      }
+    }
+    const int64_t out = t * int64_t(k);
+    for (int m = 0; m < kpl; ++m) {
+      const int j = m * 32 + lane;
+      if (j < k) {
+        float w = sel_w[j];
+        if (p.scale != 1.f) w = w * p.scale;
+        sel_w[j] = w;
+        p.weights[out + j] = w;
+        p.ids[out + j] = sel_id[j];
+      }
+    }
+
+    // ---- Statistics ----
+    if (!counted) continue;
+    if (g != run_g || run_tokens == kMaxRunTokens) {
+      if (run_g >= 0) flush();
+      run_g = g;
+    }
+    run_tokens += 1;
+    if (tok_dense) {
+      float h_part = 0.f, entropy;
+      if (dense_softmax) {
+        // H = log S - sum_e q_e (z_e - max): one log per token instead of E.
+#pragma unroll
+        for (int i = 0; i < VPT; ++i) {
+          if ((valid >> i) & 1u) {
+            const float d = zw[i] - w_max;
+            const float q = expf(d) / w_sum;
+            prob_acc[i] += q;
+            h_part += q > 0.f ? __fmul_rn(q, d) : 0.f;
+          }
+        }
+        entropy = logf(w_sum) - warp_sum(h_part);
+      } else {
+        // q = s / sum(s), uniform when the sum is 0.
+        float sc[VPT];
+        float tp = 0.f;
+#pragma unroll
+        for (int i = 0; i < VPT; ++i) {
+          sc[i] = ((valid >> i) & 1u) ? score_of(score, zw[i]) : 0.f;
+          tp += sc[i];
+        }
+        const float total = warp_sum(tp);
+#pragma unroll
+        for (int i = 0; i < VPT; ++i) {
+          if ((valid >> i) & 1u) {
+            const float q = total > 0.f ? sc[i] / total : 1.f / float(E);
+            prob_acc[i] += q;
+            h_part += q > 0.f ? __fmul_rn(q, logf(q)) : 0.f;
+          }
+        }
+        entropy = -warp_sum(h_part);
+      }
+      run_entropy += entropy;
+    }
+    if (cnt_s || wsum_s) {
+      // The k ids of one token are distinct, so the lanes touch distinct entries.
+      for (int m = 0; m < kpl; ++m) {
+        const int j = m * 32 + lane;
+        if (j < k) {
+          const int id = sel_id[j];
+          if (cnt_s) cnt_s[id] += 1u;
+          if (wsum_s) wsum_s[id] += sel_w[j];
+        }
+      }
+    }
+    if (p.coact) {
+      for (int q = lane; q < k * k; q += 32) {
+        const int a = q / k, b = q - a * k;
+        atomicAdd(reinterpret_cast<unsigned long long*>(p.coact + int64_t(sel_id[a]) * E +
+                                                        sel_id[b]),
+                  1ull);
+      }
+    }
+  }
+  if (run_g >= 0) {
+    __syncwarp();  // the last token's scatter happened in other lanes
+    flush();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host-side planning and dispatch (shared by the launcher and tests).
+
+inline int vpt_for(int64_t E) {
+  return E <= 32 ? 1 : E <= 64 ? 2 : E <= 128 ? 4 : E <= 256 ? 8 : E <= 512 ? 16 : 32;
+}
+
+// Launch geometry for a call with p.T > 0 and 1 <= p.E <= kMaxExperts.
+inline GatePlan plan_topk_gate(const GateParams& p, int sm_count) {
+  GatePlan c;
+  c.vpt = vpt_for(p.E);
+  const bool group_limited = p.n_group > 1 && p.topk_group < p.n_group;
+  int64_t stage = 2 * p.k;
+  if (group_limited && p.E + p.n_group > stage) stage = p.E + p.n_group;
+  int64_t words = stage;
+  if (p.counts) c.cnt_off = int32_t(words), words += p.E;
+  if (p.weight_sum) c.wsum_off = int32_t(words), words += p.E;
+  c.warp_words = int32_t(words);
+  const int64_t warp_bytes = words * int64_t(sizeof(uint32_t));  // <= 16 KiB
+
+  const int64_t sms = sm_count > 0 ? sm_count : 1;
+  const int64_t target_warps = sms * kWarpsPerSm;
+  c.chunk = (p.T + target_warps - 1) / target_warps;
+  const int64_t warps = (p.T + c.chunk - 1) / c.chunk;
+  // Few tokens: spread the warps over the SMs (one small block each) rather than pack them.
+  int64_t wpb = (warps + sms - 1) / sms;
+  if (wpb > kMaxWarpsPerBlock) wpb = kMaxWarpsPerBlock;
+  if (wpb > kSmemPerBlock / warp_bytes) wpb = kSmemPerBlock / warp_bytes;
+  if (wpb < 1) wpb = 1;
+  c.warps_per_block = int32_t(wpb);
+  c.blocks = int32_t((warps + wpb - 1) / wpb);
+  c.smem_bytes = size_t(wpb * warp_bytes);
+  return c;
+}
+
+using GateKernel = void (*)(const GateParams, const GatePlan);
+
+template <int VPT>
+inline GateKernel kernel_for_type(LogitType lt) {
+  switch (lt) {
+    case LogitType::F16: return &topk_gate_kernel<VPT, LogitType::F16>;
+    case LogitType::BF16: return &topk_gate_kernel<VPT, LogitType::BF16>;
+    default: return &topk_gate_kernel<VPT, LogitType::F32>;
+  }
+}
+
+inline GateKernel select_kernel(int vpt, LogitType lt) {
+  switch (vpt) {
+    case 1: return kernel_for_type<1>(lt);
+    case 2: return kernel_for_type<2>(lt);
+    case 4: return kernel_for_type<4>(lt);
+    case 8: return kernel_for_type<8>(lt);
+    case 16: return kernel_for_type<16>(lt);
+    default: return kernel_for_type<32>(lt);
+  }
+}
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace moe_route

@@ -1,0 +1,659 @@
+// Standalone self-test of the CUDA topk_gate kernel (torch-free): builds GateParams on the host,
+// runs launch_topk_gate and compares with a plain host re-implementation of
+// moe_route/reference.py written independently of the kernel.
+//
+//   nvcc -std=c++17 -O3 -Icsrc -gencode arch=compute_90a,code=sm_90a
+//        csrc/cuda/gate_selftest.cu csrc/cuda/gate.cu -o /tmp/gate_selftest
+//   /tmp/gate_selftest
+//
+// Exit status 0 when every case passes. Ids must match exactly, except where two experts' distinct
+// selection values lie within fp32 rounding of each other (device expf vs host std::exp); such
+// swaps are counted and reported, and the weights are then checked for the device's ids.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gate_launch.h"
+
+using moe_route::GateParams;
+using moe_route::GroupScore;
+using moe_route::LogitType;
+using moe_route::Score;
+
+namespace {
+
+#define CHECK_CUDA(x)                                                                   \
+  do {                                                                                  \
+    const cudaError_t err_ = (x);                                                       \
+    if (err_ != cudaSuccess) {                                                          \
+      std::printf("CUDA error %s at %s:%d: %s\n", cudaGetErrorString(err_), __FILE__, \
+                  __LINE__, #x);                                                        \
+      std::exit(2);                                                                     \
+    }                                                                                   \
+  } while (0)
+
+struct Case {
+  std::string name;
+  int64_t T = 64, E = 64, k = 8;
+  LogitType lt = LogitType::F32;
+  int64_t row_pad = 0;  // row_stride = E + row_pad
+  Score score = Score::Softmax;
+  bool select_on_logits = false, bias = false;
+  int64_t n_group = 1, topk_group = 1;
+  GroupScore group_score = GroupScore::Max;
+  bool renormalize = false;
+  float renorm_eps = 0.f, scale = 1.f;
+  bool steer = false, steer_std = false, steer_force = false, steer_select_only = false,
+       std_unbiased = false;
+  bool stats = false, groups = false, groups_int64 = false;
+  int64_t G = 1;
+  bool specials = false;  // NaN / +-inf logits
+  bool ties = false;      // logits on a coarse grid: many exact ties
+  uint32_t seed = 1;
+};
+
+// ---- host data ----
+
+uint16_t f32_to_bf16(float f) {  // round to nearest even (NaN kept NaN)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+float bf16_to_f32(uint16_t h) {
+  const uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+uint16_t f32_to_f16(float f) {  // round to nearest even, enough for test data
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t absu = u & 0x7fffffffu;
+  if (absu > 0x7f800000u) return uint16_t(sign | 0x7e00u);
+  if (absu >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // overflow -> inf
+  if (absu < 0x38800000u) {                                  // subnormal half
+    float a;
+    std::memcpy(&a, &absu, 4);
+    return uint16_t(sign | uint32_t(std::nearbyint(a * 16777216.f)));
+  }
+  uint32_t mant = absu & 0x7fffffu, exp = (absu >> 23) - 112;
+  uint32_t h = (exp << 10) | (mant >> 13);
+  const uint32_t rest = mant & 0x1fffu;
+  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;
+  return uint16_t(sign | h);
+}
+
+float f16_to_f32(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+  float f;
+  if (exp == 0) {
+    f = std::ldexp(float(mant), -24);
+  } else if (exp == 31) {
+    f = mant ? NAN : INFINITY;
+  } else {
+    f = std::ldexp(float(mant | 0x400u), int(exp) - 25);
+  }
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u |= sign;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// ---- host reference (moe_route/reference.py, token by token) ----
+
+float san(float x) {
+  if (std::isnan(x)) return -FLT_MAX;
+  if (std::isinf(x)) return x > 0 ? FLT_MAX : -FLT_MAX;
+  return x;
+}
+
+float host_score(Score s, float z) {
+  switch (s) {
+    case Score::Sigmoid: return 1.f / (1.f + std::exp(-z));
+    case Score::SqrtSoftplus: return std::sqrt(z > 20.f ? z : std::log1p(std::exp(z)));
+    default: return z;
+  }
+}
+
+struct HostToken {
+  std::vector<float> zw, v;
+  std::vector<int> tier;       // 2 on, 1 normal, 0 off, -1 ineligible
+  std::vector<int> ids;        // reference selection
+  float w_max = 0.f, w_sum = 1.f;
+};
+
+// (tier, value, lower index) order; -0.0 == +0.0 through the float comparison.
+bool better(const HostToken& h, int a, int b) {
+  if (h.tier[a] != h.tier[b]) return h.tier[a] > h.tier[b];
+  if (h.v[a] != h.v[b]) return h.v[a] > h.v[b];
+  return a < b;
+}
+
+HostToken host_token(const Case& c, const std::vector<float>& logit_row,
+                     const std::vector<float>& bias, const std::vector<float>& steer) {
+  const int E = int(c.E);
+  HostToken h;
+  std::vector<float> z0(E), z(E);
+  for (int e = 0; e < E; ++e) z0[e] = san(logit_row[e]);
+  h.tier.assign(E, 1);
+  if (c.steer) {
+    float sum = 0.f;
+    for (int e = 0; e < E; ++e) sum += z0[e];
+    const float mean = sum / float(E);
+    float var = 0.f;
+    for (int e = 0; e < E; ++e) var += (z0[e] - mean) * (z0[e] - mean);
+    const int dof = c.std_unbiased ? E - 1 : E;
+    const float sd = dof > 0 ? std::sqrt(var / float(dof)) : 0.f;
+    for (int e = 0; e < E; ++e) {
+      const float add = steer[e], lam = steer[E + e], mul = steer[2 * E + e];
+      float y = z0[e] + add;
+      y = y + (lam != 0.f ? lam * sd : 0.f);
+      y = y + mul * std::fabs(z0[e]);
+      z[e] = san(y);
+    }
+    const float top = *std::max_element(z.begin(), z.end());
+    const float bottom = *std::min_element(z.begin(), z.end());
+    for (int e = 0; e < E; ++e) {
+      const float f = steer[3 * E + e];
+      if (f > 0.f) z[e] = top, h.tier[e] = 2;
+      else if (f < 0.f) z[e] = bottom, h.tier[e] = 0;
+    }
+  } else {
+    z = z0;
+  }
+  h.zw = c.steer && c.steer_select_only ? z0 : z;
+  h.w_max = *std::max_element(h.zw.begin(), h.zw.end());
+  h.w_sum = 0.f;
+  for (int e = 0; e < E; ++e) h.w_sum += std::exp(h.zw[e] - h.w_max);
+
+  h.v.resize(E);
+  if (c.select_on_logits || (c.score == Score::Softmax && !c.bias &&
+                             (c.n_group == 1 || c.group_score == GroupScore::Max))) {
+    h.v = z;
+  } else if (c.score == Score::Softmax) {
+    const float m = *std::max_element(z.begin(), z.end());
+    float s = 0.f;
+    for (int e = 0; e < E; ++e) s += std::exp(z[e] - m);
+    for (int e = 0; e < E; ++e) h.v[e] = std::exp(z[e] - m) / s;
+  } else {
+    for (int e = 0; e < E; ++e) h.v[e] = host_score(c.score, z[e]);
+  }
+  if (c.bias)
+    for (int e = 0; e < E; ++e) h.v[e] = san(h.v[e] + san(bias[e]));
+
+  if (c.n_group > 1) {
+    const int ng = int(c.n_group), gs = E / ng;
+    std::vector<float> gscore(ng);
+    std::vector<int> gtier(ng, 1), order(ng);
+    for (int g = 0; g < ng; ++g) {
+      std::vector<float> vals(h.v.begin() + g * gs, h.v.begin() + (g + 1) * gs);
+      std::sort(vals.begin(), vals.end(), std::greater<float>());
+      gscore[g] = c.group_score == GroupScore::Max ? vals[0]
+                                                   : san(gs > 1 ? vals[0] + vals[1] : vals[0]);
+      for (int i = 0; i < gs; ++i)
+        if (h.tier[g * gs + i] == 2) gtier[g] = 2;
+      order[g] = g;
+    }
+    std::sort(order.begin(), order.end(), [&](int a, int b) {
+      if (gtier[a] != gtier[b]) return gtier[a] > gtier[b];
+      if (gscore[a] != gscore[b]) return gscore[a] > gscore[b];
+      return a < b;
+    });
+    std::vector<char> keep(ng, 0);
+    for (int r = 0; r < c.topk_group; ++r) keep[order[r]] = 1;
+    for (int e = 0; e < E; ++e)
+      if (!keep[e / gs]) h.tier[e] = -1;
+  }
+  std::vector<int> cand;
+  for (int e = 0; e < E; ++e)
+    if (h.tier[e] >= 0) cand.push_back(e);
+  std::sort(cand.begin(), cand.end(), [&](int a, int b) { return better(h, a, b); });
+  h.ids.assign(cand.begin(), cand.begin() + c.k);
+  return h;
+}
+
+std::vector<float> host_weights(const Case& c, const HostToken& h, const std::vector<int>& ids) {
+  const int k = int(c.k);
+  std::vector<float> w(k);
+  if (!c.select_on_logits) {
+    for (int j = 0; j < k; ++j)
+      w[j] = c.score == Score::Softmax ? std::exp(h.zw[ids[j]] - h.w_max) / h.w_sum
+                                       : host_score(c.score, h.zw[ids[j]]);
+  } else if (c.score == Score::Softmax) {
+    float m = -FLT_MAX, s = 0.f;
+    for (int j = 0; j < k; ++j) m = std::max(m, h.zw[ids[j]]);
+    for (int j = 0; j < k; ++j) s += (w[j] = std::exp(h.zw[ids[j]] - m));
+    for (int j = 0; j < k; ++j) w[j] /= s;
+  } else {
+    for (int j = 0; j < k; ++j) w[j] = host_score(c.score, h.zw[ids[j]]);
+  }
+  if (c.renormalize) {
+    float s = 0.f;
+    for (float x : w) s += x;
+    const float den = s + c.renorm_eps;
+    if (den != 0.f)
+      for (float& x : w) x /= den;
+  }
+  for (float& x : w) x *= c.scale;
+  return w;
+}
+
+// Dense distribution q and its entropy (natural log, 0 log 0 = 0).
+void host_dense(const Case& c, const HostToken& h, std::vector<double>& q, double& entropy) {
+  const int E = int(c.E);
+  q.assign(E, 0.0);
+  if (c.score == Score::Sigmoid || c.score == Score::SqrtSoftplus) {
+    double total = 0.0;
+    for (int e = 0; e < E; ++e) total += (q[e] = host_score(c.score, h.zw[e]));
+    for (int e = 0; e < E; ++e) q[e] = total > 0 ? q[e] / total : 1.0 / E;
+  } else {
+    for (int e = 0; e < E; ++e) q[e] = std::exp(double(h.zw[e]) - h.w_max);
+    double s = 0.0;
+    for (double x : q) s += x;
+    for (double& x : q) x /= s;
+  }
+  entropy = 0.0;
+  for (double x : q)
+    if (x > 0) entropy -= x * std::log(x);
+}
+
+bool close(double got, double want, double rtol, double atol) {
+  if (std::isnan(got) || std::isnan(want)) return std::isnan(got) && std::isnan(want);
+  return std::fabs(got - want) <= atol + rtol * std::fabs(want);
+}
+
+template <typename T>
+T* to_device(const std::vector<T>& h) {
+  T* d = nullptr;
+  CHECK_CUDA(cudaMalloc(&d, std::max<size_t>(1, h.size()) * sizeof(T)));
+  if (!h.empty()) CHECK_CUDA(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return d;
+}
+
+template <typename T>
+std::vector<T> to_host(const T* d, size_t n) {
+  std::vector<T> h(n);
+  if (n) CHECK_CUDA(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
+  return h;
+}
+
+bool run_case(const Case& c) {
+  std::mt19937 rng(c.seed);
+  std::normal_distribution<float> normal(0.f, 2.f);
+  std::uniform_real_distribution<float> unif(0.f, 1.f);
+  const int64_t T = c.T, E = c.E, k = c.k, stride = E + c.row_pad;
+
+  // Logits (as the kernel will read them, i.e. after rounding to the input dtype).
+  std::vector<float> logits(size_t(T * stride), 0.f);
+  for (auto& x : logits) {
+    x = c.ties ? std::round(normal(rng) * 0.5f) / 4.f : normal(rng);
+    if (c.specials) {
+      const float r = unif(rng);
+      if (r < 0.03f) x = NAN;
+      else if (r < 0.05f) x = INFINITY;
+      else if (r < 0.07f) x = -INFINITY;
+    }
+  }
+  if (c.specials && T > 2) {  // one row all NaN, one row with several +inf
+    for (int64_t e = 0; e < E; ++e) logits[size_t(0 * stride + e)] = NAN;
+    for (int64_t e = 0; e < E; e += 3) logits[size_t(1 * stride + e)] = INFINITY;
+  }
+  std::vector<uint16_t> half_bits;
+  if (c.lt != LogitType::F32) {
+    half_bits.resize(logits.size());
+    for (size_t i = 0; i < logits.size(); ++i) {
+      half_bits[i] = c.lt == LogitType::BF16 ? f32_to_bf16(logits[i]) : f32_to_f16(logits[i]);
+      logits[i] = c.lt == LogitType::BF16 ? bf16_to_f32(half_bits[i]) : f16_to_f32(half_bits[i]);
+    }
+  }
+  std::vector<float> bias;
+  if (c.bias) {
+    bias.resize(size_t(E));
+    for (auto& b : bias) b = c.ties ? std::round(unif(rng) * 8.f) / 16.f : unif(rng) - 0.5f;
+    if (E > 3) bias[2] = NAN;
+  }
+  std::vector<float> steer;
+  if (c.steer) {
+    steer.assign(size_t(4 * E), 0.f);
+    for (int64_t e = 0; e < E; ++e) {
+      steer[e] = unif(rng) < 0.3f ? unif(rng) - 0.5f : 0.f;
+      if (c.steer_std) steer[E + e] = unif(rng) < 0.2f ? unif(rng) - 0.5f : 0.f;
+      steer[2 * E + e] = unif(rng) < 0.2f ? 0.5f * (unif(rng) - 0.5f) : 0.f;
+    }
+    if (c.steer_force) {
+      steer[3 * E + (E - 1)] = 1.f;  // forced on, in the last group
+      if (E > 8) {
+        steer[3 * E + 5] = 2.f;
+        steer[3 * E + 0] = -1.f;  // forced off
+        steer[3 * E + 7] = -3.f;
+      }
+    }
+  }
+  std::vector<int64_t> groups64;
+  std::vector<int32_t> groups32;
+  if (c.groups) {
+    groups64.resize(size_t(T));
+    std::uniform_int_distribution<int> gd(-1, int(c.G) - 1);
+    for (int64_t t = 0; t < T; ++t) {
+      // Runs of equal groups (as in real batches), a few skipped and a few out-of-range ids.
+      groups64[t] = (t > 0 && unif(rng) < 0.7f) ? groups64[t - 1] : gd(rng);
+      if (unif(rng) < 0.01f) groups64[t] = unif(rng) < 0.5f ? c.G : -7;
+    }
+    groups32.assign(groups64.begin(), groups64.end());
+  }
+
+  // Host reference.
+  std::vector<HostToken> ref(static_cast<size_t>(T));
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<float> row(logits.begin() + t * stride, logits.begin() + t * stride + E);
+    ref[t] = host_token(c, row, bias, steer);
+  }
+
+  // Device run.
+  GateParams p;
+  void* d_logits = c.lt == LogitType::F32 ? static_cast<void*>(to_device(logits))
+                                          : static_cast<void*>(to_device(half_bits));
+  p.logits = d_logits;
+  p.logit_type = c.lt;
+  p.T = T, p.E = E, p.row_stride = stride, p.k = k;
+  p.score = c.score;
+  p.select_on_logits = c.select_on_logits;
+  float* d_bias = c.bias ? to_device(bias) : nullptr;
+  p.selection_bias = d_bias;
+  p.n_group = c.n_group, p.topk_group = c.topk_group, p.group_score = c.group_score;
+  p.renormalize = c.renormalize, p.renorm_eps = c.renorm_eps, p.scale = c.scale;
+  float* d_steer = c.steer ? to_device(steer) : nullptr;
+  p.steer = d_steer;
+  p.steer_select_only = c.steer_select_only, p.std_unbiased = c.std_unbiased;
+  void* d_groups = nullptr;
+  if (c.groups) {
+    d_groups = c.groups_int64 ? static_cast<void*>(to_device(groups64))
+                              : static_cast<void*>(to_device(groups32));
+  }
+  p.groups = d_groups;
+  p.groups_int64 = c.groups_int64;
+  const int64_t G = c.stats ? c.G : 1;
+  p.G = G;
+  // Statistics start from non-zero values: the kernel must add, not overwrite.
+  std::vector<int64_t> tokens0(size_t(G), 3), counts0(size_t(G * E), 1), coact0(size_t(E * E), 2);
+  std::vector<float> prob0(size_t(G * E), 0.5f), wsum0(size_t(G * E), 0.25f),
+      ent0(size_t(G), 1.f);
+  int64_t *d_tokens = nullptr, *d_counts = nullptr, *d_coact = nullptr;
+  float *d_prob = nullptr, *d_wsum = nullptr, *d_ent = nullptr;
+  if (c.stats) {
+    p.tokens = d_tokens = to_device(tokens0);
+    p.counts = d_counts = to_device(counts0);
+    p.coact = d_coact = to_device(coact0);
+    p.prob_sum = d_prob = to_device(prob0);
+    p.weight_sum = d_wsum = to_device(wsum0);
+    p.entropy_sum = d_ent = to_device(ent0);
+  }
+  // Outputs with a guard zone behind them.
+  const size_t n_out = size_t(T * k), guard = 64;
+  std::vector<float> w_init(n_out + guard, -12345.f);
+  std::vector<int32_t> id_init(n_out + guard, -777);
+  float* d_w = to_device(w_init);
+  int32_t* d_ids = to_device(id_init);
+  p.weights = d_w;
+  p.ids = d_ids;
+
+  CHECK_CUDA(moe_route::cuda::launch_topk_gate(p, nullptr));
+  CHECK_CUDA(cudaDeviceSynchronize());
+  const auto w = to_host(d_w, n_out + guard);
+  const auto ids = to_host(d_ids, n_out + guard);
+
+  // ---- compare ----
+  int failures = 0, near_ties = 0;
+  double max_werr = 0.0;
+  auto fail = [&](const char* what, int64_t t, int64_t j, double got, double want) {
+    if (failures++ < 8)
+      std::printf("  MISMATCH %s t=%lld j=%lld got=%.9g want=%.9g\n", what, (long long)t,
+                  (long long)j, got, want);
+  };
+  for (size_t i = n_out; i < n_out + guard; ++i)
+    if (w[i] != -12345.f || ids[i] != -777) fail("guard zone written", int64_t(i), 0, 0, 0);
+
+  std::vector<double> tokens_ref(tokens0.begin(), tokens0.end());
+  std::vector<double> counts_ref(counts0.begin(), counts0.end()),
+      coact_ref(coact0.begin(), coact0.end());
+  std::vector<double> prob_ref(prob0.begin(), prob0.end()), wsum_ref(wsum0.begin(), wsum0.end()),
+      ent_ref(ent0.begin(), ent0.end());
+  std::vector<double> q;
+  for (int64_t t = 0; t < T; ++t) {
+    const HostToken& h = ref[t];
+    std::vector<int> dev(ids.begin() + t * k, ids.begin() + (t + 1) * k);
+    bool ok_ids = true;
+    std::vector<char> seen(size_t(E), 0);
+    for (int64_t j = 0; j < k; ++j) {
+      const int d = dev[j];
+      if (d < 0 || d >= E || seen[d] || h.tier[d] < 0) {
+        ok_ids = false;
+        fail("invalid id", t, j, d, h.ids[j]);
+        break;
+      }
+      seen[d] = 1;
+      if (d != h.ids[j]) {
+        const int r = h.ids[j];
+        // Equal values (-0.0 == +0.0 included) must follow the lower-index rule exactly; only
+        // values apart by less than fp32 rounding of the transcendental functions may swap.
+        const float tol = 2e-6f * std::max(1.f, std::fabs(h.v[r]));
+        if (h.tier[d] == h.tier[r] && h.v[d] != h.v[r] && std::fabs(h.v[d] - h.v[r]) <= tol) {
+          ++near_ties;
+        } else {
+          ok_ids = false;
+          fail("id", t, j, d, r);
+        }
+      }
+    }
+    if (!ok_ids) continue;
+    const auto want = host_weights(c, h, dev);
+    for (int64_t j = 0; j < k; ++j) {
+      const double got = w[size_t(t * k + j)];
+      if (!close(got, want[j], 1e-5, 1e-7)) fail("weight", t, j, got, want[j]);
+      if (std::isfinite(want[j]) && want[j] != 0)
+        max_werr = std::max(max_werr, std::fabs(got - want[j]) / std::fabs(want[j]));
+    }
+    if (!c.stats) continue;
+    const int64_t g = c.groups ? groups64[t] : 0;
+    if (g < 0 || g >= G) continue;
+    tokens_ref[g] += 1;
+    for (int64_t j = 0; j < k; ++j) {
+      counts_ref[g * E + dev[j]] += 1;
+      wsum_ref[g * E + dev[j]] += w[size_t(t * k + j)];
+      for (int64_t j2 = 0; j2 < k; ++j2) coact_ref[dev[j] * E + dev[j2]] += 1;
+    }
+    double ent;
+    host_dense(c, h, q, ent);
+    for (int64_t e = 0; e < E; ++e) prob_ref[g * E + e] += q[e];
+    ent_ref[g] += ent;
+  }
+  if (c.stats) {
+    const auto tokens = to_host(d_tokens, tokens0.size());
+    const auto counts = to_host(d_counts, counts0.size());
+    const auto coact = to_host(d_coact, coact0.size());
+    const auto prob = to_host(d_prob, prob0.size());
+    const auto wsum = to_host(d_wsum, wsum0.size());
+    const auto ent = to_host(d_ent, ent0.size());
+    // Integer statistics are exact.
+    auto exact = [&](const char* what, const std::vector<int64_t>& got,
+                     const std::vector<double>& want) {
+      for (size_t i = 0; i < got.size(); ++i)
+        if (double(got[i]) != want[i]) fail(what, int64_t(i), 0, double(got[i]), want[i]);
+    };
+    exact("tokens", tokens, tokens_ref);
+    exact("counts", counts, counts_ref);
+    exact("coact", coact, coact_ref);
+    // Float statistics: fp32 sums in another order than the host's fp64 ones.
+    auto near = [&](const char* what, const std::vector<float>& got,
+                    const std::vector<double>& want, double atol) {
+      for (size_t i = 0; i < got.size(); ++i)
+        if (!close(got[i], want[i], 1e-4, atol)) fail(what, int64_t(i), 0, got[i], want[i]);
+    };
+    near("prob_sum", prob, prob_ref, 1e-4);
+    near("weight_sum", wsum, wsum_ref, 1e-4);
+    near("entropy_sum", ent, ent_ref, 1e-3);
+  }
+
+  cudaFree(d_logits);
+  cudaFree(d_bias);
+  cudaFree(d_steer);
+  cudaFree(d_groups);
+  cudaFree(d_tokens);
+  cudaFree(d_counts);
+  cudaFree(d_coact);
+  cudaFree(d_prob);
+  cudaFree(d_wsum);
+  cudaFree(d_ent);
+  cudaFree(d_w);
+  cudaFree(d_ids);
+  std::printf("%-4s %-44s T=%-5lld E=%-4lld k=%-3lld near-tie swaps=%d max weight rel err=%.2e\n",
+              failures ? "FAIL" : "ok", c.name.c_str(), (long long)T, (long long)E, (long long)k,
+              near_ties, max_werr);
+  return failures == 0;
+}
+
+std::vector<Case> cases() {
+  std::vector<Case> v;
+  {
+    Case c;
+    c.name = "softmax E=64 k=8 fp32";
+    c.T = 1000, c.E = 64, c.k = 8;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "sigmoid+bias groups top2_sum renorm scale bf16";
+    c.T = 777, c.E = 256, c.k = 8, c.lt = LogitType::BF16;
+    c.score = Score::Sigmoid, c.bias = true;
+    c.n_group = 8, c.topk_group = 4, c.group_score = GroupScore::Top2Sum;
+    c.renormalize = true, c.renorm_eps = 1e-20f, c.scale = 2.5f, c.seed = 2;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "steer add/std/abs/force groups max fp16";
+    c.T = 300, c.E = 128, c.k = 6, c.lt = LogitType::F16;
+    c.steer = c.steer_std = c.steer_force = true, c.std_unbiased = true;
+    c.n_group = 4, c.topk_group = 2, c.seed = 3;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "steer_select_only force softmax+bias";
+    c.T = 200, c.E = 96, c.k = 5, c.row_pad = 7;
+    c.steer = c.steer_std = c.steer_force = c.steer_select_only = true;
+    c.bias = true, c.seed = 4;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "stats+groups softmax (int32 groups)";
+    c.T = 3000, c.E = 64, c.k = 4, c.stats = true, c.groups = true, c.G = 5, c.seed = 5;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "stats+groups sqrtsoftplus renorm (int64 groups)";
+    c.T = 1500, c.E = 160, c.k = 6, c.score = Score::SqrtSoftplus, c.renormalize = true;
+    c.stats = true, c.groups = true, c.groups_int64 = true, c.G = 3, c.seed = 6;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "stats no groups sigmoid groups=8/3 bf16";
+    c.T = 999, c.E = 256, c.k = 8, c.lt = LogitType::BF16, c.score = Score::Sigmoid;
+    c.bias = true, c.n_group = 8, c.topk_group = 3, c.stats = true, c.seed = 7;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "NaN/inf logits, select_on=logits softmax";
+    c.T = 400, c.E = 40, c.k = 7, c.select_on_logits = true, c.specials = true, c.seed = 8;
+    v.push_back(c);
+  }
+  {
+    Case c;  // row 0 is all NaN: sigmoid scores all 0, so the dense q is uniform
+    c.name = "NaN/inf logits, sigmoid+bias stats";
+    c.T = 300, c.E = 72, c.k = 5, c.score = Score::Sigmoid, c.bias = true, c.specials = true;
+    c.stats = true, c.groups = true, c.G = 2, c.seed = 14;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "exact ties, score=none, renorm";
+    c.T = 500, c.E = 48, c.k = 6, c.score = Score::None, c.ties = true, c.bias = true;
+    c.renormalize = true, c.stats = true, c.seed = 9;
+    v.push_back(c);
+  }
+  {
+    Case c;  // round() of small negatives gives -0.0, which must tie with +0.0 (lower index wins)
+    c.name = "exact ties incl. -0.0/+0.0, select_on=logits";
+    c.T = 500, c.E = 80, c.k = 40, c.select_on_logits = true, c.ties = true, c.seed = 13;
+    v.push_back(c);
+  }
+  {
+    Case c;  // groups summing two probabilities: selection values must be softmax, not logits
+    c.name = "softmax top2_sum groups renorm (Mistral 4)";
+    c.T = 300, c.E = 64, c.k = 6, c.n_group = 8, c.topk_group = 3;
+    c.group_score = GroupScore::Top2Sum, c.renormalize = true, c.stats = true, c.seed = 14;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "E=1000 k=40 (VPT 32, k > 32) stats";
+    c.T = 70, c.E = 1000, c.k = 40, c.stats = true, c.n_group = 10, c.topk_group = 7;
+    c.group_score = GroupScore::Top2Sum, c.score = Score::Sigmoid, c.seed = 10;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "E=1 k=1 steer std";
+    c.T = 33, c.E = 1, c.k = 1, c.steer = c.steer_std = true, c.std_unbiased = true;
+    c.stats = true, c.seed = 11;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "E=512 n_group=512 (one expert per group)";
+    c.T = 40, c.E = 512, c.k = 8, c.n_group = 512, c.topk_group = 100, c.seed = 12;
+    c.score = Score::Sigmoid, c.bias = true, c.steer = c.steer_force = true;
+    v.push_back(c);
+  }
+  return v;
+}
+
+}  // namespace
+
+int main() {
+  int n_dev = 0;
+  CHECK_CUDA(cudaGetDeviceCount(&n_dev));
+  if (n_dev < 1) {
+    std::printf("no CUDA device\n");
+    return 2;
+  }
+  // T == 0 launches nothing (and needs no valid pointers).
+  {
+    GateParams p;
+    p.T = 0, p.E = 8, p.k = 2, p.row_stride = 8;
+    CHECK_CUDA(moe_route::cuda::launch_topk_gate(p, nullptr));
+  }
+  int failed = 0;
+  for (const Case& c : cases()) failed += run_case(c) ? 0 : 1;
+  std::printf("%s: %d case(s) failed\n", failed ? "FAILED" : "PASSED", failed);
+  return failed ? 1 : 0;
+}
