@@ -176,12 +176,43 @@ MOE_ROUTE_INLINE float sum8(const float* x, int64_t n) {
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
-// Softmax numerator exp(x - max) into dst; returns the sum. `max_out` receives the max.
-MOE_ROUTE_INLINE float softmax_exps(const float* x, float* dst, int64_t n, float& max_out) {
-  const float m = max_of(x, n);
+// Statistics of a softmax row from its numerators ew = exp(z - max) and their sum S: adds
+// q = ew / S into `prob` (if given) and returns the entropy log S - sum(ew (z - max)) / S. The
+// sum uses 8 fixed lanes, like sum8.
+MOE_ROUTE_INLINE float softmax_stats(const float* ew, const float* z, float z_max, float ew_sum,
+                                     int64_t n, float* prob) {
+  const f32x8 inv = splat8(1.f / ew_sum), top = splat8(z_max), zero = splat8(0.f);
+  f32x8 acc = zero;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const f32x8 x = load8(ew + i);
+    const f32x8 t = x * (load8(z + i) - top);
+    acc += x > zero ? t : zero;  // ew = 0 where z - max may be -inf
+    if (prob) {
+      f32x8 pv = load8(prob + i);
+      pv += x * inv;
+      std::memcpy(prob + i, &pv, sizeof pv);
+    }
+  }
+  for (int j = 0; i < n; ++i, ++j) {
+    acc[j] += ew[i] > 0.f ? ew[i] * (z[i] - z_max) : 0.f;
+    if (prob) prob[i] += ew[i] * inv[0];
+  }
+  const float total =
+      ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  return std::log(ew_sum) - total / ew_sum;
+}
+
+// Softmax numerators exp(x - m) into dst for a known row max m; returns their sum.
+MOE_ROUTE_INLINE float softmax_exps_from(const float* x, float* dst, int64_t n, float m) {
   for (int64_t i = 0; i < n; ++i) dst[i] = exp_nonpos(x[i] - m);
-  max_out = m;
   return sum8(dst, n);
+}
+
+// Softmax numerators exp(x - max) into dst; returns the sum. `max_out` receives the max.
+MOE_ROUTE_INLINE float softmax_exps(const float* x, float* dst, int64_t n, float& max_out) {
+  max_out = max_of(x, n);
+  return softmax_exps_from(x, dst, n, max_out);
 }
 
 MOE_ROUTE_INLINE uint64_t make_key(int32_t tier, float v, int64_t e) {
@@ -217,15 +248,21 @@ struct Prep {
   std::vector<int8_t> tier;  // per expert, from the force row
 };
 
-// Where a token's statistics go: straight into the caller's buffers (a call of one chunk, which
-// runs alone) or into chunk-private "runs" of consecutive tokens of one group, merged in chunk
-// order after the parallel loop. Either way the order of float additions depends only on T.
-struct StatRow {
-  int64_t* tokens;
-  float* entropy;
-  int64_t* counts;
-  float* prob;
-  float* weight;
+// Statistics of consecutive tokens of one group ("a run") are summed in thread-local scratch
+// (RunAcc) and flushed when the group changes or the chunk ends: into chunk-private Runs, merged in
+// chunk order after the parallel loop, or straight into the caller's buffers when the call is one
+// chunk. Either way the order of float additions depends only on T, and no two threads write
+// near each other per token.
+struct RunAcc {
+  int64_t group = -1, tokens = 0;
+  float entropy = 0.f;
+  std::vector<int64_t> counts;
+  std::vector<float> prob, weight;
+
+  void start(int64_t g, int64_t E) {
+    group = g, tokens = 0, entropy = 0.f;
+    counts.assign(E, 0), prob.assign(E, 0.f), weight.assign(E, 0.f);
+  }
 };
 
 struct Runs {
@@ -233,42 +270,48 @@ struct Runs {
   std::vector<float> entropy;
   std::vector<int64_t> counts;      // [runs, E]
   std::vector<float> prob, weight;  // [runs, E]
-  int64_t last = -1;
 
-  StatRow row(const GateParams& p, int64_t g) {
-    const int64_t E = p.E;
-    if (last < 0 || group[last] != g) {
-      group.push_back(g);
-      tokens.push_back(0);
-      entropy.push_back(0.f);
-      if (p.counts) counts.resize(counts.size() + E, 0);
-      if (p.prob_sum) prob.resize(prob.size() + E, 0.f);
-      if (p.weight_sum) weight.resize(weight.size() + E, 0.f);
-      last = int64_t(group.size()) - 1;
-    }
-    return {&tokens[last], &entropy[last], p.counts ? counts.data() + last * E : nullptr,
-            p.prob_sum ? prob.data() + last * E : nullptr,
-            p.weight_sum ? weight.data() + last * E : nullptr};
+  void append(const GateParams& p, const RunAcc& a) {
+    group.push_back(a.group), tokens.push_back(a.tokens), entropy.push_back(a.entropy);
+    if (p.counts) counts.insert(counts.end(), a.counts.begin(), a.counts.end());
+    if (p.prob_sum) prob.insert(prob.end(), a.prob.begin(), a.prob.end());
+    if (p.weight_sum) weight.insert(weight.end(), a.weight.begin(), a.weight.end());
   }
 };
 
-MOE_ROUTE_INLINE StatRow direct_row(const GateParams& p, int64_t g) {
-  const int64_t E = p.E;
-  return {p.tokens ? p.tokens + g : nullptr, p.entropy_sum ? p.entropy_sum + g : nullptr,
-          p.counts ? p.counts + g * E : nullptr, p.prob_sum ? p.prob_sum + g * E : nullptr,
-          p.weight_sum ? p.weight_sum + g * E : nullptr};
+// Ends the current run: into `runs`, or into the caller's buffers when `runs` is null.
+void flush_run(const GateParams& p, RunAcc& a, Runs* runs) {
+  if (a.group < 0) return;
+  if (runs) {
+    runs->append(p, a);
+  } else {
+    const int64_t g = a.group, E = p.E;
+    if (p.tokens) p.tokens[g] += a.tokens;
+    if (p.entropy_sum) p.entropy_sum[g] += a.entropy;
+    for (int64_t e = 0; e < E; ++e) {
+      if (p.counts) p.counts[g * E + e] += a.counts[e];
+      if (p.prob_sum) p.prob_sum[g * E + e] += a.prob[e];
+      if (p.weight_sum) p.weight_sum[g * E + e] += a.weight[e];
+    }
+  }
+  a.group = -1;
 }
 
 struct Scratch {
-  std::vector<float> z0, z, v, ew, dense, work;
+  std::vector<float> z0, z, v, ew, dense, work;  // rows padded to a multiple of 8
   std::vector<uint64_t> keys;
   std::vector<uint8_t> group_ok;
   std::vector<uint64_t> group_keys;
-  void reserve(int64_t E, int64_t n_group) {
-    if (int64_t(z0.size()) < E) {
-      z0.resize(E), z.resize(E), v.resize(E), ew.resize(E), dense.resize(E), work.resize((E + 7) & ~int64_t(7));
-      keys.resize(E);
+  RunAcc run;
+  // Sizes the rows for E experts and sets the padding of the rows that selection reads whole
+  // 8-lane blocks of (z0, z, v) to -inf, below every sanitised value.
+  void prepare(int64_t E, int64_t n_group) {
+    const int64_t padded = (E + 7) & ~int64_t(7);
+    if (int64_t(z0.size()) < padded) {
+      for (auto* row : {&z0, &z, &v, &ew, &dense, &work}) row->resize(padded);
+      keys.resize(padded);
     }
+    for (auto* row : {&z0, &z, &v}) std::fill(row->data() + E, row->data() + padded, -INFINITY);
     if (int64_t(group_ok.size()) < n_group) group_ok.resize(n_group), group_keys.resize(n_group);
   }
 };
@@ -367,27 +410,31 @@ MOE_ROUTE_INLINE void select_experts(const GateParams& p, const Prep& prep, cons
     // No tiers: k rounds of (max, first index holding it) over 8 fixed lanes. Branch-free, so it
     // vectorises; the first index at the max is the documented lower-index tie rule. Chosen and
     // ineligible experts hold -inf, below every sanitised value.
+    // Reads run over whole 8-lane blocks: scratch rows are padded with -inf (Scratch::prepare).
+    // Picks are marked -inf in a working copy, made only when a lane rescan needs it.
+    const int64_t padded = (E + 7) & ~int64_t(7);
     float* work = s.work.data();
-    std::fill(work + (E & ~int64_t(7)), work + ((E + 7) & ~int64_t(7)), -INFINITY);
-    if (p.n_group == 1) {
-      std::memcpy(work, v, sizeof(float) * E);
-    } else {
+    const float* src = v;
+    bool copied = false;
+    if (p.n_group > 1) {
       for (int64_t g = 0; g < p.n_group; ++g)
         if (s.group_ok[g]) std::memcpy(work + g * gsize, v + g * gsize, sizeof(float) * gsize);
         else std::fill(work + g * gsize, work + (g + 1) * gsize, -INFINITY);
+      std::fill(work + E, work + padded, -INFINITY);
+      src = work;
+      copied = true;
     }
     // Lane l keeps the best three of experts l, l+8, l+16, ... as (value, index) keys. The 8
     // lane heads are kept sorted; a pick takes head[0], refills it from the same lane's next
     // candidate (a rescan of the lane only once all three are used) and bubbles it down with
     // branch-free compare-swaps.
-    const int64_t padded = (E + 7) & ~int64_t(7);
     const f32x8 ninf = splat8(-INFINITY);
     f32x8 m1 = ninf, m2 = ninf, m3 = ninf;
     i32x8 i1 = {0, 1, 2, 3, 4, 5, 6, 7};
     i32x8 i2 = i1, i3 = i1, idx = i1;
     const i32x8 step = {8, 8, 8, 8, 8, 8, 8, 8};
     for (int64_t e = 0; e < padded; e += 8) {
-      const f32x8 x = load8(work + e);
+      const f32x8 x = load8(src + e);
       const i32x8 g1 = x > m1, g2 = x > m2, g3 = x > m3;  // strict: ties keep the lower index
       m3 = g2 ? m2 : (g3 ? x : m3);
       i3 = g2 ? i2 : (g3 ? idx : i3);
@@ -411,12 +458,18 @@ MOE_ROUTE_INLINE void select_experts(const GateParams& p, const Prep& prep, cons
     for (int64_t j = 0; j < k; ++j) {
       const int32_t best = value_key_index(head[0]);
       ids[j] = best;
-      work[best] = -INFINITY;
+      if (j == k - 1) break;
+      if (copied) work[best] = -INFINITY;
       const int lane = best & 7;
       if (depth[lane] < 2) {
         const int d = ++depth[lane];
         head[0] = value_key(cv[d][lane], ci[d][lane]);
       } else {
+        if (!copied) {
+          std::memcpy(work, v, sizeof(float) * padded);
+          for (int64_t jj = 0; jj <= j; ++jj) work[ids[jj]] = -INFINITY;
+          copied = true;
+        }
         float a = -INFINITY, b = -INFINITY, c = -INFINITY;
         int32_t ia = lane, ib = lane, ic = lane;
         for (int64_t e = lane; e < padded; e += 8) {
@@ -433,9 +486,11 @@ MOE_ROUTE_INLINE void select_experts(const GateParams& p, const Prep& prep, cons
         cv[1][lane] = b, ci[1][lane] = ib, cv[2][lane] = c, ci[2][lane] = ic;
         depth[lane] = 0;
       }
-      cswap_desc(head[0], head[1]), cswap_desc(head[1], head[2]), cswap_desc(head[2], head[3]);
-      cswap_desc(head[3], head[4]), cswap_desc(head[4], head[5]), cswap_desc(head[5], head[6]);
-      cswap_desc(head[6], head[7]);
+      // Only the r = k-1-j heads still to be picked must stay sorted: heads below position r
+      // are never larger than head[r-1] (the new r-th largest is >= the old boundary), so the
+      // bubble stops there.
+      const int64_t r = std::min<int64_t>(k - 1 - j, 7);
+      for (int64_t i = 0; i < r; ++i) cswap_desc(head[i], head[i + 1]);
     }
     return;
   }
@@ -476,9 +531,13 @@ void gate_tokens(const GateParams& p, const Prep& prep, int64_t t0, int64_t t1, 
     }
     const float* zw = p.steer_select_only ? z0 : z;
 
-    // Softmax numerators of the weight-side logits, shared by weights and statistics.
+    // Softmax numerators of the weight-side logits, shared by weights and statistics. When the
+    // selection runs on these very logits with no tiers or groups, the first pick is their max:
+    // the numerators are then computed after selection, without a separate max pass.
+    const bool max_from_pick = want_ew && zw == z && selects_on_logits(p) && !bias &&
+                               !prep.has_force && p.n_group == 1;
     float w_max = 0.f, w_sum = 1.f;
-    if (want_ew) w_sum = softmax_exps(zw, s.ew.data(), E, w_max);
+    if (want_ew && !max_from_pick) w_sum = softmax_exps(zw, s.ew.data(), E, w_max);
     const float* ew = s.ew.data();
 
     // Selection values.
@@ -508,6 +567,10 @@ void gate_tokens(const GateParams& p, const Prep& prep, int64_t t0, int64_t t1, 
     if (p.n_group > 1) choose_groups(p, prep, v, s);
     int32_t* ids = p.ids + t * k;
     select_experts(p, prep, v, s, ids);
+    if (max_from_pick) {
+      w_max = zw[ids[0]];
+      w_sum = softmax_exps_from(zw, s.ew.data(), E, w_max);
+    }
 
     // Weights.
     float* w = p.weights + t * k;
@@ -542,32 +605,28 @@ void gate_tokens(const GateParams& p, const Prep& prep, int64_t t0, int64_t t1, 
       g = p.groups_int64 ? static_cast<const int64_t*>(p.groups)[t]
                          : static_cast<const int32_t*>(p.groups)[t];
     if (g < 0) continue;
-    const StatRow row = runs ? runs->row(p, g) : direct_row(p, g);
-    if (row.tokens) *row.tokens += 1;
-    if (row.counts)
-      for (int64_t j = 0; j < k; ++j) row.counts[ids[j]] += 1;
-    if (row.weight)
-      for (int64_t j = 0; j < k; ++j) row.weight[ids[j]] += w[j];
+    RunAcc& run = s.run;
+    if (g != run.group) {
+      flush_run(p, run, runs);
+      run.start(g, E);
+    }
+    run.tokens += 1;
+    for (int64_t j = 0; j < k; ++j) run.counts[ids[j]] += 1;
+    for (int64_t j = 0; j < k; ++j) run.weight[ids[j]] += w[j];
     if (p.dense_stats()) {
-      float* q = s.dense.data();
-      float entropy;
       if (dense_is_softmax) {
-        // q = ew / S, and H = log S - sum_e q_e (z_e - max) = log S - (sum_e ew_e (z_e - max)) / S:
-        // one log and one division per token instead of E of each.
-        const float inv = 1.f / w_sum;
-        for (int64_t e = 0; e < E; ++e) q[e] = ew[e] * inv;
-        for (int64_t e = 0; e < E; ++e) s.v[e] = ew[e] > 0.f ? ew[e] * (zw[e] - w_max) : 0.f;
-        entropy = std::log(w_sum) - sum8(s.v.data(), E) / w_sum;
+        // One pass: prob += ew / S, and H = log S - sum_e q_e (z_e - max)
+        // = log S - (sum_e ew_e (z_e - max)) / S: one log and one division per token.
+        run.entropy += softmax_stats(ew, zw, w_max, w_sum, E, p.prob_sum ? run.prob.data() : nullptr);
       } else {
+        float* q = s.dense.data();
         for (int64_t e = 0; e < E; ++e) q[e] = score_of(p.score, zw[e]);
         const float total = sum8(q, E);
         for (int64_t e = 0; e < E; ++e) q[e] = total > 0.f ? q[e] / total : 1.f / float(E);
         for (int64_t e = 0; e < E; ++e) s.v[e] = q[e] > 0.f ? q[e] * std::log(q[e]) : 0.f;
-        entropy = -sum8(s.v.data(), E);
+        run.entropy += -sum8(s.v.data(), E);
+        for (int64_t e = 0; e < E; ++e) run.prob[e] += q[e];
       }
-      if (row.entropy) *row.entropy += entropy;
-      if (row.prob)
-        for (int64_t e = 0; e < E; ++e) row.prob[e] += q[e];
     }
     if (p.coact) {
       for (int64_t a = 0; a < k; ++a)
@@ -575,6 +634,7 @@ void gate_tokens(const GateParams& p, const Prep& prep, int64_t t0, int64_t t1, 
           __atomic_fetch_add(p.coact + int64_t(ids[a]) * E + ids[b], 1, __ATOMIC_RELAXED);
     }
   }
+  if (stats) flush_run(p, s.run, runs);
 }
 
 void check_groups(const GateParams& p) {
@@ -639,14 +699,14 @@ void run_gate_cpu(const GateParams& p) {
   const int64_t n_chunks = (p.T + kChunk - 1) / kChunk;
   if (n_chunks == 1) {
     thread_local Scratch scratch;
-    scratch.reserve(p.E, p.n_group);
+    scratch.prepare(p.E, p.n_group);
     gate_tokens(p, prep, 0, p.T, scratch, stats, nullptr);
     return;
   }
   std::vector<Runs> runs(stats ? n_chunks : 0);
   at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
     thread_local Scratch scratch;
-    scratch.reserve(p.E, p.n_group);
+    scratch.prepare(p.E, p.n_group);
     for (int64_t c = c0; c < c1; ++c)
       gate_tokens(p, prep, c * kChunk, std::min(p.T, (c + 1) * kChunk), scratch, stats,
                   stats ? &runs[c] : nullptr);
