@@ -83,6 +83,37 @@ MOE_ROUTE_INLINE float exp_nonpos(float x) {
 
 MOE_ROUTE_INLINE float sigmoid(float x) { return 1.f / (1.f + exp_fast(-x)); }
 
+// log(x) for finite x > 0 to about 1 ulp (Cephes logf: x = m 2^e with m in [sqrt(1/2), sqrt(2)),
+// degree-8 polynomial in m - 1), branch-free so entropy loops vectorise. Denormal inputs are
+// treated as 0 by the callers' x > 0 guards only approximately; they never reach here from
+// normalised probabilities above 1e-38.
+MOE_ROUTE_INLINE float log_fast(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  int32_t e = int32_t((u >> 23) & 0xff) - 126;
+  u = (u & 0x807fffffu) | 0x3f000000u;  // mantissa in [0.5, 1)
+  float m;
+  std::memcpy(&m, &u, sizeof m);
+  const bool small = m < 0.707106781186547524f;
+  e = small ? e - 1 : e;
+  m = small ? (m + m) - 1.f : m - 1.f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  const float fe = float(e);
+  y = y + fe * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  return (m + y) + fe * 0.693359375f;
+}
+
 inline float sqrt_softplus(float x) {
   // torch.nn.functional.softplus uses threshold 20.
   return std::sqrt(x > 20.f ? x : std::log1p(std::exp(x)));
@@ -165,6 +196,29 @@ MOE_ROUTE_INLINE void sort8_desc(uint64_t* h) {
   cswap_desc(h[2], h[4]), cswap_desc(h[3], h[5]);
   cswap_desc(h[1], h[4]), cswap_desc(h[3], h[6]);
   cswap_desc(h[1], h[2]), cswap_desc(h[3], h[4]), cswap_desc(h[5], h[6]);
+}
+
+// The two largest values of x[0..n) (equal values count twice). Eight independent lanes keep the
+// dependency chains short; the lanes' pairs are merged at the end.
+MOE_ROUTE_INLINE void top2_of(const float* x, int64_t n, float& first, float& second) {
+  f32x8 a = splat8(-kFltMax), b = a;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const f32x8 v = load8(x + i);
+    b = v > a ? a : (v > b ? v : b);
+    a = v > a ? v : a;
+  }
+  for (int l = 0; i < n; ++i, ++l) {
+    const float v = x[i];
+    b[l] = v > a[l] ? a[l] : (v > b[l] ? v : b[l]);
+    a[l] = v > a[l] ? v : a[l];
+  }
+  float top = a[0];
+  int at = 0;
+  for (int l = 1; l < 8; ++l) at = a[l] > top ? l : at, top = a[l] > top ? a[l] : top;
+  float next = b[at];
+  for (int l = 0; l < 8; ++l) next = (l != at && a[l] > next) ? a[l] : next;
+  first = top, second = next;
 }
 
 // Sum with 8 fixed partial sums (a fixed order, whatever the vector width).
@@ -375,11 +429,8 @@ MOE_ROUTE_INLINE void choose_groups(const GateParams& p, const Prep& prep, const
   const bool use_insert = p.topk_group <= kInsertMaxK;
   for (int64_t g = 0; g < p.n_group; ++g) {
     const float* gv = v + g * gsize;
-    float a = -kFltMax, b = -kFltMax;  // two largest values
-    for (int64_t i = 0; i < gsize; ++i) {
-      if (gv[i] > a) b = a, a = gv[i];
-      else if (gv[i] > b) b = gv[i];
-    }
+    float a, b;  // the two largest values
+    top2_of(gv, gsize, a, b);
     const float score =
         p.group_score == GroupScore::Max ? a : sanitize(gsize > 1 ? a + b : a);
     int32_t tier = kTierNormal;
@@ -620,10 +671,15 @@ void gate_tokens(const GateParams& p, const Prep& prep, int64_t t0, int64_t t1, 
         run.entropy += softmax_stats(ew, zw, w_max, w_sum, E, p.prob_sum ? run.prob.data() : nullptr);
       } else {
         float* q = s.dense.data();
-        for (int64_t e = 0; e < E; ++e) q[e] = score_of(p.score, zw[e]);
+        if (p.score == Score::Sigmoid) {
+          for (int64_t e = 0; e < E; ++e) q[e] = sigmoid(zw[e]);
+        } else {
+          for (int64_t e = 0; e < E; ++e) q[e] = sqrt_softplus(zw[e]);
+        }
         const float total = sum8(q, E);
-        for (int64_t e = 0; e < E; ++e) q[e] = total > 0.f ? q[e] / total : 1.f / float(E);
-        for (int64_t e = 0; e < E; ++e) s.v[e] = q[e] > 0.f ? q[e] * std::log(q[e]) : 0.f;
+        const float inv = total > 0.f ? 1.f / total : 0.f, uniform = 1.f / float(E);
+        for (int64_t e = 0; e < E; ++e) q[e] = total > 0.f ? q[e] * inv : uniform;
+        for (int64_t e = 0; e < E; ++e) s.v[e] = q[e] > 0.f ? q[e] * log_fast(q[e]) : 0.f;
         run.entropy += -sum8(s.v.data(), E);
         for (int64_t e = 0; e < E; ++e) run.prob[e] += q[e];
       }
