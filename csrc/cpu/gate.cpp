@@ -30,7 +30,9 @@ namespace moe_route {
 namespace {
 
 constexpr float kFltMax = 3.40282347e38f;
-constexpr int64_t kChunk = 128;      // tokens per parallel work item
+// Tokens per parallel work item: 128, smaller for small T so that both threads get work. A
+// function of T alone, so float statistics never depend on the thread count.
+inline int64_t chunk_size(int64_t T) { return T >= 1024 ? 128 : std::max<int64_t>(16, (T + 7) / 8); }
 constexpr int64_t kInsertMaxK = 16;  // up to this k, top-k by insertion; above, nth_element
 
 MOE_ROUTE_INLINE float sanitize(float x) {
@@ -752,7 +754,8 @@ void run_gate_cpu(const GateParams& p) {
     }
   }
 
-  const int64_t n_chunks = (p.T + kChunk - 1) / kChunk;
+  const int64_t chunk = chunk_size(p.T);
+  const int64_t n_chunks = (p.T + chunk - 1) / chunk;
   if (n_chunks == 1) {
     thread_local Scratch scratch;
     scratch.prepare(p.E, p.n_group);
@@ -764,7 +767,7 @@ void run_gate_cpu(const GateParams& p) {
     thread_local Scratch scratch;
     scratch.prepare(p.E, p.n_group);
     for (int64_t c = c0; c < c1; ++c)
-      gate_tokens(p, prep, c * kChunk, std::min(p.T, (c + 1) * kChunk), scratch, stats,
+      gate_tokens(p, prep, c * chunk, std::min(p.T, (c + 1) * chunk), scratch, stats,
                   stats ? &runs[c] : nullptr);
   });
   if (stats) merge_runs(p, runs);
