@@ -13,5 +13,15 @@ TORCH_LIBRARY(moe_route, m) {
       "Tensor(a!)? tokens=None, Tensor(b!)? counts=None, Tensor(c!)? prob_sum=None, "
       "Tensor(d!)? weight_sum=None, Tensor(e!)? entropy_sum=None, Tensor(f!)? coact=None) "
       "-> (Tensor weights, Tensor ids)");
+
+  // Dispatch (moe_route/reference.py, "Dispatch"): a stable counting sort of the T*k (token, slot)
+  // pairs by expert, sized for the worst case so nothing reads back to the host.
+  m.def(
+      "dispatch_plan(Tensor ids, int num_experts, int block_size=1) "
+      "-> (Tensor row_slot, Tensor expert_offsets, Tensor counts, Tensor slot_row)");
+  // Expert-contiguous rows [R, H] of x [T, H]; zero rows where row_slot is -1.
+  m.def("permute(Tensor x, Tensor row_slot, int k) -> Tensor");
+  // Weighted k-way sum back to [T, H], fp32 accumulation in slot order, no atomics.
+  m.def("unpermute(Tensor y, Tensor slot_row, Tensor weights) -> Tensor");
 }
 

@@ -3,10 +3,12 @@
 ``import moe_route`` never fails and never initialises CUDA: without a working native extension
 every op runs the pure-PyTorch reference (one warning per op and device; ``info()`` says why).
 """
-from moe_route import ops, reference
+from moe_route import dispatch, ops, reference
 from moe_route._info import info
+from moe_route.dispatch import DispatchPlan, dispatch_plan, permute, unpermute
 from moe_route.ops import GateStats, RouterSpec, SteerSpec, topk_gate
 
 __version__ = "0.1.0"
 
-__all__ = ["topk_gate", "RouterSpec", "SteerSpec", "GateStats", "info", "ops", "reference"]
+__all__ = ["topk_gate", "RouterSpec", "SteerSpec", "GateStats", "dispatch_plan", "permute", "unpermute",
+           "DispatchPlan", "info", "ops", "dispatch", "reference"]

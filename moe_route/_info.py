@@ -5,7 +5,7 @@ import torch
 
 from moe_route import _loader
 
-OPS = ("topk_gate",)
+OPS = ("topk_gate", "dispatch_plan", "permute", "unpermute")
 
 
 def info() -> dict:

@@ -1,0 +1,105 @@
+#include "dispatch_op.h"
+
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+
+namespace moe_route {
+namespace {
+
+bool is_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+void same_device(const at::Tensor& a, const at::Tensor& b, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(a.device() == b.device(), op, ": ", name, " must be on the device of the "
+                    "first argument ", a.device(), ", got ", b.device());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prepare_plan(
+    const at::Tensor& ids, int64_t num_experts, int64_t block_size, at::Tensor& keep,
+    PlanParams& p) {
+  TORCH_CHECK_VALUE(ids.dim() == 2, "dispatch_plan: ids must be 2-D [T, k], got shape ",
+                    ids.sizes());
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong,
+                   "dispatch_plan: ids must be torch.int32 or torch.int64, got ",
+                   ids.scalar_type());
+  TORCH_CHECK_VALUE(num_experts >= 1, "dispatch_plan: num_experts=", num_experts,
+                    " must be >= 1");
+  TORCH_CHECK_VALUE(block_size >= 1, "dispatch_plan: block_size=", block_size, " must be >= 1");
+  keep = ids.contiguous();
+  const int64_t T = ids.size(0), k = ids.size(1), E = num_experts;
+  const int64_t R = T * k + E * (block_size - 1);
+  const auto i64 = ids.options().dtype(at::kLong);
+  at::Tensor row_slot = at::empty({R}, i64), offsets = at::empty({E + 1}, i64),
+             counts = at::empty({E}, i64), slot_row = at::empty({T * k}, i64);
+  p.ids = keep.data_ptr();
+  p.ids_int64 = ids.scalar_type() == at::kLong;
+  p.T = T, p.k = k, p.E = E, p.block_size = block_size, p.R = R;
+  p.row_slot = row_slot.data_ptr<int64_t>();
+  p.expert_offsets = offsets.data_ptr<int64_t>();
+  p.counts = counts.data_ptr<int64_t>();
+  p.slot_row = slot_row.data_ptr<int64_t>();
+  return {row_slot, offsets, counts, slot_row};
+}
+
+at::Tensor prepare_permute(const at::Tensor& x, const at::Tensor& row_slot, int64_t k,
+                           at::Tensor& keep, PermuteParams& p) {
+  TORCH_CHECK_VALUE(x.dim() == 2, "permute: x must be 2-D [T, H], got shape ", x.sizes());
+  TORCH_CHECK_TYPE(is_float(x.scalar_type()),
+                   "permute: x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(row_slot.dim() == 1, "permute: row_slot must be 1-D [R], got shape ",
+                    row_slot.sizes());
+  TORCH_CHECK_TYPE(row_slot.scalar_type() == at::kLong, "permute: row_slot must be torch.int64, "
+                   "got ", row_slot.scalar_type());
+  TORCH_CHECK_VALUE(k >= 1, "permute: k=", k, " must be >= 1");
+  TORCH_CHECK_VALUE(row_slot.is_contiguous(), "permute: row_slot must be contiguous");
+  same_device(x, row_slot, "permute", "row_slot");
+  keep = x.size(1) <= 1 || x.stride(1) == 1 ? x : x.contiguous();
+  const at::Tensor& rs = row_slot;
+  at::Tensor out = at::empty({rs.size(0), x.size(1)}, x.options());
+  p.x = keep.data_ptr();
+  p.row_slot = rs.data_ptr<int64_t>();
+  p.out = out.data_ptr();
+  p.T = x.size(0), p.H = x.size(1), p.R = rs.size(0), p.k = k;
+  p.x_row_stride = x.size(0) > 1 ? keep.stride(0) : x.size(1);
+  p.elem_bytes = x.element_size();
+  return out;
+}
+
+at::Tensor prepare_unpermute(const at::Tensor& y, const at::Tensor& slot_row,
+                             const at::Tensor& weights, at::Tensor& keep_y,
+                             at::Tensor& keep_weights, UnpermuteParams& p) {
+  TORCH_CHECK_VALUE(y.dim() == 2, "unpermute: y must be 2-D [R, H], got shape ", y.sizes());
+  TORCH_CHECK_TYPE(is_float(y.scalar_type()),
+                   "unpermute: y must be float32, float16 or bfloat16, got ", y.scalar_type());
+  TORCH_CHECK_VALUE(weights.dim() == 2, "unpermute: weights must be 2-D [T, k], got shape ",
+                    weights.sizes());
+  TORCH_CHECK_TYPE(is_float(weights.scalar_type()) || weights.scalar_type() == at::kDouble,
+                   "unpermute: weights must be a float tensor, got ", weights.scalar_type());
+  TORCH_CHECK_VALUE(slot_row.dim() == 1 && slot_row.size(0) == weights.numel(),
+                    "unpermute: slot_row must be 1-D of length T*k=", weights.numel(),
+                    ", got shape ", slot_row.sizes());
+  TORCH_CHECK_TYPE(slot_row.scalar_type() == at::kLong,
+                   "unpermute: slot_row must be torch.int64, got ", slot_row.scalar_type());
+  TORCH_CHECK_VALUE(slot_row.is_contiguous(), "unpermute: slot_row must be contiguous");
+  same_device(y, slot_row, "unpermute", "slot_row");
+  same_device(y, weights, "unpermute", "weights");
+  keep_y = y.contiguous();
+  keep_weights = weights.to(at::kFloat).contiguous();
+  const at::Tensor& sr = slot_row;
+  const int64_t T = weights.size(0), H = y.size(1);
+  at::Tensor out = at::empty({T, H}, y.options());
+  p.y = keep_y.data_ptr();
+  p.type = y.scalar_type() == at::kFloat  ? ElemType::F32
+           : y.scalar_type() == at::kHalf ? ElemType::F16
+                                          : ElemType::BF16;
+  p.slot_row = sr.data_ptr<int64_t>();
+  p.weights = keep_weights.data_ptr<float>();
+  p.out = out.data_ptr();
+  p.T = T, p.k = weights.size(1), p.H = H, p.R = y.size(0);
+  return out;
+}
+
+}  // namespace moe_route

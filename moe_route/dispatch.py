@@ -1,0 +1,88 @@
+"""Expert dispatch ops: plan the (token, slot) -> expert-row layout, permute, unpermute.
+
+The numerics and layout are those of ``moe_route.reference`` ("Dispatch"). Everything is sized for
+the worst case (``R = T*k + E*(block_size-1)`` rows), so no op reads back to the host and all are
+CUDA-graph capturable.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from moe_route import _loader, reference
+
+__all__ = ["DispatchPlan", "dispatch_plan", "permute", "unpermute"]
+
+
+class DispatchPlan(NamedTuple):
+    """Where each (token, slot) pair goes. All tensors int64 on the ids' device.
+
+    row_slot [R]: the slot ``t*k + j`` feeding each expert-contiguous row, -1 for padding rows and
+        unused tail rows. ``row_slot // k`` is each row's token: a GEMM that gathers rows by itself
+        can use it instead of a permuted copy.
+    expert_offsets [E+1]: first row of each expert; ``expert_offsets[E]`` rows are in use.
+    counts [E]: real (unpadded) rows per expert.
+    slot_row [T*k]: the row of each slot, -1 where the id was outside [0, E) (dropped).
+    k: slots per token.
+    """
+
+    row_slot: torch.Tensor
+    expert_offsets: torch.Tensor
+    counts: torch.Tensor
+    slot_row: torch.Tensor
+    k: int
+
+
+def dispatch_plan(ids: torch.Tensor, num_experts: int, block_size: int = 1) -> DispatchPlan:
+    """Stable counting sort of ``ids [T, k]`` (int32/int64) by expert.
+
+    Inside an expert, rows keep slot order (token order, then slot). ``block_size`` pads each
+    expert's rows to a multiple of it with -1 rows (for block-tiled GEMMs). Ids outside
+    ``[0, num_experts)`` (expert-parallel sentinels, -1 padding) get no row. Deterministic.
+    """
+    k = ids.shape[-1] if isinstance(ids, torch.Tensor) and ids.dim() == 2 else 0
+    out = _call("dispatch_plan", ids, (ids, num_experts, block_size), reference.dispatch_plan)
+    return DispatchPlan(*out, k=k)
+
+
+def permute(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Expert-contiguous copy ``[R, H]`` of ``x [T, H]`` (same dtype); zero rows for padding."""
+    return _call("permute", x, (x, plan.row_slot, plan.k), reference.permute)
+
+
+def unpermute(y: torch.Tensor, plan: DispatchPlan, weights: torch.Tensor) -> torch.Tensor:
+    """``out[t] = sum_j weights[t, j] * y[row of (t, j)]`` as ``[T, H]`` in y's dtype.
+
+    Accumulates in fp32 in slot order (j = 0..k-1) without atomics: deterministic, and on the CPU
+    bit-identical to the reference. Dropped slots contribute nothing. Weights of any float dtype
+    are read as fp32.
+    """
+    return _call("unpermute", y, (y, plan.slot_row, weights), reference.unpermute)
+
+
+def _call(name, first, args, ref):
+    device_type = first.device.type if isinstance(first, torch.Tensor) else "cpu"
+    if _loader.native is not None and (torch.compiler.is_compiling()
+                                       or _loader.has_kernel(name, device_type)):
+        return getattr(torch.ops.moe_route, name)(*args)
+    _loader.fallback(name, device_type)
+    return ref(*args)
+
+
+if _loader.native is not None:
+    @torch.library.register_fake("moe_route::dispatch_plan")
+    def _plan_fake(ids, num_experts, block_size=1):
+        reference.check_dispatch_args(ids, num_experts, block_size)
+        T, k = ids.shape
+        R = reference.dispatch_rows(T, k, num_experts, block_size)
+        new = lambda *shape: ids.new_empty(shape, dtype=torch.int64)  # noqa: E731
+        return new(R), new(num_experts + 1), new(num_experts), new(T * k)
+
+    @torch.library.register_fake("moe_route::permute")
+    def _permute_fake(x, row_slot, k):
+        return x.new_empty((row_slot.shape[0], x.shape[1]))
+
+    @torch.library.register_fake("moe_route::unpermute")
+    def _unpermute_fake(y, slot_row, weights):
+        return y.new_empty((weights.shape[0], y.shape[1]))
