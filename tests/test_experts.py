@@ -1,0 +1,94 @@
+"""The "moe_route" experts implementation against transformers' own implementations."""
+import pytest
+import torch
+
+import moe_route.nn  # noqa: F401  (registers "moe_route" with ExpertsInterface)
+from moe_route.nn import experts as moe_experts
+
+from tiny_models import FAMILIES, build
+
+pytest.importorskip("transformers")
+
+
+def _logits(model, impl, ids):
+    model.set_experts_implementation(impl)
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_matches_eager_and_grouped_mm_fp32(family):
+    model = build(family)
+    ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(1))
+    ours = _logits(model, "moe_route", ids)
+    torch.testing.assert_close(ours, _logits(model, "eager", ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, _logits(model, "grouped_mm", ids), rtol=1e-5, atol=1e-5)
+    assert torch.equal(ours, _logits(model, "moe_route", ids))  # deterministic
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_experts_module_matches_transformers(family, dtype):
+    """Same experts module, same (hidden, ids, weights), every implementation. (End to end in
+    bf16 a last-bit difference can flip a later layer's routing, so the comparison is per module.)"""
+    model = build(family, dtype=dtype)
+    ex = next(m for n, m in model.named_modules() if n.endswith("experts"))
+    g = torch.Generator().manual_seed(2)
+    H = model.config.hidden_size
+    h = torch.randn(17, H, generator=g).to(dtype)
+    ids = torch.randint(0, ex.num_experts, (17, 2), generator=g)
+    w = torch.rand(17, 2, generator=g).to(dtype)
+    outs = {}
+    for impl in ("eager", "grouped_mm", "moe_route"):
+        model.set_experts_implementation(impl)
+        with torch.no_grad():
+            outs[impl] = ex(h, ids, w).float()
+    # bf16: transformers multiplies by the routing weight in bf16, unpermute in fp32.
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs["moe_route"], outs["grouped_mm"], **tol)
+    torch.testing.assert_close(outs["moe_route"], outs["eager"], **tol)
+
+
+@pytest.mark.parametrize("family", ["olmoe", "mixtral", "gpt_oss", "deepseek_v3"])
+def test_generate_matches_eager(family):
+    model = build(family)
+    prompt = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(3))
+    outs = {}
+    for impl in ("eager", "moe_route"):
+        model.set_experts_implementation(impl)
+        with torch.no_grad():
+            outs[impl] = model.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert torch.equal(outs["eager"], outs["moe_route"])
+
+
+def _experts(family):
+    model = build(family)
+    return next(m for n, m in model.named_modules() if n.endswith("experts"))
+
+
+@pytest.mark.parametrize("family", ["olmoe", "gpt_oss"])
+def test_expert_parallel_sentinels_are_dropped(family):
+    ex = _experts(family)
+    E = ex.num_experts
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(12, ex.gate_up_proj.shape[-1] if ex.is_transposed else ex.gate_up_proj.shape[-1],
+                    generator=g)
+    ids = torch.randint(0, E, (12, 2), generator=g)
+    ids[::3, 1] = E  # sentinel of an expert on another rank
+    w = torch.rand(12, 2, generator=g)
+    want = moe_experts.experts_forward(ex, h, ids.clamp(max=E - 1), w * (ids < E))
+    got = moe_experts.experts_forward(ex, h, ids, w)
+    torch.testing.assert_close(got, want)
+
+
+def test_per_expert_fallback_matches_grouped_mm(monkeypatch):
+    ex = _experts("gpt_oss")  # transposed, biased, interleaved gate/up
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(20, 32, generator=g)
+    ids = torch.randint(0, ex.num_experts, (20, 2), generator=g)
+    w = torch.rand(20, 2, generator=g)
+    with torch.no_grad():
+        grouped = moe_experts.experts_forward(ex, h, ids, w)
+        monkeypatch.setattr(moe_experts, "_grouped_mm_ok", lambda x, w: False)
+        looped = moe_experts.experts_forward(ex, h, ids, w)
+    torch.testing.assert_close(looped, grouped, rtol=1e-5, atol=1e-6)
