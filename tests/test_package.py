@@ -78,7 +78,7 @@ def test_no_extension_falls_back_to_reference():
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["loaded"] is False
     assert "MOE_ROUTE_NO_EXT" in out["error"]
-    assert out["kernels"] == {"topk_gate": []}
+    assert out["kernels"] and all(devices == [] for devices in out["kernels"].values())
     # one warning per (op, device), saying why
     assert proc.stderr.count("runs the pure-PyTorch reference") == 1, proc.stderr
     assert "MOE_ROUTE_NO_EXT" in proc.stderr
