@@ -29,6 +29,7 @@ cuda_arch=${arch//./}
 cmake -S . -B build/gpu -DMOE_ROUTE_CUDA_CHECK_ONLY=ON -DMOE_ROUTE_CUDA_ARCHS="$cuda_arch" >/dev/null \
   && cmake --build build/gpu -j 16 >/dev/null
 run ./build/gpu/moe_route_gate_selftest
+run ./build/gpu/moe_route_dispatch_selftest
 
 step "test suite (cuda tests included)"
 run python -m pytest -q -p no:cacheprovider tests --junitxml "$out/pytest.xml"
@@ -36,7 +37,9 @@ run python -m pytest -q -p no:cacheprovider tests --junitxml "$out/pytest.xml"
 step "compute-sanitizer"
 if command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck; do
-    run compute-sanitizer --tool "$tool" --error-exitcode 1 ./build/gpu/moe_route_gate_selftest
+    for t in gate dispatch; do
+      run compute-sanitizer --tool "$tool" --error-exitcode 1 "./build/gpu/moe_route_${t}_selftest"
+    done
   done
   # Without the caching allocator, out-of-bounds accesses are not hidden inside cached blocks.
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 run compute-sanitizer --tool memcheck --error-exitcode 1 \
@@ -47,6 +50,7 @@ fi
 
 step "benchmarks (CUDA-graph replay timings)"
 run moe-route bench --device cuda --full --json "$out/bench_gate_cuda.json"
+run moe-route bench --op dispatch --device cuda --full --json "$out/bench_dispatch_cuda.json"
 
 echo; echo "gpu_check: $([ $status -eq 0 ] && echo all steps passed || echo SOME STEPS FAILED)"
 exit $status

@@ -223,3 +223,69 @@ def format_row(row: dict) -> str:
 def save(rows: list[dict], path: str) -> None:
     with open(path, "w") as f:
         json.dump(rows, f, indent=1)
+
+
+# Dispatch: plan + permute + unpermute against the index work of transformers' "grouped_mm"
+# experts (sort by expert, gather by perm // k, histc + cumsum offsets, weight, inverse
+# permutation, reshape + sum). The experts themselves are the identity on both sides.
+
+
+def baseline_dispatch(x, ids, weights, num_experts):
+    T, k = ids.shape
+    expert_ids, perm = torch.sort(ids.reshape(-1))
+    rows = x[perm // k]
+    counts = torch.histc(expert_ids.float(), bins=num_experts, min=0, max=num_experts - 1)
+    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    weighted = rows * weights.reshape(-1)[perm].unsqueeze(-1)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    return weighted[inverse].view(T, k, -1).sum(dim=1), offsets
+
+
+def fused_dispatch(x, ids, weights, num_experts):
+    from moe_route.dispatch import dispatch_plan, permute, unpermute
+
+    plan = dispatch_plan(ids, num_experts)
+    return unpermute(permute(x, plan), plan, weights), plan.expert_offsets
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatchCase:
+    T: int
+    k: int
+    H: int
+    E: int
+    dtype: torch.dtype
+
+    @property
+    def label(self) -> str:
+        return f"dispatch T={self.T} k={self.k} H={self.H} E={self.E} {str(self.dtype).replace('torch.', '')}"
+
+
+def dispatch_cases(full: bool = False) -> list[DispatchCase]:
+    if not full:
+        return [DispatchCase(T, 8, 1024, 64, torch.float32) for T in (1, 64, 1024, 8192)]
+    return [DispatchCase(T, k, H, E, dt) for dt in (torch.float32, torch.bfloat16)
+            for H in (1024, 4096) for E in (8, 64, 256) for k in (2, 8)
+            for T in (1, 64, 1024, 8192)]
+
+
+def run_dispatch(cases, device="cpu", *, min_time=0.2, progress=None) -> list[dict]:
+    rows = []
+    for case in cases:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(case.T, case.H, generator=g).to(device=device, dtype=case.dtype)
+        ids = torch.randint(0, case.E, (case.T, case.k), generator=g).to(device)
+        w = torch.rand(case.T, case.k, generator=g).to(device)
+        row = {"case": case.label, "T": case.T, "k": case.k, "H": case.H, "E": case.E,
+               "dtype": str(case.dtype).replace("torch.", ""), "device": str(device)}
+        row["baseline"] = time_fn(lambda: baseline_dispatch(x, ids, w, case.E), device,
+                                  min_time=min_time)
+        row["fused"] = time_fn(lambda: fused_dispatch(x, ids, w, case.E), device,
+                               min_time=min_time)
+        row["speedup"] = row["baseline"]["median_us"] / row["fused"]["median_us"]
+        rows.append(row)
+        if progress:
+            progress(f"{row['case']:<44} {row['baseline']['median_us']:>10.1f}us "
+                     f"{row['fused']['median_us']:>10.1f}us {row['speedup']:>6.2f}x")
+    return rows

@@ -26,6 +26,15 @@ def _bench(args) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("moe-route bench: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
+    if args.op == "dispatch":
+        print(f"moe_route plan+permute+unpermute vs transformers' grouped_mm index path; device "
+              f"{device}, torch {torch.__version__}")
+        print(f"{'case':<44} {'baseline':>12} {'fused':>12} {'ratio':>7}")
+        rows = benchmark.run_dispatch(benchmark.dispatch_cases(args.full), device,
+                                      min_time=args.min_time, progress=print)
+        if args.json:
+            benchmark.save(rows, args.json)
+        return 0
     cases = benchmark.default_cases(full=args.full)
     if args.semantics:
         cases = [c for c in cases if c.semantics in args.semantics]
@@ -51,6 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_info)
     p = sub.add_parser("bench", help="benchmark the fused gate against the PyTorch composition")
+    p.add_argument("--op", default="gate", choices=["gate", "dispatch"], help="what to time")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--full", action="store_true",
                    help="the full grid (T 1..8192, E 8..256, k 2/8, fp32+bf16)")

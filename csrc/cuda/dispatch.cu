@@ -1,0 +1,91 @@
+// Launchers of the CUDA dispatch kernels (design notes in dispatch.cuh).
+#include "dispatch.cuh"
+#include "dispatch_launch.h"
+
+namespace moe_route::cuda {
+
+static_assert(kDispatchMaxExperts == detail::kMaxExperts, "keep the public limit in sync");
+
+size_t dispatch_plan_workspace_bytes(const PlanParams& p) {
+  if (p.E < 1 || p.E > detail::kMaxExperts || p.T < 0 || p.k < 0) return 0;
+  return detail::plan_workspace_bytes(detail::plan_geometry(p), p.E);
+}
+
+cudaError_t launch_dispatch_plan(const PlanParams& p, void* workspace, size_t workspace_bytes,
+                                 cudaStream_t stream) {
+  if (p.E < 1 || p.E > detail::kMaxExperts || p.block_size < 1 || p.T < 0 || p.k < 0 || p.R < 0)
+    return cudaErrorInvalidValue;
+  const detail::PlanGeom g = detail::plan_geometry(p);
+  const size_t need = detail::plan_workspace_bytes(g, p.E);
+  if (workspace_bytes < need || (need > 0 && workspace == nullptr) ||
+      (reinterpret_cast<uintptr_t>(workspace) & 7u) != 0)
+    return cudaErrorInvalidValue;
+  if (g.tile > int64_t(0xffffffff)) return cudaErrorInvalidValue;  // uint32 tile histograms
+  int64_t* ws = static_cast<int64_t*>(workspace);
+
+  // 1. Tile histograms + row_slot fill.
+  const int hist_grid = g.hist_blocks > g.fill_blocks ? g.hist_blocks : g.fill_blocks;
+  if (hist_grid > 0) {
+    detail::plan_hist_kernel<<<hist_grid, g.wpb * 32, g.hist_smem, stream>>>(p, g.tile, g.n_tiles,
+                                                                             ws);
+  }
+  // 2. Counts, offsets and per-tile bases (always: writes counts / offsets even when T*k == 0).
+  const int64_t part_len = p.E > detail::kScanThreads ? p.E : detail::kScanThreads;
+  detail::plan_scan_kernel<<<1, detail::kScanThreads, size_t(part_len) * sizeof(int64_t),
+                             stream>>>(p, g.n_tiles, ws);
+  // 3. Stable scatter.
+  if (g.n_tiles > 0) {
+    detail::plan_scatter_kernel<<<g.hist_blocks, g.wpb * 32, g.scatter_smem, stream>>>(
+        p, g.tile, g.n_tiles, ws);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_permute(const PermuteParams& p, cudaStream_t stream) {
+  if (p.R < 0 || p.H < 0 || p.T < 0 || p.k < 1 || (p.elem_bytes != 2 && p.elem_bytes != 4))
+    return cudaErrorInvalidValue;
+  if (p.R == 0 || p.H == 0) return cudaSuccess;
+  const int v = detail::permute_vec_bytes(p);
+  const int64_t n_vec = p.H * p.elem_bytes / v;
+  const int tpr = detail::threads_per_row(n_vec);
+  const int grid = detail::grid_for_rows(p.R, tpr);
+  switch (v) {
+    case 16: detail::permute_kernel<16><<<grid, detail::kRowThreads, 0, stream>>>(p, tpr, n_vec); break;
+    case 8: detail::permute_kernel<8><<<grid, detail::kRowThreads, 0, stream>>>(p, tpr, n_vec); break;
+    case 4: detail::permute_kernel<4><<<grid, detail::kRowThreads, 0, stream>>>(p, tpr, n_vec); break;
+    default: detail::permute_kernel<2><<<grid, detail::kRowThreads, 0, stream>>>(p, tpr, n_vec); break;
+  }
+  return cudaGetLastError();
+}
+
+namespace {
+
+template <typename T>
+void launch_unpermute_typed(const UnpermuteParams& p, cudaStream_t stream) {
+  constexpr int kVec = int(16 / sizeof(T));
+  const bool vec = p.H % kVec == 0 && (reinterpret_cast<uintptr_t>(p.y) & 15u) == 0 &&
+                   (reinterpret_cast<uintptr_t>(p.out) & 15u) == 0;
+  const int64_t n_vec = vec ? p.H / kVec : p.H;
+  const int tpr = detail::threads_per_row(n_vec);
+  const int grid = detail::grid_for_rows(p.T, tpr);
+  if (vec)
+    detail::unpermute_kernel<T, kVec><<<grid, detail::kRowThreads, 0, stream>>>(p, tpr, n_vec);
+  else
+    detail::unpermute_kernel<T, 1><<<grid, detail::kRowThreads, 0, stream>>>(p, tpr, n_vec);
+}
+
+}  // namespace
+
+cudaError_t launch_unpermute(const UnpermuteParams& p, cudaStream_t stream) {
+  if (p.T < 0 || p.H < 0 || p.k < 0 || p.R < 0) return cudaErrorInvalidValue;
+  if (p.T == 0 || p.H == 0) return cudaSuccess;
+  switch (p.type) {
+    case ElemType::F32: launch_unpermute_typed<float>(p, stream); break;
+    case ElemType::F16: launch_unpermute_typed<__half>(p, stream); break;
+    case ElemType::BF16: launch_unpermute_typed<__nv_bfloat16>(p, stream); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace moe_route::cuda

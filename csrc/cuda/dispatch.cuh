@@ -1,0 +1,417 @@
+// Expert dispatch on CUDA: torch-free device code (moe_route/reference.py, section "Dispatch", is
+// the specification).
+//
+// dispatch_plan: a stable counting sort of the N = T*k (token, slot) pairs by expert, in three
+// launches and without any host synchronisation (outputs are sized for the worst case by the
+// caller, so the launch is CUDA-graph capturable):
+//   1. plan_hist_kernel: the slots are cut into contiguous tiles of `tile` slots, one tile per
+//      warp. Each warp builds the histogram of its tile's valid ids in its own shared-memory row
+//      (integer shared atomics, so the result is exact and order independent) and writes it to the
+//      workspace ws[tile, E] (int64). The same grid fills row_slot[0, R) with -1 (grid-stride).
+//   2. plan_scan_kernel (one CTA of kScanThreads): per expert, the column sum over the tiles gives
+//      counts[e]; the padded counts are scanned (exclusive, over experts) into expert_offsets; then
+//      ws[tile, e] is replaced in place by the first row of expert e owned by that tile:
+//      offsets[e] + sum of counts of e in earlier tiles. Column sums are split over up to
+//      kScanThreads / E thread groups, each owning a contiguous range of tiles, so small E does not
+//      serialise on one thread per expert.
+//   3. plan_scatter_kernel: each warp re-walks its tile in slot order, 32 slots per step, with its
+//      cursors cur[e] (= ws row) in shared memory. Lanes with equal expert are grouped with
+//      __match_any_sync; a lane's rank is the number of lower lanes in its group, the group's
+//      lowest lane reads and advances cur[e]. Within an expert, rows are therefore handed out in
+//      increasing slot order: tiles in order (step 2), steps in order, lanes in order. The warp
+//      writes row_slot[row] = s and slot_row[s] = row (or -1 for ids outside [0, E)).
+//   The result is a pure function of the ids: every step is integer arithmetic in a fixed order.
+//
+// permute: rows of `tpr` threads (a power of two in [32, 256]) copy one output row each; several
+// rows per 256-thread CTA when the rows are short. The copy width is the largest of 16, 8, 4, 2
+// bytes that divides the row length in bytes, the row stride in bytes and both base addresses, so
+// bf16/fp16/fp32 rows of any H take the 16-byte path whenever the layout allows it. Rows with
+// row_slot < 0 are zero-filled. Loads are issued in batches of kCopyUnroll before their stores.
+//
+// unpermute: the same row-group mapping over the T output tokens. For each vector chunk of the
+// row, the k slots are visited in j order and acc = __fadd_rn(acc, __fmul_rn(float(y), w)) in fp32
+// (never contracted into an FMA: the reference rounds the product and the sum separately), skipping
+// slots with slot_row < 0, then rounded to the output type with round-to-nearest-even. No atomics;
+// each output element is written by exactly one thread, so results are bit-reproducible.
+//
+// Index arithmetic is int64 throughout (T*k*H and R*H may exceed 2^31). Index values inside
+// row_slot / slot_row are the caller's contract (they come from dispatch_plan): the kernels cannot
+// raise without a host sync and do not bounds-check them.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "../dispatch_params.h"
+
+namespace moe_route {
+namespace cuda {
+namespace detail {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int64_t kMaxExperts = 4096;            // shared-memory budget of the plan kernels
+constexpr int kScanThreads = 1024;               // plan_scan_kernel CTA size
+constexpr int kMaxPerThread = int(kMaxExperts / kScanThreads);  // experts per scan thread
+constexpr int64_t kMinTile = 512;                // slots per warp tile (16 steps of 32)
+constexpr int64_t kMaxWsEntries = int64_t(1) << 18;  // tiles * E bound: 2 MiB of workspace
+constexpr int kPlanMaxWarps = 8;                 // warps per CTA of kernels 1 and 3
+constexpr int64_t kPlanSmemBudget = 48 * 1024;   // default dynamic shared-memory limit
+constexpr int kFillPerThread = 8;                // row_slot entries per fill thread (grid sizing)
+constexpr int kMaxFillBlocks = 4096;
+constexpr int kRowThreads = 256;                 // permute / unpermute CTA size
+constexpr int kCopyUnroll = 4;
+constexpr int64_t kMaxGrid = int64_t(1) << 20;   // grid-stride loops cover the rest
+
+static_assert(kMaxExperts % kScanThreads == 0, "scan chunking");
+
+// ---------------------------------------------------------------------------------------------
+// Host-side geometry (shared by the launcher, the workspace query and the tests).
+
+struct PlanGeom {
+  int64_t N = 0;        // T * k
+  int64_t tile = 0;     // slots per warp tile (multiple of 32)
+  int64_t n_tiles = 0;  // ceil(N / tile); 0 when N == 0
+  int32_t wpb = 1;      // warps per CTA of kernels 1 and 3
+  int32_t hist_blocks = 0, fill_blocks = 0;
+  size_t hist_smem = 0, scatter_smem = 0;
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// For 1 <= E <= kMaxExperts, T, k >= 0.
+inline PlanGeom plan_geometry(const PlanParams& p) {
+  PlanGeom g;
+  g.N = p.T * p.k;
+  const int64_t E = p.E;
+  int64_t w = kPlanSmemBudget / (E * int64_t(sizeof(int64_t)));
+  w = w < 1 ? 1 : (w > kPlanMaxWarps ? kPlanMaxWarps : w);
+  g.wpb = int32_t(w);
+  if (g.N > 0) {
+    int64_t max_tiles = kMaxWsEntries / E;
+    if (max_tiles < 1) max_tiles = 1;
+    int64_t tile = ceil_div(g.N, max_tiles);
+    if (tile < kMinTile) tile = kMinTile;
+    g.tile = ceil_div(tile, 32) * 32;
+    g.n_tiles = ceil_div(g.N, g.tile);
+    g.hist_blocks = int32_t(ceil_div(g.n_tiles, w));
+  }
+  const int64_t fill = ceil_div(p.R, int64_t(w) * 32 * kFillPerThread);
+  g.fill_blocks = int32_t(fill > kMaxFillBlocks ? kMaxFillBlocks : fill);
+  g.hist_smem = size_t(w * E * int64_t(sizeof(uint32_t)));
+  g.scatter_smem = size_t(w * E * int64_t(sizeof(int64_t)));
+  return g;
+}
+
+inline size_t plan_workspace_bytes(const PlanGeom& g, int64_t E) {
+  return size_t(g.n_tiles * E * int64_t(sizeof(int64_t)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// dispatch_plan kernels.
+
+__device__ __forceinline__ int64_t load_id(const void* ids, bool i64, int64_t s) {
+  return i64 ? int64_t(__ldg(static_cast<const long long*>(ids) + s))
+             : int64_t(__ldg(static_cast<const int*>(ids) + s));
+}
+
+// Expert of slot s as an int key, -1 when outside [0, E) (or past the tile).
+__device__ __forceinline__ int expert_key(const PlanParams& p, int64_t s, int64_t s_end) {
+  if (s >= s_end) return -1;
+  const int64_t id = load_id(p.ids, p.ids_int64, s);
+  return (id >= 0 && id < p.E) ? int(id) : -1;
+}
+
+__global__ void plan_hist_kernel(const PlanParams p, const int64_t tile, const int64_t n_tiles,
+                                 int64_t* __restrict__ ws) {
+  extern __shared__ __align__(16) uint32_t hist_smem[];
+  // Padding and tail rows: everything starts at -1, the scatter overwrites the used rows.
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < p.R; i += stride)
+    p.row_slot[i] = -1;
+
+  const int lane = int(threadIdx.x & 31u);
+  const int warp = int(threadIdx.x >> 5);
+  const int64_t tile_id = int64_t(blockIdx.x) * (blockDim.x >> 5) + warp;
+  if (tile_id >= n_tiles) return;  // no block-level barriers below
+  const int E = int(p.E);
+  uint32_t* h = hist_smem + int64_t(warp) * E;
+  for (int e = lane; e < E; e += 32) h[e] = 0u;
+  __syncwarp();
+  const int64_t N = p.T * p.k;
+  const int64_t s0 = tile_id * tile;
+  const int64_t s1 = N - s0 < tile ? N : s0 + tile;
+  for (int64_t s = s0 + lane; s < s1; s += 32) {
+    const int key = expert_key(p, s, s1);
+    if (key >= 0) atomicAdd(h + key, 1u);
+  }
+  __syncwarp();
+  int64_t* row = ws + tile_id * E;
+  for (int e = lane; e < E; e += 32) row[e] = int64_t(h[e]);
+}
+
+__device__ __forceinline__ int64_t round_up(int64_t c, int64_t b) {
+  return c == 0 ? 0 : ((c - 1) / b + 1) * b;
+}
+
+// One CTA of kScanThreads threads; dynamic shared memory: max(kScanThreads, E) int64.
+__global__ void __launch_bounds__(kScanThreads)
+    plan_scan_kernel(const PlanParams p, const int64_t n_tiles, int64_t* __restrict__ ws) {
+  extern __shared__ __align__(16) int64_t part[];  // [G, E]: per-(group, expert) partial sums
+  __shared__ int64_t warp_tot[kScanThreads / 32];
+  const int tid = int(threadIdx.x);
+  const int E = int(p.E);
+  const int G = E < kScanThreads ? kScanThreads / E : 1;  // thread groups per expert column
+  const int64_t GE = int64_t(G) * E;
+
+  // Phase A: partial column sums; group g owns tiles [g*n/G, (g+1)*n/G) (coalesced over e).
+  for (int64_t idx = tid; idx < GE; idx += kScanThreads) {
+    const int g = int(idx / E);
+    const int e = int(idx - int64_t(g) * E);
+    const int64_t b0 = n_tiles * g / G, b1 = n_tiles * (g + 1) / G;
+    int64_t sum = 0;
+#pragma unroll 8
+    for (int64_t b = b0; b < b1; ++b) sum += ws[b * E + e];
+    part[idx] = sum;
+  }
+  __syncthreads();
+
+  // Phase B: thread t owns experts [t*per, t*per + per): counts, padded counts, group prefixes.
+  const int per = (E + kScanThreads - 1) / kScanThreads;  // <= kMaxPerThread
+  const int e0 = tid * per;
+  int64_t padded[kMaxPerThread];
+  int64_t local = 0;
+#pragma unroll
+  for (int i = 0; i < kMaxPerThread; ++i) {
+    padded[i] = 0;
+    const int e = e0 + i;
+    if (i < per && e < E) {
+      int64_t run = 0;
+      for (int g = 0; g < G; ++g) {  // exclusive prefix over the groups, in place
+        const int64_t v = part[int64_t(g) * E + e];
+        part[int64_t(g) * E + e] = run;
+        run += v;
+      }
+      p.counts[e] = run;
+      padded[i] = round_up(run, p.block_size);
+      local += padded[i];
+    }
+  }
+  // Block-wide exclusive scan of `local` in thread order.
+  const int lane = tid & 31, warp = tid >> 5;
+  int64_t incl = local;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int64_t y = __shfl_up_sync(kFullMask, incl, o);
+    if (lane >= o) incl += y;
+  }
+  if (lane == 31) warp_tot[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    const int64_t v = warp_tot[lane];  // kScanThreads / 32 == 32 warps
+    int64_t wi = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int64_t y = __shfl_up_sync(kFullMask, wi, o);
+      if (lane >= o) wi += y;
+    }
+    warp_tot[lane] = wi - v;  // exclusive
+    if (lane == 31) p.expert_offsets[E] = wi;
+  }
+  __syncthreads();
+  int64_t off = warp_tot[warp] + incl - local;
+#pragma unroll
+  for (int i = 0; i < kMaxPerThread; ++i) {
+    const int e = e0 + i;
+    if (i < per && e < E) {
+      p.expert_offsets[e] = off;
+      for (int g = 0; g < G; ++g) part[int64_t(g) * E + e] += off;
+      off += padded[i];
+    }
+  }
+  __syncthreads();
+
+  // Phase C: ws[b, e] <- first row of expert e owned by tile b.
+  for (int64_t idx = tid; idx < GE; idx += kScanThreads) {
+    const int g = int(idx / E);
+    const int e = int(idx - int64_t(g) * E);
+    const int64_t b0 = n_tiles * g / G, b1 = n_tiles * (g + 1) / G;
+    int64_t run = part[idx];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t v = ws[b * E + e];
+      ws[b * E + e] = run;
+      run += v;
+    }
+  }
+}
+
+__global__ void plan_scatter_kernel(const PlanParams p, const int64_t tile, const int64_t n_tiles,
+                                    const int64_t* __restrict__ ws) {
+  extern __shared__ __align__(16) int64_t cur_smem[];
+  const int lane = int(threadIdx.x & 31u);
+  const int warp = int(threadIdx.x >> 5);
+  const int64_t tile_id = int64_t(blockIdx.x) * (blockDim.x >> 5) + warp;
+  if (tile_id >= n_tiles) return;  // no block-level barriers below
+  const int E = int(p.E);
+  int64_t* cur = cur_smem + int64_t(warp) * E;
+  const int64_t* row = ws + tile_id * E;
+  for (int e = lane; e < E; e += 32) cur[e] = row[e];
+  __syncwarp();
+  const unsigned lower = (1u << lane) - 1u;  // lanes below this one
+  const int64_t N = p.T * p.k;
+  const int64_t s0 = tile_id * tile;
+  const int64_t s1 = N - s0 < tile ? N : s0 + tile;
+  int key_next = expert_key(p, s0 + lane, s1);
+  for (int64_t base_s = s0; base_s < s1; base_s += 32) {
+    const int64_t s = base_s + lane;
+    const int key = key_next;
+    key_next = expert_key(p, s + 32, s1);  // prefetch the next step
+    const unsigned peers = __match_any_sync(kFullMask, key);
+    const int leader = __ffs(peers) - 1;
+    int64_t first = 0;
+    if (key >= 0 && lane == leader) {
+      first = cur[key];
+      cur[key] = first + __popc(peers);
+    }
+    first = __shfl_sync(kFullMask, first, leader);
+    if (key >= 0) {
+      const int64_t r = first + __popc(peers & lower);
+      p.row_slot[r] = s;
+      p.slot_row[s] = r;
+    } else if (s < s1) {
+      p.slot_row[s] = -1;
+    }
+    __syncwarp();  // cursor updates are visible to the next step's leaders
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row-group mapping shared by permute and unpermute: `tpr` threads per row, kRowThreads / tpr
+// rows per CTA, grid-stride over rows.
+
+inline int threads_per_row(int64_t n_vec) {
+  int t = 32;
+  while (t < kRowThreads && t < n_vec) t <<= 1;
+  return t;
+}
+
+inline int grid_for_rows(int64_t rows, int tpr) {
+  const int64_t rpc = kRowThreads / tpr;
+  int64_t g = ceil_div(rows, rpc);
+  if (g > kMaxGrid) g = kMaxGrid;
+  return int(g < 1 ? 1 : g);
+}
+
+// Copy unit of `V` bytes.
+template <int V> struct CopyUnit;
+template <> struct CopyUnit<16> { using type = uint4; };
+template <> struct CopyUnit<8> { using type = uint2; };
+template <> struct CopyUnit<4> { using type = uint32_t; };
+template <> struct CopyUnit<2> { using type = uint16_t; };
+
+template <int V>
+__global__ void __launch_bounds__(kRowThreads)
+    permute_kernel(const PermuteParams p, const int tpr, const int64_t n_vec) {
+  using U = typename CopyUnit<V>::type;
+  const U* __restrict__ x = static_cast<const U*>(p.x);
+  U* __restrict__ out = static_cast<U*>(p.out);
+  const int rpc = kRowThreads / tpr;
+  const int group = int(threadIdx.x) / tpr;
+  const int t = int(threadIdx.x) - group * tpr;
+  const int64_t stride_vec = p.x_row_stride * p.elem_bytes / V;
+  for (int64_t r = int64_t(blockIdx.x) * rpc + group; r < p.R; r += int64_t(gridDim.x) * rpc) {
+    const int64_t src = __ldg(reinterpret_cast<const long long*>(p.row_slot) + r);
+    U* dst = out + r * n_vec;
+    if (src < 0) {
+      const U z{};
+      for (int64_t i = t; i < n_vec; i += tpr) dst[i] = z;
+      continue;
+    }
+    const U* in = x + (src / p.k) * stride_vec;
+    int64_t i = t;
+    for (; i + (kCopyUnroll - 1) * int64_t(tpr) < n_vec; i += kCopyUnroll * int64_t(tpr)) {
+      U v[kCopyUnroll];
+#pragma unroll
+      for (int u = 0; u < kCopyUnroll; ++u) v[u] = in[i + u * tpr];
+#pragma unroll
+      for (int u = 0; u < kCopyUnroll; ++u) dst[i + u * tpr] = v[u];
+    }
+    for (; i < n_vec; i += tpr) dst[i] = in[i];
+  }
+}
+
+// Largest copy width in {16, 8, 4, 2} dividing all of: row bytes, row-stride bytes, both bases.
+inline int permute_vec_bytes(const PermuteParams& p) {
+  const uint64_t bits = uint64_t(p.H * p.elem_bytes) | uint64_t(p.x_row_stride * p.elem_bytes) |
+                        uint64_t(reinterpret_cast<uintptr_t>(p.x)) |
+                        uint64_t(reinterpret_cast<uintptr_t>(p.out));
+  for (int v = 16; v > 2; v >>= 1)
+    if ((bits & uint64_t(v - 1)) == 0) return v;
+  return 2;
+}
+
+// Element conversions.
+template <typename T> __device__ __forceinline__ float to_f32(T v);
+template <> __device__ __forceinline__ float to_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// N elements of T moved as one aligned unit.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// VEC: elements per access (16 / sizeof(T) on the vector path, 1 otherwise).
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kRowThreads)
+    unpermute_kernel(const UnpermuteParams p, const int tpr, const int64_t n_vec) {
+  using P = Pack<T, VEC>;
+  const P* __restrict__ y = static_cast<const P*>(p.y);
+  P* __restrict__ out = static_cast<P*>(p.out);
+  const long long* __restrict__ slot_row = reinterpret_cast<const long long*>(p.slot_row);
+  const float* __restrict__ weights = p.weights;
+  const int rpc = kRowThreads / tpr;
+  const int group = int(threadIdx.x) / tpr;
+  const int t = int(threadIdx.x) - group * tpr;
+  const int64_t k = p.k;
+  for (int64_t tok = int64_t(blockIdx.x) * rpc + group; tok < p.T;
+       tok += int64_t(gridDim.x) * rpc) {
+    const int64_t s0 = tok * k;
+    for (int64_t i = t; i < n_vec; i += tpr) {
+      float acc[VEC];
+#pragma unroll
+      for (int c = 0; c < VEC; ++c) acc[c] = 0.f;
+#pragma unroll 4
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t r = __ldg(slot_row + s0 + j);
+        if (r < 0) continue;
+        const float w = __ldg(weights + s0 + j);
+        const P v = y[r * n_vec + i];
+#pragma unroll
+        for (int c = 0; c < VEC; ++c) acc[c] = __fadd_rn(acc[c], __fmul_rn(to_f32<T>(v.v[c]), w));
+      }
+      P o;
+#pragma unroll
+      for (int c = 0; c < VEC; ++c) o.v[c] = from_f32<T>(acc[c]);
+      out[tok * n_vec + i] = o;
+    }
+  }
+}
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace moe_route
