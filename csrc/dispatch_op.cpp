@@ -1,4 +1,5 @@
 #include "dispatch_op.h"
+#include "messages.h"
 
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
@@ -20,11 +21,10 @@ void same_device(const at::Tensor& a, const at::Tensor& b, const char* op, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prepare_plan(
     const at::Tensor& ids, int64_t num_experts, int64_t block_size, at::Tensor& keep,
     PlanParams& p) {
-  TORCH_CHECK_VALUE(ids.dim() == 2, "dispatch_plan: ids must be 2-D [T, k], got shape ",
-                    ids.sizes());
+  TORCH_CHECK_VALUE(ids.dim() == 2, "dispatch_plan: ids must be 2-D [T, k], got shape ", shape_str(ids));
   TORCH_CHECK_TYPE(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong,
                    "dispatch_plan: ids must be torch.int32 or torch.int64, got ",
-                   ids.scalar_type());
+                   dtype_name(ids.scalar_type()));
   TORCH_CHECK_VALUE(num_experts >= 1, "dispatch_plan: num_experts=", num_experts,
                     " must be >= 1");
   TORCH_CHECK_VALUE(block_size >= 1, "dispatch_plan: block_size=", block_size, " must be >= 1");
@@ -46,13 +46,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prepare_plan(
 
 at::Tensor prepare_permute(const at::Tensor& x, const at::Tensor& row_slot, int64_t k,
                            at::Tensor& keep, PermuteParams& p) {
-  TORCH_CHECK_VALUE(x.dim() == 2, "permute: x must be 2-D [T, H], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 2, "permute: x must be 2-D [T, H], got shape ", shape_str(x));
   TORCH_CHECK_TYPE(is_float(x.scalar_type()),
-                   "permute: x must be float32, float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(row_slot.dim() == 1, "permute: row_slot must be 1-D [R], got shape ",
-                    row_slot.sizes());
+                   "permute: x must be float32, float16 or bfloat16, got ",
+                   dtype_name(x.scalar_type()));
+  TORCH_CHECK_VALUE(row_slot.dim() == 1, "permute: row_slot must be 1-D [R], got shape ", shape_str(row_slot));
   TORCH_CHECK_TYPE(row_slot.scalar_type() == at::kLong, "permute: row_slot must be torch.int64, "
-                   "got ", row_slot.scalar_type());
+                   "got ", dtype_name(row_slot.scalar_type()));
   TORCH_CHECK_VALUE(k >= 1, "permute: k=", k, " must be >= 1");
   TORCH_CHECK_VALUE(row_slot.is_contiguous(), "permute: row_slot must be contiguous");
   same_device(x, row_slot, "permute", "row_slot");
@@ -71,18 +71,20 @@ at::Tensor prepare_permute(const at::Tensor& x, const at::Tensor& row_slot, int6
 at::Tensor prepare_unpermute(const at::Tensor& y, const at::Tensor& slot_row,
                              const at::Tensor& weights, at::Tensor& keep_y,
                              at::Tensor& keep_weights, UnpermuteParams& p) {
-  TORCH_CHECK_VALUE(y.dim() == 2, "unpermute: y must be 2-D [R, H], got shape ", y.sizes());
+  TORCH_CHECK_VALUE(y.dim() == 2, "unpermute: y must be 2-D [R, H], got shape ", shape_str(y));
   TORCH_CHECK_TYPE(is_float(y.scalar_type()),
-                   "unpermute: y must be float32, float16 or bfloat16, got ", y.scalar_type());
-  TORCH_CHECK_VALUE(weights.dim() == 2, "unpermute: weights must be 2-D [T, k], got shape ",
-                    weights.sizes());
+                   "unpermute: y must be float32, float16 or bfloat16, got ",
+                   dtype_name(y.scalar_type()));
+  TORCH_CHECK_VALUE(weights.dim() == 2, "unpermute: weights must be 2-D [T, k], got shape ", shape_str(weights));
   TORCH_CHECK_TYPE(is_float(weights.scalar_type()) || weights.scalar_type() == at::kDouble,
-                   "unpermute: weights must be a float tensor, got ", weights.scalar_type());
+                   "unpermute: weights must be a float tensor, got ",
+                   dtype_name(weights.scalar_type()));
   TORCH_CHECK_VALUE(slot_row.dim() == 1 && slot_row.size(0) == weights.numel(),
                     "unpermute: slot_row must be 1-D of length T*k=", weights.numel(),
-                    ", got shape ", slot_row.sizes());
+                    ", got shape ", shape_str(slot_row));
   TORCH_CHECK_TYPE(slot_row.scalar_type() == at::kLong,
-                   "unpermute: slot_row must be torch.int64, got ", slot_row.scalar_type());
+                   "unpermute: slot_row must be torch.int64, got ",
+                   dtype_name(slot_row.scalar_type()));
   TORCH_CHECK_VALUE(slot_row.is_contiguous(), "unpermute: slot_row must be contiguous");
   same_device(y, slot_row, "unpermute", "slot_row");
   same_device(y, weights, "unpermute", "weights");

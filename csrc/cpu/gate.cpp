@@ -40,27 +40,39 @@ MOE_ROUTE_INLINE float sanitize(float x) {
   return x >= -kFltMax ? (x <= kFltMax ? x : kFltMax) : -kFltMax;
 }
 
-// exp(x) to about 1 ulp (Cephes expf: n = round(x/ln2), two-part reduction, degree-5 polynomial),
-// written without calls or branches so the row loops vectorise. Like IEEE exp it overflows to
-// +inf above ln(FLT_MAX); below -87.3 it returns 0 instead of a denormal (difference < 1.2e-38).
-MOE_ROUTE_INLINE float exp_fast(float x) {
-  const float xc = std::min(std::max(x, -87.5f), 88.72f);
-  const float n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
-  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
-  float q = 1.9875691500e-4f;
+// exp(x) = 2^n * q: n = round(x / ln2), q = exp(x - n ln2) by a two-part reduction and the
+// degree-5 Cephes polynomial. For |x| <= 88.72.
+MOE_ROUTE_INLINE void exp_reduce(float x, float& n, float& q) {
+  n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  q = 1.9875691500e-4f;
   q = q * r + 1.3981999507e-3f;
   q = q * r + 8.3334519073e-3f;
   q = q * r + 4.1665795894e-2f;
   q = q * r + 1.6666665459e-1f;
   q = q * r + 5.0000001201e-1f;
   q = q * (r * r) + r + 1.f;
+}
+
+// 2^e for a normal exponent e in [-126, 127].
+MOE_ROUTE_INLINE float pow2i(int32_t e) {
+  const int32_t bits = (e + 127) << 23;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// exp(x) to about 1 ulp (Cephes expf: n = round(x/ln2), two-part reduction, degree-5 polynomial),
+// written without calls or branches so the row loops vectorise. Like IEEE exp it overflows to
+// +inf above ln(FLT_MAX); below -87.3 it returns 0 instead of a denormal (difference < 1.2e-38).
+MOE_ROUTE_INLINE float exp_fast(float x) {
+  const float xc = std::min(std::max(x, -87.5f), 88.72f);
+  float n, q;
+  exp_reduce(xc, n, q);
   // 2^n for n up to 128: scale by 2^(n-1) and then 2 when n > 0, so the exponent field fits.
   const int32_t ni = static_cast<int32_t>(n);
   const int32_t half = ni > 0 ? ni - 1 : ni;
-  const int32_t bits = (half + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
-  const float y = (q * two_n) * (ni > 0 ? 2.f : 1.f);
+  const float y = (q * pow2i(half)) * (ni > 0 ? 2.f : 1.f);
   return x > 88.7228394f ? INFINITY : (x < -87.3f ? 0.f : y);
 }
 
@@ -68,19 +80,9 @@ MOE_ROUTE_INLINE float exp_fast(float x) {
 // handling, which cannot trigger there.
 MOE_ROUTE_INLINE float exp_nonpos(float x) {
   const float xc = std::max(x, -87.5f);
-  const float n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;
-  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
-  float q = 1.9875691500e-4f;
-  q = q * r + 1.3981999507e-3f;
-  q = q * r + 8.3334519073e-3f;
-  q = q * r + 4.1665795894e-2f;
-  q = q * r + 1.6666665459e-1f;
-  q = q * r + 5.0000001201e-1f;
-  q = q * (r * r) + r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
-  return x < -87.3f ? 0.f : q * two_n;
+  float n, q;
+  exp_reduce(xc, n, q);
+  return x < -87.3f ? 0.f : q * pow2i(static_cast<int32_t>(n));
 }
 
 MOE_ROUTE_INLINE float sigmoid(float x) { return 1.f / (1.f + exp_fast(-x)); }

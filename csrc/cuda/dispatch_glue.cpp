@@ -18,36 +18,11 @@
 #include <tuple>
 
 #include "../dispatch_params.h"
+#include "../messages.h"
 #include "dispatch_launch.h"
 
 namespace moe_route {
 namespace {
-
-// Python-style shape, as the reference prints it: (2, 3), (5,), ().
-std::string shape_str(const at::Tensor& t) {
-  std::ostringstream os;
-  os << '(';
-  for (int64_t i = 0; i < t.dim(); ++i) os << (i ? ", " : "") << t.size(i);
-  if (t.dim() == 1) os << ',';
-  os << ')';
-  return os.str();
-}
-
-std::string dtype_str(at::ScalarType s) {
-  switch (s) {
-    case at::kFloat: return "torch.float32";
-    case at::kDouble: return "torch.float64";
-    case at::kHalf: return "torch.float16";
-    case at::kBFloat16: return "torch.bfloat16";
-    case at::kInt: return "torch.int32";
-    case at::kLong: return "torch.int64";
-    case at::kShort: return "torch.int16";
-    case at::kChar: return "torch.int8";
-    case at::kByte: return "torch.uint8";
-    case at::kBool: return "torch.bool";
-    default: return std::string("torch.") + c10::toString(s);
-  }
-}
 
 bool is_row_type(at::ScalarType s) {
   return s == at::kFloat || s == at::kHalf || s == at::kBFloat16;
@@ -69,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_plan_cuda(
                     shape_str(ids));
   TORCH_CHECK_TYPE(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong,
                    "dispatch_plan: ids must be torch.int32 or torch.int64, got ",
-                   dtype_str(ids.scalar_type()));
+                   dtype_name(ids.scalar_type()));
   TORCH_CHECK_VALUE(ids.is_cuda(), "dispatch_plan: ids must be a CUDA tensor, got ", ids.device());
   TORCH_CHECK_VALUE(num_experts >= 1, "dispatch_plan: num_experts=", num_experts,
                     " must be >= 1");
@@ -119,11 +94,11 @@ at::Tensor permute_cuda(const at::Tensor& x, const at::Tensor& row_slot, int64_t
   TORCH_CHECK_VALUE(x.dim() == 2, "permute: x must be 2-D [T, H], got shape ", shape_str(x));
   TORCH_CHECK_TYPE(is_row_type(x.scalar_type()),
                    "permute: x must be torch.float32, torch.float16 or torch.bfloat16, got ",
-                   dtype_str(x.scalar_type()));
+                   dtype_name(x.scalar_type()));
   TORCH_CHECK_VALUE(row_slot.dim() == 1, "permute: row_slot must be 1-D [R], got shape ",
                     shape_str(row_slot));
   TORCH_CHECK_TYPE(row_slot.scalar_type() == at::kLong,
-                   "permute: row_slot must be torch.int64, got ", dtype_str(row_slot.scalar_type()));
+                   "permute: row_slot must be torch.int64, got ", dtype_name(row_slot.scalar_type()));
   TORCH_CHECK_VALUE(k >= 1, "permute: k=", k, " must be >= 1");
   TORCH_CHECK_VALUE(x.is_cuda(), "permute: x must be a CUDA tensor, got ", x.device());
   check_cuda("permute", "row_slot", row_slot, x.device());
@@ -152,17 +127,17 @@ at::Tensor unpermute_cuda(const at::Tensor& y, const at::Tensor& slot_row,
   TORCH_CHECK_VALUE(y.dim() == 2, "unpermute: y must be 2-D [R, H], got shape ", shape_str(y));
   TORCH_CHECK_TYPE(is_row_type(y.scalar_type()),
                    "unpermute: y must be torch.float32, torch.float16 or torch.bfloat16, got ",
-                   dtype_str(y.scalar_type()));
+                   dtype_name(y.scalar_type()));
   TORCH_CHECK_VALUE(weights.dim() == 2, "unpermute: weights must be 2-D [T, k], got shape ",
                     shape_str(weights));
   TORCH_CHECK_TYPE(at::isFloatingType(weights.scalar_type()),
                    "unpermute: weights must be a floating-point tensor, got ",
-                   dtype_str(weights.scalar_type()));
+                   dtype_name(weights.scalar_type()));
   TORCH_CHECK_VALUE(slot_row.dim() == 1, "unpermute: slot_row must be 1-D [T*k], got shape ",
                     shape_str(slot_row));
   TORCH_CHECK_TYPE(slot_row.scalar_type() == at::kLong,
                    "unpermute: slot_row must be torch.int64, got ",
-                   dtype_str(slot_row.scalar_type()));
+                   dtype_name(slot_row.scalar_type()));
   const int64_t T = weights.size(0), k = weights.size(1);
   TORCH_CHECK_VALUE(slot_row.numel() == T * k, "unpermute: slot_row must have T*k=", T * k,
                     " entries for weights of shape ", shape_str(weights), ", got ",
