@@ -172,19 +172,22 @@ MOE_ROUTE_INLINE float min_of(const float* x, int64_t n) {
   return r;
 }
 
-// (value, index) as one key: order-preserving fp32 bits, then the inverted index, so a larger
-// key is a larger value or, for equal values, the lower index.
-MOE_ROUTE_INLINE uint64_t value_key(float v, int32_t i) {
-  float canon = v + 0.f;  // -0.0 -> +0.0
+// Selection key (gate_params.h): tier | order-preserving fp32 bits | inverted index, so one
+// unsigned comparison orders by tier, then value, then lower index.
+MOE_ROUTE_INLINE uint64_t make_key(int32_t tier, float v, int64_t e) {
+  float canon = v + 0.f;  // -0.0 -> +0.0, so that equal values tie
   uint32_t u;
   std::memcpy(&u, &canon, sizeof u);
   u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-  return (uint64_t(u) << 32) | uint32_t(0xffffffffu - uint32_t(i));
+  return (uint64_t(tier) << 62) | (uint64_t(u) << kIndexBits) | (kIndexMask - uint64_t(e));
 }
 
-MOE_ROUTE_INLINE int32_t value_key_index(uint64_t key) {
-  return int32_t(0xffffffffu - uint32_t(key));
+MOE_ROUTE_INLINE int32_t key_index(uint64_t key) {
+  return int32_t(kIndexMask - (key & kIndexMask));
 }
+
+// Key of an untiered expert: what the tier-free selection compares.
+MOE_ROUTE_INLINE uint64_t key_normal(float v, int32_t e) { return make_key(kTierNormal, v, e); }
 
 MOE_ROUTE_INLINE void cswap_desc(uint64_t& a, uint64_t& b) {
   const uint64_t hi = a > b ? a : b, lo = a > b ? b : a;
@@ -272,16 +275,6 @@ MOE_ROUTE_INLINE float softmax_exps(const float* x, float* dst, int64_t n, float
   max_out = max_of(x, n);
   return softmax_exps_from(x, dst, n, max_out);
 }
-
-MOE_ROUTE_INLINE uint64_t make_key(int32_t tier, float v, int64_t e) {
-  float canon = v + 0.f;  // -0.0 -> +0.0, so that equal values tie
-  uint32_t u;
-  std::memcpy(&u, &canon, sizeof u);
-  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-  return (uint64_t(tier) << 62) | (uint64_t(u) << kIndexBits) | (kIndexMask - uint64_t(e));
-}
-
-inline int64_t key_index(uint64_t key) { return int64_t(kIndexMask - (key & kIndexMask)); }
 
 // Keeps the `k` largest keys seen, sorted descending (k <= kInsertMaxK).
 struct TopK {
@@ -508,17 +501,17 @@ MOE_ROUTE_INLINE void select_experts(const GateParams& p, const Prep& prep, cons
     std::memcpy(ci[2], &i3, sizeof i3);
     uint64_t head[8];
     int depth[8];
-    for (int l = 0; l < 8; ++l) head[l] = value_key(cv[0][l], ci[0][l]), depth[l] = 0;
+    for (int l = 0; l < 8; ++l) head[l] = key_normal(cv[0][l], ci[0][l]), depth[l] = 0;
     sort8_desc(head);
     for (int64_t j = 0; j < k; ++j) {
-      const int32_t best = value_key_index(head[0]);
+      const int32_t best = key_index(head[0]);
       ids[j] = best;
       if (j == k - 1) break;
       if (copied) work[best] = -INFINITY;
       const int lane = best & 7;
       if (depth[lane] < 2) {
         const int d = ++depth[lane];
-        head[0] = value_key(cv[d][lane], ci[d][lane]);
+        head[0] = key_normal(cv[d][lane], ci[d][lane]);
       } else {
         if (!copied) {
           std::memcpy(work, v, sizeof(float) * padded);
@@ -537,7 +530,7 @@ MOE_ROUTE_INLINE void select_experts(const GateParams& p, const Prep& prep, cons
           a = g1 ? x : a;
           ia = g1 ? int32_t(e) : ia;
         }
-        head[0] = value_key(a, ia);
+        head[0] = key_normal(a, ia);
         cv[1][lane] = b, ci[1][lane] = ib, cv[2][lane] = c, ci[2][lane] = ic;
         depth[lane] = 0;
       }
