@@ -132,6 +132,21 @@ __device__ __forceinline__ float warp_min(float x) {
   return x;
 }
 
+// Softmax normaliser of a warp-held row: max over the valid values and sum of exp(x - max).
+template <int VPT>
+__device__ __forceinline__ void warp_softmax_norm(const float (&x)[VPT], uint32_t valid,
+                                                  float& max_out, float& sum_out) {
+  float m = -kFltMax;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i)
+    if ((valid >> i) & 1u) m = x[i] > m ? x[i] : m;
+  max_out = warp_max(m);
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) s += ((valid >> i) & 1u) ? expf(x[i] - max_out) : 0.f;
+  sum_out = warp_sum(s);
+}
+
 __device__ __forceinline__ uint64_t warp_max_key(uint64_t x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
@@ -400,17 +415,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
     // Softmax of zw (max and sum of exp(zw - max)), shared by the weights and the statistics.
     const bool want_ew = (!p.select_on_logits && softmax) || (tok_dense && dense_softmax);
     float w_max = 0.f, w_sum = 1.f;
-    if (want_ew) {
-      float m = -kFltMax;
-#pragma unroll
-      for (int i = 0; i < VPT; ++i)
-        if ((valid >> i) & 1u) m = zw[i] > m ? zw[i] : m;
-      w_max = warp_max(m);
-      float s = 0.f;
-#pragma unroll
-      for (int i = 0; i < VPT; ++i) s += ((valid >> i) & 1u) ? expf(zw[i] - w_max) : 0.f;
-      w_sum = warp_sum(s);
-    }
+    if (want_ew) warp_softmax_norm<VPT>(zw, valid, w_max, w_sum);
 
     // ---- Selection values v (reference: selection_values) ----
     const float* bias = p.selection_bias;
@@ -420,17 +425,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
       for (int i = 0; i < VPT; ++i) v[i] = z[i];
     } else if (softmax) {
       float sm_max = w_max, sm_sum = w_sum;
-      if (!want_ew || zw_is_z0) {
-        float m = -kFltMax;
-#pragma unroll
-        for (int i = 0; i < VPT; ++i)
-          if ((valid >> i) & 1u) m = z[i] > m ? z[i] : m;
-        sm_max = warp_max(m);
-        float s = 0.f;
-#pragma unroll
-        for (int i = 0; i < VPT; ++i) s += ((valid >> i) & 1u) ? expf(z[i] - sm_max) : 0.f;
-        sm_sum = warp_sum(s);
-      }
+      if (!want_ew || zw_is_z0) warp_softmax_norm<VPT>(z, valid, sm_max, sm_sum);
 #pragma unroll
       for (int i = 0; i < VPT; ++i) v[i] = expf(z[i] - sm_max) / sm_sum;
     } else {
