@@ -241,6 +241,19 @@ def topk_gate(logits, k, score="softmax", select_on="scores", selection_bias=Non
     ids = _rank(v, tier, k)
 
     zw = z0 if steer_select_only else z
+    w = gate_weights(zw, ids, score, select_on, renormalize, renorm_eps, scale)
+    if any(b is not None for b in stats.values()):
+        _accumulate(zw, score, w, ids, groups, **stats)
+    return w, ids.to(torch.int32)
+
+
+def gate_weights(zw, ids, score="softmax", select_on="scores", renormalize=False, renorm_eps=0.0,
+                 scale=1.0):
+    """The k routing weights of the chosen ``ids`` from the (steered) fp32 logits ``zw``.
+
+    Differentiable in ``zw``: the drop-in router uses it to give router weights their gradient
+    (the fused gate has no backward) while the kernel picks the ids.
+    """
     if select_on == "scores":
         w = score_fn(zw, score).gather(1, ids)
     elif score == "softmax":
@@ -250,11 +263,7 @@ def topk_gate(logits, k, score="softmax", select_on="scores", selection_bias=Non
     if renormalize:
         den = w.sum(-1, keepdim=True) + renorm_eps
         w = torch.where(den != 0, w / den, w)
-    w = w * scale
-
-    if any(b is not None for b in stats.values()):
-        _accumulate(zw, score, w, ids, groups, **stats)
-    return w, ids.to(torch.int32)
+    return w * scale
 
 
 def _accumulate(zw, score, w, ids, groups, tokens, counts, prob_sum, weight_sum, entropy_sum, coact):

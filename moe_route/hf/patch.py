@@ -1,0 +1,218 @@
+"""``patch(model)``: run a transformers MoE model's routers through the fused gate.
+
+Patching replaces each router *instance*'s ``forward`` (the class, the module tree, parameters,
+buffers and ``state_dict`` are untouched, so transformers' ``isinstance``-based router-logit
+capture keeps working) with a forward that computes the family's logits, then ids, weights and
+optional statistics in one ``topk_gate`` call, with optional steering. ``unpatch`` deletes the
+instance attributes again, restoring the original behaviour bit for bit.
+
+Two modes:
+    * fast (default): the fused gate picks the ids and computes the weights. Ids are those of the
+      unpatched model; weights agree to fp32 rounding (families whose top-k is unsorted, such as
+      DeepSeek-V3, get their k ids in descending order instead).
+    * ``exact=True``: unsteered routers run their own forward (bit-identical model outputs); the
+      gate only accumulates statistics when recording. Steered routers use the fused gate.
+"""
+from __future__ import annotations
+
+import re
+import threading
+import types
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from moe_route.hf.adapters import UNSUPPORTED, Adapter, UnsupportedModelError, adapter_for, REGISTRY
+from moe_route.nn.router import route
+from moe_route.ops import GateStats, SteerSpec, topk_gate
+
+__all__ = ["patch", "unpatch", "PatchHandle", "RouterState", "find_routers"]
+
+_STATE = "_moe_route_state"
+_HANDLE = "_moe_route_patch"
+_LOCK = threading.Lock()
+_LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+@dataclass(eq=False)
+class RouterState:
+    """Everything a patched router needs; lives on the router instance until ``unpatch``."""
+
+    name: str
+    index: Optional[int]
+    adapter: Adapter
+    block: Optional[nn.Module]
+    original: Callable
+    num_experts: int
+    top_k: int
+    spec: object
+    exact: bool = False
+    steer: Optional[SteerSpec] = None
+    stats: Optional[GateStats] = None
+    groups: Optional[Callable[[int, torch.device], Optional[torch.Tensor]]] = None
+    steer_stack: list = field(default_factory=list)
+
+    def __call__(self, router, hidden_states, args, kwargs):
+        ad = self.adapter
+        if self.exact and self.steer is None:
+            out = self.original(hidden_states, *args, **kwargs)
+            if self.stats is not None:
+                z = ad.logits(router, hidden_states)
+                topk_gate(z, self.top_k, self.spec,
+                          selection_bias=ad.selection_bias_of(router, self.block, args),
+                          stats=self.stats, groups=self._groups(z))
+            return out
+        z = ad.logits(router, hidden_states)
+        w, ids = route(z, self.top_k, self.spec,
+                       selection_bias=ad.selection_bias_of(router, self.block, args),
+                       steer=self.steer, stats=self.stats, groups=self._groups(z),
+                       weights_dtype=ad.weights_out_dtype(z, hidden_states))
+        return z, w, ids
+
+    def _groups(self, z):
+        if self.stats is None or self.groups is None:
+            return None
+        return self.groups(z.shape[0], z.device)
+
+
+def _patched_forward(self, hidden_states, *args, **kwargs):
+    return getattr(self, _STATE)(self, hidden_states, args, kwargs)
+
+
+def layer_index(name: str) -> Optional[int]:
+    """The decoder-layer index in a module path (``model.layers.12.mlp.gate`` -> 12)."""
+    m = _LAYER_INDEX.search(name)
+    return int(m.group(1)) if m else None
+
+
+def find_routers(model: nn.Module) -> list[tuple[str, nn.Module, Optional[nn.Module]]]:
+    """``(name, router, block)`` for every MoE router in ``model``, in module order.
+
+    A router is a module whose class has an adapter; an MoE block whose router class has none
+    (a block with an ``experts`` child and a ``gate``/``router`` child) raises
+    ``UnsupportedModelError``, and so does a model with no MoE router at all.
+    """
+    found, unknown = [], []
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
+        cls = type(module).__name__
+        if cls in REGISTRY:
+            parent = modules.get(name.rpartition(".")[0]) if "." in name else model
+            found.append((name, module, parent))
+        elif cls in UNSUPPORTED:
+            unknown.append(f"{name} ({cls}: {UNSUPPORTED[cls]})")
+        elif hasattr(module, "experts"):
+            router = getattr(module, "gate", None) or getattr(module, "router", None)
+            if isinstance(router, nn.Module) and type(router).__name__ not in REGISTRY:
+                unknown.append(f"{name}.{'gate' if hasattr(module, 'gate') else 'router'} "
+                               f"({type(router).__name__}: no adapter)")
+    if unknown:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: unsupported MoE routers: {', '.join(unknown[:4])}"
+            f"{' ...' if len(unknown) > 4 else ''}; see moe_route.supported()")
+    if not found:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: no MoE router found; supported router classes: "
+            f"{sorted(REGISTRY)} (see moe_route.supported())")
+    return found
+
+
+class PatchHandle:
+    """The patch of one model: ``remove()`` (or leaving the ``with`` block) restores it.
+
+    ``routers`` maps each router's module path to its ``RouterState``. ``patch`` on a patched
+    model returns the existing handle.
+    """
+
+    def __init__(self, model: nn.Module, exact: bool):
+        self.model = model
+        self.routers: dict[str, RouterState] = {}
+        self._owners = 0          # record/steer contexts using an implicit patch
+        self._explicit = False    # patch() was called by the user
+        for name, router, block in find_routers(model):
+            adapter = adapter_for(router)
+            state = RouterState(
+                name=name, index=layer_index(name), adapter=adapter, block=block,
+                original=types.MethodType(type(router).forward, router),
+                num_experts=adapter.experts(router), top_k=adapter.k(router),
+                spec=adapter.spec(router, block), exact=exact)
+            self.routers[name] = state
+        for name, state in self.routers.items():
+            router = model.get_submodule(name)
+            object.__setattr__(router, _STATE, state)
+            object.__setattr__(router, "forward", types.MethodType(_patched_forward, router))
+        object.__setattr__(model, _HANDLE, self)
+
+    @property
+    def active(self) -> bool:
+        return getattr(self.model, _HANDLE, None) is self
+
+    def set_exact(self, exact: bool) -> None:
+        for state in self.routers.values():
+            state.exact = exact
+
+    def remove(self) -> None:
+        """Restore every router's original forward and remove every attribute the patch added."""
+        with _LOCK:
+            if not self.active:
+                return
+            for name in self.routers:
+                router = self.model.get_submodule(name)
+                router.__dict__.pop("forward", None)
+                router.__dict__.pop(_STATE, None)
+            self.model.__dict__.pop(_HANDLE, None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+    def __repr__(self):
+        state = "active" if self.active else "removed"
+        return f"<moe_route patch of {type(self.model).__name__}: {len(self.routers)} routers, {state}>"
+
+
+def patch(model: nn.Module, *, exact: bool = False) -> PatchHandle:
+    """Route every MoE router of ``model`` through the fused gate; returns the handle.
+
+    Idempotent: patching a patched model returns its handle (switching its mode to ``exact``).
+    Use as a context manager to unpatch on exit. Raises ``UnsupportedModelError`` for a model
+    with a router moe_route has no adapter for (``moe_route.supported()`` lists them).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch: model must be a torch.nn.Module, got {type(model).__name__}")
+    with _LOCK:
+        handle = getattr(model, _HANDLE, None) or PatchHandle(model, exact)
+        handle.set_exact(exact)
+        handle._explicit = True
+    return handle
+
+
+def unpatch(model: nn.Module) -> bool:
+    """Undo ``patch(model)``; returns whether the model was patched."""
+    handle = getattr(model, _HANDLE, None)
+    if handle is None:
+        return False
+    handle.remove()
+    return True
+
+
+def acquire(model: nn.Module) -> PatchHandle:
+    """The model's patch for a record/steer context, patching it (fast mode) if needed."""
+    with _LOCK:
+        handle = getattr(model, _HANDLE, None) or PatchHandle(model, exact=False)
+        handle._owners += 1
+    return handle
+
+
+def release(handle: PatchHandle) -> None:
+    """End a record/steer context's use; an implicit patch goes when its last user leaves."""
+    with _LOCK:
+        handle._owners -= 1
+        done = handle._owners == 0 and not handle._explicit
+    if done:
+        handle.remove()

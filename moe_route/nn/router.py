@@ -1,0 +1,130 @@
+"""``TopKRouter``: a drop-in MoE router module over the fused gate.
+
+A router is a linear map from hidden states to expert logits followed by the gate. It returns what
+transformers' routers return, ``(logits [T, E], weights [T, k], ids [T, k] int64)``, so it can
+stand in for a model's own router, and it carries optional steering and statistics buffers.
+``moe_route.patch`` runs patched transformers routers through the same ``route`` function.
+
+Numerics:
+    * logits: ``F.linear(x, weight, bias)`` in ``linear_dtype`` (None: the input's dtype; DeepSeek-V3
+      routers compute in fp32), then cast to ``logits_dtype`` if given (Granite: fp32 after the GEMM);
+    * ids and weights: the fused gate (``moe_route.topk_gate``), fp32 math;
+    * returned weights are cast to ``weights_dtype``: ``"logits"`` (OLMoE, Qwen), ``"float32"``
+      (Mixtral, DeepSeek-V3) or ``"input"`` (Granite: the hidden states' dtype).
+The gate has no backward. When the logits need a gradient (training), the weights of the chosen
+ids are recomputed with differentiable PyTorch ops (``reference.gate_weights``); the ids, and hence
+the routing, are the kernel's either way.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_route import reference
+from moe_route.ops import GateStats, RouterSpec, SteerSpec, topk_gate
+
+__all__ = ["TopKRouter", "route", "router_logits"]
+
+WEIGHTS_DTYPES = ("logits", "float32", "input")
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                  linear_dtype: Optional[torch.dtype] = None,
+                  logits_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` in ``linear_dtype`` (None: as given), cast to ``logits_dtype``."""
+    if linear_dtype is not None:
+        x, weight = x.to(linear_dtype), weight.to(linear_dtype)
+        bias = bias.to(linear_dtype) if bias is not None else None
+    z = F.linear(x, weight, bias)
+    return z if logits_dtype is None else z.to(logits_dtype)
+
+
+def route(logits: torch.Tensor, k: int, spec: RouterSpec, *, selection_bias=None,
+          steer: Optional[SteerSpec] = None, stats: Optional[GateStats] = None, groups=None,
+          weights_dtype: torch.dtype = torch.float32):
+    """Gate ``logits [T, E]``: ``(weights [T, k] in weights_dtype, ids [T, k] int64)``."""
+    w, ids = topk_gate(logits, k, spec, selection_bias=selection_bias, steer=steer, stats=stats,
+                       groups=groups)
+    ids = ids.long()
+    if logits.requires_grad and torch.is_grad_enabled():
+        zw = reference.sanitize(logits)
+        if steer is not None and not steer.select_only:
+            zw = reference.steer_logits(zw, steer.table(logits.shape[1], logits.device),
+                                        steer.std_unbiased)[0]
+        w = reference.gate_weights(zw, ids, spec.score, spec.select_on, spec.renormalize,
+                                   spec.renorm_eps, spec.scale)
+    return w.to(weights_dtype), ids
+
+
+class TopKRouter(nn.Module):
+    """Linear router + fused top-k gate, with optional steering and statistics.
+
+    Args:
+        hidden_size, num_experts, top_k: shapes; ``weight`` is ``[num_experts, hidden_size]``.
+        spec: the routing semantics (``RouterSpec``; default softmax -> top-k).
+        bias: a learned logit bias (GPT-OSS).
+        selection_bias: an ``[E]`` fp32 buffer added for selection only (DeepSeek-V3
+            ``e_score_correction_bias``).
+        linear_dtype, logits_dtype, weights_dtype: the dtype recipe (module docstring).
+
+    Attributes ``steer`` (a ``SteerSpec``) and ``stats`` (a ``GateStats``) may be set at any time;
+    ``forward(x, groups=None)`` takes the statistics group of each token.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int,
+                 spec: Optional[RouterSpec] = None, *, bias: bool = False,
+                 selection_bias: bool = False, linear_dtype: Optional[torch.dtype] = None,
+                 logits_dtype: Optional[torch.dtype] = None, weights_dtype: str = "logits",
+                 device=None, dtype=None):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"TopKRouter: top_k={top_k} must be in [1, num_experts={num_experts}]")
+        if weights_dtype not in WEIGHTS_DTYPES:
+            raise ValueError(f"TopKRouter: weights_dtype={weights_dtype!r} must be one of "
+                             f"{WEIGHTS_DTYPES}")
+        if spec is not None and not isinstance(spec, RouterSpec):
+            raise TypeError(f"TopKRouter: spec must be a RouterSpec, got {type(spec).__name__}")
+        self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
+        self.spec = spec or RouterSpec()
+        self.linear_dtype, self.logits_dtype, self.weights_dtype = (linear_dtype, logits_dtype,
+                                                                    weights_dtype)
+        factory = dict(device=device, dtype=dtype)
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, **factory))
+        self.bias = nn.Parameter(torch.zeros(num_experts, **factory)) if bias else None
+        self.register_buffer("selection_bias",
+                             torch.zeros(num_experts, device=device) if selection_bias else None)
+        self.steer: Optional[SteerSpec] = None
+        self.stats: Optional[GateStats] = None
+        nn.init.normal_(self.weight, std=hidden_size ** -0.5)
+
+    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return router_logits(hidden_states.reshape(-1, self.hidden_size), self.weight, self.bias,
+                             self.linear_dtype, self.logits_dtype)
+
+    def forward(self, hidden_states: torch.Tensor, groups: Optional[torch.Tensor] = None):
+        z = self.logits(hidden_states)
+        bias = self.selection_bias
+        if bias is not None and bias.dtype != torch.float32:
+            bias = bias.float()
+        out_dtype = {"logits": z.dtype, "input": hidden_states.dtype}.get(self.weights_dtype,
+                                                                          torch.float32)
+        w, ids = route(z, self.top_k, self.spec, selection_bias=bias, steer=self.steer,
+                       stats=self.stats, groups=groups, weights_dtype=out_dtype)
+        return z, w, ids
+
+    @classmethod
+    def from_module(cls, router: nn.Module, block: Optional[nn.Module] = None) -> "TopKRouter":
+        """A ``TopKRouter`` that returns exactly what the transformers ``router`` returns (same
+        ids; weights to fp32 rounding). It shares the router's parameters (no copy), so training
+        one trains the other. ``block`` is the MoE block, for families that keep the selection
+        bias there (MiniMax-M2, AFMoE, LFM2-MoE)."""
+        from moe_route.hf.adapters import adapter_for  # hf sits above nn; imported on use
+
+        return adapter_for(router).build_router(router, block)
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, "
+                f"top_k={self.top_k}, spec={self.spec}")

@@ -1,0 +1,281 @@
+"""``record(model)``: routing statistics of every MoE layer, accumulated on device by the gate.
+
+    with moe_route.record(model) as rec:
+        with rec.group("fra_Latn"):
+            model(**batch)                      # every (unmasked) token -> group "fra_Latn"
+        rec.set_groups(lang_ids, names=langs)   # or per sequence [B] / per token [B, S]
+        model(**batch)
+    stats = rec.stats                           # RoutingStats on the CPU
+
+Each patched router accumulates into its own ``GateStats`` buffers (on the router's device, so
+``device_map`` models work) inside the fused gate: no hook, no host sync while the model runs.
+Which statistics row a token goes to is worked out once per model call, from the model's
+``input_ids`` / ``attention_mask`` (a forward pre-hook that only builds a small index tensor):
+padding (``attention_mask == 0``), ``ignore_token_ids`` (template or special tokens) and, with
+``tokens="prompt"`` or ``"generated"``, the other phase of ``generate()`` are skipped.
+
+The device buffers hold ``max_groups`` rows. When a batch needs a row and none is free, the
+buffers are flushed to the host total (``RoutingStats.merge``) between model calls, so per-sequence
+statistics over any number of sequences take bounded device memory.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from moe_route.hf.patch import acquire, release
+from moe_route.ops import GateStats
+from moe_route.stats import LayerStats, RoutingStats
+
+__all__ = ["record", "Recorder"]
+
+TOKENS = ("all", "prompt", "generated")
+
+
+class Recorder:
+    """Routing statistics of one model while its ``record`` context is open (see module doc)."""
+
+    def __init__(self, model: nn.Module, *, dense: bool = True, coact: bool = False,
+                 tokens: str = "all", ignore_token_ids: Optional[Iterable[int]] = None,
+                 max_groups: int = 256, default_group: str = "all", meta: Optional[dict] = None):
+        if tokens not in TOKENS:
+            raise ValueError(f"record: tokens={tokens!r} must be one of {TOKENS}")
+        if not isinstance(max_groups, int) or max_groups < 1:
+            raise ValueError(f"record: max_groups={max_groups!r} must be an int >= 1")
+        if not isinstance(default_group, str):
+            raise TypeError(f"record: default_group must be a str, got {type(default_group).__name__}")
+        self.model = model
+        self.dense, self.coact, self.tokens = dense, coact, tokens
+        self.ignore_token_ids = (None if ignore_token_ids is None
+                                 else torch.as_tensor(list(ignore_token_ids), dtype=torch.int64))
+        self.max_groups = max_groups
+        self.meta = dict(meta or {})
+        self._lock = threading.RLock()
+        self._handle = None
+        self._buffers: dict[str, GateStats] = {}
+        self._rows: dict[str, int] = {}          # group name -> device row
+        self._total: Optional[RoutingStats] = None
+        self._context: list[str] = [default_group]
+        self._batch: Optional[tuple[torch.Tensor, list]] = None   # (ids [B] or [B,S], names)
+        self._call: dict = {}                    # this model call: device -> token rows [T]
+        self._hook = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> "Recorder":
+        self._handle = acquire(self.model)
+        try:
+            for name, state in self._handle.routers.items():
+                if state.stats is not None:
+                    raise RuntimeError(f"record: {name} is already being recorded; nested "
+                                       f"record() contexts on one model are not supported")
+                device = _router_device(self.model.get_submodule(name))
+                self._buffers[name] = GateStats.zeros(self.max_groups, state.num_experts,
+                                                      device=device, dense=self.dense,
+                                                      coact=self.coact)
+            self._layers = {name: (state.index, state.top_k)
+                            for name, state in self._handle.routers.items()}
+            for name, state in self._handle.routers.items():
+                state.stats = self._buffers[name]
+                state.groups = self._token_rows
+            self._hook = self.model.register_forward_pre_hook(self._on_call, with_kwargs=True)
+        except BaseException:
+            self._detach()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            if exc[0] is None:
+                self.flush()
+        finally:
+            self._detach()
+        return False
+
+    def _detach(self):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self._handle is not None:
+            for name, state in self._handle.routers.items():
+                if state.stats is self._buffers.get(name):
+                    state.stats, state.groups = None, None
+            release(self._handle)
+            self._handle = None
+
+    # -- groups ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def group(self, name: str):
+        """Every token of the model calls inside the block goes to group ``name``."""
+        if not isinstance(name, str):
+            raise TypeError(f"Recorder.group: name must be a str, got {type(name).__name__}")
+        self._context.append(name)
+        try:
+            yield self
+        finally:
+            self._context.pop()
+
+    def set_groups(self, ids: Optional[torch.Tensor], names: Optional[Sequence[str]] = None):
+        """Groups for the following model calls, per sequence (``[B]``) or per token (``[B, S]``).
+
+        ``ids`` are ints; ``-1`` skips a sequence or token. With ``names``, id i is group
+        ``names[i]``, else group ``str(i)``. ``None`` goes back to the context group.
+        Per-token ids apply to calls whose input has exactly that shape (a prompt); per-sequence
+        ids also cover ``generate()``'s decoding steps.
+        """
+        if ids is None:
+            self._batch = None
+            return
+        ids = torch.as_tensor(ids)
+        if ids.dtype not in (torch.int32, torch.int64) or ids.dim() not in (1, 2):
+            raise ValueError(f"Recorder.set_groups: ids must be an int tensor of shape [B] or "
+                             f"[B, S], got {ids.dtype} of shape {tuple(ids.shape)}")
+        present = sorted(int(i) for i in ids.unique().tolist() if i >= 0)
+        if names is not None:
+            names = [str(n) for n in names]
+            if present and present[-1] >= len(names):
+                raise ValueError(f"Recorder.set_groups: id {present[-1]} has no name "
+                                 f"(len(names)={len(names)})")
+        self._batch = (ids, names, present)
+
+    def per_sequence(self, names: Sequence[str]):
+        """One group per sequence of the next batch: sequence b -> group ``names[b]``."""
+        self.set_groups(torch.arange(len(names)), names)
+
+    def _row_of(self, name: str) -> int:
+        row = self._rows.get(name)
+        if row is None:
+            if len(self._rows) == self.max_groups:
+                self.flush()
+            row = self._rows[name] = len(self._rows)
+        return row
+
+    # -- per call ----------------------------------------------------------------------------
+
+    def _on_call(self, module, args, kwargs):
+        """Build the token -> statistics-row map of this model call (no host sync)."""
+        with self._lock:
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            embeds = kwargs.get("inputs_embeds")
+            ref = input_ids if input_ids is not None else embeds
+            self._call = {}
+            if ref is None:
+                return
+            B, S = ref.shape[0], ref.shape[1]
+            device = ref.device
+            phase = "generated" if _cache_length(kwargs.get("past_key_values")) > 0 else "prompt"
+            if self.tokens != "all" and phase != self.tokens:
+                self._call[device] = torch.full((B * S,), -1, dtype=torch.int32, device=device)
+                return
+            rows = self._batch_rows(B, S, device)
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == B:
+                rows = torch.where(mask[:, -S:].to(device) != 0, rows, -1)
+            if self.ignore_token_ids is not None and input_ids is not None:
+                skip = torch.isin(input_ids, self.ignore_token_ids.to(device))
+                rows = torch.where(skip, -1, rows)
+            self._call[device] = rows.reshape(-1).to(torch.int32)
+
+    def _batch_rows(self, B, S, device) -> torch.Tensor:
+        if self._batch is None:
+            row = self._row_of(self._context[-1])
+            return torch.full((B, S), row, dtype=torch.int32, device=device)
+        ids, names, present = self._batch
+        if ids.shape[0] != B or (ids.dim() == 2 and ids.shape[1] != S):
+            raise ValueError(f"record: set_groups gave ids of shape {tuple(ids.shape)}, but the "
+                             f"model was called on [{B}, {S}] tokens")
+        if len(present) > self.max_groups:
+            raise ValueError(f"record: a batch uses {len(present)} groups, more than "
+                             f"max_groups={self.max_groups}")
+        if any(self._group_name(i, names) not in self._rows for i in present) and \
+                len(self._rows) + len(present) > self.max_groups:
+            self.flush()
+        lut = torch.full((present[-1] + 2 if present else 1,), -1, dtype=torch.int32)
+        for i in present:
+            lut[i] = self._row_of(self._group_name(i, names))
+        ids = ids.to(torch.int64)
+        rows = lut[torch.where(ids >= 0, ids, lut.shape[0] - 1)].to(device)
+        return rows if rows.dim() == 2 else rows[:, None].expand(B, S)
+
+    @staticmethod
+    def _group_name(i: int, names) -> str:
+        return names[i] if names is not None else str(i)
+
+    def _token_rows(self, T: int, device: torch.device) -> Optional[torch.Tensor]:
+        """The statistics rows of a router call with T tokens on ``device``."""
+        rows = self._call.get(device)
+        if rows is None:
+            if not self._call:  # a router called outside a model forward: the context group
+                row = self._row_of(self._context[-1])
+                return torch.full((T,), row, dtype=torch.int32, device=device)
+            rows = next(iter(self._call.values())).to(device)
+            self._call[device] = rows
+        if rows.shape[0] != T:
+            raise RuntimeError(f"record: a router saw {T} tokens but the model call had "
+                               f"{rows.shape[0]}; this model routes a different token set than "
+                               f"its input_ids (encoder-decoder or multimodal), which record() "
+                               f"cannot assign to groups")
+        return rows
+
+    # -- results -----------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Move the device buffers' numbers into the host total and clear them (a host sync)."""
+        with self._lock:
+            if not self._rows:
+                return
+            names = list(self._rows)
+            G = len(names)
+            layers = []
+            for name, buf in self._buffers.items():
+                host = {f: None if t is None else (t if f == "coact" else t[:G]).to("cpu", copy=True)
+                        for f, t in zip(GateStats.NAMES, buf.buffers())}
+                index, top_k = self._layers[name]
+                layers.append(LayerStats(name, index, top_k, **host))
+                buf.zero_()
+            part = RoutingStats(layers, names, meta=self.meta)
+            self._total = part if self._total is None else self._total.merge(part)
+            self._rows = {}
+
+    @property
+    def stats(self) -> RoutingStats:
+        """Everything recorded so far, on the CPU (flushes the device buffers)."""
+        self.flush()
+        if self._total is None:
+            raise RuntimeError("record: nothing was recorded (no model call inside the context)")
+        return self._total
+
+
+def _router_device(router: nn.Module) -> torch.device:
+    for p in router.parameters():
+        return p.device
+    for b in router.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def _cache_length(cache) -> int:
+    if cache is None:
+        return 0
+    try:
+        return int(cache.get_seq_length())
+    except (AttributeError, TypeError):
+        return 0
+
+
+def record(model: nn.Module, **options) -> Recorder:
+    """Record routing statistics of ``model`` (patching it for the duration if needed).
+
+    Options: ``dense`` (prob_sum and entropy_sum, default True), ``coact`` ([E, E] pair counts),
+    ``tokens`` ("all", "prompt" or "generated"), ``ignore_token_ids``, ``max_groups`` (device
+    rows before a flush, default 256), ``default_group`` (name of the group outside any
+    ``group()`` context, default "all"), ``meta`` (saved with the statistics).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"record: model must be a torch.nn.Module, got {type(model).__name__}")
+    return Recorder(model, **options)
