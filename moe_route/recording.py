@@ -58,7 +58,7 @@ class Recorder:
         self._handle = None
         self._buffers: dict[str, GateStats] = {}
         self._rows: dict[str, int] = {}          # group name -> device row
-        self._total: Optional[RoutingStats] = None
+        self._parts: list[RoutingStats] = []    # flushed, merged once when read
         self._context: list[str] = [default_group]
         self._batch: Optional[tuple[torch.Tensor, list]] = None   # (ids [B] or [B,S], names)
         self._call: dict = {}                    # this model call: device -> token rows [T]
@@ -238,17 +238,18 @@ class Recorder:
                 index, top_k = self._layers[name]
                 layers.append(LayerStats(name, index, top_k, **host))
                 buf.zero_()
-            part = RoutingStats(layers, names, meta=self.meta)
-            self._total = part if self._total is None else self._total.merge(part)
+            self._parts.append(RoutingStats(layers, names, meta=self.meta))
             self._rows = {}
 
     @property
     def stats(self) -> RoutingStats:
         """Everything recorded so far, on the CPU (flushes the device buffers)."""
         self.flush()
-        if self._total is None:
+        if not self._parts:
             raise RuntimeError("record: nothing was recorded (no model call inside the context)")
-        return self._total
+        if len(self._parts) > 1:
+            self._parts = [RoutingStats.merge_all(self._parts)]
+        return self._parts[0]
 
 
 def _router_device(router: nn.Module) -> torch.device:

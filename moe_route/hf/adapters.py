@@ -11,7 +11,12 @@ Adapters read parameters and buffers from the live module on every call (never a
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import importlib
+import inspect
+import textwrap
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -144,7 +149,7 @@ def _s3(router, block=None) -> RouterSpec:
                       scale=float(_first_attr(router, ("routed_scaling_factor",), 1.0)))
 
 
-# The adapters. Router class names per adapter are in REGISTRY below.
+# The adapters; EXEMPLARS below says which router forward each one reproduces.
 SOFTMAX_TOPK = Adapter("softmax_topk", "S1a", _s1(_renorm_flag))
 SOFTMAX_TOPK_RENORM_FP32 = Adapter("softmax_topk_renorm", "S1b", _s1(lambda r: True),
                                    weights_dtype="float32")
@@ -159,14 +164,19 @@ SIGMOID_GROUPED = Adapter("sigmoid_grouped", "S3", _s3,
                           selection_bias="router:e_score_correction_bias",
                           linear_dtype=torch.float32, weights_dtype="float32")
 
-REGISTRY: dict[str, Adapter] = {
-    "OlmoeTopKRouter": SOFTMAX_TOPK,
-    "Qwen3MoeTopKRouter": SOFTMAX_TOPK,
-    "MixtralTopKRouter": SOFTMAX_TOPK_RENORM_FP32,
-    "GptOssTopKRouter": TOPK_SOFTMAX_BIAS,
-    "GraniteMoeTopKRouter": TOPK_SOFTMAX_FP32_LOGITS,
-    "DeepseekV3TopkRouter": SIGMOID_GROUPED,
+# Each adapter is defined by the forward of one exemplar router class (module, class). Any other
+# router class whose forward has the same syntax tree (transformers copies router code between
+# families with "# Copied from"/modular) gets the same adapter: see ``adapter_for``.
+EXEMPLARS: dict[str, tuple[Adapter, str]] = {
+    "OlmoeTopKRouter": (SOFTMAX_TOPK, "olmoe"),
+    "MixtralTopKRouter": (SOFTMAX_TOPK_RENORM_FP32, "mixtral"),
+    "GptOssTopKRouter": (TOPK_SOFTMAX_BIAS, "gpt_oss"),
+    "GraniteMoeTopKRouter": (TOPK_SOFTMAX_FP32_LOGITS, "granitemoe"),
+    "DeepseekV3TopkRouter": (SIGMOID_GROUPED, "deepseek_v3"),
 }
+
+# Router class name -> adapter: the exemplars, plus classes matched or registered since.
+REGISTRY: dict[str, Adapter] = {name: adapter for name, (adapter, _) in EXEMPLARS.items()}
 
 # Router classes moe_route knows and cannot reproduce, with the reason.
 UNSUPPORTED: dict[str, str] = {}
@@ -180,13 +190,50 @@ def register_adapter(router_class: str, adapter: Adapter) -> None:
     UNSUPPORTED.pop(router_class, None)
 
 
+@functools.lru_cache(maxsize=None)
+def forward_key(cls: type) -> Optional[str]:
+    """The syntax tree of ``cls.forward``'s body (docstring, comments and layout ignored)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls.forward))
+    except (OSError, TypeError):
+        return None
+    func = ast.parse(source).body[0]
+    body = func.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    args = [a.arg for a in func.args.args]
+    return repr(args) + "".join(ast.dump(node) for node in body)
+
+
+@functools.lru_cache(maxsize=None)
+def _exemplar_keys() -> tuple:
+    keys = []
+    for name, (adapter, family) in EXEMPLARS.items():
+        try:
+            module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        except ImportError:
+            continue
+        keys.append((forward_key(getattr(module, name)), adapter))
+    return tuple(keys)
+
+
+def lookup(router_cls: type) -> Optional[Adapter]:
+    """The adapter of a router class, by name or by the syntax tree of its forward; None if none."""
+    adapter = REGISTRY.get(router_cls.__name__)
+    if adapter is None and router_cls.__name__ not in UNSUPPORTED:
+        key = forward_key(router_cls)
+        adapter = next((a for k, a in _exemplar_keys() if key is not None and k == key), None)
+        if adapter is not None:
+            REGISTRY[router_cls.__name__] = adapter
+    return adapter
+
+
 def adapter_for(router: nn.Module) -> Adapter:
-    name = type(router).__name__
-    adapter = REGISTRY.get(name)
+    adapter = lookup(type(router))
     if adapter is None:
-        reason = UNSUPPORTED.get(name, "no adapter is registered for this router class")
-        raise UnsupportedModelError(f"{name}: {reason}; supported router classes: "
-                                    f"{sorted(REGISTRY)}")
+        name = type(router).__name__
+        reason = UNSUPPORTED.get(name, "no adapter matches this router class")
+        raise UnsupportedModelError(f"{name}: {reason} (see moe_route.supported())")
     return adapter
 
 

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from moe_route.hf.adapters import UNSUPPORTED, Adapter, UnsupportedModelError, adapter_for, REGISTRY
+from moe_route.hf.adapters import UNSUPPORTED, Adapter, UnsupportedModelError, adapter_for, lookup
 from moe_route.nn.router import route
 from moe_route.ops import GateStats, SteerSpec, topk_gate
 
@@ -33,6 +33,7 @@ __all__ = ["patch", "unpatch", "PatchHandle", "RouterState", "find_routers"]
 _STATE = "_moe_route_state"
 _HANDLE = "_moe_route_patch"
 _LOCK = threading.Lock()
+_ROUTER_NAME = re.compile(r"(Router|Gate|Gating)$")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
@@ -97,25 +98,26 @@ def find_routers(model: nn.Module) -> list[tuple[str, nn.Module, Optional[nn.Mod
     found, unknown = [], []
     modules = dict(model.named_modules())
     for name, module in modules.items():
-        cls = type(module).__name__
-        if cls in REGISTRY:
-            parent = modules.get(name.rpartition(".")[0]) if "." in name else model
+        cls = type(module)
+        parent = modules.get(name.rpartition(".")[0]) if "." in name else model
+        is_router = _ROUTER_NAME.search(cls.__name__) is not None or (
+            parent is not None and hasattr(parent, "experts")
+            and module in (getattr(parent, "gate", None), getattr(parent, "router", None)))
+        if not is_router or cls is nn.Linear:
+            continue
+        if lookup(cls) is not None:
             found.append((name, module, parent))
-        elif cls in UNSUPPORTED:
-            unknown.append(f"{name} ({cls}: {UNSUPPORTED[cls]})")
-        elif hasattr(module, "experts"):
-            router = getattr(module, "gate", None) or getattr(module, "router", None)
-            if isinstance(router, nn.Module) and type(router).__name__ not in REGISTRY:
-                unknown.append(f"{name}.{'gate' if hasattr(module, 'gate') else 'router'} "
-                               f"({type(router).__name__}: no adapter)")
+        elif hasattr(parent, "experts") or cls.__name__ in UNSUPPORTED:
+            reason = UNSUPPORTED.get(cls.__name__, "no adapter")
+            unknown.append(f"{name} ({cls.__name__}: {reason})")
     if unknown:
         raise UnsupportedModelError(
             f"{type(model).__name__}: unsupported MoE routers: {', '.join(unknown[:4])}"
             f"{' ...' if len(unknown) > 4 else ''}; see moe_route.supported()")
     if not found:
         raise UnsupportedModelError(
-            f"{type(model).__name__}: no MoE router found; supported router classes: "
-            f"{sorted(REGISTRY)} (see moe_route.supported())")
+            f"{type(model).__name__}: no MoE router found (see moe_route.supported() for the "
+            f"supported families)")
     return found
 
 

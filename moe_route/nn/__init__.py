@@ -1,7 +1,10 @@
-"""Drop-in modules. Importing this package registers the ``"moe_route"`` experts implementation
-with transformers' ``ExpertsInterface`` (when transformers is installed)."""
+"""Drop-in modules: ``TopKRouter``, ``SparseMoE`` (router + experts + dispatch + combine) and the
+``"moe_route"`` experts implementation, which importing this package registers with transformers'
+``ExpertsInterface`` (when transformers is installed)."""
 from moe_route.nn import experts
+from moe_route.nn.router import TopKRouter
+from moe_route.nn.sparse_moe import Experts, SparseMoE
 
 experts.register()
 
-__all__ = ["experts"]
+__all__ = ["Experts", "SparseMoE", "TopKRouter", "experts"]

@@ -1,0 +1,130 @@
+"""Every token-routed MoE family of transformers 5.23 and whether moe_route can patch it.
+
+The table lists each family's router classes (research/transformers_moe_map.md §2) and its
+routing-semantics group (§3). Whether a family is supported is not written here: it is whether
+every one of its router classes has an adapter (``adapters.lookup``), so the table cannot claim
+more than the code does.
+"""
+from __future__ import annotations
+
+import importlib
+
+from moe_route.hf.adapters import UNSUPPORTED, lookup
+
+__all__ = ["FAMILIES", "family_status", "supported"]
+
+# model_type -> (semantics group, router classes)
+FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "afmoe": ("S4", ('AfmoeTokenChoiceRouter',)),
+    "aria": ("S2", ('AriaTextTopKRouter',)),
+    "axk1": ("S3", ('AXK1TopkRouter',)),
+    "axk2": ("S3", ('AXK2TopkRouter',)),
+    "bailing_hybrid": ("S3", ('BailingHybridTopkRouter',)),
+    "beam": ("S3", ('BeamTopKRouter',)),
+    "cohere2_moe": ("S2", ('Cohere2MoeTopKRouter',)),
+    "dbrx": ("S1d", ('DbrxRouter',)),
+    "deepseek_ocr2": ("S6a", ('DeepseekOcr2TextTopkRouter',)),
+    "deepseek_v2": ("S6a", ('DeepseekV2TopkRouter',)),
+    "deepseek_v3": ("S3", ('DeepseekV3TopkRouter',)),
+    "deepseek_v32": ("S3", ('DeepseekV32TopkRouter',)),
+    "deepseek_v4": ("S4", ('DeepseekV4TopKRouter', 'DeepseekV4HashRouter')),
+    "diffusion_gemma": ("S1b", ('DiffusionGemmaTextRouter',)),
+    "dots1": ("S3", ('Dots1TopkRouter',)),
+    "dots3_note": ("S3", ('Dots3NoteTextTopkRouter', 'Dots3NoteVisionTopKRouter')),
+    "ernie4_5_moe": ("S5", ('Ernie4_5_MoeTopKRouter',)),
+    "ernie4_5_vl_moe": ("S5", ('Ernie4_5_VLMoeMoeTopKRouter',)),
+    "exaone_moe": ("S3", ('ExaoneMoeTopkRouter',)),
+    "flex_olmo": ("S1a", ('FlexOlmoTopKRouter',)),
+    "flint": ("S4", ('FlintTopKRouter',)),
+    "gemma4": ("S1b", ('Gemma4TextRouter',)),
+    "glm4_moe": ("S3", ('Glm4MoeTopkRouter',)),
+    "glm4_moe_lite": ("S3", ('Glm4MoeLiteTopkRouter',)),
+    "glm4v_moe": ("S3", ('Glm4vMoeTextTopkRouter',)),
+    "glm5_next": ("S3", ('Glm5NextTextTopkRouter',)),
+    "glm_moe_dsa": ("S3", ('GlmMoeDsaTopkRouter',)),
+    "gpt_oss": ("S2", ('GptOssTopKRouter',)),
+    "granitemoe": ("S2", ('GraniteMoeTopKRouter',)),
+    "granitemoe_swa": ("S2", ('GraniteMoeSWATopKRouter',)),
+    "granitemoehybrid": ("S2", ('GraniteMoeHybridTopKRouter',)),
+    "granitemoeshared": ("S2", ('GraniteMoeSharedTopKRouter',)),
+    "hunyuan_v1_moe": ("S1b", ('HunYuanMoEV1Gate',)),
+    "hy_v3": ("S4", ('HYV3TopKRouter',)),
+    "hy_v4": ("S3", ('HYV4TopkRouter',)),
+    "inkling": ("S7", ('InklingTopkRouter',)),
+    "inkling2": ("S4", ('Inkling2TopKRouter',)),
+    "jamba": ("S1c", ('JambaTopKRouter',)),
+    "jetmoe": ("S2", ('JetMoeTopKGating',)),
+    "kimi_linear": ("S3", ('KimiLinearTopkRouter',)),
+    "kolibri1": ("S4", ('Kolibri1TopKRouter',)),
+    "laguna": ("S4", ('LagunaTopKRouter',)),
+    "lfm2_moe": ("S4", ('Lfm2MoeTopKRouter',)),
+    "llama4": ("S7", ('Llama4Router',)),
+    "longcat_flash": ("S5", ('LongcatFlashTopkRouter',)),
+    "mellum": ("S1a", ('MellumTopKRouter',)),
+    "mimo_v2_flash": ("S3", ('MiMoV2FlashTopkRouter',)),
+    "minimax": ("S1b", ('MiniMaxTopKRouter',)),
+    "minimax_m2": ("S4", ('MiniMaxM2TopKRouter',)),
+    "minimax_m3_vl": ("S4", ('MiniMaxM3VLTopKRouter',)),
+    "mistral4": ("S6b", ('Mistral4TopkRouter',)),
+    "mistral_large4": ("S6b", ('MistralLarge4TextTopkRouter',)),
+    "mixtral": ("S1b", ('MixtralTopKRouter',)),
+    "muse_spark": ("S4", ('MuseSparkTopkRouter',)),
+    "nemotron_h": ("S3", ('NemotronHTopkRouter',)),
+    "nllb_moe": ("S7", ('NllbMoeTop2Router',)),
+    "olmoe": ("S1a", ('OlmoeTopKRouter',)),
+    "openai_privacy_filter": ("S2", ('OpenAIPrivacyFilterTopKRouter',)),
+    "phimoe": ("S7", ('PhimoeTopKRouter',)),
+    "qwen2_moe": ("S1a", ('Qwen2MoeTopKRouter',)),
+    "qwen3_5_moe": ("S1b", ('Qwen3_5MoeTopKRouter',)),
+    "qwen3_moe": ("S1a", ('Qwen3MoeTopKRouter',)),
+    "qwen3_next": ("S1a", ('Qwen3NextTopKRouter',)),
+    "qwen3_omni_moe": ("S1a", ('Qwen3OmniMoeTextTopKRouter', 'Qwen3OmniMoeThinkerTextTopKRouter', 'Qwen3OmniMoeTalkerTextTopKRouter')),
+    "qwen3_vl_moe": ("S1b", ('Qwen3VLMoeTextTopKRouter',)),
+    "qwen4_exp": ("S1a", ('Qwen4ExpTextTopKRouter',)),
+    "solar_open": ("S3", ('SolarOpenTopkRouter',)),
+    "step3p7": ("S4", ('Step3p7TopKRouter',)),
+    "switch_transformers": ("S7", ('SwitchTransformersTop1Router',)),
+    "unlimited_ocr": ("S6a", ('UnlimitedOcrTextTopkRouter',)),
+    "zaya": ("S5", ('ZayaRouter',)),
+    "doge": ("S7", ()),
+}
+
+NO_ROUTER_MODULE = {"doge": "product-key routing inside DogeCDMoE, no router module to patch"}
+
+
+def _router_class(family: str, name: str):
+    try:
+        module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    except ImportError as exc:
+        return None, f"cannot import transformers.models.{family} ({exc})"
+    cls = getattr(module, name, None)
+    return cls, None if cls is not None else f"{name} not found in transformers"
+
+
+def family_status(family: str) -> str:
+    """``"supported"`` or ``"unsupported: <reason>"`` for a transformers model_type."""
+    if family not in FAMILIES:
+        raise ValueError(f"family_status: unknown MoE family {family!r}; known: {sorted(FAMILIES)}")
+    if family in NO_ROUTER_MODULE:
+        return f"unsupported: {NO_ROUTER_MODULE[family]}"
+    for name in FAMILIES[family][1]:
+        cls, problem = _router_class(family, name)
+        if problem:
+            return f"unsupported: {problem}"
+        if lookup(cls) is None:
+            return f"unsupported: {name}: {UNSUPPORTED.get(name, 'no adapter yet')}"
+    return "supported"
+
+
+def supported() -> list[dict]:
+    """One row per MoE family: family, router classes, semantics group, adapter(s), status."""
+    rows = []
+    for family, (group, routers) in FAMILIES.items():
+        adapters = []
+        for name in routers:
+            cls, _ = _router_class(family, name)
+            adapter = lookup(cls) if cls is not None else None
+            adapters.append(adapter.name if adapter else None)
+        rows.append(dict(family=family, routers=list(routers), group=group,
+                         adapters=adapters, status=family_status(family)))
+    return rows

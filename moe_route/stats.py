@@ -1,0 +1,757 @@
+"""Routing statistics of a model: ``LayerStats`` per MoE layer, ``RoutingStats`` for the model.
+
+Every tensor has one row per *group* (a sequence, a language, a domain) and, where it has one,
+one column per expert:
+
+    tokens      [G]   int64   tokens routed (masked tokens, group -1, are not counted)
+    counts      [G,E] int64   tokens whose top-k holds expert e
+    weight_sum  [G,E] fp32    sum of the routed weights of e
+    prob_sum    [G,E] fp32    sum of the dense routing distribution (the paper's Eq. 1); optional
+    entropy_sum [G]   fp32    sum of the dense distribution's entropy, nats; optional
+    coact       [E,E] int64   ordered pairs within a token's top-k, over *all* groups; optional
+
+The numbers are those the gate accumulates (``moe_route.ops.GateStats``): integer counts are
+exact, float sums are fp32. ``merge`` adds in fp32 too, so merged float sums equal the sums of the
+parts up to fp32 rounding (bit-reproducible on the CPU for a fixed merge order).
+
+A save is a directory holding ``tensors.safetensors`` (keys ``layers.{i}.{field}``) and
+``manifest.json``; see ``RoutingStats.save``.
+"""
+from __future__ import annotations
+
+import copy
+import ctypes
+import dataclasses
+import errno
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Union
+
+import torch
+
+from moe_route.ops import GateStats
+
+__all__ = ["LayerStats", "RoutingStats"]
+
+# (field, dims, dtype); dims name the axes: "G" groups, "E" experts.
+_FIELDS = (
+    ("tokens", ("G",), torch.int64),
+    ("counts", ("G", "E"), torch.int64),
+    ("weight_sum", ("G", "E"), torch.float32),
+    ("prob_sum", ("G", "E"), torch.float32),
+    ("entropy_sum", ("G",), torch.float32),
+    ("coact", ("E", "E"), torch.int64),
+)
+_DIMS = {name: dims for name, dims, _ in _FIELDS}
+_DTYPES = {name: dtype for name, _, dtype in _FIELDS}
+FIELDS = tuple(name for name, _, _ in _FIELDS)
+REQUIRED_FIELDS = ("tokens", "counts", "weight_sum")
+OPTIONAL_FIELDS = ("prob_sum", "entropy_sum", "coact")
+
+FORMAT = "moe_route.RoutingStats"
+FORMAT_VERSION = 1
+TENSORS_FILE = "tensors.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+
+def _shape_str(dims: Sequence[str], G: int, E: Optional[int]) -> str:
+    return "[" + ", ".join(f"{d}={G if d == 'G' else E}" for d in dims) + "]"
+
+
+@dataclass(frozen=True, eq=False)
+class LayerStats:
+    """Statistics of one MoE layer for G groups and E experts (fields: module docstring).
+
+    ``name`` is the router's module path (``"model.layers.3.mlp.gate"``), ``index`` the decoder
+    layer index (None where a model has no such index), ``top_k`` the experts per token.
+    Tensors are held, not copied: a LayerStats built over a gate's buffers sees them grow.
+    """
+
+    name: str
+    index: Optional[int]
+    top_k: int
+    tokens: torch.Tensor
+    counts: torch.Tensor
+    weight_sum: torch.Tensor
+    prob_sum: Optional[torch.Tensor] = None
+    entropy_sum: Optional[torch.Tensor] = None
+    coact: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"LayerStats: name={self.name!r} must be a non-empty str")
+        where = f"LayerStats({self.name!r})"
+        if self.index is not None and (not isinstance(self.index, int)
+                                       or isinstance(self.index, bool) or self.index < 0):
+            raise ValueError(f"{where}: index={self.index!r} must be None or an int >= 0")
+        for name in FIELDS:
+            t = getattr(self, name)
+            if t is None:
+                if name in REQUIRED_FIELDS:
+                    raise ValueError(f"{where}: {name} is required (a {_DTYPES[name]} tensor), "
+                                     f"got None")
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{where}: {name} must be a torch.Tensor or None, got "
+                                f"{type(t).__name__}")
+            if t.dtype != _DTYPES[name]:
+                raise TypeError(f"{where}: {name} must be {_DTYPES[name]}, got {t.dtype}")
+            if t.dim() != len(_DIMS[name]):
+                raise ValueError(f"{where}: {name} must be {len(_DIMS[name])}-D "
+                                 f"[{', '.join(_DIMS[name])}], got shape {tuple(t.shape)}")
+        G = self.tokens.shape[0]
+        E = self.counts.shape[1]
+        if E < 1:
+            raise ValueError(f"{where}: counts must have at least one expert column, got shape "
+                             f"{tuple(self.counts.shape)}")
+        for name in FIELDS:
+            t = getattr(self, name)
+            if t is None:
+                continue
+            expected = tuple(G if d == "G" else E for d in _DIMS[name])
+            if tuple(t.shape) != expected:
+                raise ValueError(f"{where}: {name} must have shape "
+                                 f"{_shape_str(_DIMS[name], G, E)} (G from tokens, E from "
+                                 f"counts), got {tuple(t.shape)}")
+            if t.device != self.tokens.device:
+                raise ValueError(f"{where}: {name} is on {t.device}, tokens on "
+                                 f"{self.tokens.device}; a layer's tensors share one device")
+        if (not isinstance(self.top_k, int) or isinstance(self.top_k, bool)
+                or not 1 <= self.top_k <= E):
+            raise ValueError(f"{where}: top_k={self.top_k!r} must be an int in "
+                             f"[1, num_experts={E}]")
+
+    @classmethod
+    def from_gate_stats(cls, name: str, index: Optional[int], top_k: int,
+                        gate_stats) -> "LayerStats":
+        """A LayerStats over a ``GateStats``' buffers (shared, not copied)."""
+        if not isinstance(gate_stats, GateStats):
+            raise TypeError(f"LayerStats.from_gate_stats: gate_stats must be a GateStats, got "
+                            f"{type(gate_stats).__name__}")
+        missing = [n for n in REQUIRED_FIELDS if getattr(gate_stats, n) is None]
+        if missing:
+            raise ValueError(f"LayerStats.from_gate_stats({name!r}): gate_stats.{missing[0]} is "
+                             f"None; a LayerStats needs {', '.join(REQUIRED_FIELDS)}")
+        return cls(name, index, top_k, **{n: getattr(gate_stats, n) for n in FIELDS})
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts.shape[1]
+
+    @property
+    def num_groups(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.tokens.device
+
+    def fields_present(self) -> List[str]:
+        """Names of the tensors this layer holds, in the canonical field order."""
+        return [n for n in FIELDS if getattr(self, n) is not None]
+
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        """``{field: tensor}`` for the fields present."""
+        return {n: getattr(self, n) for n in self.fields_present()}
+
+    def replace(self, **changes) -> "LayerStats":
+        """A copy with some attributes replaced (validated like a new LayerStats)."""
+        return dataclasses.replace(self, **changes)
+
+    def to(self, device, *, copy: bool = False) -> "LayerStats":
+        """Tensors on ``device``; like ``Tensor.to``, shared when already there unless ``copy``."""
+        return self.replace(**{n: t.to(device, copy=copy) for n, t in self.tensors().items()})
+
+    def clone(self) -> "LayerStats":
+        return self.replace(**{n: t.clone() for n, t in self.tensors().items()})
+
+    def __repr__(self) -> str:
+        optional = [n for n in OPTIONAL_FIELDS if getattr(self, n) is not None]
+        return (f"LayerStats({self.name!r}, index={self.index}, top_k={self.top_k}, "
+                f"groups={self.num_groups}, experts={self.num_experts}, "
+                f"optional={optional}, device={self.device})")
+
+
+class RoutingStats:
+    """An ordered collection of ``LayerStats`` (one per MoE layer) over shared named groups.
+
+    Row g of every layer's tensors is group ``group_names[g]``; ``meta`` is free JSON-serialisable
+    information (model name, dtype, ...). Layers may live on different devices (a model split
+    with ``device_map``); ``stack`` needs one device, ``to_cpu()`` gives it.
+
+    ``stats[i]`` is the i-th layer (by position), ``stats["model.layers.3.mlp.gate"]`` a layer by
+    name; ``len(stats)`` is the number of layers; iteration yields the layers in order.
+    """
+
+    def __init__(self, layers: Iterable[LayerStats], group_names: Sequence[str],
+                 meta: Optional[Mapping] = None):
+        layers = tuple(layers)
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, LayerStats):
+                raise TypeError(f"RoutingStats: layers[{i}] must be a LayerStats, got "
+                                f"{type(layer).__name__}")
+        if isinstance(group_names, str):
+            raise TypeError(f"RoutingStats: group_names must be a sequence of str, got the str "
+                            f"{group_names!r}")
+        group_names = tuple(group_names)
+        for g, gname in enumerate(group_names):
+            if not isinstance(gname, str):
+                raise TypeError(f"RoutingStats: group_names[{g}]={gname!r} must be a str")
+        _check_unique(group_names, "RoutingStats: group_names")
+        _check_unique([layer.name for layer in layers], "RoutingStats: layer names")
+        for layer in layers:
+            if layer.num_groups != len(group_names):
+                raise ValueError(f"RoutingStats: layer {layer.name!r} has {layer.num_groups} "
+                                 f"groups (rows), expected len(group_names)={len(group_names)}")
+        meta = dict(meta) if meta is not None else {}
+        _check_json(meta, "RoutingStats: meta")
+        self._layers = layers
+        self._by_name = {layer.name: layer for layer in layers}
+        self._group_names = group_names
+        self.meta = meta
+
+    # ---------------------------------------------------------------------------------------
+    # access
+
+    @property
+    def layers(self) -> List[LayerStats]:
+        return list(self._layers)
+
+    @property
+    def layer_names(self) -> List[str]:
+        return [layer.name for layer in self._layers]
+
+    @property
+    def layer_indices(self) -> List[Optional[int]]:
+        return [layer.index for layer in self._layers]
+
+    @property
+    def group_names(self) -> List[str]:
+        return list(self._group_names)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self._group_names)
+
+    @property
+    def num_experts(self) -> int:
+        """E, when every layer has the same number of experts (else ValueError)."""
+        by_e = _layers_by_num_experts(self._layers)
+        if not by_e:
+            raise ValueError("RoutingStats.num_experts: there are no layers")
+        if len(by_e) > 1:
+            raise ValueError(f"RoutingStats.num_experts: layers differ in num_experts: "
+                             f"{_describe_by_e(by_e)}")
+        return next(iter(by_e))
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __iter__(self) -> Iterator[LayerStats]:
+        return iter(self._layers)
+
+    def __contains__(self, name) -> bool:
+        return name in self._by_name
+
+    def __getitem__(self, key: Union[int, str]) -> LayerStats:
+        if isinstance(key, str):
+            try:
+                return self._by_name[key]
+            except KeyError:
+                raise KeyError(f"RoutingStats: no layer named {key!r}; layers are "
+                               f"{_short_list(self.layer_names)}") from None
+        if isinstance(key, bool) or not hasattr(key, "__index__"):
+            raise TypeError(f"RoutingStats: layer key must be an int position or a str name, "
+                            f"got {type(key).__name__}")
+        i = key.__index__()
+        if not -len(self._layers) <= i < len(self._layers):
+            raise IndexError(f"RoutingStats: layer position {i} out of range for "
+                             f"{len(self._layers)} layers")
+        return self._layers[i]
+
+    def stack(self, field: str) -> torch.Tensor:
+        """One field of every layer stacked on a new leading axis: ``[L, ...]``.
+
+        counts/weight_sum/prob_sum -> [L,G,E], tokens/entropy_sum -> [L,G], coact -> [L,E,E].
+        Fields with an expert axis need the same E in every layer; all layers on one device.
+        """
+        if field not in FIELDS:
+            raise ValueError(f"RoutingStats.stack: field={field!r} must be one of {FIELDS}")
+        if not self._layers:
+            raise ValueError(f"RoutingStats.stack({field!r}): there are no layers to stack")
+        missing = [layer.name for layer in self._layers if getattr(layer, field) is None]
+        if missing:
+            raise ValueError(f"RoutingStats.stack: field {field!r} is None in layers "
+                             f"{_short_list(missing)}")
+        if "E" in _DIMS[field]:
+            by_e = _layers_by_num_experts(self._layers)
+            if len(by_e) > 1:
+                raise ValueError(f"RoutingStats.stack({field!r}): needs the same num_experts in "
+                                 f"every layer, got {_describe_by_e(by_e)}")
+        devices = {layer.device for layer in self._layers}
+        if len(devices) > 1:
+            raise ValueError(f"RoutingStats.stack({field!r}): layers are on several devices "
+                             f"{sorted(map(str, devices))}; call .to_cpu() or .to(device) first")
+        return torch.stack([getattr(layer, field) for layer in self._layers])
+
+    # ---------------------------------------------------------------------------------------
+    # copies
+
+    def to(self, device, *, copy: bool = False) -> "RoutingStats":
+        """A new RoutingStats with every layer on ``device`` (tensors already there are shared,
+        as with ``Tensor.to``, unless ``copy``)."""
+        return self._with_layers([layer.to(device, copy=copy) for layer in self._layers])
+
+    def to_cpu(self) -> "RoutingStats":
+        """An independent host copy: never shares memory with the recording buffers, which the
+        recorder may zero and reuse (also when they already are on the CPU)."""
+        return self.to("cpu", copy=True)
+
+    def clone(self) -> "RoutingStats":
+        return self._with_layers([layer.clone() for layer in self._layers])
+
+    def _with_layers(self, layers, group_names=None) -> "RoutingStats":
+        return RoutingStats(layers, self._group_names if group_names is None else group_names,
+                            copy.deepcopy(self.meta))
+
+    # ---------------------------------------------------------------------------------------
+    # groups
+
+    def group(self, names: Union[str, Sequence[str]]) -> "RoutingStats":
+        """The statistics of one group (a str) or of several (a list, rows in its order).
+
+        ``coact`` counts pairs over all groups and cannot be split by group: it is kept when the
+        selection holds every group and set to None otherwise. Tensors are copies.
+        """
+        wanted = [names] if isinstance(names, str) else list(names)
+        for n in wanted:
+            if not isinstance(n, str):
+                raise TypeError(f"RoutingStats.group: group names must be str, got {n!r}")
+        _check_unique(wanted, "RoutingStats.group: names")
+        position = {n: g for g, n in enumerate(self._group_names)}
+        unknown = [n for n in wanted if n not in position]
+        if unknown:
+            raise KeyError(f"RoutingStats.group: unknown groups {unknown}; groups are "
+                           f"{_short_list(self.group_names)}")
+        keep_coact = set(wanted) == set(self._group_names)
+        layers = []
+        for layer in self._layers:
+            rows = torch.tensor([position[n] for n in wanted], dtype=torch.long,
+                                device=layer.device)
+            changes = {n: (t.index_select(0, rows) if "G" in _DIMS[n] else t.clone())
+                       for n, t in layer.tensors().items()}
+            if not keep_coact:
+                changes["coact"] = None
+            layers.append(layer.replace(**changes))
+        return self._with_layers(layers, wanted)
+
+    # ---------------------------------------------------------------------------------------
+    # merging
+
+    def merge(self, other: "RoutingStats") -> "RoutingStats":
+        """A copy of self with ``other``'s numbers added in; neither input changes.
+
+        Layers are matched by name (self's order is kept) and must agree in index, top_k, E and
+        the optional fields present. Groups are matched by name; groups only in ``other`` become
+        new rows after self's. ``coact`` is summed. Sums are fp32 (and exact for the integer
+        fields). other's tensors are moved to the device of self's matching layer, so device
+        buffers can be merged straight into a host total. ``meta`` is self's, plus other's keys
+        that self lacks.
+        """
+        if not isinstance(other, RoutingStats):
+            raise TypeError(f"RoutingStats.merge: other must be a RoutingStats, got "
+                            f"{type(other).__name__}")
+        return RoutingStats.merge_all([self, other])
+
+    @staticmethod
+    def merge_all(items: Iterable["RoutingStats"]) -> "RoutingStats":
+        """``items[0].merge(items[1]).merge(items[2])...`` in one pass: each output tensor is
+        allocated once, so accumulating thousands of per-batch flushes stays linear in size."""
+        items = list(items)
+        if not items:
+            raise ValueError("RoutingStats.merge_all: items must hold at least one RoutingStats")
+        for i, item in enumerate(items):
+            if not isinstance(item, RoutingStats):
+                raise TypeError(f"RoutingStats.merge_all: items[{i}] must be a RoutingStats, "
+                                f"got {type(item).__name__}")
+        first = items[0]
+        for other in items[1:]:
+            _check_mergeable(first, other)
+        group_names = list(first._group_names)
+        position = {n: g for g, n in enumerate(group_names)}
+        for other in items[1:]:
+            for n in other._group_names:
+                if n not in position:
+                    position[n] = len(group_names)
+                    group_names.append(n)
+        G = len(group_names)
+        layers = []
+        for base in first._layers:
+            out = {}
+            for name, t in base.tensors().items():
+                if "G" in _DIMS[name]:
+                    acc = t.new_zeros((G,) + tuple(t.shape[1:]))
+                    acc[: t.shape[0]] = t
+                else:
+                    acc = t.clone()
+                out[name] = acc
+            for other in items[1:]:
+                layer = other._by_name[base.name]
+                rows = torch.tensor([position[n] for n in other._group_names], dtype=torch.long,
+                                    device=base.device)
+                for name, t in layer.tensors().items():
+                    t = t.to(base.device)
+                    if "G" in _DIMS[name]:
+                        out[name].index_add_(0, rows, t)
+                    else:
+                        out[name] += t
+            layers.append(base.replace(**out))
+        meta = copy.deepcopy(first.meta)
+        for other in items[1:]:
+            for key, value in other.meta.items():
+                if key not in meta:
+                    meta[key] = copy.deepcopy(value)
+        return RoutingStats(layers, group_names, meta)
+
+    # ---------------------------------------------------------------------------------------
+    # persistence
+
+    def manifest(self) -> dict:
+        """The JSON manifest ``save`` writes next to the tensors."""
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "moe_route_version": _package_version(),
+            "num_groups": self.num_groups,
+            "group_names": self.group_names,
+            "layers": [{"name": layer.name, "index": layer.index, "top_k": layer.top_k,
+                        "num_experts": layer.num_experts, "fields": layer.fields_present()}
+                       for layer in self._layers],
+            "meta": self.meta,
+        }
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write the directory ``path`` (``tensors.safetensors`` + ``manifest.json``), atomically.
+
+        Everything is written and fsynced in a temporary sibling directory, which then takes
+        ``path``'s place: by an atomic exchange (Linux ``renameat2``) when ``path`` already holds a
+        save, so that ``path`` always holds the complete old or the complete new save; where the
+        exchange is unavailable, the old save is renamed aside first and restored if the rename
+        in fails. An error while writing leaves ``path`` as it was and removes the temporary
+        directory. ``path`` may be absent or a previous RoutingStats save (never anything else:
+        an unrelated directory is not replaced). Parent directories are created.
+        """
+        st = _safetensors("RoutingStats.save")
+        path = os.path.abspath(os.fspath(path))
+        manifest = self.manifest()
+        _check_json(manifest["meta"], "RoutingStats.save: meta")
+        _refuse_foreign(path)
+        parent, base = os.path.split(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+        try:
+            # copy=True: one writable, unshared host tensor per key (safetensors refuses tensors
+            # sharing storage, as views into one recorder buffer would).
+            tensors = {f"layers.{i}.{name}": t.detach().to("cpu", copy=True).contiguous()
+                       for i, layer in enumerate(self._layers)
+                       for name, t in layer.tensors().items()}
+            tensors_file = os.path.join(tmp, TENSORS_FILE)
+            st.save_file(tensors, tensors_file, metadata={"format": "pt"})
+            _fsync_file(tensors_file)
+            manifest_file = os.path.join(tmp, MANIFEST_FILE)
+            with open(manifest_file, "w", encoding="utf-8") as f:
+                json.dump(manifest, f, indent=1, allow_nan=False)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(tmp)
+            _move_into_place(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync_dir(parent)
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "RoutingStats":
+        """Read a ``save`` directory; tensors on the CPU. Errors name the file and what is wrong."""
+        st = _safetensors("RoutingStats.load")
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"RoutingStats.load: {path!r} is not a directory (a save is a "
+                                    f"directory with {MANIFEST_FILE} and {TENSORS_FILE})")
+        manifest_file = os.path.join(path, MANIFEST_FILE)
+        tensors_file = os.path.join(path, TENSORS_FILE)
+        for f in (manifest_file, tensors_file):
+            if not os.path.isfile(f):
+                raise FileNotFoundError(f"RoutingStats.load: missing {f!r}")
+        try:
+            with open(manifest_file, encoding="utf-8") as f:
+                manifest = json.load(f)
+        except ValueError as exc:
+            raise ValueError(f"RoutingStats.load: {manifest_file!r} is not valid JSON ({exc})") \
+                from None
+        _check_manifest(manifest, manifest_file)
+        try:
+            tensors = st.load_file(tensors_file)
+        except Exception as exc:  # safetensors raises its own SafetensorError on a damaged file
+            raise ValueError(f"RoutingStats.load: {tensors_file!r} is not a readable safetensors "
+                             f"file ({type(exc).__name__}: {exc})") from None
+        expected_keys = set()
+        layers = []
+        for i, entry in enumerate(manifest["layers"]):
+            fields = {}
+            for name in entry["fields"]:
+                key = f"layers.{i}.{name}"
+                expected_keys.add(key)
+                if key not in tensors:
+                    raise ValueError(f"RoutingStats.load: {tensors_file!r} has no tensor {key!r} "
+                                     f"(the manifest lists field {name!r} for layer "
+                                     f"{entry['name']!r})")
+                fields[name] = tensors[key]
+            try:
+                layer = LayerStats(entry["name"], entry["index"], entry["top_k"], **fields)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"RoutingStats.load: {tensors_file!r}, layer {i}: {exc}") \
+                    from None
+            if layer.num_experts != entry["num_experts"]:
+                raise ValueError(f"RoutingStats.load: {tensors_file!r}, layer {i} "
+                                 f"({entry['name']!r}): counts has {layer.num_experts} experts, "
+                                 f"the manifest says num_experts={entry['num_experts']}")
+            layers.append(layer)
+        extra = sorted(set(tensors) - expected_keys)
+        if extra:
+            raise ValueError(f"RoutingStats.load: {tensors_file!r} holds tensors the manifest "
+                             f"does not list: {_short_list(extra)}")
+        try:
+            return cls(layers, manifest["group_names"], manifest["meta"])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"RoutingStats.load: {path!r}: {exc}") from None
+
+    # ---------------------------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        L = len(self._layers)
+        if not L:
+            return f"RoutingStats(layers=0, groups={self.num_groups})"
+        by_e = _layers_by_num_experts(self._layers)
+        experts = "/".join(str(e) for e in sorted(by_e))
+        top_k = "/".join(str(k) for k in sorted({layer.top_k for layer in self._layers}))
+        per_layer = sorted({int(layer.tokens.sum()) for layer in self._layers})
+        tokens = (f"{per_layer[0]:,}" if len(per_layer) == 1
+                  else f"{per_layer[0]:,}..{per_layer[-1]:,}")
+        optional = [n for n in OPTIONAL_FIELDS
+                    if any(getattr(layer, n) is not None for layer in self._layers)]
+        devices = ",".join(sorted({str(layer.device) for layer in self._layers}))
+        return (f"RoutingStats(layers={L}, groups={self.num_groups} "
+                f"{_short_list(self.group_names, 4)}, experts={experts}, top_k={top_k}, "
+                f"tokens/layer={tokens}, optional={optional}, device={devices})")
+
+
+# -------------------------------------------------------------------------------------------
+# helpers
+
+
+def _check_unique(names: Sequence[str], what: str) -> None:
+    seen, dup = set(), []
+    for n in names:
+        if n in seen and n not in dup:
+            dup.append(n)
+        seen.add(n)
+    if dup:
+        raise ValueError(f"{what} must be unique, got duplicates {dup}")
+
+
+def _check_json(value, what: str) -> None:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} must be JSON-serialisable ({exc})") from None
+
+
+def _short_list(items: Sequence, limit: int = 8) -> str:
+    items = list(items)
+    if len(items) <= limit:
+        return repr(items)
+    return repr(items[:limit])[:-1] + f", ... (+{len(items) - limit} more)]"
+
+
+def _layers_by_num_experts(layers) -> Dict[int, List[str]]:
+    by_e: Dict[int, List[str]] = {}
+    for layer in layers:
+        by_e.setdefault(layer.num_experts, []).append(layer.name)
+    return by_e
+
+
+def _describe_by_e(by_e: Dict[int, List[str]]) -> str:
+    return "; ".join(f"E={e} in {_short_list(names, 4)}" for e, names in sorted(by_e.items()))
+
+
+def _check_mergeable(a: RoutingStats, b: RoutingStats) -> None:
+    names_a, names_b = set(a.layer_names), set(b.layer_names)
+    if names_a != names_b:
+        raise ValueError(f"RoutingStats.merge: layers must match by name; only in self: "
+                         f"{_short_list(sorted(names_a - names_b))}, only in other: "
+                         f"{_short_list(sorted(names_b - names_a))}")
+    for la in a:
+        lb = b[la.name]
+        for attr in ("num_experts", "top_k", "index"):
+            va, vb = getattr(la, attr), getattr(lb, attr)
+            if va != vb:
+                raise ValueError(f"RoutingStats.merge: layer {la.name!r} has {attr}={va} in self "
+                                 f"but {attr}={vb} in other")
+        fa, fb = la.fields_present(), lb.fields_present()
+        if fa != fb:
+            raise ValueError(f"RoutingStats.merge: layer {la.name!r} holds fields {fa} in self "
+                             f"but {fb} in other; merged sums need the same fields")
+
+
+def _package_version() -> Optional[str]:
+    import moe_route
+    version = getattr(moe_route, "__version__", None)
+    if version is not None:
+        return str(version)
+    try:
+        from importlib import metadata
+        return metadata.version("moe_route")
+    except Exception:  # not installed as a distribution: a source checkout on sys.path
+        return None
+
+
+def _safetensors(caller: str):
+    try:
+        import safetensors.torch as st
+    except ImportError as exc:
+        raise ImportError(f"{caller} needs the safetensors package (pip install safetensors): "
+                          f"{exc}") from None
+    return st
+
+
+def _check_manifest(manifest, manifest_file: str) -> None:
+    def bad(msg):
+        raise ValueError(f"RoutingStats.load: {manifest_file!r}: {msg}")
+
+    if not isinstance(manifest, dict):
+        bad(f"expected a JSON object, got {type(manifest).__name__}")
+    if manifest.get("format") != FORMAT:
+        bad(f"format={manifest.get('format')!r}, expected {FORMAT!r}")
+    version = manifest.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        bad(f"version={version!r} must be an int >= 1")
+    if version > FORMAT_VERSION:
+        bad(f"version={version} is newer than this moe_route "
+            f"({_package_version()}) reads (<= {FORMAT_VERSION}); upgrade moe_route")
+    for key, kind in (("group_names", list), ("layers", list), ("meta", dict)):
+        if not isinstance(manifest.get(key), kind):
+            bad(f"{key} must be a JSON {kind.__name__}, got {manifest.get(key)!r:.80}")
+    for i, entry in enumerate(manifest["layers"]):
+        if not isinstance(entry, dict):
+            bad(f"layers[{i}] must be an object, got {entry!r:.80}")
+        for key in ("name", "index", "top_k", "num_experts", "fields"):
+            if key not in entry:
+                bad(f"layers[{i}] has no {key!r}")
+        fields = entry["fields"]
+        if (not isinstance(fields, list) or any(f not in FIELDS for f in fields)
+                or any(f not in fields for f in REQUIRED_FIELDS)):
+            bad(f"layers[{i}].fields={fields!r} must list {REQUIRED_FIELDS} and any of "
+                f"{OPTIONAL_FIELDS}")
+
+
+def _refuse_foreign(path: str) -> None:
+    """Refuse to replace anything at ``path`` that is not a previous save: replacing removes it."""
+    if not os.path.lexists(path):
+        return
+    if os.path.islink(path) or not os.path.isdir(path):
+        raise FileExistsError(f"RoutingStats.save: {path!r} exists and is not a directory; "
+                              f"refusing to replace it")
+    entries = set(os.listdir(path))
+    # Only our two file names may be there; a readable manifest must be ours (another tool's
+    # directory may hold a manifest.json too), an unreadable one is a damaged save of ours.
+    is_save = entries <= {TENSORS_FILE, MANIFEST_FILE}
+    if is_save and MANIFEST_FILE in entries:
+        try:
+            with open(os.path.join(path, MANIFEST_FILE), encoding="utf-8") as f:
+                manifest = json.load(f)
+        except (OSError, ValueError):
+            manifest = None
+        if manifest is not None:
+            is_save = isinstance(manifest, dict) and manifest.get("format") == FORMAT
+    if not is_save:
+        raise FileExistsError(f"RoutingStats.save: {path!r} exists and is not a RoutingStats "
+                              f"save (entries {_short_list(sorted(entries), 4)}); refusing to "
+                              f"replace it")
+
+
+def _fsync_file(filename: str) -> None:
+    fd = os.open(filename, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(dirname: str) -> None:
+    """Persist a directory's entries (new files, renames); not possible on every platform."""
+    try:
+        fd = os.open(dirname, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _move_into_place(tmp: str, path: str) -> None:
+    """Put the finished directory ``tmp`` at ``path``; ``tmp`` is gone afterwards."""
+    if not os.path.lexists(path):
+        os.rename(tmp, path)  # fails (ENOTEMPTY/EEXIST) if a save appeared meanwhile: no clobber
+        return
+    if _exchange(tmp, path):  # tmp now holds the old save
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    aside = os.path.join(os.path.dirname(path),
+                         f".{os.path.basename(path)}.old-{uuid.uuid4().hex[:12]}")
+    os.rename(path, aside)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.rename(aside, path)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_renameat2 = None
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths with Linux ``renameat2(RENAME_EXCHANGE)``; False where the libc
+    or file system cannot (the caller then falls back to rename-aside)."""
+    global _renameat2
+    if _renameat2 is None:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).renameat2
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                           ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            _renameat2 = fn
+        except (AttributeError, OSError, TypeError):
+            _renameat2 = False
+    if not _renameat2:
+        return False
+    rc = _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"RoutingStats.save: exchanging {a!r} and {b!r} failed: "
+                       f"{os.strerror(err)}")

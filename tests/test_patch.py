@@ -1,0 +1,245 @@
+"""moe_route.patch on tiny models of every supported family, against the unpatched model."""
+import pytest
+import torch
+
+import moe_route
+from moe_route.hf import UnsupportedModelError, find_routers
+from moe_route.nn import SparseMoE, TopKRouter
+
+from tiny_models import ALL_FAMILIES, build, inputs
+
+pytest.importorskip("transformers")
+
+
+
+def _family(key: str) -> str:
+    """The transformers model_type of a tiny-model key (``qwen3_omni_moe_talker`` -> its model)."""
+    return max((f for f in moe_route.hf.FAMILIES if key.startswith(f)), key=len)
+
+
+SUPPORTED = [k for k in ALL_FAMILIES if moe_route.hf.family_status(_family(k)) == "supported"]
+CORE = ["olmoe", "qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3", "granitemoe"]
+
+
+def _ids(seed=0, shape=(2, 9)):
+    return torch.randint(0, 96, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _route_log(model):
+    """Hooks on every router: (name, ids, weights) per call, for whatever forward runs."""
+    log, hooks = [], []
+    for name, router, _ in find_routers(model):
+        hooks.append(router.register_forward_hook(
+            lambda mod, args, out, name=name: log.append((name, out[2].detach().clone(),
+                                                          out[1].detach().clone()))))
+    return log, hooks
+
+
+def _run(model, family, ids):
+    """The model's final output: logits, or the last hidden state of a bare (text) model."""
+    with torch.no_grad():
+        out = model(**inputs(family, ids, model))
+    out = getattr(out, "logits", None) if getattr(out, "logits", None) is not None else out[0]
+    return out.float()
+
+
+def _assert_same_routing(ref_log, our_log, weight_tol, logits=None):
+    """Same id set per token (tokens whose choice was a tie in ``logits`` may differ: the gate
+    breaks ties to the lower index, torch.topk as it happens to), weights to ``weight_tol``."""
+    assert [n for n, _, _ in ref_log] == [n for n, _, _ in our_log]
+    for j, ((name, i0, w0), (_, i1, w1)) in enumerate(zip(ref_log, our_log)):
+        # Unsorted families (DeepSeek-V3 topk(sorted=False)) order their k ids differently.
+        s0, s1 = i0.sort(-1), i1.sort(-1)
+        same = (s0.values == s1.values).all(-1)
+        if logits is not None and not same.all():
+            z = logits[j].float()
+            tied = torch.equal(z[~same].gather(-1, i0[~same]).sort(-1).values,
+                               z[~same].gather(-1, i1[~same]).sort(-1).values)
+            assert tied, f"{name}: ids differ on tokens {(~same).nonzero().flatten().tolist()}"
+        else:
+            assert same.all(), f"{name}: ids differ on tokens {(~same).nonzero().flatten().tolist()}"
+        assert w0.dtype == w1.dtype and i0.dtype == i1.dtype, name
+        torch.testing.assert_close(w1.float().gather(-1, s1.indices)[same],
+                                   w0.float().gather(-1, s0.indices)[same], **weight_tol)
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_patched_model_matches_unpatched(family):
+    """Whole model: the first MoE layer sees identical hidden states, so its ids must be equal
+    and its weights equal to fp32 rounding; final logits agree to a tight tolerance."""
+    model = build(family)
+    ids = _ids()
+    log, hooks = _route_log(model)
+    ref = _run(model, family, ids)
+    ref_log = list(log)
+    log.clear()
+    with moe_route.patch(model):
+        ours = _run(model, family, ids)
+    for h in hooks:
+        h.remove()
+    first = ref_log[0][0]
+    _assert_same_routing([r for r in ref_log if r[0] == first], [r for r in log if r[0] == first],
+                         dict(rtol=2e-6, atol=2e-7))
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", CORE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_router_matches_on_the_same_input(family, dtype):
+    """Every router, patched and unpatched, on the same captured hidden states."""
+    model = build(family, dtype=dtype)
+    captured = []
+    hooks = [r.register_forward_pre_hook(lambda mod, args, name=name: captured.append((name, mod, args[0])))
+             for name, r, _ in find_routers(model)]
+    _run(model, family, _ids(1))
+    for h in hooks:
+        h.remove()
+    tol = dict(rtol=2e-6, atol=2e-7) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    with torch.no_grad():
+        ref = [(n, *reversed(mod(x)[1:])) for n, mod, x in captured]
+        logits = [mod(x)[0] for n, mod, x in captured]
+        with moe_route.patch(model):
+            ours = [(n, *reversed(mod(x)[1:])) for n, mod, x in captured]
+    _assert_same_routing(ref, ours, tol, logits)
+    for (_, _, _), (n, mod, x) in zip(ref, captured):
+        with torch.no_grad():
+            z0 = mod(x)[0]
+            with moe_route.patch(model):
+                z1 = mod(x)[0]
+        assert torch.equal(z0, z1), f"{n}: logits must be bit-identical"
+
+
+@pytest.mark.parametrize("family", CORE)
+def test_exact_mode_is_bit_identical(family):
+    model = build(family)
+    ids = _ids(2)
+    ref = _run(model, family, ids)
+    with moe_route.patch(model, exact=True):
+        assert torch.equal(_run(model, family, ids), ref)
+        with moe_route.record(model) as rec:  # recording does not disturb exact outputs
+            assert torch.equal(_run(model, family, ids), ref)
+    assert int(rec.stats[0].tokens.sum()) == ids.numel()
+
+
+@pytest.mark.parametrize("family", CORE)
+def test_unpatch_restores_everything(family):
+    model = build(family)
+    ids = _ids(3)
+    ref = _run(model, family, ids)
+    keys = list(model.state_dict())
+    attrs = {n: set(m.__dict__) for n, m in model.named_modules()}
+    handle = moe_route.patch(model)
+    assert moe_route.patch(model) is handle  # idempotent
+    assert all("forward" in r.__dict__ for _, r, _ in find_routers(model))
+    assert list(model.state_dict()) == keys
+    handle.remove()
+    assert {n: set(m.__dict__) for n, m in model.named_modules()} == attrs
+    assert torch.equal(_run(model, family, ids), ref)
+    assert moe_route.unpatch(model) is False
+
+
+def test_exception_inside_context_unpatches():
+    model = build("olmoe")
+    attrs = {n: set(m.__dict__) for n, m in model.named_modules()}
+    with pytest.raises(KeyError):
+        with moe_route.patch(model):
+            raise KeyError("boom")
+    with pytest.raises(KeyError):
+        with moe_route.record(model):
+            raise KeyError("boom")
+    assert {n: set(m.__dict__) for n, m in model.named_modules()} == attrs
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
+def test_generate_with_kv_cache_matches(family):
+    model = build(family)
+    prompt = _ids(4, (2, 5))
+    with torch.no_grad():
+        ref = model.generate(prompt, max_new_tokens=6, do_sample=False)
+        with moe_route.patch(model):
+            ours = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert torch.equal(ours, ref)
+
+
+def test_compile_fullgraph_patched_model():
+    model = build("qwen3_moe")
+    ids = _ids(5)
+    ref = _run(model, "qwen3_moe", ids)
+    with moe_route.patch(model):
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        with torch.no_grad():
+            out = compiled(ids).logits.float()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_non_moe_model_raises():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=16,
+                                      num_hidden_layers=1, num_attention_heads=2)
+    with pytest.raises(UnsupportedModelError, match="no MoE router"):
+        moe_route.patch(transformers.LlamaForCausalLM(config))
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        moe_route.patch("olmoe")
+
+
+@pytest.mark.parametrize("family", CORE)
+def test_topk_router_from_module(family):
+    model = build(family)
+    name, router, block = find_routers(model)[0]
+    tk = TopKRouter.from_module(router, block)
+    assert tk.weight is (router.weight if hasattr(router, "weight") else tk.weight)
+    x = torch.randn(13, model.config.hidden_size, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        z0, w0, i0 = router(x)
+        z1, w1, i1 = tk(x)
+    assert torch.equal(z0, z1)
+    _assert_same_routing([(name, i0, w0)], [(name, i1, w1)], dict(rtol=2e-6, atol=2e-7))
+
+
+@pytest.mark.parametrize("family", ["olmoe", "mixtral", "deepseek_v3"])
+def test_topk_router_gradients_match(family):
+    """The gate has no backward; the router's weights still get the same gradient."""
+    model = build(family)
+    _, router, block = find_routers(model)[0]
+    tk = TopKRouter.from_module(router, block)
+    x = torch.randn(9, model.config.hidden_size, generator=torch.Generator().manual_seed(7))
+    grads = []
+    for mod in (router, tk):
+        router.weight.grad = None
+        _, w, ids = mod(x)
+        (w.float() * (ids + 1)).sum().backward()
+        grads.append(router.weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", CORE)
+def test_sparse_moe_from_module(family):
+    model = build(family)
+    block = next(m for _, r, m in find_routers(model))
+    moe = SparseMoE.from_module(block)
+    x = torch.randn(2, 7, model.config.hidden_size, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        want = block(x)
+        want = want[0] if isinstance(want, tuple) else want
+        got = moe(x)
+        assert torch.equal(moe(x), got)  # deterministic
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_moe_standalone_matches_reference_composition():
+    torch.manual_seed(0)
+    moe = SparseMoE(32, 16, 8, 2, moe_route.RouterSpec(renormalize=True))
+    x = torch.randn(11, 32)
+    with torch.no_grad():
+        got = moe(x)
+        z = x @ moe.router.weight.T
+        p = z.softmax(-1)
+        w, ids = p.topk(2, -1)
+        w = w / w.sum(-1, keepdim=True)
+        want = torch.zeros_like(x)
+        for t in range(11):
+            for j in range(2):
+                e = int(ids[t, j])
+                gate, up = (moe.experts.gate_up_proj[e] @ x[t]).chunk(2)
+                want[t] += w[t, j] * (moe.experts.down_proj[e] @ (torch.nn.functional.silu(gate) * up))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

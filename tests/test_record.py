@@ -1,0 +1,137 @@
+"""moe_route.record: statistics against counts computed independently from the unpatched model."""
+import pytest
+import torch
+
+import moe_route
+from moe_route.hf import find_routers
+
+from tiny_models import build, inputs
+from test_patch import SUPPORTED, CORE
+
+pytest.importorskip("transformers")
+
+
+def _ids(seed=0, shape=(3, 8)):
+    return torch.randint(0, 96, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _unpatched_routing(model, family, ids, **kw):
+    """(name -> [(ids, weights)]) from hooks on the unpatched routers' own outputs."""
+    log, hooks = {}, []
+    for name, router, _ in find_routers(model):
+        hooks.append(router.register_forward_hook(
+            lambda mod, args, out, name=name: log.setdefault(name, []).append(
+                (out[2].detach(), out[1].detach().float()))))
+    with torch.no_grad():
+        model(**inputs(family, ids, model), **kw)
+    for h in hooks:
+        h.remove()
+    return log
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_counts_and_weights_match_unpatched_routing(family):
+    """Exact mode keeps the model's own routing, so the recorded statistics of every layer can be
+    compared with numbers computed from the unpatched routers' outputs."""
+    model = build(family)
+    ids = _ids()
+    expected = _unpatched_routing(model, family, ids)
+    with moe_route.patch(model, exact=True), moe_route.record(model, coact=True) as rec:
+        with torch.no_grad():
+            model(**inputs(family, ids, model))
+    stats = rec.stats
+    assert stats.layer_names == list(expected)
+    assert stats.group_names == ["all"]
+    for layer in stats:
+        (sel, w), = expected[layer.name]
+        E = layer.num_experts
+        assert layer.tokens.tolist() == [sel.shape[0]]
+        assert torch.equal(layer.counts[0], torch.bincount(sel.reshape(-1), minlength=E))
+        want_w = torch.zeros(E, dtype=torch.float64).index_add_(0, sel.reshape(-1), w.reshape(-1).double())
+        torch.testing.assert_close(layer.weight_sum[0].double(), want_w, rtol=1e-5, atol=1e-5)
+        onehot = torch.nn.functional.one_hot(sel, E).sum(1)
+        assert torch.equal(layer.coact, onehot.T @ onehot)
+        assert layer.prob_sum[0].sum().item() == pytest.approx(sel.shape[0], rel=1e-5)
+
+
+def test_groups_masks_and_ignored_tokens():
+    model = build("olmoe")
+    ids = _ids(1)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0                      # left padding of sequence 1
+    ids[2, 0] = 7                         # a "special" token to ignore
+    routing = _unpatched_routing(model, "olmoe", ids, attention_mask=mask)
+    with moe_route.patch(model, exact=True), moe_route.record(model, ignore_token_ids=[7]) as rec:
+        rec.set_groups(torch.tensor([0, 1, 0]), names=["eng", "fra"])
+        with torch.no_grad():
+            model(ids, attention_mask=mask)
+        with rec.group("deu"):
+            rec.set_groups(None)
+            with torch.no_grad():
+                model(ids[:1])
+    stats = rec.stats
+    assert stats.group_names == ["eng", "fra", "deu"]
+    keep = (mask != 0) & (ids != 7)
+    group = torch.tensor([0, 1, 0])[:, None].expand_as(ids)
+    layer0 = stats[0]
+    sel = routing[layer0.name][0][0].view(3, 8, -1)
+    for g, name in enumerate(["eng", "fra"]):
+        m = keep & (group == g)
+        assert int(layer0.tokens[g]) == int(m.sum())
+        assert torch.equal(layer0.counts[g], torch.bincount(sel[m].reshape(-1), minlength=8))
+    assert int(layer0.tokens[2]) == 8
+
+
+def test_generate_records_prompt_and_decode_tokens():
+    model = build("qwen3_moe")
+    prompt = _ids(2, (2, 5))
+    new = 4
+    for tokens, want in (("all", 2 * 5 + 2 * (new - 1)), ("prompt", 10), ("generated", 2 * (new - 1))):
+        with moe_route.record(model, tokens=tokens) as rec, torch.no_grad():
+            model.generate(prompt, max_new_tokens=new, do_sample=False)
+        assert [int(layer.tokens.sum()) for layer in rec.stats] == [want] * 2, tokens
+
+
+def test_per_sequence_groups_flush_without_losing_counts():
+    model = build("mixtral")
+    batches = [_ids(s, (3, 6)) for s in range(4)]
+
+    def run(max_groups):
+        with moe_route.record(model, max_groups=max_groups) as rec, torch.no_grad():
+            for b, ids in enumerate(batches):
+                rec.per_sequence([f"seq{3 * b + i}" for i in range(3)])
+                model(ids)
+        return rec.stats
+
+    small, big = run(4), run(64)
+    assert small.group_names == big.group_names == [f"seq{i}" for i in range(12)]
+    for a, b in zip(small, big):
+        assert torch.equal(a.counts, b.counts) and torch.equal(a.tokens, b.tokens)
+        torch.testing.assert_close(a.weight_sum, b.weight_sum)
+
+
+def test_stats_save_load_round_trip(tmp_path):
+    model = build("deepseek_v3")
+    with moe_route.record(model, coact=True) as rec, torch.no_grad():
+        model(_ids(3))
+    stats = rec.stats
+    stats.save(tmp_path / "run")
+    back = moe_route.RoutingStats.load(tmp_path / "run")
+    assert back.layer_names == stats.layer_names
+    for a, b in zip(stats, back):
+        assert torch.equal(a.counts, b.counts) and torch.equal(a.weight_sum, b.weight_sum)
+        assert a.index == b.index and a.top_k == b.top_k
+
+
+def test_record_option_errors():
+    model = build("olmoe")
+    with pytest.raises(ValueError, match="tokens='some'"):
+        moe_route.record(model, tokens="some")
+    with pytest.raises(ValueError, match="max_groups=0"):
+        moe_route.record(model, max_groups=0)
+    with moe_route.record(model) as rec:
+        rec.set_groups(torch.tensor([0, 1]))
+        with pytest.raises(ValueError, match=r"shape \(2,\).*\[3, 8\]"):
+            with torch.no_grad():
+                model(_ids())
+    assert not any("forward" in m.__dict__ for m in model.modules())

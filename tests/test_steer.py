@@ -1,0 +1,122 @@
+"""moe_route.steer: interventions move routing where asked, in the chosen layers only."""
+import pytest
+import torch
+
+import moe_route
+from moe_route import SteeringPlan
+
+from tiny_models import build
+from test_patch import CORE
+
+pytest.importorskip("transformers")
+
+
+def _ids(seed=0, shape=(3, 8)):
+    return torch.randint(0, 96, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _counts(model, ids, plan=None):
+    """Per-layer [E] expert counts (recorded in exact mode when unsteered)."""
+    with moe_route.patch(model, exact=True), moe_route.record(model) as rec, torch.no_grad():
+        if plan is None:
+            model(ids)
+        else:
+            with moe_route.steer(model, plan):
+                model(ids)
+    return [layer.counts[0] for layer in rec.stats], [layer.index for layer in rec.stats]
+
+
+@pytest.mark.parametrize("family", CORE)
+def test_force_on_and_off_in_one_layer_only(family):
+    model = build(family)
+    ids = _ids()
+    T = ids.numel()
+    base, layers = _counts(model, ids)
+    last = layers[-1]
+    rare = int(base[-1].argmin())
+    common = int(base[-1].argmax())
+    on, _ = _counts(model, ids, SteeringPlan.force(last, rare, on=True))
+    assert int(on[-1][rare]) == T                       # in every token's top-k
+    for before, after in zip(base[:-1], on[:-1]):       # earlier layers untouched
+        assert torch.equal(before, after)
+    off, _ = _counts(model, ids, SteeringPlan.force(last, common, on=False))
+    assert int(off[-1][common]) == 0
+    for before, after in zip(base[:-1], off[:-1]):
+        assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("family", ["olmoe", "mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("kind", ["std", "add"])
+def test_soft_steering_moves_selection_up(family, kind):
+    model = build(family)
+    for module in model.modules():  # the random init's large correction biases (|b| ~ 1) would
+        bias = getattr(module, "e_score_correction_bias", None)  # outweigh a saturated sigmoid
+        if bias is not None:
+            bias.zero_()
+    ids = _ids(1)
+    base, layers = _counts(model, ids)
+    first = layers[0]
+    expert = int(base[0].argmin())
+    plan = (SteeringPlan.promote(first, expert, std=2.0) if kind == "std"
+            else SteeringPlan.bias(first, expert, add=3.0))
+    steered, _ = _counts(model, ids, plan)
+    assert int(steered[0][expert]) > int(base[0][expert])
+    assert int(steered[0].sum()) == int(base[0].sum())  # still k experts per token
+
+
+def test_steering_is_undone_on_exit_and_on_error():
+    model = build("qwen3_moe")
+    ids = _ids(2)
+    with torch.no_grad():
+        ref = model(ids).logits
+    plan = SteeringPlan.force([0, 1], 3, on=True)
+    with pytest.raises(RuntimeError):
+        with moe_route.steer(model, plan):
+            raise RuntimeError("boom")
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    with moe_route.patch(model, exact=True):
+        with moe_route.steer(model, plan):
+            with torch.no_grad():
+                steered = model(ids).logits
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, ref)
+    assert not torch.equal(steered, ref)
+
+
+def test_nested_steering_restores_outer_plan():
+    model = build("olmoe")
+    ids = _ids(3)
+    outer = SteeringPlan.force(0, 1, on=True)
+    inner = SteeringPlan.force(0, 1, on=False)
+    with moe_route.steer(model, outer), moe_route.record(model) as rec:
+        with moe_route.steer(model, inner), torch.no_grad(), rec.group("inner"):
+            model(ids)
+        with torch.no_grad(), rec.group("outer"):
+            model(ids)
+    layer0 = rec.stats[0]
+    assert int(layer0.counts[0, 1]) == 0 and int(layer0.counts[1, 1]) == ids.numel()
+
+
+def test_plan_validation_errors():
+    model = build("olmoe")
+    with pytest.raises(ValueError, match="layer 7 is not an MoE layer"):
+        with moe_route.steer(model, SteeringPlan.force(7, 0)):
+            pass
+    with pytest.raises(ValueError, match="expert 8 must be < num_experts=8"):
+        with moe_route.steer(model, SteeringPlan.force(0, 8)):
+            pass
+    with pytest.raises(ValueError, match="name the same router"):
+        plan = SteeringPlan.force(0, 1) | SteeringPlan.force("model.layers.0.mlp.gate", 2)
+        with moe_route.steer(model, plan):
+            pass
+    with pytest.raises(TypeError, match="plan must be a SteeringPlan"):
+        moe_route.steer(model, {0: {1: {"force": 1}}})
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_plan_by_module_path_and_json_round_trip():
+    model = build("gpt_oss")
+    ids = _ids(4)
+    plan = SteeringPlan.from_json(SteeringPlan.force("model.layers.1.mlp", 5).to_json())
+    counts, _ = _counts(model, ids, plan)
+    assert int(counts[1][5]) == ids.numel()
