@@ -1,0 +1,123 @@
+"""Forward time of whole MoE models: unpatched vs ``patch`` vs ``record`` vs the usual alternative.
+
+    python bench/model_overhead.py [--size tiny|mid|both] [--tokens 256] [--reps 5]
+
+Per model (random weights from the real transformers config classes; mid-size: hidden 1024,
+8 layers, 64 experts, top-8), in one process and on the same inputs, the median forward time of:
+    unpatched   the model as transformers builds it (experts implementation "grouped_mm");
+    patch       moe_route.patch(model) (fused gate in every router);
+    record      patch + moe_route.record(model) (counts, weight/prob/entropy sums on device);
+    alternative output_router_logits=True, then the same statistics computed in PyTorch from the
+                returned logits (softmax, top-k, bincount, index_add) -- what users write today.
+Ratios are to the unpatched time measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import transformers
+
+import moe_route
+
+MID = dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
+           vocab_size=1024, max_position_embeddings=4096, num_experts_per_tok=8)
+TINY = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=1024, max_position_embeddings=4096, num_experts_per_tok=2)
+
+MODELS = {
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
+              lambda s: dict(intermediate_size=s // 2, num_experts=64 if s >= 1024 else 8)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  lambda s: dict(intermediate_size=s, moe_intermediate_size=s // 2,
+                                 num_experts=64 if s >= 1024 else 8, head_dim=64,
+                                 norm_topk_prob=True)),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    lambda s: dict(intermediate_size=s, moe_intermediate_size=s // 2,
+                                   n_routed_experts=64 if s >= 1024 else 8, n_group=8 if s >= 1024 else 2,
+                                   topk_group=4 if s >= 1024 else 1, n_shared_experts=1,
+                                   first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=64,
+                                   qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
+                                   routed_scaling_factor=2.5, num_key_value_heads=16)),
+}
+
+
+def build(family: str, base: dict):
+    config_cls, model_cls, extra = MODELS[family]
+    kwargs = {**base, **extra(base["hidden_size"])}
+    config = getattr(transformers, config_cls)(**kwargs)
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():  # spread routing (some families initialise routers at zero)
+        for name, p in model.named_parameters():
+            if name.endswith(("gate.weight", "router.weight")):
+                p.normal_(0, 0.05)
+    return model
+
+
+def python_stats(router_logits, k):
+    """The statistics ``record`` keeps, computed from output_router_logits in PyTorch."""
+    out = []
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, ids = probs.topk(k, dim=-1)
+        E = probs.shape[-1]
+        counts = torch.bincount(ids.reshape(-1), minlength=E)
+        wsum = torch.zeros(E).index_add_(0, ids.reshape(-1), weights.reshape(-1))
+        entropy = torch.special.entr(probs).sum()
+        out.append((counts, wsum, probs.sum(0), entropy))
+    return out
+
+
+def median_ms(fn, reps: int) -> tuple[float, float]:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), (max(times) - min(times)) / 2
+
+
+def run(family: str, size: str, tokens: int, reps: int) -> dict:
+    model = build(family, MID if size == "mid" else TINY)
+    k = model.config.num_experts_per_tok
+    ids = torch.randint(0, 1024, (1, tokens), generator=torch.Generator().manual_seed(1))
+    rows = {}
+    with torch.no_grad():
+        rows["unpatched"] = median_ms(lambda: model(ids), reps)
+        with moe_route.patch(model):
+            rows["patch"] = median_ms(lambda: model(ids), reps)
+            with moe_route.record(model) as rec:
+                rows["record"] = median_ms(lambda: model(ids), reps)
+            rec.stats  # the one host sync, outside the timed calls
+        rows["alternative"] = median_ms(
+            lambda: python_stats(model(ids, output_router_logits=True).router_logits, k), reps)
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", choices=["tiny", "mid", "both"], default="both")
+    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--families", nargs="*", default=list(MODELS))
+    args = p.parse_args()
+    sizes = ["tiny", "mid"] if args.size == "both" else [args.size]
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"{torch.get_num_threads()} threads, {args.tokens} tokens, median of {args.reps}")
+    print(f"| model | unpatched | patch | record | alternative (output_router_logits + PyTorch) |")
+    print("|---|---:|---:|---:|---:|")
+    for size in sizes:
+        for family in args.families:
+            r = run(family, size, args.tokens, args.reps)
+            base = r["unpatched"][0]
+            cell = lambda key: f"{r[key][0]:.1f} ms ±{r[key][1]:.1f} ({r[key][0] / base:.3f}×)"  # noqa: E731
+            print(f"| {family} {size} | {base:.1f} ms ±{r['unpatched'][1]:.1f} | {cell('patch')} | "
+                  f"{cell('record')} | {cell('alternative')} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
