@@ -6,7 +6,7 @@ import moe_route
 from moe_route.hf import UnsupportedModelError, find_routers
 from moe_route.nn import SparseMoE, TopKRouter
 
-from tiny_models import ALL_FAMILIES, build, inputs
+from tiny_models import ALL_FAMILIES, build, inputs, selected_experts
 
 pytest.importorskip("transformers")
 
@@ -65,21 +65,24 @@ def _assert_same_routing(ref_log, our_log, weight_tol, logits=None):
 
 @pytest.mark.parametrize("family", SUPPORTED)
 def test_patched_model_matches_unpatched(family):
-    """Whole model: the first MoE layer sees identical hidden states, so its ids must be equal
-    and its weights equal to fp32 rounding; final logits agree to a tight tolerance."""
+    """Whole model: the first router call sees identical hidden states, so its expert ids must be
+    equal; final outputs agree to a tight tolerance. (Per-router weights on identical inputs:
+    tests/test_adapters.py.)"""
     model = build(family)
     ids = _ids()
-    log, hooks = _route_log(model)
+    first = find_routers(model)[0][1]
+    k = moe_route.hf.adapter_for(first).k(first)
+    seen = []
+    hook = first.register_forward_hook(
+        lambda mod, args, out: seen.append(selected_experts(_family(family), out, k)))
     ref = _run(model, family, ids)
-    ref_log = list(log)
-    log.clear()
     with moe_route.patch(model):
         ours = _run(model, family, ids)
-    for h in hooks:
-        h.remove()
-    first = ref_log[0][0]
-    _assert_same_routing([r for r in ref_log if r[0] == first], [r for r in log if r[0] == first],
-                         dict(rtol=2e-6, atol=2e-7))
+    hook.remove()
+    assert len(seen) >= 2
+    n = len(seen) // 2
+    for a, b in zip(seen[:n], seen[n:]):
+        assert torch.equal(a.view(-1, k).sort(-1).values, b.view(-1, k).sort(-1).values)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 

@@ -4,7 +4,10 @@ An ``Adapter`` says, for one router forward (research/transformers_moe_map.md §
 semantics groups S1..S7), where the router's parameters live, how its logits are computed (the
 dtype recipe of its ``F.linear``), which ``RouterSpec`` reproduces its selection and weights, where
 its selection bias lives, and the dtype and layout of what it returns. One adapter object serves
-every router class that shares that forward; the registry is keyed by router class name.
+every router class that shares that forward; the registry is keyed by router class name. A few
+families need a hook around the gate (Gemma4's normed input, Laguna's softcap, Ernie's clamped
+renormalisation, Llama4's dense scores): the hooks run the family's own PyTorch ops, so what the
+router returns is still bit-identical where the family computes it outside the gate.
 
 Adapters read parameters and buffers from the live module on every call (never a cached copy), so
 ``model.to(...)``, ``device_map`` placement and in-place weight edits are always seen.
@@ -18,9 +21,10 @@ import importlib
 import inspect
 import textwrap
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moe_route.nn.router import TopKRouter, router_logits
@@ -41,8 +45,13 @@ def _attr(obj, path: str):
 
 
 def _first_attr(obj, names, default=None):
+    """The first of the attribute paths ``names`` that is set (not None) on ``obj``."""
     for name in names:
-        value = getattr(obj, name, None)
+        value = obj
+        for part in name.split("."):
+            value = getattr(value, part, None)
+            if value is None:
+                break
         if value is not None:
             return value
     return default
@@ -59,10 +68,19 @@ class Adapter:
         selection_bias: where the selection-only bias lives: ``"router:<path>"``,
             ``"block:<path>"`` (read from the MoE block) or ``"arg:<i>"`` (the router forward's
             i-th extra argument); None for none.
-        linear_dtype, logits_dtype: the logits' dtype recipe (``moe_route.nn.router``).
+        linear_dtype, logits_dtype: the logits' dtype recipe (``moe_route.nn.router``);
+            ``linear_dtype="weight"`` casts the input to the weight's dtype (MiniMax-M2).
         weights_dtype: ``"logits"``, ``"float32"`` or ``"input"``: the dtype the family's weights
             come back in.
-        flatten: the router reshapes its input to ``[-1, H]`` itself (else it takes 2-D input).
+        top_k, num_experts: attribute paths (first one set wins) of k and E on the router.
+        linear: ``(router, x [T, H]) -> logits``, replacing the dtype recipe where the family's
+            logits are more than one GEMM (Gemma4's norm and scale, Kolibri1's CUDA path).
+        pre: ``(router, logits) -> logits`` after the GEMM (Laguna's softcap): what the gate
+            routes on and what the router returns as its logits.
+        autocast: False for routers that compute their logits with autocast disabled (Ernie).
+        returns: ``(router, hidden_states, logits, weights, ids) -> the router's outputs`` for a
+            family that returns more or other than ``(logits, weights, ids)``, or post-processes
+            the gate's weights in PyTorch (Ernie's clamped renormalisation).
     """
 
     name: str
@@ -71,11 +89,15 @@ class Adapter:
     weight: str = "weight"
     bias: Optional[str] = None
     selection_bias: Optional[str] = None
-    linear_dtype: Optional[torch.dtype] = None
+    linear_dtype: Union[torch.dtype, str, None] = None
     logits_dtype: Optional[torch.dtype] = None
     weights_dtype: str = "logits"
     top_k: tuple = ("top_k",)
     num_experts: tuple = ("num_experts",)
+    linear: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None
+    pre: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None
+    autocast: bool = True
+    returns: Optional[Callable[..., tuple]] = None
 
     def k(self, router) -> int:
         return int(_first_attr(router, self.top_k))
@@ -85,9 +107,20 @@ class Adapter:
 
     def logits(self, router, hidden_states: torch.Tensor) -> torch.Tensor:
         w = _attr(router, self.weight)
-        b = _attr(router, self.bias) if self.bias else None
-        return router_logits(hidden_states.reshape(-1, w.shape[1]), w, b, self.linear_dtype,
-                             self.logits_dtype)
+        x = hidden_states.reshape(-1, w.shape[1])
+        if not self.autocast and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return self._logits(router, w, x)
+        return self._logits(router, w, x)
+
+    def _logits(self, router, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.linear is not None:
+            z = self.linear(router, x)
+        else:
+            b = _attr(router, self.bias) if self.bias else None
+            dtype = w.dtype if self.linear_dtype == "weight" else self.linear_dtype
+            z = router_logits(x, w, b, dtype, self.logits_dtype)
+        return z if self.pre is None else self.pre(router, z)
 
     def selection_bias_of(self, router, block, args=()) -> Optional[torch.Tensor]:
         if self.selection_bias is None:
@@ -110,10 +143,16 @@ class Adapter:
 
     def build_router(self, router: nn.Module, block: Optional[nn.Module] = None) -> TopKRouter:
         """A standalone ``TopKRouter`` sharing ``router``'s parameters (and selection bias)."""
+        hook = next((h for h in ("linear", "pre", "returns") if getattr(self, h) is not None), None)
+        if hook is not None:
+            raise UnsupportedModelError(
+                f"TopKRouter.from_module: {type(router).__name__} needs the {self.name!r} "
+                f"adapter's {hook!r} hook, which a TopKRouter cannot express; use moe_route.patch")
         w = _attr(router, self.weight)
         E, H = w.shape
+        linear_dtype = w.dtype if self.linear_dtype == "weight" else self.linear_dtype
         tk = TopKRouter(H, E, self.k(router), self.spec(router, block),
-                        linear_dtype=self.linear_dtype, logits_dtype=self.logits_dtype,
+                        linear_dtype=linear_dtype, logits_dtype=self.logits_dtype,
                         weights_dtype=self.weights_dtype, device="meta")
         tk.weight = w
         if self.bias:
@@ -149,20 +188,231 @@ def _s3(router, block=None) -> RouterSpec:
                       scale=float(_first_attr(router, ("routed_scaling_factor",), 1.0)))
 
 
+def _gate(score="softmax", *, select_on="scores", renorm=False, eps=0.0, scale=None):
+    """A spec whose settings are constants or read from the router: ``score`` a name or a
+    function of the router, ``renorm`` a bool or the name of the router's flag
+    (``"norm_topk_prob"``), ``eps`` added to the sum when renormalising, ``scale`` None or the
+    name of the router's scale attribute."""
+    def spec(router, block=None) -> RouterSpec:
+        on = renorm if isinstance(renorm, bool) else bool(getattr(router, renorm))
+        return RouterSpec(score(router) if callable(score) else score, select_on=select_on,
+                          renormalize=on, renorm_eps=eps if on else 0.0,
+                          scale=float(getattr(router, scale)) if scale else 1.0)
+    return spec
+
+
+def _s6a(router, block=None) -> RouterSpec:
+    """DeepSeek-V2 (DeepseekV2TopkRouter): fp32 softmax, then greedy top-k or group-limited top-k
+    (a group scores its max; other groups are zeroed, which no probability can lose to), no
+    renormalisation (norm_topk_prob is ignored), times routed_scaling_factor."""
+    if router.topk_method == "greedy":
+        n_group, topk_group = 1, 1
+    elif router.topk_method == "group_limited_greedy":
+        n_group, topk_group = int(router.num_group), int(router.topk_group)
+    else:
+        raise UnsupportedModelError(f"{type(router).__name__}: topk_method="
+                                    f"{router.topk_method!r} (only greedy, group_limited_greedy)")
+    return RouterSpec("softmax", n_group=n_group, topk_group=topk_group, group_score="max",
+                      scale=float(router.routed_scaling_factor))
+
+
+def _s6b(renorm):
+    """Mistral-4 (Mistral4TopkRouter): softmax, groups score the sum of their top-2
+    probabilities (other groups zeroed, which no probability can lose to), renorm + 1e-20 if
+    ``renorm(router)``, times routed_scaling_factor."""
+    def spec(router, block=None) -> RouterSpec:
+        on = renorm(router)
+        return RouterSpec("softmax", n_group=int(router.num_group),
+                          topk_group=int(router.topk_group), group_score="top2_sum",
+                          renormalize=on, renorm_eps=1e-20 if on else 0.0,
+                          scale=float(router.routed_scaling_factor))
+    return spec
+
+
+def _cohere2(router, block=None) -> RouterSpec:
+    """Cohere2MoeTopKRouter: top-k of the logits, then a softmax over the k (expert_selection_fn
+    "softmax") or their sigmoid, renormalised if norm_topk_prob ("sigmoid")."""
+    if router.expert_selection_fn == "softmax":
+        return RouterSpec("softmax", select_on="logits")
+    if router.expert_selection_fn == "sigmoid":
+        return RouterSpec("sigmoid", select_on="logits", renormalize=bool(router.norm_topk_prob))
+    raise UnsupportedModelError(f"{type(router).__name__}: expert_selection_fn="
+                                f"{router.expert_selection_fn!r} (only softmax, sigmoid)")
+
+
+def _score_fn(router) -> str:
+    """The RouterSpec score of a router's ``score_fn`` module (``ACT2FN[config.scoring_func]``)."""
+    name = type(router.score_fn).__name__
+    score = {"Sigmoid": "sigmoid", "SqrtSoftplusActivation": "sqrtsoftplus"}.get(name)
+    if score is None:
+        raise UnsupportedModelError(f"{type(router).__name__}: scoring function {name} has no "
+                                    f"RouterSpec score (sigmoid, sqrtsoftplus)")
+    return score
+
+
+def _gemma4_linear(router, x):
+    # Gemma4TextRouter: scale-free RMSNorm, times a learned scale and hidden_size**-0.5, then proj
+    return router.proj(router.norm(x) * router.scale * router.scalar_root_size)
+
+
+def _gemma4_returns(router, hidden_states, z, w, ids):
+    # Gemma4TextRouter returns the fp32 probabilities (not the logits) and scales each chosen
+    # expert's renormalised weight by its per_expert_scale
+    return F.softmax(z, dim=-1, dtype=torch.float32), w * router.per_expert_scale[ids], ids
+
+
+_MM_OUT_DTYPE = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 8)
+
+
+def _kolibri_linear(router, x):
+    # Kolibri1TopKRouter: on CUDA, inference in the weight's dtype takes fp32 logits straight
+    # from a half-precision GEMM (mm with out_dtype); elsewhere an fp32 GEMM
+    w = router.weight
+    if x.is_cuda and x.dtype == w.dtype and not torch.is_grad_enabled() and _MM_OUT_DTYPE:
+        return torch.mm(x, w.t(), out_dtype=torch.float32)
+    return router_logits(x, w, None, torch.float32)
+
+
+def _laguna_softcap(router, z):
+    # LagunaTopKRouter: tanh softcap of the fp32 logits, returned as the router logits
+    cap = router.router_logit_softcapping
+    return torch.tanh(z / cap) * cap if cap > 0.0 else z
+
+
+def _ernie_returns(router, hidden_states, z, w, ids):
+    # Ernie4_5_MoeTopKRouter divides by clamp(sum, min=moe_norm_min), not by sum + eps: the gate
+    # leaves the chosen probabilities unnormalised and this renormalises them in fp32
+    w = w / torch.clamp(w.sum(dim=-1, keepdim=True), min=router.norm_min)
+    return z, w.to(hidden_states.dtype), ids
+
+
+def _llama4_returns(router, hidden_states, z, w, ids):
+    # Llama4Router returns (dense scores [T, E], logits): the sigmoid of each chosen logit, 0
+    # elsewhere (the block runs every expert on score-scaled tokens); rebuilt from the gate's ids
+    # with the family's own ops, so both outputs are bit-identical
+    scores = torch.full_like(z, float("-inf")).scatter_(1, ids, z.gather(1, ids))
+    return torch.sigmoid(scores.float()).to(scores.dtype), z
+
+
 # The adapters; EXEMPLARS below says which router forward each one reproduces.
 SOFTMAX_TOPK = Adapter("softmax_topk", "S1a", _s1(_renorm_flag))
 SOFTMAX_TOPK_RENORM_FP32 = Adapter("softmax_topk_renorm", "S1b", _s1(lambda r: True),
                                    weights_dtype="float32")
 SOFTMAX_TOPK_RENORM = Adapter("softmax_topk_renorm", "S1b", _s1(lambda r: True))
+# HunYuanMoEV1Gate: an fp32 nn.Linear child `wg`; the input follows its dtype
+SOFTMAX_TOPK_RENORM_WG = Adapter("softmax_topk_renorm", "S1b", _s1(lambda r: True),
+                                 weight="wg.weight", linear_dtype="weight")
+# Gemma4TextRouter: normed and scaled input, probabilities returned, per-expert weight scale
+SOFTMAX_TOPK_RENORM_GEMMA4 = Adapter("softmax_topk_renorm_scaled", "S1b", _s1(lambda r: True),
+                                     weight="proj.weight", linear=_gemma4_linear,
+                                     weights_dtype="float32", returns=_gemma4_returns,
+                                     top_k=("config.top_k_experts",))
+# JambaTopKRouter: never renormalised; weights in the input dtype
+SOFTMAX_TOPK_NO_RENORM = Adapter("softmax_topk", "S1c", _gate(), weights_dtype="input")
 TOPK_SOFTMAX_BIAS = Adapter("topk_softmax", "S2",
                             lambda r, b=None: RouterSpec("softmax", select_on="logits"),
                             bias="bias")
+# AriaTextTopKRouter: GPT-OSS's forward without the logit bias
+TOPK_SOFTMAX = dataclasses.replace(TOPK_SOFTMAX_BIAS, bias=None)
 TOPK_SOFTMAX_FP32_LOGITS = Adapter("topk_softmax", "S2",
                                    lambda r, b=None: RouterSpec("softmax", select_on="logits"),
                                    logits_dtype=torch.float32, weights_dtype="input")
+# Cohere2MoeTopKRouter: softmax (fp32) or sigmoid of the k chosen logits; input-dtype weights
+TOPK_SCORE = Adapter("topk_softmax", "S2", _cohere2, weights_dtype="input")
+# OpenAIPrivacyFilterTopKRouter: fp32 logits with bias; the weights are divided by k (its
+# block multiplies the expert output by k again)
+TOPK_SOFTMAX_PER_K = Adapter("topk_softmax", "S2",
+                             lambda r, b=None: RouterSpec("softmax", select_on="logits",
+                                                          scale=1.0 / r.top_k),
+                             bias="bias", linear_dtype=torch.float32)
+# DeepseekV3TopkRouter: the weights follow the logits' dtype (fp32, or bf16 under autocast)
 SIGMOID_GROUPED = Adapter("sigmoid_grouped", "S3", _s3,
                           selection_bias="router:e_score_correction_bias",
-                          linear_dtype=torch.float32, weights_dtype="float32")
+                          linear_dtype=torch.float32)
+# MiniMaxM2TopKRouter: input in the weight's dtype, fp32 sigmoid, the block's bias as the
+# forward's argument, renormalised (no eps); fp32 weights
+SIGMOID_TOPK_ARG_BIAS = Adapter("sigmoid_topk", "S4", _gate("sigmoid", renorm=True),
+                                selection_bias="arg:0", linear_dtype="weight",
+                                weights_dtype="float32")
+# MiniMaxM3VLTopKRouter, Step3p7TopKRouter: the same with the bias on the router (the block
+# applies the routed scaling factor after the experts)
+SIGMOID_TOPK_BIAS = dataclasses.replace(SIGMOID_TOPK_ARG_BIAS,
+                                        selection_bias="router:e_score_correction_bias")
+# HYV3TopKRouter, Dots3NoteVisionTopKRouter: fp32 logits, the block's bias as an argument,
+# renorm + 1e-20, times router_scaling_factor
+SIGMOID_TOPK_ARG_BIAS_SCALED = Adapter("sigmoid_topk", "S4",
+                                       _gate("sigmoid", renorm=True, eps=1e-20,
+                                             scale="router_scaling_factor"),
+                                       selection_bias="arg:0", linear_dtype=torch.float32)
+# AfmoeTokenChoiceRouter: nn.Linear child `gate`, logits cast to fp32 after the GEMM, the
+# block's expert_bias as an argument, renorm + 1e-20, times route_scale
+SIGMOID_TOPK_AFMOE = Adapter("sigmoid_topk", "S4",
+                             _gate("sigmoid", renorm=True, eps=1e-20, scale="route_scale"),
+                             weight="gate.weight", selection_bias="arg:0",
+                             logits_dtype=torch.float32)
+# Lfm2MoeTopKRouter: all in the model dtype; the block passes its expert_bias, or None when the
+# router does not use one; optional renorm + 1e-6, times routed_scaling_factor. (A half-precision
+# model selects on sigmoids rounded to its dtype, the gate on fp32 ones: experts closer than that
+# rounding may swap.)
+SIGMOID_TOPK_LFM2 = Adapter("sigmoid_topk", "S4",
+                            _gate("sigmoid", renorm="norm_topk_prob", eps=1e-6,
+                                  scale="routed_scaling_factor"),
+                            selection_bias="arg:0")
+# LagunaTopKRouter: fp32 logits after the GEMM, optional tanh softcap, router bias, renorm;
+# weights in the input dtype (the block applies its scaling factor after the experts)
+SIGMOID_TOPK_SOFTCAP = Adapter("sigmoid_topk", "S4", _gate("sigmoid", renorm=True),
+                               selection_bias="router:e_score_correction_bias",
+                               logits_dtype=torch.float32, pre=_laguna_softcap,
+                               weights_dtype="input")
+# MuseSparkTopkRouter: fp32 logits times output_multiplier (returned as the logits),
+# renorm + 1e-15, times routed_scaling_factor
+SIGMOID_TOPK_MULTIPLIER = Adapter("sigmoid_topk", "S4",
+                                  _gate("sigmoid", renorm=True, eps=1e-15,
+                                        scale="routed_scaling_factor"),
+                                  selection_bias="router:e_score_correction_bias",
+                                  linear_dtype=torch.float32,
+                                  pre=lambda r, z: z * r.output_multiplier)
+# DeepseekV4TopKRouter: score_fn (sigmoid or sqrt(softplus)) in the model dtype, router bias,
+# renorm + 1e-20, times routed_scaling_factor (the Lfm2 caveat on half-precision scores applies)
+SCORE_TOPK_BIAS = Adapter("score_topk", "S4",
+                          _gate(_score_fn, renorm=True, eps=1e-20,
+                                scale="routed_scaling_factor"),
+                          selection_bias="router:e_score_correction_bias")
+# Inkling2TopKRouter: the same in fp32
+SCORE_TOPK_BIAS_FP32 = dataclasses.replace(SCORE_TOPK_BIAS, linear_dtype=torch.float32)
+# Kolibri1TopKRouter: selects on logits + bias, weights are the sigmoid of the chosen logits,
+# optionally renormalised (no eps); fp32 logits
+LOGIT_BIAS_TOPK_SIGMOID = Adapter("logit_topk_sigmoid", "S4",
+                                  _gate("sigmoid", select_on="logits", renorm="norm_topk_prob"),
+                                  selection_bias="router:e_score_correction_bias",
+                                  linear=_kolibri_linear)
+# FlintTopKRouter: fp32 with autocast off, sigmoid top-k without a bias, optional renorm
+SIGMOID_TOPK = Adapter("sigmoid_topk", "S4", _gate("sigmoid", renorm="norm_topk_prob"),
+                       linear_dtype=torch.float32, autocast=False)
+# Ernie4_5_MoeTopKRouter: fp32 with autocast off, softmax + moe_statics bias for selection,
+# weights renormalised by clamp(sum, min=moe_norm_min) and cast to the input dtype
+SOFTMAX_BIAS_CLAMP_RENORM = Adapter("softmax_bias_topk", "S5", _gate(),
+                                    selection_bias="router:moe_statics.e_score_correction_bias",
+                                    linear_dtype=torch.float32, weights_dtype="float32",
+                                    autocast=False, returns=_ernie_returns)
+# LongcatFlashTopkRouter: fp32 softmax over the routed plus the identity ("zero") experts, router
+# bias, times routed_scaling_factor; the classifier's own bias is not used
+SOFTMAX_BIAS_SCALED = Adapter("softmax_bias_topk", "S5", _gate(scale="routed_scaling_factor"),
+                              weight="classifier.weight",
+                              selection_bias="router:e_score_correction_bias",
+                              linear_dtype=torch.float32, num_experts=("n_routed_experts",))
+# DeepseekV2TopkRouter: fp32 softmax, greedy or group-max limited top-k, scaled
+SOFTMAX_GROUPED_MAX = Adapter("softmax_grouped", "S6a", _s6a, linear_dtype=torch.float32)
+# Mistral4TopkRouter: softmax in the model dtype, top-2-sum groups, optional renorm, scaled (the
+# Lfm2 caveat on half-precision scores applies)
+SOFTMAX_GROUPED = Adapter("softmax_grouped", "S6b", _s6b(_renorm_flag))
+# MistralLarge4TextTopkRouter: the same in fp32, always renormalised
+SOFTMAX_GROUPED_FP32 = Adapter("softmax_grouped", "S6b", _s6b(lambda r: True),
+                               linear_dtype=torch.float32)
+# Llama4Router (an nn.Linear): top-k of the logits, sigmoid of each; dense scores returned
+LOGIT_TOPK_DENSE_SIGMOID = Adapter("logit_topk_dense_sigmoid", "S7",
+                                   lambda r, b=None: RouterSpec("sigmoid", select_on="logits"),
+                                   returns=_llama4_returns)
 
 # Each adapter is defined by the forward of one exemplar router class (module, class). Any other
 # router class whose forward has the same syntax tree (transformers copies router code between
@@ -170,16 +420,66 @@ SIGMOID_GROUPED = Adapter("sigmoid_grouped", "S3", _s3,
 EXEMPLARS: dict[str, tuple[Adapter, str]] = {
     "OlmoeTopKRouter": (SOFTMAX_TOPK, "olmoe"),
     "MixtralTopKRouter": (SOFTMAX_TOPK_RENORM_FP32, "mixtral"),
+    "Qwen3VLMoeTextTopKRouter": (SOFTMAX_TOPK_RENORM, "qwen3_vl_moe"),
+    "HunYuanMoEV1Gate": (SOFTMAX_TOPK_RENORM_WG, "hunyuan_v1_moe"),
+    "Gemma4TextRouter": (SOFTMAX_TOPK_RENORM_GEMMA4, "gemma4"),
+    "JambaTopKRouter": (SOFTMAX_TOPK_NO_RENORM, "jamba"),
     "GptOssTopKRouter": (TOPK_SOFTMAX_BIAS, "gpt_oss"),
+    "AriaTextTopKRouter": (TOPK_SOFTMAX, "aria"),
     "GraniteMoeTopKRouter": (TOPK_SOFTMAX_FP32_LOGITS, "granitemoe"),
+    "Cohere2MoeTopKRouter": (TOPK_SCORE, "cohere2_moe"),
+    "OpenAIPrivacyFilterTopKRouter": (TOPK_SOFTMAX_PER_K, "openai_privacy_filter"),
     "DeepseekV3TopkRouter": (SIGMOID_GROUPED, "deepseek_v3"),
+    # BeamTopKRouter: sorted top-k, no scaling factor on the router (its block scales)
+    "BeamTopKRouter": (SIGMOID_GROUPED, "beam"),
+    # AXK2TopkRouter: groups only when n_group is set, and the other groups are filled with 0.0
+    # instead of -inf: the same ids whenever k experts of the kept groups score above 0
+    "AXK2TopkRouter": (SIGMOID_GROUPED, "axk2"),
+    "MiniMaxM2TopKRouter": (SIGMOID_TOPK_ARG_BIAS, "minimax_m2"),
+    "MiniMaxM3VLTopKRouter": (SIGMOID_TOPK_BIAS, "minimax_m3_vl"),
+    "HYV3TopKRouter": (SIGMOID_TOPK_ARG_BIAS_SCALED, "hy_v3"),
+    "AfmoeTokenChoiceRouter": (SIGMOID_TOPK_AFMOE, "afmoe"),
+    "Lfm2MoeTopKRouter": (SIGMOID_TOPK_LFM2, "lfm2_moe"),
+    "LagunaTopKRouter": (SIGMOID_TOPK_SOFTCAP, "laguna"),
+    "MuseSparkTopkRouter": (SIGMOID_TOPK_MULTIPLIER, "muse_spark"),
+    "DeepseekV4TopKRouter": (SCORE_TOPK_BIAS, "deepseek_v4"),
+    "Inkling2TopKRouter": (SCORE_TOPK_BIAS_FP32, "inkling2"),
+    "Kolibri1TopKRouter": (LOGIT_BIAS_TOPK_SIGMOID, "kolibri1"),
+    "FlintTopKRouter": (SIGMOID_TOPK, "flint"),
+    "Ernie4_5_MoeTopKRouter": (SOFTMAX_BIAS_CLAMP_RENORM, "ernie4_5_moe"),
+    "LongcatFlashTopkRouter": (SOFTMAX_BIAS_SCALED, "longcat_flash"),
+    "DeepseekV2TopkRouter": (SOFTMAX_GROUPED_MAX, "deepseek_v2"),
+    "Mistral4TopkRouter": (SOFTMAX_GROUPED, "mistral4"),
+    "MistralLarge4TextTopkRouter": (SOFTMAX_GROUPED_FP32, "mistral_large4"),
+    "Llama4Router": (LOGIT_TOPK_DENSE_SIGMOID, "llama4"),
 }
 
 # Router class name -> adapter: the exemplars, plus classes matched or registered since.
 REGISTRY: dict[str, Adapter] = {name: adapter for name, (adapter, _) in EXEMPLARS.items()}
 
 # Router classes moe_route knows and cannot reproduce, with the reason.
-UNSUPPORTED: dict[str, str] = {}
+UNSUPPORTED: dict[str, str] = {
+    "DbrxRouter": "returns only the logits; DbrxFFN.route_tokens_to_experts does the softmax, "
+                  "top-k and p-norm outside the router, so a patched router cannot route",
+    "PhimoeTopKRouter": "sparsemixer: top-2 with jitter-threshold masking and a separate softmax "
+                        "over the masked logits for each choice (Gumbel sampling in training), "
+                        "not expressible as one RouterSpec",
+    "InklingTopkRouter": "weights normalise the chosen experts' sigmoids together with the "
+                         "shared experts' (a per-token denominator) and a 4th output carries the "
+                         "shared-expert gammas, not expressible as one RouterSpec",
+    "DeepseekV4HashRouter": "hash routing: ids are tid2eid[input_ids], a frozen token-to-expert "
+                            "table, not a top-k of the router's scores",
+    "JetMoeTopKGating": "returns a dispatch plan (slots sorted by expert, token index, gates, "
+                        "per-expert sizes via .tolist()) instead of (logits, weights, ids), and "
+                        "its attention experts (JetMoeMoA) consume it too; no adapter rebuilds it",
+    "SwitchTransformersTop1Router": "top-1 with expert capacity (a cumsum over the sequence drops "
+                                    "overflowing tokens) and a one-hot dispatch mask, not a "
+                                    "per-token gate",
+    "NllbMoeTop2Router": "top-2 with expert capacity, second_expert_policy sampling and padding "
+                         "masks, returning dense masks, not a per-token gate",
+    "ZayaRouter": "an MLP router with state carried across layers (router_states) and a skip "
+                  "class among E+1 outputs, not a linear router",
+}
 
 
 def register_adapter(router_class: str, adapter: Adapter) -> None:

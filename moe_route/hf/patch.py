@@ -70,6 +70,8 @@ class RouterState:
                        selection_bias=ad.selection_bias_of(router, self.block, args),
                        steer=self.steer, stats=self.stats, groups=self._groups(z),
                        weights_dtype=ad.weights_out_dtype(z, hidden_states))
+        if ad.returns is not None:  # a family that returns more or other than (z, w, ids)
+            return ad.returns(router, hidden_states, z, w, ids)
         return z, w, ids
 
     def _groups(self, z):
