@@ -17,6 +17,15 @@ padding (``attention_mask == 0``), ``ignore_token_ids`` (template or special tok
 The device buffers hold ``max_groups`` rows. When a batch needs a row and none is free, the
 buffers are flushed to the host total (``RoutingStats.merge``) between model calls, so per-sequence
 statistics over any number of sequences take bounded device memory.
+
+The statistics are the fused gate's (``GateStats``): ``weight_sum`` holds the gate's weights,
+which are the router's outputs except in families whose router post-processes them in PyTorch
+(Gemma4's per-expert scale, Ernie's clamped renormalisation; ``Adapter.returns``).
+
+``trace=True`` also keeps the per-token routing of every layer on the CPU: ids (int16 when
+E <= 32767), weights (fp16 unless ``trace_dtype=torch.float32``), the statistics row of each token
+and, with ``trace_logits=True``, the router logits. Each router call's tensors are copied to the
+host as they are produced (``rec.trace``, ``rec.save_trace(path)``); this one does sync.
 """
 from __future__ import annotations
 
@@ -41,7 +50,9 @@ class Recorder:
 
     def __init__(self, model: nn.Module, *, dense: bool = True, coact: bool = False,
                  tokens: str = "all", ignore_token_ids: Optional[Iterable[int]] = None,
-                 max_groups: int = 256, default_group: str = "all", meta: Optional[dict] = None):
+                 max_groups: int = 256, default_group: str = "all", meta: Optional[dict] = None,
+                 trace: bool = False, trace_logits: bool = False,
+                 trace_dtype: torch.dtype = torch.float16):
         if tokens not in TOKENS:
             raise ValueError(f"record: tokens={tokens!r} must be one of {TOKENS}")
         if not isinstance(max_groups, int) or max_groups < 1:
@@ -54,6 +65,11 @@ class Recorder:
                                  else torch.as_tensor(list(ignore_token_ids), dtype=torch.int64))
         self.max_groups = max_groups
         self.meta = dict(meta or {})
+        if trace_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"record: trace_dtype={trace_dtype} must be float16, bfloat16 or "
+                             f"float32")
+        self.trace_on, self.trace_logits, self.trace_dtype = trace, trace_logits, trace_dtype
+        self._trace: dict[str, dict[str, list]] = {}
         self._lock = threading.RLock()
         self._handle = None
         self._buffers: dict[str, GateStats] = {}
@@ -82,6 +98,8 @@ class Recorder:
             for name, state in self._handle.routers.items():
                 state.stats = self._buffers[name]
                 state.groups = self._token_rows
+                if self.trace_on:
+                    state.trace = self._record_trace
             self._hook = self.model.register_forward_pre_hook(self._on_call, with_kwargs=True)
         except BaseException:
             self._detach()
@@ -103,7 +121,7 @@ class Recorder:
         if self._handle is not None:
             for name, state in self._handle.routers.items():
                 if state.stats is self._buffers.get(name):
-                    state.stats, state.groups = None, None
+                    state.stats, state.groups, state.trace = None, None, None
             release(self._handle)
             self._handle = None
 
@@ -221,6 +239,62 @@ class Recorder:
                                f"its input_ids (encoder-decoder or multimodal), which record() "
                                f"cannot assign to groups")
         return rows
+
+    def _record_trace(self, name, logits, weights, ids, groups):
+        E = logits.shape[-1]
+        parts = self._trace.setdefault(name, {})
+        rows = {"ids": ids.to(torch.int16 if E <= 32767 else torch.int32),
+                "weights": weights.to(self.trace_dtype),
+                "groups": groups if groups is not None else
+                torch.full((ids.shape[0],), -1, dtype=torch.int32, device=ids.device)}
+        if self.trace_logits:
+            rows["logits"] = logits.to(self.trace_dtype)
+        for key, t in rows.items():
+            parts.setdefault(key, []).append(t.detach().to("cpu", non_blocking=True))
+        # group rows are recycled after a flush: keep each token's group *name*
+        parts.setdefault("group_names", []).append(list(self._rows))
+
+    @property
+    def trace(self) -> dict:
+        """``{layer name: {"ids" [N, k], "weights" [N, k], "group" list of N names or None,
+        ("logits" [N, E])}}`` for every token routed while tracing, in call order."""
+        out = {}
+        for name, parts in self._trace.items():
+            layer = {key: torch.cat(parts[key]) for key in ("ids", "weights", "logits")
+                     if key in parts}
+            names = []
+            for rows, table in zip(parts["groups"], parts["group_names"]):
+                names.extend(table[r] if 0 <= r < len(table) else None for r in rows.tolist())
+            layer["group"] = names
+            out[name] = layer
+        return out
+
+    def save_trace(self, path) -> None:
+        """Write the trace as one safetensors file (atomically: temp file, then rename); group
+        names go in its metadata."""
+        import json
+        import os
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        tensors, groups = {}, {}
+        for i, (name, layer) in enumerate(self.trace.items()):
+            for key in ("ids", "weights", "logits"):
+                if key in layer:
+                    tensors[f"{name}.{key}"] = layer[key].contiguous()
+            groups[name] = layer["group"]
+        path = os.fspath(path)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"format": "moe_route.trace", "version": "1",
+                                              "groups": json.dumps(groups)})
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
 
     # -- results -----------------------------------------------------------------------------
 

@@ -53,29 +53,36 @@ class RouterState:
     steer: Optional[SteerSpec] = None
     stats: Optional[GateStats] = None
     groups: Optional[Callable[[int, torch.device], Optional[torch.Tensor]]] = None
+    trace: Optional[Callable] = None      # trace(name, logits, weights, ids, groups)
     steer_stack: list = field(default_factory=list)
 
     def __call__(self, router, hidden_states, args, kwargs):
         ad = self.adapter
         if self.exact and self.steer is None:
             out = self.original(hidden_states, *args, **kwargs)
-            if self.stats is not None:
+            if self.stats is not None or self.trace is not None:
                 z = ad.logits(router, hidden_states)
-                topk_gate(z, self.top_k, self.spec,
-                          selection_bias=ad.selection_bias_of(router, self.block, args),
-                          stats=self.stats, groups=self._groups(z))
+                groups = self._groups(z)
+                w, ids = topk_gate(z, self.top_k, self.spec,
+                                   selection_bias=ad.selection_bias_of(router, self.block, args),
+                                   stats=self.stats, groups=groups)
+                if self.trace is not None:
+                    self.trace(self.name, z, w, ids, groups)
             return out
         z = ad.logits(router, hidden_states)
+        groups = self._groups(z)
         w, ids = route(z, self.top_k, self.spec,
                        selection_bias=ad.selection_bias_of(router, self.block, args),
-                       steer=self.steer, stats=self.stats, groups=self._groups(z),
+                       steer=self.steer, stats=self.stats, groups=groups,
                        weights_dtype=ad.weights_out_dtype(z, hidden_states))
+        if self.trace is not None:
+            self.trace(self.name, z, w, ids, groups)
         if ad.returns is not None:  # a family that returns more or other than (z, w, ids)
             return ad.returns(router, hidden_states, z, w, ids)
         return z, w, ids
 
     def _groups(self, z):
-        if self.stats is None or self.groups is None:
+        if self.groups is None:
             return None
         return self.groups(z.shape[0], z.device)
 
