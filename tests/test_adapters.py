@@ -1,0 +1,284 @@
+"""Router adapters: every supported family's routers, patched and unpatched, on the same input.
+
+Each router's input is captured with a forward pre-hook during one forward of the family's tiny
+model; the router is then called unpatched and patched (``moe_route.patch``) on that input. The
+logits (index 0) must be bit-identical, the expert ids the same set per token, the weights equal
+to fp32 rounding (bf16: to bf16 rounding) and every output's dtype the same.
+"""
+import dataclasses
+
+import pytest
+import torch
+
+import moe_route
+from moe_route.hf import FAMILIES, UnsupportedModelError, family_status, find_routers, supported
+from moe_route.hf.adapters import UNSUPPORTED, lookup
+from moe_route.nn import TopKRouter
+
+from tiny_models import ALL_FAMILIES, build, inputs
+
+pytest.importorskip("transformers")
+
+
+def _family(key: str) -> str:
+    """The transformers model_type of a tiny-model key (``qwen3_omni_moe_talker`` -> its model)."""
+    return max((f for f in FAMILIES if key.startswith(f)), key=len)
+
+
+SUPPORTED = [k for k in ALL_FAMILIES if family_status(_family(k)) == "supported"]
+
+# bf16 runs for a representative subset: the tiny models of every router forward added for S1c-S7
+# plus one family of each older adapter
+BF16 = ["olmoe", "mixtral", "gpt_oss", "granitemoe", "deepseek_v3", "jamba", "qwen3_vl_moe",
+        "hunyuan_v1_moe", "gemma4", "aria", "cohere2_moe", "openai_privacy_filter", "beam",
+        "axk2", "deepseek_v2", "mistral4", "mistral_large4", "minimax_m2", "minimax_m3_vl",
+        "hy_v3", "afmoe", "lfm2_moe", "laguna", "muse_spark", "inkling2", "kolibri1", "flint",
+        "ernie4_5_moe", "ernie4_5_vl_moe", "longcat_flash", "llama4"]
+
+# The families moe_route cannot patch (each router class has its reason in UNSUPPORTED).
+UNSUPPORTED_FAMILIES = {"dbrx", "deepseek_v4", "inkling", "jetmoe", "nllb_moe", "phimoe",
+                        "switch_transformers", "zaya", "doge"}
+
+FP32_TOL = dict(rtol=2e-6, atol=2e-7)
+BF16_TOL = dict(rtol=1e-2, atol=1e-2)
+
+
+def _ids(seed=1, shape=(2, 9)):
+    return torch.randint(0, 96, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _capture(model, key, seed=1, routers=None):
+    """(name, router, args, kwargs) of every call of ``routers`` (default: every router) during
+    one forward of ``model``."""
+    calls = []
+    if routers is None:
+        routers = [(name, r) for name, r, _ in find_routers(model)]
+
+    def hook(mod, args, kwargs, name):
+        args = tuple(a.clone() if torch.is_tensor(a) else a for a in args)
+        calls.append((name, mod, args, dict(kwargs)))
+
+    hooks = [r.register_forward_pre_hook(lambda m, a, kw, n=name: hook(m, a, kw, n),
+                                         with_kwargs=True)
+             for name, r in routers]
+    try:
+        with torch.no_grad():
+            model(**inputs(key, _ids(seed), model))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls, f"{key}: no router was called"
+    return calls
+
+
+def _call_all(model, calls, patched: bool):
+    with torch.no_grad():
+        if not patched:
+            return [mod(*args, **kwargs) for _, mod, args, kwargs in calls]
+        with moe_route.patch(model):
+            return [mod(*args, **kwargs) for _, mod, args, kwargs in calls]
+
+
+def _assert_same_ids_and_weights(name, z, ref_ids, our_ids, ref_w, our_w, tol):
+    """Same id set per token, except on near-ties of ``z`` (the gate breaks ties of equal
+    scores by value and lower index, torch.topk as it happens to); weights to ``tol``."""
+    s0, s1 = ref_ids.sort(-1), our_ids.sort(-1)
+    same = (s0.values == s1.values).all(-1)
+    if not same.all():
+        z = z.float()
+        tie_tol = dict(rtol=1e-6, atol=0.0) if z.dtype == torch.float32 else dict(rtol=0, atol=0)
+        for t in (~same).nonzero().flatten().tolist():
+            torch.testing.assert_close(z[t, ref_ids[t]].sort().values,
+                                       z[t, our_ids[t]].sort().values, **tie_tol,
+                                       msg=lambda m: f"{name}: token {t} routes differently: "
+                                                     f"{ref_ids[t].tolist()} vs "
+                                                     f"{our_ids[t].tolist()} ({m})")
+    torch.testing.assert_close(our_w.float().gather(-1, s1.indices)[same],
+                               ref_w.float().gather(-1, s0.indices)[same], **tol)
+
+
+def _assert_router_outputs_match(name, ref, ours, tol):
+    assert type(ref) is type(ours) and len(ref) == len(ours), name
+    for i, (a, b) in enumerate(zip(ref, ours)):
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{name}: output {i}: {a.dtype}" \
+            f"{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+    assert torch.equal(ref[0], ours[0]), f"{name}: output 0 must be bit-identical"
+    if len(ref) == 2:  # Llama4Router: (dense scores, logits), both rebuilt with the family's ops
+        assert torch.equal(ref[1], ours[1]), f"{name}: the logits must be bit-identical"
+        return
+    _assert_same_ids_and_weights(name, ref[0], ref[2], ours[2], ref[1], ours[1], tol)
+
+
+def _check_family(key, dtype):
+    model = build(key, dtype=dtype)
+    calls = _capture(model, key)
+    ref = _call_all(model, calls, patched=False)
+    ours = _call_all(model, calls, patched=True)
+    tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
+    for (name, _, _, _), r, o in zip(calls, ref, ours):
+        _assert_router_outputs_match(f"{key}: {name}", r, o, tol)
+    return model
+
+
+@pytest.mark.parametrize("key", SUPPORTED)
+def test_every_router_matches_on_the_same_input(key):
+    _check_family(key, torch.float32)
+
+
+@pytest.mark.parametrize("key", BF16)
+def test_every_router_matches_on_the_same_input_bf16(key):
+    assert key in SUPPORTED
+    _check_family(key, torch.bfloat16)
+
+
+def test_supported_rows_and_status_strings():
+    rows = supported()
+    assert [r["family"] for r in rows] == list(FAMILIES)
+    for row in rows:
+        family, status = row["family"], row["status"]
+        assert status == family_status(family)
+        assert row["routers"] == list(FAMILIES[family][1])
+        if family in UNSUPPORTED_FAMILIES:
+            assert status.startswith("unsupported: "), family
+            missing = [n for n, a in zip(row["routers"], row["adapters"]) if a is None]
+            assert family == "doge" or missing, family
+            for name in missing:  # the reason given is the UNSUPPORTED entry of the class
+                assert name in UNSUPPORTED, name
+                assert status == f"unsupported: {missing[0]}: {UNSUPPORTED[missing[0]]}"
+        else:
+            assert status == "supported", f"{family}: {status}"
+            assert None not in row["adapters"], family
+    assert {r["family"] for r in rows if r["status"] != "supported"} == UNSUPPORTED_FAMILIES
+
+
+@pytest.mark.parametrize("key,router_class", [("phimoe", "PhimoeTopKRouter"),
+                                              ("dbrx", "DbrxRouter"),
+                                              ("deepseek_v4", "DeepseekV4HashRouter")])
+def test_unsupported_router_raises_naming_the_class(key, router_class):
+    model = build(key)
+    attrs = {n: set(m.__dict__) for n, m in model.named_modules()}
+    with pytest.raises(UnsupportedModelError, match=router_class) as err:
+        moe_route.patch(model)
+    assert UNSUPPORTED[router_class] in str(err.value)
+    assert {n: set(m.__dict__) for n, m in model.named_modules()} == attrs  # nothing patched
+
+
+def test_deepseek_v4_topk_router_alone():
+    """DeepSeek-V4's sqrt(softplus) top-k router is supported; its hash router is not, so patch
+    a layer that has only the former."""
+    model = build("deepseek_v4")
+    calls = _capture(model, "deepseek_v4", routers=[
+        (n, m) for n, m in model.named_modules() if type(m).__name__ == "DeepseekV4TopKRouter"])
+    assert calls and lookup(type(calls[0][1])).spec(calls[0][1]).score == "sqrtsoftplus"
+    layer = model.get_submodule(calls[0][0].rsplit(".", 2)[0])
+    with torch.no_grad():
+        ref = [mod(*a, **kw) for _, mod, a, kw in calls]
+        with moe_route.patch(layer):
+            ours = [mod(*a, **kw) for _, mod, a, kw in calls]
+    for (name, _, _, _), r, o in zip(calls, ref, ours):
+        _assert_router_outputs_match(name, r, o, FP32_TOL)
+
+
+@pytest.mark.parametrize("key", ["ernie4_5_moe", "flint", "deepseek_v3"])
+def test_autocast(key):
+    """Ernie and Flint compute their logits with autocast disabled, DeepSeek-V3 under it; the
+    patched routers do the same (index 0 is bit-identical under CPU bf16 autocast)."""
+    model = build(key)
+    calls = _capture(model, key)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _call_all(model, calls, patched=False)
+        ours = _call_all(model, calls, patched=True)
+        with torch.no_grad(), moe_route.patch(model) as handle:
+            for state in handle.routers.values():  # an adapter that forgets to disable autocast
+                state.adapter = dataclasses.replace(state.adapter, autocast=True)
+            careless = [mod(*a, **kw) for _, mod, a, kw in calls]
+    for (name, _, _, _), r, o, c in zip(calls, ref, ours, careless):
+        _assert_router_outputs_match(name, r, o, BF16_TOL)
+        disables = key != "deepseek_v3"
+        assert (r[0].dtype == torch.float32) == disables
+        assert torch.equal(r[0], c[0]) != disables, name
+
+
+def test_ernie_clamped_renormalisation():
+    """Ernie divides by clamp(sum, min=moe_norm_min): with a selection bias that picks experts of
+    negligible probability, the weights stay negligible instead of summing to 1."""
+    model = build("ernie4_5_moe")
+    calls = _capture(model, "ernie4_5_moe")
+    with torch.no_grad():
+        for _, router, _, _ in calls:
+            router.weight.mul_(40.0)
+            p = torch.softmax(torch.nn.functional.linear(calls[0][2][0], router.weight), -1)
+            least = p.mean(0).argsort()[:2]
+            router.moe_statics.e_score_correction_bias[0, least] = 10.0
+    ref = _call_all(model, calls, patched=False)
+    ours = _call_all(model, calls, patched=True)
+    assert any((r[1].sum(-1) < 1e-3).any() for r in ref), "the probe must reach the clamp"
+    for (name, _, _, _), r, o in zip(calls, ref, ours):
+        _assert_router_outputs_match(name, r, o, dict(rtol=2e-6, atol=1e-30))
+
+
+def test_cohere2_sigmoid_selection():
+    model = build("cohere2_moe")
+    calls = _capture(model, "cohere2_moe")
+    for renorm in (False, True):
+        for _, router, _, _ in calls:
+            router.expert_selection_fn, router.norm_topk_prob = "sigmoid", renorm
+        ref = _call_all(model, calls, patched=False)
+        ours = _call_all(model, calls, patched=True)
+        assert torch.allclose(ref[0][1].sum(-1), torch.ones(1)) == renorm
+        for (name, _, _, _), r, o in zip(calls, ref, ours):
+            _assert_router_outputs_match(name, r, o, FP32_TOL)
+
+
+def test_deepseek_v2_topk_methods():
+    """Greedy, and group-limited with one group kept (with k <= topk_group a group-max limit
+    never binds, so the tiny model's own setting cannot tell the two apart)."""
+    model = build("deepseek_v2")
+    calls = _capture(model, "deepseek_v2")
+    for method, topk_group in (("greedy", 2), ("group_limited_greedy", 1)):
+        for _, router, _, _ in calls:
+            router.topk_method, router.topk_group = method, topk_group
+        ref = _call_all(model, calls, patched=False)
+        ours = _call_all(model, calls, patched=True)
+        for (name, _, _, _), r, o in zip(calls, ref, ours):
+            _assert_router_outputs_match(f"{method}: {name}", r, o, FP32_TOL)
+    for _, router, _, _ in calls:
+        router.topk_method = "noaux_tc"
+    with pytest.raises(UnsupportedModelError, match="topk_method='noaux_tc'"):
+        moe_route.patch(model)
+
+
+@pytest.mark.parametrize("key", ["gemma4", "ernie4_5_moe", "llama4"])
+def test_exact_mode_and_record_with_a_returns_hook(key):
+    model = build(key)
+    ids = _ids(2)
+    with torch.no_grad():
+        ref = model(**inputs(key, ids, model))[0]
+        with moe_route.patch(model, exact=True):
+            assert torch.equal(model(**inputs(key, ids, model))[0], ref)
+        with moe_route.record(model) as rec:
+            ours = model(**inputs(key, ids, model))[0]
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    assert int(rec.stats[0].tokens.sum()) == ids.numel()
+
+
+@pytest.mark.parametrize("key", ["jamba", "hunyuan_v1_moe", "aria", "openai_privacy_filter",
+                                 "deepseek_v2", "mistral_large4", "minimax_m3_vl", "inkling2",
+                                 "flint", "longcat_flash"])
+def test_topk_router_from_module(key):
+    model = build(key)
+    name, router, block = find_routers(model)[0]
+    tk = TopKRouter.from_module(router, block)
+    x = torch.randn(13, tk.hidden_size, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref, ours = router(x), tk(x)
+    _assert_router_outputs_match(name, ref, ours, FP32_TOL)
+
+
+@pytest.mark.parametrize("key", ["gemma4", "laguna", "muse_spark", "ernie4_5_moe", "kolibri1",
+                                 "llama4"])
+def test_topk_router_from_module_refuses_hooks(key):
+    model = build(key)
+    _, router, block = find_routers(model)[0]
+    with pytest.raises(UnsupportedModelError, match="hook"):
+        TopKRouter.from_module(router, block)
