@@ -176,28 +176,28 @@ class Recorder:
     # -- per call ----------------------------------------------------------------------------
 
     def _on_call(self, module, args, kwargs):
-        """Build the token -> statistics-row map of this model call (no host sync)."""
-        with self._lock:
-            input_ids = kwargs.get("input_ids", args[0] if args else None)
-            embeds = kwargs.get("inputs_embeds")
-            ref = input_ids if input_ids is not None else embeds
-            self._call = {}
-            if ref is None:
-                return
-            B, S = ref.shape[0], ref.shape[1]
-            device = ref.device
-            phase = "generated" if _cache_length(kwargs.get("past_key_values")) > 0 else "prompt"
-            if self.tokens != "all" and phase != self.tokens:
-                self._call[device] = torch.full((B * S,), -1, dtype=torch.int32, device=device)
-                return
-            rows = self._batch_rows(B, S, device)
-            mask = kwargs.get("attention_mask")
-            if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == B:
-                rows = torch.where(mask[:, -S:].to(device) != 0, rows, -1)
-            if self.ignore_token_ids is not None and input_ids is not None:
-                skip = torch.isin(input_ids, self.ignore_token_ids.to(device))
-                rows = torch.where(skip, -1, rows)
-            self._call[device] = rows.reshape(-1).to(torch.int32)
+        """Build the token -> statistics-row map of this model call (no host sync; traceable by
+        torch.compile, which runs module hooks inside the graph)."""
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        ref = input_ids if input_ids is not None else embeds
+        self._call = {}
+        if ref is None:
+            return
+        B, S = ref.shape[0], ref.shape[1]
+        device = ref.device
+        phase = "generated" if _cache_length(kwargs.get("past_key_values")) > 0 else "prompt"
+        if self.tokens != "all" and phase != self.tokens:
+            self._call[device] = torch.full((B * S,), -1, dtype=torch.int32, device=device)
+            return
+        rows = self._batch_rows(B, S, device)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == B:
+            rows = torch.where(mask[:, -S:].to(device) != 0, rows, -1)
+        if self.ignore_token_ids is not None and input_ids is not None:
+            skip = torch.isin(input_ids, self.ignore_token_ids.to(device))
+            rows = torch.where(skip, -1, rows)
+        self._call[device] = rows.reshape(-1).to(torch.int32)
 
     def _batch_rows(self, B, S, device) -> torch.Tensor:
         if self._batch is None:

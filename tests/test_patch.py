@@ -246,3 +246,61 @@ def test_sparse_moe_standalone_matches_reference_composition():
                 gate, up = (moe.experts.gate_up_proj[e] @ x[t]).chunk(2)
                 want[t] += w[t, j] * (moe.experts.down_proj[e] @ (torch.nn.functional.silu(gate) * up))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["olmoe", "mixtral", "gpt_oss", "deepseek_v3"])
+def test_train_mode_gradients_match(family):
+    """The gate has no backward: patched routers recompute the chosen weights differentiably, so
+    every parameter (router weights included) gets the unpatched model's gradient."""
+    model = build(family).train()
+    ids = _ids(9)
+    grads = []
+    for patched in (False, True):
+        model.zero_grad()
+        with moe_route.patch(model) if patched else torch.enable_grad():
+            model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    routers = [n for n in grads[0] if n.endswith(("gate.weight", "router.weight"))]
+    assert routers
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5)
+
+
+def test_record_under_compile_fullgraph():
+    model = build("qwen3_moe")
+    ids = _ids(10)
+    with moe_route.record(model) as eager_rec, torch.no_grad():
+        model(ids)
+    with moe_route.record(model) as rec:
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        with torch.no_grad():
+            compiled(ids)
+    for a, b in zip(eager_rec.stats, rec.stats):
+        assert torch.equal(a.counts, b.counts)
+        torch.testing.assert_close(a.weight_sum, b.weight_sum)
+
+
+def test_two_models_recorded_in_threads_do_not_mix():
+    import threading
+
+    models = {f: build(f) for f in ("olmoe", "mixtral")}
+    results, errors = {}, []
+
+    def work(family):
+        try:
+            ids = _ids(11 if family == "olmoe" else 12, (2, 8 if family == "olmoe" else 5))
+            for _ in range(5):
+                with moe_route.record(models[family]) as rec, torch.no_grad():
+                    models[family](ids)
+            results[family] = [int(layer.tokens.sum()) for layer in rec.stats]
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(f,)) for f in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert results == {"olmoe": [16, 16], "mixtral": [10, 10]}
