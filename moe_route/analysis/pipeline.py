@@ -1,0 +1,205 @@
+"""The study as a few calls: parallel data in, per-sequence routing statistics, experts, A/B.
+
+    corpus = load_parallel("flores.tsv", languages=["eng_Latn", "fra_Latn", "jpn_Jpan"])
+    stats = record_parallel(model, corpus, tokenizer=tok, batch_size=16)   # groups "lang/i"
+    div = routing_divergence(stats, reference="eng_Latn")                  # {lang: [L]}
+    task = record_sequences(model, {"task": gsm8k_texts}, tokenizer=tok)
+    base = record_sequences(model, {"base": flores_eng}, tokenizer=tok)
+    plan = plan_from_experts(task_experts(task, base, tau=0.3), layers=range(7, 34))
+    result = ab_test(model, plan, evaluate)                                # your eval callable
+
+Data is a ``{language: sequences}`` mapping whose i-th sequences are translations of each other:
+strings (tokenised here, optionally wrapped in the tokenizer's chat template) or token-id tensors.
+Only the tokens of the text itself are counted: padding, special tokens and the chat template's
+own tokens get group -1 (skipped by the gate's statistics).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Optional, Union
+
+import torch
+
+from moe_route.recording import record
+from moe_route.stats import RoutingStats
+from moe_route.steering import SteeringPlan, steer
+
+__all__ = ["load_parallel", "record_parallel", "record_sequences", "ab_test"]
+
+Corpus = Mapping[str, Union[Sequence[str], torch.Tensor]]
+
+
+def load_parallel(source, languages: Optional[Sequence[str]] = None, *, limit: Optional[int] = None,
+                  split: str = "devtest") -> dict[str, list[str]]:
+    """A parallel corpus ``{language: [sentences]}`` from a file or a Hugging Face dataset.
+
+    ``source``:
+      * ``*.tsv``: a header row of language codes, one parallel sentence per row;
+      * ``*.jsonl``: one object per line, ``{"eng_Latn": "...", "fra_Latn": "...", ...}``;
+      * ``"flores"`` / ``"facebook/flores"``: FLORES-200 through ``datasets`` (config per language,
+        field ``sentence``, split ``split``), when the user has it (it is gated on the Hub);
+      * ``"belebele"`` / ``"facebook/belebele"``: Belebele passages (``flores_passage``) per
+        language split, deduplicated in order.
+    ``languages`` selects and orders the columns (default: all in a file); ``limit`` keeps the first
+    sentences. Every language must have the same number of sentences.
+    """
+    if isinstance(source, (str, os.PathLike)) and os.path.exists(source):
+        path = os.fspath(source)
+        if path.endswith(".tsv"):
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = list(csv.reader(f, delimiter="\t"))
+            if not rows:
+                raise ValueError(f"load_parallel: {path} is empty (expected a header of languages)")
+            header, body = rows[0], rows[1:]
+            columns = {lang: [r[i] for r in body] for i, lang in enumerate(header)}
+        elif path.endswith(".jsonl"):
+            columns = {}
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f):
+                    if line.strip():
+                        for lang, text in json.loads(line).items():
+                            columns.setdefault(lang, []).append(text)
+        else:
+            raise ValueError(f"load_parallel: source={path!r} must end in .tsv or .jsonl")
+    elif source in ("flores", "facebook/flores", "belebele", "facebook/belebele"):
+        if not languages:
+            raise ValueError(f"load_parallel: source={source!r} needs languages=[...]")
+        columns = _load_hub(source, languages, split)
+    else:
+        raise ValueError(f"load_parallel: source={source!r} is neither an existing .tsv/.jsonl "
+                         f"file nor 'flores'/'belebele'")
+    languages = list(languages) if languages else list(columns)
+    missing = [lang for lang in languages if lang not in columns]
+    if missing:
+        raise ValueError(f"load_parallel: languages {missing} are not in the data; it has "
+                         f"{sorted(columns)}")
+    out = {lang: list(columns[lang][:limit]) for lang in languages}
+    sizes = {lang: len(v) for lang, v in out.items()}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"load_parallel: languages have different sentence counts {sizes}; "
+                         f"parallel data needs one sentence per language per row")
+    return out
+
+
+def _load_hub(source: str, languages, split):
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"load_parallel: source={source!r} needs the `datasets` package "
+                          f"(pip install datasets)") from None
+    columns = {}
+    for lang in languages:
+        if "flores" in source:
+            data = datasets.load_dataset("facebook/flores", lang, split=split)
+            columns[lang] = list(data["sentence"])
+        else:
+            data = datasets.load_dataset("facebook/belebele", split=lang)
+            columns[lang] = list(dict.fromkeys(data["flores_passage"]))
+    return columns
+
+
+def _encode(texts: Sequence[str], tokenizer, chat_template: bool, max_length: Optional[int]):
+    """``input_ids``, ``attention_mask`` and a ``[B, S]`` mask of the text's own tokens."""
+    if chat_template:
+        wrapped = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                                 add_generation_prompt=True) for t in texts]
+    else:
+        wrapped = list(texts)
+    enc = tokenizer(wrapped, return_tensors="pt", padding=True, truncation=max_length is not None,
+                    max_length=max_length, return_offsets_mapping=True, add_special_tokens=not chat_template)
+    offsets = enc.pop("offset_mapping")                       # [B, S, 2] character spans
+    keep = enc["attention_mask"].bool()
+    for b, (full, text) in enumerate(zip(wrapped, texts)):
+        start = full.find(text)
+        end = start + len(text)
+        inside = (offsets[b, :, 0] >= start) & (offsets[b, :, 1] <= end) & (offsets[b, :, 1] > offsets[b, :, 0])
+        keep[b] &= inside                                     # template and special tokens out
+    return enc, keep
+
+
+def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int = 8,
+                     chat_template: bool = False, max_length: Optional[int] = 512,
+                     progress: bool = False, device=None, **record_options) -> RoutingStats:
+    """Per-sequence routing statistics: one group per sequence, named ``"{language}/{i}"``.
+
+    ``corpus`` values are lists of strings (needs ``tokenizer``; a fast tokenizer, for the
+    character offsets that mask template tokens) or ``[N, S]`` token-id tensors (all tokens
+    count). ``record_options`` go to ``moe_route.record`` (``dense``, ``coact``, ...). Device
+    buffers are flushed to the host between batches as they fill, so memory stays bounded.
+    """
+    if not isinstance(corpus, Mapping) or not corpus:
+        raise ValueError("record_sequences: corpus must be a non-empty {language: sequences} mapping")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"record_sequences: batch_size={batch_size!r} must be an int >= 1")
+    device = device or next(model.parameters()).device
+    batches = [(lang, i) for lang, seqs in corpus.items() for i in range(0, len(seqs), batch_size)]
+    bar = _progress(len(batches), progress, "record")
+    with record(model, **record_options) as rec, torch.no_grad():
+        for lang, i in batches:
+            seqs = corpus[lang][i:i + batch_size]
+            names = [f"{lang}/{j}" for j in range(i, i + len(seqs))]
+            if isinstance(seqs, torch.Tensor):
+                ids = torch.arange(len(seqs))
+                rec.set_groups(ids, names)
+                model(input_ids=seqs.to(device))
+            else:
+                if tokenizer is None:
+                    raise ValueError(f"record_sequences: language {lang!r} holds text; pass "
+                                     f"tokenizer=")
+                enc, keep = _encode(seqs, tokenizer, chat_template, max_length)
+                groups = torch.where(keep, torch.arange(len(seqs))[:, None], -1)
+                rec.set_groups(groups, names)
+                model(**{k: v.to(device) for k, v in enc.items()})
+            bar(1)
+    bar(None)
+    return rec.stats
+
+
+def record_parallel(model, corpus: Corpus, **options) -> RoutingStats:
+    """``record_sequences`` on parallel data (checks every language has the same length)."""
+    sizes = {lang: len(v) for lang, v in corpus.items()}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"record_parallel: languages have different sequence counts {sizes}")
+    return record_sequences(model, corpus, **options)
+
+
+def ab_test(model, plan: SteeringPlan, evaluate: Callable[[], Union[float, Mapping]]) -> dict:
+    """Run ``evaluate()`` without and with ``plan`` steering ``model``: ``{"baseline", "steered",
+    "delta"}`` (per key when ``evaluate`` returns a mapping, e.g. accuracy per language)."""
+    if not callable(evaluate):
+        raise TypeError(f"ab_test: evaluate must be callable, got {type(evaluate).__name__}")
+    base = evaluate()
+    with steer(model, plan):
+        steered = evaluate()
+    if isinstance(base, Mapping):
+        delta = {k: float(steered[k]) - float(base[k]) for k in base}
+        return {"baseline": dict(base), "steered": dict(steered), "delta": delta}
+    return {"baseline": float(base), "steered": float(steered), "delta": float(steered) - float(base)}
+
+
+def _progress(total: int, enabled: bool, label: str):
+    """A minimal stderr progress bar (tqdm when installed)."""
+    if not enabled:
+        return lambda n: None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is not None:
+        bar = tqdm(total=total, desc=label)
+        return lambda n: bar.update(n) if n is not None else bar.close()
+    import sys
+
+    done = [0]
+
+    def step(n):
+        if n is None:
+            sys.stderr.write("\n")
+            return
+        done[0] += n
+        sys.stderr.write(f"\r{label}: {done[0]}/{total}")
+        sys.stderr.flush()
+    return step

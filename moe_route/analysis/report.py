@@ -1,0 +1,226 @@
+"""A report directory from routing statistics: JSON + CSV tables, PNG plots, a text summary.
+
+``write_report(out_dir, stats, reference="eng_Latn", ...)`` writes
+
+    summary.txt                  what was measured and the headline numbers, in words
+    divergence.json / .csv       Div[language, layer] from the reference (Eq. 2, D_HJS)
+    divergence_by_layer.png      one curve per language over the layers (the paper's U shape)
+    language_divergence_L{l}.png language x language divergence heatmaps at chosen layers
+    expert_usage.png             activation frequency per layer and expert, reference language
+    experts.json, delta.png      task experts and the histogram of delta with the threshold tau
+    plan.json                    the steering plan built from them (SteeringPlan JSON)
+    ab.json                      evaluation with and without steering
+    correlation.json             middle-layer divergence vs accuracy (Pearson, Spearman)
+
+Plots need matplotlib (``pip install moe_route[analysis]``); without it the tables and the summary
+are still written and the summary says so. Files are written to a temporary name and renamed.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Optional
+
+import torch
+
+from moe_route.analysis.metrics import (activation_frequency, divergence_accuracy_correlation,
+                                        expert_importance, pairwise_divergence, pool_by_language,
+                                        routing_divergence)
+from moe_route.stats import RoutingStats
+from moe_route.steering import SteeringPlan
+
+__all__ = ["write_report"]
+
+
+def write_report(out_dir, stats: RoutingStats, reference: str, *,
+                 heatmap_layers: Optional[Sequence[int]] = None,
+                 middle_layers: Optional[Sequence[int]] = None,
+                 delta: Optional[torch.Tensor] = None, tau: Optional[float] = None,
+                 experts: Optional[Mapping] = None, plan: Optional[SteeringPlan] = None,
+                 ab: Optional[Mapping] = None, accuracy: Optional[Mapping[str, float]] = None,
+                 title: str = "moe_route routing report") -> dict:
+    """Write the report for per-sequence parallel ``stats`` (groups ``"{language}/{i}"``).
+
+    ``heatmap_layers`` / ``middle_layers``: positions along the statistics' layers (default: the
+    first, middle and last layer; the middle third). ``delta`` ``[L, E]`` with ``tau`` and
+    ``experts`` (``task_experts``), ``plan``, ``ab`` (``ab_test``) and ``accuracy`` (per language)
+    are optional. Returns the summary as a dict (also in ``summary.json``).
+    """
+    if not isinstance(stats, RoutingStats):
+        raise TypeError(f"write_report: stats must be a RoutingStats, got {type(stats).__name__}")
+    os.makedirs(out_dir, exist_ok=True)
+    L = len(stats)
+    indices = [i if i is not None else p for p, i in enumerate(stats.layer_indices)]
+    middle = list(middle_layers) if middle_layers is not None else list(range(L // 3, L - L // 3))
+    heat = list(heatmap_layers) if heatmap_layers is not None else sorted({0, L // 2, L - 1})
+    for name, layers in (("middle_layers", middle), ("heatmap_layers", heat)):
+        bad = [p for p in layers if not 0 <= p < L]
+        if bad:
+            raise ValueError(f"write_report: {name} {bad} must be positions in [0, {L})")
+
+    div = {lang: d.tolist() for lang, d in routing_divergence(stats, reference).items()}
+    edge = [p for p in range(L) if p not in middle]
+    summary = {"title": title, "reference": reference, "layers": indices,
+               "languages": [reference] + sorted(div), "sequences": len(stats.group_names),
+               "middle_layers": [indices[p] for p in middle]}
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    curve = [mean([div[lang][p] for lang in div if not math.isnan(div[lang][p])]) for p in range(L)]
+    summary["mean_divergence_by_layer"] = curve
+    summary["middle_mean"] = mean([curve[p] for p in middle])
+    summary["edge_mean"] = mean([curve[p] for p in edge])
+    _write_json(out_dir, "divergence.json", {"reference": reference, "layers": indices,
+                                             "divergence": div})
+    _write_csv(out_dir, "divergence.csv", ["language"] + [f"layer_{i}" for i in indices],
+               [[lang] + vals for lang, vals in sorted(div.items())])
+
+    pooled = pool_by_language(stats)
+    lang_importance = expert_importance(pooled, "dense")               # [L, languages, E]
+    freq = activation_frequency(pooled)                                # [L, languages, E]
+    ref_row = pooled.group_names.index(reference)
+    plots = []
+    plt = _pyplot()
+    if plt is not None:
+        plots.append(_plot_curves(plt, out_dir, indices, div, middle, reference))
+        for p in heat:
+            plots.append(_plot_heatmap(plt, out_dir, pairwise_divergence(lang_importance[p]),
+                                       pooled.group_names, indices[p]))
+        plots.append(_plot_usage(plt, out_dir, freq[:, ref_row], indices, reference))
+        if delta is not None:
+            plots.append(_plot_delta(plt, out_dir, delta, tau))
+    summary["plots"] = [p for p in plots if p]
+    if plt is None:
+        summary["plots_skipped"] = "matplotlib is not installed (pip install moe_route[analysis])"
+
+    if experts is not None:
+        chosen = {str(k): list(v) for k, v in experts.items() if len(v)}
+        _write_json(out_dir, "experts.json", {"tau": tau, "experts": chosen})
+        summary["experts"] = chosen
+    if plan is not None:
+        _write_text(out_dir, "plan.json", plan.to_json(indent=2))
+    if ab is not None:
+        _write_json(out_dir, "ab.json", ab)
+        summary["ab"] = ab
+    if accuracy is not None:
+        corr = divergence_accuracy_correlation({k: torch.tensor(v) for k, v in div.items()},
+                                               accuracy, middle)
+        summary["correlation"] = {"pearson": float(corr.pearson), "spearman": float(corr.spearman)}
+        _write_json(out_dir, "correlation.json", summary["correlation"])
+    _write_json(out_dir, "summary.json", summary)
+    _write_text(out_dir, "summary.txt", _summary_text(summary))
+    return summary
+
+
+def _summary_text(s: dict) -> str:
+    lines = [s["title"], "=" * len(s["title"]), "",
+             f"{len(s['languages'])} languages ({', '.join(s['languages'])}), reference "
+             f"{s['reference']}; {s['sequences']} sequences; {len(s['layers'])} MoE layers.",
+             "", "Routing divergence from the reference (entropy-normalised JS, mean over "
+             "languages and parallel sequences), by layer:"]
+    lines += [f"  layer {i:>3}: {d:.3f}" for i, d in zip(s["layers"], s["mean_divergence_by_layer"])]
+    ratio = s["middle_mean"] / s["edge_mean"] if s["edge_mean"] else float("nan")
+    lines += ["", f"Middle layers {s['middle_layers']}: mean {s['middle_mean']:.3f}; other layers: "
+              f"{s['edge_mean']:.3f} (ratio {ratio:.2f}; the paper's finding is < 1: routing "
+              f"aligns across languages in the middle)."]
+    if "experts" in s:
+        n = sum(len(v) for v in s["experts"].values())
+        lines += ["", f"Task experts: {n} in {len(s['experts'])} layers: "
+                  + "; ".join(f"layer {k}: {v}" for k, v in s["experts"].items())]
+    if "ab" in s:
+        lines += ["", f"Steering A/B: baseline {json.dumps(s['ab']['baseline'])}",
+                  f"              steered  {json.dumps(s['ab']['steered'])}",
+                  f"              delta    {json.dumps(s['ab']['delta'])}"]
+    if "correlation" in s:
+        c = s["correlation"]
+        lines += ["", f"Middle-layer divergence vs accuracy: Pearson {c['pearson']:.3f}, "
+                  f"Spearman {c['spearman']:.3f}"]
+    if "plots" in s:
+        lines += ["", "Plots: " + ", ".join(s["plots"])]
+    if "plots_skipped" in s:
+        lines += ["", "Plots skipped: " + s["plots_skipped"]]
+    return "\n".join(lines) + "\n"
+
+
+def _pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _save(plt, fig, out_dir, name) -> str:
+    path = os.path.join(out_dir, name)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return name
+
+
+def _plot_curves(plt, out_dir, indices, div, middle, reference):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for lang, vals in sorted(div.items()):
+        ax.plot(indices, vals, marker="o", ms=3, label=lang)
+    lo, hi = indices[middle[0]], indices[middle[-1]]
+    ax.axvspan(lo - 0.5, hi + 0.5, color="grey", alpha=0.12, label="middle layers")
+    ax.set(xlabel="layer", ylabel=f"divergence from {reference} (entropy-normalised JS)",
+           title="Routing divergence by layer")
+    ax.legend(fontsize=7, ncol=2)
+    return _save(plt, fig, out_dir, "divergence_by_layer.png")
+
+
+def _plot_heatmap(plt, out_dir, matrix, languages, layer):
+    fig, ax = plt.subplots(figsize=(5, 4))
+    im = ax.imshow(matrix.numpy(), cmap="viridis", vmin=0)
+    ax.set_xticks(range(len(languages)), languages, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(languages)), languages, fontsize=7)
+    ax.set_title(f"Language divergence, layer {layer}")
+    fig.colorbar(im, ax=ax, label="entropy-normalised JS")
+    return _save(plt, fig, out_dir, f"language_divergence_L{layer}.png")
+
+
+def _plot_usage(plt, out_dir, freq, indices, reference):
+    fig, ax = plt.subplots(figsize=(8, 4))
+    im = ax.imshow(freq.numpy(), aspect="auto", cmap="magma", vmin=0)
+    ax.set(xlabel="expert", ylabel="layer", title=f"Activation frequency ({reference})")
+    ax.set_yticks(range(len(indices)), indices, fontsize=7)
+    fig.colorbar(im, ax=ax, label="share of tokens routed to the expert")
+    return _save(plt, fig, out_dir, "expert_usage.png")
+
+
+def _plot_delta(plt, out_dir, delta, tau):
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    values = delta[~torch.isnan(delta)].flatten().numpy()
+    ax.hist(values, bins=60, color="tab:blue")
+    if tau is not None:
+        ax.axvline(tau, color="tab:red", ls="--", label=f"tau = {tau}")
+        ax.legend()
+    ax.set(xlabel="delta activation frequency (task - baseline)", ylabel="experts x layers",
+           title="Task-expert threshold")
+    return _save(plt, fig, out_dir, "delta.png")
+
+
+def _write_json(out_dir, name, obj):
+    _write_text(out_dir, name, json.dumps(obj, indent=2, default=float))
+
+
+def _write_csv(out_dir, name, header, rows):
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    _write_text(out_dir, name, buf.getvalue())
+
+
+def _write_text(out_dir, name, text):
+    path = os.path.join(out_dir, name)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,823 @@
+"""moe_route.analysis: every metric against hand-computed numbers or a plain-Python loop.
+
+Known answers are written out by hand where they are short (comments show the arithmetic);
+otherwise an independent loop over plain floats (``ref_*`` below) computes them from the
+definition. No scipy.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+from moe_route.analysis import experts as X
+from moe_route.analysis import metrics as M
+from moe_route.stats import LayerStats, RoutingStats
+from moe_route.steering import SteerEntry, SteeringPlan
+
+i64, f32 = torch.int64, torch.float32
+nan = float("nan")
+
+
+# -------------------------------------------------------------------------------------------
+# builders and plain-Python references
+
+
+def make_layer(index, tokens, counts, *, top_k=1, weight_sum=None, prob_sum=None,
+               entropy_sum=None, coact=None, name=None):
+    counts = torch.tensor(counts, dtype=i64)
+    return LayerStats(
+        name or f"model.layers.{index}.mlp.gate", index, top_k,
+        tokens=torch.tensor(tokens, dtype=i64), counts=counts,
+        weight_sum=counts.float() if weight_sum is None else torch.tensor(weight_sum, dtype=f32),
+        prob_sum=None if prob_sum is None else torch.tensor(prob_sum, dtype=f32),
+        entropy_sum=None if entropy_sum is None else torch.tensor(entropy_sum, dtype=f32),
+        coact=None if coact is None else torch.tensor(coact, dtype=i64))
+
+
+def ref_entropy(p):
+    return -sum(x * math.log(x) for x in p if x > 0)
+
+
+def ref_kl(p, q):
+    return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
+
+
+def ref_jsd(p, q):
+    m = [(a + b) / 2 for a, b in zip(p, q)]
+    return 0.5 * ref_kl(p, m) + 0.5 * ref_kl(q, m)
+
+
+def ref_hjs(p, q):
+    """App. A.4 as the author code writes it: JSD / max(log E - mean entropy, 1e-6)."""
+    return ref_jsd(p, q) / max(math.log(len(p)) - (ref_entropy(p) + ref_entropy(q)) / 2, 1e-6)
+
+
+def close(a, b, tol=1e-6):
+    return (math.isnan(a) and math.isnan(b)) or abs(a - b) <= tol
+
+
+# -------------------------------------------------------------------------------------------
+# importance and frequency
+
+
+def importance_stats():
+    # 2 layers, 3 groups (the last has no tokens), E = 3, k = 2
+    layers = [
+        make_layer(0, [4, 2, 0], [[4, 2, 2], [1, 2, 1], [0, 0, 0]], top_k=2,
+                   weight_sum=[[2.0, 1.0, 1.0], [0.5, 1.0, 0.5], [0, 0, 0]],
+                   prob_sum=[[2.0, 1.0, 1.0], [0.5, 1.0, 0.5], [0, 0, 0]],
+                   entropy_sum=[4.0, 1.0, 0.0]),
+        make_layer(1, [4, 2, 0], [[4, 4, 0], [2, 1, 1], [0, 0, 0]], top_k=2,
+                   weight_sum=[[1.0, 1.0, 0.0], [0.6, 0.2, 0.2], [0, 0, 0]],
+                   prob_sum=[[3.0, 0.5, 0.5], [1.0, 0.5, 0.5], [0, 0, 0]],
+                   entropy_sum=[2.0, 2.0, 0.0]),
+    ]
+    return RoutingStats(layers, ["a", "b", "empty"])
+
+
+def test_importance_and_frequency_known_answer():
+    stats = importance_stats()
+    dense = M.expert_importance(stats, "dense")
+    assert dense.shape == (2, 3, 3) and dense.dtype == f32
+    # prob_sum / tokens: [2, 1, 1] / 4, [0.5, 1, 0.5] / 2, [3, .5, .5] / 4, [1, .5, .5] / 2
+    torch.testing.assert_close(dense[:, :2], torch.tensor(
+        [[[0.5, 0.25, 0.25], [0.25, 0.5, 0.25]], [[0.75, 0.125, 0.125], [0.5, 0.25, 0.25]]]))
+    assert dense[:, 2].isnan().all()  # zero-token group: undefined, not 0
+    routed = M.expert_importance(stats, "routed")
+    torch.testing.assert_close(routed[1, :2], torch.tensor([[0.25, 0.25, 0.0], [0.3, 0.1, 0.1]]))
+    freq = M.activation_frequency(stats)  # a / L, sums to k = 2 per row
+    torch.testing.assert_close(freq[0, :2], torch.tensor([[1.0, 0.5, 0.5], [0.5, 1.0, 0.5]]))
+    torch.testing.assert_close(freq[:, :2].sum(-1), torch.full((2, 2), 2.0))
+    slot = M.activation_frequency(stats, per="slot")  # a / (k L): a distribution
+    torch.testing.assert_close(slot[1, :2], torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.25, 0.25]]))
+    assert slot[:, 2].isnan().all()
+
+
+def test_per_token_mean_plain_tensors():
+    out = M.per_token_mean(torch.tensor([[2.0, 4.0], [1.0, 1.0]]), torch.tensor([2, 0]))
+    assert out[0].tolist() == [1.0, 2.0] and out[1].isnan().all()
+    with pytest.raises(ValueError, match=r"tokens must have shape \(2,\)"):
+        M.per_token_mean(torch.ones(2, 3), torch.ones(3))
+    with pytest.raises(ValueError, match="tokens must be >= 0"):
+        M.per_token_mean(torch.ones(2, 3), torch.tensor([1, -1]))
+
+
+def test_importance_needs_prob_sum():
+    layer = make_layer(0, [1], [[1, 0]])
+    with pytest.raises(ValueError, match="kind='dense' needs prob_sum"):
+        M.expert_importance(RoutingStats([layer], ["g"]), "dense")
+    with pytest.raises(ValueError, match="kind='weights' must be one of"):
+        M.expert_importance(RoutingStats([layer], ["g"]), "weights")
+    with pytest.raises(TypeError, match="stats must be a RoutingStats"):
+        M.expert_importance(torch.ones(2, 2))
+
+
+# -------------------------------------------------------------------------------------------
+# parallel group names
+
+
+def test_parse_parallel_groups():
+    names = ["eng_Latn/0", "fra_Latn/0", "eng_Latn/10", "eng_Latn/2", "fra_Latn/2", "x/y/1"]
+    pg = M.parse_parallel_groups(names)
+    assert pg.languages == ("eng_Latn", "fra_Latn", "x/y")   # split at the last '/'
+    assert pg.sequences == ("0", "1", "2", "10")             # numeric order, not "10" < "2"
+    assert pg.rows.tolist() == [[0, -1, 3, 2], [1, -1, 4, -1], [-1, 5, -1, -1]]
+    assert pg.group_names == tuple(names)
+
+
+def test_parse_parallel_groups_errors_and_skip():
+    with pytest.raises(ValueError, match=r"group name 'all' is not"):
+        M.parse_parallel_groups(["eng/0", "all"])
+    pg = M.parse_parallel_groups(["eng/0", "all", "fra/0"], skip_unmatched=True)
+    assert pg.rows.tolist() == [[0], [2]]
+    with pytest.raises(ValueError, match="'eng', sequence '0' is held by two groups"):
+        M.parse_parallel_groups(["eng/0", "fra/0", "eng/0"])
+    with pytest.raises(ValueError, match="no group name matches"):
+        M.parse_parallel_groups(["all"], skip_unmatched=True)
+    with pytest.raises(ValueError, match="sep='' must be a non-empty str"):
+        M.parse_parallel_groups(["a/1"], sep="")
+    with pytest.raises(ValueError, match="'/0' is not"):
+        M.parse_parallel_groups(["/0"])
+    # non-numeric sequence keys keep first-appearance order
+    assert M.parse_parallel_groups(["en:b", "en:a"], sep=":").sequences == ("b", "a")
+
+
+def test_parallel_groups_from_mapping_and_by_language():
+    names = ["s1", "s2", "s3", "s4"]
+    pg = M.ParallelGroups.from_mapping(names, {"s1": ("en", 7), "s2": ("de", 7),
+                                               "s4": ("de", 8)})
+    assert pg.languages == ("en", "de") and pg.sequences == ("7", "8")
+    assert pg.rows.tolist() == [[0, -1], [1, 3]]
+    with pytest.raises(ValueError, match="names group 'nope'"):
+        M.ParallelGroups.from_mapping(names, {"nope": ("en", 1)})
+    with pytest.raises(ValueError, match=r"mapping\['s1'\]=.* must be a \(language str"):
+        M.ParallelGroups.from_mapping(names, {"s1": "en"})
+    by_lang = M.ParallelGroups.by_language(["en", "de"])
+    assert by_lang.rows.tolist() == [[0], [1]] and by_lang.sequences == ("all",)
+
+
+# -------------------------------------------------------------------------------------------
+# entropy and Jensen–Shannon
+
+
+def test_entropy_edge_cases():
+    E = 8
+    uniform = torch.full((E,), 1 / E)
+    onehot = torch.eye(E)[3]
+    assert close(float(M.distribution_entropy(uniform)), math.log(E))
+    assert float(M.distribution_entropy(uniform, normalised=True)) == pytest.approx(1.0)
+    assert float(M.distribution_entropy(onehot)) == 0.0
+    assert float(M.distribution_entropy(torch.ones(1), normalised=True)) == 0.0  # E = 1
+    p = torch.tensor([0.5, 0.25, 0.25, 0.0])
+    assert close(float(M.distribution_entropy(p)), 1.5 * math.log(2))  # ½ln2 + 2·¼ln4
+    assert M.distribution_entropy(torch.tensor([[nan, nan]])).isnan().all()
+
+
+def test_js_divergence_known_answers():
+    # identical -> exactly 0, also for a generic distribution in float32
+    p = torch.softmax(torch.randn(6, 128, generator=torch.Generator().manual_seed(0)), -1)
+    assert M.js_divergence(p, p).eq(0).all()
+    assert M.entropy_normalised_js(p, p).eq(0).all()
+    # disjoint one-hots -> log 2 (the JSD maximum); normalised: log 2 / log E
+    for E in (2, 3, 8, 128):
+        a, b = torch.eye(E)[0], torch.eye(E)[E - 1]
+        assert close(float(M.js_divergence(a, b)), math.log(2))
+        assert close(float(M.entropy_normalised_js(a, b)), math.log(2) / math.log(E))
+    # uniform on disjoint halves: the mixture is uniform, D_HJS reaches its maximum 1
+    half_a = torch.tensor([0.5, 0.5, 0.0, 0.0])
+    half_b = torch.tensor([0.0, 0.0, 0.5, 0.5])
+    assert close(float(M.entropy_normalised_js(half_a, half_b)), 1.0)
+    # E = 1: every distribution is [1]; both divergences 0 (normaliser floored at 1e-6)
+    assert M.js_divergence(torch.ones(3, 1), torch.ones(3, 1)).eq(0).all()
+    assert M.entropy_normalised_js(torch.ones(3, 1), torch.ones(3, 1)).eq(0).all()
+
+
+def test_js_divergence_against_loop():
+    g = torch.Generator().manual_seed(1)
+    for E in (2, 3, 5, 16):
+        p = torch.softmax(torch.randn(20, E, generator=g, dtype=torch.float64) * 3, -1)
+        q = torch.softmax(torch.randn(20, E, generator=g, dtype=torch.float64) * 3, -1)
+        q[0] = torch.eye(E, dtype=torch.float64)[0]  # a one-hot row with zeros
+        jsd = M.js_divergence(p, q)
+        hjs = M.entropy_normalised_js(p, q)
+        assert jsd.dtype == torch.float64
+        for i in range(20):
+            pi, qi = p[i].tolist(), q[i].tolist()
+            assert close(float(jsd[i]), ref_jsd(pi, qi), 1e-12)
+            assert close(float(hjs[i]), ref_hjs(pi, qi), 1e-10)
+        assert ((hjs >= 0) & (hjs <= 1)).all()  # H(M) <= log E bounds D_HJS by 1
+
+
+def test_js_normaliser_floor():
+    # both nearly uniform: log E - mean H < 1e-6, the floor decides the denominator
+    E = 4
+    p = torch.full((E,), 0.25, dtype=torch.float64)
+    q = p + torch.tensor([1e-4, -1e-4, 0, 0], dtype=torch.float64)
+    jsd = ref_jsd(p.tolist(), q.tolist())
+    hbar = (ref_entropy(p.tolist()) + ref_entropy(q.tolist())) / 2
+    assert math.log(E) - hbar < 1e-6
+    assert close(float(M.entropy_normalised_js(p, q)), jsd / 1e-6, 1e-9)
+
+
+def test_pairwise_divergence():
+    p = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0.5, 0.5, 0, 0]])
+    d = M.pairwise_divergence(p)
+    assert d.shape == (3, 3) and torch.equal(d, d.T) and d.diagonal().eq(0).all()
+    for i, j in itertools.combinations(range(3), 2):
+        assert close(float(d[i, j]), ref_hjs(p[i].tolist(), p[j].tolist()))
+    raw = M.pairwise_divergence(p, normalised=False)
+    assert close(float(raw[0, 1]), math.log(2))
+
+
+def test_distribution_checks_name_the_argument():
+    with pytest.raises(ValueError, match="p has negative entries"):
+        M.js_divergence(torch.tensor([1.5, -0.5]), torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match="q rows must sum to 1"):
+        M.entropy_normalised_js(torch.tensor([0.5, 0.5]), torch.tensor([0.5, 0.6]))
+    with pytest.raises(ValueError, match="same number of experts"):
+        M.js_divergence(torch.tensor([1.0]), torch.tensor([0.5, 0.5]))
+    with pytest.raises(TypeError, match="p must be a floating-point tensor"):
+        M.distribution_entropy(torch.tensor([1, 0]))
+
+
+# -------------------------------------------------------------------------------------------
+# divergence from a reference language (Eq. 2)
+
+
+Q = {  # importance per (language, sequence) and layer: rows of 3 experts, as exact fp32 values
+    ("eng", 0): [[0.5, 0.25, 0.25], [0.75, 0.25, 0.0]],
+    ("eng", 1): [[0.25, 0.5, 0.25], [1.0, 0.0, 0.0]],
+    ("fra", 0): [[0.5, 0.25, 0.25], [0.0, 0.25, 0.75]],
+    ("fra", 1): [[0.125, 0.375, 0.5], [0.5, 0.5, 0.0]],
+    ("fra", 2): [[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]],   # no English sequence 2: skipped
+    ("deu", 0): [[1.0, 0.0, 0.0], [0.25, 0.25, 0.5]],
+    ("deu", 1): None,                                  # no tokens: the pair is skipped
+}
+
+
+def divergence_stats(tokens=4):
+    names = [f"{lang}/{seq}" for lang, seq in Q]
+    layers = []
+    for layer in range(2):
+        tok = [0 if Q[key] is None else tokens for key in Q]
+        prob = [[0.0] * 3 if Q[key] is None else [tokens * x for x in Q[key][layer]] for key in Q]
+        layers.append(make_layer(layer, tok, [[1, 1, 1]] * len(Q), prob_sum=prob))
+    return RoutingStats(layers, names)
+
+
+def test_routing_divergence_against_loop():
+    div = M.routing_divergence(divergence_stats(), "eng")
+    assert list(div) == ["fra", "deu"]  # the reference is left out
+    for layer in range(2):
+        fra = (ref_hjs(Q["fra", 0][layer], Q["eng", 0][layer])
+               + ref_hjs(Q["fra", 1][layer], Q["eng", 1][layer])) / 2
+        deu = ref_hjs(Q["deu", 0][layer], Q["eng", 0][layer])
+        assert close(float(div["fra"][layer]), fra), layer
+        assert close(float(div["deu"][layer]), deu), layer
+    assert float(div["fra"][0]) > 0  # sequence 0 is identical in layer 0, sequence 1 is not
+    raw = M.routing_divergence(divergence_stats(), "eng", normalised=False)
+    assert close(float(raw["deu"][1]), ref_jsd(Q["deu", 0][1], Q["eng", 0][1]))
+
+
+def test_routing_divergence_skips_everything_missing_to_nan():
+    stats = divergence_stats().group(["eng/0", "fra/2", "deu/1"])
+    div = M.routing_divergence(stats, "eng")
+    assert div["fra"].isnan().all() and div["deu"].isnan().all()
+
+
+def test_routing_divergence_explicit_mapping_and_errors():
+    stats = divergence_stats()
+    mapping = {f"{lang}/{seq}": (lang.upper(), seq) for lang, seq in Q}
+    div = M.routing_divergence(stats, "ENG", parallel=mapping)
+    torch.testing.assert_close(div["FRA"], M.routing_divergence(stats, "eng")["fra"])
+    with pytest.raises(ValueError, match="language 'spa' is not among the languages"):
+        M.routing_divergence(stats, "spa")
+    other = M.parse_parallel_groups(["eng/0", "fra/0"])
+    with pytest.raises(ValueError, match="parallel was built for other group names"):
+        M.routing_divergence(stats, "eng", parallel=other)
+    mixed = divergence_stats().group(["eng/0", "fra/0"])
+    mixed = RoutingStats(mixed.layers, ["eng/0", "fra"])
+    with pytest.raises(ValueError, match="group names mix"):
+        M.routing_divergence(mixed, "eng")
+
+
+def test_language_level_divergence_and_pooling():
+    stats = divergence_stats()
+    pooled = M.pool_by_language(stats)
+    assert pooled.group_names == ["eng", "fra", "deu"]
+    # eng pooled over its 2 sequences of 4 tokens: the token-weighted mean of its rows
+    assert pooled[0].tokens.tolist() == [8, 12, 4]
+    eng0 = [(a + b) / 2 for a, b in zip(Q["eng", 0][0], Q["eng", 1][0])]
+    torch.testing.assert_close(M.expert_importance(pooled)[0, 0], torch.tensor(eng0))
+    # language-level groups (no '/'): one pair per language
+    div = M.routing_divergence(pooled, "eng")
+    deu_l1 = [4 * x for x in Q["deu", 0][1]]
+    deu_l1 = [x / 4 for x in deu_l1]
+    eng_l1 = [(a + b) / 2 for a, b in zip(Q["eng", 0][1], Q["eng", 1][1])]
+    assert close(float(div["deu"][1]), ref_hjs(deu_l1, eng_l1))
+
+
+def test_routed_kind_is_renormalised():
+    # routed weights at half the dense mass (a router without renormalisation): same distributions
+    dense = divergence_stats()
+    layers = [layer.replace(weight_sum=layer.prob_sum * 0.5) for layer in dense]
+    routed = RoutingStats(layers, dense.group_names)
+    a = M.routing_divergence(routed, "eng", kind="routed")
+    b = M.routing_divergence(dense, "eng")
+    for lang in a:
+        torch.testing.assert_close(a[lang], b[lang], equal_nan=True)
+    torch.testing.assert_close(M.routing_entropy(routed, of="importance", kind="routed"),
+                               M.routing_entropy(dense, of="importance"), equal_nan=True)
+
+
+def test_pool_by_language_drops_what_it_cannot_split():
+    stats = importance_stats()
+    layers = [layer.replace(coact=torch.eye(3, dtype=i64)) for layer in stats]
+    stats = RoutingStats(layers, ["en/0", "en/1", "all"])
+    pooled = M.pool_by_language(stats, M.parse_parallel_groups(stats.group_names,
+                                                               skip_unmatched=True))
+    assert pooled.group_names == ["en"] and pooled[0].counts.tolist() == [[5, 4, 3]]
+    assert pooled[0].coact is None  # group "all" is not pooled, so coact no longer matches
+    full = M.pool_by_language(RoutingStats(layers, ["en/0", "en/1", "de/0"]))
+    assert torch.equal(full[1].coact, torch.eye(3, dtype=i64))
+    assert full[0].entropy_sum.tolist() == [5.0, 0.0]
+
+
+def random_stats(L=5, langs=("en", "de", "sw"), n_seq=7, E=6, k=2, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    names = [f"{lang}/{i}" for lang in langs for i in range(n_seq)]
+    G = len(names)
+    layers = []
+    for l in range(L):
+        tokens = torch.randint(0, 6, (G,), generator=g)  # some zero-token groups
+        q = torch.softmax(torch.randn(G, E, generator=g) * 2, -1)
+        counts = torch.randint(0, 5, (G, E), generator=g) * (tokens > 0)[:, None]
+        layers.append(LayerStats(f"model.layers.{l}.mlp.gate", l, k, tokens=tokens,
+                                 counts=counts, weight_sum=(q * tokens[:, None]).float(),
+                                 prob_sum=(q * tokens[:, None]).float(),
+                                 entropy_sum=torch.rand(G, generator=g) * tokens))
+    return RoutingStats(layers, names)
+
+
+def test_chunked_paths_agree_with_one_chunk(monkeypatch):
+    stats = random_stats()
+    ids = torch.stack([torch.randperm(6, generator=torch.Generator().manual_seed(i))[:2]
+                       for i in range(50)])
+    groups = [f"g{i % 4}" if i % 9 else None for i in range(50)]
+
+    def everything():
+        return [M.expert_importance(stats), M.activation_frequency(stats, per="slot"),
+                M.routing_divergence(stats, "en"), M.routing_entropy(stats, of="importance"),
+                M.mean_pairwise_overlap(stats), M.load_balance(stats.stack("counts")),
+                M.expert_set_jaccard(stats.stack("counts"), stats.stack("counts")[:, :1], m=3),
+                M.pool_by_language(stats)[2].weight_sum, X.language_frequency(stats),
+                M.routing_consistency(ids, groups)]
+
+    whole = everything()
+    monkeypatch.setattr(M, "_CHUNK_ELEMENTS", 8)  # one layer / a few rows / one group per chunk
+    chunked = everything()
+    torch.testing.assert_close(chunked, whole, equal_nan=True)
+
+
+def test_parallel_divergence_on_plain_tensors():
+    imp = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]])  # L=1, G=3, E=2
+    pg = M.parse_parallel_groups(["en/0", "de/0", "fr/0"])
+    div = M.parallel_divergence(imp, pg, "en")
+    assert close(float(div["de"][0]), 1.0)  # E = 2 disjoint one-hots: log 2 / log 2
+    assert close(float(div["fr"][0]), ref_hjs([0.5, 0.5], [1.0, 0.0]))
+    with pytest.raises(ValueError, match="importance must be \\[L, G, E\\]"):
+        M.parallel_divergence(imp[0], pg, "en")
+
+
+# -------------------------------------------------------------------------------------------
+# routing entropy
+
+
+def test_routing_entropy():
+    stats = importance_stats()
+    h = M.routing_entropy(stats)  # entropy_sum / tokens
+    assert h[:, :2].tolist() == [[1.0, 0.5], [0.5, 1.0]] and h[:, 2].isnan().all()
+    hn = M.routing_entropy(stats, normalised=True)
+    assert close(float(hn[0, 0]), 1.0 / math.log(3))
+    hq = M.routing_entropy(stats, of="importance")  # H of [0.5, .25, .25] = 1.5 ln 2
+    assert close(float(hq[0, 0]), 1.5 * math.log(2))
+    assert close(float(hq[1, 0]), ref_entropy([0.75, 0.125, 0.125]))
+    # routed importance [0.3, 0.1, 0.1] is renormalised to [0.6, 0.2, 0.2] first
+    hr = M.routing_entropy(stats, of="importance", kind="routed")
+    assert close(float(hr[1, 1]), ref_entropy([0.6, 0.2, 0.2]))
+    one = RoutingStats([make_layer(0, [3], [[3]], entropy_sum=[0.0], prob_sum=[[3.0]])], ["g"])
+    assert M.routing_entropy(one, normalised=True).tolist() == [[0.0]]  # E = 1
+    assert M.routing_entropy(one, of="importance", normalised=True).tolist() == [[0.0]]
+
+
+# -------------------------------------------------------------------------------------------
+# consistency
+
+
+TOKENS_SETS = [  # per token: (group, top-2 set), rows in trace order
+    ("a", [0, 1]), ("a", [1, 0]), ("b", [2, 3]), ("a", [0, 2]), (None, [3, 1]),
+    ("b", [2, 3]), ("c", [1, 3]), ("b", [0, 1]),
+]
+
+
+def ref_consistency(rows, pairs):
+    out = {}
+    for g in dict.fromkeys(r[0] for r in rows if r[0] is not None):
+        sets = [set(s) for grp, s in rows if grp == g]
+        if pairs == "all":
+            js = [len(a & b) / len(a | b) for a, b in itertools.permutations(sets, 2)]
+        else:
+            js = [len(a & b) / len(a | b) for a, b in zip(sets, sets[1:])]
+        out[g] = sum(js) / len(js) if js else nan
+    return out
+
+
+@pytest.mark.parametrize("pairs", ["all", "adjacent"])
+def test_routing_consistency_against_loop(pairs):
+    ids = torch.tensor([s for _, s in TOKENS_SETS], dtype=torch.int16)
+    groups = [g for g, _ in TOKENS_SETS]
+    got = M.routing_consistency(ids, groups, pairs=pairs)
+    want = ref_consistency(TOKENS_SETS, pairs)
+    assert list(got) == list(want) == ["a", "b", "c"]
+    for g in want:
+        assert close(got[g], want[g], 1e-12), (g, got[g], want[g])
+    # hand check, group a, all pairs: {0,1}~{0,1} = 1, {0,1}~{0,2} = 1/3 twice -> 5/9
+    if pairs == "all":
+        assert close(got["a"], 5 / 9, 1e-12)
+    assert math.isnan(got["c"])  # one token, no pair
+
+
+def test_routing_consistency_int_groups_and_random_against_loop():
+    g = torch.Generator().manual_seed(3)
+    N, E, k = 60, 6, 2
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])
+    groups = torch.randint(-1, 4, (N,), generator=g)
+    rows = [(int(gr) if gr >= 0 else None, s.tolist()) for gr, s in zip(groups, ids)]
+    for pairs in ("all", "adjacent"):
+        got = M.routing_consistency(ids, groups, pairs=pairs)
+        want = ref_consistency(rows, pairs)
+        assert sorted(got) == sorted(want)
+        for key in want:
+            assert close(got[key], want[key], 1e-12)
+    with pytest.raises(ValueError, match="max_group_tokens=3"):
+        M.routing_consistency(ids, groups, max_group_tokens=3)
+    with pytest.raises(ValueError, match="groups must have one entry per token row"):
+        M.routing_consistency(ids, ["a"])
+    with pytest.raises(ValueError, match="pairs='pairs' must be one of"):
+        M.routing_consistency(ids, groups, pairs="pairs")
+
+
+def test_mean_pairwise_overlap():
+    # group 0: tokens {0,1}, {0,1}, {0,2}: counts [3, 2, 1]; sum c(c-1) = 6 + 2 = 8;
+    # 8 / (k n (n-1)) = 8 / 12 = 2/3 (= mean over pairs of |∩|/k: (1 + ½ + ½) / 3)
+    layer = make_layer(0, [3, 1, 0], [[3, 2, 1], [1, 1, 0], [0, 0, 0]], top_k=2)
+    o = M.mean_pairwise_overlap(RoutingStats([layer], ["g", "single", "empty"]))
+    assert close(float(o[0, 0]), 2 / 3) and o[0, 1:].isnan().all()
+
+
+def test_expert_set_jaccard():
+    a = torch.tensor([[3.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0]])
+    b = torch.tensor([[1.0, 2.0, 0.0, 0.0], [0.0, 0.0, 1.0, 5.0]])
+    # activated sets: {0,2} vs {0,1} -> 1/3; {0,1,2} vs {2,3} -> 1/4
+    assert torch.allclose(M.expert_set_jaccard(a, b), torch.tensor([1 / 3, 1 / 4]))
+    # top-1: {0} vs {1} -> 0; ties in a row 2 go to the lower index: {0} vs {3} -> 0
+    assert M.expert_set_jaccard(a, b, m=1).tolist() == [0.0, 0.0]
+    # top-2: {0,2} vs {1,0} -> 1/3; {0,1} vs {3,2} -> 0
+    assert torch.allclose(M.expert_set_jaccard(a, b, m=2), torch.tensor([1 / 3, 0.0]))
+    assert M.expert_set_jaccard(torch.zeros(4), torch.zeros(4)).isnan()      # both empty
+    assert M.expert_set_jaccard(torch.tensor([nan, 1.0]), torch.ones(2)).isnan()
+    with pytest.raises(ValueError, match=r"m=5 must be None or an int in \[1, E=4\]"):
+        M.expert_set_jaccard(a, b, m=5)
+
+
+def test_expert_set_jaccard_top_m_ties_against_loop():
+    # small integer counts: many ties at the m-th place, decided towards the lower expert index
+    g = torch.Generator().manual_seed(7)
+    a = torch.randint(0, 3, (3, 40, 6), generator=g)
+    b = torch.randint(0, 3, (40, 6), generator=g)  # broadcast against every row block of a
+
+    def top(row, m):
+        return set(sorted(range(len(row)), key=lambda e: (-row[e], e))[:m])
+
+    for m in (1, 2, 3, 6):
+        got = M.expert_set_jaccard(a, b, m=m)
+        assert got.shape == (3, 40)
+        for i, j in itertools.product(range(3), range(40)):
+            sa, sb = top(a[i, j].tolist(), m), top(b[j].tolist(), m)
+            assert close(float(got[i, j]), len(sa & sb) / len(sa | sb)), (m, i, j)
+
+
+# -------------------------------------------------------------------------------------------
+# co-activation and load
+
+
+def test_coactivation():
+    # k = 2, four tokens {0,1}, {0,2}, {0,2}, {1,2}; expert 3 never chosen (diagonal 0)
+    coact = [[3, 1, 2, 0], [1, 2, 1, 0], [2, 1, 3, 0], [0, 0, 0, 0]]
+    layer = make_layer(0, [4], [[3, 2, 3, 0]], top_k=2, coact=coact)
+    stats = RoutingStats([layer], ["g"])
+    assert M.coactivation(stats).tolist() == [coact]
+    p = M.conditional_coactivation(stats)[0]
+    torch.testing.assert_close(p[:3], torch.tensor([[1.0, 1 / 3, 2 / 3, 0.0],
+                                                    [0.5, 1.0, 0.5, 0.0],
+                                                    [2 / 3, 1 / 3, 1.0, 0.0]]))
+    assert p[3].isnan().all()
+    torch.testing.assert_close(M.conditional_coactivation(torch.tensor(coact)), p, equal_nan=True)
+    with pytest.raises(ValueError, match="no coact; record with coact=True"):
+        M.coactivation(RoutingStats([make_layer(0, [1], [[1, 0]])], ["g"]))
+    with pytest.raises(ValueError, match="coact must be square"):
+        M.conditional_coactivation(torch.ones(2, 3))
+
+
+def test_load_balance():
+    # [4, 0, 2, 2]: mean 2, population std sqrt((4 + 4 + 0 + 0) / 4) = sqrt 2
+    lb = M.load_balance(torch.tensor([[4, 0, 2, 2], [1, 1, 1, 1], [0, 0, 0, 0]]))
+    assert close(float(lb.cv[0]), math.sqrt(2) / 2) and float(lb.max_over_mean[0]) == 2.0
+    assert lb.dead_fraction.tolist() == [0.25, 0.0, 1.0]
+    assert float(lb.cv[1]) == 0.0 and float(lb.max_over_mean[1]) == 1.0
+    assert lb.cv[2].isnan() and lb.max_over_mean[2].isnan()
+    one = M.load_balance(torch.tensor([7.0]))  # E = 1
+    assert float(one.cv) == 0.0 and float(one.max_over_mean) == 1.0
+    # one expert takes everything: cv = sqrt(E - 1), max/mean = E
+    allon = M.load_balance(torch.tensor([8.0, 0, 0, 0, 0]))
+    assert close(float(allon.cv), 2.0) and close(float(allon.max_over_mean), 5.0)
+    # RoutingStats: load = counts summed over groups, per layer
+    stats = importance_stats()  # layer 1 load: [6, 5, 1]
+    lb = M.load_balance(stats)
+    mean, var = 4.0, ((6 - 4) ** 2 + (5 - 4) ** 2 + (1 - 4) ** 2) / 3
+    assert close(float(lb.cv[1]), math.sqrt(var) / mean) and close(float(lb.max_over_mean[1]), 1.5)
+    with pytest.raises(ValueError, match="load must be >= 0"):
+        M.load_balance(torch.tensor([1.0, -1.0]))
+
+
+# -------------------------------------------------------------------------------------------
+# correlation
+
+
+def test_pearson_spearman_hand_values():
+    x, y = torch.tensor([1.0, 2, 3, 4]), torch.tensor([2.0, 4, 5, 9])
+    # dx = [-1.5, -.5, .5, 1.5], dy = [-3, -1, 0, 4]: 11 / sqrt(5 * 26)
+    assert close(float(M.pearson(x, y)), 11 / math.sqrt(130), 1e-12)
+    assert close(float(M.spearman(x, y)), 1.0, 1e-12)  # monotone
+    # ties: ranks [1, 2.5, 2.5, 4] and [1, 3, 2, 4]: 4.5 / sqrt(4.5 * 5)
+    xt, yt = torch.tensor([1.0, 2, 2, 3]), torch.tensor([1.0, 3, 2, 4])
+    assert close(float(M.spearman(xt, yt)), 4.5 / math.sqrt(22.5), 1e-12)
+    assert close(float(M.spearman(x, -y)), -1.0, 1e-12)
+    assert M.pearson(torch.ones(4), y).isnan()            # constant: undefined
+    assert M.spearman(torch.tensor([1.0, nan, 2]), torch.ones(3)).isnan()
+    batched = M.pearson(torch.stack([x, -x]), y)          # rows correlated at once
+    assert close(float(batched[1]), -11 / math.sqrt(130), 1e-12)
+    with pytest.raises(ValueError, match="at least 2 values"):
+        M.pearson(torch.ones(1), torch.ones(1))
+
+
+def test_divergence_accuracy_correlation():
+    divergence = {  # [L = 4]; the middle layers 1..2 average to 0.2, 0.4, 0.3, 0.8
+        "fra": torch.tensor([0.9, 0.1, 0.3, 0.9]),
+        "deu": torch.tensor([0.5, 0.4, 0.4, 0.1]),
+        "zho": torch.tensor([0.1, 0.2, 0.4, 0.7]),
+        "bam": torch.tensor([0.9, 0.8, 0.8, 0.9]),
+    }
+    accuracy = {"eng": 0.95, "fra": 0.9, "deu": 0.85, "zho": 0.8, "bam": 0.3}
+    res = M.divergence_accuracy_correlation(divergence, accuracy, layers=range(1, 3))
+    assert res.languages == ("fra", "deu", "zho", "bam") and res.layers == (1, 2)
+    mid = [0.2, 0.4, 0.3, 0.8]
+    for lang, v in zip(res.languages, mid):
+        assert close(res.middle_divergence[lang], v)
+    acc = [0.9, 0.85, 0.8, 0.3]
+    mx, ma = sum(mid) / 4, sum(acc) / 4
+    sxy = sum((a - mx) * (b - ma) for a, b in zip(mid, acc))
+    r = sxy / math.sqrt(sum((a - mx) ** 2 for a in mid) * sum((b - ma) ** 2 for b in acc))
+    assert close(res.pearson, r, 1e-6)
+    # ranks of mid [1, 3, 2, 4], of acc [4, 3, 2, 1]: d² = 9 + 0 + 0 + 9 -> 1 - 6·18/(4·15)
+    assert close(res.spearman, 1 - 6 * 18 / 60, 1e-9)
+    assert res.pearson_per_layer.shape == (4,)
+    assert close(float(res.pearson_per_layer[1]),
+                 float(M.pearson(torch.tensor([0.1, 0.4, 0.2, 0.8]), torch.tensor(acc))), 1e-6)
+    # decoder-layer indices instead of positions
+    by_index = M.divergence_accuracy_correlation(divergence, accuracy, layers=[11, 12],
+                                                 layer_indices=[10, 11, 12, 13])
+    assert close(by_index.pearson, res.pearson, 1e-12)
+    with pytest.raises(ValueError, match=r"layers are positions along L=4.*\[4\]"):
+        M.divergence_accuracy_correlation(divergence, accuracy, layers=[3, 4])
+    with pytest.raises(ValueError, match=r"layers \[9\] are not among layer_indices"):
+        M.divergence_accuracy_correlation(divergence, accuracy, layers=[9],
+                                          layer_indices=[10, 11, 12, 13])
+    with pytest.raises(ValueError, match="needs at least 3 languages"):
+        M.divergence_accuracy_correlation(divergence, {"fra": 0.9, "deu": 0.8}, layers=[1])
+    with pytest.raises(ValueError, match=r"accuracy\['fra'\]=nan must be a finite number"):
+        M.divergence_accuracy_correlation(divergence, dict(accuracy, fra=nan), layers=[1])
+    with pytest.raises(ValueError, match="middle-layer divergence is NaN for \\['deu'\\]"):
+        M.divergence_accuracy_correlation(dict(divergence, deu=torch.full((4,), nan)),
+                                          accuracy, layers=[1])
+
+
+# -------------------------------------------------------------------------------------------
+# token specialisation
+
+
+def test_expert_token_counts_and_specialisation():
+    # 5 tokens, k = 2, E = 3; token ids 7, 9, 7, 5, 7
+    ids = torch.tensor([[0, 1], [1, 2], [0, 2], [2, 1], [0, 1]], dtype=torch.int16)
+    token_ids = torch.tensor([7, 9, 7, 5, 7])
+    tr = M.expert_token_counts(ids, token_ids, 3)
+    assert tr.token_ids.tolist() == [5, 7, 9] and tr.occurrences.tolist() == [1, 3, 1]
+    assert tr.counts.tolist() == [[0, 3, 0], [1, 2, 1], [1, 1, 1]]  # [E, U]
+    # token 7: expert 0 in all 3 occurrences -> 1; tokens 5 and 9 occur once -> 1
+    assert M.token_specialisation(tr).tolist() == [1.0, 1.0, 1.0]
+    h = M.expert_token_entropy(tr)
+    assert float(h[0]) == 0.0                                   # expert 0 only ever saw 7
+    assert close(float(h[1]), ref_entropy([0.25, 0.5, 0.25]))
+    assert close(float(h[2]), math.log(3))
+    assert close(float(M.expert_token_entropy(tr, normalised=True)[2]), 1.0)
+    top_ids, top_counts = M.expert_top_tokens(tr, 2)
+    assert top_ids.tolist() == [[7, 5], [7, 5], [5, 7]]         # ties to the lower token id
+    assert top_counts.tolist() == [[3, 0], [2, 1], [1, 1]]
+    masked = M.expert_token_counts(ids, token_ids, 4, mask=torch.tensor([1, 1, 0, 0, 0]).bool())
+    assert masked.counts.tolist() == [[1, 0], [1, 1], [0, 1], [0, 0]]
+    assert M.expert_token_entropy(masked)[3].isnan()            # expert 3: no token
+    with pytest.raises(ValueError, match=r"ids must be in \[0, num_experts=2\)"):
+        M.expert_token_counts(ids, token_ids, 2)
+    with pytest.raises(ValueError, match=r"token_ids must be int32/int64 of shape \[5\]"):
+        M.expert_token_counts(ids, token_ids[:4], 3)
+
+
+def test_token_specialisation_partial():
+    # token 4 occurs 4 times: expert 1 three times, expert 0 once -> 3/4
+    ids = torch.tensor([[1], [1], [0], [1]])
+    tr = M.expert_token_counts(ids, torch.tensor([4, 4, 4, 4]), 2)
+    assert M.token_specialisation(tr).tolist() == [0.75]
+
+
+def test_trace_token_routing_skips_ungrouped_rows():
+    trace = {"model.layers.0.mlp.gate": {"ids": torch.tensor([[0], [1], [1]], dtype=torch.int16),
+                                         "weights": torch.ones(3, 1), "group": ["a", None, "a"]}}
+    out = M.trace_token_routing(trace, torch.tensor([3, 3, 4]), 2)
+    tr = out["model.layers.0.mlp.gate"]
+    assert tr.token_ids.tolist() == [3, 4] and tr.counts.tolist() == [[1, 0], [0, 1]]
+    every = M.trace_token_routing(trace, torch.tensor([3, 3, 4]), 2, skip_ungrouped=False)
+    assert every["model.layers.0.mlp.gate"].counts.tolist() == [[1, 0], [1, 1]]
+    with pytest.raises(ValueError, match="layer 'model.layers.0.mlp.gate': .*token_ids"):
+        M.trace_token_routing(trace, torch.tensor([3, 3]), 2)
+
+
+# -------------------------------------------------------------------------------------------
+# Δ-experts
+
+
+def delta_example():
+    """Layers 3 and 5 (decoder indices), E = 4, k = 1, two sequences of 4 tokens each.
+
+    Frequencies a/L are multiples of 1/4 (exact in fp32). Mean F over the two sequences:
+      task     layer 3: [0.75, 0.25, 0.0, 0.0]   layer 5: [0.25, 0.25, 0.5, 0.0]
+      baseline layer 3: [0.25, 0.25, 0.5, 0.0]   layer 5: [0.25, 0.5,  0.0, 0.25]
+      Δ        layer 3: [0.5,  0.0, -0.5, 0.0]   layer 5: [0.0, -0.25, 0.5, -0.25]
+    """
+    task = RoutingStats([
+        make_layer(3, [4, 4], [[3, 1, 0, 0], [3, 1, 0, 0]]),
+        make_layer(5, [4, 4], [[1, 1, 2, 0], [1, 1, 2, 0]]),
+    ], ["gsm/0", "gsm/1"])
+    base = RoutingStats([
+        make_layer(3, [4, 4], [[2, 0, 2, 0], [0, 2, 2, 0]]),
+        make_layer(5, [4, 4], [[1, 2, 0, 1], [1, 2, 0, 1]]),
+    ], ["eng/0", "eng/1"])
+    return task, base
+
+
+def test_delta_experts_known_answer():
+    task, base = delta_example()
+    delta = X.delta_frequency(task, base)
+    assert delta.tolist() == [[0.5, 0.0, -0.5, 0.0], [0.0, -0.25, 0.5, -0.25]]
+    assert X.task_experts(task, base, tau=0.3) == {3: [0], 5: [2]}
+    assert X.task_experts(task, base, tau=0.5) == {3: [], 5: []}  # strict: Δ = τ is not in
+    assert X.task_experts(task, base, tau=-0.1) == {3: [0, 1, 3], 5: [2, 0]}  # by Δ, ties low
+    assert X.task_experts(task, base, tau=0.3, layers=range(4, 10)) == {5: [2]}
+    with pytest.raises(ValueError, match="none of layers=\\[0, 1\\] is a layer"):
+        X.task_experts(task, base, tau=0.3, layers=[0, 1])
+    with pytest.raises(ValueError, match="tau=nan must be a finite number"):
+        X.task_experts(task, base, tau=nan)
+    # plain [L, E] frequencies: positions as keys unless layer_keys
+    f = X.mean_activation_frequency(task)
+    assert X.task_experts(f, X.mean_activation_frequency(base), 0.3) == {0: [0], 1: [2]}
+    assert X.experts_above(delta, 0.3, ["a", "b"]) == {"a": [0], "b": [2]}
+
+
+def test_delta_no_false_positives_random():
+    # task = baseline + a planted +0.6 on known experts; everything else moves by < 0.2
+    g = torch.Generator().manual_seed(5)
+    L, E = 6, 16
+    base = torch.rand(L, E, generator=g) * 0.3
+    noise = (torch.rand(L, E, generator=g) - 0.5) * 0.38
+    planted = {0: [3], 2: [1, 7], 5: [15]}
+    task = base + noise
+    for layer, es in planted.items():
+        task[layer, es] = base[layer, es] + 0.6
+    got = X.task_experts(task, base, tau=0.25)
+    assert got == {layer: planted.get(layer, []) for layer in range(L)}
+
+
+def test_mean_activation_frequency_skips_empty_sequences():
+    stats = RoutingStats([make_layer(0, [2, 0, 4], [[2, 0], [0, 0], [1, 3]])], ["s0", "s1", "s2"])
+    # mean of [1, 0] and [0.25, 0.75]; the empty sequence is left out, not averaged as 0
+    assert X.mean_activation_frequency(stats).tolist() == [[0.625, 0.375]]
+
+
+def language_example():
+    """eng, fra, swh; 2 parallel sequences of 4 tokens; one layer (index 2), E = 4, k = 1.
+
+    F: eng [0.5, 0.5, 0, 0], fra [0.5, 0.25, 0.25, 0], swh [0.25, 0.25, 0, 0.5] (sequence means).
+    """
+    counts = {
+        "eng/0": [2, 2, 0, 0], "eng/1": [2, 2, 0, 0],
+        "fra/0": [2, 1, 1, 0], "fra/1": [2, 1, 1, 0],
+        "swh/0": [1, 1, 0, 2], "swh/1": [1, 1, 0, 2],
+    }
+    return RoutingStats([make_layer(2, [4] * 6, list(counts.values()))], list(counts))
+
+
+def test_language_frequency_with_missing_and_empty_sequences():
+    stats = RoutingStats([make_layer(0, [4, 2, 0, 4], [[4, 0], [1, 1], [0, 0], [2, 2]])],
+                         ["en/0", "de/0", "de/1", "sw/1"])
+    freq = X.language_frequency(stats)
+    # de: sequence 0 only (sequence 1 has no tokens); sw: sequence 1 only (it lacks sequence 0)
+    assert freq["en"].tolist() == [[1.0, 0.0]] and freq["de"].tolist() == [[0.5, 0.5]]
+    assert freq["sw"].tolist() == [[0.5, 0.5]]
+
+
+def test_language_experts_reference_and_others():
+    stats = language_example()
+    freq = X.language_frequency(stats)
+    assert freq["swh"].tolist() == [[0.25, 0.25, 0.0, 0.5]]
+    delta = X.language_delta(stats, "eng")
+    assert list(delta) == ["fra", "swh"]
+    assert delta["fra"].tolist() == [[0.0, -0.25, 0.25, 0.0]]
+    assert delta["swh"].tolist() == [[-0.25, -0.25, 0.0, 0.5]]
+    assert X.language_experts(stats, 0.2, "eng") == {2: [3, 2]}  # max Δ 0.5 (swh), 0.25 (fra)
+    assert X.language_experts(stats, 0.3, "eng") == {2: [3]}
+    # against the other languages: swh - mean(eng, fra) = [-0.25, -0.125, -0.125, 0.5]
+    others = X.language_delta(stats, "eng", against="others")
+    assert others["swh"].tolist() == [[-0.25, -0.125, -0.125, 0.5]]
+    with pytest.raises(ValueError, match="reference='spa' is not among the languages"):
+        X.language_delta(stats, "spa")
+    with pytest.raises(ValueError, match="against='all' must be one of"):
+        X.language_delta(stats, "eng", against="all")
+
+
+def test_expert_overlap_and_modularity():
+    task = {3: [0, 5], 5: [2], 7: []}
+    lang = {3: [5, 1], 5: [4], 9: [1]}
+    assert X.expert_overlap(task, lang) == {3: [5], 5: []}
+
+
+def test_layer_keys_fall_back_to_names():
+    stats = RoutingStats([make_layer(None, [1], [[1, 0]], name="blocks.a.router"),
+                          make_layer(4, [1], [[1, 0]])], ["g"])
+    assert X.layer_keys(stats) == ["blocks.a.router", "model.layers.4.mlp.gate"]
+
+
+# -------------------------------------------------------------------------------------------
+# steering plans
+
+
+def test_plan_from_experts_soft_hard_caps_and_layers():
+    experts = {3: [4, 1, 4, 9], 5: [2], 7: [], 40: [0]}
+    soft = X.plan_from_experts(experts, "soft", lam=0.5, layers=range(3, 8), max_per_layer=2)
+    assert soft.layers == [3, 5]                      # 7 has no expert, 40 is out of range
+    assert dict(soft[3]) == {4: SteerEntry(std=0.5), 1: SteerEntry(std=0.5)}  # deduped, capped
+    hard = X.plan_from_experts(experts, "hard")
+    assert hard.layers == [3, 5, 40] and dict(hard[3]) == {e: SteerEntry(force=1)
+                                                           for e in (1, 4, 9)}
+    # JSON round trip (and the documented JSON form)
+    assert SteeringPlan.from_json(soft.to_json()) == soft
+    assert json.loads(soft.to_json())["layers"] == {"3": {"1": {"std": 0.5}, "4": {"std": 0.5}},
+                                                    "5": {"2": {"std": 0.5}}}
+    assert SteeringPlan.from_json(hard.to_json()) == hard
+    # from identified experts end to end: the Δ order decides which survive the cap
+    task, base = delta_example()
+    plan = X.plan_from_experts(X.task_experts(task, base, -0.1), max_per_layer=1, lam=-0.25)
+    assert plan.to_dict() == {3: {0: SteerEntry(std=-0.25)}, 5: {2: SteerEntry(std=-0.25)}}
+
+
+@pytest.mark.parametrize("kwargs, exc, pattern", [
+    (dict(mode="medium"), ValueError, "mode='medium' must be one of"),
+    (dict(lam=float("inf")), ValueError, "lam=inf must be a finite number"),
+    (dict(max_per_layer=0), ValueError, "max_per_layer=0 must be None or an int >= 1"),
+    (dict(layers=[10, 11]), ValueError, "none of layers=\\[10, 11\\] is a key"),
+    (dict(layers=3), TypeError, "layers must be an iterable of layer keys"),
+])
+def test_plan_from_experts_errors(kwargs, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        X.plan_from_experts({3: [1]}, **kwargs)
+
+
+def test_plan_from_experts_rejects_bad_experts():
+    with pytest.raises(TypeError, match="experts_by_layer must be a mapping"):
+        X.plan_from_experts([1, 2])
+    with pytest.raises(TypeError, match=r"experts_by_layer\[3\] must be an iterable"):
+        X.plan_from_experts({3: 1})
+    with pytest.raises(ValueError, match="expert key -1 must be >= 0"):
+        X.plan_from_experts({3: [-1]})

@@ -1,0 +1,104 @@
+"""The analysis pipeline end to end: data loading, masked recording, A/B, report, demo, CLI."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import moe_route
+from moe_route.analysis import pipeline
+from moe_route.analysis.demo import run_demo
+
+transformers = pytest.importorskip("transformers")
+from tiny_models import build  # noqa: E402
+
+
+def test_load_parallel_tsv_and_jsonl(tmp_path):
+    tsv = tmp_path / "data.tsv"
+    tsv.write_text("eng\tfra\nhello\tbonjour\ncat\tchat\n", encoding="utf-8")
+    assert pipeline.load_parallel(tsv) == {"eng": ["hello", "cat"], "fra": ["bonjour", "chat"]}
+    assert pipeline.load_parallel(tsv, ["fra"], limit=1) == {"fra": ["bonjour"]}
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text('{"eng": "a", "deu": "b"}\n{"eng": "c", "deu": "d"}\n', encoding="utf-8")
+    assert pipeline.load_parallel(jsonl, ["deu", "eng"]) == {"deu": ["b", "d"], "eng": ["a", "c"]}
+    with pytest.raises(ValueError, match=r"languages \['ita'\] are not in the data"):
+        pipeline.load_parallel(tsv, ["ita"])
+    ragged = tmp_path / "ragged.jsonl"
+    ragged.write_text('{"eng": "a", "deu": "b"}\n{"eng": "c"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="different sentence counts"):
+        pipeline.load_parallel(ragged)
+    with pytest.raises(ValueError, match="must end in .tsv or .jsonl"):
+        pipeline.load_parallel(__file__)
+
+
+def _word_tokenizer():
+    """An in-memory fast word-level tokenizer with a chat template (no downloads)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    words = ["<pad>", "<s>", "<unk>", "user", ":", "assistant", "hello", "world", "cat", "sat"]
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)},
+                                                           unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
+                                                bos_token="<s>", unk_token="<unk>")
+    fast.chat_template = ("{% for m in messages %}<s> user : {{ m['content'] }} {% endfor %}"
+                          "{% if add_generation_prompt %}assistant : {% endif %}")
+    return fast
+
+
+def test_record_sequences_counts_only_the_text_tokens():
+    model = build("olmoe")
+    tok = _word_tokenizer()
+    corpus = {"eng": ["hello world", "cat sat sat"], "xxx": ["world", "hello cat"]}
+    stats = pipeline.record_parallel(model, corpus, tokenizer=tok, chat_template=True, batch_size=2)
+    assert stats.group_names == ["eng/0", "eng/1", "xxx/0", "xxx/1"]
+    # template tokens (<s> user : ... assistant :) and padding are not counted
+    assert stats[0].tokens.tolist() == [2, 3, 1, 2]
+    plain = pipeline.record_sequences(model, {"eng": ["hello world"]}, tokenizer=tok)
+    assert plain[0].tokens.tolist() == [2]
+    with pytest.raises(ValueError, match="pass tokenizer="):
+        pipeline.record_sequences(model, {"eng": ["hello"]})
+    with pytest.raises(ValueError, match="different sequence counts"):
+        pipeline.record_parallel(model, {"a": ["hello"], "b": ["hello", "cat"]}, tokenizer=tok)
+
+
+def test_ab_test_reports_the_difference():
+    model = build("olmoe")
+    ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    def share_of_expert_3():
+        with moe_route.record(model) as rec, torch.no_grad():
+            model(ids)
+        layer = rec.stats[0]
+        return {"share": float(layer.counts[0, 3]) / float(layer.tokens[0])}
+
+    plan = moe_route.SteeringPlan.force(0, 3)
+    result = pipeline.ab_test(model, plan, share_of_expert_3)
+    assert result["steered"]["share"] == 1.0
+    assert result["delta"]["share"] == pytest.approx(1.0 - result["baseline"]["share"])
+    with pytest.raises(TypeError, match="evaluate must be callable"):
+        pipeline.ab_test(model, plan, 3)
+
+
+def test_demo_recovers_the_planted_answer(tmp_path):
+    summary = run_demo(str(tmp_path / "report"), progress=False)
+    assert summary["checks"]["u_shape (< 1/3)"]
+    assert summary["checks"]["task_experts_exact"]
+    assert summary["checks"]["steering_helps"]
+    for name in ("summary.txt", "divergence.csv", "divergence.json", "experts.json", "plan.json",
+                 "ab.json", "correlation.json"):
+        assert (tmp_path / "report" / name).exists(), name
+    plan = moe_route.SteeringPlan.from_json((tmp_path / "report" / "plan.json").read_text())
+    assert set(plan.layers) == {2, 3, 4, 5}
+    div = json.loads((tmp_path / "report" / "divergence.json").read_text())["divergence"]
+    assert set(div) == {"lang1", "lang2", "lang3", "lang4"}
+    if summary.get("plots"):
+        assert (tmp_path / "report" / "divergence_by_layer.png").exists()
+
+
+def test_cli_demo(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "moe_route.cli", "demo", "--out", str(tmp_path / "d")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "task_experts_exact: True" in out.stdout
+    assert (tmp_path / "d" / "summary.txt").exists()
