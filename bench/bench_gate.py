@@ -45,18 +45,3 @@ def _sorted(w, i):
 @pytest.fixture
 def benchmark_fixture(benchmark):
     return benchmark
-
-
-DISPATCH = benchmark.dispatch_cases(full=False)
-
-
-@pytest.mark.parametrize("case", DISPATCH, ids=[c.label.replace(" ", "-") for c in DISPATCH])
-def test_dispatch_matches_baseline(case):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(case.T, case.H, generator=g)
-    ids = torch.randint(0, case.E, (case.T, case.k), generator=g)
-    w = torch.rand(case.T, case.k, generator=g)
-    base, base_offsets = benchmark.baseline_dispatch(x, ids, w, case.E)
-    ours, offsets = benchmark.fused_dispatch(x, ids, w, case.E)
-    torch.testing.assert_close(ours, base, rtol=1e-5, atol=1e-5)
-    assert torch.equal(offsets[1:].int(), base_offsets)

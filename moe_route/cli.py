@@ -38,8 +38,8 @@ def _bench(args) -> int:
     if args.op == "dispatch":
         print(f"moe_route plan+permute+unpermute vs transformers' grouped_mm index path; device "
               f"{device} ({where}), torch {torch.__version__}")
-        print("median per call (IQR as % of the median), the two alternating in one run; "
-              "ratio = median over rounds of baseline / fused")
+        print("median per call (IQR as % of the median), the two alternating in bursts of 3 "
+              "calls in one run; ratio = median over rounds of baseline / fused")
         print(benchmark.format_dispatch_header())
         rows = benchmark.run_dispatch(benchmark.dispatch_cases(args.full), device,
                                       min_time=args.min_time, progress=print)
@@ -49,9 +49,9 @@ def _bench(args) -> int:
         print(f"MoE block forward, experts implementation \"moe_route\" vs transformers' "
               f"\"grouped_mm\" and \"eager\"; device {device} ({where}), torch "
               f"{torch.__version__}, transformers {transformers.__version__}")
-        print("median per forward (IQR as % of the median), the three alternating in one run; "
-              "gmm/ours, eager/ours: median over rounds of their time / moe_route's "
-              "(> 1: moe_route faster)")
+        print("median per forward (IQR as % of the median), the three alternating in bursts of "
+              "3 calls in one run; gmm/ours, eager/ours: median over rounds of their time / "
+              "moe_route's (> 1: moe_route faster)")
         print(benchmark.format_block_header())
         rows = benchmark.run_block(benchmark.block_cases(args.full, args.family), device,
                                    min_time=args.min_time, progress=print)

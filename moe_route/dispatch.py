@@ -19,8 +19,7 @@ class DispatchPlan(NamedTuple):
     """Where each (token, slot) pair goes. All tensors int64 on the ids' device.
 
     row_slot [R]: the slot ``t*k + j`` feeding each expert-contiguous row, -1 for padding rows and
-        unused tail rows. ``row_slot // k`` is each row's token: a GEMM that gathers rows by itself
-        can use it instead of a permuted copy.
+        unused tail rows. ``row_token`` derives each row's token from it.
     expert_offsets [E+1]: first row of each expert; ``expert_offsets[E]`` rows are in use.
     counts [E]: real (unpadded) rows per expert.
     slot_row [T*k]: the row of each slot, -1 where the id was outside [0, E) (dropped).
@@ -32,6 +31,17 @@ class DispatchPlan(NamedTuple):
     counts: torch.Tensor
     slot_row: torch.Tensor
     k: int
+
+    @property
+    def row_token(self) -> torch.Tensor:
+        """Token of each row ``[R]`` int64, -1 for padding and unused rows: ``permute`` as an index.
+
+        ``permute(x, plan)[r]`` is ``x[row_token[r]]`` where ``row_token[r] >= 0`` and zeros
+        elsewhere, so a GEMM that gathers its rows by itself can read ``x`` through it instead of a
+        permuted copy. One elementwise op on the plan's device, no host sync.
+        """
+        # floor(-1 / k) == -1: padding stays -1 without a select.
+        return self.row_slot.div(max(self.k, 1), rounding_mode="floor")
 
 
 def dispatch_plan(ids: torch.Tensor, num_experts: int, block_size: int = 1) -> DispatchPlan:

@@ -5,6 +5,8 @@ import torch
 import moe_route
 from moe_route import reference as R
 
+from conftest import requires_native
+
 SHAPES = [(0, 2, 4, 1), (1, 1, 1, 1), (7, 2, 3, 1), (300, 8, 64, 1), (257, 4, 60, 16),
           (50, 3, 7, 4), (1000, 8, 256, 1), (5000, 2, 8, 128)]
 
@@ -35,6 +37,71 @@ def test_plan_known_answer():
     assert plan.slot_row.tolist() == [2, 0, 1, 6, 3, -1, -1, 4]
 
 
+# The index-only path: DispatchPlan.row_token (proposed for moe_route/dispatch.py together with
+# these tests; they skip until it is there).
+needs_row_token = pytest.mark.skipif(not hasattr(moe_route.DispatchPlan, "row_token"),
+                                     reason="DispatchPlan.row_token is not in moe_route.dispatch")
+
+
+@needs_row_token
+def test_row_token_known_answer():
+    ids = torch.tensor([[2, 0], [0, 3], [2, 9], [-1, 2]])
+    plan = moe_route.dispatch_plan(ids, 4, block_size=2)  # row_slot as in test_plan_known_answer
+    assert plan.row_token.tolist() == [0, 1, 0, 2, 3, -1, 1, -1, -1, -1, -1, -1]
+
+
+@needs_row_token
+@pytest.mark.parametrize("T,k,E,block", SHAPES)
+def test_row_token_gathers_what_permute_copies(device, T, k, E, block):
+    """x[row_token] (zero rows at -1) is permute(x): a GEMM that gathers by itself needs no copy."""
+    ids = _ids(T, k, E, seed=14).to(device)
+    plan = moe_route.dispatch_plan(ids, E, block)
+    rt = plan.row_token
+    assert rt.dtype == torch.int64 and rt.shape == plan.row_slot.shape and rt.device == ids.device
+    assert torch.equal(rt < 0, plan.row_slot < 0)
+    assert bool(((rt >= -1) & (rt < max(T, 1))).all())
+    x = torch.randn(T, 24, device=device).to(torch.bfloat16)
+    gathered = torch.where((rt >= 0)[:, None], x[rt.clamp(min=0)], torch.zeros((), dtype=x.dtype,
+                                                                                  device=device))
+    assert torch.equal(gathered, moe_route.permute(x, plan))
+
+
+@needs_row_token
+def test_row_token_experts_without_permuted_copy():
+    """Per-expert GEMMs on rows gathered through row_token, combined by unpermute, give the
+    permute path's result (the index-only use the issue asks for; a BLAS may round a row
+    differently for a different row count, hence the tolerance)."""
+    T, k, E, H, O = 90, 3, 6, 16, 12
+    ids = _ids(T, k, E, seed=15)
+    plan = moe_route.dispatch_plan(ids, E, block_size=4)
+    g = torch.Generator().manual_seed(16)
+    x, W = torch.randn(T, H, generator=g), torch.randn(E, H, O, generator=g)
+    w = torch.rand(T, k, generator=g)
+    bounds = plan.expert_offsets.tolist()
+    copied, indexed = moe_route.permute(x, plan), plan.row_token
+    y_copy = torch.zeros(plan.row_slot.shape[0], O)
+    y_index = torch.zeros(plan.row_slot.shape[0], O)
+    for e in range(E):
+        lo, hi = bounds[e], bounds[e + 1]
+        y_copy[lo:hi] = copied[lo:hi] @ W[e]
+        rows = indexed[lo:hi]
+        real = rows >= 0
+        y_index[lo:hi][real] = x[rows[real]] @ W[e]
+    torch.testing.assert_close(moe_route.unpermute(y_index, plan, w),
+                               moe_route.unpermute(y_copy, plan, w), rtol=1e-6, atol=1e-6)
+
+
+@needs_row_token
+def test_row_token_compiles():
+    def gather(x, ids):
+        plan = moe_route.dispatch_plan(ids, 8)
+        return x[plan.row_token.clamp(min=0)]
+
+    ids = _ids(40, 2, 8, sentinels=False)
+    x = torch.randn(40, 16)
+    torch.testing.assert_close(torch.compile(gather, fullgraph=True)(x, ids), gather(x, ids))
+
+
 @pytest.mark.parametrize("T,k,E,block", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_permute_unpermute_match_reference(device, T, k, E, block, dtype):
@@ -51,6 +118,98 @@ def test_permute_unpermute_match_reference(device, T, k, E, block, dtype):
         assert torch.equal(out, want)  # same fp32 operations in the same order
     else:
         torch.testing.assert_close(out, want)
+
+
+def _assert_bits_equal(got, want):
+    """Same NaN positions and, elsewhere, the same bits (tells -0.0 from +0.0)."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan)
+    bits = {2: torch.int16, 4: torch.int32}[got.element_size()]
+    assert torch.equal(got.view(bits)[~nan], want.view(bits)[~nan])
+
+
+# Row lengths around the CPU kernel's 32- and 8-element vector blocks and its scalar tail.
+@requires_native
+@pytest.mark.parametrize("H", [1, 7, 8, 31, 32, 33, 72, 1024])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_unpermute_row_blocks_bit_exact(H, dtype):
+    T, k, E = 37, 3, 5
+    ids = _ids(T, k, E, seed=7)  # with dropped (sentinel) slots
+    plan = moe_route.dispatch_plan(ids, E)
+    g = torch.Generator().manual_seed(8)
+    y = (torch.randn(plan.row_slot.shape[0], H, generator=g) * 3).to(dtype)
+    y.view(-1)[::11] = -0.0
+    y.view(-1)[5::97] = float("nan")
+    y.view(-1)[7::89] = float("inf")
+    w = torch.rand(T, k, generator=g)
+    w[::4, 0] = 0.0  # inf * 0: NaN, as in the reference
+    _assert_bits_equal(moe_route.unpermute(y, plan, w), R.unpermute(y, plan.slot_row, w))
+    _assert_bits_equal(moe_route.permute(y[:T], plan), R.permute(y[:T], plan.row_slot, k))
+
+
+@requires_native
+def test_unpermute_bf16_rounding_and_weight_dtypes():
+    """bf16 outputs round to nearest even like the reference's cast, for any weight dtype."""
+    T, k, E, H = 64, 2, 4, 40
+    ids = _ids(T, k, E, seed=9, sentinels=False)
+    plan = moe_route.dispatch_plan(ids, E)
+    g = torch.Generator().manual_seed(10)
+    # 1 + j/256 with weights 0.5 and 0.5 lands on bf16 ties (8 fraction bits) half of the time
+    y = (1 + torch.randint(0, 256, (plan.row_slot.shape[0], H), generator=g) / 256).to(torch.bfloat16)
+    for w in (torch.full((T, k), 0.5), torch.rand(T, k, generator=g).to(torch.bfloat16),
+              torch.rand(T, k, generator=g).double()):
+        _assert_bits_equal(moe_route.unpermute(y, plan, w), R.unpermute(y, plan.slot_row, w))
+
+
+@requires_native
+@pytest.mark.parametrize("no_thp", ["0", "1"])
+def test_large_outputs_with_and_without_huge_pages(monkeypatch, no_thp):
+    """Outputs of >= 2 huge pages are advised to use transparent huge pages (MOE_ROUTE_NO_THP=1:
+    not); either way the rows are the reference's."""
+    monkeypatch.setenv("MOE_ROUTE_NO_THP", no_thp)
+    T, k, E, H = 2048, 4, 16, 384  # permuted: 12 MiB fp32, output 3 MiB
+    ids = _ids(T, k, E, seed=11)
+    plan = moe_route.dispatch_plan(ids, E, block_size=8)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(T, H, generator=g)
+    rows = moe_route.permute(x, plan)
+    assert torch.equal(rows, R.permute(x, plan.row_slot, k))
+    w = torch.rand(T, k, generator=g)
+    assert torch.equal(moe_route.unpermute(rows, plan, w), R.unpermute(rows, plan.slot_row, w))
+
+
+@pytest.mark.slow
+def test_index_math_beyond_int32(device):
+    """A permuted buffer of more than 2**31 elements (bf16, 4.3 GB): rows on both sides of the
+    int32 element boundary, and tokens combined from rows past it, match the reference. Only
+    sampled rows and tokens are compared, to stay cheap."""
+    T, k, E, H = 4100, 64, 64, 8192
+    assert T * k * H > 2**31
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(T, H, generator=g).to(torch.bfloat16)
+    ids = torch.randint(0, E, (T, k), generator=g)
+    plan = moe_route.dispatch_plan(ids.to(device), E)
+    rows = moe_route.permute(x.to(device), plan)
+    R_rows = rows.shape[0]
+    edge = 2**31 // H  # first row whose elements lie past 2**31
+    sample = torch.cat([torch.tensor([0, edge - 1, edge, edge + 1]),
+                        torch.randint(0, R_rows, (64,), generator=g),
+                        torch.arange(R_rows - 64, R_rows)]).to(device)
+    src = plan.row_slot[sample] // k
+    assert bool((src >= 0).all())
+    assert torch.equal(rows[sample].cpu(), x[src.cpu()])
+
+    w = torch.rand(T, k, generator=g).to(device)
+    out = moe_route.unpermute(rows, plan, w)
+    tokens = torch.cat([src, torch.randint(0, T, (64,), generator=g).to(device)]).unique()
+    slot_rows = plan.slot_row.view(T, k)[tokens]
+    assert int(slot_rows.max()) * H > 2**31
+    want = R.unpermute(rows, slot_rows.reshape(-1), w[tokens])
+    if device == "cpu":
+        assert torch.equal(out[tokens], want)
+    else:
+        torch.testing.assert_close(out[tokens], want)
 
 
 def test_roundtrip_is_weighted_sum_of_tokens():

@@ -17,14 +17,7 @@
 #include <vector>
 
 #include "../gate_op.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MOE_ROUTE_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define MOE_ROUTE_CLONES
-#endif
-// Helpers are forced inline so that they are compiled for each clone's instruction set.
-#define MOE_ROUTE_INLINE inline __attribute__((always_inline))
+#include "clones.h"
 
 namespace moe_route {
 namespace {
