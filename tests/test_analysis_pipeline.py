@@ -98,3 +98,34 @@ def test_cli_demo_recovers_the_planted_answer(tmp_path):
     assert set(div) == {"lang1", "lang2", "lang3", "lang4"}
     summary = json.loads((report / "summary.json").read_text())
     assert summary["middle_mean"] < summary["edge_mean"] / 3
+
+
+def test_cli_analyze_and_experts_on_a_saved_model(tmp_path):
+    """``moe-route analyze`` and ``experts`` end to end on a local model directory (a tiny OLMoE
+    and a word-level tokenizer saved with save_pretrained: what a user passes as MODEL)."""
+    model_dir = tmp_path / "model"
+    build("olmoe").save_pretrained(model_dir)
+    _word_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "parallel.tsv"
+    rows = ["eng\tdeu\tfra", "hello world\tworld hello\tcat sat", "cat sat\tsat cat\thello world",
+            "hello cat\tcat hello\tsat world"]
+    data.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    run = lambda *args: subprocess.run([sys.executable, "-m", "moe_route.cli", *args],  # noqa: E731
+                                       capture_output=True, text=True, timeout=300)
+    out = run("analyze", str(model_dir), "--data", str(data), "--reference", "eng", "--dtype",
+              "fp32", "--out", str(tmp_path / "report"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    stats = moe_route.RoutingStats.load(tmp_path / "report" / "stats")
+    assert len(stats.group_names) == 9 and stats.group_names[0] == "eng/0"
+    div = json.loads((tmp_path / "report" / "divergence.json").read_text())["divergence"]
+    assert set(div) == {"deu", "fra"} and len(div["deu"]) == 2
+    task, base = tmp_path / "task.txt", tmp_path / "base.txt"
+    task.write_text("cat cat cat\ncat sat cat\n", encoding="utf-8")
+    base.write_text("hello world\nworld hello\n", encoding="utf-8")
+    out = run("experts", str(model_dir), "--task", str(task), "--baseline", str(base),
+              "--tau", "0.3", "--dtype", "fp32", "--out", str(tmp_path / "plan.json"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    plan = moe_route.SteeringPlan.load(tmp_path / "plan.json")
+    assert plan.layers and all(layer in (0, 1) for layer in plan.layers)
+    with moe_route.steer(build("olmoe"), plan):  # the plan fits the model it came from
+        pass
