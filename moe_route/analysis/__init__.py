@@ -28,21 +28,7 @@ from moe_route.analysis.metrics import (DivergenceCorrelation, LoadBalance, Para
                                         routing_divergence, routing_entropy, spearman,
                                         token_specialisation, trace_token_routing)
 
-__all__ = [
-    # metrics
-    "per_token_mean", "expert_importance", "activation_frequency",
-    "ParallelGroups", "parse_parallel_groups", "pool_by_language",
-    "distribution_entropy", "js_divergence", "entropy_normalised_js", "pairwise_divergence",
-    "parallel_divergence", "routing_divergence",
-    "routing_entropy", "mean_pairwise_overlap", "expert_set_jaccard", "routing_consistency",
-    "coactivation", "conditional_coactivation", "LoadBalance", "load_balance",
-    "pearson", "spearman", "DivergenceCorrelation", "divergence_accuracy_correlation",
-    "TokenRouting", "expert_token_counts", "trace_token_routing", "expert_token_entropy",
-    "token_specialisation", "expert_top_tokens",
-    # experts
-    "layer_keys", "mean_activation_frequency", "delta_frequency", "experts_above",
-    "task_experts", "language_frequency", "language_delta", "language_experts",
-    "expert_overlap", "plan_from_experts",
-    # pipeline and report
-    "load_parallel", "record_parallel", "record_sequences", "ab_test", "write_report",
-]
+from moe_route.analysis import experts as _experts, metrics as _metrics  # noqa: E402
+
+__all__ = [*_metrics.__all__, *_experts.__all__,
+           "load_parallel", "record_parallel", "record_sequences", "ab_test", "write_report"]

@@ -477,14 +477,7 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     (0 log 0 = 0 exactly, where the author code clamps probabilities at 1e-10; the two differ by
     < 1e-8).
     """
-    where = "js_divergence"
-    p64 = _check_distribution(p, "p", where)
-    q64 = _check_distribution(q, "q", where)
-    if p.shape[-1] != q.shape[-1]:
-        raise ValueError(f"{where}: p and q must have the same number of experts (last axis), "
-                         f"got {p.shape[-1]} and {q.shape[-1]}")
-    hm = _entropy64(0.5 * (p64 + q64))
-    return _js_from_parts(hm, _entropy64(p64), _entropy64(q64), 0.0, False).to(_out_dtype(p, q))
+    return _js(p, q, normalised=False, where="js_divergence")
 
 
 def entropy_normalised_js(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -501,14 +494,18 @@ def entropy_normalised_js(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     ``log 2 / log E`` (1 only for E = 2). Identical inputs give 0. E = 1 gives 0 (JSD = 0; the
     normaliser is floored at 1e-6). Shapes as ``js_divergence``.
     """
-    where = "entropy_normalised_js"
+    return _js(p, q, normalised=True, where="entropy_normalised_js")
+
+
+def _js(p, q, normalised: bool, where: str) -> torch.Tensor:
     p64 = _check_distribution(p, "p", where)
     q64 = _check_distribution(q, "q", where)
     if p.shape[-1] != q.shape[-1]:
         raise ValueError(f"{where}: p and q must have the same number of experts (last axis), "
                          f"got {p.shape[-1]} and {q.shape[-1]}")
     hm = _entropy64(0.5 * (p64 + q64))
-    d = _js_from_parts(hm, _entropy64(p64), _entropy64(q64), math.log(p.shape[-1]), True)
+    log_e = math.log(p.shape[-1]) if normalised else 0.0
+    d = _js_from_parts(hm, _entropy64(p64), _entropy64(q64), log_e, normalised)
     return d.to(_out_dtype(p, q))
 
 
