@@ -33,11 +33,16 @@ BF16 = ["olmoe", "mixtral", "gpt_oss", "granitemoe", "deepseek_v3", "jamba", "qw
         "hunyuan_v1_moe", "gemma4", "aria", "cohere2_moe", "openai_privacy_filter", "beam",
         "axk2", "deepseek_v2", "mistral4", "mistral_large4", "minimax_m2", "minimax_m3_vl",
         "hy_v3", "afmoe", "lfm2_moe", "laguna", "muse_spark", "inkling2", "kolibri1", "flint",
-        "ernie4_5_moe", "ernie4_5_vl_moe", "longcat_flash", "llama4"]
+        "ernie4_5_moe", "ernie4_5_vl_moe", "longcat_flash", "llama4", "switch_transformers",
+        "nllb_moe", "phimoe"]
 
 # The families moe_route cannot patch (each router class has its reason in UNSUPPORTED).
-UNSUPPORTED_FAMILIES = {"dbrx", "deepseek_v4", "inkling", "jetmoe", "nllb_moe", "phimoe",
-                        "switch_transformers", "zaya", "doge"}
+UNSUPPORTED_FAMILIES = {"dbrx", "deepseek_v4", "inkling", "jetmoe",
+                        "zaya", "doge"}
+
+# Routers that return (dispatch/top-1 mask, weights, logits [.., E]) instead of (logits, weights,
+# ids): the mask and the logits must be bit-identical, the weights equal to ``tol``.
+MASK_OUTPUTS = {"SwitchTransformersTop1Router", "NllbMoeTop2Router"}
 
 FP32_TOL = dict(rtol=2e-6, atol=2e-7)
 BF16_TOL = dict(rtol=1e-2, atol=1e-2)
@@ -97,12 +102,16 @@ def _assert_same_ids_and_weights(name, z, ref_ids, our_ids, ref_w, our_w, tol):
                                ref_w.float().gather(-1, s0.indices)[same], **tol)
 
 
-def _assert_router_outputs_match(name, ref, ours, tol):
+def _assert_router_outputs_match(name, ref, ours, tol, mask=False):
     assert type(ref) is type(ours) and len(ref) == len(ours), name
     for i, (a, b) in enumerate(zip(ref, ours)):
         assert a.dtype == b.dtype and a.shape == b.shape, f"{name}: output {i}: {a.dtype}" \
             f"{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
     assert torch.equal(ref[0], ours[0]), f"{name}: output 0 must be bit-identical"
+    if mask:
+        assert torch.equal(ref[2], ours[2]), f"{name}: the logits must be bit-identical"
+        torch.testing.assert_close(ours[1], ref[1], **tol)
+        return
     if len(ref) == 2:  # Llama4Router: (dense scores, logits), both rebuilt with the family's ops
         assert torch.equal(ref[1], ours[1]), f"{name}: the logits must be bit-identical"
         return
@@ -115,8 +124,9 @@ def _check_family(key, dtype):
     ref = _call_all(model, calls, patched=False)
     ours = _call_all(model, calls, patched=True)
     tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
-    for (name, _, _, _), r, o in zip(calls, ref, ours):
-        _assert_router_outputs_match(f"{key}: {name}", r, o, tol)
+    for (name, mod, _, _), r, o in zip(calls, ref, ours):
+        _assert_router_outputs_match(f"{key}: {name}", r, o, tol,
+                                     mask=type(mod).__name__ in MASK_OUTPUTS)
     return model
 
 
@@ -151,8 +161,7 @@ def test_supported_rows_and_status_strings():
     assert {r["family"] for r in rows if r["status"] != "supported"} == UNSUPPORTED_FAMILIES
 
 
-@pytest.mark.parametrize("key,router_class", [("phimoe", "PhimoeTopKRouter"),
-                                              ("dbrx", "DbrxRouter"),
+@pytest.mark.parametrize("key,router_class", [("dbrx", "DbrxRouter"),
                                               ("deepseek_v4", "DeepseekV4HashRouter")])
 def test_unsupported_router_raises_naming_the_class(key, router_class):
     model = build(key)
@@ -248,7 +257,8 @@ def test_deepseek_v2_topk_methods():
         moe_route.patch(model)
 
 
-@pytest.mark.parametrize("key", ["gemma4", "ernie4_5_moe", "llama4"])
+@pytest.mark.parametrize("key", ["gemma4", "ernie4_5_moe", "llama4", "switch_transformers",
+                                 "nllb_moe", "phimoe"])
 def test_exact_mode_and_record_with_a_returns_hook(key):
     model = build(key)
     ids = _ids(2)
@@ -282,3 +292,107 @@ def test_topk_router_from_module_refuses_hooks(key):
     _, router, block = find_routers(model)[0]
     with pytest.raises(UnsupportedModelError, match="hook"):
         TopKRouter.from_module(router, block)
+
+
+def _forced_per_token(key, out, e):
+    """Whether expert ``e`` is selected (and kept) for every token in one router output."""
+    if key == "switch_transformers":  # (one-hot dispatch [B, S, E], max prob, logits)
+        return bool((out[0][..., e] == 1).all())
+    if key == "nllb_moe":  # (top-1 mask, combine weights [N, E], logits)
+        return bool((out[1][:, e] > 0).all())
+    if key == "phimoe":  # (logits, weights, ids)
+        return bool((out[2] == e).any(-1).all())
+    if key == "dbrx":  # the (steered) logits; DbrxFFN takes their softmax -> top-k
+        return bool((out.topk(2, dim=-1).indices == e).any(-1).all())
+    raise AssertionError(key)
+
+
+@pytest.mark.parametrize("key", [k for k in ("switch_transformers", "nllb_moe", "phimoe", "dbrx")
+                                 if k in SUPPORTED])
+def test_force_on_selects_the_expert_for_every_token(key):
+    """Steering acts on the selection of the S7 routers whose outputs an adapter rebuilds: an
+    expert forced on in one router is selected for every token that router sees (and no other
+    router changes), and the model's output moves."""
+    model = build(key)
+    ids = _ids(3)
+    routers = find_routers(model)
+    name, first, _ = routers[0]
+    outs = []
+    hook = first.register_forward_hook(lambda m, a, out: outs.append(out))
+    with torch.no_grad():
+        ref = model(**inputs(key, ids, model))[0]
+        unforced = [e for e in range(8) if not _forced_per_token(key, outs[-1], e)]
+        assert unforced, f"{key}: the probe needs an expert not already chosen by every token"
+        e = unforced[0]
+        with moe_route.patch(model) as handle:
+            handle.routers[name].steer = moe_route.SteerSpec(force={e: 1.0})
+            steered = model(**inputs(key, ids, model))[0]
+    hook.remove()
+    assert len(outs) >= 2 and all(_forced_per_token(key, o, e) for o in outs[len(outs) // 2:])
+    assert not torch.allclose(steered, ref)
+
+
+@pytest.mark.parametrize("prioritized,before,fraction,capacity", [
+    (True, False, 1.0, 16), (False, True, 1.0, 16), (True, False, 0.0, 3), (False, False, 0.0, 2),
+    (True, True, 0.25, 16)])
+def test_nllb_capacity_and_padding(prioritized, before, fraction, capacity):
+    """NLLB's combine weights on the same captured inputs (padding mask included) under each
+    capacity setting: batch-prioritised or in-order locations, normalisation before or after
+    dropping, an eval capacity fraction or a fixed capacity small enough to drop tokens."""
+    model = build("nllb_moe")
+    for _, router, _ in find_routers(model):
+        router.batch_prioritized_routing, router.normalize_router_prob_before_dropping = \
+            prioritized, before
+        router.moe_eval_capacity_token_fraction, router.expert_capacity = fraction, capacity
+    ids = _ids(4)
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0  # padding at the end of the first row
+    calls = []
+    hooks = [r.register_forward_pre_hook(lambda m, a, n=name: calls.append(
+        (n, m, tuple(t.clone() if torch.is_tensor(t) else t for t in a), {})))
+        for name, r, _ in find_routers(model)]
+    with torch.no_grad():
+        ref_out = model(**inputs("nllb_moe", ids, model), attention_mask=mask)[0]
+    for h in hooks:
+        h.remove()
+    assert any(len(a) > 1 and a[1] is not None for _, _, a, _ in calls), "no padding mask passed"
+    ref = _call_all(model, calls, patched=False)
+    ours = _call_all(model, calls, patched=True)
+    dropped = 0
+    for (name, _, _, _), r, o in zip(calls, ref, ours):
+        _assert_router_outputs_match(name, r, o, FP32_TOL, mask=True)
+        dropped += int(((r[1] > 0).sum(-1) < 2).sum())
+    assert dropped > 0 or fraction == 1.0, "the probe must drop tokens at capacity"
+    with torch.no_grad(), moe_route.patch(model):
+        ours_out = model(**inputs("nllb_moe", ids, model), attention_mask=mask)[0]
+    torch.testing.assert_close(ours_out, ref_out, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("policy", ["sampling", "random"])
+def test_nllb_sampling_policies_refused(policy):
+    model = build("nllb_moe")
+    for _, router, _ in find_routers(model):
+        router.second_expert_policy = policy
+    with pytest.raises(UnsupportedModelError, match=f"second_expert_policy='{policy}'"):
+        moe_route.patch(model)
+    assert not hasattr(model, "_moe_route_patch")
+
+
+@pytest.mark.parametrize("jitter", [0.01, 0.3, 2.0])
+def test_phimoe_sparsemixer_weights(jitter):
+    """Sparsemixer's weights (a softmax per choice over the logits within the jitter threshold)
+    are bit-identical for thresholds that keep one, a few or all experts; training is refused."""
+    model = build("phimoe")
+    calls = _capture(model, "phimoe")
+    for _, router, _, _ in calls:
+        router.router_jitter_noise = jitter
+    ref = _call_all(model, calls, patched=False)
+    ours = _call_all(model, calls, patched=True)
+    for (name, _, _, _), r, o in zip(calls, ref, ours):
+        _assert_router_outputs_match(name, r, o, FP32_TOL)
+        assert torch.equal(r[1], o[1]) and torch.equal(r[2], o[2]), name
+    if jitter > 0.1:
+        assert any((r[1] < 0.99).any() for r in ref), "the probe must mask fewer experts"
+    model.train()
+    with moe_route.patch(model), pytest.raises(UnsupportedModelError, match="training"):
+        model(**inputs("phimoe", _ids(), model))

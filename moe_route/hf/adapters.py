@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import math
 import textwrap
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
@@ -72,15 +73,18 @@ class Adapter:
             ``linear_dtype="weight"`` casts the input to the weight's dtype (MiniMax-M2).
         weights_dtype: ``"logits"``, ``"float32"`` or ``"input"``: the dtype the family's weights
             come back in.
-        top_k, num_experts: attribute paths (first one set wins) of k and E on the router.
+        top_k, num_experts: attribute paths (first one set wins) of k and E on the router;
+            ``top_k`` may instead be an int, for a family with a fixed k (Switch, NLLB).
         linear: ``(router, x [T, H]) -> logits``, replacing the dtype recipe where the family's
             logits are more than one GEMM (Gemma4's norm and scale, Kolibri1's CUDA path).
         pre: ``(router, logits) -> logits`` after the GEMM (Laguna's softcap): what the gate
             routes on and what the router returns as its logits.
         autocast: False for routers that compute their logits with autocast disabled (Ernie).
-        returns: ``(router, hidden_states, logits, weights, ids) -> the router's outputs`` for a
-            family that returns more or other than ``(logits, weights, ids)``, or post-processes
-            the gate's weights in PyTorch (Ernie's clamped renormalisation).
+        returns: ``(router, hidden_states, logits, weights, ids, *args, **kwargs) -> the
+            router's outputs`` for a family that returns more or other than ``(logits, weights,
+            ids)``, or post-processes the gate's weights in PyTorch (Ernie's clamped
+            renormalisation); ``args``/``kwargs`` are the router forward's other arguments
+            (NLLB's padding mask).
     """
 
     name: str
@@ -92,7 +96,7 @@ class Adapter:
     linear_dtype: Union[torch.dtype, str, None] = None
     logits_dtype: Optional[torch.dtype] = None
     weights_dtype: str = "logits"
-    top_k: tuple = ("top_k",)
+    top_k: Union[tuple, int] = ("top_k",)
     num_experts: tuple = ("num_experts",)
     linear: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None
     pre: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None
@@ -100,6 +104,8 @@ class Adapter:
     returns: Optional[Callable[..., tuple]] = None
 
     def k(self, router) -> int:
+        if isinstance(self.top_k, int):  # a fixed k (Switch's top-1, NLLB's top-2)
+            return self.top_k
         return int(_first_attr(router, self.top_k))
 
     def experts(self, router) -> int:
@@ -294,6 +300,117 @@ def _llama4_returns(router, hidden_states, z, w, ids):
     return torch.sigmoid(scores.float()).to(scores.dtype), z
 
 
+def _classifier_linear(router, x):
+    # SwitchTransformersTop1Router, NllbMoeTop2Router: the input and the classifier in
+    # router_dtype (fp32); Switch multiplies the input by uniform(1 - jitter, 1 + jitter) noise in
+    # training (the same draw as the family's: one uniform_ over a tensor of the input's size)
+    x = x.to(router.dtype)
+    jitter = getattr(router, "jitter_noise", 0.0)
+    if router.training and jitter and jitter > 0:
+        x = x * torch.empty_like(x).uniform_(1.0 - jitter, 1.0 + jitter)
+    c = router.classifier
+    b = c.bias.to(router.dtype) if c.bias is not None else None
+    return F.linear(x, c.weight.to(router.dtype), b)
+
+
+def _switch_returns(router, hidden_states, z, w, ids, *args, **kwargs):
+    # SwitchTransformersTop1Router returns (one-hot dispatch [B, S, E] with the tokens beyond
+    # expert_capacity in their sequence masked out, the chosen probability [B, S, 1] in the input
+    # dtype, the logits [B, S, E]): the family's capacity cumsum over the gate's top-1 ids
+    lead = hidden_states.shape[:-1]
+    E = z.shape[-1]
+    dispatch = F.one_hot(ids[:, 0], num_classes=E).reshape(*lead, E)
+    dispatch = dispatch * (torch.cumsum(dispatch, dim=-2) <= router.expert_capacity)
+    return dispatch, w.reshape(*lead, 1), z.reshape(*lead, E)
+
+
+def _nllb_spec(router, block=None) -> RouterSpec:
+    """NllbMoeTop2Router: fp32 softmax top-2 (top-1 by probability, top-2 by logit: the same
+    order). Only second_expert_policy "all" is deterministic; "sampling" adds Gumbel noise to the
+    logits and "random" drops second choices at random (in eval too), which no gate reproduces."""
+    if router.second_expert_policy != "all":
+        raise UnsupportedModelError(
+            f"{type(router).__name__}: second_expert_policy={router.second_expert_policy!r} "
+            f"samples the second expert (only 'all' is deterministic)")
+    return RouterSpec("softmax")
+
+
+def _nllb_returns(router, hidden_states, z, w, ids, padding_mask=None):
+    # NllbMoeTop2Router.route_tokens with the top-1/top-2 one-hots taken from the gate's ids
+    # (the gate's weights are unused): normalisation before or after dropping, padding masks,
+    # batch-prioritised or in-order capacity locations, the eval capacity (moe_eval_capacity_
+    # token_fraction, stored on the router as the family does); returns (top-1 mask, combine
+    # weights [N, E] in the input dtype, logits)
+    if router.second_expert_policy != "all":  # changed after patching
+        raise UnsupportedModelError(
+            f"{type(router).__name__}: second_expert_policy={router.second_expert_policy!r} "
+            f"samples the second expert (only 'all' is deterministic); set after patching")
+    E, nb_tokens = router.num_experts, z.shape[0]
+    router_probs = F.softmax(z, dim=-1, dtype=router.dtype).to(hidden_states.dtype)
+    top_1_mask = F.one_hot(ids[:, 0], num_classes=E)
+    top_2_mask = F.one_hot(ids[:, 1], num_classes=E)
+    if router.normalize_router_prob_before_dropping:
+        top_1_max_probs, top_2_max_probs = router.normalize_router_probabilities(
+            router_probs, top_1_mask, top_2_mask)
+    if padding_mask is not None and not router.router_ignore_padding_tokens:
+        if len(padding_mask.shape) == 4:
+            padding_mask = padding_mask[:, :, -1, :].reshape(-1)[-nb_tokens:]
+        non_padding = ~padding_mask.bool()
+        top_1_mask = top_1_mask * non_padding.unsqueeze(-1).to(top_1_mask.dtype)
+        top_2_mask = top_2_mask * non_padding.unsqueeze(-1).to(top_1_mask.dtype)
+    if router.batch_prioritized_routing:
+        order = (-1 * router_probs.max(dim=1)[0]).argsort(dim=0)
+        back = order.argsort(dim=0)
+        sorted_1, sorted_2 = top_1_mask[order], top_2_mask[order]
+        locations1 = ((torch.cumsum(sorted_1, dim=0) - 1) * sorted_1)[back]
+        locations2 = ((torch.cumsum(sorted_2, dim=0) - 1) * sorted_2)[back]
+    else:
+        locations1 = torch.cumsum(top_1_mask, dim=0) - 1
+        locations2 = torch.cumsum(top_2_mask, dim=0) - 1
+    locations2 = locations2 + torch.sum(top_1_mask, dim=0, keepdim=True)
+    if not router.training and router.moe_eval_capacity_token_fraction > 0:
+        router.expert_capacity = math.ceil(router.moe_eval_capacity_token_fraction * nb_tokens)
+    elif router.expert_capacity is None:
+        router.expert_capacity = 2 * math.ceil(nb_tokens / E)
+    top_1_mask = top_1_mask * torch.lt(locations1, router.expert_capacity)
+    top_2_mask = top_2_mask * torch.lt(locations2, router.expert_capacity)
+    if not router.normalize_router_prob_before_dropping:
+        top_1_max_probs, top_2_max_probs = router.normalize_router_probabilities(
+            router_probs, top_1_mask, top_2_mask)
+    probs = top_1_max_probs[:, None] * top_1_mask + top_2_max_probs[:, None] * top_2_mask
+    return top_1_mask, probs, z.reshape(*hidden_states.shape[:-1], E)
+
+
+def _phimoe_linear(router, x):
+    # PhimoeTopKRouter (an nn.Linear): logits in the model dtype. In training sparsemixer samples
+    # both choices (Gumbel) and scales their gradients (Heun's method): not reproducible
+    if router.training:
+        raise UnsupportedModelError(
+            f"{type(router).__name__}: sparsemixer samples its experts in training (Gumbel noise, "
+            f"input jitter); moe_route reproduces its eval routing only (call model.eval())")
+    return F.linear(x, router.weight, router.bias)
+
+
+def _phimoe_returns(router, hidden_states, z, w, ids, *args, **kwargs):
+    # PhimoeTopKRouter's eval sparsemixer with the gate's two ids as its choices: each choice's
+    # weight is its softmax over the logits within the relative jitter threshold
+    # ((z_chosen - z) / max(|z|, z_chosen) <= 2 * router_jitter_noise) of the chosen logit, the
+    # first choice masked out of the second's; the family's own ops, so the weights are
+    # bit-identical (a steered choice's logit is the threshold in place of the maximum)
+    eps2 = 2 * router.router_jitter_noise
+    first, second = ids[:, :1], ids[:, 1:2]
+    with torch.no_grad():
+        top = z.gather(-1, first)
+        drop = ((top - z) / z.abs().clamp(min=top)) > eps2
+    w1 = torch.softmax(z.masked_fill(drop, float("-inf")), dim=-1).gather(-1, first)
+    rest = torch.scatter(z, -1, first, float("-inf"))
+    with torch.no_grad():
+        top = rest.gather(-1, second)
+        drop = ((top - z) / z.abs().clamp(min=top)) > eps2
+    w2 = torch.softmax(rest.masked_fill(drop, float("-inf")), dim=-1).gather(-1, second)
+    return z, torch.concat((w1, w2), dim=-1), ids
+
+
 # The adapters; EXEMPLARS below says which router forward each one reproduces.
 SOFTMAX_TOPK = Adapter("softmax_topk", "S1a", _s1(_renorm_flag))
 SOFTMAX_TOPK_RENORM_FP32 = Adapter("softmax_topk_renorm", "S1b", _s1(lambda r: True),
@@ -413,6 +530,26 @@ SOFTMAX_GROUPED_FP32 = Adapter("softmax_grouped", "S6b", _s6b(lambda r: True),
 LOGIT_TOPK_DENSE_SIGMOID = Adapter("logit_topk_dense_sigmoid", "S7",
                                    lambda r, b=None: RouterSpec("sigmoid", select_on="logits"),
                                    returns=_llama4_returns)
+# SwitchTransformersTop1Router: fp32 softmax top-1 (the weight is the chosen probability, in the
+# input dtype); the one-hot dispatch with its per-sequence expert capacity is rebuilt from the
+# gate's id. (A half-precision model takes the argmax of probabilities rounded to its dtype, the
+# gate of fp32 ones: experts closer than that rounding may swap.)
+SWITCH_TOP1 = Adapter("switch_top1", "S7", lambda r, b=None: RouterSpec("softmax"),
+                      weight="classifier.weight", weights_dtype="input", top_k=1,
+                      linear=_classifier_linear,
+                      returns=_switch_returns)
+# NllbMoeTop2Router: fp32 softmax top-2 (second_expert_policy "all" only); the family's masks,
+# capacity and combine weights rebuilt from the gate's ids (the Switch caveat on half precision
+# applies to the top-1 choice)
+NLLB_TOP2 = Adapter("nllb_top2", "S7", _nllb_spec, weight="classifier.weight",
+                    weights_dtype="input", top_k=2, linear=_classifier_linear,
+                    returns=_nllb_returns)
+# PhimoeTopKRouter: top-2 of the logits (sparsemixer's eval choices), weights rebuilt by the
+# family's sparsemixer from the gate's ids; eval only. The gate (and so the statistics) sees a
+# plain softmax top-2: same ids, its weights are the full-softmax probabilities, not
+# sparsemixer's masked ones
+SPARSEMIXER = Adapter("sparsemixer", "S7", lambda r, b=None: RouterSpec("softmax"),
+                      linear=_phimoe_linear, returns=_phimoe_returns)
 
 # Each adapter is defined by the forward of one exemplar router class (module, class). Any other
 # router class whose forward has the same syntax tree (transformers copies router code between
@@ -452,6 +589,9 @@ EXEMPLARS: dict[str, tuple[Adapter, str]] = {
     "Mistral4TopkRouter": (SOFTMAX_GROUPED, "mistral4"),
     "MistralLarge4TextTopkRouter": (SOFTMAX_GROUPED_FP32, "mistral_large4"),
     "Llama4Router": (LOGIT_TOPK_DENSE_SIGMOID, "llama4"),
+    "SwitchTransformersTop1Router": (SWITCH_TOP1, "switch_transformers"),
+    "NllbMoeTop2Router": (NLLB_TOP2, "nllb_moe"),
+    "PhimoeTopKRouter": (SPARSEMIXER, "phimoe"),
 }
 
 # Router class name -> adapter: the exemplars, plus classes matched or registered since.
@@ -460,10 +600,10 @@ REGISTRY: dict[str, Adapter] = {name: adapter for name, (adapter, _) in EXEMPLAR
 # Router classes moe_route knows and cannot reproduce, with the reason.
 UNSUPPORTED: dict[str, str] = {
     "DbrxRouter": "returns only the logits; DbrxFFN.route_tokens_to_experts does the softmax, "
-                  "top-k and p-norm outside the router, so a patched router cannot route",
-    "PhimoeTopKRouter": "sparsemixer: top-2 with jitter-threshold masking and a separate softmax "
-                        "over the masked logits for each choice (Gumbel sampling in training), "
-                        "not expressible as one RouterSpec",
+                  "top-k and p-norm outside the router, and k (moe_top_k) lives on the block, "
+                  "not the router: a patched router could only move the block's choice by "
+                  "returning altered logits (no select-only steering, no gate statistics "
+                  "without k)",
     "InklingTopkRouter": "weights normalise the chosen experts' sigmoids together with the "
                          "shared experts' (a per-token denominator) and a 4th output carries the "
                          "shared-expert gammas, not expressible as one RouterSpec",
@@ -472,11 +612,6 @@ UNSUPPORTED: dict[str, str] = {
     "JetMoeTopKGating": "returns a dispatch plan (slots sorted by expert, token index, gates, "
                         "per-expert sizes via .tolist()) instead of (logits, weights, ids), and "
                         "its attention experts (JetMoeMoA) consume it too; no adapter rebuilds it",
-    "SwitchTransformersTop1Router": "top-1 with expert capacity (a cumsum over the sequence drops "
-                                    "overflowing tokens) and a one-hot dispatch mask, not a "
-                                    "per-token gate",
-    "NllbMoeTop2Router": "top-2 with expert capacity, second_expert_policy sampling and padding "
-                         "masks, returning dense masks, not a per-token gate",
     "ZayaRouter": "an MLP router with state carried across layers (router_states) and a skip "
                   "class among E+1 outputs, not a linear router",
 }

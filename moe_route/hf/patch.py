@@ -78,7 +78,7 @@ class RouterState:
         if self.trace is not None:
             self.trace(self.name, z, w, ids, groups)
         if ad.returns is not None:  # a family that returns more or other than (z, w, ids)
-            return ad.returns(router, hidden_states, z, w, ids)
+            return ad.returns(router, hidden_states, z, w, ids, *args, **kwargs)
         return z, w, ids
 
     def _groups(self, z):
