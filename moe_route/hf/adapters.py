@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_route.nn.router import TopKRouter, router_logits
+from moe_route.nn.router import TopKRouter, router_logits, weights_out_dtype
 from moe_route.ops import RouterSpec
 
 __all__ = ["Adapter", "UnsupportedModelError", "adapter_for", "register_adapter", "REGISTRY",
@@ -143,9 +143,7 @@ class Adapter:
         return bias if bias.dtype == torch.float32 else bias.float()
 
     def weights_out_dtype(self, logits: torch.Tensor, hidden_states: torch.Tensor) -> torch.dtype:
-        if self.weights_dtype == "logits":
-            return logits.dtype
-        return hidden_states.dtype if self.weights_dtype == "input" else torch.float32
+        return weights_out_dtype(self.weights_dtype, logits, hidden_states)
 
     def build_router(self, router: nn.Module, block: Optional[nn.Module] = None) -> TopKRouter:
         """A standalone ``TopKRouter`` sharing ``router``'s parameters (and selection bias)."""
@@ -670,7 +668,3 @@ def adapter_for(router: nn.Module) -> Adapter:
         reason = UNSUPPORTED.get(name, "no adapter matches this router class")
         raise UnsupportedModelError(f"{name}: {reason} (see moe_route.supported())")
     return adapter
-
-
-def replace(adapter: Adapter, **changes) -> Adapter:
-    return dataclasses.replace(adapter, **changes)

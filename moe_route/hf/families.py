@@ -101,30 +101,34 @@ def _router_class(family: str, name: str):
     return cls, None if cls is not None else f"{name} not found in transformers"
 
 
+def _adapters(family: str) -> tuple[list, str]:
+    """Each router class's adapter (None where it has none) and the family's status string."""
+    if family in NO_ROUTER_MODULE:
+        return [], f"unsupported: {NO_ROUTER_MODULE[family]}"
+    adapters, status = [], "supported"
+    for name in FAMILIES[family][1]:
+        cls, problem = _router_class(family, name)
+        adapter = lookup(cls) if cls is not None else None
+        adapters.append(adapter)
+        if status == "supported" and problem:
+            status = f"unsupported: {problem}"
+        elif status == "supported" and adapter is None:
+            status = f"unsupported: {name}: {UNSUPPORTED.get(name, 'no adapter yet')}"
+    return adapters, status
+
+
 def family_status(family: str) -> str:
     """``"supported"`` or ``"unsupported: <reason>"`` for a transformers model_type."""
     if family not in FAMILIES:
         raise ValueError(f"family_status: unknown MoE family {family!r}; known: {sorted(FAMILIES)}")
-    if family in NO_ROUTER_MODULE:
-        return f"unsupported: {NO_ROUTER_MODULE[family]}"
-    for name in FAMILIES[family][1]:
-        cls, problem = _router_class(family, name)
-        if problem:
-            return f"unsupported: {problem}"
-        if lookup(cls) is None:
-            return f"unsupported: {name}: {UNSUPPORTED.get(name, 'no adapter yet')}"
-    return "supported"
+    return _adapters(family)[1]
 
 
 def supported() -> list[dict]:
     """One row per MoE family: family, router classes, semantics group, adapter(s), status."""
     rows = []
     for family, (group, routers) in FAMILIES.items():
-        adapters = []
-        for name in routers:
-            cls, _ = _router_class(family, name)
-            adapter = lookup(cls) if cls is not None else None
-            adapters.append(adapter.name if adapter else None)
+        adapters, status = _adapters(family)
         rows.append(dict(family=family, routers=list(routers), group=group,
-                         adapters=adapters, status=family_status(family)))
+                         adapters=[a.name if a else None for a in adapters], status=status))
     return rows

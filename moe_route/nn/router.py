@@ -26,7 +26,7 @@ from torch import nn
 from moe_route import reference
 from moe_route.ops import GateStats, RouterSpec, SteerSpec, topk_gate
 
-__all__ = ["TopKRouter", "route", "router_logits"]
+__all__ = ["TopKRouter", "route", "router_logits", "weights_out_dtype"]
 
 WEIGHTS_DTYPES = ("logits", "float32", "input")
 
@@ -40,6 +40,13 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         bias = bias.to(linear_dtype) if bias is not None else None
     z = F.linear(x, weight, bias)
     return z if logits_dtype is None else z.to(logits_dtype)
+
+
+def weights_out_dtype(rule: str, logits: torch.Tensor, hidden_states: torch.Tensor) -> torch.dtype:
+    """The dtype a family returns its weights in: ``rule`` is one of ``WEIGHTS_DTYPES``."""
+    if rule == "logits":
+        return logits.dtype
+    return hidden_states.dtype if rule == "input" else torch.float32
 
 
 def route(logits: torch.Tensor, k: int, spec: RouterSpec, *, selection_bias=None,
@@ -109,8 +116,7 @@ class TopKRouter(nn.Module):
         bias = self.selection_bias
         if bias is not None and bias.dtype != torch.float32:
             bias = bias.float()
-        out_dtype = {"logits": z.dtype, "input": hidden_states.dtype}.get(self.weights_dtype,
-                                                                          torch.float32)
+        out_dtype = weights_out_dtype(self.weights_dtype, z, hidden_states)
         w, ids = route(z, self.top_k, self.spec, selection_bias=bias, steer=self.steer,
                        stats=self.stats, groups=groups, weights_dtype=out_dtype)
         return z, w, ids
