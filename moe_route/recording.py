@@ -30,6 +30,7 @@ host as they are produced (``rec.trace``, ``rec.save_trace(path)``); this one do
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 from typing import Iterable, Optional, Sequence, Union
 
@@ -327,10 +328,18 @@ class Recorder:
 
 
 def _router_device(router: nn.Module) -> torch.device:
-    for p in router.parameters():
-        return p.device
-    for b in router.buffers():
-        return b.device
+    """Where a router runs: its weights' device, or, for weights that accelerate offloads (kept
+    on the meta device and moved in by a hook at each call), the hook's execution device."""
+    hook = router.__dict__.get("_hf_hook")
+    for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+        device = getattr(h, "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    for t in itertools.chain(router.parameters(), router.buffers()):
+        if t.device.type == "meta":
+            raise ValueError(f"record: {type(router).__name__}'s weights are on the meta device "
+                             f"and no accelerate hook says where it runs")
+        return t.device
     return torch.device("cpu")
 
 

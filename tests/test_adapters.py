@@ -34,11 +34,10 @@ BF16 = ["olmoe", "mixtral", "gpt_oss", "granitemoe", "deepseek_v3", "jamba", "qw
         "axk2", "deepseek_v2", "mistral4", "mistral_large4", "minimax_m2", "minimax_m3_vl",
         "hy_v3", "afmoe", "lfm2_moe", "laguna", "muse_spark", "inkling2", "kolibri1", "flint",
         "ernie4_5_moe", "ernie4_5_vl_moe", "longcat_flash", "llama4", "switch_transformers",
-        "nllb_moe", "phimoe"]
+        "nllb_moe", "phimoe", "dbrx"]
 
 # The families moe_route cannot patch (each router class has its reason in UNSUPPORTED).
-UNSUPPORTED_FAMILIES = {"dbrx", "deepseek_v4", "inkling", "jetmoe",
-                        "zaya", "doge"}
+UNSUPPORTED_FAMILIES = {"deepseek_v4", "inkling", "jetmoe", "zaya", "doge"}
 
 # Routers that return (dispatch/top-1 mask, weights, logits [.., E]) instead of (logits, weights,
 # ids): the mask and the logits must be bit-identical, the weights equal to ``tol``.
@@ -118,8 +117,35 @@ def _assert_router_outputs_match(name, ref, ours, tol, mask=False):
     _assert_same_ids_and_weights(name, ref[0], ref[2], ours[2], ref[1], ours[1], tol)
 
 
+def _check_block_routing(model, key, tol, seed=1):
+    """A router that returns only logits (DBRX): the patch replaces its block's routing method;
+    that method, on the logits each router produced in one forward, must give the same ids and
+    weights patched as not."""
+    logits = []
+    found = find_routers(model)
+    hooks = [r.register_forward_hook(lambda m, a, out, n=name, b=block: logits.append(
+        (n, b, out.detach().clone()))) for name, r, block in found]
+    with torch.no_grad():
+        model(**inputs(key, _ids(seed), model))
+    for h in hooks:
+        h.remove()
+    method = lookup(type(found[0][1])).block_method
+    assert logits and method
+    with torch.no_grad():
+        ref = [getattr(b, method)(z) for _, b, z in logits]
+        with moe_route.patch(model):
+            ours = [getattr(b, method)(z) for _, b, z in logits]
+    for (name, _, z), (rw, ri), (ow, oi) in zip(logits, ref, ours):
+        assert rw.dtype == ow.dtype and ri.dtype == oi.dtype and rw.shape == ow.shape, name
+        _assert_same_ids_and_weights(name, z, ri, oi, rw, ow, tol)
+    return ref, ours
+
+
 def _check_family(key, dtype):
     model = build(key, dtype=dtype)
+    if lookup(type(find_routers(model)[0][1])).block_method is not None:
+        _check_block_routing(model, key, FP32_TOL if dtype == torch.float32 else BF16_TOL)
+        return model
     calls = _capture(model, key)
     ref = _call_all(model, calls, patched=False)
     ours = _call_all(model, calls, patched=True)
@@ -161,8 +187,8 @@ def test_supported_rows_and_status_strings():
     assert {r["family"] for r in rows if r["status"] != "supported"} == UNSUPPORTED_FAMILIES
 
 
-@pytest.mark.parametrize("key,router_class", [("dbrx", "DbrxRouter"),
-                                              ("deepseek_v4", "DeepseekV4HashRouter")])
+@pytest.mark.parametrize("key,router_class", [("deepseek_v4", "DeepseekV4HashRouter"),
+                                              ("jetmoe", "JetMoeTopKGating")])
 def test_unsupported_router_raises_naming_the_class(key, router_class):
     model = build(key)
     attrs = {n: set(m.__dict__) for n, m in model.named_modules()}
@@ -258,7 +284,7 @@ def test_deepseek_v2_topk_methods():
 
 
 @pytest.mark.parametrize("key", ["gemma4", "ernie4_5_moe", "llama4", "switch_transformers",
-                                 "nllb_moe", "phimoe"])
+                                 "nllb_moe", "phimoe", "dbrx"])
 def test_exact_mode_and_record_with_a_returns_hook(key):
     model = build(key)
     ids = _ids(2)
@@ -286,12 +312,65 @@ def test_topk_router_from_module(key):
 
 
 @pytest.mark.parametrize("key", ["gemma4", "laguna", "muse_spark", "ernie4_5_moe", "kolibri1",
-                                 "llama4"])
+                                 "llama4", "dbrx"])
 def test_topk_router_from_module_refuses_hooks(key):
     model = build(key)
     _, router, block = find_routers(model)[0]
-    with pytest.raises(UnsupportedModelError, match="hook"):
+    with pytest.raises(UnsupportedModelError,
+                       match="route_tokens_to_experts" if key == "dbrx" else "hook"):
         TopKRouter.from_module(router, block)
+
+
+@pytest.mark.parametrize("p", [2.0, 0.5, None])
+def test_dbrx_p_norm(p):
+    """DbrxFFN divides the k probabilities by their p-norm (moe_normalize_expert_weights): p=1
+    is the gate's renormalisation (the other tests), other orders the family's torch.norm,
+    None no normalisation."""
+    model = build("dbrx")
+    for _, _, block in find_routers(model):
+        block.moe_normalize_expert_weights = p
+    ref, ours = _check_block_routing(model, "dbrx", FP32_TOL, seed=5)
+    sums = torch.cat([w for w, _ in ours]).sum(-1)
+    if p is None:
+        assert (sums < 1).all()
+    else:
+        norms = torch.cat([w for w, _ in ours]).norm(p=p, dim=-1)
+        torch.testing.assert_close(norms, torch.ones_like(norms))
+
+
+def test_dbrx_bad_p_norm_refused():
+    model = build("dbrx")
+    find_routers(model)[0][2].moe_normalize_expert_weights = -1.0
+    with pytest.raises(UnsupportedModelError, match="moe_normalize_expert_weights=-1.0"):
+        moe_route.patch(model)
+    assert not hasattr(model, "_moe_route_patch")
+
+
+def test_dbrx_training_jitter_and_select_only():
+    """DBRX's router multiplies its input by uniform noise in training; the router's own forward
+    still runs, so with the same seed the patched model routes and computes as the unpatched one.
+    Select-only steering moves the choice without touching the weights' source logits."""
+    model = build("dbrx").train()
+    for _, router, _ in find_routers(model):
+        router.moe_jitter_eps = 0.1
+    ids = _ids(6)
+    torch.manual_seed(0)
+    ref = model(**inputs("dbrx", ids, model))[0]
+    with moe_route.patch(model):
+        torch.manual_seed(0)
+        ours = model(**inputs("dbrx", ids, model))[0]
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    model.eval()
+    name, _, block = find_routers(model)[0]
+    seen = []
+    hook = block.experts.register_forward_pre_hook(lambda m, a: seen.append((a[1], a[2])))
+    plan = moe_route.SteeringPlan({0: {3: {"force": 1, "select_only": True}}})
+    with torch.no_grad(), moe_route.steer(model, plan):
+        model(**inputs("dbrx", ids, model))
+    hook.remove()
+    chosen, weights = seen[0]
+    assert (chosen == 3).any(-1).all()
+    torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[0]))
 
 
 def _forced_per_token(key, out, e):
@@ -302,8 +381,8 @@ def _forced_per_token(key, out, e):
         return bool((out[1][:, e] > 0).all())
     if key == "phimoe":  # (logits, weights, ids)
         return bool((out[2] == e).any(-1).all())
-    if key == "dbrx":  # the (steered) logits; DbrxFFN takes their softmax -> top-k
-        return bool((out.topk(2, dim=-1).indices == e).any(-1).all())
+    if key == "dbrx":  # the ids DbrxFFN passes its experts [T, k]
+        return bool((out == e).any(-1).all())
     raise AssertionError(key)
 
 
@@ -316,9 +395,12 @@ def test_force_on_selects_the_expert_for_every_token(key):
     model = build(key)
     ids = _ids(3)
     routers = find_routers(model)
-    name, first, _ = routers[0]
+    name, first, block = routers[0]
     outs = []
-    hook = first.register_forward_hook(lambda m, a, out: outs.append(out))
+    if key == "dbrx":  # the router returns logits only; its block routes them
+        hook = block.experts.register_forward_pre_hook(lambda m, a: outs.append(a[1]))
+    else:
+        hook = first.register_forward_hook(lambda m, a, out: outs.append(out))
     with torch.no_grad():
         ref = model(**inputs(key, ids, model))[0]
         unforced = [e for e in range(8) if not _forced_per_token(key, outs[-1], e)]

@@ -70,8 +70,8 @@ def test_patched_model_matches_unpatched(family):
     tests/test_adapters.py.)"""
     model = build(family)
     ids = _ids()
-    first = find_routers(model)[0][1]
-    k = moe_route.hf.adapter_for(first).k(first)
+    _, first, block = find_routers(model)[0]
+    k = moe_route.hf.adapter_for(first).k(first, block)
     seen = []
     hook = first.register_forward_hook(
         lambda mod, args, out: seen.append(selected_experts(_family(family), out, k)))

@@ -19,9 +19,9 @@ def _unpatched_routing(model, family, ids, **kw):
     """(name -> [(ids [T, k], weights [T, k] or None)]) from hooks on the unpatched routers' own
     outputs (weights where the router returns them as ``out[1]``)."""
     log, hooks = {}, []
-    for name, router, _ in find_routers(model):
+    for name, router, block in find_routers(model):
         adapter = moe_route.hf.adapter_for(router)
-        k = adapter.k(router)
+        k = adapter.k(router, block)
         standard = adapter.returns is None
 
         def hook(mod, args, out, name=name, k=k, standard=standard):

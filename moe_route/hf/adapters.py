@@ -7,7 +7,10 @@ its selection bias lives, and the dtype and layout of what it returns. One adapt
 every router class that shares that forward; the registry is keyed by router class name. A few
 families need a hook around the gate (Gemma4's normed input, Laguna's softcap, Ernie's clamped
 renormalisation, Llama4's dense scores): the hooks run the family's own PyTorch ops, so what the
-router returns is still bit-identical where the family computes it outside the gate.
+router returns is still bit-identical where the family computes it outside the gate. DBRX's
+router returns only logits: its adapter replaces the block method that routes them. Blocks that
+never call their router's forward (GPT-OSS's MXFP4 MLP) get a forward that does
+(``BLOCK_FORWARDS``).
 
 Adapters read parameters and buffers from the live module on every call (never a cached copy), so
 ``model.to(...)``, ``device_map`` placement and in-place weight edits are always seen.
@@ -32,7 +35,7 @@ from moe_route.nn.router import TopKRouter, router_logits, weights_out_dtype
 from moe_route.ops import RouterSpec
 
 __all__ = ["Adapter", "UnsupportedModelError", "adapter_for", "register_adapter", "REGISTRY",
-           "UNSUPPORTED"]
+           "UNSUPPORTED", "BLOCK_FORWARDS"]
 
 
 class UnsupportedModelError(ValueError):
@@ -73,18 +76,23 @@ class Adapter:
             ``linear_dtype="weight"`` casts the input to the weight's dtype (MiniMax-M2).
         weights_dtype: ``"logits"``, ``"float32"`` or ``"input"``: the dtype the family's weights
             come back in.
-        top_k, num_experts: attribute paths (first one set wins) of k and E on the router;
+        top_k, num_experts: attribute paths (first one set wins) of k and E on the router (a
+            ``top_k`` path starting ``block.`` is read from the MoE block, DBRX's ``moe_top_k``);
             ``top_k`` may instead be an int, for a family with a fixed k (Switch, NLLB).
         linear: ``(router, x [T, H]) -> logits``, replacing the dtype recipe where the family's
             logits are more than one GEMM (Gemma4's norm and scale, Kolibri1's CUDA path).
         pre: ``(router, logits) -> logits`` after the GEMM (Laguna's softcap): what the gate
             routes on and what the router returns as its logits.
         autocast: False for routers that compute their logits with autocast disabled (Ernie).
-        returns: ``(router, hidden_states, logits, weights, ids, *args, **kwargs) -> the
-            router's outputs`` for a family that returns more or other than ``(logits, weights,
-            ids)``, or post-processes the gate's weights in PyTorch (Ernie's clamped
+        returns: ``(router, block, hidden_states, logits, weights, ids, *args, **kwargs) ->
+            the router's outputs`` for a family that returns more or other than ``(logits,
+            weights, ids)``, or post-processes the gate's weights in PyTorch (Ernie's clamped
             renormalisation); ``args``/``kwargs`` are the router forward's other arguments
             (NLLB's padding mask).
+        block_method: for a router that returns only its logits and leaves the routing to its
+            MoE block (DBRX): the block method, called with those logits, that the gate replaces
+            (its ``hidden_states`` are then the logits); None: the gate replaces the router's
+            ``forward``.
     """
 
     name: str
@@ -102,16 +110,28 @@ class Adapter:
     pre: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None
     autocast: bool = True
     returns: Optional[Callable[..., tuple]] = None
+    block_method: Optional[str] = None
 
-    def k(self, router) -> int:
+    def k(self, router, block: Optional[nn.Module] = None) -> int:
         if isinstance(self.top_k, int):  # a fixed k (Switch's top-1, NLLB's top-2)
             return self.top_k
-        return int(_first_attr(router, self.top_k))
+        for name in self.top_k:
+            owner, path = (block, name[6:]) if name.startswith("block.") else (router, name)
+            if owner is None:
+                raise ValueError(f"{type(router).__name__}: k lives on its MoE block "
+                                 f"({path}); pass block=")
+            k = _first_attr(owner, (path,))
+            if k is not None:
+                return int(k)
+        raise UnsupportedModelError(f"{type(router).__name__}: no top-k attribute "
+                                    f"(looked for {', '.join(self.top_k)})")
 
     def experts(self, router) -> int:
         return int(_first_attr(router, self.num_experts, _attr(router, self.weight).shape[0]))
 
     def logits(self, router, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.block_method is not None:  # the block's method is given the router's logits
+            return hidden_states.reshape(-1, hidden_states.shape[-1])
         w = _attr(router, self.weight)
         x = hidden_states.reshape(-1, w.shape[1])
         if not self.autocast and torch.is_autocast_enabled(x.device.type):
@@ -147,6 +167,11 @@ class Adapter:
 
     def build_router(self, router: nn.Module, block: Optional[nn.Module] = None) -> TopKRouter:
         """A standalone ``TopKRouter`` sharing ``router``'s parameters (and selection bias)."""
+        if self.block_method is not None:
+            raise UnsupportedModelError(
+                f"TopKRouter.from_module: {type(router).__name__} returns only its logits and its "
+                f"MoE block routes them ({self.block_method}), so no TopKRouter returns what it "
+                f"does; use moe_route.patch on the model")
         hook = next((h for h in ("linear", "pre", "returns") if getattr(self, h) is not None), None)
         if hook is not None:
             raise UnsupportedModelError(
@@ -155,7 +180,7 @@ class Adapter:
         w = _attr(router, self.weight)
         E, H = w.shape
         linear_dtype = w.dtype if self.linear_dtype == "weight" else self.linear_dtype
-        tk = TopKRouter(H, E, self.k(router), self.spec(router, block),
+        tk = TopKRouter(H, E, self.k(router, block), self.spec(router, block),
                         linear_dtype=linear_dtype, logits_dtype=self.logits_dtype,
                         weights_dtype=self.weights_dtype, device="meta")
         tk.weight = w
@@ -259,7 +284,7 @@ def _gemma4_linear(router, x):
     return router.proj(router.norm(x) * router.scale * router.scalar_root_size)
 
 
-def _gemma4_returns(router, hidden_states, z, w, ids):
+def _gemma4_returns(router, block, hidden_states, z, w, ids):
     # Gemma4TextRouter returns the fp32 probabilities (not the logits) and scales each chosen
     # expert's renormalised weight by its per_expert_scale
     return F.softmax(z, dim=-1, dtype=torch.float32), w * router.per_expert_scale[ids], ids
@@ -283,14 +308,14 @@ def _laguna_softcap(router, z):
     return torch.tanh(z / cap) * cap if cap > 0.0 else z
 
 
-def _ernie_returns(router, hidden_states, z, w, ids):
+def _ernie_returns(router, block, hidden_states, z, w, ids):
     # Ernie4_5_MoeTopKRouter divides by clamp(sum, min=moe_norm_min), not by sum + eps: the gate
     # leaves the chosen probabilities unnormalised and this renormalises them in fp32
     w = w / torch.clamp(w.sum(dim=-1, keepdim=True), min=router.norm_min)
     return z, w.to(hidden_states.dtype), ids
 
 
-def _llama4_returns(router, hidden_states, z, w, ids):
+def _llama4_returns(router, block, hidden_states, z, w, ids):
     # Llama4Router returns (dense scores [T, E], logits): the sigmoid of each chosen logit, 0
     # elsewhere (the block runs every expert on score-scaled tokens); rebuilt from the gate's ids
     # with the family's own ops, so both outputs are bit-identical
@@ -311,7 +336,7 @@ def _classifier_linear(router, x):
     return F.linear(x, c.weight.to(router.dtype), b)
 
 
-def _switch_returns(router, hidden_states, z, w, ids, *args, **kwargs):
+def _switch_returns(router, block, hidden_states, z, w, ids, *args, **kwargs):
     # SwitchTransformersTop1Router returns (one-hot dispatch [B, S, E] with the tokens beyond
     # expert_capacity in their sequence masked out, the chosen probability [B, S, 1] in the input
     # dtype, the logits [B, S, E]): the family's capacity cumsum over the gate's top-1 ids
@@ -333,7 +358,7 @@ def _nllb_spec(router, block=None) -> RouterSpec:
     return RouterSpec("softmax")
 
 
-def _nllb_returns(router, hidden_states, z, w, ids, padding_mask=None):
+def _nllb_returns(router, block, hidden_states, z, w, ids, padding_mask=None):
     # NllbMoeTop2Router.route_tokens with the top-1/top-2 one-hots taken from the gate's ids
     # (the gate's weights are unused): normalisation before or after dropping, padding masks,
     # batch-prioritised or in-order capacity locations, the eval capacity (moe_eval_capacity_
@@ -389,7 +414,7 @@ def _phimoe_linear(router, x):
     return F.linear(x, router.weight, router.bias)
 
 
-def _phimoe_returns(router, hidden_states, z, w, ids, *args, **kwargs):
+def _phimoe_returns(router, block, hidden_states, z, w, ids, *args, **kwargs):
     # PhimoeTopKRouter's eval sparsemixer with the gate's two ids as its choices: each choice's
     # weight is its softmax over the logits within the relative jitter threshold
     # ((z_chosen - z) / max(|z|, z_chosen) <= 2 * router_jitter_noise) of the chosen logit, the
@@ -408,6 +433,43 @@ def _phimoe_returns(router, hidden_states, z, w, ids, *args, **kwargs):
     w2 = torch.softmax(rest.masked_fill(drop, float("-inf")), dim=-1).gather(-1, second)
     return z, torch.concat((w1, w2), dim=-1), ids
 
+
+
+def _dbrx_p(block):
+    p = block.moe_normalize_expert_weights if block is not None else 1.0
+    if p is not None and not (isinstance(p, (int, float)) and p > 0):
+        raise UnsupportedModelError(f"{type(block).__name__}: moe_normalize_expert_weights={p!r} "
+                                    f"(a positive p-norm order or None)")
+    return p
+
+
+def _dbrx_spec(router, block=None) -> RouterSpec:
+    """DbrxFFN.route_tokens_to_experts: softmax of the router's logits (in their dtype), top-k
+    with the block's k, the k probabilities divided by their p-norm (p =
+    moe_normalize_expert_weights: 1, the usual renormalisation, in the gate; another p by
+    ``_dbrx_returns``; None: unnormalised)."""
+    return RouterSpec("softmax", renormalize=_dbrx_p(block) == 1)
+
+
+def _dbrx_returns(router, block, logits, z, w, ids):
+    # DbrxFFN.route_tokens_to_experts returns (weights, ids); a p-norm other than 1 is the
+    # family's own torch.norm on the chosen probabilities
+    p = block.moe_normalize_expert_weights
+    if p is not None and p != 1:
+        w = w / torch.norm(w, p=p, dim=-1, keepdim=True)
+    return w, ids
+
+
+def _routed_gpt_oss_mxfp4(block, hidden_states):
+    # Mxfp4GptOssMLP.forward routes with a Triton kernel on F.linear of the router's weight (the
+    # router's forward never runs) unless its experts are hooked for expert parallelism; the
+    # patched block always takes that second path: the router's (patched) forward, then the
+    # experts' forward on the ids and weights it returns
+    batch_size, H = hidden_states.shape[0], block.router.hidden_dim
+    hidden_states = hidden_states.reshape(-1, H)
+    logits, weights, ids = block.router(hidden_states)
+    out = block.experts(hidden_states, ids, weights)
+    return out.reshape(batch_size, -1, H), logits
 
 # The adapters; EXEMPLARS below says which router forward each one reproduces.
 SOFTMAX_TOPK = Adapter("softmax_topk", "S1a", _s1(_renorm_flag))
@@ -548,6 +610,11 @@ NLLB_TOP2 = Adapter("nllb_top2", "S7", _nllb_spec, weight="classifier.weight",
 # sparsemixer's masked ones
 SPARSEMIXER = Adapter("sparsemixer", "S7", lambda r, b=None: RouterSpec("softmax"),
                       linear=_phimoe_linear, returns=_phimoe_returns)
+# DbrxRouter returns only its logits; the gate replaces DbrxFFN.route_tokens_to_experts, which
+# routes them (softmax in the logits' dtype: the Lfm2 caveat on half-precision scores applies)
+DBRX = Adapter("dbrx_softmax_topk", "S1d", _dbrx_spec, weight="layer.weight",
+               top_k=("block.top_k",), returns=_dbrx_returns,
+               block_method="route_tokens_to_experts")
 
 # Each adapter is defined by the forward of one exemplar router class (module, class). Any other
 # router class whose forward has the same syntax tree (transformers copies router code between
@@ -590,6 +657,13 @@ EXEMPLARS: dict[str, tuple[Adapter, str]] = {
     "SwitchTransformersTop1Router": (SWITCH_TOP1, "switch_transformers"),
     "NllbMoeTop2Router": (NLLB_TOP2, "nllb_moe"),
     "PhimoeTopKRouter": (SPARSEMIXER, "phimoe"),
+    "DbrxRouter": (DBRX, "dbrx"),
+}
+
+# MoE block classes whose forward does not call the router's forward, with the forward the patch
+# gives them instead (what they do with every router call going through the router).
+BLOCK_FORWARDS: dict[str, Callable] = {
+    "Mxfp4GptOssMLP": _routed_gpt_oss_mxfp4,
 }
 
 # Router class name -> adapter: the exemplars, plus classes matched or registered since.
@@ -597,11 +671,6 @@ REGISTRY: dict[str, Adapter] = {name: adapter for name, (adapter, _) in EXEMPLAR
 
 # Router classes moe_route knows and cannot reproduce, with the reason.
 UNSUPPORTED: dict[str, str] = {
-    "DbrxRouter": "returns only the logits; DbrxFFN.route_tokens_to_experts does the softmax, "
-                  "top-k and p-norm outside the router, and k (moe_top_k) lives on the block, "
-                  "not the router: a patched router could only move the block's choice by "
-                  "returning altered logits (no select-only steering, no gate statistics "
-                  "without k)",
     "InklingTopkRouter": "weights normalise the chosen experts' sigmoids together with the "
                          "shared experts' (a per-token denominator) and a 4th output carries the "
                          "shared-expert gammas, not expressible as one RouterSpec",

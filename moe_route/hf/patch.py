@@ -3,8 +3,12 @@
 Patching replaces each router *instance*'s ``forward`` (the class, the module tree, parameters,
 buffers and ``state_dict`` are untouched, so transformers' ``isinstance``-based router-logit
 capture keeps working) with a forward that computes the family's logits, then ids, weights and
-optional statistics in one ``topk_gate`` call, with optional steering. ``unpatch`` deletes the
-instance attributes again, restoring the original behaviour bit for bit.
+optional statistics in one ``topk_gate`` call, with optional steering. Two families are patched
+on the block instead: DBRX's ``route_tokens_to_experts`` (its router returns only logits) and
+GPT-OSS's MXFP4 MLP forward (which skips the router's forward). Where accelerate has wrapped a
+forward (``device_map``, offloading), the patch goes under its hook (``_old_forward``), so
+weights are still moved in and outputs out. ``unpatch`` puts back whatever instance attributes
+were there before, restoring the original behaviour bit for bit.
 
 Two modes:
     * fast (default): the fused gate picks the ids and computes the weights. Ids are those of the
@@ -24,7 +28,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from moe_route.hf.adapters import UNSUPPORTED, Adapter, UnsupportedModelError, adapter_for, lookup
+from moe_route.hf.adapters import (BLOCK_FORWARDS, UNSUPPORTED, Adapter, UnsupportedModelError,
+                                   adapter_for, lookup)
 from moe_route.nn.router import route
 from moe_route.ops import GateStats, SteerSpec, topk_gate
 
@@ -35,6 +40,7 @@ _HANDLE = "_moe_route_patch"
 _LOCK = threading.Lock()
 _ROUTER_NAME = re.compile(r"(Router|Gate|Gating)$")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+_MISSING = object()
 
 
 @dataclass(eq=False)
@@ -78,7 +84,7 @@ class RouterState:
         if self.trace is not None:
             self.trace(self.name, z, w, ids, groups)
         if ad.returns is not None:  # a family that returns more or other than (z, w, ids)
-            return ad.returns(router, hidden_states, z, w, ids, *args, **kwargs)
+            return ad.returns(router, self.block, hidden_states, z, w, ids, *args, **kwargs)
         return z, w, ids
 
     def _groups(self, z):
@@ -89,6 +95,16 @@ class RouterState:
 
 def _patched_forward(self, hidden_states, *args, **kwargs):
     return getattr(self, _STATE)(self, hidden_states, args, kwargs)
+
+
+class _BlockRoute:
+    """The patched routing method of a block whose router returns only logits (DBRX)."""
+
+    def __init__(self, router: nn.Module):
+        self.router = router
+
+    def __call__(self, logits, *args, **kwargs):
+        return getattr(self.router, _STATE)(self.router, logits, args, kwargs)
 
 
 def layer_index(name: str) -> Optional[int]:
@@ -142,19 +158,43 @@ class PatchHandle:
         self.routers: dict[str, RouterState] = {}
         self._owners = 0          # record/steer contexts using an implicit patch
         self._explicit = False    # patch() was called by the user
-        for name, router, block in find_routers(model):
+        self._saved: list = []    # (module, attribute, what was there) for every attribute set
+        found = find_routers(model)
+        for name, router, block in found:
             adapter = adapter_for(router)
-            state = RouterState(
+            self.routers[name] = RouterState(
                 name=name, index=layer_index(name), adapter=adapter, block=block,
-                original=types.MethodType(type(router).forward, router),
-                num_experts=adapter.experts(router), top_k=adapter.k(router),
-                spec=adapter.spec(router, block), exact=exact)
-            self.routers[name] = state
-        for name, state in self.routers.items():
-            router = model.get_submodule(name)
-            object.__setattr__(router, _STATE, state)
-            object.__setattr__(router, "forward", types.MethodType(_patched_forward, router))
+                original=None, num_experts=adapter.experts(router),
+                top_k=adapter.k(router, block), spec=adapter.spec(router, block), exact=exact)
+        blocks = {}
+        for name, router, block in found:
+            state = self.routers[name]
+            self._install(router, _STATE, state)
+            if state.adapter.block_method is None:
+                state.original = self._install(router, "forward",
+                                               types.MethodType(_patched_forward, router))
+            else:
+                state.original = self._install(block, state.adapter.block_method,
+                                               _BlockRoute(router))
+            if block is not None and type(block).__name__ in BLOCK_FORWARDS:
+                blocks[id(block)] = block
+        for block in blocks.values():
+            self._install(block, "forward",
+                          types.MethodType(BLOCK_FORWARDS[type(block).__name__], block))
         object.__setattr__(model, _HANDLE, self)
+
+    def _install(self, module: nn.Module, attr: str, value) -> Callable:
+        """Set an instance attribute, remembering what was there; returns what the attribute
+        resolved to before (the original forward or method). A forward wrapped by an accelerate
+        hook (which calls ``_old_forward`` between moving inputs and outputs) is patched under
+        the hook."""
+        if attr == "forward" and "_hf_hook" in module.__dict__ and "_old_forward" in module.__dict__:
+            attr = "_old_forward"
+        before = module.__dict__.get(attr, _MISSING)
+        self._saved.append((module, attr, before))
+        original = getattr(module, attr, None)
+        object.__setattr__(module, attr, value)
+        return original
 
     @property
     def active(self) -> bool:
@@ -169,10 +209,12 @@ class PatchHandle:
         with _LOCK:
             if not self.active:
                 return
-            for name in self.routers:
-                router = self.model.get_submodule(name)
-                router.__dict__.pop("forward", None)
-                router.__dict__.pop(_STATE, None)
+            for module, attr, before in reversed(self._saved):
+                if before is _MISSING:
+                    module.__dict__.pop(attr, None)
+                else:
+                    object.__setattr__(module, attr, before)
+            self._saved.clear()
             self.model.__dict__.pop(_HANDLE, None)
 
     def __enter__(self):
