@@ -34,10 +34,10 @@ BF16 = ["olmoe", "mixtral", "gpt_oss", "granitemoe", "deepseek_v3", "jamba", "qw
         "axk2", "deepseek_v2", "mistral4", "mistral_large4", "minimax_m2", "minimax_m3_vl",
         "hy_v3", "afmoe", "lfm2_moe", "laguna", "muse_spark", "inkling2", "kolibri1", "flint",
         "ernie4_5_moe", "ernie4_5_vl_moe", "longcat_flash", "llama4", "switch_transformers",
-        "nllb_moe", "phimoe", "dbrx"]
+        "nllb_moe", "phimoe", "dbrx", "jetmoe"]
 
 # The families moe_route cannot patch (each router class has its reason in UNSUPPORTED).
-UNSUPPORTED_FAMILIES = {"deepseek_v4", "inkling", "jetmoe", "zaya", "doge"}
+UNSUPPORTED_FAMILIES = {"deepseek_v4", "inkling", "zaya", "doge"}
 
 # Routers that return (dispatch/top-1 mask, weights, logits [.., E]) instead of (logits, weights,
 # ids): the mask and the logits must be bit-identical, the weights equal to ``tol``.
@@ -103,6 +103,13 @@ def _assert_same_ids_and_weights(name, z, ref_ids, our_ids, ref_w, our_w, tol):
 
 def _assert_router_outputs_match(name, ref, ours, tol, mask=False):
     assert type(ref) is type(ours) and len(ref) == len(ours), name
+    if len(ref) == 5:  # JetMoeTopKGating's plan: (order, token, weight per slot, sizes, logits)
+        assert ref[3] == ours[3], f"{name}: per-expert sizes differ"
+        for i in (0, 1, 4):
+            assert torch.equal(ref[i], ours[i]), f"{name}: output {i} must be bit-identical"
+        assert ref[2].dtype == ours[2].dtype, name
+        torch.testing.assert_close(ours[2], ref[2], **tol)
+        return
     for i, (a, b) in enumerate(zip(ref, ours)):
         assert a.dtype == b.dtype and a.shape == b.shape, f"{name}: output {i}: {a.dtype}" \
             f"{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
@@ -188,7 +195,7 @@ def test_supported_rows_and_status_strings():
 
 
 @pytest.mark.parametrize("key,router_class", [("deepseek_v4", "DeepseekV4HashRouter"),
-                                              ("jetmoe", "JetMoeTopKGating")])
+                                              ("zaya", "ZayaRouter")])
 def test_unsupported_router_raises_naming_the_class(key, router_class):
     model = build(key)
     attrs = {n: set(m.__dict__) for n, m in model.named_modules()}
@@ -284,7 +291,7 @@ def test_deepseek_v2_topk_methods():
 
 
 @pytest.mark.parametrize("key", ["gemma4", "ernie4_5_moe", "llama4", "switch_transformers",
-                                 "nllb_moe", "phimoe", "dbrx"])
+                                 "nllb_moe", "phimoe", "dbrx", "jetmoe"])
 def test_exact_mode_and_record_with_a_returns_hook(key):
     model = build(key)
     ids = _ids(2)
@@ -381,12 +388,15 @@ def _forced_per_token(key, out, e):
         return bool((out[1][:, e] > 0).all())
     if key == "phimoe":  # (logits, weights, ids)
         return bool((out[2] == e).any(-1).all())
+    if key == "jetmoe":  # (order, token, weight per slot, per-expert sizes, logits [T, E])
+        return out[3][e] == out[4].shape[0]
     if key == "dbrx":  # the ids DbrxFFN passes its experts [T, k]
         return bool((out == e).any(-1).all())
     raise AssertionError(key)
 
 
-@pytest.mark.parametrize("key", [k for k in ("switch_transformers", "nllb_moe", "phimoe", "dbrx")
+@pytest.mark.parametrize("key", [k for k in ("switch_transformers", "nllb_moe", "phimoe", "dbrx",
+                                             "jetmoe")
                                  if k in SUPPORTED])
 def test_force_on_selects_the_expert_for_every_token(key):
     """Steering acts on the selection of the S7 routers whose outputs an adapter rebuilds: an

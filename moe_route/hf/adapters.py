@@ -435,6 +435,16 @@ def _phimoe_returns(router, block, hidden_states, z, w, ids, *args, **kwargs):
 
 
 
+def _jetmoe_returns(router, block, hidden_states, z, w, ids):
+    # JetMoeTopKGating returns a dispatch plan, not (logits, weights, ids): the (token, slot)
+    # pairs sorted by expert (the family's own unstable sort, so the order is the same), their
+    # tokens and weights, the per-expert counts as a host list (the family's .tolist() sync) and
+    # the fp32 logits; rebuilt from the gate's ids and weights
+    order = ids.flatten().sort(0)[1]
+    sizes = torch.bincount(ids.flatten(), minlength=router.num_experts).tolist()
+    return order, order.div(router.top_k, rounding_mode="trunc"), w.flatten()[order], sizes, z
+
+
 def _dbrx_p(block):
     p = block.moe_normalize_expert_weights if block is not None else 1.0
     if p is not None and not (isinstance(p, (int, float)) and p > 0):
@@ -610,6 +620,13 @@ NLLB_TOP2 = Adapter("nllb_top2", "S7", _nllb_spec, weight="classifier.weight",
 # sparsemixer's masked ones
 SPARSEMIXER = Adapter("sparsemixer", "S7", lambda r, b=None: RouterSpec("softmax"),
                       linear=_phimoe_linear, returns=_phimoe_returns)
+# JetMoeTopKGating: fp32 logits after the GEMM, top-k of the logits, softmax over the k in fp32,
+# weights in the input dtype; its dispatch plan (used by both its MLP and attention experts) is
+# rebuilt from the gate's ids
+JETMOE = Adapter("topk_softmax_plan", "S2",
+                 lambda r, b=None: RouterSpec("softmax", select_on="logits"),
+                 weight="layer.weight", logits_dtype=torch.float32, weights_dtype="input",
+                 returns=_jetmoe_returns)
 # DbrxRouter returns only its logits; the gate replaces DbrxFFN.route_tokens_to_experts, which
 # routes them (softmax in the logits' dtype: the Lfm2 caveat on half-precision scores applies)
 DBRX = Adapter("dbrx_softmax_topk", "S1d", _dbrx_spec, weight="layer.weight",
@@ -658,6 +675,7 @@ EXEMPLARS: dict[str, tuple[Adapter, str]] = {
     "NllbMoeTop2Router": (NLLB_TOP2, "nllb_moe"),
     "PhimoeTopKRouter": (SPARSEMIXER, "phimoe"),
     "DbrxRouter": (DBRX, "dbrx"),
+    "JetMoeTopKGating": (JETMOE, "jetmoe"),
 }
 
 # MoE block classes whose forward does not call the router's forward, with the forward the patch
@@ -676,9 +694,6 @@ UNSUPPORTED: dict[str, str] = {
                          "shared-expert gammas, not expressible as one RouterSpec",
     "DeepseekV4HashRouter": "hash routing: ids are tid2eid[input_ids], a frozen token-to-expert "
                             "table, not a top-k of the router's scores",
-    "JetMoeTopKGating": "returns a dispatch plan (slots sorted by expert, token index, gates, "
-                        "per-expert sizes via .tolist()) instead of (logits, weights, ids), and "
-                        "its attention experts (JetMoeMoA) consume it too; no adapter rebuilds it",
     "ZayaRouter": "an MLP router with state carried across layers (router_states) and a skip "
                   "class among E+1 outputs, not a linear router",
 }
