@@ -34,10 +34,10 @@ BF16 = ["olmoe", "mixtral", "gpt_oss", "granitemoe", "deepseek_v3", "jamba", "qw
         "axk2", "deepseek_v2", "mistral4", "mistral_large4", "minimax_m2", "minimax_m3_vl",
         "hy_v3", "afmoe", "lfm2_moe", "laguna", "muse_spark", "inkling2", "kolibri1", "flint",
         "ernie4_5_moe", "ernie4_5_vl_moe", "longcat_flash", "llama4", "switch_transformers",
-        "nllb_moe", "phimoe", "dbrx", "jetmoe"]
+        "nllb_moe", "phimoe", "dbrx", "jetmoe", "inkling"]
 
 # The families moe_route cannot patch (each router class has its reason in UNSUPPORTED).
-UNSUPPORTED_FAMILIES = {"deepseek_v4", "inkling", "zaya", "doge"}
+UNSUPPORTED_FAMILIES = {"deepseek_v4", "zaya", "doge"}
 
 # Routers that return (dispatch/top-1 mask, weights, logits [.., E]) instead of (logits, weights,
 # ids): the mask and the logits must be bit-identical, the weights equal to ``tol``.
@@ -118,6 +118,8 @@ def _assert_router_outputs_match(name, ref, ours, tol, mask=False):
         assert torch.equal(ref[2], ours[2]), f"{name}: the logits must be bit-identical"
         torch.testing.assert_close(ours[1], ref[1], **tol)
         return
+    if len(ref) == 4:  # InklingTopkRouter: 4th output, the shared experts' gammas
+        torch.testing.assert_close(ours[3], ref[3], **tol)
     if len(ref) == 2:  # Llama4Router: (dense scores, logits), both rebuilt with the family's ops
         assert torch.equal(ref[1], ours[1]), f"{name}: the logits must be bit-identical"
         return
@@ -221,7 +223,7 @@ def test_deepseek_v4_topk_router_alone():
         _assert_router_outputs_match(name, r, o, FP32_TOL)
 
 
-@pytest.mark.parametrize("key", ["ernie4_5_moe", "flint", "deepseek_v3"])
+@pytest.mark.parametrize("key", ["ernie4_5_moe", "flint", "deepseek_v3", "inkling"])
 def test_autocast(key):
     """Ernie and Flint compute their logits with autocast disabled, DeepSeek-V3 under it; the
     patched routers do the same (index 0 is bit-identical under CPU bf16 autocast)."""
@@ -291,7 +293,7 @@ def test_deepseek_v2_topk_methods():
 
 
 @pytest.mark.parametrize("key", ["gemma4", "ernie4_5_moe", "llama4", "switch_transformers",
-                                 "nllb_moe", "phimoe", "dbrx", "jetmoe"])
+                                 "nllb_moe", "phimoe", "dbrx", "jetmoe", "inkling"])
 def test_exact_mode_and_record_with_a_returns_hook(key):
     model = build(key)
     ids = _ids(2)
@@ -488,3 +490,27 @@ def test_phimoe_sparsemixer_weights(jitter):
     model.train()
     with moe_route.patch(model), pytest.raises(UnsupportedModelError, match="training"):
         model(**inputs("phimoe", _ids(), model))
+
+
+def test_inkling_weights_bit_identical_and_steered_choice():
+    """Inkling's weights (normalised with the shared experts') and shared gammas are the
+    family's own ops on the gate's ids: bit-identical once the unsorted family ids are aligned
+    with the gate's; forcing an expert on puts it in every token's choice."""
+    model = build("inkling")
+    calls = _capture(model, "inkling")
+    ref = _call_all(model, calls, patched=False)
+    ours = _call_all(model, calls, patched=True)
+    for (name, _, _, _), r, o in zip(calls, ref, ours):
+        a, b = r[2].sort(-1), o[2].sort(-1)
+        assert torch.equal(a.values, b.values), name
+        assert torch.equal(r[1].gather(-1, a.indices), o[1].gather(-1, b.indices)), name
+        assert torch.equal(r[3], o[3]) and torch.equal(r[0], o[0]), name
+    name, router, mod_args, kwargs = calls[0]
+    free = [e for e in range(router.num_experts) if not (ref[0][2] == e).any(-1).all()][0]
+    with torch.no_grad(), moe_route.patch(model) as handle:
+        handle.routers[name].steer = moe_route.SteerSpec(force={free: 1.0})
+        _, w, ids, gammas = router(*mod_args, **kwargs)
+    assert (ids == free).any(-1).all()
+    torch.testing.assert_close((w.sum(-1) + gammas.sum(-1)).float(),
+                               torch.full((ids.shape[0],),
+                                          router.route_scale * router.global_scale.item()))

@@ -445,6 +445,28 @@ def _jetmoe_returns(router, block, hidden_states, z, w, ids):
     return order, order.div(router.top_k, rounding_mode="trunc"), w.flatten()[order], sizes, z
 
 
+def _inkling_linear(router, x):
+    # InklingTopkRouter: one fp32 GEMM over the routed and the shared experts' rows (autocast
+    # off, see INKLING); the gate routes on the routed experts' logits
+    return F.linear(x.float(), router.weight.float())[..., :-router.n_shared_experts]
+
+
+def _inkling_returns(router, block, hidden_states, z, w, ids):
+    # InklingTopkRouter's weights: the chosen and the shared experts' sigmoids normalised
+    # together (in log space), times route_scale and global_scale; the shared ones come back as a
+    # 4th output (the shared experts' gammas). The family's ops on the gate's ids and the
+    # unsteered logits (steering moves the choice only), so the weights are bit-identical; the
+    # shared logits come from the same full GEMM as the family's (a second router GEMM)
+    S = router.n_shared_experts
+    flat = hidden_states.reshape(-1, router.hidden_dim)
+    with torch.autocast(flat.device.type, enabled=False):
+        shared = F.linear(flat.float(), router.weight.float())[..., -S:]
+        logp = F.logsigmoid(torch.cat([z.gather(-1, ids), shared], dim=-1))
+        w = torch.exp(logp - torch.logsumexp(logp, dim=-1, keepdim=True))
+        w = (w * router.route_scale * router.global_scale.float()).to(hidden_states.dtype)
+    return z, w[..., :router.top_k].contiguous(), ids, w[..., -S:].contiguous()
+
+
 def _dbrx_p(block):
     p = block.moe_normalize_expert_weights if block is not None else 1.0
     if p is not None and not (isinstance(p, (int, float)) and p > 0):
@@ -627,6 +649,11 @@ JETMOE = Adapter("topk_softmax_plan", "S2",
                  lambda r, b=None: RouterSpec("softmax", select_on="logits"),
                  weight="layer.weight", logits_dtype=torch.float32, weights_dtype="input",
                  returns=_jetmoe_returns)
+# InklingTopkRouter: fp32 with autocast off, sigmoid of the routed logits plus a selection bias;
+# weights normalised together with the shared experts' (the returns hook)
+INKLING = Adapter("sigmoid_topk_shared_norm", "S7", _gate("sigmoid"),
+                  selection_bias="router:e_score_correction_bias", linear=_inkling_linear,
+                  autocast=False, returns=_inkling_returns)
 # DbrxRouter returns only its logits; the gate replaces DbrxFFN.route_tokens_to_experts, which
 # routes them (softmax in the logits' dtype: the Lfm2 caveat on half-precision scores applies)
 DBRX = Adapter("dbrx_softmax_topk", "S1d", _dbrx_spec, weight="layer.weight",
@@ -676,6 +703,7 @@ EXEMPLARS: dict[str, tuple[Adapter, str]] = {
     "PhimoeTopKRouter": (SPARSEMIXER, "phimoe"),
     "DbrxRouter": (DBRX, "dbrx"),
     "JetMoeTopKGating": (JETMOE, "jetmoe"),
+    "InklingTopkRouter": (INKLING, "inkling"),
 }
 
 # MoE block classes whose forward does not call the router's forward, with the forward the patch
@@ -689,9 +717,6 @@ REGISTRY: dict[str, Adapter] = {name: adapter for name, (adapter, _) in EXEMPLAR
 
 # Router classes moe_route knows and cannot reproduce, with the reason.
 UNSUPPORTED: dict[str, str] = {
-    "InklingTopkRouter": "weights normalise the chosen experts' sigmoids together with the "
-                         "shared experts' (a per-token denominator) and a 4th output carries the "
-                         "shared-expert gammas, not expressible as one RouterSpec",
     "DeepseekV4HashRouter": "hash routing: ids are tid2eid[input_ids], a frozen token-to-expert "
                             "table, not a top-k of the router's scores",
     "ZayaRouter": "an MLP router with state carried across layers (router_states) and a skip "
