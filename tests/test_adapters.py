@@ -34,10 +34,10 @@ BF16 = ["olmoe", "mixtral", "gpt_oss", "granitemoe", "deepseek_v3", "jamba", "qw
         "axk2", "deepseek_v2", "mistral4", "mistral_large4", "minimax_m2", "minimax_m3_vl",
         "hy_v3", "afmoe", "lfm2_moe", "laguna", "muse_spark", "inkling2", "kolibri1", "flint",
         "ernie4_5_moe", "ernie4_5_vl_moe", "longcat_flash", "llama4", "switch_transformers",
-        "nllb_moe", "phimoe", "dbrx", "jetmoe", "inkling"]
+        "nllb_moe", "phimoe", "dbrx", "jetmoe", "inkling", "zaya"]
 
 # The families moe_route cannot patch (each router class has its reason in UNSUPPORTED).
-UNSUPPORTED_FAMILIES = {"deepseek_v4", "zaya", "doge"}
+UNSUPPORTED_FAMILIES = {"deepseek_v4", "doge"}
 
 # Routers that return (dispatch/top-1 mask, weights, logits [.., E]) instead of (logits, weights,
 # ids): the mask and the logits must be bit-identical, the weights equal to ``tol``.
@@ -196,8 +196,7 @@ def test_supported_rows_and_status_strings():
     assert {r["family"] for r in rows if r["status"] != "supported"} == UNSUPPORTED_FAMILIES
 
 
-@pytest.mark.parametrize("key,router_class", [("deepseek_v4", "DeepseekV4HashRouter"),
-                                              ("zaya", "ZayaRouter")])
+@pytest.mark.parametrize("key,router_class", [("deepseek_v4", "DeepseekV4HashRouter")])
 def test_unsupported_router_raises_naming_the_class(key, router_class):
     model = build(key)
     attrs = {n: set(m.__dict__) for n, m in model.named_modules()}
@@ -293,7 +292,7 @@ def test_deepseek_v2_topk_methods():
 
 
 @pytest.mark.parametrize("key", ["gemma4", "ernie4_5_moe", "llama4", "switch_transformers",
-                                 "nllb_moe", "phimoe", "dbrx", "jetmoe", "inkling"])
+                                 "nllb_moe", "phimoe", "dbrx", "jetmoe", "inkling", "zaya"])
 def test_exact_mode_and_record_with_a_returns_hook(key):
     model = build(key)
     ids = _ids(2)
@@ -514,3 +513,26 @@ def test_inkling_weights_bit_identical_and_steered_choice():
     torch.testing.assert_close((w.sum(-1) + gammas.sum(-1)).float(),
                                torch.full((ids.shape[0],),
                                           router.route_scale * router.global_scale.item()))
+
+
+def test_zaya_skip_class_and_router_state():
+    """Zaya routes over E experts and a skip class: with the skip class's bias raised every token
+    picks it; the patched router masks it to expert 0 with weight 0 as the family does, the
+    statistics count it as expert E, and the router state handed to the next layer is
+    bit-identical."""
+    model = build("zaya")
+    for _, router, _ in find_routers(model):
+        router.balancing_biases[-1] = 1.0
+    calls = _capture(model, "zaya")
+    ref = _call_all(model, calls, patched=False)
+    ours = _call_all(model, calls, patched=True)
+    E = calls[0][1].num_experts
+    for (name, _, _, _), r, o in zip(calls, ref, ours):
+        _assert_router_outputs_match(name, r, o, FP32_TOL)
+        assert torch.equal(r[3], o[3]), name
+        assert torch.equal(r[2], o[2]) or torch.equal(r[2].sort(-1).values, o[2].sort(-1).values)
+    with moe_route.record(model) as rec, torch.no_grad():
+        model(**inputs("zaya", _ids(1), model))
+    layer = rec.stats[0]
+    assert layer.num_experts == E + 1
+    assert int(layer.counts[0, E]) == int(layer.tokens[0])  # every token chose the skip class

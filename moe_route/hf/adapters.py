@@ -79,7 +79,8 @@ class Adapter:
         top_k, num_experts: attribute paths (first one set wins) of k and E on the router (a
             ``top_k`` path starting ``block.`` is read from the MoE block, DBRX's ``moe_top_k``);
             ``top_k`` may instead be an int, for a family with a fixed k (Switch, NLLB).
-        linear: ``(router, x [T, H]) -> logits``, replacing the dtype recipe where the family's
+        linear: ``(router, x [T, H], *args, **kwargs) -> logits`` (``args``/``kwargs``: the
+            router forward's other arguments), replacing the dtype recipe where the family's
             logits are more than one GEMM (Gemma4's norm and scale, Kolibri1's CUDA path).
         pre: ``(router, logits) -> logits`` after the GEMM (Laguna's softcap): what the gate
             routes on and what the router returns as its logits.
@@ -129,19 +130,19 @@ class Adapter:
     def experts(self, router) -> int:
         return int(_first_attr(router, self.num_experts, _attr(router, self.weight).shape[0]))
 
-    def logits(self, router, hidden_states: torch.Tensor) -> torch.Tensor:
+    def logits(self, router, hidden_states: torch.Tensor, args=(), kwargs=None) -> torch.Tensor:
         if self.block_method is not None:  # the block's method is given the router's logits
             return hidden_states.reshape(-1, hidden_states.shape[-1])
         w = _attr(router, self.weight)
         x = hidden_states.reshape(-1, w.shape[1])
         if not self.autocast and torch.is_autocast_enabled(x.device.type):
             with torch.autocast(x.device.type, enabled=False):
-                return self._logits(router, w, x)
-        return self._logits(router, w, x)
+                return self._logits(router, w, x, args, kwargs)
+        return self._logits(router, w, x, args, kwargs)
 
-    def _logits(self, router, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _logits(self, router, w: torch.Tensor, x: torch.Tensor, args, kwargs) -> torch.Tensor:
         if self.linear is not None:
-            z = self.linear(router, x)
+            z = self.linear(router, x, *args, **(kwargs or {}))
         else:
             b = _attr(router, self.bias) if self.bias else None
             dtype = w.dtype if self.linear_dtype == "weight" else self.linear_dtype
@@ -279,7 +280,7 @@ def _score_fn(router) -> str:
     return score
 
 
-def _gemma4_linear(router, x):
+def _gemma4_linear(router, x, *args, **kwargs):
     # Gemma4TextRouter: scale-free RMSNorm, times a learned scale and hidden_size**-0.5, then proj
     return router.proj(router.norm(x) * router.scale * router.scalar_root_size)
 
@@ -293,7 +294,7 @@ def _gemma4_returns(router, block, hidden_states, z, w, ids):
 _MM_OUT_DTYPE = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 8)
 
 
-def _kolibri_linear(router, x):
+def _kolibri_linear(router, x, *args, **kwargs):
     # Kolibri1TopKRouter: on CUDA, inference in the weight's dtype takes fp32 logits straight
     # from a half-precision GEMM (mm with out_dtype); elsewhere an fp32 GEMM
     w = router.weight
@@ -323,7 +324,7 @@ def _llama4_returns(router, block, hidden_states, z, w, ids):
     return torch.sigmoid(scores.float()).to(scores.dtype), z
 
 
-def _classifier_linear(router, x):
+def _classifier_linear(router, x, *args, **kwargs):
     # SwitchTransformersTop1Router, NllbMoeTop2Router: the input and the classifier in
     # router_dtype (fp32); Switch multiplies the input by uniform(1 - jitter, 1 + jitter) noise in
     # training (the same draw as the family's: one uniform_ over a tensor of the input's size)
@@ -404,7 +405,7 @@ def _nllb_returns(router, block, hidden_states, z, w, ids, padding_mask=None):
     return top_1_mask, probs, z.reshape(*hidden_states.shape[:-1], E)
 
 
-def _phimoe_linear(router, x):
+def _phimoe_linear(router, x, *args, **kwargs):
     # PhimoeTopKRouter (an nn.Linear): logits in the model dtype. In training sparsemixer samples
     # both choices (Gumbel) and scales their gradients (Heun's method): not reproducible
     if router.training:
@@ -445,7 +446,7 @@ def _jetmoe_returns(router, block, hidden_states, z, w, ids):
     return order, order.div(router.top_k, rounding_mode="trunc"), w.flatten()[order], sizes, z
 
 
-def _inkling_linear(router, x):
+def _inkling_linear(router, x, *args, **kwargs):
     # InklingTopkRouter: one fp32 GEMM over the routed and the shared experts' rows (autocast
     # off, see INKLING); the gate routes on the routed experts' logits
     return F.linear(x.float(), router.weight.float())[..., :-router.n_shared_experts]
@@ -465,6 +466,31 @@ def _inkling_returns(router, block, hidden_states, z, w, ids):
         w = torch.exp(logp - torch.logsumexp(logp, dim=-1, keepdim=True))
         w = (w * router.route_scale * router.global_scale.float()).to(hidden_states.dtype)
     return z, w[..., :router.top_k].contiguous(), ids, w[..., -S:].contiguous()
+
+
+def _zaya_state(router, x, router_states=None):
+    # ZayaRouter's router hidden states: a down-projection plus the previous MoE layer's state
+    # (scaled) from layer 1 on
+    h = router.down_proj(x)
+    if router.use_eda and router_states is not None:
+        h = h + router_states.reshape(h.shape) * router.router_states_scale
+    return h
+
+
+def _zaya_linear(router, x, router_states=None):
+    # ZayaRouter: an MLP over the router hidden states gives logits for the experts and a skip
+    # class (E + 1 classes)
+    return router.router_mlp(_zaya_state(router, x, router_states))
+
+
+def _zaya_returns(router, block, hidden_states, z, w, ids, router_states=None):
+    # ZayaRouter returns (logits, weights, ids, the state for the next MoE layer): a chosen skip
+    # class (id E) comes back as expert 0 with weight 0; the state is recomputed on the family's
+    # [B, S, .] layout (a second down-projection) so it is bit-identical
+    skip = ids == router.config.num_experts
+    state = _zaya_state(router, hidden_states, router_states)
+    return (z, w.masked_fill(skip, 0), ids.masked_fill(skip, 0),
+            state[:, -hidden_states.shape[1]:].clone())
 
 
 def _dbrx_p(block):
@@ -654,6 +680,13 @@ JETMOE = Adapter("topk_softmax_plan", "S2",
 INKLING = Adapter("sigmoid_topk_shared_norm", "S7", _gate("sigmoid"),
                   selection_bias="router:e_score_correction_bias", linear=_inkling_linear,
                   autocast=False, returns=_inkling_returns)
+# ZayaRouter: MLP logits over E experts and a skip class, softmax in the model dtype, selection on
+# the probabilities plus balancing_biases (the skip class's -1 keeps it out unless steered or
+# trained in), weights the unrenormalised probabilities; the statistics count the skip class as
+# expert E (the Lfm2 caveat on half-precision scores applies)
+ZAYA = Adapter("softmax_topk_skip", "S5", _gate(), weight="down_proj.weight",
+               selection_bias="router:balancing_biases", num_experts=("num_router_classes",),
+               linear=_zaya_linear, returns=_zaya_returns)
 # DbrxRouter returns only its logits; the gate replaces DbrxFFN.route_tokens_to_experts, which
 # routes them (softmax in the logits' dtype: the Lfm2 caveat on half-precision scores applies)
 DBRX = Adapter("dbrx_softmax_topk", "S1d", _dbrx_spec, weight="layer.weight",
@@ -704,6 +737,7 @@ EXEMPLARS: dict[str, tuple[Adapter, str]] = {
     "DbrxRouter": (DBRX, "dbrx"),
     "JetMoeTopKGating": (JETMOE, "jetmoe"),
     "InklingTopkRouter": (INKLING, "inkling"),
+    "ZayaRouter": (ZAYA, "zaya"),
 }
 
 # MoE block classes whose forward does not call the router's forward, with the forward the patch
@@ -719,8 +753,6 @@ REGISTRY: dict[str, Adapter] = {name: adapter for name, (adapter, _) in EXEMPLAR
 UNSUPPORTED: dict[str, str] = {
     "DeepseekV4HashRouter": "hash routing: ids are tid2eid[input_ids], a frozen token-to-expert "
                             "table, not a top-k of the router's scores",
-    "ZayaRouter": "an MLP router with state carried across layers (router_states) and a skip "
-                  "class among E+1 outputs, not a linear router",
 }
 
 

@@ -67,7 +67,7 @@ class RouterState:
         if self.exact and self.steer is None:
             out = self.original(hidden_states, *args, **kwargs)
             if self.stats is not None or self.trace is not None:
-                z = ad.logits(router, hidden_states)
+                z = ad.logits(router, hidden_states, args, kwargs)
                 groups = self._groups(z)
                 w, ids = topk_gate(z, self.top_k, self.spec,
                                    selection_bias=ad.selection_bias_of(router, self.block, args),
@@ -75,7 +75,7 @@ class RouterState:
                 if self.trace is not None:
                     self.trace(self.name, z, w, ids, groups)
             return out
-        z = ad.logits(router, hidden_states)
+        z = ad.logits(router, hidden_states, args, kwargs)
         groups = self._groups(z)
         w, ids = route(z, self.top_k, self.spec,
                        selection_bias=ad.selection_bias_of(router, self.block, args),
