@@ -243,7 +243,7 @@ def topk_gate(logits, k, score="softmax", select_on="scores", selection_bias=Non
     zw = z0 if steer_select_only else z
     w = gate_weights(zw, ids, score, select_on, renormalize, renorm_eps, scale)
     if any(b is not None for b in stats.values()):
-        _accumulate(zw, score, w, ids, groups, **stats)
+        accumulate_stats(zw, score, w, ids, groups, **stats)
     return w, ids.to(torch.int32)
 
 
@@ -266,7 +266,10 @@ def gate_weights(zw, ids, score="softmax", select_on="scores", renormalize=False
     return w * scale
 
 
-def _accumulate(zw, score, w, ids, groups, tokens, counts, prob_sum, weight_sum, entropy_sum, coact):
+def accumulate_stats(zw, score, w, ids, groups, tokens, counts, prob_sum, weight_sum, entropy_sum,
+                     coact):
+    """Add one call's routing (fp32 logits ``zw [T, E]``, weights and ids ``[T, k]``, token
+    groups ``[T]`` or None, -1 skips a token) to the statistics buffers, in place."""
     T, k = ids.shape
     E = zw.shape[1]
     g = torch.zeros(T, dtype=torch.int64, device=zw.device) if groups is None else groups.long()

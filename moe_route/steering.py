@@ -535,6 +535,9 @@ class Steering:
         try:
             targets = resolve_layers(self.plan, self._handle.routers)
             for key, state in targets.items():
+                if state.adapter.fixed_choice:
+                    raise ValueError(f"steer: layer {key!r} ({state.name}) routes by "
+                                     f"{state.adapter.name}, not by score; it cannot be steered")
                 spec = self.plan.steer_spec(key, state.num_experts)
                 state.steer_stack.append(state.steer)
                 state.steer = spec

@@ -13,6 +13,7 @@ import torch
 import moe_route
 from moe_route.hf import FAMILIES, UnsupportedModelError, family_status, find_routers, supported
 from moe_route.hf.adapters import UNSUPPORTED, lookup
+from moe_route.hf.patch import layer_index
 from moe_route.nn import TopKRouter
 
 from tiny_models import ALL_FAMILIES, build, inputs
@@ -37,7 +38,7 @@ BF16 = ["olmoe", "mixtral", "gpt_oss", "granitemoe", "deepseek_v3", "jamba", "qw
         "nllb_moe", "phimoe", "dbrx", "jetmoe", "inkling", "zaya"]
 
 # The families moe_route cannot patch (each router class has its reason in UNSUPPORTED).
-UNSUPPORTED_FAMILIES = {"deepseek_v4", "doge"}
+UNSUPPORTED_FAMILIES = {"doge"}
 
 # Routers that return (dispatch/top-1 mask, weights, logits [.., E]) instead of (logits, weights,
 # ids): the mask and the logits must be bit-identical, the weights equal to ``tol``.
@@ -196,30 +197,44 @@ def test_supported_rows_and_status_strings():
     assert {r["family"] for r in rows if r["status"] != "supported"} == UNSUPPORTED_FAMILIES
 
 
-@pytest.mark.parametrize("key,router_class", [("deepseek_v4", "DeepseekV4HashRouter")])
-def test_unsupported_router_raises_naming_the_class(key, router_class):
-    model = build(key)
-    attrs = {n: set(m.__dict__) for n, m in model.named_modules()}
-    with pytest.raises(UnsupportedModelError, match=router_class) as err:
-        moe_route.patch(model)
-    assert UNSUPPORTED[router_class] in str(err.value)
-    assert {n: set(m.__dict__) for n, m in model.named_modules()} == attrs  # nothing patched
-
-
-def test_deepseek_v4_topk_router_alone():
-    """DeepSeek-V4's sqrt(softplus) top-k router is supported; its hash router is not, so patch
-    a layer that has only the former."""
+def test_deepseek_v4_hash_and_topk_layers():
+    """DeepSeek-V4 mixes hash layers (experts from a frozen token-id table) with sqrt(softplus)
+    top-k layers. Patched, the hash routers run their own forward (bit-identical) and record the
+    table's choice; the top-k routers go through the gate; a plan that steers a hash layer is
+    refused, one that steers a top-k layer works."""
     model = build("deepseek_v4")
-    calls = _capture(model, "deepseek_v4", routers=[
-        (n, m) for n, m in model.named_modules() if type(m).__name__ == "DeepseekV4TopKRouter"])
-    assert calls and lookup(type(calls[0][1])).spec(calls[0][1]).score == "sqrtsoftplus"
-    layer = model.get_submodule(calls[0][0].rsplit(".", 2)[0])
+    kinds = {name: type(r).__name__ for name, r, _ in find_routers(model)}
+    assert set(kinds.values()) == {"DeepseekV4HashRouter", "DeepseekV4TopKRouter"}
+    hash_routers = [(n, r) for n, r, _ in find_routers(model) if kinds[n].endswith("HashRouter")]
+    for _, router in hash_routers:  # a table that is not all zeros
+        router.tid2eid.copy_(torch.randint(0, router.num_experts, router.tid2eid.shape,
+                                           generator=torch.Generator().manual_seed(0)))
+    _check_family("deepseek_v4", torch.float32)
+    calls = _capture(model, "deepseek_v4", routers=hash_routers)
+    ref = _call_all(model, calls, patched=False)
+    ours = _call_all(model, calls, patched=True)
+    assert all(torch.equal(a, b) for r, o in zip(ref, ours) for a, b in zip(r, o))
+    ids = _ids(3)
+    with moe_route.record(model) as rec, torch.no_grad():
+        model(**inputs("deepseek_v4", ids, model))
+    name, router = hash_routers[0]
+    chosen = router.tid2eid[ids.reshape(-1)]
+    layer = rec.stats[name]
+    assert torch.equal(layer.counts[0], torch.bincount(chosen.reshape(-1),
+                                                       minlength=router.num_experts))
+    assert int(layer.tokens[0]) == ids.numel()
+    hash_index = layer_index(name)
+    with pytest.raises(ValueError, match="cannot be steered"):
+        with moe_route.steer(model, moe_route.SteeringPlan({hash_index: {0: {"force": 1}}})):
+            pass
+    assert not hasattr(model, "_moe_route_patch")
+    topk_index = next(layer_index(n) for n, k in kinds.items()
+                      if k.endswith("TopKRouter"))
     with torch.no_grad():
-        ref = [mod(*a, **kw) for _, mod, a, kw in calls]
-        with moe_route.patch(layer):
-            ours = [mod(*a, **kw) for _, mod, a, kw in calls]
-    for (name, _, _, _), r, o in zip(calls, ref, ours):
-        _assert_router_outputs_match(name, r, o, FP32_TOL)
+        plain = model(**inputs("deepseek_v4", ids, model))[0]
+        with moe_route.steer(model, moe_route.SteeringPlan({topk_index: {0: {"force": 1}}})):
+            steered = model(**inputs("deepseek_v4", ids, model))[0]
+    assert not torch.allclose(plain, steered)
 
 
 @pytest.mark.parametrize("key", ["ernie4_5_moe", "flint", "deepseek_v3", "inkling"])

@@ -90,6 +90,9 @@ class Adapter:
             weights, ids)``, or post-processes the gate's weights in PyTorch (Ernie's clamped
             renormalisation); ``args``/``kwargs`` are the router forward's other arguments
             (NLLB's padding mask).
+        fixed_choice: the router's choice is not a top-k of its scores (DeepSeek-V4's hash
+            routing): the patch always runs the router's own forward, records the ``(logits,
+            weights, ids)`` it returns, and refuses to steer it.
         block_method: for a router that returns only its logits and leaves the routing to its
             MoE block (DBRX): the block method, called with those logits, that the gate replaces
             (its ``hidden_states`` are then the logits); None: the gate replaces the router's
@@ -111,6 +114,7 @@ class Adapter:
     pre: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None
     autocast: bool = True
     returns: Optional[Callable[..., tuple]] = None
+    fixed_choice: bool = False
     block_method: Optional[str] = None
 
     def k(self, router, block: Optional[nn.Module] = None) -> int:
@@ -173,6 +177,10 @@ class Adapter:
                 f"TopKRouter.from_module: {type(router).__name__} returns only its logits and its "
                 f"MoE block routes them ({self.block_method}), so no TopKRouter returns what it "
                 f"does; use moe_route.patch on the model")
+        if self.fixed_choice:
+            raise UnsupportedModelError(
+                f"TopKRouter.from_module: {type(router).__name__} does not choose by top-k of its "
+                f"scores, so no TopKRouter reproduces it")
         hook = next((h for h in ("linear", "pre", "returns") if getattr(self, h) is not None), None)
         if hook is not None:
             raise UnsupportedModelError(
@@ -613,6 +621,10 @@ SCORE_TOPK_BIAS = Adapter("score_topk", "S4",
                           _gate(_score_fn, renorm=True, eps=1e-20,
                                 scale="routed_scaling_factor"),
                           selection_bias="router:e_score_correction_bias")
+# DeepseekV4HashRouter: experts from a frozen token-id table (tid2eid[input_ids]), weighted by
+# their renormalised scores; its own forward runs and its choice is recorded (no steering)
+HASH_CHOICE = dataclasses.replace(SCORE_TOPK_BIAS, name="hash_table", selection_bias=None,
+                                  fixed_choice=True)
 # Inkling2TopKRouter: the same in fp32
 SCORE_TOPK_BIAS_FP32 = dataclasses.replace(SCORE_TOPK_BIAS, linear_dtype=torch.float32)
 # Kolibri1TopKRouter: selects on logits + bias, weights are the sigmoid of the chosen logits,
@@ -722,6 +734,7 @@ EXEMPLARS: dict[str, tuple[Adapter, str]] = {
     "LagunaTopKRouter": (SIGMOID_TOPK_SOFTCAP, "laguna"),
     "MuseSparkTopkRouter": (SIGMOID_TOPK_MULTIPLIER, "muse_spark"),
     "DeepseekV4TopKRouter": (SCORE_TOPK_BIAS, "deepseek_v4"),
+    "DeepseekV4HashRouter": (HASH_CHOICE, "deepseek_v4"),
     "Inkling2TopKRouter": (SCORE_TOPK_BIAS_FP32, "inkling2"),
     "Kolibri1TopKRouter": (LOGIT_BIAS_TOPK_SIGMOID, "kolibri1"),
     "FlintTopKRouter": (SIGMOID_TOPK, "flint"),
@@ -749,11 +762,9 @@ BLOCK_FORWARDS: dict[str, Callable] = {
 # Router class name -> adapter: the exemplars, plus classes matched or registered since.
 REGISTRY: dict[str, Adapter] = {name: adapter for name, (adapter, _) in EXEMPLARS.items()}
 
-# Router classes moe_route knows and cannot reproduce, with the reason.
-UNSUPPORTED: dict[str, str] = {
-    "DeepseekV4HashRouter": "hash routing: ids are tid2eid[input_ids], a frozen token-to-expert "
-                            "table, not a top-k of the router's scores",
-}
+# Router classes moe_route knows and cannot reproduce, with the reason (none in transformers
+# 5.23; ``register_adapter`` removes an entry).
+UNSUPPORTED: dict[str, str] = {}
 
 
 def register_adapter(router_class: str, adapter: Adapter) -> None:

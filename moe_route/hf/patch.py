@@ -30,6 +30,7 @@ from torch import nn
 
 from moe_route.hf.adapters import (BLOCK_FORWARDS, UNSUPPORTED, Adapter, UnsupportedModelError,
                                    adapter_for, lookup)
+from moe_route import reference
 from moe_route.nn.router import route
 from moe_route.ops import GateStats, SteerSpec, topk_gate
 
@@ -64,6 +65,8 @@ class RouterState:
 
     def __call__(self, router, hidden_states, args, kwargs):
         ad = self.adapter
+        if ad.fixed_choice:  # the router's own choice (hash routing), recorded as it is
+            return self._record_own(hidden_states, args, kwargs)
         if self.exact and self.steer is None:
             out = self.original(hidden_states, *args, **kwargs)
             if self.stats is not None or self.trace is not None:
@@ -86,6 +89,21 @@ class RouterState:
         if ad.returns is not None:  # a family that returns more or other than (z, w, ids)
             return ad.returns(router, self.block, hidden_states, z, w, ids, *args, **kwargs)
         return z, w, ids
+
+    def _record_own(self, hidden_states, args, kwargs):
+        if self.steer is not None:
+            raise UnsupportedModelError(f"steer: {self.name} ({self.adapter.name}) does not choose "
+                                        f"its experts by score; it cannot be steered")
+        out = self.original(hidden_states, *args, **kwargs)
+        if self.stats is not None or self.trace is not None:
+            z, w, ids = out[0].reshape(-1, self.num_experts), out[1], out[2]
+            groups = self._groups(z)
+            if self.stats is not None:
+                reference.accumulate_stats(z.float(), self.spec.score, w.float(), ids, groups,
+                                           *self.stats.buffers())
+            if self.trace is not None:
+                self.trace(self.name, z, w, ids, groups)
+        return out
 
     def _groups(self, z):
         if self.groups is None:
