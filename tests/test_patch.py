@@ -87,7 +87,7 @@ def test_patched_model_matches_unpatched(family):
 
 
 @pytest.mark.parametrize("family", CORE)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_every_router_matches_on_the_same_input(family, dtype):
     """Every router, patched and unpatched, on the same captured hidden states."""
     model = build(family, dtype=dtype)
