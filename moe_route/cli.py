@@ -160,7 +160,8 @@ def _supported(args) -> int:
         return 0
     for r in rows:
         adapters = ", ".join(sorted({a for a in r["adapters"] if a})) or "-"
-        print(f"{r['family']:<24} {r['group']:<4} {adapters:<40} {r['status']}")
+        limits = f"; limits: {r['limits']}" if r["limits"] else ""
+        print(f"{r['family']:<24} {r['group']:<4} {adapters:<40} {r['status']}{limits}")
     ok = sum(r["status"] == "supported" for r in rows)
     print(f"{ok} of {len(rows)} families supported")
     return 0

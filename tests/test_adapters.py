@@ -195,6 +195,9 @@ def test_supported_rows_and_status_strings():
             assert status == "supported", f"{family}: {status}"
             assert None not in row["adapters"], family
     assert {r["family"] for r in rows if r["status"] != "supported"} == UNSUPPORTED_FAMILIES
+    limits = {r["family"]: r["limits"] for r in rows if r["limits"]}
+    assert set(limits) == {"deepseek_v4", "phimoe", "nllb_moe", "inkling"}
+    assert "cannot be steered" in limits["deepseek_v4"]
 
 
 def test_deepseek_v4_hash_and_topk_layers():

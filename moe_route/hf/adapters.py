@@ -93,6 +93,8 @@ class Adapter:
         fixed_choice: the router's choice is not a top-k of its scores (DeepSeek-V4's hash
             routing): the patch always runs the router's own forward, records the ``(logits,
             weights, ids)`` it returns, and refuses to steer it.
+        limits: what does not work or differs for this forward, in a few words for
+            ``moe_route.supported()`` ("" when nothing).
         block_method: for a router that returns only its logits and leaves the routing to its
             MoE block (DBRX): the block method, called with those logits, that the gate replaces
             (its ``hidden_states`` are then the logits); None: the gate replaces the router's
@@ -115,6 +117,7 @@ class Adapter:
     autocast: bool = True
     returns: Optional[Callable[..., tuple]] = None
     fixed_choice: bool = False
+    limits: str = ""
     block_method: Optional[str] = None
 
     def k(self, router, block: Optional[nn.Module] = None) -> int:
@@ -624,7 +627,8 @@ SCORE_TOPK_BIAS = Adapter("score_topk", "S4",
 # DeepseekV4HashRouter: experts from a frozen token-id table (tid2eid[input_ids]), weighted by
 # their renormalised scores; its own forward runs and its choice is recorded (no steering)
 HASH_CHOICE = dataclasses.replace(SCORE_TOPK_BIAS, name="hash_table", selection_bias=None,
-                                  fixed_choice=True)
+                                  fixed_choice=True,
+                                  limits="hash layers: recorded, cannot be steered")
 # Inkling2TopKRouter: the same in fp32
 SCORE_TOPK_BIAS_FP32 = dataclasses.replace(SCORE_TOPK_BIAS, linear_dtype=torch.float32)
 # Kolibri1TopKRouter: selects on logits + bias, weights are the sigmoid of the chosen logits,
@@ -673,13 +677,15 @@ SWITCH_TOP1 = Adapter("switch_top1", "S7", lambda r, b=None: RouterSpec("softmax
 # applies to the top-1 choice)
 NLLB_TOP2 = Adapter("nllb_top2", "S7", _nllb_spec, weight="classifier.weight",
                     weights_dtype="input", top_k=2, linear=_classifier_linear,
-                    returns=_nllb_returns)
+                    returns=_nllb_returns,
+                    limits="second_expert_policy 'all' only (the others sample)")
 # PhimoeTopKRouter: top-2 of the logits (sparsemixer's eval choices), weights rebuilt by the
 # family's sparsemixer from the gate's ids; eval only. The gate (and so the statistics) sees a
 # plain softmax top-2: same ids, its weights are the full-softmax probabilities, not
 # sparsemixer's masked ones
 SPARSEMIXER = Adapter("sparsemixer", "S7", lambda r, b=None: RouterSpec("softmax"),
-                      linear=_phimoe_linear, returns=_phimoe_returns)
+                      linear=_phimoe_linear, returns=_phimoe_returns,
+                      limits="eval only (training samples its experts)")
 # JetMoeTopKGating: fp32 logits after the GEMM, top-k of the logits, softmax over the k in fp32,
 # weights in the input dtype; its dispatch plan (used by both its MLP and attention experts) is
 # rebuilt from the gate's ids
@@ -691,7 +697,8 @@ JETMOE = Adapter("topk_softmax_plan", "S2",
 # weights normalised together with the shared experts' (the returns hook)
 INKLING = Adapter("sigmoid_topk_shared_norm", "S7", _gate("sigmoid"),
                   selection_bias="router:e_score_correction_bias", linear=_inkling_linear,
-                  autocast=False, returns=_inkling_returns)
+                  autocast=False, returns=_inkling_returns,
+                  limits="steering moves the choice; weights from unsteered logits")
 # ZayaRouter: MLP logits over E experts and a skip class, softmax in the model dtype, selection on
 # the probabilities plus balancing_biases (the skip class's -1 keeps it out unless steered or
 # trained in), weights the unrenormalised probabilities; the statistics count the skip class as

@@ -125,10 +125,13 @@ def family_status(family: str) -> str:
 
 
 def supported() -> list[dict]:
-    """One row per MoE family: family, router classes, semantics group, adapter(s), status."""
+    """One row per MoE family: family, router classes, semantics group, adapter(s), status, and
+    limits (what does not work for a supported family; "" when nothing)."""
     rows = []
     for family, (group, routers) in FAMILIES.items():
         adapters, status = _adapters(family)
+        limits = "; ".join(dict.fromkeys(a.limits for a in adapters if a and a.limits))
         rows.append(dict(family=family, routers=list(routers), group=group,
-                         adapters=[a.name if a else None for a in adapters], status=status))
+                         adapters=[a.name if a else None for a in adapters], status=status,
+                         limits=limits))
     return rows
