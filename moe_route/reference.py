@@ -269,7 +269,11 @@ def gate_weights(zw, ids, score="softmax", select_on="scores", renormalize=False
 def accumulate_stats(zw, score, w, ids, groups, tokens, counts, prob_sum, weight_sum, entropy_sum,
                      coact):
     """Add one call's routing (fp32 logits ``zw [T, E]``, weights and ids ``[T, k]``, token
-    groups ``[T]`` or None, -1 skips a token) to the statistics buffers, in place."""
+    groups ``[T]`` or None, -1 skips a token) to the statistics buffers, in place. Counts,
+    tokens and coactivations are exact integer adds; weight, probability and entropy sums are
+    summed over the call in float64, then added to the fp32 buffers. Probabilities are the
+    softmax of ``zw``, or for sigmoid/sqrtsoftplus scores the scores over their sum (uniform
+    where the sum is 0)."""
     T, k = ids.shape
     E = zw.shape[1]
     g = torch.zeros(T, dtype=torch.int64, device=zw.device) if groups is None else groups.long()

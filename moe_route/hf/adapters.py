@@ -446,14 +446,14 @@ def _phimoe_returns(router, block, hidden_states, z, w, ids, *args, **kwargs):
     return z, torch.concat((w1, w2), dim=-1), ids
 
 
-
 def _jetmoe_returns(router, block, hidden_states, z, w, ids):
     # JetMoeTopKGating returns a dispatch plan, not (logits, weights, ids): the (token, slot)
     # pairs sorted by expert (the family's own unstable sort, so the order is the same), their
     # tokens and weights, the per-expert counts as a host list (the family's .tolist() sync) and
     # the fp32 logits; rebuilt from the gate's ids and weights
-    order = ids.flatten().sort(0)[1]
-    sizes = torch.bincount(ids.flatten(), minlength=router.num_experts).tolist()
+    flat = ids.flatten()
+    order = flat.sort(0)[1]
+    sizes = torch.bincount(flat, minlength=router.num_experts).tolist()
     return order, order.div(router.top_k, rounding_mode="trunc"), w.flatten()[order], sizes, z
 
 
@@ -539,6 +539,7 @@ def _routed_gpt_oss_mxfp4(block, hidden_states):
     logits, weights, ids = block.router(hidden_states)
     out = block.experts(hidden_states, ids, weights)
     return out.reshape(batch_size, -1, H), logits
+
 
 # The adapters; EXEMPLARS below says which router forward each one reproduces.
 SOFTMAX_TOPK = Adapter("softmax_topk", "S1a", _s1(_renorm_flag))
