@@ -4,6 +4,8 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
+#include <limits>
+
 namespace moe_route {
 namespace {
 
@@ -28,12 +30,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prepare_plan(
   TORCH_CHECK_VALUE(num_experts >= 1, "dispatch_plan: num_experts=", num_experts,
                     " must be >= 1");
   TORCH_CHECK_VALUE(block_size >= 1, "dispatch_plan: block_size=", block_size, " must be >= 1");
-  keep = ids.contiguous();
   const int64_t T = ids.size(0), k = ids.size(1), E = num_experts;
-  const int64_t R = T * k + E * (block_size - 1);
+  const int64_t N = ids.numel();  // T*k of an existing tensor: no overflow
+  TORCH_CHECK_VALUE(block_size - 1 <= (std::numeric_limits<int64_t>::max() - N) / E,
+                    "dispatch_plan: T*k + num_experts*(block_size-1) overflows int64 (T*k=", N,
+                    ", num_experts=", E, ", block_size=", block_size, ")");
+  keep = ids.contiguous();
+  const int64_t R = N + E * (block_size - 1);
   const auto i64 = ids.options().dtype(at::kLong);
   at::Tensor row_slot = at::empty({R}, i64), offsets = at::empty({E + 1}, i64),
-             counts = at::empty({E}, i64), slot_row = at::empty({T * k}, i64);
+             counts = at::empty({E}, i64), slot_row = at::empty({N}, i64);
   p.ids = keep.data_ptr();
   p.ids_int64 = ids.scalar_type() == at::kLong;
   p.T = T, p.k = k, p.E = E, p.block_size = block_size, p.R = R;

@@ -260,25 +260,41 @@ def test_noncontiguous_x():
                        R.permute(transposed.contiguous(), plan.row_slot, 2))
 
 
+_LONG = dict(dtype=torch.long)
+
+
 @pytest.mark.parametrize("call,exc,msg", [
-    (lambda: moe_route.dispatch_plan(torch.zeros(4, dtype=torch.long), 4), ValueError, "ids must be 2-D"),
-    (lambda: moe_route.dispatch_plan(torch.zeros(2, 2), 4), TypeError, "ids must be torch.int32 or torch.int64"),
-    (lambda: moe_route.dispatch_plan(torch.zeros(2, 2, dtype=torch.long), 0), ValueError, "num_experts=0"),
-    (lambda: moe_route.dispatch_plan(torch.zeros(2, 2, dtype=torch.long), 4, 0), ValueError, "block_size=0"),
-    (lambda: torch.ops.moe_route.permute(torch.zeros(2, 3, dtype=torch.long), torch.zeros(4, dtype=torch.long), 2),
+    (lambda d: moe_route.dispatch_plan(torch.zeros(4, **_LONG, device=d), 4), ValueError,
+     "ids must be 2-D"),
+    (lambda d: moe_route.dispatch_plan(torch.zeros(2, 2, device=d), 4), TypeError,
+     "ids must be torch.int32 or torch.int64"),
+    (lambda d: moe_route.dispatch_plan(torch.zeros(2, 2, **_LONG, device=d), 0), ValueError,
+     "num_experts=0"),
+    (lambda d: moe_route.dispatch_plan(torch.zeros(2, 2, **_LONG, device=d), 4, 0), ValueError,
+     "block_size=0"),
+    (lambda d: moe_route.dispatch_plan(torch.zeros(2, 2, **_LONG, device=d), 4, 2**62),
+     ValueError, "overflows int64"),
+    (lambda d: torch.ops.moe_route.permute(torch.zeros(2, 3, **_LONG, device=d),
+                                           torch.zeros(4, **_LONG, device=d), 2),
      TypeError, "x must be float32"),
-    (lambda: torch.ops.moe_route.permute(torch.zeros(2, 3), torch.zeros(4, dtype=torch.int32), 2),
+    (lambda d: torch.ops.moe_route.permute(torch.zeros(2, 3, device=d),
+                                           torch.zeros(4, dtype=torch.int32, device=d), 2),
      TypeError, "row_slot must be torch.int64"),
-    (lambda: torch.ops.moe_route.permute(torch.zeros(2, 3), torch.zeros(4, dtype=torch.long), 0),
+    (lambda d: torch.ops.moe_route.permute(torch.zeros(2, 3, device=d),
+                                           torch.zeros(4, **_LONG, device=d), 0),
      ValueError, "k=0"),
-    (lambda: torch.ops.moe_route.unpermute(torch.zeros(4, 3), torch.zeros(3, dtype=torch.long), torch.zeros(2, 2)),
+    (lambda d: torch.ops.moe_route.unpermute(torch.zeros(4, 3, device=d),
+                                             torch.zeros(3, **_LONG, device=d),
+                                             torch.zeros(2, 2, device=d)),
      ValueError, "slot_row must be 1-D of length T\\*k=4"),
-    (lambda: torch.ops.moe_route.unpermute(torch.zeros(4), torch.zeros(4, dtype=torch.long), torch.zeros(2, 2)),
+    (lambda d: torch.ops.moe_route.unpermute(torch.zeros(4, device=d),
+                                             torch.zeros(4, **_LONG, device=d),
+                                             torch.zeros(2, 2, device=d)),
      ValueError, "y must be 2-D"),
 ])
-def test_bad_input_names_the_argument(call, exc, msg):
+def test_bad_input_names_the_argument(device, call, exc, msg):
     with pytest.raises(exc, match=msg):
-        call()
+        call(device)
 
 
 def test_reference_rejects_the_same_inputs():

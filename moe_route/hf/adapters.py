@@ -806,7 +806,9 @@ def _exemplar_keys() -> tuple:
             module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
         except ImportError:
             continue
-        keys.append((forward_key(getattr(module, name)), adapter))
+        cls = getattr(module, name, None)  # absent from older transformers releases
+        if cls is not None:
+            keys.append((forward_key(cls), adapter))
     return tuple(keys)
 
 
