@@ -5,7 +5,9 @@
     moe-route bench --op dispatch|block [--full]           # the ratio tables, one run
 
 Small shapes only, so that the smoke run stays fast; the issue's shapes are in ``moe-route bench``.
-Every compared pair is also checked to compute the same result (else the ratio means nothing).
+Every compared pair is also checked to compute the same result (else the ratio means nothing), and
+the per-op rows, bandwidths and targets of ``moe-route bench --op dispatch`` are built on tiny
+shapes (on CUDA too where a GPU is present).
 """
 import functools
 
@@ -16,7 +18,7 @@ from moe_route import benchmark as moe_bench
 
 DISPATCH = [moe_bench.DispatchCase(T, k, 256, E, dt) for dt in (torch.float32, torch.bfloat16)
             for (T, k, E) in ((1, 8, 64), (64, 2, 8), (512, 8, 64))]
-DISPATCH_KINDS = {"baseline": moe_bench.baseline_dispatch, "fused": moe_bench.fused_dispatch}
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def _ids(cases):
@@ -24,11 +26,15 @@ def _ids(cases):
 
 
 @pytest.mark.parametrize("case", DISPATCH, ids=_ids(DISPATCH))
-@pytest.mark.parametrize("kind", DISPATCH_KINDS)
-def test_dispatch(benchmark, case, kind):
-    x, ids, w = moe_bench.dispatch_inputs(case)
-    benchmark.group = case.label
-    benchmark(DISPATCH_KINDS[kind], x, ids, w, case.E)
+@pytest.mark.parametrize("op", moe_bench.DISPATCH_OPS)
+@pytest.mark.parametrize("kind", ["baseline", "fused"])
+def test_dispatch(benchmark, case, op, kind):
+    base, args, fused = moe_bench.dispatch_callables(case)[op]
+    benchmark.group = f"{case.label} {op}"
+    if kind == "baseline":
+        benchmark(base, *args)
+    else:
+        benchmark(fused)
 
 
 @pytest.mark.parametrize("case", DISPATCH, ids=_ids(DISPATCH))
@@ -37,10 +43,119 @@ def test_dispatch_matches_baseline(case):
     base, base_offsets = moe_bench.baseline_dispatch(x, ids, w, case.E)
     ours, offsets = moe_bench.fused_dispatch(x, ids, w, case.E)
     assert ours.dtype == base.dtype == x.dtype
-    # bf16: transformers weighs the rows in bf16, unpermute in fp32 (a rounding or two apart)
-    tol = dict(rtol=2e-2, atol=2e-2) if x.dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ours, base, **tol)
+    torch.testing.assert_close(ours, base, **_tolerance(x.dtype))
     assert torch.equal(offsets[1:].int(), base_offsets)
+
+
+@pytest.mark.parametrize("case", DISPATCH, ids=_ids(DISPATCH))
+def test_dispatch_ops_match_baselines(case):
+    _check_ops(case, "cpu")
+
+
+def _check_ops(case, device):
+    """Each timed op against its baseline, on the inputs the timings use."""
+    calls = moe_bench.dispatch_callables(case, device)
+    out = {op: (base(*args), fused()) for op, (base, args, fused) in calls.items()}
+    (perm, offsets, counts, inverse), plan = out["plan"]
+    assert torch.equal(perm, plan.row_slot)
+    assert torch.equal(inverse, plan.slot_row)
+    assert torch.equal(counts.long(), plan.counts)
+    assert torch.equal(offsets.long(), plan.expert_offsets[1:])
+    base, ours = out["permute"]
+    assert torch.equal(base, ours)
+    base, ours = out["unpermute"]
+    assert ours.dtype == base.dtype == case.dtype
+    torch.testing.assert_close(ours, base, **_tolerance(case.dtype))
+
+
+def _tolerance(dtype):
+    # bf16: transformers weighs the rows in bf16, unpermute in fp32 (a rounding or two apart)
+    return dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+
+
+def test_gpu_dispatch_cases_are_the_anchor_shapes():
+    shapes = {(c.T, c.k, c.H) for c in moe_bench.gpu_dispatch_cases()}
+    assert shapes == ({(T, 8, 7168) for T in (64, 1024, 4096, 16384)}
+                      | {(16384, 8, 4096), (1024, 8, 2048), (16384, 8, 2048), (16384, 2, 4096)})
+    assert all(c.dtype == torch.bfloat16 and c.compile for c in moe_bench.gpu_dispatch_cases())
+
+
+def test_moved_bytes():
+    case = moe_bench.DispatchCase(4096, 8, 7168, 256, torch.bfloat16)
+    assert moe_bench.moved_bytes(case, "permute") == 4096 * 7168 * 2 * 9  # 528 MB, as in §7.2
+    assert moe_bench.moved_bytes(case, "unpermute") == moe_bench.moved_bytes(case, "permute")
+    assert moe_bench.moved_bytes(case, "pipeline") == 2 * moe_bench.moved_bytes(case, "permute")
+    assert moe_bench.moved_bytes(case, "plan") is None
+
+
+def test_run_dispatch_rows():
+    """Per-op rows: every callable by one method, paired ratios, GB/s against the copy bandwidth
+    and the compiled baselines (dynamo with the eager backend: no inductor build here)."""
+    copy = moe_bench.copy_bandwidth("cpu", nbytes=1 << 20, min_time=0.001)
+    assert copy["gbps"] > 0 and copy["timing"]["method"] == "perf_counter"
+    case = moe_bench.DispatchCase(32, 4, 64, 8, torch.bfloat16, "tiny")
+    seen = []
+    rows = moe_bench.run_dispatch([case], "cpu", compile_baseline=True, compile_backend="eager",
+                                  min_time=0.001, copy_gbps=copy["gbps"], on_row=seen.append)
+    assert seen == rows and [r["op"] for r in rows] == list(moe_bench.DISPATCH_OPS)
+    for row in rows:
+        assert row["case"] == "tiny T=32 k=4 H=64 E=8 bfloat16" and row["method"] == "perf_counter"
+        names = ("baseline", "fused") + (("baseline_compiled",) if row["op"] != "pipeline" else ())
+        assert {name for name in row if isinstance(row[name], dict) and "median_us" in row[name]} \
+            == set(names)
+        for name in names:
+            assert row[name]["method"] == "perf_counter" and row[name]["reps"] >= 5
+        assert row["speedup"] > 0
+        if row["op"] != "pipeline":
+            assert row["speedup_vs_compiled"] > 0 and row["compile_s"] > 0
+        if row["op"] == "plan":
+            assert row["bytes"] is None and "gbps" not in row
+        else:
+            gbps = row["bytes"] / row["fused"]["median_us"] / 1e3
+            assert row["gbps"]["fused"] == pytest.approx(gbps)
+            assert row["copy_fraction"] == pytest.approx(gbps / copy["gbps"])
+        line = moe_bench.format_dispatch_row(row)
+        assert line.startswith(row["case"]) and line.endswith("cpu")
+
+
+def _row(op, T, k, H, fused_gbps, dtype="bfloat16"):
+    return {"case": f"x T={T} k={k} H={H} {dtype}", "op": op, "T": T, "k": k, "H": H,
+            "dtype": dtype, "gbps": {"fused": fused_gbps}}
+
+
+def test_dispatch_targets():
+    rows = [_row("permute", 4096, 8, 7168, 2200.0), _row("unpermute", 4096, 8, 7168, 2000.0),
+            _row("permute", 1024, 8, 7168, 100.0)]
+    targets = moe_bench.dispatch_targets(rows, copy_gbps=3000.0, device_name="NVIDIA H100")
+    assert [(t["target"].split()[0], t["passed"]) for t in targets] == [("permute", True),
+                                                                         ("unpermute", False)]
+    assert targets[0]["threshold"] == pytest.approx(2.1) and targets[0]["measured"] == 2.2
+    on_h200 = moe_bench.dispatch_targets(rows, copy_gbps=4300.0, device_name="NVIDIA H200")
+    assert [t["passed"] for t in on_h200] == [False, False, False, False]
+    missing = moe_bench.dispatch_targets([], copy_gbps=3000.0)
+    assert [t["passed"] for t in missing] == [None, None]
+
+
+@cuda
+def test_cuda_dispatch_run():
+    """The GPU grid's code path: a microsecond case (graph replay) and one whose fused ops move
+    enough bytes to be timed with events and the L2 flushed; inductor compiles the baselines."""
+    cases = [moe_bench.DispatchCase(64, 8, 7168, 256, torch.bfloat16, "small"),
+             moe_bench.DispatchCase(4096, 8, 2048, 128, torch.bfloat16, "large")]
+    for case in cases:
+        _check_ops(case, "cuda")
+    copy = moe_bench.copy_bandwidth("cuda", min_time=0.01)
+    rows = moe_bench.run_dispatch(cases, "cuda", compile_baseline=True, min_time=0.01,
+                                  copy_gbps=copy["gbps"])
+    methods = {(r["case"].split()[0], r["op"]): r["method"] for r in rows}
+    assert methods[("small", "permute")] == "cuda_graph"
+    assert methods[("large", "permute")] == "cuda_events_l2"
+    for row in rows:
+        assert "compile_skipped" not in row, row["compile_skipped"]
+        names = ("baseline", "fused") + (("baseline_compiled",) if row["op"] != "pipeline" else ())
+        assert {row[name]["method"] for name in names} == {row["method"]}, (row["case"], row["op"])
+        if row["op"] in ("permute", "unpermute"):
+            assert 0 < row["copy_fraction"] < 1.5
 
 
 BLOCKS = [moe_bench.BlockCase(family, "tiny", 64, dt) for family in moe_bench.BLOCK_FAMILIES

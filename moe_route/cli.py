@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 
 import torch
@@ -25,50 +24,89 @@ def _info(args) -> int:
 
 
 def _bench(args) -> int:
+    import time
+
     from moe_route import benchmark
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
         print("moe-route bench: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
-    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-             else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    if args.op == "dispatch":
-        print(f"moe_route plan+permute+unpermute vs transformers' grouped_mm index path; device "
-              f"{device} ({where}), torch {torch.__version__}")
-        print("median per call (IQR as % of the median), the two alternating in bursts of 3 "
-              "calls in one run; ratio = median over rounds of baseline / fused")
-        print(benchmark.format_dispatch_header())
-        rows = benchmark.run_dispatch(benchmark.dispatch_cases(args.full), device,
-                                      min_time=args.min_time, progress=print)
-    elif args.op == "block":
-        import transformers
+    min_time = args.min_time if args.min_time is not None else (0.05 if cuda else 0.2)
+    started = time.monotonic()
+    deadline = started + args.budget if args.budget else None
+    meta = benchmark.run_meta(device)
+    print(benchmark.format_meta(meta))
+    rows, extra, complete = [], {}, False
+    compiled = ", torch.compile(dynamic=False)" if args.compile else ""
 
-        print(f"MoE block forward, experts implementation \"moe_route\" vs transformers' "
-              f"\"grouped_mm\" and \"eager\"; device {device} ({where}), torch "
-              f"{torch.__version__}, transformers {transformers.__version__}")
-        print("median per forward (IQR as % of the median), the three alternating in bursts of "
-              "3 calls in one run; gmm/ours, eager/ours: median over rounds of their time / "
-              "moe_route's (> 1: moe_route faster)")
-        print(benchmark.format_block_header())
-        rows = benchmark.run_block(benchmark.block_cases(args.full, args.family), device,
-                                   min_time=args.min_time, progress=print)
-    else:
-        cases = benchmark.default_cases(full=args.full)
-        if args.semantics:
-            cases = [c for c in cases if c.semantics in args.semantics]
-        print(f"moe_route topk_gate vs the transformers PyTorch composition; device {device} "
-              f"({where}), torch {torch.__version__}")
-        print("baseline/gate: median per call; ratio = baseline / gate (same run); "
-              "stats+ = cost of fused statistics over the plain gate")
-        print(benchmark.format_header(args.compile))
-        rows = benchmark.run(cases, device, compile_baseline=args.compile, min_time=args.min_time,
-                             progress=print)
-    if args.json:
-        benchmark.save(rows, args.json)
-        print(f"wrote {args.json}")
+    def on_row(row):
+        rows.append(row)
+        print(row_format(row), flush=True)
+
+    try:
+        if args.op == "dispatch":
+            copy = benchmark.copy_bandwidth(device, min_time=min_time)
+            extra["copy_bandwidth"] = copy
+            print(f"copy bandwidth {copy['gbps']:.0f} GB/s (dst.copy_(src) of "
+                  f"{copy['bytes'] >> 20} MiB, read + write)")
+            print(f"moe_route dispatch ops vs transformers' grouped_mm index work "
+                  f"(eager{compiled})")
+            print("median per call (IQR as % of the median); b/f, c/f: baseline, compiled / fused "
+                  "(CPU: median over rounds of alternating bursts); GB/s: token-row bytes moved "
+                  "(no indices) / fused time; copy: that / copy bandwidth")
+            print(benchmark.format_dispatch_header())
+            row_format = benchmark.format_dispatch_row
+            cases = (benchmark.gpu_dispatch_cases() if cuda and args.full
+                     else benchmark.dispatch_cases(args.full))
+            benchmark.run_dispatch(cases, device, compile_baseline=args.compile,
+                                   min_time=min_time, copy_gbps=copy["gbps"], deadline=deadline,
+                                   on_row=on_row)
+            extra["targets"] = benchmark.dispatch_targets(rows, copy["gbps"], meta["device_name"])
+        elif args.op == "block":
+            import transformers
+
+            print(f"MoE block forward, experts implementation \"moe_route\" vs transformers' "
+                  f"\"grouped_mm\" and \"eager\"; transformers {transformers.__version__}")
+            print("median per forward (IQR as % of the median), the three alternating in bursts "
+                  "of 3 calls in one run; gmm/ours, eager/ours: median over rounds of their time "
+                  "/ moe_route's (> 1: moe_route faster)")
+            print(benchmark.format_block_header())
+            row_format = benchmark.format_block_row
+            benchmark.run_block(benchmark.block_cases(args.full, args.family), device,
+                                min_time=min_time, on_row=on_row)
+        else:
+            cases = (benchmark.gpu_cases() if cuda and args.full
+                     else benchmark.default_cases(full=args.full))
+            if args.semantics:
+                cases = [c for c in cases if c.semantics in args.semantics]
+            print(f"moe_route topk_gate vs the transformers PyTorch composition (eager{compiled})")
+            print("median per call; ratio = baseline / gate; stats = gate+stats / gate; steer: "
+                  "3 constant biases, 1 std-scaled and 1 forced expert, on both sides")
+            print(benchmark.format_header(args.compile))
+            row_format = lambda row: benchmark.format_row(row, args.compile)  # noqa: E731
+            benchmark.run(cases, device, compile_baseline=args.compile, min_time=min_time,
+                          deadline=deadline, on_row=on_row)
+            extra["targets"] = benchmark.gate_targets(rows)
+        complete = True
+    finally:
+        elapsed = time.monotonic() - started
+        compile_s = sum(row.get("compile_s", 0.0) for row in rows)
+        skipped = sum("compile_skipped" in row for row in rows)
+        print(f"{args.op}: {len(rows)} rows in {elapsed:.1f} s"
+              + (f" ({compile_s:.1f} s compiling, {skipped} compiles skipped)" if args.compile
+                 else "") + ("" if complete else ", stopped by an error"))
+        if args.json:
+            benchmark.save_report(args.json, op=args.op, meta=meta, command=sys.argv,
+                                  complete=complete, elapsed_s=elapsed, min_time=min_time, **extra,
+                                  rows=rows)
+            print(f"wrote {args.json}")
+    if extra.get("targets"):
+        print("issue 6 targets" + ("" if cuda else " (set for H100/H200; here for reference)"))
+        print(benchmark.format_targets(extra["targets"]))
     return 0
 
 
@@ -184,20 +222,28 @@ def main(argv=None) -> int:
     p.set_defaults(func=_info)
     p = sub.add_parser("bench", help="benchmark moe_route against what transformers runs")
     p.add_argument("--op", default="gate", choices=["gate", "dispatch", "block"],
-                   help="what to time: the fused gate (default), plan+permute+unpermute, or a "
-                        "whole MoE block per experts implementation")
+                   help="what to time: the fused gate (default), the dispatch ops (plan, permute, "
+                        "unpermute, all three), or a whole MoE block per experts implementation")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--full", action="store_true",
-                   help="the full grid (gate/dispatch: T 1..8192, E 8..256, k 2/8, fp32+bf16; "
-                        "block: adds T=4096)")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile'd baselines")
+                   help="the full grid. gate: on the CPU T 1..8192, E 8..256, k 2/8; on CUDA "
+                        "issue 6's T 1..16384, E 64..512, k 4/8, DeepSeek-V3 grouped; both fp32 "
+                        "and bf16. dispatch: on the CPU T 1..8192, H 1024/4096, E 8..256, k 2/8; "
+                        "on CUDA the model shapes of kernel_anchors.md §7.2. block: adds T=4096")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile(dynamic=False) of the baselines (the CUDA gate "
+                        "grid: at its 12 target shapes)")
+    p.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="once the run has taken this long, skip the remaining compiled baselines")
     p.add_argument("--semantics", nargs="*",
                    choices=["softmax_topk", "softmax_topk_renorm", "topk_softmax", "deepseek_v3"])
     p.add_argument("--family", nargs="*", choices=["olmoe", "qwen3_moe", "mixtral"],
                    help="--op block: model families (default: all)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
-    p.add_argument("--min-time", type=float, default=0.2, help="seconds per measurement")
-    p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    p.add_argument("--min-time", type=float,
+                   help="seconds per measurement (default 0.2 on the CPU, 0.05 on CUDA)")
+    p.add_argument("--json", metavar="PATH",
+                   help="also write a JSON report: run metadata, every row, targets")
     p.set_defaults(func=_bench)
     p = sub.add_parser("demo", help="the multilingual-routing study on the planted model (offline)")
     p.add_argument("--out", default="moe_route_demo", help="report directory")
