@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import nn

@@ -12,21 +12,17 @@ import torch
 
 import moe_route
 from moe_route.hf import FAMILIES, UnsupportedModelError, family_status, find_routers, supported
+from moe_route.hf import adapters, validated
 from moe_route.hf.adapters import UNSUPPORTED, lookup
 from moe_route.hf.patch import layer_index
 from moe_route.nn import TopKRouter
 
-from tiny_models import ALL_FAMILIES, build, inputs
+from tiny_models import build, inputs, require, supported_families
 
 pytest.importorskip("transformers")
 
 
-def _family(key: str) -> str:
-    """The transformers model_type of a tiny-model key (``qwen3_omni_moe_talker`` -> its model)."""
-    return max((f for f in FAMILIES if key.startswith(f)), key=len)
-
-
-SUPPORTED = [k for k in ALL_FAMILIES if family_status(_family(k)) == "supported"]
+SUPPORTED = supported_families()
 
 # bf16 runs for a representative subset: the tiny models of every router forward added for S1c-S7
 # plus one family of each older adapter
@@ -173,11 +169,20 @@ def test_every_router_matches_on_the_same_input(key):
 
 @pytest.mark.parametrize("key", BF16)
 def test_every_router_matches_on_the_same_input_bf16(key):
+    require(key)
     assert key in SUPPORTED
     _check_family(key, torch.bfloat16)
 
 
+def _validated_release() -> bool:
+    import transformers
+
+    return transformers.__version__ in validated.TRANSFORMERS
+
+
 def test_supported_rows_and_status_strings():
+    if not _validated_release():
+        pytest.skip("statuses of another transformers release than the validated ones")
     rows = supported()
     assert [r["family"] for r in rows] == list(FAMILIES)
     for row in rows:
@@ -198,6 +203,46 @@ def test_supported_rows_and_status_strings():
     limits = {r["family"]: r["limits"] for r in rows if r["limits"]}
     assert set(limits) == {"deepseek_v4", "phimoe", "nllb_moe", "inkling"}
     assert "cannot be steered" in limits["deepseek_v4"]
+
+
+def test_every_exemplar_of_a_validated_release_is_validated():
+    """The fingerprint table covers the release CI installs (else the families whose code it
+    lacks would silently drop out of the suite as unsupported)."""
+    if not _validated_release():
+        pytest.skip("the fingerprint table is checked on the validated releases only")
+    installed = validated._installed()
+    assert installed, "no exemplar found in transformers"
+    for name, value in installed.items():
+        assert value in validated.FINGERPRINTS[name], name
+
+
+def test_changed_router_code_is_refused_with_the_reason():
+    """A router class whose name moe_route knows but whose forward differs from the tested code
+    (GraniteMoe's router returned its ids first in transformers 5.17, its logits first in 5.23)
+    is unsupported, with the reason, unless the user registers an adapter for it."""
+
+    class OlmoeTopKRouter(torch.nn.Module):  # the name of a real exemplar, other code
+        def forward(self, hidden_states):
+            return hidden_states.topk(2, dim=-1)
+
+    name = "OlmoeTopKRouter"
+    saved = adapters.REGISTRY[name]
+    try:
+        known = validated.FINGERPRINTS[f"{name}.forward"]
+        assert adapters.fingerprint(OlmoeTopKRouter) not in known
+        assert lookup(OlmoeTopKRouter) is None
+        assert "is not the code moe_route was tested against" in UNSUPPORTED[name]
+        with pytest.raises(UnsupportedModelError, match="not the code moe_route was tested"):
+            adapters.adapter_for(OlmoeTopKRouter())
+        moe_route.hf.register_adapter(name, adapters.SOFTMAX_TOPK)
+        assert lookup(OlmoeTopKRouter) is adapters.SOFTMAX_TOPK
+    finally:
+        adapters.REGISTRY[name] = saved
+        adapters._USER_REGISTERED.discard(name)
+        UNSUPPORTED.pop(name, None)
+    from transformers.models.olmoe.modeling_olmoe import OlmoeTopKRouter as Real
+
+    assert lookup(Real) is saved  # the real class is still routed
 
 
 def test_deepseek_v4_hash_and_topk_layers():

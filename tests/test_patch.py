@@ -6,18 +6,14 @@ import moe_route
 from moe_route.hf import UnsupportedModelError, find_routers
 from moe_route.nn import SparseMoE, TopKRouter
 
-from tiny_models import ALL_FAMILIES, build, inputs, selected_experts
+from tiny_models import (build, inputs, model_type, selected_experts,
+                         supported_families)
 
 pytest.importorskip("transformers")
 
 
 
-def _family(key: str) -> str:
-    """The transformers model_type of a tiny-model key (``qwen3_omni_moe_talker`` -> its model)."""
-    return max((f for f in moe_route.hf.FAMILIES if key.startswith(f)), key=len)
-
-
-SUPPORTED = [k for k in ALL_FAMILIES if moe_route.hf.family_status(_family(k)) == "supported"]
+SUPPORTED = supported_families()
 CORE = ["olmoe", "qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3", "granitemoe"]
 
 
@@ -74,7 +70,7 @@ def test_patched_model_matches_unpatched(family):
     k = moe_route.hf.adapter_for(first).k(first, block)
     seen = []
     hook = first.register_forward_hook(
-        lambda mod, args, out: seen.append(selected_experts(_family(family), out, k)))
+        lambda mod, args, out: seen.append(selected_experts(model_type(family), out, k)))
     ref = _run(model, family, ids)
     with moe_route.patch(model):
         ours = _run(model, family, ids)

@@ -5,8 +5,8 @@ import torch
 import moe_route
 from moe_route.hf import find_routers
 
-from tiny_models import build, inputs, selected_experts
-from test_patch import CORE, SUPPORTED, _family
+from tiny_models import build, inputs, model_type, selected_experts
+from test_patch import SUPPORTED
 
 pytest.importorskip("transformers")
 
@@ -25,7 +25,7 @@ def _unpatched_routing(model, family, ids, **kw):
         standard = adapter.returns is None
 
         def hook(mod, args, out, name=name, k=k, standard=standard):
-            sel = selected_experts(_family(family), out, k).view(-1, k)
+            sel = selected_experts(model_type(family), out, k).view(-1, k)
             log.setdefault(name, []).append((sel, out[1].detach().float() if standard else None))
         hooks.append(router.register_forward_hook(hook))
     with torch.no_grad():

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
+import hashlib
 import importlib
 import inspect
 import math
@@ -770,9 +771,12 @@ BLOCK_FORWARDS: dict[str, Callable] = {
 # Router class name -> adapter: the exemplars, plus classes matched or registered since.
 REGISTRY: dict[str, Adapter] = {name: adapter for name, (adapter, _) in EXEMPLARS.items()}
 
-# Router classes moe_route knows and cannot reproduce, with the reason (none in transformers
-# 5.23; ``register_adapter`` removes an entry).
+# Router classes moe_route knows and cannot reproduce, with the reason: filled by ``lookup`` with
+# classes whose code changed (``unvalidated``); ``register_adapter`` removes an entry.
 UNSUPPORTED: dict[str, str] = {}
+
+# Class names given an adapter by ``register_adapter``: trusted whatever their code.
+_USER_REGISTERED: set[str] = set()
 
 
 def register_adapter(router_class: str, adapter: Adapter) -> None:
@@ -780,22 +784,66 @@ def register_adapter(router_class: str, adapter: Adapter) -> None:
     if not isinstance(adapter, Adapter):
         raise TypeError(f"register_adapter: adapter must be an Adapter, got {type(adapter).__name__}")
     REGISTRY[router_class] = adapter
+    _USER_REGISTERED.add(router_class)
     UNSUPPORTED.pop(router_class, None)
 
 
+def _canonical(node) -> str:
+    """An AST as text, the same on every Python version this package supports: fields that are
+    empty or None are left out (Python 3.13's ``ast.dump`` drops them, 3.11's prints them) and so
+    are the ones that do not change what the code does (type comments, string kinds, 3.12's
+    type parameters)."""
+    if isinstance(node, ast.AST):
+        fields = [f"{f}={_canonical(v)}" for f in node._fields
+                  if f not in _IGNORED_FIELDS and (v := getattr(node, f, None)) is not None
+                  and not (isinstance(v, list) and not v)]
+        return f"{type(node).__name__}({', '.join(fields)})"
+    if isinstance(node, list):
+        return f"[{', '.join(_canonical(v) for v in node)}]"
+    return repr(node)
+
+
+_IGNORED_FIELDS = frozenset({"type_comment", "kind", "type_params"})
+
+
 @functools.lru_cache(maxsize=None)
-def forward_key(cls: type) -> Optional[str]:
-    """The syntax tree of ``cls.forward``'s body (docstring, comments and layout ignored)."""
+def forward_key(cls: type, method: str = "forward") -> Optional[str]:
+    """The parameter names and syntax tree of ``cls.<method>``'s body (docstring, comments,
+    layout and annotations ignored); None where the source cannot be read."""
     try:
-        source = textwrap.dedent(inspect.getsource(cls.forward))
-    except (OSError, TypeError):
+        source = textwrap.dedent(inspect.getsource(getattr(cls, method)))
+    except (AttributeError, OSError, TypeError):
         return None
     func = ast.parse(source).body[0]
     body = func.body
     if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
         body = body[1:]
     args = [a.arg for a in func.args.args]
-    return repr(args) + "".join(ast.dump(node) for node in body)
+    return repr(args) + _canonical(body)
+
+
+def fingerprint(cls: type, method: str = "forward") -> Optional[str]:
+    """A short hash of ``forward_key(cls, method)``: what ``validated.FINGERPRINTS`` holds."""
+    key = forward_key(cls, method)
+    return None if key is None else hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def unvalidated(cls: type, method: str = "forward") -> Optional[str]:
+    """Why moe_route does not trust ``cls.<method>``, or None. Code that an adapter was written
+    against (the exemplars, patched block methods) is trusted only where its fingerprint is one
+    the test suite passed with: a class of the same name whose code changed in another
+    transformers release would otherwise be routed by rules written for different code."""
+    from moe_route.hf import validated  # here: `python -m moe_route.hf.validated` imports this
+
+    name = f"{cls.__name__}.{method}"
+    known = validated.FINGERPRINTS.get(name)
+    if known is None or cls.__name__ in _USER_REGISTERED or fingerprint(cls, method) in known:
+        return None
+    import transformers
+
+    return (f"{name} in transformers {transformers.__version__} is not the code moe_route was "
+            f"tested against (transformers {', '.join(validated.TRANSFORMERS)}); "
+            f"moe_route.hf.register_adapter overrides this")
 
 
 @functools.lru_cache(maxsize=None)
@@ -807,20 +855,34 @@ def _exemplar_keys() -> tuple:
         except ImportError:
             continue
         cls = getattr(module, name, None)  # absent from older transformers releases
-        if cls is not None:
+        if cls is not None and unvalidated(cls) is None:
             keys.append((forward_key(cls), adapter))
     return tuple(keys)
 
 
 def lookup(router_cls: type) -> Optional[Adapter]:
-    """The adapter of a router class, by name or by the syntax tree of its forward; None if none."""
-    adapter = REGISTRY.get(router_cls.__name__)
-    if adapter is None and router_cls.__name__ not in UNSUPPORTED:
+    """The adapter of a router class, by name or by the syntax tree of its forward; None if none
+    (or if the class's code is not the code its adapter was tested with: ``unvalidated``)."""
+    name = router_cls.__name__
+    reason = unvalidated(router_cls)
+    if reason is not None:
+        UNSUPPORTED.setdefault(name, reason)
+        return None
+    adapter = REGISTRY.get(name)
+    if adapter is None and name not in UNSUPPORTED:
         key = forward_key(router_cls)
         adapter = next((a for k, a in _exemplar_keys() if key is not None and k == key), None)
         if adapter is not None:
-            REGISTRY[router_cls.__name__] = adapter
+            REGISTRY[name] = adapter
     return adapter
+
+
+def check_block(block: nn.Module, method: str) -> None:
+    """Raise ``UnsupportedModelError`` if the block method a patch replaces is not the code it
+    was tested against (``unvalidated``)."""
+    reason = unvalidated(type(block), method)
+    if reason is not None:
+        raise UnsupportedModelError(f"{type(block).__name__}: {reason}")
 
 
 def adapter_for(router: nn.Module) -> Adapter:

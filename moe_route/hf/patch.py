@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from moe_route.hf.adapters import (BLOCK_FORWARDS, UNSUPPORTED, Adapter, UnsupportedModelError,
-                                   adapter_for, lookup)
+                                   adapter_for, check_block, lookup)
 from moe_route import reference
 from moe_route.nn.router import route
 from moe_route.ops import GateStats, SteerSpec, topk_gate
@@ -180,6 +180,10 @@ class PatchHandle:
         found = find_routers(model)
         for name, router, block in found:
             adapter = adapter_for(router)
+            if adapter.block_method is not None:
+                check_block(block, adapter.block_method)
+            if type(block).__name__ in BLOCK_FORWARDS:
+                check_block(block, "forward")
             self.routers[name] = RouterState(
                 name=name, index=layer_index(name), adapter=adapter, block=block,
                 original=None, num_experts=adapter.experts(router),

@@ -39,7 +39,7 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
     else:
         h = self.act_fn(_grouped_linear(self, x, self.up_proj, _bias(self, "up_proj_bias"), plan))
     y = _grouped_linear(self, h, self.down_proj, _bias(self, "down_proj_bias"), plan)
-    if self.has_post_expert_norm:
+    if getattr(self, "has_post_expert_norm", False):  # absent in transformers 5.17
         y = self.post_expert_norm(y)
     return unpermute(y, plan, top_k_weights).to(hidden_states.dtype)
 
