@@ -139,23 +139,29 @@ def test_dispatch_targets():
 @cuda
 def test_cuda_dispatch_run():
     """The GPU grid's code path: a microsecond case (graph replay) and one whose fused ops move
-    enough bytes to be timed with events and the L2 flushed; inductor compiles the baselines."""
+    enough bytes to be timed with events and the L2 flushed; compiled baselines by dynamo's eager
+    backend, for speed. A baseline that cannot be captured in a graph would be timed with its
+    launches: the test names it."""
     cases = [moe_bench.DispatchCase(64, 8, 7168, 256, torch.bfloat16, "small"),
              moe_bench.DispatchCase(4096, 8, 2048, 128, torch.bfloat16, "large")]
     for case in cases:
         _check_ops(case, "cuda")
     copy = moe_bench.copy_bandwidth("cuda", min_time=0.01)
-    rows = moe_bench.run_dispatch(cases, "cuda", compile_baseline=True, min_time=0.01,
-                                  copy_gbps=copy["gbps"])
+    rows = moe_bench.run_dispatch(cases, "cuda", compile_baseline=True, compile_backend="eager",
+                                  min_time=0.01, copy_gbps=copy["gbps"])
     methods = {(r["case"].split()[0], r["op"]): r["method"] for r in rows}
     assert methods[("small", "permute")] == "cuda_graph"
     assert methods[("large", "permute")] == "cuda_events_l2"
     for row in rows:
         assert "compile_skipped" not in row, row["compile_skipped"]
         names = ("baseline", "fused") + (("baseline_compiled",) if row["op"] != "pipeline" else ())
-        assert {row[name]["method"] for name in names} == {row["method"]}, (row["case"], row["op"])
+        for name in names:
+            assert "graph_error" not in row[name], (row["case"], row["op"], name,
+                                                    row[name]["graph_error"])
         if row["op"] in ("permute", "unpermute"):
-            assert 0 < row["copy_fraction"] < 1.5
+            assert row["copy_fraction"] > 0
+            if row["method"] == "cuda_events_l2":  # from HBM: at most the copy bandwidth, roughly
+                assert row["copy_fraction"] < 1.2
 
 
 BLOCKS = [moe_bench.BlockCase(family, "tiny", 64, dt) for family in moe_bench.BLOCK_FAMILIES

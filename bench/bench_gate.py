@@ -206,14 +206,16 @@ def test_cuda_timing_methods():
 
 @cuda
 def test_cuda_gate_run():
-    """The GPU grid's code path on two small cases, with inductor compiling the baseline."""
+    """The GPU grid's code path on two small cases: every callable, the compiled baseline
+    included (dynamo's eager backend, for speed), captured in a CUDA graph."""
     cases = [benchmark.Case("softmax_topk", 64, 128, 8, torch.bfloat16),
              benchmark.Case("deepseek_v3", 1024, 256, 8, torch.float32)]
-    rows = benchmark.run(cases, "cuda", compile_baseline=True, min_time=0.01)
+    rows = benchmark.run(cases, "cuda", compile_baseline=True, compile_backend="eager",
+                         min_time=0.01)
     for row in rows:
         assert row["method"] == "cuda_graph"
         for kind in benchmark.GATE_KINDS + ("baseline_compiled",):
-            assert row[kind]["method"] == "cuda_graph", (kind, row[kind])
+            assert "graph_error" not in row[kind], (row["case"], kind, row[kind]["graph_error"])
     meta = benchmark.run_meta("cuda")
     assert meta["device_name"] and "cuda" in meta["moe_route"]["kernels"]["topk_gate"]
 

@@ -301,7 +301,7 @@ def format_row(row: dict, compile_baseline: bool = False) -> str:
         line += f" {us('baseline_compiled', 9)} {row['speedup_vs_compiled']:>5.2f}x"
     elif compile_baseline:
         line += f" {'-':>9} {'-':>6}"
-    return line + "  " + _METHOD_SHORT[row["method"]]
+    return line + "  " + _method_cell(row)
 
 
 # Dispatch: plan, permute and unpermute, each against the index work of transformers'
@@ -492,7 +492,7 @@ def format_dispatch_row(row: dict) -> str:
              f"{row['speedup_vs_compiled']:>5.2f}x" if compiled else f"{'-':>6}",
              f"{gbps:>7.0f}" if gbps else f"{'-':>7}",
              f"{fraction * 100:>4.0f}%" if fraction else f"{'-':>5}"]
-    return " ".join(cells) + "  " + _METHOD_SHORT[row["method"]]
+    return " ".join(cells) + "  " + _method_cell(row)
 
 
 def copy_bandwidth(device, *, nbytes: Optional[int] = None, min_time: float = 0.2) -> dict:
@@ -737,6 +737,15 @@ def paired_ratio(baseline: dict, ours: dict) -> float:
 
 def _nothing():
     pass
+
+
+def _method_cell(row: dict) -> str:
+    """The row's timing method, and the callables whose graph capture failed (timed with
+    events instead)."""
+    failed = [name for name, value in row.items()
+              if isinstance(value, dict) and "graph_error" in value]
+    note = f" (not captured: {', '.join(failed)})" if failed else ""
+    return _METHOD_SHORT[row["method"]] + note
 
 
 def _us(value: float) -> str:
