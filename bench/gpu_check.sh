@@ -1,56 +1,94 @@
 #!/usr/bin/env bash
-# One command for a GPU machine (no network; torch with CUDA, nvcc, compute-sanitizer present):
-# builds the CUDA extension, runs the kernel self-test, the test suite on cuda, compute-sanitizer
-# (memcheck, racecheck) and the benchmarks. Everything lands in OUT_DIR (log, JSON, JUnit XML).
+# One command for a GPU machine (no network; python3 with CUDA torch, nvcc, compute-sanitizer):
+# builds the CUDA extension, runs the kernel self-tests, the whole test suite (CUDA tests included:
+# tests/test_cuda.py and every per-op test's "cuda" variant), compute-sanitizer (memcheck,
+# racecheck) over the self-tests and the CUDA op tests, and the gate and dispatch benchmarks.
+# Everything lands in OUT_DIR: gpu_check.log, pytest.xml, bench_gate_cuda.json,
+# bench_dispatch_cuda.json. Each step has a time limit and the run a deadline (GPU_CHECK_SECONDS,
+# default 570), so it ends within 10 minutes; a step that times out or finds no time left fails.
 #
 #   bash bench/gpu_check.sh OUT_DIR [ARCH]        # ARCH: TORCH_CUDA_ARCH_LIST, default 9.0a
+#
+# Wheels in .whl/ (e.g. a newer transformers, carried to a machine without network) are put on
+# PYTHONPATH first. PYTHON picks the interpreter (default python3).
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_check.sh OUT_DIR [ARCH]}
 arch=${2:-9.0a}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
 exec > >(tee "$out/gpu_check.log") 2>&1
 cd "$(dirname "$0")/.."
+py=${PYTHON:-python3}
+jobs=$(nproc)
 status=0
-step() { echo; echo "=== $* ($(date +%T))"; }
-run() { "$@" || { echo "FAILED: $*"; status=1; }; }
+t0=$SECONDS
+deadline=$((t0 + ${GPU_CHECK_SECONDS:-570}))  # the whole run, build included
+step() { echo; echo "=== $* (at $((SECONDS - t0)) s)"; }
+# run LIMIT_SECONDS CMD...: at most LIMIT seconds and never past the deadline; a failure, a
+# timeout or a step skipped for want of time marks the run failed, and the run goes on.
+run() {
+  local limit=$1; shift
+  local left=$((deadline - SECONDS - 10))
+  [ "$limit" -gt "$left" ] && limit=$left
+  if [ "$limit" -le 5 ]; then echo "SKIPPED (no time left): $*"; status=1; return; fi
+  timeout --kill-after=5 "$limit" "$@"
+  local rc=$?
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then echo "TIMED OUT after ${limit} s: $*"; status=1
+  elif [ $rc -ne 0 ]; then echo "FAILED (exit $rc): $*"; status=1; fi
+}
 
 step "device"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+"$py" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', transformers.__version__)"
 git rev-parse --short HEAD 2>/dev/null || true
 
-step "build (MOE_ROUTE_FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=$arch)"
-MOE_ROUTE_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=${MAX_JOBS:-16} \
-  python -m pip install --no-build-isolation --no-deps -e . || { echo "build failed"; exit 1; }
-moe-route info
+if compgen -G ".whl/*.whl" >/dev/null; then
+  step "carried wheels"
+  "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/moe_route_site .whl/*.whl \
+    && export PYTHONPATH=/tmp/moe_route_site${PYTHONPATH:+:$PYTHONPATH}
+fi
 
-step "kernel self-test (torch-free, against a host re-implementation)"
+step "build (MOE_ROUTE_FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=$arch, in place)"
+MOE_ROUTE_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=$jobs \
+  timeout 240 "$py" setup.py -q build_ext --inplace || { echo "build failed"; exit 1; }
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+"$py" -m moe_route.cli info
+
+step "kernel self-tests (torch-free, against a host re-implementation)"
 cuda_arch=${arch//./}
-cmake -S . -B build/gpu -DMOE_ROUTE_CUDA_CHECK_ONLY=ON -DMOE_ROUTE_CUDA_ARCHS="$cuda_arch" >/dev/null \
-  && cmake --build build/gpu -j 16 >/dev/null
-run ./build/gpu/moe_route_gate_selftest
-run ./build/gpu/moe_route_dispatch_selftest
+run 120 bash -c "cmake -S . -B build/gpu -DMOE_ROUTE_CUDA_CHECK_ONLY=ON \
+  -DMOE_ROUTE_CUDA_ARCHS=$cuda_arch >/dev/null && cmake --build build/gpu -j $jobs >/dev/null"
+run 30 ./build/gpu/moe_route_gate_selftest
+run 30 ./build/gpu/moe_route_dispatch_selftest
 
 step "test suite (cuda tests included)"
-run python -m pytest -q -p no:cacheprovider tests --junitxml "$out/pytest.xml"
+xdist=$("$py" -c "import xdist" 2>/dev/null && echo "-n 8")
+run 180 "$py" -m pytest -q -p no:cacheprovider $xdist tests --junitxml "$out/pytest.xml"
 
 step "compute-sanitizer"
 if command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck; do
     for t in gate dispatch; do
-      run compute-sanitizer --tool "$tool" --error-exitcode 1 "./build/gpu/moe_route_${t}_selftest"
+      run 30 compute-sanitizer --tool "$tool" --error-exitcode 1 "./build/gpu/moe_route_${t}_selftest"
     done
   done
-  # Without the caching allocator, out-of-bounds accesses are not hidden inside cached blocks.
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 run compute-sanitizer --tool memcheck --error-exitcode 1 \
-    python -m pytest -q -p no:cacheprovider tests/test_gate_cuda.py
+  # The op tests through torch. Without the caching allocator, an out-of-bounds access is not
+  # hidden inside a cached block.
+  ops="agree or replay or refused or rejected or skipped"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 run 60 compute-sanitizer --tool memcheck --error-exitcode 1 \
+    "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "$ops"
+  run 45 compute-sanitizer --tool racecheck --error-exitcode 1 \
+    "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "agree and not 4096"
 else
   echo "compute-sanitizer not found"; status=1
 fi
 
-step "benchmarks (CUDA-graph replay timings)"
-run moe-route bench --device cuda --full --json "$out/bench_gate_cuda.json"
-run moe-route bench --op dispatch --device cuda --full --json "$out/bench_dispatch_cuda.json"
+step "benchmarks (graph replay below 20 us, events with an L2 flush above)"
+run 150 "$py" -m moe_route.cli bench --device cuda --full --compile --budget 75 \
+  --json "$out/bench_gate_cuda.json"
+run 150 "$py" -m moe_route.cli bench --op dispatch --device cuda --full --compile --budget 75 \
+  --json "$out/bench_dispatch_cuda.json"
 
-echo; echo "gpu_check: $([ $status -eq 0 ] && echo all steps passed || echo SOME STEPS FAILED)"
+echo; echo "gpu_check: $([ $status -eq 0 ] && echo all steps passed || echo SOME STEPS FAILED)" \
+  "in $((SECONDS - t0)) s"
 exit $status

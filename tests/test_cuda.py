@@ -1,0 +1,270 @@
+"""CUDA-only checks: CPU/CUDA agreement, CUDA-graph capture and replay of the gate (with
+statistics and steering), the dispatch ops and a patched MoE block, torch.compile on CUDA, and
+patched tiny models of several families on CUDA against the same models unpatched.
+
+Skipped without a CUDA device and the CUDA extension (conftest's `cuda` marker). The per-op tests
+with a ``device`` fixture (test_gate_kernel.py, test_dispatch.py, test_gate_compile.py, ...) also
+run on CUDA there.
+"""
+import pytest
+import torch
+
+import moe_route
+from moe_route import GateStats, RouterSpec
+
+from tiny_models import build, inputs
+
+pytestmark = pytest.mark.cuda
+
+SPECS = {
+    "softmax": RouterSpec(),
+    "logits": RouterSpec(select_on="logits"),
+    "deepseek_v3": RouterSpec(score="sigmoid", n_group=8, topk_group=4, group_score="top2_sum",
+                              renormalize=True, renorm_eps=1e-20, scale=2.5),
+}
+
+
+def _tie_free(T, E, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(E, generator=g) for _ in range(T)]).float() / 8
+
+
+@pytest.mark.parametrize("name", SPECS)
+@pytest.mark.parametrize("T,E,k", [(1, 64, 8), (64, 128, 8), (4096, 256, 8)])
+def test_cpu_and_cuda_agree(name, T, E, k):
+    x = _tie_free(T, E)
+    bias = torch.linspace(-0.01, 0.01, E) if name == "deepseek_v3" else None
+    w_cpu, i_cpu = moe_route.topk_gate(x, k, SPECS[name], selection_bias=bias)
+    w_gpu, i_gpu = moe_route.topk_gate(x.cuda(), k, SPECS[name],
+                                       selection_bias=None if bias is None else bias.cuda())
+    assert torch.equal(i_cpu, i_gpu.cpu())
+    torch.testing.assert_close(w_gpu.cpu(), w_cpu, rtol=1e-5, atol=1e-6)
+
+
+def test_graph_capture_and_replay_with_stats():
+    T, E, k = 256, 64, 8
+    x = torch.randn(T, E, device="cuda")
+    groups = torch.randint(-1, 4, (T,), device="cuda", dtype=torch.int32)
+    stats = GateStats.zeros(4, E, device="cuda", coact=True)
+    steer = moe_route.SteerSpec(std={3: 0.5}, force={7: 1})
+    spec = RouterSpec(renormalize=True)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):  # warm-up outside the graph
+        moe_route.topk_gate(x, k, spec, steer=steer, stats=stats, groups=groups)
+    torch.cuda.synchronize()
+    stats.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=s):
+        w, ids = moe_route.topk_gate(x, k, spec, steer=steer, stats=stats, groups=groups)
+    stats.zero_()
+    replays = 3
+    for _ in range(replays):
+        x.copy_(torch.randn(T, E, device="cuda"))
+        graph.replay()
+    torch.cuda.synchronize()
+    want_w, want_ids = moe_route.topk_gate(x, k, spec, steer=steer)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(w, want_w)
+    valid = int((groups >= 0).sum())
+    assert int(stats.tokens.sum()) == replays * valid
+    assert int(stats.counts.sum()) == replays * valid * k
+    assert bool((ids[:, 0] == 7).all())  # forced on
+
+
+def test_out_of_range_groups_are_skipped_on_cuda():
+    """The CUDA kernel cannot raise without a host sync: such tokens count nowhere."""
+    x = torch.randn(8, 16, device="cuda")
+    groups = torch.tensor([0, 1, 5, -1, -3, 1, 0, 2], device="cuda")
+    stats = GateStats.zeros(2, 16, device="cuda")
+    moe_route.topk_gate(x, 2, stats=stats, groups=groups)
+    assert stats.tokens.tolist() == [2, 2]
+
+
+def test_more_than_1024_experts_is_rejected_on_cuda():
+    with pytest.raises(ValueError, match="num_experts=2048 must be <= 1024 on CUDA"):
+        moe_route.topk_gate(torch.randn(2, 2048, device="cuda"), 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch
+# ---------------------------------------------------------------------------------------------
+
+def _dispatch_inputs(T, k, E, H, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, E, (T, k), generator=g)
+    ids[::7, -1] = -1  # dropped slots (expert-parallel sentinels)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    w = torch.rand(T, k, generator=g)
+    return ids, x, w
+
+
+def _combine(x, ids, w, E, block_size=1):
+    plan = moe_route.dispatch_plan(ids, E, block_size)
+    rows = moe_route.permute(x, plan)
+    return plan, rows, moe_route.unpermute(rows * 2, plan, w)
+
+
+@pytest.mark.parametrize("T,k,E,H,block", [(1, 8, 256, 7168, 1), (333, 2, 8, 72, 16),
+                                           (4096, 8, 256, 2048, 1), (2048, 8, 4096, 64, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dispatch_cpu_and_cuda_agree(T, k, E, H, block, dtype):
+    ids, x, w = _dispatch_inputs(T, k, E, H, dtype)
+    p_cpu, rows_cpu, out_cpu = _combine(x, ids, w, E, block)
+    p_gpu, rows_gpu, out_gpu = _combine(x.cuda(), ids.cuda(), w.cuda(), E, block)
+    for a, b in zip(p_cpu[:4], p_gpu[:4]):
+        assert torch.equal(a, b.cpu())  # the plan is a pure function of the ids
+    assert torch.equal(rows_cpu, rows_gpu.cpu())
+    # the same fp32 products and sums in slot order on both devices
+    torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=1e-6, atol=1e-6)
+
+
+def test_dispatch_graph_capture_and_replay():
+    T, k, E, H = 512, 4, 32, 96
+    ids, x, w = (t.cuda() for t in _dispatch_inputs(T, k, E, H, torch.bfloat16))
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):  # warm-up outside the graph
+        _combine(x, ids, w, E, 8)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=s):
+        plan, rows, out = _combine(x, ids, w, E, 8)
+    for seed in (1, 2, 3):  # new inputs in the captured buffers
+        new_ids, new_x, new_w = _dispatch_inputs(T, k, E, H, torch.bfloat16, seed)
+        ids.copy_(new_ids)
+        x.copy_(new_x)
+        w.copy_(new_w)
+        graph.replay()
+        torch.cuda.synchronize()
+        want_plan, want_rows, want_out = _combine(x, ids, w, E, 8)
+        for a, b in zip(plan[:4], want_plan[:4]):
+            assert torch.equal(a, b)
+        assert torch.equal(rows, want_rows)
+        assert torch.equal(out, want_out)  # deterministic: no atomics
+
+
+def test_dispatch_compile_fullgraph_on_cuda():
+    ids, x, w = (t.cuda() for t in _dispatch_inputs(300, 2, 8, 64, torch.float32))
+    fn = lambda x, ids, w: _combine(x, ids, w, 8)[2]  # noqa: E731
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True)(x, ids, w), fn(x, ids, w))
+
+
+def test_dispatch_arguments_on_another_device_are_refused():
+    y = torch.zeros(4, 3, device="cuda")
+    with pytest.raises(ValueError, match="slot_row must be on the device of the first argument"):
+        torch.ops.moe_route.unpermute(y, torch.zeros(4, dtype=torch.long),
+                                      torch.zeros(2, 2, device="cuda"))
+    with pytest.raises(ValueError, match="num_experts=5000 must be <= 4096 on CUDA"):
+        moe_route.dispatch_plan(torch.zeros(2, 2, dtype=torch.long, device="cuda"), 5000)
+
+
+# ---------------------------------------------------------------------------------------------
+# patched models
+# ---------------------------------------------------------------------------------------------
+
+FAMILIES = ["olmoe", "qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3", "granitemoe", "jamba",
+            "llama4", "ernie4_5_moe", "phimoe"]
+
+
+def _ids(seed=0, shape=(2, 9)):
+    return torch.randint(0, 96, shape, generator=torch.Generator().manual_seed(seed)).cuda()
+
+
+def _first_router_ids(model, family, ids):
+    """(ids chosen by the first router, model output) of one forward."""
+    from moe_route.hf import adapter_for, find_routers
+
+    from tiny_models import model_type, selected_experts
+
+    _, router, block = find_routers(model)[0]
+    k = adapter_for(router).k(router, block)
+    seen = []
+    hook = router.register_forward_hook(
+        lambda mod, args, out: seen.append(selected_experts(model_type(family), out, k)))
+    try:
+        with torch.no_grad():
+            out = model(**inputs(family, ids, model))
+    finally:
+        hook.remove()
+    out = getattr(out, "logits", None) if getattr(out, "logits", None) is not None else out[0]
+    return seen[0].reshape(-1, k).sort(-1).values, out.float()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_model_on_cuda_matches_unpatched(family):
+    model = build(family).cuda()
+    ids = _ids()
+    ref_ids, ref = _first_router_ids(model, family, ids)
+    with moe_route.patch(model):
+        our_ids, ours = _first_router_ids(model, family, ids)
+    assert torch.equal(our_ids, ref_ids)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_record_and_steer_on_cuda_match_cpu(family):
+    """Statistics recorded on CUDA equal those recorded on the CPU (exact mode keeps the model's
+    own routing), and forcing an expert on puts it in every token's choice on CUDA."""
+    from moe_route import SteeringPlan
+
+    model = build(family)
+    ids = _ids().cpu()
+    stats = {}
+    for device in ("cpu", "cuda"):
+        model.to(device)
+        with moe_route.patch(model, exact=True), moe_route.record(model) as rec, torch.no_grad():
+            model(**inputs(family, ids.to(device), model))
+        stats[device] = rec.stats
+    for a, b in zip(stats["cpu"], stats["cuda"]):
+        assert torch.equal(a.counts, b.counts.cpu())
+        torch.testing.assert_close(b.weight_sum.cpu(), a.weight_sum, rtol=1e-4, atol=1e-5)
+    last = stats["cuda"][-1].index
+    rare = int(stats["cuda"][-1].counts[0].argmin())
+    with moe_route.record(model) as rec, moe_route.steer(model, SteeringPlan.force(last, rare)):
+        with torch.no_grad():
+            model(**inputs(family, ids.cuda(), model))
+    assert int(rec.stats[-1].counts[0][rare]) == ids.numel()
+
+
+def test_patched_block_graph_capture_and_replay_with_record():
+    """A patched MoE block (fused gate with statistics, "moe_route" experts) captured in a CUDA
+    graph: each replay routes its new input like an eager call and adds its statistics."""
+    import moe_route.nn  # noqa: F401  (registers the "moe_route" experts implementation)
+
+    model = build("qwen3_moe").cuda()
+    model.set_experts_implementation("moe_route")
+    block = model.model.layers[0].mlp
+    H = model.config.hidden_size
+    xs = [torch.randn(1, 64, H, generator=torch.Generator().manual_seed(i)).cuda()
+          for i in range(3)]
+    x = xs[0].clone()
+    with moe_route.record(model) as rec, torch.no_grad():
+        s = torch.cuda.Stream()
+        with torch.cuda.stream(s):
+            block(x)  # warm-up outside the graph: recorded like any call
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=s):  # capturing runs no kernel: nothing recorded
+            out = block(x)
+        for xi in xs[1:]:
+            x.copy_(xi)
+            graph.replay()
+        torch.cuda.synchronize()
+        replayed = out.clone()
+    with moe_route.record(model) as eager, torch.no_grad():
+        for xi in xs:
+            want = block(xi)
+    torch.testing.assert_close(replayed, want)
+    for a, b in zip(rec.stats, eager.stats):
+        assert torch.equal(a.counts, b.counts)
+        torch.testing.assert_close(a.weight_sum, b.weight_sum)
+
+
+def test_compile_patched_model_on_cuda():
+    model = build("qwen3_moe").cuda()
+    ids = _ids(5)
+    _, ref = _first_router_ids(model, "qwen3_moe", ids)
+    with moe_route.patch(model):
+        compiled = torch.compile(model, fullgraph=True)
+        with torch.no_grad():
+            out = compiled(ids).logits.float()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
