@@ -50,8 +50,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prepare_plan(
   return {row_slot, offsets, counts, slot_row};
 }
 
-at::Tensor prepare_permute(const at::Tensor& x, const at::Tensor& row_slot, int64_t k,
-                           at::Tensor& keep, PermuteParams& p) {
+at::Tensor prepare_permute(const at::Tensor& x, const at::Tensor& row_slot,
+                           const at::Tensor& slot_row, int64_t k, at::Tensor& keep,
+                           PermuteParams& p) {
   TORCH_CHECK_VALUE(x.dim() == 2, "permute: x must be 2-D [T, H], got shape ", shape_str(x));
   TORCH_CHECK_TYPE(is_float(x.scalar_type()),
                    "permute: x must be float32, float16 or bfloat16, got ",
@@ -61,12 +62,20 @@ at::Tensor prepare_permute(const at::Tensor& x, const at::Tensor& row_slot, int6
                    "got ", dtype_name(row_slot.scalar_type()));
   TORCH_CHECK_VALUE(k >= 1, "permute: k=", k, " must be >= 1");
   TORCH_CHECK_VALUE(row_slot.is_contiguous(), "permute: row_slot must be contiguous");
+  TORCH_CHECK_TYPE(slot_row.scalar_type() == at::kLong, "permute: slot_row must be torch.int64, "
+                   "got ", dtype_name(slot_row.scalar_type()));
+  TORCH_CHECK_VALUE(slot_row.dim() == 1 && slot_row.size(0) == x.size(0) * k &&
+                        slot_row.is_contiguous(),
+                    "permute: slot_row must be contiguous 1-D of length T*k=", x.size(0) * k,
+                    ", got shape ", shape_str(slot_row));
   same_device(x, row_slot, "permute", "row_slot");
+  same_device(x, slot_row, "permute", "slot_row");
   keep = x.size(1) <= 1 || x.stride(1) == 1 ? x : x.contiguous();
   const at::Tensor& rs = row_slot;
   at::Tensor out = at::empty({rs.size(0), x.size(1)}, x.options());
   p.x = keep.data_ptr();
   p.row_slot = rs.data_ptr<int64_t>();
+  p.slot_row = slot_row.data_ptr<int64_t>();
   p.out = out.data_ptr();
   p.T = x.size(0), p.H = x.size(1), p.R = rs.size(0), p.k = k;
   p.x_row_stride = x.size(0) > 1 ? keep.stride(0) : x.size(1);

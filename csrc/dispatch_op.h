@@ -11,8 +11,9 @@ namespace moe_route {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prepare_plan(
     const at::Tensor& ids, int64_t num_experts, int64_t block_size, at::Tensor& keep,
     PlanParams& p);
-at::Tensor prepare_permute(const at::Tensor& x, const at::Tensor& row_slot, int64_t k,
-                           at::Tensor& keep, PermuteParams& p);
+at::Tensor prepare_permute(const at::Tensor& x, const at::Tensor& row_slot,
+                           const at::Tensor& slot_row, int64_t k, at::Tensor& keep,
+                           PermuteParams& p);
 at::Tensor prepare_unpermute(const at::Tensor& y, const at::Tensor& slot_row,
                              const at::Tensor& weights, at::Tensor& keep_y,
                              at::Tensor& keep_weights, UnpermuteParams& p);

@@ -20,7 +20,7 @@ TORCH_LIBRARY(moe_route, m) {
       "dispatch_plan(Tensor ids, int num_experts, int block_size=1) "
       "-> (Tensor row_slot, Tensor expert_offsets, Tensor counts, Tensor slot_row)");
   // Expert-contiguous rows [R, H] of x [T, H]; zero rows where row_slot is -1.
-  m.def("permute(Tensor x, Tensor row_slot, int k) -> Tensor");
+  m.def("permute(Tensor x, Tensor row_slot, Tensor slot_row, int k) -> Tensor");
   // Weighted k-way sum back to [T, H], fp32 accumulation in slot order, no atomics.
   m.def("unpermute(Tensor y, Tensor slot_row, Tensor weights) -> Tensor");
 }

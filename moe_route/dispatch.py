@@ -58,7 +58,8 @@ def dispatch_plan(ids: torch.Tensor, num_experts: int, block_size: int = 1) -> D
 
 def permute(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """Expert-contiguous copy ``[R, H]`` of ``x [T, H]`` (same dtype); zero rows for padding."""
-    return _call("permute", x, (x, plan.row_slot, plan.k), reference.permute)
+    return _call("permute", x, (x, plan.row_slot, plan.slot_row, plan.k),
+                 lambda x, row_slot, slot_row, k: reference.permute(x, row_slot, k))
 
 
 def unpermute(y: torch.Tensor, plan: DispatchPlan, weights: torch.Tensor) -> torch.Tensor:
@@ -90,7 +91,7 @@ if _loader.native is not None:
         return new(R), new(num_experts + 1), new(num_experts), new(T * k)
 
     @torch.library.register_fake("moe_route::permute")
-    def _permute_fake(x, row_slot, k):
+    def _permute_fake(x, row_slot, slot_row, k):
         return x.new_empty((row_slot.shape[0], x.shape[1]))
 
     @torch.library.register_fake("moe_route::unpermute")

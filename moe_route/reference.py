@@ -314,7 +314,8 @@ def accumulate_stats(zw, score, w, ids, groups, tokens, counts, prob_sum, weight
 #   expert_offsets [E+1] int64 first row of each expert; expert_offsets[E] = rows in use
 #   counts         [E] int64   real (unpadded) rows per expert
 #   slot_row       [T*k] int64 row of each slot; -1 for dropped ids
-# permute(x, row_slot, k)[r] = x[row_slot[r] // k], zero rows where row_slot[r] == -1.
+# permute(x, row_slot, k)[r] = x[row_slot[r] // k], zero rows where row_slot[r] == -1. (The op
+# also takes the plan's slot_row, through which the CUDA kernel reads each token row once.)
 # unpermute(y, slot_row, weights)[t] = sum_j weights[t, j] * y[slot_row[t*k + j]] over valid slots,
 # accumulated in fp32 in j order, returned in y's dtype.
 # --------------------------------------------------------------------------------------------------

@@ -275,14 +275,25 @@ _LONG = dict(dtype=torch.long)
     (lambda d: moe_route.dispatch_plan(torch.zeros(2, 2, **_LONG, device=d), 4, 2**62),
      ValueError, "overflows int64"),
     (lambda d: torch.ops.moe_route.permute(torch.zeros(2, 3, **_LONG, device=d),
+                                           torch.zeros(4, **_LONG, device=d),
                                            torch.zeros(4, **_LONG, device=d), 2),
      TypeError, "x must be float32"),
     (lambda d: torch.ops.moe_route.permute(torch.zeros(2, 3, device=d),
-                                           torch.zeros(4, dtype=torch.int32, device=d), 2),
+                                           torch.zeros(4, dtype=torch.int32, device=d),
+                                           torch.zeros(4, **_LONG, device=d), 2),
      TypeError, "row_slot must be torch.int64"),
     (lambda d: torch.ops.moe_route.permute(torch.zeros(2, 3, device=d),
+                                           torch.zeros(4, **_LONG, device=d),
                                            torch.zeros(4, **_LONG, device=d), 0),
      ValueError, "k=0"),
+    (lambda d: torch.ops.moe_route.permute(torch.zeros(2, 3, device=d),
+                                           torch.zeros(4, **_LONG, device=d),
+                                           torch.zeros(4, dtype=torch.int32, device=d), 2),
+     TypeError, "slot_row must be torch.int64"),
+    (lambda d: torch.ops.moe_route.permute(torch.zeros(2, 3, device=d),
+                                           torch.zeros(4, **_LONG, device=d),
+                                           torch.zeros(6, **_LONG, device=d), 2),
+     ValueError, "slot_row must be contiguous 1-D of length T\\*k=4"),
     (lambda d: torch.ops.moe_route.unpermute(torch.zeros(4, 3, device=d),
                                              torch.zeros(3, **_LONG, device=d),
                                              torch.zeros(2, 2, device=d)),
@@ -312,7 +323,8 @@ def test_opcheck():
     w = torch.rand(33, 3)
     torch.library.opcheck(torch.ops.moe_route.dispatch_plan.default, (ids, 8, 4))
     torch.library.opcheck(torch.ops.moe_route.dispatch_plan.default, (ids[:0], 8, 1))
-    torch.library.opcheck(torch.ops.moe_route.permute.default, (x, plan.row_slot, 3))
+    torch.library.opcheck(torch.ops.moe_route.permute.default,
+                          (x, plan.row_slot, plan.slot_row, 3))
     torch.library.opcheck(torch.ops.moe_route.unpermute.default, (y, plan.slot_row, w))
 
 

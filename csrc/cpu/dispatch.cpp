@@ -258,10 +258,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_plan_op(
   return out;
 }
 
-at::Tensor permute_op(const at::Tensor& x, const at::Tensor& row_slot, int64_t k) {
+at::Tensor permute_op(const at::Tensor& x, const at::Tensor& row_slot,
+                      const at::Tensor& slot_row, int64_t k) {
   at::Tensor keep;
   PermuteParams p;
-  at::Tensor out = prepare_permute(x, row_slot, k, keep, p);
+  at::Tensor out = prepare_permute(x, row_slot, slot_row, k, keep, p);
   permute_cpu(p);
   return out;
 }

@@ -42,13 +42,14 @@ cudaError_t launch_dispatch_plan(const PlanParams& p, void* workspace, size_t wo
 }
 
 cudaError_t launch_permute(const PermuteParams& p, cudaStream_t stream) {
-  if (p.R < 0 || p.H < 0 || p.T < 0 || p.k < 1 || (p.elem_bytes != 2 && p.elem_bytes != 4))
+  if (p.R < 0 || p.H < 0 || p.T < 0 || p.k < 1 || (p.elem_bytes != 2 && p.elem_bytes != 4) ||
+      (p.T > 0 && p.slot_row == nullptr))
     return cudaErrorInvalidValue;
   if (p.R == 0 || p.H == 0) return cudaSuccess;
   const int v = detail::permute_vec_bytes(p);
   const int64_t n_vec = p.H * p.elem_bytes / v;
   const int tpr = detail::threads_per_row(n_vec);
-  const int grid = detail::grid_for_rows(p.R, tpr);
+  const int grid = detail::grid_for_rows(p.T > p.R ? p.T : p.R, tpr);
   switch (v) {
     case 16: detail::permute_kernel<16><<<grid, detail::kRowThreads, 0, stream>>>(p, tpr, n_vec); break;
     case 8: detail::permute_kernel<8><<<grid, detail::kRowThreads, 0, stream>>>(p, tpr, n_vec); break;

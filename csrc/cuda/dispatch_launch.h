@@ -28,7 +28,8 @@ cudaError_t launch_dispatch_plan(const PlanParams& p, void* workspace, size_t wo
                                  cudaStream_t stream);
 
 // permute: out[r] = x[row_slot[r] / k] or a zero row where row_slot[r] < 0. elem_bytes 2 or 4.
-// row_slot values in [-1, T*k) are the caller's contract (not checked on the device).
+// Copies token-major through slot_row (required when T > 0), zero-fills through row_slot: both
+// must come from one plan, with values in [-1, R) resp. [-1, T*k) (not checked on the device).
 cudaError_t launch_permute(const PermuteParams& p, cudaStream_t stream);
 
 // unpermute: out[t] = sum_j weights[t, j] * y[slot_row[t*k + j]] over slot_row >= 0, fp32

@@ -205,6 +205,7 @@ void run_case(const Case& c) {
     PermuteParams p;
     p.x = d_x + shift * eb;
     p.row_slot = d_rs;
+    p.slot_row = d_sr;
     p.out = d_out;
     p.T = c.T;
     p.H = H;
