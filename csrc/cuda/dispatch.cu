@@ -46,15 +46,13 @@ cudaError_t launch_permute(const PermuteParams& p, cudaStream_t stream) {
       (p.T > 0 && p.slot_row == nullptr))
     return cudaErrorInvalidValue;
   if (p.R == 0 || p.H == 0) return cudaSuccess;
-  const int v = detail::permute_vec_bytes(p);
-  const int64_t n_vec = p.H * p.elem_bytes / v;
-  const int tpr = detail::threads_per_row(n_vec);
-  const int grid = detail::grid_for_rows(p.T > p.R ? p.T : p.R, tpr);
-  switch (v) {
-    case 16: detail::permute_kernel<16><<<grid, detail::kRowThreads, 0, stream>>>(p, tpr, n_vec); break;
-    case 8: detail::permute_kernel<8><<<grid, detail::kRowThreads, 0, stream>>>(p, tpr, n_vec); break;
-    case 4: detail::permute_kernel<4><<<grid, detail::kRowThreads, 0, stream>>>(p, tpr, n_vec); break;
-    default: detail::permute_kernel<2><<<grid, detail::kRowThreads, 0, stream>>>(p, tpr, n_vec); break;
+  const detail::RowLaunch g = detail::permute_launch(p);
+  constexpr int kThreads = detail::kRowThreads;
+  switch (g.vec) {
+    case 16: detail::permute_kernel<16><<<g.grid, kThreads, 0, stream>>>(p, g.tpr, g.n_vec); break;
+    case 8: detail::permute_kernel<8><<<g.grid, kThreads, 0, stream>>>(p, g.tpr, g.n_vec); break;
+    case 4: detail::permute_kernel<4><<<g.grid, kThreads, 0, stream>>>(p, g.tpr, g.n_vec); break;
+    default: detail::permute_kernel<2><<<g.grid, kThreads, 0, stream>>>(p, g.tpr, g.n_vec); break;
   }
   return cudaGetLastError();
 }
@@ -64,15 +62,12 @@ namespace {
 template <typename T>
 void launch_unpermute_typed(const UnpermuteParams& p, cudaStream_t stream) {
   constexpr int kVec = int(16 / sizeof(T));
-  const bool vec = p.H % kVec == 0 && (reinterpret_cast<uintptr_t>(p.y) & 15u) == 0 &&
-                   (reinterpret_cast<uintptr_t>(p.out) & 15u) == 0;
-  const int64_t n_vec = vec ? p.H / kVec : p.H;
-  const int tpr = detail::threads_per_row(n_vec);
-  const int grid = detail::grid_for_rows(p.T, tpr);
-  if (vec)
-    detail::unpermute_kernel<T, kVec><<<grid, detail::kRowThreads, 0, stream>>>(p, tpr, n_vec);
+  const detail::RowLaunch g = detail::unpermute_launch<T>(p);
+  constexpr int kThreads = detail::kRowThreads;
+  if (g.vec == kVec)
+    detail::unpermute_kernel<T, kVec><<<g.grid, kThreads, 0, stream>>>(p, g.tpr, g.n_vec);
   else
-    detail::unpermute_kernel<T, 1><<<grid, detail::kRowThreads, 0, stream>>>(p, tpr, n_vec);
+    detail::unpermute_kernel<T, 1><<<g.grid, kThreads, 0, stream>>>(p, g.tpr, g.n_vec);
 }
 
 }  // namespace

@@ -373,6 +373,22 @@ inline int permute_vec_bytes(const PermuteParams& p) {
   return 2;
 }
 
+// Launch geometry of permute / unpermute: `vec` (permute: copy bytes; unpermute: elements per
+// access), vectors per row, threads per row and grid size.
+struct RowLaunch {
+  int vec;
+  int64_t n_vec;
+  int tpr;
+  int grid;
+};
+
+inline RowLaunch permute_launch(const PermuteParams& p) {
+  const int v = permute_vec_bytes(p);
+  const int64_t n_vec = p.H * p.elem_bytes / v;
+  const int tpr = threads_per_row(n_vec);
+  return {v, n_vec, tpr, grid_for_rows(p.T > p.R ? p.T : p.R, tpr)};
+}
+
 // Element conversions.
 template <typename T> __device__ __forceinline__ float to_f32(T v);
 template <> __device__ __forceinline__ float to_f32<float>(float v) { return v; }
@@ -394,6 +410,17 @@ template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
+
+// unpermute reads and writes 16 bytes per access when H and both bases allow it.
+template <typename T>
+inline RowLaunch unpermute_launch(const UnpermuteParams& p) {
+  constexpr int kVec = int(16 / sizeof(T));
+  const bool vec = p.H % kVec == 0 && (reinterpret_cast<uintptr_t>(p.y) & 15u) == 0 &&
+                   (reinterpret_cast<uintptr_t>(p.out) & 15u) == 0;
+  const int64_t n_vec = vec ? p.H / kVec : p.H;
+  const int tpr = threads_per_row(n_vec);
+  return {vec ? kVec : 1, n_vec, tpr, grid_for_rows(p.T, tpr)};
+}
 
 // VEC: elements per access (16 / sizeof(T) on the vector path, 1 otherwise).
 template <typename T, int VEC>
