@@ -877,6 +877,22 @@ def lookup(router_cls: type) -> Optional[Adapter]:
     return adapter
 
 
+def unsupported_reason(name: str) -> str:
+    """Why the router class ``name`` has no adapter: its ``UNSUPPORTED`` entry, else that no
+    exemplar forward matches its own (naming the tested transformers releases when another one is
+    installed, whose changed exemplars match nothing)."""
+    if name in UNSUPPORTED:
+        return UNSUPPORTED[name]
+    import transformers
+
+    from moe_route.hf import validated
+
+    if transformers.__version__ in validated.TRANSFORMERS:
+        return "no adapter matches its forward"
+    return (f"no adapter matches its forward in transformers {transformers.__version__} "
+            f"(moe_route was tested against transformers {', '.join(validated.TRANSFORMERS)})")
+
+
 def check_block(block: nn.Module, method: str) -> None:
     """Raise ``UnsupportedModelError`` if the block method a patch replaces is not the code it
     was tested against (``unvalidated``)."""
@@ -889,6 +905,6 @@ def adapter_for(router: nn.Module) -> Adapter:
     adapter = lookup(type(router))
     if adapter is None:
         name = type(router).__name__
-        reason = UNSUPPORTED.get(name, "no adapter matches this router class")
+        reason = unsupported_reason(name)
         raise UnsupportedModelError(f"{name}: {reason} (see moe_route.supported())")
     return adapter

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-from moe_route.hf.adapters import UNSUPPORTED, lookup
+from moe_route.hf.adapters import lookup, unsupported_reason
 
 __all__ = ["FAMILIES", "family_status", "supported"]
 
@@ -113,7 +113,7 @@ def _adapters(family: str) -> tuple[list, str]:
         if status == "supported" and problem:
             status = f"unsupported: {problem}"
         elif status == "supported" and adapter is None:
-            status = f"unsupported: {name}: {UNSUPPORTED.get(name, 'no adapter yet')}"
+            status = f"unsupported: {name}: {unsupported_reason(name)}"
     return adapters, status
 
 

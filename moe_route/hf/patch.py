@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from moe_route.hf.adapters import (BLOCK_FORWARDS, UNSUPPORTED, Adapter, UnsupportedModelError,
-                                   adapter_for, check_block, lookup)
+                                   adapter_for, check_block, lookup, unsupported_reason)
 from moe_route import reference
 from moe_route.nn.router import route
 from moe_route.ops import GateStats, SteerSpec, topk_gate
@@ -151,7 +151,7 @@ def find_routers(model: nn.Module) -> list[tuple[str, nn.Module, Optional[nn.Mod
         if lookup(cls) is not None:
             found.append((name, module, parent))
         elif hasattr(parent, "experts") or cls.__name__ in UNSUPPORTED:
-            reason = UNSUPPORTED.get(cls.__name__, "no adapter")
+            reason = unsupported_reason(cls.__name__)
             unknown.append(f"{name} ({cls.__name__}: {reason})")
     if unknown:
         raise UnsupportedModelError(
