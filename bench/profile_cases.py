@@ -1,0 +1,69 @@
+"""One case of the CUDA kernels at an issue 6 target shape, run a few times for Nsight Compute.
+
+    python bench/profile_cases.py CASE        # CASE from `python bench/profile_cases.py --list`
+
+``bench/gpu_profile.sh`` runs every case under ``ncu``, which profiles the kernels of one call
+after two earlier ones (the setup's launches, permute in the unpermute case, do not match). Inputs are those of ``moe_route.benchmark``, so the counters
+describe the calls whose times ``moe-route bench --device cuda`` reports.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from moe_route import _loader
+from moe_route import benchmark as B
+
+BF16 = torch.bfloat16
+
+
+def _gate(semantics: str, T: int, E: int, k: int, kind: str = "gate"):
+    return B.gate_and_baseline(B.Case(semantics, T, E, k, BF16), "cuda")[kind]
+
+
+def _dispatch(op: str, T: int, k: int, H: int, E: int):
+    return B.dispatch_callables(B.DispatchCase(T, k, H, E, BF16), "cuda")[op][2]  # ours
+
+
+# name: (ncu kernel-name regex, kernel launches per call, the callable's builder)
+CASES = {
+    "gate_T1_E256_k8": ("^topk_gate_kernel", 1, lambda: _gate("softmax_topk", 1, 256, 8)),
+    "gate_T16384_E128_k8": ("^topk_gate_kernel", 1,
+                            lambda: _gate("softmax_topk", 16384, 128, 8)),
+    "gate_T16384_E256_k8": ("^topk_gate_kernel", 1,
+                            lambda: _gate("softmax_topk", 16384, 256, 8)),
+    "gate_stats_T16384_E256_k8": ("^topk_gate_kernel", 1,
+                                  lambda: _gate("softmax_topk", 16384, 256, 8, "gate_stats")),
+    "gate_deepseek_v3_T16384": ("^topk_gate_kernel", 1,
+                                lambda: _gate("deepseek_v3", 16384, 256, 8)),
+    "plan_T4096_k8_E256": ("^plan_", 3, lambda: _dispatch("plan", 4096, 8, 7168, 256)),
+    "permute_T4096_k8_H7168": ("^permute_kernel", 1,
+                               lambda: _dispatch("permute", 4096, 8, 7168, 256)),
+    "unpermute_T4096_k8_H7168": ("^unpermute_kernel", 1,
+                                 lambda: _dispatch("unpermute", 4096, 8, 7168, 256)),
+}
+
+
+def main(argv: list) -> int:
+    if argv == ["--list"]:
+        for name, (kernel, launches, _) in CASES.items():
+            print(name, kernel, launches)
+        return 0
+    if len(argv) != 1 or argv[0] not in CASES:
+        print(f"usage: python bench/profile_cases.py CASE | --list; CASE one of {list(CASES)}",
+              file=sys.stderr)
+        return 2
+    if not _loader.has_kernel("topk_gate", "cuda"):
+        print("profile_cases: moe_route has no CUDA kernels (build with MOE_ROUTE_FORCE_CUDA=1)",
+              file=sys.stderr)
+        return 1
+    fn = CASES[argv[0]][2]()
+    for _ in range(4):
+        fn()
+    torch.cuda.synchronize()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
