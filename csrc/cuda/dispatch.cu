@@ -30,8 +30,7 @@ cudaError_t launch_dispatch_plan(const PlanParams& p, void* workspace, size_t wo
                                                                              ws);
   }
   // 2. Counts, offsets and per-tile bases (always: writes counts / offsets even when T*k == 0).
-  const int64_t part_len = p.E > detail::kScanThreads ? p.E : detail::kScanThreads;
-  detail::plan_scan_kernel<<<1, detail::kScanThreads, size_t(part_len) * sizeof(int64_t),
+  detail::plan_scan_kernel<<<1, detail::kScanThreads, g.scan_smem,
                              stream>>>(p, g.n_tiles, ws);
   // 3. Stable scatter.
   if (g.n_tiles > 0) {

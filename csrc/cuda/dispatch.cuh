@@ -84,6 +84,7 @@ struct PlanGeom {
   int32_t wpb = 1;      // warps per CTA of kernels 1 and 3
   int32_t hist_blocks = 0, fill_blocks = 0;
   size_t hist_smem = 0, scatter_smem = 0;
+  size_t scan_smem = 0;  // kernel 2: max(kScanThreads, E) partial sums + 32 warp totals, int64
 };
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -109,6 +110,7 @@ inline PlanGeom plan_geometry(const PlanParams& p) {
   g.fill_blocks = int32_t(fill > kMaxFillBlocks ? kMaxFillBlocks : fill);
   g.hist_smem = size_t(w * E * int64_t(sizeof(uint32_t)));
   g.scatter_smem = size_t(w * E * int64_t(sizeof(int64_t)));
+  g.scan_smem = size_t(((E > kScanThreads ? E : kScanThreads) + 32) * int64_t(sizeof(int64_t)));
   return g;
 }
 
@@ -163,15 +165,15 @@ __device__ __forceinline__ int64_t round_up(int64_t c, int64_t b) {
   return c == 0 ? 0 : ((c - 1) / b + 1) * b;
 }
 
-// One CTA of kScanThreads threads; dynamic shared memory: max(kScanThreads, E) int64.
+// One CTA of kScanThreads threads; dynamic shared memory: PlanGeom::scan_smem.
 __global__ void __launch_bounds__(kScanThreads)
     plan_scan_kernel(const PlanParams p, const int64_t n_tiles, int64_t* __restrict__ ws) {
   extern __shared__ __align__(16) int64_t part[];  // [G, E]: per-(group, expert) partial sums
-  __shared__ int64_t warp_tot[kScanThreads / 32];
   const int tid = int(threadIdx.x);
   const int E = int(p.E);
   const int G = E < kScanThreads ? kScanThreads / E : 1;  // thread groups per expert column
   const int64_t GE = int64_t(G) * E;
+  int64_t* warp_tot = part + (E > kScanThreads ? E : kScanThreads);  // [kScanThreads / 32]
 
   // Phase A: partial column sums; group g owns tiles [g*n/G, (g+1)*n/G) (coalesced over e).
   for (int64_t idx = tid; idx < GE; idx += kScanThreads) {

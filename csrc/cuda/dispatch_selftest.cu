@@ -200,8 +200,8 @@ void run_case(const Case& c) {
     std::memcpy(xs.data() + shift * eb, x.data(), x.size());
     uint8_t* d_x = to_device(xs);
     uint8_t* d_out;
-    CHECK_CUDA(cudaMalloc(&d_out, (R * H ? R * H : 1) * eb));
-    CHECK_CUDA(cudaMemset(d_out, 0x33, (R * H ? R * H : 1) * eb));
+    CHECK_CUDA(cudaMalloc(&d_out, (R * H > 0 ? R * H : 1) * eb));
+    CHECK_CUDA(cudaMemset(d_out, 0x33, (R * H > 0 ? R * H : 1) * eb));
     PermuteParams p;
     p.x = d_x + shift * eb;
     p.row_slot = d_rs;
@@ -259,8 +259,8 @@ void run_case(const Case& c) {
     }
     uint8_t* d_y = to_device(yb);
     uint8_t* d_o;
-    CHECK_CUDA(cudaMalloc(&d_o, (c.T * H ? c.T * H : 1) * eb));
-    CHECK_CUDA(cudaMemset(d_o, 0x33, (c.T * H ? c.T * H : 1) * eb));
+    CHECK_CUDA(cudaMalloc(&d_o, (c.T * H > 0 ? c.T * H : 1) * eb));
+    CHECK_CUDA(cudaMemset(d_o, 0x33, (c.T * H > 0 ? c.T * H : 1) * eb));
     UnpermuteParams p;
     p.y = d_y;
     p.type = et;

@@ -1,8 +1,17 @@
-// Host shim of the CUDA names that csrc/cuda/dispatch.cuh uses, for dispatch_host_check.cpp:
-// the kernels compile as plain C++ and run thread by thread on the host. Only kernels without
-// cooperation between threads (no barrier, shuffle, vote or atomic: permute, unpermute) can run
-// this way; the cooperative intrinsics abort if reached.
+// Host emulation of the CUDA names that csrc/cuda uses, so that the kernels and the self-tests
+// compile as plain C++ and run on a machine without a GPU (CMake: the *_host_selftest targets,
+// which CI runs). emu.cpp implements it:
+//   * a cooperative launch runs every thread of a block as an OS thread, blocks one after another;
+//     warp collectives (shuffles, votes, __syncwarp) and __syncthreads are barriers among them;
+//   * a plain launch (kernels whose threads never cooperate: permute, unpermute) runs the threads
+//     one after another in the caller;
+//   * device memory is host memory; atomics take one global lock.
+// What this proves is that the kernels compute the right values under CUDA's execution model for
+// the thread interleavings the barriers allow; not their speed, and not the absence of races
+// (compute-sanitizer's racecheck on a GPU does that).
 #pragma once
+#include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -20,10 +29,10 @@ struct uint3 {
 };
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
+  dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
 };
-// The emulated thread: set by the launcher before each call of a kernel function.
-extern uint3 threadIdx, blockIdx;
-extern dim3 blockDim, gridDim;
+extern thread_local uint3 threadIdx, blockIdx;
+extern thread_local dim3 blockDim, gridDim;
 
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
@@ -32,24 +41,122 @@ struct alignas(8) uint2 {
   unsigned x, y;
 };
 
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+// ---- runtime API (device memory is host memory) ----
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2 };
+enum cudaMemcpyKind { cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount };
 typedef struct CUstream_st* cudaStream_t;
+const char* cudaGetErrorString(cudaError_t e);
+cudaError_t cudaMalloc(void** p, size_t n);
+template <class T>
+cudaError_t cudaMalloc(T** p, size_t n) { return cudaMalloc(reinterpret_cast<void**>(p), n); }
+cudaError_t cudaFree(void* p);
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t n, cudaMemcpyKind);
+cudaError_t cudaMemset(void* p, int value, size_t n);
+inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+inline cudaError_t cudaGetDeviceCount(int* n) { *n = 1; return cudaSuccess; }
+inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 
+// ---- the emulator (emu.cpp) ----
+namespace emu {
+// Runs kernel() for every thread of a grid x block launch; `cooperative`: see above.
+template <class Kernel>
+void launch(int grid, int block, bool cooperative, Kernel&& kernel);
+void run_grid(int grid, int block, bool cooperative, void (*thunk)(void*), void* kernel);
+uint64_t shuffle(uint64_t value, int src_lane);      // the value of lane src_lane
+uint32_t ballot(bool predicate);                     // bit l: lane l's predicate
+uint32_t match_any(uint64_t value);                   // lanes whose value equals this lane's
+void syncwarp();
+void syncthreads();
+int lane();
+void lock_atomics();
+void unlock_atomics();
+// Number of SMs the gate launcher plans for (environment MOE_ROUTE_EMU_SMS, default 2).
+int sm_count();
+
+template <class Kernel>
+void launch(int grid, int block, bool cooperative, Kernel&& kernel) {
+  run_grid(grid, block, cooperative, [](void* k) { (*static_cast<Kernel*>(k))(); },
+           static_cast<void*>(&kernel));
+}
+}  // namespace emu
+
+// ---- device functions ----
 template <class T>
 inline T __ldg(const T* p) { return *p; }
 inline float __fmul_rn(float a, float b) { return a * b; }  // built with -ffp-contract=off
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int __ffs(unsigned v) { return __builtin_ffs(int(v)); }
+inline uint32_t __float_as_uint(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float __uint_as_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
 
-[[noreturn]] inline void moe_route_host_shim_cooperative() { std::abort(); }
-inline void __syncthreads() { moe_route_host_shim_cooperative(); }
-inline void __syncwarp(unsigned = 0) { moe_route_host_shim_cooperative(); }
-inline unsigned __match_any_sync(unsigned, long long) { moe_route_host_shim_cooperative(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::syncwarp(); }
+inline void __syncthreads() { emu::syncthreads(); }
+inline int __any_sync(unsigned, int predicate) { return emu::ballot(predicate != 0) != 0u; }
+inline unsigned __ballot_sync(unsigned, int predicate) { return emu::ballot(predicate != 0); }
 template <class T>
-inline T __shfl_sync(unsigned, T, int, int = 32) { moe_route_host_shim_cooperative(); }
+inline unsigned __match_any_sync(unsigned, T value) {
+  return emu::match_any(uint64_t(int64_t(value)));
+}
+
+namespace emu_detail {
 template <class T>
-inline T __shfl_up_sync(unsigned, T, unsigned, int = 32) { moe_route_host_shim_cooperative(); }
+inline uint64_t bits_of(T v) {
+  static_assert(sizeof(T) <= 8, "shuffle of a value wider than 64 bits");
+  uint64_t u = 0;
+  std::memcpy(&u, &v, sizeof(T));
+  return u;
+}
+template <class T>
+inline T from_bits(uint64_t u) {
+  T v;
+  std::memcpy(&v, &u, sizeof(T));
+  return v;
+}
+}  // namespace emu_detail
+
+template <class T>
+inline T __shfl_sync(unsigned, T v, int src, int width = 32) {
+  const int base = emu::lane() & ~(width - 1);
+  return emu_detail::from_bits<T>(emu::shuffle(emu_detail::bits_of(v), base + (src & (width - 1))));
+}
+template <class T>
+inline T __shfl_xor_sync(unsigned, T v, int mask, int width = 32) {
+  const int l = emu::lane(), src = l ^ mask;
+  // Out of the lane's width segment: the lane's own value, as on the GPU.
+  const int use = (src & ~(width - 1)) == (l & ~(width - 1)) ? src : l;
+  return emu_detail::from_bits<T>(emu::shuffle(emu_detail::bits_of(v), use));
+}
+template <class T>
+inline T __shfl_up_sync(unsigned, T v, unsigned delta, int width = 32) {
+  const int l = emu::lane();
+  const int use = (l & (width - 1)) >= int(delta) ? l - int(delta) : l;
+  return emu_detail::from_bits<T>(emu::shuffle(emu_detail::bits_of(v), use));
+}
+
 template <class T, class U>
-inline T atomicAdd(T*, U) { moe_route_host_shim_cooperative(); }
+inline T atomicAdd(T* address, U value) {
+  emu::lock_atomics();
+  const T old = *address;
+  *address = T(old + T(value));
+  emu::unlock_atomics();
+  return old;
+}
+template <class T>
+inline T atomicCAS(T* address, T compare, T value) {
+  emu::lock_atomics();
+  const T old = *address;
+  if (old == compare) *address = value;
+  emu::unlock_atomics();
+  return old;
+}

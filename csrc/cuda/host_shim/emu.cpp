@@ -1,0 +1,180 @@
+// The host emulator behind cuda_runtime.h (see there).
+#include <condition_variable>
+#include <cstdio>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "cuda_runtime.h"
+
+thread_local uint3 threadIdx, blockIdx;
+thread_local dim3 blockDim, gridDim;
+
+const char* cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    default: return "out of memory";
+  }
+}
+
+cudaError_t cudaMalloc(void** p, size_t n) {
+  *p = std::aligned_alloc(256, (n + 255) / 256 * 256 + 256);
+  return *p ? cudaSuccess : cudaErrorMemoryAllocation;
+}
+cudaError_t cudaFree(void* p) {
+  std::free(p);
+  return cudaSuccess;
+}
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t n, cudaMemcpyKind) {
+  if (n) std::memmove(dst, src, n);
+  return cudaSuccess;
+}
+cudaError_t cudaMemset(void* p, int value, size_t n) {
+  if (n) std::memset(p, value, n);
+  return cudaSuccess;
+}
+
+namespace emu {
+namespace {
+
+// A barrier of `count` threads that can be used again at once. Waits block (no spinning), so a
+// block of 1024 threads runs on two cores; a wait of a minute is a deadlock (threads of one warp
+// or block reaching different collectives), reported instead of hanging.
+class Barrier {
+ public:
+  explicit Barrier(int count) : count_(count) {}
+  void arrive_and_wait(const char* what) {
+    std::unique_lock<std::mutex> lock(mu_);
+    const long gen = gen_;
+    if (++arrived_ == count_) {
+      arrived_ = 0;
+      ++gen_;
+      cv_.notify_all();
+      return;
+    }
+    if (!cv_.wait_for(lock, std::chrono::seconds(60), [&] { return gen_ != gen; })) {
+      std::fprintf(stderr, "emu: %s deadlock (block %u, thread %u)\n", what, blockIdx.x,
+                   threadIdx.x);
+      std::abort();
+    }
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int count_, arrived_ = 0;
+  long gen_ = 0;
+};
+
+struct Warp {
+  Barrier barrier{32};
+  uint64_t slot[32] = {};
+};
+
+struct Block {
+  explicit Block(int threads) : barrier(threads), warps(size_t(threads / 32)) {}
+  Barrier barrier;
+  std::vector<Warp> warps;
+};
+
+thread_local Block* t_block = nullptr;
+thread_local int t_lane = 0;
+std::mutex atomics;
+
+Warp& warp() {
+  if (t_block == nullptr) {
+    std::fprintf(stderr, "emu: a warp collective in a kernel launched as non-cooperative\n");
+    std::abort();
+  }
+  return t_block->warps[threadIdx.x / 32];
+}
+
+}  // namespace
+
+int lane() { return t_lane; }
+
+uint64_t shuffle(uint64_t value, int src_lane) {
+  Warp& w = warp();
+  w.slot[t_lane] = value;
+  w.barrier.arrive_and_wait("warp shuffle");
+  const uint64_t r = w.slot[src_lane & 31];
+  w.barrier.arrive_and_wait("warp shuffle");
+  return r;
+}
+
+uint32_t ballot(bool predicate) {
+  Warp& w = warp();
+  w.slot[t_lane] = predicate ? 1u : 0u;
+  w.barrier.arrive_and_wait("warp vote");
+  uint32_t bits = 0;
+  for (int l = 0; l < 32; ++l) bits |= uint32_t(w.slot[l] != 0) << l;
+  w.barrier.arrive_and_wait("warp vote");
+  return bits;
+}
+
+uint32_t match_any(uint64_t value) {
+  Warp& w = warp();
+  w.slot[t_lane] = value;
+  w.barrier.arrive_and_wait("warp match");
+  uint32_t bits = 0;
+  for (int l = 0; l < 32; ++l) bits |= uint32_t(w.slot[l] == value) << l;
+  w.barrier.arrive_and_wait("warp match");
+  return bits;
+}
+
+void syncwarp() { warp().barrier.arrive_and_wait("__syncwarp"); }
+
+void syncthreads() {
+  if (t_block == nullptr) {
+    std::fprintf(stderr, "emu: __syncthreads in a kernel launched as non-cooperative\n");
+    std::abort();
+  }
+  t_block->barrier.arrive_and_wait("__syncthreads");
+}
+
+void lock_atomics() { atomics.lock(); }
+void unlock_atomics() { atomics.unlock(); }
+
+int sm_count() {
+  const char* s = std::getenv("MOE_ROUTE_EMU_SMS");
+  const int n = s ? std::atoi(s) : 2;
+  return n > 0 ? n : 2;
+}
+
+void run_grid(int grid, int block, bool cooperative, void (*thunk)(void*), void* kernel) {
+  if (block < 1 || (cooperative && block % 32 != 0)) {
+    std::fprintf(stderr, "emu: block of %d threads\n", block);
+    std::abort();
+  }
+  for (int b = 0; b < grid; ++b) {
+    auto set_thread = [&](int t) {
+      threadIdx = uint3{unsigned(t), 0, 0};
+      blockIdx = uint3{unsigned(b), 0, 0};
+      blockDim = dim3(unsigned(block));
+      gridDim = dim3(unsigned(grid));
+      t_lane = t % 32;
+    };
+    if (!cooperative) {
+      for (int t = 0; t < block; ++t) {
+        set_thread(t);
+        thunk(kernel);
+      }
+      continue;
+    }
+    Block state(block);
+    std::vector<std::thread> threads;
+    threads.reserve(size_t(block));
+    for (int t = 0; t < block; ++t) {
+      threads.emplace_back([&, t] {
+        set_thread(t);
+        t_block = &state;
+        thunk(kernel);
+        t_block = nullptr;
+      });
+    }
+    for (std::thread& th : threads) th.join();
+  }
+}
+
+}  // namespace emu

@@ -1,0 +1,94 @@
+// Emulated twin of csrc/cuda/dispatch.cu's launchers (which nvcc alone compiles): the same checks
+// and geometry, the kernels run by the host emulator (cuda_runtime.h here).
+#include <cstdio>
+
+#include "../dispatch.cuh"
+#include "../dispatch_launch.h"
+
+namespace moe_route::cuda {
+namespace detail {
+constexpr size_t kSmemBytes = 64 * 1024;
+alignas(16) uint32_t hist_smem[kSmemBytes / sizeof(uint32_t)];
+alignas(16) int64_t part[kSmemBytes / sizeof(int64_t)];
+alignas(16) int64_t cur_smem[kSmemBytes / sizeof(int64_t)];
+}  // namespace detail
+
+size_t dispatch_plan_workspace_bytes(const PlanParams& p) {
+  if (p.E < 1 || p.E > detail::kMaxExperts || p.T < 0 || p.k < 0) return 0;
+  return detail::plan_workspace_bytes(detail::plan_geometry(p), p.E);
+}
+
+cudaError_t launch_dispatch_plan(const PlanParams& p, void* workspace, size_t workspace_bytes,
+                                 cudaStream_t) {
+  if (p.E < 1 || p.E > detail::kMaxExperts || p.block_size < 1 || p.T < 0 || p.k < 0 || p.R < 0)
+    return cudaErrorInvalidValue;
+  const detail::PlanGeom g = detail::plan_geometry(p);
+  const size_t need = detail::plan_workspace_bytes(g, p.E);
+  if (workspace_bytes < need || (need > 0 && workspace == nullptr) ||
+      (reinterpret_cast<uintptr_t>(workspace) & 7u) != 0)
+    return cudaErrorInvalidValue;
+  if (g.tile > int64_t(0xffffffff)) return cudaErrorInvalidValue;
+  if (g.hist_smem > sizeof(detail::hist_smem) || g.scan_smem > sizeof(detail::part) ||
+      g.scatter_smem > sizeof(detail::cur_smem)) {
+    std::fprintf(stderr, "emu: dispatch_plan plans more shared memory than emulated\n");
+    std::abort();
+  }
+  int64_t* ws = static_cast<int64_t*>(workspace);
+  std::memset(detail::hist_smem, 0xa5, sizeof(detail::hist_smem));
+  std::memset(detail::part, 0xa5, sizeof(detail::part));
+  std::memset(detail::cur_smem, 0xa5, sizeof(detail::cur_smem));
+  const int hist_grid = g.hist_blocks > g.fill_blocks ? g.hist_blocks : g.fill_blocks;
+  if (hist_grid > 0)
+    emu::launch(hist_grid, g.wpb * 32, true,
+                [&] { detail::plan_hist_kernel(p, g.tile, g.n_tiles, ws); });
+  emu::launch(1, detail::kScanThreads, true, [&] { detail::plan_scan_kernel(p, g.n_tiles, ws); });
+  if (g.n_tiles > 0)
+    emu::launch(g.hist_blocks, g.wpb * 32, true,
+                [&] { detail::plan_scatter_kernel(p, g.tile, g.n_tiles, ws); });
+  return cudaSuccess;
+}
+
+cudaError_t launch_permute(const PermuteParams& p, cudaStream_t) {
+  if (p.R < 0 || p.H < 0 || p.T < 0 || p.k < 1 || (p.elem_bytes != 2 && p.elem_bytes != 4) ||
+      (p.T > 0 && p.slot_row == nullptr))
+    return cudaErrorInvalidValue;
+  if (p.R == 0 || p.H == 0) return cudaSuccess;
+  const detail::RowLaunch g = detail::permute_launch(p);
+  emu::launch(g.grid, detail::kRowThreads, false, [&] {
+    switch (g.vec) {
+      case 16: detail::permute_kernel<16>(p, g.tpr, g.n_vec); break;
+      case 8: detail::permute_kernel<8>(p, g.tpr, g.n_vec); break;
+      case 4: detail::permute_kernel<4>(p, g.tpr, g.n_vec); break;
+      default: detail::permute_kernel<2>(p, g.tpr, g.n_vec); break;
+    }
+  });
+  return cudaSuccess;
+}
+
+namespace {
+template <typename T>
+void unpermute_typed(const UnpermuteParams& p) {
+  constexpr int kVec = int(16 / sizeof(T));
+  const detail::RowLaunch g = detail::unpermute_launch<T>(p);
+  emu::launch(g.grid, detail::kRowThreads, false, [&] {
+    if (g.vec == kVec)
+      detail::unpermute_kernel<T, kVec>(p, g.tpr, g.n_vec);
+    else
+      detail::unpermute_kernel<T, 1>(p, g.tpr, g.n_vec);
+  });
+}
+}  // namespace
+
+cudaError_t launch_unpermute(const UnpermuteParams& p, cudaStream_t) {
+  if (p.T < 0 || p.H < 0 || p.k < 0 || p.R < 0) return cudaErrorInvalidValue;
+  if (p.T == 0 || p.H == 0) return cudaSuccess;
+  switch (p.type) {
+    case ElemType::F32: unpermute_typed<float>(p); break;
+    case ElemType::F16: unpermute_typed<__half>(p); break;
+    case ElemType::BF16: unpermute_typed<__nv_bfloat16>(p); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace moe_route::cuda

@@ -1,0 +1,27 @@
+// Emulated twin of csrc/cuda/gate.cu's launcher (which nvcc alone compiles): the same checks and
+// plan, the kernel run by the host emulator (cuda_runtime.h here).
+#include <cstdio>
+
+#include "../gate.cuh"
+#include "../gate_launch.h"
+
+namespace moe_route::cuda {
+namespace detail {
+alignas(16) uint32_t gate_smem[kSmemPerBlock / sizeof(uint32_t)];
+}  // namespace detail
+
+cudaError_t launch_topk_gate(const GateParams& p, cudaStream_t) {
+  if (p.T <= 0) return cudaSuccess;
+  if (p.E < 1 || p.E > detail::kMaxExperts || p.k < 1 || p.k > p.E) return cudaErrorInvalidValue;
+  const detail::GatePlan plan = detail::plan_topk_gate(p, emu::sm_count());
+  if (plan.smem_bytes > sizeof(detail::gate_smem)) {
+    std::fprintf(stderr, "emu: topk_gate plans %zu bytes of shared memory\n", plan.smem_bytes);
+    std::abort();
+  }
+  std::memset(detail::gate_smem, 0xa5, sizeof(detail::gate_smem));  // not zeros: as on a GPU
+  const detail::GateKernel kernel = detail::select_kernel(plan.vpt, p.logit_type);
+  emu::launch(plan.blocks, plan.warps_per_block * 32, true, [&] { kernel(p, plan); });
+  return cudaSuccess;
+}
+
+}  // namespace moe_route::cuda
