@@ -17,12 +17,17 @@
 // Statistics: per-warp accumulators for the current group: the dense distribution q in registers,
 // counts and weight sums in per-warp shared memory (touched without atomics: a warp owns its
 // slice), token count and entropy in registers. They are flushed with global atomics when the
-// group changes and at the end of the warp's range; coact pairs are global atomics per token.
+// group changes. At the end of its range a warp adds them into the CTA's merge area in shared
+// memory instead (if the CTA merges the same group; else it flushes them itself), and the CTA
+// flushes the merged sums with one global atomic per expert: at large T a warp covers only a few
+// tokens, and one flush per warp would put E global atomics per warp onto the same E addresses.
+// Coact pairs are global atomics per token.
 //
 // Determinism: ids, weights and the integer statistics are bit-reproducible (warp-local,
 // fixed-order arithmetic; integer atomics commute). prob_sum, weight_sum and entropy_sum are
-// summed per warp in token order and then combined with float atomics, whose order varies from run
-// to run (differences at fp32 rounding level; the partition into warps depends on the SM count).
+// summed per warp in token order and then combined with float atomics (in the CTA's merge area,
+// then in global memory), whose order varies from run to run (differences at fp32 rounding level;
+// the partition into warps and CTAs depends on the SM count).
 //
 // Numerics: fp32 throughout with the precise libdevice functions (expf, logf, log1pf, sqrtf, IEEE
 // division); do not build with --use_fast_math. Elementwise steps whose rounding the reference
@@ -64,6 +69,12 @@ struct GatePlan {
   // ids [k] and weights [k]); counts [E] at cnt_off, weight sums [E] at wsum_off (-1: absent).
   int32_t warp_words = 0;
   int32_t cnt_off = -1, wsum_off = -1;
+  // The CTA's merge area after the warps' (words from the start of shared memory; -1: none):
+  // [0] the group being merged (-1: none yet), [2, 4) tokens (u64), [4] entropy sum, then counts
+  // [E] (u64) at cta_cnt, probability sums [E] at cta_prob, weight sums [E] at cta_wsum (offsets
+  // within the area, -1: absent).
+  int32_t cta_off = -1, cta_words = 0;
+  int32_t cta_cnt = -1, cta_prob = -1, cta_wsum = -1;
   size_t smem_bytes = 0;
 };
 
@@ -205,8 +216,11 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
   const int lane = int(threadIdx.x & 31u);
   const int warp = int(threadIdx.x >> 5);
   const int64_t t_begin = (int64_t(blockIdx.x) * plan.warps_per_block + warp) * plan.chunk;
-  if (t_begin >= p.T) return;  // no block-level barriers below, so idle warps may leave
-  const int64_t t_end = p.T - t_begin < plan.chunk ? p.T : t_begin + plan.chunk;
+  // Idle warps may leave unless the CTA merges statistics (its two block barriers need them).
+  if (t_begin >= p.T && plan.cta_off < 0) return;
+  const int64_t t_end = t_begin >= p.T          ? t_begin
+                        : p.T - t_begin < plan.chunk ? p.T
+                                                     : t_begin + plan.chunk;
   uint32_t* wsm = gate_smem + int64_t(warp) * plan.warp_words;
 
   const int E = int(p.E);
@@ -278,6 +292,12 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
       if (wsum_s) wsum_s[i * 32 + lane] = 0.f;
     }
   }
+  uint32_t* const cta = plan.cta_off >= 0 ? gate_smem + plan.cta_off : nullptr;
+  if (cta != nullptr) {
+    for (int i = int(threadIdx.x); i < plan.cta_words; i += int(blockDim.x))
+      cta[i] = i == 0 ? 0xffffffffu : 0u;
+    __syncthreads();
+  }
   float prob_acc[VPT];
 #pragma unroll
   for (int i = 0; i < VPT; ++i) prob_acc[i] = 0.f;
@@ -330,7 +350,9 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
   const int kpl = (k + 31) >> 5;
 
   uint32_t raw[VPT];
-  if constexpr (kPrefetch) load_row<VPT, LT>(p.logits, t_begin * p.row_stride, lane, valid, raw);
+  if constexpr (kPrefetch) {
+    if (t_begin < t_end) load_row<VPT, LT>(p.logits, t_begin * p.row_stride, lane, valid, raw);
+  }
 
   for (int64_t t = t_begin; t < t_end; ++t) {
     // Orders this token's shared-memory writes after every lane's reads of the previous token.
@@ -651,9 +673,61 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
       }
     }
   }
+  __syncwarp();  // the last token's scatter happened in other lanes
+  if (cta == nullptr) {
+    if (run_g >= 0) flush();
+    return;
+  }
+  // Into the CTA's merge area if the CTA merges this warp's group (the first group a warp claims).
   if (run_g >= 0) {
-    __syncwarp();  // the last token's scatter happened in other lanes
-    flush();
+    int claimed = 0;
+    if (lane == 0) claimed = atomicCAS(reinterpret_cast<int*>(cta), -1, int(run_g));
+    claimed = __shfl_sync(kFullMask, claimed, 0);
+    if (claimed != -1 && claimed != run_g) {
+      flush();
+    } else {
+      if (lane == 0) {
+        atomicAdd(reinterpret_cast<unsigned long long*>(cta + 2), (unsigned long long)run_tokens);
+        atomicAdd(reinterpret_cast<float*>(cta + 4), run_entropy);
+      }
+#pragma unroll
+      for (int i = 0; i < VPT; ++i) {
+        if (!((valid >> i) & 1u)) continue;
+        const int e = i * 32 + lane;
+        if (plan.cta_prob >= 0 && prob_acc[i] != 0.f)
+          atomicAdd(reinterpret_cast<float*>(cta + plan.cta_prob) + e, prob_acc[i]);
+        if (plan.cta_cnt >= 0 && cnt_s[e] != 0u)
+          atomicAdd(reinterpret_cast<unsigned long long*>(cta + plan.cta_cnt) + e,
+                    (unsigned long long)cnt_s[e]);
+        if (plan.cta_wsum >= 0 && wsum_s[e] != 0.f)
+          atomicAdd(reinterpret_cast<float*>(cta + plan.cta_wsum) + e, wsum_s[e]);
+      }
+    }
+  }
+  __syncthreads();
+  const int merged = int(cta[0]);
+  if (merged < 0) return;
+  const int64_t row = int64_t(merged) * E;
+  if (threadIdx.x == 0) {
+    if (p.tokens)
+      atomicAdd(reinterpret_cast<unsigned long long*>(p.tokens + merged),
+                *reinterpret_cast<const unsigned long long*>(cta + 2));
+    if (p.entropy_sum) atomicAdd(p.entropy_sum + merged, *reinterpret_cast<const float*>(cta + 4));
+  }
+  for (int e = int(threadIdx.x); e < E; e += int(blockDim.x)) {
+    if (plan.cta_prob >= 0) {
+      const float v = reinterpret_cast<const float*>(cta + plan.cta_prob)[e];
+      if (v != 0.f) atomicAdd(p.prob_sum + row + e, v);
+    }
+    if (plan.cta_cnt >= 0) {
+      const auto* counts = reinterpret_cast<const unsigned long long*>(cta + plan.cta_cnt);
+      if (counts[e] != 0ull)
+        atomicAdd(reinterpret_cast<unsigned long long*>(p.counts + row + e), counts[e]);
+    }
+    if (plan.cta_wsum >= 0) {
+      const float w = reinterpret_cast<const float*>(cta + plan.cta_wsum)[e];
+      if (w != 0.f) atomicAdd(p.weight_sum + row + e, w);
+    }
   }
 }
 
@@ -686,9 +760,28 @@ inline GatePlan plan_topk_gate(const GateParams& p, int sm_count) {
   if (wpb > kMaxWarpsPerBlock) wpb = kMaxWarpsPerBlock;
   if (wpb > kSmemPerBlock / warp_bytes) wpb = kSmemPerBlock / warp_bytes;
   if (wpb < 1) wpb = 1;
+  // The CTA merges its warps' end-of-range statistics (see the header) when it has two warps or
+  // more and room for the merge area.
+  const bool sums = p.tokens || p.counts || p.prob_sum || p.weight_sum || p.entropy_sum;
+  int64_t cta_words = 8;
+  const int32_t cnt = p.counts ? int32_t(cta_words) : -1;
+  if (p.counts) cta_words += 2 * p.E;
+  const int32_t prob = p.prob_sum ? int32_t(cta_words) : -1;
+  if (p.prob_sum) cta_words += p.E;
+  const int32_t wsum = p.weight_sum ? int32_t(cta_words) : -1;
+  if (p.weight_sum) cta_words += p.E;
+  const auto area_off = [&](int64_t w) { return (w * words + 3) / 4 * 4; };  // 16-byte aligned
+  int64_t merge_wpb = wpb;
+  while (merge_wpb > 1 && (area_off(merge_wpb) + cta_words) * 4 > kSmemPerBlock) --merge_wpb;
+  if (sums && merge_wpb > 1) {
+    wpb = merge_wpb;
+    c.cta_off = int32_t(area_off(wpb));
+    c.cta_words = int32_t(cta_words);
+    c.cta_cnt = cnt, c.cta_prob = prob, c.cta_wsum = wsum;
+  }
   c.warps_per_block = int32_t(wpb);
   c.blocks = int32_t((warps + wpb - 1) / wpb);
-  c.smem_bytes = size_t(wpb * warp_bytes);
+  c.smem_bytes = size_t(c.cta_off >= 0 ? (int64_t(c.cta_off) + cta_words) * 4 : wpb * warp_bytes);
   return c;
 }
 
