@@ -6,21 +6,13 @@ namespace moe_route::cuda {
 
 static_assert(kDispatchMaxExperts == detail::kMaxExperts, "keep the public limit in sync");
 
-size_t dispatch_plan_workspace_bytes(const PlanParams& p) {
-  if (p.E < 1 || p.E > detail::kMaxExperts || p.T < 0 || p.k < 0) return 0;
-  return detail::plan_workspace_bytes(detail::plan_geometry(p), p.E);
-}
+size_t dispatch_plan_workspace_bytes(const PlanParams& p) { return detail::workspace_bytes_for(p); }
 
 cudaError_t launch_dispatch_plan(const PlanParams& p, void* workspace, size_t workspace_bytes,
                                  cudaStream_t stream) {
-  if (p.E < 1 || p.E > detail::kMaxExperts || p.block_size < 1 || p.T < 0 || p.k < 0 || p.R < 0)
-    return cudaErrorInvalidValue;
+  if (!detail::plan_args_ok(p)) return cudaErrorInvalidValue;
   const detail::PlanGeom g = detail::plan_geometry(p);
-  const size_t need = detail::plan_workspace_bytes(g, p.E);
-  if (workspace_bytes < need || (need > 0 && workspace == nullptr) ||
-      (reinterpret_cast<uintptr_t>(workspace) & 7u) != 0)
-    return cudaErrorInvalidValue;
-  if (g.tile > int64_t(0xffffffff)) return cudaErrorInvalidValue;  // uint32 tile histograms
+  if (!detail::plan_workspace_ok(g, p.E, workspace, workspace_bytes)) return cudaErrorInvalidValue;
   int64_t* ws = static_cast<int64_t*>(workspace);
 
   // 1. Tile histograms + row_slot fill.
@@ -30,8 +22,7 @@ cudaError_t launch_dispatch_plan(const PlanParams& p, void* workspace, size_t wo
                                                                              ws);
   }
   // 2. Counts, offsets and per-tile bases (always: writes counts / offsets even when T*k == 0).
-  detail::plan_scan_kernel<<<1, detail::kScanThreads, g.scan_smem,
-                             stream>>>(p, g.n_tiles, ws);
+  detail::plan_scan_kernel<<<1, detail::kScanThreads, g.scan_smem, stream>>>(p, g.n_tiles, ws);
   // 3. Stable scatter.
   if (g.n_tiles > 0) {
     detail::plan_scatter_kernel<<<g.hist_blocks, g.wpb * 32, g.scatter_smem, stream>>>(
@@ -41,9 +32,7 @@ cudaError_t launch_dispatch_plan(const PlanParams& p, void* workspace, size_t wo
 }
 
 cudaError_t launch_permute(const PermuteParams& p, cudaStream_t stream) {
-  if (p.R < 0 || p.H < 0 || p.T < 0 || p.k < 1 || (p.elem_bytes != 2 && p.elem_bytes != 4) ||
-      (p.T > 0 && p.slot_row == nullptr))
-    return cudaErrorInvalidValue;
+  if (!detail::permute_args_ok(p)) return cudaErrorInvalidValue;
   if (p.R == 0 || p.H == 0) return cudaSuccess;
   const detail::RowLaunch g = detail::permute_launch(p);
   constexpr int kThreads = detail::kRowThreads;
@@ -72,7 +61,7 @@ void launch_unpermute_typed(const UnpermuteParams& p, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_unpermute(const UnpermuteParams& p, cudaStream_t stream) {
-  if (p.T < 0 || p.H < 0 || p.k < 0 || p.R < 0) return cudaErrorInvalidValue;
+  if (!detail::unpermute_args_ok(p)) return cudaErrorInvalidValue;
   if (p.T == 0 || p.H == 0) return cudaSuccess;
   switch (p.type) {
     case ElemType::F32: launch_unpermute_typed<float>(p, stream); break;

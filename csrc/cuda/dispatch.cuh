@@ -118,6 +118,32 @@ inline size_t plan_workspace_bytes(const PlanGeom& g, int64_t E) {
   return size_t(g.n_tiles * E * int64_t(sizeof(int64_t)));
 }
 
+// The launchers' argument checks (dispatch.cu, and its twin on the host emulator).
+inline size_t workspace_bytes_for(const PlanParams& p) {
+  if (p.E < 1 || p.E > kMaxExperts || p.T < 0 || p.k < 0) return 0;
+  return plan_workspace_bytes(plan_geometry(p), p.E);
+}
+
+inline bool plan_args_ok(const PlanParams& p) {
+  return p.E >= 1 && p.E <= kMaxExperts && p.block_size >= 1 && p.T >= 0 && p.k >= 0 && p.R >= 0;
+}
+
+inline bool plan_workspace_ok(const PlanGeom& g, int64_t E, const void* ws, size_t bytes) {
+  const size_t need = plan_workspace_bytes(g, E);
+  return bytes >= need && (need == 0 || ws != nullptr) &&
+         (reinterpret_cast<uintptr_t>(ws) & 7u) == 0 &&
+         g.tile <= int64_t(0xffffffff);  // uint32 tile histograms
+}
+
+inline bool permute_args_ok(const PermuteParams& p) {
+  return p.R >= 0 && p.H >= 0 && p.T >= 0 && p.k >= 1 && (p.elem_bytes == 2 || p.elem_bytes == 4) &&
+         (p.T == 0 || p.slot_row != nullptr);
+}
+
+inline bool unpermute_args_ok(const UnpermuteParams& p) {
+  return p.T >= 0 && p.H >= 0 && p.k >= 0 && p.R >= 0;
+}
+
 // ---------------------------------------------------------------------------------------------
 // dispatch_plan kernels.
 

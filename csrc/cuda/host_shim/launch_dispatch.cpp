@@ -13,21 +13,13 @@ alignas(16) int64_t part[kSmemBytes / sizeof(int64_t)];
 alignas(16) int64_t cur_smem[kSmemBytes / sizeof(int64_t)];
 }  // namespace detail
 
-size_t dispatch_plan_workspace_bytes(const PlanParams& p) {
-  if (p.E < 1 || p.E > detail::kMaxExperts || p.T < 0 || p.k < 0) return 0;
-  return detail::plan_workspace_bytes(detail::plan_geometry(p), p.E);
-}
+size_t dispatch_plan_workspace_bytes(const PlanParams& p) { return detail::workspace_bytes_for(p); }
 
 cudaError_t launch_dispatch_plan(const PlanParams& p, void* workspace, size_t workspace_bytes,
                                  cudaStream_t) {
-  if (p.E < 1 || p.E > detail::kMaxExperts || p.block_size < 1 || p.T < 0 || p.k < 0 || p.R < 0)
-    return cudaErrorInvalidValue;
+  if (!detail::plan_args_ok(p)) return cudaErrorInvalidValue;
   const detail::PlanGeom g = detail::plan_geometry(p);
-  const size_t need = detail::plan_workspace_bytes(g, p.E);
-  if (workspace_bytes < need || (need > 0 && workspace == nullptr) ||
-      (reinterpret_cast<uintptr_t>(workspace) & 7u) != 0)
-    return cudaErrorInvalidValue;
-  if (g.tile > int64_t(0xffffffff)) return cudaErrorInvalidValue;
+  if (!detail::plan_workspace_ok(g, p.E, workspace, workspace_bytes)) return cudaErrorInvalidValue;
   if (g.hist_smem > sizeof(detail::hist_smem) || g.scan_smem > sizeof(detail::part) ||
       g.scatter_smem > sizeof(detail::cur_smem)) {
     std::fprintf(stderr, "emu: dispatch_plan plans more shared memory than emulated\n");
@@ -49,9 +41,7 @@ cudaError_t launch_dispatch_plan(const PlanParams& p, void* workspace, size_t wo
 }
 
 cudaError_t launch_permute(const PermuteParams& p, cudaStream_t) {
-  if (p.R < 0 || p.H < 0 || p.T < 0 || p.k < 1 || (p.elem_bytes != 2 && p.elem_bytes != 4) ||
-      (p.T > 0 && p.slot_row == nullptr))
-    return cudaErrorInvalidValue;
+  if (!detail::permute_args_ok(p)) return cudaErrorInvalidValue;
   if (p.R == 0 || p.H == 0) return cudaSuccess;
   const detail::RowLaunch g = detail::permute_launch(p);
   emu::launch(g.grid, detail::kRowThreads, false, [&] {
@@ -80,7 +70,7 @@ void unpermute_typed(const UnpermuteParams& p) {
 }  // namespace
 
 cudaError_t launch_unpermute(const UnpermuteParams& p, cudaStream_t) {
-  if (p.T < 0 || p.H < 0 || p.k < 0 || p.R < 0) return cudaErrorInvalidValue;
+  if (!detail::unpermute_args_ok(p)) return cudaErrorInvalidValue;
   if (p.T == 0 || p.H == 0) return cudaSuccess;
   switch (p.type) {
     case ElemType::F32: unpermute_typed<float>(p); break;
