@@ -680,10 +680,11 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
   }
   // Into the CTA's merge area if the CTA merges this warp's group (the first group a warp claims).
   if (run_g >= 0) {
-    int claimed = 0;
-    if (lane == 0) claimed = atomicCAS(reinterpret_cast<int*>(cta), -1, int(run_g));
+    const bool fits = run_g <= int64_t(0x7fffffff);  // the area holds the group as an int
+    int claimed = -2;
+    if (fits && lane == 0) claimed = atomicCAS(reinterpret_cast<int*>(cta), -1, int(run_g));
     claimed = __shfl_sync(kFullMask, claimed, 0);
-    if (claimed != -1 && claimed != run_g) {
+    if (!fits || (claimed != -1 && claimed != run_g)) {
       flush();
     } else {
       if (lane == 0) {
