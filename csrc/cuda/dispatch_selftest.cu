@@ -11,8 +11,6 @@
 // Exit status 0 when every case passes. Plan and permute must match exactly; unpermute must match
 // the host's fp32 "round the product, round the sum, j order" loop bit for bit (the kernel uses
 // __fmul_rn/__fadd_rn), which implies the rtol 1e-6 the brief asks for.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -25,6 +23,7 @@
 #include <vector>
 
 #include "dispatch_launch.h"
+#include "selftest_util.h"
 
 using moe_route::ElemType;
 using moe_route::PermuteParams;
@@ -33,46 +32,12 @@ using moe_route::UnpermuteParams;
 
 namespace {
 
-#define CHECK_CUDA(x)                                                                   \
-  do {                                                                                  \
-    const cudaError_t err_ = (x);                                                       \
-    if (err_ != cudaSuccess) {                                                          \
-      std::printf("CUDA error %s at %s:%d: %s\n", cudaGetErrorString(err_), __FILE__, \
-                  __LINE__, #x);                                                        \
-      std::exit(2);                                                                     \
-    }                                                                                   \
-  } while (0)
-
-template <typename T>
-T* to_device(const std::vector<T>& h) {
-  T* d = nullptr;
-  CHECK_CUDA(cudaMalloc(&d, h.empty() ? 1 : h.size() * sizeof(T)));
-  if (!h.empty()) CHECK_CUDA(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-  return d;
-}
-
-template <typename T>
-std::vector<T> to_host(const T* d, size_t n) {
-  std::vector<T> h(n);
-  if (n) CHECK_CUDA(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
-  return h;
-}
-
-// ---- Host twins of the element types (bit patterns in uint16_t) ----
-float bf16_to_f(uint16_t b) {
-  uint32_t u = uint32_t(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-uint16_t f_to_bf16(float f) {  // round to nearest even (no NaNs in the tests)
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
-}
-float h16_to_f(uint16_t h) { return __half2float(__ushort_as_half(h)); }  // host-callable
-uint16_t f_to_h16(float f) { return __half_as_ushort(__float2half_rn(f)); }
+using selftest::bf16_to_f32;
+using selftest::f16_to_f32;
+using selftest::f32_to_bf16;
+using selftest::f32_to_f16;
+using selftest::to_device;
+using selftest::to_host;
 
 // ---- Host reference of dispatch_plan ----
 struct Plan {
@@ -239,8 +204,8 @@ void run_case(const Case& c) {
         yf[i] = v;
         std::memcpy(&yb[i * 4], &v, 4);
       } else {
-        const uint16_t b = et == ElemType::BF16 ? f_to_bf16(v) : f_to_h16(v);
-        yf[i] = et == ElemType::BF16 ? bf16_to_f(b) : h16_to_f(b);
+        const uint16_t b = et == ElemType::BF16 ? f32_to_bf16(v) : f32_to_f16(v);
+        yf[i] = et == ElemType::BF16 ? bf16_to_f32(b) : f16_to_f32(b);
         std::memcpy(&yb[i * 2], &b, 2);
       }
     }
@@ -252,7 +217,7 @@ void run_case(const Case& c) {
         const float big = 1.0e4f;
         if (et == ElemType::F32) std::memcpy(&yb[(r * H + h) * 4], &big, 4);
         else {
-          const uint16_t b = et == ElemType::BF16 ? f_to_bf16(big) : f_to_h16(big);
+          const uint16_t b = et == ElemType::BF16 ? f32_to_bf16(big) : f32_to_f16(big);
           std::memcpy(&yb[(r * H + h) * 2], &b, 2);
         }
       }
@@ -286,7 +251,7 @@ void run_case(const Case& c) {
         const float a = acc;
         if (et == ElemType::F32) std::memcpy(&want[(t * H + h) * 4], &a, 4);
         else {
-          const uint16_t b = et == ElemType::BF16 ? f_to_bf16(a) : f_to_h16(a);
+          const uint16_t b = et == ElemType::BF16 ? f32_to_bf16(a) : f32_to_f16(a);
           std::memcpy(&want[(t * H + h) * 2], &b, 2);
         }
       }
