@@ -31,12 +31,7 @@ using moe_route::Score;
 
 namespace {
 
-using selftest::bf16_to_f32;
-using selftest::f16_to_f32;
-using selftest::f32_to_bf16;
-using selftest::f32_to_f16;
-using selftest::to_device;
-using selftest::to_host;
+using namespace selftest;  // NOLINT: the test helpers of selftest_util.h
 
 struct Case {
   std::string name;
