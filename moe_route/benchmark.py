@@ -465,8 +465,7 @@ def _time_dispatch_op(case, op, base, args, fused, device, *, compile_baseline, 
             fns["baseline_compiled"] = compiled
     row["method"], row["probe_us"] = pick_method(fused, device)
     row.update(time_interleaved(fns, device, min_time=min_time, method=row["method"]))
-    row["speedup"] = paired_ratio(row["baseline"], row["fused"])
-    row["speedup_of_medians"] = row["baseline"]["median_us"] / row["fused"]["median_us"]
+    _speedups(row, "baseline", "fused")
     if "baseline_compiled" in row:
         row["speedup_vs_compiled"] = paired_ratio(row["baseline_compiled"], row["fused"])
     if row["bytes"]:
@@ -733,6 +732,14 @@ def paired_ratio(baseline: dict, ours: dict) -> float:
         return baseline["median_us"] / ours["median_us"]
     per_round = lambda s: [statistics.median(s[i:i + burst]) for i in range(0, len(s), burst)]  # noqa: E731
     return statistics.median(x / y for x, y in zip(per_round(a), per_round(b)))
+
+
+def _speedups(row: dict, baseline: str, ours: str, suffix: str = "") -> None:
+    """``row["speedup" + suffix]``: the paired ratio (``paired_ratio``) of the two summaries
+    ``row[baseline]`` and ``row[ours]``; ``row["speedup_of_medians" + suffix]``: the ratio of
+    their medians."""
+    row["speedup" + suffix] = paired_ratio(row[baseline], row[ours])
+    row["speedup_of_medians" + suffix] = row[baseline]["median_us"] / row[ours]["median_us"]
 
 
 def _nothing():
@@ -1010,11 +1017,8 @@ def run_block(cases, device="cpu", *, min_time=0.2, on_row=None) -> list[dict]:
                   for impl in BLOCK_IMPLS}
         row.update(time_interleaved({impl: forward for impl in BLOCK_IMPLS}, device,
                                     setup=switch, min_time=min_time, method="cuda_sync"))
-        ours = row["moe_route"]
-        row["speedup_vs_grouped_mm"] = paired_ratio(row["grouped_mm"], ours)
-        row["speedup_vs_eager"] = paired_ratio(row["eager"], ours)
-        row["speedup_of_medians_vs_grouped_mm"] = row["grouped_mm"]["median_us"] / ours["median_us"]
-        row["speedup_of_medians_vs_eager"] = row["eager"]["median_us"] / ours["median_us"]
+        _speedups(row, "grouped_mm", "moe_route", "_vs_grouped_mm")
+        _speedups(row, "eager", "moe_route", "_vs_eager")
         rows.append(row)
         if on_row:
             on_row(row)

@@ -11,8 +11,9 @@ import torch
 
 import moe_route
 from moe_route import GateStats, RouterSpec
+from moe_route.hf import adapter_for, find_routers
 
-from tiny_models import build, inputs
+from tiny_models import build, inputs, model_type, selected_experts
 
 pytestmark = pytest.mark.cuda
 
@@ -171,10 +172,6 @@ def _ids(seed=0, shape=(2, 9)):
 
 def _first_router_ids(model, family, ids):
     """(ids chosen by the first router, model output) of one forward."""
-    from moe_route.hf import adapter_for, find_routers
-
-    from tiny_models import model_type, selected_experts
-
     _, router, block = find_routers(model)[0]
     k = adapter_for(router).k(router, block)
     seen = []

@@ -822,6 +822,7 @@ def forward_key(cls: type, method: str = "forward") -> Optional[str]:
     return repr(args) + _canonical(body)
 
 
+@functools.lru_cache(maxsize=None)
 def fingerprint(cls: type, method: str = "forward") -> Optional[str]:
     """A short hash of ``forward_key(cls, method)``: what ``validated.FINGERPRINTS`` holds."""
     key = forward_key(cls, method)
@@ -846,15 +847,27 @@ def unvalidated(cls: type, method: str = "forward") -> Optional[str]:
             f"moe_route.hf.register_adapter overrides this")
 
 
+def transformers_class(module: str, name: str) -> tuple[Optional[type], Optional[str]]:
+    """``(class, None)`` for class ``name`` of transformers module ``module``, or ``(None, why)``
+    when the installed release lacks the module or the class."""
+    try:
+        found = importlib.import_module(module)
+    except ImportError as exc:
+        return None, f"cannot import {module} ({exc})"
+    cls = getattr(found, name, None)
+    return cls, None if cls is not None else f"{name} not found in transformers"
+
+
+def family_module(family: str) -> str:
+    """The modeling module of a transformers model_type."""
+    return f"transformers.models.{family}.modeling_{family}"
+
+
 @functools.lru_cache(maxsize=None)
 def _exemplar_keys() -> tuple:
     keys = []
     for name, (adapter, family) in EXEMPLARS.items():
-        try:
-            module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
-        except ImportError:
-            continue
-        cls = getattr(module, name, None)  # absent from older transformers releases
+        cls, _ = transformers_class(family_module(family), name)  # None: not in this release
         if cls is not None and unvalidated(cls) is None:
             keys.append((forward_key(cls), adapter))
     return tuple(keys)

@@ -7,9 +7,7 @@ more than the code does.
 """
 from __future__ import annotations
 
-import importlib
-
-from moe_route.hf.adapters import lookup, unsupported_reason
+from moe_route.hf.adapters import family_module, lookup, transformers_class, unsupported_reason
 
 __all__ = ["FAMILIES", "family_status", "supported"]
 
@@ -92,22 +90,13 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
 NO_ROUTER_MODULE = {"doge": "product-key routing inside DogeCDMoE, no router module to patch"}
 
 
-def _router_class(family: str, name: str):
-    try:
-        module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
-    except ImportError as exc:
-        return None, f"cannot import transformers.models.{family} ({exc})"
-    cls = getattr(module, name, None)
-    return cls, None if cls is not None else f"{name} not found in transformers"
-
-
 def _adapters(family: str) -> tuple[list, str]:
     """Each router class's adapter (None where it has none) and the family's status string."""
     if family in NO_ROUTER_MODULE:
         return [], f"unsupported: {NO_ROUTER_MODULE[family]}"
     adapters, status = [], "supported"
     for name in FAMILIES[family][1]:
-        cls, problem = _router_class(family, name)
+        cls, problem = transformers_class(family_module(family), name)
         adapter = lookup(cls) if cls is not None else None
         adapters.append(adapter)
         if status == "supported" and problem:

@@ -71,20 +71,14 @@ FINGERPRINTS: dict[str, frozenset[str]] = {
 
 def _installed() -> dict[str, str]:
     """Fingerprints of the installed transformers' exemplar forwards and block methods."""
-    import importlib
+    from moe_route.hf.adapters import EXEMPLARS, family_module, fingerprint, transformers_class
 
-    from moe_route.hf.adapters import EXEMPLARS, fingerprint
-
-    where = {f"{name}.forward": f"transformers.models.{family}.modeling_{family}"
-             for name, (_, family) in EXEMPLARS.items()}
+    where = {f"{name}.forward": family_module(family) for name, (_, family) in EXEMPLARS.items()}
     where.update(BLOCK_METHODS)
     found = {}
     for qualname, module_name in where.items():
         cls_name, method = qualname.split(".")
-        try:
-            cls = getattr(importlib.import_module(module_name), cls_name, None)
-        except ImportError:
-            continue
+        cls, _ = transformers_class(module_name, cls_name)
         if cls is not None and (value := fingerprint(cls, method)) is not None:
             found[qualname] = value
     return found
@@ -92,6 +86,8 @@ def _installed() -> dict[str, str]:
 
 def _main() -> None:
     """Print this module with the installed transformers' fingerprints merged in."""
+    import re
+
     import transformers
 
     table = {name: set(values) for name, values in FINGERPRINTS.items()}
@@ -104,9 +100,9 @@ def _main() -> None:
     head, rest = source.split("TRANSFORMERS = ", 1)
     middle, rest = rest.split("FINGERPRINTS: dict[str, frozenset[str]] = {\n", 1)
     middle = middle.split("\n", 1)[1]
-    tail = rest[rest.index("\n}\n") + 3 if not rest.startswith("}\n") else 2:]
-    quoted = lambda values: ", ".join(f'"{v}"' for v in sorted(values))  # noqa: E731
-    rows = "".join(f'    "{name}": frozenset({{{quoted(values)}}}),\n'
+    tail = re.split(r"^}\n", rest, maxsplit=1, flags=re.M)[1]  # after the table's closing line
+    quoted = lambda values: ", ".join(f'"{v}"' for v in values)  # noqa: E731
+    rows = "".join(f'    "{name}": frozenset({{{quoted(sorted(values))}}}),\n'
                    for name, values in sorted(table.items()))
     print(f"{head}TRANSFORMERS = ({quoted(versions)},)\n{middle}"
           f"FINGERPRINTS: dict[str, frozenset[str]] = {{\n{rows}}}\n{tail}", end="")
