@@ -286,7 +286,7 @@ def format_header(compile_baseline: bool = False) -> str:
     if compile_baseline:
         cols += f" {'compiled':>9} {'ratio':>6}"
     cols += "  method"
-    return cols + "\n" + "-" * len(cols)
+    return _underlined(cols)
 
 
 def format_row(row: dict, compile_baseline: bool = False) -> str:
@@ -478,7 +478,7 @@ def _time_dispatch_op(case, op, base, args, fused, device, *, compile_baseline, 
 def format_dispatch_header() -> str:
     cols = (f"{'case':<44} {'op':<9} {'baseline':>17} {'compiled':>17} {'fused':>17} "
             f"{'b/f':>6} {'c/f':>6} {'GB/s':>7} {'copy':>5}  method")
-    return cols + "\n" + "-" * len(cols)
+    return _underlined(cols)
 
 
 def format_dispatch_row(row: dict) -> str:
@@ -732,6 +732,11 @@ def paired_ratio(baseline: dict, ours: dict) -> float:
         return baseline["median_us"] / ours["median_us"]
     per_round = lambda s: [statistics.median(s[i:i + burst]) for i in range(0, len(s), burst)]  # noqa: E731
     return statistics.median(x / y for x, y in zip(per_round(a), per_round(b)))
+
+
+def _underlined(header: str) -> str:
+    """A table header and a rule of its width."""
+    return header + "\n" + "-" * len(header)
 
 
 def _speedups(row: dict, baseline: str, ours: str, suffix: str = "") -> None:
@@ -1028,7 +1033,7 @@ def run_block(cases, device="cpu", *, min_time=0.2, on_row=None) -> list[dict]:
 def format_block_header() -> str:
     cols = (f"{'case':<52} {'moe_route':>17} {'grouped_mm':>17} {'eager':>17} "
             f"{'gmm/ours':>8} {'eager/ours':>10}")
-    return cols + "\n" + "-" * len(cols)
+    return _underlined(cols)
 
 
 def format_block_row(row: dict) -> str:
