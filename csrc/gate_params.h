@@ -51,14 +51,19 @@ struct GateParams {
   float* weights = nullptr;
   int32_t* ids = nullptr;
 
-  bool any_stats() const {
+  MOE_ROUTE_HOST_DEVICE bool any_stats() const {
     return tokens || counts || prob_sum || weight_sum || entropy_sum || coact;
   }
-  bool dense_stats() const { return prob_sum || entropy_sum; }
-  bool per_group_stats() const {
+  MOE_ROUTE_HOST_DEVICE bool dense_stats() const { return prob_sum || entropy_sum; }
+  MOE_ROUTE_HOST_DEVICE bool per_group_stats() const {
     return tokens || counts || prob_sum || weight_sum || entropy_sum;
   }
 };
+
+// The group limit excludes experts only when fewer groups are kept than there are.
+MOE_ROUTE_HOST_DEVICE inline bool limits_groups(const GateParams& p) {
+  return p.n_group > 1 && p.topk_group < p.n_group;
+}
 
 // Selection values are the steered logits themselves for select_on="logits", and for softmax
 // without a bias (same order as the probabilities) unless top2_sum groups must add probabilities.

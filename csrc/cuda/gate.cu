@@ -1,6 +1,8 @@
-// Launcher of the CUDA topk_gate kernels: picks the VPT tier from E and the grid from T and the SM
-// count, then enqueues one kernel on the caller's stream.
+// Launcher of the CUDA topk_gate kernels: picks the kernel from E and the features used, the grid
+// from T, the SM count and the kernel's occupancy, then enqueues it on the caller's stream.
+#include <array>
 #include <atomic>
+#include <mutex>
 
 #include "gate.cuh"
 #include "gate_launch.h"
@@ -27,6 +29,34 @@ int sm_count_of(int device) {
   return n;
 }
 
+// Blocks of `threads` threads and `smem` bytes that fit on one SM (0 if unknown). Cached: the
+// answer depends only on the arguments and the device, and the launch of a decode-sized op should
+// not pay for the query every time.
+int blocks_per_sm(int device, detail::GateKernel kernel, int threads, size_t smem) {
+  struct Entry {
+    int device = -1;
+    detail::GateKernel kernel = nullptr;
+    int threads = 0;
+    size_t smem = 0;
+    int blocks = 0;
+  };
+  static std::mutex mu;
+  static std::array<Entry, 32> cache;
+  static size_t next = 0;
+  std::lock_guard<std::mutex> lock(mu);
+  for (const Entry& e : cache)
+    if (e.kernel == kernel && e.device == device && e.threads == threads && e.smem == smem)
+      return e.blocks;
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;  // plan for the default; correct either way
+  }
+  cache[next] = Entry{device, kernel, threads, smem, n};
+  next = (next + 1) % cache.size();
+  return n;
+}
+
 }  // namespace
 
 cudaError_t launch_topk_gate(const GateParams& p, cudaStream_t stream) {
@@ -35,8 +65,11 @@ cudaError_t launch_topk_gate(const GateParams& p, cudaStream_t stream) {
   int device = 0;
   const cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  const detail::GatePlan plan = detail::plan_topk_gate(p, sm_count_of(device));
-  const detail::GateKernel kernel = detail::select_kernel(plan.vpt, p.logit_type);
+  const detail::GateKernel kernel = detail::select_kernel(p);
+  const auto occupancy = [device](detail::GateKernel f, int threads, size_t smem) {
+    return blocks_per_sm(device, f, threads, smem);
+  };
+  const detail::GatePlan plan = detail::plan_for_device(p, sm_count_of(device), kernel, occupancy);
   kernel<<<plan.blocks, plan.warps_per_block * 32, plan.smem_bytes, stream>>>(p, plan);
   return cudaGetLastError();
 }

@@ -5,7 +5,15 @@
 // rounded up to a compile-time tier 1, 2, 4, 8, 16, 32, so E <= 1024) in registers; loads are
 // coalesced across the warp. Every reduction over experts is a per-lane loop plus a butterfly
 // (xor) shuffle, so all lanes end with bit-identical results. Each warp owns a contiguous range of
-// tokens (a persistent grid) and prefetches the next token's row while working on the current one.
+// tokens and prefetches the next token's row while working on the current one. The grid is
+// persistent: sized from the kernel's occupancy (plan_for_device) so that every warp is resident
+// at once, one wave.
+//
+// Two variants per (VPT, logit type): the full kernel, and a plain one compiled without steering,
+// the group limit and the statistics, for calls that use none of them (needs_full_kernel). Those
+// paths hold registers for the whole kernel: with nvcc 13.0 for sm_90a the full kernel needs
+// 107-128 registers per thread for E <= 256, the plain one 40-80, so an SM holds 16 warps of the
+// former and 24-40 of the latter. Every feature the plain kernel keeps runs the same code in both.
 //
 // Selection: every expert gets the same packed 64-bit key as on the CPU (tier | order-preserving
 // value bits | 2^30-1-index); k rounds of "per-lane best + butterfly max" pick the keys in
@@ -55,7 +63,7 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr float kFltMax = 3.40282347e38f;
 constexpr int kMaxExperts = 1024;  // 32 lanes x VPT 32
 constexpr int kMaxWarpsPerBlock = 8;
-constexpr int kWarpsPerSm = 32;                    // resident-warp target of the persistent grid
+constexpr int kWarpsPerSm = 32;  // resident warps per SM until the kernel's occupancy is known
 constexpr int64_t kSmemPerBlock = 48 * 1024;       // stay under the default dynamic-smem limit
 constexpr uint32_t kMaxRunTokens = 1u << 30;       // flush before per-warp uint32 counts overflow
 
@@ -64,7 +72,6 @@ struct GatePlan {
   int64_t chunk = 1;            // tokens per warp (contiguous range)
   int32_t warps_per_block = 1;
   int32_t blocks = 0;
-  int32_t vpt = 1;
   // Per-warp shared memory, in 32-bit words: [0, stage) staging (group scoring, then the selected
   // ids [k] and weights [k]); counts [E] at cnt_off, weight sums [E] at wsum_off (-1: absent).
   int32_t warp_words = 0;
@@ -202,7 +209,7 @@ __device__ __forceinline__ void load_row(const void* logits, int64_t off, int la
 // ---------------------------------------------------------------------------------------------
 // The kernel.
 
-template <int VPT, LogitType LT>
+template <int VPT, LogitType LT, bool kFull>
 __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
     topk_gate_kernel(const GateParams p, const GatePlan plan) {
   static_assert(VPT >= 1 && VPT <= 32, "VPT tier out of range");
@@ -235,7 +242,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
   // ---- Per-call constants derived from the steering table (the CPU's Prep) ----
   // Tiers follow the reference: force > 0 forced-on, force < 0 forced-off, anything else (0, NaN)
   // normal.
-  const float* steer = p.steer;
+  const float* steer = kFull ? p.steer : nullptr;
   bool has_std = false, has_force = false;
   uint32_t fon = 0, foff = 0;  // bit i: expert i*32 + lane forced on / off
   if (steer) {
@@ -257,7 +264,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
 
   // Groups: lane owns groups g = m*32 + lane (m < gpl <= 32).
   const int n_group = int(p.n_group);
-  const bool group_limited = n_group > 1 && p.topk_group < p.n_group;
+  const bool group_limited = kFull && limits_groups(p);
   const int gsize = E / n_group;
   const int gpl = (n_group + 31) >> 5;
   // e / gsize as (e * magic) >> 20 with magic = ceil(2^20 / gsize): exact for e < 2^10 and
@@ -279,12 +286,12 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
   }
 
   // ---- Statistics state ----
-  const bool any_stats =
-      p.tokens || p.counts || p.prob_sum || p.weight_sum || p.entropy_sum || p.coact;
-  const bool dense = p.prob_sum || p.entropy_sum;
+  const bool any_stats = kFull && p.any_stats();
+  const bool dense = kFull && p.dense_stats();
   const bool dense_softmax = softmax || score == Score::None;
-  uint32_t* cnt_s = plan.cnt_off >= 0 ? wsm + plan.cnt_off : nullptr;
-  float* wsum_s = plan.wsum_off >= 0 ? reinterpret_cast<float*>(wsm + plan.wsum_off) : nullptr;
+  uint32_t* cnt_s = kFull && plan.cnt_off >= 0 ? wsm + plan.cnt_off : nullptr;
+  float* wsum_s =
+      kFull && plan.wsum_off >= 0 ? reinterpret_cast<float*>(wsm + plan.wsum_off) : nullptr;
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {
     if ((valid >> i) & 1u) {
@@ -292,7 +299,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
       if (wsum_s) wsum_s[i * 32 + lane] = 0.f;
     }
   }
-  uint32_t* const cta = plan.cta_off >= 0 ? gate_smem + plan.cta_off : nullptr;
+  uint32_t* const cta = kFull && plan.cta_off >= 0 ? gate_smem + plan.cta_off : nullptr;
   if (cta != nullptr) {
     for (int i = int(threadIdx.x); i < plan.cta_words; i += int(blockDim.x))
       cta[i] = i == 0 ? 0xffffffffu : 0u;
@@ -739,11 +746,17 @@ inline int vpt_for(int64_t E) {
   return E <= 32 ? 1 : E <= 64 ? 2 : E <= 128 ? 4 : E <= 256 ? 8 : E <= 512 ? 16 : 32;
 }
 
-// Launch geometry for a call with p.T > 0 and 1 <= p.E <= kMaxExperts.
-inline GatePlan plan_topk_gate(const GateParams& p, int sm_count) {
+// The full kernel is needed for steering, a group limit or statistics; every other call runs the
+// plain one, compiled without those paths.
+inline bool needs_full_kernel(const GateParams& p) {
+  return p.steer != nullptr || limits_groups(p) || p.any_stats();
+}
+
+// Launch geometry for a call with p.T > 0 and 1 <= p.E <= kMaxExperts, for `warps_per_sm`
+// resident warps per SM.
+inline GatePlan plan_topk_gate(const GateParams& p, int sm_count, int warps_per_sm = kWarpsPerSm) {
   GatePlan c;
-  c.vpt = vpt_for(p.E);
-  const bool group_limited = p.n_group > 1 && p.topk_group < p.n_group;
+  const bool group_limited = limits_groups(p);
   int64_t stage = 2 * p.k;
   if (group_limited && p.E + p.n_group > stage) stage = p.E + p.n_group;
   int64_t words = stage;
@@ -753,7 +766,7 @@ inline GatePlan plan_topk_gate(const GateParams& p, int sm_count) {
   const int64_t warp_bytes = words * int64_t(sizeof(uint32_t));  // <= 16 KiB
 
   const int64_t sms = sm_count > 0 ? sm_count : 1;
-  const int64_t target_warps = sms * kWarpsPerSm;
+  const int64_t target_warps = sms * (warps_per_sm > 0 ? warps_per_sm : 1);
   c.chunk = (p.T + target_warps - 1) / target_warps;
   const int64_t warps = (p.T + c.chunk - 1) / c.chunk;
   // Few tokens: spread the warps over the SMs (one small block each) rather than pack them.
@@ -763,7 +776,7 @@ inline GatePlan plan_topk_gate(const GateParams& p, int sm_count) {
   if (wpb < 1) wpb = 1;
   // The CTA merges its warps' end-of-range statistics (see the header) when it has two warps or
   // more and room for the merge area.
-  const bool sums = p.tokens || p.counts || p.prob_sum || p.weight_sum || p.entropy_sum;
+  const bool sums = p.per_group_stats();
   int64_t cta_words = 8;
   const int32_t cnt = p.counts ? int32_t(cta_words) : -1;
   if (p.counts) cta_words += 2 * p.E;
@@ -788,24 +801,46 @@ inline GatePlan plan_topk_gate(const GateParams& p, int sm_count) {
 
 using GateKernel = void (*)(const GateParams, const GatePlan);
 
-template <int VPT>
+template <int VPT, bool kFull>
 inline GateKernel kernel_for_type(LogitType lt) {
   switch (lt) {
-    case LogitType::F16: return &topk_gate_kernel<VPT, LogitType::F16>;
-    case LogitType::BF16: return &topk_gate_kernel<VPT, LogitType::BF16>;
-    default: return &topk_gate_kernel<VPT, LogitType::F32>;
+    case LogitType::F16: return &topk_gate_kernel<VPT, LogitType::F16, kFull>;
+    case LogitType::BF16: return &topk_gate_kernel<VPT, LogitType::BF16, kFull>;
+    default: return &topk_gate_kernel<VPT, LogitType::F32, kFull>;
   }
 }
 
-inline GateKernel select_kernel(int vpt, LogitType lt) {
+template <bool kFull>
+inline GateKernel kernel_for_tier(int vpt, LogitType lt) {
   switch (vpt) {
-    case 1: return kernel_for_type<1>(lt);
-    case 2: return kernel_for_type<2>(lt);
-    case 4: return kernel_for_type<4>(lt);
-    case 8: return kernel_for_type<8>(lt);
-    case 16: return kernel_for_type<16>(lt);
-    default: return kernel_for_type<32>(lt);
+    case 1: return kernel_for_type<1, kFull>(lt);
+    case 2: return kernel_for_type<2, kFull>(lt);
+    case 4: return kernel_for_type<4, kFull>(lt);
+    case 8: return kernel_for_type<8, kFull>(lt);
+    case 16: return kernel_for_type<16, kFull>(lt);
+    default: return kernel_for_type<32, kFull>(lt);
   }
+}
+
+inline GateKernel select_kernel(const GateParams& p) {
+  const int vpt = vpt_for(p.E);
+  return needs_full_kernel(p) ? kernel_for_tier<true>(vpt, p.logit_type)
+                              : kernel_for_tier<false>(vpt, p.logit_type);
+}
+
+// The plan for the kernel that will run: `blocks_per_sm(kernel, threads, smem_bytes)` is its
+// occupancy (0 if unknown). A grid of more warps than are resident would run in waves, the last
+// one partly idle (at E=256 the plain kernel holds 24 warps per SM, so 32 would make 1.33 waves);
+// planning for the resident count instead gives every warp a longer range in a single wave.
+template <class Occupancy>
+inline GatePlan plan_for_device(const GateParams& p, int sm_count, GateKernel kernel,
+                                Occupancy&& blocks_per_sm) {
+  GatePlan plan = plan_topk_gate(p, sm_count);
+  if (plan.blocks <= (sm_count > 0 ? sm_count : 1)) return plan;  // one CTA per SM at most
+  const int resident =
+      int(blocks_per_sm(kernel, plan.warps_per_block * 32, plan.smem_bytes)) * plan.warps_per_block;
+  if (resident > 0 && resident != kWarpsPerSm) plan = plan_topk_gate(p, sm_count, resident);
+  return plan;
 }
 
 }  // namespace detail

@@ -504,6 +504,28 @@ std::vector<Case> cases() {
     c.bias = true, c.n_group = 8, c.topk_group = 3, c.stats = true, c.seed = 7;
     v.push_back(c);
   }
+  // The cases above and below without steering, group limit or statistics run the plain kernel.
+  {
+    Case c;
+    c.name = "plain sigmoid+bias groups=8/8 renorm bf16";
+    c.T = 700, c.E = 256, c.k = 8, c.lt = LogitType::BF16, c.score = Score::Sigmoid;
+    c.bias = true, c.n_group = 8, c.topk_group = 8, c.group_score = GroupScore::Top2Sum;
+    c.renormalize = true, c.renorm_eps = 1e-20f, c.scale = 2.5f, c.seed = 15;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "plain sqrtsoftplus renorm fp16";
+    c.T = 400, c.E = 128, c.k = 6, c.lt = LogitType::F16, c.score = Score::SqrtSoftplus;
+    c.renormalize = true, c.row_pad = 3, c.seed = 16;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "plain E=1000 k=8 (VPT 32) softmax";
+    c.T = 60, c.E = 1000, c.k = 8, c.seed = 17;
+    v.push_back(c);
+  }
   {
     Case c;
     c.name = "NaN/inf logits, select_on=logits softmax";

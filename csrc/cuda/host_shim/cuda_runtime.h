@@ -74,6 +74,9 @@ void lock_atomics();
 void unlock_atomics();
 // Number of SMs the gate launcher plans for (environment MOE_ROUTE_EMU_SMS, default 2).
 int sm_count();
+// Resident warps per SM the emulated occupancy reports: 12, not the launcher's first guess of 32,
+// so that the emulated runs take the re-planned grid.
+int resident_warps();
 
 template <class Kernel>
 void launch(int grid, int block, bool cooperative, Kernel&& kernel) {

@@ -142,6 +142,8 @@ int sm_count() {
   return n > 0 ? n : 2;
 }
 
+int resident_warps() { return 12; }
+
 void run_grid(int grid, int block, bool cooperative, void (*thunk)(void*), void* kernel) {
   if (block < 1 || (cooperative && block % 32 != 0)) {
     std::fprintf(stderr, "emu: block of %d threads\n", block);

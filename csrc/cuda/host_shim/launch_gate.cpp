@@ -13,13 +13,16 @@ alignas(16) uint32_t gate_smem[kSmemPerBlock / sizeof(uint32_t)];
 cudaError_t launch_topk_gate(const GateParams& p, cudaStream_t) {
   if (p.T <= 0) return cudaSuccess;
   if (p.E < 1 || p.E > detail::kMaxExperts || p.k < 1 || p.k > p.E) return cudaErrorInvalidValue;
-  const detail::GatePlan plan = detail::plan_topk_gate(p, emu::sm_count());
+  const detail::GateKernel kernel = detail::select_kernel(p);
+  const auto occupancy = [](detail::GateKernel, int threads, size_t) {
+    return emu::resident_warps() / (threads / 32);
+  };
+  const detail::GatePlan plan = detail::plan_for_device(p, emu::sm_count(), kernel, occupancy);
   if (plan.smem_bytes > sizeof(detail::gate_smem)) {
     std::fprintf(stderr, "emu: topk_gate plans %zu bytes of shared memory\n", plan.smem_bytes);
     std::abort();
   }
   std::memset(detail::gate_smem, 0xa5, sizeof(detail::gate_smem));  // not zeros: as on a GPU
-  const detail::GateKernel kernel = detail::select_kernel(plan.vpt, p.logit_type);
   emu::launch(plan.blocks, plan.warps_per_block * 32, true, [&] { kernel(p, plan); });
   return cudaSuccess;
 }
