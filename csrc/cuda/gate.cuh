@@ -16,9 +16,10 @@
 // former and 24-40 of the latter. Every feature the plain kernel keeps runs the same code in both.
 //
 // Selection: every expert gets the same packed 64-bit key as on the CPU (tier | order-preserving
-// value bits | 2^30-1-index); k rounds of "per-lane best + butterfly max" pick the keys in
-// descending order. Experts already chosen, outside the chosen groups or past E are excluded by a
-// per-lane bitmask (`avail`), never by a sentinel value. Groups (n_group > 1) are scored from a
+// value bits | 2^30-1-index); k rounds of "per-lane best + warp max" pick the keys in
+// descending order (the warp max is two REDUX instructions from sm_80 on: warp_max_key). Experts
+// already chosen, outside the chosen groups or past E are excluded by a per-lane bitmask
+// (`avail`), never by a sentinel value. Groups (n_group > 1) are scored from a
 // per-warp shared-memory copy of the selection values, one group per lane, and the topk_group
 // groups are picked by the same key rule.
 //
@@ -165,13 +166,46 @@ __device__ __forceinline__ void warp_softmax_norm(const float (&x)[VPT], uint32_
   sum_out = warp_sum(s);
 }
 
+// The largest key of the warp. From sm_80 on, two 32-bit max-reductions (one REDUX instruction
+// each): the largest high word, then the largest low word among the lanes that hold it. That is
+// the 64-bit maximum, for 4 instructions instead of 5 butterfly stages of 6 (two shuffles, a
+// 64-bit compare, two selects), and it runs k times per token.
 __device__ __forceinline__ uint64_t warp_max_key(uint64_t x) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  const uint32_t hi = __reduce_max_sync(kFullMask, uint32_t(x >> 32));
+  const uint32_t lo = __reduce_max_sync(kFullMask, uint32_t(x >> 32) == hi ? uint32_t(x) : 0u);
+  return (uint64_t(hi) << 32) | lo;
+#else
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
     const uint64_t y = __shfl_xor_sync(kFullMask, (unsigned long long)x, o);
     x = y > x ? y : x;
   }
   return x;
+#endif
+}
+
+// Sorts a lane's keys in descending order in registers (bitonic network; N a power of two).
+template <int N>
+__device__ __forceinline__ void sort_descending(uint64_t (&a)[N]) {
+#pragma unroll
+  for (int size = 2; size <= N; size <<= 1) {
+#pragma unroll
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        const int j = i ^ stride;
+        if (j > i) {
+          // Runs of `size` alternate direction; the last merge (size == N) is descending.
+          const bool descending = (i & size) == 0;
+          const uint64_t x = a[i], y = a[j];
+          const bool swap = descending ? x < y : x > y;
+          a[i] = swap ? y : x;
+          a[j] = swap ? x : y;
+        }
+      }
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -217,6 +251,10 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
   constexpr bool kPrefetch = VPT <= 16;
   // Caching the packed keys costs 2*VPT registers and saves rebuilding them every round.
   constexpr bool kCacheKeys = VPT <= 16;
+  // Sorting them once (a bitonic network: 0, 1, 6, 24 compare-exchanges for VPT 1, 2, 4, 8)
+  // replaces each round's scan of VPT keys by a pop; at VPT 16 the 80 exchanges would cost more
+  // than the scans they save unless k is large.
+  constexpr bool kSortKeys = VPT <= 8;
 
   extern __shared__ __align__(16) uint32_t gate_smem[];
 
@@ -529,25 +567,42 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
       return ((fon >> i) & 1u) ? kTierForcedOn
                                : (((foff >> i) & 1u) ? kTierForcedOff : kTierNormal);
     };
+    // With its keys sorted (kSortKeys), a lane's best remaining key is keys[0] and the round's
+    // winner pops it; otherwise every round scans the lane's available keys. Unavailable experts
+    // get key 0, below every real key (whose index field is >= 2^30 - 1024).
     uint64_t keys[kCacheKeys ? VPT : 1];
     if constexpr (kCacheKeys) {
 #pragma unroll
-      for (int i = 0; i < VPT; ++i) keys[i] = make_key(tier_of(i), ord[i], uint32_t(i * 32 + lane));
+      for (int i = 0; i < VPT; ++i)
+        keys[i] = ((avail >> i) & 1u) ? make_key(tier_of(i), ord[i], uint32_t(i * 32 + lane)) : 0;
+      if constexpr (kSortKeys) sort_descending(keys);
     }
     for (int j = 0; j < k; ++j) {
       uint64_t best = 0;
+      if constexpr (kSortKeys) {
+        best = keys[0];
+      } else {
 #pragma unroll
-      for (int i = 0; i < VPT; ++i) {
-        if ((avail >> i) & 1u) {
-          uint64_t key;
-          if constexpr (kCacheKeys) key = keys[i];
-          else key = make_key(tier_of(i), ord[i], uint32_t(i * 32 + lane));
-          best = key > best ? key : best;
+        for (int i = 0; i < VPT; ++i) {
+          if ((avail >> i) & 1u) {
+            uint64_t key;
+            if constexpr (kCacheKeys) key = keys[i];
+            else key = make_key(tier_of(i), ord[i], uint32_t(i * 32 + lane));
+            best = key > best ? key : best;
+          }
         }
       }
       // k <= number of eligible experts (checked by prepare_gate), so a winner always exists.
       const int idx = key_index(warp_max_key(best));
-      if ((idx & 31) == lane) avail &= ~(1u << (idx >> 5));
+      if ((idx & 31) == lane) {
+        if constexpr (kSortKeys) {
+#pragma unroll
+          for (int i = 0; i + 1 < VPT; ++i) keys[i] = keys[i + 1];
+          keys[VPT - 1] = 0;
+        } else {
+          avail &= ~(1u << (idx >> 5));
+        }
+      }
       if (lane == 0) sel_id[j] = idx;
     }
     __syncwarp();  // publish sel_id

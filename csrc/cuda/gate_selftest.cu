@@ -522,6 +522,12 @@ std::vector<Case> cases() {
   }
   {
     Case c;
+    c.name = "plain E=8 k=2 softmax renorm (Mixtral)";
+    c.T = 300, c.E = 8, c.k = 2, c.renormalize = true, c.seed = 18;
+    v.push_back(c);
+  }
+  {
+    Case c;
     c.name = "plain E=1000 k=8 (VPT 32) softmax";
     c.T = 60, c.E = 1000, c.k = 8, c.seed = 17;
     v.push_back(c);

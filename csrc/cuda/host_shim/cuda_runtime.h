@@ -67,6 +67,7 @@ void run_grid(int grid, int block, bool cooperative, void (*thunk)(void*), void*
 uint64_t shuffle(uint64_t value, int src_lane);      // the value of lane src_lane
 uint32_t ballot(bool predicate);                     // bit l: lane l's predicate
 uint32_t match_any(uint64_t value);                   // lanes whose value equals this lane's
+uint32_t reduce_max(uint32_t value);                  // the largest value of the warp
 void syncwarp();
 void syncthreads();
 int lane();
@@ -107,6 +108,7 @@ inline void __syncwarp(unsigned = 0xffffffffu) { emu::syncwarp(); }
 inline void __syncthreads() { emu::syncthreads(); }
 inline int __any_sync(unsigned, int predicate) { return emu::ballot(predicate != 0) != 0u; }
 inline unsigned __ballot_sync(unsigned, int predicate) { return emu::ballot(predicate != 0); }
+inline unsigned __reduce_max_sync(unsigned, unsigned value) { return emu::reduce_max(value); }
 template <class T>
 inline unsigned __match_any_sync(unsigned, T value) {
   return emu::match_any(uint64_t(int64_t(value)));

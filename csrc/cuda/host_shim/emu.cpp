@@ -1,4 +1,5 @@
 // The host emulator behind cuda_runtime.h (see there).
+#include <algorithm>
 #include <condition_variable>
 #include <cstdio>
 #include <mutex>
@@ -121,6 +122,16 @@ uint32_t match_any(uint64_t value) {
   for (int l = 0; l < 32; ++l) bits |= uint32_t(w.slot[l] == value) << l;
   w.barrier.arrive_and_wait("warp match");
   return bits;
+}
+
+uint32_t reduce_max(uint32_t value) {
+  Warp& w = warp();
+  w.slot[t_lane] = value;
+  w.barrier.arrive_and_wait("warp reduce");
+  uint32_t m = 0;
+  for (int l = 0; l < 32; ++l) m = std::max(m, uint32_t(w.slot[l]));
+  w.barrier.arrive_and_wait("warp reduce");
+  return m;
 }
 
 void syncwarp() { warp().barrier.arrive_and_wait("__syncwarp"); }
