@@ -38,7 +38,10 @@
 // row, the k slots are visited in j order and acc = __fadd_rn(acc, __fmul_rn(float(y), w)) in fp32
 // (never contracted into an FMA: the reference rounds the product and the sum separately), skipping
 // slots with slot_row < 0, then rounded to the output type with round-to-nearest-even. No atomics;
-// each output element is written by exactly one thread, so results are bit-reproducible.
+// each output element is written by exactly one thread, so results are bit-reproducible. A token's
+// first kSlotsInRegs row indices and weights are loaded once, before its chunks, and each chunk
+// issues the loads of those slots' vectors before it adds any of them. Loading the index, then the
+// row, one slot at a time would leave one 16-byte load in flight per thread.
 //
 // Index arithmetic is int64 throughout (T*k*H and R*H may exceed 2^31). Index values inside
 // row_slot / slot_row are the caller's contract (they come from dispatch_plan): the kernels cannot
@@ -70,6 +73,7 @@ constexpr int kFillPerThread = 8;                // row_slot entries per fill th
 constexpr int kMaxFillBlocks = 4096;
 constexpr int kRowThreads = 256;                 // permute / unpermute CTA size
 constexpr int kCopyUnroll = 4;
+constexpr int kSlotsInRegs = 8;                  // unpermute: slots held in registers
 constexpr int64_t kMaxGrid = int64_t(1) << 20;   // grid-stride loops cover the rest
 
 static_assert(kMaxExperts % kScanThreads == 0, "scan chunking");
@@ -466,18 +470,35 @@ __global__ void __launch_bounds__(kRowThreads)
   for (int64_t tok = int64_t(blockIdx.x) * rpc + group; tok < p.T;
        tok += int64_t(gridDim.x) * rpc) {
     const int64_t s0 = tok * k;
+    int64_t rows[kSlotsInRegs];
+    float w[kSlotsInRegs];
+#pragma unroll
+    for (int j = 0; j < kSlotsInRegs; ++j) {
+      rows[j] = j < k ? int64_t(__ldg(slot_row + s0 + j)) : -1;
+      w[j] = rows[j] >= 0 ? __ldg(weights + s0 + j) : 0.f;
+    }
     for (int64_t i = t; i < n_vec; i += tpr) {
+      P v[kSlotsInRegs];
+#pragma unroll
+      for (int j = 0; j < kSlotsInRegs; ++j)
+        if (rows[j] >= 0) v[j] = y[rows[j] * n_vec + i];
       float acc[VEC];
 #pragma unroll
       for (int c = 0; c < VEC; ++c) acc[c] = 0.f;
-#pragma unroll 4
-      for (int64_t j = 0; j < k; ++j) {
+#pragma unroll
+      for (int j = 0; j < kSlotsInRegs; ++j) {
+        if (rows[j] < 0) continue;
+#pragma unroll
+        for (int c = 0; c < VEC; ++c)
+          acc[c] = __fadd_rn(acc[c], __fmul_rn(to_f32<T>(v[j].v[c]), w[j]));
+      }
+      for (int64_t j = kSlotsInRegs; j < k; ++j) {  // k > kSlotsInRegs: the rest, one by one
         const int64_t r = __ldg(slot_row + s0 + j);
         if (r < 0) continue;
-        const float w = __ldg(weights + s0 + j);
-        const P v = y[r * n_vec + i];
+        const float wj = __ldg(weights + s0 + j);
+        const P vj = y[r * n_vec + i];
 #pragma unroll
-        for (int c = 0; c < VEC; ++c) acc[c] = __fadd_rn(acc[c], __fmul_rn(to_f32<T>(v.v[c]), w));
+        for (int c = 0; c < VEC; ++c) acc[c] = __fadd_rn(acc[c], __fmul_rn(to_f32<T>(vj.v[c]), wj));
       }
       P o;
 #pragma unroll

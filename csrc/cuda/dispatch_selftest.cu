@@ -284,6 +284,7 @@ int main() {
       {"many_tiles_E8", 4000, 8, 8, 1, 16, true, 0, 6},        // G > 1 column groups
       {"E4096", 700, 8, 4096, 2, 32, false, 0, 7},             // one warp per CTA, per = 4
       {"E1500", 2000, 6, 1500, 1, 8, true, 0, 8},              // E > scan threads
+      {"k12", 150, 12, 40, 1, 24, true, 0, 9},                 // unpermute: slots past kSlotsInRegs
   };
   for (const Case& c : cases) run_case(c);
   std::printf("%s (%d failing case%s)\n", g_failures ? "FAILED" : "PASSED", g_failures,
