@@ -73,7 +73,7 @@ constexpr int kFillPerThread = 8;                // row_slot entries per fill th
 constexpr int kMaxFillBlocks = 4096;
 constexpr int kRowThreads = 256;                 // permute / unpermute CTA size
 constexpr int kCopyUnroll = 4;
-constexpr int kSlotsInRegs = 8;                  // unpermute: slots held in registers
+constexpr int kSlotsInRegs = 8;                  // unpermute: a token's slots held in registers
 constexpr int64_t kMaxGrid = int64_t(1) << 20;   // grid-stride loops cover the rest
 
 static_assert(kMaxExperts % kScanThreads == 0, "scan chunking");
