@@ -1,0 +1,108 @@
+"""Registers, spills and resident warps of every CUDA kernel, from ptxas; no GPU needed.
+
+    python bench/kernel_resources.py [--arch sm_90a] [--filter gate]
+
+Compiles ``csrc/cuda/gate.cu`` and ``csrc/cuda/dispatch.cu`` with ``nvcc -Xptxas -v`` (about a
+minute) and prints one row per kernel. "warps/SM" is what the register file holds (65,536 registers
+per SM, 64 warps at most, allocation in units of 256 registers per warp), in whole CTAs of the
+kernel's launch size; shared memory, which depends on the call, is not counted. These are the
+figures behind bench/RESULTS.md's register tables; on a GPU, ``bench/gpu_profile.sh`` measures
+the achieved occupancy instead.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = ("csrc/cuda/gate.cu", "csrc/cuda/dispatch.cu")
+REGS_PER_SM, MAX_WARPS_PER_SM, REG_UNIT = 65536, 64, 256
+CTA_THREADS = {"topk_gate_kernel": 256, "permute_kernel": 256, "unpermute_kernel": 256,
+               "plan_scan_kernel": 1024}  # the plan's hist/scatter CTAs vary with E: not listed
+
+LOGIT_TYPES = {"0": "fp32", "1": "fp16", "2": "bf16"}
+ELEM_TYPES = {"f": "fp32", "6__half": "fp16", "13__nv_bfloat16": "bf16"}
+
+
+def kernel_label(mangled: str) -> str:
+    """A readable name for the kernels this project defines (else the mangled one)."""
+    m = re.search(r"topk_gate_kernelILi(\d+)ELNS_9LogitTypeE(\d)ELb([01])", mangled)
+    if m:
+        variant = "full" if m.group(3) == "1" else "plain"
+        return f"topk_gate VPT={m.group(1)} {LOGIT_TYPES[m.group(2)]} {variant}"
+    m = re.search(r"unpermute_kernelI(13__nv_bfloat16|6__half|f)Li(\d+)E", mangled)
+    if m:
+        return f"unpermute {ELEM_TYPES[m.group(1)]} x{m.group(2)}"
+    m = re.search(r"permute_kernelILi(\d+)E", mangled)
+    if m:
+        return f"permute {m.group(1)}-byte copies"
+    m = re.search(r"(plan_\w+_kernel)", mangled)
+    return m.group(1) if m else mangled
+
+
+def resident_warps(regs: int, cta_threads: int) -> int:
+    per_warp = -(-regs * 32 // REG_UNIT) * REG_UNIT
+    warps = min(REGS_PER_SM // per_warp, MAX_WARPS_PER_SM)
+    cta_warps = cta_threads // 32
+    return warps // cta_warps * cta_warps
+
+
+def parse_ptxas(text: str) -> list[tuple[str, int, int]]:
+    """(mangled kernel, registers, spill-store bytes) per entry function in ptxas -v output."""
+    rows, name, spill = [], None, 0
+    for line in text.splitlines():
+        m = re.search(r"Compiling entry function '(\S+)'", line)
+        if m:
+            name, spill = m.group(1), 0
+            continue
+        m = re.search(r"(\d+) bytes spill stores", line)
+        if m:
+            spill = int(m.group(1))
+            continue
+        m = re.search(r"Used (\d+) registers", line)
+        if m and name:
+            rows.append((name, int(m.group(1)), spill))
+            name = None
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="sm_90a", help="nvcc -arch (default sm_90a)")
+    ap.add_argument("--filter", default="", help="only kernels whose label contains this text")
+    args = ap.parse_args(argv)
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        print("kernel_resources: nvcc not found on PATH", file=sys.stderr)
+        return 1
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for src in SOURCES:
+            cmd = [nvcc, "-std=c++17", "-O3", f"-arch={args.arch}", "-I", str(ROOT / "csrc"),
+                   "-Xptxas", "-v", "-c", str(ROOT / src), "-o", str(Path(tmp) / "k.o")]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(done.stderr, file=sys.stderr)
+                return done.returncode
+            rows += parse_ptxas(done.stderr)
+    print(f"{'kernel':<36} {'registers':>9} {'spilled B':>9} {'warps/SM':>8}   ({args.arch})")
+    def order(row):  # numbers compared as numbers (VPT=2 before VPT=16)
+        return re.sub(r"\d+", lambda m: m.group().zfill(5), kernel_label(row[0]))
+
+    for mangled, regs, spill in sorted(rows, key=order):
+        label = kernel_label(mangled)
+        if args.filter not in label:
+            continue
+        cta = next((n for k, n in CTA_THREADS.items() if k in mangled), None)
+        warps = str(resident_warps(regs, cta)) if cta else "-"
+        print(f"{label:<36} {regs:>9} {spill:>9} {warps:>8}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

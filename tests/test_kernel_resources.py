@@ -1,0 +1,55 @@
+"""bench/kernel_resources.py: the ptxas report it parses and the occupancy it derives."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "bench" / "kernel_resources.py"
+_spec = importlib.util.spec_from_file_location("kernel_resources", _PATH)
+kr = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(kr)
+
+# What ptxas -v printed for two of the kernels (nvcc 13.0, sm_90a).
+PTXAS = """\
+ptxas info    : Compiling entry function '_ZN9moe_route4cuda6detail16topk_gate_kernelILi4ELNS_9LogitTypeE2ELb0EEEvNS_10GateParamsENS1_8GatePlanE' for 'sm_90a'
+ptxas info    : Function properties for _ZN9moe_route4cuda6detail16topk_gate_kernelILi4ELNS_9LogitTypeE2ELb0EEEvNS_10GateParamsENS1_8GatePlanE
+    24 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads
+ptxas info    : Used 48 registers, used 0 barriers, 24 bytes cumulative stack size
+ptxas info    : Compiling entry function '_ZN9moe_route4cuda6detail16unpermute_kernelI13__nv_bfloat16Li8EEEvNS_15UnpermuteParamsEil' for 'sm_90a'
+ptxas info    : Function properties for _ZN9moe_route4cuda6detail16unpermute_kernelI13__nv_bfloat16Li8EEEvNS_15UnpermuteParamsEil
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 128 registers, used 0 barriers
+"""
+
+
+def test_parse_ptxas_reads_registers_and_spills_per_kernel():
+    rows = kr.parse_ptxas(PTXAS)
+    assert [(kr.kernel_label(name), regs, spill) for name, regs, spill in rows] == [
+        ("topk_gate VPT=4 bf16 plain", 48, 8), ("unpermute bf16 x8", 128, 0)]
+
+
+@pytest.mark.parametrize("mangled, label", [
+    ("_ZN9moe_route4cuda6detail16topk_gate_kernelILi32ELNS_9LogitTypeE0ELb1EEEvNS_10GateParams",
+     "topk_gate VPT=32 fp32 full"),
+    ("_ZN9moe_route4cuda6detail14permute_kernelILi16EEEvNS_13PermuteParamsEil",
+     "permute 16-byte copies"),
+    ("_ZN9moe_route4cuda6detail16unpermute_kernelI6__halfLi1EEEvNS_15UnpermuteParamsEil",
+     "unpermute fp16 x1"),
+    ("_ZN9moe_route4cuda6detail16plan_scan_kernelENS_10PlanParamsElPl", "plan_scan_kernel"),
+])
+def test_kernel_labels(mangled, label):
+    assert kr.kernel_label(mangled) == label
+
+
+@pytest.mark.parametrize("regs, cta_threads, warps", [
+    (40, 256, 48),    # 51 warps' worth of registers, whole CTAs of 8 warps
+    (48, 256, 40),
+    (80, 256, 24),
+    (128, 256, 16),
+    (113, 256, 16),   # allocated as 120 per thread: 17 warps
+    (255, 256, 8),
+    (16, 256, 64),    # the 64-warp limit, not the register file
+    (44, 1024, 32),   # one 32-warp CTA fits, two do not
+])
+def test_resident_warps(regs, cta_threads, warps):
+    assert kr.resident_warps(regs, cta_threads) == warps
