@@ -42,6 +42,28 @@ def test_cpu_and_cuda_agree(name, T, E, k):
     torch.testing.assert_close(w_gpu.cpu(), w_cpu, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", SPECS)
+@pytest.mark.parametrize("E,k", [(8, 2), (64, 8), (128, 8), (256, 8), (512, 8), (1000, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_plain_and_full_kernels_route_alike(name, E, k, dtype):
+    """A call without steering, group limit or statistics runs the plain kernel; adding statistics
+    (or a zero steering table) runs the full one. Ids and weights must not change, bit for bit."""
+    spec = SPECS[name]
+    x = torch.randn(2000, E, generator=torch.Generator().manual_seed(E)).to("cuda", dtype)
+    bias = torch.linspace(-0.01, 0.01, E, device="cuda") if name == "deepseek_v3" else None
+    plain_spec = spec if spec.n_group == 1 else RouterSpec(
+        score=spec.score, renormalize=spec.renormalize, renorm_eps=spec.renorm_eps,
+        scale=spec.scale)  # no group limit: the plain kernel
+    w, ids = moe_route.topk_gate(x, k, plain_spec, selection_bias=bias)
+    stats = GateStats.zeros(1, E, device="cuda", coact=True)
+    w_stats, ids_stats = moe_route.topk_gate(x, k, plain_spec, selection_bias=bias, stats=stats)
+    w_steer, ids_steer = moe_route.topk_gate(x, k, plain_spec, selection_bias=bias,
+                                             steer=moe_route.SteerSpec(add={0: 0.0}))
+    assert torch.equal(ids, ids_stats) and torch.equal(ids, ids_steer)
+    assert torch.equal(w, w_stats) and torch.equal(w, w_steer)
+    assert int(stats.tokens.sum()) == x.shape[0]
+
+
 def test_graph_capture_and_replay_with_stats():
     T, E, k = 256, 64, 8
     x = torch.randn(T, E, device="cuda")
