@@ -682,17 +682,19 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
     if (tok_dense) {
       float h_part = 0.f, entropy;
       if (dense_softmax) {
-        // H = log S - sum_e q_e (z_e - max): one log per token instead of E.
+        // As on the CPU: q = e * (1/S) and H = log S - (sum_e e (z_e - max)) / S with
+        // e = exp(z_e - max), so one log and two divisions per token instead of E of each.
+        const float inv = 1.f / w_sum;
 #pragma unroll
         for (int i = 0; i < VPT; ++i) {
           if ((valid >> i) & 1u) {
             const float d = zw[i] - w_max;
-            const float q = expf(d) / w_sum;
-            prob_acc[i] += q;
-            h_part += q > 0.f ? __fmul_rn(q, d) : 0.f;
+            const float e = expf(d);
+            prob_acc[i] += __fmul_rn(e, inv);
+            h_part += e > 0.f ? __fmul_rn(e, d) : 0.f;
           }
         }
-        entropy = logf(w_sum) - warp_sum(h_part);
+        entropy = logf(w_sum) - warp_sum(h_part) / w_sum;
       } else {
         // q = s / sum(s), uniform when the sum is 0.
         float sc[VPT];
@@ -703,10 +705,11 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
           tp += sc[i];
         }
         const float total = warp_sum(tp);
+        const float inv = total > 0.f ? 1.f / total : 0.f, uniform = 1.f / float(E);
 #pragma unroll
         for (int i = 0; i < VPT; ++i) {
           if ((valid >> i) & 1u) {
-            const float q = total > 0.f ? sc[i] / total : 1.f / float(E);
+            const float q = total > 0.f ? __fmul_rn(sc[i], inv) : uniform;
             prob_acc[i] += q;
             h_part += q > 0.f ? __fmul_rn(q, logf(q)) : 0.f;
           }
