@@ -116,6 +116,11 @@ __device__ __forceinline__ uint32_t order_bits(float v) {
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
+// The float with order image u (order_bits(from_order_bits(u)) == u; -0.0 comes back as +0.0).
+__device__ __forceinline__ float from_order_bits(uint32_t u) {
+  return __uint_as_float((u & 0x80000000u) ? (u & 0x7fffffffu) : ~u);
+}
+
 __device__ __forceinline__ uint64_t make_key(uint32_t tier, uint32_t ord, uint32_t index) {
   return (uint64_t(tier) << 62) | (uint64_t(ord) << kIndexBits) | (kIndexMask - uint64_t(index));
 }
@@ -166,23 +171,28 @@ __device__ __forceinline__ void warp_softmax_norm(const float (&x)[VPT], uint32_
   sum_out = warp_sum(s);
 }
 
-// The largest key of the warp. From sm_80 on, two 32-bit max-reductions (one REDUX instruction
-// each): the largest high word, then the largest low word among the lanes that hold it. That is
-// the 64-bit maximum, for 4 instructions instead of 5 butterfly stages of 6 (two shuffles, a
-// 64-bit compare, two selects), and it runs k times per token.
-__device__ __forceinline__ uint64_t warp_max_key(uint64_t x) {
+// The largest value of the warp: one REDUX instruction from sm_80 on, else a butterfly.
+__device__ __forceinline__ uint32_t warp_max_u32(uint32_t x) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  const uint32_t hi = __reduce_max_sync(kFullMask, uint32_t(x >> 32));
-  const uint32_t lo = __reduce_max_sync(kFullMask, uint32_t(x >> 32) == hi ? uint32_t(x) : 0u);
-  return (uint64_t(hi) << 32) | lo;
+  return __reduce_max_sync(kFullMask, x);
 #else
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
-    const uint64_t y = __shfl_xor_sync(kFullMask, (unsigned long long)x, o);
+    const uint32_t y = __shfl_xor_sync(kFullMask, x, o);
     x = y > x ? y : x;
   }
   return x;
 #endif
+}
+
+// The largest key of the warp: the largest high word, then the largest low word among the lanes
+// that hold it. That is the 64-bit maximum, and from sm_80 on it is two REDUX instructions
+// instead of 5 butterfly stages of 6 (two shuffles, a 64-bit compare, two selects); it runs k
+// times per token.
+__device__ __forceinline__ uint64_t warp_max_key(uint64_t x) {
+  const uint32_t hi = warp_max_u32(uint32_t(x >> 32));
+  const uint32_t lo = warp_max_u32(uint32_t(x >> 32) == hi ? uint32_t(x) : 0u);
+  return (uint64_t(hi) << 32) | lo;
 }
 
 // Sorts a lane's keys in descending order in registers (bitonic network; N a power of two).
@@ -510,28 +520,48 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
     if (group_limited) {
       float* vbuf = reinterpret_cast<float*>(wsm);  // [E]
       float* gscore = vbuf + E;                     // [n_group], read back by the owner only
+      if (gsize == 32) {
+        // Group i is register slot i of every lane (DeepSeek-V3: 256 experts in 8 groups). Its
+        // largest value is a warp max of the order images; the second largest, a warp max
+        // without the lowest lane that holds the first (a multiset result, as in the scan).
+        // Image 0 stands for "left out": every real image is larger.
 #pragma unroll
-      for (int i = 0; i < VPT; ++i)
-        if ((valid >> i) & 1u) vbuf[i * 32 + lane] = v[i];
-      __syncwarp();
-      for (int m = 0; m < gpl; ++m) {
-        const int g2 = m * 32 + lane;
-        if (g2 < n_group) {
-          // The two largest values (a multiset result, so the scan order does not matter).
-          const float* gv = vbuf + g2 * gsize;
-          float a = -kFltMax, b = -kFltMax;
-          int j = grot;
-          for (int n = 0; n < gsize; ++n) {
-            const float x = gv[j];
-            if (x > a) {
-              b = a;
-              a = x;
-            } else if (x > b) {
-              b = x;
+        for (int i = 0; i < VPT; ++i) {
+          if (i < n_group) {
+            const uint32_t o = order_bits(v[i]);
+            const uint32_t a = warp_max_u32(o);
+            float score = from_order_bits(a);
+            if (p.group_score != GroupScore::Max) {
+              const int owner = __ffs(__ballot_sync(kFullMask, o == a)) - 1;
+              score = sanitize(score + from_order_bits(warp_max_u32(lane == owner ? 0u : o)));
             }
-            j = j + 1 == gsize ? 0 : j + 1;
+            if (lane == i) gscore[i] = score;
           }
-          gscore[g2] = p.group_score == GroupScore::Max ? a : sanitize(gsize > 1 ? a + b : a);
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < VPT; ++i)
+          if ((valid >> i) & 1u) vbuf[i * 32 + lane] = v[i];
+        __syncwarp();
+        for (int m = 0; m < gpl; ++m) {
+          const int g2 = m * 32 + lane;
+          if (g2 < n_group) {
+            // The two largest values (a multiset result, so the scan order does not matter).
+            const float* gv = vbuf + g2 * gsize;
+            float a = -kFltMax, b = -kFltMax;
+            int j = grot;
+            for (int n = 0; n < gsize; ++n) {
+              const float x = gv[j];
+              if (x > a) {
+                b = a;
+                a = x;
+              } else if (x > b) {
+                b = x;
+              }
+              j = j + 1 == gsize ? 0 : j + 1;
+            }
+            gscore[g2] = p.group_score == GroupScore::Max ? a : sanitize(gsize > 1 ? a + b : a);
+          }
         }
       }
       uint32_t taken = 0;  // bit m: group m*32 + lane chosen

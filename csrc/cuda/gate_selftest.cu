@@ -559,6 +559,13 @@ std::vector<Case> cases() {
     v.push_back(c);
   }
   {
+    Case c;  // groups of 32 (one register slot each), top-2 sums with tied maxima
+    c.name = "exact ties, top2_sum groups of 32";
+    c.T = 300, c.E = 256, c.k = 8, c.score = Score::None, c.ties = true, c.renormalize = true;
+    c.n_group = 8, c.topk_group = 3, c.group_score = GroupScore::Top2Sum, c.seed = 19;
+    v.push_back(c);
+  }
+  {
     Case c;  // groups summing two probabilities: selection values must be softmax, not logits
     c.name = "softmax top2_sum groups renorm (Mistral 4)";
     c.T = 300, c.E = 64, c.k = 6, c.n_group = 8, c.topk_group = 3;
