@@ -12,8 +12,8 @@
 // Two variants per (VPT, logit type): the full kernel, and a plain one compiled without steering,
 // the group limit and the statistics, for calls that use none of them (needs_full_kernel). Those
 // paths hold registers for the whole kernel: with nvcc 13.0 for sm_90a the full kernel needs
-// 107-128 registers per thread for E <= 256, the plain one 40-80, so an SM holds 16 warps of the
-// former and 24-40 of the latter. Every feature the plain kernel keeps runs the same code in both.
+// 109-128 registers per thread for E <= 256, the plain one 40-80, so an SM holds 16 warps of the
+// former and 24-48 of the latter (bench/kernel_resources.py). Every feature the plain kernel keeps runs the same code in both.
 //
 // Selection: every expert gets the same packed 64-bit key as on the CPU (tier | order-preserving
 // value bits | 2^30-1-index); k rounds of "per-lane best + warp max" pick the keys in
@@ -125,7 +125,7 @@ __device__ __forceinline__ uint32_t order_bits(float v) {
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
-// The float with order image u (order_bits(from_order_bits(u)) == u; -0.0 comes back as +0.0).
+// The float whose order image is u (the image of -0.0 comes back as +0.0).
 __device__ __forceinline__ float from_order_bits(uint32_t u) {
   return __uint_as_float((u & 0x80000000u) ? (u & 0x7fffffffu) : ~u);
 }
