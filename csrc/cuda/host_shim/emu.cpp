@@ -91,47 +91,48 @@ Warp& warp() {
   return t_block->warps[threadIdx.x / 32];
 }
 
+// One warp collective: every lane posts `value`, then computes its result from all 32 posted
+// values (`combine(slot)`) before any lane may post again.
+template <class Combine>
+auto exchange(uint64_t value, const char* what, Combine&& combine) {
+  Warp& w = warp();
+  w.slot[t_lane] = value;
+  w.barrier.arrive_and_wait(what);
+  const auto result = combine(w.slot);
+  w.barrier.arrive_and_wait(what);
+  return result;
+}
+
 }  // namespace
 
 int lane() { return t_lane; }
 
 uint64_t shuffle(uint64_t value, int src_lane) {
-  Warp& w = warp();
-  w.slot[t_lane] = value;
-  w.barrier.arrive_and_wait("warp shuffle");
-  const uint64_t r = w.slot[src_lane & 31];
-  w.barrier.arrive_and_wait("warp shuffle");
-  return r;
+  return exchange(value, "warp shuffle", [&](const uint64_t* slot) { return slot[src_lane & 31]; });
 }
 
 uint32_t ballot(bool predicate) {
-  Warp& w = warp();
-  w.slot[t_lane] = predicate ? 1u : 0u;
-  w.barrier.arrive_and_wait("warp vote");
-  uint32_t bits = 0;
-  for (int l = 0; l < 32; ++l) bits |= uint32_t(w.slot[l] != 0) << l;
-  w.barrier.arrive_and_wait("warp vote");
-  return bits;
+  return exchange(predicate ? 1u : 0u, "warp vote", [](const uint64_t* slot) {
+    uint32_t bits = 0;
+    for (int l = 0; l < 32; ++l) bits |= uint32_t(slot[l] != 0) << l;
+    return bits;
+  });
 }
 
 uint32_t match_any(uint64_t value) {
-  Warp& w = warp();
-  w.slot[t_lane] = value;
-  w.barrier.arrive_and_wait("warp match");
-  uint32_t bits = 0;
-  for (int l = 0; l < 32; ++l) bits |= uint32_t(w.slot[l] == value) << l;
-  w.barrier.arrive_and_wait("warp match");
-  return bits;
+  return exchange(value, "warp match", [&](const uint64_t* slot) {
+    uint32_t bits = 0;
+    for (int l = 0; l < 32; ++l) bits |= uint32_t(slot[l] == value) << l;
+    return bits;
+  });
 }
 
 uint32_t reduce_max(uint32_t value) {
-  Warp& w = warp();
-  w.slot[t_lane] = value;
-  w.barrier.arrive_and_wait("warp reduce");
-  uint32_t m = 0;
-  for (int l = 0; l < 32; ++l) m = std::max(m, uint32_t(w.slot[l]));
-  w.barrier.arrive_and_wait("warp reduce");
-  return m;
+  return exchange(value, "warp reduce", [](const uint64_t* slot) {
+    uint32_t m = 0;
+    for (int l = 0; l < 32; ++l) m = std::max(m, uint32_t(slot[l]));
+    return m;
+  });
 }
 
 void syncwarp() { warp().barrier.arrive_and_wait("__syncwarp"); }
