@@ -454,6 +454,13 @@ inline RowLaunch unpermute_launch(const UnpermuteParams& p) {
   return {vec ? kVec : 1, n_vec, tpr, grid_for_rows(p.T, tpr)};
 }
 
+// acc += float(v) * w, rounding the product and the sum separately (the reference's order).
+template <typename T, int VEC>
+__device__ __forceinline__ void add_weighted(float (&acc)[VEC], const Pack<T, VEC>& v, float w) {
+#pragma unroll
+  for (int c = 0; c < VEC; ++c) acc[c] = __fadd_rn(acc[c], __fmul_rn(to_f32<T>(v.v[c]), w));
+}
+
 // VEC: elements per access (16 / sizeof(T) on the vector path, 1 otherwise).
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kRowThreads)
@@ -486,19 +493,11 @@ __global__ void __launch_bounds__(kRowThreads)
 #pragma unroll
       for (int c = 0; c < VEC; ++c) acc[c] = 0.f;
 #pragma unroll
-      for (int j = 0; j < kSlotsInRegs; ++j) {
-        if (rows[j] < 0) continue;
-#pragma unroll
-        for (int c = 0; c < VEC; ++c)
-          acc[c] = __fadd_rn(acc[c], __fmul_rn(to_f32<T>(v[j].v[c]), w[j]));
-      }
+      for (int j = 0; j < kSlotsInRegs; ++j)
+        if (rows[j] >= 0) add_weighted(acc, v[j], w[j]);
       for (int64_t j = kSlotsInRegs; j < k; ++j) {  // k > kSlotsInRegs: the rest, one by one
         const int64_t r = __ldg(slot_row + s0 + j);
-        if (r < 0) continue;
-        const float wj = __ldg(weights + s0 + j);
-        const P vj = y[r * n_vec + i];
-#pragma unroll
-        for (int c = 0; c < VEC; ++c) acc[c] = __fadd_rn(acc[c], __fmul_rn(to_f32<T>(vj.v[c]), wj));
+        if (r >= 0) add_weighted(acc, y[r * n_vec + i], __ldg(weights + s0 + j));
       }
       P o;
 #pragma unroll
