@@ -3,8 +3,9 @@
 //
 // Thread mapping: one warp per token. Lane l holds experts i*32 + l (i < VPT, VPT = ceil(E/32)
 // rounded up to a compile-time tier 1, 2, 4, 8, 16, 32, so E <= 1024) in registers; loads are
-// coalesced across the warp. Every reduction over experts is a per-lane loop plus a butterfly
-// (xor) shuffle, so all lanes end with bit-identical results. Each warp owns a contiguous range of
+// coalesced across the warp. Every reduction over experts is a per-lane loop plus a warp-wide
+// step (a butterfly of xor shuffles, or REDUX for integer maxima), so all lanes end with
+// bit-identical results. Each warp owns a contiguous range of
 // tokens and prefetches the next token's row while working on the current one. The grid is
 // persistent: sized from the kernel's occupancy (plan_for_device) so that every warp is resident
 // at once, one wave.
@@ -12,16 +13,17 @@
 // Two variants per (VPT, logit type): the full kernel, and a plain one compiled without steering,
 // the group limit and the statistics, for calls that use none of them (needs_full_kernel). Those
 // paths hold registers for the whole kernel: with nvcc 13.0 for sm_90a the full kernel needs
-// 109-128 registers per thread for E <= 256, the plain one 40-80, so an SM holds 16 warps of the
-// former and 24-48 of the latter (bench/kernel_resources.py). Every feature the plain kernel keeps runs the same code in both.
+// 113-128 registers per thread for E <= 256, the plain one 40-80, so an SM holds 16 warps of the
+// former and 24-48 of the latter (bench/kernel_resources.py). Every feature the plain kernel keeps
+// runs the same code in both.
 //
 // Selection: every expert gets the same packed 64-bit key as on the CPU (tier | order-preserving
 // value bits | 2^30-1-index); k rounds of "per-lane best + warp max" pick the keys in
 // descending order (the warp max is two REDUX instructions from sm_80 on: warp_max_key). Experts
 // already chosen, outside the chosen groups or past E are excluded by a per-lane bitmask
-// (`avail`), never by a sentinel value. Groups (n_group > 1) are scored from a
-// per-warp shared-memory copy of the selection values, one group per lane, and the topk_group
-// groups are picked by the same key rule.
+// (`avail`), never by a sentinel value. Groups (n_group > 1) are scored from a per-warp
+// shared-memory copy of the selection values, one group per lane, or, for groups of 32, from
+// warp-wide maxima of register slots; the topk_group groups are picked by the same key rule.
 //
 // Statistics: per-warp accumulators for the current group: the dense distribution q in registers,
 // counts and weight sums in per-warp shared memory (touched without atomics: a warp owns its
@@ -369,21 +371,20 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
   uint32_t run_tokens = 0;   // tokens in the open run
   float run_entropy = 0.f;
 
-  // Adds the open run to the global statistics and empties it (warp-uniform call).
-  auto flush = [&]() {
+  // Adds the open run to the given sums and empties it (warp-uniform call). The sums are the
+  // global statistics of its group or the CTA's merge area; a null pointer is a sum not kept.
+  using u64 = unsigned long long;
+  auto add_run = [&](u64* tokens, float* entropy, float* prob, u64* cnt, float* wsum) {
     if (lane == 0) {
-      if (p.tokens)
-        atomicAdd(reinterpret_cast<unsigned long long*>(p.tokens + run_g),
-                  (unsigned long long)run_tokens);
-      if (p.entropy_sum) atomicAdd(p.entropy_sum + run_g, run_entropy);
+      if (tokens) atomicAdd(tokens, (u64)run_tokens);
+      if (entropy) atomicAdd(entropy, run_entropy);
     }
     run_tokens = 0;
     run_entropy = 0.f;
-    const int64_t row = run_g * int64_t(E);
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
-      if (p.prob_sum && ((valid >> i) & 1u) && prob_acc[i] != 0.f)
-        atomicAdd(p.prob_sum + row + i * 32 + lane, prob_acc[i]);
+      if (prob && ((valid >> i) & 1u) && prob_acc[i] != 0.f)
+        atomicAdd(prob + i * 32 + lane, prob_acc[i]);
       prob_acc[i] = 0.f;
     }
     if (cnt_s || wsum_s) {
@@ -393,20 +394,26 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
         if ((valid >> i) & 1u) {
           const int e = i * 32 + lane;
           if (cnt_s) {
-            const uint32_t c = cnt_s[e];
-            if (c) atomicAdd(reinterpret_cast<unsigned long long*>(p.counts + row + e),
-                             (unsigned long long)c);
+            if (cnt_s[e]) atomicAdd(cnt + e, (u64)cnt_s[e]);
             cnt_s[e] = 0u;
           }
           if (wsum_s) {
-            const float w = wsum_s[e];
-            if (w != 0.f) atomicAdd(p.weight_sum + row + e, w);
+            if (wsum_s[e] != 0.f) atomicAdd(wsum + e, wsum_s[e]);
             wsum_s[e] = 0.f;
           }
         }
       }
       __syncwarp();  // before other lanes scatter into the emptied entries
     }
+  };
+  // The open run into the global statistics of its group.
+  auto flush = [&]() {
+    const int64_t row = run_g * int64_t(E);
+    add_run(p.tokens ? reinterpret_cast<u64*>(p.tokens + run_g) : nullptr,
+            p.entropy_sum ? p.entropy_sum + run_g : nullptr,
+            p.prob_sum ? p.prob_sum + row : nullptr,
+            p.counts ? reinterpret_cast<u64*>(p.counts + row) : nullptr,
+            p.weight_sum ? p.weight_sum + row : nullptr);
   };
 
   int32_t* sel_id = reinterpret_cast<int32_t*>(wsm);      // [k], valid after the rounds
@@ -778,9 +785,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
     if (p.coact) {
       for (int q = lane; q < k * k; q += 32) {
         const int a = q / k, b = q - a * k;
-        atomicAdd(reinterpret_cast<unsigned long long*>(p.coact + int64_t(sel_id[a]) * E +
-                                                        sel_id[b]),
-                  1ull);
+        atomicAdd(reinterpret_cast<u64*>(p.coact + int64_t(sel_id[a]) * E + sel_id[b]), 1ull);
       }
     }
   }
@@ -798,22 +803,10 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
     if (!fits || (claimed != -1 && claimed != run_g)) {
       flush();
     } else {
-      if (lane == 0) {
-        atomicAdd(reinterpret_cast<unsigned long long*>(cta + 2), (unsigned long long)run_tokens);
-        atomicAdd(reinterpret_cast<float*>(cta + 4), run_entropy);
-      }
-#pragma unroll
-      for (int i = 0; i < VPT; ++i) {
-        if (!((valid >> i) & 1u)) continue;
-        const int e = i * 32 + lane;
-        if (plan.cta_prob >= 0 && prob_acc[i] != 0.f)
-          atomicAdd(reinterpret_cast<float*>(cta + plan.cta_prob) + e, prob_acc[i]);
-        if (plan.cta_cnt >= 0 && cnt_s[e] != 0u)
-          atomicAdd(reinterpret_cast<unsigned long long*>(cta + plan.cta_cnt) + e,
-                    (unsigned long long)cnt_s[e]);
-        if (plan.cta_wsum >= 0 && wsum_s[e] != 0.f)
-          atomicAdd(reinterpret_cast<float*>(cta + plan.cta_wsum) + e, wsum_s[e]);
-      }
+      add_run(reinterpret_cast<u64*>(cta + 2), reinterpret_cast<float*>(cta + 4),
+              plan.cta_prob >= 0 ? reinterpret_cast<float*>(cta + plan.cta_prob) : nullptr,
+              plan.cta_cnt >= 0 ? reinterpret_cast<u64*>(cta + plan.cta_cnt) : nullptr,
+              plan.cta_wsum >= 0 ? reinterpret_cast<float*>(cta + plan.cta_wsum) : nullptr);
     }
   }
   __syncthreads();
@@ -822,8 +815,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
   const int64_t row = int64_t(merged) * E;
   if (threadIdx.x == 0) {
     if (p.tokens)
-      atomicAdd(reinterpret_cast<unsigned long long*>(p.tokens + merged),
-                *reinterpret_cast<const unsigned long long*>(cta + 2));
+      atomicAdd(reinterpret_cast<u64*>(p.tokens + merged), *reinterpret_cast<const u64*>(cta + 2));
     if (p.entropy_sum) atomicAdd(p.entropy_sum + merged, *reinterpret_cast<const float*>(cta + 4));
   }
   for (int e = int(threadIdx.x); e < E; e += int(blockDim.x)) {
@@ -832,9 +824,8 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
       if (v != 0.f) atomicAdd(p.prob_sum + row + e, v);
     }
     if (plan.cta_cnt >= 0) {
-      const auto* counts = reinterpret_cast<const unsigned long long*>(cta + plan.cta_cnt);
-      if (counts[e] != 0ull)
-        atomicAdd(reinterpret_cast<unsigned long long*>(p.counts + row + e), counts[e]);
+      const auto* counts = reinterpret_cast<const u64*>(cta + plan.cta_cnt);
+      if (counts[e] != 0ull) atomicAdd(reinterpret_cast<u64*>(p.counts + row + e), counts[e]);
     }
     if (plan.cta_wsum >= 0) {
       const float w = reinterpret_cast<const float*>(cta + plan.cta_wsum)[e];
