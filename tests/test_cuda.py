@@ -6,6 +6,8 @@ Skipped without a CUDA device and the CUDA extension (conftest's `cuda` marker).
 with a ``device`` fixture (test_gate_kernel.py, test_dispatch.py, test_gate_compile.py, ...) also
 run on CUDA there.
 """
+import dataclasses
+
 import pytest
 import torch
 
@@ -51,9 +53,7 @@ def test_plain_and_full_kernels_route_alike(name, E, k, dtype):
     spec = SPECS[name]
     x = torch.randn(2000, E, generator=torch.Generator().manual_seed(E)).to("cuda", dtype)
     bias = torch.linspace(-0.01, 0.01, E, device="cuda") if name == "deepseek_v3" else None
-    plain_spec = spec if spec.n_group == 1 else RouterSpec(
-        score=spec.score, renormalize=spec.renormalize, renorm_eps=spec.renorm_eps,
-        scale=spec.scale)  # no group limit: the plain kernel
+    plain_spec = dataclasses.replace(spec, n_group=1, topk_group=1)  # no group limit
     w, ids = moe_route.topk_gate(x, k, plain_spec, selection_bias=bias)
     stats = GateStats.zeros(1, E, device="cuda", coact=True)
     w_stats, ids_stats = moe_route.topk_gate(x, k, plain_spec, selection_bias=bias, stats=stats)
