@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("csrc/cuda/gate.cu", "csrc/cuda/dispatch.cu")
 REGS_PER_SM, MAX_WARPS_PER_SM, REG_UNIT = 65536, 64, 256
 CTA_THREADS = {"topk_gate_kernel": 256, "permute_kernel": 256, "unpermute_kernel": 256,
-               "plan_scan_kernel": 1024}  # the plan's hist/scatter CTAs vary with E: not listed
+               "plan_scan_kernel": 1024, "plan_one_cta_kernel": 1024}  # hist/scatter: vary with E
 
 LOGIT_TYPES = {"0": "fp32", "1": "fp16", "2": "bf16"}
 ELEM_TYPES = {"f": "fp32", "6__half": "fp16", "13__nv_bfloat16": "bf16"}

@@ -3,8 +3,9 @@
     python bench/profile_cases.py CASE        # CASE from `python bench/profile_cases.py --list`
 
 ``bench/gpu_profile.sh`` runs every case under ``ncu``, which profiles the kernels of one call
-after two earlier ones (the setup's launches, permute in the unpermute case, do not match). Inputs are those of ``moe_route.benchmark``, so the counters
-describe the calls whose times ``moe-route bench --device cuda`` reports.
+after two earlier ones (the setup's launches, permute in the unpermute case, do not match).
+Inputs are those of ``moe_route.benchmark``, so the counters describe the calls whose times
+``moe-route bench --device cuda`` reports.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ CASES = {
                                   lambda: _gate("softmax_topk", 16384, 256, 8, "gate_stats")),
     "gate_deepseek_v3_T16384": ("^topk_gate_kernel", 1,
                                 lambda: _gate("deepseek_v3", 16384, 256, 8)),
+    "plan_T64_k8_E256": ("^plan_", 1, lambda: _dispatch("plan", 64, 8, 7168, 256)),  # one CTA
     "plan_T4096_k8_E256": ("^plan_", 3, lambda: _dispatch("plan", 4096, 8, 7168, 256)),
     "permute_T4096_k8_H7168": ("^permute_kernel", 1,
                                lambda: _dispatch("permute", 4096, 8, 7168, 256)),

@@ -127,7 +127,10 @@ def _combine(x, ids, w, E, block_size=1):
     return plan, rows, moe_route.unpermute(rows * 2, plan, w)
 
 
+# T*k <= 2048 with R <= 32768 runs the one-launch plan (one CTA), the rest the three-launch one.
 @pytest.mark.parametrize("T,k,E,H,block", [(1, 8, 256, 7168, 1), (333, 2, 8, 72, 16),
+                                           (64, 8, 256, 64, 64), (64, 8, 4096, 64, 1),
+                                           (256, 8, 128, 32, 1), (257, 8, 128, 32, 1),
                                            (4096, 8, 256, 2048, 1), (2048, 8, 4096, 64, 128)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dispatch_cpu_and_cuda_agree(T, k, E, H, block, dtype):
@@ -141,8 +144,9 @@ def test_dispatch_cpu_and_cuda_agree(T, k, E, H, block, dtype):
     torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=1e-6, atol=1e-6)
 
 
-def test_dispatch_graph_capture_and_replay():
-    T, k, E, H = 512, 4, 32, 96
+@pytest.mark.parametrize("T", [512, 4096])  # the one-launch and the three-launch plan
+def test_dispatch_graph_capture_and_replay(T):
+    k, E, H = 4, 32, 96
     ids, x, w = (t.cuda() for t in _dispatch_inputs(T, k, E, H, torch.bfloat16))
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):  # warm-up outside the graph

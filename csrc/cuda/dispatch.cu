@@ -13,6 +13,11 @@ cudaError_t launch_dispatch_plan(const PlanParams& p, void* workspace, size_t wo
   if (!detail::plan_args_ok(p)) return cudaErrorInvalidValue;
   const detail::PlanGeom g = detail::plan_geometry(p);
   if (!detail::plan_workspace_ok(g, p.E, workspace, workspace_bytes)) return cudaErrorInvalidValue;
+  if (g.one_cta) {
+    detail::plan_one_cta_kernel<<<1, detail::kScanThreads, g.scan_smem, stream>>>(p, g.tile,
+                                                                                 g.n_tiles);
+    return cudaGetLastError();
+  }
   int64_t* ws = static_cast<int64_t*>(workspace);
 
   // 1. Tile histograms + row_slot fill.

@@ -21,6 +21,11 @@
 //      increasing slot order: tiles in order (step 2), steps in order, lanes in order. The warp
 //      writes row_slot[row] = s and slot_row[s] = row (or -1 for ids outside [0, E)).
 //   The result is a pure function of the ids: every step is integer arithmetic in a fixed order.
+// Small plans (T*k <= kOneCtaMaxSlots and R <= kOneCtaMaxRows: decode and short prefill) run the
+// same three steps in one launch, plan_one_cta_kernel: one CTA of kScanThreads threads whose warps
+// own the tiles, with the tile histograms and cursors in shared memory instead of the workspace
+// and __syncthreads between the steps. Under CUDA-graph replay every launch costs ~2 us even when
+// it moves no data, so one launch instead of three is most of the latency at these sizes.
 //
 // permute: token-major. Groups of `tpr` threads (a power of two in [32, 256]; several groups per
 // 256-thread CTA when the rows are short) each take a token, load its row once, kCopyUnroll
@@ -75,6 +80,9 @@ constexpr int kRowThreads = 256;                 // permute / unpermute CTA size
 constexpr int kCopyUnroll = 4;
 constexpr int kSlotsInRegs = 8;                  // unpermute: a token's slots held in registers
 constexpr int64_t kMaxGrid = int64_t(1) << 20;   // grid-stride loops cover the rest
+constexpr int64_t kOneCtaMaxSlots = 2048;        // one-launch plan: T*k at most this ...
+constexpr int64_t kOneCtaMaxRows = 32768;        // ... and R at most this (one CTA fills row_slot)
+constexpr int64_t kOneCtaSmemBudget = 40 * 1024;  // its per-warp int64 tile rows
 
 static_assert(kMaxExperts % kScanThreads == 0, "scan chunking");
 
@@ -82,13 +90,15 @@ static_assert(kMaxExperts % kScanThreads == 0, "scan chunking");
 // Host-side geometry (shared by the launcher, the workspace query and the tests).
 
 struct PlanGeom {
+  bool one_cta = false;  // plan_one_cta_kernel (no workspace) instead of the three kernels
   int64_t N = 0;        // T * k
   int64_t tile = 0;     // slots per warp tile (multiple of 32)
   int64_t n_tiles = 0;  // ceil(N / tile); 0 when N == 0
   int32_t wpb = 1;      // warps per CTA of kernels 1 and 3
   int32_t hist_blocks = 0, fill_blocks = 0;
   size_t hist_smem = 0, scatter_smem = 0;
-  size_t scan_smem = 0;  // kernel 2: max(kScanThreads, E) partial sums + 32 warp totals, int64
+  size_t scan_smem = 0;  // kernel 2: max(kScanThreads, E) partial sums + 32 warp totals, int64;
+                         // one_cta: n_tiles * E tile rows + 32 warp totals, int64
 };
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -98,6 +108,18 @@ inline PlanGeom plan_geometry(const PlanParams& p) {
   PlanGeom g;
   g.N = p.T * p.k;
   const int64_t E = p.E;
+  if (g.N <= kOneCtaMaxSlots && p.R <= kOneCtaMaxRows) {
+    // As many tile warps as the shared rows allow (E = 4096: one), tiles of whole 32-slot steps.
+    int64_t w = kOneCtaSmemBudget / (E * int64_t(sizeof(int64_t)));
+    w = w < 1 ? 1 : (w > kScanThreads / 32 ? kScanThreads / 32 : w);
+    g.one_cta = true;
+    if (g.N > 0) {
+      g.tile = ceil_div(ceil_div(g.N, w), 32) * 32;
+      g.n_tiles = ceil_div(g.N, g.tile);
+    }
+    g.scan_smem = size_t((g.n_tiles * E + 32) * int64_t(sizeof(int64_t)));
+    return g;
+  }
   int64_t w = kPlanSmemBudget / (E * int64_t(sizeof(int64_t)));
   w = w < 1 ? 1 : (w > kPlanMaxWarps ? kPlanMaxWarps : w);
   g.wpb = int32_t(w);
@@ -119,7 +141,7 @@ inline PlanGeom plan_geometry(const PlanParams& p) {
 }
 
 inline size_t plan_workspace_bytes(const PlanGeom& g, int64_t E) {
-  return size_t(g.n_tiles * E * int64_t(sizeof(int64_t)));
+  return g.one_cta ? 0 : size_t(g.n_tiles * E * int64_t(sizeof(int64_t)));
 }
 
 // The launchers' argument checks (dispatch.cu, and its twin on the host emulator).
@@ -163,61 +185,61 @@ __device__ __forceinline__ int expert_key(const PlanParams& p, int64_t s, int64_
   return (id >= 0 && id < p.E) ? int(id) : -1;
 }
 
-__global__ void plan_hist_kernel(const PlanParams p, const int64_t tile, const int64_t n_tiles,
-                                 int64_t* __restrict__ ws) {
-  extern __shared__ __align__(16) uint32_t hist_smem[];
-  // Padding and tail rows: everything starts at -1, the scatter overwrites the used rows.
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < p.R; i += stride)
-    p.row_slot[i] = -1;
-
-  const int lane = int(threadIdx.x & 31u);
-  const int warp = int(threadIdx.x >> 5);
-  const int64_t tile_id = int64_t(blockIdx.x) * (blockDim.x >> 5) + warp;
-  if (tile_id >= n_tiles) return;  // no block-level barriers below
+// One warp: the histogram of the valid ids of slots [s0, s1) into h[0, E), zeroed first. C: the
+// shared counter type (uint32_t in the tile kernels, unsigned long long in the one-CTA kernel).
+template <typename C>
+__device__ __forceinline__ void warp_tile_hist(const PlanParams& p, const int64_t s0,
+                                               const int64_t s1, C* h, const int lane) {
   const int E = int(p.E);
-  uint32_t* h = hist_smem + int64_t(warp) * E;
-  for (int e = lane; e < E; e += 32) h[e] = 0u;
+  for (int e = lane; e < E; e += 32) h[e] = C(0);
   __syncwarp();
-  const int64_t N = p.T * p.k;
-  const int64_t s0 = tile_id * tile;
-  const int64_t s1 = N - s0 < tile ? N : s0 + tile;
   for (int64_t s = s0 + lane; s < s1; s += 32) {
     const int key = expert_key(p, s, s1);
-    if (key >= 0) atomicAdd(h + key, 1u);
+    if (key >= 0) atomicAdd(h + key, C(1));
   }
   __syncwarp();
-  int64_t* row = ws + tile_id * E;
-  for (int e = lane; e < E; e += 32) row[e] = int64_t(h[e]);
+}
+
+// One warp: step 3 above over slots [s0, s1), with cur[e] = the next row of expert e.
+__device__ __forceinline__ void warp_tile_scatter(const PlanParams& p, const int64_t s0,
+                                                  const int64_t s1, int64_t* cur, const int lane) {
+  const unsigned lower = (1u << lane) - 1u;  // lanes below this one
+  int key_next = expert_key(p, s0 + lane, s1);
+  for (int64_t base_s = s0; base_s < s1; base_s += 32) {
+    const int64_t s = base_s + lane;
+    const int key = key_next;
+    key_next = expert_key(p, s + 32, s1);  // prefetch the next step
+    const unsigned peers = __match_any_sync(kFullMask, key);
+    const int leader = __ffs(peers) - 1;
+    int64_t first = 0;
+    if (key >= 0 && lane == leader) {
+      first = cur[key];
+      cur[key] = first + __popc(peers);
+    }
+    first = __shfl_sync(kFullMask, first, leader);
+    if (key >= 0) {
+      const int64_t r = first + __popc(peers & lower);
+      p.row_slot[r] = s;
+      p.slot_row[s] = r;
+    } else if (s < s1) {
+      p.slot_row[s] = -1;
+    }
+    __syncwarp();  // cursor updates are visible to the next step's leaders
+  }
 }
 
 __device__ __forceinline__ int64_t round_up(int64_t c, int64_t b) {
   return c == 0 ? 0 : ((c - 1) / b + 1) * b;
 }
 
-// One CTA of kScanThreads threads; dynamic shared memory: PlanGeom::scan_smem.
-__global__ void __launch_bounds__(kScanThreads)
-    plan_scan_kernel(const PlanParams p, const int64_t n_tiles, int64_t* __restrict__ ws) {
-  extern __shared__ __align__(16) int64_t part[];  // [G, E]: per-(group, expert) partial sums
+// All kScanThreads threads of the CTA: part [G, E] holds the rows of each (group, expert), groups
+// in slot order. Writes counts and expert_offsets, and replaces part[g, e] by the first row of
+// expert e that group g owns. warp_tot: 32 int64 of shared scratch. Ends with a __syncthreads.
+__device__ __forceinline__ void scan_experts(const PlanParams& p, int64_t* part, const int G,
+                                             int64_t* warp_tot) {
   const int tid = int(threadIdx.x);
   const int E = int(p.E);
-  const int G = E < kScanThreads ? kScanThreads / E : 1;  // thread groups per expert column
-  const int64_t GE = int64_t(G) * E;
-  int64_t* warp_tot = part + (E > kScanThreads ? E : kScanThreads);  // [kScanThreads / 32]
-
-  // Phase A: partial column sums; group g owns tiles [g*n/G, (g+1)*n/G) (coalesced over e).
-  for (int64_t idx = tid; idx < GE; idx += kScanThreads) {
-    const int g = int(idx / E);
-    const int e = int(idx - int64_t(g) * E);
-    const int64_t b0 = n_tiles * g / G, b1 = n_tiles * (g + 1) / G;
-    int64_t sum = 0;
-#pragma unroll 8
-    for (int64_t b = b0; b < b1; ++b) sum += ws[b * E + e];
-    part[idx] = sum;
-  }
-  __syncthreads();
-
-  // Phase B: thread t owns experts [t*per, t*per + per): counts, padded counts, group prefixes.
+  // Thread t owns experts [t*per, t*per + per): counts, padded counts, group prefixes.
   const int per = (E + kScanThreads - 1) / kScanThreads;  // <= kMaxPerThread
   const int e0 = tid * per;
   int64_t padded[kMaxPerThread];
@@ -271,8 +293,67 @@ __global__ void __launch_bounds__(kScanThreads)
     }
   }
   __syncthreads();
+}
 
-  // Phase C: ws[b, e] <- first row of expert e owned by tile b.
+// row_slot[0, R) = -1 by threads tid = 0, 1, ..., n - 1: 16-byte stores of all-ones bits (two
+// int64 -1) on the 16-byte aligned part, single stores at the ends (row_slot is 8-byte aligned).
+__device__ __forceinline__ void fill_minus_one(int64_t* row_slot, const int64_t R,
+                                               const int64_t tid, const int64_t n) {
+  const int64_t head = (reinterpret_cast<uintptr_t>(row_slot) & 15u) ? 1 : 0;
+  const int64_t pairs = R > head ? (R - head) / 2 : 0;
+  uint4* v = reinterpret_cast<uint4*>(row_slot + head);
+  uint4 ones;
+  ones.x = ones.y = ones.z = ones.w = ~0u;
+  for (int64_t i = tid; i < pairs; i += n) v[i] = ones;
+  if (tid == 0) {
+    if (head && R > 0) row_slot[0] = -1;
+    if (R > head + 2 * pairs) row_slot[R - 1] = -1;
+  }
+}
+
+__global__ void plan_hist_kernel(const PlanParams p, const int64_t tile, const int64_t n_tiles,
+                                 int64_t* __restrict__ ws) {
+  extern __shared__ __align__(16) uint32_t hist_smem[];
+  // Padding and tail rows: everything starts at -1, the scatter overwrites the used rows.
+  fill_minus_one(p.row_slot, p.R, int64_t(blockIdx.x) * blockDim.x + threadIdx.x,
+                 int64_t(gridDim.x) * blockDim.x);
+
+  const int lane = int(threadIdx.x & 31u);
+  const int warp = int(threadIdx.x >> 5);
+  const int64_t tile_id = int64_t(blockIdx.x) * (blockDim.x >> 5) + warp;
+  if (tile_id >= n_tiles) return;  // no block-level barriers below
+  const int E = int(p.E);
+  uint32_t* h = hist_smem + int64_t(warp) * E;
+  const int64_t N = p.T * p.k;
+  const int64_t s0 = tile_id * tile;
+  warp_tile_hist(p, s0, N - s0 < tile ? N : s0 + tile, h, lane);
+  int64_t* row = ws + tile_id * E;
+  for (int e = lane; e < E; e += 32) row[e] = int64_t(h[e]);
+}
+
+// One CTA of kScanThreads threads; dynamic shared memory: PlanGeom::scan_smem.
+__global__ void __launch_bounds__(kScanThreads)
+    plan_scan_kernel(const PlanParams p, const int64_t n_tiles, int64_t* __restrict__ ws) {
+  extern __shared__ __align__(16) int64_t part[];  // [G, E]: per-(group, expert) partial sums
+  const int tid = int(threadIdx.x);
+  const int E = int(p.E);
+  const int G = E < kScanThreads ? kScanThreads / E : 1;  // thread groups per expert column
+  const int64_t GE = int64_t(G) * E;
+  int64_t* warp_tot = part + (E > kScanThreads ? E : kScanThreads);  // [kScanThreads / 32]
+
+  // Partial column sums; group g owns tiles [g*n/G, (g+1)*n/G) (coalesced over e).
+  for (int64_t idx = tid; idx < GE; idx += kScanThreads) {
+    const int g = int(idx / E);
+    const int e = int(idx - int64_t(g) * E);
+    const int64_t b0 = n_tiles * g / G, b1 = n_tiles * (g + 1) / G;
+    int64_t sum = 0;
+#pragma unroll 8
+    for (int64_t b = b0; b < b1; ++b) sum += ws[b * E + e];
+    part[idx] = sum;
+  }
+  __syncthreads();
+  scan_experts(p, part, G, warp_tot);
+  // ws[b, e] <- first row of expert e owned by tile b.
   for (int64_t idx = tid; idx < GE; idx += kScanThreads) {
     const int g = int(idx / E);
     const int e = int(idx - int64_t(g) * E);
@@ -298,32 +379,29 @@ __global__ void plan_scatter_kernel(const PlanParams p, const int64_t tile, cons
   const int64_t* row = ws + tile_id * E;
   for (int e = lane; e < E; e += 32) cur[e] = row[e];
   __syncwarp();
-  const unsigned lower = (1u << lane) - 1u;  // lanes below this one
   const int64_t N = p.T * p.k;
   const int64_t s0 = tile_id * tile;
+  warp_tile_scatter(p, s0, N - s0 < tile ? N : s0 + tile, cur, lane);
+}
+
+// The whole plan in one CTA of kScanThreads threads (PlanGeom::one_cta): warp w owns tile w, its
+// histogram row part[w] becomes its cursor row in place; dynamic shared memory: scan_smem.
+__global__ void __launch_bounds__(kScanThreads)
+    plan_one_cta_kernel(const PlanParams p, const int64_t tile, const int64_t n_tiles) {
+  extern __shared__ __align__(16) int64_t part[];  // [n_tiles, E], then 32 warp totals
+  const int tid = int(threadIdx.x);
+  fill_minus_one(p.row_slot, p.R, tid, kScanThreads);
+  const int lane = tid & 31, warp = tid >> 5;
+  const int64_t N = p.T * p.k;
+  const int64_t s0 = warp * tile;
   const int64_t s1 = N - s0 < tile ? N : s0 + tile;
-  int key_next = expert_key(p, s0 + lane, s1);
-  for (int64_t base_s = s0; base_s < s1; base_s += 32) {
-    const int64_t s = base_s + lane;
-    const int key = key_next;
-    key_next = expert_key(p, s + 32, s1);  // prefetch the next step
-    const unsigned peers = __match_any_sync(kFullMask, key);
-    const int leader = __ffs(peers) - 1;
-    int64_t first = 0;
-    if (key >= 0 && lane == leader) {
-      first = cur[key];
-      cur[key] = first + __popc(peers);
-    }
-    first = __shfl_sync(kFullMask, first, leader);
-    if (key >= 0) {
-      const int64_t r = first + __popc(peers & lower);
-      p.row_slot[r] = s;
-      p.slot_row[s] = r;
-    } else if (s < s1) {
-      p.slot_row[s] = -1;
-    }
-    __syncwarp();  // cursor updates are visible to the next step's leaders
-  }
+  int64_t* row = part + int64_t(warp) * p.E;
+  if (warp < n_tiles)
+    warp_tile_hist(p, s0, s1, reinterpret_cast<unsigned long long*>(row), lane);
+  __syncthreads();
+  // Its closing barrier also orders the -1 fill before the scatter's stores.
+  scan_experts(p, part, int(n_tiles), part + n_tiles * p.E);
+  if (warp < n_tiles) warp_tile_scatter(p, s0, s1, row, lane);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -82,8 +82,9 @@ struct Case {
   const char* name;
   int64_t T, k, E, bs, H;
   bool ids_int64;
-  int64_t x_pad;  // x row stride = H + x_pad (elements)
+  int64_t x_pad;  // x row stride = H + x_pad (elements); odd: x and row_slot 8 bytes off 16
   uint32_t seed;
+  bool one_cta;  // the one-launch plan (no workspace) is expected; checked when T*k > 0
 };
 
 // Plan + permute + unpermute for one shape; elem: 4 = fp32, 2 = bf16 (and fp16 for unpermute).
@@ -111,13 +112,14 @@ void run_case(const Case& c) {
     std::vector<int32_t> i32(ids.begin(), ids.end());
     d_ids = to_device(i32);
   }
-  int64_t *d_rs, *d_off, *d_cnt, *d_sr;
-  CHECK_CUDA(cudaMalloc(&d_rs, (R ? R : 1) * 8));
+  int64_t *d_rs_base, *d_off, *d_cnt, *d_sr;
+  CHECK_CUDA(cudaMalloc(&d_rs_base, (R + 1) * 8));
+  int64_t* d_rs = d_rs_base + c.x_pad % 2;
   CHECK_CUDA(cudaMalloc(&d_off, (c.E + 1) * 8));
   CHECK_CUDA(cudaMalloc(&d_cnt, c.E * 8));
   CHECK_CUDA(cudaMalloc(&d_sr, (N ? N : 1) * 8));
   // Garbage first: every output element must be written.
-  CHECK_CUDA(cudaMemset(d_rs, 0x5a, (R ? R : 1) * 8));
+  CHECK_CUDA(cudaMemset(d_rs_base, 0x5a, (R + 1) * 8));
   CHECK_CUDA(cudaMemset(d_off, 0x5a, (c.E + 1) * 8));
   CHECK_CUDA(cudaMemset(d_cnt, 0x5a, c.E * 8));
   CHECK_CUDA(cudaMemset(d_sr, 0x5a, (N ? N : 1) * 8));
@@ -135,6 +137,11 @@ void run_case(const Case& c) {
   pp.slot_row = d_sr;
   const size_t ws_bytes = moe_route::cuda::dispatch_plan_workspace_bytes(pp);
   void* d_ws = nullptr;
+  if (N > 0 && (ws_bytes == 0) != c.one_cta) {
+    std::printf("  FAIL plan path: workspace %zu B, expected the %s plan\n", ws_bytes,
+                c.one_cta ? "one-launch" : "three-launch");
+    ok = false;
+  }
   if (ws_bytes) {
     CHECK_CUDA(cudaMalloc(&d_ws, ws_bytes));
     CHECK_CUDA(cudaMemset(d_ws, 0x77, ws_bytes));
@@ -258,7 +265,7 @@ void run_case(const Case& c) {
   }
   CHECK_CUDA(cudaFree(d_w));
   CHECK_CUDA(cudaFree(d_ids));
-  CHECK_CUDA(cudaFree(d_rs));
+  CHECK_CUDA(cudaFree(d_rs_base));
   CHECK_CUDA(cudaFree(d_off));
   CHECK_CUDA(cudaFree(d_cnt));
   CHECK_CUDA(cudaFree(d_sr));
@@ -276,15 +283,22 @@ int main() {
     return 2;
   }
   const Case cases[] = {
-      {"tiny", 1, 1, 1, 1, 8, false, 0, 1},
-      {"T300_k8_E64", 300, 8, 64, 1, 256, true, 0, 2},
-      {"T257_k4_E60_b16", 257, 4, 60, 16, 100, false, 3, 3},  // odd stride: narrow copies
-      {"T0", 0, 4, 16, 8, 64, true, 0, 4},
-      {"H_odd", 33, 3, 7, 4, 7, false, 1, 5},
-      {"many_tiles_E8", 4000, 8, 8, 1, 16, true, 0, 6},        // G > 1 column groups
-      {"E4096", 700, 8, 4096, 2, 32, false, 0, 7},             // one warp per CTA, per = 4
-      {"E1500", 2000, 6, 1500, 1, 8, true, 0, 8},              // E > scan threads
-      {"k12", 150, 12, 40, 1, 24, true, 0, 9},                 // unpermute: slots past kSlotsInRegs
+      {"tiny", 1, 1, 1, 1, 8, false, 0, 1, true},
+      {"T300_k8_E64", 300, 8, 64, 1, 256, true, 0, 2, false},
+      {"T257_k4_E60_b16", 257, 4, 60, 16, 100, false, 3, 3, true},  // odd stride: narrow copies
+      {"T0", 0, 4, 16, 8, 64, true, 0, 4, true},
+      {"H_odd", 33, 3, 7, 4, 7, false, 1, 5, true},
+      {"many_tiles_E8", 4000, 8, 8, 1, 16, true, 0, 6, false},        // G > 1 column groups
+      {"E4096", 700, 8, 4096, 2, 32, false, 0, 7, false},             // one warp per CTA, per = 4
+      {"E1500", 2000, 6, 1500, 1, 8, true, 0, 8, false},              // E > scan threads
+      {"k12", 150, 12, 40, 1, 24, true, 0, 9, true},                  // unpermute: slots past 8
+      {"decode_E256", 64, 8, 256, 1, 64, false, 0, 10, true},         // one CTA: 16 tiles of 32
+      {"one_cta_full", 256, 8, 128, 1, 16, true, 0, 11, true},        // T*k = kOneCtaMaxSlots
+      {"one_cta_E4096", 64, 8, 4096, 1, 16, false, 0, 12, true},      // one tile warp, per = 4
+      {"one_cta_E1500", 300, 6, 1500, 3, 8, true, 0, 13, true},       // 3 tile warps, E > 1024
+      {"small_N_big_R", 8, 8, 256, 129, 16, false, 0, 14, false},     // R > kOneCtaMaxRows
+      {"decode_b64", 64, 8, 256, 64, 16, true, 1, 16, true},          // R = 16640 in one CTA
+      {"just_past_one_cta", 257, 8, 128, 1, 16, true, 1, 15, false},  // T*k = 2056
   };
   for (const Case& c : cases) run_case(c);
   std::printf("%s (%d failing case%s)\n", g_failures ? "FAILED" : "PASSED", g_failures,

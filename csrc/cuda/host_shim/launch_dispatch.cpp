@@ -29,6 +29,11 @@ cudaError_t launch_dispatch_plan(const PlanParams& p, void* workspace, size_t wo
   std::memset(detail::hist_smem, 0xa5, sizeof(detail::hist_smem));
   std::memset(detail::part, 0xa5, sizeof(detail::part));
   std::memset(detail::cur_smem, 0xa5, sizeof(detail::cur_smem));
+  if (g.one_cta) {
+    emu::launch(1, detail::kScanThreads, true,
+                [&] { detail::plan_one_cta_kernel(p, g.tile, g.n_tiles); });
+    return cudaSuccess;
+  }
   const int hist_grid = g.hist_blocks > g.fill_blocks ? g.hist_blocks : g.fill_blocks;
   if (hist_grid > 0)
     emu::launch(hist_grid, g.wpb * 32, true,
