@@ -185,6 +185,13 @@ __device__ __forceinline__ int expert_key(const PlanParams& p, int64_t s, int64_
   return (id >= 0 && id < p.E) ? int(id) : -1;
 }
 
+// End of the tile of `tile` slots starting at slot s0 (< T*k): the last tile stops at T*k.
+__device__ __forceinline__ int64_t tile_end(const PlanParams& p, const int64_t s0,
+                                            const int64_t tile) {
+  const int64_t N = p.T * p.k;
+  return N - s0 < tile ? N : s0 + tile;
+}
+
 // One warp: the histogram of the valid ids of slots [s0, s1) into h[0, E), zeroed first. C: the
 // shared counter type (uint32_t in the tile kernels, unsigned long long in the one-CTA kernel).
 template <typename C>
@@ -324,9 +331,8 @@ __global__ void plan_hist_kernel(const PlanParams p, const int64_t tile, const i
   if (tile_id >= n_tiles) return;  // no block-level barriers below
   const int E = int(p.E);
   uint32_t* h = hist_smem + int64_t(warp) * E;
-  const int64_t N = p.T * p.k;
   const int64_t s0 = tile_id * tile;
-  warp_tile_hist(p, s0, N - s0 < tile ? N : s0 + tile, h, lane);
+  warp_tile_hist(p, s0, tile_end(p, s0, tile), h, lane);
   int64_t* row = ws + tile_id * E;
   for (int e = lane; e < E; e += 32) row[e] = int64_t(h[e]);
 }
@@ -379,9 +385,8 @@ __global__ void plan_scatter_kernel(const PlanParams p, const int64_t tile, cons
   const int64_t* row = ws + tile_id * E;
   for (int e = lane; e < E; e += 32) cur[e] = row[e];
   __syncwarp();
-  const int64_t N = p.T * p.k;
   const int64_t s0 = tile_id * tile;
-  warp_tile_scatter(p, s0, N - s0 < tile ? N : s0 + tile, cur, lane);
+  warp_tile_scatter(p, s0, tile_end(p, s0, tile), cur, lane);
 }
 
 // The whole plan in one CTA of kScanThreads threads (PlanGeom::one_cta): warp w owns tile w, its
@@ -392,16 +397,14 @@ __global__ void __launch_bounds__(kScanThreads)
   const int tid = int(threadIdx.x);
   fill_minus_one(p.row_slot, p.R, tid, kScanThreads);
   const int lane = tid & 31, warp = tid >> 5;
-  const int64_t N = p.T * p.k;
   const int64_t s0 = warp * tile;
-  const int64_t s1 = N - s0 < tile ? N : s0 + tile;
   int64_t* row = part + int64_t(warp) * p.E;
   if (warp < n_tiles)
-    warp_tile_hist(p, s0, s1, reinterpret_cast<unsigned long long*>(row), lane);
+    warp_tile_hist(p, s0, tile_end(p, s0, tile), reinterpret_cast<unsigned long long*>(row), lane);
   __syncthreads();
   // Its closing barrier also orders the -1 fill before the scatter's stores.
   scan_experts(p, part, int(n_tiles), part + n_tiles * p.E);
-  if (warp < n_tiles) warp_tile_scatter(p, s0, s1, row, lane);
+  if (warp < n_tiles) warp_tile_scatter(p, s0, tile_end(p, s0, tile), row, lane);
 }
 
 // ---------------------------------------------------------------------------------------------
