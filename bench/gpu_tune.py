@@ -1,0 +1,295 @@
+"""A/B builds of the CUDA tuning levers that bench/RESULTS.md leaves to a GPU session.
+
+    python bench/gpu_tune.py OUT_DIR [--variants NAME ...] [--budget SECONDS] [--arch 9.0a]
+    python bench/gpu_tune.py --list
+
+Run it after ``bench/gpu_check.sh``, which builds this tree in place: that build is the "base".
+Each variant is a copy of the tree with a few constants or attributes changed (``VARIANTS``),
+built in parallel with the others. The same cases (``CASES``: the gate, the dispatch plan,
+permute and unpermute at issue 6's shapes, bf16) are then timed against every build, one process
+per build, so each variant's time sits next to the base's. A variant changes kernels that no
+other case reads where possible, so one build answers several questions. Timing is
+``moe_route.benchmark``'s: CUDA-graph replay below 20 us, events with the L2 flushed above.
+
+OUT_DIR gets gpu_tune.txt (the table: median us, and each variant's ratio to the base) and
+gpu_tune.json (every summary, the variants' changes, build times and logs' tails). The whole run
+keeps within ``--budget`` seconds (default 540), so it fits one 10-minute device call.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE, BASE_AGAIN = "base", "base_again"
+
+class Variant(NamedTuple):
+    what: str  # the question it answers
+    changes: list  # (file, text in the base, text in the variant)
+
+
+DISPATCH = "csrc/cuda/dispatch.cuh"
+GATE_KERNEL = "__launch_bounds__(kMaxWarpsPerBlock * 32)\n    topk_gate_kernel"
+VARIANTS = {
+    "dispatch_alt": Variant(
+        ("plan: three launches at every size; permute: 8 vectors per copy step instead of 4; "
+         "unpermute: 4 slots held in registers instead of 8"),
+        [(DISPATCH, "kOneCtaMaxSlots = 2048;", "kOneCtaMaxSlots = -1;"),
+         (DISPATCH, "kCopyUnroll = 4;", "kCopyUnroll = 8;"),
+         (DISPATCH, "kSlotsInRegs = 8;", "kSlotsInRegs = 4;")]),
+    "dispatch_alt2": Variant(
+        ("plan: one CTA up to R = 65536 rows; permute: 2 vectors per copy step; "
+         "unpermute: 2 slots held in registers"),
+        [(DISPATCH, "kOneCtaMaxRows = 32768;", "kOneCtaMaxRows = 65536;"),
+         (DISPATCH, "kCopyUnroll = 4;", "kCopyUnroll = 2;"),
+         (DISPATCH, "kSlotsInRegs = 8;", "kSlotsInRegs = 2;")]),
+    "gate_3_blocks": Variant(
+        "gate: __launch_bounds__ asks for 3 CTAs per SM (80 registers at most: the full kernel "
+        "spills)",
+        [("csrc/cuda/gate.cuh", GATE_KERNEL, GATE_KERNEL.replace("* 32)", "* 32, 3)"))]),
+    "gate_sort_vpt16": Variant(
+        "gate: keys sorted once per token at VPT 16 (E <= 512) too",
+        [("csrc/cuda/gate.cuh", "kSortKeys = VPT <= 8;", "kSortKeys = VPT <= 16;")]),
+}
+
+
+def _gate(semantics: str, T: int, E: int, k: int, kind: str, device) -> Callable:
+    from moe_route import benchmark as B
+    import torch
+
+    return B.gate_and_baseline(B.Case(semantics, T, E, k, torch.bfloat16), device)[kind]
+
+
+def _plan(T: int, E: int, k: int, block: int, device) -> Callable:
+    import torch
+    from moe_route import dispatch_plan
+
+    ids = torch.randint(0, E, (T, k), generator=torch.Generator().manual_seed(0)).to(device)
+    return lambda: dispatch_plan(ids, E, block)
+
+
+def _dispatch(op: str, T: int, k: int, H: int, E: int, device) -> Callable:
+    from moe_route import benchmark as B
+    import torch
+
+    return B.dispatch_callables(B.DispatchCase(T, k, H, E, torch.bfloat16), device)[op][2]
+
+
+# name: builder(device) -> the callable timed. R = T*k + E*(block - 1) rows for the plans.
+CASES = {
+    "gate T=64 E=256 k=8": lambda d: _gate("softmax_topk", 64, 256, 8, "gate", d),
+    "gate T=16384 E=128 k=8": lambda d: _gate("softmax_topk", 16384, 128, 8, "gate", d),
+    "gate+stats T=16384 E=128 k=8": lambda d: _gate("softmax_topk", 16384, 128, 8, "gate_stats", d),
+    "gate T=16384 E=256 k=8": lambda d: _gate("softmax_topk", 16384, 256, 8, "gate", d),
+    "gate+stats T=16384 E=256 k=8": lambda d: _gate("softmax_topk", 16384, 256, 8, "gate_stats", d),
+    "gate T=16384 E=512 k=8": lambda d: _gate("softmax_topk", 16384, 512, 8, "gate", d),
+    "gate deepseek_v3 T=16384": lambda d: _gate("deepseek_v3", 16384, 256, 8, "gate", d),
+    "plan T=1 E=256 k=8 block=1": lambda d: _plan(1, 256, 8, 1, d),
+    "plan T=64 E=256 k=8 block=1": lambda d: _plan(64, 256, 8, 1, d),
+    "plan T=64 E=256 k=8 block=64": lambda d: _plan(64, 256, 8, 64, d),
+    "plan T=64 E=256 k=8 block=128": lambda d: _plan(64, 256, 8, 128, d),
+    "plan T=256 E=256 k=8 block=1": lambda d: _plan(256, 256, 8, 1, d),
+    "plan T=4096 E=256 k=8 block=1": lambda d: _plan(4096, 256, 8, 1, d),
+    "permute T=4096 k=8 H=7168": lambda d: _dispatch("permute", 4096, 8, 7168, 256, d),
+    "unpermute T=4096 k=8 H=7168": lambda d: _dispatch("unpermute", 4096, 8, 7168, 256, d),
+}
+
+
+def apply_changes(tree: Path, changes: list) -> None:
+    """Each (file, old, new) of a variant into ``tree``; ``old`` must occur exactly once."""
+    for rel, old, new in changes:
+        path = tree / rel
+        text = path.read_text()
+        if text.count(old) != 1:
+            raise ValueError(f"gpu_tune: {rel} holds {text.count(old)} copies of {old!r}, "
+                             "expected exactly 1 (the variant is out of date with the source)")
+        path.write_text(text.replace(old, new))
+
+
+def measure(device: str, names, min_time: float) -> dict:
+    """``{case: summary}`` of ``moe_route.benchmark.time_fn`` for the named cases, in this
+    process (whose ``moe_route`` is the build under test)."""
+    from moe_route import benchmark as B
+
+    results = {}
+    for name in names:
+        fn = CASES[name](device)
+        method, _ = B.pick_method(fn, device)
+        results[name] = B.time_fn(fn, device, min_time=min_time, method=method)
+    return results
+
+
+def _copy_tree(dst: Path) -> None:
+    skip = shutil.ignore_patterns(".git", "build", "__pycache__", "*.so", "*.egg-info", ".whl",
+                                  ".pytest_cache", ".hypothesis")
+    shutil.copytree(ROOT, dst, ignore=skip, symlinks=True)
+
+
+def _has_cuda_kernels(tree: Path) -> bool:
+    env = dict(os.environ, PYTHONPATH=f"{tree}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    probe = "from moe_route import _loader; assert _loader.has_kernel('topk_gate', 'cuda')"
+    return subprocess.run([sys.executable, "-c", probe], cwd=tree, env=env,
+                          capture_output=True).returncode == 0
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _run_measure(tree: Path, out_json: Path, args, timeout: float) -> dict:
+    env = dict(os.environ, PYTHONPATH=f"{tree}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    cmd = [sys.executable, str(tree / "bench" / "gpu_tune.py"), "--measure", str(out_json),
+           "--device", args.device, "--min-time", str(args.min_time)]
+    try:
+        proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True,
+                              timeout=max(timeout, 1.0))
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if proc.returncode != 0:
+        return {"error": (proc.stderr or proc.stdout).strip()[-2000:]}
+    return json.loads(out_json.read_text())
+
+
+def format_table(results: dict) -> str:
+    """Cases down, builds across: the base's median (us), then each variant's with its ratio to
+    the base (below 1: the variant is faster)."""
+    names = [n for n in results if isinstance(results[n], dict) and "error" not in results[n]]
+    cases = list(CASES) if BASE not in names else list(results[BASE])
+    width = max(len(c) for c in cases) + 2
+    head = f"{'case':<{width}}" + "".join(f"{n:>22}" for n in names)
+    lines = [head, "-" * len(head)]
+    for case in cases:
+        base = results.get(BASE, {}).get(case)
+        row = f"{case:<{width}}"
+        for n in names:
+            s = results[n].get(case)
+            if s is None:
+                row += f"{'-':>22}"
+                continue
+            cell = f"{s['median_us']:.2f}"
+            if n != BASE and base:
+                cell += f" ({s['median_us'] / base['median_us']:.2f}x)"
+            row += f"{cell:>22}"
+        lines.append(row)
+    for n, r in results.items():
+        if not isinstance(r, dict) or "error" in r:
+            lines.append(f"{n}: no timings ({r.get('error', r) if isinstance(r, dict) else r})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", nargs="?", help="output directory")
+    ap.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    ap.add_argument("--budget", type=float, default=540.0, help="seconds for the whole run")
+    ap.add_argument("--arch", default="9.0a", help="TORCH_CUDA_ARCH_LIST of the variant builds")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--min-time", type=float, default=0.2, help="seconds of timing per case")
+    ap.add_argument("--list", action="store_true", help="print the variants and cases")
+    ap.add_argument("--measure", metavar="JSON", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.list:
+        for name, variant in VARIANTS.items():
+            print(f"{name}: {variant.what}")
+        print("cases:", "; ".join(CASES))
+        return 0
+    if args.measure:  # one build's timings, in the process that imported it
+        from moe_route import _loader
+
+        if args.device == "cuda" and not _loader.has_kernel("topk_gate", "cuda"):
+            print("gpu_tune: this build has no CUDA kernels", file=sys.stderr)
+            return 1
+        Path(args.measure).write_text(json.dumps(measure(args.device, list(CASES),
+                                                         args.min_time)))
+        return 0
+    if not args.out:
+        ap.error("OUT_DIR is required")
+
+    sys.path.insert(0, str(ROOT))  # this tree's moe_route for the report's metadata
+    t0 = time.monotonic()
+    deadline = t0 + args.budget
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="moe_route_tune_"))
+    report = {"variants": {}, "results": {}}
+
+    # The variants' builds in parallel (and the base's, if this tree has no CUDA build yet), the
+    # cores shared out.
+    trees = {}
+    for name in args.variants:
+        tree = work / name
+        _copy_tree(tree)
+        report["variants"][name] = VARIANTS[name]._asdict()
+        try:
+            apply_changes(tree, VARIANTS[name].changes)
+        except ValueError as exc:
+            report["results"][name] = {"error": str(exc)}
+            continue
+        trees[name] = tree
+    if not _has_cuda_kernels(ROOT):
+        trees[BASE] = ROOT
+    jobs = max(1, (os.cpu_count() or 2) // max(1, len(trees)))
+    env = dict(os.environ, MOE_ROUTE_FORCE_CUDA="1", TORCH_CUDA_ARCH_LIST=args.arch,
+               MAX_JOBS=str(jobs))
+    builds = {}
+    for name, tree in trees.items():
+        log = open(work / f"{name}.build.log", "w")
+        builds[name] = (subprocess.Popen([sys.executable, "setup.py", "-q", "build_ext",
+                                          "--inplace"], cwd=tree, env=env, stdout=log,
+                                         stderr=subprocess.STDOUT), log, time.monotonic())
+    print(f"gpu_tune: building {', '.join(builds)} ({jobs} jobs each) in {work}", flush=True)
+
+    for name, (proc, log, started) in builds.items():
+        try:
+            rc = proc.wait(timeout=max(deadline - time.monotonic() - 120, 1.0))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = None
+        log.close()
+        report["variants"].setdefault(name, {}).update(
+            build_s=round(time.monotonic() - started, 1),
+            build_log_tail=_tail(work / f"{name}.build.log"))
+        if rc != 0:
+            why = "build timed out" if rc is None else f"build failed (exit {rc})"
+            report["results"][name] = {"error": why}
+    print(f"gpu_tune: builds done at {time.monotonic() - t0:.0f} s", flush=True)
+
+    # The base (this tree's in-place build) first and again last: the spread of the two is the
+    # run-to-run noise to hold the variants' ratios against.
+    timed = [(BASE, ROOT)] + [(n, trees[n]) for n in builds
+                              if n != BASE and n not in report["results"]]
+    timed.append((BASE_AGAIN, ROOT))
+    for name, tree in timed:
+        report["results"][name] = _run_measure(tree, out / f"tune_{name}.json", args,
+                                               deadline - time.monotonic() - 5)
+        print(f"gpu_tune: {name} timed at {time.monotonic() - t0:.0f} s", flush=True)
+
+    from moe_route import benchmark as B
+
+    report["meta"] = B.run_meta(args.device)
+    table = format_table(report["results"])
+    legend = "\n".join([f"{BASE}: this tree as built in place; {BASE_AGAIN}: the same, timed last"]
+                       + [f"{n}: {VARIANTS[n].what}" for n in args.variants])
+    text = f"{B.format_meta(report['meta'])}\n\n{table}\n\n{legend}\n"
+    (out / "gpu_tune.txt").write_text(text)
+    (out / "gpu_tune.json").write_text(json.dumps(report, indent=1, default=str))
+    print(text)
+    shutil.rmtree(work, ignore_errors=True)
+    failed = [n for n, r in report["results"].items() if "error" in r]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
