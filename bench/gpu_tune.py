@@ -133,10 +133,14 @@ def _copy_tree(dst: Path) -> None:
     shutil.copytree(ROOT, dst, ignore=skip, symlinks=True)
 
 
+def _env_for(tree: Path) -> dict:
+    """The environment whose ``import moe_route`` finds ``tree``'s package and build."""
+    return dict(os.environ, PYTHONPATH=f"{tree}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+
+
 def _has_cuda_kernels(tree: Path) -> bool:
-    env = dict(os.environ, PYTHONPATH=f"{tree}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     probe = "from moe_route import _loader; assert _loader.has_kernel('topk_gate', 'cuda')"
-    return subprocess.run([sys.executable, "-c", probe], cwd=tree, env=env,
+    return subprocess.run([sys.executable, "-c", probe], cwd=tree, env=_env_for(tree),
                           capture_output=True).returncode == 0
 
 
@@ -148,11 +152,10 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 def _run_measure(tree: Path, out_json: Path, args, timeout: float) -> dict:
-    env = dict(os.environ, PYTHONPATH=f"{tree}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     cmd = [sys.executable, str(tree / "bench" / "gpu_tune.py"), "--measure", str(out_json),
            "--device", args.device, "--min-time", str(args.min_time)]
     try:
-        proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True,
+        proc = subprocess.run(cmd, cwd=tree, env=_env_for(tree), capture_output=True, text=True,
                               timeout=max(timeout, 1.0))
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
@@ -165,7 +168,7 @@ def format_table(results: dict) -> str:
     """Cases down, builds across: the base's median (us), then each variant's with its ratio to
     the base (below 1: the variant is faster)."""
     names = [n for n in results if isinstance(results[n], dict) and "error" not in results[n]]
-    cases = list(CASES) if BASE not in names else list(results[BASE])
+    cases = [c for c in CASES if any(c in results[n] for n in names)]
     width = max(len(c) for c in cases) + 2
     head = f"{'case':<{width}}" + "".join(f"{n:>22}" for n in names)
     lines = [head, "-" * len(head)]

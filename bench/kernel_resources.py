@@ -71,6 +71,12 @@ def parse_ptxas(text: str) -> list[tuple[str, int, int]]:
     return rows
 
 
+def _natural_order(row) -> str:
+    """Sort key of a parse_ptxas row: its label with numbers compared as numbers (VPT=2 before
+    VPT=16)."""
+    return re.sub(r"\d+", lambda m: m.group().zfill(5), kernel_label(row[0]))
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="sm_90a", help="nvcc -arch (default sm_90a)")
@@ -91,10 +97,7 @@ def main(argv: list[str]) -> int:
                 return done.returncode
             rows += parse_ptxas(done.stderr)
     print(f"{'kernel':<36} {'registers':>9} {'spilled B':>9} {'warps/SM':>8}   ({args.arch})")
-    def order(row):  # numbers compared as numbers (VPT=2 before VPT=16)
-        return re.sub(r"\d+", lambda m: m.group().zfill(5), kernel_label(row[0]))
-
-    for mangled, regs, spill in sorted(rows, key=order):
+    for mangled, regs, spill in sorted(rows, key=_natural_order):
         label = kernel_label(mangled)
         if args.filter not in label:
             continue

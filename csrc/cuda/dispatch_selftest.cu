@@ -112,17 +112,12 @@ void run_case(const Case& c) {
     std::vector<int32_t> i32(ids.begin(), ids.end());
     d_ids = to_device(i32);
   }
-  int64_t *d_rs_base, *d_off, *d_cnt, *d_sr;
-  CHECK_CUDA(cudaMalloc(&d_rs_base, (R + 1) * 8));
-  int64_t* d_rs = d_rs_base + c.x_pad % 2;
-  CHECK_CUDA(cudaMalloc(&d_off, (c.E + 1) * 8));
-  CHECK_CUDA(cudaMalloc(&d_cnt, c.E * 8));
-  CHECK_CUDA(cudaMalloc(&d_sr, (N ? N : 1) * 8));
   // Garbage first: every output element must be written.
-  CHECK_CUDA(cudaMemset(d_rs_base, 0x5a, (R + 1) * 8));
-  CHECK_CUDA(cudaMemset(d_off, 0x5a, (c.E + 1) * 8));
-  CHECK_CUDA(cudaMemset(d_cnt, 0x5a, c.E * 8));
-  CHECK_CUDA(cudaMemset(d_sr, 0x5a, (N ? N : 1) * 8));
+  int64_t* d_rs_base = device_filled<int64_t>(R + 1, 0x5a);
+  int64_t* d_rs = d_rs_base + c.x_pad % 2;
+  int64_t* d_off = device_filled<int64_t>(c.E + 1, 0x5a);
+  int64_t* d_cnt = device_filled<int64_t>(c.E, 0x5a);
+  int64_t* d_sr = device_filled<int64_t>(N, 0x5a);
   PlanParams pp;
   pp.ids = d_ids;
   pp.ids_int64 = c.ids_int64;
@@ -142,10 +137,7 @@ void run_case(const Case& c) {
                 c.one_cta ? "one-launch" : "three-launch");
     ok = false;
   }
-  if (ws_bytes) {
-    CHECK_CUDA(cudaMalloc(&d_ws, ws_bytes));
-    CHECK_CUDA(cudaMemset(d_ws, 0x77, ws_bytes));
-  }
+  if (ws_bytes) d_ws = device_filled<uint8_t>(ws_bytes, 0x77);
   for (int rep = 0; rep < 2; ++rep) {  // twice: determinism and workspace reuse
     CHECK_CUDA(moe_route::cuda::launch_dispatch_plan(pp, d_ws, ws_bytes, 0));
     CHECK_CUDA(cudaDeviceSynchronize());
@@ -166,9 +158,7 @@ void run_case(const Case& c) {
     std::vector<uint8_t> xs(x.size() + size_t(shift * eb));
     std::memcpy(xs.data() + shift * eb, x.data(), x.size());
     uint8_t* d_x = to_device(xs);
-    uint8_t* d_out;
-    CHECK_CUDA(cudaMalloc(&d_out, (R * H > 0 ? R * H : 1) * eb));
-    CHECK_CUDA(cudaMemset(d_out, 0x33, (R * H > 0 ? R * H : 1) * eb));
+    uint8_t* d_out = device_filled<uint8_t>(size_t(R * H * eb), 0x33);
     PermuteParams p;
     p.x = d_x + shift * eb;
     p.row_slot = d_rs;
@@ -225,9 +215,7 @@ void run_case(const Case& c) {
       }
     }
     uint8_t* d_y = to_device(yb);
-    uint8_t* d_o;
-    CHECK_CUDA(cudaMalloc(&d_o, (c.T * H > 0 ? c.T * H : 1) * eb));
-    CHECK_CUDA(cudaMemset(d_o, 0x33, (c.T * H > 0 ? c.T * H : 1) * eb));
+    uint8_t* d_o = device_filled<uint8_t>(size_t(c.T * H * eb), 0x33);
     UnpermuteParams p;
     p.y = d_y;
     p.type = et;

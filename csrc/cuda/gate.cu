@@ -61,7 +61,7 @@ int blocks_per_sm(int device, detail::GateKernel kernel, int threads, size_t sme
 
 cudaError_t launch_topk_gate(const GateParams& p, cudaStream_t stream) {
   if (p.T <= 0) return cudaSuccess;
-  if (p.E < 1 || p.E > detail::kMaxExperts || p.k < 1 || p.k > p.E) return cudaErrorInvalidValue;
+  if (!detail::gate_args_ok(p)) return cudaErrorInvalidValue;
   int device = 0;
   const cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;

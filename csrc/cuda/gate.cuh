@@ -5,10 +5,9 @@
 // rounded up to a compile-time tier 1, 2, 4, 8, 16, 32, so E <= 1024) in registers; loads are
 // coalesced across the warp. Every reduction over experts is a per-lane loop plus a warp-wide
 // step (a butterfly of xor shuffles, or REDUX for integer maxima), so all lanes end with
-// bit-identical results. Each warp owns a contiguous range of
-// tokens and prefetches the next token's row while working on the current one. The grid is
-// persistent: sized from the kernel's occupancy (plan_for_device) so that every warp is resident
-// at once, one wave.
+// bit-identical results. Each warp owns a contiguous range of tokens and prefetches the next
+// token's row while working on the current one. The grid is persistent: sized from the kernel's
+// occupancy (plan_for_device) so that every warp is resident at once, one wave.
 //
 // Two variants per (VPT, logit type): the full kernel, and a plain one compiled without steering,
 // the group limit and the statistics, for calls that use none of them (needs_full_kernel). Those
@@ -839,6 +838,12 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
 
 inline int vpt_for(int64_t E) {
   return E <= 32 ? 1 : E <= 64 ? 2 : E <= 128 ? 4 : E <= 256 ? 8 : E <= 512 ? 16 : 32;
+}
+
+// The launchers' argument check for a call with p.T > 0 (gate.cu, and its twin on the host
+// emulator); a call with p.T <= 0 launches nothing.
+inline bool gate_args_ok(const GateParams& p) {
+  return p.E >= 1 && p.E <= kMaxExperts && p.k >= 1 && p.k <= p.E;
 }
 
 // The full kernel is needed for steering, a group limit or statistics; every other call runs the

@@ -31,6 +31,16 @@ T* to_device(const std::vector<T>& h) {
   return d;
 }
 
+// n elements of T on the device (at least one allocated), every byte set to `byte`: outputs start
+// as garbage, so an element the kernel fails to write shows.
+template <typename T>
+T* device_filled(size_t n, int byte) {
+  T* d = nullptr;
+  CHECK_CUDA(cudaMalloc(&d, std::max<size_t>(1, n) * sizeof(T)));
+  CHECK_CUDA(cudaMemset(d, byte, std::max<size_t>(1, n) * sizeof(T)));
+  return d;
+}
+
 template <typename T>
 std::vector<T> to_host(const T* d, size_t n) {
   std::vector<T> h(n);

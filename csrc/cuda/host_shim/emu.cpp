@@ -83,13 +83,16 @@ thread_local Block* t_block = nullptr;
 thread_local int t_lane = 0;
 std::mutex atomics;
 
-Warp& warp() {
+// The calling thread's block; `what` (a collective or barrier) needs a cooperative launch.
+Block& block(const char* what) {
   if (t_block == nullptr) {
-    std::fprintf(stderr, "emu: a warp collective in a kernel launched as non-cooperative\n");
+    std::fprintf(stderr, "emu: %s in a kernel launched as non-cooperative\n", what);
     std::abort();
   }
-  return t_block->warps[threadIdx.x / 32];
+  return *t_block;
 }
+
+Warp& warp() { return block("a warp collective").warps[threadIdx.x / 32]; }
 
 // One warp collective: every lane posts `value`, then computes its result from all 32 posted
 // values (`combine(slot)`) before any lane may post again.
@@ -137,13 +140,7 @@ uint32_t reduce_max(uint32_t value) {
 
 void syncwarp() { warp().barrier.arrive_and_wait("__syncwarp"); }
 
-void syncthreads() {
-  if (t_block == nullptr) {
-    std::fprintf(stderr, "emu: __syncthreads in a kernel launched as non-cooperative\n");
-    std::abort();
-  }
-  t_block->barrier.arrive_and_wait("__syncthreads");
-}
+void syncthreads() { block("__syncthreads").barrier.arrive_and_wait("__syncthreads"); }
 
 void lock_atomics() { atomics.lock(); }
 void unlock_atomics() { atomics.unlock(); }

@@ -12,7 +12,7 @@ alignas(16) uint32_t gate_smem[kSmemPerBlock / sizeof(uint32_t)];
 
 cudaError_t launch_topk_gate(const GateParams& p, cudaStream_t) {
   if (p.T <= 0) return cudaSuccess;
-  if (p.E < 1 || p.E > detail::kMaxExperts || p.k < 1 || p.k > p.E) return cudaErrorInvalidValue;
+  if (!detail::gate_args_ok(p)) return cudaErrorInvalidValue;
   const detail::GateKernel kernel = detail::select_kernel(p);
   const auto occupancy = [](detail::GateKernel, int threads, size_t) {
     return emu::resident_warps() / (threads / 32);
