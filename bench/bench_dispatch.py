@@ -66,6 +66,11 @@ def _check_ops(case, device):
     base, ours = out["unpermute"]
     assert ours.dtype == base.dtype == case.dtype
     torch.testing.assert_close(ours, base, **_tolerance(case.dtype))
+    base, ours = out["permute64"]  # equal up to the unused tail, which only the baseline zeroes
+    _, ids, _ = moe_bench.dispatch_inputs(case, device)
+    used = int(moe_bench.dispatch_plan(ids, case.E, moe_bench.PAD_BLOCK).expert_offsets[-1])
+    assert base.shape == ours.shape and torch.equal(base[:used], ours[:used])
+    assert not base[used:].any()
 
 
 def _tolerance(dtype):
@@ -85,6 +90,7 @@ def test_moved_bytes():
     assert moe_bench.moved_bytes(case, "permute") == 4096 * 7168 * 2 * 9  # 528 MB, as in §7.2
     assert moe_bench.moved_bytes(case, "unpermute") == moe_bench.moved_bytes(case, "permute")
     assert moe_bench.moved_bytes(case, "pipeline") == 2 * moe_bench.moved_bytes(case, "permute")
+    assert moe_bench.moved_bytes(case, "permute64") == moe_bench.moved_bytes(case, "permute")
     assert moe_bench.moved_bytes(case, "plan") is None
 
 
@@ -100,13 +106,14 @@ def test_run_dispatch_rows():
     assert seen == rows and [r["op"] for r in rows] == list(moe_bench.DISPATCH_OPS)
     for row in rows:
         assert row["case"] == "tiny T=32 k=4 H=64 E=8 bfloat16" and row["method"] == "perf_counter"
-        names = ("baseline", "fused") + (("baseline_compiled",) if row["op"] != "pipeline" else ())
+        compiled = row["op"] in moe_bench.COMPILED_DISPATCH_OPS
+        names = ("baseline", "fused") + (("baseline_compiled",) if compiled else ())
         assert {name for name in row if isinstance(row[name], dict) and "median_us" in row[name]} \
             == set(names)
         for name in names:
             assert row[name]["method"] == "perf_counter" and row[name]["reps"] >= 5
         assert row["speedup"] > 0
-        if row["op"] != "pipeline":
+        if compiled:
             assert row["speedup_vs_compiled"] > 0 and row["compile_s"] > 0
         if row["op"] == "plan":
             assert row["bytes"] is None and "gbps" not in row
@@ -154,7 +161,8 @@ def test_cuda_dispatch_run():
     assert methods[("large", "permute")] == "cuda_events_l2"
     for row in rows:
         assert "compile_skipped" not in row, row["compile_skipped"]
-        names = ("baseline", "fused") + (("baseline_compiled",) if row["op"] != "pipeline" else ())
+        compiled = row["op"] in moe_bench.COMPILED_DISPATCH_OPS
+        names = ("baseline", "fused") + (("baseline_compiled",) if compiled else ())
         for name in names:
             assert "graph_error" not in row[name], (row["case"], row["op"], name,
                                                     row[name]["graph_error"])

@@ -4,7 +4,9 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <limits>
+#include <optional>
 
 namespace moe_route {
 namespace {
@@ -16,6 +18,29 @@ bool is_float(at::ScalarType t) {
 void same_device(const at::Tensor& a, const at::Tensor& b, const char* op, const char* name) {
   TORCH_CHECK_VALUE(a.device() == b.device(), op, ": ", name, " must be on the device of the "
                     "first argument ", a.device(), ", got ", b.device());
+}
+
+// permute's unused tail: rows at and past expert_offsets[E] are left unwritten. R = N + E*pad
+// for a plan of N = T*k ids (pad = block_size - 1), and at most min(E, N) experts are padded, so
+// used_bound = N + pad*min(E, N) rows can be in use. The count itself is read on the device; on
+// the CPU it is checked here.
+void set_used_rows(const at::Tensor& offsets, int64_t N, PermuteParams& p) {
+  TORCH_CHECK_TYPE(offsets.scalar_type() == at::kLong, "permute: expert_offsets must be "
+                   "torch.int64, got ", dtype_name(offsets.scalar_type()));
+  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) >= 2 && offsets.is_contiguous(),
+                    "permute: expert_offsets must be contiguous 1-D [E+1] with E >= 1, got "
+                    "shape ", shape_str(offsets));
+  const int64_t E = offsets.size(0) - 1;
+  TORCH_CHECK_VALUE(p.R >= N && (p.R - N) % E == 0, "permute: row_slot has R=", p.R,
+                    " rows, but a plan of T*k=", N, " ids over E=", E, " experts has ", N,
+                    " + E*(block_size-1) rows");
+  p.used_rows = offsets.data_ptr<int64_t>() + E;
+  p.used_bound = N + (p.R - N) / E * std::min(E, N);
+  if (offsets.device().is_cpu()) {
+    const int64_t used = *p.used_rows;
+    TORCH_CHECK_VALUE(used >= 0 && used <= p.used_bound, "permute: expert_offsets[E]=", used,
+                      " rows in use must be in [0, ", p.used_bound, "] for this plan");
+  }
 }
 
 }  // namespace
@@ -51,7 +76,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prepare_plan(
 }
 
 at::Tensor prepare_permute(const at::Tensor& x, const at::Tensor& row_slot,
-                           const at::Tensor& slot_row, int64_t k, at::Tensor& keep,
+                           const at::Tensor& slot_row, int64_t k,
+                           const std::optional<at::Tensor>& expert_offsets, at::Tensor& keep,
                            PermuteParams& p) {
   TORCH_CHECK_VALUE(x.dim() == 2, "permute: x must be 2-D [T, H], got shape ", shape_str(x));
   TORCH_CHECK_TYPE(is_float(x.scalar_type()),
@@ -80,6 +106,10 @@ at::Tensor prepare_permute(const at::Tensor& x, const at::Tensor& row_slot,
   p.T = x.size(0), p.H = x.size(1), p.R = rs.size(0), p.k = k;
   p.x_row_stride = x.size(0) > 1 ? keep.stride(0) : x.size(1);
   p.elem_bytes = x.element_size();
+  if (expert_offsets.has_value()) {
+    same_device(x, *expert_offsets, "permute", "expert_offsets");
+    set_used_rows(*expert_offsets, x.size(0) * k, p);
+  }
   return out;
 }
 

@@ -19,8 +19,11 @@ TORCH_LIBRARY(moe_route, m) {
   m.def(
       "dispatch_plan(Tensor ids, int num_experts, int block_size=1) "
       "-> (Tensor row_slot, Tensor expert_offsets, Tensor counts, Tensor slot_row)");
-  // Expert-contiguous rows [R, H] of x [T, H]; zero rows where row_slot is -1.
-  m.def("permute(Tensor x, Tensor row_slot, Tensor slot_row, int k) -> Tensor");
+  // Expert-contiguous rows [R, H] of x [T, H]; zero rows where row_slot is -1. Given the plan's
+  // expert_offsets, rows at and past expert_offsets[E] (the unused tail) are not written.
+  m.def(
+      "permute(Tensor x, Tensor row_slot, Tensor slot_row, int k, "
+      "Tensor? expert_offsets=None) -> Tensor");
   // Weighted k-way sum back to [T, H], fp32 accumulation in slot order, no atomics.
   m.def("unpermute(Tensor y, Tensor slot_row, Tensor weights) -> Tensor");
 }

@@ -5,7 +5,8 @@
 * dispatch: ``dispatch_plan``, ``permute``, ``unpermute`` and the three together, each against the
   index work of transformers' ``"grouped_mm"`` experts, eager and (the three ops) compiled;
   permute and unpermute also as bytes per second against the copy bandwidth of the device,
-  measured in the same run;
+  measured in the same run; and ``permute64``, permute of a plan padded to blocks of 64 rows,
+  with its unused tail left (``zero_tail=False``) against zeroed (the default);
 * block: a whole sparse MoE block of a real architecture with the ``"moe_route"`` experts
   implementation against ``"grouped_mm"`` and ``"eager"``.
 
@@ -367,7 +368,8 @@ class DispatchCase:
                 f"{_dtype_name(self.dtype)}")
 
 
-DISPATCH_OPS = ("plan", "permute", "unpermute", "pipeline")
+DISPATCH_OPS = ("plan", "permute", "unpermute", "pipeline", "permute64")
+PAD_BLOCK = 64  # block_size of the permute64 plan (block-tiled grouped GEMMs use 16 to 128)
 # Not the pipeline: with identity experts, inductor fuses gather, weighting, inverse gather and
 # sum into one kernel that never writes the expert rows, which no model with real experts can do.
 COMPILED_DISPATCH_OPS = ("plan", "permute", "unpermute")
@@ -405,25 +407,27 @@ def dispatch_inputs(case: DispatchCase, device="cpu"):
 def dispatch_callables(case: DispatchCase, device="cpu") -> dict:
     """``{op: (baseline function, its arguments, our call)}`` for ``DISPATCH_OPS`` on one case's
     inputs. What permute and unpermute read (plans, permuted rows) is built here, untimed; both
-    unpermutes read our permuted rows, whose order is the baseline's (``baseline_plan``)."""
+    unpermutes read our permuted rows, whose order is the baseline's (``baseline_plan``). The
+    baseline of ``permute64`` is our own permute with the unused tail zeroed."""
     x, ids, w = dispatch_inputs(case, device)
     E, k = case.E, case.k
-    plan = dispatch_plan(ids, E)
+    plan, padded = dispatch_plan(ids, E), dispatch_plan(ids, E, PAD_BLOCK)
     perm, _, _, inverse = baseline_plan(ids, E)
     y = permute(x, plan)
     return {"plan": (baseline_plan, (ids, E), lambda: dispatch_plan(ids, E)),
             "permute": (baseline_permute, (x, perm, k), lambda: permute(x, plan)),
             "unpermute": (baseline_unpermute, (y, inverse, w), lambda: unpermute(y, plan, w)),
             "pipeline": (baseline_dispatch, (x, ids, w, E),
-                         lambda: fused_dispatch(x, ids, w, E))}
+                         lambda: fused_dispatch(x, ids, w, E)),
+            "permute64": (permute, (x, padded), lambda: permute(x, padded, zero_tail=False))}
 
 
 def moved_bytes(case: DispatchCase, op: str) -> Optional[int]:
     """Bytes of token rows an op must move at least, indices and weights not counted: permute
-    reads T*H elements and writes T*k*H, unpermute the reverse, the pipeline both; None for the
-    plan (index bytes only)."""
+    reads T*H elements and writes T*k*H (permute64 the same, its padding rows not counted),
+    unpermute the reverse, the pipeline both; None for the plan (index bytes only)."""
     rows = case.T * case.H * case.dtype.itemsize * (case.k + 1)
-    return {"permute": rows, "unpermute": rows, "pipeline": 2 * rows}.get(op)
+    return {"permute": rows, "unpermute": rows, "pipeline": 2 * rows, "permute64": rows}.get(op)
 
 
 def run_dispatch(cases, device="cpu", *, compile_baseline=False, compile_backend="inductor",

@@ -50,16 +50,27 @@ def dispatch_plan(ids: torch.Tensor, num_experts: int, block_size: int = 1) -> D
     Inside an expert, rows keep slot order (token order, then slot). ``block_size`` pads each
     expert's rows to a multiple of it with -1 rows (for block-tiled GEMMs). Ids outside
     ``[0, num_experts)`` (expert-parallel sentinels, -1 padding) get no row. Deterministic.
+    With ``block_size > 1`` most rows of a small-T plan are unused tail; ``permute(...,
+    zero_tail=False)`` skips them.
     """
     k = ids.shape[-1] if isinstance(ids, torch.Tensor) and ids.dim() == 2 else 0
     out = _call("dispatch_plan", ids, (ids, num_experts, block_size), reference.dispatch_plan)
     return DispatchPlan(*out, k=k)
 
 
-def permute(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """Expert-contiguous copy ``[R, H]`` of ``x [T, H]`` (same dtype); zero rows for padding."""
-    return _call("permute", x, (x, plan.row_slot, plan.slot_row, plan.k),
-                 lambda x, row_slot, slot_row, k: reference.permute(x, row_slot, k))
+def permute(x: torch.Tensor, plan: DispatchPlan, *, zero_tail: bool = True) -> torch.Tensor:
+    """Expert-contiguous copy ``[R, H]`` of ``x [T, H]`` (same dtype); zero rows for padding.
+
+    ``zero_tail=False`` leaves the unused tail, rows at and past ``plan.expert_offsets[E]``,
+    unwritten (their contents are whatever the allocator returned); block-padding rows inside the
+    experts' segments are still zeros. A GEMM over the plan's offsets never reads the tail, and
+    with ``block_size > 1`` it is most of the output at small T: the plan is sized for the worst
+    case, ``R = T*k + E*(block_size-1)`` rows (T=1, k=8, E=256, block 64: 16136 rows, at most 512
+    in use), and zeroing it costs a memset of R rows on every call.
+    """
+    offsets = None if zero_tail else plan.expert_offsets
+    return _call("permute", x, (x, plan.row_slot, plan.slot_row, plan.k, offsets),
+                 lambda x, row_slot, slot_row, k, _: reference.permute(x, row_slot, k))
 
 
 def unpermute(y: torch.Tensor, plan: DispatchPlan, weights: torch.Tensor) -> torch.Tensor:
@@ -91,7 +102,7 @@ if _loader.native is not None:
         return new(R), new(num_experts + 1), new(num_experts), new(T * k)
 
     @torch.library.register_fake("moe_route::permute")
-    def _permute_fake(x, row_slot, slot_row, k):
+    def _permute_fake(x, row_slot, slot_row, k, expert_offsets=None):
         return x.new_empty((row_slot.shape[0], x.shape[1]))
 
     @torch.library.register_fake("moe_route::unpermute")

@@ -315,7 +315,9 @@ def accumulate_stats(zw, score, w, ids, groups, tokens, counts, prob_sum, weight
 #   counts         [E] int64   real (unpadded) rows per expert
 #   slot_row       [T*k] int64 row of each slot; -1 for dropped ids
 # permute(x, row_slot, k)[r] = x[row_slot[r] // k], zero rows where row_slot[r] == -1. (The op
-# also takes the plan's slot_row, through which the CUDA kernel reads each token row once.)
+# also takes the plan's slot_row, through which the CUDA kernel reads each token row once, and
+# optionally its expert_offsets: then rows r >= expert_offsets[E], the unused tail, are left
+# unwritten, and only rows before it are specified. The reference zeroes them either way.)
 # unpermute(y, slot_row, weights)[t] = sum_j weights[t, j] * y[slot_row[t*k + j]] over valid slots,
 # accumulated in fp32 in j order, returned in y's dtype.
 # --------------------------------------------------------------------------------------------------

@@ -169,6 +169,20 @@ def test_dispatch_graph_capture_and_replay(T):
         assert torch.equal(out, want_out)  # deterministic: no atomics
 
 
+@pytest.mark.parametrize("T,block", [(1, 64), (64, 64), (2048, 128)])
+def test_permute_leaves_the_unused_tail_unwritten(T, block):
+    """zero_tail=False writes the rows in use only. The caching allocator hands the output the
+    block of a NaN-filled tensor of the same size just freed: the tail must still hold NaN."""
+    k, E, H = 8, 256, 64
+    ids, x, _ = (t.cuda() for t in _dispatch_inputs(T, k, E, H, torch.bfloat16))
+    plan = moe_route.dispatch_plan(ids, E, block)
+    used, R = int(plan.expert_offsets[-1]), plan.row_slot.numel()
+    torch.full((R, H), float("nan"), dtype=torch.bfloat16, device="cuda")  # freed at once
+    rows = moe_route.permute(x, plan, zero_tail=False)
+    assert torch.equal(rows[:used], moe_route.permute(x, plan)[:used])
+    assert used < R and rows[used:].isnan().all()
+
+
 def test_dispatch_compile_fullgraph_on_cuda():
     ids, x, w = (t.cuda() for t in _dispatch_inputs(300, 2, 8, 64, torch.float32))
     fn = lambda x, ids, w: _combine(x, ids, w, 8)[2]  # noqa: E731

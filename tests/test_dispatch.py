@@ -37,20 +37,12 @@ def test_plan_known_answer():
     assert plan.slot_row.tolist() == [2, 0, 1, 6, 3, -1, -1, 4]
 
 
-# The index-only path: DispatchPlan.row_token (proposed for moe_route/dispatch.py together with
-# these tests; they skip until it is there).
-needs_row_token = pytest.mark.skipif(not hasattr(moe_route.DispatchPlan, "row_token"),
-                                     reason="DispatchPlan.row_token is not in moe_route.dispatch")
-
-
-@needs_row_token
 def test_row_token_known_answer():
     ids = torch.tensor([[2, 0], [0, 3], [2, 9], [-1, 2]])
     plan = moe_route.dispatch_plan(ids, 4, block_size=2)  # row_slot as in test_plan_known_answer
     assert plan.row_token.tolist() == [0, 1, 0, 2, 3, -1, 1, -1, -1, -1, -1, -1]
 
 
-@needs_row_token
 @pytest.mark.parametrize("T,k,E,block", SHAPES)
 def test_row_token_gathers_what_permute_copies(device, T, k, E, block):
     """x[row_token] (zero rows at -1) is permute(x): a GEMM that gathers by itself needs no copy."""
@@ -66,7 +58,6 @@ def test_row_token_gathers_what_permute_copies(device, T, k, E, block):
     assert torch.equal(gathered, moe_route.permute(x, plan))
 
 
-@needs_row_token
 def test_row_token_experts_without_permuted_copy():
     """Per-expert GEMMs on rows gathered through row_token, combined by unpermute, give the
     permute path's result (the index-only use the issue asks for; a BLAS may round a row
@@ -91,7 +82,6 @@ def test_row_token_experts_without_permuted_copy():
                                moe_route.unpermute(y_copy, plan, w), rtol=1e-6, atol=1e-6)
 
 
-@needs_row_token
 def test_row_token_compiles():
     def gather(x, ids):
         plan = moe_route.dispatch_plan(ids, 8)
@@ -118,6 +108,28 @@ def test_permute_unpermute_match_reference(device, T, k, E, block, dtype):
         assert torch.equal(out, want)  # same fp32 operations in the same order
     else:
         torch.testing.assert_close(out, want)
+
+
+@pytest.mark.parametrize("T,k,E,block", SHAPES)
+def test_permute_without_tail_matches_reference_before_it(device, T, k, E, block):
+    """zero_tail=False: the rows in use (before expert_offsets[E]) are the reference's, padding
+    rows among them zeros; the tail after them is not part of the result."""
+    ids = _ids(T, k, E, seed=2).to(device)
+    plan = moe_route.dispatch_plan(ids, E, block)
+    x = torch.randn(T, 40, device=device).to(torch.bfloat16)
+    rows = moe_route.permute(x, plan, zero_tail=False)
+    used = int(plan.expert_offsets[-1])
+    assert rows.shape == (plan.row_slot.numel(), 40) and rows.dtype == x.dtype
+    assert torch.equal(rows[:used], R.permute(x, plan.row_slot, k)[:used])
+
+
+def test_permute_without_tail_known_answer():
+    ids = torch.tensor([[2, 0], [0, 3], [2, 9], [-1, 2]])
+    plan = moe_route.dispatch_plan(ids, 4, block_size=2)  # 8 of R = 12 rows in use
+    x = torch.arange(1.0, 5.0)[:, None].expand(4, 3)  # token t's row is t + 1; strided
+    rows = moe_route.permute(x, plan, zero_tail=False)
+    assert rows.shape == (12, 3)
+    assert rows[:8, 0].tolist() == [1, 2, 1, 3, 4, 0, 2, 0]
 
 
 def _assert_bits_equal(got, want):
@@ -302,10 +314,37 @@ _LONG = dict(dtype=torch.long)
                                              torch.zeros(4, **_LONG, device=d),
                                              torch.zeros(2, 2, device=d)),
      ValueError, "y must be 2-D"),
+    # expert_offsets (permute's unused tail): x [2, 3], k=2, so T*k = 4
+    (lambda d: torch.ops.moe_route.permute(torch.zeros(2, 3, device=d),
+                                           torch.zeros(4, **_LONG, device=d),
+                                           torch.zeros(4, **_LONG, device=d), 2,
+                                           torch.zeros(3, dtype=torch.int32, device=d)),
+     TypeError, "expert_offsets must be torch.int64, got torch.int32"),
+    (lambda d: torch.ops.moe_route.permute(torch.zeros(2, 3, device=d),
+                                           torch.zeros(4, **_LONG, device=d),
+                                           torch.zeros(4, **_LONG, device=d), 2,
+                                           torch.zeros(1, **_LONG, device=d)),
+     ValueError, "expert_offsets must be contiguous 1-D \\[E\\+1\\] with E >= 1"),
+    (lambda d: torch.ops.moe_route.permute(torch.zeros(2, 3, device=d),
+                                           torch.zeros(5, **_LONG, device=d),
+                                           torch.zeros(4, **_LONG, device=d), 2,
+                                           torch.zeros(4, **_LONG, device=d)),
+     ValueError, "row_slot has R=5 rows, but a plan of T\\*k=4 ids over E=3 experts"),
 ])
 def test_bad_input_names_the_argument(device, call, exc, msg):
     with pytest.raises(exc, match=msg):
         call(device)
+
+
+def test_permute_checks_the_rows_in_use_on_the_cpu():
+    plan = moe_route.dispatch_plan(torch.tensor([[0, 1], [1, 2]]), 3, block_size=4)  # R = 13
+    bad = plan.expert_offsets.clone()
+    bad[-1] = 14  # at most 4 + 3*min(3, 4) = 13 rows can be in use
+    with pytest.raises(ValueError, match=r"expert_offsets\[E\]=14 rows in use must be in \[0, 13\]"):
+        torch.ops.moe_route.permute(torch.zeros(2, 3), plan.row_slot, plan.slot_row, 2, bad)
+    bad[-1] = -1
+    with pytest.raises(ValueError, match=r"expert_offsets\[E\]=-1 rows in use"):
+        torch.ops.moe_route.permute(torch.zeros(2, 3), plan.row_slot, plan.slot_row, 2, bad)
 
 
 def test_reference_rejects_the_same_inputs():
@@ -325,7 +364,20 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.moe_route.dispatch_plan.default, (ids[:0], 8, 1))
     torch.library.opcheck(torch.ops.moe_route.permute.default,
                           (x, plan.row_slot, plan.slot_row, 3))
+    full = moe_route.dispatch_plan(_ids(33, 3, 8, sentinels=False), 8)  # no tail: all rows set
+    torch.library.opcheck(torch.ops.moe_route.permute.default,
+                          (x, full.row_slot, full.slot_row, 3, full.expert_offsets))
     torch.library.opcheck(torch.ops.moe_route.unpermute.default, (y, plan.slot_row, w))
+
+
+def test_permute_without_tail_compiles():
+    def rows_in_use(x, ids):
+        plan = moe_route.dispatch_plan(ids, 8, block_size=16)
+        rows = moe_route.permute(x, plan, zero_tail=False)
+        return rows[:plan.expert_offsets[-1]] * 2
+
+    ids, x = _ids(40, 2, 8), torch.randn(40, 16)
+    torch.testing.assert_close(torch.compile(rows_in_use)(x, ids), rows_in_use(x, ids))
 
 
 def test_compile_fullgraph():

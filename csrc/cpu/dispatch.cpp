@@ -129,9 +129,10 @@ void permute_cpu(const PermuteParams& p) {
   const int64_t row_bytes = p.H * p.elem_bytes;
   const char* x = static_cast<const char*>(p.x);
   char* out = static_cast<char*>(p.out);
-  advise_huge_pages(out, p.R * row_bytes);
+  const int64_t rows = p.used_rows ? *p.used_rows : p.R;  // the tail past it stays untouched
+  advise_huge_pages(out, rows * row_bytes);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row_bytes));
-  at::parallel_for(0, p.R, grain, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t s = p.row_slot[r];
       char* dst = out + r * row_bytes;
@@ -259,10 +260,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_plan_op(
 }
 
 at::Tensor permute_op(const at::Tensor& x, const at::Tensor& row_slot,
-                      const at::Tensor& slot_row, int64_t k) {
+                      const at::Tensor& slot_row, int64_t k,
+                      const std::optional<at::Tensor>& expert_offsets) {
   at::Tensor keep;
   PermuteParams p;
-  at::Tensor out = prepare_permute(x, row_slot, slot_row, k, keep, p);
+  at::Tensor out = prepare_permute(x, row_slot, slot_row, k, expert_offsets, keep, p);
   permute_cpu(p);
   return out;
 }

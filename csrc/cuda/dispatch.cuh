@@ -33,7 +33,10 @@
 // gather (one group per output row) would read every token row k times, from HBM once x outgrows
 // L2 (T=4096, H=7168 bf16 is 59 MB): (2k) row transfers per token instead of (k+1). The same
 // groups then zero-fill the rows with row_slot < 0 (block padding, unused tail); the grid covers
-// max(T, R) groups so that heavy padding is spread too. The copy width is the largest of 16, 8,
+// max(T, R) groups so that heavy padding is spread too. Given the plan's row count in use
+// (used_rows, expert_offsets[E] on the device), the fill stops there and the grid covers
+// max(T, used_bound) groups: at decode with block padding nearly all of R is tail (T=1, k=8,
+// E=256, block 64: R = 16136, at most 512 rows in use). The copy width is the largest of 16, 8,
 // 4, 2 bytes that divides the row length in bytes, the row stride in bytes and both base
 // addresses, so bf16/fp16/fp32 rows of any H take the 16-byte path whenever the layout allows it.
 // row_slot and slot_row must be the two halves of one plan (dispatch_plan's): every row with
@@ -163,7 +166,8 @@ inline bool plan_workspace_ok(const PlanGeom& g, int64_t E, const void* ws, size
 
 inline bool permute_args_ok(const PermuteParams& p) {
   return p.R >= 0 && p.H >= 0 && p.T >= 0 && p.k >= 1 && (p.elem_bytes == 2 || p.elem_bytes == 4) &&
-         (p.T == 0 || p.slot_row != nullptr);
+         (p.T == 0 || p.slot_row != nullptr) &&
+         (p.used_rows == nullptr || (p.used_bound >= 0 && p.used_bound <= p.R));
 }
 
 inline bool unpermute_args_ok(const UnpermuteParams& p) {
@@ -467,8 +471,13 @@ __global__ void __launch_bounds__(kRowThreads)
       }
     }
   }
-  // 2. Rows no slot feeds (block padding, unused tail): zeros.
-  for (int64_t r = first; r < p.R; r += step) {
+  // 2. Rows no slot feeds (block padding, unused tail): zeros. With used_rows, the tail is left.
+  int64_t end = p.R;
+  if (p.used_rows) {
+    const int64_t used = __ldg(reinterpret_cast<const long long*>(p.used_rows));
+    end = used < 0 ? 0 : used < p.R ? used : p.R;
+  }
+  for (int64_t r = first; r < end; r += step) {
     if (__ldg(row_slot + r) >= 0) continue;
     U* dst = out + r * n_vec;
     const U z{};
@@ -499,7 +508,8 @@ inline RowLaunch permute_launch(const PermuteParams& p) {
   const int v = permute_vec_bytes(p);
   const int64_t n_vec = p.H * p.elem_bytes / v;
   const int tpr = threads_per_row(n_vec);
-  return {v, n_vec, tpr, grid_for_rows(p.T > p.R ? p.T : p.R, tpr)};
+  const int64_t rows = p.used_rows ? p.used_bound : p.R;
+  return {v, n_vec, tpr, grid_for_rows(p.T > rows ? p.T : rows, tpr)};
 }
 
 // Element conversions.

@@ -50,12 +50,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_plan_cuda(
 }
 
 at::Tensor permute_cuda(const at::Tensor& x, const at::Tensor& row_slot,
-                        const at::Tensor& slot_row, int64_t k) {
+                        const at::Tensor& slot_row, int64_t k,
+                        const std::optional<at::Tensor>& expert_offsets) {
   check_first_on_cuda("permute", "x", x);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor keep;
   PermuteParams p;
-  at::Tensor out = prepare_permute(x, row_slot, slot_row, k, keep, p);
+  at::Tensor out = prepare_permute(x, row_slot, slot_row, k, expert_offsets, keep, p);
   check_launch("permute", cuda::launch_permute(p, c10::cuda::getCurrentCUDAStream()));
   return out;
 }

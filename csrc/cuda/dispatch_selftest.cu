@@ -13,6 +13,7 @@
 // __fmul_rn/__fadd_rn), which implies the rtol 1e-6 the brief asks for.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -148,9 +149,13 @@ void run_case(const Case& c) {
     ok &= same(to_host(d_sr, N), ref.slot_row, "slot_row" + tag);
   }
 
-  // ---- permute (fp32 and bf16 bit patterns; strided x) ----
+  // ---- permute (fp32 and bf16 bit patterns; strided x). Then bf16 with used_rows: the tail
+  // past expert_offsets[E] must keep the garbage fill. ----
   const int64_t H = c.H, stride = c.H + c.x_pad;
-  for (int eb : {4, 2}) {
+  const int64_t used = ref.offsets[c.E];
+  for (int variant = 0; variant < 3; ++variant) {
+    const int eb = variant ? 2 : 4;
+    const bool keep_tail = variant == 2;
     std::vector<uint8_t> x(size_t(c.T * stride * eb));
     for (auto& b : x) b = uint8_t(rng());
     // Unaligned base too when x_pad is odd: offset the device pointer by one element.
@@ -170,14 +175,20 @@ void run_case(const Case& c) {
     p.k = c.k;
     p.x_row_stride = stride;
     p.elem_bytes = eb;
+    if (keep_tail) {
+      p.used_rows = d_off + c.E;
+      p.used_bound = N + (c.bs - 1) * std::min(c.E, N);
+    }
     CHECK_CUDA(moe_route::cuda::launch_permute(p, 0));
     CHECK_CUDA(cudaDeviceSynchronize());
     std::vector<uint8_t> want(size_t(R * H * eb), 0);
+    if (keep_tail) std::fill(want.begin() + used * H * eb, want.end(), uint8_t(0x33));
     for (int64_t r = 0; r < R; ++r)
       if (ref.row_slot[r] >= 0)
         std::memcpy(&want[r * H * eb], &x[(ref.row_slot[r] / c.k) * stride * eb], H * eb);
     ok &= same(to_host(d_out, size_t(R * H * eb)), want,
-               std::string("permute elem_bytes=") + std::to_string(eb));
+               std::string("permute elem_bytes=") + std::to_string(eb) +
+                   (keep_tail ? " (tail kept)" : ""));
     CHECK_CUDA(cudaFree(d_x));
     CHECK_CUDA(cudaFree(d_out));
   }
