@@ -223,7 +223,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("bench", help="benchmark moe_route against what transformers runs")
     p.add_argument("--op", default="gate", choices=["gate", "dispatch", "block"],
                    help="what to time: the fused gate (default), the dispatch ops (plan, permute, "
-                        "unpermute, all three), or a whole MoE block per experts implementation")
+                        "unpermute, all three, permute of a block-64 plan without its unused "
+                        "tail), or a whole MoE block per experts implementation")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--full", action="store_true",
                    help="the full grid. gate: on the CPU T 1..8192, E 8..256, k 2/8; on CUDA "
