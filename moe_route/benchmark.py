@@ -385,10 +385,12 @@ def dispatch_cases(full: bool = False) -> list[DispatchCase]:
 
 def gpu_dispatch_cases() -> list[DispatchCase]:
     """The bf16 shapes of research/kernel_anchors.md §7.2: DeepSeek-V3 (H=7168, k=8, E=256) at T
-    64..16384, H=4096 k=8 (Qwen3-235B-A22B, E=128) and Qwen3-30B-A3B (H=2048, k=8, E=128) at
-    T=16384 and 1024, Mixtral (H=4096, k=2, E=8) at T=16384."""
+    64..16384 and at T=1 (decode, the latency end), H=4096 k=8 (Qwen3-235B-A22B, E=128) and
+    Qwen3-30B-A3B (H=2048, k=8, E=128) at T=16384 and 1024, Mixtral (H=4096, k=2, E=8) at
+    T=16384."""
     bf16 = torch.bfloat16
-    return ([DispatchCase(T, 8, 7168, 256, bf16, "deepseek_v3") for T in (64, 1024, 4096, 16384)]
+    deepseek_t = (1, 64, 1024, 4096, 16384)
+    return ([DispatchCase(T, 8, 7168, 256, bf16, "deepseek_v3") for T in deepseek_t]
             + [DispatchCase(16384, 8, 4096, 128, bf16, "qwen3_235b_a22b")]
             + [DispatchCase(T, 8, 2048, 128, bf16, "qwen3_30b_a3b") for T in (1024, 16384)]
             + [DispatchCase(16384, 2, 4096, 8, bf16, "mixtral")])
