@@ -32,7 +32,7 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
                     top_k_weights: torch.Tensor) -> torch.Tensor:
     """``ExpertsInterface`` signature: ``(experts, hidden [T, H], ids [T, k], weights [T, k])``."""
     plan = dispatch_plan(top_k_index, self.num_experts)
-    x = permute(hidden_states, plan)
+    x = permute(hidden_states, plan, zero_tail=False)  # rows of dropped ids: never read
     if self.has_gate:
         h = _grouped_linear(self, x, self.gate_up_proj, _bias(self, "gate_up_proj_bias"), plan)
         h = self._apply_gate(h)
