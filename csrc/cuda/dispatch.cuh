@@ -32,11 +32,13 @@
 // vectors at a time, and store it to each of the token's k rows (slot_row). A destination-major
 // gather (one group per output row) would read every token row k times, from HBM once x outgrows
 // L2 (T=4096, H=7168 bf16 is 59 MB): (2k) row transfers per token instead of (k+1). The same
-// groups then zero-fill the rows with row_slot < 0 (block padding, unused tail); the grid covers
-// max(T, R) groups so that heavy padding is spread too. Given the plan's row count in use
-// (used_rows, expert_offsets[E] on the device), the fill stops there and the grid covers
-// max(T, used_bound) groups: at decode with block padding nearly all of R is tail (T=1, k=8,
-// E=256, block 64: R = 16136, at most 512 rows in use). The copy width is the largest of 16, 8,
+// groups then zero-fill the rows with row_slot < 0 (block padding, unused tail), grid-stride. The
+// grid covers the T tokens, or the R rows if that takes more CTAs, up to kPermuteFillCtas: a
+// group per row would leave most CTAs loading one row_slot entry and exiting (at T=4096, k=8 and
+// no padding, 32768 CTAs for 4096 tokens). Given the plan's row count in use (used_rows,
+// expert_offsets[E] on the device), the fill stops there and only used_bound rows count for the
+// grid: at decode with block padding nearly all of R is tail (T=1, k=8, E=256, block 64:
+// R = 16136, at most 512 rows in use). The copy width is the largest of 16, 8,
 // 4, 2 bytes that divides the row length in bytes, the row stride in bytes and both base
 // addresses, so bf16/fp16/fp32 rows of any H take the 16-byte path whenever the layout allows it.
 // row_slot and slot_row must be the two halves of one plan (dispatch_plan's): every row with
@@ -83,6 +85,7 @@ constexpr int kRowThreads = 256;                 // permute / unpermute CTA size
 constexpr int kCopyUnroll = 4;
 constexpr int kSlotsInRegs = 8;                  // unpermute: a token's slots held in registers
 constexpr int64_t kMaxGrid = int64_t(1) << 20;   // grid-stride loops cover the rest
+constexpr int kPermuteFillCtas = 4096;           // permute: CTAs the zero fill alone may ask for
 constexpr int64_t kOneCtaMaxSlots = 2048;        // one-launch plan: T*k at most this ...
 constexpr int64_t kOneCtaMaxRows = 32768;        // ... and R at most this (one CTA fills row_slot)
 constexpr int64_t kOneCtaSmemBudget = 40 * 1024;  // its per-warp int64 tile rows
@@ -508,8 +511,10 @@ inline RowLaunch permute_launch(const PermuteParams& p) {
   const int v = permute_vec_bytes(p);
   const int64_t n_vec = p.H * p.elem_bytes / v;
   const int tpr = threads_per_row(n_vec);
-  const int64_t rows = p.used_rows ? p.used_bound : p.R;
-  return {v, n_vec, tpr, grid_for_rows(p.T > rows ? p.T : rows, tpr)};
+  const int copy = grid_for_rows(p.T, tpr);
+  const int fill = grid_for_rows(p.used_rows ? p.used_bound : p.R, tpr);
+  const int grid = fill < kPermuteFillCtas ? fill : kPermuteFillCtas;
+  return {v, n_vec, tpr, copy > grid ? copy : grid};
 }
 
 // Element conversions.

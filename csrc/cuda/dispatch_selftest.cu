@@ -295,7 +295,8 @@ int main() {
       {"one_cta_full", 256, 8, 128, 1, 16, true, 0, 11, true},        // T*k = kOneCtaMaxSlots
       {"one_cta_E4096", 64, 8, 4096, 1, 16, false, 0, 12, true},      // one tile warp, per = 4
       {"one_cta_E1500", 300, 6, 1500, 3, 8, true, 0, 13, true},       // 3 tile warps, E > 1024
-      {"small_N_big_R", 8, 8, 256, 129, 16, false, 0, 14, false},     // R > kOneCtaMaxRows
+      {"small_N_big_R", 8, 8, 256, 129, 16, false, 0, 14, false},     // R > kOneCtaMaxRows;
+                                                                      // permute's fill strides
       {"decode_b64", 64, 8, 256, 64, 16, true, 1, 16, true},          // R = 16640 in one CTA
       {"just_past_one_cta", 257, 8, 128, 1, 16, true, 1, 15, false},  // T*k = 2056
   };
