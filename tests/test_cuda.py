@@ -172,13 +172,18 @@ def test_dispatch_graph_capture_and_replay(T):
 @pytest.mark.parametrize("T,block", [(1, 64), (64, 64), (2048, 128)])
 def test_permute_leaves_the_unused_tail_unwritten(T, block):
     """zero_tail=False writes the rows in use only. The caching allocator hands the output the
-    block of a NaN-filled tensor of the same size just freed: the tail must still hold NaN."""
+    block of a NaN-filled tensor of the same size just freed (after empty_cache it is the only
+    free block of the large pool; 1-10 MB here): the tail must still hold NaN."""
     k, E, H = 8, 256, 64
     ids, x, _ = (t.cuda() for t in _dispatch_inputs(T, k, E, H, torch.bfloat16))
     plan = moe_route.dispatch_plan(ids, E, block)
     used, R = int(plan.expert_offsets[-1]), plan.row_slot.numel()
-    torch.full((R, H), float("nan"), dtype=torch.bfloat16, device="cuda")  # freed at once
+    torch.cuda.empty_cache()
+    nan = torch.full((R, H), float("nan"), dtype=torch.bfloat16, device="cuda")
+    address = nan.data_ptr()
+    del nan
     rows = moe_route.permute(x, plan, zero_tail=False)
+    assert rows.data_ptr() == address, "the allocator did not reuse the NaN block"
     assert torch.equal(rows[:used], moe_route.permute(x, plan)[:used])
     assert used < R and rows[used:].isnan().all()
 
