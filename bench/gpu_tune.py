@@ -51,9 +51,12 @@ VARIANTS = {
         [(DISPATCH, "kOneCtaMaxRows = 32768;", "kOneCtaMaxRows = 65536;"),
          (DISPATCH, "kCopyUnroll = 4;", "kCopyUnroll = 2;"),
          (DISPATCH, "kSlotsInRegs = 8;", "kSlotsInRegs = 2;")]),
-    "permute_grid_all_rows": Variant(
-        "permute: a CTA per group of rows for all R rows (the fill's grid uncapped, as before)",
-        [(DISPATCH, "kPermuteFillCtas = 4096;", "kPermuteFillCtas = 1 << 20;")]),
+    "permute_as_before": Variant(
+        ("permute as at d8153dc: a work item per token at every T (no item per slot below 32 "
+         "tokens: the T=1 cases), a group of threads for each of the R rows (the fill's grid "
+         "uncapped: T=4096)"),
+        [(DISPATCH, "kPermuteSplitBelow = 32;", "kPermuteSplitBelow = 0;"),
+         (DISPATCH, "kPermuteFillCtas = 4096;", "kPermuteFillCtas = 1 << 20;")]),
     "gate_3_blocks": Variant(
         "gate: __launch_bounds__ asks for 3 CTAs per SM (80 registers at most: the full kernel "
         "spills)",
@@ -101,6 +104,7 @@ CASES = {
     "plan T=64 E=256 k=8 block=128": lambda d: _plan(64, 256, 8, 128, d),
     "plan T=256 E=256 k=8 block=1": lambda d: _plan(256, 256, 8, 1, d),
     "plan T=4096 E=256 k=8 block=1": lambda d: _plan(4096, 256, 8, 1, d),
+    "permute T=1 k=8 H=7168": lambda d: _dispatch("permute", 1, 8, 7168, 256, d),
     "permute T=64 k=8 H=7168": lambda d: _dispatch("permute", 64, 8, 7168, 256, d),
     "permute T=4096 k=8 H=7168": lambda d: _dispatch("permute", 4096, 8, 7168, 256, d),
     "permute64 T=1 k=8 H=7168, tail left": lambda d: _dispatch("permute64", 1, 8, 7168, 256, d),

@@ -38,9 +38,9 @@ def kernel_label(mangled: str) -> str:
     m = re.search(r"unpermute_kernelI(13__nv_bfloat16|6__half|f)Li(\d+)E", mangled)
     if m:
         return f"unpermute {ELEM_TYPES[m.group(1)]} x{m.group(2)}"
-    m = re.search(r"permute_kernelILi(\d+)E", mangled)
+    m = re.search(r"permute_kernelILi(\d+)ELb([01])E", mangled)
     if m:
-        return f"permute {m.group(1)}-byte copies"
+        return f"permute {m.group(1)}-byte copies{', per slot' if m.group(2) == '1' else ''}"
     m = re.search(r"(plan_\w+_kernel)", mangled)
     return m.group(1) if m else mangled
 

@@ -31,8 +31,10 @@ def test_parse_ptxas_reads_registers_and_spills_per_kernel():
 @pytest.mark.parametrize("mangled, label", [
     ("_ZN9moe_route4cuda6detail16topk_gate_kernelILi32ELNS_9LogitTypeE0ELb1EEEvNS_10GateParams",
      "topk_gate VPT=32 fp32 full"),
-    ("_ZN9moe_route4cuda6detail14permute_kernelILi16EEEvNS_13PermuteParamsEil",
+    ("_ZN9moe_route4cuda6detail14permute_kernelILi16ELb0EEEvNS_13PermuteParamsEil",
      "permute 16-byte copies"),
+    ("_ZN9moe_route4cuda6detail14permute_kernelILi2ELb1EEEvNS_13PermuteParamsEil",
+     "permute 2-byte copies, per slot"),
     ("_ZN9moe_route4cuda6detail16unpermute_kernelI6__halfLi1EEEvNS_15UnpermuteParamsEil",
      "unpermute fp16 x1"),
     ("_ZN9moe_route4cuda6detail16plan_scan_kernelENS_10PlanParamsElPl", "plan_scan_kernel"),

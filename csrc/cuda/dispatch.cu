@@ -36,16 +36,26 @@ cudaError_t launch_dispatch_plan(const PlanParams& p, void* workspace, size_t wo
   return cudaGetLastError();
 }
 
+namespace {
+template <int V>
+void launch_permute_vec(const PermuteParams& p, const detail::RowLaunch& g, cudaStream_t stream) {
+  constexpr int kThreads = detail::kRowThreads;
+  if (g.per_slot)
+    detail::permute_kernel<V, true><<<g.grid, kThreads, 0, stream>>>(p, g.tpr, g.n_vec);
+  else
+    detail::permute_kernel<V, false><<<g.grid, kThreads, 0, stream>>>(p, g.tpr, g.n_vec);
+}
+}  // namespace
+
 cudaError_t launch_permute(const PermuteParams& p, cudaStream_t stream) {
   if (!detail::permute_args_ok(p)) return cudaErrorInvalidValue;
   if (p.R == 0 || p.H == 0) return cudaSuccess;
   const detail::RowLaunch g = detail::permute_launch(p);
-  constexpr int kThreads = detail::kRowThreads;
   switch (g.vec) {
-    case 16: detail::permute_kernel<16><<<g.grid, kThreads, 0, stream>>>(p, g.tpr, g.n_vec); break;
-    case 8: detail::permute_kernel<8><<<g.grid, kThreads, 0, stream>>>(p, g.tpr, g.n_vec); break;
-    case 4: detail::permute_kernel<4><<<g.grid, kThreads, 0, stream>>>(p, g.tpr, g.n_vec); break;
-    default: detail::permute_kernel<2><<<g.grid, kThreads, 0, stream>>>(p, g.tpr, g.n_vec); break;
+    case 16: launch_permute_vec<16>(p, g, stream); break;
+    case 8: launch_permute_vec<8>(p, g, stream); break;
+    case 4: launch_permute_vec<4>(p, g, stream); break;
+    default: launch_permute_vec<2>(p, g, stream); break;
   }
   return cudaGetLastError();
 }

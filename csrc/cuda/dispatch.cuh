@@ -31,16 +31,19 @@
 // 256-thread CTA when the rows are short) each take a token, load its row once, kCopyUnroll
 // vectors at a time, and store it to each of the token's k rows (slot_row). A destination-major
 // gather (one group per output row) would read every token row k times, from HBM once x outgrows
-// L2 (T=4096, H=7168 bf16 is 59 MB): (2k) row transfers per token instead of (k+1). The same
-// groups then zero-fill the rows with row_slot < 0 (block padding, unused tail), grid-stride. The
-// grid covers the T tokens, or the R rows if that takes more CTAs, up to kPermuteFillCtas: a
-// group per row would leave most CTAs loading one row_slot entry and exiting (at T=4096, k=8 and
-// no padding, 32768 CTAs for 4096 tokens). Given the plan's row count in use (used_rows,
-// expert_offsets[E] on the device), the fill stops there and only used_bound rows count for the
-// grid: at decode with block padding nearly all of R is tail (T=1, k=8, E=256, block 64:
-// R = 16136, at most 512 rows in use). The copy width is the largest of 16, 8,
-// 4, 2 bytes that divides the row length in bytes, the row stride in bytes and both base
-// addresses, so bf16/fp16/fp32 rows of any H take the 16-byte path whenever the layout allows it.
+// L2 (T=4096, H=7168 bf16 is 59 MB): (2k) row transfers per token instead of (k+1). Below
+// kPermuteSplitBelow tokens, where x is small and stays in L2, each of a token's k rows gets a
+// group of its own instead, so that a decode step's stores spread over k SMs.
+// The same groups then zero-fill the rows with row_slot < 0 (block padding, unused tail),
+// grid-stride. The grid covers the copy's work items, or the R rows if that takes more CTAs, up
+// to kPermuteFillCtas: a group per row would leave most CTAs loading one row_slot entry and
+// exiting (at T=4096, k=8, H=7168 and no padding, 32768 CTAs for 4096 tokens). Given the plan's
+// row count in use (used_rows, expert_offsets[E] on the device), the fill stops there and only
+// used_bound rows count for the grid: at decode with block padding nearly all of R is tail (T=1,
+// k=8, E=256, block 64: R = 16136, at most 512 rows in use).
+// The copy width is the largest of 16, 8, 4, 2 bytes that divides the row length in bytes, the
+// row stride in bytes and both base addresses, so bf16/fp16/fp32 rows of any H take the 16-byte
+// path whenever the layout allows it.
 // row_slot and slot_row must be the two halves of one plan (dispatch_plan's): every row with
 // row_slot[r] = s >= 0 has slot_row[s] = r.
 //
@@ -86,6 +89,7 @@ constexpr int kCopyUnroll = 4;
 constexpr int kSlotsInRegs = 8;                  // unpermute: a token's slots held in registers
 constexpr int64_t kMaxGrid = int64_t(1) << 20;   // grid-stride loops cover the rest
 constexpr int kPermuteFillCtas = 4096;           // permute: CTAs the zero fill alone may ask for
+constexpr int64_t kPermuteSplitBelow = 32;       // permute: fewer tokens: a work item per slot
 constexpr int64_t kOneCtaMaxSlots = 2048;        // one-launch plan: T*k at most this ...
 constexpr int64_t kOneCtaMaxRows = 32768;        // ... and R at most this (one CTA fills row_slot)
 constexpr int64_t kOneCtaSmemBudget = 40 * 1024;  // its per-warp int64 tile rows
@@ -438,7 +442,11 @@ template <> struct CopyUnit<8> { using type = uint2; };
 template <> struct CopyUnit<4> { using type = uint32_t; };
 template <> struct CopyUnit<2> { using type = uint16_t; };
 
-template <int V>
+// PerSlot: a work item per (token, slot), the token's row to that slot's row, instead of a work
+// item per token (its row to all k rows). One group storing a row k times is bound by what one
+// SM can store (T=1, k=8, H=7168 bf16: 115 KB); k groups spread that over k SMs and read the row
+// k times, from L2 after the first. Launched below kPermuteSplitBelow tokens.
+template <int V, bool PerSlot>
 __global__ void __launch_bounds__(kRowThreads)
     permute_kernel(const PermuteParams p, const int tpr, const int64_t n_vec) {
   using U = typename CopyUnit<V>::type;
@@ -451,10 +459,12 @@ __global__ void __launch_bounds__(kRowThreads)
   const int t = int(threadIdx.x) - group * tpr;
   const int64_t stride_vec = p.x_row_stride * p.elem_bytes / V;
   const int64_t first = int64_t(blockIdx.x) * rpc + group, step = int64_t(gridDim.x) * rpc;
-  // 1. Token-major copy: each token's row is read once and stored to its k rows.
-  for (int64_t tok = first; tok < p.T; tok += step) {
+  // 1. Token-major copy: each work item reads its token's row once and stores it to its rows.
+  const int64_t items = PerSlot ? p.T * p.k : p.T, n_rows = PerSlot ? 1 : p.k;
+  for (int64_t w = first; w < items; w += step) {
+    const int64_t tok = PerSlot ? w / p.k : w;
     const U* in = x + tok * stride_vec;
-    const long long* rows = slot_row + tok * p.k;
+    const long long* rows = slot_row + (PerSlot ? w : tok * p.k);
     for (int64_t i0 = t; i0 < n_vec; i0 += kCopyUnroll * int64_t(tpr)) {
       U v[kCopyUnroll] = {};
 #pragma unroll
@@ -462,7 +472,7 @@ __global__ void __launch_bounds__(kRowThreads)
         const int64_t i = i0 + u * int64_t(tpr);
         if (i < n_vec) v[u] = in[i];
       }
-      for (int64_t j = 0; j < p.k; ++j) {
+      for (int64_t j = 0; j < n_rows; ++j) {
         const int64_t r = __ldg(rows + j);
         if (r < 0) continue;
         U* dst = out + r * n_vec;
@@ -505,16 +515,18 @@ struct RowLaunch {
   int64_t n_vec;
   int tpr;
   int grid;
+  bool per_slot = false;  // permute: the PerSlot kernel
 };
 
 inline RowLaunch permute_launch(const PermuteParams& p) {
   const int v = permute_vec_bytes(p);
   const int64_t n_vec = p.H * p.elem_bytes / v;
   const int tpr = threads_per_row(n_vec);
-  const int copy = grid_for_rows(p.T, tpr);
+  const bool per_slot = p.T < kPermuteSplitBelow;
+  const int copy = grid_for_rows(per_slot ? p.T * p.k : p.T, tpr);
   const int fill = grid_for_rows(p.used_rows ? p.used_bound : p.R, tpr);
   const int grid = fill < kPermuteFillCtas ? fill : kPermuteFillCtas;
-  return {v, n_vec, tpr, copy > grid ? copy : grid};
+  return {v, n_vec, tpr, copy > grid ? copy : grid, per_slot};
 }
 
 // Element conversions.

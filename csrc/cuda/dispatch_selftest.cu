@@ -299,6 +299,8 @@ int main() {
                                                                       // permute's fill strides
       {"decode_b64", 64, 8, 256, 64, 16, true, 1, 16, true},          // R = 16640 in one CTA
       {"just_past_one_cta", 257, 8, 128, 1, 16, true, 1, 15, false},  // T*k = 2056
+      {"split_T5_k8", 5, 8, 64, 4, 300, false, 1, 17, true},          // permute: item per slot
+      {"split_T31_k6", 31, 6, 16, 1, 40, true, 0, 18, true},          // ... at its last T
   };
   for (const Case& c : cases) run_case(c);
   std::printf("%s (%d failing case%s)\n", g_failures ? "FAILED" : "PASSED", g_failures,

@@ -45,16 +45,26 @@ cudaError_t launch_dispatch_plan(const PlanParams& p, void* workspace, size_t wo
   return cudaSuccess;
 }
 
+namespace {
+template <int V>
+void permute_vec(const PermuteParams& p, const detail::RowLaunch& g) {
+  if (g.per_slot)
+    detail::permute_kernel<V, true>(p, g.tpr, g.n_vec);
+  else
+    detail::permute_kernel<V, false>(p, g.tpr, g.n_vec);
+}
+}  // namespace
+
 cudaError_t launch_permute(const PermuteParams& p, cudaStream_t) {
   if (!detail::permute_args_ok(p)) return cudaErrorInvalidValue;
   if (p.R == 0 || p.H == 0) return cudaSuccess;
   const detail::RowLaunch g = detail::permute_launch(p);
   emu::launch(g.grid, detail::kRowThreads, false, [&] {
     switch (g.vec) {
-      case 16: detail::permute_kernel<16>(p, g.tpr, g.n_vec); break;
-      case 8: detail::permute_kernel<8>(p, g.tpr, g.n_vec); break;
-      case 4: detail::permute_kernel<4>(p, g.tpr, g.n_vec); break;
-      default: detail::permute_kernel<2>(p, g.tpr, g.n_vec); break;
+      case 16: permute_vec<16>(p, g); break;
+      case 8: permute_vec<8>(p, g); break;
+      case 4: permute_vec<4>(p, g); break;
+      default: permute_vec<2>(p, g); break;
     }
   });
   return cudaSuccess;
