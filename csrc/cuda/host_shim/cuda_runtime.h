@@ -1,14 +1,18 @@
 // Host emulation of the CUDA names that csrc/cuda uses, so that the kernels and the self-tests
-// compile as plain C++ and run on a machine without a GPU (CMake: the *_host_selftest targets,
-// which CI runs). emu.cpp implements it:
+// compile as plain C++ and run on a machine without a GPU (CMake: the *_host_selftest targets and
+// their sanitizer builds, which CI runs). emu.cpp implements it:
 //   * a cooperative launch runs every thread of a block as an OS thread, blocks one after another;
 //     warp collectives (shuffles, votes, __syncwarp) and __syncthreads are barriers among them;
 //   * a plain launch (kernels whose threads never cooperate: permute, unpermute) runs the threads
 //     one after another in the caller;
-//   * device memory is host memory; atomics take one global lock.
+//   * device memory is host memory, allocated to the byte; atomics are relaxed host atomics, as on
+//     a GPU.
 // What this proves is that the kernels compute the right values under CUDA's execution model for
-// the thread interleavings the barriers allow; not their speed, and not the absence of races
-// (compute-sanitizer's racecheck on a GPU does that).
+// the thread interleavings the barriers allow; not their speed. The sanitizer builds (CMake option
+// MOE_ROUTE_EMU_SANITIZERS) check more: *_asan_selftest reports out-of-bounds and misaligned
+// accesses (AddressSanitizer, UBSan), *_tsan_selftest data races among the threads of a block
+// under CUDA's ordering rules (ThreadSanitizer; see emu.cpp). Races between blocks (they run one
+// after another) and among the threads of a plain launch stay with compute-sanitizer on a GPU.
 #pragma once
 #include <cmath>
 #include <cstddef>
@@ -71,8 +75,6 @@ uint32_t reduce_max(uint32_t value);                  // the largest value of th
 void syncwarp();
 void syncthreads();
 int lane();
-void lock_atomics();
-void unlock_atomics();
 // Number of SMs the gate launcher plans for (environment MOE_ROUTE_EMU_SMS, default 2).
 int sm_count();
 // Resident warps per SM the emulated occupancy reports: 12, not the launcher's first guess of 32,
@@ -149,19 +151,18 @@ inline T __shfl_up_sync(unsigned, T v, unsigned delta, int width = 32) {
   return emu_detail::from_bits<T>(emu::shuffle(emu_detail::bits_of(v), use));
 }
 
+// Relaxed, as CUDA's atomics are: an atomic orders no other memory access.
 template <class T, class U>
 inline T atomicAdd(T* address, U value) {
-  emu::lock_atomics();
-  const T old = *address;
-  *address = T(old + T(value));
-  emu::unlock_atomics();
+  T old;
+  __atomic_load(address, &old, __ATOMIC_RELAXED);
+  T sum = T(old + T(value));
+  while (!__atomic_compare_exchange(address, &old, &sum, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+    sum = T(old + T(value));
   return old;
 }
 template <class T>
 inline T atomicCAS(T* address, T compare, T value) {
-  emu::lock_atomics();
-  const T old = *address;
-  if (old == compare) *address = value;
-  emu::unlock_atomics();
-  return old;
+  __atomic_compare_exchange(address, &compare, &value, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+  return compare;
 }
