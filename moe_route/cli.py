@@ -3,6 +3,7 @@
     moe-route demo [--out DIR]                 the study on the planted model, offline (< 2 min)
     moe-route analyze MODEL --data F --languages ... --reference L --out DIR
     moe-route experts MODEL --task F --baseline F --tau T [--layers A-B] --out plan.json
+    moe-route compare TRACE_A TRACE_B          routing agreement of two traces, per layer
     moe-route supported                        transformers MoE families and their status
     moe-route info | bench [--op gate|dispatch|block]
 """
@@ -189,6 +190,29 @@ def _experts(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from moe_route.analysis.metrics import trace_agreement
+    from moe_route.recording import load_trace
+
+    try:
+        result = trace_agreement(load_trace(args.a), load_trace(args.b),
+                                 skip_ungrouped=not args.all_rows)
+    except (OSError, ValueError) as exc:
+        print(f"moe-route compare: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({name: r._asdict() for name, r in result.items()}, indent=2))
+        return 0
+    width = max([len("layer")] + [len(n) for n in result])
+    print(f"{'layer':<{width}}  {'tokens':>9}  {'top-1':>6}  {'overlap':>7}  {'same set':>8}")
+    for name, r in result.items():
+        print(f"{name:<{width}}  {r.tokens:>9,}  {r.top1:>6.3f}  {r.overlap:>7.3f}  "
+              f"{r.identical:>8.3f}")
+    print("top-1: same first-choice expert; overlap: mean |top-k(a) ∩ top-k(b)| / k; same set: "
+          "identical top-k sets (shares of tokens)")
+    return 0
+
+
 def _supported(args) -> int:
     from moe_route.hf import supported
 
@@ -271,6 +295,14 @@ def main(argv=None) -> int:
     p.add_argument("--max-per-layer", type=int)
     p.add_argument("--out", default="steering_plan.json")
     p.set_defaults(func=_experts)
+    p = sub.add_parser("compare", help="how alike two traces of the same tokens route, per layer "
+                                       "(steered vs plain, checkpoint vs final)")
+    p.add_argument("a", help="a trace file (Recorder.save_trace / save_trace)")
+    p.add_argument("b", help="a trace of the same inputs, in the same order")
+    p.add_argument("--all-rows", action="store_true",
+                   help="also compare ungrouped rows (padding, ignored tokens)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_compare)
     p = sub.add_parser("supported", help="transformers MoE families and what moe_route supports")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_supported)

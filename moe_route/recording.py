@@ -26,12 +26,17 @@ which are the router's outputs except in families whose router post-processes th
 E <= 32767), weights (fp16 unless ``trace_dtype=torch.float32``), the statistics row of each token
 and, with ``trace_logits=True``, the router logits. Each router call's tensors are copied to the
 host as they are produced (``rec.trace``, ``rec.save_trace(path)``); this one does sync.
+``load_trace(path)`` reads a saved trace back in the same layout.
 """
 from __future__ import annotations
 
 import contextlib
 import itertools
+import json
+import os
+import tempfile
 import threading
+from collections.abc import Mapping
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -39,9 +44,9 @@ from torch import nn
 
 from moe_route.hf.patch import acquire, release
 from moe_route.ops import GateStats
-from moe_route.stats import LayerStats, RoutingStats
+from moe_route.stats import LayerStats, RoutingStats, _fsync_dir, _fsync_file, _safetensors
 
-__all__ = ["record", "Recorder"]
+__all__ = ["record", "Recorder", "save_trace", "load_trace"]
 
 TOKENS = ("all", "prompt", "generated")
 
@@ -271,31 +276,8 @@ class Recorder:
         return out
 
     def save_trace(self, path) -> None:
-        """Write the trace as one safetensors file (atomically: temp file, then rename); group
-        names go in its metadata."""
-        import json
-        import os
-        import tempfile
-
-        from safetensors.torch import save_file
-
-        tensors, groups = {}, {}
-        for i, (name, layer) in enumerate(self.trace.items()):
-            for key in ("ids", "weights", "logits"):
-                if key in layer:
-                    tensors[f"{name}.{key}"] = layer[key].contiguous()
-            groups[name] = layer["group"]
-        path = os.fspath(path)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"format": "moe_route.trace", "version": "1",
-                                              "groups": json.dumps(groups)})
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        """Write ``self.trace`` to one safetensors file, atomically (``save_trace``)."""
+        save_trace(self.trace, path)
 
     # -- results -----------------------------------------------------------------------------
 
@@ -363,3 +345,148 @@ def record(model: nn.Module, **options) -> Recorder:
     if not isinstance(model, nn.Module):
         raise TypeError(f"record: model must be a torch.nn.Module, got {type(model).__name__}")
     return Recorder(model, **options)
+
+
+# -------------------------------------------------------------------------------------------
+# traces on disk: one safetensors file, tensors "{layer}.{ids|weights|logits}", the per-token
+# group names as JSON in its metadata
+
+TRACE_FORMAT = "moe_route.trace"
+TRACE_VERSION = "1"
+_TRACE_TENSORS = ("ids", "weights", "logits")
+_INT_DTYPES = (torch.int16, torch.int32, torch.int64)
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_trace_layer(name, layer, where: str) -> int:
+    """Check one layer of a trace; returns its row count N."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{where}: layer names must be non-empty str, got {name!r}")
+    if not isinstance(layer, Mapping):
+        raise TypeError(f"{where}: trace[{name!r}] must be a mapping with 'ids', 'weights' and "
+                        f"'group', got {type(layer).__name__}")
+    for key in ("ids", "weights", "group"):
+        if key not in layer:
+            raise ValueError(f"{where}: trace[{name!r}] has no {key!r} (it holds "
+                             f"{sorted(layer)})")
+    ids, weights = layer["ids"], layer["weights"]
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in _INT_DTYPES:
+        raise ValueError(f"{where}: trace[{name!r}]['ids'] must be an int16/int32/int64 tensor "
+                         f"[N, k], got {getattr(ids, 'dtype', type(ids).__name__)} of shape "
+                         f"{tuple(getattr(ids, 'shape', ()))}")
+    N = ids.shape[0]
+    if not isinstance(weights, torch.Tensor) or weights.dtype not in _FLOAT_DTYPES \
+            or weights.shape != ids.shape:
+        raise ValueError(f"{where}: trace[{name!r}]['weights'] must be a float tensor of the ids' "
+                         f"shape {tuple(ids.shape)}, got "
+                         f"{getattr(weights, 'dtype', type(weights).__name__)} of shape "
+                         f"{tuple(getattr(weights, 'shape', ()))}")
+    logits = layer.get("logits")
+    if logits is not None and (not isinstance(logits, torch.Tensor) or logits.dim() != 2
+                               or logits.dtype not in _FLOAT_DTYPES or logits.shape[0] != N):
+        raise ValueError(f"{where}: trace[{name!r}]['logits'] must be a float tensor [N={N}, E], "
+                         f"got {getattr(logits, 'dtype', type(logits).__name__)} of shape "
+                         f"{tuple(getattr(logits, 'shape', ()))}")
+    group = layer["group"]
+    if isinstance(group, str) or not isinstance(group, Sequence):
+        raise ValueError(f"{where}: trace[{name!r}]['group'] must be a list of N={N} group names "
+                         f"(str, or None for an ungrouped token), got {type(group).__name__}")
+    if len(group) != N or not all(g is None or isinstance(g, str) for g in group):
+        bad = next((g for g in group if g is not None and not isinstance(g, str)), None)
+        raise ValueError(f"{where}: trace[{name!r}]['group'] must hold N={N} group names (str "
+                         f"or None), got {len(group)} entries"
+                         + (f", one of them {bad!r}" if bad is not None else ""))
+    return N
+
+
+def save_trace(trace: Mapping, path) -> None:
+    """Write a trace (``Recorder.trace``'s layout) to the safetensors file ``path``.
+
+    ``trace``: ``{layer name: {"ids" [N, k] int, "weights" [N, k] float, "group" [N names or
+    None], optionally "logits" [N, E] float}}``. Tensors keep their dtype; the group names go in
+    the file's metadata. The file is written and fsynced under a temporary name in the same
+    directory, then renamed over ``path``: ``path`` holds the old file or the complete new one,
+    never a part. Parent directories are created.
+    """
+    where = "save_trace"
+    st = _safetensors(where)
+    if not isinstance(trace, Mapping):
+        raise TypeError(f"{where}: trace must be a mapping {{layer: {{'ids', 'weights', "
+                        f"'group', ...}}}} (Recorder.trace), got {type(trace).__name__}")
+    tensors, groups = {}, {}
+    for name, layer in trace.items():
+        _check_trace_layer(name, layer, where)
+        for key in _TRACE_TENSORS:
+            if layer.get(key) is not None:
+                tensors[f"{name}.{key}"] = layer[key].detach().to("cpu", copy=True).contiguous()
+        groups[name] = list(layer["group"])
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        st.save_file(tensors, tmp, metadata={"format": TRACE_FORMAT, "version": TRACE_VERSION,
+                                             "groups": json.dumps(groups)})
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(parent)
+
+
+def load_trace(path) -> dict:
+    """Read a file written by ``save_trace`` / ``Recorder.save_trace``: the same
+    ``{layer name: {"ids", "weights", "group", ("logits")}}`` dict, layers in saved order, tensors
+    on the CPU in their saved dtypes. Errors name the file and what is wrong with it."""
+    where = "load_trace"
+    st = _safetensors(where)
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{where}: {path!r} is not a file (a trace is one .safetensors "
+                                f"file written by save_trace)")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = st.load_file(path)
+    except Exception as exc:  # safetensors raises its own SafetensorError on a damaged file
+        raise ValueError(f"{where}: {path!r} is not a readable safetensors file "
+                         f"({type(exc).__name__}: {exc})") from None
+    if metadata.get("format") != TRACE_FORMAT:
+        raise ValueError(f"{where}: {path!r} is not a moe_route trace: its metadata says "
+                         f"format={metadata.get('format')!r}, expected {TRACE_FORMAT!r} (a "
+                         f"RoutingStats save is a directory: RoutingStats.load)")
+    if metadata.get("version") != TRACE_VERSION:
+        raise ValueError(f"{where}: {path!r} is trace format version "
+                         f"{metadata.get('version')!r}; this moe_route reads version "
+                         f"{TRACE_VERSION!r}")
+    try:
+        groups = json.loads(metadata.get("groups", ""))
+    except ValueError as exc:
+        raise ValueError(f"{where}: {path!r}: the 'groups' metadata is not valid JSON ({exc})") \
+            from None
+    if not isinstance(groups, dict):
+        raise ValueError(f"{where}: {path!r}: the 'groups' metadata must be a JSON object "
+                         f"{{layer: [group names]}}, got {type(groups).__name__}")
+    out, used = {}, set()
+    for name, names in groups.items():
+        layer = {}
+        for key in _TRACE_TENSORS:
+            t = tensors.get(f"{name}.{key}")
+            if t is not None:
+                layer[key] = t
+                used.add(f"{name}.{key}")
+        layer["group"] = names
+        try:
+            _check_trace_layer(name, layer, f"{where}: {path!r}")
+        except TypeError as exc:  # a damaged file, not a wrong argument
+            raise ValueError(str(exc)) from None
+        out[name] = layer
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise ValueError(f"{where}: {path!r} holds tensors of no listed layer: {extra[:8]}")
+    return out

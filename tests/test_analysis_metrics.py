@@ -471,6 +471,81 @@ def test_routing_consistency_int_groups_and_random_against_loop():
         M.routing_consistency(ids, groups, pairs="pairs")
 
 
+def ref_agreement(a, b):
+    """(top1, overlap, identical) by a loop over python sets."""
+    n, k = len(a), len(a[0])
+    top1 = sum(x[0] == y[0] for x, y in zip(a, b)) / n
+    overlap = sum(len(set(x) & set(y)) for x, y in zip(a, b)) / (n * k)
+    identical = sum(set(x) == set(y) for x, y in zip(a, b)) / n
+    return top1, overlap, identical
+
+
+def test_routing_agreement_known_answer():
+    a = torch.tensor([[0, 1, 2], [3, 4, 5], [0, 1, 2], [6, 7, 0]], dtype=torch.int16)
+    b = torch.tensor([[0, 1, 2], [5, 4, 3], [0, 7, 6], [7, 6, 1]], dtype=torch.int16)
+    r = M.routing_agreement(a, b)
+    # top-1: rows 0 and 2 (row 1 has the same set in another order); overlap (3+3+1+2)/12;
+    # identical sets: rows 0 and 1
+    assert r == M.RoutingAgreement(tokens=4, top1=0.5, overlap=0.75, identical=0.5)
+    assert M.routing_agreement(a, a) == M.RoutingAgreement(4, 1.0, 1.0, 1.0)
+    masked = M.routing_agreement(a, b, mask=torch.tensor([False, True, True, False]))
+    assert masked == M.RoutingAgreement(2, 0.5, (3 + 1) / 6, 0.5)
+    none = M.routing_agreement(a, b, mask=torch.zeros(4, dtype=torch.bool))
+    assert none.tokens == 0 and math.isnan(none.top1) and math.isnan(none.overlap)
+
+
+def test_routing_agreement_random_against_loop(monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    N, E, k = 200, 12, 4
+    a = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])
+    b = a.clone()
+    swap = torch.rand(N, generator=g) < 0.5      # half the tokens get other experts
+    b[swap] = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(int(swap.sum()))])
+    want = ref_agreement(a.tolist(), b.tolist())
+    got = M.routing_agreement(a, b.to(torch.int32))
+    assert got.tokens == N
+    for x, y in zip(got[1:], want):
+        assert close(x, y, 1e-12)
+    monkeypatch.setattr(M, "_CHUNK_ELEMENTS", 16)  # one token per chunk
+    assert M.routing_agreement(a, b) == got
+
+
+def test_routing_agreement_errors_name_the_argument():
+    a = torch.tensor([[0, 1], [2, 3]])
+    with pytest.raises(ValueError, match=r"same shape .* \(2, 2\) and \(2, 1\)"):
+        M.routing_agreement(a, a[:, :1])
+    with pytest.raises(ValueError, match=r"ids_b must hold k distinct experts per token; row 1 "
+                                         r"is \[3, 3\]"):
+        M.routing_agreement(a, torch.tensor([[0, 1], [3, 3]]))
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor of shape \[2\]"):
+        M.routing_agreement(a, a, mask=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="ids must be an int tensor"):
+        M.routing_agreement(a.float(), a)
+
+
+def test_trace_agreement_per_layer_and_ungrouped_rows():
+    ids = torch.tensor([[0, 1], [2, 3], [4, 5]], dtype=torch.int16)
+    plain = {"l0": {"ids": ids, "weights": torch.ones(3, 2), "group": ["x", "x", None]},
+             "l1": {"ids": ids, "weights": torch.ones(3, 2), "group": ["x", "x", None]}}
+    steered = {"l0": dict(plain["l0"]),
+               "l1": {"ids": torch.tensor([[0, 1], [3, 6], [7, 8]], dtype=torch.int16),
+                      "weights": torch.ones(3, 2), "group": ["y", "y", None]}}
+    out = M.trace_agreement(plain, steered)
+    assert list(out) == ["l0", "l1"]
+    assert out["l0"] == M.RoutingAgreement(2, 1.0, 1.0, 1.0)
+    assert out["l1"] == M.RoutingAgreement(2, 0.5, 0.75, 0.5)  # the None row is left out
+    every = M.trace_agreement(plain, steered, skip_ungrouped=False)
+    assert every["l1"] == M.RoutingAgreement(3, 1 / 3, 3 / 6, 1 / 3)
+    with pytest.raises(ValueError, match=r"same layers; only in trace_a: \['l1'\]"):
+        M.trace_agreement(plain, {"l0": plain["l0"]})
+    short = {"l0": plain["l0"], "l1": {"ids": ids[:2], "weights": torch.ones(2, 2),
+                                       "group": ["x", "x"]}}
+    with pytest.raises(ValueError, match="layer 'l1': .*same shape"):
+        M.trace_agreement(plain, short)
+    with pytest.raises(TypeError, match="trace_b must be a mapping"):
+        M.trace_agreement(plain, [plain])
+
+
 def test_mean_pairwise_overlap():
     # group 0: tokens {0,1}, {0,1}, {0,2}: counts [3, 2, 1]; sum c(c-1) = 6 + 2 = 8;
     # 8 / (k n (n-1)) = 8 / 12 = 2/3 (= mean over pairs of |∩|/k: (1 + ½ + ½) / 3)

@@ -1,4 +1,6 @@
 """moe_route.record: statistics against counts computed independently from the unpatched model."""
+import json
+
 import pytest
 import torch
 
@@ -173,6 +175,139 @@ def test_trace_matches_statistics_and_round_trips(tmp_path):
             rows = torch.tensor([x == name for x in t["group"]])
             assert torch.equal(layer.counts[g], torch.bincount(t["ids"][rows].long().reshape(-1), minlength=8))
         assert t["logits"].shape == (24, 8)
-    rec.save_trace(tmp_path / "trace.safetensors")
-    back = safetensors.load_file(tmp_path / "trace.safetensors")
-    assert torch.equal(back[f"{stats[0].name}.ids"], trace[stats[0].name]["ids"])
+    rec.save_trace(tmp_path / "run" / "trace.safetensors")
+    raw = safetensors.load_file(tmp_path / "run" / "trace.safetensors")
+    assert torch.equal(raw[f"{stats[0].name}.ids"], trace[stats[0].name]["ids"])
+    back = moe_route.load_trace(tmp_path / "run" / "trace.safetensors")
+    assert list(back) == list(trace)
+    for name, layer in trace.items():
+        assert sorted(back[name]) == sorted(layer) == ["group", "ids", "logits", "weights"]
+        assert back[name]["group"] == layer["group"]
+        for key in ("ids", "weights", "logits"):
+            assert back[name][key].dtype == layer[key].dtype
+            assert torch.equal(back[name][key], layer[key])
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["trace.safetensors"]
+
+
+def _small_trace():
+    return {"model.layers.0.mlp.gate": {"ids": torch.tensor([[0, 1], [2, 3]], dtype=torch.int16),
+                                        "weights": torch.rand(2, 2).half(),
+                                        "group": ["a", None]}}
+
+
+def test_save_trace_checks_the_trace_and_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    path = tmp_path / "t.safetensors"
+    bad = _small_trace()
+    bad["model.layers.0.mlp.gate"]["group"] = ["a"]
+    with pytest.raises(ValueError, match=r"\['group'\] must hold N=2 group names .* got 1"):
+        moe_route.save_trace(bad, path)
+    bad = _small_trace()
+    bad["model.layers.0.mlp.gate"]["weights"] = torch.rand(2, 3)
+    with pytest.raises(ValueError, match=r"\['weights'\] must be a float tensor of the ids' "
+                                         r"shape \(2, 2\)"):
+        moe_route.save_trace(bad, path)
+    with pytest.raises(TypeError, match="trace must be a mapping"):
+        moe_route.save_trace([1], path)
+    assert not path.exists()
+
+    moe_route.save_trace(_small_trace(), path)
+    before = path.read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(safetensors.torch, "save_file", fail)
+    newer = _small_trace()
+    newer["model.layers.0.mlp.gate"]["group"] = ["b", "b"]
+    with pytest.raises(OSError, match="disk full"):
+        moe_route.save_trace(newer, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]  # no temporary left
+
+
+def test_load_trace_errors_name_the_file_and_the_problem(tmp_path):
+    from safetensors.torch import save_file
+
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        moe_route.load_trace(tmp_path / "missing.safetensors")
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="damaged.safetensors' is not a readable safetensors"):
+        moe_route.load_trace(damaged)
+    ids = torch.tensor([[0, 1]], dtype=torch.int16)
+    other = tmp_path / "other.safetensors"
+    save_file({"x": ids}, other, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="is not a moe_route trace: .*format='pt', expected "
+                                         "'moe_route.trace'"):
+        moe_route.load_trace(other)
+
+    def write(tensors, groups, version="1"):
+        f = tmp_path / "t.safetensors"
+        save_file(tensors, f, metadata={"format": "moe_route.trace", "version": version,
+                                        "groups": groups})
+        return f
+
+    w = torch.ones(1, 2)
+    with pytest.raises(ValueError, match="version '2'; this moe_route reads version '1'"):
+        moe_route.load_trace(write({"l.ids": ids, "l.weights": w}, json.dumps({"l": ["a"]}), "2"))
+    with pytest.raises(ValueError, match="'groups' metadata is not valid JSON"):
+        moe_route.load_trace(write({"l.ids": ids, "l.weights": w}, "{"))
+    with pytest.raises(ValueError, match=r"t.safetensors': trace\['l'\] has no 'weights'"):
+        moe_route.load_trace(write({"l.ids": ids}, json.dumps({"l": ["a"]})))
+    with pytest.raises(ValueError, match=r"tensors of no listed layer: \['m.ids'\]"):
+        moe_route.load_trace(write({"l.ids": ids, "l.weights": w, "m.ids": ids.clone()},
+                                   json.dumps({"l": ["a"]})))
+    with pytest.raises(ValueError, match=r"\['group'\] must hold N=1 group names"):
+        moe_route.load_trace(write({"l.ids": ids, "l.weights": w}, json.dumps({"l": []})))
+
+
+def test_trace_agreement_of_a_steered_run(tmp_path, capsys):
+    """Steering layer 1 leaves layer 0's routing exactly as it was and changes layer 1's; the
+    agreement survives a save and load of both traces and is what the CLI prints."""
+    from moe_route.analysis import trace_agreement
+    from moe_route.cli import main
+
+    model = build("olmoe")
+    ids = _ids(7, (4, 8))
+    traces = []
+    for plan in (None, moe_route.SteeringPlan.force(1, [0, 1], on=True)):
+        with moe_route.record(model, trace=True) as rec, torch.no_grad():
+            if plan is None:
+                model(ids)
+            else:
+                with moe_route.steer(model, plan):
+                    model(ids)
+        traces.append(rec.trace)
+    plain, steered = traces
+    names = list(plain)
+    agreement = trace_agreement(plain, steered)
+    assert agreement[names[0]] == (32, 1.0, 1.0, 1.0)
+    forced = agreement[names[1]]
+    # experts 0 and 1 head every token's top-k of layer 1 now (forced on, ties to the lower
+    # index); the rest of the top-k is the best k-2 of the other experts, which the plain top-k
+    # held too. So a token shares had + k - 2 experts, had = how many of 0 and 1 it had.
+    plain_ids = plain[names[1]]["ids"].long()
+    k = plain_ids.shape[1]
+    assert steered[names[1]]["ids"][:, :2].tolist() == [[0, 1]] * 32
+    had = (plain_ids == 0).any(1).double() + (plain_ids == 1).any(1).double()
+    assert forced.identical == float((had == 2).double().mean()) < 1.0
+    assert forced.overlap == pytest.approx(float((had + k - 2).mean()) / k, abs=1e-12)
+    assert forced.top1 == float((plain_ids[:, 0] == 0).double().mean())
+    moe_route.save_trace(plain, tmp_path / "plain.safetensors")
+    moe_route.save_trace(steered, tmp_path / "steered.safetensors")
+    again = trace_agreement(moe_route.load_trace(tmp_path / "plain.safetensors"),
+                            moe_route.load_trace(tmp_path / "steered.safetensors"))
+    assert again == agreement
+    capsys.readouterr()
+    a, b = str(tmp_path / "plain.safetensors"), str(tmp_path / "steered.safetensors")
+    assert main(["compare", a, b, "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert list(printed) == names
+    assert printed[names[1]] == forced._asdict()
+    assert main(["compare", a, b]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["layer", "tokens", "top-1", "overlap", "same", "set"]
+    assert table[1].split() == [names[0], "32", "1.000", "1.000", "1.000"]
+    assert main(["compare", a, str(tmp_path / "missing.safetensors")]) == 2
+    assert "missing.safetensors' is not a file" in capsys.readouterr().err

@@ -5,8 +5,8 @@ steering plans built from them (``experts``), data loading, recording and A/B ev
 The method follows *Multilingual Routing in Mixture-of-Experts* (Bandarkar et al., 2025): expert
 importance (Eq. 1), entropy-normalised Jensen–Shannon divergence from a reference language over
 parallel sequences (Eq. 2, App. A.4), routing entropy and consistency, task and language experts
-(Eq. 3) and soft/hard steering of them (Eq. 4/5); plus OLMoE-style co-activation, load and
-vocabulary specialisation. Definitions, edge cases and the choices made where the paper is
+(Eq. 3) and soft/hard steering of them (Eq. 4/5); plus OLMoE-style co-activation, load,
+vocabulary specialisation and router saturation (the agreement of two runs over the same tokens). Definitions, edge cases and the choices made where the paper is
 ambiguous are in each function's docstring.
 """
 from moe_route.analysis.experts import (delta_frequency, expert_overlap, experts_above,
@@ -16,7 +16,7 @@ from moe_route.analysis.experts import (delta_frequency, expert_overlap, experts
 from moe_route.analysis.pipeline import ab_test, load_parallel, record_parallel, record_sequences
 from moe_route.analysis.report import write_report
 from moe_route.analysis.metrics import (DivergenceCorrelation, LoadBalance, ParallelGroups,
-                                        TokenRouting, activation_frequency, coactivation,
+                                        RoutingAgreement, TokenRouting, activation_frequency, coactivation,
                                         conditional_coactivation, distribution_entropy,
                                         divergence_accuracy_correlation, entropy_normalised_js,
                                         expert_importance, expert_set_jaccard,
@@ -24,9 +24,10 @@ from moe_route.analysis.metrics import (DivergenceCorrelation, LoadBalance, Para
                                         expert_top_tokens, js_divergence, load_balance,
                                         mean_pairwise_overlap, pairwise_divergence,
                                         parallel_divergence, parse_parallel_groups, pearson,
-                                        per_token_mean, pool_by_language, routing_consistency,
-                                        routing_divergence, routing_entropy, spearman,
-                                        token_specialisation, trace_token_routing)
+                                        per_token_mean, pool_by_language, routing_agreement,
+                                        routing_consistency, routing_divergence, routing_entropy,
+                                        spearman, token_specialisation, trace_agreement,
+                                        trace_token_routing)
 
 from moe_route.analysis import experts as _experts, metrics as _metrics  # noqa: E402
 

@@ -41,6 +41,7 @@ __all__ = [
     "distribution_entropy", "js_divergence", "entropy_normalised_js", "pairwise_divergence",
     "parallel_divergence", "routing_divergence",
     "routing_entropy", "mean_pairwise_overlap", "expert_set_jaccard", "routing_consistency",
+    "RoutingAgreement", "routing_agreement", "trace_agreement",
     "coactivation", "conditional_coactivation", "LoadBalance", "load_balance",
     "pearson", "spearman", "DivergenceCorrelation", "divergence_accuracy_correlation",
     "TokenRouting", "expert_token_counts", "trace_token_routing", "expert_token_entropy",
@@ -833,6 +834,114 @@ def routing_consistency(ids: torch.Tensor, groups, pairs: str = "all",
         npairs = nn_ * (nn_ - 1)
     values = torch.where(npairs > 0, total / npairs.clamp_min(1), torch.nan)
     return {key: float(v) for key, v in zip(keys, values.tolist())}
+
+
+# -------------------------------------------------------------------------------------------
+# agreement of two runs over the same tokens (router saturation, the effect of steering)
+
+
+class RoutingAgreement(NamedTuple):
+    """How alike two runs routed the same tokens in one layer (``routing_agreement``).
+
+    tokens: rows compared. top1: share of tokens whose first-choice expert is the same.
+    overlap: mean ``|S_a ∩ S_b| / k`` over tokens (OLMoE's top-k router saturation).
+    identical: share of tokens whose top-k sets are equal. The shares are NaN when tokens is 0.
+    """
+
+    tokens: int
+    top1: float
+    overlap: float
+    identical: float
+
+
+def _check_distinct(ids: torch.Tensor, name: str, where: str) -> None:
+    if ids.shape[1] > 1 and ids.shape[0]:
+        s = torch.sort(ids, dim=1).values
+        dup = (s[:, 1:] == s[:, :-1]).any(1)
+        if bool(dup.any()):
+            r = int(torch.nonzero(dup)[0])
+            raise ValueError(f"{where}: {name} must hold k distinct experts per token; row {r} is "
+                             f"{ids[r].tolist()}")
+
+
+def routing_agreement(ids_a: torch.Tensor, ids_b: torch.Tensor, *,
+                      mask: Optional[torch.Tensor] = None) -> RoutingAgreement:
+    """Agreement of two routings of the same tokens, one layer: a checkpoint against the final
+    model (OLMoE §5's router saturation), a steered run against the plain one (which decisions
+    the intervention changed), two batch sizes or backends (batch invariance).
+
+    ``ids_a, ids_b [N, k]``: row t of both is the same token (traces of the same inputs, in the
+    same order: ``trace[layer]["ids"]``), each row k distinct experts in selection order (ids
+    as the gate and ``torch.topk`` return them: the first is the top-1). ``mask [N]`` bool keeps
+    rows (default all). Top-1 compares the first column, so it means "first choice" only for
+    ids in descending score order; overlap and identical do not depend on the order.
+    """
+    where = "routing_agreement"
+    a = _check_ids(ids_a, where)
+    b = _check_ids(ids_b, where)
+    if a.shape != b.shape:
+        raise ValueError(f"{where}: ids_a and ids_b must have the same shape [N, k] (the same "
+                         f"tokens, routed twice), got {tuple(a.shape)} and {tuple(b.shape)}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool \
+                or tuple(mask.shape) != (a.shape[0],):
+            raise ValueError(f"{where}: mask must be a bool tensor of shape [{a.shape[0]}], got "
+                             f"{getattr(mask, 'dtype', type(mask).__name__)} of shape "
+                             f"{tuple(getattr(mask, 'shape', ()))}")
+        a, b = a[mask.to(a.device)], b[mask.to(a.device)]
+    _check_distinct(a, "ids_a", where)
+    _check_distinct(b, "ids_b", where)
+    N, k = a.shape
+    if N == 0:
+        return RoutingAgreement(0, math.nan, math.nan, math.nan)
+    shared = torch.empty(N, dtype=torch.int64, device=a.device)  # |S_a ∩ S_b| per token
+    step = max(1, _CHUNK_ELEMENTS // (k * k))
+    for r0 in range(0, N, step):
+        x, y = a[r0:r0 + step], b[r0:r0 + step]
+        shared[r0:r0 + step] = (x.unsqueeze(2) == y.unsqueeze(1)).sum((1, 2))
+    return RoutingAgreement(
+        tokens=int(N),
+        top1=float((a[:, 0] == b[:, 0]).sum()) / N,
+        overlap=float(shared.sum()) / (N * k),
+        identical=float((shared == k).sum()) / N)
+
+
+def trace_agreement(trace_a: Mapping, trace_b: Mapping, *,
+                    skip_ungrouped: bool = True) -> Dict[str, RoutingAgreement]:
+    """``routing_agreement`` for every layer of two traces of the same inputs,
+    ``{layer name: RoutingAgreement}`` in ``trace_a``'s order.
+
+    ``trace_a, trace_b``: ``rec.trace`` or ``load_trace(path)`` of two runs over the same tokens
+    in the same order (e.g. with and without ``steer``, or two checkpoints); both must hold the
+    same layers with the same row counts. ``skip_ungrouped`` compares only rows grouped in both
+    (padding, ignored and masked tokens are None).
+    """
+    where = "trace_agreement"
+    for arg, t in (("trace_a", trace_a), ("trace_b", trace_b)):
+        if not isinstance(t, Mapping):
+            raise TypeError(f"{where}: {arg} must be a mapping {{layer: {{'ids', 'group', ...}}}} "
+                            f"(rec.trace or load_trace), got {type(t).__name__}")
+    if set(trace_a) != set(trace_b):
+        raise ValueError(f"{where}: the traces must hold the same layers; only in trace_a: "
+                         f"{_short(sorted(set(trace_a) - set(trace_b)))}, only in trace_b: "
+                         f"{_short(sorted(set(trace_b) - set(trace_a)))}")
+    out = {}
+    for name in trace_a:
+        la, lb = trace_a[name], trace_b[name]
+        for arg, layer in (("trace_a", la), ("trace_b", lb)):
+            if not isinstance(layer, Mapping) or "ids" not in layer:
+                raise ValueError(f"{where}: {arg}[{name!r}] must hold 'ids'")
+        mask = None
+        if skip_ungrouped and la.get("group") is not None and lb.get("group") is not None:
+            ga, gb = la["group"], lb["group"]
+            if len(ga) == len(gb):
+                mask = torch.tensor([x is not None and y is not None for x, y in zip(ga, gb)],
+                                    dtype=torch.bool)
+        try:
+            out[name] = routing_agreement(la["ids"], lb["ids"], mask=mask)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{where}: layer {name!r}: {exc}") from None
+    return out
 
 
 # -------------------------------------------------------------------------------------------
