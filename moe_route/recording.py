@@ -348,11 +348,15 @@ def record(model: nn.Module, **options) -> Recorder:
 
 
 # -------------------------------------------------------------------------------------------
-# traces on disk: one safetensors file, tensors "{layer}.{ids|weights|logits}", the per-token
-# group names as JSON in its metadata
+# traces on disk: one safetensors file. Per layer the tensors "{layer}.ids", ".weights",
+# (".logits") and ".group" (int32 [N], an index into the metadata's "group_names", -1 for an
+# ungrouped token); the metadata also lists the layers in order. Version 1 (the first
+# save_trace) kept every token's group name as JSON in the metadata instead, which outgrows
+# safetensors' 100 MB header limit (names like "fra_Latn/123" take 16 bytes each: about 520k
+# tokens over 12 layers); it is still read.
 
 TRACE_FORMAT = "moe_route.trace"
-TRACE_VERSION = "1"
+TRACE_VERSION = "2"
 _TRACE_TENSORS = ("ids", "weights", "logits")
 _INT_DTYPES = (torch.int16, torch.int32, torch.int64)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -399,27 +403,34 @@ def _check_trace_layer(name, layer, where: str) -> int:
     return N
 
 
+
 def save_trace(trace: Mapping, path) -> None:
     """Write a trace (``Recorder.trace``'s layout) to the safetensors file ``path``.
 
     ``trace``: ``{layer name: {"ids" [N, k] int, "weights" [N, k] float, "group" [N names or
-    None], optionally "logits" [N, E] float}}``. Tensors keep their dtype; the group names go in
-    the file's metadata. The file is written and fsynced under a temporary name in the same
-    directory, then renamed over ``path``: ``path`` holds the old file or the complete new one,
-    never a part. Parent directories are created.
+    None], optionally "logits" [N, E] float}}``. Tensors keep their dtype; group names are stored
+    once, tokens refer to them by index. The file is written and fsynced under a temporary name
+    in the same directory, then renamed over ``path``: ``path`` holds the old file or the
+    complete new one, never a part. Parent directories are created.
     """
     where = "save_trace"
     st = _safetensors(where)
     if not isinstance(trace, Mapping):
         raise TypeError(f"{where}: trace must be a mapping {{layer: {{'ids', 'weights', "
                         f"'group', ...}}}} (Recorder.trace), got {type(trace).__name__}")
-    tensors, groups = {}, {}
+    tensors, table = {}, {}
+    last_group, last_codes = None, None
     for name, layer in trace.items():
         _check_trace_layer(name, layer, where)
         for key in _TRACE_TENSORS:
             if layer.get(key) is not None:
                 tensors[f"{name}.{key}"] = layer[key].detach().to("cpu", copy=True).contiguous()
-        groups[name] = list(layer["group"])
+        group = list(layer["group"])
+        if group != last_group:  # the layers of one model usually share the token list
+            last_group = group
+            last_codes = torch.tensor([-1 if g is None else table.setdefault(g, len(table))
+                                       for g in group], dtype=torch.int32)
+        tensors[f"{name}.group"] = last_codes.clone()
     path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -427,7 +438,8 @@ def save_trace(trace: Mapping, path) -> None:
     os.close(fd)
     try:
         st.save_file(tensors, tmp, metadata={"format": TRACE_FORMAT, "version": TRACE_VERSION,
-                                             "groups": json.dumps(groups)})
+                                             "layers": json.dumps(list(trace)),
+                                             "group_names": json.dumps(list(table))})
         _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -460,27 +472,42 @@ def load_trace(path) -> dict:
         raise ValueError(f"{where}: {path!r} is not a moe_route trace: its metadata says "
                          f"format={metadata.get('format')!r}, expected {TRACE_FORMAT!r} (a "
                          f"RoutingStats save is a directory: RoutingStats.load)")
-    if metadata.get("version") != TRACE_VERSION:
-        raise ValueError(f"{where}: {path!r} is trace format version "
-                         f"{metadata.get('version')!r}; this moe_route reads version "
-                         f"{TRACE_VERSION!r}")
-    try:
-        groups = json.loads(metadata.get("groups", ""))
-    except ValueError as exc:
-        raise ValueError(f"{where}: {path!r}: the 'groups' metadata is not valid JSON ({exc})") \
-            from None
-    if not isinstance(groups, dict):
-        raise ValueError(f"{where}: {path!r}: the 'groups' metadata must be a JSON object "
-                         f"{{layer: [group names]}}, got {type(groups).__name__}")
+    version = metadata.get("version")
+    if version not in ("1", TRACE_VERSION):
+        raise ValueError(f"{where}: {path!r} is trace format version {version!r}; this "
+                         f"moe_route reads versions '1' and {TRACE_VERSION!r}")
+    keys = ("groups",) if version == "1" else ("layers", "group_names")
+    meta = {}
+    for key in keys:
+        try:
+            meta[key] = json.loads(metadata.get(key, ""))
+        except ValueError as exc:
+            raise ValueError(f"{where}: {path!r}: the {key!r} metadata is not valid JSON "
+                             f"({exc})") from None
+    want = dict if version == "1" else list
+    for key in keys:
+        if not isinstance(meta[key], want):
+            raise ValueError(f"{where}: {path!r}: the {key!r} metadata must be a JSON "
+                             f"{'object' if want is dict else 'array'}, got "
+                             f"{type(meta[key]).__name__}")
+    names = meta.get("group_names")
     out, used = {}, set()
-    for name, names in groups.items():
+    last_codes, last_group = None, None
+    for name in (meta["groups"] if version == "1" else meta["layers"]):
         layer = {}
         for key in _TRACE_TENSORS:
             t = tensors.get(f"{name}.{key}")
             if t is not None:
                 layer[key] = t
                 used.add(f"{name}.{key}")
-        layer["group"] = names
+        if version == "1":
+            layer["group"] = meta["groups"][name]
+        else:
+            codes = tensors.get(f"{name}.group")
+            used.add(f"{name}.group")
+            layer["group"] = _group_names(codes, names, last_codes, last_group,
+                                          f"{where}: {path!r}: layer {name!r}")
+            last_codes, last_group = codes, layer["group"]
         try:
             _check_trace_layer(name, layer, f"{where}: {path!r}")
         except TypeError as exc:  # a damaged file, not a wrong argument
@@ -490,3 +517,18 @@ def load_trace(path) -> dict:
     if extra:
         raise ValueError(f"{where}: {path!r} holds tensors of no listed layer: {extra[:8]}")
     return out
+
+
+def _group_names(codes, names, last_codes, last_group, where: str) -> list:
+    """Group names of a layer's tokens from their codes (the previous layer's list when the codes
+    are the same)."""
+    if codes is None or codes.dim() != 1 or codes.dtype != torch.int32:
+        raise ValueError(f"{where}: needs a 'group' tensor, int32 [N], got "
+                         f"{None if codes is None else (codes.dtype, tuple(codes.shape))}")
+    if last_codes is not None and torch.equal(codes, last_codes):
+        return list(last_group)
+    if codes.numel() and (int(codes.min()) < -1 or int(codes.max()) >= len(names)):
+        raise ValueError(f"{where}: group codes must be in [-1, {len(names)}) (the file names "
+                         f"{len(names)} groups), got [{int(codes.min())}, {int(codes.max())}]")
+    table = list(names) + [None]  # code -1 picks the last entry
+    return [table[c] for c in codes.tolist()]

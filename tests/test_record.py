@@ -242,24 +242,57 @@ def test_load_trace_errors_name_the_file_and_the_problem(tmp_path):
                                          "'moe_route.trace'"):
         moe_route.load_trace(other)
 
-    def write(tensors, groups, version="1"):
+    def write(tensors, version="2", **meta):
         f = tmp_path / "t.safetensors"
         save_file(tensors, f, metadata={"format": "moe_route.trace", "version": version,
-                                        "groups": groups})
+                                        **meta})
         return f
 
-    w = torch.ones(1, 2)
-    with pytest.raises(ValueError, match="version '2'; this moe_route reads version '1'"):
-        moe_route.load_trace(write({"l.ids": ids, "l.weights": w}, json.dumps({"l": ["a"]}), "2"))
-    with pytest.raises(ValueError, match="'groups' metadata is not valid JSON"):
-        moe_route.load_trace(write({"l.ids": ids, "l.weights": w}, "{"))
+    w, group = torch.ones(1, 2), torch.tensor([0], dtype=torch.int32)
+    ok = dict(layers=json.dumps(["l"]), group_names=json.dumps(["a"]))
+    assert moe_route.load_trace(write({"l.ids": ids, "l.weights": w, "l.group": group},
+                                      **ok))["l"]["group"] == ["a"]
+    # version 1 (group names as JSON per layer) is still read
+    v1 = moe_route.load_trace(write({"l.ids": ids, "l.weights": w}, "1",
+                                    groups=json.dumps({"l": [None]})))
+    assert v1["l"]["group"] == [None] and torch.equal(v1["l"]["ids"], ids)
+    with pytest.raises(ValueError, match="version '3'; this moe_route reads versions '1' and '2'"):
+        moe_route.load_trace(write({"l.ids": ids, "l.weights": w, "l.group": group}, "3", **ok))
+    with pytest.raises(ValueError, match="'layers' metadata is not valid JSON"):
+        moe_route.load_trace(write({"l.ids": ids, "l.weights": w, "l.group": group},
+                                   layers="[", group_names="[]"))
     with pytest.raises(ValueError, match=r"t.safetensors': trace\['l'\] has no 'weights'"):
-        moe_route.load_trace(write({"l.ids": ids}, json.dumps({"l": ["a"]})))
+        moe_route.load_trace(write({"l.ids": ids, "l.group": group}, **ok))
+    with pytest.raises(ValueError, match="layer 'l': needs a 'group' tensor, int32"):
+        moe_route.load_trace(write({"l.ids": ids, "l.weights": w}, **ok))
+    with pytest.raises(ValueError, match=r"group codes must be in \[-1, 1\) .* got \[3, 3\]"):
+        moe_route.load_trace(write({"l.ids": ids, "l.weights": w, "l.group": group + 3}, **ok))
     with pytest.raises(ValueError, match=r"tensors of no listed layer: \['m.ids'\]"):
-        moe_route.load_trace(write({"l.ids": ids, "l.weights": w, "m.ids": ids.clone()},
-                                   json.dumps({"l": ["a"]})))
+        moe_route.load_trace(write({"l.ids": ids, "l.weights": w, "l.group": group,
+                                    "m.ids": ids.clone()}, **ok))
     with pytest.raises(ValueError, match=r"\['group'\] must hold N=1 group names"):
-        moe_route.load_trace(write({"l.ids": ids, "l.weights": w}, json.dumps({"l": []})))
+        moe_route.load_trace(write({"l.ids": ids, "l.weights": w}, "1",
+                                   groups=json.dumps({"l": []})))
+
+
+def test_trace_file_stores_each_group_name_once(tmp_path):
+    """Per-token names as metadata JSON outgrow safetensors' 100 MB header; codes do not."""
+    from safetensors import safe_open
+
+    N = 200_000
+    names = [f"fra_Latn/{i // 50}" if i % 7 else None for i in range(N)]
+    ids = torch.randint(0, 64, (N, 2), dtype=torch.int16)
+    ids[:, 1] = (ids[:, 0] + 1) % 64
+    trace = {f"model.layers.{i}.mlp.gate": {"ids": ids, "weights": torch.rand(N, 2).half(),
+                                             "group": names} for i in range(3)}
+    path = tmp_path / "big.safetensors"
+    moe_route.save_trace(trace, path)
+    with safe_open(path, framework="pt") as f:
+        header = sum(len(v) for v in f.metadata().values())
+    assert header < 100_000  # the 4000 distinct names, once
+    back = moe_route.load_trace(path)
+    assert list(back) == list(trace)
+    assert all(back[n]["group"] == names for n in back)
 
 
 def test_trace_agreement_of_a_steered_run(tmp_path, capsys):
