@@ -204,12 +204,14 @@ def _compare(args) -> int:
         print(json.dumps({name: r._asdict() for name, r in result.items()}, indent=2))
         return 0
     width = max([len("layer")] + [len(n) for n in result])
-    print(f"{'layer':<{width}}  {'tokens':>9}  {'top-1':>6}  {'overlap':>7}  {'same set':>8}")
+    print(f"{'layer':<{width}}  {'tokens':>9}  {'top-1':>6}  {'overlap':>7}  {'same set':>8}  "
+          f"{'w shift':>7}")
     for name, r in result.items():
         print(f"{name:<{width}}  {r.tokens:>9,}  {r.top1:>6.3f}  {r.overlap:>7.3f}  "
-              f"{r.identical:>8.3f}")
-    print("top-1: same first-choice expert; overlap: mean |top-k(a) ∩ top-k(b)| / k; same set: "
-          "identical top-k sets (shares of tokens)")
+              f"{r.identical:>8.3f}  {r.weight_shift:>7.4f}")
+    print("shares of tokens with the same first-choice expert (top-1) and identical top-k sets "
+          "(same set); overlap: mean |top-k(a) ∩ top-k(b)| / k; w shift: mean ½ Σ_e |w_a − w_b| "
+          "(routed weights over all experts)")
     return 0
 
 

@@ -471,13 +471,17 @@ def test_routing_consistency_int_groups_and_random_against_loop():
         M.routing_consistency(ids, groups, pairs="pairs")
 
 
-def ref_agreement(a, b):
-    """(top1, overlap, identical) by a loop over python sets."""
+def ref_agreement(a, b, wa, wb):
+    """(top1, overlap, identical, weight_shift) by a loop over python sets and dicts."""
     n, k = len(a), len(a[0])
     top1 = sum(x[0] == y[0] for x, y in zip(a, b)) / n
     overlap = sum(len(set(x) & set(y)) for x, y in zip(a, b)) / (n * k)
     identical = sum(set(x) == set(y) for x, y in zip(a, b)) / n
-    return top1, overlap, identical
+    shift = 0.0
+    for x, y, u, v in zip(a, b, wa, wb):
+        da, db = dict(zip(x, u)), dict(zip(y, v))
+        shift += sum(abs(da.get(e, 0.0) - db.get(e, 0.0)) for e in set(x) | set(y)) / 2
+    return top1, overlap, identical, shift / n
 
 
 def test_routing_agreement_known_answer():
@@ -488,10 +492,19 @@ def test_routing_agreement_known_answer():
     # identical sets: rows 0 and 1
     assert r == M.RoutingAgreement(tokens=4, top1=0.5, overlap=0.75, identical=0.5)
     assert M.routing_agreement(a, a) == M.RoutingAgreement(4, 1.0, 1.0, 1.0)
+    assert math.isnan(r.weight_shift)  # no weights given
     masked = M.routing_agreement(a, b, mask=torch.tensor([False, True, True, False]))
-    assert masked == M.RoutingAgreement(2, 0.5, (3 + 1) / 6, 0.5)
+    assert masked[:4] == (2, 0.5, (3 + 1) / 6, 0.5)
     none = M.routing_agreement(a, b, mask=torch.zeros(4, dtype=torch.bool))
     assert none.tokens == 0 and math.isnan(none.top1) and math.isnan(none.overlap)
+    # weight shift: row 0 swaps the weights of the same two experts (|.6-.3| + |.4-.7| = .6),
+    # row 1 moves .5 from expert 3 to expert 4 (.5 + .5); halved and averaged: (.3 + .5) / 2
+    ids_a, ids_b = torch.tensor([[0, 1], [2, 3]]), torch.tensor([[1, 0], [2, 4]])
+    w_a, w_b = torch.tensor([[.6, .4], [.5, .5]]), torch.tensor([[.7, .3], [.5, .5]])
+    r = M.routing_agreement(ids_a, ids_b, weights_a=w_a, weights_b=w_b)
+    assert r[:4] == (2, 0.5, 0.75, 0.5) and r.weight_shift == pytest.approx(0.4, abs=1e-7)
+    same = M.routing_agreement(ids_a, ids_a[:, [1, 0]], weights_a=w_a, weights_b=w_a[:, [1, 0]])
+    assert same.weight_shift == 0.0 and same.identical == 1.0
 
 
 def test_routing_agreement_random_against_loop(monkeypatch):
@@ -501,13 +514,16 @@ def test_routing_agreement_random_against_loop(monkeypatch):
     b = a.clone()
     swap = torch.rand(N, generator=g) < 0.5      # half the tokens get other experts
     b[swap] = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(int(swap.sum()))])
-    want = ref_agreement(a.tolist(), b.tolist())
-    got = M.routing_agreement(a, b.to(torch.int32))
+    w_a = torch.rand(N, k, generator=g, dtype=torch.float64)
+    w_b = torch.where(swap[:, None], torch.rand(N, k, generator=g, dtype=torch.float64), w_a)
+    want = ref_agreement(a.tolist(), b.tolist(), w_a.tolist(), w_b.tolist())
+    got = M.routing_agreement(a, b.to(torch.int32), weights_a=w_a, weights_b=w_b)
     assert got.tokens == N
     for x, y in zip(got[1:], want):
         assert close(x, y, 1e-12)
     monkeypatch.setattr(M, "_CHUNK_ELEMENTS", 16)  # one token per chunk
-    assert M.routing_agreement(a, b) == got
+    chunked = M.routing_agreement(a, b, weights_a=w_a, weights_b=w_b)
+    assert chunked[:4] == got[:4] and close(chunked.weight_shift, got.weight_shift, 1e-12)
 
 
 def test_routing_agreement_errors_name_the_argument():
@@ -521,6 +537,11 @@ def test_routing_agreement_errors_name_the_argument():
         M.routing_agreement(a, a, mask=torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="ids must be an int tensor"):
         M.routing_agreement(a.float(), a)
+    with pytest.raises(ValueError, match="pass both weights_a and weights_b or neither"):
+        M.routing_agreement(a, a, weights_a=torch.ones(2, 2))
+    with pytest.raises(ValueError, match=r"weights_b must be a float tensor of the ids' shape "
+                                         r"\(2, 2\), got torch.int64"):
+        M.routing_agreement(a, a, weights_a=torch.ones(2, 2), weights_b=a)
 
 
 def test_trace_agreement_per_layer_and_ungrouped_rows():
@@ -532,10 +553,14 @@ def test_trace_agreement_per_layer_and_ungrouped_rows():
                       "weights": torch.ones(3, 2), "group": ["y", "y", None]}}
     out = M.trace_agreement(plain, steered)
     assert list(out) == ["l0", "l1"]
-    assert out["l0"] == M.RoutingAgreement(2, 1.0, 1.0, 1.0)
-    assert out["l1"] == M.RoutingAgreement(2, 0.5, 0.75, 0.5)  # the None row is left out
+    assert out["l0"] == M.RoutingAgreement(2, 1.0, 1.0, 1.0, 0.0)
+    # the None row is left out; row 1 moves weight 1 from expert 2 to expert 6
+    assert out["l1"] == M.RoutingAgreement(2, 0.5, 0.75, 0.5, 0.5)
     every = M.trace_agreement(plain, steered, skip_ungrouped=False)
-    assert every["l1"] == M.RoutingAgreement(3, 1 / 3, 3 / 6, 1 / 3)
+    assert every["l1"] == M.RoutingAgreement(3, 1 / 3, 3 / 6, 1 / 3, 1.0)
+    no_weights = {name: {"ids": layer["ids"], "group": layer["group"]}
+                  for name, layer in steered.items()}
+    assert math.isnan(M.trace_agreement(plain, no_weights)["l1"].weight_shift)
     with pytest.raises(ValueError, match=r"same layers; only in trace_a: \['l1'\]"):
         M.trace_agreement(plain, {"l0": plain["l0"]})
     short = {"l0": plain["l0"], "l1": {"ids": ids[:2], "weights": torch.ones(2, 2),

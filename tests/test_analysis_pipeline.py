@@ -86,10 +86,11 @@ def test_cli_demo_recovers_the_planted_answer(tmp_path):
     out = subprocess.run([sys.executable, "-m", "moe_route.cli", "demo", "--out", str(report)],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
-    for check in ("u_shape (< 1/3): True", "task_experts_exact: True", "steering_helps: True"):
+    for check in ("u_shape (< 1/3): True", "task_experts_exact: True", "steering_helps: True",
+                  "steering_moves_steered_layers: True", "steering_leaves_earlier_layers: True"):
         assert check in out.stdout
     for name in ("summary.txt", "summary.json", "divergence.csv", "divergence.json",
-                 "experts.json", "plan.json", "ab.json", "correlation.json",
+                 "experts.json", "plan.json", "ab.json", "correlation.json", "agreement.json",
                  "divergence_by_layer.png", "expert_usage.png", "delta.png"):
         assert (report / name).exists(), name
     plan = moe_route.SteeringPlan.from_json((report / "plan.json").read_text())
@@ -98,6 +99,9 @@ def test_cli_demo_recovers_the_planted_answer(tmp_path):
     assert set(div) == {"lang1", "lang2", "lang3", "lang4"}
     summary = json.loads((report / "summary.json").read_text())
     assert summary["middle_mean"] < summary["edge_mean"] / 3
+    # soft steering of the middle layers moves weight there and leaves the first layers alone
+    moved = {int(i): r["weight_shift"] for i, r in summary["agreement"].items()}
+    assert moved[0] == moved[1] == 0.0 and min(moved[i] for i in (2, 3, 4, 5)) > 0
 
 
 def test_cli_analyze_and_experts_on_a_saved_model(tmp_path):
@@ -129,3 +133,25 @@ def test_cli_analyze_and_experts_on_a_saved_model(tmp_path):
     assert plan.layers and all(layer in (0, 1) for layer in plan.layers)
     with moe_route.steer(build("olmoe"), plan):  # the plan fits the model it came from
         pass
+
+
+def test_write_report_agreement_by_layer_index(tmp_path):
+    """``agreement`` keyed by layer name lands under the layers' indices in agreement.json and
+    the summary; a name the statistics lack is refused."""
+    from moe_route.analysis import RoutingAgreement, write_report
+    from test_analysis_metrics import random_stats
+
+    stats = random_stats(L=3)
+    agreement = {f"model.layers.{i}.mlp.gate": RoutingAgreement(10, 1.0, 1.0, 1.0, 0.1 * i)
+                 for i in range(3)}
+    summary = write_report(tmp_path, stats, "en", agreement=agreement)
+    saved = json.loads((tmp_path / "agreement.json").read_text())
+    assert saved == summary["agreement"]
+    assert list(saved) == ["0", "1", "2"] and saved["2"]["weight_shift"] == pytest.approx(0.2)
+    assert "layer   1: overlap 1.000  top-1 1.000  weight moved 0.1000" in \
+        (tmp_path / "summary.txt").read_text()
+    with pytest.raises(ValueError, match=r"agreement names layers the statistics lack: "
+                                         r"\['model.layers.9.mlp.gate'\]"):
+        write_report(tmp_path / "refused", stats, "en",
+                     agreement={"model.layers.9.mlp.gate": agreement["model.layers.0.mlp.gate"]})
+    assert not (tmp_path / "refused").exists()  # checked before anything is written

@@ -315,7 +315,7 @@ def test_trace_agreement_of_a_steered_run(tmp_path, capsys):
     plain, steered = traces
     names = list(plain)
     agreement = trace_agreement(plain, steered)
-    assert agreement[names[0]] == (32, 1.0, 1.0, 1.0)
+    assert agreement[names[0]] == (32, 1.0, 1.0, 1.0, 0.0)
     forced = agreement[names[1]]
     # experts 0 and 1 head every token's top-k of layer 1 now (forced on, ties to the lower
     # index); the rest of the top-k is the best k-2 of the other experts, which the plain top-k
@@ -327,6 +327,7 @@ def test_trace_agreement_of_a_steered_run(tmp_path, capsys):
     assert forced.identical == float((had == 2).double().mean()) < 1.0
     assert forced.overlap == pytest.approx(float((had + k - 2).mean()) / k, abs=1e-12)
     assert forced.top1 == float((plain_ids[:, 0] == 0).double().mean())
+    assert forced.weight_shift > 0
     moe_route.save_trace(plain, tmp_path / "plain.safetensors")
     moe_route.save_trace(steered, tmp_path / "steered.safetensors")
     again = trace_agreement(moe_route.load_trace(tmp_path / "plain.safetensors"),
@@ -340,7 +341,7 @@ def test_trace_agreement_of_a_steered_run(tmp_path, capsys):
     assert printed[names[1]] == forced._asdict()
     assert main(["compare", a, b]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["layer", "tokens", "top-1", "overlap", "same", "set"]
-    assert table[1].split() == [names[0], "32", "1.000", "1.000", "1.000"]
+    assert table[0].split() == ["layer", "tokens", "top-1", "overlap", "same", "set", "w", "shift"]
+    assert table[1].split() == [names[0], "32", "1.000", "1.000", "1.000", "0.0000"]
     assert main(["compare", a, str(tmp_path / "missing.safetensors")]) == 2
     assert "missing.safetensors' is not a file" in capsys.readouterr().err

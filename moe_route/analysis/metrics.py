@@ -845,13 +845,18 @@ class RoutingAgreement(NamedTuple):
 
     tokens: rows compared. top1: share of tokens whose first-choice expert is the same.
     overlap: mean ``|S_a ∩ S_b| / k`` over tokens (OLMoE's top-k router saturation).
-    identical: share of tokens whose top-k sets are equal. The shares are NaN when tokens is 0.
+    identical: share of tokens whose top-k sets are equal.
+    weight_shift: mean over tokens of ``½ Σ_e |w_a(e) − w_b(e)|``, the routed weights as vectors
+    over all experts (0 outside the top-k): the total variation between the two weightings for
+    weights that sum to 1. It sees soft steering that moves weight without changing the ids;
+    NaN without weights. The shares are NaN when tokens is 0.
     """
 
     tokens: int
     top1: float
     overlap: float
     identical: float
+    weight_shift: float = math.nan
 
 
 def _check_distinct(ids: torch.Tensor, name: str, where: str) -> None:
@@ -865,6 +870,8 @@ def _check_distinct(ids: torch.Tensor, name: str, where: str) -> None:
 
 
 def routing_agreement(ids_a: torch.Tensor, ids_b: torch.Tensor, *,
+                      weights_a: Optional[torch.Tensor] = None,
+                      weights_b: Optional[torch.Tensor] = None,
                       mask: Optional[torch.Tensor] = None) -> RoutingAgreement:
     """Agreement of two routings of the same tokens, one layer: a checkpoint against the final
     model (OLMoE §5's router saturation), a steered run against the plain one (which decisions
@@ -872,9 +879,11 @@ def routing_agreement(ids_a: torch.Tensor, ids_b: torch.Tensor, *,
 
     ``ids_a, ids_b [N, k]``: row t of both is the same token (traces of the same inputs, in the
     same order: ``trace[layer]["ids"]``), each row k distinct experts in selection order (ids
-    as the gate and ``torch.topk`` return them: the first is the top-1). ``mask [N]`` bool keeps
-    rows (default all). Top-1 compares the first column, so it means "first choice" only for
-    ids in descending score order; overlap and identical do not depend on the order.
+    as the gate and ``torch.topk`` return them: the first is the top-1). ``weights_a,
+    weights_b [N, k]`` (both or neither): the routed weights of those ids, for
+    ``weight_shift``. ``mask [N]`` bool keeps rows (default all). Top-1 compares the first
+    column, so it means "first choice" only for ids in descending score order; the other
+    measures do not depend on the order.
     """
     where = "routing_agreement"
     a = _check_ids(ids_a, where)
@@ -882,28 +891,50 @@ def routing_agreement(ids_a: torch.Tensor, ids_b: torch.Tensor, *,
     if a.shape != b.shape:
         raise ValueError(f"{where}: ids_a and ids_b must have the same shape [N, k] (the same "
                          f"tokens, routed twice), got {tuple(a.shape)} and {tuple(b.shape)}")
+    if (weights_a is None) != (weights_b is None):
+        raise ValueError(f"{where}: pass both weights_a and weights_b or neither")
+    weights = None
+    if weights_a is not None:
+        weights = []
+        for name, w in (("weights_a", weights_a), ("weights_b", weights_b)):
+            if not isinstance(w, torch.Tensor) or not w.is_floating_point() \
+                    or tuple(w.shape) != tuple(a.shape):
+                raise ValueError(f"{where}: {name} must be a float tensor of the ids' shape "
+                                 f"{tuple(a.shape)}, got {getattr(w, 'dtype', type(w).__name__)}"
+                                 f" of shape {tuple(getattr(w, 'shape', ()))}")
+            weights.append(w.to(device=a.device, dtype=torch.float64))
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool \
                 or tuple(mask.shape) != (a.shape[0],):
             raise ValueError(f"{where}: mask must be a bool tensor of shape [{a.shape[0]}], got "
                              f"{getattr(mask, 'dtype', type(mask).__name__)} of shape "
                              f"{tuple(getattr(mask, 'shape', ()))}")
-        a, b = a[mask.to(a.device)], b[mask.to(a.device)]
+        keep = mask.to(a.device)
+        a, b = a[keep], b[keep]
+        weights = None if weights is None else [w[keep] for w in weights]
     _check_distinct(a, "ids_a", where)
     _check_distinct(b, "ids_b", where)
     N, k = a.shape
     if N == 0:
-        return RoutingAgreement(0, math.nan, math.nan, math.nan)
+        return RoutingAgreement(0, math.nan, math.nan, math.nan, math.nan)
     shared = torch.empty(N, dtype=torch.int64, device=a.device)  # |S_a ∩ S_b| per token
+    l1 = torch.empty(N, dtype=torch.float64, device=a.device)    # Σ_e |w_a(e) − w_b(e)|
     step = max(1, _CHUNK_ELEMENTS // (k * k))
     for r0 in range(0, N, step):
-        x, y = a[r0:r0 + step], b[r0:r0 + step]
-        shared[r0:r0 + step] = (x.unsqueeze(2) == y.unsqueeze(1)).sum((1, 2))
+        r = slice(r0, r0 + step)
+        match = a[r].unsqueeze(2) == b[r].unsqueeze(1)           # [n, k_a, k_b]
+        shared[r] = match.sum((1, 2))
+        if weights is not None:
+            wa, wb = weights[0][r], weights[1][r]
+            wb_at_a = (match * wb.unsqueeze(1)).sum(2)            # b's weight on a's experts
+            only_b = (wb * ~match.any(1)).sum(1)                  # b's experts a lacks
+            l1[r] = (wa - wb_at_a).abs().sum(1) + only_b.abs()
     return RoutingAgreement(
         tokens=int(N),
         top1=float((a[:, 0] == b[:, 0]).sum()) / N,
         overlap=float(shared.sum()) / (N * k),
-        identical=float((shared == k).sum()) / N)
+        identical=float((shared == k).sum()) / N,
+        weight_shift=math.nan if weights is None else float(l1.sum()) / (2 * N))
 
 
 def trace_agreement(trace_a: Mapping, trace_b: Mapping, *,
@@ -913,8 +944,9 @@ def trace_agreement(trace_a: Mapping, trace_b: Mapping, *,
 
     ``trace_a, trace_b``: ``rec.trace`` or ``load_trace(path)`` of two runs over the same tokens
     in the same order (e.g. with and without ``steer``, or two checkpoints); both must hold the
-    same layers with the same row counts. ``skip_ungrouped`` compares only rows grouped in both
-    (padding, ignored and masked tokens are None).
+    same layers with the same row counts; ``weight_shift`` needs "weights" in both.
+    ``skip_ungrouped`` compares only rows grouped in both (padding, ignored and masked tokens
+    are None).
     """
     where = "trace_agreement"
     for arg, t in (("trace_a", trace_a), ("trace_b", trace_b)):
@@ -938,7 +970,10 @@ def trace_agreement(trace_a: Mapping, trace_b: Mapping, *,
                 mask = torch.tensor([x is not None and y is not None for x, y in zip(ga, gb)],
                                     dtype=torch.bool)
         try:
-            out[name] = routing_agreement(la["ids"], lb["ids"], mask=mask)
+            both = la.get("weights") is not None and lb.get("weights") is not None
+            out[name] = routing_agreement(la["ids"], lb["ids"],
+                                          weights_a=la["weights"] if both else None,
+                                          weights_b=lb["weights"] if both else None, mask=mask)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{where}: layer {name!r}: {exc}") from None
     return out

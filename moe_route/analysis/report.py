@@ -10,6 +10,7 @@
     experts.json, delta.png      task experts and the histogram of delta with the threshold tau
     plan.json                    the steering plan built from them (SteeringPlan JSON)
     ab.json                      evaluation with and without steering
+    agreement.json               per layer, how much of the routing steering kept (trace_agreement)
     correlation.json             middle-layer divergence vs accuracy (Pearson, Spearman)
 
 Plots need matplotlib (``pip install moe_route[analysis]``); without it the tables and the summary
@@ -27,9 +28,9 @@ from typing import Optional
 
 import torch
 
-from moe_route.analysis.metrics import (activation_frequency, divergence_accuracy_correlation,
-                                        expert_importance, pairwise_divergence, pool_by_language,
-                                        routing_divergence)
+from moe_route.analysis.metrics import (RoutingAgreement, activation_frequency,
+                                        divergence_accuracy_correlation, expert_importance,
+                                        pairwise_divergence, pool_by_language, routing_divergence)
 from moe_route.stats import RoutingStats
 from moe_route.steering import SteeringPlan
 
@@ -42,17 +43,19 @@ def write_report(out_dir, stats: RoutingStats, reference: str, *,
                  delta: Optional[torch.Tensor] = None, tau: Optional[float] = None,
                  experts: Optional[Mapping] = None, plan: Optional[SteeringPlan] = None,
                  ab: Optional[Mapping] = None, accuracy: Optional[Mapping[str, float]] = None,
+                 agreement: Optional[Mapping[str, RoutingAgreement]] = None,
                  title: str = "moe_route routing report") -> dict:
     """Write the report for per-sequence parallel ``stats`` (groups ``"{language}/{i}"``).
 
     ``heatmap_layers`` / ``middle_layers``: positions along the statistics' layers (default: the
     first, middle and last layer; the middle third). ``delta`` ``[L, E]`` with ``tau`` and
-    ``experts`` (``task_experts``), ``plan``, ``ab`` (``ab_test``) and ``accuracy`` (per language)
-    are optional. Returns the summary as a dict (also in ``summary.json``).
+    ``experts`` (``task_experts``), ``plan``, ``ab`` (``ab_test``), ``accuracy`` (per language)
+    and ``agreement`` (``trace_agreement`` of unsteered and steered runs, keyed by the
+    statistics' layer names) are optional. Returns the summary as a dict (also in
+    ``summary.json``).
     """
     if not isinstance(stats, RoutingStats):
         raise TypeError(f"write_report: stats must be a RoutingStats, got {type(stats).__name__}")
-    os.makedirs(out_dir, exist_ok=True)
     L = len(stats)
     indices = [i if i is not None else p for p, i in enumerate(stats.layer_indices)]
     middle = list(middle_layers) if middle_layers is not None else list(range(L // 3, L - L // 3))
@@ -61,6 +64,13 @@ def write_report(out_dir, stats: RoutingStats, reference: str, *,
         bad = [p for p in layers if not 0 <= p < L]
         if bad:
             raise ValueError(f"write_report: {name} {bad} must be positions in [0, {L})")
+    by_name = dict(zip(stats.layer_names, indices))
+    unknown = [name for name in (agreement or {}) if name not in by_name]
+    if unknown:
+        raise ValueError(f"write_report: agreement names layers the statistics lack: "
+                         f"{unknown[:4]}; their layers are {stats.layer_names[:4]}"
+                         f"{' ...' if L > 4 else ''}")
+    os.makedirs(out_dir, exist_ok=True)
 
     div = {lang: d.tolist() for lang, d in routing_divergence(stats, reference).items()}
     edge = [p for p in range(L) if p not in middle]
@@ -104,6 +114,9 @@ def write_report(out_dir, stats: RoutingStats, reference: str, *,
     if ab is not None:
         _write_json(out_dir, "ab.json", ab)
         summary["ab"] = ab
+    if agreement is not None:
+        summary["agreement"] = {str(by_name[name]): r._asdict() for name, r in agreement.items()}
+        _write_json(out_dir, "agreement.json", summary["agreement"])
     if accuracy is not None:
         corr = divergence_accuracy_correlation({k: torch.tensor(v) for k, v in div.items()},
                                                accuracy, middle)
@@ -133,6 +146,11 @@ def _summary_text(s: dict) -> str:
         lines += ["", f"Steering A/B: baseline {json.dumps(s['ab']['baseline'])}",
                   f"              steered  {json.dumps(s['ab']['steered'])}",
                   f"              delta    {json.dumps(s['ab']['delta'])}"]
+    if "agreement" in s:
+        lines += ["", "Routing under steering against the unsteered run, per token: top-k "
+                  "overlap, same top-1, routed weight moved (½ Σ_e |Δw|):"]
+        lines += [f"  layer {i:>3}: overlap {r['overlap']:.3f}  top-1 {r['top1']:.3f}  "
+                  f"weight moved {r['weight_shift']:.4f}" for i, r in s["agreement"].items()]
     if "correlation" in s:
         c = s["correlation"]
         lines += ["", f"Middle-layer divergence vs accuracy: Pearson {c['pearson']:.3f}, "
