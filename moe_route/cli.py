@@ -3,6 +3,7 @@
     moe-route demo [--out DIR]                 the study on the planted model, offline (< 2 min)
     moe-route analyze MODEL --data F --languages ... --reference L --out DIR
     moe-route experts MODEL --task F --baseline F --tau T [--layers A-B] --out plan.json
+    moe-route evaluate MODEL --task belebele|mgsm|F.jsonl [--plan plan.json] --out DIR
     moe-route compare TRACE_A TRACE_B          routing agreement of two traces, per layer
     moe-route supported                        transformers MoE families and their status
     moe-route info | bench [--op gate|dispatch|block]
@@ -190,6 +191,74 @@ def _experts(args) -> int:
     return 0
 
 
+def _evaluate(args) -> int:
+    from moe_route._atomic import write_text_atomic
+    from moe_route.analysis import evaluation
+    from moe_route.analysis.pipeline import ab_test
+    from moe_route.steering import SteeringPlan
+
+    try:
+        kind = _task_kind(args.task)
+        load = (evaluation.load_choice_task if kind == "choice"
+                else evaluation.load_generation_task)
+        items = load(args.task, args.languages, limit=args.limit)
+        plan = SteeringPlan.load(args.plan) if args.plan else None
+    except (OSError, ValueError) as exc:
+        print(f"moe-route evaluate: {exc}", file=sys.stderr)
+        return 2
+    model, tok = _load_model(args)
+    options = dict(tokenizer=tok, batch_size=args.batch_size, chat_template=args.chat_template,
+                   progress=True)
+    if kind == "choice":
+        run = lambda: evaluation.choice_accuracy(model, items, normalize=args.normalize,  # noqa: E731
+                                                 **options)
+    else:
+        run = lambda: evaluation.generation_accuracy(model, items,  # noqa: E731
+                                                     max_new_tokens=args.max_new_tokens, **options)
+    results = []
+
+    def evaluate():
+        result = run()
+        result.meta.update(model=args.model, task=str(args.task),
+                           plan=str(args.plan) if results and args.plan else None)
+        results.append(result)
+        return result
+
+    if plan is None:
+        evaluate()
+        width = max(len(lang) for lang in items)
+        for lang, acc in results[0].accuracy().items():
+            print(f"{lang:<{width}}  n {len(items[lang]):>5}  accuracy {acc:.3f}")
+    else:
+        ab = ab_test(model, plan, evaluate)
+        print("\n".join(evaluation.format_paired(ab["paired"])))
+        print("baseline -> steered accuracy; delta with a 95% interval; +gained/-lost questions; "
+              "p: exact McNemar test")
+        write_text_atomic(f"{args.out}/ab.json", json.dumps(ab, indent=2) + "\n")
+        results[1].save(f"{args.out}/steered.json")
+    results[0].save(f"{args.out}/baseline.json")
+    print(f"results: {args.out}/")
+    return 0
+
+
+def _task_kind(source) -> str:
+    """choice or generation: by dataset name, or by the first question of a .jsonl file."""
+    if source in ("belebele", "facebook/belebele"):
+        return "choice"
+    if source in ("mgsm", "juletxara/mgsm"):
+        return "generation"
+    if not str(source).endswith(".jsonl"):
+        raise ValueError(f"--task {source!r} must be belebele, mgsm or a .jsonl file")
+    with open(source, encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), None)
+    if first is None:
+        raise ValueError(f"--task {source} holds no questions")
+    try:
+        return "choice" if "options" in json.loads(first) else "generation"
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--task {source}: the first line is not JSON ({exc})") from None
+
+
 def _compare(args) -> int:
     from moe_route.analysis.metrics import trace_agreement
     from moe_route.recording import load_trace
@@ -297,6 +366,24 @@ def main(argv=None) -> int:
     p.add_argument("--max-per-layer", type=int)
     p.add_argument("--out", default="steering_plan.json")
     p.set_defaults(func=_experts)
+    p = sub.add_parser("evaluate", help="task accuracy per language, and with --plan the "
+                                        "steered run against the plain one, question by question")
+    _model_arguments(p)
+    p.add_argument("--task", required=True,
+                   help="belebele (multiple choice), mgsm (generation; both from the Hub), or a "
+                        ".jsonl file: {language, prompt, options, answer} per line for multiple "
+                        "choice, {language, prompt, answer} for generation")
+    p.add_argument("--languages", nargs="+",
+                   help="language splits/configs (needed for belebele and mgsm; default: all "
+                        "in the file)")
+    p.add_argument("--limit", type=int, help="first N questions per language")
+    p.add_argument("--plan", help="a steering plan (SteeringPlan JSON): run without and with it")
+    p.add_argument("--normalize", choices=["none", "tokens", "bytes"], default="none",
+                   help="multiple choice: divide an option's log-likelihood by its length")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="generation: at most")
+    p.add_argument("--out", required=True,
+                   help="directory for baseline.json (and steered.json, ab.json with --plan)")
+    p.set_defaults(func=_evaluate)
     p = sub.add_parser("compare", help="how alike two traces of the same tokens route, per layer "
                                        "(steered vs plain, checkpoint vs final)")
     p.add_argument("a", help="a trace file (Recorder.save_trace / save_trace)")

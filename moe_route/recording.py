@@ -34,7 +34,6 @@ import contextlib
 import itertools
 import json
 import os
-import tempfile
 import threading
 from collections.abc import Mapping
 from typing import Iterable, Optional, Sequence
@@ -44,7 +43,8 @@ from torch import nn
 
 from moe_route.hf.patch import acquire, release
 from moe_route.ops import GateStats
-from moe_route.stats import LayerStats, RoutingStats, _fsync_dir, _fsync_file, _safetensors
+from moe_route._atomic import write_atomic
+from moe_route.stats import LayerStats, RoutingStats, _safetensors
 
 __all__ = ["record", "Recorder", "save_trace", "load_trace"]
 
@@ -431,22 +431,9 @@ def save_trace(trace: Mapping, path) -> None:
             last_codes = torch.tensor([-1 if g is None else table.setdefault(g, len(table))
                                        for g in group], dtype=torch.int32)
         tensors[f"{name}.group"] = last_codes.clone()
-    path = os.path.abspath(os.fspath(path))
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        st.save_file(tensors, tmp, metadata={"format": TRACE_FORMAT, "version": TRACE_VERSION,
-                                             "layers": json.dumps(list(trace)),
-                                             "group_names": json.dumps(list(table))})
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(parent)
+    metadata = {"format": TRACE_FORMAT, "version": TRACE_VERSION,
+                "layers": json.dumps(list(trace)), "group_names": json.dumps(list(table))}
+    write_atomic(path, lambda tmp: st.save_file(tensors, tmp, metadata=metadata))
 
 
 def load_trace(path) -> dict:

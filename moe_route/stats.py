@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Union
 
 import torch
 
+from moe_route._atomic import fsync_dir, fsync_file
 from moe_route.ops import GateStats
 
 __all__ = ["LayerStats", "RoutingStats"]
@@ -462,19 +463,19 @@ class RoutingStats:
                        for name, t in layer.tensors().items()}
             tensors_file = os.path.join(tmp, TENSORS_FILE)
             st.save_file(tensors, tensors_file, metadata={"format": "pt"})
-            _fsync_file(tensors_file)
+            fsync_file(tensors_file)
             manifest_file = os.path.join(tmp, MANIFEST_FILE)
             with open(manifest_file, "w", encoding="utf-8") as f:
                 json.dump(manifest, f, indent=1, allow_nan=False)
                 f.write("\n")
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             _move_into_place(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync_dir(parent)
+        fsync_dir(parent)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "RoutingStats":
@@ -684,28 +685,6 @@ def _refuse_foreign(path: str) -> None:
         raise FileExistsError(f"RoutingStats.save: {path!r} exists and is not a RoutingStats "
                               f"save (entries {_short_list(sorted(entries), 4)}); refusing to "
                               f"replace it")
-
-
-def _fsync_file(filename: str) -> None:
-    fd = os.open(filename, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(dirname: str) -> None:
-    """Persist a directory's entries (new files, renames); not possible on every platform."""
-    try:
-        fd = os.open(dirname, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _move_into_place(tmp: str, path: str) -> None:

@@ -23,12 +23,12 @@ import numbers
 import operator
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from types import MappingProxyType
 from typing import Dict, List, Optional, Union
 
+from moe_route._atomic import write_text_atomic
 from moe_route.ops import SteerSpec
 
 __all__ = ["SteerEntry", "SteeringPlan", "Steering", "steer"]
@@ -390,23 +390,8 @@ class SteeringPlan(Mapping):
         return cls(data)
 
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write ``to_json(indent=1)`` to ``path`` atomically (temp file, fsync, os.replace)."""
-        path = os.path.abspath(os.fspath(path))
-        parent, base = os.path.split(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{base}.tmp-", dir=parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.to_json(indent=1))
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        """Write ``to_json(indent=1)`` to ``path`` atomically (temp file, fsync, rename)."""
+        write_text_atomic(path, self.to_json(indent=1) + "\n")
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "SteeringPlan":

@@ -15,6 +15,7 @@ import time
 import torch
 
 from moe_route.analysis.experts import mean_activation_frequency, plan_from_experts, task_experts
+from moe_route.analysis.evaluation import choice_accuracy
 from moe_route.analysis.pipeline import ab_test, record_parallel, record_sequences
 from moe_route.analysis.metrics import trace_agreement
 from moe_route.analysis.report import write_report
@@ -46,7 +47,8 @@ def run_demo(out_dir: str = "moe_route_demo", *, seed: int = 0, progress: bool =
     experts = task_experts(task, base, TAU)
     middle = list(truth.middle_layers)
     plan = plan_from_experts(experts, mode="soft", lam=0.5, layers=middle)
-    ab = ab_test(pm.model, plan, lambda: pm.accuracy_by_language(pm.task_corpus))
+    questions = pm.choice_items()          # the task as multiple choice, one per task token
+    ab = ab_test(pm.model, plan, lambda: choice_accuracy(pm.model, questions, batch_size=256))
     plain = _trace(pm.model, pm.task_corpus)
     with steer(pm.model, plan):
         steered = _trace(pm.model, pm.task_corpus)
@@ -63,6 +65,7 @@ def run_demo(out_dir: str = "moe_route_demo", *, seed: int = 0, progress: bool =
         "u_shape (< 1/3)": summary["middle_mean"] < summary["edge_mean"] / 3,
         "task_experts_exact": found == planted,
         "steering_helps": sum(ab["delta"].values()) > 0,
+        "steering_gain_significant (p < 0.01)": ab["paired"]["all"]["p_value"] < 0.01,
         # the plan moves routing weight in the layers it steers, and none before them
         "steering_moves_steered_layers": all(
             summary["agreement"][str(i)]["weight_shift"] > 0 for i in plan),

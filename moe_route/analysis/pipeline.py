@@ -23,6 +23,8 @@ from typing import Optional, Union
 
 import torch
 
+from moe_route.analysis.evaluation import EvalResult, paired_comparison
+from moe_route.analysis.progress import progress_bar
 from moe_route.recording import record
 from moe_route.stats import RoutingStats
 from moe_route.steering import SteeringPlan, steer
@@ -136,7 +138,7 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
         raise ValueError(f"record_sequences: batch_size={batch_size!r} must be an int >= 1")
     device = device or next(model.parameters()).device
     batches = [(lang, i) for lang, seqs in corpus.items() for i in range(0, len(seqs), batch_size)]
-    bar = _progress(len(batches), progress, "record")
+    bar = progress_bar(len(batches), progress, "record")
     with record(model, **record_options) as rec, torch.no_grad():
         for lang, i in batches:
             seqs = corpus[lang][i:i + batch_size]
@@ -166,40 +168,26 @@ def record_parallel(model, corpus: Corpus, **options) -> RoutingStats:
     return record_sequences(model, corpus, **options)
 
 
-def ab_test(model, plan: SteeringPlan, evaluate: Callable[[], Union[float, Mapping]]) -> dict:
+def ab_test(model, plan: SteeringPlan, evaluate: Callable[[], Union[float, Mapping, EvalResult]]
+            ) -> dict:
     """Run ``evaluate()`` without and with ``plan`` steering ``model``: ``{"baseline", "steered",
-    "delta"}`` (per key when ``evaluate`` returns a mapping, e.g. accuracy per language)."""
+    "delta"}`` (per key when ``evaluate`` returns a mapping, e.g. accuracy per language).
+
+    When ``evaluate`` returns an ``EvalResult`` (``choice_accuracy``, ``generation_accuracy``),
+    the two runs are compared question by question: ``"paired"`` holds, per language and
+    pooled, the questions gained and lost, a 95% interval on the delta and the exact McNemar
+    p-value (``paired_comparison``)."""
     if not callable(evaluate):
         raise TypeError(f"ab_test: evaluate must be callable, got {type(evaluate).__name__}")
     base = evaluate()
     with steer(model, plan):
         steered = evaluate()
+    if isinstance(base, EvalResult):
+        paired = paired_comparison(base, steered)
+        return {"baseline": base.accuracy(), "steered": steered.accuracy(),
+                "delta": {lang: paired[lang].delta for lang in base.correct},
+                "paired": {lang: c._asdict() for lang, c in paired.items()}}
     if isinstance(base, Mapping):
         delta = {k: float(steered[k]) - float(base[k]) for k in base}
         return {"baseline": dict(base), "steered": dict(steered), "delta": delta}
     return {"baseline": float(base), "steered": float(steered), "delta": float(steered) - float(base)}
-
-
-def _progress(total: int, enabled: bool, label: str):
-    """A minimal stderr progress bar (tqdm when installed)."""
-    if not enabled:
-        return lambda n: None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        tqdm = None
-    if tqdm is not None:
-        bar = tqdm(total=total, desc=label)
-        return lambda n: bar.update(n) if n is not None else bar.close()
-    import sys
-
-    done = [0]
-
-    def step(n):
-        if n is None:
-            sys.stderr.write("\n")
-            return
-        done[0] += n
-        sys.stderr.write(f"\r{label}: {done[0]}/{total}")
-        sys.stderr.flush()
-    return step

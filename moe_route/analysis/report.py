@@ -9,7 +9,8 @@
     expert_usage.png             activation frequency per layer and expert, reference language
     experts.json, delta.png      task experts and the histogram of delta with the threshold tau
     plan.json                    the steering plan built from them (SteeringPlan JSON)
-    ab.json                      evaluation with and without steering
+    ab.json                      evaluation with and without steering (paired per question:
+                                 gained, lost, 95% interval, McNemar p)
     agreement.json               per layer, how much of the routing steering kept (trace_agreement)
     correlation.json             middle-layer divergence vs accuracy (Pearson, Spearman)
 
@@ -28,6 +29,8 @@ from typing import Optional
 
 import torch
 
+from moe_route._atomic import write_text_atomic
+from moe_route.analysis.evaluation import format_paired
 from moe_route.analysis.metrics import (RoutingAgreement, activation_frequency,
                                         divergence_accuracy_correlation, expert_importance,
                                         pairwise_divergence, pool_by_language, routing_divergence)
@@ -142,7 +145,12 @@ def _summary_text(s: dict) -> str:
         n = sum(len(v) for v in s["experts"].values())
         lines += ["", f"Task experts: {n} in {len(s['experts'])} layers: "
                   + "; ".join(f"layer {k}: {v}" for k, v in s["experts"].items())]
-    if "ab" in s:
+    if "ab" in s and "paired" in s["ab"]:
+        lines += ["", "Steering A/B, the same questions without and with the plan (delta with a "
+                  "95% interval; gained/lost: questions that turned right/wrong; p: exact "
+                  "McNemar):"]
+        lines += ["  " + line for line in format_paired(s["ab"]["paired"])]
+    elif "ab" in s:
         lines += ["", f"Steering A/B: baseline {json.dumps(s['ab']['baseline'])}",
                   f"              steered  {json.dumps(s['ab']['steered'])}",
                   f"              delta    {json.dumps(s['ab']['delta'])}"]
@@ -237,8 +245,4 @@ def _write_csv(out_dir, name, header, rows):
 
 
 def _write_text(out_dir, name, text):
-    path = os.path.join(out_dir, name)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_text_atomic(os.path.join(out_dir, name), text)

@@ -225,6 +225,25 @@ class PlantedModel:
         corpus = self.task_corpus if corpus is None else corpus
         return {lang: self.accuracy(seqs) for lang, seqs in corpus.items()}
 
+    def choice_items(self, corpus: Optional[Mapping[str, torch.Tensor]] = None) -> dict:
+        """The task as multiple-choice questions for ``analysis.choice_accuracy``: one per
+        task-concept position of each row (``corpus`` defaults to ``task_corpus``), prompt =
+        the row up to that token, options ``answer_token`` (right) and ``distractor_token``.
+
+        Attention adds nothing in the planted model, so each answer depends on its last token
+        alone and the accuracy on these equals ``accuracy_by_language``.
+        """
+        from moe_route.analysis.evaluation import ChoiceItem
+
+        corpus = self.task_corpus if corpus is None else corpus
+        options = ([self.answer_token], [self.distractor_token])
+        items = {}
+        for lang, seqs in corpus.items():
+            rows, cols = self.is_task_token(torch.as_tensor(seqs)).nonzero(as_tuple=True)
+            items[lang] = [ChoiceItem(seqs[r, :c + 1], options, 0)
+                           for r, c in zip(rows.tolist(), cols.tolist())]
+        return items
+
 
 def planted_model(num_languages: int = 5, num_layers: int = 8, num_experts: int = 16,
                   top_k: int = 2, *, num_concepts: int = 24, num_task_concepts: int = 4,

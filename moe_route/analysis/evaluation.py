@@ -1,0 +1,558 @@
+"""Task accuracy per language, and whether a steering plan changed it by more than chance.
+
+    items = load_choice_task("belebele", ["eng_Latn", "swh_Latn"], limit=200)
+    base = choice_accuracy(model, items, tokenizer=tok)             # EvalResult
+    with moe_route.steer(model, plan):
+        steered = choice_accuracy(model, items, tokenizer=tok)
+    paired_comparison(base, steered)["swh_Latn"]                     # delta, 95% CI, McNemar p
+    # or: ab_test(model, plan, lambda: choice_accuracy(model, items, tokenizer=tok))
+
+The paper's steering gains are 1-2 points on a few hundred questions per language, the size of
+the noise. Both runs answer the same questions, so the comparison is paired: only the questions
+whose outcome changed (``gained``: wrong -> right, ``lost``: right -> wrong) carry information,
+and the exact McNemar test asks whether ``gained`` and ``lost`` differ more than a fair coin
+would make them.
+
+* **Multiple choice** (Belebele, Global-MMLU): each option is scored by the log-likelihood of its
+  tokens after the prompt (summed; or per token / per byte with ``normalize``); the answer is the
+  best option, ties to the lower index. Options of one token each (the letters " A".." D") need
+  one forward per question, read at the last position; longer options one row per option.
+  Batches are left-padded, with position ids from the attention mask, and only the logits of
+  the last positions are computed (``logits_to_keep``).
+* **Generation** (MGSM): greedy ``generate``, the text cut at the first stop string, the last
+  number in it compared with the answer (digits of any script, ``1,234.50`` == ``1234.5``).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import re
+import unicodedata
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+from moe_route._atomic import write_text_atomic
+from moe_route.analysis.progress import progress_bar
+
+__all__ = ["ChoiceItem", "GenerationItem", "EvalResult", "PairedComparison", "choice_accuracy",
+           "generation_accuracy", "paired_comparison", "format_paired", "mcnemar_exact",
+           "last_number",
+           "load_choice_task", "load_generation_task"]
+
+EVAL_FORMAT = "moe_route.eval"
+EVAL_VERSION = 1
+
+Tokens = Union[str, Sequence[int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ChoiceItem:
+    """A multiple-choice question: ``prompt`` then one of ``options`` (text, or token ids when
+    the prompt is token ids); ``answer`` is the index of the right option."""
+
+    prompt: Tokens
+    options: Sequence[Tokens]
+    answer: int
+
+
+@dataclass(frozen=True)
+class GenerationItem:
+    """A question answered by generating text; ``answer`` is the expected number (or string)."""
+
+    prompt: str
+    answer: str
+
+
+@dataclass
+class EvalResult:
+    """Per-question outcomes by language: ``correct[lang]`` bool ``[N]``, ``predictions[lang]``
+    (the chosen option index, or the extracted answer: ``None`` when none was found)."""
+
+    correct: dict
+    predictions: dict
+    meta: dict = field(default_factory=dict)
+
+    def accuracy(self) -> dict:
+        """``{language: share correct}``."""
+        return {lang: float(c.double().mean()) if c.numel() else float("nan")
+                for lang, c in self.correct.items()}
+
+    def mean_accuracy(self) -> float:
+        """Mean of the per-language accuracies (every language weighs the same)."""
+        acc = list(self.accuracy().values())
+        return sum(acc) / len(acc) if acc else float("nan")
+
+    def to_dict(self) -> dict:
+        return {"format": EVAL_FORMAT, "version": EVAL_VERSION, "meta": self.meta,
+                "languages": {lang: {"correct": [int(v) for v in c.tolist()],
+                                     "predictions": list(self.predictions[lang])}
+                              for lang, c in self.correct.items()}}
+
+    def save(self, path) -> None:
+        """Write the outcomes as JSON, atomically (temp file, fsync, rename)."""
+        write_text_atomic(path, json.dumps(self.to_dict()) + "\n")
+
+    @classmethod
+    def load(cls, path) -> "EvalResult":
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"EvalResult.load: {path} is not JSON ({exc})") from None
+        if not isinstance(data, dict) or data.get("format") != EVAL_FORMAT:
+            raise ValueError(f"EvalResult.load: {path} is not a moe_route evaluation result "
+                             f"(expected format {EVAL_FORMAT!r})")
+        if data.get("version") != EVAL_VERSION:
+            raise ValueError(f"EvalResult.load: {path} has version {data.get('version')!r}; "
+                             f"this moe_route reads version {EVAL_VERSION}")
+        correct, predictions = {}, {}
+        for lang, entry in data["languages"].items():
+            if len(entry["correct"]) != len(entry["predictions"]):
+                raise ValueError(f"EvalResult.load: {path}, language {lang!r}: "
+                                 f"{len(entry['correct'])} outcomes but "
+                                 f"{len(entry['predictions'])} predictions")
+            correct[lang] = torch.tensor(entry["correct"], dtype=torch.bool)
+            predictions[lang] = list(entry["predictions"])
+        return cls(correct, predictions, dict(data.get("meta", {})))
+
+
+class PairedComparison(NamedTuple):
+    """Two runs over the same questions. ``delta`` = steered - baseline accuracy, with a 95%
+    Wald interval for a paired difference (``ci_low``, ``ci_high``; rough when ``gained + lost``
+    is small: read ``p_value`` then); ``p_value``: exact two-sided McNemar test."""
+
+    n: int
+    baseline: float
+    steered: float
+    delta: float
+    ci_low: float
+    ci_high: float
+    gained: int
+    lost: int
+    p_value: float
+
+
+def mcnemar_exact(gained: int, lost: int) -> float:
+    """Two-sided exact McNemar p-value: the chance that a fair coin splits the ``gained + lost``
+    changed questions at least as unevenly, ``min(1, 2 P[Bin(n, 1/2) <= min(gained, lost)])``.
+    Computed with integers, exact at any size."""
+    for name, value in (("gained", gained), ("lost", lost)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"mcnemar_exact: {name}={value!r} must be an int >= 0")
+    n = gained + lost
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(gained, lost) + 1))
+    return min(1.0, 2 * tail / 2 ** n)
+
+
+def paired_comparison(baseline: EvalResult, steered: EvalResult) -> dict:
+    """``{language: PairedComparison}`` plus ``"all"`` (every question pooled), for two results
+    over the same questions in the same order (e.g. without and with a steering plan)."""
+    for name, r in (("baseline", baseline), ("steered", steered)):
+        if not isinstance(r, EvalResult):
+            raise TypeError(f"paired_comparison: {name} must be an EvalResult, got "
+                            f"{type(r).__name__}")
+    if list(baseline.correct) != list(steered.correct):
+        raise ValueError(f"paired_comparison: the results cover different languages: "
+                         f"{list(baseline.correct)} vs {list(steered.correct)}")
+    out = {}
+    for lang, a in baseline.correct.items():
+        b = steered.correct[lang]
+        if a.shape != b.shape:
+            raise ValueError(f"paired_comparison: language {lang!r} has {a.numel()} baseline "
+                             f"and {b.numel()} steered outcomes; both runs must answer the same "
+                             f"questions")
+        out[lang] = _paired(a.bool(), b.bool())
+    if len(out) > 1:
+        out["all"] = _paired(torch.cat([c.bool() for c in baseline.correct.values()]),
+                             torch.cat([c.bool() for c in steered.correct.values()]))
+    return out
+
+
+
+def format_paired(paired: Mapping[str, Union[PairedComparison, Mapping]]) -> list:
+    """One line per language of ``paired_comparison`` (or its ``_asdict()`` form, as in
+    ``ab_test``'s ``"paired"``)."""
+    rows = {lang: c if isinstance(c, Mapping) else c._asdict() for lang, c in paired.items()}
+    width = max([len(lang) for lang in rows] + [4])
+    return [f"{lang:<{width}}  n {c['n']:>5}  {c['baseline']:.3f} -> {c['steered']:.3f}  "
+            f"delta {c['delta']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]  "
+            f"+{c['gained']}/-{c['lost']}  p {c['p_value']:.2g}" for lang, c in rows.items()]
+
+
+def _paired(a: torch.Tensor, b: torch.Tensor) -> PairedComparison:
+    n = a.numel()
+    gained = int((~a & b).sum())
+    lost = int((a & ~b).sum())
+    if n == 0:
+        nan = float("nan")
+        return PairedComparison(0, nan, nan, nan, nan, nan, 0, 0, 1.0)
+    delta = (gained - lost) / n
+    half = 1.959963984540054 * math.sqrt(max((gained + lost) / n - delta * delta, 0.0) / n)
+    return PairedComparison(n, float(a.double().mean()), float(b.double().mean()), delta,
+                            delta - half, delta + half, gained, lost, mcnemar_exact(gained, lost))
+
+
+# -- multiple choice ---------------------------------------------------------------------------
+
+_NORMALIZE = ("none", "tokens", "bytes")
+
+
+@torch.no_grad()
+def choice_accuracy(model, items: Mapping[str, Sequence[ChoiceItem]], *, tokenizer=None,
+                    normalize: str = "none", batch_size: int = 8, chat_template: bool = False,
+                    progress: bool = False) -> EvalResult:
+    """Multiple-choice accuracy by language: the predicted option is the one whose tokens are
+    most likely after the prompt (log-likelihood summed over its tokens; ``normalize="tokens"``
+    divides by its token count, ``"bytes"`` by its UTF-8 length, lm-eval's ``acc_norm``).
+
+    ``items``: ``{language: [ChoiceItem]}``. Text prompts need a ``tokenizer``; the option's
+    tokens are those of ``prompt + option`` beyond the prompt's own (so a BPE merge across the
+    boundary is tokenised as the model would see it). ``chat_template`` wraps the prompt as a
+    user turn with the generation prompt. Runs under whatever ``steer``/``record`` is active.
+    """
+    _check_items("choice_accuracy", items, ChoiceItem)
+    if normalize not in _NORMALIZE:
+        raise ValueError(f"choice_accuracy: normalize={normalize!r} must be one of {_NORMALIZE}")
+    _check_batch_size("choice_accuracy", batch_size)
+    rows, plans = [], []          # rows: token lists; plans: per question, how to read its scores
+    for lang, questions in items.items():
+        for q, item in enumerate(questions):
+            where = f"language {lang!r}, item {q}"
+            prompt, options = _encode_choice(item, tokenizer, chat_template, where)
+            if normalize == "bytes" and not all(isinstance(o, str) for o in item.options):
+                raise ValueError(f"choice_accuracy: normalize='bytes' needs text options "
+                                 f"({where} has token ids)")
+            scale = [1.0 / (len(o) if normalize == "tokens" else
+                            len(t.encode("utf-8")) if normalize == "bytes" else 1)
+                     for o, t in zip(options, item.options)]
+            if all(len(o) == 1 for o in options):       # one forward, read at the last position
+                reads = [(len(rows), o[0]) for o in options]
+                rows.append(prompt)
+            else:
+                reads = [(len(rows) + j, None) for j in range(len(options))]
+                rows.extend(prompt + o for o in options)
+            plans.append((lang, reads, scale, item.answer, [len(o) for o in options]))
+    keep = max([n for plan in plans for n in plan[4]], default=1) + 1
+    logprobs = _score_rows(model, rows, keep, batch_size, _pad_id(tokenizer), progress)
+    correct = {lang: [] for lang in items}
+    predictions = {lang: [] for lang in items}
+    for lang, reads, scale, answer, lengths in plans:
+        scores = []
+        for (row, token), n, s in zip(reads, lengths, scale):
+            lp = logprobs[row]
+            if token is not None:
+                scores.append(float(lp[-1, token]) * s)
+            else:
+                targets = torch.tensor(rows[row][-n:])
+                scores.append(float(lp[-n - 1:-1].gather(1, targets[:, None]).sum()) * s)
+        best = max(range(len(scores)), key=lambda j: (scores[j], -j))
+        predictions[lang].append(best)
+        correct[lang].append(best == answer)
+    return EvalResult({lang: torch.tensor(c, dtype=torch.bool) for lang, c in correct.items()},
+                      predictions, {"kind": "choice", "normalize": normalize})
+
+
+def _encode_choice(item: ChoiceItem, tokenizer, chat_template: bool, where: str):
+    if not isinstance(item.answer, int) or isinstance(item.answer, bool) or not (
+            0 <= item.answer < len(item.options)):
+        raise ValueError(f"choice_accuracy: {where}: answer={item.answer!r} must be an option "
+                         f"index in [0, {len(item.options)})")
+    if len(item.options) < 2:
+        raise ValueError(f"choice_accuracy: {where}: needs >= 2 options, got {len(item.options)}")
+    if isinstance(item.prompt, str):
+        if tokenizer is None:
+            raise ValueError(f"choice_accuracy: {where} is text; pass tokenizer=")
+        text = _wrap(tokenizer, item.prompt, chat_template)
+        special = not chat_template
+        prompt = tokenizer(text, add_special_tokens=special)["input_ids"]
+        options = []
+        for option in item.options:
+            if not isinstance(option, str):
+                raise TypeError(f"choice_accuracy: {where}: a text prompt needs text options, "
+                                f"got {type(option).__name__}")
+            whole = tokenizer(text + option, add_special_tokens=special)["input_ids"]
+            tail = (whole[len(prompt):] if whole[:len(prompt)] == prompt
+                    else tokenizer(option, add_special_tokens=False)["input_ids"])
+            options.append(list(tail))
+    else:
+        prompt = _ids(item.prompt, where, "prompt")
+        options = [_ids(o, where, "option") for o in item.options]
+    if not prompt:
+        raise ValueError(f"choice_accuracy: {where}: the prompt has no tokens")
+    empty = [j for j, o in enumerate(options) if not o]
+    if empty:
+        raise ValueError(f"choice_accuracy: {where}: options {empty} have no tokens")
+    return prompt, options
+
+
+def _ids(value, where: str, what: str) -> list:
+    if isinstance(value, str):
+        raise TypeError(f"choice_accuracy: {where}: token-id prompts need token-id options, "
+                        f"got text for the {what}")
+    ids = torch.as_tensor(value)
+    if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"choice_accuracy: {where}: the {what} must be a 1-D sequence of token "
+                         f"ids, got {ids.dtype} of shape {tuple(ids.shape)}")
+    return [int(t) for t in ids]
+
+
+def _score_rows(model, rows: list, keep: int, batch_size: int, pad_id: int,
+                progress: bool) -> list:
+    """Log-softmax (fp32, on the CPU) of the last ``keep`` positions of every row."""
+    device = next(model.parameters()).device
+    accepts = inspect.signature(model.forward).parameters
+    order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))   # similar lengths per batch
+    out = [None] * len(rows)
+    bar = progress_bar(len(order), progress, "score")
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        width = max(len(rows[r]) for r in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for b, r in enumerate(batch):
+            ids[b, width - len(rows[r]):] = torch.tensor(rows[r])
+            mask[b, width - len(rows[r]):] = 1
+        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        if "position_ids" in accepts:
+            inputs["position_ids"] = (mask.cumsum(1) - 1).clamp_(min=0).to(device)
+        if "logits_to_keep" in accepts:
+            inputs["logits_to_keep"] = keep
+        logits = model(**inputs).logits[:, -keep:]
+        lp = torch.log_softmax(logits.float(), dim=-1).cpu()
+        for b, r in enumerate(batch):
+            out[r] = lp[b, -min(keep, len(rows[r])):]
+        bar(len(batch))
+    bar(None)
+    return out
+
+
+# -- generation --------------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"[-\u2212]?\d[\d,]*(?:\.\d+)?")
+
+
+def last_number(text: str) -> Optional[str]:
+    """The last number in ``text``, normalised: ASCII digits (any script's decimal digits are
+    read), no thousands commas, no trailing fractional zeros (``"1,234.50"`` -> ``"1234.5"``,
+    ``"৪২"`` -> ``"42"``); ``None`` when there is none."""
+    if not isinstance(text, str):
+        raise TypeError(f"last_number: text must be a str, got {type(text).__name__}")
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    return _normalise_number(found[-1])
+
+
+def _normalise_number(token: str) -> str:
+    token = "".join(str(unicodedata.decimal(ch)) if ch.isdecimal() else ch for ch in token)
+    sign = "-" if token[0] in "-\u2212" else ""
+    whole, _, frac = token.lstrip("-\u2212").replace(",", "").partition(".")
+    value = (whole.lstrip("0") or "0") + ("." + frac.rstrip("0") if frac.rstrip("0") else "")
+    return value if value == "0" else sign + value
+
+
+@torch.no_grad()
+def generation_accuracy(model, items: Mapping[str, Sequence[GenerationItem]], *, tokenizer,
+                        max_new_tokens: int = 256, batch_size: int = 8,
+                        chat_template: bool = False, stop: Sequence[str] = ("\n\n", "Question:"),
+                        extract: Callable[[str], Optional[str]] = last_number,
+                        progress: bool = False) -> EvalResult:
+    """Generative accuracy by language (MGSM): greedy decoding of at most ``max_new_tokens``,
+    the text cut at the first of ``stop``, ``extract(text)`` compared with ``extract(answer)``
+    (for the default, the last number of each). ``predictions`` hold the extracted answers."""
+    _check_items("generation_accuracy", items, GenerationItem)
+    _check_batch_size("generation_accuracy", batch_size)
+    if tokenizer is None:
+        raise ValueError("generation_accuracy: pass tokenizer= (the prompts are text)")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"generation_accuracy: max_new_tokens={max_new_tokens!r} must be an "
+                         f"int >= 1")
+    device = next(model.parameters()).device
+    pad = _pad_id(tokenizer)
+    work = [(lang, item) for lang, questions in items.items() for item in questions]
+    correct = {lang: [] for lang in items}
+    predictions = {lang: [] for lang in items}
+    bar = progress_bar(len(work), progress, "generate")
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"                      # new tokens start at one column
+    try:
+        for start in range(0, len(work), batch_size):
+            batch = work[start:start + batch_size]
+            texts = [_wrap(tokenizer, item.prompt, chat_template) for _, item in batch]
+            enc = tokenizer(texts, return_tensors="pt", padding=True,
+                            add_special_tokens=not chat_template)
+            out = model.generate(**{k: v.to(device) for k, v in enc.items()},
+                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+            new = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:],
+                                         skip_special_tokens=True)
+            for (lang, item), text in zip(batch, new):
+                for s in stop:
+                    text = text.split(s, 1)[0] if s else text
+                got = extract(text)
+                predictions[lang].append(got)
+                correct[lang].append(got is not None and got == extract(str(item.answer)))
+            bar(len(batch))
+    finally:
+        tokenizer.padding_side = side
+        bar(None)
+    return EvalResult({lang: torch.tensor(c, dtype=torch.bool) for lang, c in correct.items()},
+                      predictions, {"kind": "generation", "max_new_tokens": max_new_tokens})
+
+
+# -- data --------------------------------------------------------------------------------------
+
+_LETTERS = "ABCDEFGHIJ"
+
+
+def load_choice_task(source, languages: Optional[Sequence[str]] = None, *,
+                     limit: Optional[int] = None) -> dict:
+    """``{language: [ChoiceItem]}`` from a local JSONL file or Belebele.
+
+    * ``*.jsonl``: one question per line, ``{"language": ..., "prompt": ..., "options": [...],
+      "answer": index}``; the options are scored as written (give them their leading space);
+    * ``"belebele"`` / ``"facebook/belebele"`` (needs ``datasets`` and the Hub): the passage,
+      question and four answers as ``P: ... Q: ... A: ... B: ... C: ... D: ... Answer:``, scored
+      on the letters ``" A"``..``" D"`` (one token each in most tokenizers: one forward per
+      question).
+    """
+    if source in ("belebele", "facebook/belebele"):
+        if not languages:
+            raise ValueError(f"load_choice_task: source={source!r} needs languages=[...]")
+        datasets = _datasets("load_choice_task", source)
+        out = {}
+        for lang in languages:
+            rows = datasets.load_dataset("facebook/belebele", split=lang)
+            out[lang] = [_belebele_item(r) for r in rows.select(range(min(limit or len(rows),
+                                                                              len(rows))))]
+        return out
+    rows = _jsonl("load_choice_task", source)
+    out = {}
+    for n, row in rows:
+        try:
+            item = ChoiceItem(str(row["prompt"]), [str(o) for o in row["options"]],
+                              int(row["answer"]))
+            lang = str(row["language"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"load_choice_task: {source} line {n}: expected language, prompt, "
+                             f"options and answer ({exc!r})") from None
+        if not 0 <= item.answer < len(item.options):
+            raise ValueError(f"load_choice_task: {source} line {n}: answer={item.answer} is not "
+                             f"an index of its {len(item.options)} options")
+        out.setdefault(lang, []).append(item)
+    return _select("load_choice_task", out, languages, limit)
+
+
+def _belebele_item(row) -> ChoiceItem:
+    answers = [row[f"mc_answer{i}"] for i in range(1, 5)]
+    prompt = (f"P: {row['flores_passage']}\nQ: {row['question']}\n"
+              + "".join(f"{_LETTERS[i]}: {a}\n" for i, a in enumerate(answers)) + "Answer:")
+    return ChoiceItem(prompt, [f" {_LETTERS[i]}" for i in range(4)],
+                      int(row["correct_answer_num"]) - 1)
+
+
+def load_generation_task(source, languages: Optional[Sequence[str]] = None, *,
+                         limit: Optional[int] = None) -> dict:
+    """``{language: [GenerationItem]}`` from a local JSONL file or MGSM.
+
+    * ``*.jsonl``: ``{"language": ..., "prompt": ..., "answer": ...}`` per line;
+    * ``"mgsm"`` / ``"juletxara/mgsm"`` (needs ``datasets`` and the Hub): the test split of each
+      language config (``en``, ``sw``, ``bn``, ...), prompted ``Question: ...\\nAnswer:``,
+      answered by ``answer_number``.
+    """
+    if source in ("mgsm", "juletxara/mgsm"):
+        if not languages:
+            raise ValueError(f"load_generation_task: source={source!r} needs languages=[...]")
+        datasets = _datasets("load_generation_task", source)
+        out = {}
+        for lang in languages:
+            rows = datasets.load_dataset("juletxara/mgsm", lang, split="test")
+            out[lang] = [GenerationItem(f"Question: {r['question']}\nAnswer:",
+                                        str(r["answer_number"])) for r in rows][:limit]
+        return out
+    out = {}
+    for n, row in _jsonl("load_generation_task", source):
+        try:
+            out.setdefault(str(row["language"]), []).append(
+                GenerationItem(str(row["prompt"]), str(row["answer"])))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"load_generation_task: {source} line {n}: expected language, "
+                             f"prompt and answer ({exc!r})") from None
+    return _select("load_generation_task", out, languages, limit)
+
+
+def _jsonl(caller: str, source):
+    if not isinstance(source, (str, os.PathLike)) or not os.fspath(source).endswith(".jsonl"):
+        raise ValueError(f"{caller}: source={source!r} must be a .jsonl file or a known dataset "
+                         f"name")
+    if not os.path.exists(source):
+        raise ValueError(f"{caller}: {source} does not exist")
+    rows = []
+    with open(source, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append((n, json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{caller}: {source} line {n} is not JSON ({exc})") from None
+    return rows
+
+
+def _select(caller: str, out: dict, languages, limit) -> dict:
+    if not out:
+        raise ValueError(f"{caller}: the file holds no questions")
+    languages = list(languages) if languages else list(out)
+    missing = [lang for lang in languages if lang not in out]
+    if missing:
+        raise ValueError(f"{caller}: languages {missing} are not in the data; it has "
+                         f"{sorted(out)}")
+    return {lang: out[lang][:limit] for lang in languages}
+
+
+def _datasets(caller: str, source: str):
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"{caller}: source={source!r} needs the `datasets` package "
+                          f"(pip install datasets)") from None
+    return datasets
+
+
+# -- shared ------------------------------------------------------------------------------------
+
+def _check_items(caller: str, items, kind) -> None:
+    if not isinstance(items, Mapping) or not items:
+        raise ValueError(f"{caller}: items must be a non-empty {{language: [{kind.__name__}]}} "
+                         f"mapping, got {type(items).__name__}")
+    for lang, questions in items.items():
+        bad = next((q for q in questions if not isinstance(q, kind)), None)
+        if bad is not None:
+            raise TypeError(f"{caller}: items[{lang!r}] must hold {kind.__name__}s, got "
+                            f"{type(bad).__name__}")
+
+
+def _check_batch_size(caller: str, batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"{caller}: batch_size={batch_size!r} must be an int >= 1")
+
+
+def _wrap(tokenizer, prompt: str, chat_template: bool) -> str:
+    if not chat_template:
+        return prompt
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def _pad_id(tokenizer) -> int:
+    if tokenizer is None:
+        return 0
+    for pad in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if pad is not None:
+            return int(pad)
+    return 0
