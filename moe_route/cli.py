@@ -157,10 +157,7 @@ def _analyze(args) -> int:
                             chat_template=args.chat_template, progress=True)
     stats.meta.update(model=args.model, data=str(args.data))
     stats.save(f"{args.out}/stats")
-    accuracy = None
-    if args.accuracy:
-        with open(args.accuracy, encoding="utf-8") as f:
-            accuracy = json.load(f)
+    accuracy = _accuracy(args.accuracy) if args.accuracy else None
     middle = None
     if args.middle:
         wanted = set(_layer_range(args.middle))
@@ -169,6 +166,17 @@ def _analyze(args) -> int:
                  title=f"moe_route routing report: {args.model}")
     print(f"report: {args.out}/summary.txt")
     return 0
+
+
+def _accuracy(path) -> dict:
+    """``{language: accuracy}``: a JSON mapping, or a result of ``moe-route evaluate``."""
+    from moe_route.analysis.evaluation import EVAL_FORMAT, EvalResult
+
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if isinstance(data, dict) and data.get("format") == EVAL_FORMAT:
+        return EvalResult.load(path).accuracy()
+    return data
 
 
 def _experts(args) -> int:
@@ -210,15 +218,14 @@ def _evaluate(args) -> int:
     options = dict(tokenizer=tok, batch_size=args.batch_size, chat_template=args.chat_template,
                    progress=True)
     if kind == "choice":
-        run = lambda: evaluation.choice_accuracy(model, items, normalize=args.normalize,  # noqa: E731
-                                                 **options)
+        options["normalize"] = args.normalize
     else:
-        run = lambda: evaluation.generation_accuracy(model, items,  # noqa: E731
-                                                     max_new_tokens=args.max_new_tokens, **options)
+        options["max_new_tokens"] = args.max_new_tokens
+    run = evaluation.choice_accuracy if kind == "choice" else evaluation.generation_accuracy
     results = []
 
     def evaluate():
-        result = run()
+        result = run(model, items, **options)
         result.meta.update(model=args.model, task=str(args.task),
                            plan=str(args.plan) if results and args.plan else None)
         results.append(result)
@@ -352,7 +359,8 @@ def main(argv=None) -> int:
     p.add_argument("--reference", required=True, help="reference language, e.g. eng_Latn")
     p.add_argument("--limit", type=int, help="first N sentences per language")
     p.add_argument("--middle", help="middle layers for the accuracy correlation, e.g. 8-20")
-    p.add_argument("--accuracy", help="JSON {language: accuracy} to correlate with divergence")
+    p.add_argument("--accuracy", help="per-language accuracy to correlate with divergence: JSON "
+                                       "{language: accuracy}, or baseline.json of moe-route evaluate")
     p.add_argument("--out", required=True, help="report directory")
     p.set_defaults(func=_analyze)
     p = sub.add_parser("experts", help="task experts (task vs baseline data) -> a steering plan")

@@ -8,6 +8,7 @@ import torch
 
 import moe_route
 from moe_route.analysis import pipeline
+from moe_route.analysis.evaluation import EvalResult
 
 transformers = pytest.importorskip("transformers")
 from tiny_models import build  # noqa: E402
@@ -87,6 +88,7 @@ def test_cli_demo_recovers_the_planted_answer(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     for check in ("u_shape (< 1/3): True", "task_experts_exact: True", "steering_helps: True",
+                  "steering_gain_significant (p < 0.01): True",
                   "steering_moves_steered_layers: True", "steering_leaves_earlier_layers: True"):
         assert check in out.stdout
     for name in ("summary.txt", "summary.json", "divergence.csv", "divergence.json",
@@ -99,6 +101,10 @@ def test_cli_demo_recovers_the_planted_answer(tmp_path):
     assert set(div) == {"lang1", "lang2", "lang3", "lang4"}
     summary = json.loads((report / "summary.json").read_text())
     assert summary["middle_mean"] < summary["edge_mean"] / 3
+    # the A/B is paired per question: the reference language is already right everywhere
+    paired = summary["ab"]["paired"]
+    assert paired["eng"]["gained"] == paired["eng"]["lost"] == 0 and paired["all"]["lost"] == 0
+    assert "McNemar" in (report / "summary.txt").read_text()
     # soft steering of the middle layers moves weight there and leaves the first layers alone
     moved = {int(i): r["weight_shift"] for i, r in summary["agreement"].items()}
     assert moved[0] == moved[1] == 0.0 and min(moved[i] for i in (2, 3, 4, 5)) > 0
@@ -111,18 +117,32 @@ def test_cli_analyze_and_experts_on_a_saved_model(tmp_path):
     build("olmoe").save_pretrained(model_dir)
     _word_tokenizer().save_pretrained(model_dir)
     data = tmp_path / "parallel.tsv"
-    rows = ["eng\tdeu\tfra", "hello world\tworld hello\tcat sat", "cat sat\tsat cat\thello world",
-            "hello cat\tcat hello\tsat world"]
+    rows = ["eng\tdeu\tfra\tita", "hello world\tworld hello\tcat sat\tsat sat",
+            "cat sat\tsat cat\thello world\tcat cat", "hello cat\tcat hello\tsat world\tworld"]
     data.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    # per-language accuracy as `moe-route evaluate` writes it
+    accuracy = EvalResult({"deu": torch.tensor([True, False]), "fra": torch.tensor([True, True]),
+                           "ita": torch.tensor([False, False])}, {"deu": [0, 1], "fra": [0, 0],
+                                                                  "ita": [1, 1]})
+    accuracy.save(tmp_path / "baseline.json")
     run = lambda *args: subprocess.run([sys.executable, "-m", "moe_route.cli", *args],  # noqa: E731
                                        capture_output=True, text=True, timeout=300)
     out = run("analyze", str(model_dir), "--data", str(data), "--reference", "eng", "--dtype",
-              "fp32", "--out", str(tmp_path / "report"))
+              "fp32", "--accuracy", str(tmp_path / "baseline.json"), "--out",
+              str(tmp_path / "report"))
     assert out.returncode == 0, out.stdout + out.stderr
     stats = moe_route.RoutingStats.load(tmp_path / "report" / "stats")
-    assert len(stats.group_names) == 9 and stats.group_names[0] == "eng/0"
+    assert len(stats.group_names) == 12 and stats.group_names[0] == "eng/0"
     div = json.loads((tmp_path / "report" / "divergence.json").read_text())["divergence"]
-    assert set(div) == {"deu", "fra"} and len(div["deu"]) == 2
+    assert set(div) == {"deu", "fra", "ita"} and len(div["deu"]) == 2
+    corr = json.loads((tmp_path / "report" / "correlation.json").read_text())
+    # two layers: both are "middle" (the middle third rounds to all); Pearson by hand
+    x = [sum(div[lang]) / 2 for lang in ("deu", "fra", "ita")]
+    y = [0.5, 1.0, 0.0]
+    mx, my = sum(x) / 3, sum(y) / 3
+    r = (sum((a - mx) * (b - my) for a, b in zip(x, y))
+         / (sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y)) ** 0.5)
+    assert corr["pearson"] == pytest.approx(r, abs=1e-5)
     task, base = tmp_path / "task.txt", tmp_path / "base.txt"
     task.write_text("cat cat cat\ncat sat cat\n", encoding="utf-8")
     base.write_text("hello world\nworld hello\n", encoding="utf-8")

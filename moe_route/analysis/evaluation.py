@@ -296,6 +296,8 @@ def _ids(value, where: str, what: str) -> list:
     if isinstance(value, str):
         raise TypeError(f"choice_accuracy: {where}: token-id prompts need token-id options, "
                         f"got text for the {what}")
+    if not isinstance(value, torch.Tensor) and len(value) == 0:
+        return []
     ids = torch.as_tensor(value)
     if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
         raise ValueError(f"choice_accuracy: {where}: the {what} must be a 1-D sequence of token "
@@ -320,7 +322,7 @@ def _score_rows(model, rows: list, keep: int, batch_size: int, pad_id: int,
             ids[b, width - len(rows[r]):] = torch.tensor(rows[r])
             mask[b, width - len(rows[r]):] = 1
         inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-        if "position_ids" in accepts:
+        if "position_ids" in accepts:   # rotary models ignore a common shift; absolute ones do not
             inputs["position_ids"] = (mask.cumsum(1) - 1).clamp_(min=0).to(device)
         if "logits_to_keep" in accepts:
             inputs["logits_to_keep"] = keep

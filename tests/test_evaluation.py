@@ -1,0 +1,402 @@
+"""Task evaluation: multiple-choice and generative accuracy against unbatched reference loops,
+the paired comparison and McNemar test against known answers, result files, loaders, the CLI."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import moe_route
+from moe_route import _atomic
+from moe_route.analysis import evaluation as ev
+from moe_route.analysis import pipeline
+
+transformers = pytest.importorskip("transformers")
+from tiny_models import build  # noqa: E402
+
+
+# -- statistics --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gained,lost,p", [(10, 0, 2 / 1024), (0, 10, 2 / 1024),
+                                           (8, 2, 112 / 1024), (5, 5, 1.0), (0, 0, 1.0),
+                                           (1, 0, 1.0), (6, 0, 2 / 64)])
+def test_mcnemar_exact_known_answers(gained, lost, p):
+    assert ev.mcnemar_exact(gained, lost) == pytest.approx(p, rel=1e-12)
+
+
+def test_mcnemar_exact_matches_a_binomial_enumeration():
+    """Two-sided: the probability of every split at most as likely as the observed one, which
+    for the symmetric Bin(n, 1/2) is twice the smaller tail (capped at 1)."""
+    for n in range(1, 30):
+        pmf = [math.comb(n, i) / 2 ** n for i in range(n + 1)]
+        for gained in range(n + 1):
+            observed = pmf[gained]
+            p = sum(q for q in pmf if q <= observed * (1 + 1e-12))
+            assert ev.mcnemar_exact(gained, n - gained) == pytest.approx(min(1.0, p), rel=1e-9)
+    # large counts stay exact (integer arithmetic): a 3000/2900 split
+    assert 0.19 < ev.mcnemar_exact(3000, 2900) < 0.21
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "3"])
+def test_mcnemar_exact_rejects_non_counts(bad):
+    with pytest.raises(ValueError, match="gained=.* must be an int >= 0"):
+        ev.mcnemar_exact(bad, 3)
+
+
+def _result(**correct):
+    return ev.EvalResult({k: torch.tensor(v, dtype=torch.bool) for k, v in correct.items()},
+                         {k: [int(x) for x in v] for k, v in correct.items()})
+
+
+def test_paired_comparison_known_answer():
+    base = _result(eng=[1, 1, 0, 0, 1], swh=[0, 0, 0, 0])
+    steered = _result(eng=[1, 0, 1, 1, 1], swh=[1, 1, 1, 0])
+    out = ev.paired_comparison(base, steered)
+    assert list(out) == ["eng", "swh", "all"]
+    eng = out["eng"]
+    assert (eng.n, eng.gained, eng.lost) == (5, 2, 1)
+    assert (eng.baseline, eng.steered, eng.delta) == pytest.approx((0.6, 0.8, 0.2))
+    half = 1.959963984540054 * math.sqrt((3 / 5 - 0.2 ** 2) / 5)
+    assert (eng.ci_low, eng.ci_high) == pytest.approx((0.2 - half, 0.2 + half))
+    assert eng.p_value == 1.0
+    swh = out["swh"]
+    assert (swh.gained, swh.lost, swh.p_value) == (3, 0, 0.25)
+    pooled = out["all"]
+    assert (pooled.n, pooled.gained, pooled.lost) == (9, 5, 1)
+    assert pooled.p_value == pytest.approx(2 * 7 / 64)
+    assert pooled.baseline == pytest.approx(3 / 9)
+
+
+def test_paired_comparison_refuses_unpaired_results():
+    with pytest.raises(ValueError, match="different languages"):
+        ev.paired_comparison(_result(eng=[1]), _result(fra=[1]))
+    with pytest.raises(ValueError, match="same questions"):
+        ev.paired_comparison(_result(eng=[1, 0]), _result(eng=[1]))
+    with pytest.raises(TypeError, match="steered must be an EvalResult"):
+        ev.paired_comparison(_result(eng=[1]), {"eng": 1.0})
+
+
+@pytest.mark.parametrize("text,number", [
+    ("so the answer is 42.", "42"), ("1,234.50 dollars", "1234.5"), ("-7 then 3", "3"),
+    ("it is -7", "-7"), ("\u22125", "-5"), ("\u09ea\u09e8", "42"), ("\u0e51\u0e52", "12"),
+    ("007", "7"), ("0.000", "0"), ("-0", "0"), ("3.140 m", "3.14"), ("no digits", None), ("", None)])
+def test_last_number(text, number):
+    assert ev.last_number(text) == number
+
+
+# -- result files ------------------------------------------------------------------------------
+
+def test_eval_result_round_trip_and_errors(tmp_path):
+    result = ev.EvalResult({"eng": torch.tensor([True, False]), "fra": torch.tensor([True])},
+                           {"eng": [0, 2], "fra": ["42"]}, {"kind": "choice"})
+    path = tmp_path / "sub" / "r.json"
+    result.save(path)
+    back = ev.EvalResult.load(path)
+    assert back.accuracy() == {"eng": 0.5, "fra": 1.0}
+    assert back.predictions == result.predictions and back.meta == {"kind": "choice"}
+    assert [p.name for p in path.parent.iterdir()] == ["r.json"]      # no temporary left
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "other"}')
+    with pytest.raises(ValueError, match="not a moe_route evaluation result"):
+        ev.EvalResult.load(bad)
+    data = result.to_dict()
+    data["version"] = 99
+    bad.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="version 99"):
+        ev.EvalResult.load(bad)
+    data = result.to_dict()
+    data["languages"]["eng"]["predictions"].append(1)
+    bad.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="2 outcomes but 3 predictions"):
+        ev.EvalResult.load(bad)
+    bad.write_text("{")
+    with pytest.raises(ValueError, match="is not JSON"):
+        ev.EvalResult.load(bad)
+
+
+def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text("old")
+
+    def fail(tmp):
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        _atomic.write_atomic(path, fail)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+    _atomic.write_text_atomic(path, "new")
+    assert path.read_text() == "new"
+
+
+# -- multiple choice ---------------------------------------------------------------------------
+
+def _reference_choice(model, items, normalize="none"):
+    """One unpadded forward per (question, option): summed log-probabilities of its tokens."""
+    predictions = {}
+    with torch.no_grad():
+        for lang, questions in items.items():
+            predictions[lang] = []
+            for item in questions:
+                scores = []
+                prompt = torch.as_tensor(item.prompt).tolist()
+                for option in item.options:
+                    option = torch.as_tensor(option).tolist()
+                    ids = torch.tensor([prompt + option])
+                    lp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+                    s = sum(float(lp[len(prompt) - 1 + i, t]) for i, t in enumerate(option))
+                    scores.append(s / len(option) if normalize == "tokens" else s)
+                predictions[lang].append(max(range(len(scores)), key=lambda j: (scores[j], -j)))
+    return predictions
+
+
+def _attentive(model):
+    """The tiny model with attention weights large enough that what a token attends to (the
+    padding, if the mask were wrong) changes which option wins."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "self_attn" in name and name.endswith("proj.weight"):
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    return model
+
+
+def _random_items(seed, n, vocab=96):
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for q in range(n):
+        prompt = torch.randint(0, vocab, (int(torch.randint(1, 12, (1,), generator=g)),),
+                               generator=g)
+        if q % 3 == 0:     # single-token options: the one-forward path
+            options = [[int(t)] for t in torch.randperm(vocab, generator=g)[:4]]
+        else:              # options of 1..3 tokens: one row per option
+            options = [torch.randint(0, vocab, (int(torch.randint(1, 4, (1,), generator=g)),),
+                                     generator=g).tolist() for _ in range(3)]
+        items.append(ev.ChoiceItem(prompt, options, q % len(options)))
+    return items
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("normalize", ["none", "tokens"])
+def test_choice_accuracy_matches_unbatched_scoring(family, normalize):
+    """Left-padded batches of mixed lengths (position ids from the mask, only the last logits
+    kept) pick the same option as one unpadded forward per option."""
+    model = _attentive(build(family))
+    items = {"eng": _random_items(0, 24), "fra": _random_items(1, 16)}
+    got = ev.choice_accuracy(model, items, normalize=normalize, batch_size=5)
+    want = _reference_choice(model, items, normalize)
+    assert got.predictions == want
+    for lang in items:
+        answers = torch.tensor([item.answer for item in items[lang]])
+        assert got.correct[lang].tolist() == (torch.tensor(want[lang]) == answers).tolist()
+    assert got.meta["normalize"] == normalize
+
+
+def _word_tokenizer(words):
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)},
+                                                           unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.decoder = tokenizers.decoders.WordPiece(prefix="##")    # joins words with spaces
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
+                                                bos_token="<s>", unk_token="<unk>")
+    fast.chat_template = ("{% for m in messages %}<s> user : {{ m['content'] }} {% endfor %}"
+                          "{% if add_generation_prompt %}assistant : {% endif %}")
+    return fast
+
+
+WORDS = (["<pad>", "<s>", "<unk>", "user", ":", "assistant"] + [str(d) for d in range(10)]
+         + [f"w{i}" for i in range(16, 96)])
+
+
+def test_choice_accuracy_on_text_matches_the_token_ids():
+    """Text prompts and options give the option tokens that follow the prompt; the chat
+    template wraps the prompt; both score as the same questions given as token ids."""
+    model, tok = _attentive(build("olmoe")), _word_tokenizer(WORDS)
+    text = {"eng": [ev.ChoiceItem("w20 w21 w22", [" w30", " w31 w32", " 7"], 1),
+                    ev.ChoiceItem("w40", [" w41", " w42"], 0)]}
+    ids = {"eng": [ev.ChoiceItem(tok(i.prompt)["input_ids"],
+                                 [tok(o, add_special_tokens=False)["input_ids"] for o in i.options],
+                                 i.answer) for i in text["eng"]]}
+    assert ev.choice_accuracy(model, text, tokenizer=tok).predictions == \
+        _reference_choice(model, ids)
+    chat = ev.choice_accuracy(model, text, tokenizer=tok, chat_template=True)
+    wrapped = {"eng": [ev.ChoiceItem(tok("<s> user : " + i.prompt + " assistant :")["input_ids"],
+                                     j.options, i.answer)
+                       for i, j in zip(text["eng"], ids["eng"])]}
+    assert chat.predictions == _reference_choice(model, wrapped)
+    normalized = ev.choice_accuracy(model, text, tokenizer=tok, normalize="bytes")
+    assert normalized.meta["normalize"] == "bytes"
+    with pytest.raises(ValueError, match="normalize='bytes' needs text options"):
+        ev.choice_accuracy(model, ids, normalize="bytes")
+
+
+def test_planted_task_as_questions_gives_the_planted_accuracy():
+    """On the planted model the accuracy is known (task score vs difficulty): the questions of
+    ``choice_items`` reproduce it, with and without steering of the task experts."""
+    from moe_route.testing import planted_model
+
+    pm = planted_model()
+    questions = pm.choice_items()
+    assert ev.choice_accuracy(pm.model, questions, batch_size=128).accuracy() == \
+        pm.accuracy_by_language()
+    plan = moe_route.SteeringPlan.promote(layers=list(pm.truth.middle_layers),
+                                          experts=list(pm.truth.task_experts[2]), std=0.5)
+    result = pipeline.ab_test(pm.model, plan,
+                              lambda: ev.choice_accuracy(pm.model, questions, batch_size=128))
+    with moe_route.steer(pm.model, plan):
+        steered = pm.accuracy_by_language()
+    assert result["steered"] == steered
+    assert result["baseline"] == pm.accuracy_by_language()
+    paired = result["paired"]
+    assert set(paired) == set(pm.languages) | {"all"}
+    for lang in pm.languages:
+        assert paired[lang]["delta"] == pytest.approx(steered[lang] - result["baseline"][lang])
+        assert paired[lang]["n"] == len(questions[lang])
+
+
+def test_choice_accuracy_errors():
+    model = build("olmoe")
+    ok = ev.ChoiceItem([1, 2], [[3], [4]], 0)
+    with pytest.raises(ValueError, match="non-empty"):
+        ev.choice_accuracy(model, {})
+    with pytest.raises(TypeError, match=r"items\['eng'\] must hold ChoiceItems, got dict"):
+        ev.choice_accuracy(model, {"eng": [{"prompt": "x"}]})
+    with pytest.raises(ValueError, match="normalize='max' must be one of"):
+        ev.choice_accuracy(model, {"eng": [ok]}, normalize="max")
+    with pytest.raises(ValueError, match="batch_size=0 must be an int >= 1"):
+        ev.choice_accuracy(model, {"eng": [ok]}, batch_size=0)
+    with pytest.raises(ValueError, match=r"item 0: answer=2 must be an option index in \[0, 2\)"):
+        ev.choice_accuracy(model, {"eng": [ev.ChoiceItem([1], [[3], [4]], 2)]})
+    with pytest.raises(ValueError, match="needs >= 2 options"):
+        ev.choice_accuracy(model, {"eng": [ev.ChoiceItem([1], [[3]], 0)]})
+    with pytest.raises(ValueError, match="is text; pass tokenizer="):
+        ev.choice_accuracy(model, {"eng": [ev.ChoiceItem("hi", ["a", "b"], 0)]})
+    with pytest.raises(TypeError, match="token-id prompts need token-id options"):
+        ev.choice_accuracy(model, {"eng": [ev.ChoiceItem([1], ["a", "b"], 0)]})
+    with pytest.raises(ValueError, match=r"options \[1\] have no tokens"):
+        ev.choice_accuracy(model, {"eng": [ev.ChoiceItem([1], [[2], []], 0)]})
+    with pytest.raises(ValueError, match="the prompt has no tokens"):
+        ev.choice_accuracy(model, {"eng": [ev.ChoiceItem([], [[2], [3]], 0)]})
+    with pytest.raises(ValueError, match="1-D sequence of token ids"):
+        ev.choice_accuracy(model, {"eng": [ev.ChoiceItem([[1]], [[2], [3]], 0)]})
+
+
+# -- generation --------------------------------------------------------------------------------
+
+def test_generation_accuracy_matches_a_greedy_loop():
+    """Batched, left-padded ``generate`` extracts the same answers as greedy decoding of each
+    prompt alone; an item is right iff its last number equals the answer's."""
+    model, tok = _attentive(build("olmoe")), _word_tokenizer(WORDS)
+    prompts = ["w20 w21 3", "w40", "w50 w51 w52 w53 w54", "7 7"]
+    new_tokens = 6
+    expected = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = tok(p, return_tensors="pt")["input_ids"]
+            for _ in range(new_tokens):
+                nxt = model(input_ids=ids).logits[0, -1].argmax()
+                ids = torch.cat([ids, nxt.view(1, 1)], 1)
+            text = tok.decode(ids[0, len(tok(p)["input_ids"]):], skip_special_tokens=True)
+            expected.append(ev.last_number(text))
+    answers = [e if e is not None else "1" for e in expected]
+    answers[1] = "12345"                              # one wrong answer on purpose
+    items = {"eng": [ev.GenerationItem(p, a) for p, a in zip(prompts[:2], answers[:2])],
+             "fra": [ev.GenerationItem(p, a) for p, a in zip(prompts[2:], answers[2:])]}
+    got = ev.generation_accuracy(model, items, tokenizer=tok, max_new_tokens=new_tokens,
+                                 batch_size=3, stop=())
+    assert got.predictions == {"eng": expected[:2], "fra": expected[2:]}
+    right = [e is not None and e == a for e, a in zip(expected, answers)]
+    assert got.correct["eng"].tolist() == right[:2] and got.correct["fra"].tolist() == right[2:]
+    assert tok.padding_side == "right"                # restored
+    with pytest.raises(ValueError, match="max_new_tokens=0 must be an int >= 1"):
+        ev.generation_accuracy(model, items, tokenizer=tok, max_new_tokens=0)
+    with pytest.raises(ValueError, match="pass tokenizer="):
+        ev.generation_accuracy(model, items, tokenizer=None)
+
+
+# -- data --------------------------------------------------------------------------------------
+
+def test_load_choice_and_generation_tasks_from_jsonl(tmp_path):
+    choice = tmp_path / "mc.jsonl"
+    rows = [{"language": "eng", "prompt": "Q1", "options": [" a", " b"], "answer": 1},
+            {"language": "swh", "prompt": "Q1s", "options": [" a", " b"], "answer": 0},
+            {"language": "eng", "prompt": "Q2", "options": [" a", " b", " c"], "answer": 2}]
+    choice.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
+    items = ev.load_choice_task(choice)
+    assert list(items) == ["eng", "swh"] and len(items["eng"]) == 2
+    assert items["eng"][1] == ev.ChoiceItem("Q2", [" a", " b", " c"], 2)
+    assert ev.load_choice_task(choice, ["swh"]) == {"swh": [ev.ChoiceItem("Q1s", [" a", " b"], 0)]}
+    assert len(ev.load_choice_task(choice, limit=1)["eng"]) == 1
+    with pytest.raises(ValueError, match=r"languages \['fra'\] are not in the data"):
+        ev.load_choice_task(choice, ["fra"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**rows[0], "answer": 5}) + "\n")
+    with pytest.raises(ValueError, match="line 1: answer=5 is not an index of its 2 options"):
+        ev.load_choice_task(bad)
+    bad.write_text(json.dumps({"language": "eng", "prompt": "x"}) + "\n")
+    with pytest.raises(ValueError, match="line 1: expected language, prompt, options and answer"):
+        ev.load_choice_task(bad)
+    bad.write_text("{oops\n")
+    with pytest.raises(ValueError, match="line 1 is not JSON"):
+        ev.load_choice_task(bad)
+    with pytest.raises(ValueError, match="must be a .jsonl file or a known dataset name"):
+        ev.load_choice_task(tmp_path / "x.tsv")
+    gen = tmp_path / "gen.jsonl"
+    gen.write_text(json.dumps({"language": "bn", "prompt": "Question: 2+2?", "answer": 4}) + "\n")
+    assert ev.load_generation_task(gen) == {"bn": [ev.GenerationItem("Question: 2+2?", "4")]}
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="holds no questions"):
+        ev.load_generation_task(empty)
+
+
+def test_belebele_rows_become_letter_questions():
+    row = {"flores_passage": "The cat sat.", "question": "Who sat?", "mc_answer1": "a dog",
+           "mc_answer2": "the cat", "mc_answer3": "a bird", "mc_answer4": "nobody",
+           "correct_answer_num": "2"}
+    item = ev._belebele_item(row)
+    assert item.prompt == ("P: The cat sat.\nQ: Who sat?\nA: a dog\nB: the cat\nC: a bird\n"
+                           "D: nobody\nAnswer:")
+    assert item.options == [" A", " B", " C", " D"] and item.answer == 1
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+
+def test_cli_evaluate_with_a_plan_on_a_saved_model(tmp_path):
+    """``moe-route evaluate`` on a local model directory: baseline.json equals choice_accuracy
+    run in Python; with --plan also steered.json and ab.json with the paired comparison."""
+    model_dir = tmp_path / "model"
+    build("olmoe").save_pretrained(model_dir)
+    tok = _word_tokenizer(WORDS)
+    tok.save_pretrained(model_dir)
+    task = tmp_path / "mc.jsonl"
+    rows = [{"language": lang, "prompt": f"w{20 + i} w{30 + i} w{40 + i}",
+             "options": [" w50", " w51 w52", " 3"], "answer": i % 3}
+            for lang in ("eng", "swh") for i in range(6)]
+    task.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    plan_path = tmp_path / "plan.json"
+    plan = moe_route.SteeringPlan.force(0, 3)
+    plan.save(plan_path)
+    run = lambda *args: subprocess.run([sys.executable, "-m", "moe_route.cli", *args],  # noqa: E731
+                                       capture_output=True, text=True, timeout=300)
+    out = run("evaluate", str(model_dir), "--task", str(task), "--plan", str(plan_path),
+              "--dtype", "fp32", "--out", str(tmp_path / "res"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "McNemar" in out.stdout
+    base = ev.EvalResult.load(tmp_path / "res" / "baseline.json")
+    steered = ev.EvalResult.load(tmp_path / "res" / "steered.json")
+    model = build("olmoe")
+    items = ev.load_choice_task(task)
+    assert base.predictions == ev.choice_accuracy(model, items, tokenizer=tok).predictions
+    with moe_route.steer(model, plan):
+        assert steered.predictions == ev.choice_accuracy(model, items, tokenizer=tok).predictions
+    ab = json.loads((tmp_path / "res" / "ab.json").read_text())
+    assert ab["paired"]["all"]["n"] == 12 and base.meta["model"] == str(model_dir)
+    assert steered.meta["plan"] == str(plan_path) and base.meta["plan"] is None
+    out = run("evaluate", str(model_dir), "--task", str(tmp_path / "nope.tsv"), "--out",
+              str(tmp_path / "res2"))
+    assert out.returncode == 2 and "must be belebele, mgsm or a .jsonl file" in out.stderr
