@@ -221,7 +221,9 @@ def choice_accuracy(model, items: Mapping[str, Sequence[ChoiceItem]], *, tokeniz
     if normalize not in _NORMALIZE:
         raise ValueError(f"choice_accuracy: normalize={normalize!r} must be one of {_NORMALIZE}")
     _check_batch_size("choice_accuracy", batch_size)
-    rows, plans = [], []          # rows: token lists; plans: per question, how to read its scores
+    # rows: (tokens, reads); a read (back, token) is the log-probability of token at the
+    # position `back` from the end. plans: per question, which reads make each option's score.
+    rows, plans = [], []
     for lang, questions in items.items():
         for q, item in enumerate(questions):
             where = f"language {lang!r}, item {q}"
@@ -233,25 +235,19 @@ def choice_accuracy(model, items: Mapping[str, Sequence[ChoiceItem]], *, tokeniz
                             len(t.encode("utf-8")) if normalize == "bytes" else 1)
                      for o, t in zip(options, item.options)]
             if all(len(o) == 1 for o in options):       # one forward, read at the last position
-                reads = [(len(rows), o[0]) for o in options]
-                rows.append(prompt)
-            else:
-                reads = [(len(rows) + j, None) for j in range(len(options))]
-                rows.extend(prompt + o for o in options)
-            plans.append((lang, reads, scale, item.answer, [len(o) for o in options]))
-    keep = max([n for plan in plans for n in plan[4]], default=1) + 1
-    logprobs = _score_rows(model, rows, keep, batch_size, _pad_id(tokenizer), progress)
+                refs = [(len(rows), j, j + 1) for j in range(len(options))]
+                rows.append((prompt, [(1, o[0]) for o in options]))
+            else:                                       # one row per option
+                refs = []
+                for o in options:
+                    refs.append((len(rows), 0, len(o)))
+                    rows.append((prompt + o, [(len(o) + 1 - i, t) for i, t in enumerate(o)]))
+            plans.append((lang, item.answer, refs, scale))
+    scored = _score_rows(model, rows, batch_size, _pad_id(tokenizer), progress)
     correct = {lang: [] for lang in items}
     predictions = {lang: [] for lang in items}
-    for lang, reads, scale, answer, lengths in plans:
-        scores = []
-        for (row, token), n, s in zip(reads, lengths, scale):
-            lp = logprobs[row]
-            if token is not None:
-                scores.append(float(lp[-1, token]) * s)
-            else:
-                targets = torch.tensor(rows[row][-n:])
-                scores.append(float(lp[-n - 1:-1].gather(1, targets[:, None]).sum()) * s)
+    for lang, answer, refs, scale in plans:
+        scores = [float(scored[r][a:b].sum()) * s for (r, a, b), s in zip(refs, scale)]
         best = max(range(len(scores)), key=lambda j: (scores[j], -j))
         predictions[lang].append(best)
         correct[lang].append(best == answer)
@@ -305,31 +301,35 @@ def _ids(value, where: str, what: str) -> list:
     return [int(t) for t in ids]
 
 
-def _score_rows(model, rows: list, keep: int, batch_size: int, pad_id: int,
-                progress: bool) -> list:
-    """Log-softmax (fp32, on the CPU) of the last ``keep`` positions of every row."""
+def _score_rows(model, rows: list, batch_size: int, pad_id: int, progress: bool) -> list:
+    """Per row ``(tokens, reads)``, the fp32 log-probabilities its reads ask for (float64, CPU).
+    Only the logits of the last positions any read needs are computed and kept."""
     device = next(model.parameters()).device
     accepts = inspect.signature(model.forward).parameters
-    order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))   # similar lengths per batch
+    keep = max(back for _, reads in rows for back, _ in reads) if rows else 1
+    order = sorted(range(len(rows)), key=lambda r: -len(rows[r][0]))  # similar lengths per batch
     out = [None] * len(rows)
     bar = progress_bar(len(order), progress, "score")
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        width = max(len(rows[r]) for r in batch)
+        width = max(len(rows[r][0]) for r in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for b, r in enumerate(batch):
-            ids[b, width - len(rows[r]):] = torch.tensor(rows[r])
-            mask[b, width - len(rows[r]):] = 1
+            tokens = rows[r][0]
+            ids[b, width - len(tokens):] = torch.tensor(tokens)
+            mask[b, width - len(tokens):] = 1
         inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
         if "position_ids" in accepts:   # rotary models ignore a common shift; absolute ones do not
             inputs["position_ids"] = (mask.cumsum(1) - 1).clamp_(min=0).to(device)
         if "logits_to_keep" in accepts:
             inputs["logits_to_keep"] = keep
-        logits = model(**inputs).logits[:, -keep:]
-        lp = torch.log_softmax(logits.float(), dim=-1).cpu()
+        lp = torch.log_softmax(model(**inputs).logits[:, -keep:].float(), dim=-1)
         for b, r in enumerate(batch):
-            out[r] = lp[b, -min(keep, len(rows[r])):]
+            reads = rows[r][1]
+            back = torch.tensor([-k for k, _ in reads], device=lp.device)
+            token = torch.tensor([t for _, t in reads], device=lp.device)
+            out[r] = lp[b, back, token].double().cpu()
         bar(len(batch))
     bar(None)
     return out
