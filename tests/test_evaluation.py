@@ -364,6 +364,36 @@ def test_belebele_rows_become_letter_questions():
     assert item.options == [" A", " B", " C", " D"] and item.answer == 1
 
 
+def test_hub_tasks_through_a_stand_in_datasets_module(monkeypatch):
+    """Belebele by language split, MGSM by language config and its test split (what the code
+    asks of ``datasets``), with the limit; the Hub itself is not reachable here."""
+    import types
+
+    calls = []
+    belebele = {"flores_passage": "P.", "question": "Q?", "mc_answer1": "a", "mc_answer2": "b",
+                "mc_answer3": "c", "mc_answer4": "d", "correct_answer_num": "4"}
+
+    def load_dataset(name, config=None, split=None):
+        calls.append((name, config, split))
+        if name == "facebook/belebele":
+            return [belebele] * 3
+        return [{"question": "2+2?", "answer_number": 4}, {"question": "3+3?", "answer_number": 6}]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    items = ev.load_choice_task("belebele", ["eng_Latn", "swh_Latn"], limit=2)
+    assert [len(v) for v in items.values()] == [2, 2] and items["swh_Latn"][0].answer == 3
+    gen = ev.load_generation_task("mgsm", ["sw"])
+    assert gen == {"sw": [ev.GenerationItem("Question: 2+2?\nAnswer:", "4"),
+                          ev.GenerationItem("Question: 3+3?\nAnswer:", "6")]}
+    assert calls == [("facebook/belebele", None, "eng_Latn"), ("facebook/belebele", None, "swh_Latn"),
+                     ("juletxara/mgsm", "sw", "test")]
+    with pytest.raises(ValueError, match="source='mgsm' needs languages"):
+        ev.load_generation_task("mgsm")
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ImportError, match="needs the `datasets` package"):
+        ev.load_choice_task("belebele", ["eng_Latn"])
+
+
 # -- CLI ---------------------------------------------------------------------------------------
 
 def test_cli_evaluate_with_a_plan_on_a_saved_model(tmp_path):

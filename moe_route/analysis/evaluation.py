@@ -425,15 +425,9 @@ def load_choice_task(source, languages: Optional[Sequence[str]] = None, *,
       question).
     """
     if source in ("belebele", "facebook/belebele"):
-        if not languages:
-            raise ValueError(f"load_choice_task: source={source!r} needs languages=[...]")
-        datasets = _datasets("load_choice_task", source)
-        out = {}
-        for lang in languages:
-            rows = datasets.load_dataset("facebook/belebele", split=lang)
-            out[lang] = [_belebele_item(r) for r in rows.select(range(min(limit or len(rows),
-                                                                              len(rows))))]
-        return out
+        return _from_hub("load_choice_task", source, languages, limit, _belebele_item,
+                         lambda datasets, lang: datasets.load_dataset("facebook/belebele",
+                                                                      split=lang))
     rows = _jsonl("load_choice_task", source)
     out = {}
     for n, row in rows:
@@ -469,15 +463,9 @@ def load_generation_task(source, languages: Optional[Sequence[str]] = None, *,
       answered by ``answer_number``.
     """
     if source in ("mgsm", "juletxara/mgsm"):
-        if not languages:
-            raise ValueError(f"load_generation_task: source={source!r} needs languages=[...]")
-        datasets = _datasets("load_generation_task", source)
-        out = {}
-        for lang in languages:
-            rows = datasets.load_dataset("juletxara/mgsm", lang, split="test")
-            out[lang] = [GenerationItem(f"Question: {r['question']}\nAnswer:",
-                                        str(r["answer_number"])) for r in rows][:limit]
-        return out
+        return _from_hub("load_generation_task", source, languages, limit, _mgsm_item,
+                         lambda datasets, lang: datasets.load_dataset("juletxara/mgsm", lang,
+                                                                      split="test"))
     out = {}
     for n, row in _jsonl("load_generation_task", source):
         try:
@@ -517,13 +505,20 @@ def _select(caller: str, out: dict, languages, limit) -> dict:
     return {lang: out[lang][:limit] for lang in languages}
 
 
-def _datasets(caller: str, source: str):
+def _mgsm_item(row) -> GenerationItem:
+    return GenerationItem(f"Question: {row['question']}\nAnswer:", str(row["answer_number"]))
+
+
+def _from_hub(caller: str, source: str, languages, limit, make_item, split) -> dict:
+    """``{language: [make_item(row)]}`` over ``split(datasets, language)`` of a Hub dataset."""
+    if not languages:
+        raise ValueError(f"{caller}: source={source!r} needs languages=[...]")
     try:
         import datasets
     except ImportError:
         raise ImportError(f"{caller}: source={source!r} needs the `datasets` package "
                           f"(pip install datasets)") from None
-    return datasets
+    return {lang: [make_item(row) for row in split(datasets, lang)][:limit] for lang in languages}
 
 
 # -- shared ------------------------------------------------------------------------------------
