@@ -81,7 +81,8 @@ def test_paired_comparison_refuses_unpaired_results():
 @pytest.mark.parametrize("text,number", [
     ("so the answer is 42.", "42"), ("1,234.50 dollars", "1234.5"), ("-7 then 3", "3"),
     ("it is -7", "-7"), ("\u22125", "-5"), ("\u09ea\u09e8", "42"), ("\u0e51\u0e52", "12"),
-    ("007", "7"), ("0.000", "0"), ("-0", "0"), ("3.140 m", "3.14"), ("no digits", None), ("", None)])
+    ("007", "7"), ("0.000", "0"), ("-0", "0"), ("3.140 m", "3.14"), ("no digits", None),
+    ("", None)])
 def test_last_number(text, number):
     assert ev.last_number(text) == number
 
@@ -385,8 +386,8 @@ def test_hub_tasks_through_a_stand_in_datasets_module(monkeypatch):
     gen = ev.load_generation_task("mgsm", ["sw"])
     assert gen == {"sw": [ev.GenerationItem("Question: 2+2?\nAnswer:", "4"),
                           ev.GenerationItem("Question: 3+3?\nAnswer:", "6")]}
-    assert calls == [("facebook/belebele", None, "eng_Latn"), ("facebook/belebele", None, "swh_Latn"),
-                     ("juletxara/mgsm", "sw", "test")]
+    assert calls == [("facebook/belebele", None, "eng_Latn"),
+                     ("facebook/belebele", None, "swh_Latn"), ("juletxara/mgsm", "sw", "test")]
     with pytest.raises(ValueError, match="source='mgsm' needs languages"):
         ev.load_generation_task("mgsm")
     monkeypatch.setitem(sys.modules, "datasets", None)
