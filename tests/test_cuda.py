@@ -267,6 +267,28 @@ def test_record_and_steer_on_cuda_match_cpu(family):
     assert int(rec.stats[-1].counts[0][rare]) == ids.numel()
 
 
+def test_evaluation_on_cuda_matches_cpu():
+    """The planted task asked as multiple-choice questions of the model on CUDA, patched and
+    steered, answers as on the CPU (the scores are gathered on the device)."""
+    from moe_route.analysis.evaluation import choice_accuracy
+    from moe_route.testing import planted_model
+
+    pm = planted_model()
+    questions = pm.choice_items()
+    plan = moe_route.SteeringPlan.promote(layers=list(pm.truth.middle_layers),
+                                          experts=list(pm.truth.task_experts[2]), std=0.5)
+    results = {}
+    for device in ("cpu", "cuda"):
+        pm.model.to(device)
+        with moe_route.patch(pm.model):
+            plain = choice_accuracy(pm.model, questions, batch_size=128)
+            with moe_route.steer(pm.model, plan):
+                results[device] = (plain, choice_accuracy(pm.model, questions, batch_size=128))
+    for cpu, cuda in zip(results["cpu"], results["cuda"]):
+        assert cuda.predictions == cpu.predictions
+    assert results["cuda"][0].accuracy() == pm.accuracy_by_language()   # the model on CUDA
+
+
 def test_patched_block_graph_capture_and_replay_with_record():
     """A patched MoE block (fused gate with statistics, "moe_route" experts) captured in a CUDA
     graph: each replay routes its new input like an eager call and adds its statistics."""
