@@ -82,7 +82,8 @@ def test_paired_comparison_refuses_unpaired_results():
     ("so the answer is 42.", "42"), ("1,234.50 dollars", "1234.5"), ("-7 then 3", "3"),
     ("it is -7", "-7"), ("\u22125", "-5"), ("\u09ea\u09e8", "42"), ("\u0e51\u0e52", "12"),
     ("007", "7"), ("0.000", "0"), ("-0", "0"), ("3.140 m", "3.14"), ("no digits", None),
-    ("", None)])
+    ("", None), ("5km", "5"), ("$18.", "18"), ("4 then H2O", "4"), ("w30", None),
+    ("\u7b54\u6848\u662f42\u3002", "42"), ("\u0e04\u0e37\u0e2d42", "42")])
 def test_last_number(text, number):
     assert ev.last_number(text) == number
 
@@ -317,6 +318,41 @@ def test_generation_accuracy_matches_a_greedy_loop():
         ev.generation_accuracy(model, items, tokenizer=tok, max_new_tokens=0)
     with pytest.raises(ValueError, match="pass tokenizer="):
         ev.generation_accuracy(model, items, tokenizer=None)
+
+
+class _ScriptedModel(torch.nn.Module):
+    """Stands in for a causal LM: ``generate`` appends a fixed continuation per prompt (by its
+    first token) and records what it was called with."""
+
+    def __init__(self, continuations):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.continuations, self.calls = continuations, []
+
+    def generate(self, input_ids, attention_mask, **options):
+        self.calls.append((input_ids.clone(), attention_mask.clone(), options))
+        first = [int(row[mask.bool()][0]) for row, mask in zip(input_ids, attention_mask)]
+        new = torch.tensor([self.continuations[f] for f in first])
+        return torch.cat([input_ids, new], 1)
+
+
+def test_generation_cuts_at_stop_strings_and_reads_the_last_number():
+    tok = _word_tokenizer(WORDS)
+    w = tok.convert_tokens_to_ids
+    model = _ScriptedModel({w("w20"): [w("w30"), w("5"), w("w21"), w("7"), w("w31")],
+                            w("w40"): [w("4"), w("2"), w("w30"), w("w30"), w("w30")],
+                            w("w50"): [w("w30"), w("w31"), w("w30"), w("w31"), w("w30")]})
+    items = {"eng": [ev.GenerationItem("w20 w22 w23", "5"), ev.GenerationItem("w40", "2"),
+                     ev.GenerationItem("w50 w51", "0")]}
+    got = ev.generation_accuracy(model, items, tokenizer=tok, max_new_tokens=5, stop=("w21",))
+    # "w30 5 | w21 7 w31" -> 5; "4 2 w30 ..." -> 2 (the last number); no number -> None
+    assert got.predictions == {"eng": ["5", "2", None]}
+    assert got.correct["eng"].tolist() == [True, True, False]
+    ids, mask, options = model.calls[0]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]        # left-padded
+    assert options == {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    again = ev.generation_accuracy(model, items, tokenizer=tok, max_new_tokens=5, stop=())
+    assert again.predictions["eng"][0] == "7"
 
 
 # -- data --------------------------------------------------------------------------------------

@@ -337,13 +337,16 @@ def _score_rows(model, rows: list, batch_size: int, pad_id: int, progress: bool)
 
 # -- generation --------------------------------------------------------------------------------
 
-_NUMBER = re.compile(r"[-\u2212]?\d[\d,]*(?:\.\d+)?")
+# not glued to a Latin letter or another digit ("w30", "H2O"); "5km", "$18" and "答案是42" count
+_NUMBER = re.compile(r"(?<![A-Za-z_\d])[-\u2212]?\d[\d,]*(?:\.\d+)?")
 
 
 def last_number(text: str) -> Optional[str]:
     """The last number in ``text``, normalised: ASCII digits (any script's decimal digits are
     read), no thousands commas, no trailing fractional zeros (``"1,234.50"`` -> ``"1234.5"``,
-    ``"৪২"`` -> ``"42"``); ``None`` when there is none."""
+    ``"৪২"`` -> ``"42"``); digits right after a Latin letter are part of a word, not a number
+    (``"w30"``), while numbers right after CJK or Thai text count. ``None`` when there is
+    none."""
     if not isinstance(text, str):
         raise TypeError(f"last_number: text must be a str, got {type(text).__name__}")
     found = _NUMBER.findall(text)
