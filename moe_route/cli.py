@@ -175,7 +175,7 @@ def _accuracy(path) -> dict:
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
     if isinstance(data, dict) and data.get("format") == EVAL_FORMAT:
-        return EvalResult.load(path).accuracy()
+        return EvalResult.from_dict(data, where=path).accuracy()
     return data
 
 
@@ -250,9 +250,11 @@ def _evaluate(args) -> int:
 
 def _task_kind(source) -> str:
     """choice or generation: by dataset name, or by the first question of a .jsonl file."""
-    if source in ("belebele", "facebook/belebele"):
+    from moe_route.analysis.evaluation import CHOICE_DATASETS, GENERATION_DATASETS
+
+    if source in CHOICE_DATASETS:
         return "choice"
-    if source in ("mgsm", "juletxara/mgsm"):
+    if source in GENERATION_DATASETS:
         return "generation"
     if not str(source).endswith(".jsonl"):
         raise ValueError(f"--task {source!r} must be belebele, mgsm or a .jsonl file")
@@ -359,8 +361,9 @@ def main(argv=None) -> int:
     p.add_argument("--reference", required=True, help="reference language, e.g. eng_Latn")
     p.add_argument("--limit", type=int, help="first N sentences per language")
     p.add_argument("--middle", help="middle layers for the accuracy correlation, e.g. 8-20")
-    p.add_argument("--accuracy", help="per-language accuracy to correlate with divergence: JSON "
-                                       "{language: accuracy}, or baseline.json of moe-route evaluate")
+    p.add_argument("--accuracy",
+                   help="per-language accuracy to correlate with divergence: JSON {language: "
+                        "accuracy}, or baseline.json of moe-route evaluate")
     p.add_argument("--out", required=True, help="report directory")
     p.set_defaults(func=_analyze)
     p = sub.add_parser("experts", help="task experts (task vs baseline data) -> a steering plan")

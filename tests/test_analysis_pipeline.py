@@ -11,7 +11,7 @@ from moe_route.analysis import pipeline
 from moe_route.analysis.evaluation import EvalResult
 
 transformers = pytest.importorskip("transformers")
-from tiny_models import build  # noqa: E402
+from tiny_models import build, word_tokenizer  # noqa: E402
 
 
 def test_load_parallel_tsv_and_jsonl(tmp_path):
@@ -32,23 +32,35 @@ def test_load_parallel_tsv_and_jsonl(tmp_path):
         pipeline.load_parallel(__file__)
 
 
-def _word_tokenizer():
-    """An in-memory fast word-level tokenizer with a chat template (no downloads)."""
-    tokenizers = pytest.importorskip("tokenizers")
-    words = ["<pad>", "<s>", "<unk>", "user", ":", "assistant", "hello", "world", "cat", "sat"]
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)},
-                                                           unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
-                                                bos_token="<s>", unk_token="<unk>")
-    fast.chat_template = ("{% for m in messages %}<s> user : {{ m['content'] }} {% endfor %}"
-                          "{% if add_generation_prompt %}assistant : {% endif %}")
-    return fast
+def test_load_parallel_from_the_hub_through_a_stand_in(monkeypatch):
+    """FLORES by language config and split (field ``sentence``), Belebele by language split with
+    its passages kept once each, in order; the Hub itself is not reachable here."""
+    import types
+
+    calls = []
+
+    def load_dataset(name, config=None, split=None):
+        calls.append((name, config, split))
+        if name == "facebook/flores":
+            return [{"sentence": f"{config} {i}"} for i in range(3)]
+        return [{"flores_passage": p} for p in (f"{split} a", f"{split} a", f"{split} b")]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    assert pipeline.load_parallel("flores", ["eng_Latn", "fra_Latn"], limit=2) == {
+        "eng_Latn": ["eng_Latn 0", "eng_Latn 1"], "fra_Latn": ["fra_Latn 0", "fra_Latn 1"]}
+    assert pipeline.load_parallel("belebele", ["swh_Latn"]) == {"swh_Latn": ["swh_Latn a",
+                                                                             "swh_Latn b"]}
+    assert calls == [("facebook/flores", "eng_Latn", "devtest"),
+                     ("facebook/flores", "fra_Latn", "devtest"),
+                     ("facebook/belebele", None, "swh_Latn")]
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ImportError, match="load_parallel: source='flores' needs the `datasets`"):
+        pipeline.load_parallel("flores", ["eng_Latn"])
 
 
 def test_record_sequences_counts_only_the_text_tokens():
     model = build("olmoe")
-    tok = _word_tokenizer()
+    tok = word_tokenizer()
     corpus = {"eng": ["hello world", "cat sat sat"], "xxx": ["world", "hello cat"]}
     stats = pipeline.record_parallel(model, corpus, tokenizer=tok, chat_template=True, batch_size=2)
     assert stats.group_names == ["eng/0", "eng/1", "xxx/0", "xxx/1"]
@@ -115,7 +127,7 @@ def test_cli_analyze_and_experts_on_a_saved_model(tmp_path):
     and a word-level tokenizer saved with save_pretrained: what a user passes as MODEL)."""
     model_dir = tmp_path / "model"
     build("olmoe").save_pretrained(model_dir)
-    _word_tokenizer().save_pretrained(model_dir)
+    word_tokenizer().save_pretrained(model_dir)
     data = tmp_path / "parallel.tsv"
     rows = ["eng\tdeu\tfra\tita", "hello world\tworld hello\tcat sat\tsat sat",
             "cat sat\tsat cat\thello world\tcat cat", "hello cat\tcat hello\tsat world\tworld"]

@@ -14,7 +14,7 @@ from moe_route.analysis import evaluation as ev
 from moe_route.analysis import pipeline
 
 transformers = pytest.importorskip("transformers")
-from tiny_models import build  # noqa: E402
+from tiny_models import build, word_tokenizer  # noqa: E402
 
 
 # -- statistics --------------------------------------------------------------------------------
@@ -197,19 +197,6 @@ def test_choice_accuracy_matches_unbatched_scoring(family, normalize):
     assert got.meta["normalize"] == normalize
 
 
-def _word_tokenizer(words):
-    tokenizers = pytest.importorskip("tokenizers")
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)},
-                                                           unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    tok.decoder = tokenizers.decoders.WordPiece(prefix="##")    # joins words with spaces
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
-                                                bos_token="<s>", unk_token="<unk>")
-    fast.chat_template = ("{% for m in messages %}<s> user : {{ m['content'] }} {% endfor %}"
-                          "{% if add_generation_prompt %}assistant : {% endif %}")
-    return fast
-
-
 WORDS = (["<pad>", "<s>", "<unk>", "user", ":", "assistant"] + [str(d) for d in range(10)]
          + [f"w{i}" for i in range(16, 96)])
 
@@ -217,7 +204,7 @@ WORDS = (["<pad>", "<s>", "<unk>", "user", ":", "assistant"] + [str(d) for d in 
 def test_choice_accuracy_on_text_matches_the_token_ids():
     """Text prompts and options give the option tokens that follow the prompt; the chat
     template wraps the prompt; both score as the same questions given as token ids."""
-    model, tok = _attentive(build("olmoe")), _word_tokenizer(WORDS)
+    model, tok = _attentive(build("olmoe")), word_tokenizer(WORDS)
     text = {"eng": [ev.ChoiceItem("w20 w21 w22", [" w30", " w31 w32", " 7"], 1),
                     ev.ChoiceItem("w40", [" w41", " w42"], 0)]}
     ids = {"eng": [ev.ChoiceItem(tok(i.prompt)["input_ids"],
@@ -292,7 +279,7 @@ def test_choice_accuracy_errors():
 def test_generation_accuracy_matches_a_greedy_loop():
     """Batched, left-padded ``generate`` extracts the same answers as greedy decoding of each
     prompt alone; an item is right iff its last number equals the answer's."""
-    model, tok = _attentive(build("olmoe")), _word_tokenizer(WORDS)
+    model, tok = _attentive(build("olmoe")), word_tokenizer(WORDS)
     prompts = ["w20 w21 3", "w40", "w50 w51 w52 w53 w54", "7 7"]
     new_tokens = 6
     expected = []
@@ -337,7 +324,7 @@ class _ScriptedModel(torch.nn.Module):
 
 
 def test_generation_cuts_at_stop_strings_and_reads_the_last_number():
-    tok = _word_tokenizer(WORDS)
+    tok = word_tokenizer(WORDS)
     w = tok.convert_tokens_to_ids
     model = _ScriptedModel({w("w20"): [w("w30"), w("5"), w("w21"), w("7"), w("w31")],
                             w("w40"): [w("4"), w("2"), w("w30"), w("w30"), w("w30")],
@@ -438,7 +425,7 @@ def test_cli_evaluate_with_a_plan_on_a_saved_model(tmp_path):
     run in Python; with --plan also steered.json and ab.json with the paired comparison."""
     model_dir = tmp_path / "model"
     build("olmoe").save_pretrained(model_dir)
-    tok = _word_tokenizer(WORDS)
+    tok = word_tokenizer(WORDS)
     tok.save_pretrained(model_dir)
     task = tmp_path / "mc.jsonl"
     rows = [{"language": lang, "prompt": f"w{20 + i} w{30 + i} w{40 + i}",

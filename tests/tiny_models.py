@@ -654,3 +654,22 @@ def selected_experts(family: str, output, k: int = 2) -> torch.Tensor:
         return output[2][output[1] != 0]
     # (router_logits, top_k_weights, top_k_index[, ...]) everywhere else
     return output[2].flatten()
+
+
+def word_tokenizer(words=("<pad>", "<s>", "<unk>", "user", ":", "assistant", "hello", "world",
+                          "cat", "sat")):
+    """An in-memory fast word-level tokenizer (no downloads): ``words[i]`` is id i, text splits
+    on whitespace, decoding joins with spaces, and a chat template wraps a user turn as
+    ``<s> user : TEXT assistant :``. The first three words are pad, bos and unk."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    pad, bos, unk = words[:3]
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)},
+                                                           unk_token=unk))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.decoder = tokenizers.decoders.WordPiece(prefix="##")    # joins words with spaces
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad,
+                                                bos_token=bos, unk_token=unk)
+    fast.chat_template = ("{% for m in messages %}<s> user : {{ m['content'] }} {% endfor %}"
+                          "{% if add_generation_prompt %}assistant : {% endif %}")
+    return fast

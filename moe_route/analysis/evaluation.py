@@ -46,6 +46,9 @@ __all__ = ["ChoiceItem", "GenerationItem", "EvalResult", "PairedComparison", "ch
 
 EVAL_FORMAT = "moe_route.eval"
 EVAL_VERSION = 1
+# the Hub tasks the loaders know, by the names they accept
+CHOICE_DATASETS = ("belebele", "facebook/belebele")
+GENERATION_DATASETS = ("mgsm", "juletxara/mgsm")
 
 Tokens = Union[str, Sequence[int], torch.Tensor]
 
@@ -104,18 +107,22 @@ class EvalResult:
                 data = json.load(f)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"EvalResult.load: {path} is not JSON ({exc})") from None
+        return cls.from_dict(data, where=f"EvalResult.load: {path}")
+
+    @classmethod
+    def from_dict(cls, data, where: str = "EvalResult.from_dict") -> "EvalResult":
+        """The inverse of ``to_dict``; ``where`` starts the error messages."""
         if not isinstance(data, dict) or data.get("format") != EVAL_FORMAT:
-            raise ValueError(f"EvalResult.load: {path} is not a moe_route evaluation result "
-                             f"(expected format {EVAL_FORMAT!r})")
+            raise ValueError(f"{where} is not a moe_route evaluation result (expected format "
+                             f"{EVAL_FORMAT!r})")
         if data.get("version") != EVAL_VERSION:
-            raise ValueError(f"EvalResult.load: {path} has version {data.get('version')!r}; "
-                             f"this moe_route reads version {EVAL_VERSION}")
+            raise ValueError(f"{where} has version {data.get('version')!r}; this moe_route "
+                             f"reads version {EVAL_VERSION}")
         correct, predictions = {}, {}
         for lang, entry in data["languages"].items():
             if len(entry["correct"]) != len(entry["predictions"]):
-                raise ValueError(f"EvalResult.load: {path}, language {lang!r}: "
-                                 f"{len(entry['correct'])} outcomes but "
-                                 f"{len(entry['predictions'])} predictions")
+                raise ValueError(f"{where}, language {lang!r}: {len(entry['correct'])} outcomes "
+                                 f"but {len(entry['predictions'])} predictions")
             correct[lang] = torch.tensor(entry["correct"], dtype=torch.bool)
             predictions[lang] = list(entry["predictions"])
         return cls(correct, predictions, dict(data.get("meta", {})))
@@ -427,7 +434,7 @@ def load_choice_task(source, languages: Optional[Sequence[str]] = None, *,
       on the letters ``" A"``..``" D"`` (one token each in most tokenizers: one forward per
       question).
     """
-    if source in ("belebele", "facebook/belebele"):
+    if source in CHOICE_DATASETS:
         return _from_hub("load_choice_task", source, languages, limit, _belebele_item,
                          lambda datasets, lang: datasets.load_dataset("facebook/belebele",
                                                                       split=lang))
@@ -465,7 +472,7 @@ def load_generation_task(source, languages: Optional[Sequence[str]] = None, *,
       language config (``en``, ``sw``, ``bn``, ...), prompted ``Question: ...\\nAnswer:``,
       answered by ``answer_number``.
     """
-    if source in ("mgsm", "juletxara/mgsm"):
+    if source in GENERATION_DATASETS:
         return _from_hub("load_generation_task", source, languages, limit, _mgsm_item,
                          lambda datasets, lang: datasets.load_dataset("juletxara/mgsm", lang,
                                                                       split="test"))

@@ -23,7 +23,8 @@ from typing import Optional, Union
 
 import torch
 
-from moe_route.analysis.evaluation import EvalResult, paired_comparison
+from moe_route.analysis.evaluation import (EvalResult, _check_batch_size, _from_hub,
+                                           _wrap, paired_comparison)
 from moe_route.analysis.progress import progress_bar
 from moe_route.recording import record
 from moe_route.stats import RoutingStats
@@ -87,29 +88,20 @@ def load_parallel(source, languages: Optional[Sequence[str]] = None, *, limit: O
 
 
 def _load_hub(source: str, languages, split):
-    try:
-        import datasets
-    except ImportError:
-        raise ImportError(f"load_parallel: source={source!r} needs the `datasets` package "
-                          f"(pip install datasets)") from None
-    columns = {}
-    for lang in languages:
-        if "flores" in source:
-            data = datasets.load_dataset("facebook/flores", lang, split=split)
-            columns[lang] = list(data["sentence"])
-        else:
-            data = datasets.load_dataset("facebook/belebele", split=lang)
-            columns[lang] = list(dict.fromkeys(data["flores_passage"]))
-    return columns
+    if "flores" in source:
+        return _from_hub("load_parallel", source, languages, None, lambda row: row["sentence"],
+                         lambda datasets, lang: datasets.load_dataset("facebook/flores", lang,
+                                                                      split=split))
+    passages = _from_hub("load_parallel", source, languages, None,
+                         lambda row: row["flores_passage"],
+                         lambda datasets, lang: datasets.load_dataset("facebook/belebele",
+                                                                      split=lang))
+    return {lang: list(dict.fromkeys(p)) for lang, p in passages.items()}   # one per passage
 
 
 def _encode(texts: Sequence[str], tokenizer, chat_template: bool, max_length: Optional[int]):
     """``input_ids``, ``attention_mask`` and a ``[B, S]`` mask of the text's own tokens."""
-    if chat_template:
-        wrapped = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                                 add_generation_prompt=True) for t in texts]
-    else:
-        wrapped = list(texts)
+    wrapped = [_wrap(tokenizer, t, chat_template) for t in texts]
     enc = tokenizer(wrapped, return_tensors="pt", padding=True, truncation=max_length is not None,
                     max_length=max_length, return_offsets_mapping=True, add_special_tokens=not chat_template)
     offsets = enc.pop("offset_mapping")                       # [B, S, 2] character spans
@@ -134,8 +126,7 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
     """
     if not isinstance(corpus, Mapping) or not corpus:
         raise ValueError("record_sequences: corpus must be a non-empty {language: sequences} mapping")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"record_sequences: batch_size={batch_size!r} must be an int >= 1")
+    _check_batch_size("record_sequences", batch_size)
     device = device or next(model.parameters()).device
     batches = [(lang, i) for lang, seqs in corpus.items() for i in range(0, len(seqs), batch_size)]
     bar = progress_bar(len(batches), progress, "record")
