@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -223,6 +224,28 @@ def test_choice_accuracy_on_text_matches_the_token_ids():
         ev.choice_accuracy(model, ids, normalize="bytes")
 
 
+class _FixedLogits(torch.nn.Module):
+    """Next-token logits ``row`` at every position; NaN everywhere in a row that holds token 3
+    (as a model that overflows on some inputs)."""
+
+    def __init__(self, row):
+        super().__init__()
+        self.row = torch.nn.Parameter(torch.tensor(row), requires_grad=False)
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = self.row.expand(*input_ids.shape, -1).clone()
+        logits[(input_ids == 3).any(1)] = float("nan")
+        return types.SimpleNamespace(logits=logits)
+
+
+def test_choice_ties_go_to_the_lower_option_and_nan_never_wins():
+    model = _FixedLogits([0.0, 1.0, 1.0, 1.0, 5.0])
+    items = {"x": [ev.ChoiceItem([0], [[1], [2]], 1),           # tie: option 0
+                   ev.ChoiceItem([0], [[3], [0, 0]], 0),        # NaN vs a number: option 1
+                   ev.ChoiceItem([0], [[3], [3, 3]], 0)]}       # NaN everywhere: option 0
+    assert ev.choice_accuracy(model, items).predictions == {"x": [0, 1, 0]}
+
+
 def test_planted_task_as_questions_gives_the_planted_accuracy():
     """On the planted model the accuracy is known (task score vs difficulty): the questions of
     ``choice_items`` reproduce it, with and without steering of the task experts."""
@@ -391,7 +414,6 @@ def test_belebele_rows_become_letter_questions():
 def test_hub_tasks_through_a_stand_in_datasets_module(monkeypatch):
     """Belebele by language split, MGSM by language config and its test split (what the code
     asks of ``datasets``), with the limit; the Hub itself is not reachable here."""
-    import types
 
     calls = []
     belebele = {"flores_passage": "P.", "question": "Q?", "mc_answer1": "a", "mc_answer2": "b",

@@ -223,6 +223,10 @@ def choice_accuracy(model, items: Mapping[str, Sequence[ChoiceItem]], *, tokeniz
     tokens are those of ``prompt + option`` beyond the prompt's own (so a BPE merge across the
     boundary is tokenised as the model would see it). ``chat_template`` wraps the prompt as a
     user turn with the generation prompt. Runs under whatever ``steer``/``record`` is active.
+
+    Numerics: log-softmax of the logits in fp32 (whatever the model's dtype), an option's
+    log-probabilities summed in float64; the best score wins, ties to the lower option index,
+    and a NaN score (NaN logits) ranks below every number.
     """
     _check_items("choice_accuracy", items, ChoiceItem)
     if normalize not in _NORMALIZE:
@@ -255,7 +259,8 @@ def choice_accuracy(model, items: Mapping[str, Sequence[ChoiceItem]], *, tokeniz
     predictions = {lang: [] for lang in items}
     for lang, answer, refs, scale in plans:
         scores = [float(scored[r][a:b].sum()) * s for (r, a, b), s in zip(refs, scale)]
-        best = max(range(len(scores)), key=lambda j: (scores[j], -j))
+        ranked = [-math.inf if math.isnan(x) else x for x in scores]    # NaN never wins
+        best = max(range(len(ranked)), key=lambda j: (ranked[j], -j))
         predictions[lang].append(best)
         correct[lang].append(best == answer)
     return EvalResult({lang: torch.tensor(c, dtype=torch.bool) for lang, c in correct.items()},
@@ -393,7 +398,7 @@ def generation_accuracy(model, items: Mapping[str, Sequence[GenerationItem]], *,
     predictions = {lang: [] for lang in items}
     bar = progress_bar(len(work), progress, "generate")
     side = tokenizer.padding_side
-    tokenizer.padding_side = "left"                      # new tokens start at one column
+    tokenizer.padding_side = "left"
     try:
         for start in range(0, len(work), batch_size):
             batch = work[start:start + batch_size]
