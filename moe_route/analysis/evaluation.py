@@ -383,7 +383,9 @@ def generation_accuracy(model, items: Mapping[str, Sequence[GenerationItem]], *,
                         progress: bool = False) -> EvalResult:
     """Generative accuracy by language (MGSM): greedy decoding of at most ``max_new_tokens``,
     the text cut at the first of ``stop``, ``extract(text)`` compared with ``extract(answer)``
-    (for the default, the last number of each). ``predictions`` hold the extracted answers."""
+    (for the default, the last number of each). ``predictions`` hold the extracted answers.
+    Greedy is ``generate(do_sample=False)``: the model's own argmax in its dtype (ties to the
+    lower token id). Prompts are left-padded, so a batch's answers start in one column."""
     _check_items("generation_accuracy", items, GenerationItem)
     _check_batch_size("generation_accuracy", batch_size)
     if tokenizer is None:
