@@ -319,7 +319,8 @@ def _model_arguments(p):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="moe-route", description=__doc__)
+    parser = argparse.ArgumentParser(prog="moe-route", description=__doc__.replace("``", ""),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="build and runtime information (for bug reports)")
     p.add_argument("--json", action="store_true", help="print JSON")

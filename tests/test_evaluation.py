@@ -297,6 +297,34 @@ def test_choice_accuracy_errors():
         ev.choice_accuracy(model, {"eng": [ev.ChoiceItem([[1]], [[2], [3]], 0)]})
 
 
+def test_prompts_keep_bos_but_not_an_appended_eos():
+    """A tokenizer that writes ``<s> TEXT </s>``: the options are scored right after the prompt
+    and generation starts right after it, with the BOS in front and no EOS in between."""
+    words = WORDS[:-1] + ["</s>"]                      # ids stay in the model's vocabulary
+    tok, eos = word_tokenizer(words, eos="</s>"), len(words) - 1
+    assert tok("w20 w21")["input_ids"] == [1, tok.convert_tokens_to_ids("w20"),
+                                           tok.convert_tokens_to_ids("w21"), eos]
+    model = _attentive(build("olmoe"))
+    text = {"eng": [ev.ChoiceItem("w20 w21 w22", [" w30", " w31 w32", " 7"], 1),
+                    ev.ChoiceItem("w40", [" w41", " w42"], 0)]}
+    ids = {"eng": [ev.ChoiceItem(tok(i.prompt)["input_ids"][:-1],
+                                 [tok(o, add_special_tokens=False)["input_ids"] for o in i.options],
+                                 i.answer) for i in text["eng"]]}
+    assert all(i.prompt[0] == 1 and eos not in i.prompt for i in ids["eng"])
+    assert ev.choice_accuracy(model, text, tokenizer=tok).predictions == \
+        _reference_choice(model, ids)
+    w = tok.convert_tokens_to_ids
+    scripted = _ScriptedModel({1: [w("4"), w("2")]})
+    items = {"eng": [ev.GenerationItem("w20 w21", "2"), ev.GenerationItem("w40", "2")]}   # "4 2"
+    got = ev.generation_accuracy(scripted, items, tokenizer=tok, max_new_tokens=2, stop=())
+    assert got.correct["eng"].tolist() == [True, True]
+    sent, mask, _ = scripted.calls[0]
+    assert sent.tolist() == [[1, w("w20"), w("w21")], [0, 1, w("w40")]]
+    assert mask.tolist() == [[1, 1, 1], [0, 1, 1]]
+    with pytest.raises(ValueError, match="the prompt '' has no tokens"):
+        ev.generation_accuracy(scripted, {"eng": [ev.GenerationItem("", "1")]}, tokenizer=tok)
+
+
 # -- generation --------------------------------------------------------------------------------
 
 def test_generation_accuracy_matches_a_greedy_loop():
@@ -323,7 +351,6 @@ def test_generation_accuracy_matches_a_greedy_loop():
     assert got.predictions == {"eng": expected[:2], "fra": expected[2:]}
     right = [e is not None and e == a for e, a in zip(expected, answers)]
     assert got.correct["eng"].tolist() == right[:2] and got.correct["fra"].tolist() == right[2:]
-    assert tok.padding_side == "right"                # restored
     with pytest.raises(ValueError, match="max_new_tokens=0 must be an int >= 1"):
         ev.generation_accuracy(model, items, tokenizer=tok, max_new_tokens=0)
     with pytest.raises(ValueError, match="pass tokenizer="):

@@ -34,6 +34,19 @@ def test_public_names():
     assert set(moe_route.ops.__all__) <= set(dir(moe_route))
 
 
+def test_cli_help_lists_one_command_per_line(capsys):
+    """The top-level help keeps the module docstring's layout: a usage line per subcommand,
+    each of which the parser knows."""
+    from moe_route.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    lines = [line.split()[1] for line in capsys.readouterr().out.splitlines()
+             if line.startswith("    moe-route ")]
+    assert lines == ["demo", "analyze", "experts", "evaluate", "compare", "supported", "info"]
+
+
 def test_info_reports_the_extension():
     info = moe_route.info()
     json.dumps(info)  # plain data, usable in bug reports

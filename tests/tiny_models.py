@@ -657,10 +657,12 @@ def selected_experts(family: str, output, k: int = 2) -> torch.Tensor:
 
 
 def word_tokenizer(words=("<pad>", "<s>", "<unk>", "user", ":", "assistant", "hello", "world",
-                          "cat", "sat")):
+                          "cat", "sat"), eos=None):
     """An in-memory fast word-level tokenizer (no downloads): ``words[i]`` is id i, text splits
     on whitespace, decoding joins with spaces, and a chat template wraps a user turn as
-    ``<s> user : TEXT assistant :``. The first three words are pad, bos and unk."""
+    ``<s> user : TEXT assistant :``. The first three words are pad, bos and unk. With ``eos``
+    (a word), encoding with special tokens writes ``<s> TEXT eos``, as tokenizers that append
+    an end of text do; without it, nothing is added."""
     tokenizers = pytest.importorskip("tokenizers")
     transformers = pytest.importorskip("transformers")
     pad, bos, unk = words[:3]
@@ -668,8 +670,12 @@ def word_tokenizer(words=("<pad>", "<s>", "<unk>", "user", ":", "assistant", "he
                                                            unk_token=unk))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     tok.decoder = tokenizers.decoders.WordPiece(prefix="##")    # joins words with spaces
+    if eos is not None:
+        tok.post_processor = tokenizers.processors.TemplateProcessing(
+            single=f"{bos} $A {eos}", special_tokens=[(bos, words.index(bos)),
+                                                      (eos, words.index(eos))])
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad,
-                                                bos_token=bos, unk_token=unk)
+                                                bos_token=bos, unk_token=unk, eos_token=eos)
     fast.chat_template = ("{% for m in messages %}<s> user : {{ m['content'] }} {% endfor %}"
                           "{% if add_generation_prompt %}assistant : {% endif %}")
     return fast

@@ -221,8 +221,10 @@ def choice_accuracy(model, items: Mapping[str, Sequence[ChoiceItem]], *, tokeniz
 
     ``items``: ``{language: [ChoiceItem]}``. Text prompts need a ``tokenizer``; the option's
     tokens are those of ``prompt + option`` beyond the prompt's own (so a BPE merge across the
-    boundary is tokenised as the model would see it). ``chat_template`` wraps the prompt as a
-    user turn with the generation prompt. Runs under whatever ``steer``/``record`` is active.
+    boundary is tokenised as the model would see it). The prompt keeps the tokenizer's leading
+    special tokens (BOS) but never a trailing one (an EOS some tokenizers append).
+    ``chat_template`` wraps the prompt as a user turn with the generation prompt. Runs under
+    whatever ``steer``/``record`` is active.
 
     Numerics: log-softmax of the logits in fp32 (whatever the model's dtype), an option's
     log-probabilities summed in float64; the best score wins, ties to the lower option index,
@@ -278,14 +280,13 @@ def _encode_choice(item: ChoiceItem, tokenizer, chat_template: bool, where: str)
         if tokenizer is None:
             raise ValueError(f"choice_accuracy: {where} is text; pass tokenizer=")
         text = _wrap(tokenizer, item.prompt, chat_template)
-        special = not chat_template
-        prompt = tokenizer(text, add_special_tokens=special)["input_ids"]
+        prompt = _prompt_ids(tokenizer, text, chat_template)
         options = []
         for option in item.options:
             if not isinstance(option, str):
                 raise TypeError(f"choice_accuracy: {where}: a text prompt needs text options, "
                                 f"got {type(option).__name__}")
-            whole = tokenizer(text + option, add_special_tokens=special)["input_ids"]
+            whole = _prompt_ids(tokenizer, text + option, chat_template)
             tail = (whole[len(prompt):] if whole[:len(prompt)] == prompt
                     else tokenizer(option, add_special_tokens=False)["input_ids"])
             options.append(list(tail))
@@ -324,13 +325,7 @@ def _score_rows(model, rows: list, batch_size: int, pad_id: int, progress: bool)
     bar = progress_bar(len(order), progress, "score")
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        width = max(len(rows[r][0]) for r in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for b, r in enumerate(batch):
-            tokens = rows[r][0]
-            ids[b, width - len(tokens):] = torch.tensor(tokens)
-            mask[b, width - len(tokens):] = 1
+        ids, mask = _left_pad([rows[r][0] for r in batch], pad_id)
         inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
         if "position_ids" in accepts:   # rotary models ignore a common shift; absolute ones do not
             inputs["position_ids"] = (mask.cumsum(1) - 1).clamp_(min=0).to(device)
@@ -385,7 +380,8 @@ def generation_accuracy(model, items: Mapping[str, Sequence[GenerationItem]], *,
     the text cut at the first of ``stop``, ``extract(text)`` compared with ``extract(answer)``
     (for the default, the last number of each). ``predictions`` hold the extracted answers.
     Greedy is ``generate(do_sample=False)``: the model's own argmax in its dtype (ties to the
-    lower token id). Prompts are left-padded, so a batch's answers start in one column."""
+    lower token id). Prompts are left-padded, so a batch's answers start in one column, and
+    keep the tokenizer's leading special tokens (BOS) but not an EOS it appends."""
     _check_items("generation_accuracy", items, GenerationItem)
     _check_batch_size("generation_accuracy", batch_size)
     if tokenizer is None:
@@ -399,18 +395,18 @@ def generation_accuracy(model, items: Mapping[str, Sequence[GenerationItem]], *,
     correct = {lang: [] for lang in items}
     predictions = {lang: [] for lang in items}
     bar = progress_bar(len(work), progress, "generate")
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     try:
         for start in range(0, len(work), batch_size):
             batch = work[start:start + batch_size]
-            texts = [_wrap(tokenizer, item.prompt, chat_template) for _, item in batch]
-            enc = tokenizer(texts, return_tensors="pt", padding=True,
-                            add_special_tokens=not chat_template)
-            out = model.generate(**{k: v.to(device) for k, v in enc.items()},
+            prompts = [_prompt_ids(tokenizer, _wrap(tokenizer, item.prompt, chat_template),
+                                   chat_template) for _, item in batch]
+            empty = next((item.prompt for p, (_, item) in zip(prompts, batch) if not p), None)
+            if empty is not None:
+                raise ValueError(f"generation_accuracy: the prompt {empty!r} has no tokens")
+            ids, mask = _left_pad(prompts, pad)
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-            new = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:],
-                                         skip_special_tokens=True)
+            new = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
             for (lang, item), text in zip(batch, new):
                 for s in stop:
                     text = text.split(s, 1)[0] if s else text
@@ -419,7 +415,6 @@ def generation_accuracy(model, items: Mapping[str, Sequence[GenerationItem]], *,
                 correct[lang].append(got is not None and got == extract(str(item.answer)))
             bar(len(batch))
     finally:
-        tokenizer.padding_side = side
         bar(None)
     return EvalResult({lang: torch.tensor(c, dtype=torch.bool) for lang, c in correct.items()},
                       predictions, {"kind": "generation", "max_new_tokens": max_new_tokens})
@@ -561,6 +556,36 @@ def _wrap(tokenizer, prompt: str, chat_template: bool) -> str:
         return prompt
     return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
+
+
+def _prompt_ids(tokenizer, text: str, chat_template: bool) -> list:
+    """The token ids of a prompt: the tokenizer's leading special tokens (BOS) unless the text
+    is a chat template's (which writes its own), and none after the text. Some tokenizers
+    append EOS; the answer must follow the prompt, not an end of text."""
+    if chat_template:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    plain = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if plain and ids[len(ids) - len(plain):] == plain:
+        return ids
+    for start in range(len(ids) - len(plain), -1, -1) if plain else ():
+        if ids[start:start + len(plain)] == plain:          # specials after the text: cut them
+            return ids[:start + len(plain)]
+    specials = set(getattr(tokenizer, "all_special_ids", ()))   # no match: cut trailing ones
+    while ids and ids[-1] in specials:
+        ids.pop()
+    return ids
+
+
+def _left_pad(rows: list, pad_id: int):
+    """``(input_ids, attention_mask)`` ``[len(rows), longest]`` int64, the rows right-aligned."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, tokens in enumerate(rows):
+        ids[b, width - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
+        mask[b, width - len(tokens):] = 1
+    return ids, mask
 
 
 def _pad_id(tokenizer) -> int:
