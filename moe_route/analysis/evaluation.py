@@ -37,6 +37,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 
 from moe_route._atomic import write_text_atomic
+from moe_route.analysis.inputs import chat_wrap, check_batch_size, from_hub
 from moe_route.analysis.progress import progress_bar
 
 __all__ = ["ChoiceItem", "GenerationItem", "EvalResult", "PairedComparison", "choice_accuracy",
@@ -233,7 +234,7 @@ def choice_accuracy(model, items: Mapping[str, Sequence[ChoiceItem]], *, tokeniz
     _check_items("choice_accuracy", items, ChoiceItem)
     if normalize not in _NORMALIZE:
         raise ValueError(f"choice_accuracy: normalize={normalize!r} must be one of {_NORMALIZE}")
-    _check_batch_size("choice_accuracy", batch_size)
+    check_batch_size("choice_accuracy", batch_size)
     # rows: (tokens, reads); a read (back, token) is the log-probability of token at the
     # position `back` from the end. plans: per question, which reads make each option's score.
     rows, plans = [], []
@@ -279,7 +280,7 @@ def _encode_choice(item: ChoiceItem, tokenizer, chat_template: bool, where: str)
     if isinstance(item.prompt, str):
         if tokenizer is None:
             raise ValueError(f"choice_accuracy: {where} is text; pass tokenizer=")
-        text = _wrap(tokenizer, item.prompt, chat_template)
+        text = chat_wrap(tokenizer, item.prompt, chat_template)
         prompt = _prompt_ids(tokenizer, text, chat_template)
         options = []
         for option in item.options:
@@ -383,7 +384,7 @@ def generation_accuracy(model, items: Mapping[str, Sequence[GenerationItem]], *,
     lower token id). Prompts are left-padded, so a batch's answers start in one column, and
     keep the tokenizer's leading special tokens (BOS) but not an EOS it appends."""
     _check_items("generation_accuracy", items, GenerationItem)
-    _check_batch_size("generation_accuracy", batch_size)
+    check_batch_size("generation_accuracy", batch_size)
     if tokenizer is None:
         raise ValueError("generation_accuracy: pass tokenizer= (the prompts are text)")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -398,7 +399,7 @@ def generation_accuracy(model, items: Mapping[str, Sequence[GenerationItem]], *,
     try:
         for start in range(0, len(work), batch_size):
             batch = work[start:start + batch_size]
-            prompts = [_prompt_ids(tokenizer, _wrap(tokenizer, item.prompt, chat_template),
+            prompts = [_prompt_ids(tokenizer, chat_wrap(tokenizer, item.prompt, chat_template),
                                    chat_template) for _, item in batch]
             empty = next((item.prompt for p, (_, item) in zip(prompts, batch) if not p), None)
             if empty is not None:
@@ -437,7 +438,7 @@ def load_choice_task(source, languages: Optional[Sequence[str]] = None, *,
       question).
     """
     if source in CHOICE_DATASETS:
-        return _from_hub("load_choice_task", source, languages, limit, _belebele_item,
+        return from_hub("load_choice_task", source, languages, limit, _belebele_item,
                          lambda datasets, lang: datasets.load_dataset("facebook/belebele",
                                                                       split=lang))
     rows = _jsonl("load_choice_task", source)
@@ -475,7 +476,7 @@ def load_generation_task(source, languages: Optional[Sequence[str]] = None, *,
       answered by ``answer_number``.
     """
     if source in GENERATION_DATASETS:
-        return _from_hub("load_generation_task", source, languages, limit, _mgsm_item,
+        return from_hub("load_generation_task", source, languages, limit, _mgsm_item,
                          lambda datasets, lang: datasets.load_dataset("juletxara/mgsm", lang,
                                                                       split="test"))
     out = {}
@@ -521,18 +522,6 @@ def _mgsm_item(row) -> GenerationItem:
     return GenerationItem(f"Question: {row['question']}\nAnswer:", str(row["answer_number"]))
 
 
-def _from_hub(caller: str, source: str, languages, limit, make_item, split) -> dict:
-    """``{language: [make_item(row)]}`` over ``split(datasets, language)`` of a Hub dataset."""
-    if not languages:
-        raise ValueError(f"{caller}: source={source!r} needs languages=[...]")
-    try:
-        import datasets
-    except ImportError:
-        raise ImportError(f"{caller}: source={source!r} needs the `datasets` package "
-                          f"(pip install datasets)") from None
-    return {lang: [make_item(row) for row in split(datasets, lang)][:limit] for lang in languages}
-
-
 # -- shared ------------------------------------------------------------------------------------
 
 def _check_items(caller: str, items, kind) -> None:
@@ -544,18 +533,6 @@ def _check_items(caller: str, items, kind) -> None:
         if bad is not None:
             raise TypeError(f"{caller}: items[{lang!r}] must hold {kind.__name__}s, got "
                             f"{type(bad).__name__}")
-
-
-def _check_batch_size(caller: str, batch_size) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"{caller}: batch_size={batch_size!r} must be an int >= 1")
-
-
-def _wrap(tokenizer, prompt: str, chat_template: bool) -> str:
-    if not chat_template:
-        return prompt
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
 
 
 def _prompt_ids(tokenizer, text: str, chat_template: bool) -> list:

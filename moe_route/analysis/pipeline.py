@@ -23,8 +23,8 @@ from typing import Optional, Union
 
 import torch
 
-from moe_route.analysis.evaluation import (EvalResult, _check_batch_size, _from_hub,
-                                           _wrap, paired_comparison)
+from moe_route.analysis.evaluation import EvalResult, paired_comparison
+from moe_route.analysis.inputs import chat_wrap, check_batch_size, from_hub
 from moe_route.analysis.progress import progress_bar
 from moe_route.recording import record
 from moe_route.stats import RoutingStats
@@ -89,10 +89,10 @@ def load_parallel(source, languages: Optional[Sequence[str]] = None, *, limit: O
 
 def _load_hub(source: str, languages, split):
     if "flores" in source:
-        return _from_hub("load_parallel", source, languages, None, lambda row: row["sentence"],
+        return from_hub("load_parallel", source, languages, None, lambda row: row["sentence"],
                          lambda datasets, lang: datasets.load_dataset("facebook/flores", lang,
                                                                       split=split))
-    passages = _from_hub("load_parallel", source, languages, None,
+    passages = from_hub("load_parallel", source, languages, None,
                          lambda row: row["flores_passage"],
                          lambda datasets, lang: datasets.load_dataset("facebook/belebele",
                                                                       split=lang))
@@ -101,7 +101,7 @@ def _load_hub(source: str, languages, split):
 
 def _encode(texts: Sequence[str], tokenizer, chat_template: bool, max_length: Optional[int]):
     """``input_ids``, ``attention_mask`` and a ``[B, S]`` mask of the text's own tokens."""
-    wrapped = [_wrap(tokenizer, t, chat_template) for t in texts]
+    wrapped = [chat_wrap(tokenizer, t, chat_template) for t in texts]
     enc = tokenizer(wrapped, return_tensors="pt", padding=True, truncation=max_length is not None,
                     max_length=max_length, return_offsets_mapping=True, add_special_tokens=not chat_template)
     offsets = enc.pop("offset_mapping")                       # [B, S, 2] character spans
@@ -126,7 +126,7 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
     """
     if not isinstance(corpus, Mapping) or not corpus:
         raise ValueError("record_sequences: corpus must be a non-empty {language: sequences} mapping")
-    _check_batch_size("record_sequences", batch_size)
+    check_batch_size("record_sequences", batch_size)
     device = device or next(model.parameters()).device
     batches = [(lang, i) for lang, seqs in corpus.items() for i in range(0, len(seqs), batch_size)]
     bar = progress_bar(len(batches), progress, "record")
