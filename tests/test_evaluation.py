@@ -198,6 +198,27 @@ def test_choice_accuracy_matches_unbatched_scoring(family, normalize):
     assert got.meta["normalize"] == normalize
 
 
+def test_left_padding_gives_absolute_positions_from_the_mask():
+    """On a model with learned absolute positions (GPT-2), a left-padded batch scores as the
+    unpadded forwards only because position ids are taken from the mask; rotary models cannot
+    tell (a common shift cancels), so this is the test of it."""
+    config = transformers.GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2,
+                                     n_head=2)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        model.transformer.wpe.weight.normal_(0, 2.0)     # positions move the scores a lot
+    items = {"eng": _random_items(3, 30)}
+    got = ev.choice_accuracy(model, items, batch_size=6)
+    assert got.predictions == _reference_choice(model, items)
+    # the same batch without position ids scores differently: the model is position-sensitive
+    ids, mask = ev._left_pad([[5, 6, 7], [8]], 0)
+    with torch.no_grad():
+        shifted = model(input_ids=ids, attention_mask=mask).logits[1, -1]
+        alone = model(input_ids=torch.tensor([[8]])).logits[0, -1]
+    assert not torch.allclose(shifted, alone, atol=1e-3)
+
+
 WORDS = (["<pad>", "<s>", "<unk>", "user", ":", "assistant"] + [str(d) for d in range(10)]
          + [f"w{i}" for i in range(16, 96)])
 
