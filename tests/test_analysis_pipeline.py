@@ -34,7 +34,7 @@ def test_load_parallel_tsv_and_jsonl(tmp_path):
 
 def test_load_parallel_from_the_hub_through_a_stand_in(monkeypatch):
     """FLORES by language config and split (field ``sentence``), Belebele by language split with
-    its passages kept once each, in order; the Hub itself is not reachable here."""
+    its passages kept once each (by link, sorted); the Hub itself is not reachable here."""
     import types
 
     calls = []
@@ -43,16 +43,24 @@ def test_load_parallel_from_the_hub_through_a_stand_in(monkeypatch):
         calls.append((name, config, split))
         if name == "facebook/flores":
             return [{"sentence": f"{config} {i}"} for i in range(3)]
-        return [{"flores_passage": p} for p in (f"{split} a", f"{split} a", f"{split} b")]
+        if split == "swh_Latn":     # no links: one per passage text, in row order
+            return [{"flores_passage": p} for p in (f"{split} a", f"{split} a", f"{split} b")]
+        links = ["u/2", "u/1", "u/2", "u/3"] if split == "eng_Latn" else ["u/3", "u/2", "u/1"]
+        return [{"flores_passage": f"{split} {link}", "link": link} for link in links]
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     assert pipeline.load_parallel("flores", ["eng_Latn", "fra_Latn"], limit=2) == {
         "eng_Latn": ["eng_Latn 0", "eng_Latn 1"], "fra_Latn": ["fra_Latn 0", "fra_Latn 1"]}
     assert pipeline.load_parallel("belebele", ["swh_Latn"]) == {"swh_Latn": ["swh_Latn a",
                                                                              "swh_Latn b"]}
-    assert calls == [("facebook/flores", "eng_Latn", "devtest"),
-                     ("facebook/flores", "fra_Latn", "devtest"),
-                     ("facebook/belebele", None, "swh_Latn")]
+    # with links: one per link, sorted by it, so differently ordered splits line up
+    assert pipeline.load_parallel("belebele", ["eng_Latn", "fra_Latn"]) == {
+        "eng_Latn": ["eng_Latn u/1", "eng_Latn u/2", "eng_Latn u/3"],
+        "fra_Latn": ["fra_Latn u/1", "fra_Latn u/2", "fra_Latn u/3"]}
+    assert calls[:4] == [("facebook/flores", "eng_Latn", "devtest"),
+                         ("facebook/flores", "fra_Latn", "devtest"),
+                         ("facebook/belebele", None, "swh_Latn"),
+                         ("facebook/belebele", None, "eng_Latn")]
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(ImportError, match="load_parallel: source='flores' needs the `datasets`"):
         pipeline.load_parallel("flores", ["eng_Latn"])

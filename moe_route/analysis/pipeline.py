@@ -45,7 +45,8 @@ def load_parallel(source, languages: Optional[Sequence[str]] = None, *, limit: O
       * ``"flores"`` / ``"facebook/flores"``: FLORES-200 through ``datasets`` (config per language,
         field ``sentence``, split ``split``), when the user has it (it is gated on the Hub);
       * ``"belebele"`` / ``"facebook/belebele"``: Belebele passages (``flores_passage``) per
-        language split, deduplicated in order.
+        language split, one per source ``link``, sorted by it (the paper's ~488 passages); by
+        text in row order if rows carry no link.
     ``languages`` selects and orders the columns (default: all in a file); ``limit`` keeps the first
     sentences. Every language must have the same number of sentences.
     """
@@ -92,11 +93,19 @@ def _load_hub(source: str, languages, split):
         return from_hub("load_parallel", source, languages, None, lambda row: row["sentence"],
                          lambda datasets, lang: datasets.load_dataset("facebook/flores", lang,
                                                                       split=split))
-    passages = from_hub("load_parallel", source, languages, None,
-                         lambda row: row["flores_passage"],
-                         lambda datasets, lang: datasets.load_dataset("facebook/belebele",
-                                                                      split=lang))
-    return {lang: list(dict.fromkeys(p)) for lang, p in passages.items()}   # one per passage
+    rows = from_hub("load_parallel", source, languages, None,
+                    lambda row: (row.get("link"), row["flores_passage"]),
+                    lambda datasets, lang: datasets.load_dataset("facebook/belebele", split=lang))
+    return {lang: _passages(r) for lang, r in rows.items()}
+
+
+def _passages(rows: list) -> list:
+    """Belebele's FLORES passages, one each (several questions share a passage): by source link,
+    sorted by it, so the languages line up whatever their row order; by text, in row order, if
+    a row has no link."""
+    if all(link for link, _ in rows):
+        return [passage for _, passage in sorted(dict(reversed(rows)).items())]
+    return list(dict.fromkeys(passage for _, passage in rows))
 
 
 def _encode(texts: Sequence[str], tokenizer, chat_template: bool, max_length: Optional[int]):
