@@ -3,7 +3,7 @@
     moe-route demo [--out DIR]                 the study on the planted model, offline (< 2 min)
     moe-route analyze MODEL --data F --languages ... --reference L --out DIR
     moe-route experts MODEL --task F --baseline F --tau T [--layers A-B] --out plan.json
-    moe-route evaluate MODEL --task belebele|mgsm|F.jsonl [--plan plan.json] --out DIR
+    moe-route evaluate MODEL --task belebele|mgsm|F.jsonl [--shots N] [--plan P] --out DIR
     moe-route compare TRACE_A TRACE_B          routing agreement of two traces, per layer
     moe-route supported                        transformers MoE families and their status
     moe-route info | bench [--op gate|dispatch|block]
@@ -210,6 +210,13 @@ def _evaluate(args) -> int:
         load = (evaluation.load_choice_task if kind == "choice"
                 else evaluation.load_generation_task)
         items = load(args.task, args.languages, limit=args.limit)
+        if args.shots_from and not args.shots:
+            raise ValueError("--shots-from needs --shots N (N >= 1)")
+        if args.shots:
+            pool = load(args.shots_from) if args.shots_from else items
+            if args.shots_from and len(pool) == 1:      # one language's examples for all
+                pool = next(iter(pool.values()))
+            items = evaluation.few_shot(items, pool, args.shots)
         plan = SteeringPlan.load(args.plan) if args.plan else None
     except (OSError, ValueError) as exc:
         print(f"moe-route evaluate: {exc}", file=sys.stderr)
@@ -226,7 +233,8 @@ def _evaluate(args) -> int:
 
     def evaluate():
         result = run(model, items, **options)
-        result.meta.update(model=args.model, task=str(args.task),
+        result.meta.update(model=args.model, task=str(args.task), shots=args.shots,
+                           shots_from=args.shots_from,
                            plan=str(args.plan) if results and args.plan else None)
         results.append(result)
         return result
@@ -393,6 +401,13 @@ def main(argv=None) -> int:
     p.add_argument("--normalize", choices=["none", "tokens", "bytes"], default="none",
                    help="multiple choice: divide an option's log-likelihood by its length")
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation: at most")
+    p.add_argument("--shots", type=int, default=0,
+                   help="solved examples before each question (default 0): the first N other "
+                        "questions of its language, or of --shots-from")
+    p.add_argument("--shots-from",
+                   help="a .jsonl file of solved examples in the task's format (generation: "
+                        "the answer may be a worked solution ending in the number); one "
+                        "language in it serves every language")
     p.add_argument("--out", required=True,
                    help="directory for baseline.json (and steered.json, ab.json with --plan)")
     p.set_defaults(func=_evaluate)

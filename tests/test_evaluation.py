@@ -296,7 +296,7 @@ def test_choice_accuracy_errors():
     ok = ev.ChoiceItem([1, 2], [[3], [4]], 0)
     with pytest.raises(ValueError, match="non-empty"):
         ev.choice_accuracy(model, {})
-    with pytest.raises(TypeError, match=r"items\['eng'\] must hold ChoiceItems, got dict"):
+    with pytest.raises(TypeError, match=r"items\['eng'\] must hold ChoiceItem items, got dict"):
         ev.choice_accuracy(model, {"eng": [{"prompt": "x"}]})
     with pytest.raises(ValueError, match="normalize='max' must be one of"):
         ev.choice_accuracy(model, {"eng": [ok]}, normalize="max")
@@ -413,6 +413,52 @@ def test_generation_cuts_at_stop_strings_and_reads_the_last_number():
     assert again.predictions["eng"][0] == "7"
 
 
+# -- few-shot prompts --------------------------------------------------------------------------
+
+def test_few_shot_prompts_known_answer():
+    """Examples drawn from the task itself skip the question; a sequence serves every
+    language; a choice example shows its right option, a generation example its answer."""
+    gen = {"eng": [ev.GenerationItem("Q: 1+1\nA:", "2"), ev.GenerationItem("Q: 2+2\nA:", "4"),
+                   ev.GenerationItem("Q: 3+3\nA:", "6")]}
+    got = ev.few_shot(gen, gen, 2)
+    assert [g.prompt for g in got["eng"]] == [
+        "Q: 2+2\nA: 4\n\nQ: 3+3\nA: 6\n\nQ: 1+1\nA:",
+        "Q: 1+1\nA: 2\n\nQ: 3+3\nA: 6\n\nQ: 2+2\nA:",
+        "Q: 1+1\nA: 2\n\nQ: 2+2\nA: 4\n\nQ: 3+3\nA:"]
+    assert [g.answer for g in got["eng"]] == ["2", "4", "6"]
+    assert ev.few_shot(gen, gen, 0) == gen
+    choice = {"fra": [ev.ChoiceItem("Le chat ?", [" A", " B"], 1)],
+              "swh": [ev.ChoiceItem("Paka ?", [" A", " B"], 0)]}
+    english = [ev.ChoiceItem("The cat?", [" A", " B"], 0), ev.ChoiceItem("A dog?", [" A", " B"], 1)]
+    got = ev.few_shot(choice, english, 2, separator="\n")
+    assert got["fra"][0] == ev.ChoiceItem("The cat? A\nA dog? B\nLe chat ?", [" A", " B"], 1)
+    assert got["swh"][0].prompt == "The cat? A\nA dog? B\nPaka ?"
+    # a worked solution as a generation example: its last number is the answer
+    worked = [ev.GenerationItem("Q: 5-2\nA:", "5 take away 2 leaves 3. The answer is 3")]
+    assert ev.few_shot(gen, worked, 1)["eng"][0].prompt.startswith("Q: 5-2\nA: 5 take away")
+    assert ev.last_number(worked[0].answer) == "3"
+
+
+def test_few_shot_errors():
+    gen = {"eng": [ev.GenerationItem("a", "1"), ev.GenerationItem("b", "2")]}
+    with pytest.raises(ValueError, match="shots=-1 must be an int >= 0"):
+        ev.few_shot(gen, gen, -1)
+    with pytest.raises(ValueError, match=r"items\['eng'\]\[0\] needs 2 examples, the exemplars "
+                                         r"for 'eng' give 1"):
+        ev.few_shot(gen, gen, 2)
+    with pytest.raises(ValueError, match=r"exemplars has no \['eng'\]; it has \['fra'\]"):
+        ev.few_shot(gen, {"fra": gen["eng"]}, 1)
+    with pytest.raises(TypeError, match="exemplars must be a"):
+        ev.few_shot(gen, "examples", 1)
+    with pytest.raises(TypeError, match="exemplar 0 for 'eng' must be a ChoiceItem or "
+                                        "GenerationItem with a text prompt"):
+        ev.few_shot(gen, [{"prompt": "x"}], 1)
+    with pytest.raises(TypeError, match="token-id prompt"):
+        ev.few_shot({"eng": [ev.ChoiceItem([1, 2], [[3], [4]], 0)]}, gen["eng"], 1)
+    with pytest.raises(ValueError, match="answer=5 must index a text option"):
+        ev.few_shot(gen, [ev.ChoiceItem("q", [" a", " b"], 5)], 1)
+
+
 # -- data --------------------------------------------------------------------------------------
 
 def test_load_choice_and_generation_tasks_from_jsonl(tmp_path):
@@ -524,3 +570,14 @@ def test_cli_evaluate_with_a_plan_on_a_saved_model(tmp_path):
     out = run("evaluate", str(model_dir), "--task", str(tmp_path / "nope.tsv"), "--out",
               str(tmp_path / "res2"))
     assert out.returncode == 2 and "must be belebele, mgsm or a .jsonl file" in out.stderr
+    # --shots: the first 2 other questions of the language before each (and recorded in meta)
+    out = run("evaluate", str(model_dir), "--task", str(task), "--shots", "2", "--dtype", "fp32",
+              "--out", str(tmp_path / "res3"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    shot = ev.EvalResult.load(tmp_path / "res3" / "baseline.json")
+    assert shot.predictions == ev.choice_accuracy(model, ev.few_shot(items, items, 2),
+                                                  tokenizer=tok).predictions
+    assert shot.meta["shots"] == 2 and shot.meta["shots_from"] is None
+    out = run("evaluate", str(model_dir), "--task", str(task), "--shots-from", str(task),
+              "--out", str(tmp_path / "res4"))
+    assert out.returncode == 2 and "--shots-from needs --shots N" in out.stderr

@@ -16,10 +16,10 @@ from moe_route.analysis.experts import (delta_frequency, expert_overlap, experts
                                         layer_keys, mean_activation_frequency, plan_from_experts,
                                         task_experts)
 from moe_route.analysis.evaluation import (ChoiceItem, EvalResult, GenerationItem,
-                                           PairedComparison, choice_accuracy, format_paired,
-                                           generation_accuracy, last_number, load_choice_task,
-                                           load_generation_task, mcnemar_exact,
-                                           paired_comparison)
+                                           PairedComparison, choice_accuracy, few_shot,
+                                           format_paired, generation_accuracy, last_number,
+                                           load_choice_task, load_generation_task,
+                                           mcnemar_exact, paired_comparison)
 from moe_route.analysis.pipeline import ab_test, load_parallel, record_parallel, record_sequences
 from moe_route.analysis.report import write_report
 from moe_route.analysis.metrics import (DivergenceCorrelation, LoadBalance, ParallelGroups,

@@ -42,8 +42,7 @@ from moe_route.analysis.progress import progress_bar
 
 __all__ = ["ChoiceItem", "GenerationItem", "EvalResult", "PairedComparison", "choice_accuracy",
            "generation_accuracy", "paired_comparison", "format_paired", "mcnemar_exact",
-           "last_number",
-           "load_choice_task", "load_generation_task"]
+           "last_number", "few_shot", "load_choice_task", "load_generation_task"]
 
 EVAL_FORMAT = "moe_route.eval"
 EVAL_VERSION = 1
@@ -421,6 +420,71 @@ def generation_accuracy(model, items: Mapping[str, Sequence[GenerationItem]], *,
                       predictions, {"kind": "generation", "max_new_tokens": max_new_tokens})
 
 
+# -- few-shot prompts --------------------------------------------------------------------------
+
+def few_shot(items: Mapping[str, Sequence], exemplars, shots: int, *,
+             separator: str = "\n\n") -> dict:
+    """The same questions with ``shots`` solved examples written before each prompt.
+
+    ``items``: ``{language: [ChoiceItem | GenerationItem]}`` with text prompts. ``exemplars``:
+    solved questions of the same kind, ``{language: [...]}`` (each language its own) or one
+    sequence for every language (e.g. English examples for all); pass ``items`` itself to draw
+    them from the task. An example reads as its prompt followed by its answer: the right option
+    of a ChoiceItem, ``" " + answer`` of a GenerationItem (so a worked solution whose last number
+    is the result makes a chain-of-thought example). Each question takes the first ``shots``
+    examples in order whose prompt differs from its own, joined by ``separator``; the result is
+    deterministic, and a question never sees itself.
+    """
+    _check_items("few_shot", items, (ChoiceItem, GenerationItem))
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 0:
+        raise ValueError(f"few_shot: shots={shots!r} must be an int >= 0")
+    if not isinstance(separator, str):
+        raise TypeError(f"few_shot: separator must be str, got {type(separator).__name__}")
+    if isinstance(exemplars, Mapping):
+        missing = [lang for lang in items if lang not in exemplars]
+        if missing:
+            raise ValueError(f"few_shot: exemplars has no {missing}; it has {sorted(exemplars)} "
+                             f"(or pass one sequence for every language)")
+        pools = {lang: list(exemplars[lang]) for lang in items}
+    elif isinstance(exemplars, Sequence) and not isinstance(exemplars, str):
+        pools = {lang: list(exemplars) for lang in items}
+    else:
+        raise TypeError(f"few_shot: exemplars must be a {{language: [items]}} mapping or a "
+                        f"sequence of items, got {type(exemplars).__name__}")
+    out = {}
+    for lang, questions in items.items():
+        shown = [(_solved(e, lang, n), e.prompt) for n, e in enumerate(pools[lang])]
+        out[lang] = []
+        for q, item in enumerate(questions):
+            if not isinstance(item.prompt, str):
+                raise TypeError(f"few_shot: items[{lang!r}][{q}] has a token-id prompt; "
+                                f"few-shot prompts are text")
+            chosen = [text for text, prompt in shown if prompt != item.prompt][:shots]
+            if len(chosen) < shots:
+                raise ValueError(f"few_shot: items[{lang!r}][{q}] needs {shots} examples, the "
+                                 f"exemplars for {lang!r} give {len(chosen)}")
+            prompt = separator.join(chosen + [item.prompt])
+            out[lang].append(ChoiceItem(prompt, item.options, item.answer)
+                             if isinstance(item, ChoiceItem)
+                             else GenerationItem(prompt, item.answer))
+    return out
+
+
+def _solved(example, lang: str, n: int) -> str:
+    if not isinstance(example, (ChoiceItem, GenerationItem)) or not isinstance(example.prompt,
+                                                                                str):
+        raise TypeError(f"few_shot: exemplar {n} for {lang!r} must be a ChoiceItem or "
+                        f"GenerationItem with a text prompt, got {example!r:.80}")
+    if isinstance(example, GenerationItem):
+        return f"{example.prompt} {example.answer}"
+    answer = example.answer
+    if not isinstance(answer, int) or isinstance(answer, bool) or not (
+            0 <= answer < len(example.options)) or not isinstance(example.options[answer], str):
+        raise ValueError(f"few_shot: exemplar {n} for {lang!r}: answer={answer!r} must index a "
+                         f"text option")
+    return example.prompt + example.options[answer]
+
+
 # -- data --------------------------------------------------------------------------------------
 
 _LETTERS = "ABCDEFGHIJ"
@@ -525,13 +589,15 @@ def _mgsm_item(row) -> GenerationItem:
 # -- shared ------------------------------------------------------------------------------------
 
 def _check_items(caller: str, items, kind) -> None:
+    """``kind``: the item class, or a tuple of the classes allowed."""
+    name = " | ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
     if not isinstance(items, Mapping) or not items:
-        raise ValueError(f"{caller}: items must be a non-empty {{language: [{kind.__name__}]}} "
+        raise ValueError(f"{caller}: items must be a non-empty {{language: [{name}]}} "
                          f"mapping, got {type(items).__name__}")
     for lang, questions in items.items():
         bad = next((q for q in questions if not isinstance(q, kind)), None)
         if bad is not None:
-            raise TypeError(f"{caller}: items[{lang!r}] must hold {kind.__name__}s, got "
+            raise TypeError(f"{caller}: items[{lang!r}] must hold {name} items, got "
                             f"{type(bad).__name__}")
 
 
