@@ -21,6 +21,8 @@ would make them.
   the last positions are computed (``logits_to_keep``).
 * **Generation** (MGSM): greedy ``generate``, the text cut at the first stop string, the last
   number in it compared with the answer (digits of any script, ``1,234.50`` == ``1234.5``).
+* **Few-shot** prompts: ``few_shot(items, exemplars, n)`` writes n solved examples before each
+  question (per language, or one set for every language; never the question itself).
 """
 from __future__ import annotations
 
