@@ -3,7 +3,8 @@
     moe-route demo [--out DIR]                 the study on the planted model, offline (< 2 min)
     moe-route analyze MODEL --data F --languages ... --reference L --out DIR
     moe-route experts MODEL --task F --baseline F --tau T [--layers A-B] --out plan.json
-    moe-route evaluate MODEL --task belebele|mgsm|F.jsonl [--shots N] [--plan P] --out DIR
+    moe-route evaluate MODEL --task belebele|global_mmlu|mgsm|F.jsonl [--shots N] [--plan P]
+                       --out DIR
     moe-route compare TRACE_A TRACE_B          routing agreement of two traces, per layer
     moe-route supported                        transformers MoE families and their status
     moe-route info | bench [--op gate|dispatch|block]
@@ -209,11 +210,18 @@ def _evaluate(args) -> int:
         kind = _task_kind(args.task)
         load = (evaluation.load_choice_task if kind == "choice"
                 else evaluation.load_generation_task)
-        items = load(args.task, args.languages, limit=args.limit)
+        hub = {"subjects": args.subjects} if args.subjects else {}
+        items = load(args.task, args.languages, limit=args.limit, **hub)
         if args.shots_from and not args.shots:
             raise ValueError("--shots-from needs --shots N (N >= 1)")
         if args.shots:
-            pool = load(args.shots_from) if args.shots_from else items
+            if args.shots_from and not args.shots_from.endswith(".jsonl"):   # a Hub split
+                if args.task not in evaluation.GLOBAL_MMLU:
+                    raise ValueError(f"--shots-from {args.shots_from!r} must be a .jsonl file "
+                                     f"(a split name works with --task global_mmlu)")
+                pool = load(args.task, args.languages, split=args.shots_from, **hub)
+            else:
+                pool = load(args.shots_from) if args.shots_from else items
             if args.shots_from and len(pool) == 1:      # one language's examples for all
                 pool = next(iter(pool.values()))
             items = evaluation.few_shot(items, pool, args.shots)
@@ -265,7 +273,8 @@ def _task_kind(source) -> str:
     if source in GENERATION_DATASETS:
         return "generation"
     if not str(source).endswith(".jsonl"):
-        raise ValueError(f"--task {source!r} must be belebele, mgsm or a .jsonl file")
+        raise ValueError(f"--task {source!r} must be belebele, global_mmlu, mgsm or a .jsonl "
+                         f"file")
     with open(source, encoding="utf-8") as f:
         first = next((line for line in f if line.strip()), None)
     if first is None:
@@ -390,9 +399,11 @@ def main(argv=None) -> int:
                                         "steered run against the plain one, question by question")
     _model_arguments(p)
     p.add_argument("--task", required=True,
-                   help="belebele (multiple choice), mgsm (generation; both from the Hub), or a "
-                        ".jsonl file: {language, prompt, options, answer} per line for multiple "
-                        "choice, {language, prompt, answer} for generation")
+                   help="belebele or global_mmlu (multiple choice), mgsm (generation; all from "
+                        "the Hub), or a .jsonl file: {language, prompt, options, answer} per "
+                        "line for multiple choice, {language, prompt, answer} for generation")
+    p.add_argument("--subjects", nargs="+",
+                   help="global_mmlu: keep these subjects or subject categories (e.g. medical)")
     p.add_argument("--languages", nargs="+",
                    help="language splits/configs (needed for belebele and mgsm; default: all "
                         "in the file)")
@@ -406,8 +417,9 @@ def main(argv=None) -> int:
                         "questions of its language, or of --shots-from")
     p.add_argument("--shots-from",
                    help="a .jsonl file of solved examples in the task's format (generation: "
-                        "the answer may be a worked solution ending in the number); one "
-                        "language in it serves every language")
+                        "the answer may be a worked solution ending in the number; one "
+                        "language in it serves every language), or a split of the Hub task "
+                        "(global_mmlu: dev)")
     p.add_argument("--out", required=True,
                    help="directory for baseline.json (and steered.json, ab.json with --plan)")
     p.set_defaults(func=_evaluate)

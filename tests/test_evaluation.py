@@ -534,6 +534,49 @@ def test_hub_tasks_through_a_stand_in_datasets_module(monkeypatch):
         ev.load_choice_task("belebele", ["eng_Latn"])
 
 
+def test_global_mmlu_through_a_stand_in_datasets_module(monkeypatch):
+    """Global-MMLU by language config and split, the letter answer as the option index, the
+    subject filter (subject or category, any case) before the limit."""
+    calls = []
+
+    def row(i, subject, category, answer):
+        return {"sample_id": f"{subject}/{i}", "subject": subject, "subject_category": category,
+                "question": f"q{i}?", "option_a": "a", "option_b": "b", "option_c": "c",
+                "option_d": "d", "answer": answer}
+
+    data = [row(0, "astronomy", "STEM", "B"), row(1, "anatomy", "Medical", "D"),
+            row(2, "virology", "Medical", "A"), row(3, "nutrition", "Medical", "C")]
+
+    def load_dataset(name, config=None, split=None):
+        calls.append((name, config, split))
+        return data
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    items = ev.load_choice_task("global_mmlu", ["sw"])
+    assert items["sw"][0] == ev.ChoiceItem("q0?\nA. a\nB. b\nC. c\nD. d\nAnswer:",
+                                           [" A", " B", " C", " D"], 1)
+    assert [i.answer for i in items["sw"]] == [1, 3, 0, 2]
+    medical = ev.load_choice_task("CohereLabs/Global-MMLU", ["en", "sw"], subjects=["MEDICAL"],
+                                  limit=2)
+    assert [i.prompt[:3] for i in medical["en"]] == ["q1?", "q2?"]
+    assert [i.prompt[:3] for i in ev.load_choice_task(
+        "global_mmlu", ["en"], subjects=["astronomy", "nutrition"], split="dev")["en"]] == \
+        ["q0?", "q3?"]
+    assert calls == [("CohereLabs/Global-MMLU", "sw", "test"),
+                     ("CohereLabs/Global-MMLU", "en", "test"),
+                     ("CohereLabs/Global-MMLU", "sw", "test"),
+                     ("CohereLabs/Global-MMLU", "en", "dev")]
+    with pytest.raises(ValueError, match="subjects= applies to Global-MMLU, not 'belebele'"):
+        ev.load_choice_task("belebele", ["eng_Latn"], subjects=["medical"])
+    with pytest.raises(ValueError, match="split='dev' applies to Global-MMLU"):
+        ev.load_choice_task("belebele", ["eng_Latn"], split="dev")
+    with pytest.raises(TypeError, match="subjects must be a list of names"):
+        ev.load_choice_task("global_mmlu", ["en"], subjects="medical")
+    data.append(row(4, "anatomy", "Medical", "E"))
+    with pytest.raises(ValueError, match="'anatomy/4' has answer 'E', expected a letter A-D"):
+        ev.load_choice_task("global_mmlu", ["en"])
+
+
 # -- CLI ---------------------------------------------------------------------------------------
 
 def test_cli_evaluate_with_a_plan_on_a_saved_model(tmp_path):
@@ -569,7 +612,7 @@ def test_cli_evaluate_with_a_plan_on_a_saved_model(tmp_path):
     assert steered.meta["plan"] == str(plan_path) and base.meta["plan"] is None
     out = run("evaluate", str(model_dir), "--task", str(tmp_path / "nope.tsv"), "--out",
               str(tmp_path / "res2"))
-    assert out.returncode == 2 and "must be belebele, mgsm or a .jsonl file" in out.stderr
+    assert out.returncode == 2 and "must be belebele, global_mmlu, mgsm or a .jsonl" in out.stderr
     # --shots: the first 2 other questions of the language before each (and recorded in meta)
     out = run("evaluate", str(model_dir), "--task", str(task), "--shots", "2", "--dtype", "fp32",
               "--out", str(tmp_path / "res3"))
@@ -581,3 +624,6 @@ def test_cli_evaluate_with_a_plan_on_a_saved_model(tmp_path):
     out = run("evaluate", str(model_dir), "--task", str(task), "--shots-from", str(task),
               "--out", str(tmp_path / "res4"))
     assert out.returncode == 2 and "--shots-from needs --shots N" in out.stderr
+    out = run("evaluate", str(model_dir), "--task", str(task), "--shots", "1", "--shots-from",
+              "dev", "--out", str(tmp_path / "res5"))
+    assert out.returncode == 2 and "(a split name works with --task global_mmlu)" in out.stderr

@@ -49,7 +49,9 @@ __all__ = ["ChoiceItem", "GenerationItem", "EvalResult", "PairedComparison", "ch
 EVAL_FORMAT = "moe_route.eval"
 EVAL_VERSION = 1
 # the Hub tasks the loaders know, by the names they accept
-CHOICE_DATASETS = ("belebele", "facebook/belebele")
+BELEBELE = ("belebele", "facebook/belebele")
+GLOBAL_MMLU = ("global_mmlu", "CohereLabs/Global-MMLU", "CohereForAI/Global-MMLU")
+CHOICE_DATASETS = BELEBELE + GLOBAL_MMLU
 GENERATION_DATASETS = ("mgsm", "juletxara/mgsm")
 
 Tokens = Union[str, Sequence[int], torch.Tensor]
@@ -493,20 +495,42 @@ _LETTERS = "ABCDEFGHIJ"
 
 
 def load_choice_task(source, languages: Optional[Sequence[str]] = None, *,
-                     limit: Optional[int] = None) -> dict:
-    """``{language: [ChoiceItem]}`` from a local JSONL file or Belebele.
+                     limit: Optional[int] = None, subjects: Optional[Sequence[str]] = None,
+                     split: str = "test") -> dict:
+    """``{language: [ChoiceItem]}`` from a local JSONL file, Belebele or Global-MMLU.
 
     * ``*.jsonl``: one question per line, ``{"language": ..., "prompt": ..., "options": [...],
       "answer": index}``; the options are scored as written (give them their leading space);
     * ``"belebele"`` / ``"facebook/belebele"`` (needs ``datasets`` and the Hub): the passage,
       question and four answers as ``P: ... Q: ... A: ... B: ... C: ... D: ... Answer:``, scored
       on the letters ``" A"``..``" D"`` (one token each in most tokenizers: one forward per
-      question).
+      question);
+    * ``"global_mmlu"`` / ``"CohereLabs/Global-MMLU"``: the language configs (``en``, ``sw``,
+      ...), split ``split`` (``test``, or ``dev``: 5 per subject, for few-shot examples), as
+      ``QUESTION A. ... B. ... C. ... D. ... Answer:`` scored on the letters. ``subjects`` keeps
+      the questions whose ``subject`` or ``subject_category`` is one of them (any case), e.g.
+      ``["medical"]`` for the paper's Global-MMLU-medical. ``limit`` applies after it.
     """
-    if source in CHOICE_DATASETS:
+    if subjects is not None and source not in GLOBAL_MMLU:
+        raise ValueError(f"load_choice_task: subjects= applies to Global-MMLU, not {source!r}")
+    if split != "test" and source not in GLOBAL_MMLU:
+        raise ValueError(f"load_choice_task: split={split!r} applies to Global-MMLU, not "
+                         f"{source!r}")
+    if source in BELEBELE:
         return from_hub("load_choice_task", source, languages, limit, _belebele_item,
-                         lambda datasets, lang: datasets.load_dataset("facebook/belebele",
-                                                                      split=lang))
+                        lambda datasets, lang: datasets.load_dataset("facebook/belebele",
+                                                                     split=lang))
+    if source in GLOBAL_MMLU:
+        if isinstance(subjects, str):
+            raise TypeError(f"load_choice_task: subjects must be a list of names, got the "
+                            f"string {subjects!r}")
+        wanted = None if subjects is None else {str(x).casefold() for x in subjects}
+
+        def rows(datasets, lang):
+            data = datasets.load_dataset("CohereLabs/Global-MMLU", lang, split=split)
+            return [row for row in data if wanted is None or wanted & {
+                str(row["subject"]).casefold(), str(row["subject_category"]).casefold()}]
+        return from_hub("load_choice_task", source, languages, limit, _mmlu_item, rows)
     rows = _jsonl("load_choice_task", source)
     out = {}
     for n, row in rows:
@@ -530,6 +554,16 @@ def _belebele_item(row) -> ChoiceItem:
               + "".join(f"{_LETTERS[i]}: {a}\n" for i, a in enumerate(answers)) + "Answer:")
     return ChoiceItem(prompt, [f" {_LETTERS[i]}" for i in range(4)],
                       int(row["correct_answer_num"]) - 1)
+
+
+def _mmlu_item(row) -> ChoiceItem:
+    letter = str(row["answer"]).strip().upper()
+    if len(letter) != 1 or letter not in "ABCD":
+        raise ValueError(f"load_choice_task: Global-MMLU question {row.get('sample_id')!r} has "
+                         f"answer {row['answer']!r}, expected a letter A-D")
+    options = "".join(f"{x}. {row['option_' + x.lower()]}\n" for x in "ABCD")
+    return ChoiceItem(f"{row['question']}\n{options}Answer:", [f" {x}" for x in "ABCD"],
+                      "ABCD".index(letter))
 
 
 def load_generation_task(source, languages: Optional[Sequence[str]] = None, *,
