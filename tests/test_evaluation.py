@@ -572,6 +572,10 @@ def test_global_mmlu_through_a_stand_in_datasets_module(monkeypatch):
         ev.load_choice_task("belebele", ["eng_Latn"], split="dev")
     with pytest.raises(TypeError, match="subjects must be a list of names"):
         ev.load_choice_task("global_mmlu", ["en"], subjects="medical")
+    with pytest.raises(ValueError, match=r"no Global-MMLU 'en' test question has a subject or "
+                                         r"category in \['law'\]; the categories are "
+                                         r"\['Medical', 'STEM'\]"):
+        ev.load_choice_task("global_mmlu", ["en"], subjects=["law"])
     data.append(row(4, "anatomy", "Medical", "E"))
     with pytest.raises(ValueError, match="'anatomy/4' has answer 'E', expected a letter A-D"):
         ev.load_choice_task("global_mmlu", ["en"])

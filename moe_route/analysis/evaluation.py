@@ -528,8 +528,14 @@ def load_choice_task(source, languages: Optional[Sequence[str]] = None, *,
 
         def rows(datasets, lang):
             data = datasets.load_dataset("CohereLabs/Global-MMLU", lang, split=split)
-            return [row for row in data if wanted is None or wanted & {
+            kept = [row for row in data if wanted is None or wanted & {
                 str(row["subject"]).casefold(), str(row["subject_category"]).casefold()}]
+            if not kept:
+                categories = sorted({str(row["subject_category"]) for row in data})
+                raise ValueError(f"load_choice_task: no Global-MMLU {lang!r} {split} question "
+                                 f"has a subject or category in {subjects}; the categories "
+                                 f"are {categories}")
+            return kept
         return from_hub("load_choice_task", source, languages, limit, _mmlu_item, rows)
     rows = _jsonl("load_choice_task", source)
     out = {}
