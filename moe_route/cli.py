@@ -405,7 +405,7 @@ def main(argv=None) -> int:
     p.add_argument("--subjects", nargs="+",
                    help="global_mmlu: keep these subjects or subject categories (e.g. medical)")
     p.add_argument("--languages", nargs="+",
-                   help="language splits/configs (needed for belebele and mgsm; default: all "
+                   help="language splits/configs (needed for the Hub tasks; default: all "
                         "in the file)")
     p.add_argument("--limit", type=int, help="first N questions per language")
     p.add_argument("--plan", help="a steering plan (SteeringPlan JSON): run without and with it")
