@@ -210,6 +210,8 @@ def _evaluate(args) -> int:
         kind = _task_kind(args.task)
         load = (evaluation.load_choice_task if kind == "choice"
                 else evaluation.load_generation_task)
+        if args.subjects and args.task not in evaluation.GLOBAL_MMLU:
+            raise ValueError(f"--subjects applies to --task global_mmlu, not {args.task!r}")
         hub = {"subjects": args.subjects} if args.subjects else {}
         items = load(args.task, args.languages, limit=args.limit, **hub)
         if args.shots_from and not args.shots:

@@ -631,3 +631,7 @@ def test_cli_evaluate_with_a_plan_on_a_saved_model(tmp_path):
     out = run("evaluate", str(model_dir), "--task", str(task), "--shots", "1", "--shots-from",
               "dev", "--out", str(tmp_path / "res5"))
     assert out.returncode == 2 and "(a split name works with --task global_mmlu)" in out.stderr
+    out = run("evaluate", str(model_dir), "--task", "mgsm", "--languages", "sw", "--subjects",
+              "medical", "--out", str(tmp_path / "res6"))
+    assert out.returncode == 2 and "--subjects applies to --task global_mmlu, not 'mgsm'" in \
+        out.stderr

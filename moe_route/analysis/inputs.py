@@ -15,6 +15,7 @@ def chat_wrap(tokenizer, prompt: str, chat_template: bool) -> str:
 
 
 def check_batch_size(caller: str, batch_size) -> None:
+    """ValueError, naming ``caller``, unless ``batch_size`` is an int >= 1 (a bool is not)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"{caller}: batch_size={batch_size!r} must be an int >= 1")
 
