@@ -103,9 +103,12 @@ def _passages(rows: list) -> list:
     """Belebele's FLORES passages, one each (several questions share a passage): by source link,
     sorted by it, so the languages line up whatever their row order; by text, in row order, if
     a row has no link."""
-    if all(link for link, _ in rows):
-        return [passage for _, passage in sorted(dict(reversed(rows)).items())]
-    return list(dict.fromkeys(passage for _, passage in rows))
+    if not all(link for link, _ in rows):
+        return list(dict.fromkeys(passage for _, passage in rows))
+    first = {}
+    for link, passage in rows:
+        first.setdefault(link, passage)
+    return [first[link] for link in sorted(first)]
 
 
 def _encode(texts: Sequence[str], tokenizer, chat_template: bool, max_length: Optional[int]):
