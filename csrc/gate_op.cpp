@@ -47,7 +47,8 @@ void prepare_gate(const at::Tensor& logits, int64_t k, c10::string_view score,
                   c10::string_view select_on, const OptTensor& selection_bias, int64_t n_group,
                   int64_t topk_group, c10::string_view group_score, bool renormalize,
                   double renorm_eps, double scale, const OptTensor& steer, bool steer_select_only,
-                  bool std_unbiased, const OptTensor& groups, const OptTensor& tokens,
+                  bool std_unbiased, const OptTensor& groups, const OptTensor& replay,
+                  const OptTensor& tokens,
                   const OptTensor& counts, const OptTensor& prob_sum, const OptTensor& weight_sum,
                   const OptTensor& entropy_sum, const OptTensor& coact, GateHold& hold,
                   at::Tensor& weights, at::Tensor& ids, GateParams& p) {
@@ -93,6 +94,9 @@ void prepare_gate(const at::Tensor& logits, int64_t k, c10::string_view score,
   p.groups = check_opt<const void>(groups, "groups", {T}, {at::kInt, at::kLong}, logits,
                                    &hold.groups);
   p.groups_int64 = p.groups && groups->scalar_type() == at::kLong;
+  p.replay = check_opt<const void>(replay, "replay", {T, k}, {at::kInt, at::kLong}, logits,
+                                   &hold.replay);
+  p.replay_int64 = p.replay && replay->scalar_type() == at::kLong;
 
   // The group count G comes from the first per-group buffer present.
   int64_t G = -1;

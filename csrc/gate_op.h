@@ -14,7 +14,7 @@ using OptTensor = std::optional<at::Tensor>;
 
 // Keeps alive the contiguous copies prepare_gate makes of inputs that were not contiguous.
 struct GateHold {
-  at::Tensor logits, selection_bias, steer, groups;
+  at::Tensor logits, selection_bias, steer, groups, replay;
 };
 
 // Checks every argument, allocates weights [T,k] fp32 and ids [T,k] int32 on the logits' device
@@ -24,7 +24,8 @@ void prepare_gate(const at::Tensor& logits, int64_t k, c10::string_view score,
                   c10::string_view select_on, const OptTensor& selection_bias, int64_t n_group,
                   int64_t topk_group, c10::string_view group_score, bool renormalize,
                   double renorm_eps, double scale, const OptTensor& steer, bool steer_select_only,
-                  bool std_unbiased, const OptTensor& groups, const OptTensor& tokens,
+                  bool std_unbiased, const OptTensor& groups, const OptTensor& replay,
+                  const OptTensor& tokens,
                   const OptTensor& counts, const OptTensor& prob_sum, const OptTensor& weight_sum,
                   const OptTensor& entropy_sum, const OptTensor& coact, GateHold& hold,
                   at::Tensor& weights, at::Tensor& ids, GateParams& p);

@@ -35,6 +35,11 @@ struct GateParams {
   const float* steer = nullptr;  // [4, E] or null
   bool steer_select_only = false, std_unbiased = false;
 
+  // Router replay: [T, k] int32 or int64 ids, or null. A row of k distinct ids in [0, E) is the
+  // token's selection, in that order; any other row (all -1 by contract) selects as usual.
+  const void* replay = nullptr;
+  bool replay_int64 = false;
+
   // Statistics (all optional). groups: [T] int32 or int64, -1 = skip, null = all in group 0.
   // G: rows of the per-group buffers; INT64_MAX when only coact is given (groups then only skip).
   const void* groups = nullptr;
@@ -55,6 +60,10 @@ struct GateParams {
     return tokens || counts || prob_sum || weight_sum || entropy_sum || coact;
   }
   MOE_ROUTE_HOST_DEVICE bool dense_stats() const { return prob_sum || entropy_sum; }
+  MOE_ROUTE_HOST_DEVICE int64_t replay_id(int64_t t, int64_t j) const {
+    return replay_int64 ? static_cast<const int64_t*>(replay)[t * k + j]
+                        : int64_t(static_cast<const int32_t*>(replay)[t * k + j]);
+  }
   MOE_ROUTE_HOST_DEVICE bool per_group_stats() const {
     return tokens || counts || prob_sum || weight_sum || entropy_sum;
   }

@@ -27,7 +27,7 @@ using GateSig = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, int64_t, c10::string_view, c10::string_view, const OptTensor&, int64_t,
     int64_t, c10::string_view, bool, double, double, const OptTensor&, bool, bool,
     const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-    const OptTensor&, const OptTensor&);
+    const OptTensor&, const OptTensor&, const OptTensor&);
 
 OptTensor opt_tensor(const py::handle& h) {
   if (h.is_none()) return std::nullopt;
@@ -35,10 +35,11 @@ OptTensor opt_tensor(const py::handle& h) {
 }
 
 // Eager calls from Python through the typed dispatcher handle: the same kernels (CPU, CUDA, Meta,
-// any mode keys) as torch.ops.moe_route.topk_gate, without parsing 21 boxed arguments per call.
+// any mode keys) as torch.ops.moe_route.topk_gate, without parsing 22 boxed arguments per call.
 std::tuple<at::Tensor, at::Tensor> topk_gate_fast(const at::Tensor& logits, int64_t k,
                                                   const GateConfig& c, const OptTensor& bias,
                                                   const OptTensor& steer, const OptTensor& groups,
+                                                  const OptTensor& replay,
                                                   const py::handle& stats) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("moe_route::topk_gate", "")
@@ -59,17 +60,17 @@ std::tuple<at::Tensor, at::Tensor> topk_gate_fast(const at::Tensor& logits, int6
     // Through autograd's not-implemented fallback: backward through the gate raises.
     return op.call(logits, k, c.score, c.select_on, bias, c.n_group, c.topk_group,
                    c.group_score, c.renormalize, c.renorm_eps, c.scale, steer,
-                   c.steer_select_only, c.std_unbiased, groups, buf[0], buf[1], buf[2], buf[3],
-                   buf[4], buf[5]);
+                   c.steer_select_only, c.std_unbiased, groups, replay, buf[0], buf[1], buf[2],
+                   buf[3], buf[4], buf[5]);
   }
-  // Nothing to differentiate: skip the boxed autograd fallback (it boxes all 21 arguments) and
+  // Nothing to differentiate: skip the boxed autograd fallback (it boxes all 22 arguments) and
   // do its one remaining job, bumping the version counters of the buffers written in place.
   std::tuple<at::Tensor, at::Tensor> out;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     out = op.call(logits, k, c.score, c.select_on, bias, c.n_group, c.topk_group, c.group_score,
                   c.renormalize, c.renorm_eps, c.scale, steer, c.steer_select_only,
-                  c.std_unbiased, groups, buf[0], buf[1], buf[2], buf[3], buf[4], buf[5]);
+                  c.std_unbiased, groups, replay, buf[0], buf[1], buf[2], buf[3], buf[4], buf[5]);
   }
   for (const OptTensor& b : buf)
     if (b && b->defined()) torch::autograd::impl::bump_version(*b);
@@ -113,6 +114,6 @@ PYBIND11_MODULE(_C, m) {
            py::arg("scale"), py::arg("steer_select_only"), py::arg("std_unbiased"));
   m.def("topk_gate_fast", &moe_route::topk_gate_fast, py::arg("logits"), py::arg("k"),
         py::arg("config"), py::arg("selection_bias"), py::arg("steer"), py::arg("groups"),
-        py::arg("stats"));
+        py::arg("replay"), py::arg("stats"));
   m.def("build_info", &moe_route::build_info);
 }

@@ -4,12 +4,14 @@
 
 TORCH_LIBRARY(moe_route, m) {
   // Fused top-k gate with steering and in-place routing statistics (moe_route/reference.py).
-  // The statistics buffers are mutated, never returned.
+  // The statistics buffers are mutated, never returned. `replay` [T, k] gives tokens their ids
+  // (router replay): those rows skip selection; rows of -1 select as usual.
   m.def(
       "topk_gate(Tensor logits, int k, str score=\"softmax\", str select_on=\"scores\", "
       "Tensor? selection_bias=None, int n_group=1, int topk_group=1, str group_score=\"max\", "
       "bool renormalize=False, float renorm_eps=0.0, float scale=1.0, Tensor? steer=None, "
       "bool steer_select_only=False, bool std_unbiased=False, Tensor? groups=None, "
+      "Tensor? replay=None, "
       "Tensor(a!)? tokens=None, Tensor(b!)? counts=None, Tensor(c!)? prob_sum=None, "
       "Tensor(d!)? weight_sum=None, Tensor(e!)? entropy_sum=None, Tensor(f!)? coact=None) "
       "-> (Tensor weights, Tensor ids)");

@@ -227,7 +227,7 @@ _compiling = torch.compiler.is_compiling
 def topk_gate(logits: torch.Tensor, k: int, spec: Optional[RouterSpec] = None, *,
               selection_bias: Optional[torch.Tensor] = None, steer: Optional[SteerSpec] = None,
               stats: Optional[GateStats] = None, groups: Optional[torch.Tensor] = None,
-              **knobs):
+              replay: Optional[torch.Tensor] = None, **knobs):
     """Fused top-k gate: ``(weights [T,k] fp32, ids [T,k] int32)``, statistics updated in place.
 
     Args:
@@ -241,6 +241,11 @@ def topk_gate(logits: torch.Tensor, k: int, spec: Optional[RouterSpec] = None, *
         steer: a ``SteerSpec``.
         stats: a ``GateStats`` to accumulate into; ``groups`` ``[T]`` int32/int64 assigns each
             token to a group row (-1 skips it; default: all in group 0).
+        replay: ``[T, k]`` int32/int64 expert ids (router replay). A row of k distinct ids in
+            [0, E) is that token's selection, in that order; its weights and statistics are
+            computed from the logits as for a selected row. A row of -1 selects as usual. Any
+            other row raises ValueError on the CPU; the CUDA kernel (which cannot raise without
+            a host sync) selects it as usual.
 
     Numerics (details in ``moe_route.reference``): fp32 math; NaN logits rank last (as -FLT_MAX),
     +-inf clamp to +-FLT_MAX; output in descending selection order, equal values to the lower
@@ -257,9 +262,9 @@ def topk_gate(logits: torch.Tensor, k: int, spec: Optional[RouterSpec] = None, *
     if (steer is None and stats is None and _fast is not None and type(logits) is _Tensor
             and (_CPU_KERNEL if logits.is_cpu else _cuda_kernel(logits)) and not _compiling()):
         try:
-            return _fast(logits, k, spec._plain, selection_bias, None, groups, None)
+            return _fast(logits, k, spec._plain, selection_bias, None, groups, replay, None)
         except TypeError:  # pybind's "incompatible function arguments": say which one
-            _explain_bad_call(logits, k, spec, selection_bias, None, groups, _NO_STATS)
+            _explain_bad_call(logits, k, spec, selection_bias, None, groups, _NO_STATS, replay)
             raise
     steer_table, select_only, unbiased = None, False, False
     if steer is not None:
@@ -277,22 +282,23 @@ def topk_gate(logits: torch.Tensor, k: int, spec: Optional[RouterSpec] = None, *
         try:
             return _fast(
                 logits, k, spec._native_config(select_only, unbiased), selection_bias,
-                steer_table, groups, buffers if stats is not None else None)
+                steer_table, groups, replay, buffers if stats is not None else None)
         except TypeError:
-            _explain_bad_call(logits, k, spec, selection_bias, steer_table, groups, buffers)
+            _explain_bad_call(logits, k, spec, selection_bias, steer_table, groups, buffers,
+                              replay)
             raise
     return _topk_gate_op(logits, k, spec, selection_bias, steer_table, select_only, unbiased,
-                         groups, buffers)
+                         groups, buffers, replay)
 
 
-def _explain_bad_call(logits, k, spec, selection_bias, steer_table, groups, buffers):
+def _explain_bad_call(logits, k, spec, selection_bias, steer_table, groups, buffers, replay):
     """Raise the reference's argument error (it names the argument) if it finds one."""
     if not isinstance(k, int) or isinstance(k, bool):
         raise TypeError(f"topk_gate: k must be an int, got {type(k).__name__}")
     reference.check_gate_args(logits, k, spec.score, spec.select_on, selection_bias, spec.n_group,
                               spec.topk_group, spec.group_score, spec.renorm_eps, spec.scale,
                               steer_table, groups, dict(zip(GateStats.NAMES, buffers)),
-                              check_group_values=False)
+                              check_group_values=False, replay=replay)
 
 
 def _eager_native(logits) -> bool:
@@ -308,16 +314,17 @@ def _cuda_kernel(logits) -> bool:
 
 
 def _topk_gate_op(logits, k, spec, selection_bias, steer_table, select_only, unbiased, groups,
-                  buffers):
+                  buffers, replay):
     kwargs = dict(spec.op_kwargs(), selection_bias=selection_bias, steer=steer_table,
                   steer_select_only=select_only, std_unbiased=unbiased, groups=groups,
-                  **dict(zip(GateStats.NAMES, buffers)))
+                  replay=replay, **dict(zip(GateStats.NAMES, buffers)))
     if _loader.native is not None and torch.compiler.is_compiling():
         return torch.ops.moe_route.topk_gate(logits, k, **kwargs)
     if not isinstance(logits, torch.Tensor):
         reference.check_gate_args(logits, k, spec.score, spec.select_on, selection_bias,
                                   spec.n_group, spec.topk_group, spec.group_score,
-                                  spec.renorm_eps, spec.scale, steer_table, groups, {})
+                                  spec.renorm_eps, spec.scale, steer_table, groups, {},
+                                  replay=replay)
     device_type = logits.device.type
     if _loader.has_kernel("topk_gate", device_type):
         return torch.ops.moe_route.topk_gate(logits, k, **kwargs)
@@ -330,13 +337,13 @@ if _loader.native is not None:
     def _topk_gate_fake(logits, k, score="softmax", select_on="scores", selection_bias=None,
                         n_group=1, topk_group=1, group_score="max", renormalize=False,
                         renorm_eps=0.0, scale=1.0, steer=None, steer_select_only=False,
-                        std_unbiased=False, groups=None, tokens=None, counts=None, prob_sum=None,
-                        weight_sum=None, entropy_sum=None, coact=None):
+                        std_unbiased=False, groups=None, replay=None, tokens=None, counts=None,
+                        prob_sum=None, weight_sum=None, entropy_sum=None, coact=None):
         stats = dict(tokens=tokens, counts=counts, prob_sum=prob_sum, weight_sum=weight_sum,
                      entropy_sum=entropy_sum, coact=coact)
         reference.check_gate_args(logits, k, score, select_on, selection_bias, n_group,
                                   topk_group, group_score, renorm_eps, scale, steer, groups,
-                                  stats, check_group_values=False)
+                                  stats, check_group_values=False, replay=replay)
         T = logits.shape[0]
         return (logits.new_empty((T, k), dtype=torch.float32),
                 logits.new_empty((T, k), dtype=torch.int32))

@@ -192,7 +192,7 @@ class Recorder:
             return
         B, S = ref.shape[0], ref.shape[1]
         device = ref.device
-        phase = "generated" if _cache_length(kwargs.get("past_key_values")) > 0 else "prompt"
+        phase = "generated" if cache_length(kwargs.get("past_key_values")) > 0 else "prompt"
         if self.tokens != "all" and phase != self.tokens:
             self._call[device] = torch.full((B * S,), -1, dtype=torch.int32, device=device)
             return
@@ -325,7 +325,7 @@ def _router_device(router: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _cache_length(cache) -> int:
+def cache_length(cache) -> int:
     if cache is None:
         return 0
     try:

@@ -32,6 +32,11 @@ Numerics of ``topk_gate`` (shared by every backend)
   expert first, then by score, ties to the lower group index).
 * **Order and ties.** Among eligible experts the k best by (tier, v) are returned in descending
   order; equal keys go to the lower expert index. -0.0 equals +0.0.
+* **Replay** (``replay`` ``[T, k]`` int32/int64, router replay): a row of k distinct ids in
+  [0, E) *is* that token's selection, in the given order (selection values, groups and forcing
+  are not consulted); a row of -1 selects as above. Weights and statistics are computed for the
+  replayed ids exactly as for selected ones. Any other row is an error where the values can be
+  read without a device sync (CPU tensors); the CUDA kernel selects such a row as usual.
 * **Weights** come from ``zw = z0`` if ``steer_select_only`` else ``z``: ``select_on="scores"``:
   ``score(zw)[ids]`` (softmax over all E); ``select_on="logits"``: softmax over the k selected
   ``zw`` (score softmax) or the elementwise score of them. The bias never enters the weights.
@@ -150,7 +155,8 @@ def eligible_tiers(values, tier, n_group, topk_group, group_score):
 
 
 def check_gate_args(logits, k, score, select_on, selection_bias, n_group, topk_group, group_score,
-                    renorm_eps, scale, steer, groups, stats, check_group_values=True):
+                    renorm_eps, scale, steer, groups, stats, check_group_values=True,
+                    replay=None):
     """Raise ValueError/TypeError for bad gate arguments; the C++ op checks the same things.
 
     ``check_group_values=False`` skips the one data-dependent check (fake tensors have no data).
@@ -185,6 +191,9 @@ def check_gate_args(logits, k, score, select_on, selection_bias, n_group, topk_g
     _check_tensor("steer", steer, (4, E), (torch.float32,), logits.device)
     T = logits.shape[0]
     _check_tensor("groups", groups, (T,), (torch.int32, torch.int64), logits.device)
+    _check_tensor("replay", replay, (T, k), (torch.int32, torch.int64), logits.device)
+    if check_group_values and replay is not None and T > 0 and replay.device.type == "cpu":
+        check_replay_rows(replay, E, "topk_gate: replay")
     G = None
     shapes = {"tokens": ("G",), "counts": ("G", E), "prob_sum": ("G", E), "weight_sum": ("G", E),
               "entropy_sum": ("G",), "coact": (E, E)}
@@ -208,6 +217,26 @@ def check_gate_args(logits, k, score, select_on, selection_bias, n_group, topk_g
                              f"got values in [{lo}, {hi}]")
 
 
+def replay_rows(replay: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``[T]`` bool: the rows of ``replay`` that are a selection (k distinct ids in [0, E))."""
+    r = replay.long()
+    in_range = ((r >= 0) & (r < num_experts)).all(-1)
+    s = r.sort(-1).values
+    distinct = (s[:, 1:] != s[:, :-1]).all(-1)
+    return in_range & distinct
+
+
+def check_replay_rows(replay: torch.Tensor, num_experts: int, where: str) -> None:
+    """Raise ValueError naming the first row of ``replay [T, k]`` that is neither a selection
+    (k distinct ids in [0, E)) nor all -1."""
+    bad = ~(replay_rows(replay, num_experts) | (replay == -1).all(-1))
+    if bool(bad.any()):
+        t = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{where}: row {t} must hold {replay.shape[1]} distinct expert ids in "
+                         f"[0, {num_experts}) or be all -1 (route as usual), got "
+                         f"{replay[t].tolist()}")
+
+
 def _check_tensor(name, t, shape, dtypes, device):
     if t is None:
         return
@@ -224,8 +253,9 @@ def _check_tensor(name, t, shape, dtypes, device):
 
 def topk_gate(logits, k, score="softmax", select_on="scores", selection_bias=None, n_group=1,
               topk_group=1, group_score="max", renormalize=False, renorm_eps=0.0, scale=1.0,
-              steer=None, steer_select_only=False, std_unbiased=False, groups=None, tokens=None,
-              counts=None, prob_sum=None, weight_sum=None, entropy_sum=None, coact=None):
+              steer=None, steer_select_only=False, std_unbiased=False, groups=None, replay=None,
+              tokens=None, counts=None, prob_sum=None, weight_sum=None, entropy_sum=None,
+              coact=None):
     """Reference fused gate: ``(weights [T, k] fp32, ids [T, k] int32)``; stats updated in place.
 
     Same arguments and semantics as ``torch.ops.moe_route.topk_gate`` (module docstring).
@@ -233,12 +263,14 @@ def topk_gate(logits, k, score="softmax", select_on="scores", selection_bias=Non
     stats = dict(tokens=tokens, counts=counts, prob_sum=prob_sum, weight_sum=weight_sum,
                  entropy_sum=entropy_sum, coact=coact)
     check_gate_args(logits, k, score, select_on, selection_bias, n_group, topk_group, group_score,
-                    renorm_eps, scale, steer, groups, stats)
+                    renorm_eps, scale, steer, groups, stats, replay=replay)
     z0 = sanitize(logits)
     z, tier = steer_logits(z0, steer, std_unbiased)
     v = selection_values(z, score, select_on, selection_bias, n_group, group_score)
     tier = eligible_tiers(v, tier, n_group, topk_group, group_score)
     ids = _rank(v, tier, k)
+    if replay is not None:
+        ids = torch.where(replay_rows(replay, logits.shape[1])[:, None], replay.long(), ids)
 
     zw = z0 if steer_select_only else z
     w = gate_weights(zw, ids, score, select_on, renormalize, renorm_eps, scale)

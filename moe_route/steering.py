@@ -545,33 +545,11 @@ class Steering:
 
 
 def resolve_layers(plan: SteeringPlan, routers: Mapping) -> dict:
-    """``{plan layer key: router state}`` for a patched model's ``{module path: RouterState}``.
+    """``{plan layer key: router state}`` for a patched model's ``{module path: RouterState}``
+    (``routers_by_key``); experts out of range raise ValueError."""
+    from moe_route.hf.patch import routers_by_key
 
-    An int key is a decoder-layer index (``model.layers.12...`` -> 12); a str key is a router's
-    module path or its MoE block's. Unknown or ambiguous keys, a router named twice, and experts
-    out of range raise ValueError.
-    """
-    by_index: Dict[int, list] = {}
-    for name, state in routers.items():
-        if state.index is not None:
-            by_index.setdefault(state.index, []).append(name)
-    out, seen = {}, {}
-    for key in plan.layers:
-        if isinstance(key, int):
-            names = by_index.get(key, [])
-            if len(names) > 1:
-                raise ValueError(f"steer: layer {key} is ambiguous ({names}); use a module path")
-        else:
-            names = [n for n in routers if n == key or n.rpartition(".")[0] == key]
-        if not names:
-            raise ValueError(f"steer: layer {key!r} is not an MoE layer of the model; MoE layers "
-                             f"are {sorted(by_index)} (or module paths {list(routers)[:3]}...)")
-        name = names[0]
-        if name in seen:
-            raise ValueError(f"steer: layer keys {seen[name]!r} and {key!r} name the same router "
-                             f"{name}")
-        seen[name] = key
-        out[key] = routers[name]
+    out = routers_by_key(plan.layers, routers, "steer")
     plan.validate({key: state.num_experts for key, state in out.items()})
     return out
 

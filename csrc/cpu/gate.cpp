@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "../gate_op.h"
@@ -551,6 +552,40 @@ MOE_ROUTE_INLINE void select_experts(const GateParams& p, const Prep& prep, cons
   for (int64_t j = 0; j < k; ++j) ids[j] = int32_t(key_index(begin[j]));
 }
 
+// Selection values of one token's steered logits z (reference: selection_values), the group
+// limit, then its k ids. `ew` and `ew_sum` are the softmax numerators of z and their sum when
+// `have_ew` (the weight side computed them already), else ignored.
+MOE_ROUTE_INLINE void select_row(const GateParams& p, const Prep& prep, const float* z,
+                                 const float* ew, float ew_sum, bool have_ew, Scratch& s,
+                                 int32_t* ids) {
+  const int64_t E = p.E;
+  const float* v = z;
+  if (!selects_on_logits(p)) {
+    float* sv = s.v.data();
+    if (p.score == Score::Softmax) {
+      float sum = ew_sum, unused;
+      if (!have_ew) sum = softmax_exps(z, sv, E, unused);
+      const float* src = have_ew ? ew : sv;
+      for (int64_t e = 0; e < E; ++e) sv[e] = src[e] / sum;
+    } else if (p.score == Score::Sigmoid) {
+      for (int64_t e = 0; e < E; ++e) sv[e] = sigmoid(z[e]);
+    } else if (p.score == Score::SqrtSoftplus) {
+      for (int64_t e = 0; e < E; ++e) sv[e] = sqrt_softplus(z[e]);
+    } else {
+      std::memcpy(sv, z, sizeof(float) * E);
+    }
+    v = sv;
+  }
+  if (p.selection_bias) {
+    const float* bias = prep.bias.data();
+    float* sv = s.v.data();
+    for (int64_t e = 0; e < E; ++e) sv[e] = sanitize(v[e] + bias[e]);
+    v = sv;
+  }
+  if (p.n_group > 1) choose_groups(p, prep, v, s);
+  select_experts(p, prep, v, s, ids);
+}
+
 // One chunk of tokens [t0, t1). With statistics, they go into `runs` or, when it is null, straight
 // into the caller's buffers.
 MOE_ROUTE_CLONES
@@ -560,7 +595,6 @@ void gate_tokens(const GateParams& p, const Prep& prep, int64_t t0, int64_t t1, 
   const bool dense_is_softmax = p.score == Score::Softmax || p.score == Score::None;
   const bool want_ew = (!p.select_on_logits && p.score == Score::Softmax) ||
                        (p.dense_stats() && dense_is_softmax);
-  const float* bias = p.selection_bias ? prep.bias.data() : nullptr;
 
   for (int64_t t = t0; t < t1; ++t) {
     float* z0 = s.z0.data();
@@ -571,43 +605,24 @@ void gate_tokens(const GateParams& p, const Prep& prep, int64_t t0, int64_t t1, 
       z = s.z.data();
     }
     const float* zw = p.steer_select_only ? z0 : z;
+    // A replayed row skips selection (check_replay: every row is all -1 or a valid selection).
+    int32_t* ids = p.ids + t * k;
+    const bool replayed = p.replay && p.replay_id(t, 0) >= 0;
 
     // Softmax numerators of the weight-side logits, shared by weights and statistics. When the
     // selection runs on these very logits with no tiers or groups, the first pick is their max:
     // the numerators are then computed after selection, without a separate max pass.
-    const bool max_from_pick = want_ew && zw == z && selects_on_logits(p) && !bias &&
-                               !prep.has_force && p.n_group == 1;
+    const bool max_from_pick = want_ew && zw == z && selects_on_logits(p) && !p.selection_bias &&
+                               !prep.has_force && p.n_group == 1 && !replayed;
     float w_max = 0.f, w_sum = 1.f;
     if (want_ew && !max_from_pick) w_sum = softmax_exps(zw, s.ew.data(), E, w_max);
     const float* ew = s.ew.data();
 
-    // Selection values.
-    const float* v = z;
-    if (!selects_on_logits(p)) {
-      float* sv = s.v.data();
-      if (p.score == Score::Softmax) {
-        float sum = w_sum, unused;
-        if (!(want_ew && zw == z)) sum = softmax_exps(z, sv, E, unused);
-        const float* src = (want_ew && zw == z) ? ew : sv;
-        for (int64_t e = 0; e < E; ++e) sv[e] = src[e] / sum;
-      } else if (p.score == Score::Sigmoid) {
-        for (int64_t e = 0; e < E; ++e) sv[e] = sigmoid(z[e]);
-      } else if (p.score == Score::SqrtSoftplus) {
-        for (int64_t e = 0; e < E; ++e) sv[e] = sqrt_softplus(z[e]);
-      } else {
-        std::memcpy(sv, z, sizeof(float) * E);
-      }
-      v = sv;
+    if (replayed) {
+      for (int64_t j = 0; j < k; ++j) ids[j] = static_cast<int32_t>(p.replay_id(t, j));
+    } else {
+      select_row(p, prep, z, ew, w_sum, want_ew && zw == z, s, ids);
     }
-    if (bias) {
-      float* sv = s.v.data();
-      for (int64_t e = 0; e < E; ++e) sv[e] = sanitize(v[e] + bias[e]);
-      v = sv;
-    }
-
-    if (p.n_group > 1) choose_groups(p, prep, v, s);
-    int32_t* ids = p.ids + t * k;
-    select_experts(p, prep, v, s, ids);
     if (max_from_pick) {
       w_max = zw[ids[0]];
       w_sum = softmax_exps_from(zw, s.ew.data(), E, w_max);
@@ -695,6 +710,33 @@ void check_groups(const GateParams& p) {
                     ") (the statistics' group count), got values in [", lo, ", ", hi, "]");
 }
 
+// Every replay row is a selection (k distinct ids in [0, E)) or all -1, as the reference checks.
+void check_replay(const GateParams& p) {
+  std::vector<uint8_t> seen(p.E, 0);
+  for (int64_t t = 0; t < p.T; ++t) {
+    bool ok = true;
+    if (p.replay_id(t, 0) == -1) {
+      for (int64_t j = 1; j < p.k; ++j) ok = ok && p.replay_id(t, j) == -1;
+    } else {
+      for (int64_t j = 0; j < p.k && ok; ++j) {
+        const int64_t e = p.replay_id(t, j);
+        ok = e >= 0 && e < p.E && !seen[e];
+        if (ok) seen[e] = 1;
+      }
+      for (int64_t j = 0; j < p.k; ++j) {
+        const int64_t e = p.replay_id(t, j);
+        if (e >= 0 && e < p.E) seen[e] = 0;
+      }
+    }
+    if (ok) continue;
+    std::string row;
+    for (int64_t j = 0; j < p.k; ++j) row += (j ? ", " : "") + std::to_string(p.replay_id(t, j));
+    TORCH_CHECK_VALUE(false, "topk_gate: replay: row ", t, " must hold ", p.k,
+                      " distinct expert ids in [0, ", p.E,
+                      ") or be all -1 (route as usual), got [", row, "]");
+  }
+}
+
 void merge_runs(const GateParams& p, const std::vector<Runs>& chunks) {
   const int64_t E = p.E;
   for (const Runs& rs : chunks)
@@ -724,6 +766,7 @@ void run_gate_cpu(const GateParams& p) {
   if (p.T == 0) return;
   const bool stats = p.any_stats();
   if (stats) check_groups(p);
+  if (p.replay) check_replay(p);
 
   Prep prep;
   if (p.selection_bias) {
@@ -766,14 +809,16 @@ std::tuple<at::Tensor, at::Tensor> topk_gate_cpu(
     const OptTensor& selection_bias, int64_t n_group, int64_t topk_group,
     c10::string_view group_score, bool renormalize, double renorm_eps, double scale,
     const OptTensor& steer, bool steer_select_only, bool std_unbiased, const OptTensor& groups,
-    const OptTensor& tokens, const OptTensor& counts, const OptTensor& prob_sum,
-    const OptTensor& weight_sum, const OptTensor& entropy_sum, const OptTensor& coact) {
+    const OptTensor& replay, const OptTensor& tokens, const OptTensor& counts,
+    const OptTensor& prob_sum, const OptTensor& weight_sum, const OptTensor& entropy_sum,
+    const OptTensor& coact) {
   GateHold hold;
   at::Tensor weights, ids;
   GateParams p;
   prepare_gate(logits, k, score, select_on, selection_bias, n_group, topk_group, group_score,
                renormalize, renorm_eps, scale, steer, steer_select_only, std_unbiased, groups,
-               tokens, counts, prob_sum, weight_sum, entropy_sum, coact, hold, weights, ids, p);
+               replay, tokens, counts, prob_sum, weight_sum, entropy_sum, coact, hold, weights,
+               ids, p);
   run_gate_cpu(p);
   return {weights, ids};
 }

@@ -10,7 +10,7 @@
 // occupancy (plan_for_device) so that every warp is resident at once, one wave.
 //
 // Two variants per (VPT, logit type): the full kernel, and a plain one compiled without steering,
-// the group limit and the statistics, for calls that use none of them (needs_full_kernel). Those
+// the group limit, the statistics and replay, for calls that use none of them (needs_full_kernel). Those
 // paths hold registers for the whole kernel: with nvcc 13.0 for sm_90a the full kernel needs
 // 113-128 registers per thread for E <= 256, the plain one 40-80, so an SM holds 16 warps of the
 // former and 24-48 of the latter (bench/kernel_resources.py). Every feature the plain kernel keeps
@@ -258,6 +258,25 @@ __device__ __forceinline__ void load_row(const void* logits, int64_t off, int la
 #pragma unroll
   for (int i = 0; i < VPT; ++i)
     raw[i] = ((valid >> i) & 1u) ? load_raw<LT>(logits, off + i * 32 + lane) : 0u;
+}
+
+// Router replay: whether token t's replay row is a selection (k distinct ids in [0, E)); if so,
+// its ids are in sel_id[0, k) for the whole warp. Any other row is selected as usual: the kernel
+// cannot raise, and such ids are only compared here, never used as an index. Warp-uniform.
+__device__ __forceinline__ bool replay_row(const GateParams& p, int64_t t, int k, int lane,
+                                           int32_t* sel_id) {
+  bool ok = true;
+  for (int j = lane; j < k; j += 32) {
+    const int64_t e = p.replay_id(t, j);
+    ok = ok && e >= 0 && e < p.E;
+    sel_id[j] = int32_t(e);
+  }
+  __syncwarp();  // every lane's entries are written before any lane compares them
+  for (int j = lane; j < k; j += 32)
+    for (int i = 0; i < j && ok; ++i) ok = sel_id[i] != sel_id[j];
+  const bool all = __ballot_sync(kFullMask, !ok) == 0u;
+  __syncwarp();  // the comparisons finish before a selection overwrites the stage
+  return all;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -516,146 +535,150 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
     float w_max = 0.f, w_sum = 1.f;
     if (want_ew) warp_softmax_norm<VPT>(zw, valid, w_max, w_sum);
 
-    // ---- Selection values v (reference: selection_values) ----
-    const float* bias = p.selection_bias;
-    float v[VPT];
-    if (selects_on_logits(p) || score == Score::None) {
-#pragma unroll
-      for (int i = 0; i < VPT; ++i) v[i] = z[i];
-    } else if (softmax) {
-      float sm_max = w_max, sm_sum = w_sum;
-      if (!want_ew || zw_is_z0) warp_softmax_norm<VPT>(z, valid, sm_max, sm_sum);
-#pragma unroll
-      for (int i = 0; i < VPT; ++i) v[i] = expf(z[i] - sm_max) / sm_sum;
-    } else {
-#pragma unroll
-      for (int i = 0; i < VPT; ++i) v[i] = score_of(score, z[i]);
-    }
-    if (bias) {
-#pragma unroll
-      for (int i = 0; i < VPT; ++i)
-        if ((valid >> i) & 1u) v[i] = sanitize(v[i] + sanitize(__ldg(bias + i * 32 + lane)));
-    }
-
-    // ---- Group limit (reference: eligible_tiers) ----
-    uint32_t avail = valid;  // bit i: expert i*32 + lane may still be selected
-    if (group_limited) {
-      float* vbuf = reinterpret_cast<float*>(wsm);  // [E]
-      float* gscore = vbuf + E;                     // [n_group], read back by the owner only
-      if (gsize == 32) {
-        // Group i is register slot i of every lane (DeepSeek-V3: 256 experts in 8 groups). Its
-        // largest value is a warp max of the order images; the second largest, a warp max
-        // without the lowest lane that holds the first (a multiset result, as in the scan).
-        // Image 0 stands for "left out": every real image is larger.
-#pragma unroll
-        for (int i = 0; i < VPT; ++i) {
-          if (i < n_group) {
-            const uint32_t o = order_bits(v[i]);
-            const uint32_t a = warp_max_u32(o);
-            float score = from_order_bits(a);
-            if (p.group_score != GroupScore::Max) {
-              const int owner = __ffs(__ballot_sync(kFullMask, o == a)) - 1;
-              score = sanitize(score + from_order_bits(warp_max_u32(lane == owner ? 0u : o)));
-            }
-            if (lane == i) gscore[i] = score;
-          }
-        }
+    // ---- Router replay: a row of k distinct ids in [0, E) is the selection ----
+    const bool replayed = kFull && p.replay != nullptr && replay_row(p, t, k, lane, sel_id);
+    if (!replayed) {
+      // ---- Selection values v (reference: selection_values) ----
+      const float* bias = p.selection_bias;
+      float v[VPT];
+      if (selects_on_logits(p) || score == Score::None) {
+  #pragma unroll
+        for (int i = 0; i < VPT; ++i) v[i] = z[i];
+      } else if (softmax) {
+        float sm_max = w_max, sm_sum = w_sum;
+        if (!want_ew || zw_is_z0) warp_softmax_norm<VPT>(z, valid, sm_max, sm_sum);
+  #pragma unroll
+        for (int i = 0; i < VPT; ++i) v[i] = expf(z[i] - sm_max) / sm_sum;
       } else {
-#pragma unroll
+  #pragma unroll
+        for (int i = 0; i < VPT; ++i) v[i] = score_of(score, z[i]);
+      }
+      if (bias) {
+  #pragma unroll
         for (int i = 0; i < VPT; ++i)
-          if ((valid >> i) & 1u) vbuf[i * 32 + lane] = v[i];
-        __syncwarp();
-        for (int m = 0; m < gpl; ++m) {
-          const int g2 = m * 32 + lane;
-          if (g2 < n_group) {
-            // The two largest values (a multiset result, so the scan order does not matter).
-            const float* gv = vbuf + g2 * gsize;
-            float a = -kFltMax, b = -kFltMax;
-            int j = grot;
-            for (int n = 0; n < gsize; ++n) {
-              const float x = gv[j];
-              if (x > a) {
-                b = a;
-                a = x;
-              } else if (x > b) {
-                b = x;
-              }
-              j = j + 1 == gsize ? 0 : j + 1;
-            }
-            gscore[g2] = p.group_score == GroupScore::Max ? a : sanitize(gsize > 1 ? a + b : a);
-          }
-        }
+          if ((valid >> i) & 1u) v[i] = sanitize(v[i] + sanitize(__ldg(bias + i * 32 + lane)));
       }
-      uint32_t taken = 0;  // bit m: group m*32 + lane chosen
-      for (int r = 0; r < int(p.topk_group); ++r) {
-        uint64_t best = 0;  // every real key is > 0 (its index field is >= 2^30 - 1024)
-        for (int m = 0; m < gpl; ++m) {
-          const int g2 = m * 32 + lane;
-          if (g2 < n_group && !((taken >> m) & 1u)) {
-            const uint32_t tier = ((gon >> m) & 1u) ? kTierForcedOn : kTierNormal;
-            const uint64_t key = make_key(tier, order_bits(gscore[g2]), uint32_t(g2));
-            best = key > best ? key : best;
-          }
-        }
-        const int gi = key_index(warp_max_key(best));
-        if ((gi & 31) == lane) taken |= 1u << (gi >> 5);
-      }
-      uint32_t elig = 0;
-#pragma unroll
-      for (int i = 0; i < VPT; ++i) {
-        const uint32_t ge = (uint32_t(i * 32 + lane) * gmagic) >> 20;  // group of the expert
-        const uint32_t word = __shfl_sync(kFullMask, taken, int(ge & 31u));
-        elig |= ((word >> (ge >> 5)) & 1u) << i;
-      }
-      avail &= elig;
-      __syncwarp();  // vbuf/gscore reads finish before the selected ids overwrite the stage
-    }
 
-    // ---- Top-k by (tier, v, lower index) ----
-    uint32_t ord[VPT];
-#pragma unroll
-    for (int i = 0; i < VPT; ++i) ord[i] = order_bits(v[i]);
-    auto tier_of = [&](int i) -> uint32_t {
-      return ((fon >> i) & 1u) ? kTierForcedOn
-                               : (((foff >> i) & 1u) ? kTierForcedOff : kTierNormal);
-    };
-    // With its keys sorted (kSortKeys), a lane's best remaining key is keys[0] and the round's
-    // winner pops it; otherwise every round scans the lane's available keys. Unavailable experts
-    // get key 0, below every real key (whose index field is >= 2^30 - 1024).
-    uint64_t keys[kCacheKeys ? VPT : 1];
-    if constexpr (kCacheKeys) {
-#pragma unroll
-      for (int i = 0; i < VPT; ++i)
-        keys[i] = ((avail >> i) & 1u) ? make_key(tier_of(i), ord[i], uint32_t(i * 32 + lane)) : 0;
-      if constexpr (kSortKeys) sort_descending(keys);
-    }
-    for (int j = 0; j < k; ++j) {
-      uint64_t best = 0;
-      if constexpr (kSortKeys) {
-        best = keys[0];
-      } else {
-#pragma unroll
-        for (int i = 0; i < VPT; ++i) {
-          if ((avail >> i) & 1u) {
-            uint64_t key;
-            if constexpr (kCacheKeys) key = keys[i];
-            else key = make_key(tier_of(i), ord[i], uint32_t(i * 32 + lane));
-            best = key > best ? key : best;
+      // ---- Group limit (reference: eligible_tiers) ----
+      uint32_t avail = valid;  // bit i: expert i*32 + lane may still be selected
+      if (group_limited) {
+        float* vbuf = reinterpret_cast<float*>(wsm);  // [E]
+        float* gscore = vbuf + E;                     // [n_group], read back by the owner only
+        if (gsize == 32) {
+          // Group i is register slot i of every lane (DeepSeek-V3: 256 experts in 8 groups). Its
+          // largest value is a warp max of the order images; the second largest, a warp max
+          // without the lowest lane that holds the first (a multiset result, as in the scan).
+          // Image 0 stands for "left out": every real image is larger.
+  #pragma unroll
+          for (int i = 0; i < VPT; ++i) {
+            if (i < n_group) {
+              const uint32_t o = order_bits(v[i]);
+              const uint32_t a = warp_max_u32(o);
+              float score = from_order_bits(a);
+              if (p.group_score != GroupScore::Max) {
+                const int owner = __ffs(__ballot_sync(kFullMask, o == a)) - 1;
+                score = sanitize(score + from_order_bits(warp_max_u32(lane == owner ? 0u : o)));
+              }
+              if (lane == i) gscore[i] = score;
+            }
+          }
+        } else {
+  #pragma unroll
+          for (int i = 0; i < VPT; ++i)
+            if ((valid >> i) & 1u) vbuf[i * 32 + lane] = v[i];
+          __syncwarp();
+          for (int m = 0; m < gpl; ++m) {
+            const int g2 = m * 32 + lane;
+            if (g2 < n_group) {
+              // The two largest values (a multiset result, so the scan order does not matter).
+              const float* gv = vbuf + g2 * gsize;
+              float a = -kFltMax, b = -kFltMax;
+              int j = grot;
+              for (int n = 0; n < gsize; ++n) {
+                const float x = gv[j];
+                if (x > a) {
+                  b = a;
+                  a = x;
+                } else if (x > b) {
+                  b = x;
+                }
+                j = j + 1 == gsize ? 0 : j + 1;
+              }
+              gscore[g2] = p.group_score == GroupScore::Max ? a : sanitize(gsize > 1 ? a + b : a);
+            }
           }
         }
-      }
-      // k <= number of eligible experts (checked by prepare_gate), so a winner always exists.
-      const int idx = key_index(warp_max_key(best));
-      if ((idx & 31) == lane) {
-        if constexpr (kSortKeys) {
-#pragma unroll
-          for (int i = 0; i + 1 < VPT; ++i) keys[i] = keys[i + 1];
-          keys[VPT - 1] = 0;
-        } else {
-          avail &= ~(1u << (idx >> 5));
+        uint32_t taken = 0;  // bit m: group m*32 + lane chosen
+        for (int r = 0; r < int(p.topk_group); ++r) {
+          uint64_t best = 0;  // every real key is > 0 (its index field is >= 2^30 - 1024)
+          for (int m = 0; m < gpl; ++m) {
+            const int g2 = m * 32 + lane;
+            if (g2 < n_group && !((taken >> m) & 1u)) {
+              const uint32_t tier = ((gon >> m) & 1u) ? kTierForcedOn : kTierNormal;
+              const uint64_t key = make_key(tier, order_bits(gscore[g2]), uint32_t(g2));
+              best = key > best ? key : best;
+            }
+          }
+          const int gi = key_index(warp_max_key(best));
+          if ((gi & 31) == lane) taken |= 1u << (gi >> 5);
         }
+        uint32_t elig = 0;
+  #pragma unroll
+        for (int i = 0; i < VPT; ++i) {
+          const uint32_t ge = (uint32_t(i * 32 + lane) * gmagic) >> 20;  // group of the expert
+          const uint32_t word = __shfl_sync(kFullMask, taken, int(ge & 31u));
+          elig |= ((word >> (ge >> 5)) & 1u) << i;
+        }
+        avail &= elig;
+        __syncwarp();  // vbuf/gscore reads finish before the selected ids overwrite the stage
       }
-      if (lane == 0) sel_id[j] = idx;
+
+      // ---- Top-k by (tier, v, lower index) ----
+      uint32_t ord[VPT];
+  #pragma unroll
+      for (int i = 0; i < VPT; ++i) ord[i] = order_bits(v[i]);
+      auto tier_of = [&](int i) -> uint32_t {
+        return ((fon >> i) & 1u) ? kTierForcedOn
+                                 : (((foff >> i) & 1u) ? kTierForcedOff : kTierNormal);
+      };
+      // With its keys sorted (kSortKeys), a lane's best remaining key is keys[0] and the round's
+      // winner pops it; otherwise every round scans the lane's available keys. Unavailable experts
+      // get key 0, below every real key (whose index field is >= 2^30 - 1024).
+      uint64_t keys[kCacheKeys ? VPT : 1];
+      if constexpr (kCacheKeys) {
+  #pragma unroll
+        for (int i = 0; i < VPT; ++i)
+          keys[i] = ((avail >> i) & 1u) ? make_key(tier_of(i), ord[i], uint32_t(i * 32 + lane)) : 0;
+        if constexpr (kSortKeys) sort_descending(keys);
+      }
+      for (int j = 0; j < k; ++j) {
+        uint64_t best = 0;
+        if constexpr (kSortKeys) {
+          best = keys[0];
+        } else {
+  #pragma unroll
+          for (int i = 0; i < VPT; ++i) {
+            if ((avail >> i) & 1u) {
+              uint64_t key;
+              if constexpr (kCacheKeys) key = keys[i];
+              else key = make_key(tier_of(i), ord[i], uint32_t(i * 32 + lane));
+              best = key > best ? key : best;
+            }
+          }
+        }
+        // k <= number of eligible experts (checked by prepare_gate), so a winner always exists.
+        const int idx = key_index(warp_max_key(best));
+        if ((idx & 31) == lane) {
+          if constexpr (kSortKeys) {
+  #pragma unroll
+            for (int i = 0; i + 1 < VPT; ++i) keys[i] = keys[i + 1];
+            keys[VPT - 1] = 0;
+          } else {
+            avail &= ~(1u << (idx >> 5));
+          }
+        }
+        if (lane == 0) sel_id[j] = idx;
+      }
     }
     __syncwarp();  // publish sel_id
 
@@ -846,10 +869,10 @@ inline bool gate_args_ok(const GateParams& p) {
   return p.E >= 1 && p.E <= kMaxExperts && p.k >= 1 && p.k <= p.E;
 }
 
-// The full kernel is needed for steering, a group limit or statistics; every other call runs the
-// plain one, compiled without those paths.
+// The full kernel is needed for steering, a group limit, statistics or replay; every other call
+// runs the plain one, compiled without those paths.
 inline bool needs_full_kernel(const GateParams& p) {
-  return p.steer != nullptr || limits_groups(p) || p.any_stats();
+  return p.steer != nullptr || limits_groups(p) || p.any_stats() || p.replay != nullptr;
 }
 
 // Launch geometry for a call with p.T > 0 and 1 <= p.E <= kMaxExperts, for `warps_per_sm`

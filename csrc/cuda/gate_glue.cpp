@@ -20,8 +20,9 @@ std::tuple<at::Tensor, at::Tensor> topk_gate_cuda(
     const OptTensor& selection_bias, int64_t n_group, int64_t topk_group,
     c10::string_view group_score, bool renormalize, double renorm_eps, double scale,
     const OptTensor& steer, bool steer_select_only, bool std_unbiased, const OptTensor& groups,
-    const OptTensor& tokens, const OptTensor& counts, const OptTensor& prob_sum,
-    const OptTensor& weight_sum, const OptTensor& entropy_sum, const OptTensor& coact) {
+    const OptTensor& replay, const OptTensor& tokens, const OptTensor& counts,
+    const OptTensor& prob_sum, const OptTensor& weight_sum, const OptTensor& entropy_sum,
+    const OptTensor& coact) {
   // Reached when any tensor argument is on CUDA; when the logits are not, prepare_gate's device
   // checks raise the usual message, so only guard a CUDA device.
   const c10::cuda::OptionalCUDAGuard guard(
@@ -31,7 +32,8 @@ std::tuple<at::Tensor, at::Tensor> topk_gate_cuda(
   GateParams p;
   prepare_gate(logits, k, score, select_on, selection_bias, n_group, topk_group, group_score,
                renormalize, renorm_eps, scale, steer, steer_select_only, std_unbiased, groups,
-               tokens, counts, prob_sum, weight_sum, entropy_sum, coact, hold, weights, ids, p);
+               replay, tokens, counts, prob_sum, weight_sum, entropy_sum, coact, hold, weights,
+               ids, p);
   TORCH_CHECK_VALUE(p.E <= 1024, "topk_gate: num_experts=", p.E, " must be <= 1024 on CUDA");
   const cudaError_t err = cuda::launch_topk_gate(p, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "topk_gate: CUDA kernel launch failed: ",

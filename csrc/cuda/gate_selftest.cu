@@ -49,6 +49,8 @@ struct Case {
   bool stats = false, groups = false, groups_int64 = false;
   int64_t G = 1;
   bool specials = false;  // NaN / +-inf logits
+  // Router replay rows: valid selections, rows of -1 and invalid rows (selected as usual).
+  bool replay = false, replay_int64 = false;
   bool ties = false;      // logits on a coarse grid: many exact ties
   uint32_t seed = 1;
 };
@@ -72,7 +74,8 @@ float host_score(Score s, float z) {
 struct HostToken {
   std::vector<float> zw, v;
   std::vector<int> tier;       // 2 on, 1 normal, 0 off, -1 ineligible
-  std::vector<int> ids;        // reference selection
+  std::vector<int> ids;        // reference selection (the replay row when replayed)
+  bool replayed = false;
   float w_max = 0.f, w_sum = 1.f;
 };
 
@@ -84,7 +87,8 @@ bool better(const HostToken& h, int a, int b) {
 }
 
 HostToken host_token(const Case& c, const std::vector<float>& logit_row,
-                     const std::vector<float>& bias, const std::vector<float>& steer) {
+                     const std::vector<float>& bias, const std::vector<float>& steer,
+                     const int64_t* replay) {
   const int E = int(c.E);
   HostToken h;
   std::vector<float> z0(E), z(E);
@@ -163,6 +167,18 @@ HostToken host_token(const Case& c, const std::vector<float>& logit_row,
     if (h.tier[e] >= 0) cand.push_back(e);
   std::sort(cand.begin(), cand.end(), [&](int a, int b) { return better(h, a, b); });
   h.ids.assign(cand.begin(), cand.begin() + c.k);
+  if (replay != nullptr) {  // a row of k distinct ids in [0, E) replaces the selection
+    std::vector<char> seen(size_t(E), 0);
+    bool ok = true;
+    for (int64_t j = 0; j < c.k && ok; ++j) {
+      ok = replay[j] >= 0 && replay[j] < E && !seen[size_t(replay[j])];
+      if (ok) seen[size_t(replay[j])] = 1;
+    }
+    if (ok) {
+      h.replayed = true;
+      h.ids.assign(replay, replay + c.k);
+    }
+  }
   return h;
 }
 
@@ -281,11 +297,29 @@ bool run_case(const Case& c) {
     groups32.assign(groups64.begin(), groups64.end());
   }
 
+  std::vector<int64_t> replay64;
+  std::vector<int32_t> replay32;
+  if (c.replay) {
+    replay64.assign(size_t(T * k), -1);
+    std::vector<int64_t> perm(static_cast<size_t>(E));
+    for (int64_t t = 0; t < T; ++t) {
+      int64_t* row = replay64.data() + t * k;
+      const float r = unif(rng);
+      if (r < 0.2f) continue;  // all -1: selected as usual
+      for (int64_t e = 0; e < E; ++e) perm[size_t(e)] = e;
+      std::shuffle(perm.begin(), perm.end(), rng);
+      std::copy(perm.begin(), perm.begin() + k, row);
+      if (r < 0.3f && k > 1) row[k - 1] = row[0];                 // duplicate: invalid
+      else if (r < 0.35f) row[k / 2] = unif(rng) < 0.5f ? E : -5;  // out of range: invalid
+    }
+    replay32.assign(replay64.begin(), replay64.end());
+  }
+
   // Host reference.
   std::vector<HostToken> ref(static_cast<size_t>(T));
   for (int64_t t = 0; t < T; ++t) {
     std::vector<float> row(logits.begin() + t * stride, logits.begin() + t * stride + E);
-    ref[t] = host_token(c, row, bias, steer);
+    ref[t] = host_token(c, row, bias, steer, c.replay ? replay64.data() + t * k : nullptr);
   }
 
   // Device run.
@@ -311,6 +345,13 @@ bool run_case(const Case& c) {
   }
   p.groups = d_groups;
   p.groups_int64 = c.groups_int64;
+  void* d_replay = nullptr;
+  if (c.replay) {
+    d_replay = c.replay_int64 ? static_cast<void*>(to_device(replay64))
+                              : static_cast<void*>(to_device(replay32));
+  }
+  p.replay = d_replay;
+  p.replay_int64 = c.replay_int64;
   const int64_t G = c.stats ? c.G : 1;
   p.G = G;
   // Statistics start from non-zero values: the kernel must add, not overwrite.
@@ -363,7 +404,14 @@ bool run_case(const Case& c) {
     std::vector<int> dev(ids.begin() + t * k, ids.begin() + (t + 1) * k);
     bool ok_ids = true;
     std::vector<char> seen(size_t(E), 0);
-    for (int64_t j = 0; j < k; ++j) {
+    for (int64_t j = 0; j < k && h.replayed; ++j) {
+      if (dev[j] != h.ids[j]) {
+        ok_ids = false;
+        fail("replayed id", t, j, dev[j], h.ids[j]);
+        break;
+      }
+    }
+    for (int64_t j = 0; j < k && !h.replayed; ++j) {
       const int d = dev[j];
       if (d < 0 || d >= E || seen[d] || h.tier[d] < 0) {
         ok_ids = false;
@@ -437,6 +485,7 @@ bool run_case(const Case& c) {
   cudaFree(d_bias);
   cudaFree(d_steer);
   cudaFree(d_groups);
+  cudaFree(d_replay);
   cudaFree(d_tokens);
   cudaFree(d_counts);
   cudaFree(d_coact);
@@ -577,6 +626,29 @@ std::vector<Case> cases() {
     c.name = "E=1000 k=40 (VPT 32, k > 32) stats";
     c.T = 70, c.E = 1000, c.k = 40, c.stats = true, c.n_group = 10, c.topk_group = 7;
     c.group_score = GroupScore::Top2Sum, c.score = Score::Sigmoid, c.seed = 10;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "replay (int32) stats+groups softmax steer";
+    c.T = 900, c.E = 64, c.k = 8, c.replay = true, c.stats = true, c.groups = true, c.G = 4;
+    c.steer = c.steer_std = true, c.seed = 20;
+    v.push_back(c);
+  }
+  {
+    Case c;  // replayed ids may lie in groups the limit would exclude
+    c.name = "replay (int64) sigmoid+bias groups renorm bf16";
+    c.T = 500, c.E = 256, c.k = 8, c.lt = LogitType::BF16, c.replay = true;
+    c.replay_int64 = true, c.score = Score::Sigmoid, c.bias = true, c.n_group = 8;
+    c.topk_group = 4, c.group_score = GroupScore::Top2Sum, c.renormalize = true;
+    c.scale = 2.5f, c.stats = true, c.seed = 21;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "replay select_on=logits k > 32 forced steering";
+    c.T = 80, c.E = 700, c.k = 40, c.replay = true, c.select_on_logits = true;
+    c.steer = c.steer_force = true, c.stats = true, c.seed = 22;
     v.push_back(c);
   }
   {

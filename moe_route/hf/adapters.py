@@ -630,7 +630,7 @@ SCORE_TOPK_BIAS = Adapter("score_topk", "S4",
 # their renormalised scores; its own forward runs and its choice is recorded (no steering)
 HASH_CHOICE = dataclasses.replace(SCORE_TOPK_BIAS, name="hash_table", selection_bias=None,
                                   fixed_choice=True,
-                                  limits="hash layers: recorded, cannot be steered")
+                                  limits="hash layers: recorded, cannot be steered or replayed")
 # Inkling2TopKRouter: the same in fp32
 SCORE_TOPK_BIAS_FP32 = dataclasses.replace(SCORE_TOPK_BIAS, linear_dtype=torch.float32)
 # Kolibri1TopKRouter: selects on logits + bias, weights are the sigmoid of the chosen logits,

@@ -34,7 +34,7 @@ from moe_route import reference
 from moe_route.nn.router import route
 from moe_route.ops import GateStats, SteerSpec, topk_gate
 
-__all__ = ["patch", "unpatch", "PatchHandle", "RouterState", "find_routers"]
+__all__ = ["patch", "unpatch", "PatchHandle", "RouterState", "find_routers", "routers_by_key"]
 
 _STATE = "_moe_route_state"
 _HANDLE = "_moe_route_patch"
@@ -61,13 +61,17 @@ class RouterState:
     stats: Optional[GateStats] = None
     groups: Optional[Callable[[int, torch.device], Optional[torch.Tensor]]] = None
     trace: Optional[Callable] = None      # trace(name, logits, weights, ids, groups)
+    # replay(T, device): the [T, k] ids to route this call's tokens to (rows of -1 select as
+    # usual), or None
+    replay: Optional[Callable[[int, torch.device], Optional[torch.Tensor]]] = None
     steer_stack: list = field(default_factory=list)
+    replay_stack: list = field(default_factory=list)
 
     def __call__(self, router, hidden_states, args, kwargs):
         ad = self.adapter
         if ad.fixed_choice:  # the router's own choice (hash routing), recorded as it is
             return self._record_own(hidden_states, args, kwargs)
-        if self.exact and self.steer is None:
+        if self.exact and self.steer is None and self.replay is None:
             out = self.original(hidden_states, *args, **kwargs)
             if self.stats is not None or self.trace is not None:
                 z = ad.logits(router, hidden_states, args, kwargs)
@@ -80,9 +84,10 @@ class RouterState:
             return out
         z = ad.logits(router, hidden_states, args, kwargs)
         groups = self._groups(z)
+        replay = self.replay(z.shape[0], z.device) if self.replay is not None else None
         w, ids = route(z, self.top_k, self.spec,
                        selection_bias=ad.selection_bias_of(router, self.block, args),
-                       steer=self.steer, stats=self.stats, groups=groups,
+                       steer=self.steer, stats=self.stats, groups=groups, replay=replay,
                        weights_dtype=ad.weights_out_dtype(z, hidden_states))
         if self.trace is not None:
             self.trace(self.name, z, w, ids, groups)
@@ -91,9 +96,10 @@ class RouterState:
         return z, w, ids
 
     def _record_own(self, hidden_states, args, kwargs):
-        if self.steer is not None:
-            raise UnsupportedModelError(f"steer: {self.name} ({self.adapter.name}) does not choose "
-                                        f"its experts by score; it cannot be steered")
+        if self.steer is not None or self.replay is not None:
+            what = "steered" if self.steer is not None else "replayed"
+            raise UnsupportedModelError(f"{self.name} ({self.adapter.name}) does not choose its "
+                                        f"experts by score; it cannot be {what}")
         out = self.original(hidden_states, *args, **kwargs)
         if self.stats is not None or self.trace is not None:
             z, w, ids = out[0].reshape(-1, self.num_experts), out[1], out[2]
@@ -129,6 +135,38 @@ def layer_index(name: str) -> Optional[int]:
     """The decoder-layer index in a module path (``model.layers.12.mlp.gate`` -> 12)."""
     m = _LAYER_INDEX.search(name)
     return int(m.group(1)) if m else None
+
+
+def routers_by_key(keys, routers: dict, where: str) -> dict:
+    """``{key: RouterState}`` for layer keys of a patched model's ``{module path: RouterState}``.
+
+    An int key is a decoder-layer index (``model.layers.12...`` -> 12); a str key is a router's
+    module path or its MoE block's. Unknown or ambiguous keys and a router named twice raise
+    ValueError starting with ``where``.
+    """
+    by_index: dict[int, list] = {}
+    for name, state in routers.items():
+        if state.index is not None:
+            by_index.setdefault(state.index, []).append(name)
+    out, seen = {}, {}
+    for key in keys:
+        if isinstance(key, int):
+            names = by_index.get(key, [])
+            if len(names) > 1:
+                raise ValueError(f"{where}: layer {key} is ambiguous ({names}); use a module path")
+        else:
+            names = [n for n in routers if n == key or n.rpartition(".")[0] == key]
+        if not names:
+            raise ValueError(f"{where}: layer {key!r} is not an MoE layer of the model; MoE "
+                             f"layers are {sorted(by_index)} (or module paths "
+                             f"{list(routers)[:3]}...)")
+        name = names[0]
+        if name in seen:
+            raise ValueError(f"{where}: layer keys {seen[name]!r} and {key!r} name the same "
+                             f"router {name}")
+        seen[name] = key
+        out[key] = routers[name]
+    return out
 
 
 def find_routers(model: nn.Module) -> list[tuple[str, nn.Module, Optional[nn.Module]]]:

@@ -51,10 +51,11 @@ def weights_out_dtype(rule: str, logits: torch.Tensor, hidden_states: torch.Tens
 
 def route(logits: torch.Tensor, k: int, spec: RouterSpec, *, selection_bias=None,
           steer: Optional[SteerSpec] = None, stats: Optional[GateStats] = None, groups=None,
-          weights_dtype: torch.dtype = torch.float32):
-    """Gate ``logits [T, E]``: ``(weights [T, k] in weights_dtype, ids [T, k] int64)``."""
+          replay: Optional[torch.Tensor] = None, weights_dtype: torch.dtype = torch.float32):
+    """Gate ``logits [T, E]``: ``(weights [T, k] in weights_dtype, ids [T, k] int64)``.
+    ``replay`` ``[T, k]`` gives tokens their ids (``topk_gate``)."""
     w, ids = topk_gate(logits, k, spec, selection_bias=selection_bias, steer=steer, stats=stats,
-                       groups=groups)
+                       groups=groups, replay=replay)
     ids = ids.long()
     if logits.requires_grad and torch.is_grad_enabled():
         zw = reference.sanitize(logits)
@@ -78,7 +79,8 @@ class TopKRouter(nn.Module):
         linear_dtype, logits_dtype, weights_dtype: the dtype recipe (module docstring).
 
     Attributes ``steer`` (a ``SteerSpec``) and ``stats`` (a ``GateStats``) may be set at any time;
-    ``forward(x, groups=None)`` takes the statistics group of each token.
+    ``forward(x, groups=None, replay=None)`` takes the statistics group of each token and,
+    for router replay, the ``[T, k]`` ids to route them to (rows of -1 select as usual).
     """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int,
@@ -111,14 +113,15 @@ class TopKRouter(nn.Module):
         return router_logits(hidden_states.reshape(-1, self.hidden_size), self.weight, self.bias,
                              self.linear_dtype, self.logits_dtype)
 
-    def forward(self, hidden_states: torch.Tensor, groups: Optional[torch.Tensor] = None):
+    def forward(self, hidden_states: torch.Tensor, groups: Optional[torch.Tensor] = None,
+                replay: Optional[torch.Tensor] = None):
         z = self.logits(hidden_states)
         bias = self.selection_bias
         if bias is not None and bias.dtype != torch.float32:
             bias = bias.float()
         out_dtype = weights_out_dtype(self.weights_dtype, z, hidden_states)
         w, ids = route(z, self.top_k, self.spec, selection_bias=bias, steer=self.steer,
-                       stats=self.stats, groups=groups, weights_dtype=out_dtype)
+                       stats=self.stats, groups=groups, replay=replay, weights_dtype=out_dtype)
         return z, w, ids
 
     @classmethod

@@ -1,0 +1,209 @@
+"""``replay(model, routing)``: route a model's tokens to given experts (router replay).
+
+    trace = load_trace("rollout.safetensors")          # or rec.trace, recorded with trace=True
+    with moe_route.replay(model, trace):                # each router takes the next rows of its
+        model(**batch)                                  # layer's trace, call by call
+
+    with moe_route.replay(model, {7: ids}):             # ids [B, S, k]: by position, e.g. the
+        loss = model(input_ids, labels=labels).loss     # experts an inference engine reported
+        loss.backward()                                 # for a rollout (RL routing replay)
+
+Inside the block every replayed router selects the given experts; its weights come from the
+model's own logits at those experts, by the family's rule (softmax over E, over the k, sigmoid,
+renormalisation, scale), exactly as if the gate had chosen them, and in train mode they carry
+the router's gradient. Statistics of a ``record`` context count the replayed ids; steering still
+changes the weights (not the ids) of steered layers. Rows of -1 route as usual (padding, or
+positions the routing does not cover). The replay runs in the fused gate: the kernel skips
+selection for those rows.
+
+Two layouts per layer:
+
+* ``[N, k]`` (a trace, or any ``{layer: ids}``): **call order**. Each router call with T tokens
+  takes the next T rows, so the calls must match those that produced the routing (same batch
+  shapes, same order). Leaving the block with rows unused raises ``ValueError`` (``strict``).
+* ``[B, S, k]``: **by position**. A model call on ``[B, S']`` tokens with a KV cache of length c
+  takes positions ``[c, c + S')`` of every sequence, so one forward over whole sequences, a
+  ``generate()`` and activation recomputation (gradient checkpointing) all line up.
+
+Ids may be int16/int32/int64 on any device; they are checked once on entry (k distinct ids in
+[0, E) or all -1 per row, k equal to the router's top-k) and moved to each router's device once.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Optional
+
+import torch
+from torch import nn
+
+from moe_route import reference
+from moe_route.hf.patch import acquire, release, routers_by_key
+from moe_route.recording import cache_length
+
+__all__ = ["replay", "Replay"]
+
+
+class _Source:
+    """The ids of one replayed router and where its next call reads them."""
+
+    def __init__(self, name: str, ids: torch.Tensor, owner: "Replay"):
+        self.name, self.ids, self.owner = name, ids, owner
+        self.by_position = ids.dim() == 3
+        self.cursor = 0                     # call order: rows used so far
+        self._on: dict = {}                 # device -> ids as int32 there
+
+    def _device_ids(self, device: torch.device) -> torch.Tensor:
+        t = self._on.get(device)
+        if t is None:
+            t = self._on[device] = self.ids.to(device=device, dtype=torch.int32)
+        return t
+
+    def __call__(self, T: int, device: torch.device) -> torch.Tensor:
+        ids = self._device_ids(device)
+        k = ids.shape[-1]
+        if not self.by_position:
+            if self.cursor + T > ids.shape[0]:
+                raise RuntimeError(f"replay: {self.name} is called on {T} tokens, but only "
+                                   f"{ids.shape[0] - self.cursor} of its {ids.shape[0]} rows are "
+                                   f"left; the model's calls do not match the routing")
+            out = ids[self.cursor:self.cursor + T]
+            self.cursor += T
+            return out
+        call = self.owner._call
+        if call is None:
+            raise RuntimeError(f"replay: {self.name} was called outside a forward of the model; "
+                               f"routing by position needs the model call's positions")
+        B, S, start = call
+        if B != ids.shape[0] or start + S > ids.shape[1]:
+            raise RuntimeError(f"replay: the model call covers positions [{start}, {start + S}) "
+                               f"of {B} sequences, but {self.name}'s routing has "
+                               f"{ids.shape[1]} positions of {ids.shape[0]} sequences")
+        if T != B * S:
+            raise RuntimeError(f"replay: {self.name} routes {T} tokens, but the model call has "
+                               f"{B} x {S}; this model routes a different token set than its "
+                               f"input_ids (encoder-decoder or multimodal)")
+        return ids[:, start:start + S].reshape(T, k)
+
+
+class Replay:
+    """The ``replay(model, routing)`` context (module docstring)."""
+
+    def __init__(self, model: nn.Module, routing: Mapping, *, layers=None, strict: bool = True):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"replay: model must be a torch.nn.Module, got "
+                            f"{type(model).__name__}")
+        if not isinstance(routing, Mapping) or not routing:
+            raise TypeError(f"replay: routing must be a non-empty mapping {{layer: ids}} or a "
+                            f"trace, got {type(routing).__name__}"
+                            f"{' (empty)' if isinstance(routing, Mapping) else ''}")
+        self.model, self.strict = model, strict
+        self.routing = {key: _ids_of(key, value) for key, value in routing.items()}
+        self.layers = None if layers is None else (
+            [layers] if isinstance(layers, (int, str)) else list(layers))
+        self._handle = None
+        self._hook = None
+        self._sources: list = []
+        self._applied: list = []
+        self._call: Optional[tuple] = None      # (B, S, cache length) of the model call
+
+    def __enter__(self) -> "Replay":
+        self._handle = acquire(self.model)
+        try:
+            routers = self._handle.routers
+            targets = routers_by_key(list(self.routing), routers, "replay")
+            if self.layers is not None:
+                wanted = {s.name for s in routers_by_key(self.layers, routers, "replay").values()}
+                missing = wanted - {s.name for s in targets.values()}
+                if missing:
+                    raise ValueError(f"replay: layers {sorted(missing)} are not in the routing "
+                                     f"(it covers {[s.name for s in targets.values()][:4]}...)")
+                targets = {key: s for key, s in targets.items() if s.name in wanted}
+            for key, state in targets.items():
+                if state.adapter.fixed_choice:
+                    raise ValueError(f"replay: layer {key!r} ({state.name}) routes by "
+                                     f"{state.adapter.name}, not by score; it cannot be replayed")
+                ids = self.routing[key]
+                _check_ids(key, state, ids)
+                source = _Source(state.name, ids, self)
+                state.replay_stack.append(state.replay)
+                state.replay = source
+                self._applied.append(state)
+                self._sources.append(source)
+            if any(s.by_position for s in self._sources):
+                self._hook = self.model.register_forward_pre_hook(self._on_call,
+                                                                  with_kwargs=True)
+        except BaseException:
+            self._detach()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self._detach()
+        if exc[0] is None and self.strict:
+            left = {s.name: s.ids.shape[0] - s.cursor for s in self._sources
+                    if not s.by_position and s.cursor != s.ids.shape[0]}
+            if left:
+                raise ValueError(f"replay: rows left unused (the model's calls covered fewer "
+                                 f"tokens than the routing): {left}; pass strict=False to allow")
+        return False
+
+    def _detach(self):
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        while self._applied:
+            state = self._applied.pop()
+            state.replay = state.replay_stack.pop()
+        if self._handle is not None:
+            release(self._handle)
+            self._handle = None
+
+    def _on_call(self, module, args, kwargs):
+        ref = kwargs.get("input_ids", args[0] if args else None)
+        if ref is None:
+            ref = kwargs.get("inputs_embeds")
+        if ref is None:
+            self._call = None
+            return
+        self._call = (ref.shape[0], ref.shape[1], cache_length(kwargs.get("past_key_values")))
+
+    @property
+    def used(self) -> dict:
+        """``{router name: rows used}`` of the call-order layers so far."""
+        return {s.name: s.cursor for s in self._sources if not s.by_position}
+
+
+def _ids_of(key, value) -> torch.Tensor:
+    """A layer's ids: a tensor, or a trace entry's ``"ids"``."""
+    if isinstance(value, Mapping):
+        if "ids" not in value:
+            raise ValueError(f"replay: routing[{key!r}] is a mapping without 'ids' (a trace "
+                             f"layer has 'ids' [N, k])")
+        value = value["ids"]
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"replay: routing[{key!r}] must be an int tensor [N, k] or [B, S, k], "
+                        f"got {type(value).__name__}")
+    if value.dtype not in (torch.int16, torch.int32, torch.int64) or value.dim() not in (2, 3):
+        raise ValueError(f"replay: routing[{key!r}] must be an int16/int32/int64 tensor of shape "
+                         f"[N, k] or [B, S, k], got {value.dtype} of shape {tuple(value.shape)}")
+    return value
+
+
+def _check_ids(key, state, ids: torch.Tensor) -> None:
+    k, E = ids.shape[-1], state.num_experts
+    if k != state.top_k:
+        raise ValueError(f"replay: routing[{key!r}] has {k} ids per token, but {state.name} "
+                         f"routes to top_k={state.top_k}")
+    reference.check_replay_rows(ids.reshape(-1, k).cpu(), E, f"replay: routing[{key!r}]")
+
+
+def replay(model: nn.Module, routing: Mapping, *, layers=None, strict: bool = True) -> Replay:
+    """Route ``model``'s tokens to the experts in ``routing`` inside a ``with`` block.
+
+    ``routing`` is a trace (``Recorder.trace``, ``load_trace``: router module path -> layer dict
+    with ``"ids"``) or ``{layer: ids}`` with int keys (decoder-layer index) or module paths and
+    ids ``[N, k]`` (call order) or ``[B, S, k]`` (by position); see the module docstring.
+    ``layers`` (keys as above) replays only those of the routing's layers. Contexts nest: an inner replay replaces an
+    outer one on the layers it names. Patches the model for the duration if needed.
+    """
+    return Replay(model, routing, layers=layers, strict=strict)

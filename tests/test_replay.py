@@ -1,0 +1,321 @@
+"""moe_route.replay: a model routes its tokens to given experts, call by call or by position.
+
+Known answers: replaying a model's own routing reproduces the model (outputs and gradients of the
+unpatched model); a replayed run's trace holds the given ids, with the weights the family's rule
+gives from the model's own logits at them; a forward over whole sequences and a KV-cache decode
+under the same per-position routing agree; statistics count the replayed ids.
+"""
+import pytest
+import torch
+
+import moe_route
+from moe_route import reference as R
+from moe_route import replaying
+from moe_route.hf.patch import find_routers, layer_index
+
+from tiny_models import build, inputs
+from test_patch import CORE
+
+pytest.importorskip("transformers")
+
+
+def _ids(seed=0, shape=(3, 8)):
+    return torch.randint(0, 96, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _trace(model, ids, **kw):
+    with moe_route.record(model, trace=True, trace_logits=True, trace_dtype=torch.float32) as rec:
+        with torch.no_grad():
+            out = model(ids, **kw)
+    return rec.trace, out
+
+
+def _random_routing(trace, seed=0, shape=None):
+    """{router name: random distinct ids} shaped like each layer's trace ids (or ``shape``)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, layer in trace.items():
+        N, k = layer["ids"].shape
+        E = layer["logits"].shape[1]
+        ids = torch.rand(N, E, generator=g).argsort(-1)[:, :k]
+        out[name] = ids.reshape(*shape, k) if shape else ids
+    return out
+
+
+def _specs(model):
+    handle = moe_route.patch(model)
+    return {name: state.spec for name, state in handle.routers.items()}
+
+
+@pytest.mark.parametrize("family", CORE)
+def test_replaying_own_routing_reproduces_the_model(family):
+    model = build(family)
+    ids = _ids()
+    with torch.no_grad():
+        want = model(ids).logits
+    trace, _ = _trace(model, ids)
+    with moe_route.replay(model, trace) as rp, torch.no_grad():
+        got = model(ids).logits
+    assert rp.used == {name: layer["ids"].shape[0] for name, layer in trace.items()}
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert not hasattr(model, "_moe_route_patch")  # the implicit patch is gone
+
+
+@pytest.mark.parametrize("family", ["olmoe", "mixtral", "gpt_oss", "deepseek_v3", "qwen3_moe"])
+def test_replayed_ids_and_weights_known_answer(family):
+    """Random routing: the run's trace holds exactly the given ids, and the weights the family's
+    spec gives from the run's own logits at those ids."""
+    model = build(family)
+    ids = _ids(1)
+    trace, _ = _trace(model, ids)
+    routing = _random_routing(trace, seed=2)
+    specs = _specs(model)
+    moe_route.unpatch(model)
+    with moe_route.replay(model, routing):
+        got, _ = _trace(model, ids)
+    for name, layer in got.items():
+        assert torch.equal(layer["ids"].long(), routing[name]), name
+        s = specs[name]
+        want = R.gate_weights(R.sanitize(layer["logits"]), routing[name], s.score, s.select_on,
+                              s.renormalize, s.renorm_eps, s.scale)
+        torch.testing.assert_close(layer["weights"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_rows_of_minus_one_route_as_usual():
+    model = build("olmoe")
+    ids = _ids(3)
+    own, _ = _trace(model, ids)
+    routing = _random_routing(own, seed=4)
+    for t in routing.values():
+        t[::2] = -1
+    with moe_route.replay(model, routing):
+        got, _ = _trace(model, ids)
+    first = next(iter(got))
+    layer, want = got[first]["ids"].long(), routing[first]
+    assert torch.equal(layer[1::2], want[1::2])
+    assert torch.equal(layer[::2], own[first]["ids"].long()[::2])  # the first layer: same inputs
+
+
+def test_statistics_count_the_replayed_ids():
+    model = build("qwen3_moe")
+    ids = _ids(5)
+    trace, _ = _trace(model, ids)
+    routing = _random_routing(trace, seed=6)
+    with moe_route.replay(model, routing), moe_route.record(model) as rec, torch.no_grad():
+        model(ids)
+    for layer in rec.stats:
+        E = layer.counts.shape[1]
+        assert torch.equal(layer.counts[0], torch.bincount(routing[layer.name].reshape(-1),
+                                                           minlength=E))
+
+
+@pytest.mark.parametrize("family", ["olmoe", "deepseek_v3"])
+def test_by_position_prefill_and_decode_match_one_forward(family):
+    """Per-position routing [B, S, k]: one forward over the sequences and a prefill followed by
+    one-token steps with a KV cache see the same experts at every position, so their logits
+    agree; the decode run's trace holds the given ids in call order."""
+    model = build(family)
+    B, S, S0 = 2, 9, 4
+    ids = _ids(7, (B, S))
+    trace, _ = _trace(model, ids)
+    routing = _random_routing(trace, seed=8, shape=(B, S))
+    with moe_route.replay(model, routing), torch.no_grad():
+        full = model(ids).logits
+    with moe_route.replay(model, routing), moe_route.record(model, trace=True) as rec, \
+            torch.no_grad():
+        out = model(ids[:, :S0], use_cache=True)
+        steps, cache = [out.logits], out.past_key_values
+        for s in range(S0, S):
+            out = model(ids[:, s:s + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+            cache = out.past_key_values
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+    for name, layer in rec.trace.items():
+        k = routing[name].shape[-1]
+        want = torch.cat([routing[name][:, :S0].reshape(-1, k)] +
+                         [routing[name][:, s] for s in range(S0, S)])
+        assert torch.equal(layer["ids"].long(), want), name
+    # without the replay the decode routes differently (the routing above is random)
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, full, atol=1e-3)
+
+
+def test_by_position_with_generate():
+    """generate(): the prompt and every new token take the experts of their positions."""
+    model = build("qwen3_moe")
+    B, P, N = 2, 5, 4
+    prompt = _ids(9, (B, P))
+    with torch.no_grad():
+        seq = model.generate(prompt, max_new_tokens=N, do_sample=False)
+    trace, _ = _trace(model, seq)
+    routing = _random_routing(trace, seed=10, shape=(B, P + N))
+    with moe_route.replay(model, routing), moe_route.record(model, trace=True) as rec, \
+            torch.no_grad():
+        model.generate(prompt, max_new_tokens=N, do_sample=False)
+    name = next(iter(routing))
+    got = rec.trace[name]["ids"].long()
+    k = routing[name].shape[-1]
+    assert torch.equal(got[:B * P], routing[name][:, :P].reshape(-1, k))
+    steps = got[B * P:].reshape(-1, B, k)   # generate runs N - 1 decode steps after the prefill
+    for s in range(steps.shape[0]):
+        assert torch.equal(steps[s], routing[name][:, P + s])
+
+
+@pytest.mark.parametrize("family", ["olmoe", "mixtral", "deepseek_v3"])
+def test_train_mode_replay_of_own_routing_has_the_models_gradients(family):
+    model = build(family).train()
+    ids = _ids(11)
+    trace, _ = _trace(model.eval(), ids)
+    model.train()
+    grads = []
+    for replayed in (False, True):
+        model.zero_grad()
+        with moe_route.replay(model, trace) if replayed else torch.enable_grad():
+            model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()
+                      if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert any(n.endswith(("gate.weight", "router.weight")) for n in grads[1])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_checkpointing_by_position(monkeypatch):
+    """Activation recomputation re-runs the routers in backward: routing by position gives them
+    the same experts, so the gradients equal those without checkpointing."""
+    model = build("olmoe").train()
+    B, S = 2, 8
+    ids = _ids(12, (B, S))
+    trace, _ = _trace(model.eval(), ids)
+    model.train()
+    routing = _random_routing(trace, seed=13, shape=(B, S))
+    calls = []
+    serve = replaying._Source.__call__
+    monkeypatch.setattr(replaying._Source, "__call__",
+                        lambda self, T, device: calls.append(self.name) or serve(self, T, device))
+    grads, counts = [], []
+    for checkpointing in (False, True):
+        if checkpointing:  # transformers 5.23 renamed it; 5.17 has only the old name
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable({"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable({"use_reentrant": False})
+        model.zero_grad()
+        calls.clear()
+        with moe_route.replay(model, routing):
+            model(ids, labels=ids, use_cache=False).loss.backward()
+        counts.append(len(calls))
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()
+                      if p.grad is not None})
+    assert counts[1] == 2 * counts[0]  # every router ran again in backward
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)
+
+
+def test_replay_with_steering_keeps_the_ids_and_steers_the_weights():
+    model = build("olmoe")
+    ids = _ids(14)
+    own, _ = _trace(model, ids)
+    last = max(layer_index(n) for n in own)
+    name = next(n for n in own if layer_index(n) == last)
+    expert = int(own[name]["ids"][:, 0].mode().values)
+    plan = moe_route.SteeringPlan.bias(last, expert, add=3.0)
+    with moe_route.steer(model, plan), moe_route.replay(model, own):
+        got, _ = _trace(model, ids)
+    assert torch.equal(got[name]["ids"], own[name]["ids"])
+    table = plan.steer_spec(last, own[name]["logits"].shape[1]).table(
+        own[name]["logits"].shape[1])
+    want = R.gate_weights(R.steer_logits(R.sanitize(got[name]["logits"]), table)[0],
+                          own[name]["ids"].long())
+    torch.testing.assert_close(got[name]["weights"], want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got[name]["weights"], own[name]["weights"], atol=1e-3)
+
+
+def test_layers_subset_and_nesting():
+    model = build("olmoe")
+    ids = _ids(15)
+    own, _ = _trace(model, ids)
+    names = list(own)
+    a, b = _random_routing(own, seed=16), _random_routing(own, seed=17)
+    first = layer_index(names[0])
+    with moe_route.replay(model, a, layers=[first]):     # an int key picks a traced layer
+        got, _ = _trace(model, ids)
+    assert torch.equal(got[names[0]]["ids"].long(), a[names[0]])
+    assert not torch.equal(got[names[1]]["ids"].long(), a[names[1]])
+    twice = {n: torch.cat([t, t]) for n, t in a.items()}  # rows for two calls
+    with moe_route.replay(model, twice, strict=False):  # layer 1 uses half its rows
+        with moe_route.replay(model, {names[1]: b[names[1]]}):
+            inner, _ = _trace(model, ids)
+        outer, _ = _trace(model, ids)
+    assert torch.equal(inner[names[0]]["ids"].long(), a[names[0]])
+    assert torch.equal(inner[names[1]]["ids"].long(), b[names[1]])
+    # the outer replay goes on where each of its layers stopped
+    assert torch.equal(outer[names[0]]["ids"].long(), a[names[0]])
+    assert torch.equal(outer[names[1]]["ids"].long(), a[names[1]])
+
+
+def test_call_order_mismatch_and_leftover_rows():
+    model = build("olmoe")
+    ids = _ids(18)
+    own, _ = _trace(model, ids)
+    with pytest.raises(RuntimeError, match="on 24 tokens, but only 0 of its 24 rows are left"):
+        with moe_route.replay(model, own), torch.no_grad():
+            model(ids)
+            model(ids)
+    with pytest.raises(ValueError, match="rows left unused.*strict=False"):
+        with moe_route.replay(model, own), torch.no_grad():
+            model(ids[:1])
+    with moe_route.replay(model, own, strict=False) as rp, torch.no_grad():
+        model(ids[:1])
+    assert set(rp.used.values()) == {8}
+    assert not hasattr(model, "_moe_route_patch")
+
+
+def test_bad_routing_is_refused_before_anything_runs():
+    model = build("olmoe")
+    names = [n for n, _, _ in find_routers(model)]
+    good = torch.tensor([[0, 1]] * 4)
+    cases = [
+        ({names[0]: torch.tensor([[0, 1, 2]] * 4)}, ValueError, "3 ids per token, but "),
+        ({names[0]: torch.tensor([[0, 0]] * 4)}, ValueError,
+         r"routing\['model.layers.0.mlp.gate'\]: row 0 must hold 2 distinct expert ids in \[0, 8\)"),
+        ({names[0]: torch.tensor([[0, 8]] * 4)}, ValueError, r"got \[0, 8\]"),
+        ({names[0]: good.float()}, ValueError, "int16/int32/int64"),
+        ({names[0]: good[0]}, ValueError, r"\[N, k\] or \[B, S, k\]"),
+        ({names[0]: [[0, 1]]}, TypeError, "must be an int tensor"),
+        ({names[0]: {"weights": good}}, ValueError, "without 'ids'"),
+        ({7: good}, ValueError, "layer 7 is not an MoE layer"),
+        ({}, TypeError, "non-empty mapping"),
+    ]
+    for routing, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            with moe_route.replay(model, routing):
+                pass
+        assert not hasattr(model, "_moe_route_patch")
+    with pytest.raises(ValueError, match="are not in the routing"):
+        with moe_route.replay(model, {names[0]: good}, layers=[names[1]]):
+            pass
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        moe_route.replay("model", {0: good})
+
+
+def test_by_position_shape_mismatch_and_outside_a_model_call():
+    model = build("olmoe")
+    name = find_routers(model)[0][0]
+    routing = {name: torch.tensor([[0, 1]] * 6).reshape(2, 3, 2)}
+    with moe_route.replay(model, routing), torch.no_grad():
+        with pytest.raises(RuntimeError, match=r"positions \[0, 4\) of 2 sequences"):
+            model(_ids(0, (2, 4)))
+        with pytest.raises(RuntimeError, match="3 positions of 2 sequences"):
+            model(_ids(0, (3, 2)))
+
+
+def test_hash_layers_cannot_be_replayed():
+    model = build("deepseek_v4")
+    kinds = {n: type(r).__name__ for n, r, _ in find_routers(model)}
+    hash_name = next(n for n, kind in kinds.items() if kind.endswith("HashRouter"))
+    with pytest.raises(ValueError, match="cannot be replayed"):
+        with moe_route.replay(model, {hash_name: torch.tensor([[0, 1]])}):
+            pass
+    assert not hasattr(model, "_moe_route_patch")
