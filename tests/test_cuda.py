@@ -108,6 +108,59 @@ def test_more_than_1024_experts_is_rejected_on_cuda():
         moe_route.topk_gate(torch.randn(2, 2048, device="cuda"), 2)
 
 
+def _replay_rows(T, E, k, seed=0):
+    """Distinct random ids; every 4th row -1, every 9th row invalid (a duplicate id)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.rand(T, E, generator=g).argsort(-1)[:, :k].int()
+    rows[::4] = -1
+    rows[1::9, -1] = rows[1::9, 0]
+    return rows
+
+
+@pytest.mark.parametrize("name", SPECS)
+@pytest.mark.parametrize("T,E,k", [(1, 64, 8), (64, 128, 8), (4096, 256, 8), (300, 1000, 40)])
+def test_replay_cpu_and_cuda_agree(name, T, E, k):
+    """Replayed rows give the CPU's ids and weights; a row the CPU would refuse (a duplicate id)
+    is selected as usual on CUDA, like a row of -1 (the kernel cannot raise)."""
+    x = _tie_free(T, E, seed=1)
+    spec = SPECS[name] if not (name == "deepseek_v3" and E % 8) else RouterSpec(score="sigmoid")
+    rows = _replay_rows(T, E, k, seed=2)
+    bad = rows[:, 1:].eq(rows[:, :1]).any(-1) & (rows[:, 0] >= 0)
+    stats = GateStats.zeros(1, E, device="cuda", coact=True)
+    w_gpu, i_gpu = moe_route.topk_gate(x.cuda(), k, spec, replay=rows.cuda(), stats=stats)
+    cpu_rows = torch.where(bad[:, None], -1, rows)
+    cpu_stats = GateStats.zeros(1, E, coact=True)
+    w_cpu, i_cpu = moe_route.topk_gate(x, k, spec, replay=cpu_rows, stats=cpu_stats)
+    assert torch.equal(i_gpu.cpu(), i_cpu)
+    torch.testing.assert_close(w_gpu.cpu(), w_cpu, rtol=1e-5, atol=1e-6)
+    for a, b in zip(stats.buffers(), cpu_stats.buffers()):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-4)
+
+
+def test_replay_graph_capture_follows_the_ids_buffer():
+    T, E, k = 128, 64, 6
+    x = torch.randn(T, E, device="cuda")
+    rows = _replay_rows(T, E, k, seed=3)
+    rows[rows[:, 1:].eq(rows[:, :1]).any(-1)] = -1
+    buf = rows.cuda()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        moe_route.topk_gate(x, k, replay=buf)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=s):
+        w, ids = moe_route.topk_gate(x, k, replay=buf)
+    for seed in (4, 5):
+        new = _replay_rows(T, E, k, seed=seed)
+        new[new[:, 1:].eq(new[:, :1]).any(-1)] = -1
+        buf.copy_(new.cuda())
+        graph.replay()
+        torch.cuda.synchronize()
+        want_w, want_ids = moe_route.topk_gate(x.cpu(), k, replay=new)
+        assert torch.equal(ids.cpu(), want_ids)
+        torch.testing.assert_close(w.cpu(), want_w, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # dispatch
 # ---------------------------------------------------------------------------------------------
@@ -332,3 +385,28 @@ def test_compile_patched_model_on_cuda():
         with torch.no_grad():
             out = compiled(ids).logits.float()
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["olmoe", "deepseek_v3"])
+def test_replay_by_position_on_cuda_matches_cpu(family):
+    """A tiny model replaying random per-position routing: CUDA and CPU route the same ids and
+    give the same logits."""
+    model = build(family)
+    ids = _ids().cpu()
+    B, S = ids.shape
+    g = torch.Generator().manual_seed(6)
+    routing = {name: torch.rand(B, S, adapter_for(r).experts(r), generator=g).argsort(-1)
+               [..., :adapter_for(r).k(r, block)]
+               for name, r, block in find_routers(model)}
+    outs, traces = {}, {}
+    for device in ("cpu", "cuda"):
+        model.to(device)
+        with moe_route.replay(model, routing), moe_route.record(model, trace=True) as rec, \
+                torch.no_grad():
+            outs[device] = model(ids.to(device)).logits.float().cpu()
+        traces[device] = rec.trace
+    for name in routing:
+        assert torch.equal(traces["cuda"][name]["ids"], traces["cpu"][name]["ids"])
+        assert torch.equal(traces["cuda"][name]["ids"].long(),
+                           routing[name].reshape(B * S, -1))
+    torch.testing.assert_close(outs["cuda"], outs["cpu"], rtol=1e-4, atol=1e-4)
