@@ -1,4 +1,5 @@
-"""Forward time of whole MoE models: unpatched vs ``patch`` vs ``record`` vs the usual alternative.
+"""Forward time of whole MoE models: unpatched vs ``patch`` vs ``record`` vs ``replay`` vs the usual
+alternative for statistics.
 
     python bench/model_overhead.py [--size tiny|mid|both] [--tokens 256] [--reps 5]
 
@@ -7,6 +8,8 @@ Per model (random weights from the real transformers config classes; mid-size: h
     unpatched   the model as transformers builds it (experts implementation "grouped_mm");
     patch       moe_route.patch(model) (fused gate in every router);
     record      patch + moe_route.record(model) (counts, weight/prob/entropy sums on device);
+    replay      moe_route.replay(model, routing): every router takes the experts of a traced
+                forward of the same tokens, by position (the gate skips selection);
     alternative output_router_logits=True, then the same statistics computed in PyTorch from the
                 returned logits (softmax, top-k, bincount, index_add) -- what users write today.
 The variants alternate call by call; each cell is the median time and, in brackets, the median
@@ -75,17 +78,22 @@ def python_stats(router_logits, k):
 
 def run(family: str, size: str, tokens: int, reps: int) -> dict:
     """Median ms per variant and the median over rounds of (variant / unpatched) in that round:
-    the four variants alternate call by call, so drift in machine load hits them alike."""
+    the five variants alternate call by call, so drift in machine load hits them alike."""
     model = build(family, MID if size == "mid" else TINY)
     k = model.config.num_experts_per_tok
     ids = torch.randint(0, 1024, (1, tokens), generator=torch.Generator().manual_seed(1))
 
-    # Three copies (same weights), so no variant pays for patching or recording setup per call.
+    # Four copies (same weights), so no variant pays for patching or recording setup per call.
     patched_model, recorded_model = copy.deepcopy(model), copy.deepcopy(model)
+    replayed_model = copy.deepcopy(model)
     moe_route.patch(patched_model)
     recorder = moe_route.record(recorded_model).__enter__()
+    with moe_route.record(replayed_model, trace=True) as traced, torch.no_grad():
+        replayed_model(ids)
+    routing = {name: layer["ids"].reshape(1, tokens, k) for name, layer in traced.trace.items()}
+    replayer = moe_route.replay(replayed_model, routing).__enter__()
     variants = {"unpatched": lambda: model(ids), "patch": lambda: patched_model(ids),
-                "record": lambda: recorded_model(ids),
+                "record": lambda: recorded_model(ids), "replay": lambda: replayed_model(ids),
                 "alternative": lambda: python_stats(
                     model(ids, output_router_logits=True).router_logits, k)}
     times = {name: [] for name in variants}
@@ -98,6 +106,7 @@ def run(family: str, size: str, tokens: int, reps: int) -> dict:
                 fn()
                 times[name].append((time.perf_counter() - t0) * 1e3)
     recorder.__exit__(None, None, None)  # the one host copy of the statistics, untimed
+    replayer.__exit__(None, None, None)
     base = times["unpatched"]
     return {name: (statistics.median(t), statistics.median(x / b for x, b in zip(t, base)))
             for name, t in times.items()}
@@ -113,14 +122,15 @@ def main():
     sizes = ["tiny", "mid"] if args.size == "both" else [args.size]
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{torch.get_num_threads()} threads, {args.tokens} tokens, median of {args.reps}")
-    print("| model | unpatched | patch | record (stats on) | alternative (output_router_logits + PyTorch) |")
-    print("|---|---:|---:|---:|---:|")
+    print("| model | unpatched | patch | record (stats on) | replay (by position) | "
+          "alternative (output_router_logits + PyTorch) |")
+    print("|---|---:|---:|---:|---:|---:|")
     for size in sizes:
         for family in args.families:
             r = run(family, size, args.tokens, args.reps)
             cell = lambda key: f"{r[key][0]:.1f} ms ({r[key][1]:.3f}×)"  # noqa: E731
             print(f"| {family} {size} | {r['unpatched'][0]:.1f} ms | {cell('patch')} | "
-                  f"{cell('record')} | {cell('alternative')} |", flush=True)
+                  f"{cell('record')} | {cell('replay')} | {cell('alternative')} |", flush=True)
 
 
 if __name__ == "__main__":

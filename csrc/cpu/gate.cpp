@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -710,31 +711,62 @@ void check_groups(const GateParams& p) {
                     ") (the statistics' group count), got values in [", lo, ", ", hi, "]");
 }
 
-// Every replay row is a selection (k distinct ids in [0, E)) or all -1, as the reference checks.
-void check_replay(const GateParams& p) {
-  std::vector<uint8_t> seen(p.E, 0);
-  for (int64_t t = 0; t < p.T; ++t) {
-    bool ok = true;
-    if (p.replay_id(t, 0) == -1) {
-      for (int64_t j = 1; j < p.k; ++j) ok = ok && p.replay_id(t, j) == -1;
-    } else {
-      for (int64_t j = 0; j < p.k && ok; ++j) {
-        const int64_t e = p.replay_id(t, j);
-        ok = e >= 0 && e < p.E && !seen[e];
-        if (ok) seen[e] = 1;
-      }
-      for (int64_t j = 0; j < p.k; ++j) {
-        const int64_t e = p.replay_id(t, j);
-        if (e >= 0 && e < p.E) seen[e] = 0;
-      }
-    }
-    if (ok) continue;
-    std::string row;
-    for (int64_t j = 0; j < p.k; ++j) row += (j ? ", " : "") + std::to_string(p.replay_id(t, j));
-    TORCH_CHECK_VALUE(false, "topk_gate: replay: row ", t, " must hold ", p.k,
-                      " distinct expert ids in [0, ", p.E,
-                      ") or be all -1 (route as usual), got [", row, "]");
+// Whether a replay row of k ids is a selection (k distinct ids in [0, E)) or all -1.
+// Distinctness by pairwise comparison up to k = 32 (no memory touched), above it with `seen`.
+template <typename I>
+MOE_ROUTE_INLINE bool replay_row_ok(const I* row, int64_t k, int64_t E,
+                                    std::vector<uint8_t>& seen) {
+  if (row[0] == -1) {
+    bool all = true;
+    for (int64_t j = 1; j < k; ++j) all &= row[j] == -1;
+    return all;
   }
+  bool in_range = true;
+  for (int64_t j = 0; j < k; ++j) in_range &= row[j] >= 0 && int64_t(row[j]) < E;
+  if (!in_range) return false;
+  if (k <= 32) {
+    bool distinct = true;
+    for (int64_t j = 1; j < k; ++j)
+      for (int64_t i = 0; i < j; ++i) distinct &= row[i] != row[j];
+    return distinct;
+  }
+  seen.assign(E, 0);
+  for (int64_t j = 0; j < k; ++j) {
+    uint8_t& s = seen[row[j]];
+    if (s) return false;
+    s = 1;
+  }
+  return true;
+}
+
+template <typename I>
+void find_bad_replay_row(const GateParams& p, std::atomic<int64_t>& bad) {
+  const I* ids = static_cast<const I*>(p.replay);
+  at::parallel_for(0, p.T, 4096, [&](int64_t t0, int64_t t1) {
+    std::vector<uint8_t> seen;
+    for (int64_t t = t0; t < t1 && t < bad.load(std::memory_order_relaxed); ++t) {
+      if (replay_row_ok(ids + t * p.k, p.k, p.E, seen)) continue;
+      int64_t cur = bad.load(std::memory_order_relaxed);
+      while (t < cur && !bad.compare_exchange_weak(cur, t)) {
+      }
+      break;
+    }
+  });
+}
+
+// Every replay row is a selection or all -1 (reference.check_replay_rows), checked before any
+// output or statistic is written; the first bad row is named.
+void check_replay(const GateParams& p) {
+  std::atomic<int64_t> bad{INT64_MAX};
+  if (p.replay_int64) find_bad_replay_row<int64_t>(p, bad);
+  else find_bad_replay_row<int32_t>(p, bad);
+  const int64_t t = bad.load();
+  if (t == INT64_MAX) return;
+  std::string row;
+  for (int64_t j = 0; j < p.k; ++j) row += (j ? ", " : "") + std::to_string(p.replay_id(t, j));
+  TORCH_CHECK_VALUE(false, "topk_gate: replay: row ", t, " must hold ", p.k,
+                    " distinct expert ids in [0, ", p.E, ") or be all -1 (route as usual), got [",
+                    row, "]");
 }
 
 void merge_runs(const GateParams& p, const std::vector<Runs>& chunks) {
