@@ -208,3 +208,18 @@ def test_opcheck_and_compile_with_replay(device):
     ew, eids = OP(x, k, score="sigmoid", renormalize=True, replay=replay)
     assert torch.equal(ids, eids)
     torch.testing.assert_close(w, ew, rtol=0, atol=0)
+
+
+def test_topk_router_forward_replays():
+    """The drop-in router takes replay ids too: those experts, with the router's own weights."""
+    from moe_route.nn import TopKRouter
+
+    torch.manual_seed(0)
+    router = TopKRouter(16, 8, 2, moe_route.RouterSpec(renormalize=True))
+    x = torch.randn(5, 16)
+    replay = torch.tensor([[3, 1], [-1, -1], [0, 7], [7, 0], [2, 5]])
+    z, w, ids = router(x, replay=replay)
+    plain = router(x)[2]
+    assert torch.equal(ids[[0, 2, 3, 4]], replay[[0, 2, 3, 4]]) and torch.equal(ids[1], plain[1])
+    p = torch.softmax(z, -1).gather(1, ids)
+    torch.testing.assert_close(w, p / p.sum(-1, keepdim=True))
