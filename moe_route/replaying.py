@@ -24,6 +24,7 @@ Two layouts per layer:
 * ``[B, S, k]``: **by position**. A model call on ``[B, S']`` tokens with a KV cache of length c
   takes positions ``[c, c + S')`` of every sequence, so one forward over whole sequences, a
   ``generate()`` and activation recomputation (gradient checkpointing) all line up.
+  ``trace_by_position`` turns a trace of ``generate()`` into this layout.
 
 Ids may be int16/int32/int64 on any device; they are checked once on entry (k distinct ids in
 [0, E) or all -1 per row, k equal to the router's top-k) and moved to each router's device once.
@@ -40,7 +41,7 @@ from moe_route import reference
 from moe_route.hf.patch import acquire, release, routers_by_key
 from moe_route.recording import cache_length
 
-__all__ = ["replay", "Replay"]
+__all__ = ["replay", "Replay", "trace_by_position"]
 
 
 class _Source:
@@ -195,6 +196,44 @@ def _check_ids(key, state, ids: torch.Tensor) -> None:
         raise ValueError(f"replay: routing[{key!r}] has {k} ids per token, but {state.name} "
                          f"routes to top_k={state.top_k}")
     reference.check_replay_rows(ids.reshape(-1, k).cpu(), E, f"replay: routing[{key!r}]")
+
+
+def trace_by_position(trace: Mapping, batch_size: int, prompt_length: int,
+                      length: Optional[int] = None) -> dict:
+    """A trace of ``generate()`` (call order) as routing by position, ``{layer: [B, S, k]}``.
+
+    ``generate`` routes the prompt (``batch_size`` x ``prompt_length`` rows, left padding
+    included) and then one token per sequence per step, so row ``B * P + s * B + b`` is position
+    ``P + s`` of sequence b. The last generated token is never fed back, so it has no routing:
+    with ``length`` (e.g. the length of the generated sequences) the positions the trace does not
+    cover are -1 (route as usual). The result replays a training forward over the generated
+    sequences with the rollout's experts (``replay``).
+    """
+    for name, value in (("batch_size", batch_size), ("prompt_length", prompt_length)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"trace_by_position: {name}={value!r} must be an int >= 1")
+    out = {}
+    for key, layer in trace.items():
+        ids = _ids_of(key, layer)
+        if ids.dim() != 2:
+            raise ValueError(f"trace_by_position: {key!r} must hold call-order ids [N, k], got "
+                             f"shape {tuple(ids.shape)}")
+        N, k = ids.shape
+        B, P = batch_size, prompt_length
+        if N < B * P or (N - B * P) % B:
+            raise ValueError(f"trace_by_position: {key!r} has {N} rows, not {B} x {P} prompt "
+                             f"rows plus {B} per decoding step")
+        steps = (N - B * P) // B
+        covered = P + steps
+        total = covered if length is None else length
+        if total < covered:
+            raise ValueError(f"trace_by_position: length={length} is shorter than the {covered} "
+                             f"positions {key!r} covers")
+        pos = ids.new_full((B, total, k), -1)
+        pos[:, :P] = ids[:B * P].reshape(B, P, k)
+        pos[:, P:covered] = ids[B * P:].reshape(steps, B, k).transpose(0, 1)
+        out[key] = pos
+    return out
 
 
 def replay(model: nn.Module, routing: Mapping, *, layers=None, strict: bool = True) -> Replay:

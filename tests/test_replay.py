@@ -376,3 +376,45 @@ def _tensors(output):
         return [t for out in output for t in _tensors(out)]
     values = output.values() if hasattr(output, "values") else output
     return [v.float() for v in values if isinstance(v, torch.Tensor) and v.is_floating_point()]
+
+
+def test_rollout_routing_replays_in_a_training_forward():
+    """The RL use: routing recorded during generate() (call order) as positions, replayed in one
+    forward over the generated sequences. That forward routes every fed position like the
+    rollout did and reproduces the rollout's next-token logits; the last token, never fed during
+    generate, routes as usual."""
+    model = build("olmoe")
+    B, P, N = 2, 5, 4
+    prompt = _ids(21, (B, P))
+    with moe_route.record(model, trace=True) as rec, torch.no_grad():
+        gen = model.generate(prompt, max_new_tokens=N, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    seq = gen.sequences
+    routing = moe_route.trace_by_position(rec.trace, B, P, length=seq.shape[1])
+    name = next(iter(routing))
+    assert routing[name].shape[:2] == (B, P + N) and bool((routing[name][:, -1] == -1).all())
+    with moe_route.replay(model, routing), moe_route.record(model, trace=True) as again, \
+            torch.no_grad():
+        logits = model(seq).logits
+    k = routing[name].shape[-1]
+    ids = again.trace[name]["ids"].long().reshape(B, P + N, k)
+    assert torch.equal(ids[:, :-1], routing[name][:, :-1])
+    torch.testing.assert_close(logits[:, P - 1:-1], torch.stack(gen.logits, 1),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_trace_by_position_layout_and_errors():
+    k = 2
+    rows = torch.arange(2 * 3 * k + 2 * 2 * k).reshape(-1, k)   # B=2, P=3, two decode steps
+    out = moe_route.trace_by_position({"r": {"ids": rows}}, 2, 3)["r"]
+    assert out.shape == (2, 5, k)
+    assert torch.equal(out[0, :3], rows[0:3]) and torch.equal(out[1, :3], rows[3:6])
+    assert torch.equal(out[:, 3], rows[6:8]) and torch.equal(out[:, 4], rows[8:10])
+    padded = moe_route.trace_by_position({"r": rows}, 2, 3, length=7)["r"]
+    assert torch.equal(padded[:, :5], out) and bool((padded[:, 5:] == -1).all())
+    with pytest.raises(ValueError, match="has 10 rows, not 3 x 3 prompt rows"):
+        moe_route.trace_by_position({"r": rows}, 3, 3)
+    with pytest.raises(ValueError, match="length=4 is shorter than the 5 positions"):
+        moe_route.trace_by_position({"r": rows}, 2, 3, length=4)
+    with pytest.raises(ValueError, match="batch_size=0 must be an int >= 1"):
+        moe_route.trace_by_position({"r": rows}, 0, 3)
