@@ -9,12 +9,14 @@
 // token's row while working on the current one. The grid is persistent: sized from the kernel's
 // occupancy (plan_for_device) so that every warp is resident at once, one wave.
 //
-// Two variants per (VPT, logit type): the full kernel, and a plain one compiled without steering,
-// the group limit, the statistics and replay, for calls that use none of them (needs_full_kernel). Those
-// paths hold registers for the whole kernel: with nvcc 13.0 for sm_90a the full kernel needs
-// 113-128 registers per thread for E <= 256, the plain one 40-80, so an SM holds 16 warps of the
-// former and 24-48 of the latter (bench/kernel_resources.py). Every feature the plain kernel keeps
-// runs the same code in both.
+// Three variants per (VPT, logit type): the full kernel, a plain one compiled without steering,
+// the group limit and the statistics, for calls that use none of them (needs_full_kernel), and
+// the full kernel with router replay (kReplay), for calls with replay ids only. Those paths hold
+// registers for the whole kernel: with nvcc 13.0 for sm_90a the full kernel needs 113-128
+// registers per thread for E <= 256, the plain one 40-80, so an SM holds 16 warps of the former
+// and 24-48 of the latter (bench/kernel_resources.py). Inlined into the full kernel, the replay
+// check alone made it spill at VPT 8 (128 registers, 8-12 bytes), hence its own variant. Every
+// feature the plain kernel keeps runs the same code in all three.
 //
 // Selection: every expert gets the same packed 64-bit key as on the CPU (tier | order-preserving
 // value bits | 2^30-1-index); k rounds of "per-lane best + warp max" pick the keys in
@@ -282,10 +284,11 @@ __device__ __forceinline__ bool replay_row(const GateParams& p, int64_t t, int k
 // ---------------------------------------------------------------------------------------------
 // The kernel.
 
-template <int VPT, LogitType LT, bool kFull>
+template <int VPT, LogitType LT, bool kFull, bool kReplay>
 __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
     topk_gate_kernel(const GateParams p, const GatePlan plan) {
   static_assert(VPT >= 1 && VPT <= 32, "VPT tier out of range");
+  static_assert(kFull || !kReplay, "replay runs in a full kernel");
   // Prefetching the next row costs VPT registers; the largest tier is already register-heavy.
   constexpr bool kPrefetch = VPT <= 16;
   // Caching the packed keys costs 2*VPT registers and saves rebuilding them every round.
@@ -536,25 +539,25 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
     if (want_ew) warp_softmax_norm<VPT>(zw, valid, w_max, w_sum);
 
     // ---- Router replay: a row of k distinct ids in [0, E) is the selection ----
-    const bool replayed = kFull && p.replay != nullptr && replay_row(p, t, k, lane, sel_id);
+    const bool replayed = kReplay && replay_row(p, t, k, lane, sel_id);
     if (!replayed) {
       // ---- Selection values v (reference: selection_values) ----
       const float* bias = p.selection_bias;
       float v[VPT];
       if (selects_on_logits(p) || score == Score::None) {
-  #pragma unroll
+#pragma unroll
         for (int i = 0; i < VPT; ++i) v[i] = z[i];
       } else if (softmax) {
         float sm_max = w_max, sm_sum = w_sum;
         if (!want_ew || zw_is_z0) warp_softmax_norm<VPT>(z, valid, sm_max, sm_sum);
-  #pragma unroll
+#pragma unroll
         for (int i = 0; i < VPT; ++i) v[i] = expf(z[i] - sm_max) / sm_sum;
       } else {
-  #pragma unroll
+#pragma unroll
         for (int i = 0; i < VPT; ++i) v[i] = score_of(score, z[i]);
       }
       if (bias) {
-  #pragma unroll
+#pragma unroll
         for (int i = 0; i < VPT; ++i)
           if ((valid >> i) & 1u) v[i] = sanitize(v[i] + sanitize(__ldg(bias + i * 32 + lane)));
       }
@@ -569,7 +572,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
           // largest value is a warp max of the order images; the second largest, a warp max
           // without the lowest lane that holds the first (a multiset result, as in the scan).
           // Image 0 stands for "left out": every real image is larger.
-  #pragma unroll
+#pragma unroll
           for (int i = 0; i < VPT; ++i) {
             if (i < n_group) {
               const uint32_t o = order_bits(v[i]);
@@ -583,7 +586,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
             }
           }
         } else {
-  #pragma unroll
+#pragma unroll
           for (int i = 0; i < VPT; ++i)
             if ((valid >> i) & 1u) vbuf[i * 32 + lane] = v[i];
           __syncwarp();
@@ -623,7 +626,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
           if ((gi & 31) == lane) taken |= 1u << (gi >> 5);
         }
         uint32_t elig = 0;
-  #pragma unroll
+#pragma unroll
         for (int i = 0; i < VPT; ++i) {
           const uint32_t ge = (uint32_t(i * 32 + lane) * gmagic) >> 20;  // group of the expert
           const uint32_t word = __shfl_sync(kFullMask, taken, int(ge & 31u));
@@ -635,7 +638,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
 
       // ---- Top-k by (tier, v, lower index) ----
       uint32_t ord[VPT];
-  #pragma unroll
+#pragma unroll
       for (int i = 0; i < VPT; ++i) ord[i] = order_bits(v[i]);
       auto tier_of = [&](int i) -> uint32_t {
         return ((fon >> i) & 1u) ? kTierForcedOn
@@ -646,7 +649,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
       // get key 0, below every real key (whose index field is >= 2^30 - 1024).
       uint64_t keys[kCacheKeys ? VPT : 1];
       if constexpr (kCacheKeys) {
-  #pragma unroll
+#pragma unroll
         for (int i = 0; i < VPT; ++i)
           keys[i] = ((avail >> i) & 1u) ? make_key(tier_of(i), ord[i], uint32_t(i * 32 + lane)) : 0;
         if constexpr (kSortKeys) sort_descending(keys);
@@ -656,7 +659,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
         if constexpr (kSortKeys) {
           best = keys[0];
         } else {
-  #pragma unroll
+#pragma unroll
           for (int i = 0; i < VPT; ++i) {
             if ((avail >> i) & 1u) {
               uint64_t key;
@@ -670,7 +673,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
         const int idx = key_index(warp_max_key(best));
         if ((idx & 31) == lane) {
           if constexpr (kSortKeys) {
-  #pragma unroll
+#pragma unroll
             for (int i = 0; i + 1 < VPT; ++i) keys[i] = keys[i + 1];
             keys[VPT - 1] = 0;
           } else {
@@ -924,31 +927,32 @@ inline GatePlan plan_topk_gate(const GateParams& p, int sm_count, int warps_per_
 
 using GateKernel = void (*)(const GateParams, const GatePlan);
 
-template <int VPT, bool kFull>
+template <int VPT, bool kFull, bool kReplay>
 inline GateKernel kernel_for_type(LogitType lt) {
   switch (lt) {
-    case LogitType::F16: return &topk_gate_kernel<VPT, LogitType::F16, kFull>;
-    case LogitType::BF16: return &topk_gate_kernel<VPT, LogitType::BF16, kFull>;
-    default: return &topk_gate_kernel<VPT, LogitType::F32, kFull>;
+    case LogitType::F16: return &topk_gate_kernel<VPT, LogitType::F16, kFull, kReplay>;
+    case LogitType::BF16: return &topk_gate_kernel<VPT, LogitType::BF16, kFull, kReplay>;
+    default: return &topk_gate_kernel<VPT, LogitType::F32, kFull, kReplay>;
   }
 }
 
-template <bool kFull>
+template <bool kFull, bool kReplay>
 inline GateKernel kernel_for_tier(int vpt, LogitType lt) {
   switch (vpt) {
-    case 1: return kernel_for_type<1, kFull>(lt);
-    case 2: return kernel_for_type<2, kFull>(lt);
-    case 4: return kernel_for_type<4, kFull>(lt);
-    case 8: return kernel_for_type<8, kFull>(lt);
-    case 16: return kernel_for_type<16, kFull>(lt);
-    default: return kernel_for_type<32, kFull>(lt);
+    case 1: return kernel_for_type<1, kFull, kReplay>(lt);
+    case 2: return kernel_for_type<2, kFull, kReplay>(lt);
+    case 4: return kernel_for_type<4, kFull, kReplay>(lt);
+    case 8: return kernel_for_type<8, kFull, kReplay>(lt);
+    case 16: return kernel_for_type<16, kFull, kReplay>(lt);
+    default: return kernel_for_type<32, kFull, kReplay>(lt);
   }
 }
 
 inline GateKernel select_kernel(const GateParams& p) {
   const int vpt = vpt_for(p.E);
-  return needs_full_kernel(p) ? kernel_for_tier<true>(vpt, p.logit_type)
-                              : kernel_for_tier<false>(vpt, p.logit_type);
+  if (p.replay != nullptr) return kernel_for_tier<true, true>(vpt, p.logit_type);
+  return needs_full_kernel(p) ? kernel_for_tier<true, false>(vpt, p.logit_type)
+                              : kernel_for_tier<false, false>(vpt, p.logit_type);
 }
 
 // The plan for the kernel that will run: `blocks_per_sm(kernel, threads, smem_bytes)` is its
