@@ -2,8 +2,8 @@
 
     python bench/kernel_resources.py [--arch sm_90a] [--filter gate]
 
-Compiles ``csrc/cuda/gate.cu`` and ``csrc/cuda/dispatch.cu`` with ``nvcc -Xptxas -v`` (about a
-minute) and prints one row per kernel. "warps/SM" is what the register file holds (65,536 registers
+Compiles ``csrc/cuda/gate.cu``, ``gate_replay.cu`` and ``dispatch.cu`` with ``nvcc -Xptxas -v``
+(about two minutes) and prints one row per kernel. "warps/SM" is what the register file holds (65,536 registers
 per SM, 64 warps at most, allocation in units of 256 registers per warp), in whole CTAs of the
 kernel's launch size; shared memory, which depends on the call, is not counted. These are the
 figures behind bench/RESULTS.md's register tables; on a GPU, ``bench/gpu_profile.sh`` measures
@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ("csrc/cuda/gate.cu", "csrc/cuda/dispatch.cu")
+SOURCES = ("csrc/cuda/gate.cu", "csrc/cuda/gate_replay.cu", "csrc/cuda/dispatch.cu")
 REGS_PER_SM, MAX_WARPS_PER_SM, REG_UNIT = 65536, 64, 256
 CTA_THREADS = {"topk_gate_kernel": 256, "permute_kernel": 256, "unpermute_kernel": 256,
                "plan_scan_kernel": 1024, "plan_one_cta_kernel": 1024}  # hist/scatter: vary with E

@@ -49,7 +49,8 @@ def test_cpu_and_cuda_agree(name, T, E, k):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_plain_and_full_kernels_route_alike(name, E, k, dtype):
     """A call without steering, group limit or statistics runs the plain kernel; adding statistics
-    (or a zero steering table) runs the full one. Ids and weights must not change, bit for bit."""
+    (or a zero steering table) runs the full one, replay ids the replay build. Ids and weights
+    must not change, bit for bit."""
     spec = SPECS[name]
     x = torch.randn(2000, E, generator=torch.Generator().manual_seed(E)).to("cuda", dtype)
     bias = torch.linspace(-0.01, 0.01, E, device="cuda") if name == "deepseek_v3" else None
@@ -59,8 +60,12 @@ def test_plain_and_full_kernels_route_alike(name, E, k, dtype):
     w_stats, ids_stats = moe_route.topk_gate(x, k, plain_spec, selection_bias=bias, stats=stats)
     w_steer, ids_steer = moe_route.topk_gate(x, k, plain_spec, selection_bias=bias,
                                              steer=moe_route.SteerSpec(add={0: 0.0}))
+    # replay ids run the replay build; its rows of -1 select like the other two
+    w_rep, ids_rep = moe_route.topk_gate(x, k, plain_spec, selection_bias=bias,
+                                         replay=torch.full((x.shape[0], k), -1, device="cuda"))
     assert torch.equal(ids, ids_stats) and torch.equal(ids, ids_steer)
     assert torch.equal(w, w_stats) and torch.equal(w, w_steer)
+    assert torch.equal(ids, ids_rep) and torch.equal(w, w_rep)
     assert int(stats.tokens.sum()) == x.shape[0]
 
 

@@ -948,9 +948,13 @@ inline GateKernel kernel_for_tier(int vpt, LogitType lt) {
   }
 }
 
+// The replay builds, instantiated in their own translation unit (gate_replay.cu), which nvcc
+// compiles in parallel with gate.cu: together they would double its compile time.
+GateKernel replay_kernel_for_tier(int vpt, LogitType lt);
+
 inline GateKernel select_kernel(const GateParams& p) {
   const int vpt = vpt_for(p.E);
-  if (p.replay != nullptr) return kernel_for_tier<true, true>(vpt, p.logit_type);
+  if (p.replay != nullptr) return replay_kernel_for_tier(vpt, p.logit_type);
   return needs_full_kernel(p) ? kernel_for_tier<true, false>(vpt, p.logit_type)
                               : kernel_for_tier<false, false>(vpt, p.logit_type);
 }

@@ -3,7 +3,7 @@
 // moe_route/reference.py written independently of the kernel.
 //
 //   nvcc -std=c++17 -O3 -Icsrc -gencode arch=compute_90a,code=sm_90a
-//        csrc/cuda/gate_selftest.cu csrc/cuda/gate.cu -o /tmp/gate_selftest
+//        csrc/cuda/gate_selftest.cu csrc/cuda/gate.cu csrc/cuda/gate_replay.cu -o /tmp/gate_selftest
 //   /tmp/gate_selftest
 //
 // Exit status 0 when every case passes. Ids must match exactly, except where two experts' distinct
