@@ -21,6 +21,7 @@ Two layouts per layer:
 * ``[N, k]`` (a trace, or any ``{layer: ids}``): **call order**. Each router call with T tokens
   takes the next T rows, so the calls must match those that produced the routing (same batch
   shapes, same order). Leaving the block with rows unused raises ``ValueError`` (``strict``).
+  Activation recomputation would take rows a second time: train by position.
 * ``[B, S, k]``: **by position**. A model call on ``[B, S']`` tokens with a KV cache of length c
   takes positions ``[c, c + S')`` of every sequence, so one forward over whole sequences, a
   ``generate()`` and activation recomputation (gradient checkpointing) all line up.
