@@ -24,7 +24,7 @@ except ImportError:
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CPU_SOURCES = ["csrc/registration.cpp", "csrc/python.cpp", "csrc/gate_op.cpp", "csrc/cpu/gate.cpp",
-               "csrc/dispatch_op.cpp", "csrc/cpu/dispatch.cpp"]
+               "csrc/dispatch_op.cpp", "csrc/cpu/dispatch.cpp", "csrc/cpu/isa.cpp"]
 CUDA_SOURCES = ["csrc/cuda/gate.cu", "csrc/cuda/gate_replay.cu", "csrc/cuda/gate_glue.cpp",
                 "csrc/cuda/dispatch.cu", "csrc/cuda/dispatch_glue.cpp"]
 
@@ -62,7 +62,7 @@ if BUILD_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.
 
 debug = flag("MOE_ROUTE_DEBUG")
 opt = ["-O0", "-g"] if debug else ["-O3", "-g"]
-# No FMA contraction: results are then identical whichever vector width the CPU kernel runs.
+# No FMA contraction: results are then identical whichever ISA variant the CPU kernels run.
 # -fno-trapping-math lets GCC if-convert float compares (vectorising them); IEEE results, NaN and
 # inf semantics are unchanged, unlike -ffast-math.
 cxx_flags = opt + ["-ffp-contract=off", "-fno-trapping-math", "-Wall", "-Wno-unused-function", "-Wno-psabi"]

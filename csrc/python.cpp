@@ -9,6 +9,7 @@
 #include <optional>
 #include <string>
 
+#include "cpu/isa.h"
 #include "gate_op.h"
 
 namespace moe_route {
@@ -116,4 +117,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("config"), py::arg("selection_bias"), py::arg("steer"), py::arg("groups"),
         py::arg("replay"), py::arg("stats"));
   m.def("build_info", &moe_route::build_info);
+  m.def("cpu_isa", [] { return std::string(moe_route::cpu_isa_name(moe_route::cpu_isa())); },
+        "The instruction-set variant the CPU kernels run: base, avx2 or avx512.");
+  m.def("cpu_isas", &moe_route::cpu_isas, "The variants this CPU runs, baseline first.");
+  m.def("set_cpu_isa", &moe_route::set_cpu_isa, py::arg("name"),
+        "Runs the CPU kernels' `name` variant from now on (ValueError if this CPU cannot).");
+  m.def("cpu_isa_env_error", &moe_route::cpu_isa_env_error,
+        "Why MOE_ROUTE_CPU_ISA was not followed, or an empty string.");
 }

@@ -19,6 +19,9 @@ def info() -> dict:
         "build": _loader.build_info(),
         "kernels": {op: [d for d in ("cpu", "cuda") if _loader.has_kernel(op, d)] for op in OPS},
         "cpu_threads": torch.get_num_threads(),
+        # The CPU kernels' instruction-set variant (MOE_ROUTE_CPU_ISA), and those the CPU runs.
+        "cpu_isa": _loader.native.cpu_isa() if _loader.native else None,
+        "cpu_isas": _loader.native.cpu_isas() if _loader.native else [],
     }
     return out
 

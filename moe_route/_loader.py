@@ -1,7 +1,9 @@
 """Loads the native extension once, remembers why it could not be loaded, never raises.
 
 ``MOE_ROUTE_NO_EXT=1`` skips the extension (pure reference, for testing the fallback);
-``MOE_ROUTE_STRICT=1`` turns every fallback to the reference into an error.
+``MOE_ROUTE_STRICT=1`` turns every fallback to the reference into an error;
+``MOE_ROUTE_CPU_ISA=base|avx2|avx512`` picks the CPU kernels' instruction-set variant (default:
+the best the CPU runs; all compute the same bits), with a warning if the CPU cannot run it.
 """
 from __future__ import annotations
 
@@ -39,6 +41,9 @@ def _load() -> None:
         load_error = f"{type(exc).__name__}: {exc}"
         return
     native = _C
+    if _C.cpu_isa_env_error():
+        log.warning("moe_route: MOE_ROUTE_CPU_ISA ignored, the CPU kernels run %s: %s",
+                    _C.cpu_isa(), _C.cpu_isa_env_error())
 
 
 @functools.lru_cache(maxsize=None)

@@ -879,10 +879,12 @@ def run_meta(device) -> dict:
 def format_meta(meta: dict) -> str:
     """One line of ``run_meta``, and a warning line if an op would run the PyTorch reference."""
     kind = meta["device"].split(":")[0]
+    isa = meta["moe_route"].get("cpu_isa")
     line = (f"device {meta['device']} ({meta['device_name']}), torch {meta['torch']}"
             f"{', CUDA ' + meta['torch_cuda'] if meta['torch_cuda'] else ''}, "
-            f"{meta['cpu_threads']} CPU threads, moe_route {meta['git'] or 'commit unknown'}, "
-            f"{meta['date']}")
+            f"{meta['cpu_threads']} CPU threads"
+            f"{f', CPU kernels {isa}' if kind == 'cpu' and isa else ''}, "
+            f"moe_route {meta['git'] or 'commit unknown'}, {meta['date']}")
     missing = [op for op, devices in meta["moe_route"]["kernels"].items() if kind not in devices]
     if missing:
         why = meta["moe_route"]["extension_error"] or "see moe-route info"

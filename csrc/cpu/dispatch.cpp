@@ -31,7 +31,7 @@
 #endif
 
 #include "../dispatch_op.h"
-#include "clones.h"
+#include "isa.h"
 
 namespace moe_route {
 namespace {
@@ -146,9 +146,9 @@ void permute_cpu(const PermuteParams& p) {
 // unpermute
 // ---------------------------------------------------------------------------------------------
 
-// 8-lane vectors (GCC/Clang vector extensions), lowered to AVX2 in the avx2 clone and to SSE
-// pairs otherwise. Lanes are independent IEEE operations (no FMA: -ffp-contract=off), so every
-// width computes the reference's fp32 values bit for bit.
+// 8-lane vectors (GCC/Clang vector extensions): AVX2 or AVX-512VL in those variants, SSE pairs in
+// the baseline. Lanes are independent IEEE operations (no FMA: -ffp-contract=off), so every
+// variant computes the reference's fp32 values bit for bit.
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
@@ -221,7 +221,7 @@ MOE_ROUTE_INLINE void combine_token(const T* const* rows, const float* w, int64_
 }
 
 template <typename T>
-MOE_ROUTE_CLONES void combine_tokens(const UnpermuteParams& p, int64_t t0, int64_t t1) {
+MOE_ROUTE_INLINE void combine_tokens_body(const UnpermuteParams& p, int64_t t0, int64_t t1) {
   const T* y = static_cast<const T*>(p.y);
   T* out = static_cast<T*>(p.out);
   const int64_t H = p.H, k = p.k;
@@ -237,6 +237,30 @@ MOE_ROUTE_CLONES void combine_tokens(const UnpermuteParams& p, int64_t t0, int64
     }
     combine_token(rows.data(), w.data(), n, H, out + t * H);
   }
+}
+
+#if MOE_ROUTE_X86_VARIANTS
+template <typename T>
+MOE_ROUTE_TARGET_AVX512 void combine_tokens_avx512(const UnpermuteParams& p, int64_t t0,
+                                                   int64_t t1) {
+  combine_tokens_body<T>(p, t0, t1);
+}
+template <typename T>
+MOE_ROUTE_TARGET_AVX2 void combine_tokens_avx2(const UnpermuteParams& p, int64_t t0, int64_t t1) {
+  combine_tokens_body<T>(p, t0, t1);
+}
+#endif
+
+template <typename T>
+void combine_tokens(const UnpermuteParams& p, int64_t t0, int64_t t1) {
+#if MOE_ROUTE_X86_VARIANTS
+  switch (cpu_isa()) {
+    case CpuIsa::Avx512: return combine_tokens_avx512<T>(p, t0, t1);
+    case CpuIsa::Avx2: return combine_tokens_avx2<T>(p, t0, t1);
+    case CpuIsa::Base: break;
+  }
+#endif
+  combine_tokens_body<T>(p, t0, t1);
 }
 
 template <typename T>

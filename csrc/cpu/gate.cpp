@@ -4,7 +4,7 @@
 // Determinism: chunks have a fixed size, independent of the thread count. Each chunk sums its
 // statistics into private "runs" (consecutive tokens of one group), and the runs are merged in chunk
 // order afterwards, so float statistics are bit-identical across runs and thread counts. Reductions
-// inside a row use 8 fixed partial sums, so vector width (SSE/AVX2 clones) does not change results;
+// inside a row use 8 fixed partial sums, so the ISA variant (isa.h) does not change results;
 // the file is built with -ffp-contract=off for the same reason.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -19,7 +19,7 @@
 #include <vector>
 
 #include "../gate_op.h"
-#include "clones.h"
+#include "isa.h"
 
 namespace moe_route {
 namespace {
@@ -127,8 +127,8 @@ MOE_ROUTE_INLINE float score_of(Score s, float z) {
 }
 
 
-// 8-lane vectors (GCC/Clang vector extensions): lowered to AVX2 in the avx2 clone and to SSE
-// pairs otherwise, with identical results since every lane keeps its own order of operations.
+// 8-lane vectors (GCC/Clang vector extensions): AVX2 or AVX-512VL in those variants, SSE pairs in
+// the baseline, with identical results since every lane keeps its own order of operations.
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 
@@ -589,9 +589,8 @@ MOE_ROUTE_INLINE void select_row(const GateParams& p, const Prep& prep, const fl
 
 // One chunk of tokens [t0, t1). With statistics, they go into `runs` or, when it is null, straight
 // into the caller's buffers.
-MOE_ROUTE_CLONES
-void gate_tokens(const GateParams& p, const Prep& prep, int64_t t0, int64_t t1, Scratch& s,
-                 bool stats, Runs* runs) {
+MOE_ROUTE_INLINE void gate_tokens_body(const GateParams& p, const Prep& prep, int64_t t0,
+                                       int64_t t1, Scratch& s, bool stats, Runs* runs) {
   const int64_t E = p.E, k = p.k;
   const bool dense_is_softmax = p.score == Score::Softmax || p.score == Score::None;
   const bool want_ew = (!p.select_on_logits && p.score == Score::Softmax) ||
@@ -697,6 +696,29 @@ void gate_tokens(const GateParams& p, const Prep& prep, int64_t t0, int64_t t1, 
     }
   }
   if (stats) flush_run(p, s.run, runs);
+}
+
+#if MOE_ROUTE_X86_VARIANTS
+MOE_ROUTE_TARGET_AVX512 void gate_tokens_avx512(const GateParams& p, const Prep& prep, int64_t t0,
+                                                int64_t t1, Scratch& s, bool stats, Runs* runs) {
+  gate_tokens_body(p, prep, t0, t1, s, stats, runs);
+}
+MOE_ROUTE_TARGET_AVX2 void gate_tokens_avx2(const GateParams& p, const Prep& prep, int64_t t0,
+                                            int64_t t1, Scratch& s, bool stats, Runs* runs) {
+  gate_tokens_body(p, prep, t0, t1, s, stats, runs);
+}
+#endif
+
+void gate_tokens(const GateParams& p, const Prep& prep, int64_t t0, int64_t t1, Scratch& s,
+                 bool stats, Runs* runs) {
+#if MOE_ROUTE_X86_VARIANTS
+  switch (cpu_isa()) {
+    case CpuIsa::Avx512: return gate_tokens_avx512(p, prep, t0, t1, s, stats, runs);
+    case CpuIsa::Avx2: return gate_tokens_avx2(p, prep, t0, t1, s, stats, runs);
+    case CpuIsa::Base: break;
+  }
+#endif
+  gate_tokens_body(p, prep, t0, t1, s, stats, runs);
 }
 
 void check_groups(const GateParams& p) {

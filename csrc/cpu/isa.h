@@ -1,0 +1,37 @@
+// Instruction-set variants of the CPU kernels. A kernel's per-token loop is compiled once per
+// variant (a wrapper with a target attribute around one always-inline body) and the variant runs
+// that cpu_isa() names: the best this CPU supports, or MOE_ROUTE_CPU_ISA, or set_cpu_isa().
+// Every variant computes the same bits: lanes are independent IEEE operations, reductions use 8
+// fixed partial sums, and -ffp-contract=off keeps FMA out (tests/test_cpu_isa.py checks it).
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace moe_route {
+
+enum class CpuIsa : int { Base = 0, Avx2 = 1, Avx512 = 2 };
+
+// GCC on x86-64 builds the AVX2 and AVX-512 variants; elsewhere only the baseline exists.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MOE_ROUTE_X86_VARIANTS 1
+#define MOE_ROUTE_TARGET_AVX2 __attribute__((target("avx2")))
+// AVX512VL for the 8-lane vectors in EVEX form (32 registers), BW/DQ as every AVX-512 CPU since
+// Skylake-SP has them.
+#define MOE_ROUTE_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq")))
+#else
+#define MOE_ROUTE_X86_VARIANTS 0
+#endif
+#define MOE_ROUTE_INLINE inline __attribute__((always_inline))
+
+// The variant the CPU kernels run now.
+CpuIsa cpu_isa();
+// Variants this build and CPU can run, baseline first ("base", "avx2", "avx512").
+std::vector<std::string> cpu_isas();
+// Runs `name` from now on; ValueError naming the supported variants otherwise.
+void set_cpu_isa(const std::string& name);
+const char* cpu_isa_name(CpuIsa isa);
+// Why MOE_ROUTE_CPU_ISA was not followed ("" when unset or followed).
+const std::string& cpu_isa_env_error();
+
+}  // namespace moe_route

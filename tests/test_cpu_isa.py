@@ -1,0 +1,162 @@
+"""The CPU kernels' instruction-set variants (csrc/cpu/isa.h) compute the same bits.
+
+The rest of the suite runs the variant the CPU picks (the best it supports); here every gate path
+(scores, selection on logits, groups, selection bias, steering, replay, statistics, k above the
+insertion limit, half-precision logits, NaN/inf) and unpermute run under each variant the CPU
+supports, and their outputs and statistics must be bit-identical to the baseline's.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import moe_route
+from moe_route import _loader
+from conftest import requires_native, steer_table, zero_stats
+
+pytestmark = requires_native
+
+ISAS = _loader.native.cpu_isas() if _loader.native else []
+
+
+@pytest.fixture
+def restore_isa():
+    before = _loader.native.cpu_isa()
+    yield
+    _loader.native.set_cpu_isa(before)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Bit pattern of a tensor (so -0.0 differs from 0.0 and NaNs compare)."""
+    if t.dtype == torch.float32:
+        return t.view(torch.int32)
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return t.view(torch.int16)
+    return t
+
+
+def logits_with_specials(T, E, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, E, generator=g) * 3
+    if T > 4 and E > 3:
+        x[1, 0], x[2, 1], x[3, 2] = float("nan"), float("inf"), -float("inf")
+        x[4] = x[4, 0]  # a row of ties
+    return x.to(dtype)
+
+
+# (name, E, k, gate kwargs); steering, statistics, replay and dtype vary on top of these.
+GATES = [
+    ("softmax", 64, 8, {}),
+    ("softmax_renorm", 60, 4, dict(renormalize=True)),
+    ("softmax_k20", 130, 20, {}),
+    ("topk_softmax", 32, 4, dict(select_on="logits")),
+    ("sigmoid_groups", 256, 8, dict(score="sigmoid", n_group=8, topk_group=4,
+                                    group_score="top2_sum", renormalize=True, renorm_eps=1e-20,
+                                    scale=2.5, selection_bias=True)),
+    ("groups_max", 64, 6, dict(n_group=8, topk_group=3, group_score="max", scale=1.5)),
+    ("sqrtsoftplus", 72, 8, dict(score="sqrtsoftplus", renormalize=True, selection_bias=True)),
+    ("none", 16, 2, dict(score="none")),
+]
+
+
+def gate_call(name, E, k, kw, *, steer, stats, replay, dtype, T=300, seed=0):
+    """Runs one gate call on fresh inputs; returns every output and statistic."""
+    kw = dict(kw)
+    if kw.pop("selection_bias", False):
+        kw["selection_bias"] = torch.randn(E, generator=torch.Generator().manual_seed(seed + 1))
+    logits = logits_with_specials(T, E, dtype, seed)
+    if steer != "none":
+        kw["steer"], kw["steer_select_only"], kw["std_unbiased"] = steer_table(steer, E)
+    buffers = {}
+    if stats:
+        G = 3
+        buffers = zero_stats(G, E)
+        kw["groups"] = (torch.arange(T) % (G + 1) - 1).int()  # -1 (skipped) to G - 1
+    if replay:
+        ids = torch.rand(T, E, generator=torch.Generator().manual_seed(seed + 2)).argsort(1)[:, :k]
+        ids[::3] = -1  # every third row selects as usual
+        kw["replay"] = ids.int()
+    w, ids = torch.ops.moe_route.topk_gate(logits, k, **kw, **buffers)
+    return {"weights": w, "ids": ids, **buffers}
+
+
+CALLS = [(g, steer, stats, replay, dtype)
+         for g in GATES
+         for steer, stats, replay, dtype in [("none", False, False, torch.float32),
+                                             ("none", True, False, torch.bfloat16),
+                                             ("mixed", True, False, torch.float32),
+                                             ("std_unbiased", False, True, torch.float16),
+                                             ("none", True, True, torch.float32)]]
+
+
+@pytest.mark.skipif(len(ISAS) < 2, reason=f"this CPU runs one variant only ({ISAS})")
+@pytest.mark.parametrize("gate,steer,stats,replay,dtype", CALLS,
+                         ids=[f"{c[0][0]}-{c[1]}-{'stats' if c[2] else 'plain'}"
+                              f"{'-replay' if c[3] else ''}-{str(c[4])[6:]}" for c in CALLS])
+def test_gate_variants_are_bit_identical(restore_isa, gate, steer, stats, replay, dtype):
+    name, E, k, kw = gate
+    results = {}
+    for isa in ISAS:
+        _loader.native.set_cpu_isa(isa)
+        results[isa] = gate_call(name, E, k, kw, steer=steer, stats=stats, replay=replay,
+                                 dtype=dtype)
+    base = results[ISAS[0]]
+    for isa in ISAS[1:]:
+        for key, ref in base.items():
+            got = results[isa][key]
+            assert torch.equal(bits(got), bits(ref)), (
+                f"{isa} differs from {ISAS[0]} in {key}: "
+                f"{(bits(got) != bits(ref)).nonzero()[:5].tolist()}")
+
+
+@pytest.mark.skipif(len(ISAS) < 2, reason=f"this CPU runs one variant only ({ISAS})")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H", [77, 96])
+def test_unpermute_variants_are_bit_identical(restore_isa, dtype, H):
+    g = torch.Generator().manual_seed(3)
+    T, E, k = 50, 16, 4
+    ids = torch.rand(T, E, generator=g).argsort(1)[:, :k].int()
+    ids[5, 1] = -1  # a dropped slot
+    weights = torch.rand(T, k, generator=g)
+    plan = moe_route.dispatch_plan(ids, num_experts=E)
+    y = (torch.randn(plan.row_slot.numel(), H, generator=g) * 4).to(dtype)
+    outs = {}
+    for isa in ISAS:
+        _loader.native.set_cpu_isa(isa)
+        outs[isa] = moe_route.unpermute(y, plan, weights)
+    for isa in ISAS[1:]:
+        assert torch.equal(bits(outs[isa]), bits(outs[ISAS[0]])), f"{isa} != {ISAS[0]}"
+
+
+def test_variants_listed_and_set(restore_isa):
+    assert ISAS[0] == "base" and set(ISAS) <= {"base", "avx2", "avx512"}
+    assert moe_route.info()["cpu_isas"] == ISAS
+    for isa in ISAS:
+        _loader.native.set_cpu_isa(isa)
+        assert _loader.native.cpu_isa() == isa == moe_route.info()["cpu_isa"]
+    with pytest.raises(ValueError, match=r"cpu_isa: 'sse9' must be one this CPU runs \(base"):
+        _loader.native.set_cpu_isa("sse9")
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120)
+
+
+def test_env_variable_picks_the_variant():
+    out = run_python("import moe_route; print(moe_route.info()['cpu_isa'])",
+                     MOE_ROUTE_CPU_ISA="base")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "base"
+
+
+def test_env_variable_the_cpu_cannot_run_warns_and_keeps_the_best():
+    out = run_python("import moe_route; print(moe_route.info()['cpu_isa'])",
+                     MOE_ROUTE_CPU_ISA="sse9")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ISAS[-1]
+    assert "MOE_ROUTE_CPU_ISA ignored" in out.stderr and "'sse9' must be one" in out.stderr
