@@ -185,6 +185,10 @@ MOE_ROUTE_INLINE int32_t key_index(uint64_t key) {
 MOE_ROUTE_INLINE uint64_t key_normal(float v, int32_t e) { return make_key(kTierNormal, v, e); }
 
 MOE_ROUTE_INLINE void cswap_desc(uint64_t& a, uint64_t& b) {
+  // The keys stay in general registers (two cmovs): with AVX-512's 64-bit min/max, GCC otherwise
+  // moves them to vector registers and back on every exchange of the serial pick loop (8-10%
+  // slower selection, bench/cpu_isa_speed.py).
+  asm("" : "+r"(a), "+r"(b));
   const uint64_t hi = a > b ? a : b, lo = a > b ? b : a;
   a = hi, b = lo;
 }
@@ -223,13 +227,32 @@ MOE_ROUTE_INLINE void top2_of(const float* x, int64_t n, float& first, float& se
   first = top, second = next;
 }
 
+// ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)) by shuffles, in registers (element access
+// spills the vector to the stack and reloads it lane by lane).
+MOE_ROUTE_INLINE float hsum8(f32x8 a) {
+  const f32x8 pairs = a + __builtin_shufflevector(a, a, 1, 0, 3, 2, 5, 4, 7, 6);
+  const f32x8 quads = pairs + __builtin_shufflevector(pairs, pairs, 2, 3, 0, 1, 6, 7, 4, 5);
+  return quads[0] + quads[4];
+}
+
 // Sum with 8 fixed partial sums (a fixed order, whatever the vector width).
 MOE_ROUTE_INLINE float sum8(const float* x, int64_t n) {
   f32x8 acc = splat8(0.f);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) acc += load8(x + i);
   for (int j = 0; i < n; ++i, ++j) acc[j] += x[i];
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  return hsum8(acc);
+}
+
+// x[0..n) /= den, 8 lanes at a time (one vector division instead of n dependent ones).
+MOE_ROUTE_INLINE void divide_by(float* x, int64_t n, float den) {
+  const f32x8 d = splat8(den);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const f32x8 q = load8(x + i) / d;
+    std::memcpy(x + i, &q, sizeof q);
+  }
+  for (; i < n; ++i) x[i] = x[i] / den;
 }
 
 // Statistics of a softmax row from its numerators ew = exp(z - max) and their sum S: adds
@@ -254,9 +277,7 @@ MOE_ROUTE_INLINE float softmax_stats(const float* ew, const float* z, float z_ma
     acc[j] += ew[i] > 0.f ? ew[i] * (z[i] - z_max) : 0.f;
     if (prob) prob[i] += ew[i] * inv[0];
   }
-  const float total =
-      ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  return std::log(ew_sum) - total / ew_sum;
+  return std::log(ew_sum) - hsum8(acc) / ew_sum;
 }
 
 // Softmax numerators exp(x - m) into dst for a known row max m; returns their sum.
@@ -632,7 +653,8 @@ MOE_ROUTE_INLINE void gate_tokens_body(const GateParams& p, const Prep& prep, in
     float* w = p.weights + t * k;
     if (!p.select_on_logits) {
       if (p.score == Score::Softmax) {
-        for (int64_t j = 0; j < k; ++j) w[j] = ew[ids[j]] / w_sum;
+        for (int64_t j = 0; j < k; ++j) w[j] = ew[ids[j]];
+        divide_by(w, k, w_sum);
       } else {
         for (int64_t j = 0; j < k; ++j) w[j] = score_of(p.score, zw[ids[j]]);
       }
@@ -640,7 +662,7 @@ MOE_ROUTE_INLINE void gate_tokens_body(const GateParams& p, const Prep& prep, in
       float m = -kFltMax, sum = 0.f;
       for (int64_t j = 0; j < k; ++j) m = std::max(m, zw[ids[j]]);
       for (int64_t j = 0; j < k; ++j) sum += (w[j] = exp_nonpos(zw[ids[j]] - m));
-      for (int64_t j = 0; j < k; ++j) w[j] = w[j] / sum;
+      divide_by(w, k, sum);
     } else {
       for (int64_t j = 0; j < k; ++j) w[j] = score_of(p.score, zw[ids[j]]);
     }
@@ -648,8 +670,7 @@ MOE_ROUTE_INLINE void gate_tokens_body(const GateParams& p, const Prep& prep, in
       float sum = 0.f;
       for (int64_t j = 0; j < k; ++j) sum += w[j];
       const float den = sum + p.renorm_eps;
-      if (den != 0.f)
-        for (int64_t j = 0; j < k; ++j) w[j] = w[j] / den;
+      if (den != 0.f) divide_by(w, k, den);
     }
     if (p.scale != 1.f)
       for (int64_t j = 0; j < k; ++j) w[j] = w[j] * p.scale;
@@ -733,11 +754,10 @@ void check_groups(const GateParams& p) {
                     ") (the statistics' group count), got values in [", lo, ", ", hi, "]");
 }
 
-// Whether a replay row of k ids is a selection (k distinct ids in [0, E)) or all -1.
-// Distinctness by pairwise comparison up to k = 32 (no memory touched), above it with `seen`.
+// Whether a replay row of k ids is a selection (k distinct ids in [0, E)) or all -1. `seen` is a
+// zeroed bitset of E bits (used when E > 64), zeroed again on return.
 template <typename I>
-MOE_ROUTE_INLINE bool replay_row_ok(const I* row, int64_t k, int64_t E,
-                                    std::vector<uint8_t>& seen) {
+MOE_ROUTE_INLINE bool replay_row_ok(const I* row, int64_t k, int64_t E, uint64_t* seen) {
   if (row[0] == -1) {
     bool all = true;
     for (int64_t j = 1; j < k; ++j) all &= row[j] == -1;
@@ -746,28 +766,28 @@ MOE_ROUTE_INLINE bool replay_row_ok(const I* row, int64_t k, int64_t E,
   bool in_range = true;
   for (int64_t j = 0; j < k; ++j) in_range &= row[j] >= 0 && int64_t(row[j]) < E;
   if (!in_range) return false;
-  if (k <= 32) {
-    bool distinct = true;
-    for (int64_t j = 1; j < k; ++j)
-      for (int64_t i = 0; i < j; ++i) distinct &= row[i] != row[j];
-    return distinct;
+  if (E <= 64) {  // the set in a register: no store-to-load chain through one word
+    uint64_t set = 0;
+    for (int64_t j = 0; j < k; ++j) set |= uint64_t(1) << row[j];
+    return __builtin_popcountll(set) == k;
   }
-  seen.assign(E, 0);
+  uint64_t repeated = 0;
   for (int64_t j = 0; j < k; ++j) {
-    uint8_t& s = seen[row[j]];
-    if (s) return false;
-    s = 1;
+    const uint64_t id = uint64_t(row[j]), bit = uint64_t(1) << (id & 63);
+    repeated |= seen[id >> 6] & bit;
+    seen[id >> 6] |= bit;
   }
-  return true;
+  for (int64_t j = 0; j < k; ++j) seen[uint64_t(row[j]) >> 6] = 0;
+  return repeated == 0;
 }
 
 template <typename I>
 void find_bad_replay_row(const GateParams& p, std::atomic<int64_t>& bad) {
   const I* ids = static_cast<const I*>(p.replay);
   at::parallel_for(0, p.T, 4096, [&](int64_t t0, int64_t t1) {
-    std::vector<uint8_t> seen;
+    std::vector<uint64_t> seen((p.E + 63) / 64, 0);
     for (int64_t t = t0; t < t1 && t < bad.load(std::memory_order_relaxed); ++t) {
-      if (replay_row_ok(ids + t * p.k, p.k, p.E, seen)) continue;
+      if (replay_row_ok(ids + t * p.k, p.k, p.E, seen.data())) continue;
       int64_t cur = bad.load(std::memory_order_relaxed);
       while (t < cur && !bad.compare_exchange_weak(cur, t)) {
       }
