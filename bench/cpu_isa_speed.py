@@ -56,9 +56,15 @@ def unpermute_callable(T, k, E, H, dtype):
 
 
 def time_variants(fn, isas, min_time) -> dict:
+    """{variant: timing summary} of fn under each variant, in alternation; the CPU kernels are
+    left on the variant they ran before."""
+    before = _loader.native.cpu_isa()
     fns = {isa: fn for isa in isas}
     setup = {isa: (lambda isa=isa: _loader.native.set_cpu_isa(isa)) for isa in isas}
-    return benchmark.time_interleaved(fns, "cpu", setup=setup, min_time=min_time)
+    try:
+        return benchmark.time_interleaved(fns, "cpu", setup=setup, min_time=min_time)
+    finally:
+        _loader.native.set_cpu_isa(before)
 
 
 def main():
@@ -72,9 +78,8 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     isas = _loader.native.cpu_isas()
-    default = _loader.native.cpu_isa()
     print(benchmark.format_meta(benchmark.run_meta("cpu")))
-    print(f"variants: {', '.join(isas)} (default here: {default})")
+    print(f"variants: {', '.join(isas)} (running by default here: {_loader.native.cpu_isa()})")
     ratio_names = [f"{b}/{a}" for a, b in zip(isas[1:], isas)]
     print("| case | " + " | ".join(isas) + " | " + " | ".join(ratio_names) + " |")
     print("|---|" + "---:|" * (len(isas) + len(ratio_names)))
@@ -84,16 +89,13 @@ def main():
             for kind, fn in gate_callables(s, T, E, k, dt).items()]
     jobs += [(f"unpermute T={T} k={k} H={H} {str(dt).removeprefix('torch.')}",
               unpermute_callable(T, k, E, H, dt)) for T, k, E, H, dt in UNPERMUTE_CASES]
-    try:
-        for label, fn in jobs:
-            times = time_variants(fn, isas, args.min_time)
-            ratios = {f"{b}/{a}": benchmark.paired_ratio(times[b], times[a])
-                      for a, b in zip(isas[1:], isas)}
-            rows.append({"case": label, **{i: times[i]["median_us"] for i in isas}, **ratios})
-            print(f"| {label} | " + " | ".join(f"{times[i]['median_us']:.1f} µs" for i in isas) +
-                  " | " + " | ".join(f"{r:.2f}×" for r in ratios.values()) + " |", flush=True)
-    finally:
-        _loader.native.set_cpu_isa(default)
+    for label, fn in jobs:
+        times = time_variants(fn, isas, args.min_time)
+        ratios = {f"{b}/{a}": benchmark.paired_ratio(times[b], times[a])
+                  for a, b in zip(isas[1:], isas)}
+        rows.append({"case": label, **{i: times[i]["median_us"] for i in isas}, **ratios})
+        print(f"| {label} | " + " | ".join(f"{times[i]['median_us']:.1f} µs" for i in isas) +
+              " | " + " | ".join(f"{r:.2f}×" for r in ratios.values()) + " |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": benchmark.run_meta("cpu"), "rows": rows}, f, indent=1, default=str)
