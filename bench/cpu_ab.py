@@ -1,0 +1,159 @@
+"""A/B of the CPU gate between two source trees, each with its extension built in place.
+
+    python bench/cpu_ab.py OLD_TREE NEW_TREE [--rounds 5] [--min-time 0.15] [--json PATH]
+
+e.g. for the commit before a change:
+    git worktree add /tmp/old HEAD~1 && (cd /tmp/old && MOE_ROUTE_SKIP_CUDA=1 python setup.py build_ext --inplace)
+    python bench/cpu_ab.py /tmp/old .
+
+Each tree runs in its own process (both build ``moe_route._C``, so they cannot share one), the
+trees alternate for ``--rounds`` rounds, and a case's time is its best median over the rounds: a
+slow phase of a shared machine then hits neither tree's figure. First both trees compute every
+case once and their outputs (weights, ids, statistics) must be bit-identical, else the run stops:
+a speed-up that changes results is not an A/B of the same thing. Cases: OLMoE/Qwen3 softmax top-k
+(E 64 and 256), Mixtral's renormalised one, GPT-OSS's top-k softmax and DeepSeek-V3's grouped
+sigmoid, at T 1 to 8192, plain, with statistics, replaying every row, and both.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+SEMANTICS = [("softmax_topk", 64, 8), ("softmax_topk", 256, 8), ("renorm", 64, 8),
+             ("topk_softmax", 64, 4), ("deepseek_v3", 256, 8)]
+TS = (1, 64, 1024, 8192)
+
+
+def cases():
+    return [(s, T, E, k, stats, replay) for T in TS for s, E, k in SEMANTICS
+            for stats in (False, True) for replay in (False, True)]
+
+
+def label(case) -> str:
+    s, T, E, k, stats, replay = case
+    return f"{s} T={T} E={E} k={k}{' +stats' if stats else ''}{' replay' if replay else ''}"
+
+
+def gate_call(case):
+    """The case as a callable of the tree this process imports, and its statistics buffers."""
+    import torch
+
+    import moe_route
+    from moe_route.ops import GateStats, RouterSpec
+
+    s, T, E, k, stats, replay = case
+    x = torch.randn(T, E, generator=torch.Generator().manual_seed(T * 7 + E))
+    spec = {"softmax_topk": RouterSpec(), "renorm": RouterSpec(renormalize=True),
+            "topk_softmax": RouterSpec(select_on="logits"),
+            "deepseek_v3": RouterSpec(score="sigmoid", n_group=8, topk_group=4,
+                                      group_score="top2_sum", renormalize=True,
+                                      renorm_eps=1e-20, scale=2.5)}[s]
+    kw = {}
+    if s == "deepseek_v3":
+        kw["selection_bias"] = torch.randn(E, generator=torch.Generator().manual_seed(1))
+    if stats:
+        kw["stats"] = GateStats.zeros(1, E)
+    if replay:
+        g = torch.Generator().manual_seed(2)
+        kw["replay"] = torch.rand(T, E, generator=g).argsort(1)[:, :k].int()
+    return (lambda: moe_route.topk_gate(x, k, spec, **kw)), kw.get("stats")
+
+
+def worker(mode: str, out: str, min_time: float) -> None:
+    """In one tree: the outputs of every case (mode "outputs") or their median times ("time")."""
+    import statistics
+    import time
+
+    import torch
+
+    results = {}
+    for case in cases():
+        fn, stats = gate_call(case)
+        if mode == "outputs":
+            w, ids = fn()
+            results[label(case)] = [w, ids] + ([b for b in stats.buffers() if b is not None]
+                                               if stats is not None else [])
+            continue
+        for _ in range(5):
+            fn()
+        t0 = time.perf_counter()
+        fn()
+        reps = max(5, int(min_time / max(time.perf_counter() - t0, 1e-7)))
+        samples = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+        results[label(case)] = statistics.median(samples) * 1e6
+    if mode == "outputs":
+        torch.save(results, out)
+    else:
+        with open(out, "w") as f:
+            json.dump(results, f)
+
+
+def run_in(tree: str, mode: str, out: str, min_time: float) -> None:
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+            f"import cpu_ab; cpu_ab.worker({mode!r}, {out!r}, {min_time!r})")
+    # Run from the temporary directory, so no file of the caller's directory shadows a module.
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=os.path.dirname(out))
+
+
+def bits(t):
+    import torch
+    return t.view(torch.int32) if t.dtype == torch.float32 else t
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("old")
+    p.add_argument("new")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--min-time", type=float, default=0.15)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    import torch
+
+    trees = {"old": args.old, "new": args.new}
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = {}
+        for name, tree in trees.items():
+            path = os.path.join(tmp, f"{name}.pt")
+            run_in(tree, "outputs", path, args.min_time)
+            outs[name] = torch.load(path)
+        differ = [key for key in outs["old"]
+                  if not all(torch.equal(bits(a), bits(b))
+                             for a, b in zip(outs["old"][key], outs["new"][key]))]
+        if differ:
+            raise SystemExit(f"the trees compute different outputs in {len(differ)} cases, e.g. "
+                             f"{differ[:3]}: not an A/B of the same results")
+        print(f"outputs bit-identical in all {len(outs['old'])} cases")
+        best = {}
+        for rnd in range(args.rounds):
+            for name, tree in trees.items():
+                path = os.path.join(tmp, f"{name}_{rnd}.json")
+                run_in(tree, "time", path, args.min_time)
+                with open(path) as f:
+                    for key, us in json.load(f).items():
+                        best[name, key] = min(best.get((name, key), float("inf")), us)
+    print(f"best of {args.rounds} alternating rounds, median µs per call; ratio = old / new")
+    print("| case | old | new | old / new |\n|---|---:|---:|---:|")
+    rows = []
+    for case in cases():
+        key = label(case)
+        old, new = best["old", key], best["new", key]
+        rows.append({"case": key, "old_us": old, "new_us": new, "ratio": old / new})
+        print(f"| {key} | {old:.1f} | {new:.1f} | {old / new:.2f}× |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"old": args.old, "new": args.new, "rounds": args.rounds, "rows": rows}, f,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()
