@@ -166,6 +166,28 @@ def test_bad_rows_raise(gate, row):
     assert msg.replace("row 0", "row 1") in text
 
 
+@requires_native
+@pytest.mark.parametrize("E,k", [(64, 8), (65, 8), (256, 40), (1000, 8)])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("repeated", ["low", "highest"])
+def test_duplicate_found_among_valid_rows(E, k, dtype, repeated):
+    # Every valid row holds ids 0 and E - 1 (the same bits row after row: the check's id set must
+    # start empty for each row) and k - 2 others, many sharing a 64-id word; one row repeats an id.
+    T, bad = 50, 37
+    g = torch.Generator().manual_seed(E + k)
+    others = torch.rand(T, E - 2, generator=g).argsort(1)[:, :k - 2] + 1
+    replay = torch.cat([torch.full((T, 1), E - 1), others, torch.zeros(T, 1, dtype=torch.long)],
+                       1).to(dtype)
+    x = random_logits(T, E)
+    w, ids = OP(x, k, replay=replay)  # every row valid: routed as given
+    assert torch.equal(ids.long(), replay.long())
+    dup = 3 if repeated == "low" else E - 1
+    replay[bad, 1], replay[bad, -2] = dup, dup
+    replay[bad, 0] = E - 2 if repeated == "highest" else E - 1
+    with pytest.raises(ValueError, match=f"topk_gate: replay: row {bad} must hold {k} distinct"):
+        OP(x, k, replay=replay)
+
+
 @pytest.mark.parametrize("replay,exc,msg", [
     (torch.zeros(4, 2, dtype=torch.int32), ValueError, "replay must have shape (4, 3)"),
     (torch.zeros(4, 3, dtype=torch.float32), TypeError, "replay must be torch.int32 or "

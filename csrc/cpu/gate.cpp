@@ -186,8 +186,8 @@ MOE_ROUTE_INLINE uint64_t key_normal(float v, int32_t e) { return make_key(kTier
 
 MOE_ROUTE_INLINE void cswap_desc(uint64_t& a, uint64_t& b) {
   // The keys stay in general registers (two cmovs): with AVX-512's 64-bit min/max, GCC otherwise
-  // moves them to vector registers and back on every exchange of the serial pick loop (8-10%
-  // slower selection, bench/cpu_isa_speed.py).
+  // moves them to vector registers and back on every exchange of the serial pick loop (selection
+  // 8% slower than in the AVX2 variant, bench/RESULTS.md).
   asm("" : "+r"(a), "+r"(b));
   const uint64_t hi = a > b ? a : b, lo = a > b ? b : a;
   a = hi, b = lo;
@@ -244,7 +244,7 @@ MOE_ROUTE_INLINE float sum8(const float* x, int64_t n) {
   return hsum8(acc);
 }
 
-// x[0..n) /= den, 8 lanes at a time (one vector division instead of n dependent ones).
+// x[0..n) /= den, 8 lanes at a time (one vector division instead of 8 scalar ones).
 MOE_ROUTE_INLINE void divide_by(float* x, int64_t n, float den) {
   const f32x8 d = splat8(den);
   int64_t i = 0;
