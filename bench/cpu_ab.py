@@ -39,7 +39,8 @@ def label(case) -> str:
 
 
 def gate_call(case):
-    """The case as a callable of the tree this process imports, and its statistics buffers."""
+    """The case as a callable of the tree this process imports, and its statistics buffers.
+    Built from the public API only (not ``benchmark.router_spec``), so that older trees run it."""
     import torch
 
     import moe_route

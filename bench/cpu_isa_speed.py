@@ -18,7 +18,7 @@ import json
 import torch
 
 from moe_route import _loader, benchmark, dispatch_plan, unpermute
-from moe_route.ops import GateStats, RouterSpec, topk_gate
+from moe_route.ops import topk_gate
 
 GATE_CASES = [("softmax_topk", T, E, 8, dt) for T, E, dt in
               [(1, 64, torch.float32), (64, 64, torch.float32), (8192, 64, torch.float32),
@@ -35,13 +35,8 @@ def gate_callables(semantics, T, E, k, dtype) -> dict:
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(T, E, generator=g).to(dtype)
     ids = torch.rand(T, E, generator=g).argsort(1)[:, :k].int()
-    spec, kw = {
-        "softmax_topk": (RouterSpec(), {}),
-        "topk_softmax": (RouterSpec(select_on="logits"), {}),
-        "deepseek_v3": (RouterSpec(score="sigmoid", n_group=8, topk_group=4,
-                                   group_score="top2_sum", renormalize=True, renorm_eps=1e-20,
-                                   scale=2.5), {"selection_bias": torch.randn(E, generator=g)}),
-    }[semantics]
+    spec = benchmark.router_spec(semantics)
+    kw = {"selection_bias": torch.randn(E, generator=g)} if semantics == "deepseek_v3" else {}
     return {"gate": fns["gate"], "gate+stats": fns["gate_stats"],
             "replay": lambda: topk_gate(logits, k, spec, replay=ids, **kw)}
 

@@ -25,7 +25,7 @@ import torch
 
 import moe_route
 from moe_route import benchmark
-from moe_route.ops import GateStats, RouterSpec
+from moe_route.ops import GateStats
 
 CASES = [("softmax_topk", T, 64, 8) for T in (1, 64, 1024, 8192)] + \
         [("topk_softmax", T, 64, 4) for T in (1, 8192)] + \
@@ -38,9 +38,8 @@ def callables(semantics: str, T: int, E: int, k: int, device) -> dict:
     ids = torch.rand(T, E, generator=g).argsort(-1)[:, :k].to(device)
     ids32 = ids.int()
     kw = {}
+    spec = benchmark.router_spec(semantics)
     if semantics == "deepseek_v3":
-        spec = RouterSpec(score="sigmoid", n_group=8, topk_group=4, group_score="top2_sum",
-                          renormalize=True, renorm_eps=1e-20, scale=2.5)
         kw["selection_bias"] = (torch.randn(E, generator=g) * 0.1).to(device)
 
         def torch_replay():
@@ -51,15 +50,11 @@ def callables(semantics: str, T: int, E: int, k: int, device) -> dict:
             s = logits.float().sigmoid()
             return s / s.sum(-1, keepdim=True)
     elif semantics == "topk_softmax":
-        spec = RouterSpec(select_on="logits")
-
         def torch_replay():
             return torch.softmax(logits.gather(1, ids), dim=-1, dtype=torch.float32)
 
         dense = lambda: torch.softmax(logits, dim=-1, dtype=torch.float32)  # noqa: E731
     else:
-        spec = RouterSpec()
-
         def torch_replay():
             return torch.softmax(logits, dim=-1, dtype=torch.float32).gather(1, ids)
 

@@ -153,6 +153,19 @@ class Case:
 
 
 GATE_KINDS = ("baseline", "gate", "baseline_stats", "gate_stats", "baseline_steer", "gate_steer")
+DEEPSEEK_V3_GROUPS = (8, 4)  # n_group, topk_group of the deepseek_v3 cases (V3's own config)
+
+
+def router_spec(semantics: str) -> RouterSpec:
+    """The gate's ``RouterSpec`` for a ``Case.semantics``; deepseek_v3 also takes a selection
+    bias (``e_score_correction_bias``), which the caller draws."""
+    if semantics == "deepseek_v3":
+        n_group, topk_group = DEEPSEEK_V3_GROUPS
+        return RouterSpec(score="sigmoid", n_group=n_group, topk_group=topk_group,
+                          group_score="top2_sum", renormalize=True, renorm_eps=1e-20, scale=2.5)
+    if semantics == "topk_softmax":
+        return RouterSpec(select_on="logits")
+    return RouterSpec(renormalize=semantics == "softmax_topk_renorm")
 
 
 def gate_and_baseline(case: Case, device) -> dict:
@@ -166,18 +179,16 @@ def gate_and_baseline(case: Case, device) -> dict:
     add, lam, _, force = steer.table(case.E, device)
     forced = (force > 0, force < 0)
     stats_b, stats_g = (GateStats.zeros(1, case.E, device=device) for _ in range(2))
+    spec = router_spec(case.semantics)
     if case.semantics == "deepseek_v3":
-        n_group, topk_group = 8, 4
+        n_group, topk_group = DEEPSEEK_V3_GROUPS
         bias = (torch.randn(case.E, generator=g) * 0.1).to(device)
-        spec = RouterSpec(score="sigmoid", n_group=n_group, topk_group=topk_group,
-                          group_score="top2_sum", renormalize=True, renorm_eps=1e-20, scale=2.5)
         gate_kw = dict(selection_bias=bias)
         dense = _sigmoid_distribution
         base = lambda: baseline_deepseek_v3(logits, k, bias, n_group, topk_group)  # noqa: E731
         base_steer = lambda: baseline_deepseek_v3(  # noqa: E731
             baseline_steer(logits, add, lam, forced), k, bias, n_group, topk_group, forced=forced)
     elif case.semantics == "topk_softmax":
-        spec = RouterSpec(select_on="logits")
         gate_kw = {}
         dense = _softmax_distribution
         base = lambda: baseline_topk_softmax(logits, k)  # noqa: E731
@@ -185,7 +196,6 @@ def gate_and_baseline(case: Case, device) -> dict:
             baseline_steer(logits, add, lam, forced), k, forced=forced)
     else:
         renorm = case.semantics == "softmax_topk_renorm"
-        spec = RouterSpec(renormalize=renorm)
         gate_kw = {}
         dense = _softmax_distribution
         base = lambda: baseline_softmax_topk(logits, k, renorm)  # noqa: E731
