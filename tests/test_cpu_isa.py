@@ -63,7 +63,7 @@ GATES = [
 ]
 
 
-def gate_call(name, E, k, kw, *, steer, stats, replay, dtype, T=300, seed=0):
+def gate_call(E, k, kw, *, steer, stats, replay, dtype, T=300, seed=0):
     """Runs one gate call on fresh inputs; returns every output and statistic."""
     kw = dict(kw)
     if kw.pop("selection_bias", False):
@@ -98,12 +98,11 @@ CALLS = [(g, steer, stats, replay, dtype)
                          ids=[f"{c[0][0]}-{c[1]}-{'stats' if c[2] else 'plain'}"
                               f"{'-replay' if c[3] else ''}-{str(c[4])[6:]}" for c in CALLS])
 def test_gate_variants_are_bit_identical(restore_isa, gate, steer, stats, replay, dtype):
-    name, E, k, kw = gate
+    _, E, k, kw = gate
     results = {}
     for isa in ISAS:
         _loader.native.set_cpu_isa(isa)
-        results[isa] = gate_call(name, E, k, kw, steer=steer, stats=stats, replay=replay,
-                                 dtype=dtype)
+        results[isa] = gate_call(E, k, kw, steer=steer, stats=stats, replay=replay, dtype=dtype)
     base = results[ISAS[0]]
     for isa in ISAS[1:]:
         for key, ref in base.items():
