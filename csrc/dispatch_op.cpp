@@ -52,6 +52,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prepare_plan(
   TORCH_CHECK_TYPE(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong,
                    "dispatch_plan: ids must be torch.int32 or torch.int64, got ",
                    dtype_name(ids.scalar_type()));
+  TORCH_CHECK_VALUE(ids.size(1) >= 1, "dispatch_plan: ids must have k >= 1 columns, got shape ",
+                    shape_str(ids));
   TORCH_CHECK_VALUE(num_experts >= 1, "dispatch_plan: num_experts=", num_experts,
                     " must be >= 1");
   TORCH_CHECK_VALUE(block_size >= 1, "dispatch_plan: block_size=", block_size, " must be >= 1");
@@ -133,6 +135,19 @@ at::Tensor prepare_unpermute(const at::Tensor& y, const at::Tensor& slot_row,
   TORCH_CHECK_VALUE(slot_row.is_contiguous(), "unpermute: slot_row must be contiguous");
   same_device(y, slot_row, "unpermute", "slot_row");
   same_device(y, weights, "unpermute", "weights");
+  if (slot_row.is_cpu()) {
+    // Rows are read at the plan's indices: a y with fewer rows than the plan (say x instead of
+    // the expert outputs) would be read out of bounds. On the GPU this would cost a host sync.
+    const int64_t* sr = slot_row.data_ptr<int64_t>();
+    int64_t lo = 0, hi = -1;
+    for (int64_t i = 0; i < slot_row.size(0); ++i) {
+      lo = std::min(lo, sr[i]);
+      hi = std::max(hi, sr[i]);
+    }
+    TORCH_CHECK_VALUE(lo >= -1 && hi < y.size(0), "unpermute: slot_row holds rows in [", lo,
+                      ", ", hi, "], but y has ", y.size(0), " rows: y must be [R, H], one row per "
+                      "row of the plan (permute's output rows)");
+  }
   keep_y = y.contiguous();
   keep_weights = weights.to(at::kFloat).contiguous();
   const at::Tensor& sr = slot_row;

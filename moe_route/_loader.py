@@ -48,10 +48,11 @@ def _load() -> None:
 
 @functools.lru_cache(maxsize=None)
 def has_kernel(op: str, device_type: str) -> bool:
-    """Whether torch.ops.moe_route.<op> has a kernel for this device type (CPU, CUDA)."""
+    """Whether torch.ops.moe_route.<op> has a kernel for this device type (CPU, CUDA; meta
+    tensors run the ops' fake kernels, which compute shapes only)."""
     if native is None:
         return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    key = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}.get(device_type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"moe_route::{op}", key)
 
 

@@ -3,6 +3,12 @@
 The numerics and layout are those of ``moe_route.reference`` ("Dispatch"). Everything is sized for
 the worst case (``R = T*k + E*(block_size-1)`` rows), so no op reads back to the host and all are
 CUDA-graph capturable.
+
+``permute`` and ``unpermute`` are differentiable (in x, y and the weights; the plan is integer).
+Their backwards are each other: the gradient of ``permute`` sums each token's rows with
+``unpermute`` (weights 1, fp32 in slot order), the gradient of ``unpermute`` in y scatters the
+weighted output gradient back to the rows with ``permute``, and in the weights it is the dot
+product of each slot's row with its token's output gradient (fp32).
 """
 from __future__ import annotations
 
@@ -54,6 +60,8 @@ def dispatch_plan(ids: torch.Tensor, num_experts: int, block_size: int = 1) -> D
     zero_tail=False)`` skips them.
     """
     k = ids.shape[-1] if isinstance(ids, torch.Tensor) and ids.dim() == 2 else 0
+    if k == 0 or type(num_experts) is not int or type(block_size) is not int:
+        reference.check_dispatch_args(ids, num_experts, block_size)  # names the bad argument
     out = _call("dispatch_plan", ids, (ids, num_experts, block_size), reference.dispatch_plan)
     return DispatchPlan(*out, k=k)
 
@@ -66,8 +74,13 @@ def permute(x: torch.Tensor, plan: DispatchPlan, *, zero_tail: bool = True) -> t
     experts' segments are still zeros. A GEMM over the plan's offsets never reads the tail, and
     with ``block_size > 1`` it is most of the output at small T: the plan is sized for the worst
     case, ``R = T*k + E*(block_size-1)`` rows (T=1, k=8, E=256, block 64: 16136 rows, at most 512
-    in use), and zeroing it costs a memset of R rows on every call.
+    in use), and zeroing it costs a memset of R rows on every call. In training, keep that tail
+    out of any dense product over all R rows: its contents times a zero gradient can be NaN.
     """
+    if (isinstance(x, torch.Tensor) and x.dim() == 2
+            and x.shape[0] * plan.k != plan.slot_row.shape[0]):
+        raise ValueError(f"permute: x must have the plan's T={plan.slot_row.shape[0] // plan.k} "
+                         f"rows (one per token), got shape {tuple(x.shape)}")
     offsets = None if zero_tail else plan.expert_offsets
     return _call("permute", x, (x, plan.row_slot, plan.slot_row, plan.k, offsets),
                  lambda x, row_slot, slot_row, k, _: reference.permute(x, row_slot, k))
@@ -80,6 +93,13 @@ def unpermute(y: torch.Tensor, plan: DispatchPlan, weights: torch.Tensor) -> tor
     bit-identical to the reference. Dropped slots contribute nothing. Weights of any float dtype
     are read as fp32.
     """
+    if isinstance(y, torch.Tensor) and y.dim() == 2 and y.shape[0] != plan.row_slot.shape[0]:
+        raise ValueError(f"unpermute: y must have the plan's R={plan.row_slot.shape[0]} rows "
+                         f"(one per row of permute's output), got shape {tuple(y.shape)}")
+    T = plan.slot_row.shape[0] // max(plan.k, 1)
+    if isinstance(weights, torch.Tensor) and tuple(weights.shape) != (T, plan.k):
+        raise ValueError(f"unpermute: weights must have shape [T, k] = [{T}, {plan.k}] for "
+                         f"this plan, got {tuple(weights.shape)}")
     return _call("unpermute", y, (y, plan.slot_row, weights), reference.unpermute)
 
 
@@ -108,3 +128,55 @@ if _loader.native is not None:
     @torch.library.register_fake("moe_route::unpermute")
     def _unpermute_fake(y, slot_row, weights):
         return y.new_empty((weights.shape[0], y.shape[1]))
+
+    def _permute_setup(ctx, inputs, output):
+        x, _, slot_row, k, _ = inputs
+        ctx.save_for_backward(slot_row)
+        ctx.T, ctx.k = x.shape[0], k
+
+    def _permute_backward(ctx, grad_rows):
+        (slot_row,) = ctx.saved_tensors
+        ones = grad_rows.new_ones((ctx.T, ctx.k), dtype=torch.float32)
+        return torch.ops.moe_route.unpermute(grad_rows, slot_row, ones), None, None, None, None
+
+    def _unpermute_setup(ctx, inputs, output):
+        y, slot_row, weights = inputs
+        ctx.R, ctx.y_dtype, ctx.w_dtype = y.shape[0], y.dtype, weights.dtype
+        # y is kept only for the weights' gradient.
+        keep_y = y if weights.requires_grad else None
+        ctx.save_for_backward(slot_row, weights, keep_y)
+
+    def _unpermute_backward(ctx, grad_out):
+        slot_row, weights, y = ctx.saved_tensors
+        T, k = weights.shape
+        grad_y = grad_w = None
+        if ctx.needs_input_grad[0]:
+            row_slot = _rows_to_slots(slot_row, ctx.R)
+            rows = torch.ops.moe_route.permute(grad_out.to(ctx.y_dtype), row_slot, slot_row, k,
+                                               None)
+            # Padding rows (slot -1) pick the appended 0: their gradient stays zero.
+            w_row = torch.cat([weights.reshape(-1).float(),
+                               weights.new_zeros(1, dtype=torch.float32)])
+            grad_y = (rows.float() * w_row[row_slot][:, None]).to(ctx.y_dtype)
+        if ctx.needs_input_grad[2]:
+            valid = (slot_row >= 0).view(T, k)
+            picked = y[slot_row.clamp(min=0)].float().view(T, k, -1)
+            dots = torch.bmm(picked, grad_out.float()[:, :, None]).squeeze(-1)
+            grad_w = torch.where(valid, dots, torch.zeros_like(dots)).to(ctx.w_dtype)
+        return grad_y, None, grad_w
+
+    torch.library.register_autograd("moe_route::permute", _permute_backward,
+                                    setup_context=_permute_setup)
+    torch.library.register_autograd("moe_route::unpermute", _unpermute_backward,
+                                    setup_context=_unpermute_setup)
+
+
+def _rows_to_slots(slot_row: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """The plan's ``row_slot [R]`` rebuilt from ``slot_row``: -1 for rows no slot feeds. A dropped
+    slot s (row -1) writes entry R + s, past the rows, so every index is distinct (deterministic
+    on every device)."""
+    slots = torch.arange(slot_row.shape[0], device=slot_row.device)
+    target = torch.where(slot_row >= 0, slot_row, num_rows + slots)
+    out = torch.full((num_rows + slot_row.shape[0],), -1, dtype=torch.int64,
+                     device=slot_row.device)
+    return out.index_copy(0, target, slots)[:num_rows]

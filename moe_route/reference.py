@@ -367,6 +367,12 @@ def check_dispatch_args(ids, num_experts, block_size):
         raise ValueError(f"dispatch_plan: ids must be 2-D [T, k], got shape {tuple(ids.shape)}")
     if ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"dispatch_plan: ids must be torch.int32 or torch.int64, got {ids.dtype}")
+    if ids.shape[1] < 1:
+        raise ValueError(f"dispatch_plan: ids must have k >= 1 columns, got shape "
+                         f"{tuple(ids.shape)}")
+    for name, value in (("num_experts", num_experts), ("block_size", block_size)):
+        if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+            raise TypeError(f"dispatch_plan: {name} must be an int, got {type(value).__name__}")
     if num_experts < 1:
         raise ValueError(f"dispatch_plan: num_experts={num_experts} must be >= 1")
     if block_size < 1:

@@ -336,6 +336,115 @@ def test_bad_input_names_the_argument(device, call, exc, msg):
         call(device)
 
 
+_PLAN_2x2 = dict(ids=torch.tensor([[0, 1], [1, 2]]), num_experts=3)  # T=2, k=2, R=4
+
+
+@pytest.mark.parametrize("call,exc,msg", [
+    (lambda p: moe_route.unpermute(torch.zeros(2, 3), p, torch.ones(2, 2)), ValueError,
+     r"unpermute: y must have the plan's R=4 rows .*got shape \(2, 3\)"),
+    (lambda p: moe_route.unpermute(torch.zeros(4, 3), p, torch.ones(4, 1)), ValueError,
+     r"unpermute: weights must have shape \[T, k\] = \[2, 2\] for this plan, got \(4, 1\)"),
+    (lambda p: moe_route.permute(torch.zeros(3, 5), p), ValueError,
+     r"permute: x must have the plan's T=2 rows \(one per token\), got shape \(3, 5\)"),
+    (lambda p: moe_route.dispatch_plan(_PLAN_2x2["ids"], 3.0), TypeError,
+     r"dispatch_plan: num_experts must be an int, got float"),
+    (lambda p: moe_route.dispatch_plan(_PLAN_2x2["ids"], 3, block_size=None), TypeError,
+     r"dispatch_plan: block_size must be an int, got NoneType"),
+    (lambda p: moe_route.dispatch_plan(torch.zeros(2, 0, dtype=torch.int64), 3), ValueError,
+     r"dispatch_plan: ids must have k >= 1 columns, got shape \(2, 0\)"),
+    (lambda p: torch.ops.moe_route.dispatch_plan(torch.zeros(2, 0, dtype=torch.int64), 3, 1),
+     ValueError, r"dispatch_plan: ids must have k >= 1 columns, got shape \(2, 0\)"),
+    # The raw op cannot see the plan's R; on the CPU it reads the rows slot_row names.
+    (lambda p: torch.ops.moe_route.unpermute(torch.zeros(2, 3), p.slot_row, torch.ones(2, 2)),
+     ValueError, r"unpermute: slot_row holds rows in \[0, 3\], but y has 2 rows"),
+], ids=["unpermute_y_rows", "unpermute_weights_shape", "permute_x_rows", "num_experts_float",
+        "block_size_none", "plan_k_zero", "op_plan_k_zero", "op_unpermute_rows_beyond_y"])
+def test_plan_mismatches_name_the_argument(call, exc, msg):
+    """Arguments that do not fit the plan are refused before any row is read (an unpermute of x
+    instead of the expert outputs used to read past the end of it)."""
+    plan = moe_route.dispatch_plan(**_PLAN_2x2)
+    with pytest.raises(exc, match=msg):
+        call(plan)
+
+
+def test_public_ops_on_meta_tensors():
+    """Meta tensors run the fake kernels (shapes only), not the reference."""
+    ids = torch.empty(5, 2, dtype=torch.int64, device="meta")
+    plan = moe_route.dispatch_plan(ids, 8, block_size=4)
+    assert plan.row_slot.shape == (10 + 8 * 3,) and plan.slot_row.shape == (10,)
+    rows = moe_route.permute(torch.empty(5, 16, device="meta"), plan)
+    assert rows.shape == (34, 16) and rows.device.type == "meta"
+    out = moe_route.unpermute(rows, plan, torch.empty(5, 2, device="meta"))
+    assert out.shape == (5, 16) and out.device.type == "meta"
+
+
+def _combine_grads(x, w, W, plan, dispatch):
+    """Gradients of sum(c * unpermute(permute(x) @ W, w)) through the given permute/unpermute.
+    Only the rows in use go through W, as in a grouped GEMM over the plan's offsets: the unused
+    tail of permute(..., zero_tail=False) holds whatever memory held."""
+    x, w, W = (t.detach().clone().requires_grad_() for t in (x, w, W))
+    rows = dispatch.permute(x, plan)
+    used = int(plan.expert_offsets[-1])
+    y = torch.cat([rows[:used] @ W, rows.new_zeros(rows.shape[0] - used, W.shape[1])])
+    out = dispatch.unpermute(y, plan, w)
+    c = torch.linspace(-1, 1, out.numel()).view_as(out).to(out.dtype)
+    (out.float() * c.float()).sum().backward()
+    return out, x.grad, w.grad, W.grad
+
+
+class _Reference:
+    @staticmethod
+    def permute(x, plan):
+        return R.permute(x, plan.row_slot, plan.k)
+
+    @staticmethod
+    def unpermute(y, plan, w):
+        return R.unpermute(y, plan.slot_row, w)
+
+
+class _Public:
+    def __init__(self, zero_tail=True):
+        self.zero_tail = zero_tail
+
+    def permute(self, x, plan):
+        return moe_route.permute(x, plan, zero_tail=self.zero_tail)
+
+    unpermute = staticmethod(moe_route.unpermute)
+
+
+@pytest.mark.parametrize("T,k,E,block", [(1, 1, 1, 1), (7, 2, 3, 1), (50, 3, 7, 4),
+                                         (300, 8, 64, 1), (257, 4, 60, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("zero_tail", [True, False])
+def test_permute_unpermute_gradients_match_reference(device, T, k, E, block, dtype, zero_tail):
+    """permute and unpermute carry gradients to x, the expert weights between them and the
+    routing weights, as the reference's PyTorch composition does (dropped ids, block padding and
+    an unwritten tail included)."""
+    g = torch.Generator().manual_seed(T)
+    ids = _ids(T, k, E).to(device)
+    plan = moe_route.dispatch_plan(ids, E, block)
+    x = torch.randn(T, 24, generator=g).to(device, dtype)
+    w = torch.rand(T, k, generator=g).to(device)
+    W = (torch.randn(24, 24, generator=g) / 5).to(device, dtype)
+    got = _combine_grads(x, w, W, plan, _Public(zero_tail))
+    want = _combine_grads(x, w, W, plan, _Reference)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_unpermute_weight_gradient_known_answer():
+    """d out[t] / d w[t, j] is the row of slot (t, j); a dropped slot gets 0."""
+    plan = moe_route.dispatch_plan(torch.tensor([[1, -1], [0, 1]]), 2)
+    y = torch.arange(12.0).view(4, 3)  # rows 0..2 in use: (1,0) -> row 0, (0,0) -> 1, (1,1) -> 2
+    w = torch.ones(2, 2, requires_grad=True)
+    moe_route.unpermute(y[:plan.row_slot.shape[0]], plan, w).sum().backward()
+    rows = plan.slot_row.view(2, 2)
+    want = torch.tensor([[y[rows[0, 0]].sum(), 0.0], [y[rows[1, 0]].sum(), y[rows[1, 1]].sum()]])
+    assert torch.equal(w.grad, want)
+
+
 def test_permute_checks_the_rows_in_use_on_the_cpu():
     plan = moe_route.dispatch_plan(torch.tensor([[0, 1], [1, 2]]), 3, block_size=4)  # R = 13
     bad = plan.expert_offsets.clone()
@@ -368,6 +477,11 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.moe_route.permute.default,
                           (x, full.row_slot, full.slot_row, 3, full.expert_offsets))
     torch.library.opcheck(torch.ops.moe_route.unpermute.default, (y, plan.slot_row, w))
+    # the autograd formulas (registration, traced backward)
+    torch.library.opcheck(torch.ops.moe_route.permute.default,
+                          (x.clone().requires_grad_(), plan.row_slot, plan.slot_row, 3))
+    torch.library.opcheck(torch.ops.moe_route.unpermute.default,
+                          (y.clone().requires_grad_(), plan.slot_row, w.clone().requires_grad_()))
 
 
 def test_permute_without_tail_compiles():
