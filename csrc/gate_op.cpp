@@ -3,6 +3,8 @@
 
 #include <ATen/EmptyTensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -35,10 +37,54 @@ T* check_opt(const OptTensor& t, const char* name, std::initializer_list<int64_t
   }
   TORCH_CHECK_VALUE(x.device() == logits.device(), "topk_gate: ", name,
                     " must be on the logits' device ", logits.device(), ", got ", x.device());
+  if (!keep) {
+    // Checked before any write: the autograd layer would refuse the in-place update only after
+    // the kernel had already accumulated into the buffer.
+    TORCH_CHECK_VALUE(!x.is_inference() || c10::InferenceMode::is_enabled(), "topk_gate: ",
+                      name, " is an inference tensor (made under torch.inference_mode) and is "
+                      "written in place: call the gate under inference_mode too, or make the "
+                      "statistics buffers outside it");
+  }
   if (x.is_contiguous()) return static_cast<T*>(x.data_ptr());
   TORCH_CHECK_VALUE(keep, "topk_gate: ", name, " must be contiguous (it is written in place)");
   *keep = x.contiguous();
   return static_cast<T*>(keep->data_ptr());
+}
+
+// Whether the bytes a and b span in one storage intersect (reference.py: _shares_memory). A
+// span, not the elements: conservative for interleaved views, which no caller needs here.
+bool spans_intersect(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.has_storage() || !b.has_storage() ||
+      !a.storage().is_alias_of(b.storage()))
+    return false;
+  auto span = [](const at::Tensor& t) {
+    int64_t lo = t.storage_offset(), hi = t.storage_offset();
+    for (int64_t d = 0; d < t.dim(); ++d) {
+      const int64_t reach = (t.size(d) - 1) * t.stride(d);
+      (reach < 0 ? lo : hi) += reach;
+    }
+    return std::make_pair(lo * t.element_size(), (hi + 1) * t.element_size());
+  };
+  const auto sa = span(a), sb = span(b);
+  return sa.first < sb.second && sb.first < sa.second;
+}
+
+// A statistics buffer is written while the other arguments are read (and while the other
+// buffers are written): one that shares memory with any of them changes what the gate reads.
+using NamedArgs = std::initializer_list<std::pair<const char*, const OptTensor*>>;
+void check_no_overlap(NamedArgs written, NamedArgs read) {
+  auto present = [](const OptTensor* t) { return t->has_value() && (*t)->defined(); };
+  for (auto w = written.begin(); w != written.end(); ++w) {
+    if (!present(w->second)) continue;
+    auto check = [&](const char* name, const OptTensor* other) {
+      if (!present(other)) return;
+      TORCH_CHECK_VALUE(!spans_intersect(**w->second, **other),
+                        "topk_gate: ", w->first, " shares memory with ", name, "; statistics "
+                        "buffers are written in place and must not overlap any other argument");
+    };
+    for (const auto& r : read) check(r.first, r.second);
+    for (auto o = written.begin(); o != w; ++o) check(o->first, o->second);
+  }
 }
 
 }  // namespace
@@ -84,9 +130,11 @@ void prepare_gate(const at::Tensor& logits, int64_t k, c10::string_view score,
                     topk_group, " must be in [1, n_group=", n_group, "]");
   TORCH_CHECK_VALUE(n_group == 1 || k <= topk_group * (E / n_group), "topk_gate: k=", k,
                     " must be <= topk_group * experts_per_group = ", topk_group * (E / n_group));
-  TORCH_CHECK_VALUE(std::isfinite(renorm_eps) && renorm_eps >= 0, "topk_gate: renorm_eps=",
-                    renorm_eps, " must be finite and >= 0");
-  TORCH_CHECK_VALUE(std::isfinite(scale), "topk_gate: scale=", scale, " must be finite");
+  // Both are used as fp32: a double beyond FLT_MAX would turn into inf there.
+  TORCH_CHECK_VALUE(std::isfinite(static_cast<float>(renorm_eps)) && renorm_eps >= 0,
+                    "topk_gate: renorm_eps=", renorm_eps, " must be finite in float32 and >= 0");
+  TORCH_CHECK_VALUE(std::isfinite(static_cast<float>(scale)), "topk_gate: scale=", scale,
+                    " must be finite in float32");
 
   p.selection_bias = check_opt<const float>(selection_bias, "selection_bias", {E}, {at::kFloat},
                                             logits, &hold.selection_bias);
@@ -113,6 +161,14 @@ void prepare_gate(const at::Tensor& logits, int64_t k, c10::string_view score,
   p.entropy_sum = check_opt<float>(entropy_sum, "entropy_sum", {G}, {at::kFloat}, logits, nullptr);
   p.coact = check_opt<int64_t>(coact, "coact", {E, E}, {at::kLong}, logits, nullptr);
   TORCH_CHECK_VALUE(G != 0, "topk_gate: statistics buffers need at least one group, got G=0");
+  if (p.tokens || p.counts || p.prob_sum || p.weight_sum || p.entropy_sum || p.coact) {
+    const OptTensor logits_opt(logits);
+    check_no_overlap({{"tokens", &tokens}, {"counts", &counts}, {"prob_sum", &prob_sum},
+                      {"weight_sum", &weight_sum}, {"entropy_sum", &entropy_sum},
+                      {"coact", &coact}},
+                     {{"logits", &logits_opt}, {"selection_bias", &selection_bias},
+                      {"steer", &steer}, {"groups", &groups}, {"replay", &replay}});
+  }
   p.G = G < 0 ? INT64_MAX : G;  // no per-group buffer: groups only mark tokens to skip
 
   // Unit-stride rows are read in place (a row-sliced view keeps its row stride).
@@ -143,6 +199,16 @@ void prepare_gate(const at::Tensor& logits, int64_t k, c10::string_view score,
   }
   p.weights = weights.data_ptr<float>();
   p.ids = ids.data_ptr<int32_t>();
+}
+
+void check_no_grad(const at::Tensor& logits, const OptTensor& selection_bias,
+                   const OptTensor& steer) {
+  if (!c10::GradMode::is_enabled()) return;
+  auto needs = [](const OptTensor& t) { return t.has_value() && t->defined() && t->requires_grad(); };
+  TORCH_CHECK_VALUE(!logits.requires_grad() && !needs(selection_bias) && !needs(steer),
+                    "torch.ops.moe_route.topk_gate has no backward, and an argument requires "
+                    "grad: call moe_route.topk_gate, which recomputes the weights at the chosen "
+                    "ids with differentiable PyTorch ops, or pass detached tensors");
 }
 
 }  // namespace moe_route

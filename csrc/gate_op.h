@@ -30,4 +30,9 @@ void prepare_gate(const at::Tensor& logits, int64_t k, c10::string_view score,
                   const OptTensor& entropy_sum, const OptTensor& coact, GateHold& hold,
                   at::Tensor& weights, at::Tensor& ids, GateParams& p);
 
+// The gate's kernels compute no gradient: raises when autograd would need one from this call
+// (grad mode on and the logits, selection bias or steer table require grad).
+void check_no_grad(const at::Tensor& logits, const OptTensor& selection_bias,
+                   const OptTensor& steer);
+
 }  // namespace moe_route

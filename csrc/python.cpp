@@ -1,7 +1,6 @@
 // The Python module moe_route._C: build info and the eager fast path into the dispatcher.
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/extension.h>
 #include <torch/version.h>
@@ -54,18 +53,9 @@ std::tuple<at::Tensor, at::Tensor> topk_gate_fast(const at::Tensor& logits, int6
   // Releasing the GIL costs more than a small gate; large ones let other Python threads run.
   std::optional<py::gil_scoped_release> no_gil;
   if (logits.numel() >= (1 << 16)) no_gil.emplace();
-  const bool grad = c10::GradMode::is_enabled() &&
-                    (logits.requires_grad() || (bias && bias->requires_grad()) ||
-                     (steer && steer->requires_grad()));
-  if (grad) {
-    // Through autograd's not-implemented fallback: backward through the gate raises.
-    return op.call(logits, k, c.score, c.select_on, bias, c.n_group, c.topk_group,
-                   c.group_score, c.renormalize, c.renorm_eps, c.scale, steer,
-                   c.steer_select_only, c.std_unbiased, groups, replay, buf[0], buf[1], buf[2],
-                   buf[3], buf[4], buf[5]);
-  }
-  // Nothing to differentiate: skip the boxed autograd fallback (it boxes all 22 arguments) and
-  // do its one remaining job, bumping the version counters of the buffers written in place.
+  // The autograd kernel's two jobs (registration.cpp), without a boxed trip through it: refuse
+  // a call that autograd would need a gradient from, and bump the written buffers' versions.
+  check_no_grad(logits, bias, steer);
   std::tuple<at::Tensor, at::Tensor> out;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;

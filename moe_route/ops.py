@@ -7,6 +7,8 @@ accumulates into. The numerics are those of ``moe_route.reference`` (its module 
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import operator
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence, Union
 
@@ -55,12 +57,28 @@ class RouterSpec:
         if not isinstance(self.topk_group, int) or not 1 <= self.topk_group <= self.n_group:
             raise ValueError(f"RouterSpec: topk_group={self.topk_group!r} must be an int in "
                              f"[1, n_group={self.n_group}]")
-        if not (0 <= self.renorm_eps < float("inf")):
-            raise ValueError(f"RouterSpec: renorm_eps={self.renorm_eps!r} must be finite and >= 0")
-        if not abs(self.scale) < float("inf"):
-            raise ValueError(f"RouterSpec: scale={self.scale!r} must be finite")
-        if _loader.native is not None:  # the unsteered config, used by every plain call
-            object.__setattr__(self, "_plain", self._native_config(False, False))
+        for name in ("n_group", "topk_group"):
+            if not -2 ** 63 <= getattr(self, name) < 2 ** 63:
+                raise ValueError(f"RouterSpec: {name}={getattr(self, name)!r} must fit in int64")
+        if not isinstance(self.renormalize, bool):
+            raise TypeError(f"RouterSpec: renormalize must be a bool, got "
+                            f"{type(self.renormalize).__name__}")
+        for name in ("renorm_eps", "scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"RouterSpec: {name} must be a real number, got "
+                                f"{type(value).__name__}")
+        # Both are used as fp32: beyond FLT_MAX they would be inf there.
+        if not (0 <= self.renorm_eps <= reference.FLT_MAX):
+            raise ValueError(f"RouterSpec: renorm_eps={self.renorm_eps!r} must be finite in "
+                             "float32 and >= 0")
+        if not abs(self.scale) <= reference.FLT_MAX:
+            raise ValueError(f"RouterSpec: scale={self.scale!r} must be finite in float32")
+        # The unsteered native config, used by every plain eager call. Not while torch.compile
+        # traces a spec built inside the compiled code: the native object is opaque to it, and
+        # compiled calls never use it (topk_gate builds it on first eager use then).
+        if _loader.native is not None and not torch.compiler.is_compiling():
+            self._native_config(False, False)
 
     def replace(self, **changes) -> "RouterSpec":
         return dataclasses.replace(self, **changes)
@@ -80,6 +98,8 @@ class RouterSpec:
             config = _loader.native.GateConfig(steer_select_only=select_only,
                                                std_unbiased=std_unbiased, **kw)
             self._configs[key] = config
+            if key == (False, False):
+                object.__setattr__(self, "_plain", config)
         return config
 
 
@@ -133,8 +153,8 @@ def _frozen_values(values: ExpertValues, name: str):
     """An immutable copy: a tuple of floats, or a tuple of (expert, value) pairs for a mapping."""
     if values is None:
         return None
-    if isinstance(values, Mapping):
-        return tuple(sorted((e, float(v)) for e, v in values.items()))
+    if isinstance(values, Mapping):  # {} steers no expert: the same as None
+        return tuple(sorted((e, float(v)) for e, v in values.items())) or None
     if isinstance(values, tuple) and all(isinstance(v, tuple) for v in values):
         return values  # already frozen pairs (dataclasses.replace)
     t = torch.as_tensor(values, dtype=torch.float32)
@@ -260,12 +280,21 @@ def topk_gate(logits: torch.Tensor, k: int, spec: Optional[RouterSpec] = None, *
     elif spec is None:
         spec = _DEFAULT_SPEC
     if (steer is None and stats is None and _fast is not None and type(logits) is _Tensor
+            and type(k) is int and not logits.requires_grad
             and (_CPU_KERNEL if logits.is_cpu else _cuda_kernel(logits)) and not _compiling()):
         try:
             return _fast(logits, k, spec._plain, selection_bias, None, groups, replay, None)
-        except TypeError:  # pybind's "incompatible function arguments": say which one
+        except (TypeError, AttributeError):  # pybind's "incompatible function arguments"
+            _check_spec(spec)
+            if spec._plain is None:  # built while torch.compile traced: build it now
+                return _fast(logits, k, spec._native_config(False, False), selection_bias,
+                             None, groups, replay, None)
             _explain_bad_call(logits, k, spec, selection_bias, None, groups, _NO_STATS, replay)
             raise
+    _check_spec(spec)
+    k = _check_k(k)
+    if isinstance(logits, torch.Tensor) and logits.requires_grad and torch.is_grad_enabled():
+        return _differentiable_gate(logits, k, spec, selection_bias, steer, stats, groups, replay)
     steer_table, select_only, unbiased = None, False, False
     if steer is not None:
         if not isinstance(steer, SteerSpec):
@@ -291,10 +320,41 @@ def topk_gate(logits: torch.Tensor, k: int, spec: Optional[RouterSpec] = None, *
                          groups, buffers, replay)
 
 
+def _check_spec(spec) -> None:
+    if not isinstance(spec, RouterSpec):
+        raise TypeError(f"topk_gate: spec must be a RouterSpec or None, got {type(spec).__name__}"
+                        " (router knobs go in as keywords: topk_gate(logits, k, score=...))")
+
+
+def _check_k(k) -> int:
+    """k as an int (numpy and 0-d integer tensors too); bools and floats are refused."""
+    if not isinstance(k, bool):
+        try:
+            return operator.index(k)
+        except TypeError:
+            pass
+    raise TypeError(f"topk_gate: k must be an int, got {type(k).__name__}")
+
+
+def _differentiable_gate(logits, k, spec, selection_bias, steer, stats, groups, replay):
+    """The kernels have no backward: they choose the ids and accumulate the statistics, and the
+    weights of those ids are recomputed with differentiable PyTorch ops (``reference.gate_weights``
+    of the sanitised, steered logits), so they carry the logits' gradient. The selection bias only
+    selects: it gets no gradient."""
+    bias = selection_bias.detach() if isinstance(selection_bias, torch.Tensor) else selection_bias
+    _, ids = topk_gate(logits.detach(), k, spec, selection_bias=bias, steer=steer, stats=stats,
+                       groups=groups, replay=replay)
+    zw = reference.sanitize(logits)
+    if steer is not None and not steer.select_only:
+        zw = reference.steer_logits(zw, steer.table(logits.shape[1], logits.device),
+                                    steer.std_unbiased)[0]
+    w = reference.gate_weights(zw, ids.long(), spec.score, spec.select_on, spec.renormalize,
+                               spec.renorm_eps, spec.scale)
+    return w, ids
+
+
 def _explain_bad_call(logits, k, spec, selection_bias, steer_table, groups, buffers, replay):
     """Raise the reference's argument error (it names the argument) if it finds one."""
-    if not isinstance(k, int) or isinstance(k, bool):
-        raise TypeError(f"topk_gate: k must be an int, got {type(k).__name__}")
     reference.check_gate_args(logits, k, spec.score, spec.select_on, selection_bias, spec.n_group,
                               spec.topk_group, spec.group_score, spec.renorm_eps, spec.scale,
                               steer_table, groups, dict(zip(GateStats.NAMES, buffers)),

@@ -18,12 +18,16 @@ Numerics of ``topk_gate`` (shared by every backend)
       z = z0 + add + std * sd(z0) + abs * |z0|        (the std term only where std != 0)
 
   with ``sd`` the population standard deviation over the E logits (``std_unbiased=True``: divide by
-  E - 1; E = 1 gives 0). ``z`` is sanitised, then forcing: ``force > 0`` sets ``z_e = max(z)``,
+  E - 1; E = 1 gives 0), computed in fp32. Where that overflows (logits near +-FLT_MAX), the
+  result depends on the order of the additions (inf or NaN), so ``sd`` is then +inf on every
+  backend. ``z`` is sanitised, then forcing: ``force > 0`` sets ``z_e = max(z)``,
   ``force < 0`` sets ``z_e = min(z)``. Instead of the paper's random epsilon, forcing is a *rank
   tier*: forced-on experts are selected before all others and forced-off experts after all others
   (their groups too), so forcing works deterministically also under selection biases and groups.
 * **Selection values** ``v``: ``select_on="logits"``: ``z + bias``; ``select_on="scores"``:
   ``score(z) + bias`` where score is softmax over E, sigmoid, sqrt(softplus) or none (identity).
+  Elementwise scores are computed as the kernels do (``selection_score``), so equal logits score
+  equally wherever they stand in a row.
   Softmax without a bias selects on ``z`` itself (the same order, and free of exp rounding),
   except with ``top2_sum`` groups, whose sums need probabilities.
 * **Groups** (``n_group > 1``): the E experts form n_group contiguous groups; a group's score is
@@ -81,6 +85,7 @@ def steer_logits(z0: torch.Tensor, steer: torch.Tensor | None, std_unbiased: boo
         sd = (var / (E - 1)).sqrt() if E > 1 else torch.zeros_like(var)
     else:
         sd = (var / E).sqrt()
+    sd = torch.where(torch.isnan(sd), float("inf"), sd)  # overflow: inf or NaN by summation order
     std_term = torch.where(lam != 0, lam * sd, torch.zeros_like(z0))
     z = sanitize(z0 + add + std_term + mul * z0.abs())
     top = z.max(-1, keepdim=True).values
@@ -99,6 +104,18 @@ def score_fn(z: torch.Tensor, score: str) -> torch.Tensor:
     if score == "sqrtsoftplus":
         return F.softplus(z).sqrt()
     return z
+
+
+def selection_score(z: torch.Tensor, score: str) -> torch.Tensor:
+    """``score_fn`` for ranking: the kernels' fp32 formulas, 1 / (1 + exp(-z)) and
+    sqrt(z > 20 ? z : log1p(exp(z))). torch's own sigmoid and softplus can round one element of a
+    row differently from an equal one elsewhere in it, which would break the tie rule; these
+    compositions do not. No gradient is taken through them (exp overflows where they saturate)."""
+    if score == "sigmoid":
+        return 1.0 / (1.0 + torch.exp(-z))
+    if score == "sqrtsoftplus":
+        return torch.where(z > 20, z, torch.log1p(torch.exp(z))).sqrt()
+    return score_fn(z, score)
 
 
 def dense_distribution(zw: torch.Tensor, score: str) -> torch.Tensor:
@@ -122,7 +139,7 @@ def selection_values(z, score, select_on, selection_bias, n_group=1, group_score
     if selects_on_logits(score, select_on, selection_bias is not None, n_group, group_score):
         v = z
     else:
-        v = score_fn(z, score)
+        v = selection_score(z, score)
     if selection_bias is not None:
         v = sanitize(v + sanitize(selection_bias))
     return v
@@ -159,7 +176,8 @@ def check_gate_args(logits, k, score, select_on, selection_bias, n_group, topk_g
                     replay=None):
     """Raise ValueError/TypeError for bad gate arguments; the C++ op checks the same things.
 
-    ``check_group_values=False`` skips the one data-dependent check (fake tensors have no data).
+    ``check_group_values=False`` skips the checks that need data (fake tensors have none): group
+    and replay values, and statistics buffers sharing memory with another argument.
     """
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"topk_gate: logits must be a torch.Tensor, got {type(logits).__name__}")
@@ -183,10 +201,10 @@ def check_gate_args(logits, k, score, select_on, selection_bias, n_group, topk_g
     if n_group > 1 and k > topk_group * (E // n_group):
         raise ValueError(f"topk_gate: k={k} must be <= topk_group * experts_per_group = "
                          f"{topk_group * (E // n_group)}")
-    if not (renorm_eps >= 0 and renorm_eps < float("inf")):
-        raise ValueError(f"topk_gate: renorm_eps={renorm_eps} must be finite and >= 0")
-    if not abs(scale) < float("inf"):
-        raise ValueError(f"topk_gate: scale={scale} must be finite")
+    if not (renorm_eps >= 0 and renorm_eps <= FLT_MAX):
+        raise ValueError(f"topk_gate: renorm_eps={renorm_eps} must be finite in float32 and >= 0")
+    if not abs(scale) <= FLT_MAX:
+        raise ValueError(f"topk_gate: scale={scale} must be finite in float32")
     _check_tensor("selection_bias", selection_bias, (E,), (torch.float32,), logits.device)
     _check_tensor("steer", steer, (4, E), (torch.float32,), logits.device)
     T = logits.shape[0]
@@ -209,12 +227,37 @@ def check_gate_args(logits, k, score, select_on, selection_bias, n_group, topk_g
             raise ValueError(f"topk_gate: {name} must be contiguous (it is written in place)")
     if G == 0 and any(stats[n] is not None for n in shapes if shapes[n][0] == "G"):
         raise ValueError("topk_gate: statistics buffers need at least one group, got G=0")
+    written = [(n, b) for n, b in stats.items() if b is not None] if check_group_values else []
+    read = [("logits", logits), ("selection_bias", selection_bias), ("steer", steer),
+            ("groups", groups), ("replay", replay)]
+    for i, (name, buf) in enumerate(written):
+        for other, t in read + written[:i]:
+            if t is not None and _shares_memory(buf, t):
+                raise ValueError(f"topk_gate: {name} shares memory with {other}; statistics "
+                                 "buffers are written in place and must not overlap any other "
+                                 "argument")
     if (check_group_values and groups is not None and G is not None and T > 0
             and groups.device.type == "cpu"):
         lo, hi = int(groups.min()), int(groups.max())
         if lo < -1 or hi >= G:
             raise ValueError(f"topk_gate: groups must be in [-1, {G}) (the statistics' group count), "
                              f"got values in [{lo}, {hi}]")
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the byte ranges a and b span in one storage intersect (tensors with data)."""
+    if a.device != b.device or a.device.type == "meta" or a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t):
+        lo = t.storage_offset() + sum(min(0, (n - 1) * s) for n, s in zip(t.shape, t.stride()))
+        hi = t.storage_offset() + sum(max(0, (n - 1) * s) for n, s in zip(t.shape, t.stride()))
+        return lo * t.element_size(), (hi + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 def replay_rows(replay: torch.Tensor, num_experts: int) -> torch.Tensor:

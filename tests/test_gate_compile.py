@@ -128,6 +128,20 @@ def test_compile_public_api_fullgraph_spec(device):
     _assert_same(torch.compile(fn, fullgraph=True)(x), fn(x))
 
 
+def test_compile_spec_built_inside(device):
+    """A RouterSpec made inside the compiled code (here by router knobs) traces: its native
+    config is built on first eager use instead."""
+    def fn(x):
+        spec = moe_route.RouterSpec(score="sigmoid", renormalize=True)
+        return moe_route.topk_gate(x, 4, score="sigmoid", n_group=4, topk_group=2), \
+            moe_route.topk_gate(x, 3, spec)
+
+    x = random_logits(50, 32, device=device)
+    got, want = torch.compile(fn, fullgraph=True)(x), fn(x)
+    _assert_same(got[0], want[0])
+    _assert_same(got[1], want[1])
+
+
 def test_compile_public_api_fullgraph_stats(device):
     E = 32
 

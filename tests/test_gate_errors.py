@@ -2,6 +2,7 @@
 fake (meta) kernel, the public API and the reference."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,6 +22,10 @@ def z(*shape, dtype=f32):
 def logits():
     return torch.randn(T, E, generator=torch.Generator().manual_seed(0))
 
+
+# Storage that two arguments of one case share (no case writes them: each call raises first).
+_SHARED_TE, _SHARED_1E, _SHARED_2E = z(T, E), z(1, E), z(2, E)
+_SHARED_I64 = z(E + 1, E, dtype=i64)
 
 # (id, logits, k, kwargs, exception, regex on the message). kwargs use the flat op signature.
 CASES = [
@@ -90,13 +95,31 @@ CASES = [
      r"coact must be contiguous"),
     ("G_zero", None, 2, dict(tokens=z(0, dtype=i64), counts=z(0, E, dtype=i64)), ValueError,
      r"statistics buffers need at least one group, got G=0"),
+    ("scale_beyond_fp32", None, 2, dict(scale=1e39), ValueError,
+     r"scale=1e\+39 must be finite in float32"),
+    ("renorm_eps_beyond_fp32", None, 2, dict(renorm_eps=1e39), ValueError,
+     r"renorm_eps=1e\+39 must be finite in float32"),
+    # A statistics buffer written in place while it is read as another argument, or while it is
+    # written as another buffer, would change what the gate reads or writes.
+    ("weight_sum_is_logits", _SHARED_TE, 2, dict(weight_sum=_SHARED_TE), ValueError,
+     r"weight_sum shares memory with logits"),
+    ("prob_sum_holds_selection_bias", None, 2,
+     dict(selection_bias=_SHARED_1E[0], prob_sum=_SHARED_1E), ValueError,
+     r"prob_sum shares memory with selection_bias"),
+    ("weight_sum_is_prob_sum", None, 2, dict(prob_sum=_SHARED_2E, weight_sum=_SHARED_2E),
+     ValueError, r"weight_sum shares memory with prob_sum"),
+    ("counts_overlaps_coact", None, 2,
+     dict(counts=_SHARED_I64[:2], coact=_SHARED_I64[1:]), ValueError,
+     r"coact shares memory with counts"),
     ("groups_at_G", None, 2, dict(groups=torch.tensor([0, 1, 2, 0, 0]), tokens=z(2, dtype=i64)),
      ValueError, r"groups must be in \[-1, 2\) .*got values in \[0, 2\]"),
     ("groups_below_minus_one", None, 2,
      dict(groups=torch.tensor([0, -2, 1, 0, 0], dtype=torch.int32), counts=z(2, E, dtype=i64)),
      ValueError, r"groups must be in \[-1, 2\) .*got values in \[-2, 1\]"),
 ]
-DATA_DEPENDENT = {"groups_at_G", "groups_below_minus_one"}
+DATA_DEPENDENT = {"groups_at_G", "groups_below_minus_one", "weight_sum_is_logits",
+                  "prob_sum_holds_selection_bias", "weight_sum_is_prob_sum",
+                  "counts_overlaps_coact"}
 
 
 def _case_params():
@@ -193,6 +216,75 @@ def test_router_spec_invalid(fields, name):
         moe_route.topk_gate(logits(), 2, **fields)
 
 
+@pytest.mark.parametrize("fields,name", [
+    (dict(scale=1e39), "scale"), (dict(renorm_eps=1e39), "renorm_eps"),
+    (dict(n_group=2 ** 70), "n_group"),
+], ids=["scale_fp32", "renorm_eps_fp32", "n_group_int64"])
+def test_router_spec_out_of_range(fields, name):
+    """Values the op could not take as fp32 or int64 fail when the spec is built."""
+    with pytest.raises(ValueError, match=rf"RouterSpec: {name}="):
+        moe_route.RouterSpec(**fields)
+    with pytest.raises(ValueError, match=rf"RouterSpec: {name}="):
+        moe_route.topk_gate(logits(), 2, **fields)
+
+
+@pytest.mark.parametrize("fields,msg", [
+    (dict(renormalize="yes"), r"RouterSpec: renormalize must be a bool, got str"),
+    (dict(renormalize=1), r"RouterSpec: renormalize must be a bool, got int"),
+    (dict(scale="2"), r"RouterSpec: scale must be a real number, got str"),
+    (dict(scale=True), r"RouterSpec: scale must be a real number, got bool"),
+    (dict(renorm_eps=None), r"RouterSpec: renorm_eps must be a real number, got NoneType"),
+])
+def test_router_spec_types(fields, msg):
+    with pytest.raises(TypeError, match=msg):
+        moe_route.RouterSpec(**fields)
+
+
+@pytest.mark.parametrize("spec", ["sigmoid", {"score": "sigmoid"}, 1])
+def test_spec_must_be_a_router_spec(spec):
+    with pytest.raises(TypeError, match=r"topk_gate: spec must be a RouterSpec or None, got "):
+        moe_route.topk_gate(logits(), 2, spec)
+
+
+@pytest.mark.parametrize("k", [True, 2.0, "2", None])
+def test_k_must_be_an_int(k):
+    with pytest.raises(TypeError, match=r"topk_gate: k must be an int, got "):
+        moe_route.topk_gate(logits(), k)
+
+
+def test_k_takes_integer_like_values():
+    want = moe_route.topk_gate(logits(), 2)
+    for k in (np.int64(2), torch.tensor(2)):
+        got = moe_route.topk_gate(logits(), k)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
+def test_inference_buffers_refused_outside_inference_mode():
+    """Buffers made under inference_mode cannot be updated in place outside it: the call is
+    refused before the kernel writes, so the statistics stay as they were."""
+    with torch.inference_mode():
+        stats = moe_route.GateStats.zeros(1, E)
+    with pytest.raises(ValueError, match=r"topk_gate: tokens is an inference tensor"):
+        moe_route.topk_gate(logits(), 2, stats=stats)
+    assert all(int(b.abs().sum()) == 0 for b in stats.buffers() if b is not None)
+    with torch.inference_mode():
+        moe_route.topk_gate(logits(), 2, stats=stats)
+    assert stats.tokens.tolist() == [T]
+
+
+@pytest.mark.skipif(not HAS_CPU_KERNEL, reason="no extension")
+@pytest.mark.parametrize("which", ["logits", "selection_bias"])
+def test_raw_op_refuses_to_differentiate(which):
+    """The registered op computes no gradient; asked for one it says so instead of returning
+    weights whose backward yields nothing (moe_route.topk_gate differentiates, test_gate_grad)."""
+    x, bias = logits(), z(E)
+    (x if which == "logits" else bias).requires_grad_()
+    with pytest.raises(ValueError, match=r"torch.ops.moe_route.topk_gate has no backward"):
+        OP(x, 2, selection_bias=bias)
+    with torch.no_grad():
+        OP(x, 2, selection_bias=bias)
+
+
 def test_router_spec_valid_and_frozen():
     spec = moe_route.RouterSpec(score="sigmoid", n_group=4, topk_group=2, group_score="top2_sum",
                                 renormalize=True, renorm_eps=1e-20, scale=2.5)
@@ -222,6 +314,14 @@ def test_steer_spec_invalid(field, value, msg):
         spec.table(E)
     with pytest.raises(ValueError, match=msg):
         moe_route.topk_gate(logits(), 2, steer=spec)
+
+
+@pytest.mark.parametrize("field", ["add", "std", "abs", "force"])
+def test_steer_spec_empty_mapping_steers_nothing(field):
+    spec = moe_route.SteerSpec(**{field: {}})
+    assert getattr(spec, field) is None
+    got, want = moe_route.topk_gate(logits(), 2, steer=spec), moe_route.topk_gate(logits(), 2)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
 
 
 @pytest.mark.parametrize("field,value", [("add", torch.zeros(2, E)), ("std", 0.5)])

@@ -498,6 +498,38 @@ def test_sigmoid_underflow_renormalized(device, row):
     check(logits, 2, dict(score="sigmoid", renormalize=True), exact=True)
 
 
+@pytest.mark.parametrize("score", ["sigmoid", "sqrtsoftplus"])
+@pytest.mark.parametrize("E", [13, 33, 70])
+def test_equal_logits_score_equally_wherever_they_stand(device, score, E):
+    """A tensor of equal logits routes every token to experts 0, 1, 2 (ties to the lower index),
+    at every value: the reference's elementwise scores must not round the vectorised part of the
+    tensor differently from its tail (torch's own sigmoid and softplus do, at some values)."""
+    values = torch.cat([torch.linspace(-30, 30, 301),
+                        torch.tensor([2.2930943965911865, -29.459999084472656])])
+    for v in values.tolist():
+        logits = torch.full((7, E), v, device=device)
+        _, ids = check(logits, 3, dict(score=score), exact=True)
+        assert ids.tolist() == [[0, 1, 2]] * 7, v
+
+
+@pytest.mark.parametrize("std_unbiased", [False, True])
+def test_std_steering_of_rows_at_the_float_limits(device, std_unbiased):
+    """Rows holding +-inf (clamped to +-FLT_MAX) overflow the std term's sums, to inf or NaN
+    depending on the order of the additions; sd is then +inf on every backend, so a positive
+    std entry lifts its expert to FLT_MAX and a negative one sinks it."""
+    INF = float("inf")
+    rows = [[INF, INF, -INF, -INF, 0.0, 0.0, 0.0, 0.0],
+            [-INF, 0.0, INF, 0.0, -INF, 0.0, INF, 0.0],
+            [INF] * 8, [3e38, 3e38, 1.0, 2.0, -3e38, 0.5, 0.0, 0.0],
+            [0.0] * 7 + [INF]]
+    logits = torch.tensor(rows, device=device)
+    steer = torch.zeros(4, 8, device=device)
+    steer[1, 4], steer[1, 5] = 0.5, -0.5
+    check(logits, 3, dict(steer=steer, std_unbiased=std_unbiased), exact=True)
+    _, ids = run_op(logits, 3, steer=steer, std_unbiased=std_unbiased)
+    assert ids[0].tolist() == [0, 1, 4]  # expert 4 joins the +inf experts at FLT_MAX
+
+
 def test_nan_in_force_row_forces_nothing(device):
     """A NaN force entry is neither > 0 nor < 0: the expert keeps its normal rank (as in the
     reference), it is not forced off."""

@@ -422,6 +422,7 @@ MOE_ROUTE_INLINE void steer_row(const GateParams& p, const Prep& prep, const flo
     const float var = sum8(z, E);
     const int64_t dof = p.std_unbiased ? E - 1 : E;
     sd = dof > 0 ? std::sqrt(var / float(dof)) : 0.f;
+    sd = std::isnan(sd) ? INFINITY : sd;  // overflow: inf or NaN by summation order (reference)
   }
   for (int64_t e = 0; e < E; ++e) {
     float y = z0[e] + add[e];

@@ -101,7 +101,8 @@ HostToken host_token(const Case& c, const std::vector<float>& logit_row,
     float var = 0.f;
     for (int e = 0; e < E; ++e) var += (z0[e] - mean) * (z0[e] - mean);
     const int dof = c.std_unbiased ? E - 1 : E;
-    const float sd = dof > 0 ? std::sqrt(var / float(dof)) : 0.f;
+    float sd = dof > 0 ? std::sqrt(var / float(dof)) : 0.f;
+    sd = std::isnan(sd) ? INFINITY : sd;
     for (int e = 0; e < E; ++e) {
       const float add = steer[e], lam = steer[E + e], mul = steer[2 * E + e];
       float y = z0[e] + add;
@@ -592,6 +593,12 @@ std::vector<Case> cases() {
     c.name = "NaN/inf logits, sigmoid+bias stats";
     c.T = 300, c.E = 72, c.k = 5, c.score = Score::Sigmoid, c.bias = true, c.specials = true;
     c.stats = true, c.groups = true, c.G = 2, c.seed = 14;
+    v.push_back(c);
+  }
+  {
+    Case c;  // rows holding +-FLT_MAX: the std term's sum overflows, so sd is +inf (reference)
+    c.name = "NaN/inf logits, std steering";
+    c.T = 300, c.E = 40, c.k = 4, c.specials = true, c.steer = c.steer_std = true, c.seed = 21;
     v.push_back(c);
   }
   {

@@ -11,9 +11,9 @@ Numerics:
     * ids and weights: the fused gate (``moe_route.topk_gate``), fp32 math;
     * returned weights are cast to ``weights_dtype``: ``"logits"`` (OLMoE, Qwen), ``"float32"``
       (Mixtral, DeepSeek-V3) or ``"input"`` (Granite: the hidden states' dtype).
-The gate has no backward. When the logits need a gradient (training), the weights of the chosen
-ids are recomputed with differentiable PyTorch ops (``reference.gate_weights``); the ids, and hence
-the routing, are the kernel's either way.
+When the logits need a gradient (training), ``topk_gate`` recomputes the weights of the chosen
+ids with differentiable PyTorch ops (``reference.gate_weights``); the ids, and hence the routing,
+are the kernel's either way.
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_route import reference
 from moe_route.ops import GateStats, RouterSpec, SteerSpec, topk_gate
 
 __all__ = ["TopKRouter", "route", "router_logits", "weights_out_dtype"]
@@ -56,15 +55,7 @@ def route(logits: torch.Tensor, k: int, spec: RouterSpec, *, selection_bias=None
     ``replay`` ``[T, k]`` gives tokens their ids (``topk_gate``)."""
     w, ids = topk_gate(logits, k, spec, selection_bias=selection_bias, steer=steer, stats=stats,
                        groups=groups, replay=replay)
-    ids = ids.long()
-    if logits.requires_grad and torch.is_grad_enabled():
-        zw = reference.sanitize(logits)
-        if steer is not None and not steer.select_only:
-            zw = reference.steer_logits(zw, steer.table(logits.shape[1], logits.device),
-                                        steer.std_unbiased)[0]
-        w = reference.gate_weights(zw, ids, spec.score, spec.select_on, spec.renormalize,
-                                   spec.renorm_eps, spec.scale)
-    return w.to(weights_dtype), ids
+    return w.to(weights_dtype), ids.long()
 
 
 class TopKRouter(nn.Module):
