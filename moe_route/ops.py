@@ -270,6 +270,13 @@ def topk_gate(logits: torch.Tensor, k: int, spec: Optional[RouterSpec] = None, *
     Numerics (details in ``moe_route.reference``): fp32 math; NaN logits rank last (as -FLT_MAX),
     +-inf clamp to +-FLT_MAX; output in descending selection order, equal values to the lower
     expert index, identically on every backend. Weights match the reference to fp32 rounding.
+
+    Gradients: when ``logits`` requires grad (and grad mode is on), the kernel chooses the ids
+    and accumulates the statistics, and the weights of those ids are recomputed with
+    differentiable PyTorch ops (``reference.gate_weights`` of the sanitised, steered logits), so
+    they carry the logits' gradient; they equal the kernel's weights to fp32 rounding. The ids
+    and the selection bias get no gradient. ``torch.ops.moe_route.topk_gate`` itself has no
+    backward and raises when one would be needed.
     """
     if knobs:
         try:
