@@ -5,6 +5,7 @@ model; the router is then called unpatched and patched (``moe_route.patch``) on 
 logits (index 0) must be bit-identical, the expert ids the same set per token, the weights equal
 to fp32 rounding (bf16: to bf16 rounding) and every output's dtype the same.
 """
+import contextlib
 import dataclasses
 
 import pytest
@@ -620,3 +621,33 @@ def test_zaya_skip_class_and_router_state():
     layer = rec.stats[0]
     assert layer.num_experts == E + 1
     assert int(layer.counts[0, E]) == int(layer.tokens[0])  # every token chose the skip class
+
+
+def _loss_and_grads(model, key, ids, patched: bool, seed: int = 0):
+    model.zero_grad()
+    torch.manual_seed(seed)
+    with moe_route.patch(model) if patched else contextlib.nullcontext():
+        loss = model(**inputs(key, ids, model), labels=ids).loss
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return loss.detach(), grads
+
+
+def test_switch_training_jitter_is_applied_in_place():
+    """SwitchTransformersTop1Router multiplies its input by uniform noise *in place* in training
+    (its .to(router_dtype) is a no-op in an fp32 model), so its experts see the jittered tokens
+    too: with the same seed the patched model has the unpatched model's loss and gradients."""
+    model = build("switch_transformers").train()
+    for _, router, _ in find_routers(model):
+        router.jitter_noise = 0.3
+    ids = _ids(7)
+    ref_loss, ref_grads = _loss_and_grads(model, "switch_transformers", ids, patched=False)
+    loss, grads = _loss_and_grads(model, "switch_transformers", ids, patched=True)
+    assert not hasattr(model, "_moe_route_patch")
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    assert any("router" in n for n in grads)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6,
+                                   msg=lambda m: f"{name}: {m}")

@@ -80,6 +80,10 @@ class Adapter:
         top_k, num_experts: attribute paths (first one set wins) of k and E on the router (a
             ``top_k`` path starting ``block.`` is read from the MoE block, DBRX's ``moe_top_k``);
             ``top_k`` may instead be an int, for a family with a fixed k (Switch, NLLB).
+        jitter: ``(router, hidden_states) -> hidden_states``, run on the router's input as it
+            was passed (before flattening) ahead of the logits: the family's training noise on
+            its input, with the family's own ops, so where the family multiplies in place the
+            caller's tensor (and so the experts' input) changes as it does (Switch).
         linear: ``(router, x [T, H], *args, **kwargs) -> logits`` (``args``/``kwargs``: the
             router forward's other arguments), replacing the dtype recipe where the family's
             logits are more than one GEMM (Gemma4's norm and scale, Kolibri1's CUDA path).
@@ -113,6 +117,7 @@ class Adapter:
     weights_dtype: str = "logits"
     top_k: Union[tuple, int] = ("top_k",)
     num_experts: tuple = ("num_experts",)
+    jitter: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None
     linear: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None
     pre: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None
     autocast: bool = True
@@ -141,6 +146,8 @@ class Adapter:
     def logits(self, router, hidden_states: torch.Tensor, args=(), kwargs=None) -> torch.Tensor:
         if self.block_method is not None:  # the block's method is given the router's logits
             return hidden_states.reshape(-1, hidden_states.shape[-1])
+        if self.jitter is not None:
+            hidden_states = self.jitter(router, hidden_states)
         w = _attr(router, self.weight)
         x = hidden_states.reshape(-1, w.shape[1])
         if not self.autocast and torch.is_autocast_enabled(x.device.type):
@@ -185,7 +192,8 @@ class Adapter:
             raise UnsupportedModelError(
                 f"TopKRouter.from_module: {type(router).__name__} does not choose by top-k of its "
                 f"scores, so no TopKRouter reproduces it")
-        hook = next((h for h in ("linear", "pre", "returns") if getattr(self, h) is not None), None)
+        hook = next((h for h in ("jitter", "linear", "pre", "returns")
+                     if getattr(self, h) is not None), None)
         if hook is not None:
             raise UnsupportedModelError(
                 f"TopKRouter.from_module: {type(router).__name__} needs the {self.name!r} "
@@ -336,14 +344,22 @@ def _llama4_returns(router, block, hidden_states, z, w, ids):
     return torch.sigmoid(scores.float()).to(scores.dtype), z
 
 
+def _switch_jitter(router, hidden_states):
+    # SwitchTransformersTop1Router in training: `hidden_states *= uniform(1 - jitter, 1 + jitter)`
+    # after a cast to router_dtype that returns the same tensor when the dtypes match (an fp32
+    # model): the multiplication is then in place and the block's experts get the jittered
+    # tokens too. The family's own statements, on the tensor the router was given
+    hidden_states = hidden_states.to(router.dtype)
+    if router.training and router.jitter_noise > 0:
+        hidden_states *= torch.empty_like(hidden_states).uniform_(1.0 - router.jitter_noise,
+                                                                  1.0 + router.jitter_noise)
+    return hidden_states
+
+
 def _classifier_linear(router, x, *args, **kwargs):
     # SwitchTransformersTop1Router, NllbMoeTop2Router: the input and the classifier in
-    # router_dtype (fp32); Switch multiplies the input by uniform(1 - jitter, 1 + jitter) noise in
-    # training (the same draw as the family's: one uniform_ over a tensor of the input's size)
+    # router_dtype (fp32)
     x = x.to(router.dtype)
-    jitter = getattr(router, "jitter_noise", 0.0)
-    if router.training and jitter and jitter > 0:
-        x = x * torch.empty_like(x).uniform_(1.0 - jitter, 1.0 + jitter)
     c = router.classifier
     b = c.bias.to(router.dtype) if c.bias is not None else None
     return F.linear(x, c.weight.to(router.dtype), b)
@@ -672,7 +688,7 @@ LOGIT_TOPK_DENSE_SIGMOID = Adapter("logit_topk_dense_sigmoid", "S7",
 # gate of fp32 ones: experts closer than that rounding may swap.)
 SWITCH_TOP1 = Adapter("switch_top1", "S7", lambda r, b=None: RouterSpec("softmax"),
                       weight="classifier.weight", weights_dtype="input", top_k=1,
-                      linear=_classifier_linear,
+                      jitter=_switch_jitter, linear=_classifier_linear,
                       returns=_switch_returns)
 # NllbMoeTop2Router: fp32 softmax top-2 (second_expert_policy "all" only); the family's masks,
 # capacity and combine weights rebuilt from the gate's ids (the Switch caveat on half precision
