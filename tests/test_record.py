@@ -1,11 +1,12 @@
 """moe_route.record: statistics against counts computed independently from the unpatched model."""
+import dataclasses
 import json
 
 import pytest
 import torch
 
 import moe_route
-from moe_route.hf import find_routers
+from moe_route.hf import adapters, find_routers
 
 from tiny_models import build, inputs, model_type, selected_experts
 from test_patch import SUPPORTED
@@ -345,3 +346,44 @@ def test_trace_agreement_of_a_steered_run(tmp_path, capsys):
     assert table[1].split() == [names[0], "32", "1.000", "1.000", "1.000", "0.0000"]
     assert main(["compare", a, str(tmp_path / "missing.safetensors")]) == 2
     assert "missing.safetensors' is not a file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("logits", ["returned", "recomputed"])
+def test_exact_mode_records_the_jitter_draw_the_model_routed(logits, monkeypatch):
+    """Switch jitters its router's input in training. Exact mode runs the router's own forward:
+    the statistics and the trace must come from the logits of that draw (read from the router's
+    output, or recomputed with the RNG set back to where the router drew), and recording must not
+    move the RNG stream, so the output stays bit-identical to the unpatched model's."""
+    dtype = torch.float32
+    if logits == "recomputed":
+        # an adapter that recomputes the logits; in bf16 Switch jitters an fp32 copy of its input,
+        # so a recompute leaves the experts' input alone
+        monkeypatch.setitem(adapters.REGISTRY, "SwitchTransformersTop1Router",
+                            dataclasses.replace(adapters.SWITCH_TOP1, logits_at=None))
+        dtype = torch.bfloat16
+    model = build("switch_transformers", dtype=dtype).train()
+    with torch.no_grad():
+        for _, router, _ in find_routers(model):
+            router.jitter_noise = 0.5
+            router.classifier.weight.normal_(0, 0.5)
+    kw = inputs("switch_transformers", _ids(4), model)
+    routed, hooks = {}, []
+    for name, router, _ in find_routers(model):  # the choice of the logits each call returned
+        hooks.append(router.register_forward_hook(
+            lambda m, a, out, n=name: routed.setdefault(n, []).append(
+                out[2].reshape(-1, out[2].shape[-1]).float().argmax(-1))))
+    with torch.no_grad():
+        torch.manual_seed(123)
+        ref = model(**kw).logits
+        routed.clear()
+        with moe_route.patch(model, exact=True), moe_route.record(model, trace=True) as rec:
+            torch.manual_seed(123)
+            ours = model(**kw).logits
+    for h in hooks:
+        h.remove()
+    assert torch.equal(ours, ref)
+    trace = rec.trace
+    for layer in rec.stats:
+        (chosen,) = routed[layer.name]
+        assert torch.equal(layer.counts[0], torch.bincount(chosen, minlength=8)), layer.name
+        assert torch.equal(trace[layer.name]["ids"][:, 0].long(), chosen), layer.name

@@ -95,6 +95,11 @@ class Adapter:
             weights, ids)``, or post-processes the gate's weights in PyTorch (Ernie's clamped
             renormalisation); ``args``/``kwargs`` are the router forward's other arguments
             (NLLB's padding mask).
+        logits_at: the index of the logits in the router's own output (read there, reshaped to
+            ``[T, E]``, by exact mode's statistics, so they are those of the draw the model
+            routed on); None where the output holds no logits (Gemma4 returns probabilities,
+            DBRX's block method is given them): exact mode recomputes them, with the RNG set
+            back to where the router drew (so a recompute must not change its input in place).
         fixed_choice: the router's choice is not a top-k of its scores (DeepSeek-V4's hash
             routing): the patch always runs the router's own forward, records the ``(logits,
             weights, ids)`` it returns, and refuses to steer it.
@@ -122,6 +127,7 @@ class Adapter:
     pre: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None
     autocast: bool = True
     returns: Optional[Callable[..., tuple]] = None
+    logits_at: Optional[int] = 0
     fixed_choice: bool = False
     limits: str = ""
     block_method: Optional[str] = None
@@ -570,7 +576,7 @@ SOFTMAX_TOPK_RENORM_WG = Adapter("softmax_topk_renorm", "S1b", _s1(lambda r: Tru
 SOFTMAX_TOPK_RENORM_GEMMA4 = Adapter("softmax_topk_renorm_scaled", "S1b", _s1(lambda r: True),
                                      weight="proj.weight", linear=_gemma4_linear,
                                      weights_dtype="float32", returns=_gemma4_returns,
-                                     top_k=("config.top_k_experts",))
+                                     top_k=("config.top_k_experts",), logits_at=None)
 # JambaTopKRouter: never renormalised; weights in the input dtype
 SOFTMAX_TOPK_NO_RENORM = Adapter("softmax_topk", "S1c", _gate(), weights_dtype="input")
 TOPK_SOFTMAX_BIAS = Adapter("topk_softmax", "S2",
@@ -681,7 +687,7 @@ SOFTMAX_GROUPED_FP32 = Adapter("softmax_grouped", "S6b", _s6b(lambda r: True),
 # Llama4Router (an nn.Linear): top-k of the logits, sigmoid of each; dense scores returned
 LOGIT_TOPK_DENSE_SIGMOID = Adapter("logit_topk_dense_sigmoid", "S7",
                                    lambda r, b=None: RouterSpec("sigmoid", select_on="logits"),
-                                   returns=_llama4_returns)
+                                   returns=_llama4_returns, logits_at=1)
 # SwitchTransformersTop1Router: fp32 softmax top-1 (the weight is the chosen probability, in the
 # input dtype); the one-hot dispatch with its per-sequence expert capacity is rebuilt from the
 # gate's id. (A half-precision model takes the argmax of probabilities rounded to its dtype, the
@@ -689,13 +695,13 @@ LOGIT_TOPK_DENSE_SIGMOID = Adapter("logit_topk_dense_sigmoid", "S7",
 SWITCH_TOP1 = Adapter("switch_top1", "S7", lambda r, b=None: RouterSpec("softmax"),
                       weight="classifier.weight", weights_dtype="input", top_k=1,
                       jitter=_switch_jitter, linear=_classifier_linear,
-                      returns=_switch_returns)
+                      returns=_switch_returns, logits_at=2)
 # NllbMoeTop2Router: fp32 softmax top-2 (second_expert_policy "all" only); the family's masks,
 # capacity and combine weights rebuilt from the gate's ids (the Switch caveat on half precision
 # applies to the top-1 choice)
 NLLB_TOP2 = Adapter("nllb_top2", "S7", _nllb_spec, weight="classifier.weight",
                     weights_dtype="input", top_k=2, linear=_classifier_linear,
-                    returns=_nllb_returns,
+                    returns=_nllb_returns, logits_at=2,
                     limits="second_expert_policy 'all' only (the others sample)")
 # PhimoeTopKRouter: top-2 of the logits (sparsemixer's eval choices), weights rebuilt by the
 # family's sparsemixer from the gate's ids; eval only. The gate (and so the statistics) sees a
@@ -710,7 +716,7 @@ SPARSEMIXER = Adapter("sparsemixer", "S7", lambda r, b=None: RouterSpec("softmax
 JETMOE = Adapter("topk_softmax_plan", "S2",
                  lambda r, b=None: RouterSpec("softmax", select_on="logits"),
                  weight="layer.weight", logits_dtype=torch.float32, weights_dtype="input",
-                 returns=_jetmoe_returns)
+                 returns=_jetmoe_returns, logits_at=4)
 # InklingTopkRouter: fp32 with autocast off, sigmoid of the routed logits plus a selection bias;
 # weights normalised together with the shared experts' (the returns hook)
 INKLING = Adapter("sigmoid_topk_shared_norm", "S7", _gate("sigmoid"),
@@ -727,7 +733,7 @@ ZAYA = Adapter("softmax_topk_skip", "S5", _gate(), weight="down_proj.weight",
 # DbrxRouter returns only its logits; the gate replaces DbrxFFN.route_tokens_to_experts, which
 # routes them (softmax in the logits' dtype: the Lfm2 caveat on half-precision scores applies)
 DBRX = Adapter("dbrx_softmax_topk", "S1d", _dbrx_spec, weight="layer.weight",
-               top_k=("block.top_k",), returns=_dbrx_returns,
+               top_k=("block.top_k",), returns=_dbrx_returns, logits_at=None,
                block_method="route_tokens_to_experts")
 
 # Each adapter is defined by the forward of one exemplar router class (module, class). Any other

@@ -72,9 +72,11 @@ class RouterState:
         if ad.fixed_choice:  # the router's own choice (hash routing), recorded as it is
             return self._record_own(hidden_states, args, kwargs)
         if self.exact and self.steer is None and self.replay is None:
+            recording = self.stats is not None or self.trace is not None
+            drawn = _rng_state(hidden_states.device) if recording and ad.logits_at is None else None
             out = self.original(hidden_states, *args, **kwargs)
-            if self.stats is not None or self.trace is not None:
-                z = ad.logits(router, hidden_states, args, kwargs)
+            if recording:
+                z = self._own_logits(router, hidden_states, args, kwargs, out, drawn)
                 groups = self._groups(z)
                 w, ids = topk_gate(z, self.top_k, self.spec,
                                    selection_bias=ad.selection_bias_of(router, self.block, args),
@@ -94,6 +96,22 @@ class RouterState:
         if ad.returns is not None:  # a family that returns more or other than (z, w, ids)
             return ad.returns(router, self.block, hidden_states, z, w, ids, *args, **kwargs)
         return z, w, ids
+
+    def _own_logits(self, router, hidden_states, args, kwargs, out, drawn):
+        """The logits the router's own forward routed on (exact mode): from its output, else
+        recomputed from the RNG state ``drawn`` it started from (a router that jitters its input,
+        Switch, draws again on a recompute), putting the RNG back where the router left it."""
+        at = self.adapter.logits_at
+        if at is not None:
+            z = out[at]
+            return z.reshape(-1, z.shape[-1])
+        device = hidden_states.device
+        after = _rng_state(device)
+        _set_rng_state(device, drawn)
+        try:
+            return self.adapter.logits(router, hidden_states, args, kwargs)
+        finally:
+            _set_rng_state(device, after)
 
     def _record_own(self, hidden_states, args, kwargs):
         if self.steer is not None or self.replay is not None:
@@ -115,6 +133,18 @@ class RouterState:
         if self.groups is None:
             return None
         return self.groups(z.shape[0], z.device)
+
+
+def _rng_state(device: torch.device) -> tuple:
+    """The CPU generator's state and that of ``device``'s generator (a CUDA device's)."""
+    return (torch.get_rng_state(),
+            torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(device: torch.device, state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def _patched_forward(self, hidden_states, *args, **kwargs):
