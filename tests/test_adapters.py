@@ -651,3 +651,25 @@ def test_switch_training_jitter_is_applied_in_place():
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6,
                                    msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_phimoe_routes_two_experts_whatever_num_experts_per_tok(k):
+    """Sparsemixer always picks two experts; the router's top_k (config.num_experts_per_tok) is
+    passed to it and ignored. A patched PhiMoE with another top_k routes as the unpatched one."""
+    model = build("phimoe")
+    for _, router, block in find_routers(model):
+        router.top_k = block.top_k = k
+    calls = _capture(model, "phimoe")
+    ref = _call_all(model, calls, patched=False)
+    ours = _call_all(model, calls, patched=True)
+    for (name, _, _, _), r, o in zip(calls, ref, ours):
+        assert r[2].shape[-1] == 2, name
+        _assert_router_outputs_match(name, r, o, FP32_TOL)
+    ids = _ids(4)
+    with torch.no_grad():
+        want = model(**inputs("phimoe", ids, model)).logits
+        with moe_route.patch(model) as handle:
+            assert {s.top_k for s in handle.routers.values()} == {2}
+            got = model(**inputs("phimoe", ids, model)).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

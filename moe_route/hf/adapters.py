@@ -79,7 +79,7 @@ class Adapter:
             come back in.
         top_k, num_experts: attribute paths (first one set wins) of k and E on the router (a
             ``top_k`` path starting ``block.`` is read from the MoE block, DBRX's ``moe_top_k``);
-            ``top_k`` may instead be an int, for a family with a fixed k (Switch, NLLB).
+            ``top_k`` may instead be an int, for a family with a fixed k (Switch, NLLB, PhiMoE).
         jitter: ``(router, hidden_states) -> hidden_states``, run on the router's input as it
             was passed (before flattening) ahead of the logits: the family's training noise on
             its input, with the family's own ops, so where the family multiplies in place the
@@ -133,7 +133,7 @@ class Adapter:
     block_method: Optional[str] = None
 
     def k(self, router, block: Optional[nn.Module] = None) -> int:
-        if isinstance(self.top_k, int):  # a fixed k (Switch's top-1, NLLB's top-2)
+        if isinstance(self.top_k, int):  # a fixed k (Switch's top-1, NLLB's and PhiMoE's top-2)
             return self.top_k
         for name in self.top_k:
             owner, path = (block, name[6:]) if name.startswith("block.") else (router, name)
@@ -704,10 +704,11 @@ NLLB_TOP2 = Adapter("nllb_top2", "S7", _nllb_spec, weight="classifier.weight",
                     returns=_nllb_returns, logits_at=2,
                     limits="second_expert_policy 'all' only (the others sample)")
 # PhimoeTopKRouter: top-2 of the logits (sparsemixer's eval choices), weights rebuilt by the
-# family's sparsemixer from the gate's ids; eval only. The gate (and so the statistics) sees a
-# plain softmax top-2: same ids, its weights are the full-softmax probabilities, not
-# sparsemixer's masked ones
-SPARSEMIXER = Adapter("sparsemixer", "S7", lambda r, b=None: RouterSpec("softmax"),
+# family's sparsemixer from the gate's ids; eval only. Sparsemixer always picks two experts: the
+# router's top_k (num_experts_per_tok) is passed to it and ignored, so k is fixed like NLLB's.
+# The gate (and so the statistics) sees a plain softmax top-2: same ids, its weights are the
+# full-softmax probabilities, not sparsemixer's masked ones
+SPARSEMIXER = Adapter("sparsemixer", "S7", lambda r, b=None: RouterSpec("softmax"), top_k=2,
                       linear=_phimoe_linear, returns=_phimoe_returns,
                       limits="eval only (training samples its experts)")
 # JetMoeTopKGating: fp32 logits after the GEMM, top-k of the logits, softmax over the k in fp32,
