@@ -41,6 +41,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from moe_route.hf.model_calls import cache_length, watch
 from moe_route.hf.patch import acquire, release
 from moe_route.ops import GateStats
 from moe_route._atomic import write_atomic
@@ -106,7 +107,7 @@ class Recorder:
                 state.groups = self._token_rows
                 if self.trace_on:
                     state.trace = self._record_trace
-            self._hook = self.model.register_forward_pre_hook(self._on_call, with_kwargs=True)
+            self._hook = watch(self.model, self._on_call)
         except BaseException:
             self._detach()
             raise
@@ -181,23 +182,23 @@ class Recorder:
 
     # -- per call ----------------------------------------------------------------------------
 
-    def _on_call(self, module, args, kwargs):
-        """Build the token -> statistics-row map of this model call (no host sync; traceable by
-        torch.compile, which runs module hooks inside the graph)."""
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
+    def _on_call(self, call: dict):
+        """Build the token -> statistics-row map of a model call from its arguments by name (no
+        host sync; traceable by torch.compile, which runs module hooks inside the graph)."""
+        input_ids = call.get("input_ids")
+        embeds = call.get("inputs_embeds")
         ref = input_ids if input_ids is not None else embeds
         self._call = {}
         if ref is None:
             return
         B, S = ref.shape[0], ref.shape[1]
         device = ref.device
-        phase = "generated" if cache_length(kwargs.get("past_key_values")) > 0 else "prompt"
+        phase = "generated" if cache_length(call.get("past_key_values")) > 0 else "prompt"
         if self.tokens != "all" and phase != self.tokens:
             self._call[device] = torch.full((B * S,), -1, dtype=torch.int32, device=device)
             return
         rows = self._batch_rows(B, S, device)
-        mask = kwargs.get("attention_mask")
+        mask = call.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == B:
             rows = torch.where(mask[:, -S:].to(device) != 0, rows, -1)
         if self.ignore_token_ids is not None and input_ids is not None:
@@ -323,15 +324,6 @@ def _router_device(router: nn.Module) -> torch.device:
                              f"and no accelerate hook says where it runs")
         return t.device
     return torch.device("cpu")
-
-
-def cache_length(cache) -> int:
-    if cache is None:
-        return 0
-    try:
-        return int(cache.get_seq_length())
-    except (AttributeError, TypeError):
-        return 0
 
 
 def record(model: nn.Module, **options) -> Recorder:

@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 from moe_route import reference
+from moe_route.hf.model_calls import cache_length, watch
 from moe_route.hf.patch import acquire, release, routers_by_key
-from moe_route.recording import cache_length
 
 __all__ = ["replay", "Replay", "trace_by_position"]
 
@@ -132,8 +132,7 @@ class Replay:
                 self._applied.append(state)
                 self._sources.append(source)
             if any(s.by_position for s in self._sources):
-                self._hook = self.model.register_forward_pre_hook(self._on_call,
-                                                                  with_kwargs=True)
+                self._hook = watch(self.model, self._on_call)
         except BaseException:
             self._detach()
             raise
@@ -160,14 +159,14 @@ class Replay:
             release(self._handle)
             self._handle = None
 
-    def _on_call(self, module, args, kwargs):
-        ref = kwargs.get("input_ids", args[0] if args else None)
+    def _on_call(self, call: dict):
+        ref = call.get("input_ids")
         if ref is None:
-            ref = kwargs.get("inputs_embeds")
+            ref = call.get("inputs_embeds")
         if ref is None:
             self._call = None
             return
-        self._call = (ref.shape[0], ref.shape[1], cache_length(kwargs.get("past_key_values")))
+        self._call = (ref.shape[0], ref.shape[1], cache_length(call.get("past_key_values")))
 
     @property
     def used(self) -> dict:

@@ -387,3 +387,19 @@ def test_exact_mode_records_the_jitter_draw_the_model_routed(logits, monkeypatch
         (chosen,) = routed[layer.name]
         assert torch.equal(layer.counts[0], torch.bincount(chosen, minlength=8)), layer.name
         assert torch.equal(trace[layer.name]["ids"][:, 0].long(), chosen), layer.name
+
+
+def test_positional_arguments_are_bound_to_the_forward_signature():
+    """``model(ids, mask)`` passes the attention mask positionally (OlmoeForCausalLM.forward's
+    second parameter): record skips its padding as it does for ``attention_mask=mask``."""
+    model = build("olmoe")
+    ids = _ids(3, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0                      # left padding of sequence 1
+    counts = []
+    for call in (lambda: model(input_ids=ids, attention_mask=mask), lambda: model(ids, mask)):
+        with moe_route.record(model) as rec, torch.no_grad():
+            call()
+        assert [int(layer.tokens.sum()) for layer in rec.stats] == [10, 10]
+        counts.append(rec.stats.stack("counts"))
+    assert torch.equal(counts[0], counts[1])

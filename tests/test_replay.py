@@ -418,3 +418,20 @@ def test_trace_by_position_layout_and_errors():
         moe_route.trace_by_position({"r": rows}, 2, 3, length=4)
     with pytest.raises(ValueError, match="batch_size=0 must be an int >= 1"):
         moe_route.trace_by_position({"r": rows}, 0, 3)
+
+
+def test_by_position_reads_a_positional_cache():
+    """``model(ids, None, None, cache)`` passes the KV cache positionally (OlmoeForCausalLM.forward's
+    fourth parameter): the call continues at the cache's length, so it takes those positions."""
+    model = build("olmoe")
+    B, S, S0 = 2, 7, 4
+    ids = _ids(14, (B, S))
+    trace, _ = _trace(model, ids)
+    routing = _random_routing(trace, seed=15, shape=(B, S))
+    with moe_route.replay(model, routing), moe_route.record(model, trace=True) as rec, \
+            torch.no_grad():
+        cache = model(ids[:, :S0], use_cache=True).past_key_values
+        model(ids[:, S0:], None, None, cache)
+    for name, layer in rec.trace.items():
+        k = routing[name].shape[-1]
+        assert torch.equal(layer["ids"][B * S0:].long(), routing[name][:, S0:].reshape(-1, k))
