@@ -41,7 +41,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from moe_route.hf.model_calls import cache_length, watch
+from moe_route.hf.model_calls import past_length, watch
 from moe_route.hf.patch import acquire, release
 from moe_route.ops import GateStats
 from moe_route._atomic import write_atomic
@@ -184,7 +184,8 @@ class Recorder:
 
     def _on_call(self, call: dict):
         """Build the token -> statistics-row map of a model call from its arguments by name (no
-        host sync; traceable by torch.compile, which runs module hooks inside the graph)."""
+        host sync with tokens="all"; traceable by torch.compile, which runs module hooks inside
+        the graph)."""
         input_ids = call.get("input_ids")
         embeds = call.get("inputs_embeds")
         ref = input_ids if input_ids is not None else embeds
@@ -193,8 +194,10 @@ class Recorder:
             return
         B, S = ref.shape[0], ref.shape[1]
         device = ref.device
-        phase = "generated" if cache_length(call.get("past_key_values")) > 0 else "prompt"
-        if self.tokens != "all" and phase != self.tokens:
+        phase = self.tokens
+        if self.tokens != "all":  # past_length may sync: a cache_position, a static cache
+            phase = "generated" if past_length(call, S) > 0 else "prompt"
+        if phase != self.tokens:
             self._call[device] = torch.full((B * S,), -1, dtype=torch.int32, device=device)
             return
         rows = self._batch_rows(B, S, device)

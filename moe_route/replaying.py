@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from moe_route import reference
-from moe_route.hf.model_calls import cache_length, watch
+from moe_route.hf.model_calls import past_length, watch
 from moe_route.hf.patch import acquire, release, routers_by_key
 
 __all__ = ["replay", "Replay", "trace_by_position"]
@@ -166,7 +166,7 @@ class Replay:
         if ref is None:
             self._call = None
             return
-        self._call = (ref.shape[0], ref.shape[1], cache_length(call.get("past_key_values")))
+        self._call = (ref.shape[0], ref.shape[1], past_length(call, ref.shape[1]))
 
     @property
     def used(self) -> dict:

@@ -103,8 +103,11 @@ def test_groups_masks_and_ignored_tokens():
     assert int(layer0.tokens[2]) == 8
 
 
-def test_generate_records_prompt_and_decode_tokens():
-    model = build("qwen3_moe")
+@pytest.mark.parametrize("family", ["qwen3_moe", "minimax"])
+def test_generate_records_prompt_and_decode_tokens(family):
+    """The phases of generate(): the prompt call has no cache, each decoding step continues one.
+    MiniMax's layer 0 is a linear-attention layer, whose cache layer reports no positions."""
+    model = build(family)
     prompt = _ids(2, (2, 5))
     new = 4
     for tokens, want in (("all", 2 * 5 + 2 * (new - 1)), ("prompt", 10), ("generated", 2 * (new - 1))):

@@ -140,9 +140,11 @@ def test_by_position_prefill_and_decode_match_one_forward(family):
         assert not torch.allclose(model(ids).logits, full, atol=1e-3)
 
 
-def test_by_position_with_generate():
-    """generate(): the prompt and every new token take the experts of their positions."""
-    model = build("qwen3_moe")
+@pytest.mark.parametrize("family", ["qwen3_moe", "minimax"])
+def test_by_position_with_generate(family):
+    """generate(): the prompt and every new token take the experts of their positions (MiniMax:
+    its cache's layer 0, a linear-attention layer, reports no positions)."""
+    model = build(family)
     B, P, N = 2, 5, 4
     prompt = _ids(9, (B, P))
     with torch.no_grad():
@@ -435,3 +437,29 @@ def test_by_position_reads_a_positional_cache():
     for name, layer in rec.trace.items():
         k = routing[name].shape[-1]
         assert torch.equal(layer["ids"][B * S0:].long(), routing[name][:, S0:].reshape(-1, k))
+
+
+def test_past_length_of_a_model_call():
+    """Where a model call starts: its cache_position when given, else the longest layer of its
+    KV cache (layer 0 of a hybrid model can be a linear-attention layer reporting 0), else what
+    a 2-D attention mask longer than the call's tokens says."""
+    from moe_route.hf.model_calls import past_length
+
+    class Cache:  # get_seq_length(i) per layer, as transformers' Cache
+        def __init__(self, lengths):
+            self.lengths = lengths
+
+        def __len__(self):
+            return len(self.lengths)
+
+        def get_seq_length(self, layer_idx=0):
+            return self.lengths[layer_idx]
+
+    mask = torch.ones(2, 9, dtype=torch.long)
+    assert past_length({}, 3) == 0
+    assert past_length({"past_key_values": Cache([5, 5])}, 1) == 5
+    assert past_length({"past_key_values": Cache([0, 6])}, 1) == 6
+    assert past_length({"past_key_values": Cache([0, 0]), "attention_mask": mask}, 2) == 7
+    assert past_length({"past_key_values": Cache([0, 6]),
+                        "cache_position": torch.tensor([4, 5])}, 2) == 4
+    assert past_length({"attention_mask": mask}, 9) == 0
