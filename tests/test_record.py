@@ -406,3 +406,35 @@ def test_positional_arguments_are_bound_to_the_forward_signature():
         assert [int(layer.tokens.sum()) for layer in rec.stats] == [10, 10]
         counts.append(rec.stats.stack("counts"))
     assert torch.equal(counts[0], counts[1])
+
+
+@pytest.mark.parametrize("family", ["switch_transformers", "nllb_moe"])
+def test_encoder_decoder_routers_use_their_own_tokens(family):
+    """An encoder-decoder's encoder routers see input_ids (masked by attention_mask), its decoder
+    routers decoder_input_ids (masked by decoder_attention_mask); ignore_token_ids applies to
+    each stack's own ids. generate() runs the encoder through get_encoder(), not the model's
+    forward: its padding is still skipped, and each decoding step counts one token per row."""
+    model = build(family)
+    ids = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(3))
+    dec = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0                      # 2 padding tokens in the encoder input
+    dec_mask = torch.ones_like(dec)
+    dec_mask[0, 5:] = 0                  # 1 in the decoder input
+    ids[0, 1], dec[1, 2], dec[1, 3] = 7, 7, 7
+    want = {"encoder": int(((mask != 0) & (ids != 7)).sum()),            # 8
+            "decoder": int(((dec_mask != 0) & (dec != 7)).sum())}        # 9
+    with torch.no_grad(), moe_route.record(model, ignore_token_ids=[7]) as rec:
+        model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec,
+              decoder_attention_mask=dec_mask)
+    stacks = {layer.name: "encoder" if ".encoder." in f".{layer.name}" else "decoder"
+              for layer in rec.stats}
+    assert set(stacks.values()) == {"encoder", "decoder"}
+    for layer in rec.stats:
+        assert int(layer.tokens.sum()) == want[stacks[layer.name]], layer.name
+    with torch.no_grad(), moe_route.record(model) as rec:
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3,
+                             do_sample=False)
+    want = {"encoder": 10, "decoder": 2 * (out.shape[1] - 1)}  # the last token is not fed back
+    for layer in rec.stats:
+        assert int(layer.tokens.sum()) == want[stacks[layer.name]], layer.name

@@ -463,3 +463,20 @@ def test_past_length_of_a_model_call():
     assert past_length({"past_key_values": Cache([0, 6]),
                         "cache_position": torch.tensor([4, 5])}, 2) == 4
     assert past_length({"attention_mask": mask}, 9) == 0
+
+
+def test_by_position_on_an_encoder_decoder():
+    """Switch: encoder routers take positions of input_ids, decoder routers of
+    decoder_input_ids (of another length)."""
+    model = build("switch_transformers")
+    ids, dec = _ids(16, (2, 6)), _ids(17, (2, 4))
+    routing = {}
+    g = torch.Generator().manual_seed(18)
+    for name, router, _ in find_routers(model):
+        S = ids.shape[1] if name.startswith("encoder.") else dec.shape[1]
+        routing[name] = torch.randint(0, router.num_experts, (2, S, 1), generator=g)
+    with moe_route.replay(model, routing), moe_route.record(model, trace=True) as rec, \
+            torch.no_grad():
+        model(input_ids=ids, decoder_input_ids=dec)
+    for name, layer in rec.trace.items():
+        assert torch.equal(layer["ids"].long(), routing[name].reshape(-1, 1)), name

@@ -1,9 +1,14 @@
 """What a model call was given, for ``record`` and ``replay``: its forward's arguments by name.
 
 Both work out which tokens a model call routes (its token ids, attention mask and KV cache) in a
-forward pre-hook on the model. Arguments may come positionally (``model(ids, mask)``, as the
-forward's signature allows), so the hook binds them to the parameter names of the model class's
-forward, read once when the hook is registered; the hook itself only zips names and values, which
+forward pre-hook. A model's routers route the tokens of one *stack*: the model's own forward for
+a decoder-only model; the encoder's or the decoder's forward for an encoder-decoder (Switch,
+NLLB), whose encoder routers see ``input_ids`` and decoder routers ``decoder_input_ids``, each
+with its own mask, and whose ``generate()`` calls the encoder through ``get_encoder()``, never
+through the model's forward. So the hooks go on the stacks, each seeing its own ``input_ids``
+and ``attention_mask``. Arguments may come positionally (``model(ids, mask)``, as the forward's
+signature allows): the hook binds them to the parameter names of the module class's forward,
+read once when the hook is registered; the hook itself only zips names and values, which
 torch.compile traces.
 """
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["positional_names", "watch", "past_length", "cache_length"]
+__all__ = ["positional_names", "stacks", "stack_of", "watch", "past_length", "cache_length"]
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
@@ -28,18 +33,45 @@ def positional_names(module: nn.Module) -> tuple:
     return tuple(p.name for p in params if p.kind in _POSITIONAL)
 
 
-def watch(model: nn.Module, on_call: Callable[[dict], None]):
-    """Call ``on_call(arguments)`` before every forward of ``model``, with the call's arguments
-    by parameter name (positional ones bound to the forward's signature); returns the hook's
-    handle (``remove()``)."""
-    names = positional_names(model)
+def stacks(model: nn.Module) -> dict:
+    """``{module path: module}`` of the forwards whose tokens a model's routers route: the model
+    itself (path ""), or an encoder-decoder's (``config.is_encoder_decoder``) encoder and
+    decoder."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False):
+        return {"": model}
+    wanted = [model.get_encoder(), model.get_decoder()]
+    found = {name: module for name, module in model.named_modules()
+             if any(module is w for w in wanted) and module is not model}
+    if len(found) != 2:
+        raise ValueError(f"{type(model).__name__}: an encoder-decoder whose get_encoder() and "
+                         f"get_decoder() are not two submodules (found {sorted(found)})")
+    return found
 
-    def hook(module, args, kwargs):
-        call = dict(zip(names, args))
-        call.update(kwargs)
-        on_call(call)
 
-    return model.register_forward_pre_hook(hook, with_kwargs=True)
+def stack_of(paths, router: str) -> str:
+    """The path (one of ``paths``, from ``stacks``) of the stack a router's module path is in."""
+    inside = [p for p in paths if p == "" or router.startswith(p + ".")]
+    if not inside:
+        raise ValueError(f"{router} is in none of the model's stacks {sorted(paths)}")
+    return max(inside, key=len)
+
+
+def watch(model: nn.Module, on_call: Callable[[str, dict], None]) -> list:
+    """Call ``on_call(stack, arguments)`` before every forward of each of ``model``'s stacks
+    (``stacks``), with the stack's path and the call's arguments by parameter name (positional
+    ones bound to the stack forward's signature); returns the hooks' handles (``remove()``)."""
+    handles = []
+    for path, module in stacks(model).items():
+        names = positional_names(module)
+
+        def hook(module, args, kwargs, path=path, names=names):
+            call = dict(zip(names, args))
+            call.update(kwargs)
+            on_call(path, call)
+
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    return handles
 
 
 def past_length(call: Mapping, S: int) -> int:
