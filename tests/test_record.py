@@ -438,3 +438,31 @@ def test_encoder_decoder_routers_use_their_own_tokens(family):
     want = {"encoder": 10, "decoder": 2 * (out.shape[1] - 1)}  # the last token is not fed back
     for layer in rec.stats:
         assert int(layer.tokens.sum()) == want[stacks[layer.name]], layer.name
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("exact", [False, True])
+def test_gradient_checkpointing_counts_each_token_once(reentrant, exact):
+    """Activation checkpointing re-runs every decoder layer, routers included, inside backward:
+    those calls must not add to the statistics or the trace (each token once), while a steered
+    layer is still steered there (the gradients equal those without checkpointing)."""
+    model = build("olmoe").train()
+    ids = _ids(5, (2, 6))
+    plan = moe_route.SteeringPlan.promote(layers=[1], experts=[3], std=1.0)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:  # transformers 5.23 renamed it; 5.17 has only the old name
+            enable = getattr(model, "activation_checkpointing_enable", None) or \
+                model.gradient_checkpointing_enable
+            enable({"use_reentrant": reentrant})
+        model.zero_grad()
+        with moe_route.patch(model, exact=exact), moe_route.steer(model, plan), \
+                moe_route.record(model, trace=True) as rec:
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        assert [int(layer.tokens.sum()) for layer in rec.stats] == [12, 12]
+        assert [layer["ids"].shape[0] for layer in rec.trace.values()] == [12, 12]
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()
+                      if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)

@@ -69,10 +69,13 @@ class RouterState:
 
     def __call__(self, router, hidden_states, args, kwargs):
         ad = self.adapter
+        # activation checkpointing re-runs the router inside backward: route it (steered,
+        # replayed) as in the forward, but do not count its tokens a second time
+        stats, trace = (None, None) if _in_backward() else (self.stats, self.trace)
         if ad.fixed_choice:  # the router's own choice (hash routing), recorded as it is
-            return self._record_own(hidden_states, args, kwargs)
+            return self._record_own(hidden_states, args, kwargs, stats, trace)
         if self.exact and self.steer is None and self.replay is None:
-            recording = self.stats is not None or self.trace is not None
+            recording = stats is not None or trace is not None
             drawn = _rng_state(hidden_states.device) if recording and ad.logits_at is None else None
             out = self.original(hidden_states, *args, **kwargs)
             if recording:
@@ -80,19 +83,19 @@ class RouterState:
                 groups = self._groups(z)
                 w, ids = topk_gate(z, self.top_k, self.spec,
                                    selection_bias=ad.selection_bias_of(router, self.block, args),
-                                   stats=self.stats, groups=groups)
-                if self.trace is not None:
-                    self.trace(self.name, z, w, ids, groups)
+                                   stats=stats, groups=groups)
+                if trace is not None:
+                    trace(self.name, z, w, ids, groups)
             return out
         z = ad.logits(router, hidden_states, args, kwargs)
-        groups = self._groups(z)
+        groups = self._groups(z) if stats is not None or trace is not None else None
         replay = self.replay(z.shape[0], z.device) if self.replay is not None else None
         w, ids = route(z, self.top_k, self.spec,
                        selection_bias=ad.selection_bias_of(router, self.block, args),
-                       steer=self.steer, stats=self.stats, groups=groups, replay=replay,
+                       steer=self.steer, stats=stats, groups=groups, replay=replay,
                        weights_dtype=ad.weights_out_dtype(z, hidden_states))
-        if self.trace is not None:
-            self.trace(self.name, z, w, ids, groups)
+        if trace is not None:
+            trace(self.name, z, w, ids, groups)
         if ad.returns is not None:  # a family that returns more or other than (z, w, ids)
             return ad.returns(router, self.block, hidden_states, z, w, ids, *args, **kwargs)
         return z, w, ids
@@ -113,26 +116,34 @@ class RouterState:
         finally:
             _set_rng_state(device, after)
 
-    def _record_own(self, hidden_states, args, kwargs):
+    def _record_own(self, hidden_states, args, kwargs, stats, trace):
         if self.steer is not None or self.replay is not None:
             what = "steered" if self.steer is not None else "replayed"
             raise UnsupportedModelError(f"{self.name} ({self.adapter.name}) does not choose its "
                                         f"experts by score; it cannot be {what}")
         out = self.original(hidden_states, *args, **kwargs)
-        if self.stats is not None or self.trace is not None:
+        if stats is not None or trace is not None:
             z, w, ids = out[0].reshape(-1, self.num_experts), out[1], out[2]
             groups = self._groups(z)
-            if self.stats is not None:
+            if stats is not None:
                 reference.accumulate_stats(z.float(), self.spec.score, w.float(), ids, groups,
-                                           *self.stats.buffers())
-            if self.trace is not None:
-                self.trace(self.name, z, w, ids, groups)
+                                           *stats.buffers())
+            if trace is not None:
+                trace(self.name, z, w, ids, groups)
         return out
 
     def _groups(self, z):
         if self.groups is None:
             return None
         return self.groups(z.shape[0], z.device)
+
+
+def _in_backward() -> bool:
+    """Whether the autograd engine is running a backward on this thread (activation
+    checkpointing recomputes a layer's forward there: in CheckpointFunction.backward with
+    use_reentrant=True, in a saved-tensor unpack hook without). torch.compile traces no Python
+    backward, so a compiled call is never inside one."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 def _rng_state(device: torch.device) -> tuple:
