@@ -243,19 +243,34 @@ def find_routers(model: nn.Module) -> list[tuple[str, nn.Module, Optional[nn.Mod
     return found
 
 
+@dataclass(frozen=True)
+class _Before:
+    """What one ``patch()`` call changed: whether it created the patch, and else whether the
+    patch was explicit and each router's mode before it."""
+
+    created: bool
+    explicit: bool = False
+    exact: Optional[dict] = None
+
+
 class PatchHandle:
-    """The patch of one model: ``remove()`` (or leaving the ``with`` block) restores it.
+    """The patch of one model: ``remove()`` restores it; leaving a ``with patch(model):`` block
+    undoes what that ``patch()`` call did.
 
     ``routers`` maps each router's module path to its ``RouterState``. ``patch`` on a patched
-    model returns the existing handle.
+    model returns the existing handle; a ``with`` block over it then restores the mode and
+    leaves the patch in place (to the earlier ``patch()`` call, or to the record/steer/replay
+    contexts that use it, which remove it when the last one ends).
     """
 
     def __init__(self, model: nn.Module, exact: bool):
         self.model = model
         self.routers: dict[str, RouterState] = {}
-        self._owners = 0          # record/steer contexts using an implicit patch
+        self._owners = 0          # record/steer/replay contexts using the patch
         self._explicit = False    # patch() was called by the user
         self._saved: list = []    # (module, attribute, what was there) for every attribute set
+        self._last_call: Optional[_Before] = None   # what the latest patch() call changed
+        self._blocks: list = []   # per open ``with`` block: what its patch() call changed
         found = find_routers(model)
         for name, router, block in found:
             adapter = adapter_for(router)
@@ -319,10 +334,23 @@ class PatchHandle:
             self.model.__dict__.pop(_HANDLE, None)
 
     def __enter__(self):
+        self._blocks.append(self._last_call)
+        self._last_call = None
         return self
 
     def __exit__(self, *exc):
-        self.remove()
+        before = self._blocks.pop() if self._blocks else None
+        with _LOCK:
+            if before is None or before.created:  # the block's patch() call patched the model
+                self._explicit = False
+                self.set_exact(False)  # what record/steer/replay still using it would have made
+            else:
+                self._explicit = before.explicit
+                for name, state in self.routers.items():
+                    state.exact = before.exact[name]
+            done = self._owners == 0 and not self._explicit
+        if done:
+            self.remove()
         return False
 
     def __repr__(self):
@@ -334,13 +362,20 @@ def patch(model: nn.Module, *, exact: bool = False) -> PatchHandle:
     """Route every MoE router of ``model`` through the fused gate; returns the handle.
 
     Idempotent: patching a patched model returns its handle (switching its mode to ``exact``).
-    Use as a context manager to unpatch on exit. Raises ``UnsupportedModelError`` for a model
+    Use as a context manager to undo the call on exit: unpatch if it patched the model, else put
+    back the mode (and leave the patch to whoever made it: an earlier call, record, steer). Raises ``UnsupportedModelError`` for a model
     with a router moe_route has no adapter for (``moe_route.supported()`` lists them).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch: model must be a torch.nn.Module, got {type(model).__name__}")
     with _LOCK:
-        handle = getattr(model, _HANDLE, None) or PatchHandle(model, exact)
+        handle = getattr(model, _HANDLE, None)
+        if handle is None:
+            handle, before = PatchHandle(model, exact), _Before(created=True)
+        else:
+            before = _Before(created=False, explicit=handle._explicit,
+                             exact={name: s.exact for name, s in handle.routers.items()})
+        handle._last_call = before  # what a ``with`` block over this call undoes on exit
         handle.set_exact(exact)
         handle._explicit = True
     return handle
