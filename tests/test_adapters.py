@@ -223,7 +223,7 @@ def test_supported_rows_and_status_strings():
             assert None not in row["adapters"], family
     assert {r["family"] for r in rows if r["status"] != "supported"} == UNSUPPORTED_FAMILIES
     limits = {r["family"]: r["limits"] for r in rows if r["limits"]}
-    assert set(limits) == {"deepseek_v4", "phimoe", "nllb_moe", "inkling"}
+    assert set(limits) == {"deepseek_v4", "phimoe", "nllb_moe", "inkling", "switch_transformers"}
     assert "cannot be steered" in limits["deepseek_v4"]
 
 
@@ -673,3 +673,24 @@ def test_phimoe_routes_two_experts_whatever_num_experts_per_tok(k):
             assert {s.top_k for s in handle.routers.values()} == {2}
             got = model(**inputs("phimoe", ids, model)).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_capacity_drops_are_recorded_and_documented():
+    """Switch and NLLB drop tokens beyond an expert's capacity; record counts the router's choice
+    of every token, dropped or not, and their limits (``moe-route supported``) say so."""
+    model = build("switch_transformers")
+    for _, router, _ in find_routers(model):
+        router.expert_capacity = 1
+    name, router, _ = find_routers(model)[0]
+    dispatched = []
+    hook = router.register_forward_hook(lambda m, a, out: dispatched.append(out[0].sum()))
+    ids = _ids(5, (3, 8))
+    with torch.no_grad(), moe_route.record(model) as rec:
+        model(**inputs("switch_transformers", ids, model))
+    hook.remove()
+    layer = next(layer for layer in rec.stats if layer.name == name)
+    assert int(layer.counts.sum()) == int(layer.tokens.sum()) == ids.numel()
+    assert int(dispatched[0]) < ids.numel()  # the probe drops tokens
+    limits = {r["family"]: r["limits"] for r in supported()}
+    for family in ("switch_transformers", "nllb_moe"):
+        assert "record counts tokens dropped for expert capacity" in limits[family], family

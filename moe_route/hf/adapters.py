@@ -688,21 +688,27 @@ SOFTMAX_GROUPED_FP32 = Adapter("softmax_grouped", "S6b", _s6b(lambda r: True),
 LOGIT_TOPK_DENSE_SIGMOID = Adapter("logit_topk_dense_sigmoid", "S7",
                                    lambda r, b=None: RouterSpec("sigmoid", select_on="logits"),
                                    returns=_llama4_returns, logits_at=1)
+# record's statistics and trace hold each token's choice; Switch and NLLB then drop the tokens
+# beyond an expert's capacity
+_CAPACITY_LIMIT = "record counts tokens dropped for expert capacity as routed to their choice"
 # SwitchTransformersTop1Router: fp32 softmax top-1 (the weight is the chosen probability, in the
 # input dtype); the one-hot dispatch with its per-sequence expert capacity is rebuilt from the
-# gate's id. (A half-precision model takes the argmax of probabilities rounded to its dtype, the
-# gate of fp32 ones: experts closer than that rounding may swap.)
+# gate's id. The gate's statistics count that id for every token, so a token the dispatch drops
+# for capacity is still counted (a limit). (A half-precision model takes the argmax of
+# probabilities rounded to its dtype, the gate of fp32 ones: experts closer than that rounding
+# may swap.)
 SWITCH_TOP1 = Adapter("switch_top1", "S7", lambda r, b=None: RouterSpec("softmax"),
                       weight="classifier.weight", weights_dtype="input", top_k=1,
                       jitter=_switch_jitter, linear=_classifier_linear,
-                      returns=_switch_returns, logits_at=2)
+                      returns=_switch_returns, logits_at=2, limits=_CAPACITY_LIMIT)
 # NllbMoeTop2Router: fp32 softmax top-2 (second_expert_policy "all" only); the family's masks,
-# capacity and combine weights rebuilt from the gate's ids (the Switch caveat on half precision
-# applies to the top-1 choice)
+# capacity and combine weights rebuilt from the gate's ids (the Switch caveats on half precision
+# and on capacity drops in the statistics apply)
 NLLB_TOP2 = Adapter("nllb_top2", "S7", _nllb_spec, weight="classifier.weight",
                     weights_dtype="input", top_k=2, linear=_classifier_linear,
                     returns=_nllb_returns, logits_at=2,
-                    limits="second_expert_policy 'all' only (the others sample)")
+                    limits=f"second_expert_policy 'all' only (the others sample); "
+                           f"{_CAPACITY_LIMIT}")
 # PhimoeTopKRouter: top-2 of the logits (sparsemixer's eval choices), weights rebuilt by the
 # family's sparsemixer from the gate's ids; eval only. Sparsemixer always picks two experts: the
 # router's top_k (num_experts_per_tok) is passed to it and ignored, so k is fixed like NLLB's.
