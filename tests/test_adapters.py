@@ -223,7 +223,8 @@ def test_supported_rows_and_status_strings():
             assert None not in row["adapters"], family
     assert {r["family"] for r in rows if r["status"] != "supported"} == UNSUPPORTED_FAMILIES
     limits = {r["family"]: r["limits"] for r in rows if r["limits"]}
-    assert set(limits) == {"deepseek_v4", "phimoe", "nllb_moe", "inkling", "switch_transformers"}
+    assert set(limits) == {"deepseek_v4", "phimoe", "nllb_moe", "inkling", "switch_transformers",
+                           "axk2"}
     assert "cannot be steered" in limits["deepseek_v4"]
 
 
@@ -694,3 +695,14 @@ def test_capacity_drops_are_recorded_and_documented():
     limits = {r["family"]: r["limits"] for r in supported()}
     for family in ("switch_transformers", "nllb_moe"):
         assert "record counts tokens dropped for expert capacity" in limits[family], family
+
+
+def test_axk2_zero_filled_groups_are_a_documented_limit():
+    """AXK2TopkRouter.apply_group_scoring fills the dropped groups' scores with 0.0, not -inf;
+    the gate never picks from a dropped group, so where a kept expert's biased score is below 0
+    the two can differ. ``moe-route supported`` says so for axk2 (and for no other family of its
+    adapter)."""
+    limits = {r["family"]: r["limits"] for r in supported()}
+    assert "dropped groups filled with 0.0, not -inf" in limits["axk2"]
+    assert "below 0" in limits["axk2"]
+    assert not limits["deepseek_v3"] and not limits["beam"]

@@ -599,6 +599,14 @@ TOPK_SOFTMAX_PER_K = Adapter("topk_softmax", "S2",
 SIGMOID_GROUPED = Adapter("sigmoid_grouped", "S3", _s3,
                           selection_bias="router:e_score_correction_bias",
                           linear_dtype=torch.float32)
+# AXK2TopkRouter: the same, grouped only when n_group is set; its apply_group_scoring fills the
+# dropped groups' scores with 0.0 instead of -inf, so where a kept expert's biased score (sigmoid +
+# e_score_correction_bias) is below 0 it can choose an expert of a dropped group, which the gate
+# never does (the same ids whenever k experts of the kept groups score above 0)
+SIGMOID_GROUPED_ZERO_FILL = dataclasses.replace(
+    SIGMOID_GROUPED, limits="dropped groups filled with 0.0, not -inf: where a kept expert's "
+                            "biased score is below 0 the model may choose from a dropped group, "
+                            "moe_route does not")
 # MiniMaxM2TopKRouter: input in the weight's dtype, fp32 sigmoid, the block's bias as the
 # forward's argument, renormalised (no eps); fp32 weights
 SIGMOID_TOPK_ARG_BIAS = Adapter("sigmoid_topk", "S4", _gate("sigmoid", renorm=True),
@@ -761,9 +769,7 @@ EXEMPLARS: dict[str, tuple[Adapter, str]] = {
     "DeepseekV3TopkRouter": (SIGMOID_GROUPED, "deepseek_v3"),
     # BeamTopKRouter: sorted top-k, no scaling factor on the router (its block scales)
     "BeamTopKRouter": (SIGMOID_GROUPED, "beam"),
-    # AXK2TopkRouter: groups only when n_group is set, and the other groups are filled with 0.0
-    # instead of -inf: the same ids whenever k experts of the kept groups score above 0
-    "AXK2TopkRouter": (SIGMOID_GROUPED, "axk2"),
+    "AXK2TopkRouter": (SIGMOID_GROUPED_ZERO_FILL, "axk2"),
     "MiniMaxM2TopKRouter": (SIGMOID_TOPK_ARG_BIAS, "minimax_m2"),
     "MiniMaxM3VLTopKRouter": (SIGMOID_TOPK_BIAS, "minimax_m3_vl"),
     "HYV3TopKRouter": (SIGMOID_TOPK_ARG_BIAS_SCALED, "hy_v3"),
