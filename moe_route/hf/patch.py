@@ -363,8 +363,9 @@ def patch(model: nn.Module, *, exact: bool = False) -> PatchHandle:
 
     Idempotent: patching a patched model returns its handle (switching its mode to ``exact``).
     Use as a context manager to undo the call on exit: unpatch if it patched the model, else put
-    back the mode (and leave the patch to whoever made it: an earlier call, record, steer). Raises ``UnsupportedModelError`` for a model
-    with a router moe_route has no adapter for (``moe_route.supported()`` lists them).
+    back the mode (and leave the patch to whoever made it: an earlier call, record, steer).
+    Raises ``UnsupportedModelError`` for a model with a router moe_route has no adapter for
+    (``moe_route.supported()`` lists them).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch: model must be a torch.nn.Module, got {type(model).__name__}")
