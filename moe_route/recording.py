@@ -10,7 +10,9 @@
 Each patched router accumulates into its own ``GateStats`` buffers (on the router's device, so
 ``device_map`` models work) inside the fused gate: no hook, no host sync while the model runs.
 Which statistics row a token goes to is worked out once per model call, from the model's
-``input_ids`` / ``attention_mask`` (a forward pre-hook that only builds a small index tensor):
+``input_ids`` / ``attention_mask`` (a forward pre-hook that only builds a small index tensor; an
+encoder-decoder's encoder routers use its ``input_ids`` / ``attention_mask``, its decoder routers
+``decoder_input_ids`` / ``decoder_attention_mask``, in a forward and in ``generate()``):
 padding (``attention_mask == 0``), ``ignore_token_ids`` (template or special tokens) and, with
 ``tokens="prompt"`` or ``"generated"``, the other phase of ``generate()`` are skipped.
 
@@ -31,6 +33,7 @@ host as they are produced (``rec.trace``, ``rec.save_trace(path)``); this one do
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -41,6 +44,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from moe_route.hf.model_calls import past_length, stack_of, stacks, watch
 from moe_route.hf.patch import acquire, release
 from moe_route.ops import GateStats
 from moe_route._atomic import write_atomic
@@ -83,8 +87,10 @@ class Recorder:
         self._parts: list[RoutingStats] = []    # flushed, merged once when read
         self._context: list[str] = [default_group]
         self._batch: Optional[tuple[torch.Tensor, list]] = None   # (ids [B] or [B,S], names)
-        self._call: dict = {}                    # this model call: device -> token rows [T]
-        self._hook = None
+        # each stack's (model.stacks: the model, or an encoder-decoder's encoder and decoder)
+        # latest call: {stack path: {device: token rows [T]}}
+        self._calls: dict = {}
+        self._hooks: list = []
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -101,12 +107,13 @@ class Recorder:
                                                       coact=self.coact)
             self._layers = {name: (state.index, state.top_k)
                             for name, state in self._handle.routers.items()}
+            paths = stacks(self.model)
             for name, state in self._handle.routers.items():
                 state.stats = self._buffers[name]
-                state.groups = self._token_rows
+                state.groups = functools.partial(self._token_rows, stack_of(paths, name))
                 if self.trace_on:
                     state.trace = self._record_trace
-            self._hook = self.model.register_forward_pre_hook(self._on_call, with_kwargs=True)
+            self._hooks = watch(self.model, self._on_call)
         except BaseException:
             self._detach()
             raise
@@ -121,9 +128,8 @@ class Recorder:
         return False
 
     def _detach(self):
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        while self._hooks:
+            self._hooks.pop().remove()
         if self._handle is not None:
             for name, state in self._handle.routers.items():
                 if state.stats is self._buffers.get(name):
@@ -181,29 +187,33 @@ class Recorder:
 
     # -- per call ----------------------------------------------------------------------------
 
-    def _on_call(self, module, args, kwargs):
-        """Build the token -> statistics-row map of this model call (no host sync; traceable by
-        torch.compile, which runs module hooks inside the graph)."""
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
+    def _on_call(self, stack: str, call: dict):
+        """Build the token -> statistics-row map of a call of one of the model's stacks (the
+        model, or an encoder-decoder's encoder or decoder) from its arguments by name (no host
+        sync with tokens="all"; traceable by torch.compile, which runs module hooks inside the
+        graph)."""
+        input_ids = call.get("input_ids")
+        embeds = call.get("inputs_embeds")
         ref = input_ids if input_ids is not None else embeds
-        self._call = {}
+        rows_on = self._calls[stack] = {}
         if ref is None:
             return
         B, S = ref.shape[0], ref.shape[1]
         device = ref.device
-        phase = "generated" if cache_length(kwargs.get("past_key_values")) > 0 else "prompt"
-        if self.tokens != "all" and phase != self.tokens:
-            self._call[device] = torch.full((B * S,), -1, dtype=torch.int32, device=device)
+        phase = self.tokens
+        if self.tokens != "all":  # past_length may sync: a cache_position, a static cache
+            phase = "generated" if past_length(call, S) > 0 else "prompt"
+        if phase != self.tokens:
+            rows_on[device] = torch.full((B * S,), -1, dtype=torch.int32, device=device)
             return
         rows = self._batch_rows(B, S, device)
-        mask = kwargs.get("attention_mask")
+        mask = call.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == B:
             rows = torch.where(mask[:, -S:].to(device) != 0, rows, -1)
         if self.ignore_token_ids is not None and input_ids is not None:
             skip = torch.isin(input_ids, self.ignore_token_ids.to(device))
             rows = torch.where(skip, -1, rows)
-        self._call[device] = rows.reshape(-1).to(torch.int32)
+        rows_on[device] = rows.reshape(-1).to(torch.int32)
 
     def _batch_rows(self, B, S, device) -> torch.Tensor:
         if self._batch is None:
@@ -230,20 +240,21 @@ class Recorder:
     def _group_name(i: int, names) -> str:
         return names[i] if names is not None else str(i)
 
-    def _token_rows(self, T: int, device: torch.device) -> Optional[torch.Tensor]:
-        """The statistics rows of a router call with T tokens on ``device``."""
-        rows = self._call.get(device)
+    def _token_rows(self, stack: str, T: int, device: torch.device) -> Optional[torch.Tensor]:
+        """The statistics rows of a call with T tokens on ``device`` of a router in ``stack``."""
+        calls = self._calls.get(stack)
+        rows = calls.get(device) if calls else None
         if rows is None:
-            if not self._call:  # a router called outside a model forward: the context group
+            if not calls:  # a router called outside a forward of its stack: the context group
                 row = self._row_of(self._context[-1])
                 return torch.full((T,), row, dtype=torch.int32, device=device)
-            rows = next(iter(self._call.values())).to(device)
-            self._call[device] = rows
+            rows = next(iter(calls.values())).to(device)
+            calls[device] = rows
         if rows.shape[0] != T:
             raise RuntimeError(f"record: a router saw {T} tokens but the model call had "
                                f"{rows.shape[0]}; this model routes a different token set than "
-                               f"its input_ids (encoder-decoder or multimodal), which record() "
-                               f"cannot assign to groups")
+                               f"its input_ids (a multimodal model's), which record() cannot "
+                               f"assign to groups")
         return rows
 
     def _record_trace(self, name, logits, weights, ids, groups):
@@ -323,15 +334,6 @@ def _router_device(router: nn.Module) -> torch.device:
                              f"and no accelerate hook says where it runs")
         return t.device
     return torch.device("cpu")
-
-
-def cache_length(cache) -> int:
-    if cache is None:
-        return 0
-    try:
-        return int(cache.get_seq_length())
-    except (AttributeError, TypeError):
-        return 0
 
 
 def record(model: nn.Module, **options) -> Recorder:

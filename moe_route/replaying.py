@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 from moe_route import reference
+from moe_route.hf.model_calls import past_length, stack_of, stacks, watch
 from moe_route.hf.patch import acquire, release, routers_by_key
-from moe_route.recording import cache_length
 
 __all__ = ["replay", "Replay", "trace_by_position"]
 
@@ -48,8 +48,8 @@ __all__ = ["replay", "Replay", "trace_by_position"]
 class _Source:
     """The ids of one replayed router and where its next call reads them."""
 
-    def __init__(self, name: str, ids: torch.Tensor, owner: "Replay"):
-        self.name, self.ids, self.owner = name, ids, owner
+    def __init__(self, name: str, stack: str, ids: torch.Tensor, owner: "Replay"):
+        self.name, self.stack, self.ids, self.owner = name, stack, ids, owner
         self.by_position = ids.dim() == 3
         self.cursor = 0                     # call order: rows used so far
         self._on: dict = {}                 # device -> ids as int32 there
@@ -71,7 +71,7 @@ class _Source:
             out = ids[self.cursor:self.cursor + T]
             self.cursor += T
             return out
-        call = self.owner._call
+        call = self.owner._calls.get(self.stack)
         if call is None:
             raise RuntimeError(f"replay: {self.name} was called outside a forward of the model; "
                                f"routing by position needs the model call's positions")
@@ -83,7 +83,7 @@ class _Source:
         if T != B * S:
             raise RuntimeError(f"replay: {self.name} routes {T} tokens, but the model call has "
                                f"{B} x {S}; this model routes a different token set than its "
-                               f"input_ids (encoder-decoder or multimodal)")
+                               f"input_ids (a multimodal model's)")
         return ids[:, start:start + S].reshape(T, k)
 
 
@@ -103,10 +103,11 @@ class Replay:
         self.layers = None if layers is None else (
             [layers] if isinstance(layers, (int, str)) else list(layers))
         self._handle = None
-        self._hook = None
+        self._hooks: list = []
         self._sources: list = []
         self._applied: list = []
-        self._call: Optional[tuple] = None      # (B, S, cache length) of the model call
+        # each stack's (model_calls.stacks) latest call: {stack path: (B, S, past length)}
+        self._calls: dict = {}
 
     def __enter__(self) -> "Replay":
         self._handle = acquire(self.model)
@@ -120,20 +121,20 @@ class Replay:
                     raise ValueError(f"replay: layers {sorted(missing)} are not in the routing "
                                      f"(it covers {[s.name for s in targets.values()][:4]}...)")
                 targets = {key: s for key, s in targets.items() if s.name in wanted}
+            paths = stacks(self.model)
             for key, state in targets.items():
                 if state.adapter.fixed_choice:
                     raise ValueError(f"replay: layer {key!r} ({state.name}) routes by "
                                      f"{state.adapter.name}, not by score; it cannot be replayed")
                 ids = self.routing[key]
                 _check_ids(key, state, ids)
-                source = _Source(state.name, ids, self)
+                source = _Source(state.name, stack_of(paths, state.name), ids, self)
                 state.replay_stack.append(state.replay)
                 state.replay = source
                 self._applied.append(state)
                 self._sources.append(source)
             if any(s.by_position for s in self._sources):
-                self._hook = self.model.register_forward_pre_hook(self._on_call,
-                                                                  with_kwargs=True)
+                self._hooks = watch(self.model, self._on_call)
         except BaseException:
             self._detach()
             raise
@@ -150,9 +151,8 @@ class Replay:
         return False
 
     def _detach(self):
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        while self._hooks:
+            self._hooks.pop().remove()
         while self._applied:
             state = self._applied.pop()
             state.replay = state.replay_stack.pop()
@@ -160,14 +160,14 @@ class Replay:
             release(self._handle)
             self._handle = None
 
-    def _on_call(self, module, args, kwargs):
-        ref = kwargs.get("input_ids", args[0] if args else None)
+    def _on_call(self, stack: str, call: dict):
+        ref = call.get("input_ids")
         if ref is None:
-            ref = kwargs.get("inputs_embeds")
+            ref = call.get("inputs_embeds")
         if ref is None:
-            self._call = None
+            self._calls[stack] = None
             return
-        self._call = (ref.shape[0], ref.shape[1], cache_length(kwargs.get("past_key_values")))
+        self._calls[stack] = (ref.shape[0], ref.shape[1], past_length(call, ref.shape[1]))
 
     @property
     def used(self) -> dict:

@@ -5,6 +5,7 @@ model; the router is then called unpatched and patched (``moe_route.patch``) on 
 logits (index 0) must be bit-identical, the expert ids the same set per token, the weights equal
 to fp32 rounding (bf16: to bf16 rounding) and every output's dtype the same.
 """
+import contextlib
 import dataclasses
 
 import pytest
@@ -222,7 +223,8 @@ def test_supported_rows_and_status_strings():
             assert None not in row["adapters"], family
     assert {r["family"] for r in rows if r["status"] != "supported"} == UNSUPPORTED_FAMILIES
     limits = {r["family"]: r["limits"] for r in rows if r["limits"]}
-    assert set(limits) == {"deepseek_v4", "phimoe", "nllb_moe", "inkling"}
+    assert set(limits) == {"deepseek_v4", "phimoe", "nllb_moe", "inkling", "switch_transformers",
+                           "axk2"}
     assert "cannot be steered" in limits["deepseek_v4"]
 
 
@@ -620,3 +622,87 @@ def test_zaya_skip_class_and_router_state():
     layer = rec.stats[0]
     assert layer.num_experts == E + 1
     assert int(layer.counts[0, E]) == int(layer.tokens[0])  # every token chose the skip class
+
+
+def _loss_and_grads(model, key, ids, patched: bool, seed: int = 0):
+    model.zero_grad()
+    torch.manual_seed(seed)
+    with moe_route.patch(model) if patched else contextlib.nullcontext():
+        loss = model(**inputs(key, ids, model), labels=ids).loss
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return loss.detach(), grads
+
+
+def test_switch_training_jitter_is_applied_in_place():
+    """SwitchTransformersTop1Router multiplies its input by uniform noise *in place* in training
+    (its .to(router_dtype) is a no-op in an fp32 model), so its experts see the jittered tokens
+    too: with the same seed the patched model has the unpatched model's loss and gradients."""
+    model = build("switch_transformers").train()
+    for _, router, _ in find_routers(model):
+        router.jitter_noise = 0.3
+    ids = _ids(7)
+    ref_loss, ref_grads = _loss_and_grads(model, "switch_transformers", ids, patched=False)
+    loss, grads = _loss_and_grads(model, "switch_transformers", ids, patched=True)
+    assert not hasattr(model, "_moe_route_patch")
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    assert any("router" in n for n in grads)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_phimoe_routes_two_experts_whatever_num_experts_per_tok(k):
+    """Sparsemixer always picks two experts; the router's top_k (config.num_experts_per_tok) is
+    passed to it and ignored. A patched PhiMoE with another top_k routes as the unpatched one."""
+    model = build("phimoe")
+    for _, router, block in find_routers(model):
+        router.top_k = block.top_k = k
+    calls = _capture(model, "phimoe")
+    ref = _call_all(model, calls, patched=False)
+    ours = _call_all(model, calls, patched=True)
+    for (name, _, _, _), r, o in zip(calls, ref, ours):
+        assert r[2].shape[-1] == 2, name
+        _assert_router_outputs_match(name, r, o, FP32_TOL)
+    ids = _ids(4)
+    with torch.no_grad():
+        want = model(**inputs("phimoe", ids, model)).logits
+        with moe_route.patch(model) as handle:
+            assert {s.top_k for s in handle.routers.values()} == {2}
+            got = model(**inputs("phimoe", ids, model)).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_capacity_drops_are_recorded_and_documented():
+    """Switch and NLLB drop tokens beyond an expert's capacity; record counts the router's choice
+    of every token, dropped or not, and their limits (``moe-route supported``) say so."""
+    model = build("switch_transformers")
+    for _, router, _ in find_routers(model):
+        router.expert_capacity = 1
+    name, router, _ = find_routers(model)[0]
+    dispatched = []
+    hook = router.register_forward_hook(lambda m, a, out: dispatched.append(out[0].sum()))
+    ids = _ids(5, (3, 8))
+    with torch.no_grad(), moe_route.record(model) as rec:
+        model(**inputs("switch_transformers", ids, model))
+    hook.remove()
+    layer = next(layer for layer in rec.stats if layer.name == name)
+    assert int(layer.counts.sum()) == int(layer.tokens.sum()) == ids.numel()
+    assert int(dispatched[0]) < ids.numel()  # the probe drops tokens
+    limits = {r["family"]: r["limits"] for r in supported()}
+    for family in ("switch_transformers", "nllb_moe"):
+        assert "record counts tokens dropped for expert capacity" in limits[family], family
+
+
+def test_axk2_zero_filled_groups_are_a_documented_limit():
+    """AXK2TopkRouter.apply_group_scoring fills the dropped groups' scores with 0.0, not -inf;
+    the gate never picks from a dropped group, so where a kept expert's biased score is below 0
+    the two can differ. ``moe-route supported`` says so for axk2 (and for no other family of its
+    adapter)."""
+    limits = {r["family"]: r["limits"] for r in supported()}
+    assert "dropped groups filled with 0.0, not -inf" in limits["axk2"]
+    assert "below 0" in limits["axk2"]
+    assert not limits["deepseek_v3"] and not limits["beam"]

@@ -300,3 +300,37 @@ def test_two_models_recorded_in_threads_do_not_mix():
         t.join()
     assert not errors, errors
     assert results == {"olmoe": [16, 16], "mixtral": [10, 10]}
+
+
+def test_nested_patch_block_undoes_only_what_it_did():
+    """``with patch(model):`` inside record/steer returns their patch; leaving the block puts back
+    the mode it changed and leaves the patch to them (it goes when they end). Around an explicit
+    patch it restores the mode and keeps the patch; a block that patched removes the patch."""
+    model = build("qwen3_moe")
+    ids = _ids(13, (2, 6))
+    plan = moe_route.SteeringPlan.force(0, [5], on=True)
+    with torch.no_grad():
+        with moe_route.record(model) as rec:
+            with moe_route.patch(model, exact=True) as handle:
+                assert {s.exact for s in handle.routers.values()} == {True}
+                model(ids)
+            assert handle.active and {s.exact for s in handle.routers.values()} == {False}
+            model(ids)                                   # still recorded
+        assert [int(layer.tokens.sum()) for layer in rec.stats] == [24, 24]
+        assert not hasattr(model, "_moe_route_patch")    # record's patch went with it
+        with moe_route.steer(model, plan):
+            steered = model(ids).logits
+            with moe_route.patch(model):
+                pass
+            assert torch.equal(model(ids).logits, steered)
+        assert not hasattr(model, "_moe_route_patch")
+        handle = moe_route.patch(model)
+        with moe_route.patch(model, exact=True):
+            pass
+        assert handle.active and {s.exact for s in handle.routers.values()} == {False}
+        handle.remove()
+        with moe_route.patch(model) as handle:
+            with moe_route.patch(model, exact=True):
+                pass
+            assert handle.active
+        assert not handle.active and not hasattr(model, "_moe_route_patch")

@@ -1,11 +1,12 @@
 """moe_route.record: statistics against counts computed independently from the unpatched model."""
+import dataclasses
 import json
 
 import pytest
 import torch
 
 import moe_route
-from moe_route.hf import find_routers
+from moe_route.hf import adapters, find_routers
 
 from tiny_models import build, inputs, model_type, selected_experts
 from test_patch import SUPPORTED
@@ -102,8 +103,11 @@ def test_groups_masks_and_ignored_tokens():
     assert int(layer0.tokens[2]) == 8
 
 
-def test_generate_records_prompt_and_decode_tokens():
-    model = build("qwen3_moe")
+@pytest.mark.parametrize("family", ["qwen3_moe", "minimax"])
+def test_generate_records_prompt_and_decode_tokens(family):
+    """The phases of generate(): the prompt call has no cache, each decoding step continues one.
+    MiniMax's layer 0 is a linear-attention layer, whose cache layer reports no positions."""
+    model = build(family)
     prompt = _ids(2, (2, 5))
     new = 4
     for tokens, want in (("all", 2 * 5 + 2 * (new - 1)), ("prompt", 10), ("generated", 2 * (new - 1))):
@@ -345,3 +349,120 @@ def test_trace_agreement_of_a_steered_run(tmp_path, capsys):
     assert table[1].split() == [names[0], "32", "1.000", "1.000", "1.000", "0.0000"]
     assert main(["compare", a, str(tmp_path / "missing.safetensors")]) == 2
     assert "missing.safetensors' is not a file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("logits", ["returned", "recomputed"])
+def test_exact_mode_records_the_jitter_draw_the_model_routed(logits, monkeypatch):
+    """Switch jitters its router's input in training. Exact mode runs the router's own forward:
+    the statistics and the trace must come from the logits of that draw (read from the router's
+    output, or recomputed with the RNG set back to where the router drew), and recording must not
+    move the RNG stream, so the output stays bit-identical to the unpatched model's."""
+    dtype = torch.float32
+    if logits == "recomputed":
+        # an adapter that recomputes the logits; in bf16 Switch jitters an fp32 copy of its input,
+        # so a recompute leaves the experts' input alone
+        monkeypatch.setitem(adapters.REGISTRY, "SwitchTransformersTop1Router",
+                            dataclasses.replace(adapters.SWITCH_TOP1, logits_at=None))
+        dtype = torch.bfloat16
+    model = build("switch_transformers", dtype=dtype).train()
+    with torch.no_grad():
+        for _, router, _ in find_routers(model):
+            router.jitter_noise = 0.5
+            router.classifier.weight.normal_(0, 0.5)
+    kw = inputs("switch_transformers", _ids(4), model)
+    routed, hooks = {}, []
+    for name, router, _ in find_routers(model):  # the choice of the logits each call returned
+        hooks.append(router.register_forward_hook(
+            lambda m, a, out, n=name: routed.setdefault(n, []).append(
+                out[2].reshape(-1, out[2].shape[-1]).float().argmax(-1))))
+    with torch.no_grad():
+        torch.manual_seed(123)
+        ref = model(**kw).logits
+        routed.clear()
+        with moe_route.patch(model, exact=True), moe_route.record(model, trace=True) as rec:
+            torch.manual_seed(123)
+            ours = model(**kw).logits
+    for h in hooks:
+        h.remove()
+    assert torch.equal(ours, ref)
+    trace = rec.trace
+    for layer in rec.stats:
+        (chosen,) = routed[layer.name]
+        assert torch.equal(layer.counts[0], torch.bincount(chosen, minlength=8)), layer.name
+        assert torch.equal(trace[layer.name]["ids"][:, 0].long(), chosen), layer.name
+
+
+def test_positional_arguments_are_bound_to_the_forward_signature():
+    """``model(ids, mask)`` passes the attention mask positionally (OlmoeForCausalLM.forward's
+    second parameter): record skips its padding as it does for ``attention_mask=mask``."""
+    model = build("olmoe")
+    ids = _ids(3, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0                      # left padding of sequence 1
+    counts = []
+    for call in (lambda: model(input_ids=ids, attention_mask=mask), lambda: model(ids, mask)):
+        with moe_route.record(model) as rec, torch.no_grad():
+            call()
+        assert [int(layer.tokens.sum()) for layer in rec.stats] == [10, 10]
+        counts.append(rec.stats.stack("counts"))
+    assert torch.equal(counts[0], counts[1])
+
+
+@pytest.mark.parametrize("family", ["switch_transformers", "nllb_moe"])
+def test_encoder_decoder_routers_use_their_own_tokens(family):
+    """An encoder-decoder's encoder routers see input_ids (masked by attention_mask), its decoder
+    routers decoder_input_ids (masked by decoder_attention_mask); ignore_token_ids applies to
+    each stack's own ids. generate() runs the encoder through get_encoder(), not the model's
+    forward: its padding is still skipped, and each decoding step counts one token per row."""
+    model = build(family)
+    ids = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(3))
+    dec = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0                      # 2 padding tokens in the encoder input
+    dec_mask = torch.ones_like(dec)
+    dec_mask[0, 5:] = 0                  # 1 in the decoder input
+    ids[0, 1], dec[1, 2], dec[1, 3] = 7, 7, 7
+    want = {"encoder": int(((mask != 0) & (ids != 7)).sum()),            # 8
+            "decoder": int(((dec_mask != 0) & (dec != 7)).sum())}        # 9
+    with torch.no_grad(), moe_route.record(model, ignore_token_ids=[7]) as rec:
+        model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec,
+              decoder_attention_mask=dec_mask)
+    stacks = {layer.name: "encoder" if ".encoder." in f".{layer.name}" else "decoder"
+              for layer in rec.stats}
+    assert set(stacks.values()) == {"encoder", "decoder"}
+    for layer in rec.stats:
+        assert int(layer.tokens.sum()) == want[stacks[layer.name]], layer.name
+    with torch.no_grad(), moe_route.record(model) as rec:
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3,
+                             do_sample=False)
+    want = {"encoder": 10, "decoder": 2 * (out.shape[1] - 1)}  # the last token is not fed back
+    for layer in rec.stats:
+        assert int(layer.tokens.sum()) == want[stacks[layer.name]], layer.name
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("exact", [False, True])
+def test_gradient_checkpointing_counts_each_token_once(reentrant, exact):
+    """Activation checkpointing re-runs every decoder layer, routers included, inside backward:
+    those calls must not add to the statistics or the trace (each token once), while a steered
+    layer is still steered there (the gradients equal those without checkpointing)."""
+    model = build("olmoe").train()
+    ids = _ids(5, (2, 6))
+    plan = moe_route.SteeringPlan.promote(layers=[1], experts=[3], std=1.0)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:  # transformers 5.23 renamed it; 5.17 has only the old name
+            enable = getattr(model, "activation_checkpointing_enable", None) or \
+                model.gradient_checkpointing_enable
+            enable({"use_reentrant": reentrant})
+        model.zero_grad()
+        with moe_route.patch(model, exact=exact), moe_route.steer(model, plan), \
+                moe_route.record(model, trace=True) as rec:
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        assert [int(layer.tokens.sum()) for layer in rec.stats] == [12, 12]
+        assert [layer["ids"].shape[0] for layer in rec.trace.values()] == [12, 12]
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()
+                      if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)

@@ -140,9 +140,11 @@ def test_by_position_prefill_and_decode_match_one_forward(family):
         assert not torch.allclose(model(ids).logits, full, atol=1e-3)
 
 
-def test_by_position_with_generate():
-    """generate(): the prompt and every new token take the experts of their positions."""
-    model = build("qwen3_moe")
+@pytest.mark.parametrize("family", ["qwen3_moe", "minimax"])
+def test_by_position_with_generate(family):
+    """generate(): the prompt and every new token take the experts of their positions (MiniMax:
+    its cache's layer 0, a linear-attention layer, reports no positions)."""
+    model = build(family)
     B, P, N = 2, 5, 4
     prompt = _ids(9, (B, P))
     with torch.no_grad():
@@ -418,3 +420,63 @@ def test_trace_by_position_layout_and_errors():
         moe_route.trace_by_position({"r": rows}, 2, 3, length=4)
     with pytest.raises(ValueError, match="batch_size=0 must be an int >= 1"):
         moe_route.trace_by_position({"r": rows}, 0, 3)
+
+
+def test_by_position_reads_a_positional_cache():
+    """``model(ids, None, None, cache)`` passes the KV cache positionally (OlmoeForCausalLM.forward's
+    fourth parameter): the call continues at the cache's length, so it takes those positions."""
+    model = build("olmoe")
+    B, S, S0 = 2, 7, 4
+    ids = _ids(14, (B, S))
+    trace, _ = _trace(model, ids)
+    routing = _random_routing(trace, seed=15, shape=(B, S))
+    with moe_route.replay(model, routing), moe_route.record(model, trace=True) as rec, \
+            torch.no_grad():
+        cache = model(ids[:, :S0], use_cache=True).past_key_values
+        model(ids[:, S0:], None, None, cache)
+    for name, layer in rec.trace.items():
+        k = routing[name].shape[-1]
+        assert torch.equal(layer["ids"][B * S0:].long(), routing[name][:, S0:].reshape(-1, k))
+
+
+def test_past_length_of_a_model_call():
+    """Where a model call starts: its cache_position when given, else the longest layer of its
+    KV cache (layer 0 of a hybrid model can be a linear-attention layer reporting 0), else what
+    a 2-D attention mask longer than the call's tokens says."""
+    from moe_route.hf.model_calls import past_length
+
+    class Cache:  # get_seq_length(i) per layer, as transformers' Cache
+        def __init__(self, lengths):
+            self.lengths = lengths
+
+        def __len__(self):
+            return len(self.lengths)
+
+        def get_seq_length(self, layer_idx=0):
+            return self.lengths[layer_idx]
+
+    mask = torch.ones(2, 9, dtype=torch.long)
+    assert past_length({}, 3) == 0
+    assert past_length({"past_key_values": Cache([5, 5])}, 1) == 5
+    assert past_length({"past_key_values": Cache([0, 6])}, 1) == 6
+    assert past_length({"past_key_values": Cache([0, 0]), "attention_mask": mask}, 2) == 7
+    assert past_length({"past_key_values": Cache([0, 6]),
+                        "cache_position": torch.tensor([4, 5])}, 2) == 4
+    assert past_length({"attention_mask": mask}, 9) == 0
+
+
+def test_by_position_on_an_encoder_decoder():
+    """Switch: encoder routers take positions of input_ids, decoder routers of
+    decoder_input_ids (of another length)."""
+    model = build("switch_transformers")
+    ids, dec = _ids(16, (2, 6)), _ids(17, (2, 4))
+    routing = {}
+    g = torch.Generator().manual_seed(18)
+    for name, router, _ in find_routers(model):
+        S = ids.shape[1] if name.startswith("encoder.") else dec.shape[1]
+        routing[name] = torch.randint(0, router.num_experts, (2, S, 1), generator=g)
+    with moe_route.replay(model, routing), moe_route.record(model, trace=True) as rec, \
+            torch.no_grad():
+        model(input_ids=ids, decoder_input_ids=dec)
+    for name, layer in rec.trace.items():
+        assert torch.equal(layer["ids"].long(), routing[name].reshape(-1, 1)), name

@@ -79,7 +79,11 @@ class Adapter:
             come back in.
         top_k, num_experts: attribute paths (first one set wins) of k and E on the router (a
             ``top_k`` path starting ``block.`` is read from the MoE block, DBRX's ``moe_top_k``);
-            ``top_k`` may instead be an int, for a family with a fixed k (Switch, NLLB).
+            ``top_k`` may instead be an int, for a family with a fixed k (Switch, NLLB, PhiMoE).
+        jitter: ``(router, hidden_states) -> hidden_states``, run on the router's input as it
+            was passed (before flattening) ahead of the logits: the family's training noise on
+            its input, with the family's own ops, so where the family multiplies in place the
+            caller's tensor (and so the experts' input) changes as it does (Switch).
         linear: ``(router, x [T, H], *args, **kwargs) -> logits`` (``args``/``kwargs``: the
             router forward's other arguments), replacing the dtype recipe where the family's
             logits are more than one GEMM (Gemma4's norm and scale, Kolibri1's CUDA path).
@@ -91,6 +95,11 @@ class Adapter:
             weights, ids)``, or post-processes the gate's weights in PyTorch (Ernie's clamped
             renormalisation); ``args``/``kwargs`` are the router forward's other arguments
             (NLLB's padding mask).
+        logits_at: the index of the logits in the router's own output (read there, reshaped to
+            ``[T, E]``, by exact mode's statistics, so they are those of the draw the model
+            routed on); None where the output holds no logits (Gemma4 returns probabilities,
+            DBRX's block method is given them): exact mode recomputes them, with the RNG set
+            back to where the router drew (so a recompute must not change its input in place).
         fixed_choice: the router's choice is not a top-k of its scores (DeepSeek-V4's hash
             routing): the patch always runs the router's own forward, records the ``(logits,
             weights, ids)`` it returns, and refuses to steer it.
@@ -113,16 +122,18 @@ class Adapter:
     weights_dtype: str = "logits"
     top_k: Union[tuple, int] = ("top_k",)
     num_experts: tuple = ("num_experts",)
+    jitter: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None
     linear: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None
     pre: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None
     autocast: bool = True
     returns: Optional[Callable[..., tuple]] = None
+    logits_at: Optional[int] = 0
     fixed_choice: bool = False
     limits: str = ""
     block_method: Optional[str] = None
 
     def k(self, router, block: Optional[nn.Module] = None) -> int:
-        if isinstance(self.top_k, int):  # a fixed k (Switch's top-1, NLLB's top-2)
+        if isinstance(self.top_k, int):  # a fixed k (Switch's top-1, NLLB's and PhiMoE's top-2)
             return self.top_k
         for name in self.top_k:
             owner, path = (block, name[6:]) if name.startswith("block.") else (router, name)
@@ -141,6 +152,8 @@ class Adapter:
     def logits(self, router, hidden_states: torch.Tensor, args=(), kwargs=None) -> torch.Tensor:
         if self.block_method is not None:  # the block's method is given the router's logits
             return hidden_states.reshape(-1, hidden_states.shape[-1])
+        if self.jitter is not None:
+            hidden_states = self.jitter(router, hidden_states)
         w = _attr(router, self.weight)
         x = hidden_states.reshape(-1, w.shape[1])
         if not self.autocast and torch.is_autocast_enabled(x.device.type):
@@ -185,7 +198,8 @@ class Adapter:
             raise UnsupportedModelError(
                 f"TopKRouter.from_module: {type(router).__name__} does not choose by top-k of its "
                 f"scores, so no TopKRouter reproduces it")
-        hook = next((h for h in ("linear", "pre", "returns") if getattr(self, h) is not None), None)
+        hook = next((h for h in ("jitter", "linear", "pre", "returns")
+                     if getattr(self, h) is not None), None)
         if hook is not None:
             raise UnsupportedModelError(
                 f"TopKRouter.from_module: {type(router).__name__} needs the {self.name!r} "
@@ -336,14 +350,22 @@ def _llama4_returns(router, block, hidden_states, z, w, ids):
     return torch.sigmoid(scores.float()).to(scores.dtype), z
 
 
+def _switch_jitter(router, hidden_states):
+    # SwitchTransformersTop1Router in training: `hidden_states *= uniform(1 - jitter, 1 + jitter)`
+    # after a cast to router_dtype that returns the same tensor when the dtypes match (an fp32
+    # model): the multiplication is then in place and the block's experts get the jittered
+    # tokens too. The family's own statements, on the tensor the router was given
+    hidden_states = hidden_states.to(router.dtype)
+    if router.training and router.jitter_noise > 0:
+        hidden_states *= torch.empty_like(hidden_states).uniform_(1.0 - router.jitter_noise,
+                                                                  1.0 + router.jitter_noise)
+    return hidden_states
+
+
 def _classifier_linear(router, x, *args, **kwargs):
     # SwitchTransformersTop1Router, NllbMoeTop2Router: the input and the classifier in
-    # router_dtype (fp32); Switch multiplies the input by uniform(1 - jitter, 1 + jitter) noise in
-    # training (the same draw as the family's: one uniform_ over a tensor of the input's size)
+    # router_dtype (fp32)
     x = x.to(router.dtype)
-    jitter = getattr(router, "jitter_noise", 0.0)
-    if router.training and jitter and jitter > 0:
-        x = x * torch.empty_like(x).uniform_(1.0 - jitter, 1.0 + jitter)
     c = router.classifier
     b = c.bias.to(router.dtype) if c.bias is not None else None
     return F.linear(x, c.weight.to(router.dtype), b)
@@ -554,7 +576,7 @@ SOFTMAX_TOPK_RENORM_WG = Adapter("softmax_topk_renorm", "S1b", _s1(lambda r: Tru
 SOFTMAX_TOPK_RENORM_GEMMA4 = Adapter("softmax_topk_renorm_scaled", "S1b", _s1(lambda r: True),
                                      weight="proj.weight", linear=_gemma4_linear,
                                      weights_dtype="float32", returns=_gemma4_returns,
-                                     top_k=("config.top_k_experts",))
+                                     top_k=("config.top_k_experts",), logits_at=None)
 # JambaTopKRouter: never renormalised; weights in the input dtype
 SOFTMAX_TOPK_NO_RENORM = Adapter("softmax_topk", "S1c", _gate(), weights_dtype="input")
 TOPK_SOFTMAX_BIAS = Adapter("topk_softmax", "S2",
@@ -577,6 +599,14 @@ TOPK_SOFTMAX_PER_K = Adapter("topk_softmax", "S2",
 SIGMOID_GROUPED = Adapter("sigmoid_grouped", "S3", _s3,
                           selection_bias="router:e_score_correction_bias",
                           linear_dtype=torch.float32)
+# AXK2TopkRouter: the same, grouped only when n_group is set; its apply_group_scoring fills the
+# dropped groups' scores with 0.0 instead of -inf, so where a kept expert's biased score (sigmoid +
+# e_score_correction_bias) is below 0 it can choose an expert of a dropped group, which the gate
+# never does (the same ids whenever k experts of the kept groups score above 0)
+SIGMOID_GROUPED_ZERO_FILL = dataclasses.replace(
+    SIGMOID_GROUPED, limits="dropped groups filled with 0.0, not -inf: where a kept expert's "
+                            "biased score is below 0 the model may choose from a dropped group, "
+                            "moe_route does not")
 # MiniMaxM2TopKRouter: input in the weight's dtype, fp32 sigmoid, the block's bias as the
 # forward's argument, renormalised (no eps); fp32 weights
 SIGMOID_TOPK_ARG_BIAS = Adapter("sigmoid_topk", "S4", _gate("sigmoid", renorm=True),
@@ -665,27 +695,34 @@ SOFTMAX_GROUPED_FP32 = Adapter("softmax_grouped", "S6b", _s6b(lambda r: True),
 # Llama4Router (an nn.Linear): top-k of the logits, sigmoid of each; dense scores returned
 LOGIT_TOPK_DENSE_SIGMOID = Adapter("logit_topk_dense_sigmoid", "S7",
                                    lambda r, b=None: RouterSpec("sigmoid", select_on="logits"),
-                                   returns=_llama4_returns)
+                                   returns=_llama4_returns, logits_at=1)
+# record's statistics and trace hold each token's choice; Switch and NLLB then drop the tokens
+# beyond an expert's capacity
+_CAPACITY_LIMIT = "record counts tokens dropped for expert capacity as routed to their choice"
 # SwitchTransformersTop1Router: fp32 softmax top-1 (the weight is the chosen probability, in the
 # input dtype); the one-hot dispatch with its per-sequence expert capacity is rebuilt from the
-# gate's id. (A half-precision model takes the argmax of probabilities rounded to its dtype, the
-# gate of fp32 ones: experts closer than that rounding may swap.)
+# gate's id. The gate's statistics count that id for every token, so a token the dispatch drops
+# for capacity is still counted (a limit). (A half-precision model takes the argmax of
+# probabilities rounded to its dtype, the gate of fp32 ones: experts closer than that rounding
+# may swap.)
 SWITCH_TOP1 = Adapter("switch_top1", "S7", lambda r, b=None: RouterSpec("softmax"),
                       weight="classifier.weight", weights_dtype="input", top_k=1,
-                      linear=_classifier_linear,
-                      returns=_switch_returns)
+                      jitter=_switch_jitter, linear=_classifier_linear,
+                      returns=_switch_returns, logits_at=2, limits=_CAPACITY_LIMIT)
 # NllbMoeTop2Router: fp32 softmax top-2 (second_expert_policy "all" only); the family's masks,
-# capacity and combine weights rebuilt from the gate's ids (the Switch caveat on half precision
-# applies to the top-1 choice)
+# capacity and combine weights rebuilt from the gate's ids (the Switch caveats on half precision
+# and on capacity drops in the statistics apply)
 NLLB_TOP2 = Adapter("nllb_top2", "S7", _nllb_spec, weight="classifier.weight",
                     weights_dtype="input", top_k=2, linear=_classifier_linear,
-                    returns=_nllb_returns,
-                    limits="second_expert_policy 'all' only (the others sample)")
+                    returns=_nllb_returns, logits_at=2,
+                    limits=f"second_expert_policy 'all' only (the others sample); "
+                           f"{_CAPACITY_LIMIT}")
 # PhimoeTopKRouter: top-2 of the logits (sparsemixer's eval choices), weights rebuilt by the
-# family's sparsemixer from the gate's ids; eval only. The gate (and so the statistics) sees a
-# plain softmax top-2: same ids, its weights are the full-softmax probabilities, not
-# sparsemixer's masked ones
-SPARSEMIXER = Adapter("sparsemixer", "S7", lambda r, b=None: RouterSpec("softmax"),
+# family's sparsemixer from the gate's ids; eval only. Sparsemixer always picks two experts: the
+# router's top_k (num_experts_per_tok) is passed to it and ignored, so k is fixed like NLLB's.
+# The gate (and so the statistics) sees a plain softmax top-2: same ids, its weights are the
+# full-softmax probabilities, not sparsemixer's masked ones
+SPARSEMIXER = Adapter("sparsemixer", "S7", lambda r, b=None: RouterSpec("softmax"), top_k=2,
                       linear=_phimoe_linear, returns=_phimoe_returns,
                       limits="eval only (training samples its experts)")
 # JetMoeTopKGating: fp32 logits after the GEMM, top-k of the logits, softmax over the k in fp32,
@@ -694,7 +731,7 @@ SPARSEMIXER = Adapter("sparsemixer", "S7", lambda r, b=None: RouterSpec("softmax
 JETMOE = Adapter("topk_softmax_plan", "S2",
                  lambda r, b=None: RouterSpec("softmax", select_on="logits"),
                  weight="layer.weight", logits_dtype=torch.float32, weights_dtype="input",
-                 returns=_jetmoe_returns)
+                 returns=_jetmoe_returns, logits_at=4)
 # InklingTopkRouter: fp32 with autocast off, sigmoid of the routed logits plus a selection bias;
 # weights normalised together with the shared experts' (the returns hook)
 INKLING = Adapter("sigmoid_topk_shared_norm", "S7", _gate("sigmoid"),
@@ -711,7 +748,7 @@ ZAYA = Adapter("softmax_topk_skip", "S5", _gate(), weight="down_proj.weight",
 # DbrxRouter returns only its logits; the gate replaces DbrxFFN.route_tokens_to_experts, which
 # routes them (softmax in the logits' dtype: the Lfm2 caveat on half-precision scores applies)
 DBRX = Adapter("dbrx_softmax_topk", "S1d", _dbrx_spec, weight="layer.weight",
-               top_k=("block.top_k",), returns=_dbrx_returns,
+               top_k=("block.top_k",), returns=_dbrx_returns, logits_at=None,
                block_method="route_tokens_to_experts")
 
 # Each adapter is defined by the forward of one exemplar router class (module, class). Any other
@@ -732,9 +769,7 @@ EXEMPLARS: dict[str, tuple[Adapter, str]] = {
     "DeepseekV3TopkRouter": (SIGMOID_GROUPED, "deepseek_v3"),
     # BeamTopKRouter: sorted top-k, no scaling factor on the router (its block scales)
     "BeamTopKRouter": (SIGMOID_GROUPED, "beam"),
-    # AXK2TopkRouter: groups only when n_group is set, and the other groups are filled with 0.0
-    # instead of -inf: the same ids whenever k experts of the kept groups score above 0
-    "AXK2TopkRouter": (SIGMOID_GROUPED, "axk2"),
+    "AXK2TopkRouter": (SIGMOID_GROUPED_ZERO_FILL, "axk2"),
     "MiniMaxM2TopKRouter": (SIGMOID_TOPK_ARG_BIAS, "minimax_m2"),
     "MiniMaxM3VLTopKRouter": (SIGMOID_TOPK_BIAS, "minimax_m3_vl"),
     "HYV3TopKRouter": (SIGMOID_TOPK_ARG_BIAS_SCALED, "hy_v3"),

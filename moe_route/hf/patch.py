@@ -69,52 +69,93 @@ class RouterState:
 
     def __call__(self, router, hidden_states, args, kwargs):
         ad = self.adapter
+        # activation checkpointing re-runs the router inside backward: route it (steered,
+        # replayed) as in the forward, but do not count its tokens a second time
+        stats, trace = (None, None) if _in_backward() else (self.stats, self.trace)
         if ad.fixed_choice:  # the router's own choice (hash routing), recorded as it is
-            return self._record_own(hidden_states, args, kwargs)
+            return self._record_own(hidden_states, args, kwargs, stats, trace)
         if self.exact and self.steer is None and self.replay is None:
+            recording = stats is not None or trace is not None
+            drawn = _rng_state(hidden_states.device) if recording and ad.logits_at is None else None
             out = self.original(hidden_states, *args, **kwargs)
-            if self.stats is not None or self.trace is not None:
-                z = ad.logits(router, hidden_states, args, kwargs)
+            if recording:
+                z = self._own_logits(router, hidden_states, args, kwargs, out, drawn)
                 groups = self._groups(z)
                 w, ids = topk_gate(z, self.top_k, self.spec,
                                    selection_bias=ad.selection_bias_of(router, self.block, args),
-                                   stats=self.stats, groups=groups)
-                if self.trace is not None:
-                    self.trace(self.name, z, w, ids, groups)
+                                   stats=stats, groups=groups)
+                if trace is not None:
+                    trace(self.name, z, w, ids, groups)
             return out
         z = ad.logits(router, hidden_states, args, kwargs)
-        groups = self._groups(z)
+        groups = self._groups(z) if stats is not None or trace is not None else None
         replay = self.replay(z.shape[0], z.device) if self.replay is not None else None
         w, ids = route(z, self.top_k, self.spec,
                        selection_bias=ad.selection_bias_of(router, self.block, args),
-                       steer=self.steer, stats=self.stats, groups=groups, replay=replay,
+                       steer=self.steer, stats=stats, groups=groups, replay=replay,
                        weights_dtype=ad.weights_out_dtype(z, hidden_states))
-        if self.trace is not None:
-            self.trace(self.name, z, w, ids, groups)
+        if trace is not None:
+            trace(self.name, z, w, ids, groups)
         if ad.returns is not None:  # a family that returns more or other than (z, w, ids)
             return ad.returns(router, self.block, hidden_states, z, w, ids, *args, **kwargs)
         return z, w, ids
 
-    def _record_own(self, hidden_states, args, kwargs):
+    def _own_logits(self, router, hidden_states, args, kwargs, out, drawn):
+        """The logits the router's own forward routed on (exact mode): from its output, else
+        recomputed from the RNG state ``drawn`` it started from (a router that jitters its input,
+        Switch, draws again on a recompute), putting the RNG back where the router left it."""
+        at = self.adapter.logits_at
+        if at is not None:
+            z = out[at]
+            return z.reshape(-1, z.shape[-1])
+        device = hidden_states.device
+        after = _rng_state(device)
+        _set_rng_state(device, drawn)
+        try:
+            return self.adapter.logits(router, hidden_states, args, kwargs)
+        finally:
+            _set_rng_state(device, after)
+
+    def _record_own(self, hidden_states, args, kwargs, stats, trace):
         if self.steer is not None or self.replay is not None:
             what = "steered" if self.steer is not None else "replayed"
             raise UnsupportedModelError(f"{self.name} ({self.adapter.name}) does not choose its "
                                         f"experts by score; it cannot be {what}")
         out = self.original(hidden_states, *args, **kwargs)
-        if self.stats is not None or self.trace is not None:
+        if stats is not None or trace is not None:
             z, w, ids = out[0].reshape(-1, self.num_experts), out[1], out[2]
             groups = self._groups(z)
-            if self.stats is not None:
+            if stats is not None:
                 reference.accumulate_stats(z.float(), self.spec.score, w.float(), ids, groups,
-                                           *self.stats.buffers())
-            if self.trace is not None:
-                self.trace(self.name, z, w, ids, groups)
+                                           *stats.buffers())
+            if trace is not None:
+                trace(self.name, z, w, ids, groups)
         return out
 
     def _groups(self, z):
         if self.groups is None:
             return None
         return self.groups(z.shape[0], z.device)
+
+
+def _in_backward() -> bool:
+    """Whether the autograd engine is running a backward on this thread (activation
+    checkpointing recomputes a layer's forward there: in CheckpointFunction.backward with
+    use_reentrant=True, in a saved-tensor unpack hook without). torch.compile traces no Python
+    backward, so a compiled call is never inside one."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
+def _rng_state(device: torch.device) -> tuple:
+    """The CPU generator's state and that of ``device``'s generator (a CUDA device's)."""
+    return (torch.get_rng_state(),
+            torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(device: torch.device, state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def _patched_forward(self, hidden_states, *args, **kwargs):
@@ -202,19 +243,34 @@ def find_routers(model: nn.Module) -> list[tuple[str, nn.Module, Optional[nn.Mod
     return found
 
 
+@dataclass(frozen=True)
+class _Before:
+    """What one ``patch()`` call changed: whether it created the patch, and else whether the
+    patch was explicit and each router's mode before it."""
+
+    created: bool
+    explicit: bool = False
+    exact: Optional[dict] = None
+
+
 class PatchHandle:
-    """The patch of one model: ``remove()`` (or leaving the ``with`` block) restores it.
+    """The patch of one model: ``remove()`` restores it; leaving a ``with patch(model):`` block
+    undoes what that ``patch()`` call did.
 
     ``routers`` maps each router's module path to its ``RouterState``. ``patch`` on a patched
-    model returns the existing handle.
+    model returns the existing handle; a ``with`` block over it then restores the mode and
+    leaves the patch in place (to the earlier ``patch()`` call, or to the record/steer/replay
+    contexts that use it, which remove it when the last one ends).
     """
 
     def __init__(self, model: nn.Module, exact: bool):
         self.model = model
         self.routers: dict[str, RouterState] = {}
-        self._owners = 0          # record/steer contexts using an implicit patch
+        self._owners = 0          # record/steer/replay contexts using the patch
         self._explicit = False    # patch() was called by the user
         self._saved: list = []    # (module, attribute, what was there) for every attribute set
+        self._last_call: Optional[_Before] = None   # what the latest patch() call changed
+        self._blocks: list = []   # per open ``with`` block: what its patch() call changed
         found = find_routers(model)
         for name, router, block in found:
             adapter = adapter_for(router)
@@ -278,10 +334,23 @@ class PatchHandle:
             self.model.__dict__.pop(_HANDLE, None)
 
     def __enter__(self):
+        self._blocks.append(self._last_call)
+        self._last_call = None
         return self
 
     def __exit__(self, *exc):
-        self.remove()
+        before = self._blocks.pop() if self._blocks else None
+        with _LOCK:
+            if before is None or before.created:  # the block's patch() call patched the model
+                self._explicit = False
+                self.set_exact(False)  # what record/steer/replay still using it would have made
+            else:
+                self._explicit = before.explicit
+                for name, state in self.routers.items():
+                    state.exact = before.exact[name]
+            done = self._owners == 0 and not self._explicit
+        if done:
+            self.remove()
         return False
 
     def __repr__(self):
@@ -293,13 +362,21 @@ def patch(model: nn.Module, *, exact: bool = False) -> PatchHandle:
     """Route every MoE router of ``model`` through the fused gate; returns the handle.
 
     Idempotent: patching a patched model returns its handle (switching its mode to ``exact``).
-    Use as a context manager to unpatch on exit. Raises ``UnsupportedModelError`` for a model
-    with a router moe_route has no adapter for (``moe_route.supported()`` lists them).
+    Use as a context manager to undo the call on exit: unpatch if it patched the model, else put
+    back the mode (and leave the patch to whoever made it: an earlier call, record, steer).
+    Raises ``UnsupportedModelError`` for a model with a router moe_route has no adapter for
+    (``moe_route.supported()`` lists them).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch: model must be a torch.nn.Module, got {type(model).__name__}")
     with _LOCK:
-        handle = getattr(model, _HANDLE, None) or PatchHandle(model, exact)
+        handle = getattr(model, _HANDLE, None)
+        if handle is None:
+            handle, before = PatchHandle(model, exact), _Before(created=True)
+        else:
+            before = _Before(created=False, explicit=handle._explicit,
+                             exact={name: s.exact for name, s in handle.routers.items()})
+        handle._last_call = before  # what a ``with`` block over this call undoes on exit
         handle.set_exact(exact)
         handle._explicit = True
     return handle

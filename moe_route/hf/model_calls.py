@@ -1,0 +1,115 @@
+"""What a model call was given, for ``record`` and ``replay``: its forward's arguments by name.
+
+Both work out which tokens a model call routes (its token ids, attention mask and KV cache) in a
+forward pre-hook. A model's routers route the tokens of one *stack*: the model's own forward for
+a decoder-only model; the encoder's or the decoder's forward for an encoder-decoder (Switch,
+NLLB), whose encoder routers see ``input_ids`` and decoder routers ``decoder_input_ids``, each
+with its own mask, and whose ``generate()`` calls the encoder through ``get_encoder()``, never
+through the model's forward. So the hooks go on the stacks, each seeing its own ``input_ids``
+and ``attention_mask``. Arguments may come positionally (``model(ids, mask)``, as the forward's
+signature allows): the hook binds them to the parameter names of the module class's forward,
+read once when the hook is registered; the hook itself only zips names and values, which
+torch.compile traces.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["positional_names", "stacks", "stack_of", "watch", "past_length", "cache_length"]
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def positional_names(module: nn.Module) -> tuple:
+    """The parameter names that positional arguments of ``module``'s forward bind to, in order.
+    Read from the class's forward: accelerate's hooks replace the instance's with a wrapper that
+    takes ``*args``."""
+    params = list(inspect.signature(type(module).forward).parameters.values())[1:]  # no self
+    return tuple(p.name for p in params if p.kind in _POSITIONAL)
+
+
+def stacks(model: nn.Module) -> dict:
+    """``{module path: module}`` of the forwards whose tokens a model's routers route: the model
+    itself (path ""), or an encoder-decoder's (``config.is_encoder_decoder``) encoder and
+    decoder."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False):
+        return {"": model}
+    wanted = [model.get_encoder(), model.get_decoder()]
+    found = {name: module for name, module in model.named_modules()
+             if any(module is w for w in wanted) and module is not model}
+    if len(found) != 2:
+        raise ValueError(f"{type(model).__name__}: an encoder-decoder whose get_encoder() and "
+                         f"get_decoder() are not two submodules (found {sorted(found)})")
+    return found
+
+
+def stack_of(paths, router: str) -> str:
+    """The path (one of ``paths``, from ``stacks``) of the stack a router's module path is in."""
+    inside = [p for p in paths if p == "" or router.startswith(p + ".")]
+    if not inside:
+        raise ValueError(f"{router} is in none of the model's stacks {sorted(paths)}")
+    return max(inside, key=len)
+
+
+def watch(model: nn.Module, on_call: Callable[[str, dict], None]) -> list:
+    """Call ``on_call(stack, arguments)`` before every forward of each of ``model``'s stacks
+    (``stacks``), with the stack's path and the call's arguments by parameter name (positional
+    ones bound to the stack forward's signature); returns the hooks' handles (``remove()``)."""
+    handles = []
+    for path, module in stacks(model).items():
+        names = positional_names(module)
+
+        def hook(module, args, kwargs, path=path, names=names):
+            call = dict(zip(names, args))
+            call.update(kwargs)
+            on_call(path, call)
+
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    return handles
+
+
+def past_length(call: Mapping, S: int) -> int:
+    """How many positions of each sequence come before the ``S`` tokens of a model call (its
+    arguments by name): the call's ``cache_position[0]`` when it is given one; else the length of
+    its KV cache (``past_key_values``), or the 2-D attention mask's length minus ``S`` where that
+    is more (a cache none of whose layers report positions). 0 for a call without either. Reading
+    a tensor (``cache_position``, a static cache's length) syncs with its device."""
+    position = call.get("cache_position")
+    if isinstance(position, torch.Tensor) and position.numel():
+        return int(position.reshape(-1)[0])
+    past = cache_length(call.get("past_key_values"))
+    mask = call.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        past = max(past, mask.shape[1] - S)
+    return past
+
+
+def cache_length(cache) -> int:
+    """The positions a KV cache holds: ``get_seq_length()`` (layer 0, or a hybrid cache's first
+    attention layer), else the longest of its layers. MiniMaxCache's layer 0 belongs to a
+    linear-attention layer: it holds no positions and reports 0 at every step."""
+    if cache is None:
+        return 0
+    length = _layer_length(cache, None)
+    if length == 0:
+        try:
+            layers = len(cache)
+        except TypeError:
+            layers = 0
+        for i in range(1, layers):
+            length = max(length, _layer_length(cache, i))
+    return length
+
+
+def _layer_length(cache, layer) -> int:
+    try:
+        return int(cache.get_seq_length() if layer is None else cache.get_seq_length(layer))
+    except (AttributeError, TypeError, ValueError, IndexError):
+        # no get_seq_length, or a layer that tracks no length (a hybrid cache's linear layers)
+        return 0
