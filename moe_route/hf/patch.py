@@ -78,8 +78,8 @@ class RouterState:
             recording = stats is not None or trace is not None
             drawn = _rng_state(hidden_states.device) if recording and ad.logits_at is None else None
             out = self.original(hidden_states, *args, **kwargs)
-            if recording:
-                z = self._own_logits(router, hidden_states, args, kwargs, out, drawn)
+            if recording:  # statistics only: the model's output stays the router's own
+                z = self._own_logits(router, hidden_states, args, kwargs, out, drawn).detach()
                 groups = self._groups(z)
                 w, ids = topk_gate(z, self.top_k, self.spec,
                                    selection_bias=ad.selection_bias_of(router, self.block, args),
@@ -126,8 +126,8 @@ class RouterState:
             z, w, ids = out[0].reshape(-1, self.num_experts), out[1], out[2]
             groups = self._groups(z)
             if stats is not None:
-                reference.accumulate_stats(z.float(), self.spec.score, w.float(), ids, groups,
-                                           *stats.buffers())
+                reference.accumulate_stats(z.detach().float(), self.spec.score,
+                                           w.detach().float(), ids, groups, *stats.buffers())
             if trace is not None:
                 trace(self.name, z, w, ids, groups)
         return out
