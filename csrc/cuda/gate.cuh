@@ -493,7 +493,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
         const float var = warp_sum(q);
         const int dof = p.std_unbiased ? E - 1 : E;
         sd = dof > 0 ? sqrtf(var / float(dof)) : 0.f;
-        sd = isnan(sd) ? INFINITY : sd;  // overflow: inf or NaN by summation order (reference)
+        sd = sd != sd ? INFINITY : sd;  // overflow: inf or NaN by summation order (reference)
       }
 #pragma unroll
       for (int i = 0; i < VPT; ++i) {
