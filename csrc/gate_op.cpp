@@ -8,6 +8,8 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <cstdint>
+#include <iterator>
 #include <sstream>
 #include <string>
 
@@ -51,39 +53,48 @@ T* check_opt(const OptTensor& t, const char* name, std::initializer_list<int64_t
   return static_cast<T*>(keep->data_ptr());
 }
 
-// Whether the bytes a and b span in one storage intersect (reference.py: _shares_memory). A
-// span, not the elements: conservative for interleaved views, which no caller needs here.
-bool spans_intersect(const at::Tensor& a, const at::Tensor& b) {
-  if (a.numel() == 0 || b.numel() == 0 || !a.has_storage() || !b.has_storage() ||
-      !a.storage().is_alias_of(b.storage()))
-    return false;
-  auto span = [](const at::Tensor& t) {
-    int64_t lo = t.storage_offset(), hi = t.storage_offset();
-    for (int64_t d = 0; d < t.dim(); ++d) {
-      const int64_t reach = (t.size(d) - 1) * t.stride(d);
-      (reach < 0 ? lo : hi) += reach;
-    }
-    return std::make_pair(lo * t.element_size(), (hi + 1) * t.element_size());
-  };
-  const auto sa = span(a), sb = span(b);
-  return sa.first < sb.second && sb.first < sa.second;
+// The addresses a tensor's elements span (reference.py: _shares_memory). A span, not the
+// elements: conservative for interleaved views, which no caller needs here. Addresses, not
+// storages: two tensors made over the same memory (from_blob, from_numpy) have two storages.
+struct Span {
+  const char* name = nullptr;
+  uintptr_t lo = 0, hi = 0;  // [lo, hi); empty for a tensor without data
+};
+
+Span span_of(const char* name, const at::Tensor& t) {
+  Span s{name};
+  if (!t.defined() || t.numel() == 0 || !t.has_storage()) return s;
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();  // no refcount traffic: T=1 calls
+  const auto base = reinterpret_cast<uintptr_t>(impl->data());
+  if (base == 0) return s;
+  int64_t lo = 0, hi = 0;
+  for (int64_t d = 0; d < impl->dim(); ++d) {
+    const int64_t reach = (impl->size(d) - 1) * impl->stride(d);
+    (reach < 0 ? lo : hi) += reach;
+  }
+  const auto size = static_cast<int64_t>(impl->itemsize());
+  s.lo = base + lo * size;
+  s.hi = base + (hi + 1) * size;
+  return s;
+}
+
+Span span_of(const char* name, const OptTensor& t) {
+  return t.has_value() ? span_of(name, *t) : Span{name};
 }
 
 // A statistics buffer is written while the other arguments are read (and while the other
 // buffers are written): one that shares memory with any of them changes what the gate reads.
-using NamedArgs = std::initializer_list<std::pair<const char*, const OptTensor*>>;
-void check_no_overlap(NamedArgs written, NamedArgs read) {
-  auto present = [](const OptTensor* t) { return t->has_value() && (*t)->defined(); };
-  for (auto w = written.begin(); w != written.end(); ++w) {
-    if (!present(w->second)) continue;
-    auto check = [&](const char* name, const OptTensor* other) {
-      if (!present(other)) return;
-      TORCH_CHECK_VALUE(!spans_intersect(**w->second, **other),
-                        "topk_gate: ", w->first, " shares memory with ", name, "; statistics "
-                        "buffers are written in place and must not overlap any other argument");
-    };
-    for (const auto& r : read) check(r.first, r.second);
-    for (auto o = written.begin(); o != w; ++o) check(o->first, o->second);
+// `spans` lists the n_written buffers first, then the arguments only read; the order of the
+// checks, and so the pair an error names, is the reference's.
+void check_no_overlap(const Span* spans, size_t n, size_t n_written) {
+  auto check = [](const Span& a, const Span& b) {
+    TORCH_CHECK_VALUE(!(a.lo < b.hi && b.lo < a.hi), "topk_gate: ", a.name, " shares memory with ",
+                      b.name, "; statistics buffers are written in place and must not overlap "
+                      "any other argument");
+  };
+  for (size_t w = 0; w < n_written; ++w) {
+    for (size_t r = n_written; r < n; ++r) check(spans[w], spans[r]);
+    for (size_t o = 0; o < w; ++o) check(spans[w], spans[o]);
   }
 }
 
@@ -162,12 +173,25 @@ void prepare_gate(const at::Tensor& logits, int64_t k, c10::string_view score,
   p.coact = check_opt<int64_t>(coact, "coact", {E, E}, {at::kLong}, logits, nullptr);
   TORCH_CHECK_VALUE(G != 0, "topk_gate: statistics buffers need at least one group, got G=0");
   if (p.tokens || p.counts || p.prob_sum || p.weight_sum || p.entropy_sum || p.coact) {
-    const OptTensor logits_opt(logits);
-    check_no_overlap({{"tokens", &tokens}, {"counts", &counts}, {"prob_sum", &prob_sum},
-                      {"weight_sum", &weight_sum}, {"entropy_sum", &entropy_sum},
-                      {"coact", &coact}},
-                     {{"logits", &logits_opt}, {"selection_bias", &selection_bias},
-                      {"steer", &steer}, {"groups", &groups}, {"replay", &replay}});
+    // The buffers were checked contiguous and of their shapes above: their spans follow from
+    // the data pointers without asking the tensors again.
+    auto buffer = [](const char* name, const void* data, int64_t numel, int64_t size) {
+      const auto lo = reinterpret_cast<uintptr_t>(data);
+      return data ? Span{name, lo, lo + static_cast<uintptr_t>(numel * size)} : Span{name};
+    };
+    const Span spans[] = {
+        buffer("tokens", p.tokens, G, 8),
+        buffer("counts", p.counts, G * E, 8),
+        buffer("prob_sum", p.prob_sum, G * E, 4),
+        buffer("weight_sum", p.weight_sum, G * E, 4),
+        buffer("entropy_sum", p.entropy_sum, G, 4),
+        buffer("coact", p.coact, E * E, 8),
+        span_of("logits", logits),
+        span_of("selection_bias", selection_bias),
+        span_of("steer", steer),
+        span_of("groups", groups),
+        span_of("replay", replay)};
+    check_no_overlap(spans, std::size(spans), 6);
   }
   p.G = G < 0 ? INT64_MAX : G;  // no per-group buffer: groups only mark tokens to skip
 

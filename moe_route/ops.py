@@ -298,9 +298,11 @@ def topk_gate(logits: torch.Tensor, k: int, spec: Optional[RouterSpec] = None, *
                              None, groups, replay, None)
             _explain_bad_call(logits, k, spec, selection_bias, None, groups, _NO_STATS, replay)
             raise
-    _check_spec(spec)
-    k = _check_k(k)
-    if isinstance(logits, torch.Tensor) and logits.requires_grad and torch.is_grad_enabled():
+    if type(spec) is not RouterSpec:  # type() tests first: these calls take microseconds
+        _check_spec(spec)
+    if type(k) is not int:
+        k = _check_k(k)
+    if getattr(logits, "requires_grad", False) and torch.is_grad_enabled():
         return _differentiable_gate(logits, k, spec, selection_bias, steer, stats, groups, replay)
     steer_table, select_only, unbiased = None, False, False
     if steer is not None:

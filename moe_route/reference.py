@@ -245,16 +245,17 @@ def check_gate_args(logits, k, score, select_on, selection_bias, n_group, topk_g
 
 
 def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the byte ranges a and b span in one storage intersect (tensors with data)."""
+    """Whether the addresses a's and b's elements span intersect (tensors with data). Addresses,
+    not storages: two tensors made over the same memory (from_numpy twice) have two storages."""
     if a.device != b.device or a.device.type == "meta" or a.numel() == 0 or b.numel() == 0:
-        return False
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return False
 
     def span(t):
-        lo = t.storage_offset() + sum(min(0, (n - 1) * s) for n, s in zip(t.shape, t.stride()))
-        hi = t.storage_offset() + sum(max(0, (n - 1) * s) for n, s in zip(t.shape, t.stride()))
-        return lo * t.element_size(), (hi + 1) * t.element_size()
+        lo = t.data_ptr() + t.element_size() * sum(min(0, (n - 1) * s)
+                                                   for n, s in zip(t.shape, t.stride()))
+        hi = t.data_ptr() + t.element_size() * (sum(max(0, (n - 1) * s)
+                                                    for n, s in zip(t.shape, t.stride())) + 1)
+        return lo, hi
 
     (a0, a1), (b0, b1) = span(a), span(b)
     return a0 < b1 and b0 < a1

@@ -26,6 +26,8 @@ def logits():
 # Storage that two arguments of one case share (no case writes them: each call raises first).
 _SHARED_TE, _SHARED_1E, _SHARED_2E = z(T, E), z(1, E), z(2, E)
 _SHARED_I64 = z(E + 1, E, dtype=i64)
+# Two tensors over one numpy array: two storages, one memory.
+_NUMPY_I64 = np.zeros(2 * E, dtype=np.int64)
 
 # (id, logits, k, kwargs, exception, regex on the message). kwargs use the flat op signature.
 CASES = [
@@ -111,6 +113,9 @@ CASES = [
     ("counts_overlaps_coact", None, 2,
      dict(counts=_SHARED_I64[:2], coact=_SHARED_I64[1:]), ValueError,
      r"coact shares memory with counts"),
+    ("counts_over_tokens_memory", None, 2,
+     dict(tokens=torch.from_numpy(_NUMPY_I64[:2]), counts=torch.from_numpy(_NUMPY_I64).view(2, E)),
+     ValueError, r"counts shares memory with tokens"),
     ("groups_at_G", None, 2, dict(groups=torch.tensor([0, 1, 2, 0, 0]), tokens=z(2, dtype=i64)),
      ValueError, r"groups must be in \[-1, 2\) .*got values in \[0, 2\]"),
     ("groups_below_minus_one", None, 2,
@@ -119,7 +124,7 @@ CASES = [
 ]
 DATA_DEPENDENT = {"groups_at_G", "groups_below_minus_one", "weight_sum_is_logits",
                   "prob_sum_holds_selection_bias", "weight_sum_is_prob_sum",
-                  "counts_overlaps_coact"}
+                  "counts_overlaps_coact", "counts_over_tokens_memory"}
 
 
 def _case_params():
