@@ -25,7 +25,9 @@ Two layouts per layer:
 * ``[B, S, k]``: **by position**. A model call on ``[B, S']`` tokens with a KV cache of length c
   takes positions ``[c, c + S')`` of every sequence, so one forward over whole sequences, a
   ``generate()`` and activation recomputation (gradient checkpointing) all line up.
-  ``trace_by_position`` turns a trace of ``generate()`` into this layout.
+  ``trace_by_position`` turns a trace of ``generate()`` into this layout. In an encoder-decoder
+  (Switch, NLLB) positions are those of the router's own stack: an encoder layer's ``[B, S, k]``
+  indexes ``input_ids``, a decoder layer's ``decoder_input_ids``.
 
 Ids may be int16/int32/int64 on any device; they are checked once on entry (k distinct ids in
 [0, E) or all -1 per row, k equal to the router's top-k) and moved to each router's device once.
