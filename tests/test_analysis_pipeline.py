@@ -32,6 +32,26 @@ def test_load_parallel_tsv_and_jsonl(tmp_path):
         pipeline.load_parallel(__file__)
 
 
+def test_load_parallel_refuses_a_bad_limit_and_empty_data(tmp_path):
+    """``limit=0`` gave empty languages (the recorder then failed with "nothing was recorded"),
+    ``limit=-1`` silently dropped the last sentence; a file with only its header has no data."""
+    tsv = tmp_path / "data.tsv"
+    tsv.write_text("eng\tfra\nhello\tbonjour\ncat\tchat\n", encoding="utf-8")
+    assert pipeline.load_parallel(tsv, limit=5) == {"eng": ["hello", "cat"],
+                                                    "fra": ["bonjour", "chat"]}
+    for limit in (0, -1, 2.0):
+        with pytest.raises(ValueError, match=rf"load_parallel: limit={limit!r} must be None"):
+            pipeline.load_parallel(tsv, limit=limit)
+    header_only = tmp_path / "header.tsv"
+    header_only.write_text("eng\tfra\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"holds no sentences for \['eng', 'fra'\]"):
+        pipeline.load_parallel(header_only)
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="holds no sentences"):
+        pipeline.load_parallel(blank)
+
+
 def test_load_parallel_from_the_hub_through_a_stand_in(monkeypatch):
     """FLORES by language config and split (field ``sentence``), Belebele by language split with
     its passages kept once each (by link, sorted); the Hub itself is not reachable here."""

@@ -24,7 +24,7 @@ from typing import Optional, Union
 import torch
 
 from moe_route.analysis.evaluation import EvalResult, paired_comparison
-from moe_route.analysis.inputs import chat_wrap, check_batch_size, from_hub
+from moe_route.analysis.inputs import chat_wrap, check_batch_size, check_limit, from_hub
 from moe_route.analysis.progress import progress_bar
 from moe_route.recording import record
 from moe_route.stats import RoutingStats
@@ -48,8 +48,9 @@ def load_parallel(source, languages: Optional[Sequence[str]] = None, *, limit: O
         language split, one per source ``link``, sorted by it (the paper's ~488 passages); by
         text in row order if rows carry no link.
     ``languages`` selects and orders the columns (default: all in a file); ``limit`` keeps the first
-    sentences. Every language must have the same number of sentences.
+    sentences (an int >= 1). Every language must have the same number of sentences, at least one.
     """
+    check_limit("load_parallel", limit)
     if isinstance(source, (str, os.PathLike)) and os.path.exists(source):
         path = os.fspath(source)
         if path.endswith(".tsv"):
@@ -85,6 +86,8 @@ def load_parallel(source, languages: Optional[Sequence[str]] = None, *, limit: O
     if len(set(sizes.values())) > 1:
         raise ValueError(f"load_parallel: languages have different sentence counts {sizes}; "
                          f"parallel data needs one sentence per language per row")
+    if not any(sizes.values()):
+        raise ValueError(f"load_parallel: source={source!r} holds no sentences for {languages}")
     return out
 
 
