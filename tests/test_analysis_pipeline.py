@@ -100,6 +100,11 @@ def test_record_sequences_counts_only_the_text_tokens():
         pipeline.record_sequences(model, {"eng": ["hello"]})
     with pytest.raises(ValueError, match="different sequence counts"):
         pipeline.record_parallel(model, {"a": ["hello"], "b": ["hello", "cat"]}, tokenizer=tok)
+    # no sequence at all: an error naming the corpus, not the recorder's RuntimeError
+    with pytest.raises(ValueError, match=r"corpus holds no sequences \(languages \['eng'\]"):
+        pipeline.record_sequences(model, {"eng": []}, tokenizer=tok)
+    with pytest.raises(ValueError, match="corpus holds no sequences"):
+        pipeline.record_parallel(model, {"a": [], "b": torch.zeros(0, 4, dtype=torch.long)})
 
 
 def test_ab_test_reports_the_difference():

@@ -144,6 +144,9 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
     check_batch_size("record_sequences", batch_size)
     device = device or next(model.parameters()).device
     batches = [(lang, i) for lang, seqs in corpus.items() for i in range(0, len(seqs), batch_size)]
+    if not batches:
+        raise ValueError(f"record_sequences: corpus holds no sequences (languages "
+                         f"{list(corpus)} are all empty)")
     bar = progress_bar(len(batches), progress, "record")
     with record(model, **record_options) as rec, torch.no_grad():
         for lang, i in batches:
