@@ -107,6 +107,32 @@ def test_record_sequences_counts_only_the_text_tokens():
         pipeline.record_parallel(model, {"a": [], "b": torch.zeros(0, 4, dtype=torch.long)})
 
 
+def test_chat_template_masks_the_text_where_the_template_put_it():
+    """The text's tokens are found after the template's prefix, as written or as the template
+    trimmed it (Llama 3's ``| trim``). The text was searched from the start of the rendered
+    prompt: a text equal to the role name ("user") counted the template's role token instead,
+    and a text the template trimmed was not found (find -1) and the template's first tokens
+    "<s> user :" were counted instead of the text."""
+    model = build("olmoe")
+    tok = word_tokenizer()
+    # "<s> user : user assistant :": the text is the second "user" (position 3), not the first
+    enc, keep = pipeline._encode(["user", "cat user"], tok, True, None)
+    assert keep[0].nonzero().flatten().tolist() == [3]
+    assert keep[1].nonzero().flatten().tolist() == [3, 4]
+    reference = pipeline.record_sequences(model, {"eng": ["hello world"]}, tokenizer=tok,
+                                          chat_template=True)
+    tok.chat_template = ("{% for m in messages %}<s> user : {{ m['content'] | trim }} "
+                         "{% endfor %}{% if add_generation_prompt %}assistant : {% endif %}")
+    trimmed = pipeline.record_sequences(model, {"eng": ["hello world \n"]}, tokenizer=tok,
+                                        chat_template=True)
+    for a, b in zip(reference, trimmed):
+        assert a.tokens.tolist() == b.tokens.tolist() == [2]
+        assert torch.equal(a.counts, b.counts)
+    tok.chat_template = "<s> user : {{ messages[0]['content'] | upper }} assistant : "
+    with pytest.raises(ValueError, match="the chat template does not write the text 'hello'"):
+        pipeline.record_sequences(model, {"eng": ["hello"]}, tokenizer=tok, chat_template=True)
+
+
 def test_ab_test_reports_the_difference():
     model = build("olmoe")
     ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))

@@ -121,12 +121,35 @@ def _encode(texts: Sequence[str], tokenizer, chat_template: bool, max_length: Op
                     max_length=max_length, return_offsets_mapping=True, add_special_tokens=not chat_template)
     offsets = enc.pop("offset_mapping")                       # [B, S, 2] character spans
     keep = enc["attention_mask"].bool()
+    after = _text_offset(tokenizer) if chat_template else 0
     for b, (full, text) in enumerate(zip(wrapped, texts)):
-        start = full.find(text)
-        end = start + len(text)
+        start, end = _text_span(full, text, after)
         inside = (offsets[b, :, 0] >= start) & (offsets[b, :, 1] <= end) & (offsets[b, :, 1] > offsets[b, :, 0])
         keep[b] &= inside                                     # template and special tokens out
     return enc, keep
+
+
+_MARK = "\x00moe_route-text\x00"
+
+
+def _text_offset(tokenizer) -> int:
+    """Where the chat template writes the user's text: after its prefix, which may hold the
+    text's words too (the role name "user", a system prompt)."""
+    return max(chat_wrap(tokenizer, _MARK, True).find(_MARK), 0)
+
+
+def _text_span(full: str, text: str, after: int):
+    """``(start, end)`` of ``text`` in the rendered prompt ``full``, searched from ``after``:
+    as written, else stripped (templates that ``| trim`` the content)."""
+    if not text.strip():
+        return after, after
+    for written in (text, text.strip()):
+        start = full.find(written, after)
+        if start >= 0:
+            return start, start + len(written)
+    raise ValueError(f"record_sequences: the chat template does not write the text "
+                     f"{text[:60]!r} as given (nor stripped), so its tokens cannot be told from "
+                     f"the template's; pass chat_template=False")
 
 
 def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int = 8,
