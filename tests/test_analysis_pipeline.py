@@ -246,3 +246,25 @@ def test_write_report_agreement_by_layer_index(tmp_path):
         write_report(tmp_path / "refused", stats, "en",
                      agreement={"model.layers.9.mlp.gate": agreement["model.layers.0.mlp.gate"]})
     assert not (tmp_path / "refused").exists()  # checked before anything is written
+
+
+def test_write_report_refuses_bad_arguments_before_writing_anything(tmp_path):
+    """A reference absent from the data, no middle layer, or accuracies that cannot be
+    correlated are refused before the directory is made. The reference and the correlation
+    were checked only after the directory (and, for the correlation, divergence.json, the plots
+    and experts.json: a report mixing new files with an older summary) had been written; an
+    empty middle_layers crashed in the divergence plot with IndexError."""
+    from moe_route.analysis import write_report
+    from test_analysis_metrics import random_stats
+
+    stats = random_stats(L=3, langs=("en", "de", "sw", "fr"))
+    with pytest.raises(ValueError, match=r"language 'xx' is not among the languages"):
+        write_report(tmp_path / "r1", stats, "xx")
+    with pytest.raises(ValueError, match=r"middle_layers must name at least one layer"):
+        write_report(tmp_path / "r2", stats, "en", middle_layers=[])
+    with pytest.raises(ValueError, match="needs at least 3 languages"):
+        write_report(tmp_path / "r3", stats, "en", accuracy={"de": 0.5, "sw": 0.4})
+    assert not any((tmp_path / name).exists() for name in ("r1", "r2", "r3"))
+    summary = write_report(tmp_path / "ok", stats, "en", middle_layers=[1],
+                           accuracy={"de": 0.5, "sw": 0.4, "fr": 0.9, "xx": 0.1})
+    assert summary["middle_layers"] == [1] and "correlation" in summary
