@@ -268,3 +268,55 @@ def test_write_report_refuses_bad_arguments_before_writing_anything(tmp_path):
     summary = write_report(tmp_path / "ok", stats, "en", middle_layers=[1],
                            accuracy={"de": 0.5, "sw": 0.4, "fr": 0.9, "xx": 0.1})
     assert summary["middle_layers"] == [1] and "correlation" in summary
+
+
+@pytest.mark.parametrize("command, extra, message", [
+    ("analyze", ["--reference", "xxx"],
+     "--reference 'xxx' is not among the languages ['eng', 'deu']"),
+    ("analyze", ["--limit", "0"], "limit=0 must be None (all) or an int >= 1"),
+    ("analyze", ["--middle", "5-2"], "--middle '5-2' must be A-B or A with 0 <= A <= B"),
+    ("analyze", ["--middle", "x"], "--middle 'x' must be A-B"),
+    ("analyze", ["--accuracy", "MISSING"], "No such file or directory"),
+    ("analyze", ["--accuracy", "LIST"], "must hold a JSON object {language: accuracy}, got list"),
+    ("analyze", ["--batch-size", "0"], "--batch-size: batch_size=0 must be an int >= 1"),
+    ("analyze", ["--out", "FILE"], "exists and is not a directory"),
+    ("experts", ["--task", "EMPTY"], "holds no texts"),
+    ("experts", ["--layers", "1-0"], "--layers '1-0' must be A-B or A with 0 <= A <= B"),
+    ("experts", ["--tau", "nan"], "tau=nan must be a finite number"),
+    ("experts", ["--max-per-layer", "0"], "max_per_layer=0 must be None or an int >= 1"),
+    ("experts", ["--out", "DIR"], "is a directory, expected a file name"),
+    ("evaluate", ["--out", "FILE"], "exists and is not a directory"),
+    ("demo", ["--out", "FILE"], "exists and is not a directory"),
+])
+def test_cli_refuses_bad_arguments_before_loading_the_model(tmp_path, capsys, command, extra,
+                                                            message):
+    """Bad data, options or output paths end in one line on stderr and exit status 2 before the
+    model is loaded (here MODEL does not exist: reaching the loader fails differently). They
+    were tracebacks, most after the model had been loaded and the whole corpus recorded
+    (reference, --middle, --accuracy, the output directory), and ``--layers 1-0`` wrote an
+    empty plan with status 0."""
+    from moe_route import cli
+
+    data = tmp_path / "parallel.tsv"
+    data.write_text("eng\tdeu\nhello world\tworld hello\n", encoding="utf-8")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("hello world\n", encoding="utf-8")
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(json.dumps({"language": "eng", "prompt": "hello", "answer": 1}) + "\n")
+    paths = {"MISSING": tmp_path / "missing.json", "LIST": tmp_path / "list.json",
+             "EMPTY": tmp_path / "empty.txt", "FILE": tmp_path / "a_file", "DIR": tmp_path}
+    paths["LIST"].write_text("[0.5, 0.6]")
+    paths["EMPTY"].write_text("\n")
+    paths["FILE"].write_text("")
+    extra = [str(paths.get(x, x)) for x in extra]
+    model = str(tmp_path / "no_model_here")
+    base = {"analyze": [model, "--data", str(data), "--reference", "eng",
+                        "--out", str(tmp_path / "report")],
+            "experts": [model, "--task", str(texts), "--baseline", str(texts),
+                        "--out", str(tmp_path / "plan.json")],
+            "evaluate": [model, "--task", str(questions), "--out", str(tmp_path / "eval")],
+            "demo": []}[command]
+    assert cli.main([command, *base, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"moe-route {command}: ") and message in err, err
+    assert not (tmp_path / "report").exists() and not (tmp_path / "plan.json").exists()
