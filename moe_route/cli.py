@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -113,9 +114,34 @@ def _bench(args) -> int:
     return 0
 
 
+def _fail(command: str, exc: Exception) -> int:
+    print(f"moe-route {command}: {exc}", file=sys.stderr)
+    return 2
+
+
+def _out_dir(path: str, option: str = "--out") -> None:
+    """Make the output directory now, so that a bad path fails before the model runs."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{option} {path!r} exists and is not a directory")
+    os.makedirs(path, exist_ok=True)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path!r} is not writable")
+
+
+def _out_file(path: str, option: str = "--out") -> None:
+    """Check that ``path`` can be written as a file (its directory is made)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path!r} is a directory, expected a file name")
+    _out_dir(os.path.dirname(os.path.abspath(path)), option + " directory")
+
+
 def _demo(args) -> int:
     from moe_route.analysis.demo import run_demo
 
+    try:
+        _out_dir(args.out)
+    except (OSError, ValueError) as exc:
+        return _fail("demo", exc)
     summary = run_demo(args.out, seed=args.seed)
     return 0 if all(summary["checks"].values()) else 1
 
@@ -131,38 +157,61 @@ def _load_model(args):
     return model.eval(), tokenizer
 
 
-def _layer_range(text):
+def _layer_range(text, option: str):
+    """``"A-B"`` (or ``"A"``) as ``range(A, B + 1)``, 0 <= A <= B."""
     if text is None:
         return None
     lo, _, hi = text.partition("-")
-    return range(int(lo), int(hi or lo) + 1)
+    try:
+        layers = range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        layers = None
+    if layers is None or not layers or layers.start < 0:
+        raise ValueError(f"{option} {text!r} must be A-B or A with 0 <= A <= B (0-based "
+                         f"decoder layers, inclusive)")
+    return layers
 
 
-def _texts(path):
+def _texts(path, option: str):
     """One text per line (.txt), or the first column of a .tsv/.jsonl parallel file."""
     from moe_route.analysis.pipeline import load_parallel
 
     if path.endswith(".txt"):
         with open(path, encoding="utf-8") as f:
-            return [line.rstrip("\n") for line in f if line.strip()]
+            texts = [line.rstrip("\n") for line in f if line.strip()]
+        if not texts:
+            raise ValueError(f"{option} {path} holds no texts")
+        return texts
     return next(iter(load_parallel(path).values()))
 
 
 def _analyze(args) -> int:
+    from moe_route.analysis.inputs import check_batch_size
     from moe_route.analysis.pipeline import load_parallel, record_parallel
     from moe_route.analysis.report import write_report
 
+    try:   # everything about the arguments is checked before the model is loaded and run
+        check_batch_size("--batch-size", args.batch_size)
+        corpus = load_parallel(args.data, args.languages, limit=args.limit)
+        if args.reference not in corpus:
+            raise ValueError(f"--reference {args.reference!r} is not among the languages "
+                             f"{list(corpus)}")
+        wanted = _layer_range(args.middle, "--middle")
+        accuracy = _accuracy(args.accuracy) if args.accuracy else None
+        _out_dir(args.out)
+    except (OSError, ValueError) as exc:
+        return _fail("analyze", exc)
     model, tok = _load_model(args)
-    corpus = load_parallel(args.data, args.languages, limit=args.limit)
     stats = record_parallel(model, corpus, tokenizer=tok, batch_size=args.batch_size,
                             chat_template=args.chat_template, progress=True)
     stats.meta.update(model=args.model, data=str(args.data))
     stats.save(f"{args.out}/stats")
-    accuracy = _accuracy(args.accuracy) if args.accuracy else None
     middle = None
-    if args.middle:
-        wanted = set(_layer_range(args.middle))
+    if wanted is not None:
         middle = [p for p, i in enumerate(stats.layer_indices) if i in wanted]
+        if not middle:
+            return _fail("analyze", ValueError(
+                f"--middle {args.middle} holds none of the MoE layers {stats.layer_indices}"))
     write_report(args.out, stats, args.reference, middle_layers=middle, accuracy=accuracy,
                  title=f"moe_route routing report: {args.model}")
     print(f"report: {args.out}/summary.txt")
@@ -174,22 +223,39 @@ def _accuracy(path) -> dict:
     from moe_route.analysis.evaluation import EVAL_FORMAT, EvalResult
 
     with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--accuracy {path} is not JSON ({exc})") from None
     if isinstance(data, dict) and data.get("format") == EVAL_FORMAT:
         return EvalResult.from_dict(data, where=path).accuracy()
+    if not isinstance(data, dict):
+        raise ValueError(f"--accuracy {path} must hold a JSON object {{language: accuracy}}, "
+                         f"got {type(data).__name__}")
     return data
 
 
 def _experts(args) -> int:
-    from moe_route.analysis.experts import plan_from_experts, task_experts
+    from moe_route.analysis.experts import _check_tau, plan_from_experts, task_experts
+    from moe_route.analysis.inputs import check_batch_size
     from moe_route.analysis.pipeline import record_sequences
 
+    try:   # everything about the arguments is checked before the model is loaded and run
+        check_batch_size("--batch-size", args.batch_size)
+        task_texts, base_texts = _texts(args.task, "--task"), _texts(args.baseline, "--baseline")
+        layers = _layer_range(args.layers, "--layers")
+        _check_tau(args.tau, "--tau")
+        # checks --lam and --max-per-layer as the plan built after the run will
+        plan_from_experts({}, mode=args.mode, lam=args.lam, max_per_layer=args.max_per_layer)
+        _out_file(args.out)
+    except (OSError, ValueError) as exc:
+        return _fail("experts", exc)
     model, tok = _load_model(args)
     options = dict(tokenizer=tok, batch_size=args.batch_size, chat_template=args.chat_template,
                    progress=True)
-    task = record_sequences(model, {"task": _texts(args.task)}, **options)
-    base = record_sequences(model, {"baseline": _texts(args.baseline)}, **options)
-    experts = task_experts(task, base, args.tau, layers=_layer_range(args.layers))
+    task = record_sequences(model, {"task": task_texts}, **options)
+    base = record_sequences(model, {"baseline": base_texts}, **options)
+    experts = task_experts(task, base, args.tau, layers=layers)
     plan = plan_from_experts(experts, mode=args.mode, lam=args.lam,
                              max_per_layer=args.max_per_layer)
     plan.save(args.out)
@@ -203,10 +269,12 @@ def _experts(args) -> int:
 def _evaluate(args) -> int:
     from moe_route._atomic import write_text_atomic
     from moe_route.analysis import evaluation
+    from moe_route.analysis.inputs import check_batch_size
     from moe_route.analysis.pipeline import ab_test
     from moe_route.steering import SteeringPlan
 
     try:
+        check_batch_size("--batch-size", args.batch_size)
         kind = _task_kind(args.task)
         load = (evaluation.load_choice_task if kind == "choice"
                 else evaluation.load_generation_task)
@@ -228,9 +296,9 @@ def _evaluate(args) -> int:
                 pool = next(iter(pool.values()))
             items = evaluation.few_shot(items, pool, args.shots)
         plan = SteeringPlan.load(args.plan) if args.plan else None
+        _out_dir(args.out)
     except (OSError, ValueError) as exc:
-        print(f"moe-route evaluate: {exc}", file=sys.stderr)
-        return 2
+        return _fail("evaluate", exc)
     model, tok = _load_model(args)
     options = dict(tokenizer=tok, batch_size=args.batch_size, chat_template=args.chat_template,
                    progress=True)

@@ -32,6 +32,26 @@ def test_load_parallel_tsv_and_jsonl(tmp_path):
         pipeline.load_parallel(__file__)
 
 
+def test_load_parallel_refuses_a_bad_limit_and_empty_data(tmp_path):
+    """``limit=0`` gave empty languages (the recorder then failed with "nothing was recorded"),
+    ``limit=-1`` silently dropped the last sentence; a file with only its header has no data."""
+    tsv = tmp_path / "data.tsv"
+    tsv.write_text("eng\tfra\nhello\tbonjour\ncat\tchat\n", encoding="utf-8")
+    assert pipeline.load_parallel(tsv, limit=5) == {"eng": ["hello", "cat"],
+                                                    "fra": ["bonjour", "chat"]}
+    for limit in (0, -1, 2.0):
+        with pytest.raises(ValueError, match=rf"load_parallel: limit={limit!r} must be None"):
+            pipeline.load_parallel(tsv, limit=limit)
+    header_only = tmp_path / "header.tsv"
+    header_only.write_text("eng\tfra\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"holds no sentences for \['eng', 'fra'\]"):
+        pipeline.load_parallel(header_only)
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="holds no sentences"):
+        pipeline.load_parallel(blank)
+
+
 def test_load_parallel_from_the_hub_through_a_stand_in(monkeypatch):
     """FLORES by language config and split (field ``sentence``), Belebele by language split with
     its passages kept once each (by link, sorted); the Hub itself is not reachable here."""
@@ -80,6 +100,37 @@ def test_record_sequences_counts_only_the_text_tokens():
         pipeline.record_sequences(model, {"eng": ["hello"]})
     with pytest.raises(ValueError, match="different sequence counts"):
         pipeline.record_parallel(model, {"a": ["hello"], "b": ["hello", "cat"]}, tokenizer=tok)
+    # no sequence at all: an error naming the corpus, not the recorder's RuntimeError
+    with pytest.raises(ValueError, match=r"corpus holds no sequences \(languages \['eng'\]"):
+        pipeline.record_sequences(model, {"eng": []}, tokenizer=tok)
+    with pytest.raises(ValueError, match="corpus holds no sequences"):
+        pipeline.record_parallel(model, {"a": [], "b": torch.zeros(0, 4, dtype=torch.long)})
+
+
+def test_chat_template_masks_the_text_where_the_template_put_it():
+    """The text's tokens are found after the template's prefix, as written or as the template
+    trimmed it (Llama 3's ``| trim``). The text was searched from the start of the rendered
+    prompt: a text equal to the role name ("user") counted the template's role token instead,
+    and a text the template trimmed was not found (find -1) and the template's first tokens
+    "<s> user :" were counted instead of the text."""
+    model = build("olmoe")
+    tok = word_tokenizer()
+    # "<s> user : user assistant :": the text is the second "user" (position 3), not the first
+    enc, keep = pipeline._encode(["user", "cat user"], tok, True, None)
+    assert keep[0].nonzero().flatten().tolist() == [3]
+    assert keep[1].nonzero().flatten().tolist() == [3, 4]
+    reference = pipeline.record_sequences(model, {"eng": ["hello world"]}, tokenizer=tok,
+                                          chat_template=True)
+    tok.chat_template = ("{% for m in messages %}<s> user : {{ m['content'] | trim }} "
+                         "{% endfor %}{% if add_generation_prompt %}assistant : {% endif %}")
+    trimmed = pipeline.record_sequences(model, {"eng": ["hello world \n"]}, tokenizer=tok,
+                                        chat_template=True)
+    for a, b in zip(reference, trimmed):
+        assert a.tokens.tolist() == b.tokens.tolist() == [2]
+        assert torch.equal(a.counts, b.counts)
+    tok.chat_template = "<s> user : {{ messages[0]['content'] | upper }} assistant : "
+    with pytest.raises(ValueError, match="the chat template does not write the text 'hello'"):
+        pipeline.record_sequences(model, {"eng": ["hello"]}, tokenizer=tok, chat_template=True)
 
 
 def test_ab_test_reports_the_difference():
@@ -195,3 +246,77 @@ def test_write_report_agreement_by_layer_index(tmp_path):
         write_report(tmp_path / "refused", stats, "en",
                      agreement={"model.layers.9.mlp.gate": agreement["model.layers.0.mlp.gate"]})
     assert not (tmp_path / "refused").exists()  # checked before anything is written
+
+
+def test_write_report_refuses_bad_arguments_before_writing_anything(tmp_path):
+    """A reference absent from the data, no middle layer, or accuracies that cannot be
+    correlated are refused before the directory is made. The reference and the correlation
+    were checked only after the directory (and, for the correlation, divergence.json, the plots
+    and experts.json: a report mixing new files with an older summary) had been written; an
+    empty middle_layers crashed in the divergence plot with IndexError."""
+    from moe_route.analysis import write_report
+    from test_analysis_metrics import random_stats
+
+    stats = random_stats(L=3, langs=("en", "de", "sw", "fr"))
+    with pytest.raises(ValueError, match=r"language 'xx' is not among the languages"):
+        write_report(tmp_path / "r1", stats, "xx")
+    with pytest.raises(ValueError, match=r"middle_layers must name at least one layer"):
+        write_report(tmp_path / "r2", stats, "en", middle_layers=[])
+    with pytest.raises(ValueError, match="needs at least 3 languages"):
+        write_report(tmp_path / "r3", stats, "en", accuracy={"de": 0.5, "sw": 0.4})
+    assert not any((tmp_path / name).exists() for name in ("r1", "r2", "r3"))
+    summary = write_report(tmp_path / "ok", stats, "en", middle_layers=[1],
+                           accuracy={"de": 0.5, "sw": 0.4, "fr": 0.9, "xx": 0.1})
+    assert summary["middle_layers"] == [1] and "correlation" in summary
+
+
+@pytest.mark.parametrize("command, extra, message", [
+    ("analyze", ["--reference", "xxx"],
+     "--reference 'xxx' is not among the languages ['eng', 'deu']"),
+    ("analyze", ["--limit", "0"], "limit=0 must be None (all) or an int >= 1"),
+    ("analyze", ["--middle", "5-2"], "--middle '5-2' must be A-B or A with 0 <= A <= B"),
+    ("analyze", ["--middle", "x"], "--middle 'x' must be A-B"),
+    ("analyze", ["--accuracy", "MISSING"], "No such file or directory"),
+    ("analyze", ["--accuracy", "LIST"], "must hold a JSON object {language: accuracy}, got list"),
+    ("analyze", ["--batch-size", "0"], "--batch-size: batch_size=0 must be an int >= 1"),
+    ("analyze", ["--out", "FILE"], "exists and is not a directory"),
+    ("experts", ["--task", "EMPTY"], "holds no texts"),
+    ("experts", ["--layers", "1-0"], "--layers '1-0' must be A-B or A with 0 <= A <= B"),
+    ("experts", ["--tau", "nan"], "tau=nan must be a finite number"),
+    ("experts", ["--max-per-layer", "0"], "max_per_layer=0 must be None or an int >= 1"),
+    ("experts", ["--out", "DIR"], "is a directory, expected a file name"),
+    ("evaluate", ["--out", "FILE"], "exists and is not a directory"),
+    ("demo", ["--out", "FILE"], "exists and is not a directory"),
+])
+def test_cli_refuses_bad_arguments_before_loading_the_model(tmp_path, capsys, command, extra,
+                                                            message):
+    """Bad data, options or output paths end in one line on stderr and exit status 2 before the
+    model is loaded (here MODEL does not exist: reaching the loader fails differently). They
+    were tracebacks, most after the model had been loaded and the whole corpus recorded
+    (reference, --middle, --accuracy, the output directory), and ``--layers 1-0`` wrote an
+    empty plan with status 0."""
+    from moe_route import cli
+
+    data = tmp_path / "parallel.tsv"
+    data.write_text("eng\tdeu\nhello world\tworld hello\n", encoding="utf-8")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("hello world\n", encoding="utf-8")
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(json.dumps({"language": "eng", "prompt": "hello", "answer": 1}) + "\n")
+    paths = {"MISSING": tmp_path / "missing.json", "LIST": tmp_path / "list.json",
+             "EMPTY": tmp_path / "empty.txt", "FILE": tmp_path / "a_file", "DIR": tmp_path}
+    paths["LIST"].write_text("[0.5, 0.6]")
+    paths["EMPTY"].write_text("\n")
+    paths["FILE"].write_text("")
+    extra = [str(paths.get(x, x)) for x in extra]
+    model = str(tmp_path / "no_model_here")
+    base = {"analyze": [model, "--data", str(data), "--reference", "eng",
+                        "--out", str(tmp_path / "report")],
+            "experts": [model, "--task", str(texts), "--baseline", str(texts),
+                        "--out", str(tmp_path / "plan.json")],
+            "evaluate": [model, "--task", str(questions), "--out", str(tmp_path / "eval")],
+            "demo": []}[command]
+    assert cli.main([command, *base, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"moe-route {command}: ") and message in err, err
+    assert not (tmp_path / "report").exists() and not (tmp_path / "plan.json").exists()

@@ -495,6 +495,23 @@ def test_load_choice_and_generation_tasks_from_jsonl(tmp_path):
         ev.load_generation_task(empty)
 
 
+@pytest.mark.parametrize("limit", [0, -1, 1.5, True])
+def test_task_loaders_refuse_a_limit_that_is_not_a_count(tmp_path, limit):
+    """``limit`` is the first N questions, N >= 1: 0 loaded nothing (accuracy NaN, reported as
+    a result) and -1 silently dropped the last question (a Python slice)."""
+    choice = tmp_path / "mc.jsonl"
+    choice.write_text("\n".join(json.dumps({"language": "eng", "prompt": f"Q{i}",
+                                            "options": [" a", " b"], "answer": 0})
+                                for i in range(3)) + "\n", encoding="utf-8")
+    gen = tmp_path / "gen.jsonl"
+    gen.write_text(json.dumps({"language": "eng", "prompt": "2+2?", "answer": 4}) + "\n")
+    assert [len(ev.load_choice_task(choice, limit=n)["eng"]) for n in (None, 2, 5)] == [3, 2, 3]
+    with pytest.raises(ValueError, match=rf"load_choice_task: limit={limit!r} must be None"):
+        ev.load_choice_task(choice, limit=limit)
+    with pytest.raises(ValueError, match=rf"load_generation_task: limit={limit!r} must be"):
+        ev.load_generation_task(gen, limit=limit)
+
+
 def test_belebele_rows_become_letter_questions():
     row = {"flores_passage": "The cat sat.", "question": "Who sat?", "mc_answer1": "a dog",
            "mc_answer2": "the cat", "mc_answer3": "a bird", "mc_answer4": "nobody",

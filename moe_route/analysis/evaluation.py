@@ -39,7 +39,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 
 from moe_route._atomic import write_text_atomic
-from moe_route.analysis.inputs import chat_wrap, check_batch_size, from_hub
+from moe_route.analysis.inputs import chat_wrap, check_batch_size, check_limit, from_hub
 from moe_route.analysis.progress import progress_bar
 
 __all__ = ["ChoiceItem", "GenerationItem", "EvalResult", "PairedComparison", "choice_accuracy",
@@ -511,6 +511,7 @@ def load_choice_task(source, languages: Optional[Sequence[str]] = None, *,
       the questions whose ``subject`` or ``subject_category`` is one of them (any case), e.g.
       ``["medical"]`` for the paper's Global-MMLU-medical. ``limit`` applies after it.
     """
+    check_limit("load_choice_task", limit)
     if subjects is not None and source not in GLOBAL_MMLU:
         raise ValueError(f"load_choice_task: subjects= applies to Global-MMLU, not {source!r}")
     if split != "test" and source not in GLOBAL_MMLU:
@@ -581,6 +582,7 @@ def load_generation_task(source, languages: Optional[Sequence[str]] = None, *,
       language config (``en``, ``sw``, ``bn``, ...), prompted ``Question: ...\\nAnswer:``,
       answered by ``answer_number``.
     """
+    check_limit("load_generation_task", limit)
     if source in GENERATION_DATASETS:
         return from_hub("load_generation_task", source, languages, limit, _mgsm_item,
                          lambda datasets, lang: datasets.load_dataset("juletxara/mgsm", lang,

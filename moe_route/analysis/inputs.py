@@ -2,7 +2,7 @@
 Hub datasets by language, and the batch-size check."""
 from __future__ import annotations
 
-__all__ = ["chat_wrap", "check_batch_size", "from_hub"]
+__all__ = ["chat_wrap", "check_batch_size", "check_limit", "from_hub"]
 
 
 def chat_wrap(tokenizer, prompt: str, chat_template: bool) -> str:
@@ -18,6 +18,13 @@ def check_batch_size(caller: str, batch_size) -> None:
     """ValueError, naming ``caller``, unless ``batch_size`` is an int >= 1 (a bool is not)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"{caller}: batch_size={batch_size!r} must be an int >= 1")
+
+
+def check_limit(caller: str, limit) -> None:
+    """ValueError, naming ``caller``, unless ``limit`` is None (everything) or an int >= 1: a
+    slice ``[:0]`` would load nothing and ``[:-1]`` silently drop the last rows."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"{caller}: limit={limit!r} must be None (all) or an int >= 1")
 
 
 def from_hub(caller: str, source: str, languages, limit, make_item, split) -> dict:

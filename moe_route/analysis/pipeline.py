@@ -24,7 +24,7 @@ from typing import Optional, Union
 import torch
 
 from moe_route.analysis.evaluation import EvalResult, paired_comparison
-from moe_route.analysis.inputs import chat_wrap, check_batch_size, from_hub
+from moe_route.analysis.inputs import chat_wrap, check_batch_size, check_limit, from_hub
 from moe_route.analysis.progress import progress_bar
 from moe_route.recording import record
 from moe_route.stats import RoutingStats
@@ -48,8 +48,9 @@ def load_parallel(source, languages: Optional[Sequence[str]] = None, *, limit: O
         language split, one per source ``link``, sorted by it (the paper's ~488 passages); by
         text in row order if rows carry no link.
     ``languages`` selects and orders the columns (default: all in a file); ``limit`` keeps the first
-    sentences. Every language must have the same number of sentences.
+    sentences (an int >= 1). Every language must have the same number of sentences, at least one.
     """
+    check_limit("load_parallel", limit)
     if isinstance(source, (str, os.PathLike)) and os.path.exists(source):
         path = os.fspath(source)
         if path.endswith(".tsv"):
@@ -85,6 +86,8 @@ def load_parallel(source, languages: Optional[Sequence[str]] = None, *, limit: O
     if len(set(sizes.values())) > 1:
         raise ValueError(f"load_parallel: languages have different sentence counts {sizes}; "
                          f"parallel data needs one sentence per language per row")
+    if not any(sizes.values()):
+        raise ValueError(f"load_parallel: source={source!r} holds no sentences for {languages}")
     return out
 
 
@@ -118,12 +121,35 @@ def _encode(texts: Sequence[str], tokenizer, chat_template: bool, max_length: Op
                     max_length=max_length, return_offsets_mapping=True, add_special_tokens=not chat_template)
     offsets = enc.pop("offset_mapping")                       # [B, S, 2] character spans
     keep = enc["attention_mask"].bool()
+    after = _text_offset(tokenizer) if chat_template else 0
     for b, (full, text) in enumerate(zip(wrapped, texts)):
-        start = full.find(text)
-        end = start + len(text)
+        start, end = _text_span(full, text, after)
         inside = (offsets[b, :, 0] >= start) & (offsets[b, :, 1] <= end) & (offsets[b, :, 1] > offsets[b, :, 0])
         keep[b] &= inside                                     # template and special tokens out
     return enc, keep
+
+
+_MARK = "\x00moe_route-text\x00"
+
+
+def _text_offset(tokenizer) -> int:
+    """Where the chat template writes the user's text: after its prefix, which may hold the
+    text's words too (the role name "user", a system prompt)."""
+    return max(chat_wrap(tokenizer, _MARK, True).find(_MARK), 0)
+
+
+def _text_span(full: str, text: str, after: int):
+    """``(start, end)`` of ``text`` in the rendered prompt ``full``, searched from ``after``:
+    as written, else stripped (templates that ``| trim`` the content)."""
+    if not text.strip():
+        return after, after
+    for written in (text, text.strip()):
+        start = full.find(written, after)
+        if start >= 0:
+            return start, start + len(written)
+    raise ValueError(f"record_sequences: the chat template does not write the text "
+                     f"{text[:60]!r} as given (nor stripped), so its tokens cannot be told from "
+                     f"the template's; pass chat_template=False")
 
 
 def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int = 8,
@@ -141,6 +167,9 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
     check_batch_size("record_sequences", batch_size)
     device = device or next(model.parameters()).device
     batches = [(lang, i) for lang, seqs in corpus.items() for i in range(0, len(seqs), batch_size)]
+    if not batches:
+        raise ValueError(f"record_sequences: corpus holds no sequences (languages "
+                         f"{list(corpus)} are all empty)")
     bar = progress_bar(len(batches), progress, "record")
     with record(model, **record_options) as rec, torch.no_grad():
         for lang, i in batches:

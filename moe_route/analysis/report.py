@@ -67,15 +67,21 @@ def write_report(out_dir, stats: RoutingStats, reference: str, *,
         bad = [p for p in layers if not 0 <= p < L]
         if bad:
             raise ValueError(f"write_report: {name} {bad} must be positions in [0, {L})")
+    if not middle:
+        raise ValueError(f"write_report: middle_layers must name at least one layer, got "
+                         f"{middle_layers!r}")
     by_name = dict(zip(stats.layer_names, indices))
     unknown = [name for name in (agreement or {}) if name not in by_name]
     if unknown:
         raise ValueError(f"write_report: agreement names layers the statistics lack: "
                          f"{unknown[:4]}; their layers are {stats.layer_names[:4]}"
                          f"{' ...' if L > 4 else ''}")
+    # everything that can refuse the arguments runs before the first file is written
+    div = {lang: d.tolist() for lang, d in routing_divergence(stats, reference).items()}
+    corr = None if accuracy is None else divergence_accuracy_correlation(
+        {k: torch.tensor(v) for k, v in div.items()}, accuracy, middle)
     os.makedirs(out_dir, exist_ok=True)
 
-    div = {lang: d.tolist() for lang, d in routing_divergence(stats, reference).items()}
     edge = [p for p in range(L) if p not in middle]
     summary = {"title": title, "reference": reference, "layers": indices,
                "languages": [reference] + sorted(div), "sequences": len(stats.group_names),
@@ -120,9 +126,7 @@ def write_report(out_dir, stats: RoutingStats, reference: str, *,
     if agreement is not None:
         summary["agreement"] = {str(by_name[name]): r._asdict() for name, r in agreement.items()}
         _write_json(out_dir, "agreement.json", summary["agreement"])
-    if accuracy is not None:
-        corr = divergence_accuracy_correlation({k: torch.tensor(v) for k, v in div.items()},
-                                               accuracy, middle)
+    if corr is not None:
         summary["correlation"] = {"pearson": float(corr.pearson), "spearman": float(corr.spearman)}
         _write_json(out_dir, "correlation.json", summary["correlation"])
     _write_json(out_dir, "summary.json", summary)
