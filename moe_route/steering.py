@@ -18,7 +18,6 @@ Entries list only their non-default fields.
 from __future__ import annotations
 
 import json
-import math
 import numbers
 import operator
 import os
@@ -30,6 +29,7 @@ from typing import Dict, List, Optional, Union
 
 from moe_route._atomic import write_text_atomic
 from moe_route.ops import SteerSpec
+from moe_route.reference import FLT_MAX
 
 __all__ = ["SteerEntry", "SteeringPlan", "Steering", "steer"]
 
@@ -68,8 +68,10 @@ class SteerEntry:
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"SteerEntry: {name}={value!r} must be a float, got "
                                 f"{type(value).__name__}")
-            if not math.isfinite(value):
-                raise ValueError(f"SteerEntry: {name}={value!r} must be finite")
+            # the gate takes fp32 tables: beyond FLT_MAX a value cannot even be stored there
+            if not abs(value) <= FLT_MAX:
+                raise ValueError(f"SteerEntry: {name}={value!r} must be finite in float32 "
+                                 f"(|{name}| <= {FLT_MAX!r})")
             # + 0.0 turns -0.0 into +0.0, so an entry and its JSON round trip agree bit for bit
             object.__setattr__(self, name, float(value) + 0.0)
         if isinstance(self.force, bool) or not isinstance(self.force, numbers.Integral):

@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from moe_route.ops import SteerSpec, topk_gate
+from moe_route.reference import FLT_MAX
 from moe_route.steering import SteerEntry, SteeringPlan
 
 # --------------------------------------------------------------------------------------------
@@ -34,6 +35,25 @@ from moe_route.steering import SteerEntry, SteeringPlan
 def test_steer_entry_validation(kwargs, exc, pattern):
     with pytest.raises(exc, match=pattern):
         SteerEntry(**kwargs)
+
+
+def test_steer_entry_values_must_be_finite_in_float32():
+    """The gate takes fp32 tables: a finite double beyond FLT_MAX used to pass SteerEntry and the
+    JSON loader, then crash building the table ("value cannot be converted to type float without
+    overflow") when the plan was applied. FLT_MAX itself is the largest value that steers."""
+    big = math.nextafter(FLT_MAX, math.inf)
+    for name in ("add", "std", "abs"):
+        with pytest.raises(ValueError, match=rf"SteerEntry: {name}=-?3.40282346638528\d*e\+38 "
+                                             rf"must be finite in float32"):
+            SteerEntry(**{name: -big if name == "abs" else big})
+    with pytest.raises(ValueError, match=r"std=1e\+39 must be finite in float32"):
+        SteeringPlan.from_json('{"format": "moe_route.SteeringPlan", "version": 1, '
+                               '"layers": {"0": {"1": {"std": 1e39}}}}')
+    plan = SteeringPlan({0: {1: {"add": FLT_MAX}, 2: {"abs": -FLT_MAX}}})
+    table = plan.steer_spec(0, 4).table(4)
+    assert table[0, 1].item() == FLT_MAX and table[2, 2].item() == -FLT_MAX
+    _, ids = topk_gate(torch.zeros(3, 4), 1, steer=plan.steer_spec(0, 4))
+    assert ids.flatten().tolist() == [1, 1, 1]
 
 
 def test_steer_entry_values_and_dict_form():
@@ -265,7 +285,7 @@ def test_from_json_errors(doc, pattern):
         SteeringPlan.from_json(doc)
 
 
-_finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
+_finite = st.floats(-FLT_MAX, FLT_MAX, width=64)               # what fp32 tables can hold
 _entries = st.builds(SteerEntry, add=st.one_of(st.just(0.0), _finite),
                      std=st.one_of(st.just(0.0), _finite), abs=st.one_of(st.just(0.0), _finite),
                      force=st.sampled_from([-1, 0, 1]), select_only=st.booleans())
