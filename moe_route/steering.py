@@ -518,6 +518,9 @@ class Steering:
     def __enter__(self) -> "Steering":
         from moe_route.hf.patch import acquire  # the record/steer layer sits above hf
 
+        if self._handle is not None:  # its exit would undo both entries and release one patch
+            raise RuntimeError("steer: this steer() context is already active; nest another "
+                               "steer(model, plan) instead of entering the same one twice")
         self._handle = acquire(self.model)
         try:
             targets = resolve_layers(self.plan, self._handle.routers)

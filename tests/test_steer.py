@@ -97,6 +97,35 @@ def test_nested_steering_restores_outer_plan():
     assert int(layer0.counts[0, 1]) == 0 and int(layer0.counts[1, 1]) == ids.numel()
 
 
+def test_reentering_an_active_steer_context_is_refused_and_changes_nothing():
+    """The same Steering object entered again inside itself used to be accepted: its inner exit
+    undid both entries and released one patch owner, the outer exit released nothing, so the
+    model stayed patched for good (and a later patch(exact=True) user saw fast-mode routing)."""
+    model = build("olmoe")
+    ids = _ids(5)
+    with torch.no_grad():
+        ref = model(ids).logits
+    ctx = moe_route.steer(model, SteeringPlan.force(0, 1, on=False))
+    with moe_route.record(model) as rec, torch.no_grad():
+        with ctx:
+            with pytest.raises(RuntimeError, match=r"steer: this steer\(\) context is already "
+                                                   r"active"):
+                with ctx:
+                    pass
+            with rec.group("inside"):
+                model(ids)                                   # still steered
+        with ctx:                                           # entering it again after exit is fine
+            with rec.group("again"):
+                model(ids)
+        with rec.group("after"):
+            model(ids)
+    counts = rec.stats[0].counts
+    assert counts[0, 1] == 0 and counts[1, 1] == 0 and counts[2, 1] > 0
+    assert not any("forward" in m.__dict__ for m in model.modules())   # unpatched
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
+
+
 def test_plan_validation_errors():
     model = build("olmoe")
     with pytest.raises(ValueError, match="layer 7 is not an MoE layer"):
