@@ -529,7 +529,7 @@ class Steering:
                     raise ValueError(f"steer: layer {key!r} ({state.name}) routes by "
                                      f"{state.adapter.name}, not by score; it cannot be steered")
                 spec = self.plan.steer_spec(key, state.num_experts)
-                state.steer_stack.append(state.steer)
+                state.steer_stack.append((self, state.steer))
                 state.steer = spec
                 self._applied.append(state)
         except BaseException:
@@ -541,12 +541,24 @@ class Steering:
         from moe_route.hf.patch import release
 
         while self._applied:
-            state = self._applied.pop()
-            state.steer = state.steer_stack.pop()
+            _withdraw(self._applied.pop(), self)
         if self._handle is not None:
             release(self._handle)
             self._handle = None
         return False
+
+
+def _withdraw(state, owner: Steering) -> None:
+    """Take ``owner``'s plan off a router. ``state.steer_stack`` holds one (context, steering
+    before it) pair per active context; contexts may exit out of order, so a context below the
+    top hands its saved steering to the one above it instead of restoring it."""
+    stack = state.steer_stack
+    i = next(i for i, (ctx, _) in enumerate(stack) if ctx is owner)
+    if i == len(stack) - 1:
+        state.steer = stack.pop()[1]
+    else:
+        stack[i + 1] = (stack[i + 1][0], stack[i][1])
+        del stack[i]
 
 
 def resolve_layers(plan: SteeringPlan, routers: Mapping) -> dict:

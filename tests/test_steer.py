@@ -126,6 +126,32 @@ def test_reentering_an_active_steer_context_is_refused_and_changes_nothing():
         assert torch.equal(model(ids).logits, ref)
 
 
+def test_steer_contexts_exited_out_of_order_leave_the_active_plan():
+    """Leaving an outer steer() while an inner one on the same layer is still active used to
+    pop the inner's saved state: the layer went on routing by the outer plan, which had ended."""
+    model = build("olmoe")
+    ids = _ids(6)
+    T = ids.numel()
+    outer = moe_route.steer(model, SteeringPlan.force(0, 1, on=True))
+    inner = moe_route.steer(model, SteeringPlan.force(0, 1, on=False) | SteeringPlan.force(1, 2))
+    with moe_route.record(model) as rec, torch.no_grad():
+        with rec.group("plain"):
+            model(ids)
+        outer.__enter__()
+        inner.__enter__()
+        outer.__exit__(None, None, None)                    # out of order: inner still active
+        with rec.group("inner"):
+            model(ids)
+        inner.__exit__(None, None, None)
+        with rec.group("none"):
+            model(ids)
+    plain, inner_c, none = rec.stats[0].counts
+    assert plain[1] > 0 and inner_c[1] == 0 and torch.equal(none, plain)
+    assert rec.stats[1].counts[1, 2] == T and torch.equal(rec.stats[1].counts[2],
+                                                           rec.stats[1].counts[0])
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
 def test_plan_validation_errors():
     model = build("olmoe")
     with pytest.raises(ValueError, match="layer 7 is not an MoE layer"):
