@@ -142,9 +142,12 @@ class SteerSpec:
         key = (num_experts, device)
         cached = self._tables.get(key)
         if cached is None:
-            rows = [_expert_vector(getattr(self, name), num_experts, name)
-                    for name in reference.STEER_ROWS]
-            cached = torch.stack(rows).to(device)
+            # Never an inference tensor: a table first built under inference_mode is reused
+            # outside it, where the differentiable gate saves it for backward.
+            with torch.inference_mode(False):
+                rows = [_expert_vector(getattr(self, name), num_experts, name)
+                        for name in reference.STEER_ROWS]
+                cached = torch.stack(rows).to(device)
             self._tables[key] = cached
         return cached
 

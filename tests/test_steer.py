@@ -152,6 +152,29 @@ def test_steer_contexts_exited_out_of_order_leave_the_active_plan():
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
+def test_plan_used_under_inference_mode_then_with_autograd():
+    """A plan caches its SteerSpecs and they their device tables. A table first built under
+    torch.inference_mode was an inference tensor, and a later differentiable steered forward
+    failed ("Inference tensors cannot be saved for backward"). Gradients must equal those of
+    the same plan never used under inference_mode."""
+    model = build("olmoe")
+    ids = _ids(7)
+    plan = SteeringPlan.promote(0, [1, 2], std=0.5) | SteeringPlan.bias(1, 3, add=0.5)
+    with moe_route.steer(model, plan), torch.inference_mode():
+        model(ids)
+
+    def router_grads(p):
+        model.zero_grad()
+        with moe_route.steer(model, p):
+            model(ids).logits.float().square().mean().backward()
+        return [model.model.layers[i].mlp.gate.weight.grad.clone() for i in (0, 1)]
+
+    fresh = router_grads(SteeringPlan.from_json(plan.to_json()))
+    used = router_grads(plan)
+    assert all(torch.equal(a, b) for a, b in zip(used, fresh))
+    assert fresh[0].abs().sum() > 0
+
+
 def test_plan_validation_errors():
     model = build("olmoe")
     with pytest.raises(ValueError, match="layer 7 is not an MoE layer"):
