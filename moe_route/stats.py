@@ -181,9 +181,10 @@ class LayerStats:
 class RoutingStats:
     """An ordered collection of ``LayerStats`` (one per MoE layer) over shared named groups.
 
-    Row g of every layer's tensors is group ``group_names[g]``; ``meta`` is free JSON-serialisable
-    information (model name, dtype, ...). Layers may live on different devices (a model split
-    with ``device_map``); ``stack`` needs one device, ``to_cpu()`` gives it.
+    Row g of every layer's tensors is group ``group_names[g]``; ``meta`` is free JSON information
+    (model name, dtype, ...) that must read back from JSON unchanged: no tuples, str keys only.
+    Layers may live on different devices (a model split with ``device_map``); ``stack`` needs one
+    device, ``to_cpu()`` gives it.
 
     ``stats[i]`` is the i-th layer (by position), ``stats["model.layers.3.mlp.gate"]`` a layer by
     name; ``len(stats)`` is the number of layers; iteration yields the layers in order.
@@ -569,9 +570,14 @@ def _check_unique(names: Sequence[str], what: str) -> None:
 
 def _check_json(value, what: str) -> None:
     try:
-        json.dumps(value, allow_nan=False)
+        text = json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{what} must be JSON-serialisable ({exc})") from None
+    # json writes tuples as lists and int/float/bool/None keys as str: load would differ
+    if json.loads(text) != value:
+        raise ValueError(f"{what} must read back from JSON unchanged (dicts with str keys, "
+                         f"lists, str, int, float, bool, None; a tuple reads back as a list, "
+                         f"an int key as a str), got {value!r:.120}")
 
 
 def _short_list(items: Sequence, limit: int = 8) -> str:

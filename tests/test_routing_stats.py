@@ -408,6 +408,25 @@ def test_save_load_round_trip_is_bit_identical(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["run"]           # no temp dirs left
 
 
+def test_meta_that_json_would_change_is_refused_not_altered(tmp_path):
+    """json turns tuples into lists and int/bool/None keys into str, so such a meta used to
+    save and load back different ({"layers": (0, 1), 3: "x"} -> {"layers": [0, 1], "3": "x"})."""
+    layer = make_layer()
+    for meta in ({"layers": (0, 1)}, {3: "x"}, {"nested": {True: 1}}, {"a": [{None: 0}]}):
+        with pytest.raises(ValueError, match=r"RoutingStats: meta must read back from JSON "
+                                             r"unchanged"):
+            RoutingStats([layer], ["g0", "g1"], meta)
+    s = RoutingStats([layer], ["g0", "g1"], {"layers": [0, 1], "x": {"y": [1.5, None, True]}})
+    s.meta["added"] = (1, 2)                                   # meta is a plain, mutable dict
+    with pytest.raises(ValueError, match=r"RoutingStats.save: meta must read back from JSON "
+                                         r"unchanged"):
+        s.save(tmp_path / "run")
+    assert not os.path.exists(tmp_path / "run")
+    del s.meta["added"]
+    s.save(tmp_path / "run")
+    assert_stats_equal(RoutingStats.load(tmp_path / "run"), s)
+
+
 def test_save_accepts_views_into_one_buffer(tmp_path):
     # a recorder may hand out views of one [L, G, E] buffer; safetensors refuses shared storage
     buf = torch.arange(2 * 2 * 3).reshape(2, 2, 3)
