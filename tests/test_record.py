@@ -466,3 +466,16 @@ def test_gradient_checkpointing_counts_each_token_once(reentrant, exact):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)
+
+
+def test_record_refuses_a_bad_meta_before_recording():
+    """record() kept meta unchecked until its first flush, where RoutingStats refused it after
+    the model calls, with the device buffers already zeroed: the whole run was lost."""
+    model = build("olmoe")
+    for meta in ({"dtype": torch.float32}, {"layers": (0, 1)}):
+        with pytest.raises(ValueError, match=r"record: meta must"):
+            moe_route.record(model, meta=meta)
+    with moe_route.record(model, meta={"layers": [0, 1]}) as rec, torch.no_grad():
+        model(_ids())
+    assert rec.stats.meta == {"layers": [0, 1]}
+    assert int(rec.stats[0].tokens.sum()) == _ids().numel()
