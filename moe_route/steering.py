@@ -397,12 +397,13 @@ class SteeringPlan(Mapping):
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "SteeringPlan":
-        with open(os.fspath(path), encoding="utf-8") as f:
-            text = f.read()
+        path = os.fspath(path)
+        with open(path, "rb") as f:  # bytes: from_json reports a file that is not UTF-8 JSON
+            data = f.read()
         try:
-            return cls.from_json(text)
-        except ValueError as exc:
-            raise ValueError(f"{exc} (in {os.fspath(path)!r})") from None
+            return cls.from_json(data)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{exc} (in {path!r})") from None
 
 
 # -------------------------------------------------------------------------------------------

@@ -359,3 +359,13 @@ def test_load_errors_name_the_file(tmp_path):
         SteeringPlan.load(bad)
     with pytest.raises(FileNotFoundError):
         SteeringPlan.load(tmp_path / "missing.json")
+    # a foreign binary file, and an entry of the wrong type: these errors named no file
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    with pytest.raises(ValueError, match=r"SteeringPlan.from_json: .*codec can't decode.*"
+                                         r"\(in '.*bad.json'\)"):
+        SteeringPlan.load(bad)
+    bad.write_text('{"format": "moe_route.SteeringPlan", "version": 1, '
+                   '"layers": {"3": {"1": {"force": 1.0}}}}')
+    with pytest.raises(TypeError, match=r"layer 3, expert 1: SteerEntry: force=1.0 must be an int"
+                                        r".*\(in '.*bad.json'\)"):
+        SteeringPlan.load(bad)
