@@ -96,6 +96,9 @@ class Recorder:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def __enter__(self) -> "Recorder":
+        if self._handle is not None:  # its cleanup would take the active entry's buffers off
+            raise RuntimeError("record: this record() context is already active; it cannot be "
+                               "entered again inside itself")
         self._handle = acquire(self.model)
         try:
             for name, state in self._handle.routers.items():

@@ -479,3 +479,33 @@ def test_record_refuses_a_bad_meta_before_recording():
         model(_ids())
     assert rec.stats.meta == {"layers": [0, 1]}
     assert int(rec.stats[0].tokens.sum()) == _ids().numel()
+
+
+def test_reentering_an_active_recorder_is_refused_and_changes_nothing():
+    """The same Recorder entered again inside itself was refused, but the refused entry's
+    cleanup took the active entry's buffers and hooks off the routers and dropped its patch
+    handle: the rest of the block was not counted, and the outer exit released nothing, so the
+    model stayed patched after the block."""
+    model = build("olmoe")
+    first, second = _ids(8), _ids(9)
+    with torch.no_grad():
+        ref = model(second).logits
+    with moe_route.record(model) as plain, torch.no_grad():
+        model(first)
+        model(second)
+    rec = moe_route.record(model)
+    with rec, torch.no_grad():
+        model(first)
+        with pytest.raises(RuntimeError, match=r"record: this record\(\) context is already "
+                                               r"active"):
+            with rec:
+                pass
+        assert any("forward" in m.__dict__ for m in model.modules())    # still patched
+        model(second)
+    for got, want in zip(rec.stats, plain.stats):
+        assert int(got.tokens.sum()) == first.numel() + second.numel()
+        assert torch.equal(got.counts, want.counts) and torch.equal(got.tokens, want.tokens)
+        torch.testing.assert_close(got.weight_sum, want.weight_sum)
+    assert not any("forward" in m.__dict__ for m in model.modules())   # unpatched
+    with torch.no_grad():
+        assert torch.equal(model(second).logits, ref)
