@@ -110,7 +110,11 @@ class Replay:
         self._calls: dict = {}
 
     def __enter__(self) -> "Replay":
+        if self._handle is not None:  # its exit would undo both entries and release one patch
+            raise RuntimeError("replay: this replay() context is already active; nest another "
+                               "replay(model, routing) instead of entering the same one twice")
         self._handle = acquire(self.model)
+        self._sources = []  # a new entry replays from the first row; used/strict see only it
         try:
             routers = self._handle.routers
             targets = routers_by_key(list(self.routing), routers, "replay")

@@ -511,3 +511,33 @@ def test_replay_contexts_exited_out_of_order_leave_the_active_routing():
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref)
 
+
+def test_reentering_an_active_replay_context_is_refused_and_changes_nothing():
+    """The same Replay entered again inside itself was accepted: its inner exit undid both
+    entries (the rest of the block routed as usual) and released one patch owner, the outer exit
+    released nothing, so the model stayed patched after the block. Entering it again after an
+    exit starts over; rows an earlier entry left unused are not its business."""
+    model = build("olmoe")
+    ids = _ids(23)
+    with torch.no_grad():
+        ref = model(ids).logits
+    own, _ = _trace(model, ids)
+    a = _random_routing(own, seed=24)                       # call order: rows for one call
+    ctx = moe_route.replay(model, a)
+    with ctx:
+        with pytest.raises(RuntimeError, match=r"replay: this replay\(\) context is already "
+                                               r"active"):
+            with ctx:
+                pass
+        got, _ = _trace(model, ids)                         # still replayed, from the first row
+    assert all(torch.equal(got[n]["ids"].long(), a[n]) for n in own)
+    assert not any("forward" in m.__dict__ for m in model.modules())   # unpatched
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
+    with pytest.raises(KeyError):                           # a block left by an error ...
+        with ctx:
+            raise KeyError("stop")
+    with ctx:                                               # ... and entering it again is fine
+        again, _ = _trace(model, ids)
+    assert ctx.used == {n: a[n].shape[0] for n in own}
+    assert all(torch.equal(again[n]["ids"].long(), a[n]) for n in own)
