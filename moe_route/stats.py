@@ -26,7 +26,6 @@ import errno
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from typing import Dict, List, Optional, Union
 
 import torch
 
-from moe_route._atomic import fsync_dir, fsync_file
+from moe_route._atomic import fsync_dir, fsync_file, make_temp, mode_of
 from moe_route.ops import GateStats
 
 __all__ = ["LayerStats", "RoutingStats"]
@@ -446,7 +445,9 @@ class RoutingStats:
         exchange is unavailable, the old save is renamed aside first and restored if the rename
         in fails. An error while writing leaves ``path`` as it was and removes the temporary
         directory. ``path`` may be absent or a previous RoutingStats save (never anything else:
-        an unrelated directory is not replaced). Parent directories are created.
+        an unrelated directory is not replaced). Parent directories are created. The directory
+        and its files get the modes a plain create gives them (the umask's), except that a
+        replaced save's directory keeps its mode (``moe_route._atomic``, "Permissions").
         """
         st = _safetensors("RoutingStats.save")
         path = os.path.abspath(os.fspath(path))
@@ -455,22 +456,26 @@ class RoutingStats:
         _refuse_foreign(path)
         parent, base = os.path.split(path)
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+        kept = mode_of(path)
+        tmp, mode = make_temp(parent, f".{base}.tmp-", directory=True, private=kept is not None)
         try:
             # copy=True: one writable, unshared host tensor per key (safetensors refuses tensors
             # sharing storage, as views into one recorder buffer would).
             tensors = {f"layers.{i}.{name}": t.detach().to("cpu", copy=True).contiguous()
                        for i, layer in enumerate(self._layers)
                        for name, t in layer.tensors().items()}
-            tensors_file = os.path.join(tmp, TENSORS_FILE)
-            st.save_file(tensors, tensors_file, metadata={"format": "pt"})
-            fsync_file(tensors_file)
             manifest_file = os.path.join(tmp, MANIFEST_FILE)
             with open(manifest_file, "w", encoding="utf-8") as f:
                 json.dump(manifest, f, indent=1, allow_nan=False)
                 f.write("\n")
                 f.flush()
                 os.fsync(f.fileno())
+            tensors_file = os.path.join(tmp, TENSORS_FILE)
+            st.save_file(tensors, tensors_file, metadata={"format": "pt"})
+            # safetensors writes 0o600; the manifest has the mode open() gives a new file here
+            os.chmod(tensors_file, mode_of(manifest_file))
+            fsync_file(tensors_file)
+            os.chmod(tmp, mode if kept is None else kept)
             fsync_dir(tmp)
             _move_into_place(tmp, path)
         except BaseException:

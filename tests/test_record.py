@@ -1,6 +1,8 @@
 """moe_route.record: statistics against counts computed independently from the unpatched model."""
 import dataclasses
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -228,6 +230,18 @@ def test_save_trace_checks_the_trace_and_keeps_the_old_file_on_failure(tmp_path,
         moe_route.save_trace(newer, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]  # no temporary left
+
+
+def test_save_trace_gives_the_mode_of_a_plain_create(tmp_path, umask):
+    """save_trace's temporary file came from mkstemp, and safetensors writes 0o600 too: every
+    trace was 0o600 whatever the umask, unreadable to colleagues on a shared machine."""
+    path = tmp_path / "t.safetensors"
+    moe_route.save_trace(_small_trace(), path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
+    os.chmod(path, 0o604)                 # a replaced file keeps its mode
+    moe_route.save_trace(_small_trace(), path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o604
+    assert moe_route.load_trace(path).keys() == _small_trace().keys()
 
 
 def test_load_trace_errors_name_the_file_and_the_problem(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 import pytest
 import safetensors.torch
@@ -468,6 +469,28 @@ def test_save_over_an_existing_save_without_atomic_exchange(tmp_path, monkeypatc
     with pytest.raises(OSError, match="disk on fire"):
         old.save(path)
     assert_stats_equal(RoutingStats.load(path), new)
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_save_gives_the_modes_of_a_plain_create_and_keeps_a_replaced_saves(tmp_path, umask,
+                                                                           monkeypatch, exchange):
+    """The save directory came from mkdtemp, so every save was 0o700 whatever the umask:
+    unreadable to colleagues on a shared machine, unlike a directory made by os.makedirs."""
+    if not exchange:
+        monkeypatch.setattr(stats_mod, "_exchange", lambda a, b: False)
+    path = tmp_path / "run"
+    make_stats().save(path)
+
+    def modes():
+        return [stat.S_IMODE(os.stat(p).st_mode) for p in
+                (path, path / "manifest.json", path / "tensors.safetensors")]
+
+    assert modes() == [0o777 & ~umask] + [0o666 & ~umask] * 2
+    os.chmod(path, 0o705)                 # a mode given to the save survives a new save over it
+    mixed_stats().save(path)
+    assert modes() == [0o705] + [0o666 & ~umask] * 2
+    assert_stats_equal(RoutingStats.load(path), mixed_stats())
     assert sorted(os.listdir(tmp_path)) == ["run"]
 
 

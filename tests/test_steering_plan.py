@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pickle
+import stat
 
 import numpy as np
 import pytest
@@ -348,6 +349,20 @@ def test_save_load_round_trip_and_atomic_replace(tmp_path, monkeypatch):
 
     new = SteeringPlan.force(["r"], [0])
     new.save(path)
+    assert SteeringPlan.load(path) == new
+    assert os.listdir(tmp_path) == ["plan.json"]
+
+
+def test_save_gives_the_mode_of_a_plain_create_and_keeps_a_replaced_files(tmp_path, umask):
+    """The temporary file came from mkstemp, so every saved plan was 0o600 whatever the umask:
+    unreadable to colleagues on a shared machine, unlike a file written by open(path, "w")."""
+    path = tmp_path / "plan.json"
+    SteeringPlan.promote([8, 9], [1, 2]).save(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
+    os.chmod(path, 0o604)                 # a mode given to the file survives a save, as in editors
+    new = SteeringPlan.force(["r"], [0])
+    new.save(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o604
     assert SteeringPlan.load(path) == new
     assert os.listdir(tmp_path) == ["plan.json"]
 
