@@ -142,9 +142,12 @@ class SteerSpec:
         key = (num_experts, device)
         cached = self._tables.get(key)
         if cached is None:
-            rows = [_expert_vector(getattr(self, name), num_experts, name)
-                    for name in reference.STEER_ROWS]
-            cached = torch.stack(rows).to(device)
+            # Never an inference tensor: a table first built under inference_mode is reused
+            # outside it, where the differentiable gate saves it for backward.
+            with torch.inference_mode(False):
+                rows = [_expert_vector(getattr(self, name), num_experts, name)
+                        for name in reference.STEER_ROWS]
+                cached = torch.stack(rows).to(device)
             self._tables[key] = cached
         return cached
 
@@ -154,14 +157,27 @@ def _frozen_values(values: ExpertValues, name: str):
     if values is None:
         return None
     if isinstance(values, Mapping):  # {} steers no expert: the same as None
-        return tuple(sorted((e, float(v)) for e, v in values.items())) or None
+        pairs = tuple(sorted((e, float(v)) for e, v in values.items()))
+        _check_finite(pairs, name)
+        return pairs or None
     if isinstance(values, tuple) and all(isinstance(v, tuple) for v in values):
         return values  # already frozen pairs (dataclasses.replace)
-    t = torch.as_tensor(values, dtype=torch.float32)
+    t = torch.as_tensor(values, dtype=torch.float32)  # beyond FLT_MAX becomes inf here
     if t.dim() != 1:
         raise ValueError(f"SteerSpec.{name}: expected one value per expert (1-D), got shape "
                          f"{tuple(t.shape)}")
-    return tuple(t.tolist())
+    out = tuple(t.tolist())
+    _check_finite(enumerate(out), name)
+    return out
+
+
+def _check_finite(pairs, name: str) -> None:
+    """Steering values are fp32 table entries: a NaN or inf would steer silently (the sanitised
+    logit ranks last or clamps), and a mapping value beyond FLT_MAX cannot be stored."""
+    for expert, value in pairs:
+        if not abs(value) <= reference.FLT_MAX:
+            raise ValueError(f"SteerSpec.{name}: expert {expert}: value {value!r} must be finite "
+                             f"in float32")
 
 
 def _expert_vector(values, num_experts: int, name: str) -> torch.Tensor:

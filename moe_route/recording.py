@@ -48,7 +48,7 @@ from moe_route.hf.model_calls import past_length, stack_of, stacks, watch
 from moe_route.hf.patch import acquire, release
 from moe_route.ops import GateStats
 from moe_route._atomic import write_atomic
-from moe_route.stats import LayerStats, RoutingStats, _safetensors
+from moe_route.stats import LayerStats, RoutingStats, _check_json, _safetensors
 
 __all__ = ["record", "Recorder", "save_trace", "load_trace"]
 
@@ -75,6 +75,7 @@ class Recorder:
                                  else torch.as_tensor(list(ignore_token_ids), dtype=torch.int64))
         self.max_groups = max_groups
         self.meta = dict(meta or {})
+        _check_json(self.meta, "record: meta")  # not at the first flush, after the model calls
         if trace_dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"record: trace_dtype={trace_dtype} must be float16, bfloat16 or "
                              f"float32")
@@ -95,6 +96,9 @@ class Recorder:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def __enter__(self) -> "Recorder":
+        if self._handle is not None:  # its cleanup would take the active entry's buffers off
+            raise RuntimeError("record: this record() context is already active; it cannot be "
+                               "entered again inside itself")
         self._handle = acquire(self.model)
         try:
             for name, state in self._handle.routers.items():

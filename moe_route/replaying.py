@@ -112,7 +112,11 @@ class Replay:
         self._calls: dict = {}
 
     def __enter__(self) -> "Replay":
+        if self._handle is not None:  # its exit would undo both entries and release one patch
+            raise RuntimeError("replay: this replay() context is already active; nest another "
+                               "replay(model, routing) instead of entering the same one twice")
         self._handle = acquire(self.model)
+        self._sources = []  # a new entry replays from the first row; used/strict see only it
         try:
             routers = self._handle.routers
             targets = routers_by_key(list(self.routing), routers, "replay")
@@ -131,7 +135,7 @@ class Replay:
                 ids = self.routing[key]
                 _check_ids(key, state, ids)
                 source = _Source(state.name, stack_of(paths, state.name), ids, self)
-                state.replay_stack.append(state.replay)
+                state.replay_stack.append((self, state.replay))
                 state.replay = source
                 self._applied.append(state)
                 self._sources.append(source)
@@ -156,8 +160,7 @@ class Replay:
         while self._hooks:
             self._hooks.pop().remove()
         while self._applied:
-            state = self._applied.pop()
-            state.replay = state.replay_stack.pop()
+            _withdraw(self._applied.pop(), self)
         if self._handle is not None:
             release(self._handle)
             self._handle = None
@@ -175,6 +178,19 @@ class Replay:
     def used(self) -> dict:
         """``{router name: rows used}`` of the call-order layers so far."""
         return {s.name: s.cursor for s in self._sources if not s.by_position}
+
+
+def _withdraw(state, owner: Replay) -> None:
+    """Take ``owner``'s source off a router. ``state.replay_stack`` holds one (context, source
+    before it) pair per active context; contexts may exit out of order, so a context below the
+    top hands its saved source to the one above it instead of restoring it."""
+    stack = state.replay_stack
+    i = next(i for i, (ctx, _) in enumerate(stack) if ctx is owner)
+    if i == len(stack) - 1:
+        state.replay = stack.pop()[1]
+    else:
+        stack[i + 1] = (stack[i + 1][0], stack[i][1])
+        del stack[i]
 
 
 def _ids_of(key, value) -> torch.Tensor:

@@ -26,7 +26,6 @@ import errno
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from typing import Dict, List, Optional, Union
 
 import torch
 
-from moe_route._atomic import fsync_dir, fsync_file
+from moe_route._atomic import fsync_dir, fsync_file, make_temp, mode_of
 from moe_route.ops import GateStats
 
 __all__ = ["LayerStats", "RoutingStats"]
@@ -181,9 +180,10 @@ class LayerStats:
 class RoutingStats:
     """An ordered collection of ``LayerStats`` (one per MoE layer) over shared named groups.
 
-    Row g of every layer's tensors is group ``group_names[g]``; ``meta`` is free JSON-serialisable
-    information (model name, dtype, ...). Layers may live on different devices (a model split
-    with ``device_map``); ``stack`` needs one device, ``to_cpu()`` gives it.
+    Row g of every layer's tensors is group ``group_names[g]``; ``meta`` is free JSON information
+    (model name, dtype, ...) that must read back from JSON unchanged: no tuples, str keys only.
+    Layers may live on different devices (a model split with ``device_map``); ``stack`` needs one
+    device, ``to_cpu()`` gives it.
 
     ``stats[i]`` is the i-th layer (by position), ``stats["model.layers.3.mlp.gate"]`` a layer by
     name; ``len(stats)`` is the number of layers; iteration yields the layers in order.
@@ -445,7 +445,9 @@ class RoutingStats:
         exchange is unavailable, the old save is renamed aside first and restored if the rename
         in fails. An error while writing leaves ``path`` as it was and removes the temporary
         directory. ``path`` may be absent or a previous RoutingStats save (never anything else:
-        an unrelated directory is not replaced). Parent directories are created.
+        an unrelated directory is not replaced). Parent directories are created. The directory
+        and its files get the modes a plain create gives them (the umask's), except that a
+        replaced save's directory keeps its mode (``moe_route._atomic``, "Permissions").
         """
         st = _safetensors("RoutingStats.save")
         path = os.path.abspath(os.fspath(path))
@@ -454,22 +456,26 @@ class RoutingStats:
         _refuse_foreign(path)
         parent, base = os.path.split(path)
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+        kept = mode_of(path)
+        tmp, mode = make_temp(parent, f".{base}.tmp-", directory=True, private=kept is not None)
         try:
             # copy=True: one writable, unshared host tensor per key (safetensors refuses tensors
             # sharing storage, as views into one recorder buffer would).
             tensors = {f"layers.{i}.{name}": t.detach().to("cpu", copy=True).contiguous()
                        for i, layer in enumerate(self._layers)
                        for name, t in layer.tensors().items()}
-            tensors_file = os.path.join(tmp, TENSORS_FILE)
-            st.save_file(tensors, tensors_file, metadata={"format": "pt"})
-            fsync_file(tensors_file)
             manifest_file = os.path.join(tmp, MANIFEST_FILE)
             with open(manifest_file, "w", encoding="utf-8") as f:
                 json.dump(manifest, f, indent=1, allow_nan=False)
                 f.write("\n")
                 f.flush()
                 os.fsync(f.fileno())
+            tensors_file = os.path.join(tmp, TENSORS_FILE)
+            st.save_file(tensors, tensors_file, metadata={"format": "pt"})
+            # safetensors writes 0o600; the manifest has the mode open() gives a new file here
+            os.chmod(tensors_file, mode_of(manifest_file))
+            fsync_file(tensors_file)
+            os.chmod(tmp, mode if kept is None else kept)
             fsync_dir(tmp)
             _move_into_place(tmp, path)
         except BaseException:
@@ -569,9 +575,14 @@ def _check_unique(names: Sequence[str], what: str) -> None:
 
 def _check_json(value, what: str) -> None:
     try:
-        json.dumps(value, allow_nan=False)
+        text = json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{what} must be JSON-serialisable ({exc})") from None
+    # json writes tuples as lists and int/float/bool/None keys as str: load would differ
+    if json.loads(text) != value:
+        raise ValueError(f"{what} must read back from JSON unchanged (dicts with str keys, "
+                         f"lists, str, int, float, bool, None; a tuple reads back as a list, "
+                         f"an int key as a str), got {value!r:.120}")
 
 
 def _short_list(items: Sequence, limit: int = 8) -> str:

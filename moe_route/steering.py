@@ -18,7 +18,6 @@ Entries list only their non-default fields.
 from __future__ import annotations
 
 import json
-import math
 import numbers
 import operator
 import os
@@ -30,6 +29,7 @@ from typing import Dict, List, Optional, Union
 
 from moe_route._atomic import write_text_atomic
 from moe_route.ops import SteerSpec
+from moe_route.reference import FLT_MAX
 
 __all__ = ["SteerEntry", "SteeringPlan", "Steering", "steer"]
 
@@ -68,8 +68,10 @@ class SteerEntry:
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"SteerEntry: {name}={value!r} must be a float, got "
                                 f"{type(value).__name__}")
-            if not math.isfinite(value):
-                raise ValueError(f"SteerEntry: {name}={value!r} must be finite")
+            # the gate takes fp32 tables: beyond FLT_MAX a value cannot even be stored there
+            if not abs(value) <= FLT_MAX:
+                raise ValueError(f"SteerEntry: {name}={value!r} must be finite in float32 "
+                                 f"(|{name}| <= {FLT_MAX!r})")
             # + 0.0 turns -0.0 into +0.0, so an entry and its JSON round trip agree bit for bit
             object.__setattr__(self, name, float(value) + 0.0)
         if isinstance(self.force, bool) or not isinstance(self.force, numbers.Integral):
@@ -395,12 +397,13 @@ class SteeringPlan(Mapping):
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "SteeringPlan":
-        with open(os.fspath(path), encoding="utf-8") as f:
-            text = f.read()
+        path = os.fspath(path)
+        with open(path, "rb") as f:  # bytes: from_json reports a file that is not UTF-8 JSON
+            data = f.read()
         try:
-            return cls.from_json(text)
-        except ValueError as exc:
-            raise ValueError(f"{exc} (in {os.fspath(path)!r})") from None
+            return cls.from_json(data)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{exc} (in {path!r})") from None
 
 
 # -------------------------------------------------------------------------------------------
@@ -516,6 +519,9 @@ class Steering:
     def __enter__(self) -> "Steering":
         from moe_route.hf.patch import acquire  # the record/steer layer sits above hf
 
+        if self._handle is not None:  # its exit would undo both entries and release one patch
+            raise RuntimeError("steer: this steer() context is already active; nest another "
+                               "steer(model, plan) instead of entering the same one twice")
         self._handle = acquire(self.model)
         try:
             targets = resolve_layers(self.plan, self._handle.routers)
@@ -524,7 +530,7 @@ class Steering:
                     raise ValueError(f"steer: layer {key!r} ({state.name}) routes by "
                                      f"{state.adapter.name}, not by score; it cannot be steered")
                 spec = self.plan.steer_spec(key, state.num_experts)
-                state.steer_stack.append(state.steer)
+                state.steer_stack.append((self, state.steer))
                 state.steer = spec
                 self._applied.append(state)
         except BaseException:
@@ -536,12 +542,24 @@ class Steering:
         from moe_route.hf.patch import release
 
         while self._applied:
-            state = self._applied.pop()
-            state.steer = state.steer_stack.pop()
+            _withdraw(self._applied.pop(), self)
         if self._handle is not None:
             release(self._handle)
             self._handle = None
         return False
+
+
+def _withdraw(state, owner: Steering) -> None:
+    """Take ``owner``'s plan off a router. ``state.steer_stack`` holds one (context, steering
+    before it) pair per active context; contexts may exit out of order, so a context below the
+    top hands its saved steering to the one above it instead of restoring it."""
+    stack = state.steer_stack
+    i = next(i for i, (ctx, _) in enumerate(stack) if ctx is owner)
+    if i == len(stack) - 1:
+        state.steer = stack.pop()[1]
+    else:
+        stack[i + 1] = (stack[i + 1][0], stack[i][1])
+        del stack[i]
 
 
 def resolve_layers(plan: SteeringPlan, routers: Mapping) -> dict:

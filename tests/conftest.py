@@ -86,6 +86,18 @@ def _restore_num_threads():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def umask():
+    """The process umask set to 0o027 for one test (restored after): the mode a plain create
+    then gives (0o640 files, 0o750 directories) differs from mkstemp's 0o600 and mkdtemp's 0o700
+    and from the common default umask 0o022's."""
+    old = os.umask(0o027)
+    try:
+        yield 0o027
+    finally:
+        os.umask(old)
+
+
 requires_native = pytest.mark.skipif(not HAS_CPU_KERNEL,
                                      reason=f"native extension not loaded: {_loader.load_error}")
 

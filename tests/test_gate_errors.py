@@ -329,6 +329,28 @@ def test_steer_spec_empty_mapping_steers_nothing(field):
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
 
 
+@pytest.mark.parametrize("field", ["add", "std", "abs", "force"])
+@pytest.mark.parametrize("bad", [NAN, INF, -INF, 1e39])
+@pytest.mark.parametrize("form", ["mapping", "list", "tensor"])
+def test_steer_spec_refuses_values_not_finite_in_float32(field, bad, form):
+    """A NaN used to steer silently: the sanitised logit ranked its expert last (NaN add/std/abs)
+    or did nothing (NaN force); inf clamped the logit to +-FLT_MAX; 1e39 in a mapping crashed
+    building the table. Each is refused at construction, naming the field and the expert."""
+    row = [0.0] * E
+    row[3] = bad
+    value = {3: bad} if form == "mapping" else row if form == "list" else \
+        torch.tensor(row, dtype=torch.float64)
+    with pytest.raises(ValueError, match=rf"SteerSpec.{field}: expert 3: value .* must be "
+                                         rf"finite in float32"):
+        moe_route.SteerSpec(**{field: value})
+    limit = moe_route.SteerSpec(**{field: {3: R.FLT_MAX}})      # the largest that steers
+    table = limit.table(E)
+    assert table[R.STEER_ROWS.index(field), 3].item() == R.FLT_MAX
+    got = moe_route.topk_gate(logits(), 2, steer=limit)
+    want = R.topk_gate(logits(), 2, steer=table)
+    assert torch.equal(got[1], want[1])
+
+
 @pytest.mark.parametrize("field,value", [("add", torch.zeros(2, E)), ("std", 0.5)])
 def test_steer_spec_invalid_shape(field, value):
     """Values that are not one number per expert fail at construction."""

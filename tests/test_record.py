@@ -1,6 +1,8 @@
 """moe_route.record: statistics against counts computed independently from the unpatched model."""
 import dataclasses
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -228,6 +230,18 @@ def test_save_trace_checks_the_trace_and_keeps_the_old_file_on_failure(tmp_path,
         moe_route.save_trace(newer, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]  # no temporary left
+
+
+def test_save_trace_gives_the_mode_of_a_plain_create(tmp_path, umask):
+    """save_trace's temporary file came from mkstemp, and safetensors writes 0o600 too: every
+    trace was 0o600 whatever the umask, unreadable to colleagues on a shared machine."""
+    path = tmp_path / "t.safetensors"
+    moe_route.save_trace(_small_trace(), path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
+    os.chmod(path, 0o604)                 # a replaced file keeps its mode
+    moe_route.save_trace(_small_trace(), path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o604
+    assert moe_route.load_trace(path).keys() == _small_trace().keys()
 
 
 def test_load_trace_errors_name_the_file_and_the_problem(tmp_path):
@@ -466,3 +480,46 @@ def test_gradient_checkpointing_counts_each_token_once(reentrant, exact):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)
+
+
+def test_record_refuses_a_bad_meta_before_recording():
+    """record() kept meta unchecked until its first flush, where RoutingStats refused it after
+    the model calls, with the device buffers already zeroed: the whole run was lost."""
+    model = build("olmoe")
+    for meta in ({"dtype": torch.float32}, {"layers": (0, 1)}):
+        with pytest.raises(ValueError, match=r"record: meta must"):
+            moe_route.record(model, meta=meta)
+    with moe_route.record(model, meta={"layers": [0, 1]}) as rec, torch.no_grad():
+        model(_ids())
+    assert rec.stats.meta == {"layers": [0, 1]}
+    assert int(rec.stats[0].tokens.sum()) == _ids().numel()
+
+
+def test_reentering_an_active_recorder_is_refused_and_changes_nothing():
+    """The same Recorder entered again inside itself was refused, but the refused entry's
+    cleanup took the active entry's buffers and hooks off the routers and dropped its patch
+    handle: the rest of the block was not counted, and the outer exit released nothing, so the
+    model stayed patched after the block."""
+    model = build("olmoe")
+    first, second = _ids(8), _ids(9)
+    with torch.no_grad():
+        ref = model(second).logits
+    with moe_route.record(model) as plain, torch.no_grad():
+        model(first)
+        model(second)
+    rec = moe_route.record(model)
+    with rec, torch.no_grad():
+        model(first)
+        with pytest.raises(RuntimeError, match=r"record: this record\(\) context is already "
+                                               r"active"):
+            with rec:
+                pass
+        assert any("forward" in m.__dict__ for m in model.modules())    # still patched
+        model(second)
+    for got, want in zip(rec.stats, plain.stats):
+        assert int(got.tokens.sum()) == first.numel() + second.numel()
+        assert torch.equal(got.counts, want.counts) and torch.equal(got.tokens, want.tokens)
+        torch.testing.assert_close(got.weight_sum, want.weight_sum)
+    assert not any("forward" in m.__dict__ for m in model.modules())   # unpatched
+    with torch.no_grad():
+        assert torch.equal(model(second).logits, ref)

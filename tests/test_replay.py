@@ -480,3 +480,64 @@ def test_by_position_on_an_encoder_decoder():
         model(input_ids=ids, decoder_input_ids=dec)
     for name, layer in rec.trace.items():
         assert torch.equal(layer["ids"].long(), routing[name].reshape(-1, 1)), name
+
+
+def test_replay_contexts_exited_out_of_order_leave_the_active_routing():
+    """Each replay() pushed a router's previous source and popped it on exit, assuming LIFO.
+    Leaving an outer replay while an inner one on the same layer was still active popped the
+    inner's saved value: the layer kept the ended outer's source (by position it then raised
+    "called outside a forward", the outer's hooks gone; in call order it takes the outer's rows)."""
+    model = build("olmoe")
+    ids = _ids(20)
+    with torch.no_grad():
+        ref = model(ids).logits
+    own, _ = _trace(model, ids)
+    names = list(own)
+    k = own[names[0]]["ids"].shape[1]
+    a = _random_routing(own, seed=21, shape=ids.shape)
+    b = {names[0]: _random_routing(own, seed=22, shape=ids.shape)[names[0]]}
+    with moe_route.replay(model, b):
+        want, _ = _trace(model, ids)                        # the inner routing alone
+    outer, inner = moe_route.replay(model, a), moe_route.replay(model, b)
+    outer.__enter__()
+    inner.__enter__()
+    outer.__exit__(None, None, None)                        # out of order: inner still active
+    got, _ = _trace(model, ids)
+    inner.__exit__(None, None, None)
+    assert torch.equal(got[names[0]]["ids"].long(), b[names[0]].reshape(-1, k))
+    for name in names:
+        assert torch.equal(got[name]["ids"], want[name]["ids"]), name
+    assert not any("forward" in m.__dict__ for m in model.modules())   # unpatched
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
+
+
+def test_reentering_an_active_replay_context_is_refused_and_changes_nothing():
+    """The same Replay entered again inside itself was accepted: its inner exit undid both
+    entries (the rest of the block routed as usual) and released one patch owner, the outer exit
+    released nothing, so the model stayed patched after the block. Entering it again after an
+    exit starts over; rows an earlier entry left unused are not its business."""
+    model = build("olmoe")
+    ids = _ids(23)
+    with torch.no_grad():
+        ref = model(ids).logits
+    own, _ = _trace(model, ids)
+    a = _random_routing(own, seed=24)                       # call order: rows for one call
+    ctx = moe_route.replay(model, a)
+    with ctx:
+        with pytest.raises(RuntimeError, match=r"replay: this replay\(\) context is already "
+                                               r"active"):
+            with ctx:
+                pass
+        got, _ = _trace(model, ids)                         # still replayed, from the first row
+    assert all(torch.equal(got[n]["ids"].long(), a[n]) for n in own)
+    assert not any("forward" in m.__dict__ for m in model.modules())   # unpatched
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
+    with pytest.raises(KeyError):                           # a block left by an error ...
+        with ctx:
+            raise KeyError("stop")
+    with ctx:                                               # ... and entering it again is fine
+        again, _ = _trace(model, ids)
+    assert ctx.used == {n: a[n].shape[0] for n in own}
+    assert all(torch.equal(again[n]["ids"].long(), a[n]) for n in own)

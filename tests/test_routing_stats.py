@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 import pytest
 import safetensors.torch
@@ -408,6 +409,25 @@ def test_save_load_round_trip_is_bit_identical(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["run"]           # no temp dirs left
 
 
+def test_meta_that_json_would_change_is_refused_not_altered(tmp_path):
+    """json turns tuples into lists and int/bool/None keys into str, so such a meta used to
+    save and load back different ({"layers": (0, 1), 3: "x"} -> {"layers": [0, 1], "3": "x"})."""
+    layer = make_layer()
+    for meta in ({"layers": (0, 1)}, {3: "x"}, {"nested": {True: 1}}, {"a": [{None: 0}]}):
+        with pytest.raises(ValueError, match=r"RoutingStats: meta must read back from JSON "
+                                             r"unchanged"):
+            RoutingStats([layer], ["g0", "g1"], meta)
+    s = RoutingStats([layer], ["g0", "g1"], {"layers": [0, 1], "x": {"y": [1.5, None, True]}})
+    s.meta["added"] = (1, 2)                                   # meta is a plain, mutable dict
+    with pytest.raises(ValueError, match=r"RoutingStats.save: meta must read back from JSON "
+                                         r"unchanged"):
+        s.save(tmp_path / "run")
+    assert not os.path.exists(tmp_path / "run")
+    del s.meta["added"]
+    s.save(tmp_path / "run")
+    assert_stats_equal(RoutingStats.load(tmp_path / "run"), s)
+
+
 def test_save_accepts_views_into_one_buffer(tmp_path):
     # a recorder may hand out views of one [L, G, E] buffer; safetensors refuses shared storage
     buf = torch.arange(2 * 2 * 3).reshape(2, 2, 3)
@@ -449,6 +469,28 @@ def test_save_over_an_existing_save_without_atomic_exchange(tmp_path, monkeypatc
     with pytest.raises(OSError, match="disk on fire"):
         old.save(path)
     assert_stats_equal(RoutingStats.load(path), new)
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_save_gives_the_modes_of_a_plain_create_and_keeps_a_replaced_saves(tmp_path, umask,
+                                                                           monkeypatch, exchange):
+    """The save directory came from mkdtemp, so every save was 0o700 whatever the umask:
+    unreadable to colleagues on a shared machine, unlike a directory made by os.makedirs."""
+    if not exchange:
+        monkeypatch.setattr(stats_mod, "_exchange", lambda a, b: False)
+    path = tmp_path / "run"
+    make_stats().save(path)
+
+    def modes():
+        return [stat.S_IMODE(os.stat(p).st_mode) for p in
+                (path, path / "manifest.json", path / "tensors.safetensors")]
+
+    assert modes() == [0o777 & ~umask] + [0o666 & ~umask] * 2
+    os.chmod(path, 0o705)                 # a mode given to the save survives a new save over it
+    mixed_stats().save(path)
+    assert modes() == [0o705] + [0o666 & ~umask] * 2
+    assert_stats_equal(RoutingStats.load(path), mixed_stats())
     assert sorted(os.listdir(tmp_path)) == ["run"]
 
 

@@ -97,6 +97,84 @@ def test_nested_steering_restores_outer_plan():
     assert int(layer0.counts[0, 1]) == 0 and int(layer0.counts[1, 1]) == ids.numel()
 
 
+def test_reentering_an_active_steer_context_is_refused_and_changes_nothing():
+    """The same Steering object entered again inside itself used to be accepted: its inner exit
+    undid both entries and released one patch owner, the outer exit released nothing, so the
+    model stayed patched for good (and a later patch(exact=True) user saw fast-mode routing)."""
+    model = build("olmoe")
+    ids = _ids(5)
+    with torch.no_grad():
+        ref = model(ids).logits
+    ctx = moe_route.steer(model, SteeringPlan.force(0, 1, on=False))
+    with moe_route.record(model) as rec, torch.no_grad():
+        with ctx:
+            with pytest.raises(RuntimeError, match=r"steer: this steer\(\) context is already "
+                                                   r"active"):
+                with ctx:
+                    pass
+            with rec.group("inside"):
+                model(ids)                                   # still steered
+        with ctx:                                           # entering it again after exit is fine
+            with rec.group("again"):
+                model(ids)
+        with rec.group("after"):
+            model(ids)
+    counts = rec.stats[0].counts
+    assert counts[0, 1] == 0 and counts[1, 1] == 0 and counts[2, 1] > 0
+    assert not any("forward" in m.__dict__ for m in model.modules())   # unpatched
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
+
+
+def test_steer_contexts_exited_out_of_order_leave_the_active_plan():
+    """Leaving an outer steer() while an inner one on the same layer is still active used to
+    pop the inner's saved state: the layer went on routing by the outer plan, which had ended."""
+    model = build("olmoe")
+    ids = _ids(6)
+    T = ids.numel()
+    outer = moe_route.steer(model, SteeringPlan.force(0, 1, on=True))
+    inner = moe_route.steer(model, SteeringPlan.force(0, 1, on=False) | SteeringPlan.force(1, 2))
+    with moe_route.record(model) as rec, torch.no_grad():
+        with rec.group("plain"):
+            model(ids)
+        outer.__enter__()
+        inner.__enter__()
+        outer.__exit__(None, None, None)                    # out of order: inner still active
+        with rec.group("inner"):
+            model(ids)
+        inner.__exit__(None, None, None)
+        with rec.group("none"):
+            model(ids)
+    plain, inner_c, none = rec.stats[0].counts
+    assert plain[1] > 0 and inner_c[1] == 0 and torch.equal(none, plain)
+    assert rec.stats[1].counts[1, 2] == T and torch.equal(rec.stats[1].counts[2],
+                                                           rec.stats[1].counts[0])
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_plan_used_under_inference_mode_then_with_autograd():
+    """A plan caches its SteerSpecs and they their device tables. A table first built under
+    torch.inference_mode was an inference tensor, and a later differentiable steered forward
+    failed ("Inference tensors cannot be saved for backward"). Gradients must equal those of
+    the same plan never used under inference_mode."""
+    model = build("olmoe")
+    ids = _ids(7)
+    plan = SteeringPlan.promote(0, [1, 2], std=0.5) | SteeringPlan.bias(1, 3, add=0.5)
+    with moe_route.steer(model, plan), torch.inference_mode():
+        model(ids)
+
+    def router_grads(p):
+        model.zero_grad()
+        with moe_route.steer(model, p):
+            model(ids).logits.float().square().mean().backward()
+        return [model.model.layers[i].mlp.gate.weight.grad.clone() for i in (0, 1)]
+
+    fresh = router_grads(SteeringPlan.from_json(plan.to_json()))
+    used = router_grads(plan)
+    assert all(torch.equal(a, b) for a, b in zip(used, fresh))
+    assert fresh[0].abs().sum() > 0
+
+
 def test_plan_validation_errors():
     model = build("olmoe")
     with pytest.raises(ValueError, match="layer 7 is not an MoE layer"):

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pickle
+import stat
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from moe_route.ops import SteerSpec, topk_gate
+from moe_route.reference import FLT_MAX
 from moe_route.steering import SteerEntry, SteeringPlan
 
 # --------------------------------------------------------------------------------------------
@@ -34,6 +36,25 @@ from moe_route.steering import SteerEntry, SteeringPlan
 def test_steer_entry_validation(kwargs, exc, pattern):
     with pytest.raises(exc, match=pattern):
         SteerEntry(**kwargs)
+
+
+def test_steer_entry_values_must_be_finite_in_float32():
+    """The gate takes fp32 tables: a finite double beyond FLT_MAX used to pass SteerEntry and the
+    JSON loader, then crash building the table ("value cannot be converted to type float without
+    overflow") when the plan was applied. FLT_MAX itself is the largest value that steers."""
+    big = math.nextafter(FLT_MAX, math.inf)
+    for name in ("add", "std", "abs"):
+        with pytest.raises(ValueError, match=rf"SteerEntry: {name}=-?3.40282346638528\d*e\+38 "
+                                             rf"must be finite in float32"):
+            SteerEntry(**{name: -big if name == "abs" else big})
+    with pytest.raises(ValueError, match=r"std=1e\+39 must be finite in float32"):
+        SteeringPlan.from_json('{"format": "moe_route.SteeringPlan", "version": 1, '
+                               '"layers": {"0": {"1": {"std": 1e39}}}}')
+    plan = SteeringPlan({0: {1: {"add": FLT_MAX}, 2: {"abs": -FLT_MAX}}})
+    table = plan.steer_spec(0, 4).table(4)
+    assert table[0, 1].item() == FLT_MAX and table[2, 2].item() == -FLT_MAX
+    _, ids = topk_gate(torch.zeros(3, 4), 1, steer=plan.steer_spec(0, 4))
+    assert ids.flatten().tolist() == [1, 1, 1]
 
 
 def test_steer_entry_values_and_dict_form():
@@ -265,7 +286,7 @@ def test_from_json_errors(doc, pattern):
         SteeringPlan.from_json(doc)
 
 
-_finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
+_finite = st.floats(-FLT_MAX, FLT_MAX, width=64)               # what fp32 tables can hold
 _entries = st.builds(SteerEntry, add=st.one_of(st.just(0.0), _finite),
                      std=st.one_of(st.just(0.0), _finite), abs=st.one_of(st.just(0.0), _finite),
                      force=st.sampled_from([-1, 0, 1]), select_only=st.booleans())
@@ -332,6 +353,20 @@ def test_save_load_round_trip_and_atomic_replace(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["plan.json"]
 
 
+def test_save_gives_the_mode_of_a_plain_create_and_keeps_a_replaced_files(tmp_path, umask):
+    """The temporary file came from mkstemp, so every saved plan was 0o600 whatever the umask:
+    unreadable to colleagues on a shared machine, unlike a file written by open(path, "w")."""
+    path = tmp_path / "plan.json"
+    SteeringPlan.promote([8, 9], [1, 2]).save(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
+    os.chmod(path, 0o604)                 # a mode given to the file survives a save, as in editors
+    new = SteeringPlan.force(["r"], [0])
+    new.save(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o604
+    assert SteeringPlan.load(path) == new
+    assert os.listdir(tmp_path) == ["plan.json"]
+
+
 def test_load_errors_name_the_file(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"format": "moe_route.SteeringPlan", "version": 9, "layers": {}}')
@@ -339,3 +374,13 @@ def test_load_errors_name_the_file(tmp_path):
         SteeringPlan.load(bad)
     with pytest.raises(FileNotFoundError):
         SteeringPlan.load(tmp_path / "missing.json")
+    # a foreign binary file, and an entry of the wrong type: these errors named no file
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    with pytest.raises(ValueError, match=r"SteeringPlan.from_json: .*codec can't decode.*"
+                                         r"\(in '.*bad.json'\)"):
+        SteeringPlan.load(bad)
+    bad.write_text('{"format": "moe_route.SteeringPlan", "version": 1, '
+                   '"layers": {"3": {"1": {"force": 1.0}}}}')
+    with pytest.raises(TypeError, match=r"layer 3, expert 1: SteerEntry: force=1.0 must be an int"
+                                        r".*\(in '.*bad.json'\)"):
+        SteeringPlan.load(bad)
