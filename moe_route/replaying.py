@@ -42,7 +42,7 @@ from torch import nn
 
 from moe_route import reference
 from moe_route.hf.model_calls import past_length, stack_of, stacks, watch
-from moe_route.hf.patch import acquire, release, routers_by_key
+from moe_route.hf.patch import acquire, release, routers_by_key, withdraw
 
 __all__ = ["replay", "Replay", "trace_by_position"]
 
@@ -160,7 +160,7 @@ class Replay:
         while self._hooks:
             self._hooks.pop().remove()
         while self._applied:
-            _withdraw(self._applied.pop(), self)
+            withdraw(self._applied.pop(), "replay", self)
         if self._handle is not None:
             release(self._handle)
             self._handle = None
@@ -178,19 +178,6 @@ class Replay:
     def used(self) -> dict:
         """``{router name: rows used}`` of the call-order layers so far."""
         return {s.name: s.cursor for s in self._sources if not s.by_position}
-
-
-def _withdraw(state, owner: Replay) -> None:
-    """Take ``owner``'s source off a router. ``state.replay_stack`` holds one (context, source
-    before it) pair per active context; contexts may exit out of order, so a context below the
-    top hands its saved source to the one above it instead of restoring it."""
-    stack = state.replay_stack
-    i = next(i for i, (ctx, _) in enumerate(stack) if ctx is owner)
-    if i == len(stack) - 1:
-        state.replay = stack.pop()[1]
-    else:
-        stack[i + 1] = (stack[i + 1][0], stack[i][1])
-        del stack[i]
 
 
 def _ids_of(key, value) -> torch.Tensor:

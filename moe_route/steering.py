@@ -539,27 +539,14 @@ class Steering:
         return self
 
     def __exit__(self, *exc):
-        from moe_route.hf.patch import release
+        from moe_route.hf.patch import release, withdraw
 
         while self._applied:
-            _withdraw(self._applied.pop(), self)
+            withdraw(self._applied.pop(), "steer", self)
         if self._handle is not None:
             release(self._handle)
             self._handle = None
         return False
-
-
-def _withdraw(state, owner: Steering) -> None:
-    """Take ``owner``'s plan off a router. ``state.steer_stack`` holds one (context, steering
-    before it) pair per active context; contexts may exit out of order, so a context below the
-    top hands its saved steering to the one above it instead of restoring it."""
-    stack = state.steer_stack
-    i = next(i for i, (ctx, _) in enumerate(stack) if ctx is owner)
-    if i == len(stack) - 1:
-        state.steer = stack.pop()[1]
-    else:
-        stack[i + 1] = (stack[i + 1][0], stack[i][1])
-        del stack[i]
 
 
 def resolve_layers(plan: SteeringPlan, routers: Mapping) -> dict:

@@ -406,3 +406,17 @@ def release(handle: PatchHandle) -> None:
         done = handle._owners == 0 and not handle._explicit
     if done:
         handle.remove()
+
+
+def withdraw(state: RouterState, setting: str, owner) -> None:
+    """Take ``owner``'s ``setting`` ("steer" or "replay") off a router. ``<setting>_stack``
+    holds one (context, setting before it) pair per active context; contexts may exit out of
+    order, so a context below the top hands its saved setting to the one above it instead of
+    restoring it."""
+    stack = getattr(state, f"{setting}_stack")
+    i = next(i for i, (ctx, _) in enumerate(stack) if ctx is owner)
+    if i == len(stack) - 1:
+        setattr(state, setting, stack.pop()[1])
+    else:
+        stack[i + 1] = (stack[i + 1][0], stack[i][1])
+        del stack[i]
