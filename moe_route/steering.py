@@ -213,10 +213,10 @@ class SteeringPlan(Mapping):
         return sum(len(experts) for experts in self._layers.values())
 
     def __getitem__(self, layer: LayerKey) -> Mapping[int, SteerEntry]:
-        try:
-            return MappingProxyType(self._layers[layer])
-        except (KeyError, TypeError):
-            raise KeyError(layer) from None
+        key = _lookup_key(layer)
+        if key not in self._layers:
+            raise KeyError(layer)
+        return MappingProxyType(self._layers[key])
 
     def __iter__(self) -> Iterator[LayerKey]:
         return iter(self._layers)
@@ -228,10 +228,7 @@ class SteeringPlan(Mapping):
         return bool(self._layers)
 
     def __contains__(self, layer) -> bool:
-        try:
-            return layer in self._layers
-        except TypeError:
-            return False
+        return _lookup_key(layer) in self._layers
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, SteeringPlan):
@@ -425,6 +422,19 @@ def _layer_key(key, where: str) -> LayerKey:
     if index < 0:
         raise ValueError(f"{where}: layer key {index} must be >= 0 (a decoder layer index)")
     return index
+
+
+def _lookup_key(key) -> Optional[LayerKey]:
+    """``key`` as the plan stores it (an int for integer scalars), or None when no layer key can
+    equal it: True, 1.0 and "1" do not find layer 1."""
+    if isinstance(key, str):
+        return key
+    if isinstance(key, bool):
+        return None
+    try:
+        return operator.index(key)
+    except TypeError:
+        return None
 
 
 def _expert_key(key, where: str) -> int:

@@ -867,6 +867,23 @@ def test_language_experts_reference_and_others():
         X.language_delta(stats, "eng", against="all")
 
 
+def test_language_delta_others_skips_a_language_without_tokens_in_a_layer():
+    # layer 2 as in language_example; in layer 5, fra has no tokens (e.g. a layer its sequences
+    # were not recorded in): its own Δ is NaN there, and the others' mean leaves it out.
+    base = language_example()
+    names = base.group_names
+    tokens5 = [4, 4, 0, 0, 4, 4]
+    counts5 = [[4, 0, 0, 0]] * 2 + [[0, 0, 0, 0]] * 2 + [[0, 0, 4, 0]] * 2
+    stats = RoutingStats([base[0], make_layer(5, tokens5, counts5)], names)
+    others = X.language_delta(stats, "eng", against="others")
+    assert others["swh"][0].tolist() == [-0.25, -0.125, -0.125, 0.5]   # layer 2 as before
+    assert others["swh"][1].tolist() == [-1.0, 0.0, 1.0, 0.0]          # swh - eng; fra left out
+    assert others["fra"][1].isnan().all()
+    assert X.language_delta(stats, "eng")["swh"][1].tolist() == [-1.0, 0.0, 1.0, 0.0]
+    # experts still found in the layer fra lacks
+    assert X.language_experts(stats, 0.6, "eng", against="others") == {2: [], 5: [2]}
+
+
 def test_expert_overlap_and_modularity():
     task = {3: [0, 5], 5: [2], 7: []}
     lang = {3: [5, 1], 5: [4], 9: [1]}

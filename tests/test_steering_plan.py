@@ -90,6 +90,12 @@ def test_plan_from_nested_dicts():
     assert len(plan) == 3 and plan.num_entries == 4 and bool(plan)
     assert not SteeringPlan() and len(SteeringPlan()) == 0
     assert 12 in plan and "12" not in plan and 20 not in plan
+    # keys compare as layer keys, not by Python equality: True and 2.0 are not layers 1 and 2
+    assert np.int64(12) in plan and torch.tensor(12) in plan and list(plan[np.int64(12)]) == [1, 5]
+    assert True not in SteeringPlan({1: {0: SteerEntry(add=1.0)}}) and 2.0 not in plan
+    assert [2] not in plan and None not in plan
+    with pytest.raises(KeyError):
+        plan[2.0]
     with pytest.raises(TypeError):
         plan[12][5] = SteerEntry()                             # read-only view
     with pytest.raises(KeyError):

@@ -213,6 +213,10 @@ def language_delta(stats: RoutingStats, reference: str, *, parallel=None,
     language against English FLORES). ``against="others"``: ``Δ_lang = F_lang − mean of F over
     every other language`` (reference included), which finds experts peculiar to one language
     rather than experts non-English text uses more. Groups as in ``language_frequency``.
+
+    A language with no tokens in a layer has NaN frequencies there (``language_frequency``): its
+    own Δ is NaN in that layer, and under ``"others"`` the mean is over the other languages that
+    have tokens in it (NaN when none has), so one empty language does not blank every Δ.
     """
     where = "language_delta"
     if against not in AGAINST:
@@ -225,9 +229,16 @@ def language_delta(stats: RoutingStats, reference: str, *, parallel=None,
         raise ValueError(f"{where}: needs at least 2 languages, got {list(freq)}")
     if against == "reference":
         return {lang: f - freq[reference] for lang, f in freq.items() if lang != reference}
-    total = torch.stack(list(freq.values())).sum(0)
-    n_other = len(freq) - 1
-    return {lang: f - (total - f) / n_other for lang, f in freq.items() if lang != reference}
+    f_all = torch.stack(list(freq.values())).to(torch.float64)     # [Λ, L, E]
+    present = ~f_all.isnan()
+    total, n_present = f_all.nan_to_num(0.0).sum(0), present.sum(0)
+    deltas = {}
+    for i, (lang, f) in enumerate(freq.items()):
+        if lang == reference:
+            continue
+        others = (total - f_all[i].nan_to_num(0.0)) / (n_present - present[i].long())  # 0/0: NaN
+        deltas[lang] = (f_all[i] - others).to(torch.float32)
+    return deltas
 
 
 def language_experts(stats: RoutingStats, tau: float, reference: str, *, parallel=None,
