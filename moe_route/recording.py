@@ -225,8 +225,12 @@ class Recorder:
             return torch.full((B, S), row, dtype=torch.int32, device=device)
         ids, names, present = self._batch
         if ids.shape[0] != B or (ids.dim() == 2 and ids.shape[1] != S):
+            hint = ("; per-token ids cover only a call of exactly their shape: for generate()'s "
+                    "decoding steps or an encoder-decoder's other stack give per-sequence ids "
+                    "[B], or record(tokens='prompt')") if ids.dim() == 2 and ids.shape[0] == B \
+                else ""
             raise ValueError(f"record: set_groups gave ids of shape {tuple(ids.shape)}, but the "
-                             f"model was called on [{B}, {S}] tokens")
+                             f"model was called on [{B}, {S}] tokens{hint}")
         if len(present) > self.max_groups:
             raise ValueError(f"record: a batch uses {len(present)} groups, more than "
                              f"max_groups={self.max_groups}")

@@ -163,6 +163,25 @@ def test_record_option_errors():
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
+def test_per_token_groups_with_generate():
+    model = build("olmoe")
+    ids = torch.randint(3, 60, (2, 6), generator=torch.Generator().manual_seed(0))
+    groups = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, -1, 0, 0]])
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with moe_route.record(model) as rec, torch.no_grad():
+        rec.set_groups(groups, ["a", "b"])
+        with pytest.raises(ValueError, match=r"\[2, 1\] tokens; per-token ids cover only .*"
+                                             r"tokens='prompt'"):
+            model.generate(ids, **kw)
+    # recording the prompt only, the decoding steps are skipped and the prompt's groups hold
+    with moe_route.record(model, tokens="prompt") as rec, torch.no_grad():
+        rec.set_groups(groups, ["a", "b"])
+        model.generate(ids, **kw)
+    for layer in rec.stats:
+        assert layer.tokens.tolist() == [5, 6]
+        assert layer.counts.sum().item() == 11 * layer.top_k
+
+
 def test_trace_matches_statistics_and_round_trips(tmp_path):
     safetensors = pytest.importorskip("safetensors.torch")
     model = build("olmoe")
