@@ -6,13 +6,16 @@
 //   * a plain launch (kernels whose threads never cooperate: permute, unpermute) runs the threads
 //     one after another in the caller;
 //   * device memory is host memory, allocated to the byte; atomics are relaxed host atomics, as on
-//     a GPU.
+//     a GPU;
+//   * dynamic shared memory is held to a GPU's launch rules (DynamicSmem below): garbage at the
+//     start of every block, at most 48 KiB, nothing past the launch's size.
 // What this proves is that the kernels compute the right values under CUDA's execution model for
 // the thread interleavings the barriers allow; not their speed. The sanitizer builds (CMake option
 // MOE_ROUTE_EMU_SANITIZERS) check more: *_asan_selftest reports out-of-bounds and misaligned
-// accesses (AddressSanitizer, UBSan), *_tsan_selftest data races among the threads of a block
-// under CUDA's ordering rules (ThreadSanitizer; see emu.cpp). Races between blocks (they run one
-// after another) and among the threads of a plain launch stay with compute-sanitizer on a GPU.
+// accesses (AddressSanitizer, UBSan; in shared memory too: past the size the launch asked for),
+// *_tsan_selftest data races among the threads of a block under CUDA's ordering rules
+// (ThreadSanitizer; see emu.cpp). Races between blocks (they run one after another) and among the
+// threads of a plain launch stay with compute-sanitizer on a GPU.
 #pragma once
 #include <cmath>
 #include <cstddef>
@@ -64,10 +67,23 @@ inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 
 // ---- the emulator (emu.cpp) ----
 namespace emu {
+// A launch's dynamic shared memory: the first `bytes` of the emulated `extern __shared__` array
+// `base` (of `capacity` bytes) that the kernel declares. A GPU gives every block its own
+// uninitialised copy, refuses a launch asking for more than the default 48 KiB (without
+// cudaFuncSetAttribute), and faults on an access past `bytes`; so the emulator fills the `bytes`
+// with garbage before every block, aborts on more than 48 KiB, and under AddressSanitizer
+// poisons the rest of the array for the launch.
+struct DynamicSmem {
+  void* base = nullptr;
+  size_t capacity = 0;
+  size_t bytes = 0;
+};
+constexpr size_t kDefaultMaxDynamicSmem = 48 * 1024;
 // Runs kernel() for every thread of a grid x block launch; `cooperative`: see above.
 template <class Kernel>
-void launch(int grid, int block, bool cooperative, Kernel&& kernel);
-void run_grid(int grid, int block, bool cooperative, void (*thunk)(void*), void* kernel);
+void launch(int grid, int block, bool cooperative, Kernel&& kernel, DynamicSmem smem = {});
+void run_grid(int grid, int block, bool cooperative, void (*thunk)(void*), void* kernel,
+              const DynamicSmem& smem);
 uint64_t shuffle(uint64_t value, int src_lane);      // the value of lane src_lane
 uint32_t ballot(bool predicate);                     // bit l: lane l's predicate
 uint32_t match_any(uint64_t value);                   // lanes whose value equals this lane's
@@ -82,9 +98,9 @@ int sm_count();
 int resident_warps();
 
 template <class Kernel>
-void launch(int grid, int block, bool cooperative, Kernel&& kernel) {
+void launch(int grid, int block, bool cooperative, Kernel&& kernel, DynamicSmem smem) {
   run_grid(grid, block, cooperative, [](void* k) { (*static_cast<Kernel*>(k))(); },
-           static_cast<void*>(&kernel));
+           static_cast<void*>(&kernel), smem);
 }
 }  // namespace emu
 

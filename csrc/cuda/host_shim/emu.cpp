@@ -9,6 +9,15 @@
 
 #include "cuda_runtime.h"
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define EMU_POISON(addr, size) ASAN_POISON_MEMORY_REGION(addr, size)
+#define EMU_UNPOISON(addr, size) ASAN_UNPOISON_MEMORY_REGION(addr, size)
+#else
+#define EMU_POISON(addr, size) ((void)(addr), (void)(size))
+#define EMU_UNPOISON(addr, size) ((void)(addr), (void)(size))
+#endif
+
 thread_local uint3 threadIdx, blockIdx;
 thread_local dim3 blockDim, gridDim;
 
@@ -179,12 +188,29 @@ int sm_count() {
 
 int resident_warps() { return 12; }
 
-void run_grid(int grid, int block, bool cooperative, void (*thunk)(void*), void* kernel) {
-  if (block < 1 || (cooperative && block % 32 != 0)) {
+void run_grid(int grid, int block, bool cooperative, void (*thunk)(void*), void* kernel,
+              const DynamicSmem& smem) {
+  if (block < 1 || block > 1024 || (cooperative && block % 32 != 0)) {
     std::fprintf(stderr, "emu: block of %d threads\n", block);
     std::abort();
   }
+  if (grid < 1) {  // a GPU refuses a launch of 0 blocks (cudaErrorInvalidConfiguration)
+    std::fprintf(stderr, "emu: grid of %d blocks\n", grid);
+    std::abort();
+  }
+  if (smem.bytes > kDefaultMaxDynamicSmem || smem.bytes > smem.capacity ||
+      (smem.bytes > 0 && smem.base == nullptr)) {
+    std::fprintf(stderr, "emu: a launch asks for %zu bytes of dynamic shared memory (at most "
+                 "%zu without cudaFuncSetAttribute; %zu emulated)\n", smem.bytes,
+                 kDefaultMaxDynamicSmem, smem.capacity);
+    std::abort();
+  }
+  char* const smem_base = static_cast<char*>(smem.base);
+  // Past the launch's bytes: an access faults on a GPU, AddressSanitizer reports it here.
+  if (smem_base != nullptr) EMU_POISON(smem_base + smem.bytes, smem.capacity - smem.bytes);
   for (int b = 0; b < grid; ++b) {
+    // Every block starts with garbage, not with what the previous block left there.
+    if (smem_base != nullptr && smem.bytes > 0) std::memset(smem_base, 0xa5, smem.bytes);
     auto set_thread = [&](int t) {
       threadIdx = uint3{unsigned(t), 0, 0};
       blockIdx = uint3{unsigned(b), 0, 0};
@@ -212,6 +238,7 @@ void run_grid(int grid, int block, bool cooperative, void (*thunk)(void*), void*
     }
     for (std::thread& th : threads) th.join();
   }
+  if (smem_base != nullptr) EMU_UNPOISON(smem_base + smem.bytes, smem.capacity - smem.bytes);
 }
 
 }  // namespace emu

@@ -1,13 +1,11 @@
 // Emulated twin of csrc/cuda/dispatch.cu's launchers (which nvcc alone compiles): the same checks
 // and geometry, the kernels run by the host emulator (cuda_runtime.h here).
-#include <cstdio>
-
 #include "../dispatch.cuh"
 #include "../dispatch_launch.h"
 
 namespace moe_route::cuda {
 namespace detail {
-constexpr size_t kSmemBytes = 64 * 1024;
+constexpr size_t kSmemBytes = emu::kDefaultMaxDynamicSmem;
 alignas(16) uint32_t hist_smem[kSmemBytes / sizeof(uint32_t)];
 alignas(16) int64_t part[kSmemBytes / sizeof(int64_t)];
 alignas(16) int64_t cur_smem[kSmemBytes / sizeof(int64_t)];
@@ -20,28 +18,24 @@ cudaError_t launch_dispatch_plan(const PlanParams& p, void* workspace, size_t wo
   if (!detail::plan_args_ok(p)) return cudaErrorInvalidValue;
   const detail::PlanGeom g = detail::plan_geometry(p);
   if (!detail::plan_workspace_ok(g, p.E, workspace, workspace_bytes)) return cudaErrorInvalidValue;
-  if (g.hist_smem > sizeof(detail::hist_smem) || g.scan_smem > sizeof(detail::part) ||
-      g.scatter_smem > sizeof(detail::cur_smem)) {
-    std::fprintf(stderr, "emu: dispatch_plan plans more shared memory than emulated\n");
-    std::abort();
-  }
   int64_t* ws = static_cast<int64_t*>(workspace);
-  std::memset(detail::hist_smem, 0xa5, sizeof(detail::hist_smem));
-  std::memset(detail::part, 0xa5, sizeof(detail::part));
-  std::memset(detail::cur_smem, 0xa5, sizeof(detail::cur_smem));
+  const emu::DynamicSmem hist{detail::hist_smem, sizeof(detail::hist_smem), g.hist_smem};
+  const emu::DynamicSmem scan{detail::part, sizeof(detail::part), g.scan_smem};
+  const emu::DynamicSmem scatter{detail::cur_smem, sizeof(detail::cur_smem), g.scatter_smem};
   if (g.one_cta) {
     emu::launch(1, detail::kScanThreads, true,
-                [&] { detail::plan_one_cta_kernel(p, g.tile, g.n_tiles); });
+                [&] { detail::plan_one_cta_kernel(p, g.tile, g.n_tiles); }, scan);
     return cudaSuccess;
   }
   const int hist_grid = g.hist_blocks > g.fill_blocks ? g.hist_blocks : g.fill_blocks;
   if (hist_grid > 0)
     emu::launch(hist_grid, g.wpb * 32, true,
-                [&] { detail::plan_hist_kernel(p, g.tile, g.n_tiles, ws); });
-  emu::launch(1, detail::kScanThreads, true, [&] { detail::plan_scan_kernel(p, g.n_tiles, ws); });
+                [&] { detail::plan_hist_kernel(p, g.tile, g.n_tiles, ws); }, hist);
+  emu::launch(1, detail::kScanThreads, true, [&] { detail::plan_scan_kernel(p, g.n_tiles, ws); },
+              scan);
   if (g.n_tiles > 0)
     emu::launch(g.hist_blocks, g.wpb * 32, true,
-                [&] { detail::plan_scatter_kernel(p, g.tile, g.n_tiles, ws); });
+                [&] { detail::plan_scatter_kernel(p, g.tile, g.n_tiles, ws); }, scatter);
   return cudaSuccess;
 }
 

@@ -1,7 +1,5 @@
 // Emulated twin of csrc/cuda/gate.cu's launcher (which nvcc alone compiles): the same checks and
 // plan, the kernel run by the host emulator (cuda_runtime.h here).
-#include <cstdio>
-
 #include "../gate.cuh"
 #include "../gate_launch.h"
 
@@ -18,12 +16,8 @@ cudaError_t launch_topk_gate(const GateParams& p, cudaStream_t) {
     return emu::resident_warps() / (threads / 32);
   };
   const detail::GatePlan plan = detail::plan_for_device(p, emu::sm_count(), kernel, occupancy);
-  if (plan.smem_bytes > sizeof(detail::gate_smem)) {
-    std::fprintf(stderr, "emu: topk_gate plans %zu bytes of shared memory\n", plan.smem_bytes);
-    std::abort();
-  }
-  std::memset(detail::gate_smem, 0xa5, sizeof(detail::gate_smem));  // not zeros: as on a GPU
-  emu::launch(plan.blocks, plan.warps_per_block * 32, true, [&] { kernel(p, plan); });
+  emu::launch(plan.blocks, plan.warps_per_block * 32, true, [&] { kernel(p, plan); },
+              {detail::gate_smem, sizeof(detail::gate_smem), plan.smem_bytes});
   return cudaSuccess;
 }
 
