@@ -3,7 +3,7 @@
 Environment:
   MOE_ROUTE_SKIP_CUDA=1   build the CPU extension only, even with CUDA torch and a toolkit
   MOE_ROUTE_FORCE_CUDA=1  fail instead of silently skipping CUDA when it cannot be built
-  TORCH_CUDA_ARCH_LIST    CUDA archs (default: the visible GPUs, else "8.0;9.0a")
+  TORCH_CUDA_ARCH_LIST    CUDA archs (default: the visible GPUs, else DEFAULT_CUDA_ARCHS)
   MOE_ROUTE_DEBUG=1       -O0 -g
   MAX_JOBS                parallel compile jobs (torch's BuildExtension)
 torch is not a build requirement: install it first, then `pip install --no-build-isolation -e .`.
@@ -56,9 +56,14 @@ def git_sha():
         return "unknown"
 
 
+# With no GPU to ask: machine code for Ampere (run by Ada too) and for Hopper, and compute_80 PTX,
+# which the driver compiles at first use on any later GPU (Blackwell) instead of failing there with
+# "no kernel image". With GPUs visible, torch picks their archs and adds PTX for the newest.
+DEFAULT_CUDA_ARCHS = "8.0+PTX;9.0a"
+
 BUILD_CUDA, CUDA_REASON = cuda_decision()
 if BUILD_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-    os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0a"
+    os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
 
 debug = flag("MOE_ROUTE_DEBUG")
 opt = ["-O0", "-g"] if debug else ["-O3", "-g"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -45,6 +46,23 @@ def test_cli_help_lists_one_command_per_line(capsys):
     lines = [line.split()[1] for line in capsys.readouterr().out.splitlines()
              if line.startswith("    moe-route ")]
     assert lines == ["demo", "analyze", "experts", "evaluate", "compare", "supported", "info"]
+
+
+def test_default_cuda_archs_run_on_newer_gpus(monkeypatch):
+    """A CUDA build on a machine with no GPU uses setup.py's default arch list. It must hold
+    machine code for Ampere and Hopper and PTX, which the driver compiles at first use on a later
+    GPU (without it, a Blackwell GPU fails every launch with "no kernel image")."""
+    from torch.utils import cpp_extension
+
+    arch_flags = getattr(cpp_extension, "_get_cuda_arch_flags", None)
+    if arch_flags is None:
+        pytest.skip("this torch has no cpp_extension._get_cuda_arch_flags")
+    archs = re.search(r'^DEFAULT_CUDA_ARCHS = "([^"]+)"$', (ROOT / "setup.py").read_text(), re.M)
+    assert archs, "setup.py no longer defines DEFAULT_CUDA_ARCHS"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", archs.group(1))
+    flags = arch_flags()
+    assert {"-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"} <= set(flags)
+    assert any(re.fullmatch(r"-gencode=arch=compute_(\d+),code=compute_\1", f) for f in flags), flags
 
 
 def test_info_reports_the_extension():

@@ -44,7 +44,13 @@
 // Numerics: fp32 throughout with the precise libdevice functions (expf, logf, log1pf, sqrtf, IEEE
 // division); do not build with --use_fast_math. Elementwise steps whose rounding the reference
 // pins (steering, variance terms) use __fadd_rn/__fmul_rn so that nvcc does not fuse them into
-// FMAs; reductions differ from the CPU only in summation order.
+// FMAs. Against the CPU kernels, two things differ: reductions (softmax sums, the std of std
+// steering) add in another order, and expf/logf/log1pf are within CUDA's documented 2 ulp, not
+// always the C library's bits. Weights and statistics thus agree to rounding. Ids agree exactly
+// where the selection ranks the logits themselves (selects_on_logits, with at most add/abs
+// steering); where it ranks computed values (sigmoid or sqrtsoftplus scores, probabilities with a
+// selection bias or top2_sum groups, logits moved by std steering) two experts within an ulp of
+// each other may be ordered differently.
 //
 // No host synchronisation and no allocation: the launch is CUDA-graph capturable. In particular
 // the kernel cannot raise on groups[t] outside [-1, G); such tokens are skipped for the statistics
