@@ -5,6 +5,8 @@ unpatched model); a replayed run's trace holds the given ids, with the weights t
 gives from the model's own logits at them; a forward over whole sequences and a KV-cache decode
 under the same per-position routing agree; statistics count the replayed ids.
 """
+import inspect
+
 import pytest
 import torch
 
@@ -109,12 +111,24 @@ def test_statistics_count_the_replayed_ids():
                                                            minlength=E))
 
 
+def _cache_argument(model) -> str:
+    """The name of the KV cache argument of ``model``'s forward (transformers 5.24 renamed
+    ``past_key_values`` to ``cache``)."""
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+@pytest.mark.parametrize("old_name", [False, True], ids=["cache_argument", "past_key_values"])
 @pytest.mark.parametrize("family", ["olmoe", "deepseek_v3"])
-def test_by_position_prefill_and_decode_match_one_forward(family):
+def test_by_position_prefill_and_decode_match_one_forward(family, old_name):
     """Per-position routing [B, S, k]: one forward over the sequences and a prefill followed by
     one-token steps with a KV cache see the same experts at every position, so their logits
-    agree; the decode run's trace holds the given ids in call order."""
+    agree; the decode run's trace holds the given ids in call order. The cache is passed by the
+    forward's own name for it, or by ``past_key_values``, which transformers 5.24 renamed
+    ``cache`` and still takes."""
     model = build(family)
+    name = "past_key_values" if old_name else _cache_argument(model)
     B, S, S0 = 2, 9, 4
     ids = _ids(7, (B, S))
     trace, _ = _trace(model, ids)
@@ -124,11 +138,11 @@ def test_by_position_prefill_and_decode_match_one_forward(family):
     with moe_route.replay(model, routing), moe_route.record(model, trace=True) as rec, \
             torch.no_grad():
         out = model(ids[:, :S0], use_cache=True)
-        steps, cache = [out.logits], out.past_key_values
+        steps, cache = [out.logits], out[_cache_argument(model)]
         for s in range(S0, S):
-            out = model(ids[:, s:s + 1], past_key_values=cache, use_cache=True)
+            out = model(ids[:, s:s + 1], **{name: cache}, use_cache=True)
             steps.append(out.logits)
-            cache = out.past_key_values
+            cache = out[_cache_argument(model)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
     for name, layer in rec.trace.items():
         k = routing[name].shape[-1]
@@ -432,7 +446,7 @@ def test_by_position_reads_a_positional_cache():
     routing = _random_routing(trace, seed=15, shape=(B, S))
     with moe_route.replay(model, routing), moe_route.record(model, trace=True) as rec, \
             torch.no_grad():
-        cache = model(ids[:, :S0], use_cache=True).past_key_values
+        cache = model(ids[:, :S0], use_cache=True)[_cache_argument(model)]
         model(ids[:, S0:], None, None, cache)
     for name, layer in rec.trace.items():
         k = routing[name].shape[-1]
@@ -441,8 +455,9 @@ def test_by_position_reads_a_positional_cache():
 
 def test_past_length_of_a_model_call():
     """Where a model call starts: its cache_position when given, else the longest layer of its
-    KV cache (layer 0 of a hybrid model can be a linear-attention layer reporting 0), else what
-    a 2-D attention mask longer than the call's tokens says."""
+    KV cache (layer 0 of a hybrid model can be a linear-attention layer reporting 0), by any of
+    the cache argument's names, else what a 2-D attention mask longer than the call's tokens
+    says."""
     from moe_route.hf.model_calls import past_length
 
     class Cache:  # get_seq_length(i) per layer, as transformers' Cache
@@ -463,6 +478,9 @@ def test_past_length_of_a_model_call():
     assert past_length({"past_key_values": Cache([0, 6]),
                         "cache_position": torch.tensor([4, 5])}, 2) == 4
     assert past_length({"attention_mask": mask}, 9) == 0
+    for name in ("cache", "past_key_values", "cache_params"):  # 5.24's name, the older ones
+        assert past_length({name: Cache([0, 6])}, 1) == 6, name
+        assert past_length({name: None, "attention_mask": mask}, 2) == 7, name
 
 
 def test_by_position_on_an_encoder_decoder():

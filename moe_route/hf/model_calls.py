@@ -74,16 +74,24 @@ def watch(model: nn.Module, on_call: Callable[[str, dict], None]) -> list:
     return handles
 
 
+# The names a model forward's KV cache argument has had: transformers 5.24 renamed
+# ``past_key_values`` (and the Mamba-style models' ``cache_params``) to ``cache`` and keeps the
+# old names as deprecated aliases, so a call can carry any of them.
+CACHE_ARGUMENTS = ("cache", "past_key_values", "cache_params")
+
+
 def past_length(call: Mapping, S: int) -> int:
     """How many positions of each sequence come before the ``S`` tokens of a model call (its
-    arguments by name): the call's ``cache_position[0]`` when it is given one; else the length of
-    its KV cache (``past_key_values``), or the 2-D attention mask's length minus ``S`` where that
-    is more (a cache none of whose layers report positions). 0 for a call without either. Reading
-    a tensor (``cache_position``, a static cache's length) syncs with its device."""
+    arguments by name): the call's ``cache_position[0]`` when it is given one (transformers
+    before 5.24 passes it); else the length of its KV cache (``CACHE_ARGUMENTS``), or the 2-D
+    attention mask's length minus ``S`` where that is more (a cache none of whose layers report
+    positions). 0 for a call without either. Reading a tensor (``cache_position``, a static
+    cache's length) syncs with its device."""
     position = call.get("cache_position")
     if isinstance(position, torch.Tensor) and position.numel():
         return int(position.reshape(-1)[0])
-    past = cache_length(call.get("past_key_values"))
+    cache = next((call[name] for name in CACHE_ARGUMENTS if call.get(name) is not None), None)
+    past = cache_length(cache)
     mask = call.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         past = max(past, mask.shape[1] - S)
