@@ -27,7 +27,10 @@ Two layouts per layer:
   ``generate()`` and activation recomputation (gradient checkpointing) all line up.
   ``trace_by_position`` turns a trace of ``generate()`` into this layout. In an encoder-decoder
   (Switch, NLLB) positions are those of the router's own stack: an encoder layer's ``[B, S, k]``
-  indexes ``input_ids``, a decoder layer's ``decoder_input_ids``.
+  indexes ``input_ids``, a decoder layer's ``decoder_input_ids``. A loop layer (Inkling2-Loop
+  runs some layers several times per forward) calls its router once per pass: in call order
+  each pass takes the next rows; by position is refused there (one set of ids per position
+  cannot say which pass it is for).
 
 Ids may be int16/int32/int64 on any device; they are checked once on entry (k distinct ids in
 [0, E) or all -1 per row, k equal to the router's top-k) and moved to each router's device once.
@@ -42,7 +45,7 @@ from torch import nn
 
 from moe_route import reference
 from moe_route.hf.model_calls import past_length, stack_of, stacks, watch
-from moe_route.hf.patch import acquire, release, routers_by_key, withdraw
+from moe_route.hf.patch import acquire, in_backward, release, routers_by_key, withdraw
 
 __all__ = ["replay", "Replay", "trace_by_position"]
 
@@ -54,6 +57,7 @@ class _Source:
         self.name, self.stack, self.ids, self.owner = name, stack, ids, owner
         self.by_position = ids.dim() == 3
         self.cursor = 0                     # call order: rows used so far
+        self._served = None                 # by position: the model call last served
         self._on: dict = {}                 # device -> ids as int32 there
 
     def _device_ids(self, device: torch.device) -> torch.Tensor:
@@ -77,7 +81,13 @@ class _Source:
         if call is None:
             raise RuntimeError(f"replay: {self.name} was called outside a forward of the model; "
                                f"routing by position needs the model call's positions")
-        B, S, start = call
+        B, S, start, number = call
+        if number == self._served and not in_backward():  # not checkpointing's recompute
+            raise RuntimeError(f"replay: {self.name} ran twice in one model call (a loop layer, "
+                               f"whose router runs once per pass: Inkling2-Loop); routing by "
+                               f"position gives each position one set of ids and cannot tell "
+                               f"the passes apart: replay that layer in call order")
+        self._served = number
         if B != ids.shape[0] or start + S > ids.shape[1]:
             raise RuntimeError(f"replay: the model call covers positions [{start}, {start + S}) "
                                f"of {B} sequences, but {self.name}'s routing has "
@@ -108,8 +118,10 @@ class Replay:
         self._hooks: list = []
         self._sources: list = []
         self._applied: list = []
-        # each stack's (model_calls.stacks) latest call: {stack path: (B, S, past length)}
+        # each stack's (model_calls.stacks) latest call: {stack path: (B, S, past length,
+        # the call's number)}
         self._calls: dict = {}
+        self._numbered = 0  # model calls seen
 
     def __enter__(self) -> "Replay":
         if self._handle is not None:  # its exit would undo both entries and release one patch
@@ -172,7 +184,9 @@ class Replay:
         if ref is None:
             self._calls[stack] = None
             return
-        self._calls[stack] = (ref.shape[0], ref.shape[1], past_length(call, ref.shape[1]))
+        self._numbered += 1
+        self._calls[stack] = (ref.shape[0], ref.shape[1], past_length(call, ref.shape[1]),
+                              self._numbered)
 
     @property
     def used(self) -> dict:
@@ -218,13 +232,20 @@ def trace_by_position(trace: Mapping, batch_size: int, prompt_length: int,
     for name, value in (("batch_size", batch_size), ("prompt_length", prompt_length)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"trace_by_position: {name}={value!r} must be an int >= 1")
-    out = {}
+    out, first = {}, None
     for key, layer in trace.items():
         ids = _ids_of(key, layer)
         if ids.dim() != 2:
             raise ValueError(f"trace_by_position: {key!r} must hold call-order ids [N, k], got "
                              f"shape {tuple(ids.shape)}")
         N, k = ids.shape
+        if first is None:
+            first = (key, N)
+        elif N != first[1]:  # one generate() routes every position once in every layer
+            raise ValueError(f"trace_by_position: {key!r} has {N} rows but {first[0]!r} has "
+                             f"{first[1]}: a loop layer (its router runs once per pass) or "
+                             f"layers of an encoder-decoder's two stacks; this takes the layers "
+                             f"of one generate() of a decoder, each routing every token once")
         B, P = batch_size, prompt_length
         if N < B * P or (N - B * P) % B:
             raise ValueError(f"trace_by_position: {key!r} has {N} rows, not {B} x {P} prompt "

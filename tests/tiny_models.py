@@ -5,7 +5,7 @@ grouped routers: DeepSeek-V3 style and DeepSeek-V2/Mistral-4 style), top-2, 2 la
 layer an MoE layer wherever the config allows it.
 
 * ``FAMILIES``: the six core families used by test_experts.py (unchanged).
-* ``ALL_FAMILIES``: every token-routed MoE family of transformers 5.23 that builds and runs on
+* ``ALL_FAMILIES``: every token-routed MoE family of transformers 5.24 that builds and runs on
   CPU, keyed by the family's directory name under ``transformers/models`` (the config's own
   ``model_type`` can differ: "nllb-moe", "qwen3_vl_moe_text", "step3p5", ...). Values are
   ``(config class, model class, overrides)``; ``build(family)`` accepts any key.
@@ -107,6 +107,12 @@ _MORE = {
     "mellum": ("MellumConfig", "MellumForCausalLM",
                dict(intermediate_size=32, moe_intermediate_size=16, **_E8, norm_topk_prob=True,
                     head_dim=8, sliding_window=8, mlp_layer_types=_SPARSE)),
+    "lara_mini": ("LaraMiniConfig", "LaraMiniForCausalLM",
+                  dict(moe_intermediate_size=16, shared_expert_intermediate_size=16, **_E8,
+                       norm_topk_prob=True, head_dim=8, linear_key_head_dim=8,
+                       linear_value_head_dim=8, linear_num_key_heads=2,
+                       linear_num_value_heads=4, sliding_window=8,
+                       layer_types=["linear_attention", "full_attention"])),
     "hunyuan_v1_moe": ("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM",
                        dict(intermediate_size=16, num_experts=8, moe_topk=2, head_dim=8)),
     "jamba": ("JambaConfig", "JambaForCausalLM",
@@ -192,6 +198,16 @@ _MORE = {
     "hy_v4": ("HYV4Config", "HYV4ForCausalLM",
               dict(**_GROUPED, **_MLA_Q, n_shared_experts=1, mlp_layer_types=_SPARSE,
                    head_dim=8, index_topk=4, index_head_dim=8, index_n_heads=2, hc_mult=2)),
+    "hy_v4_vl": ("HYV4VLTextConfig", "HYV4VLTextModel",
+                 dict(**_GROUPED, **_MLA_Q, n_shared_experts=1, mlp_layer_types=_SPARSE,
+                      head_dim=8, index_topk=4, index_head_dim=8, index_n_heads=2, hc_mult=2,
+                      rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                           mrope_section=[1, 1, 0]))),
+    # model types built from another family's classes (moe_route.hf.families.MODELING)
+    "sarvam_moe": ("SarvamMoEConfig", "Glm4MoeForCausalLM",
+                   dict(**_GROUPED, n_shared_experts=1, first_k_dense_replace=0, head_dim=8)),
+    "sarvam_mla": ("SarvamMLAConfig", "DeepseekV3ForCausalLM",
+                   dict(**_GROUPED, **_MLA, n_shared_experts=1, first_k_dense_replace=0)),
     "kimi_linear": ("KimiLinearConfig", "KimiLinearForCausalLM",
                     dict(intermediate_size=32, moe_intermediate_size=16, num_experts=16,
                          num_experts_per_token=2, num_expert_group=4, topk_group=2,
@@ -266,6 +282,14 @@ _MORE = {
                       swa_num_key_value_heads=2, swa_head_dim=8, sliding_window_size=8,
                       d_rel=4, rel_extent=16, unpadded_vocab_size=96,
                       n_layers_per_attn_res_block=1)),
+    # layer 1 is looped: its router runs twice in every forward
+    "inkling2_loop": ("Inkling2LoopTextConfig", "Inkling2LoopForCausalLM",
+                      dict(moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
+                           route_scale=2.5, head_dim=8, swa_num_attention_heads=4,
+                           swa_num_key_value_heads=2, swa_head_dim=8, sliding_window_size=8,
+                           d_rel=4, rel_extent=16, unpadded_vocab_size=96,
+                           n_layers_per_attn_res_block=1, loop_layer_index_start=1,
+                           loop_layer_index_end=2, loop_num_passes=2, loop_gate_rank=4)),
     "laguna": ("LagunaConfig", "LagunaForCausalLM",
                dict(intermediate_size=32, moe_intermediate_size=16,
                     shared_expert_intermediate_size=16, **_E8, head_dim=8, sliding_window=8,
@@ -369,8 +393,8 @@ _MORE = {
 
 ALL_FAMILIES = {**FAMILIES, **_MORE}
 
-# Empty: every token-routed MoE family of transformers 5.23 (the 72 of the research note) builds
-# and runs on CPU. Not MoE, hence absent: bamba, granite_docling, gemma4_unified, vitpose_backbone.
+# Empty: every token-routed MoE family of transformers 5.24 (the 72 of the research note and the
+# release's five new ones) builds and runs on CPU. Not MoE, hence absent: bamba, granite_docling, gemma4_unified, vitpose_backbone.
 UNBUILDABLE: dict = {}
 
 # Class name(s) of the routing module(s) per family (Doge has none: its product-key routing is
@@ -399,6 +423,8 @@ ROUTER_CLASSES = {
     "glm5_next": ("Glm5NextTextTopkRouter",), "glm_moe_dsa": ("GlmMoeDsaTopkRouter",),
     "dots1": ("Dots1TopkRouter",), "dots3_note": ("Dots3NoteTextTopkRouter",),
     "exaone_moe": ("ExaoneMoeTopkRouter",), "hy_v4": ("HYV4TopkRouter",),
+    "hy_v4_vl": ("HYV4VLTopkRouter",), "sarvam_moe": ("Glm4MoeTopkRouter",),
+    "sarvam_mla": ("DeepseekV3TopkRouter",),
     "kimi_linear": ("KimiLinearTopkRouter",), "bailing_hybrid": ("BailingHybridTopkRouter",),
     "mimo_v2_flash": ("MiMoV2FlashTopkRouter",), "nemotron_h": ("NemotronHTopkRouter",),
     "solar_open": ("SolarOpenTopkRouter",), "axk1": ("AXK1TopkRouter",),
@@ -408,6 +434,7 @@ ROUTER_CLASSES = {
     "hy_v3": ("HYV3TopKRouter",),
     "deepseek_v4": ("DeepseekV4TopKRouter", "DeepseekV4HashRouter"),
     "inkling2": ("Inkling2TopKRouter",), "laguna": ("LagunaTopKRouter",),
+    "inkling2_loop": ("Inkling2LoopTopKRouter",), "lara_mini": ("LaraMiniTopKRouter",),
     "muse_spark": ("MuseSparkTopkRouter",), "afmoe": ("AfmoeTokenChoiceRouter",),
     "lfm2_moe": ("Lfm2MoeTopKRouter",), "kolibri1": ("Kolibri1TopKRouter",),
     "flint": ("FlintTopKRouter",), "longcat_flash": ("LongcatFlashTopkRouter",),

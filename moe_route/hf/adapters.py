@@ -577,6 +577,10 @@ SOFTMAX_TOPK_RENORM_GEMMA4 = Adapter("softmax_topk_renorm_scaled", "S1b", _s1(la
                                      weight="proj.weight", linear=_gemma4_linear,
                                      weights_dtype="float32", returns=_gemma4_returns,
                                      top_k=("config.top_k_experts",), logits_at=None)
+# LaraMiniTopKRouter: OLMoE's forward with fp32 logits (input and weight cast to fp32) and the
+# weights cast to the input dtype
+SOFTMAX_TOPK_FP32 = dataclasses.replace(SOFTMAX_TOPK, linear_dtype=torch.float32,
+                                        weights_dtype="input")
 # JambaTopKRouter: never renormalised; weights in the input dtype
 SOFTMAX_TOPK_NO_RENORM = Adapter("softmax_topk", "S1c", _gate(), weights_dtype="input")
 TOPK_SOFTMAX_BIAS = Adapter("topk_softmax", "S2",
@@ -663,6 +667,13 @@ HASH_CHOICE = dataclasses.replace(SCORE_TOPK_BIAS, name="hash_table", selection_
                                   limits="hash layers: recorded, cannot be steered or replayed")
 # Inkling2TopKRouter: the same in fp32
 SCORE_TOPK_BIAS_FP32 = dataclasses.replace(SCORE_TOPK_BIAS, linear_dtype=torch.float32)
+# Inkling2LoopTopKRouter: Inkling2's forward, in a model that runs its loop layers
+# loop_num_passes times per forward, so each of those routers is called once per pass
+SCORE_TOPK_BIAS_FP32_LOOPED = dataclasses.replace(
+    SCORE_TOPK_BIAS_FP32,
+    limits="a loop layer's router runs once per pass: its statistics sum the passes (tokens "
+           "counted once per pass), steering and call-order replay apply to every pass, "
+           "replay by position is refused there")
 # Kolibri1TopKRouter: selects on logits + bias, weights are the sigmoid of the chosen logits,
 # optionally renormalised (no eps); fp32 logits
 LOGIT_BIAS_TOPK_SIGMOID = Adapter("logit_topk_sigmoid", "S4",
@@ -756,6 +767,7 @@ DBRX = Adapter("dbrx_softmax_topk", "S1d", _dbrx_spec, weight="layer.weight",
 # families with "# Copied from"/modular) gets the same adapter: see ``adapter_for``.
 EXEMPLARS: dict[str, tuple[Adapter, str]] = {
     "OlmoeTopKRouter": (SOFTMAX_TOPK, "olmoe"),
+    "LaraMiniTopKRouter": (SOFTMAX_TOPK_FP32, "lara_mini"),
     "MixtralTopKRouter": (SOFTMAX_TOPK_RENORM_FP32, "mixtral"),
     "Qwen3VLMoeTextTopKRouter": (SOFTMAX_TOPK_RENORM, "qwen3_vl_moe"),
     "HunYuanMoEV1Gate": (SOFTMAX_TOPK_RENORM_WG, "hunyuan_v1_moe"),
@@ -780,6 +792,7 @@ EXEMPLARS: dict[str, tuple[Adapter, str]] = {
     "DeepseekV4TopKRouter": (SCORE_TOPK_BIAS, "deepseek_v4"),
     "DeepseekV4HashRouter": (HASH_CHOICE, "deepseek_v4"),
     "Inkling2TopKRouter": (SCORE_TOPK_BIAS_FP32, "inkling2"),
+    "Inkling2LoopTopKRouter": (SCORE_TOPK_BIAS_FP32_LOOPED, "inkling2_loop"),
     "Kolibri1TopKRouter": (LOGIT_BIAS_TOPK_SIGMOID, "kolibri1"),
     "FlintTopKRouter": (SIGMOID_TOPK, "flint"),
     "Ernie4_5_MoeTopKRouter": (SOFTMAX_BIAS_CLAMP_RENORM, "ernie4_5_moe"),

@@ -1,9 +1,10 @@
-"""Every token-routed MoE family of transformers 5.23 and whether moe_route can patch it.
+"""Every token-routed MoE family of transformers 5.24 and whether moe_route can patch it.
 
 The table lists each family's router classes (research/transformers_moe_map.md §2) and its
 routing-semantics group (§3). Whether a family is supported is not written here: it is whether
 every one of its router classes has an adapter (``adapters.lookup``), so the table cannot claim
-more than the code does.
+more than the code does. Families added after the research note (transformers 5.24: hy_v4_vl,
+inkling2_loop, lara_mini, sarvam_mla, sarvam_moe) were read from the release's own code.
 """
 from __future__ import annotations
 
@@ -48,13 +49,16 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "hunyuan_v1_moe": ("S1b", ('HunYuanMoEV1Gate',)),
     "hy_v3": ("S4", ('HYV3TopKRouter',)),
     "hy_v4": ("S3", ('HYV4TopkRouter',)),
+    "hy_v4_vl": ("S3", ('HYV4VLTopkRouter',)),
     "inkling": ("S7", ('InklingTopkRouter',)),
     "inkling2": ("S4", ('Inkling2TopKRouter',)),
+    "inkling2_loop": ("S4", ('Inkling2LoopTopKRouter',)),
     "jamba": ("S1c", ('JambaTopKRouter',)),
     "jetmoe": ("S2", ('JetMoeTopKGating',)),
     "kimi_linear": ("S3", ('KimiLinearTopkRouter',)),
     "kolibri1": ("S4", ('Kolibri1TopKRouter',)),
     "laguna": ("S4", ('LagunaTopKRouter',)),
+    "lara_mini": ("S1a", ('LaraMiniTopKRouter',)),
     "lfm2_moe": ("S4", ('Lfm2MoeTopKRouter',)),
     "llama4": ("S7", ('Llama4Router',)),
     "longcat_flash": ("S5", ('LongcatFlashTopkRouter',)),
@@ -79,6 +83,8 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "qwen3_omni_moe": ("S1a", ('Qwen3OmniMoeTextTopKRouter', 'Qwen3OmniMoeThinkerTextTopKRouter', 'Qwen3OmniMoeTalkerTextTopKRouter')),
     "qwen3_vl_moe": ("S1b", ('Qwen3VLMoeTextTopKRouter',)),
     "qwen4_exp": ("S1a", ('Qwen4ExpTextTopKRouter',)),
+    "sarvam_mla": ("S3", ('DeepseekV3TopkRouter',)),
+    "sarvam_moe": ("S3", ('Glm4MoeTopkRouter',)),
     "solar_open": ("S3", ('SolarOpenTopkRouter',)),
     "step3p7": ("S4", ('Step3p7TopKRouter',)),
     "switch_transformers": ("S7", ('SwitchTransformersTop1Router',)),
@@ -89,6 +95,10 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
 
 NO_ROUTER_MODULE = {"doge": "product-key routing inside DogeCDMoE, no router module to patch"}
 
+# Model types with no modeling code of their own: transformers' auto classes build them from
+# another family's classes (the Sarvam checkpoints load as DeepSeek-V3 and GLM-4-MoE models).
+MODELING = {"sarvam_mla": "deepseek_v3", "sarvam_moe": "glm4_moe"}
+
 
 def _adapters(family: str) -> tuple[list, str]:
     """Each router class's adapter (None where it has none) and the family's status string."""
@@ -96,7 +106,7 @@ def _adapters(family: str) -> tuple[list, str]:
         return [], f"unsupported: {NO_ROUTER_MODULE[family]}"
     adapters, status = [], "supported"
     for name in FAMILIES[family][1]:
-        cls, problem = transformers_class(family_module(family), name)
+        cls, problem = transformers_class(family_module(MODELING.get(family, family)), name)
         adapter = lookup(cls) if cls is not None else None
         adapters.append(adapter)
         if status == "supported" and problem:

@@ -71,7 +71,7 @@ class RouterState:
         ad = self.adapter
         # activation checkpointing re-runs the router inside backward: route it (steered,
         # replayed) as in the forward, but do not count its tokens a second time
-        stats, trace = (None, None) if _in_backward() else (self.stats, self.trace)
+        stats, trace = (None, None) if in_backward() else (self.stats, self.trace)
         if ad.fixed_choice:  # the router's own choice (hash routing), recorded as it is
             return self._record_own(hidden_states, args, kwargs, stats, trace)
         if self.exact and self.steer is None and self.replay is None:
@@ -138,7 +138,7 @@ class RouterState:
         return self.groups(z.shape[0], z.device)
 
 
-def _in_backward() -> bool:
+def in_backward() -> bool:
     """Whether the autograd engine is running a backward on this thread (activation
     checkpointing recomputes a layer's forward there: in CheckpointFunction.backward with
     use_reentrant=True, in a saved-tensor unpack hook without). torch.compile traces no Python

@@ -15,7 +15,7 @@ After the test suite passes with another transformers release, add its fingerpri
 from __future__ import annotations
 
 # Releases the fingerprints below were taken from.
-TRANSFORMERS = ("5.23.0",)
+TRANSFORMERS = ("5.23.0", "5.24.0",)
 
 # Patched block methods, with the module that defines their class.
 BLOCK_METHODS = {
@@ -43,12 +43,14 @@ FINGERPRINTS: dict[str, frozenset[str]] = {
     "GraniteMoeTopKRouter.forward": frozenset({"855ed6f28de22ce9"}),
     "HYV3TopKRouter.forward": frozenset({"1793525cd25c4c4c"}),
     "HunYuanMoEV1Gate.forward": frozenset({"cffce3cfc7a1cc1b"}),
+    "Inkling2LoopTopKRouter.forward": frozenset({"01e0f1427dde135a"}),
     "Inkling2TopKRouter.forward": frozenset({"01e0f1427dde135a"}),
     "InklingTopkRouter.forward": frozenset({"f49662b6f0030456"}),
     "JambaTopKRouter.forward": frozenset({"db303e06e115d49d"}),
     "JetMoeTopKGating.forward": frozenset({"a4db037abda5c2ab"}),
     "Kolibri1TopKRouter.forward": frozenset({"6d642d557fcafaf9"}),
     "LagunaTopKRouter.forward": frozenset({"6c20113824b5beee"}),
+    "LaraMiniTopKRouter.forward": frozenset({"ea196368312f14d1"}),
     "Lfm2MoeTopKRouter.forward": frozenset({"30702bd8fc54a50f"}),
     "Llama4Router.forward": frozenset({"985f7266d72920b8"}),
     "LongcatFlashTopkRouter.forward": frozenset({"1a763bb96b7ef6fb"}),
