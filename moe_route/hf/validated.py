@@ -8,7 +8,8 @@ fingerprint (``adapters.fingerprint``: a hash of the forward's syntax tree, the 
 Python version) is listed, that is, where the test suite passed with it; other code of those
 names is reported unsupported, with the reason.
 
-After the test suite passes with another transformers release, add its fingerprints:
+After the test suite passes with another transformers release, add its fingerprints, then move
+the bound on transformers in pyproject.toml's ``test`` extra past that release:
 
     python -m moe_route.hf.validated > moe_route/hf/validated_new.py   # review, then replace
 """
