@@ -5,9 +5,10 @@ import torch
 import moe_route.nn  # noqa: F401  (registers "moe_route" with ExpertsInterface)
 from moe_route.nn import experts as moe_experts
 
-from tiny_models import FAMILIES, build
+from tiny_models import FAMILIES, build, inputs, supported_families
 
 pytest.importorskip("transformers")
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS  # noqa: E402
 
 
 def _logits(model, impl, ids):
@@ -120,3 +121,40 @@ def test_per_expert_fallback_matches_grouped_mm(monkeypatch):
         monkeypatch.setattr(moe_experts, "_grouped_mm_ok", lambda x, w: False)
         looped = moe_experts.experts_forward(ex, h, ids, w)
     torch.testing.assert_close(looped, grouped, rtol=1e-5, atol=1e-6)
+
+
+# Families whose experts lack transformers' @use_experts_implementation: setting "moe_route"
+# leaves their own experts running, which enable() refuses.
+OWN_EXPERTS = {"dbrx", "jetmoe", "step3p7", "longcat_flash", "llama4", "switch_transformers",
+               "nllb_moe"}
+
+
+@pytest.mark.parametrize("family", supported_families())
+def test_enable_runs_every_experts_module_or_refuses(family, monkeypatch):
+    """enable() switches every experts module to "moe_route" (each one's call counted), with the
+    model's outputs unchanged (the same GEMMs as "grouped_mm", one combine rounding apart), or
+    refuses a model whose experts would ignore the setting, leaving it as it was."""
+    model = build(family)
+    kw = inputs(family, torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(6)),
+                model)
+    with torch.no_grad():
+        want = model(**kw)[0]
+    calls = []
+    forward = moe_experts.experts_forward
+    monkeypatch.setitem(ALL_EXPERTS_FUNCTIONS._global_mapping, "moe_route",
+                        lambda self, *a: calls.append(self) or forward(self, *a))
+    if family in OWN_EXPERTS:
+        with pytest.raises(ValueError, match="without transformers' @use_experts_implementation"):
+            moe_experts.enable(model)
+        assert model.config._experts_implementation != "moe_route"
+        return
+    names = moe_experts.enable(model)
+    with torch.no_grad():
+        got = model(**kw)[0]
+    assert names and {id(m) for m in calls} == {id(model.get_submodule(n)) for n in names}
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_enable_refuses_a_model_without_experts():
+    with pytest.raises(ValueError, match="no experts module"):
+        moe_experts.enable(torch.nn.Linear(2, 2))

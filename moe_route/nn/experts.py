@@ -3,8 +3,15 @@
 After ``import moe_route.nn``, any model whose experts class carries transformers'
 ``@use_experts_implementation`` decorator can run its experts through the moe_route dispatch ops:
 
-    model.set_experts_implementation("moe_route")
-    # or AutoModelForCausalLM.from_pretrained(..., experts_implementation="moe_route")
+    moe_route.nn.experts.enable(model)      # checks that every experts module will
+    # or model.set_experts_implementation("moe_route"), or
+    # AutoModelForCausalLM.from_pretrained(..., experts_implementation="moe_route")
+
+transformers accepts a registered implementation for any model and checks nothing: where the
+experts class lacks the decorator (DBRX, JetMoE, Llama4, LongCat-Flash, Step3p7, Switch, NLLB) the
+model silently keeps its own experts, and Dots3-Note's vision tower keeps ``"grouped_mm"`` because
+its experts hold per-layer copies of the config that ``set_experts_implementation`` does not
+reach. ``enable`` refuses the first case and sets those copies too.
 
 The forward plans the (token, slot) -> expert-row layout once (``dispatch_plan``), gathers rows
 (``permute``), runs the up and down projections as grouped GEMMs over the plan's offsets
@@ -89,6 +96,46 @@ def _row_experts(plan: DispatchPlan, rows: int) -> torch.Tensor:
     r = torch.arange(rows, device=plan.expert_offsets.device)
     E = plan.counts.shape[0]
     return torch.searchsorted(plan.expert_offsets[1:], r, right=True).clamp_(max=E - 1)
+
+
+# The attributes transformers' @use_experts_implementation gives an experts instance, which
+# experts_forward reads.
+_LAYOUT = ("has_gate", "has_bias", "is_transposed", "is_concatenated", "config")
+
+
+def enable(model: torch.nn.Module) -> list:
+    """Run every experts module of a transformers ``model`` through ``"moe_route"``; returns
+    their module paths. Raises ValueError, leaving the model as it was, where a module named
+    ``experts`` lacks ``@use_experts_implementation`` (it would keep its own forward) or where
+    the model has no experts module."""
+    if NAME not in _registered():
+        raise ValueError("moe_route.nn.experts.enable: transformers is not installed, or its "
+                         "ExpertsInterface has no 'moe_route' (import moe_route.nn registers it)")
+    ready, other = [], []
+    for name, module in model.named_modules():
+        if all(hasattr(module, a) for a in _LAYOUT):
+            ready.append((name, module))
+        elif name.rpartition(".")[2] == "experts":
+            other.append(f"{name} ({type(module).__name__})")
+    if other or not ready:
+        found = f"experts modules {other[:3]}{' ...' if len(other) > 3 else ''}" if other \
+            else "no experts module"
+        raise ValueError(f"moe_route.nn.experts.enable: {type(model).__name__} has {found} "
+                         f"without transformers' @use_experts_implementation; they would keep "
+                         f"their own forward (transformers ignores the setting there)")
+    model.set_experts_implementation(NAME)
+    for _, module in ready:  # per-layer config copies (Dots3-Note vision) are not reached
+        if module.config._experts_implementation != NAME:
+            module.config._experts_implementation = NAME
+    return [name for name, _ in ready]
+
+
+def _registered() -> list:
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    except ImportError:
+        return []
+    return list(ALL_EXPERTS_FUNCTIONS.keys())
 
 
 def register() -> bool:
