@@ -405,17 +405,19 @@ def test_loop_layers_replay_in_call_order_and_refuse_positions():
     with moe_route.steer(model, moe_route.SteeringPlan.force([1], [6])), \
             moe_route.record(model, trace=True) as rec, torch.no_grad():
         model(ids)  # the layer's steering applies to both passes
-    assert bool((rec.trace[loop]["ids"] == 6).any(-1).all()) and len(rec.trace[loop]["ids"]) == 2 * B * S
+    steered = rec.trace[loop]["ids"]
+    assert len(steered) == 2 * B * S and bool((steered == 6).any(-1).all())
     with moe_route.replay(model, trace) as rp, torch.no_grad():
         got = model(ids)
     assert rp.used[loop] == 2 * B * S
     torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
     by_position = {i: torch.zeros(B, S, 2, dtype=torch.long) + torch.tensor([3, 5])
                    for i in (0, 1)}
+    once = [n for n in trace if n != loop][0]
     with moe_route.replay(model, {0: by_position[0]}), moe_route.record(model, trace=True) as rec, \
             torch.no_grad():
         model(ids)  # a layer that runs once is replayed by position as usual
-    assert bool((rec.trace[[n for n in trace if n != loop][0]]["ids"] == torch.tensor([3, 5])).all())
+    assert bool((rec.trace[once]["ids"] == torch.tensor([3, 5])).all())
     with pytest.raises(RuntimeError, match="ran twice in one model call .*call order"):
         with moe_route.replay(model, by_position), torch.no_grad():
             model(ids)

@@ -394,7 +394,8 @@ _MORE = {
 ALL_FAMILIES = {**FAMILIES, **_MORE}
 
 # Empty: every token-routed MoE family of transformers 5.24 (the 72 of the research note and the
-# release's five new ones) builds and runs on CPU. Not MoE, hence absent: bamba, granite_docling, gemma4_unified, vitpose_backbone.
+# release's five new ones) builds and runs on CPU. Not MoE, hence absent: bamba, granite_docling,
+# gemma4_unified, vitpose_backbone.
 UNBUILDABLE: dict = {}
 
 # Class name(s) of the routing module(s) per family (Doge has none: its product-key routing is

@@ -108,7 +108,11 @@ def enable(model: torch.nn.Module) -> list:
     their module paths. Raises ValueError, leaving the model as it was, where a module named
     ``experts`` lacks ``@use_experts_implementation`` (it would keep its own forward) or where
     the model has no experts module."""
-    if NAME not in _registered():
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    except ImportError:
+        ALL_EXPERTS_FUNCTIONS = {}
+    if NAME not in ALL_EXPERTS_FUNCTIONS.keys():
         raise ValueError("moe_route.nn.experts.enable: transformers is not installed, or its "
                          "ExpertsInterface has no 'moe_route' (import moe_route.nn registers it)")
     ready, other = [], []
@@ -117,25 +121,20 @@ def enable(model: torch.nn.Module) -> list:
             ready.append((name, module))
         elif name.rpartition(".")[2] == "experts":
             other.append(f"{name} ({type(module).__name__})")
-    if other or not ready:
-        found = f"experts modules {other[:3]}{' ...' if len(other) > 3 else ''}" if other \
-            else "no experts module"
-        raise ValueError(f"moe_route.nn.experts.enable: {type(model).__name__} has {found} "
-                         f"without transformers' @use_experts_implementation; they would keep "
-                         f"their own forward (transformers ignores the setting there)")
+    where = f"moe_route.nn.experts.enable: {type(model).__name__}"
+    if other:
+        listed = f"{other[:3]}{' ...' if len(other) > 3 else ''}"
+        raise ValueError(f"{where} has experts modules {listed} without transformers' "
+                         f"@use_experts_implementation; they would keep their own forward "
+                         f"(transformers ignores the setting there)")
+    if not ready:
+        raise ValueError(f"{where} has no experts module with transformers' "
+                         f"@use_experts_implementation")
     model.set_experts_implementation(NAME)
     for _, module in ready:  # per-layer config copies (Dots3-Note vision) are not reached
         if module.config._experts_implementation != NAME:
             module.config._experts_implementation = NAME
     return [name for name, _ in ready]
-
-
-def _registered() -> list:
-    try:
-        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-    except ImportError:
-        return []
-    return list(ALL_EXPERTS_FUNCTIONS.keys())
 
 
 def register() -> bool:
