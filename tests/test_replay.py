@@ -128,7 +128,7 @@ def test_by_position_prefill_and_decode_match_one_forward(family, old_name):
     forward's own name for it, or by ``past_key_values``, which transformers 5.24 renamed
     ``cache`` and still takes."""
     model = build(family)
-    name = "past_key_values" if old_name else _cache_argument(model)
+    cache_name = "past_key_values" if old_name else _cache_argument(model)
     B, S, S0 = 2, 9, 4
     ids = _ids(7, (B, S))
     trace, _ = _trace(model, ids)
@@ -140,7 +140,7 @@ def test_by_position_prefill_and_decode_match_one_forward(family, old_name):
         out = model(ids[:, :S0], use_cache=True)
         steps, cache = [out.logits], out[_cache_argument(model)]
         for s in range(S0, S):
-            out = model(ids[:, s:s + 1], **{name: cache}, use_cache=True)
+            out = model(ids[:, s:s + 1], **{cache_name: cache}, use_cache=True)
             steps.append(out.logits)
             cache = out[_cache_argument(model)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)

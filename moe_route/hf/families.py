@@ -100,13 +100,18 @@ NO_ROUTER_MODULE = {"doge": "product-key routing inside DogeCDMoE, no router mod
 MODELING = {"sarvam_mla": "deepseek_v3", "sarvam_moe": "glm4_moe"}
 
 
+def modeling_module(family: str) -> str:
+    """The transformers module that defines a family's router classes (``MODELING``)."""
+    return family_module(MODELING.get(family, family))
+
+
 def _adapters(family: str) -> tuple[list, str]:
     """Each router class's adapter (None where it has none) and the family's status string."""
     if family in NO_ROUTER_MODULE:
         return [], f"unsupported: {NO_ROUTER_MODULE[family]}"
     adapters, status = [], "supported"
     for name in FAMILIES[family][1]:
-        cls, problem = transformers_class(family_module(MODELING.get(family, family)), name)
+        cls, problem = transformers_class(modeling_module(family), name)
         adapter = lookup(cls) if cls is not None else None
         adapters.append(adapter)
         if status == "supported" and problem:
