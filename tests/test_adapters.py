@@ -668,6 +668,29 @@ def test_switch_training_jitter_is_applied_in_place():
                                    msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("family", ["switch_transformers", "nllb_moe"])
+def test_switch_and_nllb_router_side_effects_are_kept(family):
+    """Switch's and NLLB's routers record the input dtype and cast their classifier to
+    router_dtype (fp32) when called: in a bf16 model the classifier holds fp32 weights from the
+    first call on, and its gradient is fp32. A patched model ends up in the same state."""
+    ids = _ids(3)
+    states = []
+    for patched in (False, True):
+        model = build(family, torch.bfloat16)
+        with moe_route.patch(model) if patched else contextlib.nullcontext(), torch.no_grad():
+            model(**inputs(family, ids, model))
+        states.append(({n: (t.dtype, t) for n, t in model.state_dict().items()},
+                       [router.input_dtype for _, router, _ in find_routers(model)]))
+    (want, want_dtypes), (got, got_dtypes) = states
+    assert any(n.endswith("classifier.weight") and dtype == torch.float32
+               for n, (dtype, _) in want.items())
+    assert got_dtypes == want_dtypes == [torch.bfloat16] * len(want_dtypes)
+    assert got.keys() == want.keys()
+    for name, (dtype, t) in want.items():
+        assert got[name][0] == dtype, name
+        assert torch.equal(got[name][1], t), name
+
+
 @pytest.mark.parametrize("k", [1, 4])
 def test_phimoe_routes_two_experts_whatever_num_experts_per_tok(k):
     """Sparsemixer always picks two experts; the router's top_k (config.num_experts_per_tok) is

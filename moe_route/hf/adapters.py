@@ -80,10 +80,11 @@ class Adapter:
         top_k, num_experts: attribute paths (first one set wins) of k and E on the router (a
             ``top_k`` path starting ``block.`` is read from the MoE block, DBRX's ``moe_top_k``);
             ``top_k`` may instead be an int, for a family with a fixed k (Switch, NLLB, PhiMoE).
-        jitter: ``(router, hidden_states) -> hidden_states``, run on the router's input as it
-            was passed (before flattening) ahead of the logits: the family's training noise on
-            its input, with the family's own ops, so where the family multiplies in place the
-            caller's tensor (and so the experts' input) changes as it does (Switch).
+        prologue: ``(router, hidden_states) -> hidden_states``, run on the router's input as it
+            was passed (before flattening) ahead of the logits: the family's own statements there,
+            side effects included. Switch's training noise multiplies the caller's tensor in
+            place, so the experts' input changes as it does; Switch and NLLB record the input
+            dtype on the router and cast their classifier to router_dtype for good.
         linear: ``(router, x [T, H], *args, **kwargs) -> logits`` (``args``/``kwargs``: the
             router forward's other arguments), replacing the dtype recipe where the family's
             logits are more than one GEMM (Gemma4's norm and scale, Kolibri1's CUDA path).
@@ -122,7 +123,7 @@ class Adapter:
     weights_dtype: str = "logits"
     top_k: Union[tuple, int] = ("top_k",)
     num_experts: tuple = ("num_experts",)
-    jitter: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None
+    prologue: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None
     linear: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None
     pre: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None
     autocast: bool = True
@@ -152,8 +153,8 @@ class Adapter:
     def logits(self, router, hidden_states: torch.Tensor, args=(), kwargs=None) -> torch.Tensor:
         if self.block_method is not None:  # the block's method is given the router's logits
             return hidden_states.reshape(-1, hidden_states.shape[-1])
-        if self.jitter is not None:
-            hidden_states = self.jitter(router, hidden_states)
+        if self.prologue is not None:
+            hidden_states = self.prologue(router, hidden_states)
         w = _attr(router, self.weight)
         x = hidden_states.reshape(-1, w.shape[1])
         if not self.autocast and torch.is_autocast_enabled(x.device.type):
@@ -198,7 +199,7 @@ class Adapter:
             raise UnsupportedModelError(
                 f"TopKRouter.from_module: {type(router).__name__} does not choose by top-k of its "
                 f"scores, so no TopKRouter reproduces it")
-        hook = next((h for h in ("jitter", "linear", "pre", "returns")
+        hook = next((h for h in ("prologue", "linear", "pre", "returns")
                      if getattr(self, h) is not None), None)
         if hook is not None:
             raise UnsupportedModelError(
@@ -350,15 +351,26 @@ def _llama4_returns(router, block, hidden_states, z, w, ids):
     return torch.sigmoid(scores.float()).to(scores.dtype), z
 
 
-def _switch_jitter(router, hidden_states):
-    # SwitchTransformersTop1Router in training: `hidden_states *= uniform(1 - jitter, 1 + jitter)`
-    # after a cast to router_dtype that returns the same tensor when the dtypes match (an fp32
-    # model): the multiplication is then in place and the block's experts get the jittered
-    # tokens too. The family's own statements, on the tensor the router was given
+def _switch_prologue(router, hidden_states):
+    # SwitchTransformersTop1Router ahead of its logits, on the tensor it was given: it records the
+    # input dtype, casts the input to router_dtype (the same tensor when the dtypes match, so in
+    # an fp32 model the training noise multiplies the caller's tensor in place and the block's
+    # experts get the jittered tokens too), and casts its classifier to router_dtype (a bf16
+    # model's classifier holds fp32 weights after its first call)
+    router.input_dtype = hidden_states.dtype
     hidden_states = hidden_states.to(router.dtype)
     if router.training and router.jitter_noise > 0:
         hidden_states *= torch.empty_like(hidden_states).uniform_(1.0 - router.jitter_noise,
                                                                   1.0 + router.jitter_noise)
+    router.classifier = router.classifier.to(router.dtype)
+    return hidden_states
+
+
+def _nllb_prologue(router, hidden_states):
+    # NllbMoeTop2Router ahead of its logits: the input dtype recorded, the classifier cast to
+    # router_dtype by the family's own method (which leaves bitsandbytes int8 layers as they are)
+    router.input_dtype = hidden_states.dtype
+    router._cast_classifier()
     return hidden_states
 
 
@@ -718,13 +730,14 @@ _CAPACITY_LIMIT = "record counts tokens dropped for expert capacity as routed to
 # may swap.)
 SWITCH_TOP1 = Adapter("switch_top1", "S7", lambda r, b=None: RouterSpec("softmax"),
                       weight="classifier.weight", weights_dtype="input", top_k=1,
-                      jitter=_switch_jitter, linear=_classifier_linear,
+                      prologue=_switch_prologue, linear=_classifier_linear,
                       returns=_switch_returns, logits_at=2, limits=_CAPACITY_LIMIT)
 # NllbMoeTop2Router: fp32 softmax top-2 (second_expert_policy "all" only); the family's masks,
 # capacity and combine weights rebuilt from the gate's ids (the Switch caveats on half precision
 # and on capacity drops in the statistics apply)
 NLLB_TOP2 = Adapter("nllb_top2", "S7", _nllb_spec, weight="classifier.weight",
-                    weights_dtype="input", top_k=2, linear=_classifier_linear,
+                    weights_dtype="input", top_k=2, prologue=_nllb_prologue,
+                    linear=_classifier_linear,
                     returns=_nllb_returns, logits_at=2,
                     limits=f"second_expert_policy 'all' only (the others sample); "
                            f"{_CAPACITY_LIMIT}")
