@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <limits>
 #include <optional>
+#include <utility>
 
 namespace moe_route {
 namespace {
@@ -41,6 +42,17 @@ void set_used_rows(const at::Tensor& offsets, int64_t N, PermuteParams& p) {
     TORCH_CHECK_VALUE(used >= 0 && used <= p.used_bound, "permute: expert_offsets[E]=", used,
                       " rows in use must be in [0, ", p.used_bound, "] for this plan");
   }
+}
+
+// The smallest and largest of the first n values of a CPU int64 index tensor ({0, -1} when n is 0).
+std::pair<int64_t, int64_t> index_range(const at::Tensor& index, int64_t n) {
+  const int64_t* v = index.data_ptr<int64_t>();
+  int64_t lo = 0, hi = -1;
+  for (int64_t i = 0; i < n; ++i) {
+    lo = std::min(lo, v[i]);
+    hi = std::max(hi, v[i]);
+  }
+  return {lo, hi};
 }
 
 }  // namespace
@@ -112,6 +124,16 @@ at::Tensor prepare_permute(const at::Tensor& x, const at::Tensor& row_slot,
     same_device(x, *expert_offsets, "permute", "expert_offsets");
     set_used_rows(*expert_offsets, x.size(0) * k, p);
   }
+  if (rs.is_cpu()) {
+    // The CPU kernel copies x's row of the slot each row names: a row_slot of another plan (more
+    // tokens) would be read out of x's bounds. The rows it fills are checked, the unused tail
+    // skipped. On the GPU this would cost a host sync: the kernel skips slot_row entries outside
+    // [0, R) instead (the only indices it writes through).
+    const auto [lo, hi] = index_range(rs, p.used_rows ? *p.used_rows : p.R);
+    TORCH_CHECK_VALUE(lo >= -1 && hi < x.size(0) * k, "permute: row_slot holds slots in [", lo,
+                      ", ", hi, "], but x has T=", x.size(0), " rows and k=", k, ", so T*k=",
+                      x.size(0) * k, " slots: row_slot must be the plan of x's tokens");
+  }
   return out;
 }
 
@@ -137,13 +159,9 @@ at::Tensor prepare_unpermute(const at::Tensor& y, const at::Tensor& slot_row,
   same_device(y, weights, "unpermute", "weights");
   if (slot_row.is_cpu()) {
     // Rows are read at the plan's indices: a y with fewer rows than the plan (say x instead of
-    // the expert outputs) would be read out of bounds. On the GPU this would cost a host sync.
-    const int64_t* sr = slot_row.data_ptr<int64_t>();
-    int64_t lo = 0, hi = -1;
-    for (int64_t i = 0; i < slot_row.size(0); ++i) {
-      lo = std::min(lo, sr[i]);
-      hi = std::max(hi, sr[i]);
-    }
+    // the expert outputs) would be read out of bounds. On the GPU this would cost a host sync:
+    // the kernel skips indices outside [0, R) instead.
+    const auto [lo, hi] = index_range(slot_row, slot_row.size(0));
     TORCH_CHECK_VALUE(lo >= -1 && hi < y.size(0), "unpermute: slot_row holds rows in [", lo,
                       ", ", hi, "], but y has ", y.size(0), " rows: y must be [R, H], one row per "
                       "row of the plan (permute's output rows)");

@@ -30,6 +30,11 @@ class DispatchPlan(NamedTuple):
     counts [E]: real (unpadded) rows per expert.
     slot_row [T*k]: the row of each slot, -1 where the id was outside [0, E) (dropped).
     k: slots per token.
+
+    Build it with ``dispatch_plan``. On the CPU, ``permute`` and ``unpermute`` check the indices
+    they follow and raise ValueError on a plan that does not fit their tensors. On CUDA a check
+    would cost a host sync: the kernels skip ``slot_row`` entries outside ``[0, R)`` as dropped
+    slots instead, so a corrupted plan gives wrong rows but touches no memory outside the tensors.
     """
 
     row_slot: torch.Tensor

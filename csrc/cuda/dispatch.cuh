@@ -56,9 +56,11 @@
 // issues the loads of those slots' vectors before it adds any of them. Loading the index, then the
 // row, one slot at a time would leave one 16-byte load in flight per thread.
 //
-// Index arithmetic is int64 throughout (T*k*H and R*H may exceed 2^31). Index values inside
-// row_slot / slot_row are the caller's contract (they come from dispatch_plan): the kernels cannot
-// raise without a host sync and do not bounds-check them.
+// Index arithmetic is int64 throughout (T*k*H and R*H may exceed 2^31). The index values inside
+// row_slot / slot_row come from dispatch_plan; the kernels cannot raise on bad ones without a host
+// sync (the CPU ops do raise), so permute and unpermute skip a slot_row entry outside [0, R) as
+// a dropped slot: one unsigned comparison, and no access outside the tensors whatever the plan
+// holds. row_slot is only compared with 0 (a row to fill with zeros), never followed.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -474,7 +476,7 @@ __global__ void __launch_bounds__(kRowThreads)
       }
       for (int64_t j = 0; j < n_rows; ++j) {
         const int64_t r = __ldg(rows + j);
-        if (r < 0) continue;
+        if (uint64_t(r) >= uint64_t(p.R)) continue;  // dropped (-1), or not a row of out
         U* dst = out + r * n_vec;
 #pragma unroll
         for (int u = 0; u < kCopyUnroll; ++u) {
@@ -590,6 +592,7 @@ __global__ void __launch_bounds__(kRowThreads)
 #pragma unroll
     for (int j = 0; j < kSlotsInRegs; ++j) {
       rows[j] = j < k ? int64_t(__ldg(slot_row + s0 + j)) : -1;
+      if (uint64_t(rows[j]) >= uint64_t(p.R)) rows[j] = -1;  // dropped, or not a row of y
       w[j] = rows[j] >= 0 ? __ldg(weights + s0 + j) : 0.f;
     }
     for (int64_t i = t; i < n_vec; i += tpr) {
@@ -605,7 +608,8 @@ __global__ void __launch_bounds__(kRowThreads)
         if (rows[j] >= 0) add_weighted(acc, v[j], w[j]);
       for (int64_t j = kSlotsInRegs; j < k; ++j) {  // k > kSlotsInRegs: the rest, one by one
         const int64_t r = __ldg(slot_row + s0 + j);
-        if (r >= 0) add_weighted(acc, y[r * n_vec + i], __ldg(weights + s0 + j));
+        if (uint64_t(r) < uint64_t(p.R))
+          add_weighted(acc, y[r * n_vec + i], __ldg(weights + s0 + j));
       }
       P o;
 #pragma unroll

@@ -273,6 +273,104 @@ void run_case(const Case& c) {
   if (!ok) ++g_failures;
 }
 
+// A plan whose slot_row holds indices outside [0, R) (a corrupted or mismatched plan): permute
+// and unpermute must skip them as dropped slots and touch nothing outside their tensors. out and
+// y are allocated with kGuard rows past R, filled with a pattern that must survive: an index of
+// R + i would land there if followed. The other indices (INT64_MAX, INT64_MIN, -2) would fault,
+// or trip the sanitizers.
+void run_bad_index_case() {
+  std::printf("case bad_indices: slot_row entries outside [0, R)\n");
+  bool ok = true;
+  const int64_t T = 40, k = 4, E = 8, bs = 4, H = 24, N = T * k, R = N + E * (bs - 1);
+  const int64_t kGuard = 16;
+  std::mt19937 rng(99);
+  std::vector<int64_t> ids(N);
+  for (auto& id : ids) id = int64_t(rng() % E);
+  Plan plan = host_plan(ids, T, k, E, bs);
+  const int64_t bad[] = {R, R + 1, R + kGuard - 1, INT64_MAX, INT64_MIN, -2};
+  std::vector<bool> corrupt(N, false);
+  for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); ++i) {
+    const int64_t s = int64_t(i) * 7 + 3;
+    plan.slot_row[s] = bad[i];
+    corrupt[s] = true;
+  }
+  int64_t* d_rs = to_device(plan.row_slot);
+  int64_t* d_sr = to_device(plan.slot_row);
+
+  // permute (fp32): rows fed by intact slots hold their token's row, padding rows zeros; the rows
+  // the corrupted slots fed are left unspecified; the guard keeps its pattern.
+  std::vector<float> x(T * H);
+  for (auto& v : x) v = float(int32_t(rng() % 2001) - 1000);
+  float* d_x = to_device(x);
+  float* d_out = device_filled<float>(size_t((R + kGuard) * H), 0x33);
+  PermuteParams pp;
+  pp.x = d_x;
+  pp.row_slot = d_rs;
+  pp.slot_row = d_sr;
+  pp.out = d_out;
+  pp.T = T, pp.H = H, pp.R = R, pp.k = k, pp.x_row_stride = H, pp.elem_bytes = 4;
+  CHECK_CUDA(moe_route::cuda::launch_permute(pp, 0));
+  CHECK_CUDA(cudaDeviceSynchronize());
+  const std::vector<float> out = to_host(d_out, size_t((R + kGuard) * H));
+  float pattern;
+  std::memset(&pattern, 0x33, sizeof pattern);
+  for (int64_t r = 0; r < R + kGuard && ok; ++r) {
+    const int64_t s = r < R ? plan.row_slot[r] : -1;
+    if (s >= 0 && corrupt[s]) continue;
+    for (int64_t h = 0; h < H; ++h) {
+      const float want = r >= R ? pattern : s < 0 ? 0.f : x[(s / k) * H + h];
+      if (std::memcmp(&out[r * H + h], &want, 4) != 0) {
+        std::printf("  FAIL permute: row %lld (%s) element %lld\n", (long long)r,
+                    r >= R ? "guard past R" : "intact", (long long)h);
+        ok = false;
+        break;
+      }
+    }
+  }
+
+  // unpermute (fp32): the host loop without the corrupted slots; y's guard rows hold a large
+  // value that would show in the sum if an index of R + i were followed.
+  std::vector<float> y((R + kGuard) * H), w(N);
+  for (auto& v : y) v = float(int32_t(rng() % 2001) - 1000) / 977.f;
+  for (int64_t i = R * H; i < (R + kGuard) * H; ++i) y[i] = 1.0e6f;
+  for (auto& v : w) v = float(int32_t(rng() % 2001) - 1000) / 997.f;
+  float* d_y = to_device(y);
+  float* d_w = to_device(w);
+  float* d_o = device_filled<float>(size_t(T * H), 0x33);
+  UnpermuteParams up;
+  up.y = d_y;
+  up.type = ElemType::F32;
+  up.slot_row = d_sr;
+  up.weights = d_w;
+  up.out = d_o;
+  up.T = T, up.k = k, up.H = H, up.R = R;  // y's rows: the guard is not part of y
+  CHECK_CUDA(moe_route::cuda::launch_unpermute(up, 0));
+  CHECK_CUDA(cudaDeviceSynchronize());
+  std::vector<float> want(T * H);
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t h = 0; h < H; ++h) {
+      volatile float acc = 0.f;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t r = plan.slot_row[t * k + j];
+        if (r < 0 || r >= R) continue;
+        volatile float prod = y[r * H + h] * w[t * k + j];
+        acc = acc + prod;
+      }
+      want[t * H + h] = acc;
+    }
+  }
+  const std::vector<float> got = to_host(d_o, size_t(T * H));
+  if (std::memcmp(got.data(), want.data(), want.size() * 4) != 0) {
+    std::printf("  FAIL unpermute: differs from the sum over the intact slots\n");
+    ok = false;
+  }
+  for (void* d : {(void*)d_rs, (void*)d_sr, (void*)d_x, (void*)d_out, (void*)d_y, (void*)d_w,
+                  (void*)d_o})
+    CHECK_CUDA(cudaFree(d));
+  std::printf("  %s\n", ok ? "ok" : "FAILED");
+  if (!ok) ++g_failures;
+}
+
 }  // namespace
 
 int main() {
@@ -303,6 +401,7 @@ int main() {
       {"split_T31_k6", 31, 6, 16, 1, 40, true, 0, 18, true},          // ... at its last T
   };
   for (const Case& c : cases) run_case(c);
+  run_bad_index_case();
   std::printf("%s (%d failing case%s)\n", g_failures ? "FAILED" : "PASSED", g_failures,
               g_failures == 1 ? "" : "s");
   return g_failures ? 1 : 0;
