@@ -12,7 +12,9 @@ slow phase of a shared machine then hits neither tree's figure. First both trees
 case once and their outputs (weights, ids, statistics) must be bit-identical, else the run stops:
 a speed-up that changes results is not an A/B of the same thing. Cases: OLMoE/Qwen3 softmax top-k
 (E 64 and 256), Mixtral's renormalised one, GPT-OSS's top-k softmax and DeepSeek-V3's grouped
-sigmoid, at T 1 to 8192, plain, with statistics, replaying every row, and both.
+sigmoid, at T 1 to 8192, plain, with statistics, replaying every row, and both; and steered
+(three constant biases, one std-scaled, one expert forced on and one forced off), with and
+without statistics.
 """
 from __future__ import annotations
 
@@ -29,13 +31,15 @@ TS = (1, 64, 1024, 8192)
 
 
 def cases():
-    return [(s, T, E, k, stats, replay) for T in TS for s, E, k in SEMANTICS
-            for stats in (False, True) for replay in (False, True)]
+    return [(s, T, E, k, stats, replay, steer) for T in TS for s, E, k in SEMANTICS
+            for stats in (False, True) for replay, steer in ((False, False), (True, False),
+                                                             (False, True))]
 
 
 def label(case) -> str:
-    s, T, E, k, stats, replay = case
-    return f"{s} T={T} E={E} k={k}{' +stats' if stats else ''}{' replay' if replay else ''}"
+    s, T, E, k, stats, replay, steer = case
+    return (f"{s} T={T} E={E} k={k}{' +stats' if stats else ''}{' replay' if replay else ''}"
+            f"{' steer' if steer else ''}")
 
 
 def gate_call(case):
@@ -46,7 +50,7 @@ def gate_call(case):
     import moe_route
     from moe_route.ops import GateStats, RouterSpec
 
-    s, T, E, k, stats, replay = case
+    s, T, E, k, stats, replay, steer = case
     x = torch.randn(T, E, generator=torch.Generator().manual_seed(T * 7 + E))
     spec = {"softmax_topk": RouterSpec(), "renorm": RouterSpec(renormalize=True),
             "topk_softmax": RouterSpec(select_on="logits"),
@@ -61,6 +65,12 @@ def gate_call(case):
     if replay:
         g = torch.Generator().manual_seed(2)
         kw["replay"] = torch.rand(T, E, generator=g).argsort(1)[:, :k].int()
+    if steer:
+        table = torch.zeros(4, E)
+        table[0, [1, 5, 9]] = 0.5
+        table[1, 3] = 0.5
+        table[3, 11], table[3, 12] = 1.0, -1.0
+        kw["steer"] = moe_route.SteerSpec(*table)
     return (lambda: moe_route.topk_gate(x, k, spec, **kw)), kw.get("stats")
 
 

@@ -195,6 +195,33 @@ def test_many_groups(device, topk_group, k, group_score, force):
     check(random_logits(T, E, seed=topk_group, device=device), k, kw)
 
 
+# Forced experts rank by tier: forced-on first, then the rest, then forced-off. Patterns where the
+# forced experts outnumber k, or leave fewer than k others (in all of E or in the chosen groups).
+FORCED = {"on_5": [1, 1, 1, 1, 1, 0, 0, 0], "off_all_but_2": [0, -1, -1, -1, 0, -1, -1, -1],
+          "on_2_off_rest": [-1, 1, -1, -1, -1, 1, -1, -1], "all_forced": [1, -1, 1, -1, -1, 1, -1, 1],
+          "one_each": [0, 0, 1, 0, 0, 0, -1, 0]}
+
+
+@pytest.mark.parametrize("groups", ["none", "max"])
+@pytest.mark.parametrize("k", [1, 3, 4, 7, 8])
+@pytest.mark.parametrize("pattern", list(FORCED))
+def test_forced_tiers(device, pattern, k, groups):
+    """Ids and weights as in the reference however many experts are forced on or off (E=16: the
+    pattern twice; groups "max": 4 groups of 4, the best 2 chosen)."""
+    E, T = 16, 50
+    kw = dict(score="softmax", selection_bias=random_bias(E, device=device))
+    if groups == "max":
+        kw.update(n_group=4, topk_group=2, group_score="max")
+    steer = torch.zeros(4, E, device=device)
+    steer[3] = torch.tensor(FORCED[pattern] * 2, dtype=torch.float32, device=device)
+    steer[0] = torch.linspace(-1, 1, E, device=device)  # steered values differ from the logits
+    kw["steer"] = steer
+    w, ids = check(tie_free_logits(T, E, seed=k, device=device), k, kw)
+    force = steer[3].cpu()
+    tiers = torch.where(force > 0, 2, torch.where(force < 0, 0, 1))[ids.cpu().long()]
+    assert bool((tiers[:, :-1] >= tiers[:, 1:]).all()), "a lower tier ranked above a higher one"
+
+
 def test_public_api_lean_stats(device):
     """GateStats with absent buffers (dense=False) go through the fast path as None."""
     T, E, k = 200, 32, 4

@@ -312,7 +312,8 @@ struct TopK {
 struct Prep {
   std::vector<float> bias;  // sanitised selection bias
   bool has_std = false, has_force = false;
-  std::vector<int8_t> tier;  // per expert, from the force row
+  std::vector<int8_t> tier;     // per expert, from the force row
+  std::vector<int32_t> forced;  // the experts forced on or off
 };
 
 // Statistics of consecutive tokens of one group ("a run") are summed in thread-local scratch
@@ -465,107 +466,130 @@ MOE_ROUTE_INLINE void choose_groups(const GateParams& p, const Prep& prep, const
   }
 }
 
+// The k largest of v[0..padded) (no tiers), in descending order with the lower index first on
+// ties, into ids: k rounds of (max, first index holding it) over 8 fixed lanes. Branch-free, so
+// it vectorises; the first index at the max is the documented lower-index tie rule. Chosen and
+// ineligible experts hold -inf, below every sanitised value, so at least k values must be finite.
+// Reads run over whole 8-lane blocks: rows are padded with -inf (Scratch::prepare). Picks are
+// marked -inf in `work`: in place when `copied` (src is work), else in a copy of src made only
+// when a lane rescan needs it.
+MOE_ROUTE_INLINE void select_untiered(const float* src, float* work, bool copied, int64_t padded,
+                                      int64_t k, int32_t* ids) {
+  // Lane l keeps the best three of experts l, l+8, l+16, ... as (value, index) keys. The 8
+  // lane heads are kept sorted; a pick takes head[0], refills it from the same lane's next
+  // candidate (a rescan of the lane only once all three are used) and bubbles it down with
+  // branch-free compare-swaps.
+  const f32x8 ninf = splat8(-INFINITY);
+  f32x8 m1 = ninf, m2 = ninf, m3 = ninf;
+  i32x8 i1 = {0, 1, 2, 3, 4, 5, 6, 7};
+  i32x8 i2 = i1, i3 = i1, idx = i1;
+  const i32x8 step = {8, 8, 8, 8, 8, 8, 8, 8};
+  for (int64_t e = 0; e < padded; e += 8) {
+    const f32x8 x = load8(src + e);
+    const i32x8 g1 = x > m1, g2 = x > m2, g3 = x > m3;  // strict: ties keep the lower index
+    m3 = g2 ? m2 : (g3 ? x : m3);
+    i3 = g2 ? i2 : (g3 ? idx : i3);
+    m2 = g1 ? m1 : (g2 ? x : m2);
+    i2 = g1 ? i1 : (g2 ? idx : i2);
+    m1 = g1 ? x : m1;
+    i1 = g1 ? idx : i1;
+    idx += step;
+  }
+  // Keys are built lazily: the 8 heads now, a lane's next candidate when it is needed.
+  float cv[3][8];
+  int32_t ci[3][8];
+  std::memcpy(cv[0], &m1, sizeof m1), std::memcpy(cv[1], &m2, sizeof m2);
+  std::memcpy(cv[2], &m3, sizeof m3);
+  std::memcpy(ci[0], &i1, sizeof i1), std::memcpy(ci[1], &i2, sizeof i2);
+  std::memcpy(ci[2], &i3, sizeof i3);
+  uint64_t head[8];
+  int depth[8];
+  for (int l = 0; l < 8; ++l) head[l] = key_normal(cv[0][l], ci[0][l]), depth[l] = 0;
+  sort8_desc(head);
+  for (int64_t j = 0; j < k; ++j) {
+    const int32_t best = key_index(head[0]);
+    ids[j] = best;
+    if (j == k - 1) break;
+    if (copied) work[best] = -INFINITY;
+    const int lane = best & 7;
+    if (depth[lane] < 2) {
+      const int d = ++depth[lane];
+      head[0] = key_normal(cv[d][lane], ci[d][lane]);
+    } else {
+      if (!copied) {
+        std::memcpy(work, src, sizeof(float) * padded);
+        for (int64_t jj = 0; jj <= j; ++jj) work[ids[jj]] = -INFINITY;
+        copied = true;
+      }
+      float a = -INFINITY, b = -INFINITY, c = -INFINITY;
+      int32_t ia = lane, ib = lane, ic = lane;
+      for (int64_t e = lane; e < padded; e += 8) {
+        const float x = work[e];
+        const bool g1 = x > a, g2 = x > b, g3 = x > c;
+        c = g2 ? b : (g3 ? x : c);
+        ic = g2 ? ib : (g3 ? int32_t(e) : ic);
+        b = g1 ? a : (g2 ? x : b);
+        ib = g1 ? ia : (g2 ? int32_t(e) : ib);
+        a = g1 ? x : a;
+        ia = g1 ? int32_t(e) : ia;
+      }
+      head[0] = key_normal(a, ia);
+      cv[1][lane] = b, ci[1][lane] = ib, cv[2][lane] = c, ci[2][lane] = ic;
+      depth[lane] = 0;
+    }
+    // Only the r = k-1-j heads still to be picked must stay sorted: heads below position r
+    // are never larger than head[r-1] (the new r-th largest is >= the old boundary), so the
+    // bubble stops there.
+    const int64_t r = std::min<int64_t>(k - 1 - j, 7);
+    for (int64_t i = 0; i < r; ++i) cswap_desc(head[i], head[i + 1]);
+  }
+}
+
 // Fills ids[0..k) (descending keys) for one token.
 MOE_ROUTE_INLINE void select_experts(const GateParams& p, const Prep& prep, const float* v, Scratch& s,
                     int32_t* ids) {
   const int64_t E = p.E, k = p.k, gsize = p.E / p.n_group;
-  auto tier_of = [&](int64_t e) { return prep.has_force ? prep.tier[e] : kTierNormal; };
+  const int64_t padded = (E + 7) & ~int64_t(7);
   auto eligible = [&](int64_t e) { return p.n_group == 1 || s.group_ok[e / gsize]; };
-  if (!prep.has_force && k <= kInsertMaxK) {
-    // No tiers: k rounds of (max, first index holding it) over 8 fixed lanes. Branch-free, so it
-    // vectorises; the first index at the max is the documented lower-index tie rule. Chosen and
-    // ineligible experts hold -inf, below every sanitised value.
-    // Reads run over whole 8-lane blocks: scratch rows are padded with -inf (Scratch::prepare).
-    // Picks are marked -inf in a working copy, made only when a lane rescan needs it.
-    const int64_t padded = (E + 7) & ~int64_t(7);
+  if (k <= kInsertMaxK) {
     float* work = s.work.data();
-    const float* src = v;
     bool copied = false;
+    // Ineligible groups hold -inf in a working copy.
     if (p.n_group > 1) {
       for (int64_t g = 0; g < p.n_group; ++g)
         if (s.group_ok[g]) std::memcpy(work + g * gsize, v + g * gsize, sizeof(float) * gsize);
         else std::fill(work + g * gsize, work + (g + 1) * gsize, -INFINITY);
       std::fill(work + E, work + padded, -INFINITY);
-      src = work;
       copied = true;
     }
-    // Lane l keeps the best three of experts l, l+8, l+16, ... as (value, index) keys. The 8
-    // lane heads are kept sorted; a pick takes head[0], refills it from the same lane's next
-    // candidate (a rescan of the lane only once all three are used) and bubbles it down with
-    // branch-free compare-swaps.
-    const f32x8 ninf = splat8(-INFINITY);
-    f32x8 m1 = ninf, m2 = ninf, m3 = ninf;
-    i32x8 i1 = {0, 1, 2, 3, 4, 5, 6, 7};
-    i32x8 i2 = i1, i3 = i1, idx = i1;
-    const i32x8 step = {8, 8, 8, 8, 8, 8, 8, 8};
-    for (int64_t e = 0; e < padded; e += 8) {
-      const f32x8 x = load8(src + e);
-      const i32x8 g1 = x > m1, g2 = x > m2, g3 = x > m3;  // strict: ties keep the lower index
-      m3 = g2 ? m2 : (g3 ? x : m3);
-      i3 = g2 ? i2 : (g3 ? idx : i3);
-      m2 = g1 ? m1 : (g2 ? x : m2);
-      i2 = g1 ? i1 : (g2 ? idx : i2);
-      m1 = g1 ? x : m1;
-      i1 = g1 ? idx : i1;
-      idx += step;
+    if (!prep.has_force) {
+      select_untiered(copied ? work : v, work, copied, padded, k, ids);
+      return;
     }
-    // Keys are built lazily: the 8 heads now, a lane's next candidate when it is needed.
-    float cv[3][8];
-    int32_t ci[3][8];
-    std::memcpy(cv[0], &m1, sizeof m1), std::memcpy(cv[1], &m2, sizeof m2);
-    std::memcpy(cv[2], &m3, sizeof m3);
-    std::memcpy(ci[0], &i1, sizeof i1), std::memcpy(ci[1], &i2, sizeof i2);
-    std::memcpy(ci[2], &i3, sizeof i3);
-    uint64_t head[8];
-    int depth[8];
-    for (int l = 0; l < 8; ++l) head[l] = key_normal(cv[0][l], ci[0][l]), depth[l] = 0;
-    sort8_desc(head);
-    for (int64_t j = 0; j < k; ++j) {
-      const int32_t best = key_index(head[0]);
-      ids[j] = best;
-      if (j == k - 1) break;
-      if (copied) work[best] = -INFINITY;
-      const int lane = best & 7;
-      if (depth[lane] < 2) {
-        const int d = ++depth[lane];
-        head[0] = key_normal(cv[d][lane], ci[d][lane]);
-      } else {
-        if (!copied) {
-          std::memcpy(work, v, sizeof(float) * padded);
-          for (int64_t jj = 0; jj <= j; ++jj) work[ids[jj]] = -INFINITY;
-          copied = true;
-        }
-        float a = -INFINITY, b = -INFINITY, c = -INFINITY;
-        int32_t ia = lane, ib = lane, ic = lane;
-        for (int64_t e = lane; e < padded; e += 8) {
-          const float x = work[e];
-          const bool g1 = x > a, g2 = x > b, g3 = x > c;
-          c = g2 ? b : (g3 ? x : c);
-          ic = g2 ? ib : (g3 ? int32_t(e) : ic);
-          b = g1 ? a : (g2 ? x : b);
-          ib = g1 ? ia : (g2 ? int32_t(e) : ib);
-          a = g1 ? x : a;
-          ia = g1 ? int32_t(e) : ia;
-        }
-        head[0] = key_normal(a, ia);
-        cv[1][lane] = b, ci[1][lane] = ib, cv[2][lane] = c, ci[2][lane] = ic;
-        depth[lane] = 0;
+    // Tiers: every forced-on expert ranks above every other and every forced-off one below. The
+    // forced experts (a few per call) are ranked by key within their tier; the rest, held at
+    // -inf in the working copy, go through the untiered selection. The ids are the forced-on
+    // ones, then the best of the rest, then the forced-off ones, the first k of them.
+    if (!copied) std::memcpy(work, v, sizeof(float) * padded);
+    TopK on(k), off(k);  // each keeps its best k
+    int64_t n_forced = 0;    // eligible forced experts, all of them
+    for (const int32_t e : prep.forced) {
+      if (eligible(e)) {
+        (prep.tier[e] == kTierForcedOn ? on : off).push(make_key(prep.tier[e], v[e], e));
+        ++n_forced;
       }
-      // Only the r = k-1-j heads still to be picked must stay sorted: heads below position r
-      // are never larger than head[r-1] (the new r-th largest is >= the old boundary), so the
-      // bubble stops there.
-      const int64_t r = std::min<int64_t>(k - 1 - j, 7);
-      for (int64_t i = 0; i < r; ++i) cswap_desc(head[i], head[i + 1]);
+      work[e] = -INFINITY;
     }
+    int64_t j = 0;
+    for (; j < on.filled; ++j) ids[j] = key_index(on.best[j]);
+    const int64_t n_eligible = p.n_group > 1 ? std::min(p.topk_group, p.n_group) * gsize : E;
+    const int64_t n_rest = std::min(k - j, n_eligible - n_forced);
+    if (n_rest > 0) select_untiered(work, work, true, padded, n_rest, ids + j);
+    j += std::max<int64_t>(n_rest, 0);
+    for (int64_t i = 0; j < k; ++i, ++j) ids[j] = key_index(off.best[i]);
     return;
   }
-  if (k <= kInsertMaxK) {
-    TopK top(k);
-    for (int64_t e = 0; e < E; ++e)
-      if (eligible(e)) top.push(make_key(tier_of(e), v[e], e));
-    for (int64_t j = 0; j < k; ++j) ids[j] = int32_t(key_index(top.best[j]));
-    return;
-  }
+  auto tier_of = [&](int64_t e) { return prep.has_force ? prep.tier[e] : kTierNormal; };
   int64_t n = 0;
   for (int64_t e = 0; e < E; ++e)
     if (eligible(e)) s.keys[n++] = make_key(tier_of(e), v[e], e);
@@ -856,6 +880,7 @@ void run_gate_cpu(const GateParams& p) {
       if (f > 0.f || f < 0.f) {  // NaN forces nothing, as in steer_row and the reference
         prep.has_force = true;
         prep.tier[e] = int8_t(f > 0.f ? kTierForcedOn : kTierForcedOff);
+        prep.forced.push_back(int32_t(e));
       }
     }
   }
