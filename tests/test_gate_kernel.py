@@ -197,8 +197,10 @@ def test_many_groups(device, topk_group, k, group_score, force):
 
 # Forced experts rank by tier: forced-on first, then the rest, then forced-off. Patterns where the
 # forced experts outnumber k, or leave fewer than k others (in all of E or in the chosen groups).
-FORCED = {"on_5": [1, 1, 1, 1, 1, 0, 0, 0], "off_all_but_2": [0, -1, -1, -1, 0, -1, -1, -1],
-          "on_2_off_rest": [-1, 1, -1, -1, -1, 1, -1, -1], "all_forced": [1, -1, 1, -1, -1, 1, -1, 1],
+FORCED = {"on_5": [1, 1, 1, 1, 1, 0, 0, 0],
+          "off_all_but_2": [0, -1, -1, -1, 0, -1, -1, -1],
+          "on_2_off_rest": [-1, 1, -1, -1, -1, 1, -1, -1],
+          "all_forced": [1, -1, 1, -1, -1, 1, -1, 1],
           "one_each": [0, 0, 1, 0, 0, 0, -1, 0]}
 
 
