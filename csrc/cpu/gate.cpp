@@ -583,9 +583,9 @@ MOE_ROUTE_INLINE void select_experts(const GateParams& p, const Prep& prep, cons
     int64_t j = 0;
     for (; j < on.filled; ++j) ids[j] = key_index(on.best[j]);
     const int64_t n_eligible = p.n_group > 1 ? std::min(p.topk_group, p.n_group) * gsize : E;
-    const int64_t n_rest = std::min(k - j, n_eligible - n_forced);
+    const int64_t n_rest = std::min(k - j, n_eligible - n_forced);  // >= 0
     if (n_rest > 0) select_untiered(work, work, true, padded, n_rest, ids + j);
-    j += std::max<int64_t>(n_rest, 0);
+    j += n_rest;
     for (int64_t i = 0; j < k; ++i, ++j) ids[j] = key_index(off.best[i]);
     return;
   }
