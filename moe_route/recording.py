@@ -16,6 +16,13 @@ encoder-decoder's encoder routers use its ``input_ids`` / ``attention_mask``, it
 padding (``attention_mask == 0``), ``ignore_token_ids`` (template or special tokens) and, with
 ``tokens="prompt"`` or ``"generated"``, the other phase of ``generate()`` are skipped.
 
+A loop layer (Inkling2-Loop runs some decoder layers several times per forward) routes once per
+pass, and each pass is a layer of its own in the statistics and the trace, named
+``"<router path>@pass<p>"`` with the decoder layer's index; the layers come in the order a
+forward routes them (pre-loop layers, the loop layers' pass 0, pass 1, ..., post-loop layers).
+Analyses key such statistics by name (``analysis.layer_keys``), and ``steer``/``replay`` take
+the same names.
+
 The device buffers hold ``max_groups`` rows. When a batch needs a row and none is free, the
 buffers are flushed to the host total (``RoutingStats.merge``) between model calls, so per-sequence
 statistics over any number of sequences take bounded device memory.
@@ -83,7 +90,9 @@ class Recorder:
         self._trace: dict[str, dict[str, list]] = {}
         self._lock = threading.RLock()
         self._handle = None
-        self._buffers: dict[str, GateStats] = {}
+        self._buffers: dict[str, GateStats] = {}   # per routing site (RouterState.site)
+        self._layers: dict[str, tuple] = {}         # site -> (decoder-layer index, top_k)
+        self._attached: dict = {}                   # router -> the stats it was given
         self._rows: dict[str, int] = {}          # group name -> device row
         self._parts: list[RoutingStats] = []    # flushed, merged once when read
         self._context: list[str] = [default_group]
@@ -105,15 +114,20 @@ class Recorder:
                 if state.stats is not None:
                     raise RuntimeError(f"record: {name} is already being recorded; nested "
                                        f"record() contexts on one model are not supported")
-                device = _router_device(self.model.get_submodule(name))
-                self._buffers[name] = GateStats.zeros(self.max_groups, state.num_experts,
+            devices = {}
+            for site, state, _ in self._handle.sites():  # a loop layer's passes: one each
+                device = devices.get(state.name)
+                if device is None:
+                    device = devices[state.name] = _router_device(
+                        self.model.get_submodule(state.name))
+                self._buffers[site] = GateStats.zeros(self.max_groups, state.num_experts,
                                                       device=device, dense=self.dense,
                                                       coact=self.coact)
-            self._layers = {name: (state.index, state.top_k)
-                            for name, state in self._handle.routers.items()}
+                self._layers[site] = (state.index, state.top_k)
             paths = stacks(self.model)
             for name, state in self._handle.routers.items():
-                state.stats = self._buffers[name]
+                per_pass = tuple(self._buffers[state.site(p)] for p in range(state.passes))
+                state.stats = self._attached[name] = per_pass if state.passes > 1 else per_pass[0]
                 state.groups = functools.partial(self._token_rows, stack_of(paths, name))
                 if self.trace_on:
                     state.trace = self._record_trace
@@ -136,8 +150,9 @@ class Recorder:
             self._hooks.pop().remove()
         if self._handle is not None:
             for name, state in self._handle.routers.items():
-                if state.stats is self._buffers.get(name):
+                if name in self._attached and state.stats is self._attached[name]:
                     state.stats, state.groups, state.trace = None, None, None
+            self._attached = {}
             release(self._handle)
             self._handle = None
 

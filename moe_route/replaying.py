@@ -27,10 +27,13 @@ Two layouts per layer:
   ``generate()`` and activation recomputation (gradient checkpointing) all line up.
   ``trace_by_position`` turns a trace of ``generate()`` into this layout. In an encoder-decoder
   (Switch, NLLB) positions are those of the router's own stack: an encoder layer's ``[B, S, k]``
-  indexes ``input_ids``, a decoder layer's ``decoder_input_ids``. A loop layer (Inkling2-Loop
-  runs some layers several times per forward) calls its router once per pass: in call order
-  each pass takes the next rows; by position is refused there (one set of ids per position
-  cannot say which pass it is for).
+  indexes ``input_ids``, a decoder layer's ``decoder_input_ids``.
+
+A loop layer (Inkling2-Loop runs some layers several times per forward) routes once per pass.
+``"<module path>@pass<p>"`` keys (how ``record`` names the passes, so a trace replays as it is)
+give pass p its own ids, in either layout. The layer's plain key gives every pass the same
+source: in call order each pass takes the next rows; by position is refused (one set of ids per
+position cannot say which pass it is for).
 
 Ids may be int16/int32/int64 on any device; they are checked once on entry (k distinct ids in
 [0, E) or all -1 per row, k equal to the router's top-k) and moved to each router's device once.
@@ -45,7 +48,7 @@ from torch import nn
 
 from moe_route import reference
 from moe_route.hf.model_calls import past_length, stack_of, stacks, watch
-from moe_route.hf.patch import acquire, in_backward, release, routers_by_key, withdraw
+from moe_route.hf.patch import PASS, acquire, in_backward, put, release, sites_by_key, withdraw
 
 __all__ = ["replay", "Replay", "trace_by_position"]
 
@@ -86,7 +89,8 @@ class _Source:
             raise RuntimeError(f"replay: {self.name} ran twice in one model call (a loop layer, "
                                f"whose router runs once per pass: Inkling2-Loop); routing by "
                                f"position gives each position one set of ids and cannot tell "
-                               f"the passes apart: replay that layer in call order")
+                               f"the passes apart: give each pass its own ids under the key "
+                               f"'{self.name}{PASS}<p>', or replay the layer in call order")
         self._served = number
         if B != ids.shape[0] or start + S > ids.shape[1]:
             raise RuntimeError(f"replay: the model call covers positions [{start}, {start + S}) "
@@ -131,26 +135,24 @@ class Replay:
         self._sources = []  # a new entry replays from the first row; used/strict see only it
         try:
             routers = self._handle.routers
-            targets = routers_by_key(list(self.routing), routers, "replay")
+            targets = sites_by_key(list(self.routing), routers, "replay")
             if self.layers is not None:
-                wanted = {s.name for s in routers_by_key(self.layers, routers, "replay").values()}
-                missing = wanted - {s.name for s in targets.values()}
-                if missing:
-                    raise ValueError(f"replay: layers {sorted(missing)} are not in the routing "
-                                     f"(it covers {[s.name for s in targets.values()][:4]}...)")
-                targets = {key: s for key, s in targets.items() if s.name in wanted}
+                targets = _only(targets, sites_by_key(self.layers, routers, "replay"))
             paths = stacks(self.model)
-            for key, state in targets.items():
+            by_router: dict = {}  # one push per router, whichever of its passes are replayed
+            for key, (state, p) in targets.items():
                 if state.adapter.fixed_choice:
                     raise ValueError(f"replay: layer {key!r} ({state.name}) routes by "
                                      f"{state.adapter.name}, not by score; it cannot be replayed")
                 ids = self.routing[key]
                 _check_ids(key, state, ids)
-                source = _Source(state.name, stack_of(paths, state.name), ids, self)
-                state.replay_stack.append((self, state.replay))
-                state.replay = source
-                self._applied.append(state)
+                name = state.name if p is None else state.site(p)
+                source = _Source(name, stack_of(paths, state.name), ids, self)
+                by_router.setdefault(state.name, (state, {}))[1][p] = source
                 self._sources.append(source)
+            for state, sources in by_router.values():
+                put(state, "replay", self, sources)
+                self._applied.append(state)
             if any(s.by_position for s in self._sources):
                 self._hooks = watch(self.model, self._on_call)
         except BaseException:
@@ -192,6 +194,20 @@ class Replay:
     def used(self) -> dict:
         """``{router name: rows used}`` of the call-order layers so far."""
         return {s.name: s.cursor for s in self._sources if not s.by_position}
+
+
+def _only(targets: dict, wanted: dict) -> dict:
+    """The sites of ``targets`` (``sites_by_key``) that ``wanted`` (the ``layers`` option) names:
+    a router's every pass, or one pass. Each wanted layer must be in the routing."""
+    names = {(state.name, p) for state, p in wanted.values()}
+    kept = {key: (state, p) for key, (state, p) in targets.items()
+            if (state.name, None) in names or (state.name, p) in names}
+    missing = [key for key, (state, q) in wanted.items()
+               if not any(s is state and q in (None, p) for s, p in kept.values())]
+    if missing:
+        raise ValueError(f"replay: layers {missing} are not in the routing (it covers "
+                         f"{list(targets)[:4]}...)")
+    return kept
 
 
 def _ids_of(key, value) -> torch.Tensor:
@@ -243,9 +259,9 @@ def trace_by_position(trace: Mapping, batch_size: int, prompt_length: int,
             first = (key, N)
         elif N != first[1]:  # one generate() routes every position once in every layer
             raise ValueError(f"trace_by_position: {key!r} has {N} rows but {first[0]!r} has "
-                             f"{first[1]}: a loop layer (its router runs once per pass) or "
-                             f"layers of an encoder-decoder's two stacks; this takes the layers "
-                             f"of one generate() of a decoder, each routing every token once")
+                             f"{first[1]}: layers of an encoder-decoder's two stacks, or a loop "
+                             f"layer's passes under one name; this takes the layers of one "
+                             f"generate() of a decoder, each routing every token once")
         B, P = batch_size, prompt_length
         if N < B * P or (N - B * P) % B:
             raise ValueError(f"trace_by_position: {key!r} has {N} rows, not {B} x {P} prompt "

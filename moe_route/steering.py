@@ -1,8 +1,9 @@
 """Steering plans: per-layer, per-expert router interventions, ``{layer: {expert: SteerEntry}}``.
 
 A layer key is an int (the decoder layer index: 12 for ``model.layers.12``) or a str (a router's
-module path). Resolving keys to modules is the steering context manager's job; a plan only
-describes. ``plan.steer_spec(layer, num_experts)`` turns one layer into the
+module path). A loop layer's router (Inkling2-Loop) routes once per pass of the loop: its key
+steers every pass, ``"<module path>@pass<p>"`` pass p alone, as ``RoutingStats`` names the passes.
+Resolving keys to modules is the steering context manager's job; a plan only describes. ``plan.steer_spec(layer, num_experts)`` turns one layer into the
 ``moe_route.ops.SteerSpec`` the gate takes (numerics: ``moe_route.reference``).
 
 JSON form (``to_json``/``from_json``)::
@@ -527,21 +528,22 @@ class Steering:
         self._applied: list = []
 
     def __enter__(self) -> "Steering":
-        from moe_route.hf.patch import acquire  # the record/steer layer sits above hf
+        from moe_route.hf.patch import acquire, put  # the record/steer layer sits above hf
 
         if self._handle is not None:  # its exit would undo both entries and release one patch
             raise RuntimeError("steer: this steer() context is already active; nest another "
                                "steer(model, plan) instead of entering the same one twice")
         self._handle = acquire(self.model)
         try:
-            targets = resolve_layers(self.plan, self._handle.routers)
-            for key, state in targets.items():
+            by_router: dict = {}  # one push per router, whichever of its passes the plan names
+            for key, (state, p) in resolve_layers(self.plan, self._handle.routers).items():
                 if state.adapter.fixed_choice:
                     raise ValueError(f"steer: layer {key!r} ({state.name}) routes by "
                                      f"{state.adapter.name}, not by score; it cannot be steered")
-                spec = self.plan.steer_spec(key, state.num_experts)
-                state.steer_stack.append((self, state.steer))
-                state.steer = spec
+                specs = by_router.setdefault(state.name, (state, {}))[1]
+                specs[p] = self.plan.steer_spec(key, state.num_experts)
+            for state, specs in by_router.values():
+                put(state, "steer", self, specs)
                 self._applied.append(state)
         except BaseException:
             self.__exit__(None, None, None)
@@ -560,12 +562,12 @@ class Steering:
 
 
 def resolve_layers(plan: SteeringPlan, routers: Mapping) -> dict:
-    """``{plan layer key: router state}`` for a patched model's ``{module path: RouterState}``
-    (``routers_by_key``); experts out of range raise ValueError."""
-    from moe_route.hf.patch import routers_by_key
+    """``{plan layer key: (router state, pass or None)}`` for a patched model's ``{module path:
+    RouterState}`` (``sites_by_key``); experts out of range raise ValueError."""
+    from moe_route.hf.patch import sites_by_key
 
-    out = routers_by_key(plan.layers, routers, "steer")
-    plan.validate({key: state.num_experts for key, state in out.items()})
+    out = sites_by_key(plan.layers, routers, "steer")
+    plan.validate({key: state.num_experts for key, (state, _) in out.items()})
     return out
 
 
@@ -573,6 +575,6 @@ def steer(model, plan: SteeringPlan) -> Steering:
     """Steer ``model``'s routers by ``plan`` inside a ``with`` block (patching if needed).
 
     Only the plan's layers change; leaving the block restores the previous steering (contexts
-    nest: an inner plan replaces an outer one on the layers it names).
+    nest: an inner plan replaces an outer one on the layers, or passes, it names).
     """
     return Steering(model, plan)

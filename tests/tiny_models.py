@@ -282,9 +282,10 @@ _MORE = {
                       swa_num_key_value_heads=2, swa_head_dim=8, sliding_window_size=8,
                       d_rel=4, rel_extent=16, unpadded_vocab_size=96,
                       n_layers_per_attn_res_block=1)),
-    # layer 1 is looped: its router runs twice in every forward
+    # layer 1 of 3 is looped: its router runs twice in every forward, between layers 0 and 2
     "inkling2_loop": ("Inkling2LoopTextConfig", "Inkling2LoopForCausalLM",
-                      dict(moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
+                      dict(num_hidden_layers=3, moe_intermediate_size=16, n_routed_experts=8,
+                           num_experts_per_tok=2,
                            route_scale=2.5, head_dim=8, swa_num_attention_heads=4,
                            swa_num_key_value_heads=2, swa_head_dim=8, sliding_window_size=8,
                            d_rel=4, rel_extent=16, unpadded_vocab_size=96,

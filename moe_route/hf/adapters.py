@@ -110,6 +110,9 @@ class Adapter:
             MoE block (DBRX): the block method, called with those logits, that the gate replaces
             (its ``hidden_states`` are then the logits); None: the gate replaces the router's
             ``forward``.
+        passes: ``(text config, decoder-layer index) -> int``: how many times the model runs
+            the router's layer per forward (a loop layer, Inkling2-Loop: one routing *pass*
+            each); None: once.
     """
 
     name: str
@@ -132,6 +135,7 @@ class Adapter:
     fixed_choice: bool = False
     limits: str = ""
     block_method: Optional[str] = None
+    passes: Optional[Callable[[object, Optional[int]], int]] = None
 
     def k(self, router, block: Optional[nn.Module] = None) -> int:
         if isinstance(self.top_k, int):  # a fixed k (Switch's top-1, NLLB's and PhiMoE's top-2)
@@ -679,13 +683,25 @@ HASH_CHOICE = dataclasses.replace(SCORE_TOPK_BIAS, name="hash_table", selection_
                                   limits="hash layers: recorded, cannot be steered or replayed")
 # Inkling2TopKRouter: the same in fp32
 SCORE_TOPK_BIAS_FP32 = dataclasses.replace(SCORE_TOPK_BIAS, linear_dtype=torch.float32)
+
+
+def _loop_passes(config, index: Optional[int]) -> int:
+    """Inkling2-Loop runs decoder layers [loop_layer_index_start, loop_layer_index_end)
+    loop_num_passes times per forward, the others once."""
+    start, end = config.loop_layer_index_start, config.loop_layer_index_end
+    if index is None:
+        raise UnsupportedModelError(f"{type(config).__name__}: a router outside model.layers.N, "
+                                    f"so which of them are loop layers is unknown")
+    return config.loop_num_passes if start <= index < end else 1
+
+
 # Inkling2LoopTopKRouter: Inkling2's forward, in a model that runs its loop layers
 # loop_num_passes times per forward, so each of those routers is called once per pass
 SCORE_TOPK_BIAS_FP32_LOOPED = dataclasses.replace(
-    SCORE_TOPK_BIAS_FP32,
-    limits="a loop layer's router runs once per pass: its statistics sum the passes (tokens "
-           "counted once per pass), steering and call-order replay apply to every pass, "
-           "replay by position is refused there")
+    SCORE_TOPK_BIAS_FP32, passes=_loop_passes,
+    limits="a loop layer routes once per pass: recorded, steered and replayed per pass "
+           "(layer@passN); steering one pass differently from another cannot be recomputed "
+           "by activation checkpointing")
 # Kolibri1TopKRouter: selects on logits + bias, weights are the sigmoid of the chosen logits,
 # optionally renormalised (no eps); fp32 logits
 LOGIT_BIAS_TOPK_SIGMOID = Adapter("logit_topk_sigmoid", "S4",

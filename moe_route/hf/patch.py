@@ -30,11 +30,12 @@ from torch import nn
 
 from moe_route.hf.adapters import (BLOCK_FORWARDS, UNSUPPORTED, Adapter, UnsupportedModelError,
                                    adapter_for, check_block, lookup, unsupported_reason)
+from moe_route.hf.model_calls import watch
 from moe_route import reference
 from moe_route.nn.router import route
 from moe_route.ops import GateStats, SteerSpec, topk_gate
 
-__all__ = ["patch", "unpatch", "PatchHandle", "RouterState", "find_routers", "routers_by_key"]
+__all__ = ["patch", "unpatch", "PatchHandle", "RouterState", "find_routers", "sites_by_key"]
 
 _STATE = "_moe_route_state"
 _HANDLE = "_moe_route_patch"
@@ -42,11 +43,19 @@ _LOCK = threading.Lock()
 _ROUTER_NAME = re.compile(r"(Router|Gate|Gating)$")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 _MISSING = object()
+PASS = "@pass"  # a loop layer's pass p is routing site "<router path>@pass<p>"
 
 
 @dataclass(eq=False)
 class RouterState:
-    """Everything a patched router needs; lives on the router instance until ``unpatch``."""
+    """Everything a patched router needs; lives on the router instance until ``unpatch``.
+
+    A router whose layer the model runs several times per forward (``passes`` > 1: a loop layer)
+    routes once per *pass*; ``calls`` counts this forward's calls so far (the patch's hook on
+    the model zeroes it before each forward). There ``steer``, ``stats`` and ``replay`` may be
+    one setting for every pass or a tuple of ``passes`` settings, one per pass, and ``trace`` is
+    given the pass's site name (``site``).
+    """
 
     name: str
     index: Optional[int]
@@ -57,24 +66,36 @@ class RouterState:
     top_k: int
     spec: object
     exact: bool = False
+    passes: int = 1
+    calls: int = 0
     steer: Optional[SteerSpec] = None
     stats: Optional[GateStats] = None
     groups: Optional[Callable[[int, torch.device], Optional[torch.Tensor]]] = None
-    trace: Optional[Callable] = None      # trace(name, logits, weights, ids, groups)
+    trace: Optional[Callable] = None      # trace(site name, logits, weights, ids, groups)
     # replay(T, device): the [T, k] ids to route this call's tokens to (rows of -1 select as
     # usual), or None
     replay: Optional[Callable[[int, torch.device], Optional[torch.Tensor]]] = None
     steer_stack: list = field(default_factory=list)
     replay_stack: list = field(default_factory=list)
 
+    def site(self, p: int) -> str:
+        """The name of pass ``p``'s routing: the router's module path, with ``@pass<p>`` for a
+        loop layer's router (``model.layers.7.mlp.gate@pass1``)."""
+        return self.name if self.passes == 1 else f"{self.name}{PASS}{p}"
+
     def __call__(self, router, hidden_states, args, kwargs):
         ad = self.adapter
         # activation checkpointing re-runs the router inside backward: route it (steered,
         # replayed) as in the forward, but do not count its tokens a second time
-        stats, trace = (None, None) if in_backward() else (self.stats, self.trace)
+        backward = in_backward()
+        p = self._next_pass(backward)
+        stats, trace = (None, None) if backward else (self._of(self.stats, p, "stats"), self.trace)
+        steer = self._of(self.steer, p, "steering")
+        replay = self._of(self.replay, p, "replay")
         if ad.fixed_choice:  # the router's own choice (hash routing), recorded as it is
-            return self._record_own(hidden_states, args, kwargs, stats, trace)
-        if self.exact and self.steer is None and self.replay is None:
+            refused = "steered" if steer is not None else "replayed" if replay is not None else None
+            return self._record_own(hidden_states, args, kwargs, stats, trace, p, refused)
+        if self.exact and steer is None and replay is None:
             recording = stats is not None or trace is not None
             drawn = _rng_state(hidden_states.device) if recording and ad.logits_at is None else None
             out = self.original(hidden_states, *args, **kwargs)
@@ -85,20 +106,44 @@ class RouterState:
                                    selection_bias=ad.selection_bias_of(router, self.block, args),
                                    stats=stats, groups=groups)
                 if trace is not None:
-                    trace(self.name, z, w, ids, groups)
+                    trace(self.site(p), z, w, ids, groups)
             return out
         z = ad.logits(router, hidden_states, args, kwargs)
         groups = self._groups(z) if stats is not None or trace is not None else None
-        replay = self.replay(z.shape[0], z.device) if self.replay is not None else None
+        chosen = replay(z.shape[0], z.device) if replay is not None else None
         w, ids = route(z, self.top_k, self.spec,
                        selection_bias=ad.selection_bias_of(router, self.block, args),
-                       steer=self.steer, stats=stats, groups=groups, replay=replay,
+                       steer=steer, stats=stats, groups=groups, replay=chosen,
                        weights_dtype=ad.weights_out_dtype(z, hidden_states))
         if trace is not None:
-            trace(self.name, z, w, ids, groups)
+            trace(self.site(p), z, w, ids, groups)
         if ad.returns is not None:  # a family that returns more or other than (z, w, ids)
             return ad.returns(router, self.block, hidden_states, z, w, ids, *args, **kwargs)
         return z, w, ids
+
+    def _next_pass(self, backward: bool) -> Optional[int]:
+        """The pass this call routes: 0 for a router that runs once per forward; None inside a
+        backward (activation checkpointing recomputes the passes in another order)."""
+        if self.passes == 1:
+            return 0
+        if backward:
+            return None
+        p = self.calls % self.passes  # the modulo keeps a forward of a submodel in step too
+        self.calls += 1
+        return p
+
+    def _of(self, setting, p: Optional[int], what: str):
+        """Pass ``p``'s entry of a per-pass setting (a tuple), or the setting itself."""
+        if not isinstance(setting, tuple):
+            return setting
+        if p is not None:
+            return setting[p]
+        if all(s is setting[0] for s in setting):
+            return setting[0]
+        raise RuntimeError(f"{self.name}: a loop layer whose passes have different {what} is "
+                           f"being recomputed inside backward (activation checkpointing), where "
+                           f"which pass a call belongs to is unknown; turn checkpointing off or "
+                           f"give every pass the same {what}")
 
     def _own_logits(self, router, hidden_states, args, kwargs, out, drawn):
         """The logits the router's own forward routed on (exact mode): from its output, else
@@ -116,11 +161,10 @@ class RouterState:
         finally:
             _set_rng_state(device, after)
 
-    def _record_own(self, hidden_states, args, kwargs, stats, trace):
-        if self.steer is not None or self.replay is not None:
-            what = "steered" if self.steer is not None else "replayed"
+    def _record_own(self, hidden_states, args, kwargs, stats, trace, p, refused):
+        if refused is not None:
             raise UnsupportedModelError(f"{self.name} ({self.adapter.name}) does not choose its "
-                                        f"experts by score; it cannot be {what}")
+                                        f"experts by score; it cannot be {refused}")
         out = self.original(hidden_states, *args, **kwargs)
         if stats is not None or trace is not None:
             z, w, ids = out[0].reshape(-1, self.num_experts), out[1], out[2]
@@ -129,7 +173,7 @@ class RouterState:
                 reference.accumulate_stats(z.detach().float(), self.spec.score,
                                            w.detach().float(), ids, groups, *stats.buffers())
             if trace is not None:
-                trace(self.name, z, w, ids, groups)
+                trace(self.site(p), z, w, ids, groups)
         return out
 
     def _groups(self, z):
@@ -158,6 +202,20 @@ def _set_rng_state(device: torch.device, state: tuple) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
+def _text_config(model: nn.Module):
+    config = getattr(model, "config", None)
+    if config is None:
+        raise UnsupportedModelError(f"{type(model).__name__}: a model with loop layers but no "
+                                    f"config saying which layers loop and how many times")
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _new_forward(looped: list) -> None:
+    """Before a forward of the model: its loop layers start again at pass 0."""
+    for state in looped:
+        state.calls = 0
+
+
 def _patched_forward(self, hidden_states, *args, **kwargs):
     return getattr(self, _STATE)(self, hidden_states, args, kwargs)
 
@@ -178,12 +236,14 @@ def layer_index(name: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
-def routers_by_key(keys, routers: dict, where: str) -> dict:
-    """``{key: RouterState}`` for layer keys of a patched model's ``{module path: RouterState}``.
+def sites_by_key(keys, routers: dict, where: str) -> dict:
+    """``{key: (RouterState, pass)}`` for layer keys of a patched model's ``{module path:
+    RouterState}``; pass None means every pass of the router.
 
     An int key is a decoder-layer index (``model.layers.12...`` -> 12); a str key is a router's
-    module path or its MoE block's. Unknown or ambiguous keys and a router named twice raise
-    ValueError starting with ``where``.
+    module path or its MoE block's, optionally followed by ``@pass<p>`` for one pass of a loop
+    layer's router (``RouterState.site``). Unknown or ambiguous keys and a router (or pass)
+    named twice raise ValueError starting with ``where``.
     """
     by_index: dict[int, list] = {}
     for name, state in routers.items():
@@ -191,23 +251,53 @@ def routers_by_key(keys, routers: dict, where: str) -> dict:
             by_index.setdefault(state.index, []).append(name)
     out, seen = {}, {}
     for key in keys:
+        p = None
         if isinstance(key, int):
             names = by_index.get(key, [])
             if len(names) > 1:
                 raise ValueError(f"{where}: layer {key} is ambiguous ({names}); use a module path")
         else:
-            names = [n for n in routers if n == key or n.rpartition(".")[0] == key]
+            path, sep, number = key.rpartition(PASS)
+            if sep and number.isdigit() and number.isascii():
+                key_path, p = path, int(number)
+            else:
+                key_path = key
+            names = [n for n in routers if n == key_path or n.rpartition(".")[0] == key_path]
         if not names:
             raise ValueError(f"{where}: layer {key!r} is not an MoE layer of the model; MoE "
                              f"layers are {sorted(by_index)} (or module paths "
                              f"{list(routers)[:3]}...)")
         name = names[0]
-        if name in seen:
-            raise ValueError(f"{where}: layer keys {seen[name]!r} and {key!r} name the same "
-                             f"router {name}")
-        seen[name] = key
-        out[key] = routers[name]
+        state = routers[name]
+        if p is not None and (state.passes == 1 or p >= state.passes):
+            runs = (f"runs {state.passes} passes per forward (@pass0..@pass{state.passes - 1})"
+                    if state.passes > 1 else "is not a loop layer: it routes once per forward, "
+                    "so its key has no @pass")
+            raise ValueError(f"{where}: layer key {key!r} names pass {p}, but {name} {runs}")
+        for other in (p, None) if p is not None else [None, *range(state.passes)]:
+            if (name, other) in seen:
+                raise ValueError(f"{where}: layer keys {seen[name, other]!r} and {key!r} name "
+                                 f"the same router {name}"
+                                 + ("" if state.passes == 1 else " (or the same pass of it)"))
+        seen[name, p] = key
+        out[key] = (state, p)
     return out
+
+
+def put(state: RouterState, setting: str, owner, values: dict) -> None:
+    """Give a router ``owner``'s ``setting`` ("steer" or "replay"): ``values`` maps a pass to
+    its value, None to the value for every pass (``sites_by_key``); passes it does not name keep
+    what they had. The setting before is kept on ``<setting>_stack`` for ``withdraw``."""
+    before = getattr(state, setting)
+    if None in values:
+        value = values[None]
+    else:
+        per = list(before) if isinstance(before, tuple) else [before] * state.passes
+        for p, v in values.items():
+            per[p] = v
+        value = tuple(per)
+    getattr(state, f"{setting}_stack").append((owner, before))
+    setattr(state, setting, value)
 
 
 def find_routers(model: nn.Module) -> list[tuple[str, nn.Module, Optional[nn.Module]]]:
@@ -271,6 +361,7 @@ class PatchHandle:
         self._saved: list = []    # (module, attribute, what was there) for every attribute set
         self._last_call: Optional[_Before] = None   # what the latest patch() call changed
         self._blocks: list = []   # per open ``with`` block: what its patch() call changed
+        self._hooks: list = []    # the loop layers' pass counters' reset (model_calls.watch)
         found = find_routers(model)
         for name, router, block in found:
             adapter = adapter_for(router)
@@ -278,10 +369,12 @@ class PatchHandle:
                 check_block(block, adapter.block_method)
             if type(block).__name__ in BLOCK_FORWARDS:
                 check_block(block, "forward")
+            index = layer_index(name)
             self.routers[name] = RouterState(
-                name=name, index=layer_index(name), adapter=adapter, block=block,
+                name=name, index=index, adapter=adapter, block=block,
                 original=None, num_experts=adapter.experts(router),
-                top_k=adapter.k(router, block), spec=adapter.spec(router, block), exact=exact)
+                top_k=adapter.k(router, block), spec=adapter.spec(router, block), exact=exact,
+                passes=1 if adapter.passes is None else adapter.passes(_text_config(model), index))
         blocks = {}
         for name, router, block in found:
             state = self.routers[name]
@@ -297,7 +390,23 @@ class PatchHandle:
         for block in blocks.values():
             self._install(block, "forward",
                           types.MethodType(BLOCK_FORWARDS[type(block).__name__], block))
+        looped = [state for state in self.routers.values() if state.passes > 1]
+        if looped:
+            self._hooks = watch(model, lambda stack, call: _new_forward(looped))
         object.__setattr__(model, _HANDLE, self)
+
+    def sites(self) -> list:
+        """``(site name, RouterState, pass)`` of every routing a forward does, in the order it
+        does them: routers in module order, a run of consecutive loop-layer routers once per
+        pass (pre-loop layers, the loop layers' pass 0, pass 1, ..., post-loop layers)."""
+        out, run = [], []
+        for state in [*self.routers.values(), None]:
+            if run and (state is None or state.passes != run[0].passes):
+                out.extend((s.site(p), s, p) for p in range(run[0].passes) for s in run)
+                run = []
+            if state is not None:
+                (run.append(state) if state.passes > 1 else out.append((state.name, state, 0)))
+        return out
 
     def _install(self, module: nn.Module, attr: str, value) -> Callable:
         """Set an instance attribute, remembering what was there; returns what the attribute
@@ -325,6 +434,8 @@ class PatchHandle:
         with _LOCK:
             if not self.active:
                 return
+            while self._hooks:
+                self._hooks.pop().remove()
             for module, attr, before in reversed(self._saved):
                 if before is _MISSING:
                     module.__dict__.pop(attr, None)
