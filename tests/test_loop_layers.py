@@ -209,14 +209,39 @@ def test_activation_checkpointing(per_pass):
 
 def test_compiled_loop_model_records_each_pass():
     """torch.compile traces the pass counter (reset by the patch's hook before each forward) into
-    the graph: a compiled forward records the same per-pass statistics as an eager one, twice."""
+    one graph: a compiled forward records the same per-pass statistics as an eager one, twice.
+    (The model's KV cache set-up deep-copies tensors, which dynamo cannot trace: no cache.)"""
     model = build("inkling2_loop")
     ids = _ids()
     eager, _ = _trace(model, ids)
-    compiled = torch.compile(model, backend="eager")
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
     with moe_route.record(model) as rec, torch.no_grad():
-        compiled(ids)
-        compiled(ids)
+        compiled(ids, use_cache=False)
+        compiled(ids, use_cache=False)
     assert rec.stats.layer_names == SITES
     for site in SITES:
         assert torch.equal(rec.stats[site].counts, 2 * eager.stats[site].counts), site
+
+
+def test_report_and_expert_layers_of_a_loop_model(tmp_path):
+    """The report labels a loop layer's passes "1@pass0", "1@pass1" (one heatmap each, none
+    written over another), and an int in ``layers`` keeps the passes of that decoder layer."""
+    from moe_route.analysis import task_experts, write_report
+
+    model = build("inkling2_loop")
+    with moe_route.record(model) as rec, torch.no_grad():
+        for lang, seed in (("en", 1), ("de", 2), ("fr", 3)):
+            rec.per_sequence([f"{lang}/{i}" for i in range(B)])
+            model(_ids(seed))
+    stats = rec.stats
+    summary = write_report(tmp_path, stats, "en", heatmap_layers=[0, 1, 2, 3])
+    assert summary["layers"] == [0, "1@pass0", "1@pass1", 2]
+    assert len(summary["mean_divergence_by_layer"]) == 4
+    heatmaps = sorted(p.name for p in tmp_path.glob("language_divergence_L*.png"))
+    if "plots_skipped" not in summary:
+        assert heatmaps == ["language_divergence_L0.png", "language_divergence_L1@pass0.png",
+                            "language_divergence_L1@pass1.png", "language_divergence_L2.png"]
+    header = (tmp_path / "divergence.csv").read_text().splitlines()[0]
+    assert header == "language,layer_0,layer_1@pass0,layer_1@pass1,layer_2"
+    experts = task_experts(stats, stats, tau=-1.0, layers=[1])
+    assert list(experts) == SITES[1:3]

@@ -15,9 +15,11 @@ frequently selected experts"):
 **Layer keys.** Results are ``{layer key: [experts]}`` with the key of every layer of the
 statistics: its decoder-layer index (``12`` for ``model.layers.12.mlp.gate``,
 ``RoutingStats.layer_indices``), which is also what ``SteeringPlan`` int keys mean — 0-based.
-When the layers lack distinct indices, every key is the router's module path instead. Plain
-``[L, E]`` tensors get positions 0..L-1 unless ``layer_keys`` is given (positions equal decoder
-indices only when every decoder layer is an MoE layer).
+When the layers lack distinct indices, every key is the router's module path instead (a loop
+layer's passes are ``"<path>@pass<p>"``: Inkling2-Loop); an int in a ``layers`` option still
+keeps the keys of its decoder layer. Plain ``[L, E]`` tensors get positions 0..L-1 unless
+``layer_keys`` is given (positions equal decoder indices only when every decoder layer is an MoE
+layer).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import torch
 
 from moe_route.analysis.metrics import (_layer_chunks, _resolve_parallel, _stack_layers,
                                         activation_frequency)
+from moe_route.hf.patch import layer_index
 from moe_route.stats import RoutingStats
 from moe_route.steering import SteerEntry, SteeringPlan
 
@@ -126,16 +129,24 @@ def _resolve_keys(delta: torch.Tensor, keys, where: str) -> List[LayerKey]:
     return keys
 
 
+def _wanted(key: LayerKey, wanted: set) -> bool:
+    """Whether ``layers`` (as the set ``wanted``) keeps ``key``: the key itself, or, for a
+    router's module path, the index of its decoder layer (a loop layer's passes, which are keyed
+    by name, are kept by their layer's index)."""
+    return key in wanted or (isinstance(key, str) and layer_index(key) in wanted)
+
+
 def _layer_filter(keys: List[LayerKey], layers, where: str) -> List[LayerKey]:
-    """The keys kept by ``layers`` (None: all). Keys in ``layers`` that are not layers of the
-    statistics are ignored (a decoder-index range may cover dense layers); none matching raises."""
+    """The keys kept by ``layers`` (None: all; ``_wanted``). Keys in ``layers`` that are not
+    layers of the statistics are ignored (a decoder-index range may cover dense layers); none
+    matching raises."""
     if layers is None:
         return keys
     if isinstance(layers, (str, int)) or not isinstance(layers, Iterable):
         raise TypeError(f"{where}: layers must be an iterable of layer keys (range, list), got "
                         f"{layers!r}")
     wanted = set(layers)
-    kept = [k for k in keys if k in wanted]
+    kept = [k for k in keys if _wanted(k, wanted)]
     if not kept and wanted:
         raise ValueError(f"{where}: none of layers={sorted(wanted, key=str)[:8]} is a layer of "
                          f"the statistics (keys {keys[:8]}{'...' if len(keys) > 8 else ''}); "
@@ -307,7 +318,7 @@ def plan_from_experts(experts_by_layer: Mapping, mode: str = "soft", lam: float 
             raise TypeError(f"{where}: layers must be an iterable of layer keys (range, list), "
                             f"got {layers!r}")
         wanted = set(layers)
-        keys = [k for k in keys if k in wanted]
+        keys = [k for k in keys if _wanted(k, wanted)]
         if wanted and experts_by_layer and not keys:
             raise ValueError(f"{where}: none of layers={sorted(wanted, key=str)[:8]} is a key of "
                              f"experts_by_layer ({list(experts_by_layer)[:8]})")

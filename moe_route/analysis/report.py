@@ -14,6 +14,9 @@
     agreement.json               per layer, how much of the routing steering kept (trace_agreement)
     correlation.json             middle-layer divergence vs accuracy (Pearson, Spearman)
 
+Layers are labelled by their decoder-layer index; a loop layer's passes (Inkling2-Loop) as
+``"7@pass0"``, ``"7@pass1"``, in the order the model routes them.
+
 Plots need matplotlib (``pip install moe_route[analysis]``); without it the tables and the summary
 are still written and the summary says so. Files are written to a temporary name and renamed.
 """
@@ -30,6 +33,7 @@ from typing import Optional
 import torch
 
 from moe_route._atomic import write_text_atomic
+from moe_route.hf.patch import PASS
 from moe_route.analysis.evaluation import format_paired
 from moe_route.analysis.metrics import (RoutingAgreement, activation_frequency,
                                         divergence_accuracy_correlation, expert_importance,
@@ -60,7 +64,7 @@ def write_report(out_dir, stats: RoutingStats, reference: str, *,
     if not isinstance(stats, RoutingStats):
         raise TypeError(f"write_report: stats must be a RoutingStats, got {type(stats).__name__}")
     L = len(stats)
-    indices = [i if i is not None else p for p, i in enumerate(stats.layer_indices)]
+    indices = _layer_labels(stats)
     middle = list(middle_layers) if middle_layers is not None else list(range(L // 3, L - L // 3))
     heat = list(heatmap_layers) if heatmap_layers is not None else sorted({0, L // 2, L - 1})
     for name, layers in (("middle_layers", middle), ("heatmap_layers", heat)):
@@ -134,6 +138,17 @@ def write_report(out_dir, stats: RoutingStats, reference: str, *,
     return summary
 
 
+def _layer_labels(stats: RoutingStats) -> list:
+    """Each layer's label: its decoder-layer index (its position where it has none), with the
+    pass for a loop layer's ("7@pass1" for ``model.layers.7.mlp.gate@pass1``)."""
+    labels = []
+    for p, (name, index) in enumerate(zip(stats.layer_names, stats.layer_indices)):
+        label = index if index is not None else p
+        _, sep, number = name.rpartition(PASS)
+        labels.append(f"{label}{PASS}{number}" if sep and number.isdigit() else label)
+    return labels
+
+
 def _summary_text(s: dict) -> str:
     lines = [s["title"], "=" * len(s["title"]), "",
              f"{len(s['languages'])} languages ({', '.join(s['languages'])}), reference "
@@ -195,9 +210,14 @@ def _save(plt, fig, out_dir, name) -> str:
 
 def _plot_curves(plt, out_dir, indices, div, middle, reference):
     fig, ax = plt.subplots(figsize=(7, 4))
+    # x: decoder-layer indices; a model with loop layers (labels "7@pass1") plots its layers in
+    # routing order, one step each, labelled
+    x = indices if all(isinstance(i, int) for i in indices) else list(range(len(indices)))
     for lang, vals in sorted(div.items()):
-        ax.plot(indices, vals, marker="o", ms=3, label=lang)
-    lo, hi = indices[middle[0]], indices[middle[-1]]
+        ax.plot(x, vals, marker="o", ms=3, label=lang)
+    if x is not indices:
+        ax.set_xticks(x, [str(i) for i in indices], rotation=90, fontsize=7)
+    lo, hi = x[middle[0]], x[middle[-1]]
     ax.axvspan(lo - 0.5, hi + 0.5, color="grey", alpha=0.12, label="middle layers")
     ax.set(xlabel="layer", ylabel=f"divergence from {reference} (entropy-normalised JS)",
            title="Routing divergence by layer")
