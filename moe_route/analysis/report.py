@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 
 from moe_route._atomic import write_text_atomic
-from moe_route.hf.patch import PASS
+from moe_route.hf.patch import PASS, split_site
 from moe_route.analysis.evaluation import format_paired
 from moe_route.analysis.metrics import (RoutingAgreement, activation_frequency,
                                         divergence_accuracy_correlation, expert_importance,
@@ -144,8 +144,8 @@ def _layer_labels(stats: RoutingStats) -> list:
     labels = []
     for p, (name, index) in enumerate(zip(stats.layer_names, stats.layer_indices)):
         label = index if index is not None else p
-        _, sep, number = name.rpartition(PASS)
-        labels.append(f"{label}{PASS}{number}" if sep and number.isdigit() else label)
+        loop_pass = split_site(name)[1]
+        labels.append(label if loop_pass is None else f"{label}{PASS}{loop_pass}")
     return labels
 
 

@@ -35,7 +35,8 @@ from moe_route import reference
 from moe_route.nn.router import route
 from moe_route.ops import GateStats, SteerSpec, topk_gate
 
-__all__ = ["patch", "unpatch", "PatchHandle", "RouterState", "find_routers", "sites_by_key"]
+__all__ = ["patch", "unpatch", "PatchHandle", "RouterState", "find_routers", "sites_by_key",
+           "split_site"]
 
 _STATE = "_moe_route_state"
 _HANDLE = "_moe_route_patch"
@@ -44,6 +45,7 @@ _ROUTER_NAME = re.compile(r"(Router|Gate|Gating)$")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 _MISSING = object()
 PASS = "@pass"  # a loop layer's pass p is routing site "<router path>@pass<p>"
+_SITE = re.compile(r"(.+)@pass(0|[1-9][0-9]*)")
 
 
 @dataclass(eq=False)
@@ -236,6 +238,13 @@ def layer_index(name: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
+def split_site(name: str) -> tuple[str, Optional[int]]:
+    """A routing site's name as (module path, pass): ``"m.gate@pass1"`` -> ``("m.gate", 1)``,
+    ``"m.gate"`` -> ``("m.gate", None)`` (``RouterState.site``)."""
+    one_pass = _SITE.fullmatch(name)
+    return (one_pass.group(1), int(one_pass.group(2))) if one_pass else (name, None)
+
+
 def sites_by_key(keys, routers: dict, where: str) -> dict:
     """``{key: (RouterState, pass)}`` for layer keys of a patched model's ``{module path:
     RouterState}``; pass None means every pass of the router.
@@ -257,11 +266,7 @@ def sites_by_key(keys, routers: dict, where: str) -> dict:
             if len(names) > 1:
                 raise ValueError(f"{where}: layer {key} is ambiguous ({names}); use a module path")
         else:
-            path, sep, number = key.rpartition(PASS)
-            if sep and number.isdigit() and number.isascii():
-                key_path, p = path, int(number)
-            else:
-                key_path = key
+            key_path, p = split_site(key)
             names = [n for n in routers if n == key_path or n.rpartition(".")[0] == key_path]
         if not names:
             raise ValueError(f"{where}: layer {key!r} is not an MoE layer of the model; MoE "
@@ -404,8 +409,10 @@ class PatchHandle:
             if run and (state is None or state.passes != run[0].passes):
                 out.extend((s.site(p), s, p) for p in range(run[0].passes) for s in run)
                 run = []
-            if state is not None:
-                (run.append(state) if state.passes > 1 else out.append((state.name, state, 0)))
+            if state is not None and state.passes > 1:
+                run.append(state)
+            elif state is not None:
+                out.append((state.name, state, 0))
         return out
 
     def _install(self, module: nn.Module, attr: str, value) -> Callable:
