@@ -451,8 +451,21 @@ def dispatch_plan(ids, num_experts, block_size=1):
     return row_slot, offsets, counts, slot_row
 
 
+def _index_range(index: torch.Tensor) -> tuple:
+    """(min, max) of a plan's index tensor, (-1, -1) when empty."""
+    if index.numel() == 0:
+        return -1, -1
+    return int(index.min()), int(index.max())
+
+
 def permute(x, row_slot, k):
-    """Reference: expert-contiguous rows ``[R, H]`` of ``x [T, H]``; zero rows for padding."""
+    """Reference: expert-contiguous rows ``[R, H]`` of ``x [T, H]``; zero rows for padding.
+    A ``row_slot`` outside [-1, T*k) (the plan of other tokens) raises ValueError."""
+    lo, hi = _index_range(row_slot)
+    if lo < -1 or hi >= x.shape[0] * k:
+        raise ValueError(f"permute: row_slot holds slots in [{lo}, {hi}], but x has "
+                         f"T={x.shape[0]} rows and k={k}, so T*k={x.shape[0] * k} slots: "
+                         f"row_slot must be the plan of x's tokens")
     valid = row_slot >= 0
     out = x.new_zeros((row_slot.numel(), x.shape[1]))
     out[valid] = x[row_slot[valid] // k]
@@ -460,7 +473,13 @@ def permute(x, row_slot, k):
 
 
 def unpermute(y, slot_row, weights):
-    """Reference: weighted k-way sum back to ``[T, H]``, fp32 accumulation in slot order."""
+    """Reference: weighted k-way sum back to ``[T, H]``, fp32 accumulation in slot order.
+    A ``slot_row`` outside [-1, R) (y not the plan's rows) raises ValueError."""
+    lo, hi = _index_range(slot_row)
+    if lo < -1 or hi >= y.shape[0]:
+        raise ValueError(f"unpermute: slot_row holds rows in [{lo}, {hi}], but y has "
+                         f"{y.shape[0]} rows: y must be [R, H], one row per row of the plan "
+                         f"(permute's output rows)")
     T, k = weights.shape
     acc = torch.zeros(T, y.shape[1], dtype=torch.float32, device=y.device)
     rows = slot_row.view(T, k)

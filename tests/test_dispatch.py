@@ -363,9 +363,16 @@ _PLAN_2x2 = dict(ids=torch.tensor([[0, 1], [1, 2]]), num_experts=3)  # T=2, k=2,
                  r"T\*k=2 slots"),
     (lambda p: moe_route.permute(torch.zeros(2, 3), p._replace(row_slot=p.row_slot * 10**12)),
      ValueError, r"permute: row_slot holds slots in \[0, 3000000000000\]"),
+    # the reference (the fallback) refuses them in the same words (it raised IndexError)
+    (lambda p: R.unpermute(torch.zeros(2, 3), p.slot_row, torch.ones(2, 2)),
+     ValueError, r"unpermute: slot_row holds rows in \[0, 3\], but y has 2 rows"),
+    (lambda p: R.permute(torch.zeros(1, 3), p.row_slot, 2),
+     ValueError, r"permute: row_slot holds slots in \[0, 3\], but x has T=1 rows and k=2, so "
+                 r"T\*k=2 slots"),
 ], ids=["unpermute_y_rows", "unpermute_weights_shape", "permute_x_rows", "num_experts_float",
         "block_size_none", "plan_k_zero", "op_plan_k_zero", "op_unpermute_rows_beyond_y",
-        "op_permute_slots_beyond_x", "permute_corrupted_plan"])
+        "op_permute_slots_beyond_x", "permute_corrupted_plan", "ref_unpermute_rows_beyond_y",
+        "ref_permute_slots_beyond_x"])
 def test_plan_mismatches_name_the_argument(call, exc, msg):
     """Arguments that do not fit the plan are refused before any row is read (an unpermute of x
     instead of the expert outputs used to read past the end of it)."""
