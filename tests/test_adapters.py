@@ -14,7 +14,7 @@ import torch
 import moe_route
 from moe_route.hf import FAMILIES, UnsupportedModelError, family_status, find_routers, supported
 from moe_route.hf import adapters, validated
-from moe_route.hf.adapters import UNSUPPORTED, lookup
+from moe_route.hf.adapters import ROUTING_BLOCKS, UNSUPPORTED, lookup
 from moe_route.hf.patch import layer_index
 from moe_route.nn import TopKRouter
 
@@ -32,10 +32,7 @@ BF16 = ["olmoe", "mixtral", "gpt_oss", "granitemoe", "deepseek_v3", "jamba", "qw
         "axk2", "deepseek_v2", "mistral4", "mistral_large4", "minimax_m2", "minimax_m3_vl",
         "hy_v3", "afmoe", "lfm2_moe", "laguna", "muse_spark", "inkling2", "kolibri1", "flint",
         "ernie4_5_moe", "ernie4_5_vl_moe", "longcat_flash", "llama4", "switch_transformers",
-        "nllb_moe", "phimoe", "dbrx", "jetmoe", "inkling", "zaya"]
-
-# The families moe_route cannot patch (each router class has its reason in UNSUPPORTED).
-UNSUPPORTED_FAMILIES = {"doge"}
+        "nllb_moe", "phimoe", "dbrx", "jetmoe", "inkling", "zaya", "doge"]
 
 # Routers that return (dispatch/top-1 mask, weights, logits [.., E]) instead of (logits, weights,
 # ids): the mask and the logits must be bit-identical, the weights equal to ``tol``.
@@ -118,8 +115,20 @@ def _same_masks_up_to_half_ties(name, ref_mask, our_mask, logits, dtype):
     return same
 
 
-def _assert_router_outputs_match(name, ref, ours, tol, mask=False):
+def _assert_router_outputs_match(name, ref, ours, tol, mask=False, block=False, k=None):
     assert type(ref) is type(ours) and len(ref) == len(ours), name
+    if block:  # a block patched as its router (Doge): (block output, router logits)
+        assert torch.equal(ref[1], ours[1]), f"{name}: the logits must be bit-identical"
+        assert ref[0].dtype == ours[0].dtype, name
+        # the output shows the experts the gate chose, except for a token whose k-th and
+        # (k+1)-th product-key sums tie (bf16), which the model and the gate may break apart
+        kx, ky = ref[1]
+        z = (kx.unsqueeze(-1) + ky.unsqueeze(-2)).flatten(1).sort(-1, descending=True).values
+        untied = z[:, k - 1] != z[:, k]
+        rows = lambda t: t.reshape(untied.numel(), -1)[untied]  # noqa: E731
+        assert untied.float().mean() > 0.8, name
+        torch.testing.assert_close(rows(ours[0]), rows(ref[0]), **tol)
+        return
     if len(ref) == 5:  # JetMoeTopKGating's plan: (order, token, weight per slot, sizes, logits)
         assert ref[3] == ours[3], f"{name}: per-expert sizes differ"
         for i in (0, 1, 4):
@@ -180,7 +189,9 @@ def _check_family(key, dtype):
     tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
     for (name, mod, _, _), r, o in zip(calls, ref, ours):
         _assert_router_outputs_match(f"{key}: {name}", r, o, tol,
-                                     mask=type(mod).__name__ in MASK_OUTPUTS)
+                                     mask=type(mod).__name__ in MASK_OUTPUTS,
+                                     block=type(mod).__name__ in ROUTING_BLOCKS,
+                                     k=getattr(mod, "top_k", None))
     return model
 
 
@@ -203,7 +214,7 @@ def _validated_release() -> bool:
 
 
 def test_supported_rows_and_status_strings():
-    """Each validated release supports every family it ships but Doge; a family added in a later
+    """Each validated release supports every family it ships; a family added in a later
     release is unsupported in an earlier one, naming the module it lacks."""
     if not _validated_release():
         pytest.skip("statuses of another transformers release than the validated ones")
@@ -222,21 +233,13 @@ def test_supported_rows_and_status_strings():
         assert row["routers"] == list(FAMILIES[family][1])
         if family in absent:
             assert status.startswith("unsupported: cannot import transformers.models."), status
-        elif family in UNSUPPORTED_FAMILIES:
-            assert status.startswith("unsupported: "), family
-            missing = [n for n, a in zip(row["routers"], row["adapters"]) if a is None]
-            assert family == "doge" or missing, family
-            for name in missing:  # the reason given is the UNSUPPORTED entry of the class
-                assert name in UNSUPPORTED, name
-                assert status == f"unsupported: {missing[0]}: {UNSUPPORTED[missing[0]]}"
         else:
             assert status == "supported", f"{family}: {status}"
             assert None not in row["adapters"], family
-    assert {r["family"] for r in rows if r["status"] != "supported"} == \
-        UNSUPPORTED_FAMILIES | absent
+    assert {r["family"] for r in rows if r["status"] != "supported"} == absent
     limits = {r["family"]: r["limits"] for r in rows if r["limits"]}
     assert set(limits) == {"deepseek_v4", "phimoe", "nllb_moe", "inkling", "switch_transformers",
-                           "axk2", "inkling2_loop"} - absent
+                           "axk2", "inkling2_loop", "doge"} - absent
     assert "cannot be steered" in limits["deepseek_v4"]
     if "inkling2_loop" not in absent:
         assert "once per pass" in limits["inkling2_loop"]
@@ -392,7 +395,7 @@ def test_deepseek_v2_topk_methods():
 
 
 @pytest.mark.parametrize("key", ["gemma4", "ernie4_5_moe", "llama4", "switch_transformers",
-                                 "nllb_moe", "phimoe", "dbrx", "jetmoe", "inkling", "zaya"])
+                                 "nllb_moe", "phimoe", "dbrx", "jetmoe", "inkling", "zaya", "doge"])
 def test_exact_mode_and_record_with_a_returns_hook(key):
     model = build(key)
     ids = _ids(2)
@@ -743,3 +746,22 @@ def test_axk2_zero_filled_groups_are_a_documented_limit():
     assert "dropped groups filled with 0.0, not -inf" in limits["axk2"]
     assert "below 0" in limits["axk2"]
     assert not limits["deepseek_v3"] and not limits["beam"]
+
+
+def test_doge_product_keys_route_steer_and_refuse_more_than_a_half():
+    """Doge's block is patched as its router: its experts are the product keys i*sqrt(E) + j, so
+    forcing one steers every token to it, and the statistics count E = sqrt(E)^2 experts. With
+    top_k above the keys per half, the model's two-stage search is not a top-k of all the sums:
+    refused, naming both numbers."""
+    model = build("doge")
+    block = model.get_submodule("model.layers.0.mlp")
+    plan = moe_route.SteeringPlan.force(["model.layers.0.mlp"], [13])
+    with moe_route.steer(model, plan), moe_route.record(model, trace=True) as rec, \
+            torch.no_grad():
+        model(_ids(3))
+    assert rec.stats[0].num_experts == block.num_keys ** 2 == 16
+    assert bool((rec.trace["model.layers.0.mlp"]["ids"] == 13).any(-1).all())
+    block.top_k = block.num_keys + 1
+    with pytest.raises(UnsupportedModelError, match=r"top_k=5 is more than its "
+                                                    r"sqrt\(num_experts\)=4 keys per half"):
+        moe_route.patch(model)

@@ -513,15 +513,13 @@ def missing(family: str, dtype=None) -> Optional[str]:
 
 def untrusted(family: str) -> Optional[str]:
     """Why moe_route does not route ``family`` with the installed transformers, or None. Every
-    family but the ones without a router module is supported with the releases the suite was
-    written for, so an unsupported status means a release that renamed or changed a router
-    (``moe_route.hf.adapters.unvalidated``)."""
+    family is supported with the releases the suite was written for, so an unsupported status
+    means a release that renamed or changed a router (``moe_route.hf.adapters.unvalidated``)."""
     from moe_route.hf import family_status
-    from moe_route.hf.families import NO_ROUTER_MODULE
 
     mt = model_type(family)
     status = family_status(mt)
-    return None if status == "supported" or mt in NO_ROUTER_MODULE else f"{mt}: {status}"
+    return None if status == "supported" else f"{mt}: {status}"
 
 
 def require(family: str, dtype=None) -> None:

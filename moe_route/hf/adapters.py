@@ -36,7 +36,7 @@ from moe_route.nn.router import TopKRouter, router_logits, weights_out_dtype
 from moe_route.ops import RouterSpec
 
 __all__ = ["Adapter", "UnsupportedModelError", "adapter_for", "register_adapter", "REGISTRY",
-           "UNSUPPORTED", "BLOCK_FORWARDS"]
+           "UNSUPPORTED", "BLOCK_FORWARDS", "ROUTING_BLOCKS"]
 
 
 class UnsupportedModelError(ValueError):
@@ -79,7 +79,8 @@ class Adapter:
             come back in.
         top_k, num_experts: attribute paths (first one set wins) of k and E on the router (a
             ``top_k`` path starting ``block.`` is read from the MoE block, DBRX's ``moe_top_k``);
-            ``top_k`` may instead be an int, for a family with a fixed k (Switch, NLLB, PhiMoE).
+            ``top_k`` may instead be an int, for a family with a fixed k (Switch, NLLB, PhiMoE),
+            ``num_experts`` a function of the router (Doge's product keys).
         prologue: ``(router, hidden_states) -> hidden_states``, run on the router's input as it
             was passed (before flattening) ahead of the logits: the family's own statements there,
             side effects included. Switch's training noise multiplies the caller's tensor in
@@ -125,7 +126,7 @@ class Adapter:
     logits_dtype: Optional[torch.dtype] = None
     weights_dtype: str = "logits"
     top_k: Union[tuple, int] = ("top_k",)
-    num_experts: tuple = ("num_experts",)
+    num_experts: Union[tuple, Callable[[nn.Module], int]] = ("num_experts",)
     prologue: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None
     linear: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None
     pre: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None
@@ -152,6 +153,8 @@ class Adapter:
                                     f"(looked for {', '.join(self.top_k)})")
 
     def experts(self, router) -> int:
+        if callable(self.num_experts):
+            return int(self.num_experts(router))
         return int(_first_attr(router, self.num_experts, _attr(router, self.weight).shape[0]))
 
     def logits(self, router, hidden_states: torch.Tensor, args=(), kwargs=None) -> torch.Tensor:
@@ -791,6 +794,56 @@ DBRX = Adapter("dbrx_softmax_topk", "S1d", _dbrx_spec, weight="layer.weight",
                top_k=("block.top_k",), returns=_dbrx_returns, logits_at=None,
                block_method="route_tokens_to_experts")
 
+# DogeCDMoE has no router module: the block routes by product keys. router_gate's output, viewed
+# as the model views it ([2, T, sqrt(E)]: the view runs across tokens, so a token's two key
+# halves may come from other tokens' rows, as in the model), gives each token key scores x and y;
+# expert i*sqrt(E) + j scores x_i + y_j. The model takes the top sqrt(E) of each half and the
+# top-k of their sums, which is the top-k of all sqrt(E)^2 sums when k <= sqrt(E); weights are
+# the softmax over the k. The block is patched as its own router: the gate routes the dense sums,
+# the returns hook runs the block's expert embeddings and shared MLP.
+def _doge_keys(block) -> int:
+    nk = block.num_keys
+    if block.top_k > nk:
+        raise UnsupportedModelError(f"{type(block).__name__}: top_k={block.top_k} is more than "
+                                    f"its sqrt(num_experts)={nk} keys per half, where the model's "
+                                    f"product-key search is not the top-k of all the sums")
+    return nk
+
+
+def _doge_experts(block) -> int:
+    return _doge_keys(block) ** 2  # num_experts beyond the square of the keys are never reached
+
+
+def _doge_halves(block, x: torch.Tensor) -> torch.Tensor:
+    return block.router_gate(x).view(2, x.shape[0], -1)
+
+
+def _doge_linear(block, x, *args, **kwargs):
+    kx, ky = _doge_halves(block, x)
+    return (kx.unsqueeze(-1) + ky.unsqueeze(-2)).flatten(1)  # [T, nk * nk], the model's dtype
+
+
+def _doge_returns(block, parent, hidden_states, z, w, ids, *args, **kwargs):
+    B, S, H = hidden_states.shape
+    x = hidden_states.reshape(B * S, H)
+    ids = ids.long()
+    chosen = block.act_fn(block.down_embed(ids) @ x.unsqueeze(-1)).squeeze(-1) * w
+    routed = (chosen.unsqueeze(1) @ block.up_embed(ids)).view(B, S, H)
+    shared = block.down_proj(block.act_fn(block.gate_proj(hidden_states))
+                             * block.up_proj(hidden_states))
+    return shared + routed, _doge_halves(block, x)
+
+
+PRODUCT_KEYS = Adapter("product_key_topk_softmax", "S7",
+                       lambda r, b=None: RouterSpec("softmax", select_on="logits",
+                                                    renormalize=bool(r.norm_topk_prob)),
+                       weight="router_gate.weight", num_experts=_doge_experts,
+                       linear=_doge_linear, returns=_doge_returns, logits_at=None,
+                       limits="the block is its router (experts i*sqrt(E)+j of the product keys); "
+                              "needs top_k <= sqrt(num_experts); the CUDA gate takes E <= 1024, "
+                              "so more product keys (the config default: 16384) route on the "
+                              "CPU only")
+
 # Each adapter is defined by the forward of one exemplar router class (module, class). Any other
 # router class whose forward has the same syntax tree (transformers copies router code between
 # families with "# Copied from"/modular) gets the same adapter: see ``adapter_for``.
@@ -837,7 +890,12 @@ EXEMPLARS: dict[str, tuple[Adapter, str]] = {
     "JetMoeTopKGating": (JETMOE, "jetmoe"),
     "InklingTopkRouter": (INKLING, "inkling"),
     "ZayaRouter": (ZAYA, "zaya"),
+    "DogeCDMoE": (PRODUCT_KEYS, "doge"),
 }
+
+# MoE blocks that route inside their own forward, with no router module: patched as their own
+# router (the adapter's returns hook does the rest of the block).
+ROUTING_BLOCKS = frozenset({"DogeCDMoE"})
 
 # MoE block classes whose forward does not call the router's forward, with the forward the patch
 # gives them instead (what they do with every router call going through the router).

@@ -90,10 +90,8 @@ FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "switch_transformers": ("S7", ('SwitchTransformersTop1Router',)),
     "unlimited_ocr": ("S6a", ('UnlimitedOcrTextTopkRouter',)),
     "zaya": ("S5", ('ZayaRouter',)),
-    "doge": ("S7", ()),
+    "doge": ("S7", ('DogeCDMoE',)),
 }
-
-NO_ROUTER_MODULE = {"doge": "product-key routing inside DogeCDMoE, no router module to patch"}
 
 # Model types with no modeling code of their own: transformers' auto classes build them from
 # another family's classes (the Sarvam checkpoints load as DeepSeek-V3 and GLM-4-MoE models).
@@ -107,8 +105,6 @@ def modeling_module(family: str) -> str:
 
 def _adapters(family: str) -> tuple[list, str]:
     """Each router class's adapter (None where it has none) and the family's status string."""
-    if family in NO_ROUTER_MODULE:
-        return [], f"unsupported: {NO_ROUTER_MODULE[family]}"
     adapters, status = [], "supported"
     for name in FAMILIES[family][1]:
         cls, problem = transformers_class(modeling_module(family), name)

@@ -5,7 +5,8 @@ buffers and ``state_dict`` are untouched, so transformers' ``isinstance``-based 
 capture keeps working) with a forward that computes the family's logits, then ids, weights and
 optional statistics in one ``topk_gate`` call, with optional steering. Two families are patched
 on the block instead: DBRX's ``route_tokens_to_experts`` (its router returns only logits) and
-GPT-OSS's MXFP4 MLP forward (which skips the router's forward). Where accelerate has wrapped a
+GPT-OSS's MXFP4 MLP forward (which skips the router's forward); Doge's MoE block, which routes
+inside its own forward, is patched as its own router (``adapters.ROUTING_BLOCKS``). Where accelerate has wrapped a
 forward (``device_map``, offloading), the patch goes under its hook (``_old_forward``), so
 weights are still moved in and outputs out. ``unpatch`` puts back whatever instance attributes
 were there before, restoring the original behaviour bit for bit.
@@ -28,8 +29,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from moe_route.hf.adapters import (BLOCK_FORWARDS, UNSUPPORTED, Adapter, UnsupportedModelError,
-                                   adapter_for, check_block, lookup, unsupported_reason)
+from moe_route.hf.adapters import (BLOCK_FORWARDS, ROUTING_BLOCKS, UNSUPPORTED, Adapter,
+                                   UnsupportedModelError, adapter_for, check_block, lookup,
+                                   unsupported_reason)
 from moe_route.hf.model_calls import watch
 from moe_route import reference
 from moe_route.nn.router import route
@@ -317,7 +319,8 @@ def find_routers(model: nn.Module) -> list[tuple[str, nn.Module, Optional[nn.Mod
     for name, module in modules.items():
         cls = type(module)
         parent = modules.get(name.rpartition(".")[0]) if "." in name else model
-        is_router = _ROUTER_NAME.search(cls.__name__) is not None or (
+        is_router = _ROUTER_NAME.search(cls.__name__) is not None or \
+            cls.__name__ in ROUTING_BLOCKS or (
             parent is not None and hasattr(parent, "experts")
             and module in (getattr(parent, "gate", None), getattr(parent, "router", None)))
         if not is_router or cls is nn.Linear:

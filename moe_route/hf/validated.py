@@ -37,6 +37,7 @@ FINGERPRINTS: dict[str, frozenset[str]] = {
     "DeepseekV3TopkRouter.forward": frozenset({"1e1855d13a17672f"}),
     "DeepseekV4HashRouter.forward": frozenset({"78508717458bd8f3"}),
     "DeepseekV4TopKRouter.forward": frozenset({"377b17a8c2e888a0"}),
+    "DogeCDMoE.forward": frozenset({"8b7d291a5d0edda1"}),
     "Ernie4_5_MoeTopKRouter.forward": frozenset({"9027560fd22f9ce1"}),
     "FlintTopKRouter.forward": frozenset({"a0dd4a67c80c0e09"}),
     "Gemma4TextRouter.forward": frozenset({"982f0b10850199aa"}),
