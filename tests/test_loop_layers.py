@@ -13,7 +13,7 @@ import torch
 import moe_route
 from moe_route.analysis import layer_keys, plan_from_experts
 
-from tiny_models import build
+from tiny_models import build, enable_checkpointing
 
 pytest.importorskip("transformers")
 
@@ -188,10 +188,8 @@ def test_activation_checkpointing(per_pass):
     plan = moe_route.SteeringPlan.promote(layers=[SITES[2] if per_pass else 1], experts=[3])
     grads = []
     for checkpointing in (False, True):
-        if checkpointing:  # transformers 5.23 renamed it; 5.17 has only the old name
-            enable = getattr(model, "activation_checkpointing_enable", None) or \
-                model.gradient_checkpointing_enable
-            enable({"use_reentrant": False})
+        if checkpointing:
+            enable_checkpointing(model)
         model.zero_grad()
         with moe_route.steer(model, plan), moe_route.record(model) as rec:
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss

@@ -10,7 +10,7 @@ import torch
 import moe_route
 from moe_route.hf import adapters, find_routers
 
-from tiny_models import build, inputs, model_type, selected_experts
+from tiny_models import build, enable_checkpointing, inputs, model_type, selected_experts
 from test_patch import SUPPORTED
 
 pytest.importorskip("transformers")
@@ -491,10 +491,8 @@ def test_gradient_checkpointing_counts_each_token_once(reentrant, exact):
     plan = moe_route.SteeringPlan.promote(layers=[1], experts=[3], std=1.0)
     grads = []
     for checkpointing in (False, True):
-        if checkpointing:  # transformers 5.23 renamed it; 5.17 has only the old name
-            enable = getattr(model, "activation_checkpointing_enable", None) or \
-                model.gradient_checkpointing_enable
-            enable({"use_reentrant": reentrant})
+        if checkpointing:
+            enable_checkpointing(model, reentrant)
         model.zero_grad()
         with moe_route.patch(model, exact=exact), moe_route.steer(model, plan), \
                 moe_route.record(model, trace=True) as rec:

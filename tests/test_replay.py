@@ -15,7 +15,7 @@ from moe_route import reference as R
 from moe_route import replaying
 from moe_route.hf.patch import find_routers, layer_index
 
-from tiny_models import build, inputs, supported_families
+from tiny_models import build, enable_checkpointing, inputs, supported_families
 from test_patch import CORE
 
 pytest.importorskip("transformers")
@@ -211,12 +211,8 @@ def test_gradient_checkpointing_by_position(monkeypatch):
                         lambda self, T, device: calls.append(self.name) or serve(self, T, device))
     grads, counts = [], []
     for checkpointing in (False, True):
-        if checkpointing:  # transformers 5.23 renamed it; 5.17 has only the old name
-            enable = getattr(model, "activation_checkpointing_enable", None)
-            if enable is not None:
-                enable({"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable({"use_reentrant": False})
+        if checkpointing:
+            enable_checkpointing(model)
         model.zero_grad()
         calls.clear()
         with moe_route.replay(model, routing):

@@ -531,6 +531,14 @@ def require(family: str, dtype=None) -> None:
         pytest.skip(why)
 
 
+def enable_checkpointing(model, reentrant: bool = False) -> None:
+    """Activation checkpointing on ``model`` (transformers 5.23 renamed the method; 5.17 has only
+    the old name)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or \
+        model.gradient_checkpointing_enable
+    enable({"use_reentrant": reentrant})
+
+
 def supported_families() -> list:
     """The keys of the families moe_route supports with the installed transformers."""
     from moe_route.hf import family_status
