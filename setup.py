@@ -25,8 +25,8 @@ except ImportError:
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CPU_SOURCES = ["csrc/registration.cpp", "csrc/python.cpp", "csrc/gate_op.cpp", "csrc/cpu/gate.cpp",
                "csrc/dispatch_op.cpp", "csrc/cpu/dispatch.cpp", "csrc/cpu/isa.cpp"]
-CUDA_SOURCES = ["csrc/cuda/gate.cu", "csrc/cuda/gate_replay.cu", "csrc/cuda/gate_glue.cpp",
-                "csrc/cuda/dispatch.cu", "csrc/cuda/dispatch_glue.cpp"]
+CUDA_SOURCES = ["csrc/cuda/gate.cu", "csrc/cuda/gate_replay.cu", "csrc/cuda/gate_wide.cu",
+                "csrc/cuda/gate_glue.cpp", "csrc/cuda/dispatch.cu", "csrc/cuda/dispatch_glue.cpp"]
 
 
 def flag(name):

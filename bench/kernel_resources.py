@@ -2,7 +2,7 @@
 
     python bench/kernel_resources.py [--arch sm_90a] [--filter gate]
 
-Compiles ``csrc/cuda/gate.cu``, ``gate_replay.cu`` and ``dispatch.cu`` with ``nvcc -Xptxas -v``
+Compiles ``csrc/cuda/gate.cu``, ``gate_replay.cu``, ``gate_wide.cu`` and ``dispatch.cu`` with ``nvcc -Xptxas -v``
 (about two minutes) and prints one row per kernel. "warps/SM" is what the register file holds (65,536 registers
 per SM, 64 warps at most, allocation in units of 256 registers per warp), in whole CTAs of the
 kernel's launch size; shared memory, which depends on the call, is not counted. These are the
@@ -20,9 +20,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ("csrc/cuda/gate.cu", "csrc/cuda/gate_replay.cu", "csrc/cuda/dispatch.cu")
+SOURCES = ("csrc/cuda/gate.cu", "csrc/cuda/gate_replay.cu", "csrc/cuda/gate_wide.cu",
+           "csrc/cuda/dispatch.cu")
 REGS_PER_SM, MAX_WARPS_PER_SM, REG_UNIT = 65536, 64, 256
-CTA_THREADS = {"topk_gate_kernel": 256, "permute_kernel": 256, "unpermute_kernel": 256,
+CTA_THREADS = {"topk_gate_kernel": 256, "topk_gate_wide_kernel": 512, "permute_kernel": 256, "unpermute_kernel": 256,
                "plan_scan_kernel": 1024, "plan_one_cta_kernel": 1024}  # hist/scatter: vary with E
 
 LOGIT_TYPES = {"0": "fp32", "1": "fp16", "2": "bf16"}
@@ -35,6 +36,9 @@ def kernel_label(mangled: str) -> str:
     if m:
         variant = "replay" if m.group(4) == "1" else "full" if m.group(3) == "1" else "plain"
         return f"topk_gate VPT={m.group(1)} {LOGIT_TYPES[m.group(2)]} {variant}"
+    m = re.search(r"topk_gate_wide_kernelILi(\d+)ELNS_9LogitTypeE(\d)", mangled)
+    if m:
+        return f"topk_gate wide VPT={m.group(1)} {LOGIT_TYPES[m.group(2)]}"
     m = re.search(r"unpermute_kernelI(13__nv_bfloat16|6__half|f)Li(\d+)E", mangled)
     if m:
         return f"unpermute {ELEM_TYPES[m.group(1)]} x{m.group(2)}"

@@ -235,10 +235,11 @@ def default_cases(full: bool = False) -> list[Case]:
 def gpu_cases() -> list[Case]:
     """Issue 6's grid: softmax-top-k at T 1..16384 x E 64..512 x k 4/8 x fp32/bf16; DeepSeek-V3
     grouped routing (E=256, 8 groups, 4 kept, k=8) at each T in both dtypes; the renormalised
-    (Qwen3-MoE, Mixtral) and top-k-softmax (GPT-OSS) semantics at E=128, bf16.
+    (Qwen3-MoE, Mixtral) and top-k-softmax (GPT-OSS) semantics at E=128, bf16; Doge's product
+    keys (top-k-softmax, E=16384, k=64: the CTA-per-token kernel) at T 1..4096, bf16.
 
     Compiled baselines cost seconds of compilation per shape, so only the target shapes have
-    ``compile``: k=8 at E=128 and 256, and DeepSeek-V3, in bf16 (12 of the 80 cases)."""
+    ``compile``: k=8 at E=128 and 256, and DeepSeek-V3, in bf16 (12 of the 84 cases)."""
     Ts, dtypes, bf16 = (1, 64, 1024, 16384), (torch.float32, torch.bfloat16), torch.bfloat16
     cases = [Case("softmax_topk", T, E, k, dt, compile=k == 8 and E in (128, 256) and dt == bf16)
              for dt in dtypes for E in (64, 128, 256, 512) for k in (4, 8) for T in Ts]
@@ -246,6 +247,7 @@ def gpu_cases() -> list[Case]:
     for T in Ts:
         cases.append(Case("softmax_topk_renorm", T, 128, 8, bf16, compile=False))
         cases.append(Case("topk_softmax", T, 128, 4, bf16, compile=False))
+    cases += [Case("topk_softmax", T, 16384, 64, bf16, compile=False) for T in (1, 64, 1024, 4096)]
     return cases
 
 

@@ -169,17 +169,48 @@ def test_public_api_grid(device, score, select_on, groups):
                         ref_stats=ref_stats, **flat)
 
 
-def test_many_experts(device):
-    """E above the CUDA kernel's register budget: the CPU kernel has no such limit."""
+def test_many_experts_in_groups(device):
+    """E above the CUDA warp kernel's register budget with a group limit: the CPU kernel has no
+    such limit; the CUDA kernel for more experts takes no group limit and says so."""
     T, E, k = 20, 2048, 8
     logits = random_logits(T, E, seed=1, device=device)
     kw = dict(score="sigmoid", selection_bias=random_bias(E, device=device), n_group=8,
               topk_group=4, group_score="top2_sum", renormalize=True)
     if device == "cuda":
-        with pytest.raises(ValueError, match=r"num_experts=2048 must be <= 1024 on CUDA"):
+        with pytest.raises(ValueError, match=r"group limit \(n_group=8, topk_group=4\) needs "
+                                             r"num_experts <= 1024 on CUDA, got num_experts=2048"):
             run_op(logits, k, **kw)
         return
     check(logits, k, kw)
+
+
+@pytest.mark.parametrize("E,k", [(1025, 8), (4096, 64), (16384, 64), (3000, 256)])
+@pytest.mark.parametrize("kw", [dict(renormalize=True),
+                                dict(score="sigmoid", renormalize=True, scale=2.5),
+                                dict(select_on="logits")], ids=["softmax", "sigmoid", "logits"])
+def test_more_than_1024_experts(device, E, k, kw):
+    """Past 1024 experts CUDA runs a CTA per token (Doge's 16384 product keys): the same ids and
+    weights as the reference, plain and with a bias, steering and statistics."""
+    T = 24
+    logits = random_logits(T, E, seed=E, device=device)
+    check(logits, k, kw)
+    steer = torch.zeros(4, E)
+    steer[0, 7], steer[1, E - 1], steer[2, 3], steer[3, 5], steer[3, 0] = 0.5, 0.25, -0.1, 1, -1
+    groups = torch.tensor([0, 0, 1, -1] * (T // 4), device=device)
+    names = [n for n in STAT_NAMES if n != "coact" or E <= 4096]  # coact is [E, E] int64
+    check(logits, k, dict(kw, steer=steer.to(device), groups=groups,
+                          selection_bias=random_bias(E, device=device)),
+          stats=zero_stats(2, E, device=device, names=names))
+
+
+def test_cuda_expert_limits(device):
+    """Past 1024 experts, CUDA takes up to 16384 experts and k <= 256 (the CPU has no limit)."""
+    if device != "cuda":
+        pytest.skip("CUDA limits")
+    with pytest.raises(ValueError, match=r"num_experts=16385 must be <= 16384 on CUDA"):
+        run_op(torch.randn(2, 16385, device=device), 2)
+    with pytest.raises(ValueError, match=r"k=257 must be <= 256 on CUDA when num_experts > 1024"):
+        run_op(torch.randn(2, 2048, device=device), 257)
 
 
 @pytest.mark.parametrize("force", [False, True], ids=["plain", "forced"])

@@ -38,6 +38,8 @@ def test_parse_ptxas_reads_registers_and_spills_per_kernel():
      "topk_gate VPT=32 fp32 full"),
     ("_ZN9moe_route4cuda6detail16topk_gate_kernelILi1ELNS_9LogitTypeE1ELb1ELb1EEEvNS_10GateParams",
      "topk_gate VPT=1 fp16 replay"),
+    ("_ZN9moe_route4cuda6detail21topk_gate_wide_kernelILi32ELNS_9LogitTypeE2EEEvNS_10GateParamsENS1_8WidePlanE",
+     "topk_gate wide VPT=32 bf16"),
     ("_ZN9moe_route4cuda6detail14permute_kernelILi16ELb0EEEvNS_13PermuteParamsEil",
      "permute 16-byte copies"),
     ("_ZN9moe_route4cuda6detail14permute_kernelILi2ELb1EEEvNS_13PermuteParamsEil",

@@ -1,11 +1,13 @@
-// Launcher of the CUDA topk_gate kernels: picks the kernel from E and the features used, the grid
-// from T, the SM count and the kernel's occupancy, then enqueues it on the caller's stream.
+// Launcher of the CUDA topk_gate kernels: picks the kernel from E and the features used (a warp
+// per token up to 1024 experts, a CTA per token beyond), the grid from T, the SM count and the
+// kernel's occupancy, then enqueues it on the caller's stream.
 #include <array>
 #include <atomic>
 #include <mutex>
 
 #include "gate.cuh"
 #include "gate_launch.h"
+#include "gate_wide.cuh"
 
 namespace moe_route::cuda {
 namespace {
@@ -32,10 +34,10 @@ int sm_count_of(int device) {
 // Blocks of `threads` threads and `smem` bytes that fit on one SM (0 if unknown). Cached: the
 // answer depends only on the arguments and the device, and the launch of a decode-sized op should
 // not pay for the query every time.
-int blocks_per_sm(int device, detail::GateKernel kernel, int threads, size_t smem) {
+int blocks_per_sm(int device, const void* kernel, int threads, size_t smem) {
   struct Entry {
     int device = -1;
-    detail::GateKernel kernel = nullptr;
+    const void* kernel = nullptr;
     int threads = 0;
     size_t smem = 0;
     int blocks = 0;
@@ -61,13 +63,22 @@ int blocks_per_sm(int device, detail::GateKernel kernel, int threads, size_t sme
 
 cudaError_t launch_topk_gate(const GateParams& p, cudaStream_t stream) {
   if (p.T <= 0) return cudaSuccess;
-  if (!detail::gate_args_ok(p)) return cudaErrorInvalidValue;
+  if (!gate_args_ok(p)) return cudaErrorInvalidValue;
   int device = 0;
   const cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
+  if (p.E > detail::kMaxExperts) {
+    const detail::WideKernel kernel =
+        detail::wide_kernel_for(detail::wide_vpt_for(p.E), p.logit_type);
+    const int per_sm = blocks_per_sm(device, reinterpret_cast<const void*>(kernel),
+                                     detail::kWideThreads, detail::wide_smem_bytes(p.k));
+    const detail::WidePlan plan = detail::plan_topk_gate_wide(p, sm_count_of(device), per_sm);
+    kernel<<<plan.blocks, detail::kWideThreads, plan.smem_bytes, stream>>>(p, plan);
+    return cudaGetLastError();
+  }
   const detail::GateKernel kernel = detail::select_kernel(p);
   const auto occupancy = [device](detail::GateKernel f, int threads, size_t smem) {
-    return blocks_per_sm(device, f, threads, smem);
+    return blocks_per_sm(device, reinterpret_cast<const void*>(f), threads, smem);
   };
   const detail::GatePlan plan = detail::plan_for_device(p, sm_count_of(device), kernel, occupancy);
   kernel<<<plan.blocks, plan.warps_per_block * 32, plan.smem_bytes, stream>>>(p, plan);

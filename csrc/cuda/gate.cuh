@@ -3,9 +3,10 @@
 //
 // Thread mapping: one warp per token. Lane l holds experts i*32 + l (i < VPT, VPT = ceil(E/32)
 // rounded up to a compile-time tier 1, 2, 4, 8, 16, 32, so E <= 1024) in registers; loads are
-// coalesced across the warp. Every reduction over experts is a per-lane loop plus a warp-wide
-// step (a butterfly of xor shuffles, or REDUX for integer maxima), so all lanes end with
-// bit-identical results. Each warp owns a contiguous range of tokens and prefetches the next
+// coalesced across the warp. More experts run in gate_wide.cuh (a CTA per token), which shares
+// this file's row steps (steering, softmax normaliser, dense statistics). Every reduction over
+// experts is a per-lane loop plus a warp-wide step (a butterfly of xor shuffles, or REDUX for
+// integer maxima), so all lanes end with bit-identical results. Each warp owns a contiguous range of tokens and prefetches the next
 // token's row while working on the current one. The grid is persistent: sized from the kernel's
 // occupancy (plan_for_device) so that every warp is resident at once, one wave.
 //
@@ -64,6 +65,7 @@
 #include <cstdint>
 
 #include "../gate_params.h"
+#include "gate_launch.h"
 
 namespace moe_route {
 namespace cuda {
@@ -71,7 +73,7 @@ namespace detail {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr float kFltMax = 3.40282347e38f;
-constexpr int kMaxExperts = 1024;  // 32 lanes x VPT 32
+constexpr int kMaxExperts = int(kWarpMaxExperts);  // 32 lanes x VPT 32
 constexpr int kMaxWarpsPerBlock = 8;
 constexpr int kWarpsPerSm = 32;  // resident warps per SM until the kernel's occupancy is known
 constexpr int64_t kSmemPerBlock = 48 * 1024;       // stay under the default dynamic-smem limit
@@ -174,21 +176,6 @@ __device__ __forceinline__ float warp_min(float x) {
   return x;
 }
 
-// Softmax normaliser of a warp-held row: max over the valid values and sum of exp(x - max).
-template <int VPT>
-__device__ __forceinline__ void warp_softmax_norm(const float (&x)[VPT], uint32_t valid,
-                                                  float& max_out, float& sum_out) {
-  float m = -kFltMax;
-#pragma unroll
-  for (int i = 0; i < VPT; ++i)
-    if ((valid >> i) & 1u) m = x[i] > m ? x[i] : m;
-  max_out = warp_max(m);
-  float s = 0.f;
-#pragma unroll
-  for (int i = 0; i < VPT; ++i) s += ((valid >> i) & 1u) ? expf(x[i] - max_out) : 0.f;
-  sum_out = warp_sum(s);
-}
-
 // The largest value of the warp: one REDUX instruction from sm_80 on, else a butterfly.
 __device__ __forceinline__ uint32_t warp_max_u32(uint32_t x) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
@@ -288,6 +275,156 @@ __device__ __forceinline__ bool replay_row(const GateParams& p, int64_t t, int k
 }
 
 // ---------------------------------------------------------------------------------------------
+// Rows of experts spread over threads: a thread holds experts i * Row::kStride + row.base (register
+// slot i < VPT), and bit i of `valid` says whether that expert exists. The row's reductions give
+// every thread the same bits. The warp kernel's rows are WarpRow; the CTA kernel of gate_wide.cuh
+// has its own. The steps below are the reference's, shared by both kernels.
+
+// A row held by one warp: base = lane.
+struct WarpRow {
+  static constexpr int kStride = 32;
+  int base;
+  __device__ __forceinline__ float sum(float x) const { return warp_sum(x); }
+  __device__ __forceinline__ float max(float x) const { return warp_max(x); }
+  __device__ __forceinline__ float min(float x) const { return warp_min(x); }
+};
+
+// Softmax normaliser of a row: max over the valid values and sum of exp(x - max).
+template <int VPT, class Row>
+__device__ __forceinline__ void softmax_norm(const Row& row, const float (&x)[VPT],
+                                             uint32_t valid, float& max_out, float& sum_out) {
+  float m = -kFltMax;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i)
+    if ((valid >> i) & 1u) m = x[i] > m ? x[i] : m;
+  max_out = row.max(m);
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) s += ((valid >> i) & 1u) ? expf(x[i] - max_out) : 0.f;
+  sum_out = row.sum(s);
+}
+
+// Expert e's steered logit before forcing (reference: steer_logits), with the same association:
+// ((z0 + add) + std term) + abs term, each step rounded on its own.
+__device__ __forceinline__ float steered_logit(const float* steer, int E, int e, float z0,
+                                               float sd) {
+  const float add = __ldg(steer + kSteerAdd * E + e);
+  const float lam = __ldg(steer + kSteerStd * E + e);
+  const float mul = __ldg(steer + kSteerAbs * E + e);
+  float y = __fadd_rn(z0, add);
+  y = __fadd_rn(y, lam != 0.f ? __fmul_rn(lam, sd) : 0.f);
+  y = __fadd_rn(y, __fmul_rn(mul, fabsf(z0)));
+  return sanitize(y);
+}
+
+// What steering a row needs besides the table: the std of its logits (0 without std terms) and
+// the values forced experts take, its largest and smallest steered logit.
+struct RowSteer {
+  float sd = 0.f, top = 0.f, bottom = 0.f;
+};
+
+// Steers a row (z from z0) with the table p.steer; fon / foff: bit i, the expert of slot i is
+// forced on / off.
+template <int VPT, class Row>
+__device__ __forceinline__ RowSteer steer_row(const Row& row, const GateParams& p,
+                                              const float (&z0)[VPT], uint32_t valid,
+                                              bool has_std, bool has_force, uint32_t fon,
+                                              uint32_t foff, float (&z)[VPT]) {
+  const int E = int(p.E);
+  RowSteer rs;
+  if (has_std) {
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) s += ((valid >> i) & 1u) ? z0[i] : 0.f;
+    const float mean = row.sum(s) / float(E);
+    float q = 0.f;
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      const float d = z0[i] - mean;
+      q += ((valid >> i) & 1u) ? __fmul_rn(d, d) : 0.f;
+    }
+    const float var = row.sum(q);
+    const int dof = p.std_unbiased ? E - 1 : E;
+    const float sd = dof > 0 ? sqrtf(var / float(dof)) : 0.f;
+    rs.sd = sd != sd ? INFINITY : sd;  // overflow: inf or NaN by summation order (reference)
+  }
+#pragma unroll
+  for (int i = 0; i < VPT; ++i)
+    z[i] = ((valid >> i) & 1u)
+               ? steered_logit(p.steer, E, i * Row::kStride + row.base, z0[i], rs.sd)
+               : 0.f;
+  if (has_force) {
+    float hi = -kFltMax, lo = kFltMax;
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      if ((valid >> i) & 1u) {
+        hi = z[i] > hi ? z[i] : hi;
+        lo = z[i] < lo ? z[i] : lo;
+      }
+    }
+    rs.top = row.max(hi);
+    rs.bottom = row.min(lo);
+#pragma unroll
+    for (int i = 0; i < VPT; ++i)
+      z[i] = ((fon >> i) & 1u) ? rs.top : (((foff >> i) & 1u) ? rs.bottom : z[i]);
+  }
+  return rs;
+}
+
+// Adds a token's dense routing distribution q to prob_acc and returns its entropy (nats), from
+// the weight-side logits zw and their softmax normaliser (w_max, w_sum; softmax and "none").
+template <int VPT, class Row>
+__device__ __forceinline__ float add_dense(const Row& row, const GateParams& p,
+                                           const float (&zw)[VPT], uint32_t valid, float w_max,
+                                           float w_sum, float (&prob_acc)[VPT]) {
+  float h_part = 0.f;
+  if (p.score == Score::Softmax || p.score == Score::None) {
+    // As on the CPU: q = e * (1/S) and H = log S - (sum_e e (z_e - max)) / S with
+    // e = exp(z_e - max), so one log and two divisions per token instead of E of each.
+    const float inv = 1.f / w_sum;
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      if ((valid >> i) & 1u) {
+        const float d = zw[i] - w_max;
+        const float e = expf(d);
+        prob_acc[i] += __fmul_rn(e, inv);
+        h_part += e > 0.f ? __fmul_rn(e, d) : 0.f;
+      }
+    }
+    return logf(w_sum) - row.sum(h_part) / w_sum;
+  }
+  // q = s / sum(s), uniform when the sum is 0.
+  float sc[VPT];
+  float tp = 0.f;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    sc[i] = ((valid >> i) & 1u) ? score_of(p.score, zw[i]) : 0.f;
+    tp += sc[i];
+  }
+  const float total = row.sum(tp);
+  const float inv = total > 0.f ? 1.f / total : 0.f, uniform = 1.f / float(p.E);
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    if ((valid >> i) & 1u) {
+      const float q = total > 0.f ? __fmul_rn(sc[i], inv) : uniform;
+      prob_acc[i] += q;
+      h_part += q > 0.f ? __fmul_rn(q, logf(q)) : 0.f;
+    }
+  }
+  return -row.sum(h_part);
+}
+
+// Counts the k x k pairs of a token's selection in p.coact (one warp).
+__device__ __forceinline__ void add_coact(const GateParams& p, const int32_t* sel_id, int lane) {
+  const int k = int(p.k);
+  for (int q = lane; q < k * k; q += 32) {
+    const int a = q / k, b = q - a * k;
+    atomicAdd(reinterpret_cast<unsigned long long*>(p.coact + int64_t(sel_id[a]) * p.E + sel_id[b]),
+              1ull);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The kernel.
 
 template <int VPT, LogitType LT, bool kFull, bool kReplay>
@@ -321,6 +458,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
   const Score score = p.score;
   const bool softmax = score == Score::Softmax;
 
+  const WarpRow warp_row{lane};
   uint32_t valid = 0;  // bit i: expert i*32 + lane exists
 #pragma unroll
   for (int i = 0; i < VPT; ++i) valid |= (i * 32 + lane < E ? 1u : 0u) << i;
@@ -484,52 +622,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
     // ---- Steering: z ----
     float z[VPT];
     if (steer) {
-      float sd = 0.f;
-      if (has_std) {
-        float s = 0.f;
-#pragma unroll
-        for (int i = 0; i < VPT; ++i) s += ((valid >> i) & 1u) ? z0[i] : 0.f;
-        const float mean = warp_sum(s) / float(E);
-        float q = 0.f;
-#pragma unroll
-        for (int i = 0; i < VPT; ++i) {
-          const float d = z0[i] - mean;
-          q += ((valid >> i) & 1u) ? __fmul_rn(d, d) : 0.f;
-        }
-        const float var = warp_sum(q);
-        const int dof = p.std_unbiased ? E - 1 : E;
-        sd = dof > 0 ? sqrtf(var / float(dof)) : 0.f;
-        sd = sd != sd ? INFINITY : sd;  // overflow: inf or NaN by summation order (reference)
-      }
-#pragma unroll
-      for (int i = 0; i < VPT; ++i) {
-        z[i] = 0.f;
-        if ((valid >> i) & 1u) {
-          const int e = i * 32 + lane;
-          const float add = __ldg(steer + kSteerAdd * E + e);
-          const float lam = __ldg(steer + kSteerStd * E + e);
-          const float mul = __ldg(steer + kSteerAbs * E + e);
-          // Same association as the reference: ((z0 + add) + std term) + abs term.
-          float y = __fadd_rn(z0[i], add);
-          y = __fadd_rn(y, lam != 0.f ? __fmul_rn(lam, sd) : 0.f);
-          y = __fadd_rn(y, __fmul_rn(mul, fabsf(z0[i])));
-          z[i] = sanitize(y);
-        }
-      }
-      if (has_force) {
-        float hi = -kFltMax, lo = kFltMax;
-#pragma unroll
-        for (int i = 0; i < VPT; ++i) {
-          if ((valid >> i) & 1u) {
-            hi = z[i] > hi ? z[i] : hi;
-            lo = z[i] < lo ? z[i] : lo;
-          }
-        }
-        const float top = warp_max(hi), bottom = warp_min(lo);
-#pragma unroll
-        for (int i = 0; i < VPT; ++i)
-          z[i] = ((fon >> i) & 1u) ? top : (((foff >> i) & 1u) ? bottom : z[i]);
-      }
+      steer_row<VPT>(warp_row, p, z0, valid, has_std, has_force, fon, foff, z);
     } else {
 #pragma unroll
       for (int i = 0; i < VPT; ++i) z[i] = z0[i];
@@ -543,7 +636,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
     // Softmax of zw (max and sum of exp(zw - max)), shared by the weights and the statistics.
     const bool want_ew = (!p.select_on_logits && softmax) || (tok_dense && dense_softmax);
     float w_max = 0.f, w_sum = 1.f;
-    if (want_ew) warp_softmax_norm<VPT>(zw, valid, w_max, w_sum);
+    if (want_ew) softmax_norm<VPT>(warp_row, zw, valid, w_max, w_sum);
 
     // ---- Router replay: a row of k distinct ids in [0, E) is the selection ----
     const bool replayed = kReplay && replay_row(p, t, k, lane, sel_id);
@@ -556,7 +649,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
         for (int i = 0; i < VPT; ++i) v[i] = z[i];
       } else if (softmax) {
         float sm_max = w_max, sm_sum = w_sum;
-        if (!want_ew || zw_is_z0) warp_softmax_norm<VPT>(z, valid, sm_max, sm_sum);
+        if (!want_ew || zw_is_z0) softmax_norm<VPT>(warp_row, z, valid, sm_max, sm_sum);
 #pragma unroll
         for (int i = 0; i < VPT; ++i) v[i] = expf(z[i] - sm_max) / sm_sum;
       } else {
@@ -764,45 +857,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
       run_g = g;
     }
     run_tokens += 1;
-    if (tok_dense) {
-      float h_part = 0.f, entropy;
-      if (dense_softmax) {
-        // As on the CPU: q = e * (1/S) and H = log S - (sum_e e (z_e - max)) / S with
-        // e = exp(z_e - max), so one log and two divisions per token instead of E of each.
-        const float inv = 1.f / w_sum;
-#pragma unroll
-        for (int i = 0; i < VPT; ++i) {
-          if ((valid >> i) & 1u) {
-            const float d = zw[i] - w_max;
-            const float e = expf(d);
-            prob_acc[i] += __fmul_rn(e, inv);
-            h_part += e > 0.f ? __fmul_rn(e, d) : 0.f;
-          }
-        }
-        entropy = logf(w_sum) - warp_sum(h_part) / w_sum;
-      } else {
-        // q = s / sum(s), uniform when the sum is 0.
-        float sc[VPT];
-        float tp = 0.f;
-#pragma unroll
-        for (int i = 0; i < VPT; ++i) {
-          sc[i] = ((valid >> i) & 1u) ? score_of(score, zw[i]) : 0.f;
-          tp += sc[i];
-        }
-        const float total = warp_sum(tp);
-        const float inv = total > 0.f ? 1.f / total : 0.f, uniform = 1.f / float(E);
-#pragma unroll
-        for (int i = 0; i < VPT; ++i) {
-          if ((valid >> i) & 1u) {
-            const float q = total > 0.f ? __fmul_rn(sc[i], inv) : uniform;
-            prob_acc[i] += q;
-            h_part += q > 0.f ? __fmul_rn(q, logf(q)) : 0.f;
-          }
-        }
-        entropy = -warp_sum(h_part);
-      }
-      run_entropy += entropy;
-    }
+    if (tok_dense) run_entropy += add_dense<VPT>(warp_row, p, zw, valid, w_max, w_sum, prob_acc);
     if (cnt_s || wsum_s) {
       // The k ids of one token are distinct, so the lanes touch distinct entries.
       for (int m = 0; m < kpl; ++m) {
@@ -814,12 +869,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
         }
       }
     }
-    if (p.coact) {
-      for (int q = lane; q < k * k; q += 32) {
-        const int a = q / k, b = q - a * k;
-        atomicAdd(reinterpret_cast<u64*>(p.coact + int64_t(sel_id[a]) * E + sel_id[b]), 1ull);
-      }
-    }
+    if (p.coact) add_coact(p, sel_id, lane);
   }
   __syncwarp();  // the last token's scatter happened in other lanes
   if (cta == nullptr) {
@@ -871,12 +921,6 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
 
 inline int vpt_for(int64_t E) {
   return E <= 32 ? 1 : E <= 64 ? 2 : E <= 128 ? 4 : E <= 256 ? 8 : E <= 512 ? 16 : 32;
-}
-
-// The launchers' argument check for a call with p.T > 0 (gate.cu, and its twin on the host
-// emulator); a call with p.T <= 0 launches nothing.
-inline bool gate_args_ok(const GateParams& p) {
-  return p.E >= 1 && p.E <= kMaxExperts && p.k >= 1 && p.k <= p.E;
 }
 
 // The full kernel is needed for steering, a group limit, statistics or replay; every other call

@@ -34,7 +34,16 @@ std::tuple<at::Tensor, at::Tensor> topk_gate_cuda(
                renormalize, renorm_eps, scale, steer, steer_select_only, std_unbiased, groups,
                replay, tokens, counts, prob_sum, weight_sum, entropy_sum, coact, hold, weights,
                ids, p);
-  TORCH_CHECK_VALUE(p.E <= 1024, "topk_gate: num_experts=", p.E, " must be <= 1024 on CUDA");
+  if (p.E > cuda::kWarpMaxExperts) {  // the CTA-per-token kernel's limits (gate_wide.cuh)
+    TORCH_CHECK_VALUE(p.E <= cuda::kWideMaxExperts, "topk_gate: num_experts=", p.E,
+                      " must be <= ", cuda::kWideMaxExperts, " on CUDA");
+    TORCH_CHECK_VALUE(p.k <= cuda::kWideMaxK, "topk_gate: k=", p.k, " must be <= ",
+                      cuda::kWideMaxK, " on CUDA when num_experts > ", cuda::kWarpMaxExperts,
+                      " (num_experts=", p.E, ")");
+    TORCH_CHECK_VALUE(!limits_groups(p), "topk_gate: a group limit (n_group=", p.n_group,
+                      ", topk_group=", p.topk_group, ") needs num_experts <= ",
+                      cuda::kWarpMaxExperts, " on CUDA, got num_experts=", p.E);
+  }
   const cudaError_t err = cuda::launch_topk_gate(p, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "topk_gate: CUDA kernel launch failed: ",
               cudaGetErrorString(err));

@@ -7,11 +7,23 @@
 
 namespace moe_route::cuda {
 
+// The shapes the kernels take: up to kWarpMaxExperts experts a warp routes each token
+// (gate.cuh); more, up to kWideMaxExperts, a CTA routes each token (gate_wide.cuh), with
+// k <= kWideMaxK and no group limit.
+inline constexpr long long kWarpMaxExperts = 1024, kWideMaxExperts = 16384, kWideMaxK = 256;
+
+// Whether the kernels take a call with p.T > 0 (1 <= k <= E within the limits above).
+inline bool gate_args_ok(const GateParams& p) {
+  if (p.E < 1 || p.k < 1 || p.k > p.E) return false;
+  return p.E <= kWarpMaxExperts ||
+         (p.E <= kWideMaxExperts && p.k <= kWideMaxK && !limits_groups(p));
+}
+
 // Enqueues topk_gate for `p` on `stream` (on the current device) and returns the launch status
 // (cudaGetLastError); it never synchronises or allocates, so it may be captured in a CUDA graph.
-// T == 0 launches nothing. Requires 1 <= E <= 1024 and 1 <= k <= E (cudaErrorInvalidValue
-// otherwise); every other argument check is prepare_gate's. groups[t] outside [-1, G) are skipped
-// for the statistics (the device cannot raise without a host sync).
+// T == 0 launches nothing. A call gate_args_ok refuses returns cudaErrorInvalidValue; every other
+// argument check is prepare_gate's. groups[t] outside [-1, G) are skipped for the statistics
+// (the device cannot raise without a host sync).
 cudaError_t launch_topk_gate(const GateParams& p, cudaStream_t stream);
 
 }  // namespace moe_route::cuda

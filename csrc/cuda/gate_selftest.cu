@@ -3,7 +3,8 @@
 // moe_route/reference.py written independently of the kernel.
 //
 //   nvcc -std=c++17 -O3 -Icsrc -gencode arch=compute_90a,code=sm_90a
-//        csrc/cuda/gate_selftest.cu csrc/cuda/gate.cu csrc/cuda/gate_replay.cu -o /tmp/gate_selftest
+//        csrc/cuda/gate_selftest.cu csrc/cuda/gate.cu csrc/cuda/gate_replay.cu
+//        csrc/cuda/gate_wide.cu -o /tmp/gate_selftest
 //   /tmp/gate_selftest
 //
 // Exit status 0 when every case passes. Ids must match exactly, except where two experts' distinct
@@ -670,6 +671,42 @@ std::vector<Case> cases() {
     c.name = "E=512 n_group=512 (one expert per group)";
     c.T = 40, c.E = 512, c.k = 8, c.n_group = 512, c.topk_group = 100, c.seed = 12;
     c.score = Score::Sigmoid, c.bias = true, c.steer = c.steer_force = true;
+    v.push_back(c);
+  }
+  // More than 1024 experts: the CTA-per-token kernel (gate_wide.cuh), each VPT tier.
+  {
+    Case c;  // Doge's default product keys
+    c.name = "wide E=16384 k=64 softmax renorm bf16 stats";
+    c.T = 6, c.E = 16384, c.k = 64, c.lt = LogitType::BF16, c.renormalize = true;
+    c.stats = true, c.groups = true, c.G = 2, c.seed = 30;
+    v.push_back(c);
+  }
+  {
+    Case c;  // a 4-warp tail: warps whose experts run out before k
+    c.name = "wide E=1100 k=200 steer force std, specials";
+    c.T = 9, c.E = 1100, c.k = 200, c.steer = c.steer_std = c.steer_force = true;
+    c.specials = true, c.stats = true, c.seed = 31;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "wide E=3000 sigmoid+bias renorm scale fp16, steer_select_only";
+    c.T = 8, c.E = 3000, c.k = 8, c.lt = LogitType::F16, c.score = Score::Sigmoid;
+    c.bias = true, c.renormalize = true, c.scale = 2.5f, c.row_pad = 5;
+    c.steer = c.steer_force = c.steer_select_only = true, c.stats = true, c.seed = 32;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "wide E=5000 select_on=logits ties, replay";
+    c.T = 10, c.E = 5000, c.k = 40, c.select_on_logits = true, c.ties = true, c.replay = true;
+    c.stats = true, c.groups = true, c.groups_int64 = true, c.G = 3, c.seed = 33;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "wide E=2048 k=256 sqrtsoftplus (the largest k)";
+    c.T = 3, c.E = 2048, c.k = 256, c.score = Score::SqrtSoftplus, c.seed = 34;
     v.push_back(c);
   }
   return v;

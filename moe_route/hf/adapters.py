@@ -840,9 +840,8 @@ PRODUCT_KEYS = Adapter("product_key_topk_softmax", "S7",
                        weight="router_gate.weight", num_experts=_doge_experts,
                        linear=_doge_linear, returns=_doge_returns, logits_at=None,
                        limits="the block is its router (experts i*sqrt(E)+j of the product keys); "
-                              "needs top_k <= sqrt(num_experts); the CUDA gate takes E <= 1024, "
-                              "so more product keys (the config default: 16384) route on the "
-                              "CPU only")
+                              "needs top_k <= sqrt(num_experts); on CUDA num_experts <= 16384 "
+                              "(the config default) and top_k <= 256")
 
 # Each adapter is defined by the forward of one exemplar router class (module, class). Any other
 # router class whose forward has the same syntax tree (transformers copies router code between

@@ -1,7 +1,8 @@
 // Emulated twin of csrc/cuda/gate.cu's launcher (which nvcc alone compiles): the same checks and
-// plan, the kernel run by the host emulator (cuda_runtime.h here).
+// plans, the kernels run by the host emulator (cuda_runtime.h here).
 #include "../gate.cuh"
 #include "../gate_launch.h"
+#include "../gate_wide.cuh"
 
 namespace moe_route::cuda {
 namespace detail {
@@ -10,7 +11,16 @@ alignas(16) uint32_t gate_smem[kSmemPerBlock / sizeof(uint32_t)];
 
 cudaError_t launch_topk_gate(const GateParams& p, cudaStream_t) {
   if (p.T <= 0) return cudaSuccess;
-  if (!detail::gate_args_ok(p)) return cudaErrorInvalidValue;
+  if (!gate_args_ok(p)) return cudaErrorInvalidValue;
+  if (p.E > detail::kMaxExperts) {
+    const detail::WideKernel kernel =
+        detail::wide_kernel_for(detail::wide_vpt_for(p.E), p.logit_type);
+    const detail::WidePlan plan =
+        detail::plan_topk_gate_wide(p, emu::sm_count(), emu::resident_warps() / detail::kWideWarps);
+    emu::launch(plan.blocks, detail::kWideThreads, true, [&] { kernel(p, plan); },
+                {detail::gate_smem, sizeof(detail::gate_smem), plan.smem_bytes});
+    return cudaSuccess;
+  }
   const detail::GateKernel kernel = detail::select_kernel(p);
   const auto occupancy = [](detail::GateKernel, int threads, size_t) {
     return emu::resident_warps() / (threads / 32);

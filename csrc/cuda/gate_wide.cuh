@@ -1,0 +1,382 @@
+// topk_gate on CUDA for more than 1024 experts (Doge's product keys: 16384 by default): one CTA
+// per token. gate.cuh is the warp-per-token kernel for E <= 1024; this one takes the same
+// GateParams, computes the same keys and the same formulas, and gives the same ids and weights.
+//
+// Thread mapping: a CTA of kWideThreads threads routes the tokens of a contiguous range one after
+// the other (a persistent grid of one wave, as in gate.cuh). Thread x holds experts i*512 + x
+// (slot i < VPT, a tier 4, 8, 16 or 32, so E <= 16384) in registers; loads are coalesced. The
+// row's reductions (softmax, std steering, forcing, entropy) are a warp butterfly followed by the
+// sum (or max) of the 16 warps' results in warp order, so every thread ends with the same bits.
+//
+// Selection in two stages, with gate.cuh's packed keys. (1) Each warp puts its own best
+// min(k, its experts) keys in descending order into a list in shared memory: k rounds of
+// "per-lane best + warp max". (2) Warp 0 merges the 16 sorted lists: lane w holds the head of
+// list w, and each of k rounds takes the largest head and advances that list. The k best keys of
+// the row lie among the warps' k best, so the result is the exact top k, in the same order.
+//
+// Weights: warp 0, from each selected expert's weight-side logit, recomputed from the logits and
+// the steering table by the row's own operations (the same bits), then gate.cuh's formulas.
+//
+// Statistics: counts, weight sums and coact pairs are global atomics per token (k, k and k*k).
+// Tokens, entropy and the dense distribution q accumulate per thread while consecutive tokens
+// share a group and are flushed with global atomics when it changes and at the end of the range
+// (E float atomics per CTA and run of a group).
+//
+// Limits (gate_launch.h): k <= 256, for the lists' shared memory, and no group limit. No
+// transformers family routes over more than 1024 experts in groups.
+#pragma once
+
+#include "gate.cuh"
+
+namespace moe_route {
+namespace cuda {
+namespace detail {
+
+constexpr int kWideThreads = 512;
+constexpr int kWideWarps = kWideThreads / 32;
+static_assert(kWideMaxExperts == kWideThreads * 32, "VPT 32 covers kWideMaxExperts");
+
+struct WidePlan {
+  int64_t chunk = 1;  // tokens per CTA (contiguous range)
+  int32_t blocks = 0;
+  size_t smem_bytes = 0;
+};
+
+// Shared memory in 32-bit words: [0, 16) the warps' partial reductions, [16] the replay flag,
+// sel_id [k] from word 18, sel_w [k] after it, then the 16 lists of k keys (u64) from an even
+// word.
+constexpr int64_t kWideSelOffset = kWideWarps + 2;
+inline int64_t wide_lists_offset(int64_t k) { return kWideSelOffset + 2 * k; }
+inline size_t wide_smem_bytes(int64_t k) {
+  return size_t(wide_lists_offset(k) + 2 * kWideWarps * k) * sizeof(uint32_t);
+}
+static_assert(kWideSelOffset % 2 == 0, "the lists start 8-byte aligned");
+static_assert((kWideSelOffset + 2 * kWideMaxK + 2 * kWideWarps * kWideMaxK) * 4 <= kSmemPerBlock,
+              "k <= kWideMaxK fits the default dynamic shared memory");
+
+struct FAdd {
+  __device__ __forceinline__ float operator()(float x, float y) const { return x + y; }
+};
+struct FMax {  // warp_max's rule
+  __device__ __forceinline__ float operator()(float x, float y) const { return y > x ? y : x; }
+};
+struct FMin {
+  __device__ __forceinline__ float operator()(float x, float y) const { return y < x ? y : x; }
+};
+
+// A row held by the whole CTA: base = threadIdx.x. Every reduction is a barrier: all threads
+// call it, with block-uniform control flow.
+struct BlockRow {
+  static constexpr int kStride = kWideThreads;
+  int base;
+  float* red;  // [kWideWarps] in shared memory
+
+  template <class Op>
+  __device__ __forceinline__ float reduce(float x, Op op) const {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x = op(x, __shfl_xor_sync(kFullMask, x, o));
+    if ((base & 31) == 0) red[base >> 5] = x;
+    __syncthreads();
+    float r = red[0];
+#pragma unroll
+    for (int w = 1; w < kWideWarps; ++w) r = op(r, red[w]);
+    __syncthreads();  // every thread has read red before the next reduction writes it
+    return r;
+  }
+  __device__ __forceinline__ float sum(float x) const { return reduce(x, FAdd{}); }
+  __device__ __forceinline__ float max(float x) const { return reduce(x, FMax{}); }
+  __device__ __forceinline__ float min(float x) const { return reduce(x, FMin{}); }
+};
+
+template <int VPT, LogitType LT>
+__global__ void __launch_bounds__(kWideThreads)
+    topk_gate_wide_kernel(const GateParams p, const WidePlan plan) {
+  static_assert(VPT >= 1 && VPT <= 32, "VPT tier out of range");
+  extern __shared__ __align__(16) uint32_t gate_smem[];
+
+  const int tid = int(threadIdx.x);
+  const int lane = tid & 31, warp = tid >> 5;
+  const int E = int(p.E);
+  const int k = int(p.k);
+  // The plan gives every CTA at least one token; all threads run the same range (barriers).
+  const int64_t t_begin = int64_t(blockIdx.x) * plan.chunk;
+  const int64_t t_end = p.T - t_begin < plan.chunk ? p.T : t_begin + plan.chunk;
+  const BlockRow row{tid, reinterpret_cast<float*>(gate_smem)};
+  uint32_t* const replay_flag = gate_smem + kWideWarps;
+  int32_t* const sel_id = reinterpret_cast<int32_t*>(gate_smem + kWideSelOffset);  // [k]
+  float* const sel_w = reinterpret_cast<float*>(sel_id + k);                        // [k]
+  uint64_t* const lists = reinterpret_cast<uint64_t*>(gate_smem + wide_lists_offset(k));
+
+  uint32_t valid = 0;  // bit i: expert i*512 + tid exists
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) valid |= (i * kWideThreads + tid < E ? 1u : 0u) << i;
+
+  // ---- Per-call constants of the steering table (gate.cuh's) ----
+  const float* steer = p.steer;
+  bool has_std = false, has_force = false;
+  uint32_t fon = 0, foff = 0;
+  if (steer) {
+    bool any_std = false;
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      if ((valid >> i) & 1u) {
+        const int e = i * kWideThreads + tid;
+        any_std = any_std || __ldg(steer + kSteerStd * E + e) != 0.f;  // NaN counts
+        const float f = __ldg(steer + kSteerForce * E + e);
+        fon |= (f > 0.f ? 1u : 0u) << i;
+        foff |= (f < 0.f ? 1u : 0u) << i;
+      }
+    }
+    has_std = row.max(any_std ? 1.f : 0.f) > 0.f;
+    has_force = row.max((fon | foff) != 0u ? 1.f : 0.f) > 0.f;
+  }
+  const bool zw_is_z0 = steer != nullptr && p.steer_select_only;
+  const bool softmax = p.score == Score::Softmax;
+  const bool dense = p.dense_stats();
+  const bool dense_softmax = softmax || p.score == Score::None;
+  auto tier_of = [&](int i) -> uint32_t {
+    return ((fon >> i) & 1u) ? kTierForcedOn : (((foff >> i) & 1u) ? kTierForcedOff : kTierNormal);
+  };
+
+  // ---- The open run of one statistics group: tokens and entropy (thread 0), q (per thread) ----
+  using u64 = unsigned long long;
+  float prob_acc[VPT];
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) prob_acc[i] = 0.f;
+  int64_t run_g = -1;
+  uint32_t run_tokens = 0;
+  float run_entropy = 0.f;
+  auto flush = [&]() {
+    if (tid == 0) {
+      if (p.tokens) atomicAdd(reinterpret_cast<u64*>(p.tokens + run_g), (u64)run_tokens);
+      if (p.entropy_sum) atomicAdd(p.entropy_sum + run_g, run_entropy);
+    }
+    run_tokens = 0;
+    run_entropy = 0.f;
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      if (p.prob_sum && ((valid >> i) & 1u) && prob_acc[i] != 0.f)
+        atomicAdd(p.prob_sum + run_g * E + i * kWideThreads + tid, prob_acc[i]);
+      prob_acc[i] = 0.f;
+    }
+  };
+
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    __syncthreads();  // the previous token's shared-memory reads are done
+    const int64_t off = t * p.row_stride;
+    float z0[VPT];
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      z0[i] = ((valid >> i) & 1u)
+                  ? sanitize(raw_to_float<LT>(load_raw<LT>(p.logits, off + i * kWideThreads + tid)))
+                  : 0.f;
+    }
+
+    // The statistics group of this token (block-uniform). Out-of-range ids cannot raise here.
+    int64_t g = 0;
+    if (p.any_stats() && p.groups)
+      g = p.groups_int64 ? static_cast<const int64_t*>(p.groups)[t]
+                         : int64_t(static_cast<const int32_t*>(p.groups)[t]);
+    const bool counted = p.any_stats() && g >= 0 && g < p.G;
+    const bool tok_dense = counted && dense;
+
+    // ---- Steering, weight-side logits and their softmax normaliser ----
+    float z[VPT];
+    RowSteer rs;
+    if (steer) {
+      rs = steer_row<VPT>(row, p, z0, valid, has_std, has_force, fon, foff, z);
+    } else {
+#pragma unroll
+      for (int i = 0; i < VPT; ++i) z[i] = z0[i];
+    }
+    float zw[VPT];
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) zw[i] = zw_is_z0 ? z0[i] : z[i];
+    const bool want_ew = (!p.select_on_logits && softmax) || (tok_dense && dense_softmax);
+    float w_max = 0.f, w_sum = 1.f;
+    if (want_ew) softmax_norm<VPT>(row, zw, valid, w_max, w_sum);
+
+    // ---- Router replay: a row of k distinct ids in [0, E) is the selection ----
+    bool replayed = false;
+    if (p.replay) {
+      if (warp == 0) {
+        const bool ok = replay_row(p, t, k, lane, sel_id);
+        if (lane == 0) *replay_flag = ok ? 1u : 0u;
+      }
+      __syncthreads();
+      replayed = *replay_flag != 0u;
+    }
+
+    if (!replayed) {
+      // ---- Selection values v ----
+      // This and the weights below repeat gate.cuh's inline steps. As helpers shared with the
+      // warp kernel they changed its register allocation (nvcc 13.0, sm_90a: the plain E=256
+      // fp32 build went from 80 registers and no spill to 64 and 32 bytes spilled).
+      float v[VPT];
+      if (selects_on_logits(p) || p.score == Score::None) {
+#pragma unroll
+        for (int i = 0; i < VPT; ++i) v[i] = z[i];
+      } else if (softmax) {
+        float sm_max = w_max, sm_sum = w_sum;
+        if (!want_ew || zw_is_z0) softmax_norm<VPT>(row, z, valid, sm_max, sm_sum);
+#pragma unroll
+        for (int i = 0; i < VPT; ++i) v[i] = expf(z[i] - sm_max) / sm_sum;
+      } else {
+#pragma unroll
+        for (int i = 0; i < VPT; ++i) v[i] = score_of(p.score, z[i]);
+      }
+      if (p.selection_bias) {
+#pragma unroll
+        for (int i = 0; i < VPT; ++i) {
+          if ((valid >> i) & 1u)
+            v[i] = sanitize(v[i] + sanitize(__ldg(p.selection_bias + i * kWideThreads + tid)));
+        }
+      }
+
+      // ---- Stage 1: this warp's best keys, descending, ended by a 0 if fewer than k ----
+      uint32_t ord[VPT];
+#pragma unroll
+      for (int i = 0; i < VPT; ++i) ord[i] = order_bits(v[i]);
+      uint32_t avail = valid;
+      uint64_t* const list = lists + int64_t(warp) * k;
+      for (int r = 0; r < k; ++r) {
+        uint64_t best = 0;
+#pragma unroll
+        for (int i = 0; i < VPT; ++i) {
+          if ((avail >> i) & 1u) {
+            const uint64_t key = make_key(tier_of(i), ord[i], uint32_t(i * kWideThreads + tid));
+            best = key > best ? key : best;
+          }
+        }
+        best = warp_max_key(best);  // warp-uniform
+        if (lane == 0) list[r] = best;
+        if (best == 0) break;
+        const int idx = key_index(best);
+        if ((idx & 31) == lane) avail &= ~(1u << (idx / kWideThreads));
+      }
+      __syncthreads();
+
+      // ---- Stage 2: warp 0 merges the lists by their heads ----
+      if (warp == 0) {
+        // Every real key is > 0, and k <= E keys exist, so a round never picks an empty head.
+        int pos = 0;
+        uint64_t head = lane < kWideWarps ? lists[int64_t(lane) * k] : 0;
+        for (int j = 0; j < k; ++j) {
+          const int idx = key_index(warp_max_key(head));
+          if (lane == (idx % kWideThreads) >> 5) {
+            ++pos;
+            head = pos < k ? lists[int64_t(lane) * k + pos] : 0;
+          }
+          if (lane == 0) sel_id[j] = idx;
+        }
+      }
+    }
+
+    if (warp == 0) {
+      __syncwarp();  // publish sel_id (lane 0 wrote it, or every lane in replay_row)
+      const int kpl = (k + 31) >> 5;
+      // ---- Weights (gate.cuh's formulas; lane j handles selections j = m*32 + lane) ----
+      float part_max = -kFltMax;
+      for (int m = 0; m < kpl; ++m) {
+        const int j = m * 32 + lane;
+        if (j < k) {
+          // The weight-side logit of the expert, by the row's operations (the same bits).
+          const int e = sel_id[j];
+          const float x0 = sanitize(raw_to_float<LT>(load_raw<LT>(p.logits, off + e)));
+          float x = x0;
+          if (steer && !zw_is_z0) {
+            const float f = __ldg(steer + kSteerForce * E + e);
+            x = f > 0.f ? rs.top : f < 0.f ? rs.bottom : steered_logit(steer, E, e, x0, rs.sd);
+          }
+          float w;
+          if (!p.select_on_logits) w = softmax ? expf(x - w_max) / w_sum : score_of(p.score, x);
+          else w = softmax ? x : score_of(p.score, x);  // logits + softmax: normalised below
+          sel_w[j] = w;
+          part_max = w > part_max ? w : part_max;
+        }
+      }
+      if (p.select_on_logits && softmax) {  // softmax over the k selected logits
+        const float m_sel = warp_max(part_max);
+        float s = 0.f;
+        for (int m = 0; m < kpl; ++m) {
+          const int j = m * 32 + lane;
+          if (j < k) {
+            const float e = expf(sel_w[j] - m_sel);
+            sel_w[j] = e;
+            s += e;
+          }
+        }
+        const float total = warp_sum(s);
+        for (int m = 0; m < kpl; ++m) {
+          const int j = m * 32 + lane;
+          if (j < k) sel_w[j] = sel_w[j] / total;
+        }
+      }
+      if (p.renormalize) {
+        float s = 0.f;
+        for (int m = 0; m < kpl; ++m) {
+          const int j = m * 32 + lane;
+          if (j < k) s += sel_w[j];
+        }
+        const float den = warp_sum(s) + p.renorm_eps;
+        if (den != 0.f) {
+          for (int m = 0; m < kpl; ++m) {
+            const int j = m * 32 + lane;
+            if (j < k) sel_w[j] = sel_w[j] / den;
+          }
+        }
+      }
+      const int64_t out = t * int64_t(k);
+      for (int m = 0; m < kpl; ++m) {
+        const int j = m * 32 + lane;
+        if (j < k) {
+          float w = sel_w[j];
+          if (p.scale != 1.f) w = w * p.scale;
+          p.weights[out + j] = w;
+          p.ids[out + j] = sel_id[j];
+          // ---- Per-selection statistics: global atomics ----
+          const int64_t at = g * E + sel_id[j];
+          if (counted && p.counts) atomicAdd(reinterpret_cast<u64*>(p.counts + at), 1ull);
+          if (counted && p.weight_sum) atomicAdd(p.weight_sum + at, w);
+        }
+      }
+      if (counted && p.coact) add_coact(p, sel_id, lane);
+    }
+
+    // ---- Per-group sums of the run ----
+    if (!counted) continue;
+    if (g != run_g || run_tokens == kMaxRunTokens) {
+      if (run_g >= 0) flush();
+      run_g = g;
+    }
+    run_tokens += 1;
+    if (tok_dense) run_entropy += add_dense<VPT>(row, p, zw, valid, w_max, w_sum, prob_acc);
+  }
+  if (run_g >= 0) flush();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host-side planning and dispatch.
+
+inline int wide_vpt_for(int64_t E) { return E <= 2048 ? 4 : E <= 4096 ? 8 : E <= 8192 ? 16 : 32; }
+
+// Launch geometry for a call with p.T > 0 that gate_args_ok takes with p.E > kMaxExperts, for
+// `blocks_per_sm` resident CTAs per SM (0 if unknown: one).
+inline WidePlan plan_topk_gate_wide(const GateParams& p, int sm_count, int blocks_per_sm) {
+  WidePlan c;
+  const int64_t ctas =
+      int64_t(sm_count > 0 ? sm_count : 1) * (blocks_per_sm > 0 ? blocks_per_sm : 1);
+  c.chunk = (p.T + ctas - 1) / ctas;
+  c.blocks = int32_t((p.T + c.chunk - 1) / c.chunk);
+  c.smem_bytes = wide_smem_bytes(p.k);
+  return c;
+}
+
+using WideKernel = void (*)(const GateParams, const WidePlan);
+
+// The wide builds, instantiated in their own translation unit (gate_wide.cu).
+WideKernel wide_kernel_for(int vpt, LogitType lt);
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace moe_route
