@@ -1003,6 +1003,10 @@ inline GateKernel kernel_for_tier(int vpt, LogitType lt) {
 // compiles in parallel with gate.cu: together they would double its compile time.
 GateKernel replay_kernel_for_tier(int vpt, LogitType lt);
 
+// A template only so that the translation units that include this header without launching the
+// warp kernel (gate_replay.cu, gate_wide.cu) do not instantiate and compile its plain and full
+// builds: as an inline function it made nvcc build all 36 of them in each.
+template <class = void>
 inline GateKernel select_kernel(const GateParams& p) {
   const int vpt = vpt_for(p.E);
   if (p.replay != nullptr) return replay_kernel_for_tier(vpt, p.logit_type);

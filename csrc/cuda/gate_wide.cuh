@@ -46,7 +46,7 @@ struct WidePlan {
 // sel_id [k] from word 18, sel_w [k] after it, then the 16 lists of k keys (u64) from an even
 // word.
 constexpr int64_t kWideSelOffset = kWideWarps + 2;
-inline int64_t wide_lists_offset(int64_t k) { return kWideSelOffset + 2 * k; }
+__host__ __device__ inline int64_t wide_lists_offset(int64_t k) { return kWideSelOffset + 2 * k; }
 inline size_t wide_smem_bytes(int64_t k) {
   return size_t(wide_lists_offset(k) + 2 * kWideWarps * k) * sizeof(uint32_t);
 }
