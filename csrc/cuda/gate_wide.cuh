@@ -89,7 +89,7 @@ struct BlockRow {
 };
 
 template <int VPT, LogitType LT>
-__global__ void __launch_bounds__(kWideThreads)
+__global__ void __launch_bounds__(kWideThreads, 1)
     topk_gate_wide_kernel(const GateParams p, const WidePlan plan) {
   static_assert(VPT >= 1 && VPT <= 32, "VPT tier out of range");
   extern __shared__ __align__(16) uint32_t gate_smem[];
