@@ -5,7 +5,8 @@
 //   nvcc -std=c++17 -O3 -Icsrc -gencode arch=compute_90a,code=sm_90a
 //        csrc/cuda/gate_selftest.cu csrc/cuda/gate.cu csrc/cuda/gate_replay.cu
 //        csrc/cuda/gate_wide.cu -o /tmp/gate_selftest
-//   /tmp/gate_selftest
+//   /tmp/gate_selftest            # every case
+//   /tmp/gate_selftest wide       # the cases whose name contains "wide"
 //
 // Exit status 0 when every case passes. Ids must match exactly, except where two experts' distinct
 // selection values lie within fp32 rounding of each other (device expf vs host std::exp); such
