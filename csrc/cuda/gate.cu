@@ -68,8 +68,7 @@ cudaError_t launch_topk_gate(const GateParams& p, cudaStream_t stream) {
   const cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
   if (p.E > detail::kMaxExperts) {
-    const detail::WideKernel kernel =
-        detail::wide_kernel_for(detail::wide_vpt_for(p.E), p.logit_type);
+    const detail::WideKernel kernel = detail::select_wide_kernel(p);
     const int per_sm = blocks_per_sm(device, reinterpret_cast<const void*>(kernel),
                                      detail::kWideThreads, detail::wide_smem_bytes(p.k));
     const detail::WidePlan plan = detail::plan_topk_gate_wide(p, sm_count_of(device), per_sm);

@@ -55,6 +55,9 @@ struct Case {
   // Router replay rows: valid selections, rows of -1 and invalid rows (selected as usual).
   bool replay = false, replay_int64 = false;
   bool ties = false;      // logits on a coarse grid: many exact ties
+  // Experts e with e % 512 == 5 lead every row (+8): one thread of the CTA kernel, one lane of
+  // the warp kernel, holds the first min(k, its experts) winners.
+  bool one_lane_leads = false;
   uint32_t seed = 1;
 };
 
@@ -125,8 +128,11 @@ HostToken host_token(const Case& c, const std::vector<float>& logit_row,
   }
   h.zw = c.steer && c.steer_select_only ? z0 : z;
   h.w_max = *std::max_element(h.zw.begin(), h.zw.end());
-  h.w_sum = 0.f;
-  for (int e = 0; e < E; ++e) h.w_sum += std::exp(h.zw[e] - h.w_max);
+  // Normalisers summed in double: a float sum in expert order drifts by more than the kernels'
+  // tree sums at thousands of experts (2.6e-5 relative at E=4000 with a few dominant terms).
+  double w_sum = 0.0;
+  for (int e = 0; e < E; ++e) w_sum += std::exp(h.zw[e] - h.w_max);
+  h.w_sum = float(w_sum);
 
   h.v.resize(E);
   if (c.select_on_logits || (c.score == Score::Softmax && !c.bias &&
@@ -134,9 +140,9 @@ HostToken host_token(const Case& c, const std::vector<float>& logit_row,
     h.v = z;
   } else if (c.score == Score::Softmax) {
     const float m = *std::max_element(z.begin(), z.end());
-    float s = 0.f;
+    double s = 0.0;
     for (int e = 0; e < E; ++e) s += std::exp(z[e] - m);
-    for (int e = 0; e < E; ++e) h.v[e] = std::exp(z[e] - m) / s;
+    for (int e = 0; e < E; ++e) h.v[e] = std::exp(z[e] - m) / float(s);
   } else {
     for (int e = 0; e < E; ++e) h.v[e] = host_score(c.score, z[e]);
   }
@@ -253,6 +259,9 @@ bool run_case(const Case& c) {
       else if (r < 0.07f) x = -INFINITY;
     }
   }
+  if (c.one_lane_leads)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t e = 5; e < E; e += 512) logits[size_t(t * stride + e)] += 8.f;
   if (c.specials && T > 2) {  // one row all NaN, one row with several +inf
     for (int64_t e = 0; e < E; ++e) logits[size_t(0 * stride + e)] = NAN;
     for (int64_t e = 0; e < E; e += 3) logits[size_t(1 * stride + e)] = INFINITY;
@@ -709,6 +718,27 @@ std::vector<Case> cases() {
     Case c;
     c.name = "wide E=2048 k=256 sqrtsoftplus (the largest k)";
     c.T = 3, c.E = 2048, c.k = 256, c.score = Score::SqrtSoftplus, c.seed = 34;
+    v.push_back(c);
+  }
+  {
+    Case c;  // the plain build (no steering, statistics or replay) at VPT 32
+    c.name = "wide plain E=16384 k=64 softmax renorm bf16, one thread leads";
+    c.T = 5, c.E = 16384, c.k = 64, c.lt = LogitType::BF16, c.renormalize = true;
+    c.one_lane_leads = true, c.seed = 35;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "wide plain E=8192 k=48 sigmoid+bias ties";
+    c.T = 7, c.E = 8192, c.k = 48, c.score = Score::Sigmoid, c.bias = true, c.ties = true;
+    c.renormalize = true, c.seed = 36;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "wide E=4000 k=100 stats, one thread leads, ties";
+    c.T = 12, c.E = 4000, c.k = 100, c.ties = true, c.one_lane_leads = true, c.stats = true;
+    c.groups = true, c.G = 2, c.seed = 37;
     v.push_back(c);
   }
   return v;

@@ -5,24 +5,31 @@
 namespace moe_route::cuda::detail {
 namespace {
 
-template <int VPT>
+template <int VPT, bool kFull>
 WideKernel wide_kernel_for_type(LogitType lt) {
   switch (lt) {
-    case LogitType::F16: return &topk_gate_wide_kernel<VPT, LogitType::F16>;
-    case LogitType::BF16: return &topk_gate_wide_kernel<VPT, LogitType::BF16>;
-    default: return &topk_gate_wide_kernel<VPT, LogitType::F32>;
+    case LogitType::F16: return &topk_gate_wide_kernel<VPT, LogitType::F16, kFull>;
+    case LogitType::BF16: return &topk_gate_wide_kernel<VPT, LogitType::BF16, kFull>;
+    default: return &topk_gate_wide_kernel<VPT, LogitType::F32, kFull>;
+  }
+}
+
+template <bool kFull>
+WideKernel wide_kernel_for_tier(int vpt, LogitType lt) {
+  switch (vpt) {
+    case 4: return wide_kernel_for_type<4, kFull>(lt);
+    case 8: return wide_kernel_for_type<8, kFull>(lt);
+    case 16: return wide_kernel_for_type<16, kFull>(lt);
+    default: return wide_kernel_for_type<32, kFull>(lt);
   }
 }
 
 }  // namespace
 
-WideKernel wide_kernel_for(int vpt, LogitType lt) {
-  switch (vpt) {
-    case 4: return wide_kernel_for_type<4>(lt);
-    case 8: return wide_kernel_for_type<8>(lt);
-    case 16: return wide_kernel_for_type<16>(lt);
-    default: return wide_kernel_for_type<32>(lt);
-  }
+WideKernel select_wide_kernel(const GateParams& p) {
+  const int vpt = wide_vpt_for(p.E);
+  return needs_full_kernel(p) ? wide_kernel_for_tier<true>(vpt, p.logit_type)
+                              : wide_kernel_for_tier<false>(vpt, p.logit_type);
 }
 
 }  // namespace moe_route::cuda::detail

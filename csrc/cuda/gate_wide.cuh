@@ -88,7 +88,7 @@ struct BlockRow {
   __device__ __forceinline__ float min(float x) const { return reduce(x, FMin{}); }
 };
 
-template <int VPT, LogitType LT>
+template <int VPT, LogitType LT, bool kFull>
 __global__ void __launch_bounds__(kWideThreads, 1)
     topk_gate_wide_kernel(const GateParams p, const WidePlan plan) {
   static_assert(VPT >= 1 && VPT <= 32, "VPT tier out of range");
@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kWideThreads, 1)
   for (int i = 0; i < VPT; ++i) valid |= (i * kWideThreads + tid < E ? 1u : 0u) << i;
 
   // ---- Per-call constants of the steering table (gate.cuh's) ----
-  const float* steer = p.steer;
+  const float* steer = kFull ? p.steer : nullptr;
   bool has_std = false, has_force = false;
   uint32_t fon = 0, foff = 0;
   if (steer) {
@@ -132,7 +132,8 @@ __global__ void __launch_bounds__(kWideThreads, 1)
   }
   const bool zw_is_z0 = steer != nullptr && p.steer_select_only;
   const bool softmax = p.score == Score::Softmax;
-  const bool dense = p.dense_stats();
+  const bool any_stats = kFull && p.any_stats();
+  const bool dense = kFull && p.dense_stats();
   const bool dense_softmax = softmax || p.score == Score::None;
   auto tier_of = [&](int i) -> uint32_t {
     return ((fon >> i) & 1u) ? kTierForcedOn : (((foff >> i) & 1u) ? kTierForcedOff : kTierNormal);
@@ -164,41 +165,48 @@ __global__ void __launch_bounds__(kWideThreads, 1)
   for (int64_t t = t_begin; t < t_end; ++t) {
     __syncthreads();  // the previous token's shared-memory reads are done
     const int64_t off = t * p.row_stride;
-    float z0[VPT];
+    // One array of logits, z0 as loaded, then steered in place: at VPT 32 a second (and a
+    // third for the weight side) is what made ptxas spill.
+    float z[VPT];
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
-      z0[i] = ((valid >> i) & 1u)
-                  ? sanitize(raw_to_float<LT>(load_raw<LT>(p.logits, off + i * kWideThreads + tid)))
-                  : 0.f;
+      z[i] = ((valid >> i) & 1u)
+                 ? sanitize(raw_to_float<LT>(load_raw<LT>(p.logits, off + i * kWideThreads + tid)))
+                 : 0.f;
     }
 
     // The statistics group of this token (block-uniform). Out-of-range ids cannot raise here.
     int64_t g = 0;
-    if (p.any_stats() && p.groups)
+    if (any_stats && p.groups)
       g = p.groups_int64 ? static_cast<const int64_t*>(p.groups)[t]
                          : int64_t(static_cast<const int32_t*>(p.groups)[t]);
-    const bool counted = p.any_stats() && g >= 0 && g < p.G;
+    const bool counted = any_stats && g >= 0 && g < p.G;
     const bool tok_dense = counted && dense;
 
-    // ---- Steering, weight-side logits and their softmax normaliser ----
-    float z[VPT];
-    RowSteer rs;
-    if (steer) {
-      rs = steer_row<VPT>(row, p, z0, valid, has_std, has_force, fon, foff, z);
-    } else {
-#pragma unroll
-      for (int i = 0; i < VPT; ++i) z[i] = z0[i];
-    }
-    float zw[VPT];
-#pragma unroll
-    for (int i = 0; i < VPT; ++i) zw[i] = zw_is_z0 ? z0[i] : z[i];
+    // ---- The weight side: softmax normaliser of the weight-side logits zw, and the run's
+    // per-group sums (before the selection, so that zw is not kept past them) ----
     const bool want_ew = (!p.select_on_logits && softmax) || (tok_dense && dense_softmax);
     float w_max = 0.f, w_sum = 1.f;
-    if (want_ew) softmax_norm<VPT>(row, zw, valid, w_max, w_sum);
+    auto weight_side = [&](const float(&zw)[VPT]) {
+      if (want_ew) softmax_norm<VPT>(row, zw, valid, w_max, w_sum);
+      if (!counted) return;
+      if (g != run_g || run_tokens == kMaxRunTokens) {
+        if (run_g >= 0) flush();
+        run_g = g;
+      }
+      run_tokens += 1;
+      if (tok_dense) run_entropy += add_dense<VPT>(row, p, zw, valid, w_max, w_sum, prob_acc);
+    };
+    if (zw_is_z0) weight_side(z);  // select-only steering: the weights see the plain logits
+
+    // ---- Steering ----
+    RowSteer rs;
+    if (steer) rs = steer_row<VPT>(row, p, z, valid, has_std, has_force, fon, foff, z);
+    if (!zw_is_z0) weight_side(z);
 
     // ---- Router replay: a row of k distinct ids in [0, E) is the selection ----
     bool replayed = false;
-    if (p.replay) {
+    if (kFull && p.replay) {
       if (warp == 0) {
         const bool ok = replay_row(p, t, k, lane, sel_id);
         if (lane == 0) *replay_flag = ok ? 1u : 0u;
@@ -343,14 +351,6 @@ __global__ void __launch_bounds__(kWideThreads, 1)
       if (counted && p.coact) add_coact(p, sel_id, lane);
     }
 
-    // ---- Per-group sums of the run ----
-    if (!counted) continue;
-    if (g != run_g || run_tokens == kMaxRunTokens) {
-      if (run_g >= 0) flush();
-      run_g = g;
-    }
-    run_tokens += 1;
-    if (tok_dense) run_entropy += add_dense<VPT>(row, p, zw, valid, w_max, w_sum, prob_acc);
   }
   if (run_g >= 0) flush();
 }
@@ -374,8 +374,9 @@ inline WidePlan plan_topk_gate_wide(const GateParams& p, int sm_count, int block
 
 using WideKernel = void (*)(const GateParams, const WidePlan);
 
-// The wide builds, instantiated in their own translation unit (gate_wide.cu).
-WideKernel wide_kernel_for(int vpt, LogitType lt);
+// The build for a call (VPT tier, logit type, plain or full as in gate.cuh), instantiated in its
+// own translation unit (gate_wide.cu).
+WideKernel select_wide_kernel(const GateParams& p);
 
 }  // namespace detail
 }  // namespace cuda

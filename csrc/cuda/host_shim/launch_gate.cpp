@@ -13,8 +13,7 @@ cudaError_t launch_topk_gate(const GateParams& p, cudaStream_t) {
   if (p.T <= 0) return cudaSuccess;
   if (!gate_args_ok(p)) return cudaErrorInvalidValue;
   if (p.E > detail::kMaxExperts) {
-    const detail::WideKernel kernel =
-        detail::wide_kernel_for(detail::wide_vpt_for(p.E), p.logit_type);
+    const detail::WideKernel kernel = detail::select_wide_kernel(p);
     const detail::WidePlan plan =
         detail::plan_topk_gate_wide(p, emu::sm_count(), emu::resident_warps() / detail::kWideWarps);
     emu::launch(plan.blocks, detail::kWideThreads, true, [&] { kernel(p, plan); },
