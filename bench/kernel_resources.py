@@ -36,9 +36,10 @@ def kernel_label(mangled: str) -> str:
     if m:
         variant = "replay" if m.group(4) == "1" else "full" if m.group(3) == "1" else "plain"
         return f"topk_gate VPT={m.group(1)} {LOGIT_TYPES[m.group(2)]} {variant}"
-    m = re.search(r"topk_gate_wide_kernelILi(\d+)ELNS_9LogitTypeE(\d)", mangled)
+    m = re.search(r"topk_gate_wide_kernelILi(\d+)ELNS_9LogitTypeE(\d)ELb([01])", mangled)
     if m:
-        return f"topk_gate wide VPT={m.group(1)} {LOGIT_TYPES[m.group(2)]}"
+        variant = "full" if m.group(3) == "1" else "plain"
+        return f"topk_gate wide VPT={m.group(1)} {LOGIT_TYPES[m.group(2)]} {variant}"
     m = re.search(r"unpermute_kernelI(13__nv_bfloat16|6__half|f)Li(\d+)E", mangled)
     if m:
         return f"unpermute {ELEM_TYPES[m.group(1)]} x{m.group(2)}"

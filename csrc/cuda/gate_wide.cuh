@@ -9,10 +9,12 @@
 // sum (or max) of the 16 warps' results in warp order, so every thread ends with the same bits.
 //
 // Selection in two stages, with gate.cuh's packed keys. (1) Each warp puts its own best
-// min(k, its experts) keys in descending order into a list in shared memory: k rounds of
-// "per-lane best + warp max". (2) Warp 0 merges the 16 sorted lists: lane w holds the head of
-// list w, and each of k rounds takes the largest head and advances that list. The k best keys of
-// the row lie among the warps' k best, so the result is the exact top k, in the same order.
+// min(k, its experts) keys in descending order into a list in shared memory: k rounds of "warp
+// max of the lanes' heads", each lane holding its best few remaining keys sorted in registers
+// and rescanning its VPT slots only when they run out. (2) Warp 0 merges the 16 sorted lists:
+// lane w holds the head of list w, and each of k rounds takes the largest head and advances that
+// list. The k best keys of the row lie among the warps' k best, so the result is the exact top
+// k, in the same order.
 //
 // Weights: warp 0, from each selected expert's weight-side logit, recomputed from the logits and
 // the steering table by the row's own operations (the same bits), then gate.cuh's formulas.
@@ -21,6 +23,11 @@
 // Tokens, entropy and the dense distribution q accumulate per thread while consecutive tokens
 // share a group and are flushed with global atomics when it changes and at the end of the range
 // (E float atomics per CTA and run of a group).
+//
+// Two builds per (VPT, logit type), as in gate.cuh: the full kernel, and a plain one compiled
+// without steering, statistics and replay for calls that use none of them (needs_full_kernel).
+// nvcc 13.0, sm_90a: the plain builds take 61-128 registers and never spill; the full ones spill
+// at VPT 16 and 32, mostly the per-thread q accumulator (bench/RESULTS.md).
 //
 // Limits (gate_launch.h): k <= 256, for the lists' shared memory, and no group limit. No
 // transformers family routes over more than 1024 experts in groups.
@@ -242,38 +249,69 @@ __global__ void __launch_bounds__(kWideThreads, 1)
       }
 
       // ---- Stage 1: this warp's best keys, descending, ended by a 0 if fewer than k ----
+      // Each lane keeps its kCache best remaining keys sorted in registers and rescans its VPT
+      // slots (for the next kCache below the last key taken) only when they run out, so a round
+      // is a warp max of the lanes' heads, not VPT key builds per lane: k rounds of a scan were
+      // about 20 instructions per slot, k * VPT * 20 = 40k a token at E = 16384, k = 64.
+      constexpr int kCache = 4;
       uint32_t ord[VPT];
 #pragma unroll
       for (int i = 0; i < VPT; ++i) ord[i] = order_bits(v[i]);
-      uint32_t avail = valid;
-      uint64_t* const list = lists + int64_t(warp) * k;
-      for (int r = 0; r < k; ++r) {
-        uint64_t best = 0;
+      uint64_t cache[kCache];
+      uint64_t below = ~0ull;  // every key is smaller (tier <= 2)
+      bool more = true;        // the lane may hold keys below the cache
+      auto refill = [&]() {
+#pragma unroll
+        for (int c = 0; c < kCache; ++c) cache[c] = 0;
 #pragma unroll
         for (int i = 0; i < VPT; ++i) {
-          if ((avail >> i) & 1u) {
-            const uint64_t key = make_key(tier_of(i), ord[i], uint32_t(i * kWideThreads + tid));
-            best = key > best ? key : best;
+          if ((valid >> i) & 1u) {
+            uint64_t x = make_key(tier_of(i), ord[i], uint32_t(i * kWideThreads + tid));
+            if (x < below && x > cache[kCache - 1]) {  // insert; the smallest falls off
+#pragma unroll
+              for (int c = 0; c < kCache; ++c) {
+                const uint64_t y = cache[c];
+                cache[c] = x > y ? x : y;
+                x = x > y ? y : x;
+              }
+            }
           }
         }
-        best = warp_max_key(best);  // warp-uniform
+        more = cache[kCache - 1] != 0;
+      };
+      bool dry = true;  // one call site: refill inlined once
+      uint64_t* const list = lists + int64_t(warp) * k;
+      for (int r = 0; r < k; ++r) {
+        if (dry) refill();
+        const uint64_t best = warp_max_key(cache[0]);  // warp-uniform
         if (lane == 0) list[r] = best;
         if (best == 0) break;
-        const int idx = key_index(best);
-        if ((idx & 31) == lane) avail &= ~(1u << (idx / kWideThreads));
+        dry = false;
+        if ((key_index(best) & 31) == lane) {  // the winner pops its head
+          below = best;
+#pragma unroll
+          for (int c = 0; c + 1 < kCache; ++c) cache[c] = cache[c + 1];
+          cache[kCache - 1] = 0;
+          dry = cache[0] == 0 && more;
+        }
       }
       __syncthreads();
 
       // ---- Stage 2: warp 0 merges the lists by their heads ----
       if (warp == 0) {
-        // Every real key is > 0, and k <= E keys exist, so a round never picks an empty head.
+        // Every real key is > 0, and k <= E keys exist, so a round never picks an empty head
+        // (nor the entry after it, which the next tokens' lists may not have overwritten).
+        // Each lane holds its list's next key too, so the load is off the rounds' chain.
         int pos = 0;
-        uint64_t head = lane < kWideWarps ? lists[int64_t(lane) * k] : 0;
+        const uint64_t* const mine = lists + int64_t(lane) * k;
+        uint64_t head = lane < kWideWarps ? mine[0] : 0;
+        uint64_t next = lane < kWideWarps && k > 1 ? mine[1] : 0;
         for (int j = 0; j < k; ++j) {
           const int idx = key_index(warp_max_key(head));
           if (lane == (idx % kWideThreads) >> 5) {
             ++pos;
-            head = pos < k ? lists[int64_t(lane) * k + pos] : 0;
+            head = next;
+            next = pos + 1 < k ? mine[pos + 1] : 0;
           }
           if (lane == 0) sel_id[j] = idx;
         }
