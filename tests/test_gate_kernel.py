@@ -203,6 +203,18 @@ def test_more_than_1024_experts(device, E, k, kw):
           stats=zero_stats(2, E, device=device, names=names))
 
 
+@pytest.mark.parametrize("E,k", [(16384, 64), (5000, 200)])
+def test_more_than_1024_experts_led_by_one_thread(device, E, k):
+    """The CTA kernel's selection caches each thread's best few keys and rescans when they run
+    out: rows whose leaders all sit in one thread (experts e % 512 == 5, +8) make that thread
+    rescan again and again; tied logits (a coarse grid) must still give the lower index."""
+    T = 6
+    logits = random_logits(T, E, seed=7, device=device)
+    logits[:, 5::512] += 8
+    check(logits, k, dict(renormalize=True))
+    check((logits * 2).round() / 2, k, dict(score="sigmoid"))
+
+
 def test_cuda_expert_limits(device):
     """Past 1024 experts, CUDA takes up to 16384 experts and k <= 256 (the CPU has no limit)."""
     if device != "cuda":

@@ -287,7 +287,40 @@ struct WarpRow {
   __device__ __forceinline__ float sum(float x) const { return warp_sum(x); }
   __device__ __forceinline__ float max(float x) const { return warp_max(x); }
   __device__ __forceinline__ float min(float x) const { return warp_min(x); }
+  __device__ __forceinline__ bool any(bool x) const { return __any_sync(kFullMask, x); }
 };
+
+// What a call's steering table says about a row's experts, beyond their terms: bit i of on / off,
+// the expert of slot i is forced on / off (tiers as in the reference: force > 0 on, < 0 off, 0
+// and NaN normal), and whether any expert of the row has a std term (NaN counts, as on the CPU)
+// or is forced.
+struct SteerMasks {
+  uint32_t on = 0, off = 0;
+  bool has_std = false, has_force = false;
+  __device__ __forceinline__ uint32_t tier(int i) const {
+    return ((on >> i) & 1u) ? kTierForcedOn : (((off >> i) & 1u) ? kTierForcedOff : kTierNormal);
+  }
+};
+
+template <int VPT, class Row>
+__device__ __forceinline__ SteerMasks steer_masks(const Row& row, const float* steer, int E,
+                                                  uint32_t valid) {
+  SteerMasks m;
+  bool any_std = false;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    if ((valid >> i) & 1u) {
+      const int e = i * Row::kStride + row.base;
+      any_std = any_std || __ldg(steer + kSteerStd * E + e) != 0.f;
+      const float f = __ldg(steer + kSteerForce * E + e);
+      m.on |= (f > 0.f ? 1u : 0u) << i;
+      m.off |= (f < 0.f ? 1u : 0u) << i;
+    }
+  }
+  m.has_std = row.any(any_std);
+  m.has_force = row.any((m.on | m.off) != 0u);
+  return m;
+}
 
 // Softmax normaliser of a row: max over the valid values and sum of exp(x - max).
 template <int VPT, class Row>
@@ -323,16 +356,14 @@ struct RowSteer {
   float sd = 0.f, top = 0.f, bottom = 0.f;
 };
 
-// Steers a row (z from z0) with the table p.steer; fon / foff: bit i, the expert of slot i is
-// forced on / off.
+// Steers a row (z from z0; the same array steers in place) with the table p.steer and its masks.
 template <int VPT, class Row>
 __device__ __forceinline__ RowSteer steer_row(const Row& row, const GateParams& p,
                                               const float (&z0)[VPT], uint32_t valid,
-                                              bool has_std, bool has_force, uint32_t fon,
-                                              uint32_t foff, float (&z)[VPT]) {
+                                              const SteerMasks& masks, float (&z)[VPT]) {
   const int E = int(p.E);
   RowSteer rs;
-  if (has_std) {
+  if (masks.has_std) {
     float s = 0.f;
 #pragma unroll
     for (int i = 0; i < VPT; ++i) s += ((valid >> i) & 1u) ? z0[i] : 0.f;
@@ -353,7 +384,7 @@ __device__ __forceinline__ RowSteer steer_row(const Row& row, const GateParams& 
     z[i] = ((valid >> i) & 1u)
                ? steered_logit(p.steer, E, i * Row::kStride + row.base, z0[i], rs.sd)
                : 0.f;
-  if (has_force) {
+  if (masks.has_force) {
     float hi = -kFltMax, lo = kFltMax;
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
@@ -366,7 +397,7 @@ __device__ __forceinline__ RowSteer steer_row(const Row& row, const GateParams& 
     rs.bottom = row.min(lo);
 #pragma unroll
     for (int i = 0; i < VPT; ++i)
-      z[i] = ((fon >> i) & 1u) ? rs.top : (((foff >> i) & 1u) ? rs.bottom : z[i]);
+      z[i] = ((masks.on >> i) & 1u) ? rs.top : (((masks.off >> i) & 1u) ? rs.bottom : z[i]);
   }
   return rs;
 }
@@ -464,26 +495,8 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
   for (int i = 0; i < VPT; ++i) valid |= (i * 32 + lane < E ? 1u : 0u) << i;
 
   // ---- Per-call constants derived from the steering table (the CPU's Prep) ----
-  // Tiers follow the reference: force > 0 forced-on, force < 0 forced-off, anything else (0, NaN)
-  // normal.
   const float* steer = kFull ? p.steer : nullptr;
-  bool has_std = false, has_force = false;
-  uint32_t fon = 0, foff = 0;  // bit i: expert i*32 + lane forced on / off
-  if (steer) {
-    bool any_std = false;
-#pragma unroll
-    for (int i = 0; i < VPT; ++i) {
-      if ((valid >> i) & 1u) {
-        const int e = i * 32 + lane;
-        any_std = any_std || __ldg(steer + kSteerStd * E + e) != 0.f;  // NaN counts, as on CPU
-        const float f = __ldg(steer + kSteerForce * E + e);
-        fon |= (f > 0.f ? 1u : 0u) << i;
-        foff |= (f < 0.f ? 1u : 0u) << i;
-      }
-    }
-    has_std = __any_sync(kFullMask, any_std);
-    has_force = __any_sync(kFullMask, (fon | foff) != 0u);
-  }
+  const SteerMasks masks = steer ? steer_masks<VPT>(warp_row, steer, E, valid) : SteerMasks{};
   const bool zw_is_z0 = steer != nullptr && p.steer_select_only;
 
   // Groups: lane owns groups g = m*32 + lane (m < gpl <= 32).
@@ -497,7 +510,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
   // Staggered scan start per lane: conflict-free shared-memory reads when gsize % 32 == 0.
   const int grot = lane % gsize;
   uint32_t gon = 0;  // bit m: group m*32 + lane holds a forced-on expert
-  if (group_limited && has_force) {
+  if (group_limited && masks.has_force) {
     for (int m = 0; m < gpl; ++m) {
       const int g = m * 32 + lane;
       if (g < n_group) {
@@ -622,7 +635,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
     // ---- Steering: z ----
     float z[VPT];
     if (steer) {
-      steer_row<VPT>(warp_row, p, z0, valid, has_std, has_force, fon, foff, z);
+      steer_row<VPT>(warp_row, p, z0, valid, masks, z);
     } else {
 #pragma unroll
       for (int i = 0; i < VPT; ++i) z[i] = z0[i];
@@ -740,10 +753,6 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
       uint32_t ord[VPT];
 #pragma unroll
       for (int i = 0; i < VPT; ++i) ord[i] = order_bits(v[i]);
-      auto tier_of = [&](int i) -> uint32_t {
-        return ((fon >> i) & 1u) ? kTierForcedOn
-                                 : (((foff >> i) & 1u) ? kTierForcedOff : kTierNormal);
-      };
       // With its keys sorted (kSortKeys), a lane's best remaining key is keys[0] and the round's
       // winner pops it; otherwise every round scans the lane's available keys. Unavailable experts
       // get key 0, below every real key (whose index field is >= 2^30 - 1024).
@@ -751,7 +760,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
       if constexpr (kCacheKeys) {
 #pragma unroll
         for (int i = 0; i < VPT; ++i)
-          keys[i] = ((avail >> i) & 1u) ? make_key(tier_of(i), ord[i], uint32_t(i * 32 + lane)) : 0;
+          keys[i] = ((avail >> i) & 1u) ? make_key(masks.tier(i), ord[i], uint32_t(i * 32 + lane)) : 0;
         if constexpr (kSortKeys) sort_descending(keys);
       }
       for (int j = 0; j < k; ++j) {
@@ -764,7 +773,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
             if ((avail >> i) & 1u) {
               uint64_t key;
               if constexpr (kCacheKeys) key = keys[i];
-              else key = make_key(tier_of(i), ord[i], uint32_t(i * 32 + lane));
+              else key = make_key(masks.tier(i), ord[i], uint32_t(i * 32 + lane));
               best = key > best ? key : best;
             }
           }

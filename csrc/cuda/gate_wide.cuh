@@ -93,6 +93,7 @@ struct BlockRow {
   __device__ __forceinline__ float sum(float x) const { return reduce(x, FAdd{}); }
   __device__ __forceinline__ float max(float x) const { return reduce(x, FMax{}); }
   __device__ __forceinline__ float min(float x) const { return reduce(x, FMin{}); }
+  __device__ __forceinline__ bool any(bool x) const { return max(x ? 1.f : 0.f) > 0.f; }
 };
 
 template <int VPT, LogitType LT, bool kFull>
@@ -120,31 +121,12 @@ __global__ void __launch_bounds__(kWideThreads, 1)
 
   // ---- Per-call constants of the steering table (gate.cuh's) ----
   const float* steer = kFull ? p.steer : nullptr;
-  bool has_std = false, has_force = false;
-  uint32_t fon = 0, foff = 0;
-  if (steer) {
-    bool any_std = false;
-#pragma unroll
-    for (int i = 0; i < VPT; ++i) {
-      if ((valid >> i) & 1u) {
-        const int e = i * kWideThreads + tid;
-        any_std = any_std || __ldg(steer + kSteerStd * E + e) != 0.f;  // NaN counts
-        const float f = __ldg(steer + kSteerForce * E + e);
-        fon |= (f > 0.f ? 1u : 0u) << i;
-        foff |= (f < 0.f ? 1u : 0u) << i;
-      }
-    }
-    has_std = row.max(any_std ? 1.f : 0.f) > 0.f;
-    has_force = row.max((fon | foff) != 0u ? 1.f : 0.f) > 0.f;
-  }
+  const SteerMasks masks = steer ? steer_masks<VPT>(row, steer, E, valid) : SteerMasks{};
   const bool zw_is_z0 = steer != nullptr && p.steer_select_only;
   const bool softmax = p.score == Score::Softmax;
   const bool any_stats = kFull && p.any_stats();
   const bool dense = kFull && p.dense_stats();
   const bool dense_softmax = softmax || p.score == Score::None;
-  auto tier_of = [&](int i) -> uint32_t {
-    return ((fon >> i) & 1u) ? kTierForcedOn : (((foff >> i) & 1u) ? kTierForcedOff : kTierNormal);
-  };
 
   // ---- The open run of one statistics group: tokens and entropy (thread 0), q (per thread) ----
   using u64 = unsigned long long;
@@ -208,7 +190,7 @@ __global__ void __launch_bounds__(kWideThreads, 1)
 
     // ---- Steering ----
     RowSteer rs;
-    if (steer) rs = steer_row<VPT>(row, p, z, valid, has_std, has_force, fon, foff, z);
+    if (steer) rs = steer_row<VPT>(row, p, z, valid, masks, z);
     if (!zw_is_z0) weight_side(z);
 
     // ---- Router replay: a row of k distinct ids in [0, E) is the selection ----
@@ -266,7 +248,7 @@ __global__ void __launch_bounds__(kWideThreads, 1)
 #pragma unroll
         for (int i = 0; i < VPT; ++i) {
           if ((valid >> i) & 1u) {
-            uint64_t x = make_key(tier_of(i), ord[i], uint32_t(i * kWideThreads + tid));
+            uint64_t x = make_key(masks.tier(i), ord[i], uint32_t(i * kWideThreads + tid));
             if (x < below && x > cache[kCache - 1]) {  // insert; the smallest falls off
 #pragma unroll
               for (int c = 0; c < kCache; ++c) {
