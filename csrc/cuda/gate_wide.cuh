@@ -233,8 +233,8 @@ __global__ void __launch_bounds__(kWideThreads, 1)
       // ---- Stage 1: this warp's best keys, descending, ended by a 0 if fewer than k ----
       // Each lane keeps its kCache best remaining keys sorted in registers and rescans its VPT
       // slots (for the next kCache below the last key taken) only when they run out, so a round
-      // is a warp max of the lanes' heads, not VPT key builds per lane: k rounds of a scan were
-      // about 20 instructions per slot, k * VPT * 20 = 40k a token at E = 16384, k = 64.
+      // is a warp max of the lanes' heads: VPT key builds a refill, where a scan in every round
+      // made k * VPT (2048 a token at E = 16384, k = 64).
       constexpr int kCache = 4;
       uint32_t ord[VPT];
 #pragma unroll
@@ -281,9 +281,9 @@ __global__ void __launch_bounds__(kWideThreads, 1)
 
       // ---- Stage 2: warp 0 merges the lists by their heads ----
       if (warp == 0) {
-        // Every real key is > 0, and k <= E keys exist, so a round never picks an empty head
-        // (nor the entry after it, which the next tokens' lists may not have overwritten).
-        // Each lane holds its list's next key too, so the load is off the rounds' chain.
+        // Every real key is > 0, and k <= E keys exist, so a round never picks a list's ending
+        // 0 (entries past it may be an earlier token's and are never promoted). Each lane holds
+        // its list's next key too, so the load is off the rounds' chain.
         int pos = 0;
         const uint64_t* const mine = lists + int64_t(lane) * k;
         uint64_t head = lane < kWideWarps ? mine[0] : 0;
@@ -370,7 +370,6 @@ __global__ void __launch_bounds__(kWideThreads, 1)
       }
       if (counted && p.coact) add_coact(p, sel_id, lane);
     }
-
   }
   if (run_g >= 0) flush();
 }
