@@ -760,7 +760,9 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
       if constexpr (kCacheKeys) {
 #pragma unroll
         for (int i = 0; i < VPT; ++i)
-          keys[i] = ((avail >> i) & 1u) ? make_key(masks.tier(i), ord[i], uint32_t(i * 32 + lane)) : 0;
+          keys[i] = ((avail >> i) & 1u)
+                        ? make_key(masks.tier(i), ord[i], uint32_t(i * 32 + lane))
+                        : 0;
         if constexpr (kSortKeys) sort_descending(keys);
       }
       for (int j = 0; j < k; ++j) {
