@@ -14,8 +14,10 @@ namespace {
 
 constexpr int kMaxCachedDevices = 64;
 
-// cudaDeviceGetAttribute is cheap, but this sits on the per-call path of a decode-sized op.
-int sm_count_of(int device) {
+// A positive attribute of the device, or `fallback` if the query fails. cudaDeviceGetAttribute is
+// cheap, but this sits on the per-call path of a decode-sized op.
+template <cudaDeviceAttr kAttr>
+int device_attribute(int device, int fallback) {
   static std::atomic<int> cache[kMaxCachedDevices];
   const bool cacheable = device >= 0 && device < kMaxCachedDevices;
   if (cacheable) {
@@ -23,12 +25,16 @@ int sm_count_of(int device) {
     if (n > 0) return n;
   }
   int n = 0;
-  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n < 1) {
+  if (cudaDeviceGetAttribute(&n, kAttr, device) != cudaSuccess || n < 1) {
     (void)cudaGetLastError();  // do not leave the failed query's status for the launch check
-    return 1;  // still correct, just a smaller grid
+    return fallback;
   }
   if (cacheable) cache[device].store(n, std::memory_order_relaxed);
   return n;
+}
+
+int sm_count_of(int device) {  // 1 if unknown: still correct, just a smaller grid
+  return device_attribute<cudaDevAttrMultiProcessorCount>(device, 1);
 }
 
 // Blocks of `threads` threads and `smem` bytes that fit on one SM (0 if unknown). Cached: the
@@ -69,8 +75,13 @@ cudaError_t launch_topk_gate(const GateParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   if (p.E > detail::kMaxExperts) {
     const detail::WideKernel kernel = detail::select_wide_kernel(p);
-    const int per_sm = blocks_per_sm(device, reinterpret_cast<const void*>(kernel),
-                                     detail::kWideThreads, detail::wide_smem_bytes(p.k));
+    const size_t smem = detail::wide_smem_bytes(p);
+    const int smem_limit = device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(
+        device, int(detail::kSmemPerBlock));
+    const cudaError_t opt_in = detail::wide_opt_in(kernel, smem, size_t(smem_limit));
+    if (opt_in != cudaSuccess) return opt_in;
+    const int per_sm =
+        blocks_per_sm(device, reinterpret_cast<const void*>(kernel), detail::kWideThreads, smem);
     const detail::WidePlan plan = detail::plan_topk_gate_wide(p, sm_count_of(device), per_sm);
     kernel<<<plan.blocks, detail::kWideThreads, plan.smem_bytes, stream>>>(p, plan);
     return cudaGetLastError();

@@ -402,12 +402,13 @@ __device__ __forceinline__ RowSteer steer_row(const Row& row, const GateParams& 
   return rs;
 }
 
-// Adds a token's dense routing distribution q to prob_acc and returns its entropy (nats), from
-// the weight-side logits zw and their softmax normaliser (w_max, w_sum; softmax and "none").
-template <int VPT, class Row>
+// Adds a token's dense routing distribution q to an accumulator, add(i, q_i) for each valid
+// slot i, and returns its entropy (nats), from the weight-side logits zw and their softmax
+// normaliser (w_max, w_sum; softmax and "none").
+template <int VPT, class Row, class Add>
 __device__ __forceinline__ float add_dense(const Row& row, const GateParams& p,
                                            const float (&zw)[VPT], uint32_t valid, float w_max,
-                                           float w_sum, float (&prob_acc)[VPT]) {
+                                           float w_sum, Add&& add) {
   float h_part = 0.f;
   if (p.score == Score::Softmax || p.score == Score::None) {
     // As on the CPU: q = e * (1/S) and H = log S - (sum_e e (z_e - max)) / S with
@@ -418,7 +419,7 @@ __device__ __forceinline__ float add_dense(const Row& row, const GateParams& p,
       if ((valid >> i) & 1u) {
         const float d = zw[i] - w_max;
         const float e = expf(d);
-        prob_acc[i] += __fmul_rn(e, inv);
+        add(i, __fmul_rn(e, inv));
         h_part += e > 0.f ? __fmul_rn(e, d) : 0.f;
       }
     }
@@ -438,7 +439,7 @@ __device__ __forceinline__ float add_dense(const Row& row, const GateParams& p,
   for (int i = 0; i < VPT; ++i) {
     if ((valid >> i) & 1u) {
       const float q = total > 0.f ? __fmul_rn(sc[i], inv) : uniform;
-      prob_acc[i] += q;
+      add(i, q);
       h_part += q > 0.f ? __fmul_rn(q, logf(q)) : 0.f;
     }
   }
@@ -868,7 +869,9 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
       run_g = g;
     }
     run_tokens += 1;
-    if (tok_dense) run_entropy += add_dense<VPT>(warp_row, p, zw, valid, w_max, w_sum, prob_acc);
+    if (tok_dense)
+      run_entropy += add_dense<VPT>(warp_row, p, zw, valid, w_max, w_sum,
+                                    [&](int i, float q) { prob_acc[i] += q; });
     if (cnt_s || wsum_s) {
       // The k ids of one token are distinct, so the lanes touch distinct entries.
       for (int m = 0; m < kpl; ++m) {

@@ -1,6 +1,7 @@
 // ATen glue of the CUDA topk_gate (built only with CUDA): argument checks and allocation are
 // prepare_gate's (shared with the CPU kernel), the launch is the torch-free launch_topk_gate.
 // Only c10/cuda headers: ATen/cuda/CUDAContext.h would also pull in the cuBLAS/cuSPARSE headers.
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
@@ -43,6 +44,16 @@ std::tuple<at::Tensor, at::Tensor> topk_gate_cuda(
     TORCH_CHECK_VALUE(!limits_groups(p), "topk_gate: a group limit (n_group=", p.n_group,
                       ", topk_group=", p.topk_group, ") needs num_experts <= ",
                       cuda::kWarpMaxExperts, " on CUDA, got num_experts=", p.E);
+    if (p.prob_sum) {  // its accumulator is in shared memory, which the device caps
+      const size_t need = cuda::wide_gate_smem_bytes(p);
+      int limit = 0;
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                            logits.get_device()));
+      TORCH_CHECK(need <= size_t(limit), "topk_gate: prob_sum over num_experts=", p.E,
+                  " with k=", p.k, " takes ", need, " bytes of shared memory per block on CUDA, "
+                  "and this GPU allows ", limit, "; leave the dense statistics out "
+                  "(GateStats.zeros(..., dense=False), record(model, dense=False))");
+    }
   }
   const cudaError_t err = cuda::launch_topk_gate(p, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "topk_gate: CUDA kernel launch failed: ",

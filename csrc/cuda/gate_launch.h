@@ -3,6 +3,8 @@
 #pragma once
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
+
 #include "../gate_params.h"
 
 namespace moe_route::cuda {
@@ -19,9 +21,16 @@ inline bool gate_args_ok(const GateParams& p) {
          (p.E <= kWideMaxExperts && p.k <= kWideMaxK && !limits_groups(p));
 }
 
+// Dynamic shared memory a CTA of the CTA-per-token kernel takes for `p` (E > kWarpMaxExperts).
+// With prob_sum it holds an E-float accumulator, and from about 10,000 experts on that is more
+// than the default 48 KiB: the launcher opts in, up to the device's limit
+// (cudaDevAttrMaxSharedMemoryPerBlockOptin; at most 100,424 bytes are needed).
+size_t wide_gate_smem_bytes(const GateParams& p);
+
 // Enqueues topk_gate for `p` on `stream` (on the current device) and returns the launch status
 // (cudaGetLastError); it never synchronises or allocates, so it may be captured in a CUDA graph.
-// T == 0 launches nothing. A call gate_args_ok refuses returns cudaErrorInvalidValue; every other
+// T == 0 launches nothing. A call gate_args_ok refuses, or one that needs more shared memory than
+// the device allows (wide_gate_smem_bytes), returns cudaErrorInvalidValue; every other
 // argument check is prepare_gate's. groups[t] outside [-1, G) are skipped for the statistics
 // (the device cannot raise without a host sync).
 cudaError_t launch_topk_gate(const GateParams& p, cudaStream_t stream);

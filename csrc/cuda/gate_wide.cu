@@ -1,5 +1,6 @@
 // The builds of the CTA-per-token topk_gate kernel (gate_wide.cuh, E > 1024), in a translation
 // unit of their own so that nvcc compiles them beside gate.cu.
+#include "gate_launch.h"
 #include "gate_wide.cuh"
 
 namespace moe_route::cuda::detail {
@@ -33,3 +34,7 @@ WideKernel select_wide_kernel(const GateParams& p) {
 }
 
 }  // namespace moe_route::cuda::detail
+
+namespace moe_route::cuda {
+size_t wide_gate_smem_bytes(const GateParams& p) { return detail::wide_smem_bytes(p); }
+}  // namespace moe_route::cuda

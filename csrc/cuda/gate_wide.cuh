@@ -20,14 +20,16 @@
 // the steering table by the row's own operations (the same bits), then gate.cuh's formulas.
 //
 // Statistics: counts, weight sums and coact pairs are global atomics per token (k, k and k*k).
-// Tokens, entropy and the dense distribution q accumulate per thread while consecutive tokens
+// Tokens and entropy (thread 0) and the dense distribution q accumulate while consecutive tokens
 // share a group and are flushed with global atomics when it changes and at the end of the range
-// (E float atomics per CTA and run of a group).
+// (E float atomics per CTA and run of a group). q's accumulator is in shared memory, each thread
+// owning its experts' entries: held in registers it took VPT of them for the whole kernel, and
+// the VPT 32 build spilled 1104 bytes. At 16384 experts it is 64 KiB, past the 48 KiB default,
+// so the launcher opts the build in (wide_opt_in).
 //
 // Two builds per (VPT, logit type), as in gate.cuh: the full kernel, and a plain one compiled
 // without steering, statistics and replay for calls that use none of them (needs_full_kernel).
-// nvcc 13.0, sm_90a: the plain builds take 61-128 registers and never spill; the full ones spill
-// at VPT 16 and 32, mostly the per-thread q accumulator (bench/RESULTS.md).
+// Registers and spills of every build: bench/RESULTS.md (`python bench/kernel_resources.py`).
 //
 // Limits (gate_launch.h): k <= 256, for the lists' shared memory, and no group limit. No
 // transformers family routes over more than 1024 experts in groups.
@@ -50,16 +52,25 @@ struct WidePlan {
 };
 
 // Shared memory in 32-bit words: [0, 16) the warps' partial reductions, [16] the replay flag,
-// sel_id [k] from word 18, sel_w [k] after it, then the 16 lists of k keys (u64) from an even
-// word.
+// sel_id [k] from word 18, sel_w [k] after it, the 16 lists of k keys (u64) from an even word,
+// then, for calls that sum prob_sum, q's accumulator [E].
 constexpr int64_t kWideSelOffset = kWideWarps + 2;
-__host__ __device__ inline int64_t wide_lists_offset(int64_t k) { return kWideSelOffset + 2 * k; }
-inline size_t wide_smem_bytes(int64_t k) {
-  return size_t(wide_lists_offset(k) + 2 * kWideWarps * k) * sizeof(uint32_t);
+__host__ __device__ constexpr int64_t wide_lists_offset(int64_t k) {
+  return kWideSelOffset + 2 * k;
+}
+__host__ __device__ constexpr int64_t wide_q_offset(int64_t k) {
+  return wide_lists_offset(k) + 2 * kWideWarps * k;
+}
+inline size_t wide_smem_bytes(const GateParams& p) {
+  return size_t(wide_q_offset(p.k) + (p.prob_sum ? p.E : 0)) * sizeof(uint32_t);
 }
 static_assert(kWideSelOffset % 2 == 0, "the lists start 8-byte aligned");
-static_assert((kWideSelOffset + 2 * kWideMaxK + 2 * kWideWarps * kWideMaxK) * 4 <= kSmemPerBlock,
-              "k <= kWideMaxK fits the default dynamic shared memory");
+static_assert(wide_q_offset(kWideMaxK) * 4 <= kSmemPerBlock,
+              "without prob_sum, k <= kWideMaxK fits the default dynamic shared memory");
+// The most a call takes (k = 256, 16384 experts, prob_sum): 100,424 bytes, within the opt-in
+// limit of sm_80 (163 KiB), sm_86 and sm_89 (99 KiB) and sm_90 (227 KiB).
+constexpr size_t kWideMaxSmemBytes = size_t(wide_q_offset(kWideMaxK) + kWideMaxExperts) * 4;
+static_assert(kWideMaxSmemBytes <= 99 * 1024, "fits every arch from sm_80 on");
 
 struct FAdd {
   __device__ __forceinline__ float operator()(float x, float y) const { return x + y; }
@@ -114,6 +125,9 @@ __global__ void __launch_bounds__(kWideThreads, 1)
   int32_t* const sel_id = reinterpret_cast<int32_t*>(gate_smem + kWideSelOffset);  // [k]
   float* const sel_w = reinterpret_cast<float*>(sel_id + k);                        // [k]
   uint64_t* const lists = reinterpret_cast<uint64_t*>(gate_smem + wide_lists_offset(k));
+  // q's accumulator: entry i * kWideThreads + tid is this thread's alone (no barrier needed).
+  float* const q_acc =
+      kFull && p.prob_sum ? reinterpret_cast<float*>(gate_smem + wide_q_offset(k)) : nullptr;
 
   uint32_t valid = 0;  // bit i: expert i*512 + tid exists
 #pragma unroll
@@ -128,11 +142,13 @@ __global__ void __launch_bounds__(kWideThreads, 1)
   const bool dense = kFull && p.dense_stats();
   const bool dense_softmax = softmax || p.score == Score::None;
 
-  // ---- The open run of one statistics group: tokens and entropy (thread 0), q (per thread) ----
+  // ---- The open run of one statistics group: tokens and entropy (thread 0), q (q_acc) ----
   using u64 = unsigned long long;
-  float prob_acc[VPT];
+  if (q_acc) {
 #pragma unroll
-  for (int i = 0; i < VPT; ++i) prob_acc[i] = 0.f;
+    for (int i = 0; i < VPT; ++i)
+      if ((valid >> i) & 1u) q_acc[i * kWideThreads + tid] = 0.f;
+  }
   int64_t run_g = -1;
   uint32_t run_tokens = 0;
   float run_entropy = 0.f;
@@ -145,9 +161,11 @@ __global__ void __launch_bounds__(kWideThreads, 1)
     run_entropy = 0.f;
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
-      if (p.prob_sum && ((valid >> i) & 1u) && prob_acc[i] != 0.f)
-        atomicAdd(p.prob_sum + run_g * E + i * kWideThreads + tid, prob_acc[i]);
-      prob_acc[i] = 0.f;
+      const int e = i * kWideThreads + tid;
+      if (q_acc && ((valid >> i) & 1u)) {
+        if (q_acc[e] != 0.f) atomicAdd(p.prob_sum + run_g * E + e, q_acc[e]);
+        q_acc[e] = 0.f;
+      }
     }
   };
 
@@ -184,7 +202,11 @@ __global__ void __launch_bounds__(kWideThreads, 1)
         run_g = g;
       }
       run_tokens += 1;
-      if (tok_dense) run_entropy += add_dense<VPT>(row, p, zw, valid, w_max, w_sum, prob_acc);
+      if (tok_dense) {
+        run_entropy += add_dense<VPT>(row, p, zw, valid, w_max, w_sum, [&](int i, float q) {
+          if (q_acc) q_acc[i * kWideThreads + tid] += q;
+        });
+      }
     };
     if (zw_is_z0) weight_side(z);  // select-only steering: the weights see the plain logits
 
@@ -387,11 +409,26 @@ inline WidePlan plan_topk_gate_wide(const GateParams& p, int sm_count, int block
       int64_t(sm_count > 0 ? sm_count : 1) * (blocks_per_sm > 0 ? blocks_per_sm : 1);
   c.chunk = (p.T + ctas - 1) / ctas;
   c.blocks = int32_t((p.T + c.chunk - 1) / c.chunk);
-  c.smem_bytes = wide_smem_bytes(p.k);
+  c.smem_bytes = wide_smem_bytes(p);
   return c;
 }
 
 using WideKernel = void (*)(const GateParams, const WidePlan);
+
+// A launch with more than the default 48 KiB of dynamic shared memory needs the kernel's opt-in
+// first, within the device's limit (cudaDevAttrMaxSharedMemoryPerBlockOptin; the ATen glue
+// refuses a call past it with a clear message). The opt-in is always to the same size, the most
+// any call takes (or the device's limit if lower), so that concurrent launches of one build with
+// different sizes never lower it under each other. It sets an attribute of the kernel and
+// enqueues nothing, so a stream being captured into a graph is left alone (tests/test_cuda.py
+// captures such a call).
+inline cudaError_t wide_opt_in(WideKernel kernel, size_t smem_bytes, size_t device_limit) {
+  if (smem_bytes <= size_t(kSmemPerBlock)) return cudaSuccess;
+  if (smem_bytes > device_limit) return cudaErrorInvalidValue;
+  const size_t to = kWideMaxSmemBytes < device_limit ? kWideMaxSmemBytes : device_limit;
+  return cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                              cudaFuncAttributeMaxDynamicSharedMemorySize, int(to));
+}
 
 // The build for a call (VPT tier, logit type, plain or full as in gate.cuh), instantiated in its
 // own translation unit (gate_wide.cu).

@@ -8,7 +8,8 @@
 //   * device memory is host memory, allocated to the byte; atomics are relaxed host atomics, as on
 //     a GPU;
 //   * dynamic shared memory is held to a GPU's launch rules (DynamicSmem below): garbage at the
-//     start of every block, at most 48 KiB, nothing past the launch's size.
+//     start of every block, at most 48 KiB unless the kernel opted in to more
+//     (cudaFuncSetAttribute), nothing past the launch's size.
 // What this proves is that the kernels compute the right values under CUDA's execution model for
 // the thread interleavings the barriers allow; not their speed. The sanitizer builds (CMake option
 // MOE_ROUTE_EMU_SANITIZERS) check more: *_asan_selftest reports out-of-bounds and misaligned
@@ -51,7 +52,8 @@ struct alignas(8) uint2 {
 // ---- runtime API (device memory is host memory) ----
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2 };
 enum cudaMemcpyKind { cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice };
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount, cudaDevAttrMaxSharedMemoryPerBlockOptin };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 typedef struct CUstream_st* cudaStream_t;
 const char* cudaGetErrorString(cudaError_t e);
 cudaError_t cudaMalloc(void** p, size_t n);
@@ -64,21 +66,27 @@ inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
 inline cudaError_t cudaGetDeviceCount(int* n) { *n = 1; return cudaSuccess; }
 inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+// Records the kernel's dynamic shared memory limit for the launches that name it (DynamicSmem);
+// refuses more than emu::kOptInMaxDynamicSmem, an H100's limit.
+cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value);
 
 // ---- the emulator (emu.cpp) ----
 namespace emu {
 // A launch's dynamic shared memory: the first `bytes` of the emulated `extern __shared__` array
-// `base` (of `capacity` bytes) that the kernel declares. A GPU gives every block its own
-// uninitialised copy, refuses a launch asking for more than the default 48 KiB (without
-// cudaFuncSetAttribute), and faults on an access past `bytes`; so the emulator fills the `bytes`
-// with garbage before every block, aborts on more than 48 KiB, and under AddressSanitizer
-// poisons the rest of the array for the launch.
+// `base` (of `capacity` bytes) that the kernel declares; `func` the kernel launched. A GPU gives
+// every block its own uninitialised copy, refuses a launch asking for more than the default
+// 48 KiB unless the kernel opted in to more (cudaFuncSetAttribute), and faults on an access past
+// `bytes`; so the emulator fills the `bytes` with garbage before every block, aborts on more than
+// func's limit, and under AddressSanitizer poisons the rest of the array for the launch.
 struct DynamicSmem {
   void* base = nullptr;
   size_t capacity = 0;
   size_t bytes = 0;
+  const void* func = nullptr;  // null: a kernel that never opted in
 };
 constexpr size_t kDefaultMaxDynamicSmem = 48 * 1024;
+constexpr size_t kOptInMaxDynamicSmem = 227 * 1024;
+size_t max_dynamic_smem(const void* func);  // kDefaultMaxDynamicSmem unless func opted in
 // Runs kernel() for every thread of a grid x block launch; `cooperative`: see above.
 template <class Kernel>
 void launch(int grid, int block, bool cooperative, Kernel&& kernel, DynamicSmem smem = {});

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "cuda_runtime.h"
@@ -48,7 +49,34 @@ cudaError_t cudaMemset(void* p, int value, size_t n) {
   return cudaSuccess;
 }
 
+namespace {
+std::mutex func_attr_mu;
+std::vector<std::pair<const void*, size_t>> func_smem_limits;  // kernels that opted in
+}  // namespace
+
+cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute, int value) {
+  if (func == nullptr || value < 0 || size_t(value) > emu::kOptInMaxDynamicSmem)
+    return cudaErrorInvalidValue;
+  std::lock_guard<std::mutex> lock(func_attr_mu);
+  for (auto& entry : func_smem_limits) {
+    if (entry.first == func) {
+      entry.second = size_t(value);
+      return cudaSuccess;
+    }
+  }
+  func_smem_limits.emplace_back(func, size_t(value));
+  return cudaSuccess;
+}
+
 namespace emu {
+
+size_t max_dynamic_smem(const void* func) {
+  std::lock_guard<std::mutex> lock(func_attr_mu);
+  for (const auto& entry : func_smem_limits)
+    if (entry.first == func) return entry.second;
+  return kDefaultMaxDynamicSmem;
+}
+
 namespace {
 
 // A barrier of `count` threads that can be used again at once. Waits block (no spinning), so a
@@ -198,19 +226,24 @@ void run_grid(int grid, int block, bool cooperative, void (*thunk)(void*), void*
     std::fprintf(stderr, "emu: grid of %d blocks\n", grid);
     std::abort();
   }
-  if (smem.bytes > kDefaultMaxDynamicSmem || smem.bytes > smem.capacity ||
+  const size_t limit = max_dynamic_smem(smem.func);
+  if (smem.bytes > limit || smem.bytes > smem.capacity ||
       (smem.bytes > 0 && smem.base == nullptr)) {
-    std::fprintf(stderr, "emu: a launch asks for %zu bytes of dynamic shared memory (at most "
-                 "%zu without cudaFuncSetAttribute; %zu emulated)\n", smem.bytes,
-                 kDefaultMaxDynamicSmem, smem.capacity);
+    std::fprintf(stderr, "emu: a launch asks for %zu bytes of dynamic shared memory (the "
+                 "kernel's limit: %zu, %zu without cudaFuncSetAttribute; %zu emulated)\n",
+                 smem.bytes, limit, kDefaultMaxDynamicSmem, smem.capacity);
     std::abort();
   }
   char* const smem_base = static_cast<char*>(smem.base);
   // Past the launch's bytes: an access faults on a GPU, AddressSanitizer reports it here.
   if (smem_base != nullptr) EMU_POISON(smem_base + smem.bytes, smem.capacity - smem.bytes);
   for (int b = 0; b < grid; ++b) {
-    // Every block starts with garbage, not with what the previous block left there.
-    if (smem_base != nullptr && smem.bytes > 0) std::memset(smem_base, 0xa5, smem.bytes);
+    // Every block starts with garbage, not with what the previous block left there. Two
+    // patterns, block by block: 0xa5 bytes are a negative integer but a float of 3e-16, which
+    // a float accumulator read without its zeroing would absorb; 0x7f bytes are a float of
+    // 3.4e38 and a large positive integer.
+    if (smem_base != nullptr && smem.bytes > 0)
+      std::memset(smem_base, b % 2 ? 0x7f : 0xa5, smem.bytes);
     auto set_thread = [&](int t) {
       threadIdx = uint3{unsigned(t), 0, 0};
       blockIdx = uint3{unsigned(b), 0, 0};

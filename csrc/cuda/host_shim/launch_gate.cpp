@@ -6,7 +6,9 @@
 
 namespace moe_route::cuda {
 namespace detail {
-alignas(16) uint32_t gate_smem[kSmemPerBlock / sizeof(uint32_t)];
+constexpr size_t kEmuSmemBytes =
+    size_t(kSmemPerBlock) > kWideMaxSmemBytes ? size_t(kSmemPerBlock) : kWideMaxSmemBytes;
+alignas(16) uint32_t gate_smem[kEmuSmemBytes / sizeof(uint32_t)];
 }  // namespace detail
 
 cudaError_t launch_topk_gate(const GateParams& p, cudaStream_t) {
@@ -14,10 +16,14 @@ cudaError_t launch_topk_gate(const GateParams& p, cudaStream_t) {
   if (!gate_args_ok(p)) return cudaErrorInvalidValue;
   if (p.E > detail::kMaxExperts) {
     const detail::WideKernel kernel = detail::select_wide_kernel(p);
+    const cudaError_t opt_in =
+        detail::wide_opt_in(kernel, detail::wide_smem_bytes(p), emu::kOptInMaxDynamicSmem);
+    if (opt_in != cudaSuccess) return opt_in;
     const detail::WidePlan plan =
         detail::plan_topk_gate_wide(p, emu::sm_count(), emu::resident_warps() / detail::kWideWarps);
     emu::launch(plan.blocks, detail::kWideThreads, true, [&] { kernel(p, plan); },
-                {detail::gate_smem, sizeof(detail::gate_smem), plan.smem_bytes});
+                {detail::gate_smem, sizeof(detail::gate_smem), plan.smem_bytes,
+                 reinterpret_cast<const void*>(kernel)});
     return cudaSuccess;
   }
   const detail::GateKernel kernel = detail::select_kernel(p);
