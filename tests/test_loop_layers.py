@@ -102,6 +102,39 @@ def test_steer_one_pass_or_every_pass(model):
     assert forced(outer, SITES[1], 6) and forced(outer, SITES[2], 6)
 
 
+def test_contexts_exited_out_of_order_on_a_loop_layer(model):
+    """An outer context steering (replaying) every pass of the loop layer, an inner one pass 1:
+    the outer leaving first takes its setting off pass 0 and leaves pass 1 the inner's. Pass 0
+    used to keep the ended outer's steering or replay until the inner left."""
+    ids = _ids()
+    plain, _ = _trace(model, ids)
+    fixed = lambda e: torch.tensor(e).expand(B, S, 2)  # noqa: E731  (ids by position)
+    cases = [(moe_route.steer(model, moe_route.SteeringPlan.force([LOOP], [6])),
+              moe_route.steer(model, moe_route.SteeringPlan.force([SITES[2]], [3]))),
+             (moe_route.replay(model, {SITES[1]: fixed([6, 7]), SITES[2]: fixed([6, 7])}),
+              moe_route.replay(model, {SITES[2]: fixed([3, 4])}))]
+    state = moe_route.patch(model).routers[LOOP]  # patched throughout: the state persists
+    try:
+        for (outer, inner), setting in zip(cases, ("steer", "replay")):
+            outer.__enter__()
+            inner.__enter__()
+            outer.__exit__(None, None, None)                # out of order: inner still active
+            try:
+                got, _ = _trace(model, ids)
+            finally:
+                inner.__exit__(None, None, None)
+            for site in SITES[:2]:  # layer 0 and pass 0: as if neither context had been entered
+                assert torch.equal(got.trace[site]["ids"], plain.trace[site]["ids"]), site
+            assert bool((got.trace[SITES[2]]["ids"] == 3).any(-1).all())  # pass 1: the inner's
+            assert getattr(state, setting) is None and not getattr(state, f"{setting}_stack")
+            after, _ = _trace(model, ids)
+            for site in SITES:
+                assert torch.equal(after.trace[site]["ids"], plain.trace[site]["ids"]), site
+    finally:
+        moe_route.unpatch(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
 def test_plans_from_per_pass_statistics_steer_the_model(model):
     """The analysis round trip: experts found in per-pass statistics, a plan built from them,
     that plan (JSON round trip included) steering the model: its keys are the site names."""

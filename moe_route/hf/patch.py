@@ -291,20 +291,24 @@ def sites_by_key(keys, routers: dict, where: str) -> dict:
     return out
 
 
+def _over(state: RouterState, before, values: dict):
+    """``before`` with the passes ``values`` names replaced (None: every pass)."""
+    if None in values:
+        return values[None]
+    per = list(before) if isinstance(before, tuple) else [before] * state.passes
+    for p, v in values.items():
+        per[p] = v
+    return tuple(per)
+
+
 def put(state: RouterState, setting: str, owner, values: dict) -> None:
     """Give a router ``owner``'s ``setting`` ("steer" or "replay"): ``values`` maps a pass to
     its value, None to the value for every pass (``sites_by_key``); passes it does not name keep
-    what they had. The setting before is kept on ``<setting>_stack`` for ``withdraw``."""
+    what they had. ``<setting>_stack`` keeps (owner, setting before it, values) for
+    ``withdraw``."""
     before = getattr(state, setting)
-    if None in values:
-        value = values[None]
-    else:
-        per = list(before) if isinstance(before, tuple) else [before] * state.passes
-        for p, v in values.items():
-            per[p] = v
-        value = tuple(per)
-    getattr(state, f"{setting}_stack").append((owner, before))
-    setattr(state, setting, value)
+    getattr(state, f"{setting}_stack").append((owner, before, values))
+    setattr(state, setting, _over(state, before, values))
 
 
 def find_routers(model: nn.Module) -> list[tuple[str, nn.Module, Optional[nn.Module]]]:
@@ -530,14 +534,17 @@ def release(handle: PatchHandle) -> None:
 
 
 def withdraw(state: RouterState, setting: str, owner) -> None:
-    """Take ``owner``'s ``setting`` ("steer" or "replay") off a router. ``<setting>_stack``
-    holds one (context, setting before it) pair per active context; contexts may exit out of
-    order, so a context below the top hands its saved setting to the one above it instead of
-    restoring it."""
+    """Take ``owner``'s ``setting`` ("steer" or "replay") off a router. Contexts may exit out of
+    order: the setting becomes the one before the first active context with the values of the
+    others still active put over it, in the order they were entered. So a loop layer's pass keeps
+    the steering or replay of the latest context still active that names it, and a pass that only
+    the leaving context named gets back what it had before."""
     stack = getattr(state, f"{setting}_stack")
-    i = next(i for i, (ctx, _) in enumerate(stack) if ctx is owner)
-    if i == len(stack) - 1:
-        setattr(state, setting, stack.pop()[1])
-    else:
-        stack[i + 1] = (stack[i + 1][0], stack[i][1])
-        del stack[i]
+    i = next(i for i, (ctx, _, _) in enumerate(stack) if ctx is owner)
+    value = base = stack[0][1]  # only the first entry's "before" is read; later ones may be stale
+    del stack[i]
+    if stack:
+        stack[0] = (stack[0][0], base, stack[0][2])
+    for _, _, values in stack:
+        value = _over(state, value, values)
+    setattr(state, setting, value)
