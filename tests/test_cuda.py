@@ -141,6 +141,31 @@ def test_wide_kernel_agrees_with_cpu_and_graph_replays(T):
     torch.testing.assert_close(stats.prob_sum.cpu(), 2 * cpu_stats.prob_sum, rtol=1e-4, atol=1e-4)
 
 
+def test_wide_kernel_opts_in_while_captured():
+    """A build's first call past 48 KiB of shared memory (prob_sum over 8192 experts at k=128,
+    fp16 logits: 50,248 bytes; no earlier test runs that build) made inside a graph capture: the
+    opt-in (cudaFuncSetAttribute) must not break the capture, and the replays count right."""
+    T, E, k = 40, 8192, 128
+    g = torch.Generator().manual_seed(5)  # distinct fp16 values: the bit patterns from 1.0 on
+    x = (torch.stack([torch.randperm(E, generator=g) for _ in range(T)]) + 0x3C00)
+    x = x.to(torch.int16).view(torch.float16)
+    cpu_stats = GateStats.zeros(1, E)
+    w_cpu, i_cpu = moe_route.topk_gate(x, k, stats=cpu_stats)
+    xs = x.cuda()
+    stats = GateStats.zeros(1, E, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        w, ids = moe_route.topk_gate(xs, k, stats=stats)
+    stats.zero_()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(ids.cpu(), i_cpu)
+    torch.testing.assert_close(w.cpu(), w_cpu, rtol=1e-5, atol=1e-6)
+    assert torch.equal(stats.counts.cpu(), 3 * cpu_stats.counts)
+    torch.testing.assert_close(stats.prob_sum.cpu(), 3 * cpu_stats.prob_sum, rtol=1e-4, atol=1e-4)
+
+
 def _replay_rows(T, E, k, seed=0):
     """Distinct random ids; every 4th row -1, every 9th row invalid (a duplicate id)."""
     g = torch.Generator().manual_seed(seed)

@@ -4,6 +4,8 @@
 #include <array>
 #include <atomic>
 #include <mutex>
+#include <utility>
+#include <vector>
 
 #include "gate.cuh"
 #include "gate_launch.h"
@@ -65,6 +67,22 @@ int blocks_per_sm(int device, const void* kernel, int threads, size_t smem) {
   return n;
 }
 
+// detail::wide_opt_in, once per build and device: cudaFuncSetAttribute has been seen to wait for
+// pending host-device copies, so it stays off the per-call path. Every call of a build opts in to
+// the same size, so the first one's stands for all.
+cudaError_t wide_opt_in_once(int device, detail::WideKernel kernel, size_t smem, size_t limit) {
+  if (smem <= size_t(detail::kSmemPerBlock) || smem > limit)
+    return detail::wide_opt_in(kernel, smem, limit);  // nothing to do, or the refusal
+  static std::mutex mu;
+  static std::vector<std::pair<int, detail::WideKernel>> done;
+  std::lock_guard<std::mutex> lock(mu);
+  for (const auto& d : done)
+    if (d.first == device && d.second == kernel) return cudaSuccess;
+  const cudaError_t err = detail::wide_opt_in(kernel, smem, limit);
+  if (err == cudaSuccess) done.emplace_back(device, kernel);
+  return err;
+}
+
 }  // namespace
 
 cudaError_t launch_topk_gate(const GateParams& p, cudaStream_t stream) {
@@ -78,7 +96,7 @@ cudaError_t launch_topk_gate(const GateParams& p, cudaStream_t stream) {
     const size_t smem = detail::wide_smem_bytes(p);
     const int smem_limit = device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(
         device, int(detail::kSmemPerBlock));
-    const cudaError_t opt_in = detail::wide_opt_in(kernel, smem, size_t(smem_limit));
+    const cudaError_t opt_in = wide_opt_in_once(device, kernel, smem, size_t(smem_limit));
     if (opt_in != cudaSuccess) return opt_in;
     const int per_sm =
         blocks_per_sm(device, reinterpret_cast<const void*>(kernel), detail::kWideThreads, smem);

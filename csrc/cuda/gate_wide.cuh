@@ -419,9 +419,11 @@ using WideKernel = void (*)(const GateParams, const WidePlan);
 // first, within the device's limit (cudaDevAttrMaxSharedMemoryPerBlockOptin; the ATen glue
 // refuses a call past it with a clear message). The opt-in is always to the same size, the most
 // any call takes (or the device's limit if lower), so that concurrent launches of one build with
-// different sizes never lower it under each other. It sets an attribute of the kernel and
-// enqueues nothing, so a stream being captured into a graph is left alone (tests/test_cuda.py
-// captures such a call).
+// different sizes never lower it under each other, and once is enough: gate.cu's launcher calls
+// this once per build and device, since the call has been seen to wait for pending host-device
+// copies (oneapi-src/unified-runtime#2678). It sets an attribute of the kernel and enqueues
+// nothing, so a stream being captured into a graph is left alone (tests/test_cuda.py captures a
+// build's first call).
 inline cudaError_t wide_opt_in(WideKernel kernel, size_t smem_bytes, size_t device_limit) {
   if (smem_bytes <= size_t(kSmemPerBlock)) return cudaSuccess;
   if (smem_bytes > device_limit) return cudaErrorInvalidValue;
