@@ -21,10 +21,10 @@ inline bool gate_args_ok(const GateParams& p) {
          (p.E <= kWideMaxExperts && p.k <= kWideMaxK && !limits_groups(p));
 }
 
-// Dynamic shared memory a CTA of the CTA-per-token kernel takes for `p` (E > kWarpMaxExperts).
-// With prob_sum it holds an E-float accumulator, and from about 10,000 experts on that is more
-// than the default 48 KiB: the launcher opts in, up to the device's limit
-// (cudaDevAttrMaxSharedMemoryPerBlockOptin; at most 100,424 bytes are needed).
+// Dynamic shared memory a CTA of the CTA-per-token kernel takes for `p` (E > kWarpMaxExperts):
+// 72 + 136*k bytes, plus 4*E for an accumulator when the call sums prob_sum. Past the default
+// 48 KiB (E = 16384, k = 64 with prob_sum: 74,312 bytes; at most 100,424) the launcher opts in,
+// up to the device's limit (cudaDevAttrMaxSharedMemoryPerBlockOptin).
 size_t wide_gate_smem_bytes(const GateParams& p);
 
 // Enqueues topk_gate for `p` on `stream` (on the current device) and returns the launch status
