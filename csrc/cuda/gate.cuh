@@ -456,6 +456,53 @@ __device__ __forceinline__ void add_coact(const GateParams& p, const int32_t* se
   }
 }
 
+// A selected expert's weight from its weight-side logit x, before the steps over all k: its score
+// (a softmax's from the row's max and sum), or, for a softmax over the selected logits, x itself.
+__device__ __forceinline__ float selection_weight(const GateParams& p, bool softmax, float x,
+                                                  float w_max, float w_sum) {
+  if (!p.select_on_logits) return softmax ? expf(x - w_max) / w_sum : score_of(p.score, x);
+  return softmax ? x : score_of(p.score, x);
+}
+
+// The steps over a token's k weights in sel_w, by one warp (lane j handles selections
+// j = m*32 + lane, kpl = ceil(k / 32) rounds): the softmax over the k selected logits when the
+// row selects on logits with softmax weights (part_max: the lane's largest), then the
+// renormalisation. Both kernels finish their weights here, so they compute the same bits.
+__device__ __forceinline__ void finish_weights(const GateParams& p, bool softmax, float* sel_w,
+                                               int k, int kpl, int lane, float part_max) {
+  if (p.select_on_logits && softmax) {
+    const float m_sel = warp_max(part_max);
+    float s = 0.f;
+    for (int m = 0; m < kpl; ++m) {
+      const int j = m * 32 + lane;
+      if (j < k) {
+        const float e = expf(sel_w[j] - m_sel);
+        sel_w[j] = e;
+        s += e;
+      }
+    }
+    const float total = warp_sum(s);
+    for (int m = 0; m < kpl; ++m) {
+      const int j = m * 32 + lane;
+      if (j < k) sel_w[j] = sel_w[j] / total;
+    }
+  }
+  if (p.renormalize) {
+    float s = 0.f;
+    for (int m = 0; m < kpl; ++m) {
+      const int j = m * 32 + lane;
+      if (j < k) s += sel_w[j];
+    }
+    const float den = warp_sum(s) + p.renorm_eps;
+    if (den != 0.f) {
+      for (int m = 0; m < kpl; ++m) {
+        const int j = m * 32 + lane;
+        if (j < k) sel_w[j] = sel_w[j] / den;
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The kernel.
 
@@ -798,7 +845,6 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
     __syncwarp();  // publish sel_id
 
     // ---- Weights (lane j handles selections j = m*32 + lane) ----
-    const bool logits_softmax = p.select_on_logits && softmax;
     float part_max = -kFltMax;
     for (int m = 0; m < kpl; ++m) {
       const int j = m * 32 + lane;
@@ -812,44 +858,12 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
         x = i == slot ? y : x;
       }
       if (j < k) {
-        float w;
-        if (!p.select_on_logits) w = softmax ? expf(x - w_max) / w_sum : score_of(score, x);
-        else w = softmax ? x : score_of(score, x);  // logits + softmax: normalised below
+        const float w = selection_weight(p, softmax, x, w_max, w_sum);
         sel_w[j] = w;
         part_max = w > part_max ? w : part_max;
       }
     }
-    if (logits_softmax) {  // softmax over the k selected logits
-      const float m_sel = warp_max(part_max);
-      float s = 0.f;
-      for (int m = 0; m < kpl; ++m) {
-        const int j = m * 32 + lane;
-        if (j < k) {
-          const float e = expf(sel_w[j] - m_sel);
-          sel_w[j] = e;
-          s += e;
-        }
-      }
-      const float total = warp_sum(s);
-      for (int m = 0; m < kpl; ++m) {
-        const int j = m * 32 + lane;
-        if (j < k) sel_w[j] = sel_w[j] / total;
-      }
-    }
-    if (p.renormalize) {
-      float s = 0.f;
-      for (int m = 0; m < kpl; ++m) {
-        const int j = m * 32 + lane;
-        if (j < k) s += sel_w[j];
-      }
-      const float den = warp_sum(s) + p.renorm_eps;
-      if (den != 0.f) {
-        for (int m = 0; m < kpl; ++m) {
-          const int j = m * 32 + lane;
-          if (j < k) sel_w[j] = sel_w[j] / den;
-        }
-      }
-    }
+    finish_weights(p, softmax, sel_w, k, kpl, lane, part_max);
     const int64_t out = t * int64_t(k);
     for (int m = 0; m < kpl; ++m) {
       const int j = m * 32 + lane;

@@ -228,9 +228,10 @@ __global__ void __launch_bounds__(kWideThreads, 1)
 
     if (!replayed) {
       // ---- Selection values v ----
-      // This and the weights below repeat gate.cuh's inline steps. As helpers shared with the
-      // warp kernel they changed its register allocation (nvcc 13.0, sm_90a: the plain E=256
-      // fp32 build went from 80 registers and no spill to 64 and 32 bytes spilled).
+      // This repeats gate.cuh's inline steps. As a helper shared with the warp kernel it changed
+      // that kernel's register allocation (nvcc 13.0, sm_90a: the plain E=256 fp32 build went
+      // from 80 registers and no spill to 64 and 32 bytes spilled). The weights' steps are
+      // shared (selection_weight, finish_weights).
       float v[VPT];
       if (selects_on_logits(p) || p.score == Score::None) {
 #pragma unroll
@@ -325,7 +326,7 @@ __global__ void __launch_bounds__(kWideThreads, 1)
     if (warp == 0) {
       __syncwarp();  // publish sel_id (lane 0 wrote it, or every lane in replay_row)
       const int kpl = (k + 31) >> 5;
-      // ---- Weights (gate.cuh's formulas; lane j handles selections j = m*32 + lane) ----
+      // ---- Weights (lane j handles selections j = m*32 + lane) ----
       float part_max = -kFltMax;
       for (int m = 0; m < kpl; ++m) {
         const int j = m * 32 + lane;
@@ -338,44 +339,12 @@ __global__ void __launch_bounds__(kWideThreads, 1)
             const float f = __ldg(steer + kSteerForce * E + e);
             x = f > 0.f ? rs.top : f < 0.f ? rs.bottom : steered_logit(steer, E, e, x0, rs.sd);
           }
-          float w;
-          if (!p.select_on_logits) w = softmax ? expf(x - w_max) / w_sum : score_of(p.score, x);
-          else w = softmax ? x : score_of(p.score, x);  // logits + softmax: normalised below
+          const float w = selection_weight(p, softmax, x, w_max, w_sum);
           sel_w[j] = w;
           part_max = w > part_max ? w : part_max;
         }
       }
-      if (p.select_on_logits && softmax) {  // softmax over the k selected logits
-        const float m_sel = warp_max(part_max);
-        float s = 0.f;
-        for (int m = 0; m < kpl; ++m) {
-          const int j = m * 32 + lane;
-          if (j < k) {
-            const float e = expf(sel_w[j] - m_sel);
-            sel_w[j] = e;
-            s += e;
-          }
-        }
-        const float total = warp_sum(s);
-        for (int m = 0; m < kpl; ++m) {
-          const int j = m * 32 + lane;
-          if (j < k) sel_w[j] = sel_w[j] / total;
-        }
-      }
-      if (p.renormalize) {
-        float s = 0.f;
-        for (int m = 0; m < kpl; ++m) {
-          const int j = m * 32 + lane;
-          if (j < k) s += sel_w[j];
-        }
-        const float den = warp_sum(s) + p.renorm_eps;
-        if (den != 0.f) {
-          for (int m = 0; m < kpl; ++m) {
-            const int j = m * 32 + lane;
-            if (j < k) sel_w[j] = sel_w[j] / den;
-          }
-        }
-      }
+      finish_weights(p, softmax, sel_w, k, kpl, lane, part_max);
       const int64_t out = t * int64_t(k);
       for (int m = 0; m < kpl; ++m) {
         const int j = m * 32 + lane;
