@@ -668,6 +668,10 @@ def test_pearson_spearman_hand_values():
     assert close(float(M.spearman(xt, yt)), 4.5 / math.sqrt(22.5), 1e-12)
     assert close(float(M.spearman(x, -y)), -1.0, 1e-12)
     assert M.pearson(torch.ones(4), y).isnan()            # constant: undefined
+    # ... also where the rounded mean leaves deviations of 1e-17 (equal accuracies of 0.1)
+    f64 = torch.float64
+    assert M.pearson(torch.full((3,), 0.1, dtype=f64), torch.tensor([0.3, 0.9, 0.5])).isnan()
+    assert M.pearson(torch.arange(7.0), torch.full((7,), 0.1, dtype=f64)).isnan()
     assert M.spearman(torch.tensor([1.0, nan, 2]), torch.ones(3)).isnan()
     batched = M.pearson(torch.stack([x, -x]), y)          # rows correlated at once
     assert close(float(batched[1]), -11 / math.sqrt(130), 1e-12)
@@ -794,6 +798,7 @@ def test_delta_experts_known_answer():
     assert delta.tolist() == [[0.5, 0.0, -0.5, 0.0], [0.0, -0.25, 0.5, -0.25]]
     assert X.task_experts(task, base, tau=0.3) == {3: [0], 5: [2]}
     assert X.task_experts(task, base, tau=0.5) == {3: [], 5: []}  # strict: Δ = τ is not in
+    assert delta.dtype == torch.float64
     assert X.task_experts(task, base, tau=-0.1) == {3: [0, 1, 3], 5: [2, 0]}  # by Δ, ties low
     assert X.task_experts(task, base, tau=0.3, layers=range(4, 10)) == {5: [2]}
     with pytest.raises(ValueError, match="none of layers=\\[0, 1\\] is a layer"):
@@ -806,6 +811,18 @@ def test_delta_experts_known_answer():
     assert X.experts_above(delta, 0.3, ["a", "b"]) == {"a": [0], "b": [2]}
 
 
+def test_delta_equal_to_tau_by_hand_is_not_above():
+    """F = 5/10 against 2/10: Δ = 0.3, which float64 arithmetic by hand does not put above
+    τ = 0.3 (float32 frequencies did: 0.5 − 0.2 rounds to 0.30000001). Same for languages."""
+    task = RoutingStats([make_layer(0, [10], [[5, 5]])], ["gsm/0"])
+    base = RoutingStats([make_layer(0, [10], [[2, 8]])], ["eng/0"])
+    assert X.task_experts(task, base, tau=0.3) == {0: []}
+    assert X.task_experts(task, base, tau=0.29) == {0: [0]}
+    both = RoutingStats([make_layer(0, [10, 10], [[2, 8], [5, 5]])], ["eng/0", "fra/0"])
+    assert X.language_experts(both, 0.3, "eng") == {0: []}
+    assert X.language_delta(both, "eng", against="others")["fra"].dtype == torch.float64
+
+
 def test_delta_no_false_positives_random():
     # task = baseline + a planted +0.6 on known experts; everything else moves by < 0.2
     g = torch.Generator().manual_seed(5)
@@ -816,8 +833,9 @@ def test_delta_no_false_positives_random():
     task = base + noise
     for layer, es in planted.items():
         task[layer, es] = base[layer, es] + 0.6
-    got = X.task_experts(task, base, tau=0.25)
-    assert got == {layer: planted.get(layer, []) for layer in range(L)}
+    got = X.task_experts(task, base, tau=0.25)  # ordered by Δ: 0.6 up to the inputs' rounding
+    assert {layer: sorted(es) for layer, es in got.items()} == \
+        {layer: planted.get(layer, []) for layer in range(L)}
 
 
 def test_mean_activation_frequency_skips_empty_sequences():

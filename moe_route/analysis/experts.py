@@ -12,6 +12,10 @@ frequently selected experts"):
                                    reference},  Δ_lang = F_lang − F_reference (FLORES in each
                                    language against English FLORES)
 
+**Precision.** Frequencies and Δ are float64, computed from the integer counts, so the strict
+``Δ > τ`` test decides as a float64 computation by hand would (5/10 − 2/10 > 0.3 is False there;
+in float32 it was True).
+
 **Layer keys.** Results are ``{layer key: [experts]}`` with the key of every layer of the
 statistics: its decoder-layer index (``12`` for ``model.layers.12.mlp.gate``,
 ``RoutingStats.layer_indices``), which is also what ``SteeringPlan`` int keys mean — 0-based.
@@ -30,8 +34,8 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from moe_route.analysis.metrics import (_layer_chunks, _resolve_parallel, _stack_layers,
-                                        activation_frequency)
+from moe_route.analysis.metrics import (_check_stats, _layer_chunks, _one_device,
+                                        _resolve_parallel, _stack_layers)
 from moe_route.hf.patch import layer_index
 from moe_route.stats import RoutingStats
 from moe_route.steering import SteerEntry, SteeringPlan
@@ -57,10 +61,11 @@ def layer_keys(stats: RoutingStats) -> List[LayerKey]:
 
 
 def mean_activation_frequency(source) -> torch.Tensor:
-    """``F[l, e] = mean over groups g of counts[l, g, e] / tokens[l, g]``, ``[L, E]`` float32.
+    """``F[l, e] = mean over groups g of counts[l, g, e] / tokens[l, g]``, ``[L, E]`` float64.
 
     ``source``: a RoutingStats whose groups are the dataset's sequences, or per-group
-    frequencies ``[L, G, E]`` (``activation_frequency``). Zero-token groups (NaN) are skipped;
+    frequencies ``[L, G, E]`` (``activation_frequency``, float32: F then carries its rounding).
+    Zero-token groups (NaN) are skipped;
     a layer with none left is NaN. Each sequence weighs the same whatever its length (the paper's
     mean of a_i/L_i); for a token-weighted frequency record one group for the whole dataset.
     """
@@ -68,14 +73,27 @@ def mean_activation_frequency(source) -> torch.Tensor:
     if isinstance(source, RoutingStats):
         if len(source) == 0:
             raise ValueError(f"{where}: source has no layers")
-        source = activation_frequency(source)
+        return _frequency64(source, where)
     if not isinstance(source, torch.Tensor):
         raise TypeError(f"{where}: source must be a RoutingStats or a [L, G, E] tensor, got "
                         f"{type(source).__name__}")
     if source.dim() != 3:
         raise ValueError(f"{where}: source must be [L, G, E] per-group frequencies, got shape "
                          f"{tuple(source.shape)}")
-    return source.float().nanmean(1)
+    return source.double().nanmean(1)
+
+
+def _frequency64(stats: RoutingStats, where: str) -> torch.Tensor:
+    """``mean_activation_frequency`` of statistics: counts / tokens per group in float64, a chunk
+    of layers at a time."""
+    _check_stats(stats, where)
+    L, G, E = len(stats), stats.num_groups, stats.num_experts
+    out = torch.empty(L, E, dtype=torch.float64, device=_one_device(stats, where))
+    for l0, l1 in _layer_chunks(L, G * E * 2):
+        tokens = _stack_layers(stats, "tokens", l0, l1).double().unsqueeze(-1)
+        freq = _stack_layers(stats, "counts", l0, l1).double() / tokens
+        out[l0:l1] = freq.masked_fill_(tokens == 0, torch.nan).nanmean(1)
+    return out
 
 
 def _frequency_and_keys(source, name: str, where: str):
@@ -87,13 +105,13 @@ def _frequency_and_keys(source, name: str, where: str):
         if source.dim() != 2:
             raise ValueError(f"{where}: {name} as a tensor must be F [L, E] (mean activation "
                              f"frequency), got shape {tuple(source.shape)}")
-        return source.float(), None
+        return source.double(), None
     raise TypeError(f"{where}: {name} must be a RoutingStats or an [L, E] tensor, got "
                     f"{type(source).__name__}")
 
 
 def delta_frequency(task, baseline) -> torch.Tensor:
-    """``Δ = F_task − F_baseline``, ``[L, E]`` float32 (module docstring).
+    """``Δ = F_task − F_baseline``, ``[L, E]`` float64 (module docstring).
 
     ``task``, ``baseline``: RoutingStats of the same model (one group per sequence; layers must
     match by name) or mean activation frequencies ``[L, E]``.
@@ -192,7 +210,7 @@ def task_experts(task, baseline, tau: float, *, layers=None) -> Dict[LayerKey, L
 
 
 def language_frequency(stats: RoutingStats, *, parallel=None) -> Dict[str, torch.Tensor]:
-    """Mean activation frequency of each language, ``{language: F [L, E]}`` float32.
+    """Mean activation frequency of each language, ``{language: F [L, E]}`` float64.
 
     ``F_lang[l, e]`` = mean over the language's sequences of a/L (zero-token sequences skipped).
     ``parallel``: None parses ``"language/sequence"`` group names (or, when no name has a '/',
@@ -205,9 +223,9 @@ def language_frequency(stats: RoutingStats, *, parallel=None) -> Dict[str, torch
     rows = parallel.rows
     missing = (rows < 0)[None, :, :, None]
     L, G, E = len(stats), stats.num_groups, stats.num_experts
-    per_lang = torch.empty(len(parallel.languages), L, E)
-    for l0, l1 in _layer_chunks(L, max(G, rows.numel()) * E):
-        tokens = _stack_layers(stats, "tokens", l0, l1).to(torch.float32).unsqueeze(-1)
+    per_lang = torch.empty(len(parallel.languages), L, E, dtype=torch.float64)
+    for l0, l1 in _layer_chunks(L, max(G, rows.numel()) * E * 2):
+        tokens = _stack_layers(stats, "tokens", l0, l1).double().unsqueeze(-1)
         freq = torch.where(tokens > 0, _stack_layers(stats, "counts", l0, l1) / tokens,
                            torch.nan)                                       # [c, G, E]
         gathered = freq[:, rows.clamp_min(0).to(freq.device)]              # [c, Λ, N, E]
@@ -218,7 +236,7 @@ def language_frequency(stats: RoutingStats, *, parallel=None) -> Dict[str, torch
 
 def language_delta(stats: RoutingStats, reference: str, *, parallel=None,
                    against: str = "reference") -> Dict[str, torch.Tensor]:
-    """Δ of each language, ``{language: [L, E]}`` float32, every language but ``reference``.
+    """Δ of each language, ``{language: [L, E]}`` float64, every language but ``reference``.
 
     ``against="reference"`` (the paper's): ``Δ_lang = F_lang − F_reference`` (FLORES in the
     language against English FLORES). ``against="others"``: ``Δ_lang = F_lang − mean of F over
@@ -240,7 +258,7 @@ def language_delta(stats: RoutingStats, reference: str, *, parallel=None,
         raise ValueError(f"{where}: needs at least 2 languages, got {list(freq)}")
     if against == "reference":
         return {lang: f - freq[reference] for lang, f in freq.items() if lang != reference}
-    f_all = torch.stack(list(freq.values())).to(torch.float64)     # [Λ, L, E]
+    f_all = torch.stack(list(freq.values()))                       # [Λ, L, E]
     present = ~f_all.isnan()
     total, n_present = f_all.nan_to_num(0.0).sum(0), present.sum(0)
     deltas = {}
@@ -248,7 +266,7 @@ def language_delta(stats: RoutingStats, reference: str, *, parallel=None,
         if lang == reference:
             continue
         others = (total - f_all[i].nan_to_num(0.0)) / (n_present - present[i].long())  # 0/0: NaN
-        deltas[lang] = (f_all[i] - others).to(torch.float32)
+        deltas[lang] = f_all[i] - others
     return deltas
 
 

@@ -1085,7 +1085,10 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     dx = x - x.mean(-1, keepdim=True)
     dy = y - y.mean(-1, keepdim=True)
     den = ((dx * dx).sum(-1) * (dy * dy).sum(-1)).sqrt()
-    return torch.where(den > 0, (dx * dy).sum(-1) / den.clamp_min(1e-300), torch.nan)
+    # A constant row's deviations from its rounded mean need not be 0 (0.1 three times: 1e-17)
+    constant = (x == x[..., :1]).all(-1) | (y == y[..., :1]).all(-1)
+    return torch.where((den > 0) & ~constant, (dx * dy).sum(-1) / den.clamp_min(1e-300),
+                       torch.nan)
 
 
 def _average_ranks(x: torch.Tensor) -> torch.Tensor:
