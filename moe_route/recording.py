@@ -16,6 +16,21 @@ encoder-decoder's encoder routers use its ``input_ids`` / ``attention_mask``, it
 padding (``attention_mask == 0``), ``ignore_token_ids`` (template or special tokens) and, with
 ``tokens="prompt"`` or ``"generated"``, the other phase of ``generate()`` are skipped.
 
+**generate().** While recording, ``model.generate`` is wrapped so that the recorder knows the
+prompt: the tokens at positions below the length of the ids (or embeddings) given to
+``generate`` are the prompt, every later position is generated, whatever the cache holds (a
+conversation continued on its ``past_key_values`` has its new turn counted as prompt). Each
+position counts once per ``generate``: without a KV cache (``use_cache=False``) every step
+re-runs the whole sequence, and only its new position is counted. A sequence of a batch that has
+ended (it was fed an EOS or pad id of the generation config at a generated position) is skipped
+from then on: the EOS and the padding fed to it while the rest of the batch goes on, so a
+sequence's statistics are the same batched or alone. ``set_groups`` ids per sequence ``[B]``
+also cover the ``num_beams`` / ``num_return_sequences`` copies generate makes of each sequence.
+Every routed token counts, which includes the candidate tokens of assisted or prompt-lookup
+decoding that are then rejected, and every beam of a beam search. Model calls outside
+``generate`` (a decoding loop of your own) tell the phases apart by the KV cache: a call with
+positions before it is generated.
+
 A loop layer (Inkling2-Loop runs some decoder layers several times per forward) routes once per
 pass, and each pass is a layer of its own in the statistics and the trace, named
 ``"<router path>@pass<p>"`` with the decoder layer's index; the layers come in the order a
@@ -45,6 +60,7 @@ import itertools
 import json
 import os
 import threading
+import warnings
 from collections.abc import Mapping
 from typing import Iterable, Optional, Sequence
 
@@ -101,6 +117,10 @@ class Recorder:
         # latest call: {stack path: {device: token rows [T]}}
         self._calls: dict = {}
         self._hooks: list = []
+        self._generation: Optional[_Generation] = None   # inside the wrapped model.generate
+        self._decoder = ""                                # the stack generate decodes with
+        self._unwrap = None
+        self._warned_embeds = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -132,6 +152,8 @@ class Recorder:
                 if self.trace_on:
                     state.trace = self._record_trace
             self._hooks = watch(self.model, self._on_call)
+            self._decoder = _decoder_path(self.model) if len(paths) > 1 else ""
+            self._wrap_generate()
         except BaseException:
             self._detach()
             raise
@@ -148,6 +170,9 @@ class Recorder:
     def _detach(self):
         while self._hooks:
             self._hooks.pop().remove()
+        if self._unwrap is not None:
+            self._unwrap()
+            self._unwrap = None
         if self._handle is not None:
             for name, state in self._handle.routers.items():
                 if name in self._attached and state.stats is self._attached[name]:
@@ -206,11 +231,38 @@ class Recorder:
 
     # -- per call ----------------------------------------------------------------------------
 
+    def _wrap_generate(self):
+        """Wrap ``model.generate`` (an instance attribute, removed on exit) so that model calls
+        inside it know the prompt's length and which sequences have ended (module doc)."""
+        model = self.model
+        generate = getattr(model, "generate", None)
+        if not callable(generate):
+            return
+        had_own = "generate" in vars(model)
+
+        @functools.wraps(generate)
+        def recorded_generate(*args, **kwargs):
+            outer, self._generation = self._generation, _Generation.of(model, args, kwargs)
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                self._generation = outer
+
+        model.generate = recorded_generate
+
+        def unwrap():
+            if vars(model).get("generate") is recorded_generate:
+                if had_own:
+                    model.generate = generate
+                else:
+                    del model.generate
+        self._unwrap = unwrap
+
     def _on_call(self, stack: str, call: dict):
         """Build the token -> statistics-row map of a call of one of the model's stacks (the
         model, or an encoder-decoder's encoder or decoder) from its arguments by name (no host
-        sync with tokens="all"; traceable by torch.compile, which runs module hooks inside the
-        graph)."""
+        sync with tokens="all" outside generate(); traceable by torch.compile, which runs module
+        hooks inside the graph)."""
         input_ids = call.get("input_ids")
         embeds = call.get("inputs_embeds")
         ref = input_ids if input_ids is not None else embeds
@@ -219,26 +271,84 @@ class Recorder:
             return
         B, S = ref.shape[0], ref.shape[1]
         device = ref.device
-        phase = self.tokens
-        if self.tokens != "all":  # past_length may sync: a cache_position, a static cache
-            phase = "generated" if past_length(call, S) > 0 else "prompt"
-        if phase != self.tokens:
+        gen = self._generation if stack == self._decoder else None
+        keep, generated = self._positions(gen, call, S)
+        if keep is False or (keep is not None and not bool(keep.any())):  # the other phase
+            if self._fits(B, S):
+                self._batch_rows(B, S, device)  # its groups are named all the same
             rows_on[device] = torch.full((B * S,), -1, dtype=torch.int32, device=device)
             return
         rows = self._batch_rows(B, S, device)
+        if isinstance(keep, torch.Tensor):
+            rows = torch.where(keep.to(device), rows, -1)
+        if gen is not None and gen.stop_ids is not None and input_ids is not None:
+            rows = torch.where(self._ended(gen, input_ids, generated), -1, rows)
         mask = call.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == B:
             rows = torch.where(mask[:, -S:].to(device) != 0, rows, -1)
-        if self.ignore_token_ids is not None and input_ids is not None:
-            skip = torch.isin(input_ids, self.ignore_token_ids.to(device))
-            rows = torch.where(skip, -1, rows)
+        if self.ignore_token_ids is not None:
+            if input_ids is not None:
+                skip = torch.isin(input_ids, self.ignore_token_ids.to(device))
+                rows = torch.where(skip, -1, rows)
+            elif not self._warned_embeds:
+                self._warned_embeds = True
+                warnings.warn("record: a model call was given inputs_embeds without input_ids; "
+                              "ignore_token_ids cannot be applied to its tokens, which are "
+                              "counted", stacklevel=2)
         rows_on[device] = rows.reshape(-1).to(torch.int32)
+
+    def _positions(self, gen, call: dict, S: int):
+        """``(keep, generated)``: which of a call's S positions its phase keeps and which are
+        generated, bool [S] on the CPU inside generate(); outside it, ``keep`` is None (all, no
+        host sync) or False (none), as the KV cache tells, and ``generated`` None."""
+        if gen is None:
+            if self.tokens == "all":
+                return None, None
+            generated = past_length(call, S) > 0  # may sync: a cache_position, a static cache
+            return (None if generated == (self.tokens == "generated") else False), None
+        past = gen.past = past_length(call, S)
+        pos = torch.arange(past, past + S)
+        keep = torch.ones(S, dtype=torch.bool)
+        if past == 0 and gen.routed > 0:  # no cache: the whole sequence again; count what is new
+            keep &= pos >= gen.routed
+        if 0 < past < gen.routed:         # a cache cut back (assisted decoding's rejects)
+            gen.ended.clear()
+        gen.routed = max(gen.routed, past + S)
+        generated = pos >= gen.prompt if gen.prompt is not None else torch.full((S,), past > 0)
+        if self.tokens != "all":
+            keep &= generated if self.tokens == "generated" else ~generated
+        return keep, generated
+
+    @staticmethod
+    def _ended(gen, input_ids: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
+        """[B, S]: the tokens of sequences that have ended, from the first stop id fed at a
+        generated position on (and every token of a sequence that ended in an earlier call)."""
+        device = input_ids.device
+        ended = (torch.isin(input_ids, gen.stop_ids.to(device))
+                 & generated.to(device)).cumsum(1) > 0
+        before = gen.ended.get(device)
+        if gen.past > 0 and before is not None and before.shape[0] == input_ids.shape[0]:
+            ended |= before[:, None]  # a cache continued: sequences ended before stay ended
+        gen.ended[device] = ended[:, -1]
+        return ended
+
+    def _fits(self, B: int, S: int) -> bool:
+        """Whether the set_groups ids apply to a call of [B, S] tokens."""
+        if self._batch is None:
+            return True
+        ids = self._batch[0]
+        if ids.dim() == 2:
+            return tuple(ids.shape) == (B, S)
+        return ids.shape[0] == B or (self._generation is not None and B % ids.shape[0] == 0)
 
     def _batch_rows(self, B, S, device) -> torch.Tensor:
         if self._batch is None:
             row = self._row_of(self._context[-1])
             return torch.full((B, S), row, dtype=torch.int32, device=device)
         ids, names, present = self._batch
+        if ids.dim() == 1 and ids.shape[0] != B and self._generation is not None and \
+                B % ids.shape[0] == 0:  # generate's copies of each sequence (beams, samples)
+            ids = ids.repeat_interleave(B // ids.shape[0])
         if ids.shape[0] != B or (ids.dim() == 2 and ids.shape[1] != S):
             hint = ("; per-token ids cover only a call of exactly their shape: for generate()'s "
                     "decoding steps or an encoder-decoder's other stack give per-sequence ids "
@@ -357,6 +467,46 @@ def _router_device(router: nn.Module) -> torch.device:
                              f"and no accelerate hook says where it runs")
         return t.device
     return torch.device("cpu")
+
+
+class _Generation:
+    """What the recorder knows of a ``generate()`` call in progress: the prompt's length in
+    positions (None: unknown), the EOS and pad ids that end a sequence, the positions routed so
+    far and, per device, which sequences have ended."""
+
+    def __init__(self, prompt: Optional[int], stop_ids: Optional[torch.Tensor]):
+        self.prompt, self.stop_ids = prompt, stop_ids
+        self.routed = self.past = 0
+        self.ended: dict = {}
+
+    @classmethod
+    def of(cls, model: nn.Module, args: tuple, kwargs: dict) -> "_Generation":
+        config = kwargs.get("generation_config")
+        if config is None and len(args) > 1:
+            config = args[1]
+        if config is None:
+            config = getattr(model, "generation_config", None)
+        stop = set()
+        for name in ("eos_token_id", "pad_token_id"):
+            for source in (kwargs.get(name), getattr(config, name, None)):
+                if source is not None:
+                    stop.update(int(i) for i in torch.as_tensor(source).reshape(-1).tolist())
+                    break
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            start = kwargs.get("decoder_input_ids")
+            prompt = start.shape[-1] if isinstance(start, torch.Tensor) else 1
+        else:
+            ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+            embeds = kwargs.get("inputs_embeds")
+            lengths = [t.shape[1] for t in (ids, embeds)
+                       if isinstance(t, torch.Tensor) and t.dim() >= 2]
+            prompt = max(lengths) if lengths else None
+        return cls(prompt, torch.tensor(sorted(stop), dtype=torch.int64) if stop else None)
+
+
+def _decoder_path(model: nn.Module) -> str:
+    decoder = model.get_decoder()
+    return next(name for name, module in model.named_modules() if module is decoder)
 
 
 def record(model: nn.Module, **options) -> Recorder:

@@ -1,4 +1,5 @@
 """moe_route.record: statistics against counts computed independently from the unpatched model."""
+import copy
 import dataclasses
 import json
 import os
@@ -123,6 +124,85 @@ def test_generate_records_prompt_and_decode_tokens(family):
         with moe_route.record(model, tokens=tokens) as rec, torch.no_grad():
             model.generate(prompt, max_new_tokens=new, do_sample=False)
         assert [int(layer.tokens.sum()) for layer in rec.stats] == [want] * 2, tokens
+
+
+def test_generate_phases_follow_the_prompt_not_the_cache():
+    """Inside generate() the prompt is the ids it was given: a conversation continued on its
+    cache has its new turn counted as prompt, and use_cache=False (every step re-runs the
+    sequence) counts each position once, as with a cache."""
+    model = build("qwen3_moe")
+    turn1, more = _ids(1, (1, 5)), _ids(2, (1, 5))
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        first = model.generate(turn1, return_dict_in_generate=True, **kw)
+    turn2 = torch.cat([first.sequences, more], 1)
+    cached = first.past_key_values.get_seq_length()
+    for tokens, want in (("prompt", turn2.shape[1] - cached), ("generated", 2)):
+        cache = copy.deepcopy(first.past_key_values)
+        with moe_route.record(model, tokens=tokens) as rec, torch.no_grad():
+            model.generate(turn2, past_key_values=cache, **kw)
+        assert [int(layer.tokens.sum()) for layer in rec.stats] == [want] * 2, tokens
+    prompt = _ids(3, (2, 5))
+    for tokens in ("all", "prompt", "generated"):
+        got = []
+        for use_cache in (True, False):
+            with moe_route.record(model, tokens=tokens) as rec, torch.no_grad():
+                model.generate(prompt, use_cache=use_cache, **kw)
+            got.append(rec.stats.stack("counts"))
+        assert torch.equal(got[0], got[1]), tokens
+    assert "generate" not in vars(model)  # the wrapper is gone
+
+
+def test_a_sequence_that_ended_is_not_counted_while_the_batch_goes_on():
+    """Batched generate() feeds a sequence that produced its EOS the EOS, then padding, until the
+    batch ends; neither counts, so each sequence's statistics are those of it generated alone
+    (its last token, EOS or not, is never fed back)."""
+    model = build("mixtral")
+    ids = _ids(4, (2, 5))
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        free = model.generate(ids, **kw)
+    eos = int(free[0, 5])  # sequence 0's first new token ends it
+    assert eos not in free[1, 5:].tolist() and eos != 0
+    with moe_route.record(model, tokens="generated") as rec, torch.no_grad():
+        rec.per_sequence(["a", "b"])
+        out = model.generate(ids, eos_token_id=eos, **kw)
+    assert out[0, 5:].tolist() == [eos] + [0] * (out.shape[1] - 6)
+    alone = []
+    for b in range(2):
+        with moe_route.record(model, tokens="generated") as rec_b, torch.no_grad():
+            model.generate(ids[b:b + 1], eos_token_id=eos, **kw)
+        alone.append(int(rec_b.stats[0].tokens.sum()))
+    assert alone == [0, out.shape[1] - 6]
+    for layer in rec.stats:
+        assert layer.tokens.tolist() == alone
+
+
+def test_sequence_groups_cover_generates_copies_and_skipped_calls_name_their_groups():
+    model = build("olmoe")
+    ids = _ids(5, (2, 4))
+    with moe_route.record(model) as rec, torch.no_grad():
+        rec.per_sequence(["x", "y"])
+        out = model.generate(ids, max_new_tokens=3, do_sample=True, num_return_sequences=3,
+                             pad_token_id=0, eos_token_id=None)
+    assert out.shape[0] == 6
+    for layer in rec.stats:
+        assert layer.tokens.tolist() == [3 * (4 + 2)] * 2
+    # tokens="generated" and one new token: no token is counted, the group is still there
+    with moe_route.record(model, tokens="generated") as rec, torch.no_grad():
+        with rec.group("only_prompt"):
+            model.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=0)
+    assert rec.stats.group_names == ["only_prompt"]
+    assert all(int(layer.tokens.sum()) == 0 for layer in rec.stats)
+
+
+def test_ignore_token_ids_warns_on_a_call_given_only_embeddings():
+    model = build("olmoe")
+    ids = _ids(6, (1, 4))
+    with moe_route.record(model, ignore_token_ids=[int(ids[0, 0])]) as rec, torch.no_grad():
+        with pytest.warns(UserWarning, match="inputs_embeds without input_ids"):
+            model(inputs_embeds=model.get_input_embeddings()(ids))
+    assert int(rec.stats[0].tokens.sum()) == 4
 
 
 def test_per_sequence_groups_flush_without_losing_counts():
