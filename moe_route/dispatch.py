@@ -87,6 +87,8 @@ def permute(x: torch.Tensor, plan: DispatchPlan, *, zero_tail: bool = True) -> t
         raise ValueError(f"permute: x must have the plan's T={plan.slot_row.shape[0] // plan.k} "
                          f"rows (one per token), got shape {tuple(x.shape)}")
     offsets = None if zero_tail else plan.expert_offsets
+    _same_device("permute", "x", x, row_slot=plan.row_slot, slot_row=plan.slot_row,
+                 expert_offsets=offsets)
     return _call("permute", x, (x, plan.row_slot, plan.slot_row, plan.k, offsets),
                  lambda x, row_slot, slot_row, k, _: reference.permute(x, row_slot, k))
 
@@ -105,7 +107,19 @@ def unpermute(y: torch.Tensor, plan: DispatchPlan, weights: torch.Tensor) -> tor
     if isinstance(weights, torch.Tensor) and tuple(weights.shape) != (T, plan.k):
         raise ValueError(f"unpermute: weights must have shape [T, k] = [{T}, {plan.k}] for "
                          f"this plan, got {tuple(weights.shape)}")
+    _same_device("unpermute", "y", y, slot_row=plan.slot_row, weights=weights)
     return _call("unpermute", y, (y, plan.slot_row, weights), reference.unpermute)
+
+
+def _same_device(op: str, first_name: str, first, **others) -> None:
+    """ValueError unless every tensor of ``others`` is on ``first``'s device: a mix with the meta
+    device would otherwise run the shape-only kernel and return uninitialised memory."""
+    if not isinstance(first, torch.Tensor):
+        return
+    for name, t in others.items():
+        if isinstance(t, torch.Tensor) and t.device != first.device:
+            raise ValueError(f"{op}: {name} must be on {first_name}'s device {first.device}, "
+                             f"got {t.device}")
 
 
 def _call(name, first, args, ref):
@@ -128,10 +142,13 @@ if _loader.native is not None:
 
     @torch.library.register_fake("moe_route::permute")
     def _permute_fake(x, row_slot, slot_row, k, expert_offsets=None):
+        _same_device("permute", "x", x, row_slot=row_slot, slot_row=slot_row,
+                     expert_offsets=expert_offsets)
         return x.new_empty((row_slot.shape[0], x.shape[1]))
 
     @torch.library.register_fake("moe_route::unpermute")
     def _unpermute_fake(y, slot_row, weights):
+        _same_device("unpermute", "y", y, slot_row=slot_row, weights=weights)
         return y.new_empty((weights.shape[0], y.shape[1]))
 
     def _permute_setup(ctx, inputs, output):

@@ -157,17 +157,39 @@ def _frozen_values(values: ExpertValues, name: str):
     if values is None:
         return None
     if isinstance(values, Mapping):  # {} steers no expert: the same as None
-        pairs = tuple(sorted((e, float(v)) for e, v in values.items()))
-        _check_finite(pairs, name)
-        return pairs or None
-    if isinstance(values, tuple) and all(isinstance(v, tuple) for v in values):
-        return values  # already frozen pairs (dataclasses.replace)
+        return _frozen_pairs(values.items(), name) or None
+    if isinstance(values, tuple) and values and all(isinstance(v, tuple) for v in values):
+        return _frozen_pairs(values, name)  # pairs (what dataclasses.replace passes on)
     t = torch.as_tensor(values, dtype=torch.float32)  # beyond FLT_MAX becomes inf here
     if t.dim() != 1:
         raise ValueError(f"SteerSpec.{name}: expected one value per expert (1-D), got shape "
                          f"{tuple(t.shape)}")
     out = tuple(t.tolist())
     _check_finite(enumerate(out), name)
+    return out
+
+
+def _frozen_pairs(items, name: str) -> tuple:
+    """``(expert, value)`` pairs sorted by expert: int experts (a bool is refused: as a tensor
+    index it would select every expert), each once, real values."""
+    pairs = {}
+    for item in items:
+        if len(item) != 2:
+            raise ValueError(f"SteerSpec.{name}: expected (expert, value) pairs, got {item!r}")
+        expert, value = item
+        if isinstance(expert, bool) or not isinstance(expert, numbers.Integral):
+            raise TypeError(f"SteerSpec.{name}: expert keys must be ints, got {expert!r} "
+                            f"({type(expert).__name__})")
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"SteerSpec.{name}: expert {int(expert)}: value must be a number, "
+                            f"got {value!r} ({type(value).__name__})")
+        if int(expert) in pairs:
+            raise ValueError(f"SteerSpec.{name}: expert {int(expert)} is given twice")
+        pairs[int(expert)] = float(value)
+    out = tuple(sorted(pairs.items()))
+    _check_finite(out, name)
     return out
 
 

@@ -392,6 +392,22 @@ def test_public_ops_on_meta_tensors():
     assert out.shape == (5, 16) and out.device.type == "meta"
 
 
+def test_plan_or_weights_on_another_device_are_refused():
+    """A meta plan (or weights) beside CPU rows used to run the shape-only kernel and return
+    uninitialised memory."""
+    ids = torch.tensor([[0, 1], [1, 2]])
+    plan = moe_route.dispatch_plan(ids, 3)
+    x = torch.arange(8.0).view(2, 4)
+    on_meta = plan._replace(row_slot=plan.row_slot.to("meta"))
+    with pytest.raises(ValueError, match="permute: row_slot must be on x's device cpu, got meta"):
+        moe_route.permute(x, on_meta)
+    with pytest.raises(ValueError, match="permute: row_slot must be on x's device cpu"):
+        moe_route.permute(x, moe_route.dispatch_plan(ids.to("meta"), 3))
+    rows = moe_route.permute(x, plan)
+    with pytest.raises(ValueError, match="unpermute: weights must be on y's device cpu"):
+        moe_route.unpermute(rows, plan, torch.ones(2, 2, device="meta"))
+
+
 def _combine_grads(x, w, W, plan, dispatch):
     """Gradients of sum(c * unpermute(permute(x) @ W, w)) through the given permute/unpermute.
     Only the rows in use go through W, as in a grouped GEMM over the plan's offsets: the unused

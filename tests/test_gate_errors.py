@@ -2,6 +2,8 @@
 fake (meta) kernel, the public API and the reference."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -309,7 +311,6 @@ def test_unknown_knob():
 @pytest.mark.parametrize("field,value,msg", [
     ("add", {E: 1.0}, r"SteerSpec.add: expert 8 must be an int in \[0, 8\)"),
     ("std", {-1: 1.0}, r"SteerSpec.std: expert -1"),
-    ("abs", {"3": 1.0}, r"SteerSpec.abs: expert '3'"),
     ("force", [1.0] * (E - 1), r"SteerSpec.force: expected 8 values \(one per expert\), got 7"),
 ])
 def test_steer_spec_invalid(field, value, msg):
@@ -319,6 +320,26 @@ def test_steer_spec_invalid(field, value, msg):
         spec.table(E)
     with pytest.raises(ValueError, match=msg):
         moe_route.topk_gate(logits(), 2, steer=spec)
+
+
+@pytest.mark.parametrize("value,error,msg", [
+    ({"3": 1.0}, TypeError, r"SteerSpec.abs: expert keys must be ints, got '3' \(str\)"),
+    # as a tensor index True would select every expert
+    ({True: 5.0}, TypeError, r"SteerSpec.abs: expert keys must be ints, got True \(bool\)"),
+    ({1: "x"}, TypeError, r"SteerSpec.abs: expert 1: value must be a number, got 'x'"),
+    (((1, 0.5), (1, 2.0)), ValueError, r"SteerSpec.abs: expert 1 is given twice"),
+    (((1, NAN),), ValueError, r"SteerSpec.abs: expert 1: value nan must be finite"),
+    (((0.5,),), ValueError, r"SteerSpec.abs: expected \(expert, value\) pairs, got \(0.5,\)"),
+])
+def test_steer_spec_bad_pairs_fail_at_construction(value, error, msg):
+    with pytest.raises(error, match=msg):
+        moe_route.SteerSpec(abs=value)
+
+
+def test_steer_spec_pairs_take_integer_and_tensor_scalars():
+    spec = moe_route.SteerSpec(add={np.int64(2): torch.tensor(0.5), 0: np.float32(1.5)})
+    assert spec.add == ((0, 1.5), (2, 0.5))
+    assert dataclasses.replace(spec, select_only=True).add == spec.add
 
 
 @pytest.mark.parametrize("field", ["add", "std", "abs", "force"])
