@@ -469,6 +469,13 @@ def test_routing_consistency_int_groups_and_random_against_loop():
         M.routing_consistency(ids, ["a"])
     with pytest.raises(ValueError, match="pairs='pairs' must be one of"):
         M.routing_consistency(ids, groups, pairs="pairs")
+    # ids that are no top-k set gave J = -1/3 (or inf for adjacent pairs), silently
+    with pytest.raises(ValueError, match=r"ids must be expert ids >= 0; row 1 .* \[0, -1\]"):
+        M.routing_consistency(torch.tensor([[0, 1], [0, -1]]), ["a", "a"])
+    with pytest.raises(ValueError, match=r"k distinct experts per token; row 0 is \[1, 1\]"):
+        M.routing_consistency(torch.tensor([[1, 1], [1, 1]]), ["a", "a"], pairs="adjacent")
+    skipped = M.routing_consistency(torch.tensor([[0, 1], [-1, -1], [0, 1]]), ["a", None, "a"])
+    assert skipped == {"a": 1.0}  # a row outside every group is not checked
 
 
 def ref_agreement(a, b, wa, wb):

@@ -795,6 +795,12 @@ def routing_consistency(ids: torch.Tensor, groups, pairs: str = "all",
     if G == 0:
         return {}
     sel = torch.nonzero(codes >= 0).squeeze(1)
+    negative = (ids[sel] < 0).any(1)
+    if bool(negative.any()):
+        r = int(sel[torch.nonzero(negative)[0]])
+        raise ValueError(f"{where}: ids must be expert ids >= 0; row {r} (in a group) is "
+                         f"{ids[r].tolist()}")
+    _check_distinct(ids[sel], "ids (rows in a group)", where)
     order = torch.sort(codes[sel], stable=True).indices  # by group, row order kept inside
     sel = sel[order]
     c = codes[sel]
