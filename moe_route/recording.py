@@ -58,6 +58,7 @@ import contextlib
 import functools
 import itertools
 import json
+import numbers
 import os
 import threading
 import warnings
@@ -88,14 +89,17 @@ class Recorder:
                  trace_dtype: torch.dtype = torch.float16):
         if tokens not in TOKENS:
             raise ValueError(f"record: tokens={tokens!r} must be one of {TOKENS}")
-        if not isinstance(max_groups, int) or max_groups < 1:
+        if not isinstance(max_groups, int) or isinstance(max_groups, bool) or max_groups < 1:
             raise ValueError(f"record: max_groups={max_groups!r} must be an int >= 1")
+        for name, value in (("dense", dense), ("coact", coact), ("trace", trace),
+                            ("trace_logits", trace_logits)):
+            if not isinstance(value, bool):
+                raise TypeError(f"record: {name} must be a bool, got {value!r}")
         if not isinstance(default_group, str):
             raise TypeError(f"record: default_group must be a str, got {type(default_group).__name__}")
         self.model = model
         self.dense, self.coact, self.tokens = dense, coact, tokens
-        self.ignore_token_ids = (None if ignore_token_ids is None
-                                 else torch.as_tensor(list(ignore_token_ids), dtype=torch.int64))
+        self.ignore_token_ids = None if ignore_token_ids is None else _token_ids(ignore_token_ids)
         self.max_groups = max_groups
         self.meta = dict(meta or {})
         _check_json(self.meta, "record: meta")  # not at the first flush, after the model calls
@@ -209,9 +213,16 @@ class Recorder:
         if ids.dtype not in (torch.int32, torch.int64) or ids.dim() not in (1, 2):
             raise ValueError(f"Recorder.set_groups: ids must be an int tensor of shape [B] or "
                              f"[B, S], got {ids.dtype} of shape {tuple(ids.shape)}")
+        if ids.numel() and int(ids.min()) < -1:
+            raise ValueError(f"Recorder.set_groups: ids must be group ids >= 0 or -1 (skip), got "
+                             f"{int(ids.min())}")
         present = sorted(int(i) for i in ids.unique().tolist() if i >= 0)
         if names is not None:
             names = [str(n) for n in names]
+            if len(set(names)) != len(names):
+                twice = sorted({n for n in names if names.count(n) > 1})
+                raise ValueError(f"Recorder.set_groups: names must be distinct, got {twice} "
+                                 f"more than once")
             if present and present[-1] >= len(names):
                 raise ValueError(f"Recorder.set_groups: id {present[-1]} has no name "
                                  f"(len(names)={len(names)})")
@@ -467,6 +478,23 @@ def _router_device(router: nn.Module) -> torch.device:
                              f"and no accelerate hook says where it runs")
         return t.device
     return torch.device("cpu")
+
+
+def _token_ids(values) -> torch.Tensor:
+    """``ignore_token_ids`` as an int64 tensor: ints only (a 1.5 would have ignored token 1)."""
+    if isinstance(values, torch.Tensor):
+        if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+            raise TypeError(f"record: ignore_token_ids must hold ints, got a {values.dtype} "
+                            f"tensor")
+        return values.detach().to("cpu", torch.int64).reshape(-1)
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise TypeError(f"record: ignore_token_ids must be an iterable of ints, got {values!r}")
+    values = list(values)
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Integral)]
+    if bad:
+        raise TypeError(f"record: ignore_token_ids must be ints, got {bad[0]!r} "
+                        f"({type(bad[0]).__name__})")
+    return torch.tensor([int(v) for v in values], dtype=torch.int64)
 
 
 class _Generation:

@@ -253,7 +253,15 @@ def test_spec_must_be_a_router_spec(spec):
         moe_route.topk_gate(logits(), 2, spec)
 
 
-@pytest.mark.parametrize("k", [True, 2.0, "2", None])
+@pytest.mark.parametrize("kw,msg", [(dict(n_group=True), r"n_group=True must be an int"),
+                                    (dict(n_group=2, topk_group=True), r"topk_group=True must")])
+def test_router_spec_group_sizes_are_not_bools(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        moe_route.RouterSpec(**kw)
+
+
+@pytest.mark.parametrize("k", [True, 2.0, "2", None, torch.tensor(True), torch.tensor([2])],
+                         ids=["bool", "float", "str", "None", "bool_tensor", "1d_tensor"])
 def test_k_must_be_an_int(k):
     with pytest.raises(TypeError, match=r"topk_gate: k must be an int, got "):
         moe_route.topk_gate(logits(), k)

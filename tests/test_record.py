@@ -250,6 +250,29 @@ def test_record_option_errors():
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
+@pytest.mark.parametrize("options,error,msg", [
+    (dict(ignore_token_ids=[1.5]), TypeError, r"ignore_token_ids must be ints, got 1.5"),
+    (dict(ignore_token_ids="abc"), TypeError, r"ignore_token_ids must be an iterable of ints"),
+    (dict(ignore_token_ids=torch.tensor([1.0])), TypeError, r"must hold ints, got a torch.float"),
+    (dict(dense="no"), TypeError, r"dense must be a bool, got 'no'"),
+    (dict(coact=2), TypeError, r"coact must be a bool, got 2"),
+    (dict(max_groups=True), ValueError, r"max_groups=True must be an int >= 1"),
+])
+def test_record_options_are_not_coerced(options, error, msg):
+    with pytest.raises(error, match=msg):
+        moe_route.record(build("olmoe"), **options)
+
+
+def test_set_groups_refuses_ids_below_minus_one_and_repeated_names():
+    model = build("olmoe")
+    with moe_route.record(model, ignore_token_ids=torch.tensor([3, 4])) as rec:
+        assert rec.ignore_token_ids.tolist() == [3, 4]
+        with pytest.raises(ValueError, match=r"group ids >= 0 or -1 \(skip\), got -5"):
+            rec.set_groups(torch.tensor([0, -5]))
+        with pytest.raises(ValueError, match=r"names must be distinct, got \['a'\]"):
+            rec.set_groups(torch.tensor([0, 1]), ["a", "a"])
+
+
 def test_per_token_groups_with_generate():
     model = build("olmoe")
     ids = torch.randint(3, 60, (2, 6), generator=torch.Generator().manual_seed(0))

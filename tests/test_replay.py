@@ -7,6 +7,7 @@ under the same per-position routing agree; statistics count the replayed ids.
 """
 import inspect
 
+import numpy as np
 import pytest
 import torch
 
@@ -299,6 +300,9 @@ def test_bad_routing_is_refused_before_anything_runs():
         ({names[0]: {"weights": good}}, ValueError, "without 'ids'"),
         ({7: good}, ValueError, "layer 7 is not an MoE layer"),
         ({}, TypeError, "non-empty mapping"),
+        # True replayed layer 1 (a bool is an int); a float or None key failed in a regex
+        ({True: good}, TypeError, r"layer keys must be ints .* got True \(bool\)"),
+        ({1.0: good}, TypeError, r"layer keys must be ints .* got 1.0 \(float\)"),
     ]
     for routing, exc, msg in cases:
         with pytest.raises(exc, match=msg):
@@ -310,6 +314,10 @@ def test_bad_routing_is_refused_before_anything_runs():
             pass
     with pytest.raises(TypeError, match="torch.nn.Module"):
         moe_route.replay("model", {0: good})
+    with torch.no_grad(), moe_route.replay(model, {np.int64(0): torch.tensor([[3, 5]] * 8)}), \
+            moe_route.record(model, trace=True) as rec:
+        model(_ids(0, (2, 4)))
+    assert rec.trace[names[0]]["ids"].tolist() == [[3, 5]] * 8
 
 
 def test_by_position_shape_mismatch_and_outside_a_model_call():

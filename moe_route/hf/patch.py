@@ -20,6 +20,7 @@ Two modes:
 """
 from __future__ import annotations
 
+import numbers
 import re
 import threading
 import types
@@ -263,8 +264,11 @@ def sites_by_key(keys, routers: dict, where: str) -> dict:
     out, seen = {}, {}
     for key in keys:
         p = None
-        if isinstance(key, int):
-            names = by_index.get(key, [])
+        if isinstance(key, bool) or not isinstance(key, (numbers.Integral, str)):
+            raise TypeError(f"{where}: layer keys must be ints (decoder-layer indices) or str "
+                            f"(module paths), got {key!r} ({type(key).__name__})")
+        if isinstance(key, numbers.Integral):
+            names = by_index.get(int(key), [])
             if len(names) > 1:
                 raise ValueError(f"{where}: layer {key} is ambiguous ({names}); use a module path")
         else:
