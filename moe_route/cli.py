@@ -479,8 +479,9 @@ def main(argv=None) -> int:
                         "in the file)")
     p.add_argument("--limit", type=int, help="first N questions per language")
     p.add_argument("--plan", help="a steering plan (SteeringPlan JSON): run without and with it")
-    p.add_argument("--normalize", choices=["none", "tokens", "bytes"], default="none",
-                   help="multiple choice: divide an option's log-likelihood by its length")
+    p.add_argument("--normalize", choices=["none", "tokens", "chars", "bytes"], default="none",
+                   help="multiple choice: divide an option's log-likelihood by its length "
+                        "(chars: lm-eval's acc_norm)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation: at most")
     p.add_argument("--shots", type=int, default=0,
                    help="solved examples before each question (default 0): the first N other "

@@ -253,8 +253,11 @@ def test_choice_accuracy_on_text_matches_the_token_ids():
     assert chat.predictions == _reference_choice(model, wrapped)
     normalized = ev.choice_accuracy(model, text, tokenizer=tok, normalize="bytes")
     assert normalized.meta["normalize"] == "bytes"
-    with pytest.raises(ValueError, match="normalize='bytes' needs text options"):
-        ev.choice_accuracy(model, ids, normalize="bytes")
+    chars = ev.choice_accuracy(model, text, tokenizer=tok, normalize="chars")
+    assert chars.predictions == normalized.predictions  # ASCII options: as many bytes as chars
+    for normalize in ("bytes", "chars"):
+        with pytest.raises(ValueError, match=f"normalize='{normalize}' needs text options"):
+            ev.choice_accuracy(model, ids, normalize=normalize)
 
 
 class _FixedLogits(torch.nn.Module):

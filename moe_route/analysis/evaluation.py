@@ -231,7 +231,7 @@ def _paired(a: torch.Tensor, b: torch.Tensor) -> PairedComparison:
 
 # -- multiple choice ---------------------------------------------------------------------------
 
-_NORMALIZE = ("none", "tokens", "bytes")
+_NORMALIZE = ("none", "tokens", "chars", "bytes")
 
 
 @torch.no_grad()
@@ -240,7 +240,8 @@ def choice_accuracy(model, items: Mapping[str, Sequence[ChoiceItem]], *, tokeniz
                     progress: bool = False) -> EvalResult:
     """Multiple-choice accuracy by language: the predicted option is the one whose tokens are
     most likely after the prompt (log-likelihood summed over its tokens; ``normalize="tokens"``
-    divides by its token count, ``"bytes"`` by its UTF-8 length, lm-eval's ``acc_norm``).
+    divides by its token count, ``"chars"`` by its length in characters, as lm-eval's
+    ``acc_norm``, ``"bytes"`` by its UTF-8 length, which counts 2-4 per character outside ASCII).
 
     ``items``: ``{language: [ChoiceItem]}``. Text prompts need a ``tokenizer``; the option's
     tokens are those of ``prompt + option`` beyond the prompt's own (so a BPE merge across the
@@ -264,11 +265,12 @@ def choice_accuracy(model, items: Mapping[str, Sequence[ChoiceItem]], *, tokeniz
         for q, item in enumerate(questions):
             where = f"language {lang!r}, item {q}"
             prompt, options = _encode_choice(item, tokenizer, chat_template, where)
-            if normalize == "bytes" and not all(isinstance(o, str) for o in item.options):
-                raise ValueError(f"choice_accuracy: normalize='bytes' needs text options "
+            if normalize in ("chars", "bytes") and not all(isinstance(o, str)
+                                                           for o in item.options):
+                raise ValueError(f"choice_accuracy: normalize={normalize!r} needs text options "
                                  f"({where} has token ids)")
-            scale = [1.0 / (len(o) if normalize == "tokens" else
-                            len(t.encode("utf-8")) if normalize == "bytes" else 1)
+            scale = [1.0 / (len(o) if normalize == "tokens" else len(t) if normalize == "chars"
+                            else len(t.encode("utf-8")) if normalize == "bytes" else 1)
                      for o, t in zip(options, item.options)]
             if all(len(o) == 1 for o in options):       # one forward, read at the last position
                 refs = [(len(rows), j, j + 1) for j in range(len(options))]
