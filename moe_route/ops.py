@@ -52,9 +52,11 @@ class RouterSpec:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"RouterSpec: {name}={getattr(self, name)!r} must be one of "
                                  f"{allowed}")
-        if not _plain_int(self.n_group) or self.n_group < 1:
+        if isinstance(self.n_group, bool) or not isinstance(self.n_group, int) or \
+                self.n_group < 1:
             raise ValueError(f"RouterSpec: n_group={self.n_group!r} must be an int >= 1")
-        if not _plain_int(self.topk_group) or not 1 <= self.topk_group <= self.n_group:
+        if isinstance(self.topk_group, bool) or not isinstance(self.topk_group, int) or \
+                not 1 <= self.topk_group <= self.n_group:
             raise ValueError(f"RouterSpec: topk_group={self.topk_group!r} must be an int in "
                              f"[1, n_group={self.n_group}]")
         for name in ("n_group", "topk_group"):
@@ -101,10 +103,6 @@ class RouterSpec:
             if key == (False, False):
                 object.__setattr__(self, "_plain", config)
         return config
-
-
-def _plain_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 ExpertValues = Union[torch.Tensor, Sequence[float], Mapping[int, float], None]

@@ -343,24 +343,28 @@ class Recorder:
         gen.ended[device] = ended[:, -1]
         return ended
 
+    def _batch_ids(self, B: int) -> torch.Tensor:
+        """The set_groups ids for a call of B sequences: per-sequence ids repeated over
+        generate()'s copies of each sequence (beams, samples) when B is a multiple of them."""
+        ids = self._batch[0]
+        if ids.dim() == 1 and ids.shape[0] != B and self._generation is not None and \
+                B % ids.shape[0] == 0:
+            ids = ids.repeat_interleave(B // ids.shape[0])
+        return ids
+
     def _fits(self, B: int, S: int) -> bool:
         """Whether the set_groups ids apply to a call of [B, S] tokens."""
         if self._batch is None:
             return True
-        ids = self._batch[0]
-        if ids.dim() == 2:
-            return tuple(ids.shape) == (B, S)
-        return ids.shape[0] == B or (self._generation is not None and B % ids.shape[0] == 0)
+        ids = self._batch_ids(B)
+        return ids.shape[0] == B and (ids.dim() == 1 or ids.shape[1] == S)
 
     def _batch_rows(self, B, S, device) -> torch.Tensor:
         if self._batch is None:
             row = self._row_of(self._context[-1])
             return torch.full((B, S), row, dtype=torch.int32, device=device)
-        ids, names, present = self._batch
-        if ids.dim() == 1 and ids.shape[0] != B and self._generation is not None and \
-                B % ids.shape[0] == 0:  # generate's copies of each sequence (beams, samples)
-            ids = ids.repeat_interleave(B // ids.shape[0])
-        if ids.shape[0] != B or (ids.dim() == 2 and ids.shape[1] != S):
+        ids, names, present = self._batch_ids(B), *self._batch[1:]
+        if not self._fits(B, S):
             hint = ("; per-token ids cover only a call of exactly their shape: for generate()'s "
                     "decoding steps or an encoder-decoder's other stack give per-sequence ids "
                     "[B], or record(tokens='prompt')") if ids.dim() == 2 and ids.shape[0] == B \
