@@ -244,6 +244,18 @@ def test_distribution_checks_name_the_argument():
         M.distribution_entropy(torch.tensor([1, 0]))
 
 
+@pytest.mark.parametrize("fn, names", [
+    (M.js_divergence, "p and q"), (M.entropy_normalised_js, "p and q"),
+    (M.pearson, "x and y"), (M.spearman, "x and y"), (M.expert_set_jaccard, "a and b"),
+])
+def test_pairwise_functions_name_both_shapes(fn, names):
+    rows3, rows2 = torch.full((3, 4), 0.25), torch.full((2, 4), 0.25)
+    with pytest.raises(ValueError, match=rf"{fn.__name__}: {names} must have broadcastable "
+                                         rf"shapes, got \(3, 4\) and \(2, 4\)"):
+        fn(rows3, rows2)
+    assert fn(rows3, rows2[:1]).shape == (3,)  # a single row still broadcasts
+
+
 # -------------------------------------------------------------------------------------------
 # divergence from a reference language (Eq. 2)
 
@@ -391,6 +403,9 @@ def test_parallel_divergence_on_plain_tensors():
     assert close(float(div["fr"][0]), ref_hjs([0.5, 0.5], [1.0, 0.0]))
     with pytest.raises(ValueError, match="importance must be \\[L, G, E\\]"):
         M.parallel_divergence(imp[0], pg, "en")
+    with pytest.raises(ValueError, match=r"importance must have at least one expert .* "
+                                         r"\(1, 3, 0\)"):
+        M.parallel_divergence(imp[..., :0], pg, "en")
 
 
 # -------------------------------------------------------------------------------------------
@@ -476,6 +491,28 @@ def test_routing_consistency_int_groups_and_random_against_loop():
         M.routing_consistency(torch.tensor([[1, 1], [1, 1]]), ["a", "a"], pairs="adjacent")
     skipped = M.routing_consistency(torch.tensor([[0, 1], [-1, -1], [0, 1]]), ["a", None, "a"])
     assert skipped == {"a": 1.0}  # a row outside every group is not checked
+
+
+def test_routing_consistency_ids_need_not_be_small():
+    # the same sets under ids far beyond any expert count: the value depends on the sets only
+    small = torch.tensor([[0, 1], [0, 2], [2, 1], [3, 0], [3, 0]])
+    big = torch.tensor([0, 2 ** 40, 7, 2 ** 62])[small]
+    groups = ["a", "a", "a", "b", "b"]
+    want = M.routing_consistency(small, groups)
+    assert M.routing_consistency(big, groups) == want
+    assert close(want["a"], 1 / 3, 1e-12) and want["b"] == 1.0  # a: every pair shares one
+
+
+@pytest.mark.parametrize("value, exc, pattern", [
+    ("x", TypeError, "max_group_tokens='x' must be an int >= 1, got str"),
+    (True, TypeError, "max_group_tokens=True must be an int >= 1, got bool"),
+    (2.0, TypeError, "max_group_tokens=2.0 must be an int >= 1, got float"),
+    (0, ValueError, "max_group_tokens=0 must be an int >= 1"),
+])
+@pytest.mark.parametrize("pairs", ["all", "adjacent"])
+def test_routing_consistency_max_group_tokens_must_be_a_positive_int(value, exc, pattern, pairs):
+    with pytest.raises(exc, match=f"routing_consistency: {pattern}"):
+        M.routing_consistency(torch.tensor([[0, 1]]), ["a"], pairs=pairs, max_group_tokens=value)
 
 
 def ref_agreement(a, b, wa, wb):
@@ -601,6 +638,18 @@ def test_expert_set_jaccard():
         M.expert_set_jaccard(a, b, m=5)
 
 
+def test_expert_set_jaccard_dtypes():
+    a = torch.tensor([[3.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0]])
+    b = torch.tensor([[1.0, 2.0, 0.0, 0.0], [0.0, 0.0, 1.0, 5.0]])
+    # bool masks are the sets themselves: as the activated sets of the scores above
+    assert torch.equal(M.expert_set_jaccard(a > 0, b > 0), M.expert_set_jaccard(a, b))
+    with pytest.raises(TypeError, match=r"m=2 ranks scores, but a or b is a bool mask"):
+        M.expert_set_jaccard(a > 0, b, m=2)
+    with pytest.raises(TypeError, match="a must be a real floating-point, integer or bool "
+                                        "tensor, got torch.complex64"):
+        M.expert_set_jaccard(a.to(torch.complex64), b)
+
+
 def test_expert_set_jaccard_top_m_ties_against_loop():
     # small integer counts: many ties at the m-th place, decided towards the lower expert index
     g = torch.Generator().manual_seed(7)
@@ -661,6 +710,27 @@ def test_load_balance():
         M.load_balance(torch.tensor([1.0, -1.0]))
 
 
+def test_load_balance_layers_with_different_numbers_of_experts():
+    # loads (counts summed over groups): layer 0 [2, 2, 2, 2], layer 1 [6, 0, 0, 0, 0, 0]
+    stats = RoutingStats([make_layer(0, [2, 2], [[1, 1, 1, 1], [1, 1, 1, 1]]),
+                          make_layer(1, [3, 3], [[3, 0, 0, 0, 0, 0], [3, 0, 0, 0, 0, 0]])],
+                         ["g", "h"])
+    lb = M.load_balance(stats)
+    assert lb.cv.shape == (2,) and lb.cv.dtype == f32
+    assert float(lb.cv[0]) == 0.0 and close(float(lb.cv[1]), math.sqrt(5))  # sqrt(E - 1)
+    assert lb.max_over_mean.tolist() == [1.0, 6.0]
+    assert close(float(lb.dead_fraction[1]), 5 / 6)
+
+
+def test_load_balance_needs_real_loads_over_at_least_one_expert():
+    with pytest.raises(ValueError, match=r"load must have at least one expert .* \(3, 0\)"):
+        M.load_balance(torch.zeros(3, 0))
+    for dtype in (torch.complex64, torch.bool):
+        with pytest.raises(TypeError, match=f"load must be a real floating-point or integer "
+                                            f"tensor, got {dtype}"):
+            M.load_balance(torch.ones(3, dtype=dtype))
+
+
 # -------------------------------------------------------------------------------------------
 # correlation
 
@@ -684,6 +754,11 @@ def test_pearson_spearman_hand_values():
     assert close(float(batched[1]), -11 / math.sqrt(130), 1e-12)
     with pytest.raises(ValueError, match="at least 2 values"):
         M.pearson(torch.ones(1), torch.ones(1))
+    with pytest.raises(TypeError, match="y must be a real floating-point, integer or bool "
+                                        "tensor, got torch.complex64"):
+        M.spearman(x, y.to(torch.complex64))
+    # a bool variable is a 0/1 one (point-biserial correlation)
+    assert close(float(M.pearson(x > 2, y)), float(M.pearson((x > 2).double(), y)), 1e-12)
 
 
 def test_divergence_accuracy_correlation():
@@ -725,6 +800,10 @@ def test_divergence_accuracy_correlation():
     with pytest.raises(ValueError, match="middle-layer divergence is NaN for \\['deu'\\]"):
         M.divergence_accuracy_correlation(dict(divergence, deu=torch.full((4,), nan)),
                                           accuracy, layers=[1])
+    for layers in (None, "12", True):
+        with pytest.raises(TypeError, match=rf"layers must be the middle layers, an int or an "
+                                            rf"iterable of ints .*, got {layers!r}"):
+            M.divergence_accuracy_correlation(divergence, accuracy, layers)
 
 
 # -------------------------------------------------------------------------------------------
@@ -755,6 +834,12 @@ def test_expert_token_counts_and_specialisation():
         M.expert_token_counts(ids, token_ids, 2)
     with pytest.raises(ValueError, match=r"token_ids must be int32/int64 of shape \[5\]"):
         M.expert_token_counts(ids, token_ids[:4], 3)
+    with pytest.raises(ValueError, match=r"num_experts=1099511627776 must be <= 1048576"):
+        M.expert_token_counts(ids, token_ids, 2 ** 40)  # a dense [E, U] table of it cannot fit
+    with pytest.raises(TypeError, match="num_experts='3' must be an int >= 1, got str"):
+        M.expert_token_counts(ids, token_ids, "3")
+    with pytest.raises(TypeError, match="n=2.0 must be an int >= 1, got float"):
+        M.expert_top_tokens(tr, 2.0)
 
 
 def test_token_specialisation_partial():
@@ -913,6 +998,12 @@ def test_expert_overlap_and_modularity():
     task = {3: [0, 5], 5: [2], 7: []}
     lang = {3: [5, 1], 5: [4], 9: [1]}
     assert X.expert_overlap(task, lang) == {3: [5], 5: []}
+    with pytest.raises(TypeError, match=r"expert_overlap: a\[0\] must be an iterable of expert "
+                                        r"ids, got 1 \(int\)"):
+        X.expert_overlap({0: 1}, {0: [1]})
+    with pytest.raises(TypeError, match=r"expert_overlap: b\['l'\] must be an iterable of expert "
+                                        r"ids, got '12' \(str\)"):
+        X.expert_overlap({"l": [1, 2]}, {"l": "12"})
 
 
 def test_layer_keys_fall_back_to_names():

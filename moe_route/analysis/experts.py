@@ -285,14 +285,25 @@ def language_experts(stats: RoutingStats, tau: float, reference: str, *, paralle
     return experts_above(best, tau, layer_keys(stats), layers=layers)
 
 
+def _expert_ids(experts, label: str, where: str) -> list:
+    """One layer's experts as a list; TypeError naming ``label`` for a str or a non-iterable."""
+    if isinstance(experts, (str, bytes)) or not isinstance(experts, Iterable):
+        raise TypeError(f"{where}: {label} must be an iterable of expert ids, got "
+                        f"{experts!r} ({type(experts).__name__})")
+    return list(experts)
+
+
 def expert_overlap(a: Mapping, b: Mapping) -> Dict[LayerKey, List[int]]:
     """``{layer: sorted experts in both a[layer] and b[layer]}`` for the layers of both mappings
     (e.g. task experts and language experts; the paper's modularity finding)."""
+    where = "expert_overlap"
     for name, m in (("a", a), ("b", b)):
         if not isinstance(m, Mapping):
-            raise TypeError(f"expert_overlap: {name} must be a mapping {{layer: [experts]}}, got "
+            raise TypeError(f"{where}: {name} must be a mapping {{layer: [experts]}}, got "
                             f"{type(m).__name__}")
-    return {layer: sorted(set(a[layer]) & set(b[layer])) for layer in a if layer in b}
+    return {layer: sorted(set(_expert_ids(a[layer], f"a[{layer!r}]", where))
+                          & set(_expert_ids(b[layer], f"b[{layer!r}]", where)))
+            for layer in a if layer in b}
 
 
 def plan_from_experts(experts_by_layer: Mapping, mode: str = "soft", lam: float = 0.5,
@@ -343,10 +354,7 @@ def plan_from_experts(experts_by_layer: Mapping, mode: str = "soft", lam: float 
     entry = SteerEntry(std=float(lam)) if mode == "soft" else SteerEntry(force=1)
     data = {}
     for key in keys:
-        experts = experts_by_layer[key]
-        if isinstance(experts, (str, bytes)) or not isinstance(experts, Iterable):
-            raise TypeError(f"{where}: experts_by_layer[{key!r}] must be an iterable of expert "
-                            f"ids, got {type(experts).__name__}")
+        experts = _expert_ids(experts_by_layer[key], f"experts_by_layer[{key!r}]", where)
         chosen = list(dict.fromkeys(experts))  # drop duplicates, keep order
         if max_per_layer is not None:
             chosen = chosen[:max_per_layer]

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Dict, NamedTuple, Optional, Tuple
 
@@ -52,6 +52,10 @@ KINDS = ("dense", "routed")
 
 # App. A.4 (author code ``calculate_entropy_normalized_jsd``): the normaliser is clamped at 1e-6.
 JS_NORMALISER_FLOOR = 1e-6
+
+# The most experts a router is known to have (PEER's 1024² product keys); a larger num_experts is
+# a mistake, and the dense [num_experts, ...] tables built from it would not fit in memory.
+_MAX_EXPERTS = 1 << 20
 
 # Elements of one work tensor before a function splits its work into chunks (32 MiB of float64).
 # Why chunks of this size: glibc serves blocks above 32 MiB with a fresh mmap, so every larger
@@ -107,14 +111,48 @@ def _check_choice(value, name: str, choices, where: str):
     return value
 
 
+def _check_positive_int(value, name: str, where: str, maximum: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{where}: {name}={value!r} must be an int >= 1, got "
+                        f"{type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{where}: {name}={value!r} must be an int >= 1")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{where}: {name}={value!r} must be <= {maximum}")
+    return int(value)
+
+
+def _check_real(t: torch.Tensor, name: str, where: str, bool_ok: bool = False) -> torch.Tensor:
+    """``t`` after checking it holds real numbers: floating-point or integer, and bool where
+    ``bool_ok`` (a 0/1 mask that means something to the caller)."""
+    if t.is_complex() or (t.dtype == torch.bool and not bool_ok):
+        kinds = "real floating-point, integer or bool" if bool_ok else \
+            "real floating-point or integer"
+        raise TypeError(f"{where}: {name} must be a {kinds} tensor, got {t.dtype}")
+    return t
+
+
+def _check_experts(t: torch.Tensor, name: str, where: str) -> torch.Tensor:
+    if t.shape[-1] < 1:
+        raise ValueError(f"{where}: {name} must have at least one expert (last axis), got shape "
+                         f"{tuple(t.shape)}")
+    return t
+
+
+def _check_broadcast(a: torch.Tensor, b: torch.Tensor, names: str, where: str) -> torch.Size:
+    try:
+        return torch.broadcast_shapes(a.shape, b.shape)
+    except RuntimeError:
+        raise ValueError(f"{where}: {names} must have broadcastable shapes, got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}") from None
+
+
 def _check_distribution(p: torch.Tensor, name: str, where: str) -> torch.Tensor:
     """``p`` as float64 after checking it holds distributions over its last axis."""
     _check_tensor(p, name, where)
     if not p.is_floating_point():
         raise TypeError(f"{where}: {name} must be a floating-point tensor, got {p.dtype}")
-    if p.shape[-1] < 1:
-        raise ValueError(f"{where}: {name} must have at least one expert (last axis), got shape "
-                         f"{tuple(p.shape)}")
+    _check_experts(p, name, where)
     p = p.to(torch.float64)
     if bool((p < 0).any()):
         raise ValueError(f"{where}: {name} has negative entries (min {float(p.min()):.3g}); "
@@ -504,6 +542,7 @@ def _js(p, q, normalised: bool, where: str) -> torch.Tensor:
     if p.shape[-1] != q.shape[-1]:
         raise ValueError(f"{where}: p and q must have the same number of experts (last axis), "
                          f"got {p.shape[-1]} and {q.shape[-1]}")
+    _check_broadcast(p, q, "p and q", where)
     hm = _entropy64(0.5 * (p64 + q64))
     log_e = math.log(p.shape[-1]) if normalised else 0.0
     d = _js_from_parts(hm, _entropy64(p64), _entropy64(q64), log_e, normalised)
@@ -546,6 +585,7 @@ def parallel_divergence(importance: torch.Tensor, parallel: ParallelGroups, refe
     if not importance.is_floating_point():
         raise TypeError(f"{where}: importance must be a floating-point tensor, got "
                         f"{importance.dtype}")
+    _check_experts(importance, "importance", where)
     if bool((importance < 0).any()):
         raise ValueError(f"{where}: importance has negative entries")
     L, G, E = importance.shape
@@ -682,7 +722,8 @@ def mean_pairwise_overlap(stats: RoutingStats) -> torch.Tensor:
 def expert_set_jaccard(a: torch.Tensor, b: torch.Tensor, m: Optional[int] = None) -> torch.Tensor:
     """Jaccard similarity of two expert sets per row: ``|A ∩ B| / |A ∪ B|``, ``[...]`` float32.
 
-    ``a, b [..., E]`` (broadcast) are per-expert scores (importance, frequency, counts).
+    ``a, b [..., E]`` (broadcast) are per-expert scores (importance, frequency, counts), real
+    floating-point or integer; bool masks are sets as they stand (``m=None`` only).
     ``m=None``: the sets are the *activated* experts, ``{e : score > 0}``. ``m=int``: the sets are
     the m highest-scoring experts (ties to the lower expert index, so integer counts give a
     deterministic set); ``1 <= m <= E``. Use it to compare groups' most-used experts (e.g. a
@@ -690,15 +731,19 @@ def expert_set_jaccard(a: torch.Tensor, b: torch.Tensor, m: Optional[int] = None
     with NaN, give NaN.
     """
     where = "expert_set_jaccard"
-    _check_tensor(a, "a", where)
-    _check_tensor(b, "b", where)
+    for name, x in (("a", a), ("b", b)):
+        _check_real(_check_tensor(x, name, where), name, where, bool_ok=True)
     if a.shape[-1] != b.shape[-1]:
         raise ValueError(f"{where}: a and b must have the same number of experts (last axis), got "
                          f"{a.shape[-1]} and {b.shape[-1]}")
+    _check_broadcast(a, b, "a and b", where)
     E = a.shape[-1]
     if m is not None and (isinstance(m, bool) or not isinstance(m, numbers.Integral)
                           or not 1 <= m <= E):
         raise ValueError(f"{where}: m={m!r} must be None or an int in [1, E={E}]")
+    if m is not None and torch.bool in (a.dtype, b.dtype):
+        raise TypeError(f"{where}: m={m} ranks scores, but a or b is a bool mask (dtypes "
+                        f"{a.dtype}, {b.dtype}); pass scores, or m=None to use the masks as sets")
     # sets and NaN flags on the unbroadcast inputs: a reference row shared by many rows of the
     # other side is ranked once
     sets, nan_rows = [], []
@@ -776,8 +821,9 @@ def routing_consistency(ids: torch.Tensor, groups, pairs: str = "all",
     ``J(t, u) = |S_t ∩ S_u| / |S_t ∪ S_u| = I / (2k − I)`` for top-k sets of size k. The paper
     (as summarised; exact formula unverified) measures Jaccard of top-K sets between tokens of
     the same sequence; ``pairs="all"`` averages over every pair of distinct tokens of the group
-    (cost Σ_g n_g²·E, refused above ``max_group_tokens`` tokens in one group), ``pairs="adjacent"``
-    over consecutive tokens of the group in row order (temporal locality, cost N·k²).
+    (cost Σ_g n_g²·E, refused above ``max_group_tokens`` tokens in one group, an int >= 1),
+    ``pairs="adjacent"`` over consecutive tokens of the group in row order (temporal locality,
+    cost N·k²).
 
     ``ids [N, k]``: the trace's per-token expert ids (``rec.trace[layer]["ids"]``), a token's k ids
     distinct. ``groups``: per row, a group name (None skips the row: padding, masked tokens) —
@@ -789,6 +835,7 @@ def routing_consistency(ids: torch.Tensor, groups, pairs: str = "all",
     where = "routing_consistency"
     ids = _check_ids(ids, where)
     _check_choice(pairs, "pairs", ("all", "adjacent"), where)
+    max_group_tokens = _check_positive_int(max_group_tokens, "max_group_tokens", where)
     N, k = ids.shape
     codes, keys = _group_codes(groups, N, where)
     G = len(keys)
@@ -819,6 +866,12 @@ def routing_consistency(ids: torch.Tensor, groups, pairs: str = "all",
                              f"max_group_tokens={max_group_tokens} (all pairs cost n²); use "
                              f"pairs='adjacent', per-sequence groups, or raise the limit")
         E = int(x.max()) + 1
+        if E > x.numel():
+            # The one-hot blocks below are E wide; ids sparser than that (2**40 asked for 2**40
+            # columns) are renumbered over the distinct ids seen, which keeps every Jaccard.
+            # Only then: on dense ids torch.unique would add a third to the time.
+            seen, x = torch.unique(x, return_inverse=True)
+            E = seen.numel()
         end = torch.cumsum(n, 0)
         start = end - n
         pos = torch.arange(sel.numel()) - start[c]
@@ -1042,16 +1095,22 @@ def load_balance(load) -> LoadBalance:
     """Load-balance figures of expert loads (see ``LoadBalance``).
 
     ``load``: a RoutingStats — the load of expert e in layer l is ``sum_g counts[l, g, e]`` (tokens
-    routed to e over every group), giving ``[L]`` figures — or a non-negative tensor
-    ``[..., E]`` of loads (e.g. ``stats.stack("counts")`` for per-group figures ``[L, G]``).
+    routed to e over every group), giving ``[L]`` figures (layers with different numbers of
+    experts each over their own) — or a non-negative real tensor ``[..., E]`` of loads, E >= 1
+    (e.g. ``stats.stack("counts")`` for per-group figures ``[L, G]``).
     A row with no load at all has NaN cv and max_over_mean and dead_fraction 1. E = 1 gives
     cv 0 and max_over_mean 1.
     """
     where = "load_balance"
     if isinstance(load, RoutingStats):
         _check_stats(load, where)
-        load = torch.stack([layer.counts.sum(0) for layer in load])  # no [L, G, E] copy
-    _check_tensor(load, "load", where)
+        loads = [layer.counts.sum(0) for layer in load]  # no [L, G, E] copy
+        if len({x.shape[0] for x in loads}) > 1:
+            per_layer = [load_balance(x) for x in loads]
+            return LoadBalance(*(torch.stack(figure) for figure in zip(*per_layer)))
+        load = torch.stack(loads)
+    _check_real(_check_tensor(load, "load", where), "load", where)
+    _check_experts(load, "load", where)
     if bool((load < 0).any()):
         raise ValueError(f"{where}: load must be >= 0, got min {float(load.min())}")
     E = load.shape[-1]
@@ -1083,8 +1142,9 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     variance) or any NaN gives NaN. Needs at least 2 values.
     """
     where = "pearson"
-    _check_tensor(x, "x", where)
-    _check_tensor(y, "y", where)
+    for name, t in (("x", x), ("y", y)):
+        _check_real(_check_tensor(t, name, where), name, where, bool_ok=True)
+    _check_broadcast(x, y, "x and y", where)
     x, y = torch.broadcast_tensors(x.to(torch.float64), y.to(torch.float64))
     if x.shape[-1] < 2:
         raise ValueError(f"{where}: needs at least 2 values on the last axis, got {x.shape[-1]}")
@@ -1108,8 +1168,9 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Spearman rank correlation over the last axis: Pearson of the average ranks (ties share
     their mean rank), float64 ``[...]``. NaN in a row gives NaN; constant x or y gives NaN."""
     where = "spearman"
-    _check_tensor(x, "x", where)
-    _check_tensor(y, "y", where)
+    for name, t in (("x", x), ("y", y)):
+        _check_real(_check_tensor(t, name, where), name, where, bool_ok=True)
+    _check_broadcast(x, y, "x and y", where)
     x, y = torch.broadcast_tensors(x.to(torch.float64), y.to(torch.float64))
     r = pearson(_average_ranks(x), _average_ranks(y))
     has_nan = x.isnan().any(-1) | y.isnan().any(-1)
@@ -1143,12 +1204,13 @@ def divergence_accuracy_correlation(divergence: Mapping[str, torch.Tensor],
 
     ``divergence``: ``{language: [L]}`` (``routing_divergence``); ``accuracy``: ``{language:
     accuracy}`` (e.g. Belebele). The languages in both are used (the reference, which has no
-    divergence, drops out); at least 3 are needed. ``layers``: the middle layers, explicit —
-    positions along L, or decoder-layer indices when ``layer_indices`` (``stats.layer_indices``)
-    maps positions to indices. Middle divergence = mean over those layers; its Pearson and
-    Spearman correlation with accuracy are returned, and the per-layer correlations for every
-    layer (the paper is unclear whether it correlates per layer or over the middle mean). The
-    paper expects negative r (lower divergence, higher accuracy).
+    divergence, drops out); at least 3 are needed. ``layers``: the middle layers, explicit (an
+    int or an iterable of ints; there is no default) — positions along L, or decoder-layer
+    indices when ``layer_indices`` (``stats.layer_indices``) maps positions to indices. Middle
+    divergence = mean over those layers; its Pearson and Spearman correlation with accuracy are
+    returned, and the per-layer correlations for every layer (the paper is unclear whether it
+    correlates per layer or over the middle mean). The paper expects negative r (lower
+    divergence, higher accuracy).
     """
     where = "divergence_accuracy_correlation"
     if not isinstance(divergence, Mapping) or not isinstance(accuracy, Mapping):
@@ -1178,7 +1240,13 @@ def divergence_accuracy_correlation(divergence: Mapping[str, torch.Tensor],
             raise ValueError(f"{where}: accuracy[{lang!r}]={a!r} must be a finite number")
         acc.append(float(a))
     acc_t = torch.tensor(acc, dtype=torch.float64)
-    layer_list = [layers] if isinstance(layers, numbers.Integral) else list(layers)
+    if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
+        layer_list = [layers]
+    elif isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise TypeError(f"{where}: layers must be the middle layers, an int or an iterable of "
+                        f"ints (e.g. range(8, 16)), got {layers!r}")
+    else:
+        layer_list = list(layers)
     if not layer_list:
         raise ValueError(f"{where}: layers must name at least one layer, got {layers!r}")
     if len(set(layer_list)) != len(layer_list):
@@ -1242,7 +1310,7 @@ def expert_token_counts(ids: torch.Tensor, token_ids: torch.Tensor, num_experts:
     ``ids [N, k]``: per-token expert ids (a trace's ``"ids"``); ``token_ids [N]``: the token id of
     each row, aligned with the trace rows (the trace holds no token ids: concatenate each model
     call's ``input_ids.reshape(-1)`` in call order); ``mask [N]`` bool keeps rows (default all).
-    Memory ``E × U`` int64 for U distinct token ids.
+    ``num_experts``: E, an int in [1, 2**20]. Memory ``E × U`` int64 for U distinct token ids.
     """
     where = "expert_token_counts"
     ids = _check_ids(ids, where)
@@ -1251,9 +1319,7 @@ def expert_token_counts(ids: torch.Tensor, token_ids: torch.Tensor, num_experts:
     if token_ids.dtype not in (torch.int32, torch.int64) or tuple(token_ids.shape) != (N,):
         raise ValueError(f"{where}: token_ids must be int32/int64 of shape [{N}] (one per ids "
                          f"row), got {token_ids.dtype} of shape {tuple(token_ids.shape)}")
-    if isinstance(num_experts, bool) or not isinstance(num_experts, numbers.Integral) \
-            or num_experts < 1:
-        raise ValueError(f"{where}: num_experts={num_experts!r} must be an int >= 1")
+    num_experts = _check_positive_int(num_experts, "num_experts", where, maximum=_MAX_EXPERTS)
     if N and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
         raise ValueError(f"{where}: ids must be in [0, num_experts={num_experts}), got "
                          f"[{int(ids.min())}, {int(ids.max())}]")
@@ -1337,8 +1403,6 @@ def expert_top_tokens(routing: TokenRouting, n: int) -> Tuple[torch.Tensor, torc
     if not isinstance(routing, TokenRouting):
         raise TypeError(f"expert_top_tokens: routing must be a TokenRouting, got "
                         f"{type(routing).__name__}")
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"expert_top_tokens: n={n!r} must be an int >= 1")
-    n = min(int(n), routing.counts.shape[1])
+    n = min(_check_positive_int(n, "n", "expert_top_tokens"), routing.counts.shape[1])
     values, order = torch.sort(routing.counts, dim=1, descending=True, stable=True)
     return routing.token_ids[order[:, :n]], values[:, :n]
