@@ -18,6 +18,8 @@ import sys
 
 import torch
 
+from moe_route._json import parse as parse_json, read as read_json
+
 
 def _info(args) -> int:
     from moe_route._info import format_info, info
@@ -114,6 +116,20 @@ def _bench(args) -> int:
     return 0
 
 
+def _positive(kind):
+    """An argparse ``type``: ``kind(text)`` that must be finite and > 0."""
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}"
+                                             f" > 0, got {text!r}")
+        return value
+    return convert
+
+
 def _fail(command: str, exc: Exception) -> int:
     print(f"moe-route {command}: {exc}", file=sys.stderr)
     return 2
@@ -140,18 +156,24 @@ def _demo(args) -> int:
 
     try:
         _out_dir(args.out)
-    except (OSError, ValueError) as exc:
+    except (OSError, TypeError, ValueError) as exc:
         return _fail("demo", exc)
     summary = run_demo(args.out, seed=args.seed)
     return 0 if all(summary["checks"].values()) else 1
 
 
 def _load_model(args):
+    """The model and its tokenizer; one that cannot be loaded ends the command (exit 2)."""
     import transformers
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+        model = model.to(args.device)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise SystemExit(_fail(args.command, ValueError(f"cannot load {args.model!r} on "
+                                                        f"{args.device}: {exc}")))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
@@ -199,7 +221,7 @@ def _analyze(args) -> int:
         wanted = _layer_range(args.middle, "--middle")
         accuracy = _accuracy(args.accuracy) if args.accuracy else None
         _out_dir(args.out)
-    except (OSError, ValueError) as exc:
+    except (OSError, TypeError, ValueError) as exc:
         return _fail("analyze", exc)
     model, tok = _load_model(args)
     stats = record_parallel(model, corpus, tokenizer=tok, batch_size=args.batch_size,
@@ -222,11 +244,7 @@ def _accuracy(path) -> dict:
     """``{language: accuracy}``: a JSON mapping, or a result of ``moe-route evaluate``."""
     from moe_route.analysis.evaluation import EVAL_FORMAT, EvalResult
 
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--accuracy {path} is not JSON ({exc})") from None
+    data = read_json(path, f"--accuracy {path}")
     if isinstance(data, dict) and data.get("format") == EVAL_FORMAT:
         return EvalResult.from_dict(data, where=path).accuracy()
     if not isinstance(data, dict):
@@ -248,7 +266,7 @@ def _experts(args) -> int:
         # checks --lam and --max-per-layer as the plan built after the run will
         plan_from_experts({}, mode=args.mode, lam=args.lam, max_per_layer=args.max_per_layer)
         _out_file(args.out)
-    except (OSError, ValueError) as exc:
+    except (OSError, TypeError, ValueError) as exc:
         return _fail("experts", exc)
     model, tok = _load_model(args)
     options = dict(tokenizer=tok, batch_size=args.batch_size, chat_template=args.chat_template,
@@ -297,7 +315,7 @@ def _evaluate(args) -> int:
             items = evaluation.few_shot(items, pool, args.shots)
         plan = SteeringPlan.load(args.plan) if args.plan else None
         _out_dir(args.out)
-    except (OSError, ValueError) as exc:
+    except (OSError, TypeError, ValueError) as exc:
         return _fail("evaluate", exc)
     model, tok = _load_model(args)
     options = dict(tokenizer=tok, batch_size=args.batch_size, chat_template=args.chat_template,
@@ -349,10 +367,11 @@ def _task_kind(source) -> str:
         first = next((line for line in f if line.strip()), None)
     if first is None:
         raise ValueError(f"--task {source} holds no questions")
-    try:
-        return "choice" if "options" in json.loads(first) else "generation"
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"--task {source}: the first line is not JSON ({exc})") from None
+    question = parse_json(first, f"--task {source}: the first line")
+    if not isinstance(question, dict):
+        raise ValueError(f"--task {source}: the first line must be a JSON object (a question), "
+                         f"got {type(question).__name__}")
+    return "choice" if "options" in question else "generation"
 
 
 def _compare(args) -> int:
@@ -362,7 +381,7 @@ def _compare(args) -> int:
     try:
         result = trace_agreement(load_trace(args.a), load_trace(args.b),
                                  skip_ungrouped=not args.all_rows)
-    except (OSError, ValueError) as exc:
+    except (OSError, TypeError, ValueError) as exc:
         print(f"moe-route compare: {exc}", file=sys.stderr)
         return 2
     if args.json:
@@ -426,14 +445,14 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true",
                    help="also time torch.compile(dynamic=False) of the baselines (the CUDA gate "
                         "grid: at its 12 target shapes)")
-    p.add_argument("--budget", type=float, metavar="SECONDS",
+    p.add_argument("--budget", type=_positive(float), metavar="SECONDS",
                    help="once the run has taken this long, skip the remaining compiled baselines")
     p.add_argument("--semantics", nargs="*",
                    choices=["softmax_topk", "softmax_topk_renorm", "topk_softmax", "deepseek_v3"])
     p.add_argument("--family", nargs="*", choices=["olmoe", "qwen3_moe", "mixtral"],
                    help="--op block: model families (default: all)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
-    p.add_argument("--min-time", type=float,
+    p.add_argument("--threads", type=_positive(int), help="torch CPU threads (default: torch's)")
+    p.add_argument("--min-time", type=_positive(float),
                    help="seconds per measurement (default 0.2 on the CPU, 0.05 on CUDA)")
     p.add_argument("--json", metavar="PATH",
                    help="also write a JSON report: run metadata, every row, targets")
@@ -482,7 +501,7 @@ def main(argv=None) -> int:
     p.add_argument("--normalize", choices=["none", "tokens", "chars", "bytes"], default="none",
                    help="multiple choice: divide an option's log-likelihood by its length "
                         "(chars: lm-eval's acc_norm)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="generation: at most")
+    p.add_argument("--max-new-tokens", type=_positive(int), default=256, help="generation: at most")
     p.add_argument("--shots", type=int, default=0,
                    help="solved examples before each question (default 0): the first N other "
                         "questions of its language, or of --shots-from")

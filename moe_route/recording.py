@@ -72,6 +72,7 @@ from moe_route.hf.model_calls import past_length, stack_of, stacks, watch
 from moe_route.hf.patch import acquire, release
 from moe_route.ops import GateStats
 from moe_route._atomic import write_atomic
+from moe_route._json import parse as parse_json
 from moe_route.stats import LayerStats, RoutingStats, _check_json, _safetensors
 
 __all__ = ["record", "Recorder", "save_trace", "load_trace"]
@@ -673,11 +674,7 @@ def load_trace(path) -> dict:
     keys = ("groups",) if version == "1" else ("layers", "group_names")
     meta = {}
     for key in keys:
-        try:
-            meta[key] = json.loads(metadata.get(key, ""))
-        except ValueError as exc:
-            raise ValueError(f"{where}: {path!r}: the {key!r} metadata is not valid JSON "
-                             f"({exc})") from None
+        meta[key] = parse_json(metadata.get(key, ""), f"{where}: {path!r}: the {key!r} metadata")
     want = dict if version == "1" else list
     for key in keys:
         if not isinstance(meta[key], want):

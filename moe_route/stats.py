@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Union
 import torch
 
 from moe_route._atomic import fsync_dir, fsync_file, make_temp, mode_of
+from moe_route._json import read as read_json
 from moe_route.ops import GateStats
 
 __all__ = ["LayerStats", "RoutingStats"]
@@ -496,12 +497,7 @@ class RoutingStats:
         for f in (manifest_file, tensors_file):
             if not os.path.isfile(f):
                 raise FileNotFoundError(f"RoutingStats.load: missing {f!r}")
-        try:
-            with open(manifest_file, encoding="utf-8") as f:
-                manifest = json.load(f)
-        except ValueError as exc:
-            raise ValueError(f"RoutingStats.load: {manifest_file!r} is not valid JSON ({exc})") \
-                from None
+        manifest = read_json(manifest_file, f"RoutingStats.load: {manifest_file!r}")
         _check_manifest(manifest, manifest_file)
         try:
             tensors = st.load_file(tensors_file)
@@ -686,8 +682,7 @@ def _refuse_foreign(path: str) -> None:
     is_save = entries <= {TENSORS_FILE, MANIFEST_FILE}
     if is_save and MANIFEST_FILE in entries:
         try:
-            with open(os.path.join(path, MANIFEST_FILE), encoding="utf-8") as f:
-                manifest = json.load(f)
+            manifest = read_json(os.path.join(path, MANIFEST_FILE), "the manifest")
         except (OSError, ValueError):
             manifest = None
         if manifest is not None:

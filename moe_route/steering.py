@@ -29,6 +29,7 @@ from types import MappingProxyType
 from typing import Dict, List, Optional, Union
 
 from moe_route._atomic import write_text_atomic
+from moe_route._json import parse as parse_json
 from moe_route.ops import SteerSpec
 from moe_route.reference import FLT_MAX
 
@@ -341,10 +342,8 @@ class SteeringPlan(Mapping):
 
     @classmethod
     def from_json(cls, text: Union[str, bytes]) -> "SteeringPlan":
-        try:
-            doc = json.loads(text, object_pairs_hook=_no_duplicate_keys)
-        except ValueError as exc:
-            raise ValueError(f"SteeringPlan.from_json: {exc}") from None
+        doc = parse_json(text, "SteeringPlan.from_json: the plan",
+                         object_pairs_hook=_no_duplicate_keys)
         if not isinstance(doc, dict):
             raise ValueError(f"SteeringPlan.from_json: expected a JSON object, got "
                              f"{type(doc).__name__}")

@@ -26,10 +26,46 @@ def test_load_parallel_tsv_and_jsonl(tmp_path):
         pipeline.load_parallel(tsv, ["ita"])
     ragged = tmp_path / "ragged.jsonl"
     ragged.write_text('{"eng": "a", "deu": "b"}\n{"eng": "c"}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match="different sentence counts"):
+    with pytest.raises(ValueError, match=r"ragged.jsonl line 2 gives the languages \['eng'\]; "
+                                         r"expected \['deu', 'eng'\]$"):
         pipeline.load_parallel(ragged)
     with pytest.raises(ValueError, match="must end in .tsv or .jsonl"):
         pipeline.load_parallel(__file__)
+
+
+def test_load_parallel_refuses_rows_that_do_not_line_up(tmp_path):
+    """Rows missing a language shifted the next sentences onto the wrong row (two lines each
+    missing a different language gave equal counts, so nothing was said); a short .tsv row, a
+    line that is not an object and a non-string sentence raised IndexError/AttributeError."""
+    def write(name, text):
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    shifted = write("shifted.jsonl", '{"eng": "a", "deu": "b"}\n{"eng": "c"}\n{"deu": "d"}\n')
+    with pytest.raises(ValueError, match=r"line 2 gives the languages \['eng'\]"):
+        pipeline.load_parallel(shifted)
+    # a selection needs its languages on every line; the others may vary
+    extra = write("extra.jsonl", '{"eng": "a", "deu": "b", "fra": "x"}\n{"eng": "c", "deu": "d"}\n')
+    assert pipeline.load_parallel(extra, ["eng", "deu"]) == {"eng": ["a", "c"], "deu": ["b", "d"]}
+    with pytest.raises(ValueError, match=r"line 2 gives the languages \['deu', 'eng'\]; "
+                                         r"expected \['fra'\] \(at least\)"):
+        pipeline.load_parallel(extra, ["fra"])
+    cases = [
+        ("short.tsv", "eng\tfra\nhello\tbonjour\ncat\n", r"short.tsv line 3 has 1 columns, the "
+                                                           r"header 2"),
+        ("twice.tsv", "eng\teng\na\tb\n", r"the header names a language twice"),
+        ("list.jsonl", '["a", "b"]\n', r"line 1 must be a JSON object \{language: sentence\}, "
+                                       r"got list"),
+        ("number.jsonl", '{"eng": 1}\n', r"line 1: the 'eng' sentence must be a string, got int"),
+        ("deep.jsonl", "[" * 100_000, r"line 1 is not valid JSON \(arrays or objects nest deeper"),
+    ]
+    for name, text, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            pipeline.load_parallel(write(name, text))
+    # blank lines are skipped in both formats
+    blank = write("blank.tsv", "eng\tfra\nhello\tbonjour\n\ncat\tchat\n\n")
+    assert pipeline.load_parallel(blank) == {"eng": ["hello", "cat"], "fra": ["bonjour", "chat"]}
 
 
 def test_load_parallel_refuses_a_bad_limit_and_empty_data(tmp_path):
@@ -278,6 +314,9 @@ def test_write_report_refuses_bad_arguments_before_writing_anything(tmp_path):
     ("analyze", ["--middle", "x"], "--middle 'x' must be A-B"),
     ("analyze", ["--accuracy", "MISSING"], "No such file or directory"),
     ("analyze", ["--accuracy", "LIST"], "must hold a JSON object {language: accuracy}, got list"),
+    ("analyze", ["--accuracy", "DEEP"],
+     "is not valid JSON (arrays or objects nest deeper than Python's recursion limit)"),
+    ("analyze", ["--accuracy", "NO_LANGUAGES"], "'languages' must be an object"),
     ("analyze", ["--batch-size", "0"], "--batch-size: batch_size=0 must be an int >= 1"),
     ("analyze", ["--out", "FILE"], "exists and is not a directory"),
     ("experts", ["--task", "EMPTY"], "holds no texts"),
@@ -286,6 +325,8 @@ def test_write_report_refuses_bad_arguments_before_writing_anything(tmp_path):
     ("experts", ["--max-per-layer", "0"], "max_per_layer=0 must be None or an int >= 1"),
     ("experts", ["--out", "DIR"], "is a directory, expected a file name"),
     ("evaluate", ["--out", "FILE"], "exists and is not a directory"),
+    ("evaluate", ["--plan", "FLOAT_FORCE"], "force=1.0 must be an int in {-1, 0, 1}"),
+    ("evaluate", ["--task", "NUMBER"], "the first line must be a JSON object (a question), got int"),
     ("demo", ["--out", "FILE"], "exists and is not a directory"),
 ])
 def test_cli_refuses_bad_arguments_before_loading_the_model(tmp_path, capsys, command, extra,
@@ -294,7 +335,9 @@ def test_cli_refuses_bad_arguments_before_loading_the_model(tmp_path, capsys, co
     model is loaded (here MODEL does not exist: reaching the loader fails differently). They
     were tracebacks, most after the model had been loaded and the whole corpus recorded
     (reference, --middle, --accuracy, the output directory), and ``--layers 1-0`` wrote an
-    empty plan with status 0."""
+    empty plan with status 0. A deeply nested JSON file, a result file without its languages,
+    a plan entry of the wrong type and a task line that is not an object were tracebacks
+    (RecursionError, KeyError, TypeError) until the JSON readers were shared."""
     from moe_route import cli
 
     data = tmp_path / "parallel.tsv"
@@ -303,9 +346,16 @@ def test_cli_refuses_bad_arguments_before_loading_the_model(tmp_path, capsys, co
     texts.write_text("hello world\n", encoding="utf-8")
     questions = tmp_path / "questions.jsonl"
     questions.write_text(json.dumps({"language": "eng", "prompt": "hello", "answer": 1}) + "\n")
-    paths = {"MISSING": tmp_path / "missing.json", "LIST": tmp_path / "list.json",
-             "EMPTY": tmp_path / "empty.txt", "FILE": tmp_path / "a_file", "DIR": tmp_path}
+    paths = {name: tmp_path / f"{name.lower()}.json" for name in
+             ("MISSING", "LIST", "DEEP", "NO_LANGUAGES", "FLOAT_FORCE", "NUMBER")}
+    paths.update(EMPTY=tmp_path / "empty.txt", FILE=tmp_path / "a_file", DIR=tmp_path)
+    paths["NUMBER"] = tmp_path / "number.jsonl"
     paths["LIST"].write_text("[0.5, 0.6]")
+    paths["DEEP"].write_text("[" * 100_000)
+    paths["NO_LANGUAGES"].write_text('{"format": "moe_route.eval", "version": 1}')
+    paths["FLOAT_FORCE"].write_text('{"format": "moe_route.SteeringPlan", "version": 1, '
+                                    '"layers": {"0": {"1": {"force": 1.0}}}}')
+    paths["NUMBER"].write_text("5\n")
     paths["EMPTY"].write_text("\n")
     paths["FILE"].write_text("")
     extra = [str(paths.get(x, x)) for x in extra]
@@ -320,3 +370,36 @@ def test_cli_refuses_bad_arguments_before_loading_the_model(tmp_path, capsys, co
     err = capsys.readouterr().err
     assert err.startswith(f"moe-route {command}: ") and message in err, err
     assert not (tmp_path / "report").exists() and not (tmp_path / "plan.json").exists()
+
+
+def test_cli_a_model_that_cannot_be_loaded_ends_in_one_line(tmp_path, capsys):
+    """It was transformers' traceback (OSError), status 1."""
+    from moe_route import cli
+
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(json.dumps({"language": "eng", "prompt": "hello", "answer": 1}) + "\n")
+    model = tmp_path / "no_model_here"
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["evaluate", str(model), "--task", str(questions), "--out", str(tmp_path / "o")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"moe-route evaluate: cannot load {str(model)!r} on cpu: "), err
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--threads", "-1"], "argument --threads: expected an integer > 0, got '-1'"),
+    (["bench", "--threads", "0"], "argument --threads: expected an integer > 0, got '0'"),
+    (["bench", "--min-time", "-1"], "argument --min-time: expected a number > 0, got '-1'"),
+    (["bench", "--budget", "nan"], "argument --budget: expected a number > 0, got 'nan'"),
+    (["evaluate", "m", "--task", "t.jsonl", "--out", "o", "--max-new-tokens", "0"],
+     "argument --max-new-tokens: expected an integer > 0, got '0'"),
+])
+def test_cli_numeric_options_must_be_positive(capsys, argv, message):
+    """``--threads -1`` was torch's RuntimeError traceback; a negative or NaN ``--min-time`` or
+    ``--budget`` ran the whole benchmark; ``--max-new-tokens 0`` failed after loading the model."""
+    from moe_route import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

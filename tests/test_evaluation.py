@@ -127,8 +127,54 @@ def test_eval_result_round_trip_and_errors(tmp_path):
     with pytest.raises(ValueError, match="2 outcomes but 3 predictions"):
         ev.EvalResult.load(bad)
     bad.write_text("{")
-    with pytest.raises(ValueError, match="is not JSON"):
+    with pytest.raises(ValueError, match="is not valid JSON"):
         ev.EvalResult.load(bad)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d.pop("languages"), r"'languages' must be an object .*, got nothing"),
+    (lambda d: d.update(languages=[1]), r"'languages' must be an object .*, got list"),
+    (lambda d: d["languages"].update(eng={}), r"language 'eng' must be an object with 'correct' "
+                                              r"and 'predictions'"),
+    (lambda d: d["languages"]["eng"].update(correct=["x", 1]),
+     r"correct\['eng'\] must hold one bool \(or 0/1 int\) per question, got \['x', 1\]"),
+    (lambda d: d["languages"]["eng"].update(correct=[2, -1]), r"correct\['eng'\] must hold .*, got \[2, -1\]"),
+    (lambda d: d["languages"]["eng"].update(correct=[0.5, 1]), r"correct\['eng'\] must hold .*, got \[0.5, 1\]"),
+    (lambda d: d["languages"]["eng"].update(correct=1), r"correct\['eng'\] must be a bool tensor "
+                                                        r"or a list of bools, got int"),
+    (lambda d: d["languages"]["eng"].update(predictions="ab"), r"predictions\['eng'\] must be a "
+                                                               r"list, got str"),
+    (lambda d: d.update(meta=[1]), r"meta must be a dict, got list"),
+])
+def test_eval_result_file_errors_name_the_field(tmp_path, change, message):
+    """A damaged result file gave KeyError/AttributeError, or turned outcomes like 2 or 0.5 into
+    True without a word; every one is now a ValueError naming the file and the field."""
+    data = ev.EvalResult({"eng": torch.tensor([True, False])}, {"eng": [0, 2]}).to_dict()
+    change(data)
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=rf"^EvalResult.load: {tmp_path}/r.json: {message}"):
+        ev.EvalResult.load(path)
+
+
+def test_eval_result_takes_outcomes_as_lists_and_checks_them():
+    """Lists of bools (or 0/1 ints) become bool tensors, so ``accuracy`` and
+    ``paired_comparison`` work on them (they raised AttributeError); anything else is refused."""
+    a = ev.EvalResult({"eng": [True, False, 1, 0]}, {"eng": [0, 1, 2, 3]})
+    assert a.correct["eng"].dtype == torch.bool and a.accuracy() == {"eng": 0.5}
+    b = ev.EvalResult({"eng": torch.tensor([1, 1, 0, 0])}, {"eng": [0, 1, 2, 3]})
+    assert ev.paired_comparison(a, b)["eng"].gained == 1
+    with pytest.raises(ValueError, match=r"EvalResult: correct\['eng'\] must hold one bool .* got "
+                                         r"a torch.float32 tensor of shape \(2,\)"):
+        ev.EvalResult({"eng": torch.tensor([1.0, 0.0])}, {"eng": [0, 1]})
+    with pytest.raises(ValueError, match=r"got a torch.int64 tensor of shape \(2,\)"):
+        ev.EvalResult({"eng": torch.tensor([2, 0])}, {"eng": [0, 1]})
+    with pytest.raises(ValueError, match=r"correct and predictions must cover the same languages"):
+        ev.EvalResult({"eng": [True]}, {"fra": [0]})
+    with pytest.raises(ValueError, match=r"language 'eng' has 1 outcomes but 2 predictions"):
+        ev.EvalResult({"eng": [True]}, {"eng": [0, 1]})
+    with pytest.raises(TypeError, match=r"EvalResult: correct must be a dict, got list"):
+        ev.EvalResult([True], {"eng": [0]})
 
 
 def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path):
@@ -497,7 +543,7 @@ def test_load_choice_and_generation_tasks_from_jsonl(tmp_path):
     with pytest.raises(ValueError, match="line 1: expected language, prompt, options and answer"):
         ev.load_choice_task(bad)
     bad.write_text("{oops\n")
-    with pytest.raises(ValueError, match="line 1 is not JSON"):
+    with pytest.raises(ValueError, match="line 1 is not valid JSON"):
         ev.load_choice_task(bad)
     with pytest.raises(ValueError, match="must be a .jsonl file or a known dataset name"):
         ev.load_choice_task(tmp_path / "x.tsv")

@@ -408,6 +408,9 @@ def test_load_trace_errors_name_the_file_and_the_problem(tmp_path):
     with pytest.raises(ValueError, match="'layers' metadata is not valid JSON"):
         moe_route.load_trace(write({"l.ids": ids, "l.weights": w, "l.group": group},
                                    layers="[", group_names="[]"))
+    with pytest.raises(ValueError, match="'group_names' metadata is not valid JSON .*recursion"):
+        moe_route.load_trace(write({"l.ids": ids, "l.weights": w, "l.group": group},
+                                   layers='["l"]', group_names="[" * 100_000))
     with pytest.raises(ValueError, match=r"t.safetensors': trace\['l'\] has no 'weights'"):
         moe_route.load_trace(write({"l.ids": ids, "l.group": group}, **ok))
     with pytest.raises(ValueError, match="layer 'l': needs a 'group' tensor, int32"):

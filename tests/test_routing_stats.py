@@ -554,6 +554,10 @@ def test_load_errors_name_the_file_and_the_problem(tmp_path):
     (path / "manifest.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"manifest.json' is not valid JSON"):
         RoutingStats.load(path)
+    (path / "manifest.json").write_text("[" * 100_000)     # was a RecursionError
+    with pytest.raises(ValueError, match=r"manifest.json' is not valid JSON \(arrays or objects "
+                                         r"nest deeper than Python's recursion limit\)"):
+        RoutingStats.load(path)
 
     make_stats(L=2).save(path)
     tensors_file = str(path / "tensors.safetensors")

@@ -285,7 +285,7 @@ def test_hand_written_json():
     ('{"format": "moe_route.SteeringPlan", "version": 1, "layers": {}, "extra": 1}',
      r"unknown keys \['extra'\]"),
     ('[1, 2]', r"expected a JSON object, got list"),
-    ('{', r"SteeringPlan.from_json: Expecting"),
+    ('{', r"SteeringPlan.from_json: the plan is not valid JSON \(Expecting"),
 ])
 def test_from_json_errors(doc, pattern):
     with pytest.raises((ValueError, TypeError), match=pattern):
@@ -384,6 +384,10 @@ def test_load_errors_name_the_file(tmp_path):
     bad.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
     with pytest.raises(ValueError, match=r"SteeringPlan.from_json: .*codec can't decode.*"
                                          r"\(in '.*bad.json'\)"):
+        SteeringPlan.load(bad)
+    bad.write_text("[" * 100_000)     # was a RecursionError
+    with pytest.raises(ValueError, match=r"SteeringPlan.from_json: the plan is not valid JSON "
+                                         r"\(arrays or objects nest deeper .*\(in '.*bad.json'\)"):
         SteeringPlan.load(bad)
     bad.write_text('{"format": "moe_route.SteeringPlan", "version": 1, '
                    '"layers": {"3": {"1": {"force": 1.0}}}}')

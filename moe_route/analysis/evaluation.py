@@ -39,6 +39,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 
 from moe_route._atomic import write_text_atomic
+from moe_route._json import parse as parse_json, read as read_json
 from moe_route.analysis.inputs import chat_wrap, check_batch_size, check_limit, from_hub
 from moe_route.analysis.progress import progress_bar
 
@@ -78,11 +79,15 @@ class GenerationItem:
 @dataclass
 class EvalResult:
     """Per-question outcomes by language: ``correct[lang]`` bool ``[N]``, ``predictions[lang]``
-    (the chosen option index, or the extracted answer: ``None`` when none was found)."""
+    (the chosen option index, or the extracted answer: ``None`` when none was found). Outcomes
+    may be given as a sequence of bools or of 0/1 ints; they are kept as a bool tensor."""
 
     correct: dict
     predictions: dict
     meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.correct = _checked_outcomes(self.correct, self.predictions, self.meta, "EvalResult")
 
     def accuracy(self) -> dict:
         """``{language: share correct}``."""
@@ -106,11 +111,7 @@ class EvalResult:
 
     @classmethod
     def load(cls, path) -> "EvalResult":
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"EvalResult.load: {path} is not JSON ({exc})") from None
+        data = read_json(path, f"EvalResult.load: {path}")
         return cls.from_dict(data, where=f"EvalResult.load: {path}")
 
     @classmethod
@@ -122,14 +123,66 @@ class EvalResult:
         if data.get("version") != EVAL_VERSION:
             raise ValueError(f"{where} has version {data.get('version')!r}; this moe_route "
                              f"reads version {EVAL_VERSION}")
+        languages = data.get("languages")
+        if not isinstance(languages, dict):
+            got = type(languages).__name__ if "languages" in data else "nothing"
+            raise ValueError(f"{where}: 'languages' must be an object {{language: {{correct, "
+                             f"predictions}}}}, got {got}")
         correct, predictions = {}, {}
-        for lang, entry in data["languages"].items():
-            if len(entry["correct"]) != len(entry["predictions"]):
-                raise ValueError(f"{where}, language {lang!r}: {len(entry['correct'])} outcomes "
-                                 f"but {len(entry['predictions'])} predictions")
-            correct[lang] = torch.tensor(entry["correct"], dtype=torch.bool)
-            predictions[lang] = list(entry["predictions"])
-        return cls(correct, predictions, dict(data.get("meta", {})))
+        for lang, entry in languages.items():
+            if not isinstance(entry, dict) or not {"correct", "predictions"} <= set(entry):
+                raise ValueError(f"{where}: language {lang!r} must be an object with 'correct' "
+                                 f"and 'predictions', got {str(entry)[:80]}")
+            correct[lang], predictions[lang] = entry["correct"], entry["predictions"]
+        meta = data.get("meta", {})
+        try:
+            _checked_outcomes(correct, predictions, meta, where)
+        except TypeError as exc:    # a file's content is a value, whatever its type
+            raise ValueError(str(exc)) from None
+        return cls(correct, predictions, meta)
+
+
+def _checked_outcomes(correct, predictions, meta, where: str) -> dict:
+    """``correct`` as ``{language: bool tensor}``, after checking an EvalResult's fields."""
+    for name, value in (("correct", correct), ("predictions", predictions), ("meta", meta)):
+        if not isinstance(value, Mapping):
+            raise TypeError(f"{where}: {name} must be a dict, got {type(value).__name__}")
+    if list(correct) != list(predictions):
+        raise ValueError(f"{where}: correct and predictions must cover the same languages, got "
+                         f"{list(correct)} and {list(predictions)}")
+    out = {lang: _outcomes(c, f"{where}: correct[{lang!r}]") for lang, c in correct.items()}
+    for lang, p in predictions.items():
+        if isinstance(p, (str, bytes)) or not isinstance(p, Sequence):
+            raise TypeError(f"{where}: predictions[{lang!r}] must be a list, got "
+                            f"{type(p).__name__}")
+        if len(p) != len(out[lang]):
+            raise ValueError(f"{where}: language {lang!r} has {len(out[lang])} outcomes but "
+                             f"{len(p)} predictions")
+    return out
+
+
+def _outcomes(values, what: str) -> torch.Tensor:
+    """Right/wrong per question as a 1-D bool tensor: from one, or from bools or 0/1 ints."""
+    if isinstance(values, torch.Tensor):
+        if values.dtype == torch.bool and values.dim() == 1:
+            return values
+        ok = (values.dim() == 1 and not values.is_floating_point() and not values.is_complex()
+              and bool(((values == 0) | (values == 1)).all()))
+    elif isinstance(values, Sequence) and not isinstance(values, (str, bytes)):
+        ok = all(isinstance(v, int) and v in (0, 1) for v in values)
+    else:
+        raise TypeError(f"{what} must be a bool tensor or a list of bools, got "
+                        f"{type(values).__name__}")
+    if not ok:
+        raise ValueError(f"{what} must hold one bool (or 0/1 int) per question, got "
+                         f"{_describe(values)}")
+    return torch.as_tensor(values).to(torch.bool)
+
+
+def _describe(values) -> str:
+    if isinstance(values, torch.Tensor):
+        return f"a {values.dtype} tensor of shape {tuple(values.shape)}"
+    return str(list(values))[:80]
 
 
 class PairedComparison(NamedTuple):
@@ -629,10 +682,7 @@ def _jsonl(caller: str, source):
     with open(source, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
-                try:
-                    rows.append((n, json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{caller}: {source} line {n} is not JSON ({exc})") from None
+                rows.append((n, parse_json(line, f"{caller}: {source} line {n}")))
     return rows
 
 

@@ -16,7 +16,6 @@ own tokens get group -1 (skipped by the gate's statistics).
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Optional, Union
@@ -27,7 +26,8 @@ from moe_route.analysis.evaluation import EvalResult, paired_comparison
 from moe_route.analysis.inputs import chat_wrap, check_batch_size, check_limit, from_hub
 from moe_route.analysis.progress import progress_bar
 from moe_route.recording import record
-from moe_route.stats import RoutingStats
+from moe_route._json import parse as parse_json
+from moe_route.stats import RoutingStats, _short_list
 from moe_route.steering import SteeringPlan, steer
 
 __all__ = ["load_parallel", "record_parallel", "record_sequences", "ab_test"]
@@ -58,15 +58,32 @@ def load_parallel(source, languages: Optional[Sequence[str]] = None, *, limit: O
                 rows = list(csv.reader(f, delimiter="\t"))
             if not rows:
                 raise ValueError(f"load_parallel: {path} is empty (expected a header of languages)")
-            header, body = rows[0], rows[1:]
-            columns = {lang: [r[i] for r in body] for i, lang in enumerate(header)}
+            header = rows[0]
+            columns = {lang: [] for lang in header}
+            if len(columns) < len(header):
+                raise ValueError(f"load_parallel: {path}: the header names a language twice "
+                                 f"({header})")
+            for n, row in enumerate(rows[1:], 2):
+                if not row:     # a blank line
+                    continue
+                if len(row) != len(header):
+                    raise ValueError(f"load_parallel: {path} line {n} has {len(row)} columns, "
+                                     f"the header {len(header)}")
+                _parallel_row(path, n, dict(zip(header, row)), columns)
         elif path.endswith(".jsonl"):
-            columns = {}
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f):
+            columns = {lang: [] for lang in languages} if languages else None
+            with open(path, "rb") as f:
+                for n, line in enumerate(f, 1):
                     if line.strip():
-                        for lang, text in json.loads(line).items():
-                            columns.setdefault(lang, []).append(text)
+                        row = parse_json(line, f"load_parallel: {path} line {n}")
+                        if not isinstance(row, dict):
+                            raise ValueError(f"load_parallel: {path} line {n} must be a JSON "
+                                             f"object {{language: sentence}}, got "
+                                             f"{type(row).__name__}")
+                        if columns is None:
+                            columns = {lang: [] for lang in row}
+                        _parallel_row(path, n, row, columns, every=not languages)
+            columns = columns or {}
         else:
             raise ValueError(f"load_parallel: source={path!r} must end in .tsv or .jsonl")
     elif source in ("flores", "facebook/flores", "belebele", "facebook/belebele"):
@@ -89,6 +106,22 @@ def load_parallel(source, languages: Optional[Sequence[str]] = None, *, limit: O
     if not any(sizes.values()):
         raise ValueError(f"load_parallel: source={source!r} holds no sentences for {languages}")
     return out
+
+
+def _parallel_row(path: str, n: int, row: dict, columns: dict, every: bool = True) -> None:
+    """Append line ``n`` of a parallel file, ``{language: sentence}``, to ``columns``. It must
+    give a string for each language of ``columns`` (and, if ``every``, no other), or the rows
+    would not line up."""
+    if not set(columns) <= set(row) or every and len(row) != len(columns):
+        raise ValueError(f"load_parallel: {path} line {n} gives the languages "
+                         f"{_short_list(sorted(row))}; expected "
+                         f"{_short_list(sorted(columns))}" + ("" if every else " (at least)"))
+    for lang in columns:
+        text = row[lang]
+        if not isinstance(text, str):
+            raise ValueError(f"load_parallel: {path} line {n}: the {lang!r} sentence must be a "
+                             f"string, got {type(text).__name__}")
+        columns[lang].append(text)
 
 
 def _load_hub(source: str, languages, split):
