@@ -65,7 +65,8 @@ def dispatch_plan(ids: torch.Tensor, num_experts: int, block_size: int = 1) -> D
     zero_tail=False)`` skips them.
     """
     k = ids.shape[-1] if isinstance(ids, torch.Tensor) and ids.dim() == 2 else 0
-    if k == 0 or type(num_experts) is not int or type(block_size) is not int:
+    if (k == 0 or type(num_experts) is not int or type(block_size) is not int
+            or not 1 <= num_experts <= reference.MAX_EXPERTS):
         reference.check_dispatch_args(ids, num_experts, block_size)  # names the bad argument
     out = _call("dispatch_plan", ids, (ids, num_experts, block_size), reference.dispatch_plan)
     return DispatchPlan(*out, k=k)
@@ -82,8 +83,9 @@ def permute(x: torch.Tensor, plan: DispatchPlan, *, zero_tail: bool = True) -> t
     in use), and zeroing it costs a memset of R rows on every call. In training, keep that tail
     out of any dense product over all R rows: its contents times a zero gradient can be NaN.
     """
-    if (isinstance(x, torch.Tensor) and x.dim() == 2
-            and x.shape[0] * plan.k != plan.slot_row.shape[0]):
+    if not (type(plan) is DispatchPlan and _plain_k(plan.k) and isinstance(x, torch.Tensor)):
+        _check_call("permute", "x", x, plan)
+    if x.dim() == 2 and x.shape[0] * plan.k != plan.slot_row.shape[0]:
         raise ValueError(f"permute: x must have the plan's T={plan.slot_row.shape[0] // plan.k} "
                          f"rows (one per token), got shape {tuple(x.shape)}")
     offsets = None if zero_tail else plan.expert_offsets
@@ -100,15 +102,36 @@ def unpermute(y: torch.Tensor, plan: DispatchPlan, weights: torch.Tensor) -> tor
     bit-identical to the reference. Dropped slots contribute nothing. Weights of any float dtype
     are read as fp32.
     """
-    if isinstance(y, torch.Tensor) and y.dim() == 2 and y.shape[0] != plan.row_slot.shape[0]:
+    if not (type(plan) is DispatchPlan and _plain_k(plan.k) and isinstance(y, torch.Tensor)
+            and isinstance(weights, torch.Tensor)):
+        _check_call("unpermute", "y", y, plan, weights=weights)
+    if y.dim() == 2 and y.shape[0] != plan.row_slot.shape[0]:
         raise ValueError(f"unpermute: y must have the plan's R={plan.row_slot.shape[0]} rows "
                          f"(one per row of permute's output), got shape {tuple(y.shape)}")
-    T = plan.slot_row.shape[0] // max(plan.k, 1)
-    if isinstance(weights, torch.Tensor) and tuple(weights.shape) != (T, plan.k):
+    T = plan.slot_row.shape[0] // plan.k
+    if tuple(weights.shape) != (T, plan.k):
         raise ValueError(f"unpermute: weights must have shape [T, k] = [{T}, {plan.k}] for "
                          f"this plan, got {tuple(weights.shape)}")
     _same_device("unpermute", "y", y, slot_row=plan.slot_row, weights=weights)
     return _call("unpermute", y, (y, plan.slot_row, weights), reference.unpermute)
+
+
+def _plain_k(k) -> bool:
+    return type(k) is int and k >= 1
+
+
+def _check_call(op: str, name: str, x, plan, **tensors) -> None:
+    """Raise for what permute/unpermute cannot take: ``x`` or ``tensors`` not tensors, ``plan``
+    not a DispatchPlan (a tuple, None) or with a ``k`` that is not an int >= 1 (a plan edited
+    with ``_replace``); each failed deep inside the op."""
+    for arg, value in ((name, x), *tensors.items()):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{op}: {arg} must be a torch.Tensor, got {type(value).__name__}")
+    if not isinstance(plan, DispatchPlan):
+        raise TypeError(f"{op}: plan must be a DispatchPlan (from dispatch_plan), got "
+                        f"{type(plan).__name__}")
+    if not _plain_k(plan.k):
+        raise ValueError(f"{op}: plan.k={plan.k!r} must be an int >= 1 (slots per token)")
 
 
 def _same_device(op: str, first_name: str, first, **others) -> None:

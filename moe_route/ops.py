@@ -62,9 +62,7 @@ class RouterSpec:
         for name in ("n_group", "topk_group"):
             if not -2 ** 63 <= getattr(self, name) < 2 ** 63:
                 raise ValueError(f"RouterSpec: {name}={getattr(self, name)!r} must fit in int64")
-        if not isinstance(self.renormalize, bool):
-            raise TypeError(f"RouterSpec: renormalize must be a bool, got "
-                            f"{type(self.renormalize).__name__}")
+        _check_bool(self.renormalize, "RouterSpec: renormalize")
         for name in ("renorm_eps", "scale"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -137,6 +135,8 @@ class SteerSpec:
     def __post_init__(self):
         for name in reference.STEER_ROWS:
             object.__setattr__(self, name, _frozen_values(getattr(self, name), name))
+        for name in ("select_only", "std_unbiased"):
+            _check_bool(getattr(self, name), f"SteerSpec: {name}")
 
     def table(self, num_experts: int, device=None) -> torch.Tensor:
         """The ``[4, E]`` fp32 table the op takes (rows add, std, abs, force); cached per device."""
@@ -162,7 +162,14 @@ def _frozen_values(values: ExpertValues, name: str):
         return _frozen_pairs(values.items(), name) or None
     if isinstance(values, tuple) and values and all(isinstance(v, tuple) for v in values):
         return _frozen_pairs(values, name)  # pairs (what dataclasses.replace passes on)
-    t = torch.as_tensor(values, dtype=torch.float32)  # beyond FLT_MAX becomes inf here
+    try:
+        t = torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError):
+        t = None
+    if t is None or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"SteerSpec.{name}: expected real numbers, one per expert (a tensor or a "
+                        f"sequence), or {{expert: value}}, got {values!r:.80}")
+    t = t.to(torch.float32)   # beyond FLT_MAX becomes inf here
     if t.dim() != 1:
         raise ValueError(f"SteerSpec.{name}: expected one value per expert (1-D), got shape "
                          f"{tuple(t.shape)}")
@@ -193,6 +200,14 @@ def _frozen_pairs(items, name: str) -> tuple:
     out = tuple(sorted(pairs.items()))
     _check_finite(out, name)
     return out
+
+
+def _check_bool(value, what: str) -> None:
+    if not isinstance(value, bool):
+        kind = type(value)
+        name = kind.__name__ if kind.__module__ == "builtins" else \
+            f"{kind.__module__}.{kind.__qualname__}"     # numpy.bool, not a puzzling "bool"
+        raise TypeError(f"{what} must be a bool, got {value!r} ({name})")
 
 
 def _check_finite(pairs, name: str) -> None:
@@ -245,17 +260,26 @@ class GateStats:
     NAMES = ("tokens", "counts", "prob_sum", "weight_sum", "entropy_sum", "coact")
 
     def __post_init__(self):
-        object.__setattr__(self, "_buffers", tuple(getattr(self, n) for n in self.NAMES))
+        buffers = tuple(getattr(self, n) for n in self.NAMES)
+        for name, b in zip(self.NAMES, buffers):
+            if b is not None and not isinstance(b, torch.Tensor):
+                raise TypeError(f"GateStats: {name} must be a torch.Tensor or None, got "
+                                f"{type(b).__name__}")
+        object.__setattr__(self, "_buffers", buffers)
 
     @classmethod
     def zeros(cls, num_groups: int, num_experts: int, *, device=None, dense: bool = True,
               coact: bool = False) -> "GateStats":
         """Zeroed buffers. ``dense=False`` skips prob_sum/entropy_sum (no E-wide work per token);
         ``coact=True`` adds the [E,E] co-activation counts."""
-        if num_groups < 1 or num_experts < 1:
-            raise ValueError(f"GateStats.zeros: num_groups={num_groups} and "
-                             f"num_experts={num_experts} must be >= 1")
-        G, E = num_groups, num_experts
+        for name, value in (("num_groups", num_groups), ("num_experts", num_experts)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"GateStats.zeros: {name} must be an int, got {value!r} "
+                                f"({type(value).__name__})")
+        if num_groups < 1 or not 1 <= num_experts <= reference.MAX_EXPERTS:
+            raise ValueError(f"GateStats.zeros: num_groups={num_groups} must be >= 1 and "
+                             f"num_experts={num_experts} in [1, {reference.MAX_EXPERTS}]")
+        G, E = int(num_groups), int(num_experts)
         i64 = dict(dtype=torch.int64, device=device)
         f32 = dict(dtype=torch.float32, device=device)
         return cls(
@@ -319,6 +343,8 @@ def topk_gate(logits: torch.Tensor, k: int, spec: Optional[RouterSpec] = None, *
     backward and raises when one would be needed.
     """
     if knobs:
+        if spec is not None:
+            _check_spec(spec)
         try:
             spec = (spec or _DEFAULT_SPEC).replace(**knobs)
         except TypeError as exc:
@@ -338,10 +364,16 @@ def topk_gate(logits: torch.Tensor, k: int, spec: Optional[RouterSpec] = None, *
                              None, groups, replay, None)
             _explain_bad_call(logits, k, spec, selection_bias, None, groups, _NO_STATS, replay)
             raise
+        except ValueError:
+            if not getattr(selection_bias, "requires_grad", False):
+                raise
+            # the kernel refuses a bias that requires grad; below it is detached
     if type(spec) is not RouterSpec:  # type() tests first: these calls take microseconds
         _check_spec(spec)
     if type(k) is not int:
         k = _check_k(k)
+    if getattr(selection_bias, "requires_grad", False):
+        selection_bias = selection_bias.detach()    # it only selects: it gets no gradient
     if getattr(logits, "requires_grad", False) and torch.is_grad_enabled():
         return _differentiable_gate(logits, k, spec, selection_bias, steer, stats, groups, replay)
     steer_table, select_only, unbiased = None, False, False
@@ -391,11 +423,10 @@ def _check_k(k) -> int:
 def _differentiable_gate(logits, k, spec, selection_bias, steer, stats, groups, replay):
     """The kernels have no backward: they choose the ids and accumulate the statistics, and the
     weights of those ids are recomputed with differentiable PyTorch ops (``reference.gate_weights``
-    of the sanitised, steered logits), so they carry the logits' gradient. The selection bias only
-    selects: it gets no gradient."""
-    bias = selection_bias.detach() if isinstance(selection_bias, torch.Tensor) else selection_bias
-    _, ids = topk_gate(logits.detach(), k, spec, selection_bias=bias, steer=steer, stats=stats,
-                       groups=groups, replay=replay)
+    of the sanitised, steered logits), so they carry the logits' gradient. The selection bias
+    (detached by the caller) only selects."""
+    _, ids = topk_gate(logits.detach(), k, spec, selection_bias=selection_bias, steer=steer,
+                       stats=stats, groups=groups, replay=replay)
     zw = reference.sanitize(logits)
     if steer is not None and not steer.select_only:
         zw = reference.steer_logits(zw, steer.table(logits.shape[1], logits.device),

@@ -58,6 +58,10 @@ import torch
 import torch.nn.functional as F
 
 FLT_MAX = torch.finfo(torch.float32).max
+# The most experts a num_experts argument may name: more than any router has (PEER's product
+# keys give 1024² = 2**20). A larger value is a mistake, and the [num_experts]-sized tables built
+# from it would not fit in memory (the allocator's error would not say which argument was wrong).
+MAX_EXPERTS = 1 << 20
 
 SCORES = ("softmax", "sigmoid", "sqrtsoftplus", "none")
 SELECT_ON = ("scores", "logits")
@@ -417,8 +421,8 @@ def check_dispatch_args(ids, num_experts, block_size):
     for name, value in (("num_experts", num_experts), ("block_size", block_size)):
         if isinstance(value, bool) or not hasattr(type(value), "__index__"):
             raise TypeError(f"dispatch_plan: {name} must be an int, got {type(value).__name__}")
-    if num_experts < 1:
-        raise ValueError(f"dispatch_plan: num_experts={num_experts} must be >= 1")
+    if not 1 <= num_experts <= MAX_EXPERTS:
+        raise ValueError(f"dispatch_plan: num_experts={num_experts} must be in [1, {MAX_EXPERTS}]")
     if block_size < 1:
         raise ValueError(f"dispatch_plan: block_size={block_size} must be >= 1")
 

@@ -369,10 +369,32 @@ _PLAN_2x2 = dict(ids=torch.tensor([[0, 1], [1, 2]]), num_experts=3)  # T=2, k=2,
     (lambda p: R.permute(torch.zeros(1, 3), p.row_slot, 2),
      ValueError, r"permute: row_slot holds slots in \[0, 3\], but x has T=1 rows and k=2, so "
                  r"T\*k=2 slots"),
+    # these failed deep inside: AttributeError, ZeroDivisionError, the dispatcher's schema text,
+    # the allocator asking for terabytes, or "x must be 2-D, got shape (0,)" for x=None
+    (lambda p: moe_route.permute(torch.zeros(2, 3), None), TypeError,
+     r"permute: plan must be a DispatchPlan \(from dispatch_plan\), got NoneType"),
+    (lambda p: moe_route.unpermute(torch.zeros(4, 3), tuple(p)[:4], torch.ones(2, 2)), TypeError,
+     r"unpermute: plan must be a DispatchPlan .*got tuple"),
+    (lambda p: moe_route.permute(torch.zeros(2, 3), p._replace(k=0)), ValueError,
+     r"permute: plan.k=0 must be an int >= 1"),
+    (lambda p: moe_route.permute(torch.zeros(2, 3), p._replace(k=2.0)), ValueError,
+     r"permute: plan.k=2.0 must be an int >= 1"),
+    (lambda p: moe_route.permute(None, p), TypeError,
+     r"permute: x must be a torch.Tensor, got NoneType"),
+    (lambda p: moe_route.permute([[1.0] * 3] * 2, p), TypeError,
+     r"permute: x must be a torch.Tensor, got list"),
+    (lambda p: moe_route.unpermute(torch.zeros(4, 3), p, [[1.0, 1.0]] * 2), TypeError,
+     r"unpermute: weights must be a torch.Tensor, got list"),
+    (lambda p: moe_route.dispatch_plan(_PLAN_2x2["ids"], 2**40), ValueError,
+     r"dispatch_plan: num_experts=1099511627776 must be in \[1, 1048576\]"),
+    (lambda p: moe_route.dispatch_plan(_PLAN_2x2["ids"], 2**64), ValueError,
+     r"dispatch_plan: num_experts=18446744073709551616 must be in \[1, 1048576\]"),
 ], ids=["unpermute_y_rows", "unpermute_weights_shape", "permute_x_rows", "num_experts_float",
         "block_size_none", "plan_k_zero", "op_plan_k_zero", "op_unpermute_rows_beyond_y",
         "op_permute_slots_beyond_x", "permute_corrupted_plan", "ref_unpermute_rows_beyond_y",
-        "ref_permute_slots_beyond_x"])
+        "ref_permute_slots_beyond_x", "plan_none", "plan_tuple", "plan_k_edited_zero",
+        "plan_k_float", "x_none", "x_list", "weights_list", "num_experts_huge",
+        "num_experts_past_int64"])
 def test_plan_mismatches_name_the_argument(call, exc, msg):
     """Arguments that do not fit the plan are refused before any row is read (an unpermute of x
     instead of the expert outputs used to read past the end of it)."""

@@ -236,11 +236,14 @@ def test_router_spec_out_of_range(fields, name):
 
 
 @pytest.mark.parametrize("fields,msg", [
-    (dict(renormalize="yes"), r"RouterSpec: renormalize must be a bool, got str"),
-    (dict(renormalize=1), r"RouterSpec: renormalize must be a bool, got int"),
+    (dict(renormalize="yes"), r"RouterSpec: renormalize must be a bool, got 'yes' \(str\)"),
+    (dict(renormalize=1), r"RouterSpec: renormalize must be a bool, got 1 \(int\)"),
     (dict(scale="2"), r"RouterSpec: scale must be a real number, got str"),
     (dict(scale=True), r"RouterSpec: scale must be a real number, got bool"),
     (dict(renorm_eps=None), r"RouterSpec: renorm_eps must be a real number, got NoneType"),
+    # numpy's bool is named in full: "must be a bool, got bool" puzzled
+    (dict(renormalize=np.bool_(True)), r"RouterSpec: renormalize must be a bool, got np.True_ "
+                                       r"\(numpy.bool_?\)"),
 ])
 def test_router_spec_types(fields, msg):
     with pytest.raises(TypeError, match=msg):
@@ -316,6 +319,31 @@ def test_unknown_knob():
         moe_route.topk_gate(logits(), 2, top_k=2)
 
 
+def test_knobs_beside_a_spec_that_is_not_one():
+    """A str spec with knobs was reported as an unknown knob (str.replace's own error)."""
+    with pytest.raises(TypeError, match=r"topk_gate: spec must be a RouterSpec or None, got str"):
+        moe_route.topk_gate(logits(), 2, "x", score="sigmoid")
+
+
+def test_a_selection_bias_that_requires_grad_is_detached():
+    """The selection bias only selects (it gets no gradient), but one that required grad made
+    moe_route.topk_gate raise "call moe_route.topk_gate" when the logits did not."""
+    bias = torch.linspace(-1, 1, E).requires_grad_()
+    want = moe_route.topk_gate(logits(), 2, selection_bias=bias.detach())
+    for kw in ({}, dict(stats=moe_route.GateStats.zeros(1, E))):
+        w, ids = moe_route.topk_gate(logits(), 2, selection_bias=bias, **kw)
+        assert not w.requires_grad and torch.equal(ids, want[1]) and torch.equal(w, want[0])
+
+
+@pytest.mark.parametrize("field", ["select_only", "std_unbiased"])
+@pytest.mark.parametrize("value", ["no", 1, None])
+def test_steer_spec_flags_are_bools(field, value):
+    """A str select_only failed only inside the gate, with pybind's list of GateConfig
+    signatures."""
+    with pytest.raises(TypeError, match=rf"SteerSpec: {field} must be a bool, got {value!r}"):
+        moe_route.SteerSpec(add={0: 1.0}, **{field: value})
+
+
 @pytest.mark.parametrize("field,value,msg", [
     ("add", {E: 1.0}, r"SteerSpec.add: expert 8 must be an int in \[0, 8\)"),
     ("std", {-1: 1.0}, r"SteerSpec.std: expert -1"),
@@ -380,6 +408,15 @@ def test_steer_spec_refuses_values_not_finite_in_float32(field, bad, form):
     assert torch.equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("value", [torch.full((E,), 1 + 5j), [1 + 5j] * E, ["x"] * E, "abc",
+                                   torch.ones(E, dtype=torch.bool), [None] * E])
+def test_steer_spec_values_must_be_real_numbers(value):
+    """A complex tensor lost its imaginary part with only a warning; strings and None gave
+    torch's own errors ("too many dimensions 'str'")."""
+    with pytest.raises(TypeError, match=r"SteerSpec.add: expected real numbers, one per expert"):
+        moe_route.SteerSpec(add=value)
+
+
 @pytest.mark.parametrize("field,value", [("add", torch.zeros(2, E)), ("std", 0.5)])
 def test_steer_spec_invalid_shape(field, value):
     """Values that are not one number per expert fail at construction."""
@@ -418,10 +455,26 @@ def test_public_wrapper_non_tensor_arguments(args, kw, name):
         moe_route.topk_gate(x, k, **kw)
 
 
-@pytest.mark.parametrize("G,E_", [(0, 8), (2, 0), (-1, 8)])
+@pytest.mark.parametrize("G,E_", [(0, 8), (2, 0), (-1, 8), (1, 2**40)])
 def test_gate_stats_zeros_invalid(G, E_):
-    with pytest.raises(ValueError, match=r"GateStats.zeros: num_groups=.* must be >= 1"):
+    with pytest.raises(ValueError, match=r"GateStats.zeros: num_groups=.* must be >= 1 and "
+                                         r"num_experts=.* in \[1, 1048576\]"):
         moe_route.GateStats.zeros(G, E_)
+
+
+@pytest.mark.parametrize("G,E_,name", [(1.5, 8, "num_groups"), (None, 8, "num_groups"),
+                                       (2, True, "num_experts")])
+def test_gate_stats_zeros_sizes_are_ints(G, E_, name):
+    """1.5 and None gave torch.zeros' and "<" errors."""
+    with pytest.raises(TypeError, match=rf"GateStats.zeros: {name} must be an int, got"):
+        moe_route.GateStats.zeros(G, E_)
+
+
+def test_gate_stats_buffers_are_tensors():
+    """A list buffer failed in pybind ("Unable to cast Python instance ... to C++ type '?'")."""
+    with pytest.raises(TypeError, match=r"GateStats: tokens must be a torch.Tensor or None, got "
+                                        r"list"):
+        moe_route.GateStats(tokens=[0])
 
 
 def test_gate_stats_zeros_layout():

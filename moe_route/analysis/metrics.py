@@ -33,6 +33,7 @@ from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
+from moe_route.reference import MAX_EXPERTS
 from moe_route.stats import RoutingStats
 
 __all__ = [
@@ -52,10 +53,6 @@ KINDS = ("dense", "routed")
 
 # App. A.4 (author code ``calculate_entropy_normalized_jsd``): the normaliser is clamped at 1e-6.
 JS_NORMALISER_FLOOR = 1e-6
-
-# The most experts a router is known to have (PEER's 1024² product keys); a larger num_experts is
-# a mistake, and the dense [num_experts, ...] tables built from it would not fit in memory.
-_MAX_EXPERTS = 1 << 20
 
 # Elements of one work tensor before a function splits its work into chunks (32 MiB of float64).
 # Why chunks of this size: glibc serves blocks above 32 MiB with a fresh mmap, so every larger
@@ -1319,7 +1316,7 @@ def expert_token_counts(ids: torch.Tensor, token_ids: torch.Tensor, num_experts:
     if token_ids.dtype not in (torch.int32, torch.int64) or tuple(token_ids.shape) != (N,):
         raise ValueError(f"{where}: token_ids must be int32/int64 of shape [{N}] (one per ids "
                          f"row), got {token_ids.dtype} of shape {tuple(token_ids.shape)}")
-    num_experts = _check_positive_int(num_experts, "num_experts", where, maximum=_MAX_EXPERTS)
+    num_experts = _check_positive_int(num_experts, "num_experts", where, maximum=MAX_EXPERTS)
     if N and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
         raise ValueError(f"{where}: ids must be in [0, num_experts={num_experts}), got "
                          f"[{int(ids.min())}, {int(ids.max())}]")
