@@ -82,6 +82,16 @@ def test_paired_comparison_known_answer():
     assert pooled.baseline == pytest.approx(3 / 9)
 
 
+def test_paired_interval_stays_within_minus_one_and_one():
+    """Two of three questions gained: delta 2/3, half-width 0.53; the interval ended at 1.2, a
+    change of accuracy no run can show."""
+    out = ev.paired_comparison(_result(eng=[0, 0, 1]), _result(eng=[1, 1, 1]))["eng"]
+    half = 1.959963984540054 * math.sqrt((2 / 3 - (2 / 3) ** 2) / 3)
+    assert (out.delta, out.ci_low, out.ci_high) == pytest.approx((2 / 3, 2 / 3 - half, 1.0))
+    out = ev.paired_comparison(_result(eng=[1, 1, 0]), _result(eng=[0, 0, 0]))["eng"]
+    assert (out.delta, out.ci_low, out.ci_high) == pytest.approx((-2 / 3, -1.0, -2 / 3 + half))
+
+
 def test_paired_comparison_refuses_unpaired_results():
     with pytest.raises(ValueError, match="different languages"):
         ev.paired_comparison(_result(eng=[1]), _result(fra=[1]))

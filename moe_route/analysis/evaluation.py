@@ -187,8 +187,9 @@ def _describe(values) -> str:
 
 class PairedComparison(NamedTuple):
     """Two runs over the same questions. ``delta`` = steered - baseline accuracy, with a 95%
-    Wald interval for a paired difference (``ci_low``, ``ci_high``; rough when ``gained + lost``
-    is small: read ``p_value`` then); ``p_value``: exact two-sided McNemar test."""
+    Wald interval for a paired difference, clipped to [-1, 1] (``ci_low``, ``ci_high``; rough
+    when ``gained + lost`` is small: read ``p_value`` then); ``p_value``: exact two-sided McNemar
+    test."""
 
     n: int
     baseline: float
@@ -278,8 +279,10 @@ def _paired(a: torch.Tensor, b: torch.Tensor) -> PairedComparison:
         return PairedComparison(0, nan, nan, nan, nan, nan, 0, 0, 1.0)
     delta = (gained - lost) / n
     half = 1.959963984540054 * math.sqrt(max((gained + lost) / n - delta * delta, 0.0) / n)
+    # a difference of two shares lies in [-1, 1]; the normal approximation can step outside
     return PairedComparison(n, float(a.double().mean()), float(b.double().mean()), delta,
-                            delta - half, delta + half, gained, lost, mcnemar_exact(gained, lost))
+                            max(delta - half, -1.0), min(delta + half, 1.0), gained, lost,
+                            mcnemar_exact(gained, lost))
 
 
 # -- multiple choice ---------------------------------------------------------------------------

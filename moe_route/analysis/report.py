@@ -5,7 +5,8 @@
     summary.txt                  what was measured and the headline numbers, in words
     divergence.json / .csv       Div[language, layer] from the reference (Eq. 2, D_HJS)
     divergence_by_layer.png      one curve per language over the layers (the paper's U shape)
-    language_divergence_L{l}.png language x language divergence heatmaps at chosen layers
+    language_divergence_L{l}.png language x language divergence heatmaps at chosen layers (each
+                                 language's sentences pooled, not the curves' per-sentence mean)
     expert_usage.png             activation frequency per layer and expert, reference language
     experts.json, delta.png      task experts and the histogram of delta with the threshold tau
     plan.json                    the steering plan built from them (SteeringPlan JSON)
@@ -219,7 +220,8 @@ def _plot_curves(plt, out_dir, indices, div, middle, reference):
         ax.set_xticks(x, [str(i) for i in indices], rotation=90, fontsize=7)
     lo, hi = x[middle[0]], x[middle[-1]]
     ax.axvspan(lo - 0.5, hi + 0.5, color="grey", alpha=0.12, label="middle layers")
-    ax.set(xlabel="layer", ylabel=f"divergence from {reference} (entropy-normalised JS)",
+    ax.set(xlabel="layer", ylabel=f"divergence from {reference}\n(entropy-normalised JS, mean "
+                                  f"over parallel sentences)",
            title="Routing divergence by layer")
     ax.legend(fontsize=7, ncol=2)
     return _save(plt, fig, out_dir, "divergence_by_layer.png")
@@ -230,8 +232,9 @@ def _plot_heatmap(plt, out_dir, matrix, languages, layer):
     im = ax.imshow(matrix.numpy(), cmap="viridis", vmin=0)
     ax.set_xticks(range(len(languages)), languages, rotation=90, fontsize=7)
     ax.set_yticks(range(len(languages)), languages, fontsize=7)
+    # not the curves' quantity: one distribution per language, its sentences pooled
     ax.set_title(f"Language divergence, layer {layer}")
-    fig.colorbar(im, ax=ax, label="entropy-normalised JS")
+    fig.colorbar(im, ax=ax, label="entropy-normalised JS of the languages' pooled routing")
     return _save(plt, fig, out_dir, f"language_divergence_L{layer}.png")
 
 
