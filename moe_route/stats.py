@@ -53,6 +53,7 @@ _DTYPES = {name: dtype for name, _, dtype in _FIELDS}
 FIELDS = tuple(name for name, _, _ in _FIELDS)
 REQUIRED_FIELDS = ("tokens", "counts", "weight_sum")
 OPTIONAL_FIELDS = ("prob_sum", "entropy_sum", "coact")
+COUNT_FIELDS = ("tokens", "counts", "coact")  # the exact integer counts, never negative
 
 FORMAT = "moe_route.RoutingStats"
 FORMAT_VERSION = 1
@@ -71,6 +72,8 @@ class LayerStats:
     ``name`` is the router's module path (``"model.layers.3.mlp.gate"``), ``index`` the decoder
     layer index (None where a model has no such index), ``top_k`` the experts per token.
     Tensors are held, not copied: a LayerStats built over a gate's buffers sees them grow.
+    Their dtypes, shapes and devices are checked, not their values (that would sync a CUDA
+    buffer at every flush); ``RoutingStats`` save, load and merge refuse negative counts.
     """
 
     name: str
@@ -192,6 +195,7 @@ class RoutingStats:
 
     def __init__(self, layers: Iterable[LayerStats], group_names: Sequence[str],
                  meta: Optional[Mapping] = None):
+        _check_iterable(layers, "RoutingStats: layers", "an iterable of LayerStats")
         layers = tuple(layers)
         for i, layer in enumerate(layers):
             if not isinstance(layer, LayerStats):
@@ -200,6 +204,7 @@ class RoutingStats:
         if isinstance(group_names, str):
             raise TypeError(f"RoutingStats: group_names must be a sequence of str, got the str "
                             f"{group_names!r}")
+        _check_iterable(group_names, "RoutingStats: group_names", "a sequence of str")
         group_names = tuple(group_names)
         for g, gname in enumerate(group_names):
             if not isinstance(gname, str):
@@ -210,6 +215,9 @@ class RoutingStats:
             if layer.num_groups != len(group_names):
                 raise ValueError(f"RoutingStats: layer {layer.name!r} has {layer.num_groups} "
                                  f"groups (rows), expected len(group_names)={len(group_names)}")
+        if meta is not None and not isinstance(meta, Mapping):
+            raise TypeError(f"RoutingStats: meta must be a dict or None, got "
+                            f"{type(meta).__name__}")
         meta = dict(meta) if meta is not None else {}
         _check_json(meta, "RoutingStats: meta")
         self._layers = layers
@@ -330,7 +338,11 @@ class RoutingStats:
         ``coact`` counts pairs over all groups and cannot be split by group: it is kept when the
         selection holds every group and set to None otherwise. Tensors are copies.
         """
-        wanted = [names] if isinstance(names, str) else list(names)
+        if isinstance(names, str):
+            wanted = [names]
+        else:
+            _check_iterable(names, "RoutingStats.group: names", "a str or a sequence of str")
+            wanted = list(names)
         for n in wanted:
             if not isinstance(n, str):
                 raise TypeError(f"RoutingStats.group: group names must be str, got {n!r}")
@@ -368,12 +380,18 @@ class RoutingStats:
         if not isinstance(other, RoutingStats):
             raise TypeError(f"RoutingStats.merge: other must be a RoutingStats, got "
                             f"{type(other).__name__}")
+        _check_has_data(self, "RoutingStats.merge: self")
+        _check_has_data(other, "RoutingStats.merge: other")
         return RoutingStats.merge_all([self, other])
 
     @staticmethod
     def merge_all(items: Iterable["RoutingStats"]) -> "RoutingStats":
         """``items[0].merge(items[1]).merge(items[2])...`` in one pass: each output tensor is
-        allocated once, so accumulating thousands of per-batch flushes stays linear in size."""
+        allocated once, so accumulating thousands of per-batch flushes stays linear in size.
+
+        Integer sums that pass int64's maximum are a ValueError, found by their sign (one host
+        sync per device, after all the additions)."""
+        _check_iterable(items, "RoutingStats.merge_all: items", "an iterable of RoutingStats")
         items = list(items)
         if not items:
             raise ValueError("RoutingStats.merge_all: items must hold at least one RoutingStats")
@@ -381,6 +399,7 @@ class RoutingStats:
             if not isinstance(item, RoutingStats):
                 raise TypeError(f"RoutingStats.merge_all: items[{i}] must be a RoutingStats, "
                                 f"got {type(item).__name__}")
+            _check_has_data(item, f"RoutingStats.merge_all: items[{i}]")
         first = items[0]
         for other in items[1:]:
             _check_mergeable(first, other)
@@ -413,6 +432,13 @@ class RoutingStats:
                     else:
                         out[name] += t
             layers.append(base.replace(**out))
+        # Counts are >= 0, so a sum wrapped past 2**63 - 1 comes out negative; it would only wrap
+        # back to >= 0 past 2**64 tokens. (A negative input count is refused here as well.)
+        negative = _negative_count(layers)
+        if negative:
+            raise ValueError(f"RoutingStats.merge: counts overflow int64: merged sums must be "
+                             f"<= 2**63 - 1, got {negative}, wrapped around (or an input held "
+                             f"negative counts)")
         meta = copy.deepcopy(first.meta)
         for other in items[1:]:
             for key, value in other.meta.items():
@@ -451,9 +477,14 @@ class RoutingStats:
         replaced save's directory keeps its mode (``moe_route._atomic``, "Permissions").
         """
         st = _safetensors("RoutingStats.save")
+        _check_has_data(self, "RoutingStats.save: the statistics")
         path = os.path.abspath(os.fspath(path))
         manifest = self.manifest()
         _check_json(manifest["meta"], "RoutingStats.save: meta")
+        negative = _negative_count(self._layers)
+        if negative:  # load would refuse the file
+            raise ValueError(f"RoutingStats.save: {', '.join(COUNT_FIELDS)} must be >= 0, got "
+                             f"{negative}")
         _refuse_foreign(path)
         parent, base = os.path.split(path)
         os.makedirs(parent, exist_ok=True)
@@ -530,6 +561,10 @@ class RoutingStats:
         if extra:
             raise ValueError(f"RoutingStats.load: {tensors_file!r} holds tensors the manifest "
                              f"does not list: {_short_list(extra)}")
+        negative = _negative_count(layers)
+        if negative:
+            raise ValueError(f"RoutingStats.load: {tensors_file!r}: {', '.join(COUNT_FIELDS)} "
+                             f"must be >= 0, got {negative}")
         try:
             return cls(layers, manifest["group_names"], manifest["meta"])
         except (TypeError, ValueError) as exc:
@@ -567,6 +602,35 @@ def _check_unique(names: Sequence[str], what: str) -> None:
         seen.add(n)
     if dup:
         raise ValueError(f"{what} must be unique, got duplicates {dup}")
+
+
+def _check_iterable(value, what: str, expected: str) -> None:
+    if not isinstance(value, Iterable):
+        raise TypeError(f"{what} must be {expected}, got {type(value).__name__}")
+
+
+def _check_has_data(stats: RoutingStats, what: str) -> None:
+    on_meta = [layer.name for layer in stats if layer.device.type == "meta"]
+    if on_meta:
+        raise ValueError(f"{what} must hold data, got layers {_short_list(on_meta, 4)} on the "
+                         f"meta device (shapes only, no data)")
+
+
+def _negative_count(layers: Sequence[LayerStats]) -> Optional[str]:
+    """``"layer 'name' tokens (min -3)"`` for the first count tensor holding a value < 0, else
+    None. One host sync per device, not one per tensor: merge may run on CUDA buffers."""
+    minima: Dict[torch.device, list] = {}
+    for layer in layers:
+        for name in COUNT_FIELDS:
+            t = getattr(layer, name)
+            if t is not None and t.numel():
+                minima.setdefault(t.device, []).append((layer.name, name, t.min()))
+    for entries in minima.values():
+        values = torch.stack([m for _, _, m in entries]).tolist()
+        for (layer_name, name, _), value in zip(entries, values):
+            if value < 0:
+                return f"layer {layer_name!r} {name} (min {value})"
+    return None
 
 
 def _check_json(value, what: str) -> None:
@@ -643,25 +707,39 @@ def _check_manifest(manifest, manifest_file: str) -> None:
     def bad(msg):
         raise ValueError(f"RoutingStats.load: {manifest_file!r}: {msg}")
 
+    def check_int(key, value, minimum, none_ok=False):
+        if none_ok and value is None:
+            return
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        if not is_int or value < minimum:
+            bad(f"{key}={value!r} must be {'null or ' if none_ok else ''}an int >= {minimum}"
+                + ("" if is_int else f", got {type(value).__name__}"))
+
     if not isinstance(manifest, dict):
         bad(f"expected a JSON object, got {type(manifest).__name__}")
     if manifest.get("format") != FORMAT:
         bad(f"format={manifest.get('format')!r}, expected {FORMAT!r}")
     version = manifest.get("version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        bad(f"version={version!r} must be an int >= 1")
+    check_int("version", version, 1)
     if version > FORMAT_VERSION:
         bad(f"version={version} is newer than this moe_route "
             f"({_package_version()}) reads (<= {FORMAT_VERSION}); upgrade moe_route")
     for key, kind in (("group_names", list), ("layers", list), ("meta", dict)):
         if not isinstance(manifest.get(key), kind):
             bad(f"{key} must be a JSON {kind.__name__}, got {manifest.get(key)!r:.80}")
+    check_int("num_groups", manifest.get("num_groups"), 0)
+    if manifest["num_groups"] != len(manifest["group_names"]):
+        bad(f"num_groups={manifest['num_groups']} disagrees with "
+            f"len(group_names)={len(manifest['group_names'])}")
     for i, entry in enumerate(manifest["layers"]):
         if not isinstance(entry, dict):
             bad(f"layers[{i}] must be an object, got {entry!r:.80}")
         for key in ("name", "index", "top_k", "num_experts", "fields"):
             if key not in entry:
                 bad(f"layers[{i}] has no {key!r}")
+        check_int(f"layers[{i}].index", entry["index"], 0, none_ok=True)
+        check_int(f"layers[{i}].top_k", entry["top_k"], 1)
+        check_int(f"layers[{i}].num_experts", entry["num_experts"], 1)
         fields = entry["fields"]
         if (not isinstance(fields, list) or any(f not in FIELDS for f in fields)
                 or any(f not in fields for f in REQUIRED_FIELDS)):

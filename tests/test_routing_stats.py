@@ -148,6 +148,23 @@ def test_routing_stats_construction_errors():
         RoutingStats([a, {}], ["x", "y"])
 
 
+@pytest.mark.parametrize("call, pattern", [
+    (lambda a: RoutingStats(None, ["x", "y"]),
+     r"RoutingStats: layers must be an iterable of LayerStats, got NoneType"),
+    (lambda a: RoutingStats([a], None), r"RoutingStats: group_names must be a sequence of str, "
+                                        r"got NoneType"),
+    (lambda a: RoutingStats([a], ["x", "y"], [("model", "m")]),
+     r"RoutingStats: meta must be a dict or None, got list"),
+    (lambda a: RoutingStats([a], ["x", "y"]).group(None),
+     r"RoutingStats.group: names must be a str or a sequence of str, got NoneType"),
+    (lambda a: RoutingStats.merge_all(None),
+     r"RoutingStats.merge_all: items must be an iterable of RoutingStats, got NoneType"),
+])
+def test_wrong_argument_types_name_the_argument(call, pattern):
+    with pytest.raises(TypeError, match=pattern):
+        call(make_layer("a", 0))
+
+
 def test_access_by_position_and_name():
     s = make_stats(L=3, G=2)
     assert len(s) == 3
@@ -300,6 +317,53 @@ def test_merge_errors_name_the_mismatch():
         a.merge(RoutingStats([make_layer("a", 0, coact=False), make_layer("b", 1)], ["x", "y"]))
     with pytest.raises(TypeError, match=r"other must be a RoutingStats, got dict"):
         a.merge({})
+
+
+@pytest.mark.parametrize("field", ["tokens", "counts", "coact"])
+def test_merge_refuses_counts_that_overflow_int64(field):
+    """int64 sums used to wrap silently: 2**62 + 2**62 came out as -2**63."""
+    layer = make_layer("L", 0, G=1, E=2, optional=False)
+    big = layer.replace(**{field: torch.full_like(getattr(layer, field), 2**62)})
+    s = RoutingStats([big], ["x"])
+    with pytest.raises(ValueError, match=rf"RoutingStats.merge: counts overflow int64: merged sums "
+                                         rf"must be <= 2\*\*63 - 1, got layer 'L' {field} "
+                                         rf"\(min -9223372036854775808\)"):
+        s.merge(s)
+    with pytest.raises(ValueError, match=r"counts overflow int64"):
+        RoutingStats.merge_all([s, s, s])
+    # the largest sum that fits is exact
+    fits = RoutingStats([big.replace(**{field: torch.full_like(getattr(big, field), 2**62 - 1)})],
+                        ["x"])
+    assert getattr(s.merge(fits)[0], field).flatten().tolist()[0] == 2**63 - 1
+
+
+def test_merge_refuses_negative_input_counts():
+    layer = make_layer("L", 0)
+    negative = RoutingStats([layer.replace(tokens=torch.tensor([3, -5]))], ["x", "y"])
+    with pytest.raises(ValueError, match=r"got layer 'L' tokens \(min -2\).*or an input held "
+                                         r"negative counts"):
+        negative.merge(RoutingStats([layer.replace(tokens=torch.tensor([1, 3]))], ["x", "y"]))
+
+
+def test_meta_device_stats_are_refused_by_merge_and_save(tmp_path):
+    """Statistics moved to the meta device have shapes but no numbers: merging or saving them
+    used to end in "NotImplementedError: Cannot copy out of meta tensor" (or, merged into a meta
+    self, in a result without numbers)."""
+    s = make_stats(L=2)
+    on_meta = s.to("meta")
+    assert {layer.device.type for layer in on_meta} == {"meta"}      # .to("meta") stays allowed
+    layers = r"\['model.layers.0.mlp.gate', 'model.layers.1.mlp.gate'\] on the meta device"
+    with pytest.raises(ValueError, match=r"RoutingStats.merge: other must hold data, got layers "
+                                         + layers):
+        s.merge(on_meta)
+    with pytest.raises(ValueError, match=r"RoutingStats.merge: self must hold data"):
+        on_meta.merge(s)
+    with pytest.raises(ValueError, match=r"RoutingStats.merge_all: items\[2\] must hold data"):
+        RoutingStats.merge_all([s, s, on_meta])
+    with pytest.raises(ValueError, match=r"RoutingStats.save: the statistics must hold data, got "
+                                         r"layers " + layers):
+        on_meta.save(tmp_path / "run")
+    assert os.listdir(tmp_path) == []
 
 
 def test_merge_equals_one_gate_run_over_both_batches():
@@ -590,3 +654,52 @@ def test_load_errors_name_the_file_and_the_problem(tmp_path):
     os.remove(path / "manifest.json")
     with pytest.raises(FileNotFoundError, match=r"missing '.*manifest.json'"):
         RoutingStats.load(path)
+
+
+def _edit_layer_entry(i, **changes):
+    def edit(manifest):
+        manifest["layers"][i].update(changes)
+    return edit
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda m: m.update(num_groups=99), r"num_groups=99 disagrees with len\(group_names\)=2"),
+    (lambda m: m.pop("num_groups"), r"num_groups=None must be an int >= 0, got NoneType"),
+    (lambda m: m.update(version="1"), r"version='1' must be an int >= 1, got str"),
+    (_edit_layer_entry(0, num_experts="4"),
+     r"layers\[0\].num_experts='4' must be an int >= 1, got str"),
+    (_edit_layer_entry(1, top_k=2.0), r"layers\[1\].top_k=2.0 must be an int >= 1, got float"),
+    (_edit_layer_entry(1, index="1"),
+     r"layers\[1\].index='1' must be null or an int >= 0, got str"),
+])
+def test_load_checks_the_manifests_integers(tmp_path, edit, pattern):
+    """num_groups was not compared with group_names, and a num_experts of "4" (a str) failed as
+    "counts has 4 experts, the manifest says num_experts=4"."""
+    path = tmp_path / "run"
+    make_stats(L=2).save(path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    edit(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"RoutingStats.load: '.*manifest.json': " + pattern):
+        RoutingStats.load(path)
+
+
+@pytest.mark.parametrize("field", ["tokens", "counts", "coact"])
+def test_negative_counts_are_refused_by_load_and_save(tmp_path, field):
+    path = tmp_path / "run"
+    make_stats(L=2).save(path)
+    tensors_file = str(path / "tensors.safetensors")
+    tensors = safetensors.torch.load_file(tensors_file)
+    tensors[f"layers.1.{field}"][0] = -7
+    safetensors.torch.save_file(tensors, tensors_file)
+    with pytest.raises(ValueError, match=rf"tensors.safetensors': tokens, counts, coact must be "
+                                         rf">= 0, got layer 'model.layers.1.mlp.gate' {field} "
+                                         rf"\(min -7\)"):
+        RoutingStats.load(path)
+
+    layer = make_layer("L", 0)
+    negative = layer.replace(**{field: getattr(layer, field).clone().fill_(-1)})
+    with pytest.raises(ValueError, match=rf"RoutingStats.save: tokens, counts, coact must be "
+                                         rf">= 0, got layer 'L' {field} \(min -1\)"):
+        RoutingStats([negative], ["x", "y"]).save(tmp_path / "negative")
+    assert sorted(os.listdir(tmp_path)) == ["run"]
