@@ -38,9 +38,11 @@ forward routes them (pre-loop layers, the loop layers' pass 0, pass 1, ..., post
 Analyses key such statistics by name (``analysis.layer_keys``), and ``steer``/``replay`` take
 the same names.
 
-The device buffers hold ``max_groups`` rows. When a batch needs a row and none is free, the
-buffers are flushed to the host total (``RoutingStats.merge``) between model calls, so per-sequence
-statistics over any number of sequences take bounded device memory.
+The device buffers hold up to ``max_groups`` rows: 256 at first (or ``max_groups`` if fewer),
+grown as more groups arrive, so a large ``max_groups`` costs memory only for the groups a run
+uses. When a batch needs a row and none is free, the buffers are flushed to the host total
+(``RoutingStats.merge``) between model calls, so per-sequence statistics over any number of
+sequences take bounded device memory.
 
 The statistics are the fused gate's (``GateStats``): ``weight_sum`` holds the gate's weights,
 which are the router's outputs except in families whose router post-processes them in PyTorch
@@ -78,6 +80,7 @@ from moe_route.stats import LayerStats, RoutingStats, _check_json, _safetensors
 __all__ = ["record", "Recorder", "save_trace", "load_trace"]
 
 TOKENS = ("all", "prompt", "generated")
+FIRST_ROWS = 256  # device rows allocated on entry (the default max_groups); more as groups arrive
 
 
 class Recorder:
@@ -115,9 +118,12 @@ class Recorder:
         self._layers: dict[str, tuple] = {}         # site -> (decoder-layer index, top_k)
         self._attached: dict = {}                   # router -> the stats it was given
         self._rows: dict[str, int] = {}          # group name -> device row
+        self._capacity = 0                       # device rows the buffers have
         self._parts: list[RoutingStats] = []    # flushed, merged once when read
         self._context: list[str] = [default_group]
-        self._batch: Optional[tuple[torch.Tensor, list]] = None   # (ids [B] or [B,S], names)
+        # set_groups: (codes [B] or [B, S], the ids' ranks among the group ids or -1; names;
+        # the group ids, ascending)
+        self._batch: Optional[tuple[torch.Tensor, Optional[list], list]] = None
         # each stack's (model.stacks: the model, or an encoder-decoder's encoder and decoder)
         # latest call: {stack path: {device: token rows [T]}}
         self._calls: dict = {}
@@ -140,12 +146,14 @@ class Recorder:
                     raise RuntimeError(f"record: {name} is already being recorded; nested "
                                        f"record() contexts on one model are not supported")
             devices = {}
+            # rows named before an exit on error (not flushed) keep their numbers
+            self._capacity = min(self.max_groups, max(FIRST_ROWS, len(self._rows)))
             for site, state, _ in self._handle.sites():  # a loop layer's passes: one each
                 device = devices.get(state.name)
                 if device is None:
                     device = devices[state.name] = _router_device(
                         self.model.get_submodule(state.name))
-                self._buffers[site] = GateStats.zeros(self.max_groups, state.num_experts,
+                self._buffers[site] = GateStats.zeros(self._capacity, state.num_experts,
                                                       device=device, dense=self.dense,
                                                       coact=self.coact)
                 self._layers[site] = (state.index, state.top_k)
@@ -202,10 +210,10 @@ class Recorder:
     def set_groups(self, ids: Optional[torch.Tensor], names: Optional[Sequence[str]] = None):
         """Groups for the following model calls, per sequence (``[B]``) or per token (``[B, S]``).
 
-        ``ids`` are ints; ``-1`` skips a sequence or token. With ``names``, id i is group
-        ``names[i]``, else group ``str(i)``. ``None`` goes back to the context group.
-        Per-token ids apply to calls whose input has exactly that shape (a prompt); per-sequence
-        ids also cover ``generate()``'s decoding steps.
+        ``ids`` are ints >= 0, dense or not (document ids, hashes); ``-1`` skips a sequence or
+        token. With ``names``, id i is group ``names[i]``, else group ``str(i)``. ``None`` goes
+        back to the context group. Per-token ids apply to calls whose input has exactly that shape
+        (a prompt); per-sequence ids also cover ``generate()``'s decoding steps.
         """
         if ids is None:
             self._batch = None
@@ -214,10 +222,15 @@ class Recorder:
         if ids.dtype not in (torch.int32, torch.int64) or ids.dim() not in (1, 2):
             raise ValueError(f"Recorder.set_groups: ids must be an int tensor of shape [B] or "
                              f"[B, S], got {ids.dtype} of shape {tuple(ids.shape)}")
-        if ids.numel() and int(ids.min()) < -1:
+        # ids may be sparse (document ids, hashes): each model call looks its rows up by the
+        # ids' ranks among the distinct ids (codes), in a table of one entry per group
+        present, codes = torch.unique(ids, return_inverse=True)
+        present = present.tolist()
+        if present and present[0] < -1:
             raise ValueError(f"Recorder.set_groups: ids must be group ids >= 0 or -1 (skip), got "
-                             f"{int(ids.min())}")
-        present = sorted(int(i) for i in ids.unique().tolist() if i >= 0)
+                             f"{present[0]}")
+        if present and present[0] == -1:
+            present, codes = present[1:], codes - 1  # -1 (skip) picks the table's last entry
         if names is not None:
             names = [str(n) for n in names]
             if len(set(names)) != len(names):
@@ -227,7 +240,7 @@ class Recorder:
             if present and present[-1] >= len(names):
                 raise ValueError(f"Recorder.set_groups: id {present[-1]} has no name "
                                  f"(len(names)={len(names)})")
-        self._batch = (ids, names, present)
+        self._batch = (codes, names, present)
 
     def per_sequence(self, names: Sequence[str]):
         """One group per sequence of the next batch: sequence b -> group ``names[b]``."""
@@ -239,7 +252,19 @@ class Recorder:
             if len(self._rows) == self.max_groups:
                 self.flush()
             row = self._rows[name] = len(self._rows)
+            if row == self._capacity:
+                self._grow(min(2 * row, self.max_groups))
         return row
+
+    def _grow(self, rows: int) -> None:
+        """Give every site's buffers ``rows`` group rows, keeping their numbers. In place (same
+        tensors): a router may already hold its buffers for the call that asked for the row."""
+        with self._lock:
+            for buf in self._buffers.values():
+                for f, t in zip(GateStats.NAMES, buf.buffers()):
+                    if t is not None and f != "coact":  # coact [E, E] is over all groups
+                        t.resize_((rows, *t.shape[1:]))[self._capacity:].zero_()
+            self._capacity = rows
 
     # -- per call ----------------------------------------------------------------------------
 
@@ -344,45 +369,42 @@ class Recorder:
         gen.ended[device] = ended[:, -1]
         return ended
 
-    def _batch_ids(self, B: int) -> torch.Tensor:
-        """The set_groups ids for a call of B sequences: per-sequence ids repeated over
+    def _batch_codes(self, B: int) -> torch.Tensor:
+        """The set_groups codes for a call of B sequences: per-sequence codes repeated over
         generate()'s copies of each sequence (beams, samples) when B is a multiple of them."""
-        ids = self._batch[0]
-        if ids.dim() == 1 and ids.shape[0] != B and self._generation is not None and \
-                B % ids.shape[0] == 0:
-            ids = ids.repeat_interleave(B // ids.shape[0])
-        return ids
+        codes = self._batch[0]
+        if codes.dim() == 1 and codes.shape[0] != B and self._generation is not None and \
+                B % codes.shape[0] == 0:
+            codes = codes.repeat_interleave(B // codes.shape[0])
+        return codes
 
     def _fits(self, B: int, S: int) -> bool:
         """Whether the set_groups ids apply to a call of [B, S] tokens."""
         if self._batch is None:
             return True
-        ids = self._batch_ids(B)
-        return ids.shape[0] == B and (ids.dim() == 1 or ids.shape[1] == S)
+        codes = self._batch_codes(B)
+        return codes.shape[0] == B and (codes.dim() == 1 or codes.shape[1] == S)
 
     def _batch_rows(self, B, S, device) -> torch.Tensor:
         if self._batch is None:
             row = self._row_of(self._context[-1])
             return torch.full((B, S), row, dtype=torch.int32, device=device)
-        ids, names, present = self._batch_ids(B), *self._batch[1:]
+        codes, names, present = self._batch_codes(B), *self._batch[1:]
         if not self._fits(B, S):
+            per_token = codes.dim() == 2 and codes.shape[0] == B
             hint = ("; per-token ids cover only a call of exactly their shape: for generate()'s "
                     "decoding steps or an encoder-decoder's other stack give per-sequence ids "
-                    "[B], or record(tokens='prompt')") if ids.dim() == 2 and ids.shape[0] == B \
-                else ""
-            raise ValueError(f"record: set_groups gave ids of shape {tuple(ids.shape)}, but the "
-                             f"model was called on [{B}, {S}] tokens{hint}")
+                    "[B], or record(tokens='prompt')") if per_token else ""
+            raise ValueError(f"record: set_groups gave ids of shape {tuple(codes.shape)}, but "
+                             f"the model was called on [{B}, {S}] tokens{hint}")
         if len(present) > self.max_groups:
             raise ValueError(f"record: a batch uses {len(present)} groups, more than "
                              f"max_groups={self.max_groups}")
         if any(self._group_name(i, names) not in self._rows for i in present) and \
                 len(self._rows) + len(present) > self.max_groups:
             self.flush()
-        lut = torch.full((present[-1] + 2 if present else 1,), -1, dtype=torch.int32)
-        for i in present:
-            lut[i] = self._row_of(self._group_name(i, names))
-        ids = ids.to(torch.int64)
-        rows = lut[torch.where(ids >= 0, ids, lut.shape[0] - 1)].to(device)
+        rows = [self._row_of(self._group_name(i, names)) for i in present]
+        rows = torch.tensor(rows + [-1], dtype=torch.int32, device=codes.device)[codes].to(device)
         return rows if rows.dim() == 2 else rows[:, None].expand(B, S)
 
     @staticmethod

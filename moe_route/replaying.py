@@ -115,7 +115,8 @@ class Replay:
                             f"trace, got {type(routing).__name__}"
                             f"{' (empty)' if isinstance(routing, Mapping) else ''}")
         self.model, self.strict = model, strict
-        self.routing = {key: _ids_of(key, value) for key, value in routing.items()}
+        self.routing = {key: _ids_of(key, value, "replay: routing")
+                        for key, value in routing.items()}
         self.layers = None if layers is None else (
             [layers] if isinstance(layers, (int, str)) else list(layers))
         self._handle = None
@@ -210,18 +211,18 @@ def _only(targets: dict, wanted: dict) -> dict:
     return kept
 
 
-def _ids_of(key, value) -> torch.Tensor:
-    """A layer's ids: a tensor, or a trace entry's ``"ids"``."""
+def _ids_of(key, value, where: str) -> torch.Tensor:
+    """A layer's ids: a tensor, or a trace entry's ``"ids"``; errors name ``where[key]``."""
     if isinstance(value, Mapping):
         if "ids" not in value:
-            raise ValueError(f"replay: routing[{key!r}] is a mapping without 'ids' (a trace "
-                             f"layer has 'ids' [N, k])")
+            raise ValueError(f"{where}[{key!r}] is a mapping without 'ids' (a trace layer has "
+                             f"'ids' [N, k])")
         value = value["ids"]
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"replay: routing[{key!r}] must be an int tensor [N, k] or [B, S, k], "
+        raise TypeError(f"{where}[{key!r}] must be an int tensor [N, k] or [B, S, k], "
                         f"got {type(value).__name__}")
     if value.dtype not in (torch.int16, torch.int32, torch.int64) or value.dim() not in (2, 3):
-        raise ValueError(f"replay: routing[{key!r}] must be an int16/int32/int64 tensor of shape "
+        raise ValueError(f"{where}[{key!r}] must be an int16/int32/int64 tensor of shape "
                          f"[N, k] or [B, S, k], got {value.dtype} of shape {tuple(value.shape)}")
     return value
 
@@ -245,12 +246,21 @@ def trace_by_position(trace: Mapping, batch_size: int, prompt_length: int,
     cover are -1 (route as usual). The result replays a training forward over the generated
     sequences with the rollout's experts (``replay``).
     """
-    for name, value in (("batch_size", batch_size), ("prompt_length", prompt_length)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not isinstance(trace, Mapping):
+        raise TypeError(f"trace_by_position: trace must be a mapping {{layer: ids}} (a trace), "
+                        f"got {type(trace).__name__}")
+    sizes = {"batch_size": batch_size, "prompt_length": prompt_length}
+    if length is not None:  # and no shorter than the trace's positions: checked per layer
+        sizes["length"] = length
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"trace_by_position: {name}={value!r} must be an int, got "
+                            f"{type(value).__name__}")
+        if value < 1:
             raise ValueError(f"trace_by_position: {name}={value!r} must be an int >= 1")
     out, first = {}, None
     for key, layer in trace.items():
-        ids = _ids_of(key, layer)
+        ids = _ids_of(key, layer, "trace_by_position: trace")
         if ids.dim() != 2:
             raise ValueError(f"trace_by_position: {key!r} must hold call-order ids [N, k], got "
                              f"shape {tuple(ids.shape)}")

@@ -28,6 +28,8 @@ from dataclasses import dataclass, fields
 from types import MappingProxyType
 from typing import Dict, List, Optional, Union
 
+from torch import nn
+
 from moe_route._atomic import write_text_atomic
 from moe_route._json import parse as parse_json
 from moe_route.ops import SteerSpec
@@ -519,9 +521,12 @@ def _no_duplicate_keys(pairs):
 class Steering:
     """The ``steer(model, plan)`` context: the plan's layers route with their ``SteerSpec``."""
 
-    def __init__(self, model, plan: SteeringPlan):
+    def __init__(self, model: nn.Module, plan: SteeringPlan):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"steer: model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(plan, SteeringPlan):
-            raise TypeError(f"steer: plan must be a SteeringPlan, got {type(plan).__name__}")
+            raise TypeError(f"steer: plan must be a SteeringPlan (SteeringPlan(mapping) builds "
+                            f"one from {{layer: {{expert: entry}}}}), got {type(plan).__name__}")
         self.model, self.plan = model, plan
         self._handle = None
         self._applied: list = []
@@ -570,7 +575,7 @@ def resolve_layers(plan: SteeringPlan, routers: Mapping) -> dict:
     return out
 
 
-def steer(model, plan: SteeringPlan) -> Steering:
+def steer(model: nn.Module, plan: SteeringPlan) -> Steering:
     """Steer ``model``'s routers by ``plan`` inside a ``with`` block (patching if needed).
 
     Only the plan's layers change; leaving the block restores the previous steering (contexts

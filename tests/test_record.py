@@ -223,6 +223,50 @@ def test_per_sequence_groups_flush_without_losing_counts():
         torch.testing.assert_close(a.weight_sum, b.weight_sum)
 
 
+def test_a_large_max_groups_allocates_device_rows_as_groups_arrive():
+    """max_groups bounds the device rows, it does not allocate them: with max_groups=2**40 the
+    buffers grow past their first rows, keeping the groups already counted, and the statistics
+    are those of a max_groups that flushes before each batch."""
+    model = build("mixtral")
+    batches = [_ids(s, (300, 2)) for s in range(2)]
+
+    def run(max_groups):
+        with moe_route.record(model, max_groups=max_groups) as rec, torch.no_grad():
+            for b, ids in enumerate(batches):
+                rec.per_sequence([f"seq{300 * b + i}" for i in range(300)])
+                model(ids)
+        return rec.stats
+
+    grown, flushed = run(2**40), run(300)
+    assert grown.group_names == flushed.group_names == [f"seq{i}" for i in range(600)]
+    for a, b in zip(grown, flushed):
+        assert a.tokens.tolist() == [2] * 600
+        assert torch.equal(a.counts, b.counts)
+        torch.testing.assert_close(a.weight_sum, b.weight_sum)
+
+
+def test_sparse_group_ids_count_like_their_dense_numbering():
+    """Group ids may be document ids or hashes: huge, sparse ids (and -1, skipped) group tokens
+    as dense ids named after them do, with no table of max(id) + 1 entries."""
+    model = build("olmoe")
+    ids = _ids(7)
+    dense = torch.arange(24).reshape(3, 8) % 4 - 1          # -1, 0, 1, 2: six tokens each
+    big = torch.tensor([5, 2**40, 2**62])
+    sparse = torch.where(dense >= 0, big[dense.clamp(min=0)], -1)
+    runs = []
+    for groups, names in ((dense, [str(i) for i in big.tolist()]), (sparse, None)):
+        with moe_route.record(model) as rec, torch.no_grad():
+            rec.set_groups(groups, names)
+            model(ids)
+        runs.append(rec.stats)
+    by_dense, by_sparse = runs
+    assert by_sparse.group_names == by_dense.group_names == ["5", str(2**40), str(2**62)]
+    for a, b in zip(by_sparse, by_dense):
+        assert a.tokens.tolist() == [6, 6, 6]
+        assert torch.equal(a.counts, b.counts)
+        torch.testing.assert_close(a.weight_sum, b.weight_sum)
+
+
 def test_stats_save_load_round_trip(tmp_path):
     model = build("deepseek_v3")
     with moe_route.record(model, coact=True) as rec, torch.no_grad():

@@ -442,6 +442,24 @@ def test_trace_by_position_layout_and_errors():
         moe_route.trace_by_position({"r": rows}, 0, 3)
 
 
+@pytest.mark.parametrize("change,msg", [
+    (dict(trace=[torch.zeros(10, 2, dtype=torch.int64)]),
+     r"trace_by_position: trace must be a mapping \{layer: ids\} \(a trace\), got list"),
+    (dict(trace={"r": [[0, 1]]}), r"trace_by_position: trace\['r'\] must be an int tensor"),
+    (dict(batch_size=2.0), r"trace_by_position: batch_size=2.0 must be an int, got float"),
+    (dict(prompt_length=True), r"prompt_length=True must be an int, got bool"),
+    (dict(length=7.0), r"length=7.0 must be an int, got float"),
+    (dict(length="7"), r"length='7' must be an int, got str"),
+    (dict(length=True), r"length=True must be an int, got bool"),
+], ids=["trace_list", "trace_entry", "batch_size_float", "prompt_length_bool", "length_float",
+        "length_str", "length_bool"])
+def test_trace_by_position_type_errors_name_the_argument(change, msg):
+    rows = torch.arange(20).reshape(10, 2)   # B=2, P=3, two decode steps
+    args = dict(trace={"r": rows}, batch_size=2, prompt_length=3, length=None) | change
+    with pytest.raises(TypeError, match=msg):
+        moe_route.trace_by_position(**args)
+
+
 def test_by_position_reads_a_positional_cache():
     """``model(ids, None, None, cache)`` passes the KV cache positionally (OlmoeForCausalLM.forward's
     fourth parameter): the call continues at the cache's length, so it takes those positions."""

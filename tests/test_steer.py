@@ -187,9 +187,17 @@ def test_plan_validation_errors():
         plan = SteeringPlan.force(0, 1) | SteeringPlan.force("model.layers.0.mlp.gate", 2)
         with moe_route.steer(model, plan):
             pass
-    with pytest.raises(TypeError, match="plan must be a SteeringPlan"):
+    with pytest.raises(TypeError, match=r"plan must be a SteeringPlan \(SteeringPlan\(mapping\) "
+                                        r"builds one .*\), got dict"):
         moe_route.steer(model, {0: {1: {"force": 1}}})
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("model", [None, "olmoe"])
+def test_steer_refuses_a_model_that_is_not_a_module(model):
+    with pytest.raises(TypeError, match=r"steer: model must be a torch.nn.Module, got "
+                                        + type(model).__name__):
+        moe_route.steer(model, SteeringPlan.force(0, 1))
 
 
 def test_plan_by_module_path_and_json_round_trip():
