@@ -205,7 +205,7 @@ if _loader.native is not None:
             grad_y = (rows.float() * w_row[row_slot][:, None]).to(ctx.y_dtype)
         if ctx.needs_input_grad[2]:
             valid = (slot_row >= 0).view(T, k)
-            picked = y[slot_row.clamp(min=0)].float().view(T, k, -1)
+            picked = y[slot_row.clamp(min=0)].float().view(T, k, y.shape[1])  # T may be 0
             dots = torch.bmm(picked, grad_out.float()[:, :, None]).squeeze(-1)
             grad_w = torch.where(valid, dots, torch.zeros_like(dots)).to(ctx.w_dtype)
         return grad_y, None, grad_w

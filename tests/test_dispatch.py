@@ -486,6 +486,17 @@ def test_permute_unpermute_gradients_match_reference(device, T, k, E, block, dty
         torch.testing.assert_close(a, b, **tol)
 
 
+def test_gradients_of_an_empty_batch():
+    """T=0 (a rank that got no tokens): the weights' gradient failed to view its 0 rows as
+    [0, k, -1] ("cannot reshape tensor of 0 elements")."""
+    plan = moe_route.dispatch_plan(torch.zeros(0, 2, dtype=torch.int64), 4)
+    x = torch.zeros(0, 3, requires_grad=True)
+    w = torch.zeros(0, 2, requires_grad=True)
+    out = moe_route.unpermute(moe_route.permute(x, plan) * 2, plan, w)
+    out.sum().backward()
+    assert out.shape == (0, 3) and x.grad.shape == (0, 3) and w.grad.shape == (0, 2)
+
+
 def test_unpermute_weight_gradient_known_answer():
     """d out[t] / d w[t, j] is the row of slot (t, j); a dropped slot gets 0."""
     plan = moe_route.dispatch_plan(torch.tensor([[1, -1], [0, 1]]), 2)

@@ -110,6 +110,53 @@ def test_expert_parallel_sentinels_are_dropped(family):
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("family", ["olmoe", "gpt_oss", "muse_spark"])
+@pytest.mark.parametrize("tail", [1.0, float("nan")])
+def test_expert_parallel_sentinels_get_no_gradient(family, tail, monkeypatch):
+    """Rows of dropped ids (the plan's unused tail) hold whatever the grouped GEMM leaves there,
+    forward (here ``tail``) and backward (here NaN), on purpose. The backward's reached
+    gate_up_proj_bias of the last expert (GPT-OSS: its gradient differed from transformers' by
+    2 to 21 when the memory held numbers), the forward's NaN the post-expert norm's weight
+    (MuseSpark: a zero gradient times NaN). Every parameter's gradient must be that of the
+    same slots given to a real expert with weight 0."""
+    ex = _experts(family)
+    E = ex.num_experts
+    real = moe_experts._per_expert_linear
+
+    class Tail(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t, start, fill):
+            ctx.start = start
+            t = t.clone()
+            t[start:] = fill
+            return t
+
+        @staticmethod
+        def backward(ctx, grad):
+            return Tail.apply(grad, ctx.start, float("nan")), None, None
+
+    def nan_tail(x, w, offsets):
+        start = int(offsets[-1])
+        return Tail.apply(real(Tail.apply(x, start, tail), w, offsets), start, tail)
+
+    monkeypatch.setattr(moe_experts, "_grouped_mm_ok", lambda x, w: False)
+    monkeypatch.setattr(moe_experts, "_per_expert_linear", nan_tail)
+    up = ex.gate_up_proj if ex.has_gate else ex.up_proj
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(12, up.shape[-2] if ex.is_transposed else up.shape[-1], generator=g)
+    ids = torch.randint(0, E, (12, 2), generator=g)
+    ids[::3, 1] = E  # sentinel of an expert on another rank
+    w = torch.rand(12, 2, generator=g)
+    grads = []
+    for i, wi in ((ids, w), (ids.clamp(max=E - 1), w * (ids < E))):
+        ex.zero_grad(set_to_none=True)
+        moe_experts.experts_forward(ex, h, i, wi).square().sum().backward()
+        grads.append({n: p.grad for n, p in ex.named_parameters()})
+    for name, want in grads[1].items():
+        assert grads[0][name].isfinite().all(), name
+        torch.testing.assert_close(grads[0][name], want, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_per_expert_fallback_matches_grouped_mm(monkeypatch):
     ex = _experts("gpt_oss")  # transposed, biased, interleaved gate/up
     g = torch.Generator().manual_seed(5)

@@ -225,6 +225,23 @@ def test_sparse_moe_from_module(family):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe"])
+def test_sparse_moe_from_module_of_a_bf16_block_with_an_fp32_router(family):
+    """A bf16 checkpoint keeps these routers in fp32 (_keep_in_fp32_modules_strict): the check's
+    probe was built in the router's dtype and the bf16 block raised on it (RuntimeError)."""
+    model = build(family, torch.bfloat16)
+    block = next(m for _, r, m in find_routers(model))
+    assert block.gate.weight.dtype == torch.float32
+    assert block.experts.gate_up_proj.dtype == torch.bfloat16
+    moe = SparseMoE.from_module(block)
+    x = torch.randn(2, 7, model.config.hidden_size, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        want = block(x.bfloat16())
+        want = want[0] if isinstance(want, tuple) else want
+        got = moe(x.bfloat16())
+    torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
+
+
 def test_sparse_moe_standalone_matches_reference_composition():
     torch.manual_seed(0)
     moe = SparseMoE(32, 16, 8, 2, moe_route.RouterSpec(renormalize=True))

@@ -47,6 +47,10 @@ def experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor
         h = self.act_fn(_grouped_linear(self, x, self.up_proj, _bias(self, "up_proj_bias"), plan))
     y = _grouped_linear(self, h, self.down_proj, _bias(self, "down_proj_bias"), plan)
     if getattr(self, "has_post_expert_norm", False):  # absent in transformers 5.17
+        if torch.is_grad_enabled():
+            # Rows of dropped ids (expert-parallel sentinels) hold whatever the GEMM left there;
+            # their zero gradient times a NaN there would make the norm's weight gradient NaN.
+            y = torch.where(_row_experts(plan, y.shape[0])[:, None] < self.num_experts, y, 0)
         y = self.post_expert_norm(y)
     return unpermute(y, plan, top_k_weights).to(hidden_states.dtype)
 
@@ -68,6 +72,9 @@ def _grouped_linear(module, x: torch.Tensor, weight: torch.Tensor, bias, plan: D
     else:
         out = _per_expert_linear(x, w, plan.expert_offsets)
     if bias is not None:
+        # Rows of dropped ids take a zero bias row: their gradient, which the grouped GEMM's
+        # backward leaves unspecified, must not reach a real expert's bias.
+        bias = torch.cat([bias, bias.new_zeros((1, bias.shape[-1]))])
         out = out + bias[_row_experts(plan, x.shape[0])]
     return out
 
@@ -92,10 +99,9 @@ def _per_expert_linear(x, w, offsets):
 
 
 def _row_experts(plan: DispatchPlan, rows: int) -> torch.Tensor:
-    """Expert of each row (tail rows clamp to the last expert; they are never read)."""
+    """Expert of each row; E for the unused tail (rows of dropped ids), which is never read."""
     r = torch.arange(rows, device=plan.expert_offsets.device)
-    E = plan.counts.shape[0]
-    return torch.searchsorted(plan.expert_offsets[1:], r, right=True).clamp_(max=E - 1)
+    return torch.searchsorted(plan.expert_offsets[1:], r, right=True)
 
 
 # The attributes transformers' @use_experts_implementation gives an experts instance, which

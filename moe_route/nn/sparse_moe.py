@@ -138,7 +138,9 @@ class SparseMoE(nn.Module):
 def _check_same(moe: SparseMoE, block: nn.Module) -> None:
     from moe_route.hf.adapters import UnsupportedModelError
 
-    p = next(moe.router.parameters())
+    # the probe in the experts' dtype, the block's: a router kept in fp32 under a bf16 model
+    # (DeepSeek-V3's _keep_in_fp32_modules_strict) casts its input itself
+    p = next(moe.experts.parameters())
     x = torch.randn(1, 8, moe.router.hidden_size, generator=torch.Generator().manual_seed(0))
     x = x.to(device=p.device, dtype=p.dtype)
     with torch.no_grad():
