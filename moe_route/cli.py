@@ -421,7 +421,8 @@ def _model_arguments(p):
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--chat-template", action="store_true",
-                   help="wrap each text in the tokenizer's chat template (its tokens are not counted)")
+                   help="wrap each text in the tokenizer's chat template, thinking off (its "
+                        "tokens are not counted)")
 
 
 def main(argv=None) -> int:

@@ -11,6 +11,7 @@ from moe_route.analysis import pipeline
 from moe_route.analysis.evaluation import EvalResult
 
 transformers = pytest.importorskip("transformers")
+from hub_repos import datasets_serving, write_repo  # noqa: E402
 from tiny_models import build, word_tokenizer  # noqa: E402
 
 
@@ -88,35 +89,53 @@ def test_load_parallel_refuses_a_bad_limit_and_empty_data(tmp_path):
         pipeline.load_parallel(blank)
 
 
-def test_load_parallel_from_the_hub_through_a_stand_in(monkeypatch):
-    """FLORES by language config and split (field ``sentence``), Belebele by language split with
-    its passages kept once each (by link, sorted); the Hub itself is not reachable here."""
-    import types
+def test_load_parallel_from_the_hub_layouts(monkeypatch, tmp_path):
+    """FLORES+ by language config and split (field ``text``, in ``id`` order); Belebele by
+    language config, its passages kept once each (by link, sorted), also from the legacy
+    layout; read by the real ``datasets`` from local copies of the Hub layouts."""
+    flores = {lang: {split: [{"id": i, "text": f"{lang} {split} {i}"} for i in (2, 0, 1)]
+                     for split in ("dev", "devtest")} for lang in ("eng_Latn", "fra_Latn")}
 
-    calls = []
+    def passages(lang, links):
+        return {"test": [{"link": link, "flores_passage": f"{lang} {link}", "question": "q"}
+                         for link in links]}
 
-    def load_dataset(name, config=None, split=None):
-        calls.append((name, config, split))
-        if name == "facebook/flores":
-            return [{"sentence": f"{config} {i}"} for i in range(3)]
-        if split == "swh_Latn":     # no links: one per passage text, in row order
-            return [{"flores_passage": p} for p in (f"{split} a", f"{split} a", f"{split} b")]
-        links = ["u/2", "u/1", "u/2", "u/3"] if split == "eng_Latn" else ["u/3", "u/2", "u/1"]
-        return [{"flores_passage": f"{split} {link}", "link": link} for link in links]
-
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    belebele = {"eng_Latn": passages("eng_Latn", ["u/2", "u/1", "u/2", "u/3"]),
+                "fra_Latn": passages("fra_Latn", ["u/3", "u/2", "u/1"])}
+    legacy = {"default": {lang: rows["test"] for lang, rows in belebele.items()}}
+    repos = {"openlanguagedata/flores_plus": write_repo(tmp_path / "flores", flores),
+             "facebook/belebele": write_repo(tmp_path / "belebele", belebele)}
+    calls = datasets_serving(monkeypatch, tmp_path, repos)
     assert pipeline.load_parallel("flores", ["eng_Latn", "fra_Latn"], limit=2) == {
-        "eng_Latn": ["eng_Latn 0", "eng_Latn 1"], "fra_Latn": ["fra_Latn 0", "fra_Latn 1"]}
-    assert pipeline.load_parallel("belebele", ["swh_Latn"]) == {"swh_Latn": ["swh_Latn a",
-                                                                             "swh_Latn b"]}
-    # with links: one per link, sorted by it, so differently ordered splits line up
-    assert pipeline.load_parallel("belebele", ["eng_Latn", "fra_Latn"]) == {
-        "eng_Latn": ["eng_Latn u/1", "eng_Latn u/2", "eng_Latn u/3"],
-        "fra_Latn": ["fra_Latn u/1", "fra_Latn u/2", "fra_Latn u/3"]}
-    assert calls[:4] == [("facebook/flores", "eng_Latn", "devtest"),
-                         ("facebook/flores", "fra_Latn", "devtest"),
-                         ("facebook/belebele", None, "swh_Latn"),
-                         ("facebook/belebele", None, "eng_Latn")]
+        "eng_Latn": ["eng_Latn devtest 0", "eng_Latn devtest 1"],
+        "fra_Latn": ["fra_Latn devtest 0", "fra_Latn devtest 1"]}
+    assert pipeline.load_parallel("openlanguagedata/flores_plus", ["fra_Latn"], split="dev") == {
+        "fra_Latn": ["fra_Latn dev 0", "fra_Latn dev 1", "fra_Latn dev 2"]}
+    # one passage per link, sorted by it, so differently ordered languages line up
+    by_link = {"eng_Latn": ["eng_Latn u/1", "eng_Latn u/2", "eng_Latn u/3"],
+               "fra_Latn": ["fra_Latn u/1", "fra_Latn u/2", "fra_Latn u/3"]}
+    assert pipeline.load_parallel("belebele", ["eng_Latn", "fra_Latn"]) == by_link
+    assert calls[:2] == [("openlanguagedata/flores_plus", "eng_Latn", "split=devtest"),
+                         ("openlanguagedata/flores_plus", "fra_Latn", "split=devtest")]
+    assert calls[3] == ("facebook/belebele", "eng_Latn", "split=test")
+    repos["facebook/belebele"] = write_repo(tmp_path / "legacy", legacy)
+    assert pipeline.load_parallel("facebook/belebele", ["eng_Latn", "fra_Latn"]) == by_link
+    # a language the repository lacks: the error of the current layout, which lists the configs
+    with pytest.raises(ValueError, match="'xyz_Latn' not found"):
+        pipeline.load_parallel("belebele", ["xyz_Latn"])
+
+
+def test_load_parallel_hub_sources_without_datasets_or_retired(monkeypatch, tmp_path):
+    """No links: one passage per text, in row order. ``facebook/flores`` (a loading script that
+    ``datasets`` 4 refuses) names its replacement; no ``datasets`` package names it too."""
+    rows = [{"flores_passage": p} for p in ("a", "a", "b")]
+    datasets_serving(monkeypatch, tmp_path, {
+        "facebook/belebele": write_repo(tmp_path / "b", {"swh_Latn": {"test": rows}})})
+    assert pipeline.load_parallel("belebele", ["swh_Latn"]) == {"swh_Latn": ["a", "b"]}
+    with pytest.raises(ValueError, match=r"load_parallel: source='facebook/flores' is a "
+                                         r"loading-script dataset, which `datasets` 4 and later "
+                                         r"no longer load; use 'flores' \(openlanguagedata"):
+        pipeline.load_parallel("facebook/flores", ["eng_Latn"])
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(ImportError, match="load_parallel: source='flores' needs the `datasets`"):
         pipeline.load_parallel("flores", ["eng_Latn"])
@@ -167,6 +186,24 @@ def test_chat_template_masks_the_text_where_the_template_put_it():
     tok.chat_template = "<s> user : {{ messages[0]['content'] | upper }} assistant : "
     with pytest.raises(ValueError, match="the chat template does not write the text 'hello'"):
         pipeline.record_sequences(model, {"eng": ["hello"]}, tokenizer=tok, chat_template=True)
+
+
+def test_chat_template_is_wrapped_with_thinking_off():
+    """The paper wraps prompts with Qwen3's ``enable_thinking=False``: the generation prompt then
+    closes the think block, so an answer (or an option's log-likelihood) follows at once. A
+    template with no such switch renders as before, and the counted tokens are the text's."""
+    from moe_route.analysis.inputs import chat_wrap
+    tok = word_tokenizer()
+    plain = chat_wrap(tok, "hello", True)
+    assert plain == "<s> user : hello assistant : "
+    tok.chat_template = ("{% for m in messages %}<s> user : {{ m['content'] }} {% endfor %}"
+                         "{% if add_generation_prompt %}assistant : {% if enable_thinking is "
+                         "defined and enable_thinking is false %}<think> </think> {% endif %}"
+                         "{% endif %}")
+    assert chat_wrap(tok, "hello", True) == plain + "<think> </think> "
+    assert chat_wrap(tok, "hello", False) == "hello"
+    _, keep = pipeline._encode(["hello world"], tok, True, None)
+    assert keep.sum().item() == 2
 
 
 def test_ab_test_reports_the_difference():

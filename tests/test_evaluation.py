@@ -15,6 +15,7 @@ from moe_route.analysis import evaluation as ev
 from moe_route.analysis import pipeline
 
 transformers = pytest.importorskip("transformers")
+from hub_repos import datasets_serving, write_repo  # noqa: E402
 from tiny_models import build, word_tokenizer  # noqa: E402
 
 
@@ -593,39 +594,45 @@ def test_belebele_rows_become_letter_questions():
     assert item.options == [" A", " B", " C", " D"] and item.answer == 1
 
 
-def test_hub_tasks_through_a_stand_in_datasets_module(monkeypatch):
-    """Belebele by language split, MGSM by language config and its test split (what the code
-    asks of ``datasets``), with the limit; the Hub itself is not reachable here."""
-
-    calls = []
+def test_hub_tasks_from_the_hub_layouts(monkeypatch, tmp_path):
+    """Belebele by language config (test split; the legacy layout too), Global-MGSM by language
+    config and its test split, with the limit; read by the real ``datasets`` from local copies
+    of the Hub layouts. ``juletxara/mgsm`` (a loading script ``datasets`` 4 refuses) names its
+    replacement."""
     belebele = {"flores_passage": "P.", "question": "Q?", "mc_answer1": "a", "mc_answer2": "b",
                 "mc_answer3": "c", "mc_answer4": "d", "correct_answer_num": "4"}
-
-    def load_dataset(name, config=None, split=None):
-        calls.append((name, config, split))
-        if name == "facebook/belebele":
-            return [belebele] * 3
-        return [{"question": "2+2?", "answer_number": 4}, {"question": "3+3?", "answer_number": 6}]
-
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    by_lang = {lang: {"test": [belebele] * 3} for lang in ("eng_Latn", "swh_Latn")}
+    mgsm = {"sw": {"test": [{"question": "2+2?", "answer": "4", "answer_prefix": "Jibu"},
+                            {"question": "3+3?", "answer": "6", "answer_prefix": "Jibu"}]}}
+    repos = {"facebook/belebele": write_repo(tmp_path / "belebele", by_lang),
+             "CohereLabs/global-mgsm": write_repo(tmp_path / "mgsm", mgsm)}
+    calls = datasets_serving(monkeypatch, tmp_path, repos)
     items = ev.load_choice_task("belebele", ["eng_Latn", "swh_Latn"], limit=2)
     assert [len(v) for v in items.values()] == [2, 2] and items["swh_Latn"][0].answer == 3
     gen = ev.load_generation_task("mgsm", ["sw"])
     assert gen == {"sw": [ev.GenerationItem("Question: 2+2?\nAnswer:", "4"),
                           ev.GenerationItem("Question: 3+3?\nAnswer:", "6")]}
-    assert calls == [("facebook/belebele", None, "eng_Latn"),
-                     ("facebook/belebele", None, "swh_Latn"), ("juletxara/mgsm", "sw", "test")]
+    assert calls == [("facebook/belebele", "eng_Latn", "split=test"),
+                     ("facebook/belebele", "swh_Latn", "split=test"),
+                     ("CohereLabs/global-mgsm", "sw", "split=test")]
+    repos["facebook/belebele"] = write_repo(tmp_path / "legacy", {
+        "default": {lang: splits["test"] for lang, splits in by_lang.items()}})
+    assert ev.load_choice_task("facebook/belebele", ["swh_Latn"]) == {
+        "swh_Latn": [items["swh_Latn"][0]] * 3}
     with pytest.raises(ValueError, match="source='mgsm' needs languages"):
         ev.load_generation_task("mgsm")
+    with pytest.raises(ValueError, match=r"source='juletxara/mgsm' is a loading-script dataset"
+                                         r".*; use 'mgsm' \(CohereLabs/global-mgsm\)"):
+        ev.load_generation_task("juletxara/mgsm", ["sw"])
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(ImportError, match="needs the `datasets` package"):
         ev.load_choice_task("belebele", ["eng_Latn"])
 
 
-def test_global_mmlu_through_a_stand_in_datasets_module(monkeypatch):
+def test_global_mmlu_from_the_hub_layout(monkeypatch, tmp_path):
     """Global-MMLU by language config and split, the letter answer as the option index, the
-    subject filter (subject or category, any case) before the limit."""
-    calls = []
+    subject filter (subject or category, any case) before the limit; read by the real
+    ``datasets`` from a local copy of the Hub layout."""
 
     def row(i, subject, category, answer):
         return {"sample_id": f"{subject}/{i}", "subject": subject, "subject_category": category,
@@ -635,11 +642,12 @@ def test_global_mmlu_through_a_stand_in_datasets_module(monkeypatch):
     data = [row(0, "astronomy", "STEM", "B"), row(1, "anatomy", "Medical", "D"),
             row(2, "virology", "Medical", "A"), row(3, "nutrition", "Medical", "C")]
 
-    def load_dataset(name, config=None, split=None):
-        calls.append((name, config, split))
-        return data
+    def repo(name, rows):
+        return write_repo(tmp_path / name, {lang: {"test": rows, "dev": rows}
+                                             for lang in ("en", "sw")})
 
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    repos = {"CohereLabs/Global-MMLU": repo("mmlu", data)}
+    calls = datasets_serving(monkeypatch, tmp_path, repos)
     items = ev.load_choice_task("global_mmlu", ["sw"])
     assert items["sw"][0] == ev.ChoiceItem("q0?\nA. a\nB. b\nC. c\nD. d\nAnswer:",
                                            [" A", " B", " C", " D"], 1)
@@ -650,10 +658,10 @@ def test_global_mmlu_through_a_stand_in_datasets_module(monkeypatch):
     assert [i.prompt[:3] for i in ev.load_choice_task(
         "global_mmlu", ["en"], subjects=["astronomy", "nutrition"], split="dev")["en"]] == \
         ["q0?", "q3?"]
-    assert calls == [("CohereLabs/Global-MMLU", "sw", "test"),
-                     ("CohereLabs/Global-MMLU", "en", "test"),
-                     ("CohereLabs/Global-MMLU", "sw", "test"),
-                     ("CohereLabs/Global-MMLU", "en", "dev")]
+    assert calls == [("CohereLabs/Global-MMLU", "sw", "split=test"),
+                     ("CohereLabs/Global-MMLU", "en", "split=test"),
+                     ("CohereLabs/Global-MMLU", "sw", "split=test"),
+                     ("CohereLabs/Global-MMLU", "en", "split=dev")]
     with pytest.raises(ValueError, match="subjects= applies to Global-MMLU, not 'belebele'"):
         ev.load_choice_task("belebele", ["eng_Latn"], subjects=["medical"])
     with pytest.raises(ValueError, match="split='dev' applies to Global-MMLU"):
@@ -664,7 +672,7 @@ def test_global_mmlu_through_a_stand_in_datasets_module(monkeypatch):
                                          r"category in \['law'\]; the categories are "
                                          r"\['Medical', 'STEM'\]"):
         ev.load_choice_task("global_mmlu", ["en"], subjects=["law"])
-    data.append(row(4, "anatomy", "Medical", "E"))
+    repos["CohereLabs/Global-MMLU"] = repo("bad", data + [row(4, "anatomy", "Medical", "E")])
     with pytest.raises(ValueError, match="'anatomy/4' has answer 'E', expected a letter A-D"):
         ev.load_choice_task("global_mmlu", ["en"])
 

@@ -40,7 +40,8 @@ import torch
 
 from moe_route._atomic import write_text_atomic
 from moe_route._json import parse as parse_json, read as read_json
-from moe_route.analysis.inputs import chat_wrap, check_batch_size, check_limit, from_hub
+from moe_route.analysis.inputs import (BELEBELE, belebele_rows, chat_wrap, check_batch_size,
+                                     check_limit, check_not_retired, from_hub)
 from moe_route.analysis.progress import progress_bar
 
 __all__ = ["ChoiceItem", "GenerationItem", "EvalResult", "PairedComparison", "choice_accuracy",
@@ -50,10 +51,9 @@ __all__ = ["ChoiceItem", "GenerationItem", "EvalResult", "PairedComparison", "ch
 EVAL_FORMAT = "moe_route.eval"
 EVAL_VERSION = 1
 # the Hub tasks the loaders know, by the names they accept
-BELEBELE = ("belebele", "facebook/belebele")
 GLOBAL_MMLU = ("global_mmlu", "CohereLabs/Global-MMLU", "CohereForAI/Global-MMLU")
 CHOICE_DATASETS = BELEBELE + GLOBAL_MMLU
-GENERATION_DATASETS = ("mgsm", "juletxara/mgsm")
+GENERATION_DATASETS = ("mgsm", "CohereLabs/global-mgsm")
 
 Tokens = Union[str, Sequence[int], torch.Tensor]
 
@@ -596,8 +596,7 @@ def load_choice_task(source, languages: Optional[Sequence[str]] = None, *,
                          f"{source!r}")
     if source in BELEBELE:
         return from_hub("load_choice_task", source, languages, limit, _belebele_item,
-                        lambda datasets, lang: datasets.load_dataset("facebook/belebele",
-                                                                     split=lang))
+                        belebele_rows)
     if source in GLOBAL_MMLU:
         if isinstance(subjects, str):
             raise TypeError(f"load_choice_task: subjects must be a list of names, got the "
@@ -655,15 +654,18 @@ def load_generation_task(source, languages: Optional[Sequence[str]] = None, *,
     """``{language: [GenerationItem]}`` from a local JSONL file or MGSM.
 
     * ``*.jsonl``: ``{"language": ..., "prompt": ..., "answer": ...}`` per line;
-    * ``"mgsm"`` / ``"juletxara/mgsm"`` (needs ``datasets`` and the Hub): the test split of each
-      language config (``en``, ``sw``, ``bn``, ...), prompted ``Question: ...\\nAnswer:``,
-      answered by ``answer_number``.
+    * ``"mgsm"`` / ``"CohereLabs/global-mgsm"`` (needs ``datasets`` and the Hub): Global-MGSM,
+      MGSM's 250 questions in its 11 languages and more, the test split of each language config
+      (``en``, ``sw``, ``bn``, ...), prompted ``Question: ...\\nAnswer:``, answered by ``answer``.
+      (``juletxara/mgsm``, the older copy, is a loading script that ``datasets`` 4 refuses.)
     """
     check_limit("load_generation_task", limit)
+    check_not_retired("load_generation_task", source, "juletxara/mgsm",
+                      "'mgsm' (CohereLabs/global-mgsm)")
     if source in GENERATION_DATASETS:
         return from_hub("load_generation_task", source, languages, limit, _mgsm_item,
-                         lambda datasets, lang: datasets.load_dataset("juletxara/mgsm", lang,
-                                                                      split="test"))
+                         lambda datasets, lang: datasets.load_dataset("CohereLabs/global-mgsm",
+                                                                      lang, split="test"))
     out = {}
     for n, row in _jsonl("load_generation_task", source):
         try:
@@ -701,7 +703,7 @@ def _select(caller: str, out: dict, languages, limit) -> dict:
 
 
 def _mgsm_item(row) -> GenerationItem:
-    return GenerationItem(f"Question: {row['question']}\nAnswer:", str(row["answer_number"]))
+    return GenerationItem(f"Question: {row['question']}\nAnswer:", str(row["answer"]))
 
 
 # -- shared ------------------------------------------------------------------------------------

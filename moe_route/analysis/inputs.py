@@ -2,16 +2,21 @@
 Hub datasets by language, and the batch-size check."""
 from __future__ import annotations
 
-__all__ = ["chat_wrap", "check_batch_size", "check_limit", "from_hub"]
+__all__ = ["chat_wrap", "check_batch_size", "check_limit", "from_hub", "belebele_rows",
+           "check_not_retired", "BELEBELE"]
+
+BELEBELE = ("belebele", "facebook/belebele")
 
 
 def chat_wrap(tokenizer, prompt: str, chat_template: bool) -> str:
     """``prompt`` as one user turn of the tokenizer's chat template, with the generation prompt
-    after it (or unchanged when ``chat_template`` is false)."""
+    after it (or unchanged when ``chat_template`` is false). Thinking is off, as in the paper:
+    templates with a switch (Qwen3's ``enable_thinking``) close the think block in the
+    generation prompt, so the answer follows at once; other templates ignore the switch."""
     if not chat_template:
         return prompt
     return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+                                         add_generation_prompt=True, enable_thinking=False)
 
 
 def check_batch_size(caller: str, batch_size) -> None:
@@ -25,6 +30,28 @@ def check_limit(caller: str, limit) -> None:
     slice ``[:0]`` would load nothing and ``[:-1]`` silently drop the last rows."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"{caller}: limit={limit!r} must be None (all) or an int >= 1")
+
+
+def check_not_retired(caller: str, source, retired: str, use: str) -> None:
+    """ValueError, naming ``caller`` and ``use`` instead, if ``source`` is ``retired``: a Hub
+    repository the loaders read before, whose loading script ``datasets`` 4 and later refuse
+    to run ("Dataset scripts are no longer supported")."""
+    if source == retired:
+        raise ValueError(f"{caller}: source={source!r} is a loading-script dataset, which "
+                         f"`datasets` 4 and later no longer load; use {use}")
+
+
+def belebele_rows(datasets, language: str):
+    """Belebele's rows in one language. The Hub repository has been published in two layouts: a
+    config per language holding a ``test`` split, and one config whose splits are the languages.
+    The second is asked for only when the first is not there."""
+    try:
+        return datasets.load_dataset("facebook/belebele", language, split="test")
+    except ValueError as by_config:
+        try:
+            return datasets.load_dataset("facebook/belebele", split=language)
+        except ValueError:
+            raise by_config from None
 
 
 def from_hub(caller: str, source: str, languages, limit, make_item, split) -> dict:

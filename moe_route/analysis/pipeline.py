@@ -23,7 +23,8 @@ from typing import Optional, Union
 import torch
 
 from moe_route.analysis.evaluation import EvalResult, paired_comparison
-from moe_route.analysis.inputs import chat_wrap, check_batch_size, check_limit, from_hub
+from moe_route.analysis.inputs import (BELEBELE, belebele_rows, chat_wrap, check_batch_size,
+                                     check_limit, check_not_retired, from_hub)
 from moe_route.analysis.progress import progress_bar
 from moe_route.recording import record
 from moe_route._json import parse as parse_json
@@ -33,6 +34,7 @@ from moe_route.steering import SteeringPlan, steer
 __all__ = ["load_parallel", "record_parallel", "record_sequences", "ab_test"]
 
 Corpus = Mapping[str, Union[Sequence[str], torch.Tensor]]
+FLORES = ("flores", "openlanguagedata/flores_plus")
 
 
 def load_parallel(source, languages: Optional[Sequence[str]] = None, *, limit: Optional[int] = None,
@@ -42,15 +44,20 @@ def load_parallel(source, languages: Optional[Sequence[str]] = None, *, limit: O
     ``source``:
       * ``*.tsv``: a header row of language codes, one parallel sentence per row;
       * ``*.jsonl``: one object per line, ``{"eng_Latn": "...", "fra_Latn": "...", ...}``;
-      * ``"flores"`` / ``"facebook/flores"``: FLORES-200 through ``datasets`` (config per language,
-        field ``sentence``, split ``split``), when the user has it (it is gated on the Hub);
+      * ``"flores"`` / ``"openlanguagedata/flores_plus"``: FLORES+ (FLORES-200 as maintained
+        now) through ``datasets``: a config per language, field ``text``, split ``split``
+        (``dev`` or ``devtest``), rows in ``id`` order. It is gated on the Hub: accept its terms
+        and log in first. Some codes differ from FLORES-200's (``cmn_Hans`` for ``zho_Hans``).
+        ``facebook/flores`` is a loading script that ``datasets`` 4 refuses;
       * ``"belebele"`` / ``"facebook/belebele"``: Belebele passages (``flores_passage``) per
-        language split, one per source ``link``, sorted by it (the paper's ~488 passages); by
-        text in row order if rows carry no link.
+        language, one per source ``link``, sorted by it (the paper's ~488 passages); by text in
+        row order if rows carry no link.
     ``languages`` selects and orders the columns (default: all in a file); ``limit`` keeps the first
     sentences (an int >= 1). Every language must have the same number of sentences, at least one.
     """
     check_limit("load_parallel", limit)
+    check_not_retired("load_parallel", source, "facebook/flores",
+                      "'flores' (openlanguagedata/flores_plus, FLORES-200's successor)")
     if isinstance(source, (str, os.PathLike)) and os.path.exists(source):
         path = os.fspath(source)
         if path.endswith(".tsv"):
@@ -86,7 +93,7 @@ def load_parallel(source, languages: Optional[Sequence[str]] = None, *, limit: O
             columns = columns or {}
         else:
             raise ValueError(f"load_parallel: source={path!r} must end in .tsv or .jsonl")
-    elif source in ("flores", "facebook/flores", "belebele", "facebook/belebele"):
+    elif source in FLORES + BELEBELE:
         if not languages:
             raise ValueError(f"load_parallel: source={source!r} needs languages=[...]")
         columns = _load_hub(source, languages, split)
@@ -125,13 +132,14 @@ def _parallel_row(path: str, n: int, row: dict, columns: dict, every: bool = Tru
 
 
 def _load_hub(source: str, languages, split):
-    if "flores" in source:
-        return from_hub("load_parallel", source, languages, None, lambda row: row["sentence"],
-                         lambda datasets, lang: datasets.load_dataset("facebook/flores", lang,
-                                                                      split=split))
+    if source in FLORES:
+        rows = from_hub("load_parallel", source, languages, None,
+                        lambda row: (row["id"], row["text"]),
+                        lambda datasets, lang: datasets.load_dataset(
+                            "openlanguagedata/flores_plus", lang, split=split))
+        return {lang: [text for _, text in sorted(r)] for lang, r in rows.items()}
     rows = from_hub("load_parallel", source, languages, None,
-                    lambda row: (row.get("link"), row["flores_passage"]),
-                    lambda datasets, lang: datasets.load_dataset("facebook/belebele", split=lang))
+                    lambda row: (row.get("link"), row["flores_passage"]), belebele_rows)
     return {lang: _passages(r) for lang, r in rows.items()}
 
 
