@@ -188,6 +188,34 @@ def test_chat_template_masks_the_text_where_the_template_put_it():
         pipeline.record_sequences(model, {"eng": ["hello"]}, tokenizer=tok, chat_template=True)
 
 
+@pytest.mark.parametrize("pieces", ["metaspace", "byte_level"])
+def test_chat_template_counts_a_first_token_that_spans_the_space_before_the_text(pieces):
+    """Mixtral's template writes ``[INST] TEXT [/INST]``. A SentencePiece tokenizer (Metaspace:
+    ``▁hello``) and a byte-level one that keeps offsets untrimmed (``Ġhello``, as Llama 3 and
+    Qwen) give the text's first token a span that starts at that space, before the text: it was
+    left out, so every sequence lost its first token. It counts, the template's do not."""
+    tokenizers = pytest.importorskip("tokenizers")
+    mark = "\u2581" if pieces == "metaspace" else "\u0120"
+    words = ["<pad>", "<s>", "<unk>", "[INST]", "[/INST]", "hello", "world", "cat"]
+    vocab = {w if w.startswith("<") else mark + w: i for i, w in enumerate(words)}
+    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    if pieces == "metaspace":
+        core.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace(prepend_scheme="always")
+    else:
+        core.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>",
+                                               bos_token="<s>", unk_token="<unk>")
+    tok.chat_template = ("<s>{% for m in messages %}[INST] {{ m['content'] }} [/INST]"
+                         "{% endfor %}")
+    texts = ["hello world", "cat"]
+    enc, keep = pipeline._encode(texts, tok, True, None)
+    kept = [tok.convert_ids_to_tokens(ids[k]) for ids, k in zip(enc["input_ids"], keep)]
+    assert kept == [[mark + "hello", mark + "world"], [mark + "cat"]]
+    model = build("olmoe")
+    stats = pipeline.record_sequences(model, {"eng": texts}, tokenizer=tok, chat_template=True)
+    assert stats[0].tokens.tolist() == [2, 1]
+
+
 def test_chat_template_is_wrapped_with_thinking_off():
     """The paper wraps prompts with Qwen3's ``enable_thinking=False``: the generation prompt then
     closes the think block, so an answer (or an option's log-likelihood) follows at once. A

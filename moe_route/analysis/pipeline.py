@@ -165,8 +165,11 @@ def _encode(texts: Sequence[str], tokenizer, chat_template: bool, max_length: Op
     after = _text_offset(tokenizer) if chat_template else 0
     for b, (full, text) in enumerate(zip(wrapped, texts)):
         start, end = _text_span(full, text, after)
-        inside = (offsets[b, :, 0] >= start) & (offsets[b, :, 1] <= end) & (offsets[b, :, 1] > offsets[b, :, 0])
-        keep[b] &= inside                                     # template and special tokens out
+        # A token counts if it covers any of the text: a SentencePiece "▁Hello" or byte-level
+        # "ĠHello" spans the space the template wrote before the text (Mixtral's "[INST] ").
+        span = offsets[b]
+        overlaps = (span[:, 1] > start) & (span[:, 0] < end) & (span[:, 1] > span[:, 0])
+        keep[b] &= overlaps                                   # template and special tokens out
     return enc, keep
 
 
