@@ -168,8 +168,11 @@ def _load_model(args):
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
-        model = model.to(args.device)
+        _check_device(args.device)
+        # Loaded onto --device as read (no full copy in host memory first); "auto" spreads a
+        # model no single device holds over the GPUs, then the CPU (accelerate's device map).
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype,
+                                                                  device_map=args.device)
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     except (OSError, RuntimeError, ValueError) as exc:
         raise SystemExit(_fail(args.command, ValueError(f"cannot load {args.model!r} on "
@@ -177,6 +180,20 @@ def _load_model(args):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
+
+
+def _check_device(device: str) -> None:
+    """ValueError unless ``device`` is ``auto`` or a device this machine has (a CUDA device
+    torch was not built for, or past the count, was an AssertionError inside the load)."""
+    if device == "auto":
+        return
+    try:
+        where = torch.device(device)
+    except RuntimeError:
+        raise ValueError("--device must be cpu, cuda, cuda:N or auto") from None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if where.type == "cuda" and (where.index or 0) >= count:
+        raise ValueError(f"this machine has {count} CUDA device{'s' * (count != 1)}")
 
 
 def _layer_range(text, option: str):
@@ -418,7 +435,9 @@ def _supported(args) -> int:
 def _model_arguments(p):
     p.add_argument("model", help="a Hugging Face model id or local path (AutoModelForCausalLM)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu",
+                   help="where the model goes: cpu (default), cuda, cuda:1, ..., or auto (over "
+                        "every GPU, then the CPU, for a model one device cannot hold)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--chat-template", action="store_true",
                    help="wrap each text in the tokenizer's chat template, thinking off (its "

@@ -452,6 +452,39 @@ def test_cli_a_model_that_cannot_be_loaded_ends_in_one_line(tmp_path, capsys):
     assert len(err.splitlines()) == 1
 
 
+def test_cli_loads_the_model_with_a_device_map(tmp_path, capsys):
+    """--device is the device map of ``from_pretrained``: the weights go where they are asked
+    for as they are read, and ``auto`` places a model over the devices there are (here, the
+    CPU) with the same routing; a device that is not there ends in one line."""
+    import argparse
+    from moe_route import cli
+
+    model_dir = tmp_path / "model"
+    build("olmoe").save_pretrained(model_dir)
+    word_tokenizer().save_pretrained(model_dir)
+    ids = torch.randint(0, 10, (2, 6), generator=torch.Generator().manual_seed(0))
+    routing = []
+    for device in ("cpu", "auto"):
+        args = argparse.Namespace(model=str(model_dir), dtype="fp32", device=device,
+                                  command="analyze")
+        model, tok = cli._load_model(args)
+        assert {p.device.type for p in model.parameters()} == {"cpu"}
+        assert tok.pad_token == "<pad>"
+        with moe_route.record(model, trace=True) as rec, torch.no_grad():
+            model(ids)
+        routing.append([layer["ids"] for layer in rec.trace.values()])
+    assert all(torch.equal(a, b) for a, b in zip(*routing))
+    args.device = "cuda:7" if not torch.cuda.is_available() else "cuda:999"
+    capsys.readouterr()         # the loads' progress bars
+    with pytest.raises(SystemExit) as exit_:
+        cli._load_model(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err == (f"moe-route analyze: cannot load {str(model_dir)!r} on {args.device}: this "
+                   f"machine has {torch.cuda.device_count()} CUDA device"
+                   f"{'s' * (torch.cuda.device_count() != 1)}\n")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["bench", "--threads", "-1"], "argument --threads: expected an integer > 0, got '-1'"),
     (["bench", "--threads", "0"], "argument --threads: expected an integer > 0, got '0'"),
