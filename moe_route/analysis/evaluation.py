@@ -41,7 +41,7 @@ import torch
 from moe_route._atomic import write_text_atomic
 from moe_route._json import parse as parse_json, read as read_json
 from moe_route.analysis.inputs import (BELEBELE, belebele_rows, chat_wrap, check_batch_size,
-                                     check_limit, check_not_retired, from_hub)
+                                     check_limit, check_not_retired, from_hub, pad_id)
 from moe_route.analysis.progress import progress_bar
 
 __all__ = ["ChoiceItem", "GenerationItem", "EvalResult", "PairedComparison", "choice_accuracy",
@@ -300,8 +300,9 @@ def choice_accuracy(model, items: Mapping[str, Sequence[ChoiceItem]], *, tokeniz
     ``acc_norm``, ``"bytes"`` by its UTF-8 length, which counts 2-4 per character outside ASCII).
 
     ``items``: ``{language: [ChoiceItem]}``. Text prompts need a ``tokenizer``; the option's
-    tokens are those of ``prompt + option`` beyond the prompt's own (so a BPE merge across the
-    boundary is tokenised as the model would see it). The prompt keeps the tokenizer's leading
+    tokens are those of ``prompt + option`` beyond the ones every option shares with the prompt
+    (so a BPE merge across the boundary, as after a prompt ending in a space, is tokenised as the
+    model would see it, and scored with the option). The prompt keeps the tokenizer's leading
     special tokens (BOS) but never a trailing one (an EOS some tokenizers append).
     ``chat_template`` wraps the prompt as a user turn with the generation prompt. Runs under
     whatever ``steer``/``record`` is active.
@@ -337,7 +338,7 @@ def choice_accuracy(model, items: Mapping[str, Sequence[ChoiceItem]], *, tokeniz
                     refs.append((len(rows), 0, len(o)))
                     rows.append((prompt + o, [(len(o) + 1 - i, t) for i, t in enumerate(o)]))
             plans.append((lang, item.answer, refs, scale))
-    scored = _score_rows(model, rows, batch_size, _pad_id(tokenizer), progress)
+    scored = _score_rows(model, rows, batch_size, pad_id(tokenizer), progress)
     correct = {lang: [] for lang in items}
     predictions = {lang: [] for lang in items}
     for lang, answer, refs, scale in plans:
@@ -362,15 +363,19 @@ def _encode_choice(item: ChoiceItem, tokenizer, chat_template: bool, where: str)
             raise ValueError(f"choice_accuracy: {where} is text; pass tokenizer=")
         text = chat_wrap(tokenizer, item.prompt, chat_template)
         prompt = _prompt_ids(tokenizer, text, chat_template)
-        options = []
+        wholes = []
         for option in item.options:
             if not isinstance(option, str):
                 raise TypeError(f"choice_accuracy: {where}: a text prompt needs text options, "
                                 f"got {type(option).__name__}")
-            whole = _prompt_ids(tokenizer, text + option, chat_template)
-            tail = (whole[len(prompt):] if whole[:len(prompt)] == prompt
-                    else tokenizer(option, add_special_tokens=False)["input_ids"])
-            options.append(list(tail))
+            wholes.append(_prompt_ids(tokenizer, text + option, chat_template))
+        # Each option is scored on the tokens the model reads for prompt + option. Where the
+        # prompt's last token merges with an option ("Answer: " + "A" reads "Answer", ":", " A"),
+        # the prompt shared by the options ends before it: the option alone would be tokenised
+        # as a new text (SentencePiece writes "▁A", a second space).
+        shared = min(_common_prefix(prompt, whole) for whole in wholes)
+        prompt = prompt[:shared]
+        options = [whole[shared:] for whole in wholes]
     else:
         prompt = _ids(item.prompt, where, "prompt")
         options = [_ids(o, where, "option") for o in item.options]
@@ -380,6 +385,14 @@ def _encode_choice(item: ChoiceItem, tokenizer, chat_template: bool, where: str)
     if empty:
         raise ValueError(f"choice_accuracy: {where}: options {empty} have no tokens")
     return prompt, options
+
+
+def _common_prefix(a: list, b: list) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def _ids(value, where: str, what: str) -> list:
@@ -471,7 +484,7 @@ def generation_accuracy(model, items: Mapping[str, Sequence[GenerationItem]], *,
         raise ValueError(f"generation_accuracy: max_new_tokens={max_new_tokens!r} must be an "
                          f"int >= 1")
     device = next(model.parameters()).device
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     work = [(lang, item) for lang, questions in items.items() for item in questions]
     correct = {lang: [] for lang in items}
     predictions = {lang: [] for lang in items}
@@ -751,10 +764,3 @@ def _left_pad(rows: list, pad_id: int):
     return ids, mask
 
 
-def _pad_id(tokenizer) -> int:
-    if tokenizer is None:
-        return 0
-    for pad in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if pad is not None:
-            return int(pad)
-    return 0

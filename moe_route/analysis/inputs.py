@@ -3,7 +3,7 @@ Hub datasets by language, and the batch-size check."""
 from __future__ import annotations
 
 __all__ = ["chat_wrap", "check_batch_size", "check_limit", "from_hub", "belebele_rows",
-           "check_not_retired", "BELEBELE"]
+           "check_not_retired", "pad_id", "BELEBELE"]
 
 BELEBELE = ("belebele", "facebook/belebele")
 
@@ -17,6 +17,17 @@ def chat_wrap(tokenizer, prompt: str, chat_template: bool) -> str:
         return prompt
     return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True, enable_thinking=False)
+
+
+def pad_id(tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its EOS (only masked positions
+    hold it), else 0."""
+    if tokenizer is None:
+        return 0
+    for pad in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if pad is not None:
+            return int(pad)
+    return 0
 
 
 def check_batch_size(caller: str, batch_size) -> None:

@@ -24,7 +24,7 @@ import torch
 
 from moe_route.analysis.evaluation import EvalResult, paired_comparison
 from moe_route.analysis.inputs import (BELEBELE, belebele_rows, chat_wrap, check_batch_size,
-                                     check_limit, check_not_retired, from_hub)
+                                     check_limit, check_not_retired, from_hub, pad_id)
 from moe_route.analysis.progress import progress_bar
 from moe_route.recording import record
 from moe_route._json import parse as parse_json
@@ -156,21 +156,63 @@ def _passages(rows: list) -> list:
 
 
 def _encode(texts: Sequence[str], tokenizer, chat_template: bool, max_length: Optional[int]):
-    """``input_ids``, ``attention_mask`` and a ``[B, S]`` mask of the text's own tokens."""
+    """``input_ids``, ``attention_mask`` and a ``[B, S]`` mask of the text's own tokens.
+
+    Rows are padded here, on the right: a causal model's tokens never see the padding after them,
+    so a text's routing does not depend on the longest text of its batch (left padding, the
+    default of the Llama-family tokenizers in transformers 5, shifts every position of the
+    shorter rows), and a tokenizer without a pad token (Mixtral's, Llama 3's) needs none."""
     wrapped = [chat_wrap(tokenizer, t, chat_template) for t in texts]
-    enc = tokenizer(wrapped, return_tensors="pt", padding=True, truncation=max_length is not None,
-                    max_length=max_length, return_offsets_mapping=True, add_special_tokens=not chat_template)
-    offsets = enc.pop("offset_mapping")                       # [B, S, 2] character spans
-    keep = enc["attention_mask"].bool()
+    enc = tokenizer(wrapped, truncation=max_length is not None, max_length=max_length,
+                    return_offsets_mapping=True, return_special_tokens_mask=True,
+                    add_special_tokens=not chat_template)
+    width = max([len(row) for row in enc["input_ids"]] + [1])
+    input_ids = torch.full((len(texts), width), pad_id(tokenizer), dtype=torch.long)
+    attention_mask = torch.zeros((len(texts), width), dtype=torch.long)
+    keep = torch.zeros((len(texts), width), dtype=torch.bool)
+    specials = _special_ids(tokenizer)
     after = _text_offset(tokenizer) if chat_template else 0
     for b, (full, text) in enumerate(zip(wrapped, texts)):
+        row = torch.tensor(enc["input_ids"][b], dtype=torch.long)
+        n = len(row)
+        input_ids[b, :n] = row
+        attention_mask[b, :n] = 1
         start, end = _text_span(full, text, after)
+        if n == 0 or end <= start:
+            continue
+        # special tokens are never the text's: the post-processor's BOS/EOS, and the template's
+        # (Phi-3's "<|user|>" strips the whitespace after it, so its span runs into the text)
+        own = ~(torch.tensor(enc["special_tokens_mask"][b], dtype=torch.bool)
+                | torch.isin(row, specials))
+        span = torch.tensor(enc["offset_mapping"][b], dtype=torch.long).reshape(n, 2)
+        first, last = span[:, 0].clone(), span[:, 1].clone()
+        # A ByteLevel post-processor that trims offsets (trim_offsets, its default in
+        # `tokenizers`) leaves a token of spaces only ("Ġ", "ĠĠ") an empty span, at its end (at
+        # its start for a first token at 0): give it back its width, or a text's leading,
+        # double and trailing spaces would not count.
+        for i in torch.nonzero(own & (first == last)).flatten().tolist():
+            piece = tokenizer.convert_ids_to_tokens(int(row[i]))
+            if not piece or set(piece) - {"\u0120", "\u2581", " "}:
+                continue                                      # not a token of spaces
+            spaces = len(piece)
+            if first[i] >= spaces:
+                first[i] -= spaces
+            else:
+                last[i] += spaces
         # A token counts if it covers any of the text: a SentencePiece "▁Hello" or byte-level
         # "ĠHello" spans the space the template wrote before the text (Mixtral's "[INST] ").
-        span = offsets[b]
-        overlaps = (span[:, 1] > start) & (span[:, 0] < end) & (span[:, 1] > span[:, 0])
-        keep[b] &= overlaps                                   # template and special tokens out
-    return enc, keep
+        keep[b, :n] = own & (last > start) & (first < end)
+    return {"input_ids": input_ids, "attention_mask": attention_mask}, keep
+
+
+def _special_ids(tokenizer) -> torch.Tensor:
+    """The ids of the tokenizer's added tokens marked special: BOS, EOS, pad, a chat template's
+    "<|im_start|>", "<|user|>". Not the unknown token (the text's own words become it), nor a
+    vocabulary token that was made the pad token (``all_special_ids`` would list it)."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids = {i for i, token in added.items() if getattr(token, "special", False)}
+    ids.discard(getattr(tokenizer, "unk_token_id", None))
+    return torch.tensor(sorted(ids), dtype=torch.long)
 
 
 _MARK = "\x00moe_route-text\x00"
@@ -184,9 +226,10 @@ def _text_offset(tokenizer) -> int:
 
 def _text_span(full: str, text: str, after: int):
     """``(start, end)`` of ``text`` in the rendered prompt ``full``, searched from ``after``:
-    as written, else stripped (templates that ``| trim`` the content)."""
+    as written, else stripped (templates that ``| trim`` the content). Text of whitespace only
+    is where it was written as given, or empty (trimmed away)."""
     if not text.strip():
-        return after, after
+        return (after, after + len(text)) if full.startswith(text, after) else (after, after)
     for written in (text, text.strip()):
         start = full.find(written, after)
         if start >= 0:
