@@ -23,7 +23,8 @@ CASES = benchmark.default_cases(full=False)
 # Every semantics in both dtypes (bf16 logits tie often), at sizes the smoke run can afford.
 CHECKED = [benchmark.Case(semantics, T, E, k, dtype)
            for semantics, E, k in (("softmax_topk", 64, 8), ("softmax_topk_renorm", 128, 8),
-                                   ("topk_softmax", 128, 4), ("deepseek_v3", 256, 8))
+                                   ("topk_softmax", 128, 4), ("deepseek_v3", 256, 8),
+                                   ("deepseek_v4", 384, 6))
            for T in (1, 333) for dtype in (torch.float32, torch.bfloat16)]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -49,11 +50,15 @@ def test_gate_matches_baseline(case, variant):
     fns = benchmark.gate_and_baseline(case, "cpu")
     bw, bi = fns["baseline" + variant]()
     gw, gi = fns["gate" + variant]()
-    if case.dtype == torch.float32:
+    if case.dtype == torch.float32 or case.semantics == "deepseek_v4":
+        # DeepSeek-V4's bf16 scores plus a bias do not tie: the gate ranks them rounded alike
+        # (its weights are fp32, the router's bf16)
         bw, bi = _sorted(bw, bi)
         gw, gi = _sorted(gw, gi.long())
         assert torch.equal(bi, gi)
-        torch.testing.assert_close(gw, bw.float(), rtol=1e-5, atol=1e-6)
+        tol = dict(rtol=1e-5, atol=1e-6) if case.dtype == torch.float32 else \
+            dict(rtol=8e-3, atol=1e-5)
+        torch.testing.assert_close(gw, bw.float(), **tol)
     else:
         torch.testing.assert_close(gw.sort(-1).values, bw.float().sort(-1).values, rtol=1e-5,
                                    atol=1e-6)
@@ -94,6 +99,8 @@ def test_gpu_cases_are_the_issue_grid():
     assert plain == set(itertools.product(Ts, (64, 128, 256, 512), (4, 8), dtypes))
     deepseek = {(c.T, c.E, c.k, c.dtype) for c in cases if c.semantics == "deepseek_v3"}
     assert deepseek == set(itertools.product(Ts, (256,), (8,), dtypes))
+    v4 = {(c.T, c.E, c.k, c.dtype) for c in cases if c.semantics == "deepseek_v4"}
+    assert v4 == set(itertools.product(Ts, (384,), (6,), (torch.bfloat16,)))
     for semantics in ("softmax_topk_renorm", "topk_softmax"):
         assert {c.T for c in cases if c.semantics == semantics and c.E == 128} == set(Ts)
     doge = {(c.T, c.E, c.k, c.dtype) for c in cases if c.E > 1024}  # the CTA-per-token kernel

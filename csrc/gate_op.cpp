@@ -103,8 +103,9 @@ void check_no_overlap(const Span* spans, size_t n, size_t n_written) {
 void prepare_gate(const at::Tensor& logits, int64_t k, c10::string_view score,
                   c10::string_view select_on, const OptTensor& selection_bias, int64_t n_group,
                   int64_t topk_group, c10::string_view group_score, bool renormalize,
-                  double renorm_eps, double scale, const OptTensor& steer, bool steer_select_only,
-                  bool std_unbiased, const OptTensor& groups, const OptTensor& replay,
+                  double renorm_eps, double scale, bool round_scores, const OptTensor& steer,
+                  bool steer_select_only, bool std_unbiased, const OptTensor& groups,
+                  const OptTensor& replay,
                   const OptTensor& tokens,
                   const OptTensor& counts, const OptTensor& prob_sum, const OptTensor& weight_sum,
                   const OptTensor& entropy_sum, const OptTensor& coact, GateHold& hold,
@@ -209,6 +210,7 @@ void prepare_gate(const at::Tensor& logits, int64_t k, c10::string_view score,
   p.renormalize = renormalize;
   p.renorm_eps = static_cast<float>(renorm_eps);
   p.scale = static_cast<float>(scale);
+  p.round_scores = round_scores;
   p.steer_select_only = steer_select_only;
   p.std_unbiased = std_unbiased;
 

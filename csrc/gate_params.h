@@ -31,6 +31,9 @@ struct GateParams {
   GroupScore group_score = GroupScore::Max;
   bool renormalize = false;
   float renorm_eps = 0.f, scale = 1.f;
+  // The router scores in its logits' half precision: selection ranks scores rounded to the
+  // logits' dtype, as PyTorch's fp16/bf16 ops round them (reference.py, "Rounded scores").
+  bool round_scores = false;
 
   const float* steer = nullptr;  // [4, E] or null
   bool steer_select_only = false, std_unbiased = false;
@@ -74,11 +77,25 @@ MOE_ROUTE_HOST_DEVICE inline bool limits_groups(const GateParams& p) {
   return p.n_group > 1 && p.topk_group < p.n_group;
 }
 
+// Whether selection rounds its scores to the logits' half precision (round_scores): only scores
+// are rounded, never the logits that select_on="logits" ranks.
+MOE_ROUTE_HOST_DEVICE inline bool rounds_scores(const GateParams& p) {
+  return p.round_scores && !p.select_on_logits && p.logit_type != LogitType::F32;
+}
+
+// A top2_sum group score adds two half-precision scores in half precision when the router ranks
+// its rounded scores as they are; with a selection bias the values are fp32 and so is the sum.
+MOE_ROUTE_HOST_DEVICE inline bool rounds_half_sums(const GateParams& p) {
+  return rounds_scores(p) && !p.selection_bias;
+}
+
 // Selection values are the steered logits themselves for select_on="logits", and for softmax
-// without a bias (same order as the probabilities) unless top2_sum groups must add probabilities.
-MOE_ROUTE_HOST_DEVICE inline bool selects_on_logits(const GateParams& p) {
+// without a bias (same order as the probabilities) unless top2_sum groups must add probabilities
+// or rounded probabilities may tie where the logits do not. `may_round`: false in a kernel build
+// that never runs a rounding call (it then drops the test).
+MOE_ROUTE_HOST_DEVICE inline bool selects_on_logits(const GateParams& p, bool may_round = true) {
   return p.select_on_logits ||
-         (p.score == Score::Softmax && !p.selection_bias &&
+         (p.score == Score::Softmax && !p.selection_bias && !(may_round && rounds_scores(p)) &&
           (p.n_group == 1 || p.group_score == GroupScore::Max));
 }
 

@@ -20,12 +20,12 @@ struct GateConfig {
   int64_t n_group = 1, topk_group = 1;
   bool renormalize = false;
   double renorm_eps = 0.0, scale = 1.0;
-  bool steer_select_only = false, std_unbiased = false;
+  bool round_scores = false, steer_select_only = false, std_unbiased = false;
 };
 
 using GateSig = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, int64_t, c10::string_view, c10::string_view, const OptTensor&, int64_t,
-    int64_t, c10::string_view, bool, double, double, const OptTensor&, bool, bool,
+    int64_t, c10::string_view, bool, double, double, bool, const OptTensor&, bool, bool,
     const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
     const OptTensor&, const OptTensor&, const OptTensor&);
 
@@ -60,8 +60,9 @@ std::tuple<at::Tensor, at::Tensor> topk_gate_fast(const at::Tensor& logits, int6
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     out = op.call(logits, k, c.score, c.select_on, bias, c.n_group, c.topk_group, c.group_score,
-                  c.renormalize, c.renorm_eps, c.scale, steer, c.steer_select_only,
-                  c.std_unbiased, groups, replay, buf[0], buf[1], buf[2], buf[3], buf[4], buf[5]);
+                  c.renormalize, c.renorm_eps, c.scale, c.round_scores, steer,
+                  c.steer_select_only, c.std_unbiased, groups, replay, buf[0], buf[1], buf[2],
+                  buf[3], buf[4], buf[5]);
   }
   for (const OptTensor& b : buf)
     if (b && b->defined()) torch::autograd::impl::bump_version(*b);
@@ -95,14 +96,16 @@ PYBIND11_MODULE(_C, m) {
   py::class_<GateConfig>(m, "GateConfig")
       .def(py::init([](std::string score, std::string select_on, int64_t n_group,
                        int64_t topk_group, std::string group_score, bool renormalize,
-                       double renorm_eps, double scale, bool steer_select_only,
-                       bool std_unbiased) {
-             return GateConfig{score, select_on, group_score, n_group, topk_group, renormalize,
-                               renorm_eps, scale, steer_select_only, std_unbiased};
+                       double renorm_eps, double scale, bool round_scores,
+                       bool steer_select_only, bool std_unbiased) {
+             return GateConfig{score,      select_on,    group_score,       n_group,
+                               topk_group, renormalize,  renorm_eps,        scale,
+                               round_scores, steer_select_only, std_unbiased};
            }),
            py::arg("score"), py::arg("select_on"), py::arg("n_group"), py::arg("topk_group"),
            py::arg("group_score"), py::arg("renormalize"), py::arg("renorm_eps"),
-           py::arg("scale"), py::arg("steer_select_only"), py::arg("std_unbiased"));
+           py::arg("scale"), py::arg("round_scores"), py::arg("steer_select_only"),
+           py::arg("std_unbiased"));
   m.def("topk_gate_fast", &moe_route::topk_gate_fast, py::arg("logits"), py::arg("k"),
         py::arg("config"), py::arg("selection_bias"), py::arg("steer"), py::arg("groups"),
         py::arg("replay"), py::arg("stats"));

@@ -14,7 +14,8 @@ TORCH_LIBRARY(moe_route, m) {
   m.def(
       "topk_gate(Tensor logits, int k, str score=\"softmax\", str select_on=\"scores\", "
       "Tensor? selection_bias=None, int n_group=1, int topk_group=1, str group_score=\"max\", "
-      "bool renormalize=False, float renorm_eps=0.0, float scale=1.0, Tensor? steer=None, "
+      "bool renormalize=False, float renorm_eps=0.0, float scale=1.0, bool round_scores=False, "
+      "Tensor? steer=None, "
       "bool steer_select_only=False, bool std_unbiased=False, Tensor? groups=None, "
       "Tensor? replay=None, "
       "Tensor(a!)? tokens=None, Tensor(b!)? counts=None, Tensor(c!)? prob_sum=None, "
@@ -47,10 +48,10 @@ std::tuple<at::Tensor, at::Tensor> topk_gate_autograd(
     const at::Tensor& logits, int64_t k, c10::string_view score, c10::string_view select_on,
     const OptTensor& selection_bias, int64_t n_group, int64_t topk_group,
     c10::string_view group_score, bool renormalize, double renorm_eps, double scale,
-    const OptTensor& steer, bool steer_select_only, bool std_unbiased, const OptTensor& groups,
-    const OptTensor& replay, const OptTensor& tokens, const OptTensor& counts,
-    const OptTensor& prob_sum, const OptTensor& weight_sum, const OptTensor& entropy_sum,
-    const OptTensor& coact) {
+    bool round_scores, const OptTensor& steer, bool steer_select_only, bool std_unbiased,
+    const OptTensor& groups, const OptTensor& replay, const OptTensor& tokens,
+    const OptTensor& counts, const OptTensor& prob_sum, const OptTensor& weight_sum,
+    const OptTensor& entropy_sum, const OptTensor& coact) {
   check_no_grad(logits, selection_bias, steer);
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("moe_route::topk_gate", "")
@@ -59,8 +60,9 @@ std::tuple<at::Tensor, at::Tensor> topk_gate_autograd(
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     out = op.call(logits, k, score, select_on, selection_bias, n_group, topk_group, group_score,
-                  renormalize, renorm_eps, scale, steer, steer_select_only, std_unbiased, groups,
-                  replay, tokens, counts, prob_sum, weight_sum, entropy_sum, coact);
+                  renormalize, renorm_eps, scale, round_scores, steer, steer_select_only,
+                  std_unbiased, groups, replay, tokens, counts, prob_sum, weight_sum,
+                  entropy_sum, coact);
   }
   for (const OptTensor* b : {&tokens, &counts, &prob_sum, &weight_sum, &entropy_sum, &coact})
     if (b->has_value() && (*b)->defined()) torch::autograd::impl::bump_version(**b);

@@ -95,6 +95,21 @@ def baseline_deepseek_v3(logits, k, bias, n_group, topk_group, scale=2.5, forced
     return weights * scale, ids
 
 
+def baseline_deepseek_v4(logits, k, bias, scale=1.5, forced=None, dtype=None):
+    """DeepSeek-V4 (S4): sqrt(softplus) scores in the model's ``dtype`` (default the logits';
+    bf16 in a bf16 model, each op rounding to it) plus the fp32 correction bias, top-k, the
+    chosen scores renormalised (+1e-20) and scaled. Steered logits are fp32: ``dtype`` then
+    keeps the model's rounding of the scores."""
+    scores = torch.nn.functional.softplus(logits).to(dtype or logits.dtype).sqrt()
+    biased = scores + bias
+    if forced is not None:
+        biased = _tiered(biased, forced)
+    ids = biased.topk(k, dim=-1).indices
+    weights = scores.gather(1, ids).float()
+    weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * scale, ids
+
+
 def _tiered(values, forced):
     on, off = forced
     inf = torch.full_like(values, float("inf"))
@@ -138,9 +153,15 @@ def _sigmoid_distribution(logits):
     return scores / scores.sum(-1, keepdim=True)
 
 
+def _sqrtsoftplus_distribution(logits):
+    scores = torch.nn.functional.softplus(logits.float()).sqrt()
+    return scores / scores.sum(-1, keepdim=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
-    semantics: str  # "softmax_topk", "softmax_topk_renorm", "topk_softmax", "deepseek_v3"
+    semantics: str  # "softmax_topk", "softmax_topk_renorm", "topk_softmax", "deepseek_v3",
+    # "deepseek_v4"
     T: int
     E: int
     k: int
@@ -163,6 +184,9 @@ def router_spec(semantics: str) -> RouterSpec:
         n_group, topk_group = DEEPSEEK_V3_GROUPS
         return RouterSpec(score="sigmoid", n_group=n_group, topk_group=topk_group,
                           group_score="top2_sum", renormalize=True, renorm_eps=1e-20, scale=2.5)
+    if semantics == "deepseek_v4":  # its scores rounded to bf16 logits, as the router's are
+        return RouterSpec(score="sqrtsoftplus", renormalize=True, renorm_eps=1e-20, scale=1.5,
+                          round_scores=True)
     if semantics == "topk_softmax":
         return RouterSpec(select_on="logits")
     return RouterSpec(renormalize=semantics == "softmax_topk_renorm")
@@ -188,6 +212,13 @@ def gate_and_baseline(case: Case, device) -> dict:
         base = lambda: baseline_deepseek_v3(logits, k, bias, n_group, topk_group)  # noqa: E731
         base_steer = lambda: baseline_deepseek_v3(  # noqa: E731
             baseline_steer(logits, add, lam, forced), k, bias, n_group, topk_group, forced=forced)
+    elif case.semantics == "deepseek_v4":
+        bias = (torch.randn(case.E, generator=g) * 0.05).to(device)
+        gate_kw = dict(selection_bias=bias)
+        dense = _sqrtsoftplus_distribution
+        base = lambda: baseline_deepseek_v4(logits, k, bias)  # noqa: E731
+        base_steer = lambda: baseline_deepseek_v4(  # noqa: E731
+            baseline_steer(logits, add, lam, forced), k, bias, forced=forced, dtype=case.dtype)
     elif case.semantics == "topk_softmax":
         gate_kw = {}
         dense = _softmax_distribution
@@ -229,21 +260,24 @@ def default_cases(full: bool = False) -> list[Case]:
         cases.append(Case("softmax_topk_renorm", T, 64, 8, torch.float32))
         cases.append(Case("topk_softmax", T, 64, 4, torch.float32))
         cases.append(Case("deepseek_v3", T, 256, 8, torch.float32))
+        cases.append(Case("deepseek_v4", T, 384, 6, torch.bfloat16))
     return cases
 
 
 def gpu_cases() -> list[Case]:
     """Issue 6's grid: softmax-top-k at T 1..16384 x E 64..512 x k 4/8 x fp32/bf16; DeepSeek-V3
     grouped routing (E=256, 8 groups, 4 kept, k=8) at each T in both dtypes; the renormalised
-    (Qwen3-MoE, Mixtral) and top-k-softmax (GPT-OSS) semantics at E=128, bf16; Doge's product
+    (Qwen3-MoE, Mixtral) and top-k-softmax (GPT-OSS) semantics at E=128, bf16; DeepSeek-V4
+    (sqrt(softplus) scores rounded to bf16 plus a bias: E=384, k=6); Doge's product
     keys (top-k-softmax, E=16384, k=64: the CTA-per-token kernel) at T 1..4096, bf16.
 
     Compiled baselines cost seconds of compilation per shape, so only the target shapes have
-    ``compile``: k=8 at E=128 and 256, and DeepSeek-V3, in bf16 (12 of the 84 cases)."""
+    ``compile``: k=8 at E=128 and 256, and DeepSeek-V3, in bf16 (12 of the 88 cases)."""
     Ts, dtypes, bf16 = (1, 64, 1024, 16384), (torch.float32, torch.bfloat16), torch.bfloat16
     cases = [Case("softmax_topk", T, E, k, dt, compile=k == 8 and E in (128, 256) and dt == bf16)
              for dt in dtypes for E in (64, 128, 256, 512) for k in (4, 8) for T in Ts]
     cases += [Case("deepseek_v3", T, 256, 8, dt, compile=dt == bf16) for dt in dtypes for T in Ts]
+    cases += [Case("deepseek_v4", T, 384, 6, bf16, compile=False) for T in Ts]
     for T in Ts:
         cases.append(Case("softmax_topk_renorm", T, 128, 8, bf16, compile=False))
         cases.append(Case("topk_softmax", T, 128, 4, bf16, compile=False))

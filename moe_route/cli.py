@@ -468,7 +468,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=_positive(float), metavar="SECONDS",
                    help="once the run has taken this long, skip the remaining compiled baselines")
     p.add_argument("--semantics", nargs="*",
-                   choices=["softmax_topk", "softmax_topk_renorm", "topk_softmax", "deepseek_v3"])
+                   choices=["softmax_topk", "softmax_topk_renorm", "topk_softmax", "deepseek_v3",
+                            "deepseek_v4"])
     p.add_argument("--family", nargs="*", choices=["olmoe", "qwen3_moe", "mixtral"],
                    help="--op block: model families (default: all)")
     p.add_argument("--threads", type=_positive(int), help="torch CPU threads (default: torch's)")

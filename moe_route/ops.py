@@ -33,6 +33,10 @@ class RouterSpec:
             DeepSeek-V3 ``"top2_sum"``); ``n_group=1`` disables it.
         renormalize: divide the k weights by their sum plus ``renorm_eps``.
         scale: multiply the weights last (``routed_scaling_factor``).
+        round_scores: the router computes its scores in its logits' dtype (PyTorch ops on fp16 or
+            bf16 logits: LFM2, DeepSeek-V4, Zaya, Mistral-4): with half-precision logits the
+            selection ranks the scores rounded as those ops round them, so that it picks the
+            experts the router picks (``reference``, "Rounded scores"). Weights stay fp32.
     """
 
     score: str = "softmax"
@@ -43,6 +47,7 @@ class RouterSpec:
     renormalize: bool = False
     renorm_eps: float = 0.0
     scale: float = 1.0
+    round_scores: bool = False
     _configs: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _plain: object = field(default=None, init=False, repr=False, compare=False)
 
@@ -63,6 +68,7 @@ class RouterSpec:
             if not -2 ** 63 <= getattr(self, name) < 2 ** 63:
                 raise ValueError(f"RouterSpec: {name}={getattr(self, name)!r} must fit in int64")
         _check_bool(self.renormalize, "RouterSpec: renormalize")
+        _check_bool(self.round_scores, "RouterSpec: round_scores")
         for name in ("renorm_eps", "scale"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -88,7 +94,7 @@ class RouterSpec:
         return dict(score=self.score, select_on=self.select_on, n_group=self.n_group,
                     topk_group=self.topk_group, group_score=self.group_score,
                     renormalize=self.renormalize, renorm_eps=float(self.renorm_eps),
-                    scale=float(self.scale))
+                    scale=float(self.scale), round_scores=self.round_scores)
 
     def _native_config(self, select_only: bool, std_unbiased: bool):
         key = (select_only, std_unbiased)
@@ -479,9 +485,10 @@ if _loader.native is not None:
     @torch.library.register_fake("moe_route::topk_gate")
     def _topk_gate_fake(logits, k, score="softmax", select_on="scores", selection_bias=None,
                         n_group=1, topk_group=1, group_score="max", renormalize=False,
-                        renorm_eps=0.0, scale=1.0, steer=None, steer_select_only=False,
-                        std_unbiased=False, groups=None, replay=None, tokens=None, counts=None,
-                        prob_sum=None, weight_sum=None, entropy_sum=None, coact=None):
+                        renorm_eps=0.0, scale=1.0, round_scores=False, steer=None,
+                        steer_select_only=False, std_unbiased=False, groups=None, replay=None,
+                        tokens=None, counts=None, prob_sum=None, weight_sum=None,
+                        entropy_sum=None, coact=None):
         stats = dict(tokens=tokens, counts=counts, prob_sum=prob_sum, weight_sum=weight_sum,
                      entropy_sum=entropy_sum, coact=coact)
         reference.check_gate_args(logits, k, score, select_on, selection_bias, n_group,

@@ -30,6 +30,14 @@ Numerics of ``topk_gate`` (shared by every backend)
   equally wherever they stand in a row.
   Softmax without a bias selects on ``z`` itself (the same order, and free of exp rounding),
   except with ``top2_sum`` groups, whose sums need probabilities.
+* **Rounded scores** (``round_scores``, for routers that score in their logits' half precision:
+  PyTorch ops on fp16/bf16 logits round each result to that dtype). With half-precision logits,
+  the scores the selection ranks are rounded as such a router's ops round them:
+  ``r(sigmoid(z))``, ``r(sqrt(r(softplus(z))))`` (two ops), ``r(softmax(z))``, ``r(z)`` for
+  "none", with ``r`` round-to-nearest-even to the logits' dtype; the selection bias is then added
+  in fp32. Without a bias, a ``top2_sum`` group score is ``r(a + b)`` (a half-precision sum). Softmax then ranks the rounded
+  probabilities (which tie where logits do not), not the logits. fp32 logits and
+  ``select_on="logits"`` are unaffected, and weights and statistics always use fp32 scores.
 * **Groups** (``n_group > 1``): the E experts form n_group contiguous groups; a group's score is
   the max (``"max"``, DeepSeek-V2) or the sum of its two largest values (``"top2_sum"``,
   DeepSeek-V3) of ``v``; the ``topk_group`` best groups stay eligible (a group holding a forced-on
@@ -132,21 +140,46 @@ def dense_distribution(zw: torch.Tensor, score: str) -> torch.Tensor:
     return torch.softmax(zw, dim=-1)
 
 
-def selects_on_logits(score, select_on, has_bias, n_group, group_score):
+def selects_on_logits(score, select_on, has_bias, n_group, group_score, rounds=False):
     """Whether selection values are the steered logits themselves. Softmax without a bias ranks
-    experts exactly like its logits, except that a top2_sum group score adds probabilities."""
-    return select_on == "logits" or (score == "softmax" and not has_bias and
+    experts exactly like its logits, except that a top2_sum group score adds probabilities and
+    that rounded probabilities tie where the logits do not."""
+    return select_on == "logits" or (score == "softmax" and not has_bias and not rounds and
                                      (n_group == 1 or group_score == "max"))
 
 
-def selection_values(z, score, select_on, selection_bias, n_group=1, group_score="max"):
-    if selects_on_logits(score, select_on, selection_bias is not None, n_group, group_score):
+def round_to(x: torch.Tensor, dtype) -> torch.Tensor:
+    """``x`` rounded to ``dtype`` (nearest even) and back to fp32, as a PyTorch op in that dtype
+    rounds its result; ``dtype=None`` leaves it. Beyond the dtype's range it is sanitised to
+    +-FLT_MAX (fp16 overflows at 65520)."""
+    return x if dtype is None else sanitize(x.to(dtype))
+
+
+def selection_values(z, score, select_on, selection_bias, n_group=1, group_score="max",
+                     round_dtype=None):
+    """``round_dtype``: the half-precision dtype the router scores in (``round_scores``), or
+    None."""
+    if selects_on_logits(score, select_on, selection_bias is not None, n_group, group_score,
+                         round_dtype is not None):
         v = z
+    elif round_dtype is not None and score == "sqrtsoftplus":  # softplus, then sqrt: two ops
+        # the kernels' sqrt is IEEE's, correctly rounded; torch's fp32 sqrt on the CPU is not
+        # always (1 - 2^-11 gives the fp16 rounding midpoint), so it is taken in float64
+        s = round_to(torch.where(z > 20, z, torch.log1p(torch.exp(z))), round_dtype)
+        v = round_to(s.double().sqrt().float(), round_dtype)
     else:
-        v = selection_score(z, score)
+        v = round_to(selection_score(z, score), round_dtype)
     if selection_bias is not None:
         v = sanitize(v + sanitize(selection_bias))
     return v
+
+
+def rounding_dtype(logits, select_on: str, round_scores: bool):
+    """The dtype selection scores are rounded to: the logits' half precision under
+    ``round_scores`` (scores, not logits, are ranked), else None."""
+    if round_scores and select_on == "scores" and logits.dtype in (torch.float16, torch.bfloat16):
+        return logits.dtype
+    return None
 
 
 def _rank(values: torch.Tensor, tier: torch.Tensor, k: int) -> torch.Tensor:
@@ -156,8 +189,9 @@ def _rank(values: torch.Tensor, tier: torch.Tensor, k: int) -> torch.Tensor:
     return by_value.gather(-1, by_tier)[..., :k]
 
 
-def eligible_tiers(values, tier, n_group, topk_group, group_score):
-    """``tier`` with experts outside the chosen groups set to TIER_INELIGIBLE."""
+def eligible_tiers(values, tier, n_group, topk_group, group_score, round_dtype=None):
+    """``tier`` with experts outside the chosen groups set to TIER_INELIGIBLE (a ``top2_sum``
+    group score rounded to ``round_dtype``, as a half-precision sum of two scores)."""
     if n_group == 1:
         return tier
     T, E = values.shape
@@ -166,6 +200,8 @@ def eligible_tiers(values, tier, n_group, topk_group, group_score):
         gscore = gv.max(-1).values
     else:
         gscore = sanitize(gv.topk(min(2, E // n_group), dim=-1).values.sum(-1))
+        if E // n_group > 1:
+            gscore = round_to(gscore, round_dtype)
     has_forced = (tier.reshape(T, n_group, E // n_group) == TIER_FORCED_ON).any(-1)
     gtier = torch.where(has_forced, TIER_FORCED_ON, TIER_NORMAL).to(torch.int8)
     keep = _rank(gscore, gtier, topk_group)
@@ -301,9 +337,9 @@ def _check_tensor(name, t, shape, dtypes, device):
 
 def topk_gate(logits, k, score="softmax", select_on="scores", selection_bias=None, n_group=1,
               topk_group=1, group_score="max", renormalize=False, renorm_eps=0.0, scale=1.0,
-              steer=None, steer_select_only=False, std_unbiased=False, groups=None, replay=None,
-              tokens=None, counts=None, prob_sum=None, weight_sum=None, entropy_sum=None,
-              coact=None):
+              round_scores=False, steer=None, steer_select_only=False, std_unbiased=False,
+              groups=None, replay=None, tokens=None, counts=None, prob_sum=None, weight_sum=None,
+              entropy_sum=None, coact=None):
     """Reference fused gate: ``(weights [T, k] fp32, ids [T, k] int32)``; stats updated in place.
 
     Same arguments and semantics as ``torch.ops.moe_route.topk_gate`` (module docstring).
@@ -312,10 +348,14 @@ def topk_gate(logits, k, score="softmax", select_on="scores", selection_bias=Non
                  entropy_sum=entropy_sum, coact=coact)
     check_gate_args(logits, k, score, select_on, selection_bias, n_group, topk_group, group_score,
                     renorm_eps, scale, steer, groups, stats, replay=replay)
+    if not isinstance(round_scores, bool):
+        raise TypeError(f"topk_gate: round_scores must be a bool, got {type(round_scores).__name__}")
+    half = rounding_dtype(logits, select_on, round_scores)
     z0 = sanitize(logits)
     z, tier = steer_logits(z0, steer, std_unbiased)
-    v = selection_values(z, score, select_on, selection_bias, n_group, group_score)
-    tier = eligible_tiers(v, tier, n_group, topk_group, group_score)
+    v = selection_values(z, score, select_on, selection_bias, n_group, group_score, half)
+    tier = eligible_tiers(v, tier, n_group, topk_group, group_score,
+                          half if selection_bias is None else None)
     ids = _rank(v, tier, k)
     if replay is not None:
         ids = torch.where(replay_rows(replay, logits.shape[1])[:, None], replay.long(), ids)

@@ -2,8 +2,9 @@
 
 The rest of the suite runs the variant the CPU picks (the best it supports); here every gate path
 (scores, selection on logits, groups, selection bias, steering, replay, statistics, k above the
-insertion limit, half-precision logits, NaN/inf) and unpermute run under each variant the CPU
-supports, and their outputs and statistics must be bit-identical to the baseline's.
+insertion limit, half-precision logits and scores rounded to them, NaN/inf) and unpermute run
+under each variant the CPU supports, and their outputs and statistics must be bit-identical to
+the baseline's.
 """
 from __future__ import annotations
 
@@ -60,6 +61,12 @@ GATES = [
     ("groups_max", 64, 6, dict(n_group=8, topk_group=3, group_score="max", scale=1.5)),
     ("sqrtsoftplus", 72, 8, dict(score="sqrtsoftplus", renormalize=True, selection_bias=True)),
     ("none", 16, 2, dict(score="none")),
+    # round_scores: scores rounded to the half-precision logits' dtype (plain fp32 otherwise)
+    ("rounded_sigmoid", 384, 6, dict(score="sigmoid", selection_bias=True, round_scores=True)),
+    ("rounded_sqrtsoftplus", 64, 4, dict(score="sqrtsoftplus", selection_bias=True,
+                                         round_scores=True)),
+    ("rounded_groups", 128, 4, dict(n_group=8, topk_group=4, group_score="top2_sum",
+                                    round_scores=True)),
 ]
 
 

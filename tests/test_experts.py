@@ -154,7 +154,10 @@ def test_expert_parallel_sentinels_get_no_gradient(family, tail, monkeypatch):
         grads.append({n: p.grad for n, p in ex.named_parameters()})
     for name, want in grads[1].items():
         assert grads[0][name].isfinite().all(), name
-        torch.testing.assert_close(grads[0][name], want, rtol=1e-5, atol=1e-6, msg=name)
+        # the two runs sum different slot sets: fp32 rounding of the gradient's scale (its
+        # largest entries are ~100 for down_proj; the difference depends on the thread count)
+        torch.testing.assert_close(grads[0][name], want, rtol=1e-5,
+                                   atol=1e-6 * max(1.0, float(want.abs().max())), msg=name)
 
 
 def test_per_expert_fallback_matches_grouped_mm(monkeypatch):

@@ -308,7 +308,7 @@ def test_router_spec_valid_and_frozen():
                                 renormalize=True, renorm_eps=1e-20, scale=2.5)
     assert spec.op_kwargs() == dict(score="sigmoid", select_on="scores", n_group=4, topk_group=2,
                                     group_score="top2_sum", renormalize=True, renorm_eps=1e-20,
-                                    scale=2.5)
+                                    scale=2.5, round_scores=False)
     with pytest.raises(Exception):
         spec.score = "softmax"
     assert spec.replace(scale=1.0).scale == 1.0 and spec.scale == 2.5

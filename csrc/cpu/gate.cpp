@@ -113,9 +113,45 @@ MOE_ROUTE_INLINE float log_fast(float x) {
   return (m + y) + fe * 0.693359375f;
 }
 
-inline float sqrt_softplus(float x) {
-  // torch.nn.functional.softplus uses threshold 20.
-  return std::sqrt(x > 20.f ? x : std::log1p(std::exp(x)));
+// softplus(x) = log1p(exp(x)), x itself above torch's threshold of 20; branch-free so that row
+// loops vectorise (std::log1p and std::exp kept DeepSeek-V4's E-wide loops scalar). log1p(y) is
+// log(u) * y / (u - 1) with u = 1 + y, exact where u rounds to 1 (x below about -17), where
+// log(1 + y) alone would give 0.
+MOE_ROUTE_INLINE float softplus_fast(float x) {
+  const float y = exp_fast(std::min(x, 20.f));
+  const float u = 1.f + y;
+  const float l = u == 1.f ? y : log_fast(u) * (y / (u - 1.f));
+  return x > 20.f ? x : l;
+}
+
+MOE_ROUTE_INLINE float sqrt_softplus(float x) { return std::sqrt(softplus_fast(x)); }
+
+// x rounded to nearest even in the logits' half precision and back, sanitised (round_scores):
+// what a PyTorch op on fp16/bf16 tensors does to its fp32 result. Overflow goes to +-FLT_MAX.
+// Branch-free (selects), so that the rounding loops vectorise.
+MOE_ROUTE_INLINE float round_bf16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  float y;
+  std::memcpy(&y, &u, sizeof y);
+  return sanitize(y);
+}
+
+MOE_ROUTE_INLINE float round_fp16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  u = (u + 0xfffu + ((u >> 13) & 1u)) & 0xffffe000u;
+  float y;
+  std::memcpy(&y, &u, sizeof y);
+  const float a = std::fabs(x);
+  const float sub = std::rint(x * 16777216.f) * 5.9604644775390625e-08f;  // steps of 2^-24
+  const float big = x > 0.f ? kFltMax : -kFltMax;                          // past 65504
+  return a >= 65520.f ? big : (a < 6.103515625e-05f ? sub : y);
+}
+
+MOE_ROUTE_INLINE float round_half(float x, LogitType t) {
+  return t == LogitType::BF16 ? round_bf16(x) : round_fp16(x);
 }
 
 MOE_ROUTE_INLINE float score_of(Score s, float z) {
@@ -446,8 +482,9 @@ MOE_ROUTE_INLINE void choose_groups(const GateParams& p, const Prep& prep, const
     const float* gv = v + g * gsize;
     float a, b;  // the two largest values
     top2_of(gv, gsize, a, b);
-    const float score =
-        p.group_score == GroupScore::Max ? a : sanitize(gsize > 1 ? a + b : a);
+    float score = p.group_score == GroupScore::Max ? a : sanitize(gsize > 1 ? a + b : a);
+    if (p.group_score == GroupScore::Top2Sum && gsize > 1 && rounds_half_sums(p))
+      score = round_half(score, p.logit_type);
     int32_t tier = kTierNormal;
     if (prep.has_force)
       for (int64_t i = 0; i < gsize; ++i)
@@ -617,9 +654,26 @@ MOE_ROUTE_INLINE void select_row(const GateParams& p, const Prep& prep, const fl
     } else if (p.score == Score::Sigmoid) {
       for (int64_t e = 0; e < E; ++e) sv[e] = sigmoid(z[e]);
     } else if (p.score == Score::SqrtSoftplus) {
-      for (int64_t e = 0; e < E; ++e) sv[e] = sqrt_softplus(z[e]);
+      if (rounds_scores(p)) {  // two ops in the router's half precision, each rounded
+        if (p.logit_type == LogitType::BF16) {
+          for (int64_t e = 0; e < E; ++e)
+            sv[e] = round_bf16(std::sqrt(round_bf16(softplus_fast(z[e]))));
+        } else {
+          for (int64_t e = 0; e < E; ++e)
+            sv[e] = round_fp16(std::sqrt(round_fp16(softplus_fast(z[e]))));
+        }
+      } else {
+        for (int64_t e = 0; e < E; ++e) sv[e] = sqrt_softplus(z[e]);
+      }
     } else {
       std::memcpy(sv, z, sizeof(float) * E);
+    }
+    if (rounds_scores(p) && p.score != Score::SqrtSoftplus) {  // one op in half precision
+      if (p.logit_type == LogitType::BF16) {
+        for (int64_t e = 0; e < E; ++e) sv[e] = round_bf16(sv[e]);
+      } else {
+        for (int64_t e = 0; e < E; ++e) sv[e] = round_fp16(sv[e]);
+      }
     }
     v = sv;
   }
@@ -908,17 +962,17 @@ std::tuple<at::Tensor, at::Tensor> topk_gate_cpu(
     const at::Tensor& logits, int64_t k, c10::string_view score, c10::string_view select_on,
     const OptTensor& selection_bias, int64_t n_group, int64_t topk_group,
     c10::string_view group_score, bool renormalize, double renorm_eps, double scale,
-    const OptTensor& steer, bool steer_select_only, bool std_unbiased, const OptTensor& groups,
-    const OptTensor& replay, const OptTensor& tokens, const OptTensor& counts,
-    const OptTensor& prob_sum, const OptTensor& weight_sum, const OptTensor& entropy_sum,
-    const OptTensor& coact) {
+    bool round_scores, const OptTensor& steer, bool steer_select_only, bool std_unbiased,
+    const OptTensor& groups, const OptTensor& replay, const OptTensor& tokens,
+    const OptTensor& counts, const OptTensor& prob_sum, const OptTensor& weight_sum,
+    const OptTensor& entropy_sum, const OptTensor& coact) {
   GateHold hold;
   at::Tensor weights, ids;
   GateParams p;
   prepare_gate(logits, k, score, select_on, selection_bias, n_group, topk_group, group_score,
-               renormalize, renorm_eps, scale, steer, steer_select_only, std_unbiased, groups,
-               replay, tokens, counts, prob_sum, weight_sum, entropy_sum, coact, hold, weights,
-               ids, p);
+               renormalize, renorm_eps, scale, round_scores, steer, steer_select_only,
+               std_unbiased, groups, replay, tokens, counts, prob_sum, weight_sum, entropy_sum,
+               coact, hold, weights, ids, p);
   run_gate_cpu(p);
   return {weights, ids};
 }

@@ -11,7 +11,8 @@
 // occupancy (plan_for_device) so that every warp is resident at once, one wave.
 //
 // Three variants per (VPT, logit type): the full kernel, a plain one compiled without steering,
-// the group limit and the statistics, for calls that use none of them (needs_full_kernel), and
+// the group limit, the statistics and rounded scores (round_scores), for calls that use none of
+// them (needs_full_kernel), and
 // the full kernel with router replay (kReplay), for calls with replay ids only. Those paths hold
 // registers for the whole kernel: with nvcc 13.0 for sm_90a the full kernel needs 113-128
 // registers per thread for E <= 256, the plain one 40-80, so an SM holds 16 warps of the former
@@ -112,12 +113,38 @@ __device__ __forceinline__ float sqrt_softplus_f(float x) {
   return sqrtf(x > 20.f ? x : log1pf(expf(x)));
 }
 
+// x rounded to nearest even in the logits' half precision LT and back, sanitised
+// (round_scores): what a PyTorch op on fp16/bf16 tensors does to its fp32 result.
+template <LogitType LT>
+__device__ __forceinline__ float round_half(float x) {
+  if constexpr (LT == LogitType::BF16) {  // the values are finite: no NaN case
+    const uint32_t u = __float_as_uint(x);
+    return sanitize(__uint_as_float((u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u));
+  } else if constexpr (LT == LogitType::F16) {
+    return sanitize(__half2float(__float2half_rn(x)));
+  } else {
+    return x;
+  }
+}
+
 __device__ __forceinline__ float score_of(Score s, float z) {
   switch (s) {
     case Score::Sigmoid: return sigmoid_f(z);
     case Score::SqrtSoftplus: return sqrt_softplus_f(z);
     default: return z;
   }
+}
+
+// A selection score, rounded as the router's half-precision ops round it when `round`:
+// sqrt(softplus) is two ops, each rounded; the others one.
+template <LogitType LT>
+__device__ __forceinline__ float selection_score(Score s, float z, bool round) {
+  if (s == Score::SqrtSoftplus) {
+    const float sp = z > 20.f ? z : log1pf(expf(z));
+    return round ? round_half<LT>(sqrtf(round_half<LT>(sp))) : sqrtf(sp);
+  }
+  const float v = score_of(s, z);
+  return round ? round_half<LT>(v) : v;
 }
 
 // Asks for the line holding *ptr in L1 without waiting for it (a hint: no register, no fault).
@@ -550,6 +577,11 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
   // Groups: lane owns groups g = m*32 + lane (m < gpl <= 32).
   const int n_group = int(p.n_group);
   const bool group_limited = kFull && limits_groups(p);
+  // round_scores: the selection ranks scores rounded to the logits' half precision (full builds
+  // of fp16/bf16 logits only: the others never run such a call)
+  constexpr bool kRounds = kFull && LT != LogitType::F32;
+  const bool round = kRounds && rounds_scores(p);
+  const bool round_sums = kRounds && rounds_half_sums(p);
   const int gsize = E / n_group;
   const int gpl = (n_group + 31) >> 5;
   // e / gsize as (e * magic) >> 20 with magic = ceil(2^20 / gsize): exact for e < 2^10 and
@@ -705,17 +737,20 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
       // ---- Selection values v (reference: selection_values) ----
       const float* bias = p.selection_bias;
       float v[VPT];
-      if (selects_on_logits(p) || score == Score::None) {
+      if (selects_on_logits(p, kRounds) || (score == Score::None && !round)) {
 #pragma unroll
         for (int i = 0; i < VPT; ++i) v[i] = z[i];
       } else if (softmax) {
         float sm_max = w_max, sm_sum = w_sum;
         if (!want_ew || zw_is_z0) softmax_norm<VPT>(warp_row, z, valid, sm_max, sm_sum);
 #pragma unroll
-        for (int i = 0; i < VPT; ++i) v[i] = expf(z[i] - sm_max) / sm_sum;
+        for (int i = 0; i < VPT; ++i) {
+          v[i] = expf(z[i] - sm_max) / sm_sum;
+          if (round) v[i] = round_half<LT>(v[i]);
+        }
       } else {
 #pragma unroll
-        for (int i = 0; i < VPT; ++i) v[i] = score_of(score, z[i]);
+        for (int i = 0; i < VPT; ++i) v[i] = selection_score<LT>(score, z[i], round);
       }
       if (bias) {
 #pragma unroll
@@ -742,6 +777,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
               if (p.group_score != GroupScore::Max) {
                 const int owner = __ffs(__ballot_sync(kFullMask, o == a)) - 1;
                 score = sanitize(score + from_order_bits(warp_max_u32(lane == owner ? 0u : o)));
+                if (round_sums) score = round_half<LT>(score);
               }
               if (lane == i) gscore[i] = score;
             }
@@ -768,7 +804,10 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
                 }
                 j = j + 1 == gsize ? 0 : j + 1;
               }
-              gscore[g2] = p.group_score == GroupScore::Max ? a : sanitize(gsize > 1 ? a + b : a);
+              float score = p.group_score == GroupScore::Max ? a : sanitize(gsize > 1 ? a + b : a);
+              if (round_sums && p.group_score != GroupScore::Max && gsize > 1)
+                score = round_half<LT>(score);
+              gscore[g2] = score;
             }
           }
         }
@@ -954,7 +993,8 @@ inline int vpt_for(int64_t E) {
 // The full kernel is needed for steering, a group limit, statistics or replay; every other call
 // runs the plain one, compiled without those paths.
 inline bool needs_full_kernel(const GateParams& p) {
-  return p.steer != nullptr || limits_groups(p) || p.any_stats() || p.replay != nullptr;
+  return p.steer != nullptr || limits_groups(p) || p.any_stats() || p.replay != nullptr ||
+         rounds_scores(p);
 }
 
 // Launch geometry for a call with p.T > 0 and 1 <= p.E <= kMaxExperts, for `warps_per_sm`

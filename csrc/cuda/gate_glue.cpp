@@ -20,10 +20,10 @@ std::tuple<at::Tensor, at::Tensor> topk_gate_cuda(
     const at::Tensor& logits, int64_t k, c10::string_view score, c10::string_view select_on,
     const OptTensor& selection_bias, int64_t n_group, int64_t topk_group,
     c10::string_view group_score, bool renormalize, double renorm_eps, double scale,
-    const OptTensor& steer, bool steer_select_only, bool std_unbiased, const OptTensor& groups,
-    const OptTensor& replay, const OptTensor& tokens, const OptTensor& counts,
-    const OptTensor& prob_sum, const OptTensor& weight_sum, const OptTensor& entropy_sum,
-    const OptTensor& coact) {
+    bool round_scores, const OptTensor& steer, bool steer_select_only, bool std_unbiased,
+    const OptTensor& groups, const OptTensor& replay, const OptTensor& tokens,
+    const OptTensor& counts, const OptTensor& prob_sum, const OptTensor& weight_sum,
+    const OptTensor& entropy_sum, const OptTensor& coact) {
   // Reached when any tensor argument is on CUDA; when the logits are not, prepare_gate's device
   // checks raise the usual message, so only guard a CUDA device.
   const c10::cuda::OptionalCUDAGuard guard(
@@ -32,9 +32,9 @@ std::tuple<at::Tensor, at::Tensor> topk_gate_cuda(
   at::Tensor weights, ids;
   GateParams p;
   prepare_gate(logits, k, score, select_on, selection_bias, n_group, topk_group, group_score,
-               renormalize, renorm_eps, scale, steer, steer_select_only, std_unbiased, groups,
-               replay, tokens, counts, prob_sum, weight_sum, entropy_sum, coact, hold, weights,
-               ids, p);
+               renormalize, renorm_eps, scale, round_scores, steer, steer_select_only,
+               std_unbiased, groups, replay, tokens, counts, prob_sum, weight_sum, entropy_sum,
+               coact, hold, weights, ids, p);
   if (p.E > cuda::kWarpMaxExperts) {  // the CTA-per-token kernel's limits (gate_wide.cuh)
     TORCH_CHECK_VALUE(p.E <= cuda::kWideMaxExperts, "topk_gate: num_experts=", p.E,
                       " must be <= ", cuda::kWideMaxExperts, " on CUDA");

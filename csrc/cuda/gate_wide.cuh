@@ -233,17 +233,22 @@ __global__ void __launch_bounds__(kWideThreads, 1)
       // from 80 registers and no spill to 64 and 32 bytes spilled). The weights' steps are
       // shared (selection_weight, finish_weights).
       float v[VPT];
-      if (selects_on_logits(p) || p.score == Score::None) {
+      constexpr bool kRounds = kFull && LT != LogitType::F32;  // gate.cuh's round_scores
+      const bool round = kRounds && rounds_scores(p);
+      if (selects_on_logits(p, kRounds) || (p.score == Score::None && !round)) {
 #pragma unroll
         for (int i = 0; i < VPT; ++i) v[i] = z[i];
       } else if (softmax) {
         float sm_max = w_max, sm_sum = w_sum;
         if (!want_ew || zw_is_z0) softmax_norm<VPT>(row, z, valid, sm_max, sm_sum);
 #pragma unroll
-        for (int i = 0; i < VPT; ++i) v[i] = expf(z[i] - sm_max) / sm_sum;
+        for (int i = 0; i < VPT; ++i) {
+          v[i] = expf(z[i] - sm_max) / sm_sum;
+          if (round) v[i] = round_half<LT>(v[i]);
+        }
       } else {
 #pragma unroll
-        for (int i = 0; i < VPT; ++i) v[i] = score_of(p.score, z[i]);
+        for (int i = 0; i < VPT; ++i) v[i] = selection_score<LT>(p.score, z[i], round);
       }
       if (p.selection_bias) {
 #pragma unroll

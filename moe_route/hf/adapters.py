@@ -252,16 +252,19 @@ def _s3(router, block=None) -> RouterSpec:
                       scale=float(_first_attr(router, ("routed_scaling_factor",), 1.0)))
 
 
-def _gate(score="softmax", *, select_on="scores", renorm=False, eps=0.0, scale=None):
+def _gate(score="softmax", *, select_on="scores", renorm=False, eps=0.0, scale=None,
+          round_scores=False):
     """A spec whose settings are constants or read from the router: ``score`` a name or a
     function of the router, ``renorm`` a bool or the name of the router's flag
     (``"norm_topk_prob"``), ``eps`` added to the sum when renormalising, ``scale`` None or the
-    name of the router's scale attribute."""
+    name of the router's scale attribute, ``round_scores`` for a router that scores in its
+    logits' dtype."""
     def spec(router, block=None) -> RouterSpec:
         on = renorm if isinstance(renorm, bool) else bool(getattr(router, renorm))
         return RouterSpec(score(router) if callable(score) else score, select_on=select_on,
                           renormalize=on, renorm_eps=eps if on else 0.0,
-                          scale=float(getattr(router, scale)) if scale else 1.0)
+                          scale=float(getattr(router, scale)) if scale else 1.0,
+                          round_scores=round_scores)
     return spec
 
 
@@ -280,16 +283,17 @@ def _s6a(router, block=None) -> RouterSpec:
                       scale=float(router.routed_scaling_factor))
 
 
-def _s6b(renorm):
+def _s6b(renorm, round_scores=False):
     """Mistral-4 (Mistral4TopkRouter): softmax, groups score the sum of their top-2
     probabilities (other groups zeroed, which no probability can lose to), renorm + 1e-20 if
-    ``renorm(router)``, times routed_scaling_factor."""
+    ``renorm(router)``, times routed_scaling_factor; ``round_scores`` when it scores in its
+    logits' dtype."""
     def spec(router, block=None) -> RouterSpec:
         on = renorm(router)
         return RouterSpec("softmax", n_group=int(router.num_group),
                           topk_group=int(router.topk_group), group_score="top2_sum",
                           renormalize=on, renorm_eps=1e-20 if on else 0.0,
-                          scale=float(router.routed_scaling_factor))
+                          scale=float(router.routed_scaling_factor), round_scores=round_scores)
     return spec
 
 
@@ -652,12 +656,13 @@ SIGMOID_TOPK_AFMOE = Adapter("sigmoid_topk", "S4",
                              weight="gate.weight", selection_bias="arg:0",
                              logits_dtype=torch.float32)
 # Lfm2MoeTopKRouter: all in the model dtype; the block passes its expert_bias, or None when the
-# router does not use one; optional renorm + 1e-6, times routed_scaling_factor. (A half-precision
-# model selects on sigmoids rounded to its dtype, the gate on fp32 ones: experts closer than that
-# rounding may swap.)
+# router does not use one; optional renorm + 1e-6, times routed_scaling_factor. A half-precision
+# model selects on sigmoids rounded to its dtype plus the fp32 bias, and so does the gate
+# (round_scores); the family's exact ties at that precision go to torch.topk's choice, the
+# gate's to the lower index.
 SIGMOID_TOPK_LFM2 = Adapter("sigmoid_topk", "S4",
                             _gate("sigmoid", renorm="norm_topk_prob", eps=1e-6,
-                                  scale="routed_scaling_factor"),
+                                  scale="routed_scaling_factor", round_scores=True),
                             selection_bias="arg:0")
 # LagunaTopKRouter: fp32 logits after the GEMM, optional tanh softcap, router bias, renorm;
 # weights in the input dtype (the block applies its scaling factor after the experts)
@@ -673,11 +678,11 @@ SIGMOID_TOPK_MULTIPLIER = Adapter("sigmoid_topk", "S4",
                                   selection_bias="router:e_score_correction_bias",
                                   linear_dtype=torch.float32,
                                   pre=lambda r, z: z * r.output_multiplier)
-# DeepseekV4TopKRouter: score_fn (sigmoid or sqrt(softplus)) in the model dtype, router bias,
-# renorm + 1e-20, times routed_scaling_factor (the Lfm2 caveat on half-precision scores applies)
+# DeepseekV4TopKRouter: score_fn (sigmoid or sqrt(softplus)) in the model dtype (rounded as the
+# Lfm2 note says), router bias, renorm + 1e-20, times routed_scaling_factor
 SCORE_TOPK_BIAS = Adapter("score_topk", "S4",
                           _gate(_score_fn, renorm=True, eps=1e-20,
-                                scale="routed_scaling_factor"),
+                                scale="routed_scaling_factor", round_scores=True),
                           selection_bias="router:e_score_correction_bias")
 # DeepseekV4HashRouter: experts from a frozen token-id table (tid2eid[input_ids]), weighted by
 # their renormalised scores; its own forward runs and its choice is recorded (no steering)
@@ -728,9 +733,9 @@ SOFTMAX_BIAS_SCALED = Adapter("softmax_bias_topk", "S5", _gate(scale="routed_sca
                               linear_dtype=torch.float32, num_experts=("n_routed_experts",))
 # DeepseekV2TopkRouter: fp32 softmax, greedy or group-max limited top-k, scaled
 SOFTMAX_GROUPED_MAX = Adapter("softmax_grouped", "S6a", _s6a, linear_dtype=torch.float32)
-# Mistral4TopkRouter: softmax in the model dtype, top-2-sum groups, optional renorm, scaled (the
-# Lfm2 caveat on half-precision scores applies)
-SOFTMAX_GROUPED = Adapter("softmax_grouped", "S6b", _s6b(_renorm_flag))
+# Mistral4TopkRouter: softmax and the groups' top-2 sums in the model dtype (rounded as the Lfm2
+# note says), optional renorm, scaled
+SOFTMAX_GROUPED = Adapter("softmax_grouped", "S6b", _s6b(_renorm_flag, round_scores=True))
 # MistralLarge4TextTopkRouter: the same in fp32, always renormalised
 SOFTMAX_GROUPED_FP32 = Adapter("softmax_grouped", "S6b", _s6b(lambda r: True),
                                linear_dtype=torch.float32)
@@ -781,15 +786,17 @@ INKLING = Adapter("sigmoid_topk_shared_norm", "S7", _gate("sigmoid"),
                   selection_bias="router:e_score_correction_bias", linear=_inkling_linear,
                   autocast=False, returns=_inkling_returns,
                   limits="steering moves the choice; weights from unsteered logits")
-# ZayaRouter: MLP logits over E experts and a skip class, softmax in the model dtype, selection on
-# the probabilities plus balancing_biases (the skip class's -1 keeps it out unless steered or
-# trained in), weights the unrenormalised probabilities; the statistics count the skip class as
-# expert E (the Lfm2 caveat on half-precision scores applies)
-ZAYA = Adapter("softmax_topk_skip", "S5", _gate(), weight="down_proj.weight",
+# ZayaRouter: MLP logits over E experts and a skip class, softmax in the model dtype (rounded as
+# the Lfm2 note says), selection on the probabilities plus balancing_biases (the skip class's -1
+# keeps it out unless steered or trained in), weights the unrenormalised probabilities; the
+# statistics count the skip class as expert E
+ZAYA = Adapter("softmax_topk_skip", "S5", _gate(round_scores=True), weight="down_proj.weight",
                selection_bias="router:balancing_biases", num_experts=("num_router_classes",),
                linear=_zaya_linear, returns=_zaya_returns)
 # DbrxRouter returns only its logits; the gate replaces DbrxFFN.route_tokens_to_experts, which
-# routes them (softmax in the logits' dtype: the Lfm2 caveat on half-precision scores applies)
+# routes them (softmax in the logits' dtype, then top-k without a bias: half-precision
+# probabilities order the experts as the logits do, except where they tie at that precision,
+# which the model leaves to torch.topk and the gate gives to the higher logit)
 DBRX = Adapter("dbrx_softmax_topk", "S1d", _dbrx_spec, weight="layer.weight",
                top_k=("block.top_k",), returns=_dbrx_returns, logits_at=None,
                block_method="route_tokens_to_experts")

@@ -20,6 +20,7 @@ Two modes:
 """
 from __future__ import annotations
 
+import functools
 import numbers
 import re
 import threading
@@ -107,7 +108,7 @@ class RouterState:
             if recording:  # statistics only: the model's output stays the router's own
                 z = self._own_logits(router, hidden_states, args, kwargs, out, drawn).detach()
                 groups = self._groups(z)
-                w, ids = topk_gate(z, self.top_k, self.spec,
+                w, ids = topk_gate(z, self.top_k, self._spec_for(z),
                                    selection_bias=ad.selection_bias_of(router, self.block, args),
                                    stats=stats, groups=groups)
                 if trace is not None:
@@ -116,7 +117,7 @@ class RouterState:
         z = ad.logits(router, hidden_states, args, kwargs)
         groups = self._groups(z) if stats is not None or trace is not None else None
         chosen = replay(z.shape[0], z.device) if replay is not None else None
-        w, ids = route(z, self.top_k, self.spec,
+        w, ids = route(z, self.top_k, self._spec_for(z),
                        selection_bias=ad.selection_bias_of(router, self.block, args),
                        steer=steer, stats=stats, groups=groups, replay=chosen,
                        weights_dtype=ad.weights_out_dtype(z, hidden_states))
@@ -125,6 +126,17 @@ class RouterState:
         if ad.returns is not None:  # a family that returns more or other than (z, w, ids)
             return ad.returns(router, self.block, hidden_states, z, w, ids, *args, **kwargs)
         return z, w, ids
+
+    def _spec_for(self, z: torch.Tensor):
+        """The spec for logits ``z``. A router that scores in its logits' dtype (round_scores)
+        does so under autocast only where autocast leaves its score op alone: on CUDA it runs
+        softmax and softplus in fp32, so the scores are not rounded there."""
+        spec = self.spec
+        if (spec.round_scores and z.dtype in (torch.float16, torch.bfloat16)
+                and torch.is_autocast_enabled(z.device.type)
+                and _SCORE_OPS[spec.score](z[:1, :1]).dtype == torch.float32):
+            return _unrounded(spec)
+        return spec
 
     def _next_pass(self, backward: bool) -> Optional[int]:
         """The pass this call routes: 0 for a router that runs once per forward; None inside a
@@ -185,6 +197,17 @@ class RouterState:
         if self.groups is None:
             return None
         return self.groups(z.shape[0], z.device)
+
+
+# The first op of each score, as a family applies it to its logits (sqrt(softplus) rounds after
+# softplus already), for _spec_for's look at what autocast makes of it.
+_SCORE_OPS = {"softmax": lambda x: torch.softmax(x, dim=-1), "sigmoid": torch.sigmoid,
+              "sqrtsoftplus": torch.nn.functional.softplus, "none": lambda x: x}
+
+
+@functools.lru_cache(maxsize=64)
+def _unrounded(spec):
+    return spec.replace(round_scores=False)
 
 
 def in_backward() -> bool:
