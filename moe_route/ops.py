@@ -7,6 +7,7 @@ accumulates into. The numerics are those of ``moe_route.reference`` (its module 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 import operator
 from dataclasses import dataclass, field
@@ -351,11 +352,7 @@ def topk_gate(logits: torch.Tensor, k: int, spec: Optional[RouterSpec] = None, *
     if knobs:
         if spec is not None:
             _check_spec(spec)
-        try:
-            spec = (spec or _DEFAULT_SPEC).replace(**knobs)
-        except TypeError as exc:
-            raise TypeError(f"topk_gate: unknown router knob ({exc}); RouterSpec fields are "
-                            f"{[f.name for f in dataclasses.fields(RouterSpec) if f.init]}") from None
+        spec = _spec_with_knobs(spec or _DEFAULT_SPEC, knobs)
     elif spec is None:
         spec = _DEFAULT_SPEC
     if (steer is None and stats is None and _fast is not None and type(logits) is _Tensor
@@ -405,6 +402,33 @@ def topk_gate(logits: torch.Tensor, k: int, spec: Optional[RouterSpec] = None, *
             raise
     return _topk_gate_op(logits, k, spec, selection_bias, steer_table, select_only, unbiased,
                          groups, buffers, replay)
+
+
+def _spec_with_knobs(spec: RouterSpec, knobs: dict) -> RouterSpec:
+    """``spec`` with the keyword knobs over it, built once per distinct call: a RouterSpec takes
+    about 6 us to build (its checks and native config), more than a decode-sized gate."""
+    if not _compiling():  # torch.compile traces the spec's construction instead
+        key = tuple((name, type(value), value) for name, value in sorted(knobs.items()))
+        try:
+            return _cached_spec(spec, key)
+        except TypeError:
+            pass  # an unhashable value or an unknown knob: built uncached below, for its error
+    try:
+        return spec.replace(**knobs)
+    except TypeError as exc:
+        if any(name not in _KNOBS for name in knobs):
+            raise TypeError(f"topk_gate: unknown router knob ({exc}); RouterSpec fields are "
+                            f"{sorted(_KNOBS)}") from None
+        raise
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_spec(spec: RouterSpec, key: tuple) -> RouterSpec:
+    # the key holds each value's type: renormalize=1 must not reuse renormalize=True's spec
+    return spec.replace(**{name: value for name, _, value in key})
+
+
+_KNOBS = {f.name for f in dataclasses.fields(RouterSpec) if f.init}
 
 
 def _check_spec(spec) -> None:

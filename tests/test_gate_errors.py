@@ -319,6 +319,26 @@ def test_unknown_knob():
         moe_route.topk_gate(logits(), 2, top_k=2)
 
 
+def test_knob_specs_are_built_once_and_still_checked():
+    """Keyword knobs build their RouterSpec once per distinct set (building one costs more than
+    a decode-sized gate); a cached spec never stands in for a value its checks refuse
+    (renormalize=1 equals True as a dict key, but is not a bool)."""
+    from moe_route import ops
+    x = logits()
+    ops._cached_spec.cache_clear()
+    a = moe_route.topk_gate(x, 2, score="sigmoid", renormalize=True)
+    b = moe_route.topk_gate(x, 2, renormalize=True, score="sigmoid")
+    info = ops._cached_spec.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
+    spec = moe_route.RouterSpec("sigmoid", renormalize=True)
+    for got, want in zip((a, b), [moe_route.topk_gate(x, 2, spec)] * 2):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(TypeError, match="RouterSpec: renormalize must be a bool, got 1"):
+        moe_route.topk_gate(x, 2, score="sigmoid", renormalize=1)
+    with pytest.raises(ValueError, match=r"RouterSpec: score=\['x'\] must be one of"):
+        moe_route.topk_gate(x, 2, score=["x"])                 # unhashable: checked uncached
+
+
 def test_knobs_beside_a_spec_that_is_not_one():
     """A str spec with knobs was reported as an unknown knob (str.replace's own error)."""
     with pytest.raises(TypeError, match=r"topk_gate: spec must be a RouterSpec or None, got str"):
