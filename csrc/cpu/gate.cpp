@@ -129,21 +129,20 @@ MOE_ROUTE_INLINE float sqrt_softplus(float x) { return std::sqrt(softplus_fast(x
 // x rounded to nearest even in the logits' half precision and back, sanitised (round_scores):
 // what a PyTorch op on fp16/bf16 tensors does to its fp32 result. Overflow goes to +-FLT_MAX.
 // Branch-free (selects), so that the rounding loops vectorise.
-MOE_ROUTE_INLINE float round_bf16(float x) {
+template <int kDrop>  // mantissa bits dropped: 16 for bf16, 13 for fp16's normal numbers
+MOE_ROUTE_INLINE float round_mantissa(float x) {
   uint32_t u;
   std::memcpy(&u, &x, sizeof u);
-  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  u = (u + ((1u << (kDrop - 1)) - 1u) + ((u >> kDrop) & 1u)) & ~((1u << kDrop) - 1u);
   float y;
   std::memcpy(&y, &u, sizeof y);
-  return sanitize(y);
+  return y;
 }
 
+MOE_ROUTE_INLINE float round_bf16(float x) { return sanitize(round_mantissa<16>(x)); }
+
 MOE_ROUTE_INLINE float round_fp16(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  u = (u + 0xfffu + ((u >> 13) & 1u)) & 0xffffe000u;
-  float y;
-  std::memcpy(&y, &u, sizeof y);
+  const float y = round_mantissa<13>(x);
   const float a = std::fabs(x);
   const float sub = std::rint(x * 16777216.f) * 5.9604644775390625e-08f;  // steps of 2^-24
   const float big = x > 0.f ? kFltMax : -kFltMax;                          // past 65504
