@@ -180,7 +180,7 @@ FAMILIES = {
         "<|endoftext|>", "<|padding|>", "<|user|>", "<|assistant|>"), pad="<|padding|>",
         bos_token="<|endoftext|>", eos_token="<|endoftext|>"),
     "gpt_oss": lambda: byte_level(GPT_OSS, specials=(
-        "<|endoftext|>", "<|start|>", "<|message|>", "<|end|>", "<|return|>"),
+        "<|endoftext|>", "<|start|>", "<|message|>", "<|end|>", "<|return|>", "<|channel|>"),
         pad="<|endoftext|>", eos_token="<|return|>"),
     "deepseek_v3": lambda: byte_level(DEEPSEEK_V3, bos="<｜begin▁of▁sentence｜>", specials=(
         "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"),
@@ -542,3 +542,27 @@ def test_generation_reads_the_answer_from_real_decoding(family):
             assert mask[b].tolist() == [0] * (ids.shape[1] - n) + [1] * n      # left-padded
             assert ids[b, ids.shape[1] - n:].tolist() == row
             assert (ids[b, :ids.shape[1] - n] == pad).all()
+
+
+def test_generation_reads_gpt_oss_final_channel():
+    """GPT-OSS answers in the harmony format: an analysis channel (whose numbers and blank
+    lines are its reasoning), then the final channel. Its answer is the final channel's text,
+    and a generation cut off before that channel has none; a model without channels reads as
+    before."""
+    tok = FAMILIES["gpt_oss"]()
+
+    def said(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    model = _Scripted([
+        said("<|channel|>analysis<|message|>2 apples, then 6 more: 2 + 6 = 7?\n\nCheck: 9"
+             "<|end|><|start|>assistant<|channel|>final<|message|>The answer is 8.<|return|>"),
+        said("<|channel|>analysis<|message|>Let me count: 1, 2, 3"),       # out of tokens
+        said(" 5")])
+    items = {"eng": [ev.GenerationItem("Q: apples?\nA:", "8"),
+                     ev.GenerationItem("Q: count?\nA:", "3"),
+                     ev.GenerationItem("Q: five?\nA:", "5")]}
+    got = ev.generation_accuracy(model, items, tokenizer=tok, max_new_tokens=64,
+                                 chat_template=True)
+    assert got.predictions == {"eng": ["8", None, "5"]}
+    assert got.correct["eng"].tolist() == [True, False, True]

@@ -473,6 +473,9 @@ def generation_accuracy(model, items: Mapping[str, Sequence[GenerationItem]], *,
     """Generative accuracy by language (MGSM): greedy decoding of at most ``max_new_tokens``,
     the text cut at the first of ``stop``, ``extract(text)`` compared with ``extract(answer)``
     (for the default, the last number of each). ``predictions`` hold the extracted answers.
+    A model that writes channels (GPT-OSS's harmony format: an analysis channel, then the final
+    one) is read for its final channel only; a generation that ends before it has no answer
+    (give such a model room to reason: ``max_new_tokens`` in the thousands).
     Greedy is ``generate(do_sample=False)``: the model's own argmax in its dtype (ties to the
     lower token id). Prompts are left-padded, so a batch's answers start in one column, and
     keep the tokenizer's leading special tokens (BOS) but not an EOS it appends."""
@@ -485,6 +488,7 @@ def generation_accuracy(model, items: Mapping[str, Sequence[GenerationItem]], *,
                          f"int >= 1")
     device = next(model.parameters()).device
     pad = pad_id(tokenizer)
+    channels = tuple(_special_token_id(tokenizer, t) for t in ("<|channel|>", "<|message|>"))
     work = [(lang, item) for lang, questions in items.items() for item in questions]
     correct = {lang: [] for lang in items}
     predictions = {lang: [] for lang in items}
@@ -500,7 +504,8 @@ def generation_accuracy(model, items: Mapping[str, Sequence[GenerationItem]], *,
             ids, mask = _left_pad(prompts, pad)
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-            new = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+            new = [_answer_text(tokenizer, row, channels)
+                   for row in out[:, ids.shape[1]:].tolist()]
             for (lang, item), text in zip(batch, new):
                 for s in stop:
                     text = text.split(s, 1)[0] if s else text
@@ -512,6 +517,35 @@ def generation_accuracy(model, items: Mapping[str, Sequence[GenerationItem]], *,
         bar(None)
     return EvalResult({lang: torch.tensor(c, dtype=torch.bool) for lang, c in correct.items()},
                       predictions, {"kind": "generation", "max_new_tokens": max_new_tokens})
+
+
+def _answer_text(tokenizer, ids: list, channels: tuple) -> str:
+    """The decoded answer in generated ``ids``. With the harmony format's channel tokens
+    (``channels``: the ids of "<|channel|>" and "<|message|>", or None; GPT-OSS writes
+    "<|channel|>analysis<|message|>...<|end|><|start|>assistant<|channel|>final<|message|>ANSWER
+    <|return|>"), only the final channel's text, up to the next special token, and "" when there
+    is none yet."""
+    channel, message = channels
+    if channel is None or message is None or channel not in ids:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+    specials = set(tokenizer.all_special_ids) | {channel, message}
+    answer = []
+    for p, token in enumerate(ids):
+        if token != channel or message not in ids[p + 1:]:
+            continue
+        start = ids.index(message, p + 1)
+        if tokenizer.decode(ids[p + 1:start]).strip() == "final":
+            end = next((q for q in range(start + 1, len(ids)) if ids[q] in specials), len(ids))
+            answer = ids[start + 1:end]
+    return tokenizer.decode(answer, skip_special_tokens=True)
+
+
+def _special_token_id(tokenizer, token: str) -> Optional[int]:
+    """The id of ``token`` if the tokenizer has it as an added special token, else None."""
+    for i, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if added.content == token and getattr(added, "special", False):
+            return i
+    return None
 
 
 # -- few-shot prompts --------------------------------------------------------------------------
