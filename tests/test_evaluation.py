@@ -107,7 +107,15 @@ def test_paired_comparison_refuses_unpaired_results():
     ("it is -7", "-7"), ("\u22125", "-5"), ("\u09ea\u09e8", "42"), ("\u0e51\u0e52", "12"),
     ("007", "7"), ("0.000", "0"), ("-0", "0"), ("3.140 m", "3.14"), ("no digits", None),
     ("", None), ("5km", "5"), ("$18.", "18"), ("4 then H2O", "4"), ("w30", None),
-    ("\u7b54\u6848\u662f42\u3002", "42"), ("\u0e04\u0e37\u0e2d42", "42")])
+    ("\u7b54\u6848\u662f42\u3002", "42"), ("\u0e04\u0e37\u0e2d42", "42"),
+    # separators: grouping commas end in three digits (Indian groups of two before), any other
+    # comma separates numbers; Arabic and full-width marks; spaced French/Russian thousands
+    ("1,234,567", "1234567"), ("1,23,456", "123456"), ("1,2,3", "3"), ("3,45", "45"),
+    ("1234,567", "567"), ("-1,234", "-1234"), ("\uff11\uff0c\uff12\uff13\uff14", "1234"),
+    ("\uff13\uff0e\uff15\uff10", "3.5"), ("\uff0d\uff18", "-8"),
+    ("\u0661\u066c\u0662\u0663\u0664\u066b\u0665", "1234.5"),
+    ("1\u00a0234 \u20ac", "1234"), ("1\u202f234\u202f567", "1234567"), ("2\u2009500", "2500"),
+    ("1\u00a02345", "2345"), ("page 1 234", "234"), ("5\u00a0km", "5"), ("1.234", "1.234")])
 def test_last_number(text, number):
     assert ev.last_number(text) == number
 
