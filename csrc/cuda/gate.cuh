@@ -108,10 +108,12 @@ __device__ __forceinline__ float sanitize(float x) {
 
 __device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + expf(-x)); }
 
-__device__ __forceinline__ float sqrt_softplus_f(float x) {
+__device__ __forceinline__ float softplus_f(float x) {
   // torch.nn.functional.softplus uses threshold 20.
-  return sqrtf(x > 20.f ? x : log1pf(expf(x)));
+  return x > 20.f ? x : log1pf(expf(x));
 }
+
+__device__ __forceinline__ float sqrt_softplus_f(float x) { return sqrtf(softplus_f(x)); }
 
 // x rounded to nearest even in the logits' half precision LT and back, sanitised
 // (round_scores): what a PyTorch op on fp16/bf16 tensors does to its fp32 result.
@@ -140,8 +142,8 @@ __device__ __forceinline__ float score_of(Score s, float z) {
 template <LogitType LT>
 __device__ __forceinline__ float selection_score(Score s, float z, bool round) {
   if (s == Score::SqrtSoftplus) {
-    const float sp = z > 20.f ? z : log1pf(expf(z));
-    return round ? round_half<LT>(sqrtf(round_half<LT>(sp))) : sqrtf(sp);
+    if (!round) return sqrt_softplus_f(z);
+    return round_half<LT>(sqrtf(round_half<LT>(softplus_f(z))));
   }
   const float v = score_of(s, z);
   return round ? round_half<LT>(v) : v;

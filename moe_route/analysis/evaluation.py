@@ -41,7 +41,8 @@ import torch
 from moe_route._atomic import write_text_atomic
 from moe_route._json import parse as parse_json, read as read_json
 from moe_route.analysis.inputs import (BELEBELE, belebele_rows, chat_wrap, check_batch_size,
-                                     check_limit, check_not_retired, from_hub, pad_id)
+                                     check_limit, check_not_retired, from_hub, pad_id,
+                                     special_tokens)
 from moe_route.analysis.progress import progress_bar
 
 __all__ = ["ChoiceItem", "GenerationItem", "EvalResult", "PairedComparison", "choice_accuracy",
@@ -500,7 +501,8 @@ def generation_accuracy(model, items: Mapping[str, Sequence[GenerationItem]], *,
                          f"int >= 1")
     device = next(model.parameters()).device
     pad = pad_id(tokenizer)
-    channels = tuple(_special_token_id(tokenizer, t) for t in ("<|channel|>", "<|message|>"))
+    specials = {text: i for i, text in special_tokens(tokenizer).items()}
+    channels = (specials.get("<|channel|>"), specials.get("<|message|>"))
     work = [(lang, item) for lang, questions in items.items() for item in questions]
     correct = {lang: [] for lang in items}
     predictions = {lang: [] for lang in items}
@@ -543,21 +545,16 @@ def _answer_text(tokenizer, ids: list, channels: tuple) -> str:
     specials = set(tokenizer.all_special_ids) | {channel, message}
     answer = []
     for p, token in enumerate(ids):
-        if token != channel or message not in ids[p + 1:]:
+        if token != channel:
             continue
-        start = ids.index(message, p + 1)
+        try:
+            start = ids.index(message, p + 1)
+        except ValueError:
+            break  # no message after this channel token, nor after a later one
         if tokenizer.decode(ids[p + 1:start]).strip() == "final":
             end = next((q for q in range(start + 1, len(ids)) if ids[q] in specials), len(ids))
             answer = ids[start + 1:end]
     return tokenizer.decode(answer, skip_special_tokens=True)
-
-
-def _special_token_id(tokenizer, token: str) -> Optional[int]:
-    """The id of ``token`` if the tokenizer has it as an added special token, else None."""
-    for i, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
-        if added.content == token and getattr(added, "special", False):
-            return i
-    return None
 
 
 # -- few-shot prompts --------------------------------------------------------------------------

@@ -3,7 +3,7 @@ Hub datasets by language, and the batch-size check."""
 from __future__ import annotations
 
 __all__ = ["chat_wrap", "check_batch_size", "check_limit", "from_hub", "belebele_rows",
-           "check_not_retired", "pad_id", "BELEBELE"]
+           "check_not_retired", "pad_id", "special_tokens", "BELEBELE"]
 
 BELEBELE = ("belebele", "facebook/belebele")
 
@@ -28,6 +28,14 @@ def pad_id(tokenizer) -> int:
         if pad is not None:
             return int(pad)
     return 0
+
+
+def special_tokens(tokenizer) -> dict:
+    """``{id: text}`` of the tokenizer's added tokens marked special: BOS, EOS, pad, a chat
+    template's "<|im_start|>" or "<|user|>", GPT-OSS's "<|channel|>". Not a vocabulary token
+    that was made the pad token (``all_special_ids`` would list it)."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return {i: token.content for i, token in added.items() if getattr(token, "special", False)}
 
 
 def check_batch_size(caller: str, batch_size) -> None:

@@ -24,7 +24,8 @@ import torch
 
 from moe_route.analysis.evaluation import EvalResult, paired_comparison
 from moe_route.analysis.inputs import (BELEBELE, belebele_rows, chat_wrap, check_batch_size,
-                                     check_limit, check_not_retired, from_hub, pad_id)
+                                     check_limit, check_not_retired, from_hub, pad_id,
+                                     special_tokens)
 from moe_route.analysis.progress import progress_bar
 from moe_route.recording import record
 from moe_route._json import parse as parse_json
@@ -206,11 +207,9 @@ def _encode(texts: Sequence[str], tokenizer, chat_template: bool, max_length: Op
 
 
 def _special_ids(tokenizer) -> torch.Tensor:
-    """The ids of the tokenizer's added tokens marked special: BOS, EOS, pad, a chat template's
-    "<|im_start|>", "<|user|>". Not the unknown token (the text's own words become it), nor a
-    vocabulary token that was made the pad token (``all_special_ids`` would list it)."""
-    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    ids = {i for i, token in added.items() if getattr(token, "special", False)}
+    """The ids of the tokenizer's special tokens (``special_tokens``) but the unknown token (the
+    text's own words become it)."""
+    ids = set(special_tokens(tokenizer))
     ids.discard(getattr(tokenizer, "unk_token_id", None))
     return torch.tensor(sorted(ids), dtype=torch.long)
 
