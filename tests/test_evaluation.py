@@ -115,7 +115,10 @@ def test_paired_comparison_refuses_unpaired_results():
     ("\uff13\uff0e\uff15\uff10", "3.5"), ("\uff0d\uff18", "-8"),
     ("\u0661\u066c\u0662\u0663\u0664\u066b\u0665", "1234.5"),
     ("1\u00a0234 \u20ac", "1234"), ("1\u202f234\u202f567", "1234567"), ("2\u2009500", "2500"),
-    ("1\u00a02345", "2345"), ("page 1 234", "234"), ("5\u00a0km", "5"), ("1.234", "1.234")])
+    ("1\u00a02345", "2345"), ("page 1 234", "234"), ("5\u00a0km", "5"), ("1.234", "1.234"),
+    # Swiss apostrophe thousands (ASCII and typographic); feet and inches are two numbers
+    ("1'234'567", "1234567"), ("CHF 2\u2019500.50", "2500.5"), ("1'2345", "2345"),
+    ("5'10\"", "10"), ("Peter's 3", "3")])
 def test_last_number(text, number):
     assert ev.last_number(text) == number
 

@@ -443,7 +443,9 @@ def _score_rows(model, rows: list, batch_size: int, pad_id: int, progress: bool)
 # between a digit and exactly three more ("1 234", French and Russian) groups thousands
 _SEPARATORS = str.maketrans({"\u066c": ",", "\uff0c": ",", "\u066b": ".", "\uff0e": ".",
                              "\uff0d": "-"})
-_SPACE_GROUP = re.compile(r"(?<=\d)[\u00a0\u202f\u2009](?=\d{3}(?!\d))")
+# no-break and thin spaces (French, Russian) and apostrophes (Swiss "1'234", also typographic)
+# group thousands when exactly three digits follow; a plain space does not ("page 1 234")
+_SPACE_GROUP = re.compile(r"(?<=\d)[\u00a0\u202f\u2009'\u2019](?=\d{3}(?!\d))")
 # not glued to a Latin letter or another digit ("w30", "H2O"); "5km", "$18" and "答案是42" count.
 # Comma groups end in three digits and may hold two before (Indian "1,23,456"); any other comma
 # separates numbers ("1,2,3" is three of them).
@@ -454,13 +456,14 @@ _NUMBER = re.compile(r"(?<![A-Za-z_\d])[-\u2212]?(?:\d{1,3}(?:,\d{2,3})*,\d{3}(?
 def last_number(text: str) -> Optional[str]:
     """The last number in ``text``, normalised: ASCII digits (any script's decimal digits are
     read), no thousands separators, no trailing fractional zeros (``"1,234.50"`` -> ``"1234.5"``,
-    ``"৪২"`` -> ``"42"``, ``"１，２３４"`` -> ``"1234"``, and French ``"1 234"`` written with a narrow no-break
-    space -> ``"1234"``).
-    Thousands are grouped by commas (also Arabic and full-width ones) or by no-break and thin
-    spaces; the decimal point is a dot (also Arabic and full-width). A decimal comma is not read
-    (``"1,5"`` is 1 and 5, the last number 5), and a dot is always decimal (``"1.234"`` is
-    1.234, not German 1234). Digits right after a Latin letter are part of a word, not a number
-    (``"w30"``), while numbers right after CJK or Thai text count. ``None`` when there is none."""
+    ``"৪২"`` -> ``"42"``, ``"１，２３４"`` -> ``"1234"``, French ``"1 234"`` with a narrow
+    no-break space and Swiss ``"1'234"`` -> ``"1234"``).
+    Thousands are grouped by commas (also Arabic and full-width ones), by no-break and thin
+    spaces, or by apostrophes; the decimal point is a dot (also Arabic and full-width). A decimal
+    comma is not read (``"1,5"`` is 1 and 5, the last number 5), and a dot is always decimal
+    (``"1.234"`` is 1.234, not German 1234). Digits right after a Latin letter are part of a
+    word, not a number (``"w30"``), while numbers right after CJK or Thai text count. ``None``
+    when there is none."""
     if not isinstance(text, str):
         raise TypeError(f"last_number: text must be a str, got {type(text).__name__}")
     found = _NUMBER.findall(_SPACE_GROUP.sub(",", text.translate(_SEPARATORS)))
