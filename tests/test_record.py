@@ -11,7 +11,8 @@ import torch
 import moe_route
 from moe_route.hf import adapters, find_routers
 
-from tiny_models import build, enable_checkpointing, inputs, model_type, selected_experts
+from tiny_models import (build, cache_argument, enable_checkpointing, inputs, model_type,
+                         selected_experts)
 from test_patch import SUPPORTED
 
 pytest.importorskip("transformers")
@@ -140,7 +141,7 @@ def test_generate_phases_follow_the_prompt_not_the_cache():
     for tokens, want in (("prompt", turn2.shape[1] - cached), ("generated", 2)):
         cache = copy.deepcopy(first.past_key_values)
         with moe_route.record(model, tokens=tokens) as rec, torch.no_grad():
-            model.generate(turn2, past_key_values=cache, **kw)
+            model.generate(turn2, **{cache_argument(model): cache}, **kw)
         assert [int(layer.tokens.sum()) for layer in rec.stats] == [want] * 2, tokens
     prompt = _ids(3, (2, 5))
     for tokens in ("all", "prompt", "generated"):

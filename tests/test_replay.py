@@ -5,7 +5,6 @@ unpatched model); a replayed run's trace holds the given ids, with the weights t
 gives from the model's own logits at them; a forward over whole sequences and a KV-cache decode
 under the same per-position routing agree; statistics count the replayed ids.
 """
-import inspect
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from moe_route import reference as R
 from moe_route import replaying
 from moe_route.hf.patch import find_routers, layer_index
 
-from tiny_models import build, enable_checkpointing, inputs, supported_families
+from tiny_models import build, cache_argument, enable_checkpointing, inputs, supported_families
 from test_patch import CORE
 
 pytest.importorskip("transformers")
@@ -112,13 +111,6 @@ def test_statistics_count_the_replayed_ids():
                                                            minlength=E))
 
 
-def _cache_argument(model) -> str:
-    """The name of the KV cache argument of ``model``'s forward (transformers 5.24 renamed
-    ``past_key_values`` to ``cache``)."""
-    params = inspect.signature(type(model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 @pytest.mark.parametrize("old_name", [False, True], ids=["cache_argument", "past_key_values"])
 @pytest.mark.parametrize("family", ["olmoe", "deepseek_v3"])
@@ -129,7 +121,7 @@ def test_by_position_prefill_and_decode_match_one_forward(family, old_name):
     forward's own name for it, or by ``past_key_values``, which transformers 5.24 renamed
     ``cache`` and still takes."""
     model = build(family)
-    cache_name = "past_key_values" if old_name else _cache_argument(model)
+    cache_name = "past_key_values" if old_name else cache_argument(model)
     B, S, S0 = 2, 9, 4
     ids = _ids(7, (B, S))
     trace, _ = _trace(model, ids)
@@ -139,11 +131,11 @@ def test_by_position_prefill_and_decode_match_one_forward(family, old_name):
     with moe_route.replay(model, routing), moe_route.record(model, trace=True) as rec, \
             torch.no_grad():
         out = model(ids[:, :S0], use_cache=True)
-        steps, cache = [out.logits], out[_cache_argument(model)]
+        steps, cache = [out.logits], out[cache_argument(model)]
         for s in range(S0, S):
             out = model(ids[:, s:s + 1], **{cache_name: cache}, use_cache=True)
             steps.append(out.logits)
-            cache = out[_cache_argument(model)]
+            cache = out[cache_argument(model)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
     for name, layer in rec.trace.items():
         k = routing[name].shape[-1]
@@ -470,7 +462,7 @@ def test_by_position_reads_a_positional_cache():
     routing = _random_routing(trace, seed=15, shape=(B, S))
     with moe_route.replay(model, routing), moe_route.record(model, trace=True) as rec, \
             torch.no_grad():
-        cache = model(ids[:, :S0], use_cache=True)[_cache_argument(model)]
+        cache = model(ids[:, :S0], use_cache=True)[cache_argument(model)]
         model(ids[:, S0:], None, None, cache)
     for name, layer in rec.trace.items():
         k = routing[name].shape[-1]

@@ -18,6 +18,7 @@ layer an MoE layer wherever the config allows it.
   (``missing``; ``BROKEN`` lists releases whose own code fails on a tiny model) or whose router
   moe_route does not trust there (``untrusted``); ``supported_families()`` is the release's list.
 """
+import inspect
 from typing import Optional
 
 import pytest
@@ -642,6 +643,13 @@ def build(family: str, dtype=torch.float32, seed: int = 0):
         if isinstance(emb, torch.nn.Embedding):
             emb.weight.normal_(0, 1.0)
     return model
+
+
+def cache_argument(model) -> str:
+    """The name of the KV cache argument of ``model``'s forward (transformers 5.24 renamed
+    ``past_key_values`` to ``cache``, keeping the old name with a FutureWarning)."""
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def inputs(family: str, ids: torch.Tensor, model=None) -> dict:
