@@ -350,6 +350,30 @@ def test_choice_ties_go_to_the_lower_option_and_nan_never_wins():
     assert ev.choice_accuracy(model, items).predictions == {"x": [0, 1, 0]}
 
 
+def test_chars_normalisation_leaves_out_the_options_leading_space():
+    """lm-eval's acc_norm divides by the option's length without the space before it: " w30"
+    (log-likelihood -3) counts 3 characters and " w31 w32" (-6.5) counts 7, so the longer option
+    wins (-0.93 against -1.0); counting the spaces (4 and 8) gave the shorter one."""
+    row = torch.full((len(WORDS),), -1e4)
+    row[30], row[31], row[32] = -3.0, -3.25, -3.25
+    row[0] = math.log(1 - math.exp(-3.0) - 2 * math.exp(-3.25))    # log-softmax == row
+    model, tok = _FixedLogits(row.tolist()), word_tokenizer(WORDS)
+    items = {"eng": [ev.ChoiceItem("w20", [" w30", " w31 w32"], 1)]}
+    want = {"none": 0, "tokens": 0, "chars": 1, "bytes": 1}
+    for normalize, best in want.items():
+        got = ev.choice_accuracy(model, items, tokenizer=tok, normalize=normalize)
+        assert got.predictions == {"eng": [best]}, normalize
+
+
+def test_choice_refuses_token_ids_outside_the_vocabulary():
+    model = build("olmoe")
+    vocab = model.get_input_embeddings().num_embeddings
+    for prompt, options in (([1, 2], [[3], [vocab]]), ([-1], [[3], [4]])):
+        with pytest.raises(ValueError, match=rf"language 'x', item 0: token id -?\d+ is not in the "
+                                             rf"model's vocabulary \[0, {vocab}\)"):
+            ev.choice_accuracy(model, {"x": [ev.ChoiceItem(prompt, options, 0)]})
+
+
 def test_planted_task_as_questions_gives_the_planted_accuracy():
     """On the planted model the accuracy is known (task score vs difficulty): the questions of
     ``choice_items`` reproduce it, with and without steering of the task experts."""
@@ -459,6 +483,13 @@ def test_generation_accuracy_matches_a_greedy_loop():
         ev.generation_accuracy(model, items, tokenizer=tok, max_new_tokens=0)
     with pytest.raises(ValueError, match="pass tokenizer="):
         ev.generation_accuracy(model, items, tokenizer=None)
+    with pytest.raises(TypeError, match=r"stop must be a sequence of strings \(one stop string "
+                                        r"is \('Question',\)\)"):
+        ev.generation_accuracy(model, items, tokenizer=tok, stop="Question")
+    with pytest.raises(TypeError, match="stop must be a sequence of strings"):
+        ev.generation_accuracy(model, items, tokenizer=tok, stop=("Question:", None))
+    with pytest.raises(TypeError, match="extract must be callable .* got NoneType"):
+        ev.generation_accuracy(model, items, tokenizer=tok, extract=None)
 
 
 class _ScriptedModel(torch.nn.Module):
@@ -564,6 +595,14 @@ def test_load_choice_and_generation_tasks_from_jsonl(tmp_path):
     bad.write_text(json.dumps({"language": "eng", "prompt": "x"}) + "\n")
     with pytest.raises(ValueError, match="line 1: expected language, prompt, options and answer"):
         ev.load_choice_task(bad)
+    for field, value, message in (("options", " yes", "options must be a list of strings"),
+                                  ("options", [" a", 2], "options must be a list of strings"),
+                                  ("answer", 1.9, r"answer must be an option index \(an int\), "
+                                                  r"got 1.9"),
+                                  ("answer", True, "answer must be an option index")):
+        bad.write_text(json.dumps({**rows[0], field: value}) + "\n")
+        with pytest.raises(ValueError, match=f"line 1: {message}"):
+            ev.load_choice_task(bad)
     bad.write_text("{oops\n")
     with pytest.raises(ValueError, match="line 1 is not valid JSON"):
         ev.load_choice_task(bad)
@@ -572,6 +611,9 @@ def test_load_choice_and_generation_tasks_from_jsonl(tmp_path):
     gen = tmp_path / "gen.jsonl"
     gen.write_text(json.dumps({"language": "bn", "prompt": "Question: 2+2?", "answer": 4}) + "\n")
     assert ev.load_generation_task(gen) == {"bn": [ev.GenerationItem("Question: 2+2?", "4")]}
+    gen.write_text(json.dumps({"language": "bn", "prompt": "Q", "answer": None}) + "\n")
+    with pytest.raises(ValueError, match="line 1: answer must be a number or a string, got None"):
+        ev.load_generation_task(gen)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(ValueError, match="holds no questions"):
@@ -607,22 +649,29 @@ def test_belebele_rows_become_letter_questions():
 
 def test_hub_tasks_from_the_hub_layouts(monkeypatch, tmp_path):
     """Belebele by language config (test split; the legacy layout too), Global-MGSM by language
-    config and its test split, with the limit; read by the real ``datasets`` from local copies
+    config and its test split (prompted with the row's instruction and answer prefix), with the
+    limit; read by the real ``datasets`` from local copies
     of the Hub layouts. ``juletxara/mgsm`` (a loading script ``datasets`` 4 refuses) names its
     replacement."""
     belebele = {"flores_passage": "P.", "question": "Q?", "mc_answer1": "a", "mc_answer2": "b",
                 "mc_answer3": "c", "mc_answer4": "d", "correct_answer_num": "4"}
     by_lang = {lang: {"test": [belebele] * 3} for lang in ("eng_Latn", "swh_Latn")}
-    mgsm = {"sw": {"test": [{"question": "2+2?", "answer": "4", "answer_prefix": "Jibu"},
-                            {"question": "3+3?", "answer": "6", "answer_prefix": "Jibu"}]}}
+    solve = "Tatua swali."
+    mgsm = {"sw": {"test": [{"question": "2+2?", "answer": "4", "answer_prefix": "Jibu",
+                             "instruction": solve},
+                            {"question": "3+3?", "answer": "6", "answer_prefix": "Jibu",
+                             "instruction": solve}]}}
     repos = {"facebook/belebele": write_repo(tmp_path / "belebele", by_lang),
              "CohereLabs/global-mgsm": write_repo(tmp_path / "mgsm", mgsm)}
     calls = datasets_serving(monkeypatch, tmp_path, repos)
     items = ev.load_choice_task("belebele", ["eng_Latn", "swh_Latn"], limit=2)
     assert [len(v) for v in items.values()] == [2, 2] and items["swh_Latn"][0].answer == 3
     gen = ev.load_generation_task("mgsm", ["sw"])
-    assert gen == {"sw": [ev.GenerationItem("Question: 2+2?\nAnswer:", "4"),
-                          ev.GenerationItem("Question: 3+3?\nAnswer:", "6")]}
+    assert gen == {"sw": [ev.GenerationItem(f"{solve}\n\nQuestion: 2+2?\n\nJibu:", "4"),
+                          ev.GenerationItem(f"{solve}\n\nQuestion: 3+3?\n\nJibu:", "6")]}
+    # a copy of MGSM without the instruction and the prefix: English labels
+    assert ev._mgsm_item({"question": "2+2?", "answer": 4}) == \
+        ev.GenerationItem("Question: 2+2?\nAnswer:", "4")
     assert calls == [("facebook/belebele", "eng_Latn", "split=test"),
                      ("facebook/belebele", "swh_Latn", "split=test"),
                      ("CohereLabs/global-mgsm", "sw", "split=test")]

@@ -412,7 +412,8 @@ BELEBELE_LIKE = "P: the cat sat on the mat.\nQ: who sat?\nA: cat\nB: dog\nC: one
 def test_choice_scores_the_option_tokens_of_prompt_plus_option(family):
     """" A".." D" after "Answer:": the prompt is the tokenisation of the (wrapped) prompt, with
     the BOS the tokenizer or the template writes and no EOS, each option one token that spells
-    its letter, and prompt + option is exactly how the model reads prompt + option."""
+    its letter, and prompt + option is exactly how the model reads prompt + option: the letter
+    with its space after a plain prompt, without it after a chat template's assistant header."""
     tok = FAMILIES[family]()
     letters = [" A", " B", " C", " D"]
     for chat in (False, True):
@@ -420,7 +421,8 @@ def test_choice_scores_the_option_tokens_of_prompt_plus_option(family):
         prompt, options = ev._encode_choice(item, tok, chat, "q")
         text = ev.chat_wrap(tok, BELEBELE_LIKE, chat)
         for letter, option in zip(letters, options):
-            whole = tok(text + letter, add_special_tokens=not chat)["input_ids"]
+            whole = tok(text + (letter.lstrip() if chat else letter),
+                        add_special_tokens=not chat)["input_ids"]
             assert prompt + option == whole, (family, chat, letter)
             assert len(option) == 1 and spelled(tok, option).strip() == letter.strip()
         bos = tok.bos_token_id
@@ -544,6 +546,19 @@ def test_generation_reads_the_answer_from_real_decoding(family):
             assert (ids[b, :ids.shape[1] - n] == pad).all()
 
 
+@pytest.mark.parametrize("family", ["qwen3", "mixtral"])
+def test_generation_reads_a_worked_answer_over_paragraphs(family):
+    """A chat model's worked answer runs over paragraphs: the default stop ("Question:", the
+    next few-shot question) keeps them all, so its last number is the result, not the first
+    paragraph's."""
+    tok = FAMILIES[family]()
+    worked = "3 + 4 = 7 apples.\n\nThen 7 * 6 = 42.\n\nThe answer is 42.\n\nQuestion: and 9?"
+    model = _Scripted([tok(worked, add_special_tokens=False)["input_ids"]])
+    items = {"eng": [ev.GenerationItem("Question: apples?\nAnswer:", "42")]}
+    got = ev.generation_accuracy(model, items, tokenizer=tok, max_new_tokens=64)
+    assert got.predictions == {"eng": ["42"]} and got.correct["eng"].tolist() == [True]
+
+
 def test_generation_reads_gpt_oss_final_channel():
     """GPT-OSS answers in the harmony format: an analysis channel (whose numbers and blank
     lines are its reasoning), then the final channel. Its answer is the final channel's text,
@@ -558,11 +573,13 @@ def test_generation_reads_gpt_oss_final_channel():
         said("<|channel|>analysis<|message|>2 apples, then 6 more: 2 + 6 = 7?\n\nCheck: 9"
              "<|end|><|start|>assistant<|channel|>final<|message|>The answer is 8.<|return|>"),
         said("<|channel|>analysis<|message|>Let me count: 1, 2, 3"),       # out of tokens
-        said(" 5")])
+        said(" 5"),
+        said("<|channel|>final<|message|>It is 4<|end|> 7")])   # "<|end|>" ends the channel
     items = {"eng": [ev.GenerationItem("Q: apples?\nA:", "8"),
                      ev.GenerationItem("Q: count?\nA:", "3"),
-                     ev.GenerationItem("Q: five?\nA:", "5")]}
+                     ev.GenerationItem("Q: five?\nA:", "5"),
+                     ev.GenerationItem("Q: four?\nA:", "4")]}
     got = ev.generation_accuracy(model, items, tokenizer=tok, max_new_tokens=64,
                                  chat_template=True)
-    assert got.predictions == {"eng": ["8", None, "5"]}
-    assert got.correct["eng"].tolist() == [True, False, True]
+    assert got.predictions == {"eng": ["8", None, "5", "4"]}
+    assert got.correct["eng"].tolist() == [True, False, True, True]

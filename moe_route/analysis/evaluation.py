@@ -19,8 +19,9 @@ would make them.
   one forward per question, read at the last position; longer options one row per option.
   Batches are left-padded, with position ids from the attention mask, and only the logits of
   the last positions are computed (``logits_to_keep``).
-* **Generation** (MGSM): greedy ``generate``, the text cut at the first stop string, the last
-  number in it compared with the answer (digits of any script, ``1,234.50`` == ``1234.5``).
+* **Generation** (MGSM): greedy ``generate``, the text cut at the first stop string
+  (``"Question:"``), the last number in it compared with the answer (digits of any script,
+  ``1,234.50`` == ``1234.5``).
 * **Few-shot** prompts: ``few_shot(items, exemplars, n)`` writes n solved examples before each
   question (per language, or one set for every language; never the question itself).
 """
@@ -298,15 +299,17 @@ def choice_accuracy(model, items: Mapping[str, Sequence[ChoiceItem]], *, tokeniz
     """Multiple-choice accuracy by language: the predicted option is the one whose tokens are
     most likely after the prompt (log-likelihood summed over its tokens; ``normalize="tokens"``
     divides by its token count, ``"chars"`` by its length in characters, as lm-eval's
-    ``acc_norm``, ``"bytes"`` by its UTF-8 length, which counts 2-4 per character outside ASCII).
+    ``acc_norm``, ``"bytes"`` by its UTF-8 length, which counts 2-4 per character outside ASCII;
+    both leave out the option's leading space, which separates it from the prompt).
 
     ``items``: ``{language: [ChoiceItem]}``. Text prompts need a ``tokenizer``; the option's
     tokens are those of ``prompt + option`` beyond the ones every option shares with the prompt
     (so a BPE merge across the boundary, as after a prompt ending in a space, is tokenised as the
     model would see it, and scored with the option). The prompt keeps the tokenizer's leading
     special tokens (BOS) but never a trailing one (an EOS some tokenizers append).
-    ``chat_template`` wraps the prompt as a user turn with the generation prompt. Runs under
-    whatever ``steer``/``record`` is active.
+    ``chat_template`` wraps the prompt as a user turn with the generation prompt, and the options
+    follow it without their leading space (``"A"``, not ``" A"``, after the assistant header),
+    as lm-eval does under a chat template. Runs under whatever ``steer``/``record`` is active.
 
     Numerics: log-softmax of the logits in fp32 (whatever the model's dtype), an option's
     log-probabilities summed in float64; the best score wins, ties to the lower option index,
@@ -319,16 +322,22 @@ def choice_accuracy(model, items: Mapping[str, Sequence[ChoiceItem]], *, tokeniz
     # rows: (tokens, reads); a read (back, token) is the log-probability of token at the
     # position `back` from the end. plans: per question, which reads make each option's score.
     rows, plans = [], []
+    vocab = _vocabulary(model)
     for lang, questions in items.items():
         for q, item in enumerate(questions):
             where = f"language {lang!r}, item {q}"
             prompt, options = _encode_choice(item, tokenizer, chat_template, where)
+            bad = next((t for t in prompt + sum(options, []) if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ValueError(f"choice_accuracy: {where}: token id {bad} is not in the "
+                                 f"model's vocabulary [0, {vocab})")
             if normalize in ("chars", "bytes") and not all(isinstance(o, str)
                                                            for o in item.options):
                 raise ValueError(f"choice_accuracy: normalize={normalize!r} needs text options "
                                  f"({where} has token ids)")
-            scale = [1.0 / (len(o) if normalize == "tokens" else len(t) if normalize == "chars"
-                            else len(t.encode("utf-8")) if normalize == "bytes" else 1)
+            scale = [1.0 / (len(o) if normalize == "tokens" else
+                            max(1, len(_bare(t))) if normalize == "chars" else
+                            max(1, len(_bare(t).encode("utf-8"))) if normalize == "bytes" else 1)
                      for o, t in zip(options, item.options)]
             if all(len(o) == 1 for o in options):       # one forward, read at the last position
                 refs = [(len(rows), j, j + 1) for j in range(len(options))]
@@ -369,7 +378,8 @@ def _encode_choice(item: ChoiceItem, tokenizer, chat_template: bool, where: str)
             if not isinstance(option, str):
                 raise TypeError(f"choice_accuracy: {where}: a text prompt needs text options, "
                                 f"got {type(option).__name__}")
-            wholes.append(_prompt_ids(tokenizer, text + option, chat_template))
+            wholes.append(_prompt_ids(tokenizer, text + (_bare(option) if chat_template
+                                                         else option), chat_template))
         # Each option is scored on the tokens the model reads for prompt + option. Where the
         # prompt's last token merges with an option ("Answer: " + "A" reads "Answer", ":", " A"),
         # the prompt shared by the options ends before it: the option alone would be tokenised
@@ -386,6 +396,17 @@ def _encode_choice(item: ChoiceItem, tokenizer, chat_template: bool, where: str)
     if empty:
         raise ValueError(f"choice_accuracy: {where}: options {empty} have no tokens")
     return prompt, options
+
+
+def _bare(option: str) -> str:
+    """An option without the space that separates it from its prompt (``" A"`` -> ``"A"``)."""
+    return option[1:] if option.startswith(" ") else option
+
+
+def _vocabulary(model) -> Union[int, float]:
+    """The number of token ids ``model`` embeds (inf where it does not say)."""
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    return getattr(embeddings, "num_embeddings", math.inf)
 
 
 def _common_prefix(a: list, b: list) -> int:
@@ -483,12 +504,15 @@ def _normalise_number(token: str) -> str:
 @torch.no_grad()
 def generation_accuracy(model, items: Mapping[str, Sequence[GenerationItem]], *, tokenizer,
                         max_new_tokens: int = 256, batch_size: int = 8,
-                        chat_template: bool = False, stop: Sequence[str] = ("\n\n", "Question:"),
+                        chat_template: bool = False, stop: Sequence[str] = ("Question:",),
                         extract: Callable[[str], Optional[str]] = last_number,
                         progress: bool = False) -> EvalResult:
     """Generative accuracy by language (MGSM): greedy decoding of at most ``max_new_tokens``,
     the text cut at the first of ``stop``, ``extract(text)`` compared with ``extract(answer)``
     (for the default, the last number of each). ``predictions`` hold the extracted answers.
+    The default stop is ``"Question:"`` alone (the next few-shot question), as in the paper's
+    follow-up evaluation: a chat model's worked answer runs over several paragraphs, and a stop
+    at a blank line would read the number of its first one.
     A model that writes channels (GPT-OSS's harmony format: an analysis channel, then the final
     one) is read for its final channel only; a generation that ends before it has no answer
     (give such a model room to reason: ``max_new_tokens`` in the thousands).
@@ -497,6 +521,13 @@ def generation_accuracy(model, items: Mapping[str, Sequence[GenerationItem]], *,
     keep the tokenizer's leading special tokens (BOS) but not an EOS it appends."""
     _check_items("generation_accuracy", items, GenerationItem)
     check_batch_size("generation_accuracy", batch_size)
+    if not isinstance(stop, Sequence) or isinstance(stop, str) or \
+            not all(isinstance(s, str) for s in stop):
+        raise TypeError(f"generation_accuracy: stop must be a sequence of strings (one stop "
+                        f"string is ({stop!r},)), got {stop!r:.80}")
+    if not callable(extract):
+        raise TypeError(f"generation_accuracy: extract must be callable (text -> answer or "
+                        f"None), got {type(extract).__name__}")
     if tokenizer is None:
         raise ValueError("generation_accuracy: pass tokenizer= (the prompts are text)")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -504,8 +535,10 @@ def generation_accuracy(model, items: Mapping[str, Sequence[GenerationItem]], *,
                          f"int >= 1")
     device = next(model.parameters()).device
     pad = pad_id(tokenizer)
-    specials = {text: i for i, text in special_tokens(tokenizer).items()}
-    channels = (specials.get("<|channel|>"), specials.get("<|message|>"))
+    specials = special_tokens(tokenizer)
+    ids_of = {text: i for i, text in specials.items()}
+    channels = (ids_of.get("<|channel|>"), ids_of.get("<|message|>"))
+    ends = set(specials) | set(getattr(tokenizer, "all_special_ids", ()))
     work = [(lang, item) for lang, questions in items.items() for item in questions]
     correct = {lang: [] for lang in items}
     predictions = {lang: [] for lang in items}
@@ -521,7 +554,7 @@ def generation_accuracy(model, items: Mapping[str, Sequence[GenerationItem]], *,
             ids, mask = _left_pad(prompts, pad)
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-            new = [_answer_text(tokenizer, row, channels)
+            new = [_answer_text(tokenizer, row, channels, ends)
                    for row in out[:, ids.shape[1]:].tolist()]
             for (lang, item), text in zip(batch, new):
                 for s in stop:
@@ -536,16 +569,17 @@ def generation_accuracy(model, items: Mapping[str, Sequence[GenerationItem]], *,
                       predictions, {"kind": "generation", "max_new_tokens": max_new_tokens})
 
 
-def _answer_text(tokenizer, ids: list, channels: tuple) -> str:
+def _answer_text(tokenizer, ids: list, channels: tuple, ends: set) -> str:
     """The decoded answer in generated ``ids``. With the harmony format's channel tokens
     (``channels``: the ids of "<|channel|>" and "<|message|>", or None; GPT-OSS writes
     "<|channel|>analysis<|message|>...<|end|><|start|>assistant<|channel|>final<|message|>ANSWER
-    <|return|>"), only the final channel's text, up to the next special token, and "" when there
-    is none yet."""
+    <|return|>"), only the final channel's text, up to the next special token (``ends``: the
+    tokenizer's special ids, its added special tokens included: "<|end|>" is one), and "" when
+    there is none yet."""
     channel, message = channels
     if channel is None or message is None or channel not in ids:
         return tokenizer.decode(ids, skip_special_tokens=True)
-    specials = set(tokenizer.all_special_ids) | {channel, message}
+    specials = ends | {channel, message}
     answer = []
     for p, token in enumerate(ids):
         if token != channel:
@@ -677,12 +711,18 @@ def load_choice_task(source, languages: Optional[Sequence[str]] = None, *,
     out = {}
     for n, row in rows:
         try:
-            item = ChoiceItem(str(row["prompt"]), [str(o) for o in row["options"]],
-                              int(row["answer"]))
+            item = ChoiceItem(str(row["prompt"]), row["options"], row["answer"])
             lang = str(row["language"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError) as exc:
             raise ValueError(f"load_choice_task: {source} line {n}: expected language, prompt, "
                              f"options and answer ({exc!r})") from None
+        if not isinstance(item.options, list) or not all(isinstance(o, str)
+                                                          for o in item.options):
+            raise ValueError(f"load_choice_task: {source} line {n}: options must be a list of "
+                             f"strings, got {item.options!r:.80}")
+        if isinstance(item.answer, bool) or not isinstance(item.answer, int):
+            raise ValueError(f"load_choice_task: {source} line {n}: answer must be an option "
+                             f"index (an int), got {item.answer!r}")
         if not 0 <= item.answer < len(item.options):
             raise ValueError(f"load_choice_task: {source} line {n}: answer={item.answer} is not "
                              f"an index of its {len(item.options)} options")
@@ -715,7 +755,10 @@ def load_generation_task(source, languages: Optional[Sequence[str]] = None, *,
     * ``*.jsonl``: ``{"language": ..., "prompt": ..., "answer": ...}`` per line;
     * ``"mgsm"`` / ``"CohereLabs/global-mgsm"`` (needs ``datasets`` and the Hub): Global-MGSM,
       MGSM's 250 questions in its 11 languages and more, the test split of each language config
-      (``en``, ``sw``, ``bn``, ...), prompted ``Question: ...\\nAnswer:``, answered by ``answer``.
+      (``en``, ``sw``, ``bn``, ...), answered by ``answer``. Prompted as the paper's follow-up
+      evaluation does, with the row's instruction and answer prefix in its language:
+      ``INSTRUCTION\\n\\nQuestion: ...\\n\\nPREFIX:``; a row without them gets
+      ``Question: ...\\nAnswer:``.
       (``juletxara/mgsm``, the older copy, is a loading script that ``datasets`` 4 refuses.)
     """
     check_limit("load_generation_task", limit)
@@ -728,11 +771,14 @@ def load_generation_task(source, languages: Optional[Sequence[str]] = None, *,
     out = {}
     for n, row in _jsonl("load_generation_task", source):
         try:
-            out.setdefault(str(row["language"]), []).append(
-                GenerationItem(str(row["prompt"]), str(row["answer"])))
+            lang, prompt, answer = str(row["language"]), str(row["prompt"]), row["answer"]
         except (KeyError, TypeError) as exc:
             raise ValueError(f"load_generation_task: {source} line {n}: expected language, "
                              f"prompt and answer ({exc!r})") from None
+        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+            raise ValueError(f"load_generation_task: {source} line {n}: answer must be a "
+                             f"number or a string, got {answer!r:.80}")
+        out.setdefault(lang, []).append(GenerationItem(prompt, str(answer)))
     return _select("load_generation_task", out, languages, limit)
 
 
@@ -762,6 +808,12 @@ def _select(caller: str, out: dict, languages, limit) -> dict:
 
 
 def _mgsm_item(row) -> GenerationItem:
+    # Global-MGSM's rows carry the language's instruction and answer prefix ("Jibu"); the
+    # paper's follow-up evaluation prompts with both. A copy without them gets English labels.
+    instruction, prefix = row.get("instruction"), row.get("answer_prefix")
+    if instruction and prefix:
+        return GenerationItem(f"{instruction}\n\nQuestion: {row['question']}\n\n{prefix}:",
+                              str(row["answer"]))
     return GenerationItem(f"Question: {row['question']}\nAnswer:", str(row["answer"]))
 
 
