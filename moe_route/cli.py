@@ -1,8 +1,9 @@
 """``moe-route``: command-line entry point.
 
     moe-route demo [--out DIR]                 the study on the planted model, offline (< 2 min)
-    moe-route analyze MODEL --data F --languages ... --reference L --out DIR
-    moe-route experts MODEL --task F --baseline F --tau T [--layers A-B] --out plan.json
+    moe-route analyze MODEL --data F --languages ... --reference L [--max-length N] --out DIR
+    moe-route experts MODEL --task F --baseline F --tau T [--layers A-B] [--max-length N]
+                      --out plan.json
     moe-route evaluate MODEL --task belebele|global_mmlu|mgsm|F.jsonl [--shots N] [--plan P]
                        --out DIR
     moe-route compare TRACE_A TRACE_B          routing agreement of two traces, per layer
@@ -196,6 +197,12 @@ def _check_device(device: str) -> None:
         raise ValueError(f"this machine has {count} CUDA device{'s' * (count != 1)}")
 
 
+def _check_max_length(max_length: int) -> None:
+    """``--max-length`` is a number of tokens, at least 1."""
+    if max_length < 1:
+        raise ValueError(f"--max-length {max_length} must be an int >= 1 (tokens per text)")
+
+
 def _layer_range(text, option: str):
     """``"A-B"`` (or ``"A"``) as ``range(A, B + 1)``, 0 <= A <= B."""
     if text is None:
@@ -231,18 +238,22 @@ def _analyze(args) -> int:
 
     try:   # everything about the arguments is checked before the model is loaded and run
         check_batch_size("--batch-size", args.batch_size)
+        _check_max_length(args.max_length)
         corpus = load_parallel(args.data, args.languages, limit=args.limit)
         if args.reference not in corpus:
             raise ValueError(f"--reference {args.reference!r} is not among the languages "
                              f"{list(corpus)}")
         wanted = _layer_range(args.middle, "--middle")
         accuracy = _accuracy(args.accuracy) if args.accuracy else None
+        if accuracy is not None:
+            _accuracy_overlap(accuracy, corpus, args.reference, args.accuracy)
         _out_dir(args.out)
     except (OSError, TypeError, ValueError) as exc:
         return _fail("analyze", exc)
     model, tok = _load_model(args)
     stats = record_parallel(model, corpus, tokenizer=tok, batch_size=args.batch_size,
-                            chat_template=args.chat_template, progress=True)
+                            chat_template=args.chat_template, max_length=args.max_length,
+                            progress=True)
     stats.meta.update(model=args.model, data=str(args.data))
     stats.save(f"{args.out}/stats")
     middle = None
@@ -270,6 +281,31 @@ def _accuracy(path) -> dict:
     return data
 
 
+def _accuracy_overlap(accuracy: dict, corpus: dict, reference: str, path) -> None:
+    """The correlation of divergence with accuracy takes the languages of the data that have an
+    accuracy, less the reference (no divergence): ValueError if fewer than 3 are left; a note on
+    stderr naming the languages it leaves out if it leaves some out."""
+    from moe_route.stats import _short_list
+
+    compared = [lang for lang in corpus if lang != reference]
+    shared = [lang for lang in compared if lang in accuracy]
+    if len(shared) < 3:
+        raise ValueError(f"--accuracy {path}: the correlation needs at least 3 languages of the "
+                         f"data besides the reference {reference!r} with an accuracy, got "
+                         f"{shared}; the data has {_short_list(list(corpus))}, the accuracy file "
+                         f"{_short_list(list(accuracy))}")
+    left_out = []
+    unscored = [lang for lang in compared if lang not in accuracy]
+    if unscored:
+        left_out.append(f"{_short_list(unscored)} (no accuracy)")
+    unrecorded = [lang for lang in accuracy if lang not in corpus]
+    if unrecorded:
+        left_out.append(f"{_short_list(unrecorded)} (not in the data)")
+    if left_out:
+        print(f"moe-route analyze: note: the accuracy correlation leaves out "
+              f"{' and '.join(left_out)}; it uses {_short_list(shared)}", file=sys.stderr)
+
+
 def _experts(args) -> int:
     from moe_route.analysis.experts import _check_tau, plan_from_experts, task_experts
     from moe_route.analysis.inputs import check_batch_size
@@ -277,6 +313,7 @@ def _experts(args) -> int:
 
     try:   # everything about the arguments is checked before the model is loaded and run
         check_batch_size("--batch-size", args.batch_size)
+        _check_max_length(args.max_length)
         task_texts, base_texts = _texts(args.task, "--task"), _texts(args.baseline, "--baseline")
         layers = _layer_range(args.layers, "--layers")
         _check_tau(args.tau, "--tau")
@@ -287,7 +324,7 @@ def _experts(args) -> int:
         return _fail("experts", exc)
     model, tok = _load_model(args)
     options = dict(tokenizer=tok, batch_size=args.batch_size, chat_template=args.chat_template,
-                   progress=True)
+                   max_length=args.max_length, progress=True)
     task = record_sequences(model, {"task": task_texts}, **options)
     base = record_sequences(model, {"baseline": base_texts}, **options)
     experts = task_experts(task, base, args.tau, layers=layers)
@@ -444,6 +481,13 @@ def _model_arguments(p):
                         "tokens are not counted)")
 
 
+def _max_length_argument(p):
+    p.add_argument("--max-length", type=int, default=512, metavar="N",
+                   help="tokens per text, at most (default 512, with the chat template's): a "
+                        "longer text is cut there, with a warning naming its language; a larger "
+                        "N keeps it whole, for more memory")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="moe-route", description=__doc__.replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -492,6 +536,7 @@ def main(argv=None) -> int:
     p.add_argument("--accuracy",
                    help="per-language accuracy to correlate with divergence: JSON {language: "
                         "accuracy}, or baseline.json of moe-route evaluate")
+    _max_length_argument(p)
     p.add_argument("--out", required=True, help="report directory")
     p.set_defaults(func=_analyze)
     p = sub.add_parser("experts", help="task experts (task vs baseline data) -> a steering plan")
@@ -503,6 +548,7 @@ def main(argv=None) -> int:
     p.add_argument("--mode", choices=["soft", "hard"], default="soft")
     p.add_argument("--lam", type=float, default=0.5, help="soft steering strength (std units)")
     p.add_argument("--max-per-layer", type=int)
+    _max_length_argument(p)
     p.add_argument("--out", default="steering_plan.json")
     p.set_defaults(func=_experts)
     p = sub.add_parser("evaluate", help="task accuracy per language, and with --plan the "

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -160,6 +161,58 @@ def test_record_sequences_counts_only_the_text_tokens():
         pipeline.record_sequences(model, {"eng": []}, tokenizer=tok)
     with pytest.raises(ValueError, match="corpus holds no sequences"):
         pipeline.record_parallel(model, {"a": [], "b": torch.zeros(0, 4, dtype=torch.long)})
+
+
+def test_record_sequences_warns_once_when_max_length_cuts_a_text():
+    """A text longer than ``max_length`` tokens was cut silently: a script that takes many more
+    tokens than English lost more of each parallel passage, which biases the divergence. One
+    warning per call says how many texts of which languages were cut; a text that only loses
+    the chat template's suffix, or none, is not cut."""
+    model = build("olmoe")
+    tok = word_tokenizer()
+    corpus = {"eng": ["hello world", "cat"], "amh": ["hello world cat sat", "world cat sat"]}
+    with pytest.warns(UserWarning) as caught:
+        stats = pipeline.record_parallel(model, corpus, tokenizer=tok, batch_size=1, max_length=2)
+    assert [str(w.message) for w in caught] == [
+        "record_sequences: max_length=2 cut 2 of 4 texts (amh: 2 of 2), so only their first "
+        "tokens are counted; max_length=None (or a larger value) keeps them whole"]
+    assert stats[0].tokens.tolist() == [2, 1, 2, 2]
+    # "<s> user : hello world assistant :": 5 tokens keep the text, only the template's suffix
+    # goes (no eng text is cut); 4 cut "world"
+    with pytest.warns(UserWarning, match=r"max_length=5 cut 2 of 4 texts \(amh: 2 of 2\),"):
+        pipeline.record_sequences(model, corpus, tokenizer=tok, chat_template=True,
+                                  max_length=5)
+    with pytest.warns(UserWarning, match=r"max_length=4 cut 3 of 4 texts \(eng: 1 of 2, amh: "
+                                         r"2 of 2\)"):
+        pipeline.record_sequences(model, corpus, tokenizer=tok, chat_template=True,
+                                  max_length=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipeline.record_sequences(model, corpus, tokenizer=tok)                  # 512
+        pipeline.record_sequences(model, corpus, tokenizer=tok, max_length=None)
+        pipeline.record_sequences(model, corpus, tokenizer=tok, max_length=4)
+        pipeline.record_sequences(model, {"ids": torch.zeros(2, 9, dtype=torch.long)},
+                                  max_length=2)                 # token ids are never cut
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match=rf"record_sequences: max_length={bad!r} must be "
+                                             rf"None \(whole texts\) or an int >= 1"):
+            pipeline.record_sequences(model, corpus, tokenizer=tok, max_length=bad)
+
+
+def test_record_sequences_refuses_a_string_for_a_language():
+    """``{"en": "hello world"}`` recorded one sequence per character; it is refused before the
+    model runs (``object()`` here: calling it would fail otherwise), as is text without a
+    tokenizer after a language of token ids (that was found after the ids had run)."""
+    tok = word_tokenizer()
+    message = (r"record_sequences: language 'fra': a language's sequences must be a list of "
+               r"strings or an \[N, S\] token-id tensor, got str 'bonjour'")
+    with pytest.raises(TypeError, match=message):
+        pipeline.record_sequences(object(), {"eng": ["hello"], "fra": "bonjour"}, tokenizer=tok)
+    with pytest.raises(TypeError, match=message):      # not "different sequence counts"
+        pipeline.record_parallel(object(), {"eng": ["hello"], "fra": "bonjour"}, tokenizer=tok)
+    with pytest.raises(ValueError, match=r"language 'eng' holds text; pass tokenizer="):
+        pipeline.record_sequences(object(), {"ids": torch.zeros(1, 2, dtype=torch.long),
+                                             "eng": ["hello"]})
 
 
 def test_chat_template_masks_the_text_where_the_template_put_it():
@@ -384,11 +437,16 @@ def test_write_report_refuses_bad_arguments_before_writing_anything(tmp_path):
     ("analyze", ["--accuracy", "NO_LANGUAGES"], "'languages' must be an object"),
     ("analyze", ["--batch-size", "0"], "--batch-size: batch_size=0 must be an int >= 1"),
     ("analyze", ["--out", "FILE"], "exists and is not a directory"),
+    ("analyze", ["--max-length", "0"], "--max-length 0 must be an int >= 1 (tokens per text)"),
+    ("analyze", ["--accuracy", "ONE_LANGUAGE"],
+     "the correlation needs at least 3 languages of the data besides the reference 'eng' with an "
+     "accuracy, got ['deu']; the data has ['eng', 'deu'], the accuracy file ['deu']"),
     ("experts", ["--task", "EMPTY"], "holds no texts"),
     ("experts", ["--layers", "1-0"], "--layers '1-0' must be A-B or A with 0 <= A <= B"),
     ("experts", ["--tau", "nan"], "tau=nan must be a finite number"),
     ("experts", ["--max-per-layer", "0"], "max_per_layer=0 must be None or an int >= 1"),
     ("experts", ["--out", "DIR"], "is a directory, expected a file name"),
+    ("experts", ["--max-length", "-3"], "--max-length -3 must be an int >= 1"),
     ("evaluate", ["--out", "FILE"], "exists and is not a directory"),
     ("evaluate", ["--plan", "FLOAT_FORCE"], "force=1.0 must be an int in {-1, 0, 1}"),
     ("evaluate", ["--task", "NUMBER"], "the first line must be a JSON object (a question), got int"),
@@ -412,7 +470,8 @@ def test_cli_refuses_bad_arguments_before_loading_the_model(tmp_path, capsys, co
     questions = tmp_path / "questions.jsonl"
     questions.write_text(json.dumps({"language": "eng", "prompt": "hello", "answer": 1}) + "\n")
     paths = {name: tmp_path / f"{name.lower()}.json" for name in
-             ("MISSING", "LIST", "DEEP", "NO_LANGUAGES", "FLOAT_FORCE", "NUMBER")}
+             ("MISSING", "LIST", "DEEP", "NO_LANGUAGES", "FLOAT_FORCE", "NUMBER",
+              "ONE_LANGUAGE")}
     paths.update(EMPTY=tmp_path / "empty.txt", FILE=tmp_path / "a_file", DIR=tmp_path)
     paths["NUMBER"] = tmp_path / "number.jsonl"
     paths["LIST"].write_text("[0.5, 0.6]")
@@ -421,6 +480,7 @@ def test_cli_refuses_bad_arguments_before_loading_the_model(tmp_path, capsys, co
     paths["FLOAT_FORCE"].write_text('{"format": "moe_route.SteeringPlan", "version": 1, '
                                     '"layers": {"0": {"1": {"force": 1.0}}}}')
     paths["NUMBER"].write_text("5\n")
+    paths["ONE_LANGUAGE"].write_text('{"deu": 0.5}')
     paths["EMPTY"].write_text("\n")
     paths["FILE"].write_text("")
     extra = [str(paths.get(x, x)) for x in extra]
@@ -435,6 +495,77 @@ def test_cli_refuses_bad_arguments_before_loading_the_model(tmp_path, capsys, co
     err = capsys.readouterr().err
     assert err.startswith(f"moe-route {command}: ") and message in err, err
     assert not (tmp_path / "report").exists() and not (tmp_path / "plan.json").exists()
+
+
+def _four_languages(tmp_path, extra=()):
+    """A parallel file of eng, deu, fra, ita (and ``extra``), three rows."""
+    data = tmp_path / "parallel.tsv"
+    langs = ["eng", "deu", "fra", "ita", *extra]
+    words = ["hello world", "cat sat", "sat cat hello"]
+    data.write_text("\t".join(langs) + "\n" + "".join(
+        "\t".join([w] * len(langs)) + "\n" for w in words), encoding="utf-8")
+    return data
+
+
+def test_cli_analyze_checks_the_accuracy_languages_before_loading(tmp_path, capsys):
+    """Accuracy keyed de/fr/it (as evaluate writes Global-MMLU/MGSM) for data in deu/fra/ita
+    ran the whole corpus, then ended in divergence_accuracy_correlation's traceback ("needs at
+    least 3 languages"). It ends in one line that lists both sets of languages, before the
+    model is loaded (MODEL does not exist here)."""
+    from moe_route import cli
+
+    accuracy = EvalResult({lang: torch.tensor([True, False]) for lang in ("de", "fr", "it")},
+                          {lang: [0, 1] for lang in ("de", "fr", "it")})
+    accuracy.save(tmp_path / "baseline.json")
+    assert cli.main(["analyze", str(tmp_path / "no_model_here"), "--data",
+                     str(_four_languages(tmp_path)), "--reference", "eng", "--accuracy",
+                     str(tmp_path / "baseline.json"), "--out", str(tmp_path / "report")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"moe-route analyze: --accuracy {tmp_path / 'baseline.json'}: the correlation "
+                   f"needs at least 3 languages of the data besides the reference 'eng' with an "
+                   f"accuracy, got []; the data has ['eng', 'deu', 'fra', 'ita'], the accuracy "
+                   f"file ['de', 'fr', 'it']\n")
+    assert not (tmp_path / "report").exists()
+
+
+def test_cli_analyze_notes_the_languages_left_out_of_the_correlation(tmp_path, capsys,
+                                                                     monkeypatch):
+    """Languages of the data without an accuracy, and accuracies of languages not in the data,
+    were dropped silently: one line on stderr names them, and the report is written."""
+    from moe_route import cli
+
+    monkeypatch.setattr(cli, "_load_model", lambda args: (build("olmoe"), word_tokenizer()))
+    (tmp_path / "accuracy.json").write_text(json.dumps(
+        {"eng": 0.9, "deu": 0.5, "fra": 0.7, "ita": 0.2, "xxx": 0.4}))
+    assert cli.main(["analyze", "tiny", "--data", str(_four_languages(tmp_path, ["spa"])),
+                     "--reference", "eng", "--accuracy", str(tmp_path / "accuracy.json"),
+                     "--out", str(tmp_path / "report")]) == 0
+    err = capsys.readouterr().err
+    assert ("moe-route analyze: note: the accuracy correlation leaves out ['spa'] (no accuracy) "
+            "and ['xxx'] (not in the data); it uses ['deu', 'fra', 'ita']\n") in err
+    assert (tmp_path / "report" / "correlation.json").exists()
+
+
+def test_cli_max_length_reaches_the_recording(tmp_path, monkeypatch):
+    """``--max-length N`` is record_sequences' max_length in analyze and experts (the texts
+    were always cut at 512 tokens, which the CLI could not change)."""
+    from moe_route import cli
+
+    monkeypatch.setattr(cli, "_load_model", lambda args: (build("olmoe"), word_tokenizer()))
+    with pytest.warns(UserWarning, match=r"max_length=2 cut 4 of 12 texts \(eng: 1 of 3, "):
+        assert cli.main(["analyze", "tiny", "--data", str(_four_languages(tmp_path)),
+                         "--reference", "eng", "--max-length", "2", "--dtype", "fp32",
+                         "--out", str(tmp_path / "report")]) == 0
+    stats = moe_route.RoutingStats.load(tmp_path / "report" / "stats")
+    assert stats[0].tokens.tolist() == [2, 2, 2] * 4
+    task, base = tmp_path / "task.txt", tmp_path / "base.txt"
+    task.write_text("cat cat cat\ncat\n", encoding="utf-8")
+    base.write_text("hello world\n", encoding="utf-8")
+    with pytest.warns(UserWarning, match=r"max_length=1 cut") as caught:
+        assert cli.main(["experts", "tiny", "--task", str(task), "--baseline", str(base),
+                         "--max-length", "1", "--out", str(tmp_path / "plan.json")]) == 0
+    assert ["(task: 1 of 2)" in str(w.message) for w in caught] == [True, False]
+    assert ["(baseline: 1 of 1)" in str(w.message) for w in caught] == [False, True]
 
 
 def test_cli_a_model_that_cannot_be_loaded_ends_in_one_line(tmp_path, capsys):

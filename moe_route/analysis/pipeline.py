@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Optional, Union
 
@@ -156,7 +157,8 @@ def _passages(rows: list) -> list:
     return [first[link] for link in sorted(first)]
 
 
-def _encode(texts: Sequence[str], tokenizer, chat_template: bool, max_length: Optional[int]):
+def _encode(texts: Sequence[str], tokenizer, chat_template: bool, max_length: Optional[int],
+            verbose: bool = True):
     """``input_ids``, ``attention_mask`` and a ``[B, S]`` mask of the text's own tokens.
 
     Rows are padded here, on the right: a causal model's tokens never see the padding after them,
@@ -166,7 +168,7 @@ def _encode(texts: Sequence[str], tokenizer, chat_template: bool, max_length: Op
     wrapped = [chat_wrap(tokenizer, t, chat_template) for t in texts]
     enc = tokenizer(wrapped, truncation=max_length is not None, max_length=max_length,
                     return_offsets_mapping=True, return_special_tokens_mask=True,
-                    add_special_tokens=not chat_template)
+                    add_special_tokens=not chat_template, verbose=verbose)
     width = max([len(row) for row in enc["input_ids"]] + [1])
     input_ids = torch.full((len(texts), width), pad_id(tokenizer), dtype=torch.long)
     attention_mask = torch.zeros((len(texts), width), dtype=torch.long)
@@ -247,16 +249,24 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
     character offsets that mask template tokens) or ``[N, S]`` token-id tensors (all tokens
     count). ``record_options`` go to ``moe_route.record`` (``dense``, ``coact``, ...). Device
     buffers are flushed to the host between batches as they fill, so memory stays bounded.
+
+    Texts are cut at ``max_length`` tokens (default 512, with the chat template's, to bound
+    memory); ``None`` keeps them whole. A script that takes many more tokens than English would
+    lose more of each text than the English one, biasing the comparison, so a call that cuts any
+    text's own tokens warns once (``UserWarning``) with how many texts of which languages.
     """
     if not isinstance(corpus, Mapping) or not corpus:
         raise ValueError("record_sequences: corpus must be a non-empty {language: sequences} mapping")
     check_batch_size("record_sequences", batch_size)
+    _check_max_length("record_sequences", max_length)
+    _check_corpus(corpus, tokenizer)
     device = device or next(model.parameters()).device
     batches = [(lang, i) for lang, seqs in corpus.items() for i in range(0, len(seqs), batch_size)]
     if not batches:
         raise ValueError(f"record_sequences: corpus holds no sequences (languages "
                          f"{list(corpus)} are all empty)")
     bar = progress_bar(len(batches), progress, "record")
+    cut = dict.fromkeys(corpus, 0)
     with record(model, **record_options) as rec, torch.no_grad():
         for lang, i in batches:
             seqs = corpus[lang][i:i + batch_size]
@@ -266,23 +276,72 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
                 rec.set_groups(ids, names)
                 model(input_ids=seqs.to(device))
             else:
-                if tokenizer is None:
-                    raise ValueError(f"record_sequences: language {lang!r} holds text; pass "
-                                     f"tokenizer=")
                 enc, keep = _encode(seqs, tokenizer, chat_template, max_length)
+                cut[lang] += _cut(seqs, tokenizer, chat_template, max_length, enc, keep)
                 groups = torch.where(keep, torch.arange(len(seqs))[:, None], -1)
                 rec.set_groups(groups, names)
                 model(**{k: v.to(device) for k, v in enc.items()})
             bar(1)
     bar(None)
+    _warn_cut(cut, corpus, max_length)
     return rec.stats
+
+
+def _check_max_length(caller: str, max_length) -> None:
+    """ValueError, naming ``caller``, unless ``max_length`` is None (whole texts) or an int >= 1."""
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                   or max_length < 1):
+        raise ValueError(f"{caller}: max_length={max_length!r} must be None (whole texts) or an "
+                         f"int >= 1")
+
+
+def _check_corpus(corpus: Corpus, tokenizer) -> None:
+    """TypeError for a language whose sequences are one string (it was read as one text per
+    character); ValueError for text without ``tokenizer``. Checked before the model runs."""
+    for lang, seqs in corpus.items():
+        if isinstance(seqs, (str, bytes)):
+            raise TypeError(f"record_sequences: language {lang!r}: a language's sequences must "
+                            f"be a list of strings or an [N, S] token-id tensor, got "
+                            f"{type(seqs).__name__} {seqs[:40]!r}")
+        if tokenizer is None and not isinstance(seqs, torch.Tensor) and len(seqs):
+            raise ValueError(f"record_sequences: language {lang!r} holds text; pass tokenizer=")
+
+
+def _cut(texts: Sequence[str], tokenizer, chat_template: bool, max_length: Optional[int],
+         enc: dict, keep: torch.Tensor) -> int:
+    """How many of ``texts`` lost tokens of their own to ``max_length`` in ``_encode``. Only a row
+    of ``max_length`` tokens can have been cut: those are encoded again whole, and were cut if
+    more of their tokens count then (losing only the template's suffix does not count)."""
+    if max_length is None:
+        return 0
+    full = [b for b, n in enumerate(enc["attention_mask"].sum(1).tolist()) if n >= max_length]
+    if not full:
+        return 0
+    _, whole = _encode([texts[b] for b in full], tokenizer, chat_template, None, verbose=False)
+    return int((whole.sum(1) > keep[full].sum(1)).sum())
+
+
+def _warn_cut(cut: dict, corpus: Corpus, max_length: Optional[int], shown: int = 12) -> None:
+    """One UserWarning with how many texts of which languages ``max_length`` cut, if any (the
+    first ``shown`` such languages, in corpus order)."""
+    counts = [f"{lang}: {n} of {len(corpus[lang])}" for lang, n in cut.items() if n]
+    if not counts:
+        return
+    more = f", ... +{len(counts) - shown} more languages" if len(counts) > shown else ""
+    total = sum(len(seqs) for seqs in corpus.values())
+    warnings.warn(f"record_sequences: max_length={max_length} cut {sum(cut.values())} of {total} "
+                  f"texts ({', '.join(counts[:shown])}{more}), so only their first tokens are "
+                  f"counted; max_length=None (or a larger value) keeps them whole", UserWarning,
+                  stacklevel=3)
 
 
 def record_parallel(model, corpus: Corpus, **options) -> RoutingStats:
     """``record_sequences`` on parallel data (checks every language has the same length)."""
-    sizes = {lang: len(v) for lang, v in corpus.items()}
-    if len(set(sizes.values())) > 1:
-        raise ValueError(f"record_parallel: languages have different sequence counts {sizes}")
+    if isinstance(corpus, Mapping):      # anything else is refused by record_sequences
+        _check_corpus(corpus, options.get("tokenizer"))     # a string's length is not a count
+        sizes = {lang: len(v) for lang, v in corpus.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"record_parallel: languages have different sequence counts {sizes}")
     return record_sequences(model, corpus, **options)
 
 
