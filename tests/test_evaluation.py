@@ -72,25 +72,32 @@ def test_paired_comparison_known_answer():
     eng = out["eng"]
     assert (eng.n, eng.gained, eng.lost) == (5, 2, 1)
     assert (eng.baseline, eng.steered, eng.delta) == pytest.approx((0.6, 0.8, 0.2))
-    half = 1.959963984540054 * math.sqrt((3 / 5 - 0.2 ** 2) / 5)
-    assert (eng.ci_low, eng.ci_high) == pytest.approx((0.2 - half, 0.2 + half))
+    # Wald+2 (Agresti and Min): centre (2 - 1) / 7, sd sqrt(2 + 1 + 1 - 1 / 7) / 7
+    assert (eng.ci_low, eng.ci_high) == pytest.approx((-0.4070418, 0.6927561))
     assert eng.p_value == 1.0
     swh = out["swh"]
     assert (swh.gained, swh.lost, swh.p_value) == (3, 0, 0.25)
+    assert (swh.ci_low, swh.ci_high) == pytest.approx((-0.01649586, 1.0))
     pooled = out["all"]
     assert (pooled.n, pooled.gained, pooled.lost) == (9, 5, 1)
     assert pooled.p_value == pytest.approx(2 * 7 / 64)
     assert pooled.baseline == pytest.approx(3 / 9)
 
 
-def test_paired_interval_stays_within_minus_one_and_one():
-    """Two of three questions gained: delta 2/3, half-width 0.53; the interval ended at 1.2, a
-    change of accuracy no run can show."""
-    out = ev.paired_comparison(_result(eng=[0, 0, 1]), _result(eng=[1, 1, 1]))["eng"]
-    half = 1.959963984540054 * math.sqrt((2 / 3 - (2 / 3) ** 2) / 3)
-    assert (out.delta, out.ci_low, out.ci_high) == pytest.approx((2 / 3, 2 / 3 - half, 1.0))
-    out = ev.paired_comparison(_result(eng=[1, 1, 0]), _result(eng=[0, 0, 0]))["eng"]
-    assert (out.delta, out.ci_low, out.ci_high) == pytest.approx((-2 / 3, -1.0, -2 / 3 + half))
+def test_paired_interval_stays_within_minus_one_and_one_and_never_collapses():
+    """Three of four questions gained: the interval ends past 1 and is clipped there. Four of
+    four gained: the plain Wald interval was the point [1, 1] (variance 0), at McNemar p 0.125;
+    Wald+2's is [0.168, 1]. No question changed: a width that shrinks with n."""
+    out = ev.paired_comparison(_result(eng=[0, 0, 0, 1]), _result(eng=[1, 1, 1, 1]))["eng"]
+    assert (out.delta, out.ci_low, out.ci_high) == pytest.approx((0.75, -0.01649586, 1.0))
+    out = ev.paired_comparison(_result(eng=[1, 1, 1, 0]), _result(eng=[0, 0, 0, 0]))["eng"]
+    assert (out.delta, out.ci_low, out.ci_high) == pytest.approx((-0.75, -1.0, 0.01649586))
+    out = ev.paired_comparison(_result(eng=[0] * 4), _result(eng=[1] * 4))["eng"]
+    assert (out.delta, out.ci_low, out.ci_high, out.p_value) == \
+        pytest.approx((1.0, 0.1676843, 1.0, 0.125))
+    for n, width in ((2, 0.9799820), (50, 0.0753832)):   # 1.96 / (n + 2) * 2
+        out = ev.paired_comparison(_result(eng=[1] * n), _result(eng=[1] * n))["eng"]
+        assert (out.delta, out.ci_high - out.ci_low) == pytest.approx((0.0, width))
 
 
 def test_paired_comparison_refuses_unpaired_results():

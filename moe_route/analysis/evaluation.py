@@ -189,8 +189,11 @@ def _describe(values) -> str:
 
 class PairedComparison(NamedTuple):
     """Two runs over the same questions. ``delta`` = steered - baseline accuracy, with a 95%
-    Wald interval for a paired difference, clipped to [-1, 1] (``ci_low``, ``ci_high``; rough
-    when ``gained + lost`` is small: read ``p_value`` then); ``p_value``: exact two-sided McNemar
+    interval for a paired difference (``ci_low``, ``ci_high``): Agresti and Min's adjusted Wald
+    interval ("Wald+2", half a question added to each of the four outcome cells), clipped to
+    [-1, 1]. The plain Wald interval collapses to a point when every changed question changed
+    the same way (4 of 4 gained: [1, 1], at McNemar p = 0.125); this one does not. It is still
+    approximate for few changed questions: read ``p_value`` then, the exact two-sided McNemar
     test."""
 
     n: int
@@ -280,10 +283,14 @@ def _paired(a: torch.Tensor, b: torch.Tensor) -> PairedComparison:
         nan = float("nan")
         return PairedComparison(0, nan, nan, nan, nan, nan, 0, 0, 1.0)
     delta = (gained - lost) / n
-    half = 1.959963984540054 * math.sqrt(max((gained + lost) / n - delta * delta, 0.0) / n)
+    # Wald+2 (Agresti and Min 2005): the Wald interval of the table with 0.5 added to each cell
+    m = n + 2
+    centre = (gained - lost) / m
+    half = 1.959963984540054 * math.sqrt(max(gained + lost + 1 - (gained - lost) ** 2 / m,
+                                             0.0)) / m
     # a difference of two shares lies in [-1, 1]; the normal approximation can step outside
     return PairedComparison(n, float(a.double().mean()), float(b.double().mean()), delta,
-                            max(delta - half, -1.0), min(delta + half, 1.0), gained, lost,
+                            max(centre - half, -1.0), min(centre + half, 1.0), gained, lost,
                             mcnemar_exact(gained, lost))
 
 
