@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -251,6 +252,13 @@ def _analyze(args) -> int:
     except (OSError, TypeError, ValueError) as exc:
         return _fail("analyze", exc)
     model, tok = _load_model(args)
+    if wanted is not None:   # before the corpus is recorded
+        from moe_route.hf.patch import find_routers, layer_index
+
+        indices = sorted({layer_index(name) for name, _, _ in find_routers(model)} - {None})
+        if not set(indices) & set(wanted):
+            return _fail("analyze", ValueError(
+                f"--middle {args.middle} holds none of the MoE layers {indices}"))
     stats = record_parallel(model, corpus, tokenizer=tok, batch_size=args.batch_size,
                             chat_template=args.chat_template, max_length=args.max_length,
                             progress=True)
@@ -259,9 +267,6 @@ def _analyze(args) -> int:
     middle = None
     if wanted is not None:
         middle = [p for p, i in enumerate(stats.layer_indices) if i in wanted]
-        if not middle:
-            return _fail("analyze", ValueError(
-                f"--middle {args.middle} holds none of the MoE layers {stats.layer_indices}"))
     write_report(args.out, stats, args.reference, middle_layers=middle, accuracy=accuracy,
                  title=f"moe_route routing report: {args.model}")
     print(f"report: {args.out}/summary.txt")
@@ -278,6 +283,11 @@ def _accuracy(path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"--accuracy {path} must hold a JSON object {{language: accuracy}}, "
                          f"got {type(data).__name__}")
+    bad = {lang: v for lang, v in data.items() if isinstance(v, bool)
+           or not isinstance(v, (int, float)) or not math.isfinite(v)}
+    if bad:
+        raise ValueError(f"--accuracy {path}: accuracies must be finite numbers, got "
+                         f"{str(bad)[:80]}")
     return data
 
 

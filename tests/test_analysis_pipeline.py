@@ -438,6 +438,8 @@ def test_write_report_refuses_bad_arguments_before_writing_anything(tmp_path):
     ("analyze", ["--batch-size", "0"], "--batch-size: batch_size=0 must be an int >= 1"),
     ("analyze", ["--out", "FILE"], "exists and is not a directory"),
     ("analyze", ["--max-length", "0"], "--max-length 0 must be an int >= 1 (tokens per text)"),
+    ("analyze", ["--accuracy", "TEXT_ACCURACY"],
+     "accuracies must be finite numbers, got {'fra': '0.7', 'ita': None}"),
     ("analyze", ["--accuracy", "ONE_LANGUAGE"],
      "the correlation needs at least 3 languages of the data besides the reference 'eng' with an "
      "accuracy, got ['deu']; the data has ['eng', 'deu'], the accuracy file ['deu']"),
@@ -471,7 +473,7 @@ def test_cli_refuses_bad_arguments_before_loading_the_model(tmp_path, capsys, co
     questions.write_text(json.dumps({"language": "eng", "prompt": "hello", "answer": 1}) + "\n")
     paths = {name: tmp_path / f"{name.lower()}.json" for name in
              ("MISSING", "LIST", "DEEP", "NO_LANGUAGES", "FLOAT_FORCE", "NUMBER",
-              "ONE_LANGUAGE")}
+              "ONE_LANGUAGE", "TEXT_ACCURACY")}
     paths.update(EMPTY=tmp_path / "empty.txt", FILE=tmp_path / "a_file", DIR=tmp_path)
     paths["NUMBER"] = tmp_path / "number.jsonl"
     paths["LIST"].write_text("[0.5, 0.6]")
@@ -481,6 +483,7 @@ def test_cli_refuses_bad_arguments_before_loading_the_model(tmp_path, capsys, co
                                     '"layers": {"0": {"1": {"force": 1.0}}}}')
     paths["NUMBER"].write_text("5\n")
     paths["ONE_LANGUAGE"].write_text('{"deu": 0.5}')
+    paths["TEXT_ACCURACY"].write_text('{"deu": 0.5, "fra": "0.7", "ita": null}')
     paths["EMPTY"].write_text("\n")
     paths["FILE"].write_text("")
     extra = [str(paths.get(x, x)) for x in extra]
@@ -632,3 +635,19 @@ def test_cli_numeric_options_must_be_positive(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
         cli.main(argv)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_analyze_checks_middle_against_the_models_layers_before_recording(tmp_path, capsys,
+                                                                             monkeypatch):
+    """A --middle range past the model's MoE layers ended the run only after the whole corpus
+    was recorded; it ends once the model is loaded, naming the layers, and nothing is recorded."""
+    from moe_route import cli
+
+    model = build("olmoe")
+    monkeypatch.setattr(cli, "_load_model", lambda args: (model, word_tokenizer()))
+    monkeypatch.setattr(pipeline, "record_parallel", lambda *a, **k: pytest.fail("recorded"))
+    layers = list(range(model.config.num_hidden_layers))
+    assert cli.main(["analyze", "tiny", "--data", str(_four_languages(tmp_path)), "--reference",
+                     "eng", "--middle", "50-60", "--out", str(tmp_path / "report")]) == 2
+    assert capsys.readouterr().err == (f"moe-route analyze: --middle 50-60 holds none of the MoE "
+                                       f"layers {layers}\n")
