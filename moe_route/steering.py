@@ -23,6 +23,7 @@ import numbers
 import operator
 import os
 import re
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from types import MappingProxyType
@@ -546,6 +547,7 @@ class Steering:
                                      f"{state.adapter.name}, not by score; it cannot be steered")
                 specs = by_router.setdefault(state.name, (state, {}))[1]
                 specs[p] = self.plan.steer_spec(key, state.num_experts)
+                _warn_forced_past_k(key, self.plan[key], state.top_k)
             for state, specs in by_router.values():
                 put(state, "steer", self, specs)
                 self._applied.append(state)
@@ -563,6 +565,17 @@ class Steering:
             release(self._handle)
             self._handle = None
         return False
+
+
+def _warn_forced_past_k(key, experts: Mapping, k: int) -> None:
+    """More experts forced on than the router picks tie at the top: every token takes the k
+    lowest-numbered of them (ties go to the lower id), not the paper's random draw among them."""
+    forced = [e for e, entry in experts.items() if entry.force == 1]
+    if len(forced) > k:
+        warnings.warn(f"steer: layer {key!r} forces {len(forced)} experts {forced[:8]} into a "
+                      f"top-{k}: every token takes the {k} lowest-numbered of them; keep at most "
+                      f"{k} (plan_from_experts(max_per_layer={k}) keeps the largest deltas)",
+                      UserWarning, stacklevel=3)
 
 
 def resolve_layers(plan: SteeringPlan, routers: Mapping) -> dict:

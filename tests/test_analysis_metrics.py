@@ -295,6 +295,27 @@ def test_routing_divergence_against_loop():
     assert close(float(raw["deu"][1]), ref_jsd(Q["deu", 0][1], Q["eng", 0][1]))
 
 
+def test_language_divergence_is_the_mean_over_parallel_pairs():
+    """Every language pair's cell is the mean of D_HJS over the sequences both hold (a loop over
+    Q), symmetric with a zero diagonal, in the order the languages appear; not the divergence
+    of the pooled languages. Layers are picked by position."""
+    langs, div = M.language_divergence(divergence_stats())
+    assert langs == ["eng", "fra", "deu"] and div.shape == (2, 3, 3)
+    for layer in range(2):
+        want = {("fra", "eng"): [0, 1], ("deu", "eng"): [0], ("fra", "deu"): [0]}
+        for (a, b), seqs in want.items():
+            mean = sum(ref_hjs(Q[a, i][layer], Q[b, i][layer]) for i in seqs) / len(seqs)
+            i, j = langs.index(a), langs.index(b)
+            assert close(float(div[layer, i, j]), mean) and div[layer, j, i] == div[layer, i, j]
+        assert div[layer].diagonal().tolist() == [0.0] * 3
+    pooled = M.pairwise_divergence(M.expert_importance(M.pool_by_language(divergence_stats())))
+    assert not torch.allclose(pooled[:, :2, :2], div[:, :2, :2])
+    _, last = M.language_divergence(divergence_stats(), [1])
+    assert torch.equal(last[0], div[1])
+    with pytest.raises(ValueError, match=r"layers must be positions in \[0, 2\)"):
+        M.language_divergence(divergence_stats(), [2])
+
+
 def test_routing_divergence_skips_everything_missing_to_nan():
     stats = divergence_stats().group(["eng/0", "fra/2", "deu/1"])
     div = M.routing_divergence(stats, "eng")
@@ -414,18 +435,18 @@ def test_parallel_divergence_on_plain_tensors():
 
 def test_routing_entropy():
     stats = importance_stats()
-    h = M.routing_entropy(stats)  # entropy_sum / tokens
+    h = M.routing_entropy(stats, of="tokens")  # entropy_sum / tokens
     assert h[:, :2].tolist() == [[1.0, 0.5], [0.5, 1.0]] and h[:, 2].isnan().all()
-    hn = M.routing_entropy(stats, normalised=True)
+    hn = M.routing_entropy(stats, of="tokens", normalised=True)
     assert close(float(hn[0, 0]), 1.0 / math.log(3))
-    hq = M.routing_entropy(stats, of="importance")  # H of [0.5, .25, .25] = 1.5 ln 2
+    hq = M.routing_entropy(stats)  # the paper's H(q), of [0.5, .25, .25] = 1.5 ln 2
     assert close(float(hq[0, 0]), 1.5 * math.log(2))
     assert close(float(hq[1, 0]), ref_entropy([0.75, 0.125, 0.125]))
     # routed importance [0.3, 0.1, 0.1] is renormalised to [0.6, 0.2, 0.2] first
     hr = M.routing_entropy(stats, of="importance", kind="routed")
     assert close(float(hr[1, 1]), ref_entropy([0.6, 0.2, 0.2]))
     one = RoutingStats([make_layer(0, [3], [[3]], entropy_sum=[0.0], prob_sum=[[3.0]])], ["g"])
-    assert M.routing_entropy(one, normalised=True).tolist() == [[0.0]]  # E = 1
+    assert M.routing_entropy(one, of="tokens", normalised=True).tolist() == [[0.0]]  # E = 1
     assert M.routing_entropy(one, of="importance", normalised=True).tolist() == [[0.0]]
 
 

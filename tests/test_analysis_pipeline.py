@@ -402,6 +402,27 @@ def test_write_report_agreement_by_layer_index(tmp_path):
     assert not (tmp_path / "refused").exists()  # checked before anything is written
 
 
+def test_write_report_writes_strict_json_and_pairwise_heatmaps(tmp_path):
+    """A language with no sentence to compare has NaN divergence: the JSON files hold null
+    (a bare NaN is not JSON), and the heatmaps are language_divergence's per-pair means."""
+    from moe_route.analysis import write_report
+    from test_analysis_metrics import divergence_stats
+
+    stats = divergence_stats().group(["eng/0", "eng/1", "fra/0", "fra/1", "fra/2", "deu/1"])
+    summary = write_report(tmp_path, stats, "eng", middle_layers=[1])
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+
+    saved = strict((tmp_path / "divergence.json").read_text())
+    assert saved["divergence"]["deu"] == [None, None]
+    assert saved["divergence"]["fra"][0] == pytest.approx(summary["mean_divergence_by_layer"][0])
+    strict((tmp_path / "summary.json").read_text())
+    if "plots_skipped" not in summary:
+        assert sorted(p.name for p in tmp_path.glob("language_divergence_L*.png")) == [
+            "language_divergence_L0.png", "language_divergence_L1.png"]
+
+
 def test_write_report_refuses_bad_arguments_before_writing_anything(tmp_path):
     """A reference absent from the data, no middle layer, or accuracies that cannot be
     correlated are refused before the directory is made. The reference and the correlation

@@ -45,6 +45,21 @@ def test_force_on_and_off_in_one_layer_only(family):
         assert torch.equal(before, after)
 
 
+def test_forcing_more_experts_than_k_warns_and_takes_the_lowest_ids():
+    """Four experts forced into a top-2 tie at the top: every token takes the two lowest ids
+    (the paper draws among them with noise), and steer() says so once per layer."""
+    model = build("olmoe")
+    ids = _ids()
+    k, forced = model.config.num_experts_per_tok, [7, 3, 5, 6]
+    assert k < len(forced)
+    with pytest.warns(UserWarning, match=rf"steer: layer 0 forces 4 experts \[3, 5, 6, 7\] "
+                                         rf"into a top-{k}: every token takes the {k} "
+                                         rf"lowest-numbered"):
+        counts, _ = _counts(model, ids, SteeringPlan.force(0, forced))
+    assert counts[0].nonzero().flatten().tolist() == sorted(forced)[:k]
+    assert int(counts[0].sum()) == k * ids.numel()
+
+
 @pytest.mark.parametrize("family", ["olmoe", "mixtral", "deepseek_v3"])
 @pytest.mark.parametrize("kind", ["std", "add"])
 def test_soft_steering_moves_selection_up(family, kind):

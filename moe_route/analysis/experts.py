@@ -320,9 +320,9 @@ def plan_from_experts(experts_by_layer: Mapping, mode: str = "soft", lam: float 
     mode="soft": ``SteerEntry(std=lam)`` — ``z_e += lam · std(z_t)``, the token's population std
     over the E logits (λ = 0.5 in the paper; λ < 0 demotes).
     mode="hard": ``SteerEntry(force=+1)`` — ``z_e = max(z_t) + ε``, forced into the top-k; ``lam``
-    is ignored. More than top_k forced experts in a layer tie at the max and the gate picks among
-    them (the reimplementation's warning: it derails the model); cap with ``max_per_layer <= k``
-    or raise τ.
+    is ignored. More than top_k forced experts in a layer tie at the max, and every token takes
+    the k lowest-numbered of them (the paper's ε draws among them per token; ``steer`` warns):
+    cap with ``max_per_layer <= k`` (the largest Δ first) or raise τ.
 
     ``layers``: keep only these layer keys (a range or list; None = every key of
     ``experts_by_layer``). ``max_per_layer``: keep the first m experts of each list (lists from

@@ -29,7 +29,7 @@ import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -40,7 +40,7 @@ __all__ = [
     "per_token_mean", "expert_importance", "activation_frequency",
     "ParallelGroups", "parse_parallel_groups", "pool_by_language",
     "distribution_entropy", "js_divergence", "entropy_normalised_js", "pairwise_divergence",
-    "parallel_divergence", "routing_divergence",
+    "parallel_divergence", "routing_divergence", "language_divergence",
     "routing_entropy", "mean_pairwise_overlap", "expert_set_jaccard", "routing_consistency",
     "RoutingAgreement", "routing_agreement", "trace_agreement",
     "coactivation", "conditional_coactivation", "LoadBalance", "load_balance",
@@ -549,10 +549,10 @@ def _js(p, q, normalised: bool, where: str) -> torch.Tensor:
 def pairwise_divergence(p: torch.Tensor, normalised: bool = True) -> torch.Tensor:
     """Divergence between every pair of rows: ``p [..., G, E]`` -> ``[..., G, G]``.
 
-    ``D_HJS`` (``normalised=True``, as ``entropy_normalised_js``) or plain JSD. Meant for
-    language-level distributions (the paper's language-to-language heatmaps at chosen layers):
-    memory and time grow as G²·E, so G in the thousands wants a selection of groups first.
-    Symmetric, zero diagonal.
+    ``D_HJS`` (``normalised=True``, as ``entropy_normalised_js``) or plain JSD, of one
+    distribution per row: memory and time grow as G²·E, so G in the thousands wants a selection
+    of groups first. Symmetric, zero diagonal. The paper's language-to-language heatmaps are
+    not this on pooled languages but the mean over parallel sequences: ``language_divergence``.
     """
     where = "pairwise_divergence"
     p64 = _check_distribution(p, "p", where)
@@ -650,15 +650,58 @@ def routing_divergence(stats: RoutingStats, reference: str, *, parallel=None,
                                 normalised, where)
 
 
-def routing_entropy(stats: RoutingStats, of: str = "tokens", kind: str = "dense",
+def language_divergence(stats: RoutingStats, layers: Optional[Sequence[int]] = None, *,
+                        parallel=None, kind: str = "dense",
+                        normalised: bool = True) -> Tuple[List[str], torch.Tensor]:
+    """Divergence between every two languages at ``layers`` (positions in ``stats``; None: all),
+    ``(languages, [len(layers), Λ, Λ] float32)``: the paper's language-to-language heatmaps.
+
+    Cell ``[l, a, b]`` is ``routing_divergence`` of language a with b as the reference: the mean
+    over the parallel sequences both hold of ``D(q_(a, i), q_(b, i))``, the curves' quantity for
+    every pair. (The divergence of the two languages' pooled distributions is another, larger
+    number: pooling raises each side's entropy, which shrinks D_HJS's normaliser.) Symmetric,
+    zero diagonal; NaN for a pair with no parallel sequence with tokens on both sides.
+    """
+    where = "language_divergence"
+    _check_stats(stats, where)
+    _check_choice(kind, "kind", KINDS, where)
+    field = "prob_sum" if kind == "dense" else "weight_sum"
+    if any(getattr(layer, field) is None for layer in stats):
+        expert_importance(stats, kind)  # raises the error naming the missing field
+    positions = list(range(len(stats))) if layers is None else list(layers)
+    bad = [p for p in positions if isinstance(p, bool) or not isinstance(p, int)
+           or not 0 <= p < len(stats)]
+    if bad or not positions:
+        raise ValueError(f"{where}: layers must be positions in [0, {len(stats)}) of the "
+                         f"statistics' layers, got {layers!r}")
+    parallel = _resolve_parallel(stats.group_names, parallel, where)
+    _one_device(stats, where)
+
+    def rows(l0, l1):
+        return torch.cat([_stack_layers(stats, field, p, p + 1) for p in positions[l0:l1]])
+
+    languages = list(parallel.languages)
+    out = torch.zeros(len(positions), len(languages), len(languages))
+    for b, reference in enumerate(languages):
+        div = _parallel_divergence(rows, len(positions), stats.num_groups, stats.num_experts,
+                                   parallel, reference, normalised, where)
+        for a, lang in enumerate(languages):
+            if a != b:
+                out[:, a, b] = div[lang]
+    return languages, out
+
+
+def routing_entropy(stats: RoutingStats, of: str = "importance", kind: str = "dense",
                     normalised: bool = False) -> torch.Tensor:
     """Routing entropy of every group, ``[L, G]`` float32, nats (or / log E).
 
-    ``of="tokens"``: ``entropy_sum / tokens``, the mean over the group's tokens of the entropy of
-    each token's dense routing distribution (needs ``entropy_sum``, ``record(dense=True)``).
-    ``of="importance"``: ``H(q)`` of the group's importance (Eq. 1, ``kind`` as in
+    ``of="importance"`` (default): ``H(q)`` of the group's importance (Eq. 1, ``kind`` as in
     ``expert_importance``), the paper's per-sequence routing entropy (average it over sequences
-    per layer for the paper's curves). By concavity ``tokens <= importance``.
+    per layer for the paper's curves; the author's ``analyze_routing_entropy``).
+    ``of="tokens"``: ``entropy_sum / tokens``, the mean over the group's tokens of the entropy of
+    each token's dense routing distribution (needs ``entropy_sum``, ``record(dense=True)``): how
+    sure the router is of each token, a smaller number (by concavity ``tokens <= importance``)
+    that falls faster with depth.
     ``normalised=True`` divides by ``log E`` ([0, 1]; defined as 0 for E = 1).
     Zero-token groups are NaN.
     """

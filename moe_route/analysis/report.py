@@ -5,8 +5,8 @@
     summary.txt                  what was measured and the headline numbers, in words
     divergence.json / .csv       Div[language, layer] from the reference (Eq. 2, D_HJS)
     divergence_by_layer.png      one curve per language over the layers (the paper's U shape)
-    language_divergence_L{l}.png language x language divergence heatmaps at chosen layers (each
-                                 language's sentences pooled, not the curves' per-sentence mean)
+    language_divergence_L{l}.png language x language divergence heatmaps at chosen layers (the
+                                 curves' mean over parallel sentences, for every pair)
     expert_usage.png             activation frequency per layer and expert, reference language
     experts.json, delta.png      task experts and the histogram of delta with the threshold tau
     plan.json                    the steering plan built from them (SteeringPlan JSON)
@@ -37,8 +37,8 @@ from moe_route._atomic import write_text_atomic
 from moe_route.hf.patch import PASS, split_site
 from moe_route.analysis.evaluation import format_paired
 from moe_route.analysis.metrics import (RoutingAgreement, activation_frequency,
-                                        divergence_accuracy_correlation, expert_importance,
-                                        pairwise_divergence, pool_by_language, routing_divergence)
+                                        divergence_accuracy_correlation, language_divergence,
+                                        pool_by_language, routing_divergence)
 from moe_route.stats import RoutingStats
 from moe_route.steering import SteeringPlan
 
@@ -102,16 +102,15 @@ def write_report(out_dir, stats: RoutingStats, reference: str, *,
                [[lang] + vals for lang, vals in sorted(div.items())])
 
     pooled = pool_by_language(stats)
-    lang_importance = expert_importance(pooled, "dense")               # [L, languages, E]
     freq = activation_frequency(pooled)                                # [L, languages, E]
     ref_row = pooled.group_names.index(reference)
     plots = []
     plt = _pyplot()
     if plt is not None:
         plots.append(_plot_curves(plt, out_dir, indices, div, middle, reference))
-        for p in heat:
-            plots.append(_plot_heatmap(plt, out_dir, pairwise_divergence(lang_importance[p]),
-                                       pooled.group_names, indices[p]))
+        languages, pairs = language_divergence(stats, heat)            # [heat, languages, ...]
+        for p, matrix in zip(heat, pairs):
+            plots.append(_plot_heatmap(plt, out_dir, matrix, languages, indices[p]))
         plots.append(_plot_usage(plt, out_dir, freq[:, ref_row], indices, reference))
         if delta is not None:
             plots.append(_plot_delta(plt, out_dir, delta, tau))
@@ -229,12 +228,11 @@ def _plot_curves(plt, out_dir, indices, div, middle, reference):
 
 def _plot_heatmap(plt, out_dir, matrix, languages, layer):
     fig, ax = plt.subplots(figsize=(5, 4))
-    im = ax.imshow(matrix.numpy(), cmap="viridis", vmin=0)
+    im = ax.imshow(matrix.numpy(), cmap="viridis", vmin=0)   # NaN (no shared sentence): blank
     ax.set_xticks(range(len(languages)), languages, rotation=90, fontsize=7)
     ax.set_yticks(range(len(languages)), languages, fontsize=7)
-    # not the curves' quantity: one distribution per language, its sentences pooled
     ax.set_title(f"Language divergence, layer {layer}")
-    fig.colorbar(im, ax=ax, label="entropy-normalised JS of the languages' pooled routing")
+    fig.colorbar(im, ax=ax, label="entropy-normalised JS, mean over parallel sentences")
     return _save(plt, fig, out_dir, f"language_divergence_L{layer}.png")
 
 
@@ -260,7 +258,19 @@ def _plot_delta(plt, out_dir, delta, tau):
 
 
 def _write_json(out_dir, name, obj):
-    _write_text(out_dir, name, json.dumps(obj, indent=2, default=float))
+    """Strict JSON: a NaN (a language with no sentence to compare) is written as null."""
+    _write_text(out_dir, name, json.dumps(_nan_to_none(obj), indent=2, allow_nan=False,
+                                          default=lambda x: _nan_to_none(float(x))))
+
+
+def _nan_to_none(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_none(v) for v in obj]
+    return obj
 
 
 def _write_csv(out_dir, name, header, rows):
