@@ -212,7 +212,10 @@ def expert_importance(stats: RoutingStats, kind: str = "dense") -> torch.Tensor:
     ``kind="routed"``: ``weight_sum / tokens`` — the token-mean of the routed top-k weights (zero
     off the top-k), the variant of the author's later code. Rows sum to the mean routed weight
     mass: 1 for renormalising routers, less without renormalisation (OLMoE), ``scale`` with a
-    routed scaling factor. Divergence and entropy functions renormalise rows to sum 1.
+    routed scaling factor. Divergence and entropy functions renormalise rows to sum 1. For a
+    router that does not renormalise, that is not quite the author's ``total_actual_weight``,
+    which renormalises each token's k weights before the mean (a token with little top-k mass
+    weighs as much as any other); the two agree for renormalising routers (Qwen3, GPT-OSS).
 
     Zero-token groups are NaN rows.
     """
