@@ -132,6 +132,7 @@ class Recorder:
         self._decoder = ""                                # the stack generate decodes with
         self._unwrap = None
         self._warned_embeds = False
+        self._warned_outside = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -146,8 +147,10 @@ class Recorder:
                     raise RuntimeError(f"record: {name} is already being recorded; nested "
                                        f"record() contexts on one model are not supported")
             devices = {}
-            # rows named before an exit on error (not flushed) keep their numbers
-            self._capacity = min(self.max_groups, max(FIRST_ROWS, len(self._rows)))
+            # an earlier entry that ended in an error left its numbers on the device: into the
+            # host total with them before the buffers are made anew
+            self.flush()
+            self._capacity = min(self.max_groups, FIRST_ROWS)
             for site, state, _ in self._handle.sites():  # a loop layer's passes: one each
                 device = devices.get(state.name)
                 if device is None:
@@ -165,6 +168,9 @@ class Recorder:
                 if self.trace_on:
                     state.trace = self._record_trace
             self._hooks = watch(self.model, self._on_call)
+            for path in paths:   # a call's rows hold for that call only
+                self._hooks.append(self.model.get_submodule(path).register_forward_hook(
+                    functools.partial(self._end_call, path)))
             self._decoder = _decoder_path(self.model) if len(paths) > 1 else ""
             self._wrap_generate()
         except BaseException:
@@ -411,11 +417,22 @@ class Recorder:
     def _group_name(i: int, names) -> str:
         return names[i] if names is not None else str(i)
 
+    def _end_call(self, stack: str, module, args, output) -> None:
+        self._calls.pop(stack, None)   # returns None: the output stays the model's
+
     def _token_rows(self, stack: str, T: int, device: torch.device) -> Optional[torch.Tensor]:
         """The statistics rows of a call with T tokens on ``device`` of a router in ``stack``."""
         calls = self._calls.get(stack)
         rows = calls.get(device) if calls else None
         if rows is None:
+            if calls is None and not self._warned_outside:
+                self._warned_outside = True
+                warnings.warn(f"record: a router ran outside a forward of "
+                              f"{stack or type(self.model).__name__} (a submodule called "
+                              f"directly, as model.model(...), or a wrapper that skips its "
+                              f"forward hooks): its tokens count in the context group "
+                              f"{self._context[-1]!r}, padding included; call the model that "
+                              f"record() was given", UserWarning, stacklevel=2)
             if not calls:  # a router called outside a forward of its stack: the context group
                 row = self._row_of(self._context[-1])
                 return torch.full((T,), row, dtype=torch.int32, device=device)

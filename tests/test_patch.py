@@ -149,6 +149,26 @@ def test_exception_inside_context_unpatches():
     assert {n: set(m.__dict__) for n, m in model.named_modules()} == attrs
 
 
+def test_a_model_and_its_submodule_are_not_patched_at_once():
+    """steer(model.model) inside record(model) (or the reverse) put a second patch over the
+    same routers: the inner context was silently ignored, and exiting the two out of order left
+    routers patched for good. The inner context is refused; everything is restored."""
+    model = build("olmoe")
+    attrs = {n: set(m.__dict__) for n, m in model.named_modules()}
+    plan = moe_route.SteeringPlan.force(0, 3)
+    for outer, inner in ((lambda: moe_route.steer(model.model, plan),
+                          lambda: moe_route.record(model)),
+                         (lambda: moe_route.record(model),
+                          lambda: moe_route.steer(model.model, plan)),
+                         (lambda: moe_route.patch(model), lambda: moe_route.patch(model.model))):
+        with outer():
+            with pytest.raises(ValueError, match=r"router (model\.)?layers\.0\.mlp\.gate is "
+                                                 r"already patched through another module"):
+                with inner():
+                    pass
+        assert {n: set(m.__dict__) for n, m in model.named_modules()} == attrs
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
 def test_generate_with_kv_cache_matches(family):
     model = build(family)

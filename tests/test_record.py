@@ -698,3 +698,39 @@ def test_reentering_an_active_recorder_is_refused_and_changes_nothing():
     assert not any("forward" in m.__dict__ for m in model.modules())   # unpatched
     with torch.no_grad():
         assert torch.equal(model(second).logits, ref)
+
+
+def test_a_recorder_entered_again_after_an_error_keeps_what_it_had():
+    """An entry that ends in an error leaves its numbers unflushed (readable through ``stats``);
+    entering the same Recorder again made its buffers anew and lost them: group "first" had 0
+    tokens and the trace still held them."""
+    model = build("olmoe")
+    first, second = _ids(8), _ids(9)
+    rec = moe_route.record(model, trace=True)
+    with pytest.raises(KeyError), torch.no_grad():
+        with rec:
+            with rec.group("first"):
+                model(first)
+            raise KeyError("boom")
+    with rec, torch.no_grad(), rec.group("second"):
+        model(second)
+    assert rec.stats.group_names == ["first", "second"]
+    assert [int(layer.tokens[0]) for layer in rec.stats] == [first.numel()] * len(rec.stats)
+    assert [int(layer.tokens[1]) for layer in rec.stats] == [second.numel()] * len(rec.stats)
+
+
+def test_a_router_run_outside_the_models_forward_warns_and_never_reuses_a_calls_rows():
+    """model.model(...) skips the hooks on model: its routers took the rows of the model's
+    previous call (its padding mask, its groups) when the shapes matched. They now count in the
+    context group, with a warning that padding cannot be told apart there."""
+    model = build("olmoe")
+    ids = _ids(3)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with moe_route.record(model) as rec, torch.no_grad():
+        model(ids, attention_mask=mask)                          # 3 padding tokens: not counted
+        with pytest.warns(UserWarning, match=r"record: a router ran outside a forward of "
+                                             r"OlmoeForCausalLM .* padding included"):
+            model.model(input_ids=ids, attention_mask=mask)      # every token, in the group
+    assert [int(layer.tokens.sum()) for layer in rec.stats] == \
+        [2 * ids.numel() - 3] * len(rec.stats)

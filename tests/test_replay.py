@@ -338,11 +338,13 @@ def test_hash_layers_cannot_be_replayed():
 ROUTES_A_SUBSET = {"ernie4_5_vl_moe"}
 
 
+@pytest.mark.filterwarnings("ignore:record. a router ran outside a forward:UserWarning")
 @pytest.mark.parametrize("family", supported_families())
 def test_every_family_replays_its_own_routing(family):
     """Every supported family: replaying the routing of a traced run (call order) routes the
     same experts and gives the same outputs. Hash routers (DeepSeek-V4) are left out: they
-    cannot be replayed."""
+    cannot be replayed. Families that route a subset of their tokens are run router by router
+    (outside the model's forward, which record() warns of)."""
     model = build(family)
     kw = inputs(family, _ids(19, (2, 6)), model)
     routers = [(n, r) for n, r, _ in find_routers(model)

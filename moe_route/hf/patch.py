@@ -403,6 +403,12 @@ class PatchHandle:
         self._hooks: list = []    # the loop layers' pass counters' reset (model_calls.watch)
         found = find_routers(model)
         for name, router, block in found:
+            if _STATE in router.__dict__:   # two patches over one router: each undoes the other
+                raise ValueError(
+                    f"moe_route: {type(model).__name__}'s router {name} is already patched "
+                    f"through another module that holds it (a parent or a submodule of this "
+                    f"one, given to patch, record, steer or replay); use one module of the model "
+                    f"for all of them")
             adapter = adapter_for(router)
             if adapter.block_method is not None:
                 check_block(block, adapter.block_method)
