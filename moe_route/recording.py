@@ -558,12 +558,16 @@ class _Generation:
             config = args[1]
         if config is None:
             config = getattr(model, "generation_config", None)
-        stop = set()
+        ids = {}
         for name in ("eos_token_id", "pad_token_id"):
             for source in (kwargs.get(name), getattr(config, name, None)):
                 if source is not None:
-                    stop.update(int(i) for i in torch.as_tensor(source).reshape(-1).tolist())
+                    ids[name] = {int(i) for i in torch.as_tensor(source).reshape(-1).tolist()}
                     break
+        # generate() pads a finished sequence only when an EOS can finish it; without one the
+        # pad id is a token like any other
+        stop = ids["eos_token_id"] | ids.get("pad_token_id", set()) if ids.get("eos_token_id") \
+            else set()
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             start = kwargs.get("decoder_input_ids")
             prompt = start.shape[-1] if isinstance(start, torch.Tensor) else 1

@@ -179,6 +179,23 @@ def test_a_sequence_that_ended_is_not_counted_while_the_batch_goes_on():
         assert layer.tokens.tolist() == alone
 
 
+def test_without_an_eos_the_pad_id_is_a_token_like_any_other():
+    """generate() pads finished sequences only when an EOS can finish them. Without one, a
+    generated token equal to pad_token_id was taken for padding and the rest of its sequence was
+    not counted."""
+    model = build("mixtral")
+    model.generation_config.eos_token_id = None
+    ids = _ids(4, (2, 5))
+    with torch.no_grad():
+        free = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    pad = int(free[0, 6])                               # sequence 0's second new token
+    with moe_route.record(model, tokens="generated") as rec, torch.no_grad():
+        out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=pad)
+    assert torch.equal(out, free)
+    fed = ids.shape[0] * (out.shape[1] - ids.shape[1] - 1)  # the last new token is never fed
+    assert [int(layer.tokens.sum()) for layer in rec.stats] == [fed] * len(rec.stats)
+
+
 def test_sequence_groups_cover_generates_copies_and_skipped_calls_name_their_groups():
     model = build("olmoe")
     ids = _ids(5, (2, 4))
