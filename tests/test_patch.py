@@ -149,6 +149,28 @@ def test_exception_inside_context_unpatches():
     assert {n: set(m.__dict__) for n, m in model.named_modules()} == attrs
 
 
+def test_a_patched_model_refuses_copy_and_pickle_by_name_and_saves_its_weights(tmp_path):
+    """deepcopy and torch.save of a patched model were a TypeError about a C++ GateConfig or an
+    AttributeError about a lambda; a copy would have routed through the original's patch. The
+    error says what to do; save_pretrained works while patched, and the copy after unpatch."""
+    import copy
+    import io
+
+    model = build("olmoe")
+    with moe_route.patch(model):
+        for save in (lambda: copy.deepcopy(model), lambda: torch.save(model, io.BytesIO())):
+            with pytest.raises(TypeError, match=r"the model is patched \(model\.layers\.0\.mlp"
+                                                r"\.gate, .*copy it before patching or after "
+                                                r"moe_route\.unpatch\(model\)"):
+                save()
+        model.save_pretrained(tmp_path)
+    twin = copy.deepcopy(model)
+    ids = torch.randint(0, 96, (2, 5))
+    with torch.no_grad():
+        assert torch.equal(twin(ids).logits, model(ids).logits)
+    assert (tmp_path / "config.json").exists()
+
+
 def test_a_model_and_its_submodule_are_not_patched_at_once():
     """steer(model.model) inside record(model) (or the reverse) put a second patch over the
     same routers: the inner context was silently ignored, and exiting the two out of order left

@@ -84,6 +84,12 @@ class RouterState:
     steer_stack: list = field(default_factory=list)
     replay_stack: list = field(default_factory=list)
 
+    def __deepcopy__(self, memo):
+        raise _not_copied(self.name)
+
+    def __reduce_ex__(self, protocol):
+        raise _not_copied(self.name)
+
     def site(self, p: int) -> str:
         """The name of pass ``p``'s routing: the router's module path, with ``@pass<p>`` for a
         loop layer's router (``model.layers.7.mlp.gate@pass1``)."""
@@ -380,6 +386,15 @@ class _Before:
     created: bool
     explicit: bool = False
     exact: Optional[dict] = None
+
+
+def _not_copied(name: str) -> TypeError:
+    """A patched router holds the patch's state, which refers to the original model: a copy
+    would route through it, so the patched model is not copied or pickled at all."""
+    return TypeError(f"moe_route: the model is patched ({name}, by patch() or an open record, "
+                     f"steer or replay context) and cannot be copied or pickled; copy it before "
+                     f"patching or after moe_route.unpatch(model) (save_pretrained works while "
+                     f"patched)")
 
 
 class PatchHandle:
