@@ -645,7 +645,8 @@ def test_task_loaders_refuse_a_limit_that_is_not_a_count(tmp_path, limit):
 
 
 def test_belebele_rows_become_letter_questions():
-    row = {"flores_passage": "The cat sat.", "question": "Who sat?", "mc_answer1": "a dog",
+    """lm-eval's Belebele prompt (the question stripped, as Global-MMLU's)."""
+    row = {"flores_passage": "The cat sat.", "question": " Who sat?\n", "mc_answer1": "a dog",
            "mc_answer2": "the cat", "mc_answer3": "a bird", "mc_answer4": "nobody",
            "correct_answer_num": "2"}
     item = ev._belebele_item(row)
@@ -697,13 +698,13 @@ def test_hub_tasks_from_the_hub_layouts(monkeypatch, tmp_path):
 
 
 def test_global_mmlu_from_the_hub_layout(monkeypatch, tmp_path):
-    """Global-MMLU by language config and split, the letter answer as the option index, the
-    subject filter (subject or category, any case) before the limit; read by the real
-    ``datasets`` from a local copy of the Hub layout."""
+    """Global-MMLU by language config and split, the question stripped (as lm-eval does), the
+    letter answer as the option index, the subject filter (subject or category, any case)
+    before the limit; read by the real ``datasets`` from a local copy of the Hub layout."""
 
     def row(i, subject, category, answer):
         return {"sample_id": f"{subject}/{i}", "subject": subject, "subject_category": category,
-                "question": f"q{i}?", "option_a": "a", "option_b": "b", "option_c": "c",
+                "question": f"q{i}? ", "option_a": "a", "option_b": "b", "option_c": "c",
                 "option_d": "d", "answer": answer}
 
     data = [row(0, "astronomy", "STEM", "B"), row(1, "anatomy", "Medical", "D"),

@@ -739,7 +739,7 @@ def load_choice_task(source, languages: Optional[Sequence[str]] = None, *,
 
 def _belebele_item(row) -> ChoiceItem:
     answers = [row[f"mc_answer{i}"] for i in range(1, 5)]
-    prompt = (f"P: {row['flores_passage']}\nQ: {row['question']}\n"
+    prompt = (f"P: {row['flores_passage']}\nQ: {row['question'].strip()}\n"
               + "".join(f"{_LETTERS[i]}: {a}\n" for i, a in enumerate(answers)) + "Answer:")
     return ChoiceItem(prompt, [f" {_LETTERS[i]}" for i in range(4)],
                       int(row["correct_answer_num"]) - 1)
@@ -751,7 +751,7 @@ def _mmlu_item(row) -> ChoiceItem:
         raise ValueError(f"load_choice_task: Global-MMLU question {row.get('sample_id')!r} has "
                          f"answer {row['answer']!r}, expected a letter A-D")
     options = "".join(f"{x}. {row['option_' + x.lower()]}\n" for x in "ABCD")
-    return ChoiceItem(f"{row['question']}\n{options}Answer:", [f" {x}" for x in "ABCD"],
+    return ChoiceItem(f"{row['question'].strip()}\n{options}Answer:", [f" {x}" for x in "ABCD"],
                       "ABCD".index(letter))
 
 
