@@ -40,6 +40,7 @@ Ids may be int16/int32/int64 on any device; they are checked once on entry (k di
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Optional
 
@@ -81,6 +82,8 @@ class _Source:
             self.cursor += T
             return out
         call = self.owner._calls.get(self.stack)
+        if call is None and in_backward():  # checkpointing's recompute, after the forward
+            call = self.owner._ended.get(self.stack)
         if call is None:
             raise RuntimeError(f"replay: {self.name} was called outside a forward of the model; "
                                f"routing by position needs the model call's positions")
@@ -123,9 +126,10 @@ class Replay:
         self._hooks: list = []
         self._sources: list = []
         self._applied: list = []
-        # each stack's (model_calls.stacks) latest call: {stack path: (B, S, past length,
+        # each stack's (model_calls.stacks) call in progress: {stack path: (B, S, past length,
         # the call's number)}
         self._calls: dict = {}
+        self._ended: dict = {}   # each stack's call that ended last (for backward's recompute)
         self._numbered = 0  # model calls seen
 
     def __enter__(self) -> "Replay":
@@ -156,6 +160,9 @@ class Replay:
                 self._applied.append(state)
             if any(s.by_position for s in self._sources):
                 self._hooks = watch(self.model, self._on_call)
+                for path in paths:   # a call's positions hold for that call only
+                    self._hooks.append(self.model.get_submodule(path).register_forward_hook(
+                        functools.partial(self._end_call, path)))
         except BaseException:
             self._detach()
             raise
@@ -179,6 +186,10 @@ class Replay:
         if self._handle is not None:
             release(self._handle)
             self._handle = None
+
+    def _end_call(self, stack: str, module, args, output) -> None:
+        # returns None: the output stays the model's
+        self._ended[stack] = self._calls.pop(stack, None)
 
     def _on_call(self, stack: str, call: dict):
         ref = call.get("input_ids")

@@ -577,3 +577,17 @@ def test_reentering_an_active_replay_context_is_refused_and_changes_nothing():
         again, _ = _trace(model, ids)
     assert ctx.used == {n: a[n].shape[0] for n in own}
     assert all(torch.equal(again[n]["ids"].long(), a[n]) for n in own)
+
+
+def test_by_position_refuses_a_router_run_outside_the_models_forward():
+    """model.model(...) skips the hooks on model: its routers took the previous call's
+    positions, and the second call was refused as "a loop layer". It is refused for what it
+    is: a router called outside a forward of the model."""
+    model = build("olmoe")
+    ids = _ids(3, (2, 6))
+    trace, _ = _trace(model, ids)
+    with moe_route.replay(model, replaying.trace_by_position(trace, 2, 6)), torch.no_grad():
+        model(ids)
+        with pytest.raises(RuntimeError, match=r"replay: model\.layers\.0\.mlp\.gate was called "
+                                               r"outside a forward of the model"):
+            model.model(input_ids=ids)
