@@ -625,6 +625,17 @@ def _parallel_divergence(layer_rows, L: int, G: int, E: int, parallel, reference
     return {lang: out[i].float() for i, lang in enumerate(parallel.languages) if i != ref}
 
 
+def _importance_field(stats: RoutingStats, kind: str, where: str) -> str:
+    """The statistics field ``expert_importance(stats, kind)`` reads, after checking that
+    ``stats`` has it in every layer (the error names the missing field)."""
+    _check_stats(stats, where)
+    _check_choice(kind, "kind", KINDS, where)
+    field = "prob_sum" if kind == "dense" else "weight_sum"
+    if any(getattr(layer, field) is None for layer in stats):
+        expert_importance(stats, kind)  # raises the error naming the missing field
+    return field
+
+
 def routing_divergence(stats: RoutingStats, reference: str, *, parallel=None,
                        kind: str = "dense", normalised: bool = True) -> Dict[str, torch.Tensor]:
     """The paper's ``Div^(lang, l)`` (Eq. 2 with App. A.4's ``D_HJS``), ``{language: [L]}``.
@@ -638,11 +649,7 @@ def routing_divergence(stats: RoutingStats, reference: str, *, parallel=None,
     not in the result (its divergence is 0 by definition).
     """
     where = "routing_divergence"
-    _check_stats(stats, where)
-    _check_choice(kind, "kind", KINDS, where)
-    field = "prob_sum" if kind == "dense" else "weight_sum"
-    if any(getattr(layer, field) is None for layer in stats):
-        expert_importance(stats, kind)  # raises the error naming the missing field
+    field = _importance_field(stats, kind, where)
     parallel = _resolve_parallel(stats.group_names, parallel, where)
     # Each layer's sums go straight in: renormalising a row of prob_sum gives the same
     # distribution as prob_sum / tokens (zero-token rows are all 0 and become NaN), without an
@@ -666,11 +673,7 @@ def language_divergence(stats: RoutingStats, layers: Optional[Sequence[int]] = N
     zero diagonal; NaN for a pair with no parallel sequence with tokens on both sides.
     """
     where = "language_divergence"
-    _check_stats(stats, where)
-    _check_choice(kind, "kind", KINDS, where)
-    field = "prob_sum" if kind == "dense" else "weight_sum"
-    if any(getattr(layer, field) is None for layer in stats):
-        expert_importance(stats, kind)  # raises the error naming the missing field
+    field = _importance_field(stats, kind, where)
     positions = list(range(len(stats))) if layers is None else list(layers)
     bad = [p for p in positions if isinstance(p, bool) or not isinstance(p, int)
            or not 0 <= p < len(stats)]
@@ -722,9 +725,7 @@ def routing_entropy(stats: RoutingStats, of: str = "importance", kind: str = "de
         h = torch.where(tokens > 0, stats.stack("entropy_sum").to(torch.float64) / tokens,
                         torch.nan)
     else:
-        field = "prob_sum" if kind == "dense" else "weight_sum"
-        if any(getattr(layer, field) is None for layer in stats):
-            expert_importance(stats, kind)  # raises the error naming the missing field
+        field = _importance_field(stats, kind, where)
         _one_device(stats, where)
         h = torch.cat([_entropy64(_renormalised(_stack_layers(stats, field, l0, l1)))
                        for l0, l1 in _layer_chunks(len(stats), stats.num_groups * E)])
