@@ -167,10 +167,7 @@ class Recorder:
                 state.groups = functools.partial(self._token_rows, stack_of(paths, name))
                 if self.trace_on:
                     state.trace = self._record_trace
-            self._hooks = watch(self.model, self._on_call)
-            for path in paths:   # a call's rows hold for that call only
-                self._hooks.append(self.model.get_submodule(path).register_forward_hook(
-                    functools.partial(self._end_call, path)))
+            self._hooks = watch(self.model, self._on_call, self._end_call)
             self._decoder = _decoder_path(self.model) if len(paths) > 1 else ""
             self._wrap_generate()
         except BaseException:
@@ -417,8 +414,8 @@ class Recorder:
     def _group_name(i: int, names) -> str:
         return names[i] if names is not None else str(i)
 
-    def _end_call(self, stack: str, module, args, output) -> None:
-        self._calls.pop(stack, None)   # returns None: the output stays the model's
+    def _end_call(self, stack: str) -> None:
+        self._calls.pop(stack, None)   # a call's rows hold for that call only
 
     def _token_rows(self, stack: str, T: int, device: torch.device) -> Optional[torch.Tensor]:
         """The statistics rows of a call with T tokens on ``device`` of a router in ``stack``."""

@@ -40,7 +40,6 @@ Ids may be int16/int32/int64 on any device; they are checked once on entry (k di
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from typing import Optional
 
@@ -159,10 +158,7 @@ class Replay:
                 put(state, "replay", self, sources)
                 self._applied.append(state)
             if any(s.by_position for s in self._sources):
-                self._hooks = watch(self.model, self._on_call)
-                for path in paths:   # a call's positions hold for that call only
-                    self._hooks.append(self.model.get_submodule(path).register_forward_hook(
-                        functools.partial(self._end_call, path)))
+                self._hooks = watch(self.model, self._on_call, self._end_call)
         except BaseException:
             self._detach()
             raise
@@ -187,8 +183,8 @@ class Replay:
             release(self._handle)
             self._handle = None
 
-    def _end_call(self, stack: str, module, args, output) -> None:
-        # returns None: the output stays the model's
+    def _end_call(self, stack: str) -> None:
+        # a call's positions hold for that call only (and for checkpointing's recompute)
         self._ended[stack] = self._calls.pop(stack, None)
 
     def _on_call(self, stack: str, call: dict):

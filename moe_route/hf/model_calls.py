@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -57,10 +57,12 @@ def stack_of(paths, router: str) -> str:
     return max(inside, key=len)
 
 
-def watch(model: nn.Module, on_call: Callable[[str, dict], None]) -> list:
+def watch(model: nn.Module, on_call: Callable[[str, dict], None],
+          on_return: Optional[Callable[[str], None]] = None) -> list:
     """Call ``on_call(stack, arguments)`` before every forward of each of ``model``'s stacks
     (``stacks``), with the stack's path and the call's arguments by parameter name (positional
-    ones bound to the stack forward's signature); returns the hooks' handles (``remove()``)."""
+    ones bound to the stack forward's signature), and ``on_return(stack)`` after it (the output
+    stays the forward's); returns the hooks' handles (``remove()``)."""
     handles = []
     for path, module in stacks(model).items():
         names = positional_names(module)
@@ -70,7 +72,12 @@ def watch(model: nn.Module, on_call: Callable[[str, dict], None]) -> list:
             call.update(kwargs)
             on_call(path, call)
 
+        def done(module, args, output, path=path):
+            on_return(path)   # returns None: the output stays the forward's
+
         handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        if on_return is not None:
+            handles.append(module.register_forward_hook(done))
     return handles
 
 
