@@ -563,8 +563,8 @@ class _Generation:
                     break
         # generate() pads a finished sequence only when an EOS can finish it; without one the
         # pad id is a token like any other
-        stop = ids["eos_token_id"] | ids.get("pad_token_id", set()) if ids.get("eos_token_id") \
-            else set()
+        eos = ids.get("eos_token_id", set())
+        stop = eos | ids.get("pad_token_id", set()) if eos else set()
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             start = kwargs.get("decoder_input_ids")
             prompt = start.shape[-1] if isinstance(start, torch.Tensor) else 1

@@ -581,12 +581,11 @@ def _answer_text(tokenizer, ids: list, channels: tuple, ends: set) -> str:
     (``channels``: the ids of "<|channel|>" and "<|message|>", or None; GPT-OSS writes
     "<|channel|>analysis<|message|>...<|end|><|start|>assistant<|channel|>final<|message|>ANSWER
     <|return|>"), only the final channel's text, up to the next special token (``ends``: the
-    tokenizer's special ids, its added special tokens included: "<|end|>" is one), and "" when
-    there is none yet."""
+    tokenizer's special ids, its added special tokens included: "<|end|>" is one, and so are the
+    channel tokens), and "" when there is none yet."""
     channel, message = channels
     if channel is None or message is None or channel not in ids:
         return tokenizer.decode(ids, skip_special_tokens=True)
-    specials = ends | {channel, message}
     answer = []
     for p, token in enumerate(ids):
         if token != channel:
@@ -596,7 +595,7 @@ def _answer_text(tokenizer, ids: list, channels: tuple, ends: set) -> str:
         except ValueError:
             break  # no message after this channel token, nor after a later one
         if tokenizer.decode(ids[p + 1:start]).strip() == "final":
-            end = next((q for q in range(start + 1, len(ids)) if ids[q] in specials), len(ids))
+            end = next((q for q in range(start + 1, len(ids)) if ids[q] in ends), len(ids))
             answer = ids[start + 1:end]
     return tokenizer.decode(answer, skip_special_tokens=True)
 
