@@ -35,9 +35,10 @@ Numerics of ``topk_gate`` (shared by every backend)
   the scores the selection ranks are rounded as such a router's ops round them:
   ``r(sigmoid(z))``, ``r(sqrt(r(softplus(z))))`` (two ops), ``r(softmax(z))``, ``r(z)`` for
   "none", with ``r`` round-to-nearest-even to the logits' dtype; the selection bias is then added
-  in fp32. Without a bias, a ``top2_sum`` group score is ``r(a + b)`` (a half-precision sum). Softmax then ranks the rounded
-  probabilities (which tie where logits do not), not the logits. fp32 logits and
-  ``select_on="logits"`` are unaffected, and weights and statistics always use fp32 scores.
+  in fp32. Without a bias, a ``top2_sum`` group score is ``r(a + b)`` (a half-precision sum).
+  Softmax then ranks the rounded probabilities (which tie where logits do not), not the logits.
+  fp32 logits and ``select_on="logits"`` are unaffected, and weights and statistics always use
+  fp32 scores.
 * **Groups** (``n_group > 1``): the E experts form n_group contiguous groups; a group's score is
   the max (``"max"``, DeepSeek-V2) or the sum of its two largest values (``"top2_sum"``,
   DeepSeek-V3) of ``v``; the ``topk_group`` best groups stay eligible (a group holding a forced-on
