@@ -669,8 +669,10 @@ def language_divergence(stats: RoutingStats, layers: Optional[Sequence[int]] = N
     Cell ``[l, a, b]`` is ``routing_divergence`` of language a with b as the reference: the mean
     over the parallel sequences both hold of ``D(q_(a, i), q_(b, i))``, the curves' quantity for
     every pair. (The divergence of the two languages' pooled distributions is another, larger
-    number: pooling raises each side's entropy, which shrinks D_HJS's normaliser.) Symmetric,
-    zero diagonal; NaN for a pair with no parallel sequence with tokens on both sides.
+    number: pooling raises each side's entropy, which shrinks D_HJS's normaliser.) Computed in
+    float64 as ``routing_divergence`` is (natural log, D_HJS's normaliser floored at 1e-6), so a
+    cell equals that function's value bit for bit. Symmetric, zero diagonal; NaN for a pair with
+    no parallel sequence with tokens on both sides.
     """
     where = "language_divergence"
     field = _importance_field(stats, kind, where)
