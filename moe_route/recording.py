@@ -140,7 +140,7 @@ class Recorder:
         if self._handle is not None:  # its cleanup would take the active entry's buffers off
             raise RuntimeError("record: this record() context is already active; it cannot be "
                                "entered again inside itself")
-        self._handle = acquire(self.model)
+        self._handle = acquire(self.model, self._unhook)
         try:
             for name, state in self._handle.routers.items():
                 if state.stats is not None:
@@ -183,18 +183,22 @@ class Recorder:
             self._detach()
         return False
 
-    def _detach(self):
+    def _unhook(self):
+        """Take the call hooks and the ``generate`` wrapper off the model."""
         while self._hooks:
             self._hooks.pop().remove()
         if self._unwrap is not None:
             self._unwrap()
             self._unwrap = None
+
+    def _detach(self):
+        self._unhook()
         if self._handle is not None:
             for name, state in self._handle.routers.items():
                 if name in self._attached and state.stats is self._attached[name]:
                     state.stats, state.groups, state.trace = None, None, None
             self._attached = {}
-            release(self._handle)
+            release(self._handle, self._unhook)
             self._handle = None
 
     # -- groups ------------------------------------------------------------------------------

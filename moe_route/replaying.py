@@ -135,7 +135,7 @@ class Replay:
         if self._handle is not None:  # its exit would undo both entries and release one patch
             raise RuntimeError("replay: this replay() context is already active; nest another "
                                "replay(model, routing) instead of entering the same one twice")
-        self._handle = acquire(self.model)
+        self._handle = acquire(self.model, self._unhook)
         self._sources = []  # a new entry replays from the first row; used/strict see only it
         try:
             routers = self._handle.routers
@@ -174,13 +174,16 @@ class Replay:
                                  f"tokens than the routing): {left}; pass strict=False to allow")
         return False
 
-    def _detach(self):
+    def _unhook(self):
         while self._hooks:
             self._hooks.pop().remove()
+
+    def _detach(self):
+        self._unhook()
         while self._applied:
             withdraw(self._applied.pop(), "replay", self)
         if self._handle is not None:
-            release(self._handle)
+            release(self._handle, self._unhook)
             self._handle = None
 
     def _end_call(self, stack: str) -> None:

@@ -393,3 +393,32 @@ def test_nested_patch_block_undoes_only_what_it_did():
                 pass
             assert handle.active
         assert not handle.active and not hasattr(model, "_moe_route_patch")
+
+
+def test_unpatch_takes_off_the_hooks_of_contexts_left_open():
+    """record and replay contexts entered and never left (a notebook cell that failed) kept
+    their call hooks and the wrapped ``generate`` on the model after ``unpatch``: every later
+    forward ran them. unpatch takes them off with a warning; the contexts' late exits do nothing
+    more, and the recorder keeps what it recorded."""
+    model = build("olmoe")
+    ids = _ids(14, (2, 6))
+    attrs = {n: set(m.__dict__) for n, m in model.named_modules()}
+    hooks = {n: (len(m._forward_pre_hooks), len(m._forward_hooks))
+             for n, m in model.named_modules()}
+    with torch.no_grad():
+        rec = moe_route.record(model).__enter__()
+        model(ids)
+        k = model.config.num_experts_per_tok
+        by_position = torch.arange(k).expand(*ids.shape, k)   # [B, S, k]: by position
+        replay = moe_route.replay(model, {0: by_position}).__enter__()
+        with pytest.warns(UserWarning, match=r"unpatching OlmoeForCausalLM while 2 "
+                                             r"record/steer/replay context\(s\) on it are open"):
+            assert moe_route.unpatch(model) is True
+        assert {n: set(m.__dict__) for n, m in model.named_modules()} == attrs
+        assert {n: (len(m._forward_pre_hooks), len(m._forward_hooks))
+                for n, m in model.named_modules()} == hooks
+        model(ids)                        # not recorded
+        replay.__exit__(None, None, None)
+        rec.__exit__(None, None, None)
+    assert [int(layer.tokens.sum()) for layer in rec.stats] == [12, 12]
+    assert {n: set(m.__dict__) for n, m in model.named_modules()} == attrs

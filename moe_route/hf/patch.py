@@ -25,6 +25,7 @@ import numbers
 import re
 import threading
 import types
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -416,6 +417,7 @@ class PatchHandle:
         self._last_call: Optional[_Before] = None   # what the latest patch() call changed
         self._blocks: list = []   # per open ``with`` block: what its patch() call changed
         self._hooks: list = []    # the loop layers' pass counters' reset (model_calls.watch)
+        self._cleanups: list = [] # the open contexts' own hooks' removal, run by remove()
         found = find_routers(model)
         for name, router, block in found:
             if _STATE in router.__dict__:   # two patches over one router: each undoes the other
@@ -496,6 +498,13 @@ class PatchHandle:
         with _LOCK:
             if not self.active:
                 return
+            if self._cleanups:
+                warnings.warn(f"moe_route: unpatching {type(self.model).__name__} while "
+                              f"{len(self._cleanups)} record/steer/replay context(s) on it are "
+                              f"open: they stop recording, steering and replaying now",
+                              stacklevel=3)
+            while self._cleanups:
+                self._cleanups.pop()()
             while self._hooks:
                 self._hooks.pop().remove()
             for module, attr, before in reversed(self._saved):
@@ -556,7 +565,9 @@ def patch(model: nn.Module, *, exact: bool = False) -> PatchHandle:
 
 
 def unpatch(model: nn.Module) -> bool:
-    """Undo ``patch(model)``; returns whether the model was patched."""
+    """Undo ``patch(model)``; returns whether the model was patched. Record, steer and replay
+    contexts still open on the model (entered and never left) lose their hooks with it, with a
+    warning: the model is then as it was before any of them."""
     handle = getattr(model, _HANDLE, None)
     if handle is None:
         return False
@@ -564,18 +575,24 @@ def unpatch(model: nn.Module) -> bool:
     return True
 
 
-def acquire(model: nn.Module) -> PatchHandle:
-    """The model's patch for a record/steer context, patching it (fast mode) if needed."""
+def acquire(model: nn.Module, cleanup: Callable[[], None]) -> PatchHandle:
+    """The model's patch for a record/steer/replay context, patching it (fast mode) if needed.
+    ``cleanup`` removes what the context put on the model outside the patch (hooks, a wrapped
+    ``generate``); ``unpatch`` calls it if the context is still open then."""
     with _LOCK:
         handle = getattr(model, _HANDLE, None) or PatchHandle(model, exact=False)
         handle._owners += 1
+        handle._cleanups.append(cleanup)
     return handle
 
 
-def release(handle: PatchHandle) -> None:
-    """End a record/steer context's use; an implicit patch goes when its last user leaves."""
+def release(handle: PatchHandle, cleanup: Callable[[], None]) -> None:
+    """End a record/steer/replay context's use (``cleanup`` as given to ``acquire``); an
+    implicit patch goes when its last user leaves."""
     with _LOCK:
         handle._owners -= 1
+        if cleanup in handle._cleanups:   # not after an unpatch() that ran it
+            handle._cleanups.remove(cleanup)
         done = handle._owners == 0 and not handle._explicit
     if done:
         handle.remove()
