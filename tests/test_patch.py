@@ -422,3 +422,17 @@ def test_unpatch_takes_off_the_hooks_of_contexts_left_open():
         rec.__exit__(None, None, None)
     assert [int(layer.tokens.sum()) for layer in rec.stats] == [12, 12]
     assert {n: set(m.__dict__) for n, m in model.named_modules()} == attrs
+
+
+def test_a_float64_model_names_its_router_and_what_to_do():
+    """A float64 model patched fine and then failed in ``topk_gate`` with no router named. The
+    error names the router and the fix, in fast mode and when exact mode records."""
+    model = build("olmoe").double()
+    ids = _ids(15, (2, 5))
+    with torch.no_grad():
+        for exact in (False, True):
+            with moe_route.record(model), moe_route.patch(model, exact=exact):
+                with pytest.raises(TypeError, match=r"model\.layers\.0\.mlp\.gate: the router's "
+                                                    r"logits are torch\.float64; moe_route routes "
+                                                    r"float32, float16 or bfloat16 logits"):
+                    model(ids)

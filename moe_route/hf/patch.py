@@ -113,7 +113,8 @@ class RouterState:
             drawn = _rng_state(hidden_states.device) if recording and ad.logits_at is None else None
             out = self.original(hidden_states, *args, **kwargs)
             if recording:  # statistics only: the model's output stays the router's own
-                z = self._own_logits(router, hidden_states, args, kwargs, out, drawn).detach()
+                z = self._checked(
+                    self._own_logits(router, hidden_states, args, kwargs, out, drawn).detach())
                 groups = self._groups(z)
                 w, ids = topk_gate(z, self.top_k, self._spec_for(z),
                                    selection_bias=ad.selection_bias_of(router, self.block, args),
@@ -121,7 +122,7 @@ class RouterState:
                 if trace is not None:
                     trace(self.site(p), z, w, ids, groups)
             return out
-        z = ad.logits(router, hidden_states, args, kwargs)
+        z = self._checked(ad.logits(router, hidden_states, args, kwargs))
         groups = self._groups(z) if stats is not None or trace is not None else None
         chosen = replay(z.shape[0], z.device) if replay is not None else None
         w, ids = route(z, self.top_k, self._spec_for(z),
@@ -133,6 +134,13 @@ class RouterState:
         if ad.returns is not None:  # a family that returns more or other than (z, w, ids)
             return ad.returns(router, self.block, hidden_states, z, w, ids, *args, **kwargs)
         return z, w, ids
+
+    def _checked(self, z: torch.Tensor) -> torch.Tensor:
+        if z.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"{self.name}: the router's logits are {z.dtype}; moe_route routes "
+                            f"float32, float16 or bfloat16 logits (convert the model, e.g. "
+                            f"model.float(), or run it unpatched)")
+        return z
 
     def _spec_for(self, z: torch.Tensor):
         """The spec for logits ``z``. A router that scores in its logits' dtype (round_scores)
