@@ -49,8 +49,9 @@ which are the router's outputs except in families whose router post-processes th
 (Gemma4's per-expert scale, Ernie's clamped renormalisation; ``Adapter.returns``).
 
 ``trace=True`` also keeps the per-token routing of every layer on the CPU: ids (int16 when
-E <= 32767), weights (fp16 unless ``trace_dtype=torch.float32``), the statistics row of each token
-and, with ``trace_logits=True``, the router logits. Each router call's tensors are copied to the
+E <= 32767), weights (fp16 unless ``trace_dtype=torch.float32``), the statistics row and input
+token id of each token (-1 for a call given ``inputs_embeds``), the layer's expert count and,
+with ``trace_logits=True``, the router logits. Each router call's tensors are copied to the
 host as they are produced (``rec.trace``, ``rec.save_trace(path)``); this one does sync.
 ``load_trace(path)`` reads a saved trace back in the same layout.
 """
@@ -127,6 +128,7 @@ class Recorder:
         # each stack's (model.stacks: the model, or an encoder-decoder's encoder and decoder)
         # latest call: {stack path: {device: token rows [T]}}
         self._calls: dict = {}
+        self._call_tokens: dict = {}   # {stack path: the latest call's input ids [B*S]} (trace)
         self._hooks: list = []
         self._generation: Optional[_Generation] = None   # inside the wrapped model.generate
         self._decoder = ""                                # the stack generate decodes with
@@ -166,7 +168,7 @@ class Recorder:
                 state.stats = self._attached[name] = per_pass if state.passes > 1 else per_pass[0]
                 state.groups = functools.partial(self._token_rows, stack_of(paths, name))
                 if self.trace_on:
-                    state.trace = self._record_trace
+                    state.trace = functools.partial(self._record_trace, stack_of(paths, name))
             self._hooks = watch(self.model, self._on_call, self._end_call)
             self._decoder = _decoder_path(self.model) if len(paths) > 1 else ""
             self._wrap_generate()
@@ -311,6 +313,8 @@ class Recorder:
         embeds = call.get("inputs_embeds")
         ref = input_ids if input_ids is not None else embeds
         rows_on = self._calls[stack] = {}
+        if self.trace_on:
+            self._call_tokens[stack] = None if input_ids is None else input_ids.reshape(-1)
         if ref is None:
             return
         B, S = ref.shape[0], ref.shape[1]
@@ -420,6 +424,7 @@ class Recorder:
 
     def _end_call(self, stack: str) -> None:
         self._calls.pop(stack, None)   # a call's rows hold for that call only
+        self._call_tokens.pop(stack, None)
 
     def _token_rows(self, stack: str, T: int, device: torch.device) -> Optional[torch.Tensor]:
         """The statistics rows of a call with T tokens on ``device`` of a router in ``stack``."""
@@ -446,28 +451,34 @@ class Recorder:
                                f"assign to groups")
         return rows
 
-    def _record_trace(self, name, logits, weights, ids, groups):
-        E = logits.shape[-1]
+    def _record_trace(self, stack, name, logits, weights, ids, groups):
+        E, T = logits.shape[-1], ids.shape[0]
         parts = self._trace.setdefault(name, {})
+        tokens = self._call_tokens.get(stack)
+        if tokens is None or tokens.shape[0] != T:  # inputs_embeds, or outside the stack's call
+            tokens = torch.full((T,), -1, dtype=torch.int32, device=ids.device)
         rows = {"ids": ids.to(torch.int16 if E <= 32767 else torch.int32),
                 "weights": weights.to(self.trace_dtype),
+                "tokens": tokens.to(torch.int32),
                 "groups": groups if groups is not None else
-                torch.full((ids.shape[0],), -1, dtype=torch.int32, device=ids.device)}
+                torch.full((T,), -1, dtype=torch.int32, device=ids.device)}
         if self.trace_logits:
             rows["logits"] = logits.to(self.trace_dtype)
         for key, t in rows.items():
             parts.setdefault(key, []).append(t.detach().to("cpu", non_blocking=True))
         # group rows are recycled after a flush: keep each token's group *name*
         parts.setdefault("group_names", []).append(list(self._rows))
+        parts["experts"] = E
 
     @property
     def trace(self) -> dict:
-        """``{layer name: {"ids" [N, k], "weights" [N, k], "group" list of N names or None,
-        ("logits" [N, E])}}`` for every token routed while tracing, in call order."""
+        """``{layer name: {"ids" [N, k], "weights" [N, k], "tokens" [N] int32, "group" list of N
+        names or None, "experts" E, ("logits" [N, E])}}`` for every token routed while tracing,
+        in call order (``load_trace``)."""
         out = {}
         for name, parts in self._trace.items():
-            layer = {key: torch.cat(parts[key]) for key in ("ids", "weights", "logits")
-                     if key in parts}
+            layer = {key: torch.cat(parts[key]) for key in _TRACE_TENSORS if key in parts}
+            layer["experts"] = parts["experts"]
             names = []
             for rows, table in zip(parts["groups"], parts["group_names"]):
                 names.extend(table[r] if 0 <= r < len(table) else None for r in rows.tolist())
@@ -601,15 +612,16 @@ def record(model: nn.Module, **options) -> Recorder:
 
 # -------------------------------------------------------------------------------------------
 # traces on disk: one safetensors file. Per layer the tensors "{layer}.ids", ".weights",
-# (".logits") and ".group" (int32 [N], an index into the metadata's "group_names", -1 for an
-# ungrouped token); the metadata also lists the layers in order. Version 1 (the first
+# (".tokens", ".logits") and ".group" (int32 [N], an index into the metadata's "group_names",
+# -1 for an ungrouped token); the metadata also lists the layers in order and, from version 3,
+# their expert counts ("experts", null where a hand-made trace gave none). Version 1 (the first
 # save_trace) kept every token's group name as JSON in the metadata instead, which outgrows
 # safetensors' 100 MB header limit (names like "fra_Latn/123" take 16 bytes each: about 520k
-# tokens over 12 layers); it is still read.
+# tokens over 12 layers); versions 1 and 2 (no token ids, no expert counts) are still read.
 
 TRACE_FORMAT = "moe_route.trace"
-TRACE_VERSION = "2"
-_TRACE_TENSORS = ("ids", "weights", "logits")
+TRACE_VERSION = "3"
+_TRACE_TENSORS = ("ids", "weights", "tokens", "logits")
 _INT_DTYPES = (torch.int16, torch.int32, torch.int64)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -637,9 +649,25 @@ def _check_trace_layer(name, layer, where: str) -> int:
                          f"shape {tuple(ids.shape)}, got "
                          f"{getattr(weights, 'dtype', type(weights).__name__)} of shape "
                          f"{tuple(getattr(weights, 'shape', ()))}")
+    tokens = layer.get("tokens")
+    if tokens is not None and (not isinstance(tokens, torch.Tensor) or tokens.dtype
+                               not in _INT_DTYPES or tuple(tokens.shape) != (N,)):
+        raise ValueError(f"{where}: trace[{name!r}]['tokens'] must be an int tensor [N={N}] (the "
+                         f"token id of each row, -1 where unknown), got "
+                         f"{getattr(tokens, 'dtype', type(tokens).__name__)} of shape "
+                         f"{tuple(getattr(tokens, 'shape', ()))}")
+    experts = layer.get("experts")
+    if experts is not None:
+        if isinstance(experts, bool) or not isinstance(experts, numbers.Integral) or experts < 1:
+            raise ValueError(f"{where}: trace[{name!r}]['experts'] must be the layer's expert "
+                             f"count, an int >= 1, got {experts!r}")
+        if N and not 0 <= int(ids.min()) <= int(ids.max()) < experts:
+            raise ValueError(f"{where}: trace[{name!r}]['ids'] must be in [0, experts="
+                             f"{experts}), got [{int(ids.min())}, {int(ids.max())}]")
     logits = layer.get("logits")
     if logits is not None and (not isinstance(logits, torch.Tensor) or logits.dim() != 2
-                               or logits.dtype not in _FLOAT_DTYPES or logits.shape[0] != N):
+                               or logits.dtype not in _FLOAT_DTYPES or logits.shape[0] != N
+                               or (experts is not None and logits.shape[1] != experts)):
         raise ValueError(f"{where}: trace[{name!r}]['logits'] must be a float tensor [N={N}, E], "
                          f"got {getattr(logits, 'dtype', type(logits).__name__)} of shape "
                          f"{tuple(getattr(logits, 'shape', ()))}")
@@ -660,8 +688,8 @@ def save_trace(trace: Mapping, path) -> None:
     """Write a trace (``Recorder.trace``'s layout) to the safetensors file ``path``.
 
     ``trace``: ``{layer name: {"ids" [N, k] int, "weights" [N, k] float, "group" [N names or
-    None], optionally "logits" [N, E] float}}``. Tensors keep their dtype; group names are stored
-    once, tokens refer to them by index. The file is written and fsynced under a temporary name
+    None], optionally "tokens" [N] int, "experts" E and "logits" [N, E] float}}``. Tensors keep
+    their dtype; group names are stored once, tokens refer to them by index. The file is written and fsynced under a temporary name
     in the same directory, then renamed over ``path``: ``path`` holds the old file or the
     complete new one, never a part. Parent directories are created.
     """
@@ -684,7 +712,8 @@ def save_trace(trace: Mapping, path) -> None:
                                        for g in group], dtype=torch.int32)
         tensors[f"{name}.group"] = last_codes.clone()
     metadata = {"format": TRACE_FORMAT, "version": TRACE_VERSION,
-                "layers": json.dumps(list(trace)), "group_names": json.dumps(list(table))}
+                "layers": json.dumps(list(trace)), "group_names": json.dumps(list(table)),
+                "experts": json.dumps([layer.get("experts") for layer in trace.values()])}
     write_atomic(path, lambda tmp: st.save_file(tensors, tmp, metadata=metadata))
 
 
@@ -712,10 +741,11 @@ def load_trace(path) -> dict:
                          f"format={metadata.get('format')!r}, expected {TRACE_FORMAT!r} (a "
                          f"RoutingStats save is a directory: RoutingStats.load)")
     version = metadata.get("version")
-    if version not in ("1", TRACE_VERSION):
+    if version not in ("1", "2", TRACE_VERSION):
         raise ValueError(f"{where}: {path!r} is trace format version {version!r}; this "
-                         f"moe_route reads versions '1' and {TRACE_VERSION!r}")
-    keys = ("groups",) if version == "1" else ("layers", "group_names")
+                         f"moe_route reads versions '1' to {TRACE_VERSION!r}")
+    keys = {"1": ("groups",), "2": ("layers", "group_names")}.get(
+        version, ("layers", "group_names", "experts"))
     meta = {}
     for key in keys:
         meta[key] = parse_json(metadata.get(key, ""), f"{where}: {path!r}: the {key!r} metadata")
@@ -726,10 +756,15 @@ def load_trace(path) -> dict:
                              f"{'object' if want is dict else 'array'}, got "
                              f"{type(meta[key]).__name__}")
     names = meta.get("group_names")
+    layers = meta["groups"] if version == "1" else meta["layers"]
+    experts = meta.get("experts", [None] * len(layers))
+    if len(experts) != len(layers):
+        raise ValueError(f"{where}: {path!r}: the 'experts' metadata must list one count per "
+                         f"layer ({len(layers)}), got {len(experts)}")
     out, used = {}, set()
     last_codes, last_group = None, None
-    for name in (meta["groups"] if version == "1" else meta["layers"]):
-        layer = {}
+    for name, count in zip(layers, experts):
+        layer = {} if count is None else {"experts": count}
         for key in _TRACE_TENSORS:
             t = tensors.get(f"{name}.{key}")
             if t is not None:

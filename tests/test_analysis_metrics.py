@@ -882,6 +882,21 @@ def test_trace_token_routing_skips_ungrouped_rows():
     assert every["model.layers.0.mlp.gate"].counts.tolist() == [[1, 0], [1, 1]]
     with pytest.raises(ValueError, match="layer 'model.layers.0.mlp.gate': .*token_ids"):
         M.trace_token_routing(trace, torch.tensor([3, 3]), 2)
+    with pytest.raises(ValueError, match=r"trace\['model.layers.0.mlp.gate'\] holds no 'tokens' "
+                                         r".*; pass token_ids"):
+        M.trace_token_routing(trace)
+
+
+def test_trace_token_routing_reads_the_trace_s_tokens_and_expert_count():
+    """A recorder trace carries each row's token id and the layer's expert count: by default
+    those are used, and rows of unknown token (-1, a call given embeddings) are left out."""
+    trace = {"l": {"ids": torch.tensor([[0], [1], [1], [2]], dtype=torch.int16),
+                   "weights": torch.ones(4, 1), "group": ["a", None, "a", "a"],
+                   "tokens": torch.tensor([3, 3, 4, -1], dtype=torch.int32), "experts": 3}}
+    tr = M.trace_token_routing(trace)["l"]
+    assert tr.token_ids.tolist() == [3, 4] and tr.counts.tolist() == [[1, 0], [0, 1], [0, 0]]
+    given = M.trace_token_routing(trace, torch.tensor([5, 5, 5, 5]), 4)["l"]
+    assert given.token_ids.tolist() == [5] and given.counts.tolist() == [[1], [1], [1], [0]]
 
 
 # -------------------------------------------------------------------------------------------

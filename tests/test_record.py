@@ -127,6 +127,20 @@ def test_generate_records_prompt_and_decode_tokens(family):
         assert [int(layer.tokens.sum()) for layer in rec.stats] == [want] * 2, tokens
 
 
+def test_trace_tokens_are_the_ids_each_row_was_routed_for():
+    """A trace's "tokens" are the input id of each row: the prompt, then at each decoding step
+    the token generate() fed (the one generated before it); -1 for a call given embeddings."""
+    model = build("qwen3_moe")
+    prompt, new = _ids(3, (2, 5)), 4
+    with moe_route.record(model, trace=True) as rec, torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=new, do_sample=False)
+        model(inputs_embeds=model.get_input_embeddings()(prompt))
+    fed = torch.cat([prompt.reshape(-1), out[:, 5:5 + new - 1].T.reshape(-1),
+                     torch.full((prompt.numel(),), -1)])
+    for layer in rec.trace.values():
+        assert layer["experts"] == 8 and torch.equal(layer["tokens"].long(), fed)
+
+
 def test_generate_phases_follow_the_prompt_not_the_cache():
     """Inside generate() the prompt is the ids it was given: a conversation continued on its
     cache has its new turn counted as prompt, and use_cache=False (every step re-runs the
@@ -371,16 +385,19 @@ def test_trace_matches_statistics_and_round_trips(tmp_path):
         for g, name in enumerate(stats.group_names):
             rows = torch.tensor([x == name for x in t["group"]])
             assert torch.equal(layer.counts[g], torch.bincount(t["ids"][rows].long().reshape(-1), minlength=8))
-        assert t["logits"].shape == (24, 8)
+        assert t["logits"].shape == (24, 8) and t["experts"] == 8
+        assert t["tokens"].dtype == torch.int32 and torch.equal(t["tokens"].long(),
+                                                                 ids.reshape(-1))
     rec.save_trace(tmp_path / "run" / "trace.safetensors")
     raw = safetensors.load_file(tmp_path / "run" / "trace.safetensors")
     assert torch.equal(raw[f"{stats[0].name}.ids"], trace[stats[0].name]["ids"])
     back = moe_route.load_trace(tmp_path / "run" / "trace.safetensors")
     assert list(back) == list(trace)
     for name, layer in trace.items():
-        assert sorted(back[name]) == sorted(layer) == ["group", "ids", "logits", "weights"]
-        assert back[name]["group"] == layer["group"]
-        for key in ("ids", "weights", "logits"):
+        assert sorted(back[name]) == sorted(layer) == ["experts", "group", "ids", "logits",
+                                                       "tokens", "weights"]
+        assert back[name]["group"] == layer["group"] and back[name]["experts"] == 8
+        for key in ("ids", "weights", "tokens", "logits"):
             assert back[name][key].dtype == layer[key].dtype
             assert torch.equal(back[name][key], layer[key])
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["trace.safetensors"]
@@ -465,8 +482,25 @@ def test_load_trace_errors_name_the_file_and_the_problem(tmp_path):
     v1 = moe_route.load_trace(write({"l.ids": ids, "l.weights": w}, "1",
                                     groups=json.dumps({"l": [None]})))
     assert v1["l"]["group"] == [None] and torch.equal(v1["l"]["ids"], ids)
-    with pytest.raises(ValueError, match="version '3'; this moe_route reads versions '1' and '2'"):
-        moe_route.load_trace(write({"l.ids": ids, "l.weights": w, "l.group": group}, "3", **ok))
+    with pytest.raises(ValueError, match="version '4'; this moe_route reads versions '1' to '3'"):
+        moe_route.load_trace(write({"l.ids": ids, "l.weights": w, "l.group": group}, "4", **ok))
+    # version 3 adds the token ids (a tensor per layer) and the expert counts (metadata)
+    v3 = dict(ok, experts=json.dumps([8]))
+    tokens = torch.tensor([17], dtype=torch.int32)
+    back = moe_route.load_trace(write({"l.ids": ids, "l.weights": w, "l.group": group,
+                                       "l.tokens": tokens}, "3", **v3))["l"]
+    assert back["experts"] == 8 and torch.equal(back["tokens"], tokens)
+    for experts, error in (([8, 8], r"'experts' metadata must list one count per layer \(1\), "
+                                    r"got 2"),
+                           ([1], r"\['ids'\] must be in \[0, experts=1\), got \[0, 1\]"),
+                           (["8"], r"\['experts'\] must be the layer's expert count, an int "
+                                   r">= 1, got '8'")):
+        with pytest.raises(ValueError, match=error):
+            moe_route.load_trace(write({"l.ids": ids, "l.weights": w, "l.group": group}, "3",
+                                       **dict(ok, experts=json.dumps(experts))))
+    with pytest.raises(ValueError, match=r"\['tokens'\] must be an int tensor \[N=1\]"):
+        moe_route.load_trace(write({"l.ids": ids, "l.weights": w, "l.group": group,
+                                    "l.tokens": tokens.repeat(2)}, "3", **v3))
     with pytest.raises(ValueError, match="'layers' metadata is not valid JSON"):
         moe_route.load_trace(write({"l.ids": ids, "l.weights": w, "l.group": group},
                                    layers="[", group_names="[]"))

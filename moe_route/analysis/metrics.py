@@ -1354,8 +1354,7 @@ def expert_token_counts(ids: torch.Tensor, token_ids: torch.Tensor, num_experts:
     """Count, for every expert, the token ids routed to it (one layer).
 
     ``ids [N, k]``: per-token expert ids (a trace's ``"ids"``); ``token_ids [N]``: the token id of
-    each row, aligned with the trace rows (the trace holds no token ids: concatenate each model
-    call's ``input_ids.reshape(-1)`` in call order); ``mask [N]`` bool keeps rows (default all).
+    each row (a trace's ``"tokens"``); ``mask [N]`` bool keeps rows (default all).
     ``num_experts``: E, an int in [1, 2**20]. Memory ``E × U`` int64 for U distinct token ids.
     """
     where = "expert_token_counts"
@@ -1384,12 +1383,16 @@ def expert_token_counts(ids: torch.Tensor, token_ids: torch.Tensor, num_experts:
     return TokenRouting(vocab, counts, occurrences, int(k))
 
 
-def trace_token_routing(trace: Mapping, token_ids: torch.Tensor, num_experts: int, *,
+def trace_token_routing(trace: Mapping, token_ids: Optional[torch.Tensor] = None,
+                        num_experts: Optional[int] = None, *,
                         skip_ungrouped: bool = True) -> Dict[str, TokenRouting]:
     """``expert_token_counts`` for every layer of a recorder trace, ``{layer name: TokenRouting}``.
 
-    ``trace``: ``rec.trace``; ``token_ids [N]`` aligned with every layer's rows.
-    ``skip_ungrouped`` leaves out rows whose group is None (padding, ignored or masked tokens).
+    ``trace``: ``rec.trace`` or ``load_trace(path)``. ``token_ids [N]`` (aligned with every
+    layer's rows) and ``num_experts`` default to each layer's ``"tokens"`` and ``"experts"``
+    (traces saved before moe_route recorded them need both given). ``skip_ungrouped`` leaves out
+    rows whose group is None (padding, ignored or masked tokens); rows of unknown token id (-1: a
+    call given ``inputs_embeds``) are left out too.
     """
     where = "trace_token_routing"
     if not isinstance(trace, Mapping):
@@ -1399,11 +1402,23 @@ def trace_token_routing(trace: Mapping, token_ids: torch.Tensor, num_experts: in
     for name, layer in trace.items():
         if not isinstance(layer, Mapping) or "ids" not in layer:
             raise ValueError(f"{where}: trace[{name!r}] must hold 'ids'")
-        mask = None
+        tokens = token_ids if token_ids is not None else layer.get("tokens")
+        experts = num_experts if num_experts is not None else layer.get("experts")
+        for arg, value, key in (("token_ids", tokens, "tokens"), ("num_experts", experts,
+                                                                  "experts")):
+            if value is None:
+                raise ValueError(f"{where}: trace[{name!r}] holds no {key!r} (a trace saved "
+                                 f"before moe_route recorded them); pass {arg}")
+        keep = []
         if skip_ungrouped and layer.get("group") is not None:
-            mask = torch.tensor([g is not None for g in layer["group"]], dtype=torch.bool)
+            keep.append(torch.tensor([g is not None for g in layer["group"]], dtype=torch.bool))
+        if isinstance(tokens, torch.Tensor) and bool((tokens < 0).any()):
+            keep.append(tokens >= 0)
+        mask = keep[0] if len(keep) == 1 else None
+        if len(keep) == 2 and keep[0].shape == keep[1].shape:
+            mask = keep[0] & keep[1]    # else expert_token_counts names the shapes
         try:
-            out[name] = expert_token_counts(layer["ids"], token_ids, num_experts, mask=mask)
+            out[name] = expert_token_counts(layer["ids"], tokens, experts, mask=mask)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{where}: layer {name!r}: {exc}") from None
     return out
