@@ -339,6 +339,7 @@ def _experts(args) -> int:
     base = record_sequences(model, {"baseline": base_texts}, **options)
     experts = task_experts(task, base, args.tau, layers=layers)
     plan = plan_from_experts(experts, mode=args.mode, lam=args.lam,
+                             std_unbiased=args.std_unbiased,
                              max_per_layer=args.max_per_layer)
     plan.save(args.out)
     for layer, chosen in experts.items():
@@ -557,6 +558,9 @@ def main(argv=None) -> int:
     p.add_argument("--layers", help="decoder layers to keep, e.g. 7-33 (0-based, inclusive)")
     p.add_argument("--mode", choices=["soft", "hard"], default="soft")
     p.add_argument("--lam", type=float, default=0.5, help="soft steering strength (std units)")
+    p.add_argument("--std-unbiased", action="store_true",
+                   help="soft steering scales by the sample std of the token's logits (E - 1, "
+                        "as EasySteer) instead of the population std")
     p.add_argument("--max-per-layer", type=int)
     _max_length_argument(p)
     p.add_argument("--out", default="steering_plan.json")

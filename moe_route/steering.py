@@ -55,6 +55,9 @@ class SteerEntry:
     add: constant logit bias, z_e += add.
     std: z_e += std * (the token's population std over the E logits); the paper's soft steering
         uses 0.5.
+    std_unbiased: the std term uses the sample std (divided by E - 1: ``torch.std``'s default,
+        which EasySteer's implementation of the paper uses; 3% more than the population std at
+        E = 16). One value per layer among its entries with a std.
     abs: z_e += abs * |z_e| (multiplicative).
     force: +1 forces the expert into every token's top-k, -1 out of it, 0 leaves it.
     select_only: the steering changes which experts are chosen; the weights come from the
@@ -66,6 +69,7 @@ class SteerEntry:
     abs: float = 0.0
     force: int = 0
     select_only: bool = False
+    std_unbiased: bool = False
 
     def __post_init__(self):
         for name in _FLOAT_FIELDS:
@@ -85,8 +89,9 @@ class SteerEntry:
         if self.force not in (-1, 0, 1):
             raise ValueError(f"SteerEntry: force={self.force!r} must be -1 (off), 0 or +1 (on)")
         object.__setattr__(self, "force", int(self.force))
-        if not isinstance(self.select_only, bool):
-            raise TypeError(f"SteerEntry: select_only={self.select_only!r} must be a bool")
+        for name in ("select_only", "std_unbiased"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"SteerEntry: {name}={getattr(self, name)!r} must be a bool")
 
     @classmethod
     def from_dict(cls, values: Mapping) -> "SteerEntry":
@@ -158,12 +163,13 @@ class SteeringPlan(Mapping):
     # builders
 
     @classmethod
-    def promote(cls, layers, experts, std: float = 0.5, *,
-                select_only: bool = False) -> "SteeringPlan":
-        """Soft steering (the paper's): ``std`` times the token's logit std added to each
-        expert's logit. ``experts``: a list for every layer, or ``{layer: [experts]}``."""
-        return cls._uniform(layers, experts, SteerEntry(std=std, select_only=select_only),
-                            "SteeringPlan.promote")
+    def promote(cls, layers, experts, std: float = 0.5, *, select_only: bool = False,
+                std_unbiased: bool = False) -> "SteeringPlan":
+        """Soft steering (the paper's): ``std`` times the token's logit std (population, or
+        sample with ``std_unbiased``) added to each expert's logit. ``experts``: a list for
+        every layer, or ``{layer: [experts]}``."""
+        entry = SteerEntry(std=std, select_only=select_only, std_unbiased=std_unbiased)
+        return cls._uniform(layers, experts, entry, "SteeringPlan.promote")
 
     @classmethod
     def force(cls, layers, experts, on: bool = True, *,
@@ -300,19 +306,15 @@ class SteeringPlan(Mapping):
         if spec is None:
             experts = self._layers[layer]
             self._check_experts(layer, num_experts, "SteeringPlan.steer_spec")
-            modes = {entry.select_only for entry in experts.values()}
-            if len(modes) > 1:
-                on = [e for e, entry in experts.items() if entry.select_only]
-                off = [e for e, entry in experts.items() if not entry.select_only]
-                raise ValueError(f"SteeringPlan.steer_spec: layer {layer!r} mixes "
-                                 f"select_only=True (experts {on}) and select_only=False "
-                                 f"(experts {off}); the gate takes one select_only per layer")
             rows = {}
             for name in ("add", "std", "abs", "force"):
                 values = {e: float(getattr(entry, name)) for e, entry in experts.items()
                           if getattr(entry, name) != 0}
                 rows[name] = values or None
-            spec = SteerSpec(select_only=modes.pop(), **rows)
+            # the gate takes one of each switch per layer (std_unbiased: of the std entries)
+            select_only = _one_switch(layer, experts, "select_only", list(experts))
+            std_unbiased = _one_switch(layer, experts, "std_unbiased", list(rows["std"] or ()))
+            spec = SteerSpec(select_only=select_only, std_unbiased=std_unbiased, **rows)
             self._specs[key] = spec
         return spec
 
@@ -404,6 +406,18 @@ class SteeringPlan(Mapping):
             return cls.from_json(data)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{exc} (in {path!r})") from None
+
+
+def _one_switch(layer, experts: Mapping, name: str, among: list) -> bool:
+    """The value of the bool field ``name`` that the entries of ``among`` share (False for none);
+    ValueError if they differ."""
+    on = [e for e in among if getattr(experts[e], name)]
+    off = [e for e in among if not getattr(experts[e], name)]
+    if on and off:
+        raise ValueError(f"SteeringPlan.steer_spec: layer {layer!r} mixes {name}=True (experts "
+                         f"{on}) and {name}=False (experts {off}); the gate takes one {name} "
+                         f"per layer")
+    return bool(on)
 
 
 # -------------------------------------------------------------------------------------------

@@ -1071,6 +1071,8 @@ def test_plan_from_experts_soft_hard_caps_and_layers():
     task, base = delta_example()
     plan = X.plan_from_experts(X.task_experts(task, base, -0.1), max_per_layer=1, lam=-0.25)
     assert plan.to_dict() == {3: {0: SteerEntry(std=-0.25)}, 5: {2: SteerEntry(std=-0.25)}}
+    sample = X.plan_from_experts({3: [1]}, lam=0.5, std_unbiased=True)
+    assert sample.to_dict() == {3: {1: SteerEntry(std=0.5, std_unbiased=True)}}
 
 
 @pytest.mark.parametrize("kwargs, exc, pattern", [
@@ -1079,6 +1081,7 @@ def test_plan_from_experts_soft_hard_caps_and_layers():
     (dict(max_per_layer=0), ValueError, "max_per_layer=0 must be None or an int >= 1"),
     (dict(layers=[10, 11]), ValueError, "none of layers=\\[10, 11\\] is a key"),
     (dict(layers=3), TypeError, "layers must be an iterable of layer keys"),
+    (dict(std_unbiased="yes"), TypeError, "std_unbiased='yes' must be a bool"),
 ])
 def test_plan_from_experts_errors(kwargs, exc, pattern):
     with pytest.raises(exc, match=pattern):

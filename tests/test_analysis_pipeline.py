@@ -372,10 +372,13 @@ def test_cli_analyze_and_experts_on_a_saved_model(tmp_path):
     task.write_text("cat cat cat\ncat sat cat\n", encoding="utf-8")
     base.write_text("hello world\nworld hello\n", encoding="utf-8")
     out = run("experts", str(model_dir), "--task", str(task), "--baseline", str(base),
-              "--tau", "0.3", "--dtype", "fp32", "--out", str(tmp_path / "plan.json"))
+              "--tau", "0.3", "--dtype", "fp32", "--std-unbiased", "--out",
+              str(tmp_path / "plan.json"))
     assert out.returncode == 0, out.stdout + out.stderr
     plan = moe_route.SteeringPlan.load(tmp_path / "plan.json")
     assert plan.layers and all(layer in (0, 1) for layer in plan.layers)
+    assert {entry for layer in plan.values() for entry in layer.values()} == {
+        moe_route.SteerEntry(std=0.5, std_unbiased=True)}
     with moe_route.steer(build("olmoe"), plan):  # the plan fits the model it came from
         pass
 

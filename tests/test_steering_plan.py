@@ -67,7 +67,8 @@ def test_steer_entry_values_and_dict_form():
         SteerEntry(std=0.5, select_only=True)
     assert repr(SteerEntry(std=0.5)) == "SteerEntry(std=0.5)"
     with pytest.raises(ValueError, match=r"SteerEntry: unknown field 'lambda'; allowed fields are "
-                                         r"\['add', 'std', 'abs', 'force', 'select_only'\]"):
+                                         r"\['add', 'std', 'abs', 'force', 'select_only', "
+                                         r"'std_unbiased'\]"):
         SteerEntry.from_dict({"lambda": 0.5})
     with pytest.raises(Exception):
         e.add = 2.0                                            # frozen
@@ -105,7 +106,7 @@ def test_plan_from_nested_dicts():
 @pytest.mark.parametrize("layers, exc, pattern", [
     ({1: {2: {"stdd": 0.5}}}, ValueError,
      r"SteeringPlan: layer 1, expert 2: SteerEntry: unknown field 'stdd'; allowed fields are "
-     r"\['add', 'std', 'abs', 'force', 'select_only'\]"),
+     r"\['add', 'std', 'abs', 'force', 'select_only', 'std_unbiased'\]"),
     ({1: {2: {"force": 3}}}, ValueError, r"layer 1, expert 2: SteerEntry: force=3 must be"),
     ({1: {-1: {"std": 0.5}}}, ValueError, r"layer 1: expert key -1 must be >= 0"),
     ({1: {"3": {"std": 0.5}}}, TypeError, r"layer 1: expert key '3' must be an int >= 0, got str"),
@@ -209,6 +210,39 @@ def test_steer_spec_drives_the_gate():
     w_ref, ids_ref = topk_gate(logits, k, steer=SteerSpec(add=None, std=table[1].tolist(),
                                                            force=table[3].tolist()))
     assert torch.equal(ids, ids_ref) and torch.equal(w, w_ref)
+
+
+def test_std_unbiased_steers_by_the_sample_std():
+    """``std_unbiased`` adds λ times the sample std (``torch.std``'s default, EasySteer's): the
+    gate's choice equals top-k over z + λ·torch.std(z) computed here, and differs from the
+    population-std plan's on some tokens (E = 8: the two stds differ by 7%)."""
+    E, k, lam = 8, 2, 1.5
+    z = torch.randn(4096, E, generator=torch.Generator().manual_seed(1))
+    promoted = [3, 6]
+    bias = torch.zeros(E)
+    bias[promoted] = lam
+    chosen = {}
+    for unbiased in (True, False):
+        plan = SteeringPlan.promote(0, promoted, std=lam, std_unbiased=unbiased)
+        assert plan[0][3] == SteerEntry(std=lam, std_unbiased=unbiased)
+        assert plan.steer_spec(0, E).std_unbiased is unbiased
+        _, ids = topk_gate(z, k, steer=plan.steer_spec(0, E))
+        chosen[unbiased] = ids.long().sort(-1).values
+        sd = torch.std(z, -1, keepdim=True, unbiased=unbiased)
+        want = torch.topk(torch.softmax(z + bias * sd, -1), k).indices.sort(-1).values
+        assert torch.equal(chosen[unbiased], want)
+    assert 0 < int((chosen[True] != chosen[False]).any(-1).sum()) < 4096 // 10
+    assert SteeringPlan.from_json(plan.to_json()) == plan
+    sample = SteeringPlan.promote(0, [3], std=lam, std_unbiased=True)
+    assert json.loads(sample.to_json())["layers"]["0"]["3"] == {"std": lam, "std_unbiased": True}
+    # the switch is per layer among the std entries: an add entry's flag does not count
+    mixed = SteeringPlan({0: {1: {"std": 0.5, "std_unbiased": True}, 2: {"add": 1.0}}})
+    assert mixed.steer_spec(0, E).std_unbiased is True
+    with pytest.raises(ValueError, match=r"layer 0 mixes std_unbiased=True \(experts \[1\]\) "
+                                         r"and std_unbiased=False \(experts \[2\]\)"):
+        SteeringPlan({0: {1: {"std": 0.5, "std_unbiased": True}, 2: {"std": 1.0}}}).steer_spec(0, E)
+    with pytest.raises(TypeError, match=r"SteerEntry: std_unbiased=1 must be a bool"):
+        SteerEntry(std=0.5, std_unbiased=1)
 
 
 def test_steer_spec_errors():

@@ -307,7 +307,8 @@ def expert_overlap(a: Mapping, b: Mapping) -> Dict[LayerKey, List[int]]:
 
 
 def plan_from_experts(experts_by_layer: Mapping, mode: str = "soft", lam: float = 0.5,
-                      layers=None, max_per_layer: Optional[int] = None) -> SteeringPlan:
+                      layers=None, max_per_layer: Optional[int] = None, *,
+                      std_unbiased: bool = False) -> SteeringPlan:
     """A ``SteeringPlan`` that promotes the given experts in every token (the paper's Eq. 4/5).
 
     ``experts_by_layer``: ``{layer key: [experts]}`` (``task_experts`` and friends); int keys are
@@ -318,7 +319,9 @@ def plan_from_experts(experts_by_layer: Mapping, mode: str = "soft", lam: float 
     convention is not settled (research note §1.7), so state the range you use.
 
     mode="soft": ``SteerEntry(std=lam)`` — ``z_e += lam · std(z_t)``, the token's population std
-    over the E logits (λ = 0.5 in the paper; λ < 0 demotes).
+    over the E logits (λ = 0.5 in the paper; λ < 0 demotes); ``std_unbiased`` takes the sample
+    std instead (``SteerEntry.std_unbiased``: the paper does not say which; EasySteer's
+    implementation uses the sample std).
     mode="hard": ``SteerEntry(force=+1)`` — ``z_e = max(z_t) + ε``, forced into the top-k; ``lam``
     is ignored. More than top_k forced experts in a layer tie at the max, and every token takes
     the k lowest-numbered of them (the paper's ε draws among them per token; ``steer`` warns):
@@ -351,7 +354,10 @@ def plan_from_experts(experts_by_layer: Mapping, mode: str = "soft", lam: float 
         if wanted and experts_by_layer and not keys:
             raise ValueError(f"{where}: none of layers={sorted(wanted, key=str)[:8]} is a key of "
                              f"experts_by_layer ({list(experts_by_layer)[:8]})")
-    entry = SteerEntry(std=float(lam)) if mode == "soft" else SteerEntry(force=1)
+    if not isinstance(std_unbiased, bool):
+        raise TypeError(f"{where}: std_unbiased={std_unbiased!r} must be a bool")
+    entry = (SteerEntry(std=float(lam), std_unbiased=std_unbiased) if mode == "soft"
+             else SteerEntry(force=1))
     data = {}
     for key in keys:
         experts = _expert_ids(experts_by_layer[key], f"experts_by_layer[{key!r}]", where)
