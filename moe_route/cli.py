@@ -261,8 +261,8 @@ def _analyze(args) -> int:
                 f"--middle {args.middle} holds none of the MoE layers {indices}"))
     stats = record_parallel(model, corpus, tokenizer=tok, batch_size=args.batch_size,
                             chat_template=args.chat_template, max_length=args.max_length,
-                            progress=True)
-    stats.meta.update(model=args.model, data=str(args.data))
+                            all_tokens=args.all_tokens, progress=True)
+    stats.meta.update(model=args.model, data=str(args.data), all_tokens=args.all_tokens)
     stats.save(f"{args.out}/stats")
     middle = None
     if wanted is not None:
@@ -334,7 +334,7 @@ def _experts(args) -> int:
         return _fail("experts", exc)
     model, tok = _load_model(args)
     options = dict(tokenizer=tok, batch_size=args.batch_size, chat_template=args.chat_template,
-                   max_length=args.max_length, progress=True)
+                   max_length=args.max_length, all_tokens=args.all_tokens, progress=True)
     task = record_sequences(model, {"task": task_texts}, **options)
     base = record_sequences(model, {"baseline": base_texts}, **options)
     experts = task_experts(task, base, args.tau, layers=layers)
@@ -492,6 +492,12 @@ def _model_arguments(p):
                         "tokens are not counted)")
 
 
+def _all_tokens_argument(p):
+    p.add_argument("--all-tokens", action="store_true",
+                   help="count the chat template's and the special tokens too, every token but "
+                        "the padding, as the paper's code averages")
+
+
 def _max_length_argument(p):
     p.add_argument("--max-length", type=int, default=512, metavar="N",
                    help="tokens per text, at most (default 512, with the chat template's): a "
@@ -548,6 +554,7 @@ def main(argv=None) -> int:
                    help="per-language accuracy to correlate with divergence: JSON {language: "
                         "accuracy}, or baseline.json of moe-route evaluate")
     _max_length_argument(p)
+    _all_tokens_argument(p)
     p.add_argument("--out", required=True, help="report directory")
     p.set_defaults(func=_analyze)
     p = sub.add_parser("experts", help="task experts (task vs baseline data) -> a steering plan")
@@ -563,6 +570,7 @@ def main(argv=None) -> int:
                         "as EasySteer) instead of the population std")
     p.add_argument("--max-per-layer", type=int)
     _max_length_argument(p)
+    _all_tokens_argument(p)
     p.add_argument("--out", default="steering_plan.json")
     p.set_defaults(func=_experts)
     p = sub.add_parser("evaluate", help="task accuracy per language, and with --plan the "

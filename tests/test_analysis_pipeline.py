@@ -152,6 +152,16 @@ def test_record_sequences_counts_only_the_text_tokens():
     assert stats[0].tokens.tolist() == [2, 3, 1, 2]
     plain = pipeline.record_sequences(model, {"eng": ["hello world"]}, tokenizer=tok)
     assert plain[0].tokens.tolist() == [2]
+    # all_tokens counts every token of the rendered prompt (the paper code's averages)
+    every = pipeline.record_parallel(model, corpus, tokenizer=tok, chat_template=True,
+                                     batch_size=2, all_tokens=True)
+    rendered = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                        add_generation_prompt=True)
+                for texts in corpus.values() for t in texts]
+    lengths = [len(tok(r, add_special_tokens=False)["input_ids"]) for r in rendered]
+    assert every[0].tokens.tolist() == lengths and lengths == [7, 8, 6, 7]
+    with pytest.raises(TypeError, match="record_sequences: all_tokens='yes' must be a bool"):
+        pipeline.record_sequences(model, corpus, tokenizer=tok, all_tokens="yes")
     with pytest.raises(ValueError, match="pass tokenizer="):
         pipeline.record_sequences(model, {"eng": ["hello"]})
     with pytest.raises(ValueError, match="different sequence counts"):
@@ -353,11 +363,15 @@ def test_cli_analyze_and_experts_on_a_saved_model(tmp_path):
     run = lambda *args: subprocess.run([sys.executable, "-m", "moe_route.cli", *args],  # noqa: E731
                                        capture_output=True, text=True, timeout=300)
     out = run("analyze", str(model_dir), "--data", str(data), "--reference", "eng", "--dtype",
-              "fp32", "--accuracy", str(tmp_path / "baseline.json"), "--out",
+              "fp32", "--accuracy", str(tmp_path / "baseline.json"), "--chat-template", "--all-tokens",
+              "--out",
               str(tmp_path / "report"))
     assert out.returncode == 0, out.stdout + out.stderr
     stats = moe_route.RoutingStats.load(tmp_path / "report" / "stats")
     assert len(stats.group_names) == 12 and stats.group_names[0] == "eng/0"
+    assert stats.meta["all_tokens"] is True
+    # every token counts, the chat template's too ("<s> user : hello world assistant :")
+    assert stats[0].tokens[0].item() == 7
     div = json.loads((tmp_path / "report" / "divergence.json").read_text())["divergence"]
     assert set(div) == {"deu", "fra", "ita"} and len(div["deu"]) == 2
     corr = json.loads((tmp_path / "report" / "correlation.json").read_text())

@@ -11,7 +11,9 @@
 Data is a ``{language: sequences}`` mapping whose i-th sequences are translations of each other:
 strings (tokenised here, optionally wrapped in the tokenizer's chat template) or token-id tensors.
 Only the tokens of the text itself are counted: padding, special tokens and the chat template's
-own tokens get group -1 (skipped by the gate's statistics).
+own tokens get group -1 (skipped by the gate's statistics). ``all_tokens=True`` counts every
+token but the padding, as the paper's code averages (the template's tokens are the same in every
+language, so they pull the languages' distributions together).
 """
 from __future__ import annotations
 
@@ -242,13 +244,17 @@ def _text_span(full: str, text: str, after: int):
 
 def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int = 8,
                      chat_template: bool = False, max_length: Optional[int] = 512,
-                     progress: bool = False, device=None, **record_options) -> RoutingStats:
+                     all_tokens: bool = False, progress: bool = False, device=None,
+                     **record_options) -> RoutingStats:
     """Per-sequence routing statistics: one group per sequence, named ``"{language}/{i}"``.
 
     ``corpus`` values are lists of strings (needs ``tokenizer``; a fast tokenizer, for the
     character offsets that mask template tokens) or ``[N, S]`` token-id tensors (all tokens
     count). ``record_options`` go to ``moe_route.record`` (``dense``, ``coact``, ...). Device
     buffers are flushed to the host between batches as they fill, so memory stays bounded.
+
+    ``all_tokens`` also counts the chat template's and the special tokens (BOS, EOS) of string
+    sequences, everything but the padding (module doc).
 
     Texts are cut at ``max_length`` tokens (default 512, with the chat template's, to bound
     memory); ``None`` keeps them whole. A script that takes many more tokens than English would
@@ -259,6 +265,8 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
         raise ValueError("record_sequences: corpus must be a non-empty {language: sequences} mapping")
     check_batch_size("record_sequences", batch_size)
     _check_max_length("record_sequences", max_length)
+    if not isinstance(all_tokens, bool):
+        raise TypeError(f"record_sequences: all_tokens={all_tokens!r} must be a bool")
     _check_corpus(corpus, tokenizer)
     device = device or next(model.parameters()).device
     batches = [(lang, i) for lang, seqs in corpus.items() for i in range(0, len(seqs), batch_size)]
@@ -278,7 +286,8 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
             else:
                 enc, keep = _encode(seqs, tokenizer, chat_template, max_length)
                 cut[lang] += _cut(seqs, tokenizer, chat_template, max_length, enc, keep)
-                groups = torch.where(keep, torch.arange(len(seqs))[:, None], -1)
+                counted = enc["attention_mask"].bool() if all_tokens else keep
+                groups = torch.where(counted, torch.arange(len(seqs))[:, None], -1)
                 rec.set_groups(groups, names)
                 model(**{k: v.to(device) for k, v in enc.items()})
             bar(1)
