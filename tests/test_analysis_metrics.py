@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -636,6 +637,30 @@ def test_trace_agreement_per_layer_and_ungrouped_rows():
         M.trace_agreement(plain, short)
     with pytest.raises(TypeError, match="trace_b must be a mapping"):
         M.trace_agreement(plain, [plain])
+
+
+def test_trace_agreement_checks_the_traces_models_and_tokens():
+    """Traces that record expert counts and token ids: another expert count is another model
+    (an error); other tokens in some rows (a generate() that decoded otherwise) are compared with
+    one warning that counts them; unknown tokens (-1) and identical ones say nothing."""
+    ids = torch.tensor([[0, 1], [2, 3], [4, 5]], dtype=torch.int16)
+
+    def trace(tokens, experts=8):
+        layer = {"ids": ids, "weights": torch.ones(3, 2), "group": ["x"] * 3,
+                 "tokens": torch.tensor(tokens, dtype=torch.int32), "experts": experts}
+        return {"l0": layer, "l1": dict(layer)}
+
+    a = trace([5, 6, 7])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert M.trace_agreement(a, trace([5, 6, -1]))["l0"].top1 == 1.0
+    with pytest.warns(UserWarning, match=r"the traces hold different tokens \(2 of 3 rows of "
+                                         r"layer 'l0'\)") as caught:
+        M.trace_agreement(a, trace([5, 9, 9]))
+    assert len(caught) == 1
+    with pytest.raises(ValueError, match=r"layer 'l0' has 8 experts in trace_a and 64 in "
+                                         r"trace_b: traces of different models"):
+        M.trace_agreement(a, trace([5, 6, 7], experts=64))
 
 
 def test_mean_pairwise_overlap():

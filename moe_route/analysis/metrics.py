@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Dict, List, NamedTuple, Optional, Tuple
@@ -1049,9 +1050,11 @@ def trace_agreement(trace_a: Mapping, trace_b: Mapping, *,
 
     ``trace_a, trace_b``: ``rec.trace`` or ``load_trace(path)`` of two runs over the same tokens
     in the same order (e.g. with and without ``steer``, or two checkpoints); both must hold the
-    same layers with the same row counts; ``weight_shift`` needs "weights" in both.
-    ``skip_ungrouped`` compares only rows grouped in both (padding, ignored and masked tokens
-    are None).
+    same layers with the same row counts (and expert counts, where the traces say them);
+    ``weight_shift`` needs "weights" in both. Traces that record their token ids are checked to
+    hold the same ones: rows of different tokens (a ``generate()`` that decoded otherwise) are
+    compared all the same, with a warning. ``skip_ungrouped`` compares only rows grouped in both
+    (padding, ignored and masked tokens are None).
     """
     where = "trace_agreement"
     for arg, t in (("trace_a", trace_a), ("trace_b", trace_b)):
@@ -1062,12 +1065,18 @@ def trace_agreement(trace_a: Mapping, trace_b: Mapping, *,
         raise ValueError(f"{where}: the traces must hold the same layers; only in trace_a: "
                          f"{_short(sorted(set(trace_a) - set(trace_b)))}, only in trace_b: "
                          f"{_short(sorted(set(trace_b) - set(trace_a)))}")
-    out = {}
+    out, differ = {}, None
     for name in trace_a:
         la, lb = trace_a[name], trace_b[name]
         for arg, layer in (("trace_a", la), ("trace_b", lb)):
             if not isinstance(layer, Mapping) or "ids" not in layer:
                 raise ValueError(f"{where}: {arg}[{name!r}] must hold 'ids'")
+        if None not in (la.get("experts"), lb.get("experts")) and la["experts"] != lb["experts"]:
+            raise ValueError(f"{where}: layer {name!r} has {la['experts']} experts in trace_a "
+                             f"and {lb['experts']} in trace_b: traces of different models")
+        other = _other_tokens(la.get("tokens"), lb.get("tokens"))
+        if other and not differ:
+            differ = (name, *other)
         mask = None
         if skip_ungrouped and la.get("group") is not None and lb.get("group") is not None:
             ga, gb = la["group"], lb["group"]
@@ -1081,7 +1090,22 @@ def trace_agreement(trace_a: Mapping, trace_b: Mapping, *,
                                           weights_b=lb["weights"] if both else None, mask=mask)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{where}: layer {name!r}: {exc}") from None
+    if differ:
+        warnings.warn(f"{where}: the traces hold different tokens ({differ[1]} of {differ[2]} "
+                      f"rows of layer {differ[0]!r}), so they are not of the same inputs (a "
+                      f"generate() that decoded otherwise?); their routing is compared row by "
+                      f"row all the same", UserWarning, stacklevel=2)
     return out
+
+
+def _other_tokens(a, b) -> Optional[Tuple[int, int]]:
+    """``(rows whose known token ids differ, rows known in both)`` of two traces' "tokens" for
+    one layer; None when either has none or the shapes differ (routing_agreement says so)."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape:
+        return None
+    known = (a >= 0) & (b >= 0)
+    other = int((known & (a.long() != b.long())).sum())
+    return (other, int(known.sum())) if other else None
 
 
 # -------------------------------------------------------------------------------------------
