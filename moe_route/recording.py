@@ -128,7 +128,7 @@ class Recorder:
         # each stack's (model.stacks: the model, or an encoder-decoder's encoder and decoder)
         # latest call: {stack path: {device: token rows [T]}}
         self._calls: dict = {}
-        self._call_tokens: dict = {}   # {stack path: the latest call's input ids [B*S]} (trace)
+        self._call_tokens: dict = {}   # {stack path: the call's input ids [B*S] on the host} (trace)
         self._hooks: list = []
         self._generation: Optional[_Generation] = None   # inside the wrapped model.generate
         self._decoder = ""                                # the stack generate decodes with
@@ -313,8 +313,9 @@ class Recorder:
         embeds = call.get("inputs_embeds")
         ref = input_ids if input_ids is not None else embeds
         rows_on = self._calls[stack] = {}
-        if self.trace_on:
-            self._call_tokens[stack] = None if input_ids is None else input_ids.reshape(-1)
+        if self.trace_on:  # on the host once per call, for every layer's trace rows
+            self._call_tokens[stack] = None if input_ids is None else \
+                input_ids.reshape(-1).to("cpu", torch.int32)
         if ref is None:
             return
         B, S = ref.shape[0], ref.shape[1]
@@ -456,16 +457,16 @@ class Recorder:
         parts = self._trace.setdefault(name, {})
         tokens = self._call_tokens.get(stack)
         if tokens is None or tokens.shape[0] != T:  # inputs_embeds, or outside the stack's call
-            tokens = torch.full((T,), -1, dtype=torch.int32, device=ids.device)
+            tokens = torch.full((T,), -1, dtype=torch.int32)
         rows = {"ids": ids.to(torch.int16 if E <= 32767 else torch.int32),
                 "weights": weights.to(self.trace_dtype),
-                "tokens": tokens.to(torch.int32),
                 "groups": groups if groups is not None else
                 torch.full((T,), -1, dtype=torch.int32, device=ids.device)}
         if self.trace_logits:
             rows["logits"] = logits.to(self.trace_dtype)
         for key, t in rows.items():
             parts.setdefault(key, []).append(t.detach().to("cpu", non_blocking=True))
+        parts.setdefault("tokens", []).append(tokens)   # shared by the call's layers
         # group rows are recycled after a flush: keep each token's group *name*
         parts.setdefault("group_names", []).append(list(self._rows))
         parts["experts"] = E
