@@ -262,7 +262,7 @@ def _analyze(args) -> int:
     stats = record_parallel(model, corpus, tokenizer=tok, batch_size=args.batch_size,
                             chat_template=args.chat_template, max_length=args.max_length,
                             all_tokens=args.all_tokens, progress=True)
-    stats.meta.update(model=args.model, data=str(args.data), all_tokens=args.all_tokens)
+    stats.meta.update(model=args.model, data=str(args.data))
     stats.save(f"{args.out}/stats")
     middle = None
     if wanted is not None:

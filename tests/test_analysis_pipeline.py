@@ -160,6 +160,14 @@ def test_record_sequences_counts_only_the_text_tokens():
                 for texts in corpus.values() for t in texts]
     lengths = [len(tok(r, add_special_tokens=False)["input_ids"]) for r in rendered]
     assert every[0].tokens.tolist() == lengths and lengths == [7, 8, 6, 7]
+    # the statistics say which tokens they counted; a meta of the caller's keeps its own keys
+    assert every.meta == {"chat_template": True, "max_length": 512, "all_tokens": True}
+    mine = pipeline.record_sequences(model, corpus, tokenizer=tok, meta={"run": 3,
+                                                                          "max_length": "mine"})
+    assert mine.meta == {"chat_template": False, "max_length": "mine", "all_tokens": False,
+                         "run": 3}
+    with pytest.raises(TypeError, match="record_sequences: meta must be a dict or None, got list"):
+        pipeline.record_sequences(model, corpus, tokenizer=tok, meta=["run"])
     with pytest.raises(TypeError, match="record_sequences: all_tokens='yes' must be a bool"):
         pipeline.record_sequences(model, corpus, tokenizer=tok, all_tokens="yes")
     with pytest.raises(ValueError, match="pass tokenizer="):
