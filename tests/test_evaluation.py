@@ -132,7 +132,11 @@ def test_paired_comparison_refuses_unpaired_results():
     ("Die Antwort ist 18.000.", "18000"), ("1.234.567", "1234567"), ("-1.500", "-1500"),
     ("3.140 m", "3140"), ("10.000,50 \u20ac", "10000.5"), ("1.000,2.000", "2000"),
     ("0.125", "0.125"), ("1234.567", "1234.567"), ("1.2345", "1.2345"), ("12.50", "12.5"),
-    ("1,234.567", "1234.567"), ("\u0661\u0662.\u0660\u0660\u0660", "12000")])
+    ("1,234.567", "1234.567"), ("\u0661\u0662.\u0660\u0660\u0660", "12000"),
+    # in any script's digits; the Arabic and full-width decimal marks stay decimal points
+    ("\u0967.\u0966\u0966\u0966.\u0966\u0966\u0966", "1000000"),
+    ("\u09e7\u09e6.\u09e6\u09e6\u09e6,\u09eb\u09e6", "10000.5"),
+    ("\u0664\u0662\u066b\u0665\u0660\u0660", "42.5"), ("\uff13\uff0e\uff11\uff14\uff10", "3.14")])
 def test_last_number(text, number):
     assert ev.last_number(text) == number
 

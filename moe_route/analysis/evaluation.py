@@ -467,41 +467,46 @@ def _score_rows(model, rows: list, batch_size: int, pad_id: int, progress: bool)
 
 # -- generation --------------------------------------------------------------------------------
 
-# Arabic and full-width separators read as ASCII ones; a no-break, narrow no-break or thin space
-# between a digit and exactly three more ("1 234", French and Russian) groups thousands
-_SEPARATORS = str.maketrans({"\u066c": ",", "\uff0c": ",", "\u066b": ".", "\uff0e": ".",
-                             "\uff0d": "-"})
+# Arabic and full-width separators read as ASCII ones, but their decimal marks (Arabic U+066B,
+# full-width U+FF0E) stay decimal marks (_DECIMAL): only an ASCII dot may group thousands
+_DECIMAL = "\ue000"
+_SEPARATORS = str.maketrans({"\u066c": ",", "\uff0c": ",", "\u066b": _DECIMAL,
+                             "\uff0e": _DECIMAL, "\uff0d": "-"})
 # no-break and thin spaces (French, Russian) and apostrophes (Swiss "1'234", also typographic)
 # group thousands when exactly three digits follow; a plain space does not ("page 1 234")
 _SPACE_GROUP = re.compile(r"(?<=\d)[\u00a0\u202f\u2009'\u2019](?=\d{3}(?!\d))")
-# not glued to a Latin letter or another digit ("w30", "H2O"); "5km", "$18" and "答案是42" count.
-# Comma groups end in three digits and may hold two before (Indian "1,23,456"); any other comma
-# separates numbers ("1,2,3" is three of them). Dot groups (German "18.000") are three digits
-# each after one to three that do not start with 0; a decimal comma may follow them
-# ("10.000,50"), and then the number ends (_DOT_GROUPED).
-_NUMBER = re.compile(r"(?<![A-Za-z_\d])[-\u2212]?(?:\d{1,3}(?:,\d{2,3})*,\d{3}(?!\d)(?:\.\d+)?"
-                     r"|[1-9]\d{0,2}(?:\.\d{3})+(?:,\d+)?(?!\d|\.\d)|\d+(?:\.\d+)?)")
+# Over ASCII digits (every script's are read as them first). Not glued to a Latin letter or
+# another digit ("w30", "H2O"); "5km", "$18" and "答案是42" count. Comma groups end in three
+# digits and may hold two before (Indian "1,23,456"); any other comma separates numbers ("1,2,3"
+# is three of them). Dot groups (German "18.000") are three digits each after one to three that
+# do not start with 0; a decimal comma may follow them ("10.000,50"), and then the number ends
+# (_DOT_GROUPED).
+_NUMBER = re.compile(r"(?<![A-Za-z_\d])[-\u2212]?(?:\d{1,3}(?:,\d{2,3})*,\d{3}(?!\d)"
+                     r"(?:[.\ue000]\d+)?|[1-9]\d{0,2}(?:\.\d{3})+(?:,\d+)?(?!\d|[.\ue000]\d)"
+                     r"|\d+(?:[.\ue000]\d+)?)")
 _DOT_GROUPED = re.compile(r"[-\u2212]?[1-9]\d{0,2}(?:\.\d{3})+(?:,\d+)?")
 
 
 def last_number(text: str) -> Optional[str]:
     """The last number in ``text``, normalised: ASCII digits (any script's decimal digits are
     read), no thousands separators, no trailing fractional zeros (``"1,234.50"`` -> ``"1234.5"``,
-    ``"৪২"`` -> ``"42"``, ``"１，２３４"`` -> ``"1234"``, French ``"1 234"`` with a narrow
-    no-break space, Swiss ``"1'234"`` and German ``"18.000"`` -> ``"1234"``, ``"18000"``).
+    ``"৪২"`` -> ``"42"``, ``"１，２３４"`` -> ``"1234"``; French ``"1 234"`` with a narrow
+    no-break space, Swiss ``"1'234"`` and German ``"1.234"`` -> ``"1234"``).
     Thousands are grouped by commas (also Arabic and full-width ones), by no-break and thin
-    spaces, by apostrophes, or by dots: a number that is one to three digits (not starting with
-    0) followed by groups of a dot and three digits is an integer (``"1.234"`` is 1234, and so
-    is ``"3.140"``; ``"0.125"``, ``"3.14"`` and ``"1234.567"`` are decimals), and a comma after
-    dot groups is its decimal mark (``"10.000,50"`` is 10000.5). The reading is for
+    spaces, by apostrophes, or by ASCII dots: a number that is one to three digits (not starting
+    with 0) followed by groups of a dot and three digits is an integer (``"18.000"`` is 18000,
+    and so is ``"3.140"``; ``"0.125"``, ``"3.14"`` and ``"1234.567"`` are decimals), and a comma
+    after dot groups is its decimal mark (``"10.000,50"`` is 10000.5). The reading is for
     integer answers (MGSM's): the paper's evaluation ignores punctuation, so it too scores
     ``"18.000"`` right for 18000, and a language that groups by dots is not marked down.
-    Otherwise the decimal point is a dot (also Arabic and full-width); a decimal comma is not
-    read elsewhere (``"1,5"`` is 1 and 5, the last number 5). Digits right after a Latin letter are part
-    of a word, not a number (``"w30"``), while numbers right after CJK or Thai text count.
-    ``None`` when there is none."""
+    Otherwise the decimal point is a dot; the Arabic and full-width decimal marks are always
+    decimal points (``"٢٫٥٠٠"`` is 2.5). A decimal comma is not read elsewhere (``"1,5"`` is 1
+    and 5, the last number 5). Digits right after a Latin letter are part of a word, not a
+    number (``"w30"``), while numbers right after CJK or Thai text count. ``None`` when there is
+    none."""
     if not isinstance(text, str):
         raise TypeError(f"last_number: text must be a str, got {type(text).__name__}")
+    text = "".join(str(unicodedata.decimal(ch)) if ch.isdecimal() else ch for ch in text)
     found = _NUMBER.findall(_SPACE_GROUP.sub(",", text.translate(_SEPARATORS)))
     if not found:
         return None
@@ -509,11 +514,10 @@ def last_number(text: str) -> Optional[str]:
 
 
 def _normalise_number(token: str) -> str:
-    token = "".join(str(unicodedata.decimal(ch)) if ch.isdecimal() else ch for ch in token)
     if _DOT_GROUPED.fullmatch(token):
         token = token.replace(".", "").replace(",", ".")
     sign = "-" if token[0] in "-\u2212" else ""
-    whole, _, frac = token.lstrip("-\u2212").replace(",", "").partition(".")
+    whole, _, frac = token.lstrip("-\u2212").replace(",", "").replace(_DECIMAL, ".").partition(".")
     value = (whole.lstrip("0") or "0") + ("." + frac.rstrip("0") if frac.rstrip("0") else "")
     return value if value == "0" else sign + value
 
