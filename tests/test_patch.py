@@ -1,4 +1,6 @@
 """moe_route.patch on tiny models of every supported family, against the unpatched model."""
+import warnings
+
 import pytest
 import torch
 
@@ -411,8 +413,8 @@ def test_unpatch_takes_off_the_hooks_of_contexts_left_open():
         k = model.config.num_experts_per_tok
         by_position = torch.arange(k).expand(*ids.shape, k)   # [B, S, k]: by position
         replay = moe_route.replay(model, {0: by_position}).__enter__()
-        with pytest.warns(UserWarning, match=r"unpatching OlmoeForCausalLM while 2 "
-                                             r"record/steer/replay context\(s\) on it are open"):
+        with pytest.warns(UserWarning, match=r"unpatched OlmoeForCausalLM while 2 "
+                                             r"record/steer/replay context\(s\) on it were open"):
             assert moe_route.unpatch(model) is True
         assert {n: set(m.__dict__) for n, m in model.named_modules()} == attrs
         assert {n: (len(m._forward_pre_hooks), len(m._forward_hooks))
@@ -422,6 +424,16 @@ def test_unpatch_takes_off_the_hooks_of_contexts_left_open():
         rec.__exit__(None, None, None)
     assert [int(layer.tokens.sum()) for layer in rec.stats] == [12, 12]
     assert {n: set(m.__dict__) for n, m in model.named_modules()} == attrs
+    # with warnings as errors the warning comes after the model is restored
+    rec = moe_route.record(model).__enter__()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="while 1 record/steer/replay context"):
+            moe_route.unpatch(model)
+    assert {n: set(m.__dict__) for n, m in model.named_modules()} == attrs
+    assert {n: (len(m._forward_pre_hooks), len(m._forward_hooks))
+            for n, m in model.named_modules()} == hooks
+    rec.__exit__(None, None, None)
 
 
 def test_a_float64_model_names_its_router_and_what_to_do():

@@ -504,15 +504,21 @@ class PatchHandle:
     def remove(self) -> None:
         """Restore every router's original forward and remove every attribute the patch added."""
         with _LOCK:
-            if not self.active:
-                return
-            if self._cleanups:
-                warnings.warn(f"moe_route: unpatching {type(self.model).__name__} while "
-                              f"{len(self._cleanups)} record/steer/replay context(s) on it are "
-                              f"open: they stop recording, steering and replaying now",
-                              stacklevel=3)
+            left_open = self._remove()
+        if left_open:   # after the model is restored: a warning raised as an error stops nothing
+            warnings.warn(f"moe_route: unpatched {type(self.model).__name__} while {left_open} "
+                          f"record/steer/replay context(s) on it were open: they stop recording, "
+                          f"steering and replaying now", stacklevel=3)
+
+    def _remove(self) -> int:
+        """``remove`` under ``_LOCK``; returns how many contexts were still open."""
+        if not self.active:
+            return 0
+        left_open = len(self._cleanups)
+        try:
             while self._cleanups:
                 self._cleanups.pop()()
+        finally:
             while self._hooks:
                 self._hooks.pop().remove()
             for module, attr, before in reversed(self._saved):
@@ -522,6 +528,7 @@ class PatchHandle:
                     object.__setattr__(module, attr, before)
             self._saved.clear()
             self.model.__dict__.pop(_HANDLE, None)
+        return left_open
 
     def __enter__(self):
         self._blocks.append(self._last_call)
@@ -538,9 +545,8 @@ class PatchHandle:
                 self._explicit = before.explicit
                 for name, state in self.routers.items():
                     state.exact = before.exact[name]
-            done = self._owners == 0 and not self._explicit
-        if done:
-            self.remove()
+            if self._owners == 0 and not self._explicit:  # under the lock: no acquire between
+                self._remove()
         return False
 
     def __repr__(self):
@@ -601,9 +607,8 @@ def release(handle: PatchHandle, cleanup: Callable[[], None]) -> None:
         handle._owners -= 1
         if cleanup in handle._cleanups:   # not after an unpatch() that ran it
             handle._cleanups.remove(cleanup)
-        done = handle._owners == 0 and not handle._explicit
-    if done:
-        handle.remove()
+        if handle._owners == 0 and not handle._explicit:  # under the lock: no acquire between
+            handle._remove()
 
 
 def withdraw(state: RouterState, setting: str, owner) -> None:
