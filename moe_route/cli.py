@@ -327,8 +327,9 @@ def _experts(args) -> int:
         task_texts, base_texts = _texts(args.task, "--task"), _texts(args.baseline, "--baseline")
         layers = _layer_range(args.layers, "--layers")
         _check_tau(args.tau, "--tau")
-        # checks --lam and --max-per-layer as the plan built after the run will
-        plan_from_experts({}, mode=args.mode, lam=args.lam, max_per_layer=args.max_per_layer)
+        # checks --lam, --max-per-layer and --std-unbiased as the plan built after the run will
+        plan_from_experts({}, mode=args.mode, lam=args.lam, max_per_layer=args.max_per_layer,
+                          std_unbiased=args.std_unbiased)
         _out_file(args.out)
     except (OSError, TypeError, ValueError) as exc:
         return _fail("experts", exc)

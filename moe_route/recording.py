@@ -712,16 +712,22 @@ def save_trace(trace: Mapping, path) -> None:
             last_codes = torch.tensor([-1 if g is None else table.setdefault(g, len(table))
                                        for g in group], dtype=torch.int32)
         tensors[f"{name}.group"] = last_codes.clone()
-    metadata = {"format": TRACE_FORMAT, "version": TRACE_VERSION,
-                "layers": json.dumps(list(trace)), "group_names": json.dumps(list(table)),
-                "experts": json.dumps([layer.get("experts") for layer in trace.values()])}
+    experts = [layer.get("experts") for layer in trace.values()]
+    metadata = {"format": TRACE_FORMAT, "layers": json.dumps(list(trace)),
+                "group_names": json.dumps(list(table))}
+    if any(e is not None for e in experts) or any(f"{n}.tokens" in tensors for n in trace):
+        metadata.update(version=TRACE_VERSION,
+                        experts=json.dumps([None if e is None else int(e) for e in experts]))
+    else:   # nothing of version 3's: readable by the moe_route releases that read version 2
+        metadata["version"] = "2"
     write_atomic(path, lambda tmp: st.save_file(tensors, tmp, metadata=metadata))
 
 
 def load_trace(path) -> dict:
     """Read a file written by ``save_trace`` / ``Recorder.save_trace``: the same
-    ``{layer name: {"ids", "weights", "group", ("logits")}}`` dict, layers in saved order, tensors
-    on the CPU in their saved dtypes. Errors name the file and what is wrong with it."""
+    ``{layer name: {"ids", "weights", "group", ("tokens", "experts", "logits")}}`` dict, layers in
+    saved order, tensors on the CPU in their saved dtypes (files of format versions 1 and 2 have
+    no "tokens" or "experts"). Errors name the file and what is wrong with it."""
     where = "load_trace"
     st = _safetensors(where)
     path = os.fspath(path)

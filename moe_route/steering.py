@@ -92,6 +92,9 @@ class SteerEntry:
         for name in ("select_only", "std_unbiased"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"SteerEntry: {name}={getattr(self, name)!r} must be a bool")
+        if self.std_unbiased and self.std == 0:
+            raise ValueError("SteerEntry: std_unbiased=True picks the std that the std field "
+                             "scales, but std=0.0; give a std, or leave std_unbiased False")
 
     @classmethod
     def from_dict(cls, values: Mapping) -> "SteerEntry":

@@ -1107,6 +1107,8 @@ def test_plan_from_experts_soft_hard_caps_and_layers():
     (dict(layers=[10, 11]), ValueError, "none of layers=\\[10, 11\\] is a key"),
     (dict(layers=3), TypeError, "layers must be an iterable of layer keys"),
     (dict(std_unbiased="yes"), TypeError, "std_unbiased='yes' must be a bool"),
+    (dict(mode="hard", std_unbiased=True), ValueError,
+     "std_unbiased=True applies to mode='soft' .* got mode='hard'"),
 ])
 def test_plan_from_experts_errors(kwargs, exc, pattern):
     with pytest.raises(exc, match=pattern):

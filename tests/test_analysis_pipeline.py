@@ -168,6 +168,8 @@ def test_record_sequences_counts_only_the_text_tokens():
                          "run": 3}
     with pytest.raises(TypeError, match="record_sequences: meta must be a dict or None, got list"):
         pipeline.record_sequences(model, corpus, tokenizer=tok, meta=["run"])
+    ids = pipeline.record_sequences(model, {"eng": torch.tensor([[5, 6, 7]])})
+    assert ids.meta == {} and ids[0].tokens.tolist() == [3]   # token ids: no text settings
     with pytest.raises(TypeError, match="record_sequences: all_tokens='yes' must be a bool"):
         pipeline.record_sequences(model, corpus, tokenizer=tok, all_tokens="yes")
     with pytest.raises(ValueError, match="pass tokenizer="):
@@ -493,6 +495,7 @@ def test_write_report_refuses_bad_arguments_before_writing_anything(tmp_path):
     ("experts", ["--layers", "1-0"], "--layers '1-0' must be A-B or A with 0 <= A <= B"),
     ("experts", ["--tau", "nan"], "tau=nan must be a finite number"),
     ("experts", ["--max-per-layer", "0"], "max_per_layer=0 must be None or an int >= 1"),
+    ("experts", ["--mode", "hard", "--std-unbiased"], "std_unbiased=True applies to mode='soft'"),
     ("experts", ["--out", "DIR"], "is a directory, expected a file name"),
     ("experts", ["--max-length", "-3"], "--max-length -3 must be an int >= 1"),
     ("evaluate", ["--out", "FILE"], "exists and is not a directory"),

@@ -409,6 +409,29 @@ def _small_trace():
                                         "group": ["a", None]}}
 
 
+def test_save_trace_writes_version_2_when_the_trace_has_nothing_of_version_3(tmp_path):
+    """A trace with neither token ids nor expert counts (made by hand) is written as version 2,
+    which moe_route releases before version 3 read; an expert count of a numpy int is written
+    as a JSON int, and the file is version 3."""
+    import numpy as np
+    from safetensors import safe_open
+
+    def version(path):
+        with safe_open(path, framework="pt") as f:
+            return f.metadata()["version"]
+
+    moe_route.save_trace(_small_trace(), tmp_path / "plain.safetensors")
+    assert version(tmp_path / "plain.safetensors") == "2"
+    assert "experts" not in moe_route.load_trace(tmp_path / "plain.safetensors")[
+        "model.layers.0.mlp.gate"]
+    counted = _small_trace()
+    counted["model.layers.0.mlp.gate"]["experts"] = np.int64(8)
+    moe_route.save_trace(counted, tmp_path / "counted.safetensors")
+    assert version(tmp_path / "counted.safetensors") == "3"
+    back = moe_route.load_trace(tmp_path / "counted.safetensors")["model.layers.0.mlp.gate"]
+    assert back["experts"] == 8 and type(back["experts"]) is int
+
+
 def test_save_trace_checks_the_trace_and_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
     import safetensors.torch
 

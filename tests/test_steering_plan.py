@@ -243,6 +243,9 @@ def test_std_unbiased_steers_by_the_sample_std():
         SteeringPlan({0: {1: {"std": 0.5, "std_unbiased": True}, 2: {"std": 1.0}}}).steer_spec(0, E)
     with pytest.raises(TypeError, match=r"SteerEntry: std_unbiased=1 must be a bool"):
         SteerEntry(std=0.5, std_unbiased=1)
+    with pytest.raises(ValueError, match=r"SteerEntry: std_unbiased=True picks the std .* but "
+                                         r"std=0\.0"):
+        SteerEntry(force=1, std_unbiased=True)
 
 
 def test_steer_spec_errors():

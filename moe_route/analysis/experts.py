@@ -356,6 +356,9 @@ def plan_from_experts(experts_by_layer: Mapping, mode: str = "soft", lam: float 
                              f"experts_by_layer ({list(experts_by_layer)[:8]})")
     if not isinstance(std_unbiased, bool):
         raise TypeError(f"{where}: std_unbiased={std_unbiased!r} must be a bool")
+    if std_unbiased and mode != "soft":
+        raise ValueError(f"{where}: std_unbiased=True applies to mode='soft' (the std-scaled "
+                         f"bias), got mode={mode!r}")
     entry = (SteerEntry(std=float(lam), std_unbiased=std_unbiased) if mode == "soft"
              else SteerEntry(force=1))
     data = {}

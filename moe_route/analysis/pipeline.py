@@ -254,9 +254,9 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
     buffers are flushed to the host between batches as they fill, so memory stays bounded.
 
     ``all_tokens`` also counts the chat template's and the special tokens (BOS, EOS) of string
-    sequences, everything but the padding (module doc). The statistics' ``meta`` records
-    ``chat_template``, ``max_length`` and ``all_tokens`` (beside any ``meta`` given), so saved
-    statistics say which tokens they counted.
+    sequences, everything but the padding (module doc). For a corpus of strings the statistics'
+    ``meta`` records ``chat_template``, ``max_length`` and ``all_tokens`` (beside any ``meta``
+    given), so saved statistics say which tokens they counted.
 
     Texts are cut at ``max_length`` tokens (default 512, with the chat template's, to bound
     memory); ``None`` keeps them whole. A script that takes many more tokens than English would
@@ -281,7 +281,9 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
     if given is not None and not isinstance(given, Mapping):
         raise TypeError(f"record_sequences: meta must be a dict or None, got "
                         f"{type(given).__name__}")
-    counted = dict(chat_template=chat_template, max_length=max_length, all_tokens=all_tokens)
+    texts = any(not isinstance(seqs, torch.Tensor) for seqs in corpus.values())
+    counted = dict(chat_template=chat_template, max_length=max_length,
+                   all_tokens=all_tokens) if texts else {}   # token ids: every token counts
     record_options["meta"] = {**counted, **(given or {})}
     with record(model, **record_options) as rec, torch.no_grad():
         for lang, i in batches:
