@@ -1,9 +1,10 @@
 """``moe-route``: command-line entry point.
 
     moe-route demo [--out DIR]                 the study on the planted model, offline (< 2 min)
-    moe-route analyze MODEL --data F --languages ... --reference L [--max-length N] --out DIR
+    moe-route analyze MODEL --data F --languages ... --reference L [--max-length N]
+                      [--all-tokens] --out DIR
     moe-route experts MODEL --task F --baseline F --tau T [--layers A-B] [--max-length N]
-                      --out plan.json
+                      [--all-tokens] [--std-unbiased] --out plan.json
     moe-route evaluate MODEL --task belebele|global_mmlu|mgsm|F.jsonl [--shots N] [--plan P]
                        --out DIR
     moe-route compare TRACE_A TRACE_B          routing agreement of two traces, per layer
