@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Union
@@ -375,7 +376,7 @@ class RoutingStats:
         new rows after self's. ``coact`` is summed. Sums are fp32 (and exact for the integer
         fields). other's tensors are moved to the device of self's matching layer, so device
         buffers can be merged straight into a host total. ``meta`` is self's, plus other's keys
-        that self lacks.
+        that self lacks; keys whose values differ keep self's, with a warning.
         """
         if not isinstance(other, RoutingStats):
             raise TypeError(f"RoutingStats.merge: other must be a RoutingStats, got "
@@ -440,10 +441,16 @@ class RoutingStats:
                              f"<= 2**63 - 1, got {negative}, wrapped around (or an input held "
                              f"negative counts)")
         meta = copy.deepcopy(first.meta)
+        differ = []
         for other in items[1:]:
             for key, value in other.meta.items():
                 if key not in meta:
                     meta[key] = copy.deepcopy(value)
+                elif meta[key] != value and key not in differ:
+                    differ.append(key)
+        if differ:   # e.g. statistics of two models, or counted with other settings
+            warnings.warn(f"RoutingStats.merge: the inputs' meta differ in {differ}; the merged "
+                          f"meta keeps the first input's values", UserWarning, stacklevel=3)
         return RoutingStats(layers, group_names, meta)
 
     # ---------------------------------------------------------------------------------------

@@ -282,7 +282,9 @@ def test_merge_by_group_name_known_answer():
                      coact=[[5, 1, 2], [1, 2, 0], [2, 0, 3]]),
     ], ["de", "en"], {"model": "other", "batch": 7})
     a_before = a.clone()
-    m = a.merge(b)
+    with pytest.warns(UserWarning, match=r"the inputs' meta differ in \['model'\]; the merged "
+                                         r"meta keeps the first input's values"):
+        m = a.merge(b)
 
     assert m.layer_names == ["L0", "L1"]                     # self's order
     assert m.group_names == ["en", "fr", "de"]               # new group appended
