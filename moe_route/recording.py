@@ -128,7 +128,7 @@ class Recorder:
         # each stack's (model.stacks: the model, or an encoder-decoder's encoder and decoder)
         # latest call: {stack path: {device: token rows [T]}}
         self._calls: dict = {}
-        self._call_tokens: dict = {}   # {stack path: the call's input ids [B*S] on the host} (trace)
+        self._call_tokens: dict = {}   # trace: {stack path: the call's input ids [B*S], host}
         self._hooks: list = []
         self._generation: Optional[_Generation] = None   # inside the wrapped model.generate
         self._decoder = ""                                # the stack generate decodes with
@@ -690,9 +690,10 @@ def save_trace(trace: Mapping, path) -> None:
 
     ``trace``: ``{layer name: {"ids" [N, k] int, "weights" [N, k] float, "group" [N names or
     None], optionally "tokens" [N] int, "experts" E and "logits" [N, E] float}}``. Tensors keep
-    their dtype; group names are stored once, tokens refer to them by index. The file is written and fsynced under a temporary name
-    in the same directory, then renamed over ``path``: ``path`` holds the old file or the
-    complete new one, never a part. Parent directories are created.
+    their dtype; group names are stored once, tokens refer to them by index. The file is written
+    and fsynced under a temporary name in the same directory, then renamed over ``path``:
+    ``path`` holds the old file or the complete new one, never a part. Parent directories are
+    created.
     """
     where = "save_trace"
     st = _safetensors(where)

@@ -555,7 +555,7 @@ class Steering:
         if self._handle is not None:  # its exit would undo both entries and release one patch
             raise RuntimeError("steer: this steer() context is already active; nest another "
                                "steer(model, plan) instead of entering the same one twice")
-        self._handle = acquire(self.model, _nothing)
+        self._handle = acquire(self.model)   # its settings live on the patch alone
         try:
             by_router: dict = {}  # one push per router, whichever of its passes the plan names
             for key, (state, p) in resolve_layers(self.plan, self._handle.routers).items():
@@ -579,13 +579,9 @@ class Steering:
         while self._applied:
             withdraw(self._applied.pop(), "steer", self)
         if self._handle is not None:
-            release(self._handle, _nothing)
+            release(self._handle)
             self._handle = None
         return False
-
-
-def _nothing() -> None:
-    """A steer context's cleanup for ``unpatch``: its settings live on the patch alone."""
 
 
 def _warn_forced_past_k(key, experts: Mapping, k: int) -> None:

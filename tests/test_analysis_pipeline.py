@@ -373,8 +373,8 @@ def test_cli_analyze_and_experts_on_a_saved_model(tmp_path):
     run = lambda *args: subprocess.run([sys.executable, "-m", "moe_route.cli", *args],  # noqa: E731
                                        capture_output=True, text=True, timeout=300)
     out = run("analyze", str(model_dir), "--data", str(data), "--reference", "eng", "--dtype",
-              "fp32", "--accuracy", str(tmp_path / "baseline.json"), "--chat-template", "--all-tokens",
-              "--out",
+              "fp32", "--accuracy", str(tmp_path / "baseline.json"), "--chat-template",
+              "--all-tokens", "--out",
               str(tmp_path / "report"))
     assert out.returncode == 0, out.stdout + out.stderr
     stats = moe_route.RoutingStats.load(tmp_path / "report" / "stats")

@@ -269,6 +269,10 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
     _check_max_length("record_sequences", max_length)
     if not isinstance(all_tokens, bool):
         raise TypeError(f"record_sequences: all_tokens={all_tokens!r} must be a bool")
+    given = record_options.get("meta")
+    if given is not None and not isinstance(given, Mapping):
+        raise TypeError(f"record_sequences: meta must be a dict or None, got "
+                        f"{type(given).__name__}")
     _check_corpus(corpus, tokenizer)
     device = device or next(model.parameters()).device
     batches = [(lang, i) for lang, seqs in corpus.items() for i in range(0, len(seqs), batch_size)]
@@ -277,10 +281,6 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
                          f"{list(corpus)} are all empty)")
     bar = progress_bar(len(batches), progress, "record")
     cut = dict.fromkeys(corpus, 0)
-    given = record_options.get("meta")
-    if given is not None and not isinstance(given, Mapping):
-        raise TypeError(f"record_sequences: meta must be a dict or None, got "
-                        f"{type(given).__name__}")
     texts = any(not isinstance(seqs, torch.Tensor) for seqs in corpus.values())
     counted = dict(chat_template=chat_template, max_length=max_length,
                    all_tokens=all_tokens) if texts else {}   # token ids: every token counts
@@ -296,8 +296,8 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
             else:
                 enc, keep = _encode(seqs, tokenizer, chat_template, max_length)
                 cut[lang] += _cut(seqs, tokenizer, chat_template, max_length, enc, keep)
-                counted = enc["attention_mask"].bool() if all_tokens else keep
-                groups = torch.where(counted, torch.arange(len(seqs))[:, None], -1)
+                counts = enc["attention_mask"].bool() if all_tokens else keep
+                groups = torch.where(counts, torch.arange(len(seqs))[:, None], -1)
                 rec.set_groups(groups, names)
                 model(**{k: v.to(device) for k, v in enc.items()})
             bar(1)

@@ -425,7 +425,7 @@ class PatchHandle:
         self._last_call: Optional[_Before] = None   # what the latest patch() call changed
         self._blocks: list = []   # per open ``with`` block: what its patch() call changed
         self._hooks: list = []    # the loop layers' pass counters' reset (model_calls.watch)
-        self._cleanups: list = [] # the open contexts' own hooks' removal, run by remove()
+        self._cleanups: list = [] # the open contexts' hooks' removal (acquire), run by remove()
         found = find_routers(model)
         for name, router, block in found:
             if _STATE in router.__dict__:   # two patches over one router: each undoes the other
@@ -514,7 +514,7 @@ class PatchHandle:
         """``remove`` under ``_LOCK``; returns how many contexts were still open."""
         if not self.active:
             return 0
-        left_open = len(self._cleanups)
+        left_open = self._owners
         try:
             while self._cleanups:
                 self._cleanups.pop()()
@@ -589,18 +589,19 @@ def unpatch(model: nn.Module) -> bool:
     return True
 
 
-def acquire(model: nn.Module, cleanup: Callable[[], None]) -> PatchHandle:
+def acquire(model: nn.Module, cleanup: Optional[Callable[[], None]] = None) -> PatchHandle:
     """The model's patch for a record/steer/replay context, patching it (fast mode) if needed.
     ``cleanup`` removes what the context put on the model outside the patch (hooks, a wrapped
     ``generate``); ``unpatch`` calls it if the context is still open then."""
     with _LOCK:
         handle = getattr(model, _HANDLE, None) or PatchHandle(model, exact=False)
         handle._owners += 1
-        handle._cleanups.append(cleanup)
+        if cleanup is not None:
+            handle._cleanups.append(cleanup)
     return handle
 
 
-def release(handle: PatchHandle, cleanup: Callable[[], None]) -> None:
+def release(handle: PatchHandle, cleanup: Optional[Callable[[], None]] = None) -> None:
     """End a record/steer/replay context's use (``cleanup`` as given to ``acquire``); an
     implicit patch goes when its last user leaves."""
     with _LOCK:
