@@ -57,7 +57,8 @@ class SteerEntry:
         uses 0.5.
     std_unbiased: the std term uses the sample std (divided by E - 1: ``torch.std``'s default,
         which EasySteer's implementation of the paper uses; 3% more than the population std at
-        E = 16). One value per layer among its entries with a std.
+        E = 16; 0 at E = 1, not NaN). One value per layer among its entries with a std; computed
+        in the gate as the population std is (fp32, ``moe_route.reference.steer_logits``).
     abs: z_e += abs * |z_e| (multiplicative).
     force: +1 forces the expert into every token's top-k, -1 out of it, 0 leaves it.
     select_only: the steering changes which experts are chosen; the weights come from the
