@@ -446,8 +446,8 @@ def _compare(args) -> int:
     from moe_route.recording import load_trace
 
     try:
-        result = trace_agreement(load_trace(args.a), load_trace(args.b),
-                                 skip_ungrouped=not args.all_rows)
+        a, b = load_trace(args.a), load_trace(args.b)
+        result = trace_agreement(a, b, skip_ungrouped=not args.all_rows)
     except (OSError, TypeError, ValueError) as exc:
         print(f"moe-route compare: {exc}", file=sys.stderr)
         return 2
@@ -463,6 +463,9 @@ def _compare(args) -> int:
     print("shares of tokens with the same first-choice expert (top-1) and identical top-k sets "
           "(same set); overlap: mean |top-k(a) ∩ top-k(b)| / k; w shift: mean ½ Σ_e |w_a − w_b| "
           "(routed weights over all experts)")
+    for label, path, trace in (("a", args.a, a), ("b", args.b, b)):
+        model = trace.meta.get("model")
+        print(f"{label}: {path}" + (f" (model {model})" if model is not None else ""))
     return 0
 
 

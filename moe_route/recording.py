@@ -53,11 +53,17 @@ E <= 32767), weights (fp16 unless ``trace_dtype=torch.float32``), the statistics
 token id of each token (-1 for a call given ``inputs_embeds``), the layer's expert count and,
 with ``trace_logits=True``, the router logits. Each router call's tensors are copied to the
 host as they are produced (``rec.trace``, ``rec.save_trace(path)``); this one does sync.
-``load_trace(path)`` reads a saved trace back in the same layout.
+``load_trace(path)`` reads a saved trace back in the same layout. A trace is a ``Trace``: the
+dict of layers, with the recorder's ``meta`` as ``trace.meta``, saved with it.
+
+``meta`` (the statistics' and the trace's) gets ``"model"``, the model's
+``config._name_or_path`` (the Hub id or local path it was loaded from), unless the given meta
+has a ``"model"`` key or the model has no such path.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import itertools
 import json
@@ -76,9 +82,10 @@ from moe_route.hf.patch import acquire, release
 from moe_route.ops import GateStats
 from moe_route._atomic import write_atomic
 from moe_route._json import parse as parse_json
-from moe_route.stats import LayerStats, RoutingStats, _check_json, _safetensors
+from moe_route.stats import (LayerStats, RoutingStats, _check_json, _package_version,
+                             _safetensors)
 
-__all__ = ["record", "Recorder", "save_trace", "load_trace"]
+__all__ = ["record", "Recorder", "Trace", "save_trace", "load_trace"]
 
 TOKENS = ("all", "prompt", "generated")
 FIRST_ROWS = 256  # device rows allocated on entry (the default max_groups); more as groups arrive
@@ -106,7 +113,9 @@ class Recorder:
         self.dense, self.coact, self.tokens = dense, coact, tokens
         self.ignore_token_ids = None if ignore_token_ids is None else _token_ids(ignore_token_ids)
         self.max_groups = max_groups
-        self.meta = dict(meta or {})
+        if meta is not None and not isinstance(meta, Mapping):
+            raise TypeError(f"record: meta must be a dict or None, got {type(meta).__name__}")
+        self.meta = {**_model_meta(model), **(meta or {})}
         _check_json(self.meta, "record: meta")  # not at the first flush, after the model calls
         if trace_dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"record: trace_dtype={trace_dtype} must be float16, bfloat16 or "
@@ -472,11 +481,11 @@ class Recorder:
         parts["experts"] = E
 
     @property
-    def trace(self) -> dict:
+    def trace(self) -> "Trace":
         """``{layer name: {"ids" [N, k], "weights" [N, k], "tokens" [N] int32, "group" list of N
         names or None, "experts" E, ("logits" [N, E])}}`` for every token routed while tracing,
-        in call order (``load_trace``)."""
-        out = {}
+        in call order (``load_trace``); ``.meta`` is a copy of the recorder's ``meta``."""
+        out = Trace(meta=copy.deepcopy(self.meta))
         for name, parts in self._trace.items():
             layer = {key: torch.cat(parts[key]) for key in _TRACE_TENSORS if key in parts}
             layer["experts"] = parts["experts"]
@@ -488,7 +497,8 @@ class Recorder:
         return out
 
     def save_trace(self, path) -> None:
-        """Write ``self.trace`` to one safetensors file, atomically (``save_trace``)."""
+        """Write ``self.trace`` and its meta to one safetensors file, atomically
+        (``save_trace``)."""
         save_trace(self.trace, path)
 
     # -- results -----------------------------------------------------------------------------
@@ -519,6 +529,12 @@ class Recorder:
         if len(self._parts) > 1:
             self._parts = [RoutingStats.merge_all(self._parts)]
         return self._parts[0]
+
+
+def _model_meta(model: nn.Module) -> dict:
+    """``{"model": path}``: where the model was loaded from (``config._name_or_path``), if known."""
+    path = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return {"model": path} if isinstance(path, str) and path else {}
 
 
 def _router_device(router: nn.Module) -> torch.device:
@@ -615,7 +631,9 @@ def record(model: nn.Module, **options) -> Recorder:
 # traces on disk: one safetensors file. Per layer the tensors "{layer}.ids", ".weights",
 # (".tokens", ".logits") and ".group" (int32 [N], an index into the metadata's "group_names",
 # -1 for an ungrouped token); the metadata also lists the layers in order and, from version 3,
-# their expert counts ("experts", null where a hand-made trace gave none). Version 1 (the first
+# their expert counts ("experts", null where a hand-made trace gave none), and "meta" holds the
+# trace's meta as a JSON object, with "moe_route_version" beside it (both optional: readers of
+# any version ignore metadata keys they do not know). Version 1 (the first
 # save_trace) kept every token's group name as JSON in the metadata instead, which outgrows
 # safetensors' 100 MB header limit (names like "fra_Latn/123" take 16 bytes each: about 520k
 # tokens over 12 layers); versions 1 and 2 (no token ids, no expert counts) are still read.
@@ -625,6 +643,20 @@ TRACE_VERSION = "3"
 _TRACE_TENSORS = ("ids", "weights", "tokens", "logits")
 _INT_DTYPES = (torch.int16, torch.int32, torch.int64)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class Trace(dict):
+    """A trace: ``{layer name: {"ids", "weights", "group", ("tokens", "experts", "logits")}}``
+    (``Recorder.trace``, ``load_trace``), a plain dict of layers with ``meta`` beside them: free
+    JSON information (the recorder's ``meta``: the model it came from, the options of the run),
+    written and read with the trace. Anything that takes a trace takes a plain dict too."""
+
+    def __init__(self, layers=(), meta: Optional[Mapping] = None):
+        super().__init__(layers)
+        self.meta = dict(meta or {})
+
+    def __repr__(self) -> str:
+        return f"Trace({super().__repr__()}, meta={self.meta!r})"
 
 
 def _check_trace_layer(name, layer, where: str) -> int:
@@ -685,12 +717,14 @@ def _check_trace_layer(name, layer, where: str) -> int:
 
 
 
-def save_trace(trace: Mapping, path) -> None:
+def save_trace(trace: Mapping, path, *, meta: Optional[Mapping] = None) -> None:
     """Write a trace (``Recorder.trace``'s layout) to the safetensors file ``path``.
 
     ``trace``: ``{layer name: {"ids" [N, k] int, "weights" [N, k] float, "group" [N names or
     None], optionally "tokens" [N] int, "experts" E and "logits" [N, E] float}}``. Tensors keep
-    their dtype; group names are stored once, tokens refer to them by index. The file is written
+    their dtype; group names are stored once, tokens refer to them by index. ``meta`` (a dict
+    that reads back from JSON unchanged; default: ``trace.meta`` for a ``Trace``, else none) is
+    saved with it, and ``load_trace`` gives it back as ``.meta``. The file is written
     and fsynced under a temporary name in the same directory, then renamed over ``path``:
     ``path`` holds the old file or the complete new one, never a part. Parent directories are
     created.
@@ -700,6 +734,12 @@ def save_trace(trace: Mapping, path) -> None:
     if not isinstance(trace, Mapping):
         raise TypeError(f"{where}: trace must be a mapping {{layer: {{'ids', 'weights', "
                         f"'group', ...}}}} (Recorder.trace), got {type(trace).__name__}")
+    if meta is None:
+        meta = getattr(trace, "meta", None) or {}
+    if not isinstance(meta, Mapping):
+        raise TypeError(f"{where}: meta must be a dict or None, got {type(meta).__name__}")
+    meta = dict(meta)
+    _check_json(meta, f"{where}: meta")
     tensors, table = {}, {}
     last_group, last_codes = None, None
     for name, layer in trace.items():
@@ -715,7 +755,10 @@ def save_trace(trace: Mapping, path) -> None:
         tensors[f"{name}.group"] = last_codes.clone()
     experts = [layer.get("experts") for layer in trace.values()]
     metadata = {"format": TRACE_FORMAT, "layers": json.dumps(list(trace)),
-                "group_names": json.dumps(list(table))}
+                "group_names": json.dumps(list(table)), "meta": json.dumps(meta)}
+    version = _package_version()
+    if version is not None:
+        metadata["moe_route_version"] = version
     if any(e is not None for e in experts) or any(f"{n}.tokens" in tensors for n in trace):
         metadata.update(version=TRACE_VERSION,
                         experts=json.dumps([None if e is None else int(e) for e in experts]))
@@ -724,11 +767,12 @@ def save_trace(trace: Mapping, path) -> None:
     write_atomic(path, lambda tmp: st.save_file(tensors, tmp, metadata=metadata))
 
 
-def load_trace(path) -> dict:
+def load_trace(path) -> Trace:
     """Read a file written by ``save_trace`` / ``Recorder.save_trace``: the same
     ``{layer name: {"ids", "weights", "group", ("tokens", "experts", "logits")}}`` dict, layers in
     saved order, tensors on the CPU in their saved dtypes (files of format versions 1 and 2 have
-    no "tokens" or "experts"). Errors name the file and what is wrong with it."""
+    no "tokens" or "experts"), as a ``Trace`` whose ``.meta`` is the saved meta (empty for a file
+    saved without). Errors name the file and what is wrong with it."""
     where = "load_trace"
     st = _safetensors(where)
     path = os.fspath(path)
@@ -763,13 +807,17 @@ def load_trace(path) -> dict:
             raise ValueError(f"{where}: {path!r}: the {key!r} metadata must be a JSON "
                              f"{'object' if want is dict else 'array'}, got "
                              f"{type(meta[key]).__name__}")
+    saved = parse_json(metadata.get("meta", "{}"), f"{where}: {path!r}: the 'meta' metadata")
+    if not isinstance(saved, dict):
+        raise ValueError(f"{where}: {path!r}: the 'meta' metadata must be a JSON object, got "
+                         f"{type(saved).__name__}")
     names = meta.get("group_names")
     layers = meta["groups"] if version == "1" else meta["layers"]
     experts = meta.get("experts", [None] * len(layers))
     if len(experts) != len(layers):
         raise ValueError(f"{where}: {path!r}: the 'experts' metadata must list one count per "
                          f"layer ({len(layers)}), got {len(experts)}")
-    out, used = {}, set()
+    out, used = Trace(meta=saved), set()
     last_codes, last_group = None, None
     for name, count in zip(layers, experts):
         layer = {} if count is None else {"experts": count}

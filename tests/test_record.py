@@ -544,6 +544,73 @@ def test_load_trace_errors_name_the_file_and_the_problem(tmp_path):
                                    groups=json.dumps({"l": []})))
 
 
+def test_trace_and_statistics_carry_the_recorder_meta_and_the_model_path(tmp_path, capsys):
+    """A saved trace says which model and run it came from: the recorder's meta (with the model's
+    config._name_or_path as "model" unless given) is the statistics' meta and the trace's
+    .meta, survives save and load, and moe-route compare names each file's model."""
+    from safetensors import safe_open
+
+    from moe_route.cli import main
+
+    model = build("olmoe")
+    model.config._name_or_path = "org/tiny-olmoe"
+    with moe_route.record(model, trace=True, meta={"run": 3}) as rec, torch.no_grad():
+        model(_ids(2, (2, 5)))
+    assert rec.stats.meta == {"model": "org/tiny-olmoe", "run": 3}
+    trace = rec.trace
+    assert isinstance(trace, moe_route.Trace) and trace.meta == rec.stats.meta
+    trace.meta["run"] = 4                   # a copy: the recorder's meta is not changed
+    assert rec.meta["run"] == 3 and rec.trace.meta["run"] == 3
+    path = tmp_path / "a.safetensors"
+    rec.save_trace(path)
+    back = moe_route.load_trace(path)
+    assert isinstance(back, moe_route.Trace) and back.meta == {"model": "org/tiny-olmoe", "run": 3}
+    assert list(back) == list(trace) and back.keys() == rec.trace.keys()
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata()["moe_route_version"] == moe_route.__version__
+    # an explicit meta wins over the trace's, and a given "model" over the model's path
+    moe_route.save_trace(trace, tmp_path / "b.safetensors", meta={"model": "other", "step": 100})
+    assert moe_route.load_trace(tmp_path / "b.safetensors").meta == {"model": "other",
+                                                                     "step": 100}
+    with moe_route.record(model, meta={"model": "mine"}) as rec2, torch.no_grad():
+        model(_ids(2, (1, 3)))
+    assert rec2.stats.meta == {"model": "mine"}
+    model.config._name_or_path = ""          # a model built from a config: no path to record
+    with moe_route.record(model) as rec3, torch.no_grad():
+        model(_ids(2, (1, 3)))
+    assert rec3.stats.meta == {}
+    # a plain dict has no meta; neither has a file written without one (hand-made, or older)
+    moe_route.save_trace(_small_trace(), tmp_path / "c.safetensors")
+    assert moe_route.load_trace(tmp_path / "c.safetensors").meta == {}
+    capsys.readouterr()
+    assert main(["compare", str(path), str(tmp_path / "b.safetensors")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2:] == [f"a: {path} (model org/tiny-olmoe)",
+                          f"b: {tmp_path / 'b.safetensors'} (model other)"]
+    with pytest.raises(TypeError, match="save_trace: meta must be a dict or None, got list"):
+        moe_route.save_trace(trace, tmp_path / "d.safetensors", meta=[("run", 1)])
+    with pytest.raises(ValueError, match="save_trace: meta must be JSON-serialisable"):
+        moe_route.save_trace(trace, tmp_path / "d.safetensors", meta={"dtype": torch.float16})
+    with pytest.raises(TypeError, match="record: meta must be a dict or None, got list"):
+        moe_route.record(model, meta=[("run", 1)])
+    assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_load_trace_rejects_a_damaged_meta(tmp_path):
+    from safetensors.torch import save_file
+
+    tensors = {"l.ids": torch.tensor([[0, 1]], dtype=torch.int16), "l.weights": torch.ones(1, 2),
+               "l.group": torch.tensor([0], dtype=torch.int32)}
+    for meta, error in (("{", "the 'meta' metadata is not valid JSON"),
+                        ("[1]", "the 'meta' metadata must be a JSON object, got list")):
+        path = tmp_path / "t.safetensors"
+        save_file(tensors, path, metadata={"format": "moe_route.trace", "version": "2",
+                                           "layers": '["l"]', "group_names": '["a"]',
+                                           "meta": meta})
+        with pytest.raises(ValueError, match=error):
+            moe_route.load_trace(path)
+
+
 def test_trace_file_stores_each_group_name_once(tmp_path):
     """Per-token names as metadata JSON outgrow safetensors' 100 MB header; codes do not."""
     from safetensors import safe_open
