@@ -136,7 +136,10 @@ def test_paired_comparison_refuses_unpaired_results():
     # in any script's digits; the Arabic and full-width decimal marks stay decimal points
     ("\u0967.\u0966\u0966\u0966.\u0966\u0966\u0966", "1000000"),
     ("\u09e7\u09e6.\u09e6\u09e6\u09e6,\u09eb\u09e6", "10000.5"),
-    ("\u0664\u0662\u066b\u0665\u0660\u0660", "42.5"), ("\uff13\uff0e\uff11\uff14\uff10", "3.14")])
+    ("\u0664\u0662\u066b\u0665\u0660\u0660", "42.5"), ("\uff13\uff0e\uff11\uff14\uff10", "3.14"),
+    # the rest of a word's digits after a decimal mark is not a number of its own
+    ("x18.000", None), ("v1.5", None), ("7 apples, see v1.5", "7"),
+    ("x\uff11\uff0e\uff15", None), ("x18.000 and 4", "4")])
 def test_last_number(text, number):
     assert ev.last_number(text) == number
 
