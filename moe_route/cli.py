@@ -2,7 +2,7 @@
 
     moe-route demo [--out DIR]                 the study on the planted model, offline (< 2 min)
     moe-route analyze MODEL --data F --languages ... --reference L [--max-length N]
-                      [--all-tokens] --out DIR
+                      [--all-tokens] [--trace] --out DIR
     moe-route experts MODEL --task F --baseline F --tau T [--layers A-B] [--max-length N]
                       [--all-tokens] [--std-unbiased] --out plan.json
     moe-route evaluate MODEL --task belebele|global_mmlu|mgsm|F.jsonl [--shots N] [--plan P]
@@ -262,8 +262,9 @@ def _analyze(args) -> int:
                 f"--middle {args.middle} holds none of the MoE layers {indices}"))
     stats = record_parallel(model, corpus, tokenizer=tok, batch_size=args.batch_size,
                             chat_template=args.chat_template, max_length=args.max_length,
-                            all_tokens=args.all_tokens, progress=True)
-    stats.meta.update(model=args.model, data=str(args.data))
+                            all_tokens=args.all_tokens, progress=True,
+                            trace_path=f"{args.out}/trace.safetensors" if args.trace else None,
+                            meta={"model": args.model, "data": str(args.data)})
     stats.save(f"{args.out}/stats")
     middle = None
     if wanted is not None:
@@ -271,6 +272,8 @@ def _analyze(args) -> int:
     write_report(args.out, stats, args.reference, middle_layers=middle, accuracy=accuracy,
                  title=f"moe_route routing report: {args.model}")
     print(f"report: {args.out}/summary.txt")
+    if args.trace:
+        print(f"trace: {args.out}/trace.safetensors")
     return 0
 
 
@@ -560,6 +563,9 @@ def main(argv=None) -> int:
                         "accuracy}, or baseline.json of moe-route evaluate")
     _max_length_argument(p)
     _all_tokens_argument(p)
+    p.add_argument("--trace", action="store_true",
+                   help="also save every token's routing to OUT/trace.safetensors (for moe-route "
+                        "compare; held in host memory until the end, syncs at each router call)")
     p.add_argument("--out", required=True, help="report directory")
     p.set_defaults(func=_analyze)
     p = sub.add_parser("experts", help="task experts (task vs baseline data) -> a steering plan")

@@ -183,6 +183,39 @@ def test_record_sequences_counts_only_the_text_tokens():
         pipeline.record_parallel(model, {"a": [], "b": torch.zeros(0, 4, dtype=torch.long)})
 
 
+def test_record_sequences_saves_a_trace_that_agrees_with_its_statistics(tmp_path):
+    """trace_path keeps every token's routing: the counted tokens carry their sequence's group,
+    the template's and the padding carry none, and each sequence's expert counts from the trace's ids are the
+    statistics' counts; the file holds the statistics' meta."""
+    from moe_route.analysis import trace_agreement
+
+    model = build("olmoe")
+    tok = word_tokenizer()
+    corpus = {"eng": ["hello world", "cat sat sat"], "xxx": ["world", "hello cat"]}
+    path = tmp_path / "runs" / "trace.safetensors"
+    stats = pipeline.record_parallel(model, corpus, tokenizer=tok, chat_template=True,
+                                     batch_size=2, trace_path=path, meta={"run": 1})
+    trace = moe_route.load_trace(path)
+    assert trace.meta == stats.meta == {"chat_template": True, "max_length": 512,
+                                        "all_tokens": False, "run": 1}
+    assert list(trace) == [layer.name for layer in stats]
+    for layer in stats:
+        rows = trace[layer.name]
+        groups = rows["group"]
+        assert len(groups) == 2 * 8 + 2 * 7        # every row the router saw, padding too
+        assert [groups.count(g) for g in stats.group_names] == [2, 3, 1, 2]
+        counts = torch.zeros_like(layer.counts)
+        for g, ids in zip(groups, rows["ids"].long()):
+            if g is not None:
+                counts[stats.group_names.index(g)] += torch.bincount(ids, minlength=rows["experts"])
+        assert torch.equal(counts, layer.counts)
+    assert all(r.identical == 1.0 and r.tokens == 8 for r in trace_agreement(trace, trace).values())
+    with pytest.raises(TypeError, match="pass trace_path=PATH to keep a trace"):
+        pipeline.record_sequences(model, corpus, tokenizer=tok, trace=True)
+    with pytest.raises(TypeError, match="trace_path must be a str or os.PathLike .* got int"):
+        pipeline.record_sequences(model, corpus, tokenizer=tok, trace_path=3)
+
+
 def test_record_sequences_warns_once_when_max_length_cuts_a_text():
     """A text longer than ``max_length`` tokens was cut silently: a script that takes many more
     tokens than English lost more of each parallel passage, which biases the divergence. One
@@ -374,12 +407,20 @@ def test_cli_analyze_and_experts_on_a_saved_model(tmp_path):
                                        capture_output=True, text=True, timeout=300)
     out = run("analyze", str(model_dir), "--data", str(data), "--reference", "eng", "--dtype",
               "fp32", "--accuracy", str(tmp_path / "baseline.json"), "--chat-template",
-              "--all-tokens", "--out",
+              "--all-tokens", "--trace", "--out",
               str(tmp_path / "report"))
     assert out.returncode == 0, out.stdout + out.stderr
     stats = moe_route.RoutingStats.load(tmp_path / "report" / "stats")
     assert len(stats.group_names) == 12 and stats.group_names[0] == "eng/0"
-    assert stats.meta["all_tokens"] is True
+    assert stats.meta == {"chat_template": True, "max_length": 512, "all_tokens": True,
+                          "model": str(model_dir), "data": str(data)}
+    # --trace: every token's routing, with the same meta, for moe-route compare
+    trace_path = tmp_path / "report" / "trace.safetensors"
+    assert f"trace: {trace_path}" in out.stdout
+    trace = moe_route.load_trace(trace_path)
+    assert trace.meta == stats.meta and list(trace) == [layer.name for layer in stats]
+    same = run("compare", str(trace_path), str(trace_path))
+    assert same.returncode == 0 and f"(model {model_dir})" in same.stdout
     # every token counts, the chat template's too ("<s> user : hello world assistant :")
     assert stats[0].tokens[0].item() == 7
     div = json.loads((tmp_path / "report" / "divergence.json").read_text())["divergence"]

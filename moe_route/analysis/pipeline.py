@@ -245,7 +245,7 @@ def _text_span(full: str, text: str, after: int):
 def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int = 8,
                      chat_template: bool = False, max_length: Optional[int] = 512,
                      all_tokens: bool = False, progress: bool = False, device=None,
-                     **record_options) -> RoutingStats:
+                     trace_path=None, **record_options) -> RoutingStats:
     """Per-sequence routing statistics: one group per sequence, named ``"{language}/{i}"``.
 
     ``corpus`` values are lists of strings (needs ``tokenizer``; a fast tokenizer, for the
@@ -262,6 +262,15 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
     memory); ``None`` keeps them whole. A script that takes many more tokens than English would
     lose more of each text than the English one, biasing the comparison, so a call that cuts any
     text's own tokens warns once (``UserWarning``) with how many texts of which languages.
+
+    ``trace_path``: also keep every token's routing (``record(trace=True)``: expert ids and
+    weights per layer, each token's sequence as its group, ``None`` for a token that is not
+    counted) and save it there (``save_trace``, with the statistics' meta) once the corpus is
+    recorded. The trace is held on the host until then (about 4·k + 16 bytes per token and
+    layer at top-k: 0.8 GB a million tokens for OLMoE's 16 layers at k = 8), and tracing syncs
+    at every router call. Two traces of one corpus, from two
+    checkpoints or with and without a steering plan, compare with ``trace_agreement`` /
+    ``moe-route compare``.
     """
     if not isinstance(corpus, Mapping) or not corpus:
         raise ValueError("record_sequences: corpus must be a non-empty {language: sequences} mapping")
@@ -269,6 +278,12 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
     _check_max_length("record_sequences", max_length)
     if not isinstance(all_tokens, bool):
         raise TypeError(f"record_sequences: all_tokens={all_tokens!r} must be a bool")
+    if "trace" in record_options:
+        raise TypeError("record_sequences: pass trace_path=PATH to keep a trace (record's trace= "
+                        "would be dropped with the recorder)")
+    if trace_path is not None and not isinstance(trace_path, (str, os.PathLike)):
+        raise TypeError(f"record_sequences: trace_path must be a str or os.PathLike (a "
+                        f".safetensors file) or None, got {type(trace_path).__name__}")
     given = record_options.get("meta")
     if given is not None and not isinstance(given, Mapping):
         raise TypeError(f"record_sequences: meta must be a dict or None, got "
@@ -285,7 +300,7 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
     counted = dict(chat_template=chat_template, max_length=max_length,
                    all_tokens=all_tokens) if texts else {}   # token ids: every token counts
     record_options["meta"] = {**counted, **(given or {})}
-    with record(model, **record_options) as rec, torch.no_grad():
+    with record(model, trace=trace_path is not None, **record_options) as rec, torch.no_grad():
         for lang, i in batches:
             seqs = corpus[lang][i:i + batch_size]
             names = [f"{lang}/{j}" for j in range(i, i + len(seqs))]
@@ -303,6 +318,8 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
             bar(1)
     bar(None)
     _warn_cut(cut, corpus, max_length)
+    if trace_path is not None:
+        rec.save_trace(trace_path)
     return rec.stats
 
 
