@@ -266,9 +266,10 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
     ``trace_path``: also keep every token's routing (``record(trace=True)``: expert ids and
     weights per layer, each token's sequence as its group, ``None`` for a token that is not
     counted) and save it there (``save_trace``, with the statistics' meta) once the corpus is
-    recorded. The trace is held on the host until then (about 4·k + 16 bytes per token and
-    layer at top-k: 0.8 GB a million tokens for OLMoE's 16 layers at k = 8), and tracing syncs
-    at every router call. Two traces of one corpus, from two
+    recorded. The trace is held on the host until then: 4·k + 8 bytes per routed token (the
+    padding's too) and layer at top-k, the file's size (0.6 GB a million tokens at OLMoE's 16
+    layers and k = 8), and about twice that while it is saved. Tracing syncs at every router
+    call. Two traces of one corpus, from two
     checkpoints or with and without a steering plan, compare with ``trace_agreement`` /
     ``moe-route compare``.
     """
