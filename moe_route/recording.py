@@ -740,13 +740,13 @@ def save_trace(trace: Mapping, path, *, meta: Optional[Mapping] = None) -> None:
         raise TypeError(f"{where}: meta must be a dict or None, got {type(meta).__name__}")
     meta = dict(meta)
     _check_json(meta, f"{where}: meta")
-    tensors, table = {}, {}
+    tensors, table, written = {}, {}, set()
     last_group, last_codes = None, None
     for name, layer in trace.items():
         _check_trace_layer(name, layer, where)
         for key in _TRACE_TENSORS:
             if layer.get(key) is not None:
-                tensors[f"{name}.{key}"] = layer[key].detach().to("cpu", copy=True).contiguous()
+                tensors[f"{name}.{key}"] = _own_storage(layer[key].detach().to("cpu"), written)
         group = list(layer["group"])
         if group != last_group:  # the layers of one model usually share the token list
             last_group = group
@@ -765,6 +765,21 @@ def save_trace(trace: Mapping, path, *, meta: Optional[Mapping] = None) -> None:
     else:   # nothing of version 3's: readable by the moe_route releases that read version 2
         metadata["version"] = "2"
     write_atomic(path, lambda tmp: st.save_file(tensors, tmp, metadata=metadata))
+
+
+def _own_storage(t: torch.Tensor, written: set) -> torch.Tensor:
+    """``t`` if it is the whole of a storage not ``written`` yet (``written`` gets it), else a
+    contiguous copy: safetensors refuses tensors that share memory (a hand-made trace's views of
+    one tensor, or one tensor in several layers), and a recorded trace is not copied again (that
+    would double the memory a large trace takes while it is written)."""
+    storage = t.untyped_storage()
+    whole = t.is_contiguous() and t.storage_offset() == 0 and \
+        storage.nbytes() == t.numel() * t.element_size() and storage.data_ptr() not in written
+    if not whole:
+        return t.clone(memory_format=torch.contiguous_format)
+    if t.numel():
+        written.add(storage.data_ptr())
+    return t
 
 
 def load_trace(path) -> Trace:

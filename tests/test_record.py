@@ -596,6 +596,28 @@ def test_trace_and_statistics_carry_the_recorder_meta_and_the_model_path(tmp_pat
     assert not (tmp_path / "d.safetensors").exists()
 
 
+def test_save_trace_writes_views_and_shared_memory_as_their_values(tmp_path):
+    """A hand-made trace may hold views: a transposed (non-contiguous) tensor, a slice at an
+    offset, two tensors of one storage, one tensor in two layers (safetensors refuses to write
+    shared memory as such). Each is written as its values; a recorded trace's own tensors are
+    written without a copy."""
+    base = torch.randn(6, 8)
+    ids = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int16).t()     # [3, 2], a view
+    layer = {"ids": ids, "weights": base[1:4, 2:4], "logits": base[1:4], "group": ["a"] * 3,
+             "experts": 8, "tokens": torch.arange(10, dtype=torch.int32)[5:8]}
+    own = {"ids": ids.contiguous(), "weights": base[:3, :2].clone(), "group": ["b"] * 3}
+    empty = {"ids": torch.zeros(0, 2, dtype=torch.int16), "weights": torch.zeros(0, 2),
+             "group": []}
+    moe_route.save_trace({"l": layer, "m": own, "n": own, "e": empty, "f": dict(empty)},
+                         tmp_path / "v.safetensors")
+    back = moe_route.load_trace(tmp_path / "v.safetensors")
+    for key in ("ids", "weights", "logits", "tokens"):
+        assert torch.equal(back["l"][key], layer[key]) and back["l"][key].is_contiguous()
+    for name in ("m", "n"):
+        assert torch.equal(back[name]["ids"], own["ids"])
+    assert back["f"]["ids"].shape == (0, 2) and back["f"]["group"] == []
+
+
 def test_load_trace_rejects_a_damaged_meta(tmp_path):
     from safetensors.torch import save_file
 
