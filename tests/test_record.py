@@ -633,6 +633,67 @@ def test_load_trace_rejects_a_damaged_meta(tmp_path):
             moe_route.load_trace(path)
 
 
+def test_trace_statistics_count_as_the_recorder_and_renormalise_as_the_author():
+    """Statistics rebuilt from a trace equal the recorder's (tokens and counts exactly, weight
+    sums to fp32 rounding), padding left out; renormalize=True is the author's
+    total_actual_weight computed from the traced logits: softmax, top-k mask, renormalise, sum.
+    OLMoE does not renormalise, so the two weight sums differ."""
+    from moe_route.analysis import expert_importance, trace_statistics
+
+    model = build("olmoe")
+    assert not model.config.norm_topk_prob
+    ids, mask = _ids(5, (3, 6)), torch.ones(3, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    with moe_route.record(model, trace=True, trace_logits=True, trace_dtype=torch.float32,
+                          meta={"run": 2}) as rec, torch.no_grad():
+        with rec.group("a"):
+            model(ids, attention_mask=mask)
+        with rec.group("b"):
+            model(ids[:2, :3])
+    stats, trace = rec.stats, rec.trace
+    rebuilt = trace_statistics(trace)
+    assert rebuilt.group_names == ["a", "b"] and rebuilt.meta == {"run": 2, "renormalized": False}
+    rows = [stats.group_names.index(g) for g in rebuilt.group_names]
+    for mine, theirs in zip(rebuilt, stats):
+        assert (mine.name, mine.index, mine.top_k) == (theirs.name, theirs.index, theirs.top_k)
+        assert mine.tokens.tolist() == theirs.tokens[rows].tolist() == [16, 6]
+        assert torch.equal(mine.counts, theirs.counts[rows])
+        torch.testing.assert_close(mine.weight_sum, theirs.weight_sum[rows], rtol=1e-5, atol=1e-5)
+    renorm = trace_statistics(trace, renormalize=True)
+    for name, layer in zip(trace, renorm):
+        p = torch.softmax(trace[name]["logits"].double(), dim=-1)
+        k = trace[name]["ids"].shape[1]
+        top = p * (p >= p.topk(k, dim=-1).values[:, -1:])
+        top = top / top.sum(-1, keepdim=True)
+        want = torch.stack([top[[g == grp for g in trace[name]["group"]]].sum(0)
+                            for grp in ("a", "b")])
+        torch.testing.assert_close(layer.weight_sum.double(), want, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(layer.weight_sum, rebuilt[name].weight_sum, atol=1e-3)
+    importance = expert_importance(renorm, kind="routed")
+    torch.testing.assert_close(importance.sum(-1), torch.ones(2, 2), rtol=0, atol=1e-5)
+    assert renorm.meta["renormalized"] is True
+
+
+def test_trace_statistics_errors():
+    from moe_route.analysis import trace_statistics
+
+    layer = {"ids": torch.tensor([[0, 1]], dtype=torch.int16), "weights": torch.ones(1, 2),
+             "group": ["a"], "experts": 4}
+    with pytest.raises(TypeError, match="trace must be a non-empty mapping"):
+        trace_statistics({})
+    with pytest.raises(TypeError, match="renormalize must be a bool, got 1"):
+        trace_statistics({"l": layer}, renormalize=1)
+    with pytest.raises(ValueError, match=r"trace\['l'\] holds no 'experts'"):
+        trace_statistics({"l": {k: v for k, v in layer.items() if k != "experts"}})
+    with pytest.raises(ValueError, match="no row of the trace has a group"):
+        trace_statistics({"l": dict(layer, group=[None])})
+    with pytest.raises(ValueError, match=r"trace_statistics: trace\['l'\]\['ids'\] must be in "
+                                         r"\[0, experts=1\)"):
+        trace_statistics({"l": dict(layer, experts=1)})
+    zero = trace_statistics({"l": dict(layer, weights=torch.zeros(1, 2))}, renormalize=True)
+    assert zero[0].weight_sum.tolist() == [[0.0] * 4] and zero[0].counts.tolist() == [[1, 1, 0, 0]]
+
+
 def test_trace_file_stores_each_group_name_once(tmp_path):
     """Per-token names as metadata JSON outgrow safetensors' 100 MB header; codes do not."""
     from safetensors import safe_open

@@ -35,7 +35,7 @@ from moe_route.analysis.metrics import (DivergenceCorrelation, LoadBalance, Para
                                         per_token_mean, pool_by_language, routing_agreement,
                                         routing_consistency, routing_divergence, routing_entropy,
                                         spearman, token_specialisation, trace_agreement,
-                                        trace_token_routing)
+                                        trace_statistics, trace_token_routing)
 
 from moe_route.analysis import evaluation as _evaluation, experts as _experts, metrics as _metrics  # noqa: E402
 

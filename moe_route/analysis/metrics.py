@@ -43,7 +43,7 @@ __all__ = [
     "distribution_entropy", "js_divergence", "entropy_normalised_js", "pairwise_divergence",
     "parallel_divergence", "routing_divergence", "language_divergence",
     "routing_entropy", "mean_pairwise_overlap", "expert_set_jaccard", "routing_consistency",
-    "RoutingAgreement", "routing_agreement", "trace_agreement",
+    "RoutingAgreement", "routing_agreement", "trace_agreement", "trace_statistics",
     "coactivation", "conditional_coactivation", "LoadBalance", "load_balance",
     "pearson", "spearman", "DivergenceCorrelation", "divergence_accuracy_correlation",
     "TokenRouting", "expert_token_counts", "trace_token_routing", "expert_token_entropy",
@@ -217,6 +217,8 @@ def expert_importance(stats: RoutingStats, kind: str = "dense") -> torch.Tensor:
     router that does not renormalise, that is not quite the author's ``total_actual_weight``,
     which renormalises each token's k weights before the mean (a token with little top-k mass
     weighs as much as any other); the two agree for renormalising routers (Qwen3, GPT-OSS).
+    ``trace_statistics(trace, renormalize=True)`` gives statistics whose routed importance is
+    the author's, from a run recorded with ``trace=True``.
 
     Zero-token groups are NaN rows.
     """
@@ -1106,6 +1108,70 @@ def _other_tokens(a, b) -> Optional[Tuple[int, int]]:
     known = (a >= 0) & (b >= 0)
     other = int((known & (a.long() != b.long())).sum())
     return (other, int(known.sum())) if other else None
+
+
+def trace_statistics(trace: Mapping, *, renormalize: bool = False) -> RoutingStats:
+    """Routing statistics of a trace: per group and layer, ``tokens``, ``counts`` and
+    ``weight_sum`` as ``record`` counts them (the rows whose group is not None), in a
+    ``RoutingStats`` the analyses take with ``kind="routed"`` (a trace holds no dense
+    distribution: no ``prob_sum`` or ``entropy_sum``).
+
+    ``renormalize=True`` divides each token's k weights by their sum before they are added: the
+    importance of the author's later code (``total_actual_weight``: the top-k of the router's
+    probabilities, renormalised per token, averaged over the sequence), which differs from
+    ``record``'s ``weight_sum / tokens`` for routers that do not renormalise (OLMoE, Qwen3-MoE
+    without ``norm_topk_prob``): a token whose top-k holds little probability weighs as much as
+    any other. The author's code takes the top-k of the scores without a selection bias; the
+    trace holds the experts the model chose, so the two agree for routers that select on their
+    scores (softmax top-k: OLMoE, Qwen3, Mixtral, ...). A row whose weights sum to 0 adds 0.
+
+    Groups are numbered in order of first appearance. Sums are taken in float64 from the trace's
+    weights, which are fp16 unless recorded with ``trace_dtype=torch.float32``. Each layer needs
+    its expert count (``"experts"``, recorded since trace format 3). ``meta`` is the trace's, with
+    ``"renormalized"`` set.
+    """
+    from moe_route.hf.patch import layer_index
+    from moe_route.recording import _check_trace_layer
+    from moe_route.stats import LayerStats
+
+    where = "trace_statistics"
+    if not isinstance(trace, Mapping) or not trace:
+        raise TypeError(f"{where}: trace must be a non-empty mapping {{layer: {{'ids', "
+                        f"'weights', 'group', 'experts', ...}}}} (rec.trace or load_trace), got "
+                        f"{trace!r:.80}")
+    if not isinstance(renormalize, bool):
+        raise TypeError(f"{where}: renormalize must be a bool, got {renormalize!r}")
+    codes: Dict[str, int] = {}
+    for name, layer in trace.items():
+        _check_trace_layer(name, layer, where)
+        if layer.get("experts") is None:
+            raise ValueError(f"{where}: trace[{name!r}] holds no 'experts' (a trace saved before "
+                             f"moe_route recorded expert counts)")
+        for g in layer["group"]:
+            if g is not None and g not in codes:
+                codes[g] = len(codes)
+    if not codes:
+        raise ValueError(f"{where}: no row of the trace has a group (every token is None: "
+                         f"padding, ignored or not counted), so there is nothing to count")
+    G, layers = len(codes), []
+    for name, layer in trace.items():
+        E, ids = int(layer["experts"]), layer["ids"]
+        group = torch.tensor([-1 if g is None else codes[g] for g in layer["group"]],
+                             dtype=torch.long)
+        keep = group >= 0
+        group, ids = group[keep], ids[keep].long()
+        weights = layer["weights"][keep].double()
+        if renormalize:
+            total = weights.sum(1, keepdim=True)
+            weights = torch.where(total > 0, weights / total, torch.zeros_like(weights))
+        cells = (group[:, None] * E + ids).flatten()
+        weight_sum = torch.zeros(G * E, dtype=torch.float64).index_add_(0, cells, weights.flatten())
+        layers.append(LayerStats(
+            name, layer_index(name), ids.shape[1], tokens=torch.bincount(group, minlength=G),
+            counts=torch.bincount(cells, minlength=G * E).view(G, E),
+            weight_sum=weight_sum.view(G, E).float()))
+    meta = {**getattr(trace, "meta", {}), "renormalized": renormalize}
+    return RoutingStats(layers, list(codes), meta)
 
 
 # -------------------------------------------------------------------------------------------
