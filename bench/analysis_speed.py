@@ -157,6 +157,8 @@ def main():
         ("pool_by_language + language-level + pairwise", language_level),
         ("language_divergence, 3 heatmap layers",
          lambda: M.language_divergence(stats, [0, L // 2, L - 1], parallel=parallel)),
+        ("language_divergence, every layer",
+         lambda: M.language_divergence(stats, parallel=parallel)),
         ("routing_entropy tokens", lambda: M.routing_entropy(stats, of="tokens",
                                                              normalised=True)),
         ("routing_entropy importance", lambda: M.routing_entropy(stats, of="importance")),

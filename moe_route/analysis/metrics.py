@@ -610,22 +610,29 @@ def _parallel_divergence(layer_rows, L: int, G: int, E: int, parallel, reference
     n_lang, n_seq = parallel.rows.shape
     out = torch.empty(n_lang, L, dtype=torch.float64)
     log_e = math.log(E)
-    rows = safe = None
     for l0, l1 in _layer_chunks(L, max(G, n_lang * n_seq) * E):
         x = layer_rows(l0, l1)                                       # [c, G, E]
-        if rows is None:
-            rows = parallel.rows.to(x.device)
-            safe = rows.clamp_min(0)
-            paired = (rows >= 0) & (rows[ref] >= 0).unsqueeze(0)     # [Λ, N]
+        rows = parallel.rows.to(x.device)
         p = _renormalised(x)                                         # float64
-        h = _entropy64(p)                                            # [c, G]
-        # M = (p + p_ref) / 2 in place on the gathered copy: one [c, Λ, N, E] temporary. For
-        # identical rows (x + x) * 0.5 == x exactly, so identical pairs give exactly 0.
-        m = p[:, safe].add_(p[:, safe[ref]].unsqueeze(1)).mul_(0.5)
-        hm = torch.special.entr(m, out=m).sum(-1)                    # [c, Λ, N]
-        d = _js_from_parts(hm, h[:, safe], h[:, safe[ref]].unsqueeze(1), log_e, normalised)
-        out[:, l0:l1] = d.masked_fill_(~paired, torch.nan).nanmean(-1).T.cpu()
+        out[:, l0:l1] = _divergence_to(p, _entropy64(p), rows, ref, slice(None), log_e,
+                                       normalised).T.cpu()
     return {lang: out[i].float() for i, lang in enumerate(parallel.languages) if i != ref}
+
+
+def _divergence_to(p, h, rows, ref: int, others: slice, log_e: float, normalised: bool):
+    """Eq. 2 for the languages ``others`` against language ``ref``: the mean over the parallel
+    sequences both hold of ``D(q_(a, i), q_(ref, i))``, ``[c, languages]`` float64 (NaN where
+    they share none). ``p [c, G, E]``: renormalised rows, ``h [c, G]`` their entropies,
+    ``rows [Λ, N]`` the group of each language's sequence (-1: none). The sum that forms M
+    takes the other language first, the reference second: the same bits either way round."""
+    safe = rows.clamp_min(0)
+    # M = (p + p_ref) / 2 in place on the gathered copy: one [c, Λ, N, E] temporary. For
+    # identical rows (x + x) * 0.5 == x exactly, so identical pairs give exactly 0.
+    m = p[:, safe[others]].add_(p[:, safe[ref]].unsqueeze(1)).mul_(0.5)
+    hm = torch.special.entr(m, out=m).sum(-1)                        # [c, Λ, N]
+    d = _js_from_parts(hm, h[:, safe[others]], h[:, safe[ref]].unsqueeze(1), log_e, normalised)
+    paired = (rows[others] >= 0) & (rows[ref] >= 0).unsqueeze(0)     # [Λ, N]
+    return d.masked_fill_(~paired, torch.nan).nanmean(-1)
 
 
 def _importance_field(stats: RoutingStats, kind: str, where: str) -> str:
@@ -687,18 +694,21 @@ def language_divergence(stats: RoutingStats, layers: Optional[Sequence[int]] = N
                          f"statistics' layers, got {layers!r}")
     parallel = _resolve_parallel(stats.group_names, parallel, where)
     _one_device(stats, where)
-
-    def rows(l0, l1):
-        return torch.cat([_stack_layers(stats, field, p, p + 1) for p in positions[l0:l1]])
-
     languages = list(parallel.languages)
-    out = torch.zeros(len(positions), len(languages), len(languages))
-    for b, reference in enumerate(languages):
-        div = _parallel_divergence(rows, len(positions), stats.num_groups, stats.num_experts,
-                                   parallel, reference, normalised, where)
-        for a, lang in enumerate(languages):
-            if a != b:
-                out[:, a, b] = div[lang]
+    n_lang, n_seq = parallel.rows.shape
+    out = torch.zeros(len(positions), n_lang, n_lang)
+    log_e = math.log(stats.num_experts)
+    # each pair once: D is symmetric to the bit (_divergence_to), so [l, b, a] = [l, a, b]
+    for c0, c1 in _layer_chunks(len(positions), max(stats.num_groups, n_lang * n_seq)
+                                * stats.num_experts):
+        x = torch.cat([_stack_layers(stats, field, p, p + 1) for p in positions[c0:c1]])
+        rows = parallel.rows.to(x.device)
+        p = _renormalised(x)
+        h = _entropy64(p)
+        for b in range(n_lang - 1):
+            d = _divergence_to(p, h, rows, b, slice(b + 1, None), log_e, normalised).cpu()
+            out[c0:c1, b + 1:, b] = d
+            out[c0:c1, b, b + 1:] = d
     return languages, out
 
 
