@@ -2,7 +2,8 @@
 
     moe-route demo [--out DIR]                 the study on the planted model, offline (< 2 min)
     moe-route analyze MODEL --data F --languages ... --reference L [--max-length N]
-                      [--all-tokens] [--trace] --out DIR
+                      [--all-tokens] [--trace] [--importance dense|routed|renormalized]
+                      --out DIR
     moe-route experts MODEL --task F --baseline F --tau T [--layers A-B] [--max-length N]
                       [--all-tokens] [--std-unbiased] --out plan.json
     moe-route evaluate MODEL --task belebele|global_mmlu|mgsm|F.jsonl [--shots N] [--plan P]
@@ -260,20 +261,29 @@ def _analyze(args) -> int:
         if not set(indices) & set(wanted):
             return _fail("analyze", ValueError(
                 f"--middle {args.middle} holds none of the MoE layers {indices}"))
+    traced = args.trace or args.importance == "renormalized"
+    trace_path = f"{args.out}/trace.safetensors"
     stats = record_parallel(model, corpus, tokenizer=tok, batch_size=args.batch_size,
                             chat_template=args.chat_template, max_length=args.max_length,
                             all_tokens=args.all_tokens, progress=True,
-                            trace_path=f"{args.out}/trace.safetensors" if args.trace else None,
+                            trace_path=trace_path if traced else None,
                             meta={"model": args.model, "data": str(args.data)})
     stats.save(f"{args.out}/stats")
     middle = None
     if wanted is not None:
         middle = [p for p, i in enumerate(stats.layer_indices) if i in wanted]
-    write_report(args.out, stats, args.reference, middle_layers=middle, accuracy=accuracy,
-                 title=f"moe_route routing report: {args.model}")
+    compared = stats
+    if args.importance == "renormalized":
+        from moe_route.analysis.metrics import trace_statistics
+        from moe_route.recording import load_trace
+
+        compared = trace_statistics(load_trace(trace_path), renormalize=True)
+    write_report(args.out, compared, args.reference, middle_layers=middle, accuracy=accuracy,
+                 title=f"moe_route routing report: {args.model}",
+                 kind="dense" if args.importance == "dense" else "routed")
     print(f"report: {args.out}/summary.txt")
-    if args.trace:
-        print(f"trace: {args.out}/trace.safetensors")
+    if traced:
+        print(f"trace: {trace_path}")
     return 0
 
 
@@ -566,6 +576,11 @@ def main(argv=None) -> int:
     p.add_argument("--trace", action="store_true",
                    help="also save every token's routing to OUT/trace.safetensors (for moe-route "
                         "compare; held in host memory until the end, syncs at each router call)")
+    p.add_argument("--importance", choices=["dense", "routed", "renormalized"], default="dense",
+                   help="what the divergences compare: the mean dense routing distribution (the "
+                        "paper's Eq. 1, default), the mean routed top-k weights, or those "
+                        "renormalised per token (the author's later code; needs the trace, "
+                        "which it saves as --trace does)")
     p.add_argument("--out", required=True, help="report directory")
     p.set_defaults(func=_analyze)
     p = sub.add_parser("experts", help="task experts (task vs baseline data) -> a steering plan")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import moe_route
-from moe_route.analysis import pipeline
+from moe_route.analysis import metrics as M, pipeline
 from moe_route.analysis.evaluation import EvalResult
 
 transformers = pytest.importorskip("transformers")
@@ -433,6 +433,22 @@ def test_cli_analyze_and_experts_on_a_saved_model(tmp_path):
     r = (sum((a - mx) * (b - my) for a, b in zip(x, y))
          / (sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y)) ** 0.5)
     assert corr["pearson"] == pytest.approx(r, abs=1e-5)
+    assert json.loads((tmp_path / "report" / "summary.json").read_text())["importance"] == "dense"
+    # the author's later importance: routed weights renormalised per token, from the trace
+    out = run("analyze", str(model_dir), "--data", str(data), "--reference", "eng", "--dtype",
+              "fp32", "--importance", "renormalized", "--out", str(tmp_path / "renorm"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    summary = json.loads((tmp_path / "renorm" / "summary.json").read_text())
+    assert summary["importance"] == "routed, renormalised per token"
+    assert "JS of the routed, renormalised per token expert importance" in \
+        (tmp_path / "renorm" / "summary.txt").read_text()
+    renormalized = M.trace_statistics(moe_route.load_trace(tmp_path / "renorm" /
+                                                           "trace.safetensors"), renormalize=True)
+    want = M.routing_divergence(renormalized, "eng", kind="routed")
+    got = json.loads((tmp_path / "renorm" / "divergence.json").read_text())["divergence"]
+    assert got == {lang: d.tolist() for lang, d in want.items()}
+    dense = M.routing_divergence(moe_route.RoutingStats.load(tmp_path / "renorm" / "stats"), "eng")
+    assert not torch.allclose(torch.tensor(got["deu"]), dense["deu"], atol=1e-3)
     task, base = tmp_path / "task.txt", tmp_path / "base.txt"
     task.write_text("cat cat cat\ncat sat cat\n", encoding="utf-8")
     base.write_text("hello world\nworld hello\n", encoding="utf-8")

@@ -52,8 +52,13 @@ def write_report(out_dir, stats: RoutingStats, reference: str, *,
                  experts: Optional[Mapping] = None, plan: Optional[SteeringPlan] = None,
                  ab: Optional[Mapping] = None, accuracy: Optional[Mapping[str, float]] = None,
                  agreement: Optional[Mapping[str, RoutingAgreement]] = None,
-                 title: str = "moe_route routing report") -> dict:
+                 title: str = "moe_route routing report", kind: str = "dense") -> dict:
     """Write the report for per-sequence parallel ``stats`` (groups ``"{language}/{i}"``).
+
+    ``kind``: the expert importance the divergences compare (``expert_importance``): "dense"
+    (the paper's Eq. 1) or "routed" (the routed weights; for statistics of
+    ``trace_statistics(trace, renormalize=True)``, the author's later per-token renormalised
+    importance).
 
     ``heatmap_layers`` / ``middle_layers``: positions along the statistics' layers (default: the
     first, middle and last layer; the middle third). ``delta`` ``[L, E]`` with ``tau`` and
@@ -82,15 +87,18 @@ def write_report(out_dir, stats: RoutingStats, reference: str, *,
                          f"{unknown[:4]}; their layers are {stats.layer_names[:4]}"
                          f"{' ...' if L > 4 else ''}")
     # everything that can refuse the arguments runs before the first file is written
-    div = {lang: d.tolist() for lang, d in routing_divergence(stats, reference).items()}
+    div = {lang: d.tolist() for lang, d in routing_divergence(stats, reference,
+                                                              kind=kind).items()}
     corr = None if accuracy is None else divergence_accuracy_correlation(
         {k: torch.tensor(v) for k, v in div.items()}, accuracy, middle)
     os.makedirs(out_dir, exist_ok=True)
 
     edge = [p for p in range(L) if p not in middle]
+    importance = kind if kind == "dense" or not stats.meta.get("renormalized") else \
+        "routed, renormalised per token"
     summary = {"title": title, "reference": reference, "layers": indices,
                "languages": [reference] + sorted(div), "sequences": len(stats.group_names),
-               "middle_layers": [indices[p] for p in middle]}
+               "middle_layers": [indices[p] for p in middle], "importance": importance}
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     curve = [mean([div[lang][p] for lang in div if not math.isnan(div[lang][p])]) for p in range(L)]
     summary["mean_divergence_by_layer"] = curve
@@ -108,7 +116,7 @@ def write_report(out_dir, stats: RoutingStats, reference: str, *,
     plt = _pyplot()
     if plt is not None:
         plots.append(_plot_curves(plt, out_dir, indices, div, middle, reference))
-        languages, pairs = language_divergence(stats, heat)            # [heat, languages, ...]
+        languages, pairs = language_divergence(stats, heat, kind=kind)  # [heat, languages, ..]
         for p, matrix in zip(heat, pairs):
             plots.append(_plot_heatmap(plt, out_dir, matrix, languages, indices[p]))
         plots.append(_plot_usage(plt, out_dir, freq[:, ref_row], indices, reference))
@@ -153,8 +161,9 @@ def _summary_text(s: dict) -> str:
     lines = [s["title"], "=" * len(s["title"]), "",
              f"{len(s['languages'])} languages ({', '.join(s['languages'])}), reference "
              f"{s['reference']}; {s['sequences']} sequences; {len(s['layers'])} MoE layers.",
-             "", "Routing divergence from the reference (entropy-normalised JS, mean over "
-             "languages and parallel sequences), by layer:"]
+             "", f"Routing divergence from the reference (entropy-normalised JS of the "
+             f"{s['importance']} expert importance, mean over languages and parallel "
+             f"sequences), by layer:"]
     lines += [f"  layer {i:>3}: {d:.3f}" for i, d in zip(s["layers"], s["mean_divergence_by_layer"])]
     ratio = s["middle_mean"] / s["edge_mean"] if s["edge_mean"] else float("nan")
     lines += ["", f"Middle layers {s['middle_layers']}: mean {s['middle_mean']:.3f}; other layers: "
