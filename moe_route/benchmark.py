@@ -430,7 +430,7 @@ def dispatch_cases(full: bool = False) -> list[DispatchCase]:
 
 
 def gpu_dispatch_cases() -> list[DispatchCase]:
-    """The bf16 shapes of research/kernel_anchors.md §7.2: DeepSeek-V3 (H=7168, k=8, E=256) at T
+    """The bf16 shapes of the published dispatch kernels' benchmarks: DeepSeek-V3 (H=7168, k=8, E=256) at T
     64..16384 and at T=1 (decode, the latency end), H=4096 k=8 (Qwen3-235B-A22B, E=128) and
     Qwen3-30B-A3B (H=2048, k=8, E=128) at T=16384 and 1024, Mixtral (H=4096, k=2, E=8) at
     T=16384."""

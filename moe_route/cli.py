@@ -1,6 +1,6 @@
 """``moe-route``: command-line entry point.
 
-    moe-route demo [--out DIR]                 the study on the planted model, offline (< 2 min)
+    moe-route demo [--out DIR]                 the study on the planted model, offline (< 1 min)
     moe-route analyze MODEL --data F --languages ... --reference L [--max-length N]
                       [--all-tokens] [--trace] [--importance dense|routed|renormalized]
                       --out DIR
@@ -540,7 +540,8 @@ def main(argv=None) -> int:
                    help="the full grid. gate: on the CPU T 1..8192, E 8..256, k 2/8; on CUDA "
                         "issue 6's T 1..16384, E 64..512, k 4/8, DeepSeek-V3 grouped; both fp32 "
                         "and bf16. dispatch: on the CPU T 1..8192, H 1024/4096, E 8..256, k 2/8; "
-                        "on CUDA the model shapes of kernel_anchors.md §7.2. block: adds T=4096")
+                        "on CUDA DeepSeek-V3's, Qwen3's and Mixtral's shapes in bf16. block: adds "
+                        "T=4096")
     p.add_argument("--compile", action="store_true",
                    help="also time torch.compile(dynamic=False) of the baselines (the CUDA gate "
                         "grid: at its 12 target shapes)")
