@@ -47,6 +47,13 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   step "carried wheels"
   "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/moe_route_site .whl/*.whl \
     && export PYTHONPATH=/tmp/moe_route_site${PYTHONPATH:+:$PYTHONPATH}
+  # installed without their requirements: if one the image lacks breaks the import, the image's
+  # own packages run the check rather than nothing running
+  if ! "$py" -c "import transformers; print('carried transformers', transformers.__version__)"; then
+    echo "the carried wheels do not import (a requirement missing from this image?): using the image's packages"
+    export PYTHONPATH=${PYTHONPATH#/tmp/moe_route_site}
+    PYTHONPATH=${PYTHONPATH#:}
+  fi
 fi
 
 step "build (MOE_ROUTE_FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=$arch, in place; self-tests alongside)"

@@ -1,6 +1,6 @@
 """Host memory of ``record_sequences(trace_path=)``: peak RSS with and without the trace.
 
-    python bench/trace_memory.py [--tokens 200000]
+    python bench/trace_memory.py [--tokens 1000000]
 
 A 16-layer OLMoE of OLMoE's routing shape (64 experts, top-8) but hidden size 32 records a
 corpus of random token ids (two languages, sequences of 500, batches of 20), once without a
@@ -46,7 +46,7 @@ def measure(tokens: int, trace_path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=int, default=200_000)
+    p.add_argument("--tokens", type=int, default=1_000_000)
     p.add_argument("--child", nargs=2, metavar=("TOKENS", "TRACE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:

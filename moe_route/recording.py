@@ -484,10 +484,16 @@ class Recorder:
     def trace(self) -> "Trace":
         """``{layer name: {"ids" [N, k], "weights" [N, k], "tokens" [N] int32, "group" list of N
         names or None, "experts" E, ("logits" [N, E])}}`` for every token routed while tracing,
-        in call order (``load_trace``); ``.meta`` is a copy of the recorder's ``meta``."""
-        out = Trace(meta=copy.deepcopy(self.meta))
+        in call order (``load_trace``); ``.meta`` is a copy of the recorder's ``meta``.
+        The tensors are the recorder's own (each layer's calls are joined into one tensor at the
+        first read, a layer at a time, so a large trace is not held twice): copy one before
+        changing it in place."""
+        out = Trace(meta=self.meta)
         for name, parts in self._trace.items():
-            layer = {key: torch.cat(parts[key]) for key in _TRACE_TENSORS if key in parts}
+            for key in _TRACE_TENSORS:
+                if len(parts.get(key, ())) > 1:
+                    parts[key] = [torch.cat(parts[key])]
+            layer = {key: parts[key][0] for key in _TRACE_TENSORS if key in parts}
             layer["experts"] = parts["experts"]
             names = []
             for rows, table in zip(parts["groups"], parts["group_names"]):
@@ -652,8 +658,14 @@ class Trace(dict):
     written and read with the trace. Anything that takes a trace takes a plain dict too."""
 
     def __init__(self, layers=(), meta: Optional[Mapping] = None):
+        if meta is not None and not isinstance(meta, Mapping):
+            raise TypeError(f"Trace: meta must be a dict or None, got {type(meta).__name__}")
         super().__init__(layers)
-        self.meta = dict(meta or {})
+        self.meta = copy.deepcopy(dict(meta or {}))
+
+    def copy(self) -> "Trace":
+        """A shallow copy of the layers, with a copy of ``meta``."""
+        return Trace(self, self.meta)
 
     def __repr__(self) -> str:
         return f"Trace({super().__repr__()}, meta={self.meta!r})"
@@ -676,6 +688,9 @@ def _check_trace_layer(name, layer, where: str) -> int:
                          f"[N, k], got {getattr(ids, 'dtype', type(ids).__name__)} of shape "
                          f"{tuple(getattr(ids, 'shape', ()))}")
     N = ids.shape[0]
+    if ids.shape[1] < 1:
+        raise ValueError(f"{where}: trace[{name!r}]['ids'] must be [N, k] with k >= 1 (each "
+                         f"row the token's experts), got shape {tuple(ids.shape)}")
     if not isinstance(weights, torch.Tensor) or weights.dtype not in _FLOAT_DTYPES \
             or weights.shape != ids.shape:
         raise ValueError(f"{where}: trace[{name!r}]['weights'] must be a float tensor of the ids' "
@@ -734,12 +749,13 @@ def save_trace(trace: Mapping, path, *, meta: Optional[Mapping] = None) -> None:
     if not isinstance(trace, Mapping):
         raise TypeError(f"{where}: trace must be a mapping {{layer: {{'ids', 'weights', "
                         f"'group', ...}}}} (Recorder.trace), got {type(trace).__name__}")
+    given = "meta" if meta is not None else "trace.meta"
     if meta is None:
         meta = getattr(trace, "meta", None) or {}
     if not isinstance(meta, Mapping):
-        raise TypeError(f"{where}: meta must be a dict or None, got {type(meta).__name__}")
+        raise TypeError(f"{where}: {given} must be a dict or None, got {type(meta).__name__}")
     meta = dict(meta)
-    _check_json(meta, f"{where}: meta")
+    _check_json(meta, f"{where}: {given}")
     tensors, table, written = {}, {}, set()
     last_group, last_codes = None, None
     for name, layer in trace.items():
@@ -771,7 +787,9 @@ def _own_storage(t: torch.Tensor, written: set) -> torch.Tensor:
     """``t`` if it is the whole of a storage not ``written`` yet (``written`` gets it), else a
     contiguous copy: safetensors refuses tensors that share memory (a hand-made trace's views of
     one tensor, or one tensor in several layers), and a recorded trace is not copied again (that
-    would double the memory a large trace takes while it is written)."""
+    would double the memory a large trace takes while it is written). A lazily negated view
+    (``_neg_view``) is resolved first: safetensors would write its memory, not its values."""
+    t = t.resolve_neg()
     storage = t.untyped_storage()
     whole = t.is_contiguous() and t.storage_offset() == 0 and \
         storage.nbytes() == t.numel() * t.element_size() and storage.data_ptr() not in written

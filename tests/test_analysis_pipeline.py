@@ -1,5 +1,6 @@
 """The analysis pipeline end to end: data loading, masked recording, A/B, report, demo, CLI."""
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -210,10 +211,22 @@ def test_record_sequences_saves_a_trace_that_agrees_with_its_statistics(tmp_path
                 counts[stats.group_names.index(g)] += torch.bincount(ids, minlength=rows["experts"])
         assert torch.equal(counts, layer.counts)
     assert all(r.identical == 1.0 and r.tokens == 8 for r in trace_agreement(trace, trace).values())
-    with pytest.raises(TypeError, match="pass trace_path=PATH to keep a trace"):
+    # refused before any sequence is recorded: a save that fails after the corpus would lose
+    # the statistics too
+    with pytest.raises(TypeError, match="trace= is not an option here .* pass trace_path=PATH"):
         pipeline.record_sequences(model, corpus, tokenizer=tok, trace=True)
     with pytest.raises(TypeError, match="trace_path must be a str or os.PathLike .* got int"):
         pipeline.record_sequences(model, corpus, tokenizer=tok, trace_path=3)
+    with pytest.raises(ValueError, match="trace_logits shape a trace, which only trace_path"):
+        pipeline.record_sequences(model, corpus, tokenizer=tok, trace_logits=True)
+    with pytest.raises(ValueError, match="is a directory; name the .safetensors file"):
+        pipeline.record_sequences(model, corpus, tokenizer=tok, trace_path=tmp_path)
+    if os.geteuid() != 0:          # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(PermissionError, match="its directory .* is not writable"):
+            pipeline.record_sequences(model, corpus, tokenizer=tok,
+                                      trace_path=locked / "t.safetensors")
 
 
 def test_record_sequences_warns_once_when_max_length_cuts_a_text():

@@ -139,7 +139,9 @@ def test_paired_comparison_refuses_unpaired_results():
     ("\u0664\u0662\u066b\u0665\u0660\u0660", "42.5"), ("\uff13\uff0e\uff11\uff14\uff10", "3.14"),
     # the rest of a word's digits after a decimal mark is not a number of its own
     ("x18.000", None), ("v1.5", None), ("7 apples, see v1.5", "7"),
-    ("x\uff11\uff0e\uff15", None), ("x18.000 and 4", "4")])
+    ("x\uff11\uff0e\uff15", None), ("x18.000 and 4", "4"), ("1.2.3", "1.2"),
+    # ... but a sign there starts a number
+    ("5.-3", "-3"), ("from 2.\u22125 to", "-5")])
 def test_last_number(text, number):
     assert ev.last_number(text) == number
 

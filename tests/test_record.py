@@ -593,7 +593,17 @@ def test_trace_and_statistics_carry_the_recorder_meta_and_the_model_path(tmp_pat
         moe_route.save_trace(trace, tmp_path / "d.safetensors", meta={"dtype": torch.float16})
     with pytest.raises(TypeError, match="record: meta must be a dict or None, got list"):
         moe_route.record(model, meta=[("run", 1)])
+    with pytest.raises(TypeError, match="Trace: meta must be a dict or None, got list"):
+        moe_route.Trace({}, meta=[("run", 1)])
+    trace.meta = [("run", 1)]
+    with pytest.raises(TypeError, match=r"save_trace: trace.meta must be a dict or None"):
+        moe_route.save_trace(trace, tmp_path / "d.safetensors")
     assert not (tmp_path / "d.safetensors").exists()
+    # copy() keeps the meta, as a copy
+    again = back.copy()
+    assert isinstance(again, moe_route.Trace) and again.meta == back.meta
+    again.meta["run"] = 9
+    assert back.meta["run"] == 3
 
 
 def test_save_trace_writes_views_and_shared_memory_as_their_values(tmp_path):
@@ -616,6 +626,40 @@ def test_save_trace_writes_views_and_shared_memory_as_their_values(tmp_path):
     for name in ("m", "n"):
         assert torch.equal(back[name]["ids"], own["ids"])
     assert back["f"]["ids"].shape == (0, 2) and back["f"]["group"] == []
+    # a lazily negated view is written as its values, not as its memory
+    negated = torch.rand(3, 2)._neg_view()
+    moe_route.save_trace({"l": dict(own, weights=negated)}, tmp_path / "neg.safetensors")
+    assert torch.equal(moe_route.load_trace(tmp_path / "neg.safetensors")["l"]["weights"],
+                       negated.resolve_neg())
+    # what is written without a copy: a tensor that is all of a storage not written yet
+    from moe_route.recording import _own_storage
+
+    whole, written = torch.ones(4), set()
+    assert _own_storage(whole, written) is whole
+    for shared in (whole, whole[:2], torch.ones(2, 2).t()):
+        copied = _own_storage(shared, written)
+        assert copied is not shared and torch.equal(copied, shared)
+        assert copied.untyped_storage().data_ptr() != whole.untyped_storage().data_ptr()
+
+
+def test_trace_read_during_recording_then_extended():
+    """Reading rec.trace joins each layer's calls into one tensor; calls after the read are
+    appended to it, and a second read gives the first read's rows, then the new ones."""
+    model = build("olmoe")
+    with moe_route.record(model, trace=True) as rec, torch.no_grad():
+        model(_ids(1, (2, 4)))
+        model(_ids(2, (1, 3)))
+        first = {name: {k: layer[k].clone() for k in ("ids", "weights", "tokens")}
+                 for name, layer in rec.trace.items()}
+        model(_ids(3, (1, 5)))
+        second = rec.trace
+    for name, layer in second.items():
+        assert layer["ids"].shape[0] == 8 + 3 + 5 and len(layer["group"]) == 16
+        for key in ("ids", "weights", "tokens"):
+            assert torch.equal(layer[key][:11], first[name][key])
+        assert layer["tokens"][11:].tolist() == _ids(3, (1, 5)).flatten().tolist()
+    assert all(torch.equal(a["ids"], b["ids"]) for a, b in zip(second.values(),
+                                                               rec.trace.values()))
 
 
 def test_load_trace_rejects_a_damaged_meta(tmp_path):
@@ -679,8 +723,12 @@ def test_trace_statistics_errors():
 
     layer = {"ids": torch.tensor([[0, 1]], dtype=torch.int16), "weights": torch.ones(1, 2),
              "group": ["a"], "experts": 4}
-    with pytest.raises(TypeError, match="trace must be a non-empty mapping"):
+    with pytest.raises(TypeError, match="trace must be a mapping .* got list"):
+        trace_statistics([layer])
+    with pytest.raises(ValueError, match="the trace holds no layer"):
         trace_statistics({})
+    with pytest.raises(ValueError, match=r"\['ids'\] must be \[N, k\] with k >= 1"):
+        trace_statistics({"l": dict(layer, ids=layer["ids"][:, :0], weights=torch.ones(1, 0))})
     with pytest.raises(TypeError, match="renormalize must be a bool, got 1"):
         trace_statistics({"l": layer}, renormalize=1)
     with pytest.raises(ValueError, match=r"trace\['l'\] holds no 'experts'"):
@@ -692,6 +740,11 @@ def test_trace_statistics_errors():
         trace_statistics({"l": dict(layer, experts=1)})
     zero = trace_statistics({"l": dict(layer, weights=torch.zeros(1, 2))}, renormalize=True)
     assert zero[0].weight_sum.tolist() == [[0.0] * 4] and zero[0].counts.tolist() == [[1, 1, 0, 0]]
+    # NaN weights (a broken run) stay NaN when renormalised, as they do otherwise
+    broken = dict(layer, weights=torch.tensor([[float("nan"), 1.0]]))
+    for renormalize in (False, True):
+        sums = trace_statistics({"l": broken}, renormalize=renormalize)[0].weight_sum
+        assert sums[0, :2].isnan().any() and sums[0, 2:].tolist() == [0.0, 0.0]
 
 
 def test_trace_file_stores_each_group_name_once(tmp_path):

@@ -477,12 +477,13 @@ _SEPARATORS = str.maketrans({"\u066c": ",", "\uff0c": ",", "\u066b": _DECIMAL,
 _SPACE_GROUP = re.compile(r"(?<=\d)[\u00a0\u202f\u2009'\u2019](?=\d{3}(?!\d))")
 # Over ASCII digits (every script's are read as them first). Not glued to a Latin letter or
 # another digit ("w30", "H2O"), nor to a decimal mark after a digit (the "000" of "x18.000", the
-# "5" of "v1.5": the rest of a number or word not read); "5km", "$18" and "答案是42" count. Comma groups end in three
+# "5" of "v1.5", the "3" of "1.2.3": the rest of a number or word is not a number of its own; a
+# sign between them starts one: "5.-3" ends in -3); "5km", "$18" and "答案是42" count. Comma groups end in three
 # digits and may hold two before (Indian "1,23,456"); any other comma separates numbers ("1,2,3"
 # is three of them). Dot groups (German "18.000") are three digits each after one to three that
 # do not start with 0; a decimal comma may follow them ("10.000,50"), and then the number ends
 # (_DOT_GROUPED).
-_NUMBER = re.compile(r"(?<![A-Za-z_\d])(?<!\d[.\ue000])[-\u2212]?(?:\d{1,3}(?:,\d{2,3})*,\d{3}(?!\d)"
+_NUMBER = re.compile(r"(?<![A-Za-z_\d])[-\u2212]?(?<!\d[.\ue000])(?:\d{1,3}(?:,\d{2,3})*,\d{3}(?!\d)"
                      r"(?:[.\ue000]\d+)?|[1-9]\d{0,2}(?:\.\d{3})+(?:,\d+)?(?!\d|[.\ue000]\d)"
                      r"|\d+(?:[.\ue000]\d+)?)")
 _DOT_GROUPED = re.compile(r"[-\u2212]?[1-9]\d{0,2}(?:\.\d{3})+(?:,\d+)?")
@@ -503,7 +504,8 @@ def last_number(text: str) -> Optional[str]:
     Otherwise the decimal point is a dot; the Arabic and full-width decimal marks are always
     decimal points (``"٢٫٥٠٠"`` is 2.5). A decimal comma is not read elsewhere (``"1,5"`` is 1
     and 5, the last number 5). Digits right after a Latin letter are part of a word, not a
-    number (``"w30"``, and ``"v1.5"`` and ``"x18.000"`` hold none), while numbers right after
+    number (``"w30"``, and ``"v1.5"`` and ``"x18.000"`` hold none), and the rest of a dotted
+    run is not a number of its own (``"1.2.3"`` reads 1.2, not 3), while numbers right after
     CJK or Thai text count. ``None`` when there is none."""
     if not isinstance(text, str):
         raise TypeError(f"last_number: text must be a str, got {type(text).__name__}")

@@ -1133,7 +1133,8 @@ def trace_statistics(trace: Mapping, *, renormalize: bool = False) -> RoutingSta
     without ``norm_topk_prob``): a token whose top-k holds little probability weighs as much as
     any other. The author's code takes the top-k of the scores without a selection bias; the
     trace holds the experts the model chose, so the two agree for routers that select on their
-    scores (softmax top-k: OLMoE, Qwen3, Mixtral, ...). A row whose weights sum to 0 adds 0.
+    scores (softmax top-k: OLMoE, Qwen3, Mixtral, ...). A row whose weights sum to 0 adds 0;
+    NaN weights make NaN sums, renormalised or not.
 
     Groups are numbered in order of first appearance. Sums are taken in float64 from the trace's
     weights, which are fp16 unless recorded with ``trace_dtype=torch.float32``. Each layer needs
@@ -1145,10 +1146,12 @@ def trace_statistics(trace: Mapping, *, renormalize: bool = False) -> RoutingSta
     from moe_route.stats import LayerStats
 
     where = "trace_statistics"
-    if not isinstance(trace, Mapping) or not trace:
-        raise TypeError(f"{where}: trace must be a non-empty mapping {{layer: {{'ids', "
-                        f"'weights', 'group', 'experts', ...}}}} (rec.trace or load_trace), got "
-                        f"{trace!r:.80}")
+    if not isinstance(trace, Mapping):
+        raise TypeError(f"{where}: trace must be a mapping {{layer: {{'ids', 'weights', 'group', "
+                        f"'experts', ...}}}} (rec.trace or load_trace), got "
+                        f"{type(trace).__name__}")
+    if not trace:
+        raise ValueError(f"{where}: the trace holds no layer")
     if not isinstance(renormalize, bool):
         raise TypeError(f"{where}: renormalize must be a bool, got {renormalize!r}")
     codes: Dict[str, int] = {}
@@ -1173,14 +1176,14 @@ def trace_statistics(trace: Mapping, *, renormalize: bool = False) -> RoutingSta
         weights = layer["weights"][keep].double()
         if renormalize:
             total = weights.sum(1, keepdim=True)
-            weights = torch.where(total > 0, weights / total, torch.zeros_like(weights))
+            weights = torch.where(total == 0, torch.zeros_like(weights), weights / total)
         cells = (group[:, None] * E + ids).flatten()
         weight_sum = torch.zeros(G * E, dtype=torch.float64).index_add_(0, cells, weights.flatten())
         layers.append(LayerStats(
             name, layer_index(name), ids.shape[1], tokens=torch.bincount(group, minlength=G),
             counts=torch.bincount(cells, minlength=G * E).view(G, E),
             weight_sum=weight_sum.view(G, E).float()))
-    meta = {**getattr(trace, "meta", {}), "renormalized": renormalize}
+    meta = {**(getattr(trace, "meta", None) or {}), "renormalized": renormalize}
     return RoutingStats(layers, list(codes), meta)
 
 

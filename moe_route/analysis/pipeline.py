@@ -279,12 +279,7 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
     _check_max_length("record_sequences", max_length)
     if not isinstance(all_tokens, bool):
         raise TypeError(f"record_sequences: all_tokens={all_tokens!r} must be a bool")
-    if "trace" in record_options:
-        raise TypeError("record_sequences: pass trace_path=PATH to keep a trace (record's trace= "
-                        "would be dropped with the recorder)")
-    if trace_path is not None and not isinstance(trace_path, (str, os.PathLike)):
-        raise TypeError(f"record_sequences: trace_path must be a str or os.PathLike (a "
-                        f".safetensors file) or None, got {type(trace_path).__name__}")
+    _check_trace_options(trace_path, record_options)
     given = record_options.get("meta")
     if given is not None and not isinstance(given, Mapping):
         raise TypeError(f"record_sequences: meta must be a dict or None, got "
@@ -322,6 +317,35 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
     if trace_path is not None:
         rec.save_trace(trace_path)
     return rec.stats
+
+
+def _check_trace_options(trace_path, record_options: dict) -> None:
+    """Refuse what would trace for nothing (record's ``trace=``, whose trace goes with the
+    recorder; ``trace_logits``/``trace_dtype`` without ``trace_path``) and a ``trace_path`` that
+    cannot be written, before any sequence is recorded: a failed save after the corpus would
+    lose the statistics too."""
+    where = "record_sequences"
+    if "trace" in record_options:
+        raise TypeError(f"{where}: trace= is not an option here (the recorder's trace would be "
+                        f"dropped with it); pass trace_path=PATH to save one")
+    if trace_path is None:
+        extra = sorted({"trace_logits", "trace_dtype"} & set(record_options))
+        if extra:
+            raise ValueError(f"{where}: {', '.join(extra)} shape a trace, which only "
+                             f"trace_path=PATH keeps")
+        return
+    if not isinstance(trace_path, (str, os.PathLike)):
+        raise TypeError(f"{where}: trace_path must be a str or os.PathLike (a .safetensors "
+                        f"file) or None, got {type(trace_path).__name__}")
+    path = os.path.abspath(os.fspath(trace_path))
+    if os.path.isdir(path):
+        raise ValueError(f"{where}: trace_path={os.fspath(trace_path)!r} is a directory; name "
+                         f"the .safetensors file to write")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{where}: cannot write trace_path={os.fspath(trace_path)!r}: "
+                              f"its directory {parent!r} is not writable")
 
 
 def _check_max_length(caller: str, max_length) -> None:
