@@ -268,10 +268,10 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
     counted) and save it there (``save_trace``, with the statistics' meta) once the corpus is
     recorded. The trace is held on the host until then: 4·k + 8 bytes per routed token (the
     padding's too) and layer at top-k, the file's size (0.6 GB a million tokens at OLMoE's 16
-    layers and k = 8), and about 1.3 times that while it is saved. Tracing syncs at every
-    router call. Two traces of one corpus, from two
-    checkpoints or with and without a steering plan, compare with ``trace_agreement`` /
-    ``moe-route compare``.
+    layers and k = 8); the process's peak memory grew by about 2.2 times that
+    (``bench/trace_memory.py``). Tracing syncs at every router call. Two traces of one corpus,
+    from two checkpoints or with and without a steering plan, compare with
+    ``trace_agreement`` / ``moe-route compare``.
     """
     if not isinstance(corpus, Mapping) or not corpus:
         raise ValueError("record_sequences: corpus must be a non-empty {language: sequences} mapping")
