@@ -671,8 +671,9 @@ class Trace(dict):
         return f"Trace({super().__repr__()}, meta={self.meta!r})"
 
 
-def _check_trace_layer(name, layer, where: str) -> int:
-    """Check one layer of a trace; returns its row count N."""
+def _check_trace_layer(name, layer, where: str, checked_group=None) -> int:
+    """Check one layer of a trace; returns its row count N. ``checked_group``: a group list
+    already checked (the previous layer's): an equal one is not checked name by name again."""
     if not isinstance(name, str) or not name:
         raise TypeError(f"{where}: layer names must be non-empty str, got {name!r}")
     if not isinstance(layer, Mapping):
@@ -723,7 +724,8 @@ def _check_trace_layer(name, layer, where: str) -> int:
     if isinstance(group, str) or not isinstance(group, Sequence):
         raise ValueError(f"{where}: trace[{name!r}]['group'] must be a list of N={N} group names "
                          f"(str, or None for an ungrouped token), got {type(group).__name__}")
-    if len(group) != N or not all(g is None or isinstance(g, str) for g in group):
+    if len(group) != N or (group != checked_group
+                           and not all(g is None or isinstance(g, str) for g in group)):
         bad = next((g for g in group if g is not None and not isinstance(g, str)), None)
         raise ValueError(f"{where}: trace[{name!r}]['group'] must hold N={N} group names (str "
                          f"or None), got {len(group)} entries"
@@ -759,7 +761,7 @@ def save_trace(trace: Mapping, path, *, meta: Optional[Mapping] = None) -> None:
     tensors, table, written = {}, {}, set()
     last_group, last_codes = None, None
     for name, layer in trace.items():
-        _check_trace_layer(name, layer, where)
+        _check_trace_layer(name, layer, where, checked_group=last_group)
         for key in _TRACE_TENSORS:
             if layer.get(key) is not None:
                 tensors[f"{name}.{key}"] = _own_storage(layer[key].detach().to("cpu"), written)
@@ -851,7 +853,7 @@ def load_trace(path) -> Trace:
         raise ValueError(f"{where}: {path!r}: the 'experts' metadata must list one count per "
                          f"layer ({len(layers)}), got {len(experts)}")
     out, used = Trace(meta=saved), set()
-    last_codes, last_group = None, None
+    last_codes, last_group, checked = None, None, None
     for name, count in zip(layers, experts):
         layer = {} if count is None else {"experts": count}
         for key in _TRACE_TENSORS:
@@ -868,9 +870,10 @@ def load_trace(path) -> Trace:
                                           f"{where}: {path!r}: layer {name!r}")
             last_codes, last_group = codes, layer["group"]
         try:
-            _check_trace_layer(name, layer, f"{where}: {path!r}")
+            _check_trace_layer(name, layer, f"{where}: {path!r}", checked_group=checked)
         except TypeError as exc:  # a damaged file, not a wrong argument
             raise ValueError(str(exc)) from None
+        checked = layer["group"]
         out[name] = layer
     extra = sorted(set(tensors) - used)
     if extra:

@@ -1155,22 +1155,29 @@ def trace_statistics(trace: Mapping, *, renormalize: bool = False) -> RoutingSta
     if not isinstance(renormalize, bool):
         raise TypeError(f"{where}: renormalize must be a bool, got {renormalize!r}")
     codes: Dict[str, int] = {}
+    checked = None
     for name, layer in trace.items():
-        _check_trace_layer(name, layer, where)
+        _check_trace_layer(name, layer, where, checked_group=checked)
         if layer.get("experts") is None:
             raise ValueError(f"{where}: trace[{name!r}] holds no 'experts' (a trace saved before "
                              f"moe_route recorded expert counts)")
-        for g in layer["group"]:
-            if g is not None and g not in codes:
-                codes[g] = len(codes)
+        if layer["group"] != checked:   # the layers of one model usually share the list
+            checked = layer["group"]
+            for g in checked:
+                if g is not None and g not in codes:
+                    codes[g] = len(codes)
     if not codes:
         raise ValueError(f"{where}: no row of the trace has a group (every token is None: "
                          f"padding, ignored or not counted), so there is nothing to count")
     G, layers = len(codes), []
+    last_names, last_group = None, None
     for name, layer in trace.items():
         E, ids = int(layer["experts"]), layer["ids"]
-        group = torch.tensor([-1 if g is None else codes[g] for g in layer["group"]],
-                             dtype=torch.long)
+        if layer["group"] != last_names:   # the layers of one model usually share the list
+            last_names = layer["group"]
+            last_group = torch.tensor([-1 if g is None else codes[g] for g in last_names],
+                                      dtype=torch.long)
+        group = last_group
         keep = group >= 0
         group, ids = group[keep], ids[keep].long()
         weights = layer["weights"][keep].double()
