@@ -269,15 +269,15 @@ def _analyze(args) -> int:
                             trace_path=trace_path if traced else None,
                             meta={"model": args.model, "data": str(args.data)})
     stats.save(f"{args.out}/stats")
-    middle = None
-    if wanted is not None:
-        middle = [p for p, i in enumerate(stats.layer_indices) if i in wanted]
     compared = stats
     if args.importance == "renormalized":
         from moe_route.analysis.metrics import trace_statistics
         from moe_route.recording import load_trace
 
         compared = trace_statistics(load_trace(trace_path), renormalize=True)
+    middle = None
+    if wanted is not None:
+        middle = [p for p, i in enumerate(compared.layer_indices) if i in wanted]
     write_report(args.out, compared, args.reference, middle_layers=middle, accuracy=accuracy,
                  title=f"moe_route routing report: {args.model}",
                  kind="dense" if args.importance == "dense" else "routed")
