@@ -689,19 +689,20 @@ def test_trace_statistics_count_as_the_recorder_and_renormalise_as_the_author():
     ids, mask = _ids(5, (3, 6)), torch.ones(3, 6, dtype=torch.long)
     mask[1, 4:] = 0
     with moe_route.record(model, trace=True, trace_logits=True, trace_dtype=torch.float32,
-                          meta={"run": 2}) as rec, torch.no_grad():
+                          coact=True, meta={"run": 2}) as rec, torch.no_grad():
         with rec.group("a"):
             model(ids, attention_mask=mask)
         with rec.group("b"):
             model(ids[:2, :3])
     stats, trace = rec.stats, rec.trace
-    rebuilt = trace_statistics(trace)
+    rebuilt = trace_statistics(trace, coact=True)
     assert rebuilt.group_names == ["a", "b"] and rebuilt.meta == {"run": 2, "renormalized": False}
     rows = [stats.group_names.index(g) for g in rebuilt.group_names]
     for mine, theirs in zip(rebuilt, stats):
         assert (mine.name, mine.index, mine.top_k) == (theirs.name, theirs.index, theirs.top_k)
         assert mine.tokens.tolist() == theirs.tokens[rows].tolist() == [16, 6]
         assert torch.equal(mine.counts, theirs.counts[rows])
+        assert torch.equal(mine.coact, theirs.coact)     # padding's pairs left out too
         torch.testing.assert_close(mine.weight_sum, theirs.weight_sum[rows], rtol=1e-5, atol=1e-5)
     renorm = trace_statistics(trace, renormalize=True)
     for name, layer in zip(trace, renorm):
@@ -713,9 +714,27 @@ def test_trace_statistics_count_as_the_recorder_and_renormalise_as_the_author():
                             for grp in ("a", "b")])
         torch.testing.assert_close(layer.weight_sum.double(), want, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(layer.weight_sum, rebuilt[name].weight_sum, atol=1e-3)
+    assert renorm[0].coact is None                       # only when asked for
     importance = expert_importance(renorm, kind="routed")
     torch.testing.assert_close(importance.sum(-1), torch.ones(2, 2), rtol=0, atol=1e-5)
     assert renorm.meta["renormalized"] is True
+
+
+def test_trace_statistics_coactivation_in_chunks(monkeypatch):
+    """The co-activation counts are every ordered pair of each row's experts, diagonal included
+    (a loop by hand), the same when the rows are taken a few at a time."""
+    from moe_route.analysis import metrics
+
+    ids = torch.rand(50, 6, generator=torch.Generator().manual_seed(4)).argsort(1)[:, :3]
+    want = torch.zeros(6, 6, dtype=torch.int64)
+    for row in ids.tolist():
+        for a in row:
+            for b in row:
+                want[a, b] += 1
+    assert torch.equal(metrics._pairs(ids, 6), want)
+    monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", 20)      # two rows per chunk
+    assert torch.equal(metrics._pairs(ids, 6), want)
+    assert want.diagonal().tolist() == torch.bincount(ids.flatten(), minlength=6).tolist()
 
 
 def test_trace_statistics_errors():
@@ -731,6 +750,8 @@ def test_trace_statistics_errors():
         trace_statistics({"l": dict(layer, ids=layer["ids"][:, :0], weights=torch.ones(1, 0))})
     with pytest.raises(TypeError, match="renormalize must be a bool, got 1"):
         trace_statistics({"l": layer}, renormalize=1)
+    with pytest.raises(TypeError, match="coact must be a bool, got 'yes'"):
+        trace_statistics({"l": layer}, coact="yes")
     with pytest.raises(ValueError, match=r"trace\['l'\] holds no 'experts'"):
         trace_statistics({"l": {k: v for k, v in layer.items() if k != "experts"}})
     with pytest.raises(ValueError, match="no row of the trace has a group"):

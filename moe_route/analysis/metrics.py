@@ -1120,7 +1120,8 @@ def _other_tokens(a, b) -> Optional[Tuple[int, int]]:
     return (other, int(known.sum())) if other else None
 
 
-def trace_statistics(trace: Mapping, *, renormalize: bool = False) -> RoutingStats:
+def trace_statistics(trace: Mapping, *, renormalize: bool = False,
+                     coact: bool = False) -> RoutingStats:
     """Routing statistics of a trace: per group and layer, ``tokens``, ``counts`` and
     ``weight_sum`` as ``record`` counts them (the rows whose group is not None), in a
     ``RoutingStats`` the analyses take with ``kind="routed"`` (a trace holds no dense
@@ -1135,6 +1136,10 @@ def trace_statistics(trace: Mapping, *, renormalize: bool = False) -> RoutingSta
     trace holds the experts the model chose, so the two agree for routers that select on their
     scores (softmax top-k: OLMoE, Qwen3, Mixtral, ...). A row whose weights sum to 0 adds 0;
     NaN weights make NaN sums, renormalised or not.
+
+    ``coact=True`` also counts each layer's co-activations ``[E, E]`` over the counted rows, as
+    ``record(coact=True)`` does (every ordered pair of a token's experts, the diagonal its
+    counts): for ``coactivation`` and ``conditional_coactivation``.
 
     Groups are numbered in order of first appearance. Sums are taken in float64 from the trace's
     weights, which are fp16 unless recorded with ``trace_dtype=torch.float32``. Each layer needs
@@ -1152,8 +1157,9 @@ def trace_statistics(trace: Mapping, *, renormalize: bool = False) -> RoutingSta
                         f"{type(trace).__name__}")
     if not trace:
         raise ValueError(f"{where}: the trace holds no layer")
-    if not isinstance(renormalize, bool):
-        raise TypeError(f"{where}: renormalize must be a bool, got {renormalize!r}")
+    for arg, value in (("renormalize", renormalize), ("coact", coact)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{where}: {arg} must be a bool, got {value!r}")
     codes: Dict[str, int] = {}
     checked = None
     for name, layer in trace.items():
@@ -1189,9 +1195,22 @@ def trace_statistics(trace: Mapping, *, renormalize: bool = False) -> RoutingSta
         layers.append(LayerStats(
             name, layer_index(name), ids.shape[1], tokens=torch.bincount(group, minlength=G),
             counts=torch.bincount(cells, minlength=G * E).view(G, E),
-            weight_sum=weight_sum.view(G, E).float()))
+            weight_sum=weight_sum.view(G, E).float(), coact=_pairs(ids, E) if coact else None))
     meta = {**(getattr(trace, "meta", None) or {}), "renormalized": renormalize}
     return RoutingStats(layers, list(codes), meta)
+
+
+def _pairs(ids: torch.Tensor, E: int) -> torch.Tensor:
+    """``[E, E]`` int64 counts of every ordered pair of each row's ids (diagonal included), a
+    chunk of rows at a time (a row makes k^2 pair indices)."""
+    out = torch.zeros(E * E, dtype=torch.int64)
+    k = max(ids.shape[1], 1)
+    step = max(1, _CHUNK_ELEMENTS // (k * k))
+    for r0 in range(0, ids.shape[0], step):
+        chunk = ids[r0:r0 + step]
+        out += torch.bincount((chunk[:, :, None] * E + chunk[:, None, :]).flatten(),
+                              minlength=E * E)
+    return out.view(E, E)
 
 
 # -------------------------------------------------------------------------------------------
