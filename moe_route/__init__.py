@@ -8,7 +8,8 @@ from moe_route._info import info
 from moe_route.dispatch import DispatchPlan, dispatch_plan, permute, unpermute
 from moe_route.hf import UnsupportedModelError, patch, supported, unpatch
 from moe_route.ops import GateStats, RouterSpec, SteerSpec, topk_gate
-from moe_route.recording import Recorder, Trace, load_trace, record, save_trace
+from moe_route.recording import Recorder, record
+from moe_route.traces import Trace, load_trace, save_trace
 from moe_route.replaying import Replay, replay, trace_by_position
 from moe_route.stats import LayerStats, RoutingStats
 from moe_route.steering import SteerEntry, SteeringPlan, steer

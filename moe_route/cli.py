@@ -272,7 +272,7 @@ def _analyze(args) -> int:
     compared = stats
     if args.importance == "renormalized":
         from moe_route.analysis.metrics import trace_statistics
-        from moe_route.recording import load_trace
+        from moe_route.traces import load_trace
 
         compared = trace_statistics(load_trace(trace_path), renormalize=True)
     middle = None
@@ -456,7 +456,7 @@ def _task_kind(source) -> str:
 
 def _compare(args) -> int:
     from moe_route.analysis.metrics import trace_agreement
-    from moe_route.recording import load_trace
+    from moe_route.traces import load_trace
 
     try:
         a, b = load_trace(args.a), load_trace(args.b)

@@ -56,6 +56,13 @@ host as they are produced (``rec.trace``, ``rec.save_trace(path)``); this one do
 ``load_trace(path)`` reads a saved trace back in the same layout. A trace is a ``Trace``: the
 dict of layers, with the recorder's ``meta`` as ``trace.meta``, saved with it.
 
+``trace_path=PATH`` traces into that file instead of memory: the host parts go to a spill file
+beside PATH each time they pass ``traces.TRACE_BUFFER_BYTES`` (256 MiB), and the end of the
+context writes PATH from it (the file ``save_trace`` writes, atomically), so a trace of any
+length takes a bounded amount of host memory and twice its size on disk while it is written.
+A context that ends in an error writes nothing (PATH keeps what it held) and removes the spill;
+such a recorder is not entered again, and ``rec.trace`` is refused: ``load_trace(PATH)``.
+
 ``meta`` (the statistics' and the trace's) gets ``"model"``, the model's
 ``config._name_or_path`` (the Hub id or local path it was loaded from), unless the given meta
 has a ``"model"`` key or the model has no such path.
@@ -63,12 +70,9 @@ has a ``"model"`` key or the model has no such path.
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import itertools
-import json
 import numbers
-import os
 import threading
 import warnings
 from collections.abc import Mapping
@@ -80,12 +84,11 @@ from torch import nn
 from moe_route.hf.model_calls import past_length, stack_of, stacks, watch
 from moe_route.hf.patch import acquire, release
 from moe_route.ops import GateStats
-from moe_route._atomic import write_atomic
-from moe_route._json import parse as parse_json
-from moe_route.stats import (LayerStats, RoutingStats, _check_json, _package_version,
-                             _safetensors)
+from moe_route.stats import LayerStats, RoutingStats, _check_json
+from moe_route import traces
+from moe_route.traces import _TRACE_TENSORS, Trace, TraceSpill, check_trace_path, save_trace
 
-__all__ = ["record", "Recorder", "Trace", "save_trace", "load_trace"]
+__all__ = ["record", "Recorder"]
 
 TOKENS = ("all", "prompt", "generated")
 FIRST_ROWS = 256  # device rows allocated on entry (the default max_groups); more as groups arrive
@@ -98,7 +101,7 @@ class Recorder:
                  tokens: str = "all", ignore_token_ids: Optional[Iterable[int]] = None,
                  max_groups: int = 256, default_group: str = "all", meta: Optional[dict] = None,
                  trace: bool = False, trace_logits: bool = False,
-                 trace_dtype: torch.dtype = torch.float16):
+                 trace_dtype: torch.dtype = torch.float16, trace_path=None):
         if tokens not in TOKENS:
             raise ValueError(f"record: tokens={tokens!r} must be one of {TOKENS}")
         if not isinstance(max_groups, int) or isinstance(max_groups, bool) or max_groups < 1:
@@ -120,8 +123,13 @@ class Recorder:
         if trace_dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"record: trace_dtype={trace_dtype} must be float16, bfloat16 or "
                              f"float32")
-        self.trace_on, self.trace_logits, self.trace_dtype = trace, trace_logits, trace_dtype
+        self.trace_path = None if trace_path is None else check_trace_path(trace_path, "record")
+        self.trace_on = trace or trace_path is not None
+        self.trace_logits, self.trace_dtype = trace_logits, trace_dtype
         self._trace: dict[str, dict[str, list]] = {}
+        self._spill: Optional[TraceSpill] = None   # trace_path: the file being recorded
+        self._buffered = 0                        # bytes of trace parts not spilled yet
+        self._entered = False
         self._lock = threading.RLock()
         self._handle = None
         self._buffers: dict[str, GateStats] = {}   # per routing site (RouterState.site)
@@ -151,6 +159,13 @@ class Recorder:
         if self._handle is not None:  # its cleanup would take the active entry's buffers off
             raise RuntimeError("record: this record() context is already active; it cannot be "
                                "entered again inside itself")
+        if self.trace_path is not None:
+            if self._entered:   # its file was written (or given up) when the context ended
+                raise RuntimeError(f"record: a recorder with trace_path={self.trace_path!r} "
+                                   f"writes its trace when its context ends and cannot be "
+                                   f"entered again; make a new record()")
+            self._spill = TraceSpill(self.trace_path, "record")
+        self._entered = True
         self._handle = acquire(self.model, self._unhook)
         try:
             for name, state in self._handle.routers.items():
@@ -183,6 +198,8 @@ class Recorder:
             self._wrap_generate()
         except BaseException:
             self._detach()
+            if self._spill is not None:
+                self._spill.discard()
             raise
         return self
 
@@ -190,8 +207,14 @@ class Recorder:
         try:
             if exc[0] is None:
                 self.flush()
+                if self._spill is not None:
+                    self._spill_parts()
+                    self._spill.finish(self.meta)
         finally:
             self._detach()
+            if self._spill is not None:
+                self._spill.discard()   # after an error: the file is not written
+                self._spill = None
         return False
 
     def _unhook(self):
@@ -479,6 +502,31 @@ class Recorder:
         # group rows are recycled after a flush: keep each token's group *name*
         parts.setdefault("group_names", []).append(list(self._rows))
         parts["experts"] = E
+        if self._spill is not None:
+            self._buffered += sum(t.numel() * t.element_size() for t in rows.values()) + 4 * T
+            if self._buffered >= traces.TRACE_BUFFER_BYTES:
+                self._spill_parts()
+
+    def _spill_parts(self) -> None:
+        """Append every layer's buffered calls to the spill file and drop them from memory (each
+        token's group row becomes its group's index in the file)."""
+        codes = self._spill.group_codes
+        for name, parts in self._trace.items():
+            E = parts["experts"]
+            for key in _TRACE_TENSORS:
+                if parts.get(key):
+                    self._spill.append(name, E, key, torch.cat(parts[key]))
+                    parts[key] = []
+            if parts.get("groups"):
+                joined = []
+                for rows, table in zip(parts["groups"], parts["group_names"]):
+                    index = torch.tensor([codes.setdefault(g, len(codes)) for g in table] + [-1],
+                                         dtype=torch.int32)
+                    joined.append(index[torch.where((rows >= 0) & (rows < len(table)), rows,
+                                                    len(table)).long()])
+                self._spill.append(name, E, "group", torch.cat(joined))
+                parts["groups"], parts["group_names"] = [], []
+        self._buffered = 0
 
     @property
     def trace(self) -> "Trace":
@@ -488,6 +536,7 @@ class Recorder:
         The tensors are the recorder's own (each layer's calls are joined into one tensor at the
         first read, a layer at a time, so a large trace is not held twice): copy one before
         changing it in place."""
+        self._not_streamed("trace")
         out = Trace(meta=self.meta)
         for name, parts in self._trace.items():
             for key in _TRACE_TENSORS:
@@ -505,7 +554,14 @@ class Recorder:
     def save_trace(self, path) -> None:
         """Write ``self.trace`` and its meta to one safetensors file, atomically
         (``save_trace``)."""
+        self._not_streamed("save_trace")
         save_trace(self.trace, path)
+
+    def _not_streamed(self, what: str) -> None:
+        if self.trace_path is not None:
+            raise RuntimeError(f"record: Recorder.{what}: this recorder streams its trace to "
+                               f"trace_path={self.trace_path!r}, which its context writes when "
+                               f"it ends; read it with moe_route.load_trace(trace_path)")
 
     # -- results -----------------------------------------------------------------------------
 
@@ -626,271 +682,11 @@ def record(model: nn.Module, **options) -> Recorder:
     Options: ``dense`` (prob_sum and entropy_sum, default True), ``coact`` ([E, E] pair counts),
     ``tokens`` ("all", "prompt" or "generated"), ``ignore_token_ids``, ``max_groups`` (device
     rows before a flush, default 256), ``default_group`` (name of the group outside any
-    ``group()`` context, default "all"), ``meta`` (saved with the statistics).
+    ``group()`` context, default "all"), ``meta`` (saved with the statistics and the trace),
+    ``trace`` (keep every token's routing on the host: ``rec.trace``), ``trace_path`` (stream it
+    into that safetensors file instead), ``trace_logits`` (the router logits too) and
+    ``trace_dtype`` (of the traced weights and logits, default float16).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"record: model must be a torch.nn.Module, got {type(model).__name__}")
     return Recorder(model, **options)
-
-
-# -------------------------------------------------------------------------------------------
-# traces on disk: one safetensors file. Per layer the tensors "{layer}.ids", ".weights",
-# (".tokens", ".logits") and ".group" (int32 [N], an index into the metadata's "group_names",
-# -1 for an ungrouped token); the metadata also lists the layers in order and, from version 3,
-# their expert counts ("experts", null where a hand-made trace gave none), and "meta" holds the
-# trace's meta as a JSON object, with "moe_route_version" beside it (both optional: readers of
-# any version ignore metadata keys they do not know). Version 1 (the first
-# save_trace) kept every token's group name as JSON in the metadata instead, which outgrows
-# safetensors' 100 MB header limit (names like "fra_Latn/123" take 16 bytes each: about 520k
-# tokens over 12 layers); versions 1 and 2 (no token ids, no expert counts) are still read.
-
-TRACE_FORMAT = "moe_route.trace"
-TRACE_VERSION = "3"
-_TRACE_TENSORS = ("ids", "weights", "tokens", "logits")
-_INT_DTYPES = (torch.int16, torch.int32, torch.int64)
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-class Trace(dict):
-    """A trace: ``{layer name: {"ids", "weights", "group", ("tokens", "experts", "logits")}}``
-    (``Recorder.trace``, ``load_trace``), a plain dict of layers with ``meta`` beside them: free
-    JSON information (the recorder's ``meta``: the model it came from, the options of the run),
-    written and read with the trace. Anything that takes a trace takes a plain dict too."""
-
-    def __init__(self, layers=(), meta: Optional[Mapping] = None):
-        if meta is not None and not isinstance(meta, Mapping):
-            raise TypeError(f"Trace: meta must be a dict or None, got {type(meta).__name__}")
-        super().__init__(layers)
-        self.meta = copy.deepcopy(dict(meta or {}))
-
-    def copy(self) -> "Trace":
-        """A shallow copy of the layers, with a copy of ``meta``."""
-        return Trace(self, self.meta)
-
-    def __repr__(self) -> str:
-        return f"Trace({super().__repr__()}, meta={self.meta!r})"
-
-
-def _check_trace_layer(name, layer, where: str, checked_group=None) -> int:
-    """Check one layer of a trace; returns its row count N. ``checked_group``: a group list
-    already checked (the previous layer's): an equal one is not checked name by name again."""
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"{where}: layer names must be non-empty str, got {name!r}")
-    if not isinstance(layer, Mapping):
-        raise TypeError(f"{where}: trace[{name!r}] must be a mapping with 'ids', 'weights' and "
-                        f"'group', got {type(layer).__name__}")
-    for key in ("ids", "weights", "group"):
-        if key not in layer:
-            raise ValueError(f"{where}: trace[{name!r}] has no {key!r} (it holds "
-                             f"{sorted(layer)})")
-    ids, weights = layer["ids"], layer["weights"]
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in _INT_DTYPES:
-        raise ValueError(f"{where}: trace[{name!r}]['ids'] must be an int16/int32/int64 tensor "
-                         f"[N, k], got {getattr(ids, 'dtype', type(ids).__name__)} of shape "
-                         f"{tuple(getattr(ids, 'shape', ()))}")
-    N = ids.shape[0]
-    if ids.shape[1] < 1:
-        raise ValueError(f"{where}: trace[{name!r}]['ids'] must be [N, k] with k >= 1 (each "
-                         f"row the token's experts), got shape {tuple(ids.shape)}")
-    if not isinstance(weights, torch.Tensor) or weights.dtype not in _FLOAT_DTYPES \
-            or weights.shape != ids.shape:
-        raise ValueError(f"{where}: trace[{name!r}]['weights'] must be a float tensor of the ids' "
-                         f"shape {tuple(ids.shape)}, got "
-                         f"{getattr(weights, 'dtype', type(weights).__name__)} of shape "
-                         f"{tuple(getattr(weights, 'shape', ()))}")
-    tokens = layer.get("tokens")
-    if tokens is not None and (not isinstance(tokens, torch.Tensor) or tokens.dtype
-                               not in _INT_DTYPES or tuple(tokens.shape) != (N,)):
-        raise ValueError(f"{where}: trace[{name!r}]['tokens'] must be an int tensor [N={N}] (the "
-                         f"token id of each row, -1 where unknown), got "
-                         f"{getattr(tokens, 'dtype', type(tokens).__name__)} of shape "
-                         f"{tuple(getattr(tokens, 'shape', ()))}")
-    experts = layer.get("experts")
-    if experts is not None:
-        if isinstance(experts, bool) or not isinstance(experts, numbers.Integral) or experts < 1:
-            raise ValueError(f"{where}: trace[{name!r}]['experts'] must be the layer's expert "
-                             f"count, an int >= 1, got {experts!r}")
-        if N and not 0 <= int(ids.min()) <= int(ids.max()) < experts:
-            raise ValueError(f"{where}: trace[{name!r}]['ids'] must be in [0, experts="
-                             f"{experts}), got [{int(ids.min())}, {int(ids.max())}]")
-    logits = layer.get("logits")
-    if logits is not None and (not isinstance(logits, torch.Tensor) or logits.dim() != 2
-                               or logits.dtype not in _FLOAT_DTYPES or logits.shape[0] != N
-                               or (experts is not None and logits.shape[1] != experts)):
-        raise ValueError(f"{where}: trace[{name!r}]['logits'] must be a float tensor [N={N}, E], "
-                         f"got {getattr(logits, 'dtype', type(logits).__name__)} of shape "
-                         f"{tuple(getattr(logits, 'shape', ()))}")
-    group = layer["group"]
-    if isinstance(group, str) or not isinstance(group, Sequence):
-        raise ValueError(f"{where}: trace[{name!r}]['group'] must be a list of N={N} group names "
-                         f"(str, or None for an ungrouped token), got {type(group).__name__}")
-    if len(group) != N or (group != checked_group
-                           and not all(g is None or isinstance(g, str) for g in group)):
-        bad = next((g for g in group if g is not None and not isinstance(g, str)), None)
-        raise ValueError(f"{where}: trace[{name!r}]['group'] must hold N={N} group names (str "
-                         f"or None), got {len(group)} entries"
-                         + (f", one of them {bad!r}" if bad is not None else ""))
-    return N
-
-
-
-def save_trace(trace: Mapping, path, *, meta: Optional[Mapping] = None) -> None:
-    """Write a trace (``Recorder.trace``'s layout) to the safetensors file ``path``.
-
-    ``trace``: ``{layer name: {"ids" [N, k] int, "weights" [N, k] float, "group" [N names or
-    None], optionally "tokens" [N] int, "experts" E and "logits" [N, E] float}}``. Tensors keep
-    their dtype; group names are stored once, tokens refer to them by index. ``meta`` (a dict
-    that reads back from JSON unchanged; default: ``trace.meta`` for a ``Trace``, else none) is
-    saved with it, and ``load_trace`` gives it back as ``.meta``. The file is written
-    and fsynced under a temporary name in the same directory, then renamed over ``path``:
-    ``path`` holds the old file or the complete new one, never a part. Parent directories are
-    created.
-    """
-    where = "save_trace"
-    st = _safetensors(where)
-    if not isinstance(trace, Mapping):
-        raise TypeError(f"{where}: trace must be a mapping {{layer: {{'ids', 'weights', "
-                        f"'group', ...}}}} (Recorder.trace), got {type(trace).__name__}")
-    given = "meta" if meta is not None else "trace.meta"
-    if meta is None:
-        meta = getattr(trace, "meta", None) or {}
-    if not isinstance(meta, Mapping):
-        raise TypeError(f"{where}: {given} must be a dict or None, got {type(meta).__name__}")
-    meta = dict(meta)
-    _check_json(meta, f"{where}: {given}")
-    tensors, table, written = {}, {}, set()
-    last_group, last_codes = None, None
-    for name, layer in trace.items():
-        _check_trace_layer(name, layer, where, checked_group=last_group)
-        for key in _TRACE_TENSORS:
-            if layer.get(key) is not None:
-                tensors[f"{name}.{key}"] = _own_storage(layer[key].detach().to("cpu"), written)
-        group = list(layer["group"])
-        if group != last_group:  # the layers of one model usually share the token list
-            last_group = group
-            last_codes = torch.tensor([-1 if g is None else table.setdefault(g, len(table))
-                                       for g in group], dtype=torch.int32)
-        tensors[f"{name}.group"] = last_codes.clone()
-    experts = [layer.get("experts") for layer in trace.values()]
-    metadata = {"format": TRACE_FORMAT, "layers": json.dumps(list(trace)),
-                "group_names": json.dumps(list(table)), "meta": json.dumps(meta)}
-    version = _package_version()
-    if version is not None:
-        metadata["moe_route_version"] = version
-    if any(e is not None for e in experts) or any(f"{n}.tokens" in tensors for n in trace):
-        metadata.update(version=TRACE_VERSION,
-                        experts=json.dumps([None if e is None else int(e) for e in experts]))
-    else:   # nothing of version 3's: readable by the moe_route releases that read version 2
-        metadata["version"] = "2"
-    write_atomic(path, lambda tmp: st.save_file(tensors, tmp, metadata=metadata))
-
-
-def _own_storage(t: torch.Tensor, written: set) -> torch.Tensor:
-    """``t`` if it is the whole of a storage not ``written`` yet (``written`` gets it), else a
-    contiguous copy: safetensors refuses tensors that share memory (a hand-made trace's views of
-    one tensor, or one tensor in several layers), and a recorded trace is not copied again (that
-    would double the memory a large trace takes while it is written). A lazily negated view
-    (``_neg_view``) is resolved first: safetensors would write its memory, not its values."""
-    t = t.resolve_neg()
-    storage = t.untyped_storage()
-    whole = t.is_contiguous() and t.storage_offset() == 0 and \
-        storage.nbytes() == t.numel() * t.element_size() and storage.data_ptr() not in written
-    if not whole:
-        return t.clone(memory_format=torch.contiguous_format)
-    if t.numel():
-        written.add(storage.data_ptr())
-    return t
-
-
-def load_trace(path) -> Trace:
-    """Read a file written by ``save_trace`` / ``Recorder.save_trace``: the same
-    ``{layer name: {"ids", "weights", "group", ("tokens", "experts", "logits")}}`` dict, layers in
-    saved order, tensors on the CPU in their saved dtypes (files of format versions 1 and 2 have
-    no "tokens" or "experts"), as a ``Trace`` whose ``.meta`` is the saved meta (empty for a file
-    saved without). Errors name the file and what is wrong with it."""
-    where = "load_trace"
-    st = _safetensors(where)
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{where}: {path!r} is not a file (a trace is one .safetensors "
-                                f"file written by save_trace)")
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-        tensors = st.load_file(path)
-    except Exception as exc:  # safetensors raises its own SafetensorError on a damaged file
-        raise ValueError(f"{where}: {path!r} is not a readable safetensors file "
-                         f"({type(exc).__name__}: {exc})") from None
-    if metadata.get("format") != TRACE_FORMAT:
-        raise ValueError(f"{where}: {path!r} is not a moe_route trace: its metadata says "
-                         f"format={metadata.get('format')!r}, expected {TRACE_FORMAT!r} (a "
-                         f"RoutingStats save is a directory: RoutingStats.load)")
-    version = metadata.get("version")
-    if version not in ("1", "2", TRACE_VERSION):
-        raise ValueError(f"{where}: {path!r} is trace format version {version!r}; this "
-                         f"moe_route reads versions '1' to {TRACE_VERSION!r}")
-    keys = {"1": ("groups",), "2": ("layers", "group_names")}.get(
-        version, ("layers", "group_names", "experts"))
-    meta = {}
-    for key in keys:
-        meta[key] = parse_json(metadata.get(key, ""), f"{where}: {path!r}: the {key!r} metadata")
-    want = dict if version == "1" else list
-    for key in keys:
-        if not isinstance(meta[key], want):
-            raise ValueError(f"{where}: {path!r}: the {key!r} metadata must be a JSON "
-                             f"{'object' if want is dict else 'array'}, got "
-                             f"{type(meta[key]).__name__}")
-    saved = parse_json(metadata.get("meta", "{}"), f"{where}: {path!r}: the 'meta' metadata")
-    if not isinstance(saved, dict):
-        raise ValueError(f"{where}: {path!r}: the 'meta' metadata must be a JSON object, got "
-                         f"{type(saved).__name__}")
-    names = meta.get("group_names")
-    layers = meta["groups"] if version == "1" else meta["layers"]
-    experts = meta.get("experts", [None] * len(layers))
-    if len(experts) != len(layers):
-        raise ValueError(f"{where}: {path!r}: the 'experts' metadata must list one count per "
-                         f"layer ({len(layers)}), got {len(experts)}")
-    out, used = Trace(meta=saved), set()
-    last_codes, last_group, checked = None, None, None
-    for name, count in zip(layers, experts):
-        layer = {} if count is None else {"experts": count}
-        for key in _TRACE_TENSORS:
-            t = tensors.get(f"{name}.{key}")
-            if t is not None:
-                layer[key] = t
-                used.add(f"{name}.{key}")
-        if version == "1":
-            layer["group"] = meta["groups"][name]
-        else:
-            codes = tensors.get(f"{name}.group")
-            used.add(f"{name}.group")
-            layer["group"] = _group_names(codes, names, last_codes, last_group,
-                                          f"{where}: {path!r}: layer {name!r}")
-            last_codes, last_group = codes, layer["group"]
-        try:
-            _check_trace_layer(name, layer, f"{where}: {path!r}", checked_group=checked)
-        except TypeError as exc:  # a damaged file, not a wrong argument
-            raise ValueError(str(exc)) from None
-        checked = layer["group"]
-        out[name] = layer
-    extra = sorted(set(tensors) - used)
-    if extra:
-        raise ValueError(f"{where}: {path!r} holds tensors of no listed layer: {extra[:8]}")
-    return out
-
-
-def _group_names(codes, names, last_codes, last_group, where: str) -> list:
-    """Group names of a layer's tokens from their codes (the previous layer's list when the codes
-    are the same)."""
-    if codes is None or codes.dim() != 1 or codes.dtype != torch.int32:
-        raise ValueError(f"{where}: needs a 'group' tensor, int32 [N], got "
-                         f"{None if codes is None else (codes.dtype, tuple(codes.shape))}")
-    if last_codes is not None and torch.equal(codes, last_codes):
-        return list(last_group)
-    if codes.numel() and (int(codes.min()) < -1 or int(codes.max()) >= len(names)):
-        raise ValueError(f"{where}: group codes must be in [-1, {len(names)}) (the file names "
-                         f"{len(names)} groups), got [{int(codes.min())}, {int(codes.max())}]")
-    table = list(names) + [None]  # code -1 picks the last entry
-    return [table[c] for c in codes.tolist()]

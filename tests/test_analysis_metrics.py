@@ -925,6 +925,121 @@ def test_trace_token_routing_reads_the_trace_s_tokens_and_expert_count():
     assert given.token_ids.tolist() == [5] and given.counts.tolist() == [[1], [1], [1], [0]]
 
 
+def transitions_trace():
+    """Two layers over the same 4 rows; E = 3 at the source, 4 at the target, k = 2; row 2 is
+    padding (None) and row 3 belongs to group "b"."""
+    def layer(ids, E):
+        return {"ids": torch.tensor(ids, dtype=torch.int16), "weights": torch.ones(4, 2),
+                "group": ["a", "a", None, "b"], "tokens": torch.tensor([5, 6, 0, 7]),
+                "experts": E}
+    return {"model.layers.0.mlp.gate": layer([[0, 1], [2, 0], [1, 2], [1, 2]], 3),
+            "model.layers.7.mlp.gate": layer([[3, 0], [3, 1], [0, 1], [2, 0]], 4)}
+
+
+def test_trace_transitions_known_answer():
+    """pairs="all" counts each of a token's source experts with each of its target experts;
+    "rank" the r-th with the r-th (OLMoE's zip of the two layers' top-k); padding is left out.
+      row 0: source {0, 1} -> target {3, 0}; row 1: {2, 0} -> {3, 1}; row 3: {1, 2} -> {2, 0}
+    all:  (0,3) (0,0) (1,3) (1,0) | (2,3) (2,1) (0,3) (0,1) | (1,2) (1,0) (2,2) (2,0)
+    rank: (0,3) (1,0) | (2,3) (0,1) | (1,2) (2,0)"""
+    trace = transitions_trace()
+    t = M.trace_transitions(trace, "model.layers.0.mlp.gate", "model.layers.7.mlp.gate")
+    assert t.counts.tolist() == [[1, 1, 0, 2],
+                                 [2, 0, 1, 1],
+                                 [1, 1, 1, 1]]
+    assert t.source.tolist() == [2, 2, 2] and t.target.tolist() == [2, 1, 1, 2]
+    assert t.tokens == 3 and t.pairs == "all"
+    # P(b | a) = counts / source: rows sum to k = 2
+    assert t.conditional().tolist() == [[0.5, 0.5, 0.0, 1.0], [1.0, 0.0, 0.5, 0.5],
+                                        [0.5, 0.5, 0.5, 0.5]]
+    # lift = counts * 12 / (row total 4 * column total [4, 2, 2, 4])
+    assert t.lift().tolist() == [[0.75, 1.5, 0.0, 1.5], [1.5, 0.0, 1.5, 0.75],
+                                 [0.75, 1.5, 1.5, 0.75]]
+    r = M.trace_transitions(trace, 0, -1, pairs="rank")
+    assert r.counts.tolist() == [[0, 1, 0, 1], [1, 0, 1, 0], [1, 0, 0, 1]]
+    assert r.conditional().sum(1).tolist() == [1.0, 1.0, 1.0]
+    # lift = counts * 6 / (row total 2 * column total [2, 1, 1, 2])
+    assert r.lift().tolist() == [[0.0, 3.0, 0.0, 1.5], [1.5, 0.0, 3.0, 0.0], [1.5, 0.0, 0.0, 1.5]]
+    # groups by name or by a function of the name: row 3 alone
+    for groups in (["b"], {"b", "zzz"}, lambda g: g.startswith("b")):
+        only = M.trace_transitions(trace, 0, 1, groups=groups)
+        assert only.tokens == 1 and only.counts.sum() == 4
+        assert only.counts[1].tolist() == [1, 0, 1, 0] and only.counts[2].tolist() == [1, 0, 1, 0]
+    # an expert never chosen at the source has a NaN row
+    none = M.trace_transitions(trace, 0, 1, groups=["b"])
+    assert none.conditional()[0].isnan().all() and none.lift()[0].isnan().all()
+
+
+def test_trace_transitions_of_a_recorded_trace_in_chunks(monkeypatch):
+    """On a recorded trace (the tiny OLMoE, two groups, padding), every counted row's
+    pairs by a loop by hand, the same when the rows are taken two at a time."""
+    import moe_route
+    from tiny_models import build
+
+    pytest.importorskip("transformers")
+    model = build("olmoe")
+    ids = torch.randint(3, 96, (3, 7), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[2, 5:] = 0
+    with moe_route.record(model, trace=True) as rec, torch.no_grad():
+        rec.set_groups(torch.tensor([0, 1, 0]), ["x", "y"])
+        model(input_ids=ids, attention_mask=mask)
+    trace = rec.trace
+    first, last = list(trace)[0], list(trace)[-1]
+    a, b = trace[first]["ids"].long(), trace[last]["ids"].long()
+    E, k = trace[first]["experts"], a.shape[1]
+    want = torch.zeros(E, E, dtype=torch.int64)
+    want_rank = torch.zeros(E, E, dtype=torch.int64)
+    for t, group in enumerate(trace[first]["group"]):
+        if group is None:
+            continue
+        for i in range(k):
+            want_rank[a[t, i], b[t, i]] += 1
+            for j in range(k):
+                want[a[t, i], b[t, j]] += 1
+    assert trace[first]["group"].count(None) == 2
+    got = M.trace_transitions(trace, first, last)
+    assert torch.equal(got.counts, want) and got.tokens == 19
+    assert torch.equal(M.trace_transitions(trace, first, last, pairs="rank").counts, want_rank)
+    monkeypatch.setattr(M, "_CHUNK_ELEMENTS", 2 * k * k)
+    assert torch.equal(M.trace_transitions(trace, first, last).counts, want)
+
+
+def test_trace_transitions_errors():
+    trace = transitions_trace()
+    with pytest.raises(ValueError, match=r"source='model.layers.3.mlp.gate' is not a layer of "
+                                         r"the trace; its layers are \['model.layers.0"):
+        M.trace_transitions(trace, "model.layers.3.mlp.gate", 1)
+    with pytest.raises(ValueError, match="target=2 is out of range for a trace of 2 layers"):
+        M.trace_transitions(trace, 0, 2)
+    with pytest.raises(TypeError, match="source must be a layer name .* got float"):
+        M.trace_transitions(trace, 0.0, 1)
+    with pytest.raises(ValueError, match="pairs='both' must be one of"):
+        M.trace_transitions(trace, 0, 1, pairs="both")
+    with pytest.raises(TypeError, match="groups must be None, a collection of group names"):
+        M.trace_transitions(trace, 0, 1, groups="a")
+    short = {name: dict(layer) for name, layer in trace.items()}
+    short["model.layers.7.mlp.gate"]["ids"] = torch.tensor([[3], [3], [0], [2]])
+    short["model.layers.7.mlp.gate"]["weights"] = torch.ones(4, 1)
+    assert M.trace_transitions(short, 0, 1).counts.sum() == 3 * 2
+    with pytest.raises(ValueError, match="pairs='rank' .* needs the same k; .* has k=2, .* k=1"):
+        M.trace_transitions(short, 0, 1, pairs="rank")
+    other = {name: dict(layer) for name, layer in trace.items()}
+    other["model.layers.7.mlp.gate"]["tokens"] = torch.tensor([5, 6, 0, 8])
+    with pytest.raises(ValueError, match="hold different tokens in 1 of 4 rows"):
+        M.trace_transitions(other, 0, 1)
+    for key, value, msg in (("experts", None, "holds no 'experts'"),
+                            ("group", ["a"], "must hold N=4 group names")):
+        bad = {name: dict(layer) for name, layer in trace.items()}
+        bad["model.layers.0.mlp.gate"][key] = value
+        with pytest.raises(ValueError, match=msg):
+            M.trace_transitions(bad, 0, 1)
+    dup = {name: dict(layer) for name, layer in trace.items()}
+    dup["model.layers.0.mlp.gate"]["ids"] = torch.tensor([[0, 0], [2, 0], [1, 2], [1, 2]])
+    with pytest.raises(ValueError, match="must hold k distinct experts per token; row 0"):
+        M.trace_transitions(dup, 0, 1)
+
+
 # -------------------------------------------------------------------------------------------
 # Δ-experts
 

@@ -403,6 +403,160 @@ def test_trace_matches_statistics_and_round_trips(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["trace.safetensors"]
 
 
+_CORPUS = [_ids(1, (2, 5)), _ids(2, (2, 4)), _ids(3, (2, 3))]
+for _call in _CORPUS:
+    _call[0, 1] = 7                     # ignored: ungrouped in the trace
+# each call's groups (per token, in row order): a context group, then per-sequence groups over
+# more sequences than max_groups=2 rows (statistics flushed and rows reused between calls)
+_CORPUS_GROUPS = [["a"] * 10, ["s0"] * 4 + ["s1"] * 4, ["s2"] * 3 + ["a"] * 3]
+
+
+def _record_corpus(model, **options):
+    with moe_route.record(model, max_groups=2, ignore_token_ids=[7], **options) as rec, \
+            torch.no_grad():
+        with rec.group("a"):
+            model(_CORPUS[0])
+        rec.set_groups(torch.tensor([0, 1]), ["s0", "s1"])
+        model(_CORPUS[1])
+        rec.set_groups(torch.tensor([0, 1]), ["s2", "a"])
+        model(_CORPUS[2])
+    return rec
+
+
+def test_streamed_trace_is_the_trace_held_in_memory(tmp_path, monkeypatch):
+    """record(trace_path=) writes, call by call through a spill file, the trace that
+    record(trace=True) holds: the same layers, tensors, dtypes, group names (rows reused after a
+    flush resolve to the names of their time) and meta, and the same statistics. A buffer of
+    1 KiB spills at nearly every call; the spill is gone afterwards."""
+    from moe_route import traces
+
+    monkeypatch.setattr(traces, "TRACE_BUFFER_BYTES", 1024)
+    model = build("olmoe")
+    options = dict(trace_logits=True, trace_dtype=torch.bfloat16, meta={"run": 3})
+    held = _record_corpus(model, trace=True, **options)
+    path = tmp_path / "out" / "trace.safetensors"
+    streamed = _record_corpus(model, trace_path=path, **options)
+    back, trace = moe_route.load_trace(path), held.trace
+    assert back.meta == trace.meta == {"run": 3}
+    assert list(back) == list(trace) and len(trace) == 2
+    tokens = torch.cat([c.reshape(-1) for c in _CORPUS])
+    groups = [None if t == 7 else g
+              for t, g in zip(tokens.tolist(), sum(_CORPUS_GROUPS, []))]
+    assert groups.count(None) == 3
+    for name, layer in trace.items():
+        assert back[name]["group"] == layer["group"] == groups
+        assert back[name]["experts"] == layer["experts"] == 8
+        assert torch.equal(layer["tokens"].long(), tokens)
+        for key in ("ids", "weights", "tokens", "logits"):
+            assert back[name][key].dtype == layer[key].dtype
+            assert torch.equal(back[name][key], layer[key])
+        assert layer["logits"].dtype == torch.bfloat16
+    assert streamed.stats.group_names == held.stats.group_names
+    assert torch.equal(streamed.stats.stack("counts"), held.stats.stack("counts"))
+    assert [p.name for p in path.parent.iterdir()] == ["trace.safetensors"]   # no spill left
+    # the file save_trace writes: the same tensors under the same names, the same metadata
+    from safetensors import safe_open
+
+    moe_route.save_trace(trace, tmp_path / "held.safetensors")
+    with safe_open(path, "pt") as f, safe_open(tmp_path / "held.safetensors", "pt") as g:
+        assert f.metadata() == g.metadata() and sorted(f.keys()) == sorted(g.keys())
+        for key in f.keys():
+            assert torch.equal(f.get_tensor(key), g.get_tensor(key))
+
+
+def test_streamed_trace_refusals_and_an_error_inside_the_context(tmp_path, monkeypatch):
+    """A streamed recorder has no trace in memory (rec.trace and rec.save_trace say where it
+    is), is entered once, and after an error inside its context writes nothing (the path keeps
+    its old file) and leaves no spill; a path that is a directory or no path is refused."""
+    model = build("olmoe")
+    path = tmp_path / "t.safetensors"
+    path.write_bytes(b"old")
+    rec = moe_route.record(model, trace_path=path)
+    with pytest.raises(RuntimeError, match="boom"):
+        with rec, torch.no_grad():
+            model(_ids(1, (1, 4)))
+            raise RuntimeError("boom")
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == [path.name]
+    with pytest.raises(RuntimeError, match="cannot be entered again; make a new record"):
+        with rec:
+            pass
+    rec = moe_route.record(model, trace_path=str(path))
+    with rec, torch.no_grad():
+        model(_ids(1, (1, 4)))
+        with pytest.raises(RuntimeError, match=r"Recorder.trace: this recorder streams its trace "
+                                               r"to trace_path=.*load_trace\(trace_path\)"):
+            rec.trace
+    with pytest.raises(RuntimeError, match="Recorder.save_trace: this recorder streams"):
+        rec.save_trace(tmp_path / "other.safetensors")
+    assert moe_route.load_trace(path)["model.layers.0.mlp.gate"]["ids"].shape == (4, 2)
+    with pytest.raises(ValueError, match="record: trace_path=.* is a directory"):
+        moe_route.record(model, trace_path=tmp_path)
+    with pytest.raises(TypeError, match="record: trace_path must be a str or os.PathLike"):
+        moe_route.record(model, trace_path=1)
+    # a directory that cannot be written fails as the context starts (root writes anywhere, so
+    # the refusal is made up here)
+    from moe_route import traces
+
+    def refuse(parent, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", parent)
+    monkeypatch.setattr(traces, "make_temp", refuse)
+    rec = moe_route.record(model, trace_path=tmp_path / "locked" / "t.safetensors")
+    with pytest.raises(PermissionError, match="record: cannot write trace_path=.*locked.*"
+                                              "Permission denied"):
+        with rec, torch.no_grad():
+            model(_ids(1, (1, 4)))
+    with moe_route.record(model) as again, torch.no_grad():   # nothing was left attached
+        model(_ids(1, (1, 4)))
+    assert int(again.stats.stack("tokens").sum()) == 4 * 2
+
+
+def test_load_trace_reads_the_layers_asked_for(tmp_path, monkeypatch):
+    """load_trace(layers=) gives those layers (in saved order) as the whole load gives them, and
+    reads no other layer's tensors; an unknown name or a bare string is refused."""
+    from safetensors import safe_open
+
+    model = build("olmoe")
+    path = tmp_path / "t.safetensors"
+    _record_corpus(model, trace_path=path, meta={"m": 1})
+    whole = moe_route.load_trace(path)
+    last, first = list(whole)[::-1]
+    read = []
+    real = safe_open
+
+    class Counting:
+        def __init__(self, *args, **kwargs):
+            self.f = real(*args, **kwargs)
+
+        def __enter__(self):
+            self.inner = self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self.inner.get_tensor(key)
+
+    import safetensors
+    monkeypatch.setattr(safetensors, "safe_open", Counting)
+    part = moe_route.load_trace(path, layers=[last])
+    assert list(part) == [last] and part.meta == {"m": 1}
+    assert sorted(read) == sorted(f"{last}.{k}" for k in ("ids", "weights", "tokens", "group"))
+    assert part[last]["group"] == whole[last]["group"]
+    for key in ("ids", "weights", "tokens"):
+        assert torch.equal(part[last][key], whole[last][key])
+    assert list(moe_route.load_trace(path, layers=(last, first))) == [first, last]
+    with pytest.raises(ValueError, match=r"has no layer 'model.layers.9.mlp.gate'; its layers "
+                                         r"are \['model.layers.0.mlp.gate'"):
+        moe_route.load_trace(path, layers=["model.layers.9.mlp.gate"])
+    with pytest.raises(TypeError, match="layers must be a list of layer names or None"):
+        moe_route.load_trace(path, layers=first)
+
+
 def _small_trace():
     return {"model.layers.0.mlp.gate": {"ids": torch.tensor([[0, 1], [2, 3]], dtype=torch.int16),
                                         "weights": torch.rand(2, 2).half(),
@@ -632,7 +786,7 @@ def test_save_trace_writes_views_and_shared_memory_as_their_values(tmp_path):
     assert torch.equal(moe_route.load_trace(tmp_path / "neg.safetensors")["l"]["weights"],
                        negated.resolve_neg())
     # what is written without a copy: a tensor that is all of a storage not written yet
-    from moe_route.recording import _own_storage
+    from moe_route.traces import _own_storage
 
     whole, written = torch.ones(4), set()
     assert _own_storage(whole, written) is whole
@@ -731,9 +885,9 @@ def test_trace_statistics_coactivation_in_chunks(monkeypatch):
         for a in row:
             for b in row:
                 want[a, b] += 1
-    assert torch.equal(metrics._pairs(ids, 6), want)
+    assert torch.equal(metrics._pairs(ids, ids, 6, 6), want)
     monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", 20)      # two rows per chunk
-    assert torch.equal(metrics._pairs(ids, 6), want)
+    assert torch.equal(metrics._pairs(ids, ids, 6, 6), want)
     assert want.diagonal().tolist() == torch.bincount(ids.flatten(), minlength=6).tolist()
 
 

@@ -6,9 +6,9 @@ steering plans built from them (``experts``), data loading, recording and A/B ru
 The method follows *Multilingual Routing in Mixture-of-Experts* (Bandarkar et al., 2025): expert
 importance (Eq. 1), entropy-normalised Jensen–Shannon divergence from a reference language over
 parallel sequences (Eq. 2, App. A.4), routing entropy and consistency, task and language experts
-(Eq. 3) and soft/hard steering of them (Eq. 4/5); plus OLMoE-style co-activation, load,
-vocabulary specialisation and router saturation (the agreement of two runs over the same
-tokens). Definitions, edge cases and the choices made where the paper is ambiguous are in each
+(Eq. 3) and soft/hard steering of them (Eq. 4/5); plus OLMoE-style co-activation (within a
+layer and across layers), load, vocabulary specialisation and router saturation (the agreement
+of two runs over the same tokens). Definitions, edge cases and the choices made where the paper is ambiguous are in each
 function's docstring.
 """
 from moe_route.analysis.experts import (delta_frequency, expert_overlap, experts_above,
@@ -29,13 +29,14 @@ from moe_route.analysis.metrics import (DivergenceCorrelation, LoadBalance, Para
                                         expert_importance, expert_set_jaccard,
                                         expert_token_counts, expert_token_entropy,
                                         expert_top_tokens, js_divergence, language_divergence,
-                                        load_balance,
+                                        LayerTransitions, load_balance,
                                         mean_pairwise_overlap, pairwise_divergence,
                                         parallel_divergence, parse_parallel_groups, pearson,
                                         per_token_mean, pool_by_language, routing_agreement,
                                         routing_consistency, routing_divergence, routing_entropy,
                                         spearman, token_specialisation, trace_agreement,
-                                        trace_statistics, trace_token_routing)
+                                        trace_statistics, trace_token_routing,
+                                        trace_transitions)
 
 from moe_route.analysis import evaluation as _evaluation, experts as _experts, metrics as _metrics  # noqa: E402
 

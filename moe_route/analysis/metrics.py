@@ -44,7 +44,8 @@ __all__ = [
     "parallel_divergence", "routing_divergence", "language_divergence",
     "routing_entropy", "mean_pairwise_overlap", "expert_set_jaccard", "routing_consistency",
     "RoutingAgreement", "routing_agreement", "trace_agreement", "trace_statistics",
-    "coactivation", "conditional_coactivation", "LoadBalance", "load_balance",
+    "coactivation", "conditional_coactivation", "LayerTransitions", "trace_transitions",
+    "LoadBalance", "load_balance",
     "pearson", "spearman", "DivergenceCorrelation", "divergence_accuracy_correlation",
     "TokenRouting", "expert_token_counts", "trace_token_routing", "expert_token_entropy",
     "token_specialisation", "expert_top_tokens",
@@ -1147,7 +1148,7 @@ def trace_statistics(trace: Mapping, *, renormalize: bool = False,
     ``"renormalized"`` set.
     """
     from moe_route.hf.patch import layer_index
-    from moe_route.recording import _check_trace_layer
+    from moe_route.traces import _check_trace_layer
     from moe_route.stats import LayerStats
 
     where = "trace_statistics"
@@ -1195,22 +1196,22 @@ def trace_statistics(trace: Mapping, *, renormalize: bool = False,
         layers.append(LayerStats(
             name, layer_index(name), ids.shape[1], tokens=torch.bincount(group, minlength=G),
             counts=torch.bincount(cells, minlength=G * E).view(G, E),
-            weight_sum=weight_sum.view(G, E).float(), coact=_pairs(ids, E) if coact else None))
+            weight_sum=weight_sum.view(G, E).float(),
+            coact=_pairs(ids, ids, E, E) if coact else None))
     meta = {**(getattr(trace, "meta", None) or {}), "renormalized": renormalize}
     return RoutingStats(layers, list(codes), meta)
 
 
-def _pairs(ids: torch.Tensor, E: int) -> torch.Tensor:
-    """``[E, E]`` int64 counts of every ordered pair of each row's ids (diagonal included), a
-    chunk of rows at a time (a row makes k^2 pair indices)."""
-    out = torch.zeros(E * E, dtype=torch.int64)
-    k = max(ids.shape[1], 1)
-    step = max(1, _CHUNK_ELEMENTS // (k * k))
-    for r0 in range(0, ids.shape[0], step):
-        chunk = ids[r0:r0 + step]
-        out += torch.bincount((chunk[:, :, None] * E + chunk[:, None, :]).flatten(),
-                              minlength=E * E)
-    return out.view(E, E)
+def _pairs(a: torch.Tensor, b: torch.Tensor, E_a: int, E_b: int) -> torch.Tensor:
+    """``[E_a, E_b]`` int64 counts of every pair (one of row t's ids in ``a``, one of its ids in
+    ``b``), int64 ``[N, k_a]`` and ``[N, k_b]``; ``a`` with itself counts a layer's ordered pairs,
+    diagonal included. A chunk of rows at a time (a row makes k_a·k_b pair indices)."""
+    out = torch.zeros(E_a * E_b, dtype=torch.int64)
+    step = max(1, _CHUNK_ELEMENTS // max(a.shape[1] * b.shape[1], 1))
+    for r0 in range(0, a.shape[0], step):
+        cells = a[r0:r0 + step, :, None] * E_b + b[r0:r0 + step, None, :]
+        out += torch.bincount(cells.flatten(), minlength=E_a * E_b)
+    return out.view(E_a, E_b)
 
 
 # -------------------------------------------------------------------------------------------
@@ -1250,6 +1251,131 @@ def conditional_coactivation(coact) -> torch.Tensor:
     if bool((c < 0).any()):
         raise ValueError(f"{where}: coact must be >= 0 counts")
     return torch.where(diag > 0, c / diag.clamp_min(1), torch.nan).float()
+
+
+@dataclass(frozen=True, eq=False)
+class LayerTransitions:
+    """How the tokens routed to each expert of one layer are routed in a later one (OLMoE §5's
+    cross-layer expert counts), over the same tokens (``trace_transitions``).
+
+    counts [E_s, E_t] int64: pairs (expert a at the source layer, expert b at the target layer)
+        summed over the rows: with ``pairs="all"`` every expert of a token's top-k at the source
+        with every one at the target (k_s·k_t pairs a token), with ``"rank"`` the r-th choice
+        with the r-th choice (k pairs a token, as OLMoE's analysis script pairs them).
+    source [E_s], target [E_t] int64: the rows whose top-k held each expert, at each layer.
+    tokens: the rows counted.
+    pairs: "all" or "rank".
+    """
+
+    counts: torch.Tensor
+    source: torch.Tensor
+    target: torch.Tensor
+    tokens: int
+    pairs: str
+
+    def conditional(self) -> torch.Tensor:
+        """``[E_s, E_t]`` float32: of the tokens routed to a at the source, the share routed to
+        b at the target (``pairs="all"``: rows sum to k_t) or whose same-rank choice there is b
+        (``"rank"``: rows sum to 1). NaN rows for experts the source never chose."""
+        src = self.source.to(torch.float64)[:, None]
+        return torch.where(src > 0, self.counts / src.clamp_min(1), torch.nan).float()
+
+    def lift(self) -> torch.Tensor:
+        """``[E_s, E_t]`` float32: how much more often a and b are paired than if the two layers
+        routed independently, ``counts[a, b] · total / (row total[a] · column total[b])``
+        (``"all"``: P(a, b) / (P(a) P(b)) over tokens). 1 = independent, 0 = never together;
+        NaN where a or b was never chosen."""
+        c = self.counts.to(torch.float64)
+        expected = c.sum(1, keepdim=True) * c.sum(0, keepdim=True)
+        return torch.where(expected > 0, c * c.sum() / expected.clamp_min(1), torch.nan).float()
+
+
+def _trace_layer(trace: Mapping, layer, arg: str, where: str) -> str:
+    """The name of ``layer`` (a name, or a position in the trace's order) in ``trace``."""
+    names = list(trace)
+    if isinstance(layer, str):
+        if layer not in trace:
+            raise ValueError(f"{where}: {arg}={layer!r} is not a layer of the trace; its layers "
+                             f"are {_short(names, 4)}")
+        return layer
+    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+        raise TypeError(f"{where}: {arg} must be a layer name (str) or a position in the trace "
+                        f"(int), got {type(layer).__name__}")
+    if not -len(names) <= layer < len(names):
+        raise ValueError(f"{where}: {arg}={layer} is out of range for a trace of {len(names)} "
+                         f"layers")
+    return names[layer]
+
+
+def trace_transitions(trace: Mapping, source, target, *, pairs: str = "all",
+                      groups=None) -> LayerTransitions:
+    """Cross-layer expert counts of a trace: for the tokens routed to each expert of layer
+    ``source``, which experts of layer ``target`` they are routed to (OLMoE §5 looks at layers
+    0 -> 7 and 7 -> 15; Mixtral's paper at consecutive tokens instead, ``routing_consistency``).
+
+    ``source``, ``target``: layer names (``"model.layers.7.mlp.gate"``) or positions in the
+    trace's order (negative from the end); the two must hold the same rows (the same tokens),
+    each with its expert count (``"experts"``, traces since format 3). ``pairs``: "all" (every
+    source expert of a token with every target expert) or "rank" (the r-th choice with the r-th
+    choice, which needs the same k in both layers; the trace keeps the router's order, best
+    first). ``groups``: which rows count, by their group in the source layer: None (every row
+    with a group in both layers: padding and ignored tokens are left out), a collection of group
+    names, or a function of a name (``lambda g: g.startswith("fra_Latn/")``).
+    Returns ``LayerTransitions`` (``.conditional()``, ``.lift()``).
+    """
+    from moe_route.traces import _check_trace_layer
+
+    where = "trace_transitions"
+    if not isinstance(trace, Mapping):
+        raise TypeError(f"{where}: trace must be a mapping {{layer: {{'ids', 'group', "
+                        f"'experts', ...}}}} (rec.trace or load_trace), got "
+                        f"{type(trace).__name__}")
+    _check_choice(pairs, "pairs", ("all", "rank"), where)
+    layers = []
+    for arg, value in (("source", source), ("target", target)):
+        name = _trace_layer(trace, value, arg, where)
+        layer = trace[name]
+        _check_trace_layer(name, layer, where)
+        if layer.get("experts") is None:
+            raise ValueError(f"{where}: trace[{name!r}] holds no 'experts' (a trace saved before "
+                             f"moe_route recorded expert counts)")
+        layers.append((name, layer))
+    (sname, s), (tname, t) = layers
+    N = s["ids"].shape[0]
+    if t["ids"].shape[0] != N:
+        raise ValueError(f"{where}: layers {sname!r} and {tname!r} hold {N} and "
+                         f"{t['ids'].shape[0]} rows: not the same tokens")
+    if pairs == "rank" and s["ids"].shape[1] != t["ids"].shape[1]:
+        raise ValueError(f"{where}: pairs='rank' pairs the r-th choices of the two layers, which "
+                         f"needs the same k; {sname!r} has k={s['ids'].shape[1]}, {tname!r} "
+                         f"k={t['ids'].shape[1]}")
+    other = _other_tokens(s.get("tokens"), t.get("tokens"))
+    if other:
+        raise ValueError(f"{where}: layers {sname!r} and {tname!r} hold different tokens in "
+                         f"{other[0]} of {other[1]} rows: not the same tokens")
+    if groups is None:
+        def keep(g):
+            return True
+    elif callable(groups):
+        keep = groups
+    elif isinstance(groups, str) or not isinstance(groups, Iterable):
+        raise TypeError(f"{where}: groups must be None, a collection of group names or a "
+                        f"function of a group name, got {groups!r}")
+    else:
+        chosen = set(groups)
+        keep = chosen.__contains__
+    rows = torch.tensor([a is not None and b is not None and bool(keep(a))
+                         for a, b in zip(s["group"], t["group"])], dtype=torch.bool)
+    a, b = s["ids"][rows].long(), t["ids"][rows].long()
+    _check_distinct(a, f"trace[{sname!r}]['ids']", where)
+    _check_distinct(b, f"trace[{tname!r}]['ids']", where)
+    E_s, E_t = int(s["experts"]), int(t["experts"])
+    if pairs == "all":
+        counts = _pairs(a, b, E_s, E_t)
+    else:
+        counts = torch.bincount((a * E_t + b).flatten(), minlength=E_s * E_t).view(E_s, E_t)
+    return LayerTransitions(counts, torch.bincount(a.flatten(), minlength=E_s),
+                            torch.bincount(b.flatten(), minlength=E_t), int(a.shape[0]), pairs)
 
 
 class LoadBalance(NamedTuple):

@@ -31,6 +31,7 @@ from moe_route.analysis.inputs import (BELEBELE, belebele_rows, chat_wrap, check
                                      special_tokens)
 from moe_route.analysis.progress import progress_bar
 from moe_route.recording import record
+from moe_route.traces import check_trace_path
 from moe_route._json import parse as parse_json
 from moe_route.stats import RoutingStats, _short_list
 from moe_route.steering import SteeringPlan, steer
@@ -263,15 +264,14 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
     lose more of each text than the English one, biasing the comparison, so a call that cuts any
     text's own tokens warns once (``UserWarning``) with how many texts of which languages.
 
-    ``trace_path``: also keep every token's routing (``record(trace=True)``: expert ids and
+    ``trace_path``: also keep every token's routing (``record(trace_path=)``: expert ids and
     weights per layer, each token's sequence as its group, ``None`` for a token that is not
-    counted) and save it there (``save_trace``, with the statistics' meta) once the corpus is
-    recorded. The trace is held on the host until then: 4·k + 8 bytes per routed token (the
-    padding's too) and layer at top-k, the file's size (0.6 GB a million tokens at OLMoE's 16
-    layers and k = 8); the process's peak memory grew by about 2.2 times that
-    (``bench/trace_memory.py``). Tracing syncs at every router call. Two traces of one corpus,
-    from two checkpoints or with and without a steering plan, compare with
-    ``trace_agreement`` / ``moe-route compare``.
+    counted), written there once the corpus is recorded (with the statistics' meta). The file
+    takes 4·k + 8 bytes per routed token (the padding's too) and layer at top-k (0.6 GB a
+    million tokens at OLMoE's 16 layers and k = 8); it is streamed to disk while recording, so
+    host memory holds at most ``traces.TRACE_BUFFER_BYTES`` of it (``bench/trace_memory.py``).
+    Tracing syncs at every router call. Two traces of one corpus, from two checkpoints or with
+    and without a steering plan, compare with ``trace_agreement`` / ``moe-route compare``.
     """
     if not isinstance(corpus, Mapping) or not corpus:
         raise ValueError("record_sequences: corpus must be a non-empty {language: sequences} mapping")
@@ -296,7 +296,7 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
     counted = dict(chat_template=chat_template, max_length=max_length,
                    all_tokens=all_tokens) if texts else {}   # token ids: every token counts
     record_options["meta"] = {**counted, **(given or {})}
-    with record(model, trace=trace_path is not None, **record_options) as rec, torch.no_grad():
+    with record(model, trace_path=trace_path, **record_options) as rec, torch.no_grad():
         for lang, i in batches:
             seqs = corpus[lang][i:i + batch_size]
             names = [f"{lang}/{j}" for j in range(i, i + len(seqs))]
@@ -314,16 +314,14 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
             bar(1)
     bar(None)
     _warn_cut(cut, corpus, max_length)
-    if trace_path is not None:
-        rec.save_trace(trace_path)
     return rec.stats
 
 
 def _check_trace_options(trace_path, record_options: dict) -> None:
     """Refuse what would trace for nothing (record's ``trace=``, whose trace goes with the
     recorder; ``trace_logits``/``trace_dtype`` without ``trace_path``) and a ``trace_path`` that
-    cannot be written, before any sequence is recorded: a failed save after the corpus would
-    lose the statistics too."""
+    is no file path, before any sequence is recorded (``record`` refuses a directory that cannot
+    be written as it starts)."""
     where = "record_sequences"
     if "trace" in record_options:
         raise TypeError(f"{where}: trace= is not an option here (the recorder's trace would be "
@@ -334,18 +332,7 @@ def _check_trace_options(trace_path, record_options: dict) -> None:
             raise ValueError(f"{where}: {', '.join(extra)} shape a trace, which only "
                              f"trace_path=PATH keeps")
         return
-    if not isinstance(trace_path, (str, os.PathLike)):
-        raise TypeError(f"{where}: trace_path must be a str or os.PathLike (a .safetensors "
-                        f"file) or None, got {type(trace_path).__name__}")
-    path = os.path.abspath(os.fspath(trace_path))
-    if os.path.isdir(path):
-        raise ValueError(f"{where}: trace_path={os.fspath(trace_path)!r} is a directory; name "
-                         f"the .safetensors file to write")
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"{where}: cannot write trace_path={os.fspath(trace_path)!r}: "
-                              f"its directory {parent!r} is not writable")
+    check_trace_path(trace_path, where)
 
 
 def _check_max_length(caller: str, max_length) -> None:
