@@ -402,18 +402,18 @@ class TraceSpill:
         blob += b" " * (-len(blob) % 8)   # the data starts 8-byte aligned, as safetensors writes
 
         def write(tmp: str) -> None:
-            src = self._out.fileno()
+            src = self._out
             with open(tmp, "wb") as f:
                 f.write(struct.pack("<Q", len(blob)))
                 f.write(blob)
                 for start, nbytes in pieces:
-                    done = 0
-                    while done < nbytes:
-                        piece = os.pread(src, min(_COPY_BYTES, nbytes - done), start + done)
+                    src.seek(start)
+                    while nbytes > 0:
+                        piece = src.read(min(_COPY_BYTES, nbytes))
                         if not piece:
                             raise OSError(f"trace: the spill file {self.file!r} ended early")
                         f.write(piece)
-                        done += len(piece)
+                        nbytes -= len(piece)
 
         try:
             write_atomic(self.path, write)
