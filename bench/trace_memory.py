@@ -5,8 +5,9 @@
 A 16-layer OLMoE of OLMoE's routing shape (64 experts, top-8) but hidden size 32 records a
 corpus of random token ids (two languages, sequences of 500, batches of 20), once without a
 trace and once saving one; each run is a process of its own, and its peak resident set size
-(``ru_maxrss``) is read at the end. The difference is what the trace costs at its peak (held
-while recording, then read out and written); the file's size is what it holds.
+(``ru_maxrss``) is read at the end. The difference is what the trace costs at its peak (its
+buffer, streamed to a spill file and written out at the end: ``record(trace_path=)``); the
+file's size is what it holds.
 """
 from __future__ import annotations
 
