@@ -57,11 +57,12 @@ host as they are produced (``rec.trace``, ``rec.save_trace(path)``); this one do
 dict of layers, with the recorder's ``meta`` as ``trace.meta``, saved with it.
 
 ``trace_path=PATH`` traces into that file instead of memory: the host parts go to a spill file
-beside PATH each time they pass ``traces.TRACE_BUFFER_BYTES`` (256 MiB), and the end of the
-context writes PATH from it (the file ``save_trace`` writes, atomically), so a trace of any
-length takes a bounded amount of host memory and twice its size on disk while it is written.
-A context that ends in an error writes nothing (PATH keeps what it held) and removes the spill;
-such a recorder is not entered again, and ``rec.trace`` is refused: ``load_trace(PATH)``.
+beside PATH each time they pass ``traces.TRACE_BUFFER_BYTES`` (256 MiB, their Python objects
+counted), and the end of the context writes PATH from it (the file ``save_trace`` writes,
+atomically), so a trace of any length takes about that much host memory, and twice its size on
+disk while it is written. A context that ends in an error writes nothing (PATH keeps what it
+held) and removes the spill. The recorder is entered once, and ``rec.trace`` is refused:
+``load_trace(PATH)``.
 
 ``meta`` (the statistics' and the trace's) gets ``"model"``, the model's
 ``config._name_or_path`` (the Hub id or local path it was loaded from), unless the given meta
@@ -124,18 +125,23 @@ class Recorder:
             raise ValueError(f"record: trace_dtype={trace_dtype} must be float16, bfloat16 or "
                              f"float32")
         self.trace_path = None if trace_path is None else check_trace_path(trace_path, "record")
+        if trace and trace_path is not None:
+            raise ValueError("record: trace=True keeps the trace in host memory (rec.trace) and "
+                             "trace_path streams it into a file instead; pass one of them")
         self.trace_on = trace or trace_path is not None
         self.trace_logits, self.trace_dtype = trace_logits, trace_dtype
         self._trace: dict[str, dict[str, list]] = {}
+        self._trace_devices: set = set()          # CUDA devices the trace's copies come from
         self._spill: Optional[TraceSpill] = None   # trace_path: the file being recorded
-        self._buffered = 0                        # bytes of trace parts not spilled yet
-        self._entered = False
+        self._buffered = 0                        # host bytes of trace parts not spilled yet
+        self._streamed = False                    # trace_path: a context ran (and wrote it)
         self._lock = threading.RLock()
         self._handle = None
         self._buffers: dict[str, GateStats] = {}   # per routing site (RouterState.site)
         self._layers: dict[str, tuple] = {}         # site -> (decoder-layer index, top_k)
         self._attached: dict = {}                   # router -> the stats it was given
         self._rows: dict[str, int] = {}          # group name -> device row
+        self._row_names: Optional[list] = None   # trace: list(self._rows), shared until it changes
         self._capacity = 0                       # device rows the buffers have
         self._parts: list[RoutingStats] = []    # flushed, merged once when read
         self._context: list[str] = [default_group]
@@ -159,15 +165,14 @@ class Recorder:
         if self._handle is not None:  # its cleanup would take the active entry's buffers off
             raise RuntimeError("record: this record() context is already active; it cannot be "
                                "entered again inside itself")
-        if self.trace_path is not None:
-            if self._entered:   # its file was written (or given up) when the context ended
-                raise RuntimeError(f"record: a recorder with trace_path={self.trace_path!r} "
-                                   f"writes its trace when its context ends and cannot be "
-                                   f"entered again; make a new record()")
-            self._spill = TraceSpill(self.trace_path, "record")
-        self._entered = True
+        if self._streamed:   # its file was written (or given up) when the context ended
+            raise RuntimeError(f"record: a recorder with trace_path={self.trace_path!r} writes "
+                               f"its trace when its context ends and cannot be entered again; "
+                               f"make a new record()")
         self._handle = acquire(self.model, self._unhook)
         try:
+            if self.trace_path is not None:
+                self._spill = TraceSpill(self.trace_path, "record")
             for name, state in self._handle.routers.items():
                 if state.stats is not None:
                     raise RuntimeError(f"record: {name} is already being recorded; nested "
@@ -200,7 +205,9 @@ class Recorder:
             self._detach()
             if self._spill is not None:
                 self._spill.discard()
+                self._spill = None
             raise
+        self._streamed = self.trace_path is not None
         return self
 
     def __exit__(self, *exc):
@@ -293,6 +300,7 @@ class Recorder:
             if len(self._rows) == self.max_groups:
                 self.flush()
             row = self._rows[name] = len(self._rows)
+            self._row_names = None
             if row == self._capacity:
                 self._grow(min(2 * row, self.max_groups))
         return row
@@ -496,20 +504,31 @@ class Recorder:
                 torch.full((T,), -1, dtype=torch.int32, device=ids.device)}
         if self.trace_logits:
             rows["logits"] = logits.to(self.trace_dtype)
+        if ids.is_cuda:  # the copies below land in pinned memory after this call returns
+            self._trace_devices.add(ids.device)
         for key, t in rows.items():
             parts.setdefault(key, []).append(t.detach().to("cpu", non_blocking=True))
         parts.setdefault("tokens", []).append(tokens)   # shared by the call's layers
         # group rows are recycled after a flush: keep each token's group *name*
-        parts.setdefault("group_names", []).append(list(self._rows))
+        if self._row_names is None:
+            self._row_names = list(self._rows)
+        parts.setdefault("group_names", []).append(self._row_names)
         parts["experts"] = E
         if self._spill is not None:
-            self._buffered += sum(t.numel() * t.element_size() for t in rows.values()) + 4 * T
+            self._buffered += _PART_OBJECTS + 4 * T + sum(t.numel() * t.element_size()
+                                                           for t in rows.values())
             if self._buffered >= traces.TRACE_BUFFER_BYTES:
                 self._spill_parts()
+
+    def _trace_copies_done(self) -> None:
+        """Wait for the trace's device-to-host copies (pinned, asynchronous) before reading them."""
+        for device in self._trace_devices:
+            torch.cuda.synchronize(device)
 
     def _spill_parts(self) -> None:
         """Append every layer's buffered calls to the spill file and drop them from memory (each
         token's group row becomes its group's index in the file)."""
+        self._trace_copies_done()
         codes = self._spill.group_codes
         for name, parts in self._trace.items():
             E = parts["experts"]
@@ -520,12 +539,15 @@ class Recorder:
             if parts.get("groups"):
                 joined = []
                 for rows, table in zip(parts["groups"], parts["group_names"]):
-                    index = torch.tensor([codes.setdefault(g, len(codes)) for g in table] + [-1],
-                                         dtype=torch.int32)
-                    joined.append(index[torch.where((rows >= 0) & (rows < len(table)), rows,
-                                                    len(table)).long()])
+                    rows = torch.where((rows >= 0) & (rows < len(table)), rows, -1).long()
+                    used = _first_appearances(rows[rows >= 0])
+                    lookup = torch.full((len(table) + 1,), -1, dtype=torch.int32)  # -1: the last
+                    for r in used:   # numbered in order of first appearance, as save_trace does
+                        lookup[r] = codes.setdefault(table[r], len(codes))
+                    joined.append(lookup[rows])
                 self._spill.append(name, E, "group", torch.cat(joined))
                 parts["groups"], parts["group_names"] = [], []
+        self._spill.flush()
         self._buffered = 0
 
     @property
@@ -537,6 +559,7 @@ class Recorder:
         first read, a layer at a time, so a large trace is not held twice): copy one before
         changing it in place."""
         self._not_streamed("trace")
+        self._trace_copies_done()
         out = Trace(meta=self.meta)
         for name, parts in self._trace.items():
             for key in _TRACE_TENSORS:
@@ -581,6 +604,7 @@ class Recorder:
                 buf.zero_()
             self._parts.append(RoutingStats(layers, names, meta=self.meta))
             self._rows = {}
+            self._row_names = None
 
     @property
     def stats(self) -> RoutingStats:
@@ -591,6 +615,22 @@ class Recorder:
         if len(self._parts) > 1:
             self._parts = [RoutingStats.merge_all(self._parts)]
         return self._parts[0]
+
+
+# Host bytes of one router call's trace parts beyond their data (five CPU tensors and the list
+# entries that hold them; about 2 kB measured), counted against traces.TRACE_BUFFER_BYTES: in
+# generate()'s one-token steps they outweigh the data many times.
+_PART_OBJECTS = 2048
+
+
+def _first_appearances(rows: torch.Tensor) -> list:
+    """The distinct values of ``rows`` (int64 [n]) in order of first appearance."""
+    if not rows.numel():
+        return []
+    values, inverse = torch.unique(rows, return_inverse=True)
+    first = torch.full((values.numel(),), rows.numel()).scatter_reduce_(
+        0, inverse, torch.arange(rows.numel()), "amin")
+    return values[first.argsort()].tolist()
 
 
 def _model_meta(model: nn.Module) -> dict:

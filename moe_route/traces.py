@@ -201,7 +201,8 @@ def load_trace(path, layers: Optional[Sequence[str]] = None) -> Trace:
     where = "load_trace"
     _safetensors(where)
     path = os.fspath(path)
-    if layers is not None and (isinstance(layers, str) or not isinstance(layers, Iterable)):
+    if layers is not None and (isinstance(layers, (str, bytes))
+                               or not isinstance(layers, Iterable)):
         raise TypeError(f"{where}: layers must be a list of layer names or None (every layer), "
                         f"got {layers!r}")
     wanted = None if layers is None else list(layers)
@@ -310,8 +311,10 @@ def _group_names(codes, names, last_codes, last_group, where: str) -> list:
 # streamed traces (record(model, trace_path=PATH)): the recorder's host parts are appended to a
 # spill file beside PATH whenever they pass TRACE_BUFFER_BYTES, and at the end of the context the
 # safetensors file is written from the spill, a tensor at a time, so host memory holds one
-# buffer's worth of trace however long the run. The file is the one save_trace writes of the same
-# trace (same tensors, dtypes and metadata; group names numbered in order of first appearance).
+# buffer's worth of trace however long the run. The file holds the tensors and metadata that
+# save_trace writes for the same trace; group names are numbered in order of first appearance,
+# layer by layer within each spill, which is save_trace's numbering when the layers see the same
+# groups (the layers of one model do, an encoder-decoder's two stacks need not).
 
 TRACE_BUFFER_BYTES = 256 << 20
 _COPY_BYTES = 16 << 20   # the piece a spilled tensor is copied into the file by
@@ -346,13 +349,15 @@ class TraceSpill:
         parent = os.path.dirname(path)
         try:
             os.makedirs(parent, exist_ok=True)
-            self.file, _ = make_temp(parent, f".{os.path.basename(path)}.", ".spill",
+            # a short name: the file's own may be near the 255 bytes a name can have
+            self.file, _ = make_temp(parent, f".{os.path.basename(path)[:64]}.", ".spill",
                                      private=True)
         except OSError as exc:
-            raise PermissionError(f"{where}: cannot write trace_path={path!r}: {exc}") from None
+            raise type(exc)(f"{where}: cannot write trace_path={path!r}: {exc}") from None
         self.path = path
         self._out = open(self.file, "r+b")
         self._size = 0
+        self._failed: Optional[BaseException] = None   # a write that failed: the spill is unusable
         # layer -> {"experts": E, key: [dtype, trailing shape, rows, [(offset, nbytes), ...]]}
         self._layers: dict[str, dict] = {}
         self.group_codes: dict[str, int] = {}   # group name -> its index in the file
@@ -368,27 +373,48 @@ class TraceSpill:
             raise RuntimeError(f"trace: {layer}.{key} was {spec[0]} [*, {spec[1]}] and is now "
                                f"{t.dtype} {tuple(t.shape)}")
         nbytes = t.numel() * t.element_size()
-        if nbytes:
-            self._out.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        self._check_usable()
+        try:
+            if nbytes:
+                self._out.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        except BaseException as exc:   # part of it may be in the file: no offset holds after it
+            self._failed = exc
+            raise
         spec[2] += t.shape[0]
         spec[3].append((self._size, nbytes))
         self._size += nbytes
 
+    def flush(self) -> None:
+        """Hand what was appended to the operating system (out of this process's buffers)."""
+        self._check_usable()
+        try:
+            self._out.flush()
+        except BaseException as exc:
+            self._failed = exc
+            raise
+
+    def _check_usable(self) -> None:
+        if self._failed is not None:
+            raise RuntimeError(f"trace: writing the spill file {self.file!r} failed earlier "
+                               f"({type(self._failed).__name__}: {self._failed}); the trace "
+                               f"cannot be completed") from None
+
     def finish(self, meta: Mapping) -> None:
         """Write ``path`` from the spill (the layers in the order they first came), then remove
         the spill."""
-        self._out.flush()
+        self.flush()
         header, pieces, offset = {}, [], 0
-        for name, entry in self._layers.items():
-            for key in (*_TRACE_TENSORS, "group"):
-                if key not in entry:
-                    continue
-                dtype, tail, rows, chunks = entry[key]
-                nbytes = sum(n for _, n in chunks)
-                header[f"{name}.{key}"] = {"dtype": _ST_DTYPES[dtype], "shape": [rows, *tail],
-                                           "data_offsets": [offset, offset + nbytes]}
-                offset += nbytes
-                pieces.extend(chunks)
+        tensors = [(f"{name}.{key}", entry[key]) for name, entry in self._layers.items()
+                   for key in (*_TRACE_TENSORS, "group") if key in entry]
+        # widest elements first (safetensors' own order): every tensor starts aligned to its
+        # element size, since the data does to 8 bytes
+        tensors.sort(key=lambda item: -item[1][0].itemsize)
+        for key, (dtype, tail, rows, chunks) in tensors:
+            nbytes = sum(n for _, n in chunks)
+            header[key] = {"dtype": _ST_DTYPES[dtype], "shape": [rows, *tail],
+                           "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            pieces.extend(chunks)
         metadata = {"format": TRACE_FORMAT, "version": TRACE_VERSION,
                     "layers": json.dumps(list(self._layers)),
                     "group_names": json.dumps(list(self.group_codes)),

@@ -1018,6 +1018,8 @@ def test_trace_transitions_errors():
         M.trace_transitions(trace, 0, 1, pairs="both")
     with pytest.raises(TypeError, match="groups must be None, a collection of group names"):
         M.trace_transitions(trace, 0, 1, groups="a")
+    with pytest.raises(TypeError, match=r"groups must hold group names \(str\), got \[\['a'\]\]"):
+        M.trace_transitions(trace, 0, 1, groups=[["a"]])
     short = {name: dict(layer) for name, layer in trace.items()}
     short["model.layers.7.mlp.gate"]["ids"] = torch.tensor([[3], [3], [0], [2]])
     short["model.layers.7.mlp.gate"]["weights"] = torch.ones(4, 1)

@@ -510,6 +510,99 @@ def test_streamed_trace_refusals_and_an_error_inside_the_context(tmp_path, monke
     assert int(again.stats.stack("tokens").sum()) == 4 * 2
 
 
+def _spill_size(directory) -> int:
+    spills = [p for p in directory.iterdir() if p.name.endswith(".spill")]
+    assert len(spills) == 1
+    return spills[0].stat().st_size
+
+
+def test_streamed_trace_goes_to_disk_while_recording(tmp_path, monkeypatch):
+    """The parts leave memory during the run, not at its end: one-token calls (generate()'s
+    steps), whose data is a few bytes, spill by the objects that hold them too. Every tensor of
+    the file starts at a multiple of its element size (int16 ids of an odd length before fp32
+    weights would not), and group names are numbered by first appearance, as save_trace does."""
+    import json
+    import struct
+    from moe_route import traces
+
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    monkeypatch.setattr(traces, "TRACE_BUFFER_BYTES", 32 << 10)
+    torch.manual_seed(0)     # top-1: 31 int16 ids take 62 bytes
+    model = OlmoeForCausalLM(OlmoeConfig(
+        hidden_size=16, intermediate_size=8, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, num_experts=8, num_experts_per_tok=1, vocab_size=96)).eval()
+    path = tmp_path / "t.safetensors"
+    with moe_route.record(model, trace_path=path, trace_dtype=torch.float32) as rec, \
+            torch.no_grad():
+        rec.set_groups(torch.tensor([1]), ["late", "early"])   # row order is not first use
+        sizes = []
+        for step in range(31):
+            model(_ids(step, (1, 1)))
+            sizes.append(_spill_size(tmp_path))
+    assert sizes[0] == 0 and 0 < sizes[10] < sizes[-1]   # 14 B of data per layer and step
+    trace = moe_route.load_trace(path)
+    assert all(layer["group"] == ["early"] * 31 for layer in trace.values())
+    raw = path.read_bytes()
+    header = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
+    assert json.loads(header.pop("__metadata__")["group_names"]) == ["early"]
+    for key, entry in header.items():
+        width = {"F32": 4, "I32": 4, "I16": 2}[entry["dtype"]]
+        assert entry["data_offsets"][0] % width == 0, (key, entry)
+    assert header["model.layers.0.mlp.gate.ids"]["shape"] == [31, 1]
+
+
+def test_streamed_trace_failures_leave_no_spill(tmp_path, monkeypatch):
+    """A recorder that fails to start (a model with no router, a router already recorded) leaves
+    no spill and can start later; a spill write that fails, even if the error is caught inside
+    the context, fails the context's end instead of writing a file from a broken spill; a
+    trace_path whose directory is a file keeps its OSError type; trace=True with a trace_path
+    is refused."""
+    from moe_route import traces
+
+    model = build("olmoe")
+    path = tmp_path / "t.safetensors"
+    with pytest.raises(moe_route.UnsupportedModelError):
+        with moe_route.record(torch.nn.Linear(2, 2), trace_path=path):
+            pass
+    inner = moe_route.record(model, trace_path=path)
+    with moe_route.record(model), torch.no_grad():
+        with pytest.raises(RuntimeError, match="already being recorded"):
+            with inner:
+                pass
+        assert list(tmp_path.iterdir()) == []
+    with inner, torch.no_grad():        # it never started, so it may now
+        model(_ids(1, (1, 3)))
+    assert moe_route.load_trace(path)["model.layers.0.mlp.gate"]["ids"].shape == (3, 2)
+
+    before = path.read_bytes()
+    failing = {"left": 1}
+    real = traces.TraceSpill.append
+
+    def append(self, *args):
+        if failing["left"]:
+            failing["left"] -= 1
+            self._out.write(b"half")           # part of a write, then the disk is full
+            self._failed = OSError(28, "No space left on device")
+            raise self._failed
+        return real(self, *args)
+    monkeypatch.setattr(traces.TraceSpill, "append", append)
+    monkeypatch.setattr(traces, "TRACE_BUFFER_BYTES", 1)
+    with pytest.raises(RuntimeError, match="writing the spill file .* failed earlier .*No space"):
+        with moe_route.record(model, trace_path=path), torch.no_grad():
+            with pytest.raises(OSError, match="No space left"):
+                model(_ids(1, (1, 3)))
+            model(_ids(2, (1, 3)))            # the caller went on
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FileExistsError, match="record: cannot write trace_path="):
+        with moe_route.record(model, trace_path=tmp_path / "file" / "t.safetensors"):
+            pass
+    with pytest.raises(ValueError, match="trace=True keeps the trace in host memory .* pass one"):
+        moe_route.record(model, trace=True, trace_path=path)
+
+
 def test_load_trace_reads_the_layers_asked_for(tmp_path, monkeypatch):
     """load_trace(layers=) gives those layers (in saved order) as the whole load gives them, and
     reads no other layer's tensors; an unknown name or a bare string is refused."""
@@ -553,8 +646,9 @@ def test_load_trace_reads_the_layers_asked_for(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"has no layer 'model.layers.9.mlp.gate'; its layers "
                                          r"are \['model.layers.0.mlp.gate'"):
         moe_route.load_trace(path, layers=["model.layers.9.mlp.gate"])
-    with pytest.raises(TypeError, match="layers must be a list of layer names or None"):
-        moe_route.load_trace(path, layers=first)
+    for bare in (first, first.encode()):
+        with pytest.raises(TypeError, match="layers must be a list of layer names or None"):
+            moe_route.load_trace(path, layers=bare)
 
 
 def _small_trace():

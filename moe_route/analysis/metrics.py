@@ -1362,7 +1362,11 @@ def trace_transitions(trace: Mapping, source, target, *, pairs: str = "all",
         raise TypeError(f"{where}: groups must be None, a collection of group names or a "
                         f"function of a group name, got {groups!r}")
     else:
-        chosen = set(groups)
+        try:
+            chosen = set(groups)
+        except TypeError:
+            raise TypeError(f"{where}: groups must hold group names (str), got "
+                            f"{list(groups)!r}") from None
         keep = chosen.__contains__
     rows = torch.tensor([a is not None and b is not None and bool(keep(a))
                          for a, b in zip(s["group"], t["group"])], dtype=torch.bool)
