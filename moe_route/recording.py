@@ -537,12 +537,18 @@ class Recorder:
                     self._spill.append(name, E, key, torch.cat(parts[key]))
                     parts[key] = []
             if parts.get("groups"):
-                joined = []
+                runs = []   # consecutive calls that share a row table, joined (generate()'s steps)
                 for rows, table in zip(parts["groups"], parts["group_names"]):
-                    rows = torch.where((rows >= 0) & (rows < len(table)), rows, -1).long()
-                    used = _first_appearances(rows[rows >= 0])
+                    if runs and runs[-1][0] is table:
+                        runs[-1][1].append(rows)
+                    else:
+                        runs.append((table, [rows]))
+                joined = []
+                for table, chunk in runs:
+                    rows = torch.cat(chunk).long()
+                    rows = torch.where((rows >= 0) & (rows < len(table)), rows, -1)
                     lookup = torch.full((len(table) + 1,), -1, dtype=torch.int32)  # -1: the last
-                    for r in used:   # numbered in order of first appearance, as save_trace does
+                    for r in _first_appearances(rows[rows >= 0]):  # numbered as save_trace does
                         lookup[r] = codes.setdefault(table[r], len(codes))
                     joined.append(lookup[rows])
                 self._spill.append(name, E, "group", torch.cat(joined))

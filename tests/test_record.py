@@ -423,14 +423,16 @@ def _record_corpus(model, **options):
     return rec
 
 
-def test_streamed_trace_is_the_trace_held_in_memory(tmp_path, monkeypatch):
-    """record(trace_path=) writes, call by call through a spill file, the trace that
-    record(trace=True) holds: the same layers, tensors, dtypes, group names (rows reused after a
-    flush resolve to the names of their time) and meta, and the same statistics. A buffer of
-    1 KiB spills at nearly every call; the spill is gone afterwards."""
+@pytest.mark.parametrize("buffer", [1, 1 << 30])
+def test_streamed_trace_is_the_trace_held_in_memory(tmp_path, monkeypatch, buffer):
+    """record(trace_path=) writes, through a spill file, the trace that record(trace=True)
+    holds: the same layers, tensors, dtypes, group names (rows reused after a flush resolve to
+    the names of their time) and meta, and the same statistics. A 1-byte buffer spills at every
+    router call, a 1 GiB one once at the end (three calls, three row tables); the spill is gone
+    afterwards."""
     from moe_route import traces
 
-    monkeypatch.setattr(traces, "TRACE_BUFFER_BYTES", 1024)
+    monkeypatch.setattr(traces, "TRACE_BUFFER_BYTES", buffer)
     model = build("olmoe")
     options = dict(trace_logits=True, trace_dtype=torch.bfloat16, meta={"run": 3})
     held = _record_corpus(model, trace=True, **options)
