@@ -272,9 +272,10 @@ def _analyze(args) -> int:
     compared = stats
     if args.importance == "renormalized":
         from moe_route.analysis.metrics import trace_statistics
-        from moe_route.traces import load_trace
+        from moe_route.traces import open_trace
 
-        compared = trace_statistics(load_trace(trace_path), renormalize=True)
+        # a layer at a time: the trace can be larger than memory
+        compared = trace_statistics(open_trace(trace_path), renormalize=True)
     middle = None
     if wanted is not None:
         middle = [p for p, i in enumerate(compared.layer_indices) if i in wanted]
@@ -456,10 +457,10 @@ def _task_kind(source) -> str:
 
 def _compare(args) -> int:
     from moe_route.analysis.metrics import trace_agreement
-    from moe_route.traces import load_trace
+    from moe_route.traces import open_trace
 
-    try:
-        a, b = load_trace(args.a), load_trace(args.b)
+    try:   # a layer of each at a time: the traces can be larger than memory
+        a, b = open_trace(args.a), open_trace(args.b)
         result = trace_agreement(a, b, skip_ungrouped=not args.all_rows)
     except (OSError, TypeError, ValueError) as exc:
         print(f"moe-route compare: {exc}", file=sys.stderr)

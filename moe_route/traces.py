@@ -19,7 +19,7 @@ from moe_route._atomic import make_temp, write_atomic
 from moe_route._json import parse as parse_json
 from moe_route.stats import _check_json, _package_version, _safetensors
 
-__all__ = ["Trace", "save_trace", "load_trace"]
+__all__ = ["Trace", "TraceFile", "save_trace", "load_trace", "open_trace"]
 
 # -------------------------------------------------------------------------------------------
 # traces on disk: one safetensors file. Per layer the tensors "{layer}.ids", ".weights",
@@ -190,17 +190,130 @@ def _own_storage(t: torch.Tensor, written: set) -> torch.Tensor:
     return t
 
 
+class TraceFile(Mapping):
+    """A trace file opened for reading a layer at a time (``open_trace``): a read-only mapping
+    ``{layer name: layer}`` in saved order, with ``meta``, whose layers are read from the file
+    each time they are looked up (nothing is kept), so an analysis that goes through the layers
+    one by one (``trace_agreement``, ``trace_statistics``, ``trace_token_routing``,
+    ``trace_transitions``) holds one layer of the trace at a time."""
+
+    def __init__(self, path, where: str = "open_trace"):
+        _safetensors(where)
+        self.path = path = os.fspath(path)
+        self._where = f"{where}: {path!r}"
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{where}: {path!r} is not a file (a trace is one "
+                                    f".safetensors file written by save_trace)")
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                metadata, self._stored = f.metadata() or {}, set(f.keys())
+        except Exception as exc:   # safetensors' own SafetensorError on a damaged file
+            raise _unreadable(self._where, exc) from None
+        if metadata.get("format") != TRACE_FORMAT:
+            raise ValueError(f"{self._where} is not a moe_route trace: its metadata says "
+                             f"format={metadata.get('format')!r}, expected {TRACE_FORMAT!r} (a "
+                             f"RoutingStats save is a directory: RoutingStats.load)")
+        version = self._version = metadata.get("version")
+        if version not in ("1", "2", TRACE_VERSION):
+            raise ValueError(f"{self._where} is trace format version {version!r}; this "
+                             f"moe_route reads versions '1' to {TRACE_VERSION!r}")
+        keys = {"1": ("groups",), "2": ("layers", "group_names")}.get(
+            version, ("layers", "group_names", "experts"))
+        meta = {key: parse_json(metadata.get(key, ""), f"{self._where}: the {key!r} metadata")
+                for key in keys}
+        want = dict if version == "1" else list
+        for key in keys:
+            if not isinstance(meta[key], want):
+                raise ValueError(f"{self._where}: the {key!r} metadata must be a JSON "
+                                 f"{'object' if want is dict else 'array'}, got "
+                                 f"{type(meta[key]).__name__}")
+        saved = parse_json(metadata.get("meta", "{}"), f"{self._where}: the 'meta' metadata")
+        if not isinstance(saved, dict):
+            raise ValueError(f"{self._where}: the 'meta' metadata must be a JSON object, got "
+                             f"{type(saved).__name__}")
+        self.meta = saved
+        self._v1_groups = meta.get("groups")
+        self._group_table = meta.get("group_names")
+        layers = list(meta["groups"] if version == "1" else meta["layers"])
+        experts = meta.get("experts", [None] * len(layers))
+        if len(experts) != len(layers):
+            raise ValueError(f"{self._where}: the 'experts' metadata must list one count per "
+                             f"layer ({len(layers)}), got {len(experts)}")
+        self._experts = dict(zip(layers, experts))
+        listed = {f"{name}.{key}" for name in layers for key in (*_TRACE_TENSORS, "group")}
+        extra = sorted(self._stored - listed)
+        if extra:
+            raise ValueError(f"{self._where} holds tensors of no listed layer: {extra[:8]}")
+        self._last = None   # (group codes, names) of the last layer read: the next often shares
+
+    def __iter__(self):
+        return iter(self._experts)
+
+    def __len__(self) -> int:
+        return len(self._experts)
+
+    def __contains__(self, name) -> bool:
+        return name in self._experts
+
+    def __getitem__(self, name: str) -> dict:
+        if name not in self._experts:
+            raise KeyError(name)
+        count = self._experts[name]
+        layer = {} if count is None else {"experts": count}
+        from safetensors import safe_open
+
+        try:
+            with safe_open(self.path, framework="pt") as f:
+                for key in (*_TRACE_TENSORS, "group"):
+                    if f"{name}.{key}" in self._stored:
+                        layer[key] = f.get_tensor(f"{name}.{key}")
+        except Exception as exc:
+            raise _unreadable(self._where, exc) from None
+        checked = None
+        if self._version == "1":
+            layer["group"] = self._v1_groups[name]
+        else:
+            codes = layer.get("group")
+            last_codes, last_group = self._last or (None, None)
+            layer["group"] = _group_names(codes, self._group_table, last_codes, last_group,
+                                          f"{self._where}: layer {name!r}")
+            if last_group is not None and codes.shape == last_codes.shape \
+                    and torch.equal(codes, last_codes):
+                checked = last_group
+            self._last = (codes, layer["group"])
+        try:
+            _check_trace_layer(name, layer, self._where, checked_group=checked)
+        except TypeError as exc:  # a damaged file, not a wrong argument
+            raise ValueError(str(exc)) from None
+        return layer
+
+    def __repr__(self) -> str:
+        return f"TraceFile({self.path!r}, {len(self)} layers, meta={self.meta!r})"
+
+
+def _unreadable(where: str, exc: Exception) -> ValueError:
+    return ValueError(f"{where} is not a readable safetensors file ({type(exc).__name__}: {exc})")
+
+
+def open_trace(path) -> TraceFile:
+    """Open a trace file (``save_trace``, ``record(trace_path=)``) for reading a layer at a time:
+    a read-only mapping of its layers, each read from the file when it is looked up, and its
+    ``meta``. The analyses take it wherever they take a trace, holding one layer at a time; for
+    a trace larger than memory. ``load_trace`` reads it all at once."""
+    return TraceFile(path)
+
+
 def load_trace(path, layers: Optional[Sequence[str]] = None) -> Trace:
     """Read a file written by ``save_trace`` / ``Recorder.save_trace`` / ``record(trace_path=)``:
     the same ``{layer name: {"ids", "weights", "group", ("tokens", "experts", "logits")}}`` dict,
     layers in saved order, tensors on the CPU in their saved dtypes (files of format versions 1
     and 2 have no "tokens" or "experts"), as a ``Trace`` whose ``.meta`` is the saved meta (empty
-    for a file saved without). ``layers``: names of the layers to read (in saved order), the
-    others' tensors are not read: a trace larger than memory is analysed a few layers at a time.
+    for a file saved without). ``layers``: names of the layers to read (in saved order); the
+    others' tensors are not read (``open_trace`` reads one layer at a time as it is asked for).
     Errors name the file and what is wrong with it."""
     where = "load_trace"
-    _safetensors(where)
-    path = os.fspath(path)
     if layers is not None and (isinstance(layers, (str, bytes))
                                or not isinstance(layers, Iterable)):
         raise TypeError(f"{where}: layers must be a list of layer names or None (every layer), "
@@ -208,88 +321,15 @@ def load_trace(path, layers: Optional[Sequence[str]] = None) -> Trace:
     wanted = None if layers is None else list(layers)
     if wanted is not None and not all(isinstance(n, str) for n in wanted):
         raise TypeError(f"{where}: layers must hold layer names (str), got {wanted!r}")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{where}: {path!r} is not a file (a trace is one .safetensors "
-                                f"file written by save_trace)")
-    from safetensors import safe_open
-
-    def unreadable(exc):   # safetensors raises its own SafetensorError on a damaged file
-        return ValueError(f"{where}: {path!r} is not a readable safetensors file "
-                          f"({type(exc).__name__}: {exc})")
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata, stored = f.metadata() or {}, set(f.keys())
-    except Exception as exc:
-        raise unreadable(exc) from None
-    if metadata.get("format") != TRACE_FORMAT:
-        raise ValueError(f"{where}: {path!r} is not a moe_route trace: its metadata says "
-                         f"format={metadata.get('format')!r}, expected {TRACE_FORMAT!r} (a "
-                         f"RoutingStats save is a directory: RoutingStats.load)")
-    version = metadata.get("version")
-    if version not in ("1", "2", TRACE_VERSION):
-        raise ValueError(f"{where}: {path!r} is trace format version {version!r}; this "
-                         f"moe_route reads versions '1' to {TRACE_VERSION!r}")
-    keys = {"1": ("groups",), "2": ("layers", "group_names")}.get(
-        version, ("layers", "group_names", "experts"))
-    meta = {}
-    for key in keys:
-        meta[key] = parse_json(metadata.get(key, ""), f"{where}: {path!r}: the {key!r} metadata")
-    want = dict if version == "1" else list
-    for key in keys:
-        if not isinstance(meta[key], want):
-            raise ValueError(f"{where}: {path!r}: the {key!r} metadata must be a JSON "
-                             f"{'object' if want is dict else 'array'}, got "
-                             f"{type(meta[key]).__name__}")
-    saved = parse_json(metadata.get("meta", "{}"), f"{where}: {path!r}: the 'meta' metadata")
-    if not isinstance(saved, dict):
-        raise ValueError(f"{where}: {path!r}: the 'meta' metadata must be a JSON object, got "
-                         f"{type(saved).__name__}")
-    names = meta.get("group_names")
-    layers = meta["groups"] if version == "1" else meta["layers"]
-    experts = meta.get("experts", [None] * len(layers))
-    if len(experts) != len(layers):
-        raise ValueError(f"{where}: {path!r}: the 'experts' metadata must list one count per "
-                         f"layer ({len(layers)}), got {len(experts)}")
-    listed = {f"{name}.{key}" for name in layers for key in (*_TRACE_TENSORS, "group")}
-    extra = sorted(stored - listed)
-    if extra:
-        raise ValueError(f"{where}: {path!r} holds tensors of no listed layer: {extra[:8]}")
+    f = TraceFile(path, where)
+    names = list(f)
     if wanted is not None:
-        unknown = [n for n in wanted if n not in layers]
+        unknown = [n for n in wanted if n not in f]
         if unknown:
-            raise ValueError(f"{where}: {path!r} has no layer {unknown[0]!r}; its layers are "
-                             f"{list(layers)[:4]}{' ...' if len(layers) > 4 else ''}")
-        experts = [count for name, count in zip(layers, experts) if name in wanted]
-        layers = [name for name in layers if name in wanted]
-    keys = [f"{name}.{key}" for name in layers for key in (*_TRACE_TENSORS, "group")]
-    try:
-        with safe_open(path, framework="pt") as f:
-            tensors = {key: f.get_tensor(key) for key in keys if key in stored}
-    except Exception as exc:
-        raise unreadable(exc) from None
-    out = Trace(meta=saved)
-    last_codes, last_group, checked = None, None, None
-    for name, count in zip(layers, experts):
-        layer = {} if count is None else {"experts": count}
-        for key in _TRACE_TENSORS:
-            t = tensors.get(f"{name}.{key}")
-            if t is not None:
-                layer[key] = t
-        if version == "1":
-            layer["group"] = meta["groups"][name]
-        else:
-            codes = tensors.get(f"{name}.group")
-            layer["group"] = _group_names(codes, names, last_codes, last_group,
-                                          f"{where}: {path!r}: layer {name!r}")
-            last_codes, last_group = codes, layer["group"]
-        try:
-            _check_trace_layer(name, layer, f"{where}: {path!r}", checked_group=checked)
-        except TypeError as exc:  # a damaged file, not a wrong argument
-            raise ValueError(str(exc)) from None
-        checked = layer["group"]
-        out[name] = layer
-    return out
+            raise ValueError(f"{where}: {f.path!r} has no layer {unknown[0]!r}; its layers are "
+                             f"{names[:4]}{' ...' if len(names) > 4 else ''}")
+        names = [n for n in names if n in wanted]
+    return Trace({name: f[name] for name in names}, meta=f.meta)
 
 
 def _group_names(codes, names, last_codes, last_group, where: str) -> list:

@@ -653,6 +653,71 @@ def test_load_trace_reads_the_layers_asked_for(tmp_path, monkeypatch):
             moe_route.load_trace(path, layers=bare)
 
 
+def test_open_trace_reads_a_layer_when_asked_and_the_analyses_take_it(tmp_path, monkeypatch):
+    """open_trace is a mapping of the file's layers that reads a layer (and nothing else) when it
+    is looked up; the trace analyses give the same answers on it as on the loaded trace."""
+    import safetensors
+    from moe_route import analysis
+
+    model = build("olmoe")
+    path = tmp_path / "t.safetensors"
+    _record_corpus(model, trace_path=path, meta={"m": 2})
+    loaded, opened = moe_route.load_trace(path), moe_route.open_trace(path)
+    assert list(opened) == list(loaded) and len(opened) == 2 and opened.meta == {"m": 2}
+    first, last = list(loaded)
+    assert first in opened and "model.layers.5.mlp.gate" not in opened
+    with pytest.raises(KeyError):
+        opened["model.layers.5.mlp.gate"]
+    real, read = safetensors.safe_open, []
+
+    class Spy:
+        def __init__(self, *args, **kwargs):
+            self.f = real(*args, **kwargs)
+
+        def __enter__(self):
+            self.inner = self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def keys(self):
+            return self.inner.keys()
+
+        def metadata(self):
+            return self.inner.metadata()
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self.inner.get_tensor(key)
+    monkeypatch.setattr(safetensors, "safe_open", Spy)
+    layer = opened[last]
+    assert sorted(read) == sorted(f"{last}.{k}" for k in ("ids", "weights", "tokens", "group"))
+    assert layer["group"] == loaded[last]["group"] and layer["experts"] == 8
+    for key in ("ids", "weights", "tokens"):
+        assert torch.equal(layer[key], loaded[last][key])
+
+    def same(x, y):
+        if isinstance(x, torch.Tensor):
+            return torch.equal(x, y)
+        if isinstance(x, dict):
+            return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        if hasattr(x, "__dataclass_fields__") or hasattr(x, "_fields"):
+            names = getattr(x, "_fields", None) or x.__dataclass_fields__
+            return all(same(getattr(x, n), getattr(y, n)) for n in names)
+        return x == y
+    assert same(analysis.trace_agreement(opened, opened), analysis.trace_agreement(loaded, loaded))
+    assert same(analysis.trace_token_routing(opened), analysis.trace_token_routing(loaded))
+    assert same(analysis.trace_transitions(opened, 0, 1), analysis.trace_transitions(loaded, 0, 1))
+    a = analysis.trace_statistics(opened, renormalize=True, coact=True)
+    b = analysis.trace_statistics(loaded, renormalize=True, coact=True)
+    assert a.group_names == b.group_names and a.meta == b.meta
+    for field in ("tokens", "counts", "weight_sum", "coact"):
+        assert torch.equal(a.stack(field), b.stack(field))
+    with pytest.raises(FileNotFoundError, match="open_trace: .* is not a file"):
+        moe_route.open_trace(tmp_path / "missing.safetensors")
+
+
 def _small_trace():
     return {"model.layers.0.mlp.gate": {"ids": torch.tensor([[0, 1], [2, 3]], dtype=torch.int16),
                                         "weights": torch.rand(2, 2).half(),
