@@ -1,4 +1,5 @@
-"""Host memory of ``record_sequences(trace_path=)``: peak RSS with and without the trace.
+"""Host memory of ``record_sequences(trace_path=)``: peak RSS with and without the trace, and
+of reading the trace back for an analysis, all at once or a layer at a time.
 
     python bench/trace_memory.py [--tokens 1000000]
 
@@ -7,7 +8,10 @@ corpus of random token ids (two languages, sequences of 500, batches of 20), onc
 trace and once saving one; each run is a process of its own, and its peak resident set size
 (``ru_maxrss``) is read at the end. The difference is what the trace costs at its peak (its
 buffer, streamed to a spill file and written out at the end: ``record(trace_path=)``); the
-file's size is what it holds.
+file's size is what it holds. Then two more processes compute the trace's renormalised
+statistics (``trace_statistics(..., renormalize=True)``, what ``analyze --importance
+renormalized`` does) from ``load_trace`` (the whole trace in memory) and from ``open_trace`` (a
+layer at a time), against the peak of a process that only imports them.
 """
 from __future__ import annotations
 
@@ -45,28 +49,55 @@ def measure(tokens: int, trace_path) -> dict:
             "file_mib": os.path.getsize(trace_path) / 2**20 if trace_path else 0.0}
 
 
+def read(how: str, trace_path: str) -> dict:
+    import time
+
+    from moe_route.analysis import trace_statistics
+    from moe_route.traces import load_trace, open_trace
+
+    t0 = time.perf_counter()
+    if how != "none":
+        trace = (load_trace if how == "load" else open_trace)(trace_path)
+        trace_statistics(trace, renormalize=True)
+    return {"seconds": time.perf_counter() - t0,
+            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def child(*args: str) -> dict:
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), *args],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.splitlines()[-1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=1_000_000)
     p.add_argument("--child", nargs=2, metavar=("TOKENS", "TRACE"), help=argparse.SUPPRESS)
+    p.add_argument("--read", nargs=2, metavar=("HOW", "TRACE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         tokens, trace = args.child
         print(json.dumps(measure(int(tokens), trace or None)))
         return
-    runs = {}
+    if args.read:
+        print(json.dumps(read(*args.read)))
+        return
     with tempfile.TemporaryDirectory() as tmp:
-        for name, trace in (("no trace", ""), ("trace", os.path.join(tmp, "t.safetensors"))):
-            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child",
-                                  str(args.tokens), trace], capture_output=True, text=True,
-                                 check=True)
-            runs[name] = json.loads(out.stdout.splitlines()[-1])
-    plain, traced = runs["no trace"], runs["trace"]
+        path = os.path.join(tmp, "t.safetensors")
+        plain = child("--child", str(args.tokens), "")
+        traced = child("--child", str(args.tokens), path)
+        reads = {how: child("--read", how, path) for how in ("none", "load", "open")}
     extra = traced["peak_mib"] - plain["peak_mib"]
     print(f"{traced['tokens']:,} tokens, 16 layers, top-8: peak RSS {plain['peak_mib']:.0f} MiB "
           f"without the trace, {traced['peak_mib']:.0f} MiB with it (+{extra:.0f} MiB); "
           f"trace file {traced['file_mib']:.0f} MiB; peak extra / file {extra / traced['file_mib']:.2f}; "
           f"recording {plain['seconds']:.1f} s / {traced['seconds']:.1f} s")
+    base = reads["none"]["peak_mib"]
+    for how, name in (("load", "load_trace"), ("open", "open_trace")):
+        r = reads[how]
+        print(f"trace_statistics(renormalize=True) from {name}: peak RSS {r['peak_mib']:.0f} MiB "
+              f"(+{r['peak_mib'] - base:.0f} MiB over the imports' {base:.0f}), "
+              f"{r['seconds']:.1f} s")
 
 
 if __name__ == "__main__":
