@@ -605,18 +605,11 @@ def test_streamed_trace_failures_leave_no_spill(tmp_path, monkeypatch):
         moe_route.record(model, trace=True, trace_path=path)
 
 
-def test_load_trace_reads_the_layers_asked_for(tmp_path, monkeypatch):
-    """load_trace(layers=) gives those layers (in saved order) as the whole load gives them, and
-    reads no other layer's tensors; an unknown name or a bare string is refused."""
-    from safetensors import safe_open
+def _tensors_read(monkeypatch) -> list:
+    """The names of the tensors read from safetensors files from now on (``safe_open``'s)."""
+    import safetensors
 
-    model = build("olmoe")
-    path = tmp_path / "t.safetensors"
-    _record_corpus(model, trace_path=path, meta={"m": 1})
-    whole = moe_route.load_trace(path)
-    last, first = list(whole)[::-1]
-    read = []
-    real = safe_open
+    real, read = safetensors.safe_open, []
 
     class Counting:
         def __init__(self, *args, **kwargs):
@@ -635,9 +628,19 @@ def test_load_trace_reads_the_layers_asked_for(tmp_path, monkeypatch):
         def get_tensor(self, key):
             read.append(key)
             return self.inner.get_tensor(key)
-
-    import safetensors
     monkeypatch.setattr(safetensors, "safe_open", Counting)
+    return read
+
+
+def test_load_trace_reads_the_layers_asked_for(tmp_path, monkeypatch):
+    """load_trace(layers=) gives those layers (in saved order) as the whole load gives them, and
+    reads no other layer's tensors; an unknown name or a bare string is refused."""
+    model = build("olmoe")
+    path = tmp_path / "t.safetensors"
+    _record_corpus(model, trace_path=path, meta={"m": 1})
+    whole = moe_route.load_trace(path)
+    last, first = list(whole)[::-1]
+    read = _tensors_read(monkeypatch)
     part = moe_route.load_trace(path, layers=[last])
     assert list(part) == [last] and part.meta == {"m": 1}
     assert sorted(read) == sorted(f"{last}.{k}" for k in ("ids", "weights", "tokens", "group"))
@@ -656,7 +659,6 @@ def test_load_trace_reads_the_layers_asked_for(tmp_path, monkeypatch):
 def test_open_trace_reads_a_layer_when_asked_and_the_analyses_take_it(tmp_path, monkeypatch):
     """open_trace is a mapping of the file's layers that reads a layer (and nothing else) when it
     is looked up; the trace analyses give the same answers on it as on the loaded trace."""
-    import safetensors
     from moe_route import analysis
 
     model = build("olmoe")
@@ -668,29 +670,7 @@ def test_open_trace_reads_a_layer_when_asked_and_the_analyses_take_it(tmp_path, 
     assert first in opened and "model.layers.5.mlp.gate" not in opened
     with pytest.raises(KeyError):
         opened["model.layers.5.mlp.gate"]
-    real, read = safetensors.safe_open, []
-
-    class Spy:
-        def __init__(self, *args, **kwargs):
-            self.f = real(*args, **kwargs)
-
-        def __enter__(self):
-            self.inner = self.f.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.f.__exit__(*exc)
-
-        def keys(self):
-            return self.inner.keys()
-
-        def metadata(self):
-            return self.inner.metadata()
-
-        def get_tensor(self, key):
-            read.append(key)
-            return self.inner.get_tensor(key)
-    monkeypatch.setattr(safetensors, "safe_open", Spy)
+    read = _tensors_read(monkeypatch)
     layer = opened[last]
     assert sorted(read) == sorted(f"{last}.{k}" for k in ("ids", "weights", "tokens", "group"))
     assert layer["group"] == loaded[last]["group"] and layer["experts"] == 8
