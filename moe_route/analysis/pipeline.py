@@ -269,7 +269,7 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
     counted), written there once the corpus is recorded (with the statistics' meta). The file
     takes 4·k + 8 bytes per routed token (the padding's too) and layer at top-k (0.6 GB a
     million tokens at OLMoE's 16 layers and k = 8); it is streamed to disk while recording, so
-    host memory holds at most ``traces.TRACE_BUFFER_BYTES`` of it (``bench/trace_memory.py``).
+    host memory holds about ``traces.TRACE_BUFFER_BYTES`` of it (``bench/trace_memory.py``).
     Tracing syncs at every router call. Two traces of one corpus, from two checkpoints or with
     and without a steering plan, compare with ``trace_agreement`` / ``moe-route compare``.
     """
