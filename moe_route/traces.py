@@ -193,13 +193,15 @@ def _own_storage(t: torch.Tensor, written: set) -> torch.Tensor:
 class TraceFile(Mapping):
     """A trace file opened for reading a layer at a time (``open_trace``): a read-only mapping
     ``{layer name: layer}`` in saved order, with ``meta``, whose layers are read from the file
-    each time they are looked up (nothing is kept), so an analysis that goes through the layers
-    one by one (``trace_agreement``, ``trace_statistics``, ``trace_token_routing``,
-    ``trace_transitions``) holds one layer of the trace at a time."""
+    each time they are looked up (no tensor is kept; each lookup gives new objects), so an
+    analysis that goes through the layers one by one (``trace_agreement``,
+    ``trace_statistics``, ``trace_token_routing``, ``trace_transitions``) holds one layer of the
+    trace at a time. A file replaced or removed after it was opened is refused at the next
+    lookup."""
 
     def __init__(self, path, where: str = "open_trace"):
         _safetensors(where)
-        self.path = path = os.fspath(path)
+        self.path = path = os.path.abspath(os.fspath(path))
         self._where = f"{where}: {path!r}"
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{where}: {path!r} is not a file (a trace is one "
@@ -237,6 +239,9 @@ class TraceFile(Mapping):
         self._v1_groups = meta.get("groups")
         self._group_table = meta.get("group_names")
         layers = list(meta["groups"] if version == "1" else meta["layers"])
+        if not all(isinstance(name, str) for name in layers):
+            raise ValueError(f"{self._where}: the 'layers' metadata must list layer names (str), "
+                             f"got {[n for n in layers if not isinstance(n, str)][:3]}")
         experts = meta.get("experts", [None] * len(layers))
         if len(experts) != len(layers):
             raise ValueError(f"{self._where}: the 'experts' metadata must list one count per "
@@ -246,7 +251,8 @@ class TraceFile(Mapping):
         extra = sorted(self._stored - listed)
         if extra:
             raise ValueError(f"{self._where} holds tensors of no listed layer: {extra[:8]}")
-        self._last = None   # (group codes, names) of the last layer read: the next often shares
+        self._last = None   # (codes, names tuple) of the last layer read: the next often shares
+        self._metadata = metadata
 
     def __iter__(self):
         return iter(self._experts)
@@ -264,29 +270,39 @@ class TraceFile(Mapping):
         layer = {} if count is None else {"experts": count}
         from safetensors import safe_open
 
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"{self._where} is gone (it was opened as a trace; the "
+                                    f"layers are read when looked up)")
         try:
             with safe_open(self.path, framework="pt") as f:
-                for key in (*_TRACE_TENSORS, "group"):
-                    if f"{name}.{key}" in self._stored:
-                        layer[key] = f.get_tensor(f"{name}.{key}")
+                same = f.metadata() == self._metadata and set(f.keys()) == self._stored
+                if same:
+                    for key in (*_TRACE_TENSORS, "group"):
+                        if f"{name}.{key}" in self._stored:
+                            layer[key] = f.get_tensor(f"{name}.{key}")
         except Exception as exc:
             raise _unreadable(self._where, exc) from None
-        checked = None
+        if not same:
+            raise ValueError(f"{self._where} changed since it was opened (its layers are read "
+                             f"when looked up); open it again")
+        checked, cached = None, None
         if self._version == "1":
-            layer["group"] = self._v1_groups[name]
+            layer["group"] = list(self._v1_groups[name])
         else:
             codes = layer.get("group")
-            last_codes, last_group = self._last or (None, None)
-            layer["group"] = _group_names(codes, self._group_table, last_codes, last_group,
+            last_codes, last_names = self._last or (None, None)
+            layer["group"] = _group_names(codes, self._group_table, last_codes, last_names,
                                           f"{self._where}: layer {name!r}")
-            if last_group is not None and codes.shape == last_codes.shape \
+            if last_names is not None and codes.shape == last_codes.shape \
                     and torch.equal(codes, last_codes):
-                checked = last_group
-            self._last = (codes, layer["group"])
+                checked = layer["group"]   # a copy of names checked at the last lookup
+            cached = (codes, tuple(layer["group"]))
         try:
             _check_trace_layer(name, layer, self._where, checked_group=checked)
         except TypeError as exc:  # a damaged file, not a wrong argument
             raise ValueError(str(exc)) from None
+        if cached is not None:
+            self._last = cached
         return layer
 
     def __repr__(self) -> str:

@@ -1032,6 +1032,60 @@ def test_trace_statistics_coactivation_in_chunks(monkeypatch):
     assert want.diagonal().tolist() == torch.bincount(ids.flatten(), minlength=6).tolist()
 
 
+def test_trace_statistics_gives_earlier_layers_the_groups_that_appear_later():
+    """One pass over the layers: a group that first appears in a later layer (an
+    encoder-decoder's second stack) gets zero rows in the layers counted before it."""
+    from moe_route.analysis import trace_statistics
+
+    def layer(ids, group):
+        return {"ids": torch.tensor(ids, dtype=torch.int16), "weights": torch.ones(len(ids), 1),
+                "group": group, "experts": 3}
+    stats = trace_statistics({"model.layers.0.mlp.gate": layer([[0], [2]], ["a", None]),
+                              "model.layers.1.mlp.gate": layer([[1], [1], [2]], ["b", "a", "b"])},
+                             coact=True)
+    assert stats.group_names == ["a", "b"]
+    assert stats.stack("tokens").tolist() == [[1, 0], [1, 2]]
+    assert stats.stack("counts").tolist() == [[[1, 0, 0], [0, 0, 0]], [[0, 1, 0], [0, 1, 1]]]
+    assert stats.stack("weight_sum").tolist() == [[[1, 0, 0], [0, 0, 0]], [[0, 1, 0], [0, 1, 1]]]
+    assert stats[0].coact.tolist() == [[1, 0, 0], [0, 0, 0], [0, 0, 0]]
+
+
+def test_open_trace_lookups_are_fresh_and_refuse_a_changed_file(tmp_path, monkeypatch):
+    """Each lookup gives new objects: editing one layer's group list does not change the next
+    layer's. A file replaced or removed after opening is refused at the next lookup; a relative
+    path is the file it named when opened; layer names in the metadata must be str."""
+    import json
+    import struct
+
+    model = build("olmoe")
+    path = tmp_path / "t.safetensors"
+    _record_corpus(model, trace_path=path)
+    monkeypatch.chdir(tmp_path)
+    opened = moe_route.open_trace("t.safetensors")
+    first, last = list(opened)
+    want = opened[first]["group"]
+    got = opened[first]["group"]
+    got[0] = "edited"
+    got.append("more")
+    assert opened[last]["group"] == want and opened[first]["group"] == want
+    monkeypatch.chdir(tmp_path.parent)
+    assert opened[last]["group"] == want                     # the path was made absolute
+    trace = moe_route.load_trace(path)
+    trace[first]["group"] = ["x" if g else g for g in trace[first]["group"]]
+    moe_route.save_trace(trace, path)
+    with pytest.raises(ValueError, match="changed since it was opened .* open it again"):
+        opened[first]
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match="is gone"):
+        opened[first]
+    header = {"__metadata__": {"format": "moe_route.trace", "version": "2",
+                               "layers": json.dumps([["l"]]), "group_names": "[]"}}
+    blob = json.dumps(header).encode()
+    (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob)
+    with pytest.raises(ValueError, match=r"the 'layers' metadata must list layer names \(str\)"):
+        moe_route.open_trace(tmp_path / "bad.safetensors")
+
+
 def test_trace_statistics_errors():
     from moe_route.analysis import trace_statistics
 

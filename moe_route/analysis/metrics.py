@@ -1161,29 +1161,22 @@ def trace_statistics(trace: Mapping, *, renormalize: bool = False,
     for arg, value in (("renormalize", renormalize), ("coact", coact)):
         if not isinstance(value, bool):
             raise TypeError(f"{where}: {arg} must be a bool, got {value!r}")
+    # one pass (an open_trace reads each layer once): groups are numbered as they first appear,
+    # and the layers counted before a group appeared get its rows (zeros) at the end
     codes: Dict[str, int] = {}
-    checked = None
+    counted = []
+    last_names, last_group = None, None
     for name, layer in trace.items():
-        _check_trace_layer(name, layer, where, checked_group=checked)
+        _check_trace_layer(name, layer, where, checked_group=last_names)
         if layer.get("experts") is None:
             raise ValueError(f"{where}: trace[{name!r}] holds no 'experts' (a trace saved before "
                              f"moe_route recorded expert counts)")
-        if layer["group"] != checked:   # the layers of one model usually share the list
-            checked = layer["group"]
-            for g in checked:
-                if g is not None and g not in codes:
-                    codes[g] = len(codes)
-    if not codes:
-        raise ValueError(f"{where}: no row of the trace has a group (every token is None: "
-                         f"padding, ignored or not counted), so there is nothing to count")
-    G, layers = len(codes), []
-    last_names, last_group = None, None
-    for name, layer in trace.items():
         E, ids = int(layer["experts"]), layer["ids"]
         if layer["group"] != last_names:   # the layers of one model usually share the list
             last_names = layer["group"]
-            last_group = torch.tensor([-1 if g is None else codes[g] for g in last_names],
-                                      dtype=torch.long)
+            last_group = torch.tensor([-1 if g is None else codes.setdefault(g, len(codes))
+                                       for g in last_names], dtype=torch.long)
+        G = len(codes)
         group = last_group
         keep = group >= 0
         group, ids = group[keep], ids[keep].long()
@@ -1193,11 +1186,19 @@ def trace_statistics(trace: Mapping, *, renormalize: bool = False,
             weights = torch.where(total == 0, torch.zeros_like(weights), weights / total)
         cells = (group[:, None] * E + ids).flatten()
         weight_sum = torch.zeros(G * E, dtype=torch.float64).index_add_(0, cells, weights.flatten())
+        counted.append((name, ids.shape[1], torch.bincount(group, minlength=G),
+                        torch.bincount(cells, minlength=G * E).view(G, E),
+                        weight_sum.view(G, E).float(), _pairs(ids, ids, E, E) if coact else None))
+    if not codes:
+        raise ValueError(f"{where}: no row of the trace has a group (every token is None: "
+                         f"padding, ignored or not counted), so there is nothing to count")
+    G, layers = len(codes), []
+    for name, k, tokens, counts, weight_sum, pairs in counted:
+        more = G - tokens.shape[0]
         layers.append(LayerStats(
-            name, layer_index(name), ids.shape[1], tokens=torch.bincount(group, minlength=G),
-            counts=torch.bincount(cells, minlength=G * E).view(G, E),
-            weight_sum=weight_sum.view(G, E).float(),
-            coact=_pairs(ids, ids, E, E) if coact else None))
+            name, layer_index(name), k, tokens=torch.nn.functional.pad(tokens, (0, more)),
+            counts=torch.nn.functional.pad(counts, (0, 0, 0, more)),
+            weight_sum=torch.nn.functional.pad(weight_sum, (0, 0, 0, more)), coact=pairs))
     meta = {**(getattr(trace, "meta", None) or {}), "renormalized": renormalize}
     return RoutingStats(layers, list(codes), meta)
 
