@@ -160,17 +160,28 @@ def save_trace(trace: Mapping, path, *, meta: Optional[Mapping] = None) -> None:
                                        for g in group], dtype=torch.int32)
         tensors[f"{name}.group"] = last_codes.clone()
     experts = [layer.get("experts") for layer in trace.values()]
-    metadata = {"format": TRACE_FORMAT, "layers": json.dumps(list(trace)),
-                "group_names": json.dumps(list(table)), "meta": json.dumps(meta)}
-    version = _package_version()
-    if version is not None:
-        metadata["moe_route_version"] = version
     if any(e is not None for e in experts) or any(f"{n}.tokens" in tensors for n in trace):
+        metadata = _file_metadata(list(trace), list(table), meta, experts)
+    else:   # nothing of version 3's: readable by the moe_route releases that read version 2
+        metadata = _file_metadata(list(trace), list(table), meta)
+    write_atomic(path, lambda tmp: st.save_file(tensors, tmp, metadata=metadata))
+
+
+def _file_metadata(layers: list, group_names: list, meta: Mapping,
+                   experts: Optional[list] = None) -> dict:
+    """A trace file's safetensors metadata: version 3 with the layers' expert counts (None where
+    unknown), version 2 without them."""
+    metadata = {"format": TRACE_FORMAT, "layers": json.dumps(layers),
+                "group_names": json.dumps(group_names), "meta": json.dumps(dict(meta))}
+    package = _package_version()
+    if package is not None:
+        metadata["moe_route_version"] = package
+    if experts is None:
+        metadata["version"] = "2"
+    else:
         metadata.update(version=TRACE_VERSION,
                         experts=json.dumps([None if e is None else int(e) for e in experts]))
-    else:   # nothing of version 3's: readable by the moe_route releases that read version 2
-        metadata["version"] = "2"
-    write_atomic(path, lambda tmp: st.save_file(tensors, tmp, metadata=metadata))
+    return metadata
 
 
 def _own_storage(t: torch.Tensor, written: set) -> torch.Tensor:
@@ -290,12 +301,12 @@ class TraceFile(Mapping):
             layer["group"] = list(self._v1_groups[name])
         else:
             codes = layer.get("group")
-            last_codes, last_names = self._last or (None, None)
-            layer["group"] = _group_names(codes, self._group_table, last_codes, last_names,
-                                          f"{self._where}: layer {name!r}")
-            if last_names is not None and codes.shape == last_codes.shape \
-                    and torch.equal(codes, last_codes):
-                checked = layer["group"]   # a copy of names checked at the last lookup
+            if self._last is not None and isinstance(codes, torch.Tensor) \
+                    and torch.equal(codes, self._last[0]):
+                layer["group"] = checked = list(self._last[1])  # names checked at the last lookup
+            else:
+                layer["group"] = _group_names(codes, self._group_table,
+                                              f"{self._where}: layer {name!r}")
             cached = (codes, tuple(layer["group"]))
         try:
             _check_trace_layer(name, layer, self._where, checked_group=checked)
@@ -348,14 +359,11 @@ def load_trace(path, layers: Optional[Sequence[str]] = None) -> Trace:
     return Trace({name: f[name] for name in names}, meta=f.meta)
 
 
-def _group_names(codes, names, last_codes, last_group, where: str) -> list:
-    """Group names of a layer's tokens from their codes (the previous layer's list when the codes
-    are the same)."""
+def _group_names(codes, names, where: str) -> list:
+    """Group names of a layer's tokens from their codes."""
     if codes is None or codes.dim() != 1 or codes.dtype != torch.int32:
         raise ValueError(f"{where}: needs a 'group' tensor, int32 [N], got "
                          f"{None if codes is None else (codes.dtype, tuple(codes.shape))}")
-    if last_codes is not None and torch.equal(codes, last_codes):
-        return list(last_group)
     if codes.numel() and (int(codes.min()) < -1 or int(codes.max()) >= len(names)):
         raise ValueError(f"{where}: group codes must be in [-1, {len(names)}) (the file names "
                          f"{len(names)} groups), got [{int(codes.min())}, {int(codes.max())}]")
@@ -471,15 +479,9 @@ class TraceSpill:
                            "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
             pieces.extend(chunks)
-        metadata = {"format": TRACE_FORMAT, "version": TRACE_VERSION,
-                    "layers": json.dumps(list(self._layers)),
-                    "group_names": json.dumps(list(self.group_codes)),
-                    "experts": json.dumps([e["experts"] for e in self._layers.values()]),
-                    "meta": json.dumps(dict(meta))}
-        version = _package_version()
-        if version is not None:
-            metadata["moe_route_version"] = version
-        header["__metadata__"] = metadata
+        header["__metadata__"] = _file_metadata(
+            list(self._layers), list(self.group_codes), meta,
+            [e["experts"] for e in self._layers.values()])
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)   # the data starts 8-byte aligned, as safetensors writes
 
