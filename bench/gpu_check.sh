@@ -56,6 +56,11 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   fi
 fi
 
+# torch takes CUDA_HOME from the nvcc on PATH when it is unset: /usr/local for a
+# /usr/local/bin/nvcc link, where no cuda_runtime.h lies. The toolkit's own folder is surer.
+if [ -z "${CUDA_HOME:-}" ] && [ -f /usr/local/cuda/include/cuda_runtime.h ]; then
+  export CUDA_HOME=/usr/local/cuda
+fi
 step "build (MOE_ROUTE_FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=$arch, in place; self-tests alongside)"
 cuda_arch=${arch//./}
 # The torch-free GPU self-tests build in the background meanwhile (only those two targets: the
