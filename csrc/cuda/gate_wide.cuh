@@ -311,17 +311,21 @@ __global__ void __launch_bounds__(kWideThreads, 1)
       if (warp == 0) {
         // Every real key is > 0, and k <= E keys exist, so a round never picks a list's ending
         // 0 (entries past it may be an earlier token's and are never promoted). Each lane holds
-        // its list's next key too, so the load is off the rounds' chain.
-        int pos = 0;
+        // its list's next key too, so the load is off the rounds' chain. The key after it is
+        // walked by a pointer: written as mine[pos + 1] with pos counted up, ptxas 13.0.88
+        // (sm_90a, -O3) addressed mine[pos + 2] in the unrolled loop, so every list lost its
+        // third key (the H200 run of 2026-11-26; the SASS showed the load's offset 8 too far).
         const uint64_t* const mine = lists + int64_t(lane) * k;
+        const uint64_t* const end = mine + k;
+        const uint64_t* ahead = mine + 2;  // the key after next
         uint64_t head = lane < kWideWarps ? mine[0] : 0;
         uint64_t next = lane < kWideWarps && k > 1 ? mine[1] : 0;
         for (int j = 0; j < k; ++j) {
           const int idx = key_index(warp_max_key(head));
           if (lane == (idx % kWideThreads) >> 5) {
-            ++pos;
             head = next;
-            next = pos + 1 < k ? mine[pos + 1] : 0;
+            next = ahead < end ? *ahead : 0;
+            ++ahead;
           }
           if (lane == 0) sel_id[j] = idx;
         }
