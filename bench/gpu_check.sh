@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # One command for a GPU machine (no network; python3 with CUDA torch, nvcc, compute-sanitizer):
-# builds the CUDA extension, runs the kernel self-tests, the whole test suite (CUDA tests included:
-# tests/test_cuda.py and every per-op test's "cuda" variant), the gate and dispatch benchmarks,
-# and compute-sanitizer (memcheck, racecheck) over the self-tests and the CUDA op tests.
-# Everything lands in OUT_DIR: gpu_check.log, pytest.xml, bench_gate_cuda.json,
-# bench_dispatch_cuda.json, selftest_build.log. Each step has a time limit and the run a deadline
-# (GPU_CHECK_SECONDS, default 570), so it ends within 10 minutes; a step that times out or finds
-# no time left fails.
+# builds the CUDA extension, checks that C++ errors reach Python, runs the kernel self-tests, the
+# CUDA tests (tests/test_cuda.py and every per-op test's "cuda" variant), the gate and dispatch
+# benchmarks, compute-sanitizer (memcheck, racecheck) over the self-tests and the CUDA op tests,
+# and then the rest of the test suite. Everything lands in OUT_DIR: gpu_check.log, build.log,
+# selftest_build.log, pytest_cuda.xml, pytest_cpu.xml, bench_gate_cuda.json and
+# bench_dispatch_cuda.json. Each step has a time limit and the run a deadline (GPU_CHECK_SECONDS,
+# default 570), so it ends within 10 minutes; a step that times out or finds no time left fails.
 #
 #   bash bench/gpu_check.sh OUT_DIR [ARCH]        # ARCH: TORCH_CUDA_ARCH_LIST, default 9.0a
 #
@@ -69,20 +69,55 @@ cuda_arch=${arch//./}
     >/dev/null && cmake --build build/gpu -j $((jobs / 2 + 1)) --target moe_route_gate_selftest \
     moe_route_dispatch_selftest >/dev/null ) > "$out/selftest_build.log" 2>&1 &
 selftest_build=$!
-MOE_ROUTE_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=$((jobs / 2 + 1)) \
-  timeout 240 "$py" setup.py -q build_ext --inplace || { echo "build failed"; exit 1; }
+# ninja's compile lines go to build.log (the tail is shown if the build fails)
+if ! MOE_ROUTE_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=$((jobs / 2 + 1)) \
+    timeout 240 "$py" setup.py -q build_ext --inplace > "$out/build.log" 2>&1; then
+  tail -40 "$out/build.log"; echo "build failed"; exit 1
+fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 "$py" -m moe_route.cli info
+
+step "C++ errors reach Python (each in a child process)"
+# On the H200 run of 2026-11-26 every refusal raised in moe_route's C++ (TORCH_CHECK_VALUE and the
+# like: "dispatch_plan: ids must have k >= 1 columns") killed pytest's workers with SIGSEGV; the
+# same tests pass with torch 2.11 on a CPU machine (gcc 12; that image builds with gcc 13).
+# raises CODE [ENV...]: exit 0 if CODE raises a Python exception, as it should.
+raises() {
+  local code=$1; shift
+  env "$@" timeout 30 "$py" -c "import sys, torch
+try:
+    $code
+except Exception as e:
+    print('  raised', type(e).__name__); sys.exit(0)
+print('  did not raise'); sys.exit(2)"
+}
+ours="import moe_route; torch.ops.moe_route.dispatch_plan(torch.zeros(2, 0, dtype=torch.int64), 3, 1)"
+for code in "torch.zeros(2, 3) @ torch.zeros(4, 5)" \
+    "import moe_route; torch.zeros(2, 3) @ torch.zeros(4, 5)" "$ours"; do
+  echo "$code"
+  raises "$code" || { echo "  FAILED (exit $?)"; status=1; }
+  echo "  the same without a visible GPU:"
+  raises "$code" CUDA_VISIBLE_DEVICES= || { echo "  FAILED (exit $?)"; status=1; }
+done
+if ! raises "$ours" >/dev/null 2>&1 && command -v cuda-gdb >/dev/null; then
+  echo "the native stack of the crash (cuda-gdb):"
+  run 120 cuda-gdb -q -batch -ex "set pagination off" -ex run -ex bt --args "$py" -c "import torch
+$ours"
+fi
 
 step "kernel self-tests (torch-free, against a host re-implementation)"
 wait $selftest_build || { echo "FAILED: self-test build"; cat "$out/selftest_build.log"; status=1; }
 run 30 ./build/gpu/moe_route_gate_selftest
 run 30 ./build/gpu/moe_route_dispatch_selftest
 
-step "test suite (cuda tests included)"
+# pytest's workers: 2 threads each and inductor's compiles in-process. With torch's defaults the
+# 8 workers of the 2026-11-26 run each ran 16 threads and a pool of 16 compile processes on 16
+# cores, and got through 26% of the suite in 180 s.
 xdist=$("$py" -c "import xdist" 2>/dev/null && echo "-n 8")
-HYPOTHESIS_PROFILE=ci run 180 "$py" -m pytest -q -p no:cacheprovider $xdist tests \
-  --junitxml "$out/pytest.xml"
+export OMP_NUM_THREADS=2 TORCHINDUCTOR_COMPILE_THREADS=1 HYPOTHESIS_PROFILE=ci
+step "CUDA tests (every test marked cuda: tests/test_cuda.py and each kernel test's cuda variant)"
+run 150 "$py" -m pytest -q -p no:cacheprovider $xdist -m cuda tests --junitxml "$out/pytest_cuda.xml"
+unset OMP_NUM_THREADS
 
 step "benchmarks (graph replay below 20 us, events with an L2 flush above)"
 run 150 "$py" -m moe_route.cli bench --device cuda --full --compile --budget 75 \
@@ -107,6 +142,10 @@ if command -v compute-sanitizer >/dev/null; then
 else
   echo "compute-sanitizer not found"; status=1
 fi
+
+step "the other tests (CPU; CI runs them too: here for this image's torch, Python and compiler)"
+OMP_NUM_THREADS=2 run 240 "$py" -m pytest -q -p no:cacheprovider $xdist -m "not cuda" tests \
+  --junitxml "$out/pytest_cpu.xml"
 
 echo; echo "gpu_check: $([ $status -eq 0 ] && echo all steps passed || echo SOME STEPS FAILED)" \
   "in $((SECONDS - t0)) s"
