@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Nsight Compute counters of the CUDA kernels at issue 6's target shapes (bench/profile_cases.py),
 # for the evidence behind a target that bench/gpu_check.sh reports missed: speed of light,
-# memory workload (DRAM and L2 throughput, atomics), occupancy, warp stalls, for the kernels of
+# memory workload (DRAM and L2 throughput, atomics), occupancy, warp stalls (with the source lines
+# they sample: the builds carry -lineinfo), instructions executed, for the kernels of
 # one call per case after two earlier calls, clocks left alone. Run it after gpu_check.sh on the
 # same machine (it uses the extension gpu_check.sh built in place; else it builds it first).
 #
@@ -32,7 +33,8 @@ for case in "${cases[@]}"; do
     --launch-skip $((2 * launches)) --launch-count "$launches" \
     --section SpeedOfLight --section MemoryWorkloadAnalysis \
     --section Occupancy --section LaunchStats --section WarpStateStats \
-    --metrics lts__t_requests_op_red.sum,lts__t_requests_op_atom.sum,dram__bytes.sum \
+    --section ComputeWorkloadAnalysis --section InstructionStats --section SourceCounters \
+    --metrics lts__t_requests_op_red.sum,lts__t_requests_op_atom.sum,dram__bytes.sum,smsp__inst_executed.sum \
     "$py" bench/profile_cases.py "$case" >> "$out/ncu.txt" 2>&1 \
     || { echo "gpu_profile: ncu failed on $case (see ncu.txt)"; status=1; }
 done

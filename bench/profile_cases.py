@@ -38,6 +38,13 @@ CASES = {
                                   lambda: _gate("softmax_topk", 16384, 256, 8, "gate_stats")),
     "gate_deepseek_v3_T16384": ("^topk_gate_kernel", 1,
                                 lambda: _gate("deepseek_v3", 16384, 256, 8)),
+    "gate_deepseek_v3_T1": ("^topk_gate_kernel", 1, lambda: _gate("deepseek_v3", 1, 256, 8)),
+    # the CTA-per-token kernel (E > 1024): 46 us for one token and 0.44x PyTorch at T=4096 on the
+    # H200 run of 2026-11-26, with no counters taken
+    "gate_wide_T1_E16384_k64": ("^topk_gate_wide_kernel", 1,
+                                lambda: _gate("topk_softmax", 1, 16384, 64)),
+    "gate_wide_T1024_E16384_k64": ("^topk_gate_wide_kernel", 1,
+                                   lambda: _gate("topk_softmax", 1024, 16384, 64)),
     "plan_T64_k8_E256": ("^plan_", 1, lambda: _dispatch("plan", 64, 8, 7168, 256)),  # one CTA
     "plan_T4096_k8_E256": ("^plan_", 3, lambda: _dispatch("plan", 4096, 8, 7168, 256)),
     "permute_T4096_k8_H7168": ("^permute_kernel", 1,
