@@ -101,7 +101,7 @@ for code in "torch.zeros(2, 3) @ torch.zeros(4, 5)" \
 done
 if ! raises "$ours" >/dev/null 2>&1 && command -v cuda-gdb >/dev/null; then
   echo "the native stack of the crash (cuda-gdb):"
-  run 120 cuda-gdb -q -batch -ex "set pagination off" -ex run -ex bt --args "$py" -c "import torch
+  run 90 cuda-gdb -q -batch -ex "set pagination off" -ex run -ex bt --args "$py" -c "import torch
 $ours"
 fi
 
