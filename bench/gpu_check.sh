@@ -78,9 +78,10 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 "$py" -m moe_route.cli info
 
 step "C++ errors reach Python (each in a child process)"
-# On the H200 run of 2026-11-26 every refusal raised in moe_route's C++ (TORCH_CHECK_VALUE and the
-# like: "dispatch_plan: ids must have k >= 1 columns") killed pytest's workers with SIGSEGV; the
-# same tests pass with torch 2.11 on a CPU machine (gcc 12; that image builds with gcc 13).
+# On the H200 run of 2026-11-26 each refusal raised in moe_route's C++ that the run reached
+# (TORCH_CHECK_VALUE and the like: "dispatch_plan: ids must have k >= 1 columns") killed the
+# process with SIGSEGV; the same tests pass with torch 2.11 on a CPU machine (gcc 12; that image
+# builds with gcc 13).
 # raises CODE [ENV...]: exit 0 if CODE raises a Python exception, as it should.
 raises() {
   local code=$1; shift
@@ -111,13 +112,13 @@ run 30 ./build/gpu/moe_route_gate_selftest
 run 30 ./build/gpu/moe_route_dispatch_selftest
 
 # pytest's workers: 2 threads each and inductor's compiles in-process. With torch's defaults the
-# 8 workers of the 2026-11-26 run each ran 16 threads and a pool of 16 compile processes on 16
-# cores, and got through 26% of the suite in 180 s.
+# 8 workers of the 2026-11-26 run each ran 16 threads and a pool of compile workers on 16 cores,
+# and got through 26% of the suite in 180 s.
 xdist=$("$py" -c "import xdist" 2>/dev/null && echo "-n 8")
-export OMP_NUM_THREADS=2 TORCHINDUCTOR_COMPILE_THREADS=1 HYPOTHESIS_PROFILE=ci
+workers=(env OMP_NUM_THREADS=2 TORCHINDUCTOR_COMPILE_THREADS=1 HYPOTHESIS_PROFILE=ci)
 step "CUDA tests (every test marked cuda: tests/test_cuda.py and each kernel test's cuda variant)"
-run 150 "$py" -m pytest -q -p no:cacheprovider $xdist -m cuda tests --junitxml "$out/pytest_cuda.xml"
-unset OMP_NUM_THREADS
+run 150 "${workers[@]}" "$py" -m pytest -q -p no:cacheprovider $xdist -m cuda tests \
+  --junitxml "$out/pytest_cuda.xml"
 
 step "benchmarks (graph replay below 20 us, events with an L2 flush above)"
 run 150 "$py" -m moe_route.cli bench --device cuda --full --compile --budget 75 \
@@ -144,7 +145,7 @@ else
 fi
 
 step "the other tests (CPU; CI runs them too: here for this image's torch, Python and compiler)"
-OMP_NUM_THREADS=2 run 240 "$py" -m pytest -q -p no:cacheprovider $xdist -m "not cuda" tests \
+run 240 "${workers[@]}" "$py" -m pytest -q -p no:cacheprovider $xdist -m "not cuda" tests \
   --junitxml "$out/pytest_cpu.xml"
 
 echo; echo "gpu_check: $([ $status -eq 0 ] && echo all steps passed || echo SOME STEPS FAILED)" \
