@@ -23,6 +23,8 @@ if ! "$py" -c "from moe_route import _loader; assert _loader.has_kernel('topk_ga
 fi
 cases=("$@")
 [ ${#cases[@]} -gt 0 ] || mapfile -t cases < <("$py" bench/profile_cases.py --list | cut -d' ' -f1)
+metrics=lts__t_requests_op_red.sum,lts__t_requests_op_atom.sum,dram__bytes.sum
+metrics=$metrics,smsp__inst_executed.sum
 status=0
 for case in "${cases[@]}"; do
   read -r kernel launches < <("$py" bench/profile_cases.py --list |
@@ -34,7 +36,7 @@ for case in "${cases[@]}"; do
     --section SpeedOfLight --section MemoryWorkloadAnalysis \
     --section Occupancy --section LaunchStats --section WarpStateStats \
     --section ComputeWorkloadAnalysis --section InstructionStats --section SourceCounters \
-    --metrics lts__t_requests_op_red.sum,lts__t_requests_op_atom.sum,dram__bytes.sum,smsp__inst_executed.sum \
+    --metrics "$metrics" \
     "$py" bench/profile_cases.py "$case" >> "$out/ncu.txt" 2>&1 \
     || { echo "gpu_profile: ncu failed on $case (see ncu.txt)"; status=1; }
 done

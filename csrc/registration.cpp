@@ -1,7 +1,8 @@
 // Every op schema of the moe_route namespace: the contract. Implementations register per backend
 // (cpu/gate.cpp, cuda/gate_glue.cpp); fake kernels and the dispatch ops' autograd formulas live in
 // moe_route/ops.py and moe_route/dispatch.py. topk_gate's autograd kernel is here.
-#include <ATen/core/LegacyTypeDispatch.h>  // at::AutoDispatchBelowADInplaceOrView (torch 2.11 needs it named)
+// at::AutoDispatchBelowADInplaceOrView: torch 2.11's headers need it named.
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
