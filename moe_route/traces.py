@@ -437,22 +437,22 @@ class TraceSpill:
             raise RuntimeError(f"trace: {layer}.{key} was {spec[0]} [*, {spec[1]}] and is now "
                                f"{t.dtype} {tuple(t.shape)}")
         nbytes = t.numel() * t.element_size()
-        self._check_usable()
-        try:
-            if nbytes:
-                self._out.write(t.reshape(-1).view(torch.uint8).numpy().data)
-        except BaseException as exc:   # part of it may be in the file: no offset holds after it
-            self._failed = exc
-            raise
+        data = t.reshape(-1).view(torch.uint8).numpy().data
+        self._write(lambda: self._out.write(data) if nbytes else None)
         spec[2] += t.shape[0]
         spec[3].append((self._size, nbytes))
         self._size += nbytes
 
     def flush(self) -> None:
         """Hand what was appended to the operating system (out of this process's buffers)."""
+        self._write(self._out.flush)
+
+    def _write(self, io) -> None:
+        """``io()`` on the spill, which must not have failed before; if it fails, part of a
+        write may be in the file and no offset holds after it: the spill is unusable."""
         self._check_usable()
         try:
-            self._out.flush()
+            io()
         except BaseException as exc:
             self._failed = exc
             raise
