@@ -64,6 +64,16 @@ VARIANTS = {
     "gate_sort_vpt16": Variant(
         "gate: keys sorted once per token at VPT 16 (E <= 512) too",
         [("csrc/cuda/gate.cuh", "kSortKeys = VPT <= 8;", "kSortKeys = VPT <= 16;")]),
+    "gate_keys64": Variant(
+        "gate: plain calls ranking 16-bit logits select on 64-bit keys, as before the half-key "
+        "build (its 32-bit keys: one REDUX a round, 64 registers instead of 80 at VPT 8)",
+        [("csrc/cuda/gate.cuh", "p.score != Score::None && vpt_for(p.E) <= 16;",
+          "p.score != Score::None && vpt_for(p.E) <= 0;")]),
+    "gate_exp_branches": Variant(
+        "gate: the softmax normaliser's exps each behind a branch on the slot's validity, as "
+        "before (they then run one after another)",
+        [("csrc/cuda/gate.cuh", """    const float e = expf(x[i] - max_out);
+    s += ((valid >> i) & 1u) ? e : 0.f;""", """    s += ((valid >> i) & 1u) ? expf(x[i] - max_out) : 0.f;""")]),
     "wide_cache8": Variant(
         "gate past 1024 experts: each lane caches its 8 best remaining keys instead of 4 (fewer "
         "rescans of its VPT slots; 46 us a token on the H200 of 2026-11-26)",
@@ -71,11 +81,12 @@ VARIANTS = {
 }
 
 
-def _gate(semantics: str, T: int, E: int, k: int, kind: str, device) -> Callable:
+def _gate(semantics: str, T: int, E: int, k: int, kind: str, device,
+          dtype: str = "bfloat16") -> Callable:
     from moe_route import benchmark as B
     import torch
 
-    return B.gate_and_baseline(B.Case(semantics, T, E, k, torch.bfloat16), device)[kind]
+    return B.gate_and_baseline(B.Case(semantics, T, E, k, getattr(torch, dtype)), device)[kind]
 
 
 def _plan(T: int, E: int, k: int, block: int, device) -> Callable:
@@ -95,12 +106,15 @@ def _dispatch(op: str, T: int, k: int, H: int, E: int, device) -> Callable:
 
 # name: builder(device) -> the callable timed. R = T*k + E*(block - 1) rows for the plans.
 CASES = {
+    "gate T=1 E=128 k=8": lambda d: _gate("softmax_topk", 1, 128, 8, "gate", d),
     "gate T=64 E=256 k=8": lambda d: _gate("softmax_topk", 64, 256, 8, "gate", d),
     "gate T=16384 E=128 k=8": lambda d: _gate("softmax_topk", 16384, 128, 8, "gate", d),
     "gate+stats T=16384 E=128 k=8": lambda d: _gate("softmax_topk", 16384, 128, 8, "gate_stats", d),
     "gate T=16384 E=256 k=8": lambda d: _gate("softmax_topk", 16384, 256, 8, "gate", d),
     "gate+stats T=16384 E=256 k=8": lambda d: _gate("softmax_topk", 16384, 256, 8, "gate_stats", d),
     "gate T=16384 E=512 k=8": lambda d: _gate("softmax_topk", 16384, 512, 8, "gate", d),
+    "gate T=16384 E=256 k=8 fp32":
+        lambda d: _gate("softmax_topk", 16384, 256, 8, "gate", d, "float32"),
     "gate deepseek_v3 T=16384": lambda d: _gate("deepseek_v3", 16384, 256, 8, "gate", d),
     "gate deepseek_v3 T=1": lambda d: _gate("deepseek_v3", 1, 256, 8, "gate", d),
     "gate topk_softmax T=1 E=16384 k=64": lambda d: _gate("topk_softmax", 1, 16384, 64, "gate", d),

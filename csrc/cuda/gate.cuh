@@ -13,12 +13,16 @@
 // Three variants per (VPT, logit type): the full kernel, a plain one compiled without steering,
 // the group limit, the statistics and rounded scores (round_scores), for calls that use none of
 // them (needs_full_kernel), and
-// the full kernel with router replay (kReplay), for calls with replay ids only. Those paths hold
+// the full kernel with router replay (kReplay), for calls with replay ids only. A fourth, the
+// plain kernel on half keys (kHalfKeys, up to VPT 16), runs the plain calls that rank fp16/bf16
+// logits as they are (ranks_half_logits: softmax top-k without a bias, as Mixtral, Qwen-MoE and
+// OLMoE route, or select_on="logits") with 32-bit keys (half_order). Those paths hold
 // registers for the whole kernel: with nvcc 13.0 for sm_90a the full kernel needs 113-128
 // registers per thread for E <= 256, the plain one 40-80, so an SM holds 16 warps of the former
 // and 24-48 of the latter (bench/kernel_resources.py). Inlined into the full kernel, the replay
 // check alone made it spill at VPT 8 (128 registers, 8-12 bytes), hence its own variant. Every
-// feature the plain kernel keeps runs the same code in all three.
+// feature the plain kernel keeps runs the same code in all four, but for the half-key build's
+// selection and its reading of the selected logits.
 //
 // Selection: every expert gets the same packed 64-bit key as on the CPU (tier | order-preserving
 // value bits | 2^30-1-index); k rounds of "per-lane best + warp max" pick the keys in
@@ -230,8 +234,8 @@ __device__ __forceinline__ uint64_t warp_max_key(uint64_t x) {
 }
 
 // Sorts a lane's keys in descending order in registers (bitonic network; N a power of two).
-template <int N>
-__device__ __forceinline__ void sort_descending(uint64_t (&a)[N]) {
+template <class Key, int N>
+__device__ __forceinline__ void sort_descending(Key (&a)[N]) {
 #pragma unroll
   for (int size = 2; size <= N; size <<= 1) {
 #pragma unroll
@@ -242,10 +246,10 @@ __device__ __forceinline__ void sort_descending(uint64_t (&a)[N]) {
         if (j > i) {
           // Runs of `size` alternate direction; the last merge (size == N) is descending.
           const bool descending = (i & size) == 0;
-          const uint64_t x = a[i], y = a[j];
-          const bool swap = descending ? x < y : x > y;
-          a[i] = swap ? y : x;
-          a[j] = swap ? x : y;
+          const Key x = a[i], y = a[j];
+          const Key hi = x > y ? x : y, lo = x > y ? y : x;
+          a[i] = descending ? hi : lo;
+          a[j] = descending ? lo : hi;
         }
       }
     }
@@ -274,6 +278,29 @@ __device__ __forceinline__ float raw_to_float(uint32_t r) {
   } else {
     return __half2float(__ushort_as_half(static_cast<unsigned short>(r)));
   }
+}
+
+// Half keys: the selection key of a 16-bit logit (fp16 or bf16 bits h) ranked as it is, in 32 bits:
+// the order image of its sanitised value in 16 bits | 2^16-1-index. One REDUX finds a round's
+// winner instead of two, and the winner's logit decodes from its key. NaN takes -inf's image (both
+// sanitise to -FLT_MAX), -0 takes +0's, and +-inf stay above and below every finite value, as
+// +-FLT_MAX do: the order and ties are those of the 64-bit keys.
+template <LogitType LT>
+__device__ __forceinline__ uint32_t half_order(uint32_t h) {
+  constexpr uint32_t kInf = LT == LogitType::BF16 ? 0x7f80u : 0x7c00u;
+  const uint32_t mag = h & 0x7fffu;
+  h = mag > kInf ? (0x8000u | kInf) : mag == 0u ? 0u : h;
+  return (h & 0x8000u) ? (~h & 0xffffu) : (h | 0x8000u);
+}
+
+// The sanitised logit whose half_order image is o.
+template <LogitType LT>
+__device__ __forceinline__ float half_order_value(uint32_t o) {
+  return sanitize(raw_to_float<LT>((o & 0x8000u) ? (o & 0x7fffu) : (~o & 0xffffu)));
+}
+
+__device__ __forceinline__ uint32_t make_half_key(uint32_t order, int index) {
+  return (order << 16) | (0xffffu - uint32_t(index));
 }
 
 template <int VPT, LogitType LT>
@@ -360,9 +387,15 @@ __device__ __forceinline__ void softmax_norm(const Row& row, const float (&x)[VP
   for (int i = 0; i < VPT; ++i)
     if ((valid >> i) & 1u) m = x[i] > m ? x[i] : m;
   max_out = row.max(m);
+  // exp of every slot, then a select: a conditional exp compiles to a branch around each one, and
+  // the VPT exps then run one after another instead of overlapping. An absent slot holds 0
+  // (both kernels), so its exp is harmless.
   float s = 0.f;
 #pragma unroll
-  for (int i = 0; i < VPT; ++i) s += ((valid >> i) & 1u) ? expf(x[i] - max_out) : 0.f;
+  for (int i = 0; i < VPT; ++i) {
+    const float e = expf(x[i] - max_out);
+    s += ((valid >> i) & 1u) ? e : 0.f;
+  }
   sum_out = row.sum(s);
 }
 
@@ -535,11 +568,13 @@ __device__ __forceinline__ void finish_weights(const GateParams& p, bool softmax
 // ---------------------------------------------------------------------------------------------
 // The kernel.
 
-template <int VPT, LogitType LT, bool kFull, bool kReplay>
+template <int VPT, LogitType LT, bool kFull, bool kReplay, bool kHalfKeys = false>
 __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
     topk_gate_kernel(const GateParams p, const GatePlan plan) {
   static_assert(VPT >= 1 && VPT <= 32, "VPT tier out of range");
   static_assert(kFull || !kReplay, "replay runs in a full kernel");
+  static_assert(!kHalfKeys || (!kFull && LT != LogitType::F32 && VPT <= 16),
+                "half keys: a plain kernel of 16-bit logits, VPT <= 16");
   // Prefetching the next row costs VPT registers; the largest tier is already register-heavy.
   constexpr bool kPrefetch = VPT <= 16;
   // Caching the packed keys costs 2*VPT registers and saves rebuilding them every round.
@@ -548,6 +583,10 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
   // replaces each round's scan of VPT keys by a pop; at VPT 16 the 80 exchanges would cost more
   // than the scans they save unless k is large.
   constexpr bool kSortKeys = VPT <= 8;
+  // kHalfKeys (a plain build for ranks_half_logits calls): selection on half keys (half_order),
+  // sorted once per token up to VPT 16 (a 32-bit compare-exchange is a min and a max), one REDUX
+  // a round instead of two, and the weights read the winners' logits from their keys instead of
+  // gathering them with VPT shuffles.
 
   extern __shared__ __align__(16) uint32_t gate_smem[];
 
@@ -702,6 +741,12 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
 #pragma unroll
     for (int i = 0; i < VPT; ++i)
       z0[i] = ((valid >> i) & 1u) ? sanitize(raw_to_float<LT>(raw[i])) : 0.f;
+    uint32_t hkeys[kHalfKeys ? VPT : 1];  // absent experts: 0, below every real half key
+    if constexpr (kHalfKeys) {
+#pragma unroll
+      for (int i = 0; i < VPT; ++i)
+        hkeys[i] = ((valid >> i) & 1u) ? make_half_key(half_order<LT>(raw[i]), i * 32 + lane) : 0u;
+    }
     if constexpr (kPrefetch) {
       if (t + 1 < t_end) load_row<VPT, LT>(p.logits, (t + 1) * p.row_stride, lane, valid, raw);
     }
@@ -735,7 +780,20 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
 
     // ---- Router replay: a row of k distinct ids in [0, E) is the selection ----
     const bool replayed = kReplay && replay_row(p, t, k, lane, sel_id);
-    if (!replayed) {
+    if constexpr (kHalfKeys) {
+      // ---- Top-k by (logit, lower index) on half keys: the winners' keys to sel_id, which the
+      // weights below turn into ids ----
+      sort_descending(hkeys);
+      for (int j = 0; j < k; ++j) {
+        const uint32_t best = warp_max_u32(hkeys[0]);
+        if (hkeys[0] == best) {  // the keys are distinct: one lane pops
+#pragma unroll
+          for (int i = 0; i + 1 < VPT; ++i) hkeys[i] = hkeys[i + 1];
+          hkeys[VPT - 1] = 0u;
+        }
+        if (lane == 0) sel_id[j] = int(best);
+      }
+    } else if (!replayed) {
       // ---- Selection values v (reference: selection_values) ----
       const float* bias = p.selection_bias;
       float v[VPT];
@@ -889,14 +947,22 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
     float part_max = -kFltMax;
     for (int m = 0; m < kpl; ++m) {
       const int j = m * 32 + lane;
-      const int id = j < k ? sel_id[j] : 0;
-      // zw[id] lives in lane id & 31, slot id >> 5.
-      const int src = id & 31, slot = id >> 5;
       float x = 0.f;
+      if constexpr (kHalfKeys) {
+        if (j < k) {  // selection j's key: its logit and its id (lane j's own entry from now on)
+          const uint32_t key = uint32_t(sel_id[j]);
+          x = half_order_value<LT>(key >> 16);
+          sel_id[j] = int(0xffffu - (key & 0xffffu));
+        }
+      } else {
+        const int id = j < k ? sel_id[j] : 0;
+        // zw[id] lives in lane id & 31, slot id >> 5.
+        const int src = id & 31, slot = id >> 5;
 #pragma unroll
-      for (int i = 0; i < VPT; ++i) {
-        const float y = __shfl_sync(kFullMask, zw[i], src);
-        x = i == slot ? y : x;
+        for (int i = 0; i < VPT; ++i) {
+          const float y = __shfl_sync(kFullMask, zw[i], src);
+          x = i == slot ? y : x;
+        }
       }
       if (j < k) {
         const float w = selection_weight(p, softmax, x, w_max, w_sum);
@@ -999,6 +1065,13 @@ inline bool needs_full_kernel(const GateParams& p) {
          rounds_scores(p);
 }
 
+// A plain call that ranks 16-bit logits as they are (no bias; not score "none", whose weights are
+// the logits themselves: a half key keeps no sign of a zero) runs the half-key build up to VPT 16.
+inline bool ranks_half_logits(const GateParams& p) {
+  return p.logit_type != LogitType::F32 && selects_on_logits(p, false) &&
+         p.selection_bias == nullptr && p.score != Score::None && vpt_for(p.E) <= 16;
+}
+
 // Launch geometry for a call with p.T > 0 and 1 <= p.E <= kMaxExperts, for `warps_per_sm`
 // resident warps per SM.
 inline GatePlan plan_topk_gate(const GateParams& p, int sm_count, int warps_per_sm = kWarpsPerSm) {
@@ -1069,6 +1142,23 @@ inline GateKernel kernel_for_tier(int vpt, LogitType lt) {
   }
 }
 
+template <int VPT>
+inline GateKernel half_kernel_for_type(LogitType lt) {
+  return lt == LogitType::F16 ? &topk_gate_kernel<VPT, LogitType::F16, false, false, true>
+                              : &topk_gate_kernel<VPT, LogitType::BF16, false, false, true>;
+}
+
+template <class = void>  // as select_kernel below: instantiated only where it is called
+inline GateKernel half_kernel_for_tier(int vpt, LogitType lt) {
+  switch (vpt) {
+    case 1: return half_kernel_for_type<1>(lt);
+    case 2: return half_kernel_for_type<2>(lt);
+    case 4: return half_kernel_for_type<4>(lt);
+    case 8: return half_kernel_for_type<8>(lt);
+    default: return half_kernel_for_type<16>(lt);
+  }
+}
+
 // The replay builds, instantiated in their own translation unit (gate_replay.cu), which nvcc
 // compiles in parallel with gate.cu: together they would double its compile time.
 GateKernel replay_kernel_for_tier(int vpt, LogitType lt);
@@ -1080,7 +1170,8 @@ template <class = void>
 inline GateKernel select_kernel(const GateParams& p) {
   const int vpt = vpt_for(p.E);
   if (p.replay != nullptr) return replay_kernel_for_tier(vpt, p.logit_type);
-  return needs_full_kernel(p) ? kernel_for_tier<true, false>(vpt, p.logit_type)
+  if (needs_full_kernel(p)) return kernel_for_tier<true, false>(vpt, p.logit_type);
+  return ranks_half_logits(p) ? half_kernel_for_tier(vpt, p.logit_type)
                               : kernel_for_tier<false, false>(vpt, p.logit_type);
 }
 

@@ -637,6 +637,59 @@ std::vector<Case> cases() {
     c.T = 60, c.E = 1000, c.k = 8, c.seed = 17;
     v.push_back(c);
   }
+  // Plain calls ranking 16-bit logits as they are run the half-key build (VPT 1 to 16).
+  {
+    Case c;
+    c.name = "half keys bf16 softmax E=128 k=8";
+    c.T = 1000, c.E = 128, c.k = 8, c.lt = LogitType::BF16, c.seed = 41;
+    v.push_back(c);
+  }
+  {
+    Case c;  // +-0 and many exact ties; softmax over the selected logits, renormalised
+    c.name = "half keys bf16 ties select_on=logits E=256 k=8 renorm scale";
+    c.T = 600, c.E = 256, c.k = 8, c.lt = LogitType::BF16, c.ties = true;
+    c.select_on_logits = true, c.renormalize = true, c.scale = 2.5f, c.seed = 42;
+    v.push_back(c);
+  }
+  {
+    Case c;  // a third of the logits are +-0, and the k-th largest is one of them: -0 ties +0
+    c.name = "half keys bf16 +-0 ties at the cut E=40 k=20";
+    c.T = 300, c.E = 40, c.k = 20, c.lt = LogitType::BF16, c.ties = true, c.seed = 48;
+    v.push_back(c);
+  }
+  {
+    Case c;  // NaN and -inf share an image; +inf is above every finite value
+    c.name = "half keys fp16 NaN/inf E=40 k=7";
+    c.T = 400, c.E = 40, c.k = 7, c.lt = LogitType::F16, c.specials = true, c.seed = 43;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "half keys bf16 NaN/inf ties sigmoid select_on=logits E=500 k=12";
+    c.T = 300, c.E = 500, c.k = 12, c.lt = LogitType::BF16, c.score = Score::Sigmoid;
+    c.select_on_logits = true, c.specials = true, c.ties = true, c.row_pad = 5, c.seed = 44;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "half keys fp16 E=8 k=2 renorm, one lane leads";
+    c.T = 300, c.E = 8, c.k = 2, c.lt = LogitType::F16, c.renormalize = true;
+    c.one_lane_leads = true, c.seed = 45;
+    v.push_back(c);
+  }
+  {
+    Case c;  // two selections per lane in the weights; E past a VPT tier's multiple of 32
+    c.name = "half keys bf16 E=300 k=40 sqrtsoftplus select_on=logits";
+    c.T = 200, c.E = 300, c.k = 40, c.lt = LogitType::BF16, c.score = Score::SqrtSoftplus;
+    c.select_on_logits = true, c.spread = 3.f, c.seed = 46;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "half keys fp16 crowded E=64 k=6";
+    c.T = 500, c.E = 64, c.k = 6, c.lt = LogitType::F16, c.spread = 0.01f, c.seed = 47;
+    v.push_back(c);
+  }
   {
     Case c;
     c.name = "NaN/inf logits, select_on=logits softmax";
