@@ -73,7 +73,8 @@ VARIANTS = {
         "gate: the softmax normaliser's exps each behind a branch on the slot's validity, as "
         "before (they then run one after another)",
         [("csrc/cuda/gate.cuh", """    const float e = expf(x[i] - max_out);
-    s += ((valid >> i) & 1u) ? e : 0.f;""", """    s += ((valid >> i) & 1u) ? expf(x[i] - max_out) : 0.f;""")]),
+    s += ((valid >> i) & 1u) ? e : 0.f;""",
+          """    s += ((valid >> i) & 1u) ? expf(x[i] - max_out) : 0.f;""")]),
     "wide_cache8": Variant(
         "gate past 1024 experts: each lane caches its 8 best remaining keys instead of 4 (fewer "
         "rescans of its VPT slots; 46 us a token on the H200 of 2026-11-26)",

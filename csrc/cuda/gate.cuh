@@ -743,9 +743,12 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
       z0[i] = ((valid >> i) & 1u) ? sanitize(raw_to_float<LT>(raw[i])) : 0.f;
     uint32_t hkeys[kHalfKeys ? VPT : 1];  // absent experts: 0, below every real half key
     if constexpr (kHalfKeys) {
+      // Masked rather than chosen: a conditional key compiles to a branch around each slot.
 #pragma unroll
-      for (int i = 0; i < VPT; ++i)
-        hkeys[i] = ((valid >> i) & 1u) ? make_half_key(half_order<LT>(raw[i]), i * 32 + lane) : 0u;
+      for (int i = 0; i < VPT; ++i) {
+        const uint32_t key = make_half_key(half_order<LT>(raw[i]), i * 32 + lane);
+        hkeys[i] = key & (0u - ((valid >> i) & 1u));
+      }
     }
     if constexpr (kPrefetch) {
       if (t + 1 < t_end) load_row<VPT, LT>(p.logits, (t + 1) * p.row_stride, lane, valid, raw);
