@@ -831,20 +831,29 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
           // largest value is a warp max of the order images; the second largest, a warp max
           // without the lowest lane that holds the first (a multiset result, as in the scan).
           // Image 0 stands for "left out": every real image is larger.
+          // Every slot is scored, also those past n_group (absent experts: a score nobody reads),
+          // and lane g keeps group g's: without a branch per group the groups' reductions
+          // overlap instead of running one after another (what a decode-sized call waits on).
+          float mine = 0.f;
+          if (p.group_score == GroupScore::Max) {
 #pragma unroll
-          for (int i = 0; i < VPT; ++i) {
-            if (i < n_group) {
+            for (int i = 0; i < VPT; ++i) {
+              const float score = from_order_bits(warp_max_u32(order_bits(v[i])));
+              mine = lane == i ? score : mine;
+            }
+          } else {
+#pragma unroll
+            for (int i = 0; i < VPT; ++i) {
               const uint32_t o = order_bits(v[i]);
               const uint32_t a = warp_max_u32(o);
-              float score = from_order_bits(a);
-              if (p.group_score != GroupScore::Max) {
-                const int owner = __ffs(__ballot_sync(kFullMask, o == a)) - 1;
-                score = sanitize(score + from_order_bits(warp_max_u32(lane == owner ? 0u : o)));
-                if (round_sums) score = round_half<LT>(score);
-              }
-              if (lane == i) gscore[i] = score;
+              const int owner = __ffs(__ballot_sync(kFullMask, o == a)) - 1;
+              const uint32_t b = warp_max_u32(lane == owner ? 0u : o);
+              float score = sanitize(from_order_bits(a) + from_order_bits(b));
+              if (round_sums) score = round_half<LT>(score);
+              mine = lane == i ? score : mine;
             }
           }
+          if (lane < n_group) gscore[lane] = mine;
         } else {
 #pragma unroll
           for (int i = 0; i < VPT; ++i)
