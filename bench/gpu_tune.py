@@ -65,10 +65,10 @@ VARIANTS = {
         "gate: keys sorted once per token at VPT 16 (E <= 512) too",
         [("csrc/cuda/gate.cuh", "kSortKeys = VPT <= 8;", "kSortKeys = VPT <= 16;")]),
     "gate_keys64": Variant(
-        "gate: plain calls ranking 16-bit logits select on 64-bit keys, as before the half-key "
-        "build (its 32-bit keys: one REDUX a round, 64 registers instead of 80 at VPT 8)",
-        [("csrc/cuda/gate.cuh", "p.score != Score::None && vpt_for(p.E) <= 16;",
-          "p.score != Score::None && vpt_for(p.E) <= 0;")]),
+        "gate: calls ranking 16-bit logits select on 64-bit keys in the plain and full kernels, "
+        "as before the half-key builds (32-bit keys: one REDUX a round; 64 registers instead of "
+        "80 at VPT 8 without statistics)",
+        [("csrc/cuda/gate.cuh", "vpt_for(p.E) <= 16 &&", "vpt_for(p.E) <= 0 &&")]),
     "gate_exp_branches": Variant(
         "gate: the softmax normaliser's exps each behind a branch on the slot's validity, as "
         "before (they then run one after another)",

@@ -13,16 +13,17 @@
 // Three variants per (VPT, logit type): the full kernel, a plain one compiled without steering,
 // the group limit, the statistics and rounded scores (round_scores), for calls that use none of
 // them (needs_full_kernel), and
-// the full kernel with router replay (kReplay), for calls with replay ids only. A fourth, the
-// plain kernel on half keys (kHalfKeys, up to VPT 16), runs the plain calls that rank fp16/bf16
-// logits as they are (ranks_half_logits: softmax top-k without a bias, as Mixtral, Qwen-MoE and
-// OLMoE route, or select_on="logits") with 32-bit keys (half_order). Those paths hold
+// the full kernel with router replay (kReplay), for calls with replay ids only. Two more, the
+// plain kernel on half keys (kHalfKeys, up to VPT 16) without and with the statistics (kStats),
+// run the calls that rank fp16/bf16 logits as they are and use nothing else of the full kernel
+// (runs_half_build: softmax top-k without a bias, as Mixtral, Qwen-MoE and OLMoE route, or
+// select_on="logits"), selecting with 32-bit keys (half_order). Those paths hold
 // registers for the whole kernel: with nvcc 13.0 for sm_90a the full kernel needs 113-128
 // registers per thread for E <= 256, the plain one 40-80, so an SM holds 16 warps of the former
 // and 24-48 of the latter (bench/kernel_resources.py). Inlined into the full kernel, the replay
 // check alone made it spill at VPT 8 (128 registers, 8-12 bytes), hence its own variant. Every
-// feature the plain kernel keeps runs the same code in all four, but for the half-key build's
-// selection and its reading of the selected logits.
+// feature a build keeps runs the same code in all of them, but for the half-key builds'
+// selection and their reading of the selected logits.
 //
 // Selection: every expert gets the same packed 64-bit key as on the CPU (tier | order-preserving
 // value bits | 2^30-1-index); k rounds of "per-lane best + warp max" pick the keys in
@@ -568,13 +569,16 @@ __device__ __forceinline__ void finish_weights(const GateParams& p, bool softmax
 // ---------------------------------------------------------------------------------------------
 // The kernel.
 
-template <int VPT, LogitType LT, bool kFull, bool kReplay, bool kHalfKeys = false>
+template <int VPT, LogitType LT, bool kFull, bool kReplay, bool kHalfKeys = false,
+          bool kStats = false>
 __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
     topk_gate_kernel(const GateParams p, const GatePlan plan) {
   static_assert(VPT >= 1 && VPT <= 32, "VPT tier out of range");
   static_assert(kFull || !kReplay, "replay runs in a full kernel");
   static_assert(!kHalfKeys || (!kFull && LT != LogitType::F32 && VPT <= 16),
                 "half keys: a plain kernel of 16-bit logits, VPT <= 16");
+  static_assert(!kStats || kHalfKeys, "the statistics outside the full kernel: half keys only");
+  constexpr bool kAnyStats = kFull || kStats;
   // Prefetching the next row costs VPT registers; the largest tier is already register-heavy.
   constexpr bool kPrefetch = VPT <= 16;
   // Caching the packed keys costs 2*VPT registers and saves rebuilding them every round.
@@ -583,7 +587,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
   // replaces each round's scan of VPT keys by a pop; at VPT 16 the 80 exchanges would cost more
   // than the scans they save unless k is large.
   constexpr bool kSortKeys = VPT <= 8;
-  // kHalfKeys (a plain build for ranks_half_logits calls): selection on half keys (half_order),
+  // kHalfKeys (the builds for runs_half_build calls): selection on half keys (half_order),
   // sorted once per token up to VPT 16 (a 32-bit compare-exchange is a min and a max), one REDUX
   // a round instead of two, and the weights read the winners' logits from their keys instead of
   // gathering them with VPT shuffles.
@@ -644,12 +648,12 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
   }
 
   // ---- Statistics state ----
-  const bool any_stats = kFull && p.any_stats();
-  const bool dense = kFull && p.dense_stats();
+  const bool any_stats = kAnyStats && p.any_stats();
+  const bool dense = kAnyStats && p.dense_stats();
   const bool dense_softmax = softmax || score == Score::None;
-  uint32_t* cnt_s = kFull && plan.cnt_off >= 0 ? wsm + plan.cnt_off : nullptr;
+  uint32_t* cnt_s = kAnyStats && plan.cnt_off >= 0 ? wsm + plan.cnt_off : nullptr;
   float* wsum_s =
-      kFull && plan.wsum_off >= 0 ? reinterpret_cast<float*>(wsm + plan.wsum_off) : nullptr;
+      kAnyStats && plan.wsum_off >= 0 ? reinterpret_cast<float*>(wsm + plan.wsum_off) : nullptr;
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {
     if ((valid >> i) & 1u) {
@@ -657,7 +661,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
       if (wsum_s) wsum_s[i * 32 + lane] = 0.f;
     }
   }
-  uint32_t* const cta = kFull && plan.cta_off >= 0 ? gate_smem + plan.cta_off : nullptr;
+  uint32_t* const cta = kAnyStats && plan.cta_off >= 0 ? gate_smem + plan.cta_off : nullptr;
   if (cta != nullptr) {
     for (int i = int(threadIdx.x); i < plan.cta_words; i += int(blockDim.x))
       cta[i] = i == 0 ? 0xffffffffu : 0u;
@@ -1016,7 +1020,10 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
         }
       }
     }
-    if (p.coact) add_coact(p, sel_id, lane);
+    if (p.coact) {
+      if constexpr (kHalfKeys) __syncwarp();  // each lane turned its own entries' keys into ids
+      add_coact(p, sel_id, lane);
+    }
   }
   __syncwarp();  // the last token's scatter happened in other lanes
   if (cta == nullptr) {
@@ -1077,11 +1084,13 @@ inline bool needs_full_kernel(const GateParams& p) {
          rounds_scores(p);
 }
 
-// A plain call that ranks 16-bit logits as they are (no bias; not score "none", whose weights are
-// the logits themselves: a half key keeps no sign of a zero) runs the half-key build up to VPT 16.
-inline bool ranks_half_logits(const GateParams& p) {
+// A call that ranks 16-bit logits as they are (no bias; not score "none", whose weights are the
+// logits themselves: a half key keeps no sign of a zero), up to VPT 16, with nothing of the full
+// kernel but statistics, runs a half-key build (with or without the statistics).
+inline bool runs_half_build(const GateParams& p) {
   return p.logit_type != LogitType::F32 && selects_on_logits(p, false) &&
-         p.selection_bias == nullptr && p.score != Score::None && vpt_for(p.E) <= 16;
+         p.selection_bias == nullptr && p.score != Score::None && vpt_for(p.E) <= 16 &&
+         p.steer == nullptr && !limits_groups(p) && p.replay == nullptr && !rounds_scores(p);
 }
 
 // Launch geometry for a call with p.T > 0 and 1 <= p.E <= kMaxExperts, for `warps_per_sm`
@@ -1154,20 +1163,20 @@ inline GateKernel kernel_for_tier(int vpt, LogitType lt) {
   }
 }
 
-template <int VPT>
+template <int VPT, bool kStats>
 inline GateKernel half_kernel_for_type(LogitType lt) {
-  return lt == LogitType::F16 ? &topk_gate_kernel<VPT, LogitType::F16, false, false, true>
-                              : &topk_gate_kernel<VPT, LogitType::BF16, false, false, true>;
+  return lt == LogitType::F16 ? &topk_gate_kernel<VPT, LogitType::F16, false, false, true, kStats>
+                              : &topk_gate_kernel<VPT, LogitType::BF16, false, false, true, kStats>;
 }
 
-template <class = void>  // as select_kernel below: instantiated only where it is called
+template <bool kStats>  // a template, as select_kernel below: instantiated only where it is called
 inline GateKernel half_kernel_for_tier(int vpt, LogitType lt) {
   switch (vpt) {
-    case 1: return half_kernel_for_type<1>(lt);
-    case 2: return half_kernel_for_type<2>(lt);
-    case 4: return half_kernel_for_type<4>(lt);
-    case 8: return half_kernel_for_type<8>(lt);
-    default: return half_kernel_for_type<16>(lt);
+    case 1: return half_kernel_for_type<1, kStats>(lt);
+    case 2: return half_kernel_for_type<2, kStats>(lt);
+    case 4: return half_kernel_for_type<4, kStats>(lt);
+    case 8: return half_kernel_for_type<8, kStats>(lt);
+    default: return half_kernel_for_type<16, kStats>(lt);
   }
 }
 
@@ -1181,9 +1190,11 @@ GateKernel replay_kernel_for_tier(int vpt, LogitType lt);
 template <class = void>
 inline GateKernel select_kernel(const GateParams& p) {
   const int vpt = vpt_for(p.E);
+  if (runs_half_build(p))
+    return p.any_stats() ? half_kernel_for_tier<true>(vpt, p.logit_type)
+                         : half_kernel_for_tier<false>(vpt, p.logit_type);
   if (p.replay != nullptr) return replay_kernel_for_tier(vpt, p.logit_type);
-  if (needs_full_kernel(p)) return kernel_for_tier<true, false>(vpt, p.logit_type);
-  return ranks_half_logits(p) ? half_kernel_for_tier(vpt, p.logit_type)
+  return needs_full_kernel(p) ? kernel_for_tier<true, false>(vpt, p.logit_type)
                               : kernel_for_tier<false, false>(vpt, p.logit_type);
 }
 

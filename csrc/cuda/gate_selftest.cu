@@ -657,6 +657,35 @@ std::vector<Case> cases() {
     c.T = 300, c.E = 40, c.k = 20, c.lt = LogitType::BF16, c.ties = true, c.seed = 48;
     v.push_back(c);
   }
+  // ... and with statistics (nothing else of the full kernel), the half-key statistics build.
+  {
+    Case c;
+    c.name = "half keys stats+groups bf16 softmax E=128 k=8";
+    c.T = 2000, c.E = 128, c.k = 8, c.lt = LogitType::BF16, c.stats = true, c.groups = true;
+    c.G = 4, c.seed = 49;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "half keys stats fp16 NaN/inf ties select_on=logits E=200 k=6 renorm";
+    c.T = 700, c.E = 200, c.k = 6, c.lt = LogitType::F16, c.select_on_logits = true;
+    c.specials = true, c.ties = true, c.renormalize = true, c.stats = true, c.seed = 50;
+    v.push_back(c);
+  }
+  {
+    Case c;  // sigmoid weights and their dense distribution; int64 statistics groups
+    c.name = "half keys stats+groups bf16 sigmoid select_on=logits E=512 k=10";
+    c.T = 400, c.E = 512, c.k = 10, c.lt = LogitType::BF16, c.score = Score::Sigmoid;
+    c.select_on_logits = true, c.stats = true, c.groups = true, c.groups_int64 = true;
+    c.G = 3, c.seed = 51;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "half keys stats bf16 E=40 k=33 (two selections a lane)";
+    c.T = 300, c.E = 40, c.k = 33, c.lt = LogitType::BF16, c.stats = true, c.seed = 52;
+    v.push_back(c);
+  }
   {
     Case c;  // NaN and -inf share an image; +inf is above every finite value
     c.name = "half keys fp16 NaN/inf E=40 k=7";
