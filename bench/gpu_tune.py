@@ -38,6 +38,41 @@ class Variant(NamedTuple):
 
 DISPATCH = "csrc/cuda/dispatch.cuh"
 GATE_KERNEL = "__launch_bounds__(kMaxWarpsPerBlock * 32)\n    topk_gate_kernel"
+# The scoring of groups of 32 experts in the warp kernel, now and before b418c73.
+GROUPS_OF_32_NOW = """          float mine = 0.f;
+          if (p.group_score == GroupScore::Max) {
+#pragma unroll
+            for (int i = 0; i < VPT; ++i) {
+              const float score = from_order_bits(warp_max_u32(order_bits(v[i])));
+              mine = lane == i ? score : mine;
+            }
+          } else {
+#pragma unroll
+            for (int i = 0; i < VPT; ++i) {
+              const uint32_t o = order_bits(v[i]);
+              const uint32_t a = warp_max_u32(o);
+              const int owner = __ffs(__ballot_sync(kFullMask, o == a)) - 1;
+              const uint32_t b = warp_max_u32(lane == owner ? 0u : o);
+              float score = sanitize(from_order_bits(a) + from_order_bits(b));
+              if (round_sums) score = round_half<LT>(score);
+              mine = lane == i ? score : mine;
+            }
+          }
+          if (lane < n_group) gscore[lane] = mine;"""
+GROUPS_OF_32_BEFORE = """#pragma unroll
+          for (int i = 0; i < VPT; ++i) {
+            if (i < n_group) {
+              const uint32_t o = order_bits(v[i]);
+              const uint32_t a = warp_max_u32(o);
+              float score = from_order_bits(a);
+              if (p.group_score != GroupScore::Max) {
+                const int owner = __ffs(__ballot_sync(kFullMask, o == a)) - 1;
+                score = sanitize(score + from_order_bits(warp_max_u32(lane == owner ? 0u : o)));
+                if (round_sums) score = round_half<LT>(score);
+              }
+              if (lane == i) gscore[i] = score;
+            }
+          }"""
 VARIANTS = {
     "dispatch_alt": Variant(
         ("plan: three launches at every size; permute: 8 vectors per copy step instead of 4; "
@@ -75,6 +110,15 @@ VARIANTS = {
         [("csrc/cuda/gate.cuh", """    const float e = expf(x[i] - max_out);
     s += ((valid >> i) & 1u) ? e : 0.f;""",
           """    s += ((valid >> i) & 1u) ? expf(x[i] - max_out) : 0.f;""")]),
+    "gate_stats_full": Variant(
+        "gate: statistics calls on 16-bit logits ranked as they are run the full kernel, as "
+        "before the half-key statistics build",
+        [("csrc/cuda/gate.cuh", "p.any_stats() ? half_kernel_for_tier<true>(vpt, p.logit_type)",
+          "p.any_stats() ? kernel_for_tier<true, false>(vpt, p.logit_type)")]),
+    "gate_groups_branches": Variant(
+        "gate: groups of 32 scored one group at a time behind a branch each, as before "
+        "(a decode-sized DeepSeek-V3 call waits on that chain)",
+        [("csrc/cuda/gate.cuh", GROUPS_OF_32_NOW, GROUPS_OF_32_BEFORE)]),
     "wide_cache8": Variant(
         "gate past 1024 experts: each lane caches its 8 best remaining keys instead of 4 (fewer "
         "rescans of its VPT slots; 46 us a token on the H200 of 2026-11-26)",
