@@ -104,14 +104,14 @@ def main(argv: list[str]) -> int:
                 print(done.stderr, file=sys.stderr)
                 return done.returncode
             rows += parse_ptxas(done.stderr)
-    print(f"{'kernel':<36} {'registers':>9} {'spilled B':>9} {'warps/SM':>8}   ({args.arch})")
+    print(f"{'kernel':<40} {'registers':>9} {'spilled B':>9} {'warps/SM':>8}   ({args.arch})")
     for mangled, regs, spill in sorted(rows, key=_natural_order):
         label = kernel_label(mangled)
         if args.filter not in label:
             continue
         cta = next((n for k, n in CTA_THREADS.items() if k in mangled), None)
         warps = str(resident_warps(regs, cta)) if cta else "-"
-        print(f"{label:<36} {regs:>9} {spill:>9} {warps:>8}")
+        print(f"{label:<40} {regs:>9} {spill:>9} {warps:>8}")
     return 0
 
 
