@@ -115,6 +115,14 @@ VARIANTS = {
         "before the half-key statistics build",
         [("csrc/cuda/gate.cuh", "p.any_stats() ? half_kernel_for_tier<true>(vpt, p.logit_type)",
           "p.any_stats() ? kernel_for_tier<true, false>(vpt, p.logit_type)")]),
+    "gate_stats_bounds_off": Variant(
+        "gate: the half-key statistics build without its launch bounds (68 and 99 registers "
+        "at VPT 2 and 4: 24 and 16 warps per SM instead of 32 and 24)",
+        [("csrc/cuda/gate.cuh", "32, VPT <= 2 ? 4 : VPT <= 4 ? 3 : 1)", "32, 1)")]),
+    "gate_stats_vpt8_3_blocks": Variant(
+        "gate: the half-key statistics build asks for 3 CTAs per SM at VPT 8 too (24 warps "
+        "instead of 16, 40 bytes spilled)",
+        [("csrc/cuda/gate.cuh", "VPT <= 4 ? 3 : 1)", "VPT <= 8 ? 3 : 1)")]),
     "gate_groups_branches": Variant(
         "gate: groups of 32 scored one group at a time behind a branch each, as before "
         "(a decode-sized DeepSeek-V3 call waits on that chain)",

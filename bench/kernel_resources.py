@@ -32,13 +32,15 @@ ELEM_TYPES = {"f": "fp32", "6__half": "fp16", "13__nv_bfloat16": "bf16"}
 
 def kernel_label(mangled: str) -> str:
     """A readable name for the kernels this project defines (else the mangled one)."""
-    m = re.search(r"topk_gate_kernelILi(\d+)ELNS_9LogitTypeE(\d)ELb([01])ELb([01])ELb([01])"
-                  r"ELb([01])", mangled)
+    m = re.search(r"topk_gate_kernelILi(\d+)ELNS_9LogitTypeE(\d)ELb([01])ELb([01])ELb([01])",
+                  mangled)
     if m:
         variant = ("replay" if m.group(4) == "1" else "full" if m.group(3) == "1"
                    else "half keys" if m.group(5) == "1" else "plain")
-        variant += " + stats" if m.group(6) == "1" else ""
         return f"topk_gate VPT={m.group(1)} {LOGIT_TYPES[m.group(2)]} {variant}"
+    m = re.search(r"topk_gate_kernel_statsILi(\d+)ELNS_9LogitTypeE(\d)E", mangled)
+    if m:
+        return f"topk_gate VPT={m.group(1)} {LOGIT_TYPES[m.group(2)]} half keys + stats"
     m = re.search(r"topk_gate_wide_kernelILi(\d+)ELNS_9LogitTypeE(\d)ELb([01])", mangled)
     if m:
         variant = "full" if m.group(3) == "1" else "plain"

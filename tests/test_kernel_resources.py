@@ -11,16 +11,16 @@ _spec.loader.exec_module(kr)
 
 # What ptxas -v printed for four of the kernels (nvcc 13.0, sm_90a).
 PTXAS = """\
-ptxas info    : Compiling entry function '_ZN9moe_route4cuda6detail16topk_gate_kernelILi4ELNS_9LogitTypeE2ELb0ELb0ELb0ELb0EEEvNS_10GateParamsENS1_8GatePlanE' for 'sm_90a'
-ptxas info    : Function properties for _ZN9moe_route4cuda6detail16topk_gate_kernelILi4ELNS_9LogitTypeE2ELb0ELb0ELb0ELb0EEEvNS_10GateParamsENS1_8GatePlanE
+ptxas info    : Compiling entry function '_ZN9moe_route4cuda6detail16topk_gate_kernelILi4ELNS_9LogitTypeE2ELb0ELb0ELb0EEEvNS_10GateParamsENS1_8GatePlanE' for 'sm_90a'
+ptxas info    : Function properties for _ZN9moe_route4cuda6detail16topk_gate_kernelILi4ELNS_9LogitTypeE2ELb0ELb0ELb0EEEvNS_10GateParamsENS1_8GatePlanE
     8 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads
 ptxas info    : Used 48 registers, used 0 barriers, 8 bytes cumulative stack size
-ptxas info    : Compiling entry function '_ZN9moe_route4cuda6detail16topk_gate_kernelILi8ELNS_9LogitTypeE2ELb0ELb0ELb1ELb0EEEvNS_10GateParamsENS1_8GatePlanE' for 'sm_90a'
-ptxas info    : Function properties for _ZN9moe_route4cuda6detail16topk_gate_kernelILi8ELNS_9LogitTypeE2ELb0ELb0ELb1ELb0EEEvNS_10GateParamsENS1_8GatePlanE
+ptxas info    : Compiling entry function '_ZN9moe_route4cuda6detail16topk_gate_kernelILi8ELNS_9LogitTypeE2ELb0ELb0ELb1EEEvNS_10GateParamsENS1_8GatePlanE' for 'sm_90a'
+ptxas info    : Function properties for _ZN9moe_route4cuda6detail16topk_gate_kernelILi8ELNS_9LogitTypeE2ELb0ELb0ELb1EEEvNS_10GateParamsENS1_8GatePlanE
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas info    : Used 64 registers, used 0 barriers
-ptxas info    : Compiling entry function '_ZN9moe_route4cuda6detail16topk_gate_kernelILi8ELNS_9LogitTypeE2ELb1ELb1ELb0ELb0EEEvNS_10GateParamsENS1_8GatePlanE' for 'sm_90a'
-ptxas info    : Function properties for _ZN9moe_route4cuda6detail16topk_gate_kernelILi8ELNS_9LogitTypeE2ELb1ELb1ELb0ELb0EEEvNS_10GateParamsENS1_8GatePlanE
+ptxas info    : Compiling entry function '_ZN9moe_route4cuda6detail16topk_gate_kernelILi8ELNS_9LogitTypeE2ELb1ELb1ELb0EEEvNS_10GateParamsENS1_8GatePlanE' for 'sm_90a'
+ptxas info    : Function properties for _ZN9moe_route4cuda6detail16topk_gate_kernelILi8ELNS_9LogitTypeE2ELb1ELb1ELb0EEEvNS_10GateParamsENS1_8GatePlanE
     8 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads
 ptxas info    : Used 128 registers, used 1 barriers, 8 bytes cumulative stack size
 ptxas info    : Compiling entry function '_ZN9moe_route4cuda6detail16unpermute_kernelI13__nv_bfloat16Li8EEEvNS_15UnpermuteParamsEil' for 'sm_90a'
@@ -38,13 +38,13 @@ def test_parse_ptxas_reads_registers_and_spills_per_kernel():
 
 
 @pytest.mark.parametrize("mangled, label", [
-    ("_ZN9moe_route4cuda6detail16topk_gate_kernelILi32ELNS_9LogitTypeE0ELb1ELb0ELb0ELb0EEEvNS_10GateParams",
+    ("_ZN9moe_route4cuda6detail16topk_gate_kernelILi32ELNS_9LogitTypeE0ELb1ELb0ELb0EEEvNS_10GateParams",
      "topk_gate VPT=32 fp32 full"),
-    ("_ZN9moe_route4cuda6detail16topk_gate_kernelILi1ELNS_9LogitTypeE1ELb1ELb1ELb0ELb0EEEvNS_10GateParams",
+    ("_ZN9moe_route4cuda6detail16topk_gate_kernelILi1ELNS_9LogitTypeE1ELb1ELb1ELb0EEEvNS_10GateParams",
      "topk_gate VPT=1 fp16 replay"),
-    ("_ZN9moe_route4cuda6detail16topk_gate_kernelILi16ELNS_9LogitTypeE1ELb0ELb0ELb1ELb0EEEvNS_10GateParams",
+    ("_ZN9moe_route4cuda6detail16topk_gate_kernelILi16ELNS_9LogitTypeE1ELb0ELb0ELb1EEEvNS_10GateParams",
      "topk_gate VPT=16 fp16 half keys"),
-    ("_ZN9moe_route4cuda6detail16topk_gate_kernelILi8ELNS_9LogitTypeE2ELb0ELb0ELb1ELb1EEEvNS_10GateParams",
+    ("_ZN9moe_route4cuda6detail22topk_gate_kernel_statsILi8ELNS_9LogitTypeE2EEEvNS_10GateParamsENS1_8GatePlanE",
      "topk_gate VPT=8 bf16 half keys + stats"),
     ("_ZN9moe_route4cuda6detail21topk_gate_wide_kernelILi32ELNS_9LogitTypeE2ELb0EEEvNS_10GateParamsENS1_8WidePlanE",
      "topk_gate wide VPT=32 bf16 plain"),

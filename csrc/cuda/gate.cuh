@@ -569,10 +569,10 @@ __device__ __forceinline__ void finish_weights(const GateParams& p, bool softmax
 // ---------------------------------------------------------------------------------------------
 // The kernel.
 
-template <int VPT, LogitType LT, bool kFull, bool kReplay, bool kHalfKeys = false,
-          bool kStats = false>
-__global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
-    topk_gate_kernel(const GateParams p, const GatePlan plan) {
+// The kernel's body, shared by its builds (the __global__ functions below, which differ in their
+// launch bounds).
+template <int VPT, LogitType LT, bool kFull, bool kReplay, bool kHalfKeys, bool kStats>
+__device__ __forceinline__ void topk_gate_body(const GateParams p, const GatePlan plan) {
   static_assert(VPT >= 1 && VPT <= 32, "VPT tier out of range");
   static_assert(kFull || !kReplay, "replay runs in a full kernel");
   static_assert(!kHalfKeys || (!kFull && LT != LogitType::F32 && VPT <= 16),
@@ -1070,6 +1070,23 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
   }
 }
 
+// The plain, full and replay builds, and the half-key build without statistics.
+template <int VPT, LogitType LT, bool kFull, bool kReplay, bool kHalfKeys = false>
+__global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
+    topk_gate_kernel(const GateParams p, const GatePlan plan) {
+  topk_gate_body<VPT, LT, kFull, kReplay, kHalfKeys, false>(p, plan);
+}
+
+// The half-key build with the statistics. Its launch bounds ask for what ptxas fits without
+// spilling (nvcc 13.0, sm_90a): 4 CTAs of 8 warps per SM up to VPT 2 (64 registers; 68 by
+// itself), 3 at VPT 4 (78; 99 by itself). At VPT 8 three CTAs spill 40 bytes and at VPT 16
+// 384, so those keep ptxas's choice (116 and 163 registers: 16 and 8 warps).
+template <int VPT, LogitType LT>
+__global__ void __launch_bounds__(kMaxWarpsPerBlock * 32, VPT <= 2 ? 4 : VPT <= 4 ? 3 : 1)
+    topk_gate_kernel_stats(const GateParams p, const GatePlan plan) {
+  topk_gate_body<VPT, LT, false, false, true, true>(p, plan);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host-side planning and dispatch (shared by the launcher and tests).
 
@@ -1165,8 +1182,13 @@ inline GateKernel kernel_for_tier(int vpt, LogitType lt) {
 
 template <int VPT, bool kStats>
 inline GateKernel half_kernel_for_type(LogitType lt) {
-  return lt == LogitType::F16 ? &topk_gate_kernel<VPT, LogitType::F16, false, false, true, kStats>
-                              : &topk_gate_kernel<VPT, LogitType::BF16, false, false, true, kStats>;
+  if constexpr (kStats) {
+    return lt == LogitType::F16 ? &topk_gate_kernel_stats<VPT, LogitType::F16>
+                                : &topk_gate_kernel_stats<VPT, LogitType::BF16>;
+  } else {
+    return lt == LogitType::F16 ? &topk_gate_kernel<VPT, LogitType::F16, false, false, true>
+                                : &topk_gate_kernel<VPT, LogitType::BF16, false, false, true>;
+  }
 }
 
 template <bool kStats>  // a template, as select_kernel below: instantiated only where it is called
