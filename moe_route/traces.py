@@ -328,8 +328,9 @@ def open_trace(path) -> TraceFile:
     """Open a trace file (``save_trace``, ``record(trace_path=)``) for reading a layer at a time:
     a read-only mapping of its layers, each read from the file when it is looked up (the layer
     ``load_trace`` gives: tensors on the CPU in their saved dtypes, ids int32 or int64, weights
-    and logits in the trace's dtype, no value converted), and its ``meta``. The analyses take it wherever they take a trace, holding one layer at a time; for
-    a trace larger than memory. ``load_trace`` reads it all at once."""
+    and logits in the trace's dtype, no value converted), and its ``meta``. The analyses take it
+    wherever they take a trace, holding one layer at a time; for a trace larger than memory.
+    ``load_trace`` reads it all at once."""
     return TraceFile(path)
 
 

@@ -570,7 +570,8 @@ __device__ __forceinline__ void finish_weights(const GateParams& p, bool softmax
 // The kernel.
 
 // The kernel's body, shared by its builds (the __global__ functions below, which differ in their
-// launch bounds).
+// launch bounds). The parameters come by value: taken by reference from the kernel's, they made
+// ptxas spill 4-20 bytes in builds that spill nothing this way (nvcc 13.0, sm_90a).
 template <int VPT, LogitType LT, bool kFull, bool kReplay, bool kHalfKeys, bool kStats>
 __device__ __forceinline__ void topk_gate_body(const GateParams p, const GatePlan plan) {
   static_assert(VPT >= 1 && VPT <= 32, "VPT tier out of range");
@@ -587,10 +588,8 @@ __device__ __forceinline__ void topk_gate_body(const GateParams p, const GatePla
   // replaces each round's scan of VPT keys by a pop; at VPT 16 the 80 exchanges would cost more
   // than the scans they save unless k is large.
   constexpr bool kSortKeys = VPT <= 8;
-  // kHalfKeys (the builds for runs_half_build calls): selection on half keys (half_order),
-  // sorted once per token up to VPT 16 (a 32-bit compare-exchange is a min and a max), one REDUX
-  // a round instead of two, and the weights read the winners' logits from their keys instead of
-  // gathering them with VPT shuffles.
+  // kHalfKeys (runs_half_build calls): selection on half keys (see half_order), sorted once per
+  // token up to VPT 16.
 
   extern __shared__ __align__(16) uint32_t gate_smem[];
 
@@ -1095,7 +1094,8 @@ inline int vpt_for(int64_t E) {
 }
 
 // The full kernel is needed for steering, a group limit, statistics or replay; every other call
-// runs the plain one, compiled without those paths.
+// runs the plain one, compiled without those paths (select_kernel first sends the calls it can to
+// a half-key build, statistics included: runs_half_build).
 inline bool needs_full_kernel(const GateParams& p) {
   return p.steer != nullptr || limits_groups(p) || p.any_stats() || p.replay != nullptr ||
          rounds_scores(p);
