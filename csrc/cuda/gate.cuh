@@ -91,9 +91,11 @@ struct GatePlan {
   int32_t warps_per_block = 1;
   int32_t blocks = 0;
   // Per-warp shared memory, in 32-bit words: [0, stage) staging (group scoring, then the selected
-  // ids [k] and weights [k]); counts [E] at cnt_off, weight sums [E] at wsum_off (-1: absent).
+  // ids [k] and weights [k]); the token's selection values [32 * VPT] at vals_off in the builds
+  // with short keys (16-byte aligned, as are warp_words; -1: absent); counts [E] at cnt_off,
+  // weight sums [E] at wsum_off (-1: absent).
   int32_t warp_words = 0;
-  int32_t cnt_off = -1, wsum_off = -1;
+  int32_t vals_off = -1, cnt_off = -1, wsum_off = -1;
   // The CTA's merge area after the warps' (words from the start of shared memory; -1: none):
   // [0] the group being merged (-1: none yet), [2, 4) tokens (u64), [4] entropy sum, then counts
   // [E] (u64) at cta_cnt, probability sums [E] at cta_prob, weight sums [E] at cta_wsum (offsets
@@ -304,6 +306,81 @@ __device__ __forceinline__ uint32_t make_half_key(uint32_t order, int index) {
   return (order << 16) | (0xffffu - uint32_t(index));
 }
 
+// Short keys: the other builds' selection key in 32 bits, up to VPT 16: tier (TB bits: 2 where
+// steering forces experts on and off, else none) | the top 32-TB-IB bits of the value's order
+// image | 2^IB-1-index, with IB = log2(32 * VPT) index bits (short_index_bits). One REDUX finds
+// a round's winner, as with half keys, but the key drops the value's low TB+IB bits: two
+// experts whose values differ only there tie on it, and the lower index wins where the value
+// should decide. The selection is exact all the same when its k + 1 best short keys have
+// distinct (tier, top bits): the first k then rank in their exact order, and every other expert
+// sits below the (k+1)-th, so below the k-th, in the exact order too. It is also exact when no
+// value loses anything (short_keys_lossy). Otherwise the token is selected again on 64-bit keys.
+__host__ __device__ constexpr int short_index_bits(int vpt) {
+  return vpt <= 1 ? 5 : vpt <= 2 ? 6 : vpt <= 4 ? 7 : vpt <= 8 ? 8 : 9;
+}
+
+template <int IB, int TB>
+__device__ __forceinline__ uint32_t make_short_key(uint32_t tier, uint32_t ord, int index) {
+  const uint32_t key = ((ord >> (TB + IB)) << IB) | ((1u << IB) - 1u - uint32_t(index));
+  if constexpr (TB == 0) {
+    return key;
+  } else {
+    return (tier << (32 - TB)) | key;
+  }
+}
+
+// A lane's selection values to its slice of the warp's shared memory, in 16-byte vectors where
+// VPT allows (slots 4g..4g+3 of lane l at vector g*32 + l: conflict-free), and slot i back.
+template <int VPT>
+__device__ __forceinline__ void store_values(float* vsm, int lane, const float (&v)[VPT]) {
+  if constexpr (VPT >= 4) {
+#pragma unroll
+    for (int g = 0; g < VPT / 4; ++g)
+      reinterpret_cast<float4*>(vsm)[g * 32 + lane] =
+          make_float4(v[4 * g], v[4 * g + 1], v[4 * g + 2], v[4 * g + 3]);
+  } else if constexpr (VPT == 2) {
+    reinterpret_cast<float2*>(vsm)[lane] = make_float2(v[0], v[1]);
+  } else {
+    vsm[lane] = v[0];
+  }
+}
+
+template <int VPT>
+__device__ __forceinline__ float value_at(const float* vsm, int lane, int i) {
+  constexpr int kVec = VPT >= 4 ? 4 : VPT;
+  return vsm[((i / kVec) * 32 + lane) * kVec + i % kVec];
+}
+
+// Whether a short key's dropped bits (the low `dropped` of the order image) can tell two of a
+// row's available values apart: they can unless each value's are those of its sign (all zero
+// for + and all one for -, as an fp32 holding a bf16 value has), for then equal top bits mean
+// equal values. Warp-uniform.
+template <int VPT>
+__device__ __forceinline__ bool short_keys_lossy(const float* vsm, int lane, uint32_t avail,
+                                                 int dropped) {
+  const uint32_t mask = (1u << dropped) - 1u;
+  bool lossy = false;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const uint32_t o = order_bits(value_at<VPT>(vsm, lane, i));
+    lossy = lossy || (((avail >> i) & 1u) && (o & mask) != ((o >> 31) ? 0u : mask));
+  }
+  return __any_sync(kFullMask, lossy);
+}
+
+// The largest of the lanes' best keys, each lane's keys sorted in descending order: every lane
+// gets it, and the lane that holds it pops it (the keys are distinct). One REDUX.
+template <int VPT>
+__device__ __forceinline__ uint32_t pop_warp_max(uint32_t (&keys)[VPT]) {
+  const uint32_t best = warp_max_u32(keys[0]);
+  if (keys[0] == best) {
+#pragma unroll
+    for (int i = 0; i + 1 < VPT; ++i) keys[i] = keys[i + 1];
+    keys[VPT - 1] = 0u;
+  }
+  return best;
+}
+
 template <int VPT, LogitType LT>
 __device__ __forceinline__ void load_row(const void* logits, int64_t off, int lane, uint32_t valid,
                                          uint32_t (&raw)[VPT]) {
@@ -377,6 +454,37 @@ __device__ __forceinline__ SteerMasks steer_masks(const Row& row, const float* s
   m.has_std = row.any(any_std);
   m.has_force = row.any((m.on | m.off) != 0u);
   return m;
+}
+
+// The top k of a warp's available experts (bit i of avail: slot i) by (tier, value, lower index)
+// on 64-bit keys, every round a scan of the lane's slots: value(i) is slot i's value. The ids go
+// to sel_id (lane 0 writes them). k <= the number of available experts (prepare_gate checks it),
+// so every round has a winner.
+template <int VPT, class Value>
+__device__ __forceinline__ void select_on_keys64(Value&& value, uint32_t avail,
+                                                 const SteerMasks& masks, int k, int lane,
+                                                 int32_t* sel_id) {
+  for (int j = 0; j < k; ++j) {
+    uint64_t best = 0;
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      if ((avail >> i) & 1u) {
+        const uint64_t key = make_key(masks.tier(i), order_bits(value(i)), uint32_t(i * 32 + lane));
+        best = key > best ? key : best;
+      }
+    }
+    const int idx = key_index(warp_max_key(best));
+    if ((idx & 31) == lane) avail &= ~(1u << (idx >> 5));
+    if (lane == 0) sel_id[j] = idx;
+  }
+}
+
+// The same from the values a lane stored (store_values), out of line.
+template <int VPT>
+__device__ __noinline__ void select_stored_on_keys64(const float* vsm, int lane, uint32_t avail,
+                                                     SteerMasks masks, int k, int32_t* sel_id) {
+  select_on_keys64<VPT>([&](int i) { return value_at<VPT>(vsm, lane, i); }, avail, masks, k,
+                        lane, sel_id);
 }
 
 // Softmax normaliser of a row: max over the valid values and sum of exp(x - max).
@@ -582,14 +690,11 @@ __device__ __forceinline__ void topk_gate_body(const GateParams p, const GatePla
   constexpr bool kAnyStats = kFull || kStats;
   // Prefetching the next row costs VPT registers; the largest tier is already register-heavy.
   constexpr bool kPrefetch = VPT <= 16;
-  // Caching the packed keys costs 2*VPT registers and saves rebuilding them every round.
-  constexpr bool kCacheKeys = VPT <= 16;
-  // Sorting them once (a bitonic network: 0, 1, 6, 24 compare-exchanges for VPT 1, 2, 4, 8)
-  // replaces each round's scan of VPT keys by a pop; at VPT 16 the 80 exchanges would cost more
-  // than the scans they save unless k is large.
-  constexpr bool kSortKeys = VPT <= 8;
-  // kHalfKeys (runs_half_build calls): selection on half keys (see half_order), sorted once per
-  // token up to VPT 16.
+  // Selection keys of 32 bits, cached in registers and sorted once per token (a bitonic network:
+  // 0, 1, 6, 24, 80 compare-exchanges of 2 instructions for VPT 1 to 16), so that each round is
+  // a REDUX and a pop: half keys (see half_order) in the kHalfKeys builds, short keys (see
+  // make_short_key) in the others up to VPT 16. VPT 32 scans 64-bit keys every round.
+  constexpr bool kShortKeys = !kHalfKeys && VPT <= 16;
 
   extern __shared__ __align__(16) uint32_t gate_smem[];
 
@@ -602,6 +707,7 @@ __device__ __forceinline__ void topk_gate_body(const GateParams p, const GatePla
                         : p.T - t_begin < plan.chunk ? p.T
                                                      : t_begin + plan.chunk;
   uint32_t* wsm = gate_smem + int64_t(warp) * plan.warp_words;
+  float* vsm = reinterpret_cast<float*>(wsm + plan.vals_off);  // kShortKeys builds
 
   const int E = int(p.E);
   const int k = int(p.k);
@@ -791,12 +897,7 @@ __device__ __forceinline__ void topk_gate_body(const GateParams p, const GatePla
       // weights below turn into ids ----
       sort_descending(hkeys);
       for (int j = 0; j < k; ++j) {
-        const uint32_t best = warp_max_u32(hkeys[0]);
-        if (hkeys[0] == best) {  // the keys are distinct: one lane pops
-#pragma unroll
-          for (int i = 0; i + 1 < VPT; ++i) hkeys[i] = hkeys[i + 1];
-          hkeys[VPT - 1] = 0u;
-        }
+        const uint32_t best = pop_warp_max(hkeys);
         if (lane == 0) sel_id[j] = int(best);
       }
     } else if (!replayed) {
@@ -912,48 +1013,42 @@ __device__ __forceinline__ void topk_gate_body(const GateParams p, const GatePla
       }
 
       // ---- Top-k by (tier, v, lower index) ----
-      uint32_t ord[VPT];
+      if constexpr (kShortKeys) {
+        constexpr int IB = short_index_bits(VPT), TB = kFull ? 2 : 0;
+        store_values(vsm, lane, v);  // for the 64-bit keys if the short ones tie, read back below
+        // Unavailable experts get key 0, below every real key (whose top bits are not all 0).
+        uint32_t skeys[VPT];
 #pragma unroll
-      for (int i = 0; i < VPT; ++i) ord[i] = order_bits(v[i]);
-      // With its keys sorted (kSortKeys), a lane's best remaining key is keys[0] and the round's
-      // winner pops it; otherwise every round scans the lane's available keys. Unavailable experts
-      // get key 0, below every real key (whose index field is >= 2^30 - 1024).
-      uint64_t keys[kCacheKeys ? VPT : 1];
-      if constexpr (kCacheKeys) {
-#pragma unroll
-        for (int i = 0; i < VPT; ++i)
-          keys[i] = ((avail >> i) & 1u)
-                        ? make_key(masks.tier(i), ord[i], uint32_t(i * 32 + lane))
-                        : 0;
-        if constexpr (kSortKeys) sort_descending(keys);
-      }
-      for (int j = 0; j < k; ++j) {
-        uint64_t best = 0;
-        if constexpr (kSortKeys) {
-          best = keys[0];
-        } else {
-#pragma unroll
-          for (int i = 0; i < VPT; ++i) {
-            if ((avail >> i) & 1u) {
-              uint64_t key;
-              if constexpr (kCacheKeys) key = keys[i];
-              else key = make_key(masks.tier(i), ord[i], uint32_t(i * 32 + lane));
-              best = key > best ? key : best;
-            }
-          }
+        for (int i = 0; i < VPT; ++i) {
+          const uint32_t key =
+              make_short_key<IB, TB>(masks.tier(i), order_bits(v[i]), i * 32 + lane);
+          skeys[i] = key & (0u - ((avail >> i) & 1u));
         }
-        // k <= number of eligible experts (checked by prepare_gate), so a winner always exists.
-        const int idx = key_index(warp_max_key(best));
-        if ((idx & 31) == lane) {
-          if constexpr (kSortKeys) {
-#pragma unroll
-            for (int i = 0; i + 1 < VPT; ++i) keys[i] = keys[i + 1];
-            keys[VPT - 1] = 0;
+        sort_descending(skeys);
+        // k + 1 rounds, the last only to compare the (k+1)-th key with the k-th (after the
+        // available experts run out it is 0, which ties with nothing).
+        uint32_t prev = 0;
+        bool tie = false;
+        for (int j = 0; j < k; ++j) {
+          const uint32_t best = pop_warp_max(skeys);
+          tie = tie || (best >> IB) == (prev >> IB);
+          prev = best;
+          if (lane == 0) sel_id[j] = int((1u << IB) - 1u - (best & ((1u << IB) - 1u)));
+        }
+        tie = tie || (warp_max_u32(skeys[0]) >> IB) == (prev >> IB);
+        if (tie && short_keys_lossy<VPT>(vsm, lane, avail, TB + IB)) {  // warp-uniform
+          // Again on 64-bit keys, from the stored values. Inlined into a full build, this rare
+          // path made ptxas spill 16-56 bytes (VPT 2 to 8, nvcc 13.0, sm_90a); called, it makes a
+          // plain build spill.
+          if constexpr (kFull) {
+            select_stored_on_keys64<VPT>(vsm, lane, avail, masks, k, sel_id);
           } else {
-            avail &= ~(1u << (idx >> 5));
+            select_on_keys64<VPT>([&](int i) { return value_at<VPT>(vsm, lane, i); }, avail,
+                                  masks, k, lane, sel_id);
           }
         }
-        if (lane == 0) sel_id[j] = idx;
+      } else {
+        select_on_keys64<VPT>([&](int i) { return v[i]; }, avail, masks, k, lane, sel_id);
       }
     }
     __syncwarp();  // publish sel_id
@@ -1110,6 +1205,11 @@ inline bool runs_half_build(const GateParams& p) {
          p.steer == nullptr && !limits_groups(p) && p.replay == nullptr && !rounds_scores(p);
 }
 
+// Whether the warp kernel that runs the call selects on short keys (see make_short_key).
+inline bool uses_short_keys(const GateParams& p) {
+  return vpt_for(p.E) <= 16 && !runs_half_build(p);
+}
+
 // Launch geometry for a call with p.T > 0 and 1 <= p.E <= kMaxExperts, for `warps_per_sm`
 // resident warps per SM.
 inline GatePlan plan_topk_gate(const GateParams& p, int sm_count, int warps_per_sm = kWarpsPerSm) {
@@ -1118,8 +1218,13 @@ inline GatePlan plan_topk_gate(const GateParams& p, int sm_count, int warps_per_
   int64_t stage = 2 * p.k;
   if (group_limited && p.E + p.n_group > stage) stage = p.E + p.n_group;
   int64_t words = stage;
+  if (uses_short_keys(p)) {
+    words = (words + 3) / 4 * 4;
+    c.vals_off = int32_t(words), words += 32 * vpt_for(p.E);
+  }
   if (p.counts) c.cnt_off = int32_t(words), words += p.E;
   if (p.weight_sum) c.wsum_off = int32_t(words), words += p.E;
+  if (c.vals_off >= 0) words = (words + 3) / 4 * 4;  // the next warp's values stay aligned
   c.warp_words = int32_t(words);
   const int64_t warp_bytes = words * int64_t(sizeof(uint32_t));  // <= 16 KiB
 

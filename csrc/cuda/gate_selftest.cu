@@ -56,6 +56,16 @@ struct Case {
   // Router replay rows: valid selections, rows of -1 and invalid rows (selected as usual).
   bool replay = false, replay_int64 = false;
   bool ties = false;      // logits on a coarse grid: many exact ties
+  // Logits a few ulps from a coarse grid: values that differ only in the low bits a short key
+  // drops (gate.cuh, make_short_key), and exact ties.
+  bool near_ties = false;
+  // Every id as the reference's: for selection values computed the same way on both sides
+  // (logits, plus a bias or add/abs steering), where no near tie may swap.
+  bool exact_ids = false;
+  // fp32 logits ranked as they are (v = z): in each row the experts ranked k and k + 1 become
+  // a near tie, the one with the higher index a few ulps ahead. No other pair of the row is
+  // that close, so only the comparison of the k-th and (k+1)-th short keys can notice it.
+  bool tie_at_cut = false;
   float spread = 1.f;     // the logits' standard deviation (small: crowded probabilities)
   // Experts e with e % 512 == 5 lead every row (+8): one thread of the CTA kernel, one lane of
   // the warp kernel, holds the first min(k, its experts) winners.
@@ -283,6 +293,13 @@ bool run_case(const Case& c) {
   std::vector<float> logits(size_t(T * stride), 0.f);
   for (auto& x : logits) {
     x = c.ties ? std::round(normal(rng) * 0.5f) / 4.f : normal(rng) * c.spread;
+    if (c.near_ties) {
+      uint32_t bits;
+      const float grid = std::round(normal(rng)) / 2.f;
+      std::memcpy(&bits, &grid, 4);
+      bits += uint32_t(unif(rng) * 48.f);  // away from 0, by 0 to 47 ulps
+      std::memcpy(&x, &bits, 4);
+    }
     if (c.specials) {
       const float r = unif(rng);
       if (r < 0.03f) x = NAN;
@@ -293,6 +310,20 @@ bool run_case(const Case& c) {
   if (c.one_lane_leads)
     for (int64_t t = 0; t < T; ++t)
       for (int64_t e = 5; e < E; e += 512) logits[size_t(t * stride + e)] += 8.f;
+  if (c.tie_at_cut && k < E) {
+    std::vector<int> order(static_cast<size_t>(E));
+    for (int64_t t = 0; t < T; ++t) {
+      float* row = logits.data() + t * stride;
+      for (int e = 0; e < E; ++e) order[size_t(e)] = e;
+      std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return row[a] > row[b]; });
+      const int lo = std::min(order[size_t(k - 1)], order[size_t(k)]);
+      const int hi = std::max(order[size_t(k - 1)], order[size_t(k)]);
+      uint32_t bits;
+      std::memcpy(&bits, &row[lo], 4);
+      bits = row[lo] >= 0.f ? bits + 1 + uint32_t(unif(rng) * 8.f) : bits - 1;  // toward +inf
+      std::memcpy(&row[hi], &bits, 4);
+    }
+  }
   if (c.specials && T > 2) {  // one row all NaN, one row with several +inf
     for (int64_t e = 0; e < E; ++e) logits[size_t(0 * stride + e)] = NAN;
     for (int64_t e = 0; e < E; e += 3) logits[size_t(1 * stride + e)] = INFINITY;
@@ -472,7 +503,8 @@ bool run_case(const Case& c) {
         // way of a rounding boundary).
         const float rel = !rounds(c) ? 2e-6f : c.lt == LogitType::BF16 ? 1.f / 128 : 1.f / 1024;
         const float tol = rel * std::max(1.f, std::fabs(h.v[r]));
-        if (h.tier[d] == h.tier[r] && h.v[d] != h.v[r] && std::fabs(h.v[d] - h.v[r]) <= tol) {
+        if (!c.exact_ids && h.tier[d] == h.tier[r] && h.v[d] != h.v[r] &&
+            std::fabs(h.v[d] - h.v[r]) <= tol) {
           ++near_ties;
         } else {
           ok_ids = false;
@@ -717,6 +749,49 @@ std::vector<Case> cases() {
     Case c;
     c.name = "half keys fp16 crowded E=64 k=6";
     c.T = 500, c.E = 64, c.k = 6, c.lt = LogitType::F16, c.spread = 0.01f, c.seed = 47;
+    v.push_back(c);
+  }
+  // Short keys (the plain and full builds up to VPT 16) on values that differ below the bits
+  // they keep: the selection must notice and select those tokens on 64-bit keys.
+  {
+    Case c;
+    c.name = "short keys near ties fp32 softmax E=256 k=8";
+    c.T = 800, c.E = 256, c.k = 8, c.near_ties = true, c.exact_ids = true, c.seed = 60;
+    v.push_back(c);
+  }
+  {
+    Case c;  // VPT 16: 9 index bits
+    c.name = "short keys near ties fp32 select_on=logits+bias E=500 k=12 renorm";
+    c.T = 400, c.E = 500, c.k = 12, c.near_ties = true, c.exact_ids = true;
+    c.select_on_logits = true, c.bias = true, c.renormalize = true, c.seed = 61;
+    v.push_back(c);
+  }
+  {
+    Case c;  // the full build's keys keep 2 bits for the tier
+    c.name = "short keys near ties fp32 steer add/abs/force groups E=128 k=6";
+    c.T = 500, c.E = 128, c.k = 6, c.near_ties = true, c.exact_ids = true;
+    c.steer = c.steer_force = true, c.n_group = 4, c.topk_group = 2, c.seed = 62;
+    v.push_back(c);
+  }
+  {
+    Case c;  // the last key compared is the (k+1)-th: k = E - 1 leaves one expert out
+    c.name = "short keys near ties fp32 stats E=32 k=31, one lane leads";
+    c.T = 600, c.E = 32, c.k = 31, c.near_ties = true, c.exact_ids = true, c.stats = true;
+    c.one_lane_leads = true, c.seed = 63;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "short keys fp32 tie at the cut only, softmax E=128 k=8";
+    c.T = 500, c.E = 128, c.k = 8, c.tie_at_cut = true, c.exact_ids = true, c.spread = 4.f;
+    c.seed = 65;
+    v.push_back(c);
+  }
+  {
+    Case c;  // NaN and +-inf sanitise to +-FLT_MAX, whose dropped bits are not their sign's
+    c.name = "short keys fp16 NaN/inf ties score=none+bias E=64 k=4";
+    c.T = 500, c.E = 64, c.k = 4, c.lt = LogitType::F16, c.score = Score::None;
+    c.bias = true, c.specials = true, c.exact_ids = true, c.ties = true, c.seed = 64;
     v.push_back(c);
   }
   {
