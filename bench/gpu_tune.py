@@ -73,6 +73,47 @@ GROUPS_OF_32_BEFORE = """#pragma unroll
               if (lane == i) gscore[i] = score;
             }
           }"""
+# The warp kernel's selection in its plain and full builds before short keys (ac9aef5): 64-bit
+# keys, cached and sorted once up to VPT 8, scanned every round at VPT 16.
+KEYS64_BEFORE = """        uint32_t ord[VPT];
+#pragma unroll
+        for (int i = 0; i < VPT; ++i) ord[i] = order_bits(v[i]);
+        uint64_t keys[kCacheKeys ? VPT : 1];
+        if constexpr (kCacheKeys) {
+#pragma unroll
+          for (int i = 0; i < VPT; ++i)
+            keys[i] = ((avail >> i) & 1u)
+                          ? make_key(masks.tier(i), ord[i], uint32_t(i * 32 + lane))
+                          : 0;
+          if constexpr (kSortKeys) sort_descending(keys);
+        }
+        for (int j = 0; j < k; ++j) {
+          uint64_t best = 0;
+          if constexpr (kSortKeys) {
+            best = keys[0];
+          } else {
+#pragma unroll
+            for (int i = 0; i < VPT; ++i) {
+              if ((avail >> i) & 1u) {
+                uint64_t key;
+                if constexpr (kCacheKeys) key = keys[i];
+                else key = make_key(masks.tier(i), ord[i], uint32_t(i * 32 + lane));
+                best = key > best ? key : best;
+              }
+            }
+          }
+          const int idx = key_index(warp_max_key(best));
+          if ((idx & 31) == lane) {
+            if constexpr (kSortKeys) {
+#pragma unroll
+              for (int i = 0; i + 1 < VPT; ++i) keys[i] = keys[i + 1];
+              keys[VPT - 1] = 0;
+            } else {
+              avail &= ~(1u << (idx >> 5));
+            }
+          }
+          if (lane == 0) sel_id[j] = idx;
+        }"""
 VARIANTS = {
     "dispatch_alt": Variant(
         ("plan: three launches at every size; permute: 8 vectors per copy step instead of 4; "
@@ -96,14 +137,24 @@ VARIANTS = {
         "gate: __launch_bounds__ asks for 3 CTAs per SM (80 registers at most: the full kernel "
         "spills)",
         [("csrc/cuda/gate.cuh", GATE_KERNEL, GATE_KERNEL.replace("* 32)", "* 32, 3)"))]),
-    "gate_sort_vpt16": Variant(
-        "gate: keys sorted once per token at VPT 16 (E <= 512) too",
-        [("csrc/cuda/gate.cuh", "kSortKeys = VPT <= 8;", "kSortKeys = VPT <= 16;")]),
     "gate_keys64": Variant(
-        "gate: calls ranking 16-bit logits select on 64-bit keys in the plain and full kernels, "
-        "as before the half-key builds (32-bit keys: one REDUX a round; 64 registers instead of "
+        "gate: calls ranking 16-bit logits run the plain and full builds (short keys, checked), "
+        "as before the half-key builds (whose keys are exact: no check; 64 registers instead of "
         "80 at VPT 8 without statistics)",
-        [("csrc/cuda/gate.cuh", "vpt_for(p.E) <= 16 &&", "vpt_for(p.E) <= 0 &&")]),
+        [("csrc/cuda/gate.cuh", "Score::None && vpt_for(p.E) <= 16 &&",
+          "Score::None && vpt_for(p.E) <= 0 &&")]),
+    "gate_keys64_before": Variant(
+        "gate: the plain and full builds select on 64-bit keys as before ac9aef5 (two REDUX a "
+        "round, sorted up to VPT 8, scanned at VPT 16), without short keys, their check and the "
+        "values' copy in shared memory",
+        [("csrc/cuda/gate.cuh", "constexpr bool kShortKeys = !kHalfKeys && VPT <= 16;",
+          "constexpr bool kShortKeys = false;\n  constexpr bool kCacheKeys = VPT <= 16;\n"
+          "  constexpr bool kSortKeys = VPT <= 8;"),
+         ("csrc/cuda/gate.cuh",
+          "        select_on_keys64<VPT>([&](int i) { return v[i]; }, avail, masks, k, lane, sel_id);",
+          KEYS64_BEFORE),
+         ("csrc/cuda/gate.cuh", "return vpt_for(p.E) <= 16 && !runs_half_build(p);",
+          "return false;")]),
     "gate_exp_branches": Variant(
         "gate: the softmax normaliser's exps each behind a branch on the slot's validity, as "
         "before (they then run one after another)",

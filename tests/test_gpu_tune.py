@@ -32,7 +32,7 @@ def test_each_variant_changes_the_current_source(tmp_path, name):
 
 
 def test_a_change_whose_text_is_gone_is_refused(tmp_path):
-    variant = tune.VARIANTS["gate_sort_vpt16"]
+    variant = tune.VARIANTS["gate_keys64_before"]
     _sources(tmp_path, variant)
     tune.apply_changes(tmp_path, variant.changes)
     with pytest.raises(ValueError, match="0 copies"):  # applied twice: the text is gone

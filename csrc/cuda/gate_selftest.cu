@@ -59,6 +59,10 @@ struct Case {
   // Logits a few ulps from a coarse grid: values that differ only in the low bits a short key
   // drops (gate.cuh, make_short_key), and exact ties.
   bool near_ties = false;
+  // With near_ties: the low `extreme_bits` bits all 0 or all 1 instead. Where a short key drops
+  // that many, what it drops is all 0 or all 1, but not always as the value's sign has it: such
+  // values lose bits all the same.
+  int extreme_bits = 0;
   // Every id as the reference's: for selection values computed the same way on both sides
   // (logits, plus a bias or add/abs steering), where no near tie may swap.
   bool exact_ids = false;
@@ -297,7 +301,9 @@ bool run_case(const Case& c) {
       uint32_t bits;
       const float grid = std::round(normal(rng)) / 2.f;
       std::memcpy(&bits, &grid, 4);
-      bits += uint32_t(unif(rng) * 48.f);  // away from 0, by 0 to 47 ulps
+      const uint32_t low = (1u << c.extreme_bits) - 1u;
+      if (c.extreme_bits > 0) bits = (bits & ~low) | (unif(rng) < 0.5f ? 0u : low);
+      else bits += uint32_t(unif(rng) * 48.f);  // away from 0, by 0 to 47 ulps
       std::memcpy(&x, &bits, 4);
     }
     if (c.specials) {
@@ -778,6 +784,13 @@ std::vector<Case> cases() {
     c.name = "short keys near ties fp32 stats E=32 k=31, one lane leads";
     c.T = 600, c.E = 32, c.k = 31, c.near_ties = true, c.exact_ids = true, c.stats = true;
     c.one_lane_leads = true, c.seed = 63;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "short keys fp32 dropped bits all 0 or all 1, E=64 k=6";
+    c.T = 600, c.E = 64, c.k = 6, c.near_ties = true, c.extreme_bits = 6;  // VPT 2, plain
+    c.exact_ids = true, c.seed = 66;
     v.push_back(c);
   }
   {
