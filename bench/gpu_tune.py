@@ -151,7 +151,8 @@ VARIANTS = {
           "constexpr bool kShortKeys = false;\n  constexpr bool kCacheKeys = VPT <= 16;\n"
           "  constexpr bool kSortKeys = VPT <= 8;"),
          ("csrc/cuda/gate.cuh",
-          "        select_on_keys64<VPT>([&](int i) { return v[i]; }, avail, masks, k, lane, sel_id);",
+          "        select_on_keys64<VPT>([&](int i) { return v[i]; }, avail, masks, k, lane, "
+          "sel_id);",
           KEYS64_BEFORE),
          ("csrc/cuda/gate.cuh", "return vpt_for(p.E) <= 16 && !runs_half_build(p);",
           "return false;")]),

@@ -6,9 +6,10 @@
 // coalesced across the warp. More experts run in gate_wide.cuh (a CTA per token), which shares
 // this file's row steps (steering, softmax normaliser, dense statistics). Every reduction over
 // experts is a per-lane loop plus a warp-wide step (a butterfly of xor shuffles, or REDUX for
-// integer maxima), so all lanes end with bit-identical results. Each warp owns a contiguous range of tokens and prefetches the next
-// token's row while working on the current one. The grid is persistent: sized from the kernel's
-// occupancy (plan_for_device) so that every warp is resident at once, one wave.
+// integer maxima), so all lanes end with bit-identical results. Each warp owns a contiguous range
+// of tokens and prefetches the next token's row while working on the current one. The grid is
+// persistent: sized from the kernel's occupancy (plan_for_device) so that every warp is resident
+// at once, one wave.
 //
 // Three variants per (VPT, logit type): the full kernel, a plain one compiled without steering,
 // the group limit, the statistics and rounded scores (round_scores), for calls that use none of
@@ -25,13 +26,17 @@
 // feature a build keeps runs the same code in all of them, but for the half-key builds'
 // selection and their reading of the selected logits.
 //
-// Selection: every expert gets the same packed 64-bit key as on the CPU (tier | order-preserving
-// value bits | 2^30-1-index); k rounds of "per-lane best + warp max" pick the keys in
-// descending order (the warp max is two REDUX instructions from sm_80 on: warp_max_key). Experts
-// already chosen, outside the chosen groups or past E are excluded by a per-lane bitmask
-// (`avail`), never by a sentinel value. Groups (n_group > 1) are scored from a per-warp
-// shared-memory copy of the selection values, one group per lane, or, for groups of 32, from
-// warp-wide maxima of register slots; the topk_group groups are picked by the same key rule.
+// Selection: experts rank by (tier, value, lower index), as on the CPU, whose packed 64-bit key
+// (tier | order-preserving value bits | 2^30-1-index) orders them in one comparison. Here a
+// lane's keys are 32 bits up to VPT 16, sorted once per token, and each of the k rounds is a
+// REDUX (the warp max) and a pop by the winning lane: half keys (exact) in the half-key builds,
+// short keys (the value's top bits; checked, and the token selected again on 64-bit keys where
+// the check fails, see make_short_key) in the others. At VPT 32 every round scans the lane's
+// 64-bit keys (select_on_keys64; the warp max is two REDUX: warp_max_key). Experts outside the
+// chosen groups or past E get key 0, below every real key. Groups (n_group > 1) are scored from
+// a per-warp shared-memory copy of the selection values, one group per lane, or, for groups of
+// 32, from warp-wide maxima of register slots; the topk_group groups are picked by the same key
+// rule.
 //
 // Statistics: per-warp accumulators for the current group: the dense distribution q in registers,
 // counts and weight sums in per-warp shared memory (touched without atomics: a warp owns its
