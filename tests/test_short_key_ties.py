@@ -1,0 +1,53 @@
+"""bench/short_key_ties.py: the CUDA gate's short-key check, in numpy, on rows with known answers."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+_spec = importlib.util.spec_from_file_location(
+    "short_key_ties", Path(__file__).resolve().parents[1] / "bench" / "short_key_ties.py")
+ties = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ties)
+
+
+@pytest.mark.parametrize("E, bits", [(1, 5), (32, 5), (33, 6), (64, 6), (128, 7), (256, 8),
+                                     (300, 9), (512, 9)])
+def test_index_bits_follow_the_vpt_tiers(E, bits):
+    assert ties.index_bits(E) == bits  # gate.cuh: short_index_bits(vpt_for(E))
+
+
+def test_order_bits_rank_floats_and_tie_zeros():
+    v = np.array([-np.inf, -2.0, -0.0, 0.0, 1e-30, 3.0], dtype=np.float32)
+    o = ties.order_bits(v)
+    assert list(np.argsort(o, kind="stable")) == [0, 1, 2, 3, 4, 5]
+    assert o[2] == o[3] == 0x80000000
+
+
+def _near_tie_row(E, k, offset_ulps):
+    """Distinct values 1 apart; the k-th and (k+1)-th best then moved within ``offset_ulps``."""
+    row = np.arange(E, dtype=np.float32)[::-1].copy()  # expert e holds E - 1 - e
+    bits = row.view(np.uint32)
+    bits[k] = bits[k - 1] + np.uint32(offset_ulps)  # (k+1)-th best now just above the k-th
+    return row[None, :]
+
+
+def test_a_near_tie_at_the_cut_is_sent_back_and_a_clear_row_is_not():
+    E, k = 64, 8
+    assert ties.rerun_fraction(_near_tie_row(E, k, 3), k) == 1.0  # 6 dropped bits: a tie
+    assert ties.rerun_fraction(_near_tie_row(E, k, 1 << 8), k) == 0.0  # apart in the top bits
+    assert ties.rerun_fraction(np.arange(E, dtype=np.float32)[None, ::-1], k) == 0.0
+
+
+def test_exact_ties_of_values_that_lose_nothing_are_not_sent_back():
+    row = np.full((1, 64), 0.5, dtype=np.float32)  # all equal, low bits 0: the index decides
+    assert ties.rerun_fraction(row, 8) == 0.0
+    assert ties.rerun_fraction(-row, 8) == 0.0  # negative: dropped bits all 1 in the image
+    row[0, 3] = np.nextafter(np.float32(0.5), np.float32(1))  # one ulp: loses bits, ties
+    assert ties.rerun_fraction(row, 8) == 1.0
+
+
+def test_the_tier_bits_cost_resolution():
+    row = _near_tie_row(64, 8, 1 << 7)  # apart in bit 7: kept with 6 dropped bits, not with 8
+    assert ties.rerun_fraction(row, 8, tier_bits=0) == 0.0
+    assert ties.rerun_fraction(row, 8, tier_bits=2) == 1.0
