@@ -147,14 +147,14 @@ VARIANTS = {
         "gate: the plain and full builds select on 64-bit keys as before ac9aef5 (two REDUX a "
         "round, sorted up to VPT 8, scanned at VPT 16), without short keys, their check and the "
         "values' copy in shared memory",
-        [("csrc/cuda/gate.cuh", "constexpr bool kShortKeys = !kHalfKeys && VPT <= 16;",
+        [("csrc/cuda/gate.cuh", "constexpr bool kShortKeys = !kHalfKeys && VPT <= (kFull ? 8 : 16);",
           "constexpr bool kShortKeys = false;\n  constexpr bool kCacheKeys = VPT <= 16;\n"
           "  constexpr bool kSortKeys = VPT <= 8;"),
          ("csrc/cuda/gate.cuh",
           "        select_on_keys64<VPT>([&](int i) { return v[i]; }, avail, masks, k, lane, "
           "sel_id);",
           KEYS64_BEFORE),
-         ("csrc/cuda/gate.cuh", "return vpt_for(p.E) <= 16 && !runs_half_build(p);",
+         ("csrc/cuda/gate.cuh", "if (runs_half_build(p)) return false;",
           "return false;")]),
     "gate_exp_branches": Variant(
         "gate: the softmax normaliser's exps each behind a branch on the slot's validity, as "

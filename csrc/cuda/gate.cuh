@@ -31,8 +31,9 @@
 // lane's keys are 32 bits up to VPT 16, sorted once per token, and each of the k rounds is a
 // REDUX (the warp max) and a pop by the winning lane: half keys (exact) in the half-key builds,
 // short keys (the value's top bits; checked, and the token selected again on 64-bit keys where
-// the check fails, see make_short_key) in the others. At VPT 32 every round scans the lane's
-// 64-bit keys (select_on_keys64; the warp max is two REDUX: warp_max_key). Experts outside the
+// the check fails, see make_short_key) in the others, but for the full builds past VPT 8
+// (uses_short_keys). There, and at VPT 32, every round scans the lane's 64-bit keys
+// (select_on_keys64; the warp max is two REDUX: warp_max_key). Experts outside the
 // chosen groups or past E get key 0, below every real key. Groups (n_group > 1) are scored from
 // a per-warp shared-memory copy of the selection values, one group per lane, or, for groups of
 // 32, from warp-wide maxima of register slots; the topk_group groups are picked by the same key
@@ -698,8 +699,9 @@ __device__ __forceinline__ void topk_gate_body(const GateParams p, const GatePla
   // Selection keys of 32 bits, cached in registers and sorted once per token (a bitonic network:
   // 0, 1, 6, 24, 80 compare-exchanges of 2 instructions for VPT 1 to 16), so that each round is
   // a REDUX and a pop: half keys (see half_order) in the kHalfKeys builds, short keys (see
-  // make_short_key) in the others up to VPT 16. VPT 32 scans 64-bit keys every round.
-  constexpr bool kShortKeys = !kHalfKeys && VPT <= 16;
+  // make_short_key) in the others up to VPT 16, 8 in the full builds (uses_short_keys). The
+  // others scan 64-bit keys every round.
+  constexpr bool kShortKeys = !kHalfKeys && VPT <= (kFull ? 8 : 16);
 
   extern __shared__ __align__(16) uint32_t gate_smem[];
 
@@ -1210,9 +1212,13 @@ inline bool runs_half_build(const GateParams& p) {
          p.steer == nullptr && !limits_groups(p) && p.replay == nullptr && !rounds_scores(p);
 }
 
-// Whether the warp kernel that runs the call selects on short keys (see make_short_key).
+// Whether the warp kernel that runs the call selects on short keys (see make_short_key): the
+// plain builds up to VPT 16, the full ones up to VPT 8. At VPT 16 the values' copy would take
+// 2 KiB of a warp's shared memory, and with statistics the CTA would then hold 6 warps, not 8: a
+// full build's registers allow one CTA per SM there.
 inline bool uses_short_keys(const GateParams& p) {
-  return vpt_for(p.E) <= 16 && !runs_half_build(p);
+  if (runs_half_build(p)) return false;
+  return vpt_for(p.E) <= (needs_full_kernel(p) ? 8 : 16);
 }
 
 // Launch geometry for a call with p.T > 0 and 1 <= p.E <= kMaxExperts, for `warps_per_sm`
