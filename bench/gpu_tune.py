@@ -147,7 +147,8 @@ VARIANTS = {
         "gate: the plain and full builds select on 64-bit keys as before ac9aef5 (two REDUX a "
         "round, sorted up to VPT 8, scanned at VPT 16), without short keys, their check and the "
         "values' copy in shared memory",
-        [("csrc/cuda/gate.cuh", "constexpr bool kShortKeys = !kHalfKeys && VPT <= (kFull ? 8 : 16);",
+        [("csrc/cuda/gate.cuh",
+          "constexpr bool kShortKeys = !kHalfKeys && VPT <= short_keys_max_vpt(kFull);",
           "constexpr bool kShortKeys = false;\n  constexpr bool kCacheKeys = VPT <= 16;\n"
           "  constexpr bool kSortKeys = VPT <= 8;"),
          ("csrc/cuda/gate.cuh",

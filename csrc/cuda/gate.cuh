@@ -325,6 +325,11 @@ __host__ __device__ constexpr int short_index_bits(int vpt) {
   return vpt <= 1 ? 5 : vpt <= 2 ? 6 : vpt <= 4 ? 7 : vpt <= 8 ? 8 : 9;
 }
 
+// The largest VPT whose plain (full = false) or full and replay builds select on short keys: the
+// kernel's kShortKeys and the plan's values copy (uses_short_keys, which says why full builds stop
+// at 8) read it both.
+__host__ __device__ constexpr int short_keys_max_vpt(bool full) { return full ? 8 : 16; }
+
 template <int IB, int TB>
 __device__ __forceinline__ uint32_t make_short_key(uint32_t tier, uint32_t ord, int index) {
   const uint32_t key = ((ord >> (TB + IB)) << IB) | ((1u << IB) - 1u - uint32_t(index));
@@ -485,12 +490,20 @@ __device__ __forceinline__ void select_on_keys64(Value&& value, uint32_t avail,
   }
 }
 
-// The same from the values a lane stored (store_values), out of line.
+// The same from the values a lane stored (store_values), inline and out of line.
 template <int VPT>
-__device__ __noinline__ void select_stored_on_keys64(const float* vsm, int lane, uint32_t avail,
-                                                     SteerMasks masks, int k, int32_t* sel_id) {
+__device__ __forceinline__ void select_stored_on_keys64(const float* vsm, int lane,
+                                                        uint32_t avail, const SteerMasks& masks,
+                                                        int k, int32_t* sel_id) {
   select_on_keys64<VPT>([&](int i) { return value_at<VPT>(vsm, lane, i); }, avail, masks, k,
                         lane, sel_id);
+}
+
+template <int VPT>
+__device__ __noinline__ void select_stored_on_keys64_call(const float* vsm, int lane,
+                                                          uint32_t avail, SteerMasks masks, int k,
+                                                          int32_t* sel_id) {
+  select_stored_on_keys64<VPT>(vsm, lane, avail, masks, k, sel_id);
 }
 
 // Softmax normaliser of a row: max over the valid values and sum of exp(x - max).
@@ -701,7 +714,7 @@ __device__ __forceinline__ void topk_gate_body(const GateParams p, const GatePla
   // a REDUX and a pop: half keys (see half_order) in the kHalfKeys builds, short keys (see
   // make_short_key) in the others up to VPT 16, 8 in the full builds (uses_short_keys). The
   // others scan 64-bit keys every round.
-  constexpr bool kShortKeys = !kHalfKeys && VPT <= (kFull ? 8 : 16);
+  constexpr bool kShortKeys = !kHalfKeys && VPT <= short_keys_max_vpt(kFull);
 
   extern __shared__ __align__(16) uint32_t gate_smem[];
 
@@ -714,7 +727,7 @@ __device__ __forceinline__ void topk_gate_body(const GateParams p, const GatePla
                         : p.T - t_begin < plan.chunk ? p.T
                                                      : t_begin + plan.chunk;
   uint32_t* wsm = gate_smem + int64_t(warp) * plan.warp_words;
-  float* vsm = reinterpret_cast<float*>(wsm + plan.vals_off);  // kShortKeys builds
+  float* const vsm = kShortKeys ? reinterpret_cast<float*>(wsm + plan.vals_off) : nullptr;
 
   const int E = int(p.E);
   const int k = int(p.k);
@@ -1048,10 +1061,9 @@ __device__ __forceinline__ void topk_gate_body(const GateParams p, const GatePla
           // path made ptxas spill 16-56 bytes (VPT 2 to 8, nvcc 13.0, sm_90a); called, it makes a
           // plain build spill.
           if constexpr (kFull) {
-            select_stored_on_keys64<VPT>(vsm, lane, avail, masks, k, sel_id);
+            select_stored_on_keys64_call<VPT>(vsm, lane, avail, masks, k, sel_id);
           } else {
-            select_on_keys64<VPT>([&](int i) { return value_at<VPT>(vsm, lane, i); }, avail,
-                                  masks, k, lane, sel_id);
+            select_stored_on_keys64<VPT>(vsm, lane, avail, masks, k, sel_id);
           }
         }
       } else {
@@ -1218,7 +1230,7 @@ inline bool runs_half_build(const GateParams& p) {
 // full build's registers allow one CTA per SM there.
 inline bool uses_short_keys(const GateParams& p) {
   if (runs_half_build(p)) return false;
-  return vpt_for(p.E) <= (needs_full_kernel(p) ? 8 : 16);
+  return vpt_for(p.E) <= short_keys_max_vpt(needs_full_kernel(p));
 }
 
 // Launch geometry for a call with p.T > 0 and 1 <= p.E <= kMaxExperts, for `warps_per_sm`
