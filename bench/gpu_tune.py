@@ -180,6 +180,10 @@ VARIANTS = {
         "gate: groups of 32 scored one group at a time behind a branch each, as before "
         "(a decode-sized DeepSeek-V3 call waits on that chain)",
         [("csrc/cuda/gate.cuh", GROUPS_OF_32_NOW, GROUPS_OF_32_BEFORE)]),
+    "wide_k_rounds": Variant(
+        "gate past 1024 experts: every warp lists k keys before a single merge, as before "
+        "wide_list_step (k = 64: 64 rounds a warp, not 12)",
+        [("csrc/cuda/gate_wide.cuh", "return step < k ? step : k;", "return k;")]),
     "wide_cache8": Variant(
         "gate past 1024 experts: each lane caches its 8 best remaining keys instead of 4 (fewer "
         "rescans of its VPT slots; 46 us a token on the H200 of 2026-11-26)",

@@ -23,7 +23,7 @@ inline bool gate_args_ok(const GateParams& p) {
 
 // Dynamic shared memory a CTA of the CTA-per-token kernel takes for `p` (E > kWarpMaxExperts):
 // 72 + 136*k bytes, plus 4*E for an accumulator when the call sums prob_sum. Past the default
-// 48 KiB (E = 16384, k = 64 with prob_sum: 74,312 bytes; at most 100,424) the launcher opts in,
+// 48 KiB (E = 16384, k = 64 with prob_sum: 74,376 bytes; at most 100,488) the launcher opts in,
 // up to the device's limit (cudaDevAttrMaxSharedMemoryPerBlockOptin).
 size_t wide_gate_smem_bytes(const GateParams& p);
 

@@ -74,6 +74,12 @@ struct Case {
   // Experts e with e % 512 == 5 lead every row (+8): one thread of the CTA kernel, one lane of
   // the warp kernel, holds the first min(k, its experts) winners.
   bool one_lane_leads = false;
+  // Experts held by the CTA kernel's warps in this mask (bit (e % 512) / 32) lead every row (+8):
+  // the merge needs more of those warps' lists than they list at first (wide_list_step).
+  uint32_t leading_warps = 0;
+  // Doge's product keys: expert i * n + j of E = n * n scores x_i + y_j, and one x_i is well
+  // ahead, so the row's winners share it and crowd into 4 warps of the CTA kernel.
+  bool product_keys = false;
   uint32_t seed = 1;
 };
 
@@ -316,6 +322,21 @@ bool run_case(const Case& c) {
   if (c.one_lane_leads)
     for (int64_t t = 0; t < T; ++t)
       for (int64_t e = 5; e < E; e += 512) logits[size_t(t * stride + e)] += 8.f;
+  if (c.leading_warps)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t e = 0; e < E; ++e)
+        if ((c.leading_warps >> ((e % 512) / 32)) & 1u) logits[size_t(t * stride + e)] += 8.f;
+  if (c.product_keys) {
+    const auto n = int64_t(std::lround(std::sqrt(double(E))));
+    std::vector<float> x(static_cast<size_t>(n)), y(static_cast<size_t>(n));
+    for (int64_t t = 0; t < T; ++t) {
+      for (auto& a : x) a = normal(rng);
+      for (auto& b : y) b = normal(rng);
+      x[size_t(t * 37 % n)] += 8.f;
+      for (int64_t e = 0; e < n * n; ++e)
+        logits[size_t(t * stride + e)] = x[size_t(e / n)] + y[size_t(e % n)];
+    }
+  }
   if (c.tie_at_cut && k < E) {
     std::vector<int> order(static_cast<size_t>(E));
     for (int64_t t = 0; t < T; ++t) {
@@ -994,6 +1015,20 @@ std::vector<Case> cases() {
     c.name = "wide round E=2048 sqrtsoftplus+bias bf16 stats";
     c.T = 6, c.E = 2048, c.k = 16, c.lt = LogitType::BF16, c.score = Score::SqrtSoftplus;
     c.bias = true, c.round_scores = true, c.stats = true, c.seed = 38;
+    v.push_back(c);
+  }
+  {
+    Case c;  // winners crowd into two warps, whose 64 experts run out (their lists end)
+    c.name = "wide E=1100 k=200 warps 3 and 9 lead, steer";
+    c.T = 4, c.E = 1100, c.k = 200, c.leading_warps = (1u << 3) | (1u << 9);
+    c.steer = c.steer_force = true, c.seed = 67;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "wide plain E=16384 k=64 topk-softmax bf16, Doge's product keys";
+    c.T = 6, c.E = 16384, c.k = 64, c.lt = LogitType::BF16, c.select_on_logits = true;
+    c.product_keys = true, c.seed = 68;
     v.push_back(c);
   }
   {

@@ -8,13 +8,15 @@
 // row's reductions (softmax, std steering, forcing, entropy) are a warp butterfly followed by the
 // sum (or max) of the 16 warps' results in warp order, so every thread ends with the same bits.
 //
-// Selection in two stages, with gate.cuh's packed keys. (1) Each warp puts its own best
-// min(k, its experts) keys in descending order into a list in shared memory: k rounds of "warp
-// max of the lanes' heads", each lane holding its best few remaining keys sorted in registers
-// and rescanning its VPT slots only when they run out. (2) Warp 0 merges the 16 sorted lists:
-// lane w holds the head of list w, and each of k rounds takes the largest head and advances that
-// list. The k best keys of the row lie among the warps' k best, so the result is the exact top
-// k, in the same order.
+// Selection in two stages, with gate.cuh's packed keys. (1) Each warp lists its own best keys
+// in descending order in shared memory, a round of "warp max of the lanes' heads" a key, each
+// lane holding its best few remaining keys sorted in registers and rescanning its VPT slots only
+// when they run out. (2) Warp 0 merges the 16 sorted lists: lane w holds the head of list w, and
+// each of k rounds takes the largest head and advances that list. A warp lists a few keys more
+// than its share of k at first (wide_list_step); when the merge reaches the end of a list that
+// may go on, it pauses, the warps of such lists list more, and it resumes after a barrier. The
+// merge takes a key only while every list's next key is known, so the result is the exact top k,
+// in the same order, however the row's leaders fall across the warps.
 //
 // Weights: warp 0, from each selected expert's weight-side logit, recomputed from the logits and
 // the steering table by the row's own operations (the same bits), then gate.cuh's formulas.
@@ -52,9 +54,12 @@ struct WidePlan {
 };
 
 // Shared memory in 32-bit words: [0, 16) the warps' partial reductions, [16] the replay flag,
-// sel_id [k] from word 18, sel_w [k] after it, the 16 lists of k keys (u64) from an even word,
+// [17] the merge's requests for more keys (a bit per list), [18, 34) the keys each list holds,
+// sel_id [k] from word 34, sel_w [k] after it, the 16 lists of k keys (u64) from an even word,
 // then, for calls that sum prob_sum, q's accumulator [E].
-constexpr int64_t kWideSelOffset = kWideWarps + 2;
+constexpr int64_t kWideAskWord = kWideWarps + 1;
+constexpr int64_t kWideListedOffset = kWideWarps + 2;
+constexpr int64_t kWideSelOffset = kWideListedOffset + kWideWarps;
 __host__ __device__ constexpr int64_t wide_lists_offset(int64_t k) {
   return kWideSelOffset + 2 * k;
 }
@@ -67,10 +72,21 @@ inline size_t wide_smem_bytes(const GateParams& p) {
 static_assert(kWideSelOffset % 2 == 0, "the lists start 8-byte aligned");
 static_assert(wide_q_offset(kWideMaxK) * 4 <= kSmemPerBlock,
               "without prob_sum, k <= kWideMaxK fits the default dynamic shared memory");
-// The most a call takes (k = 256, 16384 experts, prob_sum): 100,424 bytes, within the opt-in
+// The most a call takes (k = 256, 16384 experts, prob_sum): 100,488 bytes, within the opt-in
 // limit of sm_80 (163 KiB), sm_86 and sm_89 (99 KiB) and sm_90 (227 KiB).
 constexpr size_t kWideMaxSmemBytes = size_t(wide_q_offset(kWideMaxK) + kWideMaxExperts) * 4;
 static_assert(kWideMaxSmemBytes <= 99 * 1024, "fits every arch from sm_80 on");
+
+// Keys a warp lists before the first merge, and how many more each request for its list adds:
+// twice a warp's even share of k, plus 4 (k = 64: 12; k = 8: 6; k = 256: 36), and at most k.
+// The merge usually finishes on these: a warp's share of the row's top k is about k / 16 where
+// the row's leaders are spread over the warps. Listing k keys a warp, as stage 1 did at first,
+// took 16 times the keys the merge can use (bench/RESULTS.md, "Fewer rounds in the CTA-per-token
+// gate").
+__host__ __device__ constexpr int wide_list_step(int k) {
+  const int step = 2 * ((k + kWideWarps - 1) / kWideWarps) + 4;
+  return step < k ? step : k;
+}
 
 struct FAdd {
   __device__ __forceinline__ float operator()(float x, float y) const { return x + y; }
@@ -107,8 +123,10 @@ struct BlockRow {
   __device__ __forceinline__ bool any(bool x) const { return max(x ? 1.f : 0.f) > 0.f; }
 };
 
+// Two CTAs an SM for the plain builds up to VPT 8: ptxas fits them in 64 registers (VPT 8: 8
+// bytes spilled, reloaded once a token). The others need more than 64 and run one.
 template <int VPT, LogitType LT, bool kFull>
-__global__ void __launch_bounds__(kWideThreads, 1)
+__global__ void __launch_bounds__(kWideThreads, kFull || VPT > 8 ? 1 : 2)
     topk_gate_wide_kernel(const GateParams p, const WidePlan plan) {
   static_assert(VPT >= 1 && VPT <= 32, "VPT tier out of range");
   extern __shared__ __align__(16) uint32_t gate_smem[];
@@ -122,6 +140,8 @@ __global__ void __launch_bounds__(kWideThreads, 1)
   const int64_t t_end = p.T - t_begin < plan.chunk ? p.T : t_begin + plan.chunk;
   const BlockRow row{tid, reinterpret_cast<float*>(gate_smem)};
   uint32_t* const replay_flag = gate_smem + kWideWarps;
+  uint32_t* const ask_word = gate_smem + kWideAskWord;
+  uint32_t* const listed_words = gate_smem + kWideListedOffset;  // [kWideWarps]
   int32_t* const sel_id = reinterpret_cast<int32_t*>(gate_smem + kWideSelOffset);  // [k]
   float* const sel_w = reinterpret_cast<float*>(sel_id + k);                        // [k]
   uint64_t* const lists = reinterpret_cast<uint64_t*>(gate_smem + wide_lists_offset(k));
@@ -258,7 +278,7 @@ __global__ void __launch_bounds__(kWideThreads, 1)
         }
       }
 
-      // ---- Stage 1: this warp's best keys, descending, ended by a 0 if fewer than k ----
+      // ---- Stage 1: this warp's best keys, descending, ended by a 0 if it runs out ----
       // Each lane keeps its kCache best remaining keys sorted in registers and rescans its VPT
       // slots (for the next kCache below the last key taken) only when they run out, so a round
       // is a warp max of the lanes' heads: VPT key builds a refill, where a scan in every round
@@ -289,46 +309,74 @@ __global__ void __launch_bounds__(kWideThreads, 1)
         }
         more = cache[kCache - 1] != 0;
       };
-      bool dry = true;  // one call site: refill inlined once
+      // The lists are filled on demand (wide_list_step): each warp lists `step` keys, warp 0
+      // merges, and where a list runs out before the merge has its k keys, warp 0 asks that
+      // warp for `step` more and goes on where it stopped, after the next barrier.
+      const int step = wide_list_step(k);
       uint64_t* const list = lists + int64_t(warp) * k;
-      for (int r = 0; r < k; ++r) {
-        if (dry) refill();
-        const uint64_t best = warp_max_key(cache[0]);  // warp-uniform
-        if (lane == 0) list[r] = best;
-        if (best == 0) break;
-        dry = false;
-        if ((key_index(best) & 31) == lane) {  // the winner pops its head
-          below = best;
-#pragma unroll
-          for (int c = 0; c + 1 < kCache; ++c) cache[c] = cache[c + 1];
-          cache[kCache - 1] = 0;
-          dry = cache[0] == 0 && more;
-        }
-      }
-      __syncthreads();
-
-      // ---- Stage 2: warp 0 merges the lists by their heads ----
-      if (warp == 0) {
-        // Every real key is > 0, and k <= E keys exist, so a round never picks a list's ending
-        // 0 (entries past it may be an earlier token's and are never promoted). Each lane holds
-        // its list's next key too, so the load is off the rounds' chain. The key after it is
-        // walked by a pointer: written as mine[pos + 1] with pos counted up, ptxas 13.0.88
-        // (sm_90a, -O3) addressed mine[pos + 2] in the unrolled loop, so every list lost its
-        // third key (the H200 run of 2026-11-26; the SASS showed the load's offset 8 too far).
-        const uint64_t* const mine = lists + int64_t(lane) * k;
-        const uint64_t* const end = mine + k;
-        const uint64_t* ahead = mine + 2;  // the key after next
-        uint64_t head = lane < kWideWarps ? mine[0] : 0;
-        uint64_t next = lane < kWideWarps && k > 1 ? mine[1] : 0;
-        for (int j = 0; j < k; ++j) {
-          const int idx = key_index(warp_max_key(head));
-          if (lane == (idx % kWideThreads) >> 5) {
-            head = next;
-            next = ahead < end ? *ahead : 0;
-            ++ahead;
+      int listed = 0, goal = step;  // keys in this warp's list (its ending 0 included)
+      bool dry = true, ended = false;
+      // Warp 0's merge: lane w < 16 holds the head of list w and the key after it; kPending
+      // (above every key: a tier is <= 2) stands for a key its warp has not listed yet, and wins
+      // the warp max, which pauses the merge. The keys are walked by a pointer: written as
+      // mine[pos + 1] with pos counted up, ptxas 13.0.88 (sm_90a, -O3) addressed mine[pos + 2] in
+      // the unrolled loop, so every list lost its third key (the H200 run of 2026-11-26; the SASS
+      // showed the load's offset 8 too far).
+      constexpr uint64_t kPending = ~0ull;
+      const uint64_t* const mine = lists + int64_t(lane) * k;
+      const uint64_t* ahead = mine;  // the next key to read
+      uint64_t head = lane < kWideWarps ? kPending : 0, next = head;
+      int picked = 0;
+      for (;;) {  // block-uniform: until the merge has k keys
+        for (; listed < goal && !ended; ++listed) {  // one call site: refill inlined once
+          if (dry) refill();
+          const uint64_t best = warp_max_key(cache[0]);  // warp-uniform
+          if (lane == 0) list[listed] = best;
+          if (best == 0) {
+            ended = true;
+            continue;  // counts the ending 0
           }
-          if (lane == 0) sel_id[j] = idx;
+          dry = false;
+          if ((key_index(best) & 31) == lane) {  // the winner pops its head
+            below = best;
+#pragma unroll
+            for (int c = 0; c + 1 < kCache; ++c) cache[c] = cache[c + 1];
+            cache[kCache - 1] = 0;
+            dry = cache[0] == 0 && more;
+          }
         }
+        if (lane == 0) listed_words[warp] = uint32_t(listed);
+        __syncthreads();
+
+        // ---- Stage 2: warp 0 merges the lists by their heads ----
+        if (warp == 0) {
+          // Every real key is > 0, and k <= E keys exist, so a round never picks a list's ending
+          // 0 (entries past it are never read: an earlier token's). Each lane holds its list's
+          // next key too, so the load is off the rounds' chain.
+          const uint64_t* const lim = mine + (lane < kWideWarps ? listed_words[lane] : 0);
+          const auto take = [&]() { return ahead < lim ? *ahead++ : kPending; };
+          if (head == kPending) head = take();
+          if (next == kPending) next = take();
+          for (; picked < k; ++picked) {
+            const uint64_t best = warp_max_key(head);
+            if (best == kPending) break;
+            const int idx = key_index(best);
+            if (lane == (idx % kWideThreads) >> 5) {
+              head = next;
+              next = take();
+            }
+            if (lane == 0) sel_id[picked] = idx;
+          }
+          // The lists to extend: those whose head is pending, and those about to be (not one
+          // at its ending 0, after which nothing is read).
+          const uint32_t ask = __ballot_sync(
+              kFullMask, picked < k && (head == kPending || (head != 0 && next == kPending)));
+          if (lane == 0) *ask_word = ask;
+        }
+        __syncthreads();
+        const uint32_t ask = *ask_word;  // block-uniform
+        if (ask == 0) break;
+        if ((ask >> warp) & 1u) goal = goal + step < k ? goal + step : k;
       }
     }
 
