@@ -114,6 +114,41 @@ KEYS64_BEFORE = """        uint32_t ord[VPT];
           }
           if (lane == 0) sel_id[j] = idx;
         }"""
+# Stage 2 of the gate past 1024 experts as at 9e33c6f: warp 0 merges the 16 lists, k dependent
+# rounds, pausing where a list runs out (gpu_tune's wide_merge). The ranking is compiled out.
+WIDE_MERGE_STATE = """      bool dry = true, ended = false;
+      constexpr uint64_t kPending = ~0ull;  // a key not listed yet: wins the warp max
+      const uint64_t* const mine = lists + int64_t(lane) * k;
+      const uint64_t* ahead = mine;
+      uint64_t head = lane < kWideWarps ? kPending : 0, next = head;
+      int picked = 0;
+"""
+WIDE_MERGE = """        if (warp == 0) {
+          const uint64_t* const lim = mine + (lane < kWideWarps ? listed_words[lane] : 0);
+          const auto take = [&]() { return ahead < lim ? *ahead++ : kPending; };
+          if (head == kPending) head = take();
+          if (next == kPending) next = take();
+          for (; picked < k; ++picked) {
+            const uint64_t best = warp_max_key(head);
+            if (best == kPending) break;
+            const int idx = key_index(best);
+            if (lane == (idx % kWideThreads) >> 5) {
+              head = next;
+              next = take();
+            }
+            if (lane == 0) sel_id[picked] = idx;
+          }
+          const uint32_t ask = __ballot_sync(
+              kFullMask, picked < k && (head == kPending || (head != 0 && next == kPending)));
+          if (lane == 0) ask_words[0] = ask;
+        }
+#if 0  // the ranking
+"""
+WIDE_RANKS_END = """        __syncthreads();  // sel_id and ask_words written
+        const uint32_t ask =  // block-uniform
+            __ballot_sync(kFullMask, lane < kWideWarps && ask_words[lane] != 0u);
+"""
+
 VARIANTS = {
     "dispatch_alt": Variant(
         ("plan: three launches at every size; permute: 8 vectors per copy step instead of 4; "
@@ -181,9 +216,18 @@ VARIANTS = {
         "(a decode-sized DeepSeek-V3 call waits on that chain)",
         [("csrc/cuda/gate.cuh", GROUPS_OF_32_NOW, GROUPS_OF_32_BEFORE)]),
     "wide_k_rounds": Variant(
-        "gate past 1024 experts: every warp lists k keys before a single merge, as before "
+        "gate past 1024 experts: every warp lists k keys before they are ranked, as before "
         "wide_list_step (k = 64: 64 rounds a warp, not 12)",
-        [("csrc/cuda/gate_wide.cuh", "return step < k ? step : k;", "return k;")]),
+        [("csrc/cuda/gate_launch.h", "return step < k ? step : k;", "return k;")]),
+    "wide_merge": Variant(
+        "gate past 1024 experts: warp 0 merges the warps' lists in k dependent rounds, as at "
+        "9e33c6f, instead of every warp ranking its keys at once",
+        [("csrc/cuda/gate_wide.cuh", "      bool dry = true, ended = false;\n", WIDE_MERGE_STATE),
+         ("csrc/cuda/gate_wide.cuh",
+          "        // ---- Stage 2: each listed key's rank, and the top k in order ----\n",
+          WIDE_MERGE),
+         ("csrc/cuda/gate_wide.cuh", WIDE_RANKS_END,
+          "#endif\n        __syncthreads();\n        const uint32_t ask = ask_words[0];\n")]),
     "wide_cache8": Variant(
         "gate past 1024 experts: each lane caches its 8 best remaining keys instead of 4 (fewer "
         "rescans of its VPT slots; 46 us a token on the H200 of 2026-11-26)",

@@ -80,6 +80,10 @@ struct Case {
   // Doge's product keys: expert i * n + j of E = n * n scores x_i + y_j, and one x_i is well
   // ahead, so the row's winners share it and crowd into 4 warps of the CTA kernel.
   bool product_keys = false;
+  // Warp 0 of the CTA kernel holds the row's top k but the one ranked wide_list_step(k) - 1,
+  // which warp 5 holds. Warp 0's first list then ends with the key ranked wide_list_step(k):
+  // with k = wide_list_step(k) + 2, the (k-1)-th, so that its next key is the k-th.
+  bool cut_after_step = false;
   uint32_t seed = 1;
 };
 
@@ -326,6 +330,12 @@ bool run_case(const Case& c) {
     for (int64_t t = 0; t < T; ++t)
       for (int64_t e = 0; e < E; ++e)
         if ((c.leading_warps >> ((e % 512) / 32)) & 1u) logits[size_t(t * stride + e)] += 8.f;
+  if (c.cut_after_step) {
+    const int64_t step = moe_route::cuda::wide_list_step(int(k));
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t r = 0; r < k; ++r)
+        logits[size_t(t * stride + (r == step - 1 ? 5 * 32 + 3 : r))] = 50.f - float(r);
+  }
   if (c.product_keys) {
     const auto n = int64_t(std::lround(std::sqrt(double(E))));
     std::vector<float> x(static_cast<size_t>(n)), y(static_cast<size_t>(n));
@@ -1029,6 +1039,13 @@ std::vector<Case> cases() {
     c.name = "wide plain E=16384 k=64 topk-softmax bf16, Doge's product keys";
     c.T = 6, c.E = 16384, c.k = 64, c.lt = LogitType::BF16, c.select_on_logits = true;
     c.product_keys = true, c.seed = 68;
+    v.push_back(c);
+  }
+  {
+    Case c;
+    c.name = "wide plain E=2048 k=8 select_on=logits, the k-th not yet listed";
+    c.T = 3, c.E = 2048, c.k = 8, c.select_on_logits = true, c.cut_after_step = true;
+    c.exact_ids = true, c.seed = 69;
     v.push_back(c);
   }
   {

@@ -11,12 +11,14 @@
 // Selection in two stages, with gate.cuh's packed keys. (1) Each warp lists its own best keys
 // in descending order in shared memory, a round of "warp max of the lanes' heads" a key, each
 // lane holding its best few remaining keys sorted in registers and rescanning its VPT slots only
-// when they run out. (2) Warp 0 merges the 16 sorted lists: lane w holds the head of list w, and
-// each of k rounds takes the largest head and advances that list. A warp lists a few keys more
-// than its share of k at first (wide_list_step); when the merge reaches the end of a list that
-// may go on, it pauses, the warps of such lists list more, and it resumes after a barrier. The
-// merge takes a key only while every list's next key is known, so the result is the exact top k,
-// in the same order, however the row's leaders fall across the warps.
+// when they run out. (2) Every listed key is ranked among all the listed keys: its position in
+// its own list plus, for each other list, how many of that list's keys are above it (a binary
+// search: the lists are sorted and the keys distinct). The key of rank r < k is the r-th pick.
+// A warp lists a few keys more than its share of k at first (wide_list_step). Where its last
+// key ranks above the k-th, a key it has not listed yet might too: it lists more, and all are
+// ranked again, after a barrier. So the result is the exact top k, in the same order, however
+// the row's leaders fall across the warps. Each ranking runs on every warp at once, where a
+// merge of the lists was k dependent rounds on one warp.
 //
 // Weights: warp 0, from each selected expert's weight-side logit, recomputed from the logits and
 // the steering table by the row's own operations (the same bits), then gate.cuh's formulas.
@@ -54,12 +56,12 @@ struct WidePlan {
 };
 
 // Shared memory in 32-bit words: [0, 16) the warps' partial reductions, [16] the replay flag,
-// [17] the merge's requests for more keys (a bit per list), [18, 34) the keys each list holds,
-// sel_id [k] from word 34, sel_w [k] after it, the 16 lists of k keys (u64) from an even word,
-// then, for calls that sum prob_sum, q's accumulator [E].
-constexpr int64_t kWideAskWord = kWideWarps + 1;
+// ([17] unused, so that the lists start 8-byte aligned), [18, 34) the keys each warp's list holds, [34, 50) whether it needs more, sel_id [k] from word
+// 50, sel_w [k] after it, the 16 lists of k keys (u64) from an even word, then, for calls that
+// sum prob_sum, q's accumulator [E].
 constexpr int64_t kWideListedOffset = kWideWarps + 2;
-constexpr int64_t kWideSelOffset = kWideListedOffset + kWideWarps;
+constexpr int64_t kWideAskOffset = kWideListedOffset + kWideWarps;
+constexpr int64_t kWideSelOffset = kWideAskOffset + kWideWarps;
 __host__ __device__ constexpr int64_t wide_lists_offset(int64_t k) {
   return kWideSelOffset + 2 * k;
 }
@@ -72,21 +74,12 @@ inline size_t wide_smem_bytes(const GateParams& p) {
 static_assert(kWideSelOffset % 2 == 0, "the lists start 8-byte aligned");
 static_assert(wide_q_offset(kWideMaxK) * 4 <= kSmemPerBlock,
               "without prob_sum, k <= kWideMaxK fits the default dynamic shared memory");
-// The most a call takes (k = 256, 16384 experts, prob_sum): 100,488 bytes, within the opt-in
+// The most a call takes (k = 256, 16384 experts, prob_sum): 100,552 bytes, within the opt-in
 // limit of sm_80 (163 KiB), sm_86 and sm_89 (99 KiB) and sm_90 (227 KiB).
 constexpr size_t kWideMaxSmemBytes = size_t(wide_q_offset(kWideMaxK) + kWideMaxExperts) * 4;
 static_assert(kWideMaxSmemBytes <= 99 * 1024, "fits every arch from sm_80 on");
 
-// Keys a warp lists before the first merge, and how many more each request for its list adds:
-// twice a warp's even share of k, plus 4 (k = 64: 12; k = 8: 6; k = 256: 36), and at most k.
-// The merge usually finishes on these: a warp's share of the row's top k is about k / 16 where
-// the row's leaders are spread over the warps. Listing k keys a warp, as stage 1 did at first,
-// took 16 times the keys the merge can use (bench/RESULTS.md, "Fewer rounds in the CTA-per-token
-// gate").
-__host__ __device__ constexpr int wide_list_step(int k) {
-  const int step = 2 * ((k + kWideWarps - 1) / kWideWarps) + 4;
-  return step < k ? step : k;
-}
+static_assert(kWideWarps == kWideListWarps, "wide_list_step's share of k is per warp");
 
 struct FAdd {
   __device__ __forceinline__ float operator()(float x, float y) const { return x + y; }
@@ -140,8 +133,8 @@ __global__ void __launch_bounds__(kWideThreads, kFull || VPT > 8 ? 1 : 2)
   const int64_t t_end = p.T - t_begin < plan.chunk ? p.T : t_begin + plan.chunk;
   const BlockRow row{tid, reinterpret_cast<float*>(gate_smem)};
   uint32_t* const replay_flag = gate_smem + kWideWarps;
-  uint32_t* const ask_word = gate_smem + kWideAskWord;
   uint32_t* const listed_words = gate_smem + kWideListedOffset;  // [kWideWarps]
+  uint32_t* const ask_words = gate_smem + kWideAskOffset;        // [kWideWarps]
   int32_t* const sel_id = reinterpret_cast<int32_t*>(gate_smem + kWideSelOffset);  // [k]
   float* const sel_w = reinterpret_cast<float*>(sel_id + k);                        // [k]
   uint64_t* const lists = reinterpret_cast<uint64_t*>(gate_smem + wide_lists_offset(k));
@@ -309,25 +302,15 @@ __global__ void __launch_bounds__(kWideThreads, kFull || VPT > 8 ? 1 : 2)
         }
         more = cache[kCache - 1] != 0;
       };
-      // The lists are filled on demand (wide_list_step): each warp lists `step` keys, warp 0
-      // merges, and where a list runs out before the merge has its k keys, warp 0 asks that
-      // warp for `step` more and goes on where it stopped, after the next barrier.
+      // The lists are filled on demand (wide_list_step): each warp lists `step` keys, then every
+      // listed key is ranked among all of them, and a warp whose last key ranks above the k-th
+      // (so that a key it has not listed yet might too) lists `step` more, and all are ranked
+      // again, after a barrier.
       const int step = wide_list_step(k);
       uint64_t* const list = lists + int64_t(warp) * k;
       int listed = 0, goal = step;  // keys in this warp's list (its ending 0 included)
       bool dry = true, ended = false;
-      // Warp 0's merge: lane w < 16 holds the head of list w and the key after it; kPending
-      // (above every key: a tier is <= 2) stands for a key its warp has not listed yet, and wins
-      // the warp max, which pauses the merge. The keys are walked by a pointer: written as
-      // mine[pos + 1] with pos counted up, ptxas 13.0.88 (sm_90a, -O3) addressed mine[pos + 2] in
-      // the unrolled loop, so every list lost its third key (the H200 run of 2026-11-26; the SASS
-      // showed the load's offset 8 too far).
-      constexpr uint64_t kPending = ~0ull;
-      const uint64_t* const mine = lists + int64_t(lane) * k;
-      const uint64_t* ahead = mine;  // the next key to read
-      uint64_t head = lane < kWideWarps ? kPending : 0, next = head;
-      int picked = 0;
-      for (;;) {  // block-uniform: until the merge has k keys
+      for (;;) {  // block-uniform: until the top k are among the listed keys
         for (; listed < goal && !ended; ++listed) {  // one call site: refill inlined once
           if (dry) refill();
           const uint64_t best = warp_max_key(cache[0]);  // warp-uniform
@@ -348,40 +331,59 @@ __global__ void __launch_bounds__(kWideThreads, kFull || VPT > 8 ? 1 : 2)
         if (lane == 0) listed_words[warp] = uint32_t(listed);
         __syncthreads();
 
-        // ---- Stage 2: warp 0 merges the lists by their heads ----
-        if (warp == 0) {
-          // Every real key is > 0, and k <= E keys exist, so a round never picks a list's ending
-          // 0 (entries past it are never read: an earlier token's). Each lane holds its list's
-          // next key too, so the load is off the rounds' chain.
-          const uint64_t* const lim = mine + (lane < kWideWarps ? listed_words[lane] : 0);
-          const auto take = [&]() { return ahead < lim ? *ahead++ : kPending; };
-          if (head == kPending) head = take();
-          if (next == kPending) next = take();
-          for (; picked < k; ++picked) {
-            const uint64_t best = warp_max_key(head);
-            if (best == kPending) break;
-            const int idx = key_index(best);
-            if (lane == (idx % kWideThreads) >> 5) {
-              head = next;
-              next = take();
+        // ---- Stage 2: each listed key's rank, and the top k in order ----
+        // A key's rank is the number of listed keys above it: its position in its own list,
+        // plus, in each other list, the length of the run of keys above it, by binary search
+        // (the lists are sorted, the keys distinct, and an ending 0 is below every key).
+        // Lane l ranks its warp's keys l, l + 32, ...; the 15 searches step together.
+        uint32_t longest = 0;
+#pragma unroll
+        for (int w = 0; w < kWideWarps; ++w)
+          if (w != warp && listed_words[w] > longest) longest = listed_words[w];
+        uint32_t top = 1;  // the largest power of two <= the longest other list
+        while (top * 2 <= longest) top *= 2;
+        const int own = listed - (ended ? 1 : 0);  // this warp's keys, its ending 0 left out
+        bool short_list = false;
+        for (int q = lane; q < own; q += 32) {
+          const uint64_t x = list[q];
+          uint32_t rank = uint32_t(q);
+          constexpr int kWays = 4;  // searches stepped together; 16 took registers and spilled
+#pragma unroll
+          for (int w0 = 0; w0 < kWideWarps; w0 += kWays) {
+            uint32_t pos[kWays] = {}, len[kWays];
+            const uint64_t* at[kWays];  // list w0 + i, from 1: at[i][j] is its j-th key
+#pragma unroll
+            for (int i = 0; i < kWays; ++i) {
+              len[i] = w0 + i == warp ? 0u : listed_words[w0 + i];
+              at[i] = lists + (int64_t(w0 + i) * k - 1);
             }
-            if (lane == 0) sel_id[picked] = idx;
+            for (uint32_t half = top; half > 0; half >>= 1) {
+#pragma unroll
+              for (int i = 0; i < kWays; ++i) {
+                const uint32_t to = pos[i] + half;
+                if (to <= len[i] && at[i][to] > x) pos[i] = to;
+              }
+            }
+#pragma unroll
+            for (int i = 0; i < kWays; ++i) rank += pos[i];
           }
-          // The lists to extend: those whose head is pending, and those about to be (not one
-          // at its ending 0, after which nothing is read).
-          const uint32_t ask = __ballot_sync(
-              kFullMask, picked < k && (head == kPending || (head != 0 && next == kPending)));
-          if (lane == 0) *ask_word = ask;
+          if (rank < uint32_t(k)) sel_id[rank] = key_index(x);
+          // This warp's last key ranks above the k-th: the next one it lists may still beat
+          // the k-th, so the top k may not all be listed yet.
+          if (q == own - 1 && !ended && rank + 1 < uint32_t(k)) short_list = true;
         }
-        __syncthreads();
-        const uint32_t ask = *ask_word;  // block-uniform
+        const bool needs_more = __any_sync(kFullMask, short_list);
+        if (lane == 0) ask_words[warp] = needs_more ? 1u : 0u;
+        __syncthreads();  // sel_id and ask_words written
+        const uint32_t ask =  // block-uniform
+            __ballot_sync(kFullMask, lane < kWideWarps && ask_words[lane] != 0u);
         if (ask == 0) break;
         if ((ask >> warp) & 1u) goal = goal + step < k ? goal + step : k;
       }
     }
 
     if (warp == 0) {
-      __syncwarp();  // publish sel_id (lane 0 wrote it, or every lane in replay_row)
+      __syncwarp();  // publish sel_id where replay_row wrote it (the ranks' writes: a barrier)
       const int kpl = (k + 31) >> 5;
       // ---- Weights (lane j handles selections j = m*32 + lane) ----
       float part_max = -kFltMax;
