@@ -116,7 +116,8 @@ KEYS64_BEFORE = """        uint32_t ord[VPT];
         }"""
 # Stage 2 of the gate past 1024 experts as at 9e33c6f: warp 0 merges the 16 lists, k dependent
 # rounds, pausing where a list runs out (gpu_tune's wide_merge). The ranking is compiled out.
-WIDE_MERGE_STATE = """      bool dry = true, ended = false;
+WIDE_MERGE_STATE = """      bool dry = true;
+      bool ended = false;
       constexpr uint64_t kPending = ~0ull;  // a key not listed yet: wins the warp max
       const uint64_t* const mine = lists + int64_t(lane) * k;
       const uint64_t* ahead = mine;
