@@ -21,7 +21,7 @@ inline constexpr long long kWarpMaxExperts = 1024, kWideMaxExperts = 16384, kWid
 // Listing k keys a warp, as the kernel did at first, took 16 times the keys the top k can use
 // (bench/RESULTS.md, "Fewer rounds in the CTA-per-token gate").
 inline constexpr int kWideListWarps = 16;
-inline constexpr int wide_list_step(int k) {
+MOE_ROUTE_HOST_DEVICE inline constexpr int wide_list_step(int k) {
   const int step = 2 * ((k + kWideListWarps - 1) / kWideListWarps) + 4;
   return step < k ? step : k;
 }
