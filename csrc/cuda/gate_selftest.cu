@@ -1049,6 +1049,12 @@ std::vector<Case> cases() {
     v.push_back(c);
   }
   {
+    Case c;  // one key a warp lists and ranks (wide_list_step(1) = 1)
+    c.name = "wide plain E=1025 k=1 fp16";
+    c.T = 5, c.E = 1025, c.k = 1, c.lt = LogitType::F16, c.seed = 70;
+    v.push_back(c);
+  }
+  {
     Case c;
     c.name = "wide E=4000 k=100 stats, one thread leads, ties";
     c.T = 12, c.E = 4000, c.k = 100, c.ties = true, c.one_lane_leads = true, c.stats = true;
