@@ -335,7 +335,7 @@ __global__ void __launch_bounds__(kWideThreads, kFull || VPT > 8 ? 1 : 2)
         // A key's rank is the number of listed keys above it: its position in its own list,
         // plus, in each other list, the length of the run of keys above it, by binary search
         // (the lists are sorted, the keys distinct, and an ending 0 is below every key).
-        // Lane l ranks its warp's keys l, l + 32, ...; the 15 searches step together.
+        // Lane l ranks its warp's keys l, l + 32, ...; the searches step kWays lists at a time.
         uint32_t longest = 0;
 #pragma unroll
         for (int w = 0; w < kWideWarps; ++w)
@@ -347,7 +347,7 @@ __global__ void __launch_bounds__(kWideThreads, kFull || VPT > 8 ? 1 : 2)
         for (int q = lane; q < own; q += 32) {
           const uint64_t x = list[q];
           uint32_t rank = uint32_t(q);
-          constexpr int kWays = 4;  // searches stepped together; 16 took registers and spilled
+          constexpr int kWays = 4;  // all 16 lists at once: 32 registers more, and ptxas spilled
 #pragma unroll
           for (int w0 = 0; w0 < kWideWarps; w0 += kWays) {
             uint32_t pos[kWays] = {}, len[kWays];
