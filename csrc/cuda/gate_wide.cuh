@@ -55,10 +55,11 @@ struct WidePlan {
   size_t smem_bytes = 0;
 };
 
-// Shared memory in 32-bit words: [0, 16) the warps' partial reductions, [16] the replay flag,
-// ([17] unused, so that the lists start 8-byte aligned), [18, 34) the keys each warp's list holds, [34, 50) whether it needs more, sel_id [k] from word
-// 50, sel_w [k] after it, the 16 lists of k keys (u64) from an even word, then, for calls that
-// sum prob_sum, q's accumulator [E].
+// Shared memory in 32-bit words: [0, 16) the warps' partial reductions, [16] the replay flag
+// ([17] unused, so that the lists start 8-byte aligned), [18, 34) the keys each warp's list
+// holds, [34, 50) whether it needs more, sel_id [k] from word 50, sel_w [k] after it, the 16
+// lists of k keys (u64) from an even word, then, for calls that sum prob_sum, q's accumulator
+// [E].
 constexpr int64_t kWideListedOffset = kWideWarps + 2;
 constexpr int64_t kWideAskOffset = kWideListedOffset + kWideWarps;
 constexpr int64_t kWideSelOffset = kWideAskOffset + kWideWarps;
