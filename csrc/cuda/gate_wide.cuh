@@ -352,17 +352,17 @@ __global__ void __launch_bounds__(kWideThreads, kFull || VPT > 8 ? 1 : 2)
 #pragma unroll
           for (int w0 = 0; w0 < kWideWarps; w0 += kWays) {
             uint32_t pos[kWays] = {}, len[kWays];
-            const uint64_t* at[kWays];  // list w0 + i, from 1: at[i][j] is its j-th key
+            const uint64_t* at[kWays];  // list w0 + i
 #pragma unroll
             for (int i = 0; i < kWays; ++i) {
               len[i] = w0 + i == warp ? 0u : listed_words[w0 + i];
-              at[i] = lists + (int64_t(w0 + i) * k - 1);
+              at[i] = lists + int64_t(w0 + i) * k;
             }
             for (uint32_t half = top; half > 0; half >>= 1) {
 #pragma unroll
               for (int i = 0; i < kWays; ++i) {
                 const uint32_t to = pos[i] + half;
-                if (to <= len[i] && at[i][to] > x) pos[i] = to;
+                if (to <= len[i] && at[i][to - 1] > x) pos[i] = to;
               }
             }
 #pragma unroll
