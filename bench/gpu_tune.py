@@ -141,13 +141,19 @@ WIDE_MERGE = """        if (warp == 0) {
           }
           const uint32_t ask = __ballot_sync(
               kFullMask, picked < k && (head == kPending || (head != 0 && next == kPending)));
-          if (lane == 0) ask_words[0] = ask;
+          if (lane == 0) replay_flag[1] = ask;  // word 17, unused otherwise
         }
 #if 0  // the ranking
 """
-WIDE_RANKS_END = """        __syncthreads();  // sel_id and ask_words written
-        const uint32_t ask =  // block-uniform
-            __ballot_sync(kFullMask, lane < kWideWarps && ask_words[lane] != 0u);
+WIDE_RANKS_END = (
+    "        const bool needs_more = __any_sync(kFullMask, short_list);  // warp-uniform\n"
+    "        if (!__syncthreads_or(needs_more)) break;  // block-uniform; sel_id written\n"
+    "        if (needs_more) goal = goal + step < k ? goal + step : k;\n")
+WIDE_MERGE_END = """#endif
+        __syncthreads();
+        const uint32_t ask = replay_flag[1];  // block-uniform
+        if (ask == 0) break;
+        if ((ask >> warp) & 1u) goal = goal + step < k ? goal + step : k;
 """
 
 VARIANTS = {
@@ -227,8 +233,7 @@ VARIANTS = {
          ("csrc/cuda/gate_wide.cuh",
           "        // ---- Stage 2: each listed key's rank, and the top k in order ----\n",
           WIDE_MERGE),
-         ("csrc/cuda/gate_wide.cuh", WIDE_RANKS_END,
-          "#endif\n        __syncthreads();\n        const uint32_t ask = ask_words[0];\n")]),
+         ("csrc/cuda/gate_wide.cuh", WIDE_RANKS_END, WIDE_MERGE_END)]),
     "wide_cache8": Variant(
         "gate past 1024 experts: each lane caches its 8 best remaining keys instead of 4 (fewer "
         "rescans of its VPT slots; 46 us a token on the H200 of 2026-11-26)",

@@ -142,7 +142,7 @@ def test_out_of_range_groups_are_skipped_on_cuda():
 def test_wide_kernel_agrees_with_cpu_and_graph_replays(T):
     """More than 1024 experts (a CTA per token; Doge's default 16384 product keys, top-64):
     CPU/CUDA agreement with steering and statistics, then graph capture and replay. prob_sum's
-    accumulator takes 74,440 bytes of shared memory here, past the 48 KiB default: every launch
+    accumulator takes 74,376 bytes of shared memory here, past the 48 KiB default: every launch
     opts the kernel in (cudaFuncSetAttribute), the captured one too."""
     E, k = 16384, 64
     x = _tie_free(T, E, seed=3)

@@ -14,15 +14,17 @@ namespace moe_route::cuda {
 // k <= kWideMaxK and no group limit.
 inline constexpr long long kWarpMaxExperts = 1024, kWideMaxExperts = 16384, kWideMaxK = 256;
 
-// Keys each of the CTA-per-token kernel's kWideListWarps warps lists of its experts' best before
-// they are ranked, and how many more it lists each time its last one ranks above the k-th:
-// twice its even share of k, plus 4, at most k (k = 64: 12; k = 8: 6; k = 256: 36). A warp's
-// share of a row's top k is about k / 16 where the row's leaders are spread over the warps.
+// Warps in a CTA of the CTA-per-token kernel (gate_wide.cuh).
+inline constexpr int kWideWarps = 16;
+
+// Keys each warp of the CTA-per-token kernel lists of its experts' best before they are ranked,
+// and how many more it lists each time its last one ranks above the k-th: twice its even share
+// of k, plus 4, at most k (k = 64: 12; k = 8: 6; k = 256: 36). A warp's share of a row's top k
+// is about k / 16 where the row's leaders are spread over the warps.
 // Listing k keys a warp, as the kernel did at first, took 16 times the keys the top k can use
 // (bench/RESULTS.md, "Fewer rounds in the CTA-per-token gate").
-inline constexpr int kWideListWarps = 16;
 MOE_ROUTE_HOST_DEVICE inline constexpr int wide_list_step(int k) {
-  const int step = 2 * ((k + kWideListWarps - 1) / kWideListWarps) + 4;
+  const int step = 2 * ((k + kWideWarps - 1) / kWideWarps) + 4;
   return step < k ? step : k;
 }
 
@@ -34,8 +36,8 @@ inline bool gate_args_ok(const GateParams& p) {
 }
 
 // Dynamic shared memory a CTA of the CTA-per-token kernel takes for `p` (E > kWarpMaxExperts):
-// 200 + 136*k bytes, plus 4*E for an accumulator when the call sums prob_sum. Past the default
-// 48 KiB (E = 16384, k = 64 with prob_sum: 74,440 bytes; at most 100,552) the launcher opts in,
+// 136 + 136*k bytes, plus 4*E for an accumulator when the call sums prob_sum. Past the default
+// 48 KiB (E = 16384, k = 64 with prob_sum: 74,376 bytes; at most 100,488) the launcher opts in,
 // up to the device's limit (cudaDevAttrMaxSharedMemoryPerBlockOptin).
 size_t wide_gate_smem_bytes(const GateParams& p);
 

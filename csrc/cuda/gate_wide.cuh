@@ -45,8 +45,7 @@ namespace moe_route {
 namespace cuda {
 namespace detail {
 
-constexpr int kWideThreads = 512;
-constexpr int kWideWarps = kWideThreads / 32;
+constexpr int kWideThreads = kWideWarps * 32;  // kWideWarps: gate_launch.h
 static_assert(kWideMaxExperts == kWideThreads * 32, "VPT 32 covers kWideMaxExperts");
 
 struct WidePlan {
@@ -57,12 +56,10 @@ struct WidePlan {
 
 // Shared memory in 32-bit words: [0, 16) the warps' partial reductions, [16] the replay flag
 // ([17] unused, so that the lists start 8-byte aligned), [18, 34) the keys each warp's list
-// holds, [34, 50) whether it needs more, sel_id [k] from word 50, sel_w [k] after it, the 16
-// lists of k keys (u64) from an even word, then, for calls that sum prob_sum, q's accumulator
-// [E].
+// holds, sel_id [k] from word 34, sel_w [k] after it, the 16 lists of k keys (u64) from an even
+// word, then, for calls that sum prob_sum, q's accumulator [E].
 constexpr int64_t kWideListedOffset = kWideWarps + 2;
-constexpr int64_t kWideAskOffset = kWideListedOffset + kWideWarps;
-constexpr int64_t kWideSelOffset = kWideAskOffset + kWideWarps;
+constexpr int64_t kWideSelOffset = kWideListedOffset + kWideWarps;
 __host__ __device__ constexpr int64_t wide_lists_offset(int64_t k) {
   return kWideSelOffset + 2 * k;
 }
@@ -75,12 +72,10 @@ inline size_t wide_smem_bytes(const GateParams& p) {
 static_assert(kWideSelOffset % 2 == 0, "the lists start 8-byte aligned");
 static_assert(wide_q_offset(kWideMaxK) * 4 <= kSmemPerBlock,
               "without prob_sum, k <= kWideMaxK fits the default dynamic shared memory");
-// The most a call takes (k = 256, 16384 experts, prob_sum): 100,552 bytes, within the opt-in
+// The most a call takes (k = 256, 16384 experts, prob_sum): 100,488 bytes, within the opt-in
 // limit of sm_80 (163 KiB), sm_86 and sm_89 (99 KiB) and sm_90 (227 KiB).
 constexpr size_t kWideMaxSmemBytes = size_t(wide_q_offset(kWideMaxK) + kWideMaxExperts) * 4;
 static_assert(kWideMaxSmemBytes <= 99 * 1024, "fits every arch from sm_80 on");
-
-static_assert(kWideWarps == kWideListWarps, "wide_list_step's share of k is per warp");
 
 struct FAdd {
   __device__ __forceinline__ float operator()(float x, float y) const { return x + y; }
@@ -135,7 +130,6 @@ __global__ void __launch_bounds__(kWideThreads, kFull || VPT > 8 ? 1 : 2)
   const BlockRow row{tid, reinterpret_cast<float*>(gate_smem)};
   uint32_t* const replay_flag = gate_smem + kWideWarps;
   uint32_t* const listed_words = gate_smem + kWideListedOffset;  // [kWideWarps]
-  uint32_t* const ask_words = gate_smem + kWideAskOffset;        // [kWideWarps]
   int32_t* const sel_id = reinterpret_cast<int32_t*>(gate_smem + kWideSelOffset);  // [k]
   float* const sel_w = reinterpret_cast<float*>(sel_id + k);                        // [k]
   uint64_t* const lists = reinterpret_cast<uint64_t*>(gate_smem + wide_lists_offset(k));
@@ -373,13 +367,9 @@ __global__ void __launch_bounds__(kWideThreads, kFull || VPT > 8 ? 1 : 2)
           // the k-th, so the top k may not all be listed yet.
           if (q == own - 1 && !ended && rank + 1 < uint32_t(k)) short_list = true;
         }
-        const bool needs_more = __any_sync(kFullMask, short_list);
-        if (lane == 0) ask_words[warp] = needs_more ? 1u : 0u;
-        __syncthreads();  // sel_id and ask_words written
-        const uint32_t ask =  // block-uniform
-            __ballot_sync(kFullMask, lane < kWideWarps && ask_words[lane] != 0u);
-        if (ask == 0) break;
-        if ((ask >> warp) & 1u) goal = goal + step < k ? goal + step : k;
+        const bool needs_more = __any_sync(kFullMask, short_list);  // warp-uniform
+        if (!__syncthreads_or(needs_more)) break;  // block-uniform; sel_id written
+        if (needs_more) goal = goal + step < k ? goal + step : k;
       }
     }
 

@@ -107,6 +107,7 @@ uint32_t match_any(uint64_t value);                   // lanes whose value equal
 uint32_t reduce_max(uint32_t value);                  // the largest value of the warp
 void syncwarp();
 void syncthreads();
+bool syncthreads_or(bool predicate);  // __syncthreads, and whether any thread's predicate held
 int lane();
 // Number of SMs the gate launcher plans for (environment MOE_ROUTE_EMU_SMS, default 2).
 int sm_count();
@@ -141,6 +142,7 @@ inline float __uint_as_float(uint32_t u) {
 
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::syncwarp(); }
 inline void __syncthreads() { emu::syncthreads(); }
+inline int __syncthreads_or(int predicate) { return emu::syncthreads_or(predicate != 0); }
 inline int __any_sync(unsigned, int predicate) { return emu::ballot(predicate != 0) != 0u; }
 inline unsigned __ballot_sync(unsigned, int predicate) { return emu::ballot(predicate != 0); }
 inline unsigned __reduce_max_sync(unsigned, unsigned value) { return emu::reduce_max(value); }

@@ -81,24 +81,30 @@ namespace {
 
 // A barrier of `count` threads that can be used again at once. Waits block (no spinning), so a
 // block of 1024 threads runs on two cores; a wait of a minute is a deadlock (threads of one warp
-// or block reaching different collectives), reported instead of hanging.
+// or block reaching different collectives), reported instead of hanging. It returns whether any
+// thread arrived with `vote` set (__syncthreads_or): the last to arrive records it before any
+// thread leaves, and no thread can arrive at the next use before every one has read it.
 class Barrier {
  public:
   explicit Barrier(int count) : count_(count) {}
-  void arrive_and_wait(const char* what) {
+  bool arrive_and_wait(const char* what, bool vote = false) {
     std::unique_lock<std::mutex> lock(mu_);
     const long gen = gen_;
+    any_ = any_ || vote;
     if (++arrived_ == count_) {
       arrived_ = 0;
+      result_ = any_;
+      any_ = false;
       ++gen_;
       cv_.notify_all();
-      return;
+      return result_;
     }
     if (!cv_.wait_for(lock, std::chrono::seconds(60), [&] { return gen_ != gen; })) {
       std::fprintf(stderr, "emu: %s deadlock (block %u, thread %u)\n", what, blockIdx.x,
                    threadIdx.x);
       std::abort();
     }
+    return result_;
   }
 
  private:
@@ -106,6 +112,7 @@ class Barrier {
   std::condition_variable cv_;
   int count_, arrived_ = 0;
   long gen_ = 0;
+  bool any_ = false, result_ = false;
 };
 
 // ThreadSanitizer builds (*_tsan_selftest, CMake option MOE_ROUTE_EMU_SANITIZERS) hold the
@@ -207,6 +214,10 @@ uint32_t reduce_max(uint32_t value) {
 void syncwarp() { warp().barrier.arrive_and_wait("__syncwarp"); }
 
 void syncthreads() { block("__syncthreads").barrier.arrive_and_wait("__syncthreads"); }
+
+bool syncthreads_or(bool predicate) {
+  return block("__syncthreads_or").barrier.arrive_and_wait("__syncthreads_or", predicate);
+}
 
 int sm_count() {
   const char* s = std::getenv("MOE_ROUTE_EMU_SMS");

@@ -20,7 +20,7 @@ cudaError_t launch_topk_gate(const GateParams& p, cudaStream_t) {
         detail::wide_opt_in(kernel, detail::wide_smem_bytes(p), emu::kOptInMaxDynamicSmem);
     if (opt_in != cudaSuccess) return opt_in;
     const detail::WidePlan plan =
-        detail::plan_topk_gate_wide(p, emu::sm_count(), emu::resident_warps() / detail::kWideWarps);
+        detail::plan_topk_gate_wide(p, emu::sm_count(), emu::resident_warps() / kWideWarps);
     emu::launch(plan.blocks, detail::kWideThreads, true, [&] { kernel(p, plan); },
                 {detail::gate_smem, sizeof(detail::gate_smem), plan.smem_bytes,
                  reinterpret_cast<const void*>(kernel)});
