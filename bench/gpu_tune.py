@@ -202,9 +202,10 @@ VARIANTS = {
     "gate_exp_branches": Variant(
         "gate: the softmax normaliser's exps each behind a branch on the slot's validity, as "
         "before (they then run one after another)",
-        [("csrc/cuda/gate.cuh", """    const float e = expf(x[i] - max_out);
-    s += ((valid >> i) & 1u) ? e : 0.f;""",
-          """    s += ((valid >> i) & 1u) ? expf(x[i] - max_out) : 0.f;""")]),
+        [("csrc/cuda/gate.cuh", """    ex[i] = expf(x[i] - max_out);
+    s += ((valid >> i) & 1u) ? ex[i] : 0.f;""",
+          """    ex[i] = ((valid >> i) & 1u) ? expf(x[i] - max_out) : 0.f;
+    s += ex[i];""")]),
     "gate_stats_full": Variant(
         "gate: statistics calls on 16-bit logits ranked as they are run the full kernel, as "
         "before the half-key statistics build",
@@ -218,6 +219,12 @@ VARIANTS = {
         "gate: the half-key statistics build asks for 3 CTAs per SM at VPT 8 too (24 warps "
         "instead of 16, 40 bytes spilled)",
         [("csrc/cuda/gate.cuh", "VPT <= 4 ? 3 : 1)", "VPT <= 8 ? 3 : 1)")]),
+    "gate_stats_exps_again": Variant(
+        "gate: the dense statistics take their own exps (softmax) or scores (sigmoid, "
+        "sqrt(softplus)) after the selection, as before, instead of the softmax normaliser's "
+        "and the selection's",
+        [("csrc/cuda/gate.cuh", "constexpr bool kDenseFirst = VPT < 32;",
+          "constexpr bool kDenseFirst = false;")]),
     "gate_groups_branches": Variant(
         "gate: groups of 32 scored one group at a time behind a branch each, as before "
         "(a decode-sized DeepSeek-V3 call waits on that chain)",
@@ -277,6 +284,8 @@ CASES = {
         lambda d: _gate("softmax_topk", 16384, 256, 8, "gate", d, "float32"),
     "gate deepseek_v3 T=16384": lambda d: _gate("deepseek_v3", 16384, 256, 8, "gate", d),
     "gate deepseek_v3 T=1": lambda d: _gate("deepseek_v3", 1, 256, 8, "gate", d),
+    "gate+stats deepseek_v3 T=16384":
+        lambda d: _gate("deepseek_v3", 16384, 256, 8, "gate_stats", d),
     "gate topk_softmax T=1 E=16384 k=64": lambda d: _gate("topk_softmax", 1, 16384, 64, "gate", d),
     "gate topk_softmax T=1024 E=16384 k=64":
         lambda d: _gate("topk_softmax", 1024, 16384, 64, "gate", d),

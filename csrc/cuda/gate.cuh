@@ -506,10 +506,12 @@ __device__ __noinline__ void select_stored_on_keys64_call(const float* vsm, int 
   select_stored_on_keys64<VPT>(vsm, lane, avail, masks, k, sel_id);
 }
 
-// Softmax normaliser of a row: max over the valid values and sum of exp(x - max).
+// Softmax normaliser of a row: max over the valid values and sum of exp(x - max). The exps stay
+// in ex (every slot's, absent ones too), for the callers that need them again.
 template <int VPT, class Row>
 __device__ __forceinline__ void softmax_norm(const Row& row, const float (&x)[VPT],
-                                             uint32_t valid, float& max_out, float& sum_out) {
+                                             uint32_t valid, float& max_out, float& sum_out,
+                                             float (&ex)[VPT]) {
   float m = -kFltMax;
 #pragma unroll
   for (int i = 0; i < VPT; ++i)
@@ -521,10 +523,17 @@ __device__ __forceinline__ void softmax_norm(const Row& row, const float (&x)[VP
   float s = 0.f;
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {
-    const float e = expf(x[i] - max_out);
-    s += ((valid >> i) & 1u) ? e : 0.f;
+    ex[i] = expf(x[i] - max_out);
+    s += ((valid >> i) & 1u) ? ex[i] : 0.f;
   }
   sum_out = row.sum(s);
+}
+
+template <int VPT, class Row>
+__device__ __forceinline__ void softmax_norm(const Row& row, const float (&x)[VPT],
+                                             uint32_t valid, float& max_out, float& sum_out) {
+  float ex[VPT];
+  softmax_norm<VPT>(row, x, valid, max_out, sum_out, ex);
 }
 
 // Expert e's steered logit before forcing (reference: steer_logits), with the same association:
@@ -593,38 +602,38 @@ __device__ __forceinline__ RowSteer steer_row(const Row& row, const GateParams& 
 }
 
 // Adds a token's dense routing distribution q to an accumulator, add(i, q_i) for each valid
-// slot i, and returns its entropy (nats), from the weight-side logits zw and their softmax
-// normaliser (w_max, w_sum; softmax and "none").
-template <int VPT, class Row, class Add>
-__device__ __forceinline__ float add_dense(const Row& row, const GateParams& p,
-                                           const float (&zw)[VPT], uint32_t valid, float w_max,
-                                           float w_sum, Add&& add) {
+// slot i, and returns its entropy (nats). Softmax and "none" weights: from the weight-side logits
+// zw, their softmax normaliser (w_max, w_sum) and exp_of(i) = exp(zw_i - w_max). As on the CPU,
+// q = e * (1/S) and H = log S - (sum_e e (zw_e - max)) / S, so one log and two divisions per
+// token instead of E of each.
+template <int VPT, class Row, class Exp, class Add>
+__device__ __forceinline__ float add_dense_softmax(const Row& row, const float (&zw)[VPT],
+                                                   uint32_t valid, float w_max, float w_sum,
+                                                   Exp&& exp_of, Add&& add) {
+  const float inv = 1.f / w_sum;
   float h_part = 0.f;
-  if (p.score == Score::Softmax || p.score == Score::None) {
-    // As on the CPU: q = e * (1/S) and H = log S - (sum_e e (z_e - max)) / S with
-    // e = exp(z_e - max), so one log and two divisions per token instead of E of each.
-    const float inv = 1.f / w_sum;
-#pragma unroll
-    for (int i = 0; i < VPT; ++i) {
-      if ((valid >> i) & 1u) {
-        const float d = zw[i] - w_max;
-        const float e = expf(d);
-        add(i, __fmul_rn(e, inv));
-        h_part += e > 0.f ? __fmul_rn(e, d) : 0.f;
-      }
-    }
-    return logf(w_sum) - row.sum(h_part) / w_sum;
-  }
-  // q = s / sum(s), uniform when the sum is 0.
-  float sc[VPT];
-  float tp = 0.f;
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {
-    sc[i] = ((valid >> i) & 1u) ? score_of(p.score, zw[i]) : 0.f;
-    tp += sc[i];
+    if ((valid >> i) & 1u) {
+      const float e = exp_of(i);
+      add(i, __fmul_rn(e, inv));
+      h_part += e > 0.f ? __fmul_rn(e, zw[i] - w_max) : 0.f;
+    }
   }
+  return logf(w_sum) - row.sum(h_part) / w_sum;
+}
+
+// The same for the other scores, from the scores sc of the weight-side logits (absent slots: any
+// finite value): q = s / sum(s), uniform when the sum is 0.
+template <int VPT, class Row, class Add>
+__device__ __forceinline__ float add_dense_scores(const Row& row, int E, const float (&sc)[VPT],
+                                                  uint32_t valid, Add&& add) {
+  float tp = 0.f;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) tp += ((valid >> i) & 1u) ? sc[i] : 0.f;
   const float total = row.sum(tp);
-  const float inv = total > 0.f ? 1.f / total : 0.f, uniform = 1.f / float(p.E);
+  const float inv = total > 0.f ? 1.f / total : 0.f, uniform = 1.f / float(E);
+  float h_part = 0.f;
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {
     if ((valid >> i) & 1u) {
@@ -905,10 +914,40 @@ __device__ __forceinline__ void topk_gate_body(const GateParams p, const GatePla
 #pragma unroll
     for (int i = 0; i < VPT; ++i) zw[i] = zw_is_z0 ? z0[i] : z[i];
 
+    // ---- Statistics: the token opens or extends its group's run ----
+    if (counted) {
+      if (g != run_g || run_tokens == kMaxRunTokens) {
+        if (run_g >= 0) flush();
+        run_g = g;
+      }
+      run_tokens += 1;
+    }
+    // The dense distribution q and its entropy: from the exps of the weight-side logits' softmax
+    // (q is a softmax or "none"'s: dense_softmax) or from their scores (sigmoid, sqrt(softplus)).
+    // Below VPT 32 they are added here, the exps being the normaliser's own. At VPT 32 they wait
+    // until after the selection and compute the exps again: kept along with z, zw and q's
+    // accumulator, they made ptxas spill 90-100 bytes more in the full builds (nvcc 13.0,
+    // sm_90a).
+    constexpr bool kDenseFirst = VPT < 32;
+    const auto add_q = [&](int i, float q) { prob_acc[i] += q; };
+    const auto add_scores_q = [&]() {
+      float sc[VPT];
+#pragma unroll
+      for (int i = 0; i < VPT; ++i) sc[i] = score_of(score, zw[i]);
+      run_entropy += add_dense_scores<VPT>(warp_row, E, sc, valid, add_q);
+    };
+
     // Softmax of zw (max and sum of exp(zw - max)), shared by the weights and the statistics.
     const bool want_ew = (!p.select_on_logits && softmax) || (tok_dense && dense_softmax);
     float w_max = 0.f, w_sum = 1.f;
-    if (want_ew) softmax_norm<VPT>(warp_row, zw, valid, w_max, w_sum);
+    if (want_ew) {
+      float ex[VPT];
+      softmax_norm<VPT>(warp_row, zw, valid, w_max, w_sum, ex);
+      if (kDenseFirst && tok_dense && dense_softmax)
+        run_entropy += add_dense_softmax<VPT>(warp_row, zw, valid, w_max, w_sum,
+                                              [&](int i) { return ex[i]; }, add_q);
+    }
+    if (kDenseFirst && tok_dense && !dense_softmax) add_scores_q();
 
     // ---- Router replay: a row of k distinct ids in [0, E) is the selection ----
     const bool replayed = kReplay && replay_row(p, t, k, lane, sel_id);
@@ -1112,16 +1151,16 @@ __device__ __forceinline__ void topk_gate_body(const GateParams p, const GatePla
       }
     }
 
-    // ---- Statistics ----
+    // ---- Statistics: q at VPT 32, and the selection's counts, weight sums and co-activations ----
     if (!counted) continue;
-    if (g != run_g || run_tokens == kMaxRunTokens) {
-      if (run_g >= 0) flush();
-      run_g = g;
+    if (!kDenseFirst && tok_dense) {
+      if (dense_softmax) {
+        run_entropy += add_dense_softmax<VPT>(warp_row, zw, valid, w_max, w_sum,
+                                              [&](int i) { return expf(zw[i] - w_max); }, add_q);
+      } else {
+        add_scores_q();
+      }
     }
-    run_tokens += 1;
-    if (tok_dense)
-      run_entropy += add_dense<VPT>(warp_row, p, zw, valid, w_max, w_sum,
-                                    [&](int i, float q) { prob_acc[i] += q; });
     if (cnt_s || wsum_s) {
       // The k ids of one token are distinct, so the lanes touch distinct entries.
       for (int m = 0; m < kpl; ++m) {

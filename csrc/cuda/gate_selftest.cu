@@ -678,6 +678,21 @@ std::vector<Case> cases() {
     c.bias = true, c.n_group = 8, c.topk_group = 3, c.stats = true, c.seed = 7;
     v.push_back(c);
   }
+  {
+    Case c;  // the statistics' scores are of z0, the selection's of the steered logits
+    c.name = "stats sigmoid+bias steer_select_only bf16";
+    c.T = 300, c.E = 128, c.k = 6, c.lt = LogitType::BF16, c.score = Score::Sigmoid;
+    c.bias = true, c.steer = c.steer_force = c.steer_select_only = true, c.stats = true;
+    c.seed = 71;
+    v.push_back(c);
+  }
+  {
+    Case c;  // the statistics' exps are of z0, the selection's probabilities of the steered logits
+    c.name = "stats softmax+bias steer_select_only std";
+    c.T = 300, c.E = 64, c.k = 5, c.bias = true, c.steer = c.steer_std = true;
+    c.steer_select_only = true, c.stats = true, c.seed = 72;
+    v.push_back(c);
+  }
   // The cases above and below without steering, group limit or statistics run the plain kernel.
   {
     Case c;

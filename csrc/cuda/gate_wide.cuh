@@ -210,10 +210,20 @@ __global__ void __launch_bounds__(kWideThreads, kFull || VPT > 8 ? 1 : 2)
         run_g = g;
       }
       run_tokens += 1;
-      if (tok_dense) {
-        run_entropy += add_dense<VPT>(row, p, zw, valid, w_max, w_sum, [&](int i, float q) {
-          if (q_acc) q_acc[i * kWideThreads + tid] += q;
-        });
+      if (!tok_dense) return;
+      const auto add_q = [&](int i, float q) {
+        if (q_acc) q_acc[i * kWideThreads + tid] += q;
+      };
+      if (dense_softmax) {
+        // The exps again: kept across the normaliser's block-wide sums, they made ptxas spill
+        // (VPT 16 and 32, nvcc 13.0, sm_90a).
+        run_entropy += add_dense_softmax<VPT>(
+            row, zw, valid, w_max, w_sum, [&](int i) { return expf(zw[i] - w_max); }, add_q);
+      } else {
+        float sc[VPT];
+#pragma unroll
+        for (int i = 0; i < VPT; ++i) sc[i] = score_of(p.score, zw[i]);
+        run_entropy += add_dense_scores<VPT>(row, E, sc, valid, add_q);
       }
     };
     if (zw_is_z0) weight_side(z);  // select-only steering: the weights see the plain logits
