@@ -924,10 +924,10 @@ __device__ __forceinline__ void topk_gate_body(const GateParams p, const GatePla
     }
     // The dense distribution q and its entropy: from the exps of the weight-side logits' softmax
     // (q is a softmax or "none"'s: dense_softmax) or from their scores (sigmoid, sqrt(softplus)).
-    // Below VPT 32 they are added here, the exps being the normaliser's own. At VPT 32 they wait
-    // until after the selection and compute the exps again: kept along with z, zw and q's
-    // accumulator, they made ptxas spill 90-100 bytes more in the full builds (nvcc 13.0,
-    // sm_90a).
+    // Below VPT 32 they are added here, the exps being the normaliser's own, and a selection on
+    // the same scores takes those over. At VPT 32 they wait until after the selection and compute
+    // the exps again: kept along with z, zw and q's accumulator, they made ptxas spill 90-100
+    // bytes more in the full builds (nvcc 13.0, sm_90a).
     constexpr bool kDenseFirst = VPT < 32;
     const auto add_q = [&](int i, float q) { prob_acc[i] += q; };
     const auto add_scores_q = [&]() {
@@ -947,7 +947,13 @@ __device__ __forceinline__ void topk_gate_body(const GateParams p, const GatePla
         run_entropy += add_dense_softmax<VPT>(warp_row, zw, valid, w_max, w_sum,
                                               [&](int i) { return ex[i]; }, add_q);
     }
-    if (kDenseFirst && tok_dense && !dense_softmax) add_scores_q();
+    const bool dense_scores = kDenseFirst && tok_dense && !dense_softmax;
+    float sc[VPT] = {};  // initialised for the compilers, which cannot tell when it is read
+    if (dense_scores) {
+#pragma unroll
+      for (int i = 0; i < VPT; ++i) sc[i] = score_of(score, zw[i]);
+      run_entropy += add_dense_scores<VPT>(warp_row, E, sc, valid, add_q);
+    }
 
     // ---- Router replay: a row of k distinct ids in [0, E) is the selection ----
     const bool replayed = kReplay && replay_row(p, t, k, lane, sel_id);
@@ -974,6 +980,9 @@ __device__ __forceinline__ void topk_gate_body(const GateParams p, const GatePla
           v[i] = expf(z[i] - sm_max) / sm_sum;
           if (round) v[i] = round_half<LT>(v[i]);
         }
+      } else if (dense_scores && !zw_is_z0 && !round) {  // zw is z: q's scores
+#pragma unroll
+        for (int i = 0; i < VPT; ++i) v[i] = sc[i];
       } else {
 #pragma unroll
         for (int i = 0; i < VPT; ++i) v[i] = selection_score<LT>(score, z[i], round);
