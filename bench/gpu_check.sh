@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
 # One command for a GPU machine (no network; python3 with CUDA torch, nvcc, compute-sanitizer):
 # builds the CUDA extension, checks that C++ errors reach Python, runs the kernel self-tests, the
-# CUDA tests (tests/test_cuda.py and every per-op test's "cuda" variant), the gate and dispatch
-# benchmarks, compute-sanitizer (memcheck, racecheck) over the self-tests and the CUDA op tests,
-# and then the rest of the test suite. Everything lands in OUT_DIR: gpu_check.log, build.log,
-# selftest_build.log, pytest_cuda.xml, pytest_cpu.xml, bench_gate_cuda.json and
-# bench_dispatch_cuda.json. Each step has a time limit and the run a deadline (GPU_CHECK_SECONDS,
-# default 570), so it ends within 10 minutes; a step that times out or finds no time left fails.
+# CUDA tests (tests/test_cuda.py and every per-op test's "cuda" variant), compute-sanitizer
+# (memcheck, racecheck) over the self-tests and the CUDA op tests, the gate and dispatch
+# benchmarks, and then the rest of the test suite. Everything lands in OUT_DIR: gpu_check.log,
+# build.log, selftest_build.log, pytest_cuda.xml, pytest_cpu.xml, bench_gate_cuda.json and
+# bench_dispatch_cuda.json (8 files at most, as the device tool brings back). Each step has a
+# time limit and the run a deadline (GPU_CHECK_SECONDS, default 570), so it ends within 10
+# minutes; a step that times out or finds no time left fails.
 #
 #   bash bench/gpu_check.sh OUT_DIR [ARCH]        # ARCH: TORCH_CUDA_ARCH_LIST, default 9.0a
 #
 # Wheels in .whl/ (e.g. a newer transformers, carried to a machine without network) are put on
 # PYTHONPATH first. PYTHON picks the interpreter (default python3).
+#
+# For a session with less device time than a check and a tuning run in two calls take:
+#   GPU_TUNE="NAME ..."     also A/B-times these bench/gpu_tune.py variants against this build:
+#                           they build (niced) while the tests run and are timed after the
+#                           benchmarks, on an idle machine (OUT_DIR/gpu_tune.txt, .json)
+#   GPU_CHECK_CPU_TESTS=0   leaves out the last step, the CPU tests (CI runs them), and their
+#                           pytest_cpu.xml
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_check.sh OUT_DIR [ARCH]}
 arch=${2:-9.0a}
@@ -77,6 +85,16 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 "$py" -m moe_route.cli info
 
+tune_work=/tmp/moe_route_tune
+if [ -n "${GPU_TUNE:-}" ]; then
+  step "gpu_tune variants building in the background (niced): $GPU_TUNE"
+  # done by the time the benchmarks start, which with the tuning's timing need about 260 s
+  rm -rf "$tune_work" "$tune_work.log"
+  nice -n 19 "$py" bench/gpu_tune.py "$out" --build-only --work "$tune_work" --arch "$arch" \
+    --budget $((deadline - SECONDS - 260)) --variants $GPU_TUNE > "$tune_work.log" 2>&1 &
+  tune_build=$!
+fi
+
 step "C++ errors reach Python (each in a child process)"
 # On the H200 run of 2026-11-26 each refusal raised in moe_route's C++ that the run reached
 # (TORCH_CHECK_VALUE and the like: "dispatch_plan: ids must have k >= 1 columns") killed the
@@ -126,12 +144,6 @@ step "CUDA tests (every test marked cuda: tests/test_cuda.py and each kernel tes
 run 150 "${workers[@]}" "$py" -m pytest -q -p no:cacheprovider $xdist -m cuda tests \
   --junitxml "$out/pytest_cuda.xml"
 
-step "benchmarks (graph replay below 20 us, events with an L2 flush above)"
-run 150 "$py" -m moe_route.cli bench --device cuda --full --compile --budget 75 \
-  --json "$out/bench_gate_cuda.json"
-run 150 "$py" -m moe_route.cli bench --op dispatch --device cuda --full --compile --budget 75 \
-  --json "$out/bench_dispatch_cuda.json"
-
 step "compute-sanitizer"
 if command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck; do
@@ -150,9 +162,31 @@ else
   echo "compute-sanitizer not found"; status=1
 fi
 
+if [ -n "${GPU_TUNE:-}" ]; then
+  step "gpu_tune variants: waiting for their builds"
+  wait $tune_build || { echo "FAILED: a variant's build (the tail of each log is in gpu_tune.json)"; status=1; }
+  cat "$tune_work.log"
+fi
+
+step "benchmarks (graph replay below 20 us, events with an L2 flush above)"
+run 150 "$py" -m moe_route.cli bench --device cuda --full --compile --budget 75 \
+  --json "$out/bench_gate_cuda.json"
+run 150 "$py" -m moe_route.cli bench --op dispatch --device cuda --full --compile --budget 75 \
+  --json "$out/bench_dispatch_cuda.json"
+
+if [ -n "${GPU_TUNE:-}" ]; then
+  step "gpu_tune: each variant against this build, the same cases"
+  left=$((deadline - SECONDS - 15))
+  run $left "$py" bench/gpu_tune.py "$out" --time-only --work "$tune_work" --budget $left
+fi
+
 step "the other tests (CPU; CI runs them too: here for this image's torch, Python and compiler)"
-run 240 "${workers[@]}" "$py" -m pytest -q -p no:cacheprovider $xdist -m "not cuda" tests \
-  --junitxml "$out/pytest_cpu.xml"
+if [ "${GPU_CHECK_CPU_TESTS:-1}" = 0 ]; then
+  echo "left out (GPU_CHECK_CPU_TESTS=0)"
+else
+  run 240 "${workers[@]}" "$py" -m pytest -q -p no:cacheprovider $xdist -m "not cuda" tests \
+    --junitxml "$out/pytest_cpu.xml"
+fi
 
 echo; echo "gpu_check: $([ $status -eq 0 ] && echo all steps passed || echo SOME STEPS FAILED)" \
   "in $((SECONDS - t0)) s"

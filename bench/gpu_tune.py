@@ -1,15 +1,23 @@
 """A/B builds of the CUDA tuning levers that bench/RESULTS.md leaves to a GPU session.
 
     python bench/gpu_tune.py OUT_DIR [--variants NAME ...] [--budget SECONDS] [--arch 9.0a]
+    python bench/gpu_tune.py OUT_DIR --build-only --work DIR [--variants NAME ...] [--budget S]
+    python bench/gpu_tune.py OUT_DIR --time-only --work DIR [--budget S]
     python bench/gpu_tune.py --list
 
 Run it after ``bench/gpu_check.sh``, which builds this tree in place: that build is the "base".
 Each variant is a copy of the tree with a few constants or attributes changed (``VARIANTS``),
-built in parallel with the others. The same cases (``CASES``: the gate, the dispatch plan,
-permute and unpermute at issue 6's shapes, bf16) are then timed against every build, one process
-per build, so each variant's time sits next to the base's. A variant changes kernels that no
-other case reads where possible, so one build answers several questions. Timing is
-``moe_route.benchmark``'s: CUDA-graph replay below 20 us, events with the L2 flushed above.
+built in parallel with the others. The cases (``CASES``: the gate, the dispatch plan, permute and
+unpermute at issue 6's shapes, bf16) of the kernels a variant changes (its ``kernels``: the
+warp-per-token gate, the CTA-per-token gate, dispatch) are then timed against its build and the
+base's, one process per build, so each variant's time sits next to the base's. The base is timed
+first and again last. A variant changes kernels that no other case reads where possible, so one
+build answers several questions. Timing is ``moe_route.benchmark``'s: CUDA-graph replay below
+20 us, events with the L2 flushed above.
+
+The builds and the timing can run apart: ``--build-only`` leaves the builds in ``--work`` and
+``--time-only`` times them later. ``gpu_check.sh`` does that (``GPU_TUNE``): the variants build
+while its tests run, and are timed after its benchmarks, on an idle machine.
 
 OUT_DIR gets gpu_tune.txt (the table: median us, and each variant's ratio to the base) and
 gpu_tune.json (every summary, the variants' changes, build times and logs' tails). The whole run
@@ -31,9 +39,15 @@ from typing import Callable, NamedTuple
 ROOT = Path(__file__).resolve().parents[1]
 BASE, BASE_AGAIN = "base", "base_again"
 
+# The kernels a case times, and so the cases a variant needs: the warp-per-token gate (E <= 1024),
+# the CTA-per-token gate (E > 1024) and the dispatch kernels.
+KERNELS = ("warp", "wide", "dispatch")
+
+
 class Variant(NamedTuple):
     what: str  # the question it answers
     changes: list  # (file, text in the base, text in the variant)
+    kernels: tuple  # of KERNELS: those the changes reach, whose cases it is timed on
 
 
 DISPATCH = "csrc/cuda/dispatch.cuh"
@@ -162,29 +176,34 @@ VARIANTS = {
          "unpermute: 4 slots held in registers instead of 8"),
         [(DISPATCH, "kOneCtaMaxSlots = 2048;", "kOneCtaMaxSlots = -1;"),
          (DISPATCH, "kCopyUnroll = 4;", "kCopyUnroll = 8;"),
-         (DISPATCH, "kSlotsInRegs = 8;", "kSlotsInRegs = 4;")]),
+         (DISPATCH, "kSlotsInRegs = 8;", "kSlotsInRegs = 4;")],
+        ("dispatch",)),
     "dispatch_alt2": Variant(
         ("plan: one CTA up to R = 65536 rows; permute: 2 vectors per copy step; "
          "unpermute: 2 slots held in registers"),
         [(DISPATCH, "kOneCtaMaxRows = 32768;", "kOneCtaMaxRows = 65536;"),
          (DISPATCH, "kCopyUnroll = 4;", "kCopyUnroll = 2;"),
-         (DISPATCH, "kSlotsInRegs = 8;", "kSlotsInRegs = 2;")]),
+         (DISPATCH, "kSlotsInRegs = 8;", "kSlotsInRegs = 2;")],
+        ("dispatch",)),
     "permute_as_before": Variant(
         ("permute as at d8153dc: a work item per token at every T (no item per slot below 32 "
          "tokens: the T=1 cases), a group of threads for each of the R rows (the fill's grid "
          "uncapped: T=4096)"),
         [(DISPATCH, "kPermuteSplitBelow = 32;", "kPermuteSplitBelow = 0;"),
-         (DISPATCH, "kPermuteFillCtas = 4096;", "kPermuteFillCtas = 1 << 20;")]),
+         (DISPATCH, "kPermuteFillCtas = 4096;", "kPermuteFillCtas = 1 << 20;")],
+        ("dispatch",)),
     "gate_3_blocks": Variant(
         "gate: __launch_bounds__ asks for 3 CTAs per SM (80 registers at most: the full kernel "
         "spills)",
-        [("csrc/cuda/gate.cuh", GATE_KERNEL, GATE_KERNEL.replace("* 32)", "* 32, 3)"))]),
+        [("csrc/cuda/gate.cuh", GATE_KERNEL, GATE_KERNEL.replace("* 32)", "* 32, 3)"))],
+        ("warp",)),
     "gate_keys64": Variant(
         "gate: calls ranking 16-bit logits run the plain and full builds (short keys, checked), "
         "as before the half-key builds (whose keys are exact: no check; 64 registers instead of "
         "80 at VPT 8 without statistics)",
         [("csrc/cuda/gate.cuh", "Score::None && vpt_for(p.E) <= 16 &&",
-          "Score::None && vpt_for(p.E) <= 0 &&")]),
+          "Score::None && vpt_for(p.E) <= 0 &&")],
+        ("warp",)),
     "gate_keys64_before": Variant(
         "gate: the plain and full builds select on 64-bit keys as before ac9aef5 (two REDUX a "
         "round, sorted up to VPT 8, scanned at VPT 16), without short keys, their check and the "
@@ -198,41 +217,49 @@ VARIANTS = {
           "sel_id);",
           KEYS64_BEFORE),
          ("csrc/cuda/gate.cuh", "if (runs_half_build(p)) return false;",
-          "return false;")]),
+          "return false;")],
+        ("warp",)),
     "gate_exp_branches": Variant(
         "gate: the softmax normaliser's exps each behind a branch on the slot's validity, as "
         "before (they then run one after another)",
         [("csrc/cuda/gate.cuh", """    ex[i] = expf(x[i] - max_out);
     s += ((valid >> i) & 1u) ? ex[i] : 0.f;""",
           """    ex[i] = ((valid >> i) & 1u) ? expf(x[i] - max_out) : 0.f;
-    s += ex[i];""")]),
+    s += ex[i];""")],
+        ("warp", "wide")),
     "gate_stats_full": Variant(
         "gate: statistics calls on 16-bit logits ranked as they are run the full kernel, as "
         "before the half-key statistics build",
         [("csrc/cuda/gate.cuh", "p.any_stats() ? half_kernel_for_tier<true>(vpt, p.logit_type)",
-          "p.any_stats() ? kernel_for_tier<true, false>(vpt, p.logit_type)")]),
+          "p.any_stats() ? kernel_for_tier<true, false>(vpt, p.logit_type)")],
+        ("warp",)),
     "gate_stats_bounds_off": Variant(
         "gate: the half-key statistics build without its launch bounds (68 and 99 registers "
         "at VPT 2 and 4: 24 and 16 warps per SM instead of 32 and 24)",
-        [("csrc/cuda/gate.cuh", "32, VPT <= 2 ? 4 : VPT <= 4 ? 3 : 1)", "32, 1)")]),
+        [("csrc/cuda/gate.cuh", "32, VPT <= 2 ? 4 : VPT <= 4 ? 3 : 1)", "32, 1)")],
+        ("warp",)),
     "gate_stats_vpt8_3_blocks": Variant(
         "gate: the half-key statistics build asks for 3 CTAs per SM at VPT 8 too (24 warps "
         "instead of 16, 40 bytes spilled)",
-        [("csrc/cuda/gate.cuh", "VPT <= 4 ? 3 : 1)", "VPT <= 8 ? 3 : 1)")]),
+        [("csrc/cuda/gate.cuh", "VPT <= 4 ? 3 : 1)", "VPT <= 8 ? 3 : 1)")],
+        ("warp",)),
     "gate_stats_exps_again": Variant(
         "gate: the dense statistics take their own exps (softmax) or scores (sigmoid, "
         "sqrt(softplus)) after the selection, as before, instead of the softmax normaliser's "
         "and the selection's",
         [("csrc/cuda/gate.cuh", "constexpr bool kDenseFirst = VPT < 32;",
-          "constexpr bool kDenseFirst = false;")]),
+          "constexpr bool kDenseFirst = false;")],
+        ("warp",)),
     "gate_groups_branches": Variant(
         "gate: groups of 32 scored one group at a time behind a branch each, as before "
         "(a decode-sized DeepSeek-V3 call waits on that chain)",
-        [("csrc/cuda/gate.cuh", GROUPS_OF_32_NOW, GROUPS_OF_32_BEFORE)]),
+        [("csrc/cuda/gate.cuh", GROUPS_OF_32_NOW, GROUPS_OF_32_BEFORE)],
+        ("warp",)),
     "wide_k_rounds": Variant(
         "gate past 1024 experts: every warp lists k keys before they are ranked, as before "
         "wide_list_step (k = 64: 64 rounds a warp, not 12)",
-        [("csrc/cuda/gate_launch.h", "return step < k ? step : k;", "return k;")]),
+        [("csrc/cuda/gate_launch.h", "return step < k ? step : k;", "return k;")],
+        ("wide",)),
     "wide_merge": Variant(
         "gate past 1024 experts: warp 0 merges the warps' lists in k dependent rounds, as at "
         "9e33c6f, instead of every warp ranking its keys at once",
@@ -240,11 +267,13 @@ VARIANTS = {
          ("csrc/cuda/gate_wide.cuh",
           "        // ---- Stage 2: each listed key's rank, and the top k in order ----\n",
           WIDE_MERGE),
-         ("csrc/cuda/gate_wide.cuh", WIDE_RANKS_END, WIDE_MERGE_END)]),
+         ("csrc/cuda/gate_wide.cuh", WIDE_RANKS_END, WIDE_MERGE_END)],
+        ("wide",)),
     "wide_cache8": Variant(
         "gate past 1024 experts: each lane caches its 8 best remaining keys instead of 4 (fewer "
         "rescans of its VPT slots; 46 us a token on the H200 of 2026-11-26)",
-        [("csrc/cuda/gate_wide.cuh", "constexpr int kCache = 4;", "constexpr int kCache = 8;")]),
+        [("csrc/cuda/gate_wide.cuh", "constexpr int kCache = 4;", "constexpr int kCache = 8;")],
+        ("wide",)),
 }
 
 
@@ -303,6 +332,19 @@ CASES = {
 }
 
 
+def case_kernel(name: str) -> str:
+    """The one of ``KERNELS`` that case ``name`` times."""
+    if not name.startswith("gate"):
+        return "dispatch"
+    return "wide" if "E=16384" in name else "warp"
+
+
+def cases_for(variants) -> list:
+    """The cases (in ``CASES`` order) that time the kernels of the named variants."""
+    kernels = {kernel for name in variants for kernel in VARIANTS[name].kernels}
+    return [name for name in CASES if case_kernel(name) in kernels]
+
+
 def apply_changes(tree: Path, changes: list) -> None:
     """Each (file, old, new) of a variant into ``tree``; ``old`` must occur exactly once."""
     for rel, old, new in changes:
@@ -351,9 +393,9 @@ def _tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def _run_measure(tree: Path, out_json: Path, args, timeout: float) -> dict:
+def _run_measure(tree: Path, out_json: Path, cases: list, args, timeout: float) -> dict:
     cmd = [sys.executable, str(tree / "bench" / "gpu_tune.py"), "--measure", str(out_json),
-           "--device", args.device, "--min-time", str(args.min_time)]
+           "--device", args.device, "--min-time", str(args.min_time), "--cases", *cases]
     try:
         proc = subprocess.run(cmd, cwd=tree, env=_env_for(tree), capture_output=True, text=True,
                               timeout=max(timeout, 1.0))
@@ -391,47 +433,13 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("out", nargs="?", help="output directory")
-    ap.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
-    ap.add_argument("--budget", type=float, default=540.0, help="seconds for the whole run")
-    ap.add_argument("--arch", default="9.0a", help="TORCH_CUDA_ARCH_LIST of the variant builds")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--min-time", type=float, default=0.2, help="seconds of timing per case")
-    ap.add_argument("--list", action="store_true", help="print the variants and cases")
-    ap.add_argument("--measure", metavar="JSON", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-
-    if args.list:
-        for name, variant in VARIANTS.items():
-            print(f"{name}: {variant.what}")
-        print("cases:", "; ".join(CASES))
-        return 0
-    if args.measure:  # one build's timings, in the process that imported it
-        from moe_route import _loader
-
-        if args.device == "cuda" and not _loader.has_kernel("topk_gate", "cuda"):
-            print("gpu_tune: this build has no CUDA kernels", file=sys.stderr)
-            return 1
-        Path(args.measure).write_text(json.dumps(measure(args.device, list(CASES),
-                                                         args.min_time)))
-        return 0
-    if not args.out:
-        ap.error("OUT_DIR is required")
-
-    sys.path.insert(0, str(ROOT))  # this tree's moe_route for the report's metadata
-    t0 = time.monotonic()
-    deadline = t0 + args.budget
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="moe_route_tune_"))
-    report = {"variants": {}, "results": {}}
-
-    # The variants' builds in parallel (and the base's, if this tree has no CUDA build yet), the
-    # cores shared out.
+def build_variants(names, work: Path, deadline: float, arch: str, report: dict) -> dict:
+    """Copies of this tree with each named variant's changes, built in parallel in ``work`` (the
+    cores shared out), and this tree in place if it has no CUDA build yet (as "base"). Returns
+    ``{name: tree}`` of the builds that succeeded by ``deadline``; the others get an error in
+    ``report["results"]``, every build its time and log's tail in ``report["variants"]``."""
     trees = {}
-    for name in args.variants:
+    for name in names:
         tree = work / name
         _copy_tree(tree)
         report["variants"][name] = VARIANTS[name]._asdict()
@@ -444,7 +452,7 @@ def main(argv=None) -> int:
     if not _has_cuda_kernels(ROOT):
         trees[BASE] = ROOT
     jobs = max(1, (os.cpu_count() or 2) // max(1, len(trees)))
-    env = dict(os.environ, MOE_ROUTE_FORCE_CUDA="1", TORCH_CUDA_ARCH_LIST=args.arch,
+    env = dict(os.environ, MOE_ROUTE_FORCE_CUDA="1", TORCH_CUDA_ARCH_LIST=arch,
                MAX_JOBS=str(jobs))
     builds = {}
     for name, tree in trees.items():
@@ -453,10 +461,9 @@ def main(argv=None) -> int:
                                           "--inplace"], cwd=tree, env=env, stdout=log,
                                          stderr=subprocess.STDOUT), log, time.monotonic())
     print(f"gpu_tune: building {', '.join(builds)} ({jobs} jobs each) in {work}", flush=True)
-
     for name, (proc, log, started) in builds.items():
         try:
-            rc = proc.wait(timeout=max(deadline - time.monotonic() - 120, 1.0))
+            rc = proc.wait(timeout=max(deadline - time.monotonic(), 1.0))
         except subprocess.TimeoutExpired:
             proc.kill()
             rc = None
@@ -467,29 +474,106 @@ def main(argv=None) -> int:
         if rc != 0:
             why = "build timed out" if rc is None else f"build failed (exit {rc})"
             report["results"][name] = {"error": why}
-    print(f"gpu_tune: builds done at {time.monotonic() - t0:.0f} s", flush=True)
+            trees.pop(name)
+    return trees
 
-    # The base (this tree's in-place build) first and again last: the spread of the two is the
-    # run-to-run noise to hold the variants' ratios against.
-    timed = [(BASE, ROOT)] + [(n, trees[n]) for n in builds
-                              if n != BASE and n not in report["results"]]
+
+def time_builds(trees: dict, cases: list, work: Path, args, deadline: float, report: dict):
+    """Times ``cases`` against the base (this tree's in-place build), each variant's build in
+    ``trees``, and the base again last: the spread of the two bases is the run-to-run noise to
+    hold the variants' ratios against. Each build's summaries pass through a file in ``work``."""
+    timed = [(BASE, ROOT)] + [(n, t) for n, t in trees.items() if n != BASE]
     timed.append((BASE_AGAIN, ROOT))
+    t0 = time.monotonic()
     for name, tree in timed:
-        report["results"][name] = _run_measure(tree, out / f"tune_{name}.json", args,
+        mine = cases if name in (BASE, BASE_AGAIN) else cases_for([name])
+        report["results"][name] = _run_measure(tree, work / f"{name}.times.json", mine, args,
                                                deadline - time.monotonic() - 5)
-        print(f"gpu_tune: {name} timed at {time.monotonic() - t0:.0f} s", flush=True)
+        print(f"gpu_tune: {name} timed in {time.monotonic() - t0:.0f} s", flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", nargs="?", help="output directory")
+    ap.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    ap.add_argument("--budget", type=float, default=540.0, help="seconds for the whole run")
+    ap.add_argument("--arch", default="9.0a", help="TORCH_CUDA_ARCH_LIST of the variant builds")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--min-time", type=float, default=0.2, help="seconds of timing per case")
+    ap.add_argument("--work", metavar="DIR",
+                    help="where the variants are built (default: a new temporary folder, "
+                         "removed at the end)")
+    phase = ap.add_mutually_exclusive_group()
+    phase.add_argument("--build-only", action="store_true",
+                       help="build the variants in --work and stop (the budget is the builds')")
+    phase.add_argument("--time-only", action="store_true",
+                       help="time the builds an earlier --build-only left in --work")
+    ap.add_argument("--list", action="store_true", help="print the variants and cases")
+    ap.add_argument("--measure", metavar="JSON", help=argparse.SUPPRESS)
+    ap.add_argument("--cases", nargs="+", default=list(CASES), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.list:
+        for name, variant in VARIANTS.items():
+            print(f"{name} ({', '.join(variant.kernels)}): {variant.what}")
+        print("cases:", "; ".join(CASES))
+        return 0
+    if args.measure:  # one build's timings, in the process that imported it
+        from moe_route import _loader
+
+        if args.device == "cuda" and not _loader.has_kernel("topk_gate", "cuda"):
+            print("gpu_tune: this build has no CUDA kernels", file=sys.stderr)
+            return 1
+        Path(args.measure).write_text(json.dumps(measure(args.device, args.cases,
+                                                         args.min_time)))
+        return 0
+    if not args.out:
+        ap.error("OUT_DIR is required")
+    if (args.build_only or args.time_only) and not args.work:
+        ap.error("--build-only and --time-only need --work")
+
+    sys.path.insert(0, str(ROOT))  # this tree's moe_route for the report's metadata
+    deadline = time.monotonic() + args.budget
+    work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(
+        prefix="moe_route_tune_"))
+    state = work / "builds.json"  # what --build-only leaves for --time-only
+    if args.time_only and not state.exists():
+        print(f"gpu_tune: {state} is missing: run --build-only first", file=sys.stderr)
+        return 1
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    if args.time_only:
+        saved = json.loads(state.read_text())
+        report, variants = saved["report"], saved["variants"]
+        trees = {name: Path(tree) for name, tree in saved["trees"].items()}
+    else:
+        report, variants = {"variants": {}, "results": {}}, args.variants
+        # in one run, the builds leave 120 s of the budget for the timing
+        trees = build_variants(variants, work, deadline - (0 if args.build_only else 120),
+                               args.arch, report)
+        print(f"gpu_tune: builds done in {args.budget - (deadline - time.monotonic()):.0f} s",
+              flush=True)
+        if args.build_only:
+            state.write_text(json.dumps({"report": report, "variants": variants,
+                                         "trees": {n: str(t) for n, t in trees.items()}}))
+            return 0 if len(trees) == len(variants) else 1
+
+    time_builds(trees, cases_for(variants), work, args, deadline, report)
 
     from moe_route import benchmark as B
 
     report["meta"] = B.run_meta(args.device)
     table = format_table(report["results"])
     legend = "\n".join([f"{BASE}: this tree as built in place; {BASE_AGAIN}: the same, timed last"]
-                       + [f"{n}: {VARIANTS[n].what}" for n in args.variants])
+                       + [f"{n}: {VARIANTS[n].what}" for n in variants])
     text = f"{B.format_meta(report['meta'])}\n\n{table}\n\n{legend}\n"
     (out / "gpu_tune.txt").write_text(text)
     (out / "gpu_tune.json").write_text(json.dumps(report, indent=1, default=str))
     print(text)
-    shutil.rmtree(work, ignore_errors=True)
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
     failed = [n for n, r in report["results"].items() if "error" in r]
     return 1 if failed else 0
 

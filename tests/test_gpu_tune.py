@@ -51,3 +51,56 @@ def test_measure_and_table_on_cpu():
     assert "base" in lines[0] and "dispatch_alt" in lines[0] and "gate_3_blocks" not in lines[0]
     assert all("(2.00x)" in line for line in lines[2:4])
     assert lines[-1] == "gate_3_blocks: no timings (build failed (exit 1))"
+
+
+def test_each_variant_names_the_kernels_it_changes():
+    for name, variant in tune.VARIANTS.items():
+        assert variant.kernels and set(variant.kernels) <= set(tune.KERNELS), name
+        files = {rel for rel, _, _ in variant.changes}
+        assert ("dispatch" in variant.kernels) == any("dispatch" in f for f in files), name
+        if "csrc/cuda/gate_wide.cuh" in files:
+            assert "wide" in variant.kernels, name
+
+
+def test_a_variant_is_timed_on_its_kernels_cases_only():
+    wide = tune.cases_for(["wide_merge"])
+    assert wide == ["gate topk_softmax T=1 E=16384 k=64", "gate topk_softmax T=1024 E=16384 k=64"]
+    dispatch = tune.cases_for(["dispatch_alt"])
+    assert dispatch and all(c.split()[0] in ("plan", "permute", "permute64", "unpermute")
+                            for c in dispatch)
+    warp = tune.cases_for(["gate_stats_exps_again"])
+    assert "gate+stats deepseek_v3 T=16384" in warp and not set(warp) & set(wide + dispatch)
+    both = tune.cases_for(["gate_exp_branches"])
+    assert both == [c for c in tune.CASES if c in warp or c in wide]
+    # the union, in CASES order
+    assert tune.cases_for(["wide_merge", "dispatch_alt"]) == [
+        c for c in tune.CASES if c in wide or c in dispatch]
+
+
+def test_time_only_times_what_build_only_left(tmp_path):
+    """--time-only reads the builds that --build-only recorded in --work: here one variant whose
+    build failed, so the base alone is timed, first and last, on that variant's cases (CPU)."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    args = [str(out), "--time-only", "--work", str(work), "--device", "cpu", "--min-time", "0.01"]
+    assert tune.main(args) == 1  # nothing built yet
+    work.mkdir()
+    failed = {"error": "build failed (exit 1)"}
+    (work / "builds.json").write_text(tune.json.dumps({
+        "report": {"variants": {"wide_cache8": {"build_s": 3.0}},
+                   "results": {"wide_cache8": failed}},
+        "variants": ["wide_cache8"], "trees": {}}))
+    assert tune.main(args) == 1  # the failed build is reported
+    report = tune.json.loads((out / "gpu_tune.json").read_text())
+    assert report["results"]["wide_cache8"] == failed
+    for base in ("base", "base_again"):
+        assert list(report["results"][base]) == tune.cases_for(["wide_cache8"])
+    table = (out / "gpu_tune.txt").read_text()
+    assert "wide_cache8: no timings (build failed (exit 1))" in table
+    assert "gate topk_softmax T=1024 E=16384 k=64" in table and "plan" not in table
+
+
+@pytest.mark.parametrize("phase", ["--build-only", "--time-only"])
+def test_a_phase_needs_a_work_folder(tmp_path, phase, capsys):
+    with pytest.raises(SystemExit):
+        tune.main([str(tmp_path), phase])
+    assert "need --work" in capsys.readouterr().err
