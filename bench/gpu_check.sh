@@ -45,6 +45,14 @@ run() {
   if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then echo "TIMED OUT after ${limit} s: $*"; status=1
   elif [ $rc -ne 0 ]; then echo "FAILED (exit $rc): $*"; status=1; fi
 }
+# test_deadline LIMIT: MOE_ROUTE_TEST_DEADLINE for a pytest step that run gives LIMIT seconds:
+# tests due to start later are skipped (tests/conftest.py), so pytest still writes its summary
+# and XML instead of being killed. 25 s are left for the tests running then and the summary.
+test_deadline() {
+  local limit=$1 left=$((deadline - SECONDS - 10))
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "MOE_ROUTE_TEST_DEADLINE=$(($(date +%s) + limit - 25))"
+}
 
 step "device"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
@@ -141,8 +149,8 @@ run 30 ./build/gpu/moe_route_dispatch_selftest
 xdist=$("$py" -c "import xdist" 2>/dev/null && echo "-n 8")
 workers=(env OMP_NUM_THREADS=2 TORCHINDUCTOR_COMPILE_THREADS=1 HYPOTHESIS_PROFILE=ci)
 step "CUDA tests (every test marked cuda: tests/test_cuda.py and each kernel test's cuda variant)"
-run 150 "${workers[@]}" "$py" -m pytest -q -p no:cacheprovider $xdist -m cuda tests \
-  --junitxml "$out/pytest_cuda.xml"
+run 150 "${workers[@]}" "$(test_deadline 150)" "$py" -m pytest -q -p no:cacheprovider $xdist \
+  -m cuda tests --junitxml "$out/pytest_cuda.xml"
 
 step "compute-sanitizer"
 if command -v compute-sanitizer >/dev/null; then
@@ -154,9 +162,10 @@ if command -v compute-sanitizer >/dev/null; then
   # The op tests through torch. Without the caching allocator an out-of-bounds access is not
   # hidden inside a cached block (graph capture needs that allocator: no replay tests here).
   ops="agree or refused or rejected or skipped"
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 run 60 compute-sanitizer --tool memcheck --error-exitcode 1 \
-    "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "$ops"
-  run 45 compute-sanitizer --tool racecheck --error-exitcode 1 \
+  run 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$(test_deadline 60)" compute-sanitizer \
+    --tool memcheck --error-exitcode 1 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+    -k "$ops"
+  run 45 env "$(test_deadline 45)" compute-sanitizer --tool racecheck --error-exitcode 1 \
     "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "agree and not 4096"
 else
   echo "compute-sanitizer not found"; status=1
@@ -164,7 +173,9 @@ fi
 
 if [ -n "${GPU_TUNE:-}" ]; then
   step "gpu_tune variants: waiting for their builds"
-  wait $tune_build || { echo "FAILED: a variant's build (the tail of each log is in gpu_tune.json)"; status=1; }
+  if ! wait $tune_build; then
+    echo "FAILED: a variant's build (each log's tail is in gpu_tune.json)"; status=1
+  fi
   cat "$tune_work.log"
 fi
 
@@ -184,8 +195,8 @@ step "the other tests (CPU; CI runs them too: here for this image's torch, Pytho
 if [ "${GPU_CHECK_CPU_TESTS:-1}" = 0 ]; then
   echo "left out (GPU_CHECK_CPU_TESTS=0)"
 else
-  run 240 "${workers[@]}" "$py" -m pytest -q -p no:cacheprovider $xdist -m "not cuda" tests \
-    --junitxml "$out/pytest_cpu.xml"
+  run 240 "${workers[@]}" "$(test_deadline 240)" "$py" -m pytest -q -p no:cacheprovider $xdist \
+    -m "not cuda" tests --junitxml "$out/pytest_cpu.xml"
 fi
 
 echo; echo "gpu_check: $([ $status -eq 0 ] && echo all steps passed || echo SOME STEPS FAILED)" \

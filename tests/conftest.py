@@ -2,6 +2,9 @@
 
 * markers: ``cuda`` (skipped without a CUDA device *and* a CUDA kernel in the extension) and
   ``slow`` (skipped unless ``MOE_ROUTE_SLOW=1``);
+* ``MOE_ROUTE_TEST_DEADLINE`` (Unix time in seconds): tests that would start after it are
+  skipped, and the run then fails and says how many, but still ends with its summary and JUnit
+  XML, unlike a run killed by a time limit (``bench/gpu_check.sh`` sets it);
 * ``device`` fixture: every kernel test runs on "cpu" and, on a GPU machine, on "cuda";
 * hypothesis profiles ``ci`` (default when ``CI`` is set) and ``dev`` (``HYPOTHESIS_PROFILE=dev``);
 * helpers to build inputs, run the native op next to the reference and compare the two.
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -44,6 +48,7 @@ SEL_RTOL, SEL_ATOL = 1e-5, 1e-6      # "near-tie" tolerance of selection values
 # --------------------------------------------------------------------------------------------
 
 def pytest_configure(config):
+    _deadline()  # a malformed MOE_ROUTE_TEST_DEADLINE stops the run before any test
     config.addinivalue_line("markers", "cuda: needs a CUDA device and the CUDA extension")
     config.addinivalue_line("markers", "slow: long-running; skipped unless MOE_ROUTE_SLOW=1")
     # emitted by torch.library.opcheck's internals, not by moe_route
@@ -60,6 +65,45 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cuda)
         if "slow" in item.keywords and not run_slow:
             item.add_marker(skip_slow)
+
+
+DEADLINE_VAR = "MOE_ROUTE_TEST_DEADLINE"
+_OUT_OF_TIME = f"out of time: {DEADLINE_VAR} has passed"
+
+
+def _deadline():
+    value = os.environ.get(DEADLINE_VAR, "")
+    try:
+        return float(value) if value else None
+    except ValueError:
+        raise pytest.UsageError(
+            f"{DEADLINE_VAR} must be a Unix time in seconds, got {value!r}") from None
+
+
+def pytest_runtest_setup(item):
+    deadline = _deadline()
+    if deadline is not None and time.time() > deadline:
+        pytest.skip(_OUT_OF_TIME)
+
+
+# Counted where the reports arrive (the controller, under xdist).
+_not_run = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and isinstance(report.longrepr, tuple) and \
+            _OUT_OF_TIME in str(report.longrepr[2]):
+        _not_run.append(report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _not_run:
+        terminalreporter.write_line(f"{len(_not_run)} tests not run: {_OUT_OF_TIME}", red=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _not_run and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 if settings is not None:

@@ -142,3 +142,22 @@ def test_strict_mode_with_extension_is_silent():
     assert proc.returncode == 0, proc.stderr
     assert "OK (4, 2) True" in proc.stdout
     assert "pure-PyTorch reference" not in proc.stderr
+
+
+@pytest.mark.parametrize("offset, code", [(-10, 1), (3600, 0)])
+def test_a_test_deadline_skips_the_rest_and_fails_the_run(offset, code):
+    """MOE_ROUTE_TEST_DEADLINE (tests/conftest.py): past it, tests are skipped and the run fails
+    with a count of them; before it, nothing changes."""
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
+    env["MOE_ROUTE_TEST_DEADLINE"] = str(time.time() + offset)
+    test = "tests/test_gpu_tune.py::test_a_change_whose_text_is_gone_is_refused"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    if code:
+        assert "1 skipped" in proc.stdout
+        assert "1 tests not run: out of time: MOE_ROUTE_TEST_DEADLINE has passed" in proc.stdout
+    else:
+        assert "1 passed" in proc.stdout and "not run" not in proc.stdout
