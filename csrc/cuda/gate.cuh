@@ -930,8 +930,9 @@ __device__ __forceinline__ void topk_gate_body(const GateParams p, const GatePla
     // bytes more in the full builds (nvcc 13.0, sm_90a).
     constexpr bool kDenseFirst = VPT < 32;
     const auto add_q = [&](int i, float q) { prob_acc[i] += q; };
+    // q's scores (sigmoid, sqrt(softplus)) go to sc, which a selection on the same scores reads.
+    float sc[VPT] = {};  // initialised for the compilers, which cannot tell when it is read
     const auto add_scores_q = [&]() {
-      float sc[VPT];
 #pragma unroll
       for (int i = 0; i < VPT; ++i) sc[i] = score_of(score, zw[i]);
       run_entropy += add_dense_scores<VPT>(warp_row, E, sc, valid, add_q);
@@ -948,12 +949,7 @@ __device__ __forceinline__ void topk_gate_body(const GateParams p, const GatePla
                                               [&](int i) { return ex[i]; }, add_q);
     }
     const bool dense_scores = kDenseFirst && tok_dense && !dense_softmax;
-    float sc[VPT] = {};  // initialised for the compilers, which cannot tell when it is read
-    if (dense_scores) {
-#pragma unroll
-      for (int i = 0; i < VPT; ++i) sc[i] = score_of(score, zw[i]);
-      run_entropy += add_dense_scores<VPT>(warp_row, E, sc, valid, add_q);
-    }
+    if (dense_scores) add_scores_q();
 
     // ---- Router replay: a row of k distinct ids in [0, E) is the selection ----
     const bool replayed = kReplay && replay_row(p, t, k, lane, sel_id);
