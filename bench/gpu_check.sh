@@ -5,9 +5,8 @@
 # (memcheck, racecheck) over the self-tests and the CUDA op tests, the gate and dispatch
 # benchmarks, and then the rest of the test suite. Everything lands in OUT_DIR: gpu_check.log,
 # build.log, selftest_build.log, pytest_cuda.xml, pytest_cpu.xml, bench_gate_cuda.json and
-# bench_dispatch_cuda.json (8 files at most, as the device tool brings back). Each step has a
-# time limit and the run a deadline (GPU_CHECK_SECONDS, default 570), so it ends within 10
-# minutes; a step that times out or finds no time left fails.
+# bench_dispatch_cuda.json. Each step has a time limit and the run a deadline (GPU_CHECK_SECONDS,
+# default 570), so it ends within 10 minutes; a step that times out or finds no time left fails.
 #
 #   bash bench/gpu_check.sh OUT_DIR [ARCH]        # ARCH: TORCH_CUDA_ARCH_LIST, default 9.0a
 #
@@ -19,7 +18,8 @@
 #                           they build (niced) while the tests run and are timed after the
 #                           benchmarks, on an idle machine (OUT_DIR/gpu_tune.txt, .json)
 #   GPU_CHECK_CPU_TESTS=0   leaves out the last step, the CPU tests (CI runs them), and their
-#                           pytest_cpu.xml
+#                           pytest_cpu.xml: with GPU_TUNE, OUT_DIR then holds 8 files, as many
+#                           as the device tool brings back
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_check.sh OUT_DIR [ARCH]}
 arch=${2:-9.0a}
