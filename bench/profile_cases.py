@@ -36,6 +36,11 @@ CASES = {
                             lambda: _gate("softmax_topk", 16384, 256, 8)),
     "gate_stats_T16384_E256_k8": ("^topk_gate_kernel", 1,
                                   lambda: _gate("softmax_topk", 16384, 256, 8, "gate_stats")),
+    # the worst statistics ratio of the H200 run (2.59x the plain gate), and its plain twin
+    "gate_topk_softmax_T1024_E128_k4": ("^topk_gate_kernel", 1,
+                                        lambda: _gate("topk_softmax", 1024, 128, 4)),
+    "gate_stats_topk_softmax_T1024_E128_k4": (
+        "^topk_gate_kernel", 1, lambda: _gate("topk_softmax", 1024, 128, 4, "gate_stats")),
     "gate_deepseek_v3_T16384": ("^topk_gate_kernel", 1,
                                 lambda: _gate("deepseek_v3", 16384, 256, 8)),
     "gate_deepseek_v3_T1": ("^topk_gate_kernel", 1, lambda: _gate("deepseek_v3", 1, 256, 8)),
