@@ -437,11 +437,13 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def build_variants(names, work: Path, deadline: float, arch: str, report: dict) -> dict:
+def build_variants(names, work: Path, deadline: float, arch: str, report: dict,
+                   with_base: bool = True) -> dict:
     """Copies of this tree with each named variant's changes, built in parallel in ``work`` (the
-    cores shared out), and this tree in place if it has no CUDA build yet (as "base"). Returns
-    ``{name: tree}`` of the builds that succeeded by ``deadline``; the others get an error in
-    ``report["results"]``, every build its time and log's tail in ``report["variants"]``."""
+    cores shared out), and, ``with_base``, this tree in place if it has no CUDA build yet (as
+    "base"). Returns ``{name: tree}`` of the builds that succeeded by ``deadline``; the others
+    get an error in ``report["results"]``, every build its time and log's tail in
+    ``report["variants"]``."""
     trees = {}
     for name in names:
         tree = work / name
@@ -453,7 +455,7 @@ def build_variants(names, work: Path, deadline: float, arch: str, report: dict) 
             report["results"][name] = {"error": str(exc)}
             continue
         trees[name] = tree
-    if not _has_cuda_kernels(ROOT):
+    if with_base and not _has_cuda_kernels(ROOT):
         trees[BASE] = ROOT
     jobs = max(1, (os.cpu_count() or 2) // max(1, len(trees)))
     env = dict(os.environ, MOE_ROUTE_FORCE_CUDA="1", TORCH_CUDA_ARCH_LIST=arch,
@@ -509,7 +511,8 @@ def main(argv=None) -> int:
                          "removed at the end)")
     phase = ap.add_mutually_exclusive_group()
     phase.add_argument("--build-only", action="store_true",
-                       help="build the variants in --work and stop (the budget is the builds')")
+                       help="build the variants in --work and stop (the budget is the builds'); "
+                            "the base, this tree's in-place build, is left to the caller")
     phase.add_argument("--time-only", action="store_true",
                        help="time the builds an earlier --build-only left in --work")
     ap.add_argument("--list", action="store_true", help="print the variants and cases")
@@ -554,9 +557,10 @@ def main(argv=None) -> int:
         trees = {name: Path(tree) for name, tree in saved["trees"].items()}
     else:
         report, variants = {"variants": {}, "results": {}}, args.variants
-        # in one run, the builds leave 120 s of the budget for the timing
+        # In one run, the builds leave 120 s of the budget for the timing. --build-only leaves
+        # the base to its caller (gpu_check.sh builds it meanwhile, in place).
         trees = build_variants(variants, work, deadline - (0 if args.build_only else 120),
-                               args.arch, report)
+                               args.arch, report, with_base=not args.build_only)
         print(f"gpu_tune: builds done in {args.budget - (deadline - time.monotonic()):.0f} s",
               flush=True)
         if args.build_only:

@@ -104,3 +104,12 @@ def test_a_phase_needs_a_work_folder(tmp_path, phase, capsys):
     with pytest.raises(SystemExit):
         tune.main([str(tmp_path), phase])
     assert "need --work" in capsys.readouterr().err
+
+
+def test_build_only_leaves_the_base_to_its_caller(tmp_path):
+    """gpu_check.sh builds this tree in place while --build-only builds the variants: the
+    latter must not start a second build of the same tree."""
+    report = {"variants": {}, "results": {}}
+    assert tune.build_variants([], tmp_path, tune.time.monotonic() + 60, "9.0a", report,
+                               with_base=False) == {}
+    assert report == {"variants": {}, "results": {}}
