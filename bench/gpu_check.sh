@@ -193,7 +193,7 @@ run 150 "$py" -m moe_route.cli bench --op dispatch --device cuda --full --compil
   --json "$out/bench_dispatch_cuda.json"
 
 if [ -n "${GPU_TUNE:-}" ]; then
-  step "gpu_tune: each variant against this build, the same cases"
+  step "gpu_tune: each variant against this build, on the cases of the kernels it changes"
   left=$((deadline - SECONDS - 15))
   run $left "$py" bench/gpu_tune.py "$out" --time-only --work "$tune_work" --budget $left
 fi
