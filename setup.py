@@ -25,8 +25,12 @@ except ImportError:
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CPU_SOURCES = ["csrc/registration.cpp", "csrc/python.cpp", "csrc/gate_op.cpp", "csrc/cpu/gate.cpp",
                "csrc/dispatch_op.cpp", "csrc/cpu/dispatch.cpp", "csrc/cpu/isa.cpp"]
-CUDA_SOURCES = ["csrc/cuda/gate.cu", "csrc/cuda/gate_replay.cu", "csrc/cuda/gate_wide.cu",
-                "csrc/cuda/gate_glue.cpp", "csrc/cuda/dispatch.cu", "csrc/cuda/dispatch_glue.cpp"]
+# The topk_gate kernel's builds are spread over several units (gate.cu has the launcher) so that
+# they compile in parallel; CMakeLists.txt's gate_build_units lists the same.
+GATE_UNITS = ["gate", "gate_full", "gate_full32", "gate_replay", "gate_replay32", "gate_wide",
+              "gate_wide32"]
+CUDA_SOURCES = [f"csrc/cuda/{unit}.cu" for unit in GATE_UNITS] + [
+    "csrc/cuda/gate_glue.cpp", "csrc/cuda/dispatch.cu", "csrc/cuda/dispatch_glue.cpp"]
 
 
 def flag(name):

@@ -230,8 +230,8 @@ VARIANTS = {
     "gate_stats_full": Variant(
         "gate: statistics calls on 16-bit logits ranked as they are run the full kernel, as "
         "before the half-key statistics build",
-        [("csrc/cuda/gate.cuh", "p.any_stats() ? half_kernel_for_tier<true>(vpt, p.logit_type)",
-          "p.any_stats() ? kernel_for_tier<true, false>(vpt, p.logit_type)")],
+        [("csrc/cuda/gate.cuh", "p.any_stats() ? half_kernel_for_tier<true>(vpt, lt)",
+          "p.any_stats() ? full_kernel_for_tier(vpt, lt)")],
         ("warp",)),
     "gate_stats_bounds_off": Variant(
         "gate: the half-key statistics build without its launch bounds (68 and 99 registers "

@@ -2,8 +2,8 @@
 
     python bench/kernel_resources.py [--arch sm_90a] [--filter gate]
 
-Compiles ``csrc/cuda/gate.cu``, ``gate_replay.cu``, ``gate_wide.cu`` and ``dispatch.cu`` with ``nvcc -Xptxas -v``
-(about two minutes) and prints one row per kernel. "warps/SM" is what the register file holds (65,536 registers
+Compiles every kernel unit (``csrc/cuda/*.cu`` but the self-tests) with ``nvcc -Xptxas -v``, as
+many at once as there are cores (about four minutes on two), and prints one row per kernel. "warps/SM" is what the register file holds (65,536 registers
 per SM, 64 warps at most, allocation in units of 256 registers per warp), in whole CTAs of the
 kernel's launch size; shared memory, which depends on the call, is not counted. These are the
 figures behind bench/RESULTS.md's register tables; on a GPU, ``bench/gpu_profile.sh`` measures
@@ -12,16 +12,18 @@ the achieved occupancy instead.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ("csrc/cuda/gate.cu", "csrc/cuda/gate_replay.cu", "csrc/cuda/gate_wide.cu",
-           "csrc/cuda/dispatch.cu")
+SOURCES = tuple(sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu")
+                      if not p.name.endswith("_selftest.cu")))
 REGS_PER_SM, MAX_WARPS_PER_SM, REG_UNIT = 65536, 64, 256
 CTA_THREADS = {"topk_gate_kernel": 256, "topk_gate_wide_kernel": 512, "permute_kernel": 256, "unpermute_kernel": 256,
                "plan_scan_kernel": 1024, "plan_one_cta_kernel": 1024}  # hist/scatter: vary with E
@@ -98,14 +100,18 @@ def main(argv: list[str]) -> int:
         return 1
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for src in SOURCES:
+        def compile_unit(src: str) -> subprocess.CompletedProcess:
+            obj = Path(tmp) / (Path(src).stem + ".o")
             cmd = [nvcc, "-std=c++17", "-O3", f"-arch={args.arch}", "-I", str(ROOT / "csrc"),
-                   "-Xptxas", "-v", "-c", str(ROOT / src), "-o", str(Path(tmp) / "k.o")]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                print(done.stderr, file=sys.stderr)
-                return done.returncode
-            rows += parse_ptxas(done.stderr)
+                   "-Xptxas", "-v", "-c", str(ROOT / src), "-o", str(obj)]
+            return subprocess.run(cmd, capture_output=True, text=True)
+
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            for done in pool.map(compile_unit, SOURCES):
+                if done.returncode != 0:
+                    print(done.stderr, file=sys.stderr)
+                    return done.returncode
+                rows += parse_ptxas(done.stderr)
     print(f"{'kernel':<40} {'registers':>9} {'spilled B':>9} {'warps/SM':>8}   ({args.arch})")
     for mangled, regs, spill in sorted(rows, key=_natural_order):
         label = kernel_label(mangled)

@@ -1,6 +1,7 @@
 """Packaging and loading: import, info(), public names, the reference fallback and strict mode."""
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -63,6 +64,21 @@ def test_default_cuda_archs_run_on_newer_gpus(monkeypatch):
     flags = arch_flags()
     assert {"-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"} <= set(flags)
     assert any(re.fullmatch(r"-gencode=arch=compute_(\d+),code=compute_\1", f) for f in flags), flags
+
+
+def test_every_kernel_unit_is_built():
+    """The gate's kernel builds are spread over several .cu units. setup.py's build and CMake's
+    (CI's compile check, the self-tests, the host emulator) must both list every unit: a unit
+    missing from one of them fails only at link or load time, and only where nvcc runs."""
+    units = {p.stem for p in (ROOT / "csrc" / "cuda").glob("gate*.cu")
+             if not p.stem.endswith("_selftest")}
+    setup_units = re.search(r"^GATE_UNITS = (\[[^\]]*\])", (ROOT / "setup.py").read_text(), re.M)
+    assert setup_units, "setup.py no longer defines GATE_UNITS"
+    assert set(ast.literal_eval(setup_units.group(1))) == units
+    cmake = re.search(r"^set\(gate_build_units ([^)]*)\)", (ROOT / "CMakeLists.txt").read_text(),
+                      re.M)
+    assert cmake, "CMakeLists.txt no longer sets gate_build_units"
+    assert set(cmake.group(1).split()) | {"gate"} == units
 
 
 def test_info_reports_the_extension():

@@ -1340,16 +1340,13 @@ inline GateKernel kernel_for_type(LogitType lt) {
   }
 }
 
-template <bool kFull, bool kReplay>
+// The build of a kind for tier `vpt`, one of the tiers kVpts that the calling translation unit
+// compiles (nullptr for another).
+template <bool kFull, bool kReplay, int... kVpts>
 inline GateKernel kernel_for_tier(int vpt, LogitType lt) {
-  switch (vpt) {
-    case 1: return kernel_for_type<1, kFull, kReplay>(lt);
-    case 2: return kernel_for_type<2, kFull, kReplay>(lt);
-    case 4: return kernel_for_type<4, kFull, kReplay>(lt);
-    case 8: return kernel_for_type<8, kFull, kReplay>(lt);
-    case 16: return kernel_for_type<16, kFull, kReplay>(lt);
-    default: return kernel_for_type<32, kFull, kReplay>(lt);
-  }
+  GateKernel kernel = nullptr;
+  ((vpt == kVpts ? (void)(kernel = kernel_for_type<kVpts, kFull, kReplay>(lt)) : void()), ...);
+  return kernel;
 }
 
 template <int VPT, bool kStats>
@@ -1374,22 +1371,30 @@ inline GateKernel half_kernel_for_tier(int vpt, LogitType lt) {
   }
 }
 
-// The replay builds, instantiated in their own translation unit (gate_replay.cu), which nvcc
-// compiles in parallel with gate.cu: together they would double its compile time.
-GateKernel replay_kernel_for_tier(int vpt, LogitType lt);
+// The full and replay builds, instantiated in translation units of their own so that nvcc
+// compiles them in parallel with gate.cu's plain and half-key builds; two units per kind, as a
+// kind's builds at VPT 32 compile about as long as its lower tiers' together (bench/RESULTS.md,
+// "The gate's builds in seven units").
+GateKernel full_kernel_for_tier(int vpt, LogitType lt);    // gate_full.cu
+GateKernel full_kernel_vpt32(LogitType lt);                // gate_full32.cu
+GateKernel replay_kernel_for_tier(int vpt, LogitType lt);  // gate_replay.cu
+GateKernel replay_kernel_vpt32(LogitType lt);              // gate_replay32.cu
 
 // A template only so that the translation units that include this header without launching the
-// warp kernel (gate_replay.cu, gate_wide.cu) do not instantiate and compile its plain and full
-// builds: as an inline function it made nvcc build all 36 of them in each.
+// warp kernel (gate_full.cu, gate_replay.cu, gate_wide.cu, ...) do not instantiate and compile
+// its plain and half-key builds.
 template <class = void>
 inline GateKernel select_kernel(const GateParams& p) {
   const int vpt = vpt_for(p.E);
+  const LogitType lt = p.logit_type;
   if (runs_half_build(p))
-    return p.any_stats() ? half_kernel_for_tier<true>(vpt, p.logit_type)
-                         : half_kernel_for_tier<false>(vpt, p.logit_type);
-  if (p.replay != nullptr) return replay_kernel_for_tier(vpt, p.logit_type);
-  return needs_full_kernel(p) ? kernel_for_tier<true, false>(vpt, p.logit_type)
-                              : kernel_for_tier<false, false>(vpt, p.logit_type);
+    return p.any_stats() ? half_kernel_for_tier<true>(vpt, lt)
+                         : half_kernel_for_tier<false>(vpt, lt);
+  if (p.replay != nullptr)
+    return vpt == 32 ? replay_kernel_vpt32(lt) : replay_kernel_for_tier(vpt, lt);
+  if (needs_full_kernel(p))
+    return vpt == 32 ? full_kernel_vpt32(lt) : full_kernel_for_tier(vpt, lt);
+  return kernel_for_tier<false, false, 1, 2, 4, 8, 16, 32>(vpt, lt);
 }
 
 // The plan for the kernel that will run: `blocks_per_sm(kernel, threads, smem_bytes)` is its

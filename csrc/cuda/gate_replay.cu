@@ -1,11 +1,11 @@
-// The router-replay builds of the topk_gate kernel (gate.cuh: kReplay), in a translation unit of
-// their own so that nvcc compiles them beside gate.cu's plain and full builds.
+// The router-replay builds of the topk_gate kernel (gate.cuh: kReplay) at VPT 1-16, in a
+// translation unit of their own so that nvcc compiles them beside the other builds' units.
 #include "gate.cuh"
 
 namespace moe_route::cuda::detail {
 
 GateKernel replay_kernel_for_tier(int vpt, LogitType lt) {
-  return kernel_for_tier<true, true>(vpt, lt);
+  return kernel_for_tier<true, true, 1, 2, 4, 8, 16>(vpt, lt);
 }
 
 }  // namespace moe_route::cuda::detail

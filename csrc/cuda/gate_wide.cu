@@ -1,19 +1,11 @@
-// The builds of the CTA-per-token topk_gate kernel (gate_wide.cuh, E > 1024), in a translation
-// unit of their own so that nvcc compiles them beside gate.cu.
+// The builds of the CTA-per-token topk_gate kernel (gate_wide.cuh, E > 1024) but the full ones at
+// VPT 32 (gate_wide32.cu), in a translation unit of their own so that nvcc compiles them beside
+// the warp kernel's units.
 #include "gate_launch.h"
 #include "gate_wide.cuh"
 
 namespace moe_route::cuda::detail {
 namespace {
-
-template <int VPT, bool kFull>
-WideKernel wide_kernel_for_type(LogitType lt) {
-  switch (lt) {
-    case LogitType::F16: return &topk_gate_wide_kernel<VPT, LogitType::F16, kFull>;
-    case LogitType::BF16: return &topk_gate_wide_kernel<VPT, LogitType::BF16, kFull>;
-    default: return &topk_gate_wide_kernel<VPT, LogitType::F32, kFull>;
-  }
-}
 
 template <bool kFull>
 WideKernel wide_kernel_for_tier(int vpt, LogitType lt) {
@@ -21,7 +13,7 @@ WideKernel wide_kernel_for_tier(int vpt, LogitType lt) {
     case 4: return wide_kernel_for_type<4, kFull>(lt);
     case 8: return wide_kernel_for_type<8, kFull>(lt);
     case 16: return wide_kernel_for_type<16, kFull>(lt);
-    default: return wide_kernel_for_type<32, kFull>(lt);
+    default: return kFull ? wide_full_kernel_vpt32(lt) : wide_kernel_for_type<32, false>(lt);
   }
 }
 

@@ -461,9 +461,20 @@ inline cudaError_t wide_opt_in(WideKernel kernel, size_t smem_bytes, size_t devi
                               cudaFuncAttributeMaxDynamicSharedMemorySize, int(to));
 }
 
-// The build for a call (VPT tier, logit type, plain or full as in gate.cuh), instantiated in its
-// own translation unit (gate_wide.cu).
+template <int VPT, bool kFull>
+inline WideKernel wide_kernel_for_type(LogitType lt) {
+  switch (lt) {
+    case LogitType::F16: return &topk_gate_wide_kernel<VPT, LogitType::F16, kFull>;
+    case LogitType::BF16: return &topk_gate_wide_kernel<VPT, LogitType::BF16, kFull>;
+    default: return &topk_gate_wide_kernel<VPT, LogitType::F32, kFull>;
+  }
+}
+
+// The build for a call (VPT tier, logit type, plain or full as in gate.cuh), instantiated in
+// translation units of their own, which nvcc compiles in parallel: gate_wide.cu, and the full
+// builds at VPT 32, which compile about as long as the others together, in gate_wide32.cu.
 WideKernel select_wide_kernel(const GateParams& p);
+WideKernel wide_full_kernel_vpt32(LogitType lt);  // gate_wide32.cu
 
 }  // namespace detail
 }  // namespace cuda
