@@ -3,11 +3,11 @@
     python bench/kernel_resources.py [--arch sm_90a] [--filter gate]
 
 Compiles every kernel unit (``csrc/cuda/*.cu`` but the self-tests) with ``nvcc -Xptxas -v``, as
-many at once as there are cores (about four minutes on two), and prints one row per kernel. "warps/SM" is what the register file holds (65,536 registers
-per SM, 64 warps at most, allocation in units of 256 registers per warp), in whole CTAs of the
-kernel's launch size; shared memory, which depends on the call, is not counted. These are the
-figures behind bench/RESULTS.md's register tables; on a GPU, ``bench/gpu_profile.sh`` measures
-the achieved occupancy instead.
+many at once as there are cores (about four minutes on two), and prints one row per kernel.
+"warps/SM" is what the register file holds (65,536 registers per SM, 64 warps at most,
+allocation in units of 256 registers per warp), in whole CTAs of the kernel's launch size; shared
+memory, which depends on the call, is not counted. These are the figures behind bench/RESULTS.md's
+register tables; on a GPU, ``bench/gpu_profile.sh`` measures the achieved occupancy instead.
 """
 from __future__ import annotations
 

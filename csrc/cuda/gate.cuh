@@ -1375,6 +1375,7 @@ inline GateKernel half_kernel_for_tier(int vpt, LogitType lt) {
 // compiles them in parallel with gate.cu's plain and half-key builds; two units per kind, as a
 // kind's builds at VPT 32 compile about as long as its lower tiers' together (bench/RESULTS.md,
 // "The gate's builds in seven units").
+// full_kernel_for_tier and replay_kernel_for_tier take every tier and hand VPT 32 on.
 GateKernel full_kernel_for_tier(int vpt, LogitType lt);    // gate_full.cu
 GateKernel full_kernel_vpt32(LogitType lt);                // gate_full32.cu
 GateKernel replay_kernel_for_tier(int vpt, LogitType lt);  // gate_replay.cu
@@ -1390,10 +1391,8 @@ inline GateKernel select_kernel(const GateParams& p) {
   if (runs_half_build(p))
     return p.any_stats() ? half_kernel_for_tier<true>(vpt, lt)
                          : half_kernel_for_tier<false>(vpt, lt);
-  if (p.replay != nullptr)
-    return vpt == 32 ? replay_kernel_vpt32(lt) : replay_kernel_for_tier(vpt, lt);
-  if (needs_full_kernel(p))
-    return vpt == 32 ? full_kernel_vpt32(lt) : full_kernel_for_tier(vpt, lt);
+  if (p.replay != nullptr) return replay_kernel_for_tier(vpt, lt);
+  if (needs_full_kernel(p)) return full_kernel_for_tier(vpt, lt);
   return kernel_for_tier<false, false, 1, 2, 4, 8, 16, 32>(vpt, lt);
 }
 
