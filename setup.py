@@ -6,6 +6,10 @@ Environment:
   TORCH_CUDA_ARCH_LIST    CUDA archs (default: the visible GPUs, else DEFAULT_CUDA_ARCHS)
   MOE_ROUTE_DEBUG=1       -O0 -g
   MAX_JOBS                parallel compile jobs (torch's BuildExtension)
+  MOE_ROUTE_LINK_OBJECTS=DIR
+                          link the objects DIR holds, laid out as a build's temp folder lays them
+                          out (DIR/csrc/cpu/gate.o), instead of compiling their sources; compile
+                          the rest (bench/gpu_tune.py's variant builds reuse the base's objects)
 torch is not a build requirement: install it first, then `pip install --no-build-isolation -e .`.
 """
 import json
@@ -84,14 +88,30 @@ if torch.backends.openmp.is_available():
     link_flags.append("-fopenmp")
 nvcc_flags = opt + ["-lineinfo", "--expt-relaxed-constexpr"]
 
+
+
+def split_prebuilt(sources):
+    """(sources to compile, objects to link as they are) under MOE_ROUTE_LINK_OBJECTS."""
+    prebuilt = os.environ.get("MOE_ROUTE_LINK_OBJECTS")
+    if not prebuilt:
+        return sources, []
+    objects = {src: os.path.join(prebuilt, os.path.splitext(src)[0] + ".o") for src in sources}
+    compiled = [src for src in sources if not os.path.isfile(objects[src])]
+    if not compiled:  # torch's ninja build takes one source at least
+        compiled = sources[-1:]
+    return compiled, [objects[src] for src in sources if src not in compiled]
+
+
 if BUILD_CUDA:
+    sources, objects = split_prebuilt(CPU_SOURCES + CUDA_SOURCES)
     ext = CUDAExtension(
-        "moe_route._C", CPU_SOURCES + CUDA_SOURCES,
+        "moe_route._C", sources, extra_objects=objects,
         define_macros=[("MOE_ROUTE_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=link_flags)
 else:
-    ext = CppExtension("moe_route._C", CPU_SOURCES, extra_compile_args={"cxx": cxx_flags},
-                       extra_link_args=link_flags)
+    sources, objects = split_prebuilt(CPU_SOURCES)
+    ext = CppExtension("moe_route._C", sources, extra_objects=objects,
+                       extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
 
 class Build(BuildExtension):

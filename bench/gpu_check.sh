@@ -15,8 +15,9 @@
 #
 # For a session with less device time than a check and a tuning run in two calls take:
 #   GPU_TUNE="NAME ..."     also A/B-times these bench/gpu_tune.py variants against this build:
-#                           they build (niced) while the tests run and are timed after the
-#                           benchmarks, on an idle machine (OUT_DIR/gpu_tune.txt, .json)
+#                           they build (niced, on this build's objects) while the tests run
+#                           and are timed after the benchmarks, on an idle machine
+#                           (OUT_DIR/gpu_tune.txt, .json)
 #   GPU_CHECK_CPU_TESTS=0   leaves out the last step, the CPU tests (CI runs them), and their
 #                           pytest_cpu.xml: with GPU_TUNE, OUT_DIR then holds 8 files, as many
 #                           as the device tool brings back
@@ -77,23 +78,6 @@ fi
 if [ -z "${CUDA_HOME:-}" ] && [ -f /usr/local/cuda/include/cuda_runtime.h ]; then
   export CUDA_HOME=/usr/local/cuda
 fi
-tune_work=/tmp/moe_route_tune
-if [ -n "${GPU_TUNE:-}" ]; then
-  step "gpu_tune variants building in the background (niced): $GPU_TUNE"
-  # Copies of the tree, built beside this one's build and the tests, and done by the time the
-  # benchmarks start, which with the tuning's timing need about 260 s.
-  tune_budget=$((deadline - SECONDS - 260))
-  if [ $tune_budget -lt 60 ]; then
-    echo "SKIPPED: ${tune_budget} s left for the builds (raise GPU_CHECK_SECONDS)"; status=1
-    GPU_TUNE=
-  else
-    rm -rf "$tune_work" "$tune_work.log"
-    nice -n 19 "$py" bench/gpu_tune.py "$out" --build-only --work "$tune_work" --arch "$arch" \
-      --budget $tune_budget --variants $GPU_TUNE > "$tune_work.log" 2>&1 &
-    tune_build=$!
-  fi
-fi
-
 step "build (MOE_ROUTE_FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=$arch, in place; self-tests alongside)"
 cuda_arch=${arch//./}
 # The torch-free GPU self-tests build in the background meanwhile (only those two targets: the
@@ -109,6 +93,24 @@ if ! MOE_ROUTE_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=$((jobs / 2 + 
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 "$py" -m moe_route.cli info
+
+tune_work=/tmp/moe_route_tune
+if [ -n "${GPU_TUNE:-}" ]; then
+  step "gpu_tune variants building in the background (niced): $GPU_TUNE"
+  # Copies of the tree, built while the tests run, and done by the time the benchmarks start,
+  # which with the tuning's timing need about 260 s. A copy compiles only the sources its
+  # changes reach and links this build's other objects, so it starts after this build.
+  tune_budget=$((deadline - SECONDS - 260))
+  if [ $tune_budget -lt 60 ]; then
+    echo "SKIPPED: ${tune_budget} s left for the builds (raise GPU_CHECK_SECONDS)"; status=1
+    GPU_TUNE=
+  else
+    rm -rf "$tune_work" "$tune_work.log"
+    nice -n 19 "$py" bench/gpu_tune.py "$out" --build-only --work "$tune_work" --arch "$arch" \
+      --budget $tune_budget --variants $GPU_TUNE > "$tune_work.log" 2>&1 &
+    tune_build=$!
+  fi
+fi
 
 step "C++ errors reach Python (each in a child process)"
 # On the H200 run of 2026-11-26 each refusal raised in moe_route's C++ that the run reached

@@ -6,9 +6,11 @@
     python bench/gpu_tune.py --list
 
 Run it after ``bench/gpu_check.sh``, which builds this tree in place: that build is the "base".
-Each variant is a copy of the tree with a few constants or attributes changed (``VARIANTS``),
-built in parallel with the others. The cases (``CASES``: the gate, the dispatch plan, permute and
-unpermute at issue 6's shapes, bf16) of the kernels a variant changes (its ``kernels``: the
+Each variant is a copy of the tree with a few constants or attributes changed (``VARIANTS``), built
+in parallel with the others. A copy compiles only the sources its changes reach and links the
+base's objects for the rest (ninja's record of the files each object was compiled from), so a gate
+variant compiles the gate's units alone. The cases (``CASES``: the gate, the dispatch plan, permute
+and unpermute at issue 6's shapes, bf16) of the kernels a variant changes (its ``kernels``: the
 warp-per-token gate, the CTA-per-token gate, dispatch) are then timed against its build and the
 base's, one process per build, so each variant's time sits next to the base's. The base is timed
 first and again last. A variant changes kernels that no other case reads where possible, so one
@@ -379,6 +381,58 @@ def _copy_tree(dst: Path) -> None:
     shutil.copytree(ROOT, dst, ignore=skip, symlinks=True)
 
 
+def base_temp(arch: str, tree: Path = ROOT) -> Path | None:
+    """The temp folder of ``tree``'s in-place build (``setup.py build_ext --inplace``) if that
+    build is a CUDA build for ``arch`` whose objects a variant may link; else None."""
+    try:
+        info = json.loads((tree / "moe_route" / "_build_info.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not info.get("cuda_built") or info.get("cuda_archs") != arch or info.get("debug"):
+        return None
+    temps = [t for t in (tree / "build").glob(f"temp.*-{sys.implementation.cache_tag}")
+             if (t / ".ninja_deps").is_file()]
+    return max(temps, key=lambda t: (t / ".ninja_deps").stat().st_mtime, default=None)
+
+
+def parse_ninja_deps(text: str, temp: Path) -> dict:
+    """``{object, relative to temp: set of the files it was compiled from}`` out of ``ninja -t
+    deps`` (real paths: ninja keeps them as the compiler named them, relative to ``temp`` or
+    through links). An object whose record is stale (a file changed after it was built) is left
+    out."""
+    deps, current = {}, None
+    for line in text.splitlines():
+        if line.startswith("    "):
+            if current is not None:
+                current.add(os.path.realpath(os.path.join(temp, line.strip())))
+        elif line.strip():
+            obj, _, state = line.partition(": #deps")
+            current = None
+            if state.rstrip().endswith("(VALID)"):
+                current = deps[Path(obj).relative_to(temp).as_posix()] = set()
+    return deps
+
+
+def object_deps(temp: Path) -> dict:
+    """``parse_ninja_deps`` of the build in ``temp``; empty if ninja cannot be asked."""
+    ninja = shutil.which("ninja")
+    if ninja is None:
+        return {}
+    proc = subprocess.run([ninja, "-C", str(temp), "-t", "deps"], capture_output=True, text=True)
+    return parse_ninja_deps(proc.stdout, temp) if proc.returncode == 0 else {}
+
+
+def link_unchanged(deps: dict, temp: Path, changed, dst: Path) -> list:
+    """Links (in ``dst``, laid out as ``temp``) the base's objects that no file in ``changed``
+    (paths relative to the tree) went into, for setup.py's MOE_ROUTE_LINK_OBJECTS; returns them."""
+    gone = {os.path.realpath(ROOT / rel) for rel in changed}
+    kept = sorted(obj for obj, files in deps.items() if not files & gone)
+    for obj in kept:
+        (dst / obj).parent.mkdir(parents=True, exist_ok=True)
+        (dst / obj).symlink_to(temp / obj)
+    return kept
+
+
 def _env_for(tree: Path) -> dict:
     """The environment whose ``import moe_route`` finds ``tree``'s package and build."""
     return dict(os.environ, PYTHONPATH=f"{tree}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
@@ -440,10 +494,11 @@ def format_table(results: dict) -> str:
 def build_variants(names, work: Path, deadline: float, arch: str, report: dict,
                    with_base: bool = True) -> dict:
     """Copies of this tree with each named variant's changes, built in parallel in ``work`` (the
-    cores shared out), and, ``with_base``, this tree in place if it has no CUDA build yet (as
-    "base"). Returns ``{name: tree}`` of the builds that succeeded by ``deadline``; the others
-    get an error in ``report["results"]``, every build its time and log's tail in
-    ``report["variants"]``."""
+    cores shared out), after, ``with_base``, this tree in place if it has no CUDA build yet (as
+    "base"). A variant's build links the base's objects that its changes do not reach, as ninja
+    recorded their files, and compiles the others. Returns ``{name: tree}`` of the builds that
+    succeeded by ``deadline``; the others get an error in ``report["results"]``, every build its
+    time, the objects it reused and its log's tail in ``report["variants"]``."""
     trees = {}
     for name in names:
         tree = work / name
@@ -455,18 +510,37 @@ def build_variants(names, work: Path, deadline: float, arch: str, report: dict,
             report["results"][name] = {"error": str(exc)}
             continue
         trees[name] = tree
+    env = dict(os.environ, MOE_ROUTE_FORCE_CUDA="1", TORCH_CUDA_ARCH_LIST=arch)
     if with_base and not _has_cuda_kernels(ROOT):
-        trees[BASE] = ROOT
+        _build_in_place({BASE: ROOT}, work, deadline, env, report, {BASE: []})
+    temp = base_temp(arch)
+    deps = object_deps(temp) if temp else {}
+    reused = {}
+    for name in trees:
+        changed = {rel for rel, _, _ in VARIANTS[name].changes}
+        reused[name] = (link_unchanged(deps, temp, changed, work / f"{name}.objects")
+                        if deps else [])
+        print(f"gpu_tune: {name} links {len(reused[name])} of the base's {len(deps)} objects",
+              flush=True)
+    return _build_in_place(trees, work, deadline, env, report, reused)
+
+
+def _build_in_place(trees: dict, work: Path, deadline: float, env: dict, report: dict,
+                 reused: dict) -> dict:
+    """Builds the trees in place, all at once, each linking the objects ``reused[name]`` in
+    ``work/NAME.objects``; returns ``{name: tree}`` of those built by ``deadline``."""
     jobs = max(1, (os.cpu_count() or 2) // max(1, len(trees)))
-    env = dict(os.environ, MOE_ROUTE_FORCE_CUDA="1", TORCH_CUDA_ARCH_LIST=arch,
-               MAX_JOBS=str(jobs))
     builds = {}
     for name, tree in trees.items():
         log = open(work / f"{name}.build.log", "w")
+        mine = dict(env, MAX_JOBS=str(jobs))
+        if reused[name]:
+            mine["MOE_ROUTE_LINK_OBJECTS"] = str(work / f"{name}.objects")
         builds[name] = (subprocess.Popen([sys.executable, "setup.py", "-q", "build_ext",
-                                          "--inplace"], cwd=tree, env=env, stdout=log,
+                                          "--inplace"], cwd=tree, env=mine, stdout=log,
                                          stderr=subprocess.STDOUT), log, time.monotonic())
     print(f"gpu_tune: building {', '.join(builds)} ({jobs} jobs each) in {work}", flush=True)
+    built = dict(trees)
     for name, (proc, log, started) in builds.items():
         try:
             rc = proc.wait(timeout=max(deadline - time.monotonic(), 1.0))
@@ -475,13 +549,13 @@ def build_variants(names, work: Path, deadline: float, arch: str, report: dict,
             rc = None
         log.close()
         report["variants"].setdefault(name, {}).update(
-            build_s=round(time.monotonic() - started, 1),
+            build_s=round(time.monotonic() - started, 1), reused_objects=reused[name],
             build_log_tail=_tail(work / f"{name}.build.log"))
         if rc != 0:
             why = "build timed out" if rc is None else f"build failed (exit {rc})"
             report["results"][name] = {"error": why}
-            trees.pop(name)
-    return trees
+            built.pop(name)
+    return built
 
 
 def time_builds(trees: dict, cases: list, work: Path, args, deadline: float, report: dict):

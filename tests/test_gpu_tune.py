@@ -113,3 +113,64 @@ def test_build_only_leaves_the_base_to_its_caller(tmp_path):
     assert tune.build_variants([], tmp_path, tune.time.monotonic() + 60, "9.0a", report,
                                with_base=False) == {}
     assert report == {"variants": {}, "results": {}}
+
+
+def _deps_text(temp: Path, root: Path) -> str:
+    """``ninja -t deps`` as ninja 1.11 prints it, for a build of three sources in ``temp``."""
+    return (f"{temp}/csrc/cuda/gate.o: #deps 3, deps mtime 1795717076244777245 (VALID)\n"
+            f"    {root}/csrc/cuda/gate.cu\n    {root}/csrc/cuda/gate.cuh\n"
+            f"    {root}/csrc/cuda/../gate_params.h\n\n"
+            f"{temp}/csrc/cuda/dispatch.o: #deps 2, deps mtime 1795717076244777245 (VALID)\n"
+            f"    {root}/csrc/cuda/dispatch.cu\n    {root}/csrc/gate_params.h\n\n"
+            f"{temp}/csrc/cpu/gate.o: #deps 1, deps mtime 1795717076244777245 (STALE)\n"
+            f"    {root}/csrc/cpu/gate.cpp\n\n")
+
+
+def test_ninja_deps_are_read_per_object_and_stale_records_dropped(tmp_path):
+    """Each object's files as real paths: a tree reached through a link, or a file named relative
+    to the build folder, is still the tree's file."""
+    temp = tmp_path / "build" / "temp.linux-x86_64-cpython-311"
+    temp.mkdir(parents=True)
+    (tmp_path / "tree").symlink_to(tune.ROOT)
+    for root in (tune.ROOT, tmp_path / "tree", "../../tree"):
+        deps = tune.parse_ninja_deps(_deps_text(temp, root), temp)
+        assert deps == {
+            "csrc/cuda/gate.o": {f"{tune.ROOT}/csrc/cuda/gate.cu",
+                                 f"{tune.ROOT}/csrc/cuda/gate.cuh",
+                                 f"{tune.ROOT}/csrc/gate_params.h"},
+            "csrc/cuda/dispatch.o": {f"{tune.ROOT}/csrc/cuda/dispatch.cu",
+                                     f"{tune.ROOT}/csrc/gate_params.h"}}
+
+
+@pytest.mark.parametrize("changed, kept", [
+    ({"csrc/cuda/gate.cuh"}, ["csrc/cuda/dispatch.o"]),
+    ({"csrc/gate_params.h"}, []),
+    ({"csrc/cuda/dispatch.cuh"}, ["csrc/cuda/dispatch.o", "csrc/cuda/gate.o"])])
+def test_a_variant_links_the_objects_its_changes_do_not_reach(tmp_path, changed, kept):
+    temp = tmp_path / "temp"
+    deps = tune.parse_ninja_deps(_deps_text(temp, tune.ROOT), temp)
+    for obj in deps:
+        (temp / obj).parent.mkdir(parents=True, exist_ok=True)
+        (temp / obj).write_bytes(obj.encode())
+    dst = tmp_path / "variant.objects"
+    assert tune.link_unchanged(deps, temp, changed, dst) == kept
+    linked = sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*.o"))
+    assert linked == kept
+    assert all((dst / obj).read_bytes() == obj.encode() for obj in kept)
+
+
+def test_only_a_cuda_build_for_the_same_arch_lends_its_objects(tmp_path):
+    temp = tmp_path / "build" / f"temp.linux-x86_64-{tune.sys.implementation.cache_tag}"
+    temp.mkdir(parents=True)
+    (tmp_path / "moe_route").mkdir()
+    info = tmp_path / "moe_route" / "_build_info.json"
+    assert tune.base_temp("9.0a", tmp_path) is None  # never built
+    info.write_text(tune.json.dumps({"cuda_built": True, "cuda_archs": "9.0a", "debug": False}))
+    assert tune.base_temp("9.0a", tmp_path) is None  # no record of its files
+    (temp / ".ninja_deps").write_bytes(b"")
+    assert tune.base_temp("9.0a", tmp_path) == temp
+    assert tune.base_temp("8.0", tmp_path) is None
+    for other in ({"cuda_built": False, "cuda_archs": None, "debug": False},
+                  {"cuda_built": True, "cuda_archs": "9.0a", "debug": True}):
+        info.write_text(tune.json.dumps(other))
+        assert tune.base_temp("9.0a", tmp_path) is None
