@@ -57,10 +57,11 @@ host as they are produced (``rec.trace``, ``rec.save_trace(path)``); this one do
 dict of layers, with the recorder's ``meta`` as ``trace.meta``, saved with it.
 
 ``trace_path=PATH`` traces into that file instead of memory: the host parts go to a spill file
-beside PATH each time they pass ``traces.TRACE_BUFFER_BYTES`` (256 MiB, their Python objects
-counted), and the end of the context writes PATH from it (the file ``save_trace`` writes,
-atomically), so a trace of any length takes about that much host memory, and twice its size on
-disk while it is written. A context that ends in an error writes nothing (PATH keeps what it
+beside PATH each time they pass ``trace_buffer_bytes`` (default ``traces.TRACE_BUFFER_BYTES``,
+256 MiB; their Python objects counted), and the end of the context writes PATH from it (the file
+``save_trace`` writes, atomically), so a trace of any length takes about that much host memory,
+and twice its size on disk while it is written. A smaller buffer spills more often, in smaller
+writes. A context that ends in an error writes nothing (PATH keeps what it
 held) and removes the spill. The recorder is entered once, and ``rec.trace`` is refused:
 ``load_trace(PATH)``.
 
@@ -102,7 +103,8 @@ class Recorder:
                  tokens: str = "all", ignore_token_ids: Optional[Iterable[int]] = None,
                  max_groups: int = 256, default_group: str = "all", meta: Optional[dict] = None,
                  trace: bool = False, trace_logits: bool = False,
-                 trace_dtype: torch.dtype = torch.float16, trace_path=None):
+                 trace_dtype: torch.dtype = torch.float16, trace_path=None,
+                 trace_buffer_bytes: Optional[int] = None):
         if tokens not in TOKENS:
             raise ValueError(f"record: tokens={tokens!r} must be one of {TOKENS}")
         if not isinstance(max_groups, int) or isinstance(max_groups, bool) or max_groups < 1:
@@ -129,6 +131,16 @@ class Recorder:
             raise ValueError("record: trace=True keeps the trace in host memory (rec.trace) and "
                              "trace_path streams it into a file instead; pass one of them")
         self.trace_on = trace or trace_path is not None
+        if trace_buffer_bytes is None:
+            trace_buffer_bytes = traces.TRACE_BUFFER_BYTES
+        elif trace_path is None:
+            raise ValueError("record: trace_buffer_bytes bounds the host memory of a trace "
+                             "streamed to a file: pass trace_path too")
+        elif (not isinstance(trace_buffer_bytes, int) or isinstance(trace_buffer_bytes, bool)
+              or trace_buffer_bytes < 1):
+            raise ValueError(f"record: trace_buffer_bytes={trace_buffer_bytes!r} must be an int "
+                             f">= 1 (bytes of trace held before they are spilled to disk)")
+        self.trace_buffer_bytes = trace_buffer_bytes
         self.trace_logits, self.trace_dtype = trace_logits, trace_dtype
         self._trace: dict[str, dict[str, list]] = {}
         self._trace_devices: set = set()          # CUDA devices the trace's copies come from
@@ -517,7 +529,7 @@ class Recorder:
         if self._spill is not None:
             self._buffered += _PART_OBJECTS + 4 * T + sum(t.numel() * t.element_size()
                                                            for t in rows.values())
-            if self._buffered >= traces.TRACE_BUFFER_BYTES:
+            if self._buffered >= self.trace_buffer_bytes:
                 self._spill_parts()
 
     def _trace_copies_done(self) -> None:
@@ -624,7 +636,7 @@ class Recorder:
 
 
 # Host bytes of one router call's trace parts beyond their data (five CPU tensors and the list
-# entries that hold them; about 2 kB measured), counted against traces.TRACE_BUFFER_BYTES: in
+# entries that hold them; about 2 kB measured), counted against trace_buffer_bytes: in
 # generate()'s one-token steps they outweigh the data many times.
 _PART_OBJECTS = 2048
 
@@ -730,8 +742,9 @@ def record(model: nn.Module, **options) -> Recorder:
     rows before a flush, default 256), ``default_group`` (name of the group outside any
     ``group()`` context, default "all"), ``meta`` (saved with the statistics and the trace),
     ``trace`` (keep every token's routing on the host: ``rec.trace``), ``trace_path`` (stream it
-    into that safetensors file instead), ``trace_logits`` (the router logits too) and
-    ``trace_dtype`` (of the traced weights and logits, default float16).
+    into that safetensors file instead), ``trace_buffer_bytes`` (host memory of the streamed
+    trace, default 256 MiB), ``trace_logits`` (the router logits too) and ``trace_dtype`` (of
+    the traced weights and logits, default float16).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"record: model must be a torch.nn.Module, got {type(model).__name__}")

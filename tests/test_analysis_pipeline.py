@@ -219,6 +219,8 @@ def test_record_sequences_saves_a_trace_that_agrees_with_its_statistics(tmp_path
         pipeline.record_sequences(model, corpus, tokenizer=tok, trace_path=3)
     with pytest.raises(ValueError, match="trace_logits shape a trace, which only trace_path"):
         pipeline.record_sequences(model, corpus, tokenizer=tok, trace_logits=True)
+    with pytest.raises(ValueError, match="trace_buffer_bytes shape a trace, which only trace_"):
+        pipeline.record_sequences(model, corpus, tokenizer=tok, trace_buffer_bytes=1 << 20)
     with pytest.raises(ValueError, match="is a directory; name the .safetensors file"):
         pipeline.record_sequences(model, corpus, tokenizer=tok, trace_path=tmp_path)
     if os.geteuid() != 0:          # root writes anywhere

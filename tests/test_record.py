@@ -466,6 +466,44 @@ def test_streamed_trace_is_the_trace_held_in_memory(tmp_path, monkeypatch, buffe
             assert torch.equal(f.get_tensor(key), g.get_tensor(key))
 
 
+@pytest.mark.parametrize("buffer, spilled", [(1, [True, True]), (6000, [False, True]),
+                                             (None, [False, False])])
+def test_trace_buffer_bytes_is_what_a_streamed_trace_holds_before_it_spills(tmp_path, buffer,
+                                                                            spilled):
+    """The spill file beside trace_path grows once the parts held pass trace_buffer_bytes: at
+    every call with 1 byte, at the second with 6000 (a call of 4 tokens holds 4224 bytes: two
+    layers' parts and their objects), never before the end with the default 256 MiB. The file
+    is the same trace whichever the buffer."""
+    model = build("olmoe")
+    path = tmp_path / "t.safetensors"
+    options = {} if buffer is None else {"trace_buffer_bytes": buffer}
+    grew = []
+    with moe_route.record(model, trace_path=path, **options) as rec, torch.no_grad():
+        for seed in (1, 2):
+            size = os.path.getsize(rec._spill.file)
+            model(_ids(seed, (1, 4)))
+            grew.append(os.path.getsize(rec._spill.file) > size)
+    assert grew == spilled
+    with moe_route.record(model, trace=True) as held, torch.no_grad():
+        for seed in (1, 2):
+            model(_ids(seed, (1, 4)))
+    back = moe_route.load_trace(path)
+    for name, layer in held.trace.items():
+        assert torch.equal(back[name]["ids"], layer["ids"])
+
+
+def test_trace_buffer_bytes_is_refused_unless_a_positive_int_with_trace_path(tmp_path):
+    model = build("olmoe")
+    path = tmp_path / "t.safetensors"
+    with pytest.raises(ValueError, match="trace_buffer_bytes bounds .* pass trace_path too"):
+        moe_route.record(model, trace=True, trace_buffer_bytes=1 << 20)
+    for bad in (0, -1, 1.5, True, "1M"):
+        with pytest.raises(ValueError, match=f"record: trace_buffer_bytes={bad!r} must be an "
+                                             r"int >= 1 \(bytes"):
+            moe_route.record(model, trace_path=path, trace_buffer_bytes=bad)
+    assert not path.exists()
+
+
 def test_streamed_trace_refusals_and_an_error_inside_the_context(tmp_path, monkeypatch):
     """A streamed recorder has no trace in memory (rec.trace and rec.save_trace say where it
     is), is entered once, and after an error inside its context writes nothing (the path keeps

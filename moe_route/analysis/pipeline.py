@@ -269,7 +269,8 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
     counted), written there once the corpus is recorded (with the statistics' meta). The file
     takes 4·k + 8 bytes per routed token (the padding's too) and layer at top-k (0.6 GB a
     million tokens at OLMoE's 16 layers and k = 8); it is streamed to disk while recording, so
-    host memory holds about ``traces.TRACE_BUFFER_BYTES`` of it (``bench/trace_memory.py``).
+    host memory holds about ``trace_buffer_bytes`` of it (a ``record`` option, default 256 MiB;
+    ``bench/trace_memory.py``).
     Tracing syncs at every router call. Two traces of one corpus, from two checkpoints or with
     and without a steering plan, compare with ``trace_agreement`` / ``moe-route compare``.
     """
@@ -319,15 +320,15 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
 
 def _check_trace_options(trace_path, record_options: dict) -> None:
     """Refuse what would trace for nothing (record's ``trace=``, whose trace goes with the
-    recorder; ``trace_logits``/``trace_dtype`` without ``trace_path``) and a ``trace_path`` that
-    is no file path, before any sequence is recorded (``record`` refuses a directory that cannot
-    be written as it starts)."""
+    recorder; ``trace_logits``/``trace_dtype``/``trace_buffer_bytes`` without ``trace_path``)
+    and a ``trace_path`` that is no file path, before any sequence is recorded (``record``
+    refuses a directory that cannot be written as it starts)."""
     where = "record_sequences"
     if "trace" in record_options:
         raise TypeError(f"{where}: trace= is not an option here (the recorder's trace would be "
                         f"dropped with it); pass trace_path=PATH to save one")
     if trace_path is None:
-        extra = sorted({"trace_logits", "trace_dtype"} & set(record_options))
+        extra = sorted({"trace_logits", "trace_dtype", "trace_buffer_bytes"} & set(record_options))
         if extra:
             raise ValueError(f"{where}: {', '.join(extra)} shape a trace, which only "
                              f"trace_path=PATH keeps")
