@@ -2,7 +2,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/variable.h>
-#include <torch/extension.h>
+// torch/extension.h would add the C++ frontend (torch/all.h), unused here: about 15 s of compile
+#include <torch/python.h>
 #include <torch/version.h>
 
 #include <optional>
