@@ -1,7 +1,9 @@
 """moe_route: fused top-k gating, steering and routing statistics for Mixture-of-Experts models.
 
 ``import moe_route`` never fails and never initialises CUDA: without a working native extension
-every op runs the pure-PyTorch reference (one warning per op and device; ``info()`` says why).
+every op runs the pure-PyTorch reference (one warning per op and device; ``info()`` says why). It
+does not import transformers (``moe_route.nn`` registers its experts implementation once
+transformers' ExpertsInterface is imported).
 """
 from moe_route import dispatch, ops, reference
 from moe_route._info import info

@@ -119,6 +119,38 @@ FALLBACK_SCRIPT = """
 """
 
 
+# Whether "moe_route" is an ExpertsInterface implementation, and whether the registering finder
+# is still waiting in sys.meta_path.
+REGISTERED = """
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+from moe_route.nn.experts import _RegisterOnImport
+print("moe_route" in ALL_EXPERTS_FUNCTIONS.keys(),
+      any(isinstance(f, _RegisterOnImport) for f in sys.meta_path))
+"""
+
+
+@pytest.mark.parametrize("first, probe", [("", False), ("", True),
+                                          ("import transformers.integrations.moe", False)])
+def test_import_registers_the_experts_without_importing_transformers(first, probe):
+    """``import moe_route`` leaves transformers unimported (about 2.5 s); "moe_route" is an
+    ExpertsInterface implementation as soon as that interface is imported, even after a spec
+    lookup that loaded nothing, and at once where transformers came first."""
+    pytest.importorskip("transformers")
+    code = f"""
+import importlib.util, sys
+{first}
+import moe_route
+print("transformers" in sys.modules)
+if {probe}:
+    importlib.util.find_spec("transformers.integrations.moe")
+""" + REGISTERED
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    imported, registered = proc.stdout.split("\n", 1)
+    assert imported == str(bool(first))
+    assert registered.split() == ["True", "False"]
+
+
 def test_no_extension_falls_back_to_reference():
     proc = run_python(FALLBACK_SCRIPT, MOE_ROUTE_NO_EXT="1")
     assert proc.returncode == 0, proc.stderr

@@ -27,6 +27,9 @@ transformers multiplies by the routing weight in the activation dtype before its
 """
 from __future__ import annotations
 
+import importlib.abc
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -151,3 +154,47 @@ def register() -> bool:
         return False
     ExpertsInterface.register(NAME, experts_forward)
     return True
+
+
+# The module of transformers' ExpertsInterface. Importing it imports transformers: about 2.5 s, more
+# than the rest of ``import moe_route``.
+_INTERFACE = "transformers.integrations.moe"
+
+
+def register_on_import() -> None:
+    """``register`` now if transformers' ExpertsInterface is imported already, else right after
+    it is (``import moe_route.nn`` does this, and need not import transformers)."""
+    if _INTERFACE in sys.modules:
+        register()
+    elif not any(isinstance(finder, _RegisterOnImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnImport())
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Finds no module itself. For transformers' ExpertsInterface module it returns the spec the
+    other finders give, with the loader told to ``register`` right after the module has run; it
+    then leaves ``sys.meta_path``. A spec asked for and not loaded changes nothing."""
+
+    def find_spec(self, name, path, target=None):
+        if name != _INTERFACE:
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = None if finder is self or find is None else find(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        run = loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            register()
+
+        loader.exec_module = exec_module  # this module's loader only: a finder makes one per spec
+        return spec
