@@ -89,7 +89,6 @@ if torch.backends.openmp.is_available():
 nvcc_flags = opt + ["-lineinfo", "--expt-relaxed-constexpr"]
 
 
-
 def split_prebuilt(sources):
     """(sources to compile, objects to link as they are) under MOE_ROUTE_LINK_OBJECTS."""
     prebuilt = os.environ.get("MOE_ROUTE_LINK_OBJECTS")

@@ -518,15 +518,14 @@ def build_variants(names, work: Path, deadline: float, arch: str, report: dict,
     reused = {}
     for name in trees:
         changed = {rel for rel, _, _ in VARIANTS[name].changes}
-        reused[name] = (link_unchanged(deps, temp, changed, work / f"{name}.objects")
-                        if deps else [])
+        reused[name] = link_unchanged(deps, temp, changed, work / f"{name}.objects")
         print(f"gpu_tune: {name} links {len(reused[name])} of the base's {len(deps)} objects",
               flush=True)
     return _build_in_place(trees, work, deadline, env, report, reused)
 
 
 def _build_in_place(trees: dict, work: Path, deadline: float, env: dict, report: dict,
-                 reused: dict) -> dict:
+                    reused: dict) -> dict:
     """Builds the trees in place, all at once, each linking the objects ``reused[name]`` in
     ``work/NAME.objects``; returns ``{name: tree}`` of those built by ``deadline``."""
     jobs = max(1, (os.cpu_count() or 2) // max(1, len(trees)))

@@ -61,9 +61,8 @@ beside PATH each time they pass ``trace_buffer_bytes`` (default ``traces.TRACE_B
 256 MiB; their Python objects counted), and the end of the context writes PATH from it (the file
 ``save_trace`` writes, atomically), so a trace of any length takes about that much host memory,
 and twice its size on disk while it is written. A smaller buffer spills more often, in smaller
-writes. A context that ends in an error writes nothing (PATH keeps what it
-held) and removes the spill. The recorder is entered once, and ``rec.trace`` is refused:
-``load_trace(PATH)``.
+writes. A context that ends in an error writes nothing (PATH keeps what it held) and removes the
+spill. The recorder is entered once, and ``rec.trace`` is refused: ``load_trace(PATH)``.
 
 ``meta`` (the statistics' and the trace's) gets ``"model"``, the model's
 ``config._name_or_path`` (the Hub id or local path it was loaded from), unless the given meta
