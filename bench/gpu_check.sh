@@ -141,10 +141,21 @@ for code in "torch.zeros(2, 3) @ torch.zeros(4, 5)" \
     fi
   done
 done
-if [ "$ours_failed" -eq 1 ] && command -v cuda-gdb >/dev/null; then
-  echo "the native stack of the crash (cuda-gdb):"
-  run 90 cuda-gdb -q -batch -ex "set pagination off" -ex run -ex bt --args "$py" -c "import torch
+if [ "$ours_failed" -eq 1 ]; then
+  # What the unwinder reads in our library: c10 captures a backtrace at each throw, and a
+  # library whose .eh_frame_hdr has no search table (ld says so in build.log) is searched
+  # linearly (libgcc's linear_search_fdes, where pytorch/pytorch#117645 crashed).
+  so=$(ls moe_route/_C*.so)
+  echo "the toolchain and our library's unwind tables:"
+  gcc --version | head -1
+  readelf -lW "$so" | grep -E "GNU_EH_FRAME|GNU_STACK" || echo "  no PT_GNU_EH_FRAME segment"
+  grep -i "eh_frame" "$out/build.log" || echo "  the linker printed nothing on .eh_frame"
+  ldd "$so" | grep -E "libgcc_s|libstdc|libgomp|libc10\.so"
+  if command -v cuda-gdb >/dev/null; then
+    echo "the native stack of the crash (cuda-gdb):"
+    run 90 cuda-gdb -q -batch -ex "set pagination off" -ex run -ex bt --args "$py" -c "import torch
 $ours"
+  fi
 fi
 
 step "kernel self-tests (torch-free, against a host re-implementation)"

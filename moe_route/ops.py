@@ -16,6 +16,7 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 
 from moe_route import _loader, reference
+from moe_route._checks import check_int, is_int
 
 __all__ = ["topk_gate", "RouterSpec", "SteerSpec", "GateStats"]
 
@@ -58,13 +59,11 @@ class RouterSpec:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"RouterSpec: {name}={getattr(self, name)!r} must be one of "
                                  f"{allowed}")
-        if isinstance(self.n_group, bool) or not isinstance(self.n_group, int) or \
-                self.n_group < 1:
-            raise ValueError(f"RouterSpec: n_group={self.n_group!r} must be an int >= 1")
-        if isinstance(self.topk_group, bool) or not isinstance(self.topk_group, int) or \
-                not 1 <= self.topk_group <= self.n_group:
-            raise ValueError(f"RouterSpec: topk_group={self.topk_group!r} must be an int in "
-                             f"[1, n_group={self.n_group}]")
+        n_group = check_int("RouterSpec", "n_group", self.n_group, 1)
+        topk_group = check_int("RouterSpec", "topk_group", self.topk_group, 1, n_group,
+                               means=f"groups kept of n_group={n_group}")
+        object.__setattr__(self, "n_group", n_group)
+        object.__setattr__(self, "topk_group", topk_group)
         for name in ("n_group", "topk_group"):
             if not -2 ** 63 <= getattr(self, name) < 2 ** 63:
                 raise ValueError(f"RouterSpec: {name}={getattr(self, name)!r} must fit in int64")
@@ -193,7 +192,7 @@ def _frozen_pairs(items, name: str) -> tuple:
         if len(item) != 2:
             raise ValueError(f"SteerSpec.{name}: expected (expert, value) pairs, got {item!r}")
         expert, value = item
-        if isinstance(expert, bool) or not isinstance(expert, numbers.Integral):
+        if not is_int(expert):
             raise TypeError(f"SteerSpec.{name}: expert keys must be ints, got {expert!r} "
                             f"({type(expert).__name__})")
         if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
@@ -279,14 +278,8 @@ class GateStats:
               coact: bool = False) -> "GateStats":
         """Zeroed buffers. ``dense=False`` skips prob_sum/entropy_sum (no E-wide work per token);
         ``coact=True`` adds the [E,E] co-activation counts."""
-        for name, value in (("num_groups", num_groups), ("num_experts", num_experts)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise TypeError(f"GateStats.zeros: {name} must be an int, got {value!r} "
-                                f"({type(value).__name__})")
-        if num_groups < 1 or not 1 <= num_experts <= reference.MAX_EXPERTS:
-            raise ValueError(f"GateStats.zeros: num_groups={num_groups} must be >= 1 and "
-                             f"num_experts={num_experts} in [1, {reference.MAX_EXPERTS}]")
-        G, E = int(num_groups), int(num_experts)
+        G = check_int("GateStats.zeros", "num_groups", num_groups, 1)
+        E = check_int("GateStats.zeros", "num_experts", num_experts, 1, reference.MAX_EXPERTS)
         i64 = dict(dtype=torch.int64, device=device)
         f32 = dict(dtype=torch.float32, device=device)
         return cls(

@@ -73,7 +73,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-import numbers
 import threading
 import warnings
 from collections.abc import Mapping
@@ -82,6 +81,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from moe_route._checks import check_int, is_int
 from moe_route.hf.model_calls import past_length, stack_of, stacks, watch
 from moe_route.hf.patch import acquire, release
 from moe_route.ops import GateStats
@@ -106,8 +106,7 @@ class Recorder:
                  trace_buffer_bytes: Optional[int] = None):
         if tokens not in TOKENS:
             raise ValueError(f"record: tokens={tokens!r} must be one of {TOKENS}")
-        if not isinstance(max_groups, int) or isinstance(max_groups, bool) or max_groups < 1:
-            raise ValueError(f"record: max_groups={max_groups!r} must be an int >= 1")
+        max_groups = check_int("record", "max_groups", max_groups, 1)
         for name, value in (("dense", dense), ("coact", coact), ("trace", trace),
                             ("trace_logits", trace_logits)):
             if not isinstance(value, bool):
@@ -135,10 +134,9 @@ class Recorder:
         elif trace_path is None:
             raise ValueError("record: trace_buffer_bytes bounds the host memory of a trace "
                              "streamed to a file: pass trace_path too")
-        elif (not isinstance(trace_buffer_bytes, int) or isinstance(trace_buffer_bytes, bool)
-              or trace_buffer_bytes < 1):
-            raise ValueError(f"record: trace_buffer_bytes={trace_buffer_bytes!r} must be an int "
-                             f">= 1 (bytes of trace held before they are spilled to disk)")
+        else:
+            trace_buffer_bytes = check_int("record", "trace_buffer_bytes", trace_buffer_bytes, 1,
+                                           means="bytes of trace held before they are spilled")
         self.trace_buffer_bytes = trace_buffer_bytes
         self.trace_logits, self.trace_dtype = trace_logits, trace_dtype
         self._trace: dict[str, dict[str, list]] = {}
@@ -682,7 +680,7 @@ def _token_ids(values) -> torch.Tensor:
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise TypeError(f"record: ignore_token_ids must be an iterable of ints, got {values!r}")
     values = list(values)
-    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Integral)]
+    bad = [v for v in values if not is_int(v)]
     if bad:
         raise TypeError(f"record: ignore_token_ids must be ints, got {bad[0]!r} "
                         f"({type(bad[0]).__name__})")

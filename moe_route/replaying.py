@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from moe_route import reference
+from moe_route._checks import check_int
 from moe_route.hf.model_calls import past_length, stack_of, stacks, watch
 from moe_route.hf.patch import PASS, acquire, in_backward, put, release, sites_by_key, withdraw
 
@@ -259,15 +260,10 @@ def trace_by_position(trace: Mapping, batch_size: int, prompt_length: int,
     if not isinstance(trace, Mapping):
         raise TypeError(f"trace_by_position: trace must be a mapping {{layer: ids}} (a trace), "
                         f"got {type(trace).__name__}")
-    sizes = {"batch_size": batch_size, "prompt_length": prompt_length}
-    if length is not None:  # and no shorter than the trace's positions: checked per layer
-        sizes["length"] = length
-    for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"trace_by_position: {name}={value!r} must be an int, got "
-                            f"{type(value).__name__}")
-        if value < 1:
-            raise ValueError(f"trace_by_position: {name}={value!r} must be an int >= 1")
+    batch_size = check_int("trace_by_position", "batch_size", batch_size, 1)
+    prompt_length = check_int("trace_by_position", "prompt_length", prompt_length, 1)
+    # and no shorter than the trace's positions: checked per layer
+    length = check_int("trace_by_position", "length", length, 1, none="the positions covered")
     out, first = {}, None
     for key, layer in trace.items():
         ids = _ids_of(key, layer, "trace_by_position: trace")

@@ -35,6 +35,7 @@ from typing import Dict, List, Optional, Union
 import torch
 
 from moe_route._atomic import fsync_dir, fsync_file, make_temp, mode_of
+from moe_route._checks import check_int
 from moe_route._json import read as read_json
 from moe_route.ops import GateStats
 
@@ -91,9 +92,8 @@ class LayerStats:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"LayerStats: name={self.name!r} must be a non-empty str")
         where = f"LayerStats({self.name!r})"
-        if self.index is not None and (not isinstance(self.index, int)
-                                       or isinstance(self.index, bool) or self.index < 0):
-            raise ValueError(f"{where}: index={self.index!r} must be None or an int >= 0")
+        object.__setattr__(self, "index",
+                           check_int(where, "index", self.index, 0, none="no layer index"))
         for name in FIELDS:
             t = getattr(self, name)
             if t is None:
@@ -126,10 +126,8 @@ class LayerStats:
             if t.device != self.tokens.device:
                 raise ValueError(f"{where}: {name} is on {t.device}, tokens on "
                                  f"{self.tokens.device}; a layer's tensors share one device")
-        if (not isinstance(self.top_k, int) or isinstance(self.top_k, bool)
-                or not 1 <= self.top_k <= E):
-            raise ValueError(f"{where}: top_k={self.top_k!r} must be an int in "
-                             f"[1, num_experts={E}]")
+        object.__setattr__(self, "top_k", check_int(where, "top_k", self.top_k, 1, E,
+                                                    means=f"of num_experts={E}"))
 
     @classmethod
     def from_gate_stats(cls, name: str, index: Optional[int], top_k: int,
@@ -714,7 +712,7 @@ def _check_manifest(manifest, manifest_file: str) -> None:
     def bad(msg):
         raise ValueError(f"RoutingStats.load: {manifest_file!r}: {msg}")
 
-    def check_int(key, value, minimum, none_ok=False):
+    def need_int(key, value, minimum, none_ok=False):
         if none_ok and value is None:
             return
         is_int = isinstance(value, int) and not isinstance(value, bool)
@@ -727,14 +725,14 @@ def _check_manifest(manifest, manifest_file: str) -> None:
     if manifest.get("format") != FORMAT:
         bad(f"format={manifest.get('format')!r}, expected {FORMAT!r}")
     version = manifest.get("version")
-    check_int("version", version, 1)
+    need_int("version", version, 1)
     if version > FORMAT_VERSION:
         bad(f"version={version} is newer than this moe_route "
             f"({_package_version()}) reads (<= {FORMAT_VERSION}); upgrade moe_route")
     for key, kind in (("group_names", list), ("layers", list), ("meta", dict)):
         if not isinstance(manifest.get(key), kind):
             bad(f"{key} must be a JSON {kind.__name__}, got {manifest.get(key)!r:.80}")
-    check_int("num_groups", manifest.get("num_groups"), 0)
+    need_int("num_groups", manifest.get("num_groups"), 0)
     if manifest["num_groups"] != len(manifest["group_names"]):
         bad(f"num_groups={manifest['num_groups']} disagrees with "
             f"len(group_names)={len(manifest['group_names'])}")
@@ -744,9 +742,9 @@ def _check_manifest(manifest, manifest_file: str) -> None:
         for key in ("name", "index", "top_k", "num_experts", "fields"):
             if key not in entry:
                 bad(f"layers[{i}] has no {key!r}")
-        check_int(f"layers[{i}].index", entry["index"], 0, none_ok=True)
-        check_int(f"layers[{i}].top_k", entry["top_k"], 1)
-        check_int(f"layers[{i}].num_experts", entry["num_experts"], 1)
+        need_int(f"layers[{i}].index", entry["index"], 0, none_ok=True)
+        need_int(f"layers[{i}].top_k", entry["top_k"], 1)
+        need_int(f"layers[{i}].num_experts", entry["num_experts"], 1)
         fields = entry["fields"]
         if (not isinstance(fields, list) or any(f not in FIELDS for f in fields)
                 or any(f not in fields for f in REQUIRED_FIELDS)):

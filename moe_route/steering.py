@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Union
 from torch import nn
 
 from moe_route._atomic import write_text_atomic
+from moe_route._checks import check_int, is_int
 from moe_route._json import parse as parse_json
 from moe_route.ops import SteerSpec
 from moe_route.reference import FLT_MAX
@@ -84,7 +85,7 @@ class SteerEntry:
                                  f"(|{name}| <= {FLT_MAX!r})")
             # + 0.0 turns -0.0 into +0.0, so an entry and its JSON round trip agree bit for bit
             object.__setattr__(self, name, float(value) + 0.0)
-        if isinstance(self.force, bool) or not isinstance(self.force, numbers.Integral):
+        if not is_int(self.force):
             raise TypeError(f"SteerEntry: force={self.force!r} must be an int in {{-1, 0, 1}}, "
                             f"got {type(self.force).__name__}")
         if self.force not in (-1, 0, 1):
@@ -300,9 +301,7 @@ class SteeringPlan(Mapping):
         """The ``SteerSpec`` of ``layer`` for a router with ``num_experts`` experts, or None if the
         plan does not steer that layer. Cached per (layer, num_experts), so the SteerSpec's
         device tables are built once."""
-        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-            raise ValueError(f"SteeringPlan.steer_spec: num_experts={num_experts!r} must be an "
-                             f"int >= 1")
+        num_experts = check_int("SteeringPlan.steer_spec", "num_experts", num_experts, 1)
         if layer not in self:
             return None
         key = (layer, num_experts)

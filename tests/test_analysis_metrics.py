@@ -683,7 +683,8 @@ def test_expert_set_jaccard():
     assert torch.allclose(M.expert_set_jaccard(a, b, m=2), torch.tensor([1 / 3, 0.0]))
     assert M.expert_set_jaccard(torch.zeros(4), torch.zeros(4)).isnan()      # both empty
     assert M.expert_set_jaccard(torch.tensor([nan, 1.0]), torch.ones(2)).isnan()
-    with pytest.raises(ValueError, match=r"m=5 must be None or an int in \[1, E=4\]"):
+    with pytest.raises(ValueError, match=r"m=5 must be None \(activated experts\) or an int in "
+                                         r"\[1, 4\] \(top-scoring experts of E=4\)"):
         M.expert_set_jaccard(a, b, m=5)
 
 
@@ -883,9 +884,11 @@ def test_expert_token_counts_and_specialisation():
         M.expert_token_counts(ids, token_ids, 2)
     with pytest.raises(ValueError, match=r"token_ids must be int32/int64 of shape \[5\]"):
         M.expert_token_counts(ids, token_ids[:4], 3)
-    with pytest.raises(ValueError, match=r"num_experts=1099511627776 must be <= 1048576"):
+    with pytest.raises(ValueError,
+                       match=r"num_experts=1099511627776 must be an int in \[1, 1048576\]"):
         M.expert_token_counts(ids, token_ids, 2 ** 40)  # a dense [E, U] table of it cannot fit
-    with pytest.raises(TypeError, match="num_experts='3' must be an int >= 1, got str"):
+    with pytest.raises(TypeError,
+                       match=r"num_experts='3' must be an int in \[1, 1048576\], got str"):
         M.expert_token_counts(ids, token_ids, "3")
     with pytest.raises(TypeError, match="n=2.0 must be an int >= 1, got float"):
         M.expert_top_tokens(tr, 2.0)
@@ -1221,7 +1224,8 @@ def test_plan_from_experts_soft_hard_caps_and_layers():
 @pytest.mark.parametrize("kwargs, exc, pattern", [
     (dict(mode="medium"), ValueError, "mode='medium' must be one of"),
     (dict(lam=float("inf")), ValueError, "lam=inf must be a finite number"),
-    (dict(max_per_layer=0), ValueError, "max_per_layer=0 must be None or an int >= 1"),
+    (dict(max_per_layer=0), ValueError,
+     "max_per_layer=0 must be None \\(no limit\\) or an int >= 1"),
     (dict(layers=[10, 11]), ValueError, "none of layers=\\[10, 11\\] is a key"),
     (dict(layers=3), TypeError, "layers must be an iterable of layer keys"),
     (dict(std_unbiased="yes"), TypeError, "std_unbiased='yes' must be a bool"),

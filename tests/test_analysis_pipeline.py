@@ -78,8 +78,8 @@ def test_load_parallel_refuses_a_bad_limit_and_empty_data(tmp_path):
     tsv.write_text("eng\tfra\nhello\tbonjour\ncat\tchat\n", encoding="utf-8")
     assert pipeline.load_parallel(tsv, limit=5) == {"eng": ["hello", "cat"],
                                                     "fra": ["bonjour", "chat"]}
-    for limit in (0, -1, 2.0):
-        with pytest.raises(ValueError, match=rf"load_parallel: limit={limit!r} must be None"):
+    for limit, error in ((0, ValueError), (-1, ValueError), (2.0, TypeError)):
+        with pytest.raises(error, match=rf"load_parallel: limit={limit!r} must be None \(all\)"):
             pipeline.load_parallel(tsv, limit=limit)
     header_only = tmp_path / "header.tsv"
     header_only.write_text("eng\tfra\n", encoding="utf-8")
@@ -261,8 +261,8 @@ def test_record_sequences_warns_once_when_max_length_cuts_a_text():
         pipeline.record_sequences(model, corpus, tokenizer=tok, max_length=4)
         pipeline.record_sequences(model, {"ids": torch.zeros(2, 9, dtype=torch.long)},
                                   max_length=2)                 # token ids are never cut
-    for bad in (0, -1, 2.0, True):
-        with pytest.raises(ValueError, match=rf"record_sequences: max_length={bad!r} must be "
+    for bad, error in ((0, ValueError), (-1, ValueError), (2.0, TypeError), (True, TypeError)):
+        with pytest.raises(error, match=rf"record_sequences: max_length={bad!r} must be "
                                              rf"None \(whole texts\) or an int >= 1"):
             pipeline.record_sequences(model, corpus, tokenizer=tok, max_length=bad)
 
@@ -566,7 +566,8 @@ def test_write_report_refuses_bad_arguments_before_writing_anything(tmp_path):
     ("experts", ["--task", "EMPTY"], "holds no texts"),
     ("experts", ["--layers", "1-0"], "--layers '1-0' must be A-B or A with 0 <= A <= B"),
     ("experts", ["--tau", "nan"], "tau=nan must be a finite number"),
-    ("experts", ["--max-per-layer", "0"], "max_per_layer=0 must be None or an int >= 1"),
+    ("experts", ["--max-per-layer", "0"],
+     "max_per_layer=0 must be None (no limit) or an int >= 1"),
     ("experts", ["--mode", "hard", "--std-unbiased"], "std_unbiased=True applies to mode='soft'"),
     ("experts", ["--out", "DIR"], "is a directory, expected a file name"),
     ("experts", ["--max-length", "-3"], "--max-length -3 must be an int >= 1"),

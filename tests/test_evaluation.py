@@ -53,9 +53,10 @@ def test_mcnemar_past_the_integer_sum_agrees_with_it_and_scales():
     assert ev.mcnemar_exact(10 ** 6 - 3000, 10 ** 6) == pytest.approx(0.0338, abs=5e-4)
 
 
-@pytest.mark.parametrize("bad", [-1, 1.5, True, "3"])
-def test_mcnemar_exact_rejects_non_counts(bad):
-    with pytest.raises(ValueError, match="gained=.* must be an int >= 0"):
+@pytest.mark.parametrize("bad, error", [(-1, ValueError), (1.5, TypeError), (True, TypeError),
+                                        ("3", TypeError)])
+def test_mcnemar_exact_rejects_non_counts(bad, error):
+    with pytest.raises(error, match="gained=.* must be an int >= 0"):
         ev.mcnemar_exact(bad, 3)
 
 
@@ -643,8 +644,9 @@ def test_load_choice_and_generation_tasks_from_jsonl(tmp_path):
         ev.load_generation_task(empty)
 
 
-@pytest.mark.parametrize("limit", [0, -1, 1.5, True])
-def test_task_loaders_refuse_a_limit_that_is_not_a_count(tmp_path, limit):
+@pytest.mark.parametrize("limit, error", [(0, ValueError), (-1, ValueError), (1.5, TypeError),
+                                          (True, TypeError)])
+def test_task_loaders_refuse_a_limit_that_is_not_a_count(tmp_path, limit, error):
     """``limit`` is the first N questions, N >= 1: 0 loaded nothing (accuracy NaN, reported as
     a result) and -1 silently dropped the last question (a Python slice)."""
     choice = tmp_path / "mc.jsonl"
@@ -654,9 +656,9 @@ def test_task_loaders_refuse_a_limit_that_is_not_a_count(tmp_path, limit):
     gen = tmp_path / "gen.jsonl"
     gen.write_text(json.dumps({"language": "eng", "prompt": "2+2?", "answer": 4}) + "\n")
     assert [len(ev.load_choice_task(choice, limit=n)["eng"]) for n in (None, 2, 5)] == [3, 2, 3]
-    with pytest.raises(ValueError, match=rf"load_choice_task: limit={limit!r} must be None"):
+    with pytest.raises(error, match=rf"load_choice_task: limit={limit!r} must be None"):
         ev.load_choice_task(choice, limit=limit)
-    with pytest.raises(ValueError, match=rf"load_generation_task: limit={limit!r} must be"):
+    with pytest.raises(error, match=rf"load_generation_task: limit={limit!r} must be"):
         ev.load_generation_task(gen, limit=limit)
 
 

@@ -332,7 +332,8 @@ def test_record_option_errors():
     (dict(ignore_token_ids=torch.tensor([1.0])), TypeError, r"must hold ints, got a torch.float"),
     (dict(dense="no"), TypeError, r"dense must be a bool, got 'no'"),
     (dict(coact=2), TypeError, r"coact must be a bool, got 2"),
-    (dict(max_groups=True), ValueError, r"max_groups=True must be an int >= 1"),
+    (dict(max_groups=True), TypeError, r"max_groups=True must be an int >= 1, got bool"),
+    (dict(max_groups=0), ValueError, r"max_groups=0 must be an int >= 1"),
 ])
 def test_record_options_are_not_coerced(options, error, msg):
     with pytest.raises(error, match=msg):
@@ -497,9 +498,10 @@ def test_trace_buffer_bytes_is_refused_unless_a_positive_int_with_trace_path(tmp
     path = tmp_path / "t.safetensors"
     with pytest.raises(ValueError, match="trace_buffer_bytes bounds .* pass trace_path too"):
         moe_route.record(model, trace=True, trace_buffer_bytes=1 << 20)
-    for bad in (0, -1, 1.5, True, "1M"):
-        with pytest.raises(ValueError, match=f"record: trace_buffer_bytes={bad!r} must be an "
-                                             r"int >= 1 \(bytes"):
+    for bad, error in ((0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError),
+                       ("1M", TypeError)):
+        with pytest.raises(error, match=f"record: trace_buffer_bytes={bad!r} must be an "
+                                        r"int >= 1 \(bytes"):
             moe_route.record(model, trace_path=path, trace_buffer_bytes=bad)
     assert not path.exists()
 

@@ -440,11 +440,12 @@ def test_trace_by_position_layout_and_errors():
     (dict(trace=[torch.zeros(10, 2, dtype=torch.int64)]),
      r"trace_by_position: trace must be a mapping \{layer: ids\} \(a trace\), got list"),
     (dict(trace={"r": [[0, 1]]}), r"trace_by_position: trace\['r'\] must be an int tensor"),
-    (dict(batch_size=2.0), r"trace_by_position: batch_size=2.0 must be an int, got float"),
-    (dict(prompt_length=True), r"prompt_length=True must be an int, got bool"),
-    (dict(length=7.0), r"length=7.0 must be an int, got float"),
-    (dict(length="7"), r"length='7' must be an int, got str"),
-    (dict(length=True), r"length=True must be an int, got bool"),
+    (dict(batch_size=2.0), r"trace_by_position: batch_size=2.0 must be an int >= 1, got float"),
+    (dict(prompt_length=True), r"prompt_length=True must be an int >= 1, got bool"),
+    (dict(length=7.0), r"length=7.0 must be None \(the positions covered\) or an int >= 1, got "
+                       r"float"),
+    (dict(length="7"), r"length='7' must be None .* or an int >= 1, got str"),
+    (dict(length=True), r"length=True must be None .* or an int >= 1, got bool"),
 ], ids=["trace_list", "trace_entry", "batch_size_float", "prompt_length_bool", "length_float",
         "length_str", "length_bool"])
 def test_trace_by_position_type_errors_name_the_argument(change, msg):

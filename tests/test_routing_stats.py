@@ -89,15 +89,16 @@ def test_layer_stats_rejects_bad_tensors(change, exc, pattern):
         LayerStats("L3", 3, 2, **{**_fields(), **change})
 
 
-@pytest.mark.parametrize("args, pattern", [
-    (("", 0, 2), r"name='' must be a non-empty str"),
-    (("L", -1, 2), r"index=-1 must be None or an int >= 0"),
-    (("L", True, 2), r"index=True must be None"),
-    (("L", 0, 5), r"top_k=5 must be an int in \[1, num_experts=4\]"),
-    (("L", 0, 0), r"top_k=0 must be"),
+@pytest.mark.parametrize("args, error, pattern", [
+    (("", 0, 2), ValueError, r"name='' must be a non-empty str"),
+    (("L", -1, 2), ValueError, r"index=-1 must be None \(no layer index\) or an int >= 0"),
+    (("L", True, 2), TypeError, r"index=True must be None .*, got bool"),
+    (("L", 0, 5), ValueError, r"top_k=5 must be an int in \[1, 4\] \(of num_experts=4\)"),
+    (("L", 0, 0), ValueError, r"top_k=0 must be"),
+    (("L", 0, 2.0), TypeError, r"top_k=2.0 must be an int in \[1, 4\] .*, got float"),
 ])
-def test_layer_stats_rejects_bad_scalars(args, pattern):
-    with pytest.raises(ValueError, match=pattern):
+def test_layer_stats_rejects_bad_scalars(args, error, pattern):
+    with pytest.raises(error, match=pattern):
         LayerStats(*args, **_fields())
 
 

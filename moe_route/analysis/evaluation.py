@@ -40,6 +40,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 
 from moe_route._atomic import write_text_atomic
+from moe_route._checks import check_int
 from moe_route._json import parse as parse_json, read as read_json
 from moe_route.analysis.inputs import (BELEBELE, belebele_rows, chat_wrap, check_batch_size,
                                      check_limit, check_not_retired, from_hub, pad_id,
@@ -216,9 +217,8 @@ def mcnemar_exact(gained: int, lost: int) -> float:
     Up to 4000 changed questions the binomial tail is summed in integers (exact); above, in
     float64 from its largest term (log-gamma) down, to a relative error of about 1e-11, in time
     that grows with sqrt(n) (the integer sum grows with n²)."""
-    for name, value in (("gained", gained), ("lost", lost)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"mcnemar_exact: {name}={value!r} must be an int >= 0")
+    gained = check_int("mcnemar_exact", "gained", gained, 0)
+    lost = check_int("mcnemar_exact", "lost", lost, 0)
     n, m = gained + lost, min(gained, lost)
     if n == 0:
         return 1.0
@@ -325,7 +325,7 @@ def choice_accuracy(model, items: Mapping[str, Sequence[ChoiceItem]], *, tokeniz
     _check_items("choice_accuracy", items, ChoiceItem)
     if normalize not in _NORMALIZE:
         raise ValueError(f"choice_accuracy: normalize={normalize!r} must be one of {_NORMALIZE}")
-    check_batch_size("choice_accuracy", batch_size)
+    batch_size = check_batch_size("choice_accuracy", batch_size)
     # rows: (tokens, reads); a read (back, token) is the log-probability of token at the
     # position `back` from the end. plans: per question, which reads make each option's score.
     rows, plans = [], []
@@ -544,7 +544,7 @@ def generation_accuracy(model, items: Mapping[str, Sequence[GenerationItem]], *,
     lower token id). Prompts are left-padded, so a batch's answers start in one column, and
     keep the tokenizer's leading special tokens (BOS) but not an EOS it appends."""
     _check_items("generation_accuracy", items, GenerationItem)
-    check_batch_size("generation_accuracy", batch_size)
+    batch_size = check_batch_size("generation_accuracy", batch_size)
     if not isinstance(stop, Sequence) or isinstance(stop, str) or \
             not all(isinstance(s, str) for s in stop):
         raise TypeError(f"generation_accuracy: stop must be a sequence of strings (one stop "
@@ -554,9 +554,7 @@ def generation_accuracy(model, items: Mapping[str, Sequence[GenerationItem]], *,
                         f"None), got {type(extract).__name__}")
     if tokenizer is None:
         raise ValueError("generation_accuracy: pass tokenizer= (the prompts are text)")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"generation_accuracy: max_new_tokens={max_new_tokens!r} must be an "
-                         f"int >= 1")
+    max_new_tokens = check_int("generation_accuracy", "max_new_tokens", max_new_tokens, 1)
     device = next(model.parameters()).device
     pad = pad_id(tokenizer)
     specials = special_tokens(tokenizer)
@@ -633,8 +631,7 @@ def few_shot(items: Mapping[str, Sequence], exemplars, shots: int, *,
     deterministic, and a question never sees itself.
     """
     _check_items("few_shot", items, (ChoiceItem, GenerationItem))
-    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 0:
-        raise ValueError(f"few_shot: shots={shots!r} must be an int >= 0")
+    shots = check_int("few_shot", "shots", shots, 0)
     if not isinstance(separator, str):
         raise TypeError(f"few_shot: separator must be str, got {type(separator).__name__}")
     if isinstance(exemplars, Mapping):
@@ -704,7 +701,7 @@ def load_choice_task(source, languages: Optional[Sequence[str]] = None, *,
       the questions whose ``subject`` or ``subject_category`` is one of them (any case), e.g.
       ``["medical"]`` for the paper's Global-MMLU-medical. ``limit`` applies after it.
     """
-    check_limit("load_choice_task", limit)
+    limit = check_limit("load_choice_task", limit)
     if subjects is not None and source not in GLOBAL_MMLU:
         raise ValueError(f"load_choice_task: subjects= applies to Global-MMLU, not {source!r}")
     if split != "test" and source not in GLOBAL_MMLU:
@@ -784,7 +781,7 @@ def load_generation_task(source, languages: Optional[Sequence[str]] = None, *,
       ``Question: ...\\nAnswer:``.
       (``juletxara/mgsm``, the older copy, is a loading script that ``datasets`` 4 refuses.)
     """
-    check_limit("load_generation_task", limit)
+    limit = check_limit("load_generation_task", limit)
     check_not_retired("load_generation_task", source, "juletxara/mgsm",
                       "'mgsm' (CohereLabs/global-mgsm)")
     if source in GENERATION_DATASETS:

@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
+from moe_route._checks import check_int
 from moe_route.analysis.metrics import (_check_stats, _layer_chunks, _one_device,
                                         _resolve_parallel, _stack_layers)
 from moe_route.hf.patch import layer_index
@@ -340,10 +341,7 @@ def plan_from_experts(experts_by_layer: Mapping, mode: str = "soft", lam: float 
         raise ValueError(f"{where}: mode={mode!r} must be one of {MODES}")
     if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam):
         raise ValueError(f"{where}: lam={lam!r} must be a finite number")
-    if max_per_layer is not None and (isinstance(max_per_layer, bool)
-                                      or not isinstance(max_per_layer, numbers.Integral)
-                                      or max_per_layer < 1):
-        raise ValueError(f"{where}: max_per_layer={max_per_layer!r} must be None or an int >= 1")
+    max_per_layer = check_int(where, "max_per_layer", max_per_layer, 1, none="no limit")
     keys = list(experts_by_layer)
     if layers is not None:
         if isinstance(layers, (str, int)) or not isinstance(layers, Iterable):

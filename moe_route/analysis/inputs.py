@@ -2,6 +2,10 @@
 Hub datasets by language, and the batch-size check."""
 from __future__ import annotations
 
+from typing import Optional
+
+from moe_route._checks import check_int
+
 __all__ = ["chat_wrap", "check_batch_size", "check_limit", "from_hub", "belebele_rows",
            "check_not_retired", "pad_id", "special_tokens", "BELEBELE"]
 
@@ -38,17 +42,15 @@ def special_tokens(tokenizer) -> dict:
     return {i: token.content for i, token in added.items() if getattr(token, "special", False)}
 
 
-def check_batch_size(caller: str, batch_size) -> None:
-    """ValueError, naming ``caller``, unless ``batch_size`` is an int >= 1 (a bool is not)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"{caller}: batch_size={batch_size!r} must be an int >= 1")
+def check_batch_size(caller: str, batch_size) -> int:
+    """``batch_size``, an int >= 1 (``check_int``'s errors name ``caller``)."""
+    return check_int(caller, "batch_size", batch_size, 1)
 
 
-def check_limit(caller: str, limit) -> None:
-    """ValueError, naming ``caller``, unless ``limit`` is None (everything) or an int >= 1: a
-    slice ``[:0]`` would load nothing and ``[:-1]`` silently drop the last rows."""
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"{caller}: limit={limit!r} must be None (all) or an int >= 1")
+def check_limit(caller: str, limit) -> Optional[int]:
+    """``limit``, None (everything) or an int >= 1: a slice ``[:0]`` would load nothing and
+    ``[:-1]`` silently drop the last rows."""
+    return check_int(caller, "limit", limit, 1, none="all")
 
 
 def check_not_retired(caller: str, source, retired: str, use: str) -> None:

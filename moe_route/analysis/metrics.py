@@ -34,6 +34,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
+from moe_route._checks import check_int, is_int
 from moe_route.reference import MAX_EXPERTS
 from moe_route.stats import RoutingStats
 
@@ -108,17 +109,6 @@ def _check_choice(value, name: str, choices, where: str):
     if value not in choices:
         raise ValueError(f"{where}: {name}={value!r} must be one of {choices}")
     return value
-
-
-def _check_positive_int(value, name: str, where: str, maximum: Optional[int] = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{where}: {name}={value!r} must be an int >= 1, got "
-                        f"{type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{where}: {name}={value!r} must be an int >= 1")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{where}: {name}={value!r} must be <= {maximum}")
-    return int(value)
 
 
 def _check_real(t: torch.Tensor, name: str, where: str, bool_ok: bool = False) -> torch.Tensor:
@@ -798,9 +788,8 @@ def expert_set_jaccard(a: torch.Tensor, b: torch.Tensor, m: Optional[int] = None
                          f"{a.shape[-1]} and {b.shape[-1]}")
     _check_broadcast(a, b, "a and b", where)
     E = a.shape[-1]
-    if m is not None and (isinstance(m, bool) or not isinstance(m, numbers.Integral)
-                          or not 1 <= m <= E):
-        raise ValueError(f"{where}: m={m!r} must be None or an int in [1, E={E}]")
+    m = check_int(where, "m", m, 1, E, none="activated experts",
+                  means=f"top-scoring experts of E={E}")
     if m is not None and torch.bool in (a.dtype, b.dtype):
         raise TypeError(f"{where}: m={m} ranks scores, but a or b is a bool mask (dtypes "
                         f"{a.dtype}, {b.dtype}); pass scores, or m=None to use the masks as sets")
@@ -895,7 +884,7 @@ def routing_consistency(ids: torch.Tensor, groups, pairs: str = "all",
     where = "routing_consistency"
     ids = _check_ids(ids, where)
     _check_choice(pairs, "pairs", ("all", "adjacent"), where)
-    max_group_tokens = _check_positive_int(max_group_tokens, "max_group_tokens", where)
+    max_group_tokens = check_int(where, "max_group_tokens", max_group_tokens, 1)
     N, k = ids.shape
     codes, keys = _group_codes(groups, N, where)
     G = len(keys)
@@ -1299,7 +1288,7 @@ def _trace_layer(trace: Mapping, layer, arg: str, where: str) -> str:
             raise ValueError(f"{where}: {arg}={layer!r} is not a layer of the trace; its layers "
                              f"are {_short(names, 4)}")
         return layer
-    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+    if not is_int(layer):
         raise TypeError(f"{where}: {arg} must be a layer name (str) or a position in the trace "
                         f"(int), got {type(layer).__name__}")
     if not -len(names) <= layer < len(names):
@@ -1546,7 +1535,7 @@ def divergence_accuracy_correlation(divergence: Mapping[str, torch.Tensor],
             raise ValueError(f"{where}: accuracy[{lang!r}]={a!r} must be a finite number")
         acc.append(float(a))
     acc_t = torch.tensor(acc, dtype=torch.float64)
-    if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
+    if is_int(layers):
         layer_list = [layers]
     elif isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
         raise TypeError(f"{where}: layers must be the middle layers, an int or an iterable of "
@@ -1558,7 +1547,7 @@ def divergence_accuracy_correlation(divergence: Mapping[str, torch.Tensor],
     if len(set(layer_list)) != len(layer_list):
         raise ValueError(f"{where}: layers={layer_list} has duplicates")
     if layer_indices is None:
-        bad = [p for p in layer_list if not isinstance(p, numbers.Integral) or not 0 <= p < L]
+        bad = [p for p in layer_list if not is_int(p) or not 0 <= p < L]
         if bad:
             raise ValueError(f"{where}: layers are positions along L={L} (no layer_indices "
                              f"given), got out-of-range {bad}")
@@ -1624,7 +1613,7 @@ def expert_token_counts(ids: torch.Tensor, token_ids: torch.Tensor, num_experts:
     if token_ids.dtype not in (torch.int32, torch.int64) or tuple(token_ids.shape) != (N,):
         raise ValueError(f"{where}: token_ids must be int32/int64 of shape [{N}] (one per ids "
                          f"row), got {token_ids.dtype} of shape {tuple(token_ids.shape)}")
-    num_experts = _check_positive_int(num_experts, "num_experts", where, maximum=MAX_EXPERTS)
+    num_experts = check_int(where, "num_experts", num_experts, 1, MAX_EXPERTS)
     if N and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
         raise ValueError(f"{where}: ids must be in [0, num_experts={num_experts}), got "
                          f"[{int(ids.min())}, {int(ids.max())}]")
@@ -1724,6 +1713,6 @@ def expert_top_tokens(routing: TokenRouting, n: int) -> Tuple[torch.Tensor, torc
     if not isinstance(routing, TokenRouting):
         raise TypeError(f"expert_top_tokens: routing must be a TokenRouting, got "
                         f"{type(routing).__name__}")
-    n = min(_check_positive_int(n, "n", "expert_top_tokens"), routing.counts.shape[1])
+    n = min(check_int("expert_top_tokens", "n", n, 1), routing.counts.shape[1])
     values, order = torch.sort(routing.counts, dim=1, descending=True, stable=True)
     return routing.token_ids[order[:, :n]], values[:, :n]

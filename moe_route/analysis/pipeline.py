@@ -32,6 +32,7 @@ from moe_route.analysis.inputs import (BELEBELE, belebele_rows, chat_wrap, check
 from moe_route.analysis.progress import progress_bar
 from moe_route.recording import record
 from moe_route.traces import check_trace_path
+from moe_route._checks import check_int
 from moe_route._json import parse as parse_json
 from moe_route.stats import RoutingStats, _short_list
 from moe_route.steering import SteeringPlan, steer
@@ -60,7 +61,7 @@ def load_parallel(source, languages: Optional[Sequence[str]] = None, *, limit: O
     ``languages`` selects and orders the columns (default: all in a file); ``limit`` keeps the first
     sentences (an int >= 1). Every language must have the same number of sentences, at least one.
     """
-    check_limit("load_parallel", limit)
+    limit = check_limit("load_parallel", limit)
     check_not_retired("load_parallel", source, "facebook/flores",
                       "'flores' (openlanguagedata/flores_plus, FLORES-200's successor)")
     if isinstance(source, (str, os.PathLike)) and os.path.exists(source):
@@ -276,8 +277,8 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
     """
     if not isinstance(corpus, Mapping) or not corpus:
         raise ValueError("record_sequences: corpus must be a non-empty {language: sequences} mapping")
-    check_batch_size("record_sequences", batch_size)
-    _check_max_length("record_sequences", max_length)
+    batch_size = check_batch_size("record_sequences", batch_size)
+    max_length = _check_max_length("record_sequences", max_length)
     if not isinstance(all_tokens, bool):
         raise TypeError(f"record_sequences: all_tokens={all_tokens!r} must be a bool")
     _check_trace_options(trace_path, record_options)
@@ -336,12 +337,9 @@ def _check_trace_options(trace_path, record_options: dict) -> None:
     check_trace_path(trace_path, where)
 
 
-def _check_max_length(caller: str, max_length) -> None:
-    """ValueError, naming ``caller``, unless ``max_length`` is None (whole texts) or an int >= 1."""
-    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
-                                   or max_length < 1):
-        raise ValueError(f"{caller}: max_length={max_length!r} must be None (whole texts) or an "
-                         f"int >= 1")
+def _check_max_length(caller: str, max_length) -> Optional[int]:
+    """``max_length``, None (whole texts) or an int >= 1."""
+    return check_int(caller, "max_length", max_length, 1, none="whole texts")
 
 
 def _check_corpus(corpus: Corpus, tokenizer) -> None:

@@ -72,6 +72,8 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from moe_route._checks import check_int
+
 __all__ = ["planted_model", "PlantedModel", "PlantedTruth", "ANSWER_SCALE"]
 
 # Amplitude of the answer direction a task expert writes per unit of routing weight: small so
@@ -278,20 +280,21 @@ def planted_model(num_languages: int = 5, num_layers: int = 8, num_experts: int 
     except ImportError as exc:  # pragma: no cover - transformers is a test dependency
         raise ImportError("planted_model needs transformers (pip install transformers)") from exc
 
-    L, E, k, C, T = num_languages, num_experts, top_k, num_concepts, num_task_concepts
-    _check_int("num_languages", L, 1)
-    _check_int("num_layers", num_layers, 3)
-    _check_int("num_experts", E, 2)
-    _check_int("top_k", k, 1)
-    _check_int("num_concepts", C, 1)
-    _check_int("num_task_concepts", T, 1)
-    _check_int("num_sentences", num_sentences, 1)
-    _check_int("num_task_sentences", num_task_sentences, 1)
-    _check_int("seq_len", seq_len, 1)
-    n_task = k if num_task_experts is None else num_task_experts
-    _check_int("num_task_experts", n_task, k)
-    edge = max(1, num_layers // 4) if edge_layers is None else edge_layers
-    _check_int("edge_layers", edge, 1)
+    where = "planted_model"
+    L = check_int(where, "num_languages", num_languages, 1)
+    num_layers = check_int(where, "num_layers", num_layers, 3)
+    E = check_int(where, "num_experts", num_experts, 2)
+    k = check_int(where, "top_k", top_k, 1)
+    C = check_int(where, "num_concepts", num_concepts, 1)
+    T = check_int(where, "num_task_concepts", num_task_concepts, 1)
+    num_sentences = check_int(where, "num_sentences", num_sentences, 1)
+    num_task_sentences = check_int(where, "num_task_sentences", num_task_sentences, 1)
+    seq_len = check_int(where, "seq_len", seq_len, 1)
+    seed = check_int(where, "seed", seed)
+    n_task = (k if num_task_experts is None
+              else check_int(where, "num_task_experts", num_task_experts, k))
+    edge = (max(1, num_layers // 4) if edge_layers is None
+            else check_int(where, "edge_layers", edge_layers, 1))
     if 2 * edge >= num_layers:
         raise ValueError(f"planted_model: edge_layers={edge} leaves no middle layer of "
                          f"num_layers={num_layers} (needs 2 * edge_layers < num_layers)")
@@ -320,8 +323,8 @@ def planted_model(num_languages: int = 5, num_layers: int = 8, num_experts: int 
             raise ValueError(f"planted_model: languages={list(names)} must be {L} distinct names "
                              f"(num_languages={L})")
     dims = C + T + L + 2
-    H = hidden_size if hidden_size is not None else 16 * math.ceil(max(64, dims) / 16)
-    _check_int("hidden_size", H, dims)
+    H = (16 * math.ceil(max(64, dims) / 16) if hidden_size is None
+         else check_int(where, "hidden_size", hidden_size, dims))
     if H % 4:
         raise ValueError(f"planted_model: hidden_size={H} must be a multiple of 4 (4 heads)")
 
@@ -470,11 +473,6 @@ def planted_model(num_languages: int = 5, num_layers: int = 8, num_experts: int 
                         truth=truth, answer_token=answer_token,
                         distractor_token=distractor_token, num_general_concepts=C,
                         num_task_concepts=T)
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"planted_model: {name}={value!r} must be an int >= {minimum}")
 
 
 @torch.no_grad()
