@@ -81,7 +81,8 @@ opt = ["-O0", "-g"] if debug else ["-O3", "-g"]
 # and inf semantics are unchanged, unlike -ffast-math.
 cxx_flags = opt + ["-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-Wall",
                    "-Wno-unused-function", "-Wno-psabi"]
-# at::parallel_for expands OpenMP pragmas inside our translation units: without -fopenmp it is serial.
+# at::parallel_for expands OpenMP pragmas inside our translation units: without -fopenmp it is
+# serial.
 link_flags = []
 if torch.backends.openmp.is_available():
     cxx_flags.append("-fopenmp")

@@ -26,8 +26,9 @@ def parse(text, what: str, **options):
 
 
 def read(path, what: str, **options):
-    """The JSON document in the file ``path`` (its bytes decoded as ``json.loads`` does). A file that cannot be opened raises
-    OSError as ``open`` does; one that does not parse, a ValueError starting with ``what``."""
+    """The JSON document in the file ``path`` (its bytes decoded as ``json.loads`` does). A file
+    that cannot be opened raises OSError as ``open`` does; one that does not parse, a ValueError
+    starting with ``what``."""
     with open(path, "rb") as f:
         data = f.read()
     return parse(data, what, **options)

@@ -53,7 +53,8 @@ def has_kernel(op: str, device_type: str) -> bool:
     if native is None:
         return False
     key = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"moe_route::{op}", key)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"moe_route::{op}", key)
 
 
 def fallback(op: str, device_type: str) -> None:

@@ -430,10 +430,10 @@ def dispatch_cases(full: bool = False) -> list[DispatchCase]:
 
 
 def gpu_dispatch_cases() -> list[DispatchCase]:
-    """The bf16 shapes of the published dispatch kernels' benchmarks: DeepSeek-V3 (H=7168, k=8, E=256) at T
-    64..16384 and at T=1 (decode, the latency end), H=4096 k=8 (Qwen3-235B-A22B, E=128) and
-    Qwen3-30B-A3B (H=2048, k=8, E=128) at T=16384 and 1024, Mixtral (H=4096, k=2, E=8) at
-    T=16384."""
+    """The bf16 shapes of the published dispatch kernels' benchmarks: DeepSeek-V3 (H=7168, k=8,
+    E=256) at T 64..16384 and at T=1 (decode, the latency end), H=4096 k=8 (Qwen3-235B-A22B,
+    E=128) and Qwen3-30B-A3B (H=2048, k=8, E=128) at T=16384 and 1024, Mixtral (H=4096, k=2,
+    E=8) at T=16384."""
     bf16 = torch.bfloat16
     deepseek_t = (1, 64, 1024, 4096, 16384)
     return ([DispatchCase(T, 8, 7168, 256, bf16, "deepseek_v3") for T in deepseek_t]
@@ -782,7 +782,9 @@ def paired_ratio(baseline: dict, ours: dict) -> float:
     burst = baseline.get("burst", 1)
     if not a or not b or len(a) != len(b) or burst != ours.get("burst", 1):
         return baseline["median_us"] / ours["median_us"]
-    per_round = lambda s: [statistics.median(s[i:i + burst]) for i in range(0, len(s), burst)]  # noqa: E731
+
+    def per_round(s):
+        return [statistics.median(s[i:i + burst]) for i in range(0, len(s), burst)]
     return statistics.median(x / y for x, y in zip(per_round(a), per_round(b)))
 
 

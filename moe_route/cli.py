@@ -128,8 +128,8 @@ def _positive(kind):
         except ValueError:
             value = None
         if value is None or not 0 < value < float("inf"):
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}"
-                                             f" > 0, got {text!r}")
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what} > 0, got {text!r}")
         return value
     return convert
 

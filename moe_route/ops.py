@@ -375,7 +375,8 @@ def topk_gate(logits: torch.Tensor, k: int, spec: Optional[RouterSpec] = None, *
     steer_table, select_only, unbiased = None, False, False
     if steer is not None:
         if not isinstance(steer, SteerSpec):
-            raise TypeError(f"topk_gate: steer must be a SteerSpec or None, got {type(steer).__name__}")
+            raise TypeError(f"topk_gate: steer must be a SteerSpec or None, got "
+                            f"{type(steer).__name__}")
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
             raise ValueError("topk_gate: logits must be a 2-D [T, E] tensor, got "
                              f"{getattr(logits, 'shape', type(logits).__name__)}")

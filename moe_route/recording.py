@@ -112,7 +112,8 @@ class Recorder:
             if not isinstance(value, bool):
                 raise TypeError(f"record: {name} must be a bool, got {value!r}")
         if not isinstance(default_group, str):
-            raise TypeError(f"record: default_group must be a str, got {type(default_group).__name__}")
+            raise TypeError(f"record: default_group must be a str, got "
+                            f"{type(default_group).__name__}")
         self.model = model
         self.dense, self.coact, self.tokens = dense, coact, tokens
         self.ignore_token_ids = None if ignore_token_ids is None else _token_ids(ignore_token_ids)
@@ -612,7 +613,8 @@ class Recorder:
             G = len(names)
             layers = []
             for name, buf in self._buffers.items():
-                host = {f: None if t is None else (t if f == "coact" else t[:G]).to("cpu", copy=True)
+                host = {f: None if t is None
+                        else (t if f == "coact" else t[:G]).to("cpu", copy=True)
                         for f, t in zip(GateStats.NAMES, buf.buffers())}
                 index, top_k = self._layers[name]
                 layers.append(LayerStats(name, index, top_k, **host))

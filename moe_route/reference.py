@@ -104,7 +104,8 @@ def steer_logits(z0: torch.Tensor, steer: torch.Tensor | None, std_unbiased: boo
     top = z.max(-1, keepdim=True).values
     bottom = z.min(-1, keepdim=True).values
     z = torch.where(force > 0, top, torch.where(force < 0, bottom, z))
-    tier = torch.where(force > 0, TIER_FORCED_ON, torch.where(force < 0, TIER_FORCED_OFF, TIER_NORMAL))
+    tier = torch.where(force > 0, TIER_FORCED_ON,
+                       torch.where(force < 0, TIER_FORCED_OFF, TIER_NORMAL))
     return z, tier.to(torch.int8).expand_as(z)
 
 
@@ -225,7 +226,8 @@ def check_gate_args(logits, k, score, select_on, selection_bias, n_group, topk_g
     if logits.dim() != 2:
         raise ValueError(f"topk_gate: logits must be 2-D [T, E], got shape {tuple(logits.shape)}")
     if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"topk_gate: logits must be float32, float16 or bfloat16, got {logits.dtype}")
+        raise TypeError(f"topk_gate: logits must be float32, float16 or bfloat16, got "
+                        f"{logits.dtype}")
     E = logits.shape[1]
     if E < 1:
         raise ValueError("topk_gate: logits must have at least one expert column, got E=0")
@@ -281,8 +283,8 @@ def check_gate_args(logits, k, score, select_on, selection_bias, n_group, topk_g
             and groups.device.type == "cpu"):
         lo, hi = int(groups.min()), int(groups.max())
         if lo < -1 or hi >= G:
-            raise ValueError(f"topk_gate: groups must be in [-1, {G}) (the statistics' group count), "
-                             f"got values in [{lo}, {hi}]")
+            raise ValueError(f"topk_gate: groups must be in [-1, {G}) (the statistics' group "
+                             f"count), got values in [{lo}, {hi}]")
 
 
 def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -333,7 +335,8 @@ def _check_tensor(name, t, shape, dtypes, device):
         want = " or ".join(str(d) for d in dtypes)
         raise TypeError(f"topk_gate: {name} must be {want}, got {t.dtype}")
     if t.device != device:
-        raise ValueError(f"topk_gate: {name} must be on the logits' device {device}, got {t.device}")
+        raise ValueError(f"topk_gate: {name} must be on the logits' device {device}, got "
+                         f"{t.device}")
 
 
 def topk_gate(logits, k, score="softmax", select_on="scores", selection_bias=None, n_group=1,
@@ -350,7 +353,8 @@ def topk_gate(logits, k, score="softmax", select_on="scores", selection_bias=Non
     check_gate_args(logits, k, score, select_on, selection_bias, n_group, topk_group, group_score,
                     renorm_eps, scale, steer, groups, stats, replay=replay)
     if not isinstance(round_scores, bool):
-        raise TypeError(f"topk_gate: round_scores must be a bool, got {type(round_scores).__name__}")
+        raise TypeError(f"topk_gate: round_scores must be a bool, got "
+                        f"{type(round_scores).__name__}")
     half = rounding_dtype(logits, select_on, round_scores)
     z0 = sanitize(logits)
     z, tier = steer_logits(z0, steer, std_unbiased)

@@ -301,7 +301,8 @@ def replay(model: nn.Module, routing: Mapping, *, layers=None, strict: bool = Tr
     ``routing`` is a trace (``Recorder.trace``, ``load_trace``: router module path -> layer dict
     with ``"ids"``) or ``{layer: ids}`` with int keys (decoder-layer index) or module paths and
     ids ``[N, k]`` (call order) or ``[B, S, k]`` (by position); see the module docstring.
-    ``layers`` (keys as above) replays only those of the routing's layers. Contexts nest: an inner replay replaces an
-    outer one on the layers it names. Patches the model for the duration if needed.
+    ``layers`` (keys as above) replays only those of the routing's layers. Contexts nest: an inner
+    replay replaces an outer one on the layers it names. Patches the model for the duration if
+    needed.
     """
     return Replay(model, routing, layers=layers, strict=strict)

@@ -3,8 +3,9 @@
 A layer key is an int (the decoder layer index: 12 for ``model.layers.12``) or a str (a router's
 module path). A loop layer's router (Inkling2-Loop) routes once per pass of the loop: its key
 steers every pass, ``"<module path>@pass<p>"`` pass p alone, as ``RoutingStats`` names the passes.
-Resolving keys to modules is the steering context manager's job; a plan only describes. ``plan.steer_spec(layer, num_experts)`` turns one layer into the
-``moe_route.ops.SteerSpec`` the gate takes (numerics: ``moe_route.reference``).
+Resolving keys to modules is the steering context manager's job; a plan only describes.
+``plan.steer_spec(layer, num_experts)`` turns one layer into the ``moe_route.ops.SteerSpec`` the
+gate takes (numerics: ``moe_route.reference``).
 
 JSON form (``to_json``/``from_json``)::
 

@@ -8,8 +8,8 @@ importance (Eq. 1), entropy-normalised Jensen–Shannon divergence from a refere
 parallel sequences (Eq. 2, App. A.4), routing entropy and consistency, task and language experts
 (Eq. 3) and soft/hard steering of them (Eq. 4/5); plus OLMoE-style co-activation (within a
 layer and across layers), load, vocabulary specialisation and router saturation (the agreement
-of two runs over the same tokens). Definitions, edge cases and the choices made where the paper is ambiguous are in each
-function's docstring.
+of two runs over the same tokens). Definitions, edge cases and the choices made where the paper
+is ambiguous are in each function's docstring.
 """
 from moe_route.analysis.experts import (delta_frequency, expert_overlap, experts_above,
                                         language_delta, language_experts, language_frequency,
@@ -23,8 +23,9 @@ from moe_route.analysis.evaluation import (ChoiceItem, EvalResult, GenerationIte
 from moe_route.analysis.pipeline import ab_test, load_parallel, record_parallel, record_sequences
 from moe_route.analysis.report import write_report
 from moe_route.analysis.metrics import (DivergenceCorrelation, LoadBalance, ParallelGroups,
-                                        RoutingAgreement, TokenRouting, activation_frequency, coactivation,
-                                        conditional_coactivation, distribution_entropy,
+                                        RoutingAgreement, TokenRouting, activation_frequency,
+                                        coactivation, conditional_coactivation,
+                                        distribution_entropy,
                                         divergence_accuracy_correlation, entropy_normalised_js,
                                         expert_importance, expert_set_jaccard,
                                         expert_token_counts, expert_token_entropy,
@@ -38,7 +39,8 @@ from moe_route.analysis.metrics import (DivergenceCorrelation, LoadBalance, Para
                                         trace_statistics, trace_token_routing,
                                         trace_transitions)
 
-from moe_route.analysis import evaluation as _evaluation, experts as _experts, metrics as _metrics  # noqa: E402
+from moe_route.analysis import (evaluation as _evaluation, experts as _experts,  # noqa: E402
+                                metrics as _metrics)
 
 __all__ = [*_metrics.__all__, *_experts.__all__, *_evaluation.__all__,
            "load_parallel", "record_parallel", "record_sequences", "ab_test", "write_report"]

@@ -475,16 +475,17 @@ _SEPARATORS = str.maketrans({"\u066c": ",", "\uff0c": ",", "\u066b": _DECIMAL,
 # no-break and thin spaces (French, Russian) and apostrophes (Swiss "1'234", also typographic)
 # group thousands when exactly three digits follow; a plain space does not ("page 1 234")
 _SPACE_GROUP = re.compile(r"(?<=\d)[\u00a0\u202f\u2009'\u2019](?=\d{3}(?!\d))")
-# Over ASCII digits (every script's are read as them first). Not glued to a Latin letter or
-# another digit ("w30", "H2O"), nor to a decimal mark after a digit (the "000" of "x18.000", the
-# "5" of "v1.5", the "3" of "1.2.3": the rest of a number or word is not a number of its own; a
-# sign between them starts one: "5.-3" ends in -3); "5km", "$18" and "答案是42" count. Comma groups end in three
-# digits and may hold two before (Indian "1,23,456"); any other comma separates numbers ("1,2,3"
-# is three of them). Dot groups (German "18.000") are three digits each after one to three that
-# do not start with 0; a decimal comma may follow them ("10.000,50"), and then the number ends
+# Over ASCII digits (every script's are read as them first). Not glued to a Latin letter or another
+# digit ("w30", "H2O"), nor to a decimal mark after a digit (the "000" of "x18.000", the "5" of
+# "v1.5", the "3" of "1.2.3": the rest of a number or word is not a number of its own; a sign
+# between them starts one: "5.-3" ends in -3); "5km", "$18" and "答案是42" count. Comma groups end in
+# three digits and may hold two before (Indian "1,23,456"); any other comma separates numbers
+# ("1,2,3" is three of them). Dot groups (German "18.000") are three digits each after one to three
+# that do not start with 0; a decimal comma may follow them ("10.000,50"), and then the number ends
 # (_DOT_GROUPED).
-_NUMBER = re.compile(r"(?<![A-Za-z_\d])[-\u2212]?(?<!\d[.\ue000])(?:\d{1,3}(?:,\d{2,3})*,\d{3}(?!\d)"
-                     r"(?:[.\ue000]\d+)?|[1-9]\d{0,2}(?:\.\d{3})+(?:,\d+)?(?!\d|[.\ue000]\d)"
+_NUMBER = re.compile(r"(?<![A-Za-z_\d])[-\u2212]?(?<!\d[.\ue000])"
+                     r"(?:\d{1,3}(?:,\d{2,3})*,\d{3}(?!\d)(?:[.\ue000]\d+)?"
+                     r"|[1-9]\d{0,2}(?:\.\d{3})+(?:,\d+)?(?!\d|[.\ue000]\d)"
                      r"|\d+(?:[.\ue000]\d+)?)")
 _DOT_GROUPED = re.compile(r"[-\u2212]?[1-9]\d{0,2}(?:\.\d{3})+(?:,\d+)?")
 

@@ -276,7 +276,8 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
     and without a steering plan, compare with ``trace_agreement`` / ``moe-route compare``.
     """
     if not isinstance(corpus, Mapping) or not corpus:
-        raise ValueError("record_sequences: corpus must be a non-empty {language: sequences} mapping")
+        raise ValueError("record_sequences: corpus must be a non-empty {language: sequences} "
+                         "mapping")
     batch_size = check_batch_size("record_sequences", batch_size)
     max_length = _check_max_length("record_sequences", max_length)
     if not isinstance(all_tokens, bool):
@@ -414,4 +415,5 @@ def ab_test(model, plan: SteeringPlan, evaluate: Callable[[], Union[float, Mappi
     if isinstance(base, Mapping):
         delta = {k: float(steered[k]) - float(base[k]) for k in base}
         return {"baseline": dict(base), "steered": dict(steered), "delta": delta}
-    return {"baseline": float(base), "steered": float(steered), "delta": float(steered) - float(base)}
+    base, steered = float(base), float(steered)
+    return {"baseline": base, "steered": steered, "delta": steered - base}

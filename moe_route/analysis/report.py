@@ -164,7 +164,8 @@ def _summary_text(s: dict) -> str:
              "", f"Routing divergence from the reference (entropy-normalised JS of the "
              f"{s['importance']} expert importance, mean over languages and parallel "
              f"sequences), by layer:"]
-    lines += [f"  layer {i:>3}: {d:.3f}" for i, d in zip(s["layers"], s["mean_divergence_by_layer"])]
+    lines += [f"  layer {i:>3}: {d:.3f}"
+              for i, d in zip(s["layers"], s["mean_divergence_by_layer"])]
     ratio = s["middle_mean"] / s["edge_mean"] if s["edge_mean"] else float("nan")
     lines += ["", f"Middle layers {s['middle_layers']}: mean {s['middle_mean']:.3f}; other layers: "
               f"{s['edge_mean']:.3f} (ratio {ratio:.2f}; the paper's finding is < 1: routing "

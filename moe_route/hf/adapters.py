@@ -923,7 +923,8 @@ _USER_REGISTERED: set[str] = set()
 def register_adapter(router_class: str, adapter: Adapter) -> None:
     """Route ``router_class`` (a class name) through ``adapter``; replaces any earlier entry."""
     if not isinstance(adapter, Adapter):
-        raise TypeError(f"register_adapter: adapter must be an Adapter, got {type(adapter).__name__}")
+        raise TypeError(f"register_adapter: adapter must be an Adapter, got "
+                        f"{type(adapter).__name__}")
     REGISTRY[router_class] = adapter
     _USER_REGISTERED.add(router_class)
     UNSUPPORTED.pop(router_class, None)

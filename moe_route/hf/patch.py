@@ -6,10 +6,10 @@ capture keeps working) with a forward that computes the family's logits, then id
 optional statistics in one ``topk_gate`` call, with optional steering. Two families are patched
 on the block instead: DBRX's ``route_tokens_to_experts`` (its router returns only logits) and
 GPT-OSS's MXFP4 MLP forward (which skips the router's forward); Doge's MoE block, which routes
-inside its own forward, is patched as its own router (``adapters.ROUTING_BLOCKS``). Where accelerate has wrapped a
-forward (``device_map``, offloading), the patch goes under its hook (``_old_forward``), so
-weights are still moved in and outputs out. ``unpatch`` puts back whatever instance attributes
-were there before, restoring the original behaviour bit for bit.
+inside its own forward, is patched as its own router (``adapters.ROUTING_BLOCKS``). Where
+accelerate has wrapped a forward (``device_map``, offloading), the patch goes under its hook
+(``_old_forward``), so weights are still moved in and outputs out. ``unpatch`` puts back
+whatever instance attributes were there before, restoring the original behaviour bit for bit.
 
 Two modes:
     * fast (default): the fused gate picks the ids and computes the weights. Ids are those of the
@@ -485,7 +485,7 @@ class PatchHandle:
         resolved to before (the original forward or method). A forward wrapped by an accelerate
         hook (which calls ``_old_forward`` between moving inputs and outputs) is patched under
         the hook."""
-        if attr == "forward" and "_hf_hook" in module.__dict__ and "_old_forward" in module.__dict__:
+        if attr == "forward" and {"_hf_hook", "_old_forward"} <= module.__dict__.keys():
             attr = "_old_forward"
         before = module.__dict__.get(attr, _MISSING)
         self._saved.append((module, attr, before))
@@ -551,7 +551,8 @@ class PatchHandle:
 
     def __repr__(self):
         state = "active" if self.active else "removed"
-        return f"<moe_route patch of {type(self.model).__name__}: {len(self.routers)} routers, {state}>"
+        return (f"<moe_route patch of {type(self.model).__name__}: {len(self.routers)} routers, "
+                f"{state}>")
 
 
 def patch(model: nn.Module, *, exact: bool = False) -> PatchHandle:

@@ -6,8 +6,9 @@ stand in for a model's own router, and it carries optional steering and statisti
 ``moe_route.patch`` runs patched transformers routers through the same ``route`` function.
 
 Numerics:
-    * logits: ``F.linear(x, weight, bias)`` in ``linear_dtype`` (None: the input's dtype; DeepSeek-V3
-      routers compute in fp32), then cast to ``logits_dtype`` if given (Granite: fp32 after the GEMM);
+    * logits: ``F.linear(x, weight, bias)`` in ``linear_dtype`` (None: the input's dtype;
+      DeepSeek-V3 routers compute in fp32), then cast to ``logits_dtype`` if given (Granite: fp32
+      after the GEMM);
     * ids and weights: the fused gate (``moe_route.topk_gate``), fp32 math;
     * returned weights are cast to ``weights_dtype``: ``"logits"`` (OLMoE, Qwen), ``"float32"``
       (Mixtral, DeepSeek-V3) or ``"input"`` (Granite: the hidden states' dtype).
@@ -33,7 +34,8 @@ WEIGHTS_DTYPES = ("logits", "float32", "input")
 def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                   linear_dtype: Optional[torch.dtype] = None,
                   logits_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` in ``linear_dtype`` (None: as given), cast to ``logits_dtype``."""
+    """``F.linear(x, weight, bias)`` in ``linear_dtype`` (None: as given), cast to
+    ``logits_dtype``."""
     if linear_dtype is not None:
         x, weight = x.to(linear_dtype), weight.to(linear_dtype)
         bias = bias.to(linear_dtype) if bias is not None else None

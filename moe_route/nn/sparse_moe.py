@@ -128,7 +128,8 @@ class SparseMoE(nn.Module):
         nn.Module.__init__(self)
         self.router = TopKRouter.from_module(router, block)
         self.experts = experts
-        self.shared = getattr(block, "shared_experts", None) or getattr(block, "shared_expert", None)
+        self.shared = (getattr(block, "shared_experts", None)
+                       or getattr(block, "shared_expert", None))
         self.shared_gate = getattr(block, "shared_expert_gate", None)
         if check:
             _check_same(self, block)
