@@ -599,8 +599,14 @@ def main(argv=None) -> int:
         print("cases:", "; ".join(CASES))
         return 0
     if args.measure:  # one build's timings, in the process that imported it
+        import moe_route
         from moe_route import _loader
 
+        found = Path(moe_route.__file__).resolve().parent
+        if found != (ROOT / "moe_route").resolve():  # a variant timed as another build
+            print(f"gpu_tune: imported moe_route from {found}, not from this tree ({ROOT})",
+                  file=sys.stderr)
+            return 1
         if args.device == "cuda" and not _loader.has_kernel("topk_gate", "cuda"):
             print("gpu_tune: this build has no CUDA kernels", file=sys.stderr)
             return 1

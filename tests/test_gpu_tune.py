@@ -1,7 +1,11 @@
 """bench/gpu_tune.py: its variants still match the kernel sources, and its timing and table run
 (on the CPU here; the A/B builds themselves need a GPU machine)."""
 import importlib.util
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -174,3 +178,23 @@ def test_only_a_cuda_build_for_the_same_arch_lends_its_objects(tmp_path):
                   {"cuda_built": True, "cuda_archs": "9.0a", "debug": True}):
         info.write_text(tune.json.dumps(other))
         assert tune.base_temp("9.0a", tmp_path) is None
+
+
+def test_a_build_is_timed_only_from_its_own_tree(tmp_path):
+    """``--measure`` refuses to time a moe_route imported from another tree than the script's
+    (a variant would be timed as the base, or the base as a variant)."""
+    case = ["--device", "cpu", "--min-time", "0.01", "--cases", "gate T=64 E=256 k=8"]
+    ok = subprocess.run([sys.executable, str(tune.ROOT / "bench" / "gpu_tune.py"), "--measure",
+                         str(tmp_path / "here.json"), *case], cwd=tune.ROOT, capture_output=True,
+                        text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "median_us" in json.loads((tmp_path / "here.json").read_text())["gate T=64 E=256 k=8"]
+    (tmp_path / "bench").mkdir()
+    shutil.copy(tune.ROOT / "bench" / "gpu_tune.py", tmp_path / "bench")   # a tree without its build
+    env = dict(os.environ, PYTHONPATH=str(tune.ROOT))
+    other = subprocess.run([sys.executable, str(tmp_path / "bench" / "gpu_tune.py"), "--measure",
+                            str(tmp_path / "there.json"), *case], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert other.returncode == 1
+    assert f"imported moe_route from {tune.ROOT / 'moe_route'}, not from this tree" in other.stderr
+    assert not (tmp_path / "there.json").exists()
