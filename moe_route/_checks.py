@@ -1,17 +1,18 @@
-"""Integer arguments, checked one way across the package.
+"""Integer and bool arguments, checked one way across the package.
 
 An int argument is anything ``numbers.Integral`` but a bool: Python's ints and numpy's integer
 scalars (a batch size computed with numpy is fine), never ``True`` (an int to Python, a mistake
 here). A value of another type is a TypeError, an int out of range a ValueError; both name the
 caller, the argument, what it must be and what it was: ``few_shot: shots=-1 must be an int >=
-0``.
+0``. A bool argument is a Python bool: a switch given as 1, "yes" or ``numpy.True_`` is a
+TypeError, not read as true.
 """
 from __future__ import annotations
 
 import numbers
 from typing import Optional
 
-__all__ = ["is_int", "check_int"]
+__all__ = ["is_int", "check_int", "check_bool"]
 
 
 def is_int(value) -> bool:
@@ -47,3 +48,14 @@ def check_int(where: str, name: str, value, minimum: Optional[int] = None,
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         raise ValueError(f"{where}: {name}={value!r} must be {want}")
     return int(value)
+
+
+def check_bool(where: str, name: str, value) -> bool:
+    """``value``, unless it is not a Python bool: TypeError naming its type by module where it
+    has one (``numpy.bool``, not a puzzling "bool")."""
+    if not isinstance(value, bool):
+        kind = type(value)
+        kind_name = (kind.__name__ if kind.__module__ == "builtins"
+                     else f"{kind.__module__}.{kind.__qualname__}")
+        raise TypeError(f"{where}: {name}={value!r} must be a bool, got {kind_name}")
+    return value

@@ -16,7 +16,7 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 
 from moe_route import _loader, reference
-from moe_route._checks import check_int, is_int
+from moe_route._checks import check_bool, check_int, is_int
 
 __all__ = ["topk_gate", "RouterSpec", "SteerSpec", "GateStats"]
 
@@ -67,8 +67,8 @@ class RouterSpec:
         for name in ("n_group", "topk_group"):
             if not -2 ** 63 <= getattr(self, name) < 2 ** 63:
                 raise ValueError(f"RouterSpec: {name}={getattr(self, name)!r} must fit in int64")
-        _check_bool(self.renormalize, "RouterSpec: renormalize")
-        _check_bool(self.round_scores, "RouterSpec: round_scores")
+        check_bool("RouterSpec", "renormalize", self.renormalize)
+        check_bool("RouterSpec", "round_scores", self.round_scores)
         for name in ("renorm_eps", "scale"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -142,7 +142,7 @@ class SteerSpec:
         for name in reference.STEER_ROWS:
             object.__setattr__(self, name, _frozen_values(getattr(self, name), name))
         for name in ("select_only", "std_unbiased"):
-            _check_bool(getattr(self, name), f"SteerSpec: {name}")
+            check_bool("SteerSpec", name, getattr(self, name))
 
     def table(self, num_experts: int, device=None) -> torch.Tensor:
         """The ``[4, E]`` fp32 table the op takes (rows add, std, abs, force); cached per device."""
@@ -206,14 +206,6 @@ def _frozen_pairs(items, name: str) -> tuple:
     out = tuple(sorted(pairs.items()))
     _check_finite(out, name)
     return out
-
-
-def _check_bool(value, what: str) -> None:
-    if not isinstance(value, bool):
-        kind = type(value)
-        name = kind.__name__ if kind.__module__ == "builtins" else \
-            f"{kind.__module__}.{kind.__qualname__}"     # numpy.bool, not a puzzling "bool"
-        raise TypeError(f"{what} must be a bool, got {value!r} ({name})")
 
 
 def _check_finite(pairs, name: str) -> None:

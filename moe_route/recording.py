@@ -81,7 +81,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from moe_route._checks import check_int, is_int
+from moe_route._checks import check_bool, check_int, is_int
 from moe_route.hf.model_calls import past_length, stack_of, stacks, watch
 from moe_route.hf.patch import acquire, release
 from moe_route.ops import GateStats
@@ -109,8 +109,7 @@ class Recorder:
         max_groups = check_int("record", "max_groups", max_groups, 1)
         for name, value in (("dense", dense), ("coact", coact), ("trace", trace),
                             ("trace_logits", trace_logits)):
-            if not isinstance(value, bool):
-                raise TypeError(f"record: {name} must be a bool, got {value!r}")
+            check_bool("record", name, value)
         if not isinstance(default_group, str):
             raise TypeError(f"record: default_group must be a str, got "
                             f"{type(default_group).__name__}")

@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Union
 from torch import nn
 
 from moe_route._atomic import write_text_atomic
-from moe_route._checks import check_int, is_int
+from moe_route._checks import check_bool, check_int, is_int
 from moe_route._json import parse as parse_json
 from moe_route.ops import SteerSpec
 from moe_route.reference import FLT_MAX
@@ -93,8 +93,7 @@ class SteerEntry:
             raise ValueError(f"SteerEntry: force={self.force!r} must be -1 (off), 0 or +1 (on)")
         object.__setattr__(self, "force", int(self.force))
         for name in ("select_only", "std_unbiased"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"SteerEntry: {name}={getattr(self, name)!r} must be a bool")
+            check_bool("SteerEntry", name, getattr(self, name))
         if self.std_unbiased and self.std == 0:
             raise ValueError("SteerEntry: std_unbiased=True picks the std that the std field "
                              "scales, but std=0.0; give a std, or leave std_unbiased False")
@@ -181,8 +180,7 @@ class SteeringPlan(Mapping):
     def force(cls, layers, experts, on: bool = True, *,
               select_only: bool = False) -> "SteeringPlan":
         """Hard steering: the experts forced into (``on``) or out of every token's top-k."""
-        if not isinstance(on, bool):
-            raise TypeError(f"SteeringPlan.force: on={on!r} must be a bool")
+        check_bool("SteeringPlan.force", "on", on)
         return cls._uniform(layers, experts,
                             SteerEntry(force=1 if on else -1, select_only=select_only),
                             "SteeringPlan.force")

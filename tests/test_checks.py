@@ -1,5 +1,6 @@
-"""Integer arguments: one rule across the package (numpy's integers are ints, a bool is not) and
-one wording (caller, argument, what it must be, what it was)."""
+"""Integer and bool arguments: one rule across the package (numpy's integers are ints, a bool is
+not one; a switch is a Python bool) and one wording (caller, argument, what it must be, what it
+was)."""
 from __future__ import annotations
 
 import re
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from moe_route import GateStats, RouterSpec, SteerEntry, SteeringPlan, trace_by_position
-from moe_route._checks import check_int, is_int
+from moe_route._checks import check_bool, check_int, is_int
 from moe_route.analysis import expert_set_jaccard, few_shot, mcnemar_exact, plan_from_experts
 from moe_route.analysis.evaluation import ChoiceItem
 from moe_route.stats import LayerStats
@@ -104,3 +105,13 @@ def test_out_of_range_is_a_value_error_naming_the_bounds(call, error, message):
     with pytest.raises(error) as info:
         call()
     assert str(info.value) == message
+
+
+@pytest.mark.parametrize("value, got", [(1, "int"), ("yes", "str"), (None, "NoneType"),
+                                        (np.bool_(True), "numpy.bool")])
+def test_a_switch_is_a_python_bool(value, got):
+    assert check_bool("f", "on", True) is True and check_bool("f", "on", False) is False
+    with pytest.raises(TypeError) as info:
+        check_bool("f", "on", value)
+    # numpy 1 names its bool numpy.bool_
+    assert str(info.value).removesuffix("_") == f"f: on={value!r} must be a bool, got {got}"

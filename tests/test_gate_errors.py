@@ -235,14 +235,14 @@ def test_router_spec_out_of_range(fields, name):
 
 
 @pytest.mark.parametrize("fields,msg", [
-    (dict(renormalize="yes"), r"RouterSpec: renormalize must be a bool, got 'yes' \(str\)"),
-    (dict(renormalize=1), r"RouterSpec: renormalize must be a bool, got 1 \(int\)"),
+    (dict(renormalize="yes"), r"RouterSpec: renormalize='yes' must be a bool, got str"),
+    (dict(renormalize=1), r"RouterSpec: renormalize=1 must be a bool, got int"),
     (dict(scale="2"), r"RouterSpec: scale must be a real number, got str"),
     (dict(scale=True), r"RouterSpec: scale must be a real number, got bool"),
     (dict(renorm_eps=None), r"RouterSpec: renorm_eps must be a real number, got NoneType"),
     # numpy's bool is named in full: "must be a bool, got bool" puzzled
-    (dict(renormalize=np.bool_(True)), r"RouterSpec: renormalize must be a bool, got np.True_ "
-                                       r"\(numpy.bool_?\)"),
+    (dict(renormalize=np.bool_(True)), r"RouterSpec: renormalize=np.True_ must be a bool, got "
+                                       r"numpy.bool_?$"),
 ])
 def test_router_spec_types(fields, msg):
     with pytest.raises(TypeError, match=msg):
@@ -339,7 +339,7 @@ def test_knob_specs_are_built_once_and_still_checked():
     spec = moe_route.RouterSpec("sigmoid", renormalize=True)
     for got, want in zip((a, b), [moe_route.topk_gate(x, 2, spec)] * 2):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    with pytest.raises(TypeError, match="RouterSpec: renormalize must be a bool, got 1"):
+    with pytest.raises(TypeError, match="RouterSpec: renormalize=1 must be a bool, got int"):
         moe_route.topk_gate(x, 2, score="sigmoid", renormalize=1)
     with pytest.raises(ValueError, match=r"RouterSpec: score=\['x'\] must be one of"):
         moe_route.topk_gate(x, 2, score=["x"])                 # unhashable: checked uncached
@@ -366,7 +366,7 @@ def test_a_selection_bias_that_requires_grad_is_detached():
 def test_steer_spec_flags_are_bools(field, value):
     """A str select_only failed only inside the gate, with pybind's list of GateConfig
     signatures."""
-    with pytest.raises(TypeError, match=rf"SteerSpec: {field} must be a bool, got {value!r}"):
+    with pytest.raises(TypeError, match=rf"SteerSpec: {field}={value!r} must be a bool, got "):
         moe_route.SteerSpec(add={0: 1.0}, **{field: value})
 
 

@@ -158,7 +158,7 @@ def test_nothing_to_round(impl):
 
 
 def test_round_scores_must_be_a_bool():
-    with pytest.raises(TypeError, match="RouterSpec: round_scores must be a bool, got 1"):
+    with pytest.raises(TypeError, match="RouterSpec: round_scores=1 must be a bool, got int"):
         RouterSpec(round_scores=1)
     with pytest.raises(TypeError, match="topk_gate: round_scores must be a bool"):
         R.topk_gate(torch.zeros(2, 4), 1, round_scores="yes")

@@ -330,8 +330,8 @@ def test_record_option_errors():
     (dict(ignore_token_ids=[1.5]), TypeError, r"ignore_token_ids must be ints, got 1.5"),
     (dict(ignore_token_ids="abc"), TypeError, r"ignore_token_ids must be an iterable of ints"),
     (dict(ignore_token_ids=torch.tensor([1.0])), TypeError, r"must hold ints, got a torch.float"),
-    (dict(dense="no"), TypeError, r"dense must be a bool, got 'no'"),
-    (dict(coact=2), TypeError, r"coact must be a bool, got 2"),
+    (dict(dense="no"), TypeError, r"record: dense='no' must be a bool, got str"),
+    (dict(coact=2), TypeError, r"record: coact=2 must be a bool, got int"),
     (dict(max_groups=True), TypeError, r"max_groups=True must be an int >= 1, got bool"),
     (dict(max_groups=0), ValueError, r"max_groups=0 must be an int >= 1"),
 ])
@@ -1137,9 +1137,9 @@ def test_trace_statistics_errors():
         trace_statistics({})
     with pytest.raises(ValueError, match=r"\['ids'\] must be \[N, k\] with k >= 1"):
         trace_statistics({"l": dict(layer, ids=layer["ids"][:, :0], weights=torch.ones(1, 0))})
-    with pytest.raises(TypeError, match="renormalize must be a bool, got 1"):
+    with pytest.raises(TypeError, match="renormalize=1 must be a bool, got int"):
         trace_statistics({"l": layer}, renormalize=1)
-    with pytest.raises(TypeError, match="coact must be a bool, got 'yes'"):
+    with pytest.raises(TypeError, match="coact='yes' must be a bool, got str"):
         trace_statistics({"l": layer}, coact="yes")
     with pytest.raises(ValueError, match=r"trace\['l'\] holds no 'experts'"):
         trace_statistics({"l": {k: v for k, v in layer.items() if k != "experts"}})

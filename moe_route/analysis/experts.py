@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from moe_route._checks import check_int
+from moe_route._checks import check_bool, check_int
 from moe_route.analysis.metrics import (_check_stats, _layer_chunks, _one_device,
                                         _resolve_parallel, _stack_layers)
 from moe_route.hf.patch import layer_index
@@ -352,8 +352,7 @@ def plan_from_experts(experts_by_layer: Mapping, mode: str = "soft", lam: float 
         if wanted and experts_by_layer and not keys:
             raise ValueError(f"{where}: none of layers={sorted(wanted, key=str)[:8]} is a key of "
                              f"experts_by_layer ({list(experts_by_layer)[:8]})")
-    if not isinstance(std_unbiased, bool):
-        raise TypeError(f"{where}: std_unbiased={std_unbiased!r} must be a bool")
+    check_bool(where, "std_unbiased", std_unbiased)
     if std_unbiased and mode != "soft":
         raise ValueError(f"{where}: std_unbiased=True applies to mode='soft' (the std-scaled "
                          f"bias), got mode={mode!r}")

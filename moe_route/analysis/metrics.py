@@ -34,7 +34,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from moe_route._checks import check_int, is_int
+from moe_route._checks import check_bool, check_int, is_int
 from moe_route.reference import MAX_EXPERTS
 from moe_route.stats import RoutingStats
 
@@ -1148,8 +1148,7 @@ def trace_statistics(trace: Mapping, *, renormalize: bool = False,
     if not trace:
         raise ValueError(f"{where}: the trace holds no layer")
     for arg, value in (("renormalize", renormalize), ("coact", coact)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{where}: {arg} must be a bool, got {value!r}")
+        check_bool(where, arg, value)
     # one pass (an open_trace reads each layer once): groups are numbered as they first appear,
     # and the layers counted before a group appeared get its rows (zeros) at the end
     codes: Dict[str, int] = {}

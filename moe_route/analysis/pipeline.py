@@ -32,7 +32,7 @@ from moe_route.analysis.inputs import (BELEBELE, belebele_rows, chat_wrap, check
 from moe_route.analysis.progress import progress_bar
 from moe_route.recording import record
 from moe_route.traces import check_trace_path
-from moe_route._checks import check_int
+from moe_route._checks import check_bool, check_int
 from moe_route._json import parse as parse_json
 from moe_route.stats import RoutingStats, _short_list
 from moe_route.steering import SteeringPlan, steer
@@ -280,8 +280,7 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
                          "mapping")
     batch_size = check_batch_size("record_sequences", batch_size)
     max_length = _check_max_length("record_sequences", max_length)
-    if not isinstance(all_tokens, bool):
-        raise TypeError(f"record_sequences: all_tokens={all_tokens!r} must be a bool")
+    check_bool("record_sequences", "all_tokens", all_tokens)
     _check_trace_options(trace_path, record_options)
     given = record_options.get("meta")
     if given is not None and not isinstance(given, Mapping):
