@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Union
 import torch
 
 from moe_route._atomic import fsync_dir, fsync_file, make_temp, mode_of
-from moe_route._checks import check_int
+from moe_route._checks import check_int, is_int
 from moe_route._json import read as read_json
 from moe_route.ops import GateStats
 
@@ -715,10 +715,10 @@ def _check_manifest(manifest, manifest_file: str) -> None:
     def need_int(key, value, minimum, none_ok=False):
         if none_ok and value is None:
             return
-        is_int = isinstance(value, int) and not isinstance(value, bool)
-        if not is_int or value < minimum:
+        integer = is_int(value)
+        if not integer or value < minimum:
             bad(f"{key}={value!r} must be {'null or ' if none_ok else ''}an int >= {minimum}"
-                + ("" if is_int else f", got {type(value).__name__}"))
+                + ("" if integer else f", got {type(value).__name__}"))
 
     if not isinstance(manifest, dict):
         bad(f"expected a JSON object, got {type(manifest).__name__}")

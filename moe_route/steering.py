@@ -358,7 +358,7 @@ class SteeringPlan(Mapping):
             raise ValueError(f"SteeringPlan.from_json: format={doc.get('format')!r}, expected "
                              f"{FORMAT!r}")
         version = doc.get("version")
-        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        if not is_int(version) or version < 1:
             raise ValueError(f"SteeringPlan.from_json: version={version!r} must be an int >= 1")
         if version > FORMAT_VERSION:
             raise ValueError(f"SteeringPlan.from_json: version={version} is newer than this "

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import numbers
 import os
 import struct
 import weakref
@@ -16,6 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from moe_route._atomic import make_temp, write_atomic
+from moe_route._checks import is_int
 from moe_route._json import parse as parse_json
 from moe_route.stats import _check_json, _package_version, _safetensors
 
@@ -95,7 +95,7 @@ def _check_trace_layer(name, layer, where: str, checked_group=None) -> int:
                          f"{tuple(getattr(tokens, 'shape', ()))}")
     experts = layer.get("experts")
     if experts is not None:
-        if isinstance(experts, bool) or not isinstance(experts, numbers.Integral) or experts < 1:
+        if not is_int(experts) or experts < 1:
             raise ValueError(f"{where}: trace[{name!r}]['experts'] must be the layer's expert "
                              f"count, an int >= 1, got {experts!r}")
         if N and not 0 <= int(ids.min()) <= int(ids.max()) < experts:

@@ -279,7 +279,7 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
         raise ValueError("record_sequences: corpus must be a non-empty {language: sequences} "
                          "mapping")
     batch_size = check_batch_size("record_sequences", batch_size)
-    max_length = _check_max_length("record_sequences", max_length)
+    max_length = check_int("record_sequences", "max_length", max_length, 1, none="whole texts")
     check_bool("record_sequences", "all_tokens", all_tokens)
     _check_trace_options(trace_path, record_options)
     given = record_options.get("meta")
@@ -335,11 +335,6 @@ def _check_trace_options(trace_path, record_options: dict) -> None:
                              f"trace_path=PATH keeps")
         return
     check_trace_path(trace_path, where)
-
-
-def _check_max_length(caller: str, max_length) -> Optional[int]:
-    """``max_length``, None (whole texts) or an int >= 1."""
-    return check_int(caller, "max_length", max_length, 1, none="whole texts")
 
 
 def _check_corpus(corpus: Corpus, tokenizer) -> None:
