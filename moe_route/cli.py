@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -173,10 +174,14 @@ def _load_model(args):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     try:
         _check_device(args.device)
-        # Loaded onto --device as read (no full copy in host memory first); "auto" spreads a
-        # model no single device holds over the GPUs, then the CPU (accelerate's device map).
-        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype,
-                                                                  device_map=args.device)
+        # With accelerate, a GPU's weights go there as they are read (no full copy in host memory
+        # first) and "auto" spreads a model no single device holds over the GPUs, then the CPU;
+        # without it, the model is read into host memory and moved.
+        mapped = args.device != "cpu" and _has_accelerate()
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            args.model, dtype=dtype, **({"device_map": args.device} if mapped else {}))
+        if not mapped and args.device != "cpu":
+            model = model.to(args.device)
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     except (OSError, RuntimeError, ValueError) as exc:
         raise SystemExit(_fail(args.command, ValueError(f"cannot load {args.model!r} on "
@@ -186,10 +191,18 @@ def _load_model(args):
     return model.eval(), tokenizer
 
 
+def _has_accelerate() -> bool:
+    return importlib.util.find_spec("accelerate") is not None
+
+
 def _check_device(device: str) -> None:
-    """ValueError unless ``device`` is ``auto`` or a device this machine has (a CUDA device
-    torch was not built for, or past the count, was an AssertionError inside the load)."""
+    """ValueError unless ``device`` is ``auto`` with accelerate installed or a device this
+    machine has (a CUDA device torch was not built for, or past the count, was an AssertionError
+    inside the load)."""
     if device == "auto":
+        if not _has_accelerate():
+            raise ValueError("--device auto places the model with accelerate's device map: "
+                             "pip install accelerate, or name a device (cpu, cuda, cuda:N)")
         return
     try:
         where = torch.device(device)
@@ -504,7 +517,8 @@ def _model_arguments(p):
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--device", default="cpu",
                    help="where the model goes: cpu (default), cuda, cuda:1, ..., or auto (over "
-                        "every GPU, then the CPU, for a model one device cannot hold)")
+                        "every GPU, then the CPU, for a model one device cannot hold; needs "
+                        "accelerate)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--chat-template", action="store_true",
                    help="wrap each text in the tokenizer's chat template, thinking off (its "

@@ -406,7 +406,6 @@ def test_cli_demo_recovers_the_planted_answer(tmp_path):
 def test_cli_analyze_and_experts_on_a_saved_model(tmp_path):
     """``moe-route analyze`` and ``experts`` end to end on a local model directory (a tiny OLMoE
     and a word-level tokenizer saved with save_pretrained: what a user passes as MODEL)."""
-    pytest.importorskip("accelerate")  # the CLI loads models with a device map
     model_dir = tmp_path / "model"
     build("olmoe").save_pretrained(model_dir)
     word_tokenizer().save_pretrained(model_dir)
@@ -709,38 +708,83 @@ def test_cli_a_model_that_cannot_be_loaded_ends_in_one_line(tmp_path, capsys):
     assert len(err.splitlines()) == 1
 
 
-def test_cli_loads_the_model_with_a_device_map(tmp_path, capsys):
-    """--device is the device map of ``from_pretrained``: the weights go where they are asked
-    for as they are read, and ``auto`` places a model over the devices there are (here, the
-    CPU) with the same routing; a device that is not there ends in one line."""
-    pytest.importorskip("accelerate")
+def _load(cli, model_dir, device):
     import argparse
-    from moe_route import cli
 
+    args = argparse.Namespace(model=str(model_dir), dtype="fp32", device=device, command="analyze")
+    return args, cli._load_model(args)
+
+
+@pytest.fixture
+def saved_olmoe(tmp_path):
     model_dir = tmp_path / "model"
     build("olmoe").save_pretrained(model_dir)
     word_tokenizer().save_pretrained(model_dir)
+    return model_dir
+
+
+def _routing(model, ids):
+    with moe_route.record(model, trace=True) as rec, torch.no_grad():
+        model(ids.to(next(model.parameters()).device))
+    return [layer["ids"].cpu() for layer in rec.trace.values()]
+
+
+@pytest.mark.parametrize("accelerate", ["installed", "absent"])
+def test_cli_loads_the_model_where_device_says(saved_olmoe, capsys, monkeypatch, accelerate):
+    """--device cpu loads without accelerate; ``auto`` (accelerate's device map) places the model
+    over the devices there are (here, the CPU) with the same routing, and without accelerate
+    ends in one line saying what to do; a device that is not there ends in one line."""
+    from moe_route import cli
+
+    if accelerate == "installed":
+        pytest.importorskip("accelerate")
+    else:
+        monkeypatch.setitem(sys.modules, "accelerate", None)  # find_spec: None, import fails
     ids = torch.randint(0, 10, (2, 6), generator=torch.Generator().manual_seed(0))
-    routing = []
-    for device in ("cpu", "auto"):
-        args = argparse.Namespace(model=str(model_dir), dtype="fp32", device=device,
-                                  command="analyze")
-        model, tok = cli._load_model(args)
+    args, (model, tok) = _load(cli, saved_olmoe, "cpu")
+    assert {p.device.type for p in model.parameters()} == {"cpu"} and not model.training
+    assert tok.pad_token == "<pad>"
+    routing = _routing(model, ids)
+    if accelerate == "installed":
+        args, (model, _) = _load(cli, saved_olmoe, "auto")
         assert {p.device.type for p in model.parameters()} == {"cpu"}
-        assert tok.pad_token == "<pad>"
-        with moe_route.record(model, trace=True) as rec, torch.no_grad():
-            model(ids)
-        routing.append([layer["ids"] for layer in rec.trace.values()])
-    assert all(torch.equal(a, b) for a, b in zip(*routing))
+        assert all(torch.equal(a, b) for a, b in zip(routing, _routing(model, ids)))
+        capsys.readouterr()     # the loads' progress bars
+    else:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            _load(cli, saved_olmoe, "auto")
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err == (
+            f"moe-route analyze: cannot load {str(saved_olmoe)!r} on auto: --device auto places "
+            "the model with accelerate's device map: pip install accelerate, or name a device "
+            "(cpu, cuda, cuda:N)\n")
     args.device = "cuda:7" if not torch.cuda.is_available() else "cuda:999"
-    capsys.readouterr()         # the loads' progress bars
     with pytest.raises(SystemExit) as exit_:
         cli._load_model(args)
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert err == (f"moe-route analyze: cannot load {str(model_dir)!r} on {args.device}: this "
+    assert err == (f"moe-route analyze: cannot load {str(saved_olmoe)!r} on {args.device}: this "
                    f"machine has {torch.cuda.device_count()} CUDA device"
                    f"{'s' * (torch.cuda.device_count() != 1)}\n")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("accelerate", ["installed", "absent"])
+def test_cli_loads_the_model_onto_a_gpu(saved_olmoe, monkeypatch, accelerate):
+    """--device cuda: with accelerate the weights go there as they are read, without it they are
+    read into host memory and moved; either way the routing is the CPU model's."""
+    from moe_route import cli
+
+    if accelerate == "installed":
+        pytest.importorskip("accelerate")
+    else:
+        monkeypatch.setitem(sys.modules, "accelerate", None)
+    ids = torch.randint(0, 10, (2, 6), generator=torch.Generator().manual_seed(0))
+    _, (model, _) = _load(cli, saved_olmoe, "cuda")
+    assert {p.device.type for p in model.parameters()} == {"cuda"} and not model.training
+    _, (on_cpu, _) = _load(cli, saved_olmoe, "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(_routing(on_cpu, ids), _routing(model, ids)))
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -768,7 +768,6 @@ def test_global_mmlu_from_the_hub_layout(monkeypatch, tmp_path):
 def test_cli_evaluate_with_a_plan_on_a_saved_model(tmp_path):
     """``moe-route evaluate`` on a local model directory: baseline.json equals choice_accuracy
     run in Python; with --plan also steered.json and ab.json with the paired comparison."""
-    pytest.importorskip("accelerate")  # the CLI loads models with a device map
     model_dir = tmp_path / "model"
     build("olmoe").save_pretrained(model_dir)
     tok = word_tokenizer(WORDS)
