@@ -3,7 +3,8 @@
     python bench/cpu_ab.py OLD_TREE NEW_TREE [--rounds 5] [--min-time 0.15] [--json PATH]
 
 e.g. for the commit before a change:
-    git worktree add /tmp/old HEAD~1 && (cd /tmp/old && MOE_ROUTE_SKIP_CUDA=1 python setup.py build_ext --inplace)
+    git worktree add /tmp/old HEAD~1
+    (cd /tmp/old && MOE_ROUTE_SKIP_CUDA=1 python setup.py build_ext --inplace)
     python bench/cpu_ab.py /tmp/old .
 
 Each tree runs in its own process (both build ``moe_route._C``, so they cannot share one), the

@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = tuple(sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu")
                       if not p.name.endswith("_selftest.cu")))
 REGS_PER_SM, MAX_WARPS_PER_SM, REG_UNIT = 65536, 64, 256
-CTA_THREADS = {"topk_gate_kernel": 256, "topk_gate_wide_kernel": 512, "permute_kernel": 256, "unpermute_kernel": 256,
-               "plan_scan_kernel": 1024, "plan_one_cta_kernel": 1024}  # hist/scatter: vary with E
+CTA_THREADS = {"topk_gate_kernel": 256, "topk_gate_wide_kernel": 512, "permute_kernel": 256,
+               "unpermute_kernel": 256, "plan_scan_kernel": 1024,
+               "plan_one_cta_kernel": 1024}  # hist/scatter: vary with E
 
 LOGIT_TYPES = {"0": "fp32", "1": "fp16", "2": "bf16"}
 ELEM_TYPES = {"f": "fp32", "6__half": "fp16", "13__nv_bfloat16": "bf16"}

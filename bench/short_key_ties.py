@@ -56,7 +56,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     print(f"rows selected again on 64-bit keys, of {args.rows} random rows, k={args.k}")
-    print(f"{'E':>5} {'fp32 logits':>12} {'full build':>11} {'sigmoid+bias':>13} {'bf16 in fp32':>13}")
+    print(f"{'E':>5} {'fp32 logits':>12} {'full build':>11} {'sigmoid+bias':>13} "
+          f"{'bf16 in fp32':>13}")
     for E in (64, 128, 256, 512):
         z = rng.standard_normal((args.rows, E)).astype(np.float32)
         bias = (rng.standard_normal(E) * 0.1).astype(np.float32)

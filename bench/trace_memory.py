@@ -90,7 +90,8 @@ def main() -> None:
     extra = traced["peak_mib"] - plain["peak_mib"]
     print(f"{traced['tokens']:,} tokens, 16 layers, top-8: peak RSS {plain['peak_mib']:.0f} MiB "
           f"without the trace, {traced['peak_mib']:.0f} MiB with it (+{extra:.0f} MiB); "
-          f"trace file {traced['file_mib']:.0f} MiB; peak extra / file {extra / traced['file_mib']:.2f}; "
+          f"trace file {traced['file_mib']:.0f} MiB; "
+          f"peak extra / file {extra / traced['file_mib']:.2f}; "
           f"recording {plain['seconds']:.1f} s / {traced['seconds']:.1f} s")
     base = reads["none"]["peak_mib"]
     for how, name in (("load", "load_trace"), ("open", "open_trace")):

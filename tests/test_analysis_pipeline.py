@@ -186,8 +186,8 @@ def test_record_sequences_counts_only_the_text_tokens():
 
 def test_record_sequences_saves_a_trace_that_agrees_with_its_statistics(tmp_path):
     """trace_path keeps every token's routing: the counted tokens carry their sequence's group,
-    the template's and the padding carry none, and each sequence's expert counts from the trace's ids are the
-    statistics' counts; the file holds the statistics' meta."""
+    the template's and the padding carry none, and each sequence's expert counts from the
+    trace's ids are the statistics' counts; the file holds the statistics' meta."""
     from moe_route.analysis import trace_agreement
 
     model = build("olmoe")
@@ -573,7 +573,8 @@ def test_write_report_refuses_bad_arguments_before_writing_anything(tmp_path):
     ("experts", ["--max-length", "-3"], "--max-length -3 must be an int >= 1"),
     ("evaluate", ["--out", "FILE"], "exists and is not a directory"),
     ("evaluate", ["--plan", "FLOAT_FORCE"], "force=1.0 must be an int in {-1, 0, 1}"),
-    ("evaluate", ["--task", "NUMBER"], "the first line must be a JSON object (a question), got int"),
+    ("evaluate", ["--task", "NUMBER"],
+     "the first line must be a JSON object (a question), got int"),
     ("demo", ["--out", "FILE"], "exists and is not a directory"),
 ])
 def test_cli_refuses_bad_arguments_before_loading_the_model(tmp_path, capsys, command, extra,

@@ -168,7 +168,8 @@ def test_unpermute_bf16_rounding_and_weight_dtypes():
     plan = moe_route.dispatch_plan(ids, E)
     g = torch.Generator().manual_seed(10)
     # 1 + j/256 with weights 0.5 and 0.5 lands on bf16 ties (8 fraction bits) half of the time
-    y = (1 + torch.randint(0, 256, (plan.row_slot.shape[0], H), generator=g) / 256).to(torch.bfloat16)
+    y = 1 + torch.randint(0, 256, (plan.row_slot.shape[0], H), generator=g) / 256
+    y = y.to(torch.bfloat16)
     for w in (torch.full((T, k), 0.5), torch.rand(T, k, generator=g).to(torch.bfloat16),
               torch.rand(T, k, generator=g).double()):
         _assert_bits_equal(moe_route.unpermute(y, plan, w), R.unpermute(y, plan.slot_row, w))
@@ -512,7 +513,8 @@ def test_permute_checks_the_rows_in_use_on_the_cpu():
     plan = moe_route.dispatch_plan(torch.tensor([[0, 1], [1, 2]]), 3, block_size=4)  # R = 13
     bad = plan.expert_offsets.clone()
     bad[-1] = 14  # at most 4 + 3*min(3, 4) = 13 rows can be in use
-    with pytest.raises(ValueError, match=r"expert_offsets\[E\]=14 rows in use must be in \[0, 13\]"):
+    with pytest.raises(ValueError,
+                       match=r"expert_offsets\[E\]=14 rows in use must be in \[0, 13\]"):
         torch.ops.moe_route.permute(torch.zeros(2, 3), plan.row_slot, plan.slot_row, 2, bad)
     bad[-1] = -1
     with pytest.raises(ValueError, match=r"expert_offsets\[E\]=-1 rows in use"):

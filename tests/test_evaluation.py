@@ -184,8 +184,10 @@ def test_eval_result_round_trip_and_errors(tmp_path):
                                               r"and 'predictions'"),
     (lambda d: d["languages"]["eng"].update(correct=["x", 1]),
      r"correct\['eng'\] must hold one bool \(or 0/1 int\) per question, got \['x', 1\]"),
-    (lambda d: d["languages"]["eng"].update(correct=[2, -1]), r"correct\['eng'\] must hold .*, got \[2, -1\]"),
-    (lambda d: d["languages"]["eng"].update(correct=[0.5, 1]), r"correct\['eng'\] must hold .*, got \[0.5, 1\]"),
+    (lambda d: d["languages"]["eng"].update(correct=[2, -1]),
+     r"correct\['eng'\] must hold .*, got \[2, -1\]"),
+    (lambda d: d["languages"]["eng"].update(correct=[0.5, 1]),
+     r"correct\['eng'\] must hold .*, got \[0.5, 1\]"),
     (lambda d: d["languages"]["eng"].update(correct=1), r"correct\['eng'\] must be a bool tensor "
                                                         r"or a list of bools, got int"),
     (lambda d: d["languages"]["eng"].update(predictions="ab"), r"predictions\['eng'\] must be a "

@@ -31,7 +31,8 @@ def test_matches_eager_and_grouped_mm_fp32(family):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_experts_module_matches_transformers(family, dtype):
     """Same experts module, same (hidden, ids, weights), every implementation. (End to end in
-    bf16 a last-bit difference can flip a later layer's routing, so the comparison is per module.)"""
+    bf16 a last-bit difference can flip a later layer's routing, so the comparison is per
+    module.)"""
     model = build(family, dtype=dtype)
     ex = next(m for n, m in model.named_modules() if n.endswith("experts"))
     g = torch.Generator().manual_seed(2)
@@ -100,8 +101,9 @@ def test_expert_parallel_sentinels_are_dropped(family):
     ex = _experts(family)
     E = ex.num_experts
     g = torch.Generator().manual_seed(4)
-    h = torch.randn(12, ex.gate_up_proj.shape[-1] if ex.is_transposed else ex.gate_up_proj.shape[-1],
-                    generator=g)
+    # gate_up_proj is [E, H, 2I] when transposed (GPT-OSS), else [E, 2I, H]
+    H = ex.gate_up_proj.shape[1] if ex.is_transposed else ex.gate_up_proj.shape[-1]
+    h = torch.randn(12, H, generator=g)
     ids = torch.randint(0, E, (12, 2), generator=g)
     ids[::3, 1] = E  # sentinel of an expert on another rank
     w = torch.rand(12, 2, generator=g)

@@ -190,7 +190,8 @@ def test_a_build_is_timed_only_from_its_own_tree(tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert "median_us" in json.loads((tmp_path / "here.json").read_text())["gate T=64 E=256 k=8"]
     (tmp_path / "bench").mkdir()
-    shutil.copy(tune.ROOT / "bench" / "gpu_tune.py", tmp_path / "bench")   # a tree without its build
+    # a tree without its build
+    shutil.copy(tune.ROOT / "bench" / "gpu_tune.py", tmp_path / "bench")
     env = dict(os.environ, PYTHONPATH=str(tune.ROOT))
     other = subprocess.run([sys.executable, str(tmp_path / "bench" / "gpu_tune.py"), "--measure",
                             str(tmp_path / "there.json"), *case], cwd=tmp_path, env=env,

@@ -113,7 +113,8 @@ KERNEL_CASES = [
 @pytest.mark.skipif(not HAS_CPU_KERNEL, reason="native extension not loaded")
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("steered", [False, True])
-@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("case", KERNEL_CASES,
+                         ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_kernel_matches_the_reference(case, steered, dtype):
     """The CPU kernel against the reference, with statistics and crowded logits (many rounded
     ties, broken to the lower index): the same ids and, to fp32 rounding, the same weights and

@@ -38,17 +38,23 @@ def test_parse_ptxas_reads_registers_and_spills_per_kernel():
 
 
 @pytest.mark.parametrize("mangled, label", [
-    ("_ZN9moe_route4cuda6detail16topk_gate_kernelILi32ELNS_9LogitTypeE0ELb1ELb0ELb0EEEvNS_10GateParams",
+    ("_ZN9moe_route4cuda6detail16topk_gate_kernelILi32ELNS_9LogitTypeE0ELb1ELb0ELb0"
+     "EEEvNS_10GateParams",
      "topk_gate VPT=32 fp32 full"),
-    ("_ZN9moe_route4cuda6detail16topk_gate_kernelILi1ELNS_9LogitTypeE1ELb1ELb1ELb0EEEvNS_10GateParams",
+    ("_ZN9moe_route4cuda6detail16topk_gate_kernelILi1ELNS_9LogitTypeE1ELb1ELb1ELb0"
+     "EEEvNS_10GateParams",
      "topk_gate VPT=1 fp16 replay"),
-    ("_ZN9moe_route4cuda6detail16topk_gate_kernelILi16ELNS_9LogitTypeE1ELb0ELb0ELb1EEEvNS_10GateParams",
+    ("_ZN9moe_route4cuda6detail16topk_gate_kernelILi16ELNS_9LogitTypeE1ELb0ELb0ELb1"
+     "EEEvNS_10GateParams",
      "topk_gate VPT=16 fp16 half keys"),
-    ("_ZN9moe_route4cuda6detail22topk_gate_kernel_statsILi8ELNS_9LogitTypeE2EEEvNS_10GateParamsENS1_8GatePlanE",
+    ("_ZN9moe_route4cuda6detail22topk_gate_kernel_statsILi8ELNS_9LogitTypeE2"
+     "EEEvNS_10GateParamsENS1_8GatePlanE",
      "topk_gate VPT=8 bf16 half keys + stats"),
-    ("_ZN9moe_route4cuda6detail21topk_gate_wide_kernelILi32ELNS_9LogitTypeE2ELb0EEEvNS_10GateParamsENS1_8WidePlanE",
+    ("_ZN9moe_route4cuda6detail21topk_gate_wide_kernelILi32ELNS_9LogitTypeE2ELb0"
+     "EEEvNS_10GateParamsENS1_8WidePlanE",
      "topk_gate wide VPT=32 bf16 plain"),
-    ("_ZN9moe_route4cuda6detail21topk_gate_wide_kernelILi16ELNS_9LogitTypeE0ELb1EEEvNS_10GateParamsENS1_8WidePlanE",
+    ("_ZN9moe_route4cuda6detail21topk_gate_wide_kernelILi16ELNS_9LogitTypeE0ELb1"
+     "EEEvNS_10GateParamsENS1_8WidePlanE",
      "topk_gate wide VPT=16 fp32 full"),
     ("_ZN9moe_route4cuda6detail14permute_kernelILi16ELb0EEEvNS_13PermuteParamsEil",
      "permute 16-byte copies"),

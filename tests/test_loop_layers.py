@@ -201,7 +201,7 @@ def test_pass_keys_that_name_nothing_or_twice(model):
     cases = [({f"{LOOP}@pass2": [1]}, r"names pass 2, but .* runs 2 passes per forward"),
              ({f"{L0}@pass0": [1]}, r"is not a loop layer: it routes once per forward"),
              ({LOOP: [1], SITES[2]: [2]}, r"name the same router .* \(or the same pass of it\)"),
-             ({SITES[1]: [1], f"model.layers.1.mlp@pass0": [2]}, r"name the same router"),
+             ({SITES[1]: [1], "model.layers.1.mlp@pass0": [2]}, r"name the same router"),
              ({f"{LOOP}@passes": [1]}, r"is not an MoE layer of the model")]
     for layers, match in cases:
         plan = moe_route.SteeringPlan.force(None, layers)

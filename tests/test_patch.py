@@ -49,13 +49,14 @@ def _assert_same_routing(ref_log, our_log, weight_tol, logits=None):
         # Unsorted families (DeepSeek-V3 topk(sorted=False)) order their k ids differently.
         s0, s1 = i0.sort(-1), i1.sort(-1)
         same = (s0.values == s1.values).all(-1)
+        differ = f"{name}: ids differ on tokens {(~same).nonzero().flatten().tolist()}"
         if logits is not None and not same.all():
             z = logits[j].float()
             tied = torch.equal(z[~same].gather(-1, i0[~same]).sort(-1).values,
                                z[~same].gather(-1, i1[~same]).sort(-1).values)
-            assert tied, f"{name}: ids differ on tokens {(~same).nonzero().flatten().tolist()}"
+            assert tied, differ
         else:
-            assert same.all(), f"{name}: ids differ on tokens {(~same).nonzero().flatten().tolist()}"
+            assert same.all(), differ
         assert w0.dtype == w1.dtype and i0.dtype == i1.dtype, name
         torch.testing.assert_close(w1.float().gather(-1, s1.indices)[same],
                                    w0.float().gather(-1, s0.indices)[same], **weight_tol)
@@ -90,7 +91,10 @@ def test_every_router_matches_on_the_same_input(family, dtype):
     """Every router, patched and unpatched, on the same captured hidden states."""
     model = build(family, dtype=dtype)
     captured = []
-    hooks = [r.register_forward_pre_hook(lambda mod, args, name=name: captured.append((name, mod, args[0])))
+    def capture(mod, args, name):
+        captured.append((name, mod, args[0]))
+
+    hooks = [r.register_forward_pre_hook(lambda mod, args, name=name: capture(mod, args, name))
              for name, r, _ in find_routers(model)]
     _run(model, family, _ids(1))
     for h in hooks:
@@ -301,7 +305,8 @@ def test_sparse_moe_standalone_matches_reference_composition():
             for j in range(2):
                 e = int(ids[t, j])
                 gate, up = (moe.experts.gate_up_proj[e] @ x[t]).chunk(2)
-                want[t] += w[t, j] * (moe.experts.down_proj[e] @ (torch.nn.functional.silu(gate) * up))
+                act = torch.nn.functional.silu(gate) * up
+                want[t] += w[t, j] * (moe.experts.down_proj[e] @ act)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

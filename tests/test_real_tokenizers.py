@@ -296,8 +296,8 @@ def grown(model):
     old = model.get_input_embeddings().weight.shape[0]
     model.resize_token_embeddings(1024, mean_resizing=False)
     with torch.no_grad():
-        model.get_input_embeddings().weight[old:].normal_(0, 1,
-                                                          generator=torch.Generator().manual_seed(0))
+        new_rows = model.get_input_embeddings().weight[old:]
+        new_rows.normal_(0, 1, generator=torch.Generator().manual_seed(0))
     return model
 
 

@@ -79,7 +79,8 @@ def test_counts_and_weights_match_unpatched_routing(family):
         assert layer.tokens.tolist() == [sel.shape[0]]
         assert torch.equal(layer.counts[0], torch.bincount(sel.reshape(-1), minlength=E))
         if w is not None:  # else the family post-processes the gate's weights (docs)
-            want_w = torch.zeros(E, dtype=torch.float64).index_add_(0, sel.reshape(-1), w.reshape(-1).double())
+            want_w = torch.zeros(E, dtype=torch.float64)
+            want_w.index_add_(0, sel.reshape(-1), w.reshape(-1).double())
             torch.testing.assert_close(layer.weight_sum[0].double(), want_w, rtol=1e-5, atol=1e-5)
         onehot = torch.nn.functional.one_hot(sel, E).sum(1)
         assert torch.equal(layer.coact, onehot.T @ onehot)
@@ -121,7 +122,8 @@ def test_generate_records_prompt_and_decode_tokens(family):
     model = build(family)
     prompt = _ids(2, (2, 5))
     new = 4
-    for tokens, want in (("all", 2 * 5 + 2 * (new - 1)), ("prompt", 10), ("generated", 2 * (new - 1))):
+    for tokens, want in (("all", 2 * 5 + 2 * (new - 1)), ("prompt", 10),
+                         ("generated", 2 * (new - 1))):
         with moe_route.record(model, tokens=tokens) as rec, torch.no_grad():
             model.generate(prompt, max_new_tokens=new, do_sample=False)
         assert [int(layer.tokens.sum()) for layer in rec.stats] == [want] * 2, tokens
@@ -385,7 +387,8 @@ def test_trace_matches_statistics_and_round_trips(tmp_path):
         assert t["group"] == ["a"] * 16 + ["b"] * 8
         for g, name in enumerate(stats.group_names):
             rows = torch.tensor([x == name for x in t["group"]])
-            assert torch.equal(layer.counts[g], torch.bincount(t["ids"][rows].long().reshape(-1), minlength=8))
+            want = torch.bincount(t["ids"][rows].long().reshape(-1), minlength=8)
+            assert torch.equal(layer.counts[g], want)
         assert t["logits"].shape == (24, 8) and t["experts"] == 8
         assert t["tokens"].dtype == torch.int32 and torch.equal(t["tokens"].long(),
                                                                  ids.reshape(-1))

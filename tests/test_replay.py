@@ -284,7 +284,8 @@ def test_bad_routing_is_refused_before_anything_runs():
     cases = [
         ({names[0]: torch.tensor([[0, 1, 2]] * 4)}, ValueError, "3 ids per token, but "),
         ({names[0]: torch.tensor([[0, 0]] * 4)}, ValueError,
-         r"routing\['model.layers.0.mlp.gate'\]: row 0 must hold 2 distinct expert ids in \[0, 8\)"),
+         r"routing\['model.layers.0.mlp.gate'\]: "
+         r"row 0 must hold 2 distinct expert ids in \[0, 8\)"),
         ({names[0]: torch.tensor([[0, 8]] * 4)}, ValueError, r"got \[0, 8\]"),
         ({names[0]: good.float()}, ValueError, "int16/int32/int64"),
         ({names[0]: good[0]}, ValueError, r"\[N, k\] or \[B, S, k\]"),
@@ -456,8 +457,9 @@ def test_trace_by_position_type_errors_name_the_argument(change, msg):
 
 
 def test_by_position_reads_a_positional_cache():
-    """``model(ids, None, None, cache)`` passes the KV cache positionally (OlmoeForCausalLM.forward's
-    fourth parameter): the call continues at the cache's length, so it takes those positions."""
+    """``model(ids, None, None, cache)`` passes the KV cache positionally
+    (OlmoeForCausalLM.forward's fourth parameter): the call continues at the cache's length, so
+    it takes those positions."""
     model = build("olmoe")
     B, S, S0 = 2, 7, 4
     ids = _ids(14, (B, S))

@@ -1,4 +1,5 @@
-"""bench/short_key_ties.py: the CUDA gate's short-key check, in numpy, on rows with known answers."""
+"""bench/short_key_ties.py: the CUDA gate's short-key check, in numpy, on rows with known
+answers."""
 import importlib.util
 from pathlib import Path
 
