@@ -1273,6 +1273,34 @@ def test_exact_mode_records_the_jitter_draw_the_model_routed(logits, monkeypatch
         assert torch.equal(trace[layer.name]["ids"][:, 0].long(), chosen), layer.name
 
 
+@pytest.mark.parametrize("family", ["olmoe", "mixtral", "qwen3_moe", "gpt_oss"])
+def test_exact_mode_counts_the_experts_the_model_routed_to_on_ties(family):
+    """Exact mode routes with the model's own torch.topk, which does not always give an exact tie
+    to the lower index as the gate does: the statistics and the trace count the model's choice
+    (the gate replays its ids), and replaying the trace reproduces the run."""
+    model = build(family, dtype=torch.bfloat16)
+    name, router, _ = find_routers(model)[0]
+    with torch.no_grad():  # experts 0 and 2 tie on every token
+        router.weight[2] = router.weight[0]
+        if getattr(router, "bias", None) is not None:
+            router.bias[2] = router.bias[0]
+    routed = []
+    hook = router.register_forward_hook(lambda m, a, out: routed.append(out[2]))
+    kw = inputs(family, _ids(5, (4, 32)), model)
+    with torch.no_grad(), moe_route.patch(model, exact=True):
+        with moe_route.record(model, trace=True) as rec:
+            ref = model(**kw).logits
+        with moe_route.replay(model, rec.trace):
+            again = model(**kw).logits
+    hook.remove()
+    own = routed[0].reshape(-1, routed[0].shape[-1])
+    higher = ((own == 2).any(-1) & ~(own == 0).any(-1)).sum()
+    assert higher > 0, "torch.topk gave every tie to expert 0: the test shows nothing"
+    assert torch.equal(rec.stats[name].counts[0], torch.bincount(own.flatten(), minlength=8))
+    assert torch.equal(rec.trace[name]["ids"].long(), own)
+    assert torch.equal(again, ref)
+
+
 def test_positional_arguments_are_bound_to_the_forward_signature():
     """``model(ids, mask)`` passes the attention mask positionally (OlmoeForCausalLM.forward's
     second parameter): record skips its padding as it does for ``attention_mask=mask``."""

@@ -102,6 +102,11 @@ class Adapter:
             routed on); None where the output holds no logits (Gemma4 returns probabilities,
             DBRX's block method is given them): exact mode recomputes them, with the RNG set
             back to where the router drew (so a recompute must not change its input in place).
+        ids_at: the index of the ids in the router's own output. Exact mode's statistics and
+            trace replay them through the gate, so that they count the experts the model routed
+            to, torch.topk's choice among exactly tied scores included. None where the output
+            holds no ids to replay (dense or one-hot outputs, a dispatch plan, Zaya's skipped
+            slots): there they count the gate's choice, which gives a tie to the lower index.
         fixed_choice: the router's choice is not a top-k of its scores (DeepSeek-V4's hash
             routing): the patch always runs the router's own forward, records the ``(logits,
             weights, ids)`` it returns, and refuses to steer it.
@@ -133,6 +138,7 @@ class Adapter:
     autocast: bool = True
     returns: Optional[Callable[..., tuple]] = None
     logits_at: Optional[int] = 0
+    ids_at: Optional[int] = 2
     fixed_choice: bool = False
     limits: str = ""
     block_method: Optional[str] = None
@@ -742,7 +748,7 @@ SOFTMAX_GROUPED_FP32 = Adapter("softmax_grouped", "S6b", _s6b(lambda r: True),
 # Llama4Router (an nn.Linear): top-k of the logits, sigmoid of each; dense scores returned
 LOGIT_TOPK_DENSE_SIGMOID = Adapter("logit_topk_dense_sigmoid", "S7",
                                    lambda r, b=None: RouterSpec("sigmoid", select_on="logits"),
-                                   returns=_llama4_returns, logits_at=1)
+                                   returns=_llama4_returns, logits_at=1, ids_at=None)
 # record's statistics and trace hold each token's choice; Switch and NLLB then drop the tokens
 # beyond an expert's capacity
 _CAPACITY_LIMIT = "record counts tokens dropped for expert capacity as routed to their choice"
@@ -755,14 +761,15 @@ _CAPACITY_LIMIT = "record counts tokens dropped for expert capacity as routed to
 SWITCH_TOP1 = Adapter("switch_top1", "S7", lambda r, b=None: RouterSpec("softmax"),
                       weight="classifier.weight", weights_dtype="input", top_k=1,
                       prologue=_switch_prologue, linear=_classifier_linear,
-                      returns=_switch_returns, logits_at=2, limits=_CAPACITY_LIMIT)
+                      returns=_switch_returns, logits_at=2, ids_at=None,
+                      limits=_CAPACITY_LIMIT)
 # NllbMoeTop2Router: fp32 softmax top-2 (second_expert_policy "all" only); the family's masks,
 # capacity and combine weights rebuilt from the gate's ids (the Switch caveats on half precision
 # and on capacity drops in the statistics apply)
 NLLB_TOP2 = Adapter("nllb_top2", "S7", _nllb_spec, weight="classifier.weight",
                     weights_dtype="input", top_k=2, prologue=_nllb_prologue,
                     linear=_classifier_linear,
-                    returns=_nllb_returns, logits_at=2,
+                    returns=_nllb_returns, logits_at=2, ids_at=None,
                     limits=f"second_expert_policy 'all' only (the others sample); "
                            f"{_CAPACITY_LIMIT}")
 # PhimoeTopKRouter: top-2 of the logits (sparsemixer's eval choices), weights rebuilt by the
@@ -779,7 +786,7 @@ SPARSEMIXER = Adapter("sparsemixer", "S7", lambda r, b=None: RouterSpec("softmax
 JETMOE = Adapter("topk_softmax_plan", "S2",
                  lambda r, b=None: RouterSpec("softmax", select_on="logits"),
                  weight="layer.weight", logits_dtype=torch.float32, weights_dtype="input",
-                 returns=_jetmoe_returns, logits_at=4)
+                 returns=_jetmoe_returns, logits_at=4, ids_at=None)
 # InklingTopkRouter: fp32 with autocast off, sigmoid of the routed logits plus a selection bias;
 # weights normalised together with the shared experts' (the returns hook)
 INKLING = Adapter("sigmoid_topk_shared_norm", "S7", _gate("sigmoid"),
@@ -792,13 +799,13 @@ INKLING = Adapter("sigmoid_topk_shared_norm", "S7", _gate("sigmoid"),
 # statistics count the skip class as expert E
 ZAYA = Adapter("softmax_topk_skip", "S5", _gate(round_scores=True), weight="down_proj.weight",
                selection_bias="router:balancing_biases", num_experts=("num_router_classes",),
-               linear=_zaya_linear, returns=_zaya_returns)
+               linear=_zaya_linear, returns=_zaya_returns, ids_at=None)
 # DbrxRouter returns only its logits; the gate replaces DbrxFFN.route_tokens_to_experts, which
 # routes them (softmax in the logits' dtype, then top-k without a bias: half-precision
 # probabilities order the experts as the logits do, except where they tie at that precision,
 # which the model leaves to torch.topk and the gate gives to the higher logit)
 DBRX = Adapter("dbrx_softmax_topk", "S1d", _dbrx_spec, weight="layer.weight",
-               top_k=("block.top_k",), returns=_dbrx_returns, logits_at=None,
+               top_k=("block.top_k",), returns=_dbrx_returns, logits_at=None, ids_at=1,
                block_method="route_tokens_to_experts")
 
 # DogeCDMoE has no router module: the block routes by product keys. router_gate's output, viewed
@@ -845,7 +852,7 @@ PRODUCT_KEYS = Adapter("product_key_topk_softmax", "S7",
                        lambda r, b=None: RouterSpec("softmax", select_on="logits",
                                                     renormalize=bool(r.norm_topk_prob)),
                        weight="router_gate.weight", num_experts=_doge_experts,
-                       linear=_doge_linear, returns=_doge_returns, logits_at=None,
+                       linear=_doge_linear, returns=_doge_returns, logits_at=None, ids_at=None,
                        limits="the block is its router (experts i*sqrt(E)+j of the product keys); "
                               "needs top_k <= sqrt(num_experts); on CUDA num_experts <= 16384 "
                               "(the config default) and top_k <= 256")

@@ -16,7 +16,9 @@ Two modes:
       unpatched model; weights agree to fp32 rounding (families whose top-k is unsorted, such as
       DeepSeek-V3, get their k ids in descending order instead).
     * ``exact=True``: unsteered routers run their own forward (bit-identical model outputs); the
-      gate only accumulates statistics when recording. Steered routers use the fused gate.
+      gate only accumulates statistics when recording, replaying the ids the router chose (so
+      they count torch.topk's choice among exact ties; ``Adapter.ids_at``). Steered routers use
+      the fused gate.
 """
 from __future__ import annotations
 
@@ -118,7 +120,7 @@ class RouterState:
                 groups = self._groups(z)
                 w, ids = topk_gate(z, self.top_k, self._spec_for(z),
                                    selection_bias=ad.selection_bias_of(router, self.block, args),
-                                   stats=stats, groups=groups)
+                                   stats=stats, groups=groups, replay=self._own_ids(out, z))
                 if trace is not None:
                     trace(self.site(p), z, w, ids, groups)
             return out
@@ -192,6 +194,16 @@ class RouterState:
             return self.adapter.logits(router, hidden_states, args, kwargs)
         finally:
             _set_rng_state(device, after)
+
+    def _own_ids(self, out, z: torch.Tensor) -> Optional[torch.Tensor]:
+        """The ``[T, k]`` ids the router's own forward routed with (exact mode), for the gate to
+        replay; None where its output holds none (``Adapter.ids_at``)."""
+        at = self.adapter.ids_at
+        ids = out[at] if at is not None and isinstance(out, tuple) and len(out) > at else None
+        if (not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex()
+                or ids.numel() != z.shape[0] * self.top_k):
+            return None
+        return ids.detach().reshape(z.shape[0], self.top_k)
 
     def _record_own(self, hidden_states, args, kwargs, stats, trace, p, refused):
         if refused is not None:
