@@ -3,6 +3,7 @@
 
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
+#include <c10/util/safe_numerics.h>
 
 #include <algorithm>
 #include <limits>
@@ -101,12 +102,14 @@ at::Tensor prepare_permute(const at::Tensor& x, const at::Tensor& row_slot,
   TORCH_CHECK_TYPE(row_slot.scalar_type() == at::kLong, "permute: row_slot must be torch.int64, "
                    "got ", dtype_name(row_slot.scalar_type()));
   TORCH_CHECK_VALUE(k >= 1, "permute: k=", k, " must be >= 1");
+  int64_t N = 0;  // T*k, which a raw call's k can overflow
+  TORCH_CHECK_VALUE(!c10::mul_overflows(x.size(0), k, &N), "permute: T*k overflows int64 (T=",
+                    x.size(0), ", k=", k, ")");
   TORCH_CHECK_VALUE(row_slot.is_contiguous(), "permute: row_slot must be contiguous");
   TORCH_CHECK_TYPE(slot_row.scalar_type() == at::kLong, "permute: slot_row must be torch.int64, "
                    "got ", dtype_name(slot_row.scalar_type()));
-  TORCH_CHECK_VALUE(slot_row.dim() == 1 && slot_row.size(0) == x.size(0) * k &&
-                        slot_row.is_contiguous(),
-                    "permute: slot_row must be contiguous 1-D of length T*k=", x.size(0) * k,
+  TORCH_CHECK_VALUE(slot_row.dim() == 1 && slot_row.size(0) == N && slot_row.is_contiguous(),
+                    "permute: slot_row must be contiguous 1-D of length T*k=", N,
                     ", got shape ", shape_str(slot_row));
   same_device(x, row_slot, "permute", "row_slot");
   same_device(x, slot_row, "permute", "slot_row");
@@ -122,7 +125,7 @@ at::Tensor prepare_permute(const at::Tensor& x, const at::Tensor& row_slot,
   p.elem_bytes = x.element_size();
   if (expert_offsets.has_value()) {
     same_device(x, *expert_offsets, "permute", "expert_offsets");
-    set_used_rows(*expert_offsets, x.size(0) * k, p);
+    set_used_rows(*expert_offsets, N, p);
   }
   if (rs.is_cpu()) {
     // The CPU kernel copies x's row of the slot each row names: a row_slot of another plan (more
@@ -130,9 +133,9 @@ at::Tensor prepare_permute(const at::Tensor& x, const at::Tensor& row_slot,
     // skipped. On the GPU this would cost a host sync: the kernel skips slot_row entries outside
     // [0, R) instead (the only indices it writes through).
     const auto [lo, hi] = index_range(rs, p.used_rows ? *p.used_rows : p.R);
-    TORCH_CHECK_VALUE(lo >= -1 && hi < x.size(0) * k, "permute: row_slot holds slots in [", lo,
-                      ", ", hi, "], but x has T=", x.size(0), " rows and k=", k, ", so T*k=",
-                      x.size(0) * k, " slots: row_slot must be the plan of x's tokens");
+    TORCH_CHECK_VALUE(lo >= -1 && hi < N, "permute: row_slot holds slots in [", lo, ", ", hi,
+                      "], but x has T=", x.size(0), " rows and k=", k, ", so T*k=", N,
+                      " slots: row_slot must be the plan of x's tokens");
   }
   return out;
 }

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 
 from moe_route import _loader, reference
+from moe_route._checks import check_bool
 
 __all__ = ["DispatchPlan", "dispatch_plan", "permute", "unpermute"]
 
@@ -66,7 +67,8 @@ def dispatch_plan(ids: torch.Tensor, num_experts: int, block_size: int = 1) -> D
     """
     k = ids.shape[-1] if isinstance(ids, torch.Tensor) and ids.dim() == 2 else 0
     if (k == 0 or type(num_experts) is not int or type(block_size) is not int
-            or not 1 <= num_experts <= reference.MAX_EXPERTS):
+            or not 1 <= num_experts <= reference.MAX_EXPERTS
+            or not 1 <= block_size <= reference.MAX_BLOCK_SIZE):
         reference.check_dispatch_args(ids, num_experts, block_size)  # names the bad argument
     out = _call("dispatch_plan", ids, (ids, num_experts, block_size), reference.dispatch_plan)
     return DispatchPlan(*out, k=k)
@@ -88,7 +90,7 @@ def permute(x: torch.Tensor, plan: DispatchPlan, *, zero_tail: bool = True) -> t
     if x.dim() == 2 and x.shape[0] * plan.k != plan.slot_row.shape[0]:
         raise ValueError(f"permute: x must have the plan's T={plan.slot_row.shape[0] // plan.k} "
                          f"rows (one per token), got shape {tuple(x.shape)}")
-    offsets = None if zero_tail else plan.expert_offsets
+    offsets = None if check_bool("permute", "zero_tail", zero_tail) else plan.expert_offsets
     _same_device("permute", "x", x, row_slot=plan.row_slot, slot_row=plan.slot_row,
                  expert_offsets=offsets)
     return _call("permute", x, (x, plan.row_slot, plan.slot_row, plan.k, offsets),

@@ -71,6 +71,9 @@ FLT_MAX = torch.finfo(torch.float32).max
 # keys give 1024² = 2**20). A larger value is a mistake, and the [num_experts]-sized tables built
 # from it would not fit in memory (the allocator's error would not say which argument was wrong).
 MAX_EXPERTS = 1 << 20
+# The largest block a dispatch plan pads experts to: far past any GEMM tile. A plan holds
+# num_experts * (block_size - 1) rows of padding, so a larger one is a mistake of the same kind.
+MAX_BLOCK_SIZE = 1 << 16
 
 SCORES = ("softmax", "sigmoid", "sqrtsoftplus", "none")
 SELECT_ON = ("scores", "logits")
@@ -468,8 +471,9 @@ def check_dispatch_args(ids, num_experts, block_size):
             raise TypeError(f"dispatch_plan: {name} must be an int, got {type(value).__name__}")
     if not 1 <= num_experts <= MAX_EXPERTS:
         raise ValueError(f"dispatch_plan: num_experts={num_experts} must be in [1, {MAX_EXPERTS}]")
-    if block_size < 1:
-        raise ValueError(f"dispatch_plan: block_size={block_size} must be >= 1")
+    if not 1 <= block_size <= MAX_BLOCK_SIZE:
+        raise ValueError(f"dispatch_plan: block_size={block_size} must be in "
+                         f"[1, {MAX_BLOCK_SIZE}]")
 
 
 def dispatch_plan(ids, num_experts, block_size=1):

@@ -1,4 +1,5 @@
 """dispatch_plan / permute / unpermute: kernels against the reference, errors, compile."""
+import numpy as np
 import pytest
 import torch
 
@@ -130,6 +131,14 @@ def test_permute_without_tail_known_answer():
     rows = moe_route.permute(x, plan, zero_tail=False)
     assert rows.shape == (12, 3)
     assert rows[:8, 0].tolist() == [1, 2, 1, 3, 4, 0, 2, 0]
+
+
+@pytest.mark.parametrize("zero_tail", [None, 0, 1, "no", np.bool_(True)])
+def test_zero_tail_must_be_a_bool(zero_tail):
+    """None left the tail unwritten as False does; "no" zeroed it as True does."""
+    plan = moe_route.dispatch_plan(torch.tensor([[0, 1]]), 4, block_size=64)
+    with pytest.raises(TypeError, match=r"permute: zero_tail=.* must be a bool, got "):
+        moe_route.permute(torch.ones(1, 8), plan, zero_tail=zero_tail)
 
 
 def _assert_bits_equal(got, want):
@@ -284,13 +293,21 @@ _LONG = dict(dtype=torch.long)
     (lambda d: moe_route.dispatch_plan(torch.zeros(2, 2, **_LONG, device=d), 0), ValueError,
      "num_experts=0"),
     (lambda d: moe_route.dispatch_plan(torch.zeros(2, 2, **_LONG, device=d), 4, 0), ValueError,
-     "block_size=0"),
-    (lambda d: moe_route.dispatch_plan(torch.zeros(2, 2, **_LONG, device=d), 4, 2**62),
+     r"block_size=0 must be in \[1, 65536\]"),
+    # a block that fits int64 but not memory: 4 experts x 2**31 rows of padding
+    (lambda d: moe_route.dispatch_plan(torch.zeros(2, 2, **_LONG, device=d), 4, 2**31),
+     ValueError, r"block_size=2147483648 must be in \[1, 65536\]"),
+    (lambda d: torch.ops.moe_route.dispatch_plan(torch.zeros(2, 2, **_LONG, device=d), 4, 2**62),
      ValueError, "overflows int64"),
     (lambda d: torch.ops.moe_route.permute(torch.zeros(2, 3, **_LONG, device=d),
                                            torch.zeros(4, **_LONG, device=d),
                                            torch.zeros(4, **_LONG, device=d), 2),
      TypeError, "x must be float32"),
+    # T*k wraps to 8 = the plan's length: a wrong call that passed the length check
+    (lambda d: torch.ops.moe_route.permute(torch.zeros(4, 3, device=d),
+                                           torch.zeros(8, **_LONG, device=d),
+                                           torch.zeros(8, **_LONG, device=d), 2**62 + 2),
+     ValueError, r"permute: T\*k overflows int64 \(T=4, k=4611686018427387906\)"),
     (lambda d: torch.ops.moe_route.permute(torch.zeros(2, 3, device=d),
                                            torch.zeros(4, dtype=torch.int32, device=d),
                                            torch.zeros(4, **_LONG, device=d), 2),

@@ -85,10 +85,16 @@ def _grouped_linear(module, x: torch.Tensor, weight: torch.Tensor, bias, plan: D
 def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     if not hasattr(F, "grouped_mm") or torch.compiler.is_compiling():
         return False
-    if x.device.type == "cuda":
-        return torch.cuda.get_device_capability(x.device) >= (8, 0)
-    # The CPU kernel wants 16-byte aligned operands (memory-mapped weights may not be).
-    return x.device.type == "cpu" and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
+    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
+        return False
+    # grouped_mm wants 16-byte aligned operands (memory-mapped weights may not be) and strides
+    # (a bf16 row of 12 features is not)
+    return x.device.type in ("cpu", "cuda") and _aligned16(x) and _aligned16(w)
+
+
+def _aligned16(t: torch.Tensor) -> bool:
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride() if s != 1)
 
 
 def _per_expert_linear(x, w, offsets):
