@@ -316,6 +316,29 @@ def test_sparse_moe_standalone_matches_reference_composition(H, I, dtype):
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("make, exc, message", [
+    (lambda: TopKRouter(8, 4, True), TypeError,
+     r"TopKRouter: top_k=True must be an int in \[1, 4\] \(of num_experts=4\), got bool"),
+    (lambda: TopKRouter(8, 4, 2.0), TypeError, r"TopKRouter: top_k=2.0 must be an int"),
+    (lambda: TopKRouter(8, 4, 5), ValueError, r"TopKRouter: top_k=5 must be an int in \[1, 4\]"),
+    (lambda: TopKRouter(8, 4.0, 2), TypeError, r"TopKRouter: num_experts=4.0 must be an int"),
+    (lambda: TopKRouter(0, 4, 2), ValueError, r"TopKRouter: hidden_size=0 must be an int >= 1"),
+    (lambda: TopKRouter(8, 4, 2, bias=1), TypeError, r"TopKRouter: bias=1 must be a bool"),
+    (lambda: TopKRouter(8, 6, 2, moe_route.RouterSpec(n_group=4, topk_group=2)), ValueError,
+     r"TopKRouter: spec.n_group=4 must divide num_experts=6"),
+    (lambda: TopKRouter(8, 8, 5, moe_route.RouterSpec(n_group=4, topk_group=2)), ValueError,
+     r"TopKRouter: top_k=5 must be <= spec.topk_group \* experts per group = 4"),
+    (lambda: SparseMoE(8, 8, 4, True), TypeError, r"SparseMoE: top_k=True must be an int"),
+    (lambda: SparseMoE(8, 0, 4, 2), ValueError, r"SparseMoE: intermediate_size=0 must be an int"),
+    (lambda: SparseMoE(8, 8, 4, 2, gated="yes"), TypeError, r"Experts: gated='yes' must be a bool"),
+])
+def test_modules_refuse_bad_arguments_when_built(make, exc, message):
+    """Refused by the constructor, naming the module and the argument, not at the first forward
+    (where top_k=True and a spec whose groups do not fit used to fail)."""
+    with pytest.raises(exc, match=message):
+        make()
+
+
 @pytest.mark.parametrize("family", ["olmoe", "mixtral", "gpt_oss", "deepseek_v3"])
 def test_train_mode_gradients_match(family):
     """The gate has no backward: patched routers recompute the chosen weights differentiably, so

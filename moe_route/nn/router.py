@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_route._checks import check_bool, check_int
 from moe_route.ops import GateStats, RouterSpec, SteerSpec, topk_gate
 
 __all__ = ["TopKRouter", "route", "router_logits", "weights_out_dtype"]
@@ -48,6 +49,17 @@ def weights_out_dtype(rule: str, logits: torch.Tensor, hidden_states: torch.Tens
     if rule == "logits":
         return logits.dtype
     return hidden_states.dtype if rule == "input" else torch.float32
+
+
+def _check_groups(spec: RouterSpec, E: int, k: int) -> None:
+    """The group limit of ``spec`` against E experts and k: ValueError at construction, not at
+    the first forward."""
+    if E % spec.n_group:
+        raise ValueError(f"TopKRouter: spec.n_group={spec.n_group} must divide "
+                         f"num_experts={E}")
+    if spec.n_group > 1 and k > spec.topk_group * (E // spec.n_group):
+        raise ValueError(f"TopKRouter: top_k={k} must be <= spec.topk_group * experts per group "
+                         f"= {spec.topk_group * (E // spec.n_group)}")
 
 
 def route(logits: torch.Tensor, k: int, spec: RouterSpec, *, selection_bias=None,
@@ -82,13 +94,19 @@ class TopKRouter(nn.Module):
                  logits_dtype: Optional[torch.dtype] = None, weights_dtype: str = "logits",
                  device=None, dtype=None):
         super().__init__()
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"TopKRouter: top_k={top_k} must be in [1, num_experts={num_experts}]")
+        hidden_size = check_int("TopKRouter", "hidden_size", hidden_size, 1)
+        num_experts = check_int("TopKRouter", "num_experts", num_experts, 1)
+        top_k = check_int("TopKRouter", "top_k", top_k, 1, num_experts,
+                          means=f"of num_experts={num_experts}")
+        check_bool("TopKRouter", "bias", bias)
+        check_bool("TopKRouter", "selection_bias", selection_bias)
         if weights_dtype not in WEIGHTS_DTYPES:
             raise ValueError(f"TopKRouter: weights_dtype={weights_dtype!r} must be one of "
                              f"{WEIGHTS_DTYPES}")
         if spec is not None and not isinstance(spec, RouterSpec):
             raise TypeError(f"TopKRouter: spec must be a RouterSpec, got {type(spec).__name__}")
+        if spec is not None:
+            _check_groups(spec, num_experts, top_k)
         self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
         self.spec = spec or RouterSpec()
         self.linear_dtype, self.logits_dtype, self.weights_dtype = (linear_dtype, logits_dtype,

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_route._checks import check_bool, check_int
 from moe_route.nn.experts import experts_forward
 from moe_route.nn.router import TopKRouter
 from moe_route.ops import RouterSpec
@@ -22,6 +23,11 @@ __all__ = ["SparseMoE", "Experts"]
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
                "relu": F.relu}
+
+
+def _check_sizes(where: str, **sizes) -> None:
+    for name, value in sizes.items():
+        check_int(where, name, value, 1)
 
 
 class Experts(nn.Module):
@@ -35,6 +41,10 @@ class Experts(nn.Module):
                  activation: str = "silu", gated: bool = True, bias: bool = False,
                  device=None, dtype=None):
         super().__init__()
+        _check_sizes("Experts", hidden_size=hidden_size, intermediate_size=intermediate_size,
+                     num_experts=num_experts)
+        check_bool("Experts", "gated", gated)
+        check_bool("Experts", "bias", bias)
         if activation not in ACTIVATIONS:
             raise ValueError(f"Experts: activation={activation!r} must be one of "
                              f"{sorted(ACTIVATIONS)}")
@@ -82,6 +92,10 @@ class SparseMoE(nn.Module):
                  gated: bool = True, bias: bool = False, shared: Optional[nn.Module] = None,
                  shared_gate: Optional[nn.Module] = None, device=None, dtype=None):
         super().__init__()
+        _check_sizes("SparseMoE", hidden_size=hidden_size, intermediate_size=intermediate_size,
+                     num_experts=num_experts)
+        check_int("SparseMoE", "top_k", top_k, 1, num_experts,
+                  means=f"of num_experts={num_experts}")
         self.router = TopKRouter(hidden_size, num_experts, top_k, spec, device=device,
                                  dtype=dtype)
         self.experts = Experts(hidden_size, intermediate_size, num_experts,
