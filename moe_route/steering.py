@@ -393,7 +393,10 @@ class SteeringPlan(Mapping):
                                      f"{expert}: entry must be an object, got {entry!r:.80}")
                 entries[expert] = entry
             data[layer] = entries
-        return cls(data)
+        try:
+            return cls(data)
+        except TypeError as exc:  # a field of the wrong type: damaged content, not an argument
+            raise ValueError(str(exc)) from None
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write ``to_json(indent=1)`` to ``path`` atomically (temp file, fsync, rename)."""
@@ -483,15 +486,24 @@ def _entry(value, where: str) -> SteerEntry:
 
 
 def _layer_list(layers, where: str) -> List[LayerKey]:
+    layers = _scalar(layers)
     if isinstance(layers, str) or not isinstance(layers, Iterable):
         return [_layer_key(layers, where)]
     return [_layer_key(layer, where) for layer in layers]
 
 
 def _expert_list(experts, where: str) -> List[int]:
+    experts = _scalar(experts)
     if isinstance(experts, str) or not isinstance(experts, Iterable):
         return [_expert_key(experts, where)]
     return [_expert_key(e, where) for e in experts]
+
+
+def _scalar(value):
+    """A 0-d tensor or array as the number it holds (it is one id, but iterating it raises)."""
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
+        return value.item()
+    return value
 
 
 def _layer_order(layer: LayerKey):
