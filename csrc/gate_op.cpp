@@ -46,6 +46,9 @@ T* check_opt(const OptTensor& t, const char* name, std::initializer_list<int64_t
                       name, " is an inference tensor (made under torch.inference_mode) and is "
                       "written in place: call the gate under inference_mode too, or make the "
                       "statistics buffers outside it");
+    TORCH_CHECK_VALUE(!x.requires_grad(), "topk_gate: ", name, " requires grad and is written "
+                      "in place, which autograd would not see: make the statistics buffers "
+                      "without requires_grad");
   }
   if (x.is_contiguous()) return static_cast<T*>(x.data_ptr());
   TORCH_CHECK_VALUE(keep, "topk_gate: ", name, " must be contiguous (it is written in place)");

@@ -271,6 +271,10 @@ def check_gate_args(logits, k, score, select_on, selection_bias, n_group, topk_g
         _check_tensor(name, buf, want, (dtypes.get(name, torch.float32),), logits.device)
         if not buf.is_contiguous():
             raise ValueError(f"topk_gate: {name} must be contiguous (it is written in place)")
+        if buf.requires_grad:
+            raise ValueError(f"topk_gate: {name} requires grad and is written in place, which "
+                             f"autograd would not see: make the statistics buffers without "
+                             f"requires_grad")
     if G == 0 and any(stats[n] is not None for n in shapes if shapes[n][0] == "G"):
         raise ValueError("topk_gate: statistics buffers need at least one group, got G=0")
     written = [(n, b) for n, b in stats.items() if b is not None] if check_group_values else []

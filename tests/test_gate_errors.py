@@ -296,6 +296,23 @@ def test_inference_buffers_refused_outside_inference_mode():
     assert stats.tokens.tolist() == [T]
 
 
+@pytest.mark.parametrize("backend", ["kernel", "reference"])
+def test_buffers_that_require_grad_are_refused(backend):
+    """The kernel added into a leaf that requires grad, unseen by autograd; the reference raised
+    torch's RuntimeError about in-place operations. Both refuse it before writing anything."""
+    if backend == "kernel" and not HAS_CPU_KERNEL:
+        pytest.skip("no extension")
+    prob_sum = torch.zeros(1, E, requires_grad=True)
+    gate = moe_route.topk_gate if backend == "kernel" else R.topk_gate
+    with pytest.raises(ValueError, match=r"topk_gate: prob_sum requires grad and is written in "
+                                         r"place"):
+        if backend == "kernel":
+            gate(logits(), 2, stats=moe_route.GateStats(prob_sum=prob_sum))
+        else:
+            gate(logits(), 2, prob_sum=prob_sum)
+    assert int(prob_sum.detach().abs().sum()) == 0
+
+
 @pytest.mark.skipif(not HAS_CPU_KERNEL, reason="no extension")
 @pytest.mark.parametrize("which", ["logits", "selection_bias"])
 def test_raw_op_refuses_to_differentiate(which):
