@@ -36,7 +36,7 @@ MOE_ROUTE_INLINE float sanitize(float x) {
 }
 
 // exp(x) = 2^n * q: n = round(x / ln2), q = exp(x - n ln2) by a two-part reduction and the
-// degree-5 Cephes polynomial. For |x| <= 88.72.
+// degree-5 Cephes polynomial. For x in [-104, 88.72].
 MOE_ROUTE_INLINE void exp_reduce(float x, float& n, float& q) {
   n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
@@ -57,27 +57,27 @@ MOE_ROUTE_INLINE float pow2i(int32_t e) {
   return f;
 }
 
-// exp(x) to about 1 ulp (Cephes expf: n = round(x/ln2), two-part reduction, degree-5 polynomial),
-// written without calls or branches so the row loops vectorise. Like IEEE exp it overflows to
-// +inf above ln(FLT_MAX); below -87.3 it returns 0 instead of a denormal (difference < 1.2e-38).
+// exp(x) to about 1 ulp, denormal results included (Cephes expf: n = round(x/ln2), two-part
+// reduction, degree-5 polynomial), written without calls or branches so the row loops vectorise.
+// 2^n, n in [-150, 128], is not always a normal float, so q takes it in two exact steps,
+// 2^(n>>1) and 2^(n - (n>>1)), the second rounding once into the denormals as IEEE exp does (a
+// softmax probability below 1.2e-38 is not 0: renormalised among the chosen experts it can be
+// most of the weight). Like IEEE exp it overflows to +inf above ln(FLT_MAX), and is 0 below -104.
 MOE_ROUTE_INLINE float exp_fast(float x) {
-  const float xc = std::min(std::max(x, -87.5f), 88.72f);
+  const float xc = std::min(std::max(x, -104.f), 88.72f);
   float n, q;
   exp_reduce(xc, n, q);
-  // 2^n for n up to 128: scale by 2^(n-1) and then 2 when n > 0, so the exponent field fits.
-  const int32_t ni = static_cast<int32_t>(n);
-  const int32_t half = ni > 0 ? ni - 1 : ni;
-  const float y = (q * pow2i(half)) * (ni > 0 ? 2.f : 1.f);
-  return x > 88.7228394f ? INFINITY : (x < -87.3f ? 0.f : y);
+  const int32_t ni = static_cast<int32_t>(n), half = ni >> 1;
+  const float y = (q * pow2i(half)) * pow2i(ni - half);
+  return x > 88.7228394f ? INFINITY : y;
 }
 
-// exp(x) for x <= 0 (softmax numerators exp(z - max)): the same polynomial without the overflow
-// handling, which cannot trigger there.
+// exp(x) for x <= 0 (softmax numerators exp(z - max)), n in [-150, 0]: q * 2^(n+64), then
+// 2^-64.
 MOE_ROUTE_INLINE float exp_nonpos(float x) {
-  const float xc = std::max(x, -87.5f);
   float n, q;
-  exp_reduce(xc, n, q);
-  return x < -87.3f ? 0.f : q * pow2i(static_cast<int32_t>(n));
+  exp_reduce(std::max(x, -104.f), n, q);
+  return (q * pow2i(static_cast<int32_t>(n) + 64)) * 0x1p-64f;
 }
 
 MOE_ROUTE_INLINE float sigmoid(float x) { return 1.f / (1.f + exp_fast(-x)); }
@@ -270,13 +270,27 @@ MOE_ROUTE_INLINE float hsum8(f32x8 a) {
   return quads[0] + quads[4];
 }
 
-// Sum with 8 fixed partial sums (a fixed order, whatever the vector width).
-MOE_ROUTE_INLINE float sum8(const float* x, int64_t n) {
+// Sum of up to kSumBlock values with 8 fixed partial sums (a fixed order, whatever the vector
+// width).
+constexpr int64_t kSumBlock = 128;
+MOE_ROUTE_INLINE float block_sum8(const float* x, int64_t n) {
   f32x8 acc = splat8(0.f);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) acc += load8(x + i);
   for (int j = 0; i < n; ++i, ++j) acc[j] += x[i];
   return hsum8(acc);
+}
+
+// Sum of n values: block_sum8 of each block of kSumBlock, the block totals added in double. A
+// lane adds at most 16 values in fp32, so the rounding error does not grow with n as one running
+// sum per lane's does (2e-5 relative over 3000 equal exps); up to kSumBlock values, the bits are
+// block_sum8's.
+MOE_ROUTE_INLINE float sum8(const float* x, int64_t n) {
+  if (n <= kSumBlock) return block_sum8(x, n);
+  double total = 0.0;
+  for (int64_t i = 0; i < n; i += kSumBlock)
+    total += static_cast<double>(block_sum8(x + i, std::min(kSumBlock, n - i)));
+  return static_cast<float>(total);
 }
 
 // x[0..n) /= den, 8 lanes at a time (one vector division instead of 8 scalar ones).
@@ -737,16 +751,28 @@ MOE_ROUTE_INLINE void gate_tokens_body(const GateParams& p, const Prep& prep, in
         for (int64_t j = 0; j < k; ++j) w[j] = score_of(p.score, zw[ids[j]]);
       }
     } else if (p.score == Score::Softmax) {
-      float m = -kFltMax, sum = 0.f;
+      // the sum of the k exps (each in (0, 1]) runs in double: a running fp32 sum's error grows
+      // with k
+      float m = -kFltMax;
+      double sum = 0.0;
       for (int64_t j = 0; j < k; ++j) m = std::max(m, zw[ids[j]]);
       for (int64_t j = 0; j < k; ++j) sum += (w[j] = exp_nonpos(zw[ids[j]] - m));
-      divide_by(w, k, sum);
+      divide_by(w, k, static_cast<float>(sum));
     } else {
       for (int64_t j = 0; j < k; ++j) w[j] = score_of(p.score, zw[ids[j]]);
     }
     if (p.renormalize) {
+      // Scores (>= 0, at most sqrt(FLT_MAX)) add in double, whose error does not grow with k;
+      // logits (score "none") in order in fp32, so that a sum of huge ones overflows as the
+      // reference's does.
       float sum = 0.f;
-      for (int64_t j = 0; j < k; ++j) sum += w[j];
+      if (p.score == Score::None) {
+        for (int64_t j = 0; j < k; ++j) sum += w[j];
+      } else {
+        double exact = 0.0;
+        for (int64_t j = 0; j < k; ++j) exact += w[j];
+        sum = static_cast<float>(exact);
+      }
       const float den = sum + p.renorm_eps;
       if (den != 0.f) divide_by(w, k, den);
     }
