@@ -120,6 +120,9 @@ class Replay:
         self.model, self.strict = model, strict
         self.routing = {key: _ids_of(key, value, "replay: routing")
                         for key, value in routing.items()}
+        # a trace layer's expert count, to refuse a trace recorded on another model
+        self._experts = {key: value.get("experts") for key, value in routing.items()
+                         if isinstance(value, Mapping)}
         self.layers = None if layers is None else (
             [layers] if isinstance(layers, (int, str)) else list(layers))
         self._handle = None
@@ -150,7 +153,7 @@ class Replay:
                     raise ValueError(f"replay: layer {key!r} ({state.name}) routes by "
                                      f"{state.adapter.name}, not by score; it cannot be replayed")
                 ids = self.routing[key]
-                _check_ids(key, state, ids)
+                _check_ids(key, state, ids, self._experts.get(key))
                 name = state.name if p is None else state.site(p)
                 source = _Source(name, stack_of(paths, state.name), ids, self)
                 by_router.setdefault(state.name, (state, {}))[1][p] = source
@@ -238,8 +241,11 @@ def _ids_of(key, value, where: str) -> torch.Tensor:
     return value
 
 
-def _check_ids(key, state, ids: torch.Tensor) -> None:
+def _check_ids(key, state, ids: torch.Tensor, recorded: Optional[int] = None) -> None:
     k, E = ids.shape[-1], state.num_experts
+    if recorded is not None and recorded != E:
+        raise ValueError(f"replay: routing[{key!r}] was recorded on a router of {recorded} "
+                         f"experts, but {state.name} has {E}: a trace of another model")
     if k != state.top_k:
         raise ValueError(f"replay: routing[{key!r}] has {k} ids per token, but {state.name} "
                          f"routes to top_k={state.top_k}")

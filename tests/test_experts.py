@@ -79,6 +79,29 @@ def test_training_gradients_match_eager(family, fallback, monkeypatch):
         torch.testing.assert_close(grads_m[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("intermediate, dtype", [(13, torch.float32), (10, torch.bfloat16)])
+def test_training_with_rows_that_are_not_16_byte_strides(intermediate, dtype):
+    """gate_up's 26 fp32 or 20 bf16 columns: the forward's operands pass grouped_mm's alignment
+    check, but its backward takes the output's gradient, a row of 104 or 40 bytes, and raised
+    "strides should be multiple of 16 bytes"; such a projection goes expert by expert."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.OlmoeConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=intermediate, num_experts=8,
+                                      num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = transformers.OlmoeForCausalLM(config).to(dtype).train()
+    ids = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for impl in ("eager", "moe_route"):
+        model.set_experts_implementation(impl)
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+        grads[impl] = model.model.layers[0].mlp.experts.gate_up_proj.grad.float()
+    tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-3)
+    torch.testing.assert_close(grads["moe_route"], grads["eager"], **tol)
+
+
 @pytest.mark.parametrize("family", ["olmoe", "mixtral", "gpt_oss", "deepseek_v3"])
 def test_generate_matches_eager(family):
     model = build(family)

@@ -277,6 +277,21 @@ def test_call_order_mismatch_and_leftover_rows():
     assert not hasattr(model, "_moe_route_patch")
 
 
+def test_a_trace_of_another_model_is_refused():
+    """An 8-expert OLMoE's trace has the router paths and k of this 16-expert DeepSeek-V3: it
+    replayed silently to unrelated experts. The trace's expert count is checked."""
+    olmoe, other = build("olmoe"), build("deepseek_v3")
+    ids = _ids(2, (2, 6))
+    with moe_route.record(olmoe, trace=True) as rec, torch.no_grad():
+        olmoe(ids)
+    with pytest.raises(ValueError, match=r"replay: routing\['model.layers.0.mlp.gate'\] was "
+                                         r"recorded on a router of 8 experts, but "
+                                         r"model.layers.0.mlp.gate has 16: a trace of another"):
+        with moe_route.replay(other, rec.trace):
+            pass
+    assert not hasattr(other, "_moe_route_patch")
+
+
 def test_bad_routing_is_refused_before_anything_runs():
     model = build("olmoe")
     names = [n for n, _, _ in find_routers(model)]

@@ -88,8 +88,10 @@ def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
         return False
     # grouped_mm wants 16-byte aligned operands (memory-mapped weights may not be) and strides
-    # (a bf16 row of 12 features is not)
-    return x.device.type in ("cpu", "cuda") and _aligned16(x) and _aligned16(w)
+    # (a bf16 row of 12 features is not), the output's too: its backward takes the output's
+    # gradient [rows, out] as an operand
+    return (x.device.type in ("cpu", "cuda") and _aligned16(x) and _aligned16(w)
+            and w.shape[-1] * w.element_size() % 16 == 0)
 
 
 def _aligned16(t: torch.Tensor) -> bool:
