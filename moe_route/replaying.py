@@ -36,7 +36,8 @@ source: in call order each pass takes the next rows; by position is refused (one
 position cannot say which pass it is for).
 
 Ids may be int16/int32/int64 on any device; they are checked once on entry (k distinct ids in
-[0, E) or all -1 per row, k equal to the router's top-k) and moved to each router's device once.
+[0, E) or all -1 per row, k equal to the router's top-k, and a trace layer's recorded expert
+count equal to the router's) and moved to each router's device once.
 """
 from __future__ import annotations
 
