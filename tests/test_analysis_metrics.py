@@ -316,6 +316,8 @@ def test_language_divergence_is_the_mean_over_parallel_pairs():
     assert not torch.allclose(pooled[:, :2, :2], div[:, :2, :2])
     _, last = M.language_divergence(divergence_stats(), [1])
     assert torch.equal(last[0], div[1])
+    # numpy's integers are positions too (write_report's heatmap_layers=np.arange(n) was refused)
+    assert torch.equal(M.language_divergence(divergence_stats(), np.arange(2))[1], div)
     with pytest.raises(ValueError, match=r"layers must be positions in \[0, 2\)"):
         M.language_divergence(divergence_stats(), [2])
 

@@ -36,6 +36,18 @@ def test_load_parallel_tsv_and_jsonl(tmp_path):
         pipeline.load_parallel(__file__)
 
 
+def test_load_parallel_tsv_keeps_quote_marks(tmp_path):
+    """FLORES sentences often start with a quote mark: csv's quoting dropped it and the closing
+    one, and merged the two rows of a quotation that opens in one sentence and closes in the
+    next."""
+    tsv = tmp_path / "quotes.tsv"
+    rows = [("eng", "fra"), ('"We now have mice," he added.', '"Nous avons des souris", dit-il.'),
+            ('"It was cold.', '"Il faisait froid.'), ('We left," she said.', 'Partis », dit-elle.')]
+    tsv.write_text("".join("\t".join(r) + "\n" for r in rows), encoding="utf-8")
+    assert pipeline.load_parallel(tsv) == {"eng": [r[0] for r in rows[1:]],
+                                           "fra": [r[1] for r in rows[1:]]}
+
+
 def test_load_parallel_refuses_rows_that_do_not_line_up(tmp_path):
     """Rows missing a language shifted the next sentences onto the wrong row (two lines each
     missing a different language gave equal counts, so nothing was said); a short .tsv row, a

@@ -678,11 +678,11 @@ def language_divergence(stats: RoutingStats, layers: Optional[Sequence[int]] = N
     where = "language_divergence"
     field = _importance_field(stats, kind, where)
     positions = list(range(len(stats))) if layers is None else list(layers)
-    bad = [p for p in positions if isinstance(p, bool) or not isinstance(p, int)
-           or not 0 <= p < len(stats)]
+    bad = [p for p in positions if not is_int(p) or not 0 <= p < len(stats)]
     if bad or not positions:
         raise ValueError(f"{where}: layers must be positions in [0, {len(stats)}) of the "
                          f"statistics' layers, got {layers!r}")
+    positions = [int(p) for p in positions]
     parallel = _resolve_parallel(stats.group_names, parallel, where)
     _one_device(stats, where)
     languages = list(parallel.languages)

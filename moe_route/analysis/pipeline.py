@@ -48,7 +48,8 @@ def load_parallel(source, languages: Optional[Sequence[str]] = None, *, limit: O
     """A parallel corpus ``{language: [sentences]}`` from a file or a Hugging Face dataset.
 
     ``source``:
-      * ``*.tsv``: a header row of language codes, one parallel sentence per row;
+      * ``*.tsv``: a header row of language codes, one parallel sentence per row, each cell as
+        written (no CSV quoting: a sentence may start with a quote mark; it cannot hold a tab);
       * ``*.jsonl``: one object per line, ``{"eng_Latn": "...", "fra_Latn": "...", ...}``;
       * ``"flores"`` / ``"openlanguagedata/flores_plus"``: FLORES+ (FLORES-200 as maintained
         now) through ``datasets``: a config per language, field ``text``, split ``split``
@@ -68,7 +69,9 @@ def load_parallel(source, languages: Optional[Sequence[str]] = None, *, limit: O
         path = os.fspath(source)
         if path.endswith(".tsv"):
             with open(path, newline="", encoding="utf-8") as f:
-                rows = list(csv.reader(f, delimiter="\t"))
+                # QUOTE_NONE: csv's quoting dropped a cell's leading and closing quote marks, and
+                # merged the rows of a quotation that opens in one sentence and closes in another
+                rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
             if not rows:
                 raise ValueError(f"load_parallel: {path} is empty (expected a header of languages)")
             header = rows[0]
