@@ -11,6 +11,7 @@ import json
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
