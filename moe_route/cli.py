@@ -186,6 +186,9 @@ def _load_model(args):
     except (OSError, RuntimeError, ValueError) as exc:
         raise SystemExit(_fail(args.command, ValueError(f"cannot load {args.model!r} on "
                                                         f"{args.device}: {exc}")))
+    if getattr(args, "chat_template", False) and not getattr(tokenizer, "chat_template", None):
+        raise SystemExit(_fail(args.command, ValueError(
+            f"--chat-template: the tokenizer of {args.model!r} has no chat template")))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer

@@ -782,6 +782,24 @@ def test_cli_loads_the_model_where_device_says(saved_olmoe, capsys, monkeypatch,
                    f"{'s' * (torch.cuda.device_count() != 1)}\n")
 
 
+def test_cli_chat_template_needs_a_tokenizer_that_has_one(saved_olmoe, capsys):
+    """--chat-template with a tokenizer without a template was transformers' traceback (exit 1)
+    after the model had loaded: one line and exit 2."""
+    import argparse
+    from moe_route import cli
+
+    for path in saved_olmoe.glob("*chat_template*"):  # the saved tokenizer's template
+        path.unlink()
+    args = argparse.Namespace(model=str(saved_olmoe), dtype="fp32", device="cpu",
+                              command="analyze", chat_template=True)
+    with pytest.raises(SystemExit) as exit_:
+        cli._load_model(args)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        f"moe-route analyze: --chat-template: the tokenizer of {str(saved_olmoe)!r} has no chat "
+        f"template\n")
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("accelerate", ["installed", "absent"])
 def test_cli_loads_the_model_onto_a_gpu(saved_olmoe, monkeypatch, accelerate):
