@@ -386,7 +386,7 @@ def _evaluate(args) -> int:
     from moe_route.analysis import evaluation
     from moe_route.analysis.inputs import check_batch_size
     from moe_route.analysis.pipeline import ab_test
-    from moe_route.steering import SteeringPlan
+    from moe_route.steering import SteeringPlan, steer
 
     try:
         check_batch_size("--batch-size", args.batch_size)
@@ -415,6 +415,12 @@ def _evaluate(args) -> int:
     except (OSError, TypeError, ValueError) as exc:
         return _fail("evaluate", exc)
     model, tok = _load_model(args)
+    if plan is not None:
+        try:  # the plan against the model's routers before the baseline runs (nothing runs here)
+            with steer(model, plan):
+                pass
+        except (TypeError, ValueError) as exc:
+            return _fail("evaluate", exc)
     options = dict(tokenizer=tok, batch_size=args.batch_size, chat_template=args.chat_template,
                    progress=True)
     if kind == "choice":
@@ -429,6 +435,8 @@ def _evaluate(args) -> int:
         result.meta.update(model=args.model, task=str(args.task), shots=args.shots,
                            shots_from=args.shots_from,
                            plan=str(args.plan) if results and args.plan else None)
+        if not results:  # kept should the steered run fail
+            result.save(f"{args.out}/baseline.json")
         results.append(result)
         return result
 
@@ -444,7 +452,6 @@ def _evaluate(args) -> int:
               "p: exact McNemar test")
         write_text_atomic(f"{args.out}/ab.json", json.dumps(ab, indent=2) + "\n")
         results[1].save(f"{args.out}/steered.json")
-    results[0].save(f"{args.out}/baseline.json")
     print(f"results: {args.out}/")
     return 0
 

@@ -798,6 +798,14 @@ def test_cli_evaluate_with_a_plan_on_a_saved_model(tmp_path):
     ab = json.loads((tmp_path / "res" / "ab.json").read_text())
     assert ab["paired"]["all"]["n"] == 12 and base.meta["model"] == str(model_dir)
     assert steered.meta["plan"] == str(plan_path) and base.meta["plan"] is None
+    # a plan for layers the model lacks: refused before the baseline runs (it was a traceback
+    # after it, and the baseline's results were lost)
+    moe_route.SteeringPlan.promote([5], [1]).save(tmp_path / "far.json")
+    out = run("evaluate", str(model_dir), "--task", str(task), "--plan", str(tmp_path / "far.json"),
+              "--out", str(tmp_path / "res5"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "moe-route evaluate: steer: layer 5 is not an MoE layer of the model" in out.stderr
+    assert not list((tmp_path / "res5").iterdir())
     out = run("evaluate", str(model_dir), "--task", str(tmp_path / "nope.tsv"), "--out",
               str(tmp_path / "res2"))
     assert out.returncode == 2 and "must be belebele, global_mmlu, mgsm or a .jsonl" in out.stderr
