@@ -638,11 +638,31 @@ def test_load_choice_and_generation_tasks_from_jsonl(tmp_path):
     gen.write_text(json.dumps({"language": "bn", "prompt": "Question: 2+2?", "answer": 4}) + "\n")
     assert ev.load_generation_task(gen) == {"bn": [ev.GenerationItem("Question: 2+2?", "4")]}
     gen.write_text(json.dumps({"language": "bn", "prompt": "Q", "answer": None}) + "\n")
-    with pytest.raises(ValueError, match="line 1: answer must be a number or a string, got None"):
+    with pytest.raises(ValueError, match="line 1: answer must be a finite number or a string, "
+                                         "got None"):
         ev.load_generation_task(gen)
+    # a float answer is written out positionally: str(1e20) is "1e+20", read back as 20
+    gen.write_text("".join(json.dumps({"language": "bn", "prompt": "Q", "answer": a}) + "\n"
+                           for a in (1e20, 2.5, 18.0)))
+    answers = [item.answer for item in ev.load_generation_task(gen)["bn"]]
+    assert answers == ["100000000000000000000", "2.5", "18.0"]
+    assert [ev.last_number(a) for a in answers] == ["100000000000000000000", "2.5", "18"]
+    gen.write_text('{"language": "bn", "prompt": "Q", "answer": NaN}\n')
+    with pytest.raises(ValueError, match="line 1: answer must be a finite number or a string, "
+                                         "got nan"):
+        ev.load_generation_task(gen)
+    # a null language or prompt was the text "None"
+    for loader, extra in ((ev.load_generation_task, {"answer": 1}),
+                          (ev.load_choice_task, {"options": [" a", " b"], "answer": 0})):
+        for field in ("language", "prompt"):
+            row = {"language": "bn", "prompt": "Q", **extra, field: None}
+            gen.write_text(json.dumps(row) + "\n")
+            with pytest.raises(ValueError, match=f"gen.jsonl line 1: {field} must be a string, "
+                                                 f"got None"):
+                loader(gen)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    with pytest.raises(ValueError, match="holds no questions"):
+    with pytest.raises(ValueError, match="empty.jsonl holds no questions"):
         ev.load_generation_task(empty)
 
 

@@ -27,6 +27,7 @@ would make them.
 """
 from __future__ import annotations
 
+import decimal
 import inspect
 import json
 import math
@@ -732,11 +733,12 @@ def load_choice_task(source, languages: Optional[Sequence[str]] = None, *,
     out = {}
     for n, row in rows:
         try:
-            item = ChoiceItem(str(row["prompt"]), row["options"], row["answer"])
-            lang = str(row["language"])
+            item = ChoiceItem(row["prompt"], row["options"], row["answer"])
+            lang = row["language"]
         except (KeyError, TypeError) as exc:
             raise ValueError(f"load_choice_task: {source} line {n}: expected language, prompt, "
                              f"options and answer ({exc!r})") from None
+        _check_texts("load_choice_task", source, n, language=lang, prompt=item.prompt)
         if not isinstance(item.options, list) or not all(isinstance(o, str)
                                                           for o in item.options):
             raise ValueError(f"load_choice_task: {source} line {n}: options must be a list of "
@@ -748,7 +750,7 @@ def load_choice_task(source, languages: Optional[Sequence[str]] = None, *,
             raise ValueError(f"load_choice_task: {source} line {n}: answer={item.answer} is not "
                              f"an index of its {len(item.options)} options")
         out.setdefault(lang, []).append(item)
-    return _select("load_choice_task", out, languages, limit)
+    return _select("load_choice_task", out, languages, limit, source)
 
 
 def _belebele_item(row) -> ChoiceItem:
@@ -792,15 +794,27 @@ def load_generation_task(source, languages: Optional[Sequence[str]] = None, *,
     out = {}
     for n, row in _jsonl("load_generation_task", source):
         try:
-            lang, prompt, answer = str(row["language"]), str(row["prompt"]), row["answer"]
+            lang, prompt, answer = row["language"], row["prompt"], row["answer"]
         except (KeyError, TypeError) as exc:
             raise ValueError(f"load_generation_task: {source} line {n}: expected language, "
                              f"prompt and answer ({exc!r})") from None
-        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        _check_texts("load_generation_task", source, n, language=lang, prompt=prompt)
+        if (isinstance(answer, bool) or not isinstance(answer, (str, int, float))
+                or (isinstance(answer, float) and not math.isfinite(answer))):
             raise ValueError(f"load_generation_task: {source} line {n}: answer must be a "
-                             f"number or a string, got {answer!r:.80}")
+                             f"finite number or a string, got {answer!r:.80}")
+        if isinstance(answer, float):  # positional: str(1e20) is "1e+20", whose last number is 20
+            answer = format(decimal.Decimal(repr(answer)), "f")
         out.setdefault(lang, []).append(GenerationItem(prompt, str(answer)))
-    return _select("load_generation_task", out, languages, limit)
+    return _select("load_generation_task", out, languages, limit, source)
+
+
+def _check_texts(caller: str, source, n: int, **texts) -> None:
+    """A question's language and prompt are strings (a JSON null became the text "None")."""
+    for name, value in texts.items():
+        if not isinstance(value, str):
+            raise ValueError(f"{caller}: {source} line {n}: {name} must be a string, got "
+                             f"{value!r:.80}")
 
 
 def _jsonl(caller: str, source):
@@ -817,9 +831,9 @@ def _jsonl(caller: str, source):
     return rows
 
 
-def _select(caller: str, out: dict, languages, limit) -> dict:
+def _select(caller: str, out: dict, languages, limit, source) -> dict:
     if not out:
-        raise ValueError(f"{caller}: the file holds no questions")
+        raise ValueError(f"{caller}: {source} holds no questions")
     languages = list(languages) if languages else list(out)
     missing = [lang for lang in languages if lang not in out]
     if missing:
