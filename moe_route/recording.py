@@ -627,7 +627,8 @@ class Recorder:
         """Everything recorded so far, on the CPU (flushes the device buffers)."""
         self.flush()
         if not self._parts:
-            raise RuntimeError("record: nothing was recorded (no model call inside the context)")
+            raise RuntimeError("record: nothing was recorded (no model call inside the context, "
+                               "or none had a token whose group counts)")
         if len(self._parts) > 1:
             self._parts = [RoutingStats.merge_all(self._parts)]
         return self._parts[0]

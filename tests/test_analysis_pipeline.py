@@ -279,6 +279,30 @@ def test_record_sequences_warns_once_when_max_length_cuts_a_text():
             pipeline.record_sequences(model, corpus, tokenizer=tok, max_length=bad)
 
 
+def test_record_sequences_max_length_that_leaves_no_text():
+    """max_length at or below the tokens the tokenizer adds: 1 left the text whole (the tokenizer
+    cannot cut BOS and EOS) and counted all of it, unwarned; 2 left no token of the text, and
+    record's error said the model had not been called. Empty texts end the same way."""
+    model = build("olmoe")
+    tok = word_tokenizer(("<pad>", "<s>", "<unk>", "hello", "world", "cat", "sat", "</s>"),
+                         eos="</s>")   # "<s> ... </s>": two tokens on every text
+    corpus = {"eng": ["hello world cat sat"]}
+    with pytest.raises(ValueError, match=r"record_sequences: max_length=1 is shorter than the "
+                                         r"tokens the tokenizer adds to every text: it left a "
+                                         r"text of 6 tokens uncut"):
+        pipeline.record_sequences(model, corpus, tokenizer=tok, max_length=1)
+    with pytest.raises(ValueError, match=r"record_sequences: no text has a token of its own to "
+                                         r"count \(empty texts, or max_length=2 left only "
+                                         r"special tokens\)"):
+        pipeline.record_sequences(model, corpus, tokenizer=tok, max_length=2)
+    with pytest.raises(ValueError, match=r"no text has a token of its own to count \(empty "
+                                         r"texts\)"):
+        pipeline.record_sequences(model, {"eng": ["", ""]}, tokenizer=tok, max_length=None)
+    with pytest.warns(UserWarning, match=r"max_length=3 cut 1 of 1 texts"):
+        stats = pipeline.record_sequences(model, corpus, tokenizer=tok, max_length=3)
+    assert stats[0].tokens.tolist() == [1]
+
+
 def test_record_sequences_refuses_a_string_for_a_language():
     """``{"en": "hello world"}`` recorded one sequence per character; it is refused before the
     model runs (``object()`` here: calling it would fail otherwise), as is text without a

@@ -297,6 +297,7 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
                          f"{list(corpus)} are all empty)")
     bar = progress_bar(len(batches), progress, "record")
     cut = dict.fromkeys(corpus, 0)
+    counted_any = False
     texts = any(not isinstance(seqs, torch.Tensor) for seqs in corpus.values())
     counted = dict(chat_template=chat_template, max_length=max_length,
                    all_tokens=all_tokens) if texts else {}   # token ids: every token counts
@@ -309,17 +310,37 @@ def record_sequences(model, corpus: Corpus, *, tokenizer=None, batch_size: int =
                 ids = torch.arange(len(seqs))
                 rec.set_groups(ids, names)
                 model(input_ids=seqs.to(device))
+                counted_any = counted_any or seqs.numel() > 0
             else:
                 enc, keep = _encode(seqs, tokenizer, chat_template, max_length)
+                _check_cut_length(enc, max_length, chat_template)
                 cut[lang] += _cut(seqs, tokenizer, chat_template, max_length, enc, keep)
                 counts = enc["attention_mask"].bool() if all_tokens else keep
+                counted_any = counted_any or bool(counts.any())
                 groups = torch.where(counts, torch.arange(len(seqs))[:, None], -1)
                 rec.set_groups(groups, names)
                 model(**{k: v.to(device) for k, v in enc.items()})
             bar(1)
     bar(None)
+    if not counted_any:
+        cause = "empty texts" if max_length is None else (
+            f"empty texts, or max_length={max_length} left only special tokens")
+        raise ValueError(f"record_sequences: no text has a token of its own to count ({cause})")
     _warn_cut(cut, corpus, max_length)
     return rec.stats
+
+
+def _check_cut_length(enc: dict, max_length: Optional[int], chat_template: bool) -> None:
+    """A tokenizer asked to cut to fewer tokens than it adds to every text (BOS, EOS) leaves
+    the text whole, with a log line: refused instead of counting uncut texts."""
+    if max_length is None:
+        return
+    longest = max((len(row) for row in enc["input_ids"]), default=0)
+    if longest > max_length:
+        raise ValueError(f"record_sequences: max_length={max_length} is shorter than the tokens "
+                         f"the tokenizer adds to every text"
+                         f"{' (with the chat template)' if chat_template else ''}: it left a "
+                         f"text of {longest} tokens uncut; raise max_length")
 
 
 def _check_trace_options(trace_path, record_options: dict) -> None:
