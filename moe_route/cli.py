@@ -301,6 +301,9 @@ def _analyze(args) -> int:
     print(f"report: {args.out}/summary.txt")
     if traced:
         print(f"trace: {trace_path}")
+    elif os.path.exists(trace_path):  # kept (it may have taken hours), but not this run's
+        print(f"moe-route analyze: note: {trace_path} is an earlier run's trace; this run traced "
+              f"nothing (--trace)", file=sys.stderr)
     return 0
 
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -556,6 +557,28 @@ def test_write_report_writes_strict_json_and_pairwise_heatmaps(tmp_path):
     if "plots_skipped" not in summary:
         assert sorted(p.name for p in tmp_path.glob("language_divergence_L*.png")) == [
             "language_divergence_L0.png", "language_divergence_L1.png"]
+
+
+def test_write_report_into_an_earlier_reports_folder_leaves_none_of_its_files(tmp_path):
+    """A second run into the same folder left the first one's plan.json (or correlation.json...)
+    and heatmaps of other layers beside its own summary.json; it removes the report files it did
+    not write, and nothing else."""
+    from moe_route.analysis import write_report
+    from test_analysis_metrics import divergence_stats
+
+    stats = divergence_stats()
+    (tmp_path / "notes.txt").write_text("mine")
+    first = write_report(tmp_path, stats, "eng", middle_layers=[1], heatmap_layers=np.arange(2),
+                         plan=moe_route.SteeringPlan.promote([1], [3]))
+    assert (tmp_path / "plan.json").exists()
+    second = write_report(tmp_path, stats, "eng", middle_layers=[1], heatmap_layers=[1])
+    names = {p.name for p in tmp_path.iterdir()}
+    assert "plan.json" not in names
+    assert {"notes.txt", "summary.json", "divergence.json", "divergence.csv"} <= names
+    if "plots_skipped" not in first:
+        assert sorted(n for n in names if n.startswith("language_divergence_L")) == [
+            "language_divergence_L1.png"]
+        assert set(second["plots"]) <= names
 
 
 def test_write_report_refuses_bad_arguments_before_writing_anything(tmp_path):

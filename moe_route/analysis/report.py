@@ -20,6 +20,8 @@ Layers are labelled by their decoder-layer index; a loop layer's passes (Inkling
 
 Plots need matplotlib (``pip install moe_route[analysis]``); without it the tables and the summary
 are still written and the summary says so. Files are written to a temporary name and renamed.
+A report written into the folder of an earlier one removes the files above that it did not write
+itself (a correlation.json, a heatmap of another layer), so each belongs to its summary.json.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import io
 import json
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Optional
 
@@ -143,7 +146,25 @@ def write_report(out_dir, stats: RoutingStats, reference: str, *,
         _write_json(out_dir, "correlation.json", summary["correlation"])
     _write_json(out_dir, "summary.json", summary)
     _write_text(out_dir, "summary.txt", _summary_text(summary))
+    written = {"divergence.json", "divergence.csv", "summary.json", "summary.txt",
+               *summary["plots"], *(name for name, given in (
+                   ("experts.json", experts), ("plan.json", plan), ("ab.json", ab),
+                   ("agreement.json", agreement), ("correlation.json", corr)) if given is not None)}
+    _remove_stale(out_dir, written)
     return summary
+
+
+# What a report may write besides the files every report writes: a run into the folder of an
+# earlier one removes those of them it did not write, so no file there is another run's.
+_OPTIONAL = ("experts.json", "plan.json", "ab.json", "agreement.json", "correlation.json",
+             "delta.png", "divergence_by_layer.png", "expert_usage.png")
+_HEATMAP = re.compile(r"language_divergence_L.+\.png")
+
+
+def _remove_stale(out_dir, written: set) -> None:
+    for name in os.listdir(out_dir):
+        if name not in written and (name in _OPTIONAL or _HEATMAP.fullmatch(name)):
+            os.remove(os.path.join(out_dir, name))
 
 
 def _layer_labels(stats: RoutingStats) -> list:
