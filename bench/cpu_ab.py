@@ -14,9 +14,9 @@ case once and their outputs (weights, ids, statistics) must be bit-identical, el
 a speed-up that changes results is not an A/B of the same thing. A change meant to move the last
 bits (a more accurate sum) takes ``--rtol``: float outputs may then differ by that much. Cases:
 OLMoE/Qwen3 softmax top-k (E 64 and 256), Mixtral's renormalised one, GPT-OSS's top-k softmax
-and DeepSeek-V3's grouped sigmoid, at T 1 to 8192, plain, with statistics, replaying every row, and both; and steered
-(three constant biases, one std-scaled, one expert forced on and one forced off), with and
-without statistics.
+and DeepSeek-V3's grouped sigmoid, at T 1 to 8192, plain, with statistics, replaying every row,
+and both; and steered (three constant biases, one std-scaled, one expert forced on and one
+forced off), with and without statistics.
 """
 from __future__ import annotations
 
