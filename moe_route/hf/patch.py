@@ -200,8 +200,8 @@ class RouterState:
         replay; None where its output holds none (``Adapter.ids_at``)."""
         at = self.adapter.ids_at
         ids = out[at] if at is not None and isinstance(out, tuple) and len(out) > at else None
-        if (not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex()
-                or ids.numel() != z.shape[0] * self.top_k):
+        if (not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64)
+                or ids.numel() != z.shape[0] * self.top_k):  # the dtypes replay takes
             return None
         return ids.detach().reshape(z.shape[0], self.top_k)
 
