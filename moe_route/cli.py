@@ -294,7 +294,8 @@ def _analyze(args) -> int:
         compared = trace_statistics(open_trace(trace_path), renormalize=True)
     middle = None
     if wanted is not None:
-        middle = [p for p, i in enumerate(compared.layer_indices) if i in wanted]
+        middle = [name for name, i in zip(compared.layer_names, compared.layer_indices)
+                  if i in wanted]
     write_report(args.out, compared, args.reference, middle_layers=middle, accuracy=accuracy,
                  title=f"moe_route routing report: {args.model}",
                  kind="dense" if args.importance == "dense" else "routed")
@@ -462,7 +463,9 @@ def _evaluate(args) -> int:
 def _task_kind(source) -> str:
     """choice or generation: by dataset name, or by the first question of a .jsonl file."""
     from moe_route.analysis.evaluation import CHOICE_DATASETS, GENERATION_DATASETS
+    from moe_route.analysis.inputs import check_not_retired
 
+    check_not_retired("--task", source, "juletxara/mgsm", "mgsm (CohereLabs/global-mgsm)")
     if source in CHOICE_DATASETS:
         return "choice"
     if source in GENERATION_DATASETS:
@@ -604,7 +607,8 @@ def main(argv=None) -> int:
     _all_tokens_argument(p)
     p.add_argument("--trace", action="store_true",
                    help="also save every token's routing to OUT/trace.safetensors (for moe-route "
-                        "compare; held in host memory until the end, syncs at each router call)")
+                        "compare; streamed to the file as it is recorded, about 256 MiB of host "
+                        "memory, syncs at each router call)")
     p.add_argument("--importance", choices=["dense", "routed", "renormalized"], default="dense",
                    help="what the divergences compare: the mean dense routing distribution (the "
                         "paper's Eq. 1, default), the mean routed top-k weights, or those "

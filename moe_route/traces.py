@@ -334,30 +334,26 @@ def open_trace(path) -> TraceFile:
     return TraceFile(path)
 
 
-def load_trace(path, layers: Optional[Sequence[str]] = None) -> Trace:
+def load_trace(path, layers: Optional[Sequence] = None) -> Trace:
     """Read a file written by ``save_trace`` / ``Recorder.save_trace`` / ``record(trace_path=)``:
     the same ``{layer name: {"ids", "weights", "group", ("tokens", "experts", "logits")}}`` dict,
     layers in saved order, tensors on the CPU in their saved dtypes (files of format versions 1
     and 2 have no "tokens" or "experts"), as a ``Trace`` whose ``.meta`` is the saved meta (empty
-    for a file saved without). ``layers``: names of the layers to read (in saved order); the
-    others' tensors are not read (``open_trace`` reads one layer at a time as it is asked for).
-    Errors name the file and what is wrong with it."""
+    for a file saved without). ``layers``: the layers to read (in saved order), by decoder-layer
+    index or name (``layer_positions``); the others' tensors are not read (``open_trace`` reads
+    one layer at a time as it is asked for). Errors name the file and what is wrong with it."""
+    from moe_route.hf.patch import layer_positions
+
     where = "load_trace"
     if layers is not None and (isinstance(layers, (str, bytes))
                                or not isinstance(layers, Iterable)):
-        raise TypeError(f"{where}: layers must be a list of layer names or None (every layer), "
-                        f"got {layers!r}")
-    wanted = None if layers is None else list(layers)
-    if wanted is not None and not all(isinstance(n, str) for n in wanted):
-        raise TypeError(f"{where}: layers must hold layer names (str), got {wanted!r}")
+        raise TypeError(f"{where}: layers must be a list of layer keys (decoder-layer indices or "
+                        f"names) or None (every layer), got {layers!r}")
     f = TraceFile(path, where)
     names = list(f)
-    if wanted is not None:
-        unknown = [n for n in wanted if n not in f]
-        if unknown:
-            raise ValueError(f"{where}: {f.path!r} has no layer {unknown[0]!r}; its layers are "
-                             f"{names[:4]}{' ...' if len(names) > 4 else ''}")
-        names = [n for n in names if n in wanted]
+    if layers is not None:
+        wanted = set(layer_positions(names, layers, f"{where}: {f.path!r}"))
+        names = [n for p, n in enumerate(names) if p in wanted]
     return Trace({name: f[name] for name in names}, meta=f.meta)
 
 

@@ -283,6 +283,14 @@ def divergence_stats(tokens=4):
     return RoutingStats(layers, names)
 
 
+def shifted_divergence_stats():
+    """``divergence_stats`` of a model whose MoE layers are decoder layers 3 and 4."""
+    plain = divergence_stats()
+    return RoutingStats([make_layer(3 + layer.index, layer.tokens.tolist(), layer.counts.tolist(),
+                                    prob_sum=layer.prob_sum.tolist()) for layer in plain],
+                        plain.group_names)
+
+
 def test_routing_divergence_against_loop():
     div = M.routing_divergence(divergence_stats(), "eng")
     assert list(div) == ["fra", "deu"]  # the reference is left out
@@ -317,10 +325,34 @@ def test_language_divergence_is_the_mean_over_parallel_pairs():
     assert not torch.allclose(pooled[:, :2, :2], div[:, :2, :2])
     _, last = M.language_divergence(divergence_stats(), [1])
     assert torch.equal(last[0], div[1])
-    # numpy's integers are positions too (write_report's heatmap_layers=np.arange(n) was refused)
+    # numpy's integers are layer indices too (write_report's heatmap_layers=np.arange(n) was
+    # refused)
     assert torch.equal(M.language_divergence(divergence_stats(), np.arange(2))[1], div)
-    with pytest.raises(ValueError, match=r"layers must be positions in \[0, 2\)"):
+    with pytest.raises(ValueError, match=r"holds 2, which is not a layer here; the layers are "
+                                         r"decoder layers \[0, 1\]"):
         M.language_divergence(divergence_stats(), [2])
+
+
+def test_layer_options_take_decoder_layer_indices_not_positions():
+    """A model whose first decoder layers are dense (DeepSeek-V3's first_k_dense_replace,
+    Qwen2-MoE's mlp_only_layers) has MoE layers 3 and 4 at positions 0 and 1 of its statistics.
+    Layer 4 is layer 4 for every analysis that takes layers, as for SteeringPlan: it was
+    position 4 for language_divergence and write_report (so [1] silently took layer 4), and
+    trace_transitions' and load_trace's layers were positions or names."""
+    shifted = shifted_divergence_stats()
+    _, div = M.language_divergence(divergence_stats())
+    assert torch.equal(M.language_divergence(shifted, [4])[1], div[1:])
+    assert torch.equal(M.language_divergence(shifted, ["model.layers.3.mlp.gate", 4])[1], div)
+    assert torch.equal(M.language_divergence(shifted, ["model.layers.4.mlp"])[1], div[1:])
+    with pytest.raises(ValueError, match=r"holds 1, which is not a layer here; the layers are "
+                                         r"decoder layers \[3, 4\]"):
+        M.language_divergence(shifted, [1])
+    with pytest.raises(ValueError, match="names layer 'model.layers.3.mlp.gate' twice"):
+        M.language_divergence(shifted, [3, "model.layers.3.mlp.gate"])
+    with pytest.raises(TypeError, match=r"ints \(decoder-layer indices\) or str"):
+        M.language_divergence(shifted, [3.0])
+    with pytest.raises(ValueError, match="must name at least one layer"):
+        M.language_divergence(shifted, [])
 
 
 def test_routing_divergence_skips_everything_missing_to_nan():
@@ -961,18 +993,18 @@ def test_trace_transitions_known_answer():
     # lift = counts * 12 / (row total 4 * column total [4, 2, 2, 4])
     assert t.lift().tolist() == [[0.75, 1.5, 0.0, 1.5], [1.5, 0.0, 1.5, 0.75],
                                  [0.75, 1.5, 1.5, 0.75]]
-    r = M.trace_transitions(trace, 0, -1, pairs="rank")
+    r = M.trace_transitions(trace, 0, 7, pairs="rank")
     assert r.counts.tolist() == [[0, 1, 0, 1], [1, 0, 1, 0], [1, 0, 0, 1]]
     assert r.conditional().sum(1).tolist() == [1.0, 1.0, 1.0]
     # lift = counts * 6 / (row total 2 * column total [2, 1, 1, 2])
     assert r.lift().tolist() == [[0.0, 3.0, 0.0, 1.5], [1.5, 0.0, 3.0, 0.0], [1.5, 0.0, 0.0, 1.5]]
     # groups by name or by a function of the name: row 3 alone
     for groups in (["b"], {"b", "zzz"}, lambda g: g.startswith("b")):
-        only = M.trace_transitions(trace, 0, 1, groups=groups)
+        only = M.trace_transitions(trace, 0, 7, groups=groups)
         assert only.tokens == 1 and only.counts.sum() == 4
         assert only.counts[1].tolist() == [1, 0, 1, 0] and only.counts[2].tolist() == [1, 0, 1, 0]
     # an expert never chosen at the source has a NaN row
-    none = M.trace_transitions(trace, 0, 1, groups=["b"])
+    none = M.trace_transitions(trace, 0, 7, groups=["b"])
     assert none.conditional()[0].isnan().all() and none.lift()[0].isnan().all()
 
 
@@ -1013,39 +1045,41 @@ def test_trace_transitions_of_a_recorded_trace_in_chunks(monkeypatch):
 
 def test_trace_transitions_errors():
     trace = transitions_trace()
-    with pytest.raises(ValueError, match=r"source='model.layers.3.mlp.gate' is not a layer of "
-                                         r"the trace; its layers are \['model.layers.0"):
-        M.trace_transitions(trace, "model.layers.3.mlp.gate", 1)
-    with pytest.raises(ValueError, match="target=2 is out of range for a trace of 2 layers"):
-        M.trace_transitions(trace, 0, 2)
-    with pytest.raises(TypeError, match="source must be a layer name .* got float"):
-        M.trace_transitions(trace, 0.0, 1)
+    with pytest.raises(ValueError, match=r"source holds 'model.layers.3.mlp.gate', which is not "
+                                         r"a layer here; the layers are decoder layers \[0, 7\]"):
+        M.trace_transitions(trace, "model.layers.3.mlp.gate", 7)
+    # ints are decoder-layer indices, not positions in the trace (1 was layer 7)
+    with pytest.raises(ValueError, match=r"target holds 1, which is not a layer here"):
+        M.trace_transitions(trace, 0, 1)
+    with pytest.raises(TypeError, match=r"source must be a decoder-layer index \(int\) or a "
+                                        r"layer name \(str\), got float"):
+        M.trace_transitions(trace, 0.0, 7)
     with pytest.raises(ValueError, match="pairs='both' must be one of"):
-        M.trace_transitions(trace, 0, 1, pairs="both")
+        M.trace_transitions(trace, 0, 7, pairs="both")
     with pytest.raises(TypeError, match="groups must be None, a collection of group names"):
-        M.trace_transitions(trace, 0, 1, groups="a")
+        M.trace_transitions(trace, 0, 7, groups="a")
     with pytest.raises(TypeError, match=r"groups must hold group names \(str\), got \[\['a'\]\]"):
-        M.trace_transitions(trace, 0, 1, groups=[["a"]])
+        M.trace_transitions(trace, 0, 7, groups=[["a"]])
     short = {name: dict(layer) for name, layer in trace.items()}
     short["model.layers.7.mlp.gate"]["ids"] = torch.tensor([[3], [3], [0], [2]])
     short["model.layers.7.mlp.gate"]["weights"] = torch.ones(4, 1)
-    assert M.trace_transitions(short, 0, 1).counts.sum() == 3 * 2
+    assert M.trace_transitions(short, 0, 7).counts.sum() == 3 * 2
     with pytest.raises(ValueError, match="pairs='rank' .* needs the same k; .* has k=2, .* k=1"):
-        M.trace_transitions(short, 0, 1, pairs="rank")
+        M.trace_transitions(short, 0, 7, pairs="rank")
     other = {name: dict(layer) for name, layer in trace.items()}
     other["model.layers.7.mlp.gate"]["tokens"] = torch.tensor([5, 6, 0, 8])
     with pytest.raises(ValueError, match="hold different tokens in 1 of 4 rows"):
-        M.trace_transitions(other, 0, 1)
+        M.trace_transitions(other, 0, 7)
     for key, value, msg in (("experts", None, "holds no 'experts'"),
                             ("group", ["a"], "must hold N=4 group names")):
         bad = {name: dict(layer) for name, layer in trace.items()}
         bad["model.layers.0.mlp.gate"][key] = value
         with pytest.raises(ValueError, match=msg):
-            M.trace_transitions(bad, 0, 1)
+            M.trace_transitions(bad, 0, 7)
     dup = {name: dict(layer) for name, layer in trace.items()}
     dup["model.layers.0.mlp.gate"]["ids"] = torch.tensor([[0, 0], [2, 0], [1, 2], [1, 2]])
     with pytest.raises(ValueError, match="must hold k distinct experts per token; row 0"):
-        M.trace_transitions(dup, 0, 1)
+        M.trace_transitions(dup, 0, 7)
 
 
 # -------------------------------------------------------------------------------------------

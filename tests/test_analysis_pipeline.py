@@ -559,6 +559,25 @@ def test_write_report_writes_strict_json_and_pairwise_heatmaps(tmp_path):
             "language_divergence_L0.png", "language_divergence_L1.png"]
 
 
+def test_write_report_layers_are_decoder_layer_indices(tmp_path):
+    """With MoE layers 3 and 4 (dense layers before them), middle_layers=[4] is layer 4, as the
+    report's labels say; it was position 4 (refused here; on a deeper model another layer)."""
+    from moe_route.analysis import write_report
+    from test_analysis_metrics import shifted_divergence_stats
+
+    stats = shifted_divergence_stats()
+    summary = write_report(tmp_path, stats, "eng", middle_layers=[4], heatmap_layers=[3])
+    assert summary["layers"] == [3, 4] and summary["middle_layers"] == [4]
+    assert summary["middle_mean"] == summary["mean_divergence_by_layer"][1]
+    if "plots_skipped" not in summary:
+        assert [p.name for p in tmp_path.glob("language_divergence_L*.png")] == [
+            "language_divergence_L3.png"]
+    with pytest.raises(ValueError, match=r"write_report: middle_layers holds 1, which is not a "
+                                         r"layer here; the layers are decoder layers \[3, 4\]"):
+        write_report(tmp_path / "refused", stats, "eng", middle_layers=[1])
+    assert not (tmp_path / "refused").exists()
+
+
 def test_write_report_into_an_earlier_reports_folder_leaves_none_of_its_files(tmp_path):
     """A second run into the same folder left the first one's plan.json (or correlation.json...)
     and heatmaps of other layers beside its own summary.json; it removes the report files it did

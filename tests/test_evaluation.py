@@ -829,6 +829,13 @@ def test_cli_evaluate_with_a_plan_on_a_saved_model(tmp_path):
     out = run("evaluate", str(model_dir), "--task", str(tmp_path / "nope.tsv"), "--out",
               str(tmp_path / "res2"))
     assert out.returncode == 2 and "must be belebele, global_mmlu, mgsm or a .jsonl" in out.stderr
+    # the older MGSM copy is named as such, with its replacement (was the line above)
+    out = run("evaluate", str(model_dir), "--task", "juletxara/mgsm", "--out",
+              str(tmp_path / "res6"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert ("moe-route evaluate: --task: source='juletxara/mgsm' is a loading-script dataset, "
+            "which `datasets` 4 and later no longer load; use mgsm (CohereLabs/global-mgsm)"
+            in out.stderr), out.stderr
     # --shots: the first 2 other questions of the language before each (and recorded in meta)
     out = run("evaluate", str(model_dir), "--task", str(task), "--shots", "2", "--dtype", "fp32",
               "--out", str(tmp_path / "res3"))

@@ -7,6 +7,8 @@ layer 0, layer 1 pass 0, layer 1 pass 1, layer 2. Known answers: the unpatched r
 call by call, the gate's force steering (a forced expert is in every token's top-k), and a
 replayed run's own trace.
 """
+import re
+
 import pytest
 import torch
 
@@ -256,8 +258,9 @@ def test_compiled_loop_model_records_each_pass():
 
 def test_report_and_expert_layers_of_a_loop_model(tmp_path):
     """The report labels a loop layer's passes "1@pass0", "1@pass1" (one heatmap each, none
-    written over another), and an int in ``layers`` keeps the passes of that decoder layer."""
-    from moe_route.analysis import task_experts, write_report
+    written over another), and an int in ``layers`` takes the passes of that decoder layer."""
+    from moe_route.analysis import (language_divergence, task_experts, trace_transitions,
+                                    write_report)
 
     model = build("inkling2_loop")
     with moe_route.record(model) as rec, torch.no_grad():
@@ -265,7 +268,7 @@ def test_report_and_expert_layers_of_a_loop_model(tmp_path):
             rec.per_sequence([f"{lang}/{i}" for i in range(B)])
             model(_ids(seed))
     stats = rec.stats
-    summary = write_report(tmp_path, stats, "en", heatmap_layers=[0, 1, 2, 3])
+    summary = write_report(tmp_path, stats, "en", heatmap_layers=[0, 1, 2])
     assert summary["layers"] == [0, "1@pass0", "1@pass1", 2]
     assert len(summary["mean_divergence_by_layer"]) == 4
     heatmaps = sorted(p.name for p in tmp_path.glob("language_divergence_L*.png"))
@@ -276,3 +279,17 @@ def test_report_and_expert_layers_of_a_loop_model(tmp_path):
     assert header == "language,layer_0,layer_1@pass0,layer_1@pass1,layer_2"
     experts = task_experts(stats, stats, tau=-1.0, layers=[1])
     assert list(experts) == SITES[1:3]
+    # and so does it in write_report's layers; a pass is named by its site, and the loop
+    # layer's router path takes both passes (so it cannot be a trace_transitions end)
+    one = write_report(tmp_path / "one", stats, "en", heatmap_layers=[SITES[2]],
+                       middle_layers=[1])
+    assert one["middle_layers"] == ["1@pass0", "1@pass1"]
+    if "plots_skipped" not in one:
+        assert sorted(p.name for p in (tmp_path / "one").glob("language_divergence_L*.png")) \
+            == ["language_divergence_L1@pass1.png"]
+    _, div = language_divergence(stats, [1])
+    assert torch.equal(div, language_divergence(stats, SITES[1:3])[1])
+    trace = {name: {} for name in SITES}
+    with pytest.raises(ValueError, match=r"source=1 names 2 layers \(a loop layer's passes\): "
+                                         r"name one, e\.g\. '" + re.escape(SITES[1])):
+        trace_transitions(trace, 1, 0)

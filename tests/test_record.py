@@ -677,7 +677,7 @@ def _tensors_read(monkeypatch) -> list:
 
 def test_load_trace_reads_the_layers_asked_for(tmp_path, monkeypatch):
     """load_trace(layers=) gives those layers (in saved order) as the whole load gives them, and
-    reads no other layer's tensors; an unknown name or a bare string is refused."""
+    reads no other layer's tensors; an unknown layer or a bare string is refused."""
     model = build("olmoe")
     path = tmp_path / "t.safetensors"
     _record_corpus(model, trace_path=path, meta={"m": 1})
@@ -691,11 +691,15 @@ def test_load_trace_reads_the_layers_asked_for(tmp_path, monkeypatch):
     for key in ("ids", "weights", "tokens"):
         assert torch.equal(part[last][key], whole[last][key])
     assert list(moe_route.load_trace(path, layers=(last, first))) == [first, last]
-    with pytest.raises(ValueError, match=r"has no layer 'model.layers.9.mlp.gate'; its layers "
-                                         r"are \['model.layers.0.mlp.gate'"):
+    # as everywhere, an int is a decoder-layer index and a str may be the MoE block's path
+    assert list(moe_route.load_trace(path, layers=[1])) == [last]
+    assert list(moe_route.load_trace(path, layers=["model.layers.0.mlp", 1])) == [first, last]
+    with pytest.raises(ValueError, match=r"t.safetensors': layers holds 'model.layers.9.mlp.gate', "
+                                         r"which is not a layer here; the layers are decoder "
+                                         r"layers \[0, 1\], named \['model.layers.0.mlp.gate'"):
         moe_route.load_trace(path, layers=["model.layers.9.mlp.gate"])
     for bare in (first, first.encode()):
-        with pytest.raises(TypeError, match="layers must be a list of layer names or None"):
+        with pytest.raises(TypeError, match="layers must be a list of layer keys .* or None"):
             moe_route.load_trace(path, layers=bare)
 
 

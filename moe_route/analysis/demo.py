@@ -53,8 +53,7 @@ def run_demo(out_dir: str = "moe_route_demo", *, seed: int = 0, progress: bool =
     with steer(pm.model, plan):
         steered = _trace(pm.model, pm.task_corpus)
     agreement = trace_agreement(plain, steered)
-    positions = [stats.layer_indices.index(i) for i in middle]
-    summary = write_report(out_dir, stats, pm.reference, middle_layers=positions, delta=delta,
+    summary = write_report(out_dir, stats, pm.reference, middle_layers=middle, delta=delta,
                            tau=TAU, experts=experts, plan=plan, ab=ab,
                            accuracy=ab["baseline"], agreement=agreement,
                            title="moe_route demo: planted OLMoE")

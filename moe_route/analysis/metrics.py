@@ -35,6 +35,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import torch
 
 from moe_route._checks import check_bool, check_int, is_int
+from moe_route.hf.patch import layer_index, layer_positions
 from moe_route.reference import MAX_EXPERTS
 from moe_route.stats import RoutingStats
 
@@ -661,11 +662,13 @@ def routing_divergence(stats: RoutingStats, reference: str, *, parallel=None,
                                 normalised, where)
 
 
-def language_divergence(stats: RoutingStats, layers: Optional[Sequence[int]] = None, *,
+def language_divergence(stats: RoutingStats, layers: Optional[Sequence] = None, *,
                         parallel=None, kind: str = "dense",
                         normalised: bool = True) -> Tuple[List[str], torch.Tensor]:
-    """Divergence between every two languages at ``layers`` (positions in ``stats``; None: all),
-    ``(languages, [len(layers), Λ, Λ] float32)``: the paper's language-to-language heatmaps.
+    """Divergence between every two languages at ``layers`` (None: all),
+    ``(languages, [n, Λ, Λ] float32)`` for the n layers named: the paper's language-to-language
+    heatmaps. ``layers`` holds decoder-layer indices (``12`` is ``model.layers.12``, whatever
+    dense layers precede it) or layer names (``layer_positions``).
 
     Cell ``[l, a, b]`` is ``routing_divergence`` of language a with b as the reference: the mean
     over the parallel sequences both hold of ``D(q_(a, i), q_(b, i))``, the curves' quantity for
@@ -677,12 +680,11 @@ def language_divergence(stats: RoutingStats, layers: Optional[Sequence[int]] = N
     """
     where = "language_divergence"
     field = _importance_field(stats, kind, where)
-    positions = list(range(len(stats))) if layers is None else list(layers)
-    bad = [p for p in positions if not is_int(p) or not 0 <= p < len(stats)]
-    if bad or not positions:
-        raise ValueError(f"{where}: layers must be positions in [0, {len(stats)}) of the "
-                         f"statistics' layers, got {layers!r}")
-    positions = [int(p) for p in positions]
+    positions = (list(range(len(stats))) if layers is None
+                 else layer_positions(stats.layer_names, layers, where,
+                                     indices=stats.layer_indices))
+    if not positions:
+        raise ValueError(f"{where}: layers must name at least one layer, got {layers!r}")
     parallel = _resolve_parallel(stats.group_names, parallel, where)
     _one_device(stats, where)
     languages = list(parallel.languages)
@@ -1136,7 +1138,6 @@ def trace_statistics(trace: Mapping, *, renormalize: bool = False,
     its expert count (``"experts"``, recorded since trace format 3). ``meta`` is the trace's, with
     ``"renormalized"`` set.
     """
-    from moe_route.hf.patch import layer_index
     from moe_route.traces import _check_trace_layer
     from moe_route.stats import LayerStats
 
@@ -1280,20 +1281,16 @@ class LayerTransitions:
 
 
 def _trace_layer(trace: Mapping, layer, arg: str, where: str) -> str:
-    """The name of ``layer`` (a name, or a position in the trace's order) in ``trace``."""
+    """The name of the one layer of ``trace`` that ``layer`` names (``layer_positions``)."""
     names = list(trace)
-    if isinstance(layer, str):
-        if layer not in trace:
-            raise ValueError(f"{where}: {arg}={layer!r} is not a layer of the trace; its layers "
-                             f"are {_short(names, 4)}")
-        return layer
-    if not is_int(layer):
-        raise TypeError(f"{where}: {arg} must be a layer name (str) or a position in the trace "
-                        f"(int), got {type(layer).__name__}")
-    if not -len(names) <= layer < len(names):
-        raise ValueError(f"{where}: {arg}={layer} is out of range for a trace of {len(names)} "
-                         f"layers")
-    return names[layer]
+    if not isinstance(layer, str) and not is_int(layer):
+        raise TypeError(f"{where}: {arg} must be a decoder-layer index (int) or a layer name "
+                        f"(str), got {type(layer).__name__}")
+    found = layer_positions(names, [layer], where, arg)
+    if len(found) > 1:
+        raise ValueError(f"{where}: {arg}={layer!r} names {len(found)} layers (a loop layer's "
+                         f"passes): name one, e.g. {names[found[0]]!r}")
+    return names[found[0]]
 
 
 def trace_transitions(trace: Mapping, source, target, *, pairs: str = "all",
@@ -1302,8 +1299,8 @@ def trace_transitions(trace: Mapping, source, target, *, pairs: str = "all",
     ``source``, which experts of layer ``target`` they are routed to (OLMoE §5 looks at layers
     0 -> 7 and 7 -> 15; Mixtral's paper at consecutive tokens instead, ``routing_consistency``).
 
-    ``source``, ``target``: layer names (``"model.layers.7.mlp.gate"``) or positions in the
-    trace's order (negative from the end); the two must hold the same rows (the same tokens),
+    ``source``, ``target``: decoder-layer indices (``7``) or layer names
+    (``"model.layers.7.mlp.gate"``); the two must hold the same rows (the same tokens),
     each with its expert count (``"experts"``, traces since format 3). ``pairs``: "all" (every
     source expert of a token with every target expert) or "rank" (the r-th choice with the r-th
     choice, which needs the same k in both layers; the trace keeps the router's order, best

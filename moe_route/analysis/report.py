@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 
 from moe_route._atomic import write_text_atomic
-from moe_route.hf.patch import PASS, split_site
+from moe_route.hf.patch import PASS, layer_positions, split_site
 from moe_route.analysis.evaluation import format_paired
 from moe_route.analysis.metrics import (RoutingAgreement, activation_frequency,
                                         divergence_accuracy_correlation, language_divergence,
@@ -49,8 +49,8 @@ __all__ = ["write_report"]
 
 
 def write_report(out_dir, stats: RoutingStats, reference: str, *,
-                 heatmap_layers: Optional[Sequence[int]] = None,
-                 middle_layers: Optional[Sequence[int]] = None,
+                 heatmap_layers: Optional[Sequence] = None,
+                 middle_layers: Optional[Sequence] = None,
                  delta: Optional[torch.Tensor] = None, tau: Optional[float] = None,
                  experts: Optional[Mapping] = None, plan: Optional[SteeringPlan] = None,
                  ab: Optional[Mapping] = None, accuracy: Optional[Mapping[str, float]] = None,
@@ -63,8 +63,9 @@ def write_report(out_dir, stats: RoutingStats, reference: str, *,
     ``trace_statistics(trace, renormalize=True)``, the author's later per-token renormalised
     importance).
 
-    ``heatmap_layers`` / ``middle_layers``: positions along the statistics' layers (default: the
-    first, middle and last layer; the middle third). ``delta`` ``[L, E]`` with ``tau`` and
+    ``heatmap_layers`` / ``middle_layers``: decoder-layer indices or layer names
+    (``layer_positions``; default: the first, middle and last MoE layer; the middle third of
+    them). ``delta`` ``[L, E]`` with ``tau`` and
     ``experts`` (``task_experts``), ``plan``, ``ab`` (``ab_test``), ``accuracy`` (per language)
     and ``agreement`` (``trace_agreement`` of unsteered and steered runs, keyed by the
     statistics' layer names) are optional. Returns the summary as a dict (also in
@@ -74,12 +75,13 @@ def write_report(out_dir, stats: RoutingStats, reference: str, *,
         raise TypeError(f"write_report: stats must be a RoutingStats, got {type(stats).__name__}")
     L = len(stats)
     indices = _layer_labels(stats)
-    middle = list(middle_layers) if middle_layers is not None else list(range(L // 3, L - L // 3))
-    heat = list(heatmap_layers) if heatmap_layers is not None else sorted({0, L // 2, L - 1})
-    for name, layers in (("middle_layers", middle), ("heatmap_layers", heat)):
-        bad = [p for p in layers if not 0 <= p < L]
-        if bad:
-            raise ValueError(f"write_report: {name} {bad} must be positions in [0, {L})")
+    names = stats.layer_names
+    middle = (list(range(L // 3, L - L // 3)) if middle_layers is None
+              else sorted(layer_positions(names, middle_layers, "write_report", "middle_layers",
+                                         indices=stats.layer_indices)))
+    heat = (sorted({0, L // 2, L - 1}) if heatmap_layers is None
+            else layer_positions(names, heatmap_layers, "write_report", "heatmap_layers",
+                                 indices=stats.layer_indices))
     if not middle:
         raise ValueError(f"write_report: middle_layers must name at least one layer, got "
                          f"{middle_layers!r}")
@@ -119,7 +121,7 @@ def write_report(out_dir, stats: RoutingStats, reference: str, *,
     plt = _pyplot()
     if plt is not None:
         plots.append(_plot_curves(plt, out_dir, indices, div, middle, reference))
-        languages, pairs = language_divergence(stats, heat, kind=kind)  # [heat, languages, ..]
+        languages, pairs = language_divergence(stats, [names[p] for p in heat], kind=kind)
         for p, matrix in zip(heat, pairs):
             plots.append(_plot_heatmap(plt, out_dir, matrix, languages, indices[p]))
         plots.append(_plot_usage(plt, out_dir, freq[:, ref_row], indices, reference))

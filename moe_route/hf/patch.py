@@ -29,6 +29,7 @@ import threading
 import types
 import warnings
 from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 from typing import Callable, Optional
 
 import torch
@@ -42,8 +43,8 @@ from moe_route import reference
 from moe_route.nn.router import route
 from moe_route.ops import GateStats, SteerSpec, topk_gate
 
-__all__ = ["patch", "unpatch", "PatchHandle", "RouterState", "find_routers", "sites_by_key",
-           "split_site"]
+__all__ = ["patch", "unpatch", "PatchHandle", "RouterState", "find_routers", "layer_positions",
+           "sites_by_key", "split_site"]
 
 _STATE = "_moe_route_state"
 _HANDLE = "_moe_route_patch"
@@ -296,6 +297,47 @@ def split_site(name: str) -> tuple[str, Optional[int]]:
     ``"m.gate"`` -> ``("m.gate", None)`` (``RouterState.site``)."""
     one_pass = _SITE.fullmatch(name)
     return (one_pass.group(1), int(one_pass.group(2))) if one_pass else (name, None)
+
+
+def layer_positions(names: Sequence[str], layers, where: str, arg: str = "layers", *,
+                    indices: Optional[Sequence[Optional[int]]] = None) -> list:
+    """Positions in ``names`` (a statistics' or trace's layer names, in order) of the layers that
+    ``layers`` names, in the order named. An int is a decoder-layer index (``12`` takes
+    ``model.layers.12.mlp.gate``, and every pass of a loop layer's router; ``indices``: each
+    layer's, default ``layer_index`` of its name); a str is a layer's name, its router's module
+    path (every pass) or its MoE block's path. Unknown layers, an index shared by two routers (an
+    encoder's and a decoder's: name one) and a layer named twice raise ValueError starting with
+    ``where``; other keys TypeError."""
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise TypeError(f"{where}: {arg} must be an iterable of layer keys (decoder-layer indices "
+                        f"or module paths), got {layers!r}")
+    paths = [split_site(name)[0] for name in names]
+    indices = [layer_index(name) for name in names] if indices is None else list(indices)
+    out: list = []
+    for key in layers:
+        if isinstance(key, str):
+            hits = [p for p, (name, path) in enumerate(zip(names, paths))
+                    if key in (name, path, path.rpartition(".")[0])]
+        elif isinstance(key, numbers.Integral) and not isinstance(key, bool):
+            key = int(key)
+            hits = [p for p, index in enumerate(indices) if index == key]
+            routers = sorted({paths[p] for p in hits})
+            if len(routers) > 1:
+                raise ValueError(f"{where}: {arg} holds layer {key}, which is ambiguous "
+                                 f"({routers}); name one by its module path")
+        else:
+            raise TypeError(f"{where}: {arg} must hold layer keys, ints (decoder-layer indices) "
+                            f"or str (module paths), got {key!r} ({type(key).__name__})")
+        if not hits:
+            known = sorted({i for i in indices if i is not None})
+            raise ValueError(f"{where}: {arg} holds {key!r}, which is not a layer here; the "
+                             f"layers are decoder layers {known}, named {list(names[:2])}"
+                             f"{' ...' if len(names) > 2 else ''}")
+        twice = [p for p in hits if p in out]
+        if twice:
+            raise ValueError(f"{where}: {arg} names layer {names[twice[0]]!r} twice")
+        out.extend(hits)
+    return out
 
 
 def sites_by_key(keys, routers: dict, where: str) -> dict:
