@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from moe_route import _loader, reference
 from moe_route._checks import check_bool, check_int, is_int
@@ -327,7 +328,8 @@ def topk_gate(logits: torch.Tensor, k: int, spec: Optional[RouterSpec] = None, *
     +-inf clamp to +-FLT_MAX; output in descending selection order, equal values to the lower
     expert index, identically on every backend. Weights match the reference to fp32 rounding.
 
-    Gradients: when ``logits`` requires grad (and grad mode is on), the kernel chooses the ids
+    Gradients: when ``logits`` requires grad (and grad mode is on) or carries a forward-mode
+    tangent, the kernel chooses the ids
     and accumulates the statistics, and the weights of those ids are recomputed with
     differentiable PyTorch ops (``reference.gate_weights`` of the sanitised, steered logits), so
     they carry the logits' gradient; they equal the kernel's weights to fp32 rounding. The ids
@@ -341,7 +343,7 @@ def topk_gate(logits: torch.Tensor, k: int, spec: Optional[RouterSpec] = None, *
     elif spec is None:
         spec = _DEFAULT_SPEC
     if (steer is None and stats is None and _fast is not None and type(logits) is _Tensor
-            and type(k) is int and not logits.requires_grad
+            and type(k) is int and not logits.requires_grad and _forward_ad._current_level < 0
             and (_CPU_KERNEL if logits.is_cpu else _cuda_kernel(logits)) and not _compiling()):
         try:
             return _fast(logits, k, spec._plain, selection_bias, None, groups, replay, None)
@@ -362,7 +364,8 @@ def topk_gate(logits: torch.Tensor, k: int, spec: Optional[RouterSpec] = None, *
         k = _check_k(k)
     if getattr(selection_bias, "requires_grad", False):
         selection_bias = selection_bias.detach()    # it only selects: it gets no gradient
-    if getattr(logits, "requires_grad", False) and torch.is_grad_enabled():
+    if (getattr(logits, "requires_grad", False) and torch.is_grad_enabled()) or \
+            _has_tangent(logits):
         return _differentiable_gate(logits, k, spec, selection_bias, steer, stats, groups, replay)
     steer_table, select_only, unbiased = None, False, False
     if steer is not None:
@@ -450,6 +453,14 @@ def _differentiable_gate(logits, k, spec, selection_bias, steer, stats, groups, 
     w = reference.gate_weights(zw, ids.long(), spec.score, spec.select_on, spec.renormalize,
                                spec.renorm_eps, spec.scale)
     return w, ids
+
+
+def _has_tangent(logits) -> bool:
+    """Whether forward-mode AD (``forward_ad.dual_level``, ``torch.func.jvp`` / ``jacfwd``)
+    carries a tangent on ``logits``; the kernel, called outside the dispatcher, would drop it
+    and give a zero derivative."""
+    return (_forward_ad._current_level >= 0 and isinstance(logits, torch.Tensor)
+            and _forward_ad.unpack_dual(logits).tangent is not None)
 
 
 def _explain_bad_call(logits, k, spec, selection_bias, steer_table, groups, buffers, replay):

@@ -88,6 +88,40 @@ def test_statistics_counted_once_and_selection_bias_gets_no_gradient(device):
     assert torch.equal(stats.counts, ref.counts)
 
 
+@pytest.mark.parametrize("spec", ["softmax_renorm_scaled", "sigmoid_bias_groups"])
+def test_forward_mode_derivatives_match_reverse_mode(device, spec):
+    """Forward-mode AD (torch.func.jvp and jacfwd, forward_ad's dual tensors) gets the weights'
+    tangent, with the statistics counted once; the kernel, called outside the dispatcher, dropped
+    the tangent and gave zero derivatives. The dispatch ops go through the dispatcher."""
+    from torch.autograd import forward_ad
+
+    knobs, bias = SPECS[spec]
+    bias = random_bias(E, device=device) if bias else None
+    steer = STEERS["std"]
+    logits = random_logits(T, E, device=device)
+    tangent = random_logits(T, E, seed=5, device=device)
+
+    def gate(x):
+        return moe_route.topk_gate(x, 4, selection_bias=bias, steer=steer, **knobs)[0]
+
+    def ref(x):
+        return R.topk_gate(x, 4, selection_bias=bias, steer=steer.table(E, device), **knobs)[0]
+
+    want = torch.func.jvp(ref, (logits,), (tangent,))[1]
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(torch.func.jvp(gate, (logits,), (tangent,))[1], want)
+    torch.testing.assert_close(torch.func.jacfwd(gate)(logits[:3]),
+                               torch.func.jacrev(ref)(logits[:3]))
+    stats = moe_route.GateStats.zeros(1, E, device=device)
+    with forward_ad.dual_level():
+        w, ids = moe_route.topk_gate(forward_ad.make_dual(logits, tangent), 4,
+                                     selection_bias=bias, steer=steer, stats=stats, **knobs)
+        torch.testing.assert_close(forward_ad.unpack_dual(w).tangent, want)
+    assert torch.equal(ids, R.topk_gate(logits, 4, selection_bias=bias,
+                                        steer=steer.table(E, device), **knobs)[1])
+    assert stats.tokens.tolist() == [T]
+
+
 def test_no_gradient_under_no_grad(device):
     logits = random_logits(T, E, device=device).requires_grad_()
     with torch.no_grad():
