@@ -21,7 +21,8 @@ Two layouts per layer:
 * ``[N, k]`` (a trace, or any ``{layer: ids}``): **call order**. Each router call with T tokens
   takes the next T rows, so the calls must match those that produced the routing (same batch
   shapes, same order). Leaving the block with rows unused raises ``ValueError`` (``strict``).
-  Activation recomputation would take rows a second time: train by position.
+  Activation recomputation would take rows a second time, so it raises ``RuntimeError`` in the
+  backward: train by position.
 * ``[B, S, k]``: **by position**. A model call on ``[B, S']`` tokens with a KV cache of length c
   takes positions ``[c, c + S')`` of every sequence, so one forward over whole sequences, a
   ``generate()`` and activation recomputation (gradient checkpointing) all line up.
@@ -75,6 +76,12 @@ class _Source:
         ids = self._device_ids(device)
         k = ids.shape[-1]
         if not self.by_position:
+            if in_backward():  # checkpointing's recompute would take the next call's rows
+                raise RuntimeError(f"replay: {self.name} is recomputed in the backward "
+                                   f"(activation checkpointing), which call-order routing "
+                                   f"cannot serve: it would take the rows of the next call. "
+                                   f"Replay by position ([B, S, k] ids, trace_by_position) to "
+                                   f"train with checkpointing")
             if self.cursor + T > ids.shape[0]:
                 raise RuntimeError(f"replay: {self.name} is called on {T} tokens, but only "
                                    f"{ids.shape[0] - self.cursor} of its {ids.shape[0]} rows are "

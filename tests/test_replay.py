@@ -218,6 +218,24 @@ def test_gradient_checkpointing_by_position(monkeypatch):
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)
 
 
+def test_gradient_checkpointing_in_call_order_is_refused():
+    """Checkpointing's recompute in backward took the next call's rows of a call-order trace: a
+    trace of two forwards trained the first batch on the second's experts in its recomputed
+    layers (different gradients, and strict=True saw every row used). It raises instead."""
+    model = build("olmoe")
+    first, second = _ids(15, (2, 7)), _ids(16, (2, 7))
+    with moe_route.record(model, trace=True) as rec, torch.no_grad():
+        model(first)
+        model(second)
+    model.train()
+    enable_checkpointing(model)
+    with pytest.raises(RuntimeError, match=r"replay: model.layers.1.mlp.gate is recomputed in "
+                                           r"the backward \(activation checkpointing\), which "
+                                           r"call-order routing cannot serve"):
+        with moe_route.replay(model, rec.trace, strict=False):
+            model(first, labels=first, use_cache=False).loss.backward()
+
+
 def test_replay_with_steering_keeps_the_ids_and_steers_the_weights():
     model = build("olmoe")
     ids = _ids(14)
