@@ -249,13 +249,16 @@ def _s1(renorm):
 
 
 def _s3(router, block=None) -> RouterSpec:
-    """DeepSeek-V3 noaux_tc: sigmoid, bias for selection, top-2-sum groups, renorm + 1e-20."""
+    """DeepSeek-V3 noaux_tc: sigmoid, bias for selection, top-2-sum groups, renorm + 1e-20. The
+    sigmoid runs in the logits' dtype: fp32, or bf16/fp16 under autocast, which runs the fp32
+    GEMM in half precision and leaves the sigmoid there (round_scores)."""
     n_group = int(_first_attr(router, ("num_group", "n_group"), 1))
     return RouterSpec("sigmoid", n_group=n_group,
                       topk_group=int(_first_attr(router, ("topk_group",), 1)),
                       group_score="top2_sum", renormalize=_renorm_flag(router),
                       renorm_eps=1e-20 if _renorm_flag(router) else 0.0,
-                      scale=float(_first_attr(router, ("routed_scaling_factor",), 1.0)))
+                      scale=float(_first_attr(router, ("routed_scaling_factor",), 1.0)),
+                      round_scores=True)
 
 
 def _gate(score="softmax", *, select_on="scores", renorm=False, eps=0.0, scale=None,
@@ -680,7 +683,7 @@ SIGMOID_TOPK_SOFTCAP = Adapter("sigmoid_topk", "S4", _gate("sigmoid", renorm=Tru
 # renorm + 1e-15, times routed_scaling_factor
 SIGMOID_TOPK_MULTIPLIER = Adapter("sigmoid_topk", "S4",
                                   _gate("sigmoid", renorm=True, eps=1e-15,
-                                        scale="routed_scaling_factor"),
+                                        scale="routed_scaling_factor", round_scores=True),
                                   selection_bias="router:e_score_correction_bias",
                                   linear_dtype=torch.float32,
                                   pre=lambda r, z: z * r.output_multiplier)
