@@ -261,7 +261,8 @@ def _check_ids(key, state, ids: torch.Tensor, recorded: Optional[int] = None) ->
 
 
 def trace_by_position(trace: Mapping, batch_size: int, prompt_length: int,
-                      length: Optional[int] = None) -> dict:
+                      length: Optional[int] = None, *,
+                      sequences: Optional[torch.Tensor] = None) -> dict:
     """A trace of ``generate()`` (call order) as routing by position, ``{layer: [B, S, k]}``.
 
     ``generate`` routes the prompt (``batch_size`` x ``prompt_length`` rows, left padding
@@ -270,6 +271,13 @@ def trace_by_position(trace: Mapping, batch_size: int, prompt_length: int,
     with ``length`` (e.g. the length of the generated sequences) the positions the trace does not
     cover are -1 (route as usual). The result replays a training forward over the generated
     sequences with the rollout's experts (``replay``).
+
+    ``sequences``: the generated sequences ``[B, L]`` (``generate``'s output), whose L is then
+    the default ``length``. Each layer's recorded tokens (a trace recorded from ``input_ids``)
+    are checked against them: a ``generate()`` without the KV cache (``use_cache=False``
+    re-routes the whole sequence at every step) or with a chunked prefill
+    (``prefill_chunk_size``) routes in another order, and a trace of it raises ValueError
+    instead of replaying other positions' experts.
     """
     if not isinstance(trace, Mapping):
         raise TypeError(f"trace_by_position: trace must be a mapping {{layer: ids}} (a trace), "
@@ -278,6 +286,20 @@ def trace_by_position(trace: Mapping, batch_size: int, prompt_length: int,
     prompt_length = check_int("trace_by_position", "prompt_length", prompt_length, 1)
     # and no shorter than the trace's positions: checked per layer
     length = check_int("trace_by_position", "length", length, 1, none="the positions covered")
+    if sequences is not None:
+        if not isinstance(sequences, torch.Tensor):
+            raise TypeError(f"trace_by_position: sequences must be the generated token ids, a "
+                            f"[B, L] tensor, got {type(sequences).__name__}")
+        if sequences.dim() != 2 or sequences.shape[0] != batch_size or \
+                sequences.is_floating_point() or sequences.is_complex():
+            raise ValueError(f"trace_by_position: sequences must be int token ids [B, L] with "
+                             f"B = batch_size = {batch_size}, got {sequences.dtype} of shape "
+                             f"{tuple(sequences.shape)}")
+        if length is not None and length != sequences.shape[1]:
+            raise ValueError(f"trace_by_position: length={length} differs from the "
+                             f"{sequences.shape[1]} positions of sequences")
+        length = sequences.shape[1]
+        sequences = sequences.cpu()
     out, first = {}, None
     for key, layer in trace.items():
         ids = _ids_of(key, layer, "trace_by_position: trace")
@@ -300,13 +322,42 @@ def trace_by_position(trace: Mapping, batch_size: int, prompt_length: int,
         covered = P + steps
         total = covered if length is None else length
         if total < covered:
-            raise ValueError(f"trace_by_position: length={length} is shorter than the {covered} "
+            raise ValueError(f"trace_by_position: {key!r} covers {covered} positions, more than "
+                             f"the {length} of sequences: {_NOT_ONE_GENERATE}"
+                             if sequences is not None else
+                             f"trace_by_position: length={length} is shorter than the {covered} "
                              f"positions {key!r} covers")
+        tokens = layer.get("tokens") if isinstance(layer, Mapping) else None
+        if sequences is not None and tokens is not None:
+            _check_tokens(key, _by_position(tokens.reshape(N, 1), B, P, steps)[..., 0],
+                          sequences[:, :covered])
         pos = ids.new_full((B, total, k), -1)
-        pos[:, :P] = ids[:B * P].reshape(B, P, k)
-        pos[:, P:covered] = ids[B * P:].reshape(steps, B, k).transpose(0, 1)
+        pos[:, :covered] = _by_position(ids, B, P, steps)
         out[key] = pos
     return out
+
+
+def _by_position(rows: torch.Tensor, B: int, P: int, steps: int) -> torch.Tensor:
+    """Call-order rows ``[B * P + steps * B, k]`` of one prefill and ``steps`` one-token steps
+    as ``[B, P + steps, k]``."""
+    k = rows.shape[1]
+    return torch.cat([rows[:B * P].reshape(B, P, k),
+                      rows[B * P:].reshape(steps, B, k).transpose(0, 1)], 1)
+
+
+def _check_tokens(key, recorded: torch.Tensor, sequences: torch.Tensor) -> None:
+    """ValueError at the first position whose recorded token is not the sequences' there."""
+    bad = (recorded.to(sequences.dtype) != sequences).nonzero()
+    if bad.numel():
+        b, p = bad[0].tolist()
+        raise ValueError(f"trace_by_position: {key!r} routed token {int(recorded[b, p])} at "
+                         f"position {p} of sequence {b} by this layout, but sequences[{b}, {p}] "
+                         f"is {int(sequences[b, p])}: {_NOT_ONE_GENERATE}")
+
+
+_NOT_ONE_GENERATE = ("the trace is not of one generate() of these sequences with the KV cache and "
+                     "a single prefill (use_cache=False or prefill_chunk_size route in another "
+                     "order)")
 
 
 def replay(model: nn.Module, routing: Mapping, *, layers=None, strict: bool = True) -> Replay:

@@ -453,6 +453,35 @@ def test_rollout_routing_replays_in_a_training_forward():
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("options", [dict(use_cache=False), dict(prefill_chunk_size=2)],
+                         ids=["no_cache", "chunked_prefill"])
+def test_trace_by_position_checks_the_layout_against_the_sequences(options):
+    """A generate() without the KV cache (the whole sequence again at every step) or with a
+    chunked prefill routes in another order than one prefill and one token per step; laid out
+    by position, its trace gave 5 to 9 of 16 positions other positions' experts, unwarned. With
+    the generated sequences the recorded tokens are checked, and it is refused; a cached
+    generate() of the same sequences passes the check."""
+    model = build("olmoe")
+    B, P = 2, 5
+    prompt = _ids(22, (B, P))
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with moe_route.record(model, trace=True) as rec, torch.no_grad():
+        seq = model.generate(prompt, **kw)
+    routing = moe_route.trace_by_position(rec.trace, B, P, sequences=seq)
+    layer = routing[next(iter(routing))]
+    assert layer.shape[1] == P + 4 and bool((layer[:, -1] == -1).all())
+    with moe_route.record(model, trace=True) as other, torch.no_grad():
+        assert torch.equal(model.generate(prompt, **kw, **options), seq)
+    message = {"use_cache": r"covers 26 positions, more than the 9 of sequences",
+               "prefill_chunk_size": r"routed token \d+ at position \d+ of sequence \d by this "
+                                     r"layout, but sequences\[\d, \d+\] is \d+"}
+    message = message[next(iter(options))]
+    with pytest.raises(ValueError, match=message + r": the trace is not of one generate\(\) of "
+                                         r"these sequences with the KV cache and a single "
+                                         r"prefill"):
+        moe_route.trace_by_position(other.trace, B, P, sequences=seq)
+
+
 def test_trace_by_position_layout_and_errors():
     k = 2
     rows = torch.arange(2 * 3 * k + 2 * 2 * k).reshape(-1, k)   # B=2, P=3, two decode steps
