@@ -14,7 +14,11 @@ Which statistics row a token goes to is worked out once per model call, from the
 encoder-decoder's encoder routers use its ``input_ids`` / ``attention_mask``, its decoder routers
 ``decoder_input_ids`` / ``decoder_attention_mask``, in a forward and in ``generate()``):
 padding (``attention_mask == 0``), ``ignore_token_ids`` (template or special tokens) and, with
-``tokens="prompt"`` or ``"generated"``, the other phase of ``generate()`` are skipped.
+``tokens="prompt"`` or ``"generated"``, the other phase of ``generate()`` are skipped. A call
+given a 4-D mask (``generate()`` with a static cache builds one) has its padding read from the
+2-D mask given to ``generate()``, at the call's positions, or else from the 4-D mask's
+diagonal (a token that does not attend to itself is padding: bool True attends, an additive
+float mask's 0 attends); a mask that neither reads counts every token, with a warning.
 
 **generate().** While recording, ``model.generate`` is wrapped so that the recorder knows the
 prompt: the tokens at positions below the length of the ids (or embeddings) given to
@@ -22,9 +26,13 @@ prompt: the tokens at positions below the length of the ids (or embeddings) give
 conversation continued on its ``past_key_values`` has its new turn counted as prompt). Each
 position counts once per ``generate``: without a KV cache (``use_cache=False``) every step
 re-runs the whole sequence, and only its new position is counted. A sequence of a batch that has
-ended (it was fed an EOS or pad id of the generation config at a generated position) is skipped
-from then on: the EOS and the padding fed to it while the rest of the batch goes on, so a
-sequence's statistics are the same batched or alone. ``set_groups`` ids per sequence ``[B]``
+ended is skipped from then on: ``generate``'s own stopping criteria (its EOS, ``stop_strings``,
+a ``StoppingCriteria`` of the caller's) say which sequence is done, and the token that finished
+it, fed back once more, and whatever is fed to it after (padding, or without an EOS the tokens it
+goes on generating) while the rest of the batch goes on are not counted, so a sequence's
+statistics are the same batched or alone (where those criteria cannot be seen, a ``generate``
+that does not build them through ``_get_stopping_criteria``, a sequence ends at the first EOS
+id of the generation config fed at a generated position). ``set_groups`` ids per sequence ``[B]``
 also cover the ``num_beams`` / ``num_return_sequences`` copies generate makes of each sequence.
 Every routed token counts, which includes the candidate tokens of assisted or prompt-lookup
 decoding that are then rejected, and every beam of a beam search. Model calls outside
@@ -167,6 +175,7 @@ class Recorder:
         self._unwrap = None
         self._warned_embeds = False
         self._warned_outside = False
+        self._warned_mask = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -328,12 +337,14 @@ class Recorder:
 
     def _wrap_generate(self):
         """Wrap ``model.generate`` (an instance attribute, removed on exit) so that model calls
-        inside it know the prompt's length and which sequences have ended (module doc)."""
+        inside it know the prompt's length, its attention mask and which sequences have ended
+        (module doc); and ``model._get_stopping_criteria``, which generate() calls to build its
+        stopping criteria, so that the criteria's per-sequence done flags reach the recorder."""
         model = self.model
         generate = getattr(model, "generate", None)
         if not callable(generate):
             return
-        had_own = "generate" in vars(model)
+        wrapped = {}
 
         @functools.wraps(generate)
         def recorded_generate(*args, **kwargs):
@@ -343,14 +354,29 @@ class Recorder:
             finally:
                 self._generation = outer
 
+        wrapped["generate"] = (recorded_generate, generate, "generate" in vars(model))
         model.generate = recorded_generate
+        get_criteria = getattr(model, "_get_stopping_criteria", None)
+        if callable(get_criteria):
+            @functools.wraps(get_criteria)
+            def observed_criteria(*args, **kwargs):
+                criteria = get_criteria(*args, **kwargs)
+                gen = self._generation
+                if gen is None or not isinstance(criteria, list):
+                    return criteria
+                return _observed(criteria, gen)
+
+            wrapped["_get_stopping_criteria"] = (observed_criteria, get_criteria,
+                                                 "_get_stopping_criteria" in vars(model))
+            model._get_stopping_criteria = observed_criteria
 
         def unwrap():
-            if vars(model).get("generate") is recorded_generate:
-                if had_own:
-                    model.generate = generate
-                else:
-                    del model.generate
+            for name, (wrapper, original, had_own) in wrapped.items():
+                if vars(model).get(name) is wrapper:
+                    if had_own:
+                        setattr(model, name, original)
+                    else:
+                        delattr(model, name)
         self._unwrap = unwrap
 
     def _on_call(self, stack: str, call: dict):
@@ -379,11 +405,20 @@ class Recorder:
         rows = self._batch_rows(B, S, device)
         if isinstance(keep, torch.Tensor):
             rows = torch.where(keep.to(device), rows, -1)
-        if gen is not None and gen.stop_ids is not None and input_ids is not None:
-            rows = torch.where(self._ended(gen, input_ids, generated), -1, rows)
-        mask = call.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == B:
-            rows = torch.where(mask[:, -S:].to(device) != 0, rows, -1)
+        if gen is not None:
+            done = gen.done
+            if done is not None and done.shape[0] == B:
+                # generate()'s own stopping criteria said which sequences are done: none of the
+                # tokens fed to them since counts (the one that finished them included)
+                rows = torch.where(done.to(device)[:, None], -1, rows)
+            elif gen.stop_ids is not None and input_ids is not None:
+                # fallback where the criteria's flags do not cover this call's sequences (a
+                # generate() that does not build them through _get_stopping_criteria, or a beam
+                # search, whose running beams never hold an EOS): a sequence ends at its EOS
+                rows = torch.where(self._ended(gen, input_ids, generated), -1, rows)
+        attended = self._attended(gen, call, B, S)
+        if attended is not None:
+            rows = torch.where(attended.to(device), rows, -1)
         if self.ignore_token_ids is not None:
             if input_ids is not None:
                 skip = torch.isin(input_ids, self.ignore_token_ids.to(device))
@@ -394,6 +429,45 @@ class Recorder:
                               "ignore_token_ids cannot be applied to its tokens, which are "
                               "counted", stacklevel=2)
         rows_on[device] = rows.reshape(-1).to(torch.int32)
+
+    def _attended(self, gen, call: dict, B: int, S: int) -> Optional[torch.Tensor]:
+        """[B, S] bool: which of a call's tokens are not padding, or None (all of them). From the
+        call's attention mask: a 2-D one's last S columns; inside generate(), for a call given
+        another form of mask (a static cache's 4-D one), the 2-D mask generate() was given, at
+        the call's positions (positions past its end, generated, are not padding); else a 4-D
+        (or 3-D) mask's diagonal, whether each token attends to itself, which only padding does
+        not (bool: True attends; float, additive: 0 attends; int: nonzero attends). A mask that
+        none of these reads counts every token, with a warning (once)."""
+        mask = call.get("attention_mask")
+        if isinstance(mask, Mapping):  # one mask per attention type: any has the diagonal
+            mask = mask.get("full_attention", next(iter(mask.values()), None))
+        if not isinstance(mask, torch.Tensor):
+            mask = None
+        if mask is not None and mask.dim() == 2 and mask.shape[0] == B:
+            return mask[:, -S:] != 0
+        if gen is not None and gen.mask is not None and B % gen.mask.shape[0] == 0:
+            given = gen.mask[:, gen.past:gen.past + S] != 0
+            if given.shape[1] < S:    # generated positions
+                given = torch.cat([given, given.new_ones(given.shape[0], S - given.shape[1])], 1)
+            return given.repeat_interleave(B // given.shape[0], 0)  # beams, samples
+        if mask is None:
+            return None
+        if mask.dim() in (3, 4) and mask.shape[0] == B and mask.shape[-2] == S:
+            K = mask.shape[-1]
+            past = gen.past if gen is not None else 0 if K == S else past_length(call, S)
+            if past + S <= K:
+                square = (mask if mask.dim() == 3 else mask[:, 0])[:, :, past:past + S]
+                diagonal = torch.diagonal(square, dim1=1, dim2=2)
+                if diagonal.dtype == torch.bool:
+                    return diagonal
+                return diagonal == 0 if diagonal.is_floating_point() else diagonal != 0
+        if not self._warned_mask:
+            self._warned_mask = True
+            warnings.warn(f"record: a model call of [{B}, {S}] tokens was given an attention_mask "
+                          f"of shape {tuple(mask.shape)}, which record() cannot read: none of "
+                          f"its tokens is taken for padding; pass the 2-D [B, S] mask",
+                          UserWarning, stacklevel=2)
+        return None
 
     def _positions(self, gen, call: dict, S: int):
         """``(keep, generated)``: which of a call's S positions its phase keeps and which are
@@ -691,13 +765,30 @@ def _token_ids(values) -> torch.Tensor:
 
 class _Generation:
     """What the recorder knows of a ``generate()`` call in progress: the prompt's length in
-    positions (None: unknown), the EOS and pad ids that end a sequence, the positions routed so
-    far and, per device, which sequences have ended."""
+    positions (None: unknown), the 2-D attention mask it was given (None: none), which
+    sequences its stopping criteria have said are done (bool [B], cumulative, from ``_observed``;
+    None before their first call), the EOS ids that end a sequence where those flags are
+    missing, the positions routed so far and, for that fallback, per device, which sequences
+    have ended."""
 
-    def __init__(self, prompt: Optional[int], stop_ids: Optional[torch.Tensor]):
-        self.prompt, self.stop_ids = prompt, stop_ids
+    def __init__(self, prompt: Optional[int], stop_ids: Optional[torch.Tensor],
+                 mask: Optional[torch.Tensor] = None):
+        self.prompt, self.stop_ids, self.mask = prompt, stop_ids, mask
         self.routed = self.past = 0
         self.ended: dict = {}
+        self.done: Optional[torch.Tensor] = None
+
+    def saw_done(self, done) -> None:
+        """The stopping criteria's answer at a step (is_done [n]): generate() never takes a
+        sequence back once done, so the flags accumulate while the number of sequences stays the
+        same (a beam search's candidates are another number, and are not accumulated)."""
+        if not isinstance(done, torch.Tensor) or done.dim() != 1:
+            return
+        done = done.detach().to(torch.bool)
+        before = self.done
+        if before is not None and before.shape == done.shape and before.device == done.device:
+            done = done | before
+        self.done = done
 
     @classmethod
     def of(cls, model: nn.Module, args: tuple, kwargs: dict) -> "_Generation":
@@ -706,26 +797,46 @@ class _Generation:
             config = args[1]
         if config is None:
             config = getattr(model, "generation_config", None)
-        ids = {}
-        for name in ("eos_token_id", "pad_token_id"):
-            for source in (kwargs.get(name), getattr(config, name, None)):
-                if source is not None:
-                    ids[name] = {int(i) for i in torch.as_tensor(source).reshape(-1).tolist()}
-                    break
-        # generate() pads a finished sequence only when an EOS can finish it; without one the
-        # pad id is a token like any other
-        eos = ids.get("eos_token_id", set())
-        stop = eos | ids.get("pad_token_id", set()) if eos else set()
+        # only the EOS ids end a sequence (for the fallback of _on_call): a pad id is fed to a
+        # sequence after its EOS, which has ended it already, and a live sequence may generate it
+        stop = set()
+        for source in (kwargs.get("eos_token_id"), getattr(config, "eos_token_id", None)):
+            if source is not None:
+                stop = {int(i) for i in torch.as_tensor(source).reshape(-1).tolist()}
+                break
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             start = kwargs.get("decoder_input_ids")
             prompt = start.shape[-1] if isinstance(start, torch.Tensor) else 1
+            mask = kwargs.get("decoder_attention_mask")
         else:
             ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
             embeds = kwargs.get("inputs_embeds")
             lengths = [t.shape[1] for t in (ids, embeds)
                        if isinstance(t, torch.Tensor) and t.dim() >= 2]
             prompt = max(lengths) if lengths else None
-        return cls(prompt, torch.tensor(sorted(stop), dtype=torch.int64) if stop else None)
+            mask = kwargs.get("attention_mask")
+        if not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] > 0):
+            mask = None
+        return cls(prompt, torch.tensor(sorted(stop), dtype=torch.int64) if stop else None,
+                   mask)
+
+
+def _observed(criteria: list, gen: _Generation) -> list:
+    """``criteria`` (generate()'s ``StoppingCriteriaList``) as a list of the same class whose
+    call also hands its per-sequence answer to ``gen`` (``_Generation.saw_done``)."""
+    observed = _observed_class(type(criteria))(criteria)
+    observed.generation = gen
+    return observed
+
+
+@functools.lru_cache(maxsize=None)
+def _observed_class(base: type) -> type:
+    def __call__(self, *args, **kwargs):
+        done = base.__call__(self, *args, **kwargs)
+        self.generation.saw_done(done)
+        return done
+    return type(f"Observed{base.__name__}", (base,), {"__call__": __call__,
+                                                      "__module__": __name__})
 
 
 def _decoder_path(model: nn.Module) -> str:

@@ -12,7 +12,7 @@ import moe_route
 from moe_route.hf import adapters, find_routers
 
 from tiny_models import (build, cache_argument, enable_checkpointing, inputs, model_type,
-                         selected_experts)
+                         selected_experts, word_tokenizer)
 from test_patch import SUPPORTED
 
 pytest.importorskip("transformers")
@@ -210,6 +210,123 @@ def test_without_an_eos_the_pad_id_is_a_token_like_any_other():
     assert torch.equal(out, free)
     fed = ids.shape[0] * (out.shape[1] - ids.shape[1] - 1)  # the last new token is never fed
     assert [int(layer.tokens.sum()) for layer in rec.stats] == [fed] * len(rec.stats)
+
+
+def _alone(model, ids, tokens, **kw):
+    """Tokens recorded for each sequence of ``ids`` generated alone (its own generate())."""
+    counts = []
+    for b in range(ids.shape[0]):
+        with moe_route.record(model, tokens=tokens) as rec, torch.no_grad():
+            model.generate(ids[b:b + 1], **kw)
+        counts.append(int(rec.stats[0].tokens.sum()))
+    return counts
+
+
+@pytest.mark.parametrize("given_mask", [True, False])
+def test_left_padding_is_skipped_with_a_static_cache(given_mask):
+    """With a static cache generate() hands the forward a 4-D mask, not the 2-D one: the left
+    padding must still be skipped (read from the 2-D mask generate() was given, or, without
+    one, from the 4-D mask generate() builds from the pad ids), so each sequence counts as the
+    same sequence generated alone, unpadded."""
+    model = build("qwen3_moe")
+    ids = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(1))
+    ids[1, :2] = 0
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0                                  # sequence 1: 2 left pads
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    given = {"attention_mask": mask} if given_mask else {}
+    for tokens in ("all", "prompt"):
+        alone = [_alone(model, ids[:1], tokens, **kw)[0],
+                 _alone(model, ids[1:, 2:], tokens, **kw)[0]]
+        assert alone == {"all": [9, 7], "prompt": [6, 4]}[tokens]
+        for cache in ("dynamic", "static"):
+            with moe_route.record(model, tokens=tokens) as rec, torch.no_grad():
+                rec.per_sequence(["a", "b"])
+                model.generate(ids, cache_implementation=cache, **given, **kw)
+            for layer in rec.stats:
+                assert layer.tokens.tolist() == alone, (tokens, cache)
+
+
+def test_a_4d_attention_mask_skips_padding_outside_generate():
+    """A model call given a 4-D mask (bool, True attends; or additive float, 0 attends) has its
+    padding read from the mask's diagonal: a token that does not attend to itself is padding.
+    A mask record() cannot read counts every token, with a warning."""
+    model = build("qwen3_moe")
+    ids = _ids(1, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    attend = torch.tril(torch.ones(6, 6, dtype=torch.bool))[None, None] & \
+        mask.bool()[:, None, None, :]
+    additive = torch.zeros(attend.shape).masked_fill(~attend, torch.finfo(torch.float32).min)
+    for given in (mask, attend, additive):
+        with moe_route.record(model) as rec, torch.no_grad():
+            rec.per_sequence(["a", "b"])
+            model(ids, attention_mask=given)
+        assert rec.stats[0].tokens.tolist() == [6, 4]
+    rec = moe_route.record(model)
+    with pytest.warns(UserWarning, match="cannot read"):
+        assert rec._attended(None, {"attention_mask": attend[:, :, :, :3]}, 2, 6) is None
+
+
+def test_a_generated_token_equal_to_the_pad_id_is_counted():
+    """With an EOS defined, a live sequence that generates the pad id goes on (generate() pads
+    only sequences its stopping criteria have finished): its tokens after it count, batched and
+    alone."""
+    model = build("mixtral")
+    ids = _ids(4, (2, 5))
+    kw = dict(max_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        free = model.generate(ids, pad_token_id=0, eos_token_id=None, **kw)
+    pad = int(free[0, 6])                            # sequence 0's second new token
+    eos = next(t for t in range(95, 0, -1) if t not in free[:, 5:].reshape(-1).tolist())
+    kw.update(pad_token_id=pad, eos_token_id=eos)
+    with moe_route.record(model, tokens="generated") as rec, torch.no_grad():
+        rec.per_sequence(["a", "b"])
+        out = model.generate(ids, **kw)
+    assert torch.equal(out, free)                    # no sequence ended
+    assert _alone(model, ids, "generated", **kw) == [5, 5]   # the last new token is not fed
+    for layer in rec.stats:
+        assert layer.tokens.tolist() == [5, 5]
+
+
+@pytest.mark.parametrize("eos", [True, False])
+def test_a_sequence_finished_by_a_stopping_criterion_counts_as_alone(eos):
+    """A sequence that a custom StoppingCriteria or stop_strings finishes is fed its last token
+    again (then padding, or, without an EOS, tokens generated on) while the batch goes on: none
+    of it counts, so batched it counts what it counts alone (its first new token: the second
+    finished it)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class SecondNewToken(StoppingCriteria):  # sequence 0 is done once it has 2 new tokens
+        def __call__(self, input_ids, scores, **kwargs):
+            done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+            done[0] = input_ids.shape[1] >= 5 + 2
+            return done
+    model = build("mixtral")
+    ids = _ids(4, (2, 5))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        free = model.generate(ids, eos_token_id=None, **kw)
+    stop = int(free[0, 6])
+    assert stop not in free[1, 5:].tolist()
+    free_ids = free[:, 5:].reshape(-1).tolist()
+    kw["eos_token_id"] = next(t for t in range(95, 0, -1) if t not in free_ids) if eos else None
+    # one word per model token id, and the prefix StopStringCriteria reads its vocabulary with
+    words = ("<pad>", "<s>", "<unk>") + tuple(f"t{i:02d}" for i in range(3, 96)) + ("abcdef",)
+    finish = {"criteria": dict(stopping_criteria=StoppingCriteriaList([SecondNewToken()])),
+              "stop_strings": dict(stop_strings=[words[stop]],
+                                   tokenizer=word_tokenizer(words))}
+    for how, extra in finish.items():
+        with moe_route.record(model, tokens="generated") as rec, torch.no_grad():
+            rec.per_sequence(["a", "b"])
+            out = model.generate(ids, **extra, **kw)
+        assert out[0, 5:7].tolist() == free[0, 5:7].tolist()
+        if eos:
+            assert out[0, 7:].tolist() == [0] * (out.shape[1] - 7)
+        assert _alone(model, ids[:1], "generated", **extra, **kw) == [1], how
+        for layer in rec.stats:
+            assert layer.tokens.tolist() == [1, out.shape[1] - 6], how
+    assert "_get_stopping_criteria" not in vars(model) and "generate" not in vars(model)
 
 
 def test_sequence_groups_cover_generates_copies_and_skipped_calls_name_their_groups():
