@@ -55,15 +55,15 @@
 // the partition into warps and CTAs depends on the SM count).
 //
 // Numerics: fp32 throughout with the precise libdevice functions (expf, logf, log1pf, sqrtf, IEEE
-// division); do not build with --use_fast_math. Elementwise steps whose rounding the reference
-// pins (steering, variance terms) use __fadd_rn/__fmul_rn so that nvcc does not fuse them into
-// FMAs. Against the CPU kernels, two things differ: reductions (softmax sums, the std of std
-// steering) add in another order, and expf/logf/log1pf are within CUDA's documented 2 ulp, not
-// always the C library's bits. Weights and statistics thus agree to rounding. Ids agree exactly
-// where the selection ranks the logits themselves (selects_on_logits, with at most add/abs
-// steering); where it ranks computed values (sigmoid or sqrtsoftplus scores, probabilities with a
-// selection bias or top2_sum groups, logits moved by std steering) two experts within an ulp of
-// each other may be ordered differently.
+// division); do not build with --use_fast_math. Elementwise steps whose rounding the reference pins
+// (steering, variance terms) use __fadd_rn/__fmul_rn so that nvcc does not fuse them into FMAs.
+// Against the CPU kernels, two things differ: reductions (softmax sums, the std of std steering;
+// not the renormalisation of score "none" weights, see finish_weights) add in another order, and
+// expf/logf/log1pf are within CUDA's documented 2 ulp, not always the C library's bits. Weights and
+// statistics thus agree to rounding. Ids agree exactly where the selection ranks the logits
+// themselves (selects_on_logits, with at most add/abs steering); where it ranks computed values
+// (sigmoid or sqrtsoftplus scores, probabilities with a selection bias or top2_sum groups, logits
+// moved by std steering) two experts within an ulp of each other may be ordered differently.
 //
 // No host synchronisation and no allocation: the launch is CUDA-graph capturable. In particular
 // the kernel cannot raise on groups[t] outside [-1, G); such tokens are skipped for the statistics
@@ -667,6 +667,10 @@ __device__ __forceinline__ float selection_weight(const GateParams& p, bool soft
 // j = m*32 + lane, kpl = ceil(k / 32) rounds): the softmax over the k selected logits when the
 // row selects on logits with softmax weights (part_max: the lane's largest), then the
 // renormalisation. Both kernels finish their weights here, so they compute the same bits.
+// The renormalisation sums scores (>= 0, at most sqrt(FLT_MAX)) as a tree, and logits (score
+// "none") in rank order in fp32, as the reference and the CPU kernel: near FLT_MAX their sum
+// overflows to +inf (weights of 0) in that order, and may stay finite or cancel to exactly 0 in
+// another.
 __device__ __forceinline__ void finish_weights(const GateParams& p, bool softmax, float* sel_w,
                                                int k, int kpl, int lane, float part_max) {
   if (p.select_on_logits && softmax) {
@@ -687,12 +691,21 @@ __device__ __forceinline__ void finish_weights(const GateParams& p, bool softmax
     }
   }
   if (p.renormalize) {
-    float s = 0.f;
-    for (int m = 0; m < kpl; ++m) {
-      const int j = m * 32 + lane;
-      if (j < k) s += sel_w[j];
+    float sum = 0.f;
+    if (p.score == Score::None) {
+      // Every lane adds all k (broadcast reads of the same words) and gets the same bits.
+      __syncwarp();  // the other lanes' weights are written
+      for (int j = 0; j < k; ++j) sum += sel_w[j];
+      __syncwarp();  // every lane has read them before the lanes divide their own
+    } else {
+      float s = 0.f;
+      for (int m = 0; m < kpl; ++m) {
+        const int j = m * 32 + lane;
+        if (j < k) s += sel_w[j];
+      }
+      sum = warp_sum(s);
     }
-    const float den = warp_sum(s) + p.renorm_eps;
+    const float den = sum + p.renorm_eps;
     if (den != 0.f) {
       for (int m = 0; m < kpl; ++m) {
         const int j = m * 32 + lane;

@@ -84,6 +84,10 @@ struct Case {
   // which warp 5 holds. Warp 0's first list then ends with the key ranked wide_list_step(k):
   // with k = wide_list_step(k) + 2, the (k-1)-th, so that its next key is the k-th.
   bool cut_after_step = false;
+  // Every row: these logits first, then -3.4e38 (below them all) for the other experts.
+  std::vector<float> head;
+  // Weights bit for bit as the reference's (signed zeros too), not just to rounding.
+  bool exact_weights = false;
   uint32_t seed = 1;
 };
 
@@ -119,7 +123,9 @@ float host_round(float x, LogitType lt) {
   return std::fabs(r) > double(FLT_MAX) ? (r > 0 ? FLT_MAX : -FLT_MAX) : float(r);
 }
 
-bool rounds(const Case& c) { return c.round_scores && !c.select_on_logits && c.lt != LogitType::F32; }
+bool rounds(const Case& c) {
+  return c.round_scores && !c.select_on_logits && c.lt != LogitType::F32;
+}
 
 struct HostToken {
   std::vector<float> zw, v;
@@ -263,6 +269,8 @@ std::vector<float> host_weights(const Case& c, const HostToken& h, const std::ve
     for (int j = 0; j < k; ++j) w[j] = host_score(c.score, h.zw[ids[j]]);
   }
   if (c.renormalize) {
+    // In rank order in fp32, as the reference's sum: logits near FLT_MAX (score "none") overflow
+    // it, which gives weights of 0.
     float s = 0.f;
     for (float x : w) s += x;
     const float den = s + c.renorm_eps;
@@ -361,6 +369,10 @@ bool run_case(const Case& c) {
       std::memcpy(&row[hi], &bits, 4);
     }
   }
+  if (!c.head.empty())
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t e = 0; e < E; ++e)
+        logits[size_t(t * stride + e)] = e < int64_t(c.head.size()) ? c.head[size_t(e)] : -3.4e38f;
   if (c.specials && T > 2) {  // one row all NaN, one row with several +inf
     for (int64_t e = 0; e < E; ++e) logits[size_t(0 * stride + e)] = NAN;
     for (int64_t e = 0; e < E; e += 3) logits[size_t(1 * stride + e)] = INFINITY;
@@ -468,7 +480,8 @@ bool run_case(const Case& c) {
   const int64_t G = c.stats ? c.G : 1;
   p.G = G;
   // Statistics start from non-zero values: the kernel must add, not overwrite.
-  std::vector<int64_t> tokens0(size_t(G), 3), counts0(size_t(G * E), 1), coact0(size_t(c.coact ? E * E : 0), 2);
+  std::vector<int64_t> tokens0(size_t(G), 3), counts0(size_t(G * E), 1),
+      coact0(size_t(c.coact ? E * E : 0), 2);
   std::vector<float> prob0(size_t(G * E), 0.5f), wsum0(size_t(G * E), 0.25f),
       ent0(size_t(G), 1.f);
   int64_t *d_tokens = nullptr, *d_counts = nullptr, *d_coact = nullptr;
@@ -553,7 +566,10 @@ bool run_case(const Case& c) {
     const auto want = host_weights(c, h, dev);
     for (int64_t j = 0; j < k; ++j) {
       const double got = w[size_t(t * k + j)];
-      if (!close(got, want[j], 1e-5, 1e-7)) fail("weight", t, j, got, want[j]);
+      if (c.exact_weights ? std::memcmp(&w[size_t(t * k + j)], &want[j], sizeof(float)) != 0 &&
+                                !(std::isnan(got) && std::isnan(want[j]))
+                          : !close(got, want[j], 1e-5, 1e-7))
+        fail("weight", t, j, got, want[j]);
       if (std::isfinite(want[j]) && want[j] != 0)
         max_werr = std::max(max_werr, std::fabs(got - want[j]) / std::fabs(want[j]));
     }
@@ -892,6 +908,26 @@ std::vector<Case> cases() {
     c.n_group = 8, c.topk_group = 3, c.group_score = GroupScore::Top2Sum, c.seed = 19;
     v.push_back(c);
   }
+  // Score "none", renormalised: the k logits add in rank order in fp32, as in the reference. Near
+  // FLT_MAX that sum overflows to +inf (weights of 0) where another order gives a finite sum, or
+  // exactly 0 (weights left as they are).
+  {
+    Case c;
+    c.name = "score=none renorm, sum overflows, E=8 k=3";
+    c.T = 4, c.E = 8, c.k = 3, c.score = Score::None, c.renormalize = true;
+    c.head = {3e38f, 3e38f, -3e38f}, c.exact_ids = c.exact_weights = true, c.seed = 73;
+    v.push_back(c);
+    c.name = "score=none renorm, sum overflows (tree: 0), E=8 k=4 select_on=logits";
+    c.k = 4, c.head = {3e38f, 3e38f, -3e38f, -3e38f}, c.select_on_logits = true;
+    v.push_back(c);
+    c.name = "score=none renorm, sum overflows, E=64 k=40 (two selections a lane)";
+    c.E = 64, c.k = 40, c.select_on_logits = false, c.head.assign(40, 1.f);
+    c.head[0] = c.head[1] = 3e38f, c.head[2] = c.head[3] = -3e38f;
+    v.push_back(c);
+    c.name = "half keys bf16 score=none renorm, sum overflows, E=8 k=3";
+    c.E = 8, c.k = 3, c.lt = LogitType::BF16, c.head = {3e38f, 3e38f, -3e38f};
+    v.push_back(c);
+  }
   {
     Case c;  // groups summing two probabilities: selection values must be softmax, not logits
     c.name = "softmax top2_sum groups renorm (Mistral 4)";
@@ -1067,6 +1103,20 @@ std::vector<Case> cases() {
     Case c;  // one key a warp lists and ranks (wide_list_step(1) = 1)
     c.name = "wide plain E=1025 k=1 fp16";
     c.T = 5, c.E = 1025, c.k = 1, c.lt = LogitType::F16, c.seed = 70;
+    v.push_back(c);
+  }
+  {
+    Case c;  // the sum of score "none" weights in rank order, as in the warp kernel
+    c.name = "wide plain score=none renorm, sum overflows, E=1100 k=3";
+    c.T = 3, c.E = 1100, c.k = 3, c.score = Score::None, c.renormalize = true;
+    c.head = {3e38f, 3e38f, -3e38f}, c.exact_ids = c.exact_weights = true, c.seed = 74;
+    v.push_back(c);
+    c.name = "wide plain score=none renorm, sum overflows (tree: 0), E=1100 k=4 select_on=logits";
+    c.k = 4, c.head = {3e38f, 3e38f, -3e38f, -3e38f}, c.select_on_logits = true;
+    v.push_back(c);
+    c.name = "wide score=none renorm stats, sum overflows, E=1100 k=40";
+    c.k = 40, c.select_on_logits = false, c.head.assign(40, 1.f), c.stats = true;
+    c.head[0] = c.head[1] = 3e38f, c.head[2] = c.head[3] = -3e38f;
     v.push_back(c);
   }
   {
