@@ -365,7 +365,7 @@ def topk_gate(logits: torch.Tensor, k: int, spec: Optional[RouterSpec] = None, *
     if getattr(selection_bias, "requires_grad", False):
         selection_bias = selection_bias.detach()    # it only selects: it gets no gradient
     if (getattr(logits, "requires_grad", False) and torch.is_grad_enabled()) or \
-            _has_tangent(logits):
+            (_forward_ad._current_level >= 0 and _has_tangent(logits)):  # no call when off
         return _differentiable_gate(logits, k, spec, selection_bias, steer, stats, groups, replay)
     steer_table, select_only, unbiased = None, False, False
     if steer is not None:
@@ -456,10 +456,10 @@ def _differentiable_gate(logits, k, spec, selection_bias, steer, stats, groups, 
 
 
 def _has_tangent(logits) -> bool:
-    """Whether forward-mode AD (``forward_ad.dual_level``, ``torch.func.jvp`` / ``jacfwd``)
-    carries a tangent on ``logits``; the kernel, called outside the dispatcher, would drop it
-    and give a zero derivative."""
-    return (_forward_ad._current_level >= 0 and isinstance(logits, torch.Tensor)
+    """Inside a forward-mode AD level (``forward_ad.dual_level``, ``torch.func.jvp`` /
+    ``jacfwd``), whether it carries a tangent on ``logits``; the kernel, called outside the
+    dispatcher, would drop it and give a zero derivative."""
+    return (isinstance(logits, torch.Tensor)
             and _forward_ad.unpack_dual(logits).tangent is not None)
 
 
