@@ -160,6 +160,13 @@ class SteerSpec:
             self._tables[key] = cached
         return cached
 
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits [T, E]`` as the gate steers them (``reference.steer_logits`` of the sanitised
+        logits): fp32, differentiable. ``select_only`` is the caller's to consult."""
+        return reference.steer_logits(reference.sanitize(logits),
+                                      self.table(logits.shape[-1], logits.device),
+                                      self.std_unbiased)[0]
+
 
 def _frozen_values(values: ExpertValues, name: str):
     """An immutable copy: a tuple of floats, or a tuple of (expert, value) pairs for a mapping."""
@@ -446,10 +453,8 @@ def _differentiable_gate(logits, k, spec, selection_bias, steer, stats, groups, 
     (detached by the caller) only selects."""
     _, ids = topk_gate(logits.detach(), k, spec, selection_bias=selection_bias, steer=steer,
                        stats=stats, groups=groups, replay=replay)
-    zw = reference.sanitize(logits)
-    if steer is not None and not steer.select_only:
-        zw = reference.steer_logits(zw, steer.table(logits.shape[1], logits.device),
-                                    steer.std_unbiased)[0]
+    steered = steer is not None and not steer.select_only
+    zw = steer.apply(logits) if steered else reference.sanitize(logits)
     w = reference.gate_weights(zw, ids.long(), spec.score, spec.select_on, spec.renormalize,
                                spec.renorm_eps, spec.scale)
     return w, ids

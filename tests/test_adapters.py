@@ -7,6 +7,7 @@ to fp32 rounding (bf16: to bf16 rounding) and every output's dtype the same.
 """
 import contextlib
 import dataclasses
+import unittest.mock
 
 import pytest
 import torch
@@ -246,8 +247,8 @@ def test_supported_rows_and_status_strings():
             assert None not in row["adapters"], family
     assert {r["family"] for r in rows if r["status"] != "supported"} == absent
     limits = {r["family"]: r["limits"] for r in rows if r["limits"]}
-    assert set(limits) == {"deepseek_v4", "phimoe", "nllb_moe", "inkling", "switch_transformers",
-                           "axk2", "inkling2_loop", "doge"} - absent
+    assert set(limits) == {"deepseek_v4", "phimoe", "nllb_moe", "switch_transformers", "axk2",
+                           "inkling2_loop", "doge"} - absent
     assert "cannot be steered" in limits["deepseek_v4"]
     if "inkling2_loop" not in absent:
         assert "once per pass" in limits["inkling2_loop"]
@@ -640,6 +641,64 @@ def test_inkling_weights_bit_identical_and_steered_choice():
     torch.testing.assert_close((w.sum(-1) + gammas.sum(-1)).float(),
                                torch.full((ids.shape[0],),
                                           router.route_scale * router.global_scale.item()))
+
+
+# Families whose own ops compute the weights from the logits (``Adapter.weighs_logits``), and
+# two whose weights are the gate's, for contrast
+WEIGHS_LOGITS = ["llama4", "phimoe", "nllb_moe", "inkling", "olmoe", "mixtral"]
+
+
+def _by_id(out, ids_at):
+    """A router output with its (ids, weights) sorted by id per token (families differ in the
+    order of the k)."""
+    ids, w = out[ids_at], out[1]
+    order = ids.argsort(-1)
+    return ids.gather(-1, order), w.gather(-1, order)
+
+
+@pytest.mark.parametrize("family", WEIGHS_LOGITS)
+def test_steered_weights_are_the_familys_own_of_the_steered_logits(family):
+    """Steering (not select_only) gives the weights the family's own router computes from the
+    steered logits: the unpatched router whose logit GEMM returns the logits steered as
+    ``reference.steer_logits`` steers them. The logits the patched router returns are its own,
+    unsteered."""
+    model = build(family)
+    name, router, args, kwargs = _capture(model, family)[0]
+    ad = lookup(type(router))
+    weight, E = adapters._attr(router, ad.weight), ad.experts(router)
+    spec = moe_route.SteerSpec(add={1: 2.5}, std={3: 0.5, 5: -1.0}, abs={6: 0.75})
+    linear = torch.nn.functional.linear
+
+    def steered_linear(x, w, b=None):
+        z = linear(x, w, b)
+        if w is not weight:
+            return z
+        head = z[..., :E].reshape(-1, E)  # Inkling's GEMM also gives its shared experts' logits
+        head = moe_route.reference.steer_logits(head.float(), spec.table(E), spec.std_unbiased)[0]
+        return torch.cat([head.to(z.dtype).reshape(*z.shape[:-1], E), z[..., E:]], -1)
+
+    with torch.no_grad():
+        plain = router(*args, **kwargs)
+        with unittest.mock.patch.object(torch.nn.functional, "linear", steered_linear):
+            want = router(*args, **kwargs)
+        with moe_route.patch(model) as handle:
+            handle.routers[name].steer = spec
+            got = router(*args, **kwargs)
+    at = 0 if ad.logits_at is None else ad.logits_at
+    assert torch.equal(got[at], plain[at]), "the returned logits are the router's own"
+    assert not torch.equal(want[at], plain[at]), "the probe must steer the family's logits"
+    if ad.ids_at is None or family == "phimoe":  # dense or one-hot outputs (and PhiMoE's ids)
+        outs = [i for i in range(len(want)) if i != at]
+        for i in outs:
+            torch.testing.assert_close(got[i], want[i], **FP32_TOL)
+    else:
+        (want_ids, want_w), (got_ids, got_w) = _by_id(want, ad.ids_at), _by_id(got, ad.ids_at)
+        assert torch.equal(got_ids.long(), want_ids.long())
+        torch.testing.assert_close(got_w, want_w, **FP32_TOL)
+        if len(want) > 3:  # Inkling's shared experts' gammas, normalised with the chosen
+            torch.testing.assert_close(got[3], want[3], **FP32_TOL)
+    changed = [i for i in range(len(want)) if i != at and not torch.equal(want[i], plain[i])]
+    assert changed, "steering must move the family's weights"
 
 
 def test_zaya_skip_class_and_router_state():

@@ -97,6 +97,10 @@ class Adapter:
             weights, ids)``, or post-processes the gate's weights in PyTorch (Ernie's clamped
             renormalisation); ``args``/``kwargs`` are the router forward's other arguments
             (NLLB's padding mask).
+        weighs_logits: the ``returns`` hook computes the weights from logits itself (Llama 4,
+            NLLB, PhiMoE, Inkling); it is given them as the keyword ``zw``: the logits steered
+            as the gate steers them (unless ``select_only``), so that the weights are those of
+            the steered logits, as the gate's are. The logits it returns are the router's own.
         logits_at: the index of the logits in the router's own output (read there, reshaped to
             ``[T, E]``, by exact mode's statistics, so they are those of the draw the model
             routed on); None where the output holds no logits (Gemma4 returns probabilities,
@@ -137,6 +141,7 @@ class Adapter:
     pre: Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]] = None
     autocast: bool = True
     returns: Optional[Callable[..., tuple]] = None
+    weighs_logits: bool = False
     logits_at: Optional[int] = 0
     ids_at: Optional[int] = 2
     fixed_choice: bool = False
@@ -363,11 +368,11 @@ def _ernie_returns(router, block, hidden_states, z, w, ids):
     return z, w.to(hidden_states.dtype), ids
 
 
-def _llama4_returns(router, block, hidden_states, z, w, ids):
-    # Llama4Router returns (dense scores [T, E], logits): the sigmoid of each chosen logit, 0
-    # elsewhere (the block runs every expert on score-scaled tokens); rebuilt from the gate's ids
-    # with the family's own ops, so both outputs are bit-identical
-    scores = torch.full_like(z, float("-inf")).scatter_(1, ids, z.gather(1, ids))
+def _llama4_returns(router, block, hidden_states, z, w, ids, *, zw):
+    # Llama4Router returns (dense scores [T, E], logits): the sigmoid of each chosen (steered)
+    # logit, 0 elsewhere (the block runs every expert on score-scaled tokens); rebuilt from the
+    # gate's ids with the family's own ops, so both outputs are bit-identical
+    scores = torch.full_like(z, float("-inf")).scatter_(1, ids, zw.gather(1, ids))
     return torch.sigmoid(scores.float()).to(scores.dtype), z
 
 
@@ -425,9 +430,9 @@ def _nllb_spec(router, block=None) -> RouterSpec:
     return RouterSpec("softmax")
 
 
-def _nllb_returns(router, block, hidden_states, z, w, ids, padding_mask=None):
-    # NllbMoeTop2Router.route_tokens with the top-1/top-2 one-hots taken from the gate's ids
-    # (the gate's weights are unused): normalisation before or after dropping, padding masks,
+def _nllb_returns(router, block, hidden_states, z, w, ids, padding_mask=None, *, zw):
+    # NllbMoeTop2Router.route_tokens on the (steered) logits with the top-1/top-2 one-hots taken
+    # from the gate's ids (the gate's weights are unused): normalisation before or after dropping, padding masks,
     # batch-prioritised or in-order capacity locations, the eval capacity (moe_eval_capacity_
     # token_fraction, stored on the router as the family does); returns (top-1 mask, combine
     # weights [N, E] in the input dtype, logits)
@@ -436,7 +441,7 @@ def _nllb_returns(router, block, hidden_states, z, w, ids, padding_mask=None):
             f"{type(router).__name__}: second_expert_policy={router.second_expert_policy!r} "
             f"samples the second expert (only 'all' is deterministic); set after patching")
     E, nb_tokens = router.num_experts, z.shape[0]
-    router_probs = F.softmax(z, dim=-1, dtype=router.dtype).to(hidden_states.dtype)
+    router_probs = F.softmax(zw, dim=-1, dtype=router.dtype).to(hidden_states.dtype)
     top_1_mask = F.one_hot(ids[:, 0], num_classes=E)
     top_2_mask = F.one_hot(ids[:, 1], num_classes=E)
     if router.normalize_router_prob_before_dropping:
@@ -481,22 +486,22 @@ def _phimoe_linear(router, x, *args, **kwargs):
     return F.linear(x, router.weight, router.bias)
 
 
-def _phimoe_returns(router, block, hidden_states, z, w, ids, *args, **kwargs):
-    # PhimoeTopKRouter's eval sparsemixer with the gate's two ids as its choices: each choice's
-    # weight is its softmax over the logits within the relative jitter threshold
-    # ((z_chosen - z) / max(|z|, z_chosen) <= 2 * router_jitter_noise) of the chosen logit, the
-    # first choice masked out of the second's; the family's own ops, so the weights are
-    # bit-identical (a steered choice's logit is the threshold in place of the maximum)
+def _phimoe_returns(router, block, hidden_states, z, w, ids, *args, zw, **kwargs):
+    # PhimoeTopKRouter's eval sparsemixer on the (steered) logits with the gate's two ids as its
+    # choices: each choice's weight is its softmax over the logits within the relative jitter
+    # threshold ((z_chosen - z) / max(|z|, z_chosen) <= 2 * router_jitter_noise) of the chosen
+    # logit, the first choice masked out of the second's; the family's own ops, so the weights
+    # are bit-identical
     eps2 = 2 * router.router_jitter_noise
     first, second = ids[:, :1], ids[:, 1:2]
     with torch.no_grad():
-        top = z.gather(-1, first)
-        drop = ((top - z) / z.abs().clamp(min=top)) > eps2
-    w1 = torch.softmax(z.masked_fill(drop, float("-inf")), dim=-1).gather(-1, first)
-    rest = torch.scatter(z, -1, first, float("-inf"))
+        top = zw.gather(-1, first)
+        drop = ((top - zw) / zw.abs().clamp(min=top)) > eps2
+    w1 = torch.softmax(zw.masked_fill(drop, float("-inf")), dim=-1).gather(-1, first)
+    rest = torch.scatter(zw, -1, first, float("-inf"))
     with torch.no_grad():
         top = rest.gather(-1, second)
-        drop = ((top - z) / z.abs().clamp(min=top)) > eps2
+        drop = ((top - zw) / zw.abs().clamp(min=top)) > eps2
     w2 = torch.softmax(rest.masked_fill(drop, float("-inf")), dim=-1).gather(-1, second)
     return z, torch.concat((w1, w2), dim=-1), ids
 
@@ -518,17 +523,17 @@ def _inkling_linear(router, x, *args, **kwargs):
     return F.linear(x.float(), router.weight.float())[..., :-router.n_shared_experts]
 
 
-def _inkling_returns(router, block, hidden_states, z, w, ids):
+def _inkling_returns(router, block, hidden_states, z, w, ids, *, zw):
     # InklingTopkRouter's weights: the chosen and the shared experts' sigmoids normalised
     # together (in log space), times route_scale and global_scale; the shared ones come back as a
     # 4th output (the shared experts' gammas). The family's ops on the gate's ids and the
-    # unsteered logits (steering moves the choice only), so the weights are bit-identical; the
-    # shared logits come from the same full GEMM as the family's (a second router GEMM)
+    # (steered) logits, so the weights are bit-identical; the shared logits, never steered, come
+    # from the same full GEMM as the family's (a second router GEMM)
     S = router.n_shared_experts
     flat = hidden_states.reshape(-1, router.hidden_dim)
     with torch.autocast(flat.device.type, enabled=False):
         shared = F.linear(flat.float(), router.weight.float())[..., -S:]
-        logp = F.logsigmoid(torch.cat([z.gather(-1, ids), shared], dim=-1))
+        logp = F.logsigmoid(torch.cat([zw.gather(-1, ids), shared], dim=-1))
         w = torch.exp(logp - torch.logsumexp(logp, dim=-1, keepdim=True))
         w = (w * router.route_scale * router.global_scale.float()).to(hidden_states.dtype)
     return z, w[..., :router.top_k].contiguous(), ids, w[..., -S:].contiguous()
@@ -751,7 +756,8 @@ SOFTMAX_GROUPED_FP32 = Adapter("softmax_grouped", "S6b", _s6b(lambda r: True),
 # Llama4Router (an nn.Linear): top-k of the logits, sigmoid of each; dense scores returned
 LOGIT_TOPK_DENSE_SIGMOID = Adapter("logit_topk_dense_sigmoid", "S7",
                                    lambda r, b=None: RouterSpec("sigmoid", select_on="logits"),
-                                   returns=_llama4_returns, logits_at=1, ids_at=None)
+                                   returns=_llama4_returns, weighs_logits=True, logits_at=1,
+                                   ids_at=None)
 # record's statistics and trace hold each token's choice; Switch and NLLB then drop the tokens
 # beyond an expert's capacity
 _CAPACITY_LIMIT = "record counts tokens dropped for expert capacity as routed to their choice"
@@ -772,7 +778,7 @@ SWITCH_TOP1 = Adapter("switch_top1", "S7", lambda r, b=None: RouterSpec("softmax
 NLLB_TOP2 = Adapter("nllb_top2", "S7", _nllb_spec, weight="classifier.weight",
                     weights_dtype="input", top_k=2, prologue=_nllb_prologue,
                     linear=_classifier_linear,
-                    returns=_nllb_returns, logits_at=2, ids_at=None,
+                    returns=_nllb_returns, weighs_logits=True, logits_at=2, ids_at=None,
                     limits=f"second_expert_policy 'all' only (the others sample); "
                            f"{_CAPACITY_LIMIT}")
 # PhimoeTopKRouter: top-2 of the logits (sparsemixer's eval choices), weights rebuilt by the
@@ -781,7 +787,7 @@ NLLB_TOP2 = Adapter("nllb_top2", "S7", _nllb_spec, weight="classifier.weight",
 # The gate (and so the statistics) sees a plain softmax top-2: same ids, its weights are the
 # full-softmax probabilities, not sparsemixer's masked ones
 SPARSEMIXER = Adapter("sparsemixer", "S7", lambda r, b=None: RouterSpec("softmax"), top_k=2,
-                      linear=_phimoe_linear, returns=_phimoe_returns,
+                      linear=_phimoe_linear, returns=_phimoe_returns, weighs_logits=True,
                       limits="eval only (training samples its experts)")
 # JetMoeTopKGating: fp32 logits after the GEMM, top-k of the logits, softmax over the k in fp32,
 # weights in the input dtype; its dispatch plan (used by both its MLP and attention experts) is
@@ -794,8 +800,7 @@ JETMOE = Adapter("topk_softmax_plan", "S2",
 # weights normalised together with the shared experts' (the returns hook)
 INKLING = Adapter("sigmoid_topk_shared_norm", "S7", _gate("sigmoid"),
                   selection_bias="router:e_score_correction_bias", linear=_inkling_linear,
-                  autocast=False, returns=_inkling_returns,
-                  limits="steering moves the choice; weights from unsteered logits")
+                  autocast=False, returns=_inkling_returns, weighs_logits=True)
 # ZayaRouter: MLP logits over E experts and a skip class, softmax in the model dtype (rounded as
 # the Lfm2 note says), selection on the probabilities plus balancing_biases (the skip class's -1
 # keeps it out unless steered or trained in), weights the unrenormalised probabilities; the

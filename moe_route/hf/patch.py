@@ -134,9 +134,11 @@ class RouterState:
                        weights_dtype=ad.weights_out_dtype(z, hidden_states))
         if trace is not None:
             trace(self.site(p), z, w, ids, groups)
-        if ad.returns is not None:  # a family that returns more or other than (z, w, ids)
-            return ad.returns(router, self.block, hidden_states, z, w, ids, *args, **kwargs)
-        return z, w, ids
+        if ad.returns is None:
+            return z, w, ids
+        if ad.weighs_logits:  # a family whose own weights are of the (steered) logits
+            kwargs = {**kwargs, "zw": _steered(z, steer)}
+        return ad.returns(router, self.block, hidden_states, z, w, ids, *args, **kwargs)
 
     def _checked(self, z: torch.Tensor) -> torch.Tensor:
         if z.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -270,6 +272,16 @@ def _new_forward(looped: list) -> None:
     """Before a forward of the model: its loop layers start again at pass 0."""
     for state in looped:
         state.calls = 0
+
+
+def _steered(z: torch.Tensor, steer: Optional[SteerSpec]) -> torch.Tensor:
+    """The logits a family's own weights are of (``Adapter.weighs_logits``): ``z`` steered as the
+    gate steers it, in its dtype, unless unsteered or ``select_only``; an expert the plan does not
+    steer keeps its logit as given."""
+    if steer is None or steer.select_only:
+        return z
+    steered = steer.table(z.shape[-1], z.device).ne(0).any(0)
+    return torch.where(steered, steer.apply(z), z).to(z.dtype)
 
 
 def _patched_forward(self, hidden_states, *args, **kwargs):
