@@ -123,7 +123,8 @@ class SteerSpec:
                uses 0.5 on the chosen experts; population std unless ``std_unbiased``)
         abs:   z_e += abs_e * |z_e| (multiplicative)
         force: > 0 forces the expert into every token's top-k (ranked first, logit set to the
-               row max), < 0 forces it out (ranked last, logit set to the row min)
+               row max; a group-limited router keeps topk_group groups, those with forced
+               experts first), < 0 forces it out (ranked last, logit set to the row min)
     ``select_only``: steering changes which experts are chosen, weights come from the unsteered
     logits (DeepSeek-style bias semantics).
 

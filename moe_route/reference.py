@@ -24,6 +24,8 @@ Numerics of ``topk_gate`` (shared by every backend)
   ``force < 0`` sets ``z_e = min(z)``. Instead of the paper's random epsilon, forcing is a *rank
   tier*: forced-on experts are selected before all others and forced-off experts after all others
   (their groups too), so forcing works deterministically also under selection biases and groups.
+  A group-limited router still keeps ``topk_group`` groups, the forced experts' first: forced
+  experts spread over more groups than that are not all selected.
 * **Selection values** ``v``: ``select_on="logits"``: ``z + bias``; ``select_on="scores"``:
   ``score(z) + bias`` where score is softmax over E, sigmoid, sqrt(softplus) or none (identity).
   Elementwise scores are computed as the kernels do (``selection_score``), so equal logits score

@@ -575,7 +575,7 @@ class Steering:
                                      f"{state.adapter.name}, not by score; it cannot be steered")
                 specs = by_router.setdefault(state.name, (state, {}))[1]
                 specs[p] = self.plan.steer_spec(key, state.num_experts)
-                _warn_forced_past_k(key, self.plan[key], state.top_k)
+                _warn_forcing(key, self.plan[key], state)
             for state, specs in by_router.values():
                 put(state, "steer", self, specs)
                 self._applied.append(state)
@@ -595,15 +595,29 @@ class Steering:
         return False
 
 
-def _warn_forced_past_k(key, experts: Mapping, k: int) -> None:
-    """More experts forced on than the router picks tie at the top: every token takes the k
-    lowest-numbered of them (ties go to the lower id), not the paper's random draw among them."""
-    forced = [e for e, entry in experts.items() if entry.force == 1]
+def _warn_forcing(key, experts: Mapping, state) -> None:
+    """Forced-on experts the router cannot all take, which no token gets all of: more than its k
+    (they tie at the top; each token takes the k it ranks first, by selection bias and group, then
+    the lower id, not the paper's random draw among them), or experts in more groups than a
+    group-limited router keeps per token (each token keeps the forced experts of the groups it
+    scores highest)."""
+    forced = sorted(e for e, entry in experts.items() if entry.force == 1)
+    k, spec = state.top_k, state.spec
     if len(forced) > k:
         warnings.warn(f"steer: layer {key!r} forces {len(forced)} experts {forced[:8]} into a "
-                      f"top-{k}: every token takes the {k} lowest-numbered of them; keep at most "
-                      f"{k} (plan_from_experts(max_per_layer={k}) keeps the largest deltas)",
+                      f"top-{k}: each token takes the {k} of them the router ranks first (by "
+                      f"selection bias and group, then the lowest-numbered); keep at most {k} "
+                      f"(plan_from_experts(max_per_layer={k}) keeps the largest deltas)",
                       UserWarning, stacklevel=3)
+    if spec.n_group > 1:
+        size = state.num_experts // spec.n_group
+        groups = sorted({e // size for e in forced})
+        if len(groups) > spec.topk_group:
+            warnings.warn(f"steer: layer {key!r} forces experts {forced[:8]} of {len(groups)} "
+                          f"expert groups {groups[:8]}, but the router keeps {spec.topk_group} "
+                          f"of its {spec.n_group} groups per token: each token takes only the "
+                          f"forced experts of the {spec.topk_group} of those groups it scores "
+                          f"highest", UserWarning, stacklevel=3)
 
 
 def resolve_layers(plan: SteeringPlan, routers: Mapping) -> dict:

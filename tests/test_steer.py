@@ -1,4 +1,6 @@
 """moe_route.steer: interventions move routing where asked, in the chosen layers only."""
+import warnings
+
 import pytest
 import torch
 
@@ -53,11 +55,39 @@ def test_forcing_more_experts_than_k_warns_and_takes_the_lowest_ids():
     k, forced = model.config.num_experts_per_tok, [7, 3, 5, 6]
     assert k < len(forced)
     with pytest.warns(UserWarning, match=rf"steer: layer 0 forces 4 experts \[3, 5, 6, 7\] "
-                                         rf"into a top-{k}: every token takes the {k} "
-                                         rf"lowest-numbered"):
+                                         rf"into a top-{k}: each token takes the {k} of them "
+                                         rf"the router ranks first"):
         counts, _ = _counts(model, ids, SteeringPlan.force(0, forced))
     assert counts[0].nonzero().flatten().tolist() == sorted(forced)[:k]
     assert int(counts[0].sum()) == k * ids.numel()
+
+
+def test_forcing_more_groups_than_a_group_limited_router_keeps_warns():
+    """DeepSeek-V3 keeps topk_group=2 of its 4 groups per token: experts 0, 4 and 8 forced on
+    (three groups, k=4) are not all taken. Each token takes the forced experts of two of those
+    groups, and steer() says so; forced experts in two groups are all taken, unwarned."""
+    model = build("deepseek_v3")
+    routers = [m for m in model.modules() if hasattr(m, "e_score_correction_bias")]
+    for router in routers:
+        router.top_k = 4
+    topk_group = routers[0].topk_group
+    assert (routers[0].num_group, topk_group, routers[0].num_experts) == (4, 2, 16)
+    chosen = []
+    routers[0].register_forward_hook(lambda m, a, out: chosen.append(out[2]))
+    forced = torch.tensor([0, 4, 8])
+    with pytest.warns(UserWarning, match=r"steer: layer 0 forces experts \[0, 4, 8\] of 3 expert "
+                                         r"groups \[0, 1, 2\], but the router keeps 2 of its 4 "
+                                         r"groups per token"):
+        with moe_route.steer(model, SteeringPlan.force(0, forced.tolist())), torch.no_grad():
+            model(_ids())
+    taken = torch.isin(chosen[0], forced).sum(-1)
+    assert taken.eq(topk_group).all(), taken
+    chosen.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with moe_route.steer(model, SteeringPlan.force(0, [0, 4])), torch.no_grad():
+            model(_ids())
+    assert torch.isin(chosen[0], torch.tensor([0, 4])).sum(-1).eq(2).all()
 
 
 @pytest.mark.parametrize("family", ["olmoe", "mixtral", "deepseek_v3"])

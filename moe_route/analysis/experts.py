@@ -324,9 +324,12 @@ def plan_from_experts(experts_by_layer: Mapping, mode: str = "soft", lam: float 
     std instead (``SteerEntry.std_unbiased``: the paper does not say which; EasySteer's
     implementation uses the sample std).
     mode="hard": ``SteerEntry(force=+1)`` — ``z_e = max(z_t) + ε``, forced into the top-k; ``lam``
-    is ignored. More than top_k forced experts in a layer tie at the max, and every token takes
-    the k lowest-numbered of them (the paper's ε draws among them per token; ``steer`` warns):
-    cap with ``max_per_layer <= k`` (the largest Δ first) or raise τ.
+    is ignored. More than top_k forced experts in a layer tie at the max, and each token takes
+    the k the router ranks first (by selection bias and group, then the lowest-numbered; the
+    paper's ε draws among them per token; ``steer`` warns): cap with ``max_per_layer <= k`` (the
+    largest Δ first) or raise τ. A group-limited router (DeepSeek-V3) keeps ``topk_group``
+    groups per token: forced experts in more groups than that are not all taken (``steer``
+    warns).
 
     ``layers``: keep only these layer keys (a range or list; None = every key of
     ``experts_by_layer``). ``max_per_layer``: keep the first m experts of each list (lists from
