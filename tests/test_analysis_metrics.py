@@ -875,9 +875,24 @@ def test_divergence_accuracy_correlation():
     assert close(by_index.pearson, res.pearson, 1e-12)
     with pytest.raises(ValueError, match=r"layers are positions along L=4.*\[4\]"):
         M.divergence_accuracy_correlation(divergence, accuracy, layers=[3, 4])
-    with pytest.raises(ValueError, match=r"layers \[9\] are not among layer_indices"):
+    with pytest.raises(ValueError, match=r"layers holds 9, which is not a layer here"):
         M.divergence_accuracy_correlation(divergence, accuracy, layers=[9],
                                           layer_indices=[10, 11, 12, 13])
+    # a loop layer's two passes (positions 1 and 2 are layer 11's): an index takes both, a
+    # pass's name one; indices alone cannot tell passes from an encoder's and a decoder's layer
+    names = ["model.layers.10.mlp.gate", "model.layers.11.mlp.gate@pass0",
+             "model.layers.11.mlp.gate@pass1", "model.layers.13.mlp.gate"]
+    loop = M.divergence_accuracy_correlation(divergence, accuracy, layers=[11],
+                                             layer_names=names)
+    assert close(loop.pearson, res.pearson, 1e-12)
+    one = M.divergence_accuracy_correlation(divergence, accuracy, layers=[names[2]],
+                                            layer_names=names)
+    assert one.middle_divergence == {lang: float(d[2]) for lang, d in divergence.items()
+                                     if lang in accuracy}
+    with pytest.raises(ValueError, match=r"layer_indices gives layer 11 to positions \[1, 2\] "
+                                         r".*pass layer_names=stats.layer_names"):
+        M.divergence_accuracy_correlation(divergence, accuracy, layers=[11],
+                                          layer_indices=[10, 11, 11, 13])
     with pytest.raises(ValueError, match="needs at least 3 languages"):
         M.divergence_accuracy_correlation(divergence, {"fra": 0.9, "deu": 0.8}, layers=[1])
     with pytest.raises(ValueError, match=r"accuracy\['fra'\]=nan must be a finite number"):
@@ -1114,6 +1129,10 @@ def test_delta_experts_known_answer():
     assert delta.dtype == torch.float64
     assert X.task_experts(task, base, tau=-0.1) == {3: [0, 1, 3], 5: [2, 0]}  # by Δ, ties low
     assert X.task_experts(task, base, tau=0.3, layers=range(4, 10)) == {5: [2]}
+    # a layer named by its router's or its block's module path, as everywhere
+    for path in ("model.layers.5.mlp.gate", "model.layers.5.mlp"):
+        assert X.task_experts(task, base, tau=0.3, layers=[path]) == {5: [2]}
+        assert X.plan_from_experts({3: [0], 5: [2]}, layers=[path]).layers == [5]
     with pytest.raises(ValueError, match="none of layers=\\[0, 1\\] is a layer"):
         X.task_experts(task, base, tau=0.3, layers=[0, 1])
     with pytest.raises(ValueError, match="tau=nan must be a finite number"):

@@ -37,7 +37,7 @@ import torch
 from moe_route._checks import check_bool, check_int
 from moe_route.analysis.metrics import (_check_stats, _layer_chunks, _one_device,
                                         _resolve_parallel, _stack_layers)
-from moe_route.hf.patch import layer_index
+from moe_route.hf.patch import layer_index, split_site
 from moe_route.stats import RoutingStats
 from moe_route.steering import SteerEntry, SteeringPlan
 
@@ -148,29 +148,37 @@ def _resolve_keys(delta: torch.Tensor, keys, where: str) -> List[LayerKey]:
     return keys
 
 
-def _wanted(key: LayerKey, wanted: set) -> bool:
-    """Whether ``layers`` (as the set ``wanted``) keeps ``key``: the key itself, or, for a
-    router's module path, the index of its decoder layer (a loop layer's passes, which are keyed
-    by name, are kept by their layer's index)."""
-    return key in wanted or (isinstance(key, str) and layer_index(key) in wanted)
-
-
-def _layer_filter(keys: List[LayerKey], layers, where: str) -> List[LayerKey]:
-    """The keys kept by ``layers`` (None: all; ``_wanted``). Keys in ``layers`` that are not
-    layers of the statistics are ignored (a decoder-index range may cover dense layers); none
-    matching raises."""
+def _layer_filter(keys: List[LayerKey], layers, where: str,
+                  of: str = "a layer of the statistics") -> List[LayerKey]:
+    """The keys kept by ``layers`` (None: all), which names layers as everywhere: an int, a
+    decoder-layer index, keeps the key of that layer (every pass of a loop layer, whose keys are
+    names); a str, a router's or MoE block's module path (or a pass's name), keeps the key of
+    that router, whether the keys are indices or names. Keys in ``layers`` that are not layers
+    here are ignored (a decoder-index range may cover dense layers); none matching (of some keys)
+    raises."""
     if layers is None:
         return keys
     if isinstance(layers, (str, int)) or not isinstance(layers, Iterable):
         raise TypeError(f"{where}: layers must be an iterable of layer keys (range, list), got "
                         f"{layers!r}")
     wanted = set(layers)
-    kept = [k for k in keys if _wanted(k, wanted)]
-    if not kept and wanted:
-        raise ValueError(f"{where}: none of layers={sorted(wanted, key=str)[:8]} is a layer of "
-                         f"the statistics (keys {keys[:8]}{'...' if len(keys) > 8 else ''}); "
-                         f"int keys are 0-based decoder-layer indices")
-    return kept
+    paths = {key for key in wanted if isinstance(key, str)}
+    indices = {key for key in wanted if not isinstance(key, str)}
+    indices |= {layer_index(path) for path in paths}  # an index-keyed layer named by its path
+
+    def kept(key: LayerKey) -> bool:
+        if not isinstance(key, str):
+            return key in indices
+        path = split_site(key)[0]
+        return (bool({key, path, path.rpartition(".")[0]} & paths)
+                or layer_index(key) in wanted)
+
+    out = [key for key in keys if kept(key)]
+    if not out and wanted and keys:
+        raise ValueError(f"{where}: none of layers={sorted(wanted, key=str)[:8]} is {of} (keys "
+                         f"{keys[:8]}{'...' if len(keys) > 8 else ''}); int keys are 0-based "
+                         f"decoder-layer indices, str keys module paths")
+    return out
 
 
 def experts_above(delta: torch.Tensor, tau: float, layer_keys: Optional[Sequence] = None, *,
@@ -346,15 +354,7 @@ def plan_from_experts(experts_by_layer: Mapping, mode: str = "soft", lam: float 
         raise ValueError(f"{where}: lam={lam!r} must be a finite number")
     max_per_layer = check_int(where, "max_per_layer", max_per_layer, 1, none="no limit")
     keys = list(experts_by_layer)
-    if layers is not None:
-        if isinstance(layers, (str, int)) or not isinstance(layers, Iterable):
-            raise TypeError(f"{where}: layers must be an iterable of layer keys (range, list), "
-                            f"got {layers!r}")
-        wanted = set(layers)
-        keys = [k for k in keys if _wanted(k, wanted)]
-        if wanted and experts_by_layer and not keys:
-            raise ValueError(f"{where}: none of layers={sorted(wanted, key=str)[:8]} is a key of "
-                             f"experts_by_layer ({list(experts_by_layer)[:8]})")
+    keys = _layer_filter(keys, layers, where, "a key of experts_by_layer")
     check_bool(where, "std_unbiased", std_unbiased)
     if std_unbiased and mode != "soft":
         raise ValueError(f"{where}: std_unbiased=True applies to mode='soft' (the std-scaled "

@@ -1489,16 +1489,20 @@ class DivergenceCorrelation(NamedTuple):
 
 def divergence_accuracy_correlation(divergence: Mapping[str, torch.Tensor],
                                     accuracy: Mapping[str, float], layers,
-                                    *, layer_indices: Optional[Sequence[int]] = None
+                                    *, layer_indices: Optional[Sequence[int]] = None,
+                                    layer_names: Optional[Sequence[str]] = None
                                     ) -> DivergenceCorrelation:
     """Correlation across languages of middle-layer divergence with accuracy (the paper's r).
 
     ``divergence``: ``{language: [L]}`` (``routing_divergence``); ``accuracy``: ``{language:
     accuracy}`` (e.g. Belebele). The languages in both are used (the reference, which has no
     divergence, drops out); at least 3 are needed. ``layers``: the middle layers, explicit (an
-    int or an iterable of ints; there is no default) — positions along L, or decoder-layer
-    indices when ``layer_indices`` (``stats.layer_indices``) maps positions to indices. Middle
-    divergence = mean over those layers; its Pearson and Spearman correlation with accuracy are
+    int or an iterable of ints; there is no default) — positions along L, or layer keys when
+    ``layer_names`` (``stats.layer_names``) or ``layer_indices`` (``stats.layer_indices``) say
+    what each position is: decoder-layer indices and module paths, as everywhere
+    (``layer_positions``; an index takes every pass of a loop layer; an index of two layers, an
+    encoder's and a decoder's, needs ``layer_names`` to name one). Middle divergence = mean over
+    those layers; its Pearson and Spearman correlation with accuracy are
     returned, and the per-layer correlations for every layer (the paper is unclear whether it
     correlates per layer or over the middle mean). The paper expects negative r (lower
     divergence, higher accuracy).
@@ -1540,24 +1544,28 @@ def divergence_accuracy_correlation(divergence: Mapping[str, torch.Tensor],
         layer_list = list(layers)
     if not layer_list:
         raise ValueError(f"{where}: layers must name at least one layer, got {layers!r}")
-    if len(set(layer_list)) != len(layer_list):
-        raise ValueError(f"{where}: layers={layer_list} has duplicates")
-    if layer_indices is None:
+    if layer_indices is None and layer_names is None:
+        if len(set(layer_list)) != len(layer_list):
+            raise ValueError(f"{where}: layers={layer_list} has duplicates")
         bad = [p for p in layer_list if not is_int(p) or not 0 <= p < L]
         if bad:
-            raise ValueError(f"{where}: layers are positions along L={L} (no layer_indices "
-                             f"given), got out-of-range {bad}")
+            raise ValueError(f"{where}: layers are positions along L={L} (neither layer_names "
+                             f"nor layer_indices given), got out-of-range {bad}")
         positions = [int(p) for p in layer_list]
     else:
-        index_of = {idx: p for p, idx in enumerate(layer_indices)}
-        if len(index_of) != L:
-            raise ValueError(f"{where}: layer_indices must give L={L} distinct indices, got "
-                             f"{list(layer_indices)}")
-        bad = [i for i in layer_list if i not in index_of]
-        if bad:
-            raise ValueError(f"{where}: layers {bad} are not among layer_indices "
-                             f"{list(layer_indices)}")
-        positions = [index_of[i] for i in layer_list]
+        for arg, given in (("layer_names", layer_names), ("layer_indices", layer_indices)):
+            if given is not None and len(given) != L:
+                raise ValueError(f"{where}: {arg} must give one entry per layer (L={L}), got "
+                                 f"{len(given)}")
+        if layer_names is None:  # which positions are one layer's passes only names tell
+            for key in layer_list:
+                shared = [p for p, i in enumerate(layer_indices) if i == key]
+                if len(shared) > 1:
+                    raise ValueError(f"{where}: layer_indices gives layer {key} to positions "
+                                     f"{shared} (a loop layer's passes, or an encoder's and a "
+                                     f"decoder's layer); pass layer_names=stats.layer_names")
+        names = list(layer_names) if layer_names is not None else [f"#{p}" for p in range(L)]
+        positions = layer_positions(names, layer_list, where, indices=layer_indices)
     middle = D[:, positions].mean(1)
     if bool(middle.isnan().any()):
         nan_langs = [lang for lang, v in zip(languages, middle.tolist()) if math.isnan(v)]
