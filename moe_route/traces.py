@@ -201,6 +201,12 @@ def _own_storage(t: torch.Tensor, written: set) -> torch.Tensor:
     return t
 
 
+def _identity(path: str) -> tuple:
+    """What tells a file from one saved over its path: device, inode, size, modification time."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class TraceFile(Mapping):
     """A trace file opened for reading a layer at a time (``open_trace``): a read-only mapping
     ``{layer name: layer}`` in saved order, with ``meta``, whose layers are read from the file
@@ -220,8 +226,11 @@ class TraceFile(Mapping):
         from safetensors import safe_open
 
         try:
+            self._identity = _identity(path)
             with safe_open(path, framework="pt") as f:
                 metadata, self._stored = f.metadata() or {}, set(f.keys())
+            if _identity(path) != self._identity:
+                raise ValueError("it was replaced while being opened")
         except Exception as exc:   # safetensors' own SafetensorError on a damaged file
             raise _unreadable(self._where, exc) from None
         if metadata.get("format") != TRACE_FORMAT:
@@ -285,12 +294,17 @@ class TraceFile(Mapping):
             raise FileNotFoundError(f"{self._where} is gone (it was opened as a trace; the "
                                     f"layers are read when looked up)")
         try:
-            with safe_open(self.path, framework="pt") as f:
-                same = f.metadata() == self._metadata and set(f.keys()) == self._stored
-                if same:
-                    for key in (*_TRACE_TENSORS, "group"):
-                        if f"{name}.{key}" in self._stored:
-                            layer[key] = f.get_tensor(f"{name}.{key}")
+            # a rerun saved over the path has the same layers and metadata: the file's identity
+            # (an atomic save is a new inode), before and after the read, tells it apart
+            same = _identity(self.path) == self._identity
+            if same:
+                with safe_open(self.path, framework="pt") as f:
+                    same = f.metadata() == self._metadata and set(f.keys()) == self._stored
+                    if same:
+                        for key in (*_TRACE_TENSORS, "group"):
+                            if f"{name}.{key}" in self._stored:
+                                layer[key] = f.get_tensor(f"{name}.{key}")
+                same = same and _identity(self.path) == self._identity
         except Exception as exc:
             raise _unreadable(self._where, exc) from None
         if not same:

@@ -1235,6 +1235,10 @@ def test_open_trace_lookups_are_fresh_and_refuse_a_changed_file(tmp_path, monkey
     monkeypatch.chdir(tmp_path.parent)
     assert opened[last]["group"] == want                     # the path was made absolute
     trace = moe_route.load_trace(path)
+    moe_route.save_trace(trace, path)  # a rerun: the same layers, groups and metadata
+    with pytest.raises(ValueError, match="changed since it was opened .* open it again"):
+        opened[first]
+    opened = moe_route.open_trace(path)
     trace[first]["group"] = ["x" if g else g for g in trace[first]["group"]]
     moe_route.save_trace(trace, path)
     with pytest.raises(ValueError, match="changed since it was opened .* open it again"):
