@@ -410,7 +410,7 @@ class RoutingStats:
                     position[n] = len(group_names)
                     group_names.append(n)
         G = len(group_names)
-        layers = []
+        sums = []
         for base in first._layers:
             out = {}
             for name, t in base.tensors().items():
@@ -420,7 +420,14 @@ class RoutingStats:
                 else:
                     acc = t.clone()
                 out[name] = acc
-            for other in items[1:]:
+            sums.append(out)
+        for i, other in enumerate(items):
+            negative = _negative_count(other._layers)
+            if negative:
+                raise ValueError(f"RoutingStats.merge: counts are never negative, but input {i} "
+                                 f"holds {negative}")
+        for other in items[1:]:
+            for base, out in zip(first._layers, sums):
                 layer = other._by_name[base.name]
                 rows = torch.tensor([position[n] for n in other._group_names], dtype=torch.long,
                                     device=base.device)
@@ -430,14 +437,14 @@ class RoutingStats:
                         out[name].index_add_(0, rows, t)
                     else:
                         out[name] += t
-            layers.append(base.replace(**out))
-        # Counts are >= 0, so a sum wrapped past 2**63 - 1 comes out negative; it would only wrap
-        # back to >= 0 past 2**64 tokens. (A negative input count is refused here as well.)
-        negative = _negative_count(layers)
-        if negative:
-            raise ValueError(f"RoutingStats.merge: counts overflow int64: merged sums must be "
-                             f"<= 2**63 - 1, got {negative}, wrapped around (or an input held "
-                             f"negative counts)")
+            # Counts are >= 0, so adding one more input's to sums <= 2**63 - 1 wraps at most
+            # once, to a negative value: checked after every input (past 2**64 a sum checked
+            # only at the end could wrap back to >= 0)
+            negative = _negative_count(first._layers, sums)
+            if negative:
+                raise ValueError(f"RoutingStats.merge: counts overflow int64: merged sums must "
+                                 f"be <= 2**63 - 1, got {negative}, wrapped around")
+        layers = [base.replace(**out) for base, out in zip(first._layers, sums)]
         meta = copy.deepcopy(first.meta)
         differ = []
         for other in items[1:]:
@@ -621,13 +628,15 @@ def _check_has_data(stats: RoutingStats, what: str) -> None:
                          f"meta device (shapes only, no data)")
 
 
-def _negative_count(layers: Sequence[LayerStats]) -> Optional[str]:
+def _negative_count(layers: Sequence[LayerStats], sums: Optional[Sequence[dict]] = None
+                    ) -> Optional[str]:
     """``"layer 'name' tokens (min -3)"`` for the first count tensor holding a value < 0, else
-    None. One host sync per device, not one per tensor: merge may run on CUDA buffers."""
+    None; ``sums``: each layer's ``{field: tensor}`` in place of its own. One host sync per
+    device, not one per tensor: merge may run on CUDA buffers."""
     minima: Dict[torch.device, list] = {}
-    for layer in layers:
+    for l, layer in enumerate(layers):
         for name in COUNT_FIELDS:
-            t = getattr(layer, name)
+            t = getattr(layer, name) if sums is None else sums[l].get(name)
             if t is not None and t.numel():
                 minima.setdefault(t.device, []).append((layer.name, name, t.min()))
     for entries in minima.values():

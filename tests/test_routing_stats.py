@@ -334,6 +334,9 @@ def test_merge_refuses_counts_that_overflow_int64(field):
         s.merge(s)
     with pytest.raises(ValueError, match=r"counts overflow int64"):
         RoutingStats.merge_all([s, s, s])
+    # five of them sum to 2**64 + 2**62, which wraps twice, back to 2**62 >= 0
+    with pytest.raises(ValueError, match=r"counts overflow int64"):
+        RoutingStats.merge_all([s] * 5)
     # the largest sum that fits is exact
     fits = RoutingStats([big.replace(**{field: torch.full_like(getattr(big, field), 2**62 - 1)})],
                         ["x"])
@@ -343,9 +346,11 @@ def test_merge_refuses_counts_that_overflow_int64(field):
 def test_merge_refuses_negative_input_counts():
     layer = make_layer("L", 0)
     negative = RoutingStats([layer.replace(tokens=torch.tensor([3, -5]))], ["x", "y"])
-    with pytest.raises(ValueError, match=r"got layer 'L' tokens \(min -2\).*or an input held "
-                                         r"negative counts"):
-        negative.merge(RoutingStats([layer.replace(tokens=torch.tensor([1, 3]))], ["x", "y"]))
+    positive = RoutingStats([layer.replace(tokens=torch.tensor([1, 3]))], ["x", "y"])
+    for inputs, i in (([negative, positive], 0), ([positive, negative], 1)):
+        with pytest.raises(ValueError, match=rf"counts are never negative, but input {i} holds "
+                                             rf"layer 'L' tokens \(min -5\)"):
+            RoutingStats.merge_all(inputs)
 
 
 def test_meta_device_stats_are_refused_by_merge_and_save(tmp_path):
