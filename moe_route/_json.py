@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-__all__ = ["parse", "read"]
+__all__ = ["check", "parse", "read"]
 
 
 def parse(text, what: str, **options):
@@ -32,3 +32,17 @@ def read(path, what: str, **options):
     with open(path, "rb") as f:
         data = f.read()
     return parse(data, what, **options)
+
+
+def check(value, what: str) -> None:
+    """That ``value`` (metadata a file will hold) is written as strict JSON and reads back equal;
+    else a ValueError starting with ``what``."""
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} must be JSON-serialisable ({exc})") from None
+    # json writes tuples as lists and int/float/bool/None keys as str: load would differ
+    if json.loads(text) != value:
+        raise ValueError(f"{what} must read back from JSON unchanged (dicts with str keys, "
+                         f"lists, str, int, float, bool, None; a tuple reads back as a list, "
+                         f"an int key as a str), got {value!r:.120}")

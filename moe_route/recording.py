@@ -90,10 +90,11 @@ import torch
 from torch import nn
 
 from moe_route._checks import check_bool, check_int, is_int
+from moe_route._json import check as check_json
 from moe_route.hf.model_calls import past_length, stack_of, stacks, watch
 from moe_route.hf.patch import acquire, release
 from moe_route.ops import GateStats
-from moe_route.stats import LayerStats, RoutingStats, _check_json
+from moe_route.stats import LayerStats, RoutingStats
 from moe_route import traces
 from moe_route.traces import _TRACE_TENSORS, Trace, TraceSpill, check_trace_path, save_trace
 
@@ -128,7 +129,7 @@ class Recorder:
         if meta is not None and not isinstance(meta, Mapping):
             raise TypeError(f"record: meta must be a dict or None, got {type(meta).__name__}")
         self.meta = {**_model_meta(model), **(meta or {})}
-        _check_json(self.meta, "record: meta")  # not at the first flush, after the model calls
+        check_json(self.meta, "record: meta")  # not at the first flush, after the model calls
         if trace_dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"record: trace_dtype={trace_dtype} must be float16, bfloat16 or "
                              f"float32")

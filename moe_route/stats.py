@@ -36,7 +36,7 @@ import torch
 
 from moe_route._atomic import fsync_dir, fsync_file, make_temp, mode_of
 from moe_route._checks import check_int, is_int
-from moe_route._json import read as read_json
+from moe_route._json import check as check_json, read as read_json
 from moe_route.ops import GateStats
 
 __all__ = ["LayerStats", "RoutingStats"]
@@ -218,7 +218,7 @@ class RoutingStats:
             raise TypeError(f"RoutingStats: meta must be a dict or None, got "
                             f"{type(meta).__name__}")
         meta = dict(meta) if meta is not None else {}
-        _check_json(meta, "RoutingStats: meta")
+        check_json(meta, "RoutingStats: meta")
         self._layers = layers
         self._by_name = {layer.name: layer for layer in layers}
         self._group_names = group_names
@@ -492,7 +492,7 @@ class RoutingStats:
         _check_has_data(self, "RoutingStats.save: the statistics")
         path = os.path.abspath(os.fspath(path))
         manifest = self.manifest()
-        _check_json(manifest["meta"], "RoutingStats.save: meta")
+        check_json(manifest["meta"], "RoutingStats.save: meta")
         negative = _negative_count(self._layers)
         if negative:  # load would refuse the file
             raise ValueError(f"RoutingStats.save: {', '.join(COUNT_FIELDS)} must be >= 0, got "
@@ -645,18 +645,6 @@ def _negative_count(layers: Sequence[LayerStats], sums: Optional[Sequence[dict]]
             if value < 0:
                 return f"layer {layer_name!r} {name} (min {value})"
     return None
-
-
-def _check_json(value, what: str) -> None:
-    try:
-        text = json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{what} must be JSON-serialisable ({exc})") from None
-    # json writes tuples as lists and int/float/bool/None keys as str: load would differ
-    if json.loads(text) != value:
-        raise ValueError(f"{what} must read back from JSON unchanged (dicts with str keys, "
-                         f"lists, str, int, float, bool, None; a tuple reads back as a list, "
-                         f"an int key as a str), got {value!r:.120}")
 
 
 def _short_list(items: Sequence, limit: int = 8) -> str:

@@ -16,8 +16,8 @@ import torch
 
 from moe_route._atomic import make_temp, write_atomic
 from moe_route._checks import is_int
-from moe_route._json import parse as parse_json
-from moe_route.stats import _check_json, _package_version, _safetensors
+from moe_route._json import check as check_json, parse as parse_json
+from moe_route.stats import _package_version, _safetensors
 
 __all__ = ["Trace", "TraceFile", "save_trace", "load_trace", "open_trace"]
 
@@ -145,7 +145,7 @@ def save_trace(trace: Mapping, path, *, meta: Optional[Mapping] = None) -> None:
     if not isinstance(meta, Mapping):
         raise TypeError(f"{where}: {given} must be a dict or None, got {type(meta).__name__}")
     meta = dict(meta)
-    _check_json(meta, f"{where}: {given}")
+    check_json(meta, f"{where}: {given}")
     tensors, table, written = {}, {}, set()
     last_group, last_codes = None, None
     for name, layer in trace.items():

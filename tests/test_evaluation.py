@@ -175,6 +175,15 @@ def test_eval_result_round_trip_and_errors(tmp_path):
     bad.write_text("{")
     with pytest.raises(ValueError, match="is not valid JSON"):
         ev.EvalResult.load(bad)
+    # meta that would not read back as it was (a tuple, an int key) or not as strict JSON (NaN)
+    for meta, why in (({"languages": ("eng", "fra")}, "read back from JSON unchanged"),
+                      ({0: "shots"}, "read back from JSON unchanged"),
+                      ({"temperature": math.nan}, "be JSON-serialisable")):
+        with pytest.raises(ValueError, match=f"^EvalResult: meta must {why}"):
+            ev.EvalResult({"eng": [True]}, {"eng": [0]}, meta)
+    with pytest.raises(ValueError, match="Out of range float values"):
+        ev.EvalResult({"eng": [True]}, {"eng": [math.nan]}).save(tmp_path / "nan.json")
+    assert not (tmp_path / "nan.json").exists()
 
 
 @pytest.mark.parametrize("change, message", [

@@ -42,7 +42,7 @@ import torch
 
 from moe_route._atomic import write_text_atomic
 from moe_route._checks import check_int
-from moe_route._json import parse as parse_json, read as read_json
+from moe_route._json import check as check_json, parse as parse_json, read as read_json
 from moe_route.analysis.inputs import (BELEBELE, belebele_rows, chat_wrap, check_batch_size,
                                      check_limit, check_not_retired, from_hub, pad_id,
                                      special_tokens)
@@ -111,7 +111,7 @@ class EvalResult:
 
     def save(self, path) -> None:
         """Write the outcomes as JSON, atomically (temp file, fsync, rename)."""
-        write_text_atomic(path, json.dumps(self.to_dict()) + "\n")
+        write_text_atomic(path, json.dumps(self.to_dict(), allow_nan=False) + "\n")
 
     @classmethod
     def load(cls, path) -> "EvalResult":
@@ -151,6 +151,7 @@ def _checked_outcomes(correct, predictions, meta, where: str) -> dict:
     for name, value in (("correct", correct), ("predictions", predictions), ("meta", meta)):
         if not isinstance(value, Mapping):
             raise TypeError(f"{where}: {name} must be a dict, got {type(value).__name__}")
+    check_json(dict(meta), f"{where}: meta")
     if list(correct) != list(predictions):
         raise ValueError(f"{where}: correct and predictions must cover the same languages, got "
                          f"{list(correct)} and {list(predictions)}")
