@@ -538,6 +538,37 @@ def test_write_report_agreement_by_layer_index(tmp_path):
     assert not (tmp_path / "refused").exists()  # checked before anything is written
 
 
+def test_write_report_labels_an_encoders_and_a_decoders_layer_apart(tmp_path):
+    """Switch's encoder and decoder both have layers 0 and 1: labelled by index alone, two of
+    the four agreement entries, csv columns and heatmaps overwrote the other two; each is now
+    labelled by its layer's path."""
+    import dataclasses
+
+    from moe_route.analysis import RoutingAgreement, write_report
+    from test_analysis_metrics import random_stats
+
+    stats = random_stats(L=4)
+    names = [f"{stack}.block.{i}.layer.{1 if stack == 'encoder' else 2}.mlp.router"
+             for stack in ("encoder", "decoder") for i in range(2)]
+    stats = moe_route.RoutingStats([dataclasses.replace(layer, name=name, index=i % 2)
+                          for i, (layer, name) in enumerate(zip(stats, names))],
+                                   stats.group_names)
+    agreement = {name: RoutingAgreement(10, 1.0, 1.0, 1.0, 0.1 * i)
+                 for i, name in enumerate(names)}
+    summary = write_report(tmp_path, stats, "en", agreement=agreement,
+                           heatmap_layers=list(names))
+    labels = ["encoder.block.0", "encoder.block.1", "decoder.block.0", "decoder.block.1"]
+    assert summary["layers"] == labels
+    saved = json.loads((tmp_path / "agreement.json").read_text())
+    assert list(saved) == labels and saved["decoder.block.1"]["weight_shift"] == \
+        pytest.approx(0.3)
+    header = (tmp_path / "divergence.csv").read_text().splitlines()[0]
+    assert header == "language," + ",".join(f"layer_{label}" for label in labels)
+    if "plots_skipped" not in summary:
+        assert sorted(p.name for p in tmp_path.glob("language_divergence_L*.png")) == sorted(
+            f"language_divergence_L{label}.png" for label in labels)
+
+
 def test_write_report_writes_strict_json_and_pairwise_heatmaps(tmp_path):
     """A language with no sentence to compare has NaN divergence: the JSON files hold null
     (a bare NaN is not JSON), and the heatmaps are language_divergence's per-pair means."""

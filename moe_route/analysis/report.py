@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 
 from moe_route._atomic import write_text_atomic
-from moe_route.hf.patch import PASS, layer_positions, split_site
+from moe_route.hf.patch import PASS, layer_path, layer_positions, split_site
 from moe_route.analysis.evaluation import format_paired
 from moe_route.analysis.metrics import (RoutingAgreement, activation_frequency,
                                         divergence_accuracy_correlation, language_divergence,
@@ -171,12 +171,21 @@ def _remove_stale(out_dir, written: set) -> None:
 
 def _layer_labels(stats: RoutingStats) -> list:
     """Each layer's label: its decoder-layer index (its position where it has none), with the
-    pass for a loop layer's ("7@pass1" for ``model.layers.7.mlp.gate@pass1``)."""
+    pass for a loop layer's ("7@pass1" for ``model.layers.7.mlp.gate@pass1``). Where two layers
+    would share a label (an encoder's and a decoder's layer 0), each is its module path up to its
+    index ("encoder.block.0"), or its whole name."""
     labels = []
     for p, (name, index) in enumerate(zip(stats.layer_names, stats.layer_indices)):
         label = index if index is not None else p
         loop_pass = split_site(name)[1]
         labels.append(label if loop_pass is None else f"{label}{PASS}{loop_pass}")
+    shared = {label for label in labels if labels.count(label) > 1}
+    for p, name in enumerate(stats.layer_names):
+        if labels[p] in shared:
+            path, loop_pass = split_site(name)
+            labels[p] = layer_path(path) + ("" if loop_pass is None else f"{PASS}{loop_pass}")
+    if len(set(labels)) < len(labels):
+        return list(stats.layer_names)
     return labels
 
 

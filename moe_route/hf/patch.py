@@ -304,6 +304,13 @@ def layer_index(name: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
+def layer_path(name: str) -> str:
+    """The path of the layer that holds a router, up to its index (``model.layers.12.mlp.gate``
+    -> ``model.layers.12``); the name itself where it holds no index."""
+    m = _LAYER_INDEX.search(name)
+    return name[:m.end(1)] if m else name
+
+
 def split_site(name: str) -> tuple[str, Optional[int]]:
     """A routing site's name as (module path, pass): ``"m.gate@pass1"`` -> ``("m.gate", 1)``,
     ``"m.gate"`` -> ``("m.gate", None)`` (``RouterState.site``)."""
