@@ -52,6 +52,36 @@ def offloaded(tmp_path):
     return model, placed
 
 
+def test_accelerate_hooks_added_or_removed_while_patched_survive_unpatch():
+    """A hook added while patched wraps the patched forward (accelerate moves it to
+    _old_forward): unpatch used to pop the hook's wrapper, and the router ran on its
+    meta-device weights without the hook. A hook removed while patched moves the patched forward
+    back to forward: unpatch used to re-create _old_forward and leave it there, and the next
+    forward failed. Either way the model now runs as one never patched, with the same hooks."""
+    pytest.importorskip("accelerate")
+    from accelerate import cpu_offload
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_submodules
+
+    ids = _ids()
+    want = _logits(build("olmoe"), "olmoe", ids)
+    model = build("olmoe")
+    moe_route.patch(model)
+    cpu_offload(model, execution_device="cpu")  # the weights move to meta, hooks load them
+    moe_route.unpatch(model)
+    router = find_routers(model)[0][1]
+    assert router.weight.device.type == "meta" and "_hf_hook" in router.__dict__
+    assert torch.equal(_logits(model, "olmoe", ids), want)
+
+    model = build("olmoe")
+    for _, router, _ in find_routers(model):
+        add_hook_to_module(router, AlignDevicesHook(execution_device="cpu"))
+    moe_route.patch(model)
+    remove_hook_from_submodules(model)
+    moe_route.unpatch(model)
+    assert not any("_old_forward" in router.__dict__ for _, router, _ in find_routers(model))
+    assert torch.equal(_logits(model, "olmoe", ids), want)
+
+
 def test_device_map_offload_patch_record_steer(offloaded):
     """Under accelerate's hooks the patch goes beneath them (``_old_forward``): outputs, recorded
     statistics and steering equal the unplaced model's, and unpatch leaves the hooks as they

@@ -494,7 +494,7 @@ class PatchHandle:
         self.routers: dict[str, RouterState] = {}
         self._owners = 0          # record/steer/replay contexts using the patch
         self._explicit = False    # patch() was called by the user
-        self._saved: list = []    # (module, attribute, what was there) for every attribute set
+        self._saved: list = []    # (module, attribute, what was there, what was set)
         self._last_call: Optional[_Before] = None   # what the latest patch() call changed
         self._blocks: list = []   # per open ``with`` block: what its patch() call changed
         self._hooks: list = []    # the loop layers' pass counters' reset (model_calls.watch)
@@ -561,7 +561,7 @@ class PatchHandle:
         if attr == "forward" and {"_hf_hook", "_old_forward"} <= module.__dict__.keys():
             attr = "_old_forward"
         before = module.__dict__.get(attr, _MISSING)
-        self._saved.append((module, attr, before))
+        self._saved.append((module, attr, before, value))
         original = getattr(module, attr, None)
         object.__setattr__(module, attr, value)
         return original
@@ -594,11 +594,8 @@ class PatchHandle:
         finally:
             while self._hooks:
                 self._hooks.pop().remove()
-            for module, attr, before in reversed(self._saved):
-                if before is _MISSING:
-                    module.__dict__.pop(attr, None)
-                else:
-                    object.__setattr__(module, attr, before)
+            for module, attr, before, installed in reversed(self._saved):
+                _restore(module, attr, before, installed)
             self._saved.clear()
             self.model.__dict__.pop(_HANDLE, None)
         return left_open
@@ -626,6 +623,31 @@ class PatchHandle:
         state = "active" if self.active else "removed"
         return (f"<moe_route patch of {type(self.model).__name__}: {len(self.routers)} routers, "
                 f"{state}>")
+
+
+_FORWARDS = ("forward", "_old_forward")  # an accelerate hook's wrapper calls _old_forward
+
+
+def _restore(module: nn.Module, attr: str, before, installed) -> None:
+    """Put back what ``attr`` held before the patch set ``installed`` there (``_MISSING``:
+    nothing). An accelerate hook added or removed while patched moves the patched forward between
+    ``forward`` and ``_old_forward``: the original goes back where it now is. A forward replaced
+    by another is left alone, with a warning."""
+    held = module.__dict__
+    at = attr
+    if attr in _FORWARDS and held.get(attr, _MISSING) is not installed:
+        at = next((a for a in _FORWARDS if held.get(a, _MISSING) is installed), None)
+    if at is None:
+        warnings.warn(f"moe_route: the patched {attr} of {type(module).__name__} was replaced "
+                      f"while patched; unpatch leaves the replacement as it is", stacklevel=4)
+    elif at == attr and before is _MISSING:
+        held.pop(attr, None)
+    elif at == attr:
+        object.__setattr__(module, attr, before)
+    else:  # moved by a hook added (to _old_forward) or removed (to forward) while patched
+        original = before if before is not _MISSING else types.MethodType(
+            type(module).forward, module)
+        object.__setattr__(module, at, original)
 
 
 def patch(model: nn.Module, *, exact: bool = False) -> PatchHandle:
