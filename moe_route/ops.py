@@ -158,7 +158,8 @@ class SteerSpec:
                 rows = [_expert_vector(getattr(self, name), num_experts, name)
                         for name in reference.STEER_ROWS]
                 cached = torch.stack(rows).to(device)
-            self._tables[key] = cached
+            if cacheable(cached):
+                self._tables[key] = cached
         return cached
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
@@ -167,6 +168,12 @@ class SteerSpec:
         return reference.steer_logits(reference.sanitize(logits),
                                       self.table(logits.shape[-1], logits.device),
                                       self.std_unbiased)[0]
+
+
+def cacheable(t: torch.Tensor) -> bool:
+    """Whether a tensor made for a call may be kept for later calls: not one made while tracing
+    (torch.export's FakeTensors, functional tensors), which an eager call cannot use."""
+    return type(t) is torch.Tensor
 
 
 def _frozen_values(values: ExpertValues, name: str):

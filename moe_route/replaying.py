@@ -52,6 +52,7 @@ from moe_route import reference
 from moe_route._checks import check_int
 from moe_route.hf.model_calls import past_length, stack_of, stacks, watch
 from moe_route.hf.patch import PASS, acquire, in_backward, put, release, sites_by_key, withdraw
+from moe_route.ops import cacheable
 
 __all__ = ["replay", "Replay", "trace_by_position"]
 
@@ -69,7 +70,9 @@ class _Source:
     def _device_ids(self, device: torch.device) -> torch.Tensor:
         t = self._on.get(device)
         if t is None:
-            t = self._on[device] = self.ids.to(device=device, dtype=torch.int32)
+            t = self.ids.to(device=device, dtype=torch.int32)
+            if cacheable(t):
+                self._on[device] = t
         return t
 
     def __call__(self, T: int, device: torch.device) -> torch.Tensor:

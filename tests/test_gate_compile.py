@@ -66,6 +66,32 @@ def _stats_equal(a, b):
         assert torch.equal(x, y), name
 
 
+def test_steering_tables_made_while_tracing_are_not_kept_for_eager_calls():
+    """A SteerSpec's table first made under fake tensors (torch.export non-strict, FakeTensorMode)
+    was kept: every later eager call with that SteerSpec returned FakeTensors, without values."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    table = torch.zeros(4, 8)
+    table[0, 3] = 20.0
+    _, want = moe_route.reference.topk_gate(x, 2, steer=table)
+    spec = moe_route.SteerSpec(add={3: 20.0})
+    with FakeTensorMode() as mode:
+        moe_route.topk_gate(mode.from_tensor(x), 2, steer=spec)
+    _, ids = moe_route.topk_gate(x, 2, steer=spec)
+    assert type(ids) is torch.Tensor and torch.equal(ids, want)
+
+    class Gate(torch.nn.Module):
+        def forward(self, logits):
+            return moe_route.topk_gate(logits, 2, steer=spec)
+
+    spec = moe_route.SteerSpec(add={3: 20.0})
+    exported = torch.export.export(Gate(), (x,))
+    assert torch.equal(exported.module()(x)[1], want)
+    _, ids = Gate()(x)
+    assert type(ids) is torch.Tensor and torch.equal(ids, want)
+
+
 def test_compile_op_fullgraph(device):
     E = 32
     bias = random_bias(E, device=device)

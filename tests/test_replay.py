@@ -147,6 +147,22 @@ def test_by_position_prefill_and_decode_match_one_forward(family, old_name):
         assert not torch.allclose(model(ids).logits, full, atol=1e-3)
 
 
+def test_ids_moved_while_exporting_are_not_kept_for_eager_calls():
+    """torch.export (non-strict) runs the replayed forward on FakeTensors: the ids it moved to
+    int32 were kept for later calls, and the eager forward after it ran on FakeTensors."""
+    model = build("qwen3_moe")
+    ids = _ids(7, (2, 6))
+    trace, _ = _trace(model, ids)
+    routing = _random_routing(trace, 8, (2, 6))  # int64: moved to int32 at the first call
+    assert all(r.dtype == torch.int64 for r in routing.values())
+    with moe_route.replay(model, routing), torch.no_grad():
+        want = model(ids, use_cache=False).logits
+    with moe_route.replay(model, routing), torch.no_grad():
+        torch.export.export(model, (), {"input_ids": ids, "use_cache": False})
+        got = model(ids, use_cache=False).logits
+    assert type(got) is torch.Tensor and torch.equal(got, want)
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "minimax"])
 def test_by_position_with_generate(family):
     """generate(): the prompt and every new token take the experts of their positions (MiniMax:
