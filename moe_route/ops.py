@@ -531,3 +531,26 @@ if _loader.native is not None:
         T = logits.shape[0]
         return (logits.new_empty((T, k), dtype=torch.float32),
                 logits.new_empty((T, k), dtype=torch.int32))
+
+    _GATE_ARGS = [a.name for a in torch.ops.moe_route.topk_gate.default._schema.arguments]
+
+    @torch.library.register_vmap("moe_route::topk_gate")
+    def _topk_gate_vmap(info, in_dims, *args):
+        """``torch.func.vmap``: the samples' tokens routed as one batch of B * T tokens (each
+        token is routed on its own), into statistics shared by every sample."""
+        given, dims = dict(zip(_GATE_ARGS, args)), dict(zip(_GATE_ARGS, in_dims))
+        batched = [name for name in ("selection_bias", "steer", *GateStats.NAMES)
+                   if dims.get(name) is not None]
+        if batched:
+            raise ValueError(f"topk_gate under vmap: {batched[0]} must be the same for every "
+                             f"sample (not batched); the statistics of every sample add up in "
+                             f"one set of buffers")
+        B = info.batch_size
+        for name in ("logits", "groups", "replay"):  # [T, ...] per sample -> [B * T, ...]
+            t = given.get(name)
+            if t is not None:
+                t = t.movedim(dims[name], 0) if dims[name] is not None else t.expand(B, *t.shape)
+                given[name] = t.reshape(-1, *t.shape[2:])
+        k = given["k"]
+        w, ids = torch.ops.moe_route.topk_gate(**given)
+        return (w.view(B, -1, k), ids.view(B, -1, k)), (0, 0)

@@ -141,3 +141,39 @@ def test_compiled_training_step_matches_eager():
         fn(x).backward()
         grads.append(x.grad)
     torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_vmap_routes_each_sample_and_gives_per_sample_router_gradients():
+    """torch.func.vmap over the gate, per sample: ids and weights are each sample's own
+    (the reference's), groups and replay may be batched, statistics add up over the samples, and
+    vmap(grad) gives each sample's gradient. A per-sample statistics buffer is refused."""
+    B, T, E, k = 3, 5, 8, 2
+    x = torch.randn(B, T, E, generator=torch.Generator().manual_seed(0))
+    groups = torch.randint(0, 2, (B, T), generator=torch.Generator().manual_seed(1))
+    replay = torch.full((B, T, k), -1)
+    replay[1, 2] = torch.tensor([0, 7])
+    stats = moe_route.GateStats.zeros(2, E)
+    w, ids = torch.func.vmap(
+        lambda a, g, r: moe_route.topk_gate(a, k, score="sigmoid", renormalize=True,
+                                            steer=SteerSpec(add={3: 1.0}), groups=g, stats=stats,
+                                            replay=r))(x, groups, replay)
+    want = moe_route.GateStats.zeros(2, E)
+    for b in range(B):
+        wb, ib = moe_route.topk_gate(x[b], k, score="sigmoid", renormalize=True,
+                                     steer=SteerSpec(add={3: 1.0}), groups=groups[b], stats=want,
+                                     replay=replay[b])
+        assert torch.equal(ids[b], ib) and torch.equal(w[b], wb)
+    assert ids[1, 2].tolist() == [0, 7]
+    assert torch.equal(stats.counts, want.counts) and torch.equal(stats.tokens, want.tokens)
+
+    def loss(a):
+        return moe_route.topk_gate(a, k, score="sigmoid")[0].square().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss))(x)
+    for b in range(B):
+        torch.testing.assert_close(per_sample[b], torch.func.grad(loss)(x[b]))
+    own = [moe_route.GateStats.zeros(1, E) for _ in range(B)]
+    counts = torch.stack([s.counts for s in own])
+    with pytest.raises(ValueError, match="topk_gate under vmap: counts must be the same for "
+                                         "every sample"):
+        torch.func.vmap(lambda a, c: torch.ops.moe_route.topk_gate(a, k, counts=c))(x, counts)
