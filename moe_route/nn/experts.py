@@ -15,7 +15,8 @@ reach. ``enable`` refuses the first case and sets those copies too.
 
 The forward plans the (token, slot) -> expert-row layout once (``dispatch_plan``), gathers rows
 (``permute``), runs the up and down projections as grouped GEMMs over the plan's offsets
-(``torch.nn.functional.grouped_mm`` where the device and dtype allow, else one GEMM per expert),
+(``torch.nn.functional.grouped_mm`` where the device and dtype allow, else one GEMM per expert,
+which a compiled graph holds as one op, ``expert_linear``, since its loop reads the offsets),
 and combines with ``unpermute`` (fp32 accumulation in slot order, no atomics). It honours the
 decorator's layout flags: ``has_gate`` (else ``act_fn`` on ``up_proj``), ``has_bias``,
 ``is_transposed``, the class's own ``_apply_gate`` (GPT-OSS interleaved, clamped gating),
@@ -72,6 +73,8 @@ def _grouped_linear(module, x: torch.Tensor, weight: torch.Tensor, bias, plan: D
     x = x.to(w.dtype)
     if _grouped_mm_ok(x, w):
         out = F.grouped_mm(x, w, offs=plan.expert_offsets[1:].to(torch.int32))
+    elif torch.compiler.is_compiling():  # the loop reads the offsets: an op the graph holds
+        out = expert_linear(x, w, plan.expert_offsets)
     else:
         out = _per_expert_linear(x, w, plan.expert_offsets)
     if bias is not None:
@@ -106,7 +109,54 @@ def _per_expert_linear(x, w, offsets):
         lo, hi = bounds[e], bounds[e + 1]
         if hi > lo:
             out[lo:hi] = x[lo:hi] @ w[e]
+    out[bounds[-1]:] = 0  # rows of dropped ids: their gradient must not reach a real row
     return out
+
+
+@torch.library.custom_op("moe_route::expert_linear", mutates_args=())
+def expert_linear(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``_per_expert_linear`` as an op, for compiled code: its loop reads the offsets on the host,
+    which a graph cannot (a graph break and a sync per layer, or no ``fullgraph``); as an op the
+    graph holds one call and the host read happens when it runs."""
+    return _per_expert_linear(x, w, offsets)
+
+
+@expert_linear.register_fake
+def _expert_linear_fake(x, w, offsets):
+    return x.new_empty((x.shape[0], w.shape[-1]))
+
+
+@torch.library.custom_op("moe_route::expert_linear_weight_grad", mutates_args=())
+def _expert_linear_weight_grad(x: torch.Tensor, grad: torch.Tensor,
+                               offsets: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``expert_linear``'s ``w [E, in, out]``: expert e's rows of ``x`` times
+    theirs of ``grad``; zero for an expert with no row."""
+    out = x.new_zeros((offsets.shape[0] - 1, x.shape[1], grad.shape[1]))
+    bounds = offsets.tolist()
+    for e in range(out.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            out[e] = x[lo:hi].transpose(0, 1) @ grad[lo:hi]
+    return out
+
+
+@_expert_linear_weight_grad.register_fake
+def _expert_linear_weight_grad_fake(x, grad, offsets):
+    return x.new_empty((offsets.shape[0] - 1, x.shape[1], grad.shape[1]))
+
+
+def _expert_linear_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _expert_linear_backward(ctx, grad):
+    x, w, offsets = ctx.saved_tensors
+    grad_x = expert_linear(grad, w.transpose(-2, -1), offsets) if ctx.needs_input_grad[0] else None
+    grad_w = _expert_linear_weight_grad(x, grad, offsets) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w, None
+
+
+expert_linear.register_autograd(_expert_linear_backward, setup_context=_expert_linear_setup)
 
 
 def _row_experts(plan: DispatchPlan, rows: int) -> torch.Tensor:
