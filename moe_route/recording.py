@@ -83,6 +83,7 @@ import functools
 import itertools
 import threading
 import warnings
+from collections import Counter
 from collections.abc import Mapping
 from typing import Iterable, Optional, Sequence
 
@@ -91,9 +92,9 @@ from torch import nn
 
 from moe_route._checks import check_bool, check_int, is_int
 from moe_route._json import check as check_json
-from moe_route.hf.model_calls import past_length, stack_of, stacks, watch
+from moe_route.hf.model_calls import CacheLengths, past_length, stack_of, stacks, watch
 from moe_route.hf.patch import acquire, release
-from moe_route.ops import GateStats
+from moe_route.ops import GateStats, cacheable
 from moe_route.stats import LayerStats, RoutingStats
 from moe_route import traces
 from moe_route.traces import _TRACE_TENSORS, Trace, TraceSpill, check_trace_path, save_trace
@@ -125,6 +126,7 @@ class Recorder:
         self.model = model
         self.dense, self.coact, self.tokens = dense, coact, tokens
         self.ignore_token_ids = None if ignore_token_ids is None else _token_ids(ignore_token_ids)
+        self._ignore_on: dict = {}   # ignore_token_ids copied to each device a call ran on
         self.max_groups = max_groups
         if meta is not None and not isinstance(meta, Mapping):
             raise TypeError(f"record: meta must be a dict or None, got {type(meta).__name__}")
@@ -163,9 +165,7 @@ class Recorder:
         self._capacity = 0                       # device rows the buffers have
         self._parts: list[RoutingStats] = []    # flushed, merged once when read
         self._context: list[str] = [default_group]
-        # set_groups: (codes [B] or [B, S], the ids' ranks among the group ids or -1; names;
-        # the group ids, ascending)
-        self._batch: Optional[tuple[torch.Tensor, Optional[list], list]] = None
+        self._batch: Optional[_GroupIds] = None   # set_groups
         # each stack's (model.stacks: the model, or an encoder-decoder's encoder and decoder)
         # latest call: {stack path: {device: token rows [T]}}
         self._calls: dict = {}
@@ -278,9 +278,11 @@ class Recorder:
         """Groups for the following model calls, per sequence (``[B]``) or per token (``[B, S]``).
 
         ``ids`` are ints >= 0, dense or not (document ids, hashes); ``-1`` skips a sequence or
-        token. With ``names``, id i is group ``names[i]``, else group ``str(i)``. ``None`` goes
-        back to the context group. Per-token ids apply to calls whose input has exactly that shape
-        (a prompt); per-sequence ids also cover ``generate()``'s decoding steps.
+        token. With ``names``, id i is group ``names[i]``, else group ``str(i)``; only the names of
+        the ids given are read (a corpus's names indexed by document id cost a batch its own
+        groups), and they must be distinct. ``None`` goes back to the context group. Per-token ids
+        apply to calls whose input has exactly that shape (a prompt); per-sequence ids also cover
+        ``generate()``'s decoding steps.
         """
         if ids is None:
             self._batch = None
@@ -298,16 +300,20 @@ class Recorder:
                              f"{present[0]}")
         if present and present[0] == -1:
             present, codes = present[1:], codes - 1  # -1 (skip) picks the table's last entry
-        if names is not None:
-            names = [str(n) for n in names]
-            if len(set(names)) != len(names):
-                twice = sorted({n for n in names if names.count(n) > 1})
-                raise ValueError(f"Recorder.set_groups: names must be distinct, got {twice} "
-                                 f"more than once")
+        if names is None:
+            names = [str(i) for i in present]
+        else:
+            if not isinstance(names, Sequence):   # an iterable: its i-th item names id i
+                names = list(names)
             if present and present[-1] >= len(names):
                 raise ValueError(f"Recorder.set_groups: id {present[-1]} has no name "
                                  f"(len(names)={len(names)})")
-        self._batch = (codes, names, present)
+            names = [str(names[i]) for i in present]
+            twice = sorted(name for name, n in Counter(names).items() if n > 1)
+            if twice:
+                raise ValueError(f"Recorder.set_groups: names must be distinct, got {twice} "
+                                 f"more than once")
+        self._batch = _GroupIds(codes, names)
 
     def per_sequence(self, names: Sequence[str]):
         """One group per sequence of the next batch: sequence b -> group ``names[b]``."""
@@ -382,9 +388,11 @@ class Recorder:
 
     def _on_call(self, stack: str, call: dict):
         """Build the token -> statistics-row map of a call of one of the model's stacks (the
-        model, or an encoder-decoder's encoder or decoder) from its arguments by name (no host
-        sync with tokens="all" outside generate(); traceable by torch.compile, which runs module
-        hooks inside the graph)."""
+        model, or an encoder-decoder's encoder or decoder) from its arguments by name (traceable
+        by torch.compile, which runs module hooks inside the graph). No host sync with
+        tokens="all" outside generate(), nor inside it but for a static cache's length, read once
+        per generate() (``CacheLengths``); the host tensors it needs (the ``set_groups`` table,
+        ``ignore_token_ids``, the EOS ids) are copied to a device once, not at each call."""
         input_ids = call.get("input_ids")
         embeds = call.get("inputs_embeds")
         ref = input_ids if input_ids is not None else embeds
@@ -397,15 +405,15 @@ class Recorder:
         B, S = ref.shape[0], ref.shape[1]
         device = ref.device
         gen = self._generation if stack == self._decoder else None
-        keep, generated = self._positions(gen, call, S)
-        if keep is False or (keep is not None and not bool(keep.any())):  # the other phase
+        kept, generated = self._positions(gen, call, S)
+        if not kept:  # the other phase
             if self._fits(B, S):
-                self._batch_rows(B, S, device)  # its groups are named all the same
+                self._group_rows(B, S)  # its groups are named all the same
             rows_on[device] = torch.full((B * S,), -1, dtype=torch.int32, device=device)
             return
         rows = self._batch_rows(B, S, device)
-        if isinstance(keep, torch.Tensor):
-            rows = torch.where(keep.to(device), rows, -1)
+        if len(kept) < S:
+            rows = torch.where(_within(kept, S, device), rows, -1)
         if gen is not None:
             done = gen.done
             if done is not None and done.shape[0] == B:
@@ -422,8 +430,8 @@ class Recorder:
             rows = torch.where(attended.to(device), rows, -1)
         if self.ignore_token_ids is not None:
             if input_ids is not None:
-                skip = torch.isin(input_ids, self.ignore_token_ids.to(device))
-                rows = torch.where(skip, -1, rows)
+                ignored = _copy_on(self._ignore_on, self.ignore_token_ids, device)
+                rows = torch.where(torch.isin(input_ids, ignored), -1, rows)
             elif not self._warned_embeds:
                 self._warned_embeds = True
                 warnings.warn("record: a model call was given inputs_embeds without input_ids; "
@@ -470,35 +478,43 @@ class Recorder:
                           UserWarning, stacklevel=2)
         return None
 
-    def _positions(self, gen, call: dict, S: int):
-        """``(keep, generated)``: which of a call's S positions its phase keeps and which are
-        generated, bool [S] on the CPU inside generate(); outside it, ``keep`` is None (all, no
-        host sync) or False (none), as the KV cache tells, and ``generated`` None."""
+    def _positions(self, gen, call: dict, S: int) -> tuple[range, Optional[int]]:
+        """``(kept, generated)``: the indices of a call's S positions that its phase keeps (a
+        ``range``) and, inside generate(), the index of its first generated position (S: none).
+        Outside generate() ``generated`` is None and ``kept`` all or none, as the KV cache tells
+        (no host sync with tokens="all"). Python ints, so that the masks made from them are
+        built on the call's device, not copied there."""
         if gen is None:
             if self.tokens == "all":
-                return None, None
+                return range(S), None
             generated = past_length(call, S) > 0  # may sync: a cache_position, a static cache
-            return (None if generated == (self.tokens == "generated") else False), None
-        past = gen.past = past_length(call, S)
-        pos = torch.arange(past, past + S)
-        keep = torch.ones(S, dtype=torch.bool)
+            return (range(S) if generated == (self.tokens == "generated") else range(0)), None
+        past = gen.past = past_length(call, S, gen.lengths)
+        start, stop = 0, S
         if past == 0 and gen.routed > 0:  # no cache: the whole sequence again; count what is new
-            keep &= pos >= gen.routed
+            start = gen.routed
         if 0 < past < gen.routed:         # a cache cut back (assisted decoding's rejects)
             gen.ended.clear()
         gen.routed = max(gen.routed, past + S)
-        generated = pos >= gen.prompt if gen.prompt is not None else torch.full((S,), past > 0)
-        if self.tokens != "all":
-            keep &= generated if self.tokens == "generated" else ~generated
-        return keep, generated
+        if gen.prompt is not None:
+            generated = min(max(gen.prompt - past, 0), S)
+        else:
+            generated = 0 if past > 0 else S
+        if self.tokens == "generated":
+            start = max(start, generated)
+        elif self.tokens == "prompt":
+            stop = generated
+        return range(start, stop), generated
 
     @staticmethod
-    def _ended(gen, input_ids: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
+    def _ended(gen, input_ids: torch.Tensor, generated: int) -> torch.Tensor:
         """[B, S]: the tokens of sequences that have ended, from the first stop id fed at a
-        generated position on (and every token of a sequence that ended in an earlier call)."""
+        generated position (the call's index ``generated`` and after) on, and every token of a
+        sequence that ended in an earlier call."""
         device = input_ids.device
-        ended = (torch.isin(input_ids, gen.stop_ids.to(device))
-                 & generated.to(device)).cumsum(1) > 0
+        fed = torch.arange(input_ids.shape[1], device=device) >= generated
+        ended = (torch.isin(input_ids, _copy_on(gen.stop_on, gen.stop_ids, device))
+                 & fed).cumsum(1) > 0
         before = gen.ended.get(device)
         if gen.past > 0 and before is not None and before.shape[0] == input_ids.shape[0]:
             ended |= before[:, None]  # a cache continued: sequences ended before stay ended
@@ -508,7 +524,7 @@ class Recorder:
     def _batch_codes(self, B: int) -> torch.Tensor:
         """The set_groups codes for a call of B sequences: per-sequence codes repeated over
         generate()'s copies of each sequence (beams, samples) when B is a multiple of them."""
-        codes = self._batch[0]
+        codes = self._batch.codes
         if codes.dim() == 1 and codes.shape[0] != B and self._generation is not None and \
                 B % codes.shape[0] == 0:
             codes = codes.repeat_interleave(B // codes.shape[0])
@@ -521,35 +537,44 @@ class Recorder:
         codes = self._batch_codes(B)
         return codes.shape[0] == B and (codes.dim() == 1 or codes.shape[1] == S)
 
-    def _batch_rows(self, B, S, device) -> torch.Tensor:
+    def _group_rows(self, B: int, S: int) -> list:
+        """The statistics rows of the groups of a call of [B, S] tokens (rows given to new
+        groups, after a flush if they do not fit): the context group's, or the set_groups
+        groups' in the order of their ids."""
         if self._batch is None:
-            row = self._row_of(self._context[-1])
-            return torch.full((B, S), row, dtype=torch.int32, device=device)
-        codes, names, present = self._batch_codes(B), *self._batch[1:]
+            return [self._row_of(self._context[-1])]
+        names = self._batch.names
         if not self._fits(B, S):
+            codes = self._batch_codes(B)
             per_token = codes.dim() == 2 and codes.shape[0] == B
             hint = ("; per-token ids cover only a call of exactly their shape: for generate()'s "
                     "decoding steps or an encoder-decoder's other stack give per-sequence ids "
                     "[B], or record(tokens='prompt')") if per_token else ""
             raise ValueError(f"record: set_groups gave ids of shape {tuple(codes.shape)}, but "
                              f"the model was called on [{B}, {S}] tokens{hint}")
-        if len(present) > self.max_groups:
-            raise ValueError(f"record: a batch uses {len(present)} groups, more than "
+        if len(names) > self.max_groups:
+            raise ValueError(f"record: a batch uses {len(names)} groups, more than "
                              f"max_groups={self.max_groups}")
-        if any(self._group_name(i, names) not in self._rows for i in present) and \
-                len(self._rows) + len(present) > self.max_groups:
+        if any(name not in self._rows for name in names) and \
+                len(self._rows) + len(names) > self.max_groups:
             self.flush()
-        rows = [self._row_of(self._group_name(i, names)) for i in present]
-        rows = torch.tensor(rows + [-1], dtype=torch.int32, device=codes.device)[codes].to(device)
-        return rows if rows.dim() == 2 else rows[:, None].expand(B, S)
+        return [self._row_of(name) for name in names]
 
-    @staticmethod
-    def _group_name(i: int, names) -> str:
-        return names[i] if names is not None else str(i)
+    def _batch_rows(self, B, S, device) -> torch.Tensor:
+        """[B, S] int32 on ``device``: each token's statistics row (-1: skipped)."""
+        rows = self._group_rows(B, S)
+        if self._batch is None:
+            return torch.full((B, S), rows[0], dtype=torch.int32, device=device)
+        rows = self._batch.rows_on(rows, device)
+        if rows.shape[0] != B:  # generate()'s copies of each sequence (_batch_codes)
+            rows = rows.repeat_interleave(B // rows.shape[0], 0)
+        return rows if rows.dim() == 2 else rows[:, None].expand(B, S)
 
     def _end_call(self, stack: str) -> None:
         self._calls.pop(stack, None)   # a call's rows hold for that call only
         self._call_tokens.pop(stack, None)
+        if stack == self._decoder and self._generation is not None:
+            self._generation.lengths.call_done()
 
     def _token_rows(self, stack: str, T: int, device: torch.device) -> Optional[torch.Tensor]:
         """The statistics rows of a call with T tokens on ``device`` of a router in ``stack``."""
@@ -764,18 +789,69 @@ def _token_ids(values) -> torch.Tensor:
     return torch.tensor([int(v) for v in values], dtype=torch.int64)
 
 
+def _within(kept: range, S: int, device: torch.device) -> torch.Tensor:
+    """bool [S] on ``device``: which of the indices 0..S-1 are in ``kept`` (built there, not
+    copied from the host)."""
+    index = torch.arange(S, device=device)
+    return (index >= kept.start) & (index < kept.stop)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``: from the host to a CUDA device through pinned memory, without
+    waiting for the copy (the caching host allocator keeps the pinned block until it is done)."""
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def _copy_on(copies: dict, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``, copied there at the first call and kept in ``copies`` (by
+    device): a model call's hook copies nothing from the host after that."""
+    copy = copies.get(device)
+    if copy is None:
+        copy = _to_device(tensor, device)
+        if cacheable(copy):
+            copies[device] = copy
+    return copy
+
+
+class _GroupIds:
+    """``set_groups``' ids: each id's rank among the distinct group ids (``codes``, [B] or
+    [B, S]; -1 for a skipped id), the groups' names in that order and, per device a model call
+    ran on, the codes and the table of each group's statistics row copied there (the table again
+    only when the groups' rows change: after a flush)."""
+
+    def __init__(self, codes: torch.Tensor, names: list):
+        self.codes, self.names = codes, names
+        self._codes_on: dict = {}
+        self._tables: dict = {}   # device -> (the rows, their table [G + 1] int32, -1 last)
+
+    def rows_on(self, rows: list, device: torch.device) -> torch.Tensor:
+        """The statistics row of each id (-1: skipped) on ``device``, where group g has row
+        ``rows[g]``: the shape of ``codes``."""
+        table = self._tables.get(device)
+        if table is None or table[0] != rows:
+            table = (rows, _to_device(torch.tensor(rows + [-1], dtype=torch.int32), device))
+            if cacheable(table[1]):
+                self._tables[device] = table
+        return table[1][_copy_on(self._codes_on, self.codes, device)]
+
+
 class _Generation:
     """What the recorder knows of a ``generate()`` call in progress: the prompt's length in
     positions (None: unknown), the 2-D attention mask it was given (None: none), which
     sequences its stopping criteria have said are done (bool [B], cumulative, from ``_observed``;
     None before their first call), the EOS ids that end a sequence where those flags are
-    missing, the positions routed so far and, for that fallback, per device, which sequences
-    have ended."""
+    missing (and their copy on each device), the positions routed so far, the lengths of its KV
+    caches held on a device (``CacheLengths``) and, for that fallback, per device, which
+    sequences have ended."""
 
     def __init__(self, prompt: Optional[int], stop_ids: Optional[torch.Tensor],
                  mask: Optional[torch.Tensor] = None):
         self.prompt, self.stop_ids, self.mask = prompt, stop_ids, mask
+        self.stop_on: dict = {}
         self.routed = self.past = 0
+        self.lengths = CacheLengths()
         self.ended: dict = {}
         self.done: Optional[torch.Tensor] = None
 

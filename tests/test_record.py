@@ -4,9 +4,12 @@ import dataclasses
 import json
 import os
 import stat
+import traceback
+from collections.abc import Sequence
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import moe_route
 from moe_route.hf import adapters, find_routers
@@ -247,6 +250,75 @@ def test_left_padding_is_skipped_with_a_static_cache(given_mask):
                 assert layer.tokens.tolist() == alone, (tokens, cache)
 
 
+class _ScalarReads(TorchDispatchMode):
+    """Counts the reads of a tensor's value into a Python number (``aten._local_scalar_dense``:
+    a host sync on a GPU) that moe_route's own code makes."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            frames = [f.filename for f in traceback.extract_stack()[:-1]]  # not this one
+            caller = next(f for f in reversed(frames) if f"{os.sep}torch{os.sep}" not in f)
+            self.reads += os.path.dirname(moe_route.__file__) in caller
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_static_cache_length_is_read_once_per_generate():
+    """A static cache keeps its length in a device tensor: record() read it at every decoding
+    step, a host sync each, where it now reads it once per generate() (then follows it from the
+    calls' lengths) and counts the same tokens as with a dynamic cache."""
+    model = build("qwen3_moe")
+    ids = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None,
+              attention_mask=mask)
+    counts, reads = {}, {}
+    for cache in ("dynamic", "static"):
+        with moe_route.record(model) as rec, torch.no_grad(), _ScalarReads() as log:
+            rec.per_sequence(["a", "b"])
+            model.generate(ids, cache_implementation=cache, **kw)
+        counts[cache], reads[cache] = rec.stats.stack("counts"), log.reads
+    assert reads == {"dynamic": 0, "static": 1}
+    assert torch.equal(counts["static"], counts["dynamic"])
+
+
+def test_assisted_decoding_with_a_static_cache_counts_as_with_a_dynamic_one():
+    """Prompt-lookup decoding crops its rejected candidates from the cache: a static cache's
+    length, followed from call to call without reading it, is read again after a crop, so the
+    padding read from the 4-D masks' diagonals at the cache's positions (no 2-D mask given)
+    and the counts are those of a dynamic cache."""
+    from transformers import StaticCache
+
+    class LoggedStaticCache(StaticCache):
+        def crop(self, max_length):
+            crops.append((len(calls), max_length))
+            super().crop(max_length)
+    model = build("qwen3_moe")
+    ids = torch.randint(3, 12, (1, 12), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None,
+              prompt_lookup_num_tokens=3)
+    counts, calls, crops = {}, [], []
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        for cache in ("dynamic", "static"):
+            calls.clear()
+            given = {"cache_implementation": "dynamic"} if cache == "dynamic" else \
+                {cache_argument(model): LoggedStaticCache(config=model.config, max_cache_len=64)}
+            with moe_route.record(model) as rec, torch.no_grad():
+                model.generate(ids, **given, **kw)
+            counts[cache] = rec.stats.stack("counts")
+    finally:
+        hook.remove()
+    # rejected candidates cropped after the second call: the first whose length (read at its
+    # start; the prompt's call found the cache empty) was followed, not read again
+    assert any(n >= 2 and cut < 0 for n, cut in crops), crops
+    assert torch.equal(counts["static"], counts["dynamic"])
+
+
 def test_a_4d_attention_mask_skips_padding_outside_generate():
     """A model call given a 4-D mask (bool, True attends; or additive float, 0 attends) has its
     padding read from the mask's diagonal: a token that does not attend to itself is padding.
@@ -416,6 +488,100 @@ def test_sparse_group_ids_count_like_their_dense_numbering():
         assert a.tokens.tolist() == [6, 6, 6]
         assert torch.equal(a.counts, b.counts)
         torch.testing.assert_close(a.weight_sum, b.weight_sum)
+
+
+class _NamesTable(Sequence):
+    """``n`` names, ``doc<i>``, indexed by id (a corpus's names by document id), that log which
+    items are read and refuse to be iterated over (or copied) whole."""
+
+    def __init__(self, n: int, twice: tuple = ()):
+        self.n, self.twice, self.read = n, twice, []
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if not isinstance(i, int) or not 0 <= i < self.n:
+            raise AssertionError(f"names[{i!r}] read")
+        self.read.append(i)
+        return "twice" if i in self.twice else f"doc{i}"
+
+    def __iter__(self):
+        raise AssertionError("the whole names table was read")
+
+
+def test_set_groups_reads_only_the_names_of_the_ids_it_is_given():
+    """With names indexed by sparse ids (a corpus's names by document id), set_groups reads the
+    names of the batch's ids only: it read, copied and checked the whole table at every call,
+    a cost that grew as the corpus squared. The names it reads must be distinct; a repeated
+    name among the ids not given is not its concern."""
+    model = build("olmoe")
+    ids = _ids(8, (4, 6))
+    table = _NamesTable(10**6, twice=(7, 8))
+    with moe_route.record(model) as rec, torch.no_grad():
+        rec.set_groups(torch.tensor([5, 10**6 - 1, 5, -1]), names=table)
+        model(ids)
+    assert sorted(set(table.read)) == [5, 10**6 - 1]
+    assert rec.stats.group_names == ["doc5", f"doc{10**6 - 1}"]
+    assert rec.stats[0].tokens.tolist() == [12, 6]
+    with moe_route.record(model) as rec:
+        with pytest.raises(ValueError, match=r"names must be distinct, got \['twice'\]"):
+            rec.set_groups(torch.tensor([7, 8]), names=table)
+        with pytest.raises(ValueError, match=r"id 1000000 has no name \(len\(names\)=1000000\)"):
+            rec.set_groups(torch.tensor([3, 10**6]), names=table)
+
+
+class _HostToDevice(TorchDispatchMode):
+    """Counts the copies of tensors from the host to another device: on a CUDA device each is a
+    host sync unless it is ``non_blocking`` from pinned memory. The tests stand the "meta"
+    device in for an accelerator."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        source = {torch.ops.aten._to_copy.default: 0, torch.ops.aten.copy_.default: 1}.get(func)
+        if source is not None and args[source].device.type == "cpu" and out.device.type != "cpu":
+            self.copies += 1
+        return out
+
+
+def test_model_calls_copy_nothing_from_the_host_after_the_first():
+    """The hook that maps a model call's tokens to statistics rows copies the set_groups table,
+    its codes, ignore_token_ids and generate()'s EOS ids to the call's device once: it copied
+    them (and, inside generate(), the masks of the positions a call keeps) at every call, a host
+    sync on a GPU at every forward and decoding step."""
+    from moe_route.recording import _Generation
+    model = build("olmoe")
+    meta = torch.device("meta")
+    B, S = 4, 6
+    ids = torch.empty(B, S, dtype=torch.long, device=meta)
+
+    def calls(rec, steps, past=0, new=S):
+        with _HostToDevice() as log:
+            for t in range(steps):
+                mask = torch.empty(B, past + t + new, dtype=torch.long, device=meta)
+                rec._on_call("", {"input_ids": ids[:, :new], "attention_mask": mask})
+                rec._end_call("")
+        return log.copies
+
+    with moe_route.record(model, ignore_token_ids=[0, 1]) as rec:
+        rec.set_groups(torch.tensor([3, 9, 3, -1]))
+        assert calls(rec, 1) > 0              # the first call copies (the log sees them)
+        assert calls(rec, 3) == 0
+        # generate(): its prompt of 4 tokens, a step without a cache (the whole sequence again,
+        # its last 2 positions new), then decoding steps, with the EOS fallback of a batch its
+        # stopping criteria's flags do not cover (a beam search's) and with the flags
+        rec._generation = _Generation(prompt=4, stop_ids=torch.tensor([7]))
+        rec._generation.done = torch.zeros(B // 2, dtype=torch.bool, device=meta)
+        calls(rec, 1, new=4)
+        assert calls(rec, 1) == 0
+        assert calls(rec, 4, past=S, new=1) == 0
+        rec._generation.done = torch.zeros(B, dtype=torch.bool, device=meta)
+        assert calls(rec, 4, past=S + 4, new=1) == 0
+        rec._generation = None
 
 
 def test_stats_save_load_round_trip(tmp_path):

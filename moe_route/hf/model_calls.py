@@ -20,7 +20,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-__all__ = ["positional_names", "stacks", "stack_of", "watch", "past_length", "cache_length"]
+__all__ = ["positional_names", "stacks", "stack_of", "watch", "past_length", "cache_length",
+           "CacheLengths"]
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
@@ -87,44 +88,83 @@ def watch(model: nn.Module, on_call: Callable[[str, dict], None],
 CACHE_ARGUMENTS = ("cache", "past_key_values", "cache_params")
 
 
-def past_length(call: Mapping, S: int) -> int:
+def past_length(call: Mapping, S: int, lengths: Optional["CacheLengths"] = None) -> int:
     """How many positions of each sequence come before the ``S`` tokens of a model call (its
     arguments by name): the call's ``cache_position[0]`` when it is given one (transformers
     before 5.24 passes it); else the length of its KV cache (``CACHE_ARGUMENTS``), or the 2-D
     attention mask's length minus ``S`` where that is more (a cache none of whose layers report
     positions). 0 for a call without either. Reading a tensor (``cache_position``, a static
-    cache's length) syncs with its device."""
+    cache's length) syncs with its device, except a cache length that ``lengths`` follows from
+    call to call (``CacheLengths``)."""
     position = call.get("cache_position")
     if isinstance(position, torch.Tensor) and position.numel():
         return int(position.reshape(-1)[0])
     cache = next((call[name] for name in CACHE_ARGUMENTS if call.get(name) is not None), None)
-    past = cache_length(cache)
+    past = cache_length(cache, S, lengths)
     mask = call.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         past = max(past, mask.shape[1] - S)
     return past
 
 
-def cache_length(cache) -> int:
+def cache_length(cache, S: int = 0, lengths: Optional["CacheLengths"] = None) -> int:
     """The positions a KV cache holds: ``get_seq_length()`` (layer 0, or a hybrid cache's first
     attention layer), else the longest of its layers. MiniMaxCache's layer 0 belongs to a
-    linear-attention layer: it holds no positions and reports 0 at every step."""
+    linear-attention layer: it holds no positions and reports 0 at every step. A length held in
+    a device tensor is read through ``lengths`` where given, for a call of ``S`` tokens."""
     if cache is None:
         return 0
-    length = _layer_length(cache, None)
+    length = _layer_length(cache, None, S, lengths)
     if length == 0:
         try:
             layers = len(cache)
         except TypeError:
             layers = 0
         for i in range(1, layers):
-            length = max(length, _layer_length(cache, i))
+            length = max(length, _layer_length(cache, i, S, lengths))
     return length
 
 
-def _layer_length(cache, layer) -> int:
+def _layer_length(cache, layer, S: int, lengths: Optional["CacheLengths"]) -> int:
     try:
-        return int(cache.get_seq_length() if layer is None else cache.get_seq_length(layer))
+        length = cache.get_seq_length() if layer is None else cache.get_seq_length(layer)
+        if isinstance(length, torch.Tensor) and lengths is not None:
+            return lengths.read(length, S)
+        return int(length)
     except (AttributeError, TypeError, ValueError, IndexError):
         # no get_seq_length, or a layer that tracks no length (a hybrid cache's linear layers)
         return 0
+
+
+class CacheLengths:
+    """The lengths of the KV caches one ``generate()``'s model calls feed, where a cache keeps its
+    length in a device tensor (a static cache's ``cumulative_length``, which ``int()`` reads
+    with a host sync): read at the first call, then followed from call to call. The tensor's
+    version counter, which counts its in-place changes, says when that is safe: a tensor that the
+    call changed once (its update, by the call's S positions) and nothing changed since holds its
+    length at that call plus S. Anything else (a crop of assisted decoding's rejected
+    candidates, a reset, an update the counter does not see, as a CUDA graph's) reads it again,
+    as does a tensor made in inference mode, which has no version counter. ``call_done()`` after
+    each call."""
+
+    def __init__(self):
+        self._known: dict = {}   # id(tensor) -> (tensor, its version, its length at that version)
+        self._fed: list = []     # this call's reads: (tensor, version, length after the update)
+
+    def read(self, length: torch.Tensor, S: int) -> int:
+        """The value of ``length`` (a device tensor) at the start of a call of ``S`` tokens."""
+        if length.is_inference():
+            return int(length)
+        known = self._known.get(id(length))
+        if known is not None and known[0] is length and known[1] == length._version:
+            value = known[2]
+        else:
+            value = int(length)   # a host sync
+        self._fed.append((length, length._version, value + S))
+        return value
+
+    def call_done(self) -> None:
+        """After a model call: keep the lengths that its update alone changed."""
+        self._known = {id(t): (t, version + 1, after) for t, version, after in self._fed
+                       if t._version == version + 1}
+        self._fed = []
