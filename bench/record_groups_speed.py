@@ -5,8 +5,10 @@
 Each call of a recorded model with ``set_groups`` ids turns the ids into device rows of the
 statistics buffers (``Recorder._batch_rows``) on the host, before any router runs. This times
 ``set_groups(ids)`` followed by that lookup, 200 times per measurement, for per-sequence ids
-(B 8 and 64) and per-token ids ([8, 512], 32 groups, and 200 groups with skipped tokens), on a
-tiny OLMoE (the model only opens ``record``; it is never called).
+(B 8 and 64), per-token ids ([8, 512], 32 groups, and 200 groups with skipped tokens) and
+per-sequence document ids named by a corpus-wide table of 100 000 names (``set_groups(ids,
+names)``, each call new documents), on a tiny OLMoE (the model only opens ``record``; it is never
+called).
 
 With no TREE it times the installed ``moe_route``. Given source trees with their extension built
 in place (``git worktree add /tmp/old REV && (cd /tmp/old && MOE_ROUTE_SKIP_CUDA=1 python
@@ -25,7 +27,8 @@ import time
 
 CASES = {"per-sequence, B=8": ("seq", 8, 8), "per-sequence, B=64 (48 groups)": ("seq", 64, 48),
          "per-token [8, 512], 32 groups": ("tok", 8, 32),
-         "per-token [8, 512], 200 groups, skips": ("tok", 8, 200)}
+         "per-token [8, 512], 200 groups, skips": ("tok", 8, 200),
+         "per-sequence, B=8, ids into 100k names": ("doc", 8, 100_000)}
 S, CALLS = 512, 200
 
 
@@ -44,13 +47,15 @@ def measure() -> dict:
     out = {}
     with moe_route.record(model, max_groups=256) as rec:
         for name, (kind, B, G) in CASES.items():
-            ids = torch.arange(B) % G if kind == "seq" else \
-                torch.randint(0 if G <= 32 else -1, G, (B, S))
+            names = [f"doc/{i}" for i in range(G)] if kind == "doc" else None
+            ids = [torch.arange(c * B, (c + 1) * B) * 7 % G if kind == "doc" else
+                   torch.arange(B) % G if kind == "seq" else
+                   torch.randint(0 if G <= 32 else -1, G, (B, S)) for c in range(CALLS)]
             best = float("inf")
             for _ in range(5):
                 t0 = time.perf_counter()
-                for _ in range(CALLS):
-                    rec.set_groups(ids)
+                for c in range(CALLS):
+                    rec.set_groups(ids[c], names)
                     rec._batch_rows(B, S, torch.device("cpu"))
                 best = min(best, (time.perf_counter() - t0) / CALLS * 1e6)
             out[name] = best
