@@ -611,8 +611,9 @@ def test_write_report_layers_are_decoder_layer_indices(tmp_path):
 
 def test_write_report_into_an_earlier_reports_folder_leaves_none_of_its_files(tmp_path):
     """A second run into the same folder left the first one's plan.json (or correlation.json...)
-    and heatmaps of other layers beside its own summary.json; it removes the report files it did
-    not write, and nothing else."""
+    and heatmaps of other layers beside its own summary.json; it removes the files the first
+    report wrote (its summary.json lists them) that it did not, and nothing else: not the ab.json
+    that `moe-route evaluate --out` wrote there (removed before, a result lost)."""
     from moe_route.analysis import write_report
     from test_analysis_metrics import divergence_stats
 
@@ -620,15 +621,25 @@ def test_write_report_into_an_earlier_reports_folder_leaves_none_of_its_files(tm
     (tmp_path / "notes.txt").write_text("mine")
     first = write_report(tmp_path, stats, "eng", middle_layers=[1], heatmap_layers=np.arange(2),
                          plan=moe_route.SteeringPlan.promote([1], [3]))
-    assert (tmp_path / "plan.json").exists()
+    assert (tmp_path / "plan.json").exists() and "plan.json" in first["files"]
+    (tmp_path / "ab.json").write_text('{"from": "evaluate"}')
     second = write_report(tmp_path, stats, "eng", middle_layers=[1], heatmap_layers=[1])
     names = {p.name for p in tmp_path.iterdir()}
     assert "plan.json" not in names
     assert {"notes.txt", "summary.json", "divergence.json", "divergence.csv"} <= names
+    assert (tmp_path / "ab.json").read_text() == '{"from": "evaluate"}'
+    assert set(second["files"]) == names - {"notes.txt", "ab.json"}
     if "plots_skipped" not in first:
         assert sorted(n for n in names if n.startswith("language_divergence_L")) == [
             "language_divergence_L1.png"]
         assert set(second["plots"]) <= names
+    # a report from before summary.json listed its files: the report files there are its own
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    del summary["files"]
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    (tmp_path / "plan.json").write_text("{}")
+    write_report(tmp_path, stats, "eng", middle_layers=[1], heatmap_layers=[1])
+    assert not (tmp_path / "plan.json").exists() and not (tmp_path / "ab.json").exists()
 
 
 def test_write_report_refuses_bad_arguments_before_writing_anything(tmp_path):

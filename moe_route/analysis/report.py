@@ -20,8 +20,9 @@ Layers are labelled by their decoder-layer index; a loop layer's passes (Inkling
 
 Plots need matplotlib (``pip install moe_route[analysis]``); without it the tables and the summary
 are still written and the summary says so. Files are written to a temporary name and renamed.
-A report written into the folder of an earlier one removes the files above that it did not write
-itself (a correlation.json, a heatmap of another layer), so each belongs to its summary.json.
+A report written into the folder of an earlier one removes the files of that report (its
+summary.json lists them) that it did not write itself (a correlation.json, a heatmap of another
+layer), so each belongs to its summary.json; other files there (``evaluate``'s) stay.
 """
 from __future__ import annotations
 
@@ -97,6 +98,7 @@ def write_report(out_dir, stats: RoutingStats, reference: str, *,
     corr = None if accuracy is None else divergence_accuracy_correlation(
         {k: torch.tensor(v) for k, v in div.items()}, accuracy, middle)
     os.makedirs(out_dir, exist_ok=True)
+    earlier = _files_of_report(out_dir)
 
     edge = [p for p in range(L) if p not in middle]
     importance = kind if kind == "dense" or not stats.meta.get("renormalized") else \
@@ -146,27 +148,40 @@ def write_report(out_dir, stats: RoutingStats, reference: str, *,
     if corr is not None:
         summary["correlation"] = {"pearson": float(corr.pearson), "spearman": float(corr.spearman)}
         _write_json(out_dir, "correlation.json", summary["correlation"])
+    summary["files"] = sorted({"divergence.json", "divergence.csv", "summary.json",
+                               "summary.txt", *summary["plots"], *(name for name, given in (
+                                   ("experts.json", experts), ("plan.json", plan),
+                                   ("ab.json", ab), ("agreement.json", agreement),
+                                   ("correlation.json", corr)) if given is not None)})
     _write_json(out_dir, "summary.json", summary)
     _write_text(out_dir, "summary.txt", _summary_text(summary))
-    written = {"divergence.json", "divergence.csv", "summary.json", "summary.txt",
-               *summary["plots"], *(name for name, given in (
-                   ("experts.json", experts), ("plan.json", plan), ("ab.json", ab),
-                   ("agreement.json", agreement), ("correlation.json", corr)) if given is not None)}
-    _remove_stale(out_dir, written)
+    for name in earlier - set(summary["files"]):
+        os.remove(os.path.join(out_dir, name))
     return summary
 
 
-# What a report may write besides the files every report writes: a run into the folder of an
-# earlier one removes those of them it did not write, so no file there is another run's.
+# What a report may write besides the files every report writes (what an earlier report whose
+# summary.json lists no files may have left)
 _OPTIONAL = ("experts.json", "plan.json", "ab.json", "agreement.json", "correlation.json",
              "delta.png", "divergence_by_layer.png", "expert_usage.png")
 _HEATMAP = re.compile(r"language_divergence_L.+\.png")
 
 
-def _remove_stale(out_dir, written: set) -> None:
-    for name in os.listdir(out_dir):
-        if name not in written and (name in _OPTIONAL or _HEATMAP.fullmatch(name)):
-            os.remove(os.path.join(out_dir, name))
+def _files_of_report(out_dir) -> set:
+    """The files of an earlier report in ``out_dir`` that are still there: those its
+    summary.json lists (a report made before the list: the report files there), none without
+    one. Only these are removed when a new report replaces it; another command's files there
+    (``evaluate``'s ab.json) stay."""
+    try:
+        with open(os.path.join(out_dir, "summary.json"), encoding="utf-8") as f:
+            listed = json.load(f).get("files")
+    except (OSError, ValueError, AttributeError):
+        return set()
+    present = set(os.listdir(out_dir))
+    if isinstance(listed, list):
+        return present & {name for name in listed if isinstance(name, str)
+                          and name == os.path.basename(name)}
+    return {name for name in present if name in _OPTIONAL or _HEATMAP.fullmatch(name)}
 
 
 def _layer_labels(stats: RoutingStats) -> list:
