@@ -167,6 +167,10 @@ def test_eval_result_round_trip_and_errors(tmp_path):
     bad.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="version 99"):
         ev.EvalResult.load(bad)
+    data["version"] = True  # == 1 in Python
+    bad.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="has version True; this moe_route reads version 1"):
+        ev.EvalResult.load(bad)
     data = result.to_dict()
     data["languages"]["eng"]["predictions"].append(1)
     bad.write_text(json.dumps(data))

@@ -124,9 +124,10 @@ class EvalResult:
         if not isinstance(data, dict) or data.get("format") != EVAL_FORMAT:
             raise ValueError(f"{where} is not a moe_route evaluation result (expected format "
                              f"{EVAL_FORMAT!r})")
-        if data.get("version") != EVAL_VERSION:
-            raise ValueError(f"{where} has version {data.get('version')!r}; this moe_route "
-                             f"reads version {EVAL_VERSION}")
+        version = data.get("version")
+        if version != EVAL_VERSION or isinstance(version, bool):  # true == 1 in Python
+            raise ValueError(f"{where} has version {version!r}; this moe_route reads version "
+                             f"{EVAL_VERSION}")
         languages = data.get("languages")
         if not isinstance(languages, dict):
             got = type(languages).__name__ if "languages" in data else "nothing"
