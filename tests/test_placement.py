@@ -3,6 +3,7 @@ offloading (accelerate's hooks), GPT-OSS's MXFP4 MLP (which skips the router's f
 DBRX (whose block routes the router's logits). The patch must route, record and steer through
 all of them and leave them as they were."""
 import types
+import warnings
 
 import pytest
 import torch
@@ -79,6 +80,20 @@ def test_accelerate_hooks_added_or_removed_while_patched_survive_unpatch():
     remove_hook_from_submodules(model)
     moe_route.unpatch(model)
     assert not any("_old_forward" in router.__dict__ for _, router, _ in find_routers(model))
+    assert torch.equal(_logits(model, "olmoe", ids), want)
+
+    # a patched forward replaced by another is left to whoever replaced it, with a warning that
+    # comes after every other router is restored (an error raised by it stops nothing)
+    model = build("olmoe")
+    moe_route.patch(model)
+    (_, first, _), (_, second, _) = find_routers(model)
+    mine = first.forward = types.MethodType(type(first).forward, first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match=r"the patched OlmoeTopKRouter.forward was "
+                                              r"replaced while patched"):
+            moe_route.unpatch(model)
+    assert first.__dict__["forward"] is mine and "forward" not in second.__dict__
     assert torch.equal(_logits(model, "olmoe", ids), want)
 
 

@@ -588,6 +588,7 @@ class PatchHandle:
         if not self.active:
             return 0
         left_open = self._owners
+        replaced = []
         try:
             while self._cleanups:
                 self._cleanups.pop()()
@@ -595,9 +596,13 @@ class PatchHandle:
             while self._hooks:
                 self._hooks.pop().remove()
             for module, attr, before, installed in reversed(self._saved):
-                _restore(module, attr, before, installed)
+                if not _restore(module, attr, before, installed):
+                    replaced.append(f"{type(module).__name__}.{attr}")
             self._saved.clear()
             self.model.__dict__.pop(_HANDLE, None)
+        if replaced:  # after the model is restored: a warning raised as an error stops nothing
+            warnings.warn(f"moe_route: the patched {', '.join(replaced)} was replaced while "
+                          f"patched; unpatch leaves the replacement as it is", stacklevel=4)
         return left_open
 
     def __enter__(self):
@@ -628,19 +633,18 @@ class PatchHandle:
 _FORWARDS = ("forward", "_old_forward")  # an accelerate hook's wrapper calls _old_forward
 
 
-def _restore(module: nn.Module, attr: str, before, installed) -> None:
+def _restore(module: nn.Module, attr: str, before, installed) -> bool:
     """Put back what ``attr`` held before the patch set ``installed`` there (``_MISSING``:
     nothing). An accelerate hook added or removed while patched moves the patched forward between
     ``forward`` and ``_old_forward``: the original goes back where it now is. A forward replaced
-    by another is left alone, with a warning."""
+    by another is left alone: False."""
     held = module.__dict__
     at = attr
     if attr in _FORWARDS and held.get(attr, _MISSING) is not installed:
         at = next((a for a in _FORWARDS if held.get(a, _MISSING) is installed), None)
     if at is None:
-        warnings.warn(f"moe_route: the patched {attr} of {type(module).__name__} was replaced "
-                      f"while patched; unpatch leaves the replacement as it is", stacklevel=4)
-    elif at == attr and before is _MISSING:
+        return False
+    if at == attr and before is _MISSING:
         held.pop(attr, None)
     elif at == attr:
         object.__setattr__(module, attr, before)
@@ -648,6 +652,7 @@ def _restore(module: nn.Module, attr: str, before, installed) -> None:
         original = before if before is not _MISSING else types.MethodType(
             type(module).forward, module)
         object.__setattr__(module, at, original)
+    return True
 
 
 def patch(model: nn.Module, *, exact: bool = False) -> PatchHandle:
