@@ -7,6 +7,7 @@ to fp32 rounding (bf16: to bf16 rounding) and every output's dtype the same.
 """
 import contextlib
 import dataclasses
+import importlib
 import unittest.mock
 
 import pytest
@@ -368,6 +369,24 @@ def test_autocast_sigmoid_in_the_logits_dtype(key):
             got = router(x)
     assert want[0].dtype == torch.bfloat16
     assert torch.equal(got[2].sort(-1).values, want[2].sort(-1).values), name
+
+
+def test_what_autocast_makes_of_the_score_op_is_asked_once(monkeypatch):
+    """Which dtype autocast gives a rounding router's score op depends on the op, the device
+    type and the dtypes only: it is asked at the first call, not by an extra op at every router
+    call (one per MoE layer per decoding step)."""
+    patching = importlib.import_module("moe_route.hf.patch")  # moe_route.hf.patch is a function
+    asked = []
+    sigmoid = patching._SCORE_OPS["sigmoid"]
+    monkeypatch.setitem(patching._SCORE_OPS, "sigmoid", lambda x: asked.append(1) or sigmoid(x))
+    monkeypatch.setattr(patching, "_AUTOCAST_FP32", {})
+    model = build("deepseek_v3").eval()
+    ids = _ids()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), moe_route.patch(model):
+        for _ in range(3):
+            model(**inputs("deepseek_v3", ids, model))
+    assert len(asked) == 1
+    assert list(patching._AUTOCAST_FP32.values()) == [False]  # CPU autocast leaves sigmoid alone
 
 
 def test_ernie_clamped_renormalisation():

@@ -153,9 +153,15 @@ class RouterState:
         softmax and softplus in fp32, so the scores are not rounded there."""
         spec = self.spec
         if (spec.round_scores and z.dtype in (torch.float16, torch.bfloat16)
-                and torch.is_autocast_enabled(z.device.type)
-                and _SCORE_OPS[spec.score](z[:1, :1]).dtype == torch.float32):
-            return _unrounded(spec)
+                and torch.is_autocast_enabled(z.device.type)):
+            device = z.device.type
+            key = (spec.score, device, z.dtype, torch.get_autocast_dtype(device))
+            in_fp32 = _AUTOCAST_FP32.get(key)
+            if in_fp32 is None:  # asked once: the answer is autocast's op list for the device
+                in_fp32 = _AUTOCAST_FP32[key] = \
+                    _SCORE_OPS[spec.score](z[:1, :1]).dtype == torch.float32
+            if in_fp32:
+                return _unrounded(spec)
         return spec
 
     def _next_pass(self, backward: bool) -> Optional[int]:
@@ -233,6 +239,8 @@ class RouterState:
 # softplus already), for _spec_for's look at what autocast makes of it.
 _SCORE_OPS = {"softmax": lambda x: torch.softmax(x, dim=-1), "sigmoid": torch.sigmoid,
               "sqrtsoftplus": torch.nn.functional.softplus, "none": lambda x: x}
+# {(score, device type, logits dtype, autocast dtype): whether autocast runs the score op in fp32}
+_AUTOCAST_FP32: dict = {}
 
 
 @functools.lru_cache(maxsize=64)
