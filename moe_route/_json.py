@@ -1,4 +1,5 @@
-"""Reading JSON that may be damaged or foreign: every way it can fail to parse is one ValueError.
+"""Reading JSON that may be damaged or foreign: every way it can fail to parse is one ValueError;
+and checking that metadata a file will hold reads back unchanged (``check``).
 
 ``json`` fails in three ways on bad input: ``JSONDecodeError`` (a ValueError), a
 ``UnicodeDecodeError`` from bytes that are not text (also a ValueError, without the file's name),

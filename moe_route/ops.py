@@ -18,6 +18,7 @@ import torch.autograd.forward_ad as _forward_ad
 
 from moe_route import _loader, reference
 from moe_route._checks import check_bool, check_int, is_int
+from moe_route._device import cacheable
 
 __all__ = ["topk_gate", "RouterSpec", "SteerSpec", "GateStats"]
 
@@ -168,12 +169,6 @@ class SteerSpec:
         return reference.steer_logits(reference.sanitize(logits),
                                       self.table(logits.shape[-1], logits.device),
                                       self.std_unbiased)[0]
-
-
-def cacheable(t: torch.Tensor) -> bool:
-    """Whether a tensor made for a call may be kept for later calls: not one made while tracing
-    (torch.export's FakeTensors, functional tensors), which an eager call cannot use."""
-    return type(t) is torch.Tensor
 
 
 def _frozen_values(values: ExpertValues, name: str):

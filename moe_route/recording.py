@@ -91,10 +91,11 @@ import torch
 from torch import nn
 
 from moe_route._checks import check_bool, check_int, is_int
+from moe_route._device import cacheable, copy_on, to_device
 from moe_route._json import check as check_json
 from moe_route.hf.model_calls import CacheLengths, past_length, stack_of, stacks, watch
 from moe_route.hf.patch import acquire, release
-from moe_route.ops import GateStats, cacheable
+from moe_route.ops import GateStats
 from moe_route.stats import LayerStats, RoutingStats
 from moe_route import traces
 from moe_route.traces import _TRACE_TENSORS, Trace, TraceSpill, check_trace_path, save_trace
@@ -430,7 +431,7 @@ class Recorder:
             rows = torch.where(attended.to(device), rows, -1)
         if self.ignore_token_ids is not None:
             if input_ids is not None:
-                ignored = _copy_on(self._ignore_on, self.ignore_token_ids, device)
+                ignored = copy_on(self._ignore_on, self.ignore_token_ids, device)
                 rows = torch.where(torch.isin(input_ids, ignored), -1, rows)
             elif not self._warned_embeds:
                 self._warned_embeds = True
@@ -513,7 +514,7 @@ class Recorder:
         sequence that ended in an earlier call."""
         device = input_ids.device
         fed = torch.arange(input_ids.shape[1], device=device) >= generated
-        ended = (torch.isin(input_ids, _copy_on(gen.stop_on, gen.stop_ids, device))
+        ended = (torch.isin(input_ids, copy_on(gen.stop_on, gen.stop_ids, device))
                  & fed).cumsum(1) > 0
         before = gen.ended.get(device)
         if gen.past > 0 and before is not None and before.shape[0] == input_ids.shape[0]:
@@ -796,25 +797,6 @@ def _within(kept: range, S: int, device: torch.device) -> torch.Tensor:
     return (index >= kept.start) & (index < kept.stop)
 
 
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``tensor`` on ``device``: from the host to a CUDA device through pinned memory, without
-    waiting for the copy (the caching host allocator keeps the pinned block until it is done)."""
-    if tensor.device.type == "cpu" and device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
-
-
-def _copy_on(copies: dict, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``tensor`` on ``device``, copied there at the first call and kept in ``copies`` (by
-    device): a model call's hook copies nothing from the host after that."""
-    copy = copies.get(device)
-    if copy is None:
-        copy = _to_device(tensor, device)
-        if cacheable(copy):
-            copies[device] = copy
-    return copy
-
-
 class _GroupIds:
     """``set_groups``' ids: each id's rank among the distinct group ids (``codes``, [B] or
     [B, S]; -1 for a skipped id), the groups' names in that order and, per device a model call
@@ -831,10 +813,10 @@ class _GroupIds:
         ``rows[g]``: the shape of ``codes``."""
         table = self._tables.get(device)
         if table is None or table[0] != rows:
-            table = (rows, _to_device(torch.tensor(rows + [-1], dtype=torch.int32), device))
+            table = (rows, to_device(torch.tensor(rows + [-1], dtype=torch.int32), device))
             if cacheable(table[1]):
                 self._tables[device] = table
-        return table[1][_copy_on(self._codes_on, self.codes, device)]
+        return table[1][copy_on(self._codes_on, self.codes, device)]
 
 
 class _Generation:

@@ -50,9 +50,9 @@ from torch import nn
 
 from moe_route import reference
 from moe_route._checks import check_int
+from moe_route._device import copy_on
 from moe_route.hf.model_calls import past_length, stack_of, stacks, watch
 from moe_route.hf.patch import PASS, acquire, in_backward, put, release, sites_by_key, withdraw
-from moe_route.ops import cacheable
 
 __all__ = ["replay", "Replay", "trace_by_position"]
 
@@ -61,22 +61,15 @@ class _Source:
     """The ids of one replayed router and where its next call reads them."""
 
     def __init__(self, name: str, stack: str, ids: torch.Tensor, owner: "Replay"):
-        self.name, self.stack, self.ids, self.owner = name, stack, ids, owner
+        self.name, self.stack, self.owner = name, stack, owner
+        self.ids = ids.to(torch.int32)      # expert ids, < E
         self.by_position = ids.dim() == 3
         self.cursor = 0                     # call order: rows used so far
         self._served = None                 # by position: the model call last served
         self._on: dict = {}                 # device -> ids as int32 there
 
-    def _device_ids(self, device: torch.device) -> torch.Tensor:
-        t = self._on.get(device)
-        if t is None:
-            t = self.ids.to(device=device, dtype=torch.int32)
-            if cacheable(t):
-                self._on[device] = t
-        return t
-
     def __call__(self, T: int, device: torch.device) -> torch.Tensor:
-        ids = self._device_ids(device)
+        ids = copy_on(self._on, self.ids, device)
         k = ids.shape[-1]
         if not self.by_position:
             if in_backward():  # checkpointing's recompute would take the next call's rows

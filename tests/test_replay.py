@@ -153,7 +153,7 @@ def test_ids_moved_while_exporting_are_not_kept_for_eager_calls():
     model = build("qwen3_moe")
     ids = _ids(7, (2, 6))
     trace, _ = _trace(model, ids)
-    routing = _random_routing(trace, 8, (2, 6))  # int64: moved to int32 at the first call
+    routing = _random_routing(trace, 8, (2, 6))  # int64, as a trace holds them
     assert all(r.dtype == torch.int64 for r in routing.values())
     with moe_route.replay(model, routing), torch.no_grad():
         want = model(ids, use_cache=False).logits

@@ -102,14 +102,21 @@ def _aligned16(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride() if s != 1)
 
 
+def _expert_rows(offsets: torch.Tensor) -> tuple[list, int]:
+    """``[(e, rows of expert e)]`` for every expert with rows (slices of the plan's rows), and
+    where the dropped ids' rows start. Reads the offsets on the host (a sync): only the fallback
+    path and the ``expert_linear`` ops do."""
+    bounds = offsets.tolist()
+    return ([(e, slice(lo, hi)) for e, (lo, hi) in enumerate(zip(bounds, bounds[1:])) if hi > lo],
+            bounds[-1])
+
+
 def _per_expert_linear(x, w, offsets):
     out = x.new_empty((x.shape[0], w.shape[-1]))
-    bounds = offsets.tolist()  # host sync: only on the fallback path
-    for e in range(w.shape[0]):
-        lo, hi = bounds[e], bounds[e + 1]
-        if hi > lo:
-            out[lo:hi] = x[lo:hi] @ w[e]
-    out[bounds[-1]:] = 0  # rows of dropped ids: their gradient must not reach a real row
+    experts, dropped = _expert_rows(offsets)
+    for e, rows in experts:
+        out[rows] = x[rows] @ w[e]
+    out[dropped:] = 0  # rows of dropped ids: their gradient must not reach a real row
     return out
 
 
@@ -132,11 +139,8 @@ def _expert_linear_weight_grad(x: torch.Tensor, grad: torch.Tensor,
     """The gradient of ``expert_linear``'s ``w [E, in, out]``: expert e's rows of ``x`` times
     theirs of ``grad``; zero for an expert with no row."""
     out = x.new_zeros((offsets.shape[0] - 1, x.shape[1], grad.shape[1]))
-    bounds = offsets.tolist()
-    for e in range(out.shape[0]):
-        lo, hi = bounds[e], bounds[e + 1]
-        if hi > lo:
-            out[e] = x[lo:hi].transpose(0, 1) @ grad[lo:hi]
+    for e, rows in _expert_rows(offsets)[0]:
+        out[e] = x[rows].transpose(0, 1) @ grad[rows]
     return out
 
 
