@@ -122,9 +122,12 @@ def _per_expert_linear(x, w, offsets):
 
 @torch.library.custom_op("moe_route::expert_linear", mutates_args=())
 def expert_linear(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """``_per_expert_linear`` as an op, for compiled code: its loop reads the offsets on the host,
-    which a graph cannot (a graph break and a sync per layer, or no ``fullgraph``); as an op the
-    graph holds one call and the host read happens when it runs."""
+    """Rows ``offsets[e]:offsets[e + 1]`` of ``x [rows, in]`` times ``w[e] [in, out]``, one GEMM
+    per expert in ``x``'s dtype (``w`` cast by the caller); the rows past ``offsets[E]`` (dropped
+    ids) are 0. ``_per_expert_linear`` as an op, for compiled code: its loop reads the offsets on
+    the host, which a graph cannot (a graph break and a sync per layer, or no ``fullgraph``); as
+    an op the graph holds one call and the host read happens when it runs. Differentiable in
+    ``x`` and ``w``."""
     return _per_expert_linear(x, w, offsets)
 
 
