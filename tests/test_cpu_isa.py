@@ -1,10 +1,11 @@
-"""The CPU kernels' instruction-set variants (csrc/cpu/isa.h) compute the same bits.
+"""The CPU kernels' variants (csrc/cpu/isa.h) compute the same bits.
 
 The rest of the suite runs the variant the CPU picks (the best it supports); here every gate path
 (scores, selection on logits, groups, selection bias, steering, replay, statistics, k above the
 insertion limit, half-precision logits and scores rounded to them, NaN/inf) and unpermute run
-under each variant the CPU supports, and their outputs and statistics must be bit-identical to
-the baseline's.
+under each instruction-set variant the CPU supports, and their outputs and statistics must be
+bit-identical to the baseline's. So must the gate's two paths for few experts: eight tokens at
+a time (the default for E <= 16) and token by token.
 """
 from __future__ import annotations
 
@@ -205,3 +206,72 @@ def test_long_sums_stay_accurate(restore_isa, kw):
         w, got = moe_route.topk_gate(x, E, **kw)
         assert torch.equal(got, ids), isa
         assert ((w.double() - exact).abs() / exact).max() < 3e-7, isa
+
+
+@pytest.fixture
+def restore_lanes():
+    before = _loader.native.cpu_gate_lanes()
+    yield
+    _loader.native.set_cpu_gate_lanes(before)
+
+
+# (name, E, k, gate kwargs) with E <= 16, the gates the eight-tokens-at-a-time path runs.
+FEW_EXPERTS = [
+    ("softmax", 8, 2, {}),
+    ("softmax_renorm", 12, 3, dict(renormalize=True)),
+    ("topk_softmax", 16, 4, dict(select_on="logits")),
+    ("sigmoid", 9, 8, dict(score="sigmoid", renormalize=True, renorm_eps=1e-20, scale=2.5,
+                           selection_bias=True)),
+    ("sqrtsoftplus", 16, 6, dict(score="sqrtsoftplus", renormalize=True, selection_bias=True)),
+    ("none", 12, 2, dict(score="none", renormalize=True)),
+    ("biased_softmax", 8, 2, dict(selection_bias=True)),
+    ("rounded_sigmoid", 16, 6, dict(score="sigmoid", selection_bias=True, round_scores=True)),
+    ("rounded_softmax", 13, 4, dict(round_scores=True)),
+    ("all_chosen", 3, 3, {}),
+    ("one_expert", 1, 1, {}),
+]
+STEERS = ["none", "add", "std", "std_unbiased", "abs", "force", "mixed", "mixed_select_only"]
+
+
+def tied_logits(T, E, seed):
+    """Logits in {-1, -0.0, 0, 1} with some +-3e38 and NaN: ties everywhere, signed zeros, and
+    in odd rows no positive value, so that a row's maximum is often +0 or -0."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-1, 2, (T, E), generator=g).float()
+    for value, share in [(-0.0, 0.3), (3e38, 0.05), (-3e38, 0.05), (float("nan"), 0.05)]:
+        x[torch.rand(T, E, generator=g) < share] = value
+    x[1::2] = torch.where(x[1::2] > 0, -1.0, x[1::2])
+    return x
+
+
+@pytest.mark.parametrize("steer", STEERS)
+@pytest.mark.parametrize("gate", FEW_EXPERTS, ids=[g[0] for g in FEW_EXPERTS])
+def test_few_experts_eight_at_a_time_is_bit_identical(restore_lanes, gate, steer):
+    """T=300 runs in chunks of 38 tokens (blocks of 8 and a partial one), T=5 in one partial
+    block; fp16 and bf16 logits, statistics with skipped tokens, and tied logits included."""
+    _, E, k, kw = gate
+    for T, stats, dtype in [(300, True, torch.float32), (5, False, torch.bfloat16),
+                            (300, False, torch.float16), (64, True, torch.bfloat16)]:
+        results = {}
+        for on in (False, True):
+            _loader.native.set_cpu_gate_lanes(on)
+            assert _loader.native.cpu_gate_lanes() == on
+            results[on] = gate_call(E, k, kw, steer=steer, stats=stats, replay=False, dtype=dtype,
+                                    T=T)
+            if dtype == torch.float32:  # the same call on tied logits
+                steer_args = steer_table(steer, E) if steer != "none" else (None, False, False)
+                kw_tied = {n: v for n, v in kw.items() if n != "selection_bias"}
+                if kw.get("selection_bias"):
+                    kw_tied["selection_bias"] = torch.tensor([0.0, -0.0, 1.0] * 6)[:E]
+                buffers = zero_stats(1, E)
+                w, ids = torch.ops.moe_route.topk_gate(
+                    tied_logits(T, E, seed=E), k, steer=steer_args[0],
+                    steer_select_only=steer_args[1], std_unbiased=steer_args[2], **kw_tied,
+                    **buffers)
+                results[on].update({f"tied_{n}": b for n, b in buffers.items()},
+                                   tied_weights=w, tied_ids=ids)
+        for key, ref in results[False].items():
+            got = results[True][key]
+            assert torch.equal(bits(got), bits(ref)), (
+                f"eight at a time differs from token by token in {key} (T={T}, {dtype}): "
+                f"{(bits(got) != bits(ref)).nonzero()[:5].tolist()}")

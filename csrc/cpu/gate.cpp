@@ -35,13 +35,32 @@ MOE_ROUTE_INLINE float sanitize(float x) {
   return x >= -kFltMax ? (x <= kFltMax ? x : kFltMax) : -kFltMax;
 }
 
+// 8-lane vectors (GCC/Clang vector extensions): AVX2 or AVX-512VL in those variants, SSE pairs in
+// the baseline, with identical results since every lane keeps its own order of operations.
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+MOE_ROUTE_INLINE f32x8 splat8(float x) { return f32x8{x, x, x, x, x, x, x, x}; }
+
+// What the exp below needs beyond arithmetic, for one float and for 8 lanes.
+MOE_ROUTE_INLINE int32_t to_int(float x) { return static_cast<int32_t>(x); }
+MOE_ROUTE_INLINE i32x8 to_int(f32x8 x) { return __builtin_convertvector(x, i32x8); }
+MOE_ROUTE_INLINE float at_least(float x, float lo) { return std::max(x, lo); }
+MOE_ROUTE_INLINE f32x8 at_least(f32x8 x, float lo) { return x < splat8(lo) ? splat8(lo) : x; }
+MOE_ROUTE_INLINE float bits_to_float(int32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+MOE_ROUTE_INLINE f32x8 bits_to_float(i32x8 u) { return __builtin_bit_cast(f32x8, u); }
+
 // exp(x) = 2^n * q: n = round(x / ln2), q = exp(x - n ln2) by a two-part reduction and the
-// degree-5 Cephes polynomial. For x in [-104, 88.72].
-MOE_ROUTE_INLINE void exp_reduce(float x, float& n, float& q) {
+// degree-5 Cephes polynomial. For x in [-104, 88.72]; F is float or f32x8.
+template <typename F>
+MOE_ROUTE_INLINE void exp_reduce(F x, F& n, F& q) {
   n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  q = 1.9875691500e-4f;
-  q = q * r + 1.3981999507e-3f;
+  const F r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  q = r * 1.9875691500e-4f + 1.3981999507e-3f;
   q = q * r + 8.3334519073e-3f;
   q = q * r + 4.1665795894e-2f;
   q = q * r + 1.6666665459e-1f;
@@ -49,13 +68,9 @@ MOE_ROUTE_INLINE void exp_reduce(float x, float& n, float& q) {
   q = q * (r * r) + r + 1.f;
 }
 
-// 2^e for a normal exponent e in [-126, 127].
-MOE_ROUTE_INLINE float pow2i(int32_t e) {
-  const int32_t bits = (e + 127) << 23;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+// 2^e for a normal exponent e in [-126, 127] (int32_t or i32x8).
+template <typename I>
+MOE_ROUTE_INLINE auto pow2i(I e) { return bits_to_float((e + 127) << 23); }
 
 // exp(x) to about 1 ulp, denormal results included (Cephes expf: n = round(x/ln2), two-part
 // reduction, degree-5 polynomial), written without calls or branches so the row loops vectorise.
@@ -73,11 +88,12 @@ MOE_ROUTE_INLINE float exp_fast(float x) {
 }
 
 // exp(x) for x <= 0 (softmax numerators exp(z - max)), n in [-150, 0]: q * 2^(n+64), then
-// 2^-64.
-MOE_ROUTE_INLINE float exp_nonpos(float x) {
-  float n, q;
-  exp_reduce(std::max(x, -104.f), n, q);
-  return (q * pow2i(static_cast<int32_t>(n) + 64)) * 0x1p-64f;
+// 2^-64. F is float or f32x8.
+template <typename F>
+MOE_ROUTE_INLINE F exp_nonpos(F x) {
+  F n, q;
+  exp_reduce(at_least(x, -104.f), n, q);
+  return (q * pow2i(to_int(n) + 64)) * 0x1p-64f;
 }
 
 MOE_ROUTE_INLINE float sigmoid(float x) { return 1.f / (1.f + exp_fast(-x)); }
@@ -162,18 +178,11 @@ MOE_ROUTE_INLINE float score_of(Score s, float z) {
 }
 
 
-// 8-lane vectors (GCC/Clang vector extensions): AVX2 or AVX-512VL in those variants, SSE pairs in
-// the baseline, with identical results since every lane keeps its own order of operations.
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
-
 MOE_ROUTE_INLINE f32x8 load8(const float* x) {
   f32x8 v;
   std::memcpy(&v, x, sizeof v);
   return v;
 }
-
-MOE_ROUTE_INLINE f32x8 splat8(float x) { return f32x8{x, x, x, x, x, x, x, x}; }
 
 // Max/min over 8 lanes (values are sanitised, so there is no NaN to order).
 MOE_ROUTE_INLINE float max_of(const float* x, int64_t n) {
@@ -363,6 +372,7 @@ struct Prep {
   bool has_std = false, has_force = false;
   std::vector<int8_t> tier;     // per expert, from the force row
   std::vector<int32_t> forced;  // the experts forced on or off
+  bool lanes = false;           // few experts: eight tokens at a time (gate_lanes)
 };
 
 // Statistics of consecutive tokens of one group ("a run") are summed in thread-local scratch
@@ -700,14 +710,392 @@ MOE_ROUTE_INLINE void select_row(const GateParams& p, const Prep& prep, const fl
   select_experts(p, prep, v, s, ids);
 }
 
+// Renormalises and scales one token's k weights as the router asks.
+MOE_ROUTE_INLINE void finish_weights(const GateParams& p, float* w) {
+  const int64_t k = p.k;
+  if (p.renormalize) {
+    // Scores (>= 0, at most sqrt(FLT_MAX)) add in double, whose error does not grow with k;
+    // logits (score "none") in order in fp32, so that a sum of huge ones overflows as the
+    // reference's does.
+    float sum = 0.f;
+    if (p.score == Score::None) {
+      for (int64_t j = 0; j < k; ++j) sum += w[j];
+    } else {
+      double exact = 0.0;
+      for (int64_t j = 0; j < k; ++j) exact += w[j];
+      sum = static_cast<float>(exact);
+    }
+    const float den = sum + p.renorm_eps;
+    if (den != 0.f) divide_by(w, k, den);
+  }
+  if (p.scale != 1.f)
+    for (int64_t j = 0; j < k; ++j) w[j] = w[j] * p.scale;
+}
+
+// The k weights of one token with ids `ids` into w. `ew(e)` and `zw(e)` read expert e's softmax
+// numerator and weight-side logit, w_sum is the numerators' sum (softmax scores only).
+template <typename EwAt, typename ZwAt>
+MOE_ROUTE_INLINE void weigh(const GateParams& p, const int32_t* ids, EwAt ew, ZwAt zw, float w_sum,
+                            float* w) {
+  const int64_t k = p.k;
+  if (!p.select_on_logits) {
+    if (p.score == Score::Softmax) {
+      for (int64_t j = 0; j < k; ++j) w[j] = ew(ids[j]);
+      divide_by(w, k, w_sum);
+    } else {
+      for (int64_t j = 0; j < k; ++j) w[j] = score_of(p.score, zw(ids[j]));
+    }
+  } else if (p.score == Score::Softmax) {
+    // the sum of the k exps (each in (0, 1]) runs in double: a running fp32 sum's error grows
+    // with k
+    float m = -kFltMax;
+    double sum = 0.0;
+    for (int64_t j = 0; j < k; ++j) m = std::max(m, zw(ids[j]));
+    for (int64_t j = 0; j < k; ++j) sum += (w[j] = exp_nonpos(zw(ids[j]) - m));
+    divide_by(w, k, static_cast<float>(sum));
+  } else {
+    for (int64_t j = 0; j < k; ++j) w[j] = score_of(p.score, zw(ids[j]));
+  }
+  finish_weights(p, w);
+}
+
+// Adds token t's statistics (ids, weights w; softmax numerators ew of the weight-side logits zw,
+// their max and sum) to the current run, starting a new run when the token's group changes.
+MOE_ROUTE_INLINE void token_stats(const GateParams& p, int64_t t, const int32_t* ids,
+                                  const float* w, const float* ew, const float* zw, float w_max,
+                                  float w_sum, Scratch& s, Runs* runs) {
+  const int64_t E = p.E, k = p.k;
+  int64_t g = 0;
+  if (p.groups)
+    g = p.groups_int64 ? static_cast<const int64_t*>(p.groups)[t]
+                       : static_cast<const int32_t*>(p.groups)[t];
+  if (g < 0) return;
+  RunAcc& run = s.run;
+  if (g != run.group) {
+    flush_run(p, run, runs);
+    run.start(g, E);
+  }
+  run.tokens += 1;
+  for (int64_t j = 0; j < k; ++j) run.counts[ids[j]] += 1;
+  for (int64_t j = 0; j < k; ++j) run.weight[ids[j]] += w[j];
+  if (p.dense_stats()) {
+    if (p.score == Score::Softmax || p.score == Score::None) {
+      // One pass: prob += ew / S, and H = log S - sum_e q_e (z_e - max)
+      // = log S - (sum_e ew_e (z_e - max)) / S: one log and one division per token.
+      run.entropy += softmax_stats(ew, zw, w_max, w_sum, E, p.prob_sum ? run.prob.data() : nullptr);
+    } else {
+      float* q = s.dense.data();
+      if (p.score == Score::Sigmoid) {
+        for (int64_t e = 0; e < E; ++e) q[e] = sigmoid(zw[e]);
+      } else {
+        for (int64_t e = 0; e < E; ++e) q[e] = sqrt_softplus(zw[e]);
+      }
+      const float total = sum8(q, E);
+      const float inv = total > 0.f ? 1.f / total : 0.f, uniform = 1.f / float(E);
+      for (int64_t e = 0; e < E; ++e) q[e] = total > 0.f ? q[e] * inv : uniform;
+      for (int64_t e = 0; e < E; ++e) s.v[e] = q[e] > 0.f ? q[e] * log_fast(q[e]) : 0.f;
+      run.entropy += -sum8(s.v.data(), E);
+      for (int64_t e = 0; e < E; ++e) run.prob[e] += q[e];
+    }
+  }
+  if (p.coact) {
+    for (int64_t a = 0; a < k; ++a)
+      for (int64_t b = 0; b < k; ++b)
+        __atomic_fetch_add(p.coact + int64_t(ids[a]) * E + ids[b], 1, __ATOMIC_RELAXED);
+  }
+}
+
+// Whether the gate needs the softmax numerators of the weight-side logits: for softmax weights,
+// and for dense statistics of a softmax (or plain logits) distribution.
+MOE_ROUTE_INLINE bool wants_exps(const GateParams& p) {
+  return (!p.select_on_logits && p.score == Score::Softmax) ||
+         (p.dense_stats() && (p.score == Score::Softmax || p.score == Score::None));
+}
+
+// ---- Few experts: eight tokens at a time --------------------------------------------------------
+//
+// With E <= 16 a row fills at most two 8-lane vectors and the per-token pass above is mostly fixed
+// per-token work (about 100 ns a token at E=8, where PyTorch's softmax and topk take about 55;
+// bench/RESULTS.md). Here the lanes are tokens instead: a block holds the rows of 8 tokens
+// transposed, one vector per expert with token t0 + l in lane l, and each step of the pass runs on
+// all 8 at once. Every lane does the per-token pass's operations in its order (the same 8 partial
+// sums, the same pick among equal maxima, the same selection order), so the outputs and
+// statistics are bit-identical to it (tests/test_cpu_isa.py runs both). Groups and replay take
+// the per-token pass; statistics are added per token, as there.
+constexpr int64_t kLaneMaxE = 16;
+constexpr int kLanes = 8;
+
+MOE_ROUTE_INLINE i32x8 splat8i(int32_t x) { return i32x8{x, x, x, x, x, x, x, x}; }
+
+MOE_ROUTE_INLINE f32x8 sanitize8(f32x8 x) {
+  const f32x8 hi = splat8(kFltMax), lo = splat8(-kFltMax);
+  return x >= lo ? (x <= hi ? x : hi) : lo;
+}
+
+MOE_ROUTE_INLINE f32x8 abs8(f32x8 x) {
+  return bits_to_float(__builtin_bit_cast(i32x8, x) & splat8i(0x7fffffff));
+}
+
+struct LaneBlock {
+  f32x8 z0[kLaneMaxE], z[kLaneMaxE], v[kLaneMaxE], ew[kLaneMaxE], work[kLaneMaxE];
+  f32x8 w_max, w_sum;
+  i32x8 ids[kLaneMaxE];  // ids[j]: each token's j-th pick
+  f32x8 w[kLaneMaxE];    // weights[j], where the lanes compute them
+};
+
+// sum8 of each lane's row (E <= kSumBlock): 8 partial sums over e = j, j + 8, ..., added as
+// hsum8 adds them.
+MOE_ROUTE_INLINE f32x8 lane_sum(const f32x8* x, int64_t E) {
+  f32x8 acc[8] = {};
+  for (int64_t e = 0; e < E; ++e) acc[e & 7] += x[e];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+// max_of (kMax) or min_of of each lane's row, taking the same one of equal values (+0 or -0) as
+// they do: the scalar tail's first, then their 8 vector lanes' in lane order.
+template <bool kMax>
+MOE_ROUTE_INLINE f32x8 lane_extreme(const f32x8* x, int64_t E) {
+  auto pick = [](f32x8 a, f32x8 b) { return (kMax ? a > b : a < b) ? a : b; };
+  const f32x8 none = splat8(kMax ? -kFltMax : kFltMax);
+  const int64_t full = E & ~int64_t(7);
+  f32x8 r = none;
+  for (int64_t e = full; e < E; ++e) r = pick(x[e], r);
+  for (int64_t j = 0; j < 8 && j < full; ++j) {
+    f32x8 m = none;
+    for (int64_t e = j; e < full; e += 8) m = pick(x[e], m);
+    r = pick(m, r);
+  }
+  return r;
+}
+
+// Softmax numerators ew[e] = exp(x[e] - m) of each lane; returns their sums (softmax_exps_from).
+MOE_ROUTE_INLINE f32x8 lane_exps(const f32x8* x, f32x8* ew, int64_t E, f32x8 m) {
+  for (int64_t e = 0; e < E; ++e) ew[e] = exp_nonpos(x[e] - m);
+  return lane_sum(ew, E);
+}
+
+// Each lane's x[ids[l]].
+MOE_ROUTE_INLINE f32x8 lane_gather(const f32x8* x, int64_t E, i32x8 ids) {
+  f32x8 r = x[0];
+  i32x8 ev = splat8i(0);  // e in every lane, counted up (a splat per e costs 8 inserts)
+  for (int64_t e = 1; e < E; ++e) ev += 1, r = ids == ev ? x[e] : r;
+  return r;
+}
+
+// steer_row for the block's tokens: b.z from b.z0.
+MOE_ROUTE_INLINE void lane_steer(const GateParams& p, const Prep& prep, LaneBlock& b) {
+  const int64_t E = p.E;
+  const float* add = p.steer + kSteerAdd * E;
+  const float* lam = p.steer + kSteerStd * E;
+  const float* mul = p.steer + kSteerAbs * E;
+  const float* force = p.steer + kSteerForce * E;
+  f32x8 sd = splat8(0.f);
+  if (prep.has_std) {
+    const f32x8 mean = lane_sum(b.z0, E) / float(E);
+    for (int64_t e = 0; e < E; ++e) b.z[e] = (b.z0[e] - mean) * (b.z0[e] - mean);
+    const f32x8 var = lane_sum(b.z, E);
+    const int64_t dof = p.std_unbiased ? E - 1 : E;
+    for (int l = 0; l < kLanes; ++l) {
+      const float s = dof > 0 ? std::sqrt(var[l] / float(dof)) : 0.f;
+      sd[l] = std::isnan(s) ? INFINITY : s;
+    }
+  }
+  for (int64_t e = 0; e < E; ++e) {
+    f32x8 y = b.z0[e] + add[e];
+    y = y + (lam[e] != 0.f ? lam[e] * sd : splat8(0.f));
+    y = y + mul[e] * abs8(b.z0[e]);
+    b.z[e] = sanitize8(y);
+  }
+  if (prep.has_force) {
+    const f32x8 top = lane_extreme<true>(b.z, E), bottom = lane_extreme<false>(b.z, E);
+    for (const int32_t e : prep.forced) b.z[e] = force[e] > 0.f ? top : bottom;
+  }
+}
+
+// Each lane's k best of v into b.ids, in descending order of (tier, value) with the lower index
+// first on ties (select_experts without groups): k rounds of a strict-greater scan, each taking
+// its pick out of b.work.
+template <bool kTiers>
+MOE_ROUTE_INLINE void lane_select(const Prep& prep, const f32x8* v, int64_t E, int64_t k,
+                                  LaneBlock& b) {
+  const f32x8 taken = splat8(-INFINITY);
+  i32x8 tier[kLaneMaxE];  // -1 once taken
+  for (int64_t e = 0; e < E; ++e) {
+    b.work[e] = v[e];
+    if (kTiers) tier[e] = splat8i(prep.tier[e]);
+  }
+  for (int64_t j = 0; j < k; ++j) {
+    f32x8 best = taken;
+    i32x8 at = splat8i(0), best_tier = splat8i(-1), ev = splat8i(0);  // ev: e in every lane
+    for (int64_t e = 0; e < E; ++e, ev += 1) {
+      i32x8 take = b.work[e] > best;
+      if (kTiers) take = (tier[e] > best_tier) | ((tier[e] == best_tier) & take);
+      best = take ? b.work[e] : best;
+      at = take ? ev : at;
+      if (kTiers) best_tier = take ? tier[e] : best_tier;
+    }
+    b.ids[j] = at;
+    if (j == k - 1) break;
+    ev = splat8i(0);
+    for (int64_t e = 0; e < E; ++e, ev += 1) {
+      const i32x8 hit = at == ev;
+      b.work[e] = hit ? taken : b.work[e];
+      if (kTiers) tier[e] = hit ? splat8i(-1) : tier[e];
+    }
+  }
+}
+
+// r[j] = column j of the 8x8 block whose row i is r[i] (three rounds of shuffles).
+MOE_ROUTE_INLINE void transpose8(f32x8* r) {
+  f32x8 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {  // pairs of rows interleaved
+    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4)  // then pairs of pairs: columns c and c + 4 of four rows
+    for (int h = 0; h < 2; ++h) {
+      u[i + 2 * h] = __builtin_shufflevector(t[i + h], t[i + h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[i + 2 * h + 1] =
+          __builtin_shufflevector(t[i + h], t[i + h + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  for (int c = 0; c < 4; ++c) {  // then the two halves of the rows
+    r[c] = __builtin_shufflevector(u[c], u[c + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    r[c + 4] = __builtin_shufflevector(u[c], u[c + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+
+// Logits of experts [e0, e0 + 8) of token t, unsanitised (fp32 or bf16).
+MOE_ROUTE_INLINE f32x8 load_logits8(const GateParams& p, int64_t t, int64_t e0) {
+  const int64_t off = t * p.row_stride + e0;
+  if (p.logit_type == LogitType::F32) return load8(static_cast<const float*>(p.logits) + off);
+  typedef uint16_t u16x8 __attribute__((vector_size(16)));
+  u16x8 h;
+  std::memcpy(&h, static_cast<const uint16_t*>(p.logits) + off, sizeof h);
+  return bits_to_float(__builtin_convertvector(h, i32x8) << 16);
+}
+
+// The block's logits, sanitised, into b.z0 (load_row for 8 tokens, transposed). Rows of whole
+// 8-expert vectors of fp32 or bf16 go through 8x8 transposes, others element by element. Lanes
+// past n get zeros.
+MOE_ROUTE_INLINE void lane_load(const GateParams& p, int64_t t0, int n, Scratch& s, LaneBlock& b) {
+  const int64_t E = p.E;
+  if (E % 8 == 0 && p.logit_type != LogitType::F16) {
+    for (int64_t e0 = 0; e0 < E; e0 += 8) {
+      f32x8 r[8];
+      for (int l = 0; l < kLanes; ++l) r[l] = l < n ? load_logits8(p, t0 + l, e0) : splat8(0.f);
+      transpose8(r);
+      for (int j = 0; j < 8; ++j) b.z0[e0 + j] = sanitize8(r[j]);
+    }
+    return;
+  }
+  float* row = s.z0.data();
+  for (int l = 0; l < kLanes; ++l) {
+    if (l < n) load_row(p, t0 + l, row);
+    else std::fill(row, row + E, 0.f);
+    for (int64_t e = 0; e < E; ++e) b.z0[e][l] = row[e];
+  }
+}
+
+// Tokens [t0, t0 + n), n <= 8, through the pass of gate_tokens_body, a step for all at once.
+// Lanes past n compute on zero logits and are not written.
+MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t t0, int n,
+                                 Scratch& s, bool stats, Runs* runs, LaneBlock& b) {
+  const int64_t E = p.E, k = p.k;
+  lane_load(p, t0, n, s, b);
+  f32x8* z = b.z0;
+  if (p.steer) {
+    lane_steer(p, prep, b);
+    z = b.z;
+  }
+  const f32x8* zw = p.steer_select_only ? b.z0 : z;
+  const bool want_ew = wants_exps(p);
+  const bool max_from_pick = want_ew && zw == z && selects_on_logits(p) && !p.selection_bias &&
+                             !prep.has_force;
+  b.w_max = splat8(0.f), b.w_sum = splat8(1.f);
+  if (want_ew && !max_from_pick) {
+    b.w_max = lane_extreme<true>(zw, E);
+    b.w_sum = lane_exps(zw, b.ew, E, b.w_max);
+  }
+
+  // Selection values (select_row).
+  const f32x8* v = z;
+  if (!selects_on_logits(p)) {
+    f32x8* sv = b.v;
+    if (p.score == Score::Softmax) {
+      const f32x8* src = b.ew;
+      f32x8 sum = b.w_sum;
+      if (!(want_ew && zw == z)) sum = lane_exps(z, sv, E, lane_extreme<true>(z, E)), src = sv;
+      for (int64_t e = 0; e < E; ++e) sv[e] = src[e] / sum;
+    } else if (p.score == Score::Sigmoid) {
+      for (int64_t e = 0; e < E; ++e)
+        for (int l = 0; l < kLanes; ++l) sv[e][l] = sigmoid(z[e][l]);
+    } else if (p.score == Score::SqrtSoftplus) {
+      for (int64_t e = 0; e < E; ++e)
+        for (int l = 0; l < kLanes; ++l) {
+          const float x = z[e][l];
+          sv[e][l] = !rounds_scores(p) ? sqrt_softplus(x)
+                     : p.logit_type == LogitType::BF16
+                         ? round_bf16(std::sqrt(round_bf16(softplus_fast(x))))
+                         : round_fp16(std::sqrt(round_fp16(softplus_fast(x))));
+        }
+    } else {
+      for (int64_t e = 0; e < E; ++e) sv[e] = z[e];
+    }
+    if (rounds_scores(p) && p.score != Score::SqrtSoftplus)
+      for (int64_t e = 0; e < E; ++e)
+        for (int l = 0; l < kLanes; ++l) sv[e][l] = round_half(sv[e][l], p.logit_type);
+    v = sv;
+  }
+  if (p.selection_bias) {
+    const float* bias = prep.bias.data();
+    for (int64_t e = 0; e < E; ++e) b.v[e] = sanitize8(v[e] + bias[e]);
+    v = b.v;
+  }
+  if (prep.has_force) lane_select<true>(prep, v, E, k, b);
+  else lane_select<false>(prep, v, E, k, b);
+
+  if (max_from_pick) {
+    b.w_max = lane_gather(zw, E, b.ids[0]);
+    b.w_sum = lane_exps(zw, b.ew, E, b.w_max);
+  }
+  // Softmax weights ew[id] / sum in the lanes (weigh's first step); the rest per token.
+  const bool lane_weights = !p.select_on_logits && p.score == Score::Softmax;
+  if (lane_weights)
+    for (int64_t j = 0; j < k; ++j) b.w[j] = lane_gather(b.ew, E, b.ids[j]) / b.w_sum;
+
+  float ew_row[kLaneMaxE], zw_row[kLaneMaxE];
+  for (int l = 0; l < n; ++l) {
+    const int64_t t = t0 + l;
+    int32_t* ids = p.ids + t * k;
+    float* w = p.weights + t * k;
+    for (int64_t j = 0; j < k; ++j) ids[j] = b.ids[j][l];
+    if (lane_weights) {
+      for (int64_t j = 0; j < k; ++j) w[j] = b.w[j][l];
+      finish_weights(p, w);
+    } else {
+      weigh(p, ids, [&b, l](int32_t e) { return b.ew[e][l]; },
+            [zw, l](int32_t e) { return zw[e][l]; }, b.w_sum[l], w);
+    }
+    if (!stats) continue;
+    if (p.dense_stats())
+      for (int64_t e = 0; e < E; ++e) ew_row[e] = b.ew[e][l], zw_row[e] = zw[e][l];
+    token_stats(p, t, ids, w, ew_row, zw_row, b.w_max[l], b.w_sum[l], s, runs);
+  }
+}
+
 // One chunk of tokens [t0, t1). With statistics, they go into `runs` or, when it is null, straight
 // into the caller's buffers.
 MOE_ROUTE_INLINE void gate_tokens_body(const GateParams& p, const Prep& prep, int64_t t0,
                                        int64_t t1, Scratch& s, bool stats, Runs* runs) {
+  if (prep.lanes) {
+    LaneBlock b;
+    for (int64_t t = t0; t < t1; t += kLanes)
+      gate_lanes(p, prep, t, int(std::min<int64_t>(kLanes, t1 - t)), s, stats, runs, b);
+    if (stats) flush_run(p, s.run, runs);
+    return;
+  }
   const int64_t E = p.E, k = p.k;
-  const bool dense_is_softmax = p.score == Score::Softmax || p.score == Score::None;
-  const bool want_ew = (!p.select_on_logits && p.score == Score::Softmax) ||
-                       (p.dense_stats() && dense_is_softmax);
+  const bool want_ew = wants_exps(p);
 
   for (int64_t t = t0; t < t1; ++t) {
     float* z0 = s.z0.data();
@@ -741,84 +1129,9 @@ MOE_ROUTE_INLINE void gate_tokens_body(const GateParams& p, const Prep& prep, in
       w_sum = softmax_exps_from(zw, s.ew.data(), E, w_max);
     }
 
-    // Weights.
     float* w = p.weights + t * k;
-    if (!p.select_on_logits) {
-      if (p.score == Score::Softmax) {
-        for (int64_t j = 0; j < k; ++j) w[j] = ew[ids[j]];
-        divide_by(w, k, w_sum);
-      } else {
-        for (int64_t j = 0; j < k; ++j) w[j] = score_of(p.score, zw[ids[j]]);
-      }
-    } else if (p.score == Score::Softmax) {
-      // the sum of the k exps (each in (0, 1]) runs in double: a running fp32 sum's error grows
-      // with k
-      float m = -kFltMax;
-      double sum = 0.0;
-      for (int64_t j = 0; j < k; ++j) m = std::max(m, zw[ids[j]]);
-      for (int64_t j = 0; j < k; ++j) sum += (w[j] = exp_nonpos(zw[ids[j]] - m));
-      divide_by(w, k, static_cast<float>(sum));
-    } else {
-      for (int64_t j = 0; j < k; ++j) w[j] = score_of(p.score, zw[ids[j]]);
-    }
-    if (p.renormalize) {
-      // Scores (>= 0, at most sqrt(FLT_MAX)) add in double, whose error does not grow with k;
-      // logits (score "none") in order in fp32, so that a sum of huge ones overflows as the
-      // reference's does.
-      float sum = 0.f;
-      if (p.score == Score::None) {
-        for (int64_t j = 0; j < k; ++j) sum += w[j];
-      } else {
-        double exact = 0.0;
-        for (int64_t j = 0; j < k; ++j) exact += w[j];
-        sum = static_cast<float>(exact);
-      }
-      const float den = sum + p.renorm_eps;
-      if (den != 0.f) divide_by(w, k, den);
-    }
-    if (p.scale != 1.f)
-      for (int64_t j = 0; j < k; ++j) w[j] = w[j] * p.scale;
-
-    // Statistics.
-    if (!stats) continue;
-    int64_t g = 0;
-    if (p.groups)
-      g = p.groups_int64 ? static_cast<const int64_t*>(p.groups)[t]
-                         : static_cast<const int32_t*>(p.groups)[t];
-    if (g < 0) continue;
-    RunAcc& run = s.run;
-    if (g != run.group) {
-      flush_run(p, run, runs);
-      run.start(g, E);
-    }
-    run.tokens += 1;
-    for (int64_t j = 0; j < k; ++j) run.counts[ids[j]] += 1;
-    for (int64_t j = 0; j < k; ++j) run.weight[ids[j]] += w[j];
-    if (p.dense_stats()) {
-      if (dense_is_softmax) {
-        // One pass: prob += ew / S, and H = log S - sum_e q_e (z_e - max)
-        // = log S - (sum_e ew_e (z_e - max)) / S: one log and one division per token.
-        run.entropy += softmax_stats(ew, zw, w_max, w_sum, E, p.prob_sum ? run.prob.data() : nullptr);
-      } else {
-        float* q = s.dense.data();
-        if (p.score == Score::Sigmoid) {
-          for (int64_t e = 0; e < E; ++e) q[e] = sigmoid(zw[e]);
-        } else {
-          for (int64_t e = 0; e < E; ++e) q[e] = sqrt_softplus(zw[e]);
-        }
-        const float total = sum8(q, E);
-        const float inv = total > 0.f ? 1.f / total : 0.f, uniform = 1.f / float(E);
-        for (int64_t e = 0; e < E; ++e) q[e] = total > 0.f ? q[e] * inv : uniform;
-        for (int64_t e = 0; e < E; ++e) s.v[e] = q[e] > 0.f ? q[e] * log_fast(q[e]) : 0.f;
-        run.entropy += -sum8(s.v.data(), E);
-        for (int64_t e = 0; e < E; ++e) run.prob[e] += q[e];
-      }
-    }
-    if (p.coact) {
-      for (int64_t a = 0; a < k; ++a)
-        for (int64_t b = 0; b < k; ++b)
-          __atomic_fetch_add(p.coact + int64_t(ids[a]) * E + ids[b], 1, __ATOMIC_RELAXED);
-    }
+    weigh(p, ids, [ew](int32_t e) { return ew[e]; }, [zw](int32_t e) { return zw[e]; }, w_sum, w);
+    if (stats) token_stats(p, t, ids, w, ew, zw, w_max, w_sum, s, runs);
   }
   if (stats) flush_run(p, s.run, runs);
 }
@@ -963,6 +1276,8 @@ void run_gate_cpu(const GateParams& p) {
       }
     }
   }
+
+  prep.lanes = cpu_gate_lanes() && p.E <= kLaneMaxE && p.n_group == 1 && !p.replay;
 
   const int64_t chunk = chunk_size(p.T);
   const int64_t n_chunks = (p.T + chunk - 1) / chunk;

@@ -69,4 +69,12 @@ const char* cpu_isa_name(CpuIsa isa) { return kNames[int(isa)]; }
 
 const std::string& cpu_isa_env_error() { return state().env_error; }
 
+namespace {
+std::atomic<bool> gate_lanes{true};
+}  // namespace
+
+bool cpu_gate_lanes() { return gate_lanes.load(std::memory_order_relaxed); }
+
+void set_cpu_gate_lanes(bool on) { gate_lanes.store(on, std::memory_order_relaxed); }
+
 }  // namespace moe_route
