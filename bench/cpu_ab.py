@@ -13,8 +13,9 @@ slow phase of a shared machine then hits neither tree's figure. First both trees
 case once and their outputs (weights, ids, statistics) must be bit-identical, else the run stops:
 a speed-up that changes results is not an A/B of the same thing. A change meant to move the last
 bits (a more accurate sum) takes ``--rtol``: float outputs may then differ by that much. Cases:
-OLMoE/Qwen3 softmax top-k (E 64 and 256), Mixtral's renormalised one, GPT-OSS's top-k softmax
-and DeepSeek-V3's grouped sigmoid, at T 1 to 8192, plain, with statistics, replaying every row,
+OLMoE/Qwen3 softmax top-k (E 64 and 256, and 16 with k=2 as Jamba's), the renormalised one
+(E=64, k=8, and Mixtral's E=8, k=2), GPT-OSS's top-k softmax (E=32 and 64, k=4) and
+DeepSeek-V3's grouped sigmoid, at T 1 to 8192, plain, with statistics, replaying every row,
 and both; and steered (three constant biases, one std-scaled, one expert forced on and one
 forced off), with and without statistics.
 """
@@ -28,7 +29,8 @@ import sys
 import tempfile
 
 SEMANTICS = [("softmax_topk", 64, 8), ("softmax_topk", 256, 8), ("renorm", 64, 8),
-             ("topk_softmax", 64, 4), ("deepseek_v3", 256, 8)]
+             ("topk_softmax", 64, 4), ("deepseek_v3", 256, 8),
+             ("renorm", 8, 2), ("softmax_topk", 16, 2), ("topk_softmax", 32, 4)]
 TS = (1, 64, 1024, 8192)
 
 

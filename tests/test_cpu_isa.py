@@ -5,7 +5,7 @@ The rest of the suite runs the variant the CPU picks (the best it supports); her
 insertion limit, half-precision logits and scores rounded to them, NaN/inf) and unpermute run
 under each instruction-set variant the CPU supports, and their outputs and statistics must be
 bit-identical to the baseline's. So must the gate's two paths for few experts: eight tokens at
-a time (the default for E <= 16) and token by token.
+a time (the default for E <= 32) and token by token.
 """
 from __future__ import annotations
 
@@ -215,17 +215,19 @@ def restore_lanes():
     _loader.native.set_cpu_gate_lanes(before)
 
 
-# (name, E, k, gate kwargs) with E <= 16, the gates the eight-tokens-at-a-time path runs.
+# (name, E, k, gate kwargs) with E <= 32, the gates the eight-tokens-at-a-time path runs.
 FEW_EXPERTS = [
     ("softmax", 8, 2, {}),
     ("softmax_renorm", 12, 3, dict(renormalize=True)),
     ("topk_softmax", 16, 4, dict(select_on="logits")),
+    ("softmax_32", 32, 8, {}),
+    ("topk_softmax_20", 20, 4, dict(select_on="logits")),
     ("sigmoid", 9, 8, dict(score="sigmoid", renormalize=True, renorm_eps=1e-20, scale=2.5,
                            selection_bias=True)),
     ("sqrtsoftplus", 16, 6, dict(score="sqrtsoftplus", renormalize=True, selection_bias=True)),
     ("none", 12, 2, dict(score="none", renormalize=True)),
     ("biased_softmax", 8, 2, dict(selection_bias=True)),
-    ("rounded_sigmoid", 16, 6, dict(score="sigmoid", selection_bias=True, round_scores=True)),
+    ("rounded_sigmoid", 24, 6, dict(score="sigmoid", selection_bias=True, round_scores=True)),
     ("rounded_softmax", 13, 4, dict(round_scores=True)),
     ("all_chosen", 3, 3, {}),
     ("one_expert", 1, 1, {}),
@@ -262,7 +264,7 @@ def test_few_experts_eight_at_a_time_is_bit_identical(restore_lanes, gate, steer
                 steer_args = steer_table(steer, E) if steer != "none" else (None, False, False)
                 kw_tied = {n: v for n, v in kw.items() if n != "selection_bias"}
                 if kw.get("selection_bias"):
-                    kw_tied["selection_bias"] = torch.tensor([0.0, -0.0, 1.0] * 6)[:E]
+                    kw_tied["selection_bias"] = torch.tensor([0.0, -0.0, 1.0] * 11)[:E]
                 buffers = zero_stats(1, E)
                 w, ids = torch.ops.moe_route.topk_gate(
                     tied_logits(T, E, seed=E), k, steer=steer_args[0],

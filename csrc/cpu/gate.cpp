@@ -814,15 +814,16 @@ MOE_ROUTE_INLINE bool wants_exps(const GateParams& p) {
 
 // ---- Few experts: eight tokens at a time --------------------------------------------------------
 //
-// With E <= 16 a row fills at most two 8-lane vectors and the per-token pass above is mostly fixed
-// per-token work (about 100 ns a token at E=8, where PyTorch's softmax and topk take about 55;
-// bench/RESULTS.md). Here the lanes are tokens instead: a block holds the rows of 8 tokens
-// transposed, one vector per expert with token t0 + l in lane l, and each step of the pass runs on
-// all 8 at once. Every lane does the per-token pass's operations in its order (the same 8 partial
-// sums, the same pick among equal maxima, the same selection order), so the outputs and
-// statistics are bit-identical to it (tests/test_cpu_isa.py runs both). Groups and replay take
-// the per-token pass; statistics are added per token, as there.
-constexpr int64_t kLaneMaxE = 16;
+// With a few experts a row fills a few 8-lane vectors at most, and the per-token pass above is
+// mostly fixed per-token work: about 100 ns a token at E=8, where PyTorch's softmax and topk take
+// about 55 (bench/RESULTS.md). Here the lanes are tokens instead: a block holds the rows of 8
+// tokens transposed, one vector per expert with token t0 + l in lane l, and each step of the pass
+// runs on all 8 at once. Every lane does the per-token pass's operations in its order (the same 8
+// partial sums, the same pick among equal maxima, the same selection order), so the outputs and
+// statistics are bit-identical to it (tests/test_cpu_isa.py runs both). Up to E = 32 this is the
+// faster of the two on every shape measured; groups and replay take the per-token pass, and
+// statistics are added per token, as there.
+constexpr int64_t kLaneMaxE = 32;
 constexpr int kLanes = 8;
 
 MOE_ROUTE_INLINE i32x8 splat8i(int32_t x) { return i32x8{x, x, x, x, x, x, x, x}; }
