@@ -71,9 +71,10 @@ def gate_call(case):
         kw["replay"] = torch.rand(T, E, generator=g).argsort(1)[:, :k].int()
     if steer:
         table = torch.zeros(4, E)
-        table[0, [1, 5, 9]] = 0.5
-        table[1, 3] = 0.5
-        table[3, 11], table[3, 12] = 1.0, -1.0
+        a, b, c, d, on, off = (1, 5, 9, 3, 11, 12) if E > 12 else (1, 5, 6, 3, 7, 2)
+        table[0, [a, b, c]] = 0.5
+        table[1, d] = 0.5
+        table[3, on], table[3, off] = 1.0, -1.0
         kw["steer"] = moe_route.SteerSpec(*table)
     return (lambda: moe_route.topk_gate(x, k, spec, **kw)), kw.get("stats")
 

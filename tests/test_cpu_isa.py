@@ -250,10 +250,12 @@ def tied_logits(T, E, seed):
 @pytest.mark.parametrize("gate", FEW_EXPERTS, ids=[g[0] for g in FEW_EXPERTS])
 def test_few_experts_eight_at_a_time_is_bit_identical(restore_lanes, gate, steer):
     """T=300 runs in chunks of 38 tokens (blocks of 8 and a partial one), T=5 in one partial
-    block; fp16 and bf16 logits, statistics with skipped tokens, and tied logits included."""
+    block, T=27 in chunks of 16 and 11 (whose last 3 tokens go one by one); fp16 and bf16
+    logits, statistics with skipped tokens, and tied logits included."""
     _, E, k, kw = gate
     for T, stats, dtype in [(300, True, torch.float32), (5, False, torch.bfloat16),
-                            (300, False, torch.float16), (64, True, torch.bfloat16)]:
+                            (300, False, torch.float16), (64, True, torch.bfloat16),
+                            (27, True, torch.float32)]:
         results = {}
         for on in (False, True):
             _loader.native.set_cpu_gate_lanes(on)

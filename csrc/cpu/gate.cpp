@@ -821,10 +821,11 @@ MOE_ROUTE_INLINE bool wants_exps(const GateParams& p) {
 // runs on all 8 at once. Every lane does the per-token pass's operations in its order (the same 8
 // partial sums, the same pick among equal maxima, the same selection order), so the outputs and
 // statistics are bit-identical to it (tests/test_cpu_isa.py runs both). Up to E = 32 this is the
-// faster of the two on every shape measured; groups and replay take the per-token pass, and
-// statistics are added per token, as there.
+// faster of the two from 4 tokens on; groups, replay and the last tokens of a chunk when fewer
+// than 4 take the per-token pass, and statistics are added per token, as there.
 constexpr int64_t kLaneMaxE = 32;
 constexpr int kLanes = 8;
+constexpr int kMinLaneTokens = 4;  // at E=32, 1 or 2 tokens take 5-10% longer in lanes
 
 MOE_ROUTE_INLINE i32x8 splat8i(int32_t x) { return i32x8{x, x, x, x, x, x, x, x}; }
 
@@ -1088,17 +1089,17 @@ MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t 
 // into the caller's buffers.
 MOE_ROUTE_INLINE void gate_tokens_body(const GateParams& p, const Prep& prep, int64_t t0,
                                        int64_t t1, Scratch& s, bool stats, Runs* runs) {
+  int64_t t = t0;
   if (prep.lanes) {
+    // Fewer than kMinLaneTokens tokens cost less one by one than in a block of 8 lanes.
     LaneBlock b;
-    for (int64_t t = t0; t < t1; t += kLanes)
-      gate_lanes(p, prep, t, int(std::min<int64_t>(kLanes, t1 - t)), s, stats, runs, b);
-    if (stats) flush_run(p, s.run, runs);
-    return;
+    for (int n; (n = int(std::min<int64_t>(kLanes, t1 - t))) >= kMinLaneTokens; t += n)
+      gate_lanes(p, prep, t, n, s, stats, runs, b);
   }
   const int64_t E = p.E, k = p.k;
   const bool want_ew = wants_exps(p);
 
-  for (int64_t t = t0; t < t1; ++t) {
+  for (; t < t1; ++t) {
     float* z0 = s.z0.data();
     load_row(p, t, z0);
     const float* z = z0;
