@@ -251,7 +251,7 @@ def tied_logits(T, E, seed):
 def test_few_experts_eight_at_a_time_is_bit_identical(restore_lanes, gate, steer):
     """T=300 runs in chunks of 38 tokens (blocks of 8 and a partial one), T=5 in one partial
     block, T=27 in chunks of 16 and 11 (whose last 3 tokens go one by one); fp16 and bf16
-    logits, statistics with skipped tokens, and tied logits included."""
+    logits, statistics with every token in another group or groups in runs, and tied logits."""
     _, E, k, kw = gate
     for T, stats, dtype in [(300, True, torch.float32), (5, False, torch.bfloat16),
                             (300, False, torch.float16), (64, True, torch.bfloat16),
@@ -262,18 +262,23 @@ def test_few_experts_eight_at_a_time_is_bit_identical(restore_lanes, gate, steer
             assert _loader.native.cpu_gate_lanes() == on
             results[on] = gate_call(E, k, kw, steer=steer, stats=stats, replay=False, dtype=dtype,
                                     T=T)
-            if dtype == torch.float32:  # the same call on tied logits
-                steer_args = steer_table(steer, E) if steer != "none" else (None, False, False)
-                kw_tied = {n: v for n, v in kw.items() if n != "selection_bias"}
-                if kw.get("selection_bias"):
-                    kw_tied["selection_bias"] = torch.tensor([0.0, -0.0, 1.0] * 11)[:E]
-                buffers = zero_stats(1, E)
+            if dtype != torch.float32:
+                continue
+            # groups in runs of 13 tokens (-1: skipped): blocks of one group, of several and of
+            # skipped tokens; T=5 has no groups (all in group 0). On tied logits too.
+            steer_args = steer_table(steer, E) if steer != "none" else (None, False, False)
+            kw_runs = {n: v for n, v in kw.items() if n != "selection_bias"}
+            if kw.get("selection_bias"):
+                kw_runs["selection_bias"] = torch.tensor([0.0, -0.0, 1.0] * 11)[:E]
+            groups = (torch.arange(T) // 13 % 4 - 1).int() if T > 5 else None
+            for name, x in [("runs", logits_with_specials(T, E, dtype, seed=7)),
+                            ("tied", tied_logits(T, E, seed=E))]:
+                buffers = zero_stats(3, E)
                 w, ids = torch.ops.moe_route.topk_gate(
-                    tied_logits(T, E, seed=E), k, steer=steer_args[0],
-                    steer_select_only=steer_args[1], std_unbiased=steer_args[2], **kw_tied,
-                    **buffers)
-                results[on].update({f"tied_{n}": b for n, b in buffers.items()},
-                                   tied_weights=w, tied_ids=ids)
+                    x, k, steer=steer_args[0], steer_select_only=steer_args[1],
+                    std_unbiased=steer_args[2], groups=groups, **kw_runs, **buffers)
+                results[on].update({f"{name}_{n}": b for n, b in buffers.items()},
+                                   **{f"{name}_weights": w, f"{name}_ids": ids})
         for key, ref in results[False].items():
             got = results[True][key]
             assert torch.equal(bits(got), bits(ref)), (

@@ -998,6 +998,73 @@ MOE_ROUTE_INLINE void lane_load(const GateParams& p, int64_t t0, int n, Scratch&
   }
 }
 
+constexpr int64_t kMixedGroups = -2;
+
+// The statistics group that tokens [t0, t0 + n) all belong to (-1: all skipped), or
+// kMixedGroups.
+MOE_ROUTE_INLINE int64_t block_group(const GateParams& p, int64_t t0, int n) {
+  if (!p.groups) return 0;
+  auto group = [&p](int64_t t) {
+    return p.groups_int64 ? static_cast<const int64_t*>(p.groups)[t]
+                          : int64_t(static_cast<const int32_t*>(p.groups)[t]);
+  };
+  const int64_t g = std::max<int64_t>(group(t0), -1);
+  for (int l = 1; l < n; ++l)
+    if (std::max<int64_t>(group(t0 + l), -1) != g) return kMixedGroups;
+  return g;
+}
+
+// token_stats for tokens [t0, t0 + n) of one group g >= 0, whose ids and weights are written:
+// the same additions in the same order, the dense ones (softmax or plain-logit scores) computed
+// in the lanes. Uses b.work.
+MOE_ROUTE_INLINE void lane_stats(const GateParams& p, int64_t t0, int n, int64_t g,
+                                 const f32x8* zw, LaneBlock& b, Scratch& s, Runs* runs) {
+  const int64_t E = p.E, k = p.k;
+  RunAcc& run = s.run;
+  if (g != run.group) {
+    flush_run(p, run, runs);
+    run.start(g, E);
+  }
+  run.tokens += n;
+  const int32_t* ids = p.ids + t0 * k;
+  const float* w = p.weights + t0 * k;
+  if (p.counts)
+    for (int64_t i = 0; i < n * k; ++i) run.counts[ids[i]] += 1;
+  if (p.weight_sum)
+    for (int64_t i = 0; i < n * k; ++i) run.weight[ids[i]] += w[i];
+  if (p.coact)
+    for (int64_t l = 0; l < n; ++l)
+      for (int64_t a = 0; a < k; ++a)
+        for (int64_t c = 0; c < k; ++c)
+          __atomic_fetch_add(p.coact + int64_t(ids[l * k + a]) * E + ids[l * k + c], 1,
+                             __ATOMIC_RELAXED);
+  if (!p.dense_stats()) return;
+  // softmax_stats per lane: H = log S - (sum_e ew_e (z_e - max)) / S, and prob += ew / S.
+  const f32x8 zero = splat8(0.f);
+  for (int64_t e = 0; e < E; ++e)
+    b.work[e] = b.ew[e] > zero ? b.ew[e] * (zw[e] - b.w_max) : zero;
+  const f32x8 dot = lane_sum(b.work, E);
+  for (int l = 0; l < n; ++l) run.entropy += std::log(b.w_sum[l]) - dot[l] / b.w_sum[l];
+  if (!p.prob_sum) return;
+  const f32x8 inv = splat8(1.f) / b.w_sum;
+  float* prob = run.prob.data();
+  if (E % 8 == 0) {  // back to rows: token l's probabilities are q[e0 + 0..8)[l]
+    for (int64_t e0 = 0; e0 < E; e0 += 8) {
+      f32x8 q[8];
+      for (int j = 0; j < 8; ++j) q[j] = b.ew[e0 + j] * inv;
+      transpose8(q);
+      f32x8 acc = load8(prob + e0);
+      for (int l = 0; l < n; ++l) acc += q[l];
+      std::memcpy(prob + e0, &acc, sizeof acc);
+    }
+  } else {
+    for (int64_t e = 0; e < E; ++e) {
+      const f32x8 q = b.ew[e] * inv;
+      for (int l = 0; l < n; ++l) prob[e] += q[l];
+    }
+  }
+}
+
 // Tokens [t0, t0 + n), n <= 8, through the pass of gate_tokens_body, a step for all at once.
 // Lanes past n compute on zero logits and are not written.
 MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t t0, int n,
@@ -1065,11 +1132,9 @@ MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t 
   if (lane_weights)
     for (int64_t j = 0; j < k; ++j) b.w[j] = lane_gather(b.ew, E, b.ids[j]) / b.w_sum;
 
-  float ew_row[kLaneMaxE], zw_row[kLaneMaxE];
   for (int l = 0; l < n; ++l) {
-    const int64_t t = t0 + l;
-    int32_t* ids = p.ids + t * k;
-    float* w = p.weights + t * k;
+    int32_t* ids = p.ids + (t0 + l) * k;
+    float* w = p.weights + (t0 + l) * k;
     for (int64_t j = 0; j < k; ++j) ids[j] = b.ids[j][l];
     if (lane_weights) {
       for (int64_t j = 0; j < k; ++j) w[j] = b.w[j][l];
@@ -1078,10 +1143,21 @@ MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t 
       weigh(p, ids, [&b, l](int32_t e) { return b.ew[e][l]; },
             [zw, l](int32_t e) { return zw[e][l]; }, b.w_sum[l], w);
     }
-    if (!stats) continue;
+  }
+  if (!stats) return;
+  const int64_t g = block_group(p, t0, n);
+  if (g != kMixedGroups &&
+      (!p.dense_stats() || p.score == Score::Softmax || p.score == Score::None)) {
+    if (g >= 0) lane_stats(p, t0, n, g, zw, b, s, runs);
+    return;
+  }
+  float ew_row[kLaneMaxE], zw_row[kLaneMaxE];
+  for (int l = 0; l < n; ++l) {
+    const int64_t t = t0 + l;
     if (p.dense_stats())
       for (int64_t e = 0; e < E; ++e) ew_row[e] = b.ew[e][l], zw_row[e] = zw[e][l];
-    token_stats(p, t, ids, w, ew_row, zw_row, b.w_max[l], b.w_sum[l], s, runs);
+    token_stats(p, t, p.ids + t * k, p.weights + t * k, ew_row, zw_row, b.w_max[l], b.w_sum[l],
+                s, runs);
   }
 }
 
