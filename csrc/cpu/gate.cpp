@@ -821,8 +821,9 @@ MOE_ROUTE_INLINE bool wants_exps(const GateParams& p) {
 // runs on all 8 at once. Every lane does the per-token pass's operations in its order (the same 8
 // partial sums, the same pick among equal maxima, the same selection order), so the outputs and
 // statistics are bit-identical to it (tests/test_cpu_isa.py runs both). Up to E = 32 this is the
-// faster of the two from 4 tokens on; groups, replay and the last tokens of a chunk when fewer
-// than 4 take the per-token pass, and statistics are added per token, as there.
+// faster of the two from 4 tokens on. Group limits, replay and the last tokens of a chunk when
+// fewer than 4 take the per-token pass. Statistics are added in its order: in the lanes for a
+// block of one group (lane_stats), token by token for a block spanning groups.
 constexpr int64_t kLaneMaxE = 32;
 constexpr int kLanes = 8;
 constexpr int kMinLaneTokens = 4;  // at E=32, 1 or 2 tokens take 5-10% longer in lanes
