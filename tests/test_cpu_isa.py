@@ -251,17 +251,20 @@ def tied_logits(T, E, seed):
 def test_few_experts_eight_at_a_time_is_bit_identical(restore_lanes, gate, steer):
     """T=300 runs in chunks of 38 tokens (blocks of 8 and a partial one), T=5 in one partial
     block, T=27 in chunks of 16 and 11 (whose last 3 tokens go one by one); fp16 and bf16
-    logits, statistics with every token in another group or groups in runs, and tied logits."""
+    logits, statistics with every token in another group or groups in runs, replay of two rows
+    in three and of every row, and tied logits."""
     _, E, k, kw = gate
-    for T, stats, dtype in [(300, True, torch.float32), (5, False, torch.bfloat16),
-                            (300, False, torch.float16), (64, True, torch.bfloat16),
-                            (27, True, torch.float32)]:
+    for T, stats, replay, dtype in [(300, True, False, torch.float32),
+                                    (5, False, False, torch.bfloat16),
+                                    (300, False, True, torch.float16),
+                                    (64, True, True, torch.bfloat16),
+                                    (27, True, False, torch.float32)]:
         results = {}
         for on in (False, True):
             _loader.native.set_cpu_gate_lanes(on)
             assert _loader.native.cpu_gate_lanes() == on
-            results[on] = gate_call(E, k, kw, steer=steer, stats=stats, replay=False, dtype=dtype,
-                                    T=T)
+            results[on] = gate_call(E, k, kw, steer=steer, stats=stats, replay=replay,
+                                    dtype=dtype, T=T)
             if dtype != torch.float32:
                 continue
             # groups in runs of 13 tokens (-1: skipped): blocks of one group, of several and of
@@ -271,12 +274,17 @@ def test_few_experts_eight_at_a_time_is_bit_identical(restore_lanes, gate, steer
             if kw.get("selection_bias"):
                 kw_runs["selection_bias"] = torch.tensor([0.0, -0.0, 1.0] * 11)[:E]
             groups = (torch.arange(T) // 13 % 4 - 1).int() if T > 5 else None
-            for name, x in [("runs", logits_with_specials(T, E, dtype, seed=7)),
-                            ("tied", tied_logits(T, E, seed=E))]:
+            every_row = torch.rand(T, E, generator=torch.Generator().manual_seed(9))
+            for name, x, replayed in [
+                    ("runs", logits_with_specials(T, E, dtype, seed=7), None),
+                    ("tied", tied_logits(T, E, seed=E), None),
+                    ("all_replayed", logits_with_specials(T, E, dtype, seed=8),
+                     every_row.argsort(1)[:, :k].int())]:
                 buffers = zero_stats(3, E)
                 w, ids = torch.ops.moe_route.topk_gate(
                     x, k, steer=steer_args[0], steer_select_only=steer_args[1],
-                    std_unbiased=steer_args[2], groups=groups, **kw_runs, **buffers)
+                    std_unbiased=steer_args[2], groups=groups, replay=replayed, **kw_runs,
+                    **buffers)
                 results[on].update({f"{name}_{n}": b for n, b in buffers.items()},
                                    **{f"{name}_weights": w, f"{name}_ids": ids})
         for key, ref in results[False].items():

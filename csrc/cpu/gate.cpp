@@ -821,8 +821,8 @@ MOE_ROUTE_INLINE bool wants_exps(const GateParams& p) {
 // runs on all 8 at once. Every lane does the per-token pass's operations in its order (the same 8
 // partial sums, the same pick among equal maxima, the same selection order), so the outputs and
 // statistics are bit-identical to it (tests/test_cpu_isa.py runs both). Up to E = 32 this is the
-// faster of the two from 4 tokens on. Group limits, replay and the last tokens of a chunk when
-// fewer than 4 take the per-token pass. Statistics are added in its order: in the lanes for a
+// faster of the two from 4 tokens on. Group limits and the last tokens of a chunk when fewer
+// than 4 take the per-token pass. Statistics are added in its order: in the lanes for a
 // block of one group (lane_stats), token by token for a block spanning groups.
 constexpr int64_t kLaneMaxE = 32;
 constexpr int kLanes = 8;
@@ -1066,35 +1066,19 @@ MOE_ROUTE_INLINE void lane_stats(const GateParams& p, int64_t t0, int n, int64_t
   }
 }
 
-// Tokens [t0, t0 + n), n <= 8, through the pass of gate_tokens_body, a step for all at once.
-// Lanes past n compute on zero logits and are not written.
-MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t t0, int n,
-                                 Scratch& s, bool stats, Runs* runs, LaneBlock& b) {
+// select_row for the block's tokens: selection values of the steered logits z, then each lane's
+// k ids into b.ids. b.ew and b.w_sum hold the softmax numerators of z and their sums when
+// `have_ew`.
+MOE_ROUTE_INLINE void lane_select_row(const GateParams& p, const Prep& prep, const f32x8* z,
+                                      bool have_ew, LaneBlock& b) {
   const int64_t E = p.E, k = p.k;
-  lane_load(p, t0, n, s, b);
-  f32x8* z = b.z0;
-  if (p.steer) {
-    lane_steer(p, prep, b);
-    z = b.z;
-  }
-  const f32x8* zw = p.steer_select_only ? b.z0 : z;
-  const bool want_ew = wants_exps(p);
-  const bool max_from_pick = want_ew && zw == z && selects_on_logits(p) && !p.selection_bias &&
-                             !prep.has_force;
-  b.w_max = splat8(0.f), b.w_sum = splat8(1.f);
-  if (want_ew && !max_from_pick) {
-    b.w_max = lane_extreme<true>(zw, E);
-    b.w_sum = lane_exps(zw, b.ew, E, b.w_max);
-  }
-
-  // Selection values (select_row).
   const f32x8* v = z;
   if (!selects_on_logits(p)) {
     f32x8* sv = b.v;
     if (p.score == Score::Softmax) {
       const f32x8* src = b.ew;
       f32x8 sum = b.w_sum;
-      if (!(want_ew && zw == z)) sum = lane_exps(z, sv, E, lane_extreme<true>(z, E)), src = sv;
+      if (!have_ew) sum = lane_exps(z, sv, E, lane_extreme<true>(z, E)), src = sv;
       for (int64_t e = 0; e < E; ++e) sv[e] = src[e] / sum;
     } else if (p.score == Score::Sigmoid) {
       for (int64_t e = 0; e < E; ++e)
@@ -1123,6 +1107,42 @@ MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t 
   }
   if (prep.has_force) lane_select<true>(prep, v, E, k, b);
   else lane_select<false>(prep, v, E, k, b);
+}
+
+// Tokens [t0, t0 + n), n <= 8, through the pass of gate_tokens_body, a step for all at once.
+// Lanes past n compute on zero logits and are not written.
+MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t t0, int n,
+                                 Scratch& s, bool stats, Runs* runs, LaneBlock& b) {
+  const int64_t E = p.E, k = p.k;
+  lane_load(p, t0, n, s, b);
+  f32x8* z = b.z0;
+  if (p.steer) {
+    lane_steer(p, prep, b);
+    z = b.z;
+  }
+  const f32x8* zw = p.steer_select_only ? b.z0 : z;
+  // Replayed rows (check_replay: each is all -1 or a selection) take their ids from the table;
+  // a block of replayed rows selects nothing.
+  bool any_replayed = false, all_replayed = true;
+  for (int l = 0; l < n && p.replay; ++l) {
+    const bool r = p.replay_id(t0 + l, 0) >= 0;
+    any_replayed |= r, all_replayed &= r;
+  }
+  all_replayed &= any_replayed;
+  const bool want_ew = wants_exps(p);
+  const bool max_from_pick = want_ew && zw == z && selects_on_logits(p) && !p.selection_bias &&
+                             !prep.has_force && !any_replayed;
+  b.w_max = splat8(0.f), b.w_sum = splat8(1.f);
+  if (want_ew && !max_from_pick) {
+    b.w_max = lane_extreme<true>(zw, E);
+    b.w_sum = lane_exps(zw, b.ew, E, b.w_max);
+  }
+
+  if (!all_replayed) lane_select_row(p, prep, z, want_ew && zw == z, b);
+  if (any_replayed)
+    for (int l = 0; l < n; ++l)
+      if (p.replay_id(t0 + l, 0) >= 0)
+        for (int64_t j = 0; j < k; ++j) b.ids[j][l] = int32_t(p.replay_id(t0 + l, j));
 
   if (max_from_pick) {
     b.w_max = lane_gather(zw, E, b.ids[0]);
@@ -1356,7 +1376,7 @@ void run_gate_cpu(const GateParams& p) {
     }
   }
 
-  prep.lanes = cpu_gate_lanes() && p.E <= kLaneMaxE && p.n_group == 1 && !p.replay;
+  prep.lanes = cpu_gate_lanes() && p.E <= kLaneMaxE && p.n_group == 1;
 
   const int64_t chunk = chunk_size(p.T);
   const int64_t n_chunks = (p.T + chunk - 1) / chunk;
