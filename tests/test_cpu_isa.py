@@ -248,8 +248,9 @@ def tied_logits(T, E, seed):
 
 @pytest.mark.parametrize("steer", STEERS)
 @pytest.mark.parametrize("gate", FEW_EXPERTS, ids=[g[0] for g in FEW_EXPERTS])
-def test_few_experts_eight_at_a_time_is_bit_identical(restore_lanes, gate, steer):
-    """T=300 runs in chunks of 38 tokens (blocks of 8 and a partial one), T=5 in one partial
+def test_few_experts_eight_at_a_time_is_bit_identical(restore_lanes, restore_isa, gate, steer):
+    """Eight at a time under each instruction-set variant against token by token under the
+    widest. T=300 runs in chunks of 38 tokens (blocks of 8 and a partial one), T=5 in one partial
     block, T=27 in chunks of 16 and 11 (whose last 3 tokens go one by one); fp16 and bf16
     logits, statistics with every token in another group or groups in runs, replay of two rows
     in three and of every row, and tied logits."""
@@ -260,10 +261,11 @@ def test_few_experts_eight_at_a_time_is_bit_identical(restore_lanes, gate, steer
                                     (64, True, True, torch.bfloat16),
                                     (27, True, False, torch.float32)]:
         results = {}
-        for on in (False, True):
+        for on, isa in [(False, ISAS[-1])] + [(True, isa) for isa in ISAS]:
             _loader.native.set_cpu_gate_lanes(on)
+            _loader.native.set_cpu_isa(isa)
             assert _loader.native.cpu_gate_lanes() == on
-            results[on] = gate_call(E, k, kw, steer=steer, stats=stats, replay=replay,
+            results[on, isa] = gate_call(E, k, kw, steer=steer, stats=stats, replay=replay,
                                     dtype=dtype, T=T)
             if dtype != torch.float32:
                 continue
@@ -285,10 +287,11 @@ def test_few_experts_eight_at_a_time_is_bit_identical(restore_lanes, gate, steer
                     x, k, steer=steer_args[0], steer_select_only=steer_args[1],
                     std_unbiased=steer_args[2], groups=groups, replay=replayed, **kw_runs,
                     **buffers)
-                results[on].update({f"{name}_{n}": b for n, b in buffers.items()},
-                                   **{f"{name}_weights": w, f"{name}_ids": ids})
-        for key, ref in results[False].items():
-            got = results[True][key]
-            assert torch.equal(bits(got), bits(ref)), (
-                f"eight at a time differs from token by token in {key} (T={T}, {dtype}): "
-                f"{(bits(got) != bits(ref)).nonzero()[:5].tolist()}")
+                results[on, isa].update({f"{name}_{n}": b for n, b in buffers.items()},
+                                        **{f"{name}_weights": w, f"{name}_ids": ids})
+        for isa in ISAS:
+            for key, ref in results[False, ISAS[-1]].items():
+                got = results[True, isa][key]
+                assert torch.equal(bits(got), bits(ref)), (
+                    f"eight at a time ({isa}) differs from token by token in {key} (T={T}, "
+                    f"{dtype}): {(bits(got) != bits(ref)).nonzero()[:5].tolist()}")
