@@ -759,22 +759,38 @@ MOE_ROUTE_INLINE void weigh(const GateParams& p, const int32_t* ids, EwAt ew, Zw
   finish_weights(p, w);
 }
 
+// The statistics group of token t (0 without groups; -1 skips the token).
+MOE_ROUTE_INLINE int64_t group_of(const GateParams& p, int64_t t) {
+  if (!p.groups) return 0;
+  return p.groups_int64 ? static_cast<const int64_t*>(p.groups)[t]
+                        : int64_t(static_cast<const int32_t*>(p.groups)[t]);
+}
+
+// The run that tokens of group g >= 0 add to: the current one, or a new one once that is flushed.
+MOE_ROUTE_INLINE RunAcc& run_for(const GateParams& p, int64_t g, Scratch& s, Runs* runs) {
+  if (g != s.run.group) {
+    flush_run(p, s.run, runs);
+    s.run.start(g, p.E);
+  }
+  return s.run;
+}
+
+// Counts every ordered pair of one token's k ids (itself included) in coact.
+MOE_ROUTE_INLINE void add_coact(const GateParams& p, const int32_t* ids) {
+  for (int64_t a = 0; a < p.k; ++a)
+    for (int64_t b = 0; b < p.k; ++b)
+      __atomic_fetch_add(p.coact + int64_t(ids[a]) * p.E + ids[b], 1, __ATOMIC_RELAXED);
+}
+
 // Adds token t's statistics (ids, weights w; softmax numerators ew of the weight-side logits zw,
 // their max and sum) to the current run, starting a new run when the token's group changes.
 MOE_ROUTE_INLINE void token_stats(const GateParams& p, int64_t t, const int32_t* ids,
                                   const float* w, const float* ew, const float* zw, float w_max,
                                   float w_sum, Scratch& s, Runs* runs) {
   const int64_t E = p.E, k = p.k;
-  int64_t g = 0;
-  if (p.groups)
-    g = p.groups_int64 ? static_cast<const int64_t*>(p.groups)[t]
-                       : static_cast<const int32_t*>(p.groups)[t];
+  const int64_t g = group_of(p, t);
   if (g < 0) return;
-  RunAcc& run = s.run;
-  if (g != run.group) {
-    flush_run(p, run, runs);
-    run.start(g, E);
-  }
+  RunAcc& run = run_for(p, g, s, runs);
   run.tokens += 1;
   for (int64_t j = 0; j < k; ++j) run.counts[ids[j]] += 1;
   for (int64_t j = 0; j < k; ++j) run.weight[ids[j]] += w[j];
@@ -798,11 +814,7 @@ MOE_ROUTE_INLINE void token_stats(const GateParams& p, int64_t t, const int32_t*
       for (int64_t e = 0; e < E; ++e) run.prob[e] += q[e];
     }
   }
-  if (p.coact) {
-    for (int64_t a = 0; a < k; ++a)
-      for (int64_t b = 0; b < k; ++b)
-        __atomic_fetch_add(p.coact + int64_t(ids[a]) * E + ids[b], 1, __ATOMIC_RELAXED);
-  }
+  if (p.coact) add_coact(p, ids);
 }
 
 // Whether the gate needs the softmax numerators of the weight-side logits: for softmax weights,
@@ -1004,14 +1016,9 @@ constexpr int64_t kMixedGroups = -2;
 // The statistics group that tokens [t0, t0 + n) all belong to (-1: all skipped), or
 // kMixedGroups.
 MOE_ROUTE_INLINE int64_t block_group(const GateParams& p, int64_t t0, int n) {
-  if (!p.groups) return 0;
-  auto group = [&p](int64_t t) {
-    return p.groups_int64 ? static_cast<const int64_t*>(p.groups)[t]
-                          : int64_t(static_cast<const int32_t*>(p.groups)[t]);
-  };
-  const int64_t g = std::max<int64_t>(group(t0), -1);
+  const int64_t g = std::max<int64_t>(group_of(p, t0), -1);
   for (int l = 1; l < n; ++l)
-    if (std::max<int64_t>(group(t0 + l), -1) != g) return kMixedGroups;
+    if (std::max<int64_t>(group_of(p, t0 + l), -1) != g) return kMixedGroups;
   return g;
 }
 
@@ -1021,11 +1028,7 @@ MOE_ROUTE_INLINE int64_t block_group(const GateParams& p, int64_t t0, int n) {
 MOE_ROUTE_INLINE void lane_stats(const GateParams& p, int64_t t0, int n, int64_t g,
                                  const f32x8* zw, LaneBlock& b, Scratch& s, Runs* runs) {
   const int64_t E = p.E, k = p.k;
-  RunAcc& run = s.run;
-  if (g != run.group) {
-    flush_run(p, run, runs);
-    run.start(g, E);
-  }
+  RunAcc& run = run_for(p, g, s, runs);
   run.tokens += n;
   const int32_t* ids = p.ids + t0 * k;
   const float* w = p.weights + t0 * k;
@@ -1034,11 +1037,7 @@ MOE_ROUTE_INLINE void lane_stats(const GateParams& p, int64_t t0, int n, int64_t
   if (p.weight_sum)
     for (int64_t i = 0; i < n * k; ++i) run.weight[ids[i]] += w[i];
   if (p.coact)
-    for (int64_t l = 0; l < n; ++l)
-      for (int64_t a = 0; a < k; ++a)
-        for (int64_t c = 0; c < k; ++c)
-          __atomic_fetch_add(p.coact + int64_t(ids[l * k + a]) * E + ids[l * k + c], 1,
-                             __ATOMIC_RELAXED);
+    for (int64_t l = 0; l < n; ++l) add_coact(p, ids + l * k);
   if (!p.dense_stats()) return;
   // softmax_stats per lane: H = log S - (sum_e ew_e (z_e - max)) / S, and prob += ew / S.
   const f32x8 zero = splat8(0.f);
@@ -1087,10 +1086,9 @@ MOE_ROUTE_INLINE void lane_select_row(const GateParams& p, const Prep& prep, con
       for (int64_t e = 0; e < E; ++e)
         for (int l = 0; l < kLanes; ++l) {
           const float x = z[e][l];
-          sv[e][l] = !rounds_scores(p) ? sqrt_softplus(x)
-                     : p.logit_type == LogitType::BF16
-                         ? round_bf16(std::sqrt(round_bf16(softplus_fast(x))))
-                         : round_fp16(std::sqrt(round_fp16(softplus_fast(x))));
+          const LogitType t = p.logit_type;
+          sv[e][l] = rounds_scores(p) ? round_half(std::sqrt(round_half(softplus_fast(x), t)), t)
+                                      : sqrt_softplus(x);
         }
     } else {
       for (int64_t e = 0; e < E; ++e) sv[e] = z[e];
@@ -1123,12 +1121,9 @@ MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t 
   const f32x8* zw = p.steer_select_only ? b.z0 : z;
   // Replayed rows (check_replay: each is all -1 or a selection) take their ids from the table;
   // a block of replayed rows selects nothing.
-  bool any_replayed = false, all_replayed = true;
-  for (int l = 0; l < n && p.replay; ++l) {
-    const bool r = p.replay_id(t0 + l, 0) >= 0;
-    any_replayed |= r, all_replayed &= r;
-  }
-  all_replayed &= any_replayed;
+  int replayed = 0;
+  for (int l = 0; l < n && p.replay; ++l) replayed += p.replay_id(t0 + l, 0) >= 0;
+  const bool any_replayed = replayed > 0, all_replayed = replayed == n;
   const bool want_ew = wants_exps(p);
   const bool max_from_pick = want_ew && zw == z && selects_on_logits(p) && !p.selection_bias &&
                              !prep.has_force && !any_replayed;
@@ -1262,8 +1257,7 @@ void check_groups(const GateParams& p) {
   if (!p.groups || p.T == 0 || !p.per_group_stats()) return;
   int64_t lo = INT64_MAX, hi = INT64_MIN;
   for (int64_t t = 0; t < p.T; ++t) {
-    const int64_t g = p.groups_int64 ? static_cast<const int64_t*>(p.groups)[t]
-                                     : static_cast<const int32_t*>(p.groups)[t];
+    const int64_t g = group_of(p, t);
     lo = std::min(lo, g), hi = std::max(hi, g);
   }
   TORCH_CHECK_VALUE(lo >= -1 && hi < p.G, "topk_gate: groups must be in [-1, ", p.G,
