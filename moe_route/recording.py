@@ -46,6 +46,12 @@ forward routes them (pre-loop layers, the loop layers' pass 0, pass 1, ..., post
 Analyses key such statistics by name (``analysis.layer_keys``), and ``steer``/``replay`` take
 the same names.
 
+Each group gets its statistics row when it becomes current (``group()`` entered or left,
+``set_groups``), between model calls, and a call's hook reads the rows as tensors: a model
+under ``torch.compile`` records group after group, batch after batch of per-sequence groups,
+in the graphs of its first calls, without recompiling for a new group name. The statistics list
+the groups in the order they became current, and leave out a group that no model call ran in.
+
 The device buffers hold up to ``max_groups`` rows: 256 at first (or ``max_groups`` if fewer),
 grown as more groups arrive, so a large ``max_groups`` costs memory only for the groups a run
 uses. When a batch needs a row and none is free, the buffers are flushed to the host total
@@ -85,7 +91,7 @@ import threading
 import warnings
 from collections import Counter
 from collections.abc import Mapping
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -164,6 +170,9 @@ class Recorder:
         self._rows: dict[str, int] = {}          # group name -> device row
         self._row_names: Optional[list] = None   # trace: list(self._rows), shared until it changes
         self._capacity = 0                       # device rows the buffers have
+        self._used: set = set()                  # rows of groups a model call ran in
+        self._devices: set = set()               # the routers' devices
+        self._current: Optional[_Rows] = None    # the current groups' rows (_regroup)
         self._parts: list[RoutingStats] = []    # flushed, merged once when read
         self._context: list[str] = [default_group]
         self._batch: Optional[_GroupIds] = None   # set_groups
@@ -200,8 +209,9 @@ class Recorder:
             devices = {}
             # an earlier entry that ended in an error left its numbers on the device: into the
             # host total with them before the buffers are made anew
-            self.flush()
+            self._flush_rows()
             self._capacity = min(self.max_groups, FIRST_ROWS)
+            self._devices = set()
             for site, state, _ in self._handle.sites():  # a loop layer's passes: one each
                 device = devices.get(state.name)
                 if device is None:
@@ -211,6 +221,7 @@ class Recorder:
                                                       device=device, dense=self.dense,
                                                       coact=self.coact)
                 self._layers[site] = (state.index, state.top_k)
+                self._devices.add(device)
             paths = stacks(self.model)
             for name, state in self._handle.routers.items():
                 per_pass = tuple(self._buffers[state.site(p)] for p in range(state.passes))
@@ -221,6 +232,7 @@ class Recorder:
             self._hooks = watch(self.model, self._on_call, self._end_call)
             self._decoder = _decoder_path(self.model) if len(paths) > 1 else ""
             self._wrap_generate()
+            self._regroup()
         except BaseException:
             self._detach()
             if self._spill is not None:
@@ -233,7 +245,7 @@ class Recorder:
     def __exit__(self, *exc):
         try:
             if exc[0] is None:
-                self.flush()
+                self._flush_rows()
                 if self._spill is not None:
                     self._spill_parts()
                     self._spill.finish(self.meta)
@@ -261,6 +273,7 @@ class Recorder:
             self._attached = {}
             release(self._handle, self._unhook)
             self._handle = None
+        self._current = None
 
     # -- groups ------------------------------------------------------------------------------
 
@@ -270,10 +283,12 @@ class Recorder:
         if not isinstance(name, str):
             raise TypeError(f"Recorder.group: name must be a str, got {type(name).__name__}")
         self._context.append(name)
+        self._regroup()
         try:
             yield self
         finally:
             self._context.pop()
+            self._regroup()
 
     def set_groups(self, ids: Optional[torch.Tensor], names: Optional[Sequence[str]] = None):
         """Groups for the following model calls, per sequence (``[B]``) or per token (``[B, S]``).
@@ -287,6 +302,7 @@ class Recorder:
         """
         if ids is None:
             self._batch = None
+            self._regroup()
             return
         ids = torch.as_tensor(ids)
         if ids.dtype not in (torch.int32, torch.int64) or ids.dim() not in (1, 2):
@@ -314,17 +330,48 @@ class Recorder:
             if twice:
                 raise ValueError(f"Recorder.set_groups: names must be distinct, got {twice} "
                                  f"more than once")
+        if len(names) > self.max_groups:
+            raise ValueError(f"Recorder.set_groups: ids of {len(names)} groups, more than "
+                             f"max_groups={self.max_groups}")
         self._batch = _GroupIds(codes, names)
+        self._regroup()
 
     def per_sequence(self, names: Sequence[str]):
         """One group per sequence of the next batch: sequence b -> group ``names[b]``."""
         self.set_groups(torch.arange(len(names)), names)
 
+    def _regroup(self) -> None:
+        """Give the current groups their statistics rows: set_groups' groups in the order of
+        their ids, and the context group (the rows of a router run outside a forward; left
+        without one when set_groups' groups fill max_groups), after a flush if the new ones do
+        not fit. Done on the host when the groups change, between model calls: a call's hook
+        only reads the rows as tensors, so a compiled model does not guard on group names (nor
+        recompile for each new group)."""
+        if self._handle is None:   # not entered: __enter__ does it
+            return
+        devices = self._devices.union(self._current.devices if self._current else ())
+        self._retire()
+        context = self._context[-1]
+        names = [] if self._batch is None else self._batch.names
+        new = set(names).union([context]).difference(self._rows)
+        if len(self._rows) + len(new) > self.max_groups:
+            self._flush_rows()
+        rows = [self._row_of(name) for name in names]
+        fits = context in self._rows or len(self._rows) < self.max_groups
+        context_row = self._row_of(context) if fits else None
+        self._current = _Rows(rows if names else [context_row],
+                              None if self._batch is None else self._batch.codes,
+                              context_row, devices)
+
+    def _retire(self) -> None:
+        """Note the current groups' rows as used if a model call ran in them."""
+        if self._current is not None and self._current.called:
+            self._used.update(self._current.rows)
+        self._current = None
+
     def _row_of(self, name: str) -> int:
         row = self._rows.get(name)
         if row is None:
-            if len(self._rows) == self.max_groups:
-                self.flush()
             row = self._rows[name] = len(self._rows)
             self._row_names = None
             if row == self._capacity:
@@ -333,7 +380,7 @@ class Recorder:
 
     def _grow(self, rows: int) -> None:
         """Give every site's buffers ``rows`` group rows, keeping their numbers. In place (same
-        tensors): a router may already hold its buffers for the call that asked for the row."""
+        tensors): the routers hold them."""
         with self._lock:
             for buf in self._buffers.values():
                 for f, t in zip(GateStats.NAMES, buf.buffers()):
@@ -407,9 +454,9 @@ class Recorder:
         device = ref.device
         gen = self._generation if stack == self._decoder else None
         kept, generated = self._positions(gen, call, S)
-        if not kept:  # the other phase
+        if not kept:  # the other phase: its groups are named all the same
             if self._fits(B, S):
-                self._group_rows(B, S)  # its groups are named all the same
+                self._current.called = True
             rows_on[device] = torch.full((B * S,), -1, dtype=torch.int32, device=device)
             return
         rows = self._batch_rows(B, S, device)
@@ -538,13 +585,9 @@ class Recorder:
         codes = self._batch_codes(B)
         return codes.shape[0] == B and (codes.dim() == 1 or codes.shape[1] == S)
 
-    def _group_rows(self, B: int, S: int) -> list:
-        """The statistics rows of the groups of a call of [B, S] tokens (rows given to new
-        groups, after a flush if they do not fit): the context group's, or the set_groups
-        groups' in the order of their ids."""
-        if self._batch is None:
-            return [self._row_of(self._context[-1])]
-        names = self._batch.names
+    def _batch_rows(self, B, S, device) -> torch.Tensor:
+        """[B, S] int64 on ``device``: each token's statistics row (-1: skipped), from the
+        current groups' rows (``_regroup``), which it marks called."""
         if not self._fits(B, S):
             codes = self._batch_codes(B)
             per_token = codes.dim() == 2 and codes.shape[0] == B
@@ -553,20 +596,12 @@ class Recorder:
                     "[B], or record(tokens='prompt')") if per_token else ""
             raise ValueError(f"record: set_groups gave ids of shape {tuple(codes.shape)}, but "
                              f"the model was called on [{B}, {S}] tokens{hint}")
-        if len(names) > self.max_groups:
-            raise ValueError(f"record: a batch uses {len(names)} groups, more than "
-                             f"max_groups={self.max_groups}")
-        if any(name not in self._rows for name in names) and \
-                len(self._rows) + len(names) > self.max_groups:
-            self.flush()
-        return [self._row_of(name) for name in names]
-
-    def _batch_rows(self, B, S, device) -> torch.Tensor:
-        """[B, S] int32 on ``device``: each token's statistics row (-1: skipped)."""
-        rows = self._group_rows(B, S)
-        if self._batch is None:
-            return torch.full((B, S), rows[0], dtype=torch.int32, device=device)
-        rows = self._batch.rows_on(rows, device)
+        # a store, not a read: under torch.compile it is replayed after each call, unguarded
+        self._current.called = True
+        table, codes = self._current.on(device)
+        if codes is None:
+            return table[0].expand(B, S)
+        rows = table[codes]
         if rows.shape[0] != B:  # generate()'s copies of each sequence (_batch_codes)
             rows = rows.repeat_interleave(B // rows.shape[0], 0)
         return rows if rows.dim() == 2 else rows[:, None].expand(B, S)
@@ -591,7 +626,10 @@ class Recorder:
                               f"{self._context[-1]!r}, padding included; call the model that "
                               f"record() was given", UserWarning, stacklevel=2)
             if not calls:  # a router called outside a forward of its stack: the context group
-                row = self._row_of(self._context[-1])
+                row = self._current.context
+                if row is None:
+                    return torch.full((T,), -1, dtype=torch.int32, device=device)
+                self._used.add(row)
                 return torch.full((T,), row, dtype=torch.int32, device=device)
             rows = next(iter(calls.values())).to(device)
             calls[device] = rows
@@ -707,21 +745,32 @@ class Recorder:
     def flush(self) -> None:
         """Move the device buffers' numbers into the host total and clear them (a host sync)."""
         with self._lock:
-            if not self._rows:
-                return
-            names = list(self._rows)
-            G = len(names)
+            self._flush_rows()
+            self._regroup()
+
+    def _flush_rows(self) -> None:
+        """``flush`` but for giving the current groups rows again: the groups a model call ran
+        in go to the host total, in the order of their rows, and every row is free."""
+        self._retire()
+        if not self._rows:
+            return
+        G = len(self._rows)
+        names = [name for name, row in self._rows.items() if row in self._used]
+        if names:
+            keep = torch.tensor(sorted(self._used))
             layers = []
             for name, buf in self._buffers.items():
                 host = {f: None if t is None
-                        else (t if f == "coact" else t[:G]).to("cpu", copy=True)
+                        else t.to("cpu", copy=True) if f == "coact" else t[:G].cpu()[keep]
                         for f, t in zip(GateStats.NAMES, buf.buffers())}
                 index, top_k = self._layers[name]
                 layers.append(LayerStats(name, index, top_k, **host))
-                buf.zero_()
             self._parts.append(RoutingStats(layers, names, meta=self.meta))
-            self._rows = {}
-            self._row_names = None
+        for buf in self._buffers.values():
+            buf.zero_()
+        self._rows = {}
+        self._row_names = None
+        self._used = set()
 
     @property
     def stats(self) -> RoutingStats:
@@ -797,26 +846,44 @@ def _within(kept: range, S: int, device: torch.device) -> torch.Tensor:
     return (index >= kept.start) & (index < kept.stop)
 
 
-class _GroupIds:
+class _GroupIds(NamedTuple):
     """``set_groups``' ids: each id's rank among the distinct group ids (``codes``, [B] or
-    [B, S]; -1 for a skipped id), the groups' names in that order and, per device a model call
-    ran on, the codes and the table of each group's statistics row copied there (the table again
-    only when the groups' rows change: after a flush)."""
+    [B, S]; -1 for a skipped id) and the groups' names in that order."""
 
-    def __init__(self, codes: torch.Tensor, names: list):
-        self.codes, self.names = codes, names
-        self._codes_on: dict = {}
-        self._tables: dict = {}   # device -> (the rows, their table [G + 1] int32, -1 last)
+    codes: torch.Tensor
+    names: list
 
-    def rows_on(self, rows: list, device: torch.device) -> torch.Tensor:
-        """The statistics row of each id (-1: skipped) on ``device``, where group g has row
-        ``rows[g]``: the shape of ``codes``."""
-        table = self._tables.get(device)
-        if table is None or table[0] != rows:
-            table = (rows, to_device(torch.tensor(rows + [-1], dtype=torch.int32), device))
-            if cacheable(table[1]):
-                self._tables[device] = table
-        return table[1][copy_on(self._codes_on, self.codes, device)]
+
+class _Rows:
+    """The statistics rows of the current groups (``Recorder._regroup``): ``rows``, group g's
+    at g (the context group's alone when there are no set_groups ids), and as ``table`` int64
+    [G + 1] with -1 last; the set_groups ``codes`` (or None); the context group's row
+    ``context`` (None: none); whether a model call ran in them (``called``); and, per device,
+    the table and codes copied there (to the given devices when made, so that a model call's
+    hook copies nothing)."""
+
+    def __init__(self, rows: list, codes: Optional[torch.Tensor], context: Optional[int],
+                 devices: Iterable):
+        self.rows, self.codes, self.context = rows, codes, context
+        self.table = torch.tensor(rows + [-1], dtype=torch.int64)
+        self.called = False
+        self._on: dict = {}
+        for device in devices:
+            self.on(device)
+
+    @property
+    def devices(self):
+        return self._on.keys()
+
+    def on(self, device: torch.device) -> tuple:
+        """``(table, codes)`` on ``device``."""
+        pair = self._on.get(device)
+        if pair is None:
+            pair = (to_device(self.table, device),
+                    None if self.codes is None else to_device(self.codes, device))
+            if cacheable(pair[0]):
+                self._on[device] = pair
+        return pair
 
 
 class _Generation:

@@ -372,6 +372,46 @@ def test_record_under_compile_fullgraph():
         torch.testing.assert_close(a.weight_sum, b.weight_sum)
 
 
+def test_record_under_compile_does_not_recompile_for_new_groups():
+    """A compiled model records group after group, and batch after batch of per-sequence
+    groups, in the graphs of its first calls: the hook read each group's name and row, so
+    Dynamo guarded on them and recompiled for every new group, and under fullgraph=True the
+    ninth group failed (recompile limit). The statistics are the eager run's, and a group that
+    no model call ran in is left out."""
+    from torch._dynamo.testing import CompileCounter
+
+    model = build("qwen3_moe")
+    batches = [_ids(20 + b, (3, 5)) for b in range(12)]
+
+    def run(compiled):
+        counter = CompileCounter()
+        torch._dynamo.reset()
+        frames = []
+        with moe_route.record(model) as rec, torch.no_grad():
+            forward = torch.compile(model, fullgraph=True, backend=counter) if compiled \
+                else model
+            for b, ids in enumerate(batches):
+                with rec.group(f"g{b}"):
+                    forward(ids)
+                frames.append(counter.frame_count)
+            with rec.group("no call"):
+                pass
+            for b, ids in enumerate(batches):
+                rec.per_sequence([f"s{3 * b + i}" for i in range(3)])
+                forward(ids)
+                frames.append(counter.frame_count)
+        return rec.stats, frames
+
+    (eager, _), (stats, frames) = run(False), run(True)
+    assert frames[2:12] == [frames[1]] * 10 and frames[14:] == [frames[13]] * 10
+    names = [f"g{b}" for b in range(12)] + [f"s{i}" for i in range(36)]
+    assert stats.group_names == eager.group_names == names
+    for a, b in zip(eager, stats):
+        assert a.tokens.tolist() == [15] * 12 + [5] * 36
+        assert torch.equal(a.counts, b.counts)
+        torch.testing.assert_close(a.weight_sum, b.weight_sum)
+
+
 def test_two_models_recorded_in_threads_do_not_mix():
     import threading
 
