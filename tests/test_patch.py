@@ -412,6 +412,36 @@ def test_record_under_compile_does_not_recompile_for_new_groups():
         torch.testing.assert_close(a.weight_sum, b.weight_sum)
 
 
+def test_record_generate_of_a_compiled_model_over_many_groups():
+    """generate() of a model compiled with fullgraph=True (``model.compile``, which takes the
+    recorder's hooks into the graph) records ten groups, more than the recompile limit, with
+    the eager statistics: graphs are compiled for the prompt's and the decoding steps' shapes,
+    none for a group."""
+    from torch._dynamo.testing import CompileCounter
+
+    ids = _ids(30, (2, 5))
+    runs = []
+    for compiled in (False, True):
+        model, counter = build("qwen3_moe"), CompileCounter()
+        torch._dynamo.reset()
+        if compiled:
+            model.compile(fullgraph=True, backend=counter)
+        frames = []
+        with moe_route.record(model) as rec, torch.no_grad():
+            for g in range(10):
+                with rec.group(f"g{g}"):
+                    model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+                frames.append(counter.frame_count)
+        runs.append(rec.stats)
+    assert frames[0] > 0 and frames[2:] == [frames[1]] * 8
+    eager, stats = runs
+    assert stats.group_names == eager.group_names == [f"g{g}" for g in range(10)]
+    for a, b in zip(eager, stats):
+        assert a.tokens.tolist() == [2 * (5 + 3)] * 10
+        assert torch.equal(a.counts, b.counts)
+        torch.testing.assert_close(a.weight_sum, b.weight_sum)
+
+
 def test_two_models_recorded_in_threads_do_not_mix():
     import threading
 
