@@ -623,8 +623,9 @@ class Recorder:
                               f"{stack or type(self.model).__name__} (a submodule called "
                               f"directly, as model.model(...), or a wrapper that skips its "
                               f"forward hooks): its tokens count in the context group "
-                              f"{self._context[-1]!r}, padding included; call the model that "
-                              f"record() was given", UserWarning, stacklevel=2)
+                              f"{self._context[-1]!r}, padding included (or, while "
+                              f"set_groups' groups fill max_groups, not at all); call the "
+                              f"model that record() was given", UserWarning, stacklevel=2)
             if not calls:  # a router called outside a forward of its stack: the context group
                 row = self._current.context
                 if row is None:

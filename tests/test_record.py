@@ -1743,3 +1743,16 @@ def test_a_router_run_outside_the_models_forward_warns_and_never_reuses_a_calls_
             model.model(input_ids=ids, attention_mask=mask)      # every token, in the group
     assert [int(layer.tokens.sum()) for layer in rec.stats] == \
         [2 * ids.numel() - 3] * len(rec.stats)
+    # the context group gets a row beside set_groups' groups only if they leave one free
+    B, S = ids.shape
+    names = [f"s{b}" for b in range(B)]
+    for max_groups, context in ((B, []), (B + 1, ["all"])):
+        with moe_route.record(model, max_groups=max_groups) as rec, torch.no_grad():
+            rec.per_sequence(names)
+            model(ids)
+            with pytest.warns(UserWarning, match=r"or, while set_groups' groups fill "
+                                                 r"max_groups, not at all"):
+                model.model(input_ids=ids)
+        assert rec.stats.group_names == context + names
+        for layer in rec.stats:
+            assert layer.tokens.tolist() == [B * S] * len(context) + [S] * B
