@@ -86,7 +86,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import threading
 import warnings
 from collections import Counter
@@ -97,7 +96,7 @@ import torch
 from torch import nn
 
 from moe_route._checks import check_bool, check_int, is_int
-from moe_route._device import cacheable, copy_on, to_device
+from moe_route._device import cacheable, copy_on, module_device, to_device
 from moe_route._json import check as check_json
 from moe_route.hf.model_calls import CacheLengths, past_length, stack_of, stacks, watch
 from moe_route.hf.patch import acquire, release
@@ -215,8 +214,11 @@ class Recorder:
             for site, state, _ in self._handle.sites():  # a loop layer's passes: one each
                 device = devices.get(state.name)
                 if device is None:
-                    device = devices[state.name] = _router_device(
+                    device = devices[state.name] = module_device(
                         self.model.get_submodule(state.name))
+                    if device is None:
+                        raise ValueError(f"record: {state.name}'s weights are on the meta "
+                                         f"device and no accelerate hook says where it runs")
                 self._buffers[site] = GateStats.zeros(self._capacity, state.num_experts,
                                                       device=device, dense=self.dense,
                                                       coact=self.coact)
@@ -805,22 +807,6 @@ def _model_meta(model: nn.Module) -> dict:
     """``{"model": path}``: where the model was loaded from (``config._name_or_path``), if known."""
     path = getattr(getattr(model, "config", None), "_name_or_path", None)
     return {"model": path} if isinstance(path, str) and path else {}
-
-
-def _router_device(router: nn.Module) -> torch.device:
-    """Where a router runs: its weights' device, or, for weights that accelerate offloads (kept
-    on the meta device and moved in by a hook at each call), the hook's execution device."""
-    hook = router.__dict__.get("_hf_hook")
-    for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
-        device = getattr(h, "execution_device", None)
-        if device is not None:
-            return torch.device(device)
-    for t in itertools.chain(router.parameters(), router.buffers()):
-        if t.device.type == "meta":
-            raise ValueError(f"record: {type(router).__name__}'s weights are on the meta device "
-                             f"and no accelerate hook says where it runs")
-        return t.device
-    return torch.device("cpu")
 
 
 def _token_ids(values) -> torch.Tensor:

@@ -34,6 +34,7 @@ from torch import nn
 
 from moe_route._atomic import write_text_atomic
 from moe_route._checks import check_bool, check_int, is_int
+from moe_route._device import module_device
 from moe_route._json import parse as parse_json
 from moe_route.ops import SteerSpec
 from moe_route.reference import FLT_MAX
@@ -574,7 +575,12 @@ class Steering:
                     raise ValueError(f"steer: layer {key!r} ({state.name}) routes by "
                                      f"{state.adapter.name}, not by score; it cannot be steered")
                 specs = by_router.setdefault(state.name, (state, {}))[1]
-                specs[p] = self.plan.steer_spec(key, state.num_experts)
+                spec = specs[p] = self.plan.steer_spec(key, state.num_experts)
+                # the gate's table of the spec, made on the router's device now: a call only
+                # reads it, so a compiled model does not guard on (and recompile for) its values
+                device = module_device(self.model.get_submodule(state.name))
+                if device is not None:
+                    spec.table(state.num_experts, device)
                 _warn_forcing(key, self.plan[key], state)
             for state, specs in by_router.values():
                 put(state, "steer", self, specs)

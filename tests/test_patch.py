@@ -442,6 +442,36 @@ def test_record_generate_of_a_compiled_model_over_many_groups():
         torch.testing.assert_close(a.weight_sum, b.weight_sum)
 
 
+def test_steering_sweep_of_a_compiled_model_compiles_once():
+    """Ten steering plans in turn (a sweep of biases and std-scaled terms) on a model compiled
+    with fullgraph=True run in the graph of the first: the gate's table of a plan was made in
+    the call, so Dynamo guarded on the plan's values, recompiled for each plan and failed at
+    the ninth. The logits are the eager model's under each plan."""
+    from torch._dynamo.testing import CompileCounter
+
+    ids = _ids(31, (2, 5))
+    logits = []
+    for compiled in (False, True):
+        plans = [moe_route.SteeringPlan({0: {i % 8: {"add": float(i)}},
+                                         1: {(i + 3) % 8: {"add": -float(i), "std": 0.5}}})
+                 for i in range(10)]   # new plans: an eager call has made no table of theirs
+        model, counter = build("qwen3_moe"), CompileCounter()
+        torch._dynamo.reset()
+        if compiled:
+            model.compile(fullgraph=True, backend=counter)
+        frames, out = [], []
+        with torch.no_grad():
+            for plan in plans:
+                with moe_route.steer(model, plan):
+                    out.append(model(ids).logits)
+                frames.append(counter.frame_count)
+        logits.append(out)
+    assert frames == [1] * 10
+    for eager, steered in zip(*logits):
+        torch.testing.assert_close(steered, eager)
+    assert not torch.equal(logits[1][0], logits[1][-1])
+
+
 def test_two_models_recorded_in_threads_do_not_mix():
     import threading
 
