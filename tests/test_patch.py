@@ -472,6 +472,35 @@ def test_steering_sweep_of_a_compiled_model_compiles_once():
     assert not torch.equal(logits[1][0], logits[1][-1])
 
 
+def test_replays_of_a_compiled_model_compile_once():
+    """Ten routings replayed in turn on a model compiled with fullgraph=True run in one graph,
+    each with the eager model's logits."""
+    from torch._dynamo.testing import CompileCounter
+
+    ids = _ids(32, (2, 5))
+    with moe_route.record(build("qwen3_moe"), trace=True) as rec, torch.no_grad():
+        rec.model(ids)
+    shifted = [{key: {"ids": (layer["ids"].long() + i) % 8} for key, layer in rec.trace.items()}
+               for i in range(10)]
+    logits = []
+    for compiled in (False, True):
+        model, counter = build("qwen3_moe"), CompileCounter()
+        torch._dynamo.reset()
+        if compiled:
+            model.compile(fullgraph=True, backend=counter)
+        frames, out = [], []
+        with torch.no_grad():
+            for routing in shifted:
+                with moe_route.replay(model, routing):
+                    out.append(model(ids).logits)
+                frames.append(counter.frame_count)
+        logits.append(out)
+    assert frames == [1] * 10
+    for eager, replayed in zip(*logits):
+        torch.testing.assert_close(replayed, eager)
+    assert not torch.equal(logits[1][0], logits[1][1])
+
+
 def test_two_models_recorded_in_threads_do_not_mix():
     import threading
 
