@@ -275,7 +275,7 @@ class Recorder:
             self._attached = {}
             release(self._handle, self._unhook)
             self._handle = None
-        self._current = None
+        self._retire()   # after an error the rows stay used, for the next entry's flush
 
     # -- groups ------------------------------------------------------------------------------
 

@@ -1726,6 +1726,18 @@ def test_a_recorder_entered_again_after_an_error_keeps_what_it_had():
     assert rec.stats.group_names == ["first", "second"]
     assert [int(layer.tokens[0]) for layer in rec.stats] == [first.numel()] * len(rec.stats)
     assert [int(layer.tokens[1]) for layer in rec.stats] == [second.numel()] * len(rec.stats)
+    # the error with set_groups' groups current (no group() left before it)
+    rec = moe_route.record(model)
+    with pytest.raises(KeyError), torch.no_grad():
+        with rec:
+            rec.per_sequence(["a", "b", "c"])
+            model(first)
+            raise KeyError("boom")
+    with rec, torch.no_grad():
+        rec.set_groups(None)
+        model(second)
+    assert rec.stats.group_names == ["a", "b", "c", "all"]
+    assert all(layer.tokens.tolist() == [8, 8, 8, 24] for layer in rec.stats)
 
 
 def test_a_router_run_outside_the_models_forward_warns_and_never_reuses_a_calls_rows():
