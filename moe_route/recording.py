@@ -66,7 +66,10 @@ which are the router's outputs except in families whose router post-processes th
 E <= 32767), weights (fp16 unless ``trace_dtype=torch.float32``), the statistics row and input
 token id of each token (-1 for a call given ``inputs_embeds``), the layer's expert count and,
 with ``trace_logits=True``, the router logits. Each router call's tensors are copied to the
-host as they are produced (``rec.trace``, ``rec.save_trace(path)``); this one does sync.
+host as they are produced (``rec.trace``, ``rec.save_trace(path)``); this one does sync. The
+trace grows Python lists in each router call, which ``torch.compile`` cannot keep in one graph: a
+compiled model that traces recompiles at every call (correct, but compiled for nothing; with
+``fullgraph=True`` the ninth call fails), so trace an uncompiled model.
 ``load_trace(path)`` reads a saved trace back in the same layout. A trace is a ``Trace``: the
 dict of layers, with the recorder's ``meta`` as ``trace.meta``, saved with it.
 
