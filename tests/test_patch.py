@@ -442,63 +442,60 @@ def test_record_generate_of_a_compiled_model_over_many_groups():
         torch.testing.assert_close(a.weight_sum, b.weight_sum)
 
 
+def _eager_and_compiled(ids, contexts):
+    """``(eager, compiled, frames)``: the logits of a fresh tiny Qwen3-MoE under each context of
+    ``contexts(model)`` in turn, eager and then compiled with fullgraph=True (``model.compile``,
+    which takes the hooks into the graph), and the compiled run's Dynamo frame count after each
+    context."""
+    from torch._dynamo.testing import CompileCounter
+
+    logits = []
+    for compiled in (False, True):
+        model, counter = build("qwen3_moe"), CompileCounter()
+        torch._dynamo.reset()
+        if compiled:
+            model.compile(fullgraph=True, backend=counter)
+        frames, out = [], []
+        with torch.no_grad():
+            for context in contexts(model):
+                with context:
+                    out.append(model(ids).logits)
+                frames.append(counter.frame_count)
+        logits.append(out)
+    return logits[0], logits[1], frames
+
+
 def test_steering_sweep_of_a_compiled_model_compiles_once():
     """Ten steering plans in turn (a sweep of biases and std-scaled terms) on a model compiled
     with fullgraph=True run in the graph of the first: the gate's table of a plan was made in
     the call, so Dynamo guarded on the plan's values, recompiled for each plan and failed at
     the ninth. The logits are the eager model's under each plan."""
-    from torch._dynamo.testing import CompileCounter
+    def plans(model):   # new plans each run: an eager call has made no table of theirs
+        for i in range(10):
+            yield moe_route.steer(model, moe_route.SteeringPlan(
+                {0: {i % 8: {"add": float(i)}}, 1: {(i + 3) % 8: {"add": -float(i), "std": 0.5}}}))
 
-    ids = _ids(31, (2, 5))
-    logits = []
-    for compiled in (False, True):
-        plans = [moe_route.SteeringPlan({0: {i % 8: {"add": float(i)}},
-                                         1: {(i + 3) % 8: {"add": -float(i), "std": 0.5}}})
-                 for i in range(10)]   # new plans: an eager call has made no table of theirs
-        model, counter = build("qwen3_moe"), CompileCounter()
-        torch._dynamo.reset()
-        if compiled:
-            model.compile(fullgraph=True, backend=counter)
-        frames, out = [], []
-        with torch.no_grad():
-            for plan in plans:
-                with moe_route.steer(model, plan):
-                    out.append(model(ids).logits)
-                frames.append(counter.frame_count)
-        logits.append(out)
+    eager, compiled, frames = _eager_and_compiled(_ids(31, (2, 5)), plans)
     assert frames == [1] * 10
-    for eager, steered in zip(*logits):
-        torch.testing.assert_close(steered, eager)
-    assert not torch.equal(logits[1][0], logits[1][-1])
+    for want, steered in zip(eager, compiled):
+        torch.testing.assert_close(steered, want)
+    assert not torch.equal(compiled[0], compiled[-1])
 
 
 def test_replays_of_a_compiled_model_compile_once():
     """Ten routings replayed in turn on a model compiled with fullgraph=True run in one graph,
     each with the eager model's logits."""
-    from torch._dynamo.testing import CompileCounter
-
     ids = _ids(32, (2, 5))
     with moe_route.record(build("qwen3_moe"), trace=True) as rec, torch.no_grad():
         rec.model(ids)
     shifted = [{key: {"ids": (layer["ids"].long() + i) % 8} for key, layer in rec.trace.items()}
                for i in range(10)]
-    logits = []
-    for compiled in (False, True):
-        model, counter = build("qwen3_moe"), CompileCounter()
-        torch._dynamo.reset()
-        if compiled:
-            model.compile(fullgraph=True, backend=counter)
-        frames, out = [], []
-        with torch.no_grad():
-            for routing in shifted:
-                with moe_route.replay(model, routing):
-                    out.append(model(ids).logits)
-                frames.append(counter.frame_count)
-        logits.append(out)
+    eager, compiled, frames = _eager_and_compiled(
+        ids, lambda model: (moe_route.replay(model, routing) for routing in shifted))
     assert frames == [1] * 10
-    for eager, replayed in zip(*logits):
-        torch.testing.assert_close(replayed, eager)
-    assert not torch.equal(logits[1][0], logits[1][1])
+    for want, replayed in zip(eager, compiled):
+        torch.testing.assert_close(replayed, want)
+    assert not torch.equal(compiled[0], compiled[1])
 
 
 def test_two_models_recorded_in_threads_do_not_mix():
