@@ -412,20 +412,27 @@ def test_record_under_compile_does_not_recompile_for_new_groups():
         torch.testing.assert_close(a.weight_sum, b.weight_sum)
 
 
+def _qwen3_moe(compiled: bool):
+    """A fresh tiny Qwen3-MoE and a Dynamo frame counter, the model compiled with
+    fullgraph=True (``model.compile``, which takes the hooks into the graph) if ``compiled``."""
+    from torch._dynamo.testing import CompileCounter
+
+    model, counter = build("qwen3_moe"), CompileCounter()
+    torch._dynamo.reset()
+    if compiled:
+        model.compile(fullgraph=True, backend=counter)
+    return model, counter
+
+
 def test_record_generate_of_a_compiled_model_over_many_groups():
     """generate() of a model compiled with fullgraph=True (``model.compile``, which takes the
     recorder's hooks into the graph) records ten groups, more than the recompile limit, with
     the eager statistics: graphs are compiled for the prompt's and the decoding steps' shapes,
     none for a group."""
-    from torch._dynamo.testing import CompileCounter
-
     ids = _ids(30, (2, 5))
     runs = []
     for compiled in (False, True):
-        model, counter = build("qwen3_moe"), CompileCounter()
-        torch._dynamo.reset()
-        if compiled:
-            model.compile(fullgraph=True, backend=counter)
+        model, counter = _qwen3_moe(compiled)
         frames = []
         with moe_route.record(model) as rec, torch.no_grad():
             for g in range(10):
@@ -447,14 +454,9 @@ def _eager_and_compiled(ids, contexts):
     ``contexts(model)`` in turn, eager and then compiled with fullgraph=True (``model.compile``,
     which takes the hooks into the graph), and the compiled run's Dynamo frame count after each
     context."""
-    from torch._dynamo.testing import CompileCounter
-
     logits = []
     for compiled in (False, True):
-        model, counter = build("qwen3_moe"), CompileCounter()
-        torch._dynamo.reset()
-        if compiled:
-            model.compile(fullgraph=True, backend=counter)
+        model, counter = _qwen3_moe(compiled)
         frames, out = [], []
         with torch.no_grad():
             for context in contexts(model):
