@@ -854,8 +854,9 @@ MOE_ROUTE_INLINE f32x8 abs8(f32x8 x) {
 struct LaneBlock {
   f32x8 z0[kLaneMaxE], z[kLaneMaxE], v[kLaneMaxE], ew[kLaneMaxE], work[kLaneMaxE];
   f32x8 w_max, w_sum;
-  i32x8 ids[kLaneMaxE];  // ids[j]: each token's j-th pick
-  f32x8 w[kLaneMaxE];    // weights[j], where the lanes compute them
+  i32x8 ids[kLaneMaxE];     // ids[j]: each token's j-th pick
+  f32x8 picked[kLaneMaxE];  // picked[j]: its selection value (lane_select)
+  f32x8 w[kLaneMaxE];       // weights[j], where the lanes compute them
 };
 
 // sum8 of each lane's row (E <= kSumBlock): 8 partial sums over e = j, j + 8, ..., added as
@@ -927,36 +928,62 @@ MOE_ROUTE_INLINE void lane_steer(const GateParams& p, const Prep& prep, LaneBloc
   }
 }
 
-// Each lane's k best of v into b.ids, in descending order of (tier, value) with the lower index
-// first on ties (select_experts without groups): k rounds of a strict-greater scan, each taking
-// its pick out of b.work.
-template <bool kTiers>
+// Each lane's k best of v into b.ids and their values into b.picked, in descending order of
+// (tier, value) with the lower index first on ties (select_experts without groups): k rounds of
+// a strict-greater scan, each taking its pick out of b.work. A round scans the experts in
+// kChains consecutive runs at once (one dependency chain of compare and blend each, where one
+// chain over all E was the gate's critical path) and merges the runs' bests in run order, so the
+// lower index still wins a tie. Four runs, or two where E <= 8 (four runs of two experts each
+// measured ~10% slower than one chain at Mixtral's E=8). Run c starts at expert c * seg; the
+// experts past E (up to kChains * seg <= kLaneMaxE) hold -inf in the lowest tier and are never
+// picked (values are sanitised, so a real expert always beats them). A round also takes the
+// previous round's pick out as it reads each expert.
+template <int kChains, bool kTiers>
 MOE_ROUTE_INLINE void lane_select(const Prep& prep, const f32x8* v, int64_t E, int64_t k,
                                   LaneBlock& b) {
   const f32x8 taken = splat8(-INFINITY);
+  const int64_t seg = (E + kChains - 1) / kChains;
   i32x8 tier[kLaneMaxE];  // -1 once taken
-  for (int64_t e = 0; e < E; ++e) {
-    b.work[e] = v[e];
-    if (kTiers) tier[e] = splat8i(prep.tier[e]);
+  for (int64_t e = 0; e < kChains * seg; ++e) {
+    b.work[e] = e < E ? v[e] : taken;
+    if (kTiers) tier[e] = splat8i(e < E ? prep.tier[e] : -1);
   }
+  i32x8 at = splat8i(-1);
   for (int64_t j = 0; j < k; ++j) {
-    f32x8 best = taken;
-    i32x8 at = splat8i(0), best_tier = splat8i(-1), ev = splat8i(0);  // ev: e in every lane
-    for (int64_t e = 0; e < E; ++e, ev += 1) {
-      i32x8 take = b.work[e] > best;
-      if (kTiers) take = (tier[e] > best_tier) | ((tier[e] == best_tier) & take);
-      best = take ? b.work[e] : best;
-      at = take ? ev : at;
-      if (kTiers) best_tier = take ? tier[e] : best_tier;
+    f32x8 best[kChains];
+    i32x8 best_at[kChains], best_tier[kChains], ev[kChains];  // ev: e in every lane
+    for (int c = 0; c < kChains; ++c)
+      best[c] = taken, best_at[c] = splat8i(0), best_tier[c] = splat8i(-1),
+      ev[c] = splat8i(int32_t(c * seg));
+    for (int64_t i = 0; i < seg; ++i) {
+      for (int c = 0; c < kChains; ++c) {
+        const int64_t e = c * seg + i;
+        const i32x8 hit = at == ev[c];
+        const f32x8 x = hit ? taken : b.work[e];
+        b.work[e] = x;
+        i32x8 take = x > best[c];
+        if (kTiers) {
+          tier[e] = hit ? splat8i(-1) : tier[e];
+          take = (tier[e] > best_tier[c]) | ((tier[e] == best_tier[c]) & take);
+          best_tier[c] = take ? tier[e] : best_tier[c];
+        }
+        best[c] = take ? x : best[c];
+        best_at[c] = take ? ev[c] : best_at[c];
+        ev[c] += 1;
+      }
     }
+    for (int c = 1; c < kChains; ++c) {
+      i32x8 take = best[c] > best[0];
+      if (kTiers) {
+        take = (best_tier[c] > best_tier[0]) | ((best_tier[c] == best_tier[0]) & take);
+        best_tier[0] = take ? best_tier[c] : best_tier[0];
+      }
+      best[0] = take ? best[c] : best[0];
+      best_at[0] = take ? best_at[c] : best_at[0];
+    }
+    at = best_at[0];
     b.ids[j] = at;
-    if (j == k - 1) break;
-    ev = splat8i(0);
-    for (int64_t e = 0; e < E; ++e, ev += 1) {
-      const i32x8 hit = at == ev;
-      b.work[e] = hit ? taken : b.work[e];
-      if (kTiers) tier[e] = hit ? splat8i(-1) : tier[e];
-    }
+    b.picked[j] = best[0];
   }
 }
 
@@ -1103,8 +1130,13 @@ MOE_ROUTE_INLINE void lane_select_row(const GateParams& p, const Prep& prep, con
     for (int64_t e = 0; e < E; ++e) b.v[e] = sanitize8(v[e] + bias[e]);
     v = b.v;
   }
-  if (prep.has_force) lane_select<true>(prep, v, E, k, b);
-  else lane_select<false>(prep, v, E, k, b);
+  if (E <= 8) {
+    if (prep.has_force) lane_select<2, true>(prep, v, E, k, b);
+    else lane_select<2, false>(prep, v, E, k, b);
+  } else {
+    if (prep.has_force) lane_select<4, true>(prep, v, E, k, b);
+    else lane_select<4, false>(prep, v, E, k, b);
+  }
 }
 
 // Tokens [t0, t0 + n), n <= 8, through the pass of gate_tokens_body, a step for all at once.
@@ -1139,14 +1171,31 @@ MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t 
       if (p.replay_id(t0 + l, 0) >= 0)
         for (int64_t j = 0; j < k; ++j) b.ids[j][l] = int32_t(p.replay_id(t0 + l, j));
 
+  // Where the selection values are the weight-side logits themselves, b.picked[j] is each
+  // lane's zw[ids[j]], bit for bit: no gather over E needed.
+  const bool picked_zw = !any_replayed && zw == z && selects_on_logits(p) && !p.selection_bias;
   if (max_from_pick) {
-    b.w_max = lane_gather(zw, E, b.ids[0]);
+    b.w_max = b.picked[0];
     b.w_sum = lane_exps(zw, b.ew, E, b.w_max);
   }
-  // Softmax weights ew[id] / sum in the lanes (weigh's first step); the rest per token.
-  const bool lane_weights = !p.select_on_logits && p.score == Score::Softmax;
-  if (lane_weights)
+  // weigh's softmax step in the lanes, the rest (finish_weights) per token: ew[id] / sum for a
+  // softmax over all experts; for a softmax over the k picked logits, their exps from their
+  // max, summed in double in pick order.
+  const bool lane_weights = p.score == Score::Softmax && (!p.select_on_logits || picked_zw);
+  if (lane_weights && !p.select_on_logits) {
     for (int64_t j = 0; j < k; ++j) b.w[j] = lane_gather(b.ew, E, b.ids[j]) / b.w_sum;
+  } else if (lane_weights) {
+    typedef double f64x8 __attribute__((vector_size(64)));
+    f32x8 m = splat8(-kFltMax);
+    for (int64_t j = 0; j < k; ++j) m = m < b.picked[j] ? b.picked[j] : m;  // std::max(m, x)
+    f64x8 sum = {};
+    for (int64_t j = 0; j < k; ++j) {
+      b.w[j] = exp_nonpos(b.picked[j] - m);
+      sum += __builtin_convertvector(b.w[j], f64x8);
+    }
+    const f32x8 den = __builtin_convertvector(sum, f32x8);
+    for (int64_t j = 0; j < k; ++j) b.w[j] = b.w[j] / den;
+  }
 
   for (int l = 0; l < n; ++l) {
     int32_t* ids = p.ids + (t0 + l) * k;
