@@ -222,6 +222,9 @@ FEW_EXPERTS = [
     ("topk_softmax", 16, 4, dict(select_on="logits")),
     ("softmax_32", 32, 8, {}),
     ("topk_softmax_20", 20, 4, dict(select_on="logits")),
+    # E > 16 but not a multiple of 4: the selection's four runs end in padding experts
+    ("topk_softmax_31", 31, 5, dict(select_on="logits")),
+    ("sigmoid_17", 17, 3, dict(score="sigmoid", renormalize=True, selection_bias=True)),
     ("sigmoid", 9, 8, dict(score="sigmoid", renormalize=True, renorm_eps=1e-20, scale=2.5,
                            selection_bias=True)),
     ("sqrtsoftplus", 16, 6, dict(score="sqrtsoftplus", renormalize=True, selection_bias=True)),

@@ -928,62 +928,75 @@ MOE_ROUTE_INLINE void lane_steer(const GateParams& p, const Prep& prep, LaneBloc
   }
 }
 
+// One round of lane_select: each lane's best of work (with its tier) into at and pick; with
+// kClear, the previous round's pick `at` is taken out first (set to -inf in tier -1).
+template <int kChains, bool kTiers, bool kClear>
+MOE_ROUTE_INLINE void lane_round(f32x8* work, i32x8* tier, int64_t seg, i32x8& at, f32x8& pick) {
+  const f32x8 taken = splat8(-INFINITY);
+  f32x8 best[kChains];
+  i32x8 best_at[kChains], best_tier[kChains], ev[kChains];  // ev: e in every lane
+  for (int c = 0; c < kChains; ++c)
+    best[c] = taken, best_at[c] = splat8i(0), best_tier[c] = splat8i(-1),
+    ev[c] = splat8i(int32_t(c * seg));
+  for (int64_t i = 0; i < seg; ++i) {
+    for (int c = 0; c < kChains; ++c) {
+      const int64_t e = c * seg + i;
+      f32x8 x = work[e];
+      i32x8 hit = {};
+      if (kClear) {
+        hit = at == ev[c];
+        x = hit ? taken : x;
+        work[e] = x;
+      }
+      i32x8 take = x > best[c];
+      if (kTiers) {
+        if (kClear) tier[e] = hit ? splat8i(-1) : tier[e];
+        take = (tier[e] > best_tier[c]) | ((tier[e] == best_tier[c]) & take);
+        best_tier[c] = take ? tier[e] : best_tier[c];
+      }
+      best[c] = take ? x : best[c];
+      best_at[c] = take ? ev[c] : best_at[c];
+      ev[c] += 1;
+    }
+  }
+  for (int c = 1; c < kChains; ++c) {
+    i32x8 take = best[c] > best[0];
+    if (kTiers) {
+      take = (best_tier[c] > best_tier[0]) | ((best_tier[c] == best_tier[0]) & take);
+      best_tier[0] = take ? best_tier[c] : best_tier[0];
+    }
+    best[0] = take ? best[c] : best[0];
+    best_at[0] = take ? best_at[c] : best_at[0];
+  }
+  at = best_at[0];
+  pick = best[0];
+}
+
 // Each lane's k best of v into b.ids and their values into b.picked, in descending order of
 // (tier, value) with the lower index first on ties (select_experts without groups): k rounds of
 // a strict-greater scan, each taking its pick out of b.work. A round scans the experts in
 // kChains consecutive runs at once (one dependency chain of compare and blend each, where one
 // chain over all E was the gate's critical path) and merges the runs' bests in run order, so the
-// lower index still wins a tie. Four runs, or two where E <= 8 (four runs of two experts each
-// measured ~10% slower than one chain at Mixtral's E=8). Run c starts at expert c * seg; the
-// experts past E (up to kChains * seg <= kLaneMaxE) hold -inf in the lowest tier and are never
-// picked (values are sanitised, so a real expert always beats them). A round also takes the
-// previous round's pick out as it reads each expert.
+// lower index still wins a tie. Four runs where E > 16, one up to 16 experts (runs of two or
+// four experts measured up to 10% slower than one chain at E=8 and 16, single-threaded). Run c
+// starts at expert c * seg; the experts past E (up to kChains * seg <= kLaneMaxE) hold -inf in
+// the lowest tier and are never picked (values are sanitised, so a real expert always beats
+// them). Each round after the first takes the previous round's pick out as it reads an expert.
 template <int kChains, bool kTiers>
 MOE_ROUTE_INLINE void lane_select(const Prep& prep, const f32x8* v, int64_t E, int64_t k,
                                   LaneBlock& b) {
-  const f32x8 taken = splat8(-INFINITY);
   const int64_t seg = (E + kChains - 1) / kChains;
   i32x8 tier[kLaneMaxE];  // -1 once taken
   for (int64_t e = 0; e < kChains * seg; ++e) {
-    b.work[e] = e < E ? v[e] : taken;
+    b.work[e] = e < E ? v[e] : splat8(-INFINITY);
     if (kTiers) tier[e] = splat8i(e < E ? prep.tier[e] : -1);
   }
-  i32x8 at = splat8i(-1);
-  for (int64_t j = 0; j < k; ++j) {
-    f32x8 best[kChains];
-    i32x8 best_at[kChains], best_tier[kChains], ev[kChains];  // ev: e in every lane
-    for (int c = 0; c < kChains; ++c)
-      best[c] = taken, best_at[c] = splat8i(0), best_tier[c] = splat8i(-1),
-      ev[c] = splat8i(int32_t(c * seg));
-    for (int64_t i = 0; i < seg; ++i) {
-      for (int c = 0; c < kChains; ++c) {
-        const int64_t e = c * seg + i;
-        const i32x8 hit = at == ev[c];
-        const f32x8 x = hit ? taken : b.work[e];
-        b.work[e] = x;
-        i32x8 take = x > best[c];
-        if (kTiers) {
-          tier[e] = hit ? splat8i(-1) : tier[e];
-          take = (tier[e] > best_tier[c]) | ((tier[e] == best_tier[c]) & take);
-          best_tier[c] = take ? tier[e] : best_tier[c];
-        }
-        best[c] = take ? x : best[c];
-        best_at[c] = take ? ev[c] : best_at[c];
-        ev[c] += 1;
-      }
-    }
-    for (int c = 1; c < kChains; ++c) {
-      i32x8 take = best[c] > best[0];
-      if (kTiers) {
-        take = (best_tier[c] > best_tier[0]) | ((best_tier[c] == best_tier[0]) & take);
-        best_tier[0] = take ? best_tier[c] : best_tier[0];
-      }
-      best[0] = take ? best[c] : best[0];
-      best_at[0] = take ? best_at[c] : best_at[0];
-    }
-    at = best_at[0];
+  i32x8 at;
+  lane_round<kChains, kTiers, false>(b.work, tier, seg, at, b.picked[0]);
+  b.ids[0] = at;
+  for (int64_t j = 1; j < k; ++j) {
+    lane_round<kChains, kTiers, true>(b.work, tier, seg, at, b.picked[j]);
     b.ids[j] = at;
-    b.picked[j] = best[0];
   }
 }
 
@@ -1130,9 +1143,9 @@ MOE_ROUTE_INLINE void lane_select_row(const GateParams& p, const Prep& prep, con
     for (int64_t e = 0; e < E; ++e) b.v[e] = sanitize8(v[e] + bias[e]);
     v = b.v;
   }
-  if (E <= 8) {
-    if (prep.has_force) lane_select<2, true>(prep, v, E, k, b);
-    else lane_select<2, false>(prep, v, E, k, b);
+  if (E <= 16) {
+    if (prep.has_force) lane_select<1, true>(prep, v, E, k, b);
+    else lane_select<1, false>(prep, v, E, k, b);
   } else {
     if (prep.has_force) lane_select<4, true>(prep, v, E, k, b);
     else lane_select<4, false>(prep, v, E, k, b);
