@@ -1,6 +1,7 @@
 """A/B of the CPU gate between two source trees, each with its extension built in place.
 
-    python bench/cpu_ab.py OLD_TREE NEW_TREE [--rounds 5] [--min-time 0.15] [--json PATH]
+    python bench/cpu_ab.py OLD_TREE NEW_TREE [--rounds 5] [--min-time 0.15] [--threads N]
+                           [--match REGEX] [--json PATH]
 
 e.g. for the commit before a change:
     git worktree add /tmp/old HEAD~1
@@ -17,13 +18,16 @@ OLMoE/Qwen3 softmax top-k (E 64 and 256, and 16 with k=2 as Jamba's), the renorm
 (E=64, k=8, and Mixtral's E=8, k=2), GPT-OSS's top-k softmax (E=32 and 64, k=4) and
 DeepSeek-V3's grouped sigmoid, at T 1 to 8192, plain, with statistics, replaying every row,
 and both; and steered (three constant biases, one std-scaled, one expert forced on and one
-forced off), with and without statistics.
+forced off), with and without statistics. ``--match`` keeps the cases whose label matches a
+regular expression (e.g. ``"E=(8|16|32) "``); ``--threads`` sets torch's thread count in both
+trees (one thread gives steadier figures on a shared 2-core machine).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -34,10 +38,11 @@ SEMANTICS = [("softmax_topk", 64, 8), ("softmax_topk", 256, 8), ("renorm", 64, 8
 TS = (1, 64, 1024, 8192)
 
 
-def cases():
-    return [(s, T, E, k, stats, replay, steer) for T in TS for s, E, k in SEMANTICS
-            for stats in (False, True) for replay, steer in ((False, False), (True, False),
-                                                             (False, True))]
+def cases(match: str | None = None):
+    every = [(s, T, E, k, stats, replay, steer) for T in TS for s, E, k in SEMANTICS
+             for stats in (False, True) for replay, steer in ((False, False), (True, False),
+                                                              (False, True))]
+    return [c for c in every if match is None or re.search(match, label(c))]
 
 
 def label(case) -> str:
@@ -79,15 +84,17 @@ def gate_call(case):
     return (lambda: moe_route.topk_gate(x, k, spec, **kw)), kw.get("stats")
 
 
-def worker(mode: str, out: str, min_time: float) -> None:
+def worker(mode: str, out: str, min_time: float, match: str | None, threads: int | None) -> None:
     """In one tree: the outputs of every case (mode "outputs") or their median times ("time")."""
     import statistics
     import time
 
     import torch
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     results = {}
-    for case in cases():
+    for case in cases(match):
         fn, stats = gate_call(case)
         if mode == "outputs":
             w, ids = fn()
@@ -112,10 +119,11 @@ def worker(mode: str, out: str, min_time: float) -> None:
             json.dump(results, f)
 
 
-def run_in(tree: str, mode: str, out: str, min_time: float) -> None:
+def run_in(tree: str, mode: str, out: str, args) -> None:
     env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
-            f"import cpu_ab; cpu_ab.worker({mode!r}, {out!r}, {min_time!r})")
+            f"import cpu_ab; cpu_ab.worker({mode!r}, {out!r}, {args.min_time!r}, "
+            f"{args.match!r}, {args.threads!r})")
     # Run from the temporary directory, so no file of the caller's directory shadows a module.
     subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=os.path.dirname(out))
 
@@ -141,6 +149,8 @@ def main():
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--min-time", type=float, default=0.15)
     p.add_argument("--json", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads in both trees")
+    p.add_argument("--match", default=None, help="only the cases whose label matches this regex")
     p.add_argument("--rtol", type=float, default=None,
                    help="for a change meant to move the last bits: float outputs may differ by "
                         "this much, relative (ids and integer statistics must still be equal)")
@@ -152,7 +162,7 @@ def main():
         outs = {}
         for name, tree in trees.items():
             path = os.path.join(tmp, f"{name}.pt")
-            run_in(tree, "outputs", path, args.min_time)
+            run_in(tree, "outputs", path, args)
             outs[name] = torch.load(path)
         differ = [key for key in outs["old"]
                   if not all(torch.equal(bits(a), bits(b))
@@ -174,22 +184,22 @@ def main():
         for rnd in range(args.rounds):
             for name, tree in trees.items():
                 path = os.path.join(tmp, f"{name}_{rnd}.json")
-                run_in(tree, "time", path, args.min_time)
+                run_in(tree, "time", path, args)
                 with open(path) as f:
                     for key, us in json.load(f).items():
                         best[name, key] = min(best.get((name, key), float("inf")), us)
     print(f"best of {args.rounds} alternating rounds, median µs per call; ratio = old / new")
     print("| case | old | new | old / new |\n|---|---:|---:|---:|")
     rows = []
-    for case in cases():
+    for case in cases(args.match):
         key = label(case)
         old, new = best["old", key], best["new", key]
         rows.append({"case": key, "old_us": old, "new_us": new, "ratio": old / new})
         print(f"| {key} | {old:.1f} | {new:.1f} | {old / new:.2f}× |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"old": args.old, "new": args.new, "rounds": args.rounds, "rows": rows}, f,
-                      indent=1)
+            json.dump({"old": args.old, "new": args.new, "rounds": args.rounds,
+                       "threads": args.threads, "match": args.match, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

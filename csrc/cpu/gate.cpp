@@ -978,7 +978,7 @@ MOE_ROUTE_INLINE void lane_round(f32x8* work, i32x8* tier, int64_t seg, i32x8& a
 // kChains consecutive runs at once (one dependency chain of compare and blend each, where one
 // chain over all E was the gate's critical path) and merges the runs' bests in run order, so the
 // lower index still wins a tie. Four runs where E > 16, one up to 16 experts (runs of two or
-// four experts measured up to 10% slower than one chain at E=8 and 16, single-threaded). Run c
+// four experts measured up to 13% slower than one chain at E=8 and 16, single-threaded). Run c
 // starts at expert c * seg; the experts past E (up to kChains * seg <= kLaneMaxE) hold -inf in
 // the lowest tier and are never picked (values are sanitised, so a real expert always beats
 // them). Each round after the first takes the previous round's pick out as it reads an expert.
