@@ -1,6 +1,6 @@
 """Recording a ``torch.compile``d model over many groups: graphs compiled and time taken.
 
-    python bench/record_compile.py [TREE ...] [--groups 16] [--backend inductor]
+    python bench/record_compile.py [TREE ...] [--groups 16] [--backend inductor] [--trace]
 
 A tiny Qwen3-MoE (2 layers, 16 experts, top 4) is compiled (``torch.compile(model)``, not
 ``fullgraph``: a frame that reaches Dynamo's recompile limit runs eagerly from then on) and
@@ -8,7 +8,7 @@ recorded over ``--groups`` batches of [4, 64] tokens, each in a new ``group()``,
 many batches with 4 new per-sequence groups each (``per_sequence``). For each phase it reports
 the graphs Dynamo compiled, the wall time of the phase (compilation included) and the median
 time of its last 4 calls, beside that of an eager run; and whether the statistics equal the
-eager run's.
+eager run's. ``--trace`` records with ``trace=True``, and the traces must equal too.
 
 With no TREE it measures the installed ``moe_route``. Given source trees with the extension
 built in place, each runs in its own process (one round: compilation dominates) and prints its
@@ -28,7 +28,7 @@ import time
 B, S = 4, 64
 
 
-def measure(groups: int, backend: str) -> dict:
+def measure(groups: int, backend: str, trace: bool) -> dict:
     os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")  # time each compilation
     import torch
     import transformers
@@ -45,8 +45,8 @@ def measure(groups: int, backend: str) -> dict:
     batches = [torch.randint(0, 256, (B, S), generator=torch.Generator().manual_seed(b))
                for b in range(groups)]
 
-    def run(forward, phases: dict) -> "moe_route.RoutingStats":
-        with moe_route.record(model) as rec, torch.no_grad():
+    def run(forward, phases: dict) -> "moe_route.Recorder":
+        with moe_route.record(model, trace=trace) as rec, torch.no_grad():
             for phase in ("group", "per_sequence"):
                 graphs, times = counters["stats"]["unique_graphs"], []
                 start = time.perf_counter()
@@ -63,16 +63,21 @@ def measure(groups: int, backend: str) -> dict:
                     "graphs": counters["stats"]["unique_graphs"] - graphs,
                     "wall_s": time.perf_counter() - start,
                     "last_calls_ms": statistics.median(times[-4:]) * 1e3}
-        return rec.stats
+        return rec
 
     eager_phases: dict = {}
     eager = run(model, eager_phases)
     phases: dict = {}
-    stats = run(torch.compile(model, backend=backend), phases)
+    compiled = run(torch.compile(model, backend=backend), phases)
     for phase, f in phases.items():
         f["eager_last_calls_ms"] = eager_phases[phase]["last_calls_ms"]
-    same = eager.group_names == stats.group_names and all(
-        torch.equal(a.counts, b.counts) for a, b in zip(eager, stats))
+    same = eager.stats.group_names == compiled.stats.group_names and all(
+        torch.equal(a.counts, b.counts) for a, b in zip(eager.stats, compiled.stats))
+    if trace:
+        same = same and all(
+            torch.equal(layer["ids"], compiled.trace[name]["ids"])
+            and layer["group"] == compiled.trace[name]["group"]
+            for name, layer in eager.trace.items())
     return {"phases": phases, "same_as_eager": same, "module": moe_route.__file__,
             "torch": torch.__version__}
 
@@ -82,10 +87,11 @@ def main() -> None:
     p.add_argument("trees", nargs="*", help="source trees with moe_route built in place")
     p.add_argument("--groups", type=int, default=16)
     p.add_argument("--backend", default="inductor")
+    p.add_argument("--trace", action="store_true", help="record with trace=True")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child or not args.trees:
-        found = measure(args.groups, args.backend)
+        found = measure(args.groups, args.backend, args.trace)
         if args.child:
             print(json.dumps(found))
             return
@@ -95,13 +101,15 @@ def main() -> None:
         for tree in args.trees:
             env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
             run = subprocess.run([sys.executable, os.path.abspath(__file__), "--child",
-                                  "--groups", str(args.groups), "--backend", args.backend],
+                                  "--groups", str(args.groups), "--backend", args.backend]
+                                 + ["--trace"] * args.trace,
                                  env=env, cwd=tree, capture_output=True, text=True, check=True)
             found = json.loads(run.stdout.splitlines()[-1])
             if not found["module"].startswith(os.path.abspath(tree) + os.sep):
                 raise SystemExit(f"{tree}: the child imported another moe_route")
             results[tree] = found
-    print(f"{args.groups} batches per phase, [{B}, {S}] tokens, backend {args.backend}")
+    print(f"{args.groups} batches per phase, [{B}, {S}] tokens, backend {args.backend}"
+          + (", trace=True" if args.trace else ""))
     print("tree".ljust(26) + "phase".ljust(14) + "graphs".rjust(8) + "wall".rjust(10)
           + "last calls".rjust(12) + "eager".rjust(10) + "   same as eager")
     for tree, found in results.items():

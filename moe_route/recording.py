@@ -67,9 +67,11 @@ E <= 32767), weights (fp16 unless ``trace_dtype=torch.float32``), the statistics
 token id of each token (-1 for a call given ``inputs_embeds``), the layer's expert count and,
 with ``trace_logits=True``, the router logits. Each router call's tensors are copied to the
 host as they are produced (``rec.trace``, ``rec.save_trace(path)``); this one does sync. The
-trace grows Python lists in each router call, which ``torch.compile`` cannot keep in one graph: a
-compiled model that traces recompiles at every call (correct, but compiled for nothing; with
-``fullgraph=True`` the ninth call fails), so trace an uncompiled model.
+trace grows Python lists in each router call, which one compiled graph cannot hold, so
+``torch.compile`` runs the trace's step outside its graphs: a compiled model that traces breaks
+its graph at each router but compiles once, not at every call (a graph of every router call's
+lists had Dynamo guard on their lengths). ``fullgraph=True`` refuses the break: trace such a model
+compiled without it, or uncompiled.
 ``load_trace(path)`` reads a saved trace back in the same layout. A trace is a ``Trace``: the
 dict of layers, with the recorder's ``meta`` as ``trace.meta``, saved with it.
 
@@ -646,6 +648,7 @@ class Recorder:
                                f"assign to groups")
         return rows
 
+    @torch.compiler.disable  # a graph break: Dynamo would guard on the lists' lengths
     def _record_trace(self, stack, name, logits, weights, ids, groups):
         E, T = logits.shape[-1], ids.shape[0]
         parts = self._trace.setdefault(name, {})

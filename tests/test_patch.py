@@ -412,6 +412,39 @@ def test_record_under_compile_does_not_recompile_for_new_groups():
         torch.testing.assert_close(a.weight_sum, b.weight_sum)
 
 
+def test_trace_under_compile_compiles_once():
+    """A compiled model that traces (``torch.compile`` without fullgraph) compiles in its first
+    call and in none after, group after group, and traces what the eager model traces: the trace
+    step runs outside the graphs (a graph break per router call). Inside them Dynamo guarded on
+    the trace lists' lengths and recompiled at every call until its limit (8), after which the
+    model ran uncompiled."""
+    from torch._dynamo.testing import CompileCounter
+
+    model = build("qwen3_moe")
+    batches = [_ids(40 + b, (3, 5)) for b in range(12)]
+
+    def run(compiled):
+        counter = CompileCounter()
+        torch._dynamo.reset()
+        frames = []
+        with moe_route.record(model, trace=True, trace_logits=True) as rec, torch.no_grad():
+            forward = torch.compile(model, backend=counter) if compiled else model
+            for b, ids in enumerate(batches):
+                with rec.group(f"g{b}"):
+                    forward(ids)
+                frames.append(counter.frame_count)
+        return rec.trace, frames
+
+    (eager, _), (traced, frames) = run(False), run(True)
+    assert frames[0] > 0 and frames == [frames[0]] * 12
+    assert list(traced) == list(eager)
+    groups = [f"g{b}" for b in range(12) for _ in range(15)]
+    for name, layer in eager.items():
+        assert layer["group"] == traced[name]["group"] == groups
+        for key in ("ids", "weights", "tokens", "logits"):
+            assert torch.equal(layer[key], traced[name][key]), (name, key)
+
+
 def _qwen3_moe(compiled: bool):
     """A fresh tiny Qwen3-MoE and a Dynamo frame counter, the model compiled with
     fullgraph=True (``model.compile``, which takes the hooks into the graph) if ``compiled``."""
