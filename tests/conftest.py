@@ -194,6 +194,10 @@ def steer_table(kind: str, E: int, *, seed=2, device="cpu") -> tuple:
         t[3, picks[0]] = 1.0
         if E > 2:
             t[3, picks[-1] if len(picks) > 1 else (picks[0] + 1) % E] = -1.0
+    elif kind == "force_many":  # a third on (often more than k), a third off
+        order = torch.randperm(E, generator=g)
+        t[3, order[: E // 3]] = 1.0
+        t[3, order[E // 3: 2 * E // 3]] = -1.0
     elif kind in ("mixed", "mixed_select_only"):
         t[0] = torch.randn(E, generator=g) * 0.5
         t[1, picks] = 0.5

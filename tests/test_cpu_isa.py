@@ -235,7 +235,8 @@ FEW_EXPERTS = [
     ("all_chosen", 3, 3, {}),
     ("one_expert", 1, 1, {}),
 ]
-STEERS = ["none", "add", "std", "std_unbiased", "abs", "force", "mixed", "mixed_select_only"]
+STEERS = ["none", "add", "std", "std_unbiased", "abs", "force", "force_many", "mixed",
+          "mixed_select_only"]
 
 
 def tied_logits(T, E, seed):
