@@ -1768,3 +1768,19 @@ def test_a_router_run_outside_the_models_forward_warns_and_never_reuses_a_calls_
         assert rec.stats.group_names == context + names
         for layer in rec.stats:
             assert layer.tokens.tolist() == [B * S] * len(context) + [S] * B
+
+
+def test_flush_copies_each_device_and_dtype_at_once():
+    """A flush copies the statistics of a device to the host as one tensor per dtype
+    (``_flat_copy``): each part keeps its shape and values, in storage of its own, since the
+    device buffers are zeroed after the flush. Host tensors pass through as they are."""
+    from moe_route.recording import _flat_copy, _to_host
+
+    tensors = [torch.arange(6.0).view(2, 3), torch.rand(4), torch.rand(2, 2, 2), torch.rand(0)]
+    before = [t.clone() for t in tensors]
+    got = _flat_copy(tensors)
+    for t in tensors:
+        t.zero_()
+    for want, part in zip(before, got):
+        assert part.shape == want.shape and torch.equal(part, want)
+    assert all(a is b for a, b in zip(tensors, _to_host(tensors)))
