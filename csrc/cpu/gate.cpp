@@ -40,7 +40,8 @@ MOE_ROUTE_INLINE float sanitize(float x) {
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 
-// A broadcast of x (f32x8{x, x, ...} of a runtime x compiled to 8 inserts).
+// x in every lane, by a shuffle: GCC built f32x8{x, x, ...} of a runtime x from 8 inserts in
+// some loops (as it did splat8i's in lane_select's tier setup).
 MOE_ROUTE_INLINE f32x8 splat8(float x) {
   const f32x8 v = {x};
   return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0);
@@ -849,7 +850,7 @@ constexpr int64_t kLaneMaxE = 32;
 constexpr int kLanes = 8;
 constexpr int kMinLaneTokens = 4;  // at E=32, 1 or 2 tokens take 5-10% longer in lanes
 
-MOE_ROUTE_INLINE i32x8 splat8i(int32_t x) {
+MOE_ROUTE_INLINE i32x8 splat8i(int32_t x) {  // as splat8
   const i32x8 v = {x};
   return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0);
 }
@@ -953,8 +954,10 @@ MOE_ROUTE_INLINE void lane_round(f32x8* work, i32x8* tier, int64_t seg, i32x8 se
   const f32x8 taken = splat8(-INFINITY);
   f32x8 best[kChains];
   i32x8 best_at[kChains], best_tier[kChains], ev[kChains];  // ev: e in every lane
-  for (int c = 0; c < kChains; ++c)  // ev[c] from seg8 = seg in every lane: a splat of c * seg
-    best[c] = taken, best_at[c] = splat8i(0), best_tier[c] = splat8i(-1),  // took 8 inserts
+  // ev[c] starts at c * seg, stepped by seg8 (seg in every lane): GCC built splat8i(c * seg)
+  // from 8 inserts per chain and round, even by a shuffle.
+  for (int c = 0; c < kChains; ++c)
+    best[c] = taken, best_at[c] = splat8i(0), best_tier[c] = splat8i(-1),
     ev[c] = c == 0 ? splat8i(0) : ev[c - 1] + seg8;
   for (int64_t i = 0; i < seg; ++i) {
     for (int c = 0; c < kChains; ++c) {
