@@ -1016,7 +1016,7 @@ MOE_ROUTE_INLINE void lane_select(const Prep& prep, const f32x8* v, int64_t E, i
     b.work[e] = e < E ? v[e] : splat8(-INFINITY);
     if (kTiers) tier[e] = splat8i(e < E ? prep.tier[e] : -1);
   }
-  const bool forced = !kTiers && prep.has_force;  // prep.force_as_values
+  const bool forced = !kTiers && prep.force_as_values;
   if (forced)
     for (const int32_t e : prep.forced)
       b.work[e] = splat8(prep.tier[e] == kTierForcedOn ? INFINITY : -INFINITY);
@@ -1457,6 +1457,7 @@ void run_gate_cpu(const GateParams& p) {
   }
   if (p.steer) {
     prep.tier.assign(p.E, int8_t(kTierNormal));
+    int64_t off = 0;
     for (int64_t e = 0; e < p.E; ++e) {
       prep.has_std = prep.has_std || p.steer[kSteerStd * p.E + e] != 0.f;
       const float f = p.steer[kSteerForce * p.E + e];
@@ -1464,22 +1465,17 @@ void run_gate_cpu(const GateParams& p) {
         prep.has_force = true;
         prep.tier[e] = int8_t(f > 0.f ? kTierForcedOn : kTierForcedOff);
         prep.forced.push_back(int32_t(e));
+        off += f < 0.f;
+        if (f > 0.f && prep.first_on < 0) prep.first_on = int32_t(e);
       }
-    }
-  }
-
-  prep.lanes = cpu_gate_lanes() && p.E <= kLaneMaxE && p.n_group == 1;
-  if (prep.has_force) {
-    int64_t off = 0;
-    for (const int32_t e : prep.forced) {
-      off += prep.tier[e] == kTierForcedOff;
-      if (prep.tier[e] == kTierForcedOn && prep.first_on < 0) prep.first_on = e;
     }
     // Experts forced on hold equal values (steer_row gives them the row's maximum) unless a
     // selection bias sets them apart: +inf then orders them as their tier does, by index.
     // Experts forced off are never reached while k others remain.
-    prep.force_as_values = !p.selection_bias && p.E - off >= p.k;
+    prep.force_as_values = prep.has_force && !p.selection_bias && p.E - off >= p.k;
   }
+
+  prep.lanes = cpu_gate_lanes() && p.E <= kLaneMaxE && p.n_group == 1;
 
   const int64_t chunk = chunk_size(p.T);
   const int64_t n_chunks = (p.T + chunk - 1) / chunk;
