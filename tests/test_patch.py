@@ -229,6 +229,27 @@ def test_non_moe_model_raises():
         moe_route.patch("olmoe")
 
 
+@pytest.mark.parametrize("key, name, index, expected", [
+    (3, "model.layers.3.mlp.gate", 3, True),            # a decoder-layer index
+    (3, "model.layers.13.mlp.gate", 13, False),
+    (3, "m.block.router@pass1", 3, True),               # every pass of a loop layer
+    ("model.layers.3.mlp.gate", "model.layers.3.mlp.gate", 3, True),   # the router's path
+    ("model.layers.3.mlp", "model.layers.3.mlp.gate", 3, True),        # its MoE block's
+    ("model.layers.3", "model.layers.3.mlp.gate", 3, False),           # not the decoder layer
+    ("model.layers.3.mlp.gat", "model.layers.3.mlp.gate", 3, False),   # no prefix matching
+    ("m.block.router", "m.block.router@pass1", 0, True),               # every pass
+    ("m.block", "m.block.router@pass1", 0, True),
+    ("m.block.router@pass1", "m.block.router@pass1", 0, True),         # one pass
+    ("m.block.router@pass0", "m.block.router@pass1", 0, False),
+    ("model.layers.3.mlp", None, 3, True),              # a layer known by its index only
+    ("model.layers.3.mlp", None, 4, False),
+    ("router", None, 3, False),                         # a path without a decoder index
+])
+def test_layer_keys_name_sites(key, name, index, expected):
+    from moe_route.hf.patch import names_layer
+    assert names_layer(key, name, index) is expected
+
+
 @pytest.mark.parametrize("family", CORE)
 def test_topk_router_from_module(family):
     model = build(family)

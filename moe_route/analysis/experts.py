@@ -37,7 +37,7 @@ import torch
 from moe_route._checks import check_bool, check_int
 from moe_route.analysis.metrics import (_check_stats, _layer_chunks, _one_device,
                                         _resolve_parallel, _stack_layers)
-from moe_route.hf.patch import layer_index, split_site
+from moe_route.hf.patch import layer_index, names_layer
 from moe_route.stats import RoutingStats
 from moe_route.steering import SteerEntry, SteeringPlan
 
@@ -162,16 +162,10 @@ def _layer_filter(keys: List[LayerKey], layers, where: str,
         raise TypeError(f"{where}: layers must be an iterable of layer keys (range, list), got "
                         f"{layers!r}")
     wanted = set(layers)
-    paths = {key for key in wanted if isinstance(key, str)}
-    indices = {key for key in wanted if not isinstance(key, str)}
-    indices |= {layer_index(path) for path in paths}  # an index-keyed layer named by its path
 
-    def kept(key: LayerKey) -> bool:
-        if not isinstance(key, str):
-            return key in indices
-        path = split_site(key)[0]
-        return (bool({key, path, path.rpartition(".")[0]} & paths)
-                or layer_index(key) in wanted)
+    def kept(key: LayerKey) -> bool:   # an int key is a layer known by its index only
+        name, index = (key, layer_index(key)) if isinstance(key, str) else (None, key)
+        return any(names_layer(w, name, index) for w in wanted)
 
     out = [key for key in keys if kept(key)]
     if not out and wanted and keys:

@@ -44,7 +44,7 @@ from moe_route.nn.router import route
 from moe_route.ops import GateStats, SteerSpec, topk_gate
 
 __all__ = ["patch", "unpatch", "PatchHandle", "RouterState", "find_routers", "layer_positions",
-           "sites_by_key", "split_site"]
+           "names_layer", "sites_by_key", "split_site"]
 
 _STATE = "_moe_route_state"
 _HANDLE = "_moe_route_patch"
@@ -326,6 +326,21 @@ def split_site(name: str) -> tuple[str, Optional[int]]:
     return (one_pass.group(1), int(one_pass.group(2))) if one_pass else (name, None)
 
 
+def names_layer(key, name: Optional[str], index: Optional[int]) -> bool:
+    """Whether the layer key ``key`` names the routing site called ``name`` in decoder layer
+    ``index``, the rule every ``layers=`` argument follows: an int names every site of that
+    decoder layer (each pass of a loop layer's router, an encoder's and a decoder's alike); a str
+    names a site by its own name (``m.gate@pass1``), its router's module path (``m.gate``: every
+    pass) or its MoE block's path (``m``). A site known only by its index (``name`` None:
+    statistics keyed 0..L-1) is named by a str in its decoder layer."""
+    if not isinstance(key, str):
+        return key == index
+    if name is None:
+        return index is not None and layer_index(key) == index
+    path = split_site(name)[0]
+    return key in (name, path, path.rpartition(".")[0])
+
+
 def layer_positions(names: Sequence[str], layers, where: str, arg: str = "layers", *,
                     indices: Optional[Sequence[Optional[int]]] = None) -> list:
     """Positions in ``names`` (a statistics' or trace's layer names, in order) of the layers that
@@ -338,23 +353,21 @@ def layer_positions(names: Sequence[str], layers, where: str, arg: str = "layers
     if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
         raise TypeError(f"{where}: {arg} must be an iterable of layer keys (decoder-layer indices "
                         f"or module paths), got {layers!r}")
-    paths = [split_site(name)[0] for name in names]
     indices = [layer_index(name) for name in names] if indices is None else list(indices)
     out: list = []
     for key in layers:
-        if isinstance(key, str):
-            hits = [p for p, (name, path) in enumerate(zip(names, paths))
-                    if key in (name, path, path.rpartition(".")[0])]
-        elif isinstance(key, numbers.Integral) and not isinstance(key, bool):
+        if isinstance(key, numbers.Integral) and not isinstance(key, bool):
             key = int(key)
-            hits = [p for p, index in enumerate(indices) if index == key]
-            routers = sorted({paths[p] for p in hits})
+        elif not isinstance(key, str):
+            raise TypeError(f"{where}: {arg} must hold layer keys, ints (decoder-layer indices) "
+                            f"or str (module paths), got {key!r} ({type(key).__name__})")
+        hits = [p for p, (name, index) in enumerate(zip(names, indices))
+                if names_layer(key, name, index)]
+        if isinstance(key, int):
+            routers = sorted({split_site(names[p])[0] for p in hits})
             if len(routers) > 1:
                 raise ValueError(f"{where}: {arg} holds layer {key}, which is ambiguous "
                                  f"({routers}); name one by its module path")
-        else:
-            raise TypeError(f"{where}: {arg} must hold layer keys, ints (decoder-layer indices) "
-                            f"or str (module paths), got {key!r} ({type(key).__name__})")
         if not hits:
             known = sorted({i for i in indices if i is not None})
             raise ValueError(f"{where}: {arg} holds {key!r}, which is not a layer here; the "
@@ -390,9 +403,9 @@ def sites_by_key(keys, routers: dict, where: str) -> dict:
             names = by_index.get(int(key), [])
             if len(names) > 1:
                 raise ValueError(f"{where}: layer {key} is ambiguous ({names}); use a module path")
-        else:
+        else:   # a router's name is its module path: a pass in the key is resolved below
             key_path, p = split_site(key)
-            names = [n for n in routers if n == key_path or n.rpartition(".")[0] == key_path]
+            names = [n for n in routers if names_layer(key_path, n, None)]
         if not names:
             raise ValueError(f"{where}: layer {key!r} is not an MoE layer of the model; MoE "
                              f"layers are {sorted(by_index)} (or module paths "
