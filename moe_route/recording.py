@@ -62,16 +62,18 @@ The statistics are the fused gate's (``GateStats``): ``weight_sum`` holds the ga
 which are the router's outputs except in families whose router post-processes them in PyTorch
 (Gemma4's per-expert scale, Ernie's clamped renormalisation; ``Adapter.returns``).
 
-``trace=True`` also keeps the per-token routing of every layer on the CPU: ids (int16 when
-E <= 32767), weights (fp16 unless ``trace_dtype=torch.float32``), the statistics row and input
-token id of each token (-1 for a call given ``inputs_embeds``), the layer's expert count and,
-with ``trace_logits=True``, the router logits. Each router call's tensors are copied to the
-host as they are produced (``rec.trace``, ``rec.save_trace(path)``); this one does sync. The
-trace grows Python lists in each router call, which one compiled graph cannot hold, so
-``torch.compile`` runs the trace's step outside its graphs: a compiled model that traces breaks
-its graph at each router but compiles once, not at every call (a graph of every router call's
-lists had Dynamo guard on their lengths). ``fullgraph=True`` refuses the break: trace such a model
-compiled without it, or uncompiled.
+``trace=True`` also keeps the per-token routing of every layer on the CPU: ids (int16 when E <=
+32767), weights (fp16 unless ``trace_dtype=torch.float32``), the statistics row and input token
+id of each token (-1 for a call given ``inputs_embeds``), the layer's expert count and, with
+``trace_logits=True``, the router logits (``rec.trace``, ``rec.save_trace(path)``). A router
+call on a GPU casts its rows to those dtypes there and leaves them there; they come to the host
+together, one copy per device and dtype, whenever ``recording.TRACE_STAGE_BYTES`` (64 MiB) of
+them wait, and when the trace is read or spilled: no sync and no pinned host memory per router
+call. The trace grows Python lists in each router call, which one compiled graph cannot hold,
+so ``torch.compile`` runs the trace's step outside its graphs: a compiled model that traces
+breaks its graph at each router but compiles once, not at every call (a graph of every router
+call's lists had Dynamo guard on their lengths). ``fullgraph=True`` refuses the break: trace
+such a model compiled without it, or uncompiled.
 ``load_trace(path)`` reads a saved trace back in the same layout. A trace is a ``Trace``: the
 dict of layers, with the recorder's ``meta`` as ``trace.meta``, saved with it.
 
@@ -162,7 +164,8 @@ class Recorder:
         self.trace_buffer_bytes = trace_buffer_bytes
         self.trace_logits, self.trace_dtype = trace_logits, trace_dtype
         self._trace: dict[str, dict[str, list]] = {}
-        self._trace_devices: set = set()          # CUDA devices the trace's copies come from
+        self._staged: list = []    # (parts list, position) of the trace parts still on a device
+        self._staged_bytes = 0
         self._spill: Optional[TraceSpill] = None   # trace_path: the file being recorded
         self._buffered = 0                        # host bytes of trace parts not spilled yet
         self._streamed = False                    # trace_path: a context ran (and wrote it)
@@ -183,7 +186,7 @@ class Recorder:
         # each stack's (model.stacks: the model, or an encoder-decoder's encoder and decoder)
         # latest call: {stack path: {device: token rows [T]}}
         self._calls: dict = {}
-        self._call_tokens: dict = {}   # trace: {stack path: the call's input ids [B*S], host}
+        self._call_tokens: dict = {}   # trace: {stack path: the call's input ids [B*S] int32}
         self._hooks: list = []
         self._generation: Optional[_Generation] = None   # inside the wrapped model.generate
         self._decoder = ""                                # the stack generate decodes with
@@ -452,9 +455,9 @@ class Recorder:
         embeds = call.get("inputs_embeds")
         ref = input_ids if input_ids is not None else embeds
         rows_on = self._calls[stack] = {}
-        if self.trace_on:  # on the host once per call, for every layer's trace rows
+        if self.trace_on:  # once per call, for every layer's trace rows (on the call's device)
             self._call_tokens[stack] = None if input_ids is None else \
-                input_ids.reshape(-1).to("cpu", torch.int32)
+                input_ids.reshape(-1).to(torch.int32, copy=True)
         if ref is None:
             return
         B, S = ref.shape[0], ref.shape[1]
@@ -655,37 +658,49 @@ class Recorder:
         tokens = self._call_tokens.get(stack)
         if tokens is None or tokens.shape[0] != T:  # inputs_embeds, or outside the stack's call
             tokens = torch.full((T,), -1, dtype=torch.int32)
-        rows = {"ids": ids.to(torch.int16 if E <= 32767 else torch.int32),
-                "weights": weights.to(self.trace_dtype),
-                "groups": groups if groups is not None else
-                torch.full((T,), -1, dtype=torch.int32, device=ids.device)}
+        # copies, never the model's tensors: the parts may wait on the device (_trace_to_host)
+        rows = {"ids": ids.detach().to(torch.int16 if E <= 32767 else torch.int32, copy=True),
+                "weights": weights.detach().to(self.trace_dtype, copy=True),
+                "groups": groups.to(torch.int32, copy=True) if groups is not None else
+                torch.full((T,), -1, dtype=torch.int32)}
         if self.trace_logits:
-            rows["logits"] = logits.to(self.trace_dtype)
-        if ids.is_cuda:  # the copies below land in pinned memory after this call returns
-            self._trace_devices.add(ids.device)
+            rows["logits"] = logits.detach().to(self.trace_dtype, copy=True)
+        rows["tokens"] = tokens   # shared by the call's layers
         for key, t in rows.items():
-            parts.setdefault(key, []).append(t.detach().to("cpu", non_blocking=True))
-        parts.setdefault("tokens", []).append(tokens)   # shared by the call's layers
+            kept = parts.setdefault(key, [])
+            kept.append(t)
+            if not _is_host(t):
+                self._staged.append((kept, len(kept) - 1))
         # group rows are recycled after a flush: keep each token's group *name*
         if self._row_names is None:
             self._row_names = list(self._rows)
         parts.setdefault("group_names", []).append(self._row_names)
         parts["experts"] = E
+        size = sum(t.numel() * t.element_size() for t in rows.values())
+        if self._staged:
+            self._staged_bytes += size
+            if self._staged_bytes >= TRACE_STAGE_BYTES:
+                self._trace_to_host()
         if self._spill is not None:
-            self._buffered += _PART_OBJECTS + 4 * T + sum(t.numel() * t.element_size()
-                                                           for t in rows.values())
+            self._buffered += _PART_OBJECTS + size
             if self._buffered >= self.trace_buffer_bytes:
                 self._spill_parts()
 
-    def _trace_copies_done(self) -> None:
-        """Wait for the trace's device-to-host copies (pinned, asynchronous) before reading them."""
-        for device in self._trace_devices:
-            torch.cuda.synchronize(device)
+    def _trace_to_host(self) -> None:
+        """Bring the trace parts still on a device to the host: one copy per device and dtype
+        (``_to_host``), a call's tokens (shared by its layers' parts) once."""
+        if not self._staged:
+            return
+        staged = {id(kept[i]): kept[i] for kept, i in self._staged}
+        host = dict(zip(staged, _to_host(list(staged.values()))))
+        for kept, i in self._staged:
+            kept[i] = host[id(kept[i])]
+        self._staged, self._staged_bytes = [], 0
 
     def _spill_parts(self) -> None:
         """Append every layer's buffered calls to the spill file and drop them from memory (each
         token's group row becomes its group's index in the file)."""
-        self._trace_copies_done()
+        self._trace_to_host()
         codes = self._spill.group_codes
         for name, parts in self._trace.items():
             E = parts["experts"]
@@ -722,7 +737,7 @@ class Recorder:
         first read, a layer at a time, so a large trace is not held twice): copy one before
         changing it in place."""
         self._not_streamed("trace")
-        self._trace_copies_done()
+        self._trace_to_host()
         out = Trace(meta=self.meta)
         for name, parts in self._trace.items():
             for key in _TRACE_TENSORS:
@@ -798,6 +813,12 @@ class Recorder:
 # entries that hold them; about 2 kB measured), counted against trace_buffer_bytes: in
 # generate()'s one-token steps they outweigh the data many times.
 _PART_OBJECTS = 2048
+# bytes of trace parts a device holds before they are copied to the host together
+TRACE_STAGE_BYTES = 64 << 20
+
+
+def _is_host(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu"
 
 
 def _to_host(tensors: list) -> list:
@@ -808,7 +829,7 @@ def _to_host(tensors: list) -> list:
     out = list(tensors)
     kinds: dict = {}
     for i, t in enumerate(tensors):
-        if t.device.type != "cpu":
+        if not _is_host(t):
             kinds.setdefault((t.device, t.dtype), []).append(i)
     for indices in kinds.values():
         for i, t in zip(indices, _flat_copy([tensors[i] for i in indices])):

@@ -753,6 +753,55 @@ def test_streamed_trace_is_the_trace_held_in_memory(tmp_path, monkeypatch, buffe
             assert torch.equal(f.get_tensor(key), g.get_tensor(key))
 
 
+@pytest.mark.parametrize("stage", [1, 300, 1 << 30])
+@pytest.mark.parametrize("streamed", [False, True])
+def test_trace_parts_wait_on_their_device_and_come_to_the_host_together(tmp_path, monkeypatch,
+                                                                        stage, streamed):
+    """A trace's rows stay on the device of the router that made them until TRACE_STAGE_BYTES
+    of them have gathered, or the trace is read or spilled; then they come over in one copy per
+    dtype, a call's token ids (shared by its layers) once. Run on the CPU with every tensor taken
+    for a device one, so that the staged path copies for real: the trace is the one recorded
+    without staging, held or streamed, and the copies are those expected (a 1-byte stage copies
+    each router call's rows; a 1 GiB one all of them at the read or at the end)."""
+    from moe_route import recording
+
+    model = build("olmoe")
+    options = dict(trace_logits=True, meta={"run": 1})
+    want = _record_corpus(model, trace=True, **options).trace
+    copies, flat_copy, to_host = [], recording._flat_copy, recording.Recorder._trace_to_host
+    staging = []   # the statistics' flushes copy through _flat_copy too: count the trace's
+
+    def trace_to_host(self):
+        staging.append(True)
+        to_host(self)
+        staging.pop()
+
+    monkeypatch.setattr(recording, "_is_host", lambda t: False)
+    monkeypatch.setattr(recording, "TRACE_STAGE_BYTES", stage)
+    monkeypatch.setattr(recording.Recorder, "_trace_to_host", trace_to_host)
+    monkeypatch.setattr(recording, "_flat_copy", lambda ts: (
+        staging and copies.append((ts[0].dtype, sum(t.numel() for t in ts)))) or flat_copy(ts))
+    path = tmp_path / "trace.safetensors"
+    rec = _record_corpus(model, **(dict(trace_path=path) if streamed else dict(trace=True)),
+                         **options)
+    got = moe_route.load_trace(path) if streamed else rec.trace
+    assert list(got) == list(want) and got.meta == want.meta
+    for name, layer in want.items():
+        assert got[name]["group"] == layer["group"] and got[name]["experts"] == 8
+        for key in ("ids", "weights", "tokens", "logits"):
+            assert got[name][key].dtype == layer[key].dtype
+            assert torch.equal(got[name][key], layer[key]), (name, key)
+    N, E, L, k = 24, 8, 2, 2   # tokens, experts, layers, experts per token
+    floats, int32 = [(torch.float16, n) for n in (N * k * L, N * E * L)], torch.int32
+    if stage == 1:   # each router call: ids, weights and logits, groups and tokens
+        T = [t for c in _CORPUS for t in [c.numel()] * L]
+        assert copies == [c for t in T for c in ((torch.int16, t * k),
+                                                 (torch.float16, t * (k + E)), (int32, 2 * t))]
+    elif stage == 1 << 30:   # all at once, tokens once per call
+        assert copies == [(torch.int16, N * k * L), (torch.float16, sum(n for _, n in floats)),
+                          (int32, N * L + N)]
+
+
 @pytest.mark.parametrize("buffer, spilled", [(1, [True, True]), (6000, [False, True]),
                                              (None, [False, False])])
 def test_trace_buffer_bytes_is_what_a_streamed_trace_holds_before_it_spills(tmp_path, buffer,
