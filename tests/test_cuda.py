@@ -408,6 +408,37 @@ def test_record_and_steer_on_cuda_match_cpu(family):
     assert int(rec.stats[-1].counts[0][rare]) == ids.numel()
 
 
+@pytest.mark.parametrize("stage", [1, 1 << 30])
+def test_trace_on_cuda_comes_to_the_host_as_on_the_cpu(monkeypatch, stage):
+    """A trace recorded on CUDA, its rows brought over at every router call (a 1-byte stage) or
+    once at the read, is the trace recorded on the CPU: ids, tokens and groups equal, weights and
+    logits within fp16 rounding of a device's last bits; every tensor of it on the host."""
+    from moe_route import recording
+
+    monkeypatch.setattr(recording, "TRACE_STAGE_BYTES", stage)
+    model = build("qwen3_moe")
+    ids = _ids().cpu()
+    traces = {}
+    for device in ("cpu", "cuda"):
+        model.to(device)
+        with moe_route.patch(model, exact=True), \
+                moe_route.record(model, trace=True, trace_logits=True) as rec, torch.no_grad():
+            with rec.group("first"):
+                model(ids.to(device))
+            with rec.group("second"):
+                model(ids[:1].to(device))
+        traces[device] = rec.trace
+    assert list(traces["cuda"]) == list(traces["cpu"])
+    for name, layer in traces["cpu"].items():
+        got = traces["cuda"][name]
+        assert got["group"] == layer["group"] and got["experts"] == layer["experts"]
+        for key in ("ids", "tokens", "weights", "logits"):
+            assert got[key].device.type == "cpu" and got[key].dtype == layer[key].dtype, key
+        assert torch.equal(got["ids"], layer["ids"]) and torch.equal(got["tokens"], layer["tokens"])
+        for key in ("weights", "logits"):
+            torch.testing.assert_close(got[key], layer[key], rtol=2e-3, atol=1e-3)
+
+
 def test_evaluation_on_cuda_matches_cpu():
     """The planted task asked as multiple-choice questions of the model on CUDA, patched and
     steered, answers as on the CPU (the scores are gathered on the device)."""
