@@ -671,18 +671,18 @@ class Recorder:
             kept.append(t)
             if not _is_host(t):
                 self._staged.append((kept, len(kept) - 1))
+                # in device memory, as the CUDA caching allocator's blocks: 512 bytes at least
+                self._staged_bytes += -(-t.numel() * t.element_size() // 512) * 512
         # group rows are recycled after a flush: keep each token's group *name*
         if self._row_names is None:
             self._row_names = list(self._rows)
         parts.setdefault("group_names", []).append(self._row_names)
         parts["experts"] = E
-        size = sum(t.numel() * t.element_size() for t in rows.values())
-        if self._staged:
-            self._staged_bytes += size
-            if self._staged_bytes >= TRACE_STAGE_BYTES:
-                self._trace_to_host()
+        if self._staged_bytes >= TRACE_STAGE_BYTES:
+            self._trace_to_host()
         if self._spill is not None:
-            self._buffered += _PART_OBJECTS + size
+            self._buffered += _PART_OBJECTS + sum(t.numel() * t.element_size()
+                                                  for t in rows.values())
             if self._buffered >= self.trace_buffer_bytes:
                 self._spill_parts()
 
@@ -813,7 +813,8 @@ class Recorder:
 # entries that hold them; about 2 kB measured), counted against trace_buffer_bytes: in
 # generate()'s one-token steps they outweigh the data many times.
 _PART_OBJECTS = 2048
-# bytes of trace parts a device holds before they are copied to the host together
+# bytes of trace parts the devices hold (each part's in 512-byte blocks, so that a generate()'s
+# one-token steps are not undercounted) before they are copied to the host together
 TRACE_STAGE_BYTES = 64 << 20
 
 

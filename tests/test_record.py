@@ -753,7 +753,7 @@ def test_streamed_trace_is_the_trace_held_in_memory(tmp_path, monkeypatch, buffe
             assert torch.equal(f.get_tensor(key), g.get_tensor(key))
 
 
-@pytest.mark.parametrize("stage", [1, 300, 1 << 30])
+@pytest.mark.parametrize("stage", [1, 5000, 1 << 30])
 @pytest.mark.parametrize("streamed", [False, True])
 def test_trace_parts_wait_on_their_device_and_come_to_the_host_together(tmp_path, monkeypatch,
                                                                         stage, streamed):
@@ -762,7 +762,8 @@ def test_trace_parts_wait_on_their_device_and_come_to_the_host_together(tmp_path
     dtype, a call's token ids (shared by its layers) once. Run on the CPU with every tensor taken
     for a device one, so that the staged path copies for real: the trace is the one recorded
     without staging, held or streamed, and the copies are those expected (a 1-byte stage copies
-    each router call's rows; a 1 GiB one all of them at the read or at the end)."""
+    each router call's rows, one of 5000 bytes every second call, as each part takes a 512-byte
+    block of device memory at least; a 1 GiB one all of them at the read or at the end)."""
     from moe_route import recording
 
     model = build("olmoe")
@@ -797,7 +798,9 @@ def test_trace_parts_wait_on_their_device_and_come_to_the_host_together(tmp_path
         T = [t for c in _CORPUS for t in [c.numel()] * L]
         assert copies == [c for t in T for c in ((torch.int16, t * k),
                                                  (torch.float16, t * (k + E)), (int32, 2 * t))]
-    elif stage == 1 << 30:   # all at once, tokens once per call
+    elif stage == 5000:   # each part counts as a 512-byte device block: 5 parts, 2 calls each
+        assert len(copies) == 3 * len(_CORPUS) * L // 2
+    else:   # all at once, tokens once per call
         assert copies == [(torch.int16, N * k * L), (torch.float16, sum(n for _, n in floats)),
                           (int32, N * L + N)]
 
