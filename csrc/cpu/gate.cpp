@@ -1229,11 +1229,15 @@ MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t 
   }
   // weigh's softmax step in the lanes, the rest (finish_weights) per token: ew[id] / sum for a
   // softmax over all experts; for a softmax over the k picked logits, their exps from their
-  // max, summed in double in pick order.
-  const bool lane_weights = p.score == Score::Softmax && (!p.select_on_logits || picked_zw);
+  // max, summed in double in pick order. Those logits are gathered where the selection did not
+  // leave them in b.picked (replayed rows, select-only steering, a selection bias): per token,
+  // weigh's k scalar exps took about a third of GPT-OSS's replay.
+  const bool lane_weights = p.score == Score::Softmax;
   if (lane_weights && !p.select_on_logits) {
     for (int64_t j = 0; j < k; ++j) b.w[j] = lane_gather(b.ew, E, b.ids[j]) / b.w_sum;
   } else if (lane_weights) {
+    if (!picked_zw)
+      for (int64_t j = 0; j < k; ++j) b.picked[j] = lane_gather(zw, E, b.ids[j]);
     typedef double f64x8 __attribute__((vector_size(64)));
     f32x8 m = splat8(-kFltMax);
     for (int64_t j = 0; j < k; ++j) m = m < b.picked[j] ? b.picked[j] : m;  // std::max(m, x)
@@ -1374,10 +1378,15 @@ MOE_ROUTE_INLINE bool replay_row_ok(const I* row, int64_t k, int64_t E, uint64_t
   bool in_range = true;
   for (int64_t j = 0; j < k; ++j) in_range &= row[j] >= 0 && int64_t(row[j]) < E;
   if (!in_range) return false;
-  if (E <= 64) {  // the set in a register: no store-to-load chain through one word
-    uint64_t set = 0;
-    for (int64_t j = 0; j < k; ++j) set |= uint64_t(1) << row[j];
-    return __builtin_popcountll(set) == k;
+  if (E <= 64) {  // the set in a register: no store-to-load chain through one word, and no
+                  // popcount (a libgcc call in the baseline build this check is compiled in)
+    uint64_t set = 0, repeated = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      const uint64_t bit = uint64_t(1) << row[j];
+      repeated |= set & bit;
+      set |= bit;
+    }
+    return repeated == 0;
   }
   uint64_t repeated = 0;
   for (int64_t j = 0; j < k; ++j) {
