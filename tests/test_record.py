@@ -793,7 +793,7 @@ def test_trace_parts_wait_on_their_device_and_come_to_the_host_together(tmp_path
             assert got[name][key].dtype == layer[key].dtype
             assert torch.equal(got[name][key], layer[key]), (name, key)
     N, E, L, k = 24, 8, 2, 2   # tokens, experts, layers, experts per token
-    floats, int32 = [(torch.float16, n) for n in (N * k * L, N * E * L)], torch.int32
+    int32 = torch.int32
     if stage == 1:   # each router call: ids, weights and logits, groups and tokens
         T = [t for c in _CORPUS for t in [c.numel()] * L]
         assert copies == [c for t in T for c in ((torch.int16, t * k),
@@ -801,7 +801,7 @@ def test_trace_parts_wait_on_their_device_and_come_to_the_host_together(tmp_path
     elif stage == 5000:   # each part counts as a 512-byte device block: 5 parts, 2 calls each
         assert len(copies) == 3 * len(_CORPUS) * L // 2
     else:   # all at once, tokens once per call
-        assert copies == [(torch.int16, N * k * L), (torch.float16, sum(n for _, n in floats)),
+        assert copies == [(torch.int16, N * k * L), (torch.float16, N * (k + E) * L),
                           (int32, N * L + N)]
 
 
