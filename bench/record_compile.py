@@ -1,9 +1,11 @@
 """Recording a ``torch.compile``d model over many groups: graphs compiled and time taken.
 
     python bench/record_compile.py [TREE ...] [--groups 16] [--backend inductor] [--trace]
+                                   [--fullgraph]
 
 A tiny Qwen3-MoE (2 layers, 16 experts, top 4) is compiled (``torch.compile(model)``, not
-``fullgraph``: a frame that reaches Dynamo's recompile limit runs eagerly from then on) and
+``fullgraph`` unless ``--fullgraph``: a frame that reaches Dynamo's recompile limit runs eagerly
+from then on, where under ``fullgraph`` it fails) and
 recorded over ``--groups`` batches of [4, 64] tokens, each in a new ``group()``, then over as
 many batches with 4 new per-sequence groups each (``per_sequence``). For each phase it reports
 the graphs Dynamo compiled, the wall time of the phase (compilation included) and the median
@@ -28,7 +30,7 @@ import time
 B, S = 4, 64
 
 
-def measure(groups: int, backend: str, trace: bool) -> dict:
+def measure(groups: int, backend: str, trace: bool, fullgraph: bool) -> dict:
     os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")  # time each compilation
     import torch
     import transformers
@@ -68,7 +70,7 @@ def measure(groups: int, backend: str, trace: bool) -> dict:
     eager_phases: dict = {}
     eager = run(model, eager_phases)
     phases: dict = {}
-    compiled = run(torch.compile(model, backend=backend), phases)
+    compiled = run(torch.compile(model, backend=backend, fullgraph=fullgraph), phases)
     for phase, f in phases.items():
         f["eager_last_calls_ms"] = eager_phases[phase]["last_calls_ms"]
     same = eager.stats.group_names == compiled.stats.group_names and all(
@@ -88,10 +90,11 @@ def main() -> None:
     p.add_argument("--groups", type=int, default=16)
     p.add_argument("--backend", default="inductor")
     p.add_argument("--trace", action="store_true", help="record with trace=True")
+    p.add_argument("--fullgraph", action="store_true", help="torch.compile(fullgraph=True)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child or not args.trees:
-        found = measure(args.groups, args.backend, args.trace)
+        found = measure(args.groups, args.backend, args.trace, args.fullgraph)
         if args.child:
             print(json.dumps(found))
             return
@@ -102,14 +105,14 @@ def main() -> None:
             env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
             run = subprocess.run([sys.executable, os.path.abspath(__file__), "--child",
                                   "--groups", str(args.groups), "--backend", args.backend]
-                                 + ["--trace"] * args.trace,
+                                 + ["--trace"] * args.trace + ["--fullgraph"] * args.fullgraph,
                                  env=env, cwd=tree, capture_output=True, text=True, check=True)
             found = json.loads(run.stdout.splitlines()[-1])
             if not found["module"].startswith(os.path.abspath(tree) + os.sep):
                 raise SystemExit(f"{tree}: the child imported another moe_route")
             results[tree] = found
     print(f"{args.groups} batches per phase, [{B}, {S}] tokens, backend {args.backend}"
-          + (", trace=True" if args.trace else ""))
+          + (", trace=True" if args.trace else "") + (", fullgraph=True" if args.fullgraph else ""))
     print("tree".ljust(26) + "phase".ljust(14) + "graphs".rjust(8) + "wall".rjust(10)
           + "last calls".rjust(12) + "eager".rjust(10) + "   same as eager")
     for tree, found in results.items():

@@ -69,11 +69,13 @@ id of each token (-1 for a call given ``inputs_embeds``), the layer's expert cou
 call on a GPU casts its rows to those dtypes there and leaves them there; they come to the host
 together, one copy per device and dtype, whenever ``recording.TRACE_STAGE_BYTES`` (64 MiB) of
 them wait, and when the trace is read or spilled: no sync and no pinned host memory per router
-call. The trace grows Python lists in each router call, which one compiled graph cannot hold,
-so ``torch.compile`` runs the trace's step outside its graphs: a compiled model that traces
-breaks its graph at each router but compiles once, not at every call (a graph of every router
-call's lists had Dynamo guard on their lengths). ``fullgraph=True`` refuses the break: trace
-such a model compiled without it, or uncompiled.
+call. The trace grows Python lists in each router call, which a compiled graph cannot trace
+(Dynamo would guard on their lengths and recompile at every call): under ``torch.compile`` the
+step is a call of the op ``moe_route::trace_rows`` in the graph, marked as having a side effect
+so that no pass drops or reorders it, which runs the step as the graph runs. A traced model
+compiles with ``fullgraph=True`` and a new ``record()`` of it runs in the same graphs (the op
+names its recorder by the model). Where torch cannot mark an op's side effect the step breaks
+the graph instead.
 ``load_trace(path)`` reads a saved trace back in the same layout. A trace is a ``Trace``: the
 dict of layers, with the recorder's ``meta`` as ``trace.meta``, saved with it.
 
@@ -187,6 +189,9 @@ class Recorder:
         # latest call: {stack path: {device: token rows [T]}}
         self._calls: dict = {}
         self._call_tokens: dict = {}   # trace: {stack path: the call's input ids [B*S] int32}
+        # trace under torch.compile: {stack path: (the graph's token ids, the trace's copy)}
+        self._graph_tokens: dict = {}
+        self._key = id(model)   # the graph's name for this model's recorder (_trace_rows)
         self._hooks: list = []
         self._generation: Optional[_Generation] = None   # inside the wrapped model.generate
         self._decoder = ""                                # the stack generate decodes with
@@ -238,7 +243,9 @@ class Recorder:
                 state.stats = self._attached[name] = per_pass if state.passes > 1 else per_pass[0]
                 state.groups = functools.partial(self._token_rows, stack_of(paths, name))
                 if self.trace_on:
-                    state.trace = functools.partial(self._record_trace, stack_of(paths, name))
+                    state.trace = functools.partial(self._trace_call, stack_of(paths, name))
+            if self.trace_on:
+                _TRACING[self._key] = self
             self._hooks = watch(self.model, self._on_call, self._end_call)
             self._decoder = _decoder_path(self.model) if len(paths) > 1 else ""
             self._wrap_generate()
@@ -281,6 +288,9 @@ class Recorder:
                 if name in self._attached and state.stats is self._attached[name]:
                     state.stats, state.groups, state.trace = None, None, None
             self._attached = {}
+            if _TRACING.get(self._key) is self:
+                del _TRACING[self._key]
+            self._graph_tokens = {}
             release(self._handle, self._unhook)
             self._handle = None
         self._retire()   # after an error the rows stay used, for the next entry's flush
@@ -651,12 +661,26 @@ class Recorder:
                                f"assign to groups")
         return rows
 
-    @torch.compiler.disable  # a graph break: Dynamo would guard on the lists' lengths
-    def _record_trace(self, stack, name, logits, weights, ids, groups):
+    def _trace_call(self, stack, name, logits, weights, ids, groups):
+        """A router call's trace step (``RouterState.trace``). Under ``torch.compile`` it is a
+        call of the op ``moe_route::trace_rows`` in the graph, which runs ``_record_trace``
+        when the graph runs; an op with a side effect, so no pass drops or reorders it."""
+        tokens = self._call_tokens.get(stack)
+        if tokens is not None and tokens.shape[0] != ids.shape[0]:
+            tokens = None   # a call whose router routes another token set (a multimodal model's)
+        if torch.compiler.is_compiling() and _TRACE_OP:
+            torch.ops.moe_route.trace_rows(self._key, stack, name, logits.detach(),
+                                           weights.detach(), ids.detach(), groups, tokens)
+        else:
+            self._record_trace(name, logits, weights, ids, groups, tokens)
+
+    # a graph break where torch has no side-effect ops (_TRACE_OP): Dynamo would guard on the
+    # lists' lengths
+    @torch.compiler.disable
+    def _record_trace(self, name, logits, weights, ids, groups, tokens):
         E, T = logits.shape[-1], ids.shape[0]
         parts = self._trace.setdefault(name, {})
-        tokens = self._call_tokens.get(stack)
-        if tokens is None or tokens.shape[0] != T:  # inputs_embeds, or outside the stack's call
+        if tokens is None:  # inputs_embeds, or outside the stack's call
             tokens = torch.full((T,), -1, dtype=torch.int32)
         # copies, never the model's tensors: the parts may wait on the device (_trace_to_host)
         rows = {"ids": ids.detach().to(torch.int16 if E <= 32767 else torch.int32, copy=True),
@@ -820,6 +844,56 @@ TRACE_STAGE_BYTES = 64 << 20
 
 def _is_host(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
+
+
+# The recorders tracing now, by their model (Recorder._key): a compiled graph's trace_rows calls
+# name their recorder so, and a new record() of the model runs in the same graph.
+_TRACING: dict = {}
+
+
+def _trace_rows(key: int, stack: str, name: str, logits: torch.Tensor, weights: torch.Tensor,
+                ids: torch.Tensor, groups: Optional[torch.Tensor],
+                tokens: Optional[torch.Tensor]) -> None:
+    """``moe_route::trace_rows``: a compiled router call's trace step, run as the graph runs.
+    The graph may reuse its tensors' memory after the call, so the token ids are copied too:
+    once per call of the stack, where the graph hands its layers one tensor."""
+    rec = _TRACING.get(key)
+    if rec is None:
+        raise RuntimeError(f"record: a compiled graph traced {name} for a recorder that is no "
+                           f"longer open")
+    if tokens is not None:
+        held = rec._graph_tokens.get(stack)
+        if held is None or held[0] is not tokens:
+            held = rec._graph_tokens[stack] = (tokens, tokens.clone())
+        tokens = held[1]
+    rec._record_trace(name, logits, weights, ids, groups, tokens)
+
+
+def _define_trace_op() -> bool:
+    """Define ``moe_route::trace_rows`` (``_trace_rows``) as an op with an ordered side effect,
+    which torch.compile keeps in its graphs, in order, and which CUDA graphs leave out
+    (``cudagraph_unsafe``). False where this torch cannot mark an op's side effect: a compiled
+    model's trace step then breaks its graph."""
+    try:
+        from torch.library import EffectType, _register_effectful_op
+    except ImportError:
+        try:   # torch < 2.9
+            from torch._higher_order_ops.effects import _EffectType as EffectType
+            from torch._higher_order_ops.effects import _register_effectful_op
+        except ImportError:
+            return False
+    unsafe = getattr(torch.Tag, "cudagraph_unsafe", None)
+    _LIB.define("trace_rows(int key, str stack, str name, Tensor logits, Tensor weights, "
+                "Tensor ids, Tensor? groups, Tensor? tokens) -> ()",
+                tags=() if unsafe is None else (unsafe,))
+    _LIB.impl("trace_rows", _trace_rows, "CompositeExplicitAutograd")
+    torch.library.register_fake("moe_route::trace_rows", lambda *args: None, lib=_LIB)
+    _register_effectful_op(torch.ops.moe_route.trace_rows.default, EffectType.ORDERED)
+    return True
+
+
+_LIB = torch.library.Library("moe_route", "FRAGMENT")
+_TRACE_OP = _define_trace_op()
 
 
 def _to_host(tensors: list) -> list:

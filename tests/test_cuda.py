@@ -439,6 +439,32 @@ def test_trace_on_cuda_comes_to_the_host_as_on_the_cpu(monkeypatch, stage):
             torch.testing.assert_close(got[key], layer[key], rtol=2e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_trace_of_a_model_compiled_on_cuda_is_the_eager_trace(mode):
+    """A model compiled with inductor and fullgraph=True, with CUDA graphs too
+    (``mode="reduce-overhead"``, which must leave the cudagraph-unsafe trace op out of them),
+    traces every call as the eager model does, batch after batch and group after group."""
+    model = build("qwen3_moe").cuda()
+    batches = [_ids(70 + b, (3, 5)) for b in range(4)]
+    traces = []
+    torch._dynamo.reset()
+    for forward in (model, torch.compile(model, fullgraph=True, mode=mode)):
+        with moe_route.record(model, trace=True, trace_logits=True) as rec, torch.no_grad():
+            for b, ids in enumerate(batches):
+                with rec.group(f"g{b}"):
+                    forward(ids)
+        traces.append(rec.trace)
+    torch._dynamo.reset()
+    eager, compiled = traces
+    assert list(compiled) == list(eager)
+    for name, layer in eager.items():
+        got = compiled[name]
+        assert got["group"] == layer["group"] == [f"g{b}" for b in range(4) for _ in range(15)]
+        assert torch.equal(got["ids"], layer["ids"]) and torch.equal(got["tokens"], layer["tokens"])
+        for key in ("weights", "logits"):
+            torch.testing.assert_close(got[key], layer[key], rtol=2e-3, atol=1e-3)
+
+
 def test_evaluation_on_cuda_matches_cpu():
     """The planted task asked as multiple-choice questions of the model on CUDA, patched and
     steered, answers as on the CPU (the scores are gathered on the device)."""

@@ -433,37 +433,96 @@ def test_record_under_compile_does_not_recompile_for_new_groups():
         torch.testing.assert_close(a.weight_sum, b.weight_sum)
 
 
-def test_trace_under_compile_compiles_once():
-    """A compiled model that traces (``torch.compile`` without fullgraph) compiles in its first
-    call and in none after, group after group, and traces what the eager model traces: the trace
-    step runs outside the graphs (a graph break per router call). Inside them Dynamo guarded on
-    the trace lists' lengths and recompiled at every call until its limit (8), after which the
-    model ran uncompiled."""
-    from torch._dynamo.testing import CompileCounter
-
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_trace_under_compile_fullgraph_compiles_once(backend, tmp_path):
+    """A model compiled with fullgraph=True traces: its trace step is a call of the side-effect
+    op moe_route::trace_rows in the graph, run as the graph runs. It compiles in its first call
+    and in none after, group after group and in a second record() that streams its trace to a
+    file, and traces what the eager model traces; a call's layers share one copy of its token
+    ids. Before, the step broke the graph at each router (fullgraph=True refused it); inside a
+    graph, as a plain Python step, Dynamo guarded on the trace lists' lengths and recompiled at
+    every call; AOT autograd drops an op with no outputs unless it is marked effectful."""
     model = build("qwen3_moe")
     batches = [_ids(40 + b, (3, 5)) for b in range(12)]
 
     def run(compiled):
-        counter = CompileCounter()
         torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        forward = torch.compile(model, fullgraph=True, backend=backend) if compiled else model
         frames = []
         with moe_route.record(model, trace=True, trace_logits=True) as rec, torch.no_grad():
-            forward = torch.compile(model, backend=counter) if compiled else model
-            for b, ids in enumerate(batches):
+            for b, ids in enumerate(batches[:8]):
                 with rec.group(f"g{b}"):
                     forward(ids)
-                frames.append(counter.frame_count)
-        return rec.trace, frames
+                frames.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+            parts = rec._trace
+            shared = [parts[name]["tokens"] for name in parts]
+            assert all(t is s for layer in shared for t, s in zip(layer, shared[0]))
+        path = tmp_path / f"{backend}{compiled}.safetensors"
+        with moe_route.record(model, trace_path=path) as streamed, torch.no_grad():
+            for b, ids in enumerate(batches[8:]):
+                with streamed.group(f"g{8 + b}"):
+                    forward(ids)
+                frames.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        return rec.trace, moe_route.load_trace(path), frames
 
-    (eager, _), (traced, frames) = run(False), run(True)
-    assert frames[0] > 0 and frames == [frames[0]] * 12
-    assert list(traced) == list(eager)
-    groups = [f"g{b}" for b in range(12) for _ in range(15)]
+    (eager, eager_streamed, _), (traced, streamed, frames) = run(False), run(True)
+    # one graph for the recorder with logits, one for the one without
+    # two graphs, as statistics alone: record()'s call hook's and the model's forward
+    assert frames == [2] * 12, frames
+    assert list(traced) == list(eager) == list(streamed) and len(eager) == 2
     for name, layer in eager.items():
-        assert layer["group"] == traced[name]["group"] == groups
+        assert layer["group"] == traced[name]["group"] == [f"g{b}" for b in range(8)
+                                                           for _ in range(15)]
+        assert streamed[name]["group"] == eager_streamed[name]["group"]
         for key in ("ids", "weights", "tokens", "logits"):
             assert torch.equal(layer[key], traced[name][key]), (name, key)
+        for key in ("ids", "weights", "tokens"):
+            assert torch.equal(eager_streamed[name][key], streamed[name][key]), (name, key)
+        assert torch.equal(streamed[name]["tokens"], torch.cat(batches[8:]).flatten().int())
+
+
+def test_trace_of_a_compiled_model_in_training():
+    """The trace op stays in the graphs that AOT autograd makes of a training step (forward
+    and backward), and runs once per router call, as in eager."""
+    model = build("qwen3_moe").train()
+    batches = [_ids(50 + b, (3, 5)) for b in range(3)]
+    traces = []
+    for forward in (model, torch.compile(model, fullgraph=True, backend="aot_eager")):
+        torch.manual_seed(0)
+        with moe_route.record(model, trace=True) as rec:
+            for ids in batches:
+                forward(ids, labels=ids).loss.backward()
+        traces.append(rec.trace)
+    eager, compiled = traces
+    assert list(compiled) == list(eager)
+    for name, layer in eager.items():
+        assert layer["ids"].shape[0] == 45
+        for key in ("ids", "weights", "tokens"):
+            assert torch.equal(layer[key], compiled[name][key]), (name, key)
+
+
+def test_trace_breaks_the_graph_where_torch_has_no_side_effect_ops(monkeypatch):
+    """Where torch cannot mark the trace op's side effect, a compiled model's trace step runs
+    between graphs: fullgraph=True refuses it, and without it the trace is the eager one."""
+    from moe_route import recording
+
+    monkeypatch.setattr(recording, "_TRACE_OP", False)
+    model, ids = build("qwen3_moe"), _ids(60, (3, 5))
+    torch._dynamo.reset()
+    with moe_route.record(model, trace=True) as rec, torch.no_grad():
+        with pytest.raises(torch._dynamo.exc.Unsupported, match="_record_trace"):
+            torch.compile(model, fullgraph=True, backend="eager")(ids)
+    torch._dynamo.reset()
+    traces = []
+    for forward in (model, torch.compile(model, backend="eager")):
+        with moe_route.record(model, trace=True) as rec, torch.no_grad():
+            forward(ids)
+        traces.append(rec.trace)
+    for name, layer in traces[0].items():
+        assert torch.equal(layer["ids"], traces[1][name]["ids"])
+        assert torch.equal(layer["tokens"], ids.flatten().int())
+    torch._dynamo.reset()
 
 
 def _qwen3_moe(compiled: bool):
@@ -480,27 +539,32 @@ def _qwen3_moe(compiled: bool):
 
 def test_record_generate_of_a_compiled_model_over_many_groups():
     """generate() of a model compiled with fullgraph=True (``model.compile``, which takes the
-    recorder's hooks into the graph) records ten groups, more than the recompile limit, with
-    the eager statistics: graphs are compiled for the prompt's and the decoding steps' shapes,
+    recorder's hooks into the graph) records and traces ten groups, more than the recompile
+    limit, with the eager statistics and trace: graphs are compiled for the prompt's and the decoding steps' shapes,
     none for a group."""
     ids = _ids(30, (2, 5))
     runs = []
     for compiled in (False, True):
         model, counter = _qwen3_moe(compiled)
         frames = []
-        with moe_route.record(model) as rec, torch.no_grad():
+        with moe_route.record(model, trace=True) as rec, torch.no_grad():
             for g in range(10):
                 with rec.group(f"g{g}"):
                     model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
                 frames.append(counter.frame_count)
-        runs.append(rec.stats)
+        runs.append((rec.stats, rec.trace))
     assert frames[0] > 0 and frames[2:] == [frames[1]] * 8
-    eager, stats = runs
+    (eager, eager_trace), (stats, trace) = runs
     assert stats.group_names == eager.group_names == [f"g{g}" for g in range(10)]
     for a, b in zip(eager, stats):
         assert a.tokens.tolist() == [2 * (5 + 3)] * 10
         assert torch.equal(a.counts, b.counts)
         torch.testing.assert_close(a.weight_sum, b.weight_sum)
+    assert list(trace) == list(eager_trace)
+    for name, layer in eager_trace.items():
+        assert layer["group"] == trace[name]["group"]
+        for key in ("ids", "weights", "tokens"):
+            assert torch.equal(layer[key], trace[name][key]), (name, key)
 
 
 def _eager_and_compiled(ids, contexts):
