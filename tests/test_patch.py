@@ -540,8 +540,8 @@ def _qwen3_moe(compiled: bool):
 def test_record_generate_of_a_compiled_model_over_many_groups():
     """generate() of a model compiled with fullgraph=True (``model.compile``, which takes the
     recorder's hooks into the graph) records and traces ten groups, more than the recompile
-    limit, with the eager statistics and trace: graphs are compiled for the prompt's and the decoding steps' shapes,
-    none for a group."""
+    limit, with the eager statistics and trace: graphs are compiled for the prompt's and the
+    decoding steps' shapes, none for a group."""
     ids = _ids(30, (2, 5))
     runs = []
     for compiled in (False, True):
