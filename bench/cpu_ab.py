@@ -17,8 +17,9 @@ bits (a more accurate sum) takes ``--rtol``: float outputs may then differ by th
 OLMoE/Qwen3 softmax top-k (E 64 and 256, and 16 with k=2 as Jamba's), the renormalised one
 (E=64, k=8, and Mixtral's E=8, k=2), GPT-OSS's top-k softmax (E=32 and 64, k=4) and
 DeepSeek-V3's grouped sigmoid, at T 1 to 8192, plain, with statistics, replaying every row,
-and both; and steered (three constant biases, one std-scaled, one expert forced on and one
-forced off), with and without statistics. ``--match`` keeps the cases whose label matches a
+and both; with statistics per sequence of 5 tokens (``groups=``); and steered (three constant
+biases, one std-scaled, one expert forced on and one forced off), with and without
+statistics. ``--match`` keeps the cases whose label matches a
 regular expression (e.g. ``"E=(8|16|32) "``); ``--threads`` sets torch's thread count in both
 trees (one thread gives steadier figures on a shared 2-core machine).
 """
@@ -36,19 +37,22 @@ SEMANTICS = [("softmax_topk", 64, 8), ("softmax_topk", 256, 8), ("renorm", 64, 8
              ("topk_softmax", 64, 4), ("deepseek_v3", 256, 8),
              ("renorm", 8, 2), ("softmax_topk", 16, 2), ("topk_softmax", 32, 4)]
 TS = (1, 64, 1024, 8192)
+SEQ = 5  # tokens per sequence of the per-sequence statistics: most blocks of 8 span two
 
 
 def cases(match: str | None = None):
     every = [(s, T, E, k, stats, replay, steer) for T in TS for s, E, k in SEMANTICS
-             for stats in (False, True) for replay, steer in ((False, False), (True, False),
-                                                              (False, True))]
+             for stats in (False, True, "seq") for replay, steer in ((False, False), (True, False),
+                                                                     (False, True))
+             if stats != "seq" or not (replay or steer)]
     return [c for c in every if match is None or re.search(match, label(c))]
 
 
 def label(case) -> str:
     s, T, E, k, stats, replay, steer = case
-    return (f"{s} T={T} E={E} k={k}{' +stats' if stats else ''}{' replay' if replay else ''}"
-            f"{' steer' if steer else ''}")
+    per = f" +stats/{SEQ}-token groups" if stats == "seq" else ""
+    return (f"{s} T={T} E={E} k={k}{per or (' +stats' if stats else '')}"
+            f"{' replay' if replay else ''}{' steer' if steer else ''}")
 
 
 def gate_call(case):
@@ -69,8 +73,11 @@ def gate_call(case):
     kw = {}
     if s == "deepseek_v3":
         kw["selection_bias"] = torch.randn(E, generator=torch.Generator().manual_seed(1))
-    if stats:
+    if stats is True:
         kw["stats"] = GateStats.zeros(1, E)
+    elif stats == "seq":
+        kw["stats"] = GateStats.zeros(-(-T // SEQ), E)
+        kw["groups"] = torch.arange(T, dtype=torch.int32) // SEQ
     if replay:
         g = torch.Generator().manual_seed(2)
         kw["replay"] = torch.rand(T, E, generator=g).argsort(1)[:, :k].int()

@@ -844,8 +844,8 @@ MOE_ROUTE_INLINE bool wants_exps(const GateParams& p) {
 // partial sums, the same pick among equal maxima, the same selection order), so the outputs and
 // statistics are bit-identical to it (tests/test_cpu_isa.py runs both). Up to E = 32 this is the
 // faster of the two from 4 tokens on. Group limits and the last tokens of a chunk when fewer
-// than 4 take the per-token pass. Statistics are added in its order: in the lanes for a
-// block of one group (lane_stats), token by token for a block spanning groups.
+// than 4 take the per-token pass. Statistics are added in its order (lane_stats): a block of one
+// group at once, a block spanning groups token by token, from terms computed in the lanes.
 constexpr int64_t kLaneMaxE = 32;
 constexpr int kLanes = 8;
 constexpr int kMinLaneTokens = 4;  // at E=32, 1 or 2 tokens take 5-10% longer in lanes
@@ -867,6 +867,7 @@ MOE_ROUTE_INLINE f32x8 abs8(f32x8 x) {
 struct LaneBlock {
   f32x8 z0[kLaneMaxE], z[kLaneMaxE], v[kLaneMaxE], ew[kLaneMaxE], work[kLaneMaxE];
   f32x8 w_max, w_sum;
+  float rows[kLanes][kLaneMaxE];  // lane_stats of a block spanning groups: each token's q
   i32x8 ids[kLaneMaxE];     // ids[j]: each token's j-th pick
   f32x8 picked[kLaneMaxE];  // picked[j]: its selection value (lane_select)
   f32x8 w[kLaneMaxE];       // weights[j], where the lanes compute them
@@ -1096,38 +1097,78 @@ MOE_ROUTE_INLINE int64_t block_group(const GateParams& p, int64_t t0, int n) {
   return g;
 }
 
-// token_stats for tokens [t0, t0 + n) of one group g >= 0, whose ids and weights are written:
-// the same additions in the same order, the dense ones (softmax or plain-logit scores) computed
-// in the lanes. Uses b.work.
+// The probabilities q = ew / S of experts [e0, e0 + 8) back in rows: q[l] holds token l's.
+MOE_ROUTE_INLINE void lane_probs8(const LaneBlock& b, f32x8 inv, int64_t e0, f32x8* q) {
+  for (int j = 0; j < 8; ++j) q[j] = b.ew[e0 + j] * inv;
+  transpose8(q);
+}
+
+// token_stats for tokens [t0, t0 + n), whose ids and weights are written, all of group g >= 0
+// or of several (g == kMixedGroups): the same additions in the same order, the dense ones
+// (softmax or plain-logit scores) computed in the lanes. Uses b.work and b.rows.
 MOE_ROUTE_INLINE void lane_stats(const GateParams& p, int64_t t0, int n, int64_t g,
                                  const f32x8* zw, LaneBlock& b, Scratch& s, Runs* runs) {
   const int64_t E = p.E, k = p.k;
-  RunAcc& run = run_for(p, g, s, runs);
-  run.tokens += n;
   const int32_t* ids = p.ids + t0 * k;
   const float* w = p.weights + t0 * k;
+  const bool dense = p.dense_stats(), prob_sum = dense && p.prob_sum;
+  // softmax_stats per lane: H = log S - (sum_e ew_e (z_e - max)) / S, and prob += ew / S.
+  f32x8 entropy = {}, inv = {};
+  if (dense) {
+    const f32x8 zero = splat8(0.f);
+    for (int64_t e = 0; e < E; ++e)
+      b.work[e] = b.ew[e] > zero ? b.ew[e] * (zw[e] - b.w_max) : zero;
+    entropy = log_fast(b.w_sum) - lane_sum(b.work, E) / b.w_sum;
+    inv = splat8(1.f) / b.w_sum;
+  }
+  if (g == kMixedGroups) {
+    // Token by token, each into its group's run as token_stats adds it; its probabilities are
+    // row l of b.rows.
+    if (prob_sum) {
+      if (E % 8 == 0) {
+        for (int64_t e0 = 0; e0 < E; e0 += 8) {
+          f32x8 q[8];
+          lane_probs8(b, inv, e0, q);
+          for (int l = 0; l < n; ++l) std::memcpy(b.rows[l] + e0, &q[l], sizeof q[l]);
+        }
+      } else {
+        for (int64_t e = 0; e < E; ++e) {
+          const f32x8 q = b.ew[e] * inv;
+          for (int l = 0; l < n; ++l) b.rows[l][e] = q[l];
+        }
+      }
+    }
+    for (int l = 0; l < n; ++l) {
+      const int64_t gl = group_of(p, t0 + l);
+      if (gl < 0) continue;
+      RunAcc& run = run_for(p, gl, s, runs);
+      run.tokens += 1;
+      for (int64_t j = 0; j < k; ++j) run.counts[ids[l * k + j]] += 1;
+      for (int64_t j = 0; j < k; ++j) run.weight[ids[l * k + j]] += w[l * k + j];
+      if (p.coact) add_coact(p, ids + l * k);
+      if (!dense) continue;
+      run.entropy += entropy[l];
+      if (prob_sum)
+        for (int64_t e = 0; e < E; ++e) run.prob[e] += b.rows[l][e];
+    }
+    return;
+  }
+  RunAcc& run = run_for(p, g, s, runs);
+  run.tokens += n;
   if (p.counts)
     for (int64_t i = 0; i < n * k; ++i) run.counts[ids[i]] += 1;
   if (p.weight_sum)
     for (int64_t i = 0; i < n * k; ++i) run.weight[ids[i]] += w[i];
   if (p.coact)
     for (int64_t l = 0; l < n; ++l) add_coact(p, ids + l * k);
-  if (!p.dense_stats()) return;
-  // softmax_stats per lane: H = log S - (sum_e ew_e (z_e - max)) / S, and prob += ew / S.
-  const f32x8 zero = splat8(0.f);
-  for (int64_t e = 0; e < E; ++e)
-    b.work[e] = b.ew[e] > zero ? b.ew[e] * (zw[e] - b.w_max) : zero;
-  const f32x8 dot = lane_sum(b.work, E);
-  const f32x8 entropy = log_fast(b.w_sum) - dot / b.w_sum;
+  if (!dense) return;
   for (int l = 0; l < n; ++l) run.entropy += entropy[l];
-  if (!p.prob_sum) return;
-  const f32x8 inv = splat8(1.f) / b.w_sum;
+  if (!prob_sum) return;
   float* prob = run.prob.data();
-  if (E % 8 == 0) {  // back to rows: token l's probabilities are q[e0 + 0..8)[l]
+  if (E % 8 == 0) {
     for (int64_t e0 = 0; e0 < E; e0 += 8) {
       f32x8 q[8];
-      for (int j = 0; j < 8; ++j) q[j] = b.ew[e0 + j] * inv;
-      transpose8(q);
+      lane_probs8(b, inv, e0, q);
       f32x8 acc = load8(prob + e0);
       for (int l = 0; l < n; ++l) acc += q[l];
       std::memcpy(prob + e0, &acc, sizeof acc);
@@ -1263,10 +1304,9 @@ MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t 
     }
   }
   if (!stats) return;
-  const int64_t g = block_group(p, t0, n);
-  if (g != kMixedGroups &&
-      (!p.dense_stats() || p.score == Score::Softmax || p.score == Score::None)) {
-    if (g >= 0) lane_stats(p, t0, n, g, zw, b, s, runs);
+  if (!p.dense_stats() || p.score == Score::Softmax || p.score == Score::None) {
+    const int64_t g = block_group(p, t0, n);
+    if (g != -1) lane_stats(p, t0, n, g, zw, b, s, runs);
     return;
   }
   float ew_row[kLaneMaxE], zw_row[kLaneMaxE];
