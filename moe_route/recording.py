@@ -669,8 +669,11 @@ class Recorder:
         if tokens is not None and tokens.shape[0] != ids.shape[0]:
             tokens = None   # a call whose router routes another token set (a multimodal model's)
         if torch.compiler.is_compiling() and _TRACE_OP:
-            torch.ops.moe_route.trace_rows(self._key, stack, name, logits.detach(),
-                                           weights.detach(), ids.detach(), groups, tokens)
+            # a host tensor first: inductor puts the op on that tensor's device, and a host op
+            # stays out of CUDA graphs (mode="reduce-overhead"), whose replays would skip it
+            torch.ops.moe_route.trace_rows(torch.empty(0), self._key, stack, name,
+                                           logits.detach(), weights.detach(), ids.detach(),
+                                           groups, tokens)
         else:
             self._record_trace(name, logits, weights, ids, groups, tokens)
 
@@ -678,6 +681,10 @@ class Recorder:
     # lists' lengths
     @torch.compiler.disable
     def _record_trace(self, name, logits, weights, ids, groups, tokens):
+        if ids.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("record: trace=True cannot run inside a CUDA graph capture, "
+                               "whose replays would not trace; capture the model without "
+                               "tracing, or trace it uncaptured")
         E, T = logits.shape[-1], ids.shape[0]
         parts = self._trace.setdefault(name, {})
         if tokens is None:  # inputs_embeds, or outside the stack's call
@@ -851,8 +858,8 @@ def _is_host(t: torch.Tensor) -> bool:
 _TRACING: dict = {}
 
 
-def _trace_rows(key: int, stack: str, name: str, logits: torch.Tensor, weights: torch.Tensor,
-                ids: torch.Tensor, groups: Optional[torch.Tensor],
+def _trace_rows(host: torch.Tensor, key: int, stack: str, name: str, logits: torch.Tensor,
+                weights: torch.Tensor, ids: torch.Tensor, groups: Optional[torch.Tensor],
                 tokens: Optional[torch.Tensor]) -> None:
     """``moe_route::trace_rows``: a compiled router call's trace step, run as the graph runs.
     The graph may reuse its tensors' memory after the call, so the token ids are copied too:
@@ -871,9 +878,10 @@ def _trace_rows(key: int, stack: str, name: str, logits: torch.Tensor, weights: 
 
 def _define_trace_op() -> bool:
     """Define ``moe_route::trace_rows`` (``_trace_rows``) as an op with an ordered side effect,
-    which torch.compile keeps in its graphs, in order, and which CUDA graphs leave out
-    (``cudagraph_unsafe``). False where this torch cannot mark an op's side effect: a compiled
-    model's trace step then breaks its graph."""
+    which torch.compile keeps in its graphs, in order, and tagged ``cudagraph_unsafe`` (inductor
+    does not see the tag through the effect's wrapper, hence the host tensor of
+    ``_trace_call``). False where this torch cannot mark an op's side effect: a compiled model's
+    trace step then breaks its graph."""
     try:
         from torch.library import EffectType, _register_effectful_op
     except ImportError:
@@ -883,8 +891,8 @@ def _define_trace_op() -> bool:
         except ImportError:
             return False
     unsafe = getattr(torch.Tag, "cudagraph_unsafe", None)
-    _LIB.define("trace_rows(int key, str stack, str name, Tensor logits, Tensor weights, "
-                "Tensor ids, Tensor? groups, Tensor? tokens) -> ()",
+    _LIB.define("trace_rows(Tensor host, int key, str stack, str name, Tensor logits, "
+                "Tensor weights, Tensor ids, Tensor? groups, Tensor? tokens) -> ()",
                 tags=() if unsafe is None else (unsafe,))
     _LIB.impl("trace_rows", _trace_rows, "CompositeExplicitAutograd")
     torch.library.register_fake("moe_route::trace_rows", lambda *args: None, lib=_LIB)

@@ -442,8 +442,9 @@ def test_trace_on_cuda_comes_to_the_host_as_on_the_cpu(monkeypatch, stage):
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
 def test_trace_of_a_model_compiled_on_cuda_is_the_eager_trace(mode):
     """A model compiled with inductor and fullgraph=True, with CUDA graphs too
-    (``mode="reduce-overhead"``, which must leave the cudagraph-unsafe trace op out of them),
-    traces every call as the eager model does, batch after batch and group after group."""
+    (``mode="reduce-overhead"``, which must leave the trace op, an op on the host, out of
+    them), traces every call as the eager model does, batch after batch and group after
+    group."""
     model = build("qwen3_moe").cuda()
     batches = [_ids(70 + b, (3, 5)) for b in range(4)]
     traces = []
@@ -463,6 +464,19 @@ def test_trace_of_a_model_compiled_on_cuda_is_the_eager_trace(mode):
         assert torch.equal(got["ids"], layer["ids"]) and torch.equal(got["tokens"], layer["tokens"])
         for key in ("weights", "logits"):
             torch.testing.assert_close(got[key], layer[key], rtol=2e-3, atol=1e-3)
+
+
+def test_trace_refuses_a_cuda_graph_capture():
+    """A router call's trace step inside a CUDA graph capture is refused: the graph's replays
+    would route without tracing."""
+    model = build("qwen3_moe").cuda()
+    z = torch.randn(4, 8, device="cuda")
+    w, ids = torch.topk(z, 2)
+    with moe_route.record(model, trace=True) as rec:
+        graph = torch.cuda.CUDAGraph()
+        with pytest.raises(RuntimeError, match="CUDA graph capture"):
+            with torch.cuda.graph(graph):
+                rec._trace_call("", "model.layers.0.mlp.gate", z, w, ids, None)
 
 
 def test_evaluation_on_cuda_matches_cpu():
