@@ -15,13 +15,13 @@ case once and their outputs (weights, ids, statistics) must be bit-identical, el
 a speed-up that changes results is not an A/B of the same thing. A change meant to move the last
 bits (a more accurate sum) takes ``--rtol``: float outputs may then differ by that much. Cases:
 OLMoE/Qwen3 softmax top-k (E 64 and 256, and 16 with k=2 as Jamba's), the renormalised one
-(E=64, k=8, and Mixtral's E=8, k=2), GPT-OSS's top-k softmax (E=32 and 64, k=4) and
-DeepSeek-V3's grouped sigmoid, at T 1 to 8192, plain, with statistics, replaying every row,
-and both; with statistics per sequence of 5 tokens (``groups=``); and steered (three constant
-biases, one std-scaled, one expert forced on and one forced off), with and without
-statistics. ``--match`` keeps the cases whose label matches a
-regular expression (e.g. ``"E=(8|16|32) "``); ``--threads`` sets torch's thread count in both
-trees (one thread gives steadier figures on a shared 2-core machine).
+(E=64, k=8, and Mixtral's E=8, k=2), GPT-OSS's top-k softmax (E=32 and 64, k=4), Llama 4
+Scout's sigmoid of the top logit (E=16, k=1) and DeepSeek-V3's grouped sigmoid, at T 1 to
+8192, plain, with statistics, replaying every row, and both; with statistics per sequence of 5
+tokens (``groups=``); and steered (three constant biases, one std-scaled, one expert forced on
+and one forced off), with and without statistics. ``--match`` keeps the cases whose label
+matches a regular expression (e.g. ``"E=(8|16|32) "``); ``--threads`` sets torch's thread
+count in both trees (one thread gives steadier figures on a shared 2-core machine).
 """
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ import tempfile
 
 SEMANTICS = [("softmax_topk", 64, 8), ("softmax_topk", 256, 8), ("renorm", 64, 8),
              ("topk_softmax", 64, 4), ("deepseek_v3", 256, 8),
-             ("renorm", 8, 2), ("softmax_topk", 16, 2), ("topk_softmax", 32, 4)]
+             ("renorm", 8, 2), ("softmax_topk", 16, 2), ("topk_softmax", 32, 4),
+             ("topk_sigmoid", 16, 1)]
 TS = (1, 64, 1024, 8192)
 SEQ = 5  # tokens per sequence of the per-sequence statistics: most blocks of 8 span two
 
@@ -67,6 +68,7 @@ def gate_call(case):
     x = torch.randn(T, E, generator=torch.Generator().manual_seed(T * 7 + E))
     spec = {"softmax_topk": RouterSpec(), "renorm": RouterSpec(renormalize=True),
             "topk_softmax": RouterSpec(select_on="logits"),
+            "topk_sigmoid": RouterSpec(score="sigmoid", select_on="logits"),
             "deepseek_v3": RouterSpec(score="sigmoid", n_group=8, topk_group=4,
                                       group_score="top2_sum", renormalize=True,
                                       renorm_eps=1e-20, scale=2.5)}[s]

@@ -228,6 +228,7 @@ FEW_EXPERTS = [
     ("sigmoid", 9, 8, dict(score="sigmoid", renormalize=True, renorm_eps=1e-20, scale=2.5,
                            selection_bias=True)),
     ("sqrtsoftplus", 16, 6, dict(score="sqrtsoftplus", renormalize=True, selection_bias=True)),
+    ("topk_sigmoid", 16, 1, dict(score="sigmoid", select_on="logits")),   # Llama 4's
     ("none", 12, 2, dict(score="none", renormalize=True)),
     ("biased_softmax", 8, 2, dict(selection_bias=True)),
     ("rounded_sigmoid", 24, 6, dict(score="sigmoid", selection_bias=True, round_scores=True)),

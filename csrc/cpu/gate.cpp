@@ -52,6 +52,13 @@ MOE_ROUTE_INLINE int32_t to_int(float x) { return static_cast<int32_t>(x); }
 MOE_ROUTE_INLINE i32x8 to_int(f32x8 x) { return __builtin_convertvector(x, i32x8); }
 MOE_ROUTE_INLINE float at_least(float x, float lo) { return std::max(x, lo); }
 MOE_ROUTE_INLINE f32x8 at_least(f32x8 x, float lo) { return x < splat8(lo) ? splat8(lo) : x; }
+MOE_ROUTE_INLINE float at_most(float x, float hi) { return std::min(x, hi); }
+MOE_ROUTE_INLINE f32x8 at_most(f32x8 x, float hi) { return splat8(hi) < x ? splat8(hi) : x; }
+// +inf where x > t, else y
+MOE_ROUTE_INLINE float inf_above(float x, float t, float y) { return x > t ? INFINITY : y; }
+MOE_ROUTE_INLINE f32x8 inf_above(f32x8 x, float t, f32x8 y) {
+  return x > splat8(t) ? splat8(INFINITY) : y;
+}
 MOE_ROUTE_INLINE float bits_to_float(int32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof f);
@@ -87,13 +94,15 @@ MOE_ROUTE_INLINE auto pow2i(I e) { return bits_to_float((e + 127) << 23); }
 // 2^(n>>1) and 2^(n - (n>>1)), the second rounding once into the denormals as IEEE exp does (a
 // softmax probability below 1.2e-38 is not 0: renormalised among the chosen experts it can be
 // most of the weight). Like IEEE exp it overflows to +inf above ln(FLT_MAX), and is 0 below -104.
-MOE_ROUTE_INLINE float exp_fast(float x) {
-  const float xc = std::min(std::max(x, -104.f), 88.72f);
-  float n, q;
+// F is float or f32x8.
+template <typename F>
+MOE_ROUTE_INLINE F exp_fast(F x) {
+  const F xc = at_most(at_least(x, -104.f), 88.72f);
+  F n, q;
   exp_reduce(xc, n, q);
-  const int32_t ni = static_cast<int32_t>(n), half = ni >> 1;
-  const float y = (q * pow2i(half)) * pow2i(ni - half);
-  return x > 88.7228394f ? INFINITY : y;
+  const auto ni = to_int(n), half = ni >> 1;
+  const F y = (q * pow2i(half)) * pow2i(ni - half);
+  return inf_above(x, 88.7228394f, y);
 }
 
 // exp(x) for x <= 0 (softmax numerators exp(z - max)), n in [-150, 0]: q * 2^(n+64), then
@@ -105,7 +114,8 @@ MOE_ROUTE_INLINE F exp_nonpos(F x) {
   return (q * pow2i(to_int(n) + 64)) * 0x1p-64f;
 }
 
-MOE_ROUTE_INLINE float sigmoid(float x) { return 1.f / (1.f + exp_fast(-x)); }
+template <typename F>
+MOE_ROUTE_INLINE F sigmoid(F x) { return 1.f / (1.f + exp_fast(-x)); }
 
 // log(x) for finite x > 0 to about 1 ulp (Cephes logf: x = m 2^e with m in [sqrt(1/2), sqrt(2)),
 // degree-8 polynomial in m - 1), branch-free so entropy loops vectorise. Denormal inputs are
@@ -867,6 +877,7 @@ MOE_ROUTE_INLINE f32x8 abs8(f32x8 x) {
 struct LaneBlock {
   f32x8 z0[kLaneMaxE], z[kLaneMaxE], v[kLaneMaxE], ew[kLaneMaxE], work[kLaneMaxE];
   f32x8 w_max, w_sum;
+  f32x8 q[kLaneMaxE];              // lane_stats: each lane's probabilities
   float rows[kLanes][kLaneMaxE];  // lane_stats of a block spanning groups: each token's q
   i32x8 ids[kLaneMaxE];     // ids[j]: each token's j-th pick
   f32x8 picked[kLaneMaxE];  // picked[j]: its selection value (lane_select)
@@ -1097,29 +1108,40 @@ MOE_ROUTE_INLINE int64_t block_group(const GateParams& p, int64_t t0, int n) {
   return g;
 }
 
-// The probabilities q = ew / S of experts [e0, e0 + 8) back in rows: q[l] holds token l's.
-MOE_ROUTE_INLINE void lane_probs8(const LaneBlock& b, f32x8 inv, int64_t e0, f32x8* q) {
-  for (int j = 0; j < 8; ++j) q[j] = b.ew[e0 + j] * inv;
-  transpose8(q);
-}
-
 // token_stats for tokens [t0, t0 + n), whose ids and weights are written, all of group g >= 0
 // or of several (g == kMixedGroups): the same additions in the same order, the dense ones
-// (softmax or plain-logit scores) computed in the lanes. Uses b.work and b.rows.
+// (softmax, plain-logit or sigmoid scores) computed in the lanes. Uses b.work, b.q and b.rows.
 MOE_ROUTE_INLINE void lane_stats(const GateParams& p, int64_t t0, int n, int64_t g,
                                  const f32x8* zw, LaneBlock& b, Scratch& s, Runs* runs) {
   const int64_t E = p.E, k = p.k;
   const int32_t* ids = p.ids + t0 * k;
   const float* w = p.weights + t0 * k;
   const bool dense = p.dense_stats(), prob_sum = dense && p.prob_sum;
-  // softmax_stats per lane: H = log S - (sum_e ew_e (z_e - max)) / S, and prob += ew / S.
-  f32x8 entropy = {}, inv = {};
-  if (dense) {
+  // Each lane's entropy, and its probabilities b.q[e] (prob_sum).
+  f32x8 entropy = {};
+  if (dense && p.score == Score::Sigmoid) {
+    // token_stats' sigmoid distribution: q = sigmoid(z) / sum (uniform where the sum is 0),
+    // H = -sum_e q_e log q_e
+    const f32x8 zero = splat8(0.f);
+    for (int64_t e = 0; e < E; ++e) b.q[e] = sigmoid(zw[e]);
+    const f32x8 total = lane_sum(b.q, E);
+    const f32x8 inv = total > zero ? splat8(1.f) / total : zero;
+    const f32x8 uniform = splat8(1.f / float(E));
+    for (int64_t e = 0; e < E; ++e) {
+      b.q[e] = total > zero ? b.q[e] * inv : uniform;
+      b.work[e] = b.q[e] > zero ? b.q[e] * log_fast(b.q[e]) : zero;
+    }
+    entropy = -lane_sum(b.work, E);
+  } else if (dense) {
+    // softmax_stats: H = log S - (sum_e ew_e (z_e - max)) / S, and q = ew / S
     const f32x8 zero = splat8(0.f);
     for (int64_t e = 0; e < E; ++e)
       b.work[e] = b.ew[e] > zero ? b.ew[e] * (zw[e] - b.w_max) : zero;
     entropy = log_fast(b.w_sum) - lane_sum(b.work, E) / b.w_sum;
-    inv = splat8(1.f) / b.w_sum;
+    if (prob_sum) {
+      const f32x8 inv = splat8(1.f) / b.w_sum;
+      for (int64_t e = 0; e < E; ++e) b.q[e] = b.ew[e] * inv;
+    }
   }
   if (g == kMixedGroups) {
     // Token by token, each into its group's run as token_stats adds it; its probabilities are
@@ -1128,14 +1150,13 @@ MOE_ROUTE_INLINE void lane_stats(const GateParams& p, int64_t t0, int n, int64_t
       if (E % 8 == 0) {
         for (int64_t e0 = 0; e0 < E; e0 += 8) {
           f32x8 q[8];
-          lane_probs8(b, inv, e0, q);
+          std::memcpy(q, b.q + e0, sizeof q);
+          transpose8(q);
           for (int l = 0; l < n; ++l) std::memcpy(b.rows[l] + e0, &q[l], sizeof q[l]);
         }
       } else {
-        for (int64_t e = 0; e < E; ++e) {
-          const f32x8 q = b.ew[e] * inv;
-          for (int l = 0; l < n; ++l) b.rows[l][e] = q[l];
-        }
+        for (int64_t e = 0; e < E; ++e)
+          for (int l = 0; l < n; ++l) b.rows[l][e] = b.q[e][l];
       }
     }
     for (int l = 0; l < n; ++l) {
@@ -1165,19 +1186,18 @@ MOE_ROUTE_INLINE void lane_stats(const GateParams& p, int64_t t0, int n, int64_t
   for (int l = 0; l < n; ++l) run.entropy += entropy[l];
   if (!prob_sum) return;
   float* prob = run.prob.data();
-  if (E % 8 == 0) {
+  if (E % 8 == 0) {  // back to rows: token l's probabilities are q[l] after the transpose
     for (int64_t e0 = 0; e0 < E; e0 += 8) {
       f32x8 q[8];
-      lane_probs8(b, inv, e0, q);
+      std::memcpy(q, b.q + e0, sizeof q);
+      transpose8(q);
       f32x8 acc = load8(prob + e0);
       for (int l = 0; l < n; ++l) acc += q[l];
       std::memcpy(prob + e0, &acc, sizeof acc);
     }
   } else {
-    for (int64_t e = 0; e < E; ++e) {
-      const f32x8 q = b.ew[e] * inv;
-      for (int l = 0; l < n; ++l) prob[e] += q[l];
-    }
+    for (int64_t e = 0; e < E; ++e)
+      for (int l = 0; l < n; ++l) prob[e] += b.q[e][l];
   }
 }
 
@@ -1196,8 +1216,7 @@ MOE_ROUTE_INLINE void lane_select_row(const GateParams& p, const Prep& prep, con
       if (!have_ew) sum = lane_exps(z, sv, E, lane_extreme<true>(z, E)), src = sv;
       for (int64_t e = 0; e < E; ++e) sv[e] = src[e] / sum;
     } else if (p.score == Score::Sigmoid) {
-      for (int64_t e = 0; e < E; ++e)
-        for (int l = 0; l < kLanes; ++l) sv[e][l] = sigmoid(z[e][l]);
+      for (int64_t e = 0; e < E; ++e) sv[e] = sigmoid(z[e]);
     } else if (p.score == Score::SqrtSoftplus) {
       for (int64_t e = 0; e < E; ++e)
         for (int l = 0; l < kLanes; ++l) {
@@ -1304,7 +1323,7 @@ MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t 
     }
   }
   if (!stats) return;
-  if (!p.dense_stats() || p.score == Score::Softmax || p.score == Score::None) {
+  if (!p.dense_stats() || p.score != Score::SqrtSoftplus) {
     const int64_t g = block_group(p, t0, n);
     if (g != -1) lane_stats(p, t0, n, g, zw, b, s, runs);
     return;
