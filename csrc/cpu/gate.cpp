@@ -1108,6 +1108,12 @@ MOE_ROUTE_INLINE int64_t block_group(const GateParams& p, int64_t t0, int n) {
   return g;
 }
 
+// x[0..8) * scale back in rows: q[l] holds lane l's eight values.
+MOE_ROUTE_INLINE void lane_rows8(const f32x8* x, f32x8 scale, f32x8* q) {
+  for (int j = 0; j < 8; ++j) q[j] = x[j] * scale;
+  transpose8(q);
+}
+
 // token_stats for tokens [t0, t0 + n), whose ids and weights are written, all of group g >= 0
 // or of several (g == kMixedGroups): the same additions in the same order, the dense ones
 // (softmax, plain-logit or sigmoid scores) computed in the lanes. Uses b.work, b.q and b.rows.
@@ -1117,8 +1123,9 @@ MOE_ROUTE_INLINE void lane_stats(const GateParams& p, int64_t t0, int n, int64_t
   const int32_t* ids = p.ids + t0 * k;
   const float* w = p.weights + t0 * k;
   const bool dense = p.dense_stats(), prob_sum = dense && p.prob_sum;
-  // Each lane's entropy, and its probabilities b.q[e] (prob_sum).
-  f32x8 entropy = {};
+  // Each lane's entropy, and its probabilities qs[e] * scale (prob_sum; x * 1 is x exactly).
+  f32x8 entropy = {}, scale = splat8(1.f);
+  const f32x8* qs = b.q;
   if (dense && p.score == Score::Sigmoid) {
     // token_stats' sigmoid distribution: q = sigmoid(z) / sum (uniform where the sum is 0),
     // H = -sum_e q_e log q_e
@@ -1138,10 +1145,7 @@ MOE_ROUTE_INLINE void lane_stats(const GateParams& p, int64_t t0, int n, int64_t
     for (int64_t e = 0; e < E; ++e)
       b.work[e] = b.ew[e] > zero ? b.ew[e] * (zw[e] - b.w_max) : zero;
     entropy = log_fast(b.w_sum) - lane_sum(b.work, E) / b.w_sum;
-    if (prob_sum) {
-      const f32x8 inv = splat8(1.f) / b.w_sum;
-      for (int64_t e = 0; e < E; ++e) b.q[e] = b.ew[e] * inv;
-    }
+    qs = b.ew, scale = splat8(1.f) / b.w_sum;
   }
   if (g == kMixedGroups) {
     // Token by token, each into its group's run as token_stats adds it; its probabilities are
@@ -1150,13 +1154,14 @@ MOE_ROUTE_INLINE void lane_stats(const GateParams& p, int64_t t0, int n, int64_t
       if (E % 8 == 0) {
         for (int64_t e0 = 0; e0 < E; e0 += 8) {
           f32x8 q[8];
-          std::memcpy(q, b.q + e0, sizeof q);
-          transpose8(q);
+          lane_rows8(qs + e0, scale, q);
           for (int l = 0; l < n; ++l) std::memcpy(b.rows[l] + e0, &q[l], sizeof q[l]);
         }
       } else {
-        for (int64_t e = 0; e < E; ++e)
-          for (int l = 0; l < n; ++l) b.rows[l][e] = b.q[e][l];
+        for (int64_t e = 0; e < E; ++e) {
+          const f32x8 q = qs[e] * scale;
+          for (int l = 0; l < n; ++l) b.rows[l][e] = q[l];
+        }
       }
     }
     for (int l = 0; l < n; ++l) {
@@ -1186,18 +1191,19 @@ MOE_ROUTE_INLINE void lane_stats(const GateParams& p, int64_t t0, int n, int64_t
   for (int l = 0; l < n; ++l) run.entropy += entropy[l];
   if (!prob_sum) return;
   float* prob = run.prob.data();
-  if (E % 8 == 0) {  // back to rows: token l's probabilities are q[l] after the transpose
+  if (E % 8 == 0) {
     for (int64_t e0 = 0; e0 < E; e0 += 8) {
       f32x8 q[8];
-      std::memcpy(q, b.q + e0, sizeof q);
-      transpose8(q);
+      lane_rows8(qs + e0, scale, q);
       f32x8 acc = load8(prob + e0);
       for (int l = 0; l < n; ++l) acc += q[l];
       std::memcpy(prob + e0, &acc, sizeof acc);
     }
   } else {
-    for (int64_t e = 0; e < E; ++e)
-      for (int l = 0; l < n; ++l) prob[e] += b.q[e][l];
+    for (int64_t e = 0; e < E; ++e) {
+      const f32x8 q = qs[e] * scale;
+      for (int l = 0; l < n; ++l) prob[e] += q[l];
+    }
   }
 }
 
