@@ -885,7 +885,7 @@ def _define_trace_op() -> bool:
     try:
         from torch.library import EffectType, _register_effectful_op
     except ImportError:
-        try:   # torch < 2.9
+        try:   # where torch.library does not export them yet
             from torch._higher_order_ops.effects import _EffectType as EffectType
             from torch._higher_order_ops.effects import _register_effectful_op
         except ImportError:
