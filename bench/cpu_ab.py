@@ -16,7 +16,8 @@ a speed-up that changes results is not an A/B of the same thing. A change meant 
 bits (a more accurate sum) takes ``--rtol``: float outputs may then differ by that much. Cases:
 OLMoE/Qwen3 softmax top-k (E 64 and 256, and 16 with k=2 as Jamba's), the renormalised one
 (E=64, k=8, and Mixtral's E=8, k=2), GPT-OSS's top-k softmax (E=32 and 64, k=4), Llama 4
-Scout's sigmoid of the top logit (E=16, k=1) and DeepSeek-V3's grouped sigmoid, at T 1 to
+Scout's sigmoid of the top logit (E=16, k=1), a renormalised sigmoid top-4 of 32 (no family's;
+the lanes' sigmoid selection) and DeepSeek-V3's grouped sigmoid, at T 1 to
 8192, plain, with statistics, replaying every row, and both; with statistics per sequence of 5
 tokens (``groups=``); and steered (three constant biases, one std-scaled, one expert forced on
 and one forced off), with and without statistics. ``--match`` keeps the cases whose label
@@ -36,7 +37,7 @@ import tempfile
 SEMANTICS = [("softmax_topk", 64, 8), ("softmax_topk", 256, 8), ("renorm", 64, 8),
              ("topk_softmax", 64, 4), ("deepseek_v3", 256, 8),
              ("renorm", 8, 2), ("softmax_topk", 16, 2), ("topk_softmax", 32, 4),
-             ("topk_sigmoid", 16, 1)]
+             ("topk_sigmoid", 16, 1), ("sigmoid_renorm", 32, 4)]
 TS = (1, 64, 1024, 8192)
 SEQ = 5  # tokens per sequence of the per-sequence statistics: most blocks of 8 span two
 
@@ -69,6 +70,7 @@ def gate_call(case):
     spec = {"softmax_topk": RouterSpec(), "renorm": RouterSpec(renormalize=True),
             "topk_softmax": RouterSpec(select_on="logits"),
             "topk_sigmoid": RouterSpec(score="sigmoid", select_on="logits"),
+            "sigmoid_renorm": RouterSpec(score="sigmoid", renormalize=True),
             "deepseek_v3": RouterSpec(score="sigmoid", n_group=8, topk_group=4,
                                       group_score="top2_sum", renormalize=True,
                                       renorm_eps=1e-20, scale=2.5)}[s]
