@@ -183,6 +183,21 @@ MOE_ROUTE_INLINE float score_of(Score s, float z) {
   }
 }
 
+// Whether scores are a function of each logit alone (sigmoid, sqrt-softplus): scores_of applies.
+MOE_ROUTE_INLINE bool elementwise_scores(const GateParams& p) {
+  return p.score == Score::Sigmoid || p.score == Score::SqrtSoftplus;
+}
+
+// The elementwise scores of one token's logits z[0..E) into sc, a loop per score so each
+// vectorises.
+MOE_ROUTE_INLINE void scores_of(const GateParams& p, const float* z, float* sc) {
+  if (p.score == Score::Sigmoid) {
+    for (int64_t e = 0; e < p.E; ++e) sc[e] = sigmoid(z[e]);
+  } else {
+    for (int64_t e = 0; e < p.E; ++e) sc[e] = sqrt_softplus(z[e]);
+  }
+}
+
 
 MOE_ROUTE_INLINE f32x8 load8(const float* x) {
   f32x8 v;
@@ -435,20 +450,20 @@ void flush_run(const GateParams& p, RunAcc& a, Runs* runs) {
 }
 
 struct Scratch {
-  std::vector<float> z0, z, v, ew, dense, work;  // rows padded to a multiple of 8
+  std::vector<float> z0, z, v, ew, sc, dense, work;  // rows padded to a multiple of 8
   std::vector<uint64_t> keys;
   std::vector<uint8_t> group_ok;
   std::vector<uint64_t> group_keys;
   RunAcc run;
   // Sizes the rows for E experts and sets the padding of the rows that selection reads whole
-  // 8-lane blocks of (z0, z, v) to -inf, below every sanitised value.
+  // 8-lane blocks of (z0, z, v, sc) to -inf, below every sanitised value.
   void prepare(int64_t E, int64_t n_group) {
     const int64_t padded = (E + 7) & ~int64_t(7);
     if (int64_t(z0.size()) < padded) {
-      for (auto* row : {&z0, &z, &v, &ew, &dense, &work}) row->resize(padded);
+      for (auto* row : {&z0, &z, &v, &ew, &sc, &dense, &work}) row->resize(padded);
       keys.resize(padded);
     }
-    for (auto* row : {&z0, &z, &v}) std::fill(row->data() + E, row->data() + padded, -INFINITY);
+    for (auto* row : {&z0, &z, &v, &sc}) std::fill(row->data() + E, row->data() + padded, -INFINITY);
     if (int64_t(group_ok.size()) < n_group) group_ok.resize(n_group), group_keys.resize(n_group);
   }
 };
@@ -671,19 +686,23 @@ MOE_ROUTE_INLINE void select_experts(const GateParams& p, const Prep& prep, cons
 
 // Selection values of one token's steered logits z (reference: selection_values), the group
 // limit, then its k ids. `ew` and `ew_sum` are the softmax numerators of z and their sum when
-// `have_ew` (the weight side computed them already), else ignored.
+// `have_ew` (the weight side computed them already), else ignored. `sc`, when not null, holds
+// the sigmoid or sqrt-softplus scores of z (scores_of), which this then does not compute again.
 MOE_ROUTE_INLINE void select_row(const GateParams& p, const Prep& prep, const float* z,
-                                 const float* ew, float ew_sum, bool have_ew, Scratch& s,
-                                 int32_t* ids) {
+                                 const float* ew, float ew_sum, bool have_ew, const float* sc,
+                                 Scratch& s, int32_t* ids) {
   const int64_t E = p.E;
   const float* v = z;
   if (!selects_on_logits(p)) {
     float* sv = s.v.data();
+    v = sv;
     if (p.score == Score::Softmax) {
       float sum = ew_sum, unused;
       if (!have_ew) sum = softmax_exps(z, sv, E, unused);
       const float* src = have_ew ? ew : sv;
       for (int64_t e = 0; e < E; ++e) sv[e] = src[e] / sum;
+    } else if (sc) {
+      v = sc;
     } else if (p.score == Score::Sigmoid) {
       for (int64_t e = 0; e < E; ++e) sv[e] = sigmoid(z[e]);
     } else if (p.score == Score::SqrtSoftplus) {
@@ -703,12 +722,12 @@ MOE_ROUTE_INLINE void select_row(const GateParams& p, const Prep& prep, const fl
     }
     if (rounds_scores(p) && p.score != Score::SqrtSoftplus) {  // one op in half precision
       if (p.logit_type == LogitType::BF16) {
-        for (int64_t e = 0; e < E; ++e) sv[e] = round_bf16(sv[e]);
+        for (int64_t e = 0; e < E; ++e) sv[e] = round_bf16(v[e]);
       } else {
-        for (int64_t e = 0; e < E; ++e) sv[e] = round_fp16(sv[e]);
+        for (int64_t e = 0; e < E; ++e) sv[e] = round_fp16(v[e]);
       }
+      v = sv;
     }
-    v = sv;
   }
   if (p.selection_bias) {
     const float* bias = prep.bias.data();
@@ -743,15 +762,18 @@ MOE_ROUTE_INLINE void finish_weights(const GateParams& p, float* w) {
 }
 
 // The k weights of one token with ids `ids` into w. `ew(e)` and `zw(e)` read expert e's softmax
-// numerator and weight-side logit, w_sum is the numerators' sum (softmax scores only).
+// numerator and weight-side logit, w_sum is the numerators' sum (softmax scores only). `sc`, when
+// not null, holds the elementwise scores of the weight-side logits (scores_of).
 template <typename EwAt, typename ZwAt>
 MOE_ROUTE_INLINE void weigh(const GateParams& p, const int32_t* ids, EwAt ew, ZwAt zw, float w_sum,
-                            float* w) {
+                            const float* sc, float* w) {
   const int64_t k = p.k;
   if (!p.select_on_logits) {
     if (p.score == Score::Softmax) {
       for (int64_t j = 0; j < k; ++j) w[j] = ew(ids[j]);
       divide_by(w, k, w_sum);
+    } else if (sc) {
+      for (int64_t j = 0; j < k; ++j) w[j] = sc[ids[j]];
     } else {
       for (int64_t j = 0; j < k; ++j) w[j] = score_of(p.score, zw(ids[j]));
     }
@@ -763,6 +785,8 @@ MOE_ROUTE_INLINE void weigh(const GateParams& p, const int32_t* ids, EwAt ew, Zw
     for (int64_t j = 0; j < k; ++j) m = std::max(m, zw(ids[j]));
     for (int64_t j = 0; j < k; ++j) sum += (w[j] = exp_nonpos(zw(ids[j]) - m));
     divide_by(w, k, static_cast<float>(sum));
+  } else if (sc) {
+    for (int64_t j = 0; j < k; ++j) w[j] = sc[ids[j]];
   } else {
     for (int64_t j = 0; j < k; ++j) w[j] = score_of(p.score, zw(ids[j]));
   }
@@ -802,10 +826,11 @@ MOE_ROUTE_INLINE void add_token(const GateParams& p, RunAcc& run, const int32_t*
 }
 
 // Adds token t's statistics (ids, weights w; softmax numerators ew of the weight-side logits zw,
-// their max and sum) to the current run, starting a new run when the token's group changes.
+// their max and sum; their elementwise scores sc, or null) to the current run, starting a new run
+// when the token's group changes.
 MOE_ROUTE_INLINE void token_stats(const GateParams& p, int64_t t, const int32_t* ids,
                                   const float* w, const float* ew, const float* zw, float w_max,
-                                  float w_sum, Scratch& s, Runs* runs) {
+                                  float w_sum, const float* sc, Scratch& s, Runs* runs) {
   const int64_t E = p.E;
   const int64_t g = group_of(p, t);
   if (g < 0) return;
@@ -818,14 +843,10 @@ MOE_ROUTE_INLINE void token_stats(const GateParams& p, int64_t t, const int32_t*
       run.entropy += softmax_stats(ew, zw, w_max, w_sum, E, p.prob_sum ? run.prob.data() : nullptr);
     } else {
       float* q = s.dense.data();
-      if (p.score == Score::Sigmoid) {
-        for (int64_t e = 0; e < E; ++e) q[e] = sigmoid(zw[e]);
-      } else {
-        for (int64_t e = 0; e < E; ++e) q[e] = sqrt_softplus(zw[e]);
-      }
-      const float total = sum8(q, E);
+      if (!sc) scores_of(p, zw, q), sc = q;
+      const float total = sum8(sc, E);
       const float inv = total > 0.f ? 1.f / total : 0.f, uniform = 1.f / float(E);
-      for (int64_t e = 0; e < E; ++e) q[e] = total > 0.f ? q[e] * inv : uniform;
+      for (int64_t e = 0; e < E; ++e) q[e] = total > 0.f ? sc[e] * inv : uniform;
       for (int64_t e = 0; e < E; ++e) s.v[e] = q[e] > 0.f ? q[e] * log_fast(q[e]) : 0.f;
       run.entropy += -sum8(s.v.data(), E);
       for (int64_t e = 0; e < E; ++e) run.prob[e] += q[e];
@@ -1321,7 +1342,7 @@ MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t 
       finish_weights(p, w);
     } else {
       weigh(p, ids, [&b, l](int32_t e) { return b.ew[e][l]; },
-            [zw, l](int32_t e) { return zw[e][l]; }, b.w_sum[l], w);
+            [zw, l](int32_t e) { return zw[e][l]; }, b.w_sum[l], nullptr, w);
     }
   }
   if (!stats) return;
@@ -1336,7 +1357,7 @@ MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t 
     if (p.dense_stats())
       for (int64_t e = 0; e < E; ++e) ew_row[e] = b.ew[e][l], zw_row[e] = zw[e][l];
     token_stats(p, t, p.ids + t * k, p.weights + t * k, ew_row, zw_row, b.w_max[l], b.w_sum[l],
-                s, runs);
+                nullptr, s, runs);
   }
 }
 
@@ -1375,11 +1396,22 @@ MOE_ROUTE_INLINE void gate_tokens_body(const GateParams& p, const Prep& prep, in
     float w_max = 0.f, w_sum = 1.f;
     if (want_ew && !max_from_pick) w_sum = softmax_exps(zw, s.ew.data(), E, w_max);
     const float* ew = s.ew.data();
+    // Elementwise scores of the weight-side logits, once for selection, weights and statistics
+    // where the selection ranks them or dense statistics take them all (for the k weights alone,
+    // weigh computes k). The sqrt-softplus that rounds to the logits' half precision ranks
+    // values of its own.
+    const bool select_sc = !replayed && !selects_on_logits(p) && zw == z &&
+                           !(p.score == Score::SqrtSoftplus && rounds_scores(p));
+    const float* sc = nullptr;
+    if (elementwise_scores(p) && (select_sc || (stats && p.dense_stats()))) {
+      scores_of(p, zw, s.sc.data());
+      sc = s.sc.data();
+    }
 
     if (replayed) {
       for (int64_t j = 0; j < k; ++j) ids[j] = static_cast<int32_t>(p.replay_id(t, j));
     } else {
-      select_row(p, prep, z, ew, w_sum, want_ew && zw == z, s, ids);
+      select_row(p, prep, z, ew, w_sum, want_ew && zw == z, select_sc ? sc : nullptr, s, ids);
     }
     if (max_from_pick) {
       w_max = zw[ids[0]];
@@ -1387,8 +1419,9 @@ MOE_ROUTE_INLINE void gate_tokens_body(const GateParams& p, const Prep& prep, in
     }
 
     float* w = p.weights + t * k;
-    weigh(p, ids, [ew](int32_t e) { return ew[e]; }, [zw](int32_t e) { return zw[e]; }, w_sum, w);
-    if (stats) token_stats(p, t, ids, w, ew, zw, w_max, w_sum, s, runs);
+    weigh(p, ids, [ew](int32_t e) { return ew[e]; }, [zw](int32_t e) { return zw[e]; }, w_sum, sc,
+          w);
+    if (stats) token_stats(p, t, ids, w, ew, zw, w_max, w_sum, sc, s, runs);
   }
   if (stats) flush_run(p, s.run, runs);
 }
