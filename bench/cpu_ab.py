@@ -17,7 +17,8 @@ bits (a more accurate sum) takes ``--rtol``: float outputs may then differ by th
 OLMoE/Qwen3 softmax top-k (E 64 and 256, and 16 with k=2 as Jamba's), the renormalised one
 (E=64, k=8, and Mixtral's E=8, k=2), GPT-OSS's top-k softmax (E=32 and 64, k=4), Llama 4
 Scout's sigmoid of the top logit (E=16, k=1), a renormalised sigmoid top-4 of 32 (no family's;
-the lanes' sigmoid selection) and DeepSeek-V3's grouped sigmoid, at T 1 to
+the lanes' sigmoid selection) and top-8 of 128 (GLM-4.5's without its bias and scale; the
+per-token sigmoid) and DeepSeek-V3's grouped sigmoid, at T 1 to
 8192, plain, with statistics, replaying every row, and both; with statistics per sequence of 5
 tokens (``groups=``); and steered (three constant biases, one std-scaled, one expert forced on
 and one forced off), with and without statistics. ``--match`` keeps the cases whose label
@@ -37,7 +38,7 @@ import tempfile
 SEMANTICS = [("softmax_topk", 64, 8), ("softmax_topk", 256, 8), ("renorm", 64, 8),
              ("topk_softmax", 64, 4), ("deepseek_v3", 256, 8),
              ("renorm", 8, 2), ("softmax_topk", 16, 2), ("topk_softmax", 32, 4),
-             ("topk_sigmoid", 16, 1), ("sigmoid_renorm", 32, 4)]
+             ("topk_sigmoid", 16, 1), ("sigmoid_renorm", 32, 4), ("sigmoid_renorm", 128, 8)]
 TS = (1, 64, 1024, 8192)
 SEQ = 5  # tokens per sequence of the per-sequence statistics: most blocks of 8 span two
 

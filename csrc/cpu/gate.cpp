@@ -175,29 +175,23 @@ MOE_ROUTE_INLINE float round_half(float x, LogitType t) {
   return t == LogitType::BF16 ? round_bf16(x) : round_fp16(x);
 }
 
-MOE_ROUTE_INLINE float score_of(Score s, float z) {
-  switch (s) {
-    case Score::Sigmoid: return sigmoid(z);
-    case Score::SqrtSoftplus: return sqrt_softplus(z);
-    default: return z;
-  }
-}
-
-// Whether scores are a function of each logit alone (sigmoid, sqrt-softplus): scores_of applies.
+// Whether the scores are a function of each logit other than the logit itself (sigmoid,
+// sqrt-softplus): worth computing once (scores_of) for selection, weights and statistics.
 MOE_ROUTE_INLINE bool elementwise_scores(const GateParams& p) {
   return p.score == Score::Sigmoid || p.score == Score::SqrtSoftplus;
 }
 
-// The elementwise scores of one token's logits z[0..E) into sc, a loop per score so each
-// vectorises.
-MOE_ROUTE_INLINE void scores_of(const GateParams& p, const float* z, float* sc) {
+// The elementwise scores (plain logits for score "none") of logits z[0..n) into sc, which may be
+// z; a loop per score, so that each vectorises.
+MOE_ROUTE_INLINE void scores_of(const GateParams& p, const float* z, int64_t n, float* sc) {
   if (p.score == Score::Sigmoid) {
-    for (int64_t e = 0; e < p.E; ++e) sc[e] = sigmoid(z[e]);
-  } else {
-    for (int64_t e = 0; e < p.E; ++e) sc[e] = sqrt_softplus(z[e]);
+    for (int64_t e = 0; e < n; ++e) sc[e] = sigmoid(z[e]);
+  } else if (p.score == Score::SqrtSoftplus) {
+    for (int64_t e = 0; e < n; ++e) sc[e] = sqrt_softplus(z[e]);
+  } else if (sc != z) {
+    std::memcpy(sc, z, sizeof(float) * n);
   }
 }
-
 
 MOE_ROUTE_INLINE f32x8 load8(const float* x) {
   f32x8 v;
@@ -269,10 +263,11 @@ MOE_ROUTE_INLINE void sort8_desc(uint64_t* h) {
   cswap_desc(h[1], h[2]), cswap_desc(h[3], h[4]), cswap_desc(h[5], h[6]);
 }
 
-// The two largest values of x[0..n) (equal values count twice). Eight independent lanes keep the
-// dependency chains short; the lanes' pairs are merged at the end.
-MOE_ROUTE_INLINE void top2_of(const float* x, int64_t n, float& first, float& second) {
-  f32x8 a = splat8(-kFltMax), b = a;
+// The two largest values of x[0..n) in each of 8 lanes, lane l holding x[l], x[l + 8], ...
+// (-FLT_MAX for what a lane lacks; equal values count twice). Independent lanes keep
+// the dependency chains short.
+MOE_ROUTE_INLINE void top2_lanes(const float* x, int64_t n, f32x8& a, f32x8& b) {
+  a = splat8(-kFltMax), b = a;
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const f32x8 v = load8(x + i);
@@ -284,12 +279,25 @@ MOE_ROUTE_INLINE void top2_of(const float* x, int64_t n, float& first, float& se
     b[l] = v > a[l] ? a[l] : (v > b[l] ? v : b[l]);
     a[l] = v > a[l] ? v : a[l];
   }
-  float top = a[0];
-  int at = 0;
-  for (int l = 1; l < 8; ++l) at = a[l] > top ? l : at, top = a[l] > top ? a[l] : top;
-  float next = b[at];
-  for (int l = 0; l < 8; ++l) next = (l != at && a[l] > next) ? a[l] : next;
-  first = top, second = next;
+}
+
+// r[j] = column j of the 8x8 block whose row i is r[i] (three rounds of shuffles).
+MOE_ROUTE_INLINE void transpose8(f32x8* r) {
+  f32x8 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {  // pairs of rows interleaved
+    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4)  // then pairs of pairs: columns c and c + 4 of four rows
+    for (int h = 0; h < 2; ++h) {
+      u[i + 2 * h] = __builtin_shufflevector(t[i + h], t[i + h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[i + 2 * h + 1] =
+          __builtin_shufflevector(t[i + h], t[i + h + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  for (int c = 0; c < 4; ++c) {  // then the two halves of the rows
+    r[c] = __builtin_shufflevector(u[c], u[c + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    r[c + 4] = __builtin_shufflevector(u[c], u[c + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
 }
 
 // ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)) by shuffles, in registers (element access
@@ -454,6 +462,7 @@ struct Scratch {
   std::vector<uint64_t> keys;
   std::vector<uint8_t> group_ok;
   std::vector<uint64_t> group_keys;
+  std::vector<int32_t> group_list;
   RunAcc run;
   // Sizes the rows for E experts and sets the padding of the rows that selection reads whole
   // 8-lane blocks of (z0, z, v, sc) to -inf, below every sanitised value.
@@ -464,7 +473,9 @@ struct Scratch {
       keys.resize(padded);
     }
     for (auto* row : {&z0, &z, &v, &sc}) std::fill(row->data() + E, row->data() + padded, -INFINITY);
-    if (int64_t(group_ok.size()) < n_group) group_ok.resize(n_group), group_keys.resize(n_group);
+    if (int64_t(group_ok.size()) < n_group) {
+      group_ok.resize(n_group), group_keys.resize(n_group), group_list.resize(n_group);
+    }
   }
 };
 
@@ -526,10 +537,28 @@ MOE_ROUTE_INLINE void choose_groups(const GateParams& p, const Prep& prep, const
   const int64_t gsize = p.E / p.n_group;
   TopK top(std::min<int64_t>(p.topk_group, kInsertMaxK));
   const bool use_insert = p.topk_group <= kInsertMaxK;
+  f32x8 first, second;  // the two largest values of groups g0 .. g0 + 7, a group per lane
   for (int64_t g = 0; g < p.n_group; ++g) {
-    const float* gv = v + g * gsize;
-    float a, b;  // the two largest values
-    top2_of(gv, gsize, a, b);
+    const int64_t lane = g & 7;
+    if (lane == 0) {
+      // Each group's pairs of its 8 lanes, transposed so that a vector holds one lane of 8
+      // groups, merged lane by lane: the group's pair is the larger a and the larger of the
+      // other a and both b.
+      f32x8 a[8], b[8];
+      for (int64_t i = 0; i < 8; ++i) {
+        if (g + i < p.n_group) top2_lanes(v + (g + i) * gsize, gsize, a[i], b[i]);
+        else a[i] = b[i] = splat8(-kFltMax);
+      }
+      transpose8(a), transpose8(b);
+      first = a[0], second = b[0];
+      for (int l = 1; l < 8; ++l) {
+        const f32x8 low = first < a[l] ? first : a[l];
+        first = first < a[l] ? a[l] : first;
+        second = second < b[l] ? b[l] : second;
+        second = second < low ? low : second;
+      }
+    }
+    const float a = first[lane], b = second[lane];
     float score = p.group_score == GroupScore::Max ? a : sanitize(gsize > 1 ? a + b : a);
     if (p.group_score == GroupScore::Top2Sum && gsize > 1 && rounds_half_sums(p))
       score = round_half(score, p.logit_type);
@@ -638,6 +667,24 @@ MOE_ROUTE_INLINE void select_experts(const GateParams& p, const Prep& prep, cons
   auto eligible = [&](int64_t e) { return p.n_group == 1 || s.group_ok[e / gsize]; };
   if (k <= kInsertMaxK) {
     float* work = s.work.data();
+    if (p.n_group > 1 && !prep.has_force) {
+      // The chosen groups side by side in a working copy, in expert order, which keeps the
+      // lower-index rule among equal values: the selection scans topk_group groups, not all of
+      // them, and its picks are mapped back to experts.
+      int32_t* chosen = s.group_list.data();
+      int64_t n = 0, m = 0;
+      for (int64_t g = 0; g < p.n_group; ++g)
+        if (s.group_ok[g]) {
+          std::memcpy(work + n, v + g * gsize, sizeof(float) * gsize);
+          n += gsize, chosen[m++] = int32_t(g);
+        }
+      const int64_t padded_n = (n + 7) & ~int64_t(7);
+      std::fill(work + n, work + padded_n, -INFINITY);
+      select_untiered(work, work, true, padded_n, k, ids);
+      for (int64_t j = 0; j < k; ++j)
+        ids[j] = int32_t(chosen[ids[j] / gsize] * gsize + ids[j] % gsize);
+      return;
+    }
     bool copied = false;
     // Ineligible groups hold -inf in a working copy.
     if (p.n_group > 1) {
@@ -774,8 +821,9 @@ MOE_ROUTE_INLINE void weigh(const GateParams& p, const int32_t* ids, EwAt ew, Zw
       divide_by(w, k, w_sum);
     } else if (sc) {
       for (int64_t j = 0; j < k; ++j) w[j] = sc[ids[j]];
-    } else {
-      for (int64_t j = 0; j < k; ++j) w[j] = score_of(p.score, zw(ids[j]));
+    } else {  // the k logits gathered, then scored in one loop, which vectorises
+      for (int64_t j = 0; j < k; ++j) w[j] = zw(ids[j]);
+      scores_of(p, w, k, w);
     }
   } else if (p.score == Score::Softmax) {
     // the sum of the k exps (each in (0, 1]) runs in double: a running fp32 sum's error grows
@@ -788,7 +836,8 @@ MOE_ROUTE_INLINE void weigh(const GateParams& p, const int32_t* ids, EwAt ew, Zw
   } else if (sc) {
     for (int64_t j = 0; j < k; ++j) w[j] = sc[ids[j]];
   } else {
-    for (int64_t j = 0; j < k; ++j) w[j] = score_of(p.score, zw(ids[j]));
+    for (int64_t j = 0; j < k; ++j) w[j] = zw(ids[j]);
+    scores_of(p, w, k, w);
   }
   finish_weights(p, w);
 }
@@ -843,7 +892,7 @@ MOE_ROUTE_INLINE void token_stats(const GateParams& p, int64_t t, const int32_t*
       run.entropy += softmax_stats(ew, zw, w_max, w_sum, E, p.prob_sum ? run.prob.data() : nullptr);
     } else {
       float* q = s.dense.data();
-      if (!sc) scores_of(p, zw, q), sc = q;
+      if (!sc) scores_of(p, zw, E, q), sc = q;
       const float total = sum8(sc, E);
       const float inv = total > 0.f ? 1.f / total : 0.f, uniform = 1.f / float(E);
       for (int64_t e = 0; e < E; ++e) q[e] = total > 0.f ? sc[e] * inv : uniform;
@@ -1060,25 +1109,6 @@ MOE_ROUTE_INLINE void lane_select(const Prep& prep, const f32x8* v, int64_t E, i
   if (forced && prep.first_on >= 0) {  // an expert forced on was picked at +inf: its value
     const f32x8 on = v[prep.first_on];
     for (int64_t j = 0; j < k; ++j) b.picked[j] = b.picked[j] == INFINITY ? on : b.picked[j];
-  }
-}
-
-// r[j] = column j of the 8x8 block whose row i is r[i] (three rounds of shuffles).
-MOE_ROUTE_INLINE void transpose8(f32x8* r) {
-  f32x8 t[8], u[8];
-  for (int i = 0; i < 8; i += 2) {  // pairs of rows interleaved
-    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
-    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
-  }
-  for (int i = 0; i < 8; i += 4)  // then pairs of pairs: columns c and c + 4 of four rows
-    for (int h = 0; h < 2; ++h) {
-      u[i + 2 * h] = __builtin_shufflevector(t[i + h], t[i + h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
-      u[i + 2 * h + 1] =
-          __builtin_shufflevector(t[i + h], t[i + h + 2], 2, 3, 10, 11, 6, 7, 14, 15);
-    }
-  for (int c = 0; c < 4; ++c) {  // then the two halves of the rows
-    r[c] = __builtin_shufflevector(u[c], u[c + 4], 0, 1, 2, 3, 8, 9, 10, 11);
-    r[c + 4] = __builtin_shufflevector(u[c], u[c + 4], 4, 5, 6, 7, 12, 13, 14, 15);
   }
 }
 
@@ -1404,7 +1434,7 @@ MOE_ROUTE_INLINE void gate_tokens_body(const GateParams& p, const Prep& prep, in
                            !(p.score == Score::SqrtSoftplus && rounds_scores(p));
     const float* sc = nullptr;
     if (elementwise_scores(p) && (select_sc || (stats && p.dense_stats()))) {
-      scores_of(p, zw, s.sc.data());
+      scores_of(p, zw, E, s.sc.data());
       sc = s.sc.data();
     }
 
