@@ -175,21 +175,26 @@ MOE_ROUTE_INLINE float round_half(float x, LogitType t) {
   return t == LogitType::BF16 ? round_bf16(x) : round_fp16(x);
 }
 
+MOE_ROUTE_INLINE float score_of(Score s, float z) {
+  switch (s) {
+    case Score::Sigmoid: return sigmoid(z);
+    case Score::SqrtSoftplus: return sqrt_softplus(z);
+    default: return z;
+  }
+}
+
 // Whether the scores are a function of each logit other than the logit itself (sigmoid,
 // sqrt-softplus): worth computing once (scores_of) for selection, weights and statistics.
 MOE_ROUTE_INLINE bool elementwise_scores(const GateParams& p) {
   return p.score == Score::Sigmoid || p.score == Score::SqrtSoftplus;
 }
 
-// The elementwise scores (plain logits for score "none") of logits z[0..n) into sc, which may be
-// z; a loop per score, so that each vectorises.
+// The elementwise scores of logits z[0..n) into sc, a loop per score so that each vectorises.
 MOE_ROUTE_INLINE void scores_of(const GateParams& p, const float* z, int64_t n, float* sc) {
   if (p.score == Score::Sigmoid) {
     for (int64_t e = 0; e < n; ++e) sc[e] = sigmoid(z[e]);
-  } else if (p.score == Score::SqrtSoftplus) {
+  } else {
     for (int64_t e = 0; e < n; ++e) sc[e] = sqrt_softplus(z[e]);
-  } else if (sc != z) {
-    std::memcpy(sc, z, sizeof(float) * n);
   }
 }
 
@@ -659,6 +664,48 @@ MOE_ROUTE_INLINE void select_untiered(const float* src, float* work, bool copied
   }
 }
 
+// The k ids of one token of a group-limited router without tiers, from its selection values v:
+// choose_groups, then the chosen groups side by side in a working copy, in expert order, which
+// keeps the lower-index rule among equal values. The selection scans topk_group groups, not all
+// of them, and its picks are mapped back to experts.
+MOE_ROUTE_INLINE void select_in_groups_body(const GateParams& p, const Prep& prep, const float* v,
+                                            Scratch& s, int32_t* ids) {
+  choose_groups(p, prep, v, s);
+  const int64_t gsize = p.E / p.n_group;
+  float* work = s.work.data();
+  int32_t* chosen = s.group_list.data();
+  int64_t n = 0, m = 0;
+  for (int64_t g = 0; g < p.n_group; ++g)
+    if (s.group_ok[g]) {
+      std::memcpy(work + n, v + g * gsize, sizeof(float) * gsize);
+      n += gsize, chosen[m++] = int32_t(g);
+    }
+  const int64_t padded = (n + 7) & ~int64_t(7);
+  std::fill(work + n, work + padded, -INFINITY);
+  select_untiered(work, work, true, padded, p.k, ids);
+  for (int64_t j = 0; j < p.k; ++j)
+    ids[j] = int32_t(chosen[ids[j] / gsize] * gsize + ids[j] % gsize);
+}
+
+// select_in_groups_body out of line, one function per instruction-set variant: inlined into the
+// per-token pass, its code changed the register allocation of the routers without groups (their
+// replay 10% slower, bench/RESULTS.md).
+typedef void (*SelectInGroups)(const GateParams&, const Prep&, const float*, Scratch&, int32_t*);
+__attribute__((noinline)) void select_in_groups_base(const GateParams& p, const Prep& prep,
+                                                     const float* v, Scratch& s, int32_t* ids) {
+  select_in_groups_body(p, prep, v, s, ids);
+}
+#if MOE_ROUTE_X86_VARIANTS
+MOE_ROUTE_TARGET_AVX512 __attribute__((noinline)) void select_in_groups_avx512(
+    const GateParams& p, const Prep& prep, const float* v, Scratch& s, int32_t* ids) {
+  select_in_groups_body(p, prep, v, s, ids);
+}
+MOE_ROUTE_TARGET_AVX2 __attribute__((noinline)) void select_in_groups_avx2(
+    const GateParams& p, const Prep& prep, const float* v, Scratch& s, int32_t* ids) {
+  select_in_groups_body(p, prep, v, s, ids);
+}
+#endif
+
 // Fills ids[0..k) (descending keys) for one token.
 MOE_ROUTE_INLINE void select_experts(const GateParams& p, const Prep& prep, const float* v, Scratch& s,
                     int32_t* ids) {
@@ -667,24 +714,6 @@ MOE_ROUTE_INLINE void select_experts(const GateParams& p, const Prep& prep, cons
   auto eligible = [&](int64_t e) { return p.n_group == 1 || s.group_ok[e / gsize]; };
   if (k <= kInsertMaxK) {
     float* work = s.work.data();
-    if (p.n_group > 1 && !prep.has_force) {
-      // The chosen groups side by side in a working copy, in expert order, which keeps the
-      // lower-index rule among equal values: the selection scans topk_group groups, not all of
-      // them, and its picks are mapped back to experts.
-      int32_t* chosen = s.group_list.data();
-      int64_t n = 0, m = 0;
-      for (int64_t g = 0; g < p.n_group; ++g)
-        if (s.group_ok[g]) {
-          std::memcpy(work + n, v + g * gsize, sizeof(float) * gsize);
-          n += gsize, chosen[m++] = int32_t(g);
-        }
-      const int64_t padded_n = (n + 7) & ~int64_t(7);
-      std::fill(work + n, work + padded_n, -INFINITY);
-      select_untiered(work, work, true, padded_n, k, ids);
-      for (int64_t j = 0; j < k; ++j)
-        ids[j] = int32_t(chosen[ids[j] / gsize] * gsize + ids[j] % gsize);
-      return;
-    }
     bool copied = false;
     // Ineligible groups hold -inf in a working copy.
     if (p.n_group > 1) {
@@ -735,9 +764,10 @@ MOE_ROUTE_INLINE void select_experts(const GateParams& p, const Prep& prep, cons
 // limit, then its k ids. `ew` and `ew_sum` are the softmax numerators of z and their sum when
 // `have_ew` (the weight side computed them already), else ignored. `sc`, when not null, holds
 // the sigmoid or sqrt-softplus scores of z (scores_of), which this then does not compute again.
+// `in_groups` is select_in_groups_body's function for the caller's instruction set.
 MOE_ROUTE_INLINE void select_row(const GateParams& p, const Prep& prep, const float* z,
                                  const float* ew, float ew_sum, bool have_ew, const float* sc,
-                                 Scratch& s, int32_t* ids) {
+                                 SelectInGroups in_groups, Scratch& s, int32_t* ids) {
   const int64_t E = p.E;
   const float* v = z;
   if (!selects_on_logits(p)) {
@@ -782,6 +812,7 @@ MOE_ROUTE_INLINE void select_row(const GateParams& p, const Prep& prep, const fl
     for (int64_t e = 0; e < E; ++e) sv[e] = sanitize(v[e] + bias[e]);
     v = sv;
   }
+  if (p.n_group > 1 && !prep.has_force && p.k <= kInsertMaxK) return in_groups(p, prep, v, s, ids);
   if (p.n_group > 1) choose_groups(p, prep, v, s);
   select_experts(p, prep, v, s, ids);
 }
@@ -821,9 +852,8 @@ MOE_ROUTE_INLINE void weigh(const GateParams& p, const int32_t* ids, EwAt ew, Zw
       divide_by(w, k, w_sum);
     } else if (sc) {
       for (int64_t j = 0; j < k; ++j) w[j] = sc[ids[j]];
-    } else {  // the k logits gathered, then scored in one loop, which vectorises
-      for (int64_t j = 0; j < k; ++j) w[j] = zw(ids[j]);
-      scores_of(p, w, k, w);
+    } else {
+      for (int64_t j = 0; j < k; ++j) w[j] = score_of(p.score, zw(ids[j]));
     }
   } else if (p.score == Score::Softmax) {
     // the sum of the k exps (each in (0, 1]) runs in double: a running fp32 sum's error grows
@@ -836,8 +866,7 @@ MOE_ROUTE_INLINE void weigh(const GateParams& p, const int32_t* ids, EwAt ew, Zw
   } else if (sc) {
     for (int64_t j = 0; j < k; ++j) w[j] = sc[ids[j]];
   } else {
-    for (int64_t j = 0; j < k; ++j) w[j] = zw(ids[j]);
-    scores_of(p, w, k, w);
+    for (int64_t j = 0; j < k; ++j) w[j] = score_of(p.score, zw(ids[j]));
   }
   finish_weights(p, w);
 }
@@ -1394,7 +1423,8 @@ MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t 
 // One chunk of tokens [t0, t1). With statistics, they go into `runs` or, when it is null, straight
 // into the caller's buffers.
 MOE_ROUTE_INLINE void gate_tokens_body(const GateParams& p, const Prep& prep, int64_t t0,
-                                       int64_t t1, Scratch& s, bool stats, Runs* runs) {
+                                       int64_t t1, Scratch& s, bool stats, Runs* runs,
+                                       SelectInGroups in_groups) {
   int64_t t = t0;
   if (prep.lanes) {
     // Fewer than kMinLaneTokens tokens cost less one by one than in a block of 8 lanes.
@@ -1441,7 +1471,8 @@ MOE_ROUTE_INLINE void gate_tokens_body(const GateParams& p, const Prep& prep, in
     if (replayed) {
       for (int64_t j = 0; j < k; ++j) ids[j] = static_cast<int32_t>(p.replay_id(t, j));
     } else {
-      select_row(p, prep, z, ew, w_sum, want_ew && zw == z, select_sc ? sc : nullptr, s, ids);
+      select_row(p, prep, z, ew, w_sum, want_ew && zw == z, select_sc ? sc : nullptr, in_groups, s,
+                 ids);
     }
     if (max_from_pick) {
       w_max = zw[ids[0]];
@@ -1459,11 +1490,11 @@ MOE_ROUTE_INLINE void gate_tokens_body(const GateParams& p, const Prep& prep, in
 #if MOE_ROUTE_X86_VARIANTS
 MOE_ROUTE_TARGET_AVX512 void gate_tokens_avx512(const GateParams& p, const Prep& prep, int64_t t0,
                                                 int64_t t1, Scratch& s, bool stats, Runs* runs) {
-  gate_tokens_body(p, prep, t0, t1, s, stats, runs);
+  gate_tokens_body(p, prep, t0, t1, s, stats, runs, select_in_groups_avx512);
 }
 MOE_ROUTE_TARGET_AVX2 void gate_tokens_avx2(const GateParams& p, const Prep& prep, int64_t t0,
                                             int64_t t1, Scratch& s, bool stats, Runs* runs) {
-  gate_tokens_body(p, prep, t0, t1, s, stats, runs);
+  gate_tokens_body(p, prep, t0, t1, s, stats, runs, select_in_groups_avx2);
 }
 #endif
 
@@ -1476,7 +1507,7 @@ void gate_tokens(const GateParams& p, const Prep& prep, int64_t t0, int64_t t1, 
     case CpuIsa::Base: break;
   }
 #endif
-  gate_tokens_body(p, prep, t0, t1, s, stats, runs);
+  gate_tokens_body(p, prep, t0, t1, s, stats, runs, select_in_groups_base);
 }
 
 void check_groups(const GateParams& p) {
