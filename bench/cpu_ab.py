@@ -1,7 +1,7 @@
 """A/B of the CPU gate between two source trees, each with its extension built in place.
 
     python bench/cpu_ab.py OLD_TREE NEW_TREE [--rounds 5] [--min-time 0.15] [--threads N]
-                           [--match REGEX] [--json PATH]
+                           [--match REGEX] [--stat median|min] [--json PATH]
 
 e.g. for the commit before a change:
     git worktree add /tmp/old HEAD~1
@@ -10,7 +10,9 @@ e.g. for the commit before a change:
 
 Each tree runs in its own process (both build ``moe_route._C``, so they cannot share one), the
 trees alternate for ``--rounds`` rounds, and a case's time is its best median over the rounds: a
-slow phase of a shared machine then hits neither tree's figure. First both trees compute every
+slow phase of a shared machine then hits neither tree's figure. Where slow phases outlast the
+rounds, ``--stat min`` takes each round's fastest call instead of its median: a neighbour's load
+only ever adds time. First both trees compute every
 case once and their outputs (weights, ids, statistics) must be bit-identical, else the run stops:
 a speed-up that changes results is not an A/B of the same thing. A change meant to move the last
 bits (a more accurate sum) takes ``--rtol``: float outputs may then differ by that much. Cases:
@@ -96,8 +98,10 @@ def gate_call(case):
     return (lambda: moe_route.topk_gate(x, k, spec, **kw)), kw.get("stats")
 
 
-def worker(mode: str, out: str, min_time: float, match: str | None, threads: int | None) -> None:
-    """In one tree: the outputs of every case (mode "outputs") or their median times ("time")."""
+def worker(mode: str, out: str, min_time: float, match: str | None, threads: int | None,
+           stat: str = "median") -> None:
+    """In one tree: the outputs of every case (mode "outputs") or their times ("time"), the
+    median or the fastest of the calls (``stat``)."""
     import statistics
     import time
 
@@ -123,7 +127,7 @@ def worker(mode: str, out: str, min_time: float, match: str | None, threads: int
             t0 = time.perf_counter()
             fn()
             samples.append(time.perf_counter() - t0)
-        results[label(case)] = statistics.median(samples) * 1e6
+        results[label(case)] = (min(samples) if stat == "min" else statistics.median(samples)) * 1e6
     if mode == "outputs":
         torch.save(results, out)
     else:
@@ -135,7 +139,7 @@ def run_in(tree: str, mode: str, out: str, args) -> None:
     env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
             f"import cpu_ab; cpu_ab.worker({mode!r}, {out!r}, {args.min_time!r}, "
-            f"{args.match!r}, {args.threads!r})")
+            f"{args.match!r}, {args.threads!r}, {args.stat!r})")
     # Run from the temporary directory, so no file of the caller's directory shadows a module.
     subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=os.path.dirname(out))
 
@@ -163,6 +167,8 @@ def main():
     p.add_argument("--json", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads in both trees")
     p.add_argument("--match", default=None, help="only the cases whose label matches this regex")
+    p.add_argument("--stat", choices=("median", "min"), default="median",
+                   help="a round's figure for a case: the median call or the fastest")
     p.add_argument("--rtol", type=float, default=None,
                    help="for a change meant to move the last bits: float outputs may differ by "
                         "this much, relative (ids and integer statistics must still be equal)")
@@ -200,7 +206,7 @@ def main():
                 with open(path) as f:
                     for key, us in json.load(f).items():
                         best[name, key] = min(best.get((name, key), float("inf")), us)
-    print(f"best of {args.rounds} alternating rounds, median µs per call; ratio = old / new")
+    print(f"best of {args.rounds} alternating rounds, {args.stat} µs per call; ratio = old / new")
     print("| case | old | new | old / new |\n|---|---:|---:|---:|")
     rows = []
     for case in cases(args.match):

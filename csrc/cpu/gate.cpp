@@ -189,12 +189,13 @@ MOE_ROUTE_INLINE bool elementwise_scores(const GateParams& p) {
   return p.score == Score::Sigmoid || p.score == Score::SqrtSoftplus;
 }
 
-// The elementwise scores of logits z[0..n) into sc, a loop per score so that each vectorises.
-MOE_ROUTE_INLINE void scores_of(const GateParams& p, const float* z, int64_t n, float* sc) {
+// The elementwise scores of one token's logits z[0..E) into sc, a loop per score so that each
+// vectorises.
+MOE_ROUTE_INLINE void scores_of(const GateParams& p, const float* z, float* sc) {
   if (p.score == Score::Sigmoid) {
-    for (int64_t e = 0; e < n; ++e) sc[e] = sigmoid(z[e]);
+    for (int64_t e = 0; e < p.E; ++e) sc[e] = sigmoid(z[e]);
   } else {
-    for (int64_t e = 0; e < n; ++e) sc[e] = sqrt_softplus(z[e]);
+    for (int64_t e = 0; e < p.E; ++e) sc[e] = sqrt_softplus(z[e]);
   }
 }
 
@@ -542,7 +543,7 @@ MOE_ROUTE_INLINE void choose_groups(const GateParams& p, const Prep& prep, const
   const int64_t gsize = p.E / p.n_group;
   TopK top(std::min<int64_t>(p.topk_group, kInsertMaxK));
   const bool use_insert = p.topk_group <= kInsertMaxK;
-  f32x8 first, second;  // the two largest values of groups g0 .. g0 + 7, a group per lane
+  f32x8 first, second;  // the two largest values of the 8 groups from g & ~7 on, one per lane
   for (int64_t g = 0; g < p.n_group; ++g) {
     const int64_t lane = g & 7;
     if (lane == 0) {
@@ -921,7 +922,7 @@ MOE_ROUTE_INLINE void token_stats(const GateParams& p, int64_t t, const int32_t*
       run.entropy += softmax_stats(ew, zw, w_max, w_sum, E, p.prob_sum ? run.prob.data() : nullptr);
     } else {
       float* q = s.dense.data();
-      if (!sc) scores_of(p, zw, E, q), sc = q;
+      if (!sc) scores_of(p, zw, q), sc = q;
       const float total = sum8(sc, E);
       const float inv = total > 0.f ? 1.f / total : 0.f, uniform = 1.f / float(E);
       for (int64_t e = 0; e < E; ++e) q[e] = total > 0.f ? sc[e] * inv : uniform;
@@ -1464,7 +1465,7 @@ MOE_ROUTE_INLINE void gate_tokens_body(const GateParams& p, const Prep& prep, in
                            !(p.score == Score::SqrtSoftplus && rounds_scores(p));
     const float* sc = nullptr;
     if (elementwise_scores(p) && (select_sc || (stats && p.dense_stats()))) {
-      scores_of(p, zw, E, s.sc.data());
+      scores_of(p, zw, s.sc.data());
       sc = s.sc.data();
     }
 
