@@ -781,20 +781,17 @@ MOE_ROUTE_INLINE void select_row(const GateParams& p, const Prep& prep, const fl
       for (int64_t e = 0; e < E; ++e) sv[e] = src[e] / sum;
     } else if (sc) {
       v = sc;
-    } else if (p.score == Score::Sigmoid) {
-      for (int64_t e = 0; e < E; ++e) sv[e] = sigmoid(z[e]);
-    } else if (p.score == Score::SqrtSoftplus) {
-      if (rounds_scores(p)) {  // two ops in the router's half precision, each rounded
-        if (p.logit_type == LogitType::BF16) {
-          for (int64_t e = 0; e < E; ++e)
-            sv[e] = round_bf16(std::sqrt(round_bf16(softplus_fast(z[e]))));
-        } else {
-          for (int64_t e = 0; e < E; ++e)
-            sv[e] = round_fp16(std::sqrt(round_fp16(softplus_fast(z[e]))));
-        }
+    } else if (p.score == Score::SqrtSoftplus && rounds_scores(p)) {
+      // two ops in the router's half precision, each rounded
+      if (p.logit_type == LogitType::BF16) {
+        for (int64_t e = 0; e < E; ++e)
+          sv[e] = round_bf16(std::sqrt(round_bf16(softplus_fast(z[e]))));
       } else {
-        for (int64_t e = 0; e < E; ++e) sv[e] = sqrt_softplus(z[e]);
+        for (int64_t e = 0; e < E; ++e)
+          sv[e] = round_fp16(std::sqrt(round_fp16(softplus_fast(z[e]))));
       }
+    } else if (elementwise_scores(p)) {
+      scores_of(p, z, sv);
     } else {
       std::memcpy(sv, z, sizeof(float) * E);
     }
