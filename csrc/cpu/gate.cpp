@@ -47,6 +47,11 @@ MOE_ROUTE_INLINE f32x8 splat8(float x) {
   return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0);
 }
 
+MOE_ROUTE_INLINE i32x8 splat8i(int32_t x) {  // as splat8
+  const i32x8 v = {x};
+  return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0);
+}
+
 // What the exp and log below need beyond arithmetic, for one float and for 8 lanes.
 MOE_ROUTE_INLINE int32_t to_int(float x) { return static_cast<int32_t>(x); }
 MOE_ROUTE_INLINE i32x8 to_int(f32x8 x) { return __builtin_convertvector(x, i32x8); }
@@ -62,6 +67,15 @@ MOE_ROUTE_INLINE int32_t float_to_bits(float x) { return __builtin_bit_cast(int3
 MOE_ROUTE_INLINE i32x8 float_to_bits(f32x8 x) { return __builtin_bit_cast(i32x8, x); }
 MOE_ROUTE_INLINE float to_float(int32_t x) { return static_cast<float>(x); }
 MOE_ROUTE_INLINE f32x8 to_float(i32x8 x) { return __builtin_convertvector(x, f32x8); }
+
+MOE_ROUTE_INLINE f32x8 sanitize8(f32x8 x) {
+  const f32x8 hi = splat8(kFltMax), lo = splat8(-kFltMax);
+  return x >= lo ? (x <= hi ? x : hi) : lo;
+}
+
+MOE_ROUTE_INLINE f32x8 abs8(f32x8 x) {
+  return bits_to_float(__builtin_bit_cast(i32x8, x) & splat8i(0x7fffffff));
+}
 
 // exp(x) = 2^n * q: n = round(x / ln2), q = exp(x - n ln2) by a two-part reduction and the
 // degree-5 Cephes polynomial. For x in [-104, 88.72]; F is float or f32x8.
@@ -205,32 +219,35 @@ MOE_ROUTE_INLINE f32x8 load8(const float* x) {
   return v;
 }
 
-// Max/min over 8 lanes (values are sanitised, so there is no NaN to order).
-MOE_ROUTE_INLINE float max_of(const float* x, int64_t n) {
-  f32x8 m = splat8(-kFltMax);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const f32x8 v = load8(x + i);
-    m = v > m ? v : m;
-  }
-  float r = -kFltMax;
-  for (; i < n; ++i) r = x[i] > r ? x[i] : r;
-  for (int j = 0; j < 8; ++j) r = m[j] > r ? m[j] : r;
-  return r;
+// extreme_of's last step: r, the extreme of the scalar tail, then the 8 lanes of m in lane order,
+// keeping the first of equal values (+0 or -0) as a scan in that order would. A tree of
+// shuffles in registers, each pair keeping its left one on a tie (element access spills the
+// vector to the stack and reloads it lane by lane).
+template <bool kMax>
+MOE_ROUTE_INLINE float fold_extreme(f32x8 m, float r) {
+  auto pick = [](f32x8 left, f32x8 right) { return (kMax ? right > left : right < left) ? right : left; };
+  m = pick(m, __builtin_shufflevector(m, m, 1, 0, 3, 2, 5, 4, 7, 6));  // lanes 0, 2, 4, 6
+  m = pick(m, __builtin_shufflevector(m, m, 2, 3, 0, 1, 6, 7, 4, 5));  // lanes 0, 4
+  m = pick(m, __builtin_shufflevector(m, m, 4, 5, 6, 7, 0, 1, 2, 3));  // lane 0
+  return (kMax ? m[0] > r : m[0] < r) ? m[0] : r;
 }
 
-MOE_ROUTE_INLINE float min_of(const float* x, int64_t n) {
-  f32x8 m = splat8(kFltMax);
+// Max (kMax) or min of x[0..n) over 8 lanes (values are sanitised, so there is no NaN to order).
+template <bool kMax>
+MOE_ROUTE_INLINE float extreme_of(const float* x, int64_t n) {
+  const float none = kMax ? -kFltMax : kFltMax;
+  f32x8 m = splat8(none);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const f32x8 v = load8(x + i);
-    m = v < m ? v : m;
+    m = (kMax ? v > m : v < m) ? v : m;
   }
-  float r = kFltMax;
-  for (; i < n; ++i) r = x[i] < r ? x[i] : r;
-  for (int j = 0; j < 8; ++j) r = m[j] < r ? m[j] : r;
-  return r;
+  float r = none;
+  for (; i < n; ++i) r = (kMax ? x[i] > r : x[i] < r) ? x[i] : r;
+  return fold_extreme<kMax>(m, r);
 }
+MOE_ROUTE_INLINE float max_of(const float* x, int64_t n) { return extreme_of<true>(x, n); }
+MOE_ROUTE_INLINE float min_of(const float* x, int64_t n) { return extreme_of<false>(x, n); }
 
 // Selection key (gate_params.h): tier | order-preserving fp32 bits | inverted index, so one
 // unsigned comparison orders by tier, then value, then lower index.
@@ -511,7 +528,10 @@ MOE_ROUTE_INLINE void load_row(const GateParams& p, int64_t t, float* z) {
   }
 }
 
-MOE_ROUTE_INLINE void steer_row(const GateParams& p, const Prep& prep, const float* z0, float* z) {
+// One token's steered logits z from its logits z0 (reference: steer_logits). Returns the max of
+// z as max_of gives it, or one of its equal values (+0 for -0: the softmax shifted by either is
+// the same), found in the same pass.
+MOE_ROUTE_INLINE float steer_row(const GateParams& p, const Prep& prep, const float* z0, float* z) {
   const int64_t E = p.E;
   const float* add = p.steer + kSteerAdd * E;
   const float* lam = p.steer + kSteerStd * E;
@@ -526,16 +546,34 @@ MOE_ROUTE_INLINE void steer_row(const GateParams& p, const Prep& prep, const flo
     sd = dof > 0 ? std::sqrt(var / float(dof)) : 0.f;
     sd = std::isnan(sd) ? INFINITY : sd;  // overflow: inf or NaN by summation order (reference)
   }
-  for (int64_t e = 0; e < E; ++e) {
+  // Each expert's operations in the order of the scalar tail below, 8 experts at a time, with
+  // the row's max and min as extreme_of takes them.
+  const f32x8 sd8 = splat8(sd), zero = splat8(0.f);
+  f32x8 hi = splat8(-kFltMax), lo = splat8(kFltMax);
+  int64_t e = 0;
+  for (; e + 8 <= E; e += 8) {
+    const f32x8 x = load8(z0 + e), l = load8(lam + e);
+    f32x8 y = x + load8(add + e);
+    y = y + (l != zero ? l * sd8 : zero);
+    y = sanitize8(y + load8(mul + e) * abs8(x));
+    std::memcpy(z + e, &y, sizeof y);
+    hi = y > hi ? y : hi;
+    lo = y < lo ? y : lo;
+  }
+  float top = -kFltMax, bottom = kFltMax;
+  for (; e < E; ++e) {
     float y = z0[e] + add[e];
     y = y + (lam[e] != 0.f ? lam[e] * sd : 0.f);
     y = y + mul[e] * std::fabs(z0[e]);
     z[e] = sanitize(y);
+    top = z[e] > top ? z[e] : top;
+    bottom = z[e] < bottom ? z[e] : bottom;
   }
-  if (prep.has_force) {
-    const float top = max_of(z, E), bottom = min_of(z, E);
-    for (int64_t e = 0; e < E; ++e) z[e] = force[e] > 0.f ? top : (force[e] < 0.f ? bottom : z[e]);
-  }
+  top = fold_extreme<true>(hi, top), bottom = fold_extreme<false>(lo, bottom);
+  if (!prep.has_force) return top;
+  for (const int32_t f : prep.forced) z[f] = force[f] > 0.f ? top : bottom;
+  // Experts forced on hold the max; with only experts forced off, it may have been one of them.
+  return prep.first_on >= 0 ? top : max_of(z, E);
 }
 
 // Marks the topk_group best groups of one token in s.group_ok.
@@ -952,20 +990,6 @@ MOE_ROUTE_INLINE bool wants_exps(const GateParams& p) {
 constexpr int64_t kLaneMaxE = 32;
 constexpr int kLanes = 8;
 constexpr int kMinLaneTokens = 4;  // at E=32, 1 or 2 tokens take 5-10% longer in lanes
-
-MOE_ROUTE_INLINE i32x8 splat8i(int32_t x) {  // as splat8
-  const i32x8 v = {x};
-  return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0);
-}
-
-MOE_ROUTE_INLINE f32x8 sanitize8(f32x8 x) {
-  const f32x8 hi = splat8(kFltMax), lo = splat8(-kFltMax);
-  return x >= lo ? (x <= hi ? x : hi) : lo;
-}
-
-MOE_ROUTE_INLINE f32x8 abs8(f32x8 x) {
-  return bits_to_float(__builtin_bit_cast(i32x8, x) & splat8i(0x7fffffff));
-}
 
 struct LaneBlock {
   f32x8 z0[kLaneMaxE], z[kLaneMaxE], v[kLaneMaxE], ew[kLaneMaxE], work[kLaneMaxE];
@@ -1437,8 +1461,9 @@ MOE_ROUTE_INLINE void gate_tokens_body(const GateParams& p, const Prep& prep, in
     float* z0 = s.z0.data();
     load_row(p, t, z0);
     const float* z = z0;
+    float z_max = 0.f;  // of the steered logits
     if (p.steer) {
-      steer_row(p, prep, z0, s.z.data());
+      z_max = steer_row(p, prep, z0, s.z.data());
       z = s.z.data();
     }
     const float* zw = p.steer_select_only ? z0 : z;
@@ -1452,7 +1477,10 @@ MOE_ROUTE_INLINE void gate_tokens_body(const GateParams& p, const Prep& prep, in
     const bool max_from_pick = want_ew && zw == z && selects_on_logits(p) && !p.selection_bias &&
                                !prep.has_force && p.n_group == 1 && !replayed;
     float w_max = 0.f, w_sum = 1.f;
-    if (want_ew && !max_from_pick) w_sum = softmax_exps(zw, s.ew.data(), E, w_max);
+    if (want_ew && !max_from_pick) {
+      if (p.steer && zw == z) w_max = z_max, w_sum = softmax_exps_from(zw, s.ew.data(), E, w_max);
+      else w_sum = softmax_exps(zw, s.ew.data(), E, w_max);
+    }
     const float* ew = s.ew.data();
     // Elementwise scores of the weight-side logits, once for selection, weights and statistics
     // where the selection ranks them or dense statistics take them all (for the k weights alone,
