@@ -424,6 +424,7 @@ struct Prep {
   bool has_std = false, has_force = false;
   std::vector<int8_t> tier;     // per expert, from the force row
   std::vector<int32_t> forced;  // the experts forced on or off
+  std::vector<uint8_t> group_on;  // with a group limit: whether a group holds an expert forced on
   bool lanes = false;           // few experts: eight tokens at a time (gate_lanes)
   // The lanes select forced experts by value, without tiers (lane_select): forced on as +inf,
   // forced off as taken; first_on is the lowest expert forced on (-1: none).
@@ -485,7 +486,7 @@ struct Scratch {
   std::vector<uint64_t> keys;
   std::vector<uint8_t> group_ok;
   std::vector<uint64_t> group_keys;
-  std::vector<int32_t> group_list;
+  std::vector<int32_t> group_list, group_slot;
   RunAcc run;
   // Sizes the rows for E experts and sets the padding of the rows that selection reads whole
   // 8-lane blocks of (z0, z, v, sc) to -inf, below every sanitised value.
@@ -497,7 +498,8 @@ struct Scratch {
     }
     for (auto* row : {&z0, &z, &v, &sc}) std::fill(row->data() + E, row->data() + padded, -INFINITY);
     if (int64_t(group_ok.size()) < n_group) {
-      group_ok.resize(n_group), group_keys.resize(n_group), group_list.resize(n_group);
+      group_ok.resize(n_group), group_keys.resize(n_group);
+      group_list.resize(n_group), group_slot.resize(n_group);
     }
   }
 };
@@ -606,10 +608,7 @@ MOE_ROUTE_INLINE void choose_groups(const GateParams& p, const Prep& prep, const
     float score = p.group_score == GroupScore::Max ? a : sanitize(gsize > 1 ? a + b : a);
     if (p.group_score == GroupScore::Top2Sum && gsize > 1 && rounds_half_sums(p))
       score = round_half(score, p.logit_type);
-    int32_t tier = kTierNormal;
-    if (prep.has_force)
-      for (int64_t i = 0; i < gsize; ++i)
-        if (prep.tier[g * gsize + i] == kTierForcedOn) tier = kTierForcedOn;
+    const int32_t tier = prep.group_on.empty() || !prep.group_on[g] ? kTierNormal : kTierForcedOn;
     const uint64_t key = make_key(tier, score, g);
     s.group_ok[g] = 0;
     if (use_insert) top.push(key);
@@ -703,8 +702,39 @@ MOE_ROUTE_INLINE void select_untiered(const float* src, float* work, bool copied
   }
 }
 
-// The k ids of one token of a group-limited router without tiers, from its selection values v:
-// choose_groups, then the chosen groups side by side in a working copy, in expert order, which
+// Selection with tiers (forced experts) from a working copy `work` of the n_eligible values that
+// may be picked (padded with -inf): every forced-on expert ranks above every other and every
+// forced-off one below. The forced experts (a few per call) are ranked by key within their tier
+// and held at -inf in work; the rest go through the untiered selection. The ids are the forced-on
+// ones, then the best of the rest, then the forced-off ones, the first k of them. `at(e)` is
+// expert e's position in work (-1: not eligible), `expert(i)` the expert at position i.
+template <typename At, typename Expert>
+MOE_ROUTE_INLINE void select_tiered(const GateParams& p, const Prep& prep, const float* v,
+                                    float* work, int64_t padded, int64_t n_eligible, At at,
+                                    Expert expert, int32_t* ids) {
+  const int64_t k = p.k;
+  TopK on(k), off(k);    // each keeps its best k
+  int64_t n_forced = 0;  // eligible forced experts, all of them
+  for (const int32_t e : prep.forced) {
+    const int64_t i = at(e);
+    if (i < 0) continue;
+    (prep.tier[e] == kTierForcedOn ? on : off).push(make_key(prep.tier[e], v[e], e));
+    work[i] = -INFINITY;
+    ++n_forced;
+  }
+  int64_t j = 0;
+  for (; j < on.filled; ++j) ids[j] = key_index(on.best[j]);
+  const int64_t n_rest = std::min(k - j, n_eligible - n_forced);  // >= 0
+  if (n_rest > 0) {
+    select_untiered(work, work, true, padded, n_rest, ids + j);
+    for (int64_t i = j; i < j + n_rest; ++i) ids[i] = expert(ids[i]);
+  }
+  j += n_rest;
+  for (int64_t i = 0; j < k; ++i, ++j) ids[j] = key_index(off.best[i]);
+}
+
+// The k ids (k <= kInsertMaxK) of one token of a group-limited router, from its selection values
+// v: choose_groups, then the chosen groups side by side in a working copy, in expert order, which
 // keeps the lower-index rule among equal values. The selection scans topk_group groups, not all
 // of them, and its picks are mapped back to experts.
 MOE_ROUTE_INLINE void select_in_groups_body(const GateParams& p, const Prep& prep, const float* v,
@@ -712,18 +742,29 @@ MOE_ROUTE_INLINE void select_in_groups_body(const GateParams& p, const Prep& pre
   choose_groups(p, prep, v, s);
   const int64_t gsize = p.E / p.n_group;
   float* work = s.work.data();
-  int32_t* chosen = s.group_list.data();
+  int32_t* chosen = s.group_list.data();  // slot -> group
+  int32_t* slot = s.group_slot.data();    // group -> slot, -1 if not chosen
   int64_t n = 0, m = 0;
-  for (int64_t g = 0; g < p.n_group; ++g)
+  for (int64_t g = 0; g < p.n_group; ++g) {
+    slot[g] = -1;
     if (s.group_ok[g]) {
       std::memcpy(work + n, v + g * gsize, sizeof(float) * gsize);
-      n += gsize, chosen[m++] = int32_t(g);
+      n += gsize, slot[g] = int32_t(m), chosen[m++] = int32_t(g);
     }
+  }
   const int64_t padded = (n + 7) & ~int64_t(7);
   std::fill(work + n, work + padded, -INFINITY);
-  select_untiered(work, work, true, padded, p.k, ids);
-  for (int64_t j = 0; j < p.k; ++j)
-    ids[j] = int32_t(chosen[ids[j] / gsize] * gsize + ids[j] % gsize);
+  auto expert = [&](int64_t i) { return int32_t(chosen[i / gsize] * gsize + i % gsize); };
+  if (!prep.has_force) {
+    select_untiered(work, work, true, padded, p.k, ids);
+    for (int64_t j = 0; j < p.k; ++j) ids[j] = expert(ids[j]);
+    return;
+  }
+  auto at = [&](int64_t e) {
+    const int64_t g = e / gsize;
+    return slot[g] < 0 ? int64_t(-1) : slot[g] * gsize + e % gsize;
+  };
+  select_tiered(p, prep, v, work, padded, n, at, expert, ids);
 }
 
 // select_in_groups_body out of line, one function per instruction-set variant: inlined into the
@@ -745,50 +786,21 @@ MOE_ROUTE_TARGET_AVX2 __attribute__((noinline)) void select_in_groups_avx2(
 }
 #endif
 
-// Fills ids[0..k) (descending keys) for one token.
+// Fills ids[0..k) (descending keys) for one token; with a group limit only where k > kInsertMaxK
+// (below, select_in_groups_body takes it).
 MOE_ROUTE_INLINE void select_experts(const GateParams& p, const Prep& prep, const float* v, Scratch& s,
                     int32_t* ids) {
   const int64_t E = p.E, k = p.k, gsize = p.E / p.n_group;
-  const int64_t padded = (E + 7) & ~int64_t(7);
-  auto eligible = [&](int64_t e) { return p.n_group == 1 || s.group_ok[e / gsize]; };
   if (k <= kInsertMaxK) {
+    const int64_t padded = (E + 7) & ~int64_t(7);
     float* work = s.work.data();
-    bool copied = false;
-    // Ineligible groups hold -inf in a working copy.
-    if (p.n_group > 1) {
-      for (int64_t g = 0; g < p.n_group; ++g)
-        if (s.group_ok[g]) std::memcpy(work + g * gsize, v + g * gsize, sizeof(float) * gsize);
-        else std::fill(work + g * gsize, work + (g + 1) * gsize, -INFINITY);
-      std::fill(work + E, work + padded, -INFINITY);
-      copied = true;
-    }
-    if (!prep.has_force) {
-      select_untiered(copied ? work : v, work, copied, padded, k, ids);
-      return;
-    }
-    // Tiers: every forced-on expert ranks above every other and every forced-off one below. The
-    // forced experts (a few per call) are ranked by key within their tier; the rest, held at
-    // -inf in the working copy, go through the untiered selection. The ids are the forced-on
-    // ones, then the best of the rest, then the forced-off ones, the first k of them.
-    if (!copied) std::memcpy(work, v, sizeof(float) * padded);
-    TopK on(k), off(k);  // each keeps its best k
-    int64_t n_forced = 0;    // eligible forced experts, all of them
-    for (const int32_t e : prep.forced) {
-      if (eligible(e)) {
-        (prep.tier[e] == kTierForcedOn ? on : off).push(make_key(prep.tier[e], v[e], e));
-        ++n_forced;
-      }
-      work[e] = -INFINITY;
-    }
-    int64_t j = 0;
-    for (; j < on.filled; ++j) ids[j] = key_index(on.best[j]);
-    const int64_t n_eligible = p.n_group > 1 ? std::min(p.topk_group, p.n_group) * gsize : E;
-    const int64_t n_rest = std::min(k - j, n_eligible - n_forced);  // >= 0
-    if (n_rest > 0) select_untiered(work, work, true, padded, n_rest, ids + j);
-    j += n_rest;
-    for (int64_t i = 0; j < k; ++i, ++j) ids[j] = key_index(off.best[i]);
+    if (!prep.has_force) return select_untiered(v, work, false, padded, k, ids);
+    std::memcpy(work, v, sizeof(float) * padded);
+    select_tiered(p, prep, v, work, padded, E, [](int64_t e) { return e; },
+                  [](int64_t i) { return int32_t(i); }, ids);
     return;
   }
+  auto eligible = [&](int64_t e) { return p.n_group == 1 || s.group_ok[e / gsize]; };
   auto tier_of = [&](int64_t e) { return prep.has_force ? prep.tier[e] : kTierNormal; };
   int64_t n = 0;
   for (int64_t e = 0; e < E; ++e)
@@ -848,7 +860,7 @@ MOE_ROUTE_INLINE void select_row(const GateParams& p, const Prep& prep, const fl
     for (int64_t e = 0; e < E; ++e) sv[e] = sanitize(v[e] + bias[e]);
     v = sv;
   }
-  if (p.n_group > 1 && !prep.has_force && p.k <= kInsertMaxK) return in_groups(p, prep, v, s, ids);
+  if (p.n_group > 1 && p.k <= kInsertMaxK) return in_groups(p, prep, v, s, ids);
   if (p.n_group > 1) choose_groups(p, prep, v, s);
   select_experts(p, prep, v, s, ids);
 }
@@ -1663,6 +1675,11 @@ void run_gate_cpu(const GateParams& p) {
     // selection bias sets them apart: +inf then orders them as their tier does, by index.
     // Experts forced off are never reached while k others remain.
     prep.force_as_values = prep.has_force && !p.selection_bias && p.E - off >= p.k;
+    if (prep.first_on >= 0 && p.n_group > 1) {
+      prep.group_on.assign(p.n_group, 0);
+      for (const int32_t e : prep.forced)
+        if (prep.tier[e] == kTierForcedOn) prep.group_on[e / (p.E / p.n_group)] = 1;
+    }
   }
 
   prep.lanes = cpu_gate_lanes() && p.E <= kLaneMaxE && p.n_group == 1;
