@@ -23,7 +23,8 @@ the lanes' sigmoid selection) and top-8 of 128 (GLM-4.5's without its bias and s
 per-token sigmoid) and DeepSeek-V3's grouped sigmoid, at T 1 to
 8192, plain, with statistics, replaying every row, and both; with statistics per sequence of 5
 tokens (``groups=``); and steered (three constant biases, one std-scaled, one expert forced on
-and one forced off), with and without statistics. ``--match`` keeps the cases whose label
+and one forced off), with and without statistics, and steered by the biases alone (``steer/bias``:
+the paper's intervention, no forcing). ``--match`` keeps the cases whose label
 matches a regular expression (e.g. ``"E=(8|16|32) "``); ``--threads`` sets torch's thread
 count in both trees (one thread gives steadier figures on a shared 2-core machine).
 """
@@ -47,8 +48,8 @@ SEQ = 5  # tokens per sequence of the per-sequence statistics: most blocks of 8 
 
 def cases(match: str | None = None):
     every = [(s, T, E, k, stats, replay, steer) for T in TS for s, E, k in SEMANTICS
-             for stats in (False, True, "seq") for replay, steer in ((False, False), (True, False),
-                                                                     (False, True))
+             for stats in (False, True, "seq")
+             for replay, steer in ((False, False), (True, False), (False, True), (False, "bias"))
              if stats != "seq" or not (replay or steer)]
     return [c for c in every if match is None or re.search(match, label(c))]
 
@@ -57,7 +58,8 @@ def label(case) -> str:
     s, T, E, k, stats, replay, steer = case
     per = f" +stats/{SEQ}-token groups" if stats == "seq" else ""
     return (f"{s} T={T} E={E} k={k}{per or (' +stats' if stats else '')}"
-            f"{' replay' if replay else ''}{' steer' if steer else ''}")
+            f"{' replay' if replay else ''}{' steer/bias' if steer == 'bias' else ''}"
+            f"{' steer' if steer is True else ''}")
 
 
 def gate_call(case):
@@ -93,7 +95,8 @@ def gate_call(case):
         a, b, c, d, on, off = (1, 5, 9, 3, 11, 12) if E > 12 else (1, 5, 6, 3, 7, 2)
         table[0, [a, b, c]] = 0.5
         table[1, d] = 0.5
-        table[3, on], table[3, off] = 1.0, -1.0
+        if steer is True:
+            table[3, on], table[3, off] = 1.0, -1.0
         kw["steer"] = moe_route.SteerSpec(*table)
     return (lambda: moe_route.topk_gate(x, k, spec, **kw)), kw.get("stats")
 

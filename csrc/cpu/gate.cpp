@@ -530,9 +530,9 @@ MOE_ROUTE_INLINE void load_row(const GateParams& p, int64_t t, float* z) {
   }
 }
 
-// One token's steered logits z from its logits z0 (reference: steer_logits). Returns the max of
-// z as max_of gives it, or one of its equal values (+0 for -0: the softmax shifted by either is
-// the same), found in the same pass.
+// One token's steered logits z from its logits z0 (reference: steer_logits). With experts forced
+// on or off, returns the max of z as max_of gives it, or one of its equal values (+0 for -0: the
+// softmax shifted by either is the same), found in the same pass as the row's min; else 0.
 MOE_ROUTE_INLINE float steer_row(const GateParams& p, const Prep& prep, const float* z0, float* z) {
   const int64_t E = p.E;
   const float* add = p.steer + kSteerAdd * E;
@@ -548,8 +548,17 @@ MOE_ROUTE_INLINE float steer_row(const GateParams& p, const Prep& prep, const fl
     sd = dof > 0 ? std::sqrt(var / float(dof)) : 0.f;
     sd = std::isnan(sd) ? INFINITY : sd;  // overflow: inf or NaN by summation order (reference)
   }
-  // Each expert's operations in the order of the scalar tail below, 8 experts at a time, with
-  // the row's max and min as extreme_of takes them.
+  auto steered = [&](int64_t e) {
+    float y = z0[e] + add[e];
+    y = y + (lam[e] != 0.f ? lam[e] * sd : 0.f);
+    y = y + mul[e] * std::fabs(z0[e]);
+    return sanitize(y);
+  };
+  if (!prep.has_force) {  // a loop the compiler vectorises at its widest width
+    for (int64_t e = 0; e < E; ++e) z[e] = steered(e);
+    return 0.f;
+  }
+  // `steered` 8 experts at a time, with the row's max and min as extreme_of takes them.
   const f32x8 sd8 = splat8(sd), zero = splat8(0.f);
   f32x8 hi = splat8(-kFltMax), lo = splat8(kFltMax);
   int64_t e = 0;
@@ -564,15 +573,11 @@ MOE_ROUTE_INLINE float steer_row(const GateParams& p, const Prep& prep, const fl
   }
   float top = -kFltMax, bottom = kFltMax;
   for (; e < E; ++e) {
-    float y = z0[e] + add[e];
-    y = y + (lam[e] != 0.f ? lam[e] * sd : 0.f);
-    y = y + mul[e] * std::fabs(z0[e]);
-    z[e] = sanitize(y);
+    z[e] = steered(e);
     top = z[e] > top ? z[e] : top;
     bottom = z[e] < bottom ? z[e] : bottom;
   }
   top = fold_extreme<true>(hi, top), bottom = fold_extreme<false>(lo, bottom);
-  if (!prep.has_force) return top;
   for (const int32_t f : prep.forced) z[f] = force[f] > 0.f ? top : bottom;
   // Experts forced on hold the max; with only experts forced off, it may have been one of them.
   return prep.first_on >= 0 ? top : max_of(z, E);
@@ -1473,7 +1478,7 @@ MOE_ROUTE_INLINE void gate_tokens_body(const GateParams& p, const Prep& prep, in
     float* z0 = s.z0.data();
     load_row(p, t, z0);
     const float* z = z0;
-    float z_max = 0.f;  // of the steered logits
+    float z_max = 0.f;  // of the steered logits, where experts are forced
     if (p.steer) {
       z_max = steer_row(p, prep, z0, s.z.data());
       z = s.z.data();
@@ -1490,7 +1495,8 @@ MOE_ROUTE_INLINE void gate_tokens_body(const GateParams& p, const Prep& prep, in
                                !prep.has_force && p.n_group == 1 && !replayed;
     float w_max = 0.f, w_sum = 1.f;
     if (want_ew && !max_from_pick) {
-      if (p.steer && zw == z) w_max = z_max, w_sum = softmax_exps_from(zw, s.ew.data(), E, w_max);
+      if (prep.has_force && zw == z)
+        w_max = z_max, w_sum = softmax_exps_from(zw, s.ew.data(), E, w_max);
       else w_sum = softmax_exps(zw, s.ew.data(), E, w_max);
     }
     const float* ew = s.ew.data();
