@@ -219,9 +219,9 @@ MOE_ROUTE_INLINE f32x8 load8(const float* x) {
   return v;
 }
 
-// extreme_of's last step: r, the extreme of the scalar tail, then the 8 lanes of m in lane order,
-// keeping the first of equal values (+0 or -0) as a scan in that order would. A tree of
-// shuffles in registers, each pair keeping its left one on a tie (element access spills the
+// The max (kMax) or min of r, the extreme of a scalar tail, and the 8 lanes of m, keeping the
+// first of equal values (+0 or -0) in the order r, lane 0, ..., lane 7 as a scan would. A tree
+// of shuffles in registers, each pair keeping its left one on a tie (element access spills the
 // vector to the stack and reloads it lane by lane).
 template <bool kMax>
 MOE_ROUTE_INLINE float fold_extreme(f32x8 m, float r) {
@@ -232,22 +232,18 @@ MOE_ROUTE_INLINE float fold_extreme(f32x8 m, float r) {
   return (kMax ? m[0] > r : m[0] < r) ? m[0] : r;
 }
 
-// Max (kMax) or min of x[0..n) over 8 lanes (values are sanitised, so there is no NaN to order).
-template <bool kMax>
-MOE_ROUTE_INLINE float extreme_of(const float* x, int64_t n) {
-  const float none = kMax ? -kFltMax : kFltMax;
-  f32x8 m = splat8(none);
+// Max of x[0..n) over 8 lanes (values are sanitised, so there is no NaN to order).
+MOE_ROUTE_INLINE float max_of(const float* x, int64_t n) {
+  f32x8 m = splat8(-kFltMax);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const f32x8 v = load8(x + i);
-    m = (kMax ? v > m : v < m) ? v : m;
+    m = v > m ? v : m;
   }
-  float r = none;
-  for (; i < n; ++i) r = (kMax ? x[i] > r : x[i] < r) ? x[i] : r;
-  return fold_extreme<kMax>(m, r);
+  float r = -kFltMax;
+  for (; i < n; ++i) r = x[i] > r ? x[i] : r;
+  return fold_extreme<true>(m, r);
 }
-MOE_ROUTE_INLINE float max_of(const float* x, int64_t n) { return extreme_of<true>(x, n); }
-MOE_ROUTE_INLINE float min_of(const float* x, int64_t n) { return extreme_of<false>(x, n); }
 
 // Selection key (gate_params.h): tier | order-preserving fp32 bits | inverted index, so one
 // unsigned comparison orders by tier, then value, then lower index.
@@ -558,7 +554,7 @@ MOE_ROUTE_INLINE float steer_row(const GateParams& p, const Prep& prep, const fl
     for (int64_t e = 0; e < E; ++e) z[e] = steered(e);
     return 0.f;
   }
-  // `steered` 8 experts at a time, with the row's max and min as extreme_of takes them.
+  // `steered` 8 experts at a time, with the row's max as max_of takes it and its min likewise.
   const f32x8 sd8 = splat8(sd), zero = splat8(0.f);
   f32x8 hi = splat8(-kFltMax), lo = splat8(kFltMax);
   int64_t e = 0;
@@ -1031,8 +1027,8 @@ MOE_ROUTE_INLINE f32x8 lane_sum(const f32x8* x, int64_t E) {
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
-// max_of (kMax) or min_of of each lane's row, taking the same one of equal values (+0 or -0) as
-// they do: the scalar tail's first, then their 8 vector lanes' in lane order.
+// The max (kMax) or min of each lane's row, taking the same one of equal values (+0 or -0) as
+// max_of and steer_row do: the scalar tail's first, then their 8 vector lanes' in lane order.
 template <bool kMax>
 MOE_ROUTE_INLINE f32x8 lane_extreme(const f32x8* x, int64_t E) {
   auto pick = [](f32x8 a, f32x8 b) { return (kMax ? a > b : a < b) ? a : b; };
