@@ -477,8 +477,11 @@ void flush_run(const GateParams& p, RunAcc& a, Runs* runs) {
   a.group = -1;
 }
 
+constexpr int kRowBlock = 8;  // rows of the per-token pass whose stds are taken together
+
 struct Scratch {
   std::vector<float> z0, z, v, ew, sc, dense, work;  // rows padded to a multiple of 8
+  std::vector<float> block;  // kRowBlock rows like z0 (load_block)
   std::vector<uint64_t> keys;
   std::vector<uint8_t> group_ok;
   std::vector<uint64_t> group_keys;
@@ -493,6 +496,9 @@ struct Scratch {
       keys.resize(padded);
     }
     for (auto* row : {&z0, &z, &v, &sc}) std::fill(row->data() + E, row->data() + padded, -INFINITY);
+    block.resize(kRowBlock * padded);
+    for (int r = 0; r < kRowBlock; ++r)
+      std::fill(block.data() + r * padded + E, block.data() + (r + 1) * padded, -INFINITY);
     if (int64_t(group_ok.size()) < n_group) {
       group_ok.resize(n_group), group_keys.resize(n_group);
       group_list.resize(n_group), group_slot.resize(n_group);
@@ -526,24 +532,66 @@ MOE_ROUTE_INLINE void load_row(const GateParams& p, int64_t t, float* z) {
   }
 }
 
-// One token's steered logits z from its logits z0 (reference: steer_logits). With experts forced
-// on or off, returns the max of z as max_of gives it, or one of its equal values (+0 for -0: the
-// softmax shifted by either is the same), found in the same pass as the row's min; else 0.
-MOE_ROUTE_INLINE float steer_row(const GateParams& p, const Prep& prep, const float* z0, float* z) {
+// The logits' std (population, or unbiased) from the sum of their squared deviations.
+MOE_ROUTE_INLINE float std_of(const GateParams& p, float var) {
+  const int64_t dof = p.std_unbiased ? p.E - 1 : p.E;
+  const float sd = dof > 0 ? std::sqrt(var / float(dof)) : 0.f;
+  return std::isnan(sd) ? INFINITY : sd;  // overflow: inf or NaN by summation order (reference)
+}
+
+// sum8 of term(x) over each of kRowBlock rows of n values, `stride` apart: row r's in lane r.
+// The rows' sums are independent chains, where one row's sum is a chain of n / 8 additions.
+template <typename Term>
+MOE_ROUTE_INLINE f32x8 rows_sum8(const float* rows, int64_t stride, int64_t n, Term term) {
+  typedef double f64x8 __attribute__((vector_size(64)));
+  f64x8 total = {};
+  for (int64_t b0 = 0; b0 < n; b0 += kSumBlock) {
+    const int64_t b1 = std::min(n, b0 + kSumBlock);
+    f32x8 acc[kRowBlock];
+    for (int r = 0; r < kRowBlock; ++r) {
+      const float* x = rows + r * stride;
+      f32x8 a = splat8(0.f);
+      int64_t i = b0;
+      for (; i + 8 <= b1; i += 8) a += term(load8(x + i), r);
+      for (int j = 0; i < b1; ++i, ++j) a[j] += term(x[i], r);
+      acc[r] = a;
+    }
+    transpose8(acc);  // then hsum8 of each row, lane by lane
+    const f32x8 sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    if (n <= kSumBlock) return sum;
+    total += __builtin_convertvector(sum, f64x8);
+  }
+  return __builtin_convertvector(total, f32x8);
+}
+
+// Tokens [t, t + n), n <= kRowBlock, loaded into s.block (load_row) with their stds in sd, as
+// steer_row takes them: the mean by sum8, then sum8 of the squared deviations. Taken one token
+// at a time, before its steering, these were two dependent sums, a division and a square root
+// on each token's critical path. Rows past n are left as they are (finite) and not read.
+MOE_ROUTE_INLINE void load_block(const GateParams& p, int64_t t, int n, Scratch& s, float* sd) {
+  const int64_t E = p.E, stride = (E + 7) & ~int64_t(7);
+  float* rows = s.block.data();
+  for (int r = 0; r < n; ++r) load_row(p, t + r, rows + r * stride);
+  float mean[kRowBlock];
+  const f32x8 sums = rows_sum8(rows, stride, E, [](auto x, int) { return x; }) / float(E);
+  std::memcpy(mean, &sums, sizeof mean);
+  const f32x8 var = rows_sum8(rows, stride, E, [&mean](auto x, int r) {
+    return (x - mean[r]) * (x - mean[r]);
+  });
+  for (int r = 0; r < kRowBlock; ++r) sd[r] = std_of(p, var[r]);
+}
+
+// One token's steered logits z from its logits z0 and their std sd (load_block; reference:
+// steer_logits). With experts forced on or off, returns the max of z as max_of gives it, or one
+// of its equal values (+0 for -0: the softmax shifted by either is the same), found in the same
+// pass as the row's min; else 0.
+MOE_ROUTE_INLINE float steer_row(const GateParams& p, const Prep& prep, const float* z0, float sd,
+                                 float* z) {
   const int64_t E = p.E;
   const float* add = p.steer + kSteerAdd * E;
   const float* lam = p.steer + kSteerStd * E;
   const float* mul = p.steer + kSteerAbs * E;
   const float* force = p.steer + kSteerForce * E;
-  float sd = 0.f;
-  if (prep.has_std) {
-    const float mean = sum8(z0, E) / float(E);
-    for (int64_t e = 0; e < E; ++e) z[e] = (z0[e] - mean) * (z0[e] - mean);
-    const float var = sum8(z, E);
-    const int64_t dof = p.std_unbiased ? E - 1 : E;
-    sd = dof > 0 ? std::sqrt(var / float(dof)) : 0.f;
-    sd = std::isnan(sd) ? INFINITY : sd;  // overflow: inf or NaN by summation order (reference)
-  }
   auto steered = [&](int64_t e) {
     float y = z0[e] + add[e];
     y = y + (lam[e] != 0.f ? lam[e] * sd : 0.f);
@@ -1070,11 +1118,7 @@ MOE_ROUTE_INLINE void lane_steer(const GateParams& p, const Prep& prep, LaneBloc
     const f32x8 mean = lane_sum(b.z0, E) / float(E);
     for (int64_t e = 0; e < E; ++e) b.z[e] = (b.z0[e] - mean) * (b.z0[e] - mean);
     const f32x8 var = lane_sum(b.z, E);
-    const int64_t dof = p.std_unbiased ? E - 1 : E;
-    for (int l = 0; l < kLanes; ++l) {
-      const float s = dof > 0 ? std::sqrt(var[l] / float(dof)) : 0.f;
-      sd[l] = std::isnan(s) ? INFINITY : s;
-    }
+    for (int l = 0; l < kLanes; ++l) sd[l] = std_of(p, var[l]);
   }
   for (int64_t e = 0; e < E; ++e) {
     f32x8 y = b.z0[e] + add[e];
@@ -1470,13 +1514,19 @@ MOE_ROUTE_INLINE void gate_tokens_body(const GateParams& p, const Prep& prep, in
   const int64_t E = p.E, k = p.k;
   const bool want_ew = wants_exps(p);
 
-  for (; t < t1; ++t) {
-    float* z0 = s.z0.data();
-    load_row(p, t, z0);
+  // Steering by the logits' std loads the rows kRowBlock at a time, with their stds.
+  const bool blocks = p.steer && prep.has_std;
+  const int64_t stride = (E + 7) & ~int64_t(7);
+  float sd[kRowBlock] = {};
+  for (const int64_t tb = t; t < t1; ++t) {
+    const int r = blocks ? int((t - tb) % kRowBlock) : 0;
+    if (blocks && r == 0) load_block(p, t, int(std::min<int64_t>(kRowBlock, t1 - t)), s, sd);
+    const float* z0 = blocks ? s.block.data() + r * stride : s.z0.data();
+    if (!blocks) load_row(p, t, s.z0.data());
     const float* z = z0;
     float z_max = 0.f;  // of the steered logits, where experts are forced
     if (p.steer) {
-      z_max = steer_row(p, prep, z0, s.z.data());
+      z_max = steer_row(p, prep, z0, sd[r], s.z.data());
       z = s.z.data();
     }
     const float* zw = p.steer_select_only ? z0 : z;
