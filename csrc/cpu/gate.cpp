@@ -540,7 +540,8 @@ MOE_ROUTE_INLINE float std_of(const GateParams& p, float var) {
 }
 
 // sum8 of term(x) over each of kRowBlock rows of n values, `stride` apart: row r's in lane r.
-// The rows' sums are independent chains, where one row's sum is a chain of n / 8 additions.
+// The rows' sums advance together, kRowBlock independent chains, where one row's sum is a chain
+// of n / 8 additions.
 template <typename Term>
 MOE_ROUTE_INLINE f32x8 rows_sum8(const float* rows, int64_t stride, int64_t n, Term term) {
   typedef double f64x8 __attribute__((vector_size(64)));
@@ -548,14 +549,12 @@ MOE_ROUTE_INLINE f32x8 rows_sum8(const float* rows, int64_t stride, int64_t n, T
   for (int64_t b0 = 0; b0 < n; b0 += kSumBlock) {
     const int64_t b1 = std::min(n, b0 + kSumBlock);
     f32x8 acc[kRowBlock];
-    for (int r = 0; r < kRowBlock; ++r) {
-      const float* x = rows + r * stride;
-      f32x8 a = splat8(0.f);
-      int64_t i = b0;
-      for (; i + 8 <= b1; i += 8) a += term(load8(x + i), r);
-      for (int j = 0; i < b1; ++i, ++j) a[j] += term(x[i], r);
-      acc[r] = a;
-    }
+    for (int r = 0; r < kRowBlock; ++r) acc[r] = splat8(0.f);
+    int64_t i = b0;
+    for (; i + 8 <= b1; i += 8)
+      for (int r = 0; r < kRowBlock; ++r) acc[r] += term(load8(rows + r * stride + i), r);
+    for (int r = 0; r < kRowBlock; ++r)
+      for (int64_t e = i, j = 0; e < b1; ++e, ++j) acc[r][j] += term(rows[r * stride + e], r);
     transpose8(acc);  // then hsum8 of each row, lane by lane
     const f32x8 sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
     if (n <= kSumBlock) return sum;
