@@ -39,6 +39,8 @@ MOE_ROUTE_INLINE float sanitize(float x) {
 // the baseline, with identical results since every lane keeps its own order of operations.
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef float f32x16 __attribute__((vector_size(64)));  // two f32x8: one AVX-512 register
+typedef int32_t i32x16 __attribute__((vector_size(64)));
 
 // x in every lane, by a shuffle: GCC built f32x8{x, x, ...} of a runtime x from 8 inserts in
 // some loops (as it did splat8i's in lane_select's tier setup).
@@ -52,17 +54,23 @@ MOE_ROUTE_INLINE i32x8 splat8i(int32_t x) {  // as splat8
   return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0);
 }
 
-// What the exp and log below need beyond arithmetic, for one float and for 8 lanes.
+// What the exp and log below need beyond arithmetic, for one float and for 8 or 16 lanes.
 MOE_ROUTE_INLINE int32_t to_int(float x) { return static_cast<int32_t>(x); }
 MOE_ROUTE_INLINE i32x8 to_int(f32x8 x) { return __builtin_convertvector(x, i32x8); }
+MOE_ROUTE_INLINE i32x16 to_int(f32x16 x) { return __builtin_convertvector(x, i32x16); }
 MOE_ROUTE_INLINE float at_least(float x, float lo) { return std::max(x, lo); }
 MOE_ROUTE_INLINE f32x8 at_least(f32x8 x, float lo) { return x < splat8(lo) ? splat8(lo) : x; }
+MOE_ROUTE_INLINE f32x16 at_least(f32x16 x, float lo) {
+  const f32x16 l = f32x16{} + lo;
+  return x < l ? l : x;
+}
 MOE_ROUTE_INLINE float bits_to_float(int32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
 MOE_ROUTE_INLINE f32x8 bits_to_float(i32x8 u) { return __builtin_bit_cast(f32x8, u); }
+MOE_ROUTE_INLINE f32x16 bits_to_float(i32x16 u) { return __builtin_bit_cast(f32x16, u); }
 MOE_ROUTE_INLINE int32_t float_to_bits(float x) { return __builtin_bit_cast(int32_t, x); }
 MOE_ROUTE_INLINE i32x8 float_to_bits(f32x8 x) { return __builtin_bit_cast(i32x8, x); }
 MOE_ROUTE_INLINE float to_float(int32_t x) { return static_cast<float>(x); }
@@ -203,13 +211,13 @@ MOE_ROUTE_INLINE bool elementwise_scores(const GateParams& p) {
   return p.score == Score::Sigmoid || p.score == Score::SqrtSoftplus;
 }
 
-// The elementwise scores of one token's logits z[0..E) into sc, a loop per score so that each
-// vectorises.
-MOE_ROUTE_INLINE void scores_of(const GateParams& p, const float* z, float* sc) {
+// The elementwise scores of n logits z (a token's E, or a lane block's 8E) into sc, a loop per
+// score so that each vectorises.
+MOE_ROUTE_INLINE void scores_of(const GateParams& p, const float* z, int64_t n, float* sc) {
   if (p.score == Score::Sigmoid) {
-    for (int64_t e = 0; e < p.E; ++e) sc[e] = sigmoid(z[e]);
+    for (int64_t i = 0; i < n; ++i) sc[i] = sigmoid(z[i]);
   } else {
-    for (int64_t e = 0; e < p.E; ++e) sc[e] = sqrt_softplus(z[e]);
+    for (int64_t i = 0; i < n; ++i) sc[i] = sqrt_softplus(z[i]);
   }
 }
 
@@ -482,6 +490,7 @@ constexpr int kRowBlock = 8;  // rows of the per-token pass whose stds are taken
 struct Scratch {
   std::vector<float> z0, z, v, ew, sc, dense, work;  // rows padded to a multiple of 8
   std::vector<float> block;  // kRowBlock rows like z0 (load_block)
+  float block_sd[kRowBlock] = {};  // their stds
   std::vector<uint64_t> keys;
   std::vector<uint8_t> group_ok;
   std::vector<uint64_t> group_keys;
@@ -556,18 +565,20 @@ MOE_ROUTE_INLINE f32x8 rows_sum8(const float* rows, int64_t stride, int64_t n, T
     for (int r = 0; r < kRowBlock; ++r)
       for (int64_t e = i, j = 0; e < b1; ++e, ++j) acc[r][j] += term(rows[r * stride + e], r);
     transpose8(acc);  // then hsum8 of each row, lane by lane
-    const f32x8 sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    const f32x8 sum =
+        ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
     if (n <= kSumBlock) return sum;
     total += __builtin_convertvector(sum, f64x8);
   }
   return __builtin_convertvector(total, f32x8);
 }
 
-// Tokens [t, t + n), n <= kRowBlock, loaded into s.block (load_row) with their stds in sd, as
-// steer_row takes them: the mean by sum8, then sum8 of the squared deviations. Taken one token
-// at a time, before its steering, these were two dependent sums, a division and a square root
-// on each token's critical path. Rows past n are left as they are (finite) and not read.
-MOE_ROUTE_INLINE void load_block(const GateParams& p, int64_t t, int n, Scratch& s, float* sd) {
+// Tokens [t, t + n), n <= kRowBlock, loaded into s.block (load_row) with their stds in
+// s.block_sd, as steer_row takes them: the mean by sum8, then sum8 of the squared deviations.
+// Taken one token at a time, before its steering, these were two dependent sums, a division and
+// a square root on each token's critical path. Rows past n are left as they are (finite) and
+// not read.
+MOE_ROUTE_INLINE void load_block(const GateParams& p, int64_t t, int n, Scratch& s) {
   const int64_t E = p.E, stride = (E + 7) & ~int64_t(7);
   float* rows = s.block.data();
   for (int r = 0; r < n; ++r) load_row(p, t + r, rows + r * stride);
@@ -577,7 +588,7 @@ MOE_ROUTE_INLINE void load_block(const GateParams& p, int64_t t, int n, Scratch&
   const f32x8 var = rows_sum8(rows, stride, E, [&mean](auto x, int r) {
     return (x - mean[r]) * (x - mean[r]);
   });
-  for (int r = 0; r < kRowBlock; ++r) sd[r] = std_of(p, var[r]);
+  for (int r = 0; r < kRowBlock; ++r) s.block_sd[r] = std_of(p, var[r]);
 }
 
 // One token's steered logits z from its logits z0 and their std sd (load_block; reference:
@@ -889,7 +900,7 @@ MOE_ROUTE_INLINE void select_row(const GateParams& p, const Prep& prep, const fl
           sv[e] = round_fp16(std::sqrt(round_fp16(softplus_fast(z[e]))));
       }
     } else if (elementwise_scores(p)) {
-      scores_of(p, z, sv);
+      scores_of(p, z, p.E, sv);
     } else {
       std::memcpy(sv, z, sizeof(float) * E);
     }
@@ -1017,7 +1028,7 @@ MOE_ROUTE_INLINE void token_stats(const GateParams& p, int64_t t, const int32_t*
       run.entropy += softmax_stats(ew, zw, w_max, w_sum, E, p.prob_sum ? run.prob.data() : nullptr);
     } else {
       float* q = s.dense.data();
-      if (!sc) scores_of(p, zw, q), sc = q;
+      if (!sc) scores_of(p, zw, p.E, q), sc = q;
       const float total = sum8(sc, E);
       const float inv = total > 0.f ? 1.f / total : 0.f, uniform = 1.f / float(E);
       for (int64_t e = 0; e < E; ++e) q[e] = total > 0.f ? sc[e] * inv : uniform;
@@ -1092,8 +1103,17 @@ MOE_ROUTE_INLINE f32x8 lane_extreme(const f32x8* x, int64_t E) {
 }
 
 // Softmax numerators ew[e] = exp(x[e] - m) of each lane; returns their sums (softmax_exps_from).
+// Two experts at a time: 16 lanes fill an AVX-512 register (elsewhere, two or four).
 MOE_ROUTE_INLINE f32x8 lane_exps(const f32x8* x, f32x8* ew, int64_t E, f32x8 m) {
-  for (int64_t e = 0; e < E; ++e) ew[e] = exp_nonpos(x[e] - m);
+  const f32x16 m2 = __builtin_shufflevector(m, m, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
+  int64_t e = 0;
+  for (; e + 2 <= E; e += 2) {
+    f32x16 pair;
+    std::memcpy(&pair, x + e, sizeof pair);
+    pair = exp_nonpos(pair - m2);
+    std::memcpy(ew + e, &pair, sizeof pair);
+  }
+  if (e < E) ew[e] = exp_nonpos(x[e] - m);
   return lane_sum(ew, E);
 }
 
@@ -1270,9 +1290,11 @@ MOE_ROUTE_INLINE void lane_rows8(const f32x8* x, f32x8 scale, f32x8* q) {
 
 // token_stats for tokens [t0, t0 + n), whose ids and weights are written, all of group g >= 0
 // or of several (g == kMixedGroups): the same additions in the same order, the dense ones
-// (softmax, plain-logit or sigmoid scores) computed in the lanes. Uses b.work, b.q and b.rows.
+// (softmax, plain-logit or sigmoid scores) computed in the lanes. `sc`, when not null, holds
+// the sigmoid scores of zw (from selection). Uses b.work, b.q and b.rows.
 MOE_ROUTE_INLINE void lane_stats(const GateParams& p, int64_t t0, int n, int64_t g,
-                                 const f32x8* zw, LaneBlock& b, Scratch& s, Runs* runs) {
+                                 const f32x8* zw, const f32x8* sc, LaneBlock& b, Scratch& s,
+                                 Runs* runs) {
   const int64_t E = p.E, k = p.k;
   const int32_t* ids = p.ids + t0 * k;
   const float* w = p.weights + t0 * k;
@@ -1282,16 +1304,16 @@ MOE_ROUTE_INLINE void lane_stats(const GateParams& p, int64_t t0, int n, int64_t
   const f32x8* qs = b.q;
   if (dense && p.score == Score::Sigmoid) {
     // token_stats' sigmoid distribution: q = sigmoid(z) / sum (uniform where the sum is 0),
-    // H = -sum_e q_e log q_e. The sigmoid lane by lane: GCC vectorises that loop, 3-5% faster
-    // than an f32x8 exp_fast and sigmoid measured (bench/RESULTS.md).
+    // H = -sum_e q_e log q_e. The sigmoid as one loop over the block's 8E logits, which GCC
+    // vectorises at its widest width (an f32x8 exp_fast and sigmoid measured 3-5% slower than
+    // the compiler's 8-lane loop, bench/RESULTS.md).
     const f32x8 zero = splat8(0.f);
-    for (int64_t e = 0; e < E; ++e)
-      for (int l = 0; l < kLanes; ++l) b.q[e][l] = sigmoid(zw[e][l]);
-    const f32x8 total = lane_sum(b.q, E);
+    if (!sc) scores_of(p, &zw[0][0], E * kLanes, &b.q[0][0]), sc = b.q;
+    const f32x8 total = lane_sum(sc, E);
     const f32x8 inv = total > zero ? splat8(1.f) / total : zero;
     const f32x8 uniform = splat8(1.f / float(E));
     for (int64_t e = 0; e < E; ++e) {
-      b.q[e] = total > zero ? b.q[e] * inv : uniform;
+      b.q[e] = total > zero ? sc[e] * inv : uniform;
       b.work[e] = b.q[e] > zero ? b.q[e] * log_fast(b.q[e]) : zero;
     }
     entropy = -lane_sum(b.work, E);
@@ -1362,8 +1384,8 @@ MOE_ROUTE_INLINE void lane_stats(const GateParams& p, int64_t t0, int n, int64_t
 
 // select_row for the block's tokens: selection values of the steered logits z, then each lane's
 // k ids into b.ids. b.ew and b.w_sum hold the softmax numerators of z and their sums when
-// `have_ew`.
-MOE_ROUTE_INLINE void lane_select_row(const GateParams& p, const Prep& prep, const f32x8* z,
+// `have_ew`. Returns whether b.v holds the elementwise (fp32, unrounded) scores of z.
+MOE_ROUTE_INLINE bool lane_select_row(const GateParams& p, const Prep& prep, const f32x8* z,
                                       bool have_ew, LaneBlock& b) {
   const int64_t E = p.E, k = p.k;
   const f32x8* v = z;
@@ -1374,17 +1396,14 @@ MOE_ROUTE_INLINE void lane_select_row(const GateParams& p, const Prep& prep, con
       f32x8 sum = b.w_sum;
       if (!have_ew) sum = lane_exps(z, sv, E, lane_extreme<true>(z, E)), src = sv;
       for (int64_t e = 0; e < E; ++e) sv[e] = src[e] / sum;
-    } else if (p.score == Score::Sigmoid) {
-      for (int64_t e = 0; e < E; ++e)
-        for (int l = 0; l < kLanes; ++l) sv[e][l] = sigmoid(z[e][l]);
-    } else if (p.score == Score::SqrtSoftplus) {
+    } else if (p.score == Score::SqrtSoftplus && rounds_scores(p)) {
       for (int64_t e = 0; e < E; ++e)
         for (int l = 0; l < kLanes; ++l) {
-          const float x = z[e][l];
           const LogitType t = p.logit_type;
-          sv[e][l] = rounds_scores(p) ? round_half(std::sqrt(round_half(softplus_fast(x), t)), t)
-                                      : sqrt_softplus(x);
+          sv[e][l] = round_half(std::sqrt(round_half(softplus_fast(z[e][l]), t)), t);
         }
+    } else if (elementwise_scores(p)) {  // one loop over the block's 8E logits
+      scores_of(p, &z[0][0], E * kLanes, &sv[0][0]);
     } else {
       for (int64_t e = 0; e < E; ++e) sv[e] = z[e];
     }
@@ -1393,10 +1412,10 @@ MOE_ROUTE_INLINE void lane_select_row(const GateParams& p, const Prep& prep, con
         for (int l = 0; l < kLanes; ++l) sv[e][l] = round_half(sv[e][l], p.logit_type);
     v = sv;
   }
-  if (p.selection_bias) {
+  if (p.selection_bias) {  // into b.q, free until lane_stats: b.v keeps the scores
     const float* bias = prep.bias.data();
-    for (int64_t e = 0; e < E; ++e) b.v[e] = sanitize8(v[e] + bias[e]);
-    v = b.v;
+    for (int64_t e = 0; e < E; ++e) b.q[e] = sanitize8(v[e] + bias[e]);
+    v = b.q;
   }
   const bool tiers = prep.has_force && !prep.force_as_values;
   if (E <= 16) {
@@ -1406,6 +1425,7 @@ MOE_ROUTE_INLINE void lane_select_row(const GateParams& p, const Prep& prep, con
     if (tiers) lane_select<4, true>(prep, v, E, k, b);
     else lane_select<4, false>(prep, v, E, k, b);
   }
+  return !selects_on_logits(p) && elementwise_scores(p) && !rounds_scores(p);
 }
 
 // Tokens [t0, t0 + n), n <= 8, through the pass of gate_tokens_body, a step for all at once.
@@ -1434,7 +1454,10 @@ MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t 
     b.w_sum = lane_exps(zw, b.ew, E, b.w_max);
   }
 
-  if (!all_replayed) lane_select_row(p, prep, z, want_ew && zw == z, b);
+  // The elementwise scores of zw, where selection computed them: for weights and statistics.
+  bool z_scores = false;
+  if (!all_replayed) z_scores = lane_select_row(p, prep, z, want_ew && zw == z, b);
+  const f32x8* sc = z_scores && zw == z ? b.v : nullptr;
   if (any_replayed)
     for (int l = 0; l < n; ++l)
       if (p.replay_id(t0 + l, 0) >= 0)
@@ -1451,7 +1474,9 @@ MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t 
   // softmax over all experts; for a softmax over the k picked logits, their exps from their
   // max, summed in double in pick order. Those logits are gathered where the selection did not
   // leave them in b.picked (replayed rows, select-only steering, a selection bias): per token,
-  // weigh's k scalar exps took about a third of GPT-OSS's replay.
+  // weigh's k scalar exps took about a third of GPT-OSS's replay. Elementwise scores (sigmoid,
+  // sqrt-softplus) likewise: the picked experts' scores from selection's where it computed them,
+  // else from one loop over all lanes' k picked logits.
   const bool lane_weights = p.score == Score::Softmax;
   if (lane_weights && !p.select_on_logits) {
     for (int64_t j = 0; j < k; ++j) b.w[j] = lane_gather(b.ew, E, b.ids[j]) / b.w_sum;
@@ -1468,13 +1493,18 @@ MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t 
     }
     const f32x8 den = __builtin_convertvector(sum, f32x8);
     for (int64_t j = 0; j < k; ++j) b.w[j] = b.w[j] / den;
+  } else if (sc) {  // the picked experts' scores (weigh's sc[ids[j]])
+    for (int64_t j = 0; j < k; ++j) b.w[j] = lane_gather(sc, E, b.ids[j]);
+  } else if (elementwise_scores(p)) {  // the scores of the picked logits, one loop for all
+    for (int64_t j = 0; j < k; ++j) b.w[j] = picked_zw ? b.picked[j] : lane_gather(zw, E, b.ids[j]);
+    scores_of(p, &b.w[0][0], k * kLanes, &b.w[0][0]);
   }
 
   for (int l = 0; l < n; ++l) {
     int32_t* ids = p.ids + (t0 + l) * k;
     float* w = p.weights + (t0 + l) * k;
     for (int64_t j = 0; j < k; ++j) ids[j] = b.ids[j][l];
-    if (lane_weights) {
+    if (lane_weights || elementwise_scores(p)) {
       for (int64_t j = 0; j < k; ++j) w[j] = b.w[j][l];
       finish_weights(p, w);
     } else {
@@ -1485,47 +1515,76 @@ MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t 
   if (!stats) return;
   if (!p.dense_stats() || p.score != Score::SqrtSoftplus) {
     const int64_t g = block_group(p, t0, n);
-    if (g != -1) lane_stats(p, t0, n, g, zw, b, s, runs);
+    if (g != -1) lane_stats(p, t0, n, g, zw, sc, b, s, runs);
     return;
   }
-  float ew_row[kLaneMaxE], zw_row[kLaneMaxE];
+  float ew_row[kLaneMaxE], zw_row[kLaneMaxE], sc_row[kLaneMaxE];
   for (int l = 0; l < n; ++l) {
     const int64_t t = t0 + l;
-    if (p.dense_stats())
-      for (int64_t e = 0; e < E; ++e) ew_row[e] = b.ew[e][l], zw_row[e] = zw[e][l];
+    for (int64_t e = 0; e < E; ++e) ew_row[e] = b.ew[e][l], zw_row[e] = zw[e][l];
+    for (int64_t e = 0; e < E && sc; ++e) sc_row[e] = sc[e][l];
     token_stats(p, t, p.ids + t * k, p.weights + t * k, ew_row, zw_row, b.w_max[l], b.w_sum[l],
-                nullptr, s, runs);
+                sc ? sc_row : nullptr, s, runs);
   }
 }
 
+// gate_lanes over the blocks of a chunk of tokens [t0, t1); returns the first token left to the
+// per-token pass: fewer than kMinLaneTokens cost less one by one than in a block of 8 lanes.
+MOE_ROUTE_INLINE int64_t lane_blocks_body(const GateParams& p, const Prep& prep, int64_t t0,
+                                          int64_t t1, Scratch& s, bool stats, Runs* runs) {
+  LaneBlock b;
+  int64_t t = t0;
+  for (int n; (n = int(std::min<int64_t>(kLanes, t1 - t))) >= kMinLaneTokens; t += n)
+    gate_lanes(p, prep, t, n, s, stats, runs, b);
+  return t;
+}
+
+// lane_blocks_body out of line per instruction-set variant, as select_in_groups_*: in one
+// function with the per-token pass, the lanes' register allocation moved with its code (a change
+// to the per-token steering made GPT-OSS's plain gate and replay 3-5% slower, spilling a
+// constant of lane_round).
+typedef int64_t (*LaneBlocks)(const GateParams&, const Prep&, int64_t, int64_t, Scratch&, bool,
+                              Runs*);
+__attribute__((noinline)) int64_t lane_blocks_base(const GateParams& p, const Prep& prep,
+                                                   int64_t t0, int64_t t1, Scratch& s, bool stats,
+                                                   Runs* runs) {
+  return lane_blocks_body(p, prep, t0, t1, s, stats, runs);
+}
+#if MOE_ROUTE_X86_VARIANTS
+MOE_ROUTE_TARGET_AVX512 __attribute__((noinline)) int64_t lane_blocks_avx512(
+    const GateParams& p, const Prep& prep, int64_t t0, int64_t t1, Scratch& s, bool stats,
+    Runs* runs) {
+  return lane_blocks_body(p, prep, t0, t1, s, stats, runs);
+}
+MOE_ROUTE_TARGET_AVX2 __attribute__((noinline)) int64_t lane_blocks_avx2(
+    const GateParams& p, const Prep& prep, int64_t t0, int64_t t1, Scratch& s, bool stats,
+    Runs* runs) {
+  return lane_blocks_body(p, prep, t0, t1, s, stats, runs);
+}
+#endif
+
 // One chunk of tokens [t0, t1). With statistics, they go into `runs` or, when it is null, straight
-// into the caller's buffers.
+// into the caller's buffers. `in_groups` and `lanes` are the out-of-line parts for the caller's
+// instruction set.
 MOE_ROUTE_INLINE void gate_tokens_body(const GateParams& p, const Prep& prep, int64_t t0,
                                        int64_t t1, Scratch& s, bool stats, Runs* runs,
-                                       SelectInGroups in_groups) {
-  int64_t t = t0;
-  if (prep.lanes) {
-    // Fewer than kMinLaneTokens tokens cost less one by one than in a block of 8 lanes.
-    LaneBlock b;
-    for (int n; (n = int(std::min<int64_t>(kLanes, t1 - t))) >= kMinLaneTokens; t += n)
-      gate_lanes(p, prep, t, n, s, stats, runs, b);
-  }
+                                       SelectInGroups in_groups, LaneBlocks lanes) {
+  int64_t t = prep.lanes ? lanes(p, prep, t0, t1, s, stats, runs) : t0;
   const int64_t E = p.E, k = p.k;
   const bool want_ew = wants_exps(p);
 
   // Steering by the logits' std loads the rows kRowBlock at a time, with their stds.
   const bool blocks = p.steer && prep.has_std;
   const int64_t stride = (E + 7) & ~int64_t(7);
-  float sd[kRowBlock] = {};
   for (const int64_t tb = t; t < t1; ++t) {
     const int r = blocks ? int((t - tb) % kRowBlock) : 0;
-    if (blocks && r == 0) load_block(p, t, int(std::min<int64_t>(kRowBlock, t1 - t)), s, sd);
+    if (blocks && r == 0) load_block(p, t, int(std::min<int64_t>(kRowBlock, t1 - t)), s);
     const float* z0 = blocks ? s.block.data() + r * stride : s.z0.data();
     if (!blocks) load_row(p, t, s.z0.data());
     const float* z = z0;
     float z_max = 0.f;  // of the steered logits, where experts are forced
     if (p.steer) {
-      z_max = steer_row(p, prep, z0, sd[r], s.z.data());
+      z_max = steer_row(p, prep, z0, s.block_sd[r], s.z.data());
       z = s.z.data();
     }
     const float* zw = p.steer_select_only ? z0 : z;
@@ -1553,7 +1612,7 @@ MOE_ROUTE_INLINE void gate_tokens_body(const GateParams& p, const Prep& prep, in
                            !(p.score == Score::SqrtSoftplus && rounds_scores(p));
     const float* sc = nullptr;
     if (elementwise_scores(p) && (select_sc || (stats && p.dense_stats()))) {
-      scores_of(p, zw, s.sc.data());
+      scores_of(p, zw, E, s.sc.data());
       sc = s.sc.data();
     }
 
@@ -1579,11 +1638,13 @@ MOE_ROUTE_INLINE void gate_tokens_body(const GateParams& p, const Prep& prep, in
 #if MOE_ROUTE_X86_VARIANTS
 MOE_ROUTE_TARGET_AVX512 void gate_tokens_avx512(const GateParams& p, const Prep& prep, int64_t t0,
                                                 int64_t t1, Scratch& s, bool stats, Runs* runs) {
-  gate_tokens_body(p, prep, t0, t1, s, stats, runs, select_in_groups_avx512);
+  gate_tokens_body(p, prep, t0, t1, s, stats, runs, select_in_groups_avx512,
+                   lane_blocks_avx512);
 }
 MOE_ROUTE_TARGET_AVX2 void gate_tokens_avx2(const GateParams& p, const Prep& prep, int64_t t0,
                                             int64_t t1, Scratch& s, bool stats, Runs* runs) {
-  gate_tokens_body(p, prep, t0, t1, s, stats, runs, select_in_groups_avx2);
+  gate_tokens_body(p, prep, t0, t1, s, stats, runs, select_in_groups_avx2,
+                   lane_blocks_avx2);
 }
 #endif
 
@@ -1596,7 +1657,7 @@ void gate_tokens(const GateParams& p, const Prep& prep, int64_t t0, int64_t t1, 
     case CpuIsa::Base: break;
   }
 #endif
-  gate_tokens_body(p, prep, t0, t1, s, stats, runs, select_in_groups_base);
+  gate_tokens_body(p, prep, t0, t1, s, stats, runs, select_in_groups_base, lane_blocks_base);
 }
 
 void check_groups(const GateParams& p) {
