@@ -1312,10 +1312,10 @@ MOE_ROUTE_INLINE void lane_stats(const GateParams& p, int64_t t0, int n, int64_t
     const f32x8 total = lane_sum(sc, E);
     const f32x8 inv = total > zero ? splat8(1.f) / total : zero;
     const f32x8 uniform = splat8(1.f / float(E));
-    for (int64_t e = 0; e < E; ++e) {
-      b.q[e] = total > zero ? sc[e] * inv : uniform;
-      b.work[e] = b.q[e] > zero ? b.q[e] * log_fast(b.q[e]) : zero;
-    }
+    for (int64_t e = 0; e < E; ++e) b.q[e] = total > zero ? sc[e] * inv : uniform;
+    const float* q = &b.q[0][0];
+    float* terms = &b.work[0][0];
+    for (int64_t i = 0; i < E * kLanes; ++i) terms[i] = q[i] > 0.f ? q[i] * log_fast(q[i]) : 0.f;
     entropy = -lane_sum(b.work, E);
   } else if (dense) {
     // softmax_stats: H = log S - (sum_e ew_e (z_e - max)) / S, and q = ew / S
