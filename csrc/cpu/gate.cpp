@@ -576,12 +576,15 @@ MOE_ROUTE_INLINE f32x8 rows_sum8(const float* rows, int64_t stride, int64_t n, T
 // Tokens [t, t + n), n <= kRowBlock, loaded into s.block (load_row) with their stds in
 // s.block_sd, as steer_row takes them: the mean by sum8, then sum8 of the squared deviations.
 // Taken one token at a time, before its steering, these were two dependent sums, a division and
-// a square root on each token's critical path. Rows past n are left as they are (finite) and
-// not read.
+// a square root on each token's critical path. Rows past n (a chunk's last block) are zeroed:
+// what they held, perhaps of another E, is not summed.
 MOE_ROUTE_INLINE void load_block(const GateParams& p, int64_t t, int n, Scratch& s) {
   const int64_t E = p.E, stride = (E + 7) & ~int64_t(7);
   float* rows = s.block.data();
-  for (int r = 0; r < n; ++r) load_row(p, t + r, rows + r * stride);
+  for (int r = 0; r < kRowBlock; ++r) {
+    if (r < n) load_row(p, t + r, rows + r * stride);
+    else std::fill(rows + r * stride, rows + r * stride + E, 0.f);
+  }
   float mean[kRowBlock];
   const f32x8 sums = rows_sum8(rows, stride, E, [](auto x, int) { return x; }) / float(E);
   std::memcpy(mean, &sums, sizeof mean);
@@ -1496,7 +1499,8 @@ MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t 
   } else if (sc) {  // the picked experts' scores (weigh's sc[ids[j]])
     for (int64_t j = 0; j < k; ++j) b.w[j] = lane_gather(sc, E, b.ids[j]);
   } else if (elementwise_scores(p)) {  // the scores of the picked logits, one loop for all
-    for (int64_t j = 0; j < k; ++j) b.w[j] = picked_zw ? b.picked[j] : lane_gather(zw, E, b.ids[j]);
+    for (int64_t j = 0; j < k; ++j)
+      b.w[j] = picked_zw ? b.picked[j] : lane_gather(zw, E, b.ids[j]);
     scores_of(p, &b.w[0][0], k * kLanes, &b.w[0][0]);
   }
 
