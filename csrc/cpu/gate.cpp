@@ -308,9 +308,11 @@ MOE_ROUTE_INLINE void top2_lanes(const float* x, int64_t n, f32x8& a, f32x8& b) 
   }
 }
 
-// r[j] = column j of the 8x8 block whose row i is r[i] (three rounds of shuffles).
-MOE_ROUTE_INLINE void transpose8(f32x8* r) {
-  f32x8 t[8], u[8];
+// r[j] = column j of the 8x8 block whose row i is r[i] (three rounds of shuffles). V is f32x8
+// or i32x8.
+template <typename V>
+MOE_ROUTE_INLINE void transpose8(V* r) {
+  V t[8], u[8];
   for (int i = 0; i < 8; i += 2) {  // pairs of rows interleaved
     t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
     t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
@@ -1075,6 +1077,67 @@ struct LaneBlock {
   f32x8 w[kLaneMaxE];       // weights[j], where the lanes compute them
 };
 
+// finish_weights of each lane's k weights w[0..k): the same operations in the same order.
+MOE_ROUTE_INLINE void lane_finish_weights(const GateParams& p, f32x8* w) {
+  typedef double f64x8 __attribute__((vector_size(64)));
+  const int64_t k = p.k;
+  if (p.renormalize) {
+    f32x8 sum = {};
+    if (p.score == Score::None) {
+      for (int64_t j = 0; j < k; ++j) sum += w[j];
+    } else {
+      f64x8 exact = {};
+      for (int64_t j = 0; j < k; ++j) exact += __builtin_convertvector(w[j], f64x8);
+      sum = __builtin_convertvector(exact, f32x8);
+    }
+    const f32x8 den = sum + p.renorm_eps;
+    for (int64_t j = 0; j < k; ++j) w[j] = den != 0.f ? w[j] / den : w[j];
+  }
+  if (p.scale != 1.f)
+    for (int64_t j = 0; j < k; ++j) w[j] = w[j] * p.scale;
+}
+
+// Each of the block's n tokens' k values, x[0..k) of its lane, to its row of out (row length
+// k). A full block with k = 1, 2, 4 or 8 goes as whole vectors: 8k values read lane by lane
+// and written one by one took a tenth of a top-2-of-16 gate with steering. V is f32x8 or i32x8.
+template <typename V, typename T>
+MOE_ROUTE_INLINE void store_lanes(const V* x, int64_t k, int n, T* out) {
+  static_assert(sizeof(V) == kLanes * sizeof(T), "a lane per token");
+  if (n == kLanes && k == 1) {
+    std::memcpy(out, &x[0], sizeof(V));
+    return;
+  }
+  if (n == kLanes && (k == 2 || k == 4)) {
+    V r[4];  // tokens 0-3, then 4-7, of x[0] and x[1] interleaved; then of x[2] and x[3]
+    for (int64_t j = 0; j < k; j += 2) {
+      r[j] = __builtin_shufflevector(x[j], x[j + 1], 0, 8, 1, 9, 2, 10, 3, 11);
+      r[j + 1] = __builtin_shufflevector(x[j], x[j + 1], 4, 12, 5, 13, 6, 14, 7, 15);
+    }
+    if (k == 2) {
+      std::memcpy(out, r, 2 * sizeof(V));
+      return;
+    }
+    for (int h = 0; h < 2; ++h) {  // two tokens per vector: their pairs from r[h] and r[h + 2]
+      const V a = __builtin_shufflevector(r[h], r[h + 2], 0, 1, 8, 9, 2, 3, 10, 11);
+      const V c = __builtin_shufflevector(r[h], r[h + 2], 4, 5, 12, 13, 6, 7, 14, 15);
+      std::memcpy(out + 16 * h, &a, sizeof a);
+      std::memcpy(out + 16 * h + 8, &c, sizeof c);
+    }
+    return;
+  }
+  if (n == kLanes && k % 8 == 0) {
+    for (int64_t j0 = 0; j0 < k; j0 += 8) {
+      V r[8];
+      std::memcpy(r, x + j0, sizeof r);
+      transpose8(r);
+      for (int l = 0; l < kLanes; ++l) std::memcpy(out + l * k + j0, &r[l], sizeof(V));
+    }
+    return;
+  }
+  for (int l = 0; l < n; ++l)
+    for (int64_t j = 0; j < k; ++j) out[l * k + j] = x[j][l];
+}
+
 // sum8 of each lane's row (E <= kSumBlock): 8 partial sums over e = j, j + 8, ..., added as
 // hsum8 adds them. Whole groups of 8 index the sums by a constant, which keeps them in registers
 // (`acc[e & 7]` alone kept them on the stack: a store and a reload per expert).
@@ -1504,17 +1567,15 @@ MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t 
     scores_of(p, &b.w[0][0], k * kLanes, &b.w[0][0]);
   }
 
-  for (int l = 0; l < n; ++l) {
-    int32_t* ids = p.ids + (t0 + l) * k;
-    float* w = p.weights + (t0 + l) * k;
-    for (int64_t j = 0; j < k; ++j) ids[j] = b.ids[j][l];
-    if (lane_weights || elementwise_scores(p)) {
-      for (int64_t j = 0; j < k; ++j) w[j] = b.w[j][l];
-      finish_weights(p, w);
-    } else {
-      weigh(p, ids, [&b, l](int32_t e) { return b.ew[e][l]; },
-            [zw, l](int32_t e) { return zw[e][l]; }, b.w_sum[l], nullptr, w);
-    }
+  store_lanes(b.ids, k, n, p.ids + t0 * k);
+  if (lane_weights || elementwise_scores(p)) {
+    lane_finish_weights(p, b.w);
+    store_lanes(b.w, k, n, p.weights + t0 * k);
+  } else {
+    for (int l = 0; l < n; ++l)
+      weigh(p, p.ids + (t0 + l) * k, [&b, l](int32_t e) { return b.ew[e][l]; },
+            [zw, l](int32_t e) { return zw[e][l]; }, b.w_sum[l], nullptr,
+            p.weights + (t0 + l) * k);
   }
   if (!stats) return;
   if (!p.dense_stats() || p.score != Score::SqrtSoftplus) {
