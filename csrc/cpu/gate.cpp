@@ -73,6 +73,7 @@ MOE_ROUTE_INLINE f32x8 bits_to_float(i32x8 u) { return __builtin_bit_cast(f32x8,
 MOE_ROUTE_INLINE f32x16 bits_to_float(i32x16 u) { return __builtin_bit_cast(f32x16, u); }
 MOE_ROUTE_INLINE int32_t float_to_bits(float x) { return __builtin_bit_cast(int32_t, x); }
 MOE_ROUTE_INLINE i32x8 float_to_bits(f32x8 x) { return __builtin_bit_cast(i32x8, x); }
+MOE_ROUTE_INLINE i32x16 float_to_bits(f32x16 x) { return __builtin_bit_cast(i32x16, x); }
 MOE_ROUTE_INLINE float to_float(int32_t x) { return static_cast<float>(x); }
 MOE_ROUTE_INLINE f32x8 to_float(i32x8 x) { return __builtin_convertvector(x, f32x8); }
 
@@ -543,11 +544,15 @@ MOE_ROUTE_INLINE void load_row(const GateParams& p, int64_t t, float* z) {
   }
 }
 
-// The logits' std (population, or unbiased) from the sum of their squared deviations.
-MOE_ROUTE_INLINE float std_of(const GateParams& p, float var) {
+// Eight rows' logit std (population, or unbiased) from the sums of their squared deviations,
+// one row per lane. A NaN std (overflow: inf or NaN by summation order) is +inf, as in the
+// reference. The lanes' square roots are one vector instruction where the target has it.
+MOE_ROUTE_INLINE f32x8 std_of(const GateParams& p, f32x8 var) {
   const int64_t dof = p.std_unbiased ? p.E - 1 : p.E;
-  const float sd = dof > 0 ? std::sqrt(var / float(dof)) : 0.f;
-  return std::isnan(sd) ? INFINITY : sd;  // overflow: inf or NaN by summation order (reference)
+  if (dof <= 0) return splat8(0.f);
+  f32x8 sd = var / float(dof);
+  for (int l = 0; l < 8; ++l) sd[l] = std::sqrt(sd[l]);
+  return sd == sd ? sd : splat8(INFINITY);
 }
 
 // sum8 of term(x) over each of kRowBlock rows of n values, `stride` apart: row r's in lane r.
@@ -593,7 +598,8 @@ MOE_ROUTE_INLINE void load_block(const GateParams& p, int64_t t, int n, Scratch&
   const f32x8 var = rows_sum8(rows, stride, E, [&mean](auto x, int r) {
     return (x - mean[r]) * (x - mean[r]);
   });
-  for (int r = 0; r < kRowBlock; ++r) s.block_sd[r] = std_of(p, var[r]);
+  const f32x8 sd = std_of(p, var);
+  std::memcpy(s.block_sd, &sd, sizeof sd);
 }
 
 // One token's steered logits z from its logits z0 and their std sd (load_block; reference:
@@ -1202,10 +1208,29 @@ MOE_ROUTE_INLINE void lane_steer(const GateParams& p, const Prep& prep, LaneBloc
   if (prep.has_std) {
     const f32x8 mean = lane_sum(b.z0, E) / float(E);
     for (int64_t e = 0; e < E; ++e) b.z[e] = (b.z0[e] - mean) * (b.z0[e] - mean);
-    const f32x8 var = lane_sum(b.z, E);
-    for (int l = 0; l < kLanes; ++l) sd[l] = std_of(p, var[l]);
+    sd = std_of(p, lane_sum(b.z, E));
   }
-  for (int64_t e = 0; e < E; ++e) {
+  // steer_row's three terms, two experts per 16-lane vector (as lane_exps): {c[e] in 8 lanes,
+  // c[e + 1] in 8} from two splats.
+  auto both = [](float lo, float hi) {
+    return __builtin_shufflevector(splat8(lo), splat8(hi), 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
+                                   12, 13, 14, 15);
+  };
+  const f32x16 sd2 = __builtin_shufflevector(sd, sd, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5,
+                                             6, 7);
+  const f32x16 zero = {}, hi = zero + kFltMax, lo = zero - kFltMax;
+  int64_t e = 0;
+  for (; e + 2 <= E; e += 2) {
+    f32x16 z0;
+    std::memcpy(&z0, b.z0 + e, sizeof z0);
+    const f32x16 l = both(lam[e], lam[e + 1]);
+    f32x16 y = z0 + both(add[e], add[e + 1]);
+    y = y + (l != 0.f ? l * sd2 : zero);
+    y = y + both(mul[e], mul[e + 1]) * bits_to_float(float_to_bits(z0) & 0x7fffffff);  // abs8
+    y = y >= lo ? (y <= hi ? y : hi) : lo;  // sanitize8
+    std::memcpy(b.z + e, &y, sizeof y);
+  }
+  if (e < E) {
     f32x8 y = b.z0[e] + add[e];
     y = y + (lam[e] != 0.f ? lam[e] * sd : splat8(0.f));
     y = y + mul[e] * abs8(b.z0[e]);
