@@ -546,7 +546,7 @@ MOE_ROUTE_INLINE void load_row(const GateParams& p, int64_t t, float* z) {
 
 // Eight rows' logit std (population, or unbiased) from the sums of their squared deviations,
 // one row per lane. A NaN std (overflow: inf or NaN by summation order) is +inf, as in the
-// reference. The lanes' square roots are one vector instruction where the target has it.
+// reference.
 MOE_ROUTE_INLINE f32x8 std_of(const GateParams& p, f32x8 var) {
   const int64_t dof = p.std_unbiased ? p.E - 1 : p.E;
   if (dof <= 0) return splat8(0.f);
@@ -1083,20 +1083,15 @@ struct LaneBlock {
   f32x8 w[kLaneMaxE];       // weights[j], where the lanes compute them
 };
 
-// finish_weights of each lane's k weights w[0..k): the same operations in the same order.
+// finish_weights of each lane's k weights w[0..k), which are scores (not plain logits): the
+// same operations in the same order.
 MOE_ROUTE_INLINE void lane_finish_weights(const GateParams& p, f32x8* w) {
   typedef double f64x8 __attribute__((vector_size(64)));
   const int64_t k = p.k;
   if (p.renormalize) {
-    f32x8 sum = {};
-    if (p.score == Score::None) {
-      for (int64_t j = 0; j < k; ++j) sum += w[j];
-    } else {
-      f64x8 exact = {};
-      for (int64_t j = 0; j < k; ++j) exact += __builtin_convertvector(w[j], f64x8);
-      sum = __builtin_convertvector(exact, f32x8);
-    }
-    const f32x8 den = sum + p.renorm_eps;
+    f64x8 exact = {};
+    for (int64_t j = 0; j < k; ++j) exact += __builtin_convertvector(w[j], f64x8);
+    const f32x8 den = __builtin_convertvector(exact, f32x8) + p.renorm_eps;
     for (int64_t j = 0; j < k; ++j) w[j] = den != 0.f ? w[j] / den : w[j];
   }
   if (p.scale != 1.f)
@@ -1104,8 +1099,9 @@ MOE_ROUTE_INLINE void lane_finish_weights(const GateParams& p, f32x8* w) {
 }
 
 // Each of the block's n tokens' k values, x[0..k) of its lane, to its row of out (row length
-// k). A full block with k = 1, 2, 4 or 8 goes as whole vectors: 8k values read lane by lane
-// and written one by one took a tenth of a top-2-of-16 gate with steering. V is f32x8 or i32x8.
+// k). A full block with k = 1, 2, 4 or a multiple of 8 goes as whole vectors: 8k values read
+// lane by lane and written one by one took a tenth of a top-2-of-16 gate with steering. V is
+// f32x8 or i32x8.
 template <typename V, typename T>
 MOE_ROUTE_INLINE void store_lanes(const V* x, int64_t k, int n, T* out) {
   static_assert(sizeof(V) == kLanes * sizeof(T), "a lane per token");
