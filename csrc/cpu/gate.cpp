@@ -86,6 +86,19 @@ MOE_ROUTE_INLINE f32x8 abs8(f32x8 x) {
   return bits_to_float(__builtin_bit_cast(i32x8, x) & splat8i(0x7fffffff));
 }
 
+// The same for two experts' 8 lanes in one 16-lane vector (lane_exps, lane_steer).
+MOE_ROUTE_INLINE f32x16 sanitize8(f32x16 x) {
+  const f32x16 hi = f32x16{} + kFltMax, lo = f32x16{} - kFltMax;
+  return x >= lo ? (x <= hi ? x : hi) : lo;
+}
+
+MOE_ROUTE_INLINE f32x16 abs8(f32x16 x) { return bits_to_float(float_to_bits(x) & 0x7fffffff); }
+
+// {a, b}: lanes 0-7 of a 16-lane vector from a, lanes 8-15 from b.
+MOE_ROUTE_INLINE f32x16 pair16(f32x8 a, f32x8 b) {
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+
 // exp(x) = 2^n * q: n = round(x / ln2), q = exp(x - n ln2) by a two-part reduction and the
 // degree-5 Cephes polynomial. For x in [-104, 88.72]; F is float or f32x8.
 template <typename F>
@@ -1173,7 +1186,7 @@ MOE_ROUTE_INLINE f32x8 lane_extreme(const f32x8* x, int64_t E) {
 // Softmax numerators ew[e] = exp(x[e] - m) of each lane; returns their sums (softmax_exps_from).
 // Two experts at a time: 16 lanes fill an AVX-512 register (elsewhere, two or four).
 MOE_ROUTE_INLINE f32x8 lane_exps(const f32x8* x, f32x8* ew, int64_t E, f32x8 m) {
-  const f32x16 m2 = __builtin_shufflevector(m, m, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
+  const f32x16 m2 = pair16(m, m);
   int64_t e = 0;
   for (; e + 2 <= E; e += 2) {
     f32x16 pair;
@@ -1208,22 +1221,17 @@ MOE_ROUTE_INLINE void lane_steer(const GateParams& p, const Prep& prep, LaneBloc
   }
   // steer_row's three terms, two experts per 16-lane vector (as lane_exps): {c[e] in 8 lanes,
   // c[e + 1] in 8} from two splats.
-  auto both = [](float lo, float hi) {
-    return __builtin_shufflevector(splat8(lo), splat8(hi), 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
-                                   12, 13, 14, 15);
-  };
-  const f32x16 sd2 = __builtin_shufflevector(sd, sd, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5,
-                                             6, 7);
-  const f32x16 zero = {}, hi = zero + kFltMax, lo = zero - kFltMax;
+  auto both = [](const float* c, int64_t e) { return pair16(splat8(c[e]), splat8(c[e + 1])); };
+  const f32x16 sd2 = pair16(sd, sd), zero = {};
   int64_t e = 0;
   for (; e + 2 <= E; e += 2) {
     f32x16 z0;
     std::memcpy(&z0, b.z0 + e, sizeof z0);
-    const f32x16 l = both(lam[e], lam[e + 1]);
-    f32x16 y = z0 + both(add[e], add[e + 1]);
+    const f32x16 l = both(lam, e);
+    f32x16 y = z0 + both(add, e);
     y = y + (l != 0.f ? l * sd2 : zero);
-    y = y + both(mul[e], mul[e + 1]) * bits_to_float(float_to_bits(z0) & 0x7fffffff);  // abs8
-    y = y >= lo ? (y <= hi ? y : hi) : lo;  // sanitize8
+    y = y + both(mul, e) * abs8(z0);
+    y = sanitize8(y);
     std::memcpy(b.z + e, &y, sizeof y);
   }
   if (e < E) {
