@@ -5,7 +5,7 @@ The rest of the suite runs the variant the CPU picks (the best it supports); her
 insertion limit, half-precision logits and scores rounded to them, NaN/inf) and unpermute run
 under each instruction-set variant the CPU supports, and their outputs and statistics must be
 bit-identical to the baseline's. So must the gate's two paths for few experts: eight tokens at
-a time (the default for E <= 32) and token by token.
+a time (the default for E <= 128) and token by token.
 """
 from __future__ import annotations
 
@@ -215,7 +215,7 @@ def restore_lanes():
     _loader.native.set_cpu_gate_lanes(before)
 
 
-# (name, E, k, gate kwargs) with E <= 32, the gates the eight-tokens-at-a-time path runs.
+# (name, E, k, gate kwargs) with E <= 128, the gates the eight-tokens-at-a-time path runs.
 FEW_EXPERTS = [
     ("softmax", 8, 2, {}),
     ("softmax_renorm", 12, 3, dict(renormalize=True)),
@@ -235,6 +235,10 @@ FEW_EXPERTS = [
     ("rounded_softmax", 13, 4, dict(round_scores=True)),
     ("all_chosen", 3, 3, {}),
     ("one_expert", 1, 1, {}),
+    ("softmax_64", 64, 8, {}),  # OLMoE's
+    ("topk_softmax_45", 45, 4, dict(select_on="logits")),
+    ("renorm_100", 100, 6, dict(renormalize=True)),
+    ("sigmoid_128", 128, 8, dict(score="sigmoid", renormalize=True, selection_bias=True)),
 ]
 STEERS = ["none", "add", "std", "std_unbiased", "abs", "force", "force_many", "mixed",
           "mixed_select_only"]
@@ -279,7 +283,7 @@ def test_few_experts_eight_at_a_time_is_bit_identical(restore_lanes, restore_isa
             steer_args = steer_table(steer, E) if steer != "none" else (None, False, False)
             kw_runs = {n: v for n, v in kw.items() if n != "selection_bias"}
             if kw.get("selection_bias"):
-                kw_runs["selection_bias"] = torch.tensor([0.0, -0.0, 1.0] * 11)[:E]
+                kw_runs["selection_bias"] = torch.tensor([0.0, -0.0, 1.0] * 43)[:E]
             groups = (torch.arange(T) // 13 % 4 - 1).int() if T > 5 else None
             every_row = torch.rand(T, E, generator=torch.Generator().manual_seed(9))
             for name, x, replayed in [

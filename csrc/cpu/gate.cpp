@@ -1078,13 +1078,20 @@ MOE_ROUTE_INLINE bool wants_exps(const GateParams& p) {
 // tokens transposed, one vector per expert with token t0 + l in lane l, and each step of the pass
 // runs on all 8 at once. Every lane does the per-token pass's operations in its order (the same 8
 // partial sums, the same pick among equal maxima, the same selection order), so the outputs and
-// statistics are bit-identical to it (tests/test_cpu_isa.py runs both). Up to E = 32 this is the
-// faster of the two from 4 tokens on. Group limits and the last tokens of a chunk when fewer
-// than 4 take the per-token pass. Statistics are added in its order (lane_stats): a block of one
+// statistics are bit-identical to it (tests/test_cpu_isa.py runs both). Up to E = 128 this is
+// the faster of the two for a full block (1.1-1.6x at E=128, 1.5-2.9x at E=64, T=1024, one
+// thread); the selection's k rounds over all E lose to the per-token pass's from about E=160 at
+// k=4 to 8. Group limits, and the last tokens of a chunk when fewer than lane_min_tokens, take
+// the per-token pass. Statistics are added in its order (lane_stats): a block of one
 // group at once, a block spanning groups token by token, from terms computed in the lanes.
-constexpr int64_t kLaneMaxE = 32;
+constexpr int64_t kLaneMaxE = 128;
 constexpr int kLanes = 8;
-constexpr int kMinLaneTokens = 4;  // at E=32, 1 or 2 tokens take 5-10% longer in lanes
+static_assert(kLaneMaxE <= kSumBlock, "a lane's sums are sum8's only up to kSumBlock values");
+
+// The fewest tokens a block takes in lanes: a block costs about the same however few lanes are
+// used, the per-token pass in proportion. At E=32, 1 or 2 tokens take 5-10% longer in lanes; 4
+// at E=64 and 6 at E=128 take up to 1.3x and 1.2x longer (softmax top-8, T=4 and 6).
+MOE_ROUTE_INLINE int lane_min_tokens(int64_t E) { return E <= 32 ? 4 : E <= 64 ? 6 : kLanes; }
 
 struct LaneBlock {
   f32x8 z0[kLaneMaxE], z[kLaneMaxE], v[kLaneMaxE], ew[kLaneMaxE], work[kLaneMaxE];
@@ -1299,7 +1306,8 @@ MOE_ROUTE_INLINE void lane_round(f32x8* work, i32x8* tier, int64_t seg, i32x8 se
 // kChains consecutive runs at once (one dependency chain of compare and blend each, where one
 // chain over all E was the gate's critical path) and merges the runs' bests in run order, so the
 // lower index still wins a tie. Four runs where E > 16, one up to 16 experts (runs of two or
-// four experts measured up to 13% slower than one chain at E=8 and 16, single-threaded). Run c
+// four experts measured up to 13% slower than one chain at E=8 and 16, single-threaded; eight
+// runs 7-12% slower than four at E=48 to 128). Run c
 // starts at expert c * seg; the experts past E (up to kChains * seg <= kLaneMaxE) hold -inf in
 // the lowest tier and are never picked (values are sanitised, so a real expert always beats
 // them). Each round after the first takes the previous round's pick out as it reads an expert.
@@ -1623,12 +1631,13 @@ MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t 
 }
 
 // gate_lanes over the blocks of a chunk of tokens [t0, t1); returns the first token left to the
-// per-token pass: fewer than kMinLaneTokens cost less one by one than in a block of 8 lanes.
+// per-token pass: fewer than lane_min_tokens cost less one by one than in a block of 8 lanes.
 MOE_ROUTE_INLINE int64_t lane_blocks_body(const GateParams& p, const Prep& prep, int64_t t0,
                                           int64_t t1, Scratch& s, bool stats, Runs* runs) {
   LaneBlock b;
   int64_t t = t0;
-  for (int n; (n = int(std::min<int64_t>(kLanes, t1 - t))) >= kMinLaneTokens; t += n)
+  const int min_tokens = lane_min_tokens(p.E);
+  for (int n; (n = int(std::min<int64_t>(kLanes, t1 - t))) >= min_tokens; t += n)
     gate_lanes(p, prep, t, n, s, stats, runs, b);
   return t;
 }
