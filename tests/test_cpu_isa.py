@@ -239,6 +239,8 @@ FEW_EXPERTS = [
     ("topk_softmax_45", 45, 4, dict(select_on="logits")),
     ("renorm_100", 100, 6, dict(renormalize=True)),
     ("sigmoid_128", 128, 8, dict(score="sigmoid", renormalize=True, selection_bias=True)),
+    # sigmoid scores ranked as they are: the weights are the selection's values
+    ("sigmoid_unbiased", 40, 4, dict(score="sigmoid")),
 ]
 STEERS = ["none", "add", "std", "std_unbiased", "abs", "force", "force_many", "mixed",
           "mixed_select_only"]
