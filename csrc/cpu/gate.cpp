@@ -1093,14 +1093,19 @@ static_assert(kLaneMaxE <= kSumBlock, "a lane's sums are sum8's only up to kSumB
 // at E=64 and 6 at E=128 take up to 1.3x and 1.2x longer (softmax top-8, T=4 and 6).
 MOE_ROUTE_INLINE int lane_min_tokens(int64_t E) { return E <= 32 ? 4 : E <= 64 ? 6 : kLanes; }
 
+// A block's arrays of vectors hold kLaneSlots, not kLaneMaxE: 4096 bytes apart, the few
+// experts' accesses to two arrays alias in the store-to-load check (renormalised top-2 of 8 4%
+// slower than with arrays of 32; 1-2% with the padding).
+constexpr int64_t kLaneSlots = kLaneMaxE + 8;
+
 struct LaneBlock {
-  f32x8 z0[kLaneMaxE], z[kLaneMaxE], v[kLaneMaxE], ew[kLaneMaxE], work[kLaneMaxE];
+  f32x8 z0[kLaneSlots], z[kLaneSlots], v[kLaneSlots], ew[kLaneSlots], work[kLaneSlots];
   f32x8 w_max, w_sum;
-  f32x8 q[kLaneMaxE];              // lane_stats: each lane's probabilities
+  f32x8 q[kLaneSlots];              // lane_stats: each lane's probabilities
   float rows[kLanes][kLaneMaxE];  // lane_stats of a block spanning groups: each token's q
-  i32x8 ids[kLaneMaxE];     // ids[j]: each token's j-th pick
-  f32x8 picked[kLaneMaxE];  // picked[j]: its selection value (lane_select)
-  f32x8 w[kLaneMaxE];       // weights[j], where the lanes compute them
+  i32x8 ids[kLaneSlots];     // ids[j]: each token's j-th pick
+  f32x8 picked[kLaneSlots];  // picked[j]: its selection value (lane_select)
+  f32x8 w[kLaneSlots];       // weights[j], where the lanes compute them
 };
 
 // finish_weights of each lane's k weights w[0..k), which are scores (not plain logits): the
@@ -1205,8 +1210,16 @@ MOE_ROUTE_INLINE f32x8 lane_exps(const f32x8* x, f32x8* ew, int64_t E, f32x8 m) 
   return lane_sum(ew, E);
 }
 
-// Each lane's x[ids[l]].
+// Each lane's x[ids[l]]: up to 32 experts by a compare and blend per expert, past that by 8
+// loads (k gathers by blends over 64 or 128 experts made replay 12-23% slower than the per-token
+// pass). Ids outside [0, E) (lanes of no token after an all-replayed block) read x[E - 1].
 MOE_ROUTE_INLINE f32x8 lane_gather(const f32x8* x, int64_t E, i32x8 ids) {
+  if (E > 32) {
+    f32x8 r;
+    for (int l = 0; l < kLanes; ++l)
+      r[l] = x[std::min(uint32_t(ids[l]), uint32_t(E - 1))][l];
+    return r;
+  }
   f32x8 r = x[0];
   i32x8 ev = splat8i(0);  // e in every lane, counted up (a splat per e costs 8 inserts)
   for (int64_t e = 1; e < E; ++e) ev += 1, r = ids == ev ? x[e] : r;
@@ -1583,10 +1596,12 @@ MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t 
   const bool lane_weights = p.score == Score::Softmax;
   if (lane_weights && !p.select_on_logits) {
     // ew[ids[j]] is exp_nonpos(zw[ids[j]] - w_max) as lane_exps computed it (lane for lane the
-    // same operations): from the picked logits where they are zw's, k exps instead of k gathers
-    // over E (the gathers took 28% of OLMoE's top-8 of 64).
+    // same operations): past 16 experts from the picked logits where they are zw's, k exps
+    // instead of k gathers (the gathers took 28% of OLMoE's top-8 of 64; at E=8 the exps cost
+    // 10% more than the gathers).
+    const bool exps = picked_zw && E > 16;
     for (int64_t j = 0; j < k; ++j)
-      b.w[j] = (picked_zw ? exp_nonpos(b.picked[j] - b.w_max) : lane_gather(b.ew, E, b.ids[j])) /
+      b.w[j] = (exps ? exp_nonpos(b.picked[j] - b.w_max) : lane_gather(b.ew, E, b.ids[j])) /
                b.w_sum;
   } else if (lane_weights) {
     if (!picked_zw)
