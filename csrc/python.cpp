@@ -119,7 +119,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_isa_env_error", &moe_route::cpu_isa_env_error,
         "Why MOE_ROUTE_CPU_ISA was not followed, or an empty string.");
   m.def("cpu_gate_lanes", &moe_route::cpu_gate_lanes,
-        "Whether the CPU gate runs E <= 32 eight tokens at a time.");
+        "Whether the CPU gate runs E <= 128 eight tokens at a time.");
   m.def("set_cpu_gate_lanes", &moe_route::set_cpu_gate_lanes, py::arg("on"),
-        "Switches the CPU gate's eight-tokens-at-a-time path for E <= 32 (same bits either way).");
+        "Switches the CPU gate's eight-tokens-at-a-time path for E <= 128 (same bits either way).");
 }

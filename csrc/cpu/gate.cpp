@@ -1090,10 +1090,10 @@ static_assert(kLaneMaxE <= kSumBlock, "a lane's sums are sum8's only up to kSumB
 
 // The fewest tokens a block takes in lanes: a block costs about the same however few lanes are
 // used, the per-token pass in proportion. At E=32, 1 or 2 tokens take 5-10% longer in lanes; 4
-// at E=64 and 6 at E=128 take up to 1.3x and 1.2x longer (softmax top-8, T=4 and 6).
+// at E=64 and 6 at E=128 up to 1.6x and 1.2x longer (softmax top-8, T=4 and 6, whole calls).
 MOE_ROUTE_INLINE int lane_min_tokens(int64_t E) { return E <= 32 ? 4 : E <= 64 ? 6 : kLanes; }
 
-// A block's arrays of vectors hold kLaneSlots, not kLaneMaxE: 4096 bytes apart, the few
+// A block's arrays of vectors hold kLaneSlots, not kLaneMaxE: at 4096 bytes apart, a few
 // experts' accesses to two arrays alias in the store-to-load check (renormalised top-2 of 8 4%
 // slower than with arrays of 32; 1-2% with the padding).
 constexpr int64_t kLaneSlots = kLaneMaxE + 8;

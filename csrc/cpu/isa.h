@@ -34,7 +34,7 @@ const char* cpu_isa_name(CpuIsa isa);
 // Why MOE_ROUTE_CPU_ISA was not followed ("" when unset or followed).
 const std::string& cpu_isa_env_error();
 
-// Whether the CPU gate runs few experts (E <= 32) eight tokens at a time (on by default). Both
+// Whether the CPU gate runs up to 128 experts eight tokens at a time (on by default). Both
 // paths give the same bits; tests switch this off to compare them.
 bool cpu_gate_lanes();
 void set_cpu_gate_lanes(bool on);
