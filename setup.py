@@ -14,6 +14,7 @@ torch is not a build requirement: install it first, then `pip install --no-build
 """
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -88,6 +89,37 @@ if torch.backends.openmp.is_available():
     cxx_flags.append("-fopenmp")
     link_flags.append("-fopenmp")
 nvcc_flags = opt + ["-lineinfo", "--expt-relaxed-constexpr"]
+
+
+def shared_libstdcxx() -> list:
+    """The C++ runtime torch runs on, to link by its path where the compiler has only a static
+    libstdc++ (`-print-file-name` finds no libstdc++.so), else nothing.
+
+    A static copy inside the extension is a second runtime beside torch's. Built so by the H200
+    image's /opt/gcc g++ 13.3, every error message the extension wrote with an ostringstream
+    (shape_str) crashed the process inside that copy's ostream instead of raising; with g++ 12
+    and -static-libstdc++ on a CPU machine the same messages lost their numbers ("got shape (").
+    bench/RESULTS.md, 2026-11-29."""
+    if not sys.platform.startswith("linux"):
+        return []
+    cxx = shlex.split(os.environ.get("CXX", "c++"))
+    try:
+        found = subprocess.check_output(cxx + ["-print-file-name=libstdc++.so"], text=True,
+                                        stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    if os.path.isabs(found):
+        return []
+    with open("/proc/self/maps") as maps:  # torch is imported: its libstdc++ is mapped
+        loaded = sorted({line.split()[-1] for line in maps if "/libstdc++.so" in line})
+    if len(loaded) != 1:
+        sys.exit(f"moe_route: {cxx[0]} links libstdc++ statically, and the one torch loaded "
+                 f"could not be told ({loaded or 'none'}): set CXX to a compiler with a shared "
+                 "libstdc++")
+    return loaded
+
+
+link_flags += shared_libstdcxx()
 
 
 def split_prebuilt(sources):

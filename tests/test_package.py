@@ -99,6 +99,24 @@ def test_info_reports_the_extension():
     assert hasattr(torch.ops.moe_route, "topk_gate")
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF dynamic section")
+def test_extension_shares_torchs_cpp_runtime():
+    """The extension links libstdc++ as a shared library, the one torch runs on, and holds no
+    copy of its own: a static copy (the H200 image's g++ links one) crashed the process on every
+    error message the extension wrote, instead of raising."""
+    if not HAS_CPU_KERNEL:
+        pytest.skip("extension not loaded")
+    try:
+        dynamic = subprocess.run(["readelf", "-dW", moe_route._loader.native.__file__],
+                                 capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"readelf: {exc}")
+    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", dynamic)
+    assert "libstdc++.so.6" in needed, needed
+    with pytest.raises(ValueError, match=r"ids must have k >= 1 columns, got shape \(2, 0\)"):
+        torch.ops.moe_route.dispatch_plan(torch.zeros(2, 0, dtype=torch.int64), 3, 1)
+
+
 FALLBACK_SCRIPT = """
     import json, torch, moe_route
     from moe_route import reference as R
