@@ -305,7 +305,9 @@ class GateStats:
 
 _DEFAULT_SPEC = RouterSpec()
 _NO_STATS = (None,) * 6
+# Asked once here: under torch.compile the dispatcher query would break the graph.
 _CPU_KERNEL = _loader.has_kernel("topk_gate", "cpu")
+_CUDA_KERNEL = _loader.has_kernel("topk_gate", "cuda")
 _fast = _loader.native.topk_gate_fast if _loader.native is not None else None
 _Tensor = torch.Tensor
 _compiling = torch.compiler.is_compiling
@@ -354,7 +356,7 @@ def topk_gate(logits: torch.Tensor, k: int, spec: Optional[RouterSpec] = None, *
         spec = _DEFAULT_SPEC
     if (steer is None and stats is None and _fast is not None and type(logits) is _Tensor
             and type(k) is int and not logits.requires_grad and _forward_ad._current_level < 0
-            and (_CPU_KERNEL if logits.is_cpu else _cuda_kernel(logits)) and not _compiling()):
+            and not _compiling() and (_CPU_KERNEL if logits.is_cpu else _cuda_kernel(logits))):
         try:
             return _fast(logits, k, spec._plain, selection_bias, None, groups, replay, None)
         except (TypeError, AttributeError):  # pybind's "incompatible function arguments"
@@ -488,7 +490,7 @@ def _eager_native(logits) -> bool:
 
 
 def _cuda_kernel(logits) -> bool:
-    return logits.is_cuda and _loader.has_kernel("topk_gate", "cuda")
+    return logits.is_cuda and _CUDA_KERNEL
 
 
 def _topk_gate_op(logits, k, spec, selection_bias, steer_table, select_only, unbiased, groups,

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import moe_route
 import moe_route.nn  # noqa: F401  (registers "moe_route" with ExpertsInterface)
 from moe_route.nn import experts as moe_experts
 
@@ -227,6 +228,21 @@ def test_per_expert_fallback_matches_grouped_mm(monkeypatch):
         monkeypatch.setattr(moe_experts, "_grouped_mm_ok", lambda x, w: False)
         looped = moe_experts.experts_forward(ex, h, ids, w)
     torch.testing.assert_close(looped, grouped, rtol=1e-5, atol=1e-6)
+
+
+def test_capture_path_matches_the_per_expert_loop():
+    """In a CUDA graph capture the offsets cannot be read on the host: every expert's GEMM over
+    all rows, each row keeping its own expert's, gives the per-expert loop's rows (an expert with
+    no row; dropped ids' rows 0)."""
+    g = torch.Generator().manual_seed(8)
+    ids = torch.tensor([[0, 2], [2, 5], [0, 3], [7, 2]])  # experts 1, 4 unused; 5 and 7 dropped
+    plan = moe_route.dispatch_plan(ids, 5)
+    x = torch.randn(8, 6, generator=g)
+    w = torch.randn(5, 6, 3, generator=g)
+    want = moe_experts._per_expert_linear(x, w, plan.expert_offsets)
+    got = moe_experts._masked_expert_linear(x, w, plan)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert int(plan.expert_offsets[-1]) == 6 and not got[6:].any()
 
 
 # Families whose experts lack transformers' @use_experts_implementation: setting "moe_route"

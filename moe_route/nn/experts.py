@@ -16,7 +16,8 @@ reach. ``enable`` refuses the first case and sets those copies too.
 The forward plans the (token, slot) -> expert-row layout once (``dispatch_plan``), gathers rows
 (``permute``), runs the up and down projections as grouped GEMMs over the plan's offsets
 (``torch.nn.functional.grouped_mm`` where the device and dtype allow, else one GEMM per expert,
-which a compiled graph holds as one op, ``expert_linear``, since its loop reads the offsets),
+which a compiled graph holds as one op, ``expert_linear``, since its loop reads the offsets; in a
+CUDA graph capture, which cannot read them, every expert's GEMM over all rows, masked),
 and combines with ``unpermute`` (fp32 accumulation in slot order, no atomics). It honours the
 decorator's layout flags: ``has_gate`` (else ``act_fn`` on ``up_proj``), ``has_bias``,
 ``is_transposed``, the class's own ``_apply_gate`` (GPT-OSS interleaved, clamped gating),
@@ -75,6 +76,8 @@ def _grouped_linear(module, x: torch.Tensor, weight: torch.Tensor, bias, plan: D
         out = F.grouped_mm(x, w, offs=plan.expert_offsets[1:].to(torch.int32))
     elif torch.compiler.is_compiling():  # the loop reads the offsets: an op the graph holds
         out = expert_linear(x, w, plan.expert_offsets)
+    elif x.is_cuda and torch.cuda.is_current_stream_capturing():
+        out = _masked_expert_linear(x, w, plan)
     else:
         out = _per_expert_linear(x, w, plan.expert_offsets)
     if bias is not None:
@@ -88,8 +91,9 @@ def _grouped_linear(module, x: torch.Tensor, weight: torch.Tensor, bias, plan: D
 def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     if not hasattr(F, "grouped_mm") or torch.compiler.is_compiling():
         return False
-    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
-        return False
+    if x.device.type == "cuda" and (x.dtype != torch.bfloat16
+                                    or torch.cuda.get_device_capability(x.device) < (8, 0)):
+        return False  # torch's grouped GEMM on CUDA is bf16; other dtypes read offs on the host
     # grouped_mm wants 16-byte aligned operands (memory-mapped weights may not be) and strides
     # (a bf16 row of 12 features is not), the output's too: its backward takes the output's
     # gradient [rows, out] as an operand
@@ -120,7 +124,21 @@ def _per_expert_linear(x, w, offsets):
     return out
 
 
-@torch.library.custom_op("moe_route::expert_linear", mutates_args=())
+def _masked_expert_linear(x, w, plan):
+    """``_per_expert_linear`` without reading the offsets on the host, for a CUDA graph capture:
+    every expert's GEMM over all the rows, each row keeping its own expert's (E times the work;
+    rows of dropped ids are 0)."""
+    row_expert = _row_experts(plan, x.shape[0])[:, None]
+    out = x.new_zeros((x.shape[0], w.shape[-1]))
+    for e in range(w.shape[0]):
+        out = torch.where(row_expert == e, x @ w[e], out)
+    return out
+
+
+# The op reads the offsets on the host: inductor keeps it out of the CUDA graphs it captures
+# (mode="reduce-overhead").
+@torch.library.custom_op("moe_route::expert_linear", mutates_args=(),
+                         tags=(torch.Tag.cudagraph_unsafe,))
 def expert_linear(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Rows ``offsets[e]:offsets[e + 1]`` of ``x [rows, in]`` times ``w[e] [in, out]``, one GEMM
     per expert in ``x``'s dtype (``w`` cast by the caller); the rows past ``offsets[E]`` (dropped
@@ -136,7 +154,8 @@ def _expert_linear_fake(x, w, offsets):
     return x.new_empty((x.shape[0], w.shape[-1]))
 
 
-@torch.library.custom_op("moe_route::expert_linear_weight_grad", mutates_args=())
+@torch.library.custom_op("moe_route::expert_linear_weight_grad", mutates_args=(),
+                         tags=(torch.Tag.cudagraph_unsafe,))
 def _expert_linear_weight_grad(x: torch.Tensor, grad: torch.Tensor,
                                offsets: torch.Tensor) -> torch.Tensor:
     """The gradient of ``expert_linear``'s ``w [E, in, out]``: expert e's rows of ``x`` times
