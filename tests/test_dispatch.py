@@ -457,7 +457,7 @@ def _combine_grads(x, w, W, plan, dispatch):
     used = int(plan.expert_offsets[-1])
     y = torch.cat([rows[:used] @ W, rows.new_zeros(rows.shape[0] - used, W.shape[1])])
     out = dispatch.unpermute(y, plan, w)
-    c = torch.linspace(-1, 1, out.numel()).view_as(out).to(out.dtype)
+    c = torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out).to(out.dtype)
     (out.float() * c.float()).sum().backward()
     return out, x.grad, w.grad, W.grad
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import moe_route
-from conftest import (OP, STAT_NAMES, random_bias, random_logits, requires_native, steer_table,
-                      zero_stats)
+from conftest import (OP, assert_same_stats, random_bias, random_logits, requires_native,
+                      steer_table, zero_stats)
 
 pytestmark = requires_native
 
@@ -60,12 +60,6 @@ def _assert_same(a, b):
     torch.testing.assert_close(wa, wb, rtol=0, atol=0)
 
 
-def _stats_equal(a, b):
-    for name in STAT_NAMES:
-        x, y = a[name], b[name]
-        assert torch.equal(x, y), name
-
-
 def test_steering_tables_made_while_tracing_are_not_kept_for_eager_calls():
     """A SteerSpec's table first made under fake tensors (torch.export non-strict, FakeTensorMode)
     was kept: every later eager call with that SteerSpec returned FakeTensors, without values."""
@@ -106,7 +100,7 @@ def test_compile_op_fullgraph(device):
     compiled = torch.compile(fn, fullgraph=True)
     _assert_same(compiled(x, s_comp), fn(x, s_eager))
     _assert_same(compiled(x, s_comp), fn(x, s_eager))  # accumulates a second time
-    _stats_equal(s_comp, s_eager)
+    assert_same_stats(s_comp, s_eager)
     assert int(s_comp["tokens"][0]) == 100
 
 
@@ -138,8 +132,7 @@ def test_compile_public_api_with_graph_breaks(device):
     s_eager = moe_route.GateStats.zeros(1, E, device=device, coact=True)
     s_comp = moe_route.GateStats.zeros(1, E, device=device, coact=True)
     _assert_same(torch.compile(fn)(x, s_comp), fn(x, s_eager))
-    for a, b in zip(s_comp.buffers(), s_eager.buffers()):
-        assert torch.equal(a, b)
+    assert_same_stats(s_comp, s_eager)
 
 
 def test_compile_public_api_fullgraph_spec(device):
@@ -178,5 +171,4 @@ def test_compile_public_api_fullgraph_stats(device):
     s_eager = moe_route.GateStats.zeros(1, E, device=device, coact=True)
     s_comp = moe_route.GateStats.zeros(1, E, device=device, coact=True)
     _assert_same(torch.compile(fn, fullgraph=True)(x, s_comp), fn(x, s_eager))
-    for a, b in zip(s_comp.buffers(), s_eager.buffers()):
-        assert torch.equal(a, b)
+    assert_same_stats(s_comp, s_eager)

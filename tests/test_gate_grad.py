@@ -31,7 +31,7 @@ STEERS = {
 def _grad_of(fn, logits):
     x = logits.detach().clone().requires_grad_()
     w, ids = fn(x)
-    c = torch.linspace(-1, 1, w.numel()).view_as(w)
+    c = torch.linspace(-1, 1, w.numel(), device=w.device).view_as(w)
     (w * c).sum().backward()
     return w, ids, x.grad
 

@@ -12,8 +12,8 @@ import torch
 
 import moe_route
 from moe_route import reference as R
-from conftest import (OP, STAT_NAMES, assert_gate_matches, clone_stats, random_bias,
-                      random_logits, requires_native, run_op, run_ref, steer_table,
+from conftest import (OP, STAT_NAMES, assert_gate_matches, assert_same_stats, clone_stats,
+                      random_bias, random_logits, requires_native, run_op, run_ref, steer_table,
                       tie_free_logits, zero_stats)
 
 CONFIGS = {
@@ -138,8 +138,7 @@ def test_public_api_replay(device):
     ow, oids = OP(x, k, **spec.op_kwargs(), steer=steer.table(E, device), replay=replay, **raw)
     assert torch.equal(ids, oids)
     torch.testing.assert_close(w, ow, rtol=0, atol=0)
-    for n, b in zip(moe_route.GateStats.NAMES, stats.buffers()):
-        assert torch.equal(b, raw[n]), n
+    assert_same_stats(dict(zip(STAT_NAMES, stats.buffers())), raw)
     # the plain fast path (no steering, no statistics) takes replay too
     w2, ids2 = moe_route.topk_gate(x, k, spec, replay=replay)
     ow2, oids2 = OP(x, k, **spec.op_kwargs(), replay=replay)
