@@ -221,6 +221,13 @@ VARIANTS = {
          ("csrc/cuda/gate.cuh", "if (runs_half_build(p)) return false;",
           "return false;")],
         ("warp",)),
+    "gate_ties_rowwide": Variant(
+        "gate: a tie among the short keys sends the token back to 64-bit keys wherever any of "
+        "its values loses bits, as before, not only where one in the ties' span does (a steered "
+        "expert among bf16 logits sent every token with a tie back)",
+        [("csrc/cuda/gate.cuh", "sel_id, tie_lo,\n                                                 tie_hi);",
+          "sel_id, 0u, ~0u);")],
+        ("warp",)),
     "gate_exp_branches": Variant(
         "gate: the softmax normaliser's exps each behind a branch on the slot's validity, as "
         "before (they then run one after another)",
@@ -315,6 +322,10 @@ CASES = {
     "gate T=16384 E=256 k=8": lambda d: _gate("softmax_topk", 16384, 256, 8, "gate", d),
     "gate+stats T=16384 E=256 k=8": lambda d: _gate("softmax_topk", 16384, 256, 8, "gate_stats", d),
     "gate T=16384 E=512 k=8": lambda d: _gate("softmax_topk", 16384, 512, 8, "gate", d),
+    # bf16 logits steered (bench_steer): 1.1-1.6x slower on 2026-11-29 than on 2026-11-26
+    "gate+steer T=1024 E=128 k=8": lambda d: _gate("softmax_topk", 1024, 128, 8, "gate_steer", d),
+    "gate+steer T=16384 E=256 k=8":
+        lambda d: _gate("softmax_topk", 16384, 256, 8, "gate_steer", d),
     "gate T=16384 E=256 k=8 fp32":
         lambda d: _gate("softmax_topk", 16384, 256, 8, "gate", d, "float32"),
     "gate deepseek_v3 T=16384": lambda d: _gate("deepseek_v3", 16384, 256, 8, "gate", d),

@@ -4,13 +4,17 @@
 
 The warp kernel's plain and full builds (up to 512 experts) select on 32-bit keys that keep the
 top bits of each value's order image (csrc/cuda/gate.cuh, make_short_key). A token is selected
-again on 64-bit keys when two of its k + 1 best short keys share their top bits and some value
-loses bits in them (short_keys_lossy). This script applies that rule, in numpy, to random rows:
+again on 64-bit keys when two of its k + 1 best short keys share their top bits and a value loses
+bits in them: any value of the row in the plain builds (short_keys_lossy), one whose top bits lie
+in the span of such ties in the full builds (short_ties_lossy). This script applies that rule, in
+numpy, to random rows:
 
 - fp32 logits ~ N(0, 1), ranked as they are (softmax top-k without a bias);
 - the same in a full build, whose keys keep 2 bits for the steering tier;
 - sigmoid scores plus a bias ~ N(0, 0.1) (DeepSeek-V3's values, in the plain build);
-- fp32 logits that hold bf16 values (a router computed in bf16, then cast): never.
+- fp32 logits that hold bf16 values (a router computed in bf16, then cast): never;
+- the same with one expert steered by half the row's std (a full-precision value among them, in
+  a full build): only where that expert's top bits fall in the ties' span.
 
 It prints the fraction of rows per E. The rows are random, so this is the rate for logits
 without structure; real routers' near ties may be more or less frequent.
@@ -38,14 +42,22 @@ def order_bits(v: np.ndarray) -> np.ndarray:
 
 
 def rerun_fraction(v: np.ndarray, k: int, tier_bits: int = 0) -> float:
-    """The fraction of rows of ``v`` [rows, E] (one tier) that the check sends to 64-bit keys."""
+    """The fraction of rows of ``v`` [rows, E] (one tier) that the check sends to 64-bit keys:
+    rows whose k + 1 best keys tie on their top bits somewhere and where a value loses bits. In
+    the plain builds (no tier bits) any value of the row counts (short_keys_lossy); in the full
+    builds (2 tier bits) only values whose top bits lie in the ties' span (short_ties_lossy)."""
     dropped = index_bits(v.shape[1]) + tier_bits
     o = order_bits(v)
-    top = np.sort(o >> dropped, axis=1)[:, ::-1][:, :k + 1]
-    tie = (top[:, 1:] == top[:, :-1]).any(axis=1)
+    tops = o >> dropped
+    best = np.sort(tops, axis=1)[:, ::-1][:, :k + 1]
+    tied = best[:, 1:] == best[:, :-1]
     mask = (1 << dropped) - 1
-    lossy = ((o & mask) != np.where(o >> 31, 0, mask)).any(axis=1)
-    return float((tie & lossy).mean())
+    loses = (o & mask) != np.where(o >> 31, 0, mask)
+    if tier_bits:
+        lo = np.where(tied, best[:, 1:], np.iinfo(np.uint64).max).min(axis=1, keepdims=True)
+        hi = np.where(tied, best[:, 1:], 0).max(axis=1, keepdims=True)
+        loses &= (tops >= lo) & (tops <= hi)
+    return float((tied.any(axis=1) & loses.any(axis=1)).mean())
 
 
 def main(argv=None) -> int:
@@ -57,15 +69,18 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(args.seed)
     print(f"rows selected again on 64-bit keys, of {args.rows} random rows, k={args.k}")
     print(f"{'E':>5} {'fp32 logits':>12} {'full build':>11} {'sigmoid+bias':>13} "
-          f"{'bf16 in fp32':>13}")
+          f"{'bf16 in fp32':>13} {'bf16, steered':>14}")
     for E in (64, 128, 256, 512):
         z = rng.standard_normal((args.rows, E)).astype(np.float32)
         bias = (rng.standard_normal(E) * 0.1).astype(np.float32)
         scores = (1 / (1 + np.exp(-z)) + bias).astype(np.float32)
         bf16 = (z.view(np.uint32) & 0xFFFF0000).view(np.float32)
+        steered = bf16.copy()
+        steered[:, 4] += np.float32(0.5) * bf16.std(axis=1)
         cells = [rerun_fraction(z, args.k), rerun_fraction(z, args.k, tier_bits=2),
-                 rerun_fraction(scores, args.k), rerun_fraction(bf16, args.k)]
-        print(f"{E:>5}" + "".join(f"{c:>{w}.3%}" for c, w in zip(cells, (13, 12, 14, 14))))
+                 rerun_fraction(scores, args.k), rerun_fraction(bf16, args.k),
+                 rerun_fraction(steered, args.k, tier_bits=2)]
+        print(f"{E:>5}" + "".join(f"{c:>{w}.3%}" for c, w in zip(cells, (13, 12, 14, 14, 15))))
     return 0
 
 

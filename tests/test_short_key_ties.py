@@ -52,3 +52,25 @@ def test_the_tier_bits_cost_resolution():
     row = _near_tie_row(64, 8, 1 << 7)  # apart in bit 7: kept with 6 dropped bits, not with 8
     assert ties.rerun_fraction(row, 8, tier_bits=0) == 0.0
     assert ties.rerun_fraction(row, 8, tier_bits=2) == 1.0
+
+
+def test_a_full_build_checks_only_the_values_in_the_ties_span():
+    """Whole numbers tie on their top bits (and lose nothing); one value with more bits (a steered
+    expert) sends the row back in a full build only where its top bits fall in the span of those
+    ties, and in a plain build wherever it is."""
+    k = 6
+    row = np.arange(64, dtype=np.float32)[None, ::-1].copy()  # expert e holds 63 - e
+    row[0, 1], row[0, 4] = 63.0, 60.0  # ties at 63 (experts 0, 1) and 60 (experts 3, 4)
+    assert ties.rerun_fraction(row, k, tier_bits=2) == 0.0  # exact ties: the index decides
+    assert ties.rerun_fraction(row, k) == 0.0
+
+    def with_value(v):
+        out = row.copy()
+        out[0, 40] = np.float32(v)
+        return out
+
+    below = with_value(10 + 2 ** -16)  # loses bits, below the span
+    assert ties.rerun_fraction(below, k, tier_bits=2) == 0.0
+    assert ties.rerun_fraction(below, k) == 1.0  # the plain builds check the whole row
+    assert ties.rerun_fraction(with_value(60 + 2 ** -16), k, tier_bits=2) == 1.0  # in a tie
+    assert ties.rerun_fraction(with_value(61.5 + 2 ** -16), k, tier_bits=2) == 1.0  # in the span

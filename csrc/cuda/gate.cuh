@@ -319,8 +319,10 @@ __device__ __forceinline__ uint32_t make_half_key(uint32_t order, int index) {
 // experts whose values differ only there tie on it, and the lower index wins where the value
 // should decide. The selection is exact all the same when its k + 1 best short keys have
 // distinct (tier, top bits): the first k then rank in their exact order, and every other expert
-// sits below the (k+1)-th, so below the k-th, in the exact order too. It is also exact when no
-// value loses anything (short_keys_lossy). Otherwise the token is selected again on 64-bit keys.
+// sits below the (k+1)-th, so below the k-th, in the exact order too. Where two of them tie, it
+// is exact when every value with the tied (tier, top bits) loses nothing (short_ties_lossy; the
+// experts a tie holds are in the same order both ways, and so are all those outside it).
+// Otherwise the token is selected again on 64-bit keys.
 __host__ __device__ constexpr int short_index_bits(int vpt) {
   return vpt <= 1 ? 5 : vpt <= 2 ? 6 : vpt <= 4 ? 7 : vpt <= 8 ? 8 : 9;
 }
@@ -360,23 +362,6 @@ template <int VPT>
 __device__ __forceinline__ float value_at(const float* vsm, int lane, int i) {
   constexpr int kVec = VPT >= 4 ? 4 : VPT;
   return vsm[((i / kVec) * 32 + lane) * kVec + i % kVec];
-}
-
-// Whether a short key's dropped bits (the low `dropped` of the order image) can tell two of a
-// row's available values apart: they can unless each value's are those of its sign (all zero
-// for + and all one for -, as an fp32 holding a bf16 value has), for then equal top bits mean
-// equal values. Warp-uniform.
-template <int VPT>
-__device__ __forceinline__ bool short_keys_lossy(const float* vsm, int lane, uint32_t avail,
-                                                 int dropped) {
-  const uint32_t mask = (1u << dropped) - 1u;
-  bool lossy = false;
-#pragma unroll
-  for (int i = 0; i < VPT; ++i) {
-    const uint32_t o = order_bits(value_at<VPT>(vsm, lane, i));
-    lossy = lossy || (((avail >> i) & 1u) && (o & mask) != ((o >> 31) ? 0u : mask));
-  }
-  return __any_sync(kFullMask, lossy);
 }
 
 // The largest of the lanes' best keys, each lane's keys sorted in descending order: every lane
@@ -467,6 +452,42 @@ __device__ __forceinline__ SteerMasks steer_masks(const Row& row, const float* s
   return m;
 }
 
+// Whether a short key's dropped bits (the low `dropped` of the order image) can tell two of a
+// row's available values apart: they can unless each value's are those of its sign (all zero
+// for + and all one for -, as an fp32 holding a bf16 value has), for then equal top bits mean
+// equal values. Warp-uniform.
+template <int VPT>
+__device__ __forceinline__ bool short_keys_lossy(const float* vsm, int lane, uint32_t avail,
+                                                 int dropped) {
+  const uint32_t mask = (1u << dropped) - 1u;
+  bool lossy = false;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const uint32_t o = order_bits(value_at<VPT>(vsm, lane, i));
+    lossy = lossy || (((avail >> i) & 1u) && (o & mask) != ((o >> 31) ? 0u : mask));
+  }
+  return __any_sync(kFullMask, lossy);
+}
+
+// The same for the experts that tie on their (tier, top bits) at a value in [lo, hi], the span
+// of the ties the selection saw (see the top-k below). Experts outside the span are ranked by
+// their top bits alone, exactly. Warp-uniform.
+template <int VPT, int IB, int TB>
+__device__ __forceinline__ bool short_ties_lossy(const float* vsm, int lane, uint32_t avail,
+                                                 const SteerMasks& masks, uint32_t lo,
+                                                 uint32_t hi) {
+  constexpr uint32_t kMask = (1u << (TB + IB)) - 1u;
+  bool lossy = false;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const uint32_t o = order_bits(value_at<VPT>(vsm, lane, i));
+    const uint32_t top = make_short_key<IB, TB>(masks.tier(i), o, (1 << IB) - 1) >> IB;
+    lossy = lossy || (((avail >> i) & 1u) && top >= lo && top <= hi &&
+                      (o & kMask) != ((o >> 31) ? 0u : kMask));
+  }
+  return __any_sync(kFullMask, lossy);
+}
+
 // The top k of a warp's available experts (bit i of avail: slot i) by (tier, value, lower index)
 // on 64-bit keys, every round a scan of the lane's slots: value(i) is slot i's value. The ids go
 // to sel_id (lane 0 writes them). k <= the number of available experts (prepare_gate checks it),
@@ -490,7 +511,7 @@ __device__ __forceinline__ void select_on_keys64(Value&& value, uint32_t avail,
   }
 }
 
-// The same from the values a lane stored (store_values), inline and out of line.
+// The selection again on 64-bit keys, from the values a lane stored (store_values).
 template <int VPT>
 __device__ __forceinline__ void select_stored_on_keys64(const float* vsm, int lane,
                                                         uint32_t avail, const SteerMasks& masks,
@@ -499,11 +520,16 @@ __device__ __forceinline__ void select_stored_on_keys64(const float* vsm, int la
                         lane, sel_id);
 }
 
-template <int VPT>
-__device__ __noinline__ void select_stored_on_keys64_call(const float* vsm, int lane,
-                                                          uint32_t avail, SteerMasks masks, int k,
-                                                          int32_t* sel_id) {
-  select_stored_on_keys64<VPT>(vsm, lane, avail, masks, k, sel_id);
+// A full build's short-key selection whose ties span [lo, hi] checked, and made again on 64-bit
+// keys where those ties may hide the values' order. Out of line: inlined into the full builds,
+// the 64-bit selection made ptxas spill 16-56 bytes (VPT 2 to 8, nvcc 13.0, sm_90a); called, it
+// makes a plain build spill, which inlines it.
+template <int VPT, int IB, int TB>
+__device__ __noinline__ void recheck_short_ties_call(const float* vsm, int lane, uint32_t avail,
+                                                     SteerMasks masks, int k, int32_t* sel_id,
+                                                     uint32_t lo, uint32_t hi) {
+  if (short_ties_lossy<VPT, IB, TB>(vsm, lane, avail, masks, lo, hi))  // warp-uniform
+    select_stored_on_keys64<VPT>(vsm, lane, avail, masks, k, sel_id);
 }
 
 // Softmax normaliser of a row: max over the valid values and sum of exp(x - max). The exps stay
@@ -1103,25 +1129,39 @@ __device__ __forceinline__ void topk_gate_body(const GateParams p, const GatePla
         }
         sort_descending(skeys);
         // k + 1 rounds, the last only to compare the (k+1)-th key with the k-th (after the
-        // available experts run out it is 0, which ties with nothing).
-        uint32_t prev = 0;
+        // available experts run out it is 0, which ties with nothing). A tie is two keys in a
+        // row with the same (tier, top bits). The full builds note the span of the ties' values,
+        // [tie_lo, tie_hi] (the keys come in descending order, the first tie's the highest;
+        // empty, lo > hi, without one), and check only the values in it: steering mixes values
+        // that lose bits (std-steered ones) with bf16 logits that lose none, and in a row-wide
+        // check every exact tie of two bf16 logits sent the token back (bench/RESULTS.md,
+        // 2026-11-29). The plain builds, which run no steering, check the whole row: the span
+        // made their VPT 4 and 8 builds spill 8-36 bytes more (nvcc 13.0, sm_90a).
+        uint32_t prev = 0, tie_lo = ~0u, tie_hi = 0;
         bool tie = false;
+        auto note_tie = [&](uint32_t key) {
+          if constexpr (kFull) {
+            if ((key >> IB) == (prev >> IB)) {
+              tie_lo = key >> IB;
+              tie_hi = tie_hi ? tie_hi : tie_lo;
+            }
+          } else {
+            tie = tie || (key >> IB) == (prev >> IB);
+          }
+        };
         for (int j = 0; j < k; ++j) {
           const uint32_t best = pop_warp_max(skeys);
-          tie = tie || (best >> IB) == (prev >> IB);
+          note_tie(best);
           prev = best;
           if (lane == 0) sel_id[j] = int((1u << IB) - 1u - (best & ((1u << IB) - 1u)));
         }
-        tie = tie || (warp_max_u32(skeys[0]) >> IB) == (prev >> IB);
-        if (tie && short_keys_lossy<VPT>(vsm, lane, avail, TB + IB)) {  // warp-uniform
-          // Again on 64-bit keys, from the stored values. Inlined into a full build, this rare
-          // path made ptxas spill 16-56 bytes (VPT 2 to 8, nvcc 13.0, sm_90a); called, it makes a
-          // plain build spill.
-          if constexpr (kFull) {
-            select_stored_on_keys64_call<VPT>(vsm, lane, avail, masks, k, sel_id);
-          } else {
-            select_stored_on_keys64<VPT>(vsm, lane, avail, masks, k, sel_id);
-          }
+        note_tie(warp_max_u32(skeys[0]));
+        if constexpr (kFull) {
+          if (tie_lo <= tie_hi)  // warp-uniform
+            recheck_short_ties_call<VPT, IB, TB>(vsm, lane, avail, masks, k, sel_id, tie_lo,
+                                                 tie_hi);
+        } else if (tie && short_keys_lossy<VPT>(vsm, lane, avail, TB + IB)) {  // warp-uniform
+          select_stored_on_keys64<VPT>(vsm, lane, avail, masks, k, sel_id);
         }
       } else {
         select_on_keys64<VPT>([&](int i) { return v[i]; }, avail, masks, k, lane, sel_id);

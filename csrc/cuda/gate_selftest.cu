@@ -70,6 +70,11 @@ struct Case {
   // a near tie, the one with the higher index a few ulps ahead. No other pair of the row is
   // that close, so only the comparison of the k-th and (k+1)-th short keys can notice it.
   bool tie_at_cut = false;
+  // With ties: expert off_grid (>= 0) a few ulps off the grid in every row, the one value that
+  // loses bits to a short key. A full build must select again on 64-bit keys the rows where it
+  // lies in the span of the ties (gate.cuh, short_ties_lossy); a plain build, every row with a
+  // tie.
+  int off_grid = -1;
   float spread = 1.f;     // the logits' standard deviation (small: crowded probabilities)
   // Experts e with e % 512 == 5 lead every row (+8): one thread of the CTA kernel, one lane of
   // the warp kernel, holds the first min(k, its experts) winners.
@@ -331,6 +336,14 @@ bool run_case(const Case& c) {
       else if (r < 0.07f) x = -INFINITY;
     }
   }
+  if (c.off_grid >= 0)
+    for (int64_t t = 0; t < T; ++t) {
+      float& x = logits[size_t(t * stride + c.off_grid)];
+      uint32_t bits;
+      std::memcpy(&bits, &x, 4);
+      bits += 1u + uint32_t(unif(rng) * 40.f);  // 1 to 40 ulps off (+0 becomes a denormal)
+      std::memcpy(&x, &bits, 4);
+    }
   if (c.one_lane_leads)
     for (int64_t t = 0; t < T; ++t)
       for (int64_t e = 5; e < E; e += 512) logits[size_t(t * stride + e)] += 8.f;
@@ -860,6 +873,20 @@ std::vector<Case> cases() {
     c.name = "short keys fp32 tie at the cut only, softmax E=128 k=8";
     c.T = 500, c.E = 128, c.k = 8, c.tie_at_cut = true, c.exact_ids = true, c.spread = 4.f;
     c.seed = 65;
+    v.push_back(c);
+  }
+  {
+    Case c;  // the plain build: VPT 4 drops 7 bits
+    c.name = "short keys fp32 exact ties, one expert off the grid, E=128 k=8";
+    c.T = 800, c.E = 128, c.k = 8, c.ties = true, c.off_grid = 37, c.exact_ids = true;
+    c.seed = 67;
+    v.push_back(c);
+  }
+  {
+    Case c;  // the full build (statistics): 2 tier bits, VPT 8 drops 10 bits
+    c.name = "short keys fp32 exact ties, one expert off the grid, stats E=256 k=8";
+    c.T = 800, c.E = 256, c.k = 8, c.ties = true, c.off_grid = 200, c.exact_ids = true;
+    c.stats = true, c.seed = 68;
     v.push_back(c);
   }
   {
