@@ -135,10 +135,13 @@ def _masked_expert_linear(x, w, plan):
     return out
 
 
-# The op reads the offsets on the host: inductor keeps it out of the CUDA graphs it captures
-# (mode="reduce-overhead").
-@torch.library.custom_op("moe_route::expert_linear", mutates_args=(),
-                         tags=(torch.Tag.cudagraph_unsafe,))
+# The ops read the offsets on the host: tagged, inductor keeps them out of the CUDA graphs it
+# captures (mode="reduce-overhead"), where this torch has the tag.
+_HOST_READ = ({"tags": (torch.Tag.cudagraph_unsafe,)} if hasattr(torch.Tag, "cudagraph_unsafe")
+              else {})
+
+
+@torch.library.custom_op("moe_route::expert_linear", mutates_args=(), **_HOST_READ)
 def expert_linear(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Rows ``offsets[e]:offsets[e + 1]`` of ``x [rows, in]`` times ``w[e] [in, out]``, one GEMM
     per expert in ``x``'s dtype (``w`` cast by the caller); the rows past ``offsets[E]`` (dropped
@@ -154,8 +157,7 @@ def _expert_linear_fake(x, w, offsets):
     return x.new_empty((x.shape[0], w.shape[-1]))
 
 
-@torch.library.custom_op("moe_route::expert_linear_weight_grad", mutates_args=(),
-                         tags=(torch.Tag.cudagraph_unsafe,))
+@torch.library.custom_op("moe_route::expert_linear_weight_grad", mutates_args=(), **_HOST_READ)
 def _expert_linear_weight_grad(x: torch.Tensor, grad: torch.Tensor,
                                offsets: torch.Tensor) -> torch.Tensor:
     """The gradient of ``expert_linear``'s ``w [E, in, out]``: expert e's rows of ``x`` times
