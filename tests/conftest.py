@@ -382,10 +382,11 @@ def assert_stats_equal(stats, ref_stats, rtol=S_RTOL, atol=S_ATOL):
                                        msg=lambda m, n=name: f"{n}: {m}")
 
 
-def assert_same_stats(got, want):
+def assert_same_stats(got, want, rtol=1e-5, atol=1e-6):
     """Two runs' statistics buffers (GateStats, or dicts by name) hold the same numbers: bit for
     bit, except the float sums on CUDA, which float atomics add in no fixed order (the README:
-    their last bits can vary between runs). Buffers left out (None) must be left out in both."""
+    their last bits can vary between runs), to ``rtol``/``atol``. Buffers left out (None) must be
+    left out in both."""
     pairs = (zip(STAT_NAMES, got.buffers(), want.buffers()) if isinstance(got, moe_route.GateStats)
              else ((n, got[n], want[n]) for n in STAT_NAMES if n in got or n in want))
     for name, a, b in pairs:
@@ -393,7 +394,7 @@ def assert_same_stats(got, want):
         if a is None:
             continue
         if a.is_cuda and name in FLOAT_STATS:
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=name)
         else:
             assert torch.equal(a, b), name
 
