@@ -15,6 +15,7 @@ import moe_route
 from moe_route import GateStats, RouterSpec
 from moe_route.hf import adapter_for, find_routers
 
+from conftest import STAT_NAMES, assert_stats_equal
 from tiny_models import build, inputs, model_type, selected_experts
 
 pytestmark = pytest.mark.cuda
@@ -140,10 +141,8 @@ def test_out_of_range_groups_are_skipped_on_cuda():
 
 def _stats_close(gpu, cpu):
     """CUDA statistics against the CPU's: the float sums to accumulation order."""
-    for a, b in zip(gpu.buffers(), cpu.buffers()):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-4)
+    assert_stats_equal(*(dict(zip(STAT_NAMES, s.buffers())) for s in (gpu, cpu)), rtol=1e-4,
+                       atol=1e-4)
 
 
 @pytest.mark.parametrize("T", [1, 300])
