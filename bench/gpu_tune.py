@@ -130,6 +130,73 @@ KEYS64_BEFORE = """        uint32_t ord[VPT];
           }
           if (lane == 0) sel_id[j] = idx;
         }"""
+# The short-key selection's ties now and as at 168d049: a tie noted as the span of its values,
+# and the whole token selected again on 64-bit keys (gpu_tune's gate_ties_before); the old
+# functions go before resolve_short_ties, which the variant leaves uncalled.
+TIES_NOW = """        uint32_t prev = 0, tied = 0;
+        for (int j = 0; j < k; ++j) {
+          const uint32_t best = pop_warp_max(skeys);
+          if ((best >> IB) == (prev >> IB)) tied |= tie_bit(j - 1) | tie_bit(j);
+          prev = best;
+          if (lane == 0) sel_id[j] = int((1u << IB) - 1u - (best & ((1u << IB) - 1u)));
+        }
+        if ((warp_max_u32(skeys[0]) >> IB) == (prev >> IB)) tied |= tie_bit(k - 1);
+        if constexpr (kFull) {
+          if (tied != 0u)  // warp-uniform
+            resolve_short_ties<VPT, IB, TB, true>(vsm, lane, avail, masks, k, sel_id, tied);
+        } else if (tied != 0u && short_keys_lossy<VPT>(vsm, lane, avail, TB + IB)) {
+          resolve_short_ties<VPT, IB, TB, false>(vsm, lane, avail, masks, k, sel_id, tied);
+        }
+"""
+TIES_BEFORE = """        uint32_t prev = 0, tie_lo = ~0u, tie_hi = 0;
+        bool tie = false;
+        auto note_tie = [&](uint32_t key) {
+          if constexpr (kFull) {
+            if ((key >> IB) == (prev >> IB)) {
+              tie_lo = key >> IB;
+              tie_hi = tie_hi ? tie_hi : tie_lo;
+            }
+          } else {
+            tie = tie || (key >> IB) == (prev >> IB);
+          }
+        };
+        for (int j = 0; j < k; ++j) {
+          const uint32_t best = pop_warp_max(skeys);
+          note_tie(best);
+          prev = best;
+          if (lane == 0) sel_id[j] = int((1u << IB) - 1u - (best & ((1u << IB) - 1u)));
+        }
+        note_tie(warp_max_u32(skeys[0]));
+        if constexpr (kFull) {
+          if (tie_lo <= tie_hi)  // warp-uniform
+            recheck_short_ties_call<VPT, IB, TB>(vsm, lane, avail, masks, k, sel_id, tie_lo,
+                                                 tie_hi);
+        } else if (tie && short_keys_lossy<VPT>(vsm, lane, avail, TB + IB)) {  // warp-uniform
+          select_stored_on_keys64<VPT>(vsm, lane, avail, masks, k, sel_id);
+        }
+"""
+TIES_BEFORE_FUNCTIONS = """// The selection again on 64-bit keys, from the values a lane stored (store_values).
+template <int VPT>
+__device__ __forceinline__ void select_stored_on_keys64(const float* vsm, int lane,
+                                                        uint32_t avail, const SteerMasks& masks,
+                                                        int k, int32_t* sel_id) {
+  select_on_keys64<VPT>([&](int i) { return value_at<VPT>(vsm, lane, i); }, avail, masks, k,
+                        lane, sel_id);
+}
+
+// A full build's short-key selection whose ties span [lo, hi] checked, and made again on 64-bit
+// keys where those ties may hide the values' order. Out of line: inlined into the full builds,
+// the 64-bit selection made ptxas spill 16-56 bytes (VPT 2 to 8, nvcc 13.0, sm_90a); called, it
+// makes a plain build spill, which inlines it.
+template <int VPT, int IB, int TB>
+__device__ __noinline__ void recheck_short_ties_call(const float* vsm, int lane, uint32_t avail,
+                                                     SteerMasks masks, int k, int32_t* sel_id,
+                                                     uint32_t lo, uint32_t hi) {
+  if (short_ties_lossy<VPT, IB, TB>(vsm, lane, avail, masks, lo, hi))  // warp-uniform
+    select_stored_on_keys64<VPT>(vsm, lane, avail, masks, k, sel_id);
+}
+
+"""
 # Stage 2 of the gate past 1024 experts as at 9e33c6f: warp 0 merges the 16 lists, k dependent
 # rounds, pausing where a list runs out (gpu_tune's wide_merge). The ranking is compiled out.
 WIDE_MERGE_STATE = """      bool dry = true;
@@ -225,8 +292,17 @@ VARIANTS = {
         "gate: a tie among the short keys sends the token back to 64-bit keys wherever any of "
         "its values loses bits, as before, not only where one in the ties' span does (a steered "
         "expert among bf16 logits sent every token with a tie back)",
-        [("csrc/cuda/gate.cuh", "sel_id, tie_lo,\n                                                 tie_hi);",
-          "sel_id, 0u, ~0u);")],
+        [("csrc/cuda/gate.cuh", "(vsm, lane, avail, masks, lo, hi)) return;",
+          "(vsm, lane, avail, masks, 0u, ~0u)) return;")],
+        ("warp",)),
+    "gate_ties_before": Variant(
+        "gate: a token whose short keys tie (and may hide its values' order) is selected again "
+        "on 64-bit keys in k rounds, as at 168d049, not only at its tied positions (one such "
+        "token set the time of fp32 and DeepSeek-V3 calls at T=1024 on 2026-11-29); the full "
+        "builds call that selection out of line",
+        [("csrc/cuda/gate.cuh", TIES_NOW, TIES_BEFORE),
+         ("csrc/cuda/gate.cuh", "// Bit j of the short-key selection's `tied` mask",
+          TIES_BEFORE_FUNCTIONS + "// Bit j of a short-key selection's `tied` mask")],
         ("warp",)),
     "gate_exp_branches": Variant(
         "gate: the softmax normaliser's exps each behind a branch on the slot's validity, as "
@@ -328,6 +404,10 @@ CASES = {
         lambda d: _gate("softmax_topk", 16384, 256, 8, "gate_steer", d),
     "gate T=16384 E=256 k=8 fp32":
         lambda d: _gate("softmax_topk", 16384, 256, 8, "gate", d, "float32"),
+    # a token with tied short keys sets the call's time (2026-11-29: 1.3-1.9x the first run)
+    "gate T=1024 E=256 k=8 fp32":
+        lambda d: _gate("softmax_topk", 1024, 256, 8, "gate", d, "float32"),
+    "gate deepseek_v3 T=1024": lambda d: _gate("deepseek_v3", 1024, 256, 8, "gate", d),
     "gate deepseek_v3 T=16384": lambda d: _gate("deepseek_v3", 16384, 256, 8, "gate", d),
     "gate deepseek_v3 T=1": lambda d: _gate("deepseek_v3", 1, 256, 8, "gate", d),
     "gate+stats deepseek_v3 T=16384":

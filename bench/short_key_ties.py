@@ -16,8 +16,10 @@ numpy, to random rows:
 - the same with one expert steered by half the row's std (a full-precision value among them, in
   a full build): only where that expert's top bits fall in the ties' span.
 
-It prints the fraction of rows per E. The rows are random, so this is the rate for logits
-without structure; real routers' near ties may be more or less frequent.
+It prints the fraction of rows per E, and then the 64-bit rounds such a row costs: one per
+selection that ties with its neighbour (resolve_short_ties), where until 2026-11-30 it took k. The
+rows are random, so these are the rates for logits without structure; real routers' near ties may
+be more or less frequent.
 """
 from __future__ import annotations
 
@@ -41,11 +43,13 @@ def order_bits(v: np.ndarray) -> np.ndarray:
     return np.where(b & 0x80000000, (~b) & 0xFFFFFFFF, b | 0x80000000)
 
 
-def rerun_fraction(v: np.ndarray, k: int, tier_bits: int = 0) -> float:
-    """The fraction of rows of ``v`` [rows, E] (one tier) that the check sends to 64-bit keys:
-    rows whose k + 1 best keys tie on their top bits somewhere and where a value loses bits. In
-    the plain builds (no tier bits) any value of the row counts (short_keys_lossy); in the full
-    builds (2 tier bits) only values whose top bits lie in the ties' span (short_ties_lossy)."""
+def rerun_rate(v: np.ndarray, k: int, tier_bits: int = 0) -> tuple[float, float]:
+    """The fraction of rows of ``v`` [rows, E] (one tier) that the check sends to 64-bit keys,
+    and the mean number of 64-bit rounds those rows take. Sent back are the rows whose k + 1 best
+    keys tie on their top bits somewhere and where a value loses bits. In the plain builds (no
+    tier bits) any value of the row counts (short_keys_lossy); in the full builds (2 tier bits)
+    only values whose top bits lie in the ties' span (short_ties_lossy). A round is taken per
+    selection whose key ties with the one before or after it (the (k+1)-th counts as after)."""
     dropped = index_bits(v.shape[1]) + tier_bits
     o = order_bits(v)
     tops = o >> dropped
@@ -57,7 +61,9 @@ def rerun_fraction(v: np.ndarray, k: int, tier_bits: int = 0) -> float:
         lo = np.where(tied, best[:, 1:], np.iinfo(np.uint64).max).min(axis=1, keepdims=True)
         hi = np.where(tied, best[:, 1:], 0).max(axis=1, keepdims=True)
         loses &= (tops >= lo) & (tops <= hi)
-    return float((tied.any(axis=1) & loses.any(axis=1)).mean())
+    again = tied.any(axis=1) & loses.any(axis=1)
+    rounds = (tied[:, :-1] | tied[:, 1:]).sum(axis=1) + tied[:, 0] if k > 1 else tied[:, 0]
+    return float(again.mean()), float(rounds[again].mean()) if again.any() else 0.0
 
 
 def main(argv=None) -> int:
@@ -67,9 +73,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     rng = np.random.default_rng(args.seed)
-    print(f"rows selected again on 64-bit keys, of {args.rows} random rows, k={args.k}")
-    print(f"{'E':>5} {'fp32 logits':>12} {'full build':>11} {'sigmoid+bias':>13} "
-          f"{'bf16 in fp32':>13} {'bf16, steered':>14}")
+    names = ("fp32 logits", "full build", "sigmoid+bias", "bf16 in fp32", "bf16, steered")
+    header = f"{'E':>5}" + "".join(f"{n:>15}" for n in names)
+    rates = {}
     for E in (64, 128, 256, 512):
         z = rng.standard_normal((args.rows, E)).astype(np.float32)
         bias = (rng.standard_normal(E) * 0.1).astype(np.float32)
@@ -77,10 +83,17 @@ def main(argv=None) -> int:
         bf16 = (z.view(np.uint32) & 0xFFFF0000).view(np.float32)
         steered = bf16.copy()
         steered[:, 4] += np.float32(0.5) * bf16.std(axis=1)
-        cells = [rerun_fraction(z, args.k), rerun_fraction(z, args.k, tier_bits=2),
-                 rerun_fraction(scores, args.k), rerun_fraction(bf16, args.k),
-                 rerun_fraction(steered, args.k, tier_bits=2)]
-        print(f"{E:>5}" + "".join(f"{c:>{w}.3%}" for c, w in zip(cells, (13, 12, 14, 14, 15))))
+        rates[E] = [rerun_rate(z, args.k), rerun_rate(z, args.k, tier_bits=2),
+                    rerun_rate(scores, args.k), rerun_rate(bf16, args.k),
+                    rerun_rate(steered, args.k, tier_bits=2)]
+    print(f"rows selected again on 64-bit keys, of {args.rows} random rows, k={args.k}")
+    print(header)
+    for E, cells in rates.items():
+        print(f"{E:>5}" + "".join(f"{c[0]:>15.3%}" for c in cells))
+    print(f"\nmean 64-bit rounds of such a row (k={args.k} before 2026-11-30)")
+    print(header)
+    for E, cells in rates.items():
+        print(f"{E:>5}" + "".join(f"{c[1]:>15.2f}" if c[0] else f"{'-':>15}" for c in cells))
     return 0
 
 

@@ -30,8 +30,8 @@
 // (tier | order-preserving value bits | 2^30-1-index) orders them in one comparison. Here a
 // lane's keys are 32 bits up to VPT 16, sorted once per token, and each of the k rounds is a
 // REDUX (the warp max) and a pop by the winning lane: half keys (exact) in the half-key builds,
-// short keys (the value's top bits; checked, and the token selected again on 64-bit keys where
-// the check fails, see make_short_key) in the others, but for the full builds past VPT 8
+// short keys (the value's top bits; checked, and the tied positions selected again on 64-bit
+// keys where the check fails, see make_short_key) in the others, but for the full builds past VPT 8
 // (uses_short_keys). There, and at VPT 32, every round scans the lane's 64-bit keys
 // (select_on_keys64; the warp max is two REDUX: warp_max_key). Experts outside the
 // chosen groups or past E get key 0, below every real key. Groups (n_group > 1) are scored from
@@ -322,7 +322,7 @@ __device__ __forceinline__ uint32_t make_half_key(uint32_t order, int index) {
 // sits below the (k+1)-th, so below the k-th, in the exact order too. Where two of them tie, it
 // is exact when every value with the tied (tier, top bits) loses nothing (short_ties_lossy; the
 // experts a tie holds are in the same order both ways, and so are all those outside it).
-// Otherwise the token is selected again on 64-bit keys.
+// Otherwise the tied positions are selected again on 64-bit keys (resolve_short_ties).
 __host__ __device__ constexpr int short_index_bits(int vpt) {
   return vpt <= 1 ? 5 : vpt <= 2 ? 6 : vpt <= 4 ? 7 : vpt <= 8 ? 8 : 9;
 }
@@ -512,25 +512,61 @@ __device__ __forceinline__ void select_on_keys64(Value&& value, uint32_t avail,
   }
 }
 
-// The selection again on 64-bit keys, from the values a lane stored (store_values).
-template <int VPT>
-__device__ __forceinline__ void select_stored_on_keys64(const float* vsm, int lane,
-                                                        uint32_t avail, const SteerMasks& masks,
-                                                        int k, int32_t* sel_id) {
-  select_on_keys64<VPT>([&](int i) { return value_at<VPT>(vsm, lane, i); }, avail, masks, k,
-                        lane, sel_id);
+// Bit j of the short-key selection's `tied` mask: selection j is one of a tie (positions from 31
+// on share bit 31).
+__device__ __forceinline__ uint32_t tie_bit(int j) { return 1u << (j < 31 ? j : 31); }
+
+// The (tier, top bits) of selection j's short key, for every lane: its value is in the warp's
+// stored values, its tier in its lane's masks.
+template <int VPT, int IB, int TB>
+__device__ __forceinline__ uint32_t selected_short_top(const float* vsm, const SteerMasks& masks,
+                                                       const int32_t* sel_id, int j) {
+  const int e = sel_id[j];
+  const uint32_t tier = __shfl_sync(kFullMask, masks.tier(e >> 5), e & 31);
+  return make_short_key<IB, TB>(tier, order_bits(value_at<VPT>(vsm, e & 31, e >> 5)),
+                                (1 << IB) - 1) >> IB;
 }
 
-// A full build's short-key selection whose ties span [lo, hi] checked, and made again on 64-bit
-// keys where those ties may hide the values' order. Out of line: inlined into the full builds,
-// the 64-bit selection made ptxas spill 16-56 bytes (VPT 2 to 8, nvcc 13.0, sm_90a); called, it
-// makes a plain build spill, which inlines it.
-template <int VPT, int IB, int TB>
-__device__ __noinline__ void recheck_short_ties_call(const float* vsm, int lane, uint32_t avail,
-                                                     SteerMasks masks, int k, int32_t* sel_id,
-                                                     uint32_t lo, uint32_t hi) {
-  if (short_ties_lossy<VPT, IB, TB>(vsm, lane, avail, masks, lo, hi))  // warp-uniform
-    select_stored_on_keys64<VPT>(vsm, lane, avail, masks, k, sel_id);
+// The short-key selection made exact where it has ties (bit j of tied: selection j shares its
+// (tier, top bits) with another available expert; see make_short_key). Both orders rank experts
+// of different (tier, top bits) alike, so a tie's positions hold the right experts but for their
+// order and, at the cut, the choice among the tie's experts; every other position is right. Each
+// tied position is selected again on 64-bit keys among the experts of its (tier, top bits) that
+// earlier positions did not take: popc(tied) rounds, mostly 2, not k. kSpanCheck: first check that
+// a value in the ties' span loses bits (short_ties_lossy); the plain builds check the whole row
+// before the call (short_keys_lossy). Bit 31 stands for every selection from 31 on: past 32
+// selections, all of those are selected again. Warp-uniform: tied, k and the checks are.
+template <int VPT, int IB, int TB, bool kSpanCheck>
+__device__ __forceinline__ void resolve_short_ties(const float* vsm, int lane, uint32_t avail,
+                                                   const SteerMasks& masks, int k,
+                                                   int32_t* sel_id, uint32_t tied) {
+  __syncwarp();  // lane 0's sel_id and every lane's stored values are visible to the warp
+  // The first tie holds the highest (tier, top bits) of the span, the last the lowest.
+  const int first = __ffs(tied) - 1, last = (tied >> 31) ? k - 1 : 31 - __clz(int(tied));
+  if constexpr (kSpanCheck) {
+    const uint32_t hi = selected_short_top<VPT, IB, TB>(vsm, masks, sel_id, first);
+    const uint32_t lo = selected_short_top<VPT, IB, TB>(vsm, masks, sel_id, last);
+    if (!short_ties_lossy<VPT, IB, TB>(vsm, lane, avail, masks, lo, hi)) return;
+  }
+  uint32_t taken = 0;  // bit i: slot i went to an earlier tied position
+  for (int j = first; j <= last; ++j) {
+    if ((tied & tie_bit(j)) == 0u) continue;  // past 31, every position is selected again
+    const uint32_t top = selected_short_top<VPT, IB, TB>(vsm, masks, sel_id, j);
+    uint64_t best = 0;
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      const uint32_t o = order_bits(value_at<VPT>(vsm, lane, i));
+      const uint32_t tier = masks.tier(i);
+      const bool mine = ((avail & ~taken) >> i) & 1u;
+      if (mine && (make_short_key<IB, TB>(tier, o, (1 << IB) - 1) >> IB) == top) {
+        const uint64_t key = make_key(tier, o, uint32_t(i * 32 + lane));
+        best = key > best ? key : best;
+      }
+    }
+    const int idx = key_index(warp_max_key(best));  // every lane has read sel_id[j]
+    if ((idx & 31) == lane) taken |= 1u << (idx >> 5);
+    if (lane == 0) sel_id[j] = idx;
+  }
 }
 
 // Softmax normaliser of a row: max over the valid values and sum of exp(x - max). The exps stay
@@ -1131,38 +1167,26 @@ __device__ __forceinline__ void topk_gate_body(const GateParams p, const GatePla
         sort_descending(skeys);
         // k + 1 rounds, the last only to compare the (k+1)-th key with the k-th (after the
         // available experts run out it is 0, which ties with nothing). A tie is two keys in a
-        // row with the same (tier, top bits). The full builds note the span of the ties' values,
-        // [tie_lo, tie_hi] (the keys come in descending order, the first tie's the highest;
-        // empty, lo > hi, without one), and check only the values in it: steering mixes values
-        // that lose bits (std-steered ones) with bf16 logits that lose none, and in a row-wide
-        // check every exact tie of two bf16 logits sent the token back (bench/RESULTS.md,
-        // 2026-11-29). The plain builds, which run no steering, check the whole row: the span
-        // made their VPT 4 and 8 builds spill 8-36 bytes more (nvcc 13.0, sm_90a).
-        uint32_t prev = 0, tie_lo = ~0u, tie_hi = 0;
-        bool tie = false;
-        auto note_tie = [&](uint32_t key) {
-          if constexpr (kFull) {
-            if ((key >> IB) == (prev >> IB)) {
-              tie_lo = key >> IB;
-              tie_hi = tie_hi ? tie_hi : tie_lo;
-            }
-          } else {
-            tie = tie || (key >> IB) == (prev >> IB);
-          }
-        };
+        // row with the same (tier, top bits); tied marks their positions (tie_bit), and only
+        // those are selected again, where a value may have lost its order (resolve_short_ties).
+        // The full builds check the values in the ties' span: steering mixes values that lose
+        // bits (std-steered ones) with bf16 logits that lose none, and in a row-wide check every
+        // exact tie of two bf16 logits sent the token back (bench/RESULTS.md, 2026-11-29). The
+        // plain builds, which run no steering, check the whole row: the span made their VPT 4
+        // and 8 builds spill 8-36 bytes more (nvcc 13.0, sm_90a).
+        uint32_t prev = 0, tied = 0;
         for (int j = 0; j < k; ++j) {
           const uint32_t best = pop_warp_max(skeys);
-          note_tie(best);
+          if ((best >> IB) == (prev >> IB)) tied |= tie_bit(j - 1) | tie_bit(j);
           prev = best;
           if (lane == 0) sel_id[j] = int((1u << IB) - 1u - (best & ((1u << IB) - 1u)));
         }
-        note_tie(warp_max_u32(skeys[0]));
+        if ((warp_max_u32(skeys[0]) >> IB) == (prev >> IB)) tied |= tie_bit(k - 1);
         if constexpr (kFull) {
-          if (tie_lo <= tie_hi)  // warp-uniform
-            recheck_short_ties_call<VPT, IB, TB>(vsm, lane, avail, masks, k, sel_id, tie_lo,
-                                                 tie_hi);
-        } else if (tie && short_keys_lossy<VPT>(vsm, lane, avail, TB + IB)) {  // warp-uniform
-          select_stored_on_keys64<VPT>(vsm, lane, avail, masks, k, sel_id);
+          if (tied != 0u)  // warp-uniform
+            resolve_short_ties<VPT, IB, TB, true>(vsm, lane, avail, masks, k, sel_id, tied);
+        } else if (tied != 0u && short_keys_lossy<VPT>(vsm, lane, avail, TB + IB)) {
+          resolve_short_ties<VPT, IB, TB, false>(vsm, lane, avail, masks, k, sel_id, tied);
         }
       } else {
         select_on_keys64<VPT>([&](int i) { return v[i]; }, avail, masks, k, lane, sel_id);

@@ -862,6 +862,25 @@ std::vector<Case> cases() {
     v.push_back(c);
   }
   {
+    Case c;  // selection 31, the last with a tie bit of its own (gate.cuh, tie_bit)
+    c.name = "short keys near ties fp32 E=64 k=32";
+    c.T = 400, c.E = 64, c.k = 32, c.near_ties = true, c.exact_ids = true, c.seed = 75;
+    v.push_back(c);
+  }
+  {
+    Case c;  // past 32 selections the whole selection is made again (resolve_short_ties)
+    c.name = "short keys near ties fp32 E=128 k=36";
+    c.T = 200, c.E = 128, c.k = 36, c.near_ties = true, c.exact_ids = true, c.seed = 77;
+    v.push_back(c);
+  }
+  {
+    Case c;  // the same in a full build
+    c.name = "short keys near ties fp32 stats E=128 k=40";
+    c.T = 300, c.E = 128, c.k = 40, c.near_ties = true, c.exact_ids = true, c.stats = true;
+    c.seed = 76;
+    v.push_back(c);
+  }
+  {
     Case c;
     c.name = "short keys fp32 dropped bits all 0 or all 1, E=64 k=6";
     c.T = 600, c.E = 64, c.k = 6, c.near_ties = true, c.extreme_bits = 6;  // VPT 2, plain

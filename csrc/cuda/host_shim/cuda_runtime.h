@@ -129,6 +129,7 @@ inline float __fmul_rn(float a, float b) { return a * b; }  // built with -ffp-c
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int __ffs(unsigned v) { return __builtin_ffs(int(v)); }
+inline int __clz(int v) { return v == 0 ? 32 : __builtin_clz(unsigned(v)); }
 inline uint32_t __float_as_uint(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
