@@ -175,8 +175,9 @@ TIES_BEFORE = """        uint32_t prev = 0, tie_lo = ~0u, tie_hi = 0;
           select_stored_on_keys64<VPT>(vsm, lane, avail, masks, k, sel_id);
         }
 """
-TIES_BEFORE_FUNCTIONS = """// The selection again on 64-bit keys, from the values a lane stored (store_values).
-template <int VPT>
+TIES_BEFORE_FUNCTIONS = (
+    "// The selection again on 64-bit keys, from the values a lane stored (store_values).\n"
+    """template <int VPT>
 __device__ __forceinline__ void select_stored_on_keys64(const float* vsm, int lane,
                                                         uint32_t avail, const SteerMasks& masks,
                                                         int k, int32_t* sel_id) {
@@ -196,7 +197,7 @@ __device__ __noinline__ void recheck_short_ties_call(const float* vsm, int lane,
     select_stored_on_keys64<VPT>(vsm, lane, avail, masks, k, sel_id);
 }
 
-"""
+""")
 # Stage 2 of the gate past 1024 experts as at 9e33c6f: warp 0 merges the 16 lists, k dependent
 # rounds, pausing where a list runs out (gpu_tune's wide_merge). The ranking is compiled out.
 WIDE_MERGE_STATE = """      bool dry = true;

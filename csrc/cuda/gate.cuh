@@ -1175,8 +1175,9 @@ __device__ __forceinline__ void topk_gate_body(const GateParams p, const GatePla
         // The full builds check the values in the ties' span: steering mixes values that lose
         // bits (std-steered ones) with bf16 logits that lose none, and in a row-wide check every
         // exact tie of two bf16 logits sent the token back (bench/RESULTS.md, 2026-11-29). The
-        // plain builds, which run no steering, check the whole row: the span made their VPT 4
-        // and 8 builds spill 8-36 bytes more (nvcc 13.0, sm_90a).
+        // plain builds, which run no steering, check the whole row: with the span check their
+        // VPT 4 builds took 60 registers instead of 48, and the bf16/fp16 VPT 8 ones 99 instead
+        // of 80 (nvcc 13.0, sm_90a).
         uint32_t prev = 0, tied = 0;
         for (int j = 0; j < k; ++j) {
           const uint32_t best = pop_warp_max(skeys);
