@@ -566,8 +566,9 @@ __device__ __forceinline__ void resolve_short_ties(const float* vsm, int lane, u
         best = key > best ? key : best;
       }
     }
-    const int idx = key_index(warp_max_key(best));  // every lane has read sel_id[j]
+    const int idx = key_index(warp_max_key(best));
     if ((idx & 31) == lane) taken |= 1u << (idx >> 5);
+    __syncwarp();  // every lane's read of sel_id[j] (selected_short_top) comes before the write
     if (lane == 0) sel_id[j] = idx;
   }
 }
