@@ -49,7 +49,8 @@ def rerun_rate(v: np.ndarray, k: int, tier_bits: int = 0) -> tuple[float, float]
     keys tie on their top bits somewhere and where a value loses bits. In the plain builds (no
     tier bits) any value of the row counts (short_keys_lossy); in the full builds (2 tier bits)
     only values whose top bits lie in the ties' span (short_ties_lossy). A round is taken per
-    selection whose key ties with the one before or after it (the (k+1)-th counts as after)."""
+    selection whose key ties with the one before or after it (the (k+1)-th counts as after); past
+    32 selections, a tie from the 32nd on sends every selection from the 32nd on (tie_bit)."""
     dropped = index_bits(v.shape[1]) + tier_bits
     o = order_bits(v)
     tops = o >> dropped
@@ -62,7 +63,9 @@ def rerun_rate(v: np.ndarray, k: int, tier_bits: int = 0) -> tuple[float, float]
         hi = np.where(tied, best[:, 1:], 0).max(axis=1, keepdims=True)
         loses &= (tops >= lo) & (tops <= hi)
     again = tied.any(axis=1) & loses.any(axis=1)
-    rounds = (tied[:, :-1] | tied[:, 1:]).sum(axis=1) + tied[:, 0] if k > 1 else tied[:, 0]
+    # selection j ties with j + 1 (tied[:, j]) or with j - 1 (tied[:, j - 1])
+    at = tied | np.pad(tied[:, :-1], ((0, 0), (1, 0)))
+    rounds = at[:, :31].sum(axis=1) + at[:, 31:].any(axis=1) * max(k - 31, 0)
     return float(again.mean()), float(rounds[again].mean()) if again.any() else 0.0
 
 

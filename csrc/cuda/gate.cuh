@@ -342,6 +342,12 @@ __device__ __forceinline__ uint32_t make_short_key(uint32_t tier, uint32_t ord, 
   }
 }
 
+// A short key's (tier, top bits): the key without its index field, what a tie compares.
+template <int IB, int TB>
+__device__ __forceinline__ uint32_t short_top(uint32_t tier, uint32_t ord) {
+  return make_short_key<IB, TB>(tier, ord, (1 << IB) - 1) >> IB;
+}
+
 // A lane's selection values to its slice of the warp's shared memory, in 16-byte vectors where
 // VPT allows (slots 4g..4g+3 of lane l at vector g*32 + l: conflict-free), and slot i back.
 template <int VPT>
@@ -482,7 +488,7 @@ __device__ __forceinline__ bool short_ties_lossy(const float* vsm, int lane, uin
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {
     const uint32_t o = order_bits(value_at<VPT>(vsm, lane, i));
-    const uint32_t top = make_short_key<IB, TB>(masks.tier(i), o, (1 << IB) - 1) >> IB;
+    const uint32_t top = short_top<IB, TB>(masks.tier(i), o);
     lossy = lossy || (((avail >> i) & 1u) && top >= lo && top <= hi &&
                       (o & kMask) != ((o >> 31) ? 0u : kMask));
   }
@@ -523,8 +529,7 @@ __device__ __forceinline__ uint32_t selected_short_top(const float* vsm, const S
                                                        const int32_t* sel_id, int j) {
   const int e = sel_id[j];
   const uint32_t tier = __shfl_sync(kFullMask, masks.tier(e >> 5), e & 31);
-  return make_short_key<IB, TB>(tier, order_bits(value_at<VPT>(vsm, e & 31, e >> 5)),
-                                (1 << IB) - 1) >> IB;
+  return short_top<IB, TB>(tier, order_bits(value_at<VPT>(vsm, e & 31, e >> 5)));
 }
 
 // The short-key selection made exact where it has ties (bit j of tied: selection j shares its
@@ -561,7 +566,7 @@ __device__ __forceinline__ void resolve_short_ties(const float* vsm, int lane, u
       const uint32_t o = order_bits(value_at<VPT>(vsm, lane, i));
       const uint32_t tier = masks.tier(i);
       const bool mine = ((avail & ~taken) >> i) & 1u;
-      if (mine && (make_short_key<IB, TB>(tier, o, (1 << IB) - 1) >> IB) == top) {
+      if (mine && short_top<IB, TB>(tier, o) == top) {
         const uint64_t key = make_key(tier, o, uint32_t(i * 32 + lane));
         best = key > best ? key : best;
       }
