@@ -92,4 +92,16 @@ def test_only_the_tied_positions_take_a_round():
     assert ties.rerun_rate(row, k, tier_bits=2) == (1.0, 4.0)
     row[0, 5] = 60.0  # the 7th best ties with the 5th and 6th: the same 4 positions
     assert ties.rerun_rate(row, k, tier_bits=2) == (1.0, 4.0)
-    assert ties.rerun_rate(row[:, ::-1] * 0, k) == (0.0, 0.0)  # no row sent back
+    assert ties.rerun_rate(np.zeros((1, 64), np.float32), k) == (0.0, 0.0)  # none sent back
+
+
+def test_past_32_selections_every_one_from_the_32nd_takes_a_round():
+    k = 40
+
+    def near_tie(e):  # expert e moved 3 ulps above expert e - 1 (6 dropped bits): a tie
+        row = np.arange(64, dtype=np.float32)[None, ::-1].copy()  # expert e holds 63 - e
+        row.view(np.uint32)[0, e] = row.view(np.uint32)[0, e - 1] + np.uint32(3)
+        return row
+
+    assert ties.rerun_rate(near_tie(35), k) == (1.0, 9.0)  # selections 34, 35: 31 to 39 again
+    assert ties.rerun_rate(near_tie(1), k) == (1.0, 2.0)  # selections 0 and 1 only
