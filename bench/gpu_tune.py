@@ -7,7 +7,7 @@
 
 Run it after ``bench/gpu_check.sh``, which builds this tree in place: that build is the "base".
 Each variant is a copy of the tree with a few constants or attributes changed (``VARIANTS``), built
-in parallel with the others. A copy compiles only the sources its changes reach and links the
+in parallel with the others, or the base build timed with an environment variable set. A copy compiles only the sources its changes reach and links the
 base's objects for the rest (ninja's record of the files each object was compiled from), so a gate
 variant compiles the gate's units alone. The cases (``CASES``: the gate, the dispatch plan, permute
 and unpermute at issue 6's shapes, bf16) of the kernels a variant changes (its ``kernels``: the
@@ -50,6 +50,7 @@ class Variant(NamedTuple):
     what: str  # the question it answers
     changes: list  # (file, text in the base, text in the variant)
     kernels: tuple  # of KERNELS: those the changes reach, whose cases it is timed on
+    env: tuple = ()  # (name, value) set for its timing; with no changes, the base is timed so
 
 
 DISPATCH = "csrc/cuda/dispatch.cuh"
@@ -262,6 +263,10 @@ VARIANTS = {
         [(DISPATCH, "kPermuteSplitBelow = 32;", "kPermuteSplitBelow = 0;"),
          (DISPATCH, "kPermuteFillCtas = 4096;", "kPermuteFillCtas = 1 << 20;")],
         ("dispatch",)),
+    "no_pdl": Variant(
+        "every kernel a plain launch (MOE_ROUTE_PDL=0), not a programmatic dependent launch that "
+        "may start while the kernel before it runs (csrc/cuda/pdl.cuh)",
+        [], ("warp", "wide", "dispatch"), (("MOE_ROUTE_PDL", "0"),)),
     "gate_3_blocks": Variant(
         "gate: __launch_bounds__ asks for 3 CTAs per SM (80 registers at most: the full kernel "
         "spills)",
@@ -543,12 +548,13 @@ def _tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def _run_measure(tree: Path, out_json: Path, cases: list, args, timeout: float) -> dict:
+def _run_measure(tree: Path, out_json: Path, cases: list, args, timeout: float,
+                 env: tuple = ()) -> dict:
     cmd = [sys.executable, str(tree / "bench" / "gpu_tune.py"), "--measure", str(out_json),
            "--device", args.device, "--min-time", str(args.min_time), "--cases", *cases]
     try:
-        proc = subprocess.run(cmd, cwd=tree, env=_env_for(tree), capture_output=True, text=True,
-                              timeout=max(timeout, 1.0))
+        proc = subprocess.run(cmd, cwd=tree, env=dict(_env_for(tree), **dict(env)),
+                              capture_output=True, text=True, timeout=max(timeout, 1.0))
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     if proc.returncode != 0:
@@ -591,11 +597,14 @@ def build_variants(names, work: Path, deadline: float, arch: str, report: dict,
     recorded their files, and compiles the others. Returns ``{name: tree}`` of the builds that
     succeeded by ``deadline``; the others get an error in ``report["results"]``, every build its
     time, the objects it reused and its log's tail in ``report["variants"]``."""
-    trees = {}
+    trees, unbuilt = {}, {}
     for name in names:
+        report["variants"][name] = VARIANTS[name]._asdict()
+        if not VARIANTS[name].changes:  # an environment variable's: the base build, timed so
+            unbuilt[name] = ROOT
+            continue
         tree = work / name
         _copy_tree(tree)
-        report["variants"][name] = VARIANTS[name]._asdict()
         try:
             apply_changes(tree, VARIANTS[name].changes)
         except ValueError as exc:
@@ -613,7 +622,7 @@ def build_variants(names, work: Path, deadline: float, arch: str, report: dict,
         reused[name] = link_unchanged(deps, temp, changed, work / f"{name}.objects")
         print(f"gpu_tune: {name} links {len(reused[name])} of the base's {len(deps)} objects",
               flush=True)
-    return _build_in_place(trees, work, deadline, env, report, reused)
+    return {**unbuilt, **_build_in_place(trees, work, deadline, env, report, reused)}
 
 
 def _build_in_place(trees: dict, work: Path, deadline: float, env: dict, report: dict,
@@ -658,8 +667,9 @@ def time_builds(trees: dict, cases: list, work: Path, args, deadline: float, rep
     t0 = time.monotonic()
     for name, tree in timed:
         mine = cases if name in (BASE, BASE_AGAIN) else cases_for([name])
+        env = VARIANTS[name].env if name in VARIANTS else ()
         report["results"][name] = _run_measure(tree, work / f"{name}.times.json", mine, args,
-                                               deadline - time.monotonic() - 5)
+                                               deadline - time.monotonic() - 5, env)
         print(f"gpu_tune: {name} timed in {time.monotonic() - t0:.0f} s", flush=True)
 
 

@@ -34,6 +34,7 @@ import dataclasses
 import datetime
 import functools
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -918,7 +919,9 @@ def run_meta(device) -> dict:
         props = torch.cuda.get_device_properties(device)
         meta.update(device_name=props.name, capability=f"{props.major}.{props.minor}",
                     memory_gib=props.total_memory / 2**30,
-                    l2_bytes=getattr(props, "L2_cache_size", None))
+                    l2_bytes=getattr(props, "L2_cache_size", None),
+                    # csrc/cuda/pdl.cuh's rule, less its test of the build's PTX version
+                    pdl=props.major >= 9 and os.environ.get("MOE_ROUTE_PDL", "1")[:1] != "0")
     else:
         meta["device_name"] = platform.processor() or platform.machine()
     return meta
@@ -928,10 +931,11 @@ def format_meta(meta: dict) -> str:
     """One line of ``run_meta``, and a warning line if an op would run the PyTorch reference."""
     kind = meta["device"].split(":")[0]
     isa = meta["moe_route"].get("cpu_isa")
+    launches = {True: ", PDL launches", False: ", plain launches"}.get(meta.get("pdl"), "")
     line = (f"device {meta['device']} ({meta['device_name']}), torch {meta['torch']}"
             f"{', CUDA ' + meta['torch_cuda'] if meta['torch_cuda'] else ''}, "
             f"{meta['cpu_threads']} CPU threads"
-            f"{f', CPU kernels {isa}' if kind == 'cpu' and isa else ''}, "
+            f"{f', CPU kernels {isa}' if kind == 'cpu' and isa else ''}{launches}, "
             f"moe_route {meta['git'] or 'commit unknown'}, {meta['date']}")
     missing = [op for op, devices in meta["moe_route"]["kernels"].items() if kind not in devices]
     if missing:

@@ -315,6 +315,62 @@ def test_dispatch_graph_capture_and_replay(T):
         assert torch.equal(out, want_out)  # deterministic: no atomics
 
 
+
+@pytest.mark.parametrize("T", [1, 64, 4096])
+def test_each_kernel_reads_what_the_kernel_before_it_wrote(T):
+    """Each moe_route kernel is a programmatic dependent launch on sm_90+ (csrc/cuda/pdl.cuh): it
+    may start while the kernel before it in the stream still runs. Here the gate reads logits
+    that a GEMM writes right before it, and the dispatch ops follow one another, each reading
+    the one before's output; every round into the same buffers, eagerly and in a replayed graph.
+    A kernel that did not wait would read the round before's values. Each round must match the
+    same ops on the CPU."""
+    E, k, H, D = 256, 8, 256, 2048
+    g = torch.Generator().manual_seed(T)
+    router = (torch.randn(D, E, generator=g) / 32).cuda()
+    proj = (torch.randn(D, H, generator=g) / 32).cuda()
+    bias = torch.linspace(-0.01, 0.01, E, device="cuda")
+    h = torch.empty(T, D, device="cuda")
+    logits = torch.empty(T, E, device="cuda")
+    x = torch.empty(T, H, device="cuda")
+
+    def step():
+        torch.matmul(h, proj, out=x)
+        torch.matmul(h, router, out=logits)
+        w, ids = moe_route.topk_gate(logits, k, SPECS["deepseek_v3"], selection_bias=bias)
+        plan, rows, out = _combine(x, ids, w, E, 16)
+        return w, ids, plan, rows, out
+
+    def check(got):
+        want = [moe_route.topk_gate(logits.cpu(), k, SPECS["deepseek_v3"],
+                                    selection_bias=bias.cpu())]
+        want += _combine(x.cpu(), want[0][1], want[0][0], E, 16)
+        (w, ids), plan, rows, out = got[:2], got[2], got[3], got[4]
+        assert torch.equal(ids.cpu(), want[0][1])
+        torch.testing.assert_close(w.cpu(), want[0][0], rtol=1e-5, atol=1e-6)
+        for a, b in zip(plan[:4], want[1][:4]):
+            assert torch.equal(a.cpu(), b)
+        assert torch.equal(rows.cpu(), want[2])
+        torch.testing.assert_close(out.cpu(), want[3], rtol=1e-5, atol=1e-5)
+
+    for seed in range(4):  # eagerly: the ops' outputs are new tensors each round
+        h.copy_(torch.randn(T, D, generator=g))
+        got = step()
+        torch.cuda.synchronize()
+        check(got)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()  # warm-up off the graph
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=s):
+        got = step()
+    for seed in range(4):  # in the graph: the same buffers every round
+        h.copy_(torch.randn(T, D, generator=g))
+        graph.replay()
+        torch.cuda.synchronize()
+        check(got)
+
 @pytest.mark.parametrize("T,block", [(1, 64), (64, 64), (2048, 128)])
 def test_permute_leaves_the_unused_tail_unwritten(T, block):
     """zero_tail=False writes the rows in use only. The caching allocator hands the output the

@@ -60,6 +60,9 @@ def test_measure_and_table_on_cpu():
 def test_each_variant_names_the_kernels_it_changes():
     for name, variant in tune.VARIANTS.items():
         assert variant.kernels and set(variant.kernels) <= set(tune.KERNELS), name
+        assert variant.changes or variant.env, name  # else it would time the base again
+        if not variant.changes:
+            continue
         files = {rel for rel, _, _ in variant.changes}
         assert ("dispatch" in variant.kernels) == any("dispatch" in f for f in files), name
         if "csrc/cuda/gate_wide.cuh" in files:
@@ -117,6 +120,42 @@ def test_build_only_leaves_the_base_to_its_caller(tmp_path):
     assert tune.build_variants([], tmp_path, tune.time.monotonic() + 60, "9.0a", report,
                                with_base=False) == {}
     assert report == {"variants": {}, "results": {}}
+
+
+def test_an_environment_variant_times_the_base_build_with_its_variable(tmp_path, monkeypatch):
+    """A variant without changes (no_pdl) is not copied or built: the base build is timed again,
+    in a process that has the variant's environment variable, and the base's without it."""
+    report = {"variants": {}, "results": {}}
+    trees = tune.build_variants(["no_pdl"], tmp_path, tune.time.monotonic() + 60, "9.0a", report,
+                                with_base=False)
+    assert trees == {"no_pdl": tune.ROOT} and not list(tmp_path.iterdir())
+    assert report["variants"]["no_pdl"]["env"] == (("MOE_ROUTE_PDL", "0"),)
+    seen = {}
+
+    def fake_measure(tree, out_json, cases, args, timeout, env=()):
+        seen[out_json.name] = (tree, dict(env))
+        return {}
+
+    monkeypatch.setattr(tune, "_run_measure", fake_measure)
+    tune.time_builds(trees, ["gate T=1 E=128 k=8"], tmp_path, None,
+                     tune.time.monotonic() + 60, report)
+    assert seen == {"base.times.json": (tune.ROOT, {}),
+                    "no_pdl.times.json": (tune.ROOT, {"MOE_ROUTE_PDL": "0"}),
+                    "base_again.times.json": (tune.ROOT, {})}
+
+
+def test_a_measurement_runs_with_the_variants_environment(tmp_path):
+    """_run_measure's process sees the variant's variable: a case it cannot find fails there
+    with the variable named in the error, printed by a fake gpu_tune.py in the tree."""
+    tree = tmp_path / "tree"
+    (tree / "bench").mkdir(parents=True)
+    (tree / "bench" / "gpu_tune.py").write_text(
+        "import os, sys\nsys.exit('MOE_ROUTE_PDL=' + os.environ.get('MOE_ROUTE_PDL', 'unset'))\n")
+    args = tune.argparse.Namespace(device="cpu", min_time=0.01)
+    got = tune._run_measure(tree, tmp_path / "t.json", ["x"], args, 30, (("MOE_ROUTE_PDL", "0"),))
+    assert got == {"error": "MOE_ROUTE_PDL=0"}
+    assert tune._run_measure(tree, tmp_path / "t.json", ["x"], args, 30) == {
+        "error": "MOE_ROUTE_PDL=unset"}
 
 
 def _deps_text(temp: Path, root: Path) -> str:

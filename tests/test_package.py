@@ -83,6 +83,52 @@ def test_every_kernel_unit_is_built():
     assert set(cmake.group(1).split()) | {"gate"} == units
 
 
+
+def _kernel_sources() -> str:
+    """The CUDA kernels' sources (not the self-tests), comments removed."""
+    text = "\n".join(p.read_text() for p in sorted((ROOT / "csrc" / "cuda").glob("*.cu*"))
+                     if not p.stem.endswith("_selftest"))
+    return re.sub(r"//[^\n]*|/\*.*?\*/", "", text, flags=re.S)
+
+
+def _statements(src: str, name: str, qualifier: str) -> list[str]:
+    """The top-level statements of the body of the function `name` declared `qualifier`."""
+    head = re.search(qualifier + r"\b[^;{]*?\b" + name + r"\s*\(", src)
+    assert head, f"{qualifier} {name} not found"
+    i = src.index("{", head.end())  # no braces in the parameter lists
+    depth, start, out = 0, i + 1, []
+    for j in range(i, len(src)):
+        c = src[j]
+        if c in "{}":
+            depth += 1 if c == "{" else -1
+            if depth == 0:
+                return out
+        elif c == ";" and depth == 1:
+            out.append(" ".join(src[start:j].split()))
+        if c in "{};" and depth == 1:
+            start = j + 1
+    raise AssertionError(f"unbalanced braces in {name}")
+
+
+def test_every_kernel_waits_for_the_kernel_before_it():
+    """Every kernel is a programmatic dependent launch on sm_90+ (csrc/cuda/pdl.cuh): it may start
+    while the kernel before it in the stream runs, so before it touches global memory it must wait
+    for that kernel (wait_for_prior_grids). A kernel without the wait reads stale inputs or
+    overwrites live ones, and only now and then, on a GPU: this checks the sources instead. Only
+    declarations may come first; a kernel whose body is one call checks the function it calls."""
+    src = re.sub(r"__launch_bounds__\((?:[^()]|\([^()]*\))*\)", "", _kernel_sources())
+    kernels = sorted(set(re.findall(r"__global__\s+void\s+(\w+)\s*\(", src)))
+    assert len(kernels) >= 9, kernels  # the gate's three kinds, the dispatch kernels
+    for kernel in kernels:
+        body = _statements(src, kernel, "__global__")
+        if len(body) == 1:  # topk_gate_kernel and the statistics build call topk_gate_body
+            callee = re.fullmatch(r"(\w+)\s*(?:<[^;]*>)?\s*\(.*\)", body[0])
+            assert callee, f"{kernel}: {body[0]}"
+            body = _statements(src, callee.group(1), "__device__")
+        first = next(s for s in body
+                     if not re.match(r"(static_assert|constexpr|extern __shared__|using)\b", s))
+        assert first == "wait_for_prior_grids()", f"{kernel} starts with {first!r}"
+
 def test_info_reports_the_extension():
     info = moe_route.info()
     json.dumps(info)  # plain data, usable in bug reports

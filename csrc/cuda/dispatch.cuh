@@ -71,6 +71,7 @@
 #include <cstdint>
 
 #include "../dispatch_params.h"
+#include "pdl.cuh"
 
 namespace moe_route {
 namespace cuda {
@@ -333,6 +334,8 @@ __device__ __forceinline__ void fill_minus_one(int64_t* row_slot, const int64_t 
 
 __global__ void plan_hist_kernel(const PlanParams p, const int64_t tile, const int64_t n_tiles,
                                  int64_t* __restrict__ ws) {
+  wait_for_prior_grids();  // before any global memory access (pdl.cuh)
+  allow_dependent_launch();
   extern __shared__ __align__(16) uint32_t hist_smem[];
   // Padding and tail rows: everything starts at -1, the scatter overwrites the used rows.
   fill_minus_one(p.row_slot, p.R, int64_t(blockIdx.x) * blockDim.x + threadIdx.x,
@@ -353,6 +356,8 @@ __global__ void plan_hist_kernel(const PlanParams p, const int64_t tile, const i
 // One CTA of kScanThreads threads; dynamic shared memory: PlanGeom::scan_smem.
 __global__ void __launch_bounds__(kScanThreads)
     plan_scan_kernel(const PlanParams p, const int64_t n_tiles, int64_t* __restrict__ ws) {
+  wait_for_prior_grids();  // before any global memory access (pdl.cuh)
+  allow_dependent_launch();
   extern __shared__ __align__(16) int64_t part[];  // [G, E]: per-(group, expert) partial sums
   const int tid = int(threadIdx.x);
   const int E = int(p.E);
@@ -388,6 +393,8 @@ __global__ void __launch_bounds__(kScanThreads)
 
 __global__ void plan_scatter_kernel(const PlanParams p, const int64_t tile, const int64_t n_tiles,
                                     const int64_t* __restrict__ ws) {
+  wait_for_prior_grids();  // before any global memory access (pdl.cuh)
+  allow_dependent_launch();
   extern __shared__ __align__(16) int64_t cur_smem[];
   const int lane = int(threadIdx.x & 31u);
   const int warp = int(threadIdx.x >> 5);
@@ -406,6 +413,8 @@ __global__ void plan_scatter_kernel(const PlanParams p, const int64_t tile, cons
 // histogram row part[w] becomes its cursor row in place; dynamic shared memory: scan_smem.
 __global__ void __launch_bounds__(kScanThreads)
     plan_one_cta_kernel(const PlanParams p, const int64_t tile, const int64_t n_tiles) {
+  wait_for_prior_grids();  // before any global memory access (pdl.cuh)
+  allow_dependent_launch();
   extern __shared__ __align__(16) int64_t part[];  // [n_tiles, E], then 32 warp totals
   const int tid = int(threadIdx.x);
   fill_minus_one(p.row_slot, p.R, tid, kScanThreads);
@@ -451,6 +460,8 @@ template <> struct CopyUnit<2> { using type = uint16_t; };
 template <int V, bool PerSlot>
 __global__ void __launch_bounds__(kRowThreads)
     permute_kernel(const PermuteParams p, const int tpr, const int64_t n_vec) {
+  wait_for_prior_grids();  // before any global memory access (pdl.cuh)
+  allow_dependent_launch();
   using U = typename CopyUnit<V>::type;
   const U* __restrict__ x = static_cast<const U*>(p.x);
   U* __restrict__ out = static_cast<U*>(p.out);
@@ -575,6 +586,8 @@ __device__ __forceinline__ void add_weighted(float (&acc)[VEC], const Pack<T, VE
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kRowThreads)
     unpermute_kernel(const UnpermuteParams p, const int tpr, const int64_t n_vec) {
+  wait_for_prior_grids();  // before any global memory access (pdl.cuh)
+  allow_dependent_launch();
   using P = Pack<T, VEC>;
   const P* __restrict__ y = static_cast<const P*>(p.y);
   P* __restrict__ out = static_cast<P*>(p.out);

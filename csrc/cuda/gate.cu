@@ -1,6 +1,7 @@
 // Launcher of the CUDA topk_gate kernels: picks the kernel from E and the features used (a warp
 // per token up to 1024 experts, a CTA per token beyond), the grid from T, the SM count and the
-// kernel's occupancy, then enqueues it on the caller's stream.
+// kernel's occupancy, then enqueues it on the caller's stream (a programmatic dependent launch on
+// sm_90+: pdl.cuh).
 #include <array>
 #include <atomic>
 #include <mutex>
@@ -10,6 +11,7 @@
 #include "gate.cuh"
 #include "gate_launch.h"
 #include "gate_wide.cuh"
+#include "pdl.cuh"
 
 namespace moe_route::cuda {
 namespace {
@@ -101,16 +103,16 @@ cudaError_t launch_topk_gate(const GateParams& p, cudaStream_t stream) {
     const int per_sm =
         blocks_per_sm(device, reinterpret_cast<const void*>(kernel), detail::kWideThreads, smem);
     const detail::WidePlan plan = detail::plan_topk_gate_wide(p, sm_count_of(device), per_sm);
-    kernel<<<plan.blocks, detail::kWideThreads, plan.smem_bytes, stream>>>(p, plan);
-    return cudaGetLastError();
+    return launch_kernel(kernel, plan.blocks, detail::kWideThreads, plan.smem_bytes, stream, p,
+                         plan);
   }
   const detail::GateKernel kernel = detail::select_kernel(p);
   const auto occupancy = [device](detail::GateKernel f, int threads, size_t smem) {
     return blocks_per_sm(device, reinterpret_cast<const void*>(f), threads, smem);
   };
   const detail::GatePlan plan = detail::plan_for_device(p, sm_count_of(device), kernel, occupancy);
-  kernel<<<plan.blocks, plan.warps_per_block * 32, plan.smem_bytes, stream>>>(p, plan);
-  return cudaGetLastError();
+  return launch_kernel(kernel, plan.blocks, plan.warps_per_block * 32, plan.smem_bytes, stream, p,
+                       plan);
 }
 
 }  // namespace moe_route::cuda

@@ -78,6 +78,7 @@
 
 #include "../gate_params.h"
 #include "gate_launch.h"
+#include "pdl.cuh"
 
 namespace moe_route {
 namespace cuda {
@@ -811,6 +812,8 @@ __device__ __forceinline__ void topk_gate_body(const GateParams p, const GatePla
   constexpr bool kShortKeys = !kHalfKeys && VPT <= short_keys_max_vpt(kFull);
 
   extern __shared__ __align__(16) uint32_t gate_smem[];
+  wait_for_prior_grids();  // before any global memory access (pdl.cuh)
+  allow_dependent_launch();
 
   const int lane = int(threadIdx.x & 31u);
   const int warp = int(threadIdx.x >> 5);

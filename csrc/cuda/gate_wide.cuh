@@ -119,6 +119,8 @@ __global__ void __launch_bounds__(kWideThreads, kFull || VPT > 8 ? 1 : 2)
     topk_gate_wide_kernel(const GateParams p, const WidePlan plan) {
   static_assert(VPT >= 1 && VPT <= 32, "VPT tier out of range");
   extern __shared__ __align__(16) uint32_t gate_smem[];
+  wait_for_prior_grids();  // before any global memory access (pdl.cuh)
+  allow_dependent_launch();
 
   const int tid = int(threadIdx.x);
   const int lane = tid & 31, warp = tid >> 5;
