@@ -54,6 +54,7 @@ class Variant(NamedTuple):
 
 
 DISPATCH = "csrc/cuda/dispatch.cuh"
+GROUPED = "csrc/cuda/gate_grouped.cuh"
 GATE_KERNEL = "__launch_bounds__(kMaxWarpsPerBlock * 32)\n    topk_gate_kernel"
 # The scoring of groups of 32 experts in the warp kernel, now and before b418c73.
 GROUPS_OF_32_NOW = """          float mine = 0.f;
@@ -267,6 +268,17 @@ VARIANTS = {
         "every kernel a plain launch (MOE_ROUTE_PDL=0), not a programmatic dependent launch that "
         "may start while the kernel before it runs (csrc/cuda/pdl.cuh)",
         [], ("warp", "wide", "dispatch"), (("MOE_ROUTE_PDL", "0"),)),
+    "gate_grouped_off": Variant(
+        "gate: decode-sized calls of group-limited routers (DeepSeek-V3) on the warp kernel, a "
+        "warp per token, as before, not a CTA per token with a warp per group "
+        "(gate_grouped.cuh)",
+        [(GROUPED, "kGroupedMaxTokens = 1024;", "kGroupedMaxTokens = 0;")],
+        ("warp",)),
+    "gate_grouped_all": Variant(
+        "gate: group-limited calls on the CTA-per-token grouped kernel at every T, not only up "
+        "to 1024 tokens",
+        [(GROUPED, "kGroupedMaxTokens = 1024;", "kGroupedMaxTokens = int64_t(1) << 62;")],
+        ("warp",)),
     "gate_3_blocks": Variant(
         "gate: __launch_bounds__ asks for 3 CTAs per SM (80 registers at most: the full kernel "
         "spills)",
@@ -416,6 +428,7 @@ CASES = {
     "gate deepseek_v3 T=1024": lambda d: _gate("deepseek_v3", 1024, 256, 8, "gate", d),
     "gate deepseek_v3 T=16384": lambda d: _gate("deepseek_v3", 16384, 256, 8, "gate", d),
     "gate deepseek_v3 T=1": lambda d: _gate("deepseek_v3", 1, 256, 8, "gate", d),
+    "gate deepseek_v3 T=64": lambda d: _gate("deepseek_v3", 64, 256, 8, "gate", d),
     "gate+stats deepseek_v3 T=16384":
         lambda d: _gate("deepseek_v3", 16384, 256, 8, "gate_stats", d),
     "gate topk_softmax T=1 E=16384 k=64": lambda d: _gate("topk_softmax", 1, 16384, 64, "gate", d),

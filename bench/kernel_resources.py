@@ -27,7 +27,8 @@ SOURCES = tuple(sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda"
 REGS_PER_SM, MAX_WARPS_PER_SM, REG_UNIT = 65536, 64, 256
 CTA_THREADS = {"topk_gate_kernel": 256, "topk_gate_wide_kernel": 512, "permute_kernel": 256,
                "unpermute_kernel": 256, "plan_scan_kernel": 1024,
-               "plan_one_cta_kernel": 1024}  # hist/scatter: vary with E
+               "plan_one_cta_kernel": 1024,  # hist/scatter: vary with E
+               "topk_gate_grouped_kernel": 256}  # a warp per group: DeepSeek-V3's 8
 
 LOGIT_TYPES = {"0": "fp32", "1": "fp16", "2": "bf16"}
 ELEM_TYPES = {"f": "fp32", "6__half": "fp16", "13__nv_bfloat16": "bf16"}
@@ -48,6 +49,9 @@ def kernel_label(mangled: str) -> str:
     if m:
         variant = "full" if m.group(3) == "1" else "plain"
         return f"topk_gate wide VPT={m.group(1)} {LOGIT_TYPES[m.group(2)]} {variant}"
+    m = re.search(r"topk_gate_grouped_kernelILNS_9LogitTypeE(\d)E", mangled)
+    if m:
+        return f"topk_gate grouped {LOGIT_TYPES[m.group(1)]}"
     m = re.search(r"unpermute_kernelI(13__nv_bfloat16|6__half|f)Li(\d+)E", mangled)
     if m:
         return f"unpermute {ELEM_TYPES[m.group(1)]} x{m.group(2)}"

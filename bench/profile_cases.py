@@ -43,7 +43,11 @@ CASES = {
         "^topk_gate_kernel", 1, lambda: _gate("topk_softmax", 1024, 128, 4, "gate_stats")),
     "gate_deepseek_v3_T16384": ("^topk_gate_kernel", 1,
                                 lambda: _gate("deepseek_v3", 16384, 256, 8)),
-    "gate_deepseek_v3_T1": ("^topk_gate_kernel", 1, lambda: _gate("deepseek_v3", 1, 256, 8)),
+    # decode-sized DeepSeek-V3 calls: a CTA per token, a warp per group (gate_grouped.cuh)
+    "gate_deepseek_v3_T1": ("^topk_gate_grouped_kernel", 1,
+                            lambda: _gate("deepseek_v3", 1, 256, 8)),
+    "gate_deepseek_v3_T1024": ("^topk_gate_grouped_kernel", 1,
+                               lambda: _gate("deepseek_v3", 1024, 256, 8)),
     # the CTA-per-token kernel (E > 1024): 46 us for one token and 0.44x PyTorch at T=4096 on the
     # H200 run of 2026-11-26, with no counters taken
     "gate_wide_T1_E16384_k64": ("^topk_gate_wide_kernel", 1,

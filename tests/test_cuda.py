@@ -100,6 +100,40 @@ def test_rounded_scores_agree_with_cpu(name, dtype, E, k):
     torch.testing.assert_close(w_gpu.cpu()[same], w_cpu[same], rtol=1e-5, atol=1e-6)
 
 
+GROUPED = {  # (spec, E, k) of group-limited calls that the grouped kernel takes up to 1024 tokens
+    "deepseek_v3": (SPECS["deepseek_v3"], 256, 8),
+    "groups of 4, k > 4": (RouterSpec(score="sigmoid", n_group=16, topk_group=8,
+                                      group_score="top2_sum"), 64, 10),
+    "softmax of the selected logits": (RouterSpec(select_on="logits", n_group=8, topk_group=2,
+                                                  renormalize=True), 128, 4),
+    "rounded sqrtsoftplus": (RouterSpec(score="sqrtsoftplus", n_group=8, topk_group=3,
+                                        group_score="top2_sum", round_scores=True), 160, 6),
+}
+
+
+@pytest.mark.parametrize("name", GROUPED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_grouped_and_warp_kernels_route_alike(name, dtype):
+    """Up to 1024 tokens, a group-limited call without steering, statistics or replay runs a CTA
+    per token with a warp per group (gate_grouped.cuh); with more tokens it runs the warp kernel.
+    The same rows must get the same ids and weights, bit for bit, at T = 1, 64, 1024 and 1025."""
+    spec, E, k = GROUPED[name]
+    g = torch.Generator().manual_seed(E)
+    x = torch.randn(1025, E, generator=g).to("cuda", dtype)
+    x[7, :5] = float("nan")
+    bias = (torch.randn(E, generator=g) * 0.1).cuda() if spec.score == "sigmoid" else None
+    w_warp, ids_warp = moe_route.topk_gate(x, k, spec, selection_bias=bias)
+    for rows in (slice(0, 1024), slice(0, 64), slice(7, 8), slice(1000, 1001)):
+        w, ids = moe_route.topk_gate(x[rows], k, spec, selection_bias=bias)
+        assert torch.equal(ids, ids_warp[rows])
+        assert torch.equal(w, w_warp[rows])
+    w_cpu, ids_cpu = moe_route.topk_gate(x.cpu(), k, spec,
+                                         selection_bias=None if bias is None else bias.cpu())
+    same = (ids_warp.cpu() == ids_cpu).all(-1)
+    assert int((~same).sum()) <= 3  # scores within an ulp may swap (expf is not the CPU's)
+    torch.testing.assert_close(w_warp.cpu()[same], w_cpu[same], rtol=1e-5, atol=1e-6)
+
+
 def test_graph_capture_and_replay_with_stats():
     T, E, k = 256, 64, 8
     x = torch.randn(T, E, device="cuda")

@@ -56,6 +56,9 @@ def test_parse_ptxas_reads_registers_and_spills_per_kernel():
     ("_ZN9moe_route4cuda6detail21topk_gate_wide_kernelILi16ELNS_9LogitTypeE0ELb1"
      "EEEvNS_10GateParamsENS1_8WidePlanE",
      "topk_gate wide VPT=16 fp32 full"),
+    ("_ZN9moe_route4cuda6detail24topk_gate_grouped_kernelILNS_9LogitTypeE2EEEvNS_10GateParams"
+     "ENS1_11GroupedPlanE",
+     "topk_gate grouped bf16"),
     ("_ZN9moe_route4cuda6detail14permute_kernelILi16ELb0EEEvNS_13PermuteParamsEil",
      "permute 16-byte copies"),
     ("_ZN9moe_route4cuda6detail14permute_kernelILi2ELb1EEEvNS_13PermuteParamsEil",

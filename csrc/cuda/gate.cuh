@@ -4,7 +4,9 @@
 // Thread mapping: one warp per token. Lane l holds experts i*32 + l (i < VPT, VPT = ceil(E/32)
 // rounded up to a compile-time tier 1, 2, 4, 8, 16, 32, so E <= 1024) in registers; loads are
 // coalesced across the warp. More experts run in gate_wide.cuh (a CTA per token), which shares
-// this file's row steps (steering, softmax normaliser, dense statistics). Every reduction over
+// this file's row steps (steering, softmax normaliser, dense statistics), and decode-sized calls
+// of group-limited routers in gate_grouped.cuh (a CTA per token, a warp per group), which gives
+// the same bits as this kernel. Every reduction over
 // experts is a per-lane loop plus a warp-wide step (a butterfly of xor shuffles, or REDUX for
 // integer maxima), so all lanes end with bit-identical results. Each warp owns a contiguous range
 // of tokens and prefetches the next token's row while working on the current one. The grid is

@@ -665,7 +665,7 @@ std::vector<Case> cases() {
   {
     Case c;
     c.name = "sigmoid+bias groups top2_sum renorm scale bf16";
-    c.T = 777, c.E = 256, c.k = 8, c.lt = LogitType::BF16;
+    c.T = 64, c.E = 256, c.k = 8, c.lt = LogitType::BF16;
     c.score = Score::Sigmoid, c.bias = true;
     c.n_group = 8, c.topk_group = 4, c.group_score = GroupScore::Top2Sum;
     c.renormalize = true, c.renorm_eps = 1e-20f, c.scale = 2.5f, c.seed = 2;
@@ -950,7 +950,7 @@ std::vector<Case> cases() {
   {
     Case c;  // groups of 32 (one register slot each), top-2 sums with tied maxima
     c.name = "exact ties, top2_sum groups of 32";
-    c.T = 300, c.E = 256, c.k = 8, c.score = Score::None, c.ties = true, c.renormalize = true;
+    c.T = 64, c.E = 256, c.k = 8, c.score = Score::None, c.ties = true, c.renormalize = true;
     c.n_group = 8, c.topk_group = 3, c.group_score = GroupScore::Top2Sum, c.seed = 19;
     v.push_back(c);
   }
@@ -1065,6 +1065,71 @@ std::vector<Case> cases() {
     v.push_back(c);
     c.name = "round select_on=logits bf16 (nothing to round)";
     c.select_on_logits = true, c.score = Score::Softmax, c.steer = false, c.seed = 48;
+    v.push_back(c);
+  }
+  // Group-limited calls of at most 1024 tokens, without steering, statistics or replay: a CTA
+  // per token, a warp per group (gate_grouped.cuh); above 1024 tokens, the warp kernel. Few
+  // tokens each: the emulator runs a CTA's 256 threads as OS threads, about 50 ms a token.
+  {
+    Case c;
+    c.name = "grouped DeepSeek-V3 fp32 T=1";
+    c.T = 1, c.E = 256, c.k = 8, c.score = Score::Sigmoid, c.bias = true;
+    c.n_group = 8, c.topk_group = 4, c.group_score = GroupScore::Top2Sum;
+    c.renormalize = true, c.renorm_eps = 1e-20f, c.scale = 2.5f, c.seed = 80;
+    v.push_back(c);
+  }
+  {
+    Case c;  // more tokens than the emulated SMs hold CTAs (2): each CTA takes 24
+    c.name = "grouped DeepSeek-V3 bf16 T=48 near ties, specials";
+    c.T = 48, c.E = 256, c.k = 8, c.lt = LogitType::BF16, c.score = Score::Sigmoid;
+    c.bias = true, c.n_group = 8, c.topk_group = 4, c.group_score = GroupScore::Top2Sum;
+    c.renormalize = true, c.renorm_eps = 1e-20f, c.scale = 2.5f, c.near_ties = true;
+    c.specials = true, c.seed = 81;
+    v.push_back(c);
+  }
+  {
+    Case c;  // the same call past kGroupedMaxTokens: the warp kernel
+    c.name = "grouped, past its tokens: DeepSeek-V3 bf16 T=1025 (warp kernel)";
+    c.T = 1025, c.E = 256, c.k = 8, c.lt = LogitType::BF16, c.score = Score::Sigmoid;
+    c.bias = true, c.n_group = 8, c.topk_group = 4, c.group_score = GroupScore::Top2Sum;
+    c.renormalize = true, c.renorm_eps = 1e-20f, c.scale = 2.5f, c.seed = 82;
+    v.push_back(c);
+  }
+  {
+    Case c;  // groups of 20: lanes 20-31 hold no expert
+    c.name = "grouped exact ties score=none, groups of 20 by max, renorm";
+    c.T = 60, c.E = 160, c.k = 6, c.score = Score::None, c.ties = true, c.renormalize = true;
+    c.n_group = 8, c.topk_group = 3, c.exact_ids = true, c.seed = 83;
+    v.push_back(c);
+  }
+  {
+    Case c;  // top2_sum of rounded scores, rounded again (rounds_half_sums); a row stride
+    c.name = "grouped round sigmoid fp16 top2_sum, row_pad";
+    c.T = 40, c.E = 128, c.k = 8, c.lt = LogitType::F16, c.score = Score::Sigmoid;
+    c.round_scores = true, c.n_group = 4, c.topk_group = 2, c.row_pad = 3;
+    c.group_score = GroupScore::Top2Sum, c.seed = 84;
+    v.push_back(c);
+  }
+  {
+    Case c;  // every kept group's 4 experts listed, 8 groups: one key a lane
+    c.name = "grouped k=10 > groups of 4, sigmoid+bias top2_sum";
+    c.T = 40, c.E = 64, c.k = 10, c.score = Score::Sigmoid, c.bias = true;
+    c.n_group = 16, c.topk_group = 8, c.group_score = GroupScore::Top2Sum, c.seed = 85;
+    v.push_back(c);
+  }
+  {
+    Case c;  // top2_sum of a group of one is its value
+    c.name = "grouped one expert a group, sqrtsoftplus top2_sum";
+    c.T = 30, c.E = 16, c.k = 3, c.score = Score::SqrtSoftplus, c.n_group = 16;
+    c.topk_group = 5, c.group_score = GroupScore::Top2Sum, c.seed = 86;
+    v.push_back(c);
+  }
+  {
+    Case c;  // the softmax of the selected logits (finish_weights)
+    c.name = "grouped softmax select_on=logits renorm, specials, exact ties";
+    c.T = 60, c.E = 128, c.k = 4, c.select_on_logits = true, c.renormalize = true;
+    c.n_group = 8, c.topk_group = 2, c.ties = true, c.specials = true, c.exact_ids = true;
+    c.seed = 87;
     v.push_back(c);
   }
   // More than 1024 experts: the CTA-per-token kernel (gate_wide.cuh), each VPT tier.

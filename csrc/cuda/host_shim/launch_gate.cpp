@@ -1,6 +1,7 @@
 // Emulated twin of csrc/cuda/gate.cu's launcher (which nvcc alone compiles): the same checks and
 // plans, the kernels run by the host emulator (cuda_runtime.h here).
 #include "../gate.cuh"
+#include "../gate_grouped.cuh"
 #include "../gate_launch.h"
 #include "../gate_wide.cuh"
 
@@ -22,6 +23,16 @@ cudaError_t launch_topk_gate(const GateParams& p, cudaStream_t) {
     const detail::WidePlan plan =
         detail::plan_topk_gate_wide(p, emu::sm_count(), emu::resident_warps() / kWideWarps);
     emu::launch(plan.blocks, detail::kWideThreads, true, [&] { kernel(p, plan); },
+                {detail::gate_smem, sizeof(detail::gate_smem), plan.smem_bytes,
+                 reinterpret_cast<const void*>(kernel)});
+    return cudaSuccess;
+  }
+  if (detail::runs_grouped_build(p)) {
+    const detail::GroupedKernel kernel = detail::grouped_kernel_for_type(p.logit_type);
+    const int threads = int(p.n_group) * 32;
+    const detail::GroupedPlan plan =
+        detail::plan_topk_gate_grouped(p, emu::sm_count(), emu::resident_warps() / (threads / 32));
+    emu::launch(plan.blocks, threads, true, [&] { kernel(p, plan); },
                 {detail::gate_smem, sizeof(detail::gate_smem), plan.smem_bytes,
                  reinterpret_cast<const void*>(kernel)});
     return cudaSuccess;
