@@ -1103,11 +1103,12 @@ std::vector<Case> cases() {
     v.push_back(c);
   }
   {
-    Case c;  // top2_sum of rounded scores, rounded again (rounds_half_sums); a row stride
+    Case c;  // top2_sum of rounded scores, rounded again (rounds_half_sums; crowded scores, so
+             // that the rounding of the sums decides between groups); a row stride
     c.name = "grouped round sigmoid fp16 top2_sum, row_pad";
-    c.T = 40, c.E = 128, c.k = 8, c.lt = LogitType::F16, c.score = Score::Sigmoid;
+    c.T = 100, c.E = 128, c.k = 8, c.lt = LogitType::F16, c.score = Score::Sigmoid;
     c.round_scores = true, c.n_group = 4, c.topk_group = 2, c.row_pad = 3;
-    c.group_score = GroupScore::Top2Sum, c.seed = 84;
+    c.group_score = GroupScore::Top2Sum, c.spread = 0.02f, c.seed = 84;
     v.push_back(c);
   }
   {
