@@ -30,9 +30,9 @@ namespace moe_route {
 namespace cuda {
 namespace detail {
 
-// The most tokens a call may have to run here: beyond, the warp kernel's grid holds several
-// tokens a warp and its throughput counts more than a token's latency. Not yet timed (2026-11-30:
-// bench/gpu_tune.py's variants gate_grouped_off and gate_grouped_4096 compare).
+// The most tokens a call may have to run here: up to about there the warp kernel gives each
+// token a warp of its own, so one warp's latency sets its time. A guess, not yet timed
+// (2026-11-30): bench/gpu_tune.py's variants gate_grouped_off and gate_grouped_all compare.
 constexpr int64_t kGroupedMaxTokens = 1024;
 
 inline bool runs_grouped_build(const GateParams& p) {
