@@ -7,9 +7,10 @@
 
 Run it after ``bench/gpu_check.sh``, which builds this tree in place: that build is the "base".
 Each variant is a copy of the tree with a few constants or attributes changed (``VARIANTS``), built
-in parallel with the others, or the base build timed with an environment variable set. A copy compiles only the sources its changes reach and links the
-base's objects for the rest (ninja's record of the files each object was compiled from), so a gate
-variant compiles the gate's units alone. The cases (``CASES``: the gate, the dispatch plan, permute
+in parallel with the others, or the base build timed with an environment variable set. A copy
+compiles only the sources its changes reach and links the base's objects for the rest (ninja's
+record of the files each object was compiled from), so a gate variant compiles the gate's units
+alone. The cases (``CASES``: the gate, the dispatch plan, permute
 and unpermute at issue 6's shapes, bf16) of the kernels a variant changes (its ``kernels``: the
 warp-per-token gate, the CTA-per-token gate, dispatch) are then timed against its build and the
 base's, one process per build, so each variant's time sits next to the base's. The base is timed

@@ -83,7 +83,6 @@ def test_every_kernel_unit_is_built():
     assert set(cmake.group(1).split()) | {"gate"} == units
 
 
-
 def _kernel_sources() -> str:
     """The CUDA kernels' sources (not the self-tests), comments removed."""
     text = "\n".join(p.read_text() for p in sorted((ROOT / "csrc" / "cuda").glob("*.cu*"))

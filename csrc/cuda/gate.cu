@@ -1,8 +1,8 @@
 // Launcher of the CUDA topk_gate kernels: picks the kernel from E and the features used (a warp
 // per token up to 1024 experts, a CTA per token beyond, and a CTA per token of a warp per group
 // for decode-sized calls of group-limited routers: gate_grouped.cuh), the grid from T, the SM
-// count and the kernel's occupancy, then enqueues it on the caller's stream (a programmatic dependent launch on
-// sm_90+: pdl.cuh).
+// count and the kernel's occupancy, then enqueues it on the caller's stream (a programmatic
+// dependent launch on sm_90+: pdl.cuh).
 #include <array>
 #include <atomic>
 #include <mutex>
@@ -112,7 +112,7 @@ cudaError_t launch_topk_gate(const GateParams& p, cudaStream_t stream) {
     const detail::GroupedKernel kernel = detail::grouped_kernel_for_type(p.logit_type);
     const int threads = int(p.n_group) * 32;
     const int per_sm = blocks_per_sm(device, reinterpret_cast<const void*>(kernel), threads,
-                                     detail::grouped_smem_bytes(p));
+                                     detail::grouped_layout(p).smem_bytes);
     const detail::GroupedPlan plan = detail::plan_topk_gate_grouped(p, sm_count_of(device), per_sm);
     return launch_kernel(kernel, plan.blocks, threads, plan.smem_bytes, stream, p, plan);
   }

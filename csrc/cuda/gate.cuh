@@ -6,9 +6,9 @@
 // coalesced across the warp. More experts run in gate_wide.cuh (a CTA per token), which shares
 // this file's row steps (steering, softmax normaliser, dense statistics), and decode-sized calls
 // of group-limited routers in gate_grouped.cuh (a CTA per token, a warp per group), which gives
-// the same bits as this kernel. Every reduction over
-// experts is a per-lane loop plus a warp-wide step (a butterfly of xor shuffles, or REDUX for
-// integer maxima), so all lanes end with bit-identical results. Each warp owns a contiguous range
+// the same bits as this kernel. Every reduction over experts is a per-lane loop plus a warp-wide
+// step (a butterfly of xor shuffles, or REDUX for integer maxima), so all lanes end with
+// bit-identical results. Each warp owns a contiguous range
 // of tokens and prefetches the next token's row while working on the current one. The grid is
 // persistent: sized from the kernel's occupancy (plan_for_device) so that every warp is resident
 // at once, one wave.

@@ -54,21 +54,23 @@ struct GroupedPlan {
   size_t smem_bytes = 0;
 };
 
-inline size_t grouped_smem_bytes(const GateParams& p) {
-  const int64_t gsize = p.E / p.n_group, listed = p.k < gsize ? p.k : gsize;
-  return size_t((p.E + p.n_group + 1) / 2 * 2 + 2 * p.n_group * listed + 2 * p.k) * 4;
+// The shared-memory layout of a call runs_grouped_build takes (blocks left at 0): at most
+// 12.4 KiB (E = 1024, k = 32).
+inline GroupedPlan grouped_layout(const GateParams& p) {
+  GroupedPlan c;
+  const int64_t gsize = p.E / p.n_group;
+  c.listed = int32_t(p.k < gsize ? p.k : gsize);
+  c.keys_off = int32_t((p.E + p.n_group + 1) / 2 * 2);
+  c.sel_off = c.keys_off + 2 * int32_t(p.n_group) * c.listed;
+  c.smem_bytes = size_t(c.sel_off + 2 * p.k) * sizeof(uint32_t);
+  return c;
 }
 
 // The plan for a call runs_grouped_build takes: a CTA of n_group warps per token, as many CTAs
 // as tokens up to what the SMs hold at once (`blocks_per_sm`, 0 if unknown: one each), each
 // then taking every gridDim-th token.
 inline GroupedPlan plan_topk_gate_grouped(const GateParams& p, int sm_count, int blocks_per_sm) {
-  GroupedPlan c;
-  const int64_t gsize = p.E / p.n_group;
-  c.listed = int32_t(p.k < gsize ? p.k : gsize);
-  c.keys_off = int32_t((p.E + p.n_group + 1) / 2 * 2);
-  c.sel_off = c.keys_off + 2 * int32_t(p.n_group) * c.listed;
-  c.smem_bytes = grouped_smem_bytes(p);  // at most 12.4 KiB (E = 1024, k = 32)
+  GroupedPlan c = grouped_layout(p);
   const int64_t resident =
       int64_t(sm_count > 0 ? sm_count : 1) * (blocks_per_sm > 0 ? blocks_per_sm : 1);
   c.blocks = int32_t(p.T < resident ? p.T : resident);
