@@ -55,6 +55,7 @@ class Variant(NamedTuple):
 
 
 DISPATCH = "csrc/cuda/dispatch.cuh"
+GATE = "csrc/cuda/gate.cuh"
 GROUPED = "csrc/cuda/gate_grouped.cuh"
 GATE_KERNEL = "__launch_bounds__(kMaxWarpsPerBlock * 32)\n    topk_gate_kernel"
 # The scoring of groups of 32 experts in the warp kernel, now and before b418c73.
@@ -243,6 +244,99 @@ WIDE_MERGE_END = """#endif
         if ((ask >> warp) & 1u) goal = goal + step < k ? goal + step : k;
 """
 
+# The CTA's merge of its warps' statistics (gate.cuh), now and as before: each warp added its run
+# into one shared set of sums with shared-memory atomics (compare-and-swap loops on sm_90).
+MERGE_FIELDS_NOW = "  int32_t cta_off = -1, cta_prob = -1;\n"
+MERGE_FIELDS_BEFORE = """  int32_t cta_off = -1, cta_words = 0;
+  int32_t cta_cnt = -1, cta_prob = -1, cta_wsum = -1;
+"""
+MERGE_AREA_NOW = " : nullptr;\n  float prob_acc[VPT];\n"
+MERGE_AREA_BEFORE = """ : nullptr;
+  if (cta != nullptr) {
+    for (int i = int(threadIdx.x); i < plan.cta_words; i += int(blockDim.x))
+      cta[i] = i == 0 ? 0xffffffffu : 0u;
+    __syncthreads();
+  }
+  float prob_acc[VPT];
+"""
+MERGE_START_NOW = "    return;\n  }\n  // The open run into the CTA's merge area (see the header).\n"
+MERGE_BEFORE = """    return;
+  }
+  if (run_g >= 0) {
+    const bool fits = run_g <= int64_t(0x7fffffff);  // the area holds the group as an int
+    int claimed = -2;
+    if (fits && lane == 0) claimed = atomicCAS(reinterpret_cast<int*>(cta), -1, int(run_g));
+    claimed = __shfl_sync(kFullMask, claimed, 0);
+    if (!fits || (claimed != -1 && claimed != run_g)) {
+      flush();
+    } else {
+      add_run(reinterpret_cast<u64*>(cta + 2), reinterpret_cast<float*>(cta + 4),
+              plan.cta_prob >= 0 ? reinterpret_cast<float*>(cta + plan.cta_prob) : nullptr,
+              plan.cta_cnt >= 0 ? reinterpret_cast<u64*>(cta + plan.cta_cnt) : nullptr,
+              plan.cta_wsum >= 0 ? reinterpret_cast<float*>(cta + plan.cta_wsum) : nullptr);
+    }
+  }
+  __syncthreads();
+  const int merged = int(cta[0]);
+  if (merged < 0) return;
+  const int64_t row = int64_t(merged) * E;
+  if (threadIdx.x == 0) {
+    if (p.tokens)
+      atomicAdd(reinterpret_cast<u64*>(p.tokens + merged), *reinterpret_cast<const u64*>(cta + 2));
+    if (p.entropy_sum) atomicAdd(p.entropy_sum + merged, *reinterpret_cast<const float*>(cta + 4));
+  }
+  for (int e = int(threadIdx.x); e < E; e += int(blockDim.x)) {
+    if (plan.cta_prob >= 0) {
+      const float v = reinterpret_cast<const float*>(cta + plan.cta_prob)[e];
+      if (v != 0.f) atomicAdd(p.prob_sum + row + e, v);
+    }
+    if (plan.cta_cnt >= 0) {
+      const auto* counts = reinterpret_cast<const u64*>(cta + plan.cta_cnt);
+      if (counts[e] != 0ull) atomicAdd(reinterpret_cast<u64*>(p.counts + row + e), counts[e]);
+    }
+    if (plan.cta_wsum >= 0) {
+      const float w = reinterpret_cast<const float*>(cta + plan.cta_wsum)[e];
+      if (w != 0.f) atomicAdd(p.weight_sum + row + e, w);
+    }
+  }
+#if 0  // the merge as it is now
+  // The open run into the CTA's merge area (see the header).
+"""
+MERGE_END_NOW = "atomicAdd(p.weight_sum + row + e, wsum);\n  }\n}\n"
+MERGE_PLAN_NOW = """  const auto area_words = [&](int64_t w) { return 4 * w + (p.prob_sum ? w * p.E : 0); };
+  int64_t merge_wpb = wpb;
+  while (merge_wpb > 1 && (area_off(merge_wpb) + area_words(merge_wpb)) * 4 > kSmemPerBlock)
+    --merge_wpb;
+  const bool merges = sums && merge_wpb > 1;
+  if (merges) {
+    wpb = merge_wpb;
+    c.cta_off = int32_t(area_off(wpb));
+    c.cta_prob = p.prob_sum ? int32_t(4 * wpb) : -1;
+  }
+  c.warps_per_block = int32_t(wpb);
+  c.blocks = int32_t((warps + wpb - 1) / wpb);
+  c.smem_bytes = size_t(merges ? (area_off(wpb) + area_words(wpb)) * 4 : wpb * warp_bytes);
+"""
+MERGE_PLAN_BEFORE = """  int64_t cta_words = 8;
+  const int32_t cnt = p.counts ? int32_t(cta_words) : -1;
+  if (p.counts) cta_words += 2 * p.E;
+  const int32_t prob = p.prob_sum ? int32_t(cta_words) : -1;
+  if (p.prob_sum) cta_words += p.E;
+  const int32_t wsum = p.weight_sum ? int32_t(cta_words) : -1;
+  if (p.weight_sum) cta_words += p.E;
+  int64_t merge_wpb = wpb;
+  while (merge_wpb > 1 && (area_off(merge_wpb) + cta_words) * 4 > kSmemPerBlock) --merge_wpb;
+  if (sums && merge_wpb > 1) {
+    wpb = merge_wpb;
+    c.cta_off = int32_t(area_off(wpb));
+    c.cta_words = int32_t(cta_words);
+    c.cta_cnt = cnt, c.cta_prob = prob, c.cta_wsum = wsum;
+  }
+  c.warps_per_block = int32_t(wpb);
+  c.blocks = int32_t((warps + wpb - 1) / wpb);
+  c.smem_bytes = size_t(c.cta_off >= 0 ? (int64_t(c.cta_off) + cta_words) * 4 : wpb * warp_bytes);
+"""
+
 VARIANTS = {
     "dispatch_alt": Variant(
         ("plan: three launches at every size; permute: 8 vectors per copy step instead of 4; "
@@ -331,6 +425,21 @@ VARIANTS = {
           """    ex[i] = ((valid >> i) & 1u) ? expf(x[i] - max_out) : 0.f;
     s += ex[i];""")],
         ("warp", "wide")),
+    "gate_merge_atomics": Variant(
+        "gate: a CTA merges its warps' statistics with shared-memory atomics into one set of "
+        "sums, zeroed at the start behind a block barrier, as before, not by summing each "
+        "warp's run in warp order after the one barrier at the end",
+        [(GATE, MERGE_FIELDS_NOW, MERGE_FIELDS_BEFORE),
+         (GATE, MERGE_AREA_NOW, MERGE_AREA_BEFORE),
+         (GATE, MERGE_START_NOW, MERGE_BEFORE),
+         (GATE, MERGE_END_NOW, MERGE_END_NOW.replace("}\n}", "}\n#endif\n}")),
+         (GATE, MERGE_PLAN_NOW, MERGE_PLAN_BEFORE)],
+        ("warp",)),
+    "gate_merge_off": Variant(
+        "gate: no CTA merges its warps' statistics; each warp adds its own run to the "
+        "statistics with global atomics",
+        [(GATE, "const bool merges = sums && merge_wpb > 1;", "const bool merges = false;")],
+        ("warp",)),
     "gate_stats_full": Variant(
         "gate: statistics calls on 16-bit logits ranked as they are run the full kernel, as "
         "before the half-key statistics build",
@@ -423,6 +532,11 @@ CASES = {
         lambda d: _gate("softmax_topk", 16384, 256, 8, "gate_steer", d),
     "gate T=16384 E=256 k=8 fp32":
         lambda d: _gate("softmax_topk", 16384, 256, 8, "gate", d, "float32"),
+    # the worst statistics ratio of 2026-11-29: 3.17x (fp32 statistics run the full build)
+    "gate T=1024 E=256 k=4 fp32":
+        lambda d: _gate("softmax_topk", 1024, 256, 4, "gate", d, "float32"),
+    "gate+stats T=1024 E=256 k=4 fp32":
+        lambda d: _gate("softmax_topk", 1024, 256, 4, "gate_stats", d, "float32"),
     # a token with tied short keys sets the call's time (2026-11-29: 1.3-1.9x the first run)
     "gate T=1024 E=256 k=8 fp32":
         lambda d: _gate("softmax_topk", 1024, 256, 8, "gate", d, "float32"),

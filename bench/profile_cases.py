@@ -30,6 +30,10 @@ def _dispatch(op: str, T: int, k: int, H: int, E: int):
 # name: (ncu kernel-name regex, kernel launches per call, the callable's builder)
 CASES = {
     "gate_T1_E256_k8": ("^topk_gate_kernel", 1, lambda: _gate("softmax_topk", 1, 256, 8)),
+    # one token: statistics cost 2.2x the plain gate's time here on 2026-11-29 (8.3 against 3.8 us)
+    "gate_T1_E512_k8": ("^topk_gate_kernel", 1, lambda: _gate("softmax_topk", 1, 512, 8)),
+    "gate_stats_T1_E512_k8": ("^topk_gate_kernel", 1,
+                              lambda: _gate("softmax_topk", 1, 512, 8, "gate_stats")),
     "gate_T16384_E128_k8": ("^topk_gate_kernel", 1,
                             lambda: _gate("softmax_topk", 16384, 128, 8)),
     "gate_T16384_E256_k8": ("^topk_gate_kernel", 1,

@@ -44,10 +44,14 @@
 // Statistics: per-warp accumulators for the current group: the dense distribution q in registers,
 // counts and weight sums in per-warp shared memory (touched without atomics: a warp owns its
 // slice), token count and entropy in registers. They are flushed with global atomics when the
-// group changes. At the end of its range a warp adds them into the CTA's merge area in shared
-// memory instead (if the CTA merges the same group; else it flushes them itself), and the CTA
-// flushes the merged sums with one global atomic per expert: at large T a warp covers only a few
-// tokens, and one flush per warp would put E global atomics per warp onto the same E addresses.
+// group changes. At the end of its range a warp leaves its open run in the CTA's merge area
+// instead: its group, tokens and entropy, and q (its counts and weight sums stay where they are).
+// After one block barrier the CTA flushes the runs of the first group it saw, summed over its warps
+// in warp order, with one global atomic per expert; a warp whose run is of another group flushes
+// it itself. At large T a warp covers only a few tokens, and one flush per warp would put E global
+// atomics per warp onto the same E addresses. The merge takes no shared-memory atomics: on sm_90
+// a float or 64-bit add there is a compare-and-swap loop, which the 8 warps of a CTA adding to the
+// same E entries at once would send round again and again.
 // Coact pairs are global atomics per token.
 //
 // Determinism: ids, weights and the integer statistics are bit-reproducible (warp-local,
@@ -105,12 +109,10 @@ struct GatePlan {
   // weight sums [E] at wsum_off (-1: absent).
   int32_t warp_words = 0;
   int32_t vals_off = -1, cnt_off = -1, wsum_off = -1;
-  // The CTA's merge area after the warps' (words from the start of shared memory; -1: none):
-  // [0] the group being merged (-1: none yet), [2, 4) tokens (u64), [4] entropy sum, then counts
-  // [E] (u64) at cta_cnt, probability sums [E] at cta_prob, weight sums [E] at cta_wsum (offsets
-  // within the area, -1: absent).
-  int32_t cta_off = -1, cta_words = 0;
-  int32_t cta_cnt = -1, cta_prob = -1, cta_wsum = -1;
+  // The CTA's merge area after the warps' (words from the start of shared memory, 16-byte
+  // aligned; -1: none): 4 words a warp, its open run's group (i64, -1: none), tokens (u32) and
+  // entropy sum, then, at cta_prob within the area (-1: absent), its q [E] for each warp.
+  int32_t cta_off = -1, cta_prob = -1;
   size_t smem_bytes = 0;
 };
 
@@ -886,11 +888,6 @@ __device__ __forceinline__ void topk_gate_body(const GateParams p, const GatePla
     }
   }
   uint32_t* const cta = kAnyStats && plan.cta_off >= 0 ? gate_smem + plan.cta_off : nullptr;
-  if (cta != nullptr) {
-    for (int i = int(threadIdx.x); i < plan.cta_words; i += int(blockDim.x))
-      cta[i] = i == 0 ? 0xffffffffu : 0u;
-    __syncthreads();
-  }
   float prob_acc[VPT];
 #pragma unroll
   for (int i = 0; i < VPT; ++i) prob_acc[i] = 0.f;
@@ -1280,43 +1277,56 @@ __device__ __forceinline__ void topk_gate_body(const GateParams p, const GatePla
     if (run_g >= 0) flush();
     return;
   }
-  // Into the CTA's merge area if the CTA merges this warp's group (the first group a warp claims).
-  if (run_g >= 0) {
-    const bool fits = run_g <= int64_t(0x7fffffff);  // the area holds the group as an int
-    int claimed = -2;
-    if (fits && lane == 0) claimed = atomicCAS(reinterpret_cast<int*>(cta), -1, int(run_g));
-    claimed = __shfl_sync(kFullMask, claimed, 0);
-    if (!fits || (claimed != -1 && claimed != run_g)) {
-      flush();
-    } else {
-      add_run(reinterpret_cast<u64*>(cta + 2), reinterpret_cast<float*>(cta + 4),
-              plan.cta_prob >= 0 ? reinterpret_cast<float*>(cta + plan.cta_prob) : nullptr,
-              plan.cta_cnt >= 0 ? reinterpret_cast<u64*>(cta + plan.cta_cnt) : nullptr,
-              plan.cta_wsum >= 0 ? reinterpret_cast<float*>(cta + plan.cta_wsum) : nullptr);
-    }
+  // The open run into the CTA's merge area (see the header).
+  uint32_t* const head = cta + 4 * warp;
+  if (lane == 0) {
+    *reinterpret_cast<int64_t*>(head) = run_g;
+    head[2] = run_tokens;
+    reinterpret_cast<float*>(head)[3] = run_entropy;
+  }
+  float* const parked_q = plan.cta_prob >= 0 ? reinterpret_cast<float*>(cta + plan.cta_prob)
+                                             : nullptr;
+  if (parked_q != nullptr && run_g >= 0) {
+#pragma unroll
+    for (int i = 0; i < VPT; ++i)
+      if ((valid >> i) & 1u) parked_q[int64_t(warp) * E + i * 32 + lane] = prob_acc[i];
   }
   __syncthreads();
-  const int merged = int(cta[0]);
+  // The warps whose runs the CTA merges: those of the first group it saw (bit w: warp w).
+  int64_t merged = -1;
+  uint32_t members = 0;
+  for (int w = 0; w < int(plan.warps_per_block); ++w) {
+    const int64_t g = *reinterpret_cast<const int64_t*>(cta + 4 * w);
+    if (merged < 0) merged = g;
+    if (g >= 0 && g == merged) members |= 1u << w;
+  }
+  if (run_g >= 0 && run_g != merged) flush();
   if (merged < 0) return;
-  const int64_t row = int64_t(merged) * E;
+  const int64_t row = merged * E;
   if (threadIdx.x == 0) {
-    if (p.tokens)
-      atomicAdd(reinterpret_cast<u64*>(p.tokens + merged), *reinterpret_cast<const u64*>(cta + 2));
-    if (p.entropy_sum) atomicAdd(p.entropy_sum + merged, *reinterpret_cast<const float*>(cta + 4));
+    u64 tokens = 0;
+    float entropy = 0.f;
+    for (uint32_t m = members; m != 0u; m &= m - 1u) {
+      const int w = __ffs(int(m)) - 1;
+      tokens += cta[4 * w + 2];
+      entropy += reinterpret_cast<const float*>(cta)[4 * w + 3];
+    }
+    if (p.tokens) atomicAdd(reinterpret_cast<u64*>(p.tokens + merged), tokens);
+    if (p.entropy_sum) atomicAdd(p.entropy_sum + merged, entropy);
   }
   for (int e = int(threadIdx.x); e < E; e += int(blockDim.x)) {
-    if (plan.cta_prob >= 0) {
-      const float v = reinterpret_cast<const float*>(cta + plan.cta_prob)[e];
-      if (v != 0.f) atomicAdd(p.prob_sum + row + e, v);
+    float q = 0.f, wsum = 0.f;
+    u64 count = 0;
+    for (uint32_t m = members; m != 0u; m &= m - 1u) {
+      const int w = __ffs(int(m)) - 1;
+      const uint32_t* wsm_w = gate_smem + int64_t(w) * plan.warp_words;
+      if (parked_q) q += parked_q[int64_t(w) * E + e];
+      if (cnt_s) count += wsm_w[plan.cnt_off + e];
+      if (wsum_s) wsum += reinterpret_cast<const float*>(wsm_w)[plan.wsum_off + e];
     }
-    if (plan.cta_cnt >= 0) {
-      const auto* counts = reinterpret_cast<const u64*>(cta + plan.cta_cnt);
-      if (counts[e] != 0ull) atomicAdd(reinterpret_cast<u64*>(p.counts + row + e), counts[e]);
-    }
-    if (plan.cta_wsum >= 0) {
-      const float w = reinterpret_cast<const float*>(cta + plan.cta_wsum)[e];
-      if (w != 0.f) atomicAdd(p.weight_sum + row + e, w);
-    }
+    if (q != 0.f) atomicAdd(p.prob_sum + row + e, q);
+    if (count != 0) atomicAdd(reinterpret_cast<u64*>(p.counts + row + e), count);
+    if (wsum != 0.f) atomicAdd(p.weight_sum + row + e, wsum);
   }
 }
 
@@ -1400,25 +1410,20 @@ inline GatePlan plan_topk_gate(const GateParams& p, int sm_count, int warps_per_
   // The CTA merges its warps' end-of-range statistics (see the header) when it has two warps or
   // more and room for the merge area.
   const bool sums = p.per_group_stats();
-  int64_t cta_words = 8;
-  const int32_t cnt = p.counts ? int32_t(cta_words) : -1;
-  if (p.counts) cta_words += 2 * p.E;
-  const int32_t prob = p.prob_sum ? int32_t(cta_words) : -1;
-  if (p.prob_sum) cta_words += p.E;
-  const int32_t wsum = p.weight_sum ? int32_t(cta_words) : -1;
-  if (p.weight_sum) cta_words += p.E;
   const auto area_off = [&](int64_t w) { return (w * words + 3) / 4 * 4; };  // 16-byte aligned
+  const auto area_words = [&](int64_t w) { return 4 * w + (p.prob_sum ? w * p.E : 0); };
   int64_t merge_wpb = wpb;
-  while (merge_wpb > 1 && (area_off(merge_wpb) + cta_words) * 4 > kSmemPerBlock) --merge_wpb;
-  if (sums && merge_wpb > 1) {
+  while (merge_wpb > 1 && (area_off(merge_wpb) + area_words(merge_wpb)) * 4 > kSmemPerBlock)
+    --merge_wpb;
+  const bool merges = sums && merge_wpb > 1;
+  if (merges) {
     wpb = merge_wpb;
     c.cta_off = int32_t(area_off(wpb));
-    c.cta_words = int32_t(cta_words);
-    c.cta_cnt = cnt, c.cta_prob = prob, c.cta_wsum = wsum;
+    c.cta_prob = p.prob_sum ? int32_t(4 * wpb) : -1;
   }
   c.warps_per_block = int32_t(wpb);
   c.blocks = int32_t((warps + wpb - 1) / wpb);
-  c.smem_bytes = size_t(c.cta_off >= 0 ? (int64_t(c.cta_off) + cta_words) * 4 : wpb * warp_bytes);
+  c.smem_bytes = size_t(merges ? (area_off(wpb) + area_words(wpb)) * 4 : wpb * warp_bytes);
   return c;
 }
 
