@@ -259,7 +259,9 @@ MERGE_AREA_BEFORE = """ : nullptr;
   }
   float prob_acc[VPT];
 """
-MERGE_START_NOW = "    return;\n  }\n  // The open run into the CTA's merge area (see the header).\n"
+MERGE_START_NOW = ("    return;\n  }\n"
+                   "  // The open run into the CTA's merge area (see the header). q goes there in "
+                   "two steps, half the\n")
 MERGE_BEFORE = """    return;
   }
   if (run_g >= 0) {
@@ -300,10 +302,11 @@ MERGE_BEFORE = """    return;
     }
   }
 #if 0  // the merge as it is now
-  // The open run into the CTA's merge area (see the header).
+  // The open run into the CTA's merge area (see the header). q goes there in two steps, half the
 """
 MERGE_END_NOW = "atomicAdd(p.weight_sum + row + e, wsum);\n  }\n}\n"
-MERGE_PLAN_NOW = """  const auto area_words = [&](int64_t w) { return 4 * w + (p.prob_sum ? w * p.E : 0); };
+MERGE_PLAN_NOW = """\
+  const auto area_words = [&](int64_t w) { return 4 * w + (p.prob_sum ? (w + 1) / 2 * p.E : 0); };
   int64_t merge_wpb = wpb;
   while (merge_wpb > 1 && (area_off(merge_wpb) + area_words(merge_wpb)) * 4 > kSmemPerBlock)
     --merge_wpb;
@@ -351,6 +354,15 @@ VARIANTS = {
         [(DISPATCH, "kOneCtaMaxRows = 32768;", "kOneCtaMaxRows = 65536;"),
          (DISPATCH, "kCopyUnroll = 4;", "kCopyUnroll = 2;"),
          (DISPATCH, "kSlotsInRegs = 8;", "kSlotsInRegs = 2;")],
+        ("dispatch",)),
+    "plan_hist64": Variant(
+        "plan: the one-CTA kernel counts its histogram with 64-bit shared atomics, as before "
+        "(a compare-and-swap loop on sm_90), not 32-bit ones on the entries' low words",
+        [(DISPATCH, "    if (key >= 0) atomicAdd(reinterpret_cast<unsigned int*>(h + key), 1u);",
+          "    if (key < 0) continue;\n"
+          "    if constexpr (sizeof(C) == 8) "
+          "atomicAdd(reinterpret_cast<unsigned long long*>(h + key), 1ull);\n"
+          "    else atomicAdd(reinterpret_cast<unsigned int*>(h + key), 1u);")],
         ("dispatch",)),
     "permute_as_before": Variant(
         ("permute as at d8153dc: a work item per token at every T (no item per slot below 32 "
@@ -426,9 +438,9 @@ VARIANTS = {
     s += ex[i];""")],
         ("warp", "wide")),
     "gate_merge_atomics": Variant(
-        "gate: a CTA merges its warps' statistics with shared-memory atomics into one set of "
-        "sums, zeroed at the start behind a block barrier, as before, not by summing each "
-        "warp's run in warp order after the one barrier at the end",
+        "gate: a CTA merges its warps' statistics with shared-memory atomics (compare-and-swap "
+        "loops) into one set of sums, zeroed at the start behind a block barrier, as before, "
+        "not by summing the runs its warps leave in shared memory, in a fixed order",
         [(GATE, MERGE_FIELDS_NOW, MERGE_FIELDS_BEFORE),
          (GATE, MERGE_AREA_NOW, MERGE_AREA_BEFORE),
          (GATE, MERGE_START_NOW, MERGE_BEFORE),

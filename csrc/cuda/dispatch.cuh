@@ -6,7 +6,7 @@
 // caller, so the launch is CUDA-graph capturable):
 //   1. plan_hist_kernel: the slots are cut into contiguous tiles of `tile` slots, one tile per
 //      warp. Each warp builds the histogram of its tile's valid ids in its own shared-memory row
-//      (integer shared atomics, so the result is exact and order independent) and writes it to the
+//      (32-bit shared atomics, so the result is exact and order independent) and writes it to the
 //      workspace ws[tile, E] (int64). The same grid fills row_slot[0, R) with -1 (grid-stride).
 //   2. plan_scan_kernel (one CTA of kScanThreads): per expert, the column sum over the tiles gives
 //      counts[e]; the padded counts are scanned (exclusive, over experts) into expert_offsets; then
@@ -207,16 +207,21 @@ __device__ __forceinline__ int64_t tile_end(const PlanParams& p, const int64_t s
 }
 
 // One warp: the histogram of the valid ids of slots [s0, s1) into h[0, E), zeroed first. C: the
-// shared counter type (uint32_t in the tile kernels, unsigned long long in the one-CTA kernel).
+// shared counter type (uint32_t in the tile kernels; int64_t in the one-CTA kernel, whose row
+// becomes its cursors in place). Either way the counts are 32-bit shared atomics on the low word
+// (a tile has fewer than 2^32 slots): a 32-bit add is one instruction that serves every lane of
+// the warp at once, a 64-bit one a compare-and-swap loop (sm_90: ATOMS.CAST.SPIN.64) that goes
+// round once more for each lane of the warp adding to the same expert.
 template <typename C>
 __device__ __forceinline__ void warp_tile_hist(const PlanParams& p, const int64_t s0,
                                                const int64_t s1, C* h, const int lane) {
+  static_assert(sizeof(C) == 4 || sizeof(C) == 8, "a 32- or 64-bit counter");
   const int E = int(p.E);
   for (int e = lane; e < E; e += 32) h[e] = C(0);
   __syncwarp();
   for (int64_t s = s0 + lane; s < s1; s += 32) {
     const int key = expert_key(p, s, s1);
-    if (key >= 0) atomicAdd(h + key, C(1));
+    if (key >= 0) atomicAdd(reinterpret_cast<unsigned int*>(h + key), 1u);  // little-endian
   }
   __syncwarp();
 }
@@ -422,7 +427,7 @@ __global__ void __launch_bounds__(kScanThreads)
   const int64_t s0 = warp * tile;
   int64_t* row = part + int64_t(warp) * p.E;
   if (warp < n_tiles)
-    warp_tile_hist(p, s0, tile_end(p, s0, tile), reinterpret_cast<unsigned long long*>(row), lane);
+    warp_tile_hist(p, s0, tile_end(p, s0, tile), row, lane);
   __syncthreads();
   // Its closing barrier also orders the -1 fill before the scatter's stores.
   scan_experts(p, part, int(n_tiles), part + n_tiles * p.E);

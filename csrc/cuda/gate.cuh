@@ -46,8 +46,8 @@
 // slice), token count and entropy in registers. They are flushed with global atomics when the
 // group changes. At the end of its range a warp leaves its open run in the CTA's merge area
 // instead: its group, tokens and entropy, and q (its counts and weight sums stay where they are).
-// After one block barrier the CTA flushes the runs of the first group it saw, summed over its warps
-// in warp order, with one global atomic per expert; a warp whose run is of another group flushes
+// After a block barrier the CTA flushes the runs of the first group it saw, summed over its warps
+// in a fixed order, with one global atomic per expert; a warp whose run is of another group flushes
 // it itself. At large T a warp covers only a few tokens, and one flush per warp would put E global
 // atomics per warp onto the same E addresses. The merge takes no shared-memory atomics: on sm_90
 // a float or 64-bit add there is a compare-and-swap loop, which the 8 warps of a CTA adding to the
@@ -111,7 +111,8 @@ struct GatePlan {
   int32_t vals_off = -1, cnt_off = -1, wsum_off = -1;
   // The CTA's merge area after the warps' (words from the start of shared memory, 16-byte
   // aligned; -1: none): 4 words a warp, its open run's group (i64, -1: none), tokens (u32) and
-  // entropy sum, then, at cta_prob within the area (-1: absent), its q [E] for each warp.
+  // entropy sum, then, at cta_prob within the area (-1: absent), q [E] for each of
+  // ceil(warps_per_block / 2) slots (see topk_gate_body's merge).
   int32_t cta_off = -1, cta_prob = -1;
   size_t smem_bytes = 0;
 };
@@ -1277,7 +1278,11 @@ __device__ __forceinline__ void topk_gate_body(const GateParams p, const GatePla
     if (run_g >= 0) flush();
     return;
   }
-  // The open run into the CTA's merge area (see the header).
+  // The open run into the CTA's merge area (see the header). q goes there in two steps, half the
+  // warps at a time, so that the area holds half the warps' q: the upper half's now, and after the
+  // barrier each warp w of the lower half adds its own (where the CTA merges it) to warp w +
+  // half's (likewise) in slot w.
+  const int wpb = int(plan.warps_per_block), half = (wpb + 1) / 2;
   uint32_t* const head = cta + 4 * warp;
   if (lane == 0) {
     *reinterpret_cast<int64_t*>(head) = run_g;
@@ -1286,22 +1291,35 @@ __device__ __forceinline__ void topk_gate_body(const GateParams p, const GatePla
   }
   float* const parked_q = plan.cta_prob >= 0 ? reinterpret_cast<float*>(cta + plan.cta_prob)
                                              : nullptr;
-  if (parked_q != nullptr && run_g >= 0) {
+  if (parked_q != nullptr && warp >= half && run_g >= 0) {
 #pragma unroll
     for (int i = 0; i < VPT; ++i)
-      if ((valid >> i) & 1u) parked_q[int64_t(warp) * E + i * 32 + lane] = prob_acc[i];
+      if ((valid >> i) & 1u) parked_q[int64_t(warp - half) * E + i * 32 + lane] = prob_acc[i];
   }
   __syncthreads();
   // The warps whose runs the CTA merges: those of the first group it saw (bit w: warp w).
   int64_t merged = -1;
   uint32_t members = 0;
-  for (int w = 0; w < int(plan.warps_per_block); ++w) {
+  for (int w = 0; w < wpb; ++w) {
     const int64_t g = *reinterpret_cast<const int64_t*>(cta + 4 * w);
     if (merged < 0) merged = g;
     if (g >= 0 && g == merged) members |= 1u << w;
   }
   if (run_g >= 0 && run_g != merged) flush();
-  if (merged < 0) return;
+  if (merged < 0) return;  // block-uniform
+  if (parked_q != nullptr && warp < half) {
+    const bool mine = (members >> warp) & 1u;
+    const bool theirs = warp + half < wpb && ((members >> (warp + half)) & 1u);
+    float* const slot = parked_q + int64_t(warp) * E;
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      if ((valid >> i) & 1u) {
+        const int e = i * 32 + lane;
+        slot[e] = (mine ? prob_acc[i] : 0.f) + (theirs ? slot[e] : 0.f);
+      }
+    }
+  }
+  __syncthreads();
   const int64_t row = merged * E;
   if (threadIdx.x == 0) {
     u64 tokens = 0;
@@ -1317,10 +1335,11 @@ __device__ __forceinline__ void topk_gate_body(const GateParams p, const GatePla
   for (int e = int(threadIdx.x); e < E; e += int(blockDim.x)) {
     float q = 0.f, wsum = 0.f;
     u64 count = 0;
+    if (parked_q)
+      for (int w = 0; w < half; ++w) q += parked_q[int64_t(w) * E + e];
     for (uint32_t m = members; m != 0u; m &= m - 1u) {
       const int w = __ffs(int(m)) - 1;
       const uint32_t* wsm_w = gate_smem + int64_t(w) * plan.warp_words;
-      if (parked_q) q += parked_q[int64_t(w) * E + e];
       if (cnt_s) count += wsm_w[plan.cnt_off + e];
       if (wsum_s) wsum += reinterpret_cast<const float*>(wsm_w)[plan.wsum_off + e];
     }
@@ -1411,7 +1430,7 @@ inline GatePlan plan_topk_gate(const GateParams& p, int sm_count, int warps_per_
   // more and room for the merge area.
   const bool sums = p.per_group_stats();
   const auto area_off = [&](int64_t w) { return (w * words + 3) / 4 * 4; };  // 16-byte aligned
-  const auto area_words = [&](int64_t w) { return 4 * w + (p.prob_sum ? w * p.E : 0); };
+  const auto area_words = [&](int64_t w) { return 4 * w + (p.prob_sum ? (w + 1) / 2 * p.E : 0); };
   int64_t merge_wpb = wpb;
   while (merge_wpb > 1 && (area_off(merge_wpb) + area_words(merge_wpb)) * 4 > kSmemPerBlock)
     --merge_wpb;
