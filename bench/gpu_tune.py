@@ -305,21 +305,9 @@ MERGE_BEFORE = """    return;
   // The open run into the CTA's merge area (see the header). q goes there in two steps, half the
 """
 MERGE_END_NOW = "atomicAdd(p.weight_sum + row + e, wsum);\n  }\n}\n"
-MERGE_PLAN_NOW = """\
-  const auto area_words = [&](int64_t w) { return 4 * w + (p.prob_sum ? (w + 1) / 2 * p.E : 0); };
-  int64_t merge_wpb = wpb;
-  while (merge_wpb > 1 && (area_off(merge_wpb) + area_words(merge_wpb)) * 4 > kSmemPerBlock)
-    --merge_wpb;
-  const bool merges = sums && merge_wpb > 1;
-  if (merges) {
-    wpb = merge_wpb;
-    c.cta_off = int32_t(area_off(wpb));
-    c.cta_prob = p.prob_sum ? int32_t(4 * wpb) : -1;
-  }
-  c.warps_per_block = int32_t(wpb);
-  c.blocks = int32_t((warps + wpb - 1) / wpb);
-  c.smem_bytes = size_t(merges ? (area_off(wpb) + area_words(wpb)) * 4 : wpb * warp_bytes);
-"""
+# The plan of the merge area: its size in words, and the offsets the old merge read.
+MERGE_PLAN_NOW = ("  const auto area_words = [&](int64_t w) { return 4 * w + "
+                  "(p.prob_sum ? (w + 1) / 2 * p.E : 0); };\n")
 MERGE_PLAN_BEFORE = """  int64_t cta_words = 8;
   const int32_t cnt = p.counts ? int32_t(cta_words) : -1;
   if (p.counts) cta_words += 2 * p.E;
@@ -327,17 +315,11 @@ MERGE_PLAN_BEFORE = """  int64_t cta_words = 8;
   if (p.prob_sum) cta_words += p.E;
   const int32_t wsum = p.weight_sum ? int32_t(cta_words) : -1;
   if (p.weight_sum) cta_words += p.E;
-  int64_t merge_wpb = wpb;
-  while (merge_wpb > 1 && (area_off(merge_wpb) + cta_words) * 4 > kSmemPerBlock) --merge_wpb;
-  if (sums && merge_wpb > 1) {
-    wpb = merge_wpb;
-    c.cta_off = int32_t(area_off(wpb));
-    c.cta_words = int32_t(cta_words);
+  const auto area_words = [&](int64_t) { return cta_words; };
+"""
+MERGE_OFFSETS_NOW = "    c.cta_prob = p.prob_sum ? int32_t(4 * wpb) : -1;\n"
+MERGE_OFFSETS_BEFORE = """    c.cta_words = int32_t(cta_words);
     c.cta_cnt = cnt, c.cta_prob = prob, c.cta_wsum = wsum;
-  }
-  c.warps_per_block = int32_t(wpb);
-  c.blocks = int32_t((warps + wpb - 1) / wpb);
-  c.smem_bytes = size_t(c.cta_off >= 0 ? (int64_t(c.cta_off) + cta_words) * 4 : wpb * warp_bytes);
 """
 
 VARIANTS = {
@@ -445,7 +427,8 @@ VARIANTS = {
          (GATE, MERGE_AREA_NOW, MERGE_AREA_BEFORE),
          (GATE, MERGE_START_NOW, MERGE_BEFORE),
          (GATE, MERGE_END_NOW, MERGE_END_NOW.replace("}\n}", "}\n#endif\n}")),
-         (GATE, MERGE_PLAN_NOW, MERGE_PLAN_BEFORE)],
+         (GATE, MERGE_PLAN_NOW, MERGE_PLAN_BEFORE),
+         (GATE, MERGE_OFFSETS_NOW, MERGE_OFFSETS_BEFORE)],
         ("warp",)),
     "gate_merge_off": Variant(
         "gate: no CTA merges its warps' statistics; each warp adds its own run to the "
