@@ -45,10 +45,10 @@
 // counts and weight sums in per-warp shared memory (touched without atomics: a warp owns its
 // slice), token count and entropy in registers. They are flushed with global atomics when the
 // group changes. At the end of its range a warp leaves its open run in the CTA's merge area
-// instead: its group, tokens and entropy, and q (its counts and weight sums stay where they are).
-// After a block barrier the CTA flushes the runs of the first group it saw, summed over its warps
-// in a fixed order, with one global atomic per expert; a warp whose run is of another group flushes
-// it itself. At large T a warp covers only a few tokens, and one flush per warp would put E global
+// instead: its group, tokens and entropy, and q, two warps' q to a slot (its counts and weight
+// sums stay where they are). The CTA then flushes the runs of the first group it saw, summed over
+// its warps in a fixed order, with one global atomic per expert; a warp whose run is of another
+// group flushes it itself. At large T a warp covers only a few tokens, and one flush per warp would put E global
 // atomics per warp onto the same E addresses. The merge takes no shared-memory atomics: on sm_90
 // a float or 64-bit add there is a compare-and-swap loop, which the 8 warps of a CTA adding to the
 // same E entries at once would send round again and again.
