@@ -271,11 +271,26 @@ MERGE_BEFORE = """    return;
     claimed = __shfl_sync(kFullMask, claimed, 0);
     if (!fits || (claimed != -1 && claimed != run_g)) {
       flush();
-    } else {
-      add_run(reinterpret_cast<u64*>(cta + 2), reinterpret_cast<float*>(cta + 4),
-              plan.cta_prob >= 0 ? reinterpret_cast<float*>(cta + plan.cta_prob) : nullptr,
-              plan.cta_cnt >= 0 ? reinterpret_cast<u64*>(cta + plan.cta_cnt) : nullptr,
-              plan.cta_wsum >= 0 ? reinterpret_cast<float*>(cta + plan.cta_wsum) : nullptr);
+    } else {  // the run into the area, as flush() adds it to the global statistics
+      if (lane == 0) {
+        atomicAdd(reinterpret_cast<u64*>(cta + 2), (u64)run_tokens);
+        atomicAdd(reinterpret_cast<float*>(cta + 4), run_entropy);
+      }
+      auto* prob = reinterpret_cast<float*>(cta + plan.cta_prob);
+      auto* cnt = reinterpret_cast<u64*>(cta + plan.cta_cnt);
+      auto* wsum = reinterpret_cast<float*>(cta + plan.cta_wsum);
+#pragma unroll
+      for (int i = 0; i < VPT; ++i)
+        if (plan.cta_prob >= 0 && ((valid >> i) & 1u) && prob_acc[i] != 0.f)
+          atomicAdd(prob + i * 32 + lane, prob_acc[i]);
+      __syncwarp();  // the entries were scattered by other lanes
+#pragma unroll
+      for (int i = 0; i < VPT; ++i) {
+        const int e = i * 32 + lane;
+        if (!((valid >> i) & 1u)) continue;
+        if (cnt_s && cnt_s[e]) atomicAdd(cnt + e, (u64)cnt_s[e]);
+        if (wsum_s && wsum_s[e] != 0.f) atomicAdd(wsum + e, wsum_s[e]);
+      }
     }
   }
   __syncthreads();

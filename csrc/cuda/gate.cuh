@@ -8,10 +8,9 @@
 // of group-limited routers in gate_grouped.cuh (a CTA per token, a warp per group), which gives
 // the same bits as this kernel. Every reduction over experts is a per-lane loop plus a warp-wide
 // step (a butterfly of xor shuffles, or REDUX for integer maxima), so all lanes end with
-// bit-identical results. Each warp owns a contiguous range
-// of tokens and prefetches the next token's row while working on the current one. The grid is
-// persistent: sized from the kernel's occupancy (plan_for_device) so that every warp is resident
-// at once, one wave.
+// bit-identical results. Each warp owns a contiguous range of tokens and prefetches the next
+// token's row while working on the current one. The grid is persistent: sized from the kernel's
+// occupancy (plan_for_device) so that every warp is resident at once, one wave.
 //
 // Three variants per (VPT, logit type): the full kernel, a plain one compiled without steering,
 // the group limit, the statistics and rounded scores (round_scores), for calls that use none of
@@ -48,10 +47,10 @@
 // instead: its group, tokens and entropy, and q, two warps' q to a slot (its counts and weight
 // sums stay where they are). The CTA then flushes the runs of the first group it saw, summed over
 // its warps in a fixed order, with one global atomic per expert; a warp whose run is of another
-// group flushes it itself. At large T a warp covers only a few tokens, and one flush per warp would put E global
-// atomics per warp onto the same E addresses. The merge takes no shared-memory atomics: on sm_90
-// a float or 64-bit add there is a compare-and-swap loop, which the 8 warps of a CTA adding to the
-// same E entries at once would send round again and again.
+// group flushes it itself. At large T a warp covers only a few tokens, and one flush per warp
+// would put E global atomics per warp onto the same E addresses. The merge takes no shared-memory
+// atomics: on sm_90 a float or 64-bit add there is a compare-and-swap loop, which the 8 warps of
+// a CTA adding to the same E entries at once would send round again and again.
 // Coact pairs are global atomics per token.
 //
 // Determinism: ids, weights and the integer statistics are bit-reproducible (warp-local,
@@ -896,20 +895,20 @@ __device__ __forceinline__ void topk_gate_body(const GateParams p, const GatePla
   uint32_t run_tokens = 0;   // tokens in the open run
   float run_entropy = 0.f;
 
-  // Adds the open run to the given sums and empties it (warp-uniform call). The sums are the
-  // global statistics of its group or the CTA's merge area; a null pointer is a sum not kept.
+  // Adds the open run to the global statistics of its group and empties it (warp-uniform call).
   using u64 = unsigned long long;
-  auto add_run = [&](u64* tokens, float* entropy, float* prob, u64* cnt, float* wsum) {
+  auto flush = [&]() {
+    const int64_t row = run_g * int64_t(E);
     if (lane == 0) {
-      if (tokens) atomicAdd(tokens, (u64)run_tokens);
-      if (entropy) atomicAdd(entropy, run_entropy);
+      if (p.tokens) atomicAdd(reinterpret_cast<u64*>(p.tokens + run_g), (u64)run_tokens);
+      if (p.entropy_sum) atomicAdd(p.entropy_sum + run_g, run_entropy);
     }
     run_tokens = 0;
     run_entropy = 0.f;
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
-      if (prob && ((valid >> i) & 1u) && prob_acc[i] != 0.f)
-        atomicAdd(prob + i * 32 + lane, prob_acc[i]);
+      if (p.prob_sum && ((valid >> i) & 1u) && prob_acc[i] != 0.f)
+        atomicAdd(p.prob_sum + row + i * 32 + lane, prob_acc[i]);
       prob_acc[i] = 0.f;
     }
     if (cnt_s || wsum_s) {
@@ -919,26 +918,17 @@ __device__ __forceinline__ void topk_gate_body(const GateParams p, const GatePla
         if ((valid >> i) & 1u) {
           const int e = i * 32 + lane;
           if (cnt_s) {
-            if (cnt_s[e]) atomicAdd(cnt + e, (u64)cnt_s[e]);
+            if (cnt_s[e]) atomicAdd(reinterpret_cast<u64*>(p.counts + row + e), (u64)cnt_s[e]);
             cnt_s[e] = 0u;
           }
           if (wsum_s) {
-            if (wsum_s[e] != 0.f) atomicAdd(wsum + e, wsum_s[e]);
+            if (wsum_s[e] != 0.f) atomicAdd(p.weight_sum + row + e, wsum_s[e]);
             wsum_s[e] = 0.f;
           }
         }
       }
       __syncwarp();  // before other lanes scatter into the emptied entries
     }
-  };
-  // The open run into the global statistics of its group.
-  auto flush = [&]() {
-    const int64_t row = run_g * int64_t(E);
-    add_run(p.tokens ? reinterpret_cast<u64*>(p.tokens + run_g) : nullptr,
-            p.entropy_sum ? p.entropy_sum + run_g : nullptr,
-            p.prob_sum ? p.prob_sum + row : nullptr,
-            p.counts ? reinterpret_cast<u64*>(p.counts + row) : nullptr,
-            p.weight_sum ? p.weight_sum + row : nullptr);
   };
 
   int32_t* sel_id = reinterpret_cast<int32_t*>(wsm);      // [k], valid after the rounds
