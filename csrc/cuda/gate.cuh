@@ -51,6 +51,9 @@
 // would put E global atomics per warp onto the same E addresses. The merge takes no shared-memory
 // atomics: on sm_90 a float or 64-bit add there is a compare-and-swap loop, which the 8 warps of
 // a CTA adding to the same E entries at once would send round again and again.
+// Where each warp covers one token (GatePlan::direct_sums: T up to about the resident warp count),
+// the warp keeps no counts or weight sums: its k selections go straight to global memory, k
+// atomics each, where zeroing E entries and scanning or merging them would serve k of them.
 // Coact pairs are global atomics per token.
 //
 // Determinism: ids, weights and the integer statistics are bit-reproducible (warp-local,
@@ -113,6 +116,9 @@ struct GatePlan {
   // entropy sum, then, at cta_prob within the area (-1: absent), q [E] for each of
   // ceil(warps_per_block / 2) slots (see topk_gate_body's merge).
   int32_t cta_off = -1, cta_prob = -1;
+  // One token a warp (chunk 1): its counts and weight sums go straight to global memory, k
+  // atomics each, and the warp keeps no counts or weight sums (cnt_off = wsum_off = -1).
+  bool direct_sums = false;
   size_t smem_bytes = 0;
 };
 
@@ -1257,6 +1263,16 @@ __device__ __forceinline__ void topk_gate_body(const GateParams p, const GatePla
           if (wsum_s) wsum_s[id] += sel_w[j];
         }
       }
+    } else if (plan.direct_sums) {
+      const int64_t row = g * int64_t(E);
+      for (int m = 0; m < kpl; ++m) {
+        const int j = m * 32 + lane;
+        if (j < k) {
+          const int64_t at = row + sel_id[j];
+          if (p.counts) atomicAdd(reinterpret_cast<u64*>(p.counts + at), 1ull);
+          if (p.weight_sum && sel_w[j] != 0.f) atomicAdd(p.weight_sum + at, sel_w[j]);
+        }
+      }
     }
     if (p.coact) {
       if constexpr (kHalfKeys) __syncwarp();  // each lane turned its own entries' keys into ids
@@ -1327,7 +1343,7 @@ __device__ __forceinline__ void topk_gate_body(const GateParams p, const GatePla
     u64 count = 0;
     if (parked_q)
       for (int w = 0; w < half; ++w) q += parked_q[int64_t(w) * E + e];
-    for (uint32_t m = members; m != 0u; m &= m - 1u) {
+    for (uint32_t m = (cnt_s || wsum_s) ? members : 0u; m != 0u; m &= m - 1u) {
       const int w = __ffs(int(m)) - 1;
       const uint32_t* wsm_w = gate_smem + int64_t(w) * plan.warp_words;
       if (cnt_s) count += wsm_w[plan.cnt_off + e];
@@ -1396,21 +1412,23 @@ inline GatePlan plan_topk_gate(const GateParams& p, int sm_count, int warps_per_
   const bool group_limited = limits_groups(p);
   int64_t stage = 2 * p.k;
   if (group_limited && p.E + p.n_group > stage) stage = p.E + p.n_group;
+  const int64_t sms = sm_count > 0 ? sm_count : 1;
+  const int64_t target_warps = sms * (warps_per_sm > 0 ? warps_per_sm : 1);
+  c.chunk = (p.T + target_warps - 1) / target_warps;
+  const int64_t warps = (p.T + c.chunk - 1) / c.chunk;
+  c.direct_sums = c.chunk == 1;
+
   int64_t words = stage;
   if (uses_short_keys(p)) {
     words = (words + 3) / 4 * 4;
     c.vals_off = int32_t(words), words += 32 * vpt_for(p.E);
   }
-  if (p.counts) c.cnt_off = int32_t(words), words += p.E;
-  if (p.weight_sum) c.wsum_off = int32_t(words), words += p.E;
+  if (p.counts && !c.direct_sums) c.cnt_off = int32_t(words), words += p.E;
+  if (p.weight_sum && !c.direct_sums) c.wsum_off = int32_t(words), words += p.E;
   if (c.vals_off >= 0) words = (words + 3) / 4 * 4;  // the next warp's values stay aligned
   c.warp_words = int32_t(words);
   const int64_t warp_bytes = words * int64_t(sizeof(uint32_t));  // <= 16 KiB
 
-  const int64_t sms = sm_count > 0 ? sm_count : 1;
-  const int64_t target_warps = sms * (warps_per_sm > 0 ? warps_per_sm : 1);
-  c.chunk = (p.T + target_warps - 1) / target_warps;
-  const int64_t warps = (p.T + c.chunk - 1) / c.chunk;
   // Few tokens: spread the warps over the SMs (one small block each) rather than pack them.
   int64_t wpb = (warps + sms - 1) / sms;
   if (wpb > kMaxWarpsPerBlock) wpb = kMaxWarpsPerBlock;

@@ -722,6 +722,31 @@ std::vector<Case> cases() {
     c.steer_select_only = true, c.stats = true, c.seed = 72;
     v.push_back(c);
   }
+  // One token a warp (GatePlan::direct_sums: counts and weight sums by global atomics, no per-warp
+  // arrays): the emulator's 2 SMs give every warp one token up to T = 16; 8 warps a CTA, merged.
+  {
+    Case c;
+    c.name = "stats one token a warp, groups, fp32 softmax E=64 k=8";
+    c.T = 16, c.E = 64, c.k = 8, c.stats = true, c.groups = true, c.G = 3, c.seed = 80;
+    v.push_back(c);
+    c.name = "stats one token a warp, steer, fp32 sigmoid+bias E=160 k=6";
+    c.E = 160, c.k = 6, c.score = Score::Sigmoid, c.bias = true, c.groups = false;
+    c.steer = c.steer_std = c.steer_force = true, c.seed = 81;
+    v.push_back(c);
+    c = Case{};
+    c.name = "half keys stats one token bf16 softmax E=512 k=8 (decode)";
+    c.T = 1, c.E = 512, c.k = 8, c.lt = LogitType::BF16, c.stats = true, c.seed = 82;
+    v.push_back(c);
+    c.name = "half keys stats one token a warp, int64 groups, fp16 E=40 k=33";
+    c.T = 11, c.E = 40, c.k = 33, c.lt = LogitType::F16, c.groups = c.groups_int64 = true;
+    c.G = 4, c.seed = 83;
+    v.push_back(c);
+    c = Case{};
+    c.name = "stats one token a warp E=1000 k=40 (VPT 32), groups 10/7";
+    c.T = 14, c.E = 1000, c.k = 40, c.stats = true, c.groups = true, c.G = 2;
+    c.n_group = 10, c.topk_group = 7, c.seed = 84;
+    v.push_back(c);
+  }
   // The cases above and below without steering, group limit or statistics run the plain kernel.
   {
     Case c;
