@@ -456,6 +456,12 @@ VARIANTS = {
         "atomics each",
         [(GATE, DIRECT_SUMS_NOW, DIRECT_SUMS_OFF)],
         ("warp",)),
+    "gate_direct_sums_all": Variant(
+        "gate: every warp adds its counts and weight sums with k global atomics a token, also "
+        "where it covers several tokens (T past about the resident warps), instead of keeping "
+        "them in shared memory for its run",
+        [(GATE, DIRECT_SUMS_NOW, "  c.direct_sums = true;\n")],
+        ("warp",)),
     "gate_merge_off": Variant(
         "gate: no CTA merges its warps' statistics; each warp adds its own run to the "
         "statistics with global atomics",
