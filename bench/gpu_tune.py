@@ -462,6 +462,14 @@ VARIANTS = {
         "them in shared memory for its run",
         [(GATE, DIRECT_SUMS_NOW, "  c.direct_sums = true;\n")],
         ("warp",)),
+    "gate_steer_branches": Variant(
+        "gate: each slot's steering-table reads behind a branch on the slot's validity, as "
+        "before, so that they wait one after another, not all read at once up to VPT 16",
+        [(GATE, "    if (VPT <= 16 || here) {\n      const int e",
+          "    if (here) {\n      const int e"),
+         (GATE, "    if (VPT <= 16 || here)\n      y = steered_logit",
+          "    if (here)\n      y = steered_logit")],
+        ("warp",)),
     "gate_merge_off": Variant(
         "gate: no CTA merges its warps' statistics; each warp adds its own run to the "
         "statistics with global atomics",
@@ -557,6 +565,8 @@ CASES = {
     "gate+stats T=16384 E=256 k=8": lambda d: _gate("softmax_topk", 16384, 256, 8, "gate_stats", d),
     "gate T=16384 E=512 k=8": lambda d: _gate("softmax_topk", 16384, 512, 8, "gate", d),
     # bf16 logits steered (bench_steer): 1.1-1.6x slower on 2026-11-29 than on 2026-11-26
+    # steering at T=1 cost 4.7x the plain gate on 2026-11-29 (13.8 against 2.9 us)
+    "gate+steer T=1 E=256 k=8": lambda d: _gate("softmax_topk", 1, 256, 8, "gate_steer", d),
     "gate+steer T=1024 E=128 k=8": lambda d: _gate("softmax_topk", 1024, 128, 8, "gate_steer", d),
     "gate+steer T=16384 E=256 k=8":
         lambda d: _gate("softmax_topk", 16384, 256, 8, "gate_steer", d),

@@ -454,14 +454,16 @@ __device__ __forceinline__ SteerMasks steer_masks(const Row& row, const float* s
                                                   uint32_t valid) {
   SteerMasks m;
   bool any_std = false;
+  // Up to VPT 16 every slot reads (absent ones expert 0's entries, then masked), as in steer_row.
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {
-    if ((valid >> i) & 1u) {
-      const int e = i * Row::kStride + row.base;
-      any_std = any_std || __ldg(steer + kSteerStd * E + e) != 0.f;
-      const float f = __ldg(steer + kSteerForce * E + e);
-      m.on |= (f > 0.f ? 1u : 0u) << i;
-      m.off |= (f < 0.f ? 1u : 0u) << i;
+    const bool here = (valid >> i) & 1u;
+    if (VPT <= 16 || here) {
+      const int e = here ? i * Row::kStride + row.base : 0;
+      const float lam = __ldg(steer + kSteerStd * E + e), f = __ldg(steer + kSteerForce * E + e);
+      any_std = any_std || (here && lam != 0.f);
+      m.on |= (here && f > 0.f ? 1u : 0u) << i;
+      m.off |= (here && f < 0.f ? 1u : 0u) << i;
     }
   }
   m.has_std = row.any(any_std);
@@ -661,11 +663,18 @@ __device__ __forceinline__ RowSteer steer_row(const Row& row, const GateParams& 
     const float sd = dof > 0 ? sqrtf(var / float(dof)) : 0.f;
     rs.sd = sd != sd ? INFINITY : sd;  // overflow: inf or NaN by summation order (reference)
   }
+  // Up to VPT 16 every slot is steered, then masked (absent slots read expert 0's entries). With a
+  // branch around each slot, its three table reads waited out their latency before the next
+  // slot's began: VPT round trips to L2 a token, which a decode-sized call waits on (sm_90a). At
+  // VPT 32 the overlapping reads' registers made ptxas spill 40-56 bytes in the full builds.
 #pragma unroll
-  for (int i = 0; i < VPT; ++i)
-    z[i] = ((valid >> i) & 1u)
-               ? steered_logit(p.steer, E, i * Row::kStride + row.base, z0[i], rs.sd)
-               : 0.f;
+  for (int i = 0; i < VPT; ++i) {
+    const bool here = (valid >> i) & 1u;
+    float y = 0.f;
+    if (VPT <= 16 || here)
+      y = steered_logit(p.steer, E, here ? i * Row::kStride + row.base : 0, z0[i], rs.sd);
+    z[i] = here ? y : 0.f;
+  }
   if (masks.has_force) {
     float hi = -kFltMax, lo = kFltMax;
 #pragma unroll
