@@ -1534,14 +1534,23 @@ inline GateKernel select_kernel(const GateParams& p) {
 // occupancy (0 if unknown). A grid of more warps than are resident would run in waves, the last
 // one partly idle (at E=256 the plain kernel holds 24 warps per SM, so 32 would make 1.33 waves);
 // planning for the resident count instead gives every warp a longer range in a single wave.
+// A plan for another count can take other shared memory (a warp of one token keeps no counts or
+// weight sums: GatePlan::direct_sums), and so another occupancy: it plans again until the count
+// holds. More resident warps give shorter ranges and never more shared memory a warp, so the
+// counts move one way and settle in a step or two (four at most; the last plan is kept).
 template <class Occupancy>
 inline GatePlan plan_for_device(const GateParams& p, int sm_count, GateKernel kernel,
                                 Occupancy&& blocks_per_sm) {
   GatePlan plan = plan_topk_gate(p, sm_count);
-  if (plan.blocks <= (sm_count > 0 ? sm_count : 1)) return plan;  // one CTA per SM at most
-  const int resident =
-      int(blocks_per_sm(kernel, plan.warps_per_block * 32, plan.smem_bytes)) * plan.warps_per_block;
-  if (resident > 0 && resident != kWarpsPerSm) plan = plan_topk_gate(p, sm_count, resident);
+  int planned_for = kWarpsPerSm;
+  for (int step = 0; step < 4; ++step) {
+    if (plan.blocks <= (sm_count > 0 ? sm_count : 1)) break;  // one CTA per SM at most
+    const int resident = int(blocks_per_sm(kernel, plan.warps_per_block * 32, plan.smem_bytes)) *
+                         plan.warps_per_block;
+    if (resident <= 0 || resident == planned_for) break;
+    plan = plan_topk_gate(p, sm_count, resident);
+    planned_for = resident;
+  }
   return plan;
 }
 

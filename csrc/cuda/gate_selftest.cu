@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "gate.cuh"
 #include "gate_launch.h"
 #include "selftest_util.h"
 
@@ -1266,6 +1267,37 @@ std::vector<Case> cases() {
   return v;
 }
 
+// plan_for_device against an occupancy bound by registers (16 to 48 warps an SM) and by shared
+// memory (an H100 SM's 228 KiB): every plan's warps are resident at once. A plan for 32 warps an
+// SM can give each warp one token (no counts or weight sums in shared memory); a plan for fewer
+// can give each warp two, and the arrays back, which can leave fewer warps resident again.
+bool plans_take_one_wave() {
+  using namespace moe_route::cuda::detail;
+  static int64_t counts[1];
+  static float weight_sum[1];
+  constexpr int kSms = 132;
+  int bad = 0;
+  for (const int max_warps : {16, 24, 32, 48}) {
+    const auto occupancy = [max_warps](GateKernel, int threads, size_t smem) {
+      const int by_regs = max_warps / (threads / 32);
+      return smem > 0 ? std::min(by_regs, int(228 * 1024 / smem)) : by_regs;
+    };
+    for (const int64_t E : {64, 256, 512, 1024})
+      for (int64_t T = 500; T <= 20000; T += 125) {
+        GateParams p;
+        p.T = T, p.E = E, p.k = 8, p.row_stride = E, p.counts = counts, p.weight_sum = weight_sum;
+        const GatePlan plan = plan_for_device(p, kSms, nullptr, occupancy);
+        const int per_sm = occupancy(nullptr, plan.warps_per_block * 32, plan.smem_bytes);
+        if (plan.blocks > int64_t(per_sm) * kSms && bad++ < 5)
+          std::printf("  plan T=%lld E=%lld, %d warps an SM: %d CTAs of %d warps, %d a SM\n",
+                      static_cast<long long>(T), static_cast<long long>(E), max_warps,
+                      plan.blocks, plan.warps_per_block, per_sm);
+      }
+  }
+  std::printf("%s plans in one wave (%d not)\n", bad ? "FAIL" : "ok  ", bad);
+  return bad == 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -1284,6 +1316,8 @@ int main(int argc, char** argv) {
   // An argument runs only the cases whose name contains it.
   const std::string only = argc > 1 ? argv[1] : "";
   int failed = 0;
+  if (std::string("plans in one wave").find(only) != std::string::npos)
+    failed += plans_take_one_wave() ? 0 : 1;
   for (const Case& c : cases())
     if (c.name.find(only) != std::string::npos) failed += run_case(c) ? 0 : 1;
   std::printf("%s: %d case(s) failed\n", failed ? "FAILED" : "PASSED", failed);
