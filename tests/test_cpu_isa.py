@@ -233,6 +233,8 @@ FEW_EXPERTS = [
     ("biased_softmax", 8, 2, dict(selection_bias=True)),
     ("rounded_sigmoid", 24, 6, dict(score="sigmoid", selection_bias=True, round_scores=True)),
     ("rounded_softmax", 13, 4, dict(round_scores=True)),
+    ("rounded_sqrtsoftplus", 40, 6, dict(score="sqrtsoftplus", renormalize=True,
+                                         selection_bias=True, round_scores=True)),
     ("all_chosen", 3, 3, {}),
     ("one_expert", 1, 1, {}),
     ("softmax_64", 64, 8, {}),  # OLMoE's

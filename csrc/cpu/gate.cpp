@@ -211,6 +211,32 @@ MOE_ROUTE_INLINE float round_half(float x, LogitType t) {
   return t == LogitType::BF16 ? round_bf16(x) : round_fp16(x);
 }
 
+// DeepSeek-V4's selection scores of n logits z into rounded: softplus and sqrt as two ops in the
+// router's half precision, each rounded. With `sc`, also the fp32 scores sqrt_softplus(z) (the
+// statistics'), from the same softplus. A loop per precision, so that each vectorises.
+MOE_ROUTE_INLINE void rounded_sqrt_softplus(LogitType t, const float* z, int64_t n, float* rounded,
+                                            float* sc = nullptr) {
+  if (t == LogitType::BF16) {
+    if (sc) {
+      for (int64_t i = 0; i < n; ++i) {
+        const float sp = softplus_fast(z[i]);
+        sc[i] = std::sqrt(sp), rounded[i] = round_bf16(std::sqrt(round_bf16(sp)));
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i)
+        rounded[i] = round_bf16(std::sqrt(round_bf16(softplus_fast(z[i]))));
+    }
+  } else if (sc) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float sp = softplus_fast(z[i]);
+      sc[i] = std::sqrt(sp), rounded[i] = round_fp16(std::sqrt(round_fp16(sp)));
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i)
+      rounded[i] = round_fp16(std::sqrt(round_fp16(softplus_fast(z[i]))));
+  }
+}
+
 MOE_ROUTE_INLINE float score_of(Score s, float z) {
   switch (s) {
     case Score::Sigmoid: return sigmoid(z);
@@ -897,7 +923,8 @@ MOE_ROUTE_INLINE void select_experts(const GateParams& p, const Prep& prep, cons
 // Selection values of one token's steered logits z (reference: selection_values), the group
 // limit, then its k ids. `ew` and `ew_sum` are the softmax numerators of z and their sum when
 // `have_ew` (the weight side computed them already), else ignored. `sc`, when not null, holds
-// the sigmoid or sqrt-softplus scores of z (scores_of), which this then does not compute again.
+// the sigmoid or sqrt-softplus scores of z (scores_of; for the sqrt-softplus that rounds,
+// rounded_sqrt_softplus), which this then does not compute again.
 // `in_groups` is select_in_groups_body's function for the caller's instruction set.
 MOE_ROUTE_INLINE void select_row(const GateParams& p, const Prep& prep, const float* z,
                                  const float* ew, float ew_sum, bool have_ew, const float* sc,
@@ -915,14 +942,7 @@ MOE_ROUTE_INLINE void select_row(const GateParams& p, const Prep& prep, const fl
     } else if (sc) {
       v = sc;
     } else if (p.score == Score::SqrtSoftplus && rounds_scores(p)) {
-      // two ops in the router's half precision, each rounded
-      if (p.logit_type == LogitType::BF16) {
-        for (int64_t e = 0; e < E; ++e)
-          sv[e] = round_bf16(std::sqrt(round_bf16(softplus_fast(z[e]))));
-      } else {
-        for (int64_t e = 0; e < E; ++e)
-          sv[e] = round_fp16(std::sqrt(round_fp16(softplus_fast(z[e]))));
-      }
+      rounded_sqrt_softplus(p.logit_type, z, E, sv);
     } else if (elementwise_scores(p)) {
       scores_of(p, z, p.E, sv);
     } else {
@@ -1513,11 +1533,7 @@ MOE_ROUTE_INLINE bool lane_select_row(const GateParams& p, const Prep& prep, con
       if (!have_ew) sum = lane_exps(z, sv, E, lane_extreme<true>(z, E)), src = sv;
       for (int64_t e = 0; e < E; ++e) sv[e] = src[e] / sum;
     } else if (p.score == Score::SqrtSoftplus && rounds_scores(p)) {
-      for (int64_t e = 0; e < E; ++e)
-        for (int l = 0; l < kLanes; ++l) {
-          const LogitType t = p.logit_type;
-          sv[e][l] = round_half(std::sqrt(round_half(softplus_fast(z[e][l]), t)), t);
-        }
+      rounded_sqrt_softplus(p.logit_type, &z[0][0], E * kLanes, &sv[0][0]);
     } else if (elementwise_scores(p)) {  // one loop over the block's 8E logits
       scores_of(p, &z[0][0], E * kLanes, &sv[0][0]);
     } else {
@@ -1731,20 +1747,27 @@ MOE_ROUTE_INLINE void gate_tokens_body(const GateParams& p, const Prep& prep, in
     // Elementwise scores of the weight-side logits, once for selection, weights and statistics
     // where the selection ranks them or dense statistics take them all (for the k weights alone,
     // weigh computes k). The sqrt-softplus that rounds to the logits' half precision ranks
-    // values of its own.
-    const bool select_sc = !replayed && !selects_on_logits(p) && zw == z &&
-                           !(p.score == Score::SqrtSoftplus && rounds_scores(p));
+    // values of its own; with dense statistics, both come from one softplus, the rounded ones
+    // into s.v (select_row's buffer).
+    const bool round_sp = p.score == Score::SqrtSoftplus && rounds_scores(p);
+    const bool select_sc = !replayed && !selects_on_logits(p) && zw == z;
     const float* sc = nullptr;
-    if (elementwise_scores(p) && (select_sc || (stats && p.dense_stats()))) {
-      scores_of(p, zw, E, s.sc.data());
+    const float* select_values = nullptr;
+    if (elementwise_scores(p) && ((select_sc && !round_sp) || (stats && p.dense_stats()))) {
+      if (round_sp && select_sc) {
+        rounded_sqrt_softplus(p.logit_type, zw, E, s.v.data(), s.sc.data());
+        select_values = s.v.data();
+      } else {
+        scores_of(p, zw, E, s.sc.data());
+        if (select_sc) select_values = s.sc.data();
+      }
       sc = s.sc.data();
     }
 
     if (replayed) {
       for (int64_t j = 0; j < k; ++j) ids[j] = static_cast<int32_t>(p.replay_id(t, j));
     } else {
-      select_row(p, prep, z, ew, w_sum, want_ew && zw == z, select_sc ? sc : nullptr, in_groups, s,
-                 ids);
+      select_row(p, prep, z, ew, w_sum, want_ew && zw == z, select_values, in_groups, s, ids);
     }
     if (max_from_pick) {
       w_max = zw[ids[0]];
