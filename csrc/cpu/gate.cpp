@@ -211,6 +211,16 @@ MOE_ROUTE_INLINE float round_half(float x, LogitType t) {
   return t == LogitType::BF16 ? round_bf16(x) : round_fp16(x);
 }
 
+// x[0..n) rounded as one op in the logits' half precision (round_half) into out, a loop per
+// precision, so that each vectorises.
+MOE_ROUTE_INLINE void round_half_n(LogitType t, const float* x, int64_t n, float* out) {
+  if (t == LogitType::BF16) {
+    for (int64_t i = 0; i < n; ++i) out[i] = round_bf16(x[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = round_fp16(x[i]);
+  }
+}
+
 // DeepSeek-V4's selection scores of n logits z into rounded: softplus and sqrt as two ops in the
 // router's half precision, each rounded. With `sc`, also the fp32 scores sqrt_softplus(z) (the
 // statistics'), from the same softplus. A loop per precision, so that each vectorises.
@@ -949,11 +959,7 @@ MOE_ROUTE_INLINE void select_row(const GateParams& p, const Prep& prep, const fl
       std::memcpy(sv, z, sizeof(float) * E);
     }
     if (rounds_scores(p) && p.score != Score::SqrtSoftplus) {  // one op in half precision
-      if (p.logit_type == LogitType::BF16) {
-        for (int64_t e = 0; e < E; ++e) sv[e] = round_bf16(v[e]);
-      } else {
-        for (int64_t e = 0; e < E; ++e) sv[e] = round_fp16(v[e]);
-      }
+      round_half_n(p.logit_type, v, E, sv);
       v = sv;
     }
   }
@@ -1520,9 +1526,11 @@ MOE_ROUTE_INLINE void lane_stats(const GateParams& p, int64_t t0, int n, int64_t
 
 // select_row for the block's tokens: selection values of the steered logits z, then each lane's
 // k ids into b.ids. b.ew and b.w_sum hold the softmax numerators of z and their sums when
-// `have_ew`. Returns whether b.v holds the elementwise (fp32, unrounded) scores of z.
+// `have_ew`. Returns whether b.v holds the elementwise (fp32, unrounded) scores of z. With
+// `sc_out`, the sqrt-softplus that rounds also writes the fp32 scores of z there, from the same
+// softplus.
 MOE_ROUTE_INLINE bool lane_select_row(const GateParams& p, const Prep& prep, const f32x8* z,
-                                      bool have_ew, LaneBlock& b) {
+                                      bool have_ew, LaneBlock& b, f32x8* sc_out = nullptr) {
   const int64_t E = p.E, k = p.k;
   const f32x8* v = z;
   if (!selects_on_logits(p)) {
@@ -1533,15 +1541,15 @@ MOE_ROUTE_INLINE bool lane_select_row(const GateParams& p, const Prep& prep, con
       if (!have_ew) sum = lane_exps(z, sv, E, lane_extreme<true>(z, E)), src = sv;
       for (int64_t e = 0; e < E; ++e) sv[e] = src[e] / sum;
     } else if (p.score == Score::SqrtSoftplus && rounds_scores(p)) {
-      rounded_sqrt_softplus(p.logit_type, &z[0][0], E * kLanes, &sv[0][0]);
+      rounded_sqrt_softplus(p.logit_type, &z[0][0], E * kLanes, &sv[0][0],
+                            sc_out ? &sc_out[0][0] : nullptr);
     } else if (elementwise_scores(p)) {  // one loop over the block's 8E logits
       scores_of(p, &z[0][0], E * kLanes, &sv[0][0]);
     } else {
       for (int64_t e = 0; e < E; ++e) sv[e] = z[e];
     }
     if (rounds_scores(p) && p.score != Score::SqrtSoftplus)
-      for (int64_t e = 0; e < E; ++e)
-        for (int l = 0; l < kLanes; ++l) sv[e][l] = round_half(sv[e][l], p.logit_type);
+      round_half_n(p.logit_type, &sv[0][0], E * kLanes, &sv[0][0]);
     v = sv;
   }
   if (p.selection_bias) {  // into b.q, free until lane_stats: b.v keeps the scores
@@ -1587,8 +1595,14 @@ MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t 
   }
 
   // The elementwise scores of zw, where selection computed them: for weights and statistics.
+  // The sqrt-softplus that rounds ranks values of its own; its dense statistics take the fp32
+  // scores, from selection's softplus into b.ew (which only softmax scores use).
+  const bool round_sp_stats = stats && p.dense_stats() && p.score == Score::SqrtSoftplus &&
+                              rounds_scores(p) && !selects_on_logits(p) && zw == z &&
+                              !all_replayed;
   bool z_scores = false;
-  if (!all_replayed) z_scores = lane_select_row(p, prep, z, want_ew && zw == z, b);
+  if (!all_replayed)
+    z_scores = lane_select_row(p, prep, z, want_ew && zw == z, b, round_sp_stats ? b.ew : nullptr);
   const f32x8* sc = z_scores && zw == z ? b.v : nullptr;
   if (any_replayed)
     for (int l = 0; l < n; ++l)
@@ -1657,13 +1671,14 @@ MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t 
     if (g != -1) lane_stats(p, t0, n, g, zw, sc, b, s, runs);
     return;
   }
+  const f32x8* stats_sc = round_sp_stats ? b.ew : sc;
   float ew_row[kLaneMaxE], zw_row[kLaneMaxE], sc_row[kLaneMaxE];
   for (int l = 0; l < n; ++l) {
     const int64_t t = t0 + l;
     for (int64_t e = 0; e < E; ++e) ew_row[e] = b.ew[e][l], zw_row[e] = zw[e][l];
-    for (int64_t e = 0; e < E && sc; ++e) sc_row[e] = sc[e][l];
+    for (int64_t e = 0; e < E && stats_sc; ++e) sc_row[e] = stats_sc[e][l];
     token_stats(p, t, p.ids + t * k, p.weights + t * k, ew_row, zw_row, b.w_max[l], b.w_sum[l],
-                sc ? sc_row : nullptr, s, runs);
+                stats_sc ? sc_row : nullptr, s, runs);
   }
 }
 
