@@ -20,7 +20,9 @@ OLMoE/Qwen3 softmax top-k (E 64 and 256, and 16 with k=2 as Jamba's), the renorm
 (E=64, k=8, and Mixtral's E=8, k=2), GPT-OSS's top-k softmax (E=32 and 64, k=4), Llama 4
 Scout's sigmoid of the top logit (E=16, k=1), a renormalised sigmoid top-4 of 32 (no family's;
 the lanes' sigmoid selection) and top-8 of 128 (GLM-4.5's without its bias and scale; the
-per-token sigmoid) and DeepSeek-V3's grouped sigmoid, at T 1 to
+per-token sigmoid), DeepSeek-V3's grouped sigmoid, and on bf16 logits the scores that round to
+them: DeepSeek-V4's sqrt-softplus (E=384, k=6, and E=64 in the lanes) and LFM2's sigmoid (E=32,
+k=4), each with a selection bias, at T 1 to
 8192, plain, with statistics, replaying every row, and both; with statistics per sequence of 5
 tokens (``groups=``); and steered (three constant biases, one std-scaled, one expert forced on
 and one forced off), with and without statistics, and steered by the biases alone (``steer/bias``:
@@ -41,7 +43,9 @@ import tempfile
 SEMANTICS = [("softmax_topk", 64, 8), ("softmax_topk", 256, 8), ("renorm", 64, 8),
              ("topk_softmax", 64, 4), ("deepseek_v3", 256, 8),
              ("renorm", 8, 2), ("softmax_topk", 16, 2), ("topk_softmax", 32, 4),
-             ("topk_sigmoid", 16, 1), ("sigmoid_renorm", 32, 4), ("sigmoid_renorm", 128, 8)]
+             ("topk_sigmoid", 16, 1), ("sigmoid_renorm", 32, 4), ("sigmoid_renorm", 128, 8),
+             ("deepseek_v4", 384, 6), ("deepseek_v4", 64, 6), ("lfm2", 32, 4)]
+ROUNDED = ("deepseek_v4", "lfm2")  # on bf16 logits, scores rounded to bf16 (round_scores)
 TS = (1, 64, 1024, 8192)
 SEQ = 5  # tokens per sequence of the per-sequence statistics: most blocks of 8 span two
 
@@ -72,15 +76,21 @@ def gate_call(case):
 
     s, T, E, k, stats, replay, steer = case
     x = torch.randn(T, E, generator=torch.Generator().manual_seed(T * 7 + E))
+    if s in ROUNDED:
+        x = x.bfloat16()
     spec = {"softmax_topk": RouterSpec(), "renorm": RouterSpec(renormalize=True),
             "topk_softmax": RouterSpec(select_on="logits"),
             "topk_sigmoid": RouterSpec(score="sigmoid", select_on="logits"),
             "sigmoid_renorm": RouterSpec(score="sigmoid", renormalize=True),
             "deepseek_v3": RouterSpec(score="sigmoid", n_group=8, topk_group=4,
                                       group_score="top2_sum", renormalize=True,
-                                      renorm_eps=1e-20, scale=2.5)}[s]
+                                      renorm_eps=1e-20, scale=2.5),
+            "deepseek_v4": RouterSpec(score="sqrtsoftplus", renormalize=True, renorm_eps=1e-20,
+                                      scale=1.5, round_scores=True),
+            "lfm2": RouterSpec(score="sigmoid", renormalize=True, renorm_eps=1e-6,
+                               round_scores=True)}[s]
     kw = {}
-    if s == "deepseek_v3":
+    if s in ("deepseek_v3",) + ROUNDED:
         kw["selection_bias"] = torch.randn(E, generator=torch.Generator().manual_seed(1))
     if stats is True:
         kw["stats"] = GateStats.zeros(1, E)
