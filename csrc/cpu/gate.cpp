@@ -213,38 +213,36 @@ MOE_ROUTE_INLINE float round_half(float x, LogitType t) {
 
 // x[0..n) rounded as one op in the logits' half precision (round_half) into out, a loop per
 // precision, so that each vectorises.
+template <float (*Round)(float)>
+MOE_ROUTE_INLINE void round_n(const float* x, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = Round(x[i]);
+}
+
 MOE_ROUTE_INLINE void round_half_n(LogitType t, const float* x, int64_t n, float* out) {
-  if (t == LogitType::BF16) {
-    for (int64_t i = 0; i < n; ++i) out[i] = round_bf16(x[i]);
-  } else {
-    for (int64_t i = 0; i < n; ++i) out[i] = round_fp16(x[i]);
-  }
+  if (t == LogitType::BF16) round_n<round_bf16>(x, n, out);
+  else round_n<round_fp16>(x, n, out);
 }
 
 // DeepSeek-V4's selection scores of n logits z into rounded: softplus and sqrt as two ops in the
 // router's half precision, each rounded. With `sc`, also the fp32 scores sqrt_softplus(z) (the
 // statistics'), from the same softplus. A loop per precision, so that each vectorises.
-MOE_ROUTE_INLINE void rounded_sqrt_softplus(LogitType t, const float* z, int64_t n, float* rounded,
-                                            float* sc = nullptr) {
-  if (t == LogitType::BF16) {
-    if (sc) {
-      for (int64_t i = 0; i < n; ++i) {
-        const float sp = softplus_fast(z[i]);
-        sc[i] = std::sqrt(sp), rounded[i] = round_bf16(std::sqrt(round_bf16(sp)));
-      }
-    } else {
-      for (int64_t i = 0; i < n; ++i)
-        rounded[i] = round_bf16(std::sqrt(round_bf16(softplus_fast(z[i]))));
-    }
-  } else if (sc) {
+template <float (*Round)(float)>
+MOE_ROUTE_INLINE void rounded_sqrt_softplus_n(const float* z, int64_t n, float* rounded,
+                                              float* sc) {
+  if (sc) {
     for (int64_t i = 0; i < n; ++i) {
       const float sp = softplus_fast(z[i]);
-      sc[i] = std::sqrt(sp), rounded[i] = round_fp16(std::sqrt(round_fp16(sp)));
+      sc[i] = std::sqrt(sp), rounded[i] = Round(std::sqrt(Round(sp)));
     }
   } else {
-    for (int64_t i = 0; i < n; ++i)
-      rounded[i] = round_fp16(std::sqrt(round_fp16(softplus_fast(z[i]))));
+    for (int64_t i = 0; i < n; ++i) rounded[i] = Round(std::sqrt(Round(softplus_fast(z[i]))));
   }
+}
+
+MOE_ROUTE_INLINE void rounded_sqrt_softplus(LogitType t, const float* z, int64_t n, float* rounded,
+                                            float* sc = nullptr) {
+  if (t == LogitType::BF16) rounded_sqrt_softplus_n<round_bf16>(z, n, rounded, sc);
+  else rounded_sqrt_softplus_n<round_fp16>(z, n, rounded, sc);
 }
 
 MOE_ROUTE_INLINE float score_of(Score s, float z) {
