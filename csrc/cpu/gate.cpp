@@ -1202,21 +1202,35 @@ MOE_ROUTE_INLINE f32x8 lane_sum(const f32x8* x, int64_t E) {
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
-// The max (kMax) or min of each lane's row, taking the same one of equal values (+0 or -0) as
-// max_of and steer_row do: the scalar tail's first, then their 8 vector lanes' in lane order.
-template <bool kMax>
-MOE_ROUTE_INLINE f32x8 lane_extreme(const f32x8* x, int64_t E) {
-  auto pick = [](f32x8 a, f32x8 b) { return (kMax ? a > b : a < b) ? a : b; };
-  const f32x8 none = splat8(kMax ? -kFltMax : kFltMax);
+// The max of each lane's row into top and, with kMin, its min into bottom (one pass for both),
+// taking the same one of equal values (+0 or -0) as max_of and steer_row do: the scalar tail's
+// first, then their 8 vector lanes' in lane order.
+template <bool kMin>
+MOE_ROUTE_INLINE void lane_extremes(const f32x8* x, int64_t E, f32x8& top, f32x8& bottom) {
+  const auto higher = [](f32x8 a, f32x8 b) { return a > b ? a : b; };
+  const auto lower = [](f32x8 a, f32x8 b) { return a < b ? a : b; };
+  const f32x8 lowest = splat8(-kFltMax), highest = splat8(kFltMax);
   const int64_t full = E & ~int64_t(7);
-  f32x8 r = none;
-  for (int64_t e = full; e < E; ++e) r = pick(x[e], r);
-  for (int64_t j = 0; j < 8 && j < full; ++j) {
-    f32x8 m = none;
-    for (int64_t e = j; e < full; e += 8) m = pick(x[e], m);
-    r = pick(m, r);
+  top = lowest, bottom = highest;
+  for (int64_t e = full; e < E; ++e) {
+    top = higher(x[e], top);
+    if (kMin) bottom = lower(x[e], bottom);
   }
-  return r;
+  for (int64_t j = 0; j < 8 && j < full; ++j) {
+    f32x8 hi = lowest, lo = highest;
+    for (int64_t e = j; e < full; e += 8) {
+      hi = higher(x[e], hi);
+      if (kMin) lo = lower(x[e], lo);
+    }
+    top = higher(hi, top);
+    if (kMin) bottom = lower(lo, bottom);
+  }
+}
+
+MOE_ROUTE_INLINE f32x8 lane_max(const f32x8* x, int64_t E) {
+  f32x8 top, unused;
+  lane_extremes<false>(x, E, top, unused);
+  return top;
 }
 
 // Softmax numerators ew[e] = exp(x[e] - m) of each lane; returns their sums (softmax_exps_from).
@@ -1285,7 +1299,8 @@ MOE_ROUTE_INLINE void lane_steer(const GateParams& p, const Prep& prep, LaneBloc
     b.z[e] = sanitize8(y);
   }
   if (prep.has_force) {
-    const f32x8 top = lane_extreme<true>(b.z, E), bottom = lane_extreme<false>(b.z, E);
+    f32x8 top, bottom;
+    lane_extremes<true>(b.z, E, top, bottom);
     for (const int32_t e : prep.forced) b.z[e] = force[e] > 0.f ? top : bottom;
   }
 }
@@ -1536,7 +1551,7 @@ MOE_ROUTE_INLINE bool lane_select_row(const GateParams& p, const Prep& prep, con
     if (p.score == Score::Softmax) {
       const f32x8* src = b.ew;
       f32x8 sum = b.w_sum;
-      if (!have_ew) sum = lane_exps(z, sv, E, lane_extreme<true>(z, E)), src = sv;
+      if (!have_ew) sum = lane_exps(z, sv, E, lane_max(z, E)), src = sv;
       for (int64_t e = 0; e < E; ++e) sv[e] = src[e] / sum;
     } else if (p.score == Score::SqrtSoftplus && rounds_scores(p)) {
       rounded_sqrt_softplus(p.logit_type, &z[0][0], E * kLanes, &sv[0][0],
@@ -1588,7 +1603,7 @@ MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t 
                              !prep.has_force && !any_replayed;
   b.w_max = splat8(0.f), b.w_sum = splat8(1.f);
   if (want_ew && !max_from_pick) {
-    b.w_max = lane_extreme<true>(zw, E);
+    b.w_max = lane_max(zw, E);
     b.w_sum = lane_exps(zw, b.ew, E, b.w_max);
   }
 
