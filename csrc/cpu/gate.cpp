@@ -1445,8 +1445,9 @@ MOE_ROUTE_INLINE void lane_rows8(const f32x8* x, f32x8 scale, f32x8* q) {
 
 // token_stats for tokens [t0, t0 + n), whose ids and weights are written, all of group g >= 0
 // or of several (g == kMixedGroups): the same additions in the same order, the dense ones
-// (softmax, plain-logit or sigmoid scores) computed in the lanes. `sc`, when not null, holds
-// the sigmoid scores of zw (from selection). Uses b.work, b.q and b.rows.
+// (softmax, plain-logit, sigmoid or sqrt-softplus scores) computed in the lanes. `sc`, when not
+// null, holds the sigmoid or sqrt-softplus scores of zw (from selection). Uses b.work, b.q and
+// b.rows.
 MOE_ROUTE_INLINE void lane_stats(const GateParams& p, int64_t t0, int n, int64_t g,
                                  const f32x8* zw, const f32x8* sc, LaneBlock& b, Scratch& s,
                                  Runs* runs) {
@@ -1457,11 +1458,11 @@ MOE_ROUTE_INLINE void lane_stats(const GateParams& p, int64_t t0, int n, int64_t
   // Each lane's entropy, and its probabilities qs[e] * scale (prob_sum; x * 1 is x exactly).
   f32x8 entropy = {}, scale = splat8(1.f);
   const f32x8* qs = b.q;
-  if (dense && p.score == Score::Sigmoid) {
-    // token_stats' sigmoid distribution: q = sigmoid(z) / sum (uniform where the sum is 0),
-    // H = -sum_e q_e log q_e. The sigmoid as one loop over the block's 8E logits, which GCC
-    // vectorises at its widest width (an f32x8 exp_fast and sigmoid measured 3-5% slower than
-    // the compiler's 8-lane loop, bench/RESULTS.md).
+  if (dense && elementwise_scores(p)) {
+    // token_stats' distribution of sigmoid or sqrt-softplus scores: q = score(z) / sum (uniform
+    // where the sum is 0), H = -sum_e q_e log q_e. The scores as one loop over the block's 8E
+    // logits, which GCC vectorises at its widest width (an f32x8 exp_fast and sigmoid measured
+    // 3-5% slower than the compiler's 8-lane loop, bench/RESULTS.md).
     const f32x8 zero = splat8(0.f);
     if (!sc) scores_of(p, &zw[0][0], E * kLanes, &b.q[0][0]), sc = b.q;
     const f32x8 total = lane_sum(sc, E);
@@ -1679,20 +1680,8 @@ MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t 
             p.weights + (t0 + l) * k);
   }
   if (!stats) return;
-  if (!p.dense_stats() || p.score != Score::SqrtSoftplus) {
-    const int64_t g = block_group(p, t0, n);
-    if (g != -1) lane_stats(p, t0, n, g, zw, sc, b, s, runs);
-    return;
-  }
-  const f32x8* stats_sc = round_sp_stats ? b.ew : sc;
-  float ew_row[kLaneMaxE], zw_row[kLaneMaxE], sc_row[kLaneMaxE];
-  for (int l = 0; l < n; ++l) {
-    const int64_t t = t0 + l;
-    for (int64_t e = 0; e < E; ++e) ew_row[e] = b.ew[e][l], zw_row[e] = zw[e][l];
-    for (int64_t e = 0; e < E && stats_sc; ++e) sc_row[e] = stats_sc[e][l];
-    token_stats(p, t, p.ids + t * k, p.weights + t * k, ew_row, zw_row, b.w_max[l], b.w_sum[l],
-                stats_sc ? sc_row : nullptr, s, runs);
-  }
+  const int64_t g = block_group(p, t0, n);
+  if (g != -1) lane_stats(p, t0, n, g, zw, round_sp_stats ? b.ew : sc, b, s, runs);
 }
 
 // gate_lanes over the blocks of a chunk of tokens [t0, t1); returns the first token left to the
