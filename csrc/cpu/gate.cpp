@@ -29,6 +29,7 @@ constexpr float kFltMax = 3.40282347e38f;
 // function of T alone, so float statistics never depend on the thread count.
 inline int64_t chunk_size(int64_t T) { return T >= 1024 ? 128 : std::max<int64_t>(16, (T + 7) / 8); }
 constexpr int64_t kInsertMaxK = 16;  // up to this k, top-k by insertion; above, nth_element
+constexpr int64_t kRankMaxCandidates = 32;  // select_untiered: ranks up to this many candidates
 
 MOE_ROUTE_INLINE float sanitize(float x) {
   // Comparisons are false for NaN, which therefore lands on -FLT_MAX.
@@ -317,26 +318,6 @@ MOE_ROUTE_INLINE int32_t key_index(uint64_t key) {
 
 // Key of an untiered expert: what the tier-free selection compares.
 MOE_ROUTE_INLINE uint64_t key_normal(float v, int32_t e) { return make_key(kTierNormal, v, e); }
-
-MOE_ROUTE_INLINE void cswap_desc(uint64_t& a, uint64_t& b) {
-  // The keys stay in general registers (two cmovs): with AVX-512's 64-bit min/max, GCC otherwise
-  // moves them to vector registers and back on every exchange of the serial pick loop (selection
-  // 8% slower than in the AVX2 variant, bench/RESULTS.md).
-  asm("" : "+r"(a), "+r"(b));
-  const uint64_t hi = a > b ? a : b, lo = a > b ? b : a;
-  a = hi, b = lo;
-}
-
-// Knuth's 19-comparator, depth-6 sorting network for 8 keys (checked by the 0-1 principle).
-// Written out so the keys stay in registers.
-MOE_ROUTE_INLINE void sort8_desc(uint64_t* h) {
-  cswap_desc(h[0], h[2]), cswap_desc(h[1], h[3]), cswap_desc(h[4], h[6]), cswap_desc(h[5], h[7]);
-  cswap_desc(h[0], h[4]), cswap_desc(h[1], h[5]), cswap_desc(h[2], h[6]), cswap_desc(h[3], h[7]);
-  cswap_desc(h[0], h[1]), cswap_desc(h[2], h[3]), cswap_desc(h[4], h[5]), cswap_desc(h[6], h[7]);
-  cswap_desc(h[2], h[4]), cswap_desc(h[3], h[5]);
-  cswap_desc(h[1], h[4]), cswap_desc(h[3], h[6]);
-  cswap_desc(h[1], h[2]), cswap_desc(h[3], h[4]), cswap_desc(h[5], h[6]);
-}
 
 // The two largest values of x[0..n) in each of 8 lanes, lane l holding x[l], x[l + 8], ...
 // (-FLT_MAX for what a lane lacks; equal values count twice). Independent lanes keep
@@ -740,83 +721,90 @@ MOE_ROUTE_INLINE void choose_groups(const GateParams& p, const Prep& prep, const
   }
 }
 
-// The k largest of v[0..padded) (no tiers), in descending order with the lower index first on
-// ties, into ids: k rounds of (max, first index holding it) over 8 fixed lanes. Branch-free, so
-// it vectorises; the first index at the max is the documented lower-index tie rule. Chosen and
-// ineligible experts hold -inf, below every sanitised value, so at least k values must be finite.
-// Reads run over whole 8-lane blocks: rows are padded with -inf (Scratch::prepare). Picks are
-// marked -inf in `work`: in place when `copied` (src is work), else in a copy of src made only
-// when a lane rescan needs it.
-MOE_ROUTE_INLINE void select_untiered(const float* src, float* work, bool copied, int64_t padded,
-                                      int64_t k, int32_t* ids) {
-  // Lane l keeps the best three of experts l, l+8, l+16, ... as (value, index) keys. The 8
-  // lane heads are kept sorted; a pick takes head[0], refills it from the same lane's next
-  // candidate (a rescan of the lane only once all three are used) and bubbles it down with
-  // branch-free compare-swaps.
+// Bit l set where lane l of the comparison mask m (all ones or zero per lane) is set.
+MOE_ROUTE_INLINE uint32_t mask_bits(i32x8 m) {
+#if defined(__SSE__)
+  typedef float f32x4 __attribute__((vector_size(16)));
+  const f32x8 f = reinterpret_cast<f32x8>(m);
+  const f32x4 lo = __builtin_shufflevector(f, f, 0, 1, 2, 3);
+  const f32x4 hi = __builtin_shufflevector(f, f, 4, 5, 6, 7);
+  return uint32_t(__builtin_ia32_movmskps(lo)) | uint32_t(__builtin_ia32_movmskps(hi)) << 4;
+#else
+  uint32_t bits = 0;
+  for (int l = 0; l < 8; ++l) bits |= uint32_t(m[l] != 0) << l;
+  return bits;
+#endif
+}
+
+// The k largest of v[0..padded) (k <= kInsertMaxK, no tiers), in descending order with the lower
+// index first on ties, into ids. Chosen and ineligible experts hold -inf, below every sanitised
+// value, so at least k values must be finite; rows are padded with -inf (Scratch::prepare).
+// 1. The maxima of 16 disjoint lanes: k of them are k distinct values, so the k-th largest
+//    maximum, tau, is at most the k-th largest value, and every pick is >= tau.
+// 2. The values >= tau, as keys into `keys` (room for `padded`): about k to 2k of them for
+//    random logits, every value when all are equal.
+// 3. Each candidate's rank is the number of larger keys (keys are distinct: each holds its
+//    index), and the k of rank < k are the ids, in rank order; past kRankMaxCandidates
+//    candidates (ties), top-k by insertion.
+// Branch-free but for the candidates, so 1 and 2 vectorise; every result is that of k rounds of
+// (largest key) over all E.
+MOE_ROUTE_INLINE void select_untiered(const float* v, int64_t padded, int64_t k, uint64_t* keys,
+                                      int32_t* ids) {
   const f32x8 ninf = splat8(-INFINITY);
-  f32x8 m1 = ninf, m2 = ninf, m3 = ninf;
-  i32x8 i1 = {0, 1, 2, 3, 4, 5, 6, 7};
-  i32x8 i2 = i1, i3 = i1, idx = i1;
-  const i32x8 step = {8, 8, 8, 8, 8, 8, 8, 8};
-  for (int64_t e = 0; e < padded; e += 8) {
-    const f32x8 x = load8(src + e);
-    const i32x8 g1 = x > m1, g2 = x > m2, g3 = x > m3;  // strict: ties keep the lower index
-    m3 = g2 ? m2 : (g3 ? x : m3);
-    i3 = g2 ? i2 : (g3 ? idx : i3);
-    m2 = g1 ? m1 : (g2 ? x : m2);
-    i2 = g1 ? i1 : (g2 ? idx : i2);
-    m1 = g1 ? x : m1;
-    i1 = g1 ? idx : i1;
-    idx += step;
-  }
-  // Keys are built lazily: the 8 heads now, a lane's next candidate when it is needed.
-  float cv[3][8];
-  int32_t ci[3][8];
-  std::memcpy(cv[0], &m1, sizeof m1), std::memcpy(cv[1], &m2, sizeof m2);
-  std::memcpy(cv[2], &m3, sizeof m3);
-  std::memcpy(ci[0], &i1, sizeof i1), std::memcpy(ci[1], &i2, sizeof i2);
-  std::memcpy(ci[2], &i3, sizeof i3);
-  uint64_t head[8];
-  int depth[8];
-  for (int l = 0; l < 8; ++l) head[l] = key_normal(cv[0][l], ci[0][l]), depth[l] = 0;
-  sort8_desc(head);
-  for (int64_t j = 0; j < k; ++j) {
-    const int32_t best = key_index(head[0]);
-    ids[j] = best;
-    if (j == k - 1) break;
-    if (copied) work[best] = -INFINITY;
-    const int lane = best & 7;
-    if (depth[lane] < 2) {
-      const int d = ++depth[lane];
-      head[0] = key_normal(cv[d][lane], ci[d][lane]);
-    } else {
-      if (!copied) {
-        std::memcpy(work, src, sizeof(float) * padded);
-        for (int64_t jj = 0; jj <= j; ++jj) work[ids[jj]] = -INFINITY;
-        copied = true;
-      }
-      float a = -INFINITY, b = -INFINITY, c = -INFINITY;
-      int32_t ia = lane, ib = lane, ic = lane;
-      for (int64_t e = lane; e < padded; e += 8) {
-        const float x = work[e];
-        const bool g1 = x > a, g2 = x > b, g3 = x > c;
-        c = g2 ? b : (g3 ? x : c);
-        ic = g2 ? ib : (g3 ? int32_t(e) : ic);
-        b = g1 ? a : (g2 ? x : b);
-        ib = g1 ? ia : (g2 ? int32_t(e) : ib);
-        a = g1 ? x : a;
-        ia = g1 ? int32_t(e) : ia;
-      }
-      head[0] = key_normal(a, ia);
-      cv[1][lane] = b, ci[1][lane] = ib, cv[2][lane] = c, ci[2][lane] = ic;
-      depth[lane] = 0;
+  f32x8 m[4] = {ninf, ninf, ninf, ninf};  // four chains; lanes merge by max below, still disjoint
+  int64_t e = 0;
+  for (; e + 32 <= padded; e += 32)
+    for (int c = 0; c < 4; ++c) {
+      const f32x8 x = load8(v + e + 8 * c);
+      m[c] = x > m[c] ? x : m[c];
     }
-    // Only the r = k-1-j heads still to be picked must stay sorted: heads below position r
-    // are never larger than head[r-1] (the new r-th largest is >= the old boundary), so the
-    // bubble stops there.
-    const int64_t r = std::min<int64_t>(k - 1 - j, 7);
-    for (int64_t i = 0; i < r; ++i) cswap_desc(head[i], head[i + 1]);
+  for (int c = 0; e < padded; e += 8, ++c) {
+    const f32x8 x = load8(v + e);
+    m[c] = x > m[c] ? x : m[c];
   }
+  const f32x8 a = m[0] > m[2] ? m[0] : m[2], b = m[1] > m[3] ? m[1] : m[3];
+  i32x8 above_a = {}, above_b = {};  // per maximum, how many of the 16 are larger
+  for (int l = 0; l < 8; ++l) {
+    const f32x8 pa = splat8(a[l]), pb = splat8(b[l]);
+    above_a -= (pa > a) + (pb > a);
+    above_b -= (pa > b) + (pb > b);
+  }
+  // tau: the least maximum with fewer than k larger ones
+  const f32x8 pinf = splat8(INFINITY);
+  const i32x8 below_k = splat8i(int32_t(k));
+  const f32x8 ta = above_a < below_k ? a : pinf, tb = above_b < below_k ? b : pinf;
+  f32x8 t = ta < tb ? ta : tb;
+  float tau = t[0];
+  for (int l = 1; l < 8; ++l) tau = t[l] < tau ? t[l] : tau;
+  const f32x8 tau8 = splat8(tau);
+  int64_t n = 0;
+  for (e = 0; e < padded; e += 64) {  // 64 values a word: one unpredictable loop exit a word
+    uint64_t bits = 0;
+    for (int64_t b = 0; b < 8 && e + 8 * b < padded; ++b)
+      bits |= uint64_t(mask_bits(load8(v + e + 8 * b) >= tau8)) << (8 * b);
+    for (; bits; bits &= bits - 1) {
+      const int64_t i = e + __builtin_ctzll(bits);
+      keys[n++] = key_normal(v[i], int32_t(i));
+    }
+  }
+  if (n > kRankMaxCandidates) {
+    TopK top(k);
+    for (int64_t i = 0; i < n; ++i) top.push(keys[i]);
+    for (int64_t j = 0; j < k; ++j) ids[j] = key_index(top.best[j]);
+    return;
+  }
+  // Ranks by candidate j against all at once (no per-candidate sum across lanes); keys past n
+  // are 0, below every key (the tier is >= 1), and padded has room for them.
+  const int64_t n8 = (n + 7) & ~int64_t(7);
+  for (int64_t i = n; i < n8; ++i) keys[i] = 0;
+  uint64_t rank[kRankMaxCandidates] = {};
+  for (int64_t j = 0; j < n; ++j) {
+    const uint64_t key = keys[j];
+    for (int64_t i = 0; i < n8; ++i) rank[i] += key > keys[i];
+  }
+  int32_t ranked[kRankMaxCandidates];  // slot r < k: the pick of rank r; the rest unused
+  for (int64_t i = 0; i < n; ++i) ranked[rank[i]] = key_index(keys[i]);
+  std::memcpy(ids, ranked, sizeof(int32_t) * k);
 }
 
 // Selection with tiers (forced experts) from a working copy `work` of the n_eligible values that
@@ -824,11 +812,12 @@ MOE_ROUTE_INLINE void select_untiered(const float* src, float* work, bool copied
 // forced-off one below. The forced experts (a few per call) are ranked by key within their tier
 // and held at -inf in work; the rest go through the untiered selection. The ids are the forced-on
 // ones, then the best of the rest, then the forced-off ones, the first k of them. `at(e)` is
-// expert e's position in work (-1: not eligible), `expert(i)` the expert at position i.
+// expert e's position in work (-1: not eligible), `expert(i)` the expert at position i. `keys`
+// has room for `padded` keys (select_untiered).
 template <typename At, typename Expert>
 MOE_ROUTE_INLINE void select_tiered(const GateParams& p, const Prep& prep, const float* v,
                                     float* work, int64_t padded, int64_t n_eligible, At at,
-                                    Expert expert, int32_t* ids) {
+                                    Expert expert, uint64_t* keys, int32_t* ids) {
   const int64_t k = p.k;
   TopK on(k), off(k);    // each keeps its best k
   int64_t n_forced = 0;  // eligible forced experts, all of them
@@ -843,7 +832,7 @@ MOE_ROUTE_INLINE void select_tiered(const GateParams& p, const Prep& prep, const
   for (; j < on.filled; ++j) ids[j] = key_index(on.best[j]);
   const int64_t n_rest = std::min(k - j, n_eligible - n_forced);  // >= 0
   if (n_rest > 0) {
-    select_untiered(work, work, true, padded, n_rest, ids + j);
+    select_untiered(work, padded, n_rest, keys, ids + j);
     for (int64_t i = j; i < j + n_rest; ++i) ids[i] = expert(ids[i]);
   }
   j += n_rest;
@@ -873,7 +862,7 @@ MOE_ROUTE_INLINE void select_in_groups_body(const GateParams& p, const Prep& pre
   std::fill(work + n, work + padded, -INFINITY);
   auto expert = [&](int64_t i) { return int32_t(chosen[i / gsize] * gsize + i % gsize); };
   if (!prep.has_force) {
-    select_untiered(work, work, true, padded, p.k, ids);
+    select_untiered(work, padded, p.k, s.keys.data(), ids);
     for (int64_t j = 0; j < p.k; ++j) ids[j] = expert(ids[j]);
     return;
   }
@@ -881,7 +870,7 @@ MOE_ROUTE_INLINE void select_in_groups_body(const GateParams& p, const Prep& pre
     const int64_t g = e / gsize;
     return slot[g] < 0 ? int64_t(-1) : slot[g] * gsize + e % gsize;
   };
-  select_tiered(p, prep, v, work, padded, n, at, expert, ids);
+  select_tiered(p, prep, v, work, padded, n, at, expert, s.keys.data(), ids);
 }
 
 // select_in_groups_body out of line, one function per instruction-set variant: inlined into the
@@ -911,10 +900,10 @@ MOE_ROUTE_INLINE void select_experts(const GateParams& p, const Prep& prep, cons
   if (k <= kInsertMaxK) {
     const int64_t padded = (E + 7) & ~int64_t(7);
     float* work = s.work.data();
-    if (!prep.has_force) return select_untiered(v, work, false, padded, k, ids);
+    if (!prep.has_force) return select_untiered(v, padded, k, s.keys.data(), ids);
     std::memcpy(work, v, sizeof(float) * padded);
     select_tiered(p, prep, v, work, padded, E, [](int64_t e) { return e; },
-                  [](int64_t i) { return int32_t(i); }, ids);
+                  [](int64_t i) { return int32_t(i); }, s.keys.data(), ids);
     return;
   }
   auto eligible = [&](int64_t e) { return p.n_group == 1 || s.group_ok[e / gsize]; };
