@@ -860,7 +860,12 @@ MOE_ROUTE_INLINE void select_in_groups_body(const GateParams& p, const Prep& pre
   }
   const int64_t padded = (n + 7) & ~int64_t(7);
   std::fill(work + n, work + padded, -INFINITY);
-  auto expert = [&](int64_t i) { return int32_t(chosen[i / gsize] * gsize + i % gsize); };
+  // Division in 32 bits, not 64: DeepSeek-V3's gate ran 1-7% faster (bench/RESULTS.md)
+  const uint32_t gs = uint32_t(gsize);
+  auto expert = [&](int64_t i) {
+    const uint32_t slot = uint32_t(i) / gs;
+    return int32_t(uint32_t(chosen[slot]) * gs + (uint32_t(i) - slot * gs));
+  };
   if (!prep.has_force) {
     select_untiered(work, padded, p.k, s.keys.data(), ids);
     for (int64_t j = 0; j < p.k; ++j) ids[j] = expert(ids[j]);
