@@ -22,7 +22,8 @@ Scout's sigmoid of the top logit (E=16, k=1), a renormalised sigmoid top-4 of 32
 the lanes' sigmoid selection) and top-8 of 128 (GLM-4.5's without its bias and scale; the
 per-token sigmoid), DeepSeek-V3's grouped sigmoid, and on bf16 logits the scores that round to
 them: DeepSeek-V4's sqrt-softplus (E=384, k=6, and E=64 in the lanes) and LFM2's sigmoid (E=32,
-k=4), each with a selection bias, at T 1 to
+k=4), each with a selection bias, and past k=16: Doge's top-k softmax of 16384 product keys
+(k=64, up to T=1024) and a softmax top-32 of 1024, at T 1 to
 8192, plain, with statistics, replaying every row, and both; with statistics per sequence of 5
 tokens (``groups=``); and steered (three constant biases, one std-scaled, one expert forced on
 and one forced off), with and without statistics, and steered by the biases alone (``steer/bias``:
@@ -44,7 +45,9 @@ SEMANTICS = [("softmax_topk", 64, 8), ("softmax_topk", 256, 8), ("renorm", 64, 8
              ("topk_softmax", 64, 4), ("deepseek_v3", 256, 8),
              ("renorm", 8, 2), ("softmax_topk", 16, 2), ("topk_softmax", 32, 4),
              ("topk_sigmoid", 16, 1), ("sigmoid_renorm", 32, 4), ("sigmoid_renorm", 128, 8),
-             ("deepseek_v4", 384, 6), ("deepseek_v4", 64, 6), ("lfm2", 32, 4)]
+             ("deepseek_v4", 384, 6), ("deepseek_v4", 64, 6), ("lfm2", 32, 4),
+             ("topk_softmax", 16384, 64), ("softmax_topk", 1024, 32)]
+MAX_VALUES = 1 << 24  # T * E at most: Doge's 16384 experts run up to T=1024
 ROUNDED = ("deepseek_v4", "lfm2")  # on bf16 logits, scores rounded to bf16 (round_scores)
 TS = (1, 64, 1024, 8192)
 SEQ = 5  # tokens per sequence of the per-sequence statistics: most blocks of 8 span two
@@ -52,7 +55,7 @@ SEQ = 5  # tokens per sequence of the per-sequence statistics: most blocks of 8 
 
 def cases(match: str | None = None):
     every = [(s, T, E, k, stats, replay, steer) for T in TS for s, E, k in SEMANTICS
-             for stats in (False, True, "seq")
+             if T * E <= MAX_VALUES for stats in (False, True, "seq")
              for replay, steer in ((False, False), (True, False), (False, True), (False, "bias"))
              if stats != "seq" or not (replay or steer)]
     return [c for c in every if match is None or re.search(match, label(c))]

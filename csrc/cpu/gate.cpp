@@ -736,6 +736,22 @@ MOE_ROUTE_INLINE uint32_t mask_bits(i32x8 m) {
 #endif
 }
 
+// Keys of the values of v[0..padded) at or above tau into keys, in index order; returns how many.
+MOE_ROUTE_INLINE int64_t keys_at_least(const float* v, int64_t padded, float tau, uint64_t* keys) {
+  const f32x8 tau8 = splat8(tau);
+  int64_t n = 0;
+  for (int64_t e = 0; e < padded; e += 64) {  // 64 values a word: one unpredictable exit a word
+    uint64_t bits = 0;
+    for (int64_t b = 0; b < 8 && e + 8 * b < padded; ++b)
+      bits |= uint64_t(mask_bits(load8(v + e + 8 * b) >= tau8)) << (8 * b);
+    for (; bits; bits &= bits - 1) {
+      const int64_t i = e + __builtin_ctzll(bits);
+      keys[n++] = key_normal(v[i], int32_t(i));
+    }
+  }
+  return n;
+}
+
 // The k largest of v[0..padded) (k <= kInsertMaxK, no tiers), in descending order with the lower
 // index first on ties, into ids. Chosen and ineligible experts hold -inf, below every sanitised
 // value, so at least k values must be finite; rows are padded with -inf (Scratch::prepare).
@@ -776,17 +792,7 @@ MOE_ROUTE_INLINE void select_untiered(const float* v, int64_t padded, int64_t k,
   f32x8 t = ta < tb ? ta : tb;
   float tau = t[0];
   for (int l = 1; l < 8; ++l) tau = t[l] < tau ? t[l] : tau;
-  const f32x8 tau8 = splat8(tau);
-  int64_t n = 0;
-  for (e = 0; e < padded; e += 64) {  // 64 values a word: one unpredictable loop exit a word
-    uint64_t bits = 0;
-    for (int64_t b = 0; b < 8 && e + 8 * b < padded; ++b)
-      bits |= uint64_t(mask_bits(load8(v + e + 8 * b) >= tau8)) << (8 * b);
-    for (; bits; bits &= bits - 1) {
-      const int64_t i = e + __builtin_ctzll(bits);
-      keys[n++] = key_normal(v[i], int32_t(i));
-    }
-  }
+  const int64_t n = keys_at_least(v, padded, tau, keys);
   if (n > kRankMaxCandidates) {
     TopK top(k);
     for (int64_t i = 0; i < n; ++i) top.push(keys[i]);
@@ -805,6 +811,33 @@ MOE_ROUTE_INLINE void select_untiered(const float* v, int64_t padded, int64_t k,
   int32_t ranked[kRankMaxCandidates];  // slot r < k: the pick of rank r; the rest unused
   for (int64_t i = 0; i < n; ++i) ranked[rank[i]] = key_index(keys[i]);
   std::memcpy(ids, ranked, sizeof(int32_t) * k);
+}
+
+// The k largest of v[0..padded) for k > kInsertMaxK (no tiers, no group limit), in
+// select_untiered's order, from a threshold as there: the k-th largest of the maxima of 8C >= 2k
+// disjoint lanes (lane 8c + l holds the values at 8c + l + 8Ci), by nth_element over the maxima.
+// The values at or above it are ordered by nth_element and a sort of the first k. `maxima` has
+// room for padded floats, `keys` for padded keys. False, with nothing written, where the row has
+// fewer than 2k values (rounded up to 8): the caller then ranks all of them.
+MOE_ROUTE_INLINE bool select_many(const float* v, int64_t padded, int64_t k, float* maxima,
+                                  uint64_t* keys, int32_t* ids) {
+  const int64_t C = (2 * k + 7) / 8;
+  if (8 * C > padded) return false;
+  const f32x8 ninf = splat8(-INFINITY);
+  for (int64_t c = 0; c < C; ++c) std::memcpy(maxima + 8 * c, &ninf, sizeof ninf);
+  for (int64_t e0 = 0; e0 < padded; e0 += 8 * C) {
+    for (int64_t c = 0; c < C && e0 + 8 * c < padded; ++c) {
+      const f32x8 x = load8(v + e0 + 8 * c), m = load8(maxima + 8 * c);
+      const f32x8 r = x > m ? x : m;
+      std::memcpy(maxima + 8 * c, &r, sizeof r);
+    }
+  }
+  std::nth_element(maxima, maxima + k - 1, maxima + 8 * C, std::greater<float>());
+  const int64_t n = keys_at_least(v, padded, maxima[k - 1], keys);
+  std::nth_element(keys, keys + k - 1, keys + n, std::greater<uint64_t>());
+  std::sort(keys, keys + k, std::greater<uint64_t>());
+  for (int64_t j = 0; j < k; ++j) ids[j] = key_index(keys[j]);
+  return true;
 }
 
 // Selection with tiers (forced experts) from a working copy `work` of the n_eligible values that
@@ -911,6 +944,9 @@ MOE_ROUTE_INLINE void select_experts(const GateParams& p, const Prep& prep, cons
                   [](int64_t i) { return int32_t(i); }, s.keys.data(), ids);
     return;
   }
+  if (p.n_group == 1 && !prep.has_force &&
+      select_many(v, (E + 7) & ~int64_t(7), k, s.work.data(), s.keys.data(), ids))
+    return;
   auto eligible = [&](int64_t e) { return p.n_group == 1 || s.group_ok[e / gsize]; };
   auto tier_of = [&](int64_t e) { return prep.has_force ? prep.tier[e] : kTierNormal; };
   int64_t n = 0;
