@@ -28,7 +28,9 @@ constexpr float kFltMax = 3.40282347e38f;
 // Tokens per parallel work item: 128, smaller for small T so that both threads get work. A
 // function of T alone, so float statistics never depend on the thread count.
 inline int64_t chunk_size(int64_t T) { return T >= 1024 ? 128 : std::max<int64_t>(16, (T + 7) / 8); }
-constexpr int64_t kInsertMaxK = 16;  // up to this k, top-k by insertion; above, nth_element
+// Up to this k: select_untiered, and TopK for forced experts and groups; above: select_many or
+// nth_element over every key.
+constexpr int64_t kInsertMaxK = 16;
 constexpr int64_t kRankMaxCandidates = 32;  // select_untiered: ranks up to this many candidates
 
 MOE_ROUTE_INLINE float sanitize(float x) {
@@ -762,8 +764,8 @@ MOE_ROUTE_INLINE int64_t keys_at_least(const float* v, int64_t padded, float tau
 // 3. Each candidate's rank is the number of larger keys (keys are distinct: each holds its
 //    index), and the k of rank < k are the ids, in rank order; past kRankMaxCandidates
 //    candidates (ties), top-k by insertion.
-// Branch-free but for the candidates, so 1 and 2 vectorise; every result is that of k rounds of
-// (largest key) over all E.
+// Steps 1 and 3 are branch-free and vectorise; step 2 branches once a candidate and once per 64
+// values. Every result is that of k rounds of (largest key) over all E.
 MOE_ROUTE_INLINE void select_untiered(const float* v, int64_t padded, int64_t k, uint64_t* keys,
                                       int32_t* ids) {
   const f32x8 ninf = splat8(-INFINITY);
