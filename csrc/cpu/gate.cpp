@@ -791,9 +791,7 @@ MOE_ROUTE_INLINE void select_untiered(const float* v, int64_t padded, int64_t k,
   const f32x8 pinf = splat8(INFINITY);
   const i32x8 below_k = splat8i(int32_t(k));
   const f32x8 ta = above_a < below_k ? a : pinf, tb = above_b < below_k ? b : pinf;
-  f32x8 t = ta < tb ? ta : tb;
-  float tau = t[0];
-  for (int l = 1; l < 8; ++l) tau = t[l] < tau ? t[l] : tau;
+  const float tau = fold_extreme<false>(ta < tb ? ta : tb, INFINITY);
   const int64_t n = keys_at_least(v, padded, tau, keys);
   if (n > kRankMaxCandidates) {
     TopK top(k);
