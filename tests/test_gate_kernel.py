@@ -267,6 +267,27 @@ def test_forced_tiers(device, pattern, k, groups):
     assert bool((tiers[:, :-1] >= tiers[:, 1:]).all()), "a lower tier ranked above a higher one"
 
 
+@pytest.mark.parametrize("groups", ["none", "max"])
+@pytest.mark.parametrize("k", [17, 24, 40, 100])
+@pytest.mark.parametrize("pattern", list(FORCED))
+def test_forced_tiers_past_k16(device, pattern, k, groups):
+    """The same past k = 16, where the CPU ranks the forced experts apart and the rest from a
+    threshold (E=256, past the lanes: the pattern 32 times, so that 160 are forced on with
+    "on_5", 64 left free with "off_all_but_2"; groups "max": 8 groups of 32, the best 4)."""
+    E, T = 256, 40
+    kw = dict(score="softmax", selection_bias=random_bias(E, device=device))
+    if groups == "max":
+        kw.update(n_group=8, topk_group=4, group_score="max")
+    steer = torch.zeros(4, E, device=device)
+    steer[3] = torch.tensor(FORCED[pattern] * 32, dtype=torch.float32, device=device)
+    steer[0] = torch.linspace(-1, 1, E, device=device)
+    kw["steer"] = steer
+    w, ids = check(tie_free_logits(T, E, seed=k, device=device), k, kw)
+    force = steer[3].cpu()
+    tiers = torch.where(force > 0, 2, torch.where(force < 0, 0, 1))[ids.cpu().long()]
+    assert bool((tiers[:, :-1] >= tiers[:, 1:]).all()), "a lower tier ranked above a higher one"
+
+
 def test_public_api_lean_stats(device):
     """GateStats with absent buffers (dense=False) go through the fast path as None."""
     T, E, k = 200, 32, 4

@@ -28,8 +28,8 @@ constexpr float kFltMax = 3.40282347e38f;
 // Tokens per parallel work item: 128, smaller for small T so that both threads get work. A
 // function of T alone, so float statistics never depend on the thread count.
 inline int64_t chunk_size(int64_t T) { return T >= 1024 ? 128 : std::max<int64_t>(16, (T + 7) / 8); }
-// Up to this k: select_untiered, and TopK for forced experts and groups; above: select_many or
-// nth_element over every key.
+// Up to this k: select_untiered, and the group limit's own selection; above: select_many, or
+// nth_element over every key with a group limit.
 constexpr int64_t kInsertMaxK = 16;
 constexpr int64_t kRankMaxCandidates = 32;  // select_untiered: ranks up to this many candidates
 
@@ -525,6 +525,7 @@ struct Scratch {
   std::vector<float> block;  // kRowBlock rows like z0 (load_block)
   float block_sd[kRowBlock] = {};  // their stds
   std::vector<uint64_t> keys;
+  std::vector<uint64_t> forced_keys;  // select_tiered's, one per expert at most
   std::vector<uint8_t> group_ok;
   std::vector<uint64_t> group_keys;
   std::vector<int32_t> group_list, group_slot;
@@ -535,7 +536,7 @@ struct Scratch {
     const int64_t padded = (E + 7) & ~int64_t(7);
     if (int64_t(z0.size()) < padded) {
       for (auto* row : {&z0, &z, &v, &ew, &sc, &dense, &work}) row->resize(padded);
-      keys.resize(padded);
+      keys.resize(padded), forced_keys.resize(padded);
     }
     for (auto* row : {&z0, &z, &v, &sc}) std::fill(row->data() + E, row->data() + padded, -INFINITY);
     block.resize(kRowBlock * padded);
@@ -754,6 +755,25 @@ MOE_ROUTE_INLINE int64_t keys_at_least(const float* v, int64_t padded, float tau
   return n;
 }
 
+// The ids of the k largest of n distinct keys (k <= n <= kMax), in descending order, by rank:
+// a key's rank is the number of larger keys, counted by key j against all at once (this
+// vectorises, with no sum across lanes), and the key of rank r < k is the r-th id. Sets the keys
+// past n, up to a multiple of 8, to 0, below every key (the tier is >= 1): `keys` has room.
+template <int64_t kMax>
+MOE_ROUTE_INLINE void rank_keys(uint64_t* keys, int64_t n, int64_t k, int32_t* ids) {
+  static_assert(kMax % 8 == 0, "whole vectors of ranks");
+  const int64_t n8 = (n + 7) & ~int64_t(7);
+  for (int64_t i = n; i < n8; ++i) keys[i] = 0;
+  uint64_t rank[kMax] = {};
+  for (int64_t j = 0; j < n; ++j) {
+    const uint64_t key = keys[j];
+    for (int64_t i = 0; i < n8; ++i) rank[i] += key > keys[i];
+  }
+  int32_t ranked[kMax];  // slot r < k: the key of rank r; the rest unused
+  for (int64_t i = 0; i < n; ++i) ranked[rank[i]] = key_index(keys[i]);
+  std::memcpy(ids, ranked, sizeof(int32_t) * k);
+}
+
 // The k largest of v[0..padded) (k <= kInsertMaxK, no tiers), in descending order with the lower
 // index first on ties, into ids. Chosen and ineligible experts hold -inf, below every sanitised
 // value, so at least k values must be finite; rows are padded with -inf (Scratch::prepare).
@@ -799,77 +819,100 @@ MOE_ROUTE_INLINE void select_untiered(const float* v, int64_t padded, int64_t k,
     for (int64_t j = 0; j < k; ++j) ids[j] = key_index(top.best[j]);
     return;
   }
-  // Ranks by candidate j against all at once (no per-candidate sum across lanes); keys past n
-  // are 0, below every key (the tier is >= 1), and padded has room for them.
-  const int64_t n8 = (n + 7) & ~int64_t(7);
-  for (int64_t i = n; i < n8; ++i) keys[i] = 0;
-  uint64_t rank[kRankMaxCandidates] = {};
-  for (int64_t j = 0; j < n; ++j) {
-    const uint64_t key = keys[j];
-    for (int64_t i = 0; i < n8; ++i) rank[i] += key > keys[i];
-  }
-  int32_t ranked[kRankMaxCandidates];  // slot r < k: the pick of rank r; the rest unused
-  for (int64_t i = 0; i < n; ++i) ranked[rank[i]] = key_index(keys[i]);
-  std::memcpy(ids, ranked, sizeof(int32_t) * k);
+  rank_keys<kRankMaxCandidates>(keys, n, k, ids);
 }
 
 // The k largest of v[0..padded) for k > kInsertMaxK (no tiers, no group limit), in
 // select_untiered's order, from a threshold as there: the k-th largest of the maxima of 8C >= 2k
-// disjoint lanes (lane 8c + l holds the values at 8c + l + 8Ci), by nth_element over the maxima.
-// The values at or above it are ordered by nth_element and a sort of the first k. `maxima` has
-// room for padded floats, `keys` for padded keys. False, with nothing written, where the row has
-// fewer than 2k values (rounded up to 8): the caller then ranks all of them.
-MOE_ROUTE_INLINE bool select_many(const float* v, int64_t padded, int64_t k, float* maxima,
+// disjoint lanes (lane 8c + l holds the values at 8c + l + 8Ci). Up to kCountMax maxima it is
+// the least maximum with fewer than k larger ones (counted as select_untiered counts), past
+// that nth_element's; up to kCountMax values at or above it are ordered by rank_keys, more by
+// nth_element and a sort of the first k. A row of fewer than 2k values (rounded up to 8) has no
+// such lanes: all of its values are ordered. `maxima` has room for padded floats, `keys` for
+// padded keys.
+constexpr int64_t kCountMax = 128;
+MOE_ROUTE_INLINE void select_many(const float* v, int64_t padded, int64_t k, float* maxima,
                                   uint64_t* keys, int32_t* ids) {
-  const int64_t C = (2 * k + 7) / 8;
-  if (8 * C > padded) return false;
-  const f32x8 ninf = splat8(-INFINITY);
-  for (int64_t c = 0; c < C; ++c) std::memcpy(maxima + 8 * c, &ninf, sizeof ninf);
-  for (int64_t e0 = 0; e0 < padded; e0 += 8 * C) {
-    for (int64_t c = 0; c < C && e0 + 8 * c < padded; ++c) {
-      const f32x8 x = load8(v + e0 + 8 * c), m = load8(maxima + 8 * c);
-      const f32x8 r = x > m ? x : m;
-      std::memcpy(maxima + 8 * c, &r, sizeof r);
+  const int64_t C = (2 * k + 7) / 8, M = 8 * C;
+  int64_t n = padded;
+  if (M <= padded) {
+    const f32x8 ninf = splat8(-INFINITY), pinf = splat8(INFINITY);
+    for (int64_t c = 0; c < C; ++c) std::memcpy(maxima + 8 * c, &ninf, sizeof ninf);
+    for (int64_t e0 = 0; e0 < padded; e0 += M) {
+      for (int64_t c = 0; c < C && e0 + 8 * c < padded; ++c) {
+        const f32x8 x = load8(v + e0 + 8 * c), m = load8(maxima + 8 * c);
+        const f32x8 r = x > m ? x : m;
+        std::memcpy(maxima + 8 * c, &r, sizeof r);
+      }
     }
+    float tau;
+    if (M <= kCountMax) {
+      const i32x8 below_k = splat8i(int32_t(k));
+      f32x8 t = pinf;
+      for (int64_t c = 0; c < C; ++c) {
+        const f32x8 m = load8(maxima + 8 * c);
+        i32x8 above = {};  // per maximum, how many of the M are larger
+        for (int64_t j = 0; j < M; ++j) above -= splat8(maxima[j]) > m;
+        const f32x8 cand = above < below_k ? m : pinf;
+        t = cand < t ? cand : t;
+      }
+      tau = fold_extreme<false>(t, INFINITY);
+    } else {
+      std::nth_element(maxima, maxima + k - 1, maxima + M, std::greater<float>());
+      tau = maxima[k - 1];
+    }
+    n = keys_at_least(v, padded, tau, keys);
+    if (n <= kCountMax) return rank_keys<kCountMax>(keys, n, k, ids);
+  } else {
+    for (int64_t i = 0; i < padded; ++i) keys[i] = key_normal(v[i], int32_t(i));
   }
-  std::nth_element(maxima, maxima + k - 1, maxima + 8 * C, std::greater<float>());
-  const int64_t n = keys_at_least(v, padded, maxima[k - 1], keys);
   std::nth_element(keys, keys + k - 1, keys + n, std::greater<uint64_t>());
   std::sort(keys, keys + k, std::greater<uint64_t>());
   for (int64_t j = 0; j < k; ++j) ids[j] = key_index(keys[j]);
-  return true;
 }
 
 // Selection with tiers (forced experts) from a working copy `work` of the n_eligible values that
 // may be picked (padded with -inf): every forced-on expert ranks above every other and every
 // forced-off one below. The forced experts (a few per call) are ranked by key within their tier
-// and held at -inf in work; the rest go through the untiered selection. The ids are the forced-on
-// ones, then the best of the rest, then the forced-off ones, the first k of them. `at(e)` is
-// expert e's position in work (-1: not eligible), `expert(i)` the expert at position i. `keys`
-// has room for `padded` keys (select_untiered).
-template <typename At, typename Expert>
+// and held at -inf in work; the rest go through the untiered selection (select_untiered, or
+// select_many with kMany). The ids are the forced-on ones, then the best of the rest, then the
+// forced-off ones, the first k of them. `at(e)` is expert e's position in work (-1: not
+// eligible), `expert(i)` the expert at position i. Uses s.forced_keys, s.keys and s.dense.
+template <bool kMany, typename At, typename Expert>
 MOE_ROUTE_INLINE void select_tiered(const GateParams& p, const Prep& prep, const float* v,
                                     float* work, int64_t padded, int64_t n_eligible, At at,
-                                    Expert expert, uint64_t* keys, int32_t* ids) {
+                                    Expert expert, Scratch& s, int32_t* ids) {
   const int64_t k = p.k;
-  TopK on(k), off(k);    // each keeps its best k
-  int64_t n_forced = 0;  // eligible forced experts, all of them
+  // The eligible forced-on keys from the front of s.forced_keys, the forced-off ones from its back
+  uint64_t* const on = s.forced_keys.data();
+  uint64_t* const back = on + prep.forced.size();
+  int64_t n_on = 0, n_off = 0;
   for (const int32_t e : prep.forced) {
     const int64_t i = at(e);
     if (i < 0) continue;
-    (prep.tier[e] == kTierForcedOn ? on : off).push(make_key(prep.tier[e], v[e], e));
+    const uint64_t key = make_key(prep.tier[e], v[e], e);
+    if (prep.tier[e] == kTierForcedOn) on[n_on++] = key;
+    else back[-++n_off] = key;
     work[i] = -INFINITY;
-    ++n_forced;
   }
-  int64_t j = 0;
-  for (; j < on.filled; ++j) ids[j] = key_index(on.best[j]);
-  const int64_t n_rest = std::min(k - j, n_eligible - n_forced);  // >= 0
+  auto take = [&](uint64_t* keys, int64_t n, int64_t m, int32_t* out) {  // the best m of n keys
+    if (n <= kInsertMaxK) {  // a few: by insertion
+      for (int64_t i = 1; i < n; ++i)
+        for (int64_t j = i; j > 0 && keys[j - 1] < keys[j]; --j) std::swap(keys[j - 1], keys[j]);
+    } else {
+      std::partial_sort(keys, keys + m, keys + n, std::greater<uint64_t>());
+    }
+    for (int64_t j = 0; j < m; ++j) out[j] = key_index(keys[j]);
+  };
+  const int64_t j = std::min(n_on, k);
+  take(on, n_on, j, ids);
+  const int64_t n_rest = std::min(k - j, n_eligible - n_on - n_off);  // >= 0
   if (n_rest > 0) {
-    select_untiered(work, padded, n_rest, keys, ids + j);
+    if (kMany) select_many(work, padded, n_rest, s.dense.data(), s.keys.data(), ids + j);
+    else select_untiered(work, padded, n_rest, s.keys.data(), ids + j);
     for (int64_t i = j; i < j + n_rest; ++i) ids[i] = expert(ids[i]);
   }
-  j += n_rest;
-  for (int64_t i = 0; j < k; ++i, ++j) ids[j] = key_index(off.best[i]);
+  take(back - n_off, n_off, k - j - n_rest, ids + j + n_rest);
 }
 
 // The k ids (k <= kInsertMaxK) of one token of a group-limited router, from its selection values
@@ -908,54 +951,70 @@ MOE_ROUTE_INLINE void select_in_groups_body(const GateParams& p, const Prep& pre
     const int64_t g = e / gsize;
     return slot[g] < 0 ? int64_t(-1) : slot[g] * gsize + e % gsize;
   };
-  select_tiered(p, prep, v, work, padded, n, at, expert, s.keys.data(), ids);
+  select_tiered<false>(p, prep, v, work, padded, n, at, expert, s, ids);
 }
 
-// select_in_groups_body out of line, one function per instruction-set variant: inlined into the
-// per-token pass, its code changed the register allocation of the routers without groups (their
-// replay 10% slower, bench/RESULTS.md).
-typedef void (*SelectInGroups)(const GateParams&, const Prep&, const float*, Scratch&, int32_t*);
-__attribute__((noinline)) void select_in_groups_base(const GateParams& p, const Prep& prep,
-                                                     const float* v, Scratch& s, int32_t* ids) {
-  select_in_groups_body(p, prep, v, s, ids);
-}
-#if MOE_ROUTE_X86_VARIANTS
-MOE_ROUTE_TARGET_AVX512 __attribute__((noinline)) void select_in_groups_avx512(
-    const GateParams& p, const Prep& prep, const float* v, Scratch& s, int32_t* ids) {
-  select_in_groups_body(p, prep, v, s, ids);
-}
-MOE_ROUTE_TARGET_AVX2 __attribute__((noinline)) void select_in_groups_avx2(
-    const GateParams& p, const Prep& prep, const float* v, Scratch& s, int32_t* ids) {
-  select_in_groups_body(p, prep, v, s, ids);
-}
-#endif
-
-// Fills ids[0..k) (descending keys) for one token; with a group limit only where k > kInsertMaxK
-// (below, select_in_groups_body takes it).
-MOE_ROUTE_INLINE void select_experts(const GateParams& p, const Prep& prep, const float* v, Scratch& s,
-                    int32_t* ids) {
-  const int64_t E = p.E, k = p.k, gsize = p.E / p.n_group;
-  if (k <= kInsertMaxK) {
+// The k ids (k > kInsertMaxK) of one token from its selection values v, group-limited or not.
+MOE_ROUTE_INLINE void select_many_body(const GateParams& p, const Prep& prep, const float* v,
+                                       Scratch& s, int32_t* ids) {
+  const int64_t E = p.E, k = p.k;
+  if (p.n_group == 1) {
     const int64_t padded = (E + 7) & ~int64_t(7);
+    if (!prep.has_force) return select_many(v, padded, k, s.work.data(), s.keys.data(), ids);
     float* work = s.work.data();
-    if (!prep.has_force) return select_untiered(v, padded, k, s.keys.data(), ids);
     std::memcpy(work, v, sizeof(float) * padded);
-    select_tiered(p, prep, v, work, padded, E, [](int64_t e) { return e; },
-                  [](int64_t i) { return int32_t(i); }, s.keys.data(), ids);
+    select_tiered<true>(p, prep, v, work, padded, E, [](int64_t e) { return e; },
+                        [](int64_t i) { return int32_t(i); }, s, ids);
     return;
   }
-  if (p.n_group == 1 && !prep.has_force &&
-      select_many(v, (E + 7) & ~int64_t(7), k, s.work.data(), s.keys.data(), ids))
-    return;
-  auto eligible = [&](int64_t e) { return p.n_group == 1 || s.group_ok[e / gsize]; };
-  auto tier_of = [&](int64_t e) { return prep.has_force ? prep.tier[e] : kTierNormal; };
+  // Every eligible expert's key, ordered: no transformers family limits groups past k = 16.
+  choose_groups(p, prep, v, s);
+  const int64_t gsize = E / p.n_group;
   int64_t n = 0;
   for (int64_t e = 0; e < E; ++e)
-    if (eligible(e)) s.keys[n++] = make_key(tier_of(e), v[e], e);
+    if (s.group_ok[e / gsize])
+      s.keys[n++] = make_key(prep.has_force ? prep.tier[e] : kTierNormal, v[e], e);
   auto* begin = s.keys.data();
   std::nth_element(begin, begin + k - 1, begin + n, std::greater<uint64_t>());
   std::sort(begin, begin + k, std::greater<uint64_t>());
   for (int64_t j = 0; j < k; ++j) ids[j] = int32_t(key_index(begin[j]));
+}
+
+// The selections the per-token pass calls out of line, one function per instruction-set
+// variant: group limits (select_in_groups_body) and k > kInsertMaxK (select_many_body). Inlined
+// into the per-token pass, the group limit's code changed the register allocation of the routers
+// without groups (their replay 10% slower, bench/RESULTS.md), and select_many_body's made the
+// steered top-8 of 256 5-9% slower.
+MOE_ROUTE_INLINE void select_out_of_line_body(const GateParams& p, const Prep& prep,
+                                              const float* v, Scratch& s, int32_t* ids) {
+  if (p.k > kInsertMaxK) return select_many_body(p, prep, v, s, ids);
+  select_in_groups_body(p, prep, v, s, ids);
+}
+typedef void (*SelectOutOfLine)(const GateParams&, const Prep&, const float*, Scratch&, int32_t*);
+__attribute__((noinline)) void select_out_of_line_base(const GateParams& p, const Prep& prep,
+                                                       const float* v, Scratch& s, int32_t* ids) {
+  select_out_of_line_body(p, prep, v, s, ids);
+}
+#if MOE_ROUTE_X86_VARIANTS
+MOE_ROUTE_TARGET_AVX512 __attribute__((noinline)) void select_out_of_line_avx512(
+    const GateParams& p, const Prep& prep, const float* v, Scratch& s, int32_t* ids) {
+  select_out_of_line_body(p, prep, v, s, ids);
+}
+MOE_ROUTE_TARGET_AVX2 __attribute__((noinline)) void select_out_of_line_avx2(
+    const GateParams& p, const Prep& prep, const float* v, Scratch& s, int32_t* ids) {
+  select_out_of_line_body(p, prep, v, s, ids);
+}
+#endif
+
+// The k ids (k <= kInsertMaxK, no group limit) of one token, descending keys.
+MOE_ROUTE_INLINE void select_experts(const GateParams& p, const Prep& prep, const float* v,
+                                     Scratch& s, int32_t* ids) {
+  const int64_t padded = (p.E + 7) & ~int64_t(7);
+  if (!prep.has_force) return select_untiered(v, padded, p.k, s.keys.data(), ids);
+  float* work = s.work.data();
+  std::memcpy(work, v, sizeof(float) * padded);
+  select_tiered<false>(p, prep, v, work, padded, p.E, [](int64_t e) { return e; },
+                       [](int64_t i) { return int32_t(i); }, s, ids);
 }
 
 // Selection values of one token's steered logits z (reference: selection_values), the group
@@ -963,10 +1022,10 @@ MOE_ROUTE_INLINE void select_experts(const GateParams& p, const Prep& prep, cons
 // `have_ew` (the weight side computed them already), else ignored. `sc`, when not null, holds
 // the sigmoid or sqrt-softplus scores of z (scores_of; for the sqrt-softplus that rounds,
 // rounded_sqrt_softplus), which this then does not compute again.
-// `in_groups` is select_in_groups_body's function for the caller's instruction set.
+// `out_of_line` is select_out_of_line_body's function for the caller's instruction set.
 MOE_ROUTE_INLINE void select_row(const GateParams& p, const Prep& prep, const float* z,
                                  const float* ew, float ew_sum, bool have_ew, const float* sc,
-                                 SelectInGroups in_groups, Scratch& s, int32_t* ids) {
+                                 SelectOutOfLine out_of_line, Scratch& s, int32_t* ids) {
   const int64_t E = p.E;
   const float* v = z;
   if (!selects_on_logits(p)) {
@@ -997,8 +1056,7 @@ MOE_ROUTE_INLINE void select_row(const GateParams& p, const Prep& prep, const fl
     for (int64_t e = 0; e < E; ++e) sv[e] = sanitize(v[e] + bias[e]);
     v = sv;
   }
-  if (p.n_group > 1 && p.k <= kInsertMaxK) return in_groups(p, prep, v, s, ids);
-  if (p.n_group > 1) choose_groups(p, prep, v, s);
+  if (p.n_group > 1 || p.k > kInsertMaxK) return out_of_line(p, prep, v, s, ids);
   select_experts(p, prep, v, s, ids);
 }
 
@@ -1726,7 +1784,7 @@ MOE_ROUTE_INLINE int64_t lane_blocks_body(const GateParams& p, const Prep& prep,
   return t;
 }
 
-// lane_blocks_body out of line per instruction-set variant, as select_in_groups_*: in one
+// lane_blocks_body out of line per instruction-set variant, as select_out_of_line_*: in one
 // function with the per-token pass, the lanes' register allocation moved with its code (a change
 // to the per-token steering made GPT-OSS's plain gate and replay 3-5% slower, spilling a
 // constant of lane_round).
@@ -1751,11 +1809,11 @@ MOE_ROUTE_TARGET_AVX2 __attribute__((noinline)) int64_t lane_blocks_avx2(
 #endif
 
 // One chunk of tokens [t0, t1). With statistics, they go into `runs` or, when it is null, straight
-// into the caller's buffers. `in_groups` and `lanes` are the out-of-line parts for the caller's
+// into the caller's buffers. `out_of_line` and `lanes` are the out-of-line parts for the caller's
 // instruction set.
 MOE_ROUTE_INLINE void gate_tokens_body(const GateParams& p, const Prep& prep, int64_t t0,
                                        int64_t t1, Scratch& s, bool stats, Runs* runs,
-                                       SelectInGroups in_groups, LaneBlocks lanes) {
+                                       SelectOutOfLine out_of_line, LaneBlocks lanes) {
   int64_t t = prep.lanes ? lanes(p, prep, t0, t1, s, stats, runs) : t0;
   const int64_t E = p.E, k = p.k;
   const bool want_ew = wants_exps(p);
@@ -1814,7 +1872,7 @@ MOE_ROUTE_INLINE void gate_tokens_body(const GateParams& p, const Prep& prep, in
     if (replayed) {
       for (int64_t j = 0; j < k; ++j) ids[j] = static_cast<int32_t>(p.replay_id(t, j));
     } else {
-      select_row(p, prep, z, ew, w_sum, want_ew && zw == z, select_values, in_groups, s, ids);
+      select_row(p, prep, z, ew, w_sum, want_ew && zw == z, select_values, out_of_line, s, ids);
     }
     if (max_from_pick) {
       w_max = zw[ids[0]];
@@ -1832,12 +1890,12 @@ MOE_ROUTE_INLINE void gate_tokens_body(const GateParams& p, const Prep& prep, in
 #if MOE_ROUTE_X86_VARIANTS
 MOE_ROUTE_TARGET_AVX512 void gate_tokens_avx512(const GateParams& p, const Prep& prep, int64_t t0,
                                                 int64_t t1, Scratch& s, bool stats, Runs* runs) {
-  gate_tokens_body(p, prep, t0, t1, s, stats, runs, select_in_groups_avx512,
+  gate_tokens_body(p, prep, t0, t1, s, stats, runs, select_out_of_line_avx512,
                    lane_blocks_avx512);
 }
 MOE_ROUTE_TARGET_AVX2 void gate_tokens_avx2(const GateParams& p, const Prep& prep, int64_t t0,
                                             int64_t t1, Scratch& s, bool stats, Runs* runs) {
-  gate_tokens_body(p, prep, t0, t1, s, stats, runs, select_in_groups_avx2,
+  gate_tokens_body(p, prep, t0, t1, s, stats, runs, select_out_of_line_avx2,
                    lane_blocks_avx2);
 }
 #endif
@@ -1851,7 +1909,7 @@ void gate_tokens(const GateParams& p, const Prep& prep, int64_t t0, int64_t t1, 
     case CpuIsa::Base: break;
   }
 #endif
-  gate_tokens_body(p, prep, t0, t1, s, stats, runs, select_in_groups_base, lane_blocks_base);
+  gate_tokens_body(p, prep, t0, t1, s, stats, runs, select_out_of_line_base, lane_blocks_base);
 }
 
 void check_groups(const GateParams& p) {
