@@ -288,6 +288,26 @@ def test_forced_tiers_past_k16(device, pattern, k, groups):
     assert bool((tiers[:, :-1] >= tiers[:, 1:]).all()), "a lower tier ranked above a higher one"
 
 
+@pytest.mark.parametrize("E,k", [(13, 2), (300, 8), (1003, 24)])
+def test_stats_stay_in_their_rows(device, E, k):
+    """Per-group counts and weight sums go only to the selected experts' cells of the token's
+    group: buffers that are the first G rows of a larger tensor (E not a multiple of 8, so that a
+    last block of eight would run past a row) leave the row after them at -0.0 (+0.0 added would
+    turn it to +0.0), and the sums match the reference."""
+    T, G = 203, 3
+    logits = random_logits(T, E, seed=E, device=device)
+    groups = torch.arange(T, device=device) // 7 % G  # runs of 7 tokens, the last group's too
+    counts = torch.full((G + 1, E), 5, dtype=torch.int64, device=device)
+    weight = torch.full((G + 1, E), -0.0, device=device)
+    stats = moe_route.GateStats(counts=counts[:G], weight_sum=weight[:G])
+    w, ids = moe_route.topk_gate(logits, k, stats=stats, groups=groups)
+    assert bool((counts[G] == 5).all()) and bool(torch.signbit(weight[G]).all()), "wrote past G rows"
+    ref = zero_stats(G, E, device=device, names=("counts", "weight_sum"))
+    run_ref(logits, k, ref, groups=groups)
+    assert torch.equal(counts[:G] - 5, ref["counts"])
+    torch.testing.assert_close(weight[:G], ref["weight_sum"], rtol=1e-5, atol=1e-6)
+
+
 def test_public_api_lean_stats(device):
     """GateStats with absent buffers (dense=False) go through the fast path as None."""
     T, E, k = 200, 32, 4

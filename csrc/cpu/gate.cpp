@@ -473,47 +473,85 @@ struct Prep {
 // (RunAcc) and flushed when the group changes or the chunk ends: into chunk-private Runs, merged in
 // chunk order after the parallel loop, or straight into the caller's buffers when the call is one
 // chunk. Either way the order of float additions depends only on T, and no two threads write
-// near each other per token.
+// near each other per token. Counts and weight sums go by the experts the run selected (a few
+// k per token, where E cells per run made statistics by sequence cost 2.6x statistics of one
+// group at E=16384, bench/RESULTS.md); the probabilities' sums are dense.
 struct RunAcc {
   int64_t group = -1, tokens = 0;
   float entropy = 0.f;
-  std::vector<int64_t> counts;
-  std::vector<float> prob, weight;
+  // By expert (padded to a multiple of 8): the run's selections (at most a chunk's 128 tokens
+  // each) and their weights' sum, zero outside the experts it selected (flush_run zeroes those
+  // back); its probabilities' sum.
+  std::vector<int32_t> counts;
+  std::vector<float> weight, prob;
 
-  void start(int64_t g, int64_t E) {
-    group = g, tokens = 0, entropy = 0.f;
-    counts.assign(E, 0), prob.assign(E, 0.f), weight.assign(E, 0.f);
+  void reset(int64_t E) {  // before a call's first run
+    const int64_t padded = (E + 7) & ~int64_t(7);
+    group = -1;
+    counts.assign(padded, 0), weight.assign(padded, 0.f), prob.assign(padded, 0.f);
   }
+  void start(const GateParams& p, int64_t g) {
+    group = g, tokens = 0, entropy = 0.f;
+    if (p.prob_sum) std::fill(prob.begin(), prob.end(), 0.f);
+  }
+};
+
+// Eight experts' cells of a run, from expert e0 on (fewer past E): how often each was selected
+// and the sum of its weights.
+struct Cells8 {
+  int64_t e0;
+  int32_t count[8];
+  float weight[8];
 };
 
 struct Runs {
   std::vector<int64_t> group, tokens;
   std::vector<float> entropy;
-  std::vector<int64_t> counts;      // [runs, E]
-  std::vector<float> prob, weight;  // [runs, E]
-
-  void append(const GateParams& p, const RunAcc& a) {
-    group.push_back(a.group), tokens.push_back(a.tokens), entropy.push_back(a.entropy);
-    if (p.counts) counts.insert(counts.end(), a.counts.begin(), a.counts.end());
-    if (p.prob_sum) prob.insert(prob.end(), a.prob.begin(), a.prob.end());
-    if (p.weight_sum) weight.insert(weight.end(), a.weight.begin(), a.weight.end());
-  }
+  std::vector<int64_t> cells_end;  // run r's cells are [cells_end[r - 1], cells_end[r]), from 0
+  std::vector<Cells8> cells;
+  std::vector<float> prob;  // [runs, E]
 };
+
+// Adds the cells c of a run of group g to the caller's counts and weight sums.
+MOE_ROUTE_INLINE void add_cells(const GateParams& p, int64_t g, const Cells8& c) {
+  const int64_t n = std::min<int64_t>(8, p.E - c.e0), row = g * p.E + c.e0;
+  if (p.counts)
+    for (int64_t i = 0; i < n; ++i) p.counts[row + i] += c.count[i];
+  if (p.weight_sum)
+    for (int64_t i = 0; i < n; ++i) p.weight_sum[row + i] += c.weight[i];
+}
 
 // Ends the current run: into `runs`, or into the caller's buffers when `runs` is null.
 void flush_run(const GateParams& p, RunAcc& a, Runs* runs) {
   if (a.group < 0) return;
+  const int64_t g = a.group, E = p.E;
   if (runs) {
-    runs->append(p, a);
+    runs->group.push_back(g), runs->tokens.push_back(a.tokens), runs->entropy.push_back(a.entropy);
   } else {
-    const int64_t g = a.group, E = p.E;
     if (p.tokens) p.tokens[g] += a.tokens;
     if (p.entropy_sum) p.entropy_sum[g] += a.entropy;
-    for (int64_t e = 0; e < E; ++e) {
-      if (p.counts) p.counts[g * E + e] += a.counts[e];
-      if (p.prob_sum) p.prob_sum[g * E + e] += a.prob[e];
-      if (p.weight_sum) p.weight_sum[g * E + e] += a.weight[e];
-    }
+  }
+  // The cells of the experts selected, eight at a time: the eights with a selection (at large E
+  // a few, so the scan skips most of them; at small E all, so it does not branch per expert)
+  int32_t* counts = a.counts.data();
+  float* weight = a.weight.data();
+  for (int64_t e0 = 0; e0 < E; e0 += 8) {
+    Cells8 c;
+    std::memcpy(c.count, counts + e0, sizeof c.count);
+    uint64_t w[4];
+    std::memcpy(w, c.count, sizeof w);
+    if ((w[0] | w[1] | w[2] | w[3]) == 0) continue;
+    c.e0 = e0;
+    std::memcpy(c.weight, weight + e0, sizeof c.weight);
+    std::memset(counts + e0, 0, sizeof c.count), std::memset(weight + e0, 0, sizeof c.weight);
+    if (runs) runs->cells.push_back(c);
+    else add_cells(p, g, c);
+  }
+  if (runs) runs->cells_end.push_back(int64_t(runs->cells.size()));
+  if (p.prob_sum) {
+    if (runs) runs->prob.insert(runs->prob.end(), a.prob.begin(), a.prob.begin() + E);
+    else
+      for (int64_t e = 0; e < E; ++e) p.prob_sum[g * E + e] += a.prob[e];
   }
   a.group = -1;
 }
@@ -546,6 +584,7 @@ struct Scratch {
       group_ok.resize(n_group), group_keys.resize(n_group);
       group_list.resize(n_group), group_slot.resize(n_group);
     }
+    run.reset(E);
   }
 };
 
@@ -1125,7 +1164,7 @@ MOE_ROUTE_INLINE int64_t group_of(const GateParams& p, int64_t t) {
 MOE_ROUTE_INLINE RunAcc& run_for(const GateParams& p, int64_t g, Scratch& s, Runs* runs) {
   if (g != s.run.group) {
     flush_run(p, s.run, runs);
-    s.run.start(g, p.E);
+    s.run.start(p, g);
   }
   return s.run;
 }
@@ -1170,7 +1209,8 @@ MOE_ROUTE_INLINE void token_stats(const GateParams& p, int64_t t, const int32_t*
       for (int64_t e = 0; e < E; ++e) q[e] = total > 0.f ? sc[e] * inv : uniform;
       for (int64_t e = 0; e < E; ++e) s.v[e] = q[e] > 0.f ? q[e] * log_fast(q[e]) : 0.f;
       run.entropy += -sum8(s.v.data(), E);
-      for (int64_t e = 0; e < E; ++e) run.prob[e] += q[e];
+      if (p.prob_sum)
+        for (int64_t e = 0; e < E; ++e) run.prob[e] += q[e];
     }
   }
 }
@@ -1600,8 +1640,7 @@ MOE_ROUTE_INLINE void lane_stats(const GateParams& p, int64_t t0, int n, int64_t
   }
   RunAcc& run = run_for(p, g, s, runs);
   run.tokens += n;
-  if (p.counts)
-    for (int64_t i = 0; i < n * k; ++i) run.counts[ids[i]] += 1;
+  for (int64_t i = 0; i < n * k; ++i) run.counts[ids[i]] += 1;  // flush_run's cells
   if (p.weight_sum)
     for (int64_t i = 0; i < n * k; ++i) run.weight[ids[i]] += w[i];
   if (p.coact)
@@ -1991,8 +2030,10 @@ void merge_runs(const GateParams& p, const std::vector<Runs>& chunks) {
     for (size_t r = 0; r < rs.group.size(); ++r) {
       if (p.tokens) p.tokens[rs.group[r]] += rs.tokens[r];
       if (p.entropy_sum) p.entropy_sum[rs.group[r]] += rs.entropy[r];
+      for (int64_t c = r ? rs.cells_end[r - 1] : 0; c < rs.cells_end[r]; ++c)
+        add_cells(p, rs.group[r], rs.cells[c]);
     }
-  if (!(p.counts || p.prob_sum || p.weight_sum)) return;
+  if (!p.prob_sum) return;
   int64_t total_runs = 0;
   for (const Runs& rs : chunks) total_runs += int64_t(rs.group.size());
   // Columns are independent, so splitting them across threads keeps the per-cell order.
@@ -2001,11 +2042,7 @@ void merge_runs(const GateParams& p, const std::vector<Runs>& chunks) {
     for (const Runs& rs : chunks)
       for (size_t r = 0; r < rs.group.size(); ++r) {
         const int64_t row = rs.group[r] * E, src = int64_t(r) * E;
-        for (int64_t e = e0; e < e1; ++e) {
-          if (p.counts) p.counts[row + e] += rs.counts[src + e];
-          if (p.prob_sum) p.prob_sum[row + e] += rs.prob[src + e];
-          if (p.weight_sum) p.weight_sum[row + e] += rs.weight[src + e];
-        }
+        for (int64_t e = e0; e < e1; ++e) p.prob_sum[row + e] += rs.prob[src + e];
       }
   });
 }
@@ -2060,9 +2097,11 @@ void run_gate_cpu(const GateParams& p) {
   at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
     thread_local Scratch scratch;
     scratch.prepare(p.E, p.n_group);
-    for (int64_t c = c0; c < c1; ++c)
-      gate_tokens(p, prep, c * chunk, std::min(p.T, (c + 1) * chunk), scratch, stats,
-                  stats ? &runs[c] : nullptr);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t t0 = c * chunk, t1 = std::min(p.T, t0 + chunk);
+      if (stats) runs[c].cells.reserve(std::min((t1 - t0) * p.k, (t1 - t0) * ((p.E + 7) / 8)));
+      gate_tokens(p, prep, t0, t1, scratch, stats, stats ? &runs[c] : nullptr);
+    }
   });
   if (stats) merge_runs(p, runs);
 }
