@@ -247,40 +247,26 @@ FORCED = {"on_5": [1, 1, 1, 1, 1, 0, 0, 0],
           "one_each": [0, 0, 1, 0, 0, 0, -1, 0]}
 
 
+# (E, k): E=16 is the pattern twice, groups "max" 4 groups of 4 with the best 2 chosen. Past
+# k = 16 the CPU ranks the forced experts apart and the rest from a threshold: E=256 (past the
+# lanes) is the pattern 32 times, so that 160 are forced on with "on_5" and 64 left free with
+# "off_all_but_2"; groups "max" are 8 groups of 32, the best 4.
+TIER_SHAPES = [(16, k) for k in (1, 3, 4, 7, 8)] + [(256, k) for k in (17, 24, 40, 100)]
+
+
 @pytest.mark.parametrize("groups", ["none", "max"])
-@pytest.mark.parametrize("k", [1, 3, 4, 7, 8])
+@pytest.mark.parametrize("E,k", TIER_SHAPES)
 @pytest.mark.parametrize("pattern", list(FORCED))
-def test_forced_tiers(device, pattern, k, groups):
-    """Ids and weights as in the reference however many experts are forced on or off (E=16: the
-    pattern twice; groups "max": 4 groups of 4, the best 2 chosen)."""
-    E, T = 16, 50
+def test_forced_tiers(device, pattern, E, k, groups):
+    """Ids and weights as in the reference however many experts are forced on or off."""
+    T = 50 if E == 16 else 40
     kw = dict(score="softmax", selection_bias=random_bias(E, device=device))
     if groups == "max":
-        kw.update(n_group=4, topk_group=2, group_score="max")
+        kw.update(n_group=E // 4 if E == 16 else 8, topk_group=2 if E == 16 else 4,
+                  group_score="max")
     steer = torch.zeros(4, E, device=device)
-    steer[3] = torch.tensor(FORCED[pattern] * 2, dtype=torch.float32, device=device)
+    steer[3] = torch.tensor(FORCED[pattern] * (E // 8), dtype=torch.float32, device=device)
     steer[0] = torch.linspace(-1, 1, E, device=device)  # steered values differ from the logits
-    kw["steer"] = steer
-    w, ids = check(tie_free_logits(T, E, seed=k, device=device), k, kw)
-    force = steer[3].cpu()
-    tiers = torch.where(force > 0, 2, torch.where(force < 0, 0, 1))[ids.cpu().long()]
-    assert bool((tiers[:, :-1] >= tiers[:, 1:]).all()), "a lower tier ranked above a higher one"
-
-
-@pytest.mark.parametrize("groups", ["none", "max"])
-@pytest.mark.parametrize("k", [17, 24, 40, 100])
-@pytest.mark.parametrize("pattern", list(FORCED))
-def test_forced_tiers_past_k16(device, pattern, k, groups):
-    """The same past k = 16, where the CPU ranks the forced experts apart and the rest from a
-    threshold (E=256, past the lanes: the pattern 32 times, so that 160 are forced on with
-    "on_5", 64 left free with "off_all_but_2"; groups "max": 8 groups of 32, the best 4)."""
-    E, T = 256, 40
-    kw = dict(score="softmax", selection_bias=random_bias(E, device=device))
-    if groups == "max":
-        kw.update(n_group=8, topk_group=4, group_score="max")
-    steer = torch.zeros(4, E, device=device)
-    steer[3] = torch.tensor(FORCED[pattern] * 32, dtype=torch.float32, device=device)
-    steer[0] = torch.linspace(-1, 1, E, device=device)
     kw["steer"] = steer
     w, ids = check(tie_free_logits(T, E, seed=k, device=device), k, kw)
     force = steer[3].cpu()
