@@ -276,10 +276,10 @@ def test_forced_tiers(device, pattern, E, k, groups):
 
 @pytest.mark.parametrize("E,k", [(13, 2), (300, 8), (1003, 24)])
 def test_stats_stay_in_their_rows(device, E, k):
-    """Per-group counts and weight sums go only to the selected experts' cells of the token's
-    group: buffers that are the first G rows of a larger tensor (E not a multiple of 8, so that a
-    last block of eight would run past a row) leave the row after them at -0.0 (+0.0 added would
-    turn it to +0.0), and the sums match the reference."""
+    """Per-group counts and weight sums stay in their group's row: buffers that are the first G
+    rows of a larger tensor (E not a multiple of 8, so that the CPU's last block of eight experts
+    would run past a row) leave the row after them at -0.0 (+0.0 added would turn it to +0.0),
+    and the sums match the reference."""
     T, G = 203, 3
     logits = random_logits(T, E, seed=E, device=device)
     groups = torch.arange(T, device=device) // 7 % G  # runs of 7 tokens, the last group's too
