@@ -485,8 +485,11 @@ struct RunAcc {
   std::vector<int32_t> counts;
   std::vector<float> weight, prob;
 
-  void reset(int64_t E) {  // before a call's first run
+  // Before a call's first run. Between runs counts and weight are zero already; they are
+  // zeroed again only for another E, or after a call that stopped inside a run.
+  void reset(int64_t E) {
     const int64_t padded = (E + 7) & ~int64_t(7);
+    if (group < 0 && int64_t(counts.size()) == padded) return;
     group = -1;
     counts.assign(padded, 0), weight.assign(padded, 0.f), prob.assign(padded, 0.f);
   }
