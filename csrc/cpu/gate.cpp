@@ -996,19 +996,28 @@ MOE_ROUTE_INLINE void select_in_groups_body(const GateParams& p, const Prep& pre
   select_tiered<false>(p, prep, v, work, padded, n, at, expert, s, ids);
 }
 
+// The k ids of one token without a group limit, descending keys: select_untiered, or
+// select_many with kMany (k > kInsertMaxK), and select_tiered where experts are forced.
+template <bool kMany>
+MOE_ROUTE_INLINE void select_ungrouped(const GateParams& p, const Prep& prep, const float* v,
+                                       Scratch& s, int32_t* ids) {
+  const int64_t padded = (p.E + 7) & ~int64_t(7);
+  float* work = s.work.data();
+  if (!prep.has_force) {
+    if (kMany) select_many(v, padded, p.k, work, s.keys.data(), ids);
+    else select_untiered(v, padded, p.k, s.keys.data(), ids);
+    return;
+  }
+  std::memcpy(work, v, sizeof(float) * padded);
+  select_tiered<kMany>(p, prep, v, work, padded, p.E, [](int64_t e) { return e; },
+                       [](int64_t i) { return int32_t(i); }, s, ids);
+}
+
 // The k ids (k > kInsertMaxK) of one token from its selection values v, group-limited or not.
 MOE_ROUTE_INLINE void select_many_body(const GateParams& p, const Prep& prep, const float* v,
                                        Scratch& s, int32_t* ids) {
   const int64_t E = p.E, k = p.k;
-  if (p.n_group == 1) {
-    const int64_t padded = (E + 7) & ~int64_t(7);
-    if (!prep.has_force) return select_many(v, padded, k, s.work.data(), s.keys.data(), ids);
-    float* work = s.work.data();
-    std::memcpy(work, v, sizeof(float) * padded);
-    select_tiered<true>(p, prep, v, work, padded, E, [](int64_t e) { return e; },
-                        [](int64_t i) { return int32_t(i); }, s, ids);
-    return;
-  }
+  if (p.n_group == 1) return select_ungrouped<true>(p, prep, v, s, ids);
   // Every eligible expert's key, ordered: no transformers family limits groups past k = 16.
   choose_groups(p, prep, v, s);
   const int64_t gsize = E / p.n_group;
@@ -1047,17 +1056,6 @@ MOE_ROUTE_TARGET_AVX2 __attribute__((noinline)) void select_out_of_line_avx2(
   select_out_of_line_body(p, prep, v, s, ids);
 }
 #endif
-
-// The k ids (k <= kInsertMaxK, no group limit) of one token, descending keys.
-MOE_ROUTE_INLINE void select_experts(const GateParams& p, const Prep& prep, const float* v,
-                                     Scratch& s, int32_t* ids) {
-  const int64_t padded = (p.E + 7) & ~int64_t(7);
-  if (!prep.has_force) return select_untiered(v, padded, p.k, s.keys.data(), ids);
-  float* work = s.work.data();
-  std::memcpy(work, v, sizeof(float) * padded);
-  select_tiered<false>(p, prep, v, work, padded, p.E, [](int64_t e) { return e; },
-                       [](int64_t i) { return int32_t(i); }, s, ids);
-}
 
 // Selection values of one token's steered logits z (reference: selection_values), the group
 // limit, then its k ids. `ew` and `ew_sum` are the softmax numerators of z and their sum when
@@ -1099,7 +1097,7 @@ MOE_ROUTE_INLINE void select_row(const GateParams& p, const Prep& prep, const fl
     v = sv;
   }
   if (p.n_group > 1 || p.k > kInsertMaxK) return out_of_line(p, prep, v, s, ids);
-  select_experts(p, prep, v, s, ids);
+  select_ungrouped<false>(p, prep, v, s, ids);
 }
 
 // Renormalises and scales one token's k weights as the router asks.
@@ -1484,7 +1482,7 @@ MOE_ROUTE_INLINE void lane_round(f32x8* work, i32x8* tier, int64_t seg, i32x8 se
 }
 
 // Each lane's k best of v into b.ids and their values into b.picked, in descending order of
-// (tier, value) with the lower index first on ties (select_experts without groups): k rounds of
+// (tier, value) with the lower index first on ties (select_ungrouped): k rounds of
 // a strict-greater scan, each taking its pick out of b.work. A round scans the experts in
 // kChains consecutive runs at once (one dependency chain of compare and blend each, where one
 // chain over all E was the gate's critical path) and merges the runs' bests in run order, so the
