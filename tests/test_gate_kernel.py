@@ -408,6 +408,54 @@ def test_statistics_match_reference(device, score, select_on, steer, groups_dtyp
     check(logits, k, kw, zero_stats(G, E, device=device))
 
 
+def ascending_groups(lengths, skip_every=0):
+    """Sequence ids that never decrease, as ``record`` gives them: sequence i of lengths[i]
+    tokens gets id 2i (ids 2i + 1 are never used), and with ``skip_every`` every that-many-th
+    token is skipped (-1)."""
+    g = torch.cat([torch.full((n,), 2 * i) for i, n in enumerate(lengths)])
+    if skip_every:
+        g[skip_every - 1::skip_every] = -1
+    return g
+
+
+# Sequences short and long across the CPU gate's chunks of 128 tokens (T >= 1024): 2-token to
+# 300-token ones, one a chunk long, and runs that start and end at chunk edges.
+SEQ_LENGTHS = [5, 1, 3, 200, 7, 121, 2, 130, 9, 1, 60, 128, 4, 300, 5, 5, 5, 40]
+
+
+@pytest.mark.parametrize("E,k,score", [(60, 4, "softmax"), (300, 8, "softmax"),
+                                       (300, 8, "sigmoid"), (1200, 20, "softmax")])
+def test_statistics_of_ascending_groups(device, E, k, score):
+    """Statistics by sequence when the ids never decrease: the CPU gate then adds a run that is
+    not its chunk's first to the buffers at once. The sums must be the bits that ids in another
+    order give (the order of the additions depends on the tokens' positions only), and match the
+    reference. The buffers start non-zero, so that the order of two runs' additions shows."""
+    groups = ascending_groups(SEQ_LENGTHS, skip_every=37)
+    T, G = groups.numel(), 2 * len(SEQ_LENGTHS)
+    logits = tie_free_logits(T, E, seed=E + k, device=device)
+    start = zero_stats(G, E, device=device)
+    gen = torch.Generator().manual_seed(5)
+    for name, buf in start.items():
+        if not buf.dtype.is_floating_point:
+            buf.copy_(torch.randint(0, 50, buf.shape, generator=gen))
+        else:
+            buf.copy_(torch.rand(buf.shape, generator=gen) * 40)
+    kw = dict(score=score, renormalize=True)
+    stats = clone_stats(start)
+    check(logits, k, dict(kw, groups=groups.to(device)), stats)
+    if device != "cpu":
+        return  # the CUDA kernels add with atomics: their order is not fixed
+    # The same sequences under ids in a shuffled order, their rows shuffled alike.
+    perm = torch.randperm(G, generator=gen)
+    moved = {n: (b if n == "coact" else b[perm.argsort()].clone()) for n, b in start.items()}
+    shuffled = torch.where(groups >= 0, perm[groups.clamp(min=0)], groups)
+    assert not bool((shuffled[shuffled >= 0].diff() >= 0).all())
+    run_op(logits, k, moved, **kw, groups=shuffled)
+    for name, buf in stats.items():
+        back = buf if name == "coact" else moved[name][perm]
+        assert torch.equal(back, buf), f"{name}: ids in another order changed the sums' bits"
+
+
 @pytest.mark.parametrize("names", [("counts",), ("coact",), ("tokens", "entropy_sum"),
                                    ("prob_sum",), ("weight_sum", "coact"), ("entropy_sum",)],
                          ids=lambda n: "+".join(n))
