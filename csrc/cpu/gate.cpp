@@ -1961,7 +1961,7 @@ void gate_tokens(const GateParams& p, const Prep& prep, int64_t t0, int64_t t1, 
 }
 
 // Checks that the group ids are in [-1, G), and returns whether those of the tokens counted
-// (ids >= 0) never decrease, so that each group's tokens make one run (Runs::ascending).
+// (ids >= 0) never decrease: then a group's tokens in a chunk are one run (Runs::ascending).
 bool check_groups(const GateParams& p) {
   if (!p.groups || p.T == 0 || !p.per_group_stats()) return !p.groups;
   int64_t lo = INT64_MAX, hi = INT64_MIN;
