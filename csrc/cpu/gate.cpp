@@ -1371,17 +1371,22 @@ MOE_ROUTE_INLINE f32x8 lane_max(const f32x8* x, int64_t E) {
 }
 
 // Softmax numerators ew[e] = exp(x[e] - m) of each lane; returns their sums (softmax_exps_from).
-// Two experts at a time: 16 lanes fill an AVX-512 register (elsewhere, two or four).
+// With kPairs (the AVX-512 variant) two experts at a time, 16 lanes in one register. The other
+// variants have no 16-lane registers, and GCC 12 turns a compare of 16 lanes there into 16
+// scalar compares and branches: pairs made AVX2's gate at E=64 twice as slow as single experts.
+template <bool kPairs>
 MOE_ROUTE_INLINE f32x8 lane_exps(const f32x8* x, f32x8* ew, int64_t E, f32x8 m) {
-  const f32x16 m2 = pair16(m, m);
   int64_t e = 0;
-  for (; e + 2 <= E; e += 2) {
-    f32x16 pair;
-    std::memcpy(&pair, x + e, sizeof pair);
-    pair = exp_nonpos(pair - m2);
-    std::memcpy(ew + e, &pair, sizeof pair);
+  if constexpr (kPairs) {
+    const f32x16 m2 = pair16(m, m);
+    for (; e + 2 <= E; e += 2) {
+      f32x16 pair;
+      std::memcpy(&pair, x + e, sizeof pair);
+      pair = exp_nonpos(pair - m2);
+      std::memcpy(ew + e, &pair, sizeof pair);
+    }
   }
-  if (e < E) ew[e] = exp_nonpos(x[e] - m);
+  for (; e < E; ++e) ew[e] = exp_nonpos(x[e] - m);
   return lane_sum(ew, E);
 }
 
@@ -1401,7 +1406,8 @@ MOE_ROUTE_INLINE f32x8 lane_gather(const f32x8* x, int64_t E, i32x8 ids) {
   return r;
 }
 
-// steer_row for the block's tokens: b.z from b.z0.
+// steer_row for the block's tokens: b.z from b.z0. kPairs: as lane_exps.
+template <bool kPairs>
 MOE_ROUTE_INLINE void lane_steer(const GateParams& p, const Prep& prep, LaneBlock& b) {
   const int64_t E = p.E;
   const float* add = p.steer + kSteerAdd * E;
@@ -1414,22 +1420,24 @@ MOE_ROUTE_INLINE void lane_steer(const GateParams& p, const Prep& prep, LaneBloc
     for (int64_t e = 0; e < E; ++e) b.z[e] = (b.z0[e] - mean) * (b.z0[e] - mean);
     sd = std_of(p, lane_sum(b.z, E));
   }
-  // steer_row's three terms, two experts per 16-lane vector (as lane_exps): {c[e] in 8 lanes,
+  // steer_row's three terms; with kPairs two experts per 16-lane vector: {c[e] in 8 lanes,
   // c[e + 1] in 8} from two splats.
-  auto both = [](const float* c, int64_t e) { return pair16(splat8(c[e]), splat8(c[e + 1])); };
-  const f32x16 sd2 = pair16(sd, sd), zero = {};
   int64_t e = 0;
-  for (; e + 2 <= E; e += 2) {
-    f32x16 z0;
-    std::memcpy(&z0, b.z0 + e, sizeof z0);
-    const f32x16 l = both(lam, e);
-    f32x16 y = z0 + both(add, e);
-    y = y + (l != 0.f ? l * sd2 : zero);
-    y = y + both(mul, e) * abs8(z0);
-    y = sanitize8(y);
-    std::memcpy(b.z + e, &y, sizeof y);
+  if constexpr (kPairs) {
+    auto both = [](const float* c, int64_t e) { return pair16(splat8(c[e]), splat8(c[e + 1])); };
+    const f32x16 sd2 = pair16(sd, sd), zero = {};
+    for (; e + 2 <= E; e += 2) {
+      f32x16 z0;
+      std::memcpy(&z0, b.z0 + e, sizeof z0);
+      const f32x16 l = both(lam, e);
+      f32x16 y = z0 + both(add, e);
+      y = y + (l != 0.f ? l * sd2 : zero);
+      y = y + both(mul, e) * abs8(z0);
+      y = sanitize8(y);
+      std::memcpy(b.z + e, &y, sizeof y);
+    }
   }
-  if (e < E) {
+  for (; e < E; ++e) {
     f32x8 y = b.z0[e] + add[e];
     y = y + (lam[e] != 0.f ? lam[e] * sd : splat8(0.f));
     y = y + mul[e] * abs8(b.z0[e]);
@@ -1679,6 +1687,7 @@ MOE_ROUTE_INLINE void lane_stats(const GateParams& p, int64_t t0, int n, int64_t
 // `have_ew`. Returns whether b.v holds the elementwise (fp32, unrounded) scores of z. With
 // `sc_out`, the sqrt-softplus that rounds also writes the fp32 scores of z there, from the same
 // softplus.
+template <bool kPairs>
 MOE_ROUTE_INLINE bool lane_select_row(const GateParams& p, const Prep& prep, const f32x8* z,
                                       bool have_ew, LaneBlock& b, f32x8* sc_out = nullptr) {
   const int64_t E = p.E, k = p.k;
@@ -1688,7 +1697,7 @@ MOE_ROUTE_INLINE bool lane_select_row(const GateParams& p, const Prep& prep, con
     if (p.score == Score::Softmax) {
       const f32x8* src = b.ew;
       f32x8 sum = b.w_sum;
-      if (!have_ew) sum = lane_exps(z, sv, E, lane_max(z, E)), src = sv;
+      if (!have_ew) sum = lane_exps<kPairs>(z, sv, E, lane_max(z, E)), src = sv;
       for (int64_t e = 0; e < E; ++e) sv[e] = src[e] / sum;
     } else if (p.score == Score::SqrtSoftplus && rounds_scores(p)) {
       rounded_sqrt_softplus(p.logit_type, &z[0][0], E * kLanes, &sv[0][0],
@@ -1720,13 +1729,14 @@ MOE_ROUTE_INLINE bool lane_select_row(const GateParams& p, const Prep& prep, con
 
 // Tokens [t0, t0 + n), n <= 8, through the pass of gate_tokens_body, a step for all at once.
 // Lanes past n compute on zero logits and are not written.
+template <bool kPairs>
 MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t t0, int n,
                                  Scratch& s, bool stats, Runs* runs, LaneBlock& b) {
   const int64_t E = p.E, k = p.k;
   lane_load(p, t0, n, s, b);
   f32x8* z = b.z0;
   if (p.steer) {
-    lane_steer(p, prep, b);
+    lane_steer<kPairs>(p, prep, b);
     z = b.z;
   }
   const f32x8* zw = p.steer_select_only ? b.z0 : z;
@@ -1741,7 +1751,7 @@ MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t 
   b.w_max = splat8(0.f), b.w_sum = splat8(1.f);
   if (want_ew && !max_from_pick) {
     b.w_max = lane_max(zw, E);
-    b.w_sum = lane_exps(zw, b.ew, E, b.w_max);
+    b.w_sum = lane_exps<kPairs>(zw, b.ew, E, b.w_max);
   }
 
   // The elementwise scores of zw, where selection computed them: for weights and statistics.
@@ -1752,7 +1762,8 @@ MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t 
                               !all_replayed;
   bool z_scores = false;
   if (!all_replayed)
-    z_scores = lane_select_row(p, prep, z, want_ew && zw == z, b, round_sp_stats ? b.ew : nullptr);
+    z_scores = lane_select_row<kPairs>(p, prep, z, want_ew && zw == z, b,
+                                       round_sp_stats ? b.ew : nullptr);
   const f32x8* sc = z_scores && zw == z ? b.v : nullptr;
   if (any_replayed)
     for (int l = 0; l < n; ++l)
@@ -1764,7 +1775,7 @@ MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t 
   const bool picked_zw = !any_replayed && zw == z && selects_on_logits(p) && !p.selection_bias;
   if (max_from_pick) {
     b.w_max = b.picked[0];
-    b.w_sum = lane_exps(zw, b.ew, E, b.w_max);
+    b.w_sum = lane_exps<kPairs>(zw, b.ew, E, b.w_max);
   }
   // weigh's softmax step in the lanes, the rest (finish_weights) per token: ew[id] / sum for a
   // softmax over all experts; for a softmax over the k picked logits, their exps from their
@@ -1822,13 +1833,14 @@ MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t 
 
 // gate_lanes over the blocks of a chunk of tokens [t0, t1); returns the first token left to the
 // per-token pass: fewer than lane_min_tokens cost less one by one than in a block of 8 lanes.
+template <bool kPairs>  // lane_exps
 MOE_ROUTE_INLINE int64_t lane_blocks_body(const GateParams& p, const Prep& prep, int64_t t0,
                                           int64_t t1, Scratch& s, bool stats, Runs* runs) {
   LaneBlock b;
   int64_t t = t0;
   const int min_tokens = lane_min_tokens(p.E);
   for (int n; (n = int(std::min<int64_t>(kLanes, t1 - t))) >= min_tokens; t += n)
-    gate_lanes(p, prep, t, n, s, stats, runs, b);
+    gate_lanes<kPairs>(p, prep, t, n, s, stats, runs, b);
   return t;
 }
 
@@ -1841,18 +1853,18 @@ typedef int64_t (*LaneBlocks)(const GateParams&, const Prep&, int64_t, int64_t, 
 __attribute__((noinline)) int64_t lane_blocks_base(const GateParams& p, const Prep& prep,
                                                    int64_t t0, int64_t t1, Scratch& s, bool stats,
                                                    Runs* runs) {
-  return lane_blocks_body(p, prep, t0, t1, s, stats, runs);
+  return lane_blocks_body<false>(p, prep, t0, t1, s, stats, runs);
 }
 #if MOE_ROUTE_X86_VARIANTS
 MOE_ROUTE_TARGET_AVX512 __attribute__((noinline)) int64_t lane_blocks_avx512(
     const GateParams& p, const Prep& prep, int64_t t0, int64_t t1, Scratch& s, bool stats,
     Runs* runs) {
-  return lane_blocks_body(p, prep, t0, t1, s, stats, runs);
+  return lane_blocks_body<true>(p, prep, t0, t1, s, stats, runs);
 }
 MOE_ROUTE_TARGET_AVX2 __attribute__((noinline)) int64_t lane_blocks_avx2(
     const GateParams& p, const Prep& prep, int64_t t0, int64_t t1, Scratch& s, bool stats,
     Runs* runs) {
-  return lane_blocks_body(p, prep, t0, t1, s, stats, runs);
+  return lane_blocks_body<false>(p, prep, t0, t1, s, stats, runs);
 }
 #endif
 
