@@ -1376,17 +1376,19 @@ MOE_ROUTE_INLINE f32x8 lane_max(const f32x8* x, int64_t E) {
 // scalar compares and branches: pairs made AVX2's gate at E=64 twice as slow as single experts.
 template <bool kPairs>
 MOE_ROUTE_INLINE f32x8 lane_exps(const f32x8* x, f32x8* ew, int64_t E, f32x8 m) {
-  int64_t e = 0;
   if constexpr (kPairs) {
     const f32x16 m2 = pair16(m, m);
+    int64_t e = 0;
     for (; e + 2 <= E; e += 2) {
       f32x16 pair;
       std::memcpy(&pair, x + e, sizeof pair);
       pair = exp_nonpos(pair - m2);
       std::memcpy(ew + e, &pair, sizeof pair);
     }
+    if (e < E) ew[e] = exp_nonpos(x[e] - m);
+  } else {
+    for (int64_t e = 0; e < E; ++e) ew[e] = exp_nonpos(x[e] - m);
   }
-  for (; e < E; ++e) ew[e] = exp_nonpos(x[e] - m);
   return lane_sum(ew, E);
 }
 
@@ -1420,12 +1422,18 @@ MOE_ROUTE_INLINE void lane_steer(const GateParams& p, const Prep& prep, LaneBloc
     for (int64_t e = 0; e < E; ++e) b.z[e] = (b.z0[e] - mean) * (b.z0[e] - mean);
     sd = std_of(p, lane_sum(b.z, E));
   }
-  // steer_row's three terms; with kPairs two experts per 16-lane vector: {c[e] in 8 lanes,
+  // steer_row's three terms, with kPairs two experts per 16-lane vector: {c[e] in 8 lanes,
   // c[e + 1] in 8} from two splats.
-  int64_t e = 0;
+  auto one = [&](int64_t e) {
+    f32x8 y = b.z0[e] + add[e];
+    y = y + (lam[e] != 0.f ? lam[e] * sd : splat8(0.f));
+    y = y + mul[e] * abs8(b.z0[e]);
+    b.z[e] = sanitize8(y);
+  };
   if constexpr (kPairs) {
     auto both = [](const float* c, int64_t e) { return pair16(splat8(c[e]), splat8(c[e + 1])); };
     const f32x16 sd2 = pair16(sd, sd), zero = {};
+    int64_t e = 0;
     for (; e + 2 <= E; e += 2) {
       f32x16 z0;
       std::memcpy(&z0, b.z0 + e, sizeof z0);
@@ -1436,12 +1444,9 @@ MOE_ROUTE_INLINE void lane_steer(const GateParams& p, const Prep& prep, LaneBloc
       y = sanitize8(y);
       std::memcpy(b.z + e, &y, sizeof y);
     }
-  }
-  for (; e < E; ++e) {
-    f32x8 y = b.z0[e] + add[e];
-    y = y + (lam[e] != 0.f ? lam[e] * sd : splat8(0.f));
-    y = y + mul[e] * abs8(b.z0[e]);
-    b.z[e] = sanitize8(y);
+    if (e < E) one(e);
+  } else {
+    for (int64_t e = 0; e < E; ++e) one(e);
   }
   if (prep.has_force) {
     f32x8 top, bottom;
