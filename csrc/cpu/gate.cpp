@@ -1245,6 +1245,10 @@ MOE_ROUTE_INLINE bool wants_exps(const GateParams& p) {
 // k=4 to 8. Group limits, and the last tokens of a chunk when fewer than lane_min_tokens, take
 // the per-token pass. Statistics are added in its order (lane_stats): a block of one
 // group at once, a block spanning groups token by token, from terms computed in the lanes.
+// The baseline variant (SSE2) has no 8-lane registers, and GCC 12 turns each compare of 8
+// lanes into 8 scalar compares and branches there: its lanes lose to the per-token pass past
+// E = 8 unless k <= 2 at E = 16 (OLMoE's top-8 of 64: 2.7 ms against 0.6), so run_gate_cpu
+// takes them only up to that.
 constexpr int64_t kLaneMaxE = 128;
 constexpr int kLanes = 8;
 static_assert(kLaneMaxE <= kSumBlock, "a lane's sums are sum8's only up to kSumBlock values");
@@ -2114,7 +2118,8 @@ void run_gate_cpu(const GateParams& p) {
     }
   }
 
-  prep.lanes = cpu_gate_lanes() && p.E <= kLaneMaxE && p.n_group == 1;
+  prep.lanes = cpu_gate_lanes() && p.n_group == 1 && p.E <= kLaneMaxE &&
+               (cpu_isa() != CpuIsa::Base || p.E <= 8 || (p.E <= 16 && p.k <= 2));
 
   const int64_t chunk = chunk_size(p.T);
   const int64_t n_chunks = (p.T + chunk - 1) / chunk;
