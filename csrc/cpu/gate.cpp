@@ -1375,9 +1375,10 @@ MOE_ROUTE_INLINE f32x8 lane_max(const f32x8* x, int64_t E) {
 }
 
 // Softmax numerators ew[e] = exp(x[e] - m) of each lane; returns their sums (softmax_exps_from).
-// With kPairs (the AVX-512 variant) two experts at a time, 16 lanes in one register. The other
-// variants have no 16-lane registers, and GCC 12 turns a compare of 16 lanes there into 16
-// scalar compares and branches: pairs made AVX2's gate at E=64 twice as slow as single experts.
+// With kPairs two experts at a time, 16 lanes in one AVX-512 register. AVX2 has no 16-lane
+// registers, and GCC 12 turns a compare of 16 lanes there into 16 scalar compares and branches:
+// pairs made AVX2's gate at E=64 twice as slow as single experts, so its variant takes them one
+// at a time. The baseline's compares of 8 lanes are scalar too, and pairs are its faster way.
 template <bool kPairs>
 MOE_ROUTE_INLINE f32x8 lane_exps(const f32x8* x, f32x8* ew, int64_t E, f32x8 m) {
   if constexpr (kPairs) {
@@ -1862,7 +1863,7 @@ typedef int64_t (*LaneBlocks)(const GateParams&, const Prep&, int64_t, int64_t, 
 __attribute__((noinline)) int64_t lane_blocks_base(const GateParams& p, const Prep& prep,
                                                    int64_t t0, int64_t t1, Scratch& s, bool stats,
                                                    Runs* runs) {
-  return lane_blocks_body<false>(p, prep, t0, t1, s, stats, runs);
+  return lane_blocks_body<true>(p, prep, t0, t1, s, stats, runs);
 }
 #if MOE_ROUTE_X86_VARIANTS
 MOE_ROUTE_TARGET_AVX512 __attribute__((noinline)) int64_t lane_blocks_avx512(
