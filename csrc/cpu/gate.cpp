@@ -1247,7 +1247,7 @@ MOE_ROUTE_INLINE bool wants_exps(const GateParams& p) {
 // group at once, a block spanning groups token by token, from terms computed in the lanes.
 // The baseline variant (SSE2) has no 8-lane registers, and GCC 12 turns each compare of 8
 // lanes into 8 scalar compares and branches there: its lanes lose to the per-token pass past
-// E = 8 unless k <= 2 at E = 16 (OLMoE's top-8 of 64: 2.7 ms against 0.6), so run_gate_cpu
+// E = 8 unless k <= 2 at E = 16 (OLMoE's top-8 of 64: 2.8 ms against 0.6), so run_gate_cpu
 // takes them only up to that.
 constexpr int64_t kLaneMaxE = 128;
 constexpr int kLanes = 8;
