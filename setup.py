@@ -17,6 +17,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 
 from setuptools import setup
 
@@ -82,10 +83,34 @@ opt = ["-O0", "-g"] if debug else ["-O3", "-g"]
 # and inf semantics are unchanged, unlike -ffast-math.
 cxx_flags = opt + ["-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-Wall",
                    "-Wno-unused-function", "-Wno-psabi"]
-# at::parallel_for expands OpenMP pragmas inside our translation units: without -fopenmp it is
-# serial.
 link_flags = []
-if torch.backends.openmp.is_available():
+
+
+def openmp_reason():
+    """Why the CPU kernels are built without OpenMP ("" when they are built with it).
+
+    at::parallel_for expands OpenMP pragmas inside our translation units: without -fopenmp they run
+    on one thread. Apple's clang rejects -fopenmp, so the flag is tried on a small program first;
+    a compiler without it still builds the extension, serial."""
+    if not torch.backends.openmp.is_available():
+        return f"torch {torch.__version__} is built without OpenMP"
+    cxx = shlex.split(os.environ.get("CXX", "c++"))
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.cpp")
+        with open(src, "w") as f:
+            f.write("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+        try:
+            subprocess.run(cxx + ["-fopenmp", src, "-o", os.path.join(tmp, "probe")], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except (OSError, subprocess.CalledProcessError):
+            return f"{cxx[0]} does not build an OpenMP program with -fopenmp"
+    return ""
+
+
+OPENMP_REASON = openmp_reason()
+if OPENMP_REASON:
+    print(f"moe_route: the CPU kernels will run on one thread: {OPENMP_REASON}", file=sys.stderr)
+else:
     cxx_flags.append("-fopenmp")
     link_flags.append("-fopenmp")
 nvcc_flags = opt + ["-lineinfo", "--expt-relaxed-constexpr"]
@@ -153,6 +178,7 @@ class Build(BuildExtension):
             "version": "0.1.0", "git": git_sha(), "torch": torch.__version__,
             "torch_cuda": torch.version.cuda, "cuda_built": BUILD_CUDA, "cuda_reason": CUDA_REASON,
             "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST") if BUILD_CUDA else None,
+            "openmp": not OPENMP_REASON, "openmp_reason": OPENMP_REASON or None,
             "debug": debug, "python": sys.version.split()[0],
         }
         for out in {os.path.join(ROOT, "moe_route"),

@@ -83,7 +83,15 @@ py::dict build_info() {
 #if defined(__VERSION__)
   d["compiler"] = std::string(__VERSION__);
 #endif
+#if defined(_GLIBCXX_USE_CXX11_ABI)  // libstdc++ only (not libc++, as on macOS)
   d["cxx11_abi"] = bool(_GLIBCXX_USE_CXX11_ABI);
+#endif
+  // Whether at::parallel_for runs the CPU kernels on several threads (setup.py's OpenMP probe).
+#if defined(_OPENMP)
+  d["openmp"] = true;
+#else
+  d["openmp"] = false;
+#endif
   d["parallel"] = at::get_parallel_info();
   return d;
 }

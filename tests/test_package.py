@@ -140,6 +140,9 @@ def test_info_reports_the_extension():
     assert ("cuda" in info["kernels"]["topk_gate"]) == moe_route._loader.has_kernel("topk_gate",
                                                                                      "cuda")
     assert torch.__version__.startswith(info["build"]["native"]["torch_version"])
+    # setup.py's OpenMP decision is the one the binary was compiled with
+    if "openmp" in info["build"]:
+        assert info["build"]["native"]["openmp"] == info["build"]["openmp"]
     assert info["cpu_threads"] == torch.get_num_threads()
     assert hasattr(torch.ops.moe_route, "topk_gate")
 

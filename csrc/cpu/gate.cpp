@@ -45,6 +45,11 @@ typedef int32_t i32x8 __attribute__((vector_size(32)));
 typedef float f32x16 __attribute__((vector_size(64)));  // two f32x8: one AVX-512 register
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 
+// n vectors as 8n floats in memory order, for loops over a block's every lane (Clang, unlike
+// GCC, does not take the address of a vector's element).
+MOE_ROUTE_INLINE float* flat(f32x8* v) { return reinterpret_cast<float*>(v); }
+MOE_ROUTE_INLINE const float* flat(const f32x8* v) { return reinterpret_cast<const float*>(v); }
+
 // x in every lane, by a shuffle: GCC built f32x8{x, x, ...} of a runtime x from 8 inserts in
 // some loops (as it did splat8i's in lane_select's tier setup).
 MOE_ROUTE_INLINE f32x8 splat8(float x) {
@@ -1619,13 +1624,13 @@ MOE_ROUTE_INLINE void lane_stats(const GateParams& p, int64_t t0, int n, int64_t
     // logits, which GCC vectorises at its widest width (an f32x8 exp_fast and sigmoid measured
     // 3-5% slower than the compiler's 8-lane loop, bench/RESULTS.md).
     const f32x8 zero = splat8(0.f);
-    if (!sc) scores_of(p, &zw[0][0], E * kLanes, &b.q[0][0]), sc = b.q;
+    if (!sc) scores_of(p, flat(zw), E * kLanes, flat(b.q)), sc = b.q;
     const f32x8 total = lane_sum(sc, E);
     const f32x8 inv = total > zero ? splat8(1.f) / total : zero;
     const f32x8 uniform = splat8(1.f / float(E));
     for (int64_t e = 0; e < E; ++e) b.q[e] = total > zero ? sc[e] * inv : uniform;
-    const float* q = &b.q[0][0];
-    float* terms = &b.work[0][0];
+    const float* q = flat(b.q);
+    float* terms = flat(b.work);
     for (int64_t i = 0; i < E * kLanes; ++i) terms[i] = q[i] > 0.f ? q[i] * log_fast(q[i]) : 0.f;
     entropy = -lane_sum(b.work, E);
   } else if (dense) {
@@ -1710,15 +1715,15 @@ MOE_ROUTE_INLINE bool lane_select_row(const GateParams& p, const Prep& prep, con
       if (!have_ew) sum = lane_exps<kPairs>(z, sv, E, lane_max(z, E)), src = sv;
       for (int64_t e = 0; e < E; ++e) sv[e] = src[e] / sum;
     } else if (p.score == Score::SqrtSoftplus && rounds_scores(p)) {
-      rounded_sqrt_softplus(p.logit_type, &z[0][0], E * kLanes, &sv[0][0],
-                            sc_out ? &sc_out[0][0] : nullptr);
+      rounded_sqrt_softplus(p.logit_type, flat(z), E * kLanes, flat(sv),
+                            sc_out ? flat(sc_out) : nullptr);
     } else if (elementwise_scores(p)) {  // one loop over the block's 8E logits
-      scores_of(p, &z[0][0], E * kLanes, &sv[0][0]);
+      scores_of(p, flat(z), E * kLanes, flat(sv));
     } else {
       for (int64_t e = 0; e < E; ++e) sv[e] = z[e];
     }
     if (rounds_scores(p) && p.score != Score::SqrtSoftplus)
-      round_half_n(p.logit_type, &sv[0][0], E * kLanes, &sv[0][0]);
+      round_half_n(p.logit_type, flat(sv), E * kLanes, flat(sv));
     v = sv;
   }
   if (p.selection_bias) {  // into b.q, free until lane_stats: b.v keeps the scores
@@ -1823,7 +1828,7 @@ MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t 
   } else if (elementwise_scores(p)) {  // the scores of the picked logits, one loop for all
     for (int64_t j = 0; j < k; ++j)
       b.w[j] = picked_zw ? b.picked[j] : lane_gather(zw, E, b.ids[j]);
-    scores_of(p, &b.w[0][0], k * kLanes, &b.w[0][0]);
+    scores_of(p, flat(b.w), k * kLanes, flat(b.w));
   }
 
   store_lanes(b.ids, k, n, p.ids + t0 * k);
