@@ -223,15 +223,16 @@ def test_a_build_is_timed_only_from_its_own_tree(tmp_path):
     """``--measure`` refuses to time a moe_route imported from another tree than the script's
     (a variant would be timed as the base, or the base as a variant)."""
     case = ["--device", "cpu", "--min-time", "0.01", "--cases", "gate T=64 E=256 k=8"]
+    # this tree's moe_route, whichever tree the installed package points to
+    env = dict(os.environ, PYTHONPATH=str(tune.ROOT))
     ok = subprocess.run([sys.executable, str(tune.ROOT / "bench" / "gpu_tune.py"), "--measure",
                          str(tmp_path / "here.json"), *case], cwd=tune.ROOT, capture_output=True,
-                        text=True, timeout=300)
+                        text=True, timeout=300, env=env)
     assert ok.returncode == 0, ok.stderr
     assert "median_us" in json.loads((tmp_path / "here.json").read_text())["gate T=64 E=256 k=8"]
     (tmp_path / "bench").mkdir()
     # a tree without its build
     shutil.copy(tune.ROOT / "bench" / "gpu_tune.py", tmp_path / "bench")
-    env = dict(os.environ, PYTHONPATH=str(tune.ROOT))
     other = subprocess.run([sys.executable, str(tmp_path / "bench" / "gpu_tune.py"), "--measure",
                             str(tmp_path / "there.json"), *case], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=300)
