@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../gate_op.h"
@@ -62,15 +63,82 @@ MOE_ROUTE_INLINE i32x8 splat8i(int32_t x) {  // as splat8
   return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0);
 }
 
+// Lane-wise comparisons (masks: all ones where true) and m ? a : b, for one float or a vector:
+// by 16-byte pieces under MOE_ROUTE_SPLIT_CONDITIONS (isa.h; GCC's aarch64 build of this file
+// had 3223 scalar compares before), the operators elsewhere. The bits are the same either way.
+constexpr bool kPieces = MOE_ROUTE_SPLIT_CONDITIONS;
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef int32_t i32x4 __attribute__((vector_size(16)));
+template <typename V> struct PieceOf;
+template <> struct PieceOf<f32x8> { typedef f32x4 type; };
+template <> struct PieceOf<f32x16> { typedef f32x4 type; };
+template <> struct PieceOf<i32x8> { typedef i32x4 type; };
+template <> struct PieceOf<i32x16> { typedef i32x4 type; };
+template <typename V> using Piece = typename PieceOf<V>::type;
+
+template <typename V>
+MOE_ROUTE_INLINE Piece<V> piece(const V& v, int i) {
+  Piece<V> out;
+  std::memcpy(&out, reinterpret_cast<const char*>(&v) + sizeof out * i, sizeof out);
+  return out;
+}
+
+// f of the arguments' 16-byte pieces, piece by piece (memcpy: GCC lowers a shuffle that takes
+// a vector's upper half lane by lane too).
+template <typename R, typename F, typename... V>
+MOE_ROUTE_INLINE R by_pieces(F f, const V&... v) {
+  R r;
+  for (int i = 0; i < int(sizeof r / 16); ++i) {
+    const Piece<R> out = f(piece(v, i)...);
+    std::memcpy(reinterpret_cast<char*>(&r) + 16 * i, &out, 16);
+  }
+  return r;
+}
+
+template <typename V, typename Op>
+MOE_ROUTE_INLINE auto compare(V a, V b, Op op) {
+  if constexpr (kPieces && !std::is_arithmetic_v<V>)
+    return by_pieces<decltype(op(a, b))>(op, a, b);
+  else
+    return op(a, b);
+}
+template <typename V> MOE_ROUTE_INLINE auto vgt(V a, V b) {
+  return compare(a, b, [](auto x, auto y) { return x > y; });
+}
+template <typename V> MOE_ROUTE_INLINE auto vge(V a, V b) {
+  return compare(a, b, [](auto x, auto y) { return x >= y; });
+}
+template <typename V> MOE_ROUTE_INLINE auto vlt(V a, V b) {
+  return compare(a, b, [](auto x, auto y) { return x < y; });
+}
+template <typename V> MOE_ROUTE_INLINE auto vle(V a, V b) {
+  return compare(a, b, [](auto x, auto y) { return x <= y; });
+}
+template <typename V> MOE_ROUTE_INLINE auto veq(V a, V b) {
+  return compare(a, b, [](auto x, auto y) { return x == y; });
+}
+template <typename V> MOE_ROUTE_INLINE auto vne(V a, V b) {
+  return compare(a, b, [](auto x, auto y) { return x != y; });
+}
+template <typename M, typename V>
+MOE_ROUTE_INLINE V vsel(M m, V a, V b) {
+  if constexpr (kPieces && !std::is_arithmetic_v<V>)
+    return by_pieces<V>([](auto c, auto x, auto y) { return c ? x : y; }, m, a, b);
+  else
+    return m ? a : b;
+}
+
 // What the exp and log below need beyond arithmetic, for one float and for 8 or 16 lanes.
 MOE_ROUTE_INLINE int32_t to_int(float x) { return static_cast<int32_t>(x); }
 MOE_ROUTE_INLINE i32x8 to_int(f32x8 x) { return __builtin_convertvector(x, i32x8); }
 MOE_ROUTE_INLINE i32x16 to_int(f32x16 x) { return __builtin_convertvector(x, i32x16); }
 MOE_ROUTE_INLINE float at_least(float x, float lo) { return std::max(x, lo); }
-MOE_ROUTE_INLINE f32x8 at_least(f32x8 x, float lo) { return x < splat8(lo) ? splat8(lo) : x; }
+MOE_ROUTE_INLINE f32x8 at_least(f32x8 x, float lo) {
+  return vsel(vlt(x, splat8(lo)), splat8(lo), x);
+}
 MOE_ROUTE_INLINE f32x16 at_least(f32x16 x, float lo) {
   const f32x16 l = f32x16{} + lo;
-  return x < l ? l : x;
+  return vsel(vlt(x, l), l, x);
 }
 MOE_ROUTE_INLINE float bits_to_float(int32_t u) {
   float f;
@@ -87,7 +155,7 @@ MOE_ROUTE_INLINE f32x8 to_float(i32x8 x) { return __builtin_convertvector(x, f32
 
 MOE_ROUTE_INLINE f32x8 sanitize8(f32x8 x) {
   const f32x8 hi = splat8(kFltMax), lo = splat8(-kFltMax);
-  return x >= lo ? (x <= hi ? x : hi) : lo;
+  return vsel(vge(x, lo), vsel(vle(x, hi), x, hi), lo);
 }
 
 MOE_ROUTE_INLINE f32x8 abs8(f32x8 x) {
@@ -97,14 +165,21 @@ MOE_ROUTE_INLINE f32x8 abs8(f32x8 x) {
 // The same for two experts' 8 lanes in one 16-lane vector (lane_exps, lane_steer).
 MOE_ROUTE_INLINE f32x16 sanitize8(f32x16 x) {
   const f32x16 hi = f32x16{} + kFltMax, lo = f32x16{} - kFltMax;
-  return x >= lo ? (x <= hi ? x : hi) : lo;
+  return vsel(vge(x, lo), vsel(vle(x, hi), x, hi), lo);
 }
 
 MOE_ROUTE_INLINE f32x16 abs8(f32x16 x) { return bits_to_float(float_to_bits(x) & 0x7fffffff); }
 
 // {a, b}: lanes 0-7 of a 16-lane vector from a, lanes 8-15 from b.
 MOE_ROUTE_INLINE f32x16 pair16(f32x8 a, f32x8 b) {
-  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  if constexpr (kPieces) {  // as by_pieces: the shuffle would be lowered lane by lane
+    f32x16 r;
+    std::memcpy(&r, &a, sizeof a);
+    std::memcpy(reinterpret_cast<char*>(&r) + sizeof a, &b, sizeof b);
+    return r;
+  } else {
+    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  }
 }
 
 // exp(x) = 2^n * q: n = round(x / ln2), q = exp(x - n ln2) by a two-part reduction and the
@@ -160,9 +235,9 @@ MOE_ROUTE_INLINE F log_fast(F x) {
   auto u = float_to_bits(x);  // x > 0: the sign bit is clear
   auto e = ((u >> 23) & 0xff) - 126;
   F m = bits_to_float((u & 0x007fffff) | 0x3f000000);  // mantissa in [0.5, 1)
-  const auto small = m < 0.707106781186547524f;
-  e = small ? e - 1 : e;
-  m = small ? (m + m) - 1.f : m - 1.f;
+  const auto small = vlt(m, F{} + 0.707106781186547524f);
+  e = vsel(small, e - 1, e);
+  m = vsel(small, (m + m) - 1.f, m - 1.f);
   const F z = m * m;
   F y = m * 7.0376836292e-2f - 1.1514610310e-1f;
   y = y * m + 1.1676998740e-1f;
@@ -289,7 +364,9 @@ MOE_ROUTE_INLINE f32x8 load8(const float* x) {
 // vector to the stack and reloads it lane by lane).
 template <bool kMax>
 MOE_ROUTE_INLINE float fold_extreme(f32x8 m, float r) {
-  auto pick = [](f32x8 left, f32x8 right) { return (kMax ? right > left : right < left) ? right : left; };
+  auto pick = [](f32x8 left, f32x8 right) {
+    return vsel(kMax ? vgt(right, left) : vlt(right, left), right, left);
+  };
   m = pick(m, __builtin_shufflevector(m, m, 1, 0, 3, 2, 5, 4, 7, 6));  // lanes 0, 2, 4, 6
   m = pick(m, __builtin_shufflevector(m, m, 2, 3, 0, 1, 6, 7, 4, 5));  // lanes 0, 4
   m = pick(m, __builtin_shufflevector(m, m, 4, 5, 6, 7, 0, 1, 2, 3));  // lane 0
@@ -302,7 +379,7 @@ MOE_ROUTE_INLINE float max_of(const float* x, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const f32x8 v = load8(x + i);
-    m = v > m ? v : m;
+    m = vsel(vgt(v, m), v, m);
   }
   float r = -kFltMax;
   for (; i < n; ++i) r = x[i] > r ? x[i] : r;
@@ -334,8 +411,8 @@ MOE_ROUTE_INLINE void top2_lanes(const float* x, int64_t n, f32x8& a, f32x8& b) 
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const f32x8 v = load8(x + i);
-    b = v > a ? a : (v > b ? v : b);
-    a = v > a ? v : a;
+    b = vsel(vgt(v, a), a, vsel(vgt(v, b), v, b));
+    a = vsel(vgt(v, a), v, a);
   }
   for (int l = 0; i < n; ++i, ++l) {
     const float v = x[i];
@@ -418,7 +495,7 @@ MOE_ROUTE_INLINE float softmax_stats(const float* ew, const float* z, float z_ma
   for (; i + 8 <= n; i += 8) {
     const f32x8 x = load8(ew + i);
     const f32x8 t = x * (load8(z + i) - top);
-    acc += x > zero ? t : zero;  // ew = 0 where z - max may be -inf
+    acc += vsel(vgt(x, zero), t, zero);  // ew = 0 where z - max may be -inf
     if (prob) {
       f32x8 pv = load8(prob + i);
       pv += x * inv;
@@ -638,7 +715,7 @@ MOE_ROUTE_INLINE f32x8 std_of(const GateParams& p, f32x8 var) {
   if (dof <= 0) return splat8(0.f);
   f32x8 sd = var / float(dof);
   for (int l = 0; l < 8; ++l) sd[l] = std::sqrt(sd[l]);
-  return sd == sd ? sd : splat8(INFINITY);
+  return vsel(veq(sd, sd), sd, splat8(INFINITY));
 }
 
 // sum8 of term(x) over each of kRowBlock rows of n values, `stride` apart: row r's in lane r.
@@ -716,11 +793,11 @@ MOE_ROUTE_INLINE float steer_row(const GateParams& p, const Prep& prep, const fl
   for (; e + 8 <= E; e += 8) {
     const f32x8 x = load8(z0 + e), l = load8(lam + e);
     f32x8 y = x + load8(add + e);
-    y = y + (l != zero ? l * sd8 : zero);
+    y = y + vsel(vne(l, zero), l * sd8, zero);
     y = sanitize8(y + load8(mul + e) * abs8(x));
     std::memcpy(z + e, &y, sizeof y);
-    hi = y > hi ? y : hi;
-    lo = y < lo ? y : lo;
+    hi = vsel(vgt(y, hi), y, hi);
+    lo = vsel(vlt(y, lo), y, lo);
   }
   float top = -kFltMax, bottom = kFltMax;
   for (; e < E; ++e) {
@@ -754,10 +831,10 @@ MOE_ROUTE_INLINE void choose_groups(const GateParams& p, const Prep& prep, const
       transpose8(a), transpose8(b);
       first = a[0], second = b[0];
       for (int l = 1; l < 8; ++l) {
-        const f32x8 low = first < a[l] ? first : a[l];
-        first = first < a[l] ? a[l] : first;
-        second = second < b[l] ? b[l] : second;
-        second = second < low ? low : second;
+        const f32x8 low = vsel(vlt(first, a[l]), first, a[l]);
+        first = vsel(vlt(first, a[l]), a[l], first);
+        second = vsel(vlt(second, b[l]), b[l], second);
+        second = vsel(vlt(second, low), low, second);
       }
     }
     const float a = first[lane], b = second[lane];
@@ -801,7 +878,7 @@ MOE_ROUTE_INLINE int64_t keys_at_least(const float* v, int64_t padded, float tau
   for (int64_t e = 0; e < padded; e += 64) {  // 64 values a word: one unpredictable exit a word
     uint64_t bits = 0;
     for (int64_t b = 0; b < 8 && e + 8 * b < padded; ++b)
-      bits |= uint64_t(mask_bits(load8(v + e + 8 * b) >= tau8)) << (8 * b);
+      bits |= uint64_t(mask_bits(vge(load8(v + e + 8 * b), tau8))) << (8 * b);
     for (; bits; bits &= bits - 1) {
       const int64_t i = e + __builtin_ctzll(bits);
       keys[n++] = key_normal(v[i], int32_t(i));
@@ -849,24 +926,25 @@ MOE_ROUTE_INLINE void select_untiered(const float* v, int64_t padded, int64_t k,
   for (; e + 32 <= padded; e += 32)
     for (int c = 0; c < 4; ++c) {
       const f32x8 x = load8(v + e + 8 * c);
-      m[c] = x > m[c] ? x : m[c];
+      m[c] = vsel(vgt(x, m[c]), x, m[c]);
     }
   for (int c = 0; e < padded; e += 8, ++c) {
     const f32x8 x = load8(v + e);
-    m[c] = x > m[c] ? x : m[c];
+    m[c] = vsel(vgt(x, m[c]), x, m[c]);
   }
-  const f32x8 a = m[0] > m[2] ? m[0] : m[2], b = m[1] > m[3] ? m[1] : m[3];
+  const f32x8 a = vsel(vgt(m[0], m[2]), m[0], m[2]), b = vsel(vgt(m[1], m[3]), m[1], m[3]);
   i32x8 above_a = {}, above_b = {};  // per maximum, how many of the 16 are larger
   for (int l = 0; l < 8; ++l) {
     const f32x8 pa = splat8(a[l]), pb = splat8(b[l]);
-    above_a -= (pa > a) + (pb > a);
-    above_b -= (pa > b) + (pb > b);
+    above_a -= vgt(pa, a) + vgt(pb, a);
+    above_b -= vgt(pa, b) + vgt(pb, b);
   }
   // tau: the least maximum with fewer than k larger ones
   const f32x8 pinf = splat8(INFINITY);
   const i32x8 below_k = splat8i(int32_t(k));
-  const f32x8 ta = above_a < below_k ? a : pinf, tb = above_b < below_k ? b : pinf;
-  const float tau = fold_extreme<false>(ta < tb ? ta : tb, INFINITY);
+  const f32x8 ta = vsel(vlt(above_a, below_k), a, pinf);
+  const f32x8 tb = vsel(vlt(above_b, below_k), b, pinf);
+  const float tau = fold_extreme<false>(vsel(vlt(ta, tb), ta, tb), INFINITY);
   const int64_t n = keys_at_least(v, padded, tau, keys);
   if (n > kRankMaxCandidates) {
     TopK top(k);
@@ -896,7 +974,7 @@ MOE_ROUTE_INLINE void select_many(const float* v, int64_t padded, int64_t k, flo
     for (int64_t e0 = 0; e0 < padded; e0 += M) {
       for (int64_t c = 0; c < C && e0 + 8 * c < padded; ++c) {
         const f32x8 x = load8(v + e0 + 8 * c), m = load8(maxima + 8 * c);
-        const f32x8 r = x > m ? x : m;
+        const f32x8 r = vsel(vgt(x, m), x, m);
         std::memcpy(maxima + 8 * c, &r, sizeof r);
       }
     }
@@ -907,9 +985,9 @@ MOE_ROUTE_INLINE void select_many(const float* v, int64_t padded, int64_t k, flo
       for (int64_t c = 0; c < C; ++c) {
         const f32x8 m = load8(maxima + 8 * c);
         i32x8 above = {};  // per maximum, how many of the M are larger
-        for (int64_t j = 0; j < M; ++j) above -= splat8(maxima[j]) > m;
-        const f32x8 cand = above < below_k ? m : pinf;
-        t = cand < t ? cand : t;
+        for (int64_t j = 0; j < M; ++j) above -= vgt(splat8(maxima[j]), m);
+        const f32x8 cand = vsel(vlt(above, below_k), m, pinf);
+        t = vsel(vlt(cand, t), cand, t);
       }
       tau = fold_extreme<false>(t, INFINITY);
     } else {
@@ -1250,13 +1328,21 @@ MOE_ROUTE_INLINE bool wants_exps(const GateParams& p) {
 // k=4 to 8. Group limits, and the last tokens of a chunk when fewer than lane_min_tokens, take
 // the per-token pass. Statistics are added in its order (lane_stats): a block of one
 // group at once, a block spanning groups token by token, from terms computed in the lanes.
-// The baseline variant (SSE2) has no 8-lane registers, and GCC 12 turns each compare of 8
-// lanes into 8 scalar compares and branches there: its lanes lose to the per-token pass past
-// E = 8 unless k <= 2 at E = 16 (OLMoE's top-8 of 64: 2.8 ms against 0.6), so run_gate_cpu
-// takes them only up to that.
 constexpr int64_t kLaneMaxE = 128;
 constexpr int kLanes = 8;
 static_assert(kLaneMaxE <= kSumBlock, "a lane's sums are sum8's only up to kSumBlock values");
+
+// Whether the lanes beat the per-token pass for p (E <= kLaneMaxE), in the variant that runs.
+// The baseline variant has no 8-lane registers. In this file's x86-64 build, GCC 12 turns each
+// compare of 8 lanes into 8 scalar compares there: its lanes lose to the per-token pass past
+// E = 8 unless k <= 2 at E = 16 (OLMoE's top-8 of 64: 2.8 ms against 0.6). Where the compares
+// are split into 16-byte pieces (kPieces), they win up to E = 32, and at E = 64 up to k = 4
+// (measured on x86-64 built baseline-only, 1.3-2.4x there; 0.65-0.8x at E = 128, k = 8).
+MOE_ROUTE_INLINE bool lanes_pay(const GateParams& p) {
+  if (cpu_isa() != CpuIsa::Base) return true;
+  if (kPieces) return p.E <= 32 || (p.E <= 64 && p.k <= 4);
+  return p.E <= 8 || (p.E <= 16 && p.k <= 2);
+}
 
 // The fewest tokens a block takes in lanes: a block costs about the same however few lanes are
 // used, the per-token pass in proportion. At E=32, 1 or 2 tokens take 5-10% longer in lanes; 4
@@ -1287,7 +1373,7 @@ MOE_ROUTE_INLINE void lane_finish_weights(const GateParams& p, f32x8* w) {
     f64x8 exact = {};
     for (int64_t j = 0; j < k; ++j) exact += __builtin_convertvector(w[j], f64x8);
     const f32x8 den = __builtin_convertvector(exact, f32x8) + p.renorm_eps;
-    for (int64_t j = 0; j < k; ++j) w[j] = den != 0.f ? w[j] / den : w[j];
+    for (int64_t j = 0; j < k; ++j) w[j] = vsel(vne(den, splat8(0.f)), w[j] / den, w[j]);
   }
   if (p.scale != 1.f)
     for (int64_t j = 0; j < k; ++j) w[j] = w[j] * p.scale;
@@ -1353,8 +1439,8 @@ MOE_ROUTE_INLINE f32x8 lane_sum(const f32x8* x, int64_t E) {
 // first, then their 8 vector lanes' in lane order.
 template <bool kMin>
 MOE_ROUTE_INLINE void lane_extremes(const f32x8* x, int64_t E, f32x8& top, f32x8& bottom) {
-  const auto higher = [](f32x8 a, f32x8 b) { return a > b ? a : b; };
-  const auto lower = [](f32x8 a, f32x8 b) { return a < b ? a : b; };
+  const auto higher = [](f32x8 a, f32x8 b) { return vsel(vgt(a, b), a, b); };
+  const auto lower = [](f32x8 a, f32x8 b) { return vsel(vlt(a, b), a, b); };
   const f32x8 lowest = splat8(-kFltMax), highest = splat8(kFltMax);
   const int64_t full = E & ~int64_t(7);
   top = lowest, bottom = highest;
@@ -1383,7 +1469,8 @@ MOE_ROUTE_INLINE f32x8 lane_max(const f32x8* x, int64_t E) {
 // With kPairs two experts at a time, 16 lanes in one AVX-512 register. AVX2 has no 16-lane
 // registers, and GCC 12 turns a compare of 16 lanes there into 16 scalar compares and branches:
 // pairs made AVX2's gate at E=64 twice as slow as single experts, so its variant takes them one
-// at a time. The baseline's compares of 8 lanes are scalar too, and pairs are its faster way.
+// at a time. The baseline's compares of 8 lanes are scalar too in GCC's x86-64 build (not
+// kPieces), and pairs are its faster way.
 template <bool kPairs>
 MOE_ROUTE_INLINE f32x8 lane_exps(const f32x8* x, f32x8* ew, int64_t E, f32x8 m) {
   if constexpr (kPairs) {
@@ -1414,7 +1501,7 @@ MOE_ROUTE_INLINE f32x8 lane_gather(const f32x8* x, int64_t E, i32x8 ids) {
   }
   f32x8 r = x[0];
   i32x8 ev = splat8i(0);  // e in every lane, counted up (a splat per e costs 8 inserts)
-  for (int64_t e = 1; e < E; ++e) ev += 1, r = ids == ev ? x[e] : r;
+  for (int64_t e = 1; e < E; ++e) ev += 1, r = vsel(veq(ids, ev), x[e], r);
   return r;
 }
 
@@ -1449,7 +1536,7 @@ MOE_ROUTE_INLINE void lane_steer(const GateParams& p, const Prep& prep, LaneBloc
       std::memcpy(&z0, b.z0 + e, sizeof z0);
       const f32x16 l = both(lam, e);
       f32x16 y = z0 + both(add, e);
-      y = y + (l != 0.f ? l * sd2 : zero);
+      y = y + vsel(vne(l, zero), l * sd2, zero);
       y = y + both(mul, e) * abs8(z0);
       y = sanitize8(y);
       std::memcpy(b.z + e, &y, sizeof y);
@@ -1484,29 +1571,29 @@ MOE_ROUTE_INLINE void lane_round(f32x8* work, i32x8* tier, int64_t seg, i32x8 se
       f32x8 x = work[e];
       i32x8 hit = {};
       if (kClear) {
-        hit = at == ev[c];
-        x = hit ? taken : x;
+        hit = veq(at, ev[c]);
+        x = vsel(hit, taken, x);
         work[e] = x;
       }
-      i32x8 take = x > best[c];
+      i32x8 take = vgt(x, best[c]);
       if (kTiers) {
-        if (kClear) tier[e] = hit ? splat8i(-1) : tier[e];
-        take = (tier[e] > best_tier[c]) | ((tier[e] == best_tier[c]) & take);
-        best_tier[c] = take ? tier[e] : best_tier[c];
+        if (kClear) tier[e] = vsel(hit, splat8i(-1), tier[e]);
+        take = vgt(tier[e], best_tier[c]) | (veq(tier[e], best_tier[c]) & take);
+        best_tier[c] = vsel(take, tier[e], best_tier[c]);
       }
-      best[c] = take ? x : best[c];
-      best_at[c] = take ? ev[c] : best_at[c];
+      best[c] = vsel(take, x, best[c]);
+      best_at[c] = vsel(take, ev[c], best_at[c]);
       ev[c] += 1;
     }
   }
   for (int c = 1; c < kChains; ++c) {
-    i32x8 take = best[c] > best[0];
+    i32x8 take = vgt(best[c], best[0]);
     if (kTiers) {
-      take = (best_tier[c] > best_tier[0]) | ((best_tier[c] == best_tier[0]) & take);
-      best_tier[0] = take ? best_tier[c] : best_tier[0];
+      take = vgt(best_tier[c], best_tier[0]) | (veq(best_tier[c], best_tier[0]) & take);
+      best_tier[0] = vsel(take, best_tier[c], best_tier[0]);
     }
-    best[0] = take ? best[c] : best[0];
-    best_at[0] = take ? best_at[c] : best_at[0];
+    best[0] = vsel(take, best[c], best[0]);
+    best_at[0] = vsel(take, best_at[c], best_at[0]);
   }
   at = best_at[0];
   pick = best[0];
@@ -1550,7 +1637,8 @@ MOE_ROUTE_INLINE void lane_select(const Prep& prep, const f32x8* v, int64_t E, i
   }
   if (forced && prep.first_on >= 0) {  // an expert forced on was picked at +inf: its value
     const f32x8 on = v[prep.first_on];
-    for (int64_t j = 0; j < k; ++j) b.picked[j] = b.picked[j] == INFINITY ? on : b.picked[j];
+    for (int64_t j = 0; j < k; ++j)
+      b.picked[j] = vsel(veq(b.picked[j], splat8(INFINITY)), on, b.picked[j]);
   }
 }
 
@@ -1626,9 +1714,9 @@ MOE_ROUTE_INLINE void lane_stats(const GateParams& p, int64_t t0, int n, int64_t
     const f32x8 zero = splat8(0.f);
     if (!sc) scores_of(p, flat(zw), E * kLanes, flat(b.q)), sc = b.q;
     const f32x8 total = lane_sum(sc, E);
-    const f32x8 inv = total > zero ? splat8(1.f) / total : zero;
+    const f32x8 inv = vsel(vgt(total, zero), splat8(1.f) / total, zero);
     const f32x8 uniform = splat8(1.f / float(E));
-    for (int64_t e = 0; e < E; ++e) b.q[e] = total > zero ? sc[e] * inv : uniform;
+    for (int64_t e = 0; e < E; ++e) b.q[e] = vsel(vgt(total, zero), sc[e] * inv, uniform);
     const float* q = flat(b.q);
     float* terms = flat(b.work);
     for (int64_t i = 0; i < E * kLanes; ++i) terms[i] = q[i] > 0.f ? q[i] * log_fast(q[i]) : 0.f;
@@ -1637,7 +1725,7 @@ MOE_ROUTE_INLINE void lane_stats(const GateParams& p, int64_t t0, int n, int64_t
     // softmax_stats: H = log S - (sum_e ew_e (z_e - max)) / S, and q = ew / S
     const f32x8 zero = splat8(0.f);
     for (int64_t e = 0; e < E; ++e)
-      b.work[e] = b.ew[e] > zero ? b.ew[e] * (zw[e] - b.w_max) : zero;
+      b.work[e] = vsel(vgt(b.ew[e], zero), b.ew[e] * (zw[e] - b.w_max), zero);
     entropy = log_fast(b.w_sum) - lane_sum(b.work, E) / b.w_sum;
     qs = b.ew, scale = splat8(1.f) / b.w_sum;
   }
@@ -1814,7 +1902,7 @@ MOE_ROUTE_INLINE void gate_lanes(const GateParams& p, const Prep& prep, int64_t 
       for (int64_t j = 0; j < k; ++j) b.picked[j] = lane_gather(zw, E, b.ids[j]);
     typedef double f64x8 __attribute__((vector_size(64)));
     f32x8 m = splat8(-kFltMax);
-    for (int64_t j = 0; j < k; ++j) m = m < b.picked[j] ? b.picked[j] : m;  // std::max(m, x)
+    for (int64_t j = 0; j < k; ++j) m = vsel(vlt(m, b.picked[j]), b.picked[j], m);  // std::max
     f64x8 sum = {};
     for (int64_t j = 0; j < k; ++j) {
       b.w[j] = exp_nonpos(b.picked[j] - m);
@@ -2124,8 +2212,7 @@ void run_gate_cpu(const GateParams& p) {
     }
   }
 
-  prep.lanes = cpu_gate_lanes() && p.n_group == 1 && p.E <= kLaneMaxE &&
-               (cpu_isa() != CpuIsa::Base || p.E <= 8 || (p.E <= 16 && p.k <= 2));
+  prep.lanes = cpu_gate_lanes() && p.n_group == 1 && p.E <= kLaneMaxE && lanes_pay(p);
 
   const int64_t chunk = chunk_size(p.T);
   const int64_t n_chunks = (p.T + chunk - 1) / chunk;
