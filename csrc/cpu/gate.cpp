@@ -1337,10 +1337,16 @@ static_assert(kLaneMaxE <= kSumBlock, "a lane's sums are sum8's only up to kSumB
 // compare of 8 lanes into 8 scalar compares there: its lanes lose to the per-token pass past
 // E = 8 unless k <= 2 at E = 16 (OLMoE's top-8 of 64: 2.8 ms against 0.6). Where the compares
 // are split into 16-byte pieces (kPieces), they win up to E = 32, and at E = 64 up to k = 4
-// (measured on x86-64 built baseline-only, 1.3-2.4x there; 0.65-0.8x at E = 128, k = 8).
+// (measured on x86-64 built baseline-only, 1.3-2.4x there; 0.65-0.8x at E = 128, k = 8). Clang
+// splits such compares itself; its baseline gained 1.1-1.8x at E = 32 and 64 from the same limit.
+#if defined(__clang__)
+constexpr bool kBaselineVectorCompares = true;
+#else
+constexpr bool kBaselineVectorCompares = kPieces;
+#endif
 MOE_ROUTE_INLINE bool lanes_pay(const GateParams& p) {
   if (cpu_isa() != CpuIsa::Base) return true;
-  if (kPieces) return p.E <= 32 || (p.E <= 64 && p.k <= 4);
+  if (kBaselineVectorCompares) return p.E <= 32 || (p.E <= 64 && p.k <= 4);
   return p.E <= 8 || (p.E <= 16 && p.k <= 2);
 }
 
