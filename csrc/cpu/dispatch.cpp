@@ -32,6 +32,7 @@
 
 #include "../dispatch_op.h"
 #include "isa.h"
+#include "vec.h"
 
 namespace moe_route {
 namespace {
@@ -146,12 +147,10 @@ void permute_cpu(const PermuteParams& p) {
 // unpermute
 // ---------------------------------------------------------------------------------------------
 
-// 8-lane vectors (GCC/Clang vector extensions): AVX2 or AVX-512VL in those variants, SSE pairs in
-// the baseline. Lanes are independent IEEE operations (no FMA: -ffp-contract=off), so every
-// variant computes the reference's fp32 values bit for bit.
-typedef float f32x8 __attribute__((vector_size(32)));
+// 8-lane vectors (vec.h): AVX2 or AVX-512VL in those variants, SSE pairs in the baseline. Lanes
+// are independent IEEE operations (no FMA: -ffp-contract=off), so every variant computes the
+// reference's fp32 values bit for bit.
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
 
 template <typename T>
@@ -171,23 +170,6 @@ MOE_ROUTE_INLINE f32x8 load8(const T* src) {
   }
 }
 
-// v != v: all ones in the NaN lanes; by 16-byte pieces under MOE_ROUTE_SPLIT_CONDITIONS (isa.h).
-MOE_ROUTE_INLINE u32x8 nan_lanes(f32x8 v) {
-#if MOE_ROUTE_SPLIT_CONDITIONS
-  typedef float f32x4 __attribute__((vector_size(16)));
-  typedef uint32_t u32x4 __attribute__((vector_size(16)));
-  f32x4 h[2];
-  std::memcpy(h, &v, sizeof v);
-  const u32x4 m[2] = {reinterpret_cast<u32x4>(h[0] != h[0]),
-                      reinterpret_cast<u32x4>(h[1] != h[1])};
-  u32x8 r;
-  std::memcpy(&r, m, sizeof r);
-  return r;
-#else
-  return reinterpret_cast<u32x8>(v != v);
-#endif
-}
-
 template <typename T>
 MOE_ROUTE_INLINE void store8(T* dst, f32x8 v) {
   if constexpr (std::is_same_v<T, float>) {
@@ -196,7 +178,7 @@ MOE_ROUTE_INLINE void store8(T* dst, f32x8 v) {
     // c10::BFloat16(float): round to nearest even, NaN -> 0x7FC0.
     const u32x8 bits = reinterpret_cast<u32x8>(v);
     const u32x8 rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-    const u32x8 nan = nan_lanes(v);
+    const u32x8 nan = reinterpret_cast<u32x8>(vne(v, v));
     const u16x8 h = __builtin_convertvector((rounded & ~nan) | (0x7FC0u & nan), u16x8);
     std::memcpy(dst, &h, sizeof h);
   } else {
