@@ -218,6 +218,16 @@ def eligible_tiers(values, tier, n_group, topk_group, group_score, round_dtype=N
     return torch.where(ok, tier, torch.full_like(tier, TIER_INELIGIBLE))
 
 
+def check_logits_shape(logits) -> None:
+    """Raise unless ``logits`` is a ``[T, E]`` tensor with E >= 1."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"topk_gate: logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(f"topk_gate: logits must be 2-D [T, E], got shape {tuple(logits.shape)}")
+    if logits.shape[1] < 1:
+        raise ValueError("topk_gate: logits must have at least one expert column, got E=0")
+
+
 def check_gate_args(logits, k, score, select_on, selection_bias, n_group, topk_group, group_score,
                     renorm_eps, scale, steer, groups, stats, check_group_values=True,
                     replay=None):
@@ -226,16 +236,11 @@ def check_gate_args(logits, k, score, select_on, selection_bias, n_group, topk_g
     ``check_group_values=False`` skips the checks that need data (fake tensors have none): group
     and replay values, and statistics buffers sharing memory with another argument.
     """
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"topk_gate: logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dim() != 2:
-        raise ValueError(f"topk_gate: logits must be 2-D [T, E], got shape {tuple(logits.shape)}")
+    check_logits_shape(logits)
     if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"topk_gate: logits must be float32, float16 or bfloat16, got "
                         f"{logits.dtype}")
     E = logits.shape[1]
-    if E < 1:
-        raise ValueError("topk_gate: logits must have at least one expert column, got E=0")
     if not 1 <= k <= E:
         raise ValueError(f"topk_gate: k={k} must be in [1, num_experts={E}]")
     for name, value, allowed in (("score", score, SCORES), ("select_on", select_on, SELECT_ON),

@@ -161,6 +161,26 @@ def test_compile_spec_built_inside(device):
     _assert_same(got[1], want[1])
 
 
+@pytest.mark.parametrize("call", ["plain", "steered", "recording"])
+def test_a_spec_built_while_tracing_serves_eager_calls(monkeypatch, device, call):
+    """A spec built while torch.compile traced has no native config: the first eager call of
+    each kind builds it and routes as a spec built eagerly."""
+    with monkeypatch.context() as m:
+        m.setattr(torch.compiler, "is_compiling", lambda: True)
+        traced = moe_route.RouterSpec(score="sigmoid", renormalize=True)
+    assert traced._plain is None
+    x, E = random_logits(20, 32, device=device), 32
+    outs = []
+    for spec in (traced, moe_route.RouterSpec(score="sigmoid", renormalize=True)):
+        kw = {"steered": dict(steer=moe_route.SteerSpec(add={3: 2.0}, force={5: 1.0})),
+              "recording": dict(stats=moe_route.GateStats.zeros(1, E, device=device))}.get(call, {})
+        outs.append((moe_route.topk_gate(x, 4, spec, **kw), kw.get("stats")))
+    (got, got_stats), (want, want_stats) = outs
+    _assert_same(got, want)
+    if call == "recording":
+        assert_same_stats(got_stats, want_stats)
+
+
 def test_compile_public_api_fullgraph_stats(device):
     E = 32
 

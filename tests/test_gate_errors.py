@@ -150,13 +150,21 @@ def _call(impl, x, k, kw):
     gs = moe_route.GateStats(**stats) if stats else None
     if "steer" in kw:
         pytest.skip("the public API takes a SteerSpec (tested below)")
+    if impl == "steered_api":
+        # The same call steered by a SteerSpec whose table and native config a good call has
+        # cached: topk_gate then hands it to the kernel without its own checks.
+        moe_route.topk_gate(torch.randn(T, max(x.shape[-1] if x.dim() else E, 2)), 1, steer=_STEER)
+        return moe_route.topk_gate(x, k, stats=gs, steer=_STEER, **kw)
     return moe_route.topk_gate(x, k, stats=gs, **kw)
+
+
+_STEER = moe_route.SteerSpec(add={0: 1.0}, force={1: -1.0})
 
 
 IMPLS = ["reference", pytest.param("op", marks=pytest.mark.skipif(not HAS_CPU_KERNEL,
                                                                     reason="no extension")),
          pytest.param("meta", marks=pytest.mark.skipif(not HAS_CPU_KERNEL, reason="no extension")),
-         "api"]
+         "api", "steered_api"]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -478,9 +486,14 @@ def test_public_wrapper_argument_types(kw, exc, msg):
         moe_route.topk_gate(logits(), 2, **kw)
 
 
-def test_steer_with_bad_logits_names_logits():
-    with pytest.raises(ValueError, match=r"logits must be a 2-D"):
-        moe_route.topk_gate(z(E), 2, steer=moe_route.SteerSpec(add={0: 1.0}))
+@pytest.mark.parametrize("x,exc,msg", [
+    (z(E), ValueError, r"logits must be 2-D \[T, E\], got shape \(8,\)"),
+    (z(T, 0), ValueError, r"logits must have at least one expert column, got E=0"),
+    ([[0.0] * E], TypeError, r"logits must be a torch.Tensor, got list")])
+def test_steer_with_bad_logits_names_logits(x, exc, msg):
+    """The steering table needs E from the logits: what is wrong with them is said first."""
+    with pytest.raises(exc, match=msg):
+        moe_route.topk_gate(x, 2, steer=moe_route.SteerSpec(add={0: 1.0}))
 
 
 @pytest.mark.parametrize("args,kw,name", [
