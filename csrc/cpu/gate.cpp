@@ -296,9 +296,9 @@ MOE_ROUTE_INLINE float fold_extreme(f32x8 m, float r) {
   auto pick = [](f32x8 left, f32x8 right) {
     return vsel(kMax ? vgt(right, left) : vlt(right, left), right, left);
   };
-  m = pick(m, __builtin_shufflevector(m, m, 1, 0, 3, 2, 5, 4, 7, 6));  // lanes 0, 2, 4, 6
-  m = pick(m, __builtin_shufflevector(m, m, 2, 3, 0, 1, 6, 7, 4, 5));  // lanes 0, 4
-  m = pick(m, __builtin_shufflevector(m, m, 4, 5, 6, 7, 0, 1, 2, 3));  // lane 0
+  m = pick(m, shuffle<1, 0, 3, 2, 5, 4, 7, 6>(m, m));  // lanes 0, 2, 4, 6
+  m = pick(m, shuffle<2, 3, 0, 1, 6, 7, 4, 5>(m, m));  // lanes 0, 4
+  m = pick(m, shuffle<4, 5, 6, 7, 0, 1, 2, 3>(m, m));  // lane 0
   return (kMax ? m[0] > r : m[0] < r) ? m[0] : r;
 }
 
@@ -356,26 +356,26 @@ template <typename V>
 MOE_ROUTE_INLINE void transpose8(V* r) {
   V t[8], u[8];
   for (int i = 0; i < 8; i += 2) {  // pairs of rows interleaved
-    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
-    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    t[i] = shuffle<0, 8, 1, 9, 4, 12, 5, 13>(r[i], r[i + 1]);
+    t[i + 1] = shuffle<2, 10, 3, 11, 6, 14, 7, 15>(r[i], r[i + 1]);
   }
   for (int i = 0; i < 8; i += 4)  // then pairs of pairs: columns c and c + 4 of four rows
     for (int h = 0; h < 2; ++h) {
-      u[i + 2 * h] = __builtin_shufflevector(t[i + h], t[i + h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[i + 2 * h] = shuffle<0, 1, 8, 9, 4, 5, 12, 13>(t[i + h], t[i + h + 2]);
       u[i + 2 * h + 1] =
-          __builtin_shufflevector(t[i + h], t[i + h + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+          shuffle<2, 3, 10, 11, 6, 7, 14, 15>(t[i + h], t[i + h + 2]);
     }
   for (int c = 0; c < 4; ++c) {  // then the two halves of the rows
-    r[c] = __builtin_shufflevector(u[c], u[c + 4], 0, 1, 2, 3, 8, 9, 10, 11);
-    r[c + 4] = __builtin_shufflevector(u[c], u[c + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    r[c] = shuffle<0, 1, 2, 3, 8, 9, 10, 11>(u[c], u[c + 4]);
+    r[c + 4] = shuffle<4, 5, 6, 7, 12, 13, 14, 15>(u[c], u[c + 4]);
   }
 }
 
 // ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)) by shuffles, in registers (element access
 // spills the vector to the stack and reloads it lane by lane).
 MOE_ROUTE_INLINE float hsum8(f32x8 a) {
-  const f32x8 pairs = a + __builtin_shufflevector(a, a, 1, 0, 3, 2, 5, 4, 7, 6);
-  const f32x8 quads = pairs + __builtin_shufflevector(pairs, pairs, 2, 3, 0, 1, 6, 7, 4, 5);
+  const f32x8 pairs = a + shuffle<1, 0, 3, 2, 5, 4, 7, 6>(a, a);
+  const f32x8 quads = pairs + shuffle<2, 3, 0, 1, 6, 7, 4, 5>(pairs, pairs);
   return quads[0] + quads[4];
 }
 
@@ -1327,16 +1327,16 @@ MOE_ROUTE_INLINE void store_lanes(const V* x, int64_t k, int n, T* out) {
   if (n == kLanes && (k == 2 || k == 4)) {
     V r[4];  // tokens 0-3, then 4-7, of x[0] and x[1] interleaved; then of x[2] and x[3]
     for (int64_t j = 0; j < k; j += 2) {
-      r[j] = __builtin_shufflevector(x[j], x[j + 1], 0, 8, 1, 9, 2, 10, 3, 11);
-      r[j + 1] = __builtin_shufflevector(x[j], x[j + 1], 4, 12, 5, 13, 6, 14, 7, 15);
+      r[j] = shuffle<0, 8, 1, 9, 2, 10, 3, 11>(x[j], x[j + 1]);
+      r[j + 1] = shuffle<4, 12, 5, 13, 6, 14, 7, 15>(x[j], x[j + 1]);
     }
     if (k == 2) {
       std::memcpy(out, r, 2 * sizeof(V));
       return;
     }
     for (int h = 0; h < 2; ++h) {  // two tokens per vector: their pairs from r[h] and r[h + 2]
-      const V a = __builtin_shufflevector(r[h], r[h + 2], 0, 1, 8, 9, 2, 3, 10, 11);
-      const V c = __builtin_shufflevector(r[h], r[h + 2], 4, 5, 12, 13, 6, 7, 14, 15);
+      const V a = shuffle<0, 1, 8, 9, 2, 3, 10, 11>(r[h], r[h + 2]);
+      const V c = shuffle<4, 5, 12, 13, 6, 7, 14, 15>(r[h], r[h + 2]);
       std::memcpy(out + 16 * h, &a, sizeof a);
       std::memcpy(out + 16 * h + 8, &c, sizeof c);
     }

@@ -1,6 +1,7 @@
-// The CPU kernels' vectors (GCC/Clang vector extensions) and their comparisons.
+// The CPU kernels' vectors (GCC/Clang vector extensions), their comparisons and shuffles.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -47,6 +48,40 @@ MOE_ROUTE_INLINE R by_pieces(F f, const V&... v) {
     std::memcpy(reinterpret_cast<char*>(&r) + 16 * i, &out, 16);
   }
   return r;
+}
+
+// Four lanes of (a, b) (lanes 0-7 of a, 8-15 of b) as one 16-byte shuffle of the two pieces
+// they come from (pieces 0-3: a's halves, then b's).
+template <int L0, int L1, int L2, int L3, typename V>
+MOE_ROUTE_INLINE Piece<V> shuffle_piece(const V& a, const V& b) {
+  constexpr int first = std::min({L0 / 4, L1 / 4, L2 / 4, L3 / 4});
+  constexpr int last = std::max({L0 / 4, L1 / 4, L2 / 4, L3 / 4});
+  constexpr auto from_two = [](int l) { return l / 4 == first || l / 4 == last; };
+  static_assert(from_two(L0) && from_two(L1) && from_two(L2) && from_two(L3),
+                "a piece's lanes come from at most two pieces");
+  constexpr auto at = [](int l) { return l % 4 + (l / 4 == first ? 0 : 4); };
+  const Piece<V> x = first < 2 ? piece(a, first) : piece(b, first - 2);
+  const Piece<V> y = last < 2 ? piece(a, last) : piece(b, last - 2);
+  return __builtin_shufflevector(x, y, at(L0), at(L1), at(L2), at(L3));
+}
+
+// __builtin_shufflevector(a, b, I...) of two 8-lane vectors. Under MOE_ROUTE_SPLIT_CONDITIONS,
+// where GCC builds a shuffle of 32-byte vectors lane by lane, each 16-byte piece of the result is
+// one shuffle of the (at most two) pieces of a and b that its lanes come from.
+template <int... I, typename V>
+MOE_ROUTE_INLINE V shuffle(const V& a, const V& b) {
+  static_assert(sizeof...(I) == 8 && sizeof(V) == 32, "8 lanes of 8-lane vectors");
+  if constexpr (kPieces) {
+    constexpr int lane[8] = {I...};
+    V r;
+    const Piece<V> lo = shuffle_piece<lane[0], lane[1], lane[2], lane[3]>(a, b);
+    const Piece<V> hi = shuffle_piece<lane[4], lane[5], lane[6], lane[7]>(a, b);
+    std::memcpy(&r, &lo, 16);
+    std::memcpy(reinterpret_cast<char*>(&r) + 16, &hi, 16);
+    return r;
+  } else {
+    return __builtin_shufflevector(a, b, I...);
+  }
 }
 
 template <typename V, typename Op>
