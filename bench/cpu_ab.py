@@ -17,8 +17,9 @@ case once and their outputs (weights, ids, statistics) must be bit-identical, el
 a speed-up that changes results is not an A/B of the same thing. A change meant to move the last
 bits (a more accurate sum) takes ``--rtol``: float outputs may then differ by that much. Cases:
 OLMoE/Qwen3 softmax top-k (E 64 and 256, and 16 with k=2 as Jamba's), the renormalised one
-(E=64, k=8, and Mixtral's E=8, k=2), GPT-OSS's top-k softmax (E=32 and 64, k=4), Llama 4
-Scout's sigmoid of the top logit (E=16, k=1), a renormalised sigmoid top-4 of 32 (no family's;
+(E=64, k=8, and Mixtral's E=8, k=2), GPT-OSS's top-k softmax (E=32 and 64, k=4), Granite's
+top-8 softmax of 40, Llama 4 Scout's and Maverick's sigmoid of the top logit (E=16 and 128,
+k=1), a renormalised sigmoid top-4 of 32 (no family's;
 the lanes' sigmoid selection) and top-8 of 128 (GLM-4.5's without its bias and scale; the
 per-token sigmoid), DeepSeek-V3's grouped sigmoid, and on bf16 logits the scores that round to
 them: DeepSeek-V4's sqrt-softplus (E=384, k=6, and E=64 in the lanes) and LFM2's sigmoid (E=32,
@@ -45,6 +46,7 @@ SEMANTICS = [("softmax_topk", 64, 8), ("softmax_topk", 256, 8), ("renorm", 64, 8
              ("topk_softmax", 64, 4), ("deepseek_v3", 256, 8),
              ("renorm", 8, 2), ("softmax_topk", 16, 2), ("topk_softmax", 32, 4),
              ("topk_sigmoid", 16, 1), ("sigmoid_renorm", 32, 4), ("sigmoid_renorm", 128, 8),
+             ("topk_sigmoid", 128, 1), ("topk_softmax", 40, 8),
              ("deepseek_v4", 384, 6), ("deepseek_v4", 64, 6), ("lfm2", 32, 4),
              ("topk_softmax", 16384, 64), ("softmax_topk", 1024, 32)]
 MAX_VALUES = 1 << 24  # T * E at most: Doge's 16384 experts run up to T=1024

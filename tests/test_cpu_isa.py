@@ -241,6 +241,9 @@ FEW_EXPERTS = [
     ("topk_softmax_45", 45, 4, dict(select_on="logits")),
     ("renorm_100", 100, 6, dict(renormalize=True)),
     ("sigmoid_128", 128, 8, dict(score="sigmoid", renormalize=True, selection_bias=True)),
+    # past 64 experts with k <= 4: in lanes in every build (the baseline's limits, lanes_pay)
+    ("topk_sigmoid_128", 128, 1, dict(score="sigmoid", select_on="logits")),  # Llama 4 Maverick's
+    ("topk_softmax_128", 128, 4, dict(select_on="logits")),  # GPT-OSS-120b's
     # sigmoid scores ranked as they are: the weights are the selection's values
     ("sigmoid_unbiased", 40, 4, dict(score="sigmoid")),
 ]

@@ -1261,21 +1261,26 @@ constexpr int kLanes = 8;
 static_assert(kLaneMaxE <= kSumBlock, "a lane's sums are sum8's only up to kSumBlock values");
 
 // Whether the lanes beat the per-token pass for p (E <= kLaneMaxE), in the variant that runs.
-// The baseline variant has no 8-lane registers. In this file's x86-64 build, GCC 12 turns each
-// compare of 8 lanes into 8 scalar compares there: its lanes lose to the per-token pass past
-// E = 8 unless k <= 2 at E = 16 (OLMoE's top-8 of 64: 2.8 ms against 0.6). Where the compares
-// are split into 16-byte pieces (kPieces), they win up to E = 32, and at E = 64 up to k = 4
-// (measured on x86-64 built baseline-only, 1.3-2.4x there; 0.65-0.8x at E = 128, k = 8). Clang
-// splits such compares itself; its baseline gained 1.1-1.8x at E = 32 and 64 from the same limit.
-#if defined(__clang__)
-constexpr bool kBaselineVectorCompares = true;
-#else
-constexpr bool kBaselineVectorCompares = kPieces;
-#endif
+// The baseline variant has no 8-lane registers, and where the lanes pay there depends on the
+// compiler (each limit measured at T = 64 and 1024 on x86-64, bench/RESULTS.md):
+// - GCC, in this file's x86-64 build, turns each compare of 8 lanes into 8 scalar compares
+//   there: its lanes lose past E = 8 unless k <= 2 at E = 16 (OLMoE's top-8 of 64: 2.8 ms
+//   against 0.6).
+// - GCC where compares and shuffles are split into 16-byte pieces (kPieces: aarch64; measured
+//   built baseline-only): they win up to E = 64 whatever k (1.2-1.4x at E = 64, k = 6 to 16),
+//   and up to E = 128 with k <= 4 (1.2-3.4x; 0.99x at k = 6, 0.9x at k = 8).
+// - Clang splits such compares and shuffles itself, and vectorises the per-token pass better:
+//   its lanes win up to E = 48 (1.07-1.5x), at E = 64 up to k = 4, and up to E = 128 with
+//   k <= 2 (1.2-1.4x); they lose at E = 56 and 64 with k = 8 (0.86-0.99x) and at E = 128 with
+//   k >= 3.
 MOE_ROUTE_INLINE bool lanes_pay(const GateParams& p) {
   if (cpu_isa() != CpuIsa::Base) return true;
-  if (kBaselineVectorCompares) return p.E <= 32 || (p.E <= 64 && p.k <= 4);
+#if defined(__clang__)
+  return p.E <= 48 || (p.E <= 64 && p.k <= 4) || p.k <= 2;
+#else
+  if (kPieces) return p.E <= 64 || p.k <= 4;
   return p.E <= 8 || (p.E <= 16 && p.k <= 2);
+#endif
 }
 
 // The fewest tokens a block takes in lanes: a block costs about the same however few lanes are
