@@ -92,6 +92,8 @@ py::dict build_info() {
 #else
   d["openmp"] = false;
 #endif
+  // Whether the CPU kernels split their vector compares and shuffles into 16-byte pieces (isa.h).
+  d["split_vectors"] = bool(MOE_ROUTE_SPLIT_CONDITIONS);
   d["parallel"] = at::get_parallel_info();
   return d;
 }

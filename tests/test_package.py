@@ -143,6 +143,9 @@ def test_info_reports_the_extension():
     # setup.py's OpenMP decision is the one the binary was compiled with
     if "openmp" in info["build"]:
         assert info["build"]["native"]["openmp"] == info["build"]["openmp"]
+    # compares and shuffles split into 16-byte pieces only where the baseline is all there is
+    if info["build"]["native"]["split_vectors"]:
+        assert info["cpu_isas"] == ["base"], info["cpu_isas"]
     assert info["cpu_threads"] == torch.get_num_threads()
     assert hasattr(torch.ops.moe_route, "topk_gate")
 

@@ -13,8 +13,10 @@ namespace moe_route {
 enum class CpuIsa : int { Base = 0, Avx2 = 1, Avx512 = 2 };
 
 // GCC and Clang on x86-64 build the AVX2 and AVX-512 variants (the same bits from either
-// compiler, bench/RESULTS.md); elsewhere only the baseline exists.
-#if defined(__x86_64__) && defined(__GNUC__)
+// compiler, bench/RESULTS.md); elsewhere only the baseline exists. -DMOE_ROUTE_NO_X86_VARIANTS
+// builds only the baseline on x86-64 too: with GCC, the code GCC builds for aarch64, on SSE2
+// (.ci/aarch64_check tests it so).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(MOE_ROUTE_NO_X86_VARIANTS)
 #define MOE_ROUTE_X86_VARIANTS 1
 #define MOE_ROUTE_TARGET_AVX2 __attribute__((target("avx2")))
 // AVX512VL for the 8-lane vectors in EVEX form (32 registers), BW/DQ as every AVX-512 CPU since
