@@ -30,7 +30,8 @@ except ImportError:
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CPU_SOURCES = ["csrc/registration.cpp", "csrc/python.cpp", "csrc/gate_op.cpp", "csrc/cpu/gate.cpp",
-               "csrc/dispatch_op.cpp", "csrc/cpu/dispatch.cpp", "csrc/cpu/isa.cpp"]
+               "csrc/cpu/gate_base.cpp", "csrc/dispatch_op.cpp", "csrc/cpu/dispatch.cpp",
+               "csrc/cpu/isa.cpp"]
 # The topk_gate kernel's builds are spread over several units (gate.cu has the launcher) so that
 # they compile in parallel; CMakeLists.txt's gate_build_units lists the same.
 GATE_UNITS = ["gate", "gate_full", "gate_full32", "gate_replay", "gate_replay32", "gate_wide",

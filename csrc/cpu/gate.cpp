@@ -24,6 +24,12 @@
 #include "vec.h"
 
 namespace moe_route {
+
+#if MOE_ROUTE_SEPARATE_BASE || MOE_ROUTE_GATE_BASE_UNIT
+// The whole gate in the baseline variant, from gate_base.cpp's unit (isa.h).
+void run_gate_cpu_base(const GateParams& p);
+#endif
+
 namespace {
 
 constexpr float kFltMax = 3.40282347e38f;
@@ -473,6 +479,7 @@ struct Prep {
   std::vector<int8_t> tier;     // per expert, from the force row
   std::vector<int32_t> forced;  // the experts forced on or off
   std::vector<uint8_t> group_on;  // with a group limit: whether a group holds an expert forced on
+  CpuIsa isa = CpuIsa::Base;    // the variant this call runs (cpu_isa(), read once)
   bool lanes = false;           // few experts: eight tokens at a time (gate_lanes)
   // The lanes select forced experts by value, without tiers (lane_select): forced on as +inf,
   // forced off as taken; first_on is the lowest expert forced on (-1: none).
@@ -1061,10 +1068,12 @@ MOE_ROUTE_INLINE void select_out_of_line_body(const GateParams& p, const Prep& p
   select_in_groups_body(p, prep, v, s, ids);
 }
 typedef void (*SelectOutOfLine)(const GateParams&, const Prep&, const float*, Scratch&, int32_t*);
+#if !MOE_ROUTE_SEPARATE_BASE
 __attribute__((noinline)) void select_out_of_line_base(const GateParams& p, const Prep& prep,
                                                        const float* v, Scratch& s, int32_t* ids) {
   select_out_of_line_body(p, prep, v, s, ids);
 }
+#endif
 #if MOE_ROUTE_X86_VARIANTS
 MOE_ROUTE_TARGET_AVX512 __attribute__((noinline)) void select_out_of_line_avx512(
     const GateParams& p, const Prep& prep, const float* v, Scratch& s, int32_t* ids) {
@@ -1260,26 +1269,24 @@ constexpr int64_t kLaneMaxE = 128;
 constexpr int kLanes = 8;
 static_assert(kLaneMaxE <= kSumBlock, "a lane's sums are sum8's only up to kSumBlock values");
 
-// Whether the lanes beat the per-token pass for p (E <= kLaneMaxE), in the variant that runs.
-// The baseline variant has no 8-lane registers, and where the lanes pay there depends on the
-// compiler (each limit measured at T = 64 and 1024 on x86-64, bench/RESULTS.md):
-// - GCC, in this file's x86-64 build, turns each compare of 8 lanes into 8 scalar compares
-//   there: its lanes lose past E = 8 unless k <= 2 at E = 16 (OLMoE's top-8 of 64: 2.8 ms
-//   against 0.6).
-// - GCC where compares and shuffles are split into 16-byte pieces (kPieces: aarch64; measured
-//   built baseline-only): they win up to E = 64 whatever k (1.2-1.4x at E = 64, k = 6 to 16),
-//   and up to E = 128 with k <= 4 (1.2-3.4x; 0.99x at k = 6, 0.9x at k = 8).
+// Whether the lanes beat the per-token pass for p (E <= kLaneMaxE) in variant `isa`. With 8-lane
+// registers (the AVX2 and AVX-512 variants) they always do. The baseline variant has 16-byte
+// registers, and where the lanes pay there depends on the compiler (each limit measured at
+// T = 64 and 1024 on x86-64, bench/RESULTS.md):
+// - GCC splits compares and shuffles into 16-byte pieces there (kPieces: on aarch64, and in
+//   gate_base.cpp's unit on x86-64): the lanes win up to E = 64 whatever k (1.2-1.4x at E = 64,
+//   k = 6 to 16), and up to E = 128 with k <= 4 (1.2-3.4x; 0.99x at k = 6, 0.9x at k = 8).
+//   Without the split, GCC built each compare of 8 lanes as 8 scalar ones and the lanes lost
+//   past E = 8.
 // - Clang splits such compares and shuffles itself, and vectorises the per-token pass better:
 //   its lanes win up to E = 48 (1.07-1.5x), at E = 64 up to k = 4, and up to E = 128 with
 //   k <= 2 (1.2-1.4x); they lose at E = 56 and 64 with k = 8 (0.86-0.99x) and at E = 128 with
 //   k >= 3.
-MOE_ROUTE_INLINE bool lanes_pay(const GateParams& p) {
-  if (cpu_isa() != CpuIsa::Base) return true;
+MOE_ROUTE_INLINE bool lanes_pay(const GateParams& p, CpuIsa isa) {
 #if defined(__clang__)
-  return p.E <= 48 || (p.E <= 64 && p.k <= 4) || p.k <= 2;
+  return isa != CpuIsa::Base || p.E <= 48 || (p.E <= 64 && p.k <= 4) || p.k <= 2;
 #else
-  if (kPieces) return p.E <= 64 || p.k <= 4;
-  return p.E <= 8 || (p.E <= 16 && p.k <= 2);
+  return isa != CpuIsa::Base || !kPieces || p.E <= 64 || p.k <= 4;
 #endif
 }
 
@@ -1892,11 +1899,13 @@ MOE_ROUTE_INLINE int64_t lane_blocks_body(const GateParams& p, const Prep& prep,
 // constant of lane_round).
 typedef int64_t (*LaneBlocks)(const GateParams&, const Prep&, int64_t, int64_t, Scratch&, bool,
                               Runs*);
+#if !MOE_ROUTE_SEPARATE_BASE
 __attribute__((noinline)) int64_t lane_blocks_base(const GateParams& p, const Prep& prep,
                                                    int64_t t0, int64_t t1, Scratch& s, bool stats,
                                                    Runs* runs) {
   return lane_blocks_body<true>(p, prep, t0, t1, s, stats, runs);
 }
+#endif
 #if MOE_ROUTE_X86_VARIANTS
 MOE_ROUTE_TARGET_AVX512 __attribute__((noinline)) int64_t lane_blocks_avx512(
     const GateParams& p, const Prep& prep, int64_t t0, int64_t t1, Scratch& s, bool stats,
@@ -2005,13 +2014,17 @@ MOE_ROUTE_TARGET_AVX2 void gate_tokens_avx2(const GateParams& p, const Prep& pre
 void gate_tokens(const GateParams& p, const Prep& prep, int64_t t0, int64_t t1, Scratch& s,
                  bool stats, Runs* runs) {
 #if MOE_ROUTE_X86_VARIANTS
-  switch (cpu_isa()) {
+  switch (prep.isa) {
     case CpuIsa::Avx512: return gate_tokens_avx512(p, prep, t0, t1, s, stats, runs);
     case CpuIsa::Avx2: return gate_tokens_avx2(p, prep, t0, t1, s, stats, runs);
     case CpuIsa::Base: break;
   }
 #endif
+#if MOE_ROUTE_SEPARATE_BASE
+  __builtin_unreachable();  // run_gate_cpu gave the baseline to gate_base.cpp's unit
+#else
   gate_tokens_body(p, prep, t0, t1, s, stats, runs, select_out_of_line_base, lane_blocks_base);
+#endif
 }
 
 // Checks that the group ids are in [-1, G), and returns whether those of the tokens counted
@@ -2117,6 +2130,10 @@ void merge_runs(const GateParams& p, const std::vector<Runs>& chunks) {
 
 void run_gate_cpu(const GateParams& p) {
   if (p.T == 0) return;
+  const CpuIsa isa = cpu_isa();
+#if MOE_ROUTE_SEPARATE_BASE
+  if (isa == CpuIsa::Base) return run_gate_cpu_base(p);
+#endif
   const bool stats = p.any_stats();
   const bool ascending = stats && check_groups(p);
   if (p.replay) check_replay(p);
@@ -2151,7 +2168,8 @@ void run_gate_cpu(const GateParams& p) {
     }
   }
 
-  prep.lanes = cpu_gate_lanes() && p.n_group == 1 && p.E <= kLaneMaxE && lanes_pay(p);
+  prep.isa = isa;
+  prep.lanes = cpu_gate_lanes() && p.n_group == 1 && p.E <= kLaneMaxE && lanes_pay(p, isa);
 
   const int64_t chunk = chunk_size(p.T);
   const int64_t n_chunks = (p.T + chunk - 1) / chunk;
@@ -2178,6 +2196,7 @@ void run_gate_cpu(const GateParams& p) {
   if (stats) merge_runs(p, runs);
 }
 
+#if !MOE_ROUTE_GATE_BASE_UNIT
 std::tuple<at::Tensor, at::Tensor> topk_gate_cpu(
     const at::Tensor& logits, int64_t k, c10::string_view score, c10::string_view select_on,
     const OptTensor& selection_bias, int64_t n_group, int64_t topk_group,
@@ -2196,9 +2215,14 @@ std::tuple<at::Tensor, at::Tensor> topk_gate_cpu(
   run_gate_cpu(p);
   return {weights, ids};
 }
+#endif
 
 }  // namespace
 
+#if MOE_ROUTE_GATE_BASE_UNIT
+void run_gate_cpu_base(const GateParams& p) { run_gate_cpu(p); }
+#else
 TORCH_LIBRARY_IMPL(moe_route, CPU, m) { m.impl("topk_gate", &topk_gate_cpu); }
+#endif
 
 }  // namespace moe_route

@@ -27,6 +27,16 @@ enum class CpuIsa : int { Base = 0, Avx2 = 1, Avx512 = 2 };
 #endif
 #define MOE_ROUTE_INLINE inline __attribute__((always_inline))
 
+// GCC's x86-64 build compiles the gate's baseline variant in a unit of its own, gate_base.cpp
+// (gate.cpp again, with MOE_ROUTE_NO_X86_VARIANTS): there the baseline is all there is, so its
+// compares and shuffles are split as on aarch64 (below), which a variant inside gate.cpp's unit
+// cannot do (its helpers are inlined into every variant alike).
+#if MOE_ROUTE_X86_VARIANTS && !defined(__clang__)
+#define MOE_ROUTE_SEPARATE_BASE 1
+#else
+#define MOE_ROUTE_SEPARATE_BASE 0
+#endif
+
 // GCC 12 expands a comparison, a ?: or a shuffle of vectors wider than the target's registers
 // lane by lane (scalar compares, selects and lane moves), where it splits their arithmetic into
 // register-wide pieces. Where the baseline is the only variant and its registers hold 16 bytes
