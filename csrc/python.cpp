@@ -92,7 +92,9 @@ py::dict build_info() {
 #else
   d["openmp"] = false;
 #endif
-  // Whether the CPU kernels split their vector compares and shuffles into 16-byte pieces (isa.h).
+  // Whether this build has only the baseline variant, its vector compares and shuffles split
+  // into 16-byte pieces (isa.h: GCC on aarch64, or -DMOE_ROUTE_NO_X86_VARIANTS). GCC's x86-64
+  // build splits them too, in its baseline variant's own unit (gate_base.cpp).
   d["split_vectors"] = bool(MOE_ROUTE_SPLIT_CONDITIONS);
   d["parallel"] = at::get_parallel_info();
   return d;

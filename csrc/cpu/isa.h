@@ -40,8 +40,8 @@ enum class CpuIsa : int { Base = 0, Avx2 = 1, Avx512 = 2 };
 // GCC 12 expands a comparison, a ?: or a shuffle of vectors wider than the target's registers
 // lane by lane (scalar compares, selects and lane moves), where it splits their arithmetic into
 // register-wide pieces. Where the baseline is the only variant and its registers hold 16 bytes
-// (GCC for aarch64), the CPU kernels split them into 16-byte pieces themselves (vec.h's vgt,
-// vsel and shuffle; checked by .ci/aarch64_check).
+// (GCC for aarch64, and gate_base.cpp's unit), the CPU kernels split them into 16-byte pieces
+// themselves (vec.h's vgt, vsel and shuffle; checked by .ci/aarch64_check).
 #if defined(__GNUC__) && !defined(__clang__) && !MOE_ROUTE_X86_VARIANTS && !defined(__AVX__)
 #define MOE_ROUTE_SPLIT_CONDITIONS 1
 #else
