@@ -496,6 +496,30 @@ def test_steer_with_bad_logits_names_logits(x, exc, msg):
         moe_route.topk_gate(x, 2, steer=moe_route.SteerSpec(add={0: 1.0}))
 
 
+@pytest.mark.skipif(not HAS_CPU_KERNEL, reason="no extension")
+@pytest.mark.parametrize("select_only,unbiased", [(False, False), (True, False), (False, True)])
+def test_steered_calls_find_what_the_checked_path_cached(select_only, unbiased):
+    """The wrapper's fast path looks the steering table and the native config up under the keys
+    SteerSpec.table and RouterSpec._native_config cache them by: after one steered call (and one
+    with statistics) the next finds both, and routes as the checked path did."""
+    from moe_route import ops
+    spec = moe_route.RouterSpec(renormalize=True)
+    steer = moe_route.SteerSpec(add={2: 1.5}, std={3: 0.5}, select_only=select_only,
+                                std_unbiased=unbiased)
+    stats = moe_route.GateStats.zeros(1, E)
+    assert ops._cached_native(logits(), spec, steer, stats) is None  # nothing cached yet
+    first = moe_route.topk_gate(logits(), 2, spec, steer=steer, stats=stats)
+    cached = ops._cached_native(logits(), spec, steer, stats)
+    assert cached is not None
+    config, table, buffers = cached
+    assert table is steer.table(E, logits().device)
+    assert config is spec._native_config(select_only, unbiased)
+    assert buffers is stats.buffers()
+    second = moe_route.topk_gate(logits(), 2, spec, steer=steer, stats=stats)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert int(stats.tokens[0]) == 2 * T
+
+
 @pytest.mark.parametrize("args,kw,name", [
     (([[1.0, 2.0]], 1), {}, "logits"),
     ((None, 1), dict(selection_bias=[0.0] * E), "selection_bias"),
