@@ -99,7 +99,7 @@ class RouterSpec:
                     scale=float(self.scale), round_scores=self.round_scores)
 
     def _native_config(self, select_only: bool, std_unbiased: bool):
-        key = (select_only, std_unbiased)
+        key = (select_only, std_unbiased)  # SteerSpec._config_key
         config = self._configs.get(key)
         if config is None:
             kw = self.op_kwargs()
@@ -140,12 +140,17 @@ class SteerSpec:
     select_only: bool = False
     std_unbiased: bool = False
     _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    # The table table() gave last, for topk_gate's fast path (the native call returns None if its
+    # E or device is not the logits'), and the key of RouterSpec._native_config for this spec.
+    _last: Optional[torch.Tensor] = field(default=None, init=False, repr=False, compare=False)
+    _config_key: tuple = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self):
         for name in reference.STEER_ROWS:
             object.__setattr__(self, name, _frozen_values(getattr(self, name), name))
         for name in ("select_only", "std_unbiased"):
             check_bool("SteerSpec", name, getattr(self, name))
+        object.__setattr__(self, "_config_key", (self.select_only, self.std_unbiased))
 
     def table(self, num_experts: int, device=None) -> torch.Tensor:
         """The ``[4, E]`` fp32 table the op takes (rows add, std, abs, force); cached per device."""
@@ -159,8 +164,10 @@ class SteerSpec:
                 rows = [_expert_vector(getattr(self, name), num_experts, name)
                         for name in reference.STEER_ROWS]
                 cached = torch.stack(rows).to(device)
-            if cacheable(cached):
-                self._tables[key] = cached
+            if not cacheable(cached):
+                return cached
+            self._tables[key] = cached
+        object.__setattr__(self, "_last", cached)
         return cached
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
@@ -354,17 +361,23 @@ def topk_gate(logits: torch.Tensor, k: int, spec: Optional[RouterSpec] = None, *
         spec = _spec_with_knobs(spec or _DEFAULT_SPEC, knobs)
     elif spec is None:
         spec = _DEFAULT_SPEC
-    if (_fast is not None and type(logits) is _Tensor and type(k) is int
-            and not logits.requires_grad and _forward_ad._current_level < 0 and not _compiling()
-            and (_CPU_KERNEL if logits.is_cpu else _cuda_kernel(logits))):
+    # _fast itself returns None for a k that is not an int, a device without a kernel, and
+    # logits that autograd needs a gradient from: the checked path below handles those.
+    if (_fast is not None and type(logits) is _Tensor and _forward_ad._current_level < 0
+            and not _compiling()):
         cached = None
         try:
             if steer is None and stats is None:
-                return _fast(logits, k, spec._plain, selection_bias, None, groups, replay, None)
-            cached = _cached_native(logits, spec, steer, stats)
-            if cached is not None:
-                return _fast(logits, k, cached[0], selection_bias, cached[1], groups, replay,
-                             cached[2])
+                out = _fast(logits, k, spec._plain, selection_bias, None, groups, replay, None)
+                if out is not None:
+                    return out
+            else:
+                cached = _cached_native(spec, steer, stats)
+                if cached is not None:
+                    out = _fast(logits, k, cached[0], selection_bias, cached[1], groups, replay,
+                                cached[2])
+                    if out is not None:
+                        return out
         except (TypeError, AttributeError):  # pybind's "incompatible function arguments"
             _check_spec(spec)
             if cached is not None or spec._plain is not None:
@@ -399,13 +412,14 @@ def topk_gate(logits: torch.Tensor, k: int, spec: Optional[RouterSpec] = None, *
     buffers = stats._buffers if stats is not None else _NO_STATS
     if _eager_native(logits):
         try:
-            return _fast(
-                logits, k, spec._native_config(select_only, unbiased), selection_bias,
-                steer_table, groups, replay, buffers if stats is not None else None)
+            out = _fast(logits, k, spec._native_config(select_only, unbiased), selection_bias,
+                        steer_table, groups, replay, buffers if stats is not None else None)
         except TypeError:
             _explain_bad_call(logits, k, spec, selection_bias, steer_table, groups, buffers,
                               replay)
             raise
+        if out is not None:  # None: a call _fast leaves to the dispatcher, not one seen here
+            return out
     return _topk_gate_op(logits, k, spec, selection_bias, steer_table, select_only, unbiased,
                          groups, buffers, replay)
 
@@ -478,19 +492,22 @@ def _has_tangent(logits) -> bool:
             and _forward_ad.unpack_dual(logits).tangent is not None)
 
 
-def _cached_native(logits, spec, steer, stats):
+def _cached_native(spec, steer, stats):
     """``(config, steer table, statistics buffers)`` for the pybind call when the spec's native
-    config and the steering table are already built, else None: topk_gate's checked path then
-    builds and caches them. A decode-sized gate takes about 2 us, and the checked path's steps
-    (the table's device and key, the config's key, the type checks) add about 0.5 us to it."""
+    config and a steering table are already built, else None: topk_gate's checked path then
+    builds and caches them. The table is the one the SteerSpec gave last, whatever its E and
+    device: the native call returns None for one that does not fit the logits. A decode-sized
+    gate takes about 2 us, and the checked path's steps (the table's device and key, the
+    config's key, the type checks) add about 0.5 us to it."""
     if steer is None:
         config, table = spec._plain, None
-    elif type(steer) is SteerSpec and logits.ndim == 2:
-        config = spec._configs.get((steer.select_only, steer.std_unbiased))
-        table = steer._tables.get((logits.shape[1], logits.device))
+    elif type(steer) is SteerSpec:
+        config, table = spec._configs.get(steer._config_key), steer._last
+        if table is None:
+            return None
     else:
         return None
-    if config is None or (steer is not None and table is None):
+    if config is None:
         return None
     if stats is None:
         return config, table, None
@@ -510,11 +527,7 @@ def _eager_native(logits) -> bool:
     outside torch.compile tracing (which must see torch.ops.moe_route.topk_gate)."""
     if _fast is None or type(logits) is not _Tensor or _compiling():
         return False
-    return _CPU_KERNEL if logits.is_cpu else _cuda_kernel(logits)
-
-
-def _cuda_kernel(logits) -> bool:
-    return logits.is_cuda and _CUDA_KERNEL
+    return _CPU_KERNEL if logits.is_cpu else logits.is_cuda and _CUDA_KERNEL
 
 
 def _topk_gate_op(logits, k, spec, selection_bias, steer_table, select_only, unbiased, groups,

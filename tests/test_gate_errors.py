@@ -499,17 +499,17 @@ def test_steer_with_bad_logits_names_logits(x, exc, msg):
 @pytest.mark.skipif(not HAS_CPU_KERNEL, reason="no extension")
 @pytest.mark.parametrize("select_only,unbiased", [(False, False), (True, False), (False, True)])
 def test_steered_calls_find_what_the_checked_path_cached(select_only, unbiased):
-    """The wrapper's fast path looks the steering table and the native config up under the keys
-    SteerSpec.table and RouterSpec._native_config cache them by: after one steered call (and one
-    with statistics) the next finds both, and routes as the checked path did."""
+    """The wrapper's fast path takes the table SteerSpec.table gave last, and looks the native
+    config up under the key RouterSpec._native_config caches it by: after one steered call (and
+    one with statistics) the next finds both, and routes as the checked path did."""
     from moe_route import ops
     spec = moe_route.RouterSpec(renormalize=True)
     steer = moe_route.SteerSpec(add={2: 1.5}, std={3: 0.5}, select_only=select_only,
                                 std_unbiased=unbiased)
     stats = moe_route.GateStats.zeros(1, E)
-    assert ops._cached_native(logits(), spec, steer, stats) is None  # nothing cached yet
+    assert ops._cached_native(spec, steer, stats) is None  # nothing cached yet
     first = moe_route.topk_gate(logits(), 2, spec, steer=steer, stats=stats)
-    cached = ops._cached_native(logits(), spec, steer, stats)
+    cached = ops._cached_native(spec, steer, stats)
     assert cached is not None
     config, table, buffers = cached
     assert table is steer.table(E, logits().device)
@@ -518,6 +518,27 @@ def test_steered_calls_find_what_the_checked_path_cached(select_only, unbiased):
     second = moe_route.topk_gate(logits(), 2, spec, steer=steer, stats=stats)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     assert int(stats.tokens[0]) == 2 * T
+
+
+@pytest.mark.skipif(not HAS_CPU_KERNEL, reason="no extension")
+def test_a_table_for_other_logits_is_not_used():
+    """The fast path passes the table the SteerSpec gave last, which may be for another E or
+    device (one SteerSpec over layers of different widths or devices): the native call leaves
+    such a call to the checked path, which builds the right table. Each call routes as the
+    reference does."""
+    steer = moe_route.SteerSpec(add={0: 3.0}, std={1: 0.5}, force={2: 1.0})
+    for width in (E, 2 * E, E, 2 * E):
+        x = torch.randn(T, width, generator=torch.Generator().manual_seed(width))
+        for _ in range(2):  # the second call takes the fast path
+            w, ids = moe_route.topk_gate(x, 2, steer=steer)
+            rw, rids = R.topk_gate(x, 2, steer=steer.table(width))
+            assert torch.equal(ids, rids) and torch.allclose(w, rw, rtol=1e-6, atol=1e-7)
+    # A table on another device, as another GPU's would be: left to the checked path too.
+    table = steer.table(E)
+    object.__setattr__(steer, "_last", table.to("meta"))
+    w, ids = moe_route.topk_gate(logits(), 2, steer=steer)
+    assert torch.equal(ids, R.topk_gate(logits(), 2, steer=table)[1])
+    assert steer._last is table
 
 
 @pytest.mark.parametrize("args,kw,name", [
