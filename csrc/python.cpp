@@ -1,4 +1,4 @@
-// The Python module moe_route._C: build info and the eager fast path into the dispatcher.
+// The Python module moe_route._C: build info and the eager fast paths into the dispatcher.
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/variable.h>
@@ -42,6 +42,17 @@ OptTensor opt_tensor(const py::handle& h) {
 // logits that autograd needs a gradient from, or a steering table for another E or device (the
 // one its SteerSpec gave last). Those tests cost about 0.4 us in Python, on decode-sized gates
 // of about 2 us.
+// Whether this build has a kernel for t's device (CPU always, CUDA when built with it).
+bool kernel_device(const at::Tensor& t) {
+#ifdef MOE_ROUTE_WITH_CUDA
+  return t.is_cpu() || t.is_cuda();
+#else
+  return t.is_cpu();
+#endif
+}
+
+bool needs_grad(const at::Tensor& t) { return t.requires_grad() && c10::GradMode::is_enabled(); }
+
 py::object topk_gate_fast(const at::Tensor& logits, const py::handle& k_obj, const GateConfig& c,
                           const OptTensor& bias, const OptTensor& steer, const OptTensor& groups,
                           const OptTensor& replay, const py::handle& stats) {
@@ -52,12 +63,7 @@ py::object topk_gate_fast(const at::Tensor& logits, const py::handle& k_obj, con
   int overflow = 0;
   const long long k = PyLong_AsLongLongAndOverflow(k_obj.ptr(), &overflow);
   if (overflow) return py::none();
-#ifdef MOE_ROUTE_WITH_CUDA
-  if (!logits.is_cpu() && !logits.is_cuda()) return py::none();
-#else
-  if (!logits.is_cpu()) return py::none();
-#endif
-  if (logits.requires_grad() && c10::GradMode::is_enabled()) return py::none();
+  if (!kernel_device(logits) || needs_grad(logits)) return py::none();
   if (steer && (logits.dim() != 2 || steer->dim() != 2 || steer->size(1) != logits.size(1) ||
                 steer->device() != logits.device()))
     return py::none();
@@ -84,6 +90,72 @@ py::object topk_gate_fast(const at::Tensor& logits, const py::handle& k_obj, con
   for (const OptTensor& b : buf)
     if (b && b->defined()) torch::autograd::impl::bump_version(*b);
   no_gil.reset();  // wrapping the outputs in Python objects needs the GIL
+  return py::cast(std::move(out));
+}
+
+// The dispatch ops as topk_gate_fast calls the gate: through the typed dispatcher handle, below
+// autograd. Each returns None, having done nothing, for a call that moe_route.dispatch's
+// checked path must take: a device without a kernel here, tensors on different devices, shapes
+// the checked path explains, or an input autograd needs a gradient from (permute and unpermute
+// have Python backward formulas; the plan is integer). About 2 us at T = 1 against 6-10 us
+// through torch.ops and torch.library's Python autograd kernel.
+py::object dispatch_plan_fast(const at::Tensor& ids, int64_t num_experts, int64_t block_size) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("moe_route::dispatch_plan", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, int64_t, int64_t)>();
+  if (!kernel_device(ids)) return py::none();
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
+  {
+    std::optional<py::gil_scoped_release> no_gil;
+    if (ids.numel() >= (1 << 16)) no_gil.emplace();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    out = op.call(ids, num_experts, block_size);
+  }
+  return py::cast(std::move(out));
+}
+
+py::object permute_fast(const at::Tensor& x, const at::Tensor& row_slot,
+                        const at::Tensor& slot_row, int64_t k, const OptTensor& expert_offsets) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("moe_route::permute", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         int64_t, const OptTensor&)>();
+  const auto device = x.device();
+  if (!kernel_device(x) || needs_grad(x) || row_slot.device() != device ||
+      slot_row.device() != device || (expert_offsets && expert_offsets->device() != device) ||
+      k < 1 || x.dim() != 2 || slot_row.dim() != 1 || x.size(0) * k != slot_row.size(0))
+    return py::none();
+  at::Tensor out;
+  {
+    std::optional<py::gil_scoped_release> no_gil;
+    if (x.numel() >= (1 << 16)) no_gil.emplace();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    out = op.call(x, row_slot, slot_row, k, expert_offsets);
+  }
+  return py::cast(std::move(out));
+}
+
+py::object unpermute_fast(const at::Tensor& y, const at::Tensor& row_slot,
+                          const at::Tensor& slot_row, int64_t k, const at::Tensor& weights) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("moe_route::unpermute", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&)>();
+  const auto device = y.device();
+  if (!kernel_device(y) || needs_grad(y) || needs_grad(weights) ||
+      slot_row.device() != device || weights.device() != device || y.dim() != 2 ||
+      row_slot.dim() != 1 || slot_row.dim() != 1 || weights.dim() != 2 ||
+      k < 1 || y.size(0) != row_slot.size(0) || weights.size(1) != k ||
+      weights.size(0) * k != slot_row.size(0))
+    return py::none();
+  at::Tensor out;
+  {
+    std::optional<py::gil_scoped_release> no_gil;
+    if (y.numel() >= (1 << 16)) no_gil.emplace();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    out = op.call(y, slot_row, weights);
+  }
   return py::cast(std::move(out));
 }
 
@@ -139,6 +211,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("topk_gate_fast", &moe_route::topk_gate_fast, py::arg("logits"), py::arg("k"),
         py::arg("config"), py::arg("selection_bias"), py::arg("steer"), py::arg("groups"),
         py::arg("replay"), py::arg("stats"));
+  m.def("dispatch_plan_fast", &moe_route::dispatch_plan_fast, py::arg("ids"),
+        py::arg("num_experts"), py::arg("block_size"));
+  m.def("permute_fast", &moe_route::permute_fast, py::arg("x"), py::arg("row_slot"),
+        py::arg("slot_row"), py::arg("k"), py::arg("expert_offsets"));
+  m.def("unpermute_fast", &moe_route::unpermute_fast, py::arg("y"), py::arg("row_slot"),
+        py::arg("slot_row"), py::arg("k"), py::arg("weights"));
   m.def("build_info", &moe_route::build_info);
   m.def("cpu_isa", [] { return std::string(moe_route::cpu_isa_name(moe_route::cpu_isa())); },
         "The instruction-set variant the CPU kernels run: base, avx2 or avx512.");

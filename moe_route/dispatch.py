@@ -15,11 +15,21 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from moe_route import _loader, reference
 from moe_route._checks import check_bool
 
 __all__ = ["DispatchPlan", "dispatch_plan", "permute", "unpermute"]
+
+# The eager fast paths (csrc/python.cpp): the ops below autograd, or None for a call the checked
+# path below must take. They save 4-8 us a call, most of a decode-sized op.
+_native = _loader.native
+_plan_fast = _native.dispatch_plan_fast if _native is not None else None
+_permute_fast = _native.permute_fast if _native is not None else None
+_unpermute_fast = _native.unpermute_fast if _native is not None else None
+_Tensor = torch.Tensor
+_compiling = torch.compiler.is_compiling
 
 
 class DispatchPlan(NamedTuple):
@@ -70,6 +80,10 @@ def dispatch_plan(ids: torch.Tensor, num_experts: int, block_size: int = 1) -> D
             or not 1 <= num_experts <= reference.MAX_EXPERTS
             or not 1 <= block_size <= reference.MAX_BLOCK_SIZE):
         reference.check_dispatch_args(ids, num_experts, block_size)  # names the bad argument
+    if _plan_fast is not None and type(ids) is _Tensor and not _compiling():
+        out = _plan_fast(ids, num_experts, block_size)
+        if out is not None:
+            return DispatchPlan(*out, k=k)
     out = _call("dispatch_plan", ids, (ids, num_experts, block_size), reference.dispatch_plan)
     return DispatchPlan(*out, k=k)
 
@@ -85,6 +99,16 @@ def permute(x: torch.Tensor, plan: DispatchPlan, *, zero_tail: bool = True) -> t
     in use), and zeroing it costs a memset of R rows on every call. In training, keep that tail
     out of any dense product over all R rows: its contents times a zero gradient can be NaN.
     """
+    if (_permute_fast is not None and type(x) is _Tensor and type(plan) is DispatchPlan
+            and type(plan.k) is int and (zero_tail is True or zero_tail is False)
+            and _forward_ad._current_level < 0 and not _compiling()):
+        try:
+            out = _permute_fast(x, plan.row_slot, plan.slot_row, plan.k,
+                                None if zero_tail else plan.expert_offsets)
+        except TypeError:  # a plan edited to hold other than tensors: explained below
+            out = None
+        if out is not None:
+            return out
     if not (type(plan) is DispatchPlan and _plain_k(plan.k) and isinstance(x, torch.Tensor)):
         _check_call("permute", "x", x, plan)
     if x.dim() == 2 and x.shape[0] * plan.k != plan.slot_row.shape[0]:
@@ -104,6 +128,15 @@ def unpermute(y: torch.Tensor, plan: DispatchPlan, weights: torch.Tensor) -> tor
     bit-identical to the reference. Dropped slots contribute nothing. Weights of any float dtype
     are read as fp32.
     """
+    if (_unpermute_fast is not None and type(y) is _Tensor and type(weights) is _Tensor
+            and type(plan) is DispatchPlan and type(plan.k) is int
+            and _forward_ad._current_level < 0 and not _compiling()):
+        try:
+            out = _unpermute_fast(y, plan.row_slot, plan.slot_row, plan.k, weights)
+        except TypeError:  # a plan edited to hold other than tensors: explained below
+            out = None
+        if out is not None:
+            return out
     if not (type(plan) is DispatchPlan and _plain_k(plan.k) and isinstance(y, torch.Tensor)
             and isinstance(weights, torch.Tensor)):
         _check_call("unpermute", "y", y, plan, weights=weights)
