@@ -109,8 +109,7 @@ def permute(x: torch.Tensor, plan: DispatchPlan, *, zero_tail: bool = True) -> t
             out = None
         if out is not None:
             return out
-    if not (type(plan) is DispatchPlan and _plain_k(plan.k) and isinstance(x, torch.Tensor)):
-        _check_call("permute", "x", x, plan)
+    _check_call("permute", "x", x, plan)
     if x.dim() == 2 and x.shape[0] * plan.k != plan.slot_row.shape[0]:
         raise ValueError(f"permute: x must have the plan's T={plan.slot_row.shape[0] // plan.k} "
                          f"rows (one per token), got shape {tuple(x.shape)}")
@@ -137,9 +136,7 @@ def unpermute(y: torch.Tensor, plan: DispatchPlan, weights: torch.Tensor) -> tor
             out = None
         if out is not None:
             return out
-    if not (type(plan) is DispatchPlan and _plain_k(plan.k) and isinstance(y, torch.Tensor)
-            and isinstance(weights, torch.Tensor)):
-        _check_call("unpermute", "y", y, plan, weights=weights)
+    _check_call("unpermute", "y", y, plan, weights=weights)
     if y.dim() == 2 and y.shape[0] != plan.row_slot.shape[0]:
         raise ValueError(f"unpermute: y must have the plan's R={plan.row_slot.shape[0]} rows "
                          f"(one per row of permute's output), got shape {tuple(y.shape)}")
@@ -157,8 +154,9 @@ def _plain_k(k) -> bool:
 
 def _check_call(op: str, name: str, x, plan, **tensors) -> None:
     """Raise for what permute/unpermute cannot take: ``x`` or ``tensors`` not tensors, ``plan``
-    not a DispatchPlan (a tuple, None) or with a ``k`` that is not an int >= 1 (a plan edited
-    with ``_replace``); each failed deep inside the op."""
+    not a DispatchPlan (a tuple, None), or a plan edited with ``_replace`` to hold a ``k`` that is
+    not an int >= 1 or a field that is not a tensor; each failed deep inside the op. Only the
+    checked path (not the fast one) runs this."""
     for arg, value in ((name, x), *tensors.items()):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{op}: {arg} must be a torch.Tensor, got {type(value).__name__}")
@@ -167,6 +165,11 @@ def _check_call(op: str, name: str, x, plan, **tensors) -> None:
                         f"{type(plan).__name__}")
     if not _plain_k(plan.k):
         raise ValueError(f"{op}: plan.k={plan.k!r} must be an int >= 1 (slots per token)")
+    for field in ("row_slot", "expert_offsets", "counts", "slot_row"):
+        value = getattr(plan, field)
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{op}: plan.{field} must be a torch.Tensor, got "
+                            f"{type(value).__name__}")
 
 
 def _same_device(op: str, first_name: str, first, **others) -> None:
