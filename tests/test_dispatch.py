@@ -426,6 +426,39 @@ def test_plan_mismatches_name_the_argument(call, exc, msg):
         call(plan)
 
 
+@requires_native
+def test_eager_calls_take_the_fast_path(monkeypatch):
+    """Plain eager calls go through the pybind fast paths (4-8 us less per call than torch.ops and
+    the Python autograd kernel); a call that needs a gradient is handed back (None) and gets its
+    backward from the checked path."""
+    from moe_route import dispatch
+    seen = []
+
+    def spy(name, fast):
+        def call(*args):
+            result = fast(*args)
+            seen.append((name, result))
+            return result
+        return call
+
+    for name in ("_plan_fast", "_permute_fast", "_unpermute_fast"):
+        monkeypatch.setattr(dispatch, name, spy(name, getattr(dispatch, name)))
+    ids = torch.tensor([[0, 2], [1, 2], [2, 0]])
+    x, w = torch.randn(3, 4), torch.rand(3, 2)
+    plan = moe_route.dispatch_plan(ids, 3)
+    out = moe_route.unpermute(moe_route.permute(x, plan), plan, w)
+    assert [name for name, _ in seen] == ["_plan_fast", "_permute_fast", "_unpermute_fast"]
+    assert all(result is not None for _, result in seen)
+    torch.testing.assert_close(out, R.unpermute(R.permute(x, plan.row_slot, 2), plan.slot_row, w),
+                               rtol=0, atol=0)
+    seen.clear()
+    xg = x.clone().requires_grad_()
+    rows = moe_route.permute(xg, plan)
+    assert seen == [("_permute_fast", None)] and rows.grad_fn is not None
+    rows.sum().backward()
+    assert torch.equal(xg.grad, torch.full_like(x, 2.0))  # each token feeds its k = 2 rows
+
+
 def test_public_ops_on_meta_tensors():
     """Meta tensors run the fake kernels (shapes only), not the reference."""
     ids = torch.empty(5, 2, dtype=torch.int64, device="meta")
