@@ -35,13 +35,6 @@ OptTensor opt_tensor(const py::handle& h) {
   return h.cast<at::Tensor>();
 }
 
-// Eager calls from Python through the typed dispatcher handle: the same kernels (CPU, CUDA, Meta,
-// any mode keys) as torch.ops.moe_route.topk_gate, without parsing 22 boxed arguments per call.
-// Returns None, having done nothing, for a call that moe_route.topk_gate's checked path must
-// take: k not a Python int (a bool, a NumPy integer), logits on a device without a kernel here,
-// logits that autograd needs a gradient from, or a steering table for another E or device (the
-// one its SteerSpec gave last). Those tests cost about 0.4 us in Python, on decode-sized gates
-// of about 2 us.
 // Whether this build has a kernel for t's device (CPU always, CUDA when built with it).
 bool kernel_device(const at::Tensor& t) {
 #ifdef MOE_ROUTE_WITH_CUDA
@@ -53,6 +46,13 @@ bool kernel_device(const at::Tensor& t) {
 
 bool needs_grad(const at::Tensor& t) { return t.requires_grad() && c10::GradMode::is_enabled(); }
 
+// Eager calls from Python through the typed dispatcher handle: the same kernels (CPU or CUDA, and
+// any mode keys) as torch.ops.moe_route.topk_gate, without parsing 22 boxed arguments per call.
+// Returns None, having done nothing, for a call that moe_route.topk_gate's checked path must
+// take: k not a Python int (a bool, a NumPy integer), logits on a device without a kernel here,
+// logits that autograd needs a gradient from, or a steering table for another E or device (the
+// one its SteerSpec gave last). Those tests cost about 0.4 us in Python, on decode-sized gates
+// of about 2 us.
 py::object topk_gate_fast(const at::Tensor& logits, const py::handle& k_obj, const GateConfig& c,
                           const OptTensor& bias, const OptTensor& steer, const OptTensor& groups,
                           const OptTensor& replay, const py::handle& stats) {
