@@ -46,6 +46,21 @@ bool kernel_device(const at::Tensor& t) {
 
 bool needs_grad(const at::Tensor& t) { return t.requires_grad() && c10::GradMode::is_enabled(); }
 
+// call() (an op's typed dispatcher call) below autograd, its outputs wrapped for Python. Without
+// the GIL for an op over at least 2^16 elements: releasing it costs more than a small op, and a
+// large one lets other Python threads run.
+template <typename Call>
+py::object call_below_autograd(int64_t numel, Call&& call) {
+  decltype(call()) out;
+  {
+    std::optional<py::gil_scoped_release> no_gil;
+    if (numel >= (1 << 16)) no_gil.emplace();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    out = call();
+  }
+  return py::cast(std::move(out));
+}
+
 // Eager calls from Python through the typed dispatcher handle: the same kernels (CPU or CUDA, and
 // any mode keys) as torch.ops.moe_route.topk_gate, without parsing 22 boxed arguments per call.
 // Returns None, having done nothing, for a call that moe_route.topk_gate's checked path must
@@ -73,24 +88,18 @@ py::object topk_gate_fast(const at::Tensor& logits, const py::handle& k_obj, con
     TORCH_CHECK_VALUE(seq.size() == 6, "topk_gate: stats must hold 6 buffers, got ", seq.size());
     for (int i = 0; i < 6; ++i) buf[i] = opt_tensor(seq[i]);
   }
-  // Releasing the GIL costs more than a small gate; large ones let other Python threads run.
-  std::optional<py::gil_scoped_release> no_gil;
-  if (logits.numel() >= (1 << 16)) no_gil.emplace();
   // The autograd kernel's two jobs (registration.cpp), without a boxed trip through it: refuse
   // a call that autograd would need a gradient from, and bump the written buffers' versions.
   check_no_grad(logits, bias, steer);
-  std::tuple<at::Tensor, at::Tensor> out;
-  {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    out = op.call(logits, k, c.score, c.select_on, bias, c.n_group, c.topk_group, c.group_score,
-                  c.renormalize, c.renorm_eps, c.scale, c.round_scores, steer,
-                  c.steer_select_only, c.std_unbiased, groups, replay, buf[0], buf[1], buf[2],
-                  buf[3], buf[4], buf[5]);
-  }
+  py::object out = call_below_autograd(logits.numel(), [&] {
+    return op.call(logits, k, c.score, c.select_on, bias, c.n_group, c.topk_group, c.group_score,
+                   c.renormalize, c.renorm_eps, c.scale, c.round_scores, steer,
+                   c.steer_select_only, c.std_unbiased, groups, replay, buf[0], buf[1], buf[2],
+                   buf[3], buf[4], buf[5]);
+  });
   for (const OptTensor& b : buf)
     if (b && b->defined()) torch::autograd::impl::bump_version(*b);
-  no_gil.reset();  // wrapping the outputs in Python objects needs the GIL
-  return py::cast(std::move(out));
+  return out;
 }
 
 // The dispatch ops as topk_gate_fast calls the gate: through the typed dispatcher handle, below
@@ -105,14 +114,7 @@ py::object dispatch_plan_fast(const at::Tensor& ids, int64_t num_experts, int64_
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, int64_t, int64_t)>();
   if (!kernel_device(ids)) return py::none();
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
-  {
-    std::optional<py::gil_scoped_release> no_gil;
-    if (ids.numel() >= (1 << 16)) no_gil.emplace();
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    out = op.call(ids, num_experts, block_size);
-  }
-  return py::cast(std::move(out));
+  return call_below_autograd(ids.numel(), [&] { return op.call(ids, num_experts, block_size); });
 }
 
 py::object permute_fast(const at::Tensor& x, const at::Tensor& row_slot,
@@ -126,14 +128,8 @@ py::object permute_fast(const at::Tensor& x, const at::Tensor& row_slot,
       slot_row.device() != device || (expert_offsets && expert_offsets->device() != device) ||
       k < 1 || x.dim() != 2 || slot_row.dim() != 1 || x.size(0) * k != slot_row.size(0))
     return py::none();
-  at::Tensor out;
-  {
-    std::optional<py::gil_scoped_release> no_gil;
-    if (x.numel() >= (1 << 16)) no_gil.emplace();
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    out = op.call(x, row_slot, slot_row, k, expert_offsets);
-  }
-  return py::cast(std::move(out));
+  return call_below_autograd(
+      x.numel(), [&] { return op.call(x, row_slot, slot_row, k, expert_offsets); });
 }
 
 py::object unpermute_fast(const at::Tensor& y, const at::Tensor& row_slot,
@@ -149,14 +145,7 @@ py::object unpermute_fast(const at::Tensor& y, const at::Tensor& row_slot,
       k < 1 || y.size(0) != row_slot.size(0) || weights.size(1) != k ||
       weights.size(0) * k != slot_row.size(0))
     return py::none();
-  at::Tensor out;
-  {
-    std::optional<py::gil_scoped_release> no_gil;
-    if (y.numel() >= (1 << 16)) no_gil.emplace();
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    out = op.call(y, slot_row, weights);
-  }
-  return py::cast(std::move(out));
+  return call_below_autograd(y.numel(), [&] { return op.call(y, slot_row, weights); });
 }
 
 py::dict build_info() {
